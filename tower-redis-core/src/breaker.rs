@@ -1,0 +1,287 @@
+//! The circuit breaker that keeps request paths away from a failing Redis.
+//!
+//! Closed: requests go to Redis; consecutive failures are counted. Open: no
+//! request touches Redis, every one takes its fallback at once. HalfOpen: the
+//! background probe is talking to Redis; requests still take the fallback
+//! until the probe succeeds and closes the breaker.
+
+use std::fmt;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+/// The breaker's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    /// Redis is healthy; request paths use it.
+    Closed,
+    /// Redis is failing; request paths use their fallbacks without calling it.
+    Open,
+    /// A probe is checking whether Redis is back; request paths still use their fallbacks.
+    HalfOpen,
+    /// The manager was built without Redis ([`RedisManager::disabled`](crate::RedisManager::disabled)):
+    /// the fallbacks serve everything, for good.
+    Disabled,
+}
+
+impl BreakerState {
+    /// The lower-case name used in logs, metrics and health output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+            BreakerState::Disabled => "disabled",
+        }
+    }
+
+    fn encode(self) -> u8 {
+        self as u8
+    }
+
+    fn decode(value: u8) -> Self {
+        match value {
+            0 => BreakerState::Closed,
+            1 => BreakerState::Open,
+            2 => BreakerState::HalfOpen,
+            _ => BreakerState::Disabled,
+        }
+    }
+}
+
+impl fmt::Display for BreakerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A snapshot of the connection's health, for health endpoints and logs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Health {
+    /// Where the breaker is.
+    pub state: BreakerState,
+    /// How long it has been there.
+    #[serde(serialize_with = "serialize_millis", rename = "in_state_ms")]
+    pub in_state_for: Duration,
+    /// Failures in a row since the last success.
+    pub consecutive_failures: u32,
+    /// The last failure, if any since the breaker last closed.
+    pub last_error: Option<String>,
+}
+
+impl Health {
+    /// True when request paths are using Redis.
+    pub fn is_healthy(&self) -> bool {
+        self.state == BreakerState::Closed
+    }
+}
+
+fn serialize_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What a failed operation tells the breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// Nothing listens: open at once, counting more would only waste requests.
+    Refused,
+    /// A timeout or a broken connection: counts toward the threshold.
+    Counted,
+}
+
+struct Counters {
+    consecutive_failures: u32,
+    last_error: Option<String>,
+    changed_at: Instant,
+}
+
+pub(crate) struct Breaker {
+    state: AtomicU8,
+    counters: Mutex<Counters>,
+    threshold: u32,
+    tx: watch::Sender<BreakerState>,
+}
+
+impl Breaker {
+    pub(crate) fn new(initial: BreakerState, threshold: u32) -> Self {
+        let (tx, _) = watch::channel(initial);
+        record_state_gauge(initial);
+        Self {
+            state: AtomicU8::new(initial.encode()),
+            counters: Mutex::new(Counters {
+                consecutive_failures: 0,
+                last_error: None,
+                changed_at: Instant::now(),
+            }),
+            threshold,
+            tx,
+        }
+    }
+
+    pub(crate) fn state(&self) -> BreakerState {
+        BreakerState::decode(self.state.load(Ordering::Acquire))
+    }
+
+    /// Only a closed breaker lets request paths call Redis.
+    pub(crate) fn allows_requests(&self) -> bool {
+        self.state() == BreakerState::Closed
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<BreakerState> {
+        self.tx.subscribe()
+    }
+
+    pub(crate) fn health(&self) -> Health {
+        let counters = self.lock();
+        Health {
+            state: self.state(),
+            in_state_for: counters.changed_at.elapsed(),
+            consecutive_failures: counters.consecutive_failures,
+            last_error: counters.last_error.clone(),
+        }
+    }
+
+    pub(crate) fn on_success(&self) {
+        if self.state() != BreakerState::Closed {
+            return;
+        }
+        let mut counters = self.lock();
+        counters.consecutive_failures = 0;
+    }
+
+    /// Records a failure of a request-path operation. Returns true when this
+    /// failure opened the breaker (the caller then starts the probe).
+    pub(crate) fn on_failure(&self, failure: Failure, error: &str) -> bool {
+        let mut counters = self.lock();
+        counters.consecutive_failures = counters.consecutive_failures.saturating_add(1);
+        counters.last_error = Some(error.to_owned());
+        if self.state() != BreakerState::Closed {
+            return false;
+        }
+        let trip = failure == Failure::Refused || counters.consecutive_failures >= self.threshold;
+        if trip {
+            self.set(&mut counters, BreakerState::Open, error);
+        }
+        trip
+    }
+
+    /// Moves the breaker on behalf of the probe (or at startup).
+    pub(crate) fn transition(&self, to: BreakerState, error: Option<&str>) {
+        let mut counters = self.lock();
+        if to == BreakerState::Closed {
+            counters.consecutive_failures = 0;
+            counters.last_error = None;
+        } else if let Some(error) = error {
+            counters.last_error = Some(error.to_owned());
+        }
+        self.set(&mut counters, to, error.unwrap_or(""));
+    }
+
+    fn set(&self, counters: &mut Counters, to: BreakerState, reason: &str) {
+        let from = self.state();
+        if from == to {
+            return;
+        }
+        self.state.store(to.encode(), Ordering::Release);
+        counters.changed_at = Instant::now();
+        self.tx.send_replace(to);
+        log_transition(from, to, reason);
+        record_transition(from, to);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counters> {
+        // The counters stay consistent even if a holder panicked.
+        self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn log_transition(from: BreakerState, to: BreakerState, reason: &str) {
+    match (from, to) {
+        (BreakerState::Closed, BreakerState::Open) => tracing::warn!(
+            target: "tower_redis",
+            %from, %to, reason,
+            "Redis circuit breaker opened; request paths use their in-process fallbacks"
+        ),
+        (_, BreakerState::Closed) => tracing::info!(
+            target: "tower_redis",
+            %from, %to,
+            "Redis circuit breaker closed; request paths use Redis again"
+        ),
+        _ => tracing::debug!(target: "tower_redis", %from, %to, reason, "Redis circuit breaker moved"),
+    }
+}
+
+#[cfg(feature = "metrics")]
+fn record_transition(from: BreakerState, to: BreakerState) {
+    metrics::counter!(
+        "tower_redis_breaker_transitions_total",
+        "from" => from.as_str(),
+        "to" => to.as_str()
+    )
+    .increment(1);
+    record_state_gauge(to);
+}
+
+#[cfg(not(feature = "metrics"))]
+fn record_transition(_from: BreakerState, _to: BreakerState) {}
+
+#[cfg(feature = "metrics")]
+fn record_state_gauge(state: BreakerState) {
+    metrics::gauge!("tower_redis_breaker_state").set(f64::from(state.encode()));
+}
+
+#[cfg(not(feature = "metrics"))]
+fn record_state_gauge(_state: BreakerState) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_threshold_consecutive_failures() {
+        let breaker = Breaker::new(BreakerState::Closed, 3);
+        assert!(!breaker.on_failure(Failure::Counted, "timeout"));
+        assert!(!breaker.on_failure(Failure::Counted, "timeout"));
+        assert!(breaker.allows_requests());
+        assert!(breaker.on_failure(Failure::Counted, "timeout"));
+        assert_eq!(breaker.state(), BreakerState::Open);
+        assert!(!breaker.allows_requests());
+    }
+
+    #[test]
+    fn a_success_resets_the_count() {
+        let breaker = Breaker::new(BreakerState::Closed, 2);
+        breaker.on_failure(Failure::Counted, "timeout");
+        breaker.on_success();
+        assert!(!breaker.on_failure(Failure::Counted, "timeout"));
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn refused_connection_opens_at_once() {
+        let breaker = Breaker::new(BreakerState::Closed, 10);
+        assert!(breaker.on_failure(Failure::Refused, "connection refused"));
+        assert_eq!(breaker.health().last_error.as_deref(), Some("connection refused"));
+    }
+
+    #[test]
+    fn failures_while_open_do_not_reopen() {
+        let breaker = Breaker::new(BreakerState::Open, 1);
+        assert!(!breaker.on_failure(Failure::Refused, "still down"));
+    }
+
+    #[test]
+    fn subscribers_see_every_transition() {
+        let breaker = Breaker::new(BreakerState::Closed, 1);
+        let mut rx = breaker.subscribe();
+        breaker.on_failure(Failure::Counted, "boom");
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), BreakerState::Open);
+        breaker.transition(BreakerState::Closed, None);
+        assert_eq!(*rx.borrow_and_update(), BreakerState::Closed);
+        assert_eq!(breaker.health().consecutive_failures, 0);
+    }
+}

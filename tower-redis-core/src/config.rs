@@ -1,0 +1,556 @@
+//! [`RedisConfig`]: where Redis is and how patient to be with it.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::ConfigError;
+
+const URL_FIX: &str = "use redis://[user:password@]host[:port][/db], or rediss:// for TLS";
+const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
+
+/// Where Redis runs: one server, or the seed nodes of a Redis Cluster.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Topology {
+    /// A single server (or a proxy in front of one), reached through a pool
+    /// of multiplexed connections.
+    Standalone(RedisUrl),
+    /// A Redis Cluster, reached through the cluster client; the nodes are
+    /// seeds, the client discovers the rest.
+    Cluster(Vec<RedisUrl>),
+}
+
+impl fmt::Debug for Topology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Topology::Standalone(url) => f.debug_tuple("Standalone").field(url).finish(),
+            Topology::Cluster(nodes) => f.debug_tuple("Cluster").field(nodes).finish(),
+        }
+    }
+}
+
+/// A validated Redis URL. Its `Debug` and `Display` hide the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    url: url::Url,
+}
+
+impl RedisUrl {
+    /// Parses and validates a `redis://`, `rediss://` or `redis+unix://` URL.
+    pub fn parse(field: &'static str, input: &str) -> Result<Self, ConfigError> {
+        let input = input.trim();
+        if input.is_empty() {
+            return Err(ConfigError::new(field, "is empty", URL_FIX));
+        }
+        let url = url::Url::parse(input).map_err(|e| {
+            ConfigError::new(
+                field,
+                format!("`{}` is not a valid URL ({e})", redact_unparsed(input)),
+                URL_FIX,
+            )
+        })?;
+        let this = Self { url };
+        match this.url.scheme() {
+            "redis" | "valkey" => {}
+            "rediss" | "valkeys" => {
+                if !cfg!(feature = "tls") {
+                    return Err(ConfigError::new(
+                        field,
+                        format!("`{this}` asks for TLS, which this build does not include"),
+                        "enable the `tls` feature of tower-redis-core",
+                    ));
+                }
+            }
+            "redis+unix" | "unix" => return this.checked_by_redis(field),
+            other => {
+                return Err(ConfigError::new(
+                    field,
+                    format!("has the scheme `{other}:`, which is not a Redis scheme"),
+                    URL_FIX,
+                ));
+            }
+        }
+        if this.url.host_str().is_none_or(str::is_empty) {
+            return Err(ConfigError::new(field, format!("`{this}` names no host"), URL_FIX));
+        }
+        let db = this.url.path().trim_start_matches('/');
+        if !db.is_empty() && db.parse::<u16>().is_err() {
+            return Err(ConfigError::new(
+                field,
+                format!("`{this}` selects the database `{db}`, which is not a number"),
+                "put the database number after the host, e.g. redis://localhost:6379/2",
+            ));
+        }
+        this.checked_by_redis(field)
+    }
+
+    fn checked_by_redis(self, field: &'static str) -> Result<Self, ConfigError> {
+        redis::Client::open(self.url.as_str())
+            .map(|_| self.clone())
+            .map_err(|e| ConfigError::new(field, format!("`{self}` is rejected by the Redis client ({e})"), URL_FIX))
+    }
+
+    /// The database number the URL selects (0 when it names none).
+    pub fn db(&self) -> u16 {
+        self.url.path().trim_start_matches('/').parse().unwrap_or(0)
+    }
+
+    /// Whether the URL asks for TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.url.scheme(), "rediss" | "valkeys")
+    }
+
+    /// The full URL, password included: for handing to the Redis client only.
+    pub(crate) fn expose(&self) -> &str {
+        self.url.as_str()
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.url.password().is_some() {
+            let mut shown = self.url.clone();
+            // Setting a password only fails for URLs that cannot have one.
+            let _ = shown.set_password(Some("***"));
+            f.write_str(shown.as_str())
+        } else {
+            f.write_str(self.url.as_str())
+        }
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+/// Hides whatever sits between `://` and `@` in a string that did not parse.
+fn redact_unparsed(input: &str) -> String {
+    match (input.find("://"), input.rfind('@')) {
+        (Some(start), Some(at)) if at > start => format!("{}://***{}", &input[..start], &input[at..]),
+        _ => input.to_owned(),
+    }
+}
+
+/// The circuit breaker's thresholds and the recovery probe's pacing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive failures or timeouts that open the breaker. A refused
+    /// connection opens it at once.
+    pub failure_threshold: u32,
+    /// First delay before probing an open breaker; doubled after each failed probe.
+    pub probe_min_backoff: Duration,
+    /// Largest delay between two probes.
+    pub probe_max_backoff: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            probe_min_backoff: Duration::from_millis(50),
+            probe_max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+/// How to reach Redis and how long to wait for it.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_redis_core::RedisConfig;
+///
+/// let config = RedisConfig::builder()
+///     .url("redis://:secret@localhost:6379/1")
+///     .command_timeout(Duration::from_millis(150))
+///     .key_prefix("shop")
+///     .build()?;
+/// assert_eq!(config.command_timeout(), Duration::from_millis(150));
+/// // The password never shows up in logs.
+/// assert!(!format!("{config:?}").contains("secret"));
+///
+/// let err = RedisConfig::from_url("http://localhost").unwrap_err();
+/// assert_eq!(err.field, "url");
+/// # Ok::<(), tower_redis_core::ConfigError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    topology: Topology,
+    pool_size: u32,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+    breaker: BreakerConfig,
+    key_prefix: String,
+    require_redis: bool,
+}
+
+impl RedisConfig {
+    /// The default command timeout: long enough for a loaded server on a
+    /// LAN, short enough that a hung Redis costs a request little.
+    pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_millis(200);
+    /// The default timeout for establishing one connection.
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+    /// The default number of multiplexed connections per standalone server.
+    pub const DEFAULT_POOL_SIZE: u32 = 4;
+    /// The default key prefix.
+    pub const DEFAULT_KEY_PREFIX: &'static str = "tower-redis";
+
+    /// Starts a builder with every default (standalone Redis on `127.0.0.1:6379`).
+    pub fn builder() -> RedisConfigBuilder {
+        RedisConfigBuilder::default()
+    }
+
+    /// A standalone configuration with default knobs.
+    pub fn from_url(url: &str) -> Result<Self, ConfigError> {
+        Self::builder().url(url).build()
+    }
+
+    /// A cluster configuration with default knobs.
+    pub fn from_cluster_nodes<I, S>(nodes: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Self::builder().cluster_nodes(nodes).build()
+    }
+
+    /// Reads `REDIS_CLUSTER_NODES` (comma-separated URLs) or else `REDIS_URL`,
+    /// falling back to `redis://127.0.0.1:6379`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        RedisConfigBuilder::from_env().build()
+    }
+
+    /// Where Redis is.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+    /// Connections in the standalone pool.
+    pub fn pool_size(&self) -> u32 {
+        self.pool_size
+    }
+    /// How long establishing one connection may take.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+    /// The longest a request path waits for Redis, connection checkout included.
+    pub fn command_timeout(&self) -> Duration {
+        self.command_timeout
+    }
+    /// The breaker's thresholds.
+    pub fn breaker(&self) -> BreakerConfig {
+        self.breaker
+    }
+    /// The prefix of every key the layers write.
+    pub fn key_prefix(&self) -> &str {
+        &self.key_prefix
+    }
+    /// Whether startup fails when Redis cannot be reached.
+    pub fn require_redis(&self) -> bool {
+        self.require_redis
+    }
+}
+
+/// Builds a [`RedisConfig`]; every problem is reported by [`build`](Self::build).
+#[derive(Debug, Clone)]
+pub struct RedisConfigBuilder {
+    url: Option<(&'static str, String)>,
+    cluster_nodes: Option<(&'static str, Vec<String>)>,
+    pool_size: u32,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+    breaker: BreakerConfig,
+    key_prefix: String,
+    require_redis: bool,
+}
+
+impl Default for RedisConfigBuilder {
+    fn default() -> Self {
+        Self {
+            url: None,
+            cluster_nodes: None,
+            pool_size: RedisConfig::DEFAULT_POOL_SIZE,
+            connect_timeout: RedisConfig::DEFAULT_CONNECT_TIMEOUT,
+            command_timeout: RedisConfig::DEFAULT_COMMAND_TIMEOUT,
+            breaker: BreakerConfig::default(),
+            key_prefix: RedisConfig::DEFAULT_KEY_PREFIX.to_owned(),
+            require_redis: false,
+        }
+    }
+}
+
+impl RedisConfigBuilder {
+    /// A builder whose location comes from `REDIS_CLUSTER_NODES` or `REDIS_URL`.
+    pub fn from_env() -> Self {
+        let mut builder = Self::default();
+        if let Ok(nodes) = std::env::var("REDIS_CLUSTER_NODES") {
+            if !nodes.trim().is_empty() {
+                builder.cluster_nodes = Some(("REDIS_CLUSTER_NODES", split_nodes(&nodes)));
+                return builder;
+            }
+        }
+        if let Ok(url) = std::env::var("REDIS_URL") {
+            builder.url = Some(("REDIS_URL", url));
+        }
+        builder
+    }
+
+    /// A standalone server.
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(("url", url.into()));
+        self.cluster_nodes = None;
+        self
+    }
+
+    /// Seed nodes of a Redis Cluster.
+    pub fn cluster_nodes<I, S>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.cluster_nodes = Some((
+            "cluster_nodes",
+            nodes.into_iter().map(|n| n.as_ref().trim().to_owned()).collect(),
+        ));
+        self.url = None;
+        self
+    }
+
+    /// Connections in the standalone pool (1 to 1024, default 4). Each is
+    /// multiplexed, so a few carry many concurrent requests.
+    pub fn pool_size(mut self, size: u32) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// How long establishing one connection may take (default 500 ms).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The longest a request path waits for Redis before taking its fallback
+    /// (default 200 ms).
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// Consecutive failures that open the breaker (default 5).
+    pub fn failure_threshold(mut self, failures: u32) -> Self {
+        self.breaker.failure_threshold = failures;
+        self
+    }
+
+    /// Delays between recovery probes: starts at `min`, doubles up to `max`,
+    /// with jitter (default 50 ms to 2 s).
+    pub fn probe_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.breaker.probe_min_backoff = min;
+        self.breaker.probe_max_backoff = max;
+        self
+    }
+
+    /// The prefix of every key (default `tower-redis`), so several apps can
+    /// share one Redis.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// Refuse to start when Redis cannot be reached (default: start on the
+    /// fallbacks and recover later).
+    pub fn require_redis(mut self, required: bool) -> Self {
+        self.require_redis = required;
+        self
+    }
+
+    /// Validates everything and returns the configuration.
+    pub fn build(self) -> Result<RedisConfig, ConfigError> {
+        let topology = match (self.cluster_nodes, self.url) {
+            (Some((field, nodes)), _) => {
+                let nodes: Vec<&String> = nodes.iter().filter(|n| !n.is_empty()).collect();
+                if nodes.is_empty() {
+                    return Err(ConfigError::new(
+                        field,
+                        "lists no nodes",
+                        "give at least one node URL, e.g. redis://10.0.0.1:6379,redis://10.0.0.2:6379",
+                    ));
+                }
+                let mut parsed = Vec::with_capacity(nodes.len());
+                for node in nodes {
+                    let url = RedisUrl::parse(field, node)?;
+                    if url.db() != 0 {
+                        return Err(ConfigError::new(
+                            field,
+                            format!("node `{url}` selects database {}, but Redis Cluster only has database 0", url.db()),
+                            "remove the /db part from the cluster node URLs",
+                        ));
+                    }
+                    parsed.push(url);
+                }
+                Topology::Cluster(parsed)
+            }
+            (None, Some((field, url))) => Topology::Standalone(RedisUrl::parse(field, &url)?),
+            (None, None) => Topology::Standalone(RedisUrl::parse("url", DEFAULT_URL)?),
+        };
+        if !(1..=1024).contains(&self.pool_size) {
+            return Err(ConfigError::new(
+                "pool_size",
+                format!("is {}", self.pool_size),
+                "use 1 to 1024 connections; each is multiplexed, so 2 to 8 is plenty",
+            ));
+        }
+        check_duration("connect_timeout", self.connect_timeout, Duration::from_secs(60))?;
+        check_duration("command_timeout", self.command_timeout, Duration::from_secs(60))?;
+        if self.breaker.failure_threshold == 0 {
+            return Err(ConfigError::new("failure_threshold", "is 0", "use at least 1 failure"));
+        }
+        check_duration("probe_backoff", self.breaker.probe_min_backoff, Duration::from_secs(300))?;
+        if self.breaker.probe_max_backoff < self.breaker.probe_min_backoff {
+            return Err(ConfigError::new(
+                "probe_backoff",
+                "has a maximum below its minimum",
+                "pass (min, max) with min <= max",
+            ));
+        }
+        check_key_prefix(&self.key_prefix)?;
+        Ok(RedisConfig {
+            topology,
+            pool_size: self.pool_size,
+            connect_timeout: self.connect_timeout,
+            command_timeout: self.command_timeout,
+            breaker: self.breaker,
+            key_prefix: self.key_prefix,
+            require_redis: self.require_redis,
+        })
+    }
+}
+
+fn split_nodes(list: &str) -> Vec<String> {
+    list.split([',', ' '])
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| if n.contains("://") { n.to_owned() } else { format!("redis://{n}") })
+        .collect()
+}
+
+fn check_duration(field: &'static str, value: Duration, max: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(ConfigError::new(field, "is zero", "use a positive duration, e.g. 200 ms"));
+    }
+    if value > max {
+        return Err(ConfigError::new(
+            field,
+            format!("is {value:?}"),
+            format!("use at most {max:?}; a longer wait turns a Redis outage into an app outage"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_key_prefix(prefix: &str) -> Result<(), ConfigError> {
+    if prefix.len() > 64 {
+        return Err(ConfigError::new("key_prefix", "is longer than 64 bytes", "use a short name such as `myapp`"));
+    }
+    if let Some(bad) = prefix.chars().find(|c| c.is_whitespace() || c.is_control() || matches!(c, '{' | '}')) {
+        return Err(ConfigError::new(
+            "key_prefix",
+            format!("contains {bad:?}"),
+            "use letters, digits, `-`, `_`, `.` or `:`; braces would break cluster hash tags",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_point_at_local_redis() {
+        let config = RedisConfig::builder().build().expect("defaults are valid");
+        assert_eq!(config.topology(), &Topology::Standalone(RedisUrl::parse("url", DEFAULT_URL).expect("valid")));
+        assert_eq!(config.command_timeout(), RedisConfig::DEFAULT_COMMAND_TIMEOUT);
+        assert!(!config.require_redis());
+    }
+
+    #[test]
+    fn url_with_user_password_and_db_is_accepted() {
+        let config = RedisConfig::from_url("redis://app:pa55@cache.internal:6380/3").expect("valid");
+        let Topology::Standalone(url) = config.topology() else { panic!("standalone expected") };
+        assert_eq!(url.db(), 3);
+        assert_eq!(url.expose(), "redis://app:pa55@cache.internal:6380/3");
+    }
+
+    #[test]
+    fn password_is_hidden_from_debug_display_and_errors() {
+        let config = RedisConfig::from_url("redis://app:hunter2@localhost/1").expect("valid");
+        assert!(!format!("{config:?}").contains("hunter2"));
+        let err = RedisConfig::from_url("redis://app:hunter2@local host/1").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn wrong_scheme_names_the_field_and_the_fix() {
+        let err = RedisConfig::from_url("http://localhost:6379").unwrap_err();
+        assert_eq!(err.field, "url");
+        assert!(err.to_string().contains("redis://"), "{err}");
+    }
+
+    #[test]
+    fn non_numeric_database_is_rejected() {
+        let err = RedisConfig::from_url("redis://localhost/sessions").unwrap_err();
+        assert!(err.problem.contains("sessions"), "{err}");
+    }
+
+    #[test]
+    fn missing_host_is_rejected() {
+        assert!(RedisConfig::from_url("redis://").is_err());
+        assert!(RedisConfig::from_url("").is_err());
+    }
+
+    #[test]
+    fn tls_url_without_tls_feature_says_which_feature() {
+        let result = RedisConfig::from_url("rediss://localhost:6380");
+        if cfg!(feature = "tls") {
+            assert!(result.is_ok());
+        } else {
+            let err = result.unwrap_err();
+            assert!(err.fix.contains("`tls` feature"), "{err}");
+        }
+    }
+
+    #[test]
+    fn cluster_nodes_accept_bare_host_port_from_env_syntax() {
+        let nodes = split_nodes("10.0.0.1:7000, redis://10.0.0.2:7001");
+        assert_eq!(nodes, ["redis://10.0.0.1:7000", "redis://10.0.0.2:7001"]);
+        let config = RedisConfig::from_cluster_nodes(nodes).expect("valid");
+        assert!(matches!(config.topology(), Topology::Cluster(n) if n.len() == 2));
+    }
+
+    #[test]
+    fn cluster_rejects_databases_and_empty_lists() {
+        assert_eq!(RedisConfig::from_cluster_nodes(["redis://a:7000/2"]).unwrap_err().field, "cluster_nodes");
+        assert!(RedisConfig::from_cluster_nodes(Vec::<String>::new()).is_err());
+    }
+
+    #[test]
+    fn out_of_range_knobs_are_rejected_by_name() {
+        let err = RedisConfig::builder().pool_size(0).build().unwrap_err();
+        assert_eq!(err.field, "pool_size");
+        let err = RedisConfig::builder().command_timeout(Duration::ZERO).build().unwrap_err();
+        assert_eq!(err.field, "command_timeout");
+        let err = RedisConfig::builder().failure_threshold(0).build().unwrap_err();
+        assert_eq!(err.field, "failure_threshold");
+        let err = RedisConfig::builder()
+            .probe_backoff(Duration::from_secs(2), Duration::from_millis(1))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field, "probe_backoff");
+    }
+
+    #[test]
+    fn key_prefix_with_braces_is_rejected() {
+        let err = RedisConfig::builder().key_prefix("app{1}").build().unwrap_err();
+        assert_eq!(err.field, "key_prefix");
+    }
+}

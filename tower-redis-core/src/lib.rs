@@ -1,0 +1,68 @@
+//! The Redis connection manager shared by the tower-redis layers.
+//!
+//! One [`RedisManager`] per app holds the connections (a pool of
+//! multiplexed connections, or the Redis Cluster client), a circuit breaker,
+//! and [`failover`](RedisManager::failover): the helper every layer uses to
+//! run an operation on Redis when Redis is healthy and on its in-process
+//! fallback otherwise. A Redis problem never becomes a panic, an error
+//! response or a wait longer than the command timeout.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower_redis_core::{RedisConfig, RedisManager, Source};
+//!
+//! # async fn demo() -> Result<(), tower_redis_core::Error> {
+//! let config = RedisConfig::builder()
+//!     .url("redis://127.0.0.1:6379")
+//!     .command_timeout(Duration::from_millis(100))
+//!     .key_prefix("myapp")
+//!     .build()?;
+//! // Succeeds even when Redis is down: the breaker starts open and recovers.
+//! let redis = RedisManager::connect(config).await?;
+//!
+//! let key = redis.keys().key(&["greeting"]);
+//! let served = redis
+//!     .failover(
+//!         |mut conn| async move {
+//!             redis::cmd("GET").arg(&key).query_async::<Option<String>>(&mut conn).await
+//!         },
+//!         |_reason| async { None },
+//!     )
+//!     .await;
+//! if let Source::Fallback(reason) = served.source {
+//!     tracing::info!(reason = reason.as_str(), "served without Redis");
+//! }
+//! println!("{:?} ({:?})", served.value, redis.health().state);
+//! # Ok(()) }
+//! ```
+//!
+//! # Features
+//!
+//! - `metrics`: counts breaker transitions (`tower_redis_breaker_transitions_total`),
+//!   the breaker state (`tower_redis_breaker_state`: 0 closed, 1 open,
+//!   2 half-open, 3 disabled) and fallbacks (`tower_redis_fallbacks_total`).
+//! - `tls`: `rediss://` URLs.
+//! - `testing`: [`testing::TestRedis`] and [`testing::TestCluster`], real
+//!   Redis servers for tests that can be killed, paused and restarted.
+//! - `testing-docker`: adds a Docker backend (testcontainers) to `testing`.
+
+mod breaker;
+mod config;
+mod connection;
+mod error;
+mod keys;
+mod manager;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use breaker::{BreakerState, Health};
+pub use config::{BreakerConfig, RedisConfig, RedisConfigBuilder, RedisUrl, Topology};
+pub use connection::RedisConnection;
+pub use error::{ConfigError, Error};
+pub use keys::{Keyspace, escape_key_part};
+pub use manager::{FallbackReason, RedisManager, Served, Source};
+
+/// The redis-rs crate this manager is built on, for writing commands,
+/// pipelines and scripts against [`RedisConnection`].
+pub use redis;
