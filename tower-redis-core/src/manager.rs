@@ -263,9 +263,13 @@ impl RedisManager {
             Ok(Err(error)) => {
                 if counts_against_breaker(&error) {
                     if error.is_io_error() || error.is_connection_dropped() {
+                        // A multiplexed connection does not recover, and when
+                        // one drops the server has usually restarted, so the
+                        // others from before are dead too: replace them all.
                         if let Some(broken) = broken {
                             broken.store(true, Ordering::Release);
                         }
+                        inner.backend.discard_connections();
                     }
                     self.record_failure(&error);
                 } else {
