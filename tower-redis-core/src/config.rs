@@ -315,8 +315,10 @@ impl RedisConfigBuilder {
         self
     }
 
-    /// Connections in the standalone pool (1 to 1024, default 4). Each is
-    /// multiplexed, so a few carry many concurrent requests.
+    /// The most connections in the standalone pool (1 to 1024, default 4).
+    /// Each is multiplexed and an operation holds its pool slot only to clone
+    /// the connection, so one connection carries most loads; more are opened
+    /// only when checkouts contend.
     pub fn pool_size(mut self, size: u32) -> Self {
         self.pool_size = size;
         self

@@ -462,7 +462,6 @@ impl Backend {
                 let generation = Arc::clone(&connector.generation);
                 let pool = bb8::Pool::builder()
                     .max_size(config.pool_size())
-                    .min_idle(Some(config.pool_size()))
                     .test_on_check_out(false)
                     .retry_connection(false)
                     .connection_timeout(config.connect_timeout())
@@ -506,6 +505,21 @@ impl Backend {
                 // Stale connections (from before an outage, or broken) are
                 // dropped by bb8 when their guard goes back; try the next.
                 for _ in 0..=*pool_size {
+                    if pool.state().idle_connections == 0 {
+                        // bb8 makes connections in the background and makes
+                        // `get` wait for them, hiding the reason a connect
+                        // failed until its timeout. Connect here instead, so
+                        // a refused connection is known (and opens the
+                        // breaker) at once, then lend the result to the pool.
+                        let fresh = pool.dedicated_connection().await?;
+                        let checked_out = (
+                            RedisConnection::standalone(fresh.conn.clone()),
+                            Some(Arc::clone(&fresh.broken)),
+                        );
+                        // A full pool refuses it; the clone above still works.
+                        let _ = pool.add(fresh);
+                        return Ok(checked_out);
+                    }
                     let guard = pool.get().await.map_err(pool_error)?;
                     if !guard.broken.load(Ordering::Acquire) && guard.generation() == generation.load(Ordering::Acquire) {
                         return Ok((

@@ -1,0 +1,56 @@
+//! Several app instances (managers) sharing one Redis.
+
+use std::time::Duration;
+
+use tower_redis_core::redis;
+use tower_redis_core::testing::TestRedis;
+use tower_redis_core::{BreakerState, RedisManager, Source};
+
+async fn instance(redis: &TestRedis, prefix: &str) -> RedisManager {
+    let config = redis.config().key_prefix(prefix).build().expect("valid config");
+    RedisManager::connect(config).await.expect("instance starts")
+}
+
+async fn incr(manager: &RedisManager, name: &str) -> (i64, Source) {
+    let key = manager.keys().key(&[name]);
+    let served = manager
+        .failover(
+            |mut conn| async move { redis::cmd("INCR").arg(key).query_async(&mut conn).await },
+            |_| async { -1 },
+        )
+        .await;
+    (served.value, served.source)
+}
+
+#[tokio::test]
+async fn instances_of_one_app_share_state_and_other_apps_stay_apart() {
+    let redis = TestRedis::start().await;
+    let shop_a = instance(&redis, "shop").await;
+    let shop_b = instance(&redis, "shop").await;
+    let blog = instance(&redis, "blog").await;
+
+    assert_eq!(incr(&shop_a, "hits").await, (1, Source::Redis));
+    assert_eq!(incr(&shop_b, "hits").await, (2, Source::Redis));
+    assert_eq!(incr(&blog, "hits").await, (1, Source::Redis));
+}
+
+#[tokio::test]
+async fn every_instance_recovers_on_its_own_after_an_outage() {
+    let redis = TestRedis::start().await;
+    let instances = [instance(&redis, "app").await, instance(&redis, "app").await];
+    redis.kill();
+    for manager in &instances {
+        // Each instance discovers the outage through its own traffic.
+        while manager.health().state == BreakerState::Closed {
+            incr(manager, "n").await;
+        }
+    }
+    redis.restart().await;
+    for manager in &instances {
+        let mut rx = manager.subscribe();
+        let closed = tokio::time::timeout(Duration::from_secs(15), rx.wait_for(|s| *s == BreakerState::Closed)).await;
+        assert!(matches!(closed, Ok(Ok(_))), "health: {:?}", manager.health());
+    }
+    assert_eq!(incr(&instances[0], "n").await, (1, Source::Redis));
+    assert_eq!(incr(&instances[1], "n").await, (2, Source::Redis));
+}
