@@ -41,7 +41,9 @@ async fn main() {
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .init();
 
     let redis = match std::env::var("REDIS_URL").as_deref() {
@@ -80,7 +82,11 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// must not pull it out of rotation. The body says which mode it is in.
 async fn healthz(State(app): State<App>) -> Json<serde_json::Value> {
     let health = app.redis.health();
-    let status = if health.is_healthy() { "ok" } else { "degraded" };
+    let status = if health.is_healthy() {
+        "ok"
+    } else {
+        "degraded"
+    };
     Json(serde_json::json!({ "status": status, "redis": health }))
 }
 
@@ -91,7 +97,12 @@ async fn visit(State(app): State<App>) -> Json<serde_json::Value> {
     let served = app
         .redis
         .failover(
-            |mut conn| async move { redis::cmd("INCR").arg(key).query_async::<u64>(&mut conn).await },
+            |mut conn| async move {
+                redis::cmd("INCR")
+                    .arg(key)
+                    .query_async::<u64>(&mut conn)
+                    .await
+            },
             |_reason| async move { local.fetch_add(1, Ordering::Relaxed) + 1 },
         )
         .await;

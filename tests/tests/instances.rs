@@ -7,8 +7,14 @@ use tower_redis_core::testing::TestRedis;
 use tower_redis_core::{BreakerState, RedisManager, Source};
 
 async fn instance(redis: &TestRedis, prefix: &str) -> RedisManager {
-    let config = redis.config().key_prefix(prefix).build().expect("valid config");
-    RedisManager::connect(config).await.expect("instance starts")
+    let config = redis
+        .config()
+        .key_prefix(prefix)
+        .build()
+        .expect("valid config");
+    RedisManager::connect(config)
+        .await
+        .expect("instance starts")
 }
 
 async fn incr(manager: &RedisManager, name: &str) -> (i64, Source) {
@@ -38,7 +44,7 @@ async fn instances_of_one_app_share_state_and_other_apps_stay_apart() {
 async fn every_instance_recovers_on_its_own_after_an_outage() {
     let redis = TestRedis::start().await;
     let instances = [instance(&redis, "app").await, instance(&redis, "app").await];
-    redis.kill();
+    redis.kill().await;
     for manager in &instances {
         // Each instance discovers the outage through its own traffic.
         while manager.health().state == BreakerState::Closed {
@@ -48,8 +54,16 @@ async fn every_instance_recovers_on_its_own_after_an_outage() {
     redis.restart().await;
     for manager in &instances {
         let mut rx = manager.subscribe();
-        let closed = tokio::time::timeout(Duration::from_secs(15), rx.wait_for(|s| *s == BreakerState::Closed)).await;
-        assert!(matches!(closed, Ok(Ok(_))), "health: {:?}", manager.health());
+        let closed = tokio::time::timeout(
+            Duration::from_secs(15),
+            rx.wait_for(|s| *s == BreakerState::Closed),
+        )
+        .await;
+        assert!(
+            matches!(closed, Ok(Ok(_))),
+            "health: {:?}",
+            manager.health()
+        );
     }
     assert_eq!(incr(&instances[0], "n").await, (1, Source::Redis));
     assert_eq!(incr(&instances[1], "n").await, (2, Source::Redis));

@@ -194,7 +194,9 @@ impl Breaker {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Counters> {
         // The counters stay consistent even if a holder panicked.
-        self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.counters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -210,7 +212,9 @@ fn log_transition(from: BreakerState, to: BreakerState, reason: &str) {
             %from, %to,
             "Redis circuit breaker closed; request paths use Redis again"
         ),
-        _ => tracing::debug!(target: "tower_redis", %from, %to, reason, "Redis circuit breaker moved"),
+        _ => {
+            tracing::debug!(target: "tower_redis", %from, %to, reason, "Redis circuit breaker moved")
+        }
     }
 }
 
@@ -264,7 +268,10 @@ mod tests {
     fn refused_connection_opens_at_once() {
         let breaker = Breaker::new(BreakerState::Closed, 10);
         assert!(breaker.on_failure(Failure::Refused, "connection refused"));
-        assert_eq!(breaker.health().last_error.as_deref(), Some("connection refused"));
+        assert_eq!(
+            breaker.health().last_error.as_deref(),
+            Some("connection refused")
+        );
     }
 
     #[test]

@@ -70,7 +70,11 @@ impl RedisUrl {
             }
         }
         if this.url.host_str().is_none_or(str::is_empty) {
-            return Err(ConfigError::new(field, format!("`{this}` names no host"), URL_FIX));
+            return Err(ConfigError::new(
+                field,
+                format!("`{this}` names no host"),
+                URL_FIX,
+            ));
         }
         let db = this.url.path().trim_start_matches('/');
         if !db.is_empty() && db.parse::<u16>().is_err() {
@@ -86,7 +90,13 @@ impl RedisUrl {
     fn checked_by_redis(self, field: &'static str) -> Result<Self, ConfigError> {
         redis::Client::open(self.url.as_str())
             .map(|_| self.clone())
-            .map_err(|e| ConfigError::new(field, format!("`{self}` is rejected by the Redis client ({e})"), URL_FIX))
+            .map_err(|e| {
+                ConfigError::new(
+                    field,
+                    format!("`{self}` is rejected by the Redis client ({e})"),
+                    URL_FIX,
+                )
+            })
     }
 
     /// The database number the URL selects (0 when it names none).
@@ -127,7 +137,9 @@ impl fmt::Debug for RedisUrl {
 /// Hides whatever sits between `://` and `@` in a string that did not parse.
 fn redact_unparsed(input: &str) -> String {
     match (input.find("://"), input.rfind('@')) {
-        (Some(start), Some(at)) if at > start => format!("{}://***{}", &input[..start], &input[at..]),
+        (Some(start), Some(at)) if at > start => {
+            format!("{}://***{}", &input[..start], &input[at..])
+        }
         _ => input.to_owned(),
     }
 }
@@ -282,11 +294,11 @@ impl RedisConfigBuilder {
     /// A builder whose location comes from `REDIS_CLUSTER_NODES` or `REDIS_URL`.
     pub fn from_env() -> Self {
         let mut builder = Self::default();
-        if let Ok(nodes) = std::env::var("REDIS_CLUSTER_NODES") {
-            if !nodes.trim().is_empty() {
-                builder.cluster_nodes = Some(("REDIS_CLUSTER_NODES", split_nodes(&nodes)));
-                return builder;
-            }
+        if let Ok(nodes) = std::env::var("REDIS_CLUSTER_NODES")
+            && !nodes.trim().is_empty()
+        {
+            builder.cluster_nodes = Some(("REDIS_CLUSTER_NODES", split_nodes(&nodes)));
+            return builder;
         }
         if let Ok(url) = std::env::var("REDIS_URL") {
             builder.url = Some(("REDIS_URL", url));
@@ -309,7 +321,10 @@ impl RedisConfigBuilder {
     {
         self.cluster_nodes = Some((
             "cluster_nodes",
-            nodes.into_iter().map(|n| n.as_ref().trim().to_owned()).collect(),
+            nodes
+                .into_iter()
+                .map(|n| n.as_ref().trim().to_owned())
+                .collect(),
         ));
         self.url = None;
         self
@@ -383,7 +398,10 @@ impl RedisConfigBuilder {
                     if url.db() != 0 {
                         return Err(ConfigError::new(
                             field,
-                            format!("node `{url}` selects database {}, but Redis Cluster only has database 0", url.db()),
+                            format!(
+                                "node `{url}` selects database {}, but Redis Cluster only has database 0",
+                                url.db()
+                            ),
                             "remove the /db part from the cluster node URLs",
                         ));
                     }
@@ -401,12 +419,28 @@ impl RedisConfigBuilder {
                 "use 1 to 1024 connections; each is multiplexed, so 2 to 8 is plenty",
             ));
         }
-        check_duration("connect_timeout", self.connect_timeout, Duration::from_secs(60))?;
-        check_duration("command_timeout", self.command_timeout, Duration::from_secs(60))?;
+        check_duration(
+            "connect_timeout",
+            self.connect_timeout,
+            Duration::from_secs(60),
+        )?;
+        check_duration(
+            "command_timeout",
+            self.command_timeout,
+            Duration::from_secs(60),
+        )?;
         if self.breaker.failure_threshold == 0 {
-            return Err(ConfigError::new("failure_threshold", "is 0", "use at least 1 failure"));
+            return Err(ConfigError::new(
+                "failure_threshold",
+                "is 0",
+                "use at least 1 failure",
+            ));
         }
-        check_duration("probe_backoff", self.breaker.probe_min_backoff, Duration::from_secs(300))?;
+        check_duration(
+            "probe_backoff",
+            self.breaker.probe_min_backoff,
+            Duration::from_secs(300),
+        )?;
         if self.breaker.probe_max_backoff < self.breaker.probe_min_backoff {
             return Err(ConfigError::new(
                 "probe_backoff",
@@ -431,13 +465,23 @@ fn split_nodes(list: &str) -> Vec<String> {
     list.split([',', ' '])
         .map(str::trim)
         .filter(|n| !n.is_empty())
-        .map(|n| if n.contains("://") { n.to_owned() } else { format!("redis://{n}") })
+        .map(|n| {
+            if n.contains("://") {
+                n.to_owned()
+            } else {
+                format!("redis://{n}")
+            }
+        })
         .collect()
 }
 
 fn check_duration(field: &'static str, value: Duration, max: Duration) -> Result<(), ConfigError> {
     if value.is_zero() {
-        return Err(ConfigError::new(field, "is zero", "use a positive duration, e.g. 200 ms"));
+        return Err(ConfigError::new(
+            field,
+            "is zero",
+            "use a positive duration, e.g. 200 ms",
+        ));
     }
     if value > max {
         return Err(ConfigError::new(
@@ -451,9 +495,16 @@ fn check_duration(field: &'static str, value: Duration, max: Duration) -> Result
 
 fn check_key_prefix(prefix: &str) -> Result<(), ConfigError> {
     if prefix.len() > 64 {
-        return Err(ConfigError::new("key_prefix", "is longer than 64 bytes", "use a short name such as `myapp`"));
+        return Err(ConfigError::new(
+            "key_prefix",
+            "is longer than 64 bytes",
+            "use a short name such as `myapp`",
+        ));
     }
-    if let Some(bad) = prefix.chars().find(|c| c.is_whitespace() || c.is_control() || matches!(c, '{' | '}')) {
+    if let Some(bad) = prefix
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '{' | '}'))
+    {
         return Err(ConfigError::new(
             "key_prefix",
             format!("contains {bad:?}"),
@@ -470,15 +521,24 @@ mod tests {
     #[test]
     fn defaults_point_at_local_redis() {
         let config = RedisConfig::builder().build().expect("defaults are valid");
-        assert_eq!(config.topology(), &Topology::Standalone(RedisUrl::parse("url", DEFAULT_URL).expect("valid")));
-        assert_eq!(config.command_timeout(), RedisConfig::DEFAULT_COMMAND_TIMEOUT);
+        assert_eq!(
+            config.topology(),
+            &Topology::Standalone(RedisUrl::parse("url", DEFAULT_URL).expect("valid"))
+        );
+        assert_eq!(
+            config.command_timeout(),
+            RedisConfig::DEFAULT_COMMAND_TIMEOUT
+        );
         assert!(!config.require_redis());
     }
 
     #[test]
     fn url_with_user_password_and_db_is_accepted() {
-        let config = RedisConfig::from_url("redis://app:pa55@cache.internal:6380/3").expect("valid");
-        let Topology::Standalone(url) = config.topology() else { panic!("standalone expected") };
+        let config =
+            RedisConfig::from_url("redis://app:pa55@cache.internal:6380/3").expect("valid");
+        let Topology::Standalone(url) = config.topology() else {
+            panic!("standalone expected")
+        };
         assert_eq!(url.db(), 3);
         assert_eq!(url.expose(), "redis://app:pa55@cache.internal:6380/3");
     }
@@ -531,7 +591,12 @@ mod tests {
 
     #[test]
     fn cluster_rejects_databases_and_empty_lists() {
-        assert_eq!(RedisConfig::from_cluster_nodes(["redis://a:7000/2"]).unwrap_err().field, "cluster_nodes");
+        assert_eq!(
+            RedisConfig::from_cluster_nodes(["redis://a:7000/2"])
+                .unwrap_err()
+                .field,
+            "cluster_nodes"
+        );
         assert!(RedisConfig::from_cluster_nodes(Vec::<String>::new()).is_err());
     }
 
@@ -539,9 +604,15 @@ mod tests {
     fn out_of_range_knobs_are_rejected_by_name() {
         let err = RedisConfig::builder().pool_size(0).build().unwrap_err();
         assert_eq!(err.field, "pool_size");
-        let err = RedisConfig::builder().command_timeout(Duration::ZERO).build().unwrap_err();
+        let err = RedisConfig::builder()
+            .command_timeout(Duration::ZERO)
+            .build()
+            .unwrap_err();
         assert_eq!(err.field, "command_timeout");
-        let err = RedisConfig::builder().failure_threshold(0).build().unwrap_err();
+        let err = RedisConfig::builder()
+            .failure_threshold(0)
+            .build()
+            .unwrap_err();
         assert_eq!(err.field, "failure_threshold");
         let err = RedisConfig::builder()
             .probe_backoff(Duration::from_secs(2), Duration::from_millis(1))
@@ -552,7 +623,10 @@ mod tests {
 
     #[test]
     fn key_prefix_with_braces_is_rejected() {
-        let err = RedisConfig::builder().key_prefix("app{1}").build().unwrap_err();
+        let err = RedisConfig::builder()
+            .key_prefix("app{1}")
+            .build()
+            .unwrap_err();
         assert_eq!(err.field, "key_prefix");
     }
 }

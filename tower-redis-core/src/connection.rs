@@ -50,7 +50,9 @@ impl fmt::Debug for RedisConnection {
             ConnectionKind::Standalone(_) => "standalone",
             ConnectionKind::Cluster(_) => "cluster",
         };
-        f.debug_struct("RedisConnection").field("kind", &kind).finish()
+        f.debug_struct("RedisConnection")
+            .field("kind", &kind)
+            .finish()
     }
 }
 
@@ -125,7 +127,6 @@ impl StandaloneConnector {
             generation: Arc::new(AtomicU64::new(0)),
         }
     }
-
 }
 
 impl bb8::ManageConnection for StandaloneConnector {
@@ -134,7 +135,10 @@ impl bb8::ManageConnection for StandaloneConnector {
 
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
         let generation = self.generation.load(Ordering::Acquire);
-        let conn = self.client.get_multiplexed_async_connection_with_config(&self.config).await?;
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
         Ok(PooledConnection {
             conn,
             broken: Arc::new(AtomicBool::new(false)),
@@ -147,7 +151,8 @@ impl bb8::ManageConnection for StandaloneConnector {
     }
 
     fn has_broken(&self, conn: &mut Self::Connection) -> bool {
-        conn.broken.load(Ordering::Acquire) || conn.generation != self.generation.load(Ordering::Acquire)
+        conn.broken.load(Ordering::Acquire)
+            || conn.generation != self.generation.load(Ordering::Acquire)
     }
 }
 

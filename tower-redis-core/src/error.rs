@@ -16,7 +16,11 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    pub(crate) fn new(field: &'static str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        field: &'static str,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
         Self {
             field,
             problem: problem.into(),
@@ -67,7 +71,11 @@ impl Error {
 /// rather than "this command was refused" (answered, so Redis is up).
 pub(crate) fn counts_against_breaker(err: &redis::RedisError) -> bool {
     use redis::{ErrorKind, ServerErrorKind};
-    if err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() || err.is_timeout() {
+    if err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_timeout()
+    {
         return true;
     }
     matches!(

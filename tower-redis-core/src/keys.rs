@@ -32,7 +32,9 @@ pub struct Keyspace {
 impl Keyspace {
     /// A keyspace under `prefix` (validated by [`RedisConfig`](crate::RedisConfig)).
     pub fn new(prefix: &str) -> Self {
-        Self { prefix: prefix.into() }
+        Self {
+            prefix: prefix.into(),
+        }
     }
 
     /// The prefix, without a trailing separator.
@@ -42,7 +44,9 @@ impl Keyspace {
 
     /// `prefix:part:part…`, each part escaped.
     pub fn key(&self, parts: &[&str]) -> String {
-        let mut key = String::with_capacity(self.prefix.len() + parts.iter().map(|p| p.len() + 1).sum::<usize>());
+        let mut key = String::with_capacity(
+            self.prefix.len() + parts.iter().map(|p| p.len() + 1).sum::<usize>(),
+        );
         key.push_str(&self.prefix);
         for part in parts {
             key.push(':');
@@ -53,7 +57,9 @@ impl Keyspace {
 
     /// `prefix:{tag}:part…`: every key with the same tag is in one cluster slot.
     pub fn tagged(&self, tag: &str, parts: &[&str]) -> String {
-        let mut key = String::with_capacity(self.prefix.len() + tag.len() + 4 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
+        let mut key = String::with_capacity(
+            self.prefix.len() + tag.len() + 4 + parts.iter().map(|p| p.len() + 1).sum::<usize>(),
+        );
         key.push_str(&self.prefix);
         key.push_str(":{");
         key.push_str(&escape_key_part(tag));
@@ -96,7 +102,9 @@ pub fn escape_key_part(part: &str) -> Cow<'_, str> {
 }
 
 fn needs_escape(c: char) -> bool {
-    matches!(c, '%' | ':' | '{' | '}' | '*' | '?' | '[' | ']' | '\\') || c.is_whitespace() || c.is_control()
+    matches!(c, '%' | ':' | '{' | '}' | '*' | '?' | '[' | ']' | '\\')
+        || c.is_whitespace()
+        || c.is_control()
 }
 
 #[cfg(test)]

@@ -71,7 +71,7 @@ enum Backend {
         pool_size: u32,
     },
     Cluster {
-        client: ClusterClient,
+        client: Box<ClusterClient>,
         conn: Mutex<Option<ClusterConnection>>,
     },
     Disabled,
@@ -113,7 +113,9 @@ impl FallbackReason {
 
     fn of(error: &Error) -> Self {
         match error {
-            Error::BreakerOpen | Error::Config(_) | Error::Required { .. } => FallbackReason::BreakerOpen,
+            Error::BreakerOpen | Error::Config(_) | Error::Required { .. } => {
+                FallbackReason::BreakerOpen
+            }
             Error::Timeout(_) => FallbackReason::Timeout,
             Error::Connect(_) => FallbackReason::ConnectionFailed,
             Error::Redis(e) if counts_against_breaker(e) => FallbackReason::ConnectionFailed,
@@ -173,7 +175,10 @@ impl RedisManager {
                 });
             }
             Err(error) => {
-                manager.inner.breaker.transition(BreakerState::Open, Some(&error.to_string()));
+                manager
+                    .inner
+                    .breaker
+                    .transition(BreakerState::Open, Some(&error.to_string()));
                 tracing::warn!(
                     target: "tower_redis",
                     redis = %manager.inner.description,
@@ -312,17 +317,22 @@ impl RedisManager {
 
     /// One command, one round trip.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, Error> {
-        self.run(|mut conn| async move { cmd.query_async(&mut conn).await }).await
+        self.run(|mut conn| async move { cmd.query_async(&mut conn).await })
+            .await
     }
 
     /// One pipeline, one round trip.
     pub async fn query_pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, Error> {
-        self.run(|mut conn| async move { pipe.query_async(&mut conn).await }).await
+        self.run(|mut conn| async move { pipe.query_async(&mut conn).await })
+            .await
     }
 
     /// Runs a Lua script by EVALSHA: one round trip, plus a reload when
     /// Redis has lost the script (restart, `SCRIPT FLUSH`).
-    pub async fn invoke_script<T: FromRedisValue>(&self, invocation: &ScriptInvocation<'_>) -> Result<T, Error> {
+    pub async fn invoke_script<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, Error> {
         self.run(|mut conn| async move { invocation.invoke_async(&mut conn).await })
             .await
     }
@@ -394,7 +404,10 @@ impl fmt::Debug for RedisManager {
 
 /// The background task that closes the breaker once Redis answers again.
 async fn probe_until_closed(inner: Weak<Inner>) {
-    let Some((mut backoff, max)) = inner.upgrade().map(|i| (i.probe_min_backoff, i.probe_max_backoff)) else {
+    let Some((mut backoff, max)) = inner
+        .upgrade()
+        .map(|i| (i.probe_min_backoff, i.probe_max_backoff))
+    else {
         return;
     };
     loop {
@@ -411,7 +424,9 @@ async fn probe_until_closed(inner: Weak<Inner>) {
                 inner.breaker.transition(BreakerState::Closed, None);
                 return;
             }
-            Err(error) => inner.breaker.transition(BreakerState::Open, Some(&error.to_string())),
+            Err(error) => inner
+                .breaker
+                .transition(BreakerState::Open, Some(&error.to_string())),
         }
         backoff = backoff.saturating_mul(2).min(max);
     }
@@ -419,7 +434,9 @@ async fn probe_until_closed(inner: Weak<Inner>) {
 
 /// Between half and all of `backoff`, so instances do not probe in lockstep.
 fn jittered(backoff: Duration) -> Duration {
-    let millis = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX).max(2);
+    let millis = u64::try_from(backoff.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(2);
     Duration::from_millis(rand::random_range(millis / 2..=millis))
 }
 
@@ -431,12 +448,18 @@ impl Inner {
     /// One PING on a fresh (or current) connection, within the connect and
     /// command timeouts. Only the probe and startup call it.
     async fn probe(&self) -> Result<(), Error> {
-        let (mut conn, broken) = match timeout(self.connect_timeout, self.backend.checkout()).await {
+        let (mut conn, broken) = match timeout(self.connect_timeout, self.backend.checkout()).await
+        {
             Ok(Ok(checked_out)) => checked_out,
             Ok(Err(error)) => return Err(Error::Connect(error)),
             Err(_) => return Err(Error::Timeout(self.connect_timeout)),
         };
-        let result = match timeout(self.command_timeout, redis::cmd("PING").query_async::<()>(&mut conn)).await {
+        let result = match timeout(
+            self.command_timeout,
+            redis::cmd("PING").query_async::<()>(&mut conn),
+        )
+        .await
+        {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(error)) => Err(Error::Redis(error)),
             Err(_) => Err(Error::Timeout(self.command_timeout)),
@@ -456,7 +479,11 @@ impl Backend {
         match config.topology() {
             Topology::Standalone(url) => {
                 let client = redis::Client::open(url.expose()).map_err(|e| {
-                    ConfigError::new("url", format!("`{url}` is rejected by the Redis client ({e})"), "check the URL")
+                    ConfigError::new(
+                        "url",
+                        format!("`{url}` is rejected by the Redis client ({e})"),
+                        "check the URL",
+                    )
                 })?;
                 let connector = StandaloneConnector::new(client, config.connect_timeout());
                 let generation = Arc::clone(&connector.generation);
@@ -488,7 +515,7 @@ impl Backend {
                         )
                     })?;
                 Ok(Backend::Cluster {
-                    client,
+                    client: Box::new(client),
                     conn: Mutex::new(None),
                 })
             }
@@ -521,7 +548,9 @@ impl Backend {
                         return Ok(checked_out);
                     }
                     let guard = pool.get().await.map_err(pool_error)?;
-                    if !guard.broken.load(Ordering::Acquire) && guard.generation() == generation.load(Ordering::Acquire) {
+                    if !guard.broken.load(Ordering::Acquire)
+                        && guard.generation() == generation.load(Ordering::Acquire)
+                    {
                         return Ok((
                             RedisConnection::standalone(guard.conn.clone()),
                             Some(Arc::clone(&guard.broken)),
@@ -565,7 +594,9 @@ impl Backend {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn pool_error(error: bb8::RunError<RedisError>) -> RedisError {

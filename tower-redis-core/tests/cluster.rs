@@ -8,22 +8,41 @@ use tower_redis_core::testing::TestCluster;
 use tower_redis_core::{BreakerState, RedisManager, Source};
 
 async fn slot_of(cluster: &TestCluster, key: &str) -> u16 {
-    let mut conn = cluster.client().get_async_connection().await.expect("cluster connection");
-    redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query_async(&mut conn).await.expect("KEYSLOT")
+    let mut conn = cluster
+        .client()
+        .get_async_connection()
+        .await
+        .expect("cluster connection");
+    redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .expect("KEYSLOT")
 }
 
 #[tokio::test]
 async fn commands_reach_keys_in_different_slots_and_nodes() {
     let cluster = TestCluster::start().await;
-    let manager = RedisManager::connect(cluster.config().build().expect("valid")).await.expect("starts");
+    let manager = RedisManager::connect(cluster.config().build().expect("valid"))
+        .await
+        .expect("starts");
     assert_eq!(manager.health().state, BreakerState::Closed);
 
-    let keys: Vec<String> = (0..30).map(|i| manager.keys().key(&["k", &i.to_string()])).collect();
+    let keys: Vec<String> = (0..30)
+        .map(|i| manager.keys().key(&["k", &i.to_string()]))
+        .collect();
     for (i, key) in keys.iter().enumerate() {
-        manager.query::<()>(redis::cmd("SET").arg(key).arg(i)).await.expect("SET");
+        manager
+            .query::<()>(redis::cmd("SET").arg(key).arg(i))
+            .await
+            .expect("SET");
     }
     for (i, key) in keys.iter().enumerate() {
-        let value: usize = manager.query(redis::cmd("GET").arg(key)).await.expect("GET");
+        let value: usize = manager
+            .query(redis::cmd("GET").arg(key))
+            .await
+            .expect("GET");
         assert_eq!(value, i);
     }
     let mut slots = HashSet::new();
@@ -36,12 +55,16 @@ async fn commands_reach_keys_in_different_slots_and_nodes() {
 #[tokio::test]
 async fn a_multi_key_script_on_hash_tagged_keys_runs_in_one_slot() {
     let cluster = TestCluster::start().await;
-    let manager = RedisManager::connect(cluster.config().build().expect("valid")).await.expect("starts");
+    let manager = RedisManager::connect(cluster.config().build().expect("valid"))
+        .await
+        .expect("starts");
     let a = manager.keys().tagged("user:7", &["a"]);
     let b = manager.keys().tagged("user:7", &["b"]);
     assert_eq!(slot_of(&cluster, &a).await, slot_of(&cluster, &b).await);
 
-    let script = Script::new("redis.call('SET', KEYS[1], ARGV[1]); redis.call('SET', KEYS[2], ARGV[1]); return redis.call('GET', KEYS[2])");
+    let script = Script::new(
+        "redis.call('SET', KEYS[1], ARGV[1]); redis.call('SET', KEYS[2], ARGV[1]); return redis.call('GET', KEYS[2])",
+    );
     let value: String = manager
         .invoke_script(script.key(&a).key(&b).arg("both"))
         .await
@@ -59,14 +82,21 @@ async fn a_killed_node_falls_back_and_recovers_after_restart() {
         .build()
         .expect("valid");
     let manager = RedisManager::connect(config).await.expect("starts");
-    let keys: Vec<String> = (0..12).map(|i| manager.keys().key(&["n", &i.to_string()])).collect();
+    let keys: Vec<String> = (0..12)
+        .map(|i| manager.keys().key(&["n", &i.to_string()]))
+        .collect();
 
-    cluster.kill_node(1);
+    cluster.kill_node(1).await;
     let mut fallbacks = 0;
     for key in keys.iter().cycle().take(36) {
         let served = manager
             .failover(
-                |mut conn| async move { redis::cmd("INCR").arg(key).query_async::<i64>(&mut conn).await },
+                |mut conn| async move {
+                    redis::cmd("INCR")
+                        .arg(key)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                },
                 |_| async { -1 },
             )
             .await;
@@ -78,15 +108,33 @@ async fn a_killed_node_falls_back_and_recovers_after_restart() {
 
     cluster.restart_node(1).await;
     let mut rx = manager.subscribe();
-    let closed = tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|s| *s == BreakerState::Closed)).await;
-    assert!(matches!(closed, Ok(Ok(_))), "health: {:?}", manager.health());
+    let closed = tokio::time::timeout(
+        Duration::from_secs(20),
+        rx.wait_for(|s| *s == BreakerState::Closed),
+    )
+    .await;
+    assert!(
+        matches!(closed, Ok(Ok(_))),
+        "health: {:?}",
+        manager.health()
+    );
     for key in &keys {
         let served = manager
             .failover(
-                |mut conn| async move { redis::cmd("INCR").arg(key).query_async::<i64>(&mut conn).await },
+                |mut conn| async move {
+                    redis::cmd("INCR")
+                        .arg(key)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                },
                 |_| async { -1 },
             )
             .await;
-        assert_eq!(served.source, Source::Redis, "{key}: health {:?}", manager.health());
+        assert_eq!(
+            served.source,
+            Source::Redis,
+            "{key}: health {:?}",
+            manager.health()
+        );
     }
 }

@@ -54,7 +54,7 @@ async fn wait_for_state(manager: &RedisManager, state: BreakerState) {
 #[tokio::test]
 async fn starts_with_redis_down_then_recovers_when_it_appears() {
     let redis = TestRedis::start().await;
-    redis.stop();
+    redis.stop().await;
 
     let manager = manager_for(&redis).await;
     assert_eq!(manager.health().state, BreakerState::Open);
@@ -62,7 +62,10 @@ async fn starts_with_redis_down_then_recovers_when_it_appears() {
     let started = Instant::now();
     let served = incr(&manager).await;
     assert_eq!(served.source, Source::Fallback(FallbackReason::BreakerOpen));
-    assert!(started.elapsed() < MARGIN, "an open breaker answers at once");
+    assert!(
+        started.elapsed() < MARGIN,
+        "an open breaker answers at once"
+    );
 
     redis.restart().await;
     wait_for_state(&manager, BreakerState::Closed).await;
@@ -74,9 +77,15 @@ async fn starts_with_redis_down_then_recovers_when_it_appears() {
 #[tokio::test]
 async fn require_redis_refuses_to_start_without_redis() {
     let redis = TestRedis::start().await;
-    redis.stop();
-    let config = redis.config().require_redis(true).build().expect("valid config");
-    let error = RedisManager::connect(config).await.expect_err("must refuse");
+    redis.stop().await;
+    let config = redis
+        .config()
+        .require_redis(true)
+        .build()
+        .expect("valid config");
+    let error = RedisManager::connect(config)
+        .await
+        .expect_err("must refuse");
     assert!(matches!(error, Error::Required { .. }), "{error}");
     assert!(error.to_string().contains("require_redis"), "{error}");
 }
@@ -93,16 +102,22 @@ async fn an_open_breaker_sends_nothing_to_redis() {
         .build()
         .expect("valid config");
     let manager = RedisManager::connect(config).await.expect("manager starts");
-    redis.pause();
+    redis.pause().await;
     for _ in 0..3 {
-        assert_eq!(incr(&manager).await.source, Source::Fallback(FallbackReason::Timeout));
+        assert_eq!(
+            incr(&manager).await.source,
+            Source::Fallback(FallbackReason::Timeout)
+        );
     }
     assert_eq!(manager.health().state, BreakerState::Open);
-    redis.resume();
+    redis.resume().await;
     redis.reset_stats().await.expect("reset");
 
     for _ in 0..50 {
-        assert_eq!(incr(&manager).await.source, Source::Fallback(FallbackReason::BreakerOpen));
+        assert_eq!(
+            incr(&manager).await.source,
+            Source::Fallback(FallbackReason::BreakerOpen)
+        );
     }
     let calls = redis.command_calls().await.expect("commandstats");
     assert_eq!(calls.get("incr"), None, "{calls:?}");
@@ -136,18 +151,23 @@ async fn kill_under_load_opens_the_breaker_and_no_caller_waits_past_the_timeout(
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    redis.kill();
+    redis.kill().await;
     for worker in workers {
         worker.await.expect("worker");
     }
 
     assert!(
-        tokio::time::timeout(RECOVERY, opened.wait_for(|s| *s != BreakerState::Closed)).await.is_ok(),
+        tokio::time::timeout(RECOVERY, opened.wait_for(|s| *s != BreakerState::Closed))
+            .await
+            .is_ok(),
         "breaker never opened"
     );
     assert!(fallbacks.load(Ordering::Relaxed) > 0);
     let longest = Duration::from_micros(longest.load(Ordering::Relaxed));
-    assert!(longest <= COMMAND_TIMEOUT + MARGIN, "a caller waited {longest:?}");
+    assert!(
+        longest <= COMMAND_TIMEOUT + MARGIN,
+        "a caller waited {longest:?}"
+    );
 }
 
 #[tokio::test]
@@ -156,21 +176,30 @@ async fn hung_redis_times_out_opens_and_closes_after_resume() {
     let manager = manager_for(&redis).await;
     assert_eq!(incr(&manager).await.source, Source::Redis);
 
-    redis.pause();
+    redis.pause().await;
     let mut reasons = Vec::new();
     for _ in 0..5 {
         let started = Instant::now();
         let served = incr(&manager).await;
-        assert!(started.elapsed() <= COMMAND_TIMEOUT + MARGIN, "waited {:?}", started.elapsed());
+        assert!(
+            started.elapsed() <= COMMAND_TIMEOUT + MARGIN,
+            "waited {:?}",
+            started.elapsed()
+        );
         if let Source::Fallback(reason) = served.source {
             reasons.push(reason);
         }
     }
     assert_eq!(&reasons[..3], &[FallbackReason::Timeout; 3], "{reasons:?}");
-    assert!(reasons[3..].iter().all(|r| *r == FallbackReason::BreakerOpen), "{reasons:?}");
+    assert!(
+        reasons[3..]
+            .iter()
+            .all(|r| *r == FallbackReason::BreakerOpen),
+        "{reasons:?}"
+    );
     assert_ne!(manager.health().state, BreakerState::Closed);
 
-    redis.resume();
+    redis.resume().await;
     wait_for_state(&manager, BreakerState::Closed).await;
     assert_eq!(incr(&manager).await.source, Source::Redis);
 }
@@ -190,7 +219,7 @@ async fn restart_under_load_replaces_pooled_connections_and_nothing_fails_after_
         })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    redis.kill();
+    redis.kill().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     redis.restart().await;
     load.await.expect("load");
@@ -198,7 +227,12 @@ async fn restart_under_load_replaces_pooled_connections_and_nothing_fails_after_
     wait_for_state(&manager, BreakerState::Closed).await;
     for _ in 0..200 {
         let served = incr(&manager).await;
-        assert_eq!(served.source, Source::Redis, "health: {:?}", manager.health());
+        assert_eq!(
+            served.source,
+            Source::Redis,
+            "health: {:?}",
+            manager.health()
+        );
     }
 }
 
@@ -219,7 +253,10 @@ async fn idle_restart_costs_at_most_one_fallback() {
             fallbacks += 1;
         }
     }
-    assert!(fallbacks <= 1, "{fallbacks} operations fell back after the restart");
+    assert!(
+        fallbacks <= 1,
+        "{fallbacks} operations fell back after the restart"
+    );
     assert_eq!(manager.health().state, BreakerState::Closed);
 }
 

@@ -8,7 +8,11 @@ use tower_redis_core::testing::TestRedis;
 use tower_redis_core::{BreakerState, RedisManager, Source};
 
 async fn manager_for(redis: &TestRedis) -> RedisManager {
-    let config = redis.config().key_prefix("test").build().expect("valid config");
+    let config = redis
+        .config()
+        .key_prefix("test")
+        .build()
+        .expect("valid config");
     let manager = RedisManager::connect(config).await.expect("manager starts");
     assert_eq!(manager.health().state, BreakerState::Closed);
     manager
@@ -24,11 +28,21 @@ async fn commands_and_pipelines_run_through_the_manager() {
         .query::<()>(redis::cmd("SET").arg(&key).arg("hello"))
         .await
         .expect("SET");
-    let value: Option<String> = manager.query(redis::cmd("GET").arg(&key)).await.expect("GET");
+    let value: Option<String> = manager
+        .query(redis::cmd("GET").arg(&key))
+        .await
+        .expect("GET");
     assert_eq!(value.as_deref(), Some("hello"));
 
     let (a, b): (i64, i64) = manager
-        .query_pipeline(redis::pipe().cmd("INCR").arg(&key[..4]).cmd("INCRBY").arg(&key[..4]).arg(10))
+        .query_pipeline(
+            redis::pipe()
+                .cmd("INCR")
+                .arg(&key[..4])
+                .cmd("INCRBY")
+                .arg(&key[..4])
+                .arg(10),
+        )
         .await
         .expect("pipeline");
     assert_eq!((a, b), (1, 11));
@@ -39,10 +53,17 @@ async fn keys_carry_the_configured_prefix() {
     let redis = TestRedis::start().await;
     let manager = manager_for(&redis).await;
     let key = manager.keys().key(&["a:b"]);
-    manager.query::<()>(redis::cmd("SET").arg(&key).arg(1)).await.expect("SET");
+    manager
+        .query::<()>(redis::cmd("SET").arg(&key).arg(1))
+        .await
+        .expect("SET");
 
     let mut direct = redis.connection().await.expect("direct connection");
-    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut direct).await.expect("KEYS");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut direct)
+        .await
+        .expect("KEYS");
     assert_eq!(keys, vec!["test:a%3Ab".to_owned()]);
 }
 
@@ -65,7 +86,10 @@ async fn a_refused_command_takes_the_fallback_without_opening_the_breaker() {
     let redis = TestRedis::start().await;
     let manager = manager_for(&redis).await;
     let key = manager.keys().key(&["list"]);
-    manager.query::<()>(redis::cmd("LPUSH").arg(&key).arg("x")).await.expect("LPUSH");
+    manager
+        .query::<()>(redis::cmd("LPUSH").arg(&key).arg("x"))
+        .await
+        .expect("LPUSH");
 
     for _ in 0..20 {
         // GET on a list is WRONGTYPE: the command fails, Redis is healthy.
@@ -73,7 +97,12 @@ async fn a_refused_command_takes_the_fallback_without_opening_the_breaker() {
             .failover(
                 |mut conn| {
                     let key = key.clone();
-                    async move { redis::cmd("GET").arg(key).query_async::<Option<String>>(&mut conn).await }
+                    async move {
+                        redis::cmd("GET")
+                            .arg(key)
+                            .query_async::<Option<String>>(&mut conn)
+                            .await
+                    }
                 },
                 |_| async { None },
             )
@@ -90,12 +119,18 @@ async fn one_get_through_the_manager_is_one_command_on_the_server() {
     let key = manager.keys().key(&["counted"]);
     // Warm every pooled connection so connection setup is not counted.
     for _ in 0..16 {
-        let _: Option<String> = manager.query(redis::cmd("GET").arg(&key)).await.expect("GET");
+        let _: Option<String> = manager
+            .query(redis::cmd("GET").arg(&key))
+            .await
+            .expect("GET");
     }
     redis.reset_stats().await.expect("reset stats");
 
     for _ in 0..100 {
-        let _: Option<String> = manager.query(redis::cmd("GET").arg(&key)).await.expect("GET");
+        let _: Option<String> = manager
+            .query(redis::cmd("GET").arg(&key))
+            .await
+            .expect("GET");
     }
 
     let calls = redis.command_calls().await.expect("commandstats");
@@ -105,7 +140,10 @@ async fn one_get_through_the_manager_is_one_command_on_the_server() {
         .filter(|(name, _)| !matches!(name.as_str(), "get" | "info" | "config|resetstat"))
         .map(|(_, n)| n)
         .sum();
-    assert_eq!(others, 0, "no PING or other command per operation: {calls:?}");
+    assert_eq!(
+        others, 0,
+        "no PING or other command per operation: {calls:?}"
+    );
 }
 
 const SUM_SCRIPT: &str = "return redis.call('INCRBY', KEYS[1], ARGV[1])";
@@ -124,9 +162,16 @@ async fn scripts_keep_working_after_script_flush() {
     assert_eq!(first, 2);
 
     let mut direct = redis.connection().await.expect("direct connection");
-    redis::cmd("SCRIPT").arg("FLUSH").query_async::<()>(&mut direct).await.expect("SCRIPT FLUSH");
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async::<()>(&mut direct)
+        .await
+        .expect("SCRIPT FLUSH");
 
-    let second: i64 = manager.invoke_script(script.key(&key).arg(3)).await.expect("reloaded");
+    let second: i64 = manager
+        .invoke_script(script.key(&key).arg(3))
+        .await
+        .expect("reloaded");
     assert_eq!(second, 5);
     assert_eq!(manager.health().state, BreakerState::Closed);
 }
@@ -140,10 +185,18 @@ async fn scripts_inside_pipelines_are_reloaded_after_script_flush() {
     let other = manager.keys().key(&["other"]);
 
     let mut direct = redis.connection().await.expect("direct connection");
-    redis::cmd("SCRIPT").arg("FLUSH").query_async::<()>(&mut direct).await.expect("SCRIPT FLUSH");
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async::<()>(&mut direct)
+        .await
+        .expect("SCRIPT FLUSH");
 
     let mut pipe = redis::pipe();
-    pipe.invoke_script(script.key(&key).arg(4)).cmd("SET").arg(&other).arg("x").ignore();
+    pipe.invoke_script(script.key(&key).arg(4))
+        .cmd("SET")
+        .arg(&other)
+        .arg("x")
+        .ignore();
     let (sum,): (i64,) = manager
         .query_pipeline_with_scripts(&pipe, &[&script])
         .await
@@ -175,5 +228,9 @@ async fn the_command_timeout_bounds_a_slow_command() {
         )
         .await;
     assert_eq!(served.value, -1);
-    assert!(started.elapsed() < Duration::from_secs(1), "waited {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "waited {:?}",
+        started.elapsed()
+    );
 }

@@ -19,7 +19,9 @@ pub struct TestCluster {
 
 impl std::fmt::Debug for TestCluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestCluster").field("urls", &self.urls()).finish()
+        f.debug_struct("TestCluster")
+            .field("urls", &self.urls())
+            .finish()
     }
 }
 
@@ -37,7 +39,10 @@ impl TestCluster {
     pub async fn try_start() -> Result<Self, TestRedisError> {
         let server = redis_server_binary().ok_or(TestRedisError::NoBackend)?;
         let cli = find_binary("redis-cli").ok_or_else(|| {
-            TestRedisError::Cluster("redis-cli not found; install it (Debian/Ubuntu: `apt-get install redis-tools`)".to_owned())
+            TestRedisError::Cluster(
+                "redis-cli not found; install it (Debian/Ubuntu: `apt-get install redis-tools`)"
+                    .to_owned(),
+            )
         })?;
         let dir = tempfile::Builder::new()
             .prefix("tower-redis-cluster-")
@@ -69,7 +74,10 @@ impl TestCluster {
             };
             nodes.push(node);
         }
-        let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
         let output = tokio::process::Command::new(cli)
             .args(["--cluster", "create"])
             .args(&addresses)
@@ -91,7 +99,10 @@ impl TestCluster {
 
     /// The node URLs, `redis://127.0.0.1:<port>`.
     pub fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port())).collect()
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port()))
+            .collect()
     }
 
     /// A cluster configuration for these nodes with a fast recovery probe.
@@ -120,17 +131,17 @@ impl TestCluster {
     }
 
     /// SIGKILL one node.
-    pub fn kill_node(&self, index: usize) {
+    pub async fn kill_node(&self, index: usize) {
         self.node(index).kill();
     }
 
     /// SIGSTOP one node.
-    pub fn pause_node(&self, index: usize) {
+    pub async fn pause_node(&self, index: usize) {
         self.node(index).pause();
     }
 
     /// SIGCONT one node.
-    pub fn resume_node(&self, index: usize) {
+    pub async fn resume_node(&self, index: usize) {
         self.node(index).resume();
     }
 
@@ -150,7 +161,11 @@ impl TestCluster {
     fn node(&self, index: usize) -> &ServerProcess {
         match self.nodes.get(index) {
             Some(node) => node,
-            None => panic!("the test cluster has {} nodes, not {}", self.nodes.len(), index + 1),
+            None => panic!(
+                "the test cluster has {} nodes, not {}",
+                self.nodes.len(),
+                index + 1
+            ),
         }
     }
 
@@ -181,10 +196,16 @@ async fn node_reports_ok(url: &str) -> bool {
     let check = async {
         let client = redis::Client::open(url)?;
         let mut conn = client.get_multiplexed_async_connection().await?;
-        let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut conn).await?;
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut conn)
+            .await?;
         Ok::<_, redis::RedisError>(
             info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384"),
         )
     };
-    matches!(tokio::time::timeout(Duration::from_secs(1), check).await, Ok(Ok(true)))
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), check).await,
+        Ok(Ok(true))
+    )
 }

@@ -18,9 +18,9 @@
 //! # async fn demo() {
 //! let redis = TestRedis::start().await;
 //! let manager = RedisManager::connect(redis.config().build().unwrap()).await.unwrap();
-//! redis.pause();              // SIGSTOP: commands time out
-//! redis.resume();
-//! redis.kill();               // SIGKILL
+//! redis.pause().await;        // SIGSTOP: commands time out
+//! redis.resume().await;
+//! redis.kill().await;         // SIGKILL
 //! redis.restart().await;      // same port, empty data
 //! # drop(manager);
 //! # }
@@ -59,7 +59,9 @@ pub enum TestRedisError {
     #[error("cannot start redis-server: {0}")]
     Spawn(String),
     /// The server exited during startup.
-    #[error("redis-server on port {port} exited during startup ({status}); its log ends with:\n{log}")]
+    #[error(
+        "redis-server on port {port} exited during startup ({status}); its log ends with:\n{log}"
+    )]
     Exited {
         /// The port it was given.
         port: u16,
@@ -108,7 +110,7 @@ enum Server {
         _dir: tempfile::TempDir,
     },
     #[cfg(feature = "testing-docker")]
-    Docker(docker::DockerRedis),
+    Docker(Box<docker::DockerRedis>),
     Url,
 }
 
@@ -159,7 +161,14 @@ impl TestRedisBuilder {
                 // the server binds it: try a few.
                 for _ in 0..5 {
                     let port = free_port(false)?;
-                    match ServerProcess::spawn(binary.clone(), dir.path().to_owned(), port, self.args.clone()).await {
+                    match ServerProcess::spawn(
+                        binary.clone(),
+                        dir.path().to_owned(),
+                        port,
+                        self.args.clone(),
+                    )
+                    .await
+                    {
                         Ok(process) => {
                             return Ok(TestRedis {
                                 url: format!("redis://127.0.0.1:{port}"),
@@ -191,7 +200,7 @@ async fn start_docker(args: &[String]) -> Result<TestRedis, TestRedisError> {
     let docker = docker::DockerRedis::start(args).await?;
     Ok(TestRedis {
         url: docker.url(),
-        server: Server::Docker(docker),
+        server: Server::Docker(Box::new(docker)),
     })
 }
 
@@ -302,14 +311,20 @@ impl TestRedis {
     /// from `INFO commandstats` (lower-case names such as `get`, `evalsha`).
     pub async fn command_calls(&self) -> Result<HashMap<String, u64>, TestRedisError> {
         let mut conn = self.connection().await?;
-        let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await?;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await?;
         Ok(parse_commandstats(&info))
     }
 
     /// `CONFIG RESETSTAT`: zeroes the command counters.
     pub async fn reset_stats(&self) -> Result<(), TestRedisError> {
         let mut conn = self.connection().await?;
-        redis::cmd("CONFIG").arg("RESETSTAT").query_async::<()>(&mut conn).await?;
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async::<()>(&mut conn)
+            .await?;
         Ok(())
     }
 
@@ -331,41 +346,53 @@ impl TestRedis {
     }
 
     /// SIGKILL the server. Panics on the URL backend, which cannot be broken.
-    pub fn kill(&self) {
+    pub async fn kill(&self) {
         match &self.server {
             Server::Process { process, .. } => process.kill(),
             #[cfg(feature = "testing-docker")]
-            Server::Docker(docker) => docker.kill(),
+            Server::Docker(docker) => docker
+                .kill()
+                .await
+                .unwrap_or_else(|e| panic!("cannot kill the test Redis: {e}")),
             Server::Url => unbreakable("kill"),
         }
     }
 
     /// Shut the server down gracefully (SIGTERM).
-    pub fn stop(&self) {
+    pub async fn stop(&self) {
         match &self.server {
             Server::Process { process, .. } => process.stop(),
             #[cfg(feature = "testing-docker")]
-            Server::Docker(docker) => docker.stop(),
+            Server::Docker(docker) => docker
+                .stop()
+                .await
+                .unwrap_or_else(|e| panic!("cannot stop the test Redis: {e}")),
             Server::Url => unbreakable("stop"),
         }
     }
 
     /// SIGSTOP: connections stay open, nothing is answered.
-    pub fn pause(&self) {
+    pub async fn pause(&self) {
         match &self.server {
             Server::Process { process, .. } => process.pause(),
             #[cfg(feature = "testing-docker")]
-            Server::Docker(docker) => docker.pause(),
+            Server::Docker(docker) => docker
+                .pause()
+                .await
+                .unwrap_or_else(|e| panic!("cannot pause the test Redis: {e}")),
             Server::Url => unbreakable("pause"),
         }
     }
 
     /// SIGCONT after [`pause`](Self::pause).
-    pub fn resume(&self) {
+    pub async fn resume(&self) {
         match &self.server {
             Server::Process { process, .. } => process.resume(),
             #[cfg(feature = "testing-docker")]
-            Server::Docker(docker) => docker.resume(),
+            Server::Docker(docker) => docker
+                .resume()
+                .await
+                .unwrap_or_else(|e| panic!("cannot resume the test Redis: {e}")),
             Server::Url => unbreakable("resume"),
         }
     }
@@ -389,14 +416,18 @@ impl TestRedis {
 }
 
 fn unbreakable(what: &str) -> ! {
-    panic!("cannot {what} a Redis reached through REDIS_URL; use the binary or docker backend for fault tests")
+    panic!(
+        "cannot {what} a Redis reached through REDIS_URL; use the binary or docker backend for fault tests"
+    )
 }
 
 fn parse_commandstats(info: &str) -> HashMap<String, u64> {
     info.lines()
         .filter_map(|line| {
             let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest.split(',').find_map(|field| field.strip_prefix("calls="))?;
+            let calls = rest
+                .split(',')
+                .find_map(|field| field.strip_prefix("calls="))?;
             Some((name.to_owned(), calls.parse().ok()?))
         })
         .collect()

@@ -26,7 +26,12 @@ pub(crate) struct ServerProcess {
 
 impl ServerProcess {
     /// Spawns the server and waits until it answers PING.
-    pub(crate) async fn spawn(binary: PathBuf, dir: PathBuf, port: u16, args: Vec<String>) -> Result<Self, TestRedisError> {
+    pub(crate) async fn spawn(
+        binary: PathBuf,
+        dir: PathBuf,
+        port: u16,
+        args: Vec<String>,
+    ) -> Result<Self, TestRedisError> {
         let process = Self {
             binary,
             dir,
@@ -48,7 +53,9 @@ impl ServerProcess {
     }
 
     fn child(&self) -> MutexGuard<'_, Option<Child>> {
-        self.child.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.child
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Starts the server if it is not running, and waits until it answers.
@@ -60,7 +67,16 @@ impl ServerProcess {
         let child = Command::new(&self.binary)
             .arg("--port")
             .arg(self.port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ])
             .args(["--protected-mode", "no"])
             .arg("--dir")
             .arg(&self.dir)
@@ -79,10 +95,14 @@ impl ServerProcess {
 
     async fn wait_ready(&self, log: &Path) -> Result<(), TestRedisError> {
         let url = format!("redis://127.0.0.1:{}/", self.port);
-        let client = redis::Client::open(url.as_str()).map_err(|e| TestRedisError::Spawn(e.to_string()))?;
+        let client =
+            redis::Client::open(url.as_str()).map_err(|e| TestRedisError::Spawn(e.to_string()))?;
         let deadline = tokio::time::Instant::now() + READY_DEADLINE;
         loop {
-            let exited = self.child().as_mut().and_then(|child| child.try_wait().ok().flatten());
+            let exited = self
+                .child()
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
             if let Some(status) = exited {
                 *self.child() = None;
                 let log = std::fs::read_to_string(log).unwrap_or_default();
@@ -160,7 +180,10 @@ async fn ping(client: &redis::Client) -> bool {
         let mut conn = client.get_multiplexed_async_connection().await?;
         redis::cmd("PING").query_async::<()>(&mut conn).await
     };
-    matches!(tokio::time::timeout(Duration::from_millis(500), attempt).await, Ok(Ok(())))
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), attempt).await,
+        Ok(Ok(()))
+    )
 }
 
 /// A port that is free now, and whose cluster-bus twin (port + 10000) is too
@@ -170,7 +193,9 @@ pub(crate) fn free_port(with_bus: bool) -> Result<u16, TestRedisError> {
         let port = if with_bus {
             rand::random_range(20_000..=45_000)
         } else {
-            match TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).and_then(|l| l.local_addr()) {
+            match TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+                .and_then(|l| l.local_addr())
+            {
                 Ok(addr) => addr.port(),
                 Err(_) => continue,
             }
