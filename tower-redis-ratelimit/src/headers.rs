@@ -1,0 +1,157 @@
+//! The response fields: IETF `RateLimit-Policy` / `RateLimit`
+//! (draft-ietf-httpapi-ratelimit-headers, structured-field lists),
+//! `Retry-After`, and the legacy `X-RateLimit-*` trio.
+//!
+//! ```text
+//! RateLimit-Policy: "per-ip";q=100;w=60, "per-user";q=1000;w=3600
+//! RateLimit: "per-ip";r=42;t=18, "per-user";r=997;t=3600
+//! RateLimit: "per-ip";r=3;t=18;local        (decided in process: Redis unavailable)
+//! ```
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::policy::Policy;
+use crate::store::{DecisionSource, PolicyState};
+
+/// `RateLimit-Policy`.
+pub(crate) static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `RateLimit`.
+pub(crate) static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// Whole seconds, rounded up: a client that waits this long is not early.
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Adds the fields for the policies that were decided.
+pub(crate) fn insert(
+    headers: &mut HeaderMap,
+    decided: &[(&Policy, Option<PolicyState>)],
+    source: DecisionSource,
+    legacy: bool,
+) {
+    let mut policy_field = String::new();
+    let mut limit_field = String::new();
+    for (policy, state) in decided {
+        let Some(state) = state else { continue };
+        let algorithm = policy.algorithm();
+        if !policy_field.is_empty() {
+            policy_field.push_str(", ");
+            limit_field.push_str(", ");
+        }
+        // Writing to a String cannot fail.
+        let _ = write!(
+            policy_field,
+            "\"{}\";q={};w={}",
+            policy.name(),
+            algorithm.quota(),
+            ceil_secs(algorithm.window())
+        );
+        let _ = write!(
+            limit_field,
+            "\"{}\";r={};t={}",
+            policy.name(),
+            state.remaining,
+            ceil_secs(state.reset)
+        );
+        if source == DecisionSource::Local {
+            limit_field.push_str(";local");
+        }
+    }
+    if policy_field.is_empty() {
+        return;
+    }
+    // Policy names are validated to be header-safe, so these cannot fail.
+    if let (Ok(policy_value), Ok(limit_value)) = (
+        HeaderValue::from_str(&policy_field),
+        HeaderValue::from_str(&limit_field),
+    ) {
+        headers.insert(RATELIMIT_POLICY.clone(), policy_value);
+        headers.insert(RATELIMIT.clone(), limit_value);
+    }
+    if legacy {
+        // The legacy fields describe one policy: the one closest to its limit.
+        if let Some((policy, Some(state))) = decided
+            .iter()
+            .filter(|(_, s)| s.is_some())
+            .min_by_key(|(_, s)| s.map(|s| s.remaining))
+        {
+            headers.insert(
+                X_LIMIT.clone(),
+                HeaderValue::from(policy.algorithm().quota()),
+            );
+            headers.insert(X_REMAINING.clone(), HeaderValue::from(state.remaining));
+            headers.insert(X_RESET.clone(), HeaderValue::from(ceil_secs(state.reset)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(remaining: u64, reset_ms: u64) -> Option<PolicyState> {
+        Some(PolicyState {
+            remaining,
+            reset: Duration::from_millis(reset_ms),
+            retry_after: None,
+        })
+    }
+
+    #[test]
+    fn fields_list_every_decided_policy_in_structured_field_syntax() {
+        let ip = Policy::gcra("per-ip", 100, Duration::from_secs(60));
+        let user = Policy::fixed_window("per-user", 1000, Duration::from_secs(3600));
+        let mut headers = HeaderMap::new();
+        insert(
+            &mut headers,
+            &[(&ip, state(42, 17_200)), (&user, state(997, 3_600_000))],
+            DecisionSource::Redis,
+            false,
+        );
+        assert_eq!(
+            headers[&RATELIMIT_POLICY],
+            "\"per-ip\";q=100;w=60, \"per-user\";q=1000;w=3600"
+        );
+        assert_eq!(
+            headers[&RATELIMIT],
+            "\"per-ip\";r=42;t=18, \"per-user\";r=997;t=3600"
+        );
+        assert!(headers.get(&X_LIMIT).is_none());
+    }
+
+    #[test]
+    fn local_decisions_are_marked() {
+        let ip = Policy::gcra("per-ip", 10, Duration::from_secs(1));
+        let mut headers = HeaderMap::new();
+        insert(
+            &mut headers,
+            &[(&ip, state(3, 500))],
+            DecisionSource::Local,
+            false,
+        );
+        assert_eq!(headers[&RATELIMIT], "\"per-ip\";r=3;t=1;local");
+    }
+
+    #[test]
+    fn legacy_fields_describe_the_tightest_policy() {
+        let a = Policy::gcra("a", 100, Duration::from_secs(60));
+        let b = Policy::gcra("b", 10, Duration::from_secs(60));
+        let mut headers = HeaderMap::new();
+        insert(
+            &mut headers,
+            &[(&a, state(50, 1000)), (&b, state(2, 30_000))],
+            DecisionSource::Redis,
+            true,
+        );
+        assert_eq!(headers[&X_LIMIT], "10");
+        assert_eq!(headers[&X_REMAINING], "2");
+        assert_eq!(headers[&X_RESET], "30");
+    }
+}

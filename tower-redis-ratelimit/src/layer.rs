@@ -1,0 +1,320 @@
+//! [`RateLimitLayer`] and its builder.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::request::Parts;
+use ipnet::IpNet;
+use tower_layer::Layer;
+use tower_redis_core::RedisManager;
+
+use crate::client_ip::{ClientIp, TrustedProxies};
+use crate::key::MissingKey;
+use crate::policy::Policy;
+use crate::response::{Denied, DeniedResponse};
+use crate::service::RateLimit;
+use crate::store::{Fallback, Limiter};
+
+type Predicate = Arc<dyn Fn(&Parts) -> bool + Send + Sync>;
+type CostFn = Arc<dyn Fn(&Parts) -> u32 + Send + Sync>;
+
+/// A problem with the layer's configuration, found by
+/// [`RateLimitLayerBuilder::build`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The layer has no policy, so it would limit nothing.
+    #[error(
+        "the rate-limit layer has no policy; add one with `.policy(Policy::gcra(\"per-ip\", 100, Duration::from_secs(60)))`"
+    )]
+    NoPolicy,
+    /// A policy's numbers or name are unusable.
+    #[error("rate-limit policy \"{policy}\": {problem}")]
+    InvalidPolicy {
+        /// The policy's name.
+        policy: String,
+        /// What is wrong and how to fix it.
+        problem: String,
+    },
+    /// Two policies share a name (they would share counters).
+    #[error("two rate-limit policies are named \"{0}\"; give each a distinct name")]
+    DuplicatePolicy(String),
+    /// An allow-list or trusted-proxy entry is not an address or CIDR.
+    #[error(
+        "`{entry}` in {list} is not an IP address or CIDR ({reason}); write e.g. 10.0.0.0/8 or 2001:db8::/32"
+    )]
+    InvalidNetwork {
+        /// Which list.
+        list: &'static str,
+        /// The entry.
+        entry: String,
+        /// The parser's complaint.
+        reason: String,
+    },
+    /// The local fallback's share is outside (0, 1].
+    #[error(
+        "the local fallback share is {0}; use a fraction above 0 and at most 1 (e.g. 1/instances)"
+    )]
+    InvalidShare(String),
+}
+
+/// The rate limit layer: decides every applicable [`Policy`] of a request
+/// together, in one Redis round trip, and answers 429 when any denies it.
+///
+/// Cheap to clone; all clones share the configuration and local state.
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    pub(crate) config: Arc<Config>,
+}
+
+impl fmt::Debug for RateLimitLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("policies", &self.config.policies)
+            .field("shadow", &self.config.shadow)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimitLayer {
+    /// Starts a builder on a shared connection manager.
+    pub fn builder(manager: RedisManager) -> RateLimitLayerBuilder {
+        RateLimitLayerBuilder {
+            manager,
+            policies: Vec::new(),
+            client_ip: ClientIp::new(),
+            trusted_proxies: Vec::new(),
+            missing_key: MissingKey::default(),
+            allow_nets: Vec::new(),
+            allow_if: Vec::new(),
+            shadow: false,
+            legacy_headers: false,
+            cost: None,
+            fallback: Fallback::default(),
+            on_denied: None,
+            hash_tag: "rl".to_owned(),
+        }
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit::new(inner, Arc::clone(&self.config))
+    }
+}
+
+pub(crate) struct Config {
+    pub(crate) policies: Vec<Policy>,
+    pub(crate) limiter: Arc<Limiter>,
+    pub(crate) client_ip: ClientIp,
+    pub(crate) missing_key: MissingKey,
+    pub(crate) allow_nets: Vec<IpNet>,
+    pub(crate) allow_if: Vec<Predicate>,
+    pub(crate) shadow: bool,
+    pub(crate) legacy_headers: bool,
+    pub(crate) cost: Option<CostFn>,
+    pub(crate) on_denied: Option<DeniedResponse>,
+    pub(crate) hash_tag: String,
+}
+
+/// Configures a [`RateLimitLayer`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_redis_core::RedisManager;
+/// use tower_redis_ratelimit::{Fallback, Key, Policy, RateLimitLayer};
+///
+/// let layer = RateLimitLayer::builder(RedisManager::disabled())
+///     .policy(Policy::gcra("per-ip", 50, Duration::from_secs(30)))
+///     .policy(Policy::gcra("api-key", 1_000, Duration::from_secs(60)).key(Key::header("x-api-key")).path("/api/*"))
+///     .trusted_proxies(["10.0.0.0/8"])
+///     .fallback(Fallback::Local { share: 0.5 })
+///     .build()?;
+/// # let _ = layer;
+/// # Ok::<(), tower_redis_ratelimit::ConfigError>(())
+/// ```
+pub struct RateLimitLayerBuilder {
+    manager: RedisManager,
+    policies: Vec<Policy>,
+    client_ip: ClientIp,
+    trusted_proxies: Vec<String>,
+    missing_key: MissingKey,
+    allow_nets: Vec<String>,
+    allow_if: Vec<Predicate>,
+    shadow: bool,
+    legacy_headers: bool,
+    cost: Option<CostFn>,
+    fallback: Fallback,
+    on_denied: Option<DeniedResponse>,
+    hash_tag: String,
+}
+
+impl fmt::Debug for RateLimitLayerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayerBuilder")
+            .field("policies", &self.policies)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimitLayerBuilder {
+    /// Adds a policy. Every policy that applies to a request is decided with
+    /// the others, all or nothing.
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policies.push(policy);
+        self
+    }
+
+    /// How [`Key::client_ip`](crate::Key::client_ip) finds the client (IPv6
+    /// grouping and so on). Proxies given to
+    /// [`trusted_proxies`](Self::trusted_proxies) replace the ones set here.
+    pub fn client_ip(mut self, client_ip: ClientIp) -> Self {
+        self.client_ip = client_ip;
+        self
+    }
+
+    /// Proxies whose `Forwarded` / `X-Forwarded-For` are believed, as
+    /// addresses or CIDRs. Without any, those headers are ignored (a client
+    /// could otherwise pick its own key).
+    pub fn trusted_proxies<I, S>(mut self, proxies: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.trusted_proxies
+            .extend(proxies.into_iter().map(|p| p.as_ref().to_owned()));
+        self
+    }
+
+    /// What to do when a policy's key is missing from a request (default:
+    /// skip that policy).
+    pub fn on_missing_key(mut self, outcome: MissingKey) -> Self {
+        self.missing_key = outcome;
+        self
+    }
+
+    /// Client addresses or CIDRs that are never limited.
+    pub fn allow_ips<I, S>(mut self, networks: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.allow_nets
+            .extend(networks.into_iter().map(|n| n.as_ref().to_owned()));
+        self
+    }
+
+    /// Requests for which `allow` returns true are never limited.
+    pub fn allow_if<F>(mut self, allow: F) -> Self
+    where
+        F: Fn(&Parts) -> bool + Send + Sync + 'static,
+    {
+        self.allow_if.push(Arc::new(allow));
+        self
+    }
+
+    /// Shadow mode: decide and count (logs, metrics) but never deny and add
+    /// no fields, for trying a policy on real traffic.
+    pub fn shadow(mut self, shadow: bool) -> Self {
+        self.shadow = shadow;
+        self
+    }
+
+    /// Also send `X-RateLimit-Limit`, `-Remaining` and `-Reset` (seconds).
+    pub fn legacy_headers(mut self, legacy: bool) -> Self {
+        self.legacy_headers = legacy;
+        self
+    }
+
+    /// The cost of a request in quota units (default 1). A cost of 0 is free.
+    pub fn cost<F>(mut self, cost: F) -> Self
+    where
+        F: Fn(&Parts) -> u32 + Send + Sync + 'static,
+    {
+        self.cost = Some(Arc::new(cost));
+        self
+    }
+
+    /// What to do while Redis is unavailable (default: limit in process
+    /// with the full quota; see [`Fallback`]).
+    pub fn fallback(mut self, fallback: Fallback) -> Self {
+        self.fallback = fallback;
+        self
+    }
+
+    /// Replaces the default 429 problem+json response (gRPC requests still
+    /// get `RESOURCE_EXHAUSTED`).
+    pub fn on_denied<F>(mut self, respond: F) -> Self
+    where
+        F: Fn(&Denied) -> http::Response<bytes::Bytes> + Send + Sync + 'static,
+    {
+        self.on_denied = Some(Arc::new(respond));
+        self
+    }
+
+    /// The cluster hash tag of this layer's keys (default `rl`). All keys of
+    /// one layer share it, so a decision over several policies is one
+    /// atomic script on Redis Cluster too.
+    pub fn hash_tag(mut self, tag: &str) -> Self {
+        self.hash_tag = tag.to_owned();
+        self
+    }
+
+    /// Checks everything and builds the layer.
+    pub fn build(self) -> Result<RateLimitLayer, ConfigError> {
+        if self.policies.is_empty() {
+            return Err(ConfigError::NoPolicy);
+        }
+        for (i, policy) in self.policies.iter().enumerate() {
+            policy
+                .validate()
+                .map_err(|problem| ConfigError::InvalidPolicy {
+                    policy: policy.name().to_owned(),
+                    problem,
+                })?;
+            if self.policies[..i].iter().any(|p| p.name() == policy.name()) {
+                return Err(ConfigError::DuplicatePolicy(policy.name().to_owned()));
+            }
+        }
+        if let Fallback::Local { share } = self.fallback
+            && !(share > 0.0 && share <= 1.0)
+        {
+            return Err(ConfigError::InvalidShare(share.to_string()));
+        }
+        let mut client_ip = self.client_ip;
+        if !self.trusted_proxies.is_empty() {
+            let proxies = TrustedProxies::parse(&self.trusted_proxies).map_err(|e| {
+                ConfigError::InvalidNetwork {
+                    list: "trusted_proxies",
+                    entry: e.entry.clone(),
+                    reason: e.reason.clone(),
+                }
+            })?;
+            client_ip = client_ip.trusted_proxies(proxies);
+        }
+        let allow_nets = TrustedProxies::parse(&self.allow_nets)
+            .map_err(|e| ConfigError::InvalidNetwork {
+                list: "allow_ips",
+                entry: e.entry.clone(),
+                reason: e.reason.clone(),
+            })?
+            .into_networks();
+        Ok(RateLimitLayer {
+            config: Arc::new(Config {
+                policies: self.policies,
+                limiter: Limiter::new(self.manager, self.fallback),
+                client_ip,
+                missing_key: self.missing_key,
+                allow_nets,
+                allow_if: self.allow_if,
+                shadow: self.shadow,
+                legacy_headers: self.legacy_headers,
+                cost: self.cost,
+                on_denied: self.on_denied,
+                hash_tag: self.hash_tag,
+            }),
+        })
+    }
+}

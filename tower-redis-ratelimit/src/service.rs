@@ -1,0 +1,280 @@
+//! [`RateLimit`]: the service that decides before calling the inner one.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Request, Response, header};
+use tower_service::Service;
+
+use crate::body::ResponseBody;
+use crate::headers;
+use crate::key::MissingKey;
+use crate::layer::Config;
+use crate::policy::Policy;
+use crate::response::{self, Denied};
+use crate::store::{Check, PolicyState, Verdict};
+
+/// Keys longer than this are treated as missing rather than stored.
+const MAX_KEY_LEN: usize = 256;
+
+/// The rate-limited service produced by [`RateLimitLayer`](crate::RateLimitLayer).
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> std::fmt::Debug for RateLimit<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimit").finish_non_exhaustive()
+    }
+}
+
+impl<S> RateLimit<S> {
+    pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
+        Self { inner, config }
+    }
+}
+
+/// The future of [`RateLimit`]: the decision, then the inner call.
+pub struct ResponseFuture<T, E> {
+    inner: Pin<Box<dyn Future<Output = Result<T, E>> + Send>>,
+}
+
+impl<T, E> Future for ResponseFuture<T, E> {
+    type Output = Result<T, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl<T, E> std::fmt::Debug for ResponseFuture<T, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<Self::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // The clone is not ready; the ready one goes into the future.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let config = Arc::clone(&self.config);
+        ResponseFuture {
+            inner: Box::pin(async move {
+                let (parts, body) = request.into_parts();
+                match decide(&config, &parts).await {
+                    Outcome::Pass(extra_headers) => {
+                        let mut response = inner.call(Request::from_parts(parts, body)).await?;
+                        response.headers_mut().extend(extra_headers);
+                        Ok(response.map(ResponseBody::inner))
+                    }
+                    Outcome::Respond(response) => Ok(response.map(ResponseBody::full)),
+                }
+            }),
+        }
+    }
+}
+
+enum Outcome {
+    /// Call the inner service, adding these fields to its response.
+    Pass(HeaderMap),
+    /// Answer with this response instead.
+    Respond(Response<Bytes>),
+}
+
+/// Parse, decide, and either answer early or let the request through.
+async fn decide(config: &Config, parts: &Parts) -> Outcome {
+    if is_allow_listed(config, parts) {
+        return Outcome::Pass(HeaderMap::new());
+    }
+    let (policies, checks) = match applicable_checks(config, parts).await {
+        Ok(found) => found,
+        Err(policy) => {
+            return Outcome::Respond(if response::is_grpc(&parts.headers) {
+                response::grpc_status(
+                    response::GRPC_INVALID_ARGUMENT,
+                    &format!("missing the key of rate-limit policy {policy}"),
+                )
+            } else {
+                response::missing_key(&policy)
+            });
+        }
+    };
+    let cost = config.cost.as_ref().map_or(1, |cost| cost(parts));
+    if checks.is_empty() || cost == 0 {
+        return Outcome::Pass(HeaderMap::new());
+    }
+    let verdict = config.limiter.decide(&checks, cost).await;
+    record(&verdict, config.shadow);
+    if config.shadow {
+        if !verdict.allowed {
+            tracing::info!(
+                target: "tower_redis_ratelimit",
+                path = parts.uri.path(),
+                source = verdict.source.as_str(),
+                "shadow mode: this request would have been rate limited"
+            );
+        }
+        return Outcome::Pass(HeaderMap::new());
+    }
+    let decided: Vec<(&Policy, Option<PolicyState>)> = policies
+        .iter()
+        .copied()
+        .zip(verdict.states.iter().copied())
+        .collect();
+    let mut fields = HeaderMap::new();
+    headers::insert(&mut fields, &decided, verdict.source, config.legacy_headers);
+    if verdict.allowed {
+        return Outcome::Pass(fields);
+    }
+    Outcome::Respond(denied_response(config, parts, &decided, &verdict, fields))
+}
+
+fn is_allow_listed(config: &Config, parts: &Parts) -> bool {
+    if config.allow_if.iter().any(|allow| allow(parts)) {
+        return true;
+    }
+    !config.allow_nets.is_empty()
+        && config
+            .client_ip
+            .client_addr_of_parts(parts)
+            .is_some_and(|ip| config.allow_nets.iter().any(|net| net.contains(&ip)))
+}
+
+/// The policies that apply to the request and their counters. `Err` names a
+/// policy whose key is missing when the layer is set to reject such requests.
+async fn applicable_checks<'c>(
+    config: &'c Config,
+    parts: &Parts,
+) -> Result<(Vec<&'c Policy>, Vec<Check>), String> {
+    let path = parts.uri.path();
+    let keys = tower_redis_core::Keyspace::new("");
+    let mut policies = Vec::new();
+    let mut checks = Vec::new();
+    for policy in config
+        .policies
+        .iter()
+        .filter(|p| p.applies_to(&parts.method, path))
+    {
+        let value = policy
+            .key
+            .extract(parts, &config.client_ip)
+            .await
+            .filter(|v| v.len() <= MAX_KEY_LEN);
+        let suffix = match (&value, config.missing_key) {
+            (Some(value), _) => keys.key(&["k", value]),
+            (None, MissingKey::Skip) => continue,
+            (None, MissingKey::SharedBucket) => keys.key(&["missing"]),
+            (None, MissingKey::Reject) => return Err(policy.name().to_owned()),
+        };
+        let key = config
+            .limiter
+            .manager()
+            .keys()
+            .tagged(&config.hash_tag, &["rl", policy.name()])
+            + &suffix;
+        policies.push(policy);
+        checks.push(Check {
+            key,
+            algorithm: policy.algorithm(),
+        });
+    }
+    Ok((policies, checks))
+}
+
+fn denied_response(
+    config: &Config,
+    parts: &Parts,
+    decided: &[(&Policy, Option<PolicyState>)],
+    verdict: &Verdict,
+    fields: HeaderMap,
+) -> Response<Bytes> {
+    let mut denying: Vec<String> = decided
+        .iter()
+        .filter(|(_, s)| s.is_some_and(|s| s.retry_after.is_some()))
+        .map(|(p, _)| p.name().to_owned())
+        .collect();
+    if denying.is_empty() {
+        // Fail-closed knows no per-policy state: every policy denied.
+        denying = decided.iter().map(|(p, _)| p.name().to_owned()).collect();
+    }
+    // All policies must allow, so the request fits once the slowest does.
+    let retry_after = verdict
+        .states
+        .iter()
+        .filter_map(|s| s.and_then(|s| s.retry_after))
+        .max()
+        .unwrap_or(Duration::from_secs(1));
+    let denied = Denied {
+        policies: denying,
+        retry_after,
+        source: verdict.source,
+    };
+    let mut response = if response::is_grpc(&parts.headers) {
+        response::grpc_status(
+            response::GRPC_RESOURCE_EXHAUSTED,
+            &format!(
+                "rate limit exceeded ({}); retry in {} s",
+                denied.policies.join(", "),
+                headers::ceil_secs(retry_after).max(1)
+            ),
+        )
+    } else {
+        match &config.on_denied {
+            Some(respond) => respond(&denied),
+            None => response::too_many_requests(&denied),
+        }
+    };
+    let headers = response.headers_mut();
+    for (name, value) in &fields {
+        if !headers.contains_key(name) {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+    if !headers.contains_key(header::RETRY_AFTER) {
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(headers::ceil_secs(retry_after).max(1)),
+        );
+    }
+    response
+}
+
+#[cfg(feature = "metrics")]
+fn record(verdict: &Verdict, shadow: bool) {
+    metrics::counter!(
+        "tower_redis_ratelimit_decisions_total",
+        "outcome" => if verdict.allowed { "allowed" } else { "denied" },
+        "source" => verdict.source.as_str(),
+        "shadow" => if shadow { "true" } else { "false" }
+    )
+    .increment(1);
+}
+
+#[cfg(not(feature = "metrics"))]
+fn record(verdict: &Verdict, _shadow: bool) {
+    if verdict.source.is_degraded() {
+        tracing::trace!(target: "tower_redis_ratelimit", source = verdict.source.as_str(), "decided without Redis");
+    }
+}

@@ -1,0 +1,347 @@
+//! The in-process limiter used while Redis is unavailable: the same three
+//! algorithms as `decide.lua`, all or nothing, with a share of each quota.
+//!
+//! Written here rather than taken from `governor` because the fallback must
+//! decide several policies atomically (check all, then commit all), support
+//! the window algorithms, and scale quotas by a share; governor checks one
+//! quota at a time and cannot undo a consumed cell.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use super::{Check, DecisionSource, PolicyState, Verdict, micros};
+use crate::policy::Algorithm;
+
+/// Entries beyond which expired ones are swept on the next decision.
+const SWEEP_EVERY: u64 = 4096;
+
+#[derive(Debug)]
+pub(crate) struct MemoryLimiter {
+    share: f64,
+    entries: Mutex<HashMap<String, Entry>>,
+    decisions: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    expires_us: f64,
+    state: EntryState,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum EntryState {
+    Tat(f64),
+    Window {
+        index: f64,
+        current: f64,
+        previous: f64,
+    },
+}
+
+impl MemoryLimiter {
+    pub(crate) fn new(share: f64) -> Self {
+        Self {
+            share,
+            entries: Mutex::new(HashMap::new()),
+            decisions: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn clear(&self) {
+        self.lock().clear();
+    }
+
+    pub(crate) fn decide(&self, checks: &[Check], cost: u32) -> Verdict {
+        let now = now_us();
+        let cost = f64::from(cost);
+        let mut entries = self.lock();
+        if self.decisions.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            entries.retain(|_, e| e.expires_us > now);
+        }
+        let mut states = Vec::with_capacity(checks.len());
+        let mut writes = Vec::with_capacity(checks.len());
+        let mut allowed = true;
+        for check in checks {
+            let current = entries
+                .get(&check.key)
+                .filter(|e| e.expires_us > now)
+                .map(|e| e.state);
+            let (state, write) =
+                decide_one(scaled(check.algorithm, self.share), current, now, cost);
+            allowed &= state.retry_after.is_none();
+            states.push(Some(state));
+            writes.push(write);
+        }
+        if allowed {
+            for (check, write) in checks.iter().zip(writes) {
+                if let Some(entry) = write {
+                    entries.insert(check.key.clone(), entry);
+                }
+            }
+        }
+        Verdict {
+            allowed,
+            states,
+            source: DecisionSource::Local,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The quota this instance enforces alone: `share` of it, at least 1.
+fn scaled(algorithm: Algorithm, share: f64) -> Algorithm {
+    let scale = |n: u32| -> u32 {
+        let scaled = (f64::from(n) * share).floor();
+        if scaled < 1.0 {
+            1
+        } else {
+            scaled.min(f64::from(u32::MAX)) as u32
+        }
+    };
+    match algorithm {
+        Algorithm::Gcra {
+            quota,
+            period,
+            burst,
+        } => Algorithm::Gcra {
+            quota: scale(quota),
+            period,
+            burst: scale(burst),
+        },
+        Algorithm::SlidingWindow { limit, window } => Algorithm::SlidingWindow {
+            limit: scale(limit),
+            window,
+        },
+        Algorithm::FixedWindow { limit, window } => Algorithm::FixedWindow {
+            limit: scale(limit),
+            window,
+        },
+    }
+}
+
+/// One policy, the same arithmetic as `decide.lua`.
+fn decide_one(
+    algorithm: Algorithm,
+    current: Option<EntryState>,
+    now: f64,
+    cost: f64,
+) -> (PolicyState, Option<Entry>) {
+    let duration = |us: f64| Duration::from_micros(us.max(0.0).ceil() as u64);
+    match algorithm {
+        Algorithm::Gcra {
+            quota,
+            period,
+            burst,
+        } => {
+            let interval = micros(period) / f64::from(quota);
+            let tolerance = interval * f64::from(burst);
+            let tat = match current {
+                Some(EntryState::Tat(tat)) if tat > now => tat,
+                _ => now,
+            };
+            let new_tat = tat + cost * interval;
+            let allow_at = new_tat - tolerance;
+            if allow_at > now {
+                let state = PolicyState {
+                    remaining: ((tolerance - (tat - now)) / interval).floor().max(0.0) as u64,
+                    reset: duration(tat - now),
+                    retry_after: Some(duration(allow_at - now)),
+                };
+                (state, None)
+            } else {
+                let state = PolicyState {
+                    remaining: ((tolerance - (new_tat - now)) / interval).floor().max(0.0) as u64,
+                    reset: duration(new_tat - now),
+                    retry_after: None,
+                };
+                let entry = Entry {
+                    expires_us: new_tat,
+                    state: EntryState::Tat(new_tat),
+                };
+                (state, Some(entry))
+            }
+        }
+        Algorithm::SlidingWindow { limit, window } | Algorithm::FixedWindow { limit, window } => {
+            let sliding = matches!(algorithm, Algorithm::SlidingWindow { .. });
+            let limit = f64::from(limit);
+            let window = micros(window);
+            let index = (now / window).floor();
+            let (current_count, previous) = match current {
+                Some(EntryState::Window {
+                    index: i,
+                    current,
+                    previous,
+                }) if i == index => (current, previous),
+                Some(EntryState::Window {
+                    index: i, current, ..
+                }) if i == index - 1.0 => (0.0, current),
+                _ => (0.0, 0.0),
+            };
+            let elapsed = now - index * window;
+            let reset = window - elapsed;
+            let used = if sliding {
+                previous * (window - elapsed) / window + current_count
+            } else {
+                current_count
+            };
+            if used + cost > limit {
+                let retry = if !sliding {
+                    reset
+                } else if limit - current_count - cost >= 0.0 {
+                    window - elapsed - (limit - current_count - cost) * window / previous
+                } else if cost <= limit {
+                    reset + window * (1.0 - (limit - cost) / current_count)
+                } else {
+                    reset + window
+                };
+                let state = PolicyState {
+                    remaining: (limit - used).floor().max(0.0) as u64,
+                    reset: duration(reset),
+                    retry_after: Some(duration(retry.max(1.0))),
+                };
+                (state, None)
+            } else {
+                let state = PolicyState {
+                    remaining: (limit - used - cost).floor().max(0.0) as u64,
+                    reset: duration(reset),
+                    retry_after: None,
+                };
+                let entry = Entry {
+                    expires_us: (index + 2.0) * window,
+                    state: EntryState::Window {
+                        index,
+                        current: current_count + cost,
+                        previous,
+                    },
+                };
+                (state, Some(entry))
+            }
+        }
+    }
+}
+
+/// Microseconds on a process-local monotonic clock.
+fn now_us() -> f64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    // Offset by a day so window indexes and the first TAT are never near zero.
+    micros(START.get_or_init(Instant::now).elapsed()) + 86_400_000_000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(key: &str, algorithm: Algorithm) -> Check {
+        Check {
+            key: key.to_owned(),
+            algorithm,
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn gcra_admits_exactly_the_burst_at_once() {
+        let limiter = MemoryLimiter::new(1.0);
+        let checks = [check(
+            "k",
+            Algorithm::Gcra {
+                quota: 10,
+                period: HOUR,
+                burst: 10,
+            },
+        )];
+        let admitted = (0..50)
+            .filter(|_| limiter.decide(&checks, 1).allowed)
+            .count();
+        assert_eq!(admitted, 10);
+    }
+
+    #[test]
+    fn share_scales_the_local_quota() {
+        let limiter = MemoryLimiter::new(0.25);
+        let checks = [check(
+            "k",
+            Algorithm::FixedWindow {
+                limit: 100,
+                window: HOUR,
+            },
+        )];
+        let admitted = (0..200)
+            .filter(|_| limiter.decide(&checks, 1).allowed)
+            .count();
+        assert_eq!(admitted, 25);
+    }
+
+    #[test]
+    fn a_denial_by_one_policy_consumes_nothing_from_the_others() {
+        let limiter = MemoryLimiter::new(1.0);
+        let small = check(
+            "small",
+            Algorithm::FixedWindow {
+                limit: 1,
+                window: HOUR,
+            },
+        );
+        let big = check(
+            "big",
+            Algorithm::FixedWindow {
+                limit: 5,
+                window: HOUR,
+            },
+        );
+        assert!(limiter.decide(&[small.clone(), big.clone()], 1).allowed);
+        for _ in 0..10 {
+            assert!(!limiter.decide(&[small.clone(), big.clone()], 1).allowed);
+        }
+        // "big" was charged once only: four more fit.
+        let admitted = (0..10)
+            .filter(|_| limiter.decide(std::slice::from_ref(&big), 1).allowed)
+            .count();
+        assert_eq!(admitted, 4);
+    }
+
+    #[test]
+    fn weighted_cost_counts_units() {
+        let limiter = MemoryLimiter::new(1.0);
+        let checks = [check(
+            "k",
+            Algorithm::Gcra {
+                quota: 10,
+                period: HOUR,
+                burst: 10,
+            },
+        )];
+        assert!(limiter.decide(&checks, 7).allowed);
+        let denied = limiter.decide(&checks, 4);
+        assert!(!denied.allowed);
+        assert_eq!(denied.states[0].map(|s| s.remaining), Some(3));
+        assert!(limiter.decide(&checks, 3).allowed);
+    }
+
+    #[test]
+    fn sliding_window_weights_the_previous_window() {
+        let window = 1_000_000.0;
+        let algorithm = Algorithm::SlidingWindow {
+            limit: 10,
+            window: Duration::from_secs(1),
+        };
+        // Previous window full, a quarter into the current one: 7.5 still count.
+        let previous = Some(EntryState::Window {
+            index: 4.0,
+            current: 10.0,
+            previous: 0.0,
+        });
+        let (state, _) = decide_one(algorithm, previous, 5.0 * window + 250_000.0, 1.0);
+        assert_eq!(state.remaining, 1);
+        let (state, _) = decide_one(algorithm, previous, 5.0 * window + 250_000.0, 3.0);
+        assert!(state.retry_after.is_some());
+    }
+}
