@@ -1,0 +1,666 @@
+//! The rate limit layer against real Redis: exactness under concurrency,
+//! stacking, keys, responses, the blocked-key cache, outages and clusters.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use tower::{Service, ServiceExt};
+use tower_redis_core::testing::{TestCluster, TestRedis};
+use tower_redis_core::{BreakerState, RedisManager, redis};
+use tower_redis_ratelimit::{
+    Fallback, Key, MissingKey, Policy, RateLimitLayer, RateLimitLayerBuilder,
+};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+type Svc = tower::util::BoxCloneSyncService<
+    Request<()>,
+    Response<tower_redis_ratelimit::ResponseBody<Empty<Bytes>>>,
+    Infallible,
+>;
+
+/// The app behind the layer: 200, empty body.
+fn app(layer: RateLimitLayer) -> Svc {
+    let inner = tower::service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+    });
+    tower::util::BoxCloneSyncService::new(tower::Layer::layer(&layer, inner))
+}
+
+async fn manager(redis: &TestRedis) -> RedisManager {
+    RedisManager::connect(redis.config().build().expect("valid"))
+        .await
+        .expect("starts")
+}
+
+fn request(peer: &str, path: &str) -> Request<()> {
+    let mut request = Request::get(path).body(()).expect("request");
+    let ip: IpAddr = peer.parse().expect("ip");
+    request.extensions_mut().insert(SocketAddr::new(ip, 40_000));
+    request
+}
+
+async fn send(
+    service: &Svc,
+    request: Request<()>,
+) -> Response<tower_redis_ratelimit::ResponseBody<Empty<Bytes>>> {
+    service.clone().oneshot(request).await.expect("infallible")
+}
+
+fn header<'r, B>(response: &'r Response<B>, name: &str) -> Option<&'r str> {
+    response.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Sleeps past a window edge when one is near, so window tests never straddle it.
+async fn away_from_window_edge(redis: &TestRedis, window: Duration) {
+    let mut conn = redis.connection().await.expect("connection");
+    let (secs, micros): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut conn)
+        .await
+        .expect("TIME");
+    let now = Duration::from_secs(secs) + Duration::from_micros(micros);
+    let into = Duration::from_nanos((now.as_nanos() % window.as_nanos()) as u64);
+    if window - into < Duration::from_secs(20) {
+        tokio::time::sleep(window - into + Duration::from_millis(50)).await;
+    }
+}
+
+/// 50 concurrent clients over two layer instances fire `total` requests
+/// from one IP; returns how many were admitted.
+async fn admitted_under_load(redis: &TestRedis, policy: Policy, total: usize) -> usize {
+    let a = app(RateLimitLayer::builder(manager(redis).await)
+        .policy(policy.clone())
+        .build()
+        .expect("layer"));
+    let b = app(RateLimitLayer::builder(manager(redis).await)
+        .policy(policy)
+        .build()
+        .expect("layer"));
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for client in 0..50 {
+        let service = if client % 2 == 0 {
+            a.clone()
+        } else {
+            b.clone()
+        };
+        let (admitted, next) = (Arc::clone(&admitted), Arc::clone(&next));
+        clients.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                let response = send(&service, request("198.51.100.7", "/")).await;
+                match response.status() {
+                    StatusCode::OK => {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    StatusCode::TOO_MANY_REQUESTS => {}
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+        }));
+    }
+    for client in clients {
+        client.await.expect("client");
+    }
+    admitted.load(Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn gcra_admits_exactly_the_quota_across_two_instances() {
+    let redis = TestRedis::start().await;
+    let admitted = admitted_under_load(&redis, Policy::gcra("per-ip", 100, HOUR), 1000).await;
+    assert_eq!(admitted, 100);
+}
+
+#[tokio::test]
+async fn fixed_window_admits_exactly_the_limit_across_two_instances() {
+    let redis = TestRedis::start().await;
+    away_from_window_edge(&redis, HOUR).await;
+    let admitted =
+        admitted_under_load(&redis, Policy::fixed_window("per-ip", 100, HOUR), 1000).await;
+    assert_eq!(admitted, 100);
+}
+
+#[tokio::test]
+async fn sliding_window_with_an_empty_previous_window_admits_the_limit() {
+    // The documented error is the previous window's weighted count; with a
+    // fresh key it is zero, so the count must be exact.
+    let redis = TestRedis::start().await;
+    away_from_window_edge(&redis, HOUR).await;
+    let admitted =
+        admitted_under_load(&redis, Policy::sliding_window("per-ip", 100, HOUR), 1000).await;
+    assert_eq!(admitted, 100);
+}
+
+#[tokio::test]
+async fn a_request_denied_by_one_policy_consumes_nothing_from_the_others() {
+    let redis = TestRedis::start().await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("login", 2, HOUR).path("/login"))
+        .policy(Policy::gcra("everything", 10, HOUR))
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(
+            send(&service, request("192.0.2.1", "/login"))
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses, [200, 200, 429, 429, 429]);
+    // Only the two admitted requests were charged to "everything".
+    let response = send(&service, request("192.0.2.1", "/other")).await;
+    assert_eq!(
+        header(&response, "ratelimit"),
+        Some("\"everything\";r=7;t=1080")
+    );
+}
+
+#[tokio::test]
+async fn burst_then_refill() {
+    let redis = TestRedis::start().await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("per-ip", 10, Duration::from_secs(1)).burst(2))
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    assert_eq!(
+        send(&service, request("192.0.2.2", "/")).await.status(),
+        200
+    );
+    assert_eq!(
+        send(&service, request("192.0.2.2", "/")).await.status(),
+        200
+    );
+    let denied = send(&service, request("192.0.2.2", "/")).await;
+    assert_eq!(denied.status(), 429);
+    assert_eq!(header(&denied, "retry-after"), Some("1"));
+    // One request every 100 ms refills; 400 ms is a generous wait.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        send(&service, request("192.0.2.2", "/")).await.status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn denied_response_is_problem_json_with_retry_after_and_fields() {
+    let redis = TestRedis::start().await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("per-ip", 1, HOUR))
+        .legacy_headers(true)
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    let allowed = send(&service, request("192.0.2.3", "/")).await;
+    assert_eq!(
+        header(&allowed, "ratelimit-policy"),
+        Some("\"per-ip\";q=1;w=3600")
+    );
+    assert_eq!(header(&allowed, "x-ratelimit-remaining"), Some("0"));
+
+    let denied = send(&service, request("192.0.2.3", "/")).await;
+    assert_eq!(denied.status(), 429);
+    assert_eq!(
+        header(&denied, "content-type"),
+        Some("application/problem+json")
+    );
+    let retry: u64 = header(&denied, "retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("seconds");
+    assert!((3590..=3600).contains(&retry), "{retry}");
+    assert!(
+        header(&denied, "ratelimit")
+            .expect("RateLimit")
+            .starts_with("\"per-ip\";r=0;t=")
+    );
+    let body = denied.into_body().collect().await.expect("body").to_bytes();
+    let problem: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(problem["violated-policies"], serde_json::json!(["per-ip"]));
+    assert_eq!(problem["status"], 429);
+}
+
+#[tokio::test]
+async fn grpc_requests_get_resource_exhausted_not_429() {
+    let redis = TestRedis::start().await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("per-key", 1, HOUR).key(Key::header("x-api-key")))
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    let grpc = || {
+        let mut request = request("192.0.2.4", "/pkg.Service/Method");
+        request
+            .headers_mut()
+            .insert("content-type", "application/grpc".parse().expect("value"));
+        request
+            .headers_mut()
+            .insert("x-api-key", "k1".parse().expect("value"));
+        request
+    };
+    assert_eq!(send(&service, grpc()).await.status(), 200);
+    let denied = send(&service, grpc()).await;
+    assert_eq!(denied.status(), 200);
+    assert_eq!(header(&denied, "grpc-status"), Some("8"));
+    assert!(
+        header(&denied, "grpc-message")
+            .expect("message")
+            .contains("per-key")
+    );
+}
+
+#[tokio::test]
+async fn spoofed_forwarded_for_from_an_untrusted_peer_does_not_change_the_key() {
+    let redis = TestRedis::start().await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("per-ip", 1, HOUR))
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    for (i, spoof) in ["1.1.1.1", "2.2.2.2", "3.3.3.3"].iter().enumerate() {
+        let mut request = request("203.0.113.9", "/");
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", spoof.parse().expect("value"));
+        let expected = if i == 0 { 200 } else { 429 };
+        assert_eq!(
+            send(&service, request).await.status(),
+            expected,
+            "spoof {spoof}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_rightmost_untrusted_address_is_the_key() {
+    let redis = TestRedis::start().await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("per-ip", 1, HOUR))
+        .trusted_proxies(["10.0.0.0/8"])
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    let via_proxy = |xff: &str| {
+        let mut request = request("10.1.2.3", "/");
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", xff.parse().expect("value"));
+        request
+    };
+    assert_eq!(
+        send(&service, via_proxy("6.6.6.6, 198.51.100.1"))
+            .await
+            .status(),
+        200
+    );
+    // A different spoofed left part: same real client, same bucket.
+    assert_eq!(
+        send(&service, via_proxy("7.7.7.7, 198.51.100.1"))
+            .await
+            .status(),
+        429
+    );
+    // Another real client.
+    assert_eq!(
+        send(&service, via_proxy("198.51.100.2, 10.0.0.1"))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn ipv6_clients_are_grouped_by_their_64_prefix() {
+    let redis = TestRedis::start().await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("per-ip", 1, HOUR))
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    assert_eq!(
+        send(&service, request("2001:db8:1:2::1", "/"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        send(&service, request("2001:db8:1:2:ffff::9", "/"))
+            .await
+            .status(),
+        429
+    );
+    assert_eq!(
+        send(&service, request("2001:db8:1:3::1", "/"))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_missing_key_gets_the_configured_outcome_never_a_500() {
+    let redis = TestRedis::start().await;
+    let policy = || Policy::gcra("per-key", 1, HOUR).key(Key::header("x-api-key"));
+    let layer = |outcome| {
+        let redis = &redis;
+        async move {
+            app(RateLimitLayer::builder(manager(redis).await)
+                .policy(policy())
+                .on_missing_key(outcome)
+                .build()
+                .expect("layer"))
+        }
+    };
+
+    let reject = layer(MissingKey::Reject).await;
+    let response = send(&reject, request("192.0.2.5", "/")).await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        header(&response, "content-type"),
+        Some("application/problem+json")
+    );
+
+    let skip = layer(MissingKey::Skip).await;
+    for _ in 0..3 {
+        let response = send(&skip, request("192.0.2.5", "/")).await;
+        assert_eq!(response.status(), 200);
+        assert!(header(&response, "ratelimit").is_none());
+    }
+
+    let shared = layer(MissingKey::SharedBucket).await;
+    assert_eq!(send(&shared, request("192.0.2.5", "/")).await.status(), 200);
+    assert_eq!(send(&shared, request("192.0.2.6", "/")).await.status(), 429);
+}
+
+#[tokio::test]
+async fn shadow_mode_decides_but_never_blocks() {
+    let redis = TestRedis::start().await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("per-ip", 1, HOUR))
+        .shadow(true)
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    redis.reset_stats().await.expect("reset");
+    for _ in 0..5 {
+        let response = send(&service, request("192.0.2.7", "/")).await;
+        assert_eq!(response.status(), 200);
+        assert!(header(&response, "ratelimit").is_none());
+    }
+    let calls = redis.command_calls().await.expect("stats");
+    assert!(
+        calls.get("evalsha").copied().unwrap_or(0) + calls.get("eval").copied().unwrap_or(0) >= 2,
+        "{calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn allow_listed_clients_are_never_limited() {
+    let redis = TestRedis::start().await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("per-ip", 1, HOUR))
+        .allow_ips(["192.0.2.0/28"])
+        .allow_if(|parts| parts.uri.path() == "/healthz")
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    for _ in 0..5 {
+        assert_eq!(
+            send(&service, request("192.0.2.8", "/")).await.status(),
+            200
+        );
+        assert_eq!(
+            send(&service, request("198.51.100.50", "/healthz"))
+                .await
+                .status(),
+            200
+        );
+    }
+    assert_eq!(
+        send(&service, request("198.51.100.50", "/")).await.status(),
+        200
+    );
+    assert_eq!(
+        send(&service, request("198.51.100.50", "/")).await.status(),
+        429
+    );
+}
+
+#[tokio::test]
+async fn stacked_policies_are_one_round_trip_and_blocked_keys_are_zero() {
+    let redis = TestRedis::start().await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("per-ip", 5, HOUR))
+        .policy(Policy::fixed_window("per-route", 1000, HOUR))
+        .policy(Policy::sliding_window("global", 1000, HOUR).key(Key::global()))
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    // Loads the script once.
+    assert_eq!(
+        send(&service, request("192.0.2.9", "/")).await.status(),
+        200
+    );
+    redis.reset_stats().await.expect("reset");
+
+    for _ in 0..4 {
+        assert_eq!(
+            send(&service, request("192.0.2.9", "/")).await.status(),
+            200
+        );
+    }
+    assert_eq!(
+        send(&service, request("192.0.2.9", "/")).await.status(),
+        429
+    );
+    let calls = redis.command_calls().await.expect("stats");
+    // INFO commandstats also counts the commands the script runs inside
+    // Redis; the client sent only what is left.
+    let inside_the_script = ["time", "get", "set", "hmget", "hset", "pexpire"];
+    let sent: u64 = calls
+        .iter()
+        .filter(|(name, _)| !inside_the_script.contains(&name.as_str()))
+        .filter(|(name, _)| !matches!(name.as_str(), "info" | "config|resetstat"))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(calls.get("evalsha"), Some(&5), "{calls:?}");
+    assert_eq!(
+        sent, 5,
+        "one command per decision, three policies each: {calls:?}"
+    );
+
+    // The denied key is now answered in process.
+    redis.reset_stats().await.expect("reset");
+    for _ in 0..20 {
+        assert_eq!(
+            send(&service, request("192.0.2.9", "/")).await.status(),
+            429
+        );
+    }
+    let calls = redis.command_calls().await.expect("stats");
+    assert_eq!(
+        calls.get("evalsha"),
+        None,
+        "blocked key must cost no Redis call: {calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn every_key_has_a_ttl() {
+    let redis = TestRedis::start().await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("a", 5, Duration::from_secs(60)))
+        .policy(Policy::fixed_window("b", 5, Duration::from_secs(60)))
+        .policy(Policy::sliding_window("c", 5, Duration::from_secs(60)))
+        .build()
+        .expect("layer");
+    send(&app(layer), request("192.0.2.10", "/")).await;
+    let mut conn = redis.connection().await.expect("connection");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    for key in keys {
+        assert!(key.contains("{rl}"), "{key}");
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("PTTL");
+        assert!(ttl > 0 && ttl <= 120_001, "{key}: {ttl}");
+    }
+}
+
+#[tokio::test]
+async fn redis_outage_falls_back_to_local_limits_and_recovers() {
+    let redis = TestRedis::start().await;
+    let manager = manager(&redis).await;
+    let layer = RateLimitLayer::builder(manager.clone())
+        .policy(Policy::gcra("per-ip", 4, HOUR))
+        .fallback(Fallback::Local { share: 0.5 })
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    let shared = send(&service, request("192.0.2.11", "/")).await;
+    assert_eq!(header(&shared, "ratelimit"), Some("\"per-ip\";r=3;t=900"));
+
+    redis.kill().await;
+    let mut statuses = Vec::new();
+    let mut marked_local = 0;
+    for _ in 0..6 {
+        let response = send(&service, request("192.0.2.12", "/")).await;
+        statuses.push(response.status().as_u16());
+        if header(&response, "ratelimit").is_some_and(|v| v.ends_with(";local")) {
+            marked_local += 1;
+        }
+    }
+    // Half the quota locally: 2 admitted, the rest denied; never a 5xx.
+    assert_eq!(statuses, [200, 200, 429, 429, 429, 429]);
+    assert_eq!(marked_local, 6);
+
+    redis.restart().await;
+    let mut rx = manager.subscribe();
+    let closed = tokio::time::timeout(
+        Duration::from_secs(15),
+        rx.wait_for(|s| *s == BreakerState::Closed),
+    )
+    .await;
+    assert!(matches!(closed, Ok(Ok(_))));
+    // The restarted Redis is empty: the shared counters start over, unmarked.
+    let response = send(&service, request("192.0.2.12", "/")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "ratelimit"), Some("\"per-ip\";r=3;t=900"));
+}
+
+#[tokio::test]
+async fn fail_open_and_fail_closed_while_redis_is_down() {
+    let redis = TestRedis::start().await;
+    redis.stop().await;
+    let open = app(RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("p", 1, HOUR))
+        .fallback(Fallback::Allow)
+        .build()
+        .expect("layer"));
+    let closed = app(RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("p", 1, HOUR))
+        .fallback(Fallback::Deny)
+        .build()
+        .expect("layer"));
+    for _ in 0..3 {
+        assert_eq!(send(&open, request("192.0.2.13", "/")).await.status(), 200);
+        let denied = send(&closed, request("192.0.2.13", "/")).await;
+        assert_eq!(denied.status(), 429);
+        assert_eq!(header(&denied, "retry-after"), Some("1"));
+    }
+}
+
+#[tokio::test]
+async fn weighted_cost_is_charged_in_quota_units() {
+    let redis = TestRedis::start().await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("units", 10, HOUR))
+        .cost(|parts| if parts.uri.path() == "/export" { 6 } else { 1 })
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    assert_eq!(
+        send(&service, request("192.0.2.14", "/export"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        send(&service, request("192.0.2.14", "/export"))
+            .await
+            .status(),
+        429
+    );
+    for _ in 0..4 {
+        assert_eq!(
+            send(&service, request("192.0.2.14", "/")).await.status(),
+            200
+        );
+    }
+    assert_eq!(
+        send(&service, request("192.0.2.14", "/")).await.status(),
+        429
+    );
+}
+
+#[tokio::test]
+async fn exact_limits_on_redis_cluster() {
+    let cluster = TestCluster::start().await;
+    let policy = Policy::gcra("per-ip", 30, HOUR);
+    let managers = [
+        RedisManager::connect(cluster.config().build().expect("valid"))
+            .await
+            .expect("starts"),
+        RedisManager::connect(cluster.config().build().expect("valid"))
+            .await
+            .expect("starts"),
+    ];
+    let services: Vec<Svc> = managers
+        .iter()
+        .map(|m| {
+            app(RateLimitLayer::builder(m.clone())
+                .policy(policy.clone())
+                .policy(Policy::fixed_window("global", 1000, HOUR).key(Key::global()))
+                .build()
+                .expect("layer"))
+        })
+        .collect();
+    let mut admitted = 0;
+    for i in 0..100 {
+        let mut service = services[i % 2].clone();
+        let response = service
+            .ready()
+            .await
+            .expect("ready")
+            .call(request("198.51.100.77", "/"))
+            .await
+            .expect("infallible");
+        if response.status() == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 30);
+}
+
+#[test]
+fn layer_and_builder_are_send_sync_debug() {
+    fn check<T: Send + Sync + std::fmt::Debug>() {}
+    check::<RateLimitLayer>();
+    check::<RateLimitLayerBuilder>();
+}
