@@ -5,6 +5,7 @@
 //! ```text
 //! curl -s localhost:3000/healthz     # the Redis breaker's state, as JSON
 //! curl -s -X POST localhost:3000/visits   # a counter shared through Redis
+//! curl -si localhost:3000/healthz | grep -i ratelimit   # 50 requests per 30 s per IP
 //! ```
 //!
 //! Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`; `memory` runs
@@ -13,16 +14,20 @@
 //! counting in process and `/healthz` says `open`; start Redis again and it
 //! goes back to `closed` by itself.
 //!
-//! The cache, rate-limit and session layers join this server as they land.
+//! Every route is rate limited per client IP (a flood guard of 50 requests
+//! per 30 s); the 51st gets `429` with `Retry-After` and a problem+json body.
+//! The cache and session layers join this server as they land.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use tower_redis_core::{RedisConfig, RedisManager, Source, redis};
+use tower_redis_ratelimit::{Policy, RateLimitLayer};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Clone)]
@@ -53,6 +58,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         _ => RedisManager::connect(RedisConfig::from_env()?).await?,
     };
+    let flood_guard = RateLimitLayer::builder(redis.clone())
+        .policy(Policy::gcra("flood", 50, Duration::from_secs(30)))
+        .build()?;
     let app = App {
         redis,
         local_visits: Arc::new(AtomicU64::new(0)),
@@ -60,7 +68,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/visits", post(visit))
-        .with_state(app);
+        .with_state(app)
+        .layer(flood_guard);
 
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1".to_owned());
     let port = std::env::var("PORT").unwrap_or_else(|_| "3000".to_owned());
@@ -69,7 +78,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .map_err(|e| format!("BIND={bind} PORT={port} is not a socket address: {e}"))?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!("listening on http://{addr}");
-    axum::serve(listener, router)
+    // Connect info gives the rate limiter the client's address.
+    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("shutting down");

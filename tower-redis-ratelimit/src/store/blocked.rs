@@ -18,6 +18,8 @@ pub(crate) struct BlockedKeys {
 #[derive(Debug, Clone, Copy)]
 struct Blocked {
     until: Instant,
+    /// When the policy's quota is fully available again.
+    reset_at: Instant,
     /// The cost that was denied; a cheaper request may fit sooner, so only
     /// requests costing at least this much are answered from here.
     cost: u32,
@@ -38,11 +40,10 @@ impl BlockedKeys {
                 && entry.until > now
                 && cost >= entry.cost
             {
-                let wait = entry.until - now;
                 *state = Some(PolicyState {
                     remaining: 0,
-                    reset: wait,
-                    retry_after: Some(wait),
+                    reset: entry.reset_at.saturating_duration_since(now),
+                    retry_after: Some(entry.until - now),
                 });
                 blocked = true;
             }
@@ -62,13 +63,15 @@ impl BlockedKeys {
             entries.retain(|_, e| e.until > now);
         }
         for (check, state) in checks.iter().zip(states) {
-            if let Some(retry_after) = state.and_then(|s| s.retry_after)
+            if let Some(state) = state
+                && let Some(retry_after) = state.retry_after
                 && retry_after > Duration::ZERO
             {
                 entries.insert(
                     check.key.clone(),
                     Blocked {
                         until: now + retry_after,
+                        reset_at: now + state.reset,
                         cost,
                     },
                 );
