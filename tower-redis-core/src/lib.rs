@@ -61,7 +61,7 @@ pub use config::{BreakerConfig, RedisConfig, RedisConfigBuilder, RedisUrl, Topol
 pub use connection::RedisConnection;
 pub use error::{ConfigError, Error};
 pub use keys::{Keyspace, escape_key_part};
-pub use manager::{FallbackReason, RedisManager, Served, Source};
+pub use manager::{FallbackReason, RedisManager, Served, Source, pipeline_with_scripts};
 
 /// The redis-rs crate this manager is built on, for writing commands,
 /// pipelines and scripts against [`RedisConnection`].

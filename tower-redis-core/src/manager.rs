@@ -345,18 +345,8 @@ impl RedisManager {
         pipe: &Pipeline,
         scripts: &[&Script],
     ) -> Result<T, Error> {
-        self.run(|mut conn| async move {
-            match pipe.query_async(&mut conn).await {
-                Err(error) if is_noscript(&error) => {
-                    for script in scripts {
-                        script.prepare_invoke().load_async(&mut conn).await?;
-                    }
-                    pipe.query_async(&mut conn).await
-                }
-                other => other,
-            }
-        })
-        .await
+        self.run(|mut conn| async move { pipeline_with_scripts(&mut conn, pipe, scripts).await })
+            .await
     }
 
     fn record_timeout(&self) -> Error {
@@ -429,6 +419,26 @@ async fn probe_until_closed(inner: Weak<Inner>) {
                 .transition(BreakerState::Open, Some(&error.to_string())),
         }
         backoff = backoff.saturating_mul(2).min(max);
+    }
+}
+
+/// Sends a pipeline that contains script invocations (EVALSHA) on `conn`;
+/// when Redis reports NOSCRIPT, loads `scripts` and sends the pipeline once
+/// more, so the other commands in it must be safe to repeat. For use inside
+/// [`RedisManager::run`] and [`RedisManager::failover`].
+pub async fn pipeline_with_scripts<T: FromRedisValue>(
+    conn: &mut RedisConnection,
+    pipe: &Pipeline,
+    scripts: &[&Script],
+) -> RedisResult<T> {
+    match pipe.query_async(conn).await {
+        Err(error) if is_noscript(&error) => {
+            for script in scripts {
+                script.prepare_invoke().load_async(conn).await?;
+            }
+            pipe.query_async(conn).await
+        }
+        other => other,
     }
 }
 

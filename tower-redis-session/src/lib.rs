@@ -1,8 +1,65 @@
-//! Session `Layer` for tower and axum, stored in Redis
-//! ([`tower_redis_core::RedisManager`]) and kept in process while Redis is down.
+//! Secure sessions for tower and axum, stored in Redis through
+//! [`tower_redis_core::RedisManager`], that keep every change of concurrent
+//! requests and keep working while Redis is down.
 //!
-//! **Status: not implemented yet.** This crate reserves the name and the place
-//! in the workspace; nothing here is usable. The planned shape (see the
-//! workspace's design notes): `SessionLayer` → `SessionService<S>`, a
-//! `Session` extractor, lazy loading (no Redis call when the handler does not
-//! touch the session), per-key writes so concurrent requests lose nothing.
+//! ```no_run
+//! use axum::{Router, routing::post};
+//! use tower_redis_core::{RedisConfig, RedisManager};
+//! use tower_redis_session::{Session, SessionLayer};
+//!
+//! async fn login(session: Session) -> &'static str {
+//!     // A privilege change: new id, the old one stops working.
+//!     session.cycle_id().await;
+//!     session.set_user("user-42").await;
+//!     session.insert("cart_items", 3).await.expect("serializable");
+//!     "welcome"
+//! }
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let redis = RedisManager::connect(RedisConfig::from_env()?).await?;
+//! let sessions = SessionLayer::builder(redis).build()?;
+//! let app: Router = Router::new().route("/login", post(login)).layer(sessions);
+//! # let _ = app; Ok(()) }
+//! ```
+//!
+//! # Promises
+//!
+//! - **Lazy.** A request whose handler never touches the session costs no
+//!   Redis call. A read is one round trip (one script that returns the
+//!   session and renews its idle TTL without rewriting it). A change costs
+//!   one more; a new session is stored only once it holds something.
+//! - **Concurrent requests keep their changes.** Each entry is written
+//!   separately (a Redis hash, one script), so two requests that change
+//!   different entries both persist. Two requests that change the *same*
+//!   entry: the last write wins, for that entry only. A session destroyed or
+//!   cycled by one request is not resurrected by another's save.
+//! - **Secure defaults** (OWASP): 256-bit ids from the OS CSPRNG; strict
+//!   mode (an id the store does not know is never adopted); Redis keys are
+//!   SHA-256 of the id; cookie `__Host-session` with `Secure; HttpOnly;
+//!   SameSite=Lax; Path=/`; optional HMAC-signed cookies; `Cache-Control:
+//!   no-store` on every response that sets the cookie; a malformed,
+//!   oversized or tampered cookie is simply no session.
+//! - **Expiry**: idle (rolling) and absolute timeouts together.
+//! - **Redis down**: sessions read on this instance before the outage stay
+//!   readable from a bounded local copy; new sessions and changes are kept
+//!   in process and written to Redis when it is back, entry by entry, never
+//!   over newer data. Limits: an instance only knows the sessions it has
+//!   seen, so without sticky routing a user may look logged out on another
+//!   instance during the outage; changes queued on two instances for the
+//!   same entry are resolved by their times (instance clocks).
+
+mod config;
+#[cfg(feature = "axum")]
+mod extract;
+mod id;
+mod layer;
+mod service;
+mod session;
+mod store;
+
+pub use config::{CookieConfig, Expiry};
+pub use cookie::SameSite;
+pub use layer::{ConfigError, SessionLayer, SessionLayerBuilder};
+pub use service::{ResponseFuture, SessionService};
+pub use session::{Session, SessionError};
+pub use store::{SessionStore, StoreError, UserSession};

@@ -1,0 +1,97 @@
+//! Cookie and expiry settings.
+
+use std::time::Duration;
+
+use cookie::SameSite;
+
+/// How long sessions live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    /// Idle timeout: a session unused this long ends (rolling).
+    pub idle: Duration,
+    /// Absolute timeout: a session ends this long after it began, however
+    /// active it is.
+    pub absolute: Duration,
+    /// Whether the cookie outlives the browser session (`Max-Age` = idle
+    /// timeout, refreshed when the session is used) or not (no `Max-Age`).
+    pub persistent: bool,
+}
+
+impl Default for Expiry {
+    fn default() -> Self {
+        Self {
+            idle: Duration::from_secs(30 * 60),
+            absolute: Duration::from_secs(12 * 3600),
+            persistent: false,
+        }
+    }
+}
+
+/// The session cookie's attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CookieConfig {
+    /// The base name; `__Host-` is prepended when the cookie is `Secure`,
+    /// has no `Domain` and the path is `/`.
+    pub name: String,
+    /// `Secure` (default true). Only turn it off with
+    /// [`SessionLayerBuilder::insecure_http_for_local_development`](crate::SessionLayerBuilder::insecure_http_for_local_development).
+    pub secure: bool,
+    /// `HttpOnly` (default true).
+    pub http_only: bool,
+    /// `SameSite` (default `Lax`).
+    pub same_site: SameSite,
+    /// `Path` (default `/`).
+    pub path: String,
+    /// `Domain` (default none, which keeps the cookie on this host).
+    pub domain: Option<String>,
+}
+
+impl Default for CookieConfig {
+    fn default() -> Self {
+        Self {
+            name: "session".to_owned(),
+            secure: true,
+            http_only: true,
+            same_site: SameSite::Lax,
+            path: "/".to_owned(),
+            domain: None,
+        }
+    }
+}
+
+impl CookieConfig {
+    /// The name on the wire: `__Host-session` for the secure defaults.
+    pub fn wire_name(&self) -> String {
+        if self.secure && self.domain.is_none() && self.path == "/" {
+            format!("__Host-{}", self.name)
+        } else {
+            self.name.clone()
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty()
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            return Err(format!(
+                "cookie name {:?} must be non-empty letters, digits, `-`, `_` or `.`",
+                self.name
+            ));
+        }
+        if !self.path.starts_with('/')
+            || self.path.bytes().any(|b| b == b';' || b.is_ascii_control())
+        {
+            return Err(format!(
+                "cookie path {:?} must start with `/` and contain no `;`",
+                self.path
+            ));
+        }
+        if self.same_site == SameSite::None && !self.secure {
+            return Err("SameSite=None requires Secure; browsers reject it otherwise".to_owned());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,134 @@
+//! [`SessionService`]: puts a [`Session`] in the request, writes it after
+//! the handler, and sets the cookie.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderMap, HeaderValue, Request, Response, header};
+use tower_service::Service;
+
+use crate::id::SessionId;
+use crate::layer::Shared;
+use crate::session::{CookieUpdate, Session};
+
+/// `Cookie` headers longer than this are not searched for the session.
+const MAX_COOKIE_HEADER: usize = 8 * 1024;
+
+/// The service produced by [`SessionLayer`](crate::SessionLayer).
+#[derive(Clone, Debug)]
+pub struct SessionService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> SessionService<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+}
+
+/// The future of [`SessionService`].
+pub struct ResponseFuture<T, E> {
+    inner: Pin<Box<dyn Future<Output = Result<T, E>> + Send>>,
+}
+
+impl<T, E> Future for ResponseFuture<T, E> {
+    type Output = Result<T, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl<T, E> std::fmt::Debug for ResponseFuture<T, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SessionService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<Response<ResBody>, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = Arc::clone(&self.shared);
+        let cookie_id = session_cookie(request.headers(), &shared);
+        let session = Session::new(shared.store.clone(), cookie_id);
+        request.extensions_mut().insert(session.clone());
+        ResponseFuture {
+            inner: Box::pin(async move {
+                let mut response = inner.call(request).await?;
+                let update = match session.finish().await {
+                    Some(update) => Some(update),
+                    // A persistent cookie's Max-Age rolls with use.
+                    None if shared.expiry.persistent => {
+                        session.live_id().await.map(CookieUpdate::Set)
+                    }
+                    None => None,
+                };
+                if let Some(update) = update
+                    && let Ok(value) = HeaderValue::from_str(&set_cookie(&shared, &update))
+                {
+                    let headers = response.headers_mut();
+                    headers.append(header::SET_COOKIE, value);
+                    // A response carrying a session id must not be cached.
+                    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                }
+                Ok(response)
+            }),
+        }
+    }
+}
+
+/// The id in the request's session cookie, if there is a valid one.
+fn session_cookie(headers: &HeaderMap, shared: &Shared) -> Option<SessionId> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter(|value| value.len() <= MAX_COOKIE_HEADER)
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(|(name, _)| *name == shared.cookie_name)
+        .find_map(|(_, value)| shared.codec.decode(value.trim_matches('"')))
+}
+
+fn set_cookie(shared: &Shared, update: &CookieUpdate) -> String {
+    let config = &shared.cookie;
+    let value = match update {
+        CookieUpdate::Set(id) => shared.codec.encode(id),
+        CookieUpdate::Remove => String::new(),
+    };
+    let mut cookie = cookie::Cookie::build((shared.cookie_name.clone(), value))
+        .path(config.path.clone())
+        .secure(config.secure)
+        .http_only(config.http_only)
+        .same_site(config.same_site);
+    if let Some(domain) = &config.domain {
+        cookie = cookie.domain(domain.clone());
+    }
+    match update {
+        CookieUpdate::Remove => cookie = cookie.max_age(cookie::time::Duration::ZERO),
+        CookieUpdate::Set(_) if shared.expiry.persistent => {
+            let seconds = i64::try_from(shared.expiry.idle.as_secs()).unwrap_or(i64::MAX);
+            cookie = cookie.max_age(cookie::time::Duration::seconds(seconds));
+        }
+        CookieUpdate::Set(_) => {}
+    }
+    cookie.build().to_string()
+}

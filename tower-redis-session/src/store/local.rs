@@ -1,0 +1,158 @@
+//! The in-process side of the store: copies of recently read sessions (so
+//! a user is not logged out by a short outage) and the changes made while
+//! Redis was unavailable, queued for reconciliation.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::{Changes, Record, now_ms};
+
+/// Queued changes beyond which the oldest are dropped, with a warning.
+const MAX_PENDING: usize = 100_000;
+
+/// A change waiting for Redis.
+#[derive(Debug, Clone)]
+pub(crate) enum Pending {
+    Save {
+        /// `Some(created_ms)` when the session was created during the outage.
+        create: Option<u64>,
+        changes: Changes,
+        /// When the (latest) change was made, for the per-entry "newer wins" rule.
+        at_ms: u64,
+    },
+    Delete {
+        user: Option<String>,
+    },
+}
+
+pub(crate) struct LocalStore {
+    copies: moka::sync::Cache<String, Record>,
+    pending: Mutex<Vec<(String, Pending)>>,
+}
+
+impl LocalStore {
+    pub(crate) fn new(capacity: u64, idle: Duration) -> Self {
+        Self {
+            copies: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_idle(idle)
+                .build(),
+            pending: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The local copy, unless it has outlived the absolute timeout.
+    pub(crate) fn get(&self, storage_key: &str, absolute_ms: u64) -> Option<Record> {
+        let record = self.copies.get(storage_key)?;
+        if record.created_ms.saturating_add(absolute_ms) <= now_ms() {
+            self.copies.invalidate(storage_key);
+            return None;
+        }
+        Some(record)
+    }
+
+    pub(crate) fn put(&self, storage_key: &str, record: Record) {
+        self.copies.insert(storage_key.to_owned(), record);
+    }
+
+    pub(crate) fn remove(&self, storage_key: &str) {
+        self.copies.invalidate(storage_key);
+    }
+
+    /// Applies changes to the local copy (creating it for a new session).
+    pub(crate) fn apply(&self, storage_key: &str, create: Option<u64>, changes: &Changes) {
+        let existing = self.copies.get(storage_key);
+        let mut record = match (existing, create) {
+            (Some(record), _) => record,
+            (None, Some(created_ms)) => Record {
+                created_ms,
+                ..Record::default()
+            },
+            (None, None) => return,
+        };
+        changes.apply_to(&mut record);
+        self.copies.insert(storage_key.to_owned(), record);
+    }
+
+    /// Queues a save made while Redis was unavailable, merged with earlier
+    /// queued changes of the same session.
+    pub(crate) fn queue(
+        &self,
+        storage_key: &str,
+        create: Option<u64>,
+        changes: &Changes,
+        at_ms: u64,
+    ) {
+        let mut pending = self.lock();
+        if let Some((
+            _,
+            Pending::Save {
+                changes: queued,
+                at_ms: queued_at,
+                ..
+            },
+        )) = pending.iter_mut().rev().find(|(k, _)| k == storage_key)
+        {
+            queued.entries.extend(changes.entries.clone());
+            if changes.user.is_some() {
+                queued.user.clone_from(&changes.user);
+            }
+            *queued_at = at_ms;
+            return;
+        }
+        push_bounded(
+            &mut pending,
+            storage_key,
+            Pending::Save {
+                create,
+                changes: changes.clone(),
+                at_ms,
+            },
+        );
+    }
+
+    /// Queues a deletion made while Redis was unavailable.
+    pub(crate) fn queue_delete(&self, storage_key: &str, user: Option<&str>) {
+        let mut pending = self.lock();
+        pending.retain(|(k, _)| k != storage_key);
+        push_bounded(
+            &mut pending,
+            storage_key,
+            Pending::Delete {
+                user: user.map(str::to_owned),
+            },
+        );
+    }
+
+    pub(crate) fn take_pending(&self) -> Vec<(String, Pending)> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// Puts back what could not be written, ahead of anything queued since.
+    pub(crate) fn requeue(&self, mut failed: Vec<(String, Pending)>) {
+        if failed.is_empty() {
+            return;
+        }
+        let mut pending = self.lock();
+        failed.append(&mut pending);
+        *pending = failed;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, Pending)>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn push_bounded(pending: &mut Vec<(String, Pending)>, storage_key: &str, change: Pending) {
+    if pending.len() >= MAX_PENDING {
+        pending.remove(0);
+        tracing::warn!(
+            target: "tower_redis_session",
+            limit = MAX_PENDING,
+            "too many session changes queued during the Redis outage; the oldest was dropped"
+        );
+    }
+    pending.push((storage_key.to_owned(), change));
+}

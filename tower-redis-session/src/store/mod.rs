@@ -1,0 +1,554 @@
+//! [`SessionStore`]: sessions in Redis, with local copies and queued writes
+//! while Redis is unavailable.
+//!
+//! Redis layout (all keys under the app's prefix):
+//!
+//! - `{<sha256(id)>}:s` — a hash per session: `d:<name>` the JSON value of
+//!   each entry, `t:<name>` the time of its last change (kept after removal),
+//!   `_c` the creation time, `_u` the user. Its TTL is the idle timeout,
+//!   capped by the absolute one.
+//! - `{<sha256(user)>}:u` — a set of the user's session hashes, for "log out
+//!   everywhere".
+//!
+//! Per-entry writes in one Lua script are what keep concurrent requests of
+//! one session from losing each other's changes.
+
+mod local;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sha2::{Digest, Sha256};
+use tower_redis_core::redis::{self, Script};
+use tower_redis_core::{BreakerState, RedisManager, Source, pipeline_with_scripts};
+
+use crate::config::Expiry;
+pub(crate) use local::LocalStore;
+use local::Pending;
+
+static LOAD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("load.lua")));
+static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("save.lua")));
+
+/// A session's stored content.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Record {
+    /// Entry name → JSON.
+    pub(crate) fields: HashMap<String, String>,
+    pub(crate) created_ms: u64,
+    pub(crate) user: Option<String>,
+}
+
+/// What one request changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Changes {
+    /// Entry name → new JSON, or `None` for a removal.
+    pub(crate) entries: HashMap<String, Option<String>>,
+    pub(crate) user: Option<String>,
+}
+
+impl Changes {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.user.is_none()
+    }
+
+    fn apply_to(&self, record: &mut Record) {
+        for (name, value) in &self.entries {
+            match value {
+                Some(json) => record.fields.insert(name.clone(), json.clone()),
+                None => record.fields.remove(name),
+            };
+        }
+        if let Some(user) = &self.user {
+            record.user = Some(user.clone());
+        }
+    }
+}
+
+/// Whether a save found its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Saved {
+    Written,
+    /// The session no longer exists (destroyed, cycled or expired meanwhile);
+    /// nothing was written, so it is not resurrected.
+    Gone,
+}
+
+/// One of a user's sessions, from [`SessionStore::list_user_sessions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSession {
+    /// An opaque handle (a hash, never the session id).
+    pub handle: String,
+    /// When the session began.
+    pub created: SystemTime,
+}
+
+/// Why a store-level operation could not be done.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Redis is unavailable, and the operation needs it (the in-process
+    /// store cannot see other instances' sessions).
+    #[error("Redis is unavailable; try again when it is back: {0}")]
+    Unavailable(#[source] tower_redis_core::Error),
+}
+
+/// The sessions' storage: Redis through the shared manager, and in process
+/// while Redis is unavailable. Cheap to clone.
+#[derive(Clone)]
+pub struct SessionStore {
+    inner: Arc<StoreInner>,
+}
+
+impl std::fmt::Debug for SessionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionStore")
+            .field("manager", &self.inner.manager)
+            .field("expiry", &self.inner.expiry)
+            .finish_non_exhaustive()
+    }
+}
+
+struct StoreInner {
+    manager: RedisManager,
+    expiry: Expiry,
+    local: LocalStore,
+    reconciler_started: AtomicBool,
+}
+
+impl SessionStore {
+    pub(crate) fn new(manager: RedisManager, expiry: Expiry, local_capacity: u64) -> Self {
+        Self {
+            inner: Arc::new(StoreInner {
+                manager,
+                expiry,
+                local: LocalStore::new(local_capacity, expiry.idle),
+                reconciler_started: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    fn keys(&self) -> &tower_redis_core::Keyspace {
+        self.inner.manager.keys()
+    }
+
+    fn session_key(&self, storage_key: &str) -> String {
+        self.keys().tagged(storage_key, &["s"])
+    }
+
+    fn user_key(&self, user: &str) -> String {
+        self.keys().tagged(
+            &URL_SAFE_NO_PAD.encode(Sha256::digest(user.as_bytes())),
+            &["u"],
+        )
+    }
+
+    fn idle_ms(&self) -> u64 {
+        millis(self.inner.expiry.idle)
+    }
+
+    fn absolute_ms(&self) -> u64 {
+        millis(self.inner.expiry.absolute)
+    }
+
+    /// One round trip: the record, with its idle TTL refreshed.
+    pub(crate) async fn load(&self, storage_key: &str) -> Option<Record> {
+        self.start_reconciler();
+        let key = self.session_key(storage_key);
+        let served = self
+            .inner
+            .manager
+            .failover(
+                |mut conn| {
+                    let key = key.clone();
+                    async move {
+                        let reply: Option<Vec<(String, String)>> = LOAD
+                            .key(key)
+                            .arg(self.idle_ms())
+                            .arg(self.absolute_ms())
+                            .invoke_async(&mut conn)
+                            .await?;
+                        Ok(reply.map(record_from_fields))
+                    }
+                },
+                |_| async { self.inner.local.get(storage_key, self.absolute_ms()) },
+            )
+            .await;
+        if served.source == Source::Redis {
+            match &served.value {
+                // A copy for reading through an outage.
+                Some(record) => self.inner.local.put(storage_key, record.clone()),
+                None => self.inner.local.remove(storage_key),
+            }
+        }
+        served.value
+    }
+
+    /// One round trip: the changes, entry by entry (plus the user index).
+    pub(crate) async fn save(
+        &self,
+        storage_key: &str,
+        create: Option<u64>,
+        changes: &Changes,
+    ) -> Saved {
+        let key = self.session_key(storage_key);
+        let served = self
+            .inner
+            .manager
+            .failover(
+                |mut conn| async move {
+                    let pipe = self.save_pipeline(&key, storage_key, create, changes, None);
+                    pipeline_with_scripts(&mut conn, &pipe, &[&SAVE]).await
+                },
+                |_| async { Saved::Written },
+            )
+            .await;
+        match served.source {
+            Source::Redis => {}
+            Source::Fallback(_) => self
+                .inner
+                .local
+                .queue(storage_key, create, changes, now_ms()),
+        }
+        if served.value == Saved::Written {
+            self.inner.local.apply(storage_key, create, changes);
+        } else {
+            self.inner.local.remove(storage_key);
+        }
+        served.value
+    }
+
+    /// A new id for a session: the whole record under the new key, the old
+    /// key deleted, in one pipelined round trip.
+    pub(crate) async fn cycle(
+        &self,
+        old_storage_key: &str,
+        new_storage_key: &str,
+        record: &Record,
+    ) -> Saved {
+        let changes = Changes {
+            entries: record
+                .fields
+                .iter()
+                .map(|(k, v)| (k.clone(), Some(v.clone())))
+                .collect(),
+            user: record.user.clone(),
+        };
+        let old_key = self.session_key(old_storage_key);
+        let new_key = self.session_key(new_storage_key);
+        let create = Some(record.created_ms);
+        let changes_ref = &changes;
+        let served = self
+            .inner
+            .manager
+            .failover(
+                |mut conn| async move {
+                    let mut pipe = self.save_pipeline(
+                        &new_key,
+                        new_storage_key,
+                        create,
+                        changes_ref,
+                        Some(old_storage_key),
+                    );
+                    pipe.cmd("DEL").arg(&old_key).ignore();
+                    pipeline_with_scripts::<Saved>(&mut conn, &pipe, &[&SAVE]).await
+                },
+                |_| async { Saved::Written },
+            )
+            .await;
+        if served.is_fallback() {
+            self.inner
+                .local
+                .queue_delete(old_storage_key, record.user.as_deref());
+            self.inner
+                .local
+                .queue(new_storage_key, create, &changes, now_ms());
+        }
+        self.inner.local.remove(old_storage_key);
+        self.inner.local.apply(new_storage_key, create, &changes);
+        served.value
+    }
+
+    /// Deletes a session (and its entry in the user index).
+    pub(crate) async fn delete(&self, storage_key: &str, user: Option<&str>) {
+        let key = self.session_key(storage_key);
+        let user_key = user.map(|u| self.user_key(u));
+        let served = self
+            .inner
+            .manager
+            .failover(
+                |mut conn| async move {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("DEL").arg(&key).ignore();
+                    if let Some(user_key) = &user_key {
+                        pipe.cmd("SREM").arg(user_key).arg(storage_key).ignore();
+                    }
+                    pipe.query_async::<()>(&mut conn).await
+                },
+                |_| async {},
+            )
+            .await;
+        if served.is_fallback() {
+            self.inner.local.queue_delete(storage_key, user);
+        }
+        self.inner.local.remove(storage_key);
+    }
+
+    /// The EVALSHA of one save, and the user-index update when the user is set.
+    fn save_pipeline(
+        &self,
+        key: &str,
+        storage_key: &str,
+        create: Option<u64>,
+        changes: &Changes,
+        replaces: Option<&str>,
+    ) -> redis::Pipeline {
+        self.save_pipeline_at(key, storage_key, create, changes, replaces, None)
+    }
+
+    fn save_pipeline_at(
+        &self,
+        key: &str,
+        storage_key: &str,
+        create: Option<u64>,
+        changes: &Changes,
+        replaces: Option<&str>,
+        at_ms: Option<u64>,
+    ) -> redis::Pipeline {
+        let mut invocation = SAVE.key(key);
+        invocation
+            .arg(if create.is_some() { "create" } else { "update" })
+            .arg(self.idle_ms())
+            .arg(self.absolute_ms())
+            .arg(changes.user.as_deref().unwrap_or(""))
+            .arg(create.map(|c| c.to_string()).unwrap_or_default())
+            .arg(at_ms.map(|t| t.to_string()).unwrap_or_default());
+        let sets: Vec<(&String, &String)> = changes
+            .entries
+            .iter()
+            .filter_map(|(name, value)| value.as_ref().map(|v| (name, v)))
+            .collect();
+        invocation.arg(sets.len());
+        for (name, value) in sets {
+            invocation.arg(name).arg(value);
+        }
+        let removals: Vec<&String> = changes
+            .entries
+            .iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(n, _)| n)
+            .collect();
+        invocation.arg(removals.len());
+        for name in removals {
+            invocation.arg(name);
+        }
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(&invocation);
+        if let Some(user) = &changes.user {
+            let user_key = self.user_key(user);
+            pipe.cmd("SADD").arg(&user_key).arg(storage_key).ignore();
+            if let Some(old) = replaces {
+                pipe.cmd("SREM").arg(&user_key).arg(old).ignore();
+            }
+            pipe.cmd("PEXPIRE")
+                .arg(&user_key)
+                .arg(self.absolute_ms())
+                .ignore();
+        }
+        pipe
+    }
+
+    /// The live sessions of a user.
+    pub async fn list_user_sessions(&self, user: &str) -> Result<Vec<UserSession>, StoreError> {
+        let user_key = self.user_key(user);
+        let members: Vec<String> = self
+            .inner
+            .manager
+            .query(redis::cmd("SMEMBERS").arg(&user_key))
+            .await
+            .map_err(StoreError::Unavailable)?;
+        let mut sessions = Vec::with_capacity(members.len());
+        for handle in members {
+            let created: Option<u64> = self
+                .inner
+                .manager
+                .query(redis::cmd("HGET").arg(self.session_key(&handle)).arg("_c"))
+                .await
+                .map_err(StoreError::Unavailable)?;
+            match created {
+                Some(created) => sessions.push(UserSession {
+                    handle,
+                    created: UNIX_EPOCH + Duration::from_millis(created),
+                }),
+                // Expired: tidy the index.
+                None => {
+                    let _ = self
+                        .inner
+                        .manager
+                        .query::<()>(redis::cmd("SREM").arg(&user_key).arg(&handle))
+                        .await;
+                }
+            }
+        }
+        Ok(sessions)
+    }
+
+    /// Ends every session of a user ("log out everywhere"); returns how many
+    /// were live.
+    pub async fn revoke_user(&self, user: &str) -> Result<usize, StoreError> {
+        let user_key = self.user_key(user);
+        let members: Vec<String> = self
+            .inner
+            .manager
+            .query(redis::cmd("SMEMBERS").arg(&user_key))
+            .await
+            .map_err(StoreError::Unavailable)?;
+        let mut revoked = 0;
+        for handle in &members {
+            let deleted: usize = self
+                .inner
+                .manager
+                .query(redis::cmd("DEL").arg(self.session_key(handle)))
+                .await
+                .map_err(StoreError::Unavailable)?;
+            revoked += deleted;
+            self.inner.local.remove(handle);
+        }
+        self.inner
+            .manager
+            .query::<()>(redis::cmd("DEL").arg(&user_key))
+            .await
+            .map_err(StoreError::Unavailable)?;
+        Ok(revoked)
+    }
+
+    /// Starts, once, the task that writes changes made during an outage to
+    /// Redis when it is back.
+    fn start_reconciler(&self) {
+        if self.inner.reconciler_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let mut states = self.inner.manager.subscribe();
+        tokio::spawn(async move {
+            loop {
+                if *states.borrow_and_update() == BreakerState::Closed {
+                    match weak.upgrade() {
+                        Some(inner) => SessionStore { inner }.reconcile().await,
+                        None => return,
+                    }
+                }
+                if states.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Writes the queued outage changes to Redis, oldest first. A change
+    /// older than what Redis holds is skipped entry by entry; a session that
+    /// no longer exists in Redis is not recreated unless it was created
+    /// during the outage.
+    pub(crate) async fn reconcile(&self) {
+        let pending = self.inner.local.take_pending();
+        if pending.is_empty() {
+            return;
+        }
+        let total = pending.len();
+        let mut requeue = Vec::new();
+        for (storage_key, change) in pending {
+            let result = match &change {
+                Pending::Delete { user } => {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("DEL").arg(self.session_key(&storage_key)).ignore();
+                    if let Some(user) = user {
+                        pipe.cmd("SREM")
+                            .arg(self.user_key(user))
+                            .arg(&storage_key)
+                            .ignore();
+                    }
+                    self.inner.manager.query_pipeline::<()>(&pipe).await
+                }
+                Pending::Save {
+                    create,
+                    changes,
+                    at_ms,
+                } => {
+                    let pipe = self.save_pipeline_at(
+                        &self.session_key(&storage_key),
+                        &storage_key,
+                        *create,
+                        changes,
+                        None,
+                        Some(*at_ms),
+                    );
+                    self.inner
+                        .manager
+                        .query_pipeline_with_scripts::<Saved>(&pipe, &[&SAVE])
+                        .await
+                        .map(|_| ())
+                }
+            };
+            if result.is_err() {
+                requeue.push((storage_key, change));
+            }
+        }
+        let failed = requeue.len();
+        self.inner.local.requeue(requeue);
+        tracing::info!(
+            target: "tower_redis_session",
+            written = total - failed,
+            still_queued = failed,
+            "wrote session changes made during the Redis outage"
+        );
+        record_reconciled(total - failed);
+    }
+}
+
+impl redis::FromRedisValue for Saved {
+    fn from_redis_value(value: redis::Value) -> Result<Self, redis::ParsingError> {
+        // The pipeline's only non-ignored reply is the script's 1 or 0.
+        let written: Vec<i64> = redis::FromRedisValue::from_redis_value(value)?;
+        Ok(if written.first() == Some(&1) {
+            Saved::Written
+        } else {
+            Saved::Gone
+        })
+    }
+}
+
+fn record_from_fields(pairs: Vec<(String, String)>) -> Record {
+    let mut record = Record::default();
+    for (field, value) in pairs {
+        if let Some(name) = field.strip_prefix("d:") {
+            record.fields.insert(name.to_owned(), value);
+        } else if field == "_c" {
+            record.created_ms = value.parse().unwrap_or(0);
+        } else if field == "_u" {
+            record.user = Some(value);
+        }
+    }
+    record
+}
+
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(millis)
+        .unwrap_or(0)
+}
+
+#[cfg(feature = "metrics")]
+fn record_reconciled(count: usize) {
+    metrics::counter!("tower_redis_session_reconciled_total").increment(count as u64);
+}
+
+#[cfg(not(feature = "metrics"))]
+fn record_reconciled(_count: usize) {}

@@ -1,0 +1,58 @@
+-- Applies one request's changes to a session hash, key by key.
+--
+-- KEYS[1] the session hash
+-- ARGV[1] 'create' (a new session: write even if absent) or 'update'
+--         (only if present: a destroyed or cycled session is not resurrected)
+-- ARGV[2] idle timeout (ms)     ARGV[3] absolute timeout (ms)
+-- ARGV[4] user id to set, or '' ARGV[5] created-at (ms) for 'create', or ''
+-- ARGV[6] change time (ms), or '' for the server's clock
+-- ARGV[7] number of set fields, then name, JSON value pairs
+-- then the number of removed fields, then their names
+--
+-- Every field carries the time of its last change ('t:' fields, kept as
+-- tombstones after removal); a change older than the stored one is skipped,
+-- so replaying writes made during an outage never overwrites newer data.
+-- Returns 1 when written, 0 when the session is gone.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local key = KEYS[1]
+local at = tonumber(ARGV[6]) or now
+local exists = redis.call('EXISTS', key) == 1
+if not exists and ARGV[1] ~= 'create' then return 0 end
+local created
+if exists then
+  created = tonumber(redis.call('HGET', key, '_c')) or now
+else
+  created = tonumber(ARGV[5]) or now
+  redis.call('HSET', key, '_c', created)
+end
+local deadline = created + tonumber(ARGV[3])
+if deadline <= now then
+  redis.call('DEL', key)
+  return 0
+end
+local i = 7
+local sets = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, sets do
+  local name, value = ARGV[i], ARGV[i + 1]
+  i = i + 2
+  local stored = tonumber(redis.call('HGET', key, 't:' .. name))
+  if not stored or stored <= at then
+    redis.call('HSET', key, 'd:' .. name, value, 't:' .. name, at)
+  end
+end
+local removals = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, removals do
+  local name = ARGV[i]
+  i = i + 1
+  local stored = tonumber(redis.call('HGET', key, 't:' .. name))
+  if not stored or stored <= at then
+    redis.call('HDEL', key, 'd:' .. name)
+    redis.call('HSET', key, 't:' .. name, at)
+  end
+end
+if ARGV[4] ~= '' then redis.call('HSET', key, '_u', ARGV[4]) end
+redis.call('PEXPIRE', key, math.min(tonumber(ARGV[2]), deadline - now))
+return 1
