@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -93,13 +93,14 @@ pub(crate) enum Failure {
 }
 
 struct Counters {
-    consecutive_failures: u32,
     last_error: Option<String>,
     changed_at: Instant,
 }
 
 pub(crate) struct Breaker {
     state: AtomicU8,
+    /// Outside the mutex so that a success (every operation) costs one load.
+    consecutive_failures: AtomicU32,
     counters: Mutex<Counters>,
     threshold: u32,
     tx: watch::Sender<BreakerState>,
@@ -111,8 +112,8 @@ impl Breaker {
         record_state_gauge(initial);
         Self {
             state: AtomicU8::new(initial.encode()),
+            consecutive_failures: AtomicU32::new(0),
             counters: Mutex::new(Counters {
-                consecutive_failures: 0,
                 last_error: None,
                 changed_at: Instant::now(),
             }),
@@ -139,29 +140,32 @@ impl Breaker {
         Health {
             state: self.state(),
             in_state_for: counters.changed_at.elapsed(),
-            consecutive_failures: counters.consecutive_failures,
+            consecutive_failures: self.consecutive_failures.load(Ordering::Acquire),
             last_error: counters.last_error.clone(),
         }
     }
 
     pub(crate) fn on_success(&self) {
-        if self.state() != BreakerState::Closed {
-            return;
+        if self.consecutive_failures.load(Ordering::Acquire) != 0
+            && self.state() == BreakerState::Closed
+        {
+            self.consecutive_failures.store(0, Ordering::Release);
         }
-        let mut counters = self.lock();
-        counters.consecutive_failures = 0;
     }
 
     /// Records a failure of a request-path operation. Returns true when this
     /// failure opened the breaker (the caller then starts the probe).
     pub(crate) fn on_failure(&self, failure: Failure, error: &str) -> bool {
         let mut counters = self.lock();
-        counters.consecutive_failures = counters.consecutive_failures.saturating_add(1);
+        let failures = self
+            .consecutive_failures
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
         counters.last_error = Some(error.to_owned());
         if self.state() != BreakerState::Closed {
             return false;
         }
-        let trip = failure == Failure::Refused || counters.consecutive_failures >= self.threshold;
+        let trip = failure == Failure::Refused || failures >= self.threshold;
         if trip {
             self.set(&mut counters, BreakerState::Open, error);
         }
@@ -172,7 +176,7 @@ impl Breaker {
     pub(crate) fn transition(&self, to: BreakerState, error: Option<&str>) {
         let mut counters = self.lock();
         if to == BreakerState::Closed {
-            counters.consecutive_failures = 0;
+            self.consecutive_failures.store(0, Ordering::Release);
             counters.last_error = None;
         } else if let Some(error) = error {
             counters.last_error = Some(error.to_owned());

@@ -542,12 +542,12 @@ impl Backend {
                 // Stale connections (from before an outage, or broken) are
                 // dropped by bb8 when their guard goes back; try the next.
                 for _ in 0..=*pool_size {
-                    if pool.state().idle_connections == 0 {
-                        // bb8 makes connections in the background and makes
-                        // `get` wait for them, hiding the reason a connect
+                    if pool.state().connections == 0 {
+                        // An empty pool: bb8 would connect in the background
+                        // and make `get` wait, hiding the reason a connect
                         // failed until its timeout. Connect here instead, so
                         // a refused connection is known (and opens the
-                        // breaker) at once, then lend the result to the pool.
+                        // breaker) at once, then give the result to the pool.
                         let fresh = pool.dedicated_connection().await?;
                         let checked_out = (
                             RedisConnection::standalone(fresh.conn.clone()),

@@ -1,0 +1,200 @@
+//! The Redis the suites run against, and the server-side counters they read.
+
+use std::collections::HashMap;
+
+use tower_redis_core::redis::{self, aio::MultiplexedConnection};
+use tower_redis_core::testing::{Backend, TestRedis};
+
+use crate::error::BenchError;
+
+/// A Redis to benchmark against: `REDIS_URL` when set, otherwise a
+/// disposable server from [`TestRedis`], kept alive as long as this is.
+pub(crate) struct BenchRedis {
+    url: String,
+    origin: String,
+    client: redis::Client,
+    /// One long-lived connection for setup and `INFO`: opening a connection
+    /// sends commands (`CLIENT SETINFO`), which would pollute command counts.
+    admin: MultiplexedConnection,
+    _test: Option<TestRedis>,
+}
+
+impl BenchRedis {
+    /// Connects to `REDIS_URL`, or starts a test Redis.
+    pub(crate) async fn start() -> Result<Self, BenchError> {
+        let (url, origin, test) = match std::env::var("REDIS_URL") {
+            Ok(url) if !url.trim().is_empty() => {
+                let origin = format!("REDIS_URL={}", redact(&url));
+                (url, origin, None)
+            }
+            _ => {
+                let test = TestRedis::builder().start().await?;
+                let origin = match test.backend() {
+                    Backend::Binary => {
+                        format!("redis-server spawned by TestRedis at {}", test.url())
+                    }
+                    Backend::Docker => {
+                        format!("redis container started by TestRedis at {}", test.url())
+                    }
+                    Backend::Url => format!("TestRedis URL backend at {}", redact(test.url())),
+                };
+                (test.url().to_owned(), origin, Some(test))
+            }
+        };
+        let client = redis::Client::open(url.as_str())?;
+        let admin = client.get_multiplexed_async_connection().await?;
+        Ok(Self {
+            url,
+            origin,
+            client,
+            admin,
+            _test: test,
+        })
+    }
+
+    /// The server's URL (may hold a password: do not print it).
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A redis-rs client for this server.
+    pub(crate) fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    /// The shared setup connection (a cheap clone).
+    pub(crate) fn admin(&self) -> MultiplexedConnection {
+        self.admin.clone()
+    }
+
+    /// `INFO <section>` as text.
+    pub(crate) async fn info(&self, section: &str) -> Result<String, BenchError> {
+        let mut conn = self.admin();
+        Ok(redis::cmd("INFO")
+            .arg(section)
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// Calls per command so far, from `INFO commandstats`.
+    pub(crate) async fn command_calls(&self) -> Result<CommandCalls, BenchError> {
+        Ok(CommandCalls::parse(&self.info("commandstats").await?))
+    }
+
+    /// Connections the server has accepted since it started (`INFO stats`),
+    /// to catch a client that opens connections on the request path.
+    pub(crate) async fn connections_received(&self) -> Result<u64, BenchError> {
+        let stats = self.info("stats").await?;
+        info_field(&stats, "total_connections_received")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                BenchError::Check("INFO stats has no total_connections_received".to_owned())
+            })
+    }
+
+    /// One line: CPUs, OS, Redis version and where Redis runs.
+    pub(crate) async fn machine_description(&self) -> Result<String, BenchError> {
+        let server = self.info("server").await?;
+        let version = info_field(&server, "redis_version").unwrap_or("unknown");
+        let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+        let model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|text| {
+                info_field(&text.replace('\t', ""), "model name").map(|s| s.trim().to_owned())
+            })
+            .map(|model| format!(" ({model})"))
+            .unwrap_or_default();
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|r| format!(" {}", r.trim()))
+            .unwrap_or_default();
+        Ok(format!(
+            "machine: nproc={cpus}{model}, {os}{kernel}; Redis {version} ({origin}, on the same machine); \
+             tokio multi-thread runtime, {cpus} workers",
+            os = std::env::consts::OS,
+            origin = self.origin,
+        ))
+    }
+}
+
+/// `name:value` from `INFO`-style text.
+fn info_field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// `redis://user:secret@host` → `redis://***@host`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Calls per command name (`get`, `client|setinfo`, ...) from `INFO commandstats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct CommandCalls(HashMap<String, u64>);
+
+impl CommandCalls {
+    /// Reads `cmdstat_<name>:calls=<n>,...` lines.
+    pub(crate) fn parse(info: &str) -> Self {
+        let calls = info
+            .lines()
+            .filter_map(|line| {
+                let (name, stats) = line.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+                Some((name.to_ascii_lowercase(), calls.parse().ok()?))
+            })
+            .collect();
+        Self(calls)
+    }
+
+    /// Commands run since `before`, leaving out the ones the benchmark
+    /// itself sends to look (`INFO`, `CONFIG ...`).
+    pub(crate) fn since(&self, before: &CommandCalls) -> u64 {
+        self.0
+            .iter()
+            .filter(|(name, _)| !is_harness_command(name))
+            .map(|(name, &calls)| calls.saturating_sub(before.0.get(name).copied().unwrap_or(0)))
+            .sum()
+    }
+}
+
+fn is_harness_command(name: &str) -> bool {
+    let base = name.split('|').next().unwrap_or(name);
+    base == "info" || base == "config"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BEFORE: &str = "# Commandstats\r\n\
+        cmdstat_get:calls=10,usec=20,usec_per_call=2.00,rejected_calls=0,failed_calls=0\r\n\
+        cmdstat_info:calls=3,usec=90,usec_per_call=30.00,rejected_calls=0,failed_calls=0\r\n";
+    const AFTER: &str = "# Commandstats\r\n\
+        cmdstat_get:calls=110,usec=220,usec_per_call=2.00,rejected_calls=0,failed_calls=0\r\n\
+        cmdstat_ping:calls=2,usec=2,usec_per_call=1.00,rejected_calls=0,failed_calls=0\r\n\
+        cmdstat_client|setinfo:calls=4,usec=4,usec_per_call=1.00,rejected_calls=0,failed_calls=0\r\n\
+        cmdstat_config|resetstat:calls=1,usec=9,usec_per_call=9.00,rejected_calls=0,failed_calls=0\r\n\
+        cmdstat_info:calls=5,usec=150,usec_per_call=30.00,rejected_calls=0,failed_calls=0\r\n";
+
+    #[test]
+    fn counts_deltas_without_harness_commands() {
+        let before = CommandCalls::parse(BEFORE);
+        let after = CommandCalls::parse(AFTER);
+        assert_eq!(after.since(&before), 100 + 2 + 4);
+    }
+
+    #[test]
+    fn reads_info_fields_and_redacts() {
+        assert_eq!(
+            info_field("# Server\r\nredis_version:7.0.15\r\n", "redis_version"),
+            Some("7.0.15")
+        );
+        assert_eq!(redact("redis://u:pw@h:1/0"), "redis://***@h:1/0");
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
+    }
+}
