@@ -24,7 +24,9 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 use tower_redis_core::redis::{self, Script};
-use tower_redis_core::{BreakerState, RedisManager, Source, pipeline_with_scripts};
+use tower_redis_core::{
+    BreakerState, RedisConnection, RedisManager, Source, pipeline_with_scripts,
+};
 
 use crate::config::Expiry;
 pub(crate) use local::LocalStore;
@@ -200,8 +202,9 @@ impl SessionStore {
             .manager
             .failover(
                 |mut conn| async move {
-                    let pipe = self.save_pipeline(&key, storage_key, create, changes, None);
-                    pipeline_with_scripts(&mut conn, &pipe, &[&SAVE]).await
+                    let commands =
+                        self.save_commands(&key, storage_key, create, changes, None, None);
+                    commands.run(&mut conn).await
                 },
                 |_| async { Saved::Written },
             )
@@ -246,15 +249,18 @@ impl SessionStore {
             .manager
             .failover(
                 |mut conn| async move {
-                    let mut pipe = self.save_pipeline(
+                    let mut commands = self.save_commands(
                         &new_key,
                         new_storage_key,
                         create,
                         changes_ref,
                         Some(old_storage_key),
+                        None,
                     );
-                    pipe.cmd("DEL").arg(&old_key).ignore();
-                    pipeline_with_scripts::<Saved>(&mut conn, &pipe, &[&SAVE]).await
+                    commands
+                        .extras
+                        .push(redis::cmd("DEL").arg(&old_key).clone());
+                    commands.run(&mut conn).await
                 },
                 |_| async { Saved::Written },
             )
@@ -281,12 +287,17 @@ impl SessionStore {
             .manager
             .failover(
                 |mut conn| async move {
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("DEL").arg(&key).ignore();
+                    let mut extras = vec![redis::cmd("DEL").arg(&key).clone()];
                     if let Some(user_key) = &user_key {
-                        pipe.cmd("SREM").arg(user_key).arg(storage_key).ignore();
+                        extras.push(redis::cmd("SREM").arg(user_key).arg(storage_key).clone());
                     }
-                    pipe.query_async::<()>(&mut conn).await
+                    SaveCommands {
+                        script: None,
+                        extras,
+                    }
+                    .run(&mut conn)
+                    .await
+                    .map(|_| ())
                 },
                 |_| async {},
             )
@@ -298,18 +309,7 @@ impl SessionStore {
     }
 
     /// The EVALSHA of one save, and the user-index update when the user is set.
-    fn save_pipeline(
-        &self,
-        key: &str,
-        storage_key: &str,
-        create: Option<u64>,
-        changes: &Changes,
-        replaces: Option<&str>,
-    ) -> redis::Pipeline {
-        self.save_pipeline_at(key, storage_key, create, changes, replaces, None)
-    }
-
-    fn save_pipeline_at(
+    fn save_commands(
         &self,
         key: &str,
         storage_key: &str,
@@ -317,7 +317,7 @@ impl SessionStore {
         changes: &Changes,
         replaces: Option<&str>,
         at_ms: Option<u64>,
-    ) -> redis::Pipeline {
+    ) -> SaveCommands {
         let mut invocation = SAVE.key(key);
         invocation
             .arg(if create.is_some() { "create" } else { "update" })
@@ -345,20 +345,26 @@ impl SessionStore {
         for name in removals {
             invocation.arg(name);
         }
-        let mut pipe = redis::pipe();
-        pipe.invoke_script(&invocation);
+        let mut script = redis::pipe();
+        script.invoke_script(&invocation);
+        let mut extras = Vec::new();
         if let Some(user) = &changes.user {
             let user_key = self.user_key(user);
-            pipe.cmd("SADD").arg(&user_key).arg(storage_key).ignore();
+            extras.push(redis::cmd("SADD").arg(&user_key).arg(storage_key).clone());
             if let Some(old) = replaces {
-                pipe.cmd("SREM").arg(&user_key).arg(old).ignore();
+                extras.push(redis::cmd("SREM").arg(&user_key).arg(old).clone());
             }
-            pipe.cmd("PEXPIRE")
-                .arg(&user_key)
-                .arg(self.absolute_ms())
-                .ignore();
+            extras.push(
+                redis::cmd("PEXPIRE")
+                    .arg(&user_key)
+                    .arg(self.absolute_ms())
+                    .clone(),
+            );
         }
-        pipe
+        SaveCommands {
+            script: Some(script),
+            extras,
+        }
     }
 
     /// The live sessions of a user.
@@ -462,22 +468,35 @@ impl SessionStore {
         for (storage_key, change) in pending {
             let result = match &change {
                 Pending::Delete { user } => {
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("DEL").arg(self.session_key(&storage_key)).ignore();
+                    let mut extras = vec![
+                        redis::cmd("DEL")
+                            .arg(self.session_key(&storage_key))
+                            .clone(),
+                    ];
                     if let Some(user) = user {
-                        pipe.cmd("SREM")
-                            .arg(self.user_key(user))
-                            .arg(&storage_key)
-                            .ignore();
+                        extras.push(
+                            redis::cmd("SREM")
+                                .arg(self.user_key(user))
+                                .arg(&storage_key)
+                                .clone(),
+                        );
                     }
-                    self.inner.manager.query_pipeline::<()>(&pipe).await
+                    let commands = SaveCommands {
+                        script: None,
+                        extras,
+                    };
+                    self.inner
+                        .manager
+                        .run(|mut conn| async move { commands.run(&mut conn).await })
+                        .await
+                        .map(|_| ())
                 }
                 Pending::Save {
                     create,
                     changes,
                     at_ms,
                 } => {
-                    let pipe = self.save_pipeline_at(
+                    let commands = self.save_commands(
                         &self.session_key(&storage_key),
                         &storage_key,
                         *create,
@@ -487,7 +506,7 @@ impl SessionStore {
                     );
                     self.inner
                         .manager
-                        .query_pipeline_with_scripts::<Saved>(&pipe, &[&SAVE])
+                        .run(|mut conn| async move { commands.run(&mut conn).await })
                         .await
                         .map(|_| ())
                 }
@@ -505,6 +524,39 @@ impl SessionStore {
             "wrote session changes made during the Redis outage"
         );
         record_reconciled(total - failed);
+    }
+}
+
+/// A save's script and the commands on other keys (the user index, the
+/// replaced session) that go with it.
+struct SaveCommands {
+    script: Option<redis::Pipeline>,
+    extras: Vec<redis::Cmd>,
+}
+
+impl SaveCommands {
+    /// One pipelined round trip on a single server. On a cluster the other
+    /// keys live in other slots, so they follow the script one by one.
+    async fn run(&self, conn: &mut RedisConnection) -> redis::RedisResult<Saved> {
+        if conn.is_cluster() {
+            let saved = match &self.script {
+                Some(script) => pipeline_with_scripts(conn, script, &[&SAVE]).await?,
+                None => Saved::Written,
+            };
+            for cmd in &self.extras {
+                cmd.query_async::<()>(conn).await?;
+            }
+            return Ok(saved);
+        }
+        let mut pipe = self.script.clone().unwrap_or_else(redis::pipe);
+        for cmd in &self.extras {
+            pipe.add_command(cmd.clone()).ignore();
+        }
+        if self.script.is_some() {
+            pipeline_with_scripts(conn, &pipe, &[&SAVE]).await
+        } else {
+            pipe.query_async::<()>(conn).await.map(|()| Saved::Written)
+        }
     }
 }
 

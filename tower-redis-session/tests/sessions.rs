@@ -1,0 +1,595 @@
+//! The session layer against real Redis: laziness, round trips, security,
+//! expiry, concurrency, the user index, outages and clusters.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Path;
+use axum::routing::{get, post};
+use http::{Request, Response, header};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_redis_core::testing::{TestCluster, TestRedis};
+use tower_redis_core::{BreakerState, RedisConfig, RedisManager, redis};
+use tower_redis_session::{Expiry, Session, SessionLayer, SessionLayerBuilder};
+
+fn routes() -> Router {
+    Router::new()
+        .route("/nothing", get(|| async { "ok" }))
+        .route(
+            "/get/{key}",
+            get(|session: Session, Path(key): Path<String>| async move {
+                session
+                    .get::<String>(&key)
+                    .await
+                    .expect("json")
+                    .unwrap_or_else(|| "none".to_owned())
+            }),
+        )
+        .route(
+            "/set/{key}/{value}",
+            post(
+                |session: Session, Path((key, value)): Path<(String, String)>| async move {
+                    session.insert(&key, value).await.expect("json");
+                    "set"
+                },
+            ),
+        )
+        .route(
+            "/slow-set/{key}/{value}",
+            post(
+                |session: Session, Path((key, value)): Path<(String, String)>| async move {
+                    // Load first, then take a while: another request runs meanwhile.
+                    let _ = session.get::<String>(&key).await;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    session.insert(&key, value).await.expect("json");
+                    "set"
+                },
+            ),
+        )
+        .route(
+            "/login/{user}",
+            post(|session: Session, Path(user): Path<String>| async move {
+                session.cycle_id().await;
+                session.set_user(&user).await;
+                session.insert("user", user).await.expect("json");
+                "welcome"
+            }),
+        )
+        .route(
+            "/logout",
+            post(|session: Session| async move {
+                session.destroy().await;
+                "bye"
+            }),
+        )
+}
+
+async fn manager_for(config: RedisConfig) -> RedisManager {
+    RedisManager::connect(config).await.expect("manager starts")
+}
+
+fn app(builder: SessionLayerBuilder) -> Router {
+    routes().layer(builder.build().expect("valid session layer"))
+}
+
+/// Sends a request with an optional cookie; returns (status, body, Set-Cookie value).
+async fn send(
+    app: &Router,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+) -> (u16, String, Option<String>, Response<()>) {
+    let mut request = Request::builder().method(method).uri(path);
+    if let Some(cookie) = cookie {
+        request = request.header(header::COOKIE, cookie);
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::empty()).expect("request"))
+        .await
+        .expect("infallible");
+    let set_cookie = response
+        .headers()
+        .get(header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (parts, body) = response.into_parts();
+    let body =
+        String::from_utf8(body.collect().await.expect("body").to_bytes().to_vec()).expect("utf-8");
+    (
+        parts.status.as_u16(),
+        body,
+        set_cookie,
+        Response::from_parts(parts, ()),
+    )
+}
+
+/// `name=value` of a Set-Cookie, to send back as a Cookie header.
+fn cookie_pair(set_cookie: &str) -> String {
+    set_cookie.split(';').next().expect("pair").to_owned()
+}
+
+async fn session_keys(redis: &TestRedis) -> Vec<String> {
+    let mut conn = redis.connection().await.expect("connection");
+    redis::cmd("KEYS")
+        .arg("*:s")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS")
+}
+
+async fn evalsha_calls(redis: &TestRedis) -> u64 {
+    let calls = redis.command_calls().await.expect("stats");
+    calls.get("evalsha").copied().unwrap_or(0) + calls.get("eval").copied().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn untouched_session_costs_no_redis_call() {
+    let redis = TestRedis::start().await;
+    let app = app(SessionLayer::builder(
+        manager_for(redis.config().build().unwrap()).await,
+    ));
+    let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
+    let cookie = cookie_pair(&set_cookie.expect("new session cookie"));
+    redis.reset_stats().await.unwrap();
+
+    for _ in 0..10 {
+        let (status, _, set_cookie, _) = send(&app, "GET", "/nothing", Some(&cookie)).await;
+        assert_eq!(status, 200);
+        assert!(set_cookie.is_none());
+    }
+    let calls = redis.command_calls().await.unwrap();
+    let sent: u64 = calls
+        .iter()
+        .filter(|(n, _)| !matches!(n.as_str(), "info" | "config|resetstat"))
+        .map(|(_, c)| c)
+        .sum();
+    assert_eq!(sent, 0, "{calls:?}");
+}
+
+#[tokio::test]
+async fn a_read_is_one_round_trip_and_a_change_is_two() {
+    let redis = TestRedis::start().await;
+    let app = app(SessionLayer::builder(
+        manager_for(redis.config().build().unwrap()).await,
+    ));
+    let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
+    let cookie = cookie_pair(&set_cookie.unwrap());
+    // The first read also loads the script into Redis; measure the next.
+    send(&app, "GET", "/get/a", Some(&cookie)).await;
+    redis.reset_stats().await.unwrap();
+
+    let (_, body, _, _) = send(&app, "GET", "/get/a", Some(&cookie)).await;
+    assert_eq!(body, "1");
+    assert_eq!(evalsha_calls(&redis).await, 1, "read");
+
+    redis.reset_stats().await.unwrap();
+    send(&app, "POST", "/set/b/2", Some(&cookie)).await;
+    assert_eq!(evalsha_calls(&redis).await, 2, "load + save");
+    let calls = redis.command_calls().await.unwrap();
+    // Everything else in commandstats ran inside the two scripts.
+    let inside = [
+        "time",
+        "hget",
+        "pexpire",
+        "hgetall",
+        "exists",
+        "hset",
+        "hdel",
+        "del",
+        "info",
+        "config|resetstat",
+    ];
+    let outside: Vec<_> = calls
+        .iter()
+        .filter(|(n, _)| !inside.contains(&n.as_str()) && n.as_str() != "evalsha")
+        .collect();
+    assert!(outside.is_empty(), "{outside:?}");
+}
+
+#[tokio::test]
+async fn a_new_session_is_stored_only_once_it_holds_data() {
+    let redis = TestRedis::start().await;
+    let app = app(SessionLayer::builder(
+        manager_for(redis.config().build().unwrap()).await,
+    ));
+    let (_, body, set_cookie, _) = send(&app, "GET", "/get/a", None).await;
+    assert_eq!(body, "none");
+    assert!(set_cookie.is_none());
+    assert!(session_keys(&redis).await.is_empty());
+}
+
+#[tokio::test]
+async fn cookie_has_secure_defaults_and_the_response_is_not_cacheable() {
+    let redis = TestRedis::start().await;
+    let app = app(SessionLayer::builder(
+        manager_for(redis.config().build().unwrap()).await,
+    ));
+    let (_, _, set_cookie, response) = send(&app, "POST", "/set/a/1", None).await;
+    let set_cookie = set_cookie.unwrap();
+    assert!(set_cookie.starts_with("__Host-session="), "{set_cookie}");
+    for attribute in ["Secure", "HttpOnly", "SameSite=Lax", "Path=/"] {
+        assert!(
+            set_cookie.contains(attribute),
+            "{attribute} missing: {set_cookie}"
+        );
+    }
+    assert!(
+        !set_cookie.contains("Max-Age"),
+        "browser-session cookie by default"
+    );
+    assert_eq!(response.headers()[header::CACHE_CONTROL], "no-store");
+    // Redis knows the session by a hash, never by the id.
+    let id = cookie_pair(&set_cookie)
+        .split_once('=')
+        .unwrap()
+        .1
+        .to_owned();
+    let keys = session_keys(&redis).await;
+    assert_eq!(keys.len(), 1);
+    assert!(!keys[0].contains(&id));
+}
+
+#[tokio::test]
+async fn a_forged_id_is_never_adopted() {
+    let redis = TestRedis::start().await;
+    let app = app(SessionLayer::builder(
+        manager_for(redis.config().build().unwrap()).await,
+    ));
+    let forged = "__Host-session=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let (status, _, set_cookie, _) = send(&app, "POST", "/set/a/1", Some(forged)).await;
+    assert_eq!(status, 200);
+    let issued = cookie_pair(&set_cookie.expect("a fresh id"));
+    assert_ne!(issued, forged);
+    let (_, body, _, _) = send(&app, "GET", "/get/a", Some(forged)).await;
+    assert_eq!(body, "none");
+    let (_, body, _, _) = send(&app, "GET", "/get/a", Some(&issued)).await;
+    assert_eq!(body, "1");
+}
+
+#[tokio::test]
+async fn a_tampered_signed_cookie_is_no_session() {
+    let redis = TestRedis::start().await;
+    let app = app(
+        SessionLayer::builder(manager_for(redis.config().build().unwrap()).await)
+            .signing_key(*b"a secret of thirty-two bytes!!!!"),
+    );
+    let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
+    let cookie = cookie_pair(&set_cookie.unwrap());
+    assert!(cookie.contains('.'), "signed value: {cookie}");
+    let (_, body, _, _) = send(&app, "GET", "/get/a", Some(&cookie)).await;
+    assert_eq!(body, "1");
+
+    // Flip one character of the id part.
+    let (name, value) = cookie.split_once('=').unwrap();
+    let mut bytes = value.as_bytes().to_vec();
+    bytes[5] = if bytes[5] == b'x' { b'y' } else { b'x' };
+    let tampered = format!("{name}={}", String::from_utf8(bytes).unwrap());
+    let (status, body, _, _) = send(&app, "GET", "/get/a", Some(&tampered)).await;
+    assert_eq!((status, body.as_str()), (200, "none"));
+}
+
+#[tokio::test]
+async fn an_oversized_or_malformed_cookie_is_no_session_not_an_error() {
+    let redis = TestRedis::start().await;
+    let app = app(SessionLayer::builder(
+        manager_for(redis.config().build().unwrap()).await,
+    ));
+    let huge = format!("__Host-session={}", "A".repeat(10_000));
+    for cookie in [
+        huge.as_str(),
+        "__Host-session=\"",
+        "__Host-session",
+        "=;;==",
+        "__Host-session=a%ZZ",
+    ] {
+        let (status, body, _, _) = send(&app, "GET", "/get/a", Some(cookie)).await;
+        assert_eq!((status, body.as_str()), (200, "none"), "{cookie:.40}");
+    }
+}
+
+#[tokio::test]
+async fn idle_timeout_ends_an_unused_session() {
+    let redis = TestRedis::start().await;
+    let expiry = Expiry {
+        idle: Duration::from_millis(600),
+        absolute: Duration::from_secs(60),
+        persistent: false,
+    };
+    let app = app(
+        SessionLayer::builder(manager_for(redis.config().build().unwrap()).await).expiry(expiry),
+    );
+    let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
+    let cookie = cookie_pair(&set_cookie.unwrap());
+    // Used within the idle timeout: still alive (the read renews it).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(send(&app, "GET", "/get/a", Some(&cookie)).await.1, "1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(send(&app, "GET", "/get/a", Some(&cookie)).await.1, "1");
+    // Then left alone for longer than the idle timeout.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(send(&app, "GET", "/get/a", Some(&cookie)).await.1, "none");
+}
+
+#[tokio::test]
+async fn absolute_timeout_ends_even_an_active_session() {
+    let redis = TestRedis::start().await;
+    let expiry = Expiry {
+        idle: Duration::from_secs(1),
+        absolute: Duration::from_millis(1500),
+        persistent: true,
+    };
+    let app = app(
+        SessionLayer::builder(manager_for(redis.config().build().unwrap()).await).expiry(expiry),
+    );
+    let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
+    let set_cookie = set_cookie.unwrap();
+    assert!(
+        set_cookie.contains("Max-Age=1"),
+        "persistent cookie: {set_cookie}"
+    );
+    let cookie = cookie_pair(&set_cookie);
+    let mut last = String::new();
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        last = send(&app, "GET", "/get/a", Some(&cookie)).await.1;
+    }
+    assert_eq!(
+        last, "none",
+        "2.4 s after creation, past the 1.5 s absolute timeout"
+    );
+}
+
+#[tokio::test]
+async fn cycle_id_stops_the_old_id_at_once() {
+    let redis = TestRedis::start().await;
+    let app = app(SessionLayer::builder(
+        manager_for(redis.config().build().unwrap()).await,
+    ));
+    let (_, _, set_cookie, _) = send(&app, "POST", "/set/cart/3", None).await;
+    let anonymous = cookie_pair(&set_cookie.unwrap());
+    let (_, _, set_cookie, _) = send(&app, "POST", "/login/alice", Some(&anonymous)).await;
+    let logged_in = cookie_pair(&set_cookie.expect("new id after login"));
+    assert_ne!(anonymous, logged_in);
+
+    assert_eq!(
+        send(&app, "GET", "/get/user", Some(&anonymous)).await.1,
+        "none"
+    );
+    assert_eq!(
+        send(&app, "GET", "/get/cart", Some(&anonymous)).await.1,
+        "none"
+    );
+    assert_eq!(
+        send(&app, "GET", "/get/user", Some(&logged_in)).await.1,
+        "alice"
+    );
+    assert_eq!(
+        send(&app, "GET", "/get/cart", Some(&logged_in)).await.1,
+        "3",
+        "data moves with the session"
+    );
+    assert_eq!(session_keys(&redis).await.len(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_requests_changing_different_keys_both_persist() {
+    let redis = TestRedis::start().await;
+    let app = app(SessionLayer::builder(
+        manager_for(redis.config().build().unwrap()).await,
+    ));
+    let (_, _, set_cookie, _) = send(&app, "POST", "/set/base/0", None).await;
+    let cookie = cookie_pair(&set_cookie.unwrap());
+
+    let (a, b) = tokio::join!(
+        send(&app, "POST", "/slow-set/left/L", Some(&cookie)),
+        send(&app, "POST", "/slow-set/right/R", Some(&cookie)),
+    );
+    assert_eq!((a.0, b.0), (200, 200));
+    assert_eq!(send(&app, "GET", "/get/left", Some(&cookie)).await.1, "L");
+    assert_eq!(send(&app, "GET", "/get/right", Some(&cookie)).await.1, "R");
+    assert_eq!(send(&app, "GET", "/get/base", Some(&cookie)).await.1, "0");
+}
+
+#[tokio::test]
+async fn a_destroyed_session_is_not_resurrected_by_a_concurrent_save() {
+    let redis = TestRedis::start().await;
+    let app = app(SessionLayer::builder(
+        manager_for(redis.config().build().unwrap()).await,
+    ));
+    let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
+    let cookie = cookie_pair(&set_cookie.unwrap());
+
+    let slow = {
+        let (app, cookie) = (app.clone(), cookie.clone());
+        tokio::spawn(async move { send(&app, "POST", "/slow-set/b/2", Some(&cookie)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_, _, logout_cookie, _) = send(&app, "POST", "/logout", Some(&cookie)).await;
+    assert!(logout_cookie.expect("removal cookie").contains("Max-Age=0"));
+    let (status, _, _, _) = slow.await.unwrap();
+    assert_eq!(status, 200);
+
+    assert!(
+        session_keys(&redis).await.is_empty(),
+        "the slow save must not recreate the session"
+    );
+    assert_eq!(send(&app, "GET", "/get/a", Some(&cookie)).await.1, "none");
+}
+
+#[tokio::test]
+async fn revoke_user_logs_out_everywhere() {
+    let redis = TestRedis::start().await;
+    let layer = SessionLayer::builder(manager_for(redis.config().build().unwrap()).await)
+        .build()
+        .unwrap();
+    let store = layer.store().clone();
+    let app = routes().layer(layer);
+    let (_, _, laptop, _) = send(&app, "POST", "/login/bob", None).await;
+    let (_, _, phone, _) = send(&app, "POST", "/login/bob", None).await;
+    let (_, _, other, _) = send(&app, "POST", "/login/carol", None).await;
+    let (laptop, phone, other) = (
+        cookie_pair(&laptop.unwrap()),
+        cookie_pair(&phone.unwrap()),
+        cookie_pair(&other.unwrap()),
+    );
+
+    assert_eq!(store.list_user_sessions("bob").await.unwrap().len(), 2);
+    assert_eq!(store.revoke_user("bob").await.unwrap(), 2);
+    assert_eq!(
+        send(&app, "GET", "/get/user", Some(&laptop)).await.1,
+        "none"
+    );
+    assert_eq!(send(&app, "GET", "/get/user", Some(&phone)).await.1, "none");
+    assert_eq!(
+        send(&app, "GET", "/get/user", Some(&other)).await.1,
+        "carol"
+    );
+    assert!(store.list_user_sessions("bob").await.unwrap().is_empty());
+}
+
+async fn wait_closed(manager: &RedisManager) {
+    let mut rx = manager.subscribe();
+    let closed = tokio::time::timeout(
+        Duration::from_secs(15),
+        rx.wait_for(|s| *s == BreakerState::Closed),
+    )
+    .await;
+    assert!(matches!(closed, Ok(Ok(_))), "{:?}", manager.health());
+}
+
+/// Polls Redis directly until the session hash has `field`.
+async fn wait_for_field(redis: &TestRedis, field: &str) -> bool {
+    let mut conn = redis.connection().await.expect("connection");
+    for _ in 0..100 {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*:s")
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS");
+        for key in keys {
+            let exists: bool = redis::cmd("HEXISTS")
+                .arg(&key)
+                .arg(field)
+                .query_async(&mut conn)
+                .await
+                .expect("HEXISTS");
+            if exists {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_hung_redis_does_not_log_anyone_out_and_changes_reach_redis_after() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(redis.config().failure_threshold(1).build().unwrap()).await;
+    let app = app(SessionLayer::builder(manager.clone()));
+    let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
+    let cookie = cookie_pair(&set_cookie.unwrap());
+    assert_eq!(send(&app, "GET", "/get/a", Some(&cookie)).await.1, "1");
+
+    redis.pause().await;
+    // Served from this instance's copy, changed in process; never a 5xx.
+    assert_eq!(send(&app, "GET", "/get/a", Some(&cookie)).await.1, "1");
+    let (status, _, _, _) = send(&app, "POST", "/set/b/2", Some(&cookie)).await;
+    assert_eq!(status, 200);
+    assert_eq!(send(&app, "GET", "/get/b", Some(&cookie)).await.1, "2");
+    // A new visitor during the outage gets a session too.
+    let (_, _, new_visitor, _) = send(&app, "POST", "/set/during/outage", None).await;
+    assert!(new_visitor.is_some());
+
+    redis.resume().await;
+    wait_closed(&manager).await;
+    assert!(
+        wait_for_field(&redis, "d:b").await,
+        "the change made during the outage reached Redis"
+    );
+    assert!(
+        wait_for_field(&redis, "d:during").await,
+        "the session created during the outage reached Redis"
+    );
+    assert_eq!(send(&app, "GET", "/get/a", Some(&cookie)).await.1, "1");
+    assert_eq!(send(&app, "GET", "/get/b", Some(&cookie)).await.1, "2");
+}
+
+#[tokio::test]
+async fn outage_changes_never_overwrite_newer_data_in_redis() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(redis.config().failure_threshold(1).build().unwrap()).await;
+    let app = app(SessionLayer::builder(manager.clone()));
+    let (_, _, set_cookie, _) = send(&app, "POST", "/set/color/red", None).await;
+    let cookie = cookie_pair(&set_cookie.unwrap());
+
+    redis.pause().await;
+    send(&app, "POST", "/set/color/blue", Some(&cookie)).await; // queued locally
+    // Meanwhile another instance (here: directly) writes a newer value.
+    let newer_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 60_000;
+    redis.resume().await;
+    let mut conn = redis.connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*:s")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    redis::cmd("HSET")
+        .arg(&keys[0])
+        .arg("d:color")
+        .arg("\"green\"")
+        .arg("t:color")
+        .arg(newer_at)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+
+    wait_closed(&manager).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let color: String = redis::cmd("HGET")
+        .arg(&keys[0])
+        .arg("d:color")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(color, "\"green\"");
+}
+
+#[tokio::test]
+async fn sessions_work_on_redis_cluster() {
+    let cluster = TestCluster::start().await;
+    let layer = SessionLayer::builder(manager_for(cluster.config().build().unwrap()).await)
+        .build()
+        .unwrap();
+    let store = layer.store().clone();
+    let app = routes().layer(layer);
+    let mut cookies = Vec::new();
+    for user in ["u1", "u2", "u3", "u4"] {
+        let (_, _, set_cookie, _) = send(&app, "POST", &format!("/login/{user}"), None).await;
+        cookies.push((user, cookie_pair(&set_cookie.unwrap())));
+    }
+    for (user, cookie) in &cookies {
+        send(&app, "POST", "/set/k/v", Some(cookie)).await;
+        assert_eq!(send(&app, "GET", "/get/user", Some(cookie)).await.1, *user);
+        assert_eq!(send(&app, "GET", "/get/k", Some(cookie)).await.1, "v");
+    }
+    let (_, _, cycled, _) = send(&app, "POST", "/login/u1", Some(&cookies[0].1)).await;
+    let cycled = cookie_pair(&cycled.unwrap());
+    assert_eq!(send(&app, "GET", "/get/k", Some(&cycled)).await.1, "v");
+    assert_eq!(
+        send(&app, "GET", "/get/k", Some(&cookies[0].1)).await.1,
+        "none"
+    );
+    assert_eq!(store.revoke_user("u2").await.unwrap(), 1);
+    assert_eq!(
+        send(&app, "GET", "/get/user", Some(&cookies[1].1)).await.1,
+        "none"
+    );
+}
