@@ -1,0 +1,323 @@
+//! `Cache-Control` (and RFC 9213 targeted fields) parsing, lenient the way
+//! RFC 9111 asks: unknown directives are ignored, an invalid or conflicting
+//! freshness value makes the response stale, nothing panics.
+
+use http::{HeaderMap, HeaderName};
+
+/// `delta-seconds` beyond this are treated as this (RFC 9111 §1.2.2).
+pub(crate) const MAX_DELTA: u64 = 2_147_483_648;
+
+/// The directives of a response that a shared cache acts on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ResponseDirectives {
+    pub(crate) no_store: bool,
+    /// Qualified or not: a shared cache treats `no-cache="Set-Cookie"` like `no-cache`.
+    pub(crate) no_cache: bool,
+    pub(crate) private: bool,
+    pub(crate) public: bool,
+    pub(crate) must_revalidate: bool,
+    pub(crate) proxy_revalidate: bool,
+    pub(crate) max_age: Option<u64>,
+    pub(crate) s_maxage: Option<u64>,
+    pub(crate) stale_while_revalidate: Option<u64>,
+    pub(crate) stale_if_error: Option<u64>,
+}
+
+/// The directives of a request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct RequestDirectives {
+    pub(crate) no_cache: bool,
+    pub(crate) no_store: bool,
+    pub(crate) max_age: Option<u64>,
+    /// `Some(None)`: any staleness is acceptable.
+    pub(crate) max_stale: Option<Option<u64>>,
+    pub(crate) min_fresh: Option<u64>,
+    pub(crate) only_if_cached: bool,
+}
+
+/// One `name[=value]` item of a directive list.
+fn items(headers: &HeaderMap, field: &HeaderName) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    for value in headers.get_all(field) {
+        // Invalid UTF-8: the bytes that are not ASCII cannot be directives we know.
+        let text = String::from_utf8_lossy(value.as_bytes());
+        for item in split_list(&text) {
+            let item = item.trim();
+            if item.is_empty() {
+                continue;
+            }
+            let (name, value) = match item.split_once('=') {
+                Some((name, value)) => (name.trim(), Some(unquote(value.trim()))),
+                None => (item, None),
+            };
+            out.push((name.to_ascii_lowercase(), value));
+        }
+    }
+    out
+}
+
+/// Splits on commas outside quoted strings.
+fn split_list(text: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+fn unquote(value: &str) -> String {
+    match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+        Some(inner) => inner.replace("\\\"", "\"").replace("\\\\", "\\"),
+        None => value.to_owned(),
+    }
+}
+
+/// A `delta-seconds` value: `None` when invalid (which makes it "stale",
+/// i.e. 0, for freshness directives).
+fn delta_seconds(value: Option<&str>) -> Option<u64> {
+    let value = value?;
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(value.parse::<u64>().unwrap_or(MAX_DELTA).min(MAX_DELTA))
+}
+
+/// Records a freshness value; an invalid or conflicting one means "stale".
+fn freshness(slot: &mut Option<u64>, seen: &mut bool, value: Option<&str>) {
+    let parsed = delta_seconds(value).unwrap_or(0);
+    *slot = match (*seen, *slot) {
+        (false, _) => Some(parsed),
+        (true, Some(previous)) if previous == parsed => Some(previous),
+        (true, _) => Some(0),
+    };
+    *seen = true;
+}
+
+/// The response directives from `field`, or `None` when the field is absent.
+pub(crate) fn response(headers: &HeaderMap, field: &HeaderName) -> Option<ResponseDirectives> {
+    if !headers.contains_key(field) {
+        return None;
+    }
+    let mut d = ResponseDirectives::default();
+    let (mut seen_max_age, mut seen_s_maxage) = (false, false);
+    for (name, value) in items(headers, field) {
+        match name.as_str() {
+            "no-store" => d.no_store = true,
+            "no-cache" => d.no_cache = true,
+            "private" => d.private = true,
+            "public" => d.public = true,
+            "must-revalidate" => d.must_revalidate = true,
+            "proxy-revalidate" => d.proxy_revalidate = true,
+            "max-age" => freshness(&mut d.max_age, &mut seen_max_age, value.as_deref()),
+            "s-maxage" => freshness(&mut d.s_maxage, &mut seen_s_maxage, value.as_deref()),
+            "stale-while-revalidate" => d.stale_while_revalidate = delta_seconds(value.as_deref()),
+            "stale-if-error" => d.stale_if_error = delta_seconds(value.as_deref()),
+            _ => {}
+        }
+    }
+    Some(d)
+}
+
+/// The request's `Cache-Control` (and `Pragma: no-cache` when it has none).
+pub(crate) fn request(headers: &HeaderMap) -> RequestDirectives {
+    let mut d = RequestDirectives::default();
+    let field = http::header::CACHE_CONTROL;
+    if !headers.contains_key(&field) {
+        d.no_cache = headers
+            .get_all(http::header::PRAGMA)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache"));
+        return d;
+    }
+    for (name, value) in items(headers, &field) {
+        match name.as_str() {
+            "no-cache" => d.no_cache = true,
+            "no-store" => d.no_store = true,
+            // An invalid request max-age is ignored rather than forcing a miss.
+            "max-age" => d.max_age = delta_seconds(value.as_deref()).or(d.max_age),
+            "max-stale" => {
+                d.max_stale = Some(value.map(|v| delta_seconds(Some(&v)).unwrap_or(0)));
+            }
+            "min-fresh" => d.min_fresh = delta_seconds(value.as_deref()).or(d.min_fresh),
+            "only-if-cached" => d.only_if_cached = true,
+            _ => {}
+        }
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use http::header::CACHE_CONTROL;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for v in values {
+            map.append(CACHE_CONTROL, HeaderValue::from_str(v).unwrap());
+        }
+        map
+    }
+
+    fn parse(values: &[&str]) -> ResponseDirectives {
+        response(&headers(values), &CACHE_CONTROL).unwrap()
+    }
+
+    #[test]
+    fn response_directive_table() {
+        let cases: &[(&[&str], ResponseDirectives)] = &[
+            (
+                &["max-age=60"],
+                ResponseDirectives {
+                    max_age: Some(60),
+                    ..Default::default()
+                },
+            ),
+            (
+                &["public, s-maxage=10, max-age=5"],
+                ResponseDirectives {
+                    public: true,
+                    s_maxage: Some(10),
+                    max_age: Some(5),
+                    ..Default::default()
+                },
+            ),
+            (
+                &["No-Store"],
+                ResponseDirectives {
+                    no_store: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                &["no-cache=\"Set-Cookie, X-Foo\", max-age=3"],
+                ResponseDirectives {
+                    no_cache: true,
+                    max_age: Some(3),
+                    ..Default::default()
+                },
+            ),
+            (
+                &["private=\"x\""],
+                ResponseDirectives {
+                    private: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                &["max-age=\"30\""],
+                ResponseDirectives {
+                    max_age: Some(30),
+                    ..Default::default()
+                },
+            ),
+            (
+                &["max-age=abc"],
+                ResponseDirectives {
+                    max_age: Some(0),
+                    ..Default::default()
+                },
+            ),
+            (
+                &["max-age=-1"],
+                ResponseDirectives {
+                    max_age: Some(0),
+                    ..Default::default()
+                },
+            ),
+            (
+                &["max-age=10", "max-age=20"],
+                ResponseDirectives {
+                    max_age: Some(0),
+                    ..Default::default()
+                },
+            ),
+            (
+                &["max-age=10, max-age=10"],
+                ResponseDirectives {
+                    max_age: Some(10),
+                    ..Default::default()
+                },
+            ),
+            (
+                &["max-age=99999999999999999999"],
+                ResponseDirectives {
+                    max_age: Some(MAX_DELTA),
+                    ..Default::default()
+                },
+            ),
+            (
+                &["foo, bar=\"a,b\", max-age=7"],
+                ResponseDirectives {
+                    max_age: Some(7),
+                    ..Default::default()
+                },
+            ),
+            (
+                &[",,, ,must-revalidate,"],
+                ResponseDirectives {
+                    must_revalidate: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                &["stale-while-revalidate=30, stale-if-error=60"],
+                ResponseDirectives {
+                    stale_while_revalidate: Some(30),
+                    stale_if_error: Some(60),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (values, expected) in cases {
+            assert_eq!(&parse(values), expected, "{values:?}");
+        }
+    }
+
+    #[test]
+    fn absent_field_is_none() {
+        assert_eq!(response(&HeaderMap::new(), &CACHE_CONTROL), None);
+    }
+
+    #[test]
+    fn request_directive_table() {
+        let d = request(&headers(&["max-stale"]));
+        assert_eq!(d.max_stale, Some(None));
+        let d = request(&headers(&["max-stale=5, min-fresh=3, max-age=0"]));
+        assert_eq!(
+            (d.max_stale, d.min_fresh, d.max_age),
+            (Some(Some(5)), Some(3), Some(0))
+        );
+        let d = request(&headers(&["no-cache, only-if-cached, no-store"]));
+        assert!(d.no_cache && d.only_if_cached && d.no_store);
+        let d = request(&headers(&["max-age=zzz"]));
+        assert_eq!(d.max_age, None);
+        let mut pragma = HeaderMap::new();
+        pragma.insert(http::header::PRAGMA, HeaderValue::from_static("no-cache"));
+        assert!(request(&pragma).no_cache);
+    }
+
+    #[test]
+    fn invalid_utf8_never_panics() {
+        let mut map = HeaderMap::new();
+        map.insert(
+            CACHE_CONTROL,
+            HeaderValue::from_bytes(b"max-age=5, \xff\xfe").unwrap(),
+        );
+        assert_eq!(response(&map, &CACHE_CONTROL).unwrap().max_age, Some(5));
+    }
+}

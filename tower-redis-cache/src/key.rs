@@ -1,0 +1,299 @@
+//! Cache keys.
+//!
+//! An entry is found in two steps, both inside one Redis round trip: the
+//! **URL key** (scheme, host, path and normalised query) names a Redis hash
+//! that holds every variant of that URL; the **variant** is chosen by the
+//! response's `Vary` headers plus the route's extra key parts. Invalidating
+//! a URL deletes the one hash, and with it every variant.
+//!
+//! The host comes from the request's authority (`Host`), and only when it
+//! is in the configured allow list (if any): headers such as
+//! `X-Forwarded-Host` never reach the key, so they cannot poison entries.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http::request::Parts;
+use http::{HeaderMap, Uri, header};
+use sha2::{Digest, Sha256};
+
+use crate::policy::Route;
+
+/// The URL part of a key, before hashing: `scheme://host/path?query`.
+pub(crate) fn url_of(parts: &Parts, allowed_hosts: &[String], route: &Route) -> Option<String> {
+    let host = authority(parts)?;
+    url_from(
+        parts.uri.scheme_str(),
+        &host,
+        parts.uri.path(),
+        parts.uri.query(),
+        allowed_hosts,
+        route,
+    )
+}
+
+fn url_from(
+    scheme: Option<&str>,
+    host: &str,
+    path: &str,
+    query: Option<&str>,
+    allowed_hosts: &[String],
+    route: &Route,
+) -> Option<String> {
+    if !allowed_hosts.is_empty() && !allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+        return None;
+    }
+    let mut url = format!(
+        "{}://{}{path}",
+        scheme.unwrap_or("http"),
+        host.to_ascii_lowercase()
+    );
+    if let Some(query) = normalised_query(query, route) {
+        url.push('?');
+        url.push_str(&query);
+    }
+    Some(url)
+}
+
+/// The URL of a `Location` / `Content-Location` value, resolved against the
+/// request, when it is on the same origin (RFC 9111 §4.4). `route_for`
+/// gives the rules of the target's path.
+pub(crate) fn same_origin_url<'r>(
+    parts: &Parts,
+    value: &str,
+    allowed_hosts: &[String],
+    route_for: impl Fn(&str) -> &'r Route,
+) -> Option<String> {
+    let target: Uri = value.trim().parse().ok()?;
+    let host = authority(parts)?;
+    if let Some(target_host) = target.authority() {
+        let same_scheme =
+            target.scheme_str().unwrap_or("http") == parts.uri.scheme_str().unwrap_or("http");
+        if !same_scheme || !target_host.as_str().eq_ignore_ascii_case(&host) {
+            return None;
+        }
+    }
+    let path = target.path();
+    if !path.starts_with('/') {
+        return None;
+    }
+    url_from(
+        parts.uri.scheme_str(),
+        &host,
+        path,
+        target.query(),
+        allowed_hosts,
+        route_for(path),
+    )
+}
+
+fn authority(parts: &Parts) -> Option<String> {
+    if let Some(authority) = parts.uri.authority() {
+        return Some(authority.as_str().to_owned());
+    }
+    let host = parts.headers.get(header::HOST)?.to_str().ok()?.trim();
+    (!host.is_empty() && host.parse::<http::uri::Authority>().is_ok()).then(|| host.to_owned())
+}
+
+fn normalised_query(query: Option<&str>, route: &Route) -> Option<String> {
+    let query = query?;
+    let mut pairs: Vec<&str> = query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .filter(|pair| !route.ignores_param(pair.split('=').next().unwrap_or(pair)))
+        .collect();
+    if route.sort_query {
+        pairs.sort_unstable();
+    }
+    (!pairs.is_empty()).then(|| pairs.join("&"))
+}
+
+/// The Redis-safe name of a URL: SHA-256, so long URLs make short keys.
+pub(crate) fn hash_url(url: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(url.as_bytes()))
+}
+
+/// The route's extra key parts, as one string.
+pub(crate) fn extra_key(parts: &Parts, route: &Route) -> String {
+    let mut extra = String::new();
+    for name in &route.key_headers {
+        extra.push_str(name.as_str());
+        extra.push('=');
+        if let Some(value) = joined(&parts.headers, name.as_str()) {
+            extra.push_str(&value);
+        }
+        extra.push('\n');
+    }
+    for cookie in &route.key_cookies {
+        extra.push_str("cookie:");
+        extra.push_str(cookie);
+        extra.push('=');
+        if let Some(value) = cookie_value(&parts.headers, cookie) {
+            extra.push_str(value);
+        }
+        extra.push('\n');
+    }
+    if let Some(key_fn) = &route.key_fn
+        && let Some(value) = key_fn(parts)
+    {
+        extra.push_str("fn=");
+        extra.push_str(&value);
+    }
+    extra
+}
+
+/// All values of a header joined with ", " (invalid UTF-8 replaced), or
+/// `None` when absent. The same normalisation as the lookup script's input.
+pub(crate) fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
+    let mut values = headers.get_all(name).iter().peekable();
+    values.peek()?;
+    Some(
+        values
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned())
+            .collect::<Vec<_>>()
+            .join(", "),
+    )
+}
+
+fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
+}
+
+/// The normalised list of `Vary` names of a response (lower-case, sorted,
+/// comma-joined), or `None` for `Vary: *` (never matches, never stored).
+pub(crate) fn vary_names(headers: &HeaderMap) -> Option<String> {
+    let mut names: Vec<String> = Vec::new();
+    for value in headers.get_all(header::VARY) {
+        for name in String::from_utf8_lossy(value.as_bytes()).split(',') {
+            let name = name.trim().to_ascii_lowercase();
+            if name == "*" {
+                return None;
+            }
+            if !name.is_empty() && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names.sort_unstable();
+    Some(names.join(","))
+}
+
+/// What stands for a header value in a variant: its SHA-1, so that cookies
+/// and credentials never travel to Redis as such.
+pub(crate) fn value_digest(value: &str) -> String {
+    sha1_smol::Sha1::from(value.as_bytes()).digest().to_string()
+}
+
+/// The variant a request selects: the same computation as `lookup.lua`.
+pub(crate) fn variant(vary: &str, request: &HeaderMap, extra: &str) -> String {
+    let mut text = String::new();
+    text.push_str(vary);
+    text.push('\n');
+    text.push_str(extra);
+    for name in vary.split(',').filter(|n| !n.is_empty()) {
+        text.push('\n');
+        text.push_str(name);
+        text.push('=');
+        match joined(request, name) {
+            Some(value) => text.push_str(&value_digest(&value)),
+            None => text.push('\u{0}'),
+        }
+    }
+    format!("e:{}", sha1_smol::Sha1::from(text.as_bytes()).digest())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut builder = http::Request::get(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn query_is_sorted_and_ignored_params_dropped() {
+        let route = Route::new("*").ignore_query_params(["utm_*"]);
+        let a = url_of(
+            &parts("/p?b=2&a=1&utm_source=x", &[("host", "Shop.example")]),
+            &[],
+            &route,
+        );
+        let b = url_of(
+            &parts("/p?a=1&b=2", &[("host", "shop.example")]),
+            &[],
+            &route,
+        );
+        assert_eq!(a.as_deref(), Some("http://shop.example/p?a=1&b=2"));
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn forwarded_host_headers_never_reach_the_key() {
+        let route = Route::new("*");
+        let plain = url_of(&parts("/p", &[("host", "shop.example")]), &[], &route);
+        let poisoned = url_of(
+            &parts(
+                "/p",
+                &[
+                    ("host", "shop.example"),
+                    ("x-forwarded-host", "evil.example"),
+                    ("x-original-url", "/admin"),
+                ],
+            ),
+            &[],
+            &route,
+        );
+        assert_eq!(plain, poisoned);
+    }
+
+    #[test]
+    fn hosts_outside_the_allow_list_are_not_cached() {
+        let route = Route::new("*");
+        let allowed = ["shop.example".to_owned()];
+        assert!(url_of(&parts("/p", &[("host", "shop.example")]), &allowed, &route).is_some());
+        assert!(url_of(&parts("/p", &[("host", "evil.example")]), &allowed, &route).is_none());
+        assert!(
+            url_of(&parts("/p", &[]), &[], &route).is_none(),
+            "no host, no key"
+        );
+    }
+
+    #[test]
+    fn vary_star_and_normalisation() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::VARY,
+            "Accept-Encoding, accept-language".parse().unwrap(),
+        );
+        headers.append(header::VARY, "Accept-Encoding".parse().unwrap());
+        assert_eq!(
+            vary_names(&headers).as_deref(),
+            Some("accept-encoding,accept-language")
+        );
+        headers.append(header::VARY, "*".parse().unwrap());
+        assert_eq!(vary_names(&headers), None);
+    }
+
+    #[test]
+    fn variants_differ_by_vary_values_and_absence() {
+        let en = parts("/", &[("accept-language", "en")]).headers;
+        let de = parts("/", &[("accept-language", "de")]).headers;
+        let none = parts("/", &[]).headers;
+        let empty = parts("/", &[("accept-language", "")]).headers;
+        let v = "accept-language";
+        assert_ne!(variant(v, &en, ""), variant(v, &de, ""));
+        assert_ne!(variant(v, &none, ""), variant(v, &empty, ""));
+        assert_eq!(variant(v, &en, ""), variant(v, &en, ""));
+        assert_ne!(variant(v, &en, "x"), variant(v, &en, ""));
+    }
+}

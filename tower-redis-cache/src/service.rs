@@ -1,0 +1,578 @@
+//! [`Cache`]: look up, serve or forward, and store what may be stored.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::body::{CacheBody, Recorder};
+use crate::directives::{self, RequestDirectives};
+use crate::entry::Entry;
+use crate::freshness::{self, Usability};
+use crate::key;
+use crate::layer::Config;
+use crate::policy::Route;
+use crate::store::{Lookup, Put};
+
+/// The `Cache-Status` field (RFC 9211).
+pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+const CACHE_NAME: &str = "tower-redis";
+
+/// Response headers that describe a connection, not a response: never stored.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+    header::TRAILER,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// The cached service produced by [`CacheLayer`](crate::CacheLayer).
+#[derive(Clone)]
+pub struct Cache<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> std::fmt::Debug for Cache<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache").finish_non_exhaustive()
+    }
+}
+
+impl<S> Cache<S> {
+    pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
+        Self { inner, config }
+    }
+}
+
+/// The future of [`Cache`].
+pub struct ResponseFuture<T, E> {
+    inner: Pin<Box<dyn Future<Output = Result<T, E>> + Send>>,
+}
+
+impl<T, E> Future for ResponseFuture<T, E> {
+    type Output = Result<T, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl<T, E> std::fmt::Debug for ResponseFuture<T, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Cache<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    type Response = Response<CacheBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<Self::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let config = Arc::clone(&self.config);
+        ResponseFuture {
+            inner: Box::pin(handle(config, inner, request)),
+        }
+    }
+}
+
+/// Parse, decide, and either answer from the cache or forward.
+async fn handle<S, ReqBody, ResBody>(
+    config: Arc<Config>,
+    mut inner: S,
+    request: Request<ReqBody>,
+) -> Result<Response<CacheBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    let method = request.method().clone();
+    if is_unsafe(&method) {
+        return invalidating(&config, inner, request).await;
+    }
+    let cacheable_request = (method == Method::GET || method == Method::HEAD)
+        && !is_grpc(request.headers())
+        && !request.headers().contains_key(header::RANGE);
+    let route = config.route_for(request.uri().path());
+    let url = cacheable_request
+        .then(|| {
+            let (parts, ()) = head_only(&request);
+            route
+                .enabled
+                .then(|| key::url_of(&parts, &config.allowed_hosts, route))
+                .flatten()
+        })
+        .flatten();
+    let Some(url) = url else {
+        let response = inner.call(request).await?;
+        return Ok(response.map(CacheBody::passthrough));
+    };
+
+    let url_hash = key::hash_url(&url);
+    let (parts, ()) = head_only(&request);
+    let extra = key::extra_key(&parts, route);
+    let request_directives = directives::request(request.headers());
+    let (lookup, degraded) = config
+        .store
+        .lookup(&url_hash, request.headers(), &extra)
+        .await;
+    let now = SystemTime::now();
+
+    let forward_reason = match lookup {
+        Lookup::Hit(entry) => {
+            let age = entry.age(freshness::epoch_ms(now));
+            let stored = freshness::directives_of(&entry.headers, &config.rules);
+            match freshness::usability(age, entry.lifetime, &stored, &request_directives) {
+                Usability::Fresh | Usability::StaleAccepted => {
+                    let status = CacheStatus::hit(entry.ttl(freshness::epoch_ms(now)), degraded);
+                    return Ok(serve(&entry, &parts, age, status));
+                }
+                Usability::Revalidate if request_directives.only_if_cached => {
+                    return Ok(gateway_timeout(CacheStatus::forward("stale", degraded)));
+                }
+                Usability::Revalidate => {
+                    let reason = if request_directives.no_cache {
+                        "request"
+                    } else {
+                        "stale"
+                    };
+                    return revalidate(
+                        &config, inner, request, entry, route, &url_hash, &extra, reason, degraded,
+                    )
+                    .await;
+                }
+            }
+        }
+        Lookup::UriMiss => "uri-miss",
+        Lookup::VaryMiss => "vary-miss",
+    };
+    if request_directives.only_if_cached {
+        return Ok(gateway_timeout(CacheStatus::forward(
+            forward_reason,
+            degraded,
+        )));
+    }
+    let request_time = SystemTime::now();
+    let response = inner.call(request).await?;
+    Ok(store_if_allowed(
+        &config,
+        &parts,
+        &request_directives,
+        response,
+        route,
+        StoreTarget { url_hash, extra },
+        request_time,
+        CacheStatus::forward(forward_reason, degraded),
+    ))
+}
+
+/// Where a response would be stored.
+struct StoreTarget {
+    url_hash: String,
+    extra: String,
+}
+
+/// Sends a conditional request for a stale entry: a 304 refreshes the entry
+/// (RFC 9111 §4.3.4) and it is served; anything else is a fresh response.
+#[allow(clippy::too_many_arguments)]
+async fn revalidate<S, ReqBody, ResBody>(
+    config: &Config,
+    mut inner: S,
+    mut request: Request<ReqBody>,
+    entry: Entry,
+    route: &Route,
+    url_hash: &str,
+    extra: &str,
+    reason: &'static str,
+    degraded: bool,
+) -> Result<Response<CacheBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    // The client's own conditionals are answered here, from the result.
+    let (client_parts, ()) = head_only(&request);
+    let headers = request.headers_mut();
+    for name in [
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+    ] {
+        headers.remove(name);
+    }
+    if let Some(etag) = entry.headers.get(header::ETAG) {
+        headers.insert(header::IF_NONE_MATCH, etag.clone());
+    }
+    if let Some(modified) = entry.headers.get(header::LAST_MODIFIED) {
+        headers.insert(header::IF_MODIFIED_SINCE, modified.clone());
+    }
+    let request_directives = directives::request(&client_parts.headers);
+    let request_time = SystemTime::now();
+    let response = inner.call(request).await?;
+    let target = StoreTarget {
+        url_hash: url_hash.to_owned(),
+        extra: extra.to_owned(),
+    };
+    if response.status() != StatusCode::NOT_MODIFIED {
+        let status = CacheStatus::forward(reason, degraded).with_fwd_status(response.status());
+        return Ok(store_if_allowed(
+            config,
+            &client_parts,
+            &request_directives,
+            response,
+            route,
+            target,
+            request_time,
+            status,
+        ));
+    }
+    // §4.3.4: the stored response, with the 304's header fields.
+    let response_time = SystemTime::now();
+    let (not_modified, _) = response.into_parts();
+    let mut refreshed = entry;
+    for (name, value) in &not_modified.headers {
+        if name != header::CONTENT_LENGTH && !HOP_BY_HOP.contains(name) {
+            refreshed.headers.insert(name.clone(), value.clone());
+        }
+    }
+    let as_stored = response_parts(refreshed.status, refreshed.headers.clone());
+    let mut status =
+        CacheStatus::forward(reason, degraded).with_fwd_status(StatusCode::NOT_MODIFIED);
+    if let Ok(storable) = freshness::storable(
+        &client_parts,
+        &request_directives,
+        &as_stored,
+        &config.rules,
+        route,
+        response_time,
+    ) {
+        refreshed.response_time_ms = freshness::epoch_ms(response_time);
+        refreshed.initial_age =
+            freshness::initial_age(&not_modified.headers, request_time, response_time);
+        refreshed.lifetime = storable.lifetime;
+        let vary = key::vary_names(&refreshed.headers).unwrap_or_default();
+        let put = Put {
+            url_hash: target.url_hash,
+            variant: key::variant(&vary, &client_parts.headers, &target.extra),
+            vary,
+            keep_for: freshness::retention(storable.lifetime, config.keep_stale_for),
+            entry: refreshed.clone(),
+        };
+        config.store.put(put).await;
+        status.stored = true;
+    }
+    let age = refreshed.age(freshness::epoch_ms(SystemTime::now()));
+    Ok(serve(&refreshed, &client_parts, age, status))
+}
+
+/// Passes a response on, storing a copy when RFC 9111 and the route allow.
+#[allow(clippy::too_many_arguments)]
+fn store_if_allowed<ResBody>(
+    config: &Config,
+    request: &Parts,
+    request_directives: &RequestDirectives,
+    response: Response<ResBody>,
+    route: &Route,
+    target: StoreTarget,
+    request_time: SystemTime,
+    mut status: CacheStatus,
+) -> Response<CacheBody<ResBody>>
+where
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    let response_time = SystemTime::now();
+    let (mut parts, body) = response.into_parts();
+    let storable = (request.method == Method::GET)
+        .then(|| {
+            freshness::storable(
+                request,
+                request_directives,
+                &parts,
+                &config.rules,
+                route,
+                response_time,
+            )
+            .ok()
+        })
+        .flatten()
+        .filter(|_| body.size_hint().lower() <= config.max_body_bytes as u64);
+    let Some(storable) = storable else {
+        add_cache_status(&mut parts.headers, &status);
+        return Response::from_parts(parts, CacheBody::passthrough(body));
+    };
+    status.stored = true;
+    let mut headers = parts.headers.clone();
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    let vary = key::vary_names(&headers).unwrap_or_default();
+    let (recorder, done) = Recorder::new(config.max_body_bytes);
+    let template = Entry {
+        status: parts.status,
+        headers,
+        body: Bytes::new(),
+        response_time_ms: freshness::epoch_ms(response_time),
+        initial_age: freshness::initial_age(&parts.headers, request_time, response_time),
+        lifetime: storable.lifetime,
+    };
+    let put = Put {
+        url_hash: target.url_hash,
+        variant: key::variant(&vary, &request.headers, &target.extra),
+        vary,
+        keep_for: freshness::retention(storable.lifetime, config.keep_stale_for),
+        entry: template,
+    };
+    let store_config = StoreJob {
+        generate_etags: config.generate_etags,
+    };
+    let config_store = Arc::clone(&config.store);
+    // Stored once the body has been sent in full; a client that goes away
+    // mid-body drops the recorder and nothing is stored.
+    tokio::spawn(async move {
+        if let Ok(body) = done.await {
+            let mut put = put;
+            put.entry.body = body;
+            if store_config.generate_etags && !put.entry.headers.contains_key(header::ETAG) {
+                put.entry
+                    .headers
+                    .insert(header::ETAG, strong_etag(&put.entry.body));
+            }
+            config_store.put(put).await;
+        }
+    });
+    add_cache_status(&mut parts.headers, &status);
+    Response::from_parts(parts, CacheBody::recording(body, recorder))
+}
+
+struct StoreJob {
+    generate_etags: bool,
+}
+
+fn strong_etag(body: &Bytes) -> HeaderValue {
+    let digest = sha1_smol::Sha1::from(&body[..]).digest().to_string();
+    HeaderValue::from_str(&format!("\"{digest}\""))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+}
+
+/// An unsafe method: forwarded, and on success its target (and same-origin
+/// `Location` / `Content-Location`) is invalidated (RFC 9111 §4.4).
+async fn invalidating<S, ReqBody, ResBody>(
+    config: &Config,
+    mut inner: S,
+    request: Request<ReqBody>,
+) -> Result<Response<CacheBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    let (parts, ()) = head_only(&request);
+    let response = inner.call(request).await?;
+    let status = response.status();
+    if status.is_success() || status.is_redirection() {
+        let mut urls = Vec::new();
+        let route = config.route_for(parts.uri.path());
+        if let Some(url) = key::url_of(&parts, &config.allowed_hosts, route) {
+            urls.push(key::hash_url(&url));
+        }
+        for field in [header::LOCATION, header::CONTENT_LOCATION] {
+            if let Some(value) = response.headers().get(field).and_then(|v| v.to_str().ok())
+                && let Some(url) =
+                    key::same_origin_url(&parts, value, &config.allowed_hosts, |path| {
+                        config.route_for(path)
+                    })
+            {
+                urls.push(key::hash_url(&url));
+            }
+        }
+        config.store.invalidate(&urls).await;
+    }
+    Ok(response.map(CacheBody::passthrough))
+}
+
+/// A response from an entry: 304 when the client's validators match.
+fn serve<B>(
+    entry: &Entry,
+    request: &Parts,
+    age: u64,
+    status: CacheStatus,
+) -> Response<CacheBody<B>> {
+    let mut headers = entry.headers.clone();
+    headers.insert(header::AGE, HeaderValue::from(age));
+    add_cache_status(&mut headers, &status);
+    if entry.status == StatusCode::OK && not_modified(request, &entry.headers) {
+        let mut response = Response::new(CacheBody::empty());
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        for name in [
+            header::CACHE_CONTROL,
+            header::CONTENT_LOCATION,
+            header::DATE,
+            header::ETAG,
+            header::EXPIRES,
+            header::VARY,
+            header::LAST_MODIFIED,
+            header::AGE,
+            CACHE_STATUS.clone(),
+        ] {
+            for value in headers.get_all(&name) {
+                response.headers_mut().append(name.clone(), value.clone());
+            }
+        }
+        return response;
+    }
+    let body = if request.method == Method::HEAD {
+        CacheBody::empty()
+    } else {
+        CacheBody::cached(entry.body.clone())
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = entry.status;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// Whether the client's `If-None-Match` (or, without it, `If-Modified-Since`)
+/// says it already has this response.
+fn not_modified(request: &Parts, stored: &HeaderMap) -> bool {
+    if let Some(if_none_match) = request.headers.get(header::IF_NONE_MATCH) {
+        let Some(etag) = stored.get(header::ETAG).and_then(|e| e.to_str().ok()) else {
+            return false;
+        };
+        let weak = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
+        let candidates = String::from_utf8_lossy(if_none_match.as_bytes()).into_owned();
+        return candidates.trim() == "*" || candidates.split(',').any(|c| weak(c) == weak(etag));
+    }
+    let since = request
+        .headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| freshness::http_date(v.as_bytes()));
+    let modified = stored
+        .get(header::LAST_MODIFIED)
+        .and_then(|v| freshness::http_date(v.as_bytes()));
+    matches!((since, modified), (Some(since), Some(modified)) if modified <= since)
+}
+
+fn gateway_timeout<B>(status: CacheStatus) -> Response<CacheBody<B>> {
+    let mut response = Response::new(CacheBody::empty());
+    *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+    add_cache_status(response.headers_mut(), &status);
+    response
+}
+
+/// This cache's member of the `Cache-Status` list.
+#[derive(Debug, Clone)]
+pub(crate) struct CacheStatus {
+    hit_ttl: Option<i64>,
+    fwd: Option<&'static str>,
+    fwd_status: Option<StatusCode>,
+    stored: bool,
+    degraded: bool,
+}
+
+impl CacheStatus {
+    fn hit(ttl: i64, degraded: bool) -> Self {
+        Self {
+            hit_ttl: Some(ttl),
+            fwd: None,
+            fwd_status: None,
+            stored: false,
+            degraded,
+        }
+    }
+
+    fn forward(reason: &'static str, degraded: bool) -> Self {
+        Self {
+            hit_ttl: None,
+            fwd: Some(reason),
+            fwd_status: None,
+            stored: false,
+            degraded,
+        }
+    }
+
+    fn with_fwd_status(mut self, status: StatusCode) -> Self {
+        self.fwd_status = Some(status);
+        self
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::from(CACHE_NAME);
+        if let Some(ttl) = self.hit_ttl {
+            out.push_str(&format!("; hit; ttl={ttl}"));
+        }
+        if let Some(fwd) = self.fwd {
+            out.push_str("; fwd=");
+            out.push_str(fwd);
+        }
+        if let Some(status) = self.fwd_status {
+            out.push_str(&format!("; fwd-status={}", status.as_u16()));
+        }
+        if self.stored {
+            out.push_str("; stored");
+        }
+        if self.degraded {
+            out.push_str("; detail=redis-unavailable");
+        }
+        out
+    }
+}
+
+fn add_cache_status(headers: &mut HeaderMap, status: &CacheStatus) {
+    if let Ok(value) = HeaderValue::from_str(&status.render()) {
+        headers.append(CACHE_STATUS.clone(), value);
+    }
+}
+
+fn is_unsafe(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    )
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// The request's head, without its body.
+fn head_only<B>(request: &Request<B>) -> (Parts, ()) {
+    let mut builder = Request::builder()
+        .method(request.method().clone())
+        .uri(request.uri().clone())
+        .version(request.version());
+    if let Some(headers) = builder.headers_mut() {
+        *headers = request.headers().clone();
+    }
+    builder.body(()).unwrap_or_default().into_parts()
+}
+
+fn response_parts(status: StatusCode, headers: HeaderMap) -> http::response::Parts {
+    let (mut parts, ()) = Response::new(()).into_parts();
+    parts.status = status;
+    parts.headers = headers;
+    parts
+}

@@ -1,0 +1,16 @@
+-- Finds the variant of a URL that a request selects, in one round trip.
+-- KEYS[1] the URL's hash of variants
+-- ARGV[1] the route's extra key parts; ARGV[2..] request header name/digest
+-- pairs (lower-case names, SHA-1 of the values joined by ", ").
+-- Returns {vary names or false, entry or false}. The variant field is the
+-- same SHA-1 the Rust side computes when it stores (key::variant).
+local vary = redis.call('HGET', KEYS[1], 'vary')
+if not vary then return {false, false} end
+local headers = {}
+for i = 2, #ARGV, 2 do headers[ARGV[i]] = ARGV[i + 1] end
+local text = vary .. '\n' .. ARGV[1]
+for name in string.gmatch(vary, '[^,]+') do
+  text = text .. '\n' .. name .. '=' .. (headers[name] or '\0')
+end
+local field = 'e:' .. redis.sha1hex(text)
+return {vary, redis.call('HGET', KEYS[1], field) or false, field}

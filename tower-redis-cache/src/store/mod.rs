@@ -1,0 +1,179 @@
+//! Where entries live: Redis (shared by every instance), and a bounded
+//! in-process store while Redis is unavailable. The failover between them
+//! is [`RedisManager::failover`]; when Redis answers again the in-process
+//! entries are dropped and invalidations made meanwhile are replayed.
+
+mod memory;
+mod redis_store;
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http::HeaderMap;
+use tower_redis_core::{RedisManager, Source};
+
+use crate::entry::Entry;
+pub(crate) use memory::MemoryStore;
+
+/// Invalidations remembered during an outage, at most.
+const MAX_PENDING_INVALIDATIONS: usize = 10_000;
+
+/// The result of a lookup.
+#[derive(Debug)]
+pub(crate) enum Lookup {
+    Hit(Entry),
+    /// Nothing stored for the URL.
+    UriMiss,
+    /// The URL has entries, none for this request's variant.
+    VaryMiss,
+}
+
+/// An entry to store: where, and for how long.
+#[derive(Debug)]
+pub(crate) struct Put {
+    pub(crate) url_hash: String,
+    pub(crate) vary: String,
+    pub(crate) variant: String,
+    pub(crate) entry: Entry,
+    pub(crate) keep_for: Duration,
+}
+
+pub(crate) struct CacheStore {
+    manager: RedisManager,
+    memory: MemoryStore,
+    /// Set while the in-process store is in use; cleared (and the store
+    /// emptied) on the first Redis answer after.
+    degraded: AtomicBool,
+    pending_invalidations: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for CacheStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheStore")
+            .field("manager", &self.manager)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CacheStore {
+    pub(crate) fn new(manager: RedisManager, memory_bytes: u64) -> Self {
+        Self {
+            manager,
+            memory: MemoryStore::new(memory_bytes),
+            degraded: AtomicBool::new(false),
+            pending_invalidations: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// One round trip (Vary resolution included). The bool says whether the
+    /// answer came from the in-process store.
+    pub(crate) async fn lookup(
+        &self,
+        url_hash: &str,
+        request: &HeaderMap,
+        extra: &str,
+    ) -> (Lookup, bool) {
+        let key = self.redis_key(url_hash);
+        let served = self
+            .manager
+            .failover(
+                |conn| redis_store::lookup(conn, &key, request, extra),
+                |_| async { self.memory.lookup(url_hash, request, extra) },
+            )
+            .await;
+        let degraded = self.after(served.source).await;
+        let lookup = match served.value {
+            redis_store::Found::Entry(entry) => Lookup::Hit(entry),
+            redis_store::Found::NoUrl => Lookup::UriMiss,
+            redis_store::Found::NoVariant => Lookup::VaryMiss,
+            redis_store::Found::Corrupt(field) => {
+                tracing::warn!(target: "tower_redis_cache", "deleting a corrupt or foreign cache entry");
+                let _ = self
+                    .manager
+                    .query::<()>(tower_redis_core::redis::cmd("HDEL").arg(&key).arg(field))
+                    .await;
+                Lookup::VaryMiss
+            }
+        };
+        (lookup, degraded)
+    }
+
+    /// One pipelined round trip.
+    pub(crate) async fn put(&self, put: Put) {
+        let key = self.redis_key(&put.url_hash);
+        let served = self
+            .manager
+            .failover(
+                |conn| redis_store::put(conn, &key, &put),
+                |_| async { self.memory.put(&put) },
+            )
+            .await;
+        self.after(served.source).await;
+    }
+
+    /// Deletes every variant of these URLs.
+    pub(crate) async fn invalidate(&self, url_hashes: &[String]) {
+        for url_hash in url_hashes {
+            self.memory.remove(url_hash);
+            let key = self.redis_key(url_hash);
+            let served = self
+                .manager
+                .failover(
+                    |mut conn| async move {
+                        tower_redis_core::redis::cmd("DEL")
+                            .arg(&key)
+                            .query_async::<()>(&mut conn)
+                            .await
+                    },
+                    |_| async {},
+                )
+                .await;
+            if served.is_fallback() {
+                let mut pending = lock(&self.pending_invalidations);
+                if pending.len() < MAX_PENDING_INVALIDATIONS {
+                    pending.push(url_hash.clone());
+                } else {
+                    tracing::warn!(target: "tower_redis_cache", "too many invalidations during the Redis outage; some stale entries may be served after it");
+                }
+            } else {
+                self.after(served.source).await;
+            }
+        }
+    }
+
+    /// Keeps the degraded bookkeeping: returns true for a degraded answer.
+    async fn after(&self, source: Source) -> bool {
+        match source {
+            Source::Fallback(_) => {
+                self.degraded.store(true, Ordering::Release);
+                true
+            }
+            Source::Redis => {
+                if self.degraded.swap(false, Ordering::AcqRel) {
+                    self.memory.clear();
+                    let pending = std::mem::take(&mut *lock(&self.pending_invalidations));
+                    for url_hash in pending {
+                        let key = self.redis_key(&url_hash);
+                        let _ = self
+                            .manager
+                            .query::<()>(tower_redis_core::redis::cmd("DEL").arg(&key))
+                            .await;
+                    }
+                    tracing::info!(target: "tower_redis_cache", "Redis is back: in-process cache entries dropped");
+                }
+                false
+            }
+        }
+    }
+
+    fn redis_key(&self, url_hash: &str) -> String {
+        self.manager.keys().key(&["c", url_hash])
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

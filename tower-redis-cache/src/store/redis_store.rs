@@ -1,0 +1,77 @@
+//! The Redis side: a hash per URL (`vary` plus one field per variant),
+//! read with one script and written with one pipeline.
+
+use std::sync::LazyLock;
+
+use http::HeaderMap;
+use tower_redis_core::RedisConnection;
+use tower_redis_core::redis::{self, RedisResult, Script};
+
+use super::Put;
+use crate::entry::Entry;
+use crate::key;
+
+static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lookup.lua")));
+
+/// What Redis holds for a request.
+pub(crate) enum Found {
+    Entry(Entry),
+    NoUrl,
+    NoVariant,
+    /// A value that does not decode: its field, for deletion.
+    Corrupt(String),
+}
+
+pub(crate) async fn lookup(
+    mut conn: RedisConnection,
+    key: &str,
+    request: &HeaderMap,
+    extra: &str,
+) -> RedisResult<Found> {
+    let mut invocation = LOOKUP.key(key);
+    invocation.arg(extra);
+    // Digests of the values, not the values: no cookie or credential is
+    // sent to Redis.
+    for name in request.keys() {
+        if let Some(value) = key::joined(request, name.as_str()) {
+            invocation.arg(name.as_str()).arg(key::value_digest(&value));
+        }
+    }
+    let (vary, entry, field): (Option<String>, Option<Vec<u8>>, Option<String>) =
+        invocation.invoke_async(&mut conn).await?;
+    Ok(match (vary, entry) {
+        (None, _) => Found::NoUrl,
+        (Some(_), None) => Found::NoVariant,
+        (Some(_), Some(bytes)) => match Entry::decode(&bytes) {
+            Ok(entry) => Found::Entry(entry),
+            Err(_) => Found::Corrupt(field.unwrap_or_default()),
+        },
+    })
+}
+
+pub(crate) async fn put(mut conn: RedisConnection, key: &str, put: &Put) -> RedisResult<()> {
+    let ttl = u64::try_from(put.keep_for.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    redis::pipe()
+        .cmd("HSET")
+        .arg(key)
+        .arg("vary")
+        .arg(&put.vary)
+        .arg(&put.variant)
+        .arg(put.entry.encode())
+        .ignore()
+        // The hash lives as long as its longest-lived variant.
+        .cmd("PEXPIRE")
+        .arg(key)
+        .arg(ttl)
+        .arg("NX")
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(key)
+        .arg(ttl)
+        .arg("GT")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+}
