@@ -19,6 +19,9 @@ pub enum ConfigError {
     /// A targeted cache-control field name is not a valid header name.
     #[error("targeted field {0:?} is not a valid header name; use e.g. \"Acme-Cache-Control\"")]
     TargetedField(String),
+    /// An unkeyed header name is not a valid header name.
+    #[error("{0:?} is not a valid header name")]
+    HeaderName(String),
     /// The body limit is zero.
     #[error("max_body_bytes is 0; use a positive size such as 1 MiB")]
     ZeroBodyLimit,
@@ -42,6 +45,7 @@ pub(crate) struct Config {
     pub(crate) max_body_bytes: usize,
     pub(crate) keep_stale_for: Duration,
     pub(crate) generate_etags: bool,
+    pub(crate) unkeyed_headers: Vec<HeaderName>,
 }
 
 impl Config {
@@ -69,6 +73,10 @@ impl CacheLayer {
             keep_stale_for: Duration::from_secs(60),
             generate_etags: false,
             memory_bytes: 64 << 20,
+            unkeyed_headers: DEFAULT_UNKEYED_HEADERS
+                .iter()
+                .map(|h| (*h).to_owned())
+                .collect(),
         }
     }
 }
@@ -95,9 +103,36 @@ pub struct CacheLayerBuilder {
     keep_stale_for: Duration,
     generate_etags: bool,
     memory_bytes: u64,
+    unkeyed_headers: Vec<String>,
 }
 
+/// Request headers that can change what an origin answers without being
+/// part of the cache key; a response to a request carrying one is not
+/// stored (it is still answered from the cache when an entry exists).
+pub const DEFAULT_UNKEYED_HEADERS: &[&str] = &[
+    "x-forwarded-host",
+    "x-forwarded-server",
+    "x-host",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 impl CacheLayerBuilder {
+    /// Replaces [`DEFAULT_UNKEYED_HEADERS`]: the request headers whose
+    /// presence stops a response from being stored, because an origin that
+    /// reflects them would poison the entry for everyone.
+    pub fn unkeyed_headers<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.unkeyed_headers = names.into_iter().map(Into::into).collect();
+        self
+    }
+
     /// Adds route rules; the first route whose pattern matches applies.
     pub fn route(mut self, route: Route) -> Self {
         self.routes.push(route);
@@ -174,6 +209,14 @@ impl CacheLayerBuilder {
         if self.max_body_bytes == 0 {
             return Err(ConfigError::ZeroBodyLimit);
         }
+        let unkeyed_headers = self
+            .unkeyed_headers
+            .iter()
+            .map(|name| {
+                HeaderName::try_from(name.as_str())
+                    .map_err(|_| ConfigError::HeaderName(name.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let targeted_fields = self
             .targeted_fields
             .iter()
@@ -196,6 +239,7 @@ impl CacheLayerBuilder {
                 max_body_bytes: self.max_body_bytes,
                 keep_stale_for: self.keep_stale_for,
                 generate_etags: self.generate_etags,
+                unkeyed_headers,
             }),
         })
     }

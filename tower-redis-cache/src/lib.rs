@@ -36,6 +36,10 @@
 //! - **Conditional requests**: `If-None-Match` / `If-Modified-Since` get a
 //!   304 from the cache; stale entries are revalidated with their
 //!   validators, and a 304 from the origin refreshes the stored headers.
+//! - **No poisoning through unkeyed headers**: the key's host comes from the
+//!   request's authority (optionally checked against an allow list), never
+//!   from `X-Forwarded-Host`; and a response to a request that carries such
+//!   a header ([`DEFAULT_UNKEYED_HEADERS`]) is not stored.
 //! - **Invalidation**: a successful POST, PUT, PATCH or DELETE invalidates
 //!   its URL and same-origin `Location` / `Content-Location`.
 //! - **Bodies** are streamed to the client while a copy is kept; past
@@ -67,6 +71,6 @@ mod service;
 mod store;
 
 pub use body::CacheBody;
-pub use layer::{CacheLayer, CacheLayerBuilder, ConfigError};
+pub use layer::{CacheLayer, CacheLayerBuilder, ConfigError, DEFAULT_UNKEYED_HEADERS};
 pub use policy::Route;
 pub use service::{Cache, ResponseFuture};

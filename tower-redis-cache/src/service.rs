@@ -305,7 +305,11 @@ where
 {
     let response_time = SystemTime::now();
     let (mut parts, body) = response.into_parts();
-    let storable = (request.method == Method::GET)
+    let unkeyed = config
+        .unkeyed_headers
+        .iter()
+        .any(|h| request.headers.contains_key(h));
+    let storable = (request.method == Method::GET && !unkeyed)
         .then(|| {
             freshness::storable(
                 request,

@@ -2,10 +2,10 @@
 -- KEYS[1] the URL's hash of variants
 -- ARGV[1] the route's extra key parts; ARGV[2..] request header name/digest
 -- pairs (lower-case names, SHA-1 of the values joined by ", ").
--- Returns {vary names or false, entry or false}. The variant field is the
+-- Returns {vary names or false, entry or false, variant field}. The variant field is the
 -- same SHA-1 the Rust side computes when it stores (key::variant).
 local vary = redis.call('HGET', KEYS[1], 'vary')
-if not vary then return {false, false} end
+if not vary then return {false, false, false} end
 local headers = {}
 for i = 2, #ARGV, 2 do headers[ARGV[i]] = ARGV[i + 1] end
 local text = vary .. '\n' .. ARGV[1]

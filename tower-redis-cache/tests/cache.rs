@@ -1,0 +1,612 @@
+//! The cache layer against real Redis, in front of an axum origin that
+//! counts its calls.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, Request, Response, StatusCode, header};
+use axum::routing;
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_redis_cache::{CacheLayer, CacheLayerBuilder, Route};
+use tower_redis_core::testing::TestRedis;
+use tower_redis_core::{BreakerState, RedisManager, redis};
+
+#[derive(Clone, Default)]
+struct Origin {
+    calls: Arc<AtomicUsize>,
+}
+
+impl Origin {
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    headers: &[(&str, String)],
+    body: impl Into<Body>,
+) -> Response<Body> {
+    let mut response = Response::builder().status(status);
+    for (name, value) in headers {
+        response = response.header(*name, value);
+    }
+    response.body(body.into()).unwrap()
+}
+
+fn origin_routes(origin: Origin) -> Router {
+    Router::new()
+        .route(
+            "/fresh",
+            routing::get(|State(o): State<Origin>| async move {
+                let n = o.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                respond(
+                    StatusCode::OK,
+                    &[("cache-control", "max-age=60".into())],
+                    format!("fresh-{n}"),
+                )
+            })
+            .post(|| async { "changed" }),
+        )
+        .route(
+            "/private",
+            routing::get(|State(o): State<Origin>| async move {
+                o.calls.fetch_add(1, Ordering::SeqCst);
+                respond(
+                    StatusCode::OK,
+                    &[("cache-control", "private, max-age=60".into())],
+                    "mine",
+                )
+            }),
+        )
+        .route(
+            "/no-store",
+            routing::get(|State(o): State<Origin>| async move {
+                o.calls.fetch_add(1, Ordering::SeqCst);
+                respond(
+                    StatusCode::OK,
+                    &[("cache-control", "no-store".into())],
+                    "never",
+                )
+            }),
+        )
+        .route(
+            "/vary",
+            routing::get(|State(o): State<Origin>, headers: HeaderMap| async move {
+                o.calls.fetch_add(1, Ordering::SeqCst);
+                let lang = headers
+                    .get("accept-language")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none")
+                    .to_owned();
+                respond(
+                    StatusCode::OK,
+                    &[
+                        ("cache-control", "max-age=60".into()),
+                        ("vary", "Accept-Language".into()),
+                    ],
+                    lang,
+                )
+            }),
+        )
+        .route(
+            "/etag",
+            routing::get(|State(o): State<Origin>, headers: HeaderMap| async move {
+                o.calls.fetch_add(1, Ordering::SeqCst);
+                if headers
+                    .get(header::IF_NONE_MATCH)
+                    .is_some_and(|v| v == "\"v1\"")
+                {
+                    return respond(
+                        StatusCode::NOT_MODIFIED,
+                        &[
+                            ("etag", "\"v1\"".into()),
+                            ("cache-control", "max-age=60".into()),
+                            ("x-refreshed", "yes".into()),
+                        ],
+                        Body::empty(),
+                    );
+                }
+                respond(
+                    StatusCode::OK,
+                    &[
+                        ("etag", "\"v1\"".into()),
+                        ("cache-control", "max-age=1".into()),
+                    ],
+                    "etag-body",
+                )
+            }),
+        )
+        .route(
+            "/reflect-host",
+            routing::get(|State(o): State<Origin>, headers: HeaderMap| async move {
+                o.calls.fetch_add(1, Ordering::SeqCst);
+                let host = headers
+                    .get("x-forwarded-host")
+                    .or_else(|| headers.get(header::HOST))
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                respond(
+                    StatusCode::OK,
+                    &[("cache-control", "max-age=60".into())],
+                    format!("<script src=//{host}/app.js>"),
+                )
+            }),
+        )
+        .route(
+            "/big",
+            routing::get(|State(o): State<Origin>| async move {
+                o.calls.fetch_add(1, Ordering::SeqCst);
+                respond(
+                    StatusCode::OK,
+                    &[("cache-control", "max-age=60".into())],
+                    vec![b'x'; 64 * 1024],
+                )
+            }),
+        )
+        .route(
+            "/chunked",
+            routing::get(|State(o): State<Origin>| async move {
+                o.calls.fetch_add(1, Ordering::SeqCst);
+                let chunks: VecDeque<Bytes> =
+                    (0..4).map(|i| Bytes::from(format!("chunk{i};"))).collect();
+                respond(
+                    StatusCode::OK,
+                    &[("cache-control", "max-age=60".into())],
+                    Body::new(Chunks(chunks)),
+                )
+            }),
+        )
+        .with_state(origin)
+}
+
+/// A body that yields its chunks one frame at a time.
+struct Chunks(VecDeque<Bytes>);
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.0.pop_front().map(|c| Ok(Frame::data(c))))
+    }
+}
+
+struct Fixture {
+    redis: TestRedis,
+    manager: RedisManager,
+    origin: Origin,
+    app: Router,
+}
+
+async fn fixture(configure: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder) -> Fixture {
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().failure_threshold(1).build().unwrap())
+        .await
+        .unwrap();
+    let origin = Origin::default();
+    let layer = configure(CacheLayer::builder(manager.clone()))
+        .build()
+        .unwrap();
+    let app = origin_routes(origin.clone()).layer(layer);
+    Fixture {
+        redis,
+        manager,
+        origin,
+        app,
+    }
+}
+
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn cache_status(&self) -> &str {
+        self.header("cache-status").unwrap_or("")
+    }
+}
+
+async fn send(app: &Router, method: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, "shop.example");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let body = String::from_utf8_lossy(&body.collect().await.unwrap().to_bytes()).into_owned();
+    Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+async fn get(app: &Router, path: &str) -> Answer {
+    send(app, "GET", path, &[]).await
+}
+
+/// The store runs after the body is sent; give it a moment.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn a_fresh_response_is_served_from_redis_with_age_and_cache_status() {
+    let f = fixture(|b| b).await;
+    let first = get(&f.app, "/fresh").await;
+    assert_eq!(first.body, "fresh-1");
+    assert_eq!(first.cache_status(), "tower-redis; fwd=uri-miss; stored");
+    settle().await;
+    // Warm the lookup script, then count what one hit costs.
+    get(&f.app, "/fresh").await;
+    f.redis.reset_stats().await.unwrap();
+    let hit = get(&f.app, "/fresh").await;
+    assert_eq!(hit.body, "fresh-1");
+    assert_eq!(f.origin.calls(), 1);
+    assert!(
+        hit.cache_status().starts_with("tower-redis; hit; ttl="),
+        "{}",
+        hit.cache_status()
+    );
+    let age: u64 = hit
+        .header("age")
+        .expect("Age on every hit")
+        .parse()
+        .unwrap();
+    assert!(age <= 2);
+    let calls = f.redis.command_calls().await.unwrap();
+    assert_eq!(
+        calls.get("evalsha"),
+        Some(&1),
+        "one round trip per hit: {calls:?}"
+    );
+    let inside_script = ["hget", "info", "config|resetstat", "evalsha"];
+    assert!(
+        calls.keys().all(|k| inside_script.contains(&k.as_str())),
+        "{calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn private_and_no_store_responses_are_never_stored() {
+    let f = fixture(|b| b).await;
+    for path in ["/private", "/no-store"] {
+        get(&f.app, path).await;
+        settle().await;
+        let again = get(&f.app, path).await;
+        assert!(
+            !again.cache_status().contains("hit"),
+            "{path}: {}",
+            again.cache_status()
+        );
+    }
+    assert_eq!(f.origin.calls(), 4);
+}
+
+#[tokio::test]
+async fn vary_keeps_one_variant_per_value() {
+    let f = fixture(|b| b).await;
+    let en = [("accept-language", "en")];
+    let de = [("accept-language", "de")];
+    assert_eq!(send(&f.app, "GET", "/vary", &en).await.body, "en");
+    settle().await;
+    let de_first = send(&f.app, "GET", "/vary", &de).await;
+    assert_eq!(de_first.body, "de");
+    assert!(
+        de_first.cache_status().contains("fwd=vary-miss"),
+        "{}",
+        de_first.cache_status()
+    );
+    settle().await;
+    assert_eq!(send(&f.app, "GET", "/vary", &en).await.body, "en");
+    assert_eq!(send(&f.app, "GET", "/vary", &de).await.body, "de");
+    assert_eq!(get(&f.app, "/vary").await.body, "none");
+    assert_eq!(f.origin.calls(), 3);
+}
+
+#[tokio::test]
+async fn if_none_match_is_answered_with_304_from_the_cache() {
+    let f = fixture(|b| b.generate_etags(true)).await;
+    get(&f.app, "/fresh").await;
+    settle().await;
+    let hit = get(&f.app, "/fresh").await;
+    let etag = hit
+        .header("etag")
+        .expect("generated strong ETag")
+        .to_owned();
+    let conditional = send(&f.app, "GET", "/fresh", &[("if-none-match", &etag)]).await;
+    assert_eq!(conditional.status, 304);
+    assert!(conditional.body.is_empty());
+    assert!(conditional.header("age").is_some());
+    assert_eq!(f.origin.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_stale_entry_is_revalidated_and_a_304_refreshes_its_headers() {
+    let f = fixture(|b| b).await;
+    assert_eq!(get(&f.app, "/etag").await.body, "etag-body");
+    settle().await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let revalidated = get(&f.app, "/etag").await;
+    assert_eq!(revalidated.status, 200);
+    assert_eq!(
+        revalidated.body, "etag-body",
+        "the stored body, not the empty 304"
+    );
+    assert_eq!(revalidated.header("x-refreshed"), Some("yes"));
+    assert_eq!(
+        revalidated.cache_status(),
+        "tower-redis; fwd=stale; fwd-status=304; stored"
+    );
+    assert_eq!(f.origin.calls(), 2);
+    // Refreshed to max-age=60: a plain hit now.
+    let hit = get(&f.app, "/etag").await;
+    assert!(hit.cache_status().contains("hit"), "{}", hit.cache_status());
+    assert_eq!(hit.header("x-refreshed"), Some("yes"));
+    assert_eq!(f.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_successful_post_invalidates_the_url() {
+    let f = fixture(|b| b).await;
+    get(&f.app, "/fresh").await;
+    settle().await;
+    assert_eq!(get(&f.app, "/fresh").await.body, "fresh-1");
+    assert_eq!(send(&f.app, "POST", "/fresh", &[]).await.status, 200);
+    assert_eq!(get(&f.app, "/fresh").await.body, "fresh-2");
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_streamed_whole_but_not_stored() {
+    let f = fixture(|b| b.max_body_bytes(1024)).await;
+    let big = get(&f.app, "/big").await;
+    assert_eq!(big.body.len(), 64 * 1024);
+    settle().await;
+    let again = get(&f.app, "/big").await;
+    assert_eq!(again.body.len(), 64 * 1024);
+    assert_eq!(f.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_streamed_body_is_stored_once_complete() {
+    let f = fixture(|b| b).await;
+    assert_eq!(
+        get(&f.app, "/chunked").await.body,
+        "chunk0;chunk1;chunk2;chunk3;"
+    );
+    settle().await;
+    let hit = get(&f.app, "/chunked").await;
+    assert_eq!(hit.body, "chunk0;chunk1;chunk2;chunk3;");
+    assert_eq!(f.origin.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_body_leaves_no_entry() {
+    let f = fixture(|b| b).await;
+    let request = Request::get("/chunked")
+        .header(header::HOST, "shop.example")
+        .body(Body::empty())
+        .unwrap();
+    let response = f.app.clone().oneshot(request).await.unwrap();
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "chunk0;");
+    drop(body);
+    settle().await;
+    let mut conn = f.redis.connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}
+
+#[tokio::test]
+async fn x_forwarded_host_cannot_poison_the_entry() {
+    let f = fixture(|b| b).await;
+    let attack = send(
+        &f.app,
+        "GET",
+        "/reflect-host",
+        &[("x-forwarded-host", "evil.example")],
+    )
+    .await;
+    assert!(
+        attack.body.contains("evil.example"),
+        "the origin reflects it"
+    );
+    assert!(
+        !attack.cache_status().contains("stored"),
+        "{}",
+        attack.cache_status()
+    );
+    settle().await;
+    let victim = get(&f.app, "/reflect-host").await;
+    assert!(victim.body.contains("shop.example"), "{}", victim.body);
+    settle().await;
+    // And once a clean entry exists, the attacker gets it too.
+    let attack_again = send(
+        &f.app,
+        "GET",
+        "/reflect-host",
+        &[("x-forwarded-host", "evil.example")],
+    )
+    .await;
+    assert!(attack_again.body.contains("shop.example"));
+}
+
+#[tokio::test]
+async fn a_corrupt_entry_is_a_miss_and_is_replaced() {
+    let f = fixture(|b| b).await;
+    get(&f.app, "/fresh").await;
+    settle().await;
+    let mut conn = f.redis.connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let variant = fields.iter().find(|f| f.starts_with("e:")).unwrap();
+    redis::cmd("HSET")
+        .arg(&keys[0])
+        .arg(variant)
+        .arg("garbage")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+
+    let answer = get(&f.app, "/fresh").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, "fresh-2");
+    settle().await;
+    assert_eq!(get(&f.app, "/fresh").await.body, "fresh-2");
+}
+
+#[tokio::test]
+async fn head_is_answered_from_the_get_entry() {
+    let f = fixture(|b| b).await;
+    get(&f.app, "/fresh").await;
+    settle().await;
+    let head = send(&f.app, "HEAD", "/fresh", &[]).await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert!(head.cache_status().contains("hit"));
+    assert_eq!(f.origin.calls(), 1);
+}
+
+#[tokio::test]
+async fn request_directives_are_honoured() {
+    let f = fixture(|b| b).await;
+    let miss = send(
+        &f.app,
+        "GET",
+        "/fresh",
+        &[("cache-control", "only-if-cached")],
+    )
+    .await;
+    assert_eq!(miss.status, 504);
+    get(&f.app, "/fresh").await;
+    settle().await;
+    let no_cache = send(&f.app, "GET", "/fresh", &[("cache-control", "no-cache")]).await;
+    assert_eq!(no_cache.body, "fresh-2");
+    assert!(
+        no_cache.cache_status().contains("fwd=request"),
+        "{}",
+        no_cache.cache_status()
+    );
+    settle().await;
+    let young_enough = send(&f.app, "GET", "/fresh", &[("cache-control", "max-age=30")]).await;
+    assert_eq!(young_enough.body, "fresh-2");
+    assert_eq!(f.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn route_rules_bypass_and_default_ttl() {
+    let f = fixture(|b| {
+        b.route(Route::new("/private").bypass())
+            .route(Route::new("/no-store").default_ttl(Duration::from_secs(30)))
+    })
+    .await;
+    let bypassed = get(&f.app, "/private").await;
+    assert!(bypassed.header("cache-status").is_none());
+    // default_ttl does not override no-store.
+    get(&f.app, "/no-store").await;
+    settle().await;
+    get(&f.app, "/no-store").await;
+    assert_eq!(f.origin.calls(), 3);
+}
+
+#[tokio::test]
+async fn redis_outage_keeps_caching_in_process_and_says_so() {
+    let f = fixture(|b| b).await;
+    get(&f.app, "/fresh").await;
+    settle().await;
+    f.redis.kill().await;
+    let first = get(&f.app, "/fresh").await;
+    assert_eq!(first.status, 200);
+    assert!(
+        first.cache_status().contains("detail=redis-unavailable"),
+        "{}",
+        first.cache_status()
+    );
+    settle().await;
+    let second = get(&f.app, "/fresh").await;
+    assert!(
+        second.cache_status().contains("hit"),
+        "{}",
+        second.cache_status()
+    );
+    assert!(second.cache_status().contains("detail=redis-unavailable"));
+    let calls_during_outage = f.origin.calls();
+
+    f.redis.restart().await;
+    let mut rx = f.manager.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        rx.wait_for(|s| *s == BreakerState::Closed),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Redis is empty after its restart: a miss there (the in-process copy is
+    // dropped), then shared hits again.
+    let back = get(&f.app, "/fresh").await;
+    assert!(
+        back.cache_status().contains("fwd=uri-miss"),
+        "{}",
+        back.cache_status()
+    );
+    assert!(!back.cache_status().contains("redis-unavailable"));
+    settle().await;
+    let shared = get(&f.app, "/fresh").await;
+    assert!(shared.cache_status().contains("hit"));
+    assert_eq!(f.origin.calls(), calls_during_outage + 1);
+}
+
+#[tokio::test]
+async fn requests_without_a_host_or_with_other_methods_pass_through() {
+    let f = fixture(|b| b.allowed_hosts(["shop.example"])).await;
+    let other_host = send(&f.app, "GET", "/fresh", &[("host", "evil.example")]).await;
+    assert_eq!(other_host.status, 200);
+    // Both Host headers were sent; the request is not cacheable either way.
+    let request = Request::get("/fresh")
+        .header(header::HOST, "evil.example")
+        .body(Body::empty())
+        .unwrap();
+    let response = f.app.clone().oneshot(request).await.unwrap();
+    assert!(response.headers().get("cache-status").is_none());
+}
