@@ -261,14 +261,19 @@ where
     let as_stored = response_parts(refreshed.status, refreshed.headers.clone());
     let mut status =
         CacheStatus::forward(reason, degraded).with_fwd_status(StatusCode::NOT_MODIFIED);
-    if let Ok(storable) = freshness::storable(
+    let unkeyed = config
+        .unkeyed_headers
+        .iter()
+        .any(|h| client_parts.headers.contains_key(h));
+    let storable = freshness::storable(
         &client_parts,
         &request_directives,
         &as_stored,
         &config.rules,
         route,
         response_time,
-    ) {
+    );
+    if let (false, Ok(storable)) = (unkeyed, storable) {
         refreshed.response_time_ms = freshness::epoch_ms(response_time);
         refreshed.initial_age =
             freshness::initial_age(&not_modified.headers, request_time, response_time);

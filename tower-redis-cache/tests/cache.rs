@@ -1,6 +1,8 @@
 //! The cache layer against real Redis, in front of an axum origin that
 //! counts its calls.
 
+#![allow(clippy::unwrap_used)] // A failed setup step should fail the test loudly.
+
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
