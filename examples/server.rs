@@ -1,39 +1,52 @@
-//! The demo server: an axum app on the shared Redis connection manager.
+//! The demo server: a small shop on axum with all three tower-redis layers.
 //!
 //! Run it with `cargo run --example server`, then:
 //!
 //! ```text
-//! curl -s localhost:3000/healthz     # the Redis breaker's state, as JSON
-//! curl -s -X POST localhost:3000/visits   # a counter shared through Redis
-//! curl -si localhost:3000/healthz | grep -i ratelimit   # 50 requests per 30 s per IP
+//! curl -si localhost:3000/products/1             # 50 ms "database" read, then cached:
+//! curl -si localhost:3000/products/1             #   Cache-Status: tower-redis; hit; ttl=59
+//! curl -si -X PUT localhost:3000/products/1 -d 'Blue mug'   # invalidates /products/1 and /products
+//! curl -si -c jar -X POST localhost:3000/login -d 'alice'   # session cookie, new id
+//! curl -si -b jar localhost:3000/me                        # {"user":"alice"}
+//! curl -si -b jar localhost:3000/api/orders                # RateLimit: "per-user";r=99;...
+//! curl -s  localhost:3000/healthz                # Redis breaker state
+//! curl -s  localhost:3000/metrics                # Prometheus text
 //! ```
 //!
-//! Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`; `memory` runs
-//! without Redis), `BIND` (default `127.0.0.1`), `PORT` (default `3000`),
-//! `RUST_LOG` (default `info`). Stop Redis while it runs: the counter keeps
-//! counting in process and `/healthz` says `open`; start Redis again and it
-//! goes back to `closed` by itself.
+//! Limits: every route has a flood guard of 50 requests per 30 s per client
+//! IP; under `/api`, anonymous clients get 10 per minute per IP and
+//! logged-in users 100 per minute per user.
 //!
-//! Every route is rate limited per client IP (a flood guard of 50 requests
-//! per 30 s); the 51st gets `429` with `Retry-After` and a problem+json body.
-//! The cache and session layers join this server as they land.
+//! Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`; `memory` runs
+//! on the in-process stores only), `BIND` (default `127.0.0.1`), `PORT`
+//! (default `3000`), `RUST_LOG` (default `info`). Stop Redis while it runs:
+//! everything keeps working from process memory, `Cache-Status` and
+//! `RateLimit` say so, and `/healthz` reports `degraded`; start Redis again
+//! and it recovers by itself. The session cookie is sent without `Secure`
+//! here so that it works over plain http on localhost.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tower_redis_core::{RedisConfig, RedisManager, Source, redis};
-use tower_redis_ratelimit::{Policy, RateLimitLayer};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tower_redis_cache::{CacheLayer, Route};
+use tower_redis_core::{RedisConfig, RedisManager};
+use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
+use tower_redis_session::{Session, SessionLayer};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Clone)]
 struct App {
     redis: RedisManager,
-    local_visits: Arc<AtomicU64>,
+    products: Arc<RwLock<BTreeMap<u32, String>>>,
+    metrics: PrometheusHandle,
 }
 
 #[tokio::main]
@@ -50,25 +63,81 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
+    let metrics = PrometheusBuilder::new().install_recorder()?;
 
     let redis = match std::env::var("REDIS_URL").as_deref() {
         Ok("memory") => {
-            tracing::info!("REDIS_URL=memory: running on in-process state only");
+            tracing::info!("REDIS_URL=memory: running on in-process stores only");
             RedisManager::disabled()
         }
         _ => RedisManager::connect(RedisConfig::from_env()?).await?,
     };
+
+    let cache = CacheLayer::builder(redis.clone())
+        .route(Route::new("/products*").default_ttl(Duration::from_secs(60)))
+        .route(Route::new("*").bypass())
+        .build()?;
+    let sessions = SessionLayer::builder(redis.clone())
+        .insecure_http_for_local_development()
+        .build()?;
     let flood_guard = RateLimitLayer::builder(redis.clone())
         .policy(Policy::gcra("flood", 50, Duration::from_secs(30)))
         .build()?;
+    let api_limits = RateLimitLayer::builder(redis.clone())
+        .policy(
+            Policy::gcra("anonymous", 10, Duration::from_secs(60)).key(Key::from_async_fn(
+                |parts| {
+                    let session = parts.extensions.get::<Session>().cloned();
+                    let ip = parts
+                        .extensions
+                        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+                        .map(|info| info.0.ip().to_string());
+                    // Counted per IP only while nobody is logged in.
+                    async move {
+                        match session {
+                            Some(session) if session.user().await.is_some() => None,
+                            _ => ip,
+                        }
+                    }
+                },
+            )),
+        )
+        .policy(
+            Policy::gcra("per-user", 100, Duration::from_secs(60)).key(Key::from_async_fn(
+                |parts| {
+                    let session = parts.extensions.get::<Session>().cloned();
+                    async move {
+                        match session {
+                            Some(session) => session.user().await,
+                            None => None,
+                        }
+                    }
+                },
+            )),
+        )
+        .build()?;
+
+    let products = BTreeMap::from([(1, "Red mug".to_owned()), (2, "Green teapot".to_owned())]);
     let app = App {
         redis,
-        local_visits: Arc::new(AtomicU64::new(0)),
+        products: Arc::new(RwLock::new(products)),
+        metrics,
     };
+    let api = Router::new()
+        .route("/orders", get(orders))
+        .layer(api_limits);
     let router = Router::new()
+        .route("/products", get(list_products))
+        .route("/products/{id}", get(product).put(update_product))
+        .route("/login", post(login))
+        .route("/logout", post(logout))
+        .route("/me", get(me))
         .route("/healthz", get(healthz))
-        .route("/visits", post(visit))
+        .route("/metrics", get(metrics_text))
+        .nest("/api", api)
         .with_state(app)
+        .layer(cache)
+        .layer(sessions)
         .layer(flood_guard);
 
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1".to_owned());
@@ -91,9 +160,80 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The slow "database" a cache is for.
+async fn database_read() {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+fn cacheable(body: impl IntoResponse) -> impl IntoResponse {
+    (
+        [(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=60"),
+        )],
+        body,
+    )
+}
+
+async fn list_products(State(app): State<App>) -> impl IntoResponse {
+    database_read().await;
+    let products = app.products.read().map(|p| p.clone()).unwrap_or_default();
+    cacheable(Json(products))
+}
+
+async fn product(State(app): State<App>, Path(id): Path<u32>) -> axum::response::Response {
+    database_read().await;
+    let name = app.products.read().ok().and_then(|p| p.get(&id).cloned());
+    match name {
+        Some(name) => {
+            cacheable(Json(serde_json::json!({ "id": id, "name": name }))).into_response()
+        }
+        None => (StatusCode::NOT_FOUND, "no such product").into_response(),
+    }
+}
+
+/// A successful PUT invalidates its own URL; `Content-Location` and
+/// `Location` (same origin) invalidate the others that show this product.
+async fn update_product(
+    State(app): State<App>,
+    Path(id): Path<u32>,
+    name: String,
+) -> impl IntoResponse {
+    if let Ok(mut products) = app.products.write() {
+        products.insert(id, name.trim().to_owned());
+    }
+    let mut headers = HeaderMap::new();
+    headers.insert(header::LOCATION, HeaderValue::from_static("/products"));
+    (StatusCode::OK, headers, "updated")
+}
+
+async fn login(session: Session, user: String) -> impl IntoResponse {
+    let user = user.trim().to_owned();
+    if user.is_empty() {
+        return (StatusCode::BAD_REQUEST, "send the user name as the body").into_response();
+    }
+    // A privilege change: a new session id, the old one stops working.
+    session.cycle_id().await;
+    session.set_user(&user).await;
+    Json(serde_json::json!({ "user": user })).into_response()
+}
+
+async fn logout(session: Session) -> impl IntoResponse {
+    session.destroy().await;
+    StatusCode::NO_CONTENT
+}
+
+async fn me(session: Session) -> impl IntoResponse {
+    Json(serde_json::json!({ "user": session.user().await }))
+}
+
+async fn orders(session: Session) -> impl IntoResponse {
+    Json(serde_json::json!({ "user": session.user().await, "orders": [] }))
+}
+
 /// Always 200: the app serves with or without Redis, so a load balancer
 /// must not pull it out of rotation. The body says which mode it is in.
-async fn healthz(State(app): State<App>) -> Json<serde_json::Value> {
+async fn healthz(State(app): State<App>) -> impl IntoResponse {
     let health = app.redis.health();
     let status = if health.is_healthy() {
         "ok"
@@ -103,25 +243,6 @@ async fn healthz(State(app): State<App>) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": status, "redis": health }))
 }
 
-/// Counts visits in Redis, or in process while Redis is away.
-async fn visit(State(app): State<App>) -> Json<serde_json::Value> {
-    let key = app.redis.keys().key(&["visits"]);
-    let local = Arc::clone(&app.local_visits);
-    let served = app
-        .redis
-        .failover(
-            |mut conn| async move {
-                redis::cmd("INCR")
-                    .arg(key)
-                    .query_async::<u64>(&mut conn)
-                    .await
-            },
-            |_reason| async move { local.fetch_add(1, Ordering::Relaxed) + 1 },
-        )
-        .await;
-    let source = match served.source {
-        Source::Redis => "redis".to_owned(),
-        Source::Fallback(reason) => format!("in-process ({})", reason.as_str()),
-    };
-    Json(serde_json::json!({ "visits": served.value, "counted_in": source }))
+async fn metrics_text(State(app): State<App>) -> impl IntoResponse {
+    app.metrics.render()
 }

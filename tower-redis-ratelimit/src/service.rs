@@ -86,7 +86,11 @@ where
                 match decide(&config, &parts).await {
                     Outcome::Pass(extra_headers) => {
                         let mut response = inner.call(Request::from_parts(parts, body)).await?;
-                        response.headers_mut().extend(extra_headers);
+                        // Appended, not replaced: stacked rate-limit layers
+                        // each add their members to the same list fields.
+                        for (name, value) in &extra_headers {
+                            response.headers_mut().append(name.clone(), value.clone());
+                        }
                         Ok(response.map(ResponseBody::inner))
                     }
                     Outcome::Respond(response) => Ok(response.map(ResponseBody::full)),

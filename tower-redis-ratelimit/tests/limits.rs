@@ -669,3 +669,44 @@ fn layer_and_builder_are_send_sync_debug() {
     check::<RateLimitLayer>();
     check::<RateLimitLayerBuilder>();
 }
+
+#[tokio::test]
+async fn stacked_layers_each_add_their_fields() {
+    let redis = TestRedis::start().await;
+    let outer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("outer", 10, HOUR))
+        .build()
+        .expect("layer");
+    let inner = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("inner", 5, HOUR))
+        .build()
+        .expect("layer");
+    let service = tower::util::BoxCloneSyncService::new(tower::Layer::layer(
+        &outer,
+        tower::Layer::layer(
+            &inner,
+            tower::service_fn(|_req: Request<()>| async {
+                Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+            }),
+        ),
+    ));
+    let response = service
+        .oneshot(request("192.0.2.20", "/"))
+        .await
+        .expect("infallible");
+    let fields: Vec<&str> = response
+        .headers()
+        .get_all("ratelimit")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    assert_eq!(fields.len(), 2, "{fields:?}");
+    assert!(
+        fields.iter().any(|f| f.starts_with("\"inner\";r=4")),
+        "{fields:?}"
+    );
+    assert!(
+        fields.iter().any(|f| f.starts_with("\"outer\";r=9")),
+        "{fields:?}"
+    );
+}

@@ -211,7 +211,8 @@ impl Session {
     async fn write(&self, state: &mut State) -> Option<CookieUpdate> {
         let Some(id) = state.id.clone() else {
             // A new session is stored only once it holds something.
-            if !state.changes.entries.values().any(Option::is_some) {
+            if !state.changes.entries.values().any(Option::is_some) && state.changes.user.is_none()
+            {
                 return None;
             }
             let id = SessionId::generate();

@@ -58,6 +58,19 @@ fn routes() -> Router {
             }),
         )
         .route(
+            "/claim/{user}",
+            post(|session: Session, Path(user): Path<String>| async move {
+                session.set_user(&user).await;
+                "claimed"
+            }),
+        )
+        .route(
+            "/whoami",
+            get(|session: Session| async move {
+                session.user().await.unwrap_or_else(|| "nobody".to_owned())
+            }),
+        )
+        .route(
             "/logout",
             post(|session: Session| async move {
                 session.destroy().await;
@@ -592,4 +605,15 @@ async fn sessions_work_on_redis_cluster() {
         send(&app, "GET", "/get/user", Some(&cookies[1].1)).await.1,
         "none"
     );
+}
+
+#[tokio::test]
+async fn a_new_session_holding_only_a_user_is_stored() {
+    let redis = TestRedis::start().await;
+    let app = app(SessionLayer::builder(
+        manager_for(redis.config().build().unwrap()).await,
+    ));
+    let (_, _, set_cookie, _) = send(&app, "POST", "/claim/dora", None).await;
+    let cookie = cookie_pair(&set_cookie.expect("a session holding a user is stored"));
+    assert_eq!(send(&app, "GET", "/whoami", Some(&cookie)).await.1, "dora");
 }
