@@ -1,7 +1,5 @@
 //! [`Cache`]: look up, serve or forward, and store what may be stored.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
@@ -54,24 +52,7 @@ impl<S> Cache<S> {
     }
 }
 
-/// The future of [`Cache`].
-pub struct ResponseFuture<T, E> {
-    inner: Pin<Box<dyn Future<Output = Result<T, E>> + Send>>,
-}
-
-impl<T, E> Future for ResponseFuture<T, E> {
-    type Output = Result<T, E>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
-    }
-}
-
-impl<T, E> std::fmt::Debug for ResponseFuture<T, E> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
+pub use tower_redis_core::ResponseFuture;
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Cache<S>
 where
@@ -92,9 +73,7 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let config = Arc::clone(&self.config);
-        ResponseFuture {
-            inner: Box::pin(handle(config, inner, request)),
-        }
+        ResponseFuture::new(handle(config, inner, request))
     }
 }
 

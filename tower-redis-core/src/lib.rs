@@ -50,6 +50,7 @@ mod breaker;
 mod config;
 mod connection;
 mod error;
+mod future;
 mod keys;
 mod manager;
 
@@ -60,6 +61,7 @@ pub use breaker::{BreakerState, Health};
 pub use config::{BreakerConfig, RedisConfig, RedisConfigBuilder, RedisUrl, Topology};
 pub use connection::RedisConnection;
 pub use error::{ConfigError, Error};
+pub use future::ResponseFuture;
 pub use keys::{Keyspace, escape_key_part};
 pub use manager::{FallbackReason, RedisManager, Served, Source, pipeline_with_scripts};
 

@@ -1,7 +1,5 @@
 //! [`RateLimit`]: the service that decides before calling the inner one.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -41,24 +39,7 @@ impl<S> RateLimit<S> {
     }
 }
 
-/// The future of [`RateLimit`]: the decision, then the inner call.
-pub struct ResponseFuture<T, E> {
-    inner: Pin<Box<dyn Future<Output = Result<T, E>> + Send>>,
-}
-
-impl<T, E> Future for ResponseFuture<T, E> {
-    type Output = Result<T, E>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
-    }
-}
-
-impl<T, E> std::fmt::Debug for ResponseFuture<T, E> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
+pub use tower_redis_core::ResponseFuture;
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
 where
@@ -80,23 +61,21 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = Arc::clone(&self.config);
-        ResponseFuture {
-            inner: Box::pin(async move {
-                let (parts, body) = request.into_parts();
-                match decide(&config, &parts).await {
-                    Outcome::Pass(extra_headers) => {
-                        let mut response = inner.call(Request::from_parts(parts, body)).await?;
-                        // Appended, not replaced: stacked rate-limit layers
-                        // each add their members to the same list fields.
-                        for (name, value) in &extra_headers {
-                            response.headers_mut().append(name.clone(), value.clone());
-                        }
-                        Ok(response.map(ResponseBody::inner))
+        ResponseFuture::new(async move {
+            let (parts, body) = request.into_parts();
+            match decide(&config, &parts).await {
+                Outcome::Pass(extra_headers) => {
+                    let mut response = inner.call(Request::from_parts(parts, body)).await?;
+                    // Appended, not replaced: stacked rate-limit layers
+                    // each add their members to the same list fields.
+                    for (name, value) in &extra_headers {
+                        response.headers_mut().append(name.clone(), value.clone());
                     }
-                    Outcome::Respond(response) => Ok(response.map(ResponseBody::full)),
+                    Ok(response.map(ResponseBody::inner))
                 }
-            }),
-        }
+                Outcome::Respond(response) => Ok(response.map(ResponseBody::full)),
+            }
+        })
     }
 }
 

@@ -1,8 +1,6 @@
 //! [`SessionService`]: puts a [`Session`] in the request, writes it after
 //! the handler, and sets the cookie.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -29,24 +27,7 @@ impl<S> SessionService<S> {
     }
 }
 
-/// The future of [`SessionService`].
-pub struct ResponseFuture<T, E> {
-    inner: Pin<Box<dyn Future<Output = Result<T, E>> + Send>>,
-}
-
-impl<T, E> Future for ResponseFuture<T, E> {
-    type Output = Result<T, E>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
-    }
-}
-
-impl<T, E> std::fmt::Debug for ResponseFuture<T, E> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
+pub use tower_redis_core::ResponseFuture;
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SessionService<S>
 where
@@ -70,28 +51,24 @@ where
         let cookie_id = session_cookie(request.headers(), &shared);
         let session = Session::new(shared.store.clone(), cookie_id);
         request.extensions_mut().insert(session.clone());
-        ResponseFuture {
-            inner: Box::pin(async move {
-                let mut response = inner.call(request).await?;
-                let update = match session.finish().await {
-                    Some(update) => Some(update),
-                    // A persistent cookie's Max-Age rolls with use.
-                    None if shared.expiry.persistent => {
-                        session.live_id().await.map(CookieUpdate::Set)
-                    }
-                    None => None,
-                };
-                if let Some(update) = update
-                    && let Ok(value) = HeaderValue::from_str(&set_cookie(&shared, &update))
-                {
-                    let headers = response.headers_mut();
-                    headers.append(header::SET_COOKIE, value);
-                    // A response carrying a session id must not be cached.
-                    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                }
-                Ok(response)
-            }),
-        }
+        ResponseFuture::new(async move {
+            let mut response = inner.call(request).await?;
+            let update = match session.finish().await {
+                Some(update) => Some(update),
+                // A persistent cookie's Max-Age rolls with use.
+                None if shared.expiry.persistent => session.live_id().await.map(CookieUpdate::Set),
+                None => None,
+            };
+            if let Some(update) = update
+                && let Ok(value) = HeaderValue::from_str(&set_cookie(&shared, &update))
+            {
+                let headers = response.headers_mut();
+                headers.append(header::SET_COOKIE, value);
+                // A response carrying a session id must not be cached.
+                headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            }
+            Ok(response)
+        })
     }
 }
 
