@@ -88,7 +88,9 @@ impl Entry {
         let initial_age = r.u64()?;
         let lifetime = r.u64()?;
         let count = r.u16()?;
-        let mut headers = HeaderMap::with_capacity(usize::from(count));
+        // Capacity from untrusted input: capped, since HeaderMap panics on huge ones.
+        let mut headers = HeaderMap::try_with_capacity(usize::from(count).min(64))
+            .map_err(|_| DecodeError("header capacity"))?;
         for _ in 0..count {
             let name_len = usize::from(r.u16()?);
             let name = HeaderName::from_bytes(r.take(name_len)?)
@@ -96,7 +98,9 @@ impl Entry {
             let value_len = r.u32()? as usize;
             let value = HeaderValue::from_bytes(r.take(value_len)?)
                 .map_err(|_| DecodeError("bad header value"))?;
-            headers.append(name, value);
+            headers
+                .try_append(name, value)
+                .map_err(|_| DecodeError("too many headers"))?;
         }
         let body_len = r.u32()? as usize;
         let body = Bytes::copy_from_slice(r.take(body_len)?);
@@ -206,6 +210,15 @@ mod tests {
         let mut trailing = bytes;
         trailing.push(0);
         assert!(Entry::decode(&trailing).is_err());
+    }
+
+    #[test]
+    fn a_huge_header_count_is_an_error_not_a_panic() {
+        let mut bytes = b"TRC\x01".to_vec();
+        bytes.extend_from_slice(&200u16.to_be_bytes());
+        bytes.extend_from_slice(&[0u8; 24]);
+        bytes.extend_from_slice(&u16::MAX.to_be_bytes());
+        assert!(Entry::decode(&bytes).is_err());
     }
 
     #[test]

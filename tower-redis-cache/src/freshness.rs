@@ -107,7 +107,7 @@ pub(crate) fn storable(
     };
     Ok(Storable {
         directives: d,
-        lifetime: route.clamp(lifetime),
+        lifetime: route.clamp(lifetime).min(directives::MAX_DELTA),
     })
 }
 
@@ -200,8 +200,9 @@ pub(crate) fn usability(
     {
         return Usability::Revalidate;
     }
-    let fresh_for = lifetime.saturating_sub(request.min_fresh.unwrap_or(0));
-    if age < fresh_for {
+    // §5.2.1.3: fresh for at least `min-fresh` more seconds.
+    let remaining = lifetime.saturating_sub(age);
+    if age < lifetime && remaining >= request.min_fresh.unwrap_or(0) {
         return Usability::Fresh;
     }
     // must-revalidate / proxy-revalidate / s-maxage forbid serving stale (§5.2.2).
@@ -216,7 +217,7 @@ pub(crate) fn usability(
 
 /// Seconds a stale entry is kept for revalidation past its freshness.
 pub(crate) fn retention(lifetime: u64, stale_keep: Duration) -> Duration {
-    Duration::from_secs(lifetime) + stale_keep
+    Duration::from_secs(lifetime.min(directives::MAX_DELTA)).saturating_add(stale_keep)
 }
 
 #[cfg(test)]
@@ -494,6 +495,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(usability(10, 60, &stored, &max_age), Usability::Revalidate);
+        let exactly = RequestDirectives {
+            min_fresh: Some(50),
+            ..Default::default()
+        };
+        assert_eq!(usability(10, 60, &stored, &exactly), Usability::Fresh);
         let min_fresh = RequestDirectives {
             min_fresh: Some(55),
             ..Default::default()

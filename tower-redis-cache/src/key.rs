@@ -1,7 +1,7 @@
 //! Cache keys.
 //!
 //! An entry is found in two steps, both inside one Redis round trip: the
-//! **URL key** (scheme, host, path and normalised query) names a Redis hash
+//! **URL key** (host, path and normalised query) names a Redis hash
 //! that holds every variant of that URL; the **variant** is chosen by the
 //! response's `Vary` headers plus the route's extra key parts. Invalidating
 //! a URL deletes the one hash, and with it every variant.
@@ -18,11 +18,10 @@ use sha2::{Digest, Sha256};
 
 use crate::policy::Route;
 
-/// The URL part of a key, before hashing: `scheme://host/path?query`.
+/// The URL part of a key, before hashing: `//host/path?query`.
 pub(crate) fn url_of(parts: &Parts, allowed_hosts: &[String], route: &Route) -> Option<String> {
     let host = authority(parts)?;
     url_from(
-        parts.uri.scheme_str(),
         &host,
         parts.uri.path(),
         parts.uri.query(),
@@ -32,7 +31,6 @@ pub(crate) fn url_of(parts: &Parts, allowed_hosts: &[String], route: &Route) -> 
 }
 
 fn url_from(
-    scheme: Option<&str>,
     host: &str,
     path: &str,
     query: Option<&str>,
@@ -42,11 +40,9 @@ fn url_from(
     if !allowed_hosts.is_empty() && !allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
         return None;
     }
-    let mut url = format!(
-        "{}://{}{path}",
-        scheme.unwrap_or("http"),
-        host.to_ascii_lowercase()
-    );
+    // No scheme: HTTP/2 requests carry one and HTTP/1 requests do not, so
+    // keying on it would split one resource (and its invalidation) in two.
+    let mut url = format!("//{}{path}", host.to_ascii_lowercase());
     if let Some(query) = normalised_query(query, route) {
         url.push('?');
         url.push_str(&query);
@@ -65,25 +61,16 @@ pub(crate) fn same_origin_url<'r>(
 ) -> Option<String> {
     let target: Uri = value.trim().parse().ok()?;
     let host = authority(parts)?;
-    if let Some(target_host) = target.authority() {
-        let same_scheme =
-            target.scheme_str().unwrap_or("http") == parts.uri.scheme_str().unwrap_or("http");
-        if !same_scheme || !target_host.as_str().eq_ignore_ascii_case(&host) {
-            return None;
-        }
+    if let Some(target_host) = target.authority()
+        && !target_host.as_str().eq_ignore_ascii_case(&host)
+    {
+        return None;
     }
     let path = target.path();
     if !path.starts_with('/') {
         return None;
     }
-    url_from(
-        parts.uri.scheme_str(),
-        &host,
-        path,
-        target.query(),
-        allowed_hosts,
-        route_for(path),
-    )
+    url_from(&host, path, target.query(), allowed_hosts, route_for(path))
 }
 
 fn authority(parts: &Parts) -> Option<String> {
@@ -99,7 +86,11 @@ fn normalised_query(query: Option<&str>, route: &Route) -> Option<String> {
     let mut pairs: Vec<&str> = query
         .split('&')
         .filter(|pair| !pair.is_empty())
-        .filter(|pair| !route.ignores_param(pair.split('=').next().unwrap_or(pair)))
+        // A parameter whose value hides another one (`utm_x=1;callback=evil`,
+        // split on `;` by some frameworks) is kept in the key.
+        .filter(|pair| {
+            pair.contains(';') || !route.ignores_param(pair.split('=').next().unwrap_or(pair))
+        })
         .collect();
     if route.sort_query {
         pairs.sort_unstable();
@@ -195,7 +186,8 @@ pub(crate) fn variant(vary: &str, request: &HeaderMap, extra: &str) -> String {
     let mut text = String::new();
     text.push_str(vary);
     text.push('\n');
-    text.push_str(extra);
+    // The route's extra parts (cookies, headers) travel as a digest too.
+    text.push_str(&value_digest(extra));
     for name in vary.split(',').filter(|n| !n.is_empty()) {
         text.push('\n');
         text.push_str(name);
@@ -233,7 +225,7 @@ mod tests {
             &[],
             &route,
         );
-        assert_eq!(a.as_deref(), Some("http://shop.example/p?a=1&b=2"));
+        assert_eq!(a.as_deref(), Some("//shop.example/p?a=1&b=2"));
         assert_eq!(a, b);
     }
 

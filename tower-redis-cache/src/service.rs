@@ -129,10 +129,12 @@ where
                     return Ok(serve(&entry, &parts, age, status));
                 }
                 Usability::Revalidate if request_directives.only_if_cached => {
-                    return Ok(gateway_timeout(CacheStatus::forward("stale", degraded)));
+                    return Ok(gateway_timeout(degraded));
                 }
                 Usability::Revalidate => {
-                    let reason = if request_directives.no_cache {
+                    // Fresh but refused by the request's own directives: fwd=request.
+                    let fresh = age < entry.lifetime && !stored.no_cache;
+                    let reason = if request_directives.no_cache || fresh {
                         "request"
                     } else {
                         "stale"
@@ -148,10 +150,7 @@ where
         Lookup::VaryMiss => "vary-miss",
     };
     if request_directives.only_if_cached {
-        return Ok(gateway_timeout(CacheStatus::forward(
-            forward_reason,
-            degraded,
-        )));
+        return Ok(gateway_timeout(degraded));
     }
     let request_time = SystemTime::now();
     let response = inner.call(request).await?;
@@ -232,9 +231,15 @@ where
     let response_time = SystemTime::now();
     let (not_modified, _) = response.into_parts();
     let mut refreshed = entry;
+    // Every line of each field the 304 sends replaces the stored lines.
+    for name in not_modified.headers.keys() {
+        if name != header::CONTENT_LENGTH && !HOP_BY_HOP.contains(name) {
+            refreshed.headers.remove(name);
+        }
+    }
     for (name, value) in &not_modified.headers {
         if name != header::CONTENT_LENGTH && !HOP_BY_HOP.contains(name) {
-            refreshed.headers.insert(name.clone(), value.clone());
+            refreshed.headers.append(name.clone(), value.clone());
         }
     }
     let as_stored = response_parts(refreshed.status, refreshed.headers.clone());
@@ -342,6 +347,16 @@ where
     tokio::spawn(async move {
         if let Ok(body) = done.await {
             let mut put = put;
+            // A body that ended short of its declared length is not an entry.
+            let declared = put
+                .entry
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<usize>().ok());
+            if declared.is_some_and(|len| len != body.len()) {
+                return;
+            }
             put.entry.body = body;
             if store_config.generate_etags && !put.entry.headers.contains_key(header::ETAG) {
                 put.entry
@@ -461,10 +476,22 @@ fn not_modified(request: &Parts, stored: &HeaderMap) -> bool {
     matches!((since, modified), (Some(since), Some(modified)) if modified <= since)
 }
 
-fn gateway_timeout<B>(status: CacheStatus) -> Response<CacheBody<B>> {
+/// `only-if-cached` with nothing usable: 504, and nothing was forwarded.
+fn gateway_timeout<B>(degraded: bool) -> Response<CacheBody<B>> {
     let mut response = Response::new(CacheBody::empty());
     *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
-    add_cache_status(response.headers_mut(), &status);
+    let status = CacheStatus {
+        hit_ttl: None,
+        fwd: None,
+        fwd_status: None,
+        stored: false,
+        degraded,
+    };
+    let mut value = status.render();
+    value.push_str("; detail=only-if-cached");
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        response.headers_mut().append(CACHE_STATUS.clone(), value);
+    }
     response
 }
 
@@ -532,11 +559,9 @@ fn add_cache_status(headers: &mut HeaderMap, status: &CacheStatus) {
     }
 }
 
+/// RFC 9111 §4.4: unsafe methods, including those whose safety is unknown.
 fn is_unsafe(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
-    )
+    !method.is_safe()
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {

@@ -115,6 +115,8 @@ fn origin_routes(origin: Origin) -> Router {
                             ("etag", "\"v1\"".into()),
                             ("cache-control", "max-age=60".into()),
                             ("x-refreshed", "yes".into()),
+                            ("x-multi", "a".into()),
+                            ("x-multi", "b".into()),
                         ],
                         Body::empty(),
                     );
@@ -364,6 +366,8 @@ async fn a_stale_entry_is_revalidated_and_a_304_refreshes_its_headers() {
         "the stored body, not the empty 304"
     );
     assert_eq!(revalidated.header("x-refreshed"), Some("yes"));
+    let multi: Vec<_> = revalidated.headers.get_all("x-multi").iter().collect();
+    assert_eq!(multi, ["a", "b"], "every line of a refreshed field is kept");
     assert_eq!(
         revalidated.cache_status(),
         "tower-redis; fwd=stale; fwd-status=304; stored"
@@ -611,4 +615,64 @@ async fn requests_without_a_host_or_with_other_methods_pass_through() {
         .unwrap();
     let response = f.app.clone().oneshot(request).await.unwrap();
     assert!(response.headers().get("cache-status").is_none());
+}
+
+#[tokio::test]
+async fn route_key_parts_never_reach_redis_in_clear() {
+    let f = fixture(|b| b.route(Route::new("/fresh").key_cookie("sid"))).await;
+    let mut conn = f.redis.connection().await.unwrap();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("slowlog-log-slower-than")
+        .arg(0)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let secret = "s3cr3t-session-value";
+    let cookie = format!("sid={secret}");
+    send(
+        &f.app,
+        "GET",
+        "/fresh",
+        &[("cookie", &cookie), ("authorization", "Basic dXNlcjpwYXNz")],
+    )
+    .await;
+    settle().await;
+    send(&f.app, "GET", "/fresh", &[("cookie", &cookie)]).await;
+    let log: redis::Value = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(1000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let text = format!("{log:?}");
+    assert!(
+        text.contains("evalsha") || text.contains("EVALSHA"),
+        "the slow log records the lookups"
+    );
+    assert!(!text.contains(secret), "cookie value sent to Redis");
+    assert!(!text.contains("dXNlcjpwYXNz"), "credential sent to Redis");
+}
+
+#[tokio::test]
+async fn a_vary_on_a_header_clients_control_cannot_grow_a_url_without_bound() {
+    let f = fixture(|b| b).await;
+    for i in 0..100 {
+        let lang = format!("x-{i}");
+        send(&f.app, "GET", "/vary", &[("accept-language", &lang)]).await;
+    }
+    settle().await;
+    let mut conn = f.redis.connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1);
+    let fields: usize = redis::cmd("HLEN")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(fields <= 34, "{fields} fields");
 }

@@ -1,6 +1,6 @@
 -- Finds the variant of a URL that a request selects, in one round trip.
 -- KEYS[1] the URL's hash of variants
--- ARGV[1] the route's extra key parts; ARGV[2..] request header name/digest
+-- ARGV[1] a digest of the route's extra key parts; ARGV[2..] request header name/digest
 -- pairs (lower-case names, SHA-1 of the values joined by ", ").
 -- Returns {vary names or false, entry or false, variant field}. The variant field is the
 -- same SHA-1 the Rust side computes when it stores (key::variant).

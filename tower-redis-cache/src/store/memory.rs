@@ -61,7 +61,7 @@ impl MemoryStore {
         variants.entries.retain(|_, (_, expires)| *expires > now);
         variants.entries.insert(
             put.variant.clone(),
-            (Arc::new(put.entry.clone()), now + put.keep_for),
+            (Arc::new(put.entry.clone()), expiry(now, put.keep_for)),
         );
         variants.weight = variants
             .entries
@@ -79,4 +79,10 @@ impl MemoryStore {
     pub(crate) fn clear(&self) {
         self.urls.invalidate_all();
     }
+}
+
+/// `now + keep_for`, saturating far in the future instead of overflowing.
+fn expiry(now: Instant, keep_for: std::time::Duration) -> Instant {
+    now.checked_add(keep_for)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(10 * 365 * 24 * 3600))
 }

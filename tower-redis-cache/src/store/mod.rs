@@ -130,6 +130,7 @@ impl CacheStore {
                 )
                 .await;
             if served.is_fallback() {
+                self.degraded.store(true, Ordering::Release);
                 let mut pending = lock(&self.pending_invalidations);
                 if pending.len() < MAX_PENDING_INVALIDATIONS {
                     pending.push(url_hash.clone());
@@ -153,12 +154,21 @@ impl CacheStore {
                 if self.degraded.swap(false, Ordering::AcqRel) {
                     self.memory.clear();
                     let pending = std::mem::take(&mut *lock(&self.pending_invalidations));
+                    let mut failed = Vec::new();
                     for url_hash in pending {
                         let key = self.redis_key(&url_hash);
-                        let _ = self
+                        let deleted = self
                             .manager
                             .query::<()>(tower_redis_core::redis::cmd("DEL").arg(&key))
                             .await;
+                        if deleted.is_err() {
+                            failed.push(url_hash);
+                        }
+                    }
+                    if !failed.is_empty() {
+                        // Tried again on the next answer from Redis.
+                        lock(&self.pending_invalidations).extend(failed);
+                        self.degraded.store(true, Ordering::Release);
                     }
                     tracing::info!(target: "tower_redis_cache", "Redis is back: in-process cache entries dropped");
                 }

@@ -5,13 +5,17 @@ use std::sync::LazyLock;
 
 use http::HeaderMap;
 use tower_redis_core::RedisConnection;
-use tower_redis_core::redis::{self, RedisResult, Script};
+use tower_redis_core::redis::{RedisResult, Script};
 
 use super::Put;
 use crate::entry::Entry;
 use crate::key;
 
 static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lookup.lua")));
+static PUT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("put.lua")));
+
+/// Variants kept per URL before the URL's entries start over.
+const MAX_VARIANTS: u32 = 32;
 
 /// What Redis holds for a request.
 pub(crate) enum Found {
@@ -29,7 +33,7 @@ pub(crate) async fn lookup(
     extra: &str,
 ) -> RedisResult<Found> {
     let mut invocation = LOOKUP.key(key);
-    invocation.arg(extra);
+    invocation.arg(key::value_digest(extra));
     // Digests of the values, not the values: no cookie or credential is
     // sent to Redis.
     for name in request.keys() {
@@ -53,25 +57,12 @@ pub(crate) async fn put(mut conn: RedisConnection, key: &str, put: &Put) -> Redi
     let ttl = u64::try_from(put.keep_for.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
-    redis::pipe()
-        .cmd("HSET")
-        .arg(key)
-        .arg("vary")
+    PUT.key(key)
         .arg(&put.vary)
         .arg(&put.variant)
         .arg(put.entry.encode())
-        .ignore()
-        // The hash lives as long as its longest-lived variant.
-        .cmd("PEXPIRE")
-        .arg(key)
         .arg(ttl)
-        .arg("NX")
-        .ignore()
-        .cmd("PEXPIRE")
-        .arg(key)
-        .arg(ttl)
-        .arg("GT")
-        .ignore()
-        .query_async(&mut conn)
+        .arg(MAX_VARIANTS)
+        .invoke_async(&mut conn)
         .await
 }
