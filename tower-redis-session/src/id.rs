@@ -6,6 +6,7 @@ use std::fmt;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, KeyInit, Mac};
+use rand::TryRngCore;
 use sha2::{Digest, Sha256};
 
 /// Random bytes per id (256 bits; OWASP asks for at least 64 bits of entropy).
@@ -23,7 +24,11 @@ impl SessionId {
     /// A fresh id from the operating system's CSPRNG.
     pub(crate) fn generate() -> Self {
         let mut bytes = [0u8; ID_BYTES];
-        rand::fill(&mut bytes);
+        if rand::rngs::OsRng.try_fill_bytes(&mut bytes).is_err() {
+            // The OS generator failed (practically never): the thread-local
+            // CSPRNG, itself seeded from the OS, still gives 256 secure bits.
+            rand::fill(&mut bytes);
+        }
         Self(URL_SAFE_NO_PAD.encode(bytes))
     }
 

@@ -130,6 +130,13 @@ impl SessionLayerBuilder {
                 "idle and absolute timeouts must be positive".to_owned(),
             ));
         }
+        let year = std::time::Duration::from_secs(366 * 24 * 3600);
+        if self.expiry.absolute > year {
+            return Err(ConfigError::Expiry(format!(
+                "the absolute timeout ({:?}) is longer than a year; sessions that long are credentials that never expire",
+                self.expiry.absolute
+            )));
+        }
         if self.expiry.idle > self.expiry.absolute {
             return Err(ConfigError::Expiry(format!(
                 "the idle timeout ({:?}) is longer than the absolute one ({:?})",

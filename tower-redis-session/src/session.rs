@@ -177,6 +177,8 @@ impl Session {
     /// [`SessionStore::list_user_sessions`] and [`SessionStore::revoke_user`].
     pub async fn set_user(&self, user: &str) {
         let mut state = self.loaded().await;
+        // Like `insert`, after `destroy` this starts a new session.
+        state.phase = Phase::Loaded;
         state.changes.user = Some(user.to_owned());
     }
 
@@ -217,33 +219,41 @@ impl Session {
             }
             let id = SessionId::generate();
             self.store
-                .save(&id.storage_key(), Some(now_ms()), &state.changes)
+                .save(&id.storage_key(), Some(now_ms()), &state.changes, None)
                 .await;
             return Some(CookieUpdate::Set(id));
         };
         if state.cycle {
-            let mut record = state.record.clone();
-            for (name, value) in &state.changes.entries {
-                match value {
-                    Some(json) => record.fields.insert(name.clone(), json.clone()),
-                    None => record.fields.remove(name),
-                };
-            }
-            if state.changes.user.is_some() {
-                record.user.clone_from(&state.changes.user);
-            }
+            let mut merged = state.record.clone();
+            state.changes.apply_to(&mut merged);
             let new_id = SessionId::generate();
-            self.store
-                .cycle(&id.storage_key(), &new_id.storage_key(), &record)
-                .await;
-            return Some(CookieUpdate::Set(new_id));
+            return match self
+                .store
+                .cycle(
+                    &id.storage_key(),
+                    &new_id.storage_key(),
+                    &merged,
+                    &state.changes,
+                )
+                .await
+            {
+                Saved::Written => Some(CookieUpdate::Set(new_id)),
+                // Destroyed or revoked meanwhile: stays ended.
+                Saved::Gone => Some(CookieUpdate::Remove),
+            };
         }
         if state.changes.is_empty() {
             return None;
         }
+        let previous_user = state.record.user.clone();
         match self
             .store
-            .save(&id.storage_key(), None, &state.changes)
+            .save(
+                &id.storage_key(),
+                None,
+                &state.changes,
+                previous_user.as_deref(),
+            )
             .await
         {
             Saved::Written => None,

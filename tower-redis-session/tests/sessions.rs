@@ -58,6 +58,16 @@ fn routes() -> Router {
             }),
         )
         .route(
+            "/slow-login/{user}",
+            post(|session: Session, Path(user): Path<String>| async move {
+                let _ = session.get::<String>("user").await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                session.cycle_id().await;
+                session.set_user(&user).await;
+                "welcome"
+            }),
+        )
+        .route(
             "/claim/{user}",
             post(|session: Session, Path(user): Path<String>| async move {
                 session.set_user(&user).await;
@@ -616,4 +626,70 @@ async fn a_new_session_holding_only_a_user_is_stored() {
     let (_, _, set_cookie, _) = send(&app, "POST", "/claim/dora", None).await;
     let cookie = cookie_pair(&set_cookie.expect("a session holding a user is stored"));
     assert_eq!(send(&app, "GET", "/whoami", Some(&cookie)).await.1, "dora");
+}
+
+#[tokio::test]
+async fn a_cycle_racing_a_logout_does_not_bring_the_session_back() {
+    let redis = TestRedis::start().await;
+    let app = app(SessionLayer::builder(
+        manager_for(redis.config().build().unwrap()).await,
+    ));
+    let (_, _, set_cookie, _) = send(&app, "POST", "/set/secret/s", None).await;
+    let cookie = cookie_pair(&set_cookie.unwrap());
+    let login = {
+        let (app, cookie) = (app.clone(), cookie.clone());
+        tokio::spawn(async move { send(&app, "POST", "/slow-login/mallory", Some(&cookie)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(&app, "POST", "/logout", Some(&cookie)).await;
+    let (status, _, login_cookie, _) = login.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        login_cookie.unwrap().contains("Max-Age=0"),
+        "the cycled-out session is told to go"
+    );
+    assert!(
+        session_keys(&redis).await.is_empty(),
+        "no session was recreated"
+    );
+}
+
+#[tokio::test]
+async fn a_write_refused_while_redis_is_up_reaches_redis_later() {
+    let redis = TestRedis::start().await;
+    let app = app(SessionLayer::builder(
+        manager_for(redis.config().build().unwrap()).await,
+    ));
+    let mut conn = redis.connection().await.unwrap();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(1)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let (status, _, set_cookie, _) = send(&app, "POST", "/set/cart/3", None).await;
+    assert_eq!(status, 200);
+    let cookie = cookie_pair(&set_cookie.expect("the visitor still gets a session"));
+    // Readable from this instance meanwhile.
+    assert_eq!(send(&app, "GET", "/get/cart", Some(&cookie)).await.1, "3");
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(0)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        wait_for_field(&redis, "d:cart").await,
+        "the queued write reached Redis"
+    );
+    assert_eq!(send(&app, "GET", "/get/cart", Some(&cookie)).await.1, "3");
 }

@@ -74,8 +74,8 @@ impl LocalStore {
         self.copies.insert(storage_key.to_owned(), record);
     }
 
-    /// Queues a save made while Redis was unavailable, merged with earlier
-    /// queued changes of the same session.
+    /// Queues a save made while Redis was unavailable. Saves are not merged:
+    /// each keeps the time of its own changes for the "newer wins" rule.
     pub(crate) fn queue(
         &self,
         storage_key: &str,
@@ -83,25 +83,8 @@ impl LocalStore {
         changes: &Changes,
         at_ms: u64,
     ) {
-        let mut pending = self.lock();
-        if let Some((
-            _,
-            Pending::Save {
-                changes: queued,
-                at_ms: queued_at,
-                ..
-            },
-        )) = pending.iter_mut().rev().find(|(k, _)| k == storage_key)
-        {
-            queued.entries.extend(changes.entries.clone());
-            if changes.user.is_some() {
-                queued.user.clone_from(&changes.user);
-            }
-            *queued_at = at_ms;
-            return;
-        }
         push_bounded(
-            &mut pending,
+            &mut self.lock(),
             storage_key,
             Pending::Save {
                 create,
@@ -109,6 +92,11 @@ impl LocalStore {
                 at_ms,
             },
         );
+    }
+
+    /// Whether changes to this session are waiting for Redis.
+    pub(crate) fn has_pending(&self, storage_key: &str) -> bool {
+        self.lock().iter().any(|(k, _)| k == storage_key)
     }
 
     /// Queues a deletion made while Redis was unavailable.
@@ -122,6 +110,10 @@ impl LocalStore {
                 user: user.map(str::to_owned),
             },
         );
+    }
+
+    pub(crate) fn pending_len(&self) -> usize {
+        self.lock().len()
     }
 
     pub(crate) fn take_pending(&self) -> Vec<(String, Pending)> {
@@ -147,11 +139,16 @@ impl LocalStore {
 
 fn push_bounded(pending: &mut Vec<(String, Pending)>, storage_key: &str, change: Pending) {
     if pending.len() >= MAX_PENDING {
-        pending.remove(0);
+        // Deletions (log outs) are never the ones dropped.
+        let oldest_save = pending
+            .iter()
+            .position(|(_, p)| matches!(p, Pending::Save { .. }))
+            .unwrap_or(0);
+        pending.remove(oldest_save);
         tracing::warn!(
             target: "tower_redis_session",
             limit = MAX_PENDING,
-            "too many session changes queued during the Redis outage; the oldest was dropped"
+            "too many session changes queued during the Redis outage; the oldest save was dropped"
         );
     }
     pending.push((storage_key.to_owned(), change));

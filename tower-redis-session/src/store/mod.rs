@@ -34,6 +34,7 @@ use local::Pending;
 
 static LOAD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("load.lua")));
 static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("save.lua")));
+static TAKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("take.lua")));
 
 /// A session's stored content.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -57,7 +58,7 @@ impl Changes {
         self.entries.is_empty() && self.user.is_none()
     }
 
-    fn apply_to(&self, record: &mut Record) {
+    pub(crate) fn apply_to(&self, record: &mut Record) {
         for (name, value) in &self.entries {
             match value {
                 Some(json) => record.fields.insert(name.clone(), json.clone()),
@@ -119,6 +120,9 @@ struct StoreInner {
     expiry: Expiry,
     local: LocalStore,
     reconciler_started: AtomicBool,
+    /// Wakes the reconciler when a write had to be queued, whether or not
+    /// the breaker moved.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl SessionStore {
@@ -129,6 +133,7 @@ impl SessionStore {
                 expiry,
                 local: LocalStore::new(local_capacity, expiry.idle),
                 reconciler_started: AtomicBool::new(false),
+                wake: Arc::new(tokio::sync::Notify::new()),
             }),
         }
     }
@@ -159,6 +164,11 @@ impl SessionStore {
     /// One round trip: the record, with its idle TTL refreshed.
     pub(crate) async fn load(&self, storage_key: &str) -> Option<Record> {
         self.start_reconciler();
+        if self.inner.local.has_pending(storage_key) {
+            // Changes from an outage are still on their way to Redis: this
+            // instance's copy is the newer one.
+            return self.inner.local.get(storage_key, self.absolute_ms());
+        }
         let key = self.session_key(storage_key);
         let served = self
             .inner
@@ -190,12 +200,15 @@ impl SessionStore {
     }
 
     /// One round trip: the changes, entry by entry (plus the user index).
+    /// `previous_user` is the session's user before the changes.
     pub(crate) async fn save(
         &self,
         storage_key: &str,
         create: Option<u64>,
         changes: &Changes,
+        previous_user: Option<&str>,
     ) -> Saved {
+        self.start_reconciler();
         let key = self.session_key(storage_key);
         let served = self
             .inner
@@ -203,18 +216,17 @@ impl SessionStore {
             .failover(
                 |mut conn| async move {
                     let commands =
-                        self.save_commands(&key, storage_key, create, changes, None, None);
+                        self.save_commands(&key, storage_key, create, changes, previous_user, None);
                     commands.run(&mut conn).await
                 },
                 |_| async { Saved::Written },
             )
             .await;
-        match served.source {
-            Source::Redis => {}
-            Source::Fallback(_) => self
-                .inner
+        if served.is_fallback() {
+            self.inner
                 .local
-                .queue(storage_key, create, changes, now_ms()),
+                .queue(storage_key, create, changes, now_ms());
+            self.inner.wake.notify_one();
         }
         if served.value == Saved::Written {
             self.inner.local.apply(storage_key, create, changes);
@@ -224,62 +236,95 @@ impl SessionStore {
         served.value
     }
 
-    /// A new id for a session: the whole record under the new key, the old
-    /// key deleted, in one pipelined round trip.
+    /// A new id for a session. The old key is taken (read and deleted
+    /// atomically) first, so a session destroyed or revoked meanwhile is
+    /// never recreated; then the record, with this request's changes, is
+    /// written under the new key. Two round trips.
     pub(crate) async fn cycle(
         &self,
         old_storage_key: &str,
         new_storage_key: &str,
-        record: &Record,
+        merged: &Record,
+        changes: &Changes,
     ) -> Saved {
-        let changes = Changes {
-            entries: record
-                .fields
-                .iter()
-                .map(|(k, v)| (k.clone(), Some(v.clone())))
-                .collect(),
-            user: record.user.clone(),
-        };
+        self.start_reconciler();
         let old_key = self.session_key(old_storage_key);
         let new_key = self.session_key(new_storage_key);
-        let create = Some(record.created_ms);
-        let changes_ref = &changes;
         let served = self
             .inner
             .manager
             .failover(
                 |mut conn| async move {
+                    let taken: Option<Vec<(String, String)>> = TAKE
+                        .key(&old_key)
+                        .arg(self.absolute_ms())
+                        .invoke_async(&mut conn)
+                        .await?;
+                    let Some(taken) = taken else {
+                        return Ok(Saved::Gone);
+                    };
+                    // What Redis held (with other requests' changes), then ours.
+                    let mut record = record_from_fields(taken);
+                    let previous_user = record.user.clone();
+                    changes.apply_to(&mut record);
+                    let full = Changes {
+                        entries: record
+                            .fields
+                            .iter()
+                            .map(|(k, v)| (k.clone(), Some(v.clone())))
+                            .collect(),
+                        user: record.user.clone(),
+                    };
                     let mut commands = self.save_commands(
                         &new_key,
                         new_storage_key,
-                        create,
-                        changes_ref,
-                        Some(old_storage_key),
+                        Some(record.created_ms),
+                        &full,
+                        previous_user.as_deref(),
                         None,
                     );
-                    commands
-                        .extras
-                        .push(redis::cmd("DEL").arg(&old_key).clone());
+                    if let Some(user) = &previous_user {
+                        commands.extras.push(
+                            redis::cmd("SREM")
+                                .arg(self.user_key(user))
+                                .arg(old_storage_key)
+                                .clone(),
+                        );
+                    }
                     commands.run(&mut conn).await
                 },
                 |_| async { Saved::Written },
             )
             .await;
+        let full = Changes {
+            entries: merged
+                .fields
+                .iter()
+                .map(|(k, v)| (k.clone(), Some(v.clone())))
+                .collect(),
+            user: merged.user.clone(),
+        };
         if served.is_fallback() {
             self.inner
                 .local
-                .queue_delete(old_storage_key, record.user.as_deref());
+                .queue_delete(old_storage_key, merged.user.as_deref());
             self.inner
                 .local
-                .queue(new_storage_key, create, &changes, now_ms());
+                .queue(new_storage_key, Some(merged.created_ms), &full, now_ms());
+            self.inner.wake.notify_one();
         }
         self.inner.local.remove(old_storage_key);
-        self.inner.local.apply(new_storage_key, create, &changes);
+        if served.value == Saved::Written {
+            self.inner
+                .local
+                .apply(new_storage_key, Some(merged.created_ms), &full);
+        }
         served.value
     }
 
     /// Deletes a session (and its entry in the user index).
     pub(crate) async fn delete(&self, storage_key: &str, user: Option<&str>) {
+        self.start_reconciler();
         let key = self.session_key(storage_key);
         let user_key = user.map(|u| self.user_key(u));
         let served = self
@@ -304,6 +349,7 @@ impl SessionStore {
             .await;
         if served.is_fallback() {
             self.inner.local.queue_delete(storage_key, user);
+            self.inner.wake.notify_one();
         }
         self.inner.local.remove(storage_key);
     }
@@ -315,7 +361,7 @@ impl SessionStore {
         storage_key: &str,
         create: Option<u64>,
         changes: &Changes,
-        replaces: Option<&str>,
+        previous_user: Option<&str>,
         at_ms: Option<u64>,
     ) -> SaveCommands {
         let mut invocation = SAVE.key(key);
@@ -351,15 +397,21 @@ impl SessionStore {
         if let Some(user) = &changes.user {
             let user_key = self.user_key(user);
             extras.push(redis::cmd("SADD").arg(&user_key).arg(storage_key).clone());
-            if let Some(old) = replaces {
-                extras.push(redis::cmd("SREM").arg(&user_key).arg(old).clone());
-            }
             extras.push(
                 redis::cmd("PEXPIRE")
                     .arg(&user_key)
                     .arg(self.absolute_ms())
                     .clone(),
             );
+            // A session that changes hands leaves the previous user's index.
+            if let Some(previous) = previous_user.filter(|p| *p != user) {
+                extras.push(
+                    redis::cmd("SREM")
+                        .arg(self.user_key(previous))
+                        .arg(storage_key)
+                        .clone(),
+                );
+            }
         }
         SaveCommands {
             script: Some(script),
@@ -438,17 +490,25 @@ impl SessionStore {
             return;
         }
         let weak = Arc::downgrade(&self.inner);
+        let wake = Arc::clone(&self.inner.wake);
         let mut states = self.inner.manager.subscribe();
         tokio::spawn(async move {
             loop {
-                if *states.borrow_and_update() == BreakerState::Closed {
-                    match weak.upgrade() {
-                        Some(inner) => SessionStore { inner }.reconcile().await,
-                        None => return,
+                // The task holds the store only while it works, so dropping
+                // the layer ends it.
+                let retry = {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let store = SessionStore { inner };
+                    if *states.borrow_and_update() == BreakerState::Closed {
+                        store.reconcile().await;
                     }
-                }
-                if states.changed().await.is_err() {
-                    return;
+                    store.inner.local.pending_len() > 0
+                };
+                tokio::select! {
+                    changed = states.changed() => if changed.is_err() { return },
+                    () = wake.notified() => {}
+                    // Writes that failed while Redis was up are retried soon.
+                    () = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
                 }
             }
         });

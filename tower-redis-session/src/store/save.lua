@@ -16,7 +16,8 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local key = KEYS[1]
-local at = tonumber(ARGV[6]) or now
+-- A queued change stamped by a clock ahead of Redis' is not in the future.
+local at = math.min(tonumber(ARGV[6]) or now, now)
 local exists = redis.call('EXISTS', key) == 1
 if not exists and ARGV[1] ~= 'create' then return 0 end
 local created
