@@ -9,6 +9,7 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body;
 use tower_service::Service;
+use tracing::Instrument;
 
 use crate::body::{CacheBody, Recorder};
 use crate::directives::{self, RequestDirectives};
@@ -73,7 +74,13 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let config = Arc::clone(&self.config);
-        ResponseFuture::new(handle(config, inner, request))
+        let span = tracing::debug_span!(
+            target: "tower_redis_cache",
+            "cache",
+            method = %request.method(),
+            path = request.uri().path()
+        );
+        ResponseFuture::new(handle(config, inner, request).instrument(span))
     }
 }
 
@@ -554,9 +561,31 @@ impl CacheStatus {
 }
 
 fn add_cache_status(headers: &mut HeaderMap, status: &CacheStatus) {
+    record(status);
     if let Ok(value) = HeaderValue::from_str(&status.render()) {
         headers.append(CACHE_STATUS.clone(), value);
     }
+}
+
+#[cfg(feature = "metrics")]
+fn record(status: &CacheStatus) {
+    let result = match (status.hit_ttl, status.fwd) {
+        (Some(_), _) => "hit",
+        (None, Some(fwd)) => fwd,
+        (None, None) => "none",
+    };
+    metrics::counter!(
+        "tower_redis_cache_requests_total",
+        "result" => result,
+        "stored" => if status.stored { "true" } else { "false" },
+        "degraded" => if status.degraded { "true" } else { "false" }
+    )
+    .increment(1);
+}
+
+#[cfg(not(feature = "metrics"))]
+fn record(status: &CacheStatus) {
+    tracing::trace!(target: "tower_redis_cache", cache_status = %status.render(), "answered");
 }
 
 /// RFC 9111 §4.4: unsafe methods, including those whose safety is unknown.
