@@ -14,6 +14,7 @@ use tower_redis_core::redis::{self, Cmd, aio::MultiplexedConnection};
 use tower_redis_core::{RedisConfig, RedisManager};
 
 use crate::Options;
+use crate::cpu::{self, CpuUse};
 use crate::error::BenchError;
 use crate::load::{self, LoadResult, LoadSpec, Operation};
 use crate::report::{Table, median, micros, thousands};
@@ -161,6 +162,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     check(&manager.query::<Vec<u8>>(&get).await?).map_err(|e| BenchError::Check(e.to_string()))?;
 
     let mut rows = Vec::with_capacity(options.concurrency.len());
+    let mut cells = Vec::new();
     for &concurrency in &options.concurrency {
         let spec = LoadSpec {
             concurrency,
@@ -179,6 +181,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
             for side in order {
                 let connections_before = redis.connections_received().await?;
                 let before = redis.command_calls().await?;
+                let cpu_before = redis.cpu_snapshot().await?;
                 let result = match side {
                     Side::Bare => {
                         load::run(spec, |_| BareGet {
@@ -195,6 +198,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
                         .await?
                     }
                 };
+                cells.push(redis.cpu_snapshot().await?.since(&cpu_before));
                 let commands = redis.command_calls().await?.since(&before);
                 let new_connections = redis
                     .connections_received()
@@ -218,7 +222,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
         }
         rows.push((concurrency, row));
     }
-    Ok(render(options, pool_size, &rows))
+    Ok(render(options, pool_size, &rows, &cells))
 }
 
 fn sample(result: &LoadResult, commands: u64, new_connections: u64) -> Sample {
@@ -231,7 +235,7 @@ fn sample(result: &LoadResult, commands: u64, new_connections: u64) -> Sample {
     }
 }
 
-fn render(options: &Options, pool_size: u32, rows: &[(usize, Row)]) -> String {
+fn render(options: &Options, pool_size: u32, rows: &[(usize, Row)], cells: &[CpuUse]) -> String {
     let mut table = Table::new([
         "concurrency",
         "bare redis-rs ops/s",
@@ -319,5 +323,6 @@ fn render(options: &Options, pool_size: u32, rows: &[(usize, Row)]) -> String {
         "- connections opened during a run, most in any repeat, bare / manager (expect 0 / 0): {}",
         connections.join("; ")
     );
+    let _ = writeln!(out, "- {}", cpu::disturbance(cells));
     out
 }

@@ -19,6 +19,12 @@ pub(crate) enum BenchError {
     /// The manager's configuration was rejected.
     #[error("configuration: {0}")]
     Config(#[from] tower_redis_core::ConfigError),
+    /// A rate-limit layer's configuration was rejected.
+    #[error("tower-redis-ratelimit configuration: {0}")]
+    RateLimitConfig(#[from] tower_redis_ratelimit::ConfigError),
+    /// A socket could not be bound or connected (in-process HTTP servers).
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
     /// A latency histogram could not be made or merged.
     #[error("histogram: {0}")]
     Histogram(String),

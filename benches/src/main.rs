@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p benches -- core
+//! cargo run --release -p benches --features peers -- ratelimit
 //! cargo run --release -p benches -- all --duration-secs 5
 //! ```
 //!
@@ -14,8 +15,10 @@
 #![allow(clippy::print_stdout)]
 
 mod core_suite;
+mod cpu;
 mod error;
 mod load;
+mod ratelimit_suite;
 mod report;
 mod server;
 
@@ -34,15 +37,18 @@ const USAGE_EXIT: u8 = 2;
 enum Suite {
     /// `RedisManager` vs a bare redis-rs `MultiplexedConnection`.
     Core,
+    /// An axum route over TCP with and without `RateLimitLayer` (and peers).
+    RateLimit,
 }
 
 impl Suite {
     /// Every suite, in the order `all` runs them.
-    const ALL: &'static [Suite] = &[Suite::Core];
+    const ALL: &'static [Suite] = &[Suite::Core, Suite::RateLimit];
 
     fn name(self) -> &'static str {
         match self {
             Suite::Core => "core",
+            Suite::RateLimit => "ratelimit",
         }
     }
 
@@ -50,6 +56,9 @@ impl Suite {
         match self {
             Suite::Core => {
                 "GET ops/s through RedisManager vs a bare redis-rs MultiplexedConnection"
+            }
+            Suite::RateLimit => {
+                "HTTP requests/s of an axum route with and without RateLimitLayer (tower_governor with --features peers)"
             }
         }
     }
@@ -70,6 +79,7 @@ impl Suite {
     async fn run(self, redis: &BenchRedis, options: &Options) -> Result<String, BenchError> {
         match self {
             Suite::Core => core_suite::run(redis, options).await,
+            Suite::RateLimit => ratelimit_suite::run(redis, options).await,
         }
     }
 }
@@ -267,6 +277,14 @@ mod tests {
                 options: Options::default()
             })
         );
+    }
+
+    #[test]
+    fn ratelimit_by_name() {
+        let Ok(Command::Run { suites, .. }) = parse(&["ratelimit"]) else {
+            panic!("`ratelimit` should parse");
+        };
+        assert_eq!(suites, vec![Suite::RateLimit]);
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::fmt::Write as _;
 pub(crate) struct Table {
     headers: Vec<String>,
     rows: Vec<Vec<String>>,
+    /// How many leading columns are text (left-aligned); the rest are numbers.
+    left: usize,
 }
 
 impl Table {
@@ -19,7 +21,14 @@ impl Table {
         Self {
             headers: headers.into_iter().map(Into::into).collect(),
             rows: Vec::new(),
+            left: 1,
         }
+    }
+
+    /// Left-aligns the first `columns` columns (default 1).
+    pub(crate) fn left_aligned(mut self, columns: usize) -> Self {
+        self.left = columns;
+        self
     }
 
     /// Adds a row; missing cells are left empty, extra cells are dropped.
@@ -37,7 +46,8 @@ impl Table {
         self.rows.push(row);
     }
 
-    /// The table as markdown: the first column left-aligned, the others
+    /// The table as markdown: the first column (or the first
+    /// [`left_aligned`](Self::left_aligned) ones) left-aligned, the others
     /// (numbers) right-aligned.
     pub(crate) fn render(&self) -> String {
         let widths: Vec<usize> = (0..self.headers.len())
@@ -51,11 +61,11 @@ impl Table {
             })
             .collect();
         let mut out = String::new();
-        write_row(&mut out, &self.headers, &widths, true);
+        write_row(&mut out, &self.headers, &widths, usize::MAX);
         out.push('|');
         for (i, width) in widths.iter().enumerate() {
             let dashes = "-".repeat(width.saturating_sub(1));
-            if i == 0 {
+            if i < self.left {
                 let _ = write!(out, " :{dashes} |");
             } else {
                 let _ = write!(out, " {dashes}: |");
@@ -63,7 +73,7 @@ impl Table {
         }
         out.push('\n');
         for row in &self.rows {
-            write_row(&mut out, row, &widths, false);
+            write_row(&mut out, row, &widths, self.left);
         }
         out
     }
@@ -73,11 +83,12 @@ fn cell_width(cell: &str) -> usize {
     cell.chars().count()
 }
 
-fn write_row(out: &mut String, cells: &[String], widths: &[usize], header: bool) {
+/// One row; cells before column `left` are left-aligned.
+fn write_row(out: &mut String, cells: &[String], widths: &[usize], left: usize) {
     out.push('|');
     for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
         let pad = " ".repeat(width - cell_width(cell));
-        if i == 0 || header {
+        if i < left {
             let _ = write!(out, " {cell}{pad} |");
         } else {
             let _ = write!(out, " {pad}{cell} |");
@@ -138,6 +149,16 @@ mod tests {
         assert_eq!(
             table.render(),
             "| c   | ops/s  |\n| :-- | -----: |\n| 1   | 12,345 |\n| 64  |        |\n"
+        );
+    }
+
+    #[test]
+    fn left_aligns_text_columns() {
+        let mut table = Table::new(["c", "who", "n"]).left_aligned(2);
+        table.row(["1", "a", "7"]);
+        assert_eq!(
+            table.render(),
+            "| c   | who | n   |\n| :-- | :-- | --: |\n| 1   | a   |   7 |\n"
         );
     }
 

@@ -1,10 +1,11 @@
 //! The Redis the suites run against, and the server-side counters they read.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tower_redis_core::redis::{self, aio::MultiplexedConnection};
 use tower_redis_core::testing::{Backend, TestRedis};
 
+use crate::cpu::CpuSnapshot;
 use crate::error::BenchError;
 
 /// A Redis to benchmark against: `REDIS_URL` when set, otherwise a
@@ -16,7 +17,7 @@ pub(crate) struct BenchRedis {
     /// One long-lived connection for setup and `INFO`: opening a connection
     /// sends commands (`CLIENT SETINFO`), which would pollute command counts.
     admin: MultiplexedConnection,
-    _test: Option<TestRedis>,
+    test: Option<TestRedis>,
 }
 
 impl BenchRedis {
@@ -48,7 +49,7 @@ impl BenchRedis {
             origin,
             client,
             admin,
-            _test: test,
+            test,
         })
     }
 
@@ -79,6 +80,25 @@ impl BenchRedis {
     /// Calls per command so far, from `INFO commandstats`.
     pub(crate) async fn command_calls(&self) -> Result<CommandCalls, BenchError> {
         Ok(CommandCalls::parse(&self.info("commandstats").await?))
+    }
+
+    /// CPU counters now: this process, the machine, and this server.
+    pub(crate) async fn cpu_snapshot(&self) -> Result<CpuSnapshot, BenchError> {
+        let redis = self.cpu_seconds().await?;
+        Ok(CpuSnapshot::now(redis, self.test.is_some()))
+    }
+
+    /// CPU time the Redis server has used since it started, user + system
+    /// (`INFO cpu`; the system part includes its sockets' kernel work).
+    async fn cpu_seconds(&self) -> Result<f64, BenchError> {
+        let cpu = self.info("cpu").await?;
+        let field = |name: &str| info_field(&cpu, name).and_then(|v| v.parse::<f64>().ok());
+        match (field("used_cpu_user"), field("used_cpu_sys")) {
+            (Some(user), Some(sys)) => Ok(user + sys),
+            _ => Err(BenchError::Check(
+                "INFO cpu has no used_cpu_user / used_cpu_sys".to_owned(),
+            )),
+        }
     }
 
     /// Connections the server has accepted since it started (`INFO stats`),
@@ -133,19 +153,39 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// Calls per command name (`get`, `client|setinfo`, ...) from `INFO commandstats`.
+/// Calls and time per command name (`get`, `client|setinfo`, ...) from
+/// `INFO commandstats`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct CommandCalls(HashMap<String, u64>);
+pub(crate) struct CommandCalls(HashMap<String, CommandStat>);
+
+/// One command's counters in `INFO commandstats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct CommandStat {
+    /// Times the command ran.
+    pub(crate) calls: u64,
+    /// Server CPU time spent in it, in µs (for `EVALSHA`, including the
+    /// commands its script runs).
+    pub(crate) usec: u64,
+}
 
 impl CommandCalls {
-    /// Reads `cmdstat_<name>:calls=<n>,...` lines.
+    /// Reads `cmdstat_<name>:calls=<n>,usec=<n>,...` lines.
     pub(crate) fn parse(info: &str) -> Self {
         let calls = info
             .lines()
             .filter_map(|line| {
                 let (name, stats) = line.trim().strip_prefix("cmdstat_")?.split_once(':')?;
-                let calls = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
-                Some((name.to_ascii_lowercase(), calls.parse().ok()?))
+                let field = |key: &str| {
+                    stats
+                        .split(',')
+                        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                        .and_then(|n| n.parse().ok())
+                };
+                let stat = CommandStat {
+                    calls: field("calls")?,
+                    usec: field("usec").unwrap_or(0),
+                };
+                Some((name.to_ascii_lowercase(), stat))
             })
             .collect();
         Self(calls)
@@ -154,11 +194,25 @@ impl CommandCalls {
     /// Commands run since `before`, leaving out the ones the benchmark
     /// itself sends to look (`INFO`, `CONFIG ...`).
     pub(crate) fn since(&self, before: &CommandCalls) -> u64 {
+        self.deltas(before).values().map(|stat| stat.calls).sum()
+    }
+
+    /// Counters per command since `before`, by name, leaving out the
+    /// harness's own commands (as [`since`](Self::since)) and commands not called.
+    pub(crate) fn deltas(&self, before: &CommandCalls) -> BTreeMap<String, CommandStat> {
         self.0
             .iter()
             .filter(|(name, _)| !is_harness_command(name))
-            .map(|(name, &calls)| calls.saturating_sub(before.0.get(name).copied().unwrap_or(0)))
-            .sum()
+            .map(|(name, now)| {
+                let then = before.0.get(name).copied().unwrap_or_default();
+                let delta = CommandStat {
+                    calls: now.calls.saturating_sub(then.calls),
+                    usec: now.usec.saturating_sub(then.usec),
+                };
+                (name.clone(), delta)
+            })
+            .filter(|(_, delta)| delta.calls > 0)
+            .collect()
     }
 }
 
@@ -186,6 +240,16 @@ mod tests {
         let before = CommandCalls::parse(BEFORE);
         let after = CommandCalls::parse(AFTER);
         assert_eq!(after.since(&before), 100 + 2 + 4);
+        let deltas = after.deltas(&before);
+        assert_eq!(
+            deltas.get("get"),
+            Some(&CommandStat {
+                calls: 100,
+                usec: 200
+            })
+        );
+        assert_eq!(deltas.get("client|setinfo").map(|s| s.calls), Some(4));
+        assert!(!deltas.contains_key("info") && !deltas.contains_key("config|resetstat"));
     }
 
     #[test]
