@@ -255,7 +255,9 @@ impl RedisManager {
         // operation showed up in profiles at high concurrency.
         let attempt = async {
             let (conn, broken) = inner.backend.checkout().await.map_err(Attempt::Connect)?;
-            op(conn).await.map_err(|error| Attempt::Command(error, broken))
+            op(conn)
+                .await
+                .map_err(|error| Attempt::Command(error, broken))
         };
         match timeout(inner.command_timeout, attempt).await {
             Ok(Ok(value)) => {
