@@ -3,6 +3,8 @@
 //! ```text
 //! cargo run --release -p benches -- core
 //! cargo run --release -p benches --features peers -- ratelimit
+//! cargo run --release -p benches --features peers -- cache
+//! cargo run --release -p benches --features peers -- session
 //! cargo run --release -p benches -- all --duration-secs 5
 //! ```
 //!
@@ -14,13 +16,16 @@
 // A benchmark's job is to print its report on stdout.
 #![allow(clippy::print_stdout)]
 
+mod cache_suite;
 mod core_suite;
 mod cpu;
 mod error;
+mod http_load;
 mod load;
 mod ratelimit_suite;
 mod report;
 mod server;
+mod session_suite;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -39,16 +44,22 @@ enum Suite {
     Core,
     /// An axum route over TCP with and without `RateLimitLayer` (and peers).
     RateLimit,
+    /// An axum route behind a slow origin with and without `CacheLayer` (and peers).
+    Cache,
+    /// Session reads and writes with `SessionLayer` (and tower-sessions).
+    Session,
 }
 
 impl Suite {
     /// Every suite, in the order `all` runs them.
-    const ALL: &'static [Suite] = &[Suite::Core, Suite::RateLimit];
+    const ALL: &'static [Suite] = &[Suite::Core, Suite::RateLimit, Suite::Cache, Suite::Session];
 
     fn name(self) -> &'static str {
         match self {
             Suite::Core => "core",
             Suite::RateLimit => "ratelimit",
+            Suite::Cache => "cache",
+            Suite::Session => "session",
         }
     }
 
@@ -59,6 +70,12 @@ impl Suite {
             }
             Suite::RateLimit => {
                 "HTTP requests/s of an axum route with and without RateLimitLayer (tower_governor with --features peers)"
+            }
+            Suite::Cache => {
+                "HTTP requests/s of a 20 ms origin behind CacheLayer, hits only (axum-response-cache, http-cache-tower-server with --features peers)"
+            }
+            Suite::Session => {
+                "HTTP requests/s of session reads and writes with SessionLayer (tower-sessions + redis store with --features peers)"
             }
         }
     }
@@ -80,6 +97,8 @@ impl Suite {
         match self {
             Suite::Core => core_suite::run(redis, options).await,
             Suite::RateLimit => ratelimit_suite::run(redis, options).await,
+            Suite::Cache => cache_suite::run(redis, options).await,
+            Suite::Session => session_suite::run(redis, options).await,
         }
     }
 }
@@ -285,6 +304,16 @@ mod tests {
             panic!("`ratelimit` should parse");
         };
         assert_eq!(suites, vec![Suite::RateLimit]);
+    }
+
+    #[test]
+    fn cache_and_session_by_name() {
+        for (name, suite) in [("cache", Suite::Cache), ("session", Suite::Session)] {
+            let Ok(Command::Run { suites, .. }) = parse(&[name]) else {
+                panic!("`{name}` should parse");
+            };
+            assert_eq!(suites, vec![suite]);
+        }
     }
 
     #[test]
