@@ -25,9 +25,10 @@
 //! # Promises
 //!
 //! - **Lazy.** A request whose handler never touches the session costs no
-//!   Redis call. A read is one round trip (one script that returns the
-//!   session and renews its idle TTL without rewriting it). A change costs
-//!   one more; a new session is stored only once it holds something.
+//!   Redis call. A read is one round trip (`PEXPIRE` and `HGETALL`,
+//!   pipelined: the idle TTL is renewed without rewriting the data). A
+//!   change costs one more (a Lua script); a new session is stored only once
+//!   it holds something.
 //! - **Concurrent requests keep their changes.** Each entry is written
 //!   separately (a Redis hash, one script), so two requests that change
 //!   different entries both persist. Two requests that change the *same*

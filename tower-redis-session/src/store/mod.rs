@@ -32,7 +32,6 @@ use crate::config::Expiry;
 pub(crate) use local::LocalStore;
 use local::Pending;
 
-static LOAD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("load.lua")));
 static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("save.lua")));
 static TAKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("take.lua")));
 
@@ -161,7 +160,8 @@ impl SessionStore {
         millis(self.inner.expiry.absolute)
     }
 
-    /// One round trip: the record, with its idle TTL refreshed.
+    /// One round trip (`PEXPIRE` + `HGETALL`, pipelined): the record, with
+    /// its idle TTL renewed. The absolute timeout is checked on the record.
     pub(crate) async fn load(&self, storage_key: &str) -> Option<Record> {
         self.start_reconciler();
         if self.inner.local.has_pending(storage_key) {
@@ -177,13 +177,40 @@ impl SessionStore {
                 |mut conn| {
                     let key = key.clone();
                     async move {
-                        let reply: Option<Vec<(String, String)>> = LOAD
-                            .key(key)
+                        // One round trip of two plain commands: renewing the
+                        // idle TTL never rewrites the data.
+                        let (fields,): (Vec<(String, String)>,) = redis::pipe()
+                            .cmd("PEXPIRE")
+                            .arg(&key)
                             .arg(self.idle_ms())
-                            .arg(self.absolute_ms())
-                            .invoke_async(&mut conn)
+                            .ignore()
+                            .cmd("HGETALL")
+                            .arg(&key)
+                            .query_async(&mut conn)
                             .await?;
-                        Ok(reply.map(record_from_fields))
+                        if fields.is_empty() {
+                            return Ok(None);
+                        }
+                        let record = record_from_fields(fields);
+                        let deadline = record.created_ms.saturating_add(self.absolute_ms());
+                        let now = now_ms();
+                        if deadline <= now {
+                            // Past the absolute timeout: ended, whatever its use.
+                            redis::cmd("DEL")
+                                .arg(&key)
+                                .query_async::<()>(&mut conn)
+                                .await?;
+                            return Ok(None);
+                        }
+                        if deadline - now < self.idle_ms() {
+                            // Near the absolute timeout the key must not outlive it.
+                            redis::cmd("PEXPIRE")
+                                .arg(&key)
+                                .arg(deadline - now)
+                                .query_async::<()>(&mut conn)
+                                .await?;
+                        }
+                        Ok(Some(record))
                     }
                 },
                 |_| async { self.inner.local.get(storage_key, self.absolute_ms()) },
