@@ -52,9 +52,10 @@
 //! # Redis
 //!
 //! One round trip per lookup, `Vary` resolution included: a URL's variants
-//! live in one Redis hash, and a script picks the variant from digests of
-//! the request's header values (no cookie or credential is sent to Redis as
-//! such). Entries use a compact versioned binary format; a value that does
+//! live in one Redis hash. An instance that knows the URL's `Vary` names
+//! reads the variant with one `HMGET`; otherwise (first sight, or the `Vary`
+//! changed) a script picks the variant from digests of the request's header
+//! values. No cookie or credential is sent to Redis as such. Entries use a compact versioned binary format; a value that does
 //! not decode is a miss and is deleted. While Redis is unavailable, a
 //! bounded in-process store (moka, by bytes) keeps caching; when Redis is
 //! back those entries are dropped and invalidations made meanwhile are

@@ -42,6 +42,9 @@ pub(crate) struct Put {
 pub(crate) struct CacheStore {
     manager: RedisManager,
     memory: MemoryStore,
+    /// The `Vary` names last seen per URL, so that a lookup is a plain
+    /// `HMGET` instead of a script.
+    vary_hints: moka::sync::Cache<String, String>,
     /// Set while the in-process store is in use; cleared (and the store
     /// emptied) on the first Redis answer after.
     degraded: AtomicBool,
@@ -61,6 +64,7 @@ impl CacheStore {
         Self {
             manager,
             memory: MemoryStore::new(memory_bytes),
+            vary_hints: moka::sync::Cache::new(100_000),
             degraded: AtomicBool::new(false),
             pending_invalidations: Mutex::new(Vec::new()),
         }
@@ -75,15 +79,22 @@ impl CacheStore {
         extra: &str,
     ) -> (Lookup, bool) {
         let key = self.redis_key(url_hash);
+        let hint = self.vary_hints.get(url_hash);
         let served = self
             .manager
             .failover(
-                |conn| redis_store::lookup(conn, &key, request, extra),
-                |_| async { self.memory.lookup(url_hash, request, extra) },
+                |conn| redis_store::lookup(conn, &key, request, extra, hint),
+                |_| async { (self.memory.lookup(url_hash, request, extra), None) },
             )
             .await;
         let degraded = self.after(served.source).await;
-        let lookup = match served.value {
+        let (found, vary_seen) = served.value;
+        match vary_seen {
+            Some(vary) => self.vary_hints.insert(url_hash.to_owned(), vary),
+            None if served.source == Source::Redis => self.vary_hints.invalidate(url_hash),
+            None => {}
+        }
+        let lookup = match found {
             redis_store::Found::Entry(entry) => Lookup::Hit(entry),
             redis_store::Found::NoUrl => Lookup::UriMiss,
             redis_store::Found::NoVariant => Lookup::VaryMiss,
@@ -99,8 +110,10 @@ impl CacheStore {
         (lookup, degraded)
     }
 
-    /// One pipelined round trip.
+    /// One round trip.
     pub(crate) async fn put(&self, put: Put) {
+        self.vary_hints
+            .insert(put.url_hash.clone(), put.vary.clone());
         let key = self.redis_key(&put.url_hash);
         let served = self
             .manager
