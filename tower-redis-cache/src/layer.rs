@@ -81,6 +81,15 @@ impl CacheLayer {
     }
 }
 
+impl CacheLayer {
+    /// Waits until the responses already sent have been stored (or their
+    /// storing given up). Stores run after a body has gone out in full; call
+    /// this before shutting down so that none is lost.
+    pub async fn flush(&self) {
+        self.config.store.flushed().await;
+    }
+}
+
 impl<S> Layer<S> for CacheLayer {
     type Service = Cache<S>;
 

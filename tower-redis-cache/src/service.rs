@@ -102,27 +102,27 @@ where
         && !is_grpc(request.headers())
         && !request.headers().contains_key(header::RANGE);
     let route = config.route_for(request.uri().path());
-    let url = cacheable_request
-        .then(|| {
-            let (parts, ()) = head_only(&request);
-            route
-                .enabled
-                .then(|| key::url_of(&parts, &config.allowed_hosts, route))
-                .flatten()
-        })
-        .flatten();
-    let Some(url) = url else {
+    // The request's head is copied once, and only for requests the cache handles.
+    let keyed = (cacheable_request && route.enabled)
+        .then(|| head_only(&request).0)
+        .and_then(|parts| {
+            key::url_of(&parts, &config.allowed_hosts, route).map(|url| (parts, url))
+        });
+    let Some((parts, url)) = keyed else {
         let response = inner.call(request).await?;
         return Ok(response.map(CacheBody::passthrough));
     };
 
-    let url_hash = key::hash_url(&url);
-    let (parts, ()) = head_only(&request);
-    let extra = key::extra_key(&parts, route);
-    let request_directives = directives::request(request.headers());
+    let keyed = Keyed {
+        url_hash: key::hash_url(&url),
+        extra: key::extra_key(&parts, route),
+        directives: directives::request(&parts.headers),
+        parts,
+    };
+    let request_directives = &keyed.directives;
     let (lookup, degraded) = config
         .store
-        .lookup(&url_hash, request.headers(), &extra)
+        .lookup(&keyed.url_hash, &keyed.parts.headers, &keyed.extra)
         .await;
     let now = SystemTime::now();
 
@@ -130,10 +130,10 @@ where
         Lookup::Hit(entry) => {
             let age = entry.age(freshness::epoch_ms(now));
             let stored = freshness::directives_of(&entry.headers, &config.rules);
-            match freshness::usability(age, entry.lifetime, &stored, &request_directives) {
+            match freshness::usability(age, entry.lifetime, &stored, request_directives) {
                 Usability::Fresh | Usability::StaleAccepted => {
                     let status = CacheStatus::hit(entry.ttl(freshness::epoch_ms(now)), degraded);
-                    return Ok(serve(&entry, &parts, age, status));
+                    return Ok(serve(&entry, &keyed.parts, age, status));
                 }
                 Usability::Revalidate if request_directives.only_if_cached => {
                     return Ok(gateway_timeout(degraded));
@@ -147,7 +147,7 @@ where
                         "stale"
                     };
                     return revalidate(
-                        &config, inner, request, entry, route, &url_hash, &extra, reason, degraded,
+                        &config, inner, request, entry, route, &keyed, reason, degraded,
                     )
                     .await;
                 }
@@ -163,20 +163,21 @@ where
     let response = inner.call(request).await?;
     Ok(store_if_allowed(
         &config,
-        &parts,
-        &request_directives,
+        &keyed,
         response,
         route,
-        StoreTarget { url_hash, extra },
         request_time,
         CacheStatus::forward(forward_reason, degraded),
     ))
 }
 
-/// Where a response would be stored.
-struct StoreTarget {
+/// A request the cache handles: its head (as the client sent it), where its
+/// entries live and what it asks of the cache.
+struct Keyed {
+    parts: Parts,
     url_hash: String,
     extra: String,
+    directives: RequestDirectives,
 }
 
 /// Sends a conditional request for a stale entry: a 304 refreshes the entry
@@ -188,8 +189,7 @@ async fn revalidate<S, ReqBody, ResBody>(
     mut request: Request<ReqBody>,
     entry: Entry,
     route: &Route,
-    url_hash: &str,
-    extra: &str,
+    keyed: &Keyed,
     reason: &'static str,
     degraded: bool,
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
@@ -198,7 +198,7 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
 {
     // The client's own conditionals are answered here, from the result.
-    let (client_parts, ()) = head_only(&request);
+    let client_parts = &keyed.parts;
     let headers = request.headers_mut();
     for name in [
         header::IF_NONE_MATCH,
@@ -214,22 +214,15 @@ where
     if let Some(modified) = entry.headers.get(header::LAST_MODIFIED) {
         headers.insert(header::IF_MODIFIED_SINCE, modified.clone());
     }
-    let request_directives = directives::request(&client_parts.headers);
     let request_time = SystemTime::now();
     let response = inner.call(request).await?;
-    let target = StoreTarget {
-        url_hash: url_hash.to_owned(),
-        extra: extra.to_owned(),
-    };
     if response.status() != StatusCode::NOT_MODIFIED {
         let status = CacheStatus::forward(reason, degraded).with_fwd_status(response.status());
         return Ok(store_if_allowed(
             config,
-            &client_parts,
-            &request_directives,
+            keyed,
             response,
             route,
-            target,
             request_time,
             status,
         ));
@@ -252,13 +245,10 @@ where
     let as_stored = response_parts(refreshed.status, refreshed.headers.clone());
     let mut status =
         CacheStatus::forward(reason, degraded).with_fwd_status(StatusCode::NOT_MODIFIED);
-    let unkeyed = config
-        .unkeyed_headers
-        .iter()
-        .any(|h| client_parts.headers.contains_key(h));
+    let unkeyed = carries_unkeyed_header(config, client_parts);
     let storable = freshness::storable(
-        &client_parts,
-        &request_directives,
+        client_parts,
+        &keyed.directives,
         &as_stored,
         &config.rules,
         route,
@@ -271,8 +261,8 @@ where
         refreshed.lifetime = storable.lifetime;
         let vary = key::vary_names(&refreshed.headers).unwrap_or_default();
         let put = Put {
-            url_hash: target.url_hash,
-            variant: key::variant(&vary, &client_parts.headers, &target.extra),
+            url_hash: keyed.url_hash.clone(),
+            variant: key::variant(&vary, &client_parts.headers, &keyed.extra),
             vary,
             keep_for: freshness::retention(storable.lifetime, config.keep_stale_for),
             entry: refreshed.clone(),
@@ -281,18 +271,15 @@ where
         status.stored = true;
     }
     let age = refreshed.age(freshness::epoch_ms(SystemTime::now()));
-    Ok(serve(&refreshed, &client_parts, age, status))
+    Ok(serve(&refreshed, client_parts, age, status))
 }
 
 /// Passes a response on, storing a copy when RFC 9111 and the route allow.
-#[allow(clippy::too_many_arguments)]
 fn store_if_allowed<ResBody>(
     config: &Config,
-    request: &Parts,
-    request_directives: &RequestDirectives,
+    keyed: &Keyed,
     response: Response<ResBody>,
     route: &Route,
-    target: StoreTarget,
     request_time: SystemTime,
     mut status: CacheStatus,
 ) -> Response<CacheBody<ResBody>>
@@ -301,15 +288,12 @@ where
 {
     let response_time = SystemTime::now();
     let (mut parts, body) = response.into_parts();
-    let unkeyed = config
-        .unkeyed_headers
-        .iter()
-        .any(|h| request.headers.contains_key(h));
-    let storable = (request.method == Method::GET && !unkeyed)
+    let request = &keyed.parts;
+    let storable = (request.method == Method::GET && !carries_unkeyed_header(config, request))
         .then(|| {
             freshness::storable(
                 request,
-                request_directives,
+                &keyed.directives,
                 &parts,
                 &config.rules,
                 route,
@@ -339,8 +323,8 @@ where
         lifetime: storable.lifetime,
     };
     let put = Put {
-        url_hash: target.url_hash,
-        variant: key::variant(&vary, &request.headers, &target.extra),
+        url_hash: keyed.url_hash.clone(),
+        variant: key::variant(&vary, &request.headers, &keyed.extra),
         vary,
         keep_for: freshness::retention(storable.lifetime, config.keep_stale_for),
         entry: template,
@@ -349,9 +333,11 @@ where
         generate_etags: config.generate_etags,
     };
     let config_store = Arc::clone(&config.store);
+    let in_flight = config.store.start_store();
     // Stored once the body has been sent in full; a client that goes away
     // mid-body drops the recorder and nothing is stored.
     tokio::spawn(async move {
+        let _in_flight = in_flight;
         if let Ok(body) = done.await {
             let mut put = put;
             // A body that ended short of its declared length is not an entry.
@@ -586,6 +572,16 @@ fn record(status: &CacheStatus) {
 #[cfg(not(feature = "metrics"))]
 fn record(status: &CacheStatus) {
     tracing::trace!(target: "tower_redis_cache", cache_status = %status.render(), "answered");
+}
+
+/// RFC 9111 §4.4: unsafe methods, including those whose safety is unknown.
+/// Whether the request carries a header that can change the origin's answer
+/// without being part of the key: its response must not be stored.
+fn carries_unkeyed_header(config: &Config, request: &Parts) -> bool {
+    config
+        .unkeyed_headers
+        .iter()
+        .any(|h| request.headers.contains_key(h))
 }
 
 /// RFC 9111 §4.4: unsafe methods, including those whose safety is unknown.

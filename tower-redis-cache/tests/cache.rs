@@ -195,6 +195,7 @@ struct Fixture {
     manager: RedisManager,
     origin: Origin,
     app: Router,
+    layer: CacheLayer,
 }
 
 async fn fixture(configure: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder) -> Fixture {
@@ -206,12 +207,13 @@ async fn fixture(configure: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder)
     let layer = configure(CacheLayer::builder(manager.clone()))
         .build()
         .unwrap();
-    let app = origin_routes(origin.clone()).layer(layer);
+    let app = origin_routes(origin.clone()).layer(layer.clone());
     Fixture {
         redis,
         manager,
         origin,
         app,
+        layer,
     }
 }
 
@@ -257,9 +259,9 @@ async fn get(app: &Router, path: &str) -> Answer {
     send(app, "GET", path, &[]).await
 }
 
-/// The store runs after the body is sent; give it a moment.
-async fn settle() {
-    tokio::time::sleep(Duration::from_millis(100)).await;
+/// Stores run after the body is sent; wait until they are done.
+async fn settle(layer: &CacheLayer) {
+    layer.flush().await;
 }
 
 #[tokio::test]
@@ -268,7 +270,7 @@ async fn a_fresh_response_is_served_from_redis_with_age_and_cache_status() {
     let first = get(&f.app, "/fresh").await;
     assert_eq!(first.body, "fresh-1");
     assert_eq!(first.cache_status(), "tower-redis; fwd=uri-miss; stored");
-    settle().await;
+    settle(&f.layer).await;
     // Warm the lookup script, then count what one hit costs.
     get(&f.app, "/fresh").await;
     f.redis.reset_stats().await.unwrap();
@@ -304,7 +306,7 @@ async fn private_and_no_store_responses_are_never_stored() {
     let f = fixture(|b| b).await;
     for path in ["/private", "/no-store"] {
         get(&f.app, path).await;
-        settle().await;
+        settle(&f.layer).await;
         let again = get(&f.app, path).await;
         assert!(
             !again.cache_status().contains("hit"),
@@ -321,7 +323,7 @@ async fn vary_keeps_one_variant_per_value() {
     let en = [("accept-language", "en")];
     let de = [("accept-language", "de")];
     assert_eq!(send(&f.app, "GET", "/vary", &en).await.body, "en");
-    settle().await;
+    settle(&f.layer).await;
     let de_first = send(&f.app, "GET", "/vary", &de).await;
     assert_eq!(de_first.body, "de");
     assert!(
@@ -329,7 +331,7 @@ async fn vary_keeps_one_variant_per_value() {
         "{}",
         de_first.cache_status()
     );
-    settle().await;
+    settle(&f.layer).await;
     assert_eq!(send(&f.app, "GET", "/vary", &en).await.body, "en");
     assert_eq!(send(&f.app, "GET", "/vary", &de).await.body, "de");
     assert_eq!(get(&f.app, "/vary").await.body, "none");
@@ -340,7 +342,7 @@ async fn vary_keeps_one_variant_per_value() {
 async fn if_none_match_is_answered_with_304_from_the_cache() {
     let f = fixture(|b| b.generate_etags(true)).await;
     get(&f.app, "/fresh").await;
-    settle().await;
+    settle(&f.layer).await;
     let hit = get(&f.app, "/fresh").await;
     let etag = hit
         .header("etag")
@@ -357,7 +359,7 @@ async fn if_none_match_is_answered_with_304_from_the_cache() {
 async fn a_stale_entry_is_revalidated_and_a_304_refreshes_its_headers() {
     let f = fixture(|b| b).await;
     assert_eq!(get(&f.app, "/etag").await.body, "etag-body");
-    settle().await;
+    settle(&f.layer).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let revalidated = get(&f.app, "/etag").await;
     assert_eq!(revalidated.status, 200);
@@ -384,7 +386,7 @@ async fn a_stale_entry_is_revalidated_and_a_304_refreshes_its_headers() {
 async fn a_successful_post_invalidates_the_url() {
     let f = fixture(|b| b).await;
     get(&f.app, "/fresh").await;
-    settle().await;
+    settle(&f.layer).await;
     assert_eq!(get(&f.app, "/fresh").await.body, "fresh-1");
     assert_eq!(send(&f.app, "POST", "/fresh", &[]).await.status, 200);
     assert_eq!(get(&f.app, "/fresh").await.body, "fresh-2");
@@ -395,7 +397,7 @@ async fn a_body_over_the_limit_is_streamed_whole_but_not_stored() {
     let f = fixture(|b| b.max_body_bytes(1024)).await;
     let big = get(&f.app, "/big").await;
     assert_eq!(big.body.len(), 64 * 1024);
-    settle().await;
+    settle(&f.layer).await;
     let again = get(&f.app, "/big").await;
     assert_eq!(again.body.len(), 64 * 1024);
     assert_eq!(f.origin.calls(), 2);
@@ -408,7 +410,7 @@ async fn a_streamed_body_is_stored_once_complete() {
         get(&f.app, "/chunked").await.body,
         "chunk0;chunk1;chunk2;chunk3;"
     );
-    settle().await;
+    settle(&f.layer).await;
     let hit = get(&f.app, "/chunked").await;
     assert_eq!(hit.body, "chunk0;chunk1;chunk2;chunk3;");
     assert_eq!(f.origin.calls(), 1);
@@ -426,7 +428,7 @@ async fn a_client_that_disconnects_mid_body_leaves_no_entry() {
     let first = body.frame().await.unwrap().unwrap();
     assert_eq!(first.into_data().unwrap(), "chunk0;");
     drop(body);
-    settle().await;
+    settle(&f.layer).await;
     let mut conn = f.redis.connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("*")
@@ -455,10 +457,10 @@ async fn x_forwarded_host_cannot_poison_the_entry() {
         "{}",
         attack.cache_status()
     );
-    settle().await;
+    settle(&f.layer).await;
     let victim = get(&f.app, "/reflect-host").await;
     assert!(victim.body.contains("shop.example"), "{}", victim.body);
-    settle().await;
+    settle(&f.layer).await;
     // And once a clean entry exists, the attacker gets it too.
     let attack_again = send(
         &f.app,
@@ -474,7 +476,7 @@ async fn x_forwarded_host_cannot_poison_the_entry() {
 async fn a_corrupt_entry_is_a_miss_and_is_replaced() {
     let f = fixture(|b| b).await;
     get(&f.app, "/fresh").await;
-    settle().await;
+    settle(&f.layer).await;
     let mut conn = f.redis.connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("*")
@@ -498,7 +500,7 @@ async fn a_corrupt_entry_is_a_miss_and_is_replaced() {
     let answer = get(&f.app, "/fresh").await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.body, "fresh-2");
-    settle().await;
+    settle(&f.layer).await;
     assert_eq!(get(&f.app, "/fresh").await.body, "fresh-2");
 }
 
@@ -506,7 +508,7 @@ async fn a_corrupt_entry_is_a_miss_and_is_replaced() {
 async fn head_is_answered_from_the_get_entry() {
     let f = fixture(|b| b).await;
     get(&f.app, "/fresh").await;
-    settle().await;
+    settle(&f.layer).await;
     let head = send(&f.app, "HEAD", "/fresh", &[]).await;
     assert_eq!(head.status, 200);
     assert!(head.body.is_empty());
@@ -526,7 +528,7 @@ async fn request_directives_are_honoured() {
     .await;
     assert_eq!(miss.status, 504);
     get(&f.app, "/fresh").await;
-    settle().await;
+    settle(&f.layer).await;
     let no_cache = send(&f.app, "GET", "/fresh", &[("cache-control", "no-cache")]).await;
     assert_eq!(no_cache.body, "fresh-2");
     assert!(
@@ -534,7 +536,7 @@ async fn request_directives_are_honoured() {
         "{}",
         no_cache.cache_status()
     );
-    settle().await;
+    settle(&f.layer).await;
     let young_enough = send(&f.app, "GET", "/fresh", &[("cache-control", "max-age=30")]).await;
     assert_eq!(young_enough.body, "fresh-2");
     assert_eq!(f.origin.calls(), 2);
@@ -551,7 +553,7 @@ async fn route_rules_bypass_and_default_ttl() {
     assert!(bypassed.header("cache-status").is_none());
     // default_ttl does not override no-store.
     get(&f.app, "/no-store").await;
-    settle().await;
+    settle(&f.layer).await;
     get(&f.app, "/no-store").await;
     assert_eq!(f.origin.calls(), 3);
 }
@@ -560,7 +562,7 @@ async fn route_rules_bypass_and_default_ttl() {
 async fn redis_outage_keeps_caching_in_process_and_says_so() {
     let f = fixture(|b| b).await;
     get(&f.app, "/fresh").await;
-    settle().await;
+    settle(&f.layer).await;
     f.redis.kill().await;
     let first = get(&f.app, "/fresh").await;
     assert_eq!(first.status, 200);
@@ -569,7 +571,7 @@ async fn redis_outage_keeps_caching_in_process_and_says_so() {
         "{}",
         first.cache_status()
     );
-    settle().await;
+    settle(&f.layer).await;
     let second = get(&f.app, "/fresh").await;
     assert!(
         second.cache_status().contains("hit"),
@@ -597,7 +599,7 @@ async fn redis_outage_keeps_caching_in_process_and_says_so() {
         back.cache_status()
     );
     assert!(!back.cache_status().contains("redis-unavailable"));
-    settle().await;
+    settle(&f.layer).await;
     let shared = get(&f.app, "/fresh").await;
     assert!(shared.cache_status().contains("hit"));
     assert_eq!(f.origin.calls(), calls_during_outage + 1);
@@ -637,7 +639,7 @@ async fn route_key_parts_never_reach_redis_in_clear() {
         &[("cookie", &cookie), ("authorization", "Basic dXNlcjpwYXNz")],
     )
     .await;
-    settle().await;
+    settle(&f.layer).await;
     send(&f.app, "GET", "/fresh", &[("cookie", &cookie)]).await;
     let log: redis::Value = redis::cmd("SLOWLOG")
         .arg("GET")
@@ -661,7 +663,7 @@ async fn a_vary_on_a_header_clients_control_cannot_grow_a_url_without_bound() {
         let lang = format!("x-{i}");
         send(&f.app, "GET", "/vary", &[("accept-language", &lang)]).await;
     }
-    settle().await;
+    settle(&f.layer).await;
     let mut conn = f.redis.connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("*")
@@ -687,7 +689,7 @@ async fn an_instance_with_an_outdated_vary_still_finds_the_entry() {
                 .await
                 .unwrap();
             let layer = CacheLayer::builder(manager).build().unwrap();
-            Router::new()
+            let router = Router::new()
                 .route(
                     "/page",
                     routing::get(move || async move {
@@ -699,18 +701,19 @@ async fn an_instance_with_an_outdated_vary_still_finds_the_entry() {
                     })
                     .post(|| async { "changed" }),
                 )
-                .layer(layer)
+                .layer(layer.clone());
+            (router, layer)
         }
     };
-    let a = instance(Some("Accept-Language"), "from-a").await;
-    let b = instance(None, "from-b").await;
+    let (a, a_layer) = instance(Some("Accept-Language"), "from-a").await;
+    let (b, b_layer) = instance(None, "from-b").await;
     // A learns that /page varies on Accept-Language.
     assert_eq!(get(&a, "/page").await.body, "from-a");
-    settle().await;
+    settle(&a_layer).await;
     // B replaces the URL's entries with a response that varies on nothing.
     send(&b, "POST", "/page", &[]).await;
     assert_eq!(get(&b, "/page").await.body, "from-b");
-    settle().await;
+    settle(&b_layer).await;
     // A's idea of the Vary is outdated; it must still find B's entry.
     let answer = get(&a, "/page").await;
     assert_eq!(answer.body, "from-b");

@@ -152,7 +152,7 @@ async fn applicable_checks<'c>(
     parts: &Parts,
 ) -> Result<(Vec<&'c Policy>, Vec<Check>), String> {
     let path = parts.uri.path();
-    let keys = tower_redis_core::Keyspace::new("");
+    let keys = config.limiter.manager().keys();
     let mut policies = Vec::new();
     let mut checks = Vec::new();
     for policy in config
@@ -165,18 +165,14 @@ async fn applicable_checks<'c>(
             .extract(parts, &config.client_ip)
             .await
             .filter(|v| v.len() <= MAX_KEY_LEN);
-        let suffix = match (&value, config.missing_key) {
-            (Some(value), _) => keys.key(&["k", value]),
+        let key = match (&value, config.missing_key) {
+            (Some(value), _) => keys.tagged(&config.hash_tag, &["rl", policy.name(), "k", value]),
             (None, MissingKey::Skip) => continue,
-            (None, MissingKey::SharedBucket) => keys.key(&["missing"]),
+            (None, MissingKey::SharedBucket) => {
+                keys.tagged(&config.hash_tag, &["rl", policy.name(), "missing"])
+            }
             (None, MissingKey::Reject) => return Err(policy.name().to_owned()),
         };
-        let key = config
-            .limiter
-            .manager()
-            .keys()
-            .tagged(&config.hash_tag, &["rl", policy.name()])
-            + &suffix;
         policies.push(policy);
         checks.push(Check {
             key,

@@ -6,8 +6,8 @@
 mod memory;
 mod redis_store;
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -49,6 +49,20 @@ pub(crate) struct CacheStore {
     /// emptied) on the first Redis answer after.
     degraded: AtomicBool,
     pending_invalidations: Mutex<Vec<String>>,
+    /// Stores waiting for a response body to finish, for [`CacheStore::flushed`].
+    in_flight: AtomicUsize,
+    flushed: tokio::sync::Notify,
+}
+
+/// Counts one store in flight until dropped.
+pub(crate) struct InFlight(Arc<CacheStore>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.flushed.notify_waiters();
+        }
+    }
 }
 
 impl std::fmt::Debug for CacheStore {
@@ -67,6 +81,8 @@ impl CacheStore {
             vary_hints: moka::sync::Cache::new(100_000),
             degraded: AtomicBool::new(false),
             pending_invalidations: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            flushed: tokio::sync::Notify::new(),
         }
     }
 
@@ -108,6 +124,26 @@ impl CacheStore {
             }
         };
         (lookup, degraded)
+    }
+
+    /// Marks a store as started; it counts until the guard is dropped.
+    pub(crate) fn start_store(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(self))
+    }
+
+    /// Waits until every store started so far has finished (stored, or
+    /// given up because its body was too big or never completed).
+    pub(crate) async fn flushed(&self) {
+        loop {
+            let notified = self.flushed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// One round trip.
