@@ -1,12 +1,13 @@
 //! The session layer against real Redis: laziness, round trips, security,
 //! expiry, concurrency, the user index, outages and clusters.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::Path;
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use http::{Request, Response, header};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
@@ -14,7 +15,38 @@ use tower_redis_core::testing::{TestCluster, TestRedis};
 use tower_redis_core::{BreakerState, RedisConfig, RedisManager, redis};
 use tower_redis_session::{Expiry, Session, SessionLayer, SessionLayerBuilder};
 
+/// Points where a test holds a handler, so that requests overlap exactly
+/// as the test says instead of by timing.
+struct Gates {
+    /// Two `/paired-set` requests both load before either writes.
+    pair: tokio::sync::Barrier,
+    /// A `/gated-*` handler has loaded the session…
+    loaded: tokio::sync::Notify,
+    /// …and goes on when the test says so.
+    proceed: tokio::sync::Notify,
+}
+
+impl Gates {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            pair: tokio::sync::Barrier::new(2),
+            loaded: tokio::sync::Notify::new(),
+            proceed: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Tells the test the session is loaded, then waits for its go.
+    async fn hold(&self) {
+        self.loaded.notify_one();
+        self.proceed.notified().await;
+    }
+}
+
 fn routes() -> Router {
+    routes_with(Gates::new())
+}
+
+fn routes_with(gates: Arc<Gates>) -> Router {
     Router::new()
         .route("/nothing", get(|| async { "ok" }))
         .route(
@@ -37,12 +69,26 @@ fn routes() -> Router {
             ),
         )
         .route(
-            "/slow-set/{key}/{value}",
+            "/paired-set/{key}/{value}",
             post(
-                |session: Session, Path((key, value)): Path<(String, String)>| async move {
-                    // Load first, then take a while: another request runs meanwhile.
+                |session: Session,
+                 Extension(gates): Extension<Arc<Gates>>,
+                 Path((key, value)): Path<(String, String)>| async move {
                     let _ = session.get::<String>(&key).await;
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    gates.pair.wait().await;
+                    session.insert(&key, value).await.expect("json");
+                    "set"
+                },
+            ),
+        )
+        .route(
+            "/gated-set/{key}/{value}",
+            post(
+                |session: Session,
+                 Extension(gates): Extension<Arc<Gates>>,
+                 Path((key, value)): Path<(String, String)>| async move {
+                    let _ = session.get::<String>(&key).await;
+                    gates.hold().await;
                     session.insert(&key, value).await.expect("json");
                     "set"
                 },
@@ -58,14 +104,18 @@ fn routes() -> Router {
             }),
         )
         .route(
-            "/slow-login/{user}",
-            post(|session: Session, Path(user): Path<String>| async move {
-                let _ = session.get::<String>("user").await;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                session.cycle_id().await;
-                session.set_user(&user).await;
-                "welcome"
-            }),
+            "/gated-login/{user}",
+            post(
+                |session: Session,
+                 Extension(gates): Extension<Arc<Gates>>,
+                 Path(user): Path<String>| async move {
+                    let _ = session.get::<String>("user").await;
+                    gates.hold().await;
+                    session.cycle_id().await;
+                    session.set_user(&user).await;
+                    "welcome"
+                },
+            ),
         )
         .route(
             "/claim/{user}",
@@ -87,6 +137,7 @@ fn routes() -> Router {
                 "bye"
             }),
         )
+        .layer(Extension(gates))
 }
 
 async fn manager_for(config: RedisConfig) -> RedisManager {
@@ -94,7 +145,14 @@ async fn manager_for(config: RedisConfig) -> RedisManager {
 }
 
 fn app(builder: SessionLayerBuilder) -> Router {
-    routes().layer(builder.build().expect("valid session layer"))
+    gated_app(builder).0
+}
+
+/// The app and the gates its `/paired-*` and `/gated-*` routes wait on.
+fn gated_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>) {
+    let gates = Gates::new();
+    let app = routes_with(Arc::clone(&gates)).layer(builder.build().expect("valid session layer"));
+    (app, gates)
 }
 
 /// Sends a request with an optional cookie; returns (status, body, Set-Cookie value).
@@ -416,8 +474,8 @@ async fn concurrent_requests_changing_different_keys_both_persist() {
     let cookie = cookie_pair(&set_cookie.unwrap());
 
     let (a, b) = tokio::join!(
-        send(&app, "POST", "/slow-set/left/L", Some(&cookie)),
-        send(&app, "POST", "/slow-set/right/R", Some(&cookie)),
+        send(&app, "POST", "/paired-set/left/L", Some(&cookie)),
+        send(&app, "POST", "/paired-set/right/R", Some(&cookie)),
     );
     assert_eq!((a.0, b.0), (200, 200));
     assert_eq!(send(&app, "GET", "/get/left", Some(&cookie)).await.1, "L");
@@ -428,7 +486,7 @@ async fn concurrent_requests_changing_different_keys_both_persist() {
 #[tokio::test]
 async fn a_destroyed_session_is_not_resurrected_by_a_concurrent_save() {
     let redis = TestRedis::start().await;
-    let app = app(SessionLayer::builder(
+    let (app, gates) = gated_app(SessionLayer::builder(
         manager_for(redis.config().build().unwrap()).await,
     ));
     let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
@@ -436,10 +494,12 @@ async fn a_destroyed_session_is_not_resurrected_by_a_concurrent_save() {
 
     let slow = {
         let (app, cookie) = (app.clone(), cookie.clone());
-        tokio::spawn(async move { send(&app, "POST", "/slow-set/b/2", Some(&cookie)).await })
+        tokio::spawn(async move { send(&app, "POST", "/gated-set/b/2", Some(&cookie)).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The slow request has loaded the session; log out before it saves.
+    gates.loaded.notified().await;
     let (_, _, logout_cookie, _) = send(&app, "POST", "/logout", Some(&cookie)).await;
+    gates.proceed.notify_one();
     assert!(logout_cookie.expect("removal cookie").contains("Max-Age=0"));
     let (status, _, _, _) = slow.await.unwrap();
     assert_eq!(status, 200);
@@ -560,6 +620,8 @@ async fn outage_changes_never_overwrite_newer_data_in_redis() {
 
     redis.pause().await;
     send(&app, "POST", "/set/color/blue", Some(&cookie)).await; // queued locally
+    // Queued after it: once this reaches Redis, the color change has been replayed.
+    send(&app, "POST", "/set/marker/1", Some(&cookie)).await;
     // Meanwhile another instance (here: directly) writes a newer value.
     let newer_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -584,7 +646,10 @@ async fn outage_changes_never_overwrite_newer_data_in_redis() {
         .unwrap();
 
     wait_closed(&manager).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        wait_for_field(&redis, "d:marker").await,
+        "the outage queue was replayed"
+    );
     let color: String = redis::cmd("HGET")
         .arg(&keys[0])
         .arg("d:color")
@@ -640,17 +705,19 @@ async fn a_new_session_holding_only_a_user_is_stored() {
 #[tokio::test]
 async fn a_cycle_racing_a_logout_does_not_bring_the_session_back() {
     let redis = TestRedis::start().await;
-    let app = app(SessionLayer::builder(
+    let (app, gates) = gated_app(SessionLayer::builder(
         manager_for(redis.config().build().unwrap()).await,
     ));
     let (_, _, set_cookie, _) = send(&app, "POST", "/set/secret/s", None).await;
     let cookie = cookie_pair(&set_cookie.unwrap());
     let login = {
         let (app, cookie) = (app.clone(), cookie.clone());
-        tokio::spawn(async move { send(&app, "POST", "/slow-login/mallory", Some(&cookie)).await })
+        tokio::spawn(async move { send(&app, "POST", "/gated-login/mallory", Some(&cookie)).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The login has loaded the session; log out before it cycles the id.
+    gates.loaded.notified().await;
     send(&app, "POST", "/logout", Some(&cookie)).await;
+    gates.proceed.notify_one();
     let (status, _, login_cookie, _) = login.await.unwrap();
     assert_eq!(status, 200);
     assert!(
