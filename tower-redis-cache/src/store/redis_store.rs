@@ -1,6 +1,21 @@
-//! The Redis side: a hash per URL (`vary` plus one field per variant),
-//! read with one `HMGET` (or, the first time, one script) and written with
-//! one script.
+//! The Redis side.
+//!
+//! - A hash per URL (`c:<url hash>`): `vary` (the response's `Vary` names),
+//!   one `e:<variant>` field per variant, and `sp`, the time of the last
+//!   soft purge. Read with one `HMGET` (or, the first time, one script) and
+//!   written with one script.
+//! - Indexes (`ct:<tag>` per tag, `cx:<path prefix>` per directory level of
+//!   the path, `/` included): sorted sets of URLs scored by when their entry
+//!   expires, pruned of expired members on every write. A purge reads the
+//!   index and deletes the URLs' hashes: O(entries under the tag or prefix),
+//!   on Redis Cluster too (every command names one key).
+//! - A fill lock per URL for request coalescing across instances: the
+//!   `lk` field of the URL's hash (`token:expiry`), taken by a script that
+//!   also reports an entry stored meanwhile, released by token when the
+//!   entry is written. Being a field of the URL's hash keeps the check and
+//!   the lock atomic on Redis Cluster; a holder that dies frees it by expiry.
+//! - A pub/sub channel (`cache-events`) on which writers announce updated
+//!   URLs, so that waiting instances wake up and near caches drop copies.
 
 use std::sync::LazyLock;
 
@@ -12,8 +27,16 @@ use super::Put;
 use crate::entry::Entry;
 use crate::key;
 
-static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lookup.lua")));
-static PUT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("put.lua")));
+pub(crate) static LOOKUP: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lookup.lua")));
+pub(crate) static PUT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("put.lua")));
+pub(crate) static INDEX: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("index.lua")));
+pub(crate) static LOCK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lock.lua")));
+pub(crate) static UNLOCK: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("unlock.lua")));
+pub(crate) static SOFT_PURGE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("soft_purge.lua")));
 
 /// Variants kept per URL before the URL's entries start over.
 const MAX_VARIANTS: u32 = 32;
@@ -30,8 +53,8 @@ pub(crate) enum Found {
 /// Finds the variant a request selects, in one round trip.
 ///
 /// With `vary_hint` (the URL's `Vary` names as last seen by this instance)
-/// it is a plain `HMGET key vary <variant>`; only when there is no hint, or
-/// the URL's `Vary` changed since, does the lookup script resolve the
+/// it is a plain `HMGET key vary <variant> sp`; only when there is no hint,
+/// or the URL's `Vary` changed since, does the lookup script resolve the
 /// variant inside Redis. Returns what was found and the `Vary` names seen.
 pub(crate) async fn lookup(
     mut conn: RedisConnection,
@@ -42,16 +65,21 @@ pub(crate) async fn lookup(
 ) -> RedisResult<(Found, Option<String>)> {
     if let Some(hint) = vary_hint {
         let field = key::variant(&hint, request, extra);
-        let (vary, entry): (Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
-            .arg(key)
-            .arg("vary")
-            .arg(&field)
-            .query_async(&mut conn)
-            .await?;
+        let (vary, entry, soft_purged): (Option<String>, Option<Vec<u8>>, Option<u64>) =
+            redis::cmd("HMGET")
+                .arg(key)
+                .arg("vary")
+                .arg(&field)
+                .arg("sp")
+                .query_async(&mut conn)
+                .await?;
         match vary {
             None => return Ok((Found::NoUrl, None)),
             Some(vary) if vary == hint => {
-                return Ok((found(Some(vary.clone()), entry, field), Some(vary)));
+                return Ok((
+                    found(Some(vary.clone()), entry, field, soft_purged),
+                    Some(vary),
+                ));
             }
             // The URL's Vary changed since this instance saw it.
             Some(_) => {}
@@ -66,32 +94,79 @@ pub(crate) async fn lookup(
             invocation.arg(name.as_str()).arg(key::value_digest(&value));
         }
     }
-    let (vary, entry, field): (Option<String>, Option<Vec<u8>>, Option<String>) =
-        invocation.invoke_async(&mut conn).await?;
-    Ok((found(vary.clone(), entry, field.unwrap_or_default()), vary))
+    let (vary, entry, field, soft_purged): (
+        Option<String>,
+        Option<Vec<u8>>,
+        Option<String>,
+        Option<u64>,
+    ) = invocation.invoke_async(&mut conn).await?;
+    Ok((
+        found(vary.clone(), entry, field.unwrap_or_default(), soft_purged),
+        vary,
+    ))
 }
 
-fn found(vary: Option<String>, entry: Option<Vec<u8>>, field: String) -> Found {
+fn found(
+    vary: Option<String>,
+    entry: Option<Vec<u8>>,
+    field: String,
+    soft_purged: Option<u64>,
+) -> Found {
     match (vary, entry) {
         (None, _) => Found::NoUrl,
         (Some(_), None) => Found::NoVariant,
         (Some(_), Some(bytes)) => match Entry::decode(&bytes) {
-            Ok(entry) => Found::Entry(entry),
+            Ok(mut entry) => {
+                if let Some(at) = soft_purged {
+                    entry.mark_stale_at(at);
+                }
+                Found::Entry(entry)
+            }
             Err(_) => Found::Corrupt(field),
         },
     }
 }
 
-pub(crate) async fn put(mut conn: RedisConnection, key: &str, put: &Put) -> RedisResult<()> {
+/// Where a stored entry is also recorded, and what else goes into the
+/// writing round trip.
+pub(crate) struct Extras<'a> {
+    /// Index keys (tags and path prefixes) and the URL to record in them.
+    pub(crate) indexes: &'a [String],
+    pub(crate) url: &'a str,
+    /// The token of the fill lock to release.
+    pub(crate) unlock: Option<&'a str>,
+    /// The events channel and the message announcing the update.
+    pub(crate) announce: Option<(&'a str, &'a str)>,
+}
+
+/// The whole write of an entry as one pipeline: the entry, its index
+/// records, the lock release and the announcement. One round trip.
+pub(crate) async fn put(
+    mut conn: RedisConnection,
+    key: &str,
+    put: &Put,
+    extras: &Extras<'_>,
+) -> RedisResult<()> {
     let ttl = u64::try_from(put.keep_for.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
-    PUT.key(key)
+    let mut pipe = redis::pipe();
+    let mut store = PUT.key(key);
+    store
         .arg(&put.vary)
         .arg(&put.variant)
         .arg(put.entry.encode())
         .arg(ttl)
         .arg(MAX_VARIANTS)
-        .invoke_async(&mut conn)
-        .await
+        .arg(extras.unlock.unwrap_or(""));
+    pipe.invoke_script(&store).ignore();
+    for index in extras.indexes {
+        let mut record = INDEX.key(index);
+        record.arg(extras.url).arg(ttl);
+        pipe.invoke_script(&record).ignore();
+    }
+    if let Some((channel, message)) = extras.announce {
+        pipe.cmd("PUBLISH").arg(channel).arg(message).ignore();
+    }
+    tower_redis_core::pipeline_with_scripts(&mut conn, &pipe, &[&PUT, &INDEX]).await
 }
