@@ -4,9 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use http::{HeaderMap, Request, Response, Uri, header};
 use http_body::Body;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Empty};
 use tower_service::Service;
 
 use crate::freshness;
@@ -249,11 +250,10 @@ impl CacheHandle {
     /// axum `Router` — one at a time, and waits until their entries are
     /// stored. URLs already cached are hits and cost nothing. Requests pass
     /// through every layer of `service` (rate limits included).
-    pub async fn warm<S, B, RB, I, U>(&self, mut service: S, urls: I) -> Vec<Warmed>
+    pub async fn warm<S, RB, I, U>(&self, mut service: S, urls: I) -> Vec<Warmed>
     where
-        S: Service<Request<B>, Response = Response<RB>>,
+        S: Service<Request<Empty<Bytes>>, Response = Response<RB>>,
         S::Error: std::fmt::Display,
-        B: Default,
         RB: Body,
         I: IntoIterator<Item = U>,
         U: AsRef<str>,
@@ -269,7 +269,7 @@ impl CacheHandle {
                     let host = uri.authority()?.as_str().to_owned();
                     Request::get(uri)
                         .header(header::HOST, host)
-                        .body(B::default())
+                        .body(Empty::new())
                         .ok()
                 });
             let Some(request) = request else {

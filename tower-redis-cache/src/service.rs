@@ -196,9 +196,11 @@ impl Fill {
             let store = Arc::clone(&config.store);
             let url_hash = url_hash.to_owned();
             let guard = self.guard;
+            let in_flight = config.store.start_store();
             tokio::spawn(async move {
                 store.unlock(lock, &url_hash).await;
                 drop(guard);
+                drop(in_flight);
             });
         }
     }
@@ -240,7 +242,11 @@ where
             let wants_fresh = request_directives.no_cache
                 || request_directives.max_age.is_some()
                 || request_directives.min_fresh.is_some();
-            if stale && !wants_fresh && stale_by <= windows.while_revalidate {
+            if stale
+                && !wants_fresh
+                && windows.while_revalidate > 0
+                && stale_by <= windows.while_revalidate
+            {
                 config
                     .store
                     .counters
@@ -259,8 +265,10 @@ where
             } else {
                 "stale"
             };
-            let stale_if_error =
-                stale && !request_directives.no_cache && stale_by <= windows.if_error;
+            let stale_if_error = stale
+                && !request_directives.no_cache
+                && windows.if_error > 0
+                && stale_by <= windows.if_error;
             let status = CacheStatus::forward(reason, tier);
             revalidate(
                 &config,
@@ -297,8 +305,10 @@ fn refresh_in_background<S, ReqBody, ResBody>(
     let Joined::Leader(guard) = config.flights.join(&format!("r:{}", keyed.flight_key())) else {
         return;
     };
+    let in_flight = config.store.start_store();
     tokio::spawn(
         async move {
+            let _in_flight = in_flight;
             let variant =
                 config
                     .store

@@ -21,6 +21,7 @@ use crate::events::Events;
 use crate::freshness;
 use crate::key;
 pub(crate) use memory::{MemoryStore, Selector};
+use redis_store::Op;
 
 /// Invalidations and purges remembered during an outage, at most.
 const MAX_PENDING: usize = 10_000;
@@ -369,18 +370,13 @@ impl CacheStore {
     /// storable) and wakes the waiters.
     pub(crate) async fn unlock(&self, lock: LockToken, url_hash: &str) {
         let key = self.redis_key(url_hash);
-        let mut pipe = redis::pipe();
         let mut unlock = redis_store::UNLOCK.key(&key);
         unlock.arg(&lock.token);
-        pipe.invoke_script(&unlock).ignore();
-        pipe.cmd("PUBLISH")
-            .arg(self.events.channel())
-            .arg(Events::updated_message(url_hash))
-            .ignore();
-        let _ = self
-            .manager
-            .query_pipeline_with_scripts::<()>(&pipe, &[&redis_store::UNLOCK])
-            .await;
+        let ops = [
+            Op::Script(unlock),
+            redis_store::publish(self.events.channel(), &Events::updated_message(url_hash)),
+        ];
+        let _ = self.run_ops(&ops).await;
     }
 
     /// Deletes every variant of these URLs (RFC 9111 §4.4 invalidation).
@@ -394,11 +390,12 @@ impl CacheStore {
         if url_hashes.is_empty() {
             return;
         }
-        let pipe = self.delete_pipeline(url_hashes.iter().map(String::as_str));
+        let ops = self.delete_ops(url_hashes.iter().map(String::as_str));
+        let ops = &ops;
         let served = self
             .manager
             .failover(
-                |mut conn| async move { pipe.query_async::<()>(&mut conn).await },
+                |mut conn| async move { redis_store::run_ops(&mut conn, ops).await.map(|_| ()) },
                 |_| async {},
             )
             .await;
@@ -464,8 +461,7 @@ impl CacheStore {
             Target::Url(url_hash) => {
                 return self
                     .purge_url_hashes(std::slice::from_ref(url_hash), soft_at)
-                    .await
-                    .map(|_| 1);
+                    .await;
             }
             Target::Tag(tag) => (self.index_key("ct", tag), None),
             Target::Prefix(prefix) => (
@@ -553,30 +549,31 @@ impl CacheStore {
     ) -> Result<u64, tower_redis_core::Error> {
         let mut count = 0;
         for chunk in url_hashes.chunks(PURGE_BATCH) {
-            let mut pipe = redis::pipe();
+            let mut ops = Vec::with_capacity(chunk.len() * 2);
             for url_hash in chunk {
                 let key = self.redis_key(url_hash);
-                match soft_at {
+                ops.push(match soft_at {
                     None => {
-                        pipe.cmd("DEL").arg(&key);
+                        let mut del = redis::cmd("DEL");
+                        del.arg(&key);
+                        Op::Cmd(del)
                     }
                     Some(at) => {
                         let mut mark = redis_store::SOFT_PURGE.key(&key);
                         mark.arg(at);
-                        pipe.invoke_script(&mark);
+                        Op::Script(mark)
                     }
-                }
-                pipe.cmd("PUBLISH")
-                    .arg(self.events.channel())
-                    .arg(Events::updated_message(url_hash))
-                    .ignore();
+                });
+                ops.push(redis_store::publish(
+                    self.events.channel(),
+                    &Events::updated_message(url_hash),
+                ));
             }
-            let results: Vec<Value> = self
-                .manager
-                .query_pipeline_with_scripts(&pipe, &[&redis_store::SOFT_PURGE])
-                .await?;
+            let results = self.run_ops(&ops).await?;
+            // Every other answer is a PUBLISH count.
             count += results
                 .iter()
+                .step_by(2)
                 .filter(|v| matches!(v, Value::Int(n) if *n > 0))
                 .count() as u64;
         }
@@ -615,18 +612,23 @@ impl CacheStore {
                         .arg(64),
                 )
                 .await?;
-            let mut pipe = redis::pipe();
-            for url in &sample {
-                pipe.cmd("MEMORY")
-                    .arg("USAGE")
-                    .arg(self.redis_key(&key::hash_url(url)));
-            }
-            let sizes: Vec<Option<u64>> = if sample.is_empty() {
-                Vec::new()
-            } else {
-                self.manager.query_pipeline(&pipe).await?
-            };
-            let found: Vec<u64> = sizes.into_iter().flatten().collect();
+            let ops: Vec<Op> = sample
+                .iter()
+                .map(|url| {
+                    let mut usage = redis::cmd("MEMORY");
+                    usage.arg("USAGE").arg(self.redis_key(&key::hash_url(url)));
+                    Op::Cmd(usage)
+                })
+                .collect();
+            let found: Vec<u64> = self
+                .run_ops(&ops)
+                .await?
+                .into_iter()
+                .filter_map(|v| match v {
+                    Value::Int(n) => u64::try_from(n).ok(),
+                    _ => None,
+                })
+                .collect();
             let average = if found.is_empty() {
                 0
             } else {
@@ -644,16 +646,24 @@ impl CacheStore {
         }
     }
 
-    fn delete_pipeline<'a>(&self, url_hashes: impl Iterator<Item = &'a str>) -> redis::Pipeline {
-        let mut pipe = redis::pipe();
+    fn delete_ops<'a>(&self, url_hashes: impl Iterator<Item = &'a str>) -> Vec<Op> {
+        let mut ops = Vec::new();
         for url_hash in url_hashes {
-            pipe.cmd("DEL").arg(self.redis_key(url_hash)).ignore();
-            pipe.cmd("PUBLISH")
-                .arg(self.events.channel())
-                .arg(Events::updated_message(url_hash))
-                .ignore();
+            let mut del = redis::cmd("DEL");
+            del.arg(self.redis_key(url_hash));
+            ops.push(Op::Cmd(del));
+            ops.push(redis_store::publish(
+                self.events.channel(),
+                &Events::updated_message(url_hash),
+            ));
         }
-        pipe
+        ops
+    }
+
+    async fn run_ops(&self, ops: &[Op]) -> Result<Vec<Value>, tower_redis_core::Error> {
+        self.manager
+            .run(|mut conn| async move { redis_store::run_ops(&mut conn, ops).await })
+            .await
     }
 
     fn defer(&self, writes: impl IntoIterator<Item = Pending>) {
@@ -694,10 +704,9 @@ impl CacheStore {
         for write in pending {
             let result = match &write {
                 Pending::Invalidate(url_hash) => self
-                    .manager
-                    .query_pipeline::<()>(&self.delete_pipeline(std::iter::once(url_hash.as_str())))
+                    .run_ops(&self.delete_ops(std::iter::once(url_hash.as_str())))
                     .await
-                    .map(|()| 0),
+                    .map(|_| 0),
                 Pending::Purge(target, soft_at) => self.purge_redis(target, *soft_at).await,
             };
             if result.is_err() {

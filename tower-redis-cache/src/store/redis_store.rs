@@ -21,7 +21,7 @@ use std::sync::LazyLock;
 
 use http::HeaderMap;
 use tower_redis_core::RedisConnection;
-use tower_redis_core::redis::{self, RedisResult, Script};
+use tower_redis_core::redis::{self, Cmd, RedisResult, Script, ScriptInvocation, Value};
 
 use super::Put;
 use crate::entry::Entry;
@@ -127,6 +127,54 @@ fn found(
     }
 }
 
+/// One command of a batch: a script or a plain command.
+pub(crate) enum Op {
+    Script(ScriptInvocation<'static>),
+    Cmd(Cmd),
+}
+
+/// Runs a batch of commands on possibly different keys, answering with
+/// one value per command: one pipeline on a single server; on a cluster
+/// (where a pipeline cannot span slots) every command at once, each to its
+/// slot's node, so the batch still costs about one round trip of time.
+pub(crate) async fn run_ops(conn: &mut RedisConnection, ops: &[Op]) -> RedisResult<Vec<Value>> {
+    if ops.is_empty() {
+        return Ok(Vec::new());
+    }
+    if conn.is_cluster() {
+        let sends = ops.iter().map(|op| {
+            let mut conn = conn.clone();
+            async move {
+                match op {
+                    Op::Script(invocation) => invocation.invoke_async::<Value>(&mut conn).await,
+                    Op::Cmd(cmd) => cmd.query_async::<Value>(&mut conn).await,
+                }
+            }
+        });
+        return futures_util::future::try_join_all(sends).await;
+    }
+    let mut pipe = redis::pipe();
+    for op in ops {
+        match op {
+            Op::Script(invocation) => {
+                pipe.invoke_script(invocation);
+            }
+            Op::Cmd(cmd) => {
+                pipe.add_command(cmd.clone());
+            }
+        }
+    }
+    tower_redis_core::pipeline_with_scripts(conn, &pipe, &[&PUT, &INDEX, &UNLOCK, &SOFT_PURGE])
+        .await
+}
+
+/// `PUBLISH channel message`.
+pub(crate) fn publish(channel: &str, message: &str) -> Op {
+    let mut cmd = redis::cmd("PUBLISH");
+    cmd.arg(channel).arg(message);
+    Op::Cmd(cmd)
+}
+
 /// Where a stored entry is also recorded, and what else goes into the
 /// writing round trip.
 pub(crate) struct Extras<'a> {
@@ -139,7 +187,7 @@ pub(crate) struct Extras<'a> {
     pub(crate) announce: Option<(&'a str, &'a str)>,
 }
 
-/// The whole write of an entry as one pipeline: the entry, its index
+/// The whole write of an entry as one batch: the entry, its index
 /// records, the lock release and the announcement. One round trip.
 pub(crate) async fn put(
     mut conn: RedisConnection,
@@ -150,7 +198,7 @@ pub(crate) async fn put(
     let ttl = u64::try_from(put.keep_for.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
-    let mut pipe = redis::pipe();
+    let mut ops = Vec::with_capacity(extras.indexes.len() + 2);
     let mut store = PUT.key(key);
     store
         .arg(&put.vary)
@@ -159,14 +207,14 @@ pub(crate) async fn put(
         .arg(ttl)
         .arg(MAX_VARIANTS)
         .arg(extras.unlock.unwrap_or(""));
-    pipe.invoke_script(&store).ignore();
+    ops.push(Op::Script(store));
     for index in extras.indexes {
         let mut record = INDEX.key(index);
         record.arg(extras.url).arg(ttl);
-        pipe.invoke_script(&record).ignore();
+        ops.push(Op::Script(record));
     }
     if let Some((channel, message)) = extras.announce {
-        pipe.cmd("PUBLISH").arg(channel).arg(message).ignore();
+        ops.push(publish(channel, message));
     }
-    tower_redis_core::pipeline_with_scripts(&mut conn, &pipe, &[&PUT, &INDEX]).await
+    run_ops(&mut conn, &ops).await.map(|_| ())
 }
