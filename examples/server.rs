@@ -17,15 +17,23 @@
 //! IP; under `/api`, anonymous clients get 10 per minute per IP and
 //! logged-in users 100 per minute per user.
 //!
+//! `/healthz` and `/metrics` sit outside the layers: health checks and
+//! scrapes are never limited, cached or given a session.
+//!
 //! Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`; `memory` runs
 //! on the in-process stores only), `BIND` (default `127.0.0.1`), `PORT`
-//! (default `3000`), `RUST_LOG` (default `info`). Stop Redis while it runs:
+//! (default `3000`; `0` picks a free port, and the log line `listening on
+//! http://…` names it), `RUST_LOG` (default `info`). Ctrl-C (or SIGTERM)
+//! stops it gracefully: in-flight requests finish and pending cache stores
+//! are written. If Redis does not answer at startup, one warning says so and
+//! how to point the server at it; the server runs anyway. Stop Redis while it runs:
 //! everything keeps working from process memory, `Cache-Status` and
 //! `RateLimit` say so, and `/healthz` reports `degraded`; start Redis again
 //! and it recovers by itself. The session cookie is sent without `Secure`
 //! here so that it works over plain http on localhost.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -37,9 +45,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower_redis_cache::{CacheLayer, Route};
-use tower_redis_core::{RedisConfig, RedisManager};
+use tower_redis_core::{BreakerState, RedisConfig, RedisManager, Topology};
 use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
 use tower_redis_session::{Session, SessionLayer};
+use tracing::instrument::WithSubscriber;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Clone)]
@@ -62,6 +71,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
     let metrics = PrometheusBuilder::new().install_recorder()?;
 
@@ -70,7 +80,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             tracing::info!("REDIS_URL=memory: running on in-process stores only");
             RedisManager::disabled()
         }
-        _ => RedisManager::connect(RedisConfig::from_env()?).await?,
+        _ => connect_or_fall_back(RedisConfig::from_env()?).await?,
     };
 
     let cache = CacheLayer::builder(redis.clone())
@@ -126,38 +136,100 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let api = Router::new()
         .route("/orders", get(orders))
         .layer(api_limits);
-    let router = Router::new()
+    let shop = Router::new()
         .route("/products", get(list_products))
         .route("/products/{id}", get(product).put(update_product))
         .route("/login", post(login))
         .route("/logout", post(logout))
         .route("/me", get(me))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics_text))
         .nest("/api", api)
-        .with_state(app)
-        .layer(cache)
+        // TODO(issue 4): token-protected cache purge endpoints (by tag and by URL) go here.
+        .layer(cache.clone())
         .layer(sessions)
         .layer(flood_guard);
+    // Added after `.layer(...)`, so no layer wraps them.
+    let router = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .merge(shop)
+        .with_state(app);
 
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1".to_owned());
     let port = std::env::var("PORT").unwrap_or_else(|_| "3000".to_owned());
     let addr: SocketAddr = format!("{bind}:{port}")
         .parse()
         .map_err(|e| format!("BIND={bind} PORT={port} is not a socket address: {e}"))?;
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!("listening on http://{addr}");
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} ({e}); set PORT (or BIND) to another one"))?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
     // Connect info gives the rate limiter the client's address.
     axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
-    })
+    .with_graceful_shutdown(shutdown_signal())
     .await?;
+    // Responses already sent may still be on their way into the cache.
+    cache.flush().await;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// Connects to Redis; if it does not answer, starts anyway on the in-process
+/// fallbacks (the manager keeps probing and switches to Redis once it answers).
+///
+/// The manager logs its own startup warning; the demo says the same in one
+/// line that also tells a newcomer what to do about it, so the manager's
+/// startup message is muted here (its later transitions are logged as usual).
+async fn connect_or_fall_back(
+    config: RedisConfig,
+) -> Result<RedisManager, tower_redis_core::Error> {
+    let target = match config.topology() {
+        Topology::Standalone(url) => url.to_string(),
+        Topology::Cluster(nodes) => {
+            let nodes: Vec<String> = nodes.iter().map(ToString::to_string).collect();
+            format!("cluster {}", nodes.join(","))
+        }
+    };
+    let redis = RedisManager::connect(config)
+        .with_subscriber(tracing::subscriber::NoSubscriber::default())
+        .await?;
+    let health = redis.health();
+    if health.state == BreakerState::Closed {
+        tracing::info!("connected to Redis at {target}");
+    } else {
+        let error = health.last_error.unwrap_or_else(|| "no answer".to_owned());
+        tracing::warn!(
+            "Redis at {target} is not reachable ({error}); serving from in-process memory and \
+             switching to Redis as soon as it answers. Start Redis there, or set \
+             REDIS_URL=redis://host:port/db (REDIS_URL=memory: no Redis at all)"
+        );
+    }
+    Ok(redis)
+}
+
+/// Ctrl-C, or SIGTERM on Unix (what `kill`, Docker and systemd send).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
 }
 
 /// The slow "database" a cache is for.
@@ -232,13 +304,15 @@ async fn orders(session: Session) -> impl IntoResponse {
 }
 
 /// Always 200: the app serves with or without Redis, so a load balancer
-/// must not pull it out of rotation. The body says which mode it is in.
+/// must not pull it out of rotation. The body says which mode it is in:
+/// `ok` (on Redis), `degraded` (Redis down, serving from process memory) or
+/// `memory` (`REDIS_URL=memory`).
 async fn healthz(State(app): State<App>) -> impl IntoResponse {
     let health = app.redis.health();
-    let status = if health.is_healthy() {
-        "ok"
-    } else {
-        "degraded"
+    let status = match health.state {
+        BreakerState::Closed => "ok",
+        BreakerState::Disabled => "memory",
+        BreakerState::Open | BreakerState::HalfOpen => "degraded",
     };
     Json(serde_json::json!({ "status": status, "redis": health }))
 }
