@@ -40,7 +40,6 @@
 //! for in-process stores only), `RUST_LOG` (default `info`). Without a
 //! reachable Redis it starts anyway on the in-process fallbacks.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -55,10 +54,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower_redis_cache::CacheLayer;
-use tower_redis_core::{BreakerState, RedisConfig, RedisManager, Topology};
 use tower_redis_ratelimit::{Policy, RateLimitLayer};
-use tracing::instrument::WithSubscriber;
-use tracing_subscriber::EnvFilter;
+
+mod support;
 
 const USAGE: &str = "\
 usage: caching_proxy --upstream http://HOST[:PORT] [--listen ADDR] [--rate-limit N/PERIOD] [--timeout SECONDS]
@@ -122,20 +120,8 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stdout().is_terminal())
-        .init();
-
-    let redis = match std::env::var("REDIS_URL").as_deref() {
-        Ok("memory") => {
-            tracing::info!("REDIS_URL=memory: running on in-process stores only");
-            RedisManager::disabled()
-        }
-        _ => connect_or_fall_back(RedisConfig::from_env()?).await?,
-    };
+    support::init_tracing();
+    let redis = support::redis_from_env().await?;
 
     // The upstream's own Cache-Control decides what is stored.
     let cache = CacheLayer::builder(redis.clone()).build()?;
@@ -180,7 +166,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown_signal())
+    .with_graceful_shutdown(support::shutdown_signal())
     .await?;
     cache.flush().await;
     tracing::info!("stopped");
@@ -487,59 +473,6 @@ fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
         current = source;
     }
     current.to_string()
-}
-
-/// Connects to Redis; if it does not answer, starts anyway on the
-/// in-process fallbacks and says so in one line (the manager's own startup
-/// warning is muted; its later transitions are logged as usual).
-async fn connect_or_fall_back(
-    config: RedisConfig,
-) -> Result<RedisManager, tower_redis_core::Error> {
-    let target = match config.topology() {
-        Topology::Standalone(url) => url.to_string(),
-        Topology::Cluster(nodes) => {
-            let nodes: Vec<String> = nodes.iter().map(ToString::to_string).collect();
-            format!("cluster {}", nodes.join(","))
-        }
-    };
-    let redis = RedisManager::connect(config)
-        .with_subscriber(tracing::subscriber::NoSubscriber::default())
-        .await?;
-    let health = redis.health();
-    if health.state == BreakerState::Closed {
-        tracing::info!("connected to Redis at {target}");
-    } else {
-        let error = health.last_error.unwrap_or_else(|| "no answer".to_owned());
-        tracing::warn!(
-            "Redis at {target} is not reachable ({error}); caching in process memory and \
-             switching to Redis as soon as it answers. Start Redis there, or set \
-             REDIS_URL=redis://host:port/db (REDIS_URL=memory: no Redis at all)"
-        );
-    }
-    Ok(redis)
-}
-
-/// Ctrl-C, or SIGTERM on Unix.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-    tracing::info!("shutting down: finishing in-flight requests");
 }
 
 #[cfg(test)]

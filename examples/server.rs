@@ -33,7 +33,6 @@
 //! here so that it works over plain http on localhost.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -45,11 +44,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower_redis_cache::{CacheLayer, Route};
-use tower_redis_core::{BreakerState, RedisConfig, RedisManager, Topology};
+use tower_redis_core::{BreakerState, RedisManager};
 use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
 use tower_redis_session::{Session, SessionLayer};
-use tracing::instrument::WithSubscriber;
-use tracing_subscriber::EnvFilter;
+
+mod support;
 
 #[derive(Clone)]
 struct App {
@@ -67,21 +66,9 @@ async fn main() {
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stdout().is_terminal())
-        .init();
+    support::init_tracing();
     let metrics = PrometheusBuilder::new().install_recorder()?;
-
-    let redis = match std::env::var("REDIS_URL").as_deref() {
-        Ok("memory") => {
-            tracing::info!("REDIS_URL=memory: running on in-process stores only");
-            RedisManager::disabled()
-        }
-        _ => connect_or_fall_back(RedisConfig::from_env()?).await?,
-    };
+    let redis = support::redis_from_env().await?;
 
     let cache = CacheLayer::builder(redis.clone())
         .route(Route::new("/products*").default_ttl(Duration::from_secs(60)))
@@ -168,68 +155,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown_signal())
+    .with_graceful_shutdown(support::shutdown_signal())
     .await?;
     // Responses already sent may still be on their way into the cache.
     cache.flush().await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Connects to Redis; if it does not answer, starts anyway on the in-process
-/// fallbacks (the manager keeps probing and switches to Redis once it answers).
-///
-/// The manager logs its own startup warning; the demo says the same in one
-/// line that also tells a newcomer what to do about it, so the manager's
-/// startup message is muted here (its later transitions are logged as usual).
-async fn connect_or_fall_back(
-    config: RedisConfig,
-) -> Result<RedisManager, tower_redis_core::Error> {
-    let target = match config.topology() {
-        Topology::Standalone(url) => url.to_string(),
-        Topology::Cluster(nodes) => {
-            let nodes: Vec<String> = nodes.iter().map(ToString::to_string).collect();
-            format!("cluster {}", nodes.join(","))
-        }
-    };
-    let redis = RedisManager::connect(config)
-        .with_subscriber(tracing::subscriber::NoSubscriber::default())
-        .await?;
-    let health = redis.health();
-    if health.state == BreakerState::Closed {
-        tracing::info!("connected to Redis at {target}");
-    } else {
-        let error = health.last_error.unwrap_or_else(|| "no answer".to_owned());
-        tracing::warn!(
-            "Redis at {target} is not reachable ({error}); serving from in-process memory and \
-             switching to Redis as soon as it answers. Start Redis there, or set \
-             REDIS_URL=redis://host:port/db (REDIS_URL=memory: no Redis at all)"
-        );
-    }
-    Ok(redis)
-}
-
-/// Ctrl-C, or SIGTERM on Unix (what `kill`, Docker and systemd send).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-    tracing::info!("shutting down: finishing in-flight requests");
 }
 
 /// The slow "database" a cache is for.
