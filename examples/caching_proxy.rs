@@ -290,33 +290,35 @@ fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
     ))
 }
 
-/// Hop-by-hop fields (RFC 9110 §7.6.1), plus the non-standard ones proxies
-/// are known to meet.
-const HOP_BY_HOP: [&str; 9] = [
+/// Hop-by-hop fields (RFC 9110 §7.6.1) besides `Proxy-*`, plus
+/// `Keep-Alive`, which HTTP/1.0 peers still send.
+const HOP_BY_HOP: [&str; 6] = [
     "connection",
     "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
     "te",
     "trailer",
     "transfer-encoding",
     "upgrade",
 ];
 
-/// Removes `Connection`, every field it names, and the other hop-by-hop fields.
+/// Removes `Connection`, every field it names, `Proxy-*` (`Proxy-Authorization`,
+/// `Proxy-Authenticate`, `Proxy-Connection`, …) and the other hop-by-hop fields.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    let mut doomed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .filter_map(|name| HeaderName::try_from(name.trim()).ok())
         .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
+    doomed.extend(
+        headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("proxy-"))
+            .cloned(),
+    );
+    doomed.extend(HOP_BY_HOP.map(HeaderName::from_static));
+    for name in doomed {
         headers.remove(name);
     }
 }
@@ -542,6 +544,11 @@ mod tests {
         headers.insert("x-secret", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert("te", HeaderValue::from_static("trailers"));
+        headers.insert(
+            "proxy-authorization",
+            HeaderValue::from_static("Basic eDp5"),
+        );
+        headers.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
         headers.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1, "{headers:?}");

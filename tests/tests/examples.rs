@@ -799,6 +799,8 @@ async fn caching_proxy_caches_forwards_streams_and_reports_a_dead_upstream() {
             ("x-secret", "1"),
             ("te", "trailers"),
             ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("proxy-connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
             ("x-forwarded-for", "203.0.113.9"),
             ("x-kept", "yes"),
         ],
@@ -832,7 +834,14 @@ async fn caching_proxy_caches_forwards_streams_and_reports_a_dead_upstream() {
     );
     assert_eq!(seen["via"], "1.1 tower-redis-proxy");
     assert_eq!(seen["x-kept"], "yes");
-    for hop in ["x-secret", "te", "proxy-authorization", "connection"] {
+    for hop in [
+        "x-secret",
+        "te",
+        "proxy-authorization",
+        "proxy-connection",
+        "keep-alive",
+        "connection",
+    ] {
         assert!(
             !seen.contains_key(hop),
             "{hop} reached the origin: {seen:?}"
