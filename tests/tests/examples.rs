@@ -533,6 +533,15 @@ async fn server_walkthrough_survives_a_redis_outage() {
     } else {
         assert!(allowed >= 10, "{allowed}");
     }
+    assert_eq!(denied.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(denied.header("retry-after").parse::<u64>().is_ok());
+    assert_eq!(denied.header("content-type"), "application/problem+json");
+    assert_eq!(denied.json()["violated-policies"][0], "anonymous");
+    assert!(
+        denied.all("ratelimit").contains("\"anonymous\";r=0;"),
+        "{:?}",
+        denied.headers
+    );
     let health = get(&http, &server.url("/healthz")).await.json();
     assert_eq!(health["status"], "ok");
     assert_eq!(health["redis"]["state"], "closed");
