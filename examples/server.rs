@@ -13,21 +13,22 @@
 //! curl -s  localhost:3000/metrics                # Prometheus text
 //! ```
 //!
-//! Limits: every route has a flood guard of 50 requests per 30 s per client
-//! IP; under `/api`, anonymous clients get 10 per minute per IP and
-//! logged-in users 100 per minute per user.
-//!
-//! `/healthz` and `/metrics` sit outside the layers: health checks and
-//! scrapes are never limited, cached or given a session.
+//! Limits: every shop route has a flood guard of 50 requests per 30 s per
+//! client IP; under `/api`, anonymous clients get 10 per minute per IP and
+//! logged-in users 100 per minute per user. `/healthz` and `/metrics` sit
+//! outside the layers: health checks and scrapes are never limited, cached
+//! or given a session.
 //!
 //! Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`; `memory` runs
 //! on the in-process stores only), `BIND` (default `127.0.0.1`), `PORT`
 //! (default `3000`; `0` picks a free port, and the log line `listening on
 //! http://…` names it), `RUST_LOG` (default `info`). Ctrl-C (or SIGTERM)
 //! stops it gracefully: in-flight requests finish and pending cache stores
-//! are written. If Redis does not answer at startup, one warning says so and
-//! how to point the server at it; the server runs anyway. Stop Redis while it runs:
-//! everything keeps working from process memory, `Cache-Status` and
+//! are written.
+//!
+//! If Redis does not answer at startup, one warning says so and how to
+//! point the server at it; the server runs anyway. Stop Redis while it
+//! runs: everything keeps working from process memory, `Cache-Status` and
 //! `RateLimit` say so, and `/healthz` reports `degraded`; start Redis again
 //! and it recovers by itself. The session cookie is sent without `Secure`
 //! here so that it works over plain http on localhost.
