@@ -39,6 +39,14 @@ impl Entry {
             - i64::try_from(self.age(now_ms)).unwrap_or(i64::MAX)
     }
 
+    /// A soft purge at `at_ms`: the entry's freshness ends then, if it had
+    /// not already. Entries stored after the purge are untouched.
+    pub(crate) fn mark_stale_at(&mut self, at_ms: u64) {
+        if at_ms >= self.response_time_ms {
+            self.lifetime = self.lifetime.min(self.age(at_ms));
+        }
+    }
+
     pub(crate) fn age(&self, now_ms: u64) -> u64 {
         self.initial_age + now_ms.saturating_sub(self.response_time_ms) / 1000
     }

@@ -62,9 +62,12 @@
 //! replayed.
 
 mod body;
+mod coalesce;
 mod directives;
 mod entry;
+mod events;
 mod freshness;
+mod handle;
 mod key;
 mod layer;
 mod policy;
@@ -72,6 +75,7 @@ mod service;
 mod store;
 
 pub use body::CacheBody;
+pub use handle::{CacheHandle, EntryInfo, InvalidUrl, Purged, Stats, Warmed};
 pub use layer::{CacheLayer, CacheLayerBuilder, ConfigError, DEFAULT_UNKEYED_HEADERS};
 pub use policy::Route;
 pub use service::{Cache, ResponseFuture};
