@@ -30,15 +30,21 @@
 //! - adds `Via` to requests and responses;
 //! - answers `502 Bad Gateway` when the upstream cannot be reached and
 //!   `504 Gateway Timeout` when it accepts but does not answer within
-//!   `--timeout`, each with a one-line text body.
+//!   `--timeout`, each with a one-line text body; but when the cache holds
+//!   a stale copy, within `--stale-if-error` seconds past its freshness,
+//!   that copy is served instead (RFC 5861; `Cache-Status` says
+//!   `fwd=stale` and `stale-if-error`). The same happens when the upstream
+//!   itself answers 500, 502, 503 or 504.
 //!
 //! Options: `--upstream URL` (required, `http://` only), `--listen ADDR`
 //! (default `127.0.0.1:3001`; port 0 picks a free one, named in the log line
 //! `listening on http://…`), `--rate-limit N/PERIOD` (per client IP, e.g.
 //! `100/min`, `10/s`, `500/1h`, `20/30s`), `--timeout SECONDS` (default
-//! 10). Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`; `memory`
-//! for in-process stores only), `RUST_LOG` (default `info`). Without a
-//! reachable Redis it starts anyway on the in-process fallbacks.
+//! 10), `--stale-if-error SECONDS` (default 300; 0 turns it off, except for
+//! responses that carry `stale-if-error` themselves). Environment:
+//! `REDIS_URL` (default `redis://127.0.0.1:6379`; `memory` for in-process
+//! stores only), `RUST_LOG` (default `info`). Without a reachable Redis it
+//! starts anyway on the in-process fallbacks.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -53,18 +59,22 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tower_redis_cache::CacheLayer;
+use tower_redis_cache::{CacheLayer, Route};
 use tower_redis_ratelimit::{Policy, RateLimitLayer};
 
 mod support;
 
 const USAGE: &str = "\
-usage: caching_proxy --upstream http://HOST[:PORT] [--listen ADDR] [--rate-limit N/PERIOD] [--timeout SECONDS]
+usage: caching_proxy --upstream http://HOST[:PORT] [--listen ADDR] [--rate-limit N/PERIOD]
+                     [--timeout SECONDS] [--stale-if-error SECONDS]
 
   --upstream URL        the origin to forward to (http:// only)
   --listen ADDR         where to listen (default 127.0.0.1:3001; port 0 picks a free one)
   --rate-limit N/PERIOD limit each client IP, e.g. 100/min, 10/s, 500/1h, 20/30s (default: no limit)
   --timeout SECONDS     how long to wait for the upstream's answer (default 10)
+  --stale-if-error SECONDS
+                        serve a cached copy this long past its freshness when the upstream
+                        fails (default 300; 0: only when the response says stale-if-error)
 
 environment: REDIS_URL (default redis://127.0.0.1:6379; `memory` for in-process stores only), RUST_LOG";
 
@@ -77,6 +87,7 @@ struct Args {
     listen: SocketAddr,
     rate_limit: Option<(u32, Duration)>,
     timeout: Duration,
+    stale_if_error: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -124,7 +135,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let redis = support::redis_from_env().await?;
 
     // The upstream's own Cache-Control decides what is stored.
-    let cache = CacheLayer::builder(redis.clone()).build()?;
+    let mut route = Route::new("*");
+    if !args.stale_if_error.is_zero() {
+        route = route.stale_if_error(args.stale_if_error);
+    }
+    let cache = CacheLayer::builder(redis.clone())
+        .default_route(route)
+        .build()?;
 
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -179,6 +196,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
     let mut listen = SocketAddr::from(([127, 0, 0, 1], 3001));
     let mut rate_limit = None;
     let mut timeout = Duration::from_secs(10);
+    let mut stale_if_error = Duration::from_secs(300);
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         if arg == "-h" || arg == "--help" {
@@ -217,6 +235,17 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
                         format!("--timeout {text:?} is not a number of seconds (0 < s ≤ 3600)")
                     })?;
             }
+            "--stale-if-error" => {
+                let text = value()?;
+                stale_if_error = text
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|s| *s <= 86_400)
+                    .map(Duration::from_secs)
+                    .ok_or_else(|| {
+                        format!("--stale-if-error {text:?} is not a number of seconds (0 to 86400)")
+                    })?;
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -226,6 +255,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
         listen,
         rate_limit,
         timeout,
+        stale_if_error,
     }))
 }
 
@@ -498,6 +528,7 @@ mod tests {
         assert_eq!(parsed.upstream.to_string(), "http://127.0.0.1:8080");
         assert_eq!(parsed.listen, "127.0.0.1:3001".parse().unwrap());
         assert_eq!(parsed.rate_limit, None);
+        assert_eq!(parsed.stale_if_error, Duration::from_secs(300));
         let parsed = args(&[
             "--upstream=http://origin/base/",
             "--rate-limit=20/30s",
@@ -522,6 +553,7 @@ mod tests {
             &["--upstream", "http://x", "--rate-limit", "0/s"],
             &["--upstream", "http://x", "--rate-limit", "10/fortnight"],
             &["--upstream", "http://x", "--timeout", "-1"],
+            &["--upstream", "http://x", "--stale-if-error", "soon"],
             &["--upstream", "http://x", "--listen", "nowhere"],
             &["--upstream", "http://x", "--bogus"],
         ] {

@@ -704,6 +704,14 @@ async fn origin_cached(State(origin): State<Origin>) -> Response {
         .into_response()
 }
 
+async fn origin_short() -> Response {
+    (
+        [(header::CACHE_CONTROL, "public, max-age=1")],
+        "short-lived body",
+    )
+        .into_response()
+}
+
 async fn origin_echo(State(origin): State<Origin>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let headers = parts
@@ -757,6 +765,7 @@ async fn start_origin(
 ) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let app = Router::new()
         .route("/cached", axum::routing::get(origin_cached))
+        .route("/short", axum::routing::get(origin_short))
         .route("/echo", axum::routing::any(origin_echo))
         .route("/stream", axum::routing::get(origin_stream))
         .route("/upload", axum::routing::post(origin_upload))
@@ -952,6 +961,11 @@ async fn caching_proxy_caches_forwards_streams_and_reports_a_dead_upstream() {
     let text = reply.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(text, "received 17 bytes");
 
+    // Fresh for one second only: stale (but kept) by the time the origin is gone.
+    let short = get(&http, &proxy.url("/short")).await;
+    assert_eq!(short.body, "short-lived body");
+    wait_for_keys(&redis, CACHE_KEYS, 2).await;
+
     // The origin goes away: 502 with a short body; what is cached is still served.
     let _ = stop_origin.send(());
     tokio::time::timeout(DEADLINE, origin_task)
@@ -968,6 +982,31 @@ async fn caching_proxy_caches_forwards_streams_and_reports_a_dead_upstream() {
         cached.header("cache-status").contains("; hit"),
         "{:?}",
         cached.headers
+    );
+    // Stale and the origin down: the stale copy instead of a 502
+    // (stale-if-error). Polled until the entry has gone stale.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let stale = loop {
+        let reply = get(&http, &proxy.url("/short")).await;
+        let fresh_hit =
+            reply.status == StatusCode::OK && !reply.header("cache-status").contains("fwd=");
+        if !fresh_hit {
+            break reply;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/short never went stale"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(stale.status, StatusCode::OK, "{stale:?}");
+    assert_eq!(stale.body, "short-lived body");
+    let status = stale.header("cache-status");
+    assert!(
+        status.contains("fwd=stale")
+            && status.contains("fwd-status=502")
+            && status.contains("stale-if-error"),
+        "{status}"
     );
 }
 
