@@ -184,13 +184,13 @@ impl CacheHandle {
     /// The entry stored for an absolute URL, as a request without
     /// `Vary`-relevant headers would select it.
     pub async fn entry(&self, url: &str) -> Result<Option<EntryInfo>, InvalidUrl> {
-        let Target::Url(url_hash) = self.target_of(url)? else {
+        let Target::Url(key_url) = self.target_of(url)? else {
             return Err(InvalidUrl {
                 url: url.to_owned(),
                 problem: "give an absolute URL (`https://host/path`): entries are per host",
             });
         };
-        let Some((entry, tier)) = self.config.store.inspect(&url_hash).await else {
+        let Some((entry, tier)) = self.config.store.inspect(&key::hash_url(&key_url)).await else {
             return Ok(None);
         };
         let now = now_ms();
@@ -333,7 +333,7 @@ impl CacheHandle {
         if uri.authority().is_some() {
             let key_url = key::url_of(&parts, &self.config.allowed_hosts, route)
                 .ok_or_else(|| invalid("its host is not one this cache stores"))?;
-            return Ok(Target::Url(key::hash_url(&key_url)));
+            return Ok(Target::Url(key_url));
         }
         if !url.starts_with('/') {
             return Err(invalid(

@@ -61,6 +61,8 @@
 //! back those entries are dropped and invalidations made meanwhile are
 //! replayed.
 
+#[cfg(feature = "axum")]
+pub mod admin;
 mod body;
 mod coalesce;
 mod directives;

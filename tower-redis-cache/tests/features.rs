@@ -702,3 +702,103 @@ async fn tags_and_purges_work_on_a_redis_cluster() {
     }
     assert_eq!(origin.calls("/item/100"), 1);
 }
+
+#[tokio::test]
+async fn a_purge_while_redis_hangs_is_deferred_and_replayed_when_it_answers() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = instance(redis.config().failure_threshold(1), &origin, |b| b).await;
+    get_settled(&a, "/item/1").await;
+    get_settled(&a, "/item/2").await;
+    redis.pause().await;
+    let purged = a.layer.handle().purge_tag("item-1").await;
+    assert!(purged.deferred, "{purged:?}");
+    redis.resume().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = get(&a.app, "/item/2").await;
+        if !answer.cache_status().contains("redis-unavailable") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Redis never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = get(&a.app, "/item/1").await;
+    assert_eq!(after.body, "item-1-v2", "{}", after.cache_status());
+    assert!(get(&a.app, "/item/2").await.cache_status().contains("hit"));
+}
+
+#[tokio::test]
+async fn the_admin_router_checks_authorisation_and_runs_the_operations() {
+    use tower_redis_cache::admin::CacheAdmin;
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = instance(redis.config(), &origin, |b| b).await;
+    let admin = CacheAdmin::new(a.layer.handle(), |headers: &HeaderMap| {
+        headers
+            .get("authorization")
+            .is_some_and(|v| v == "Bearer token")
+    })
+    .warm_through(a.app.clone())
+    .into_router();
+    let app = a.app.clone().nest("/admin", admin);
+    let call = |method: &'static str, path: &'static str, auth: bool, body: &'static str| {
+        let app = app.clone();
+        async move {
+            let mut request = Request::builder()
+                .method(method)
+                .uri(path)
+                .header(header::HOST, "shop.example");
+            if auth {
+                request = request.header("authorization", "Bearer token");
+            }
+            let response = app
+                .oneshot(request.body(Body::from(body)).unwrap())
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&bytes).into_owned())
+        }
+    };
+    assert_eq!(call("POST", "/admin/purge/all", false, "").await.0, 401);
+    let (status, report) = call(
+        "POST",
+        "/admin/warm",
+        true,
+        r#"["http://shop.example/item/1","http://shop.example/item/2"]"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{report}");
+    assert!(report.contains("stored"), "{report}");
+    let (status, entry) = call(
+        "GET",
+        "/admin/entry?url=http://shop.example/item/1",
+        true,
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{entry}");
+    assert!(entry.contains("\"item-1\""), "{entry}");
+    let (status, purged) = call("POST", "/admin/purge/tag/item-1", true, "").await;
+    assert_eq!(
+        (status, purged.as_str()),
+        (200, r#"{"deferred":false,"urls":1}"#)
+    );
+    let (status, _) = call(
+        "GET",
+        "/admin/entry?url=http://shop.example/item/1",
+        true,
+        "",
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, problem) = call("POST", "/admin/purge/prefix?prefix=item", true, "").await;
+    assert_eq!(status, 400);
+    assert!(problem.contains("starting with"), "{problem}");
+    let (status, stats) = call("GET", "/admin/stats", true, "").await;
+    assert_eq!(status, 200);
+    assert!(stats.contains("\"entries\":1"), "{stats}");
+    let (status, _) = call("POST", "/admin/warm", true, "not json").await;
+    assert_eq!(status, 400);
+}

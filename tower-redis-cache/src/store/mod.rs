@@ -95,7 +95,7 @@ pub(crate) enum Target {
     Prefix(String),
     /// One URL's path and query, on any host.
     Path(String),
-    /// One URL, by its key hash.
+    /// One URL, as its key (`//host/path?query`).
     Url(String),
     All,
 }
@@ -204,6 +204,11 @@ impl CacheStore {
         extra: &str,
     ) -> (Lookup, Tier) {
         self.events.ensure_started();
+        if self.degraded.load(Ordering::Acquire) && self.manager.is_available() {
+            // Redis is back: replay the outage's invalidations and purges
+            // before reading, so this answer already reflects them.
+            self.after(Source::Redis).await;
+        }
         let near = self.near.as_ref().filter(|_| self.events.near_usable());
         if let Some(near) = near
             && let redis_store::Found::Entry(entry) = near.lookup(url_hash, request, extra)
@@ -426,8 +431,8 @@ impl CacheStore {
         let local = |store: &MemoryStore| match (&selector, target, soft_at) {
             (Some(selector), _, None) => store.purge(selector),
             (Some(selector), _, Some(at)) => store.soft_purge(selector, at),
-            (None, Target::Url(url_hash), _) => {
-                store.remove(url_hash);
+            (None, Target::Url(url), _) => {
+                store.remove(&key::hash_url(url));
                 1
             }
             (None, _, _) => 0,
@@ -458,10 +463,8 @@ impl CacheStore {
         soft_at: Option<u64>,
     ) -> Result<u64, tower_redis_core::Error> {
         let (index, filter): (String, Option<(&str, bool)>) = match target {
-            Target::Url(url_hash) => {
-                return self
-                    .purge_url_hashes(std::slice::from_ref(url_hash), soft_at)
-                    .await;
+            Target::Url(url) => {
+                return self.purge_urls(std::slice::from_ref(url), soft_at).await;
             }
             Target::Tag(tag) => (self.index_key("ct", tag), None),
             Target::Prefix(prefix) => (
@@ -505,8 +508,8 @@ impl CacheStore {
                     Some((path, true)) => key::path_of(url) == path,
                 })
                 .collect();
-            let hashes: Vec<String> = selected.iter().map(|url| key::hash_url(url)).collect();
-            count += self.purge_url_hashes(&hashes, soft_at).await?;
+            let urls: Vec<String> = selected.iter().map(|url| (*url).clone()).collect();
+            count += self.purge_urls(&urls, soft_at).await?;
             let done = page.len() < PURGE_BATCH;
             if soft_at.is_none() {
                 // Drop what was purged from the index, so the next page is new.
@@ -540,17 +543,19 @@ impl CacheStore {
         Ok(count)
     }
 
-    /// Deletes (or soft-purges) URLs' hashes and announces each; returns
-    /// how many existed.
-    async fn purge_url_hashes(
+    /// Deletes (or soft-purges) URLs' entries and announces each; returns
+    /// how many existed. A hard purge also takes the URLs out of the root
+    /// index, which counts the live entries.
+    async fn purge_urls(
         &self,
-        url_hashes: &[String],
+        urls: &[String],
         soft_at: Option<u64>,
     ) -> Result<u64, tower_redis_core::Error> {
         let mut count = 0;
-        for chunk in url_hashes.chunks(PURGE_BATCH) {
-            let mut ops = Vec::with_capacity(chunk.len() * 2);
-            for url_hash in chunk {
+        for chunk in urls.chunks(PURGE_BATCH) {
+            let mut ops = Vec::with_capacity(chunk.len() * 2 + 1);
+            for url in chunk {
+                let url_hash = &key::hash_url(url);
                 let key = self.redis_key(url_hash);
                 ops.push(match soft_at {
                     None => {
@@ -569,9 +574,15 @@ impl CacheStore {
                     &Events::updated_message(url_hash),
                 ));
             }
+            let pairs = ops.len();
+            if soft_at.is_none() {
+                let mut zrem = redis::cmd("ZREM");
+                zrem.arg(self.index_key("cx", "/")).arg(chunk);
+                ops.push(Op::Cmd(zrem));
+            }
             let results = self.run_ops(&ops).await?;
             // Every other answer is a PUBLISH count.
-            count += results
+            count += results[..pairs]
                 .iter()
                 .step_by(2)
                 .filter(|v| matches!(v, Value::Int(n) if *n > 0))
