@@ -13,14 +13,22 @@
 //! curl -s  localhost:3000/metrics                # Prometheus text
 //! ```
 //!
-//! Limits: every route has a flood guard of 50 requests per 30 s per client
-//! IP; under `/api`, anonymous clients get 10 per minute per IP and
-//! logged-in users 100 per minute per user.
+//! Limits: every shop route has a flood guard of 50 requests per 30 s per
+//! client IP; under `/api`, anonymous clients get 10 per minute per IP and
+//! logged-in users 100 per minute per user. `/healthz` and `/metrics` sit
+//! outside the layers: health checks and scrapes are never limited, cached
+//! or given a session.
 //!
 //! Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`; `memory` runs
 //! on the in-process stores only), `BIND` (default `127.0.0.1`), `PORT`
-//! (default `3000`), `RUST_LOG` (default `info`). Stop Redis while it runs:
-//! everything keeps working from process memory, `Cache-Status` and
+//! (default `3000`; `0` picks a free port, and the log line `listening on
+//! http://…` names it), `RUST_LOG` (default `info`). Ctrl-C (or SIGTERM)
+//! stops it gracefully: in-flight requests finish and pending cache stores
+//! are written.
+//!
+//! If Redis does not answer at startup, one warning says so and how to
+//! point the server at it; the server runs anyway. Stop Redis while it
+//! runs: everything keeps working from process memory, `Cache-Status` and
 //! `RateLimit` say so, and `/healthz` reports `degraded`; start Redis again
 //! and it recovers by itself. The session cookie is sent without `Secure`
 //! here so that it works over plain http on localhost.
@@ -37,10 +45,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower_redis_cache::{CacheLayer, Route};
-use tower_redis_core::{RedisConfig, RedisManager};
+use tower_redis_core::{BreakerState, RedisManager};
 use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
 use tower_redis_session::{Session, SessionLayer};
-use tracing_subscriber::EnvFilter;
+
+mod support;
 
 #[derive(Clone)]
 struct App {
@@ -58,20 +67,9 @@ async fn main() {
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    support::init_tracing();
     let metrics = PrometheusBuilder::new().install_recorder()?;
-
-    let redis = match std::env::var("REDIS_URL").as_deref() {
-        Ok("memory") => {
-            tracing::info!("REDIS_URL=memory: running on in-process stores only");
-            RedisManager::disabled()
-        }
-        _ => RedisManager::connect(RedisConfig::from_env()?).await?,
-    };
+    let redis = support::redis_from_env().await?;
 
     let cache = CacheLayer::builder(redis.clone())
         .route(Route::new("/products*").default_ttl(Duration::from_secs(60)))
@@ -126,37 +124,43 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let api = Router::new()
         .route("/orders", get(orders))
         .layer(api_limits);
-    let router = Router::new()
+    let shop = Router::new()
         .route("/products", get(list_products))
         .route("/products/{id}", get(product).put(update_product))
         .route("/login", post(login))
         .route("/logout", post(logout))
         .route("/me", get(me))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics_text))
         .nest("/api", api)
-        .with_state(app)
-        .layer(cache)
+        // TODO(issue 4): token-protected cache purge endpoints (by tag and by URL) go here.
+        .layer(cache.clone())
         .layer(sessions)
         .layer(flood_guard);
+    // Added after `.layer(...)`, so no layer wraps them.
+    let router = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .merge(shop)
+        .with_state(app);
 
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1".to_owned());
     let port = std::env::var("PORT").unwrap_or_else(|_| "3000".to_owned());
     let addr: SocketAddr = format!("{bind}:{port}")
         .parse()
         .map_err(|e| format!("BIND={bind} PORT={port} is not a socket address: {e}"))?;
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!("listening on http://{addr}");
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} ({e}); set PORT (or BIND) to another one"))?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
     // Connect info gives the rate limiter the client's address.
     axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
-    })
+    .with_graceful_shutdown(support::shutdown_signal())
     .await?;
+    // Responses already sent may still be on their way into the cache.
+    cache.flush().await;
+    tracing::info!("stopped");
     Ok(())
 }
 
@@ -232,13 +236,15 @@ async fn orders(session: Session) -> impl IntoResponse {
 }
 
 /// Always 200: the app serves with or without Redis, so a load balancer
-/// must not pull it out of rotation. The body says which mode it is in.
+/// must not pull it out of rotation. The body says which mode it is in:
+/// `ok` (on Redis), `degraded` (Redis down, serving from process memory) or
+/// `memory` (`REDIS_URL=memory`).
 async fn healthz(State(app): State<App>) -> impl IntoResponse {
     let health = app.redis.health();
-    let status = if health.is_healthy() {
-        "ok"
-    } else {
-        "degraded"
+    let status = match health.state {
+        BreakerState::Closed => "ok",
+        BreakerState::Disabled => "memory",
+        BreakerState::Open | BreakerState::HalfOpen => "degraded",
     };
     Json(serde_json::json!({ "status": status, "redis": health }))
 }
