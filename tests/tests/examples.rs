@@ -377,8 +377,16 @@ fn session_cookie(reply: &Reply) -> String {
 #[tokio::test]
 async fn server_walkthrough_survives_a_redis_outage() {
     let redis = TestRedis::start().await;
-    let mut server =
-        Running::start("server", &[], &[("REDIS_URL", redis.url()), ("PORT", "0")]).await;
+    let mut server = Running::start(
+        "server",
+        &[],
+        &[
+            ("REDIS_URL", redis.url()),
+            ("PORT", "0"),
+            ("ADMIN_TOKEN", "smoke-token"),
+        ],
+    )
+    .await;
     let http = http_client();
     assert!(
         server
@@ -442,6 +450,48 @@ async fn server_walkthrough_survives_a_redis_outage() {
         list.headers
     );
     assert!(list.body.contains("Blue mug"), "{}", list.body);
+    assert!(
+        list.headers.get("surrogate-key").is_none(),
+        "tags stay inside the cache: {:?}",
+        list.headers
+    );
+
+    // The cache admin router: refused without the token, purges with it.
+    wait_for_keys(&redis, CACHE_KEYS, 2).await;
+    let refused = send(
+        &http,
+        Method::POST,
+        &server.url("/admin/cache/purge/tag/products"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    let purged = send(
+        &http,
+        Method::POST,
+        &server.url("/admin/cache/purge/tag/products"),
+        &[("authorization", "Bearer smoke-token")],
+        "",
+    )
+    .await;
+    assert_eq!(purged.status, StatusCode::OK, "{}", purged.body);
+    assert!(purged.body.contains("\"urls\":2"), "{}", purged.body);
+    let list = get(&http, &server.url("/products")).await;
+    assert!(
+        list.header("cache-status").contains("fwd=uri-miss"),
+        "{:?}",
+        list.headers
+    );
+    let stats = send(
+        &http,
+        Method::GET,
+        &server.url("/admin/cache/stats"),
+        &[("authorization", "Bearer smoke-token")],
+        "",
+    )
+    .await;
+    assert!(stats.body.contains("\"hit_ratio\""), "{}", stats.body);
 
     // Log in, who am I, a per-user limit, log out.
     let login = send(&http, Method::POST, &server.url("/login"), &[], "alice").await;
