@@ -70,6 +70,8 @@ mod layer;
 mod policy;
 mod service;
 mod store;
+#[cfg(test)]
+mod proptests;
 
 pub use body::CacheBody;
 pub use layer::{CacheLayer, CacheLayerBuilder, ConfigError, DEFAULT_UNKEYED_HEADERS};

@@ -83,6 +83,8 @@ mod policy;
 mod response;
 mod service;
 mod store;
+#[cfg(test)]
+mod proptests;
 
 pub use body::ResponseBody;
 pub use client_ip::{ClientIp, InvalidProxy, TrustedProxies};

@@ -57,6 +57,8 @@ mod layer;
 mod service;
 mod session;
 mod store;
+#[cfg(test)]
+mod proptests;
 
 pub use config::{CookieConfig, Expiry};
 pub use cookie::SameSite;
