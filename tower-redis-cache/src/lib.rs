@@ -68,10 +68,10 @@ mod freshness;
 mod key;
 mod layer;
 mod policy;
-mod service;
-mod store;
 #[cfg(test)]
 mod proptests;
+mod service;
+mod store;
 
 pub use body::CacheBody;
 pub use layer::{CacheLayer, CacheLayerBuilder, ConfigError, DEFAULT_UNKEYED_HEADERS};

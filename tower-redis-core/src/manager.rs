@@ -527,15 +527,13 @@ impl Backend {
                     .connection_timeout(config.connect_timeout())
                     .response_timeout(config.command_timeout())
                     .retries(2);
-                let client = with_cluster_roots(builder, config)
-                    .build()
-                    .map_err(|e| {
-                        ConfigError::new(
-                            "cluster_nodes",
-                            format!("are rejected by the cluster client ({e})"),
-                            "check the node URLs",
-                        )
-                    })?;
+                let client = with_cluster_roots(builder, config).build().map_err(|e| {
+                    ConfigError::new(
+                        "cluster_nodes",
+                        format!("are rejected by the cluster client ({e})"),
+                        "check the node URLs",
+                    )
+                })?;
                 Ok(Backend::Cluster {
                     client: Box::new(client),
                     conn: Mutex::new(None),

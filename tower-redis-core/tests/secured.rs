@@ -57,10 +57,7 @@ fn log_text() -> String {
 
 fn assert_no_password(what: &str, text: &str) {
     for password in ALL_PASSWORDS {
-        assert!(
-            !text.contains(password),
-            "{what} shows a password:\n{text}"
-        );
+        assert!(!text.contains(password), "{what} shows a password:\n{text}");
     }
 }
 
@@ -132,7 +129,9 @@ async fn an_acl_user_with_a_password_works_end_to_end() {
     let redis = acl_redis().await;
     // The default user is off: a client without credentials cannot work.
     let mut anonymous = redis.connection().await.expect("connects");
-    let refused = redis::cmd("PING").query_async::<String>(&mut anonymous).await;
+    let refused = redis::cmd("PING")
+        .query_async::<String>(&mut anonymous)
+        .await;
     assert!(refused.is_err(), "the default user is disabled");
 
     let config = RedisConfig::builder()
@@ -378,7 +377,7 @@ mod tls {
             "the error says it is the certificate: {error}"
         );
         // Another CA's certificate is no better.
-        let other = pki();
+        let other = self::pki();
         let config = RedisConfig::builder()
             .url(redis.url())
             .tls_root_certificates(other.ca_pem)

@@ -324,9 +324,11 @@ fn list_entries<'h>(
     name: HeaderName,
 ) -> impl Iterator<Item = Option<&'h str>> + 'h {
     headers.get_all(name).iter().rev().flat_map(|line| {
-        line.as_bytes()
-            .rsplit(|byte| *byte == b',')
-            .map(|entry| std::str::from_utf8(entry).ok().filter(|text| text.is_ascii()))
+        line.as_bytes().rsplit(|byte| *byte == b',').map(|entry| {
+            std::str::from_utf8(entry)
+                .ok()
+                .filter(|text| text.is_ascii())
+        })
     })
 }
 

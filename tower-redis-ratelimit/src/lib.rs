@@ -80,11 +80,11 @@ mod headers;
 mod key;
 mod layer;
 mod policy;
+#[cfg(test)]
+mod proptests;
 mod response;
 mod service;
 mod store;
-#[cfg(test)]
-mod proptests;
 
 pub use body::ResponseBody;
 pub use client_ip::{ClientIp, InvalidProxy, TrustedProxies};

@@ -47,9 +47,7 @@ fn public_ip() -> impl Strategy<Value = IpAddr> {
     ]
     .prop_map(|ip| ip.to_canonical())
     .prop_filter("not a trusted proxy", |ip| {
-        !TrustedProxies::parse(PROXIES)
-            .expect("valid")
-            .contains(*ip)
+        !TrustedProxies::parse(PROXIES).expect("valid").contains(*ip)
     })
 }
 

@@ -54,11 +54,11 @@ mod config;
 mod extract;
 mod id;
 mod layer;
+#[cfg(test)]
+mod proptests;
 mod service;
 mod session;
 mod store;
-#[cfg(test)]
-mod proptests;
 
 pub use config::{CookieConfig, Expiry};
 pub use cookie::SameSite;

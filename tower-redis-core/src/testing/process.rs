@@ -77,7 +77,11 @@ impl ServerProcess {
         let child = Command::new(&self.binary)
             .arg("--port")
             .arg(plain_port)
-            .args(tls_port.iter().flat_map(|port| ["--tls-port", port.as_str()]))
+            .args(
+                tls_port
+                    .iter()
+                    .flat_map(|port| ["--tls-port", port.as_str()]),
+            )
             .args([
                 "--bind",
                 "127.0.0.1",
