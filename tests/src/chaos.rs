@@ -233,6 +233,8 @@ pub struct SessionWrite {
     pub value: String,
     /// The phase in which the session was created.
     pub session_created: Phase,
+    /// When the session was created (the start of the request that made it).
+    pub session_created_at: Instant,
     /// The phase of the write.
     pub written: Phase,
 }
@@ -366,6 +368,15 @@ impl Load {
         }
     }
 
+    /// The broken invariants seen so far.
+    pub fn violations(&self) -> Vec<String> {
+        self.shared
+            .violations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The slowest request so far.
     pub fn max_latency(&self) -> Duration {
         Duration::from_millis(self.shared.max_latency_ms.load(Ordering::Acquire))
@@ -398,19 +409,20 @@ impl Load {
             .clone()
     }
 
-    /// The writes of sessions created in `since` or later: the ones that
-    /// must be in Redis after recovery whatever the fault did to older data.
-    /// Returns those not found (after polling until `deadline`).
+    /// The writes that `durable` selects (e.g. those of sessions created
+    /// after the fault: they must be in Redis after recovery whatever the
+    /// fault did to older data), and those of them not found in Redis
+    /// after polling until `deadline`.
     pub async fn missing_session_writes(
         &self,
         checker: &RedisManager,
-        since: Phase,
+        durable: impl Fn(&SessionWrite) -> bool,
         deadline: Duration,
     ) -> (usize, Vec<SessionWrite>) {
         let expected: Vec<SessionWrite> = self
             .session_writes()
             .into_iter()
-            .filter(|w| w.session_created >= since)
+            .filter(|w| durable(w))
             .collect();
         let until = Instant::now() + deadline;
         let mut missing = expected.clone();
@@ -555,6 +567,7 @@ fn record(shared: &Shared, phase: Phase, what: &str, response: &Response<String>
 struct Held {
     id: String,
     created: Phase,
+    created_at: Instant,
 }
 
 async fn client_task(client: usize, apps: Vec<Router>, shared: Arc<Shared>) {
@@ -655,6 +668,7 @@ async fn client_task(client: usize, apps: Vec<Router>, shared: Arc<Shared>) {
                 if let Some(held) = &session {
                     request = request.header(header::COOKIE, format!("{cookie_name}={}", held.id));
                 }
+                let sent_at = Instant::now();
                 let (response, took) =
                     send(sticky, request.body(Body::empty()).expect("request")).await;
                 record(&shared, phase, "POST /session", &response, took);
@@ -665,7 +679,13 @@ async fn client_task(client: usize, apps: Vec<Router>, shared: Arc<Shared>) {
                 match set_cookie_value(response.headers(), cookie_name) {
                     // Removed: the session ended meanwhile; the write went nowhere.
                     Some(None) => session = None,
-                    Some(Some(id)) => session = Some(Held { id, created: phase }),
+                    Some(Some(id)) => {
+                        session = Some(Held {
+                            id,
+                            created: phase,
+                            created_at: sent_at,
+                        });
+                    }
                     None => {}
                 }
                 if let Some(held) = &session {
@@ -678,6 +698,7 @@ async fn client_task(client: usize, apps: Vec<Router>, shared: Arc<Shared>) {
                             field,
                             value,
                             session_created: held.created,
+                            session_created_at: held.created_at,
                             written: phase,
                         });
                 }

@@ -161,7 +161,11 @@ async fn recover_and_check(
         .await
         .expect("checker starts");
     let (expected, missing) = load
-        .missing_session_writes(&checker, expect.durable_since, RECOVERY)
+        .missing_session_writes(
+            &checker,
+            |w| w.session_created >= expect.durable_since,
+            RECOVERY,
+        )
         .await;
     eprintln!(
         "{name}: {expected} session writes expected in Redis, {} missing",
