@@ -737,6 +737,29 @@ mod tests {
     }
 
     #[test]
+    fn builder_debug_hides_passwords_of_unvalidated_urls() {
+        let builder = RedisConfig::builder().url("redis://app:hunter2@local host:6379");
+        assert!(!format!("{builder:?}").contains("hunter2"), "{builder:?}");
+        let builder = RedisConfig::builder().cluster_nodes(["redis://:hunter2@10.0.0.1:7000"]);
+        assert!(!format!("{builder:?}").contains("hunter2"), "{builder:?}");
+    }
+
+    #[test]
+    fn tls_root_certificates_need_tls() {
+        let result = RedisConfig::builder()
+            .url("redis://localhost:6379")
+            .tls_root_certificates("-----BEGIN CERTIFICATE-----")
+            .build();
+        let err = result.unwrap_err();
+        assert_eq!(err.field, "tls_root_certificates");
+        if cfg!(feature = "tls") {
+            assert!(err.fix.contains("rediss://"), "{err}");
+        } else {
+            assert!(err.fix.contains("`tls` feature"), "{err}");
+        }
+    }
+
+    #[test]
     fn key_prefix_with_braces_is_rejected() {
         let err = RedisConfig::builder()
             .key_prefix("app{1}")
