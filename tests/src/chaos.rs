@@ -255,7 +255,9 @@ struct Shared {
     requests: [AtomicU64; 3],
     degraded: [AtomicU64; 3],
     violations: Mutex<Vec<String>>,
-    session_writes: Mutex<Vec<SessionWrite>>,
+    /// The last acknowledged write of each (session, entry): bounded by
+    /// the sessions of the run, however long it lasts.
+    session_writes: Mutex<HashMap<(String, String), SessionWrite>>,
     rate_limit: Mutex<HashMap<Phase, RateLimitCount>>,
     phase_started: Mutex<HashMap<Phase, Instant>>,
     max_latency_ms: AtomicU64,
@@ -400,13 +402,15 @@ impl Load {
             .clone()
     }
 
-    /// Every acknowledged session write.
+    /// The last acknowledged write of each entry of each session.
     pub fn session_writes(&self) -> Vec<SessionWrite> {
         self.shared
             .session_writes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// The writes that `durable` selects (e.g. those of sessions created
@@ -693,18 +697,19 @@ async fn client_task(client: usize, apps: Vec<Router>, shared: Arc<Shared>) {
                     None => {}
                 }
                 if let Some(held) = &session {
+                    let write = SessionWrite {
+                        id: held.id.clone(),
+                        field,
+                        value,
+                        session_created: held.created,
+                        session_created_at: held.created_at,
+                        written: phase,
+                    };
                     shared
                         .session_writes
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .push(SessionWrite {
-                            id: held.id.clone(),
-                            field,
-                            value,
-                            session_created: held.created,
-                            session_created_at: held.created_at,
-                            written: phase,
-                        });
+                        .insert((write.id.clone(), write.field.clone()), write);
                 }
             }
             Call::SessionRead => {
