@@ -1,2 +1,7 @@
 //! Cross-crate suites: several app instances sharing one Redis, clusters and
-//! chaos. The suites live in `tests/`; this library is empty.
+//! chaos. The suites live in `tests/`; this library holds what the chaos
+//! suite and the soak run (`examples/soak.rs`) share: the app with all three
+//! layers, the request load and its invariants, and a fault-injecting TCP
+//! proxy.
+
+pub mod chaos;

@@ -121,6 +121,8 @@ mod handle;
 mod key;
 mod layer;
 mod policy;
+#[cfg(test)]
+mod proptests;
 mod service;
 mod store;
 

@@ -194,6 +194,18 @@ pub struct RedisConfig {
     breaker: BreakerConfig,
     key_prefix: String,
     require_redis: bool,
+    tls_roots: Option<RootCertificates>,
+}
+
+/// CA certificates (PEM) that `rediss://` connections trust instead of the
+/// built-in roots. Public data, but long: `Debug` shows only their size.
+#[derive(Clone, PartialEq, Eq)]
+struct RootCertificates(Vec<u8>);
+
+impl fmt::Debug for RootCertificates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RootCertificates({} bytes of PEM)", self.0.len())
+    }
 }
 
 impl RedisConfig {
@@ -262,10 +274,16 @@ impl RedisConfig {
     pub fn require_redis(&self) -> bool {
         self.require_redis
     }
+    /// The CA certificates (PEM) that `rediss://` connections trust instead
+    /// of the built-in roots, if any were set.
+    pub fn tls_root_certificates(&self) -> Option<&[u8]> {
+        self.tls_roots.as_ref().map(|roots| roots.0.as_slice())
+    }
 }
 
 /// Builds a [`RedisConfig`]; every problem is reported by [`build`](Self::build).
-#[derive(Debug, Clone)]
+/// Its `Debug` output hides passwords, like [`RedisConfig`]'s.
+#[derive(Clone)]
 pub struct RedisConfigBuilder {
     url: Option<(&'static str, String)>,
     cluster_nodes: Option<(&'static str, Vec<String>)>,
@@ -275,6 +293,29 @@ pub struct RedisConfigBuilder {
     breaker: BreakerConfig,
     key_prefix: String,
     require_redis: bool,
+    tls_roots: Option<RootCertificates>,
+}
+
+impl fmt::Debug for RedisConfigBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URLs are not validated yet: hide whatever could be a password.
+        let url = self.url.as_ref().map(|(_, url)| redact_unparsed(url));
+        let cluster_nodes = self
+            .cluster_nodes
+            .as_ref()
+            .map(|(_, nodes)| nodes.iter().map(|n| redact_unparsed(n)).collect::<Vec<_>>());
+        f.debug_struct("RedisConfigBuilder")
+            .field("url", &url)
+            .field("cluster_nodes", &cluster_nodes)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .field("breaker", &self.breaker)
+            .field("key_prefix", &self.key_prefix)
+            .field("require_redis", &self.require_redis)
+            .field("tls_roots", &self.tls_roots)
+            .finish()
+    }
 }
 
 impl Default for RedisConfigBuilder {
@@ -288,6 +329,7 @@ impl Default for RedisConfigBuilder {
             breaker: BreakerConfig::default(),
             key_prefix: RedisConfig::DEFAULT_KEY_PREFIX.to_owned(),
             require_redis: false,
+            tls_roots: None,
         }
     }
 }
@@ -382,6 +424,25 @@ impl RedisConfigBuilder {
         self
     }
 
+    /// Trusts these CA certificates (PEM, one or more) for `rediss://`
+    /// connections **instead of** the built-in webpki roots: for a Redis
+    /// whose certificate comes from a private CA. Needs the `tls` feature;
+    /// the certificates are parsed by [`build`](Self::build).
+    ///
+    /// ```no_run
+    /// # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let ca = std::fs::read("/etc/redis/tls/ca.crt")?;
+    /// let config = tower_redis_core::RedisConfig::builder()
+    ///     .url("rediss://app:secret@redis.internal:6380")
+    ///     .tls_root_certificates(ca)
+    ///     .build()?;
+    /// # let _ = config; Ok(()) }
+    /// ```
+    pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_roots = Some(RootCertificates(pem.into()));
+        self
+    }
+
     /// Validates everything and returns the configuration.
     pub fn build(self) -> Result<RedisConfig, ConfigError> {
         let topology = match (self.cluster_nodes, self.url) {
@@ -451,6 +512,9 @@ impl RedisConfigBuilder {
             ));
         }
         check_key_prefix(&self.key_prefix)?;
+        if let Some(roots) = &self.tls_roots {
+            check_tls_roots(&topology, &roots.0)?;
+        }
         Ok(RedisConfig {
             topology,
             pool_size: self.pool_size,
@@ -459,6 +523,7 @@ impl RedisConfigBuilder {
             breaker: self.breaker,
             key_prefix: self.key_prefix,
             require_redis: self.require_redis,
+            tls_roots: self.tls_roots,
         })
     }
 }
@@ -493,6 +558,54 @@ fn check_duration(field: &'static str, value: Duration, max: Duration) -> Result
         ));
     }
     Ok(())
+}
+
+const ROOTS_FIELD: &str = "tls_root_certificates";
+
+#[cfg(not(feature = "tls"))]
+fn check_tls_roots(_topology: &Topology, _pem: &[u8]) -> Result<(), ConfigError> {
+    Err(ConfigError::new(
+        ROOTS_FIELD,
+        "is set, but this build does not include TLS",
+        "enable the `tls` feature of tower-redis-core",
+    ))
+}
+
+#[cfg(feature = "tls")]
+fn check_tls_roots(topology: &Topology, pem: &[u8]) -> Result<(), ConfigError> {
+    let urls: Vec<&RedisUrl> = match topology {
+        Topology::Standalone(url) => vec![url],
+        Topology::Cluster(nodes) => nodes.iter().collect(),
+    };
+    if !urls.iter().any(|url| url.is_tls()) {
+        return Err(ConfigError::new(
+            ROOTS_FIELD,
+            "is set, but no Redis URL asks for TLS",
+            "use rediss:// URLs, or drop the root certificates",
+        ));
+    }
+    // The same parsing the connections use, so a bad file fails here.
+    tls_certificates(pem).map_err(|problem| ConfigError::new(ROOTS_FIELD, problem, PEM_FIX))?;
+    Ok(())
+}
+
+#[cfg(feature = "tls")]
+const PEM_FIX: &str = "pass the CA certificate file's contents (PEM: -----BEGIN CERTIFICATE-----…)";
+
+/// redis-rs' form of trusted roots, after checking they hold at least one
+/// certificate that parses.
+#[cfg(feature = "tls")]
+pub(crate) fn tls_certificates(pem: &[u8]) -> Result<redis::TlsCertificates, String> {
+    let certificates = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem.to_vec()),
+    };
+    if !String::from_utf8_lossy(pem).contains("-----BEGIN CERTIFICATE-----") {
+        return Err("holds no PEM certificate".to_owned());
+    }
+    redis::Client::build_with_tls("rediss://localhost", certificates.clone())
+        .map_err(|e| format!("cannot be read ({e})"))?;
+    Ok(certificates)
 }
 
 fn check_key_prefix(prefix: &str) -> Result<(), ConfigError> {
@@ -621,6 +734,29 @@ mod tests {
             .build()
             .unwrap_err();
         assert_eq!(err.field, "probe_backoff");
+    }
+
+    #[test]
+    fn builder_debug_hides_passwords_of_unvalidated_urls() {
+        let builder = RedisConfig::builder().url("redis://app:hunter2@local host:6379");
+        assert!(!format!("{builder:?}").contains("hunter2"), "{builder:?}");
+        let builder = RedisConfig::builder().cluster_nodes(["redis://:hunter2@10.0.0.1:7000"]);
+        assert!(!format!("{builder:?}").contains("hunter2"), "{builder:?}");
+    }
+
+    #[test]
+    fn tls_root_certificates_need_tls() {
+        let result = RedisConfig::builder()
+            .url("redis://localhost:6379")
+            .tls_root_certificates("-----BEGIN CERTIFICATE-----")
+            .build();
+        let err = result.unwrap_err();
+        assert_eq!(err.field, "tls_root_certificates");
+        if cfg!(feature = "tls") {
+            assert!(err.fix.contains("rediss://"), "{err}");
+        } else {
+            assert!(err.fix.contains("`tls` feature"), "{err}");
+        }
     }
 
     #[test]

@@ -41,7 +41,8 @@
 //! - `metrics`: counts breaker transitions (`tower_redis_breaker_transitions_total`),
 //!   the breaker state (`tower_redis_breaker_state`: 0 closed, 1 open,
 //!   2 half-open, 3 disabled) and fallbacks (`tower_redis_fallbacks_total`).
-//! - `tls`: `rediss://` URLs.
+//! - `tls`: `rediss://` URLs (rustls with ring; the webpki roots, or a
+//!   private CA given to [`RedisConfigBuilder::tls_root_certificates`]).
 //! - `testing`: [`testing::TestRedis`] and [`testing::TestCluster`], real
 //!   Redis servers for tests that can be killed, paused and restarted.
 //! - `testing-docker`: adds a Docker backend (testcontainers) to `testing`.

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 
 use crate::breaker::{Breaker, BreakerState, Failure, Health};
-use crate::config::{RedisConfig, Topology};
+use crate::config::{RedisConfig, RedisUrl, Topology};
 use crate::connection::{RedisConnection, StandaloneConnector, TracingErrorSink};
 use crate::error::{ConfigError, Error, counts_against_breaker};
 use crate::keys::Keyspace;
@@ -513,7 +513,7 @@ impl Backend {
     fn new(config: &RedisConfig) -> Result<Self, ConfigError> {
         match config.topology() {
             Topology::Standalone(url) => {
-                let client = redis::Client::open(url.expose()).map_err(|e| {
+                let client = standalone_client(config, url).map_err(|e| {
                     ConfigError::new(
                         "url",
                         format!("`{url}` is rejected by the Redis client ({e})"),
@@ -537,18 +537,17 @@ impl Backend {
                 })
             }
             Topology::Cluster(nodes) => {
-                let client = ClusterClient::builder(nodes.iter().map(|n| n.expose().to_owned()))
+                let builder = ClusterClient::builder(nodes.iter().map(|n| n.expose().to_owned()))
                     .connection_timeout(config.connect_timeout())
                     .response_timeout(config.command_timeout())
-                    .retries(2)
-                    .build()
-                    .map_err(|e| {
-                        ConfigError::new(
-                            "cluster_nodes",
-                            format!("are rejected by the cluster client ({e})"),
-                            "check the node URLs",
-                        )
-                    })?;
+                    .retries(2);
+                let client = with_cluster_roots(builder, config).build().map_err(|e| {
+                    ConfigError::new(
+                        "cluster_nodes",
+                        format!("are rejected by the cluster client ({e})"),
+                        "check the node URLs",
+                    )
+                })?;
                 Ok(Backend::Cluster {
                     client: Box::new(client),
                     conn: Mutex::new(None),
@@ -626,6 +625,67 @@ impl Backend {
             Backend::Disabled => {}
         }
     }
+}
+
+/// The client of a standalone server: with the configured root
+/// certificates for a `rediss://` URL that has some.
+fn standalone_client(config: &RedisConfig, url: &RedisUrl) -> RedisResult<redis::Client> {
+    #[cfg(feature = "tls")]
+    if url.is_tls() {
+        install_crypto_provider();
+        if let Some(pem) = config.tls_root_certificates() {
+            let certificates = crate::config::tls_certificates(pem).map_err(|problem| {
+                RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "invalid TLS root certificates",
+                    problem,
+                ))
+            })?;
+            return redis::Client::build_with_tls(url.expose(), certificates);
+        }
+    }
+    #[cfg(not(feature = "tls"))]
+    let _ = config;
+    redis::Client::open(url.expose())
+}
+
+#[cfg(feature = "tls")]
+fn with_cluster_roots(
+    builder: redis::cluster::ClusterClientBuilder,
+    config: &RedisConfig,
+) -> redis::cluster::ClusterClientBuilder {
+    let Topology::Cluster(nodes) = config.topology() else {
+        return builder;
+    };
+    if !nodes.iter().any(RedisUrl::is_tls) {
+        return builder;
+    }
+    install_crypto_provider();
+    // Checked by `RedisConfigBuilder::build`; a failure here leaves the
+    // built-in roots, and the connections then say why they fail.
+    match config
+        .tls_root_certificates()
+        .map(crate::config::tls_certificates)
+    {
+        Some(Ok(certificates)) => builder.certs(certificates),
+        _ => builder,
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+fn with_cluster_roots(
+    builder: redis::cluster::ClusterClientBuilder,
+    _config: &RedisConfig,
+) -> redis::cluster::ClusterClientBuilder {
+    builder
+}
+
+/// rustls needs a process-wide crypto provider; redis-rs does not pick one.
+/// Installs ring's unless the app installed one already.
+#[cfg(feature = "tls")]
+fn install_crypto_provider() {
+    // An error only means a provider is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

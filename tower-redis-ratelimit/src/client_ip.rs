@@ -311,21 +311,24 @@ enum Hop {
 }
 
 /// The comma-separated entries of every `name` header line, rightmost first;
-/// `None` stands for a line that is not readable text.
+/// `None` stands for an entry that is not readable text.
 ///
 /// Entries are split on every comma, even inside quoted strings: no node
 /// identifier contains one, and a quote-aware split would let a client's
 /// unterminated quote swallow the entries our own proxies appended after it.
+/// For the same reason the line is split before it is decoded: a byte that
+/// is not text, sent by a client to the left, must not hide the entries our
+/// proxies appended to the same line.
 fn list_entries<'h>(
     headers: &'h HeaderMap,
     name: HeaderName,
 ) -> impl Iterator<Item = Option<&'h str>> + 'h {
     headers.get_all(name).iter().rev().flat_map(|line| {
-        let (entries, unreadable) = match line.to_str() {
-            Ok(text) => (Some(text.rsplit(',')), None),
-            Err(_) => (None, Some(None)),
-        };
-        entries.into_iter().flatten().map(Some).chain(unreadable)
+        line.as_bytes().rsplit(|byte| *byte == b',').map(|entry| {
+            std::str::from_utf8(entry)
+                .ok()
+                .filter(|text| text.is_ascii())
+        })
     })
 }
 

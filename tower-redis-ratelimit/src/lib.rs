@@ -80,6 +80,8 @@ mod headers;
 mod key;
 mod layer;
 mod policy;
+#[cfg(test)]
+mod proptests;
 mod response;
 mod service;
 mod store;

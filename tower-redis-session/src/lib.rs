@@ -54,6 +54,8 @@ mod config;
 mod extract;
 mod id;
 mod layer;
+#[cfg(test)]
+mod proptests;
 mod service;
 mod session;
 mod store;

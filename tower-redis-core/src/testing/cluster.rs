@@ -63,7 +63,9 @@ impl TestCluster {
                     "--cluster-node-timeout".to_owned(),
                     "2000".to_owned(),
                 ];
-                match ServerProcess::spawn(server.clone(), node_dir.clone(), port, args).await {
+                match ServerProcess::spawn(server.clone(), node_dir.clone(), port, args, false)
+                    .await
+                {
                     Ok(node) => break node,
                     Err(error @ TestRedisError::Exited { .. }) if attempt < 4 => {
                         attempt += 1;

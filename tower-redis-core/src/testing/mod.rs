@@ -128,9 +128,46 @@ impl std::fmt::Debug for TestRedis {
 pub struct TestRedisBuilder {
     args: Vec<String>,
     backend: Option<Backend>,
+    tls: bool,
+}
+
+/// The files of a TLS test server, in PEM: its certificate and key, and the
+/// CA that issued the certificate. See [`TestRedisBuilder::tls`].
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The server's certificate (`--tls-cert-file`).
+    pub cert: PathBuf,
+    /// The server's private key (`--tls-key-file`).
+    pub key: PathBuf,
+    /// The CA certificate (`--tls-ca-cert-file`).
+    pub ca: PathBuf,
 }
 
 impl TestRedisBuilder {
+    /// Serves TLS only: `--port 0 --tls-port <port>` with these files, and no
+    /// client certificates asked for (`--tls-auth-clients no`). The server's
+    /// [`url`](TestRedis::url) is then `rediss://127.0.0.1:<port>`, so the
+    /// certificate must name `127.0.0.1`. The harness's own helpers
+    /// ([`client`](TestRedis::client) and those using it) do not know the CA:
+    /// talk to the server through a manager configured with
+    /// [`tls_root_certificates`](crate::RedisConfigBuilder::tls_root_certificates).
+    /// Binary backend only; the `redis-server` must be built with TLS.
+    pub fn tls(mut self, files: &TlsFiles) -> Self {
+        self.tls = true;
+        self.backend = Some(Backend::Binary);
+        for (flag, path) in [
+            ("--tls-cert-file", &files.cert),
+            ("--tls-key-file", &files.key),
+            ("--tls-ca-cert-file", &files.ca),
+        ] {
+            self.args.push(flag.to_owned());
+            self.args.push(path.display().to_string());
+        }
+        self.args.push("--tls-auth-clients".to_owned());
+        self.args.push("no".to_owned());
+        self
+    }
+
     /// Adds one `redis-server` argument (e.g. `"--maxmemory"`, then `"1mb"`).
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.args.push(arg.into());
@@ -166,12 +203,14 @@ impl TestRedisBuilder {
                         dir.path().to_owned(),
                         port,
                         self.args.clone(),
+                        self.tls,
                     )
                     .await
                     {
                         Ok(process) => {
+                            let scheme = if self.tls { "rediss" } else { "redis" };
                             return Ok(TestRedis {
-                                url: format!("redis://127.0.0.1:{port}"),
+                                url: format!("{scheme}://127.0.0.1:{port}"),
                                 server: Server::Process { process, _dir: dir },
                             });
                         }
@@ -271,7 +310,7 @@ impl TestRedis {
         TestRedisBuilder::default()
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>` (`rediss://` for a [TLS](TestRedisBuilder::tls) server).
     pub fn url(&self) -> &str {
         &self.url
     }

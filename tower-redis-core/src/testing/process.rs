@@ -20,6 +20,9 @@ pub(crate) struct ServerProcess {
     dir: PathBuf,
     port: u16,
     args: Vec<String>,
+    /// Listens with TLS only (`--port 0 --tls-port <port>`); the TLS files
+    /// are among `args`.
+    tls: bool,
     child: Mutex<Option<Child>>,
     paused: AtomicBool,
 }
@@ -31,12 +34,14 @@ impl ServerProcess {
         dir: PathBuf,
         port: u16,
         args: Vec<String>,
+        tls: bool,
     ) -> Result<Self, TestRedisError> {
         let process = Self {
             binary,
             dir,
             port,
             args,
+            tls,
             child: Mutex::new(None),
             paused: AtomicBool::new(false),
         };
@@ -64,9 +69,19 @@ impl ServerProcess {
             return Ok(());
         }
         let log = self.dir.join(format!("redis-{}.log", self.port));
+        let (plain_port, tls_port) = if self.tls {
+            ("0".to_owned(), Some(self.port.to_string()))
+        } else {
+            (self.port.to_string(), None)
+        };
         let child = Command::new(&self.binary)
             .arg("--port")
-            .arg(self.port.to_string())
+            .arg(plain_port)
+            .args(
+                tls_port
+                    .iter()
+                    .flat_map(|port| ["--tls-port", port.as_str()]),
+            )
             .args([
                 "--bind",
                 "127.0.0.1",
@@ -112,7 +127,18 @@ impl ServerProcess {
                     log: last_lines(&log, 8),
                 });
             }
-            if ping(&client).await {
+            let ready = if self.tls {
+                // The harness has no certificate to check the server's, so
+                // it waits for the server to say it is ready, and to listen.
+                std::fs::read_to_string(log)
+                    .is_ok_and(|text| text.contains("Ready to accept connections"))
+                    && tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))
+                        .await
+                        .is_ok()
+            } else {
+                ping(&client).await
+            };
+            if ready {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {

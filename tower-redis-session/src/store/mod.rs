@@ -552,7 +552,16 @@ impl SessionStore {
         }
         let total = pending.len();
         let mut requeue = Vec::new();
+        // Sessions with a change that could not be written in this pass:
+        // their later changes wait behind it, in order. Replaying them now
+        // could find the session absent (its creation still queued) and
+        // drop them as changes to a session that ended.
+        let mut blocked = std::collections::HashSet::new();
         for (storage_key, change) in pending {
+            if blocked.contains(&storage_key) {
+                requeue.push((storage_key, change));
+                continue;
+            }
             let result = match &change {
                 Pending::Delete { user } => {
                     let mut extras = vec![
@@ -599,6 +608,7 @@ impl SessionStore {
                 }
             };
             if result.is_err() {
+                blocked.insert(storage_key.clone());
                 requeue.push((storage_key, change));
             }
         }

@@ -1,0 +1,937 @@
+//! The chaos harness: an app with all three layers (cache, sessions, rate
+//! limit) on several instances sharing one Redis, a steady load of client
+//! tasks calling them in process, the invariants every response is checked
+//! against, and [`FaultProxy`], a TCP proxy that slows, drops or resets the
+//! connections between the managers and Redis.
+//!
+//! The invariants:
+//!
+//! - no 5xx (the app itself never answers one) and no panic;
+//! - no request takes longer than [`LATENCY_BOUND`];
+//! - a cached page is always the page of the URL and `Accept-Language`
+//!   variant that was asked for (the origin writes both into the body);
+//! - a `private` response, or one to a request with `Authorization`, is
+//!   always the requesting client's own;
+//! - session writes reach Redis once it is back ([`Load::missing_session_writes`]);
+//! - the rate limit admits no more during an outage than the documented
+//!   bound ([`Load::rate_limit_report`]).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Path;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http::{HeaderMap, Request, StatusCode, Uri, header};
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tower::ServiceExt;
+use tower_redis_cache::CacheLayer;
+use tower_redis_core::{BreakerState, RedisConfigBuilder, RedisManager, redis};
+use tower_redis_ratelimit::{Fallback, Key, Policy, RateLimitLayer};
+use tower_redis_session::{Session, SessionLayer};
+
+/// The managers' command timeout in every chaos scenario.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(200);
+/// No request may take longer: the command timeout plus a generous margin
+/// for a loaded two-core machine (a bound, not a benchmark).
+pub const LATENCY_BOUND: Duration = Duration::from_millis(2_200);
+/// The key prefix of the app.
+pub const PREFIX: &str = "chaos";
+/// The host every request names (the cache keys on it).
+pub const HOST: &str = "shop.test";
+
+/// The rate-limited route's policy: GCRA, this many per [`RL_PERIOD`], burst the same.
+pub const RL_QUOTA: u32 = 10;
+/// The period of the rate-limited route's policy.
+pub const RL_PERIOD: Duration = Duration::from_secs(2);
+/// The share of the quota each instance enforces alone while Redis is unavailable.
+pub const RL_SHARE: f64 = 0.5;
+
+/// One app instance: its own manager and layers, sharing Redis with the others.
+pub struct Instance {
+    /// The instance's connection manager.
+    pub manager: RedisManager,
+    /// The app, with the three layers.
+    pub app: Router,
+}
+
+impl Instance {
+    /// Connects a manager with the chaos pacing (see [`config`]) and builds the app.
+    pub async fn start(config: RedisConfigBuilder) -> Self {
+        let manager = RedisManager::connect(tuned(config).build().expect("valid Redis config"))
+            .await
+            .expect("the manager starts (Redis being down is not an error)");
+        Self {
+            app: app(manager.clone()),
+            manager,
+        }
+    }
+}
+
+/// The chaos settings on top of a test server's configuration: a 200 ms
+/// command timeout, three failures open the breaker, a quick probe.
+pub fn tuned(config: RedisConfigBuilder) -> RedisConfigBuilder {
+    config
+        .command_timeout(COMMAND_TIMEOUT)
+        .connect_timeout(COMMAND_TIMEOUT)
+        .failure_threshold(3)
+        .probe_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .key_prefix(PREFIX)
+}
+
+/// The app: cacheable pages (with `Vary`, validators and short lifetimes),
+/// private and authorised pages, session reads and writes, and a
+/// rate-limited route; cache inside sessions inside the rate limit, as in
+/// the README.
+pub fn app(manager: RedisManager) -> Router {
+    let cache = CacheLayer::builder(manager.clone())
+        .build()
+        .expect("valid cache layer");
+    let sessions = SessionLayer::builder(manager.clone())
+        .build()
+        .expect("valid session layer");
+    let limits = RateLimitLayer::builder(manager)
+        .policy(
+            Policy::gcra("limited", RL_QUOTA, RL_PERIOD)
+                .key(Key::header("x-rl-key"))
+                .path("/limited"),
+        )
+        .policy(
+            Policy::gcra("per-client", 1_000_000, Duration::from_secs(1))
+                .key(Key::header("x-client")),
+        )
+        .fallback(Fallback::Local { share: RL_SHARE })
+        .build()
+        .expect("valid rate-limit layer");
+    Router::new()
+        .route("/page/{id}", get(page))
+        .route("/private/{id}", get(private))
+        .route("/auth/{id}", get(authorised))
+        .route(
+            "/session/{field}",
+            get(|session: Session, Path(field): Path<String>| async move {
+                session
+                    .get::<String>(&field)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| "none".to_owned())
+            }),
+        )
+        .route(
+            "/session/{field}/{value}",
+            axum::routing::post(
+                |session: Session, Path((field, value)): Path<(String, String)>| async move {
+                    match session.insert(&field, value).await {
+                        Ok(()) => "ok".into_response(),
+                        Err(_) => StatusCode::BAD_REQUEST.into_response(),
+                    }
+                },
+            ),
+        )
+        .route(
+            "/limited",
+            get(|| async { ([(header::CACHE_CONTROL, "no-store")], "limited ok") }),
+        )
+        .layer(cache)
+        .layer(sessions)
+        .layer(limits)
+}
+
+fn language(headers: &HeaderMap) -> String {
+    headers
+        .get(header::ACCEPT_LANGUAGE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned()
+}
+
+/// The body a page must have: its URL and its variant.
+pub fn page_body(uri: &str, language: &str) -> String {
+    format!("page {uri} lang={language}")
+}
+
+/// A shared page whose body names its URL and variant. Lifetimes of 0, 1
+/// and 2 s and an `ETag` make the cache store, revalidate (304) and refetch.
+async fn page(Path(id): Path<u32>, uri: Uri, headers: HeaderMap) -> Response {
+    let lang = language(&headers);
+    let etag = format!("\"p{id}-{lang}\"");
+    let cache_control = format!("public, max-age={}", id % 3);
+    let fields = [
+        (header::CACHE_CONTROL, cache_control),
+        (header::VARY, "accept-language".to_owned()),
+        (header::ETAG, etag.clone()),
+    ];
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+    {
+        return (StatusCode::NOT_MODIFIED, fields).into_response();
+    }
+    (fields, page_body(&uri.to_string(), &lang)).into_response()
+}
+
+/// A page for one client only (`private`): must never be stored.
+async fn private(Path(id): Path<u32>, headers: HeaderMap) -> Response {
+    let client = headers
+        .get("x-client")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
+    (
+        [(header::CACHE_CONTROL, "private, max-age=60")],
+        format!("private {id} for {client}"),
+    )
+        .into_response()
+}
+
+/// A page answered to an `Authorization` header, with freshness but no
+/// `public`: a shared cache must not store it (RFC 9111 §3.5).
+async fn authorised(Path(id): Path<u32>, headers: HeaderMap) -> Response {
+    let who = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
+    (
+        [(header::CACHE_CONTROL, "max-age=60")],
+        format!("auth {id} for {who}"),
+    )
+        .into_response()
+}
+
+/// Where a scenario is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase {
+    /// Before the fault.
+    Healthy,
+    /// From the moment the fault is in place until Redis serves again.
+    Outage,
+    /// After Redis serves again.
+    Recovered,
+}
+
+/// One session write the app acknowledged.
+#[derive(Debug, Clone)]
+pub struct SessionWrite {
+    /// The session id (the cookie value).
+    pub id: String,
+    /// The entry written.
+    pub field: String,
+    /// Its value.
+    pub value: String,
+    /// The phase in which the session was created.
+    pub session_created: Phase,
+    /// When the session was created (the start of the request that made it).
+    pub session_created_at: Instant,
+    /// The phase of the write.
+    pub written: Phase,
+}
+
+/// Admissions on the rate-limited route in one phase (its own key).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RateLimitCount {
+    /// Answered 200.
+    pub admitted: u64,
+    /// Answered 429.
+    pub denied: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    phase: AtomicU8,
+    stop: AtomicBool,
+    requests: [AtomicU64; 3],
+    degraded: [AtomicU64; 3],
+    violations: Mutex<Vec<String>>,
+    /// The last acknowledged write of each (session, entry): bounded by
+    /// the sessions of the run, however long it lasts.
+    session_writes: Mutex<HashMap<(String, String), SessionWrite>>,
+    rate_limit: Mutex<HashMap<Phase, RateLimitCount>>,
+    phase_started: Mutex<HashMap<Phase, Instant>>,
+    max_latency_ms: AtomicU64,
+}
+
+impl Shared {
+    fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            0 => Phase::Healthy,
+            1 => Phase::Outage,
+            _ => Phase::Recovered,
+        }
+    }
+
+    fn violation(&self, text: String) {
+        let mut violations = self.violations.lock().unwrap_or_else(|p| p.into_inner());
+        // Enough to diagnose; a broken invariant can repeat thousands of times.
+        if violations.len() < 50 {
+            violations.push(text);
+        }
+    }
+}
+
+/// A steady load on the instances: client tasks calling the apps in process
+/// and checking every response.
+pub struct Load {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+    scenario: String,
+}
+
+/// What one client sends, in turn.
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    Page,
+    Private,
+    Authorised,
+    SessionWrite,
+    SessionRead,
+}
+
+const CALLS: [Call; 8] = [
+    Call::Page,
+    Call::Private,
+    Call::Page,
+    Call::SessionWrite,
+    Call::Page,
+    Call::Authorised,
+    Call::Page,
+    Call::SessionRead,
+];
+
+impl Load {
+    /// Starts `clients` client tasks and one rate-limit task on `apps`.
+    /// `scenario` names the run (it goes into the rate-limit keys).
+    pub fn start(scenario: &str, apps: &[Router], clients: usize) -> Self {
+        let shared = Arc::new(Shared::default());
+        shared
+            .phase_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(Phase::Healthy, Instant::now());
+        let mut tasks = Vec::new();
+        for client in 0..clients {
+            let apps = apps.to_vec();
+            let shared = Arc::clone(&shared);
+            tasks.push(tokio::spawn(client_task(client, apps, shared)));
+        }
+        tasks.push(tokio::spawn(rate_limit_task(
+            scenario.to_owned(),
+            apps.to_vec(),
+            Arc::clone(&shared),
+        )));
+        Self {
+            shared,
+            tasks,
+            scenario: scenario.to_owned(),
+        }
+    }
+
+    /// Moves to the next phase: requests started from now on count for it.
+    pub fn begin(&self, phase: Phase) {
+        self.shared
+            .phase_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(phase, Instant::now());
+        self.shared.phase.store(phase as u8, Ordering::Release);
+    }
+
+    /// Requests answered so far in `phase`.
+    pub fn requests(&self, phase: Phase) -> u64 {
+        self.shared.requests[phase as usize].load(Ordering::Acquire)
+    }
+
+    /// Responses in `phase` that said they were served without Redis
+    /// (`Cache-Status: …; detail=redis-unavailable` or `RateLimit: …;local`).
+    pub fn degraded(&self, phase: Phase) -> u64 {
+        self.shared.degraded[phase as usize].load(Ordering::Acquire)
+    }
+
+    /// Waits until `count` more requests have been answered in the current
+    /// phase (or `deadline` passes), so every phase sees real traffic.
+    pub async fn wait_requests(&self, count: u64, deadline: Duration) {
+        let phase = self.shared.phase();
+        let target = self.requests(phase) + count;
+        let until = Instant::now() + deadline;
+        while self.requests(phase) < target && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The broken invariants seen so far.
+    pub fn violations(&self) -> Vec<String> {
+        self.shared
+            .violations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The slowest request so far.
+    pub fn max_latency(&self) -> Duration {
+        Duration::from_millis(self.shared.max_latency_ms.load(Ordering::Acquire))
+    }
+
+    /// Stops the clients and returns every broken invariant seen (empty
+    /// when all held), including panicked client tasks.
+    pub async fn stop(&mut self) -> Vec<String> {
+        self.shared.stop.store(true, Ordering::Release);
+        for task in self.tasks.drain(..) {
+            if let Err(error) = task.await {
+                self.shared.violation(format!(
+                    "a client task failed (a panic in the stack?): {error}"
+                ));
+            }
+        }
+        self.shared
+            .violations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The last acknowledged write of each entry of each session.
+    pub fn session_writes(&self) -> Vec<SessionWrite> {
+        self.shared
+            .session_writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The writes that `durable` selects (e.g. those of sessions created
+    /// after the fault: they must be in Redis after recovery whatever the
+    /// fault did to older data), and those of them not found in Redis
+    /// after polling until `deadline`.
+    pub async fn missing_session_writes(
+        &self,
+        checker: &RedisManager,
+        durable: impl Fn(&SessionWrite) -> bool,
+        deadline: Duration,
+    ) -> (usize, Vec<SessionWrite>) {
+        // A client writes one request at a time, so its last write of an
+        // entry is the newest: that is the value Redis must hold.
+        let mut latest: HashMap<(String, String), SessionWrite> = HashMap::new();
+        for write in self.session_writes().into_iter().filter(|w| durable(w)) {
+            latest.insert((write.id.clone(), write.field.clone()), write);
+        }
+        let expected: Vec<SessionWrite> = latest.into_values().collect();
+        let until = Instant::now() + deadline;
+        let mut missing = expected.clone();
+        loop {
+            let mut still = Vec::new();
+            for write in missing {
+                let key = checker.keys().tagged(
+                    &URL_SAFE_NO_PAD.encode(Sha256::digest(write.id.as_bytes())),
+                    &["s"],
+                );
+                let stored: Result<Option<String>, _> = checker
+                    .query(
+                        redis::cmd("HGET")
+                            .arg(&key)
+                            .arg(format!("d:{}", write.field)),
+                    )
+                    .await;
+                let wanted = format!("\"{}\"", write.value);
+                if stored.ok().flatten().as_deref() != Some(wanted.as_str()) {
+                    still.push(write);
+                }
+            }
+            missing = still;
+            if !missing.is_empty() && Instant::now() > until {
+                // What Redis holds instead, for the failure message.
+                for write in missing.iter().take(3) {
+                    let key = checker.keys().tagged(
+                        &URL_SAFE_NO_PAD.encode(Sha256::digest(write.id.as_bytes())),
+                        &["s"],
+                    );
+                    let all: Result<Vec<String>, _> =
+                        checker.query(redis::cmd("HGETALL").arg(&key)).await;
+                    eprintln!("session write {write:?} is missing; {key} holds {all:?}");
+                }
+            }
+            if missing.is_empty() || Instant::now() > until {
+                return (expected.len(), missing);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The admissions on the rate-limited route in `phase`, how long the
+    /// phase lasted, and the most the documented bound allows in that time
+    /// for `instances` instances: each instance's local limiter
+    /// (`share × quota` per period plus its burst) on top of what the
+    /// shared counter admits (`quota` per period plus the burst), each
+    /// rounded up by one request.
+    pub fn rate_limit_report(
+        &self,
+        phase: Phase,
+        instances: u32,
+    ) -> (RateLimitCount, Duration, f64) {
+        let started = self
+            .shared
+            .phase_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let start = started.get(&phase).copied().unwrap_or_else(Instant::now);
+        let end = match phase {
+            Phase::Healthy => started.get(&Phase::Outage),
+            Phase::Outage => started.get(&Phase::Recovered),
+            Phase::Recovered => None,
+        }
+        .copied()
+        .unwrap_or_else(Instant::now);
+        // Requests that started just before the end were still counted for it.
+        let duration = end.saturating_duration_since(start) + LATENCY_BOUND;
+        let periods = duration.as_secs_f64() / RL_PERIOD.as_secs_f64();
+        let quota = f64::from(RL_QUOTA);
+        let local = (quota * RL_SHARE).floor().max(1.0);
+        let bound = f64::from(instances) * (local + local * periods + 1.0)
+            + (quota + quota * periods + 1.0);
+        let count = self
+            .shared
+            .rate_limit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&phase)
+            .copied()
+            .unwrap_or_default();
+        (count, duration, bound)
+    }
+
+    /// The scenario's name.
+    pub fn scenario(&self) -> &str {
+        &self.scenario
+    }
+}
+
+/// Sends one request and reads the whole response, timing it.
+async fn send(app: &Router, request: Request<Body>) -> (Response<String>, Duration) {
+    let started = Instant::now();
+    let response = app
+        .clone()
+        .oneshot(request)
+        .await
+        .unwrap_or_else(|never| match never {});
+    let (parts, body) = response.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body = String::from_utf8_lossy(&bytes).into_owned();
+    (Response::from_parts(parts, body), started.elapsed())
+}
+
+fn record(shared: &Shared, phase: Phase, what: &str, response: &Response<String>, took: Duration) {
+    shared.requests[phase as usize].fetch_add(1, Ordering::AcqRel);
+    let millis = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+    shared.max_latency_ms.fetch_max(millis, Ordering::AcqRel);
+    if took > LATENCY_BOUND {
+        shared.violation(format!(
+            "{what} took {took:?} in {phase:?}, over {LATENCY_BOUND:?}"
+        ));
+    }
+    if response.status().is_server_error() {
+        shared.violation(format!(
+            "{what} answered {} in {phase:?}: {}",
+            response.status(),
+            response.body()
+        ));
+    }
+    let degraded = response
+        .headers()
+        .get_all("cache-status")
+        .iter()
+        .any(|v| v.as_bytes().windows(17).any(|w| w == b"redis-unavailable"))
+        || response
+            .headers()
+            .get_all("ratelimit")
+            .iter()
+            .any(|v| v.as_bytes().ends_with(b";local"));
+    if degraded {
+        shared.degraded[phase as usize].fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// A session cookie this client holds: its value, and when the session began.
+struct Held {
+    id: String,
+    created: Phase,
+    created_at: Instant,
+}
+
+async fn client_task(client: usize, apps: Vec<Router>, shared: Arc<Shared>) {
+    let me = format!("c{client}");
+    let mut session: Option<Held> = None;
+    let mut n: usize = 0;
+    let cookie_name = "__Host-session";
+    let mut last_phase = Phase::Healthy;
+    while !shared.stop.load(Ordering::Acquire) {
+        n += 1;
+        let phase = shared.phase();
+        // Half the clients start a new session in each phase (a new
+        // visitor), the others keep theirs across the fault.
+        if phase != last_phase && client % 2 == 1 {
+            session = None;
+        }
+        last_phase = phase;
+        let app = &apps[(client + n) % apps.len()];
+        // A session stays on one instance: without sticky routing an
+        // instance cannot know, during an outage, a session another made.
+        let sticky = &apps[client % apps.len()];
+        let id = (n * 7 + client) % 24;
+        let call = CALLS[n % CALLS.len()];
+        let base = Request::builder()
+            .header(header::HOST, HOST)
+            .header("x-client", &me);
+        match call {
+            Call::Page => {
+                let query = match n % 3 {
+                    0 => String::new(),
+                    other => format!("?q={other}"),
+                };
+                let uri = format!("/page/{id}{query}");
+                let lang = ["en", "de", "fr", "-"][(n / 3) % 4];
+                let mut request = base.uri(&uri);
+                if lang != "-" {
+                    request = request.header(header::ACCEPT_LANGUAGE, lang);
+                }
+                let (response, took) =
+                    send(app, request.body(Body::empty()).expect("request")).await;
+                record(
+                    &shared,
+                    phase,
+                    &format!("GET {uri} ({lang})"),
+                    &response,
+                    took,
+                );
+                let expected = page_body(&uri, lang);
+                if response.status() == StatusCode::OK && response.body() != &expected {
+                    shared.violation(format!(
+                        "GET {uri} with Accept-Language {lang} got {:?}, not {expected:?} ({:?})",
+                        response.body(),
+                        response.headers().get("cache-status")
+                    ));
+                }
+            }
+            Call::Private => {
+                let uri = format!("/private/{id}");
+                let (response, took) =
+                    send(app, base.uri(&uri).body(Body::empty()).expect("request")).await;
+                record(&shared, phase, &format!("GET {uri}"), &response, took);
+                let expected = format!("private {id} for {me}");
+                if response.status() == StatusCode::OK && response.body() != &expected {
+                    shared.violation(format!(
+                        "{me} got another client's private response: {:?}",
+                        response.body()
+                    ));
+                }
+            }
+            Call::Authorised => {
+                let uri = format!("/auth/{id}");
+                let token = format!("Bearer {me}");
+                let request = base
+                    .uri(&uri)
+                    .header(header::AUTHORIZATION, &token)
+                    .body(Body::empty())
+                    .expect("request");
+                let (response, took) = send(app, request).await;
+                record(
+                    &shared,
+                    phase,
+                    &format!("GET {uri} (authorised)"),
+                    &response,
+                    took,
+                );
+                let expected = format!("auth {id} for {token}");
+                if response.status() == StatusCode::OK && response.body() != &expected {
+                    shared.violation(format!(
+                        "{me} got another client's authorised response: {:?}",
+                        response.body()
+                    ));
+                }
+            }
+            Call::SessionWrite => {
+                // 64 entries per session, rewritten in turn: sessions stay
+                // small however long the run.
+                let field = format!("w{}", (n / CALLS.len()) % 64);
+                let value = format!("{me}-{n}");
+                let mut request = base.method("POST").uri(format!("/session/{field}/{value}"));
+                if let Some(held) = &session {
+                    request = request.header(header::COOKIE, format!("{cookie_name}={}", held.id));
+                }
+                let sent_at = Instant::now();
+                let (response, took) =
+                    send(sticky, request.body(Body::empty()).expect("request")).await;
+                record(&shared, phase, "POST /session", &response, took);
+                if response.status() != StatusCode::OK {
+                    shared.violation(format!("a session write answered {}", response.status()));
+                    continue;
+                }
+                match set_cookie_value(response.headers(), cookie_name) {
+                    // Removed: the session ended meanwhile; the write went nowhere.
+                    Some(None) => session = None,
+                    Some(Some(id)) => {
+                        session = Some(Held {
+                            id,
+                            created: phase,
+                            created_at: sent_at,
+                        });
+                    }
+                    None => {}
+                }
+                if let Some(held) = &session {
+                    let write = SessionWrite {
+                        id: held.id.clone(),
+                        field,
+                        value,
+                        session_created: held.created,
+                        session_created_at: held.created_at,
+                        written: phase,
+                    };
+                    shared
+                        .session_writes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert((write.id.clone(), write.field.clone()), write);
+                }
+            }
+            Call::SessionRead => {
+                let field = format!("w{}", (n / CALLS.len()) % 64);
+                let mut request = base.uri(format!("/session/{field}"));
+                if let Some(held) = &session {
+                    request = request.header(header::COOKIE, format!("{cookie_name}={}", held.id));
+                }
+                let (response, took) =
+                    send(sticky, request.body(Body::empty()).expect("request")).await;
+                record(&shared, phase, "GET /session", &response, took);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// `Some(Some(value))` for a session cookie set, `Some(None)` for one
+/// removed, `None` when the response leaves the cookie alone.
+fn set_cookie_value(headers: &HeaderMap, name: &str) -> Option<Option<String>> {
+    headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| {
+            let (pair, attributes) = v.split_once(';').unwrap_or((v, ""));
+            let (n, value) = pair.split_once('=')?;
+            (n.trim() == name).then(|| {
+                (!value.is_empty() && !attributes.contains("Max-Age=0")).then(|| value.to_owned())
+            })
+        })
+}
+
+async fn rate_limit_task(scenario: String, apps: Vec<Router>, shared: Arc<Shared>) {
+    let mut n = 0usize;
+    while !shared.stop.load(Ordering::Acquire) {
+        n += 1;
+        let phase = shared.phase();
+        // A fresh counter per phase, so each phase's admissions stand alone.
+        let key = format!("{scenario}-{phase:?}");
+        let request = Request::builder()
+            .uri("/limited")
+            .header(header::HOST, HOST)
+            .header("x-rl-key", &key)
+            .body(Body::empty())
+            .expect("request");
+        let (response, took) = send(&apps[n % apps.len()], request).await;
+        record(&shared, phase, "GET /limited", &response, took);
+        {
+            let mut counts = shared.rate_limit.lock().unwrap_or_else(|p| p.into_inner());
+            let count = counts.entry(phase).or_default();
+            match response.status() {
+                StatusCode::OK => count.admitted += 1,
+                StatusCode::TOO_MANY_REQUESTS => count.denied += 1,
+                other => shared.violation(format!("GET /limited answered {other}")),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(4)).await;
+    }
+}
+
+/// Waits until every manager's breaker is closed; false after `deadline`.
+pub async fn all_closed(managers: &[&RedisManager], deadline: Duration) -> bool {
+    let until = tokio::time::Instant::now() + deadline;
+    for manager in managers {
+        let mut states = manager.subscribe();
+        let closed =
+            tokio::time::timeout_at(until, states.wait_for(|s| *s == BreakerState::Closed)).await;
+        if !matches!(closed, Ok(Ok(_))) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Waits until every manager's breaker has left `Closed` at least once
+/// since the call; false after `deadline`.
+pub async fn all_opened(managers: &[&RedisManager], deadline: Duration) -> bool {
+    let until = tokio::time::Instant::now() + deadline;
+    for manager in managers {
+        let mut states = manager.subscribe();
+        let opened =
+            tokio::time::timeout_at(until, states.wait_for(|s| *s != BreakerState::Closed)).await;
+        if !matches!(opened, Ok(Ok(_))) {
+            return false;
+        }
+    }
+    true
+}
+
+/// What [`FaultProxy`] does to the traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward everything at once.
+    Pass,
+    /// Hold every chunk this long before forwarding it.
+    Latency(Duration),
+    /// Accept and read, forward nothing (packets lost; connections stay open).
+    Blackhole,
+    /// Reset every open connection and each new one (TCP RST).
+    Reset,
+}
+
+struct ProxyState {
+    /// 0 pass, 1 latency, 2 blackhole, 3 reset.
+    mode: AtomicU8,
+    latency_ms: AtomicU64,
+    resets: tokio::sync::watch::Sender<u64>,
+}
+
+/// A TCP proxy between the managers and Redis that adds latency, drops
+/// traffic or resets connections on command.
+pub struct FaultProxy {
+    addr: SocketAddr,
+    state: Arc<ProxyState>,
+    task: JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Listens on a free local port and forwards to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let (resets, _) = tokio::sync::watch::channel(0);
+        let state = Arc::new(ProxyState {
+            mode: AtomicU8::new(0),
+            latency_ms: AtomicU64::new(0),
+            resets,
+        });
+        let shared = Arc::clone(&state);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let state = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let _ = client.set_zero_linger();
+                    if state.mode.load(Ordering::Acquire) == 3 {
+                        return; // dropped with zero linger: RST
+                    }
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = server.set_zero_linger();
+                    let mut resets = state.resets.subscribe();
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::select! {
+                        () = pump(client_read, server_write, &state) => {}
+                        () = pump(server_read, client_write, &state) => {}
+                        _ = resets.changed() => {}
+                    }
+                    // Every half dropped here, with zero linger: RST both ways.
+                });
+            }
+        });
+        Self { addr, state, task }
+    }
+
+    /// `redis://` URL of the proxy.
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    /// Changes what happens to the traffic from now on.
+    pub fn set(&self, fault: Fault) {
+        let mode = match fault {
+            Fault::Pass => 0,
+            Fault::Latency(latency) => {
+                self.state.latency_ms.store(
+                    u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+                    Ordering::Release,
+                );
+                1
+            }
+            Fault::Blackhole => 2,
+            Fault::Reset => 3,
+        };
+        self.state.mode.store(mode, Ordering::Release);
+        if fault == Fault::Reset {
+            self.state.resets.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    state: &ProxyState,
+) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        match state.mode.load(Ordering::Acquire) {
+            1 => {
+                let latency = state.latency_ms.load(Ordering::Acquire);
+                tokio::time::sleep(Duration::from_millis(latency)).await;
+            }
+            2 => continue,
+            3 => return,
+            _ => {}
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// This process's resident memory, from `/proc/self/status` (Linux), in KiB.
+pub fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}

@@ -1,0 +1,417 @@
+//! The manager against a secured Redis: an ACL user with a password (the
+//! default user disabled), and TLS with a certificate from a private CA
+//! generated here (feature `tls`). Passwords never show up in `Debug`,
+//! `Display`, errors or anything logged through `tracing` (or `log`).
+//!
+//! Every test logs into one capture buffer (the subscriber is global to
+//! this test binary) and checks that no password of any test is in it.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tower_redis_core::redis;
+use tower_redis_core::testing::TestRedis;
+use tower_redis_core::{BreakerState, Error, RedisConfig, RedisManager, Source};
+
+/// Every password any test uses: none may appear in the captured logs.
+const APP_PASSWORD: &str = "pw-app-7d1e9c";
+const WRONG_PASSWORD: &str = "pw-wrong-41b8aa";
+const TLS_PASSWORD: &str = "pw-tls-c0ffee";
+const ALL_PASSWORDS: [&str; 3] = [APP_PASSWORD, WRONG_PASSWORD, TLS_PASSWORD];
+
+/// What the global `tracing` subscriber of this binary wrote.
+fn captured() -> &'static Arc<Mutex<Vec<u8>>> {
+    static BUFFER: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    BUFFER.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = Arc::clone(&buffer);
+        // TRACE, and `log` records too (redis-rs, bb8): everything any layer says.
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || Capture(Arc::clone(&writer)))
+            .try_init();
+        buffer
+    })
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn log_text() -> String {
+    String::from_utf8_lossy(&captured().lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+}
+
+fn assert_no_password(what: &str, text: &str) {
+    for password in ALL_PASSWORDS {
+        assert!(!text.contains(password), "{what} shows a password:\n{text}");
+    }
+}
+
+fn port_of(redis: &TestRedis) -> u16 {
+    redis
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("url ends in a port")
+}
+
+/// A server with an `app` user (all keys and commands) and the default
+/// user switched off, so only `app` can do anything.
+async fn acl_redis() -> TestRedis {
+    let redis = TestRedis::start().await;
+    let mut conn = redis.connection().await.expect("connection");
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("app")
+        .arg("on")
+        .arg(format!(">{APP_PASSWORD}"))
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("ACL SETUSER app");
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("off")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("ACL SETUSER default off");
+    redis
+}
+
+fn acl_url(redis: &TestRedis, password: &str) -> String {
+    format!("redis://app:{password}@127.0.0.1:{}", port_of(redis))
+}
+
+async fn set_get(manager: &RedisManager, value: &str) -> (Option<String>, Source) {
+    let key = manager.keys().key(&["secured"]);
+    let value = value.to_owned();
+    let served = manager
+        .failover(
+            |mut conn| async move {
+                redis::pipe()
+                    .cmd("SET")
+                    .arg(&key)
+                    .arg(&value)
+                    .ignore()
+                    .cmd("GET")
+                    .arg(&key)
+                    .query_async::<(Option<String>,)>(&mut conn)
+                    .await
+                    .map(|(v,)| v)
+            },
+            |_| async { None },
+        )
+        .await;
+    (served.value, served.source)
+}
+
+#[tokio::test]
+async fn an_acl_user_with_a_password_works_end_to_end() {
+    captured();
+    let redis = acl_redis().await;
+    // The default user is off: a client without credentials cannot work.
+    let mut anonymous = redis.connection().await.expect("connects");
+    let refused = redis::cmd("PING")
+        .query_async::<String>(&mut anonymous)
+        .await;
+    assert!(refused.is_err(), "the default user is disabled");
+
+    let config = RedisConfig::builder()
+        .url(acl_url(&redis, APP_PASSWORD))
+        .require_redis(true)
+        .build()
+        .expect("valid config");
+    let manager = RedisManager::connect(config).await.expect("authenticates");
+    assert_eq!(manager.health().state, BreakerState::Closed);
+    assert_eq!(
+        set_get(&manager, "hello").await,
+        (Some("hello".to_owned()), Source::Redis)
+    );
+    assert_no_password("manager Debug", &format!("{manager:?}"));
+    assert_no_password("logs", &log_text());
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_a_clear_error_that_never_shows_the_password() {
+    captured();
+    let redis = acl_redis().await;
+    let url = acl_url(&redis, WRONG_PASSWORD);
+
+    let required = RedisConfig::builder()
+        .url(url.clone())
+        .require_redis(true)
+        .build()
+        .expect("valid config");
+    let error = RedisManager::connect(required)
+        .await
+        .expect_err("a wrong password cannot start a required Redis");
+    assert!(matches!(error, Error::Required { .. }), "{error:?}");
+    let text = error.to_string();
+    assert!(
+        text.contains("WRONGPASS") || text.to_lowercase().contains("auth"),
+        "the error says the credentials are wrong: {text}"
+    );
+    assert_no_password("error Display", &text);
+    assert_no_password("error Debug", &format!("{error:?}"));
+
+    // Without `require_redis` the app starts on its fallbacks and says why.
+    let config = RedisConfig::builder()
+        .url(url)
+        .command_timeout(Duration::from_millis(200))
+        .build()
+        .expect("valid config");
+    assert_no_password("config Debug", &format!("{config:?}"));
+    let manager = RedisManager::connect(config).await.expect("starts anyway");
+    let health = manager.health();
+    assert_eq!(health.state, BreakerState::Open);
+    assert_no_password("health Debug", &format!("{health:?}"));
+    let (value, source) = set_get(&manager, "x").await;
+    assert_eq!(value, None);
+    assert!(matches!(source, Source::Fallback(_)), "{source:?}");
+    assert_no_password("logs", &log_text());
+}
+
+#[tokio::test]
+async fn passwords_stay_out_of_debug_display_and_errors_of_every_config_shape() {
+    captured();
+    let url = format!("redis://app:{APP_PASSWORD}@cache.internal:6379/2");
+    let builder = RedisConfig::builder().url(url.clone());
+    assert_no_password("builder Debug", &format!("{builder:?}"));
+    let config = builder.build().expect("valid");
+    assert_no_password("config Debug", &format!("{config:?}"));
+    if let tower_redis_core::Topology::Standalone(url) = config.topology() {
+        assert_no_password("url Display", &url.to_string());
+        assert!(url.to_string().contains("***"), "{url}");
+    }
+
+    // Invalid URLs: the error names the problem, not the password.
+    for bad in [
+        format!("redis://app:{APP_PASSWORD}@cache internal:6379"),
+        format!("http://app:{APP_PASSWORD}@cache.internal"),
+        format!("redis://app:{APP_PASSWORD}@cache.internal/notanumber"),
+    ] {
+        let builder = RedisConfig::builder().url(bad);
+        assert_no_password("builder Debug", &format!("{builder:?}"));
+        let error = builder.build().expect_err("invalid");
+        assert_no_password("config error", &error.to_string());
+        assert_no_password("config error Debug", &format!("{error:?}"));
+    }
+    let cluster = RedisConfig::builder().cluster_nodes([
+        format!("redis://app:{APP_PASSWORD}@10.0.0.1:7000"),
+        format!("redis://app:{APP_PASSWORD}@10.0.0.2:7000/3"),
+    ]);
+    assert_no_password("cluster builder Debug", &format!("{cluster:?}"));
+    let error = cluster.build().expect_err("cluster has only db 0");
+    assert_no_password("cluster error", &error.to_string());
+}
+
+#[tokio::test]
+async fn an_outage_and_recovery_log_nothing_secret() {
+    captured();
+    let redis = acl_redis().await;
+    let config = RedisConfig::builder()
+        .url(acl_url(&redis, APP_PASSWORD))
+        .failure_threshold(1)
+        .probe_backoff(Duration::from_millis(20), Duration::from_millis(100))
+        .build()
+        .expect("valid config");
+    let manager = RedisManager::connect(config).await.expect("starts");
+    assert_eq!(set_get(&manager, "a").await.1, Source::Redis);
+    // Kill it: failures, a breaker transition, probes that fail to connect
+    // and then (the restarted server has no `app` user) fail to authenticate.
+    redis.kill().await;
+    let mut state = manager.subscribe();
+    while manager.health().state == BreakerState::Closed {
+        set_get(&manager, "b").await;
+    }
+    redis.restart().await;
+    // The probes now reach the server and are refused: no `app` user.
+    let refused = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let health = manager.health();
+            let error = health.last_error.clone().unwrap_or_default();
+            if error.contains("WRONGPASS") || error.to_lowercase().contains("auth") {
+                return health;
+            }
+            if state.changed().await.is_err() {
+                return health;
+            }
+        }
+    })
+    .await
+    .expect("a probe is refused for its credentials");
+    assert_ne!(refused.state, BreakerState::Closed, "{refused:?}");
+    assert_no_password("health", &format!("{refused:?}"));
+    let logs = log_text();
+    assert!(
+        logs.contains("tower_redis"),
+        "the capture works: it holds the manager's events"
+    );
+    assert_no_password("logs", &logs);
+}
+
+#[cfg(feature = "tls")]
+mod tls {
+    use super::*;
+    use tower_redis_core::testing::TlsFiles;
+
+    /// A CA, and a certificate it issued for 127.0.0.1 and localhost.
+    struct Pki {
+        ca_pem: String,
+        files: TlsFiles,
+        _dir: tempfile::TempDir,
+    }
+
+    fn pki() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "tower-redis test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let server_key = KeyPair::generate().expect("server key");
+        let mut server_params =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                .expect("server params");
+        server_params
+            .distinguished_name
+            .push(DnType::CommonName, "tower-redis test server");
+        let issuer = Issuer::from_params(&ca_params, &ca_key);
+        let server_cert = server_params
+            .signed_by(&server_key, &issuer)
+            .expect("server certificate");
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write PEM");
+            path
+        };
+        let files = TlsFiles {
+            cert: write("server.crt", &server_cert.pem()),
+            key: write("server.key", &server_key.serialize_pem()),
+            ca: write("ca.crt", &ca_cert.pem()),
+        };
+        Pki {
+            ca_pem: ca_cert.pem(),
+            files,
+            _dir: dir,
+        }
+    }
+
+    #[tokio::test]
+    async fn rediss_with_a_private_ca_and_a_password_works_end_to_end() {
+        captured();
+        let pki = pki();
+        let redis = TestRedis::builder()
+            .tls(&pki.files)
+            .arg("--requirepass")
+            .arg(TLS_PASSWORD)
+            .start()
+            .await
+            .expect("TLS server starts");
+        assert!(redis.url().starts_with("rediss://"), "{}", redis.url());
+        let url = format!("rediss://:{TLS_PASSWORD}@127.0.0.1:{}", port_of(&redis));
+        let config = RedisConfig::builder()
+            .url(url)
+            .tls_root_certificates(pki.ca_pem.clone())
+            .connect_timeout(Duration::from_secs(2))
+            .require_redis(true)
+            .build()
+            .expect("valid config");
+        assert_no_password("config Debug", &format!("{config:?}"));
+        assert!(
+            !format!("{config:?}").contains("BEGIN CERTIFICATE"),
+            "Debug shows the roots' size, not the PEM"
+        );
+        let manager = RedisManager::connect(config)
+            .await
+            .expect("TLS handshake and AUTH succeed");
+        assert_eq!(
+            set_get(&manager, "over tls").await,
+            (Some("over tls".to_owned()), Source::Redis)
+        );
+        assert_no_password("logs", &log_text());
+    }
+
+    #[tokio::test]
+    async fn a_server_certificate_from_an_unknown_ca_is_refused_not_a_panic() {
+        captured();
+        let pki = pki();
+        let redis = TestRedis::builder()
+            .tls(&pki.files)
+            .start()
+            .await
+            .expect("TLS server starts");
+        // The built-in (webpki) roots do not know the test CA.
+        let config = RedisConfig::builder()
+            .url(redis.url())
+            .require_redis(true)
+            .build()
+            .expect("valid config");
+        let error = RedisManager::connect(config)
+            .await
+            .expect_err("unknown issuer");
+        assert!(
+            error.to_string().to_lowercase().contains("certificate"),
+            "the error says it is the certificate: {error}"
+        );
+        // Another CA's certificate is no better.
+        let other = self::pki();
+        let config = RedisConfig::builder()
+            .url(redis.url())
+            .tls_root_certificates(other.ca_pem)
+            .build()
+            .expect("valid config");
+        let manager = RedisManager::connect(config).await.expect("starts open");
+        assert_eq!(manager.health().state, BreakerState::Open);
+        assert!(matches!(
+            set_get(&manager, "x").await.1,
+            Source::Fallback(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn bad_root_certificates_are_configuration_errors() {
+        let error = RedisConfig::builder()
+            .url("rediss://127.0.0.1:6380")
+            .tls_root_certificates("not a certificate")
+            .build()
+            .expect_err("no PEM");
+        assert_eq!(error.field, "tls_root_certificates");
+        let error = RedisConfig::builder()
+            .url("rediss://127.0.0.1:6380")
+            .tls_root_certificates(
+                "-----BEGIN CERTIFICATE-----\nbm90IGRlcg==\n-----END CERTIFICATE-----\n",
+            )
+            .build()
+            .expect_err("not DER inside");
+        assert_eq!(error.field, "tls_root_certificates");
+        let error = RedisConfig::builder()
+            .url("redis://127.0.0.1:6379")
+            .tls_root_certificates(pki().ca_pem)
+            .build()
+            .expect_err("roots without TLS");
+        assert!(error.to_string().contains("rediss://"), "{error}");
+    }
+}

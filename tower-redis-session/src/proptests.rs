@@ -1,0 +1,117 @@
+//! Property tests for the session cookie decoder: arbitrary cookie values
+//! never panic and never decode to anything but an id of the issued shape;
+//! issued values round-trip; any change to a signed value is rejected.
+//!
+//! `PROPTEST_CASES` sets the number of cases per property (default 256);
+//! run longer with e.g.
+//! `PROPTEST_CASES=100000 cargo test -p tower-redis-session --lib proptests`.
+
+use proptest::prelude::*;
+
+use crate::id::{CookieCodec, SessionId};
+
+/// The length of an issued id (256 bits in unpadded base64url).
+const ID_LEN: usize = 43;
+
+fn codecs(key: Vec<u8>) -> [CookieCodec; 2] {
+    [CookieCodec::new(None), CookieCodec::new(Some(key))]
+}
+
+fn signing_key() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(any::<u8>(), 32..80)
+}
+
+/// Text shaped like cookie values: base64url characters, the separator,
+/// and some of everything else.
+fn cookie_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[A-Za-z0-9_.-]{0,100}",
+        "[A-Za-z0-9_-]{43}\\.[A-Za-z0-9_=+/-]{40,46}",
+        "[A-Za-z0-9_-]{43}",
+        any::<String>(),
+        "\\PC{0,200}",
+    ]
+}
+
+fn is_issued_shape(id: &SessionId) -> bool {
+    id.as_str().len() == ID_LEN
+        && id
+            .as_str()
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
+    ))]
+
+    #[test]
+    fn decoding_arbitrary_values_never_panics_and_yields_only_issued_shapes(
+        value in cookie_text(),
+        key in signing_key(),
+    ) {
+        for codec in codecs(key) {
+            if let Some(id) = codec.decode(&value) {
+                prop_assert!(is_issued_shape(&id));
+            }
+        }
+    }
+
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics(
+        bytes in prop::collection::vec(any::<u8>(), 0..200),
+        key in signing_key(),
+    ) {
+        let value = String::from_utf8_lossy(&bytes);
+        for codec in codecs(key) {
+            let _ = codec.decode(&value);
+        }
+    }
+
+    #[test]
+    fn issued_values_round_trip(key in signing_key()) {
+        for codec in codecs(key) {
+            let id = SessionId::generate();
+            prop_assert_eq!(codec.decode(&codec.encode(&id)), Some(id));
+        }
+    }
+
+    #[test]
+    fn every_change_to_a_signed_value_is_rejected(
+        key in signing_key(),
+        at in any::<prop::sample::Index>(),
+        bit in 0u8..8,
+        replacement in "[A-Za-z0-9_.-]",
+    ) {
+        let codec = CookieCodec::new(Some(key));
+        let id = SessionId::generate();
+        let value = codec.encode(&id);
+
+        // A single bit flipped anywhere.
+        let mut flipped = value.clone().into_bytes();
+        let i = at.index(flipped.len());
+        flipped[i] ^= 1 << bit;
+        let flipped = String::from_utf8_lossy(&flipped).into_owned();
+        prop_assert!(flipped == value || codec.decode(&flipped).is_none(), "{flipped}");
+
+        // A character replaced by another cookie-safe one.
+        let mut replaced: Vec<char> = value.chars().collect();
+        replaced[i] = replacement.chars().next().expect("one char");
+        let replaced: String = replaced.into_iter().collect();
+        prop_assert!(replaced == value || codec.decode(&replaced).is_none(), "{replaced}");
+
+        // Truncated or extended.
+        prop_assert!(codec.decode(&value[..i]).is_none());
+        let extended = format!("{value}{replacement}");
+        prop_assert!(codec.decode(&extended).is_none());
+    }
+
+    #[test]
+    fn a_signature_from_another_key_is_rejected(a in signing_key(), b in signing_key()) {
+        prop_assume!(a != b);
+        let id = SessionId::generate();
+        let forged = CookieCodec::new(Some(b)).encode(&id);
+        prop_assert!(CookieCodec::new(Some(a)).decode(&forged).is_none());
+    }
+}
