@@ -2,14 +2,18 @@
 //! origin, and what a hit costs.
 //!
 //! Every subject serves `GET /item`, whose handler sleeps 20 ms and answers
-//! a 1 KiB body with `Cache-Control: max-age=600`, over the shared
-//! in-process HTTP setup ([`crate::http_load`]). The caches are warmed
-//! before measuring, so every measured request is a hit; `no cache` goes to
-//! the origin every time. Besides the ratio to `no cache`, a hit is divided
-//! by the `reference` cell: a bare route whose handler makes one Redis GET
-//! through the manager (the issue's yardstick for a Redis round trip).
+//! a body (1 KiB in the main table) with `Cache-Control: max-age=600`, over
+//! the shared in-process HTTP setup ([`crate::http_load`]). The caches are
+//! warmed before measuring, so every measured request is a hit; `no cache`
+//! goes to the origin every time. Besides the ratio to `no cache`, a hit is
+//! divided by the raw Redis cell (one GET of a value of the body's size on
+//! a bare redis-rs connection, no HTTP: the issue's "raw-Redis GET rate")
+//! and by the `reference` cell (an HTTP route whose handler makes one Redis
+//! GET through the manager).
+//!
+//! Then: the same subjects by payload (1 KiB → 1 MiB) at one concurrency,
+//! and degraded mode ([`crate::degraded`]).
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,13 +27,16 @@ use tower_redis_core::redis;
 use tower_redis_core::{RedisConfig, RedisManager};
 
 use crate::Options;
-use crate::cpu::{self, CpuUse};
+use crate::cells::{Cell, NOT_BUILT, Row, run_interleaved, run_row};
+use crate::degraded::{self, Outage};
 use crate::error::BenchError;
+use crate::grid::{Grid, Section, timing};
 use crate::http_load::{
-    Cell, Expect, HttpRequest, Sample, breakdown, clear_keys, columns, connect, headers, managers,
-    ratio, ratios, run_interleaved, send, serve, top_level,
+    DeadRedis, Expect, HttpError, HttpRequest, clear_keys, connect, managers, send, serve,
+    top_level,
 };
-use crate::report::Table;
+use crate::raw::{RawClient, RawPlan, RawShape, RawValue, RedisBenchmark};
+use crate::report::{Target, bytes};
 use crate::server::BenchRedis;
 
 /// Prefix of every key the caches write; cleared before and after the suite.
@@ -38,7 +45,7 @@ const KEY_PREFIX: &str = "tower-redis-bench:cache";
 const PATH: &str = "/item";
 /// How long the origin takes.
 const ORIGIN_DELAY: Duration = Duration::from_millis(20);
-/// The size of the origin's body.
+/// The size of the origin's body in the main table.
 const BODY_BYTES: usize = 1024;
 /// The origin's freshness.
 const CACHE_CONTROL: &str = "max-age=600";
@@ -50,13 +57,15 @@ const TARGET_CONCURRENCY: usize = 64;
 const SCRIPT_INNER: &[&str] = &[
     "hget", "hgetall", "hset", "hdel", "hlen", "del", "exists", "pexpire", "pttl", "time",
 ];
-/// What a peer row says when the `peers` feature is off.
-const NOT_BUILT: &str = "not built (enable --features peers)";
+/// Largest body the layers store: above the largest payload measured.
+const MAX_BODY: usize = 64 << 20;
 
 /// The cells of the suite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Subject {
     NoCache,
+    Raw,
+    RedisBenchmark,
     OneGet,
     Redis,
     RedisDown,
@@ -65,8 +74,10 @@ enum Subject {
 }
 
 impl Subject {
-    const ALL: [Subject; 6] = [
+    const ALL: [Subject; 8] = [
         Subject::NoCache,
+        Subject::Raw,
+        Subject::RedisBenchmark,
         Subject::OneGet,
         Subject::Redis,
         Subject::RedisDown,
@@ -77,6 +88,12 @@ impl Subject {
     fn label(self) -> &'static str {
         match self {
             Subject::NoCache => "no cache (every request hits the 20 ms origin)",
+            Subject::Raw => {
+                "raw Redis: 1 GET of a body-sized value on a bare redis-rs connection (no HTTP)"
+            }
+            Subject::RedisBenchmark => {
+                "raw Redis: redis-benchmark, 1 GET of a body-sized value (no HTTP)"
+            }
             Subject::OneGet => "reference: no cache, handler makes 1 Redis GET",
             Subject::Redis => "tower-redis-cache (Redis)",
             Subject::RedisDown => "tower-redis-cache (Redis down, in-process store)",
@@ -88,6 +105,8 @@ impl Subject {
     fn short(self) -> &'static str {
         match self {
             Subject::NoCache => "no cache",
+            Subject::Raw => "raw redis-rs",
+            Subject::RedisBenchmark => "redis-benchmark",
             Subject::OneGet => "1 GET",
             Subject::Redis => "redis-cache",
             Subject::RedisDown => "redis-cache down",
@@ -98,19 +117,41 @@ impl Subject {
 
     /// Subjects that answer from a cache (checked to hit before measuring).
     fn caches(self) -> bool {
-        !matches!(self, Subject::NoCache | Subject::OneGet)
+        !matches!(
+            self,
+            Subject::NoCache | Subject::OneGet | Subject::Raw | Subject::RedisBenchmark
+        )
+    }
+
+    /// Peers: a payload they do not cache makes their cell "not measured"
+    /// rather than ending the run.
+    fn is_peer(self) -> bool {
+        matches!(
+            self,
+            Subject::AxumResponseCache | Subject::HttpCacheTowerServer
+        )
+    }
+
+    fn index(self) -> usize {
+        Subject::ALL
+            .iter()
+            .position(|s| *s == self)
+            .unwrap_or_default()
     }
 }
 
-/// The origin's body: 1 KiB of text.
-fn body() -> Bytes {
-    let text: String = "0123456789abcdef".repeat(BODY_BYTES / 16);
-    Bytes::from(text)
+/// The origin's body: `len` bytes of text.
+fn body(len: usize) -> Bytes {
+    let pattern = b"0123456789abcdef";
+    Bytes::from(
+        (0..len)
+            .map(|i| pattern[i % pattern.len()])
+            .collect::<Vec<u8>>(),
+    )
 }
 
 /// The slow origin every subject serves.
-fn origin() -> Router {
-    let body = body();
+fn origin(body: Bytes) -> Router {
     Router::new().route(
         PATH,
         get(move || {
@@ -123,15 +164,25 @@ fn origin() -> Router {
     )
 }
 
-/// The app of one subject; `None` for a peer that is not compiled in.
+/// tower-redis-cache on `manager`, storing bodies up to [`MAX_BODY`].
+fn cache_layer(manager: &RedisManager) -> Result<CacheLayer, BenchError> {
+    CacheLayer::builder(manager.clone())
+        .max_body_bytes(MAX_BODY)
+        .build()
+        .map_err(|e| BenchError::Check(format!("cache: {e}")))
+}
+
+/// The app of one subject; `None` for a peer that is not compiled in (or a
+/// raw cell, which has no app).
 fn app(
     subject: Subject,
     manager: &RedisManager,
     down: &RedisManager,
+    body: &Bytes,
 ) -> Result<Option<Router>, BenchError> {
-    let config = |e: tower_redis_cache::ConfigError| BenchError::Check(format!("cache: {e}"));
     let app = match subject {
-        Subject::NoCache => origin(),
+        Subject::Raw | Subject::RedisBenchmark => return Ok(None),
+        Subject::NoCache => origin(body.clone()),
         Subject::OneGet => {
             // One round trip through the manager, for scale: the handler
             // reads one (missing) key and answers the same body at once.
@@ -139,7 +190,7 @@ fn app(
             let mut read = redis::cmd("GET");
             read.arg(format!("{KEY_PREFIX}:reference"));
             let read = Arc::new(read);
-            let body = body();
+            let body = body.clone();
             Router::new().route(
                 PATH,
                 get(move || {
@@ -154,16 +205,10 @@ fn app(
                 }),
             )
         }
-        Subject::Redis => origin().layer(
-            CacheLayer::builder(manager.clone())
-                .build()
-                .map_err(config)?,
-        ),
-        Subject::RedisDown => {
-            origin().layer(CacheLayer::builder(down.clone()).build().map_err(config)?)
-        }
-        Subject::AxumResponseCache => return axum_response_cache_app(),
-        Subject::HttpCacheTowerServer => return http_cache_tower_server_app(),
+        Subject::Redis => origin(body.clone()).layer(cache_layer(manager)?),
+        Subject::RedisDown => origin(body.clone()).layer(cache_layer(down)?),
+        Subject::AxumResponseCache => return axum_response_cache_app(body),
+        Subject::HttpCacheTowerServer => return http_cache_tower_server_app(body),
     };
     Ok(Some(app))
 }
@@ -171,16 +216,17 @@ fn app(
 /// axum-response-cache keeps responses in a `cached::TtlCache` behind a
 /// mutex, for a fixed lifespan (it does not read `Cache-Control`): 600 s.
 #[cfg(feature = "peers")]
-fn axum_response_cache_app() -> Result<Option<Router>, BenchError> {
+fn axum_response_cache_app(body: &Bytes) -> Result<Option<Router>, BenchError> {
     let layer = axum_response_cache::CacheLayer::with_lifespan(Duration::from_secs(600))
-        .add_response_headers();
-    Ok(Some(origin().layer(layer)))
+        .add_response_headers()
+        .body_limit(MAX_BODY);
+    Ok(Some(origin(body.clone()).layer(layer)))
 }
 
 /// http-cache-tower-server with http-cache's moka manager; its service
 /// fails with a `BoxError`, turned into a 500 for axum.
 #[cfg(feature = "peers")]
-fn http_cache_tower_server_app() -> Result<Option<Router>, BenchError> {
+fn http_cache_tower_server_app(body: &Bytes) -> Result<Option<Router>, BenchError> {
     use axum::error_handling::HandleErrorLayer;
     use http_cache::MokaManager;
     use http_cache_tower_server::ServerCacheLayer;
@@ -191,16 +237,16 @@ fn http_cache_tower_server_app() -> Result<Option<Router>, BenchError> {
             StatusCode::INTERNAL_SERVER_ERROR
         }))
         .layer(cache);
-    Ok(Some(origin().layer(layers)))
+    Ok(Some(origin(body.clone()).layer(layers)))
 }
 
 #[cfg(not(feature = "peers"))]
-fn axum_response_cache_app() -> Result<Option<Router>, BenchError> {
+fn axum_response_cache_app(_body: &Bytes) -> Result<Option<Router>, BenchError> {
     Ok(None)
 }
 
 #[cfg(not(feature = "peers"))]
-fn http_cache_tower_server_app() -> Result<Option<Router>, BenchError> {
+fn http_cache_tower_server_app(_body: &Bytes) -> Result<Option<Router>, BenchError> {
     Ok(None)
 }
 
@@ -221,31 +267,84 @@ async fn preflight(
     redis: &BenchRedis,
     subject: Subject,
     addr: SocketAddr,
+    body: &Bytes,
 ) -> Result<(), BenchError> {
-    let failed = |e: crate::http_load::HttpError| {
-        BenchError::Check(format!("cache, {}: {e}", subject.label()))
-    };
+    let failed = |e: HttpError| BenchError::Check(format!("cache, {}: {e}", subject.label()));
     let request = HttpRequest::get(PATH);
     let mut sender = connect(addr).await.map_err(failed)?;
     let (status, _, got) = send(&mut sender, &request).await.map_err(failed)?;
     check(
         subject,
         &format!(
-            "expected 200 and the 1 KiB body, got {status} and {} bytes",
+            "expected 200 and the {}-byte body, got {status} and {} bytes",
+            body.len(),
             got.len()
         ),
-        status == StatusCode::OK && got == body(),
+        status == StatusCode::OK && got == *body,
     )?;
     if !subject.caches() {
         return Ok(());
     }
-    // The entry may be stored after the response has gone out: wait for a
-    // hit (an answer well under the origin's 20 ms, and the cache's own
-    // status field when it has one).
+    wait_for_hit(addr, body, |fields| match subject {
+        Subject::Redis => {
+            fields.cache_status.contains("; hit") && !fields.cache_status.contains("unavailable")
+        }
+        Subject::RedisDown => {
+            fields.cache_status.contains("; hit")
+                && fields.cache_status.contains("redis-unavailable")
+        }
+        Subject::HttpCacheTowerServer => fields.x_cache == "HIT",
+        Subject::AxumResponseCache => fields.x_cache_age,
+        _ => true,
+    })
+    .await
+    .map_err(|last| {
+        BenchError::Check(format!(
+            "cache, {}: never answered from the cache; last answer: {last}",
+            subject.label()
+        ))
+    })?;
+    if subject == Subject::Redis {
+        let before = redis.command_calls().await?;
+        let (status, _, _) = send(&mut sender, &request).await.map_err(failed)?;
+        let deltas = redis.command_calls().await?.deltas(&before);
+        let commands = top_level(&deltas, SCRIPT_INNER).calls;
+        check(
+            subject,
+            &format!(
+                "expected a hit to cost 1 top-level Redis command, got {status} and {deltas:?}"
+            ),
+            status == StatusCode::OK && commands == 1,
+        )?;
+    }
+    Ok(())
+}
+
+/// The cache fields of an answer: tower-redis-cache's `Cache-Status`,
+/// http-cache-tower-server's `X-Cache`, axum-response-cache's `X-Cache-Age`.
+struct CacheFields {
+    cache_status: String,
+    x_cache: String,
+    x_cache_age: bool,
+}
+
+/// Sends `GET /item` until an answer is a hit: 200, the whole body, and
+/// `is_hit` of its fields (each cache says when it answered). The entry may
+/// be stored after the response has gone out, hence the retries. `Err`
+/// describes the last answer.
+async fn wait_for_hit(
+    addr: SocketAddr,
+    body: &Bytes,
+    is_hit: impl Fn(&CacheFields) -> bool,
+) -> Result<(), String> {
+    let request = HttpRequest::get(PATH);
+    let mut sender = connect(addr).await.map_err(|e| e.to_string())?;
     let mut last = String::new();
-    for _ in 0..100 {
+    for _ in 0..300 {
         let started = Instant::now();
-        let (status, fields, got) = send(&mut sender, &request).await.map_err(failed)?;
+        let (status, fields, got) = send(&mut sender, &request)
+            .await
+            .map_err(|e| e.to_string())?;
         let took = started.elapsed();
         let field = |name: &str| {
             fields
@@ -254,180 +353,273 @@ async fn preflight(
                 .unwrap_or("")
                 .to_owned()
         };
-        let (cache_status, x_cache) = (field("cache-status"), field("x-cache"));
-        let hit = status == StatusCode::OK
-            && got == body()
-            && took < ORIGIN_DELAY / 2
-            && match subject {
-                Subject::Redis => {
-                    cache_status.contains("; hit") && !cache_status.contains("unavailable")
-                }
-                Subject::RedisDown => {
-                    cache_status.contains("; hit") && cache_status.contains("redis-unavailable")
-                }
-                Subject::HttpCacheTowerServer => x_cache == "HIT",
-                _ => true,
-            };
-        if hit {
-            if subject == Subject::Redis {
-                let before = redis.command_calls().await?;
-                let (status, _, _) = send(&mut sender, &request).await.map_err(failed)?;
-                let deltas = redis.command_calls().await?.deltas(&before);
-                let commands = top_level(&deltas, SCRIPT_INNER).calls;
-                check(
-                    subject,
-                    &format!(
-                        "expected a hit to cost 1 top-level Redis command, got {status} and {deltas:?}"
-                    ),
-                    status == StatusCode::OK && commands == 1,
-                )?;
-            }
+        let fields = CacheFields {
+            cache_status: field("cache-status"),
+            x_cache: field("x-cache"),
+            x_cache_age: fields.contains_key("x-cache-age"),
+        };
+        if status == StatusCode::OK && got == *body && is_hit(&fields) {
             return Ok(());
         }
         last = format!(
-            "{status}, {} bytes in {took:?}, Cache-Status {cache_status:?}, X-Cache {x_cache:?}",
-            got.len()
+            "{status}, {} bytes in {took:?}, Cache-Status {:?}, X-Cache {:?}",
+            got.len(),
+            fields.cache_status,
+            fields.x_cache
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    check(
-        subject,
-        &format!("never answered from the cache; last answer: {last}"),
-        false,
-    )
+    Err(last)
+}
+
+/// Every subject's cell for `body`; the Redis caches on managers whose keys
+/// live under `prefix`. With `lenient`, a peer that does not cache this
+/// body becomes a "not measured" cell instead of an error.
+async fn cells(
+    redis: &BenchRedis,
+    prefix: &str,
+    body: &Bytes,
+    pool_size: u32,
+    lenient: bool,
+) -> Result<(Vec<Cell>, DeadRedis), BenchError> {
+    let (manager, down, dead) = managers(redis, pool_size, prefix).await?;
+    let value = RawValue::put(redis, &format!("{prefix}:raw"), body.len()).await?;
+    let mut cells = Vec::with_capacity(Subject::ALL.len());
+    for subject in Subject::ALL {
+        let cell = match subject {
+            Subject::Raw => Cell::redis(
+                subject.label(),
+                subject.short(),
+                RawClient::Bare(redis.client().get_multiplexed_async_connection().await?),
+                RawPlan::new(&RawShape::one_get(), &value),
+            ),
+            Subject::RedisBenchmark => Cell::benchmark(
+                subject.label(),
+                subject.short(),
+                RedisBenchmark::find(redis, &value),
+            ),
+            _ => match app(subject, &manager, &down, body)? {
+                Some(app) => {
+                    let server = serve(app).await?;
+                    match preflight(redis, subject, server.addr, body).await {
+                        Ok(()) => Cell::http(
+                            subject.label(),
+                            subject.short(),
+                            server,
+                            vec![Arc::new(HttpRequest::get(PATH))],
+                            Expect::ok(Some(body.clone())),
+                            if matches!(subject, Subject::Redis | Subject::RedisDown) {
+                                SCRIPT_INNER
+                            } else {
+                                &[]
+                            },
+                        ),
+                        Err(error) if lenient && subject.is_peer() => {
+                            eprintln!("cache: {} left out: {error}", subject.short());
+                            Cell::missing(
+                                subject.label(),
+                                subject.short(),
+                                format!(
+                                    "not measured: its check failed at {} (see stderr)",
+                                    bytes(body.len() as f64)
+                                ),
+                            )
+                        }
+                        Err(error) => return Err(error),
+                    }
+                }
+                None => Cell::missing(subject.label(), subject.short(), NOT_BUILT),
+            },
+        };
+        cells.push(cell);
+    }
+    Ok((cells, dead))
+}
+
+/// The concurrency of the payload table: 64 (the target's) when measured,
+/// else the largest concurrency measured.
+fn payload_concurrency(options: &Options) -> usize {
+    if options.concurrency.contains(&TARGET_CONCURRENCY) {
+        TARGET_CONCURRENCY
+    } else {
+        options.concurrency.iter().copied().max().unwrap_or(1)
+    }
 }
 
 /// Runs the suite and returns its markdown section.
 pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String, BenchError> {
     clear_keys(redis, KEY_PREFIX).await?;
     let pool_size = options.pool_size.unwrap_or(RedisConfig::DEFAULT_POOL_SIZE);
-    let (manager, down, dead) = managers(redis, pool_size, KEY_PREFIX).await?;
 
-    let mut cells = Vec::with_capacity(Subject::ALL.len());
-    for subject in Subject::ALL {
-        let server = match app(subject, &manager, &down)? {
-            Some(app) => Some(serve(app).await?),
-            None => None,
-        };
-        if let Some(server) = &server {
-            preflight(redis, subject, server.addr).await?;
-        }
-        cells.push(Cell {
-            short: subject.short(),
-            server,
-            requests: vec![Arc::new(HttpRequest::get(PATH))],
-            expect: Arc::new(Expect {
-                status: StatusCode::OK,
-                body: Some(body()),
-            }),
-            inner: if matches!(subject, Subject::Redis | Subject::RedisDown) {
-                SCRIPT_INNER
-            } else {
-                &[]
-            },
+    // By concurrency, 1 KiB.
+    let main_body = body(BODY_BYTES);
+    let (cells_1k, dead) = cells(redis, KEY_PREFIX, &main_body, pool_size, false).await?;
+    let rows = run_interleaved(redis, "cache", &cells_1k, options).await?;
+    let grid = Grid::new("concurrency", &cells_1k, rows);
+    drop(cells_1k);
+
+    // By payload, at one concurrency.
+    let concurrency = payload_concurrency(options);
+    let mut payload_rows = Vec::with_capacity(options.payloads.len());
+    let mut payload_cells = Vec::new();
+    for &size in &options.payloads {
+        let prefix = format!("{KEY_PREFIX}:{size}");
+        let body = body(size);
+        let (cells, _dead) = cells(redis, &prefix, &body, pool_size, true).await?;
+        let samples = run_row(redis, "cache", &cells, options, concurrency).await?;
+        payload_rows.push(Row {
+            key: bytes(size as f64),
+            name: bytes(size as f64),
+            samples,
         });
+        payload_cells = cells;
     }
-
-    let rows = run_interleaved(redis, "cache", &cells, options).await?;
-    drop(cells);
+    let payload_grid = Grid::new("payload", &payload_cells, payload_rows);
+    drop(payload_cells);
     clear_keys(redis, KEY_PREFIX).await?;
-    Ok(render(options, pool_size, dead.how, &rows))
-}
 
-fn index(subject: Subject) -> usize {
-    Subject::ALL
-        .iter()
-        .position(|s| *s == subject)
-        .unwrap_or_default()
-}
-
-fn render(
-    options: &Options,
-    pool_size: u32,
-    dead_how: &str,
-    rows: &[(usize, Vec<Vec<Sample>>)],
-) -> String {
-    let mut table = Table::new(headers("no cache")).left_aligned(2);
-    let mut verdicts = Vec::new();
-    let mut spreads = Vec::new();
-    for (concurrency, row) in rows {
-        let baseline = &row[index(Subject::NoCache)];
-        for (subject, samples) in Subject::ALL.iter().zip(row) {
-            let mut cells = vec![concurrency.to_string(), subject.label().to_owned()];
-            if samples.is_empty() {
-                cells.push(NOT_BUILT.to_owned());
-            } else {
-                cells.extend(columns(samples, ratio(baseline, samples)));
-            }
-            table.row(cells);
-        }
-        let reference = &row[index(Subject::OneGet)];
-        let hit = &row[index(Subject::Redis)];
-        let each = ratios(reference, hit);
-        let shown: Vec<String> = each.iter().map(|r| format!("{r:.2}")).collect();
-        let to_reference = ratio(reference, hit);
-        spreads.push(format!(
-            "c={concurrency}: {to_reference:.2} ({})",
-            shown.join("/")
+    let mut section = Section::new(
+        &format!(
+            "cache: GET /item (20 ms origin, {} body, Cache-Control: {CACHE_CONTROL}) on an in-process axum server over TCP",
+            bytes(BODY_BYTES as f64)
+        ),
+        &format!(
+            "{}. hyper HTTP/1.1 client, one keep-alive connection per task, `Host: 127.0.0.1` on every request. \
+             Every cache is warmed (and checked to hit) before measuring. Managers: RedisConfig defaults with \
+             pool_size {pool_size}; `Redis down` points at {}. Raw Redis rows: GETs of a value of the body's size, no HTTP.",
+            timing(options),
+            dead.how
+        ),
+    );
+    let baselines = [
+        (Subject::NoCache.index(), "no cache"),
+        (Subject::Raw.index(), "raw redis-rs"),
+    ];
+    section.table(&grid.table(&baselines));
+    for target in targets(&grid, |row| row.name == format!("c={TARGET_CONCURRENCY}")) {
+        section.target(&target);
+    }
+    for (subject, to) in [
+        (Subject::Redis, Subject::Raw),
+        (Subject::Redis, Subject::OneGet),
+        (Subject::RedisDown, Subject::Redis),
+    ] {
+        section.note(format!(
+            "{} / {}, median (per repeat): {}",
+            subject.short(),
+            to.short(),
+            grid.spread(subject.index(), to.index())
         ));
-        if *concurrency == TARGET_CONCURRENCY {
-            let met = if to_reference >= TARGET_RATIO {
-                "met"
-            } else {
-                "NOT met"
-            };
-            verdicts.push(format!("c={concurrency}: {met} ({to_reference:.2})"));
-        }
     }
-    if verdicts.is_empty() {
-        verdicts.push(format!("not measured (no c={TARGET_CONCURRENCY} cell)"));
+    for note in grid.notes() {
+        section.note(note);
+    }
+    section.gap();
+
+    section.subsection(
+        &format!("cache: by payload, c={concurrency}"),
+        &format!(
+            "The same subjects with bodies of {} (raw Redis rows read a value of the same size); each payload has \
+             its own servers and key prefix. {}. Layers store bodies up to {}.",
+            options
+                .payloads
+                .iter()
+                .map(|p| bytes(*p as f64))
+                .collect::<Vec<_>>()
+                .join(", "),
+            timing(options),
+            bytes(MAX_BODY as f64)
+        ),
+    );
+    section.table(&payload_grid.table(&baselines));
+    for target in targets(&payload_grid, |_| true) {
+        section.target(&target);
+    }
+    section.note(format!(
+        "redis-cache / raw redis-rs, median (per repeat): {}",
+        payload_grid.spread(Subject::Redis.index(), Subject::Raw.index())
+    ));
+    for note in payload_grid.notes() {
+        section.note(note);
+    }
+    section.gap();
+
+    section.append(&degraded::run(&CacheOutage { body: main_body }, options).await?);
+    Ok(section.finish())
+}
+
+/// The issue's cache targets, checked in the rows `rows` selects.
+fn targets(grid: &Grid, rows: impl Fn(&Row) -> bool + Copy) -> Vec<Target> {
+    let mut raw = Target::new(format!(
+        "tower-redis-cache hit ≥ {TARGET_RATIO:.2}× the raw-Redis GET rate (bare redis-rs, same value size, no HTTP)"
+    ));
+    grid.check_ratio(
+        &mut raw,
+        Subject::Redis.index(),
+        Subject::Raw.index(),
+        TARGET_RATIO,
+        rows,
+    );
+    let mut reference = Target::new(format!(
+        "tower-redis-cache hit ≥ {TARGET_RATIO:.2}× the reference route (HTTP, handler makes 1 Redis GET)"
+    ));
+    grid.check_ratio(
+        &mut reference,
+        Subject::Redis.index(),
+        Subject::OneGet.index(),
+        TARGET_RATIO,
+        rows,
+    );
+    let mut commands = Target::new("a hit is 1 Redis command");
+    grid.check_commands(&mut commands, Subject::Redis.index(), 1.0);
+    vec![raw, reference, commands]
+}
+
+/// tower-redis-cache with hits warmed, for the degraded-mode section.
+struct CacheOutage {
+    body: Bytes,
+}
+
+impl Outage for CacheOutage {
+    fn suite(&self) -> &'static str {
+        "cache"
     }
 
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "## cache: GET /item (20 ms origin, 1 KiB body, Cache-Control: {CACHE_CONTROL}) on an in-process axum server over TCP\n"
-    );
-    let _ = writeln!(
-        out,
-        "{:.1} s measured after {:.1} s warm-up per cell; hyper HTTP/1.1 client, one keep-alive connection per task, \
-         `Host: 127.0.0.1` on every request; cells interleaved (order alternating between repeats), each run {} times; \
-         medians shown, ratio = median of the per-repeat ratios to the `no cache` cell of the same repeat. \
-         Every cache is warmed (and checked to hit) before measuring. \
-         Managers: RedisConfig defaults with pool_size {pool_size}; `Redis down` points at {dead_how}.\n",
-        options.duration.as_secs_f64(),
-        options.warmup.as_secs_f64(),
-        options.repeats,
-    );
-    out.push_str(&table.render());
-    let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "- target tower-redis-cache hit / reference (1 Redis GET in handler) ≥ {TARGET_RATIO:.2} at c={TARGET_CONCURRENCY}: {}",
-        verdicts.join("; ")
-    );
-    let _ = writeln!(
-        out,
-        "- tower-redis-cache (Redis) / reference, median (per repeat): {}",
-        spreads.join(" | ")
-    );
-    let mut per_subject = Vec::new();
-    for (i, subject) in Subject::ALL.iter().enumerate() {
-        let samples: Vec<&Sample> = rows.iter().flat_map(|(_, row)| &row[i]).collect();
-        if !samples.is_empty() {
-            per_subject.push(format!("{}: {}", subject.short(), breakdown(&samples)));
-        }
+    fn describe(&self) -> String {
+        format!(
+            "`GET /item` (20 ms origin, {} body) behind tower-redis-cache, warmed: hits come from Redis while it \
+             is up, from the in-process store while it is down (the first request after the kill goes to the \
+             origin, during the warm-up).",
+            bytes(self.body.len() as f64)
+        )
     }
-    let all: Vec<CpuUse> = rows
-        .iter()
-        .flat_map(|(_, row)| row.iter().flatten())
-        .map(|s| s.cpu)
-        .collect();
-    let _ = writeln!(out, "- {}", cpu::disturbance(&all));
-    let _ = writeln!(
-        out,
-        "- Redis commands per request by name, all cells (with the server time of each top-level command, `INFO commandstats` usec / calls): {}",
-        per_subject.join("; ")
-    );
-    out
+
+    fn app(&self, manager: &RedisManager) -> Result<Router, BenchError> {
+        Ok(origin(self.body.clone()).layer(cache_layer(manager)?))
+    }
+
+    async fn prepare(
+        &self,
+        addr: SocketAddr,
+        _tasks: usize,
+    ) -> Result<Vec<Arc<HttpRequest>>, BenchError> {
+        wait_for_hit(addr, &self.body, |fields| {
+            fields.cache_status.contains("; hit") && !fields.cache_status.contains("unavailable")
+        })
+        .await
+        .map_err(|last| {
+            BenchError::Check(format!(
+                "cache, degraded mode: never a Redis hit after (re)start; last answer: {last}"
+            ))
+        })?;
+        Ok(vec![Arc::new(HttpRequest::get(PATH))])
+    }
+
+    fn expect(&self) -> Expect {
+        Expect::ok(Some(self.body.clone()))
+    }
+
+    fn inner(&self) -> &'static [&'static str] {
+        SCRIPT_INNER
+    }
 }

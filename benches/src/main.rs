@@ -5,7 +5,8 @@
 //! cargo run --release -p benches --features peers -- ratelimit
 //! cargo run --release -p benches --features peers -- cache
 //! cargo run --release -p benches --features peers -- session
-//! cargo run --release -p benches -- all --duration-secs 5
+//! cargo run --release -p benches --features peers -- stack
+//! cargo run --release -p benches --features peers -- all --quick
 //! ```
 //!
 //! Every suite runs against a disposable Redis from
@@ -17,15 +18,21 @@
 #![allow(clippy::print_stdout)]
 
 mod cache_suite;
+mod cells;
 mod core_suite;
 mod cpu;
+mod degraded;
 mod error;
+mod grid;
 mod http_load;
+mod keys;
 mod load;
 mod ratelimit_suite;
+mod raw;
 mod report;
 mod server;
 mod session_suite;
+mod stack_suite;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -48,11 +55,19 @@ enum Suite {
     Cache,
     /// Session reads and writes with `SessionLayer` (and tower-sessions).
     Session,
+    /// Rate limit + cache + session on one route.
+    Stack,
 }
 
 impl Suite {
     /// Every suite, in the order `all` runs them.
-    const ALL: &'static [Suite] = &[Suite::Core, Suite::RateLimit, Suite::Cache, Suite::Session];
+    const ALL: &'static [Suite] = &[
+        Suite::Core,
+        Suite::RateLimit,
+        Suite::Cache,
+        Suite::Session,
+        Suite::Stack,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -60,22 +75,26 @@ impl Suite {
             Suite::RateLimit => "ratelimit",
             Suite::Cache => "cache",
             Suite::Session => "session",
+            Suite::Stack => "stack",
         }
     }
 
     fn about(self) -> &'static str {
         match self {
             Suite::Core => {
-                "GET ops/s through RedisManager vs a bare redis-rs MultiplexedConnection"
+                "GET ops/s through RedisManager vs a bare redis-rs MultiplexedConnection and redis-benchmark"
             }
             Suite::RateLimit => {
-                "HTTP requests/s of an axum route with and without RateLimitLayer (tower_governor with --features peers)"
+                "HTTP requests/s with and without RateLimitLayer (tower_governor with --features peers), degraded mode, Redis memory per client key"
             }
             Suite::Cache => {
-                "HTTP requests/s of a 20 ms origin behind CacheLayer, hits only (axum-response-cache, http-cache-tower-server with --features peers)"
+                "HTTP requests/s of a 20 ms origin behind CacheLayer, hits only, by concurrency and payload (axum-response-cache, http-cache-tower-server with --features peers), degraded mode"
             }
             Suite::Session => {
-                "HTTP requests/s of session reads and writes with SessionLayer (tower-sessions + redis store with --features peers)"
+                "HTTP requests/s of session reads and writes with SessionLayer (tower-sessions + redis store with --features peers), degraded mode, Redis memory per session"
+            }
+            Suite::Stack => {
+                "HTTP requests/s of one route behind rate limit + cache + session vs no layer and raw Redis, degraded mode"
             }
         }
     }
@@ -99,6 +118,7 @@ impl Suite {
             Suite::RateLimit => ratelimit_suite::run(redis, options).await,
             Suite::Cache => cache_suite::run(redis, options).await,
             Suite::Session => session_suite::run(redis, options).await,
+            Suite::Stack => stack_suite::run(redis, options).await,
         }
     }
 }
@@ -110,13 +130,18 @@ struct Options {
     duration: Duration,
     /// How long each cell runs before measuring starts.
     warmup: Duration,
-    /// How many times each (baseline, subject) pair is repeated; the report
-    /// shows medians.
+    /// How many times each group of cells is repeated; the report shows medians.
     repeats: usize,
     /// The numbers of concurrent tasks to measure at.
     concurrency: Vec<usize>,
     /// The manager's pool size; `None` keeps the `RedisConfig` default.
     pool_size: Option<u32>,
+    /// Checkpoints (ascending) of the distinct-key memory tables.
+    keys: Vec<u64>,
+    /// Body sizes of the cache's payload table, in bytes.
+    payloads: Vec<usize>,
+    /// Whether this is the `--quick` preset (said in the report).
+    quick: bool,
 }
 
 impl Default for Options {
@@ -125,9 +150,51 @@ impl Default for Options {
             duration: Duration::from_secs(2),
             warmup: Duration::from_millis(500),
             repeats: 3,
-            concurrency: vec![1, 16, 64],
+            concurrency: vec![1, 16, 64, 256],
             pool_size: None,
+            keys: vec![1, 1_000, 100_000, 1_000_000],
+            payloads: vec![1 << 10, 64 << 10, 1 << 20],
+            quick: false,
         }
+    }
+}
+
+impl Options {
+    /// The CI-size preset of `--quick` / `BENCH_QUICK=1`: short cells, one
+    /// repeat, fewer concurrencies and keys.
+    fn quick() -> Self {
+        Self {
+            duration: Duration::from_millis(500),
+            warmup: Duration::from_millis(200),
+            repeats: 1,
+            concurrency: vec![1, 64, 256],
+            keys: vec![1, 1_000, 10_000],
+            quick: true,
+            ..Self::default()
+        }
+    }
+
+    /// One line for the report: the preset and the knobs.
+    fn describe(&self) -> String {
+        let list = |v: Vec<String>| v.join(",");
+        format!(
+            "options: {}--duration-secs {} --warmup-secs {} --repeats {} --concurrency {} --keys {} --payloads {}{}",
+            if self.quick { "--quick " } else { "" },
+            self.duration.as_secs_f64(),
+            self.warmup.as_secs_f64(),
+            self.repeats,
+            list(self.concurrency.iter().map(usize::to_string).collect()),
+            list(self.keys.iter().map(u64::to_string).collect()),
+            list(
+                self.payloads
+                    .iter()
+                    .map(|p| report::bytes(*p as f64).replace(' ', ""))
+                    .collect()
+            ),
+            self.pool_size
+                .map(|p| format!(" --pool-size {p}"))
+                .unwrap_or_default(),
+        )
     }
 }
 
@@ -143,27 +210,47 @@ enum Command {
 
 fn usage() -> String {
     let mut text = String::from(
-        "usage: cargo run --release -p benches -- <suite> [options]\n\nsuites:\n  all        every suite below, in order\n",
+        "usage: cargo run --release -p benches [--features peers] -- <suite> [options]\n\nsuites:\n  all        every suite below, in order\n",
     );
     for suite in Suite::ALL {
         text.push_str(&format!("  {:<10} {}\n", suite.name(), suite.about()));
     }
     text.push_str(
         "\noptions:\n\
+         \x20 --quick             CI-size preset (also BENCH_QUICK=1): 0.5 s cells, 0.2 s warm-up, 1 repeat,\n\
+         \x20                     concurrency 1,64,256, keys 1,1000,10000; options given too override it\n\
          \x20 --duration-secs N   measured time per cell, in seconds (default 2)\n\
          \x20 --warmup-secs N     un-measured time before each cell, in seconds (default 0.5)\n\
-         \x20 --repeats N         runs of each pair; the report shows medians (default 3)\n\
-         \x20 --concurrency LIST  comma-separated task counts (default 1,16,64)\n\
+         \x20 --repeats N         runs of each group of cells; the report shows medians (default 3)\n\
+         \x20 --concurrency LIST  comma-separated task counts (default 1,16,64,256)\n\
+         \x20 --keys LIST         distinct-key checkpoints of the memory tables (default 1,1000,100000,1000000)\n\
+         \x20 --payloads LIST     cache body sizes, e.g. 1K,64K,1M (default 1K,64K,1M)\n\
          \x20 --pool-size N       RedisManager pool size (default: RedisConfig's default)\n\
          \x20 -h, --help          this text\n\
          \nRedis: a disposable server from tower_redis_core::testing::TestRedis,\n\
-         or the server at REDIS_URL when that is set.\n",
+         or the server at REDIS_URL when that is set (degraded-mode sections always\n\
+         start their own TestRedis, which they kill and restart).\n",
     );
     text
 }
 
-fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String> {
-    let mut options = Options::default();
+/// Options given on the command line, applied over the preset.
+#[derive(Debug, Default)]
+struct Overrides {
+    duration: Option<Duration>,
+    warmup: Option<Duration>,
+    repeats: Option<usize>,
+    concurrency: Option<Vec<usize>>,
+    pool_size: Option<u32>,
+    keys: Option<Vec<u64>>,
+    payloads: Option<Vec<usize>>,
+}
+
+/// Parses the arguments; `quick_env` is whether `BENCH_QUICK` asks for the
+/// quick preset.
+fn parse_args<I: IntoIterator<Item = String>>(args: I, quick_env: bool) -> Result<Command, String> {
+    let mut set = Overrides::default();
+    let mut quick = quick_env;
     let mut suite_name = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -181,22 +268,39 @@ fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String
         };
         match flag.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
+            "--quick" => quick = true,
             "--duration-secs" => {
-                options.duration = parse_secs("--duration-secs", &value("--duration-secs")?, false)?
+                set.duration = Some(parse_secs(
+                    "--duration-secs",
+                    &value("--duration-secs")?,
+                    false,
+                )?)
             }
             "--warmup-secs" => {
-                options.warmup = parse_secs("--warmup-secs", &value("--warmup-secs")?, true)?
+                set.warmup = Some(parse_secs("--warmup-secs", &value("--warmup-secs")?, true)?)
             }
-            "--repeats" => options.repeats = parse_positive("--repeats", &value("--repeats")?)?,
+            "--repeats" => set.repeats = Some(parse_positive("--repeats", &value("--repeats")?)?),
             "--concurrency" => {
-                options.concurrency = value("--concurrency")?
-                    .split(',')
-                    .map(|part| parse_positive("--concurrency", part.trim()))
-                    .collect::<Result<_, _>>()?;
+                set.concurrency = Some(parse_list(
+                    "--concurrency",
+                    &value("--concurrency")?,
+                    |p| parse_positive("--concurrency", p),
+                )?);
+            }
+            "--keys" => {
+                let mut keys = parse_list("--keys", &value("--keys")?, |p| {
+                    parse_positive("--keys", p).map(|n| n as u64)
+                })?;
+                keys.sort_unstable();
+                keys.dedup();
+                set.keys = Some(keys);
+            }
+            "--payloads" => {
+                set.payloads = Some(parse_list("--payloads", &value("--payloads")?, parse_size)?);
             }
             "--pool-size" => {
                 let size = parse_positive("--pool-size", &value("--pool-size")?)?;
-                options.pool_size =
+                set.pool_size =
                     Some(u32::try_from(size).map_err(|_| "--pool-size is too large".to_owned())?);
             }
             other if other.starts_with('-') => return Err(format!("unknown option `{other}`")),
@@ -212,7 +316,53 @@ fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String
     }
     let name = suite_name.ok_or_else(|| "no suite given".to_owned())?;
     let suites = Suite::select(&name).ok_or_else(|| format!("unknown suite `{name}`"))?;
+    let base = if quick {
+        Options::quick()
+    } else {
+        Options::default()
+    };
+    let options = Options {
+        duration: set.duration.unwrap_or(base.duration),
+        warmup: set.warmup.unwrap_or(base.warmup),
+        repeats: set.repeats.unwrap_or(base.repeats),
+        concurrency: set.concurrency.unwrap_or(base.concurrency),
+        pool_size: set.pool_size.or(base.pool_size),
+        keys: set.keys.unwrap_or(base.keys),
+        payloads: set.payloads.unwrap_or(base.payloads),
+        quick,
+    };
     Ok(Command::Run { suites, options })
+}
+
+fn parse_list<T>(
+    flag: &str,
+    text: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, String> {
+    let items: Vec<T> = text
+        .split(',')
+        .map(|part| parse(part.trim()))
+        .collect::<Result<_, _>>()?;
+    if items.is_empty() {
+        return Err(format!("{flag} needs at least one value"));
+    }
+    Ok(items)
+}
+
+/// `1024`, `64K`, `1M` (binary units, `KiB`/`MiB` accepted too).
+fn parse_size(text: &str) -> Result<usize, String> {
+    let upper = text.to_ascii_uppercase();
+    let (digits, unit) = match upper.trim_end_matches("IB").trim_end_matches('B') {
+        t if t.ends_with('K') => (&t[..t.len() - 1], 1usize << 10),
+        t if t.ends_with('M') => (&t[..t.len() - 1], 1usize << 20),
+        t => (t, 1),
+    };
+    match digits.trim().parse::<usize>() {
+        Ok(n) if n > 0 && n.checked_mul(unit).is_some_and(|b| b <= 64 << 20) => Ok(n * unit),
+        _ => Err(format!(
+            "--payloads takes sizes from 1 byte to 64M such as 1K,64K,1M, not `{text}`"
+        )),
+    }
 }
 
 fn parse_secs(flag: &str, text: &str, zero_ok: bool) -> Result<Duration, String> {
@@ -237,7 +387,8 @@ fn parse_positive(flag: &str, text: &str) -> Result<usize, String> {
 }
 
 fn main() -> ExitCode {
-    let (suites, options) = match parse_args(std::env::args().skip(1)) {
+    let quick_env = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+    let (suites, options) = match parse_args(std::env::args().skip(1), quick_env) {
         Ok(Command::Help) => {
             print!("{}", usage());
             return ExitCode::SUCCESS;
@@ -271,6 +422,8 @@ async fn run(suites: &[Suite], options: &Options) -> Result<(), BenchError> {
     let redis = BenchRedis::start().await?;
     println!("{}", redis.machine_description().await?);
     println!();
+    println!("{}", options.describe());
+    println!();
     for suite in suites {
         eprintln!("running suite `{}`", suite.name());
         let report = suite.run(&redis, options).await?;
@@ -284,7 +437,14 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Command, String> {
-        parse_args(args.iter().map(|s| (*s).to_owned()))
+        parse_args(args.iter().map(|s| (*s).to_owned()), false)
+    }
+
+    fn options(args: &[&str]) -> Options {
+        match parse(args) {
+            Ok(Command::Run { options, .. }) => options,
+            other => panic!("{args:?} should parse, got {other:?}"),
+        }
     }
 
     #[test]
@@ -296,24 +456,18 @@ mod tests {
                 options: Options::default()
             })
         );
+        assert_eq!(Options::default().concurrency, vec![1, 16, 64, 256]);
     }
 
     #[test]
-    fn ratelimit_by_name() {
-        let Ok(Command::Run { suites, .. }) = parse(&["ratelimit"]) else {
-            panic!("`ratelimit` should parse");
-        };
-        assert_eq!(suites, vec![Suite::RateLimit]);
-    }
-
-    #[test]
-    fn cache_and_session_by_name() {
-        for (name, suite) in [("cache", Suite::Cache), ("session", Suite::Session)] {
-            let Ok(Command::Run { suites, .. }) = parse(&[name]) else {
-                panic!("`{name}` should parse");
+    fn every_suite_by_name() {
+        for suite in Suite::ALL {
+            let Ok(Command::Run { suites, .. }) = parse(&[suite.name()]) else {
+                panic!("`{}` should parse", suite.name());
             };
-            assert_eq!(suites, vec![suite]);
+            assert_eq!(suites, vec![*suite]);
         }
+        assert!(Suite::ALL.contains(&Suite::Stack));
     }
 
     #[test]
@@ -326,7 +480,7 @@ mod tests {
 
     #[test]
     fn options_in_both_spellings() {
-        let Ok(Command::Run { options, .. }) = parse(&[
+        let options = options(&[
             "--duration-secs",
             "5",
             "core",
@@ -336,14 +490,33 @@ mod tests {
             "--repeats=1",
             "--pool-size",
             "1",
-        ]) else {
-            panic!("should parse");
-        };
+            "--keys=1000,1,10",
+            "--payloads",
+            "1K,64KiB,1M,100",
+        ]);
         assert_eq!(options.duration, Duration::from_secs(5));
         assert_eq!(options.warmup, Duration::ZERO);
         assert_eq!(options.concurrency, vec![2, 8]);
         assert_eq!(options.repeats, 1);
         assert_eq!(options.pool_size, Some(1));
+        assert_eq!(options.keys, vec![1, 10, 1000]);
+        assert_eq!(options.payloads, vec![1024, 65_536, 1 << 20, 100]);
+    }
+
+    #[test]
+    fn quick_preset_by_flag_or_environment_and_overridable() {
+        assert_eq!(options(&["all", "--quick"]), Options::quick());
+        let from_env = match parse_args(["all".to_owned()], true) {
+            Ok(Command::Run { options, .. }) => options,
+            other => panic!("should parse, got {other:?}"),
+        };
+        assert_eq!(from_env, Options::quick());
+        let quick = options(&["--concurrency", "4", "--quick", "cache"]);
+        assert!(quick.quick);
+        assert_eq!(quick.concurrency, vec![4]);
+        assert_eq!(quick.repeats, 1);
+        assert!(Options::quick().keys.iter().all(|k| *k <= 10_000));
+        assert!(Options::quick().describe().starts_with("options: --quick "));
     }
 
     #[test]
@@ -353,6 +526,9 @@ mod tests {
         assert!(parse(&["core", "--duration-secs"]).is_err());
         assert!(parse(&["core", "--duration-secs", "0"]).is_err());
         assert!(parse(&["core", "--concurrency", "1,0"]).is_err());
+        assert!(parse(&["core", "--payloads", "1G"]).is_err());
+        assert!(parse(&["core", "--payloads", "0"]).is_err());
+        assert!(parse(&["core", "--keys", "x"]).is_err());
         assert!(parse(&["core", "--frobnicate"]).is_err());
         assert!(parse(&["core", "all"]).is_err());
         assert_eq!(parse(&["core", "--help"]), Ok(Command::Help));

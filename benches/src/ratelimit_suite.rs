@@ -7,30 +7,38 @@
 //! HTTP/1.1 client: one persistent keep-alive connection per task, opened
 //! before the cell starts. Cells run interleaved — every subject at one
 //! concurrency, in an order that alternates between repeats — and each
-//! subject's throughput is divided by the `no limiter` cell of the same
-//! repeat.
+//! subject's throughput is divided by the `no limiter` cell and by the raw
+//! Redis cell (1 GET per request, no HTTP) of the same repeat.
+//!
+//! Then two more tables: degraded mode (the 1-policy layer with its Redis
+//! killed, [`crate::degraded`]) and Redis memory per distinct client key
+//! ([`crate::keys`]).
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::routing::get;
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, Request, StatusCode};
 use tower_redis_core::redis;
 use tower_redis_core::{RedisConfig, RedisManager};
 use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
 
 use crate::Options;
-use crate::cpu::{self, CpuUse};
+use crate::cells::{Cell, NOT_BUILT, run_interleaved};
+use crate::degraded::{self, Outage};
 use crate::error::BenchError;
+use crate::grid::{Grid, Section, timing};
 use crate::http_load::{
-    Cell, Expect, HttpError, HttpRequest, Sample, Sender, breakdown, clear_keys, connect, managers,
-    med, ratios, run_interleaved, send, serve, top_level,
+    Expect, HttpError, HttpRequest, Sender, clear_keys, connect, manager_for, managers, send,
+    serve, top_level,
 };
-use crate::report::{Table, median, micros, thousands};
+use crate::keys;
+use crate::raw::{RawClient, RawPlan, RawShape, RawValue, RedisBenchmark};
+use crate::report::Target;
 use crate::server::BenchRedis;
 
 /// What the route answers.
@@ -49,13 +57,22 @@ const MAX_ROUND_TRIPS: f64 = 1.0;
 /// `INFO commandstats` counts them as if a client had sent them, so they are
 /// left out of the top-level count (and listed separately).
 const SCRIPT_INNER: &[&str] = &["time", "get", "set", "hmget", "hset", "pexpire"];
-/// What the governor row says when the `peers` feature is off.
-const NOT_BUILT: &str = "not built (enable --features peers)";
+/// The raw baselines' value: as small as a decision's reply.
+const RAW_KEY: &str = "tower-redis-bench:ratelimit:raw";
+const RAW_LEN: usize = 16;
+/// The distinct-key table's quota per client and hour: low, so that each
+/// client's key outlives the run (a GCRA key lives one emission interval,
+/// here 6 minutes, after one request).
+const KEYS_QUOTA: u32 = 10;
+/// The header the distinct-key table keys its policy by.
+const KEY_HEADER: &str = "x-bench-client";
 
 /// The cells of the suite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Subject {
     NoLimiter,
+    Raw,
+    RedisBenchmark,
     OneGet,
     OnePolicy,
     ThreePolicies,
@@ -66,8 +83,10 @@ enum Subject {
 
 impl Subject {
     /// Every subject, in table order.
-    const ALL: [Subject; 7] = [
+    const ALL: [Subject; 9] = [
         Subject::NoLimiter,
+        Subject::Raw,
+        Subject::RedisBenchmark,
         Subject::OneGet,
         Subject::OnePolicy,
         Subject::ThreePolicies,
@@ -79,6 +98,8 @@ impl Subject {
     fn label(self) -> &'static str {
         match self {
             Subject::NoLimiter => "no limiter",
+            Subject::Raw => "raw Redis: 1 GET per request on a bare redis-rs connection (no HTTP)",
+            Subject::RedisBenchmark => "raw Redis: redis-benchmark, 1 GET per request (no HTTP)",
             Subject::OneGet => "reference: no limiter, handler makes 1 Redis GET",
             Subject::OnePolicy => "tower-redis-ratelimit, 1 policy",
             Subject::ThreePolicies => "tower-redis-ratelimit, 3 stacked policies",
@@ -92,6 +113,8 @@ impl Subject {
     fn short(self) -> &'static str {
         match self {
             Subject::NoLimiter => "no limiter",
+            Subject::Raw => "raw redis-rs",
+            Subject::RedisBenchmark => "redis-benchmark",
             Subject::OneGet => "1 GET",
             Subject::OnePolicy => "1 policy",
             Subject::ThreePolicies => "3 policies",
@@ -117,9 +140,11 @@ impl Subject {
         )
     }
 
-    /// Cells whose decisions go to Redis (the round-trip budget applies).
-    fn decides_on_redis(self) -> bool {
-        matches!(self, Subject::OnePolicy | Subject::ThreePolicies)
+    fn index(self) -> usize {
+        Subject::ALL
+            .iter()
+            .position(|s| *s == self)
+            .unwrap_or_default()
     }
 }
 
@@ -141,6 +166,7 @@ fn app(
     down: &RedisManager,
 ) -> Result<Option<Router>, BenchError> {
     let app = match subject {
+        Subject::Raw | Subject::RedisBenchmark => return Ok(None),
         Subject::NoLimiter => route(),
         Subject::OneGet => {
             // What one round trip through the manager costs a request, for
@@ -238,6 +264,7 @@ async fn preflight(
     };
     let limit = field("ratelimit");
     match subject {
+        Subject::Raw | Subject::RedisBenchmark => {}
         Subject::NoLimiter | Subject::OneGet | Subject::Governor => {
             check(
                 subject,
@@ -307,176 +334,195 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     clear_keys(redis, KEY_PREFIX).await?;
     let pool_size = options.pool_size.unwrap_or(RedisConfig::DEFAULT_POOL_SIZE);
     let (manager, down, dead) = managers(redis, pool_size, KEY_PREFIX).await?;
+    let value = RawValue::put(redis, RAW_KEY, RAW_LEN).await?;
 
     let mut cells = Vec::with_capacity(Subject::ALL.len());
     for subject in Subject::ALL {
-        let server = match app(subject, &manager, &down)? {
-            Some(app) => Some(serve(app).await?),
-            None => None,
-        };
-        if let Some(server) = &server {
-            preflight(redis, subject, server.addr).await?;
-        }
-        cells.push(Cell {
-            short: subject.short(),
-            server,
-            requests: vec![Arc::new(HttpRequest::get("/"))],
-            expect: Arc::new(Expect {
-                status: subject.expected_status(),
-                body: Some(Bytes::from_static(BODY.as_bytes())),
-            }),
-            inner: if subject.runs_script() {
-                SCRIPT_INNER
-            } else {
-                &[]
+        let cell = match subject {
+            Subject::Raw => Cell::redis(
+                subject.label(),
+                subject.short(),
+                RawClient::Bare(redis.client().get_multiplexed_async_connection().await?),
+                RawPlan::new(&RawShape::one_get(), &value),
+            ),
+            Subject::RedisBenchmark => Cell::benchmark(
+                subject.label(),
+                subject.short(),
+                RedisBenchmark::find(redis, &value),
+            ),
+            _ => match app(subject, &manager, &down)? {
+                Some(app) => {
+                    let server = serve(app).await?;
+                    preflight(redis, subject, server.addr).await?;
+                    Cell::http(
+                        subject.label(),
+                        subject.short(),
+                        server,
+                        vec![Arc::new(HttpRequest::get("/"))],
+                        Expect {
+                            status: subject.expected_status(),
+                            body: Some(Bytes::from_static(BODY.as_bytes())),
+                        },
+                        if subject.runs_script() {
+                            SCRIPT_INNER
+                        } else {
+                            &[]
+                        },
+                    )
+                }
+                None => Cell::missing(subject.label(), subject.short(), NOT_BUILT),
             },
-        });
+        };
+        cells.push(cell);
     }
 
     let rows = run_interleaved(redis, "ratelimit", &cells, options).await?;
+    let grid = Grid::new("concurrency", &cells, rows);
     drop(cells);
     clear_keys(redis, KEY_PREFIX).await?;
-    Ok(render(options, pool_size, dead.how, &rows))
+
+    let mut section = Section::new(
+        "ratelimit: GET / on an in-process axum server over TCP, with and without a rate limiter",
+        &format!(
+            "{}. hyper HTTP/1.1 client, one keep-alive connection per task. Quotas 10⁹ per hour (never reached) \
+             except `blocked key` (1 per hour). Managers: RedisConfig defaults with pool_size {pool_size}; \
+             `Redis down` points at {}. Raw Redis rows: {RAW_LEN}-byte GETs, no HTTP.",
+            timing(options),
+            dead.how
+        ),
+    );
+    section.table(&grid.table(&[
+        (Subject::NoLimiter.index(), "no limiter"),
+        (Subject::Raw.index(), "raw redis-rs"),
+    ]));
+    let mut throughput = Target::new(format!(
+        "rate-limited / no limiter ≥ {TARGET_RATIO:.2} (1 policy and 3 stacked policies)"
+    ));
+    let mut trips = Target::new(format!(
+        "≤ {MAX_ROUND_TRIPS:.0} Redis round trip per decision (top-level commands per request, most in any repeat)"
+    ));
+    for subject in [Subject::OnePolicy, Subject::ThreePolicies] {
+        grid.check_ratio(
+            &mut throughput,
+            subject.index(),
+            Subject::NoLimiter.index(),
+            TARGET_RATIO,
+            |_| true,
+        );
+        grid.check_commands(&mut trips, subject.index(), MAX_ROUND_TRIPS);
+    }
+    section.target(&throughput);
+    section.target(&trips);
+    for subject in [
+        Subject::OnePolicy,
+        Subject::ThreePolicies,
+        Subject::Governor,
+    ] {
+        section.note(format!(
+            "{} / no limiter, median (per repeat): {}",
+            subject.short(),
+            grid.spread(subject.index(), Subject::NoLimiter.index())
+        ));
+    }
+    for note in grid.notes() {
+        section.note(note);
+    }
+    section.gap();
+
+    section.append(&degraded::run(&RateLimitOutage, options).await?);
+    section.append(&key_memory(redis, pool_size, options).await?);
+    Ok(section.finish())
+}
+
+/// The 1-policy layer, for the degraded-mode section.
+struct RateLimitOutage;
+
+impl Outage for RateLimitOutage {
+    fn suite(&self) -> &'static str {
+        "ratelimit"
+    }
+
+    fn describe(&self) -> String {
+        "`GET /` behind `tower-redis-ratelimit, 1 policy` (per-IP GCRA, 10⁹ per hour): Redis decides while up, \
+         the in-process limiter (the default fallback) while down."
+            .to_owned()
+    }
+
+    fn app(&self, manager: &RedisManager) -> Result<Router, BenchError> {
+        Ok(route().layer(
+            limits(manager, "bench-degraded")
+                .policy(Policy::gcra("per-ip", HUGE_QUOTA, HOUR))
+                .build()?,
+        ))
+    }
+
+    async fn prepare(
+        &self,
+        _addr: SocketAddr,
+        _tasks: usize,
+    ) -> Result<Vec<Arc<HttpRequest>>, BenchError> {
+        Ok(vec![Arc::new(HttpRequest::get("/"))])
+    }
+
+    fn expect(&self) -> Expect {
+        Expect::ok(Some(Bytes::from_static(BODY.as_bytes())))
+    }
+
+    fn inner(&self) -> &'static [&'static str] {
+        SCRIPT_INNER
+    }
+}
+
+/// Redis memory per distinct client: a GCRA policy keyed by a header, each
+/// request with its own value.
+async fn key_memory(
+    redis: &BenchRedis,
+    pool_size: u32,
+    options: &Options,
+) -> Result<String, BenchError> {
+    let prefix = "tower-redis-bench:ratelimit-keys";
+    let manager = manager_for(redis.url(), pool_size, prefix).await?;
+    let app = route().layer(
+        RateLimitLayer::builder(manager)
+            .policy(Policy::gcra("per-client", KEYS_QUOTA, HOUR).key(Key::header(KEY_HEADER)))
+            .build()?,
+    );
+    let checkpoints = keys::grow(
+        redis,
+        "ratelimit",
+        app,
+        prefix,
+        &options.keys,
+        |i| {
+            Request::get("/")
+                .header(KEY_HEADER, format!("client-{i}"))
+                .body(Body::empty())
+                .unwrap_or_default()
+        },
+        StatusCode::OK,
+    )
+    .await?;
+    let mut section = Section::default();
+    section.subsection(
+        "ratelimit: Redis memory by number of distinct clients",
+        &format!(
+            "One policy, `Policy::gcra(\"per-client\", {KEYS_QUOTA}, 1 h).key(Key::header(\"{KEY_HEADER}\"))`; \
+             request `i` carries `{KEY_HEADER}: client-i`, so every request is a new client's first decision, whose \
+             key lives {} s (a GCRA key expires when its client's next request would be fully allowed again: one \
+             emission interval after a single request). Requests go to \
+             the axum `Router` in process (no HTTP). Key names carry the bench prefix `{prefix}` ({} bytes; the \
+             default `tower-redis` is 11). Memory from `INFO memory` used_memory and `DBSIZE` before the first \
+             key and at each checkpoint; `MEMORY USAGE <key> SAMPLES 0` of a few keys.",
+            HOUR.as_secs() / u64::from(KEYS_QUOTA),
+            prefix.len()
+        ),
+    );
+    section.table(&keys::table(&checkpoints, "clients"));
+    section.gap();
+    Ok(section.finish())
 }
 
 /// `GET /` on `sender`: the status, the fields and the whole body.
 async fn get_root(sender: &mut Sender) -> Result<(StatusCode, HeaderMap, Bytes), HttpError> {
     send(sender, &HttpRequest::get("/")).await
-}
-
-fn render(
-    options: &Options,
-    pool_size: u32,
-    dead_how: &str,
-    rows: &[(usize, Vec<Vec<Sample>>)],
-) -> String {
-    let mut table = Table::new([
-        "concurrency",
-        "subject",
-        "requests/s",
-        "p50 µs",
-        "p99 µs",
-        "p99.9 µs",
-        "ratio to no limiter",
-        "Redis commands / request",
-        "CPU µs / request: process",
-        "CPU µs / request: Redis",
-    ])
-    .left_aligned(2);
-    let mut verdicts = Vec::new();
-    let mut trips = Vec::new();
-    let mut spreads: Vec<String> = Vec::new();
-    for (concurrency, row) in rows {
-        let baseline = &row[0];
-        let mut pair_ratios = Vec::new();
-        for (subject, samples) in Subject::ALL.iter().zip(row) {
-            if samples.is_empty() {
-                // Only a peer left out of the build has no samples.
-                table.row([
-                    concurrency.to_string(),
-                    subject.label().to_owned(),
-                    NOT_BUILT.to_owned(),
-                ]);
-                continue;
-            }
-            let each = ratios(baseline, samples);
-            let ratio = median(&each).unwrap_or(f64::NAN);
-            let commands = med(samples, Sample::top_level_per_request);
-            table.row([
-                concurrency.to_string(),
-                subject.label().to_owned(),
-                thousands(med(samples, |s| s.requests_per_sec)),
-                micros(med(samples, |s| s.p50_us)),
-                micros(med(samples, |s| s.p99_us)),
-                micros(med(samples, |s| s.p999_us)),
-                format!("{ratio:.2}"),
-                format!("{commands:.2}"),
-                format!("{:.1}", med(samples, Sample::process_cpu_us_per_request)),
-                format!("{:.1}", med(samples, Sample::redis_cpu_us_per_request)),
-            ]);
-            if *subject == Subject::NoLimiter {
-                continue;
-            }
-            let shown: Vec<String> = each.iter().map(|r| format!("{r:.2}")).collect();
-            pair_ratios.push(format!("{} {}", subject.short(), shown.join("/")));
-            if subject.decides_on_redis() {
-                let met = if ratio >= TARGET_RATIO {
-                    "met"
-                } else {
-                    "NOT met"
-                };
-                verdicts.push(format!(
-                    "c={concurrency} {}: {met} ({ratio:.2})",
-                    subject.short()
-                ));
-                let most = samples
-                    .iter()
-                    .map(Sample::top_level_per_request)
-                    .fold(0.0, f64::max);
-                let met = if most <= MAX_ROUND_TRIPS {
-                    "met"
-                } else {
-                    "NOT met"
-                };
-                trips.push(format!(
-                    "c={concurrency} {}: {met} ({most:.2})",
-                    subject.short()
-                ));
-            }
-        }
-        spreads.push(format!("c={concurrency}: {}", pair_ratios.join("; ")));
-    }
-
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "## ratelimit: GET / on an in-process axum server over TCP, with and without a rate limiter\n"
-    );
-    let _ = writeln!(
-        out,
-        "{:.1} s measured after {:.1} s warm-up per cell; hyper HTTP/1.1 client, one keep-alive connection per task; \
-         cells interleaved (order alternating between repeats), each run {} times; medians shown, \
-         ratio = median of the per-repeat ratios to the `no limiter` cell of the same repeat. \
-         Quotas 10⁹ per hour (never reached) except `blocked key` (1 per hour). \
-         Managers: RedisConfig defaults with pool_size {pool_size}; `Redis down` points at {dead_how}.\n",
-        options.duration.as_secs_f64(),
-        options.warmup.as_secs_f64(),
-        options.repeats,
-    );
-    out.push_str(&table.render());
-    let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "- target limited / no limiter ≥ {TARGET_RATIO:.2}: {}",
-        verdicts.join("; ")
-    );
-    let _ = writeln!(
-        out,
-        "- target ≤ {MAX_ROUND_TRIPS:.0} Redis round trip per decision (top-level commands per request, most in any repeat): {}",
-        trips.join("; ")
-    );
-    let _ = writeln!(
-        out,
-        "- per-repeat ratios to no limiter: {}",
-        spreads.join(" | ")
-    );
-    let mut per_subject = Vec::new();
-    for (i, subject) in Subject::ALL.iter().enumerate() {
-        let samples: Vec<&Sample> = rows.iter().flat_map(|(_, row)| &row[i]).collect();
-        if !samples.is_empty() {
-            per_subject.push(format!("{}: {}", subject.short(), breakdown(&samples)));
-        }
-    }
-    let cells: Vec<CpuUse> = rows
-        .iter()
-        .flat_map(|(_, row)| row.iter().flatten())
-        .map(|s| s.cpu)
-        .collect();
-    let _ = writeln!(out, "- {}", cpu::disturbance(&cells));
-    let _ = writeln!(
-        out,
-        "- Redis commands per request by name, all cells (with the server time of each top-level command, `INFO commandstats` usec / calls): {}",
-        per_subject.join("; ")
-    );
-    out
 }

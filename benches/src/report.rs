@@ -97,8 +97,14 @@ fn write_row(out: &mut String, cells: &[String], widths: &[usize], left: usize) 
     out.push('\n');
 }
 
-/// `123456.7` → `123,457`.
+/// What a number that was not measured (NaN) prints as.
+pub(crate) const NOT_MEASURED: &str = "–";
+
+/// `123456.7` → `123,457`; NaN (not measured) → `–`.
 pub(crate) fn thousands(value: f64) -> String {
+    if value.is_nan() {
+        return NOT_MEASURED.to_owned();
+    }
     if !value.is_finite() {
         return value.to_string();
     }
@@ -116,12 +122,144 @@ pub(crate) fn thousands(value: f64) -> String {
     out
 }
 
-/// Microseconds with one decimal below 100 µs and none above.
+/// Microseconds with one decimal below 100 µs and none above; NaN → `–`.
 pub(crate) fn micros(value: f64) -> String {
-    if value < 100.0 {
+    if value.is_nan() {
+        NOT_MEASURED.to_owned()
+    } else if value < 100.0 {
         format!("{value:.1}")
     } else {
         thousands(value)
+    }
+}
+
+/// A ratio with two decimals; NaN → `–`.
+pub(crate) fn fixed2(value: f64) -> String {
+    if value.is_nan() {
+        NOT_MEASURED.to_owned()
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+/// A number with one decimal; NaN → `–`.
+pub(crate) fn fixed1(value: f64) -> String {
+    if value.is_nan() {
+        NOT_MEASURED.to_owned()
+    } else {
+        format!("{value:.1}")
+    }
+}
+
+/// `1024` → `1 KiB`, `1536` → `1.5 KiB`, `3_000_000` → `2.9 MiB`.
+pub(crate) fn bytes(value: f64) -> String {
+    if value.is_nan() {
+        return NOT_MEASURED.to_owned();
+    }
+    let (scaled, unit) = match value.abs() {
+        v if v >= (1u64 << 30) as f64 => (value / (1u64 << 30) as f64, "GiB"),
+        v if v >= (1u64 << 20) as f64 => (value / (1u64 << 20) as f64, "MiB"),
+        v if v >= 1024.0 => (value / 1024.0, "KiB"),
+        _ => return format!("{value:.0} B"),
+    };
+    if (scaled - scaled.round()).abs() < 0.05 {
+        format!("{scaled:.0} {unit}")
+    } else {
+        format!("{scaled:.1} {unit}")
+    }
+}
+
+/// One target of the issue, checked at one or more places (concurrencies,
+/// payloads): renders as one report line with a verdict per place and an
+/// overall verdict. Every suite states its targets through this type.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Target {
+    what: String,
+    checks: Vec<Check>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Check {
+    at: String,
+    value: String,
+    met: Option<bool>,
+}
+
+/// The word for a verdict.
+pub(crate) fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
+}
+
+impl Target {
+    /// A target described as `what` (e.g. "cache hit / raw GET ≥ 0.80 at c=64").
+    pub(crate) fn new(what: impl Into<String>) -> Self {
+        Self {
+            what: what.into(),
+            checks: Vec::new(),
+        }
+    }
+
+    /// `value ≥ min` at `at`; NaN counts as not measured.
+    pub(crate) fn at_least(&mut self, at: impl Into<String>, value: f64, min: f64) {
+        self.push(at, value, (!value.is_nan()).then_some(value >= min));
+    }
+
+    /// `value ≤ max` at `at`; NaN counts as not measured.
+    pub(crate) fn at_most(&mut self, at: impl Into<String>, value: f64, max: f64) {
+        self.push(at, value, (!value.is_nan()).then_some(value <= max));
+    }
+
+    /// A place where the target could not be measured, and why.
+    pub(crate) fn not_measured(&mut self, at: impl Into<String>, why: impl Into<String>) {
+        self.checks.push(Check {
+            at: at.into(),
+            value: why.into(),
+            met: None,
+        });
+    }
+
+    fn push(&mut self, at: impl Into<String>, value: f64, met: Option<bool>) {
+        self.checks.push(Check {
+            at: at.into(),
+            value: fixed2(value),
+            met,
+        });
+    }
+
+    /// `Some(true)` when every measured check is met (and one was measured),
+    /// `Some(false)` when one is not, `None` when nothing was measured.
+    pub(crate) fn met(&self) -> Option<bool> {
+        let measured: Vec<bool> = self.checks.iter().filter_map(|c| c.met).collect();
+        if measured.is_empty() {
+            None
+        } else {
+            Some(measured.iter().all(|m| *m))
+        }
+    }
+
+    /// `- target <what>: **met** (c=1: met, 0.93; c=64: met, 1.02)`.
+    pub(crate) fn render(&self) -> String {
+        let overall = match self.met() {
+            Some(met) => verdict(met),
+            None => "not measured",
+        };
+        let checks: Vec<String> = self
+            .checks
+            .iter()
+            .map(|c| match c.met {
+                Some(met) => format!("{}: {}, {}", c.at, verdict(met), c.value),
+                None => format!("{}: not measured ({})", c.at, c.value),
+            })
+            .collect();
+        if checks.is_empty() {
+            format!("- target {}: **{overall}**", self.what)
+        } else {
+            format!(
+                "- target {}: **{overall}** ({})",
+                self.what,
+                checks.join("; ")
+            )
+        }
     }
 }
 
@@ -171,6 +309,39 @@ mod tests {
         assert_eq!(thousands(-4_321.0), "-4,321");
         assert_eq!(micros(42.06), "42.1");
         assert_eq!(micros(1_234.4), "1,234");
+    }
+
+    #[test]
+    fn formats_sizes_and_gaps() {
+        assert_eq!(bytes(1024.0), "1 KiB");
+        assert_eq!(bytes(65_536.0), "64 KiB");
+        assert_eq!(bytes(1_048_576.0), "1 MiB");
+        assert_eq!(bytes(1_572_864.0), "1.5 MiB");
+        assert_eq!(bytes(87.0), "87 B");
+        assert_eq!(thousands(f64::NAN), NOT_MEASURED);
+        assert_eq!(micros(f64::NAN), NOT_MEASURED);
+        assert_eq!(fixed2(0.834), "0.83");
+    }
+
+    #[test]
+    fn targets_render_a_verdict_per_place_and_overall() {
+        let mut target = Target::new("x / y ≥ 0.80");
+        target.at_least("c=1", 0.9, 0.8);
+        target.at_least("c=64", 0.7, 0.8);
+        assert_eq!(target.met(), Some(false));
+        assert_eq!(
+            target.render(),
+            "- target x / y ≥ 0.80: **NOT met** (c=1: met, 0.90; c=64: NOT met, 0.70)"
+        );
+        let mut target = Target::new("commands ≤ 1");
+        target.at_most("c=1", 1.0, 1.0);
+        target.not_measured("c=64", "no cell");
+        assert_eq!(target.met(), Some(true));
+        assert!(target.render().contains("c=64: not measured (no cell)"));
+        let mut nothing = Target::new("t");
+        nothing.at_least("c=1", f64::NAN, 1.0);
+        assert_eq!(nothing.met(), None);
+        assert!(nothing.render().starts_with("- target t: **not measured**"));
     }
 
     #[test]

@@ -53,6 +53,103 @@ impl BenchRedis {
         })
     }
 
+    /// A private server that this run may kill and restart (the degraded-mode
+    /// sections): a [`TestRedis`] on the binary or Docker backend. `None`
+    /// when only the `REDIS_URL` backend is available, which cannot be stopped.
+    pub(crate) async fn dedicated() -> Result<Option<Self>, BenchError> {
+        let test = TestRedis::builder().start().await?;
+        if test.backend() == Backend::Url {
+            return Ok(None);
+        }
+        let url = test.url().to_owned();
+        let client = redis::Client::open(url.as_str())?;
+        let admin = client.get_multiplexed_async_connection().await?;
+        Ok(Some(Self {
+            origin: format!("private TestRedis at {url}"),
+            url,
+            client,
+            admin,
+            test: Some(test),
+        }))
+    }
+
+    /// SIGKILLs a [`dedicated`](Self::dedicated) server.
+    pub(crate) async fn kill(&self) -> Result<(), BenchError> {
+        let test = self.stoppable()?;
+        test.kill().await;
+        Ok(())
+    }
+
+    /// Starts a killed [`dedicated`](Self::dedicated) server again on the
+    /// same port (it comes back empty) and reopens the setup connection.
+    pub(crate) async fn restart(&mut self) -> Result<(), BenchError> {
+        self.stoppable()?.restart().await;
+        self.admin = self.client.get_multiplexed_async_connection().await?;
+        Ok(())
+    }
+
+    fn stoppable(&self) -> Result<&TestRedis, BenchError> {
+        match &self.test {
+            Some(test) if test.backend() != Backend::Url => Ok(test),
+            _ => Err(BenchError::Check(
+                "this Redis cannot be stopped (REDIS_URL); the degraded-mode figures need a TestRedis".to_owned(),
+            )),
+        }
+    }
+
+    /// `used_memory` of `INFO memory`, in bytes.
+    pub(crate) async fn used_memory(&self) -> Result<u64, BenchError> {
+        let memory = self.info("memory").await?;
+        info_field(&memory, "used_memory")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| BenchError::Check("INFO memory has no used_memory".to_owned()))
+    }
+
+    /// `DBSIZE`.
+    pub(crate) async fn dbsize(&self) -> Result<u64, BenchError> {
+        Ok(redis::cmd("DBSIZE").query_async(&mut self.admin()).await?)
+    }
+
+    /// `MEMORY USAGE <key> SAMPLES 0` (every element counted) of up to
+    /// `count` keys matching `pattern`: the keys' sizes, in bytes.
+    pub(crate) async fn memory_usage_sample(
+        &self,
+        pattern: &str,
+        count: usize,
+    ) -> Result<Vec<u64>, BenchError> {
+        let mut conn = self.admin();
+        let mut cursor: u64 = 0;
+        let mut keys: Vec<String> = Vec::new();
+        loop {
+            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            keys.extend(found);
+            if next == 0 || keys.len() >= count {
+                break;
+            }
+            cursor = next;
+        }
+        keys.truncate(count);
+        let mut sizes = Vec::with_capacity(keys.len());
+        for key in keys {
+            let size: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(&key)
+                .arg("SAMPLES")
+                .arg(0)
+                .query_async(&mut conn)
+                .await?;
+            sizes.extend(size);
+        }
+        Ok(sizes)
+    }
+
     /// The server's URL (may hold a password: do not print it).
     pub(crate) fn url(&self) -> &str {
         &self.url
@@ -191,14 +288,8 @@ impl CommandCalls {
         Self(calls)
     }
 
-    /// Commands run since `before`, leaving out the ones the benchmark
-    /// itself sends to look (`INFO`, `CONFIG ...`).
-    pub(crate) fn since(&self, before: &CommandCalls) -> u64 {
-        self.deltas(before).values().map(|stat| stat.calls).sum()
-    }
-
     /// Counters per command since `before`, by name, leaving out the
-    /// harness's own commands (as [`since`](Self::since)) and commands not called.
+    /// harness's own commands (`INFO`, `CONFIG ...`) and commands not called.
     pub(crate) fn deltas(&self, before: &CommandCalls) -> BTreeMap<String, CommandStat> {
         self.0
             .iter()
@@ -221,6 +312,14 @@ fn is_harness_command(name: &str) -> bool {
     base == "info" || base == "config"
 }
 
+/// Commands a client sends to open or check a connection (`PING` of the
+/// manager's probe, `CLIENT SETINFO`, `HELLO`, ...) rather than for a
+/// request: what the recovery timer must not take for a Redis-served request.
+pub(crate) fn is_connection_command(name: &str) -> bool {
+    let base = name.split('|').next().unwrap_or(name);
+    matches!(base, "ping" | "client" | "hello" | "select" | "auth")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,8 +338,8 @@ mod tests {
     fn counts_deltas_without_harness_commands() {
         let before = CommandCalls::parse(BEFORE);
         let after = CommandCalls::parse(AFTER);
-        assert_eq!(after.since(&before), 100 + 2 + 4);
         let deltas = after.deltas(&before);
+        assert_eq!(deltas.values().map(|s| s.calls).sum::<u64>(), 100 + 2 + 4);
         assert_eq!(
             deltas.get("get"),
             Some(&CommandStat {

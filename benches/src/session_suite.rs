@@ -6,28 +6,37 @@
 //! each cell creates one session per task (a `POST /write` without a
 //! cookie) and keeps its `Set-Cookie`; task `i` then sends `Cookie:` of
 //! session `i` on every request. `no session` serves the same route with
-//! no session layer: the baseline of the ratio column.
+//! no session layer, and the raw Redis cell makes what our read makes (one
+//! round trip of 2 pipelined commands) without HTTP: the baselines of the
+//! ratio columns.
+//!
+//! Then degraded mode ([`crate::degraded`]) and Redis memory per session
+//! ([`crate::keys`]).
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
+use axum::body::Body;
 use axum::routing::{get, post};
 use bytes::Bytes;
-use http::{StatusCode, header};
+use http::{Request, StatusCode, header};
 use tower_redis_core::{RedisConfig, RedisManager};
 use tower_redis_session::{Session, SessionLayer};
 
 use crate::Options;
-use crate::cpu::{self, CpuUse};
+use crate::cells::{Cell, NOT_BUILT, run_interleaved};
+use crate::degraded::{self, Outage};
 use crate::error::BenchError;
+use crate::grid::{Grid, Section, timing};
 use crate::http_load::{
-    Cell, Expect, HttpError, HttpRequest, Sample, breakdown, clear_keys, columns, connect, headers,
-    managers, ratio, ratios, run_interleaved, send, serve, top_level,
+    Expect, HttpError, HttpRequest, clear_keys, connect, create_sessions, manager_for, managers,
+    send, serve, top_level,
 };
-use crate::report::Table;
+use crate::keys;
+use crate::raw::{RawClient, RawPlan, RawShape, RawValue, RedisBenchmark};
+use crate::report::Target;
 use crate::server::BenchRedis;
 
 /// Prefix of every key tower-redis-session writes; cleared before and after.
@@ -43,8 +52,9 @@ const TARGET_RATIO: f64 = 1.2;
 const SCRIPT_INNER: &[&str] = &[
     "hget", "hgetall", "hset", "hdel", "hlen", "del", "exists", "pexpire", "pttl", "time",
 ];
-/// What a peer row says when the `peers` feature is off.
-const NOT_BUILT: &str = "not built (enable --features peers)";
+/// The raw baselines' value: about a small session's size.
+const RAW_KEY: &str = "tower-redis-bench:session:raw";
+const RAW_LEN: usize = 64;
 
 /// Values written by `POST /write`, so that every write changes the entry.
 static NEXT_VALUE: AtomicU64 = AtomicU64::new(0);
@@ -57,6 +67,8 @@ fn next_value() -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Subject {
     NoSession,
+    Raw,
+    RedisBenchmark,
     OursRead,
     OursWrite,
     TowerSessionsRead,
@@ -64,8 +76,10 @@ enum Subject {
 }
 
 impl Subject {
-    const ALL: [Subject; 5] = [
+    const ALL: [Subject; 7] = [
         Subject::NoSession,
+        Subject::Raw,
+        Subject::RedisBenchmark,
         Subject::OursRead,
         Subject::OursWrite,
         Subject::TowerSessionsRead,
@@ -75,6 +89,10 @@ impl Subject {
     fn label(self) -> &'static str {
         match self {
             Subject::NoSession => "no session (GET /read, no layer)",
+            Subject::Raw => {
+                "raw Redis: 1 round trip of 2 pipelined GETs on a bare redis-rs connection (no HTTP)"
+            }
+            Subject::RedisBenchmark => "raw Redis: redis-benchmark, 1 GET per request (no HTTP)",
             Subject::OursRead => "tower-redis-session, read (GET /read)",
             Subject::OursWrite => "tower-redis-session, modify (POST /write)",
             Subject::TowerSessionsRead => {
@@ -89,6 +107,8 @@ impl Subject {
     fn short(self) -> &'static str {
         match self {
             Subject::NoSession => "no session",
+            Subject::Raw => "raw redis-rs",
+            Subject::RedisBenchmark => "redis-benchmark",
             Subject::OursRead => "ours read",
             Subject::OursWrite => "ours write",
             Subject::TowerSessionsRead => "t-s read",
@@ -112,9 +132,16 @@ enum Layer {
 }
 
 impl Subject {
+    fn index(self) -> usize {
+        Subject::ALL
+            .iter()
+            .position(|s| *s == self)
+            .unwrap_or_default()
+    }
+
     fn layer(self) -> Layer {
         match self {
-            Subject::NoSession => Layer::None,
+            Subject::NoSession | Subject::Raw | Subject::RedisBenchmark => Layer::None,
             Subject::OursRead | Subject::OursWrite => Layer::Ours,
             Subject::TowerSessionsRead | Subject::TowerSessionsWrite => Layer::TowerSessions,
         }
@@ -142,6 +169,18 @@ async fn write_ours(session: Session) -> (StatusCode, String) {
     }
 }
 
+/// `/read` and `/write` behind tower-redis-session on `manager`.
+fn ours(manager: &RedisManager) -> Result<Router, BenchError> {
+    let layer = SessionLayer::builder(manager.clone())
+        .insecure_http_for_local_development()
+        .build()
+        .map_err(|e| BenchError::Check(format!("session: {e}")))?;
+    Ok(Router::new()
+        .route("/read", get(read_ours))
+        .route("/write", post(write_ours))
+        .layer(layer))
+}
+
 /// The app of one subject; `None` for a peer that is not compiled in.
 async fn app(
     subject: Subject,
@@ -151,16 +190,7 @@ async fn app(
 ) -> Result<Option<Router>, BenchError> {
     let app = match subject.layer() {
         Layer::None => Router::new().route("/read", get(|| async { PLAIN })),
-        Layer::Ours => {
-            let layer = SessionLayer::builder(manager.clone())
-                .insecure_http_for_local_development()
-                .build()
-                .map_err(|e| BenchError::Check(format!("session: {e}")))?;
-            Router::new()
-                .route("/read", get(read_ours))
-                .route("/write", post(write_ours))
-                .layer(layer)
-        }
+        Layer::Ours => ours(manager)?,
         Layer::TowerSessions => return tower_sessions_app(redis, pool_size).await,
     };
     Ok(Some(app))
@@ -252,24 +282,13 @@ async fn sessions(
         )?;
         return Ok(vec![Arc::new(subject.request())]);
     }
-    let mut requests = Vec::with_capacity(count);
-    for _ in 0..count {
-        let (status, fields, _) = send(&mut sender, &HttpRequest::post("/write"))
-            .await
-            .map_err(failed)?;
-        let cookie = fields
-            .get(header::SET_COOKIE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .unwrap_or("")
-            .to_owned();
-        check(
-            subject,
-            &format!("expected 200 and a Set-Cookie from POST /write, got {status} and {cookie:?}"),
-            status == StatusCode::OK && cookie.contains('='),
-        )?;
-        requests.push(Arc::new(subject.request().with_cookie(&cookie)?));
-    }
+    let requests = create_sessions(
+        addr,
+        &format!("session, {}", subject.label()),
+        subject.request(),
+        count,
+    )
+    .await?;
     // The subject's request with the first session: 200 and the value.
     let Some(first) = requests.first() else {
         return Err(BenchError::Check("session: no task".to_owned()));
@@ -310,39 +329,53 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     let pool_size = options.pool_size.unwrap_or(RedisConfig::DEFAULT_POOL_SIZE);
     let (manager, _down, _dead) = managers(redis, pool_size, KEY_PREFIX).await?;
     let tasks = options.concurrency.iter().copied().max().unwrap_or(1);
+    let value = RawValue::put(redis, RAW_KEY, RAW_LEN).await?;
 
     let mut cells = Vec::with_capacity(Subject::ALL.len());
     let mut peer_cookies = Vec::new();
     for subject in Subject::ALL {
-        let app = app(subject, redis, &manager, pool_size).await?;
-        let (server, requests) = match app {
-            Some(app) => {
-                let server = serve(app).await?;
-                let requests = sessions(redis, subject, server.addr, tasks).await?;
-                (Some(server), requests)
-            }
-            None => (None, Vec::new()),
+        let cell = match subject {
+            Subject::Raw => Cell::redis(
+                subject.label(),
+                subject.short(),
+                RawClient::Bare(redis.client().get_multiplexed_async_connection().await?),
+                RawPlan::new(&RawShape::trips(&[2]), &value),
+            ),
+            Subject::RedisBenchmark => Cell::benchmark(
+                subject.label(),
+                subject.short(),
+                RedisBenchmark::find(redis, &value),
+            ),
+            _ => match app(subject, redis, &manager, pool_size).await? {
+                Some(app) => {
+                    let server = serve(app).await?;
+                    let requests = sessions(redis, subject, server.addr, tasks).await?;
+                    if matches!(subject.layer(), Layer::TowerSessions) {
+                        peer_cookies.extend(requests.iter().filter_map(|r| {
+                            let cookie = r.fields.get(header::COOKIE)?.to_str().ok()?;
+                            Some(cookie.split_once('=')?.1.to_owned())
+                        }));
+                    }
+                    Cell::http(
+                        subject.label(),
+                        subject.short(),
+                        server,
+                        requests,
+                        Expect::ok(
+                            matches!(subject.layer(), Layer::None)
+                                .then(|| Bytes::from_static(PLAIN.as_bytes())),
+                        ),
+                        inner(subject),
+                    )
+                }
+                None => Cell::missing(subject.label(), subject.short(), NOT_BUILT),
+            },
         };
-        if matches!(subject.layer(), Layer::TowerSessions) {
-            peer_cookies.extend(requests.iter().filter_map(|r| {
-                let cookie = r.fields.get(header::COOKIE)?.to_str().ok()?;
-                Some(cookie.split_once('=')?.1.to_owned())
-            }));
-        }
-        cells.push(Cell {
-            short: subject.short(),
-            server,
-            requests,
-            expect: Arc::new(Expect {
-                status: StatusCode::OK,
-                body: matches!(subject.layer(), Layer::None)
-                    .then(|| Bytes::from_static(PLAIN.as_bytes())),
-            }),
-            inner: inner(subject),
-        });
+        cells.push(cell);
     }
 
     let rows = run_interleaved(redis, "session", &cells, options).await?;
+    let grid = Grid::new("concurrency", &cells, rows);
     drop(cells);
     clear_keys(redis, KEY_PREFIX).await?;
     // tower-sessions' keys are its bare session ids.
@@ -353,107 +386,135 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
             .query_async::<()>(&mut conn)
             .await?;
     }
-    Ok(render(options, pool_size, &rows))
+
+    let mut section = Section::new(
+        "session: GET /read and POST /write on an in-process axum server over TCP, one session per task",
+        &format!(
+            "{}. hyper HTTP/1.1 client, one keep-alive connection per task, each task sending the cookie of its \
+             own session (created before measuring). `/read` reads `k`; `/write` reads `k` and inserts a new \
+             value. tower-redis-session: RedisConfig defaults with pool_size {pool_size}, \
+             `insecure_http_for_local_development()`; tower-sessions: fred pool of {pool_size} connections, \
+             `with_secure(false)`, same Redis. Raw Redis rows: {RAW_LEN}-byte GETs, no HTTP.",
+            timing(options)
+        ),
+    );
+    section.table(&grid.table(&[
+        (Subject::NoSession.index(), "no session"),
+        (Subject::Raw.index(), "raw redis-rs"),
+    ]));
+    let mut target = Target::new(format!(
+        "tower-redis-session read ≥ {TARGET_RATIO:.2}× tower-sessions' read"
+    ));
+    grid.check_ratio(
+        &mut target,
+        Subject::OursRead.index(),
+        Subject::TowerSessionsRead.index(),
+        TARGET_RATIO,
+        |_| true,
+    );
+    section.target(&target);
+    let mut read_trip =
+        Target::new("a session read is 1 round trip (its 2 pipelined commands, PEXPIRE + HGETALL)");
+    grid.check_commands(&mut read_trip, Subject::OursRead.index(), 2.0);
+    section.target(&read_trip);
+    for (ours, theirs) in [
+        (Subject::OursRead, Subject::TowerSessionsRead),
+        (Subject::OursWrite, Subject::TowerSessionsWrite),
+        (Subject::OursRead, Subject::Raw),
+    ] {
+        section.note(format!(
+            "{} / {}, median (per repeat): {}",
+            ours.short(),
+            theirs.short(),
+            grid.spread(ours.index(), theirs.index())
+        ));
+    }
+    for note in grid.notes() {
+        section.note(note);
+    }
+    section.gap();
+
+    section.append(&degraded::run(&SessionOutage, options).await?);
+    section.append(&key_memory(redis, pool_size, options).await?);
+    Ok(section.finish())
 }
 
-fn index(subject: Subject) -> usize {
-    Subject::ALL
-        .iter()
-        .position(|s| *s == subject)
-        .unwrap_or_default()
+/// Session reads, for the degraded-mode section.
+struct SessionOutage;
+
+impl Outage for SessionOutage {
+    fn suite(&self) -> &'static str {
+        "session"
+    }
+
+    fn describe(&self) -> String {
+        "`GET /read` of tower-redis-session, one session per task, created (and read once by the `Redis up` \
+         cells) before the kill: read from Redis while it is up, from the layer's in-process copies while it is \
+         down. New sessions are created after every restart (Redis comes back empty)."
+            .to_owned()
+    }
+
+    fn app(&self, manager: &RedisManager) -> Result<Router, BenchError> {
+        ours(manager)
+    }
+
+    async fn prepare(
+        &self,
+        addr: SocketAddr,
+        tasks: usize,
+    ) -> Result<Vec<Arc<HttpRequest>>, BenchError> {
+        create_sessions(
+            addr,
+            "session, degraded mode",
+            HttpRequest::get("/read"),
+            tasks,
+        )
+        .await
+    }
+
+    fn expect(&self) -> Expect {
+        Expect::ok(None)
+    }
+
+    fn inner(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
-fn render(options: &Options, pool_size: u32, rows: &[(usize, Vec<Vec<Sample>>)]) -> String {
-    let mut table = Table::new(headers("no session")).left_aligned(2);
-    let mut verdicts = Vec::new();
-    let mut spreads = Vec::new();
-    for (concurrency, row) in rows {
-        let baseline = &row[index(Subject::NoSession)];
-        for (subject, samples) in Subject::ALL.iter().zip(row) {
-            let mut cells = vec![concurrency.to_string(), subject.label().to_owned()];
-            if samples.is_empty() {
-                cells.push(NOT_BUILT.to_owned());
-            } else {
-                cells.extend(columns(samples, ratio(baseline, samples)));
-            }
-            table.row(cells);
-        }
-        for (ours, theirs, what) in [
-            (Subject::OursRead, Subject::TowerSessionsRead, "read"),
-            (Subject::OursWrite, Subject::TowerSessionsWrite, "modify"),
-        ] {
-            let (ours, theirs) = (&row[index(ours)], &row[index(theirs)]);
-            if theirs.is_empty() {
-                continue;
-            }
-            let each: Vec<String> = ratios(theirs, ours)
-                .iter()
-                .map(|r| format!("{r:.2}"))
-                .collect();
-            let r = ratio(theirs, ours);
-            spreads.push(format!(
-                "c={concurrency} {what}: {r:.2} ({})",
-                each.join("/")
-            ));
-            if what == "read" {
-                let met = if r >= TARGET_RATIO { "met" } else { "NOT met" };
-                verdicts.push(format!("c={concurrency}: {met} ({r:.2})"));
-            }
-        }
-    }
-    if verdicts.is_empty() {
-        verdicts.push(format!("not measured: {NOT_BUILT}"));
-    }
-
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "## session: GET /read and POST /write on an in-process axum server over TCP, one session per task\n"
+/// Redis memory per session: sessions created in process, one entry each.
+async fn key_memory(
+    redis: &BenchRedis,
+    pool_size: u32,
+    options: &Options,
+) -> Result<String, BenchError> {
+    let prefix = "tower-redis-bench:session-keys";
+    let manager = manager_for(redis.url(), pool_size, prefix).await?;
+    let checkpoints = keys::grow(
+        redis,
+        "session",
+        ours(&manager)?,
+        prefix,
+        &options.keys,
+        |_| {
+            Request::post("/write")
+                .body(Body::empty())
+                .unwrap_or_default()
+        },
+        StatusCode::OK,
+    )
+    .await?;
+    let mut section = Section::default();
+    section.subsection(
+        "session: Redis memory by number of sessions",
+        &format!(
+            "Each session is made by a `POST /write` without a cookie to tower-redis-session (in process, no \
+             HTTP): one entry, `k` = `\"value-<n>\"`. Key names carry the bench prefix `{prefix}` ({} bytes; \
+             the default `tower-redis` is 11). Memory from `INFO memory` used_memory and `DBSIZE` before the \
+             first session and at each checkpoint; `MEMORY USAGE <key> SAMPLES 0` of a few keys.",
+            prefix.len()
+        ),
     );
-    let _ = writeln!(
-        out,
-        "{:.1} s measured after {:.1} s warm-up per cell; hyper HTTP/1.1 client, one keep-alive connection per task, \
-         each task sending the cookie of its own session (created before measuring); cells interleaved \
-         (order alternating between repeats), each run {} times; medians shown, ratio = median of the per-repeat \
-         ratios to the `no session` cell of the same repeat. `/read` reads `k`; `/write` reads `k` and inserts a \
-         new value. tower-redis-session: RedisConfig defaults with pool_size {pool_size}, \
-         `insecure_http_for_local_development()`; tower-sessions: fred pool of {pool_size} connections, \
-         `with_secure(false)`, same Redis.\n",
-        options.duration.as_secs_f64(),
-        options.warmup.as_secs_f64(),
-        options.repeats,
-    );
-    out.push_str(&table.render());
-    let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "- target tower-redis-session read / tower-sessions read ≥ {TARGET_RATIO:.2}: {}",
-        verdicts.join("; ")
-    );
-    if !spreads.is_empty() {
-        let _ = writeln!(
-            out,
-            "- tower-redis-session / tower-sessions, median (per repeat): {}",
-            spreads.join(" | ")
-        );
-    }
-    let mut per_subject = Vec::new();
-    for (i, subject) in Subject::ALL.iter().enumerate() {
-        let samples: Vec<&Sample> = rows.iter().flat_map(|(_, row)| &row[i]).collect();
-        if !samples.is_empty() {
-            per_subject.push(format!("{}: {}", subject.short(), breakdown(&samples)));
-        }
-    }
-    let all: Vec<CpuUse> = rows
-        .iter()
-        .flat_map(|(_, row)| row.iter().flatten())
-        .map(|s| s.cpu)
-        .collect();
-    let _ = writeln!(out, "- {}", cpu::disturbance(&all));
-    let _ = writeln!(
-        out,
-        "- Redis commands per request by name, all cells (with the server time of each top-level command, `INFO commandstats` usec / calls): {}",
-        per_subject.join("; ")
-    );
-    out
+    section.table(&keys::table(&checkpoints, "sessions"));
+    section.gap();
+    Ok(section.finish())
 }

@@ -1,0 +1,325 @@
+//! Degraded mode, per layer: the same app measured with Redis up, then with
+//! Redis killed (every request takes the layer's in-process fallback), then
+//! the time from Redis coming back to the first request Redis serves.
+//!
+//! Each section runs on its own private Redis ([`BenchRedis::dedicated`]),
+//! so killing it disturbs no other cell. One repeat is: prepare (warm the
+//! cache, create sessions), `Redis up` cells at every concurrency, SIGKILL,
+//! requests until the breaker opens, `Redis killed` cells at every
+//! concurrency, restart on the same port (empty), then one request after
+//! another until the breaker closes and Redis sees a command of the layer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use tower_redis_core::{RedisConfig, RedisManager};
+
+use crate::Options;
+use crate::cells::{Cell, Driver, Row, measure};
+use crate::error::BenchError;
+use crate::grid::{Grid, Section};
+use crate::http_load::{Expect, HttpRequest, Sender, connect, manager_for, send, serve};
+use crate::load::LoadSpec;
+use crate::report::{Target, median};
+use crate::server::{BenchRedis, is_connection_command};
+
+/// How long to wait for the breaker to open after the kill, and for the
+/// first Redis-served request after the restart.
+const DEADLINE: Duration = Duration::from_secs(30);
+/// The issue's target: degraded throughput / Redis-path throughput.
+const TARGET_RATIO: f64 = 1.0;
+
+/// A layer's app, as the degraded section needs it.
+pub(crate) trait Outage {
+    /// The suite's name, for progress lines.
+    fn suite(&self) -> &'static str;
+    /// What is served, for the section's paragraph.
+    fn describe(&self) -> String;
+    /// The app on `manager`.
+    fn app(&self, manager: &RedisManager) -> Result<Router, BenchError>;
+    /// Runs after Redis (re)started, before the `Redis up` cells: warms
+    /// caches, creates sessions. Returns what the tasks send (task `i`
+    /// sends `[i % len]`); `tasks` is the most tasks of any cell.
+    async fn prepare(
+        &self,
+        addr: SocketAddr,
+        tasks: usize,
+    ) -> Result<Vec<Arc<HttpRequest>>, BenchError>;
+    /// What every response must be, Redis up or down.
+    fn expect(&self) -> Expect;
+    /// Commands run inside the layer's scripts.
+    fn inner(&self) -> &'static [&'static str];
+}
+
+/// What happened around one kill and restart.
+#[derive(Debug, Clone, Copy)]
+struct Transition {
+    /// Requests sent after the kill until the breaker opened, and how long that took.
+    open_requests: u64,
+    open_after: Option<Duration>,
+    /// How long Redis stayed down.
+    down_for: Duration,
+    /// From the restart until the breaker closed.
+    closed_after: Option<Duration>,
+    /// From the restart until Redis saw a command of the layer.
+    served_after: Option<Duration>,
+    /// Answers ≥ 500 during both transitions (the contract says none).
+    server_errors: u64,
+}
+
+/// Runs the section; its markdown (a `###` subsection).
+pub(crate) async fn run<O: Outage>(outage: &O, options: &Options) -> Result<String, BenchError> {
+    let suite = outage.suite();
+    let title = format!("{suite}: degraded mode (Redis killed while serving, then restarted)");
+    let Some(mut redis) = BenchRedis::dedicated().await? else {
+        let mut section = Section::default();
+        section.subsection(
+            &title,
+            "not measured: no stoppable Redis (only REDIS_URL); install redis-server or use Docker",
+        );
+        return Ok(section.finish());
+    };
+    let pool_size = options.pool_size.unwrap_or(RedisConfig::DEFAULT_POOL_SIZE);
+    let config = RedisConfig::builder().url(redis.url()).build()?;
+    let manager = manager_for(redis.url(), pool_size, "tower-redis-bench:degraded").await?;
+    if !manager.is_available() {
+        return Err(BenchError::Check(format!(
+            "{suite}: the degraded-mode manager cannot reach its Redis: {:?}",
+            manager.health()
+        )));
+    }
+    let server = serve(outage.app(&manager)?).await?;
+    let addr = server.addr;
+    let tasks = options.concurrency.iter().copied().max().unwrap_or(1);
+    let expect = Arc::new(outage.expect());
+    let cell = |label: &str, short: &'static str, requests: &[Arc<HttpRequest>]| Cell {
+        label: label.to_owned(),
+        short,
+        driver: Driver::Http {
+            addr,
+            requests: requests.to_vec(),
+            expect: Arc::clone(&expect),
+        },
+        inner: outage.inner(),
+        _server: None,
+    };
+    let labels = ["Redis up", "Redis killed (in-process fallback)"];
+
+    let mut rows: Vec<Row> = options
+        .concurrency
+        .iter()
+        .map(|c| Row {
+            key: c.to_string(),
+            name: format!("c={c}"),
+            samples: vec![Vec::new(), Vec::new()],
+        })
+        .collect();
+    let mut transitions = Vec::with_capacity(options.repeats);
+    let mut cells = Vec::new();
+    for repeat in 0..options.repeats {
+        let requests = outage.prepare(addr, tasks).await?;
+        let first = Arc::clone(requests.first().ok_or_else(|| {
+            BenchError::Check(format!("{suite}: degraded mode has no request to send"))
+        })?);
+        cells = vec![
+            cell(labels[0], "Redis up", &requests),
+            cell(labels[1], "Redis killed", &requests),
+        ];
+        for (row, &concurrency) in rows.iter_mut().zip(&options.concurrency) {
+            let spec = spec(options, concurrency);
+            if let Some(sample) = measure(Some(&redis), suite, &cells[0], spec).await? {
+                progress(suite, "Redis up", concurrency, repeat, options, &sample);
+                row.samples[0].push(sample);
+            }
+        }
+
+        redis.kill().await?;
+        let killed = Instant::now();
+        let mut sender = connect(addr)
+            .await
+            .map_err(|e| BenchError::Check(format!("{suite}: {e}")))?;
+        let mut server_errors = 0;
+        let mut open_requests = 0;
+        let open_after = loop {
+            if !manager.is_available() {
+                break Some(killed.elapsed());
+            }
+            if killed.elapsed() > DEADLINE {
+                break None;
+            }
+            server_errors += request(suite, &mut sender, &first).await?;
+            open_requests += 1;
+        };
+        for (row, &concurrency) in rows.iter_mut().zip(&options.concurrency) {
+            let spec = spec(options, concurrency);
+            if let Some(sample) = measure(None, suite, &cells[1], spec).await? {
+                progress(suite, "Redis killed", concurrency, repeat, options, &sample);
+                row.samples[1].push(sample);
+            }
+        }
+        let down_for = killed.elapsed();
+
+        redis.restart().await?;
+        let restarted = Instant::now();
+        let baseline = redis.command_calls().await?;
+        let mut closed_after = None;
+        let served_after = loop {
+            if closed_after.is_none() && manager.is_available() {
+                closed_after = Some(restarted.elapsed());
+            }
+            server_errors += request(suite, &mut sender, &first).await?;
+            let layer_commands: u64 = redis
+                .command_calls()
+                .await?
+                .deltas(&baseline)
+                .iter()
+                .filter(|(name, _)| !is_connection_command(name))
+                .map(|(_, stat)| stat.calls)
+                .sum();
+            if layer_commands > 0 {
+                break Some(restarted.elapsed());
+            }
+            if restarted.elapsed() > DEADLINE {
+                break None;
+            }
+        };
+        if closed_after.is_none() && manager.is_available() {
+            closed_after = Some(restarted.elapsed());
+        }
+        let transition = Transition {
+            open_requests,
+            open_after,
+            down_for,
+            closed_after,
+            served_after,
+            server_errors,
+        };
+        eprintln!(
+            "{suite}: degraded run {}/{}: {transition:?}",
+            repeat + 1,
+            options.repeats
+        );
+        transitions.push(transition);
+    }
+
+    if cells.is_empty() {
+        cells = vec![
+            cell(labels[0], "Redis up", &[]),
+            cell(labels[1], "Redis killed", &[]),
+        ];
+    }
+    let grid = Grid::new("concurrency", &cells, rows);
+    let breaker = config.breaker();
+    let mut section = Section::default();
+    section.subsection(
+        &title,
+        &format!(
+            "{} One private TestRedis for this section; manager: RedisConfig defaults with pool_size {pool_size} \
+             (command timeout {} ms, breaker opens after {} failures or at once on a refused connection, probe \
+             backoff {} ms doubling to {} ms). Per repeat: `Redis up` cells at every concurrency, SIGKILL, \
+             requests until the breaker opens, `Redis killed` cells at every concurrency, restart on the same port \
+             (empty), then one request after another until Redis sees a command of the layer (not a \
+             PING / CLIENT / HELLO). {}.",
+            outage.describe(),
+            manager.command_timeout().as_millis(),
+            breaker.failure_threshold,
+            breaker.probe_min_backoff.as_millis(),
+            breaker.probe_max_backoff.as_millis(),
+            crate::grid::timing(options),
+        ),
+    );
+    section.table(&grid.table(&[(0, "Redis up")]));
+    let mut target = Target::new(format!(
+        "degraded path ≥ {TARGET_RATIO:.2}× its Redis path's throughput (Redis killed / Redis up)"
+    ));
+    grid.check_ratio(&mut target, 1, 0, TARGET_RATIO, |_| true);
+    section.target(&target);
+    section.note(format!(
+        "Redis killed / Redis up, median (per repeat): {}",
+        grid.spread(1, 0)
+    ));
+    section.note(transitions_note(&transitions));
+    for note in grid.notes() {
+        section.note(note);
+    }
+    section.gap();
+    drop(server);
+    Ok(section.finish())
+}
+
+fn spec(options: &Options, concurrency: usize) -> LoadSpec {
+    LoadSpec {
+        concurrency,
+        warmup: options.warmup,
+        duration: options.duration,
+    }
+}
+
+fn progress(
+    suite: &str,
+    what: &str,
+    concurrency: usize,
+    repeat: usize,
+    options: &Options,
+    sample: &crate::cells::Sample,
+) {
+    eprintln!(
+        "{suite}: degraded {what:<13} c={concurrency:<3} run {}/{}: {}",
+        repeat + 1,
+        options.repeats,
+        sample.progress()
+    );
+}
+
+/// One request during a transition: 1 if it was answered with a 5xx.
+async fn request(
+    suite: &str,
+    sender: &mut Sender,
+    request: &HttpRequest,
+) -> Result<u64, BenchError> {
+    let (status, _, _) = send(sender, request)
+        .await
+        .map_err(|e| BenchError::Check(format!("{suite}, during a Redis transition: {e}")))?;
+    Ok(u64::from(status.is_server_error()))
+}
+
+fn millis(d: Option<Duration>) -> String {
+    d.map_or_else(
+        || format!("not within {} s", DEADLINE.as_secs()),
+        |d| format!("{:.0}", d.as_secs_f64() * 1e3),
+    )
+}
+
+fn median_ms(values: impl Iterator<Item = Option<Duration>>) -> String {
+    let values: Vec<Option<Duration>> = values.collect();
+    if values.iter().any(Option::is_none) {
+        return "not always reached".to_owned();
+    }
+    let ms: Vec<f64> = values
+        .iter()
+        .flatten()
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
+    median(&ms).map_or_else(|| "–".to_owned(), |m| format!("{m:.0} ms"))
+}
+
+fn transitions_note(transitions: &[Transition]) -> String {
+    let each =
+        |f: fn(&Transition) -> String| transitions.iter().map(f).collect::<Vec<_>>().join(" / ");
+    format!(
+        "kill → breaker open: {} requests, {} ms (per repeat); Redis down for {} s; \
+         restart → breaker closed: median {} ({} ms per repeat); \
+         **restart → first Redis-served request: median {}** ({} ms per repeat); \
+         answers ≥ 500 during the transitions: {}",
+        each(|t| t.open_requests.to_string()),
+        each(|t| millis(t.open_after)),
+        each(|t| format!("{:.1}", t.down_for.as_secs_f64())),
+        median_ms(transitions.iter().map(|t| t.closed_after)),
+        each(|t| millis(t.closed_after)),
+        median_ms(transitions.iter().map(|t| t.served_after)),
+        each(|t| millis(t.served_after)),
+        transitions.iter().map(|t| t.server_errors).sum::<u64>(),
+    )
+}
