@@ -487,7 +487,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
             "{}. hyper HTTP/1.1 client, one keep-alive connection per task, `Host: 127.0.0.1` on every request. \
              Every cache is warmed (and checked to hit) before measuring. Managers: RedisConfig defaults with \
              pool_size {pool_size}; `Redis down` points at {}. Raw Redis rows: GETs of a value of the body's size, no HTTP.",
-            timing(options),
+            timing(options, true),
             dead.how
         ),
     );
@@ -527,7 +527,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
                 .map(|p| bytes(*p as f64))
                 .collect::<Vec<_>>()
                 .join(", "),
-            timing(options),
+            timing(options, true),
             bytes(MAX_BODY as f64)
         ),
     );

@@ -73,7 +73,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
             "{}. Manager: RedisConfig defaults with pool_size {pool_size}. Bare: one MultiplexedConnection \
              (redis-rs defaults) cloned into every task. redis-benchmark: `-c <concurrency> -n <about the \
              measured time's worth> -q --csv GET {KEY}` (no warm-up; it reports no p99.9).",
-            timing(options)
+            timing(options, true)
         ),
     );
     section.table(&grid.table(&[(BARE, "bare redis-rs")]));

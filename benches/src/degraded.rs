@@ -3,11 +3,12 @@
 //! the time from Redis coming back to the first request Redis serves.
 //!
 //! Each section runs on its own private Redis ([`BenchRedis::dedicated`]),
-//! so killing it disturbs no other cell. One repeat is: prepare (warm the
-//! cache, create sessions), `Redis up` cells at every concurrency, SIGKILL,
-//! requests until the breaker opens, `Redis killed` cells at every
-//! concurrency, restart on the same port (empty), then one request after
-//! another until the breaker closes and Redis sees a command of the layer.
+//! so killing it disturbs no other cell. For each concurrency of each
+//! repeat: prepare (warm the cache, create sessions), a `Redis up` cell,
+//! SIGKILL, requests until the breaker opens, a `Redis killed` cell,
+//! restart on the same port (empty), then one request after another until
+//! the breaker closes and Redis sees a command of the layer. Each pair of
+//! cells runs back to back, so the ratio sees little drift.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -119,89 +120,87 @@ pub(crate) async fn run<O: Outage>(outage: &O, options: &Options) -> Result<Stri
     let mut transitions = Vec::with_capacity(options.repeats);
     let mut cells = Vec::new();
     for repeat in 0..options.repeats {
-        let requests = outage.prepare(addr, tasks).await?;
-        let first = Arc::clone(requests.first().ok_or_else(|| {
-            BenchError::Check(format!("{suite}: degraded mode has no request to send"))
-        })?);
-        cells = vec![
-            cell(labels[0], "Redis up", &requests),
-            cell(labels[1], "Redis killed", &requests),
-        ];
         for (row, &concurrency) in rows.iter_mut().zip(&options.concurrency) {
+            // Redis is up (and empty after a restart): new sessions, a warm cache.
+            let requests = outage.prepare(addr, tasks).await?;
+            let first = Arc::clone(requests.first().ok_or_else(|| {
+                BenchError::Check(format!("{suite}: degraded mode has no request to send"))
+            })?);
+            cells = vec![
+                cell(labels[0], "Redis up", &requests),
+                cell(labels[1], "Redis killed", &requests),
+            ];
             let spec = spec(options, concurrency);
             if let Some(sample) = measure(Some(&redis), suite, &cells[0], spec).await? {
                 progress(suite, "Redis up", concurrency, repeat, options, &sample);
                 row.samples[0].push(sample);
             }
-        }
 
-        redis.kill().await?;
-        let killed = Instant::now();
-        let mut sender = connect(addr)
-            .await
-            .map_err(|e| BenchError::Check(format!("{suite}: {e}")))?;
-        let mut server_errors = 0;
-        let mut open_requests = 0;
-        let open_after = loop {
-            if !manager.is_available() {
-                break Some(killed.elapsed());
-            }
-            if killed.elapsed() > DEADLINE {
-                break None;
-            }
-            server_errors += request(suite, &mut sender, &first).await?;
-            open_requests += 1;
-        };
-        for (row, &concurrency) in rows.iter_mut().zip(&options.concurrency) {
-            let spec = spec(options, concurrency);
+            redis.kill().await?;
+            let killed = Instant::now();
+            let mut sender = connect(addr)
+                .await
+                .map_err(|e| BenchError::Check(format!("{suite}: {e}")))?;
+            let mut server_errors = 0;
+            let mut open_requests = 0;
+            let open_after = loop {
+                if !manager.is_available() {
+                    break Some(killed.elapsed());
+                }
+                if killed.elapsed() > DEADLINE {
+                    break None;
+                }
+                server_errors += request(suite, &mut sender, &first).await?;
+                open_requests += 1;
+            };
             if let Some(sample) = measure(None, suite, &cells[1], spec).await? {
                 progress(suite, "Redis killed", concurrency, repeat, options, &sample);
                 row.samples[1].push(sample);
             }
-        }
-        let down_for = killed.elapsed();
+            let down_for = killed.elapsed();
 
-        redis.restart().await?;
-        let restarted = Instant::now();
-        let baseline = redis.command_calls().await?;
-        let mut closed_after = None;
-        let served_after = loop {
+            redis.restart().await?;
+            let restarted = Instant::now();
+            let baseline = redis.command_calls().await?;
+            let mut closed_after = None;
+            let served_after = loop {
+                if closed_after.is_none() && manager.is_available() {
+                    closed_after = Some(restarted.elapsed());
+                }
+                server_errors += request(suite, &mut sender, &first).await?;
+                let layer_commands: u64 = redis
+                    .command_calls()
+                    .await?
+                    .deltas(&baseline)
+                    .iter()
+                    .filter(|(name, _)| !is_connection_command(name))
+                    .map(|(_, stat)| stat.calls)
+                    .sum();
+                if layer_commands > 0 {
+                    break Some(restarted.elapsed());
+                }
+                if restarted.elapsed() > DEADLINE {
+                    break None;
+                }
+            };
             if closed_after.is_none() && manager.is_available() {
                 closed_after = Some(restarted.elapsed());
             }
-            server_errors += request(suite, &mut sender, &first).await?;
-            let layer_commands: u64 = redis
-                .command_calls()
-                .await?
-                .deltas(&baseline)
-                .iter()
-                .filter(|(name, _)| !is_connection_command(name))
-                .map(|(_, stat)| stat.calls)
-                .sum();
-            if layer_commands > 0 {
-                break Some(restarted.elapsed());
-            }
-            if restarted.elapsed() > DEADLINE {
-                break None;
-            }
-        };
-        if closed_after.is_none() && manager.is_available() {
-            closed_after = Some(restarted.elapsed());
+            let transition = Transition {
+                open_requests,
+                open_after,
+                down_for,
+                closed_after,
+                served_after,
+                server_errors,
+            };
+            eprintln!(
+                "{suite}: degraded c={concurrency} run {}/{}: {transition:?}",
+                repeat + 1,
+                options.repeats
+            );
+            transitions.push(transition);
         }
-        let transition = Transition {
-            open_requests,
-            open_after,
-            down_for,
-            closed_after,
-            served_after,
-            server_errors,
-        };
-        eprintln!(
-            "{suite}: degraded run {}/{}: {transition:?}",
-            repeat + 1,
-            options.repeats
-        );
-        transitions.push(transition);
     }
 
     if cells.is_empty() {
@@ -218,16 +217,17 @@ pub(crate) async fn run<O: Outage>(outage: &O, options: &Options) -> Result<Stri
         &format!(
             "{} One private TestRedis for this section; manager: RedisConfig defaults with pool_size {pool_size} \
              (command timeout {} ms, breaker opens after {} failures or at once on a refused connection, probe \
-             backoff {} ms doubling to {} ms). Per repeat: `Redis up` cells at every concurrency, SIGKILL, \
-             requests until the breaker opens, `Redis killed` cells at every concurrency, restart on the same port \
-             (empty), then one request after another until Redis sees a command of the layer (not a \
-             PING / CLIENT / HELLO). {}.",
+             backoff {} ms doubling to {} ms, jittered). For each concurrency, in each repeat: prepare, a `Redis up` \
+             cell, SIGKILL, one request after another until the breaker opens, a `Redis killed` cell (its warm-up \
+             included), restart on the same port (empty), then one request after another until Redis sees a \
+             command of the layer (not a PING / CLIENT / HELLO): the recovery time, which the probe backoff \
+             reached during the outage bounds. {}.",
             outage.describe(),
             manager.command_timeout().as_millis(),
             breaker.failure_threshold,
             breaker.probe_min_backoff.as_millis(),
             breaker.probe_max_backoff.as_millis(),
-            crate::grid::timing(options),
+            crate::grid::timing(options, false),
         ),
     );
     section.table(&grid.table(&[(0, "Redis up")]));
@@ -309,9 +309,9 @@ fn transitions_note(transitions: &[Transition]) -> String {
     let each =
         |f: fn(&Transition) -> String| transitions.iter().map(f).collect::<Vec<_>>().join(" / ");
     format!(
-        "kill → breaker open: {} requests, {} ms (per repeat); Redis down for {} s; \
-         restart → breaker closed: median {} ({} ms per repeat); \
-         **restart → first Redis-served request: median {}** ({} ms per repeat); \
+        "per kill (one per concurrency and repeat, in table order): kill → breaker open: {} requests, {} ms; \
+         Redis down for {} s; restart → breaker closed: median {} ({} ms); \
+         **restart → first Redis-served request: median {}** ({} ms); \
          answers ≥ 500 during the transitions: {}",
         each(|t| t.open_requests.to_string()),
         each(|t| millis(t.open_after)),

@@ -255,14 +255,19 @@ fn breakdown(samples: &[&Sample]) -> String {
     text
 }
 
-/// How cells were timed, for the paragraph under a table's title.
-pub(crate) fn timing(options: &Options) -> String {
+/// How cells were timed, for the paragraph under a table's title;
+/// `interleaved` for tables run by [`crate::cells::run_interleaved`].
+pub(crate) fn timing(options: &Options, interleaved: bool) -> String {
     format!(
-        "{:.1} s measured after {:.1} s warm-up per cell; cells interleaved (order reversed every other repeat), \
-         each run {} time(s); medians shown; a ratio is the median of the per-repeat ratios to the named cell of \
-         the same repeat",
+        "{:.1} s measured after {:.1} s warm-up per cell; {}each run {} time(s); medians shown; a ratio is the \
+         median of the per-repeat ratios to the named cell of the same repeat",
         options.duration.as_secs_f64(),
         options.warmup.as_secs_f64(),
+        if interleaved {
+            "cells interleaved (order reversed every other repeat), "
+        } else {
+            ""
+        },
         options.repeats,
     )
 }

@@ -66,8 +66,12 @@ impl LoadResult {
         self.ops as f64 / self.window.as_secs_f64()
     }
 
-    /// The latency at `quantile` (0.5 for p50), in microseconds.
+    /// The latency at `quantile` (0.5 for p50), in microseconds; NaN when
+    /// no operation completed inside the window.
     pub(crate) fn latency_us(&self, quantile: f64) -> f64 {
+        if self.latency.is_empty() {
+            return f64::NAN;
+        }
         self.latency.value_at_quantile(quantile) as f64 / 1_000.0
     }
 
@@ -243,6 +247,10 @@ mod tests {
     async fn failures_are_reported() {
         let result = run(spec(2), |_| Broken).await.unwrap();
         assert_eq!(result.ops, 0);
+        assert!(
+            result.latency_us(0.5).is_nan(),
+            "no latency without completions"
+        );
         assert_eq!(result.errors, result.calls);
         let error = result.require_no_errors("broken").unwrap_err().to_string();
         assert!(

@@ -387,7 +387,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
             "{}. hyper HTTP/1.1 client, one keep-alive connection per task. Quotas 10⁹ per hour (never reached) \
              except `blocked key` (1 per hour). Managers: RedisConfig defaults with pool_size {pool_size}; \
              `Redis down` points at {}. Raw Redis rows: {RAW_LEN}-byte GETs, no HTTP.",
-            timing(options),
+            timing(options, true),
             dead.how
         ),
     );

@@ -395,7 +395,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
              value. tower-redis-session: RedisConfig defaults with pool_size {pool_size}, \
              `insecure_http_for_local_development()`; tower-sessions: fred pool of {pool_size} connections, \
              `with_secure(false)`, same Redis. Raw Redis rows: {RAW_LEN}-byte GETs, no HTTP.",
-            timing(options)
+            timing(options, true)
         ),
     );
     section.table(&grid.table(&[

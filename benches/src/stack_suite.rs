@@ -342,7 +342,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
              `SessionLayer` (`insecure_http_for_local_development()`), all on one manager (RedisConfig defaults \
              with pool_size {pool_size}); `/page` and `/item` answer {}. One session per task, created before \
              measuring. `Redis down` points at {}. Raw Redis rows: {RAW_LEN}-byte GETs, no HTTP.",
-            timing(options),
+            timing(options, true),
             bytes(BODY_BYTES as f64),
             dead.how
         ),
