@@ -5,22 +5,41 @@
 //! ```text
 //! curl -si localhost:3000/products/1             # 50 ms "database" read, then cached:
 //! curl -si localhost:3000/products/1             #   Cache-Status: tower-redis; hit; ttl=59
-//! curl -si -X PUT localhost:3000/products/1 -d 'Blue mug'   # invalidates /products/1 and /products
+//! curl -si -X PUT localhost:3000/products/1 -d 'Blue mug'   # purges tag product-1: /products/1 and /products
 //! curl -si -c jar -X POST localhost:3000/login -d 'alice'   # session cookie, new id
 //! curl -si -b jar localhost:3000/me                        # {"user":"alice"}
 //! curl -si -b jar localhost:3000/api/orders                # RateLimit: "per-user";r=99;...
 //! curl -s  localhost:3000/healthz                # Redis breaker state
 //! curl -s  localhost:3000/metrics                # Prometheus text
+//! curl -s -X POST -H "authorization: Bearer $ADMIN_TOKEN" localhost:3000/admin/cache/purge/tag/products
+//! curl -s -H "authorization: Bearer $ADMIN_TOKEN" localhost:3000/admin/cache/stats
 //! ```
 //!
-//! Limits: every route has a flood guard of 50 requests per 30 s per client
-//! IP; under `/api`, anonymous clients get 10 per minute per IP and
-//! logged-in users 100 per minute per user.
+//! Product responses are tagged (`Surrogate-Key: product-<id> products`,
+//! removed before they reach the client) and served stale for up to 30 s
+//! while one request refreshes them; concurrent misses for one product
+//! make one "database" read across every instance. `/admin/cache/*` (the
+//! cache's admin router: purge by tag, URL, prefix or everything, soft
+//! purge, entry lookup, stats) requires `Authorization: Bearer <token>`,
+//! with the token from `ADMIN_TOKEN` (without it a random one is generated
+//! and logged at startup).
+//!
+//! Limits: every shop route has a flood guard of 50 requests per 30 s per
+//! client IP; under `/api`, anonymous clients get 10 per minute per IP and
+//! logged-in users 100 per minute per user. `/healthz` and `/metrics` sit
+//! outside the layers: health checks and scrapes are never limited, cached
+//! or given a session.
 //!
 //! Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`; `memory` runs
 //! on the in-process stores only), `BIND` (default `127.0.0.1`), `PORT`
-//! (default `3000`), `RUST_LOG` (default `info`). Stop Redis while it runs:
-//! everything keeps working from process memory, `Cache-Status` and
+//! (default `3000`; `0` picks a free port, and the log line `listening on
+//! http://…` names it), `RUST_LOG` (default `info`). Ctrl-C (or SIGTERM)
+//! stops it gracefully: in-flight requests finish and pending cache stores
+//! are written.
+//!
+//! If Redis does not answer at startup, one warning says so and how to
+//! point the server at it; the server runs anyway. Stop Redis while it
+//! runs: everything keeps working from process memory, `Cache-Status` and
 //! `RateLimit` say so, and `/healthz` reports `degraded`; start Redis again
 //! and it recovers by itself. The session cookie is sent without `Secure`
 //! here so that it works over plain http on localhost.
@@ -36,17 +55,20 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tower_redis_cache::{CacheLayer, Route};
-use tower_redis_core::{RedisConfig, RedisManager};
+use tower_redis_cache::admin::CacheAdmin;
+use tower_redis_cache::{CacheHandle, CacheLayer, Route};
+use tower_redis_core::{BreakerState, RedisManager};
 use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
 use tower_redis_session::{Session, SessionLayer};
-use tracing_subscriber::EnvFilter;
+
+mod support;
 
 #[derive(Clone)]
 struct App {
     redis: RedisManager,
     products: Arc<RwLock<BTreeMap<u32, String>>>,
     metrics: PrometheusHandle,
+    cache: CacheHandle,
 }
 
 #[tokio::main]
@@ -58,23 +80,16 @@ async fn main() {
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    support::init_tracing();
     let metrics = PrometheusBuilder::new().install_recorder()?;
-
-    let redis = match std::env::var("REDIS_URL").as_deref() {
-        Ok("memory") => {
-            tracing::info!("REDIS_URL=memory: running on in-process stores only");
-            RedisManager::disabled()
-        }
-        _ => RedisManager::connect(RedisConfig::from_env()?).await?,
-    };
+    let redis = support::redis_from_env().await?;
 
     let cache = CacheLayer::builder(redis.clone())
-        .route(Route::new("/products*").default_ttl(Duration::from_secs(60)))
+        .route(
+            Route::new("/products*")
+                .default_ttl(Duration::from_secs(60))
+                .stale_while_revalidate(Duration::from_secs(30)),
+        )
         .route(Route::new("*").bypass())
         .build()?;
     let sessions = SessionLayer::builder(redis.clone())
@@ -122,41 +137,60 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         redis,
         products: Arc::new(RwLock::new(products)),
         metrics,
+        cache: cache.handle(),
     };
+    let admin_token = std::env::var("ADMIN_TOKEN").unwrap_or_else(|_| {
+        let token = format!("{:032x}", rand::random::<u128>());
+        tracing::info!(%token, "cache admin token (set ADMIN_TOKEN to choose one)");
+        token
+    });
+    let expected = format!("Bearer {admin_token}");
+    let admin = CacheAdmin::new(cache.handle(), move |headers: &HeaderMap| {
+        headers
+            .get(header::AUTHORIZATION)
+            .is_some_and(|value| value.as_bytes() == expected.as_bytes())
+    })
+    .into_router();
     let api = Router::new()
         .route("/orders", get(orders))
         .layer(api_limits);
-    let router = Router::new()
+    let shop = Router::new()
         .route("/products", get(list_products))
         .route("/products/{id}", get(product).put(update_product))
         .route("/login", post(login))
         .route("/logout", post(logout))
         .route("/me", get(me))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics_text))
         .nest("/api", api)
-        .with_state(app)
-        .layer(cache)
+        .layer(cache.clone())
         .layer(sessions)
         .layer(flood_guard);
+    // Added after `.layer(...)`, so no layer wraps them.
+    let router = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .merge(shop)
+        .with_state(app)
+        .nest("/admin/cache", admin);
 
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1".to_owned());
     let port = std::env::var("PORT").unwrap_or_else(|_| "3000".to_owned());
     let addr: SocketAddr = format!("{bind}:{port}")
         .parse()
         .map_err(|e| format!("BIND={bind} PORT={port} is not a socket address: {e}"))?;
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!("listening on http://{addr}");
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} ({e}); set PORT (or BIND) to another one"))?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
     // Connect info gives the rate limiter the client's address.
     axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
-    })
+    .with_graceful_shutdown(support::shutdown_signal())
     .await?;
+    // Responses already sent may still be on their way into the cache.
+    cache.flush().await;
+    tracing::info!("stopped");
     Ok(())
 }
 
@@ -165,12 +199,18 @@ async fn database_read() {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
-fn cacheable(body: impl IntoResponse) -> impl IntoResponse {
+/// Cacheable for a minute, tagged so that a change can purge every
+/// response that shows it.
+fn cacheable(tags: String, body: impl IntoResponse) -> impl IntoResponse {
+    let tags = HeaderValue::from_str(&tags).unwrap_or(HeaderValue::from_static("products"));
     (
-        [(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("public, max-age=60"),
-        )],
+        [
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=60"),
+            ),
+            (header::HeaderName::from_static("surrogate-key"), tags),
+        ],
         body,
     )
 }
@@ -178,22 +218,28 @@ fn cacheable(body: impl IntoResponse) -> impl IntoResponse {
 async fn list_products(State(app): State<App>) -> impl IntoResponse {
     database_read().await;
     let products = app.products.read().map(|p| p.clone()).unwrap_or_default();
-    cacheable(Json(products))
+    let tags: Vec<String> = std::iter::once("products".to_owned())
+        .chain(products.keys().map(|id| format!("product-{id}")))
+        .collect();
+    cacheable(tags.join(" "), Json(products))
 }
 
 async fn product(State(app): State<App>, Path(id): Path<u32>) -> axum::response::Response {
     database_read().await;
     let name = app.products.read().ok().and_then(|p| p.get(&id).cloned());
     match name {
-        Some(name) => {
-            cacheable(Json(serde_json::json!({ "id": id, "name": name }))).into_response()
-        }
+        Some(name) => cacheable(
+            format!("product-{id} products"),
+            Json(serde_json::json!({ "id": id, "name": name })),
+        )
+        .into_response(),
         None => (StatusCode::NOT_FOUND, "no such product").into_response(),
     }
 }
 
-/// A successful PUT invalidates its own URL; `Content-Location` and
-/// `Location` (same origin) invalidate the others that show this product.
+/// A successful PUT invalidates its own URL (and its same-origin
+/// `Location`); the tag purge reaches every other response that shows the
+/// product, on every instance.
 async fn update_product(
     State(app): State<App>,
     Path(id): Path<u32>,
@@ -202,6 +248,7 @@ async fn update_product(
     if let Ok(mut products) = app.products.write() {
         products.insert(id, name.trim().to_owned());
     }
+    app.cache.purge_tag(&format!("product-{id}")).await;
     let mut headers = HeaderMap::new();
     headers.insert(header::LOCATION, HeaderValue::from_static("/products"));
     (StatusCode::OK, headers, "updated")
@@ -232,13 +279,15 @@ async fn orders(session: Session) -> impl IntoResponse {
 }
 
 /// Always 200: the app serves with or without Redis, so a load balancer
-/// must not pull it out of rotation. The body says which mode it is in.
+/// must not pull it out of rotation. The body says which mode it is in:
+/// `ok` (on Redis), `degraded` (Redis down, serving from process memory) or
+/// `memory` (`REDIS_URL=memory`).
 async fn healthz(State(app): State<App>) -> impl IntoResponse {
     let health = app.redis.health();
-    let status = if health.is_healthy() {
-        "ok"
-    } else {
-        "degraded"
+    let status = match health.state {
+        BreakerState::Closed => "ok",
+        BreakerState::Disabled => "memory",
+        BreakerState::Open | BreakerState::HalfOpen => "degraded",
     };
     Json(serde_json::json!({ "status": status, "redis": health }))
 }

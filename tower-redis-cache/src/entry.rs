@@ -39,8 +39,17 @@ impl Entry {
             - i64::try_from(self.age(now_ms)).unwrap_or(i64::MAX)
     }
 
+    /// A soft purge at `at_ms`: the entry's freshness ends then, if it had
+    /// not already. Entries stored after the purge are untouched.
+    pub(crate) fn mark_stale_at(&mut self, at_ms: u64) {
+        if at_ms >= self.response_time_ms {
+            self.lifetime = self.lifetime.min(self.age(at_ms));
+        }
+    }
+
     pub(crate) fn age(&self, now_ms: u64) -> u64 {
-        self.initial_age + now_ms.saturating_sub(self.response_time_ms) / 1000
+        self.initial_age
+            .saturating_add(now_ms.saturating_sub(self.response_time_ms) / 1000)
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
@@ -54,8 +63,9 @@ impl Entry {
         out.push(VERSION);
         out.extend_from_slice(&self.status.as_u16().to_be_bytes());
         out.extend_from_slice(&self.response_time_ms.to_be_bytes());
-        out.extend_from_slice(&self.initial_age.to_be_bytes());
-        out.extend_from_slice(&self.lifetime.to_be_bytes());
+        let max = crate::directives::MAX_DELTA;
+        out.extend_from_slice(&self.initial_age.min(max).to_be_bytes());
+        out.extend_from_slice(&self.lifetime.min(max).to_be_bytes());
         let count = u16::try_from(self.headers.len()).unwrap_or(u16::MAX);
         out.extend_from_slice(&count.to_be_bytes());
         for (name, value) in self.headers.iter().take(usize::from(count)) {
@@ -87,6 +97,11 @@ impl Entry {
         let response_time_ms = r.u64()?;
         let initial_age = r.u64()?;
         let lifetime = r.u64()?;
+        // Ages and lifetimes are delta-seconds (RFC 9111 §1.2.2): anything
+        // larger was not written by this cache.
+        if initial_age > crate::directives::MAX_DELTA || lifetime > crate::directives::MAX_DELTA {
+            return Err(DecodeError("age or lifetime out of range"));
+        }
         let count = r.u16()?;
         // Capacity from untrusted input: capped, since HeaderMap panics on huge ones.
         let mut headers = HeaderMap::try_with_capacity(usize::from(count).min(64))

@@ -215,6 +215,33 @@ pub(crate) fn usability(
     }
 }
 
+/// How long past its freshness an entry may be served stale (seconds):
+/// while revalidating in the background, and when the origin fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct StaleWindows {
+    pub(crate) while_revalidate: u64,
+    pub(crate) if_error: u64,
+}
+
+/// RFC 5861 windows: the response's own directives, else the route's
+/// defaults; none when the response forbids serving stale
+/// (`must-revalidate`, `proxy-revalidate`, `no-cache`).
+pub(crate) fn stale_windows(stored: &ResponseDirectives, route: &Route) -> StaleWindows {
+    if stored.must_revalidate || stored.proxy_revalidate || stored.no_cache {
+        return StaleWindows::default();
+    }
+    StaleWindows {
+        while_revalidate: stored
+            .stale_while_revalidate
+            .or(route.stale_while_revalidate.map(|d| d.as_secs()))
+            .unwrap_or(0),
+        if_error: stored
+            .stale_if_error
+            .or(route.stale_if_error.map(|d| d.as_secs()))
+            .unwrap_or(0),
+    }
+}
+
 /// Seconds a stale entry is kept for revalidation past its freshness.
 pub(crate) fn retention(lifetime: u64, stale_keep: Duration) -> Duration {
     Duration::from_secs(lifetime.min(directives::MAX_DELTA)).saturating_add(stale_keep)

@@ -98,6 +98,34 @@ fn normalised_query(query: Option<&str>, route: &Route) -> Option<String> {
     (!pairs.is_empty()).then(|| pairs.join("&"))
 }
 
+/// The path and query of a key URL (`//host/path?query` → `/path?query`).
+pub(crate) fn path_of(url: &str) -> &str {
+    let rest = url.strip_prefix("//").unwrap_or(url);
+    rest.find('/').map_or("/", |i| &rest[i..])
+}
+
+/// The directory prefixes of a key URL's path that index it, shortest
+/// first: `/`, `/a/`, `/a/b/` … at most `depth` segments deep.
+pub(crate) fn directories(url: &str, depth: usize) -> Vec<&str> {
+    let path = path_of(url);
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let mut dirs = vec!["/"];
+    for (i, _) in path.match_indices('/').skip(1).take(depth) {
+        dirs.push(&path[..=i]);
+    }
+    dirs
+}
+
+/// The index directory to read for a purge of everything under `prefix`:
+/// the longest directory of `prefix` within `depth` segments.
+pub(crate) fn directory_for_prefix(prefix: &str, depth: usize) -> &str {
+    let mut dir = "/";
+    for (i, _) in prefix.match_indices('/').skip(1).take(depth) {
+        dir = &prefix[..=i];
+    }
+    dir
+}
+
 /// The Redis-safe name of a URL: SHA-256, so long URLs make short keys.
 pub(crate) fn hash_url(url: &str) -> String {
     URL_SAFE_NO_PAD.encode(Sha256::digest(url.as_bytes()))
@@ -203,6 +231,18 @@ pub(crate) fn variant(vary: &str, request: &HeaderMap, extra: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_parts_and_directories() {
+        assert_eq!(path_of("//h:8080/a/b?x=1"), "/a/b?x=1");
+        assert_eq!(path_of("//h"), "/");
+        assert_eq!(directories("//h/a/b/c?x=/y/", 8), vec!["/", "/a/", "/a/b/"]);
+        assert_eq!(directories("//h/a/b/c/d/e", 2), vec!["/", "/a/", "/a/b/"]);
+        assert_eq!(directories("//h/", 3), vec!["/"]);
+        assert_eq!(directory_for_prefix("/a/b/c", 8), "/a/b/");
+        assert_eq!(directory_for_prefix("/a/b/c/d/", 2), "/a/b/");
+        assert_eq!(directory_for_prefix("/pro", 8), "/");
+    }
 
     fn parts(uri: &str, headers: &[(&str, &str)]) -> Parts {
         let mut builder = http::Request::get(uri);

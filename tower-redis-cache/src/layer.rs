@@ -7,10 +7,12 @@ use http::HeaderName;
 use tower_layer::Layer;
 use tower_redis_core::RedisManager;
 
+use crate::coalesce::Flights;
 use crate::freshness::Rules;
+use crate::handle::CacheHandle;
 use crate::policy::Route;
 use crate::service::Cache;
-use crate::store::CacheStore;
+use crate::store::{CacheStore, StoreOptions};
 
 /// A problem with the cache configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,6 +27,9 @@ pub enum ConfigError {
     /// The body limit is zero.
     #[error("max_body_bytes is 0; use a positive size such as 1 MiB")]
     ZeroBodyLimit,
+    /// A duration that must be positive is zero.
+    #[error("{0} is 0; use a positive duration")]
+    ZeroDuration(&'static str),
 }
 
 /// An RFC 9111 shared cache in front of the wrapped service.
@@ -46,6 +51,11 @@ pub(crate) struct Config {
     pub(crate) keep_stale_for: Duration,
     pub(crate) generate_etags: bool,
     pub(crate) unkeyed_headers: Vec<HeaderName>,
+    pub(crate) tag_headers: Vec<HeaderName>,
+    pub(crate) strip_tag_headers: bool,
+    pub(crate) coalesce: Option<Duration>,
+    pub(crate) origin_timeout: Option<Duration>,
+    pub(crate) flights: Arc<Flights>,
 }
 
 impl Config {
@@ -77,6 +87,13 @@ impl CacheLayer {
                 .iter()
                 .map(|h| (*h).to_owned())
                 .collect(),
+            tag_headers: vec!["surrogate-key".to_owned(), "cache-tag".to_owned()],
+            strip_tag_headers: true,
+            coalesce: Some(Duration::from_secs(5)),
+            lock_ttl: Duration::from_secs(5),
+            origin_timeout: None,
+            near_cache: None,
+            index_depth: 4,
         }
     }
 }
@@ -87,6 +104,11 @@ impl CacheLayer {
     /// this before shutting down so that none is lost.
     pub async fn flush(&self) {
         self.config.store.flushed().await;
+    }
+
+    /// The admin side of this cache: purges, warming, inspection, stats.
+    pub fn handle(&self) -> CacheHandle {
+        CacheHandle::new(Arc::clone(&self.config))
     }
 }
 
@@ -113,6 +135,13 @@ pub struct CacheLayerBuilder {
     generate_etags: bool,
     memory_bytes: u64,
     unkeyed_headers: Vec<String>,
+    tag_headers: Vec<String>,
+    strip_tag_headers: bool,
+    coalesce: Option<Duration>,
+    lock_ttl: Duration,
+    origin_timeout: Option<Duration>,
+    near_cache: Option<(u64, Duration)>,
+    index_depth: usize,
 }
 
 /// Request headers that can change what an origin answers without being
@@ -213,6 +242,72 @@ impl CacheLayerBuilder {
         self
     }
 
+    /// The response headers that carry tags: `Surrogate-Key`
+    /// (space-separated) and `Cache-Tag` (comma-separated) by default. Any
+    /// other name is read as a comma- or space-separated list.
+    pub fn tag_headers<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.tag_headers = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Whether tag headers are removed from responses before they reach the
+    /// client (and from stored entries). Default: removed.
+    pub fn strip_tag_headers(mut self, strip: bool) -> Self {
+        self.strip_tag_headers = strip;
+        self
+    }
+
+    /// Request coalescing: concurrent misses for one URL make one origin
+    /// call — in process, and across instances through a Redis lock — and
+    /// the others wait for its entry up to `max_wait`, then go to the
+    /// origin themselves. On by default with a 5 s wait; `None` turns it
+    /// off (a miss then costs one round trip less).
+    pub fn coalesce(mut self, max_wait: Option<Duration>) -> Self {
+        self.coalesce = max_wait;
+        self
+    }
+
+    /// How long a fill lock lives if its holder never releases it (the
+    /// holder crashed): others wait at most this long before one of them
+    /// fills instead (default 5 s). Also bounds background refreshes.
+    pub fn lock_ttl(mut self, ttl: Duration) -> Self {
+        self.lock_ttl = ttl;
+        self
+    }
+
+    /// With a stale entry that may be served `stale-if-error`, an origin
+    /// that has not answered within this time counts as failed and the
+    /// stale entry is served (default: no timeout).
+    pub fn origin_timeout(mut self, timeout: Duration) -> Self {
+        self.origin_timeout = Some(timeout);
+        self
+    }
+
+    /// A near cache: an in-process copy of entries read from Redis, of at
+    /// most `max_bytes`, each kept at most `ttl`, answering hits with no
+    /// round trip. Instances keep it coherent through Redis pub/sub: a
+    /// store, invalidation or purge anywhere drops the copies everywhere.
+    /// While the pub/sub connection is down or Redis is unavailable it is
+    /// not used, and it is emptied when the connection comes back, so `ttl`
+    /// bounds how stale a copy can be even if a message is lost. Off by
+    /// default.
+    pub fn near_cache(mut self, max_bytes: u64, ttl: Duration) -> Self {
+        self.near_cache = Some((max_bytes, ttl));
+        self
+    }
+
+    /// How many path segments deep URLs are indexed for
+    /// [`CacheHandle::purge_prefix`] (default 4: `/a/b/c/d/`). A prefix
+    /// purge deeper than this reads the deepest indexed level and filters.
+    pub fn prefix_index_depth(mut self, depth: usize) -> Self {
+        self.index_depth = depth;
+        self
+    }
+
     /// Checks everything and builds the layer.
     pub fn build(self) -> Result<CacheLayer, ConfigError> {
         if self.max_body_bytes == 0 {
@@ -226,6 +321,26 @@ impl CacheLayerBuilder {
                     .map_err(|_| ConfigError::HeaderName(name.clone()))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let tag_headers = self
+            .tag_headers
+            .iter()
+            .map(|name| {
+                HeaderName::try_from(name.as_str())
+                    .map_err(|_| ConfigError::HeaderName(name.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.lock_ttl.is_zero() {
+            return Err(ConfigError::ZeroDuration("lock_ttl"));
+        }
+        if self.coalesce.is_some_and(|wait| wait.is_zero()) {
+            return Err(ConfigError::ZeroDuration("coalesce wait"));
+        }
+        if self.origin_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(ConfigError::ZeroDuration("origin_timeout"));
+        }
+        if self.near_cache.is_some_and(|(_, ttl)| ttl.is_zero()) {
+            return Err(ConfigError::ZeroDuration("near cache ttl"));
+        }
         let targeted_fields = self
             .targeted_fields
             .iter()
@@ -236,7 +351,15 @@ impl CacheLayerBuilder {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(CacheLayer {
             config: Arc::new(Config {
-                store: Arc::new(CacheStore::new(self.manager, self.memory_bytes)),
+                store: Arc::new(CacheStore::new(
+                    self.manager,
+                    StoreOptions {
+                        memory_bytes: self.memory_bytes,
+                        near: self.near_cache,
+                        index_depth: self.index_depth,
+                        lock_ttl: self.lock_ttl,
+                    },
+                )),
                 routes: self.routes,
                 default_route: self.default_route,
                 rules: Rules {
@@ -249,6 +372,11 @@ impl CacheLayerBuilder {
                 keep_stale_for: self.keep_stale_for,
                 generate_etags: self.generate_etags,
                 unkeyed_headers,
+                tag_headers,
+                strip_tag_headers: self.strip_tag_headers,
+                coalesce: self.coalesce,
+                origin_timeout: self.origin_timeout,
+                flights: Arc::new(Flights::default()),
             }),
         })
     }

@@ -48,23 +48,76 @@
 //!   `tower-redis; hit; ttl=42`, `tower-redis; fwd=uri-miss; stored`,
 //!   `tower-redis; fwd=stale; fwd-status=304; stored`, plus
 //!   `detail=redis-unavailable` while Redis is down.
+//! - **Request coalescing** (on by default): concurrent misses for one URL
+//!   make one origin call — the first request in a process leads and the
+//!   others follow it; across instances the leaders race for a short fill
+//!   lock in Redis and the losers wait for the winner's entry (woken by
+//!   pub/sub, polling as a fallback) up to [`CacheLayerBuilder::coalesce`]'s
+//!   wait, then go to the origin rather than hang. A holder that dies frees
+//!   the lock when it expires ([`CacheLayerBuilder::lock_ttl`]). Followers
+//!   answer `hit; detail=coalesced`.
+//! - **Stale serving** (RFC 5861): `stale-while-revalidate` serves a stale
+//!   entry at once (`hit; fwd=stale; detail=stale-while-revalidate`) while
+//!   exactly one background request — per instance and across instances —
+//!   refreshes it; `stale-if-error` serves it when the origin errors,
+//!   answers 500/502/503/504 or exceeds [`CacheLayerBuilder::origin_timeout`]
+//!   (`detail=stale-if-error; fwd-status=503`). From the response's
+//!   `Cache-Control`, else [`Route::stale_while_revalidate`] /
+//!   [`Route::stale_if_error`]; never with `must-revalidate`,
+//!   `proxy-revalidate` or `no-cache`.
+//! - **Tags and purges**: tags from `Surrogate-Key` / `Cache-Tag` response
+//!   headers (removed before the client sees them), [`Route::tag`] and
+//!   [`Route::tags_fn`]; [`CacheHandle`] purges by tag, URL, path prefix or
+//!   everything, hard or soft (soft: marked stale, so stale-while-revalidate
+//!   keeps serving while one request refreshes), warms URLs through the
+//!   app, looks entries up and reports statistics; [`admin::CacheAdmin`]
+//!   (feature `axum`) puts the same behind an authorisation check.
+//! - **Near cache** (opt-in, [`CacheLayerBuilder::near_cache`]): hot entries
+//!   answered from process memory with no round trip (`detail=near`), kept
+//!   coherent by pub/sub invalidations from every instance; not used while
+//!   the pub/sub connection or Redis is down, emptied when it reconnects,
+//!   and each copy lives at most its TTL.
 //!
 //! # Redis
 //!
-//! One round trip per lookup, `Vary` resolution included: a URL's variants
-//! live in one Redis hash. An instance that knows the URL's `Vary` names
+//! One round trip per lookup (none from the near cache), `Vary` resolution
+//! included: a URL's variants live in one Redis hash. An instance that knows the URL's `Vary` names
 //! reads the variant with one `HMGET`; otherwise (first sight, or the `Vary`
 //! changed) a script picks the variant from digests of the request's header
 //! values. No cookie or credential is sent to Redis as such. Entries use a compact versioned binary format; a value that does
 //! not decode is a miss and is deleted. While Redis is unavailable, a
 //! bounded in-process store (moka, by bytes) keeps caching; when Redis is
-//! back those entries are dropped and invalidations made meanwhile are
-//! replayed.
+//! back those entries are dropped and invalidations and purges made
+//! meanwhile are replayed.
+//!
+//! | operation | round trips |
+//! |---|---|
+//! | hit | 1 `HMGET` (0 from the near cache) |
+//! | miss, coalescing off | 1 lookup + 1 write batch (entry, indexes, announcement) |
+//! | miss, coalescing on | 1 lookup + 1 lock script + 1 write batch (lock released in it) |
+//! | purge by tag / prefix | 1 index read + 1 batch per 500 URLs (+ 1 `ZREM` per page) |
+//!
+//! Tags and path prefixes are **indexes**: one sorted set per tag
+//! (`ct:<tag>`) and per directory level of the path (`cx:/`, `cx:/products/`
+//! … up to [`CacheLayerBuilder::prefix_index_depth`]), members the URLs,
+//! scored by when their entry expires; every write prunes expired members,
+//! so an index holds about as many members as there are live entries under
+//! it and a purge costs O(entries under the tag or prefix). Every command
+//! names a single key, so this works the same on Redis Cluster (where a
+//! write batch is sent as concurrent commands to the slots' nodes instead
+//! of one pipeline). A URL that is re-stored without a tag it had stays in
+//! that tag's index until its entry expires: a purge of the old tag then
+//! removes it too (over-purging is a miss, never a stale hit).
 
+#[cfg(feature = "axum")]
+pub mod admin;
 mod body;
+mod coalesce;
 mod directives;
 mod entry;
+mod events;
 mod freshness;
+mod handle;
 mod key;
 mod layer;
 mod policy;
@@ -74,6 +127,7 @@ mod service;
 mod store;
 
 pub use body::CacheBody;
+pub use handle::{CacheHandle, EntryInfo, InvalidUrl, Purged, Stats, Warmed};
 pub use layer::{CacheLayer, CacheLayerBuilder, ConfigError, DEFAULT_UNKEYED_HEADERS};
 pub use policy::Route;
 pub use service::{Cache, ResponseFuture};

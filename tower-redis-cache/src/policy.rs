@@ -9,6 +9,7 @@ use http::HeaderName;
 use http::request::Parts;
 
 type KeyFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
+type TagsFn = Arc<dyn Fn(&Parts, &http::response::Parts) -> Vec<String> + Send + Sync>;
 
 /// The cache rules for the paths that match a pattern. The first matching
 /// route applies; paths no route matches use the layer's default route.
@@ -38,6 +39,10 @@ pub struct Route {
     pub(crate) key_headers: Vec<HeaderName>,
     pub(crate) key_cookies: Vec<String>,
     pub(crate) key_fn: Option<KeyFn>,
+    pub(crate) stale_while_revalidate: Option<Duration>,
+    pub(crate) stale_if_error: Option<Duration>,
+    pub(crate) tags: Vec<String>,
+    pub(crate) tags_fn: Option<TagsFn>,
 }
 
 impl fmt::Debug for Route {
@@ -67,6 +72,10 @@ impl Route {
             key_headers: Vec::new(),
             key_cookies: Vec::new(),
             key_fn: None,
+            stale_while_revalidate: None,
+            stale_if_error: None,
+            tags: Vec::new(),
+            tags_fn: None,
         }
     }
 
@@ -147,6 +156,52 @@ impl Route {
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
     {
         self.key_fn = Some(Arc::new(key));
+        self
+    }
+
+    /// Serves a stale entry at once for this long past its freshness while
+    /// one background request refreshes it (RFC 5861), when the response
+    /// does not say `stale-while-revalidate` itself. Never for responses
+    /// with `must-revalidate`, `proxy-revalidate` or `no-cache`.
+    pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
+        self.stale_while_revalidate = Some(window);
+        self
+    }
+
+    /// Serves a stale entry for this long past its freshness when the
+    /// origin fails (an error, a 500, 502, 503 or 504, or no answer within
+    /// the layer's origin timeout), when the response does not say
+    /// `stale-if-error` itself. Never for responses with `must-revalidate`,
+    /// `proxy-revalidate` or `no-cache`.
+    pub fn stale_if_error(mut self, window: Duration) -> Self {
+        self.stale_if_error = Some(window);
+        self
+    }
+
+    /// Tags every response stored under this route with `tag`, for
+    /// [`CacheHandle::purge_tag`](crate::CacheHandle::purge_tag).
+    pub fn tag(mut self, tag: &str) -> Self {
+        self.tags.push(tag.to_owned());
+        self
+    }
+
+    /// Computes tags for a response from the request and the response head
+    /// (added to those from the response's tag headers and [`tag`](Self::tag)).
+    ///
+    /// ```
+    /// use tower_redis_cache::Route;
+    ///
+    /// let route = Route::new("/products/*").tags_fn(|request, _response| {
+    ///     let id = request.uri.path().trim_start_matches("/products/");
+    ///     vec![format!("product:{id}")]
+    /// });
+    /// # let _ = route;
+    /// ```
+    pub fn tags_fn<F>(mut self, tags: F) -> Self
+    where
+        F: Fn(&Parts, &http::response::Parts) -> Vec<String> + Send + Sync + 'static,
+    {
+        self.tags_fn = Some(Arc::new(tags));
         self
     }
 

@@ -1,24 +1,27 @@
 //! [`Cache`]: look up, serve or forward, and store what may be stored.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body;
+use http_body_util::BodyExt;
 use tower_service::Service;
 use tracing::Instrument;
 
 use crate::body::{CacheBody, Recorder};
+use crate::coalesce::{self, FlightGuard, Joined};
 use crate::directives::{self, RequestDirectives};
 use crate::entry::Entry;
 use crate::freshness::{self, Usability};
 use crate::key;
 use crate::layer::Config;
 use crate::policy::Route;
-use crate::store::{Lookup, Put};
+use crate::store::{LockAttempt, LockPurpose, LockToken, Lookup, Put, Tier};
 
 /// The `Cache-Status` field (RFC 9211).
 pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -59,6 +62,7 @@ impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Cache<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send,
+    S::Error: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
 {
@@ -91,7 +95,10 @@ async fn handle<S, ReqBody, ResBody>(
     request: Request<ReqBody>,
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
 {
     let method = request.method().clone();
@@ -110,88 +117,371 @@ where
         });
     let Some((parts, url)) = keyed else {
         let response = inner.call(request).await?;
-        return Ok(response.map(CacheBody::passthrough));
+        return Ok(passthrough(&config, response));
     };
 
     let keyed = Keyed {
         url_hash: key::hash_url(&url),
+        url,
         extra: key::extra_key(&parts, route),
         directives: directives::request(&parts.headers),
         parts,
     };
-    let request_directives = &keyed.directives;
-    let (lookup, degraded) = config
+    let (lookup, tier) = config
         .store
         .lookup(&keyed.url_hash, &keyed.parts.headers, &keyed.extra)
         .await;
-    let now = SystemTime::now();
-
     let forward_reason = match lookup {
-        Lookup::Hit(entry) => {
-            let age = entry.age(freshness::epoch_ms(now));
-            let stored = freshness::directives_of(&entry.headers, &config.rules);
-            match freshness::usability(age, entry.lifetime, &stored, request_directives) {
-                Usability::Fresh | Usability::StaleAccepted => {
-                    let status = CacheStatus::hit(entry.ttl(freshness::epoch_ms(now)), degraded);
-                    return Ok(serve(&entry, &keyed.parts, age, status));
-                }
-                Usability::Revalidate if request_directives.only_if_cached => {
-                    return Ok(gateway_timeout(degraded));
-                }
-                Usability::Revalidate => {
-                    // Fresh but refused by the request's own directives: fwd=request.
-                    let fresh = age < entry.lifetime && !stored.no_cache;
-                    let reason = if request_directives.no_cache || fresh {
-                        "request"
-                    } else {
-                        "stale"
-                    };
-                    return revalidate(
-                        &config, inner, request, entry, route, &keyed, reason, degraded,
-                    )
-                    .await;
-                }
-            }
-        }
+        Lookup::Hit(entry) => return on_hit(config, inner, request, entry, keyed, tier).await,
         Lookup::UriMiss => "uri-miss",
         Lookup::VaryMiss => "vary-miss",
     };
-    if request_directives.only_if_cached {
-        return Ok(gateway_timeout(degraded));
+    config.store.counters.misses.fetch_add(1, Ordering::Relaxed);
+    if keyed.directives.only_if_cached {
+        return Ok(gateway_timeout(tier));
     }
-    let request_time = SystemTime::now();
-    let response = inner.call(request).await?;
-    Ok(store_if_allowed(
-        &config,
-        &keyed,
-        response,
-        route,
-        request_time,
-        CacheStatus::forward(forward_reason, degraded),
-    ))
+    let status = CacheStatus::forward(forward_reason, tier);
+    let Some(max_wait) = config
+        .coalesce
+        .filter(|_| keyed.parts.method == Method::GET)
+    else {
+        return forward_and_store(&config, inner, request, &keyed, status, Fill::none()).await;
+    };
+    coalesced_miss(&config, inner, request, &keyed, status, max_wait).await
 }
 
 /// A request the cache handles: its head (as the client sent it), where its
 /// entries live and what it asks of the cache.
 struct Keyed {
     parts: Parts,
+    /// `//host/path?query`.
+    url: String,
     url_hash: String,
     extra: String,
     directives: RequestDirectives,
 }
 
+impl Keyed {
+    /// The key requests are coalesced on: the URL and the route's extra
+    /// key parts (the `Vary` of the response is not known yet).
+    fn flight_key(&self) -> String {
+        if self.extra.is_empty() {
+            self.url_hash.clone()
+        } else {
+            format!("{}:{}", self.url_hash, key::value_digest(&self.extra))
+        }
+    }
+}
+
+/// What a request that fills an entry holds: its in-process flight (the
+/// followers waiting for it) and the Redis fill lock, both released once
+/// the entry is stored or given up.
+struct Fill {
+    guard: Option<FlightGuard>,
+    lock: Option<LockToken>,
+}
+
+impl Fill {
+    fn none() -> Self {
+        Self {
+            guard: None,
+            lock: None,
+        }
+    }
+
+    /// Gives up without an entry: releases the lock (waking the other
+    /// instances' waiters) and ends the flight.
+    fn release(self, config: &Arc<Config>, url_hash: &str) {
+        if let Some(lock) = self.lock {
+            let store = Arc::clone(&config.store);
+            let url_hash = url_hash.to_owned();
+            let guard = self.guard;
+            let in_flight = config.store.start_store();
+            tokio::spawn(async move {
+                store.unlock(lock, &url_hash).await;
+                drop(guard);
+                drop(in_flight);
+            });
+        }
+    }
+}
+
+/// A stored entry was found: serve it, serve it stale while refreshing it
+/// in the background, or revalidate it.
+async fn on_hit<S, ReqBody, ResBody>(
+    config: Arc<Config>,
+    inner: S,
+    request: Request<ReqBody>,
+    entry: Entry,
+    keyed: Keyed,
+    tier: Tier,
+) -> Result<Response<CacheBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    let now_ms = freshness::epoch_ms(SystemTime::now());
+    let age = entry.age(now_ms);
+    let stored = freshness::directives_of(&entry.headers, &config.rules);
+    let request_directives = &keyed.directives;
+    match freshness::usability(age, entry.lifetime, &stored, request_directives) {
+        Usability::Fresh | Usability::StaleAccepted => {
+            config.store.counters.hits.fetch_add(1, Ordering::Relaxed);
+            let status = CacheStatus::hit(entry.ttl(now_ms), tier);
+            Ok(serve(&entry, &keyed.parts, age, status))
+        }
+        Usability::Revalidate if request_directives.only_if_cached => Ok(gateway_timeout(tier)),
+        Usability::Revalidate => {
+            let route = config.route_for(keyed.parts.uri.path());
+            let windows = freshness::stale_windows(&stored, route);
+            let stale = age >= entry.lifetime;
+            let stale_by = age.saturating_sub(entry.lifetime);
+            let wants_fresh = request_directives.no_cache
+                || request_directives.max_age.is_some()
+                || request_directives.min_fresh.is_some();
+            if stale
+                && !wants_fresh
+                && windows.while_revalidate > 0
+                && stale_by <= windows.while_revalidate
+            {
+                config
+                    .store
+                    .counters
+                    .stale_hits
+                    .fetch_add(1, Ordering::Relaxed);
+                let mut status = CacheStatus::hit(entry.ttl(now_ms), tier);
+                status.fwd = Some("stale");
+                status.details.push("stale-while-revalidate");
+                let response = serve(&entry, &keyed.parts, age, status);
+                refresh_in_background(config, inner, request, entry, keyed, tier);
+                return Ok(response);
+            }
+            // Fresh but refused by the request's own directives: fwd=request.
+            let reason = if request_directives.no_cache || !stale && !stored.no_cache {
+                "request"
+            } else {
+                "stale"
+            };
+            let stale_if_error = stale
+                && !request_directives.no_cache
+                && windows.if_error > 0
+                && stale_by <= windows.if_error;
+            let status = CacheStatus::forward(reason, tier);
+            revalidate(
+                &config,
+                inner,
+                request,
+                entry,
+                &keyed,
+                status,
+                stale_if_error,
+                Fill::none(),
+            )
+            .await
+        }
+    }
+}
+
+/// Refreshes a stale entry once: one background request per instance (an
+/// in-process flight) and across instances (a Redis lock that also sees a
+/// refresh another instance already stored).
+fn refresh_in_background<S, ReqBody, ResBody>(
+    config: Arc<Config>,
+    inner: S,
+    request: Request<ReqBody>,
+    entry: Entry,
+    keyed: Keyed,
+    tier: Tier,
+) where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    let Joined::Leader(guard) = config.flights.join(&format!("r:{}", keyed.flight_key())) else {
+        return;
+    };
+    let in_flight = config.store.start_store();
+    tokio::spawn(
+        async move {
+            let _in_flight = in_flight;
+            let variant =
+                config
+                    .store
+                    .known_variant(&keyed.url_hash, &keyed.parts.headers, &keyed.extra);
+            let purpose = LockPurpose::Refresh(entry.response_time_ms);
+            let lock = match config
+                .store
+                .try_lock(&keyed.url_hash, variant.as_deref(), purpose)
+                .await
+            {
+                LockAttempt::Acquired(lock) => Some(lock),
+                LockAttempt::Unavailable => None,
+                LockAttempt::Held | LockAttempt::Filled => return,
+            };
+            let fill = Fill {
+                guard: Some(guard),
+                lock,
+            };
+            let status = CacheStatus::forward("stale", tier);
+            let refreshed =
+                revalidate(&config, inner, request, entry, &keyed, status, false, fill).await;
+            if let Ok(response) = refreshed {
+                // The copy is stored once the body has been read in full.
+                let _ = response.into_body().collect().await;
+            }
+        }
+        .in_current_span(),
+    );
+}
+
+/// A miss with coalescing: one request per instance leads (the others
+/// follow it in process); among the instances' leaders, the one that takes
+/// the Redis fill lock goes to the origin and the others wait for its entry.
+async fn coalesced_miss<S, ReqBody, ResBody>(
+    config: &Arc<Config>,
+    inner: S,
+    request: Request<ReqBody>,
+    keyed: &Keyed,
+    status: CacheStatus,
+    max_wait: Duration,
+) -> Result<Response<CacheBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    let store = &config.store;
+    let deadline = tokio::time::Instant::now() + max_wait;
+    let guard = match config.flights.join(&keyed.flight_key()) {
+        Joined::Follower(flight) => {
+            let shared = tokio::time::timeout_at(deadline, coalesce::wait(flight)).await;
+            if let Ok(Some(entry)) = shared {
+                return Ok(serve_coalesced(config, &entry, keyed, Tier::Redis));
+            }
+            // The leader stored nothing this request can use (or took too
+            // long): look again, then go to the origin.
+            if let (Lookup::Hit(entry), tier) = store
+                .lookup(&keyed.url_hash, &keyed.parts.headers, &keyed.extra)
+                .await
+            {
+                return Ok(serve_coalesced(config, &entry, keyed, tier));
+            }
+            return forward_and_store(config, inner, request, keyed, status, Fill::none()).await;
+        }
+        Joined::Leader(guard) => guard,
+    };
+    let mut poll = Duration::from_millis(10);
+    loop {
+        let variant = store.known_variant(&keyed.url_hash, &keyed.parts.headers, &keyed.extra);
+        let lock = match store
+            .try_lock(&keyed.url_hash, variant.as_deref(), LockPurpose::Fill)
+            .await
+        {
+            LockAttempt::Acquired(lock) => Some(lock),
+            LockAttempt::Unavailable => None,
+            LockAttempt::Held | LockAttempt::Filled => {
+                // Another instance fills: wait for its announcement (or poll,
+                // in case the message is lost), then look again.
+                let updated = store.events.updated();
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    tracing::debug!(target: "tower_redis_cache", "coalescing wait exceeded; going to the origin");
+                    None
+                } else {
+                    let _ = tokio::time::timeout_at(deadline.min(now + poll), updated).await;
+                    poll = (poll * 2).min(Duration::from_millis(250));
+                    if let (Lookup::Hit(entry), tier) = store
+                        .lookup(&keyed.url_hash, &keyed.parts.headers, &keyed.extra)
+                        .await
+                    {
+                        let shared = key::vary_names(&entry.headers)
+                            .unwrap_or_default()
+                            .is_empty()
+                            .then(|| Arc::new(entry.clone()));
+                        guard.complete(shared);
+                        return Ok(serve_coalesced(config, &entry, keyed, tier));
+                    }
+                    continue;
+                }
+            }
+        };
+        let fill = Fill {
+            guard: Some(guard),
+            lock,
+        };
+        return forward_and_store(config, inner, request, keyed, status, fill).await;
+    }
+}
+
+/// An entry another request just fetched.
+fn serve_coalesced<B>(
+    config: &Config,
+    entry: &Entry,
+    keyed: &Keyed,
+    tier: Tier,
+) -> Response<CacheBody<B>> {
+    config
+        .store
+        .counters
+        .coalesced
+        .fetch_add(1, Ordering::Relaxed);
+    let now_ms = freshness::epoch_ms(SystemTime::now());
+    let mut status = CacheStatus::hit(entry.ttl(now_ms), tier);
+    status.details.push("coalesced");
+    serve(entry, &keyed.parts, entry.age(now_ms), status)
+}
+
+async fn forward_and_store<S, ReqBody, ResBody>(
+    config: &Arc<Config>,
+    mut inner: S,
+    request: Request<ReqBody>,
+    keyed: &Keyed,
+    status: CacheStatus,
+    fill: Fill,
+) -> Result<Response<CacheBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    let request_time = SystemTime::now();
+    let response = match inner.call(request).await {
+        Ok(response) => response,
+        Err(error) => {
+            fill.release(config, &keyed.url_hash);
+            return Err(error);
+        }
+    };
+    Ok(store_if_allowed(
+        config,
+        keyed,
+        response,
+        request_time,
+        status,
+        fill,
+    ))
+}
+
 /// Sends a conditional request for a stale entry: a 304 refreshes the entry
 /// (RFC 9111 §4.3.4) and it is served; anything else is a fresh response.
+/// With `stale_if_error`, an origin error, a 500/502/503/504 or no answer
+/// within the origin timeout serves the stale entry instead (RFC 5861).
 #[allow(clippy::too_many_arguments)]
 async fn revalidate<S, ReqBody, ResBody>(
-    config: &Config,
+    config: &Arc<Config>,
     mut inner: S,
     mut request: Request<ReqBody>,
     entry: Entry,
-    route: &Route,
     keyed: &Keyed,
-    reason: &'static str,
-    degraded: bool,
+    status: CacheStatus,
+    stale_if_error: bool,
+    fill: Fill,
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -215,21 +505,60 @@ where
         headers.insert(header::IF_MODIFIED_SINCE, modified.clone());
     }
     let request_time = SystemTime::now();
-    let response = inner.call(request).await?;
+    let call = inner.call(request);
+    let answer = match config.origin_timeout.filter(|_| stale_if_error) {
+        Some(limit) => tokio::time::timeout(limit, call).await.ok(),
+        None => Some(call.await),
+    };
+    let failed = match &answer {
+        None => Some(None),
+        Some(Err(_)) => Some(None),
+        Some(Ok(response)) if is_server_failure(response.status()) => Some(Some(response.status())),
+        Some(Ok(_)) => None,
+    };
+    if let (true, Some(fwd_status)) = (stale_if_error, failed) {
+        fill.release(config, &keyed.url_hash);
+        let now_ms = freshness::epoch_ms(SystemTime::now());
+        let mut stale = CacheStatus::hit(entry.ttl(now_ms), status.tier);
+        stale.fwd = Some("stale");
+        stale.fwd_status = fwd_status;
+        stale.details.push("stale-if-error");
+        config
+            .store
+            .counters
+            .stale_hits
+            .fetch_add(1, Ordering::Relaxed);
+        return Ok(serve(&entry, client_parts, entry.age(now_ms), stale));
+    }
+    let response = match answer {
+        Some(Ok(response)) => response,
+        Some(Err(error)) => {
+            fill.release(config, &keyed.url_hash);
+            return Err(error);
+        }
+        // Unreachable: a timeout only applies with stale_if_error.
+        None => {
+            fill.release(config, &keyed.url_hash);
+            return Ok(gateway_timeout(status.tier));
+        }
+    };
     if response.status() != StatusCode::NOT_MODIFIED {
-        let status = CacheStatus::forward(reason, degraded).with_fwd_status(response.status());
+        let status = status.with_fwd_status(response.status());
         return Ok(store_if_allowed(
             config,
             keyed,
             response,
-            route,
             request_time,
             status,
+            fill,
         ));
     }
     // §4.3.4: the stored response, with the 304's header fields.
     let response_time = SystemTime::now();
-    let (not_modified, _) = response.into_parts();
+    let (mut not_modified, _) = response.into_parts();
+    let route = config.route_for(client_parts.uri.path());
+    let mut tags = stored_tags(&entry.headers);
+    tags.extend(take_tags(config, route, client_parts, &mut not_modified));
     let mut refreshed = entry;
     // Every line of each field the 304 sends replaces the stored lines.
     for name in not_modified.headers.keys() {
@@ -243,8 +572,7 @@ where
         }
     }
     let as_stored = response_parts(refreshed.status, refreshed.headers.clone());
-    let mut status =
-        CacheStatus::forward(reason, degraded).with_fwd_status(StatusCode::NOT_MODIFIED);
+    let mut status = status.with_fwd_status(StatusCode::NOT_MODIFIED);
     let unkeyed = carries_unkeyed_header(config, client_parts);
     let storable = freshness::storable(
         client_parts,
@@ -259,29 +587,123 @@ where
         refreshed.initial_age =
             freshness::initial_age(&not_modified.headers, request_time, response_time);
         refreshed.lifetime = storable.lifetime;
+        set_stored_tags(&mut refreshed.headers, &tags);
         let vary = key::vary_names(&refreshed.headers).unwrap_or_default();
         let put = Put {
             url_hash: keyed.url_hash.clone(),
+            url: keyed.url.clone(),
             variant: key::variant(&vary, &client_parts.headers, &keyed.extra),
             vary,
-            keep_for: freshness::retention(storable.lifetime, config.keep_stale_for),
+            keep_for: keep_for(config, route, &refreshed, storable.lifetime),
             entry: refreshed.clone(),
+            tags,
         };
-        config.store.put(put).await;
+        let shared = put.vary.is_empty().then(|| Arc::new(refreshed.clone()));
+        config.store.put(put, fill.lock).await;
+        if let Some(guard) = fill.guard {
+            guard.complete(shared);
+        }
         status.stored = true;
+    } else {
+        fill.release(config, &keyed.url_hash);
     }
     let age = refreshed.age(freshness::epoch_ms(SystemTime::now()));
     Ok(serve(&refreshed, client_parts, age, status))
 }
 
+fn is_server_failure(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 500 | 502 | 503 | 504)
+}
+
+/// How long an entry is kept: its freshness, plus the longest of the
+/// layer's stale keep and the stale-while-revalidate / stale-if-error windows.
+fn keep_for(config: &Config, route: &Route, entry: &Entry, lifetime: u64) -> Duration {
+    let stored = freshness::directives_of(&entry.headers, &config.rules);
+    let windows = freshness::stale_windows(&stored, route);
+    let stale_keep = config
+        .keep_stale_for
+        .max(Duration::from_secs(windows.while_revalidate))
+        .max(Duration::from_secs(windows.if_error));
+    freshness::retention(lifetime, stale_keep)
+}
+
+/// A response the cache does not handle: only its tag headers are removed.
+fn passthrough<B>(config: &Config, response: Response<B>) -> Response<CacheBody<B>> {
+    let (mut parts, body) = response.into_parts();
+    if config.strip_tag_headers {
+        for name in &config.tag_headers {
+            parts.headers.remove(name);
+        }
+    }
+    Response::from_parts(parts, CacheBody::passthrough(body))
+}
+
+/// The internal header that keeps an entry's tags with it (never served).
+static STORED_TAGS: HeaderName = HeaderName::from_static("tower-redis-tags");
+
+/// Tags of a response: its tag headers (removed when so configured), the
+/// route's static tags and the route's tag function.
+fn take_tags(
+    config: &Config,
+    route: &Route,
+    request: &Parts,
+    response: &mut http::response::Parts,
+) -> Vec<String> {
+    let mut tags: Vec<String> = Vec::new();
+    for name in &config.tag_headers {
+        for value in response.headers.get_all(name) {
+            let text = String::from_utf8_lossy(value.as_bytes());
+            tags.extend(
+                text.split(|c: char| c == ',' || c.is_ascii_whitespace())
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned),
+            );
+        }
+        if config.strip_tag_headers {
+            response.headers.remove(name);
+        }
+    }
+    tags.extend(route.tags.iter().cloned());
+    if let Some(tags_fn) = &route.tags_fn {
+        tags.extend(tags_fn(request, response));
+    }
+    tags.retain(|t| !t.is_empty() && t.len() <= 1024);
+    tags.sort_unstable();
+    tags.dedup();
+    tags
+}
+
+fn stored_tags(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get(&STORED_TAGS)
+        .map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(' ')
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn set_stored_tags(headers: &mut HeaderMap, tags: &[String]) {
+    headers.remove(&STORED_TAGS);
+    if tags.is_empty() {
+        return;
+    }
+    if let Ok(value) = HeaderValue::from_str(&tags.join(" ")) {
+        headers.insert(STORED_TAGS.clone(), value);
+    }
+}
+
 /// Passes a response on, storing a copy when RFC 9111 and the route allow.
 fn store_if_allowed<ResBody>(
-    config: &Config,
+    config: &Arc<Config>,
     keyed: &Keyed,
     response: Response<ResBody>,
-    route: &Route,
     request_time: SystemTime,
     mut status: CacheStatus,
+    fill: Fill,
 ) -> Response<CacheBody<ResBody>>
 where
     ResBody: Body<Data = Bytes> + Send + 'static,
@@ -289,6 +711,8 @@ where
     let response_time = SystemTime::now();
     let (mut parts, body) = response.into_parts();
     let request = &keyed.parts;
+    let route = config.route_for(request.uri.path());
+    let tags = take_tags(config, route, request, &mut parts);
     let storable = (request.method == Method::GET && !carries_unkeyed_header(config, request))
         .then(|| {
             freshness::storable(
@@ -304,6 +728,7 @@ where
         .flatten()
         .filter(|_| body.size_hint().lower() <= config.max_body_bytes as u64);
     let Some(storable) = storable else {
+        fill.release(config, &keyed.url_hash);
         add_cache_status(&mut parts.headers, &status);
         return Response::from_parts(parts, CacheBody::passthrough(body));
     };
@@ -312,6 +737,7 @@ where
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
+    set_stored_tags(&mut headers, &tags);
     let vary = key::vary_names(&headers).unwrap_or_default();
     let (recorder, done) = Recorder::new(config.max_body_bytes);
     let template = Entry {
@@ -324,21 +750,25 @@ where
     };
     let put = Put {
         url_hash: keyed.url_hash.clone(),
+        url: keyed.url.clone(),
         variant: key::variant(&vary, &request.headers, &keyed.extra),
         vary,
-        keep_for: freshness::retention(storable.lifetime, config.keep_stale_for),
+        keep_for: keep_for(config, route, &template, storable.lifetime),
         entry: template,
+        tags,
     };
-    let store_config = StoreJob {
-        generate_etags: config.generate_etags,
-    };
-    let config_store = Arc::clone(&config.store);
+    let generate_etags = config.generate_etags;
+    let config = Arc::clone(config);
     let in_flight = config.store.start_store();
     // Stored once the body has been sent in full; a client that goes away
     // mid-body drops the recorder and nothing is stored.
-    tokio::spawn(async move {
-        let _in_flight = in_flight;
-        if let Ok(body) = done.await {
+    tokio::spawn(
+        async move {
+            let _in_flight = in_flight;
+            let Ok(body) = done.await else {
+                fill.release(&config, &put.url_hash);
+                return;
+            };
             let mut put = put;
             // A body that ended short of its declared length is not an entry.
             let declared = put
@@ -348,23 +778,25 @@ where
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<usize>().ok());
             if declared.is_some_and(|len| len != body.len()) {
+                fill.release(&config, &put.url_hash);
                 return;
             }
             put.entry.body = body;
-            if store_config.generate_etags && !put.entry.headers.contains_key(header::ETAG) {
+            if generate_etags && !put.entry.headers.contains_key(header::ETAG) {
                 put.entry
                     .headers
                     .insert(header::ETAG, strong_etag(&put.entry.body));
             }
-            config_store.put(put).await;
+            let shared = put.vary.is_empty().then(|| Arc::new(put.entry.clone()));
+            config.store.put(put, fill.lock).await;
+            if let Some(guard) = fill.guard {
+                guard.complete(shared);
+            }
         }
-    });
+        .in_current_span(),
+    );
     add_cache_status(&mut parts.headers, &status);
     Response::from_parts(parts, CacheBody::recording(body, recorder))
-}
-
-struct StoreJob {
-    generate_etags: bool,
 }
 
 fn strong_etag(body: &Bytes) -> HeaderValue {
@@ -404,7 +836,7 @@ where
         }
         config.store.invalidate(&urls).await;
     }
-    Ok(response.map(CacheBody::passthrough))
+    Ok(passthrough(config, response))
 }
 
 /// A response from an entry: 304 when the client's validators match.
@@ -415,6 +847,7 @@ fn serve<B>(
     status: CacheStatus,
 ) -> Response<CacheBody<B>> {
     let mut headers = entry.headers.clone();
+    headers.remove(&STORED_TAGS);
     headers.insert(header::AGE, HeaderValue::from(age));
     add_cache_status(&mut headers, &status);
     if entry.status == StatusCode::OK && not_modified(request, &entry.headers) {
@@ -470,19 +903,12 @@ fn not_modified(request: &Parts, stored: &HeaderMap) -> bool {
 }
 
 /// `only-if-cached` with nothing usable: 504, and nothing was forwarded.
-fn gateway_timeout<B>(degraded: bool) -> Response<CacheBody<B>> {
+fn gateway_timeout<B>(tier: Tier) -> Response<CacheBody<B>> {
     let mut response = Response::new(CacheBody::empty());
     *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
-    let status = CacheStatus {
-        hit_ttl: None,
-        fwd: None,
-        fwd_status: None,
-        stored: false,
-        degraded,
-    };
-    let mut value = status.render();
-    value.push_str("; detail=only-if-cached");
-    if let Ok(value) = HeaderValue::from_str(&value) {
+    let mut status = CacheStatus::new(tier);
+    status.details.insert(0, "only-if-cached");
+    if let Ok(value) = HeaderValue::from_str(&status.render()) {
         response.headers_mut().append(CACHE_STATUS.clone(), value);
     }
     response
@@ -495,28 +921,38 @@ pub(crate) struct CacheStatus {
     fwd: Option<&'static str>,
     fwd_status: Option<StatusCode>,
     stored: bool,
-    degraded: bool,
+    tier: Tier,
+    /// `detail` tokens: why it was served as it was.
+    details: Vec<&'static str>,
 }
 
 impl CacheStatus {
-    fn hit(ttl: i64, degraded: bool) -> Self {
+    fn new(tier: Tier) -> Self {
+        let details = match tier {
+            Tier::Degraded => vec!["redis-unavailable"],
+            Tier::Near => vec!["near"],
+            Tier::Redis => Vec::new(),
+        };
         Self {
-            hit_ttl: Some(ttl),
+            hit_ttl: None,
             fwd: None,
             fwd_status: None,
             stored: false,
-            degraded,
+            tier,
+            details,
         }
     }
 
-    fn forward(reason: &'static str, degraded: bool) -> Self {
-        Self {
-            hit_ttl: None,
-            fwd: Some(reason),
-            fwd_status: None,
-            stored: false,
-            degraded,
-        }
+    fn hit(ttl: i64, tier: Tier) -> Self {
+        let mut status = Self::new(tier);
+        status.hit_ttl = Some(ttl);
+        status
+    }
+
+    fn forward(reason: &'static str, tier: Tier) -> Self {
+        let mut status = Self::new(tier);
+        status.fwd = Some(reason);
+        status
     }
 
     fn with_fwd_status(mut self, status: StatusCode) -> Self {
@@ -539,8 +975,17 @@ impl CacheStatus {
         if self.stored {
             out.push_str("; stored");
         }
-        if self.degraded {
-            out.push_str("; detail=redis-unavailable");
+        match self.details.as_slice() {
+            [] => {}
+            [one] => {
+                out.push_str("; detail=");
+                out.push_str(one);
+            }
+            several => {
+                out.push_str("; detail=\"");
+                out.push_str(&several.join(" "));
+                out.push('"');
+            }
         }
         out
     }
@@ -564,7 +1009,7 @@ fn record(status: &CacheStatus) {
         "tower_redis_cache_requests_total",
         "result" => result,
         "stored" => if status.stored { "true" } else { "false" },
-        "degraded" => if status.degraded { "true" } else { "false" }
+        "degraded" => if status.tier == Tier::Degraded { "true" } else { "false" }
     )
     .increment(1);
 }

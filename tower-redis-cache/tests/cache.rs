@@ -431,7 +431,7 @@ async fn a_client_that_disconnects_mid_body_leaves_no_entry() {
     settle(&f.layer).await;
     let mut conn = f.redis.connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
+        .arg("*:c:*")
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -479,7 +479,7 @@ async fn a_corrupt_entry_is_a_miss_and_is_replaced() {
     settle(&f.layer).await;
     let mut conn = f.redis.connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
+        .arg("*:c:*")
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -666,7 +666,7 @@ async fn a_vary_on_a_header_clients_control_cannot_grow_a_url_without_bound() {
     settle(&f.layer).await;
     let mut conn = f.redis.connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
+        .arg("*:c:*")
         .query_async(&mut conn)
         .await
         .unwrap();

@@ -54,6 +54,7 @@ mod error;
 mod future;
 mod keys;
 mod manager;
+mod pubsub;
 
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -62,6 +62,9 @@ struct Inner {
     probe_max_backoff: Duration,
     probing: AtomicBool,
     description: String,
+    /// Where [`RedisManager::pubsub`] connects: the server, or the first
+    /// cluster seed (plain `PUBLISH` reaches every node of a cluster).
+    pubsub_client: Option<redis::Client>,
 }
 
 enum Backend {
@@ -149,6 +152,7 @@ impl RedisManager {
     /// Redis when [`require_redis`](crate::RedisConfigBuilder::require_redis) is set.
     pub async fn connect(config: RedisConfig) -> Result<Self, Error> {
         let backend = Backend::new(&config)?;
+        let pubsub_client = crate::pubsub::client_for(config.topology());
         let description = describe(config.topology());
         let breaker_config = config.breaker();
         let manager = Self {
@@ -162,6 +166,7 @@ impl RedisManager {
                 probe_max_backoff: breaker_config.probe_max_backoff,
                 probing: AtomicBool::new(false),
                 description,
+                pubsub_client,
             }),
         };
         match manager.inner.probe().await {
@@ -206,6 +211,7 @@ impl RedisManager {
                 probe_max_backoff: Duration::MAX,
                 probing: AtomicBool::new(false),
                 description: "disabled (in-process only)".to_owned(),
+                pubsub_client: None,
             }),
         }
     }
@@ -224,6 +230,14 @@ impl RedisManager {
     /// (drop local entries, reconcile writes) when Redis comes back.
     pub fn subscribe(&self) -> watch::Receiver<BreakerState> {
         self.inner.breaker.subscribe()
+    }
+
+    pub(crate) fn pubsub_client(&self) -> Option<&redis::Client> {
+        self.inner.pubsub_client.as_ref()
+    }
+
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        self.inner.connect_timeout
     }
 
     /// Builds the keys of this app (prefix, hash tags, escaping).

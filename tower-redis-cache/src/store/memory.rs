@@ -1,9 +1,10 @@
-//! The in-process store used while Redis is unavailable: moka, bounded by
-//! bytes, with the same URL → variants structure as Redis.
+//! In-process stores: moka, bounded by bytes, with the same URL → variants
+//! structure as Redis. One serves while Redis is unavailable; another,
+//! optional, is the near cache in front of Redis.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 
@@ -14,8 +15,13 @@ use crate::key;
 
 #[derive(Debug, Clone)]
 struct Variants {
+    /// `//host/path?query`.
+    url: String,
     vary: String,
     entries: HashMap<String, (Arc<Entry>, Instant)>,
+    tags: Vec<String>,
+    /// The last soft purge (ms since the epoch).
+    soft_purged: Option<u64>,
     weight: u32,
 }
 
@@ -23,13 +29,47 @@ pub(crate) struct MemoryStore {
     urls: moka::sync::Cache<String, Arc<Variants>>,
 }
 
+/// What an in-process purge selects.
+pub(crate) enum Selector<'a> {
+    Tag(&'a str),
+    /// A path prefix (`/products/`), or a whole URL's path and query with
+    /// `exact` (`/products/1?page=2`), on any host.
+    Path {
+        prefix: &'a str,
+        exact: bool,
+    },
+    All,
+}
+
+impl Selector<'_> {
+    fn matches(&self, variants: &Variants) -> bool {
+        match self {
+            Selector::Tag(tag) => variants.tags.iter().any(|t| t == tag),
+            Selector::Path { prefix, exact } => {
+                let path = key::path_of(&variants.url);
+                if *exact {
+                    path == *prefix
+                } else {
+                    path.starts_with(prefix)
+                }
+            }
+            Selector::All => true,
+        }
+    }
+}
+
 impl MemoryStore {
-    pub(crate) fn new(max_bytes: u64) -> Self {
+    /// A store of at most `max_bytes`, whose entries live at most
+    /// `time_to_live` (besides their own expiry).
+    pub(crate) fn new(max_bytes: u64, time_to_live: Option<Duration>) -> Self {
+        let mut builder = moka::sync::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_key: &String, value: &Arc<Variants>| value.weight);
+        if let Some(ttl) = time_to_live {
+            builder = builder.time_to_live(ttl);
+        }
         Self {
-            urls: moka::sync::Cache::builder()
-                .max_capacity(max_bytes)
-                .weigher(|_key: &String, value: &Arc<Variants>| value.weight)
-                .build(),
+            urls: builder.build(),
         }
     }
 
@@ -40,7 +80,11 @@ impl MemoryStore {
         let variant = key::variant(&variants.vary, request, extra);
         match variants.entries.get(&variant) {
             Some((entry, expires)) if *expires > Instant::now() => {
-                Found::Entry(Entry::clone(entry))
+                let mut entry = Entry::clone(entry);
+                if let Some(at) = variants.soft_purged {
+                    entry.mark_stale_at(at);
+                }
+                Found::Entry(entry)
             }
             _ => Found::NoVariant,
         }
@@ -53,21 +97,33 @@ impl MemoryStore {
             .get(&put.url_hash)
             .map(|v| Variants::clone(&v))
             .unwrap_or_else(|| Variants {
+                url: put.url.clone(),
                 vary: put.vary.clone(),
                 entries: HashMap::new(),
+                tags: Vec::new(),
+                soft_purged: None,
                 weight: 0,
             });
-        variants.vary.clone_from(&put.vary);
+        if variants.vary != put.vary {
+            variants.entries.clear();
+            variants.vary.clone_from(&put.vary);
+        }
         variants.entries.retain(|_, (_, expires)| *expires > now);
         variants.entries.insert(
             put.variant.clone(),
             (Arc::new(put.entry.clone()), expiry(now, put.keep_for)),
         );
+        for tag in &put.tags {
+            if !variants.tags.contains(tag) {
+                variants.tags.push(tag.clone());
+            }
+        }
         variants.weight = variants
             .entries
             .values()
             .map(|(e, _)| e.weight())
             .sum::<u32>()
+            .saturating_add(u32::try_from(variants.url.len()).unwrap_or(u32::MAX))
             .max(1);
         self.urls.insert(put.url_hash.clone(), Arc::new(variants));
     }
@@ -76,13 +132,50 @@ impl MemoryStore {
         self.urls.invalidate(url_hash);
     }
 
+    /// Removes the URLs the selector matches; returns how many.
+    pub(crate) fn purge(&self, selector: &Selector<'_>) -> u64 {
+        if matches!(selector, Selector::All) {
+            let count = self.urls.entry_count();
+            self.clear();
+            return count;
+        }
+        let mut count = 0;
+        for (url_hash, variants) in &self.urls {
+            if selector.matches(&variants) {
+                self.urls.invalidate(url_hash.as_str());
+                count += 1;
+            }
+        }
+        count
+    }
+
+    /// Marks the matching URLs' entries stale as of `at_ms`; returns how many URLs.
+    pub(crate) fn soft_purge(&self, selector: &Selector<'_>, at_ms: u64) -> u64 {
+        let mut count = 0;
+        for (url_hash, variants) in &self.urls {
+            if selector.matches(&variants) {
+                let mut marked = Variants::clone(&variants);
+                marked.soft_purged = Some(at_ms);
+                self.urls.insert(String::clone(&url_hash), Arc::new(marked));
+                count += 1;
+            }
+        }
+        count
+    }
+
     pub(crate) fn clear(&self) {
         self.urls.invalidate_all();
+    }
+
+    /// Entries (URLs) and bytes held, approximately.
+    pub(crate) fn size(&self) -> (u64, u64) {
+        self.urls.run_pending_tasks();
+        (self.urls.entry_count(), self.urls.weighted_size())
     }
 }
 
 /// `now + keep_for`, saturating far in the future instead of overflowing.
-fn expiry(now: Instant, keep_for: std::time::Duration) -> Instant {
+fn expiry(now: Instant, keep_for: Duration) -> Instant {
     now.checked_add(keep_for)
-        .unwrap_or_else(|| now + std::time::Duration::from_secs(10 * 365 * 24 * 3600))
+        .unwrap_or_else(|| now + Duration::from_secs(10 * 365 * 24 * 3600))
 }

@@ -1,23 +1,32 @@
-//! Where entries live: Redis (shared by every instance), and a bounded
-//! in-process store while Redis is unavailable. The failover between them
-//! is [`RedisManager::failover`]; when Redis answers again the in-process
-//! entries are dropped and invalidations made meanwhile are replayed.
+//! Where entries live: Redis (shared by every instance), an optional near
+//! cache in front of it, and a bounded in-process store while Redis is
+//! unavailable. The failover between Redis and the in-process store is
+//! [`RedisManager::failover`]; when Redis answers again the in-process
+//! entries are dropped and invalidations and purges made meanwhile are
+//! replayed.
 
 mod memory;
 mod redis_store;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
+use tower_redis_core::redis::{self, Value};
 use tower_redis_core::{RedisManager, Source};
 
 use crate::entry::Entry;
-pub(crate) use memory::MemoryStore;
+use crate::events::Events;
+use crate::freshness;
+use crate::key;
+pub(crate) use memory::{MemoryStore, Selector};
+use redis_store::Op;
 
-/// Invalidations remembered during an outage, at most.
-const MAX_PENDING_INVALIDATIONS: usize = 10_000;
+/// Invalidations and purges remembered during an outage, at most.
+const MAX_PENDING: usize = 10_000;
+/// URLs deleted per pipeline in a purge.
+const PURGE_BATCH: usize = 500;
 
 /// The result of a lookup.
 #[derive(Debug)]
@@ -29,29 +38,122 @@ pub(crate) enum Lookup {
     VaryMiss,
 }
 
+/// Which store answered a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tier {
+    Redis,
+    Near,
+    /// The in-process store, because Redis is unavailable.
+    Degraded,
+}
+
 /// An entry to store: where, and for how long.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Put {
     pub(crate) url_hash: String,
+    /// `//host/path?query`, for the indexes.
+    pub(crate) url: String,
     pub(crate) vary: String,
     pub(crate) variant: String,
     pub(crate) entry: Entry,
     pub(crate) keep_for: Duration,
+    pub(crate) tags: Vec<String>,
+}
+
+/// A fill lock held in Redis.
+#[derive(Debug)]
+pub(crate) struct LockToken {
+    token: String,
+}
+
+/// Why a lock is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LockPurpose {
+    /// Filling a missing entry.
+    Fill,
+    /// Refreshing a stale entry (stored at this time, ms) in the background.
+    Refresh(u64),
+}
+
+/// The answer to a fill-lock request.
+#[derive(Debug)]
+pub(crate) enum LockAttempt {
+    Acquired(LockToken),
+    /// Another request (on any instance) is filling.
+    Held,
+    /// An entry was stored since the caller's lookup.
+    Filled,
+    /// Redis is unavailable: no cross-instance coordination.
+    Unavailable,
+}
+
+/// What a purge selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Target {
+    Tag(String),
+    /// Every URL whose path (and query) starts with this, on any host.
+    Prefix(String),
+    /// One URL's path and query, on any host.
+    Path(String),
+    /// One URL, as its key (`//host/path?query`).
+    Url(String),
+    All,
+}
+
+/// How a purge went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Purged {
+    /// URLs whose entries were removed (or marked stale, for a soft purge),
+    /// counted where the purge ran: Redis, or the in-process store.
+    pub urls: u64,
+    /// Redis was unavailable: the purge ran on this instance's in-process
+    /// store and is replayed on Redis when it answers again.
+    pub deferred: bool,
+}
+
+/// Counters of this instance, for [`crate::CacheHandle::stats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) stale_hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) coalesced: AtomicU64,
+    pub(crate) stores: AtomicU64,
+}
+
+/// Tuning that the store needs.
+#[derive(Debug, Clone)]
+pub(crate) struct StoreOptions {
+    pub(crate) memory_bytes: u64,
+    pub(crate) near: Option<(u64, Duration)>,
+    pub(crate) index_depth: usize,
+    pub(crate) lock_ttl: Duration,
 }
 
 pub(crate) struct CacheStore {
     manager: RedisManager,
     memory: MemoryStore,
+    near: Option<Arc<MemoryStore>>,
+    pub(crate) events: Arc<Events>,
+    options: StoreOptions,
     /// The `Vary` names last seen per URL, so that a lookup is a plain
     /// `HMGET` instead of a script.
     vary_hints: moka::sync::Cache<String, String>,
     /// Set while the in-process store is in use; cleared (and the store
     /// emptied) on the first Redis answer after.
     degraded: AtomicBool,
-    pending_invalidations: Mutex<Vec<String>>,
+    pending: Mutex<Vec<Pending>>,
     /// Stores waiting for a response body to finish, for [`CacheStore::flushed`].
     in_flight: AtomicUsize,
     flushed: tokio::sync::Notify,
+    pub(crate) counters: Counters,
+}
+
+/// A write that could not reach Redis, replayed when it answers again.
+#[derive(Debug, Clone)]
+enum Pending {
+    Invalidate(String),
+    Purge(Target, Option<u64>),
 }
 
 /// Counts one store in flight until dropped.
@@ -74,26 +176,46 @@ impl std::fmt::Debug for CacheStore {
 }
 
 impl CacheStore {
-    pub(crate) fn new(manager: RedisManager, memory_bytes: u64) -> Self {
+    pub(crate) fn new(manager: RedisManager, options: StoreOptions) -> Self {
+        let near = options
+            .near
+            .map(|(bytes, ttl)| Arc::new(MemoryStore::new(bytes, Some(ttl))));
+        let events = Arc::new(Events::new(manager.clone(), near.clone()));
         Self {
+            memory: MemoryStore::new(options.memory_bytes, None),
+            near,
+            events,
+            options,
             manager,
-            memory: MemoryStore::new(memory_bytes),
             vary_hints: moka::sync::Cache::new(100_000),
             degraded: AtomicBool::new(false),
-            pending_invalidations: Mutex::new(Vec::new()),
+            pending: Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
             flushed: tokio::sync::Notify::new(),
+            counters: Counters::default(),
         }
     }
 
-    /// One round trip (Vary resolution included). The bool says whether the
-    /// answer came from the in-process store.
+    /// One round trip (Vary resolution included), none from the near cache.
     pub(crate) async fn lookup(
         &self,
         url_hash: &str,
         request: &HeaderMap,
         extra: &str,
-    ) -> (Lookup, bool) {
+    ) -> (Lookup, Tier) {
+        self.events.ensure_started();
+        if self.degraded.load(Ordering::Acquire) && self.manager.is_available() {
+            // Redis is back: replay the outage's invalidations and purges
+            // before reading, so this answer already reflects them.
+            self.after(Source::Redis).await;
+        }
+        let near = self.near.as_ref().filter(|_| self.events.near_usable());
+        if let Some(near) = near
+            && let redis_store::Found::Entry(entry) = near.lookup(url_hash, request, extra)
+        {
+            return (Lookup::Hit(entry), Tier::Near);
+        }
+        let epoch = self.events.epoch();
         let key = self.redis_key(url_hash);
         let hint = self.vary_hints.get(url_hash);
         let served = self
@@ -103,27 +225,46 @@ impl CacheStore {
                 |_| async { (self.memory.lookup(url_hash, request, extra), None) },
             )
             .await;
-        let degraded = self.after(served.source).await;
+        let tier = if self.after(served.source).await {
+            Tier::Degraded
+        } else {
+            Tier::Redis
+        };
         let (found, vary_seen) = served.value;
-        match vary_seen {
-            Some(vary) => self.vary_hints.insert(url_hash.to_owned(), vary),
-            None if served.source == Source::Redis => self.vary_hints.invalidate(url_hash),
+        match &vary_seen {
+            Some(vary) => self.vary_hints.insert(url_hash.to_owned(), vary.clone()),
+            None if tier == Tier::Redis => self.vary_hints.invalidate(url_hash),
             None => {}
         }
         let lookup = match found {
-            redis_store::Found::Entry(entry) => Lookup::Hit(entry),
+            redis_store::Found::Entry(entry) => {
+                if let (Some(near), Some(vary), Tier::Redis) = (near, vary_seen, tier)
+                    && self.events.epoch() == epoch
+                {
+                    near.put(&Put {
+                        url_hash: url_hash.to_owned(),
+                        url: String::new(),
+                        variant: key::variant(&vary, request, extra),
+                        vary,
+                        entry: entry.clone(),
+                        keep_for: Duration::from_secs(u64::from(u32::MAX)),
+                        tags: Vec::new(),
+                    });
+                }
+                Lookup::Hit(entry)
+            }
             redis_store::Found::NoUrl => Lookup::UriMiss,
             redis_store::Found::NoVariant => Lookup::VaryMiss,
             redis_store::Found::Corrupt(field) => {
                 tracing::warn!(target: "tower_redis_cache", "deleting a corrupt or foreign cache entry");
                 let _ = self
                     .manager
-                    .query::<()>(tower_redis_core::redis::cmd("HDEL").arg(&key).arg(field))
+                    .query::<()>(redis::cmd("HDEL").arg(&key).arg(field))
                     .await;
                 Lookup::VaryMiss
             }
         };
-        (lookup, degraded)
+        (lookup, tier)
     }
 
     /// Marks a store as started; it counts until the guard is dropped.
@@ -146,48 +287,405 @@ impl CacheStore {
         }
     }
 
-    /// One round trip.
-    pub(crate) async fn put(&self, put: Put) {
+    /// Stores an entry, records it in its indexes, releases the fill lock
+    /// and announces the update: one pipelined round trip.
+    pub(crate) async fn put(&self, put: Put, lock: Option<LockToken>) {
         self.vary_hints
             .insert(put.url_hash.clone(), put.vary.clone());
+        self.counters.stores.fetch_add(1, Ordering::Relaxed);
         let key = self.redis_key(&put.url_hash);
+        let mut indexes: Vec<String> = key::directories(&put.url, self.options.index_depth)
+            .into_iter()
+            .map(|dir| self.index_key("cx", dir))
+            .collect();
+        indexes.extend(put.tags.iter().map(|tag| self.index_key("ct", tag)));
+        let message = Events::updated_message(&put.url_hash);
+        let extras = redis_store::Extras {
+            indexes: &indexes,
+            url: &put.url,
+            unlock: lock.as_ref().map(|l| l.token.as_str()),
+            announce: Some((self.events.channel(), &message)),
+        };
+        if let Some(near) = &self.near {
+            near.remove(&put.url_hash);
+        }
         let served = self
             .manager
             .failover(
-                |conn| redis_store::put(conn, &key, &put),
+                |conn| redis_store::put(conn, &key, &put, &extras),
                 |_| async { self.memory.put(&put) },
             )
             .await;
         self.after(served.source).await;
     }
 
-    /// Deletes every variant of these URLs.
+    /// Takes the fill lock of a URL (one round trip). For a `fill`, an
+    /// entry stored for `variant` since the caller's lookup is reported
+    /// instead; `variant` is `None` when the caller does not know the URL's
+    /// `Vary` (then any stored entry counts).
+    pub(crate) async fn try_lock(
+        &self,
+        url_hash: &str,
+        variant: Option<&str>,
+        purpose: LockPurpose,
+    ) -> LockAttempt {
+        if !self.manager.is_available() {
+            return LockAttempt::Unavailable;
+        }
+        let token = format!("{:016x}", rand::random::<u64>());
+        let ttl = u64::try_from(self.options.lock_ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let key = self.redis_key(url_hash);
+        let mut invocation = redis_store::LOCK.key(&key);
+        invocation
+            .arg(&token)
+            .arg(ttl)
+            .arg(variant.unwrap_or(""))
+            .arg(match purpose {
+                LockPurpose::Fill => "fill",
+                LockPurpose::Refresh(_) => "refresh",
+            })
+            .arg(match purpose {
+                LockPurpose::Fill => Vec::new(),
+                LockPurpose::Refresh(stored_at) => stored_at.to_be_bytes().to_vec(),
+            });
+        match self.manager.invoke_script::<String>(&invocation).await {
+            Ok(answer) if answer == "acquired" => LockAttempt::Acquired(LockToken { token }),
+            Ok(answer) if answer == "filled" => LockAttempt::Filled,
+            Ok(_) => LockAttempt::Held,
+            Err(_) => LockAttempt::Unavailable,
+        }
+    }
+
+    /// The variant field a request selects, when this instance knows the
+    /// URL's `Vary`.
+    pub(crate) fn known_variant(
+        &self,
+        url_hash: &str,
+        request: &HeaderMap,
+        extra: &str,
+    ) -> Option<String> {
+        self.vary_hints
+            .get(url_hash)
+            .map(|vary| key::variant(&vary, request, extra))
+    }
+
+    /// Releases a fill lock without storing (the response was not
+    /// storable) and wakes the waiters.
+    pub(crate) async fn unlock(&self, lock: LockToken, url_hash: &str) {
+        let key = self.redis_key(url_hash);
+        let mut unlock = redis_store::UNLOCK.key(&key);
+        unlock.arg(&lock.token);
+        let ops = [
+            Op::Script(unlock),
+            redis_store::publish(self.events.channel(), &Events::updated_message(url_hash)),
+        ];
+        let _ = self.run_ops(&ops).await;
+    }
+
+    /// Deletes every variant of these URLs (RFC 9111 §4.4 invalidation).
     pub(crate) async fn invalidate(&self, url_hashes: &[String]) {
         for url_hash in url_hashes {
             self.memory.remove(url_hash);
-            let key = self.redis_key(url_hash);
-            let served = self
-                .manager
-                .failover(
-                    |mut conn| async move {
-                        tower_redis_core::redis::cmd("DEL")
-                            .arg(&key)
-                            .query_async::<()>(&mut conn)
-                            .await
-                    },
-                    |_| async {},
-                )
-                .await;
-            if served.is_fallback() {
-                self.degraded.store(true, Ordering::Release);
-                let mut pending = lock(&self.pending_invalidations);
-                if pending.len() < MAX_PENDING_INVALIDATIONS {
-                    pending.push(url_hash.clone());
-                } else {
-                    tracing::warn!(target: "tower_redis_cache", "too many invalidations during the Redis outage; some stale entries may be served after it");
+            if let Some(near) = &self.near {
+                near.remove(url_hash);
+            }
+        }
+        if url_hashes.is_empty() {
+            return;
+        }
+        let ops = self.delete_ops(url_hashes.iter().map(String::as_str));
+        let ops = &ops;
+        let served = self
+            .manager
+            .failover(
+                |mut conn| async move { redis_store::run_ops(&mut conn, ops).await.map(|_| ()) },
+                |_| async {},
+            )
+            .await;
+        if served.is_fallback() {
+            self.defer(url_hashes.iter().cloned().map(Pending::Invalidate));
+        } else {
+            self.after(served.source).await;
+        }
+    }
+
+    /// Purges (or, with `soft_at`, marks stale as of that time) the target's
+    /// entries everywhere: Redis, this instance's in-process stores, and
+    /// (through the announcements) the other instances' near caches.
+    pub(crate) async fn purge(&self, target: &Target, soft_at: Option<u64>) -> Purged {
+        let selector = match target {
+            Target::Tag(tag) => Some(Selector::Tag(tag)),
+            Target::Prefix(prefix) => Some(Selector::Path {
+                prefix,
+                exact: false,
+            }),
+            Target::Path(path) => Some(Selector::Path {
+                prefix: path,
+                exact: true,
+            }),
+            Target::Url(_) => None,
+            Target::All => Some(Selector::All),
+        };
+        let local = |store: &MemoryStore| match (&selector, target, soft_at) {
+            (Some(selector), _, None) => store.purge(selector),
+            (Some(selector), _, Some(at)) => store.soft_purge(selector, at),
+            (None, Target::Url(url), _) => {
+                store.remove(&key::hash_url(url));
+                1
+            }
+            (None, _, _) => 0,
+        };
+        if let Some(near) = &self.near {
+            local(near);
+        }
+        let local_count = local(&self.memory);
+        match self.purge_redis(target, soft_at).await {
+            Ok(urls) => Purged {
+                urls,
+                deferred: false,
+            },
+            Err(error) => {
+                tracing::warn!(target: "tower_redis_cache", %error, "purge deferred: Redis is unavailable; purged in process, replayed on Redis when it is back");
+                self.defer([Pending::Purge(target.clone(), soft_at)]);
+                Purged {
+                    urls: local_count,
+                    deferred: true,
                 }
+            }
+        }
+    }
+
+    async fn purge_redis(
+        &self,
+        target: &Target,
+        soft_at: Option<u64>,
+    ) -> Result<u64, tower_redis_core::Error> {
+        let (index, filter): (String, Option<(&str, bool)>) = match target {
+            Target::Url(url) => {
+                return self.purge_urls(std::slice::from_ref(url), soft_at).await;
+            }
+            Target::Tag(tag) => (self.index_key("ct", tag), None),
+            Target::Prefix(prefix) => (
+                self.index_key(
+                    "cx",
+                    key::directory_for_prefix(prefix, self.options.index_depth),
+                ),
+                Some((prefix.as_str(), false)),
+            ),
+            Target::Path(path) => (
+                self.index_key(
+                    "cx",
+                    key::directory_for_prefix(path, self.options.index_depth),
+                ),
+                Some((path.as_str(), true)),
+            ),
+            Target::All => (self.index_key("cx", "/"), None),
+        };
+        let mut count = 0;
+        let mut start = 0isize;
+        loop {
+            // Pages by rank; a hard purge removes what it read, so it always
+            // reads the first page.
+            let page: Vec<String> = self
+                .manager
+                .query(
+                    redis::cmd("ZRANGE")
+                        .arg(&index)
+                        .arg(start)
+                        .arg(start + PURGE_BATCH as isize - 1),
+                )
+                .await?;
+            if page.is_empty() {
+                break;
+            }
+            let selected: Vec<&String> = page
+                .iter()
+                .filter(|url| match filter {
+                    None => true,
+                    Some((prefix, false)) => key::path_of(url).starts_with(prefix),
+                    Some((path, true)) => key::path_of(url) == path,
+                })
+                .collect();
+            let urls: Vec<String> = selected.iter().map(|url| (*url).clone()).collect();
+            count += self.purge_urls(&urls, soft_at).await?;
+            let done = page.len() < PURGE_BATCH;
+            if soft_at.is_none() {
+                // Drop what was purged from the index, so the next page is new.
+                let mut zrem = redis::cmd("ZREM");
+                zrem.arg(&index);
+                let mut removed = 0;
+                for url in &selected {
+                    zrem.arg(url.as_str());
+                    removed += 1;
+                }
+                if removed > 0 {
+                    self.manager.query::<()>(&zrem).await?;
+                }
+                start += (page.len() - removed) as isize;
             } else {
-                self.after(served.source).await;
+                start += page.len() as isize;
+            }
+            if done {
+                break;
+            }
+        }
+        if matches!(target, Target::All) && soft_at.is_none() {
+            self.manager
+                .query::<()>(
+                    redis::cmd("PUBLISH")
+                        .arg(self.events.channel())
+                        .arg(Events::ALL_MESSAGE),
+                )
+                .await?;
+        }
+        Ok(count)
+    }
+
+    /// Deletes (or soft-purges) URLs' entries and announces each; returns
+    /// how many existed. A hard purge also takes the URLs out of the root
+    /// index, which counts the live entries.
+    async fn purge_urls(
+        &self,
+        urls: &[String],
+        soft_at: Option<u64>,
+    ) -> Result<u64, tower_redis_core::Error> {
+        let mut count = 0;
+        for chunk in urls.chunks(PURGE_BATCH) {
+            let mut ops = Vec::with_capacity(chunk.len() * 2 + 1);
+            for url in chunk {
+                let url_hash = &key::hash_url(url);
+                let key = self.redis_key(url_hash);
+                ops.push(match soft_at {
+                    None => {
+                        let mut del = redis::cmd("DEL");
+                        del.arg(&key);
+                        Op::Cmd(del)
+                    }
+                    Some(at) => {
+                        let mut mark = redis_store::SOFT_PURGE.key(&key);
+                        mark.arg(at);
+                        Op::Script(mark)
+                    }
+                });
+                ops.push(redis_store::publish(
+                    self.events.channel(),
+                    &Events::updated_message(url_hash),
+                ));
+            }
+            let pairs = ops.len();
+            if soft_at.is_none() {
+                let mut zrem = redis::cmd("ZREM");
+                zrem.arg(self.index_key("cx", "/")).arg(chunk);
+                ops.push(Op::Cmd(zrem));
+            }
+            let results = self.run_ops(&ops).await?;
+            // Every other answer is a PUBLISH count.
+            count += results[..pairs]
+                .iter()
+                .step_by(2)
+                .filter(|v| matches!(v, Value::Int(n) if *n > 0))
+                .count() as u64;
+        }
+        Ok(count)
+    }
+
+    /// An entry for the admin surface: the variant with no request headers.
+    pub(crate) async fn inspect(&self, url_hash: &str) -> Option<(Entry, Tier)> {
+        match self.lookup(url_hash, &HeaderMap::new(), "").await {
+            (Lookup::Hit(entry), tier) => Some((entry, tier)),
+            _ => None,
+        }
+    }
+
+    /// Live URLs and an estimate of their bytes in Redis (sampled with
+    /// `MEMORY USAGE`), or in the in-process store while Redis is down.
+    pub(crate) async fn size(&self) -> (u64, u64, bool) {
+        let root = self.index_key("cx", "/");
+        let now_ms = freshness::epoch_ms(SystemTime::now());
+        let counted = async {
+            let entries: u64 = self
+                .manager
+                .query(redis::cmd("ZCOUNT").arg(&root).arg(now_ms).arg("+inf"))
+                .await?;
+            let sample: Vec<String> = self
+                .manager
+                .query(
+                    redis::cmd("ZRANGE")
+                        .arg(&root)
+                        .arg("+inf")
+                        .arg(now_ms)
+                        .arg("BYSCORE")
+                        .arg("REV")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(64),
+                )
+                .await?;
+            let ops: Vec<Op> = sample
+                .iter()
+                .map(|url| {
+                    let mut usage = redis::cmd("MEMORY");
+                    usage.arg("USAGE").arg(self.redis_key(&key::hash_url(url)));
+                    Op::Cmd(usage)
+                })
+                .collect();
+            let found: Vec<u64> = self
+                .run_ops(&ops)
+                .await?
+                .into_iter()
+                .filter_map(|v| match v {
+                    Value::Int(n) => u64::try_from(n).ok(),
+                    _ => None,
+                })
+                .collect();
+            let average = if found.is_empty() {
+                0
+            } else {
+                found.iter().sum::<u64>() / found.len() as u64
+            };
+            Ok::<_, tower_redis_core::Error>((entries, entries * average))
+        }
+        .await;
+        match counted {
+            Ok((entries, bytes)) => (entries, bytes, false),
+            Err(_) => {
+                let (entries, bytes) = self.memory.size();
+                (entries, bytes, true)
+            }
+        }
+    }
+
+    fn delete_ops<'a>(&self, url_hashes: impl Iterator<Item = &'a str>) -> Vec<Op> {
+        let mut ops = Vec::new();
+        for url_hash in url_hashes {
+            let mut del = redis::cmd("DEL");
+            del.arg(self.redis_key(url_hash));
+            ops.push(Op::Cmd(del));
+            ops.push(redis_store::publish(
+                self.events.channel(),
+                &Events::updated_message(url_hash),
+            ));
+        }
+        ops
+    }
+
+    async fn run_ops(&self, ops: &[Op]) -> Result<Vec<Value>, tower_redis_core::Error> {
+        self.manager
+            .run(|mut conn| async move { redis_store::run_ops(&mut conn, ops).await })
+            .await
+    }
+
+    fn defer(&self, writes: impl IntoIterator<Item = Pending>) {
+        self.degraded.store(true, Ordering::Release);
+        let mut pending = lock(&self.pending);
+        for write in writes {
+            if pending.len() < MAX_PENDING {
+                pending.push(write);
+            } else {
+                tracing::warn!(target: "tower_redis_cache", "too many invalidations during the Redis outage; some stale entries may be served after it");
+                break;
             }
         }
     }
@@ -202,23 +700,7 @@ impl CacheStore {
             Source::Redis => {
                 if self.degraded.swap(false, Ordering::AcqRel) {
                     self.memory.clear();
-                    let pending = std::mem::take(&mut *lock(&self.pending_invalidations));
-                    let mut failed = Vec::new();
-                    for url_hash in pending {
-                        let key = self.redis_key(&url_hash);
-                        let deleted = self
-                            .manager
-                            .query::<()>(tower_redis_core::redis::cmd("DEL").arg(&key))
-                            .await;
-                        if deleted.is_err() {
-                            failed.push(url_hash);
-                        }
-                    }
-                    if !failed.is_empty() {
-                        // Tried again on the next answer from Redis.
-                        lock(&self.pending_invalidations).extend(failed);
-                        self.degraded.store(true, Ordering::Release);
-                    }
+                    self.replay().await;
                     tracing::info!(target: "tower_redis_cache", "Redis is back: in-process cache entries dropped");
                 }
                 false
@@ -226,8 +708,35 @@ impl CacheStore {
         }
     }
 
+    /// Replays what could not reach Redis during the outage.
+    async fn replay(&self) {
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        let mut failed = Vec::new();
+        for write in pending {
+            let result = match &write {
+                Pending::Invalidate(url_hash) => self
+                    .run_ops(&self.delete_ops(std::iter::once(url_hash.as_str())))
+                    .await
+                    .map(|_| 0),
+                Pending::Purge(target, soft_at) => self.purge_redis(target, *soft_at).await,
+            };
+            if result.is_err() {
+                failed.push(write);
+            }
+        }
+        if !failed.is_empty() {
+            // Tried again on the next answer from Redis.
+            lock(&self.pending).extend(failed);
+            self.degraded.store(true, Ordering::Release);
+        }
+    }
+
     fn redis_key(&self, url_hash: &str) -> String {
         self.manager.keys().key(&["c", url_hash])
+    }
+
+    fn index_key(&self, kind: &str, name: &str) -> String {
+        self.manager.keys().key(&[kind, name])
     }
 }
 

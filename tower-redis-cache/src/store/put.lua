@@ -1,12 +1,20 @@
 -- Stores one variant of a URL.
 -- KEYS[1] the URL's hash; ARGV[1] vary names; ARGV[2] variant field;
--- ARGV[3] entry; ARGV[4] keep-for (ms); ARGV[5] most variants per URL.
+-- ARGV[3] entry; ARGV[4] keep-for (ms); ARGV[5] most variants per URL;
+-- ARGV[6] the token of the fill lock to release ('' for none).
 -- Variants have no TTL of their own, so a URL that collects more than the
 -- limit (a Vary on a header clients vary freely) starts over: memory stays
--- bounded whatever clients send.
+-- bounded whatever clients send. A soft-purge mark (`sp`) stays: it only
+-- makes entries older than it stale, and the new entry is newer.
 if redis.call('HLEN', KEYS[1]) > tonumber(ARGV[5]) then redis.call('DEL', KEYS[1]) end
 redis.call('HSET', KEYS[1], 'vary', ARGV[1], ARGV[2], ARGV[3])
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+if ARGV[6] ~= '' then
+  local held = redis.call('HGET', KEYS[1], 'lk')
+  if held and string.sub(held, 1, #ARGV[6] + 1) == ARGV[6] .. ':' then
+    redis.call('HDEL', KEYS[1], 'lk')
+  end
 end
 return 1

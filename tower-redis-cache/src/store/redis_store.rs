@@ -1,19 +1,42 @@
-//! The Redis side: a hash per URL (`vary` plus one field per variant),
-//! read with one `HMGET` (or, the first time, one script) and written with
-//! one script.
+//! The Redis side.
+//!
+//! - A hash per URL (`c:<url hash>`): `vary` (the response's `Vary` names),
+//!   one `e:<variant>` field per variant, and `sp`, the time of the last
+//!   soft purge. Read with one `HMGET` (or, the first time, one script) and
+//!   written with one script.
+//! - Indexes (`ct:<tag>` per tag, `cx:<path prefix>` per directory level of
+//!   the path, `/` included): sorted sets of URLs scored by when their entry
+//!   expires, pruned of expired members on every write. A purge reads the
+//!   index and deletes the URLs' hashes: O(entries under the tag or prefix),
+//!   on Redis Cluster too (every command names one key).
+//! - A fill lock per URL for request coalescing across instances: the
+//!   `lk` field of the URL's hash (`token:expiry`), taken by a script that
+//!   also reports an entry stored meanwhile, released by token when the
+//!   entry is written. Being a field of the URL's hash keeps the check and
+//!   the lock atomic on Redis Cluster; a holder that dies frees it by expiry.
+//! - A pub/sub channel (`cache-events`) on which writers announce updated
+//!   URLs, so that waiting instances wake up and near caches drop copies.
 
 use std::sync::LazyLock;
 
 use http::HeaderMap;
 use tower_redis_core::RedisConnection;
-use tower_redis_core::redis::{self, RedisResult, Script};
+use tower_redis_core::redis::{self, Cmd, RedisResult, Script, ScriptInvocation, Value};
 
 use super::Put;
 use crate::entry::Entry;
 use crate::key;
 
-static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lookup.lua")));
-static PUT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("put.lua")));
+pub(crate) static LOOKUP: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lookup.lua")));
+pub(crate) static PUT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("put.lua")));
+pub(crate) static INDEX: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("index.lua")));
+pub(crate) static LOCK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lock.lua")));
+pub(crate) static UNLOCK: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("unlock.lua")));
+pub(crate) static SOFT_PURGE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("soft_purge.lua")));
 
 /// Variants kept per URL before the URL's entries start over.
 const MAX_VARIANTS: u32 = 32;
@@ -30,8 +53,8 @@ pub(crate) enum Found {
 /// Finds the variant a request selects, in one round trip.
 ///
 /// With `vary_hint` (the URL's `Vary` names as last seen by this instance)
-/// it is a plain `HMGET key vary <variant>`; only when there is no hint, or
-/// the URL's `Vary` changed since, does the lookup script resolve the
+/// it is a plain `HMGET key vary <variant> sp`; only when there is no hint,
+/// or the URL's `Vary` changed since, does the lookup script resolve the
 /// variant inside Redis. Returns what was found and the `Vary` names seen.
 pub(crate) async fn lookup(
     mut conn: RedisConnection,
@@ -42,16 +65,21 @@ pub(crate) async fn lookup(
 ) -> RedisResult<(Found, Option<String>)> {
     if let Some(hint) = vary_hint {
         let field = key::variant(&hint, request, extra);
-        let (vary, entry): (Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
-            .arg(key)
-            .arg("vary")
-            .arg(&field)
-            .query_async(&mut conn)
-            .await?;
+        let (vary, entry, soft_purged): (Option<String>, Option<Vec<u8>>, Option<u64>) =
+            redis::cmd("HMGET")
+                .arg(key)
+                .arg("vary")
+                .arg(&field)
+                .arg("sp")
+                .query_async(&mut conn)
+                .await?;
         match vary {
             None => return Ok((Found::NoUrl, None)),
             Some(vary) if vary == hint => {
-                return Ok((found(Some(vary.clone()), entry, field), Some(vary)));
+                return Ok((
+                    found(Some(vary.clone()), entry, field, soft_purged),
+                    Some(vary),
+                ));
             }
             // The URL's Vary changed since this instance saw it.
             Some(_) => {}
@@ -66,32 +94,127 @@ pub(crate) async fn lookup(
             invocation.arg(name.as_str()).arg(key::value_digest(&value));
         }
     }
-    let (vary, entry, field): (Option<String>, Option<Vec<u8>>, Option<String>) =
-        invocation.invoke_async(&mut conn).await?;
-    Ok((found(vary.clone(), entry, field.unwrap_or_default()), vary))
+    let (vary, entry, field, soft_purged): (
+        Option<String>,
+        Option<Vec<u8>>,
+        Option<String>,
+        Option<u64>,
+    ) = invocation.invoke_async(&mut conn).await?;
+    Ok((
+        found(vary.clone(), entry, field.unwrap_or_default(), soft_purged),
+        vary,
+    ))
 }
 
-fn found(vary: Option<String>, entry: Option<Vec<u8>>, field: String) -> Found {
+fn found(
+    vary: Option<String>,
+    entry: Option<Vec<u8>>,
+    field: String,
+    soft_purged: Option<u64>,
+) -> Found {
     match (vary, entry) {
         (None, _) => Found::NoUrl,
         (Some(_), None) => Found::NoVariant,
         (Some(_), Some(bytes)) => match Entry::decode(&bytes) {
-            Ok(entry) => Found::Entry(entry),
+            Ok(mut entry) => {
+                if let Some(at) = soft_purged {
+                    entry.mark_stale_at(at);
+                }
+                Found::Entry(entry)
+            }
             Err(_) => Found::Corrupt(field),
         },
     }
 }
 
-pub(crate) async fn put(mut conn: RedisConnection, key: &str, put: &Put) -> RedisResult<()> {
+/// One command of a batch: a script or a plain command.
+pub(crate) enum Op {
+    Script(ScriptInvocation<'static>),
+    Cmd(Cmd),
+}
+
+/// Runs a batch of commands on possibly different keys, answering with
+/// one value per command: one pipeline on a single server; on a cluster
+/// (where a pipeline cannot span slots) every command at once, each to its
+/// slot's node, so the batch still costs about one round trip of time.
+pub(crate) async fn run_ops(conn: &mut RedisConnection, ops: &[Op]) -> RedisResult<Vec<Value>> {
+    if ops.is_empty() {
+        return Ok(Vec::new());
+    }
+    if conn.is_cluster() {
+        let sends = ops.iter().map(|op| {
+            let mut conn = conn.clone();
+            async move {
+                match op {
+                    Op::Script(invocation) => invocation.invoke_async::<Value>(&mut conn).await,
+                    Op::Cmd(cmd) => cmd.query_async::<Value>(&mut conn).await,
+                }
+            }
+        });
+        return futures_util::future::try_join_all(sends).await;
+    }
+    let mut pipe = redis::pipe();
+    for op in ops {
+        match op {
+            Op::Script(invocation) => {
+                pipe.invoke_script(invocation);
+            }
+            Op::Cmd(cmd) => {
+                pipe.add_command(cmd.clone());
+            }
+        }
+    }
+    tower_redis_core::pipeline_with_scripts(conn, &pipe, &[&PUT, &INDEX, &UNLOCK, &SOFT_PURGE])
+        .await
+}
+
+/// `PUBLISH channel message`.
+pub(crate) fn publish(channel: &str, message: &str) -> Op {
+    let mut cmd = redis::cmd("PUBLISH");
+    cmd.arg(channel).arg(message);
+    Op::Cmd(cmd)
+}
+
+/// Where a stored entry is also recorded, and what else goes into the
+/// writing round trip.
+pub(crate) struct Extras<'a> {
+    /// Index keys (tags and path prefixes) and the URL to record in them.
+    pub(crate) indexes: &'a [String],
+    pub(crate) url: &'a str,
+    /// The token of the fill lock to release.
+    pub(crate) unlock: Option<&'a str>,
+    /// The events channel and the message announcing the update.
+    pub(crate) announce: Option<(&'a str, &'a str)>,
+}
+
+/// The whole write of an entry as one batch: the entry, its index
+/// records, the lock release and the announcement. One round trip.
+pub(crate) async fn put(
+    mut conn: RedisConnection,
+    key: &str,
+    put: &Put,
+    extras: &Extras<'_>,
+) -> RedisResult<()> {
     let ttl = u64::try_from(put.keep_for.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
-    PUT.key(key)
+    let mut ops = Vec::with_capacity(extras.indexes.len() + 2);
+    let mut store = PUT.key(key);
+    store
         .arg(&put.vary)
         .arg(&put.variant)
         .arg(put.entry.encode())
         .arg(ttl)
         .arg(MAX_VARIANTS)
-        .invoke_async(&mut conn)
-        .await
+        .arg(extras.unlock.unwrap_or(""));
+    ops.push(Op::Script(store));
+    for index in extras.indexes {
+        let mut record = INDEX.key(index);
+        record.arg(extras.url).arg(ttl);
+        ops.push(Op::Script(record));
+    }
+    if let Some((channel, message)) = extras.announce {
+        ops.push(publish(channel, message));
+    }
+    run_ops(&mut conn, &ops).await.map(|_| ())
 }

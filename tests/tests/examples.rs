@@ -1,0 +1,1180 @@
+//! Smoke tests of the examples: each one runs as its own process, built by
+//! `cargo build -p examples --examples`, against a private test Redis, and
+//! goes through the walkthrough its docs and the README promise, Redis
+//! outage included. The processes are killed when a test ends, failed or not.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, Method, StatusCode, header};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tower_redis_core::testing::TestRedis;
+
+/// How long anything in these tests may take before it counts as hung.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------
+// Building and running the examples
+
+/// `target/<profile>/examples`, after building the examples once for this
+/// test binary (a no-op when they are up to date).
+fn examples_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // This binary is target/<profile>/deps/examples-<hash>.
+        let exe = std::env::current_exe().expect("the test binary knows its path");
+        let profile_dir = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("the test binary lives in target/<profile>/deps")
+            .to_path_buf();
+        let profile = profile_dir
+            .file_name()
+            .and_then(|p| p.to_str())
+            .expect("a UTF-8 profile directory")
+            .to_owned();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("tests/ sits in the workspace")
+            .to_path_buf();
+        let mut build = std::process::Command::new(cargo);
+        build
+            .current_dir(&workspace)
+            .args(["build", "--quiet", "-p", "examples", "--examples"]);
+        match profile.as_str() {
+            "debug" => {}
+            "release" => {
+                build.arg("--release");
+            }
+            other => {
+                build.args(["--profile", other]);
+            }
+        }
+        let status = build.status().expect("cargo runs");
+        assert!(status.success(), "building the examples failed: {status}");
+        let dir = profile_dir.join("examples");
+        assert!(
+            dir.join(binary_name("server")).exists(),
+            "the examples were built but are not in {}",
+            dir.display()
+        );
+        dir
+    })
+}
+
+fn binary_name(example: &str) -> String {
+    format!("{example}{}", std::env::consts::EXE_SUFFIX)
+}
+
+/// A running example. Killed (SIGKILL) on drop; on a failing test its log
+/// is printed, so a failure says what the process said.
+struct Running {
+    name: &'static str,
+    child: tokio::process::Child,
+    log: Arc<Mutex<Vec<String>>>,
+    addr: SocketAddr,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if std::thread::panicking() {
+            eprintln!("--- log of {} ---", self.name);
+            for line in self.log() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+impl Running {
+    /// Starts an example and waits for its `listening on http://…` line.
+    async fn start(name: &'static str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = tokio::process::Command::new(examples_dir().join(binary_name(name)));
+        command
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("REDIS_CLUSTER_NODES")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the {name} example: {e}"));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = oneshot::channel();
+        let mut addr_tx = Some(addr_tx);
+        let (lines_tx, mut lines_rx) = mpsc::unbounded_channel::<String>();
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let lines_tx = lines_tx.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if lines_tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(lines_tx);
+        let sink = Arc::clone(&log);
+        tokio::spawn(async move {
+            while let Some(line) = lines_rx.recv().await {
+                if let Some(addr) = listening_address(&line)
+                    && let Some(tx) = addr_tx.take()
+                {
+                    let _ = tx.send(addr);
+                }
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        let mut running = Self {
+            name,
+            child,
+            log,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
+        match tokio::time::timeout(DEADLINE, addr_rx).await {
+            Ok(Ok(addr)) => running.addr = addr,
+            _ => panic!(
+                "{name} did not log `listening on http://…` (exit: {:?})",
+                running.child.try_wait()
+            ),
+        }
+        running
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// Sends SIGINT (Ctrl-C) and waits for the process to exit.
+    async fn interrupt(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("still running");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid fits i32"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT sent");
+        tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("exits after Ctrl-C")
+            .expect("exit status")
+    }
+}
+
+fn listening_address(line: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find("listening on http://")? + "listening on http://".len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']')))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Runs an example to completion (client modes, bad arguments).
+async fn run_to_end(name: &str, args: &[&str]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(examples_dir().join(binary_name(name)));
+    command
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    tokio::time::timeout(DEADLINE, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{name} {args:?} did not finish"))
+        .unwrap_or_else(|e| panic!("cannot run {name}: {e}"))
+}
+
+// ---------------------------------------------------------------------------
+// A small HTTP client
+
+type ClientBody = BoxBody<Bytes, std::io::Error>;
+
+fn http_client() -> Client<HttpConnector, ClientBody> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// Every value of a field, joined as one list.
+    fn all(&self, name: &str) -> String {
+        self.headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> ClientBody {
+    Full::new(body.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+async fn send(
+    client: &Client<HttpConnector, ClientBody>,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
+    let mut request = http::Request::builder().method(method.clone()).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(full(body.to_owned()))
+        .expect("a valid request");
+    let exchange = async {
+        let response = client.request(request).await?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    };
+    tokio::time::timeout(DEADLINE, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("{method} {url} hung"))
+        .unwrap_or_else(|e| panic!("{method} {url} failed: {e}"))
+}
+
+async fn get(client: &Client<HttpConnector, ClientBody>, url: &str) -> Reply {
+    send(client, Method::GET, url, &[], "").await
+}
+
+/// GETs `url` until the cache answers it (the entry is written after the
+/// response that filled it has gone out). For the in-process store, which
+/// cannot be watched from outside; each try costs a flood-guard token, so
+/// at most 20 tries.
+async fn get_until_hit(client: &Client<HttpConnector, ClientBody>, url: &str) -> Reply {
+    for _ in 0..20 {
+        let reply = get(client, url).await;
+        if reply.header("cache-status").contains("; hit") {
+            return reply;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} was never answered from the cache");
+}
+
+/// Cache entries live at `tower-redis:c:<url hash>` (default key prefix).
+const CACHE_KEYS: &str = "tower-redis:c:*";
+
+/// Polls the test Redis until `pattern` matches at least `count` keys.
+async fn wait_for_keys(redis: &TestRedis, pattern: &str, count: usize) {
+    let mut conn = redis
+        .connection()
+        .await
+        .expect("a connection to the test Redis");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let keys: Vec<String> = tower_redis_core::redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS");
+        if keys.len() >= count {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis never held {count} keys matching {pattern}: {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Polls `/healthz` until its `status` is `want`.
+async fn wait_for_health(
+    client: &Client<HttpConnector, ClientBody>,
+    server: &Running,
+    want: &str,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let health = get(client, &server.url("/healthz")).await.json();
+        if health["status"] == want {
+            return health;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/healthz never said {want}: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `session=<value>` from a `Set-Cookie`.
+fn session_cookie(reply: &Reply) -> String {
+    let set_cookie = reply.header("set-cookie");
+    assert!(set_cookie.starts_with("session="), "{:?}", reply.headers);
+    set_cookie
+        .split(';')
+        .next()
+        .expect("a cookie pair")
+        .to_owned()
+}
+
+// ---------------------------------------------------------------------------
+// examples/server.rs
+
+#[tokio::test]
+async fn server_walkthrough_survives_a_redis_outage() {
+    let redis = TestRedis::start().await;
+    let mut server = Running::start(
+        "server",
+        &[],
+        &[
+            ("REDIS_URL", redis.url()),
+            ("PORT", "0"),
+            ("ADMIN_TOKEN", "smoke-token"),
+        ],
+    )
+    .await;
+    let http = http_client();
+    assert!(
+        server
+            .log()
+            .iter()
+            .any(|l| l.contains("connected to Redis")),
+        "{:?}",
+        server.log()
+    );
+
+    // A cache miss (50 ms "database"), then hits with Age.
+    let miss = get(&http, &server.url("/products/1")).await;
+    assert_eq!(miss.status, StatusCode::OK);
+    assert_eq!(
+        miss.header("cache-status"),
+        "tower-redis; fwd=uri-miss; stored"
+    );
+    assert!(miss.body.contains("Red mug"), "{}", miss.body);
+    wait_for_keys(&redis, CACHE_KEYS, 1).await;
+    let hit = get(&http, &server.url("/products/1")).await;
+    assert!(
+        hit.header("cache-status")
+            .starts_with("tower-redis; hit; ttl=")
+    );
+    assert!(
+        hit.header("age").parse::<u64>().is_ok(),
+        "{:?}",
+        hit.headers
+    );
+    assert_eq!(hit.body, miss.body);
+
+    // A PUT invalidates the product and the list.
+    get(&http, &server.url("/products")).await;
+    wait_for_keys(&redis, CACHE_KEYS, 2).await;
+    let list = get(&http, &server.url("/products")).await;
+    assert!(
+        list.header("cache-status").contains("; hit"),
+        "{:?}",
+        list.headers
+    );
+    let put = send(
+        &http,
+        Method::PUT,
+        &server.url("/products/1"),
+        &[],
+        "Blue mug",
+    )
+    .await;
+    assert_eq!(put.status, StatusCode::OK);
+    let after = get(&http, &server.url("/products/1")).await;
+    assert!(
+        after.header("cache-status").contains("fwd=uri-miss"),
+        "{:?}",
+        after.headers
+    );
+    assert!(after.body.contains("Blue mug"), "{}", after.body);
+    let list = get(&http, &server.url("/products")).await;
+    assert!(
+        list.header("cache-status").contains("fwd=uri-miss"),
+        "{:?}",
+        list.headers
+    );
+    assert!(list.body.contains("Blue mug"), "{}", list.body);
+    assert!(
+        list.headers.get("surrogate-key").is_none(),
+        "tags stay inside the cache: {:?}",
+        list.headers
+    );
+
+    // The cache admin router: refused without the token, purges with it.
+    wait_for_keys(&redis, CACHE_KEYS, 2).await;
+    let refused = send(
+        &http,
+        Method::POST,
+        &server.url("/admin/cache/purge/tag/products"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    let purged = send(
+        &http,
+        Method::POST,
+        &server.url("/admin/cache/purge/tag/products"),
+        &[("authorization", "Bearer smoke-token")],
+        "",
+    )
+    .await;
+    assert_eq!(purged.status, StatusCode::OK, "{}", purged.body);
+    assert!(purged.body.contains("\"urls\":2"), "{}", purged.body);
+    let list = get(&http, &server.url("/products")).await;
+    assert!(
+        list.header("cache-status").contains("fwd=uri-miss"),
+        "{:?}",
+        list.headers
+    );
+    let stats = send(
+        &http,
+        Method::GET,
+        &server.url("/admin/cache/stats"),
+        &[("authorization", "Bearer smoke-token")],
+        "",
+    )
+    .await;
+    assert!(stats.body.contains("\"hit_ratio\""), "{}", stats.body);
+
+    // Log in, who am I, a per-user limit, log out.
+    let login = send(&http, Method::POST, &server.url("/login"), &[], "alice").await;
+    assert_eq!(login.status, StatusCode::OK);
+    assert!(
+        login.header("set-cookie").contains("HttpOnly"),
+        "{:?}",
+        login.headers
+    );
+    let alice = session_cookie(&login);
+    let me = send(
+        &http,
+        Method::GET,
+        &server.url("/me"),
+        &[("cookie", &alice)],
+        "",
+    )
+    .await;
+    assert_eq!(me.json()["user"], "alice");
+    let orders = send(
+        &http,
+        Method::GET,
+        &server.url("/api/orders"),
+        &[("cookie", &alice)],
+        "",
+    )
+    .await;
+    assert_eq!(orders.status, StatusCode::OK);
+    assert!(
+        orders.all("ratelimit").contains("\"per-user\";r=99;"),
+        "{:?}",
+        orders.headers
+    );
+    assert!(
+        orders
+            .all("ratelimit-policy")
+            .contains("\"per-user\";q=100;w=60")
+    );
+    let logout = send(
+        &http,
+        Method::POST,
+        &server.url("/logout"),
+        &[("cookie", &alice)],
+        "",
+    )
+    .await;
+    assert_eq!(logout.status, StatusCode::NO_CONTENT);
+    let me = send(
+        &http,
+        Method::GET,
+        &server.url("/me"),
+        &[("cookie", &alice)],
+        "",
+    )
+    .await;
+    assert_eq!(
+        me.json()["user"],
+        serde_json::Value::Null,
+        "the old cookie is dead"
+    );
+
+    // Anonymous clients: 10 per minute under /api, then 429.
+    let burst_started = std::time::Instant::now();
+    let first = get(&http, &server.url("/api/orders")).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.headers);
+    assert!(
+        first.all("ratelimit").contains("\"anonymous\";r=9;"),
+        "{:?}",
+        first.headers
+    );
+    assert!(
+        first
+            .all("ratelimit-policy")
+            .contains("\"anonymous\";q=10;w=60")
+    );
+    let mut allowed = 1;
+    let denied = loop {
+        let reply = get(&http, &server.url("/api/orders")).await;
+        if reply.status != StatusCode::OK {
+            break reply;
+        }
+        allowed += 1;
+        assert!(allowed <= 20, "no 429 after {allowed} anonymous requests");
+    };
+    // One more call is earned every 6 s; on a loaded machine the burst may
+    // have taken that long.
+    if burst_started.elapsed() < Duration::from_secs(5) {
+        assert_eq!(allowed, 10);
+    } else {
+        assert!(allowed >= 10, "{allowed}");
+    }
+    assert_eq!(denied.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(denied.header("retry-after").parse::<u64>().is_ok());
+    assert_eq!(denied.header("content-type"), "application/problem+json");
+    assert_eq!(denied.json()["violated-policies"][0], "anonymous");
+    assert!(
+        denied.all("ratelimit").contains("\"anonymous\";r=0;"),
+        "{:?}",
+        denied.headers
+    );
+    let health = get(&http, &server.url("/healthz")).await.json();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["redis"]["state"], "closed");
+    let metrics = get(&http, &server.url("/metrics")).await;
+    assert!(
+        metrics.body.contains("tower_redis_cache_requests_total"),
+        "{}",
+        metrics.body
+    );
+
+    // Redis dies: everything still answers, and says it is degraded.
+    redis.kill().await;
+    let product = get(&http, &server.url("/products/2")).await;
+    assert_eq!(product.status, StatusCode::OK);
+    assert!(product.body.contains("Green teapot"));
+    assert!(
+        product
+            .header("cache-status")
+            .ends_with("detail=redis-unavailable"),
+        "{:?}",
+        product.headers
+    );
+    assert!(
+        product.all("ratelimit").contains(";local"),
+        "{:?}",
+        product.headers
+    );
+    let cached = get_until_hit(&http, &server.url("/products/2")).await;
+    assert!(
+        cached
+            .header("cache-status")
+            .contains("detail=redis-unavailable")
+    );
+    let health = wait_for_health(&http, &server, "degraded").await;
+    assert!(
+        ["open", "half_open"].contains(&health["redis"]["state"].as_str().unwrap_or("")),
+        "{health}"
+    );
+    let login = send(&http, Method::POST, &server.url("/login"), &[], "bob").await;
+    assert_eq!(login.status, StatusCode::OK);
+    let bob = session_cookie(&login);
+    let me = send(
+        &http,
+        Method::GET,
+        &server.url("/me"),
+        &[("cookie", &bob)],
+        "",
+    )
+    .await;
+    assert_eq!(me.json()["user"], "bob");
+
+    // Redis comes back (empty): the server switches back by itself.
+    redis.restart().await;
+    wait_for_health(&http, &server, "ok").await;
+    let product = get(&http, &server.url("/products/2")).await;
+    assert_eq!(
+        product.header("cache-status"),
+        "tower-redis; fwd=uri-miss; stored"
+    );
+    assert!(
+        !product.all("ratelimit").contains(";local"),
+        "{:?}",
+        product.headers
+    );
+    let me = send(
+        &http,
+        Method::GET,
+        &server.url("/me"),
+        &[("cookie", &bob)],
+        "",
+    )
+    .await;
+    assert_eq!(
+        me.json()["user"],
+        "bob",
+        "the session made during the outage is in Redis"
+    );
+
+    // Ctrl-C: a clean exit.
+    let status = server.interrupt().await;
+    assert!(status.success(), "{status}");
+    assert!(
+        server.log().iter().any(|l| l.contains("stopped")),
+        "{:?}",
+        server.log()
+    );
+}
+
+#[tokio::test]
+async fn server_starts_without_redis_and_says_so_once() {
+    let redis = TestRedis::start().await;
+    redis.kill().await;
+    let server = Running::start("server", &[], &[("REDIS_URL", redis.url()), ("PORT", "0")]).await;
+    let warnings: Vec<String> = server
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("WARN"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("not reachable"), "{warnings:?}");
+    assert!(warnings[0].contains("REDIS_URL="), "{warnings:?}");
+
+    let http = http_client();
+    let product = get(&http, &server.url("/products/1")).await;
+    assert_eq!(product.status, StatusCode::OK);
+    assert!(
+        product
+            .header("cache-status")
+            .contains("detail=redis-unavailable")
+    );
+    assert_eq!(
+        get(&http, &server.url("/healthz")).await.json()["status"],
+        "degraded"
+    );
+
+    // Redis appears later: the server finds it.
+    redis.restart().await;
+    wait_for_health(&http, &server, "ok").await;
+
+    // And without Redis at all:
+    let memory = Running::start("server", &[], &[("REDIS_URL", "memory"), ("PORT", "0")]).await;
+    let health = get(&http, &memory.url("/healthz")).await.json();
+    assert_eq!(health["status"], "memory");
+    assert_eq!(health["redis"]["state"], "disabled");
+    assert_eq!(
+        get(&http, &memory.url("/products/1")).await.status,
+        StatusCode::OK
+    );
+}
+
+// ---------------------------------------------------------------------------
+// examples/caching_proxy.rs
+
+/// A request as the origin saw it: method, headers (lower-case names), body.
+type Seen = (Method, BTreeMap<String, String>, String);
+
+/// What the in-test origin saw.
+#[derive(Clone, Default)]
+struct Origin {
+    cached_hits: Arc<AtomicUsize>,
+    /// The last `/echo` request: method, headers, body.
+    seen: Arc<Mutex<Option<Seen>>>,
+    /// `/stream` sends its first chunk, then waits for this.
+    release_stream: Arc<tokio::sync::Notify>,
+    /// `/upload` reports each chunk it gets.
+    uploads: Arc<Mutex<Option<mpsc::UnboundedSender<Bytes>>>>,
+}
+
+async fn origin_cached(State(origin): State<Origin>) -> Response {
+    origin.cached_hits.fetch_add(1, Ordering::SeqCst);
+    (
+        [
+            (header::CACHE_CONTROL, "public, max-age=60"),
+            (header::CONNECTION, "x-hop"),
+            (HeaderName::from_static("x-hop"), "secret"),
+            (HeaderName::from_static("keep-alive"), "timeout=5"),
+        ],
+        "cached body",
+    )
+        .into_response()
+}
+
+async fn origin_short() -> Response {
+    (
+        [(header::CACHE_CONTROL, "public, max-age=1")],
+        "short-lived body",
+    )
+        .into_response()
+}
+
+async fn origin_echo(State(origin): State<Origin>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let headers = parts
+        .headers
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body = String::from_utf8_lossy(&body).into_owned();
+    *origin.seen.lock().expect("lock") = Some((parts.method, headers, body.clone()));
+    (StatusCode::CREATED, body).into_response()
+}
+
+async fn origin_stream(State(origin): State<Origin>) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<http_body::Frame<Bytes>, Infallible>>(2);
+    tokio::spawn(async move {
+        let _ = tx
+            .send(Ok(http_body::Frame::data(Bytes::from("first;"))))
+            .await;
+        origin.release_stream.notified().await;
+        let _ = tx
+            .send(Ok(http_body::Frame::data(Bytes::from("rest"))))
+            .await;
+    });
+    Body::new(StreamBody::new(ReceiverStream::new(rx))).into_response()
+}
+
+async fn origin_upload(State(origin): State<Origin>, request: Request) -> Response {
+    let reports = origin.uploads.lock().expect("lock").clone();
+    let mut body = request.into_body();
+    let mut total = 0;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            total += data.len();
+            if let Some(reports) = &reports {
+                let _ = reports.send(data);
+            }
+        }
+    }
+    format!("received {total} bytes").into_response()
+}
+
+/// The origin on a free port; resolves `stop` to shut it down, and waits
+/// until every connection is closed.
+async fn start_origin(
+    origin: Origin,
+) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let app = Router::new()
+        .route("/cached", axum::routing::get(origin_cached))
+        .route("/short", axum::routing::get(origin_short))
+        .route("/echo", axum::routing::any(origin_echo))
+        .route("/stream", axum::routing::get(origin_stream))
+        .route("/upload", axum::routing::post(origin_upload))
+        .with_state(origin);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("origin serves");
+    });
+    (addr, stop, task)
+}
+
+#[tokio::test]
+async fn caching_proxy_caches_forwards_streams_and_reports_a_dead_upstream() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let (origin_addr, stop_origin, origin_task) = start_origin(origin.clone()).await;
+    let upstream = format!("http://{origin_addr}");
+    let proxy = Running::start(
+        "caching_proxy",
+        &["--upstream", &upstream, "--listen", "127.0.0.1:0"],
+        &[("REDIS_URL", redis.url())],
+    )
+    .await;
+    let http = http_client();
+
+    // GET: forwarded once, then answered from the cache.
+    let first = get(&http, &proxy.url("/cached")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.body, "cached body");
+    assert_eq!(
+        first.header("cache-status"),
+        "tower-redis; fwd=uri-miss; stored"
+    );
+    assert_eq!(first.header("via"), "1.1 tower-redis-proxy");
+    for hop in ["x-hop", "keep-alive"] {
+        assert!(
+            !first.headers.contains_key(hop),
+            "{hop} reached the client: {:?}",
+            first.headers
+        );
+    }
+    // The entry is written once the body has gone out: wait for it in Redis.
+    wait_for_keys(&redis, CACHE_KEYS, 1).await;
+    let hit = get(&http, &proxy.url("/cached")).await;
+    assert!(
+        hit.header("cache-status").starts_with("tower-redis; hit"),
+        "{:?}",
+        hit.headers
+    );
+    assert_eq!(hit.body, "cached body");
+    assert!(hit.header("age").parse::<u64>().is_ok());
+    assert_eq!(
+        origin.cached_hits.load(Ordering::SeqCst),
+        1,
+        "the hit did not reach the origin"
+    );
+
+    // POST with a body, hop-by-hop fields, a forged X-Forwarded-For.
+    let posted = send(
+        &http,
+        Method::POST,
+        &proxy.url("/echo?x=1"),
+        &[
+            ("connection", "x-secret"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("proxy-connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-kept", "yes"),
+        ],
+        "order=42",
+    )
+    .await;
+    assert_eq!(posted.status, StatusCode::CREATED);
+    assert_eq!(posted.body, "order=42");
+    assert_eq!(posted.header("via"), "1.1 tower-redis-proxy");
+    let (method, seen, body) = origin
+        .seen
+        .lock()
+        .expect("lock")
+        .clone()
+        .expect("the origin got the POST");
+    assert_eq!(method, Method::POST);
+    assert_eq!(body, "order=42");
+    assert_eq!(
+        seen["host"],
+        origin_addr.to_string(),
+        "Host is the upstream's"
+    );
+    assert_eq!(seen["x-forwarded-host"], proxy.addr.to_string());
+    assert_eq!(
+        seen["x-forwarded-for"], "127.0.0.1",
+        "the client's forged value is gone"
+    );
+    assert!(
+        seen["forwarded"].contains(&format!("host=\"{}\"", proxy.addr)),
+        "{seen:?}"
+    );
+    assert_eq!(seen["via"], "1.1 tower-redis-proxy");
+    assert_eq!(seen["x-kept"], "yes");
+    for hop in [
+        "x-secret",
+        "te",
+        "proxy-authorization",
+        "proxy-connection",
+        "keep-alive",
+        "connection",
+    ] {
+        assert!(
+            !seen.contains_key(hop),
+            "{hop} reached the origin: {seen:?}"
+        );
+    }
+    // Other methods too.
+    let deleted = send(&http, Method::DELETE, &proxy.url("/echo"), &[], "").await;
+    assert_eq!(deleted.status, StatusCode::CREATED);
+    assert_eq!(
+        origin
+            .seen
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .map(|s| s.0.clone()),
+        Some(Method::DELETE)
+    );
+
+    // Response bodies stream: the first chunk arrives before the origin has sent the rest.
+    let request = http::Request::get(proxy.url("/stream"))
+        .body(full(""))
+        .expect("request");
+    let response = tokio::time::timeout(DEADLINE, http.request(request))
+        .await
+        .expect("head in time")
+        .expect("response");
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(DEADLINE, body.frame())
+        .await
+        .expect("the first chunk comes through before the rest exists")
+        .expect("a frame")
+        .expect("no error");
+    assert_eq!(first.into_data().expect("data"), "first;");
+    origin.release_stream.notify_one();
+    let rest = tokio::time::timeout(DEADLINE, body.collect())
+        .await
+        .expect("rest")
+        .expect("body");
+    assert_eq!(rest.to_bytes(), "rest");
+
+    // Request bodies stream: the origin has the first chunk before the client sends the second.
+    let (chunks_tx, mut chunks_seen) = mpsc::unbounded_channel();
+    *origin.uploads.lock().expect("lock") = Some(chunks_tx);
+    let (frames_tx, frames_rx) =
+        mpsc::channel::<Result<http_body::Frame<Bytes>, std::io::Error>>(1);
+    let upload = http::Request::post(proxy.url("/upload"))
+        .body(BodyExt::boxed(StreamBody::new(ReceiverStream::new(
+            frames_rx,
+        ))))
+        .expect("request");
+    let reply = tokio::spawn({
+        let http = http.clone();
+        async move { http.request(upload).await }
+    });
+    frames_tx
+        .send(Ok(http_body::Frame::data(Bytes::from("part one,"))))
+        .await
+        .expect("send");
+    let got = tokio::time::timeout(DEADLINE, chunks_seen.recv())
+        .await
+        .expect("the origin got the first chunk while the upload was still open")
+        .expect("a chunk");
+    assert_eq!(got, "part one,");
+    frames_tx
+        .send(Ok(http_body::Frame::data(Bytes::from("part two"))))
+        .await
+        .expect("send");
+    drop(frames_tx);
+    let reply = tokio::time::timeout(DEADLINE, reply)
+        .await
+        .expect("upload answered")
+        .expect("task")
+        .expect("response");
+    let text = reply.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(text, "received 17 bytes");
+
+    // Fresh for one second only: stale (but kept) by the time the origin is gone.
+    let short = get(&http, &proxy.url("/short")).await;
+    assert_eq!(short.body, "short-lived body");
+    wait_for_keys(&redis, CACHE_KEYS, 2).await;
+
+    // The origin goes away: 502 with a short body; what is cached is still served.
+    let _ = stop_origin.send(());
+    tokio::time::timeout(DEADLINE, origin_task)
+        .await
+        .expect("origin stops")
+        .expect("task");
+    let down = get(&http, &proxy.url("/not-cached")).await;
+    assert_eq!(down.status, StatusCode::BAD_GATEWAY);
+    assert!(down.body.starts_with("502 Bad Gateway"), "{}", down.body);
+    assert!(down.body.len() < 200, "{}", down.body);
+    let cached = get(&http, &proxy.url("/cached")).await;
+    assert_eq!(cached.status, StatusCode::OK);
+    assert!(
+        cached.header("cache-status").contains("; hit"),
+        "{:?}",
+        cached.headers
+    );
+    // Stale and the origin down: the stale copy instead of a 502
+    // (stale-if-error). Polled until the entry has gone stale.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let stale = loop {
+        let reply = get(&http, &proxy.url("/short")).await;
+        let fresh_hit =
+            reply.status == StatusCode::OK && !reply.header("cache-status").contains("fwd=");
+        if !fresh_hit {
+            break reply;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/short never went stale"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(stale.status, StatusCode::OK, "{stale:?}");
+    assert_eq!(stale.body, "short-lived body");
+    let status = stale.header("cache-status");
+    assert!(
+        status.contains("fwd=stale")
+            && status.contains("fwd-status=502")
+            && status.contains("stale-if-error"),
+        "{status}"
+    );
+}
+
+#[tokio::test]
+async fn caching_proxy_rate_limit_and_bad_arguments() {
+    let origin = Origin::default();
+    let (origin_addr, _stop_origin, _task) = start_origin(origin.clone()).await;
+    let upstream = format!("http://{origin_addr}");
+    let proxy = Running::start(
+        "caching_proxy",
+        &[
+            "--upstream",
+            &upstream,
+            "--listen",
+            "127.0.0.1:0",
+            "--rate-limit",
+            "2/min",
+        ],
+        &[("REDIS_URL", "memory")],
+    )
+    .await;
+    let http = http_client();
+    let statuses = [
+        get(&http, &proxy.url("/echo")).await,
+        get(&http, &proxy.url("/echo")).await,
+        get(&http, &proxy.url("/echo")).await,
+    ];
+    assert_eq!(statuses[0].status, StatusCode::CREATED);
+    assert!(
+        statuses[0]
+            .all("ratelimit-policy")
+            .contains("\"per-ip\";q=2;w=60")
+    );
+    assert_eq!(statuses[1].status, StatusCode::CREATED);
+    assert_eq!(statuses[2].status, StatusCode::TOO_MANY_REQUESTS);
+
+    for bad in [
+        &[][..],
+        &["--upstream"],
+        &["--upstream", "ftp://x"],
+        &["--upstream", "http://x", "--rate-limit", "lots"],
+    ] {
+        let output = run_to_end("caching_proxy", bad).await;
+        assert_eq!(output.status.code(), Some(2), "{bad:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("usage: caching_proxy"),
+            "{bad:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// examples/grpc.rs
+
+/// The `OK: n, RESOURCE_EXHAUSTED: n, other: n` summary of a client run.
+fn summary(output: &std::process::Output) -> String {
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("no output: {output:?}"))
+        .to_owned()
+}
+
+#[tokio::test]
+async fn grpc_limits_per_api_key_with_and_without_redis() {
+    let redis = TestRedis::start().await;
+    let server = Running::start(
+        "grpc",
+        &["--listen", "127.0.0.1:0", "--limit", "3"],
+        &[("REDIS_URL", redis.url())],
+    )
+    .await;
+    let url = server.url("");
+
+    let team_a = run_to_end(
+        "grpc",
+        &[
+            "client", "--server", &url, "--key", "team-a", "--calls", "5",
+        ],
+    )
+    .await;
+    assert_eq!(summary(&team_a), "OK: 3, RESOURCE_EXHAUSTED: 2, other: 0");
+    let stdout = String::from_utf8_lossy(&team_a.stdout);
+    assert!(
+        stdout.contains("4: RESOURCE_EXHAUSTED rate limit exceeded (per-key)"),
+        "{stdout}"
+    );
+    // Another key has its own quota.
+    let team_b = run_to_end(
+        "grpc",
+        &[
+            "client", "--server", &url, "--key", "team-b", "--calls", "1",
+        ],
+    )
+    .await;
+    assert_eq!(summary(&team_b), "OK: 1, RESOURCE_EXHAUSTED: 0, other: 0");
+    // No key: INVALID_ARGUMENT.
+    let anonymous = run_to_end(
+        "grpc",
+        &["client", "--server", &url, "--no-key", "--calls", "1"],
+    )
+    .await;
+    assert_eq!(
+        summary(&anonymous),
+        "OK: 0, RESOURCE_EXHAUSTED: 0, other: 1"
+    );
+    assert!(String::from_utf8_lossy(&anonymous.stdout).contains("INVALID_ARGUMENT"));
+
+    // Without Redis each instance limits alone, with the same quota.
+    redis.kill().await;
+    let team_c = run_to_end(
+        "grpc",
+        &[
+            "client", "--server", &url, "--key", "team-c", "--calls", "4",
+        ],
+    )
+    .await;
+    assert_eq!(summary(&team_c), "OK: 3, RESOURCE_EXHAUSTED: 1, other: 0");
+}

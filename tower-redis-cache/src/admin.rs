@@ -1,0 +1,312 @@
+//! An axum `Router` for the [`CacheHandle`] operations, behind an
+//! authorisation check the app supplies (feature `axum`).
+//!
+//! | method and path | does |
+//! |---|---|
+//! | `POST /purge/tag/{tag}` | [`CacheHandle::purge_tag`] |
+//! | `POST /soft-purge/tag/{tag}` | [`CacheHandle::soft_purge_tag`] |
+//! | `POST /purge/url?url=…` | [`CacheHandle::purge_url`] |
+//! | `POST /soft-purge/url?url=…` | [`CacheHandle::soft_purge_url`] |
+//! | `POST /purge/prefix?prefix=…` | [`CacheHandle::purge_prefix`] |
+//! | `POST /purge/all` | [`CacheHandle::purge_all`] |
+//! | `GET /entry?url=…` | [`CacheHandle::entry`] |
+//! | `GET /stats` | [`CacheHandle::stats`] |
+//! | `POST /warm` (JSON array of URLs) | [`CacheHandle::warm`], when built with [`CacheAdmin::warm_through`] |
+//!
+//! Answers are JSON; a refused check is `401`, a bad URL or prefix `400`
+//! with the reason, an unknown entry `404`.
+//!
+//! ```no_run
+//! use axum::Router;
+//! use tower_redis_cache::admin::CacheAdmin;
+//!
+//! # fn demo(cache: tower_redis_cache::CacheLayer, app: Router) -> Router {
+//! let admin = CacheAdmin::new(cache.handle(), |headers: &axum::http::HeaderMap| {
+//!     headers.get("authorization").is_some_and(|v| v == "Bearer s3cret")
+//! })
+//! .warm_through(app.clone())
+//! .into_router();
+//! app.nest("/admin/cache", admin)
+//! # }
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use http_body_util::Empty;
+use serde::Deserialize;
+use serde_json::json;
+use tower_service::Service;
+
+use crate::handle::{CacheHandle, InvalidUrl, Purged, Warmed};
+
+type Authorize = Arc<dyn Fn(&HeaderMap) -> bool + Send + Sync>;
+type Warmer =
+    Arc<dyn Fn(Vec<String>) -> Pin<Box<dyn Future<Output = Vec<Warmed>> + Send>> + Send + Sync>;
+
+/// Builds the admin [`Router`].
+#[derive(Clone)]
+pub struct CacheAdmin {
+    handle: CacheHandle,
+    authorize: Authorize,
+    warmer: Option<Warmer>,
+}
+
+impl std::fmt::Debug for CacheAdmin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheAdmin")
+            .field("warm", &self.warmer.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CacheAdmin {
+    /// The operations of `handle`, each allowed only when `authorize`
+    /// returns true for the request's headers.
+    pub fn new<F>(handle: CacheHandle, authorize: F) -> Self
+    where
+        F: Fn(&HeaderMap) -> bool + Send + Sync + 'static,
+    {
+        Self {
+            handle,
+            authorize: Arc::new(authorize),
+            warmer: None,
+        }
+    }
+
+    /// Enables `POST /warm`, sending the requests through `service` (the
+    /// app with the cache layer in it, e.g. its `Router`).
+    pub fn warm_through<S>(mut self, service: S) -> Self
+    where
+        S: Service<Request<Empty<Bytes>>, Response = Response> + Clone + Send + Sync + 'static,
+        S::Error: std::fmt::Display + Send,
+        S::Future: Send,
+    {
+        let handle = self.handle.clone();
+        self.warmer = Some(Arc::new(move |urls| {
+            let handle = handle.clone();
+            let service = service.clone();
+            Box::pin(async move { handle.warm(service, urls).await })
+        }));
+        self
+    }
+
+    /// The router; nest it where the app wants it.
+    pub fn into_router(self) -> Router {
+        Router::new()
+            .route("/purge/tag/{tag}", post(purge_tag))
+            .route("/soft-purge/tag/{tag}", post(soft_purge_tag))
+            .route("/purge/url", post(purge_url))
+            .route("/soft-purge/url", post(soft_purge_url))
+            .route("/purge/prefix", post(purge_prefix))
+            .route("/purge/all", post(purge_all))
+            .route("/entry", get(entry))
+            .route("/stats", get(stats))
+            .route("/warm", post(warm))
+            .with_state(self)
+    }
+
+    /// The answer to a request the check refuses.
+    fn refusal(&self, headers: &HeaderMap) -> Option<Response> {
+        (!(self.authorize)(headers)).then(|| {
+            problem(
+                StatusCode::UNAUTHORIZED,
+                "not authorised for the cache admin operations",
+            )
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct UrlQuery {
+    url: String,
+}
+
+#[derive(Deserialize)]
+struct PrefixQuery {
+    prefix: String,
+}
+
+fn problem(status: StatusCode, detail: &str) -> Response {
+    let mut response = (
+        status,
+        Json(json!({ "status": status.as_u16(), "detail": detail })),
+    )
+        .into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/problem+json"),
+    );
+    response
+}
+
+fn purged(result: Result<Purged, InvalidUrl>) -> Response {
+    match result {
+        Ok(purged) => {
+            Json(json!({ "urls": purged.urls, "deferred": purged.deferred })).into_response()
+        }
+        Err(invalid) => problem(StatusCode::BAD_REQUEST, &invalid.to_string()),
+    }
+}
+
+async fn purge_tag(
+    State(admin): State<CacheAdmin>,
+    headers: HeaderMap,
+    Path(tag): Path<String>,
+) -> Response {
+    if let Some(refused) = admin.refusal(&headers) {
+        return refused;
+    }
+    purged(Ok(admin.handle.purge_tag(&tag).await))
+}
+
+async fn soft_purge_tag(
+    State(admin): State<CacheAdmin>,
+    headers: HeaderMap,
+    Path(tag): Path<String>,
+) -> Response {
+    if let Some(refused) = admin.refusal(&headers) {
+        return refused;
+    }
+    purged(Ok(admin.handle.soft_purge_tag(&tag).await))
+}
+
+async fn purge_url(
+    State(admin): State<CacheAdmin>,
+    headers: HeaderMap,
+    Query(query): Query<UrlQuery>,
+) -> Response {
+    if let Some(refused) = admin.refusal(&headers) {
+        return refused;
+    }
+    purged(admin.handle.purge_url(&query.url).await)
+}
+
+async fn soft_purge_url(
+    State(admin): State<CacheAdmin>,
+    headers: HeaderMap,
+    Query(query): Query<UrlQuery>,
+) -> Response {
+    if let Some(refused) = admin.refusal(&headers) {
+        return refused;
+    }
+    purged(admin.handle.soft_purge_url(&query.url).await)
+}
+
+async fn purge_prefix(
+    State(admin): State<CacheAdmin>,
+    headers: HeaderMap,
+    Query(query): Query<PrefixQuery>,
+) -> Response {
+    if let Some(refused) = admin.refusal(&headers) {
+        return refused;
+    }
+    purged(admin.handle.purge_prefix(&query.prefix).await)
+}
+
+async fn purge_all(State(admin): State<CacheAdmin>, headers: HeaderMap) -> Response {
+    if let Some(refused) = admin.refusal(&headers) {
+        return refused;
+    }
+    purged(Ok(admin.handle.purge_all().await))
+}
+
+async fn entry(
+    State(admin): State<CacheAdmin>,
+    headers: HeaderMap,
+    Query(query): Query<UrlQuery>,
+) -> Response {
+    if let Some(refused) = admin.refusal(&headers) {
+        return refused;
+    }
+    match admin.handle.entry(&query.url).await {
+        Ok(Some(info)) => {
+            let stored: Vec<(String, String)> = info
+                .headers
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            Json(json!({
+                "status": info.status,
+                "headers": stored,
+                "tags": info.tags,
+                "age_seconds": info.age.as_secs(),
+                "ttl_seconds": info.ttl,
+                "body_bytes": info.body_bytes,
+                "source": info.source,
+            }))
+            .into_response()
+        }
+        Ok(None) => problem(StatusCode::NOT_FOUND, "no entry for this URL"),
+        Err(invalid) => problem(StatusCode::BAD_REQUEST, &invalid.to_string()),
+    }
+}
+
+async fn stats(State(admin): State<CacheAdmin>, headers: HeaderMap) -> Response {
+    if let Some(refused) = admin.refusal(&headers) {
+        return refused;
+    }
+    let stats = admin.handle.stats().await;
+    Json(json!({
+        "hits": stats.hits,
+        "stale_hits": stats.stale_hits,
+        "coalesced": stats.coalesced,
+        "misses": stats.misses,
+        "stores": stats.stores,
+        "hit_ratio": stats.hit_ratio,
+        "entries": stats.entries,
+        "bytes": stats.bytes,
+        "in_process": stats.in_process,
+    }))
+    .into_response()
+}
+
+async fn warm(State(admin): State<CacheAdmin>, headers: HeaderMap, body: Body) -> Response {
+    if let Some(refused) = admin.refusal(&headers) {
+        return refused;
+    }
+    let Some(warmer) = admin.warmer.clone() else {
+        return problem(
+            StatusCode::NOT_FOUND,
+            "warming is not enabled: build the admin router with `warm_through(app)`",
+        );
+    };
+    let bytes = match axum::body::to_bytes(body, 1 << 20).await {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            return problem(StatusCode::PAYLOAD_TOO_LARGE, "the URL list is over 1 MiB");
+        }
+    };
+    let Ok(urls) = serde_json::from_slice::<Vec<String>>(&bytes) else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "send a JSON array of absolute URLs, e.g. [\"https://shop.example/\"]",
+        );
+    };
+    let report: Vec<_> = warmer(urls)
+        .await
+        .into_iter()
+        .map(|w| {
+            json!({
+                "url": w.url,
+                "status": w.status,
+                "cache_status": w.cache_status,
+                "error": w.error,
+            })
+        })
+        .collect();
+    Json(report).into_response()
+}

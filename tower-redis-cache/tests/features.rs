@@ -1,0 +1,804 @@
+//! Coalescing, stale serving, tags and purges, the handle and the near
+//! cache, against real Redis, with two layer instances (each with its own
+//! `RedisManager`, as two app instances would have) in front of one origin.
+
+#![allow(clippy::unwrap_used)] // A failed setup step should fail the test loudly.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Request, Response, StatusCode, header};
+use axum::routing;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_redis_cache::{CacheLayer, CacheLayerBuilder, Route};
+use tower_redis_core::testing::{TestCluster, TestRedis};
+use tower_redis_core::{RedisConfigBuilder, RedisManager, redis};
+
+/// One origin shared by every instance: counts calls per path.
+#[derive(Clone, Default)]
+struct Origin {
+    calls: Arc<Mutex<HashMap<String, u64>>>,
+    /// Extra latency of every answer, ms.
+    delay_ms: Arc<AtomicU64>,
+    /// `/sie` after its first answer: 0 ok, 1 answers 503, 2 hangs.
+    sie_mode: Arc<AtomicU8>,
+}
+
+impl Origin {
+    fn count(&self, path: &str) -> u64 {
+        let mut calls = self.calls.lock().unwrap();
+        let n = calls.entry(path.to_owned()).or_default();
+        *n += 1;
+        *n
+    }
+
+    fn calls(&self, path: &str) -> u64 {
+        self.calls.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    async fn delay(&self) {
+        let ms = self.delay_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+}
+
+fn routes(origin: Origin) -> Router {
+    Router::new()
+        .route(
+            "/item/{id}",
+            routing::get(
+                |State(o): State<Origin>, Path(id): Path<String>| async move {
+                    let n = o.count(&format!("/item/{id}"));
+                    o.delay().await;
+                    Response::builder()
+                        .header("cache-control", "max-age=60, stale-while-revalidate=30")
+                        .header("surrogate-key", format!("item-{id} items"))
+                        .body(Body::from(format!("item-{id}-v{n}")))
+                        .unwrap()
+                },
+            )
+            .put(|| async { "changed" }),
+        )
+        .route(
+            "/plain/{id}",
+            routing::get(
+                |State(o): State<Origin>, Path(id): Path<String>| async move {
+                    let n = o.count(&format!("/plain/{id}"));
+                    Response::builder()
+                        .header("cache-control", "max-age=60")
+                        .header("cache-tag", "plain,everything")
+                        .body(Body::from(format!("plain-{id}-v{n}")))
+                        .unwrap()
+                },
+            ),
+        )
+        .route(
+            "/sie",
+            routing::get(|State(o): State<Origin>| async move {
+                let n = o.count("/sie");
+                if n > 1 {
+                    match o.sie_mode.load(Ordering::SeqCst) {
+                        1 => {
+                            return Response::builder()
+                                .status(StatusCode::SERVICE_UNAVAILABLE)
+                                .body(Body::from("down"))
+                                .unwrap();
+                        }
+                        2 => tokio::time::sleep(Duration::from_secs(30)).await,
+                        _ => {}
+                    }
+                }
+                Response::builder()
+                    .header("cache-control", "max-age=60, stale-if-error=300")
+                    .body(Body::from(format!("sie-v{n}")))
+                    .unwrap()
+            }),
+        )
+        .route(
+            "/hang-first",
+            routing::get(|State(o): State<Origin>| async move {
+                let n = o.count("/hang-first");
+                if n == 1 {
+                    // The first caller never gets an answer (its instance "crashes").
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+                Response::builder()
+                    .header("cache-control", "max-age=60")
+                    .body(Body::from(format!("hang-first-v{n}")))
+                    .unwrap()
+            }),
+        )
+        .with_state(origin)
+}
+
+struct Instance {
+    app: Router,
+    layer: CacheLayer,
+}
+
+async fn instance(
+    config: RedisConfigBuilder,
+    origin: &Origin,
+    configure: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder,
+) -> Instance {
+    let manager = RedisManager::connect(config.build().unwrap())
+        .await
+        .unwrap();
+    let layer = configure(CacheLayer::builder(manager)).build().unwrap();
+    let app = routes(origin.clone()).layer(layer.clone());
+    Instance { app, layer }
+}
+
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn cache_status(&self) -> &str {
+        self.headers
+            .get("cache-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+async fn get(app: &Router, path: &str) -> Answer {
+    let request = Request::get(path)
+        .header(header::HOST, "shop.example")
+        .body(Body::empty())
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = String::from_utf8_lossy(&body.collect().await.unwrap().to_bytes()).into_owned();
+    Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Gets `path` and waits until what it stores (or refreshes) is in Redis.
+async fn get_settled(instance: &Instance, path: &str) -> Answer {
+    let answer = get(&instance.app, path).await;
+    instance.layer.flush().await;
+    answer
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_misses_over_two_instances_make_one_origin_call() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    origin.delay_ms.store(150, Ordering::SeqCst);
+    let a = instance(redis.config(), &origin, |b| b).await;
+    let b = instance(redis.config(), &origin, |b| b).await;
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let app = if i % 2 == 0 {
+            a.app.clone()
+        } else {
+            b.app.clone()
+        };
+        tasks.push(tokio::spawn(async move { get(&app, "/item/1").await }));
+    }
+    let mut statuses = Vec::new();
+    for task in tasks {
+        let answer = task.await.unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, "item-1-v1", "{}", answer.cache_status());
+        statuses.push(answer.cache_status().to_owned());
+    }
+    assert_eq!(origin.calls("/item/1"), 1, "{statuses:?}");
+    let coalesced = statuses.iter().filter(|s| s.contains("coalesced")).count();
+    assert!(coalesced >= 90, "{coalesced} coalesced: {statuses:?}");
+}
+
+#[tokio::test]
+async fn without_coalescing_concurrent_misses_all_reach_the_origin() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    origin.delay_ms.store(100, Ordering::SeqCst);
+    let a = instance(redis.config(), &origin, |b| b.coalesce(None)).await;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let app = a.app.clone();
+        tasks.push(tokio::spawn(async move { get(&app, "/item/1").await }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap().status, 200);
+    }
+    assert_eq!(origin.calls("/item/1"), 10);
+}
+
+#[tokio::test]
+async fn a_lock_holder_that_dies_frees_the_lock_by_expiry() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let configure = |b: CacheLayerBuilder| {
+        b.lock_ttl(Duration::from_millis(300))
+            .coalesce(Some(Duration::from_secs(20)))
+    };
+    let a = instance(redis.config(), &origin, configure).await;
+    let b = instance(redis.config(), &origin, configure).await;
+    // A takes the lock and its origin call never ends; then A "crashes".
+    let app = a.app.clone();
+    let holder = tokio::spawn(async move { get(&app, "/hang-first").await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while origin.calls("/hang-first") == 0 {
+        assert!(Instant::now() < deadline, "A never reached the origin");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    holder.abort();
+    // B waits for the lock, finds it expired and fills the entry itself,
+    // long before its 20 s coalescing wait would have run out.
+    let answer = tokio::time::timeout(Duration::from_secs(10), get(&b.app, "/hang-first"))
+        .await
+        .expect("B waited for the dead holder's lock past its expiry");
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, "hang-first-v2");
+    assert!(
+        answer.cache_status().contains("stored"),
+        "{}",
+        answer.cache_status()
+    );
+    assert_eq!(origin.calls("/hang-first"), 2);
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_serves_stale_at_once_and_refreshes_once() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = instance(redis.config(), &origin, |b| b).await;
+    let b = instance(redis.config(), &origin, |b| b).await;
+    assert_eq!(get_settled(&a, "/item/7").await.body, "item-7-v1");
+    // Soft purge: the entry is stale now, and may be served while refreshed.
+    let purged = a.layer.handle().soft_purge_tag("item-7").await;
+    assert_eq!(purged.urls, 1);
+    assert!(!purged.deferred);
+    // The refresh is slow; stale answers do not wait for it.
+    origin.delay_ms.store(300, Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let app = if i % 2 == 0 {
+            a.app.clone()
+        } else {
+            b.app.clone()
+        };
+        tasks.push(tokio::spawn(async move { get(&app, "/item/7").await }));
+    }
+    for task in tasks {
+        let answer = task.await.unwrap();
+        assert_eq!(answer.body, "item-7-v1");
+        let status = answer.cache_status();
+        assert!(
+            status.contains("hit")
+                && status.contains("fwd=stale")
+                && status.contains("stale-while-revalidate"),
+            "{status}"
+        );
+    }
+    a.layer.flush().await;
+    b.layer.flush().await;
+    assert_eq!(origin.calls("/item/7"), 2, "exactly one background refresh");
+    origin.delay_ms.store(0, Ordering::SeqCst);
+    let refreshed = get(&b.app, "/item/7").await;
+    assert_eq!(refreshed.body, "item-7-v2");
+    assert!(
+        refreshed.cache_status().starts_with("tower-redis; hit"),
+        "{}",
+        refreshed.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_the_stale_entry_when_the_origin_answers_503() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = instance(redis.config(), &origin, |b| b).await;
+    assert_eq!(get_settled(&a, "/sie").await.body, "sie-v1");
+    a.layer.handle().soft_purge_url("/sie").await.unwrap();
+    origin.sie_mode.store(1, Ordering::SeqCst);
+    let answer = get(&a.app, "/sie").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, "sie-v1");
+    let status = answer.cache_status();
+    assert!(
+        status.contains("fwd=stale")
+            && status.contains("fwd-status=503")
+            && status.contains("stale-if-error"),
+        "{status}"
+    );
+    assert_eq!(origin.calls("/sie"), 2);
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_the_stale_entry_when_the_origin_times_out() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = instance(redis.config(), &origin, |b| {
+        b.origin_timeout(Duration::from_millis(200))
+    })
+    .await;
+    assert_eq!(get_settled(&a, "/sie").await.body, "sie-v1");
+    a.layer.handle().soft_purge_url("/sie").await.unwrap();
+    origin.sie_mode.store(2, Ordering::SeqCst);
+    let answer = tokio::time::timeout(Duration::from_secs(10), get(&a.app, "/sie"))
+        .await
+        .expect("the origin timeout did not apply");
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, "sie-v1");
+    assert!(
+        answer.cache_status().contains("stale-if-error"),
+        "{}",
+        answer.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn stale_if_error_covers_an_origin_error() {
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().unwrap())
+        .await
+        .unwrap();
+    let layer = CacheLayer::builder(manager)
+        .route(Route::new("*").stale_if_error(Duration::from_secs(60)))
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&calls);
+    let service = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service_fn(move |_request: Request<Body>| {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Ok(Response::builder()
+                        .header("cache-control", "max-age=60")
+                        .body(Body::from("first"))
+                        .unwrap())
+                } else {
+                    Err(std::io::Error::other("origin unreachable"))
+                }
+            }
+        });
+    let request = || {
+        Request::get("/x")
+            .header(header::HOST, "shop.example")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let first = service.clone().oneshot(request()).await.unwrap();
+    let _ = first.into_body().collect().await.unwrap();
+    layer.flush().await;
+    layer.handle().soft_purge_url("/x").await.unwrap();
+    let answer = service.clone().oneshot(request()).await.unwrap();
+    assert!(
+        answer.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("stale-if-error")
+    );
+    let body = answer.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"first");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn tags_come_from_response_headers_and_are_not_sent_to_clients() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = instance(redis.config(), &origin, |b| b).await;
+    let first = get_settled(&a, "/item/1").await;
+    assert!(first.headers.get("surrogate-key").is_none());
+    let hit = get(&a.app, "/item/1").await;
+    assert!(hit.cache_status().contains("hit"));
+    assert!(hit.headers.get("surrogate-key").is_none());
+    assert!(hit.headers.get("tower-redis-tags").is_none());
+    let info = a
+        .layer
+        .handle()
+        .entry("http://shop.example/item/1")
+        .await
+        .unwrap()
+        .expect("stored");
+    assert_eq!(info.tags, vec!["item-1".to_owned(), "items".to_owned()]);
+    assert_eq!(info.source, "redis");
+    assert!(info.ttl > 0);
+}
+
+#[tokio::test]
+async fn a_tag_purge_on_one_instance_is_seen_on_the_other() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = instance(redis.config(), &origin, |b| b).await;
+    let b = instance(redis.config(), &origin, |b| b).await;
+    for id in ["1", "2"] {
+        get_settled(&a, &format!("/item/{id}")).await;
+    }
+    get_settled(&a, "/plain/1").await;
+    assert!(get(&b.app, "/item/1").await.cache_status().contains("hit"));
+
+    let purged = a.layer.handle().purge_tag("item-1").await;
+    assert_eq!(purged.urls, 1);
+    let after = get(&b.app, "/item/1").await;
+    assert_eq!(after.body, "item-1-v2", "{}", after.cache_status());
+    assert!(get(&b.app, "/item/2").await.cache_status().contains("hit"));
+
+    // `Cache-Tag` (comma-separated) works too; a tag over several URLs.
+    b.layer.flush().await;
+    let purged = b.layer.handle().purge_tag("items").await;
+    assert_eq!(purged.urls, 2);
+    assert!(get(&a.app, "/item/2").await.cache_status().contains("fwd="));
+    assert!(get(&a.app, "/plain/1").await.cache_status().contains("hit"));
+    let purged = a.layer.handle().purge_tag("plain").await;
+    assert_eq!(purged.urls, 1);
+    assert!(
+        get(&b.app, "/plain/1")
+            .await
+            .cache_status()
+            .contains("fwd=")
+    );
+}
+
+#[tokio::test]
+async fn purge_by_url_prefix_and_everything() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = instance(redis.config(), &origin, |b| b).await;
+    let handle = a.layer.handle();
+    for path in ["/item/1", "/item/2", "/plain/1", "/plain/2"] {
+        get_settled(&a, path).await;
+    }
+    assert_eq!(handle.purge_url("/item/1").await.unwrap().urls, 1);
+    assert!(get(&a.app, "/item/1").await.cache_status().contains("fwd="));
+    assert!(get(&a.app, "/item/2").await.cache_status().contains("hit"));
+    a.layer.flush().await;
+
+    assert_eq!(
+        handle
+            .purge_url("http://shop.example/plain/1")
+            .await
+            .unwrap()
+            .urls,
+        1
+    );
+    assert_eq!(
+        handle
+            .purge_url("http://other.example/plain/2")
+            .await
+            .unwrap()
+            .urls,
+        0,
+        "another host's URL is another entry"
+    );
+    assert!(get(&a.app, "/plain/2").await.cache_status().contains("hit"));
+
+    assert_eq!(handle.purge_prefix("/item/").await.unwrap().urls, 2);
+    assert!(get(&a.app, "/item/2").await.cache_status().contains("fwd="));
+    assert!(get(&a.app, "/plain/2").await.cache_status().contains("hit"));
+    a.layer.flush().await;
+
+    // Live now: /item/2 (stored again after the prefix purge) and /plain/2.
+    let everything = handle.purge_all().await;
+    assert_eq!(everything.urls, 2, "{everything:?}");
+    for path in ["/item/1", "/item/2", "/plain/1", "/plain/2"] {
+        assert!(get(&a.app, path).await.cache_status().contains("fwd="));
+    }
+
+    let error = handle.purge_prefix("item").await.unwrap_err();
+    assert!(error.to_string().contains("starting with `/`"), "{error}");
+    let error = handle.purge_url("not a url").await.unwrap_err();
+    assert!(error.to_string().contains("give"), "{error}");
+}
+
+#[tokio::test]
+async fn a_soft_purge_without_stale_while_revalidate_revalidates() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = instance(redis.config(), &origin, |b| b).await;
+    get_settled(&a, "/plain/1").await;
+    let purged = a.layer.handle().soft_purge_tag("everything").await;
+    assert_eq!(purged.urls, 1);
+    let after = get(&a.app, "/plain/1").await;
+    assert_eq!(after.body, "plain-1-v2");
+    assert!(
+        after.cache_status().contains("fwd=stale"),
+        "{}",
+        after.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn warm_fills_through_the_service_and_stats_count() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = instance(redis.config(), &origin, |b| b).await;
+    let handle = a.layer.handle();
+    let report = handle
+        .warm(
+            a.app.clone(),
+            [
+                "http://shop.example/item/1",
+                "http://shop.example/item/2",
+                "/relative",
+            ],
+        )
+        .await;
+    assert_eq!(report.len(), 3);
+    assert_eq!(report[0].status, Some(200));
+    assert!(
+        report[0]
+            .cache_status
+            .as_deref()
+            .unwrap()
+            .contains("stored")
+    );
+    assert!(report[2].error.as_deref().unwrap().contains("absolute"));
+    assert!(get(&a.app, "/item/1").await.cache_status().contains("hit"));
+    assert!(get(&a.app, "/item/2").await.cache_status().contains("hit"));
+    let again = handle
+        .warm(a.app.clone(), ["http://shop.example/item/1"])
+        .await;
+    assert!(again[0].cache_status.as_deref().unwrap().contains("hit"));
+    assert_eq!(origin.calls("/item/1"), 1);
+
+    let stats = handle.stats().await;
+    assert_eq!(stats.entries, 2, "{stats:?}");
+    assert!(stats.bytes > 0, "{stats:?}");
+    assert_eq!(stats.misses, 2, "{stats:?}");
+    assert_eq!(stats.hits, 3, "{stats:?}");
+    assert!((stats.hit_ratio - 0.6).abs() < 1e-9, "{stats:?}");
+    assert!(!stats.in_process);
+}
+
+async fn numsub(redis: &TestRedis) -> i64 {
+    let mut conn = redis.connection().await.unwrap();
+    let answer: (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("tower-redis:cache-events")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    answer.1
+}
+
+async fn wait_for_subscribers(redis: &TestRedis, count: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while numsub(redis).await != count {
+        assert!(
+            Instant::now() < deadline,
+            "subscribers never reached {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_near_cache_answers_without_redis_and_a_purge_elsewhere_reaches_it_fast() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let near = |b: CacheLayerBuilder| b.near_cache(8 << 20, Duration::from_secs(60));
+    let a = instance(redis.config(), &origin, near).await;
+    let b = instance(redis.config(), &origin, near).await;
+    get_settled(&a, "/item/1").await;
+    get(&b.app, "/item/1").await;
+    wait_for_subscribers(&redis, 2).await;
+    // The first read after subscribing comes from Redis and is kept near.
+    let from_redis = get(&b.app, "/item/1").await;
+    assert!(!from_redis.cache_status().contains("near"));
+    redis.reset_stats().await.unwrap();
+    let near_hit = get(&b.app, "/item/1").await;
+    assert_eq!(near_hit.body, "item-1-v1");
+    assert!(
+        near_hit.cache_status().contains("hit") && near_hit.cache_status().contains("near"),
+        "{}",
+        near_hit.cache_status()
+    );
+    let mut calls = redis.command_calls().await.unwrap();
+    calls.remove("config|resetstat");
+    assert_eq!(
+        calls.values().sum::<u64>(),
+        0,
+        "a near hit costs no round trip: {calls:?}"
+    );
+
+    let purged = a.layer.handle().purge_url("/item/1").await.unwrap();
+    assert_eq!(purged.urls, 1);
+    let since_purge = Instant::now();
+    loop {
+        let answer = get(&b.app, "/item/1").await;
+        if !answer.cache_status().contains("near") {
+            assert_eq!(answer.body, "item-1-v2");
+            break;
+        }
+        assert!(
+            since_purge.elapsed() < Duration::from_millis(100),
+            "B still served its near copy {:?} after the purge on A",
+            since_purge.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_near_cache_is_not_trusted_across_a_lost_pubsub_connection() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let near = |b: CacheLayerBuilder| b.near_cache(8 << 20, Duration::from_secs(60));
+    let a = instance(redis.config(), &origin, near).await;
+    get_settled(&a, "/item/1").await;
+    wait_for_subscribers(&redis, 1).await;
+    get(&a.app, "/item/1").await;
+    assert!(get(&a.app, "/item/1").await.cache_status().contains("near"));
+    // Change the entry behind the near cache's back, and cut its messages.
+    let mut conn = redis.connection().await.unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    wait_for_subscribers(&redis, 1).await;
+    let after = get(&a.app, "/item/1").await;
+    assert!(
+        !after.cache_status().contains("near"),
+        "{}",
+        after.cache_status()
+    );
+    assert_eq!(after.body, "item-1-v2");
+}
+
+#[tokio::test]
+async fn tags_and_purges_work_on_a_redis_cluster() {
+    let cluster = TestCluster::start().await;
+    let origin = Origin::default();
+    let a = instance(cluster.config(), &origin, |b| b).await;
+    let b = instance(cluster.config(), &origin, |b| b).await;
+    let paths: Vec<String> = (0..12).map(|i| format!("/item/{i}")).collect();
+    for path in &paths {
+        get_settled(&a, path).await;
+    }
+    for path in &paths {
+        assert!(get(&b.app, path).await.cache_status().contains("hit"));
+    }
+    assert_eq!(a.layer.handle().purge_tag("item-3").await.urls, 1);
+    assert!(get(&b.app, "/item/3").await.cache_status().contains("fwd="));
+    b.layer.flush().await;
+    assert_eq!(b.layer.handle().soft_purge_tag("items").await.urls, 12);
+    let stale = get(&a.app, "/item/5").await;
+    assert!(stale.cache_status().contains("stale-while-revalidate"));
+    a.layer.flush().await;
+    assert_eq!(
+        a.layer.handle().purge_prefix("/item/").await.unwrap().urls,
+        12
+    );
+    for path in &paths {
+        assert!(get(&b.app, path).await.cache_status().contains("fwd="));
+    }
+    // Coalescing across instances on the cluster too.
+    origin.delay_ms.store(100, Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let app = if i % 2 == 0 {
+            a.app.clone()
+        } else {
+            b.app.clone()
+        };
+        tasks.push(tokio::spawn(async move { get(&app, "/item/100").await }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap().body, "item-100-v1");
+    }
+    assert_eq!(origin.calls("/item/100"), 1);
+}
+
+#[tokio::test]
+async fn a_purge_while_redis_hangs_is_deferred_and_replayed_when_it_answers() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = instance(redis.config().failure_threshold(1), &origin, |b| b).await;
+    get_settled(&a, "/item/1").await;
+    get_settled(&a, "/item/2").await;
+    redis.pause().await;
+    let purged = a.layer.handle().purge_tag("item-1").await;
+    assert!(purged.deferred, "{purged:?}");
+    redis.resume().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = get(&a.app, "/item/2").await;
+        if !answer.cache_status().contains("redis-unavailable") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Redis never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = get(&a.app, "/item/1").await;
+    assert_eq!(after.body, "item-1-v2", "{}", after.cache_status());
+    assert!(get(&a.app, "/item/2").await.cache_status().contains("hit"));
+}
+
+#[tokio::test]
+async fn the_admin_router_checks_authorisation_and_runs_the_operations() {
+    use tower_redis_cache::admin::CacheAdmin;
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = instance(redis.config(), &origin, |b| b).await;
+    let admin = CacheAdmin::new(a.layer.handle(), |headers: &HeaderMap| {
+        headers
+            .get("authorization")
+            .is_some_and(|v| v == "Bearer token")
+    })
+    .warm_through(a.app.clone())
+    .into_router();
+    let app = a.app.clone().nest("/admin", admin);
+    let call = |method: &'static str, path: &'static str, auth: bool, body: &'static str| {
+        let app = app.clone();
+        async move {
+            let mut request = Request::builder()
+                .method(method)
+                .uri(path)
+                .header(header::HOST, "shop.example");
+            if auth {
+                request = request.header("authorization", "Bearer token");
+            }
+            let response = app
+                .oneshot(request.body(Body::from(body)).unwrap())
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&bytes).into_owned())
+        }
+    };
+    assert_eq!(call("POST", "/admin/purge/all", false, "").await.0, 401);
+    let (status, report) = call(
+        "POST",
+        "/admin/warm",
+        true,
+        r#"["http://shop.example/item/1","http://shop.example/item/2"]"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{report}");
+    assert!(report.contains("stored"), "{report}");
+    let (status, entry) = call(
+        "GET",
+        "/admin/entry?url=http://shop.example/item/1",
+        true,
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{entry}");
+    assert!(entry.contains("\"item-1\""), "{entry}");
+    let (status, purged) = call("POST", "/admin/purge/tag/item-1", true, "").await;
+    assert_eq!(
+        (status, purged.as_str()),
+        (200, r#"{"deferred":false,"urls":1}"#)
+    );
+    let (status, _) = call(
+        "GET",
+        "/admin/entry?url=http://shop.example/item/1",
+        true,
+        "",
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, problem) = call("POST", "/admin/purge/prefix?prefix=item", true, "").await;
+    assert_eq!(status, 400);
+    assert!(problem.contains("starting with"), "{problem}");
+    let (status, stats) = call("GET", "/admin/stats", true, "").await;
+    assert_eq!(status, 200);
+    assert!(stats.contains("\"entries\":1"), "{stats}");
+    let (status, _) = call("POST", "/admin/warm", true, "not json").await;
+    assert_eq!(status, 400);
+}

@@ -1,0 +1,39 @@
+//! Dedicated publish/subscribe connections, for layers that tell each other
+//! about changes (cache invalidations, fills).
+
+use redis::aio::PubSub;
+
+use crate::config::Topology;
+use crate::{Error, RedisManager};
+
+pub(crate) fn client_for(topology: &Topology) -> Option<redis::Client> {
+    let url = match topology {
+        Topology::Standalone(url) => url,
+        Topology::Cluster(nodes) => nodes.first()?,
+    };
+    redis::Client::open(url.expose()).ok()
+}
+
+impl RedisManager {
+    /// Opens a dedicated connection for `SUBSCRIBE` (a subscribed connection
+    /// cannot run other commands, so it is never taken from the pool).
+    ///
+    /// On a cluster it connects to the first seed node: a plain `PUBLISH`
+    /// sent to any node reaches subscribers on every node. The connection is
+    /// not watched by the breaker; a caller that loses it should reconnect
+    /// with a backoff and assume it missed messages meanwhile.
+    ///
+    /// Fails with [`Error::BreakerOpen`] on a disabled manager, and with the
+    /// connection error (within the connect timeout) when Redis is down.
+    pub async fn pubsub(&self) -> Result<PubSub, Error> {
+        let Some(client) = self.pubsub_client() else {
+            return Err(Error::BreakerOpen);
+        };
+        let connect = client.get_async_pubsub();
+        match tokio::time::timeout(self.connect_timeout(), connect).await {
+            Ok(Ok(pubsub)) => Ok(pubsub),
+            Ok(Err(error)) => Err(Error::Connect(error)),
+            Err(_) => Err(Error::Timeout(self.connect_timeout())),
+        }
+    }
+}
