@@ -736,11 +736,17 @@ async fn redis_key_injection_through_urls_and_session_data_stays_hashed() {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
     for key in &keys {
-        // Cache entries: prefix:c:<sha256 of the URL>. Sessions and users:
-        // prefix:{<sha256>}:s / :u. Nothing a client typed reaches a key.
+        // Cache entries: prefix:c:<sha256 of the URL>; purge indexes:
+        // prefix:cx:<directory> with structural characters escaped. Sessions
+        // and users: prefix:{<sha256>}:s / :u. Nothing a client typed
+        // reaches a key unescaped.
         let ok = match key.strip_prefix("inj2:") {
             Some(rest) => match rest.split_once(':') {
                 Some(("c", digest)) => hash(digest),
+                // The cache's purge indexes: a URL directory or a tag, escaped.
+                Some(("cx" | "ct", name)) => !name.contains([
+                    ':', '{', '}', '*', '?', '[', ']', ' ', '\n', '\r', '\t', '\0', '\\',
+                ]),
                 Some((tag, kind)) => {
                     (kind == "s" || kind == "u")
                         && tag.starts_with('{')

@@ -1,7 +1,7 @@
 //! Bugs found in `tower-redis-cache` by the chaos and bad-input work, each
-//! a failing test until the cache is fixed (the cache crate was being
-//! changed by someone else when they were found, so they are not fixed
-//! here). See the report of issue 9.
+//! a test that failed until the cache was fixed and now guards against the
+//! bug's return (the cache crate was being changed by someone else when
+//! they were found, so they were not fixed here). See the issue 9 report.
 
 #![allow(clippy::unwrap_used)]
 
