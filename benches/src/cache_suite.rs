@@ -16,6 +16,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -152,10 +153,16 @@ fn body(len: usize) -> Bytes {
 
 /// The slow origin every subject serves.
 fn origin(body: Bytes) -> Router {
+    counted_origin(body, Arc::new(AtomicU64::new(0)))
+}
+
+/// The origin, counting the requests that reach it in `calls`.
+fn counted_origin(body: Bytes, calls: Arc<AtomicU64>) -> Router {
     Router::new().route(
         PATH,
         get(move || {
             let body = body.clone();
+            calls.fetch_add(1, Ordering::Relaxed);
             async move {
                 tokio::time::sleep(ORIGIN_DELAY).await;
                 ([(header::CACHE_CONTROL, CACHE_CONTROL)], body)
@@ -544,7 +551,16 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     }
     section.gap();
 
-    section.append(&degraded::run(&CacheOutage { body: main_body }, options).await?);
+    section.append(
+        &degraded::run(
+            &CacheOutage {
+                body: main_body,
+                origin_calls: Arc::new(AtomicU64::new(0)),
+            },
+            options,
+        )
+        .await?,
+    );
     Ok(section.finish())
 }
 
@@ -578,6 +594,8 @@ fn targets(grid: &Grid, rows: impl Fn(&Row) -> bool + Copy) -> Vec<Target> {
 /// tower-redis-cache with hits warmed, for the degraded-mode section.
 struct CacheOutage {
     body: Bytes,
+    /// Requests that reached the origin.
+    origin_calls: Arc<AtomicU64>,
 }
 
 impl Outage for CacheOutage {
@@ -588,14 +606,21 @@ impl Outage for CacheOutage {
     fn describe(&self) -> String {
         format!(
             "`GET /item` (20 ms origin, {} body) behind tower-redis-cache, warmed: hits come from Redis while it \
-             is up, from the in-process store while it is down (the first request after the kill goes to the \
-             origin, during the warm-up).",
+             is up, from the in-process store while it is down (the requests between the kill and the breaker \
+             opening go to the origin and fill that store).",
             bytes(self.body.len() as f64)
         )
     }
 
     fn app(&self, manager: &RedisManager) -> Result<Router, BenchError> {
-        Ok(origin(self.body.clone()).layer(cache_layer(manager)?))
+        Ok(
+            counted_origin(self.body.clone(), Arc::clone(&self.origin_calls))
+                .layer(cache_layer(manager)?),
+        )
+    }
+
+    fn origin_calls(&self) -> Option<u64> {
+        Some(self.origin_calls.load(Ordering::Relaxed))
     }
 
     async fn prepare(

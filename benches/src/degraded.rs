@@ -52,11 +52,18 @@ pub(crate) trait Outage {
     fn expect(&self) -> Expect;
     /// Commands run inside the layer's scripts.
     fn inner(&self) -> &'static [&'static str];
+    /// Requests that reached the app's slow origin so far, for a cache.
+    fn origin_calls(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// What happened around one kill and restart.
 #[derive(Debug, Clone, Copy)]
 struct Transition {
+    /// Requests that reached the origin during the `Redis up` and the
+    /// `Redis killed` cell (warm-up included), for a cache.
+    origin_calls: Option<(u64, u64)>,
     /// Requests sent after the kill until the breaker opened, and how long that took.
     open_requests: u64,
     open_after: Option<Duration>,
@@ -131,10 +138,12 @@ pub(crate) async fn run<O: Outage>(outage: &O, options: &Options) -> Result<Stri
                 cell(labels[1], "Redis killed", &requests),
             ];
             let spec = spec(options, concurrency);
+            let origin_before = outage.origin_calls();
             if let Some(sample) = measure(Some(&redis), suite, &cells[0], spec).await? {
                 progress(suite, "Redis up", concurrency, repeat, options, &sample);
                 row.samples[0].push(sample);
             }
+            let origin_up = since(outage.origin_calls(), origin_before);
 
             redis.kill().await?;
             let killed = Instant::now();
@@ -153,10 +162,12 @@ pub(crate) async fn run<O: Outage>(outage: &O, options: &Options) -> Result<Stri
                 server_errors += request(suite, &mut sender, &first).await?;
                 open_requests += 1;
             };
+            let origin_before = outage.origin_calls();
             if let Some(sample) = measure(None, suite, &cells[1], spec).await? {
                 progress(suite, "Redis killed", concurrency, repeat, options, &sample);
                 row.samples[1].push(sample);
             }
+            let origin_down = since(outage.origin_calls(), origin_before);
             let down_for = killed.elapsed();
 
             redis.restart().await?;
@@ -187,6 +198,7 @@ pub(crate) async fn run<O: Outage>(outage: &O, options: &Options) -> Result<Stri
                 closed_after = Some(restarted.elapsed());
             }
             let transition = Transition {
+                origin_calls: origin_up.zip(origin_down),
                 open_requests,
                 open_after,
                 down_for,
@@ -285,6 +297,10 @@ async fn request(
     Ok(u64::from(status.is_server_error()))
 }
 
+fn since(now: Option<u64>, before: Option<u64>) -> Option<u64> {
+    Some(now?.saturating_sub(before?))
+}
+
 fn millis(d: Option<Duration>) -> String {
     d.map_or_else(
         || format!("not within {} s", DEADLINE.as_secs()),
@@ -308,11 +324,21 @@ fn median_ms(values: impl Iterator<Item = Option<Duration>>) -> String {
 fn transitions_note(transitions: &[Transition]) -> String {
     let each =
         |f: fn(&Transition) -> String| transitions.iter().map(f).collect::<Vec<_>>().join(" / ");
+    let origin = if transitions.iter().any(|t| t.origin_calls.is_some()) {
+        format!(
+            "; requests that reached the 20 ms origin in the (Redis up, Redis killed) cells, warm-up included: {}",
+            each(|t| t
+                .origin_calls
+                .map_or_else(|| "–".to_owned(), |(up, down)| format!("({up}, {down})")))
+        )
+    } else {
+        String::new()
+    };
     format!(
         "per kill (one per concurrency and repeat, in table order): kill → breaker open: {} requests, {} ms; \
          Redis down for {} s; restart → breaker closed: median {} ({} ms); \
          **restart → first Redis-served request: median {}** ({} ms); \
-         answers ≥ 500 during the transitions: {}",
+         answers ≥ 500 during the transitions: {}{origin}",
         each(|t| t.open_requests.to_string()),
         each(|t| millis(t.open_after)),
         each(|t| format!("{:.1}", t.down_for.as_secs_f64())),
