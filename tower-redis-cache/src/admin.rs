@@ -111,6 +111,10 @@ impl CacheAdmin {
             .route("/entry", get(entry))
             .route("/stats", get(stats))
             .route("/warm", post(warm))
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                authorised,
+            ))
             .with_state(self)
     }
 
@@ -122,6 +126,18 @@ impl CacheAdmin {
                 "not authorised for the cache admin operations",
             )
         })
+    }
+}
+
+/// Every route answers only requests the check accepts.
+async fn authorised(
+    State(admin): State<CacheAdmin>,
+    request: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    match admin.refusal(request.headers()) {
+        Some(refused) => refused,
+        None => next.run(request).await,
     }
 }
 
@@ -157,76 +173,37 @@ fn purged(result: Result<Purged, InvalidUrl>) -> Response {
     }
 }
 
-async fn purge_tag(
-    State(admin): State<CacheAdmin>,
-    headers: HeaderMap,
-    Path(tag): Path<String>,
-) -> Response {
-    if let Some(refused) = admin.refusal(&headers) {
-        return refused;
-    }
+async fn purge_tag(State(admin): State<CacheAdmin>, Path(tag): Path<String>) -> Response {
     purged(Ok(admin.handle.purge_tag(&tag).await))
 }
 
-async fn soft_purge_tag(
-    State(admin): State<CacheAdmin>,
-    headers: HeaderMap,
-    Path(tag): Path<String>,
-) -> Response {
-    if let Some(refused) = admin.refusal(&headers) {
-        return refused;
-    }
+async fn soft_purge_tag(State(admin): State<CacheAdmin>, Path(tag): Path<String>) -> Response {
     purged(Ok(admin.handle.soft_purge_tag(&tag).await))
 }
 
-async fn purge_url(
-    State(admin): State<CacheAdmin>,
-    headers: HeaderMap,
-    Query(query): Query<UrlQuery>,
-) -> Response {
-    if let Some(refused) = admin.refusal(&headers) {
-        return refused;
-    }
+async fn purge_url(State(admin): State<CacheAdmin>, Query(query): Query<UrlQuery>) -> Response {
     purged(admin.handle.purge_url(&query.url).await)
 }
 
 async fn soft_purge_url(
     State(admin): State<CacheAdmin>,
-    headers: HeaderMap,
     Query(query): Query<UrlQuery>,
 ) -> Response {
-    if let Some(refused) = admin.refusal(&headers) {
-        return refused;
-    }
     purged(admin.handle.soft_purge_url(&query.url).await)
 }
 
 async fn purge_prefix(
     State(admin): State<CacheAdmin>,
-    headers: HeaderMap,
     Query(query): Query<PrefixQuery>,
 ) -> Response {
-    if let Some(refused) = admin.refusal(&headers) {
-        return refused;
-    }
     purged(admin.handle.purge_prefix(&query.prefix).await)
 }
 
-async fn purge_all(State(admin): State<CacheAdmin>, headers: HeaderMap) -> Response {
-    if let Some(refused) = admin.refusal(&headers) {
-        return refused;
-    }
+async fn purge_all(State(admin): State<CacheAdmin>) -> Response {
     purged(Ok(admin.handle.purge_all().await))
 }
 
-async fn entry(
-    State(admin): State<CacheAdmin>,
-    headers: HeaderMap,
-    Query(query): Query<UrlQuery>,
-) -> Response {
-    if let Some(refused) = admin.refusal(&headers) {
-        return refused;
-    }
+async fn entry(State(admin): State<CacheAdmin>, Query(query): Query<UrlQuery>) -> Response {
     match admin.handle.entry(&query.url).await {
         Ok(Some(info)) => {
             let stored: Vec<(String, String)> = info
@@ -255,10 +232,7 @@ async fn entry(
     }
 }
 
-async fn stats(State(admin): State<CacheAdmin>, headers: HeaderMap) -> Response {
-    if let Some(refused) = admin.refusal(&headers) {
-        return refused;
-    }
+async fn stats(State(admin): State<CacheAdmin>) -> Response {
     let stats = admin.handle.stats().await;
     Json(json!({
         "hits": stats.hits,
@@ -274,10 +248,7 @@ async fn stats(State(admin): State<CacheAdmin>, headers: HeaderMap) -> Response 
     .into_response()
 }
 
-async fn warm(State(admin): State<CacheAdmin>, headers: HeaderMap, body: Body) -> Response {
-    if let Some(refused) = admin.refusal(&headers) {
-        return refused;
-    }
+async fn warm(State(admin): State<CacheAdmin>, body: Body) -> Response {
     let Some(warmer) = admin.warmer.clone() else {
         return problem(
             StatusCode::NOT_FOUND,
