@@ -75,6 +75,7 @@ enum Subject {
     RedisBenchmark,
     OneGet,
     OnePolicy,
+    ClientKeys,
     ThreePolicies,
     BlockedKey,
     RedisDown,
@@ -83,12 +84,13 @@ enum Subject {
 
 impl Subject {
     /// Every subject, in table order.
-    const ALL: [Subject; 9] = [
+    const ALL: [Subject; 10] = [
         Subject::NoLimiter,
         Subject::Raw,
         Subject::RedisBenchmark,
         Subject::OneGet,
         Subject::OnePolicy,
+        Subject::ClientKeys,
         Subject::ThreePolicies,
         Subject::BlockedKey,
         Subject::RedisDown,
@@ -102,6 +104,9 @@ impl Subject {
             Subject::RedisBenchmark => "raw Redis: redis-benchmark, 1 GET per request (no HTTP)",
             Subject::OneGet => "reference: no limiter, handler makes 1 Redis GET",
             Subject::OnePolicy => "tower-redis-ratelimit, 1 policy",
+            Subject::ClientKeys => {
+                "tower-redis-ratelimit, 1 policy keyed by a header, a distinct client per connection"
+            }
             Subject::ThreePolicies => "tower-redis-ratelimit, 3 stacked policies",
             Subject::BlockedKey => "tower-redis-ratelimit, blocked key",
             Subject::RedisDown => "tower-redis-ratelimit, Redis down (local fallback)",
@@ -117,6 +122,7 @@ impl Subject {
             Subject::RedisBenchmark => "redis-benchmark",
             Subject::OneGet => "1 GET",
             Subject::OnePolicy => "1 policy",
+            Subject::ClientKeys => "1 policy, client per connection",
             Subject::ThreePolicies => "3 policies",
             Subject::BlockedKey => "blocked key",
             Subject::RedisDown => "Redis down",
@@ -136,7 +142,7 @@ impl Subject {
     fn runs_script(self) -> bool {
         matches!(
             self,
-            Subject::OnePolicy | Subject::ThreePolicies | Subject::BlockedKey
+            Subject::OnePolicy | Subject::ClientKeys | Subject::ThreePolicies | Subject::BlockedKey
         )
     }
 
@@ -146,6 +152,18 @@ impl Subject {
             .position(|s| *s == self)
             .unwrap_or_default()
     }
+}
+
+/// Distinct clients of the `ClientKeys` cell: task `i` is client `i % MAX_CLIENTS`.
+const MAX_CLIENTS: usize = 256;
+
+/// `GET /` as client `i` of the `ClientKeys` cell.
+fn client_request(i: usize) -> Result<HttpRequest, BenchError> {
+    let mut request = HttpRequest::get("/");
+    let value = http::HeaderValue::from_str(&format!("client-{i}"))
+        .map_err(|e| BenchError::Check(format!("client header: {e}")))?;
+    request.fields.insert(KEY_HEADER, value);
+    Ok(request)
 }
 
 /// The route every subject serves.
@@ -191,6 +209,11 @@ fn app(
         Subject::OnePolicy => route().layer(
             limits(manager, "bench-1")
                 .policy(Policy::gcra("per-ip", HUGE_QUOTA, HOUR))
+                .build()?,
+        ),
+        Subject::ClientKeys => route().layer(
+            limits(manager, "bench-clients")
+                .policy(Policy::gcra("per-client", HUGE_QUOTA, HOUR).key(Key::header(KEY_HEADER)))
                 .build()?,
         ),
         Subject::ThreePolicies => route().layer(
@@ -254,7 +277,13 @@ async fn preflight(
 ) -> Result<(), BenchError> {
     let failed = |e: HttpError| BenchError::Check(format!("ratelimit, {}: {e}", subject.label()));
     let mut sender = connect(addr).await.map_err(failed)?;
-    let (status, fields, body) = get_root(&mut sender).await.map_err(failed)?;
+    let (status, fields, body) = if subject == Subject::ClientKeys {
+        send(&mut sender, &client_request(0)?)
+            .await
+            .map_err(failed)?
+    } else {
+        get_root(&mut sender).await.map_err(failed)?
+    };
     let field = |name: &str| {
         fields
             .get(name)
@@ -272,7 +301,7 @@ async fn preflight(
                 status == StatusCode::OK && body == BODY.as_bytes(),
             )?;
         }
-        Subject::OnePolicy | Subject::ThreePolicies => {
+        Subject::OnePolicy | Subject::ThreePolicies | Subject::ClientKeys => {
             check(
                 subject,
                 &format!("expected 200, got {status}"),
@@ -358,7 +387,13 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
                         subject.label(),
                         subject.short(),
                         server,
-                        vec![Arc::new(HttpRequest::get("/"))],
+                        if subject == Subject::ClientKeys {
+                            (0..MAX_CLIENTS)
+                                .map(|i| client_request(i).map(Arc::new))
+                                .collect::<Result<_, _>>()?
+                        } else {
+                            vec![Arc::new(HttpRequest::get("/"))]
+                        },
                         Expect {
                             status: subject.expected_status(),
                             body: Some(Bytes::from_static(BODY.as_bytes())),
@@ -396,12 +431,16 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
         (Subject::Raw.index(), "raw redis-rs"),
     ]));
     let mut throughput = Target::new(format!(
-        "rate-limited / no limiter ≥ {TARGET_RATIO:.2} (1 policy and 3 stacked policies)"
+        "rate-limited / no limiter ≥ {TARGET_RATIO:.2} (1 policy on one client, 1 policy on a client per connection, 3 stacked policies)"
     ));
     let mut trips = Target::new(format!(
         "≤ {MAX_ROUND_TRIPS:.0} Redis round trip per decision (top-level commands per request, most in any repeat)"
     ));
-    for subject in [Subject::OnePolicy, Subject::ThreePolicies] {
+    for subject in [
+        Subject::OnePolicy,
+        Subject::ClientKeys,
+        Subject::ThreePolicies,
+    ] {
         grid.check_ratio(
             &mut throughput,
             subject.index(),
@@ -415,6 +454,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     section.target(&trips);
     for subject in [
         Subject::OnePolicy,
+        Subject::ClientKeys,
         Subject::ThreePolicies,
         Subject::Governor,
     ] {

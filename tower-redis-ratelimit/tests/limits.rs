@@ -500,6 +500,56 @@ async fn stacked_policies_are_one_round_trip_and_blocked_keys_are_zero() {
     );
 }
 
+/// Requests decided at the same moment share one script call, and the
+/// answers are exactly those of deciding them one by one: per client, the
+/// login policy admits its quota, and only admitted requests are charged
+/// to the other policy.
+#[tokio::test]
+async fn concurrent_decisions_share_a_call_and_stay_exact() {
+    let redis = TestRedis::start().await;
+    away_from_window_edge(&redis, HOUR).await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("login", 3, HOUR).path("/login"))
+        .policy(Policy::fixed_window("everything", 1000, HOUR))
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    // Loads the script once.
+    send(&service, request("192.0.2.200", "/")).await;
+    redis.reset_stats().await.expect("reset");
+
+    let clients: Vec<String> = (1..=20).map(|i| format!("10.0.0.{i}")).collect();
+    let mut set = tokio::task::JoinSet::new();
+    for client in &clients {
+        for path in ["/login", "/login", "/login", "/login", "/login", "/a", "/b"] {
+            let (service, request) = (service.clone(), request(client, path));
+            let client = client.clone();
+            set.spawn(async move { (client, send(&service, request).await.status()) });
+        }
+    }
+    let mut admitted = std::collections::HashMap::<String, (usize, usize)>::new();
+    while let Some(result) = set.join_next().await {
+        let (client, status) = result.expect("task");
+        let counts = admitted.entry(client).or_default();
+        match status {
+            StatusCode::OK => counts.0 += 1,
+            StatusCode::TOO_MANY_REQUESTS => counts.1 += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    for client in &clients {
+        assert_eq!(admitted[client], (5, 2), "{client}: 3 logins + 2 others admitted");
+        // 5 admitted requests charged to "everything", the 2 denied ones not.
+        let response = send(&service, request(client, "/c")).await;
+        let field = header(&response, "ratelimit").expect("RateLimit");
+        assert!(field.starts_with("\"everything\";r=994;"), "{client}: {field}");
+    }
+    let calls = redis.command_calls().await.expect("stats");
+    let evalsha = calls.get("evalsha").copied().unwrap_or(0);
+    // 140 concurrent decisions plus 20 follow-ups, in far fewer calls.
+    assert!(evalsha < 60, "decisions were not batched: {calls:?}");
+}
+
 #[tokio::test]
 async fn every_key_has_a_ttl() {
     let redis = TestRedis::start().await;

@@ -7,7 +7,10 @@ use cookie::SameSite;
 /// How long sessions live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expiry {
-    /// Idle timeout: a session unused this long ends (rolling).
+    /// Idle timeout: a session unused this long ends (rolling). Each
+    /// instance renews it in Redis at most once per 1/100 of its length
+    /// (capped at one minute), so a session can end up to that much
+    /// earlier than a full idle timeout after its last use.
     pub idle: Duration,
     /// Absolute timeout: a session ends this long after it began, however
     /// active it is.

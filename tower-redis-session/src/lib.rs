@@ -25,10 +25,11 @@
 //! # Promises
 //!
 //! - **Lazy.** A request whose handler never touches the session costs no
-//!   Redis call. A read is one round trip (`PEXPIRE` and `HGETALL`,
-//!   pipelined: the idle TTL is renewed without rewriting the data). A
-//!   change costs one more (a Lua script); a new session is stored only once
-//!   it holds something.
+//!   Redis call. A read is one round trip: one `HGETALL`, pipelined with a
+//!   `PEXPIRE` that renews the idle TTL (without rewriting the data) when
+//!   this instance has not renewed it for 1/100 of the idle timeout (at most
+//!   a minute). A change costs one more (a Lua script); a new session is
+//!   stored only once it holds something.
 //! - **Concurrent requests keep their changes.** Each entry is written
 //!   separately (a Redis hash, one script), so two requests that change
 //!   different entries both persist. Two requests that change the *same*

@@ -245,6 +245,19 @@ async fn a_read_is_one_round_trip_and_a_change_is_two() {
         "read"
     );
 
+    // The idle timeout (30 min) was just renewed: the next reads within
+    // 1/100 of it are a single HGETALL each.
+    redis.reset_stats().await.unwrap();
+    for _ in 0..3 {
+        let (_, body, _, _) = send(&app, "GET", "/get/a", Some(&cookie)).await;
+        assert_eq!(body, "1");
+    }
+    assert_eq!(
+        sent_commands(&redis).await,
+        [("hgetall".to_owned(), 3)],
+        "reads right after a renewal"
+    );
+
     // A change: the same read, then one EVALSHA (whose own commands run inside Redis).
     redis.reset_stats().await.unwrap();
     send(&app, "POST", "/set/b/2", Some(&cookie)).await;
@@ -259,10 +272,50 @@ async fn a_read_is_one_round_trip_and_a_change_is_two() {
         [
             ("evalsha".to_owned(), 1),
             ("hgetall".to_owned(), 1),
-            ("pexpire".to_owned(), 2)
+            ("pexpire".to_owned(), 1)
         ],
-        "load + save (the save script renews the TTL too)"
+        "load + save (the save script renews the TTL)"
     );
+}
+
+#[tokio::test]
+async fn reads_keep_renewing_the_idle_timeout() {
+    let redis = TestRedis::start().await;
+    let idle = Duration::from_millis(1_500);
+    let app = app(
+        SessionLayer::builder(manager_for(redis.config().build().unwrap()).await).expiry(Expiry {
+            idle,
+            absolute: Duration::from_secs(3600),
+            persistent: false,
+        }),
+    );
+    let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
+    let cookie = cookie_pair(&set_cookie.unwrap());
+    // Reads for three idle timeouts: each instance renews at least every
+    // 1/100 of the idle timeout, so the session never lapses.
+    let started = std::time::Instant::now();
+    let mut reads = 0;
+    while started.elapsed() < idle * 3 {
+        let (_, body, _, _) = send(&app, "GET", "/get/a", Some(&cookie)).await;
+        assert_eq!(body, "1", "lapsed after {:?}", started.elapsed());
+        reads += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let renewals = redis
+        .command_calls()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|(name, _)| name == "pexpire")
+        .map_or(0, |(_, calls)| calls);
+    assert!(
+        renewals > 3 && renewals <= reads + 1,
+        "{renewals} renewals for {reads} reads"
+    );
+    // Unused for longer than the idle timeout, it ends.
+    tokio::time::sleep(idle + Duration::from_millis(500)).await;
+    let (_, body, _, _) = send(&app, "GET", "/get/a", Some(&cookie)).await;
+    assert_eq!(body, "none");
 }
 
 /// Commands the server ran since the last reset, sorted, without the

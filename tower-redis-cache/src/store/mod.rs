@@ -218,6 +218,7 @@ impl CacheStore {
         let epoch = self.events.epoch();
         let key = self.redis_key(url_hash);
         let hint = self.vary_hints.get(url_hash);
+        let previous_hint = hint.clone();
         let served = self
             .manager
             .failover(
@@ -232,8 +233,12 @@ impl CacheStore {
         };
         let (found, vary_seen) = served.value;
         match &vary_seen {
+            // Written only when it changes: a cache write costs more than a read.
+            Some(vary) if previous_hint.as_ref() == Some(vary) => {}
             Some(vary) => self.vary_hints.insert(url_hash.to_owned(), vary.clone()),
-            None if tier == Tier::Redis => self.vary_hints.invalidate(url_hash),
+            None if tier == Tier::Redis && previous_hint.is_some() => {
+                self.vary_hints.invalidate(url_hash);
+            }
             None => {}
         }
         let lookup = match found {
@@ -698,7 +703,9 @@ impl CacheStore {
                 true
             }
             Source::Redis => {
-                if self.degraded.swap(false, Ordering::AcqRel) {
+                if self.degraded.load(Ordering::Acquire)
+                    && self.degraded.swap(false, Ordering::AcqRel)
+                {
                     self.memory.clear();
                     self.replay().await;
                     tracing::info!(target: "tower_redis_cache", "Redis is back: in-process cache entries dropped");

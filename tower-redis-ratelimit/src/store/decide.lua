@@ -1,96 +1,146 @@
--- Decides every policy of one request together, all or nothing.
+-- Decides a batch of requests, in order, each request all or nothing over
+-- its policies. A batch of one is a single request's decision; a batch of
+-- many is exactly what deciding them one after another would answer, in
+-- one call.
 --
--- KEYS[i]  the counter of policy i (all keys share one hash tag)
--- ARGV[1]  the request's cost
--- ARGV[2 + 3(i-1) ..] per policy: kind, a, b
+-- KEYS     the distinct counters the batch touches (one hash tag)
+-- ARGV[1 .. 3 * #KEYS]  per key, the policy it counts for: kind, a, b
 --   kind 1 = GCRA:           a = emission interval (µs), b = burst tolerance (µs)
 --   kind 2 = sliding window: a = limit,                  b = window (µs)
 --   kind 3 = fixed window:   a = limit,                  b = window (µs)
+-- then the number of requests, and per request: cost, n, and the indexes
+-- (into KEYS) of its n counters.
 --
--- Returns {allowed, remaining_1, reset_us_1, retry_us_1, remaining_2, ...}.
--- Nothing is written unless every policy allows the request, so a request
--- denied by one policy consumes nothing from the others. Time comes from
--- the server, so instances with skewed clocks agree.
+-- Returns, per request: allowed, then per counter remaining, reset_us, retry_us.
+-- A denied request changes no counter, so it consumes nothing from the
+-- policies that would have allowed it. Time comes from the server, so
+-- instances with skewed clocks agree. Every counter is read at most once
+-- and written at most once per call.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local cost = tonumber(ARGV[1])
-local allowed = 1
-local out = {}
-local writes = {}
+local floor = math.floor
 
-for i = 1, #KEYS do
-  local base = 2 + (i - 1) * 3
-  local kind = tonumber(ARGV[base])
-  local a = tonumber(ARGV[base + 1])
-  local b = tonumber(ARGV[base + 2])
-  local remaining, reset, retry = 0, 0, 0
+-- Per key index: GCRA theoretical arrival time, or window counts (current
+-- and previous window, already shifted to the window `now` falls in).
+local tat, cur, prev = {}, {}, {}
+local kinds, as, bs = {}, {}, {}
+local dirty = {}
+
+for k = 1, #KEYS do
+  local at = 3 * k - 2
+  kinds[k] = tonumber(ARGV[at])
+  as[k] = tonumber(ARGV[at + 1])
+  bs[k] = tonumber(ARGV[at + 2])
+end
+
+local loaded = {}
+local function load(k)
+  loaded[k] = true
+  local kind, b = kinds[k], bs[k]
   if kind == 1 then
-    local tat = tonumber(redis.call('GET', KEYS[i])) or now
-    if tat < now then tat = now end
-    local new_tat = tat + cost * a
-    local allow_at = new_tat - b
-    if allow_at > now then
-      retry = allow_at - now
-      remaining = math.floor((b - (tat - now)) / a)
-      reset = tat - now
-    else
-      remaining = math.floor((b - (new_tat - now)) / a)
-      reset = new_tat - now
-      writes[i] = {1, new_tat}
-    end
+    local v = tonumber(redis.call('GET', KEYS[k])) or now
+    if v < now then v = now end
+    tat[k] = v
   else
-    local w = math.floor(now / b)
-    local d = redis.call('HMGET', KEYS[i], 'w', 'c', 'p')
+    local w = floor(now / b)
+    local d = redis.call('HMGET', KEYS[k], 'w', 'c', 'p')
     local stored = tonumber(d[1])
-    local cur, prev = 0, 0
+    local c, p = 0, 0
     if stored == w then
-      cur = tonumber(d[2]) or 0
-      prev = tonumber(d[3]) or 0
+      c = tonumber(d[2]) or 0
+      p = tonumber(d[3]) or 0
     elseif stored == w - 1 then
-      prev = tonumber(d[2]) or 0
+      p = tonumber(d[2]) or 0
     end
-    local elapsed = now - w * b
-    reset = b - elapsed
-    local used = cur
-    if kind == 2 then used = prev * (b - elapsed) / b + cur end
-    if used + cost > a then
-      if kind == 3 then
-        retry = reset
-      elseif a - cur - cost >= 0 then
-        retry = b - elapsed - (a - cur - cost) * b / prev
-      elseif cost <= a then
-        retry = reset + b * (1 - (a - cost) / cur)
+    cur[k] = c
+    prev[k] = p
+  end
+end
+
+local reply = {}
+local n_reply = 0
+local at = 3 * #KEYS + 2
+for _ = 1, tonumber(ARGV[at - 1]) do
+  local cost = tonumber(ARGV[at])
+  local n = tonumber(ARGV[at + 1])
+  at = at + 2
+  local first = at
+  local head = n_reply + 1
+  n_reply = head
+  local allowed = 1
+  for _ = 1, n do
+    local k = tonumber(ARGV[at])
+    at = at + 1
+    if not loaded[k] then load(k) end
+    local kind, a, b = kinds[k], as[k], bs[k]
+    local remaining, reset, retry
+    if kind == 1 then
+      local t0 = tat[k]
+      local new_tat = t0 + cost * a
+      local allow_at = new_tat - b
+      if allow_at > now then
+        retry = allow_at - now
+        remaining = floor((b - (t0 - now)) / a)
+        reset = t0 - now
       else
-        retry = reset + b
+        retry = 0
+        remaining = floor((b - (new_tat - now)) / a)
+        reset = new_tat - now
       end
-      if retry < 1 then retry = 1 end
-      remaining = a - used
     else
-      remaining = a - used - cost
-      writes[i] = {kind, w, cur + cost, prev, b}
+      local c, p = cur[k], prev[k]
+      local elapsed = now - floor(now / b) * b
+      reset = b - elapsed
+      local used = c
+      if kind == 2 then used = p * (b - elapsed) / b + c end
+      if used + cost > a then
+        if kind == 3 then
+          retry = reset
+        elseif a - c - cost >= 0 then
+          retry = b - elapsed - (a - c - cost) * b / p
+        elseif cost <= a then
+          retry = reset + b * (1 - (a - cost) / c)
+        else
+          retry = reset + b
+        end
+        if retry < 1 then retry = 1 end
+        remaining = a - used
+      else
+        retry = 0
+        remaining = a - used - cost
+      end
+    end
+    if remaining < 0 then remaining = 0 end
+    if retry > 0 then allowed = 0 end
+    reply[n_reply + 1] = floor(remaining)
+    reply[n_reply + 2] = math.ceil(reset)
+    reply[n_reply + 3] = math.ceil(retry)
+    n_reply = n_reply + 3
+  end
+  reply[head] = allowed
+  if allowed == 1 then
+    -- Commit: every policy of the request counts it.
+    for c_at = first, first + n - 1 do
+      local k = tonumber(ARGV[c_at])
+      if kinds[k] == 1 then
+        tat[k] = tat[k] + cost * as[k]
+      else
+        cur[k] = cur[k] + cost
+      end
+      dirty[k] = true
     end
   end
-  if remaining < 0 then remaining = 0 end
-  if retry > 0 then allowed = 0 end
-  out[i] = {math.floor(remaining), math.ceil(reset), math.ceil(retry)}
 end
 
-if allowed == 1 then
-  for i = 1, #KEYS do
-    local wr = writes[i]
-    if wr[1] == 1 then
-      redis.call('SET', KEYS[i], string.format('%.0f', wr[2]), 'PX', math.ceil((wr[2] - now) / 1000) + 1)
-    else
-      redis.call('HSET', KEYS[i], 'w', string.format('%.0f', wr[2]), 'c', wr[3], 'p', wr[4])
-      redis.call('PEXPIRE', KEYS[i], math.ceil(2 * wr[5] / 1000) + 1)
-    end
+for k in pairs(dirty) do
+  if kinds[k] == 1 then
+    local v = tat[k]
+    redis.call('SET', KEYS[k], string.format('%.0f', v), 'PX', math.ceil((v - now) / 1000) + 1)
+  else
+    local b = bs[k]
+    redis.call('HSET', KEYS[k], 'w', string.format('%.0f', floor(now / b)), 'c', cur[k], 'p', prev[k])
+    redis.call('PEXPIRE', KEYS[k], math.ceil(2 * b / 1000) + 1)
   end
 end
 
-local reply = {allowed}
-for i = 1, #KEYS do
-  reply[#reply + 1] = out[i][1]
-  reply[#reply + 1] = out[i][2]
-  reply[#reply + 1] = out[i][3]
-end
 return reply

@@ -8,10 +8,11 @@
 mod blocked;
 mod memory;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::oneshot;
 use tower_redis_core::redis::{self, Script};
 use tower_redis_core::{FallbackReason, RedisConnection, RedisManager, Source as CoreSource};
 
@@ -120,7 +121,34 @@ pub(crate) struct Limiter {
     /// Set when the local limiter has state that must be dropped once Redis
     /// decides again (its counts are not the shared ones).
     local_dirty: AtomicBool,
+    batch: Mutex<Batch>,
 }
+
+/// Decisions gathered for the next call to Redis.
+///
+/// A request that finds no batch forming starts one, lets the requests that
+/// are ready to run at the same moment join it (one yield to the
+/// scheduler), and then sends them all in one script call: the script
+/// decides them one after another, exactly as separate calls would. Under
+/// load one `EVALSHA` answers many requests, and a hot key is read and
+/// written once per call instead of once per request; alone, a request
+/// pays one yield. Batches do not wait for each other: several can be in
+/// flight at once.
+#[derive(Debug, Default)]
+struct Batch {
+    /// The followers of the batch being formed, if one is.
+    forming: Option<Vec<Waiting>>,
+}
+
+#[derive(Debug)]
+struct Waiting {
+    checks: Vec<Check>,
+    cost: u32,
+    reply: oneshot::Sender<Verdict>,
+}
+
+/// The most followers one batch takes; more requests decide alone.
+const MAX_BATCH: usize = 255;
 
 impl Limiter {
     pub(crate) fn new(manager: RedisManager, fallback: Fallback) -> Arc<Self> {
@@ -134,6 +162,7 @@ impl Limiter {
             local: MemoryLimiter::new(share),
             blocked: BlockedKeys::default(),
             local_dirty: AtomicBool::new(false),
+            batch: Mutex::new(Batch::default()),
         })
     }
 
@@ -141,26 +170,104 @@ impl Limiter {
         &self.manager
     }
 
-    pub(crate) async fn decide(&self, checks: &[Check], cost: u32) -> Verdict {
+    pub(crate) async fn decide(self: &Arc<Self>, checks: &[Check], cost: u32) -> Verdict {
         if let Some(verdict) = self.blocked.verdict(checks, cost) {
             return verdict;
         }
+        if !self.manager.is_available() {
+            // Nothing to batch: the fallback answers at once.
+            return self.decide_batch(&[(checks, cost)]).await.remove(0);
+        }
+        let role = {
+            let mut batch = lock(&self.batch);
+            match &mut batch.forming {
+                Some(followers) if followers.len() < MAX_BATCH => {
+                    let (reply, receiver) = oneshot::channel();
+                    followers.push(Waiting {
+                        checks: checks.to_vec(),
+                        cost,
+                        reply,
+                    });
+                    Role::Follow(receiver)
+                }
+                Some(_) => Role::Alone,
+                None => {
+                    batch.forming = Some(Vec::new());
+                    Role::Lead
+                }
+            }
+        };
+        match role {
+            Role::Lead => {}
+            Role::Alone => return self.decide_batch(&[(checks, cost)]).await.remove(0),
+            Role::Follow(receiver) => {
+                return match receiver.await {
+                    Ok(verdict) => verdict,
+                    // The leader went away before answering (its request
+                    // was cancelled): decide alone.
+                    Err(_) => self.decide_batch(&[(checks, cost)]).await.remove(0),
+                };
+            }
+        }
+        // This request leads the batch.
+        let mut leader = Leader {
+            limiter: self,
+            closed: false,
+        };
+        tokio::task::yield_now().await;
+        let followers = leader.close();
+        let mut requests = Vec::with_capacity(1 + followers.len());
+        requests.push((checks, cost));
+        requests.extend(followers.iter().map(|w| (w.checks.as_slice(), w.cost)));
+        let mut verdicts = self.decide_batch(&requests).await.into_iter();
+        let own = verdicts.next();
+        for (waiting, verdict) in followers.into_iter().zip(verdicts) {
+            // A follower that went away (its request was dropped) is fine.
+            let _ = waiting.reply.send(verdict);
+        }
+        own.unwrap_or_else(|| fail_open(checks))
+    }
+
+    /// One call for a batch of requests (or the fallback for each), with
+    /// the bookkeeping after it. One verdict per request, in order.
+    async fn decide_batch(&self, requests: &[(&[Check], u32)]) -> Vec<Verdict> {
         let served = self
             .manager
             .failover(
-                |conn| decide_on_redis(conn, checks, cost),
-                |reason| async move { self.decide_without_redis(checks, cost, reason) },
+                |conn| decide_on_redis(conn, requests),
+                |reason| async move {
+                    requests
+                        .iter()
+                        .map(|(checks, cost)| self.decide_without_redis(checks, *cost, reason))
+                        .collect()
+                },
             )
             .await;
-        if served.source == CoreSource::Redis {
-            if self.local_dirty.swap(false, Ordering::AcqRel) {
+        let mut verdicts = served.value;
+        // The script answers for every request or fails as a whole; this
+        // only guards the indexing below.
+        while verdicts.len() < requests.len() {
+            verdicts.push(fail_open(requests[verdicts.len()].0));
+        }
+        for ((checks, cost), verdict) in requests.iter().zip(&verdicts) {
+            self.after(checks, *cost, verdict, served.source);
+        }
+        verdicts
+    }
+
+    /// Bookkeeping after a decision: a Redis answer ends the local
+    /// limiter's outage state and feeds the blocked-key cache.
+    fn after(&self, checks: &[Check], cost: u32, verdict: &Verdict, source: CoreSource) {
+        if source == CoreSource::Redis {
+            if self.local_dirty.load(Ordering::Acquire)
+                && self.local_dirty.swap(false, Ordering::AcqRel)
+            {
                 self.local.clear();
             }
-            if !served.value.allowed {
-                self.blocked.remember(checks, cost, &served.value.states);
+            if !verdict.allowed {
+                self.blocked.remember(checks, cost, &verdict.states);
             }
         }
-        served.value
     }
 
     fn decide_without_redis(
@@ -174,11 +281,7 @@ impl Limiter {
                 self.local_dirty.store(true, Ordering::Release);
                 self.local.decide(checks, cost)
             }
-            Fallback::Allow => Verdict {
-                allowed: true,
-                states: vec![None; checks.len()],
-                source: DecisionSource::FailOpen,
-            },
+            Fallback::Allow => fail_open(checks),
             Fallback::Deny => Verdict {
                 allowed: false,
                 states: vec![None; checks.len()],
@@ -188,21 +291,106 @@ impl Limiter {
     }
 }
 
-/// One EVALSHA for all checks: the whole decision in one round trip.
+/// What a request does with the batch being formed.
+enum Role {
+    Lead,
+    Follow(oneshot::Receiver<Verdict>),
+    /// The forming batch is full.
+    Alone,
+}
+
+fn fail_open(checks: &[Check]) -> Verdict {
+    Verdict {
+        allowed: true,
+        states: vec![None; checks.len()],
+        source: DecisionSource::FailOpen,
+    }
+}
+
+/// The leader of a forming batch. Closing it takes the followers; a leader
+/// dropped before closing (its request was cancelled during the yield)
+/// hands them to a task of their own, so nobody waits forever.
+struct Leader<'a> {
+    limiter: &'a Arc<Limiter>,
+    closed: bool,
+}
+
+impl Leader<'_> {
+    fn close(&mut self) -> Vec<Waiting> {
+        self.closed = true;
+        lock(&self.limiter.batch).forming.take().unwrap_or_default()
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        let followers = self.close();
+        if followers.is_empty() {
+            return;
+        }
+        let limiter = Arc::clone(self.limiter);
+        let run = async move {
+            let requests: Vec<(&[Check], u32)> = followers
+                .iter()
+                .map(|w| (w.checks.as_slice(), w.cost))
+                .collect();
+            let verdicts = limiter.decide_batch(&requests).await;
+            for (waiting, verdict) in followers.into_iter().zip(verdicts) {
+                let _ = waiting.reply.send(verdict);
+            }
+        };
+        // Without a runtime the followers' channels close and each of them
+        // decides alone.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(run);
+        }
+    }
+}
+
+fn lock(batch: &Mutex<Batch>) -> std::sync::MutexGuard<'_, Batch> {
+    batch
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One EVALSHA for a batch of requests and all their checks: the whole
+/// decision of each in one round trip.
 async fn decide_on_redis(
     mut conn: RedisConnection,
-    checks: &[Check],
-    cost: u32,
-) -> redis::RedisResult<Verdict> {
+    requests: &[(&[Check], u32)],
+) -> redis::RedisResult<Vec<Verdict>> {
     let mut invocation = DECIDE.prepare_invoke();
-    invocation.arg(cost);
-    for check in checks {
-        invocation.key(&check.key);
-        let (kind, a, b) = script_args(check.algorithm);
-        invocation.arg(kind).arg(a).arg(b);
+    let mut keys: Vec<&str> = Vec::new();
+    // Each request's counters, as indexes into `keys`.
+    let mut indexes: Vec<usize> = Vec::new();
+    for (checks, _) in requests {
+        for check in *checks {
+            let index = match keys.iter().position(|k| *k == check.key) {
+                Some(index) => index,
+                None => {
+                    keys.push(&check.key);
+                    invocation.key(&check.key);
+                    let (kind, a, b) = script_args(check.algorithm);
+                    invocation.arg(kind).arg(a).arg(b);
+                    keys.len() - 1
+                }
+            };
+            indexes.push(index + 1);
+        }
+    }
+    invocation.arg(requests.len());
+    let mut indexes = indexes.into_iter();
+    for (checks, cost) in requests {
+        invocation.arg(*cost).arg(checks.len());
+        for index in indexes.by_ref().take(checks.len()) {
+            invocation.arg(index);
+        }
     }
     let reply: Vec<i64> = invocation.invoke_async(&mut conn).await?;
-    parse_reply(&reply, checks.len())
+    parse_reply(&reply, requests)
 }
 
 /// The numbers the script takes for one algorithm (see `decide.lua`).
@@ -225,30 +413,41 @@ pub(crate) fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1_000_000.0
 }
 
-fn parse_reply(reply: &[i64], checks: usize) -> redis::RedisResult<Verdict> {
-    if reply.len() != 1 + 3 * checks {
+fn parse_reply(reply: &[i64], requests: &[(&[Check], u32)]) -> redis::RedisResult<Vec<Verdict>> {
+    let expected: usize = requests
+        .iter()
+        .map(|(checks, _)| 1 + 3 * checks.len())
+        .sum();
+    if reply.len() != expected {
         return Err(redis::RedisError::from((
             redis::ErrorKind::UnexpectedReturnType,
             "rate-limit script answered with the wrong number of values",
-            format!("expected {}, got {}", 1 + 3 * checks, reply.len()),
+            format!("expected {expected}, got {}", reply.len()),
         )));
     }
     let us = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
-    let states = reply[1..]
-        .chunks_exact(3)
-        .map(|c| {
-            Some(PolicyState {
-                remaining: u64::try_from(c[0]).unwrap_or(0),
-                reset: us(c[1]),
-                retry_after: (c[2] > 0).then(|| us(c[2])),
+    let mut rest = reply;
+    let mut verdicts = Vec::with_capacity(requests.len());
+    for (checks, _) in requests {
+        let (this, tail) = rest.split_at(1 + 3 * checks.len());
+        rest = tail;
+        let states = this[1..]
+            .chunks_exact(3)
+            .map(|c| {
+                Some(PolicyState {
+                    remaining: u64::try_from(c[0]).unwrap_or(0),
+                    reset: us(c[1]),
+                    retry_after: (c[2] > 0).then(|| us(c[2])),
+                })
             })
-        })
-        .collect();
-    Ok(Verdict {
-        allowed: reply[0] == 1,
-        states,
-        source: DecisionSource::Redis,
-    })
+            .collect();
+        verdicts.push(Verdict {
+            allowed: this[0] == 1,
+            states,
+            source: DecisionSource::Redis,
+        });
+    }
+    Ok(verdicts)
 }
 
 #[cfg(test)]
@@ -257,13 +456,29 @@ mod tests {
 
     #[test]
     fn malformed_script_reply_is_an_error_not_a_panic() {
-        assert!(parse_reply(&[1, 2], 1).is_err());
-        assert!(parse_reply(&[], 0).is_err());
-        let ok = parse_reply(&[0, 0, 1_000_000, 500_000], 1).expect("well formed");
-        assert!(!ok.allowed);
+        let check = Check {
+            key: "k".to_owned(),
+            algorithm: Algorithm::FixedWindow {
+                limit: 1,
+                window: Duration::from_secs(1),
+            },
+        };
+        let one: &[Check] = std::slice::from_ref(&check);
+        assert!(parse_reply(&[1, 2], &[(one, 1)]).is_err());
+        assert!(parse_reply(&[1], &[]).is_err());
+        assert!(parse_reply(&[0, 0, 1_000_000, 500_000], &[(one, 1), (one, 1)]).is_err());
+        let ok = parse_reply(&[0, 0, 1_000_000, 500_000], &[(one, 1)]).expect("well formed");
+        assert!(!ok[0].allowed);
         assert_eq!(
-            ok.states[0].and_then(|s| s.retry_after),
+            ok[0].states[0].and_then(|s| s.retry_after),
             Some(Duration::from_millis(500))
+        );
+        let two =
+            parse_reply(&[1, 3, 10, 0, 0, 0, 20, 7], &[(one, 1), (one, 1)]).expect("two requests");
+        assert!(two[0].allowed && !two[1].allowed);
+        assert_eq!(
+            two[1].states[0].map(|s| s.reset),
+            Some(Duration::from_micros(20))
         );
     }
 

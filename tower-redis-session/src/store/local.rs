@@ -2,7 +2,8 @@
 //! a user is not logged out by a short outage) and the changes made while
 //! Redis was unavailable, queued for reconciliation.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{Changes, Record, now_ms};
@@ -26,8 +27,20 @@ pub(crate) enum Pending {
 }
 
 pub(crate) struct LocalStore {
-    copies: moka::sync::Cache<String, Record>,
+    copies: moka::sync::Cache<String, Arc<Copy>>,
     pending: Mutex<Vec<(String, Pending)>>,
+    /// The length of `pending`, readable without its lock (a read checks
+    /// it on every request).
+    pending_len: AtomicUsize,
+}
+
+/// A session as this instance last read or wrote it.
+#[derive(Debug)]
+pub(crate) struct Copy {
+    pub(crate) record: Record,
+    /// When this instance last renewed the session's idle timeout in
+    /// Redis (0: not known to have).
+    pub(crate) touched_ms: u64,
 }
 
 impl LocalStore {
@@ -38,21 +51,30 @@ impl LocalStore {
                 .time_to_idle(idle)
                 .build(),
             pending: Mutex::new(Vec::new()),
+            pending_len: AtomicUsize::new(0),
         }
     }
 
     /// The local copy, unless it has outlived the absolute timeout.
     pub(crate) fn get(&self, storage_key: &str, absolute_ms: u64) -> Option<Record> {
-        let record = self.copies.get(storage_key)?;
-        if record.created_ms.saturating_add(absolute_ms) <= now_ms() {
+        let copy = self.copies.get(storage_key)?;
+        if copy.record.created_ms.saturating_add(absolute_ms) <= now_ms() {
             self.copies.invalidate(storage_key);
             return None;
         }
-        Some(record)
+        Some(copy.record.clone())
     }
 
-    pub(crate) fn put(&self, storage_key: &str, record: Record) {
-        self.copies.insert(storage_key.to_owned(), record);
+    /// The local copy as it is, with when it was last renewed.
+    pub(crate) fn copy(&self, storage_key: &str) -> Option<Arc<Copy>> {
+        self.copies.get(storage_key)
+    }
+
+    pub(crate) fn put(&self, storage_key: &str, record: Record, touched_ms: u64) {
+        self.copies.insert(
+            storage_key.to_owned(),
+            Arc::new(Copy { record, touched_ms }),
+        );
     }
 
     pub(crate) fn remove(&self, storage_key: &str) {
@@ -62,16 +84,19 @@ impl LocalStore {
     /// Applies changes to the local copy (creating it for a new session).
     pub(crate) fn apply(&self, storage_key: &str, create: Option<u64>, changes: &Changes) {
         let existing = self.copies.get(storage_key);
-        let mut record = match (existing, create) {
-            (Some(record), _) => record,
-            (None, Some(created_ms)) => Record {
-                created_ms,
-                ..Record::default()
-            },
+        let (mut record, touched_ms) = match (existing, create) {
+            (Some(copy), _) => (copy.record.clone(), copy.touched_ms),
+            (None, Some(created_ms)) => (
+                Record {
+                    created_ms,
+                    ..Record::default()
+                },
+                0,
+            ),
             (None, None) => return,
         };
         changes.apply_to(&mut record);
-        self.copies.insert(storage_key.to_owned(), record);
+        self.put(storage_key, record, touched_ms);
     }
 
     /// Queues a save made while Redis was unavailable. Saves are not merged:
@@ -83,8 +108,9 @@ impl LocalStore {
         changes: &Changes,
         at_ms: u64,
     ) {
+        let mut pending = self.lock();
         push_bounded(
-            &mut self.lock(),
+            &mut pending,
             storage_key,
             Pending::Save {
                 create,
@@ -92,11 +118,13 @@ impl LocalStore {
                 at_ms,
             },
         );
+        self.pending_len.store(pending.len(), Ordering::Release);
     }
 
     /// Whether changes to this session are waiting for Redis.
     pub(crate) fn has_pending(&self, storage_key: &str) -> bool {
-        self.lock().iter().any(|(k, _)| k == storage_key)
+        self.pending_len.load(Ordering::Acquire) > 0
+            && self.lock().iter().any(|(k, _)| k == storage_key)
     }
 
     /// Queues a deletion made while Redis was unavailable.
@@ -110,6 +138,7 @@ impl LocalStore {
                 user: user.map(str::to_owned),
             },
         );
+        self.pending_len.store(pending.len(), Ordering::Release);
     }
 
     pub(crate) fn pending_len(&self) -> usize {
@@ -117,7 +146,9 @@ impl LocalStore {
     }
 
     pub(crate) fn take_pending(&self) -> Vec<(String, Pending)> {
-        std::mem::take(&mut *self.lock())
+        let mut pending = self.lock();
+        self.pending_len.store(0, Ordering::Release);
+        std::mem::take(&mut *pending)
     }
 
     /// Puts back what could not be written, ahead of anything queued since.
@@ -128,6 +159,7 @@ impl LocalStore {
         let mut pending = self.lock();
         failed.append(&mut pending);
         *pending = failed;
+        self.pending_len.store(pending.len(), Ordering::Release);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, Pending)>> {

@@ -160,8 +160,17 @@ impl SessionStore {
         millis(self.inner.expiry.absolute)
     }
 
-    /// One round trip (`PEXPIRE` + `HGETALL`, pipelined): the record, with
-    /// its idle TTL renewed. The absolute timeout is checked on the record.
+    /// How often this instance renews a session's idle timeout in Redis:
+    /// 1/100 of the idle timeout, at most a minute. Between renewals a read
+    /// is a single `HGETALL`.
+    fn touch_every_ms(&self) -> u64 {
+        (self.idle_ms() / 100).min(60_000)
+    }
+
+    /// One round trip: `HGETALL`, pipelined with a `PEXPIRE` that renews the
+    /// idle timeout when this instance has not renewed it for
+    /// [`touch_every_ms`](Self::touch_every_ms). The absolute timeout is
+    /// checked on the record.
     pub(crate) async fn load(&self, storage_key: &str) -> Option<Record> {
         self.start_reconciler();
         if self.inner.local.has_pending(storage_key) {
@@ -169,6 +178,11 @@ impl SessionStore {
             // instance's copy is the newer one.
             return self.inner.local.get(storage_key, self.absolute_ms());
         }
+        let copy = self.inner.local.copy(storage_key);
+        let started_ms = now_ms();
+        let touch = copy
+            .as_ref()
+            .is_none_or(|copy| started_ms.saturating_sub(copy.touched_ms) >= self.touch_every_ms());
         let key = self.session_key(storage_key);
         let served = self
             .inner
@@ -177,17 +191,14 @@ impl SessionStore {
                 |mut conn| {
                     let key = key.clone();
                     async move {
-                        // One round trip of two plain commands: renewing the
+                        // One round trip of plain commands: renewing the
                         // idle TTL never rewrites the data.
-                        let (fields,): (Vec<(String, String)>,) = redis::pipe()
-                            .cmd("PEXPIRE")
-                            .arg(&key)
-                            .arg(self.idle_ms())
-                            .ignore()
-                            .cmd("HGETALL")
-                            .arg(&key)
-                            .query_async(&mut conn)
-                            .await?;
+                        let mut pipe = redis::pipe();
+                        if touch {
+                            pipe.cmd("PEXPIRE").arg(&key).arg(self.idle_ms()).ignore();
+                        }
+                        let (fields,): (Vec<(String, String)>,) =
+                            pipe.cmd("HGETALL").arg(&key).query_async(&mut conn).await?;
                         if fields.is_empty() {
                             return Ok(None);
                         }
@@ -202,7 +213,7 @@ impl SessionStore {
                                 .await?;
                             return Ok(None);
                         }
-                        if deadline - now < self.idle_ms() {
+                        if touch && deadline - now < self.idle_ms() {
                             // Near the absolute timeout the key must not outlive it.
                             redis::cmd("PEXPIRE")
                                 .arg(&key)
@@ -217,10 +228,20 @@ impl SessionStore {
             )
             .await;
         if served.source == Source::Redis {
-            match &served.value {
+            match (&served.value, copy) {
+                // Unchanged and not renewed: the copy is already right.
+                (Some(record), Some(copy)) if !touch && copy.record == *record => {}
                 // A copy for reading through an outage.
-                Some(record) => self.inner.local.put(storage_key, record.clone()),
-                None => self.inner.local.remove(storage_key),
+                (Some(record), copy) => {
+                    let touched_ms = match copy {
+                        Some(copy) if !touch => copy.touched_ms,
+                        _ => started_ms,
+                    };
+                    self.inner
+                        .local
+                        .put(storage_key, record.clone(), touched_ms);
+                }
+                (None, _) => self.inner.local.remove(storage_key),
             }
         }
         served.value
