@@ -312,6 +312,9 @@ async fn preflight(
         ))
     })?;
     if subject == Subject::Redis {
+        // One more hit first: the first hit after a store may still resolve
+        // the URL's Vary in a script; from then on this instance knows it.
+        send(&mut sender, &request).await.map_err(failed)?;
         let before = redis.command_calls().await?;
         let (status, _, _) = send(&mut sender, &request).await.map_err(failed)?;
         let deltas = redis.command_calls().await?.deltas(&before);

@@ -538,11 +538,18 @@ async fn concurrent_decisions_share_a_call_and_stay_exact() {
         }
     }
     for client in &clients {
-        assert_eq!(admitted[client], (5, 2), "{client}: 3 logins + 2 others admitted");
+        assert_eq!(
+            admitted[client],
+            (5, 2),
+            "{client}: 3 logins + 2 others admitted"
+        );
         // 5 admitted requests charged to "everything", the 2 denied ones not.
         let response = send(&service, request(client, "/c")).await;
         let field = header(&response, "ratelimit").expect("RateLimit");
-        assert!(field.starts_with("\"everything\";r=994;"), "{client}: {field}");
+        assert!(
+            field.starts_with("\"everything\";r=994;"),
+            "{client}: {field}"
+        );
     }
     let calls = redis.command_calls().await.expect("stats");
     let evalsha = calls.get("evalsha").copied().unwrap_or(0);

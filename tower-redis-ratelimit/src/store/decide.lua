@@ -8,10 +8,12 @@
 --   kind 1 = GCRA:           a = emission interval (µs), b = burst tolerance (µs)
 --   kind 2 = sliding window: a = limit,                  b = window (µs)
 --   kind 3 = fixed window:   a = limit,                  b = window (µs)
--- then the number of requests, and per request: cost, n, and the indexes
--- (into KEYS) of its n counters.
+-- then the number of groups, and per group of consecutive requests with the
+-- same cost and counters: count, cost, n, and the indexes (into KEYS) of
+-- the n counters.
 --
--- Returns, per request: allowed, then per counter remaining, reset_us, retry_us.
+-- Returns one string of space-separated integers: per request, allowed,
+-- then per counter remaining, reset_us, retry_us.
 -- A denied request changes no counter, so it consumes nothing from the
 -- policies that would have allowed it. Time comes from the server, so
 -- instances with skewed clocks agree. Every counter is read at most once
@@ -59,75 +61,89 @@ end
 
 local reply = {}
 local n_reply = 0
-local at = 3 * #KEYS + 2
-for _ = 1, tonumber(ARGV[at - 1]) do
-  local cost = tonumber(ARGV[at])
-  local n = tonumber(ARGV[at + 1])
-  at = at + 2
-  local first = at
-  local head = n_reply + 1
-  n_reply = head
-  local allowed = 1
-  for _ = 1, n do
-    local k = tonumber(ARGV[at])
-    at = at + 1
+local ceil = math.ceil
+local BIG = 99999999999999
+local at = 3 * #KEYS + 1
+for _ = 1, tonumber(ARGV[at]) do
+  -- A group: `count` consecutive requests with the same cost and counters.
+  local count = tonumber(ARGV[at + 1])
+  local cost = tonumber(ARGV[at + 2])
+  local n = tonumber(ARGV[at + 3])
+  at = at + 3
+  local ks = {}
+  for i = 1, n do
+    local k = tonumber(ARGV[at + i])
+    ks[i] = k
     if not loaded[k] then load(k) end
-    local kind, a, b = kinds[k], as[k], bs[k]
-    local remaining, reset, retry
-    if kind == 1 then
-      local t0 = tat[k]
-      local new_tat = t0 + cost * a
-      local allow_at = new_tat - b
-      if allow_at > now then
-        retry = allow_at - now
-        remaining = floor((b - (t0 - now)) / a)
-        reset = t0 - now
-      else
-        retry = 0
-        remaining = floor((b - (new_tat - now)) / a)
-        reset = new_tat - now
-      end
-    else
-      local c, p = cur[k], prev[k]
-      local elapsed = now - floor(now / b) * b
-      reset = b - elapsed
-      local used = c
-      if kind == 2 then used = p * (b - elapsed) / b + c end
-      if used + cost > a then
-        if kind == 3 then
-          retry = reset
-        elseif a - c - cost >= 0 then
-          retry = b - elapsed - (a - c - cost) * b / p
-        elseif cost <= a then
-          retry = reset + b * (1 - (a - cost) / c)
-        else
-          retry = reset + b
-        end
-        if retry < 1 then retry = 1 end
-        remaining = a - used
-      else
-        retry = 0
-        remaining = a - used - cost
-      end
-    end
-    if remaining < 0 then remaining = 0 end
-    if retry > 0 then allowed = 0 end
-    reply[n_reply + 1] = floor(remaining)
-    reply[n_reply + 2] = math.ceil(reset)
-    reply[n_reply + 3] = math.ceil(retry)
-    n_reply = n_reply + 3
   end
-  reply[head] = allowed
-  if allowed == 1 then
-    -- Commit: every policy of the request counts it.
-    for c_at = first, first + n - 1 do
-      local k = tonumber(ARGV[c_at])
-      if kinds[k] == 1 then
-        tat[k] = tat[k] + cost * as[k]
+  at = at + n
+  for _ = 1, count do
+    local head = n_reply + 1
+    n_reply = head
+    local allowed = 1
+    for i = 1, n do
+      local k = ks[i]
+      local kind, a, b = kinds[k], as[k], bs[k]
+      local remaining, reset, retry
+      if kind == 1 then
+        local t0 = tat[k]
+        local new_tat = t0 + cost * a
+        local allow_at = new_tat - b
+        if allow_at > now then
+          retry = allow_at - now
+          remaining = floor((b - (t0 - now)) / a)
+          reset = t0 - now
+        else
+          retry = 0
+          remaining = floor((b - (new_tat - now)) / a)
+          reset = new_tat - now
+        end
       else
-        cur[k] = cur[k] + cost
+        local c, p = cur[k], prev[k]
+        local elapsed = now - floor(now / b) * b
+        reset = b - elapsed
+        local used = c
+        if kind == 2 then used = p * (b - elapsed) / b + c end
+        if used + cost > a then
+          if kind == 3 then
+            retry = reset
+          elseif a - c - cost >= 0 then
+            retry = b - elapsed - (a - c - cost) * b / p
+          elseif cost <= a then
+            retry = reset + b * (1 - (a - cost) / c)
+          else
+            retry = reset + b
+          end
+          if retry < 1 then retry = 1 end
+          remaining = a - used
+        else
+          retry = 0
+          remaining = a - used - cost
+        end
       end
-      dirty[k] = true
+      if remaining < 0 then remaining = 0 end
+      -- Kept below 10^14, where Lua would print numbers in exponent form.
+      if remaining > BIG then remaining = BIG end
+      if reset > BIG then reset = BIG end
+      if retry > BIG then retry = BIG end
+      if retry > 0 then allowed = 0 end
+      reply[n_reply + 1] = floor(remaining)
+      reply[n_reply + 2] = ceil(reset)
+      reply[n_reply + 3] = ceil(retry)
+      n_reply = n_reply + 3
+    end
+    reply[head] = allowed
+    if allowed == 1 then
+      -- Commit: every policy of the request counts it.
+      for i = 1, n do
+        local k = ks[i]
+        if kinds[k] == 1 then
+          tat[k] = tat[k] + cost * as[k]
+        else
+          cur[k] = cur[k] + cost
+        end
+        dirty[k] = true
+      end
     end
   end
 end
@@ -143,4 +159,5 @@ for k in pairs(dirty) do
   end
 end
 
-return reply
+-- One string of integers, not an array: far cheaper to send and to parse.
+return table.concat(reply, ' ')

@@ -381,15 +381,28 @@ async fn decide_on_redis(
             indexes.push(index + 1);
         }
     }
-    invocation.arg(requests.len());
-    let mut indexes = indexes.into_iter();
+    // Consecutive requests with the same cost and counters go as one group.
+    let mut groups: Vec<(usize, u32, &[usize])> = Vec::new();
+    let mut offset = 0;
     for (checks, cost) in requests {
-        invocation.arg(*cost).arg(checks.len());
-        for index in indexes.by_ref().take(checks.len()) {
-            invocation.arg(index);
+        let counters = &indexes[offset..offset + checks.len()];
+        offset += checks.len();
+        match groups.last_mut() {
+            Some((count, group_cost, group)) if *group_cost == *cost && *group == counters => {
+                *count += 1;
+            }
+            _ => groups.push((1, *cost, counters)),
         }
     }
-    let reply: Vec<i64> = invocation.invoke_async(&mut conn).await?;
+    invocation.arg(groups.len());
+    for (count, cost, counters) in &groups {
+        invocation.arg(*count).arg(*cost).arg(counters.len());
+        for index in *counters {
+            invocation.arg(*index);
+        }
+    }
+    let reply: Vec<u8> = invocation.invoke_async(&mut conn).await?;
+    let reply = parse_numbers(&reply)?;
     parse_reply(&reply, requests)
 }
 
@@ -411,6 +424,26 @@ fn script_args(algorithm: Algorithm) -> (u8, f64, f64) {
 
 pub(crate) fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1_000_000.0
+}
+
+/// The script's answer: space-separated integers.
+fn parse_numbers(reply: &[u8]) -> redis::RedisResult<Vec<i64>> {
+    reply
+        .split(|b| *b == b' ')
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            std::str::from_utf8(part)
+                .ok()
+                .and_then(|text| text.parse::<i64>().ok())
+                .ok_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::UnexpectedReturnType,
+                        "rate-limit script answered with a value that is not an integer",
+                        String::from_utf8_lossy(part).into_owned(),
+                    ))
+                })
+        })
+        .collect()
 }
 
 fn parse_reply(reply: &[i64], requests: &[(&[Check], u32)]) -> redis::RedisResult<Vec<Verdict>> {
@@ -480,6 +513,17 @@ mod tests {
             two[1].states[0].map(|s| s.reset),
             Some(Duration::from_micros(20))
         );
+    }
+
+    #[test]
+    fn the_script_reply_is_space_separated_integers() {
+        assert_eq!(
+            parse_numbers(b"1 999 3600000000 0").expect("numbers"),
+            [1, 999, 3_600_000_000, 0]
+        );
+        assert_eq!(parse_numbers(b"").expect("empty"), Vec::<i64>::new());
+        assert!(parse_numbers(b"1 1e+15 0").is_err());
+        assert!(parse_numbers(b"1 x").is_err());
     }
 
     #[test]
