@@ -54,7 +54,14 @@
 //!
 //! # Redis
 //!
-//! One EVALSHA per decision, whatever the number of policies. Keys are
+//! At most one EVALSHA per decision, whatever the number of policies.
+//! Decisions that arrive at the same moment share one: a request that finds
+//! no batch forming starts one, yields once to the scheduler so that the
+//! requests ready to run beside it can join, and sends them all in one
+//! script call, which decides them one after another exactly as separate
+//! calls would (and reads and writes a hot key once per call). Alone, a
+//! request pays that one yield; under load a call answers many requests
+//! (at concurrency 64 in the benchmark, about 10 to 20). Keys are
 //! `prefix:{rl}:rl:<policy>:k:<key>`: every key of one layer shares a hash
 //! tag, so the all-or-nothing script is legal on Redis Cluster (the price:
 //! a layer's counters live on one shard). Every key has a TTL of at most
