@@ -206,31 +206,61 @@ pub(crate) fn vary_names(headers: &HeaderMap) -> Option<String> {
 /// What stands for a header value in a variant: its SHA-1, so that cookies
 /// and credentials never travel to Redis as such.
 pub(crate) fn value_digest(value: &str) -> String {
-    sha1_smol::Sha1::from(value.as_bytes()).digest().to_string()
+    let mut out = String::with_capacity(40);
+    push_sha1_hex(&mut out, value.as_bytes());
+    out
+}
+
+/// Appends the SHA-1 of `bytes` in lower-case hex (what Lua's
+/// `redis.sha1hex` gives). Written out by hand: the `Display` of a digest
+/// goes through the formatting machinery once per byte, and a lookup
+/// computes several digests.
+fn push_sha1_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for byte in sha1_smol::Sha1::from(bytes).digest().bytes() {
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
 }
 
 /// The variant a request selects: the same computation as `lookup.lua`.
 pub(crate) fn variant(vary: &str, request: &HeaderMap, extra: &str) -> String {
-    let mut text = String::new();
+    let mut text = String::with_capacity(vary.len() + 48);
     text.push_str(vary);
     text.push('\n');
     // The route's extra parts (cookies, headers) travel as a digest too.
-    text.push_str(&value_digest(extra));
+    push_sha1_hex(&mut text, extra.as_bytes());
     for name in vary.split(',').filter(|n| !n.is_empty()) {
         text.push('\n');
         text.push_str(name);
         text.push('=');
         match joined(request, name) {
-            Some(value) => text.push_str(&value_digest(&value)),
+            Some(value) => push_sha1_hex(&mut text, value.as_bytes()),
             None => text.push('\u{0}'),
         }
     }
-    format!("e:{}", sha1_smol::Sha1::from(text.as_bytes()).digest())
+    let mut field = String::with_capacity(42);
+    field.push_str("e:");
+    push_sha1_hex(&mut field, text.as_bytes());
+    field
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digests_are_lower_case_sha1_hex_as_in_lua() {
+        // FIPS 180 test vectors; Lua's redis.sha1hex answers the same.
+        assert_eq!(
+            value_digest("abc"),
+            "a9993e364706816aba3e25717850c26c9cd0d89d"
+        );
+        assert_eq!(value_digest(""), "da39a3ee5e6b4b0d3255bfef95601890afd80709");
+        let field = variant("", &HeaderMap::new(), "");
+        assert_eq!(field.len(), 42);
+        assert!(field.starts_with("e:"));
+    }
 
     #[test]
     fn url_parts_and_directories() {

@@ -961,16 +961,19 @@ impl CacheStatus {
     }
 
     fn render(&self) -> String {
-        let mut out = String::from(CACHE_NAME);
+        let mut out = String::with_capacity(64);
+        out.push_str(CACHE_NAME);
         if let Some(ttl) = self.hit_ttl {
-            out.push_str(&format!("; hit; ttl={ttl}"));
+            out.push_str("; hit; ttl=");
+            out.push_str(itoa::Buffer::new().format(ttl));
         }
         if let Some(fwd) = self.fwd {
             out.push_str("; fwd=");
             out.push_str(fwd);
         }
         if let Some(status) = self.fwd_status {
-            out.push_str(&format!("; fwd-status={}", status.as_u16()));
+            out.push_str("; fwd-status=");
+            out.push_str(itoa::Buffer::new().format(status.as_u16()));
         }
         if self.stored {
             out.push_str("; stored");

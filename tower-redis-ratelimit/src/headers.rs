@@ -8,7 +8,6 @@
 //! RateLimit: "per-ip";r=3;t=18;local        (decided in process: Redis unavailable)
 //! ```
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -29,6 +28,14 @@ pub(crate) fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
+/// A policy name as a structured-field string (names are validated to
+/// need no escaping).
+fn push_name(field: &mut String, name: &str) {
+    field.push('"');
+    field.push_str(name);
+    field.push('"');
+}
+
 /// Adds the fields for the policies that were decided.
 pub(crate) fn insert(
     headers: &mut HeaderMap,
@@ -36,8 +43,11 @@ pub(crate) fn insert(
     source: DecisionSource,
     legacy: bool,
 ) {
-    let mut policy_field = String::new();
-    let mut limit_field = String::new();
+    // Built by hand, not with `write!`: this runs on every request, and
+    // the formatting machinery was a measurable share of a decision.
+    let mut policy_field = String::with_capacity(48 * decided.len());
+    let mut limit_field = String::with_capacity(48 * decided.len());
+    let mut number = itoa::Buffer::new();
     for (policy, state) in decided {
         let Some(state) = state else { continue };
         let algorithm = policy.algorithm();
@@ -45,21 +55,16 @@ pub(crate) fn insert(
             policy_field.push_str(", ");
             limit_field.push_str(", ");
         }
-        // Writing to a String cannot fail.
-        let _ = write!(
-            policy_field,
-            "\"{}\";q={};w={}",
-            policy.name(),
-            algorithm.quota(),
-            ceil_secs(algorithm.window())
-        );
-        let _ = write!(
-            limit_field,
-            "\"{}\";r={};t={}",
-            policy.name(),
-            state.remaining,
-            ceil_secs(state.reset)
-        );
+        push_name(&mut policy_field, policy.name());
+        policy_field.push_str(";q=");
+        policy_field.push_str(number.format(algorithm.quota()));
+        policy_field.push_str(";w=");
+        policy_field.push_str(number.format(ceil_secs(algorithm.window())));
+        push_name(&mut limit_field, policy.name());
+        limit_field.push_str(";r=");
+        limit_field.push_str(number.format(state.remaining));
+        limit_field.push_str(";t=");
+        limit_field.push_str(number.format(ceil_secs(state.reset)));
         if source == DecisionSource::Local {
             limit_field.push_str(";local");
         }
