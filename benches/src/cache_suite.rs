@@ -69,18 +69,20 @@ enum Subject {
     RedisBenchmark,
     OneGet,
     Redis,
+    RedisInProcess,
     RedisDown,
     AxumResponseCache,
     HttpCacheTowerServer,
 }
 
 impl Subject {
-    const ALL: [Subject; 8] = [
+    const ALL: [Subject; 9] = [
         Subject::NoCache,
         Subject::Raw,
         Subject::RedisBenchmark,
         Subject::OneGet,
         Subject::Redis,
+        Subject::RedisInProcess,
         Subject::RedisDown,
         Subject::AxumResponseCache,
         Subject::HttpCacheTowerServer,
@@ -97,6 +99,9 @@ impl Subject {
             }
             Subject::OneGet => "reference: no cache, handler makes 1 Redis GET",
             Subject::Redis => "tower-redis-cache (Redis)",
+            Subject::RedisInProcess => {
+                "tower-redis-cache (Redis), app called in process (no TCP, no HTTP parsing)"
+            }
             Subject::RedisDown => "tower-redis-cache (Redis down, in-process store)",
             Subject::AxumResponseCache => "axum-response-cache 0.5 (in process)",
             Subject::HttpCacheTowerServer => "http-cache-tower-server 0.2 (moka, in process)",
@@ -110,6 +115,7 @@ impl Subject {
             Subject::RedisBenchmark => "redis-benchmark",
             Subject::OneGet => "1 GET",
             Subject::Redis => "redis-cache",
+            Subject::RedisInProcess => "redis-cache in process",
             Subject::RedisDown => "redis-cache down",
             Subject::AxumResponseCache => "axum-resp-cache",
             Subject::HttpCacheTowerServer => "http-cache-tower",
@@ -212,7 +218,9 @@ fn app(
                 }),
             )
         }
-        Subject::Redis => origin(body.clone()).layer(cache_layer(manager)?),
+        Subject::Redis | Subject::RedisInProcess => {
+            origin(body.clone()).layer(cache_layer(manager)?)
+        }
         Subject::RedisDown => origin(body.clone()).layer(cache_layer(down)?),
         Subject::AxumResponseCache => return axum_response_cache_app(body),
         Subject::HttpCacheTowerServer => return http_cache_tower_server_app(body),
@@ -293,7 +301,7 @@ async fn preflight(
         return Ok(());
     }
     wait_for_hit(addr, body, |fields| match subject {
-        Subject::Redis => {
+        Subject::Redis | Subject::RedisInProcess => {
             fields.cache_status.contains("; hit") && !fields.cache_status.contains("unavailable")
         }
         Subject::RedisDown => {
@@ -311,7 +319,7 @@ async fn preflight(
             subject.label()
         ))
     })?;
-    if subject == Subject::Redis {
+    if matches!(subject, Subject::Redis | Subject::RedisInProcess) {
         // One more hit first: the first hit after a store may still resolve
         // the URL's Vary in a script; from then on this instance knows it.
         send(&mut sender, &request).await.map_err(failed)?;
@@ -410,8 +418,18 @@ async fn cells(
             ),
             _ => match app(subject, &manager, &down, body)? {
                 Some(app) => {
-                    let server = serve(app).await?;
+                    let server = serve(app.clone()).await?;
                     match preflight(redis, subject, server.addr, body).await {
+                        // Warmed and checked over HTTP; measured in process.
+                        Ok(()) if subject == Subject::RedisInProcess => Cell::in_process(
+                            subject.label(),
+                            subject.short(),
+                            app,
+                            server,
+                            vec![Arc::new(HttpRequest::get(PATH))],
+                            Expect::ok(Some(body.clone())),
+                            SCRIPT_INNER,
+                        ),
                         Ok(()) => Cell::http(
                             subject.label(),
                             subject.short(),
@@ -511,6 +529,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     }
     for (subject, to) in [
         (Subject::Redis, Subject::Raw),
+        (Subject::RedisInProcess, Subject::Raw),
         (Subject::Redis, Subject::OneGet),
         (Subject::RedisDown, Subject::Redis),
     ] {
@@ -545,10 +564,13 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     for target in targets(&payload_grid, |_| true) {
         section.target(&target);
     }
-    section.note(format!(
-        "redis-cache / raw redis-rs, median (per repeat): {}",
-        payload_grid.spread(Subject::Redis.index(), Subject::Raw.index())
-    ));
+    for subject in [Subject::Redis, Subject::RedisInProcess] {
+        section.note(format!(
+            "{} / raw redis-rs, median (per repeat): {}",
+            subject.short(),
+            payload_grid.spread(subject.index(), Subject::Raw.index())
+        ));
+    }
     for note in payload_grid.notes() {
         section.note(note);
     }
@@ -579,6 +601,16 @@ fn targets(grid: &Grid, rows: impl Fn(&Row) -> bool + Copy) -> Vec<Target> {
         TARGET_RATIO,
         rows,
     );
+    let mut in_process = Target::new(format!(
+        "tower-redis-cache hit, app called in process (no HTTP, as the raw GETs) ≥ {TARGET_RATIO:.2}× the raw-Redis GET rate"
+    ));
+    grid.check_ratio(
+        &mut in_process,
+        Subject::RedisInProcess.index(),
+        Subject::Raw.index(),
+        TARGET_RATIO,
+        rows,
+    );
     let mut reference = Target::new(format!(
         "tower-redis-cache hit ≥ {TARGET_RATIO:.2}× the reference route (HTTP, handler makes 1 Redis GET)"
     ));
@@ -591,7 +623,8 @@ fn targets(grid: &Grid, rows: impl Fn(&Row) -> bool + Copy) -> Vec<Target> {
     );
     let mut commands = Target::new("a hit is 1 Redis command");
     grid.check_commands(&mut commands, Subject::Redis.index(), 1.0);
-    vec![raw, reference, commands]
+    grid.check_commands(&mut commands, Subject::RedisInProcess.index(), 1.0);
+    vec![raw, in_process, reference, commands]
 }
 
 /// tower-redis-cache with hits warmed, for the degraded-mode section.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::Options;
 use crate::cpu::{CpuSnapshot, CpuUse};
 use crate::error::BenchError;
-use crate::http_load::{Expect, HttpCall, HttpRequest, Server, connect, top_level};
+use crate::http_load::{Expect, HttpCall, HttpRequest, InProcessCall, Server, connect, top_level};
 use crate::load::{self, LoadResult, LoadSpec};
 use crate::raw::{RawClient, RawOp, RawPlan, RedisBenchmark};
 use crate::report::{fixed1, fixed2, micros, thousands};
@@ -110,6 +110,12 @@ pub(crate) enum Driver {
         requests: Vec<Arc<HttpRequest>>,
         expect: Arc<Expect>,
     },
+    /// The same requests to an app called in process, no TCP or HTTP.
+    InProcess {
+        app: axum::Router,
+        requests: Vec<Arc<HttpRequest>>,
+        expect: Arc<Expect>,
+    },
     /// Raw Redis commands, no HTTP.
     Redis {
         client: RawClient,
@@ -149,6 +155,30 @@ impl Cell {
             short,
             driver: Driver::Http {
                 addr: server.addr,
+                requests,
+                expect: Arc::new(expect),
+            },
+            inner,
+            _server: Some(server),
+        }
+    }
+
+    /// A cell that calls `app` in process. `server` serves the same app
+    /// (it was warmed and checked through it) and lives as long as the cell.
+    pub(crate) fn in_process(
+        label: impl Into<String>,
+        short: &'static str,
+        app: axum::Router,
+        server: Server,
+        requests: Vec<Arc<HttpRequest>>,
+        expect: Expect,
+        inner: &'static [&'static str],
+    ) -> Self {
+        Self {
+            label: label.into(),
+            short,
+            driver: Driver::InProcess {
+                app,
                 requests,
                 expect: Arc::new(expect),
             },
@@ -299,6 +329,25 @@ pub(crate) async fn measure(
             let result = load::run(spec, |i| HttpCall {
                 sender: senders.next(),
                 addr: *addr,
+                request: Arc::clone(&requests[i % requests.len()]),
+                expect: Arc::clone(expect),
+            })
+            .await?;
+            let counters = after(redis, &before).await?;
+            result.require_no_errors(&subject)?;
+            Sample::from_load(&result, counters, cell.inner)
+        }
+        Driver::InProcess {
+            app,
+            requests,
+            expect,
+        } => {
+            if requests.is_empty() {
+                return Err(BenchError::Check(format!("{subject}: no request to send")));
+            }
+            let before = before(redis).await?;
+            let result = load::run(spec, |i| InProcessCall {
+                app: app.clone(),
                 request: Arc::clone(&requests[i % requests.len()]),
                 expect: Arc::clone(expect),
             })

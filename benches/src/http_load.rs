@@ -68,6 +68,8 @@ pub(crate) enum HttpError {
     Hyper(#[from] hyper::Error),
     #[error("request: {0}")]
     Request(#[from] http::Error),
+    #[error("in-process body: {0}")]
+    InProcessBody(#[from] axum::Error),
     #[error("status {got}, expected {expected}")]
     Status {
         got: StatusCode,
@@ -209,6 +211,38 @@ impl Operation for HttpCall {
         let sender = self.sender.insert(sender);
         let (status, _, body) = send(sender, &self.request).await?;
         self.expect.check(status, &body)
+    }
+}
+
+/// One request to an app called in process (`tower::ServiceExt::oneshot`
+/// on the axum `Router`): the layer's own cost, without TCP or HTTP
+/// parsing, to set against raw Redis commands (which have neither).
+pub(crate) struct InProcessCall {
+    pub(crate) app: Router,
+    pub(crate) request: Arc<HttpRequest>,
+    pub(crate) expect: Arc<Expect>,
+}
+
+impl Operation for InProcessCall {
+    type Error = HttpError;
+
+    async fn call(&mut self) -> Result<(), HttpError> {
+        use tower::ServiceExt as _;
+        let mut builder = Request::builder()
+            .method(self.request.method.clone())
+            .uri(self.request.path)
+            .header(header::HOST, "127.0.0.1");
+        for (name, value) in &self.request.fields {
+            builder = builder.header(name, value);
+        }
+        let request = builder.body(axum::body::Body::empty())?;
+        let response = match self.app.clone().oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        self.expect.check(parts.status, &body)
     }
 }
 
