@@ -200,13 +200,18 @@ impl Session {
     /// Writes what the handler changed; says what the cookie must become.
     pub(crate) async fn finish(&self) -> Option<CookieUpdate> {
         let mut state = self.state.lock().await;
+        // The writes are boxed: inlined, their Redis futures made the
+        // layer's future (allocated and moved on every request, reads
+        // included) several KiB larger. A read with nothing to write
+        // allocates nothing here.
         if let Some((id, user)) = state.delete.take() {
-            self.store.delete(&id.storage_key(), user.as_deref()).await;
+            Box::pin(self.store.delete(&id.storage_key(), user.as_deref())).await;
         }
         match state.phase {
             Phase::Untouched => None,
             Phase::Destroyed => state.cookie_id.is_some().then_some(CookieUpdate::Remove),
-            Phase::Loaded => self.write(&mut state).await,
+            Phase::Loaded if state.id.is_some() && !state.cycle && state.changes.is_empty() => None,
+            Phase::Loaded => Box::pin(self.write(&mut state)).await,
         }
     }
 

@@ -170,13 +170,21 @@ impl Limiter {
         &self.manager
     }
 
+    /// Decides one request: from the blocked-key cache, or in a batch call
+    /// to Redis (or the fallback) shared with the requests arriving with it.
+    ///
+    /// The Redis call is boxed wherever it is awaited: its future is large,
+    /// and most requests under load (the followers of a batch) never make
+    /// one, so it is not inlined into every request's future.
     pub(crate) async fn decide(self: &Arc<Self>, checks: &[Check], cost: u32) -> Verdict {
         if let Some(verdict) = self.blocked.verdict(checks, cost) {
             return verdict;
         }
         if !self.manager.is_available() {
             // Nothing to batch: the fallback answers at once.
-            return self.decide_batch(&[(checks, cost)]).await.remove(0);
+            return Box::pin(self.decide_batch(&[(checks, cost)]))
+                .await
+                .remove(0);
         }
         let role = {
             let mut batch = lock(&self.batch);
@@ -199,13 +207,19 @@ impl Limiter {
         };
         match role {
             Role::Lead => {}
-            Role::Alone => return self.decide_batch(&[(checks, cost)]).await.remove(0),
+            Role::Alone => {
+                return Box::pin(self.decide_batch(&[(checks, cost)]))
+                    .await
+                    .remove(0);
+            }
             Role::Follow(receiver) => {
                 return match receiver.await {
                     Ok(verdict) => verdict,
                     // The leader went away before answering (its request
                     // was cancelled): decide alone.
-                    Err(_) => self.decide_batch(&[(checks, cost)]).await.remove(0),
+                    Err(_) => Box::pin(self.decide_batch(&[(checks, cost)]))
+                        .await
+                        .remove(0),
                 };
             }
         }
@@ -219,7 +233,7 @@ impl Limiter {
         let mut requests = Vec::with_capacity(1 + followers.len());
         requests.push((checks, cost));
         requests.extend(followers.iter().map(|w| (w.checks.as_slice(), w.cost)));
-        let mut verdicts = self.decide_batch(&requests).await.into_iter();
+        let mut verdicts = Box::pin(self.decide_batch(&requests)).await.into_iter();
         let own = verdicts.next();
         for (waiting, verdict) in followers.into_iter().zip(verdicts) {
             // A follower that went away (its request was dropped) is fine.
