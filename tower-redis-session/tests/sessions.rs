@@ -822,3 +822,69 @@ async fn a_write_refused_while_redis_is_up_reaches_redis_later() {
     );
     assert_eq!(send(&app, "GET", "/get/cart", Some(&cookie)).await.1, "3");
 }
+
+#[tokio::test]
+async fn sessions_created_during_an_outage_stay_readable_while_they_are_replayed() {
+    const SESSIONS: usize = 300;
+    let redis = TestRedis::start().await;
+    let manager = manager_for(redis.config().failure_threshold(1).build().unwrap()).await;
+    let app = app(SessionLayer::builder(manager.clone()));
+
+    redis.pause().await;
+    let mut cookies = Vec::with_capacity(SESSIONS);
+    for i in 0..SESSIONS {
+        let (status, _, set_cookie, _) = send(&app, "POST", &format!("/set/n/{i}"), None).await;
+        assert_eq!(status, 200);
+        cookies.push(cookie_pair(
+            &set_cookie.expect("a session during the outage"),
+        ));
+    }
+    let cookies = Arc::new(cookies);
+    redis.resume().await;
+
+    // Readers run from before the breaker closes until every session is in
+    // Redis: the replay writes them one by one, and a session whose queued
+    // creation has been taken but not yet written must still read back.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = tokio::task::JoinSet::new();
+    for reader in 0..4 {
+        let (app, cookies, done) = (app.clone(), Arc::clone(&cookies), Arc::clone(&done));
+        readers.spawn(async move {
+            let mut wrong = Vec::new();
+            let mut pass = 0;
+            while !done.load(std::sync::atomic::Ordering::Acquire) || pass < 1 {
+                for (i, cookie) in cookies.iter().enumerate().skip(reader).step_by(4) {
+                    let (_, body, _, _) = send(&app, "GET", "/get/n", Some(cookie)).await;
+                    if body != i.to_string() {
+                        wrong.push((i, body));
+                    }
+                }
+                if done.load(std::sync::atomic::Ordering::Acquire) {
+                    pass += 1;
+                }
+            }
+            wrong
+        });
+    }
+    wait_closed(&manager).await;
+    let mut stored = 0;
+    for _ in 0..300 {
+        stored = session_keys(&redis).await.len();
+        if stored == SESSIONS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let mut wrong = Vec::new();
+    while let Some(found) = readers.join_next().await {
+        wrong.extend(found.expect("reader"));
+    }
+    assert_eq!(stored, SESSIONS, "every outage session reached Redis");
+    assert!(
+        wrong.is_empty(),
+        "{} reads during the replay did not see their session, e.g. {:?}",
+        wrong.len(),
+        wrong.first()
+    );
+}

@@ -32,6 +32,11 @@ pub(crate) struct LocalStore {
     /// The length of `pending`, readable without its lock (a read checks
     /// it on every request).
     pending_len: AtomicUsize,
+    /// Sessions whose queued changes the reconciler has taken but not yet
+    /// written: until they are in Redis, reads of these sessions are still
+    /// answered from this instance's copy (Redis does not have them yet).
+    reconciling: Mutex<Vec<String>>,
+    reconciling_len: AtomicUsize,
 }
 
 /// A session as this instance last read or wrote it.
@@ -52,6 +57,8 @@ impl LocalStore {
                 .build(),
             pending: Mutex::new(Vec::new()),
             pending_len: AtomicUsize::new(0),
+            reconciling: Mutex::new(Vec::new()),
+            reconciling_len: AtomicUsize::new(0),
         }
     }
 
@@ -123,8 +130,10 @@ impl LocalStore {
 
     /// Whether changes to this session are waiting for Redis.
     pub(crate) fn has_pending(&self, storage_key: &str) -> bool {
-        self.pending_len.load(Ordering::Acquire) > 0
-            && self.lock().iter().any(|(k, _)| k == storage_key)
+        (self.pending_len.load(Ordering::Acquire) > 0
+            && self.lock().iter().any(|(k, _)| k == storage_key))
+            || (self.reconciling_len.load(Ordering::Acquire) > 0
+                && lock(&self.reconciling).iter().any(|k| k == storage_key))
     }
 
     /// Queues a deletion made while Redis was unavailable.
@@ -145,10 +154,34 @@ impl LocalStore {
         self.lock().len()
     }
 
+    /// Takes the queued changes for writing. Their sessions count as
+    /// pending until [`reconciled`](Self::reconciled) or
+    /// [`end_reconcile`](Self::end_reconcile) says otherwise.
     pub(crate) fn take_pending(&self) -> Vec<(String, Pending)> {
         let mut pending = self.lock();
+        let mut reconciling = lock(&self.reconciling);
+        reconciling.extend(pending.iter().map(|(k, _)| k.clone()));
+        self.reconciling_len
+            .store(reconciling.len(), Ordering::Release);
         self.pending_len.store(0, Ordering::Release);
         std::mem::take(&mut *pending)
+    }
+
+    /// One taken change of this session is in Redis.
+    pub(crate) fn reconciled(&self, storage_key: &str) {
+        let mut reconciling = lock(&self.reconciling);
+        if let Some(at) = reconciling.iter().position(|k| k == storage_key) {
+            reconciling.remove(at);
+        }
+        self.reconciling_len
+            .store(reconciling.len(), Ordering::Release);
+    }
+
+    /// The pass is over (what failed was requeued first).
+    pub(crate) fn end_reconcile(&self) {
+        let mut reconciling = lock(&self.reconciling);
+        reconciling.clear();
+        self.reconciling_len.store(0, Ordering::Release);
     }
 
     /// Puts back what could not be written, ahead of anything queued since.
@@ -163,10 +196,14 @@ impl LocalStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, Pending)>> {
-        self.pending
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.pending)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn push_bounded(pending: &mut Vec<(String, Pending)>, storage_key: &str, change: Pending) {

@@ -631,10 +631,13 @@ impl SessionStore {
             if result.is_err() {
                 blocked.insert(storage_key.clone());
                 requeue.push((storage_key, change));
+            } else {
+                self.inner.local.reconciled(&storage_key);
             }
         }
         let failed = requeue.len();
         self.inner.local.requeue(requeue);
+        self.inner.local.end_reconcile();
         tracing::info!(
             target: "tower_redis_session",
             written = total - failed,
