@@ -40,6 +40,11 @@ pub struct CacheLayer {
     pub(crate) config: Arc<Config>,
 }
 
+/// How long a URL that answered uncacheable skips coalescing.
+const UNCACHEABLE_FOR: Duration = Duration::from_secs(10);
+/// URLs remembered as uncacheable at once.
+const UNCACHEABLE_CAPACITY: u64 = 10_000;
+
 #[derive(Debug)]
 pub(crate) struct Config {
     pub(crate) store: Arc<CacheStore>,
@@ -56,6 +61,11 @@ pub(crate) struct Config {
     pub(crate) coalesce: Option<Duration>,
     pub(crate) origin_timeout: Option<Duration>,
     pub(crate) flights: Arc<Flights>,
+    /// Flight keys whose last coalesced fill answered something the cache
+    /// may not store (`private`, `no-store`, too large…): misses on them go
+    /// straight to the origin for a while instead of queueing behind each
+    /// other's fill lock for an entry that never comes.
+    pub(crate) uncacheable: moka::sync::Cache<String, ()>,
 }
 
 impl Config {
@@ -377,6 +387,10 @@ impl CacheLayerBuilder {
                 coalesce: self.coalesce,
                 origin_timeout: self.origin_timeout,
                 flights: Arc::new(Flights::default()),
+                uncacheable: moka::sync::Cache::builder()
+                    .max_capacity(UNCACHEABLE_CAPACITY)
+                    .time_to_live(UNCACHEABLE_FOR)
+                    .build(),
             }),
         })
     }

@@ -55,7 +55,10 @@
 //!   pub/sub, polling as a fallback) up to [`CacheLayerBuilder::coalesce`]'s
 //!   wait, then go to the origin rather than hang. A holder that dies frees
 //!   the lock when it expires ([`CacheLayerBuilder::lock_ttl`]). Followers
-//!   answer `hit; detail=coalesced`.
+//!   answer `hit; detail=coalesced`. A URL whose fill answered something
+//!   the cache may not store (`private`, `no-store`, too large) is not
+//!   coalesced for the next 10 s in that process: its misses go to the
+//!   origin at once instead of queueing for an entry that never comes.
 //! - **Stale serving** (RFC 5861): `stale-while-revalidate` serves a stale
 //!   entry at once (`hit; fwd=stale; detail=stale-while-revalidate`) while
 //!   exactly one background request — per instance and across instances —

@@ -147,6 +147,7 @@ where
     let Some(max_wait) = config
         .coalesce
         .filter(|_| keyed.parts.method == Method::GET)
+        .filter(|_| !config.uncacheable.contains_key(&keyed.flight_key()))
     else {
         return Box::pin(forward_and_store(
             &config,
@@ -742,6 +743,11 @@ where
         .flatten()
         .filter(|_| body.size_hint().lower() <= config.max_body_bytes as u64);
     let Some(storable) = storable else {
+        if fill.guard.is_some() || fill.lock.is_some() {
+            // Nothing will be stored for the requests coalesced on this
+            // URL: let the next misses pass instead of waiting in turn.
+            config.uncacheable.insert(keyed.flight_key(), ());
+        }
         fill.release(config, &keyed.url_hash);
         add_cache_status(&mut parts.headers, &status);
         return Response::from_parts(parts, CacheBody::passthrough(body));

@@ -28,6 +28,9 @@ struct Origin {
     delay_ms: Arc<AtomicU64>,
     /// `/sie` after its first answer: 0 ok, 1 answers 503, 2 hangs.
     sie_mode: Arc<AtomicU8>,
+    /// `/private` requests being answered now, and the most at once.
+    in_flight: Arc<AtomicU64>,
+    most_in_flight: Arc<AtomicU64>,
 }
 
 impl Origin {
@@ -99,6 +102,20 @@ fn routes(origin: Origin) -> Router {
                 Response::builder()
                     .header("cache-control", "max-age=60, stale-if-error=300")
                     .body(Body::from(format!("sie-v{n}")))
+                    .unwrap()
+            }),
+        )
+        .route(
+            "/private",
+            routing::get(|State(o): State<Origin>| async move {
+                o.count("/private");
+                let now = o.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                o.most_in_flight.fetch_max(now, Ordering::SeqCst);
+                o.delay().await;
+                o.in_flight.fetch_sub(1, Ordering::SeqCst);
+                Response::builder()
+                    .header("cache-control", "private, max-age=60")
+                    .body(Body::from("for one user"))
                     .unwrap()
             }),
         )
@@ -200,6 +217,33 @@ async fn a_hundred_concurrent_misses_over_two_instances_make_one_origin_call() {
     assert_eq!(origin.calls("/item/1"), 1, "{statuses:?}");
     let coalesced = statuses.iter().filter(|s| s.contains("coalesced")).count();
     assert!(coalesced >= 90, "{coalesced} coalesced: {statuses:?}");
+}
+
+#[tokio::test]
+async fn misses_on_a_url_that_answered_private_do_not_wait_for_each_other() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = instance(redis.config(), &origin, |b| b).await;
+    // The first answer is private: nothing will ever be stored for it.
+    assert_eq!(get_settled(&a, "/private").await.status, 200);
+    origin.delay_ms.store(300, Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let app = a.app.clone();
+        tasks.push(tokio::spawn(async move { get(&app, "/private").await }));
+    }
+    for task in tasks {
+        let answer = task.await.unwrap();
+        assert_eq!(answer.status, 200);
+        assert!(
+            !answer.cache_status().contains("; hit"),
+            "{}",
+            answer.cache_status()
+        );
+    }
+    assert_eq!(origin.calls("/private"), 11);
+    // Coalesced, nine of them would have waited for the first one's answer.
+    assert_eq!(origin.most_in_flight.load(Ordering::SeqCst), 10);
 }
 
 #[tokio::test]
