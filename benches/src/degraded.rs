@@ -172,31 +172,35 @@ pub(crate) async fn run<O: Outage>(outage: &O, options: &Options) -> Result<Stri
 
             redis.restart().await?;
             let restarted = Instant::now();
-            let baseline = redis.command_calls().await?;
+            // Requests one after another: first until the breaker closes,
+            // then until one of them reaches Redis. Commands counted from
+            // the closing on, so that a pub/sub resubscription or the
+            // manager's probe is not taken for a served request.
+            let mut baseline = redis.command_calls().await?;
             let mut closed_after = None;
             let served_after = loop {
                 if closed_after.is_none() && manager.is_available() {
                     closed_after = Some(restarted.elapsed());
+                    baseline = redis.command_calls().await?;
                 }
                 server_errors += request(suite, &mut sender, &first).await?;
-                let layer_commands: u64 = redis
-                    .command_calls()
-                    .await?
-                    .deltas(&baseline)
-                    .iter()
-                    .filter(|(name, _)| !is_connection_command(name))
-                    .map(|(_, stat)| stat.calls)
-                    .sum();
-                if layer_commands > 0 {
-                    break Some(restarted.elapsed());
+                if closed_after.is_some() {
+                    let layer_commands: u64 = redis
+                        .command_calls()
+                        .await?
+                        .deltas(&baseline)
+                        .iter()
+                        .filter(|(name, _)| !is_connection_command(name) && !is_pubsub(name))
+                        .map(|(_, stat)| stat.calls)
+                        .sum();
+                    if layer_commands > 0 {
+                        break Some(restarted.elapsed());
+                    }
                 }
                 if restarted.elapsed() > DEADLINE {
                     break None;
                 }
             };
-            if closed_after.is_none() && manager.is_available() {
-                closed_after = Some(restarted.elapsed());
-            }
             let transition = Transition {
                 origin_calls: origin_up.zip(origin_down),
                 open_requests,
@@ -231,8 +235,9 @@ pub(crate) async fn run<O: Outage>(outage: &O, options: &Options) -> Result<Stri
              (command timeout {} ms, breaker opens after {} failures or at once on a refused connection, probe \
              backoff {} ms doubling to {} ms, jittered). For each concurrency, in each repeat: prepare, a `Redis up` \
              cell, SIGKILL, one request after another until the breaker opens, a `Redis killed` cell (its warm-up \
-             included), restart on the same port (empty), then one request after another until Redis sees a \
-             command of the layer (not a PING / CLIENT / HELLO): the recovery time, which the probe backoff \
+             included), restart on the same port (empty), then one request after another until the breaker \
+             has closed and a request then reaches Redis (a command other than PING / CLIENT / HELLO / (UN)SUBSCRIBE \
+             after the closing): the recovery time, which the probe backoff \
              reached during the outage bounds. {}.",
             outage.describe(),
             manager.command_timeout().as_millis(),
@@ -347,5 +352,13 @@ fn transitions_note(transitions: &[Transition]) -> String {
         median_ms(transitions.iter().map(|t| t.served_after)),
         each(|t| millis(t.served_after)),
         transitions.iter().map(|t| t.server_errors).sum::<u64>(),
+    )
+}
+
+/// Pub/sub bookkeeping (a subscriber reconnecting), not a request's work.
+fn is_pubsub(name: &str) -> bool {
+    matches!(
+        name.split('|').next().unwrap_or(name),
+        "subscribe" | "psubscribe" | "ssubscribe" | "unsubscribe" | "punsubscribe" | "sunsubscribe"
     )
 }
