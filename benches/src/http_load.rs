@@ -125,6 +125,18 @@ impl HttpRequest {
         }
     }
 
+    /// The request's head as every cell sends it (`Host: 127.0.0.1`).
+    fn builder(&self) -> http::request::Builder {
+        let mut builder = Request::builder()
+            .method(self.method.clone())
+            .uri(self.path)
+            .header(header::HOST, "127.0.0.1");
+        for (name, value) in &self.fields {
+            builder = builder.header(name, value);
+        }
+        builder
+    }
+
     /// The same request with a `Cookie` field.
     pub(crate) fn with_cookie(mut self, cookie: &str) -> Result<Self, BenchError> {
         let value = HeaderValue::from_str(cookie)
@@ -140,14 +152,9 @@ pub(crate) async fn send(
     request: &HttpRequest,
 ) -> Result<(StatusCode, HeaderMap, Bytes), HttpError> {
     sender.ready().await?;
-    let mut builder = Request::builder()
-        .method(request.method.clone())
-        .uri(request.path)
-        .header(header::HOST, "127.0.0.1");
-    for (name, value) in &request.fields {
-        builder = builder.header(name, value);
-    }
-    let response = sender.send_request(builder.body(Empty::new())?).await?;
+    let response = sender
+        .send_request(request.builder().body(Empty::new())?)
+        .await?;
     let (parts, body) = response.into_parts();
     let body = body.collect().await?.to_bytes();
     Ok((parts.status, parts.headers, body))
@@ -228,14 +235,7 @@ impl Operation for InProcessCall {
 
     async fn call(&mut self) -> Result<(), HttpError> {
         use tower::ServiceExt as _;
-        let mut builder = Request::builder()
-            .method(self.request.method.clone())
-            .uri(self.request.path)
-            .header(header::HOST, "127.0.0.1");
-        for (name, value) in &self.request.fields {
-            builder = builder.header(name, value);
-        }
-        let request = builder.body(axum::body::Body::empty())?;
+        let request = self.request.builder().body(axum::body::Body::empty())?;
         let response = match self.app.clone().oneshot(request).await {
             Ok(response) => response,
             Err(never) => match never {},
