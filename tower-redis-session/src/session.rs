@@ -200,18 +200,16 @@ impl Session {
     /// Writes what the handler changed; says what the cookie must become.
     pub(crate) async fn finish(&self) -> Option<CookieUpdate> {
         let mut state = self.state.lock().await;
-        // The writes are boxed: inlined, their Redis futures made the
-        // layer's future (allocated and moved on every request, reads
-        // included) several KiB larger. A read with nothing to write
-        // allocates nothing here.
+        // The store's writes are boxed where they are awaited: inlined,
+        // their Redis futures made the layer's future (allocated and moved
+        // on every request, reads included) several KiB larger.
         if let Some((id, user)) = state.delete.take() {
             Box::pin(self.store.delete(&id.storage_key(), user.as_deref())).await;
         }
         match state.phase {
             Phase::Untouched => None,
             Phase::Destroyed => state.cookie_id.is_some().then_some(CookieUpdate::Remove),
-            Phase::Loaded if state.id.is_some() && !state.cycle && state.changes.is_empty() => None,
-            Phase::Loaded => Box::pin(self.write(&mut state)).await,
+            Phase::Loaded => self.write(&mut state).await,
         }
     }
 
@@ -223,24 +221,24 @@ impl Session {
                 return None;
             }
             let id = SessionId::generate();
-            self.store
-                .save(&id.storage_key(), Some(now_ms()), &state.changes, None)
-                .await;
+            Box::pin(
+                self.store
+                    .save(&id.storage_key(), Some(now_ms()), &state.changes, None),
+            )
+            .await;
             return Some(CookieUpdate::Set(id));
         };
         if state.cycle {
             let mut merged = state.record.clone();
             state.changes.apply_to(&mut merged);
             let new_id = SessionId::generate();
-            return match self
-                .store
-                .cycle(
-                    &id.storage_key(),
-                    &new_id.storage_key(),
-                    &merged,
-                    &state.changes,
-                )
-                .await
+            return match Box::pin(self.store.cycle(
+                &id.storage_key(),
+                &new_id.storage_key(),
+                &merged,
+                &state.changes,
+            ))
+            .await
             {
                 Saved::Written => Some(CookieUpdate::Set(new_id)),
                 // Destroyed or revoked meanwhile: stays ended.
@@ -251,15 +249,13 @@ impl Session {
             return None;
         }
         let previous_user = state.record.user.clone();
-        match self
-            .store
-            .save(
-                &id.storage_key(),
-                None,
-                &state.changes,
-                previous_user.as_deref(),
-            )
-            .await
+        match Box::pin(self.store.save(
+            &id.storage_key(),
+            None,
+            &state.changes,
+            previous_user.as_deref(),
+        ))
+        .await
         {
             Saved::Written => None,
             // Destroyed or cycled by a concurrent request: not resurrected.

@@ -262,11 +262,10 @@ impl CacheStore {
             redis_store::Found::NoVariant => Lookup::VaryMiss,
             redis_store::Found::Corrupt(field) => {
                 tracing::warn!(target: "tower_redis_cache", "deleting a corrupt or foreign cache entry");
-                let _ = Box::pin(
-                    self.manager
-                        .query::<()>(redis::cmd("HDEL").arg(&key).arg(field)),
-                )
-                .await;
+                let _ = self
+                    .manager
+                    .query::<()>(redis::cmd("HDEL").arg(&key).arg(field))
+                    .await;
                 Lookup::VaryMiss
             }
         };
@@ -708,8 +707,7 @@ impl CacheStore {
                     && self.degraded.swap(false, Ordering::AcqRel)
                 {
                     self.memory.clear();
-                    // Boxed: a rare path, kept out of every lookup's future.
-                    Box::pin(self.replay()).await;
+                    self.replay().await;
                     tracing::info!(target: "tower_redis_cache", "Redis is back: in-process cache entries dropped");
                 }
                 false

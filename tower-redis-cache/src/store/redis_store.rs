@@ -85,8 +85,6 @@ pub(crate) async fn lookup(
             Some(_) => {}
         }
     }
-    // The script is the rare path (no hint yet, or the Vary changed): its
-    // future is boxed, out of every hit's.
     let mut invocation = LOOKUP.key(key);
     invocation.arg(key::value_digest(extra));
     // Digests of the values, not the values: no cookie or credential is
@@ -101,7 +99,7 @@ pub(crate) async fn lookup(
         Option<Vec<u8>>,
         Option<String>,
         Option<u64>,
-    ) = Box::pin(invocation.invoke_async(&mut conn)).await?;
+    ) = invocation.invoke_async(&mut conn).await?;
     Ok((
         found(vary.clone(), entry, field.unwrap_or_default(), soft_purged),
         vary,

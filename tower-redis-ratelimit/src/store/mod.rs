@@ -182,9 +182,7 @@ impl Limiter {
         }
         if !self.manager.is_available() {
             // Nothing to batch: the fallback answers at once.
-            return Box::pin(self.decide_batch(&[(checks, cost)]))
-                .await
-                .remove(0);
+            return self.decide_alone(checks, cost).await;
         }
         let role = {
             let mut batch = lock(&self.batch);
@@ -207,19 +205,13 @@ impl Limiter {
         };
         match role {
             Role::Lead => {}
-            Role::Alone => {
-                return Box::pin(self.decide_batch(&[(checks, cost)]))
-                    .await
-                    .remove(0);
-            }
+            Role::Alone => return self.decide_alone(checks, cost).await,
             Role::Follow(receiver) => {
                 return match receiver.await {
                     Ok(verdict) => verdict,
                     // The leader went away before answering (its request
                     // was cancelled): decide alone.
-                    Err(_) => Box::pin(self.decide_batch(&[(checks, cost)]))
-                        .await
-                        .remove(0),
+                    Err(_) => self.decide_alone(checks, cost).await,
                 };
             }
         }
@@ -240,6 +232,13 @@ impl Limiter {
             let _ = waiting.reply.send(verdict);
         }
         own.unwrap_or_else(|| fail_open(checks))
+    }
+
+    /// A batch of one.
+    async fn decide_alone(&self, checks: &[Check], cost: u32) -> Verdict {
+        Box::pin(self.decide_batch(&[(checks, cost)]))
+            .await
+            .remove(0)
     }
 
     /// One call for a batch of requests (or the fallback for each), with
