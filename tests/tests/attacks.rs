@@ -596,6 +596,51 @@ async fn rate_limit_key_spoofing_via_forwarding_headers_from_an_untrusted_peer()
     assert!(keys.iter().any(|k| k.ends_with(":203.0.113.9")), "{keys:?}");
 }
 
+#[tokio::test]
+async fn rate_limit_bypass_via_a_client_forwarded_header_through_a_trusted_proxy() {
+    // The proxies append to X-Forwarded-For and, like nginx, HAProxy and
+    // cloud load balancers, pass a client's `Forwarded` on untouched. A
+    // client that writes `Forwarded: for=<anything>` must neither get a
+    // fresh bucket per request nor name an allow-listed address.
+    let redis = TestRedis::start().await;
+    let limits = RateLimitLayer::builder(manager(&redis, "fwd").await)
+        .policy(Policy::gcra("per-ip", 5, Duration::from_secs(60)))
+        .trusted_proxies(["10.0.0.0/8"])
+        .allow_ips(["192.0.2.1"])
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(limits);
+
+    let mut admitted = 0;
+    for i in 0..30 {
+        let spoof = if i % 2 == 0 {
+            format!("for=198.51.100.{i}")
+        } else {
+            "for=192.0.2.1".to_owned()
+        };
+        let request = Request::get("/")
+            .header("forwarded", spoof)
+            .header("x-forwarded-for", "203.0.113.7");
+        let request = with_peer(request.body(Body::empty()).unwrap(), "10.0.0.1");
+        if call(&app, request).await.status == StatusCode::OK {
+            admitted += 1;
+        }
+    }
+    assert_eq!(
+        admitted, 5,
+        "the quota of the client the proxy appended to X-Forwarded-For"
+    );
+    let keys: Vec<String> = all_keys(&redis)
+        .await
+        .into_iter()
+        .filter(|k| k.starts_with("fwd:"))
+        .collect();
+    assert_eq!(keys.len(), 1, "one counter for the one client: {keys:?}");
+    assert!(keys[0].ends_with(":203.0.113.7"), "{keys:?}");
+}
+
 /// Raw key parts an attacker controls, several of which a naive key builder
 /// would map to the same key, to another key's namespace, or to a glob.
 fn hostile_parts() -> Vec<String> {

@@ -51,6 +51,8 @@ mod breaker;
 mod config;
 mod connection;
 mod error;
+#[cfg(feature = "forwarding")]
+pub mod forwarding;
 mod future;
 mod keys;
 mod manager;

@@ -14,6 +14,7 @@ use crate::policy::Policy;
 use crate::response::{Denied, DeniedResponse};
 use crate::service::RateLimit;
 use crate::store::{Fallback, Limiter};
+use tower_redis_core::forwarding::Forwarding;
 
 type Predicate = Arc<dyn Fn(&Parts) -> bool + Send + Sync>;
 type CostFn = Arc<dyn Fn(&Parts) -> u32 + Send + Sync>;
@@ -175,9 +176,37 @@ impl RateLimitLayerBuilder {
         self
     }
 
-    /// Proxies whose `Forwarded` / `X-Forwarded-For` are believed, as
-    /// addresses or CIDRs. Without any, those headers are ignored (a client
-    /// could otherwise pick its own key).
+    /// The shared forwarding model: which proxies are trusted and which one
+    /// header they write (`X-Forwarded-For` or `Forwarded`). Give the same
+    /// value to the cache layer. Replaces the proxies set with
+    /// [`client_ip`](Self::client_ip); proxies given to
+    /// [`trusted_proxies`](Self::trusted_proxies) still replace these.
+    ///
+    /// ```
+    /// use tower_redis_core::forwarding::{Forwarding, ForwardingHeader, TrustedProxies};
+    /// use tower_redis_ratelimit::{Policy, RateLimitLayer};
+    ///
+    /// let forwarding = Forwarding::new(
+    ///     TrustedProxies::parse(["10.0.0.0/8"])?,
+    ///     ForwardingHeader::XForwardedFor,
+    /// );
+    /// let layer = RateLimitLayer::builder(tower_redis_core::RedisManager::disabled())
+    ///     .forwarding(forwarding)
+    ///     .policy(Policy::gcra("per-ip", 100, std::time::Duration::from_secs(60)))
+    ///     .build()?;
+    /// # let _ = layer;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forwarding(mut self, forwarding: Forwarding) -> Self {
+        self.client_ip = self.client_ip.forwarding(forwarding);
+        self
+    }
+
+    /// Proxies whose `X-Forwarded-For` is believed, as addresses or CIDRs.
+    /// Without any, forwarding headers are ignored (a client could otherwise
+    /// pick its own key). `Forwarded` is never read this way, because proxies
+    /// pass a client's `Forwarded` on untouched; for proxies that write
+    /// `Forwarded`, use [`forwarding`](Self::forwarding).
     pub fn trusted_proxies<I, S>(mut self, proxies: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -300,7 +329,8 @@ impl RateLimitLayerBuilder {
                 entry: e.entry.clone(),
                 reason: e.reason.clone(),
             })?
-            .into_networks();
+            .networks()
+            .to_vec();
         Ok(RateLimitLayer {
             config: Arc::new(Config {
                 policies: self.policies,

@@ -14,12 +14,21 @@ use http::{HeaderValue, Request};
 use ipnet::IpNet;
 use proptest::prelude::*;
 
+use tower_redis_core::forwarding::{Forwarding, ForwardingHeader};
+
 use crate::client_ip::{ClientIp, TrustedProxies};
 
 const PROXIES: [&str; 2] = ["10.0.0.0/8", "fd00::/8"];
 
 fn behind_proxies() -> ClientIp {
     ClientIp::new().trusted_proxies(TrustedProxies::parse(PROXIES).expect("valid"))
+}
+
+fn behind_forwarded_proxies() -> ClientIp {
+    ClientIp::new().forwarding(Forwarding::new(
+        TrustedProxies::parse(PROXIES).expect("valid"),
+        ForwardingHeader::Forwarded,
+    ))
 }
 
 /// Bytes a header value may hold, biased towards the parsers' separators.
@@ -120,13 +129,15 @@ proptest! {
         headers.extend(xff.into_iter().map(|v| ("x-forwarded-for", v)));
         headers.extend(forwarded.into_iter().map(|v| ("forwarded", v)));
         let request = request(peer, &headers);
-        let config = behind_proxies().ipv6_prefix(v6_prefix).ipv4_prefix(v4_prefix);
-        let found = config.client_addr(&request).expect("a peer address is set");
-        if !peer_is_proxy {
-            prop_assert_eq!(found, peer);
+        for config in [behind_proxies(), behind_forwarded_proxies()] {
+            let config = config.ipv6_prefix(v6_prefix).ipv4_prefix(v4_prefix);
+            let found = config.client_addr(&request).expect("a peer address is set");
+            if !peer_is_proxy {
+                prop_assert_eq!(found, peer);
+            }
+            let key = config.key(&request).expect("a peer address is set");
+            prop_assert!(key_is_bounded_and_an_address(&key), "{key}");
         }
-        let key = config.key(&request).expect("a peer address is set");
-        prop_assert!(key_is_bounded_and_an_address(&key), "{key}");
     }
 
     #[test]
@@ -137,6 +148,7 @@ proptest! {
     ) {
         let request = request(peer, &[("x-forwarded-for", xff), ("forwarded", forwarded)]);
         prop_assert_eq!(behind_proxies().client_addr(&request), Some(peer));
+        prop_assert_eq!(behind_forwarded_proxies().client_addr(&request), Some(peer));
         prop_assert_eq!(ClientIp::new().client_addr(&request), Some(peer));
     }
 
@@ -177,6 +189,25 @@ proptest! {
             ("forwarded", ours.join(", ").into_bytes()),
         ];
         let request = request(peer, &headers);
+        prop_assert_eq!(behind_forwarded_proxies().client_addr(&request), Some(client));
+    }
+
+    #[test]
+    fn a_forwarded_header_a_client_sends_never_picks_the_xff_client(
+        forwarded in value_bytes(),
+        client in public_ip(),
+        hops in prop::collection::vec(proxy_ip(), 0..4),
+        peer in proxy_ip(),
+    ) {
+        // Behind proxies that append to X-Forwarded-For, a client's own
+        // `Forwarded` is passed on untouched; whatever it holds, the client
+        // is the one the proxies appended to X-Forwarded-For.
+        let mut ours = vec![client.to_string()];
+        ours.extend(hops.iter().map(ToString::to_string));
+        let request = request(
+            peer,
+            &[("forwarded", forwarded), ("x-forwarded-for", ours.join(", ").into_bytes())],
+        );
         prop_assert_eq!(behind_proxies().client_addr(&request), Some(client));
     }
 
