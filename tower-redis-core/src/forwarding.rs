@@ -36,7 +36,8 @@
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use http::header::{FORWARDED, HeaderMap, HeaderName};
 use http::uri::{Authority, Scheme};
@@ -111,6 +112,11 @@ pub struct Forwarding {
 struct Inner {
     trusted: TrustedProxies,
     header: ForwardingHeader,
+    /// Whether the "forwarding headers ignored: no proxy trusted" warning
+    /// was logged.
+    warned_untrusted: AtomicBool,
+    /// Whether the "the other forwarding header is ignored" warning was logged.
+    warned_other: AtomicBool,
 }
 
 /// What [`Forwarding::view`] found out about a request.
@@ -150,6 +156,7 @@ impl Forwarding {
             inner: Arc::new(Inner {
                 trusted: proxies,
                 header,
+                ..Inner::default()
             }),
         }
     }
@@ -181,7 +188,10 @@ impl Forwarding {
         };
         if !self.inner.trusted.contains(peer) {
             if self.inner.trusted.is_empty() && has_forwarding_header(headers) {
-                warn_forwarding_headers_ignored();
+                warn_once(
+                    &self.inner.warned_untrusted,
+                    warn_forwarding_headers_ignored,
+                );
             }
             return RequestView {
                 peer: Some(peer),
@@ -197,7 +207,9 @@ impl Forwarding {
         match self.inner.header {
             ForwardingHeader::XForwardedFor => {
                 if headers.contains_key(FORWARDED) {
-                    warn_other_header_ignored(self.inner.header, "Forwarded");
+                    warn_once(&self.inner.warned_other, || {
+                        warn_other_header_ignored(ForwardingHeader::XForwardedFor, "Forwarded");
+                    });
                 }
                 view.client = Some(self.walk(peer, x_forwarded_for_hops(headers)).0);
                 view.scheme =
@@ -206,7 +218,9 @@ impl Forwarding {
             }
             ForwardingHeader::Forwarded => {
                 if headers.contains_key(X_FORWARDED_FOR) {
-                    warn_other_header_ignored(self.inner.header, "X-Forwarded-For");
+                    warn_once(&self.inner.warned_other, || {
+                        warn_other_header_ignored(ForwardingHeader::Forwarded, "X-Forwarded-For");
+                    });
                 }
                 let (client, element) = self.walk_forwarded(peer, headers);
                 view.client = Some(client);
@@ -315,25 +329,30 @@ fn read_host(value: Option<Option<&str>>, malformed: &mut bool) -> Option<Author
     parsed
 }
 
+/// Runs `warn` the first time only, per configuration (clones share it).
+fn warn_once(flag: &AtomicBool, warn: impl FnOnce()) {
+    if !flag.load(Ordering::Relaxed) && !flag.swap(true, Ordering::Relaxed) {
+        warn();
+    }
+}
+
 fn has_forwarding_header(headers: &HeaderMap) -> bool {
     headers.contains_key(FORWARDED) || headers.contains_key(X_FORWARDED_FOR)
 }
 
 fn warn_forwarding_headers_ignored() {
-    static WARNED: Once = Once::new();
-    WARNED.call_once(|| {
+    {
         tracing::warn!(
             "ignoring Forwarded/X-Forwarded-For headers because no proxy is trusted; the socket \
              peer address is used as the client address. If this service runs behind a reverse \
              proxy or load balancer, configure Forwarding::new(TrustedProxies::parse([..])?, \
              ForwardingHeader::XForwardedFor) with its addresses and give it to each layer"
         );
-    });
+    }
 }
 
 fn warn_other_header_ignored(configured: ForwardingHeader, other: &'static str) {
-    static WARNED: Once = Once::new();
-    WARNED.call_once(|| {
+    {
         tracing::warn!(
             configured = configured.name(),
             ignored = other,
@@ -342,7 +361,7 @@ fn warn_other_header_ignored(configured: ForwardingHeader, other: &'static str) 
              untouched. If your proxies write {other}, configure ForwardingHeader accordingly",
             configured.name()
         );
-    });
+    }
 }
 
 /// The proxies allowed to tell us the client address through forwarding
@@ -812,5 +831,54 @@ mod tests {
     fn obfuscated_ports_are_accepted() {
         assert_eq!(parse_node("203.0.113.7:_abc"), Some(ip(CLIENT)));
         assert_eq!(parse_node("203.0.113.7:99999"), None);
+    }
+
+    /// Log lines written while `f` runs, on this thread.
+    fn logs_of(f: impl FnOnce()) -> String {
+        use std::io::Write;
+        use std::sync::Mutex;
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn the_ignored_other_header_is_warned_about_once() {
+        let forwarding = xff();
+        let request = request(
+            PROXY,
+            &[
+                ("forwarded", "for=198.51.100.99"),
+                ("x-forwarded-for", CLIENT),
+            ],
+        );
+        let logs = logs_of(|| {
+            for _ in 0..3 {
+                let _ = forwarding.clone().view(&request);
+            }
+        });
+        assert_eq!(logs.matches("WARN").count(), 1, "{logs}");
+        assert!(logs.contains("Forwarded, which is ignored"), "{logs}");
+        assert!(logs.contains("X-Forwarded-For"), "{logs}");
+        let quiet = logs_of(|| {
+            let _ = xff().view(&self::request(PROXY, &[("x-forwarded-for", CLIENT)]));
+        });
+        assert_eq!(quiet, "", "no warning without the other header");
     }
 }
