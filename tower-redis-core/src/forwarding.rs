@@ -88,6 +88,25 @@ pub enum ForwardingHeader {
     Forwarded,
 }
 
+impl std::str::FromStr for ForwardingHeader {
+    type Err = InvalidProxy;
+
+    /// `x-forwarded-for` (or `xff`) and `forwarded`, in any case.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("x-forwarded-for") || text.eq_ignore_ascii_case("xff") {
+            Ok(Self::XForwardedFor)
+        } else if text.eq_ignore_ascii_case("forwarded") {
+            Ok(Self::Forwarded)
+        } else {
+            Err(InvalidProxy {
+                entry: text.to_owned(),
+                reason: "not a forwarding header; write x-forwarded-for or forwarded".to_owned(),
+            })
+        }
+    }
+}
+
 impl ForwardingHeader {
     fn name(self) -> &'static str {
         match self {
@@ -159,6 +178,29 @@ impl Forwarding {
                 ..Inner::default()
             }),
         }
+    }
+
+    /// From the environment: `TRUSTED_PROXIES` (comma-separated addresses
+    /// or CIDRs; unset or empty trusts none) and `FORWARDING_HEADER`
+    /// (`x-forwarded-for`, the default, or `forwarded`).
+    ///
+    /// ```
+    /// # use tower_redis_core::forwarding::Forwarding;
+    /// // With neither variable set, no proxy is trusted.
+    /// # if std::env::var_os("TRUSTED_PROXIES").is_none() {
+    /// assert!(Forwarding::from_env()?.is_empty());
+    /// # }
+    /// # Ok::<(), tower_redis_core::forwarding::InvalidProxy>(())
+    /// ```
+    pub fn from_env() -> Result<Self, InvalidProxy> {
+        let proxies = std::env::var("TRUSTED_PROXIES").unwrap_or_default();
+        let proxies =
+            TrustedProxies::parse(proxies.split(',').map(str::trim).filter(|p| !p.is_empty()))?;
+        let header = match std::env::var("FORWARDING_HEADER") {
+            Ok(header) if !header.trim().is_empty() => header.parse()?,
+            _ => ForwardingHeader::default(),
+        };
+        Ok(Self::new(proxies, header))
     }
 
     /// The trusted proxies.
@@ -801,6 +843,23 @@ mod tests {
             HeaderValue::from_bytes(b"\xffhttps").unwrap(),
         );
         assert!(xff().view(&bytes).malformed);
+    }
+
+    #[test]
+    fn forwarding_header_names_parse() {
+        assert_eq!(
+            "X-Forwarded-For".parse::<ForwardingHeader>().unwrap(),
+            ForwardingHeader::XForwardedFor
+        );
+        assert_eq!(
+            " forwarded ".parse::<ForwardingHeader>().unwrap(),
+            ForwardingHeader::Forwarded
+        );
+        let error = "x-real-ip".parse::<ForwardingHeader>().unwrap_err();
+        assert!(
+            error.to_string().contains("x-forwarded-for or forwarded"),
+            "{error}"
+        );
     }
 
     #[test]
