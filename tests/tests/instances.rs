@@ -6,6 +6,10 @@ use tower_redis_core::redis;
 use tower_redis_core::testing::TestRedis;
 use tower_redis_core::{BreakerState, RedisManager, Source};
 
+/// How long requests to a killed Redis may take to open a breaker (each
+/// fails at once on a refused connection; the first one opens it).
+const OPEN_DEADLINE: Duration = Duration::from_secs(10);
+
 async fn instance(redis: &TestRedis, prefix: &str) -> RedisManager {
     let config = redis
         .config()
@@ -47,9 +51,17 @@ async fn every_instance_recovers_on_its_own_after_an_outage() {
     redis.kill().await;
     for manager in &instances {
         // Each instance discovers the outage through its own traffic.
-        while manager.health().state == BreakerState::Closed {
-            incr(manager, "n").await;
-        }
+        let opened = tokio::time::timeout(OPEN_DEADLINE, async {
+            while manager.health().state == BreakerState::Closed {
+                incr(manager, "n").await;
+            }
+        })
+        .await;
+        assert!(
+            opened.is_ok(),
+            "the breaker stayed closed for {OPEN_DEADLINE:?} of requests to a killed Redis: {:?}",
+            manager.health()
+        );
     }
     redis.restart().await;
     for manager in &instances {

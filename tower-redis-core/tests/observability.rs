@@ -1,6 +1,8 @@
 //! What operators see: breaker transitions counted with `metrics`, health
 //! snapshots that say what went wrong.
 
+use std::time::Duration;
+
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tower_redis_core::redis;
 use tower_redis_core::testing::TestRedis;
@@ -20,22 +22,33 @@ async fn breaker_transitions_and_fallbacks_are_counted() {
         .expect("starts");
     redis.kill().await;
     let key = manager.keys().key(&["k"]);
-    while manager.health().state == BreakerState::Closed {
-        manager
-            .failover(
-                |mut conn| {
-                    let key = key.clone();
-                    async move {
-                        redis::cmd("GET")
-                            .arg(key)
-                            .query_async::<Option<String>>(&mut conn)
-                            .await
-                    }
-                },
-                |_| async { None },
-            )
-            .await;
-    }
+    // Requests to a killed Redis open the breaker; a deadline, so that a
+    // breaker that never opens fails the test instead of hanging it.
+    let deadline = Duration::from_secs(10);
+    let opened = tokio::time::timeout(deadline, async {
+        while manager.health().state == BreakerState::Closed {
+            manager
+                .failover(
+                    |mut conn| {
+                        let key = key.clone();
+                        async move {
+                            redis::cmd("GET")
+                                .arg(key)
+                                .query_async::<Option<String>>(&mut conn)
+                                .await
+                        }
+                    },
+                    |_| async { None },
+                )
+                .await;
+        }
+    })
+    .await;
+    assert!(
+        opened.is_ok(),
+        "the breaker stayed closed for {deadline:?} of requests to a killed Redis: {:?}",
+        manager.health()
+    );
     assert!(manager.health().last_error.is_some());
 
     let mut opened = 0;
