@@ -31,6 +31,8 @@ use crate::server::{BenchRedis, is_connection_command};
 const DEADLINE: Duration = Duration::from_secs(30);
 /// The target: degraded throughput / Redis-path throughput.
 const TARGET_RATIO: f64 = 1.0;
+/// The target: from Redis restarting to the first request Redis serves.
+const TARGET_RECOVERY: Duration = Duration::from_secs(1);
 
 /// A layer's app, as the degraded section needs it.
 pub(crate) trait Outage {
@@ -61,6 +63,9 @@ pub(crate) trait Outage {
 /// What happened around one kill and restart.
 #[derive(Debug, Clone, Copy)]
 struct Transition {
+    /// The concurrency of the cells around it, and the repeat (from 1).
+    concurrency: usize,
+    repeat: usize,
     /// Requests that reached the origin during the `Redis up` and the
     /// `Redis killed` cell (warm-up included), for a cache.
     origin_calls: Option<(u64, u64)>,
@@ -202,6 +207,8 @@ pub(crate) async fn run<O: Outage>(outage: &O, options: &Options) -> Result<Stri
                 }
             };
             let transition = Transition {
+                concurrency,
+                repeat: repeat + 1,
                 origin_calls: origin_up.zip(origin_down),
                 open_requests,
                 open_after,
@@ -253,6 +260,9 @@ pub(crate) async fn run<O: Outage>(outage: &O, options: &Options) -> Result<Stri
     ));
     grid.check_ratio(&mut target, 1, 0, TARGET_RATIO, |_| true);
     section.target(&target);
+    for target in transition_targets(&transitions) {
+        section.target(&target);
+    }
     section.note(format!(
         "Redis killed / Redis up, median (per repeat): {}",
         grid.spread(1, 0)
@@ -355,10 +365,89 @@ fn transitions_note(transitions: &[Transition]) -> String {
     )
 }
 
+/// The contract's promises around each kill and restart, one verdict per
+/// kill: Redis serves again within [`TARGET_RECOVERY`] of its restart, and
+/// no answer is a 5xx while the breaker opens or closes.
+fn transition_targets(transitions: &[Transition]) -> [Target; 2] {
+    let mut recovery = Target::new(format!(
+        "restart → first Redis-served request ≤ {:.1} s",
+        TARGET_RECOVERY.as_secs_f64()
+    ));
+    let mut errors = Target::new("answers ≥ 500 while the breaker opens and closes = 0");
+    for t in transitions {
+        let at = format!("c={} run {}", t.concurrency, t.repeat);
+        match t.served_after {
+            Some(after) => {
+                recovery.at_most(&at, after.as_secs_f64(), TARGET_RECOVERY.as_secs_f64());
+            }
+            None => recovery.missed(&at, format!("not within {} s", DEADLINE.as_secs())),
+        }
+        errors.at_most(&at, t.server_errors as f64, 0.0);
+    }
+    if transitions.is_empty() {
+        recovery.not_measured("every row", "no kill ran");
+        errors.not_measured("every row", "no kill ran");
+    }
+    [recovery, errors]
+}
+
 /// Pub/sub bookkeeping (a subscriber reconnecting), not a request's work.
 fn is_pubsub(name: &str) -> bool {
     matches!(
         name.split('|').next().unwrap_or(name),
         "subscribe" | "psubscribe" | "ssubscribe" | "unsubscribe" | "punsubscribe" | "sunsubscribe"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transition(repeat: usize, served_after: Option<Duration>, server_errors: u64) -> Transition {
+        Transition {
+            concurrency: 64,
+            repeat,
+            origin_calls: None,
+            open_requests: 1,
+            open_after: Some(Duration::from_millis(1)),
+            down_for: Duration::from_millis(700),
+            closed_after: served_after,
+            served_after,
+            server_errors,
+        }
+    }
+
+    #[test]
+    fn recovery_and_server_errors_are_targets_that_can_fail() {
+        let [recovery, errors] =
+            transition_targets(&[transition(1, Some(Duration::from_millis(400)), 0)]);
+        assert_eq!(recovery.met(), Some(true), "{}", recovery.render());
+        assert_eq!(errors.met(), Some(true), "{}", errors.render());
+
+        let [recovery, errors] = transition_targets(&[
+            transition(1, Some(Duration::from_millis(400)), 0),
+            transition(2, Some(Duration::from_millis(1_600)), 2),
+        ]);
+        assert_eq!(recovery.met(), Some(false), "{}", recovery.render());
+        assert!(
+            recovery
+                .render()
+                .contains("c=64 run 1: met, 0.40; c=64 run 2: NOT met, 1.60"),
+            "{}",
+            recovery.render()
+        );
+        assert_eq!(errors.met(), Some(false), "{}", errors.render());
+        assert!(
+            errors.render().contains("c=64 run 2: NOT met, 2.00"),
+            "{}",
+            errors.render()
+        );
+
+        let [recovery, _] = transition_targets(&[transition(1, None, 0)]);
+        assert_eq!(recovery.met(), Some(false), "{}", recovery.render());
+        assert!(recovery.render().contains("NOT met, not within 30 s"));
+
+        let [recovery, errors] = transition_targets(&[]);
+        assert_eq!((recovery.met(), errors.met()), (None, None));
+    }
 }

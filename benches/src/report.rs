@@ -209,6 +209,16 @@ impl Target {
         self.push(at, value, (!value.is_nan()).then_some(value <= max));
     }
 
+    /// A place where the target was missed without a number to show (e.g.
+    /// "not within 30 s").
+    pub(crate) fn missed(&mut self, at: impl Into<String>, why: impl Into<String>) {
+        self.checks.push(Check {
+            at: at.into(),
+            value: why.into(),
+            met: Some(false),
+        });
+    }
+
     /// A place where the target could not be measured, and why.
     pub(crate) fn not_measured(&mut self, at: impl Into<String>, why: impl Into<String>) {
         self.checks.push(Check {

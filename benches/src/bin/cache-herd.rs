@@ -35,6 +35,24 @@ use tower_service::Service;
 
 const HERD: usize = 1_000;
 const ORIGIN_MS: u64 = 50;
+/// The row the herd target is about.
+const COALESCING_ON: &str = "tower-redis, coalescing on (2 instances)";
+
+/// The herd's verdict, in the suites' `- target …: **met** / **NOT met**`
+/// form: with coalescing on, the whole herd (over both instances) makes
+/// exactly one origin call.
+fn herd_target(origin_calls: Option<u64>) -> String {
+    let what = format!(
+        "{HERD} concurrent requests for one cold key over 2 instances, coalescing on, make 1 origin call"
+    );
+    match origin_calls {
+        Some(calls) => {
+            let verdict = if calls == 1 { "met" } else { "NOT met" };
+            format!("- target {what}: **{verdict}** (origin calls: {calls})")
+        }
+        None => format!("- target {what}: **not measured**"),
+    }
+}
 
 fn origin(calls: Arc<AtomicU64>) -> Router {
     Router::new().route(
@@ -167,7 +185,7 @@ async fn main() {
     let redis = TestRedis::start().await;
     let mut rows = Vec::new();
     for (subject, coalesce) in [
-        ("tower-redis, coalescing on (2 instances)", true),
+        (COALESCING_ON, true),
         ("tower-redis, coalescing off (2 instances)", false),
     ] {
         let calls = Arc::new(AtomicU64::new(0));
@@ -205,6 +223,11 @@ async fn main() {
             row.histogram.max() as f64 / 1000.0
         );
     }
+    let coalesced = rows
+        .iter()
+        .find(|row| row.subject == COALESCING_ON)
+        .map(|row| row.origin_calls);
+    println!("\n{}", herd_target(coalesced));
 
     // Near cache vs Redis hits, one warm key, in process.
     let duration = Duration::from_secs(3);
@@ -254,5 +277,19 @@ async fn main() {
             redis_row.3,
             near_row.3
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_herd_target_is_met_by_one_origin_call_only() {
+        assert!(herd_target(Some(1)).contains("**met** (origin calls: 1)"));
+        assert!(herd_target(Some(2)).contains("**NOT met** (origin calls: 2)"));
+        assert!(herd_target(Some(0)).contains("**NOT met** (origin calls: 0)"));
+        assert!(herd_target(Some(1_000)).contains("**NOT met**"));
+        assert!(herd_target(None).contains("**not measured**"));
     }
 }
