@@ -152,7 +152,7 @@ impl RedisManager {
     /// Redis when [`require_redis`](crate::RedisConfigBuilder::require_redis) is set.
     pub async fn connect(config: RedisConfig) -> Result<Self, Error> {
         let backend = Backend::new(&config)?;
-        let pubsub_client = crate::pubsub::client_for(config.topology());
+        let pubsub_client = crate::pubsub::client_for(&config);
         let description = describe(config.topology());
         let breaker_config = config.breaker();
         let manager = Self {
@@ -627,9 +627,13 @@ impl Backend {
     }
 }
 
-/// The client of a standalone server: with the configured root
-/// certificates for a `rediss://` URL that has some.
-fn standalone_client(config: &RedisConfig, url: &RedisUrl) -> RedisResult<redis::Client> {
+/// The client of a standalone server (or of one cluster node, for
+/// pub/sub): with the configured root certificates for a `rediss://` URL
+/// that has some.
+pub(crate) fn standalone_client(
+    config: &RedisConfig,
+    url: &RedisUrl,
+) -> RedisResult<redis::Client> {
     #[cfg(feature = "tls")]
     if url.is_tls() {
         install_crypto_provider();

@@ -515,6 +515,56 @@ mod tls {
         assert_no_password("logs", &log_text());
     }
 
+    /// The subscribe connection (the cache's near tier listens on it) must
+    /// trust the same private CA as the pool, or it never connects.
+    #[tokio::test]
+    async fn subscribe_over_rediss_with_a_private_ca_receives_what_is_published() {
+        use futures_util::StreamExt;
+        captured();
+        let pki = pki();
+        let redis = TestRedis::builder()
+            .tls(&pki.files)
+            .arg("--requirepass")
+            .arg(TLS_PASSWORD)
+            .start()
+            .await
+            .expect("TLS server starts");
+        let url = format!("rediss://:{TLS_PASSWORD}@127.0.0.1:{}", port_of(&redis));
+        let config = RedisConfig::builder()
+            .url(url)
+            .tls_root_certificates(pki.ca_pem.clone())
+            .connect_timeout(Duration::from_secs(2))
+            .require_redis(true)
+            .build()
+            .expect("valid config");
+        let manager = RedisManager::connect(config).await.expect("pool connects");
+        let deadline = Duration::from_secs(5);
+        let mut pubsub = tokio::time::timeout(deadline, manager.pubsub())
+            .await
+            .expect("pubsub() answers within the deadline")
+            .expect("the subscribe connection trusts the private CA");
+        let channel = "tower-redis-test:tls-events";
+        tokio::time::timeout(deadline, pubsub.subscribe(channel))
+            .await
+            .expect("SUBSCRIBE answers within the deadline")
+            .expect("SUBSCRIBE over TLS");
+        let receivers: i64 = manager
+            .query(redis::cmd("PUBLISH").arg(channel).arg("purged /products"))
+            .await
+            .expect("PUBLISH over the pool");
+        assert_eq!(receivers, 1, "the TLS subscriber is registered");
+        let message = tokio::time::timeout(deadline, pubsub.on_message().next())
+            .await
+            .expect("the message arrives within the deadline")
+            .expect("the subscription is open");
+        assert_eq!(message.get_channel_name(), channel);
+        assert_eq!(
+            message.get_payload::<String>().expect("text payload"),
+            "purged /products"
+        );
+        assert_no_password("logs", &log_text());
+    }
+
     #[tokio::test]
     async fn a_server_certificate_from_an_unknown_ca_is_refused_not_a_panic() {
         captured();
