@@ -154,6 +154,7 @@ impl RedisManager {
         let backend = Backend::new(&config)?;
         let pubsub_client = crate::pubsub::client_for(&config);
         let description = describe(config.topology());
+        warn_if_certificates_unchecked(config.topology(), &description);
         let breaker_config = config.breaker();
         let manager = Self {
             inner: Arc::new(Inner {
@@ -705,6 +706,25 @@ fn pool_error(error: bb8::RunError<RedisError>) -> RedisError {
             std::io::ErrorKind::TimedOut,
             "timed out waiting for a pooled Redis connection",
         )),
+    }
+}
+
+/// `rediss://…#insecure` makes redis-rs accept any certificate: said once
+/// per manager, at connect, with the fix.
+fn warn_if_certificates_unchecked(topology: &Topology, description: &str) {
+    let unchecked = match topology {
+        Topology::Standalone(url) => url.skips_certificate_checks(),
+        Topology::Cluster(nodes) => nodes.iter().any(RedisUrl::skips_certificate_checks),
+    };
+    if unchecked {
+        tracing::warn!(
+            target: "tower_redis",
+            redis = %description,
+            "`#insecure` turns off TLS certificate checks: anyone who can intercept the connection \
+             can pose as Redis and read every password and value sent to it. Remove `#insecure` and, \
+             for a private CA, pass its certificate to RedisConfigBuilder::tls_root_certificates \
+             (without redis-rs' `tls-rustls-insecure` feature, such a URL cannot connect at all)"
+        );
     }
 }
 

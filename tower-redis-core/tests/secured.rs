@@ -565,6 +565,41 @@ mod tls {
         assert_no_password("logs", &log_text());
     }
 
+    /// `#insecure` turns certificate checks off: the manager says so once,
+    /// at connect, with what to do instead, however often it probes after.
+    #[tokio::test]
+    async fn rediss_insecure_logs_a_warning_once_at_connect() {
+        captured();
+        // Port 9 (discard): nothing listens, so the manager keeps probing.
+        let url = format!("rediss://:{TLS_PASSWORD}@127.0.0.1:9/#insecure");
+        let config = RedisConfig::builder()
+            .url(url)
+            .connect_timeout(Duration::from_millis(100))
+            .probe_backoff(Duration::from_millis(5), Duration::from_millis(10))
+            .build()
+            .expect("valid config");
+        let manager = RedisManager::connect(config).await.expect("starts open");
+        let mut state = manager.subscribe();
+        // Let it probe a few times (each probe is a new connection attempt).
+        for _ in 0..6 {
+            tokio::time::timeout(Duration::from_secs(5), state.changed())
+                .await
+                .expect("the probe runs within the deadline")
+                .expect("the manager is alive");
+        }
+        let logs = log_text();
+        let warnings: Vec<&str> = logs
+            .lines()
+            .filter(|line| line.contains("WARN") && line.contains("127.0.0.1:9/#insecure"))
+            .filter(|line| line.contains("certificate"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "one warning per manager:\n{logs}");
+        let warning = warnings[0];
+        assert!(warning.contains("tls_root_certificates"), "{warning}");
+        assert_no_password("logs", &logs);
+        drop(manager);
+    }
+
     #[tokio::test]
     async fn a_server_certificate_from_an_unknown_ca_is_refused_not_a_panic() {
         captured();
