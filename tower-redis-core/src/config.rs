@@ -221,7 +221,7 @@ fn redact_unparsed(input: &str) -> String {
         let mut offset = question + 1;
         for pair in input[question + 1..].split('&') {
             if let Some(equals) = pair.find('=') {
-                let key = url::form_urlencoded::parse(pair[..equals].as_bytes())
+                let key = url::form_urlencoded::parse(&pair.as_bytes()[..equals])
                     .next()
                     .map(|(key, _)| key.into_owned())
                     .unwrap_or_default();
