@@ -96,7 +96,7 @@ mod store;
 pub use body::ResponseBody;
 pub use client_ip::{ClientIp, InvalidProxy, TrustedProxies};
 pub use key::{Key, KeyFuture, MissingKey};
-pub use layer::{ConfigError, RateLimitLayer, RateLimitLayerBuilder};
+pub use layer::{ConfigError, DEFAULT_MEMORY_BYTES, RateLimitLayer, RateLimitLayerBuilder};
 pub use policy::{Algorithm, Policy};
 pub use response::{Denied, DeniedResponse, QUOTA_EXCEEDED_TYPE};
 pub use service::{RateLimit, ResponseFuture};
