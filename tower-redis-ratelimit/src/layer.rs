@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use http::request::Parts;
 use ipnet::IpNet;
@@ -129,6 +130,8 @@ pub(crate) struct Config {
     pub(crate) cost: Option<CostFn>,
     pub(crate) on_denied: Option<DeniedResponse>,
     pub(crate) hash_tag: String,
+    /// Set once the layer has warned about a request without a peer address.
+    pub(crate) warned_no_peer_address: AtomicBool,
 }
 
 /// Configures a [`RateLimitLayer`].
@@ -350,6 +353,7 @@ impl RateLimitLayerBuilder {
                 cost: self.cost,
                 on_denied: self.on_denied,
                 hash_tag: self.hash_tag,
+                warned_no_peer_address: AtomicBool::new(false),
             }),
         })
     }
