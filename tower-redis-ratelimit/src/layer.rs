@@ -281,9 +281,9 @@ impl RateLimitLayerBuilder {
     /// The most memory this layer's in-process state may take, in bytes
     /// (default [`DEFAULT_MEMORY_BYTES`], 64 MiB; at least 64 KiB). Half
     /// goes to the local limiter that decides while Redis is down, half to
-    /// the cache of keys Redis has denied. Each entry is counted for its
-    /// key plus about 200 bytes, so the default holds roughly 100 000
-    /// clients in each.
+    /// the cache of keys Redis has denied. Each entry is counted for its key
+    /// plus about 280 bytes (its share of the maps, with room for their
+    /// growth), so the default holds about 100 000 clients in each.
     ///
     /// At the bound the least recently used entry is evicted, so a client
     /// rotating through addresses or keys cannot grow memory:

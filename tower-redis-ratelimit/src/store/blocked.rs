@@ -110,11 +110,15 @@ impl BlockedKeys {
         }
     }
 
-    /// Entries held and the bytes they are counted for.
+    /// Entries held, the bytes they are counted for, and the bytes allocated.
     #[cfg(test)]
-    fn footprint(&self) -> (u64, u64) {
+    fn footprint(&self) -> (u64, u64, u64) {
         let entries = self.lock();
-        (entries.len() as u64, entries.bytes())
+        (
+            entries.len() as u64,
+            entries.bytes(),
+            entries.allocated_bytes(),
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Lru<Blocked>> {
@@ -192,8 +196,12 @@ mod tests {
             }
             per_chunk.push(started.elapsed());
         }
-        let (entries, bytes) = blocked.footprint();
+        let (entries, bytes, allocated) = blocked.footprint();
         assert!(bytes <= BOUND, "{bytes} bytes in {entries} entries");
+        assert!(
+            allocated <= BOUND,
+            "{allocated} bytes allocated for {entries} entries"
+        );
         assert!(entries > 0 && entries < 100_000, "{entries} entries");
         let (first, last) = (per_chunk[0], per_chunk[9]);
         assert!(

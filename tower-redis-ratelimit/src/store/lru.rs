@@ -17,11 +17,9 @@ use std::sync::Arc;
 
 const NIL: usize = usize::MAX;
 
-/// What one entry costs besides its key and value, counted against the
-/// bound: the slab slot's links and weight, the index's slot (key pointer,
-/// slot number, control byte), the key's shared header, and room for the
-/// slab and the index growing by doubling. An estimate on the high side.
-const ENTRY_OVERHEAD: usize = 160;
+/// What a key's shared allocation costs besides its bytes: the reference
+/// counts, rounding up, and the allocator's own bookkeeping.
+const KEY_ALLOCATION_OVERHEAD: usize = 48;
 
 /// How many expired entries at the old end one insert removes, so that
 /// entries nobody asks for again leave without waiting for eviction.
@@ -63,9 +61,16 @@ impl<V> Lru<V> {
         }
     }
 
-    /// The bytes an entry under `key` is counted for.
+    /// The bytes an entry under `key` is counted for: the key's allocation,
+    /// and twice its slab slot, its index bucket (at the index's load
+    /// factor of 7/8) and its free-list slot, since the slab and the index
+    /// grow by doubling. So the memory the map holds stays within its bound
+    /// whatever its history.
     pub(crate) fn weight(key: &str) -> u64 {
-        (key.len() + size_of::<V>() + ENTRY_OVERHEAD) as u64
+        let slot = size_of::<Slot<V>>();
+        let bucket = (size_of::<(Arc<str>, usize)>() + 1) * 8 / 7 + 1;
+        let free = size_of::<usize>();
+        (key.len() + KEY_ALLOCATION_OVERHEAD + 2 * (slot + bucket + free)) as u64
     }
 
     /// The value under `key` when `live` says it still counts; it becomes
@@ -142,6 +147,23 @@ impl<V> Lru<V> {
     #[cfg(test)]
     pub(crate) fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// The heap memory the map holds now, counted from its capacities: the
+    /// slab, the free list, the index (one control byte per bucket) and
+    /// each key's shared allocation (header and bytes, rounded up to 8).
+    #[cfg(test)]
+    pub(crate) fn allocated_bytes(&self) -> u64 {
+        let keys: usize = self
+            .index
+            .keys()
+            .map(|key| 16 + key.len().div_ceil(8) * 8)
+            .sum();
+        let total = self.slots.capacity() * size_of::<Slot<V>>()
+            + self.free.capacity() * size_of::<usize>()
+            + self.index.capacity() * (size_of::<(Arc<str>, usize)>() + 1)
+            + keys;
+        total as u64
     }
 
     fn remove_slot(&mut self, slot: usize) {
