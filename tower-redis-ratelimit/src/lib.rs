@@ -82,7 +82,9 @@
 //! parameter. Overshoot bound: during an outage, N instances admit at most
 //! `N × share × quota` per period per client (plus one burst each), on top
 //! of what Redis had already admitted in the current period; with
-//! `share = 1 / N` and balanced traffic that is about one extra quota.
+//! `share = 1 / N` and balanced traffic that is about one extra quota. The
+//! bound holds for every client the local limiter keeps in memory; a client
+//! evicted at the memory bound (see below) gets a fresh local quota.
 //! [`Fallback::Allow`] and [`Fallback::Deny`] fail open or closed. When Redis
 //! answers again, the shared counters apply and the local state is dropped.
 //!
