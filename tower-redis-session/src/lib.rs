@@ -63,7 +63,10 @@ mod store;
 
 pub use config::{CookieConfig, Expiry};
 pub use cookie::SameSite;
-pub use layer::{ConfigError, SessionLayer, SessionLayerBuilder};
+pub use layer::{
+    ConfigError, DEFAULT_LOCAL_CAPACITY_BYTES, DEFAULT_MAX_SESSION_BYTES,
+    DEFAULT_OUTAGE_QUEUE_BYTES, SessionLayer, SessionLayerBuilder,
+};
 pub use service::{ResponseFuture, SessionService};
 pub use session::{Session, SessionError};
-pub use store::{SessionStore, StoreError, UserSession};
+pub use store::{LocalUsage, SessionStore, StoreError, UserSession};
