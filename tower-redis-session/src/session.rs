@@ -356,13 +356,18 @@ impl Session {
         }
     }
 
-    /// Whether the handler loaded the session (so a persistent cookie's
-    /// `Max-Age` can be renewed).
+    /// The id of a session the handler loaded (so a persistent cookie's
+    /// `Max-Age` can be renewed), unless it has ended meanwhile as far as
+    /// this instance knows: a concurrent login may have set its successor.
     pub(crate) async fn live_id(&self) -> Option<SessionId> {
         let state = self.state.lock().await;
-        (state.phase == Phase::Loaded)
-            .then(|| state.id.clone())
-            .flatten()
+        if state.phase != Phase::Loaded {
+            return None;
+        }
+        state
+            .id
+            .clone()
+            .filter(|id| !self.store.has_ended(&id.storage_key()))
     }
 }
 

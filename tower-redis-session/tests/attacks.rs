@@ -89,6 +89,18 @@ fn start_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>, SessionStore)
             ),
         )
         .route(
+            "/gated-get/{key}",
+            get(
+                |session: Session,
+                 Extension(gates): Extension<Arc<Gates>>,
+                 Path(key): Path<String>| async move {
+                    let value = session.get::<String>(&key).await.expect("json");
+                    gates.hold().await;
+                    value.unwrap_or_else(|| "none".to_owned())
+                },
+            ),
+        )
+        .route(
             "/login/{user}",
             post(|session: Session, Path(user): Path<String>| async move {
                 session.cycle_id().await;
@@ -215,6 +227,33 @@ async fn concurrent_request_with_the_old_cookie_does_not_log_out_a_cycled_sessio
         );
         assert_eq!(send(&app, "GET", "/get/user", Some(&new)).await.1, "alice");
     }
+}
+
+/// With persistent cookies every request that reads the session renews the
+/// cookie's `Max-Age`: a read that loaded the session before a concurrent
+/// login cycled its id must not send the old id back.
+#[tokio::test]
+async fn a_concurrent_read_with_the_old_cookie_does_not_log_out_a_cycled_session() {
+    let redis = TestRedis::start().await;
+    let expiry = Expiry {
+        persistent: true,
+        ..Expiry::default()
+    };
+    let (app, gates, _) = start_app(SessionLayer::builder(manager(&redis).await).expiry(expiry));
+    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let old = cookie_pair(&set_cookie.expect("session"));
+    let slow = {
+        let (app, old) = (app.clone(), old.clone());
+        tokio::spawn(async move { send(&app, "GET", "/gated-get/cart", Some(&old)).await })
+    };
+    within("the slow read's load", gates.loaded.notified()).await;
+    let (_, _, login) = send(&app, "POST", "/login/alice", Some(&old)).await;
+    let new = cookie_pair(&login.expect("login cookie"));
+    gates.proceed.notify_one();
+    let (status, body, slow_cookie) = within("the slow read", slow).await.expect("task");
+    assert_eq!((status, body.as_str()), (200, "3"));
+    assert_eq!(slow_cookie, None, "the old id is not sent back");
+    assert_eq!(send(&app, "GET", "/get/user", Some(&new)).await.1, "alice");
 }
 
 #[tokio::test]

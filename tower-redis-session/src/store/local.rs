@@ -13,11 +13,22 @@ use super::{Changes, Record, now_ms};
 const COPY_OVERHEAD: usize = 160;
 /// The bookkeeping of one entry of a local copy.
 const FIELD_OVERHEAD: usize = 48;
+/// How long this instance remembers that a session ended: longer than any
+/// request that loaded it before can still be running.
+const ENDED_FOR: Duration = Duration::from_secs(120);
+/// The bound of that memory (about 10 000 sessions).
+const ENDED_BYTES: u64 = 1024 * 1024;
+/// The bookkeeping of one remembered end.
+const ENDED_OVERHEAD: usize = 64;
 
 pub(crate) struct LocalStore {
     /// Weighed in bytes.
     copies: moka::sync::Cache<String, Arc<Copy>>,
     queue: OutageQueue,
+    /// Sessions this instance recently destroyed, cycled away or saw
+    /// gone, so that a concurrent request that loaded one before does not
+    /// send its old id back in a renewed persistent cookie.
+    ended: moka::sync::Cache<String, ()>,
 }
 
 /// A session as this instance last read or wrote it.
@@ -40,7 +51,26 @@ impl LocalStore {
                 .time_to_idle(idle)
                 .build(),
             queue: OutageQueue::new(queue_bytes),
+            ended: moka::sync::Cache::builder()
+                .max_capacity(ENDED_BYTES)
+                .weigher(|key: &String, ()| {
+                    u32::try_from(key.len() + ENDED_OVERHEAD).unwrap_or(u32::MAX)
+                })
+                .time_to_live(ENDED_FOR)
+                .build(),
         }
+    }
+
+    /// The session ended: its copy goes, and its end is remembered for a
+    /// while.
+    pub(crate) fn end(&self, storage_key: &str) {
+        self.copies.invalidate(storage_key);
+        self.ended.insert(storage_key.to_owned(), ());
+    }
+
+    /// Whether this instance saw the session end recently.
+    pub(crate) fn has_ended(&self, storage_key: &str) -> bool {
+        self.ended.contains_key(storage_key)
     }
 
     /// The local copy, unless it has outlived the absolute timeout.

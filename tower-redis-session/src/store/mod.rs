@@ -199,6 +199,12 @@ impl SessionStore {
         }
     }
 
+    /// Whether this instance saw the session end (destroyed, cycled away,
+    /// revoked) in the last two minutes. No Redis call.
+    pub(crate) fn has_ended(&self, storage_key: &str) -> bool {
+        self.inner.local.has_ended(storage_key)
+    }
+
     fn keys(&self) -> &tower_redis_core::Keyspace {
         self.inner.manager.keys()
     }
@@ -346,7 +352,7 @@ impl SessionStore {
         if served.value == Saved::Written {
             self.inner.local.apply(storage_key, create, changes);
         } else {
-            self.inner.local.remove(storage_key);
+            self.inner.local.end(storage_key);
         }
         served.value
     }
@@ -434,7 +440,7 @@ impl SessionStore {
             }
             self.inner.wake.notify_one();
         }
-        self.inner.local.remove(old_storage_key);
+        self.inner.local.end(old_storage_key);
         if served.value == Saved::Written {
             self.inner
                 .local
@@ -472,7 +478,7 @@ impl SessionStore {
             self.inner.local.queue_delete(storage_key, user);
             self.inner.wake.notify_one();
         }
-        self.inner.local.remove(storage_key);
+        self.inner.local.end(storage_key);
     }
 
     /// The EVALSHA of one save, and the user-index update when the user is set.
@@ -594,7 +600,7 @@ impl SessionStore {
                 .await
                 .map_err(StoreError::Unavailable)?;
             revoked += deleted;
-            self.inner.local.remove(handle);
+            self.inner.local.end(handle);
         }
         self.inner
             .manager
