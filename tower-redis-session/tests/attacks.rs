@@ -479,3 +479,76 @@ async fn an_oversized_session_change_is_a_typed_error_the_handler_sees() {
     assert_eq!(body, "ok");
     assert!(cookie.is_some());
 }
+
+/// Makes Redis refuse writes (out of memory, `noeviction`) while it stays up,
+/// or lifts that.
+async fn refuse_writes(redis: &TestRedis, refuse: bool) {
+    let mut conn = redis.connection().await.expect("connection");
+    for (name, value) in [
+        ("maxmemory-policy", "noeviction"),
+        ("maxmemory", if refuse { "1" } else { "0" }),
+    ] {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("CONFIG SET");
+    }
+}
+
+/// A session created while Redis refused writes waits in the outage queue.
+/// A change to it must wait behind its creation: sent to Redis directly it
+/// finds no session there and would be lost.
+#[tokio::test]
+async fn a_change_to_a_session_whose_creation_is_still_queued_is_not_lost() {
+    let redis = TestRedis::start().await;
+    let (app, _, store) = start_app(SessionLayer::builder(manager(&redis).await));
+    refuse_writes(&redis, true).await;
+    let (_, _, cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let cookie = cookie_pair(&cookie.expect("a session, queued"));
+    let (status, _, set_cookie) = send(&app, "POST", "/set/more/4", Some(&cookie)).await;
+    assert_eq!((status, set_cookie), (200, None));
+    assert_eq!(send(&app, "GET", "/get/more", Some(&cookie)).await.1, "4");
+    // So must a login's id change.
+    let (_, _, login) = send(&app, "POST", "/login/alice", Some(&cookie)).await;
+    let login = cookie_pair(&login.expect("the login's new id"));
+    refuse_writes(&redis, false).await;
+    drained(&store).await;
+    assert_eq!(session_keys(&redis).await.len(), 1);
+    for (key, value) in [("cart", "3"), ("more", "4"), ("user", "alice")] {
+        assert_eq!(
+            send(&app, "GET", &format!("/get/{key}"), Some(&login))
+                .await
+                .1,
+            value
+        );
+    }
+    assert_eq!(
+        send(&app, "GET", "/get/cart", Some(&cookie)).await.1,
+        "none"
+    );
+}
+
+/// A log out of a session whose creation is still queued must not be undone
+/// by the creation's replay.
+#[tokio::test]
+async fn a_logout_of_a_session_whose_creation_is_still_queued_is_not_undone() {
+    let redis = TestRedis::start().await;
+    let (app, _, store) = start_app(SessionLayer::builder(manager(&redis).await));
+    refuse_writes(&redis, true).await;
+    let (_, _, cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let cookie = cookie_pair(&cookie.expect("a session, queued"));
+    send(&app, "POST", "/logout", Some(&cookie)).await;
+    refuse_writes(&redis, false).await;
+    drained(&store).await;
+    assert!(
+        session_keys(&redis).await.is_empty(),
+        "the session was recreated"
+    );
+    assert_eq!(
+        send(&app, "GET", "/get/cart", Some(&cookie)).await.1,
+        "none"
+    );
+}

@@ -129,7 +129,11 @@ impl LocalStore {
         self.queue.push_save(storage_key, create, changes, at_ms)
     }
 
-    /// Whether changes to this session are waiting for Redis.
+    /// Whether changes to this session are waiting for Redis. Then this
+    /// instance's copy is newer than Redis', and the session's next changes
+    /// are queued behind them, in order, even if Redis is back: sent
+    /// directly, a change could find the session not created yet and be
+    /// lost, or a log out be undone by the replay of the creation.
     pub(crate) fn has_pending(&self, storage_key: &str) -> bool {
         self.queue.contains(storage_key)
     }

@@ -326,19 +326,32 @@ impl SessionStore {
     ) -> Saved {
         self.start_reconciler();
         let key = self.session_key(storage_key);
-        let served = self
-            .inner
-            .manager
-            .failover(
-                |mut conn| async move {
-                    let commands =
-                        self.save_commands(&key, storage_key, create, changes, previous_user, None);
-                    commands.run(&mut conn).await
-                },
-                |_| async { Saved::Written },
-            )
-            .await;
-        if served.is_fallback() {
+        let (value, queue) = if self.inner.local.has_pending(storage_key) {
+            // Behind the session's earlier changes: see `has_pending`.
+            (Saved::Written, true)
+        } else {
+            let served = self
+                .inner
+                .manager
+                .failover(
+                    |mut conn| async move {
+                        let commands = self.save_commands(
+                            &key,
+                            storage_key,
+                            create,
+                            changes,
+                            previous_user,
+                            None,
+                        );
+                        commands.run(&mut conn).await
+                    },
+                    |_| async { Saved::Written },
+                )
+                .await;
+            let queue = served.is_fallback();
+            (served.value, queue)
+        };
+        if queue {
             if let Err(full) = self
                 .inner
                 .local
@@ -349,12 +362,12 @@ impl SessionStore {
             }
             self.inner.wake.notify_one();
         }
-        if served.value == Saved::Written {
+        if value == Saved::Written {
             self.inner.local.apply(storage_key, create, changes);
         } else {
             self.inner.local.end(storage_key);
         }
-        served.value
+        value
     }
 
     /// A new id for a session. The old key is taken (read and deleted
@@ -371,52 +384,60 @@ impl SessionStore {
         self.start_reconciler();
         let old_key = self.session_key(old_storage_key);
         let new_key = self.session_key(new_storage_key);
-        let served = self
-            .inner
-            .manager
-            .failover(
-                |mut conn| async move {
-                    let taken: Option<Vec<(String, String)>> = TAKE
-                        .key(&old_key)
-                        .arg(self.absolute_ms())
-                        .invoke_async(&mut conn)
-                        .await?;
-                    let Some(taken) = taken else {
-                        return Ok(Saved::Gone);
-                    };
-                    // What Redis held (with other requests' changes), then ours.
-                    let mut record = record_from_fields(taken);
-                    let previous_user = record.user.clone();
-                    changes.apply_to(&mut record);
-                    let full = Changes {
-                        entries: record
-                            .fields
-                            .iter()
-                            .map(|(k, v)| (k.clone(), Some(v.clone())))
-                            .collect(),
-                        user: record.user.clone(),
-                    };
-                    let mut commands = self.save_commands(
-                        &new_key,
-                        new_storage_key,
-                        Some(record.created_ms),
-                        &full,
-                        previous_user.as_deref(),
-                        None,
-                    );
-                    if let Some(user) = &previous_user {
-                        commands.extras.push(
-                            redis::cmd("SREM")
-                                .arg(self.user_key(user))
-                                .arg(old_storage_key)
-                                .clone(),
+        let pending = self.inner.local.has_pending(old_storage_key);
+        let (value, queue) = if pending {
+            // Behind the session's earlier changes: see `has_pending`.
+            (Saved::Written, true)
+        } else {
+            let served = self
+                .inner
+                .manager
+                .failover(
+                    |mut conn| async move {
+                        let taken: Option<Vec<(String, String)>> = TAKE
+                            .key(&old_key)
+                            .arg(self.absolute_ms())
+                            .invoke_async(&mut conn)
+                            .await?;
+                        let Some(taken) = taken else {
+                            return Ok(Saved::Gone);
+                        };
+                        // What Redis held (with other requests' changes), then ours.
+                        let mut record = record_from_fields(taken);
+                        let previous_user = record.user.clone();
+                        changes.apply_to(&mut record);
+                        let full = Changes {
+                            entries: record
+                                .fields
+                                .iter()
+                                .map(|(k, v)| (k.clone(), Some(v.clone())))
+                                .collect(),
+                            user: record.user.clone(),
+                        };
+                        let mut commands = self.save_commands(
+                            &new_key,
+                            new_storage_key,
+                            Some(record.created_ms),
+                            &full,
+                            previous_user.as_deref(),
+                            None,
                         );
-                    }
-                    commands.run(&mut conn).await
-                },
-                |_| async { Saved::Written },
-            )
-            .await;
+                        if let Some(user) = &previous_user {
+                            commands.extras.push(
+                                redis::cmd("SREM")
+                                    .arg(self.user_key(user))
+                                    .arg(old_storage_key)
+                                    .clone(),
+                            );
+                        }
+                        commands.run(&mut conn).await
+                    },
+                    |_| async { Saved::Written },
+                )
+                .await;
+            let queue = served.is_fallback();
+            (served.value, queue)
+        };
         let full = Changes {
             entries: merged
                 .fields
@@ -425,7 +446,7 @@ impl SessionStore {
                 .collect(),
             user: merged.user.clone(),
         };
-        if served.is_fallback() {
+        if queue {
             if let Err(full) = self.inner.local.queue_cycle(
                 old_storage_key,
                 merged.user.as_deref(),
@@ -441,12 +462,12 @@ impl SessionStore {
             self.inner.wake.notify_one();
         }
         self.inner.local.end(old_storage_key);
-        if served.value == Saved::Written {
+        if value == Saved::Written {
             self.inner
                 .local
                 .apply(new_storage_key, Some(merged.created_ms), &full);
         }
-        served.value
+        value
     }
 
     /// Deletes a session (and its entry in the user index).
@@ -454,27 +475,30 @@ impl SessionStore {
         self.start_reconciler();
         let key = self.session_key(storage_key);
         let user_key = user.map(|u| self.user_key(u));
-        let served = self
-            .inner
-            .manager
-            .failover(
-                |mut conn| async move {
-                    let mut extras = vec![redis::cmd("DEL").arg(&key).clone()];
-                    if let Some(user_key) = &user_key {
-                        extras.push(redis::cmd("SREM").arg(user_key).arg(storage_key).clone());
-                    }
-                    SaveCommands {
-                        script: None,
-                        extras,
-                    }
-                    .run(&mut conn)
-                    .await
-                    .map(|_| ())
-                },
-                |_| async {},
-            )
-            .await;
-        if served.is_fallback() {
+        // Behind the session's earlier changes: see `has_pending`.
+        let queue = self.inner.local.has_pending(storage_key)
+            || self
+                .inner
+                .manager
+                .failover(
+                    |mut conn| async move {
+                        let mut extras = vec![redis::cmd("DEL").arg(&key).clone()];
+                        if let Some(user_key) = &user_key {
+                            extras.push(redis::cmd("SREM").arg(user_key).arg(storage_key).clone());
+                        }
+                        SaveCommands {
+                            script: None,
+                            extras,
+                        }
+                        .run(&mut conn)
+                        .await
+                        .map(|_| ())
+                    },
+                    |_| async {},
+                )
+                .await
+                .is_fallback();
+        if queue {
             self.inner.local.queue_delete(storage_key, user);
             self.inner.wake.notify_one();
         }
