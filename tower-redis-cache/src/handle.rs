@@ -340,14 +340,9 @@ impl CacheHandle {
                 "give an absolute URL (`https://host/path`) or a path starting with `/`",
             ));
         }
-        // Normalise the query as keys are, with a placeholder host.
-        let mut placeholder = parts;
-        placeholder
-            .headers
-            .insert(header::HOST, http::HeaderValue::from_static("h"));
-        let key_url =
-            key::url_of(&placeholder, &[], route).ok_or_else(|| invalid("not a usable path"))?;
-        Ok(Target::Path(key::path_of(&key_url).to_owned()))
+        // Normalised as keys are: the purge and the index agree.
+        let path = key::path_target(&parts, route).ok_or_else(|| invalid("not a usable path"))?;
+        Ok(Target::Path(path))
     }
 }
 

@@ -126,11 +126,15 @@ mod layer;
 mod policy;
 #[cfg(test)]
 mod proptests;
+mod request;
+mod revalidation;
 mod service;
 mod store;
+mod tee;
 
 pub use body::CacheBody;
 pub use handle::{CacheHandle, EntryInfo, InvalidUrl, Purged, Stats, Warmed};
 pub use layer::{CacheLayer, CacheLayerBuilder, ConfigError, DEFAULT_UNKEYED_HEADERS};
 pub use policy::Route;
+pub use request::RequestCacheControl;
 pub use service::{Cache, ResponseFuture};

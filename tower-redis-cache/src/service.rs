@@ -13,15 +13,18 @@ use http_body_util::BodyExt;
 use tower_service::Service;
 use tracing::Instrument;
 
-use crate::body::{CacheBody, Recorder};
-use crate::coalesce::{self, FlightGuard, Joined};
-use crate::directives::{self, RequestDirectives};
+use crate::body::CacheBody;
+use crate::coalesce::{self, FlightGuard, Joined, Outcome};
+use crate::directives::RequestDirectives;
 use crate::entry::Entry;
-use crate::freshness::{self, Usability};
+use crate::freshness::{self, NotStored, Usability};
 use crate::key;
 use crate::layer::Config;
 use crate::policy::Route;
+use crate::request;
+use crate::revalidation;
 use crate::store::{LockAttempt, LockPurpose, LockToken, Lookup, Put, Tier};
+use crate::tee;
 
 /// The `Cache-Status` field (RFC 9211).
 pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -63,8 +66,9 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Send + 'static,
-    ReqBody: Send + 'static,
+    ReqBody: Body + Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     type Response = Response<CacheBody<ResBody>>;
     type Error = S::Error;
@@ -98,8 +102,9 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send,
     S::Error: Send + 'static,
-    ReqBody: Send + 'static,
+    ReqBody: Body + Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     let method = request.method().clone();
     // The miss, revalidation and invalidation paths are boxed: inlined,
@@ -110,7 +115,8 @@ where
     }
     let cacheable_request = (method == Method::GET || method == Method::HEAD)
         && !is_grpc(request.headers())
-        && !request.headers().contains_key(header::RANGE);
+        && !request.headers().contains_key(header::RANGE)
+        && !request::carries_body(&request);
     let route = config.route_for(request.uri().path());
     // The request's head is copied once, and only for requests the cache handles.
     let keyed = (cacheable_request && route.enabled)
@@ -127,7 +133,7 @@ where
         url_hash: key::hash_url(&url),
         url,
         extra: key::extra_key(&parts, route),
-        directives: directives::request(&parts.headers),
+        directives: request::directives(&parts.headers, config.request_cache_control),
         parts,
     };
     let (lookup, tier) = config
@@ -144,11 +150,7 @@ where
         return Ok(gateway_timeout(tier));
     }
     let status = CacheStatus::forward(forward_reason, tier);
-    let Some(max_wait) = config
-        .coalesce
-        .filter(|_| keyed.parts.method == Method::GET)
-        .filter(|_| !config.uncacheable.contains_key(&keyed.flight_key()))
-    else {
+    let Some(max_wait) = coalescing(&config, &keyed) else {
         return Box::pin(forward_and_store(
             &config,
             inner,
@@ -165,21 +167,31 @@ where
     .await
 }
 
+/// How long requests may wait for a fill or a revalidation another request
+/// makes for them, when they may be coalesced at all: GET only, and not on
+/// a URL whose last coalesced answer was not storable.
+pub(crate) fn coalescing(config: &Config, keyed: &Keyed) -> Option<Duration> {
+    config
+        .coalesce
+        .filter(|_| keyed.parts.method == Method::GET)
+        .filter(|_| !config.uncacheable.contains_key(&keyed.flight_key()))
+}
+
 /// A request the cache handles: its head (as the client sent it), where its
 /// entries live and what it asks of the cache.
-struct Keyed {
-    parts: Parts,
+pub(crate) struct Keyed {
+    pub(crate) parts: Parts,
     /// `//host/path?query`.
-    url: String,
-    url_hash: String,
-    extra: String,
-    directives: RequestDirectives,
+    pub(crate) url: String,
+    pub(crate) url_hash: String,
+    pub(crate) extra: String,
+    pub(crate) directives: RequestDirectives,
 }
 
 impl Keyed {
     /// The key requests are coalesced on: the URL and the route's extra
     /// key parts (the `Vary` of the response is not known yet).
-    fn flight_key(&self) -> String {
+    pub(crate) fn flight_key(&self) -> String {
         if self.extra.is_empty() {
             self.url_hash.clone()
         } else {
@@ -191,17 +203,26 @@ impl Keyed {
 /// What a request that fills an entry holds: its in-process flight (the
 /// followers waiting for it) and the Redis fill lock, both released once
 /// the entry is stored or given up.
-struct Fill {
-    guard: Option<FlightGuard>,
-    lock: Option<LockToken>,
+pub(crate) struct Fill {
+    pub(crate) guard: Option<FlightGuard>,
+    pub(crate) lock: Option<LockToken>,
 }
 
 impl Fill {
-    fn none() -> Self {
+    pub(crate) fn none() -> Self {
         Self {
             guard: None,
             lock: None,
         }
+    }
+
+    /// Gives up because the origin failed (an error, or `status`): the
+    /// in-process followers hear so at once, then the lock is released.
+    fn fail(mut self, config: &Arc<Config>, url_hash: &str, status: Option<StatusCode>) {
+        if let Some(guard) = self.guard.take() {
+            guard.fail(status);
+        }
+        self.release(config, url_hash);
     }
 
     /// Gives up without an entry: releases the lock (waking the other
@@ -237,6 +258,7 @@ where
     S::Error: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     let now_ms = freshness::epoch_ms(SystemTime::now());
     let age = entry.age(now_ms);
@@ -285,17 +307,37 @@ where
                 && windows.if_error > 0
                 && stale_by <= windows.if_error;
             let status = CacheStatus::forward(reason, tier);
-            Box::pin(revalidate(
-                &config,
-                inner,
-                request,
-                entry,
-                &keyed,
-                status,
-                stale_if_error,
-                Fill::none(),
-            ))
-            .await
+            match coalescing(&config, &keyed) {
+                Some(max_wait) => {
+                    let revalidation = revalidation::Revalidation {
+                        entry,
+                        status,
+                        stale_if_error,
+                        max_wait,
+                    };
+                    Box::pin(revalidation::coalesced(
+                        &config,
+                        inner,
+                        request,
+                        &keyed,
+                        revalidation,
+                    ))
+                    .await
+                }
+                None => {
+                    Box::pin(revalidate(
+                        &config,
+                        inner,
+                        request,
+                        entry,
+                        &keyed,
+                        status,
+                        stale_if_error,
+                        Fill::none(),
+                    ))
+                    .await
+                }
+            }
         }
     }
 }
@@ -316,6 +358,7 @@ fn refresh_in_background<S, ReqBody, ResBody>(
     S::Error: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     let Joined::Leader(guard) = config.flights.join(&format!("r:{}", keyed.flight_key())) else {
         return;
@@ -357,6 +400,8 @@ fn refresh_in_background<S, ReqBody, ResBody>(
 /// A miss with coalescing: one request per instance leads (the others
 /// follow it in process); among the instances' leaders, the one that takes
 /// the Redis fill lock goes to the origin and the others wait for its entry.
+/// A request whose own answer could not be stored never leads: it follows
+/// a flight under way, or goes to the origin on its own.
 async fn coalesced_miss<S, ReqBody, ResBody>(
     config: &Arc<Config>,
     inner: S,
@@ -371,13 +416,23 @@ where
     S::Error: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     let store = &config.store;
     let deadline = tokio::time::Instant::now() + max_wait;
-    let guard = match config.flights.join(&keyed.flight_key()) {
-        Joined::Follower(flight) => {
+    let flight_key = keyed.flight_key();
+    let joined = if request::refuses_storage(config, &keyed.parts, &keyed.directives) {
+        config.flights.follow(&flight_key).map(Joined::Follower)
+    } else {
+        Some(config.flights.join(&flight_key))
+    };
+    let guard = match joined {
+        None => {
+            return forward_and_store(config, inner, request, keyed, status, Fill::none()).await;
+        }
+        Some(Joined::Follower(flight)) => {
             let shared = tokio::time::timeout_at(deadline, coalesce::wait(flight)).await;
-            if let Ok(Some(entry)) = shared {
+            if let Ok(Outcome::Done(Some(entry))) = shared {
                 return Ok(serve_coalesced(config, &entry, keyed, Tier::Redis));
             }
             // The leader stored nothing this request can use (or took too
@@ -390,7 +445,7 @@ where
             }
             return forward_and_store(config, inner, request, keyed, status, Fill::none()).await;
         }
-        Joined::Leader(guard) => guard,
+        Some(Joined::Leader(guard)) => guard,
     };
     let mut poll = Duration::from_millis(10);
     loop {
@@ -436,7 +491,7 @@ where
 }
 
 /// An entry another request just fetched.
-fn serve_coalesced<B>(
+pub(crate) fn serve_coalesced<B: Body>(
     config: &Config,
     entry: &Entry,
     keyed: &Keyed,
@@ -453,7 +508,7 @@ fn serve_coalesced<B>(
     serve(entry, &keyed.parts, entry.age(now_ms), status)
 }
 
-async fn forward_and_store<S, ReqBody, ResBody>(
+pub(crate) async fn forward_and_store<S, ReqBody, ResBody>(
     config: &Arc<Config>,
     mut inner: S,
     request: Request<ReqBody>,
@@ -464,6 +519,7 @@ async fn forward_and_store<S, ReqBody, ResBody>(
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     let request_time = SystemTime::now();
     let response = match inner.call(request).await {
@@ -488,7 +544,7 @@ where
 /// With `stale_if_error`, an origin error, a 500/502/503/504 or no answer
 /// within the origin timeout serves the stale entry instead (RFC 5861).
 #[allow(clippy::too_many_arguments)]
-async fn revalidate<S, ReqBody, ResBody>(
+pub(crate) async fn revalidate<S, ReqBody, ResBody>(
     config: &Arc<Config>,
     mut inner: S,
     mut request: Request<ReqBody>,
@@ -501,6 +557,7 @@ async fn revalidate<S, ReqBody, ResBody>(
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     // The client's own conditionals are answered here, from the result.
     let client_parts = &keyed.parts;
@@ -532,23 +589,19 @@ where
         Some(Ok(_)) => None,
     };
     if let (true, Some(fwd_status)) = (stale_if_error, failed) {
-        fill.release(config, &keyed.url_hash);
-        let now_ms = freshness::epoch_ms(SystemTime::now());
-        let mut stale = CacheStatus::hit(entry.ttl(now_ms), status.tier);
-        stale.fwd = Some("stale");
-        stale.fwd_status = fwd_status;
-        stale.details.push("stale-if-error");
-        config
-            .store
-            .counters
-            .stale_hits
-            .fetch_add(1, Ordering::Relaxed);
-        return Ok(serve(&entry, client_parts, entry.age(now_ms), stale));
+        fill.fail(config, &keyed.url_hash, fwd_status);
+        return Ok(serve_stale_if_error(
+            config,
+            &entry,
+            client_parts,
+            status.tier,
+            fwd_status,
+        ));
     }
     let response = match answer {
         Some(Ok(response)) => response,
         Some(Err(error)) => {
-            fill.release(config, &keyed.url_hash);
+            fill.fail(config, &keyed.url_hash, None);
             return Err(error);
         }
         // Unreachable: a timeout only applies with stale_if_error.
@@ -588,7 +641,7 @@ where
     }
     let as_stored = response_parts(refreshed.status, refreshed.headers.clone());
     let mut status = status.with_fwd_status(StatusCode::NOT_MODIFIED);
-    let unkeyed = carries_unkeyed_header(config, client_parts);
+    let unkeyed = request::carries_unkeyed_header(config, client_parts);
     let storable = freshness::storable(
         client_parts,
         &keyed.directives,
@@ -626,6 +679,28 @@ where
     Ok(serve(&refreshed, client_parts, age, status))
 }
 
+/// A stale entry served because the origin failed (an error, or
+/// `fwd_status`), as RFC 5861's `stale-if-error` allows.
+pub(crate) fn serve_stale_if_error<B: Body>(
+    config: &Config,
+    entry: &Entry,
+    request: &Parts,
+    tier: Tier,
+    fwd_status: Option<StatusCode>,
+) -> Response<CacheBody<B>> {
+    let now_ms = freshness::epoch_ms(SystemTime::now());
+    let mut stale = CacheStatus::hit(entry.ttl(now_ms), tier);
+    stale.fwd = Some("stale");
+    stale.fwd_status = fwd_status;
+    stale.details.push("stale-if-error");
+    config
+        .store
+        .counters
+        .stale_hits
+        .fetch_add(1, Ordering::Relaxed);
+    serve(entry, request, entry.age(now_ms), stale)
+}
+
 fn is_server_failure(status: StatusCode) -> bool {
     matches!(status.as_u16(), 500 | 502 | 503 | 504)
 }
@@ -643,7 +718,7 @@ fn keep_for(config: &Config, route: &Route, entry: &Entry, lifetime: u64) -> Dur
 }
 
 /// A response the cache does not handle: only its tag headers are removed.
-fn passthrough<B>(config: &Config, response: Response<B>) -> Response<CacheBody<B>> {
+fn passthrough<B: Body>(config: &Config, response: Response<B>) -> Response<CacheBody<B>> {
     let (mut parts, body) = response.into_parts();
     if config.strip_tag_headers {
         for name in &config.tag_headers {
@@ -722,35 +797,46 @@ fn store_if_allowed<ResBody>(
 ) -> Response<CacheBody<ResBody>>
 where
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     let response_time = SystemTime::now();
     let (mut parts, body) = response.into_parts();
     let request = &keyed.parts;
     let route = config.route_for(request.uri.path());
     let tags = take_tags(config, route, request, &mut parts);
-    let storable = (request.method == Method::GET && !carries_unkeyed_header(config, request))
-        .then(|| {
-            freshness::storable(
-                request,
-                &keyed.directives,
-                &parts,
-                &config.rules,
-                route,
-                response_time,
-            )
-            .ok()
-        })
-        .flatten()
-        .filter(|_| body.size_hint().lower() <= config.max_body_bytes as u64);
-    let Some(storable) = storable else {
-        if fill.guard.is_some() || fill.lock.is_some() {
-            // Nothing will be stored for the requests coalesced on this
-            // URL: let the next misses pass instead of waiting in turn.
-            config.uncacheable.insert(keyed.flight_key(), ());
+    // Refused because of the request itself (its method, `no-store`, an
+    // unkeyed header, `Authorization`), or because of the response.
+    let storable = if request::refuses_storage(config, request, &keyed.directives) {
+        Err(false)
+    } else {
+        match freshness::storable(
+            request,
+            &keyed.directives,
+            &parts,
+            &config.rules,
+            route,
+            response_time,
+        ) {
+            Ok(_) if body.size_hint().lower() > config.max_body_bytes as u64 => Err(true),
+            Ok(storable) => Ok(storable),
+            Err(NotStored::Method | NotStored::Authorization) => Err(false),
+            Err(_) => Err(true),
         }
-        fill.release(config, &keyed.url_hash);
-        add_cache_status(&mut parts.headers, &status);
-        return Response::from_parts(parts, CacheBody::passthrough(body));
+    };
+    let storable = match storable {
+        Ok(storable) => storable,
+        Err(because_of_the_response) => {
+            if because_of_the_response && (fill.guard.is_some() || fill.lock.is_some()) {
+                // Nothing will be stored for the requests coalesced on this
+                // URL: let the next misses pass instead of waiting in turn.
+                // A refusal due to this request alone says nothing of the
+                // URL: the next request may well be stored.
+                config.uncacheable.insert(keyed.flight_key(), ());
+            }
+            fill.release(config, &keyed.url_hash);
+            add_cache_status(&mut parts.headers, &status);
+            return Response::from_parts(parts, CacheBody::passthrough(body));
+        }
     };
     status.stored = true;
     let mut headers = parts.headers.clone();
@@ -759,7 +845,6 @@ where
     }
     set_stored_tags(&mut headers, &tags);
     let vary = key::vary_names(&headers).unwrap_or_default();
-    let (recorder, done) = Recorder::new(config.max_body_bytes);
     let template = Entry {
         status: parts.status,
         headers,
@@ -777,46 +862,62 @@ where
         entry: template,
         tags,
     };
-    let generate_etags = config.generate_etags;
+    add_cache_status(&mut parts.headers, &status);
+    // The body is read at the origin's pace by a task of its own, so the
+    // entry is stored (and the coalesced requests woken, and `flush()`
+    // done) once the origin has sent it, however slowly the client reads.
+    let (body, read) = if body.is_end_stream() {
+        (CacheBody::passthrough(body), None)
+    } else {
+        let (reader, writer) = tee::tee(body);
+        (CacheBody::teed(reader), Some(writer))
+    };
+    let max_body_bytes = config.max_body_bytes;
     let config = Arc::clone(config);
     let in_flight = config.store.start_store();
-    // Stored once the body has been sent in full; a client that goes away
-    // mid-body drops the recorder and nothing is stored.
     tokio::spawn(
         async move {
             let _in_flight = in_flight;
-            let Ok(body) = done.await else {
-                fill.release(&config, &put.url_hash);
-                return;
+            let body = match read {
+                None => Some(Bytes::new()),
+                Some(writer) => writer.read_ahead(max_body_bytes).await,
             };
-            let mut put = put;
-            // A body that ended short of its declared length is not an entry.
-            let declared = put
-                .entry
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<usize>().ok());
-            if declared.is_some_and(|len| len != body.len()) {
-                fill.release(&config, &put.url_hash);
-                return;
-            }
-            put.entry.body = body;
-            if generate_etags && !put.entry.headers.contains_key(header::ETAG) {
-                put.entry
-                    .headers
-                    .insert(header::ETAG, strong_etag(&put.entry.body));
-            }
-            let shared = put.vary.is_empty().then(|| Arc::new(put.entry.clone()));
-            config.store.put(put, fill.lock).await;
-            if let Some(guard) = fill.guard {
-                guard.complete(shared);
+            match body {
+                Some(body) => store_entry(&config, put, body, fill).await,
+                // Too big, failed, with trailers, or its client went away.
+                None => fill.release(&config, &put.url_hash),
             }
         }
         .in_current_span(),
     );
-    add_cache_status(&mut parts.headers, &status);
-    Response::from_parts(parts, CacheBody::recording(body, recorder))
+    Response::from_parts(parts, body)
+}
+
+/// Stores an entry whose body has been read in full, then wakes the
+/// requests coalesced on it.
+async fn store_entry(config: &Arc<Config>, mut put: Put, body: Bytes, fill: Fill) {
+    // A body that ended short of (or past) its declared length is not an entry.
+    let declared = put
+        .entry
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len != body.len()) {
+        fill.release(config, &put.url_hash);
+        return;
+    }
+    put.entry.body = body;
+    if config.generate_etags && !put.entry.headers.contains_key(header::ETAG) {
+        put.entry
+            .headers
+            .insert(header::ETAG, strong_etag(&put.entry.body));
+    }
+    let shared = put.vary.is_empty().then(|| Arc::new(put.entry.clone()));
+    config.store.put(put, fill.lock).await;
+    if let Some(guard) = fill.guard {
+        guard.complete(shared);
+    }
 }
 
 fn strong_etag(body: &Bytes) -> HeaderValue {
@@ -834,6 +935,7 @@ async fn invalidating<S, ReqBody, ResBody>(
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body,
 {
     let (parts, ()) = head_only(&request);
     let response = inner.call(request).await?;
@@ -860,7 +962,7 @@ where
 }
 
 /// A response from an entry: 304 when the client's validators match.
-fn serve<B>(
+pub(crate) fn serve<B: Body>(
     entry: &Entry,
     request: &Parts,
     age: u64,
@@ -923,7 +1025,7 @@ fn not_modified(request: &Parts, stored: &HeaderMap) -> bool {
 }
 
 /// `only-if-cached` with nothing usable: 504, and nothing was forwarded.
-fn gateway_timeout<B>(tier: Tier) -> Response<CacheBody<B>> {
+fn gateway_timeout<B: Body>(tier: Tier) -> Response<CacheBody<B>> {
     let mut response = Response::new(CacheBody::empty());
     *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
     let mut status = CacheStatus::new(tier);
@@ -941,7 +1043,7 @@ pub(crate) struct CacheStatus {
     fwd: Option<&'static str>,
     fwd_status: Option<StatusCode>,
     stored: bool,
-    tier: Tier,
+    pub(crate) tier: Tier,
     /// `detail` tokens: why it was served as it was.
     details: Vec<&'static str>,
 }
@@ -1040,16 +1142,6 @@ fn record(status: &CacheStatus) {
 #[cfg(not(feature = "metrics"))]
 fn record(status: &CacheStatus) {
     tracing::trace!(target: "tower_redis_cache", cache_status = %status.render(), "answered");
-}
-
-/// RFC 9111 §4.4: unsafe methods, including those whose safety is unknown.
-/// Whether the request carries a header that can change the origin's answer
-/// without being part of the key: its response must not be stored.
-fn carries_unkeyed_header(config: &Config, request: &Parts) -> bool {
-    config
-        .unkeyed_headers
-        .iter()
-        .any(|h| request.headers.contains_key(h))
 }
 
 /// RFC 9111 §4.4: unsafe methods, including those whose safety is unknown.
