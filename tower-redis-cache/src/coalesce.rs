@@ -103,10 +103,7 @@ impl std::fmt::Debug for FlightGuard {
 
 /// Waits for the flight's outcome (never `Pending`).
 pub(crate) async fn wait(mut receiver: watch::Receiver<Outcome>) -> Outcome {
-    match receiver
-        .wait_for(|o| !matches!(o, Outcome::Pending))
-        .await
-    {
+    match receiver.wait_for(|o| !matches!(o, Outcome::Pending)).await {
         Ok(outcome) => outcome.clone(),
         Err(_) => Outcome::Done(None),
     }

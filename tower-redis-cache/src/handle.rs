@@ -295,7 +295,8 @@ impl CacheHandle {
                         .filter_map(|v| v.to_str().ok())
                         .find(|v| v.starts_with("tower-redis"))
                         .map(str::to_owned);
-                    // The entry is stored once the body has been read.
+                    // Read to its end: a body dropped early is a client
+                    // that left, and nothing would be stored.
                     let _ = response.into_body().collect().await;
                     Warmed {
                         url,

@@ -114,9 +114,10 @@ impl CacheLayer {
 }
 
 impl CacheLayer {
-    /// Waits until the responses already sent have been stored (or their
-    /// storing given up). Stores run after a body has gone out in full; call
-    /// this before shutting down so that none is lost.
+    /// Waits until the responses already answered have been stored (or
+    /// their storing given up). A store waits for the origin to send the
+    /// whole body, never for the client to read it; call this before
+    /// shutting down so that none is lost.
     pub async fn flush(&self) {
         self.config.store.flushed().await;
     }

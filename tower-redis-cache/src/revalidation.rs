@@ -27,9 +27,7 @@ use crate::entry::Entry;
 use crate::key;
 use crate::layer::Config;
 use crate::request;
-use crate::service::{
-    CacheStatus, Fill, Keyed, revalidate, serve_coalesced, serve_stale_if_error,
-};
+use crate::service::{CacheStatus, Fill, Keyed, revalidate, serve_coalesced, serve_stale_if_error};
 use crate::store::{LockAttempt, LockPurpose, Lookup, Tier};
 
 /// A revalidation to make, or to wait for.

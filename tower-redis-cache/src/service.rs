@@ -389,7 +389,8 @@ fn refresh_in_background<S, ReqBody, ResBody>(
             let refreshed =
                 revalidate(&config, inner, request, entry, &keyed, status, false, fill).await;
             if let Ok(response) = refreshed {
-                // The copy is stored once the body has been read in full.
+                // Read to its end: a body dropped early is a client that
+                // left, and nothing would be stored.
                 let _ = response.into_body().collect().await;
             }
         }

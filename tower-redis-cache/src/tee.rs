@@ -206,7 +206,7 @@ where
     pub(crate) fn size_hint(&self) -> SizeHint {
         match &self.rest {
             Some(rest) => rest.size_hint(),
-            None => self.hint.clone(),
+            None => self.hint,
         }
     }
 }

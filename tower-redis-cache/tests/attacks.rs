@@ -136,12 +136,14 @@ fn routes(origin: Origin) -> Router {
                 cacheable(format!("v{n}"))
             }),
         )
-        .fallback(|State(o): State<Origin>, request: Request<Body>| async move {
-            let target = request.uri().to_string();
-            o.count(&target);
-            o.delay().await;
-            cacheable(format!("page {target}"))
-        })
+        .fallback(
+            |State(o): State<Origin>, request: Request<Body>| async move {
+                let target = request.uri().to_string();
+                o.count(&target);
+                o.delay().await;
+                cacheable(format!("page {target}"))
+            },
+        )
         .with_state(origin)
 }
 
@@ -233,7 +235,10 @@ async fn cache_poisoning_via_an_absolute_uri_whose_authority_disagrees_with_host
             .unwrap()
     };
     let attacker = call(&f.app, attack()).await;
-    assert!(attacker.body.contains("evil.example"), "the origin reflects Host");
+    assert!(
+        attacker.body.contains("evil.example"),
+        "the origin reflects Host"
+    );
     assert!(
         !attacker.cache_status().contains("stored"),
         "{}",
@@ -248,13 +253,22 @@ async fn cache_poisoning_via_an_absolute_uri_whose_authority_disagrees_with_host
         victim.cache_status()
     );
     settle(&f.layer).await;
-    assert!(get(&f.app, "/reflect-host", &[]).await.cache_status().contains("hit"));
+    assert!(
+        get(&f.app, "/reflect-host", &[])
+            .await
+            .cache_status()
+            .contains("hit")
+    );
     // Such a request is never answered from the cache either: it goes to
     // the origin, which sees the same disagreement the cache saw.
     let calls = f.origin.calls("/reflect-host");
     let again = call(&f.app, attack()).await;
     assert!(again.body.contains("evil.example"), "{}", again.body);
-    assert!(!again.cache_status().contains("hit"), "{}", again.cache_status());
+    assert!(
+        !again.cache_status().contains("hit"),
+        "{}",
+        again.cache_status()
+    );
     assert_eq!(f.origin.calls("/reflect-host"), calls + 1);
     // Agreeing absolute-form requests (and case differences) are cached.
     let agreeing = Request::get("http://shop.example/reflect-host")
@@ -315,7 +329,12 @@ async fn cache_poisoning_via_a_get_with_a_body() {
         victim.cache_status()
     );
     settle(&f.layer).await;
-    assert!(get(&f.app, "/echo-body", &[]).await.cache_status().contains("hit"));
+    assert!(
+        get(&f.app, "/echo-body", &[])
+            .await
+            .cache_status()
+            .contains("hit")
+    );
     // With a clean entry stored, requests with a body are still not
     // answered from it: chunked, HTTP/2 without a length, HEAD.
     let calls = f.origin.calls("/echo-body");
@@ -338,7 +357,11 @@ async fn cache_poisoning_via_a_get_with_a_body() {
         fat_get("HEAD", Body::from("z"), &[("content-length", "1")]),
     )
     .await;
-    assert!(!head.cache_status().contains("hit"), "{}", head.cache_status());
+    assert!(
+        !head.cache_status().contains("hit"),
+        "{}",
+        head.cache_status()
+    );
     assert_eq!(f.origin.calls("/echo-body"), calls + 3);
     // A bodiless HTTP/2 GET and a `Content-Length: 0` GET are still hits.
     let mut empty_h2 = fat_get("GET", Body::empty(), &[]);
@@ -356,7 +379,12 @@ async fn a_url_whose_query_holds_a_slash_survives_a_purge_of_that_url() {
     let target = "/search?q=a/b";
     get(&f.app, target, &[]).await;
     settle(&f.layer).await;
-    assert!(get(&f.app, target, &[]).await.cache_status().contains("hit"));
+    assert!(
+        get(&f.app, target, &[])
+            .await
+            .cache_status()
+            .contains("hit")
+    );
     let purged = f.layer.handle().purge_url(target).await.unwrap();
     assert_eq!(purged.urls, 1, "{purged:?}");
     let after = get(&f.app, target, &[]).await;
@@ -502,7 +530,11 @@ async fn a_slow_reader_holds_coalesced_followers_and_flush_hostage() {
         .await
         .expect("the slow reader never finished")
         .unwrap();
-    assert_eq!(read, SLOW_BODY.as_bytes(), "the slow reader gets the whole body");
+    assert_eq!(
+        read,
+        SLOW_BODY.as_bytes(),
+        "the slow reader gets the whole body"
+    );
 }
 
 /// Item 9, the other side: a client that goes away before the origin has
@@ -589,7 +621,9 @@ async fn node_connection(url: &str) -> redis::aio::MultiplexedConnection {
 async fn a_cluster_update_announcement_can_overtake_its_write() {
     let cluster = TestCluster::start().await;
     let config: RedisConfigBuilder = cluster.config().command_timeout(Duration::from_secs(3));
-    let manager = RedisManager::connect(config.build().unwrap()).await.unwrap();
+    let manager = RedisManager::connect(config.build().unwrap())
+        .await
+        .unwrap();
     let origin = Origin::default();
     let layer = CacheLayer::builder(manager.clone())
         .coalesce(None)
@@ -654,7 +688,10 @@ async fn a_cluster_update_announcement_can_overtake_its_write() {
             .query_async(&mut entry_node)
             .await
             .unwrap();
-        assert!(stored, "the announcement for {key} arrived before its write");
+        assert!(
+            stored,
+            "the announcement for {key} arrived before its write"
+        );
         settle(&layer).await;
         // A purge's announcement, too, comes after the delete.
         let _: () = redis::cmd("CLIENT")
@@ -841,13 +878,19 @@ async fn a_request_with_an_unkeyed_header_turns_off_coalescing_for_everyone() {
         "{statuses:?}"
     );
     settle(&f.layer).await;
-    assert!(get(&f.app, "/slow", &[]).await.cache_status().contains("hit"));
+    assert!(
+        get(&f.app, "/slow", &[])
+            .await
+            .cache_status()
+            .contains("hit")
+    );
 
     // At the same time: the others do not wait for the attacker's answer.
     let app = f.app.clone();
-    let attacker = tokio::spawn(async move {
-        get(&app, "/other", &[("x-forwarded-host", "evil.example")]).await
-    });
+    let attacker =
+        tokio::spawn(
+            async move { get(&app, "/other", &[("x-forwarded-host", "evil.example")]).await },
+        );
     tokio::time::sleep(Duration::from_millis(20)).await;
     let answers = concurrent(&f.app, 10, "/other", &[]).await;
     let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();

@@ -810,7 +810,9 @@ mod tests {
             ("//shop.example/behind", now, now - 60_000),
         ] {
             store.put(put(url, stored_at), None).await;
-            let purged = store.purge(&Target::Url(url.to_owned()), Some(purged_at)).await;
+            let purged = store
+                .purge(&Target::Url(url.to_owned()), Some(purged_at))
+                .await;
             assert_eq!(purged.urls, 1);
             let (found, tier) = store
                 .lookup(&key::hash_url(url), &HeaderMap::new(), "")
@@ -820,7 +822,10 @@ mod tests {
                 panic!("{url}: a soft purge keeps the entry, stale: {found:?}");
             };
             let ttl = entry.ttl(freshness::epoch_ms(SystemTime::now()));
-            assert!(ttl <= 0, "{url}: still fresh for {ttl} s after a soft purge");
+            assert!(
+                ttl <= 0,
+                "{url}: still fresh for {ttl} s after a soft purge"
+            );
         }
     }
 }
