@@ -84,6 +84,17 @@ pub(crate) fn refuses_storage(
     request.method != Method::GET || directives.no_store || carries_unkeyed_header(config, request)
 }
 
+/// Whether the request may lead a coalesced fill or revalidation, which
+/// the others then wait for: not when its own answer cannot be stored
+/// ([`refuses_storage`]), nor with `Authorization` (RFC 9111 §3.5 stores
+/// such an answer only when the origin marks it `public`, `s-maxage` or
+/// `must-revalidate`, so on most URLs the others would wait for nothing).
+/// It still follows a flight another request leads.
+pub(crate) fn may_lead(config: &Config, request: &Parts, directives: &RequestDirectives) -> bool {
+    !refuses_storage(config, request, directives)
+        && !request.headers.contains_key(header::AUTHORIZATION)
+}
+
 /// Whether the request carries a header that can change the origin's answer
 /// without being part of the key: its response must not be stored.
 pub(crate) fn carries_unkeyed_header(config: &Config, request: &Parts) -> bool {

@@ -65,7 +65,7 @@ where
     let deadline = Instant::now() + max_wait;
     let found_at = entry.response_time_ms;
     let flight_key = format!("v:{}", keyed.flight_key());
-    let joined = if request::refuses_storage(config, &keyed.parts, &keyed.directives) {
+    let joined = if !request::may_lead(config, &keyed.parts, &keyed.directives) {
         config.flights.follow(&flight_key).map(Joined::Follower)
     } else {
         Some(config.flights.join(&flight_key))

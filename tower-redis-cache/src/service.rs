@@ -401,8 +401,9 @@ fn refresh_in_background<S, ReqBody, ResBody>(
 /// A miss with coalescing: one request per instance leads (the others
 /// follow it in process); among the instances' leaders, the one that takes
 /// the Redis fill lock goes to the origin and the others wait for its entry.
-/// A request whose own answer could not be stored never leads: it follows
-/// a flight under way, or goes to the origin on its own.
+/// A request whose own answer could not be stored (or, with
+/// `Authorization`, seldom can) never leads: it follows a flight under
+/// way, or goes to the origin on its own.
 async fn coalesced_miss<S, ReqBody, ResBody>(
     config: &Arc<Config>,
     inner: S,
@@ -422,7 +423,7 @@ where
     let store = &config.store;
     let deadline = tokio::time::Instant::now() + max_wait;
     let flight_key = keyed.flight_key();
-    let joined = if request::refuses_storage(config, &keyed.parts, &keyed.directives) {
+    let joined = if !request::may_lead(config, &keyed.parts, &keyed.directives) {
         config.flights.follow(&flight_key).map(Joined::Follower)
     } else {
         Some(config.flights.join(&flight_key))

@@ -953,3 +953,56 @@ async fn origin_flood_via_concurrent_requests_while_the_origin_fails() {
     }
     assert_eq!(calls.load(Ordering::SeqCst), 2, "{statuses:?}");
 }
+
+/// Item 16, the other side: a refusal because of the request no longer
+/// switches coalescing off for the URL, so requests whose answers are
+/// refused because of themselves (here `Authorization` with an answer not
+/// marked shareable) must not lead fills either, or every concurrent one
+/// would wait for a leader whose answer cannot be shared.
+#[tokio::test]
+async fn authorised_requests_do_not_queue_behind_each_other() {
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().unwrap())
+        .await
+        .unwrap();
+    let layer = CacheLayer::builder(manager).build().unwrap();
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let most = Arc::new(AtomicU64::new(0));
+    let calls = Arc::new(AtomicU64::new(0));
+    let (now, peak, counted) = (
+        Arc::clone(&in_flight),
+        Arc::clone(&most),
+        Arc::clone(&calls),
+    );
+    let app = Router::new()
+        .route(
+            "/api",
+            routing::get(move || {
+                let (now, peak, counted) =
+                    (Arc::clone(&now), Arc::clone(&peak), Arc::clone(&counted));
+                async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let current = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(current, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    // Shared-cacheable, but not for an authorised request.
+                    cacheable("for you")
+                }
+            }),
+        )
+        .layer(layer.clone());
+    let token = [("authorization", "Bearer t")];
+    assert!(
+        !get(&app, "/api", &token)
+            .await
+            .cache_status()
+            .contains("stored")
+    );
+    settle(&layer).await;
+    most.store(0, Ordering::SeqCst);
+    let answers = concurrent(&app, 10, "/api", &token).await;
+    let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
+    assert_eq!(calls.load(Ordering::SeqCst), 11, "{statuses:?}");
+    assert_eq!(most.load(Ordering::SeqCst), 10, "{statuses:?}");
+}
