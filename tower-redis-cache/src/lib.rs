@@ -153,6 +153,7 @@ mod request;
 mod revalidation;
 mod service;
 mod store;
+mod storing;
 mod tee;
 
 pub use body::CacheBody;
