@@ -50,6 +50,45 @@ fn url_from(
     Some(url)
 }
 
+/// The URLs an unsafe request may have changed (RFC 9111 §4.4): its own;
+/// or, when it has no trustworthy host (its target authority and `Host`
+/// disagree, or it has several `Host` fields), the URL under each host it
+/// names, since the origin acted on one of them and over-invalidating only
+/// costs a miss.
+pub(crate) fn invalidated_urls(
+    parts: &Parts,
+    allowed_hosts: &[String],
+    route: &Route,
+) -> Vec<String> {
+    if let Some(url) = url_of(parts, allowed_hosts, route) {
+        return vec![url];
+    }
+    let named = parts.uri.authority().map(|a| a.as_str().to_owned());
+    let hosts = parts
+        .headers
+        .get_all(header::HOST)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.trim().to_owned())
+        .filter(|h| !h.is_empty() && h.parse::<http::uri::Authority>().is_ok());
+    let mut urls: Vec<String> = named
+        .into_iter()
+        .chain(hosts)
+        .filter_map(|host| {
+            url_from(
+                &host,
+                parts.uri.path(),
+                parts.uri.query(),
+                allowed_hosts,
+                route,
+            )
+        })
+        .collect();
+    urls.sort_unstable();
+    urls.dedup();
+    urls
+}
+
 /// The URL of a `Location` / `Content-Location` value, resolved against the
 /// request, when it is on the same origin (RFC 9111 §4.4). `route_for`
 /// gives the rules of the target's path.
@@ -340,6 +379,20 @@ mod tests {
         assert_eq!(url_of(&two_hosts, &[], &route), None);
         let bad_host = parts("/p", &[("host", "a b")]);
         assert_eq!(url_of(&bad_host, &[], &route), None);
+        // An unsafe request without a trustworthy host invalidates the
+        // URL under every host it names.
+        assert_eq!(
+            invalidated_urls(&absolute("evil.example"), &[], &route),
+            ["//evil.example/p", "//shop.example/p"]
+        );
+        assert_eq!(
+            invalidated_urls(&two_hosts, &[], &route),
+            ["//evil.example/p", "//shop.example/p"]
+        );
+        assert_eq!(
+            invalidated_urls(&absolute("shop.example"), &[], &route),
+            ["//shop.example/p"]
+        );
     }
 
     fn parts(uri: &str, headers: &[(&str, &str)]) -> Parts {

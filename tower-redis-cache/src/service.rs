@@ -726,7 +726,7 @@ where
     if status.is_success() || status.is_redirection() {
         let mut urls = Vec::new();
         let route = config.route_for(parts.uri.path());
-        if let Some(url) = key::url_of(&parts, &config.allowed_hosts, route) {
+        for url in key::invalidated_urls(&parts, &config.allowed_hosts, route) {
             urls.push(key::hash_url(&url));
         }
         for field in [header::LOCATION, header::CONTENT_LOCATION] {
