@@ -10,14 +10,18 @@
 //! origin marks cacheable (`Cache-Control: public, max-age=…`, `s-maxage`,
 //! `Expires`) are stored in Redis under RFC 9111 shared-cache rules and
 //! answered from there, with `Cache-Status` and `Age`; a successful POST,
-//! PUT, PATCH or DELETE invalidates its URL.
+//! PUT, PATCH or DELETE invalidates its URL. Clients' own cache directives
+//! (`Cache-Control: no-cache`, `Pragma: no-cache`, `max-age=0`, `no-store`)
+//! are ignored, as a CDN edge does: the clients are not trusted to decide
+//! when the upstream is asked again.
 //!
 //! As a proxy it:
 //!
 //! - forwards every method (CONNECT excepted: this is not a forward proxy),
 //!   path and query to the upstream, and streams request and response
-//!   bodies through without buffering them (the cache keeps a copy of
-//!   bodies up to 1 MiB while they stream);
+//!   bodies through (a response the cache stores, up to 1 MiB, is read
+//!   from the upstream at its own pace, so a slow client never holds the
+//!   entry back);
 //! - removes hop-by-hop fields in both directions: `Connection` and every
 //!   field it names, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`,
 //!   `Transfer-Encoding`, `Upgrade` (so no WebSocket upgrades);
@@ -59,7 +63,7 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tower_redis_cache::{CacheLayer, Route};
+use tower_redis_cache::{CacheLayer, RequestCacheControl, Route};
 use tower_redis_ratelimit::{Policy, RateLimitLayer};
 
 mod support;
@@ -141,6 +145,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let cache = CacheLayer::builder(redis.clone())
         .default_route(route)
+        // Any client could otherwise make the upstream answer again.
+        .request_cache_control(RequestCacheControl::Ignore)
         .build()?;
 
     let mut connector = HttpConnector::new();

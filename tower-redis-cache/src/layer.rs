@@ -11,6 +11,7 @@ use crate::coalesce::Flights;
 use crate::freshness::Rules;
 use crate::handle::CacheHandle;
 use crate::policy::Route;
+use crate::request::RequestCacheControl;
 use crate::service::Cache;
 use crate::store::{CacheStore, StoreOptions};
 
@@ -60,11 +61,14 @@ pub(crate) struct Config {
     pub(crate) strip_tag_headers: bool,
     pub(crate) coalesce: Option<Duration>,
     pub(crate) origin_timeout: Option<Duration>,
+    pub(crate) request_cache_control: RequestCacheControl,
     pub(crate) flights: Arc<Flights>,
     /// Flight keys whose last coalesced fill answered something the cache
     /// may not store (`private`, `no-store`, too large…): misses on them go
     /// straight to the origin for a while instead of queueing behind each
-    /// other's fill lock for an entry that never comes.
+    /// other's fill lock for an entry that never comes. Only refusals that
+    /// come from the response count: one request's own headers never turn
+    /// coalescing off for the others.
     pub(crate) uncacheable: moka::sync::Cache<String, ()>,
 }
 
@@ -102,6 +106,7 @@ impl CacheLayer {
             coalesce: Some(Duration::from_secs(5)),
             lock_ttl: Duration::from_secs(5),
             origin_timeout: None,
+            request_cache_control: RequestCacheControl::Honor,
             near_cache: None,
             index_depth: 4,
         }
@@ -109,9 +114,10 @@ impl CacheLayer {
 }
 
 impl CacheLayer {
-    /// Waits until the responses already sent have been stored (or their
-    /// storing given up). Stores run after a body has gone out in full; call
-    /// this before shutting down so that none is lost.
+    /// Waits until the responses already answered have been stored (or
+    /// their storing given up). A store waits for the origin to send the
+    /// whole body, never for the client to read it; call this before
+    /// shutting down so that none is lost.
     pub async fn flush(&self) {
         self.config.store.flushed().await;
     }
@@ -150,6 +156,7 @@ pub struct CacheLayerBuilder {
     coalesce: Option<Duration>,
     lock_ttl: Duration,
     origin_timeout: Option<Duration>,
+    request_cache_control: RequestCacheControl,
     near_cache: Option<(u64, Duration)>,
     index_depth: usize,
 }
@@ -297,6 +304,17 @@ impl CacheLayerBuilder {
         self
     }
 
+    /// Whether requests' `Cache-Control` and `Pragma: no-cache` are obeyed
+    /// ([`RequestCacheControl::Honor`], the default) or ignored
+    /// ([`RequestCacheControl::Ignore`]). Obeyed, any client can make the
+    /// cache revalidate with the origin (`no-cache`, `max-age=0`) or keep
+    /// an answer out of the cache (`no-store`); ignore them when the
+    /// clients are not yours, as a CDN edge does.
+    pub fn request_cache_control(mut self, policy: RequestCacheControl) -> Self {
+        self.request_cache_control = policy;
+        self
+    }
+
     /// A near cache: an in-process copy of entries read from Redis, of at
     /// most `max_bytes`, each kept at most `ttl`, answering hits with no
     /// round trip. Instances keep it coherent through Redis pub/sub: a
@@ -386,6 +404,7 @@ impl CacheLayerBuilder {
                 strip_tag_headers: self.strip_tag_headers,
                 coalesce: self.coalesce,
                 origin_timeout: self.origin_timeout,
+                request_cache_control: self.request_cache_control,
                 flights: Arc::new(Flights::default()),
                 uncacheable: moka::sync::Cache::builder()
                     .max_capacity(UNCACHEABLE_CAPACITY)
