@@ -7,14 +7,18 @@
 //! a URL deletes the one hash, and with it every variant.
 //!
 //! The host comes from the request's authority (`Host`), and only when it
-//! is in the configured allow list (if any): headers such as
-//! `X-Forwarded-Host` never reach the key, so they cannot poison entries.
+//! is in the configured allow list (if any). Forwarding headers such as
+//! `X-Forwarded-Host` reach the key only when a proxy trusted by the
+//! layer's forwarding model wrote them; from anyone else they keep the
+//! response out of the cache, so they cannot poison entries.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::request::Parts;
 use http::{HeaderMap, Uri, header};
 use sha2::{Digest, Sha256};
+
+use tower_redis_core::forwarding::RequestView;
 
 use crate::policy::Route;
 
@@ -28,6 +32,57 @@ pub(crate) fn url_of(parts: &Parts, allowed_hosts: &[String], route: &Route) -> 
         allowed_hosts,
         route,
     )
+}
+
+/// [`url_of`] for a request received from a trusted proxy: keyed by the
+/// host the proxy reports, or by the request's own when it reports none.
+pub(crate) fn forwarded_url_of(
+    parts: &Parts,
+    view: &RequestView,
+    allowed_hosts: &[String],
+    route: &Route,
+) -> Option<String> {
+    match &view.host {
+        Some(host) => url_from(
+            host.as_str(),
+            parts.uri.path(),
+            parts.uri.query(),
+            allowed_hosts,
+            route,
+        ),
+        None => url_of(parts, allowed_hosts, route),
+    }
+}
+
+/// `parts` as the client sent them to a trusted proxy that reported `host`:
+/// origin-form target, `Host: host`.
+pub(crate) fn with_host(parts: &Parts, host: &http::uri::Authority) -> Parts {
+    let mut rewritten = parts.clone();
+    if let Some(path_and_query) = parts.uri.path_and_query() {
+        rewritten.uri = Uri::from(path_and_query.clone());
+    }
+    if let Ok(value) = http::HeaderValue::from_str(host.as_str()) {
+        rewritten.headers.insert(header::HOST, value);
+    }
+    rewritten
+}
+
+/// Adds the scheme and port a trusted proxy reported to a variant's extra
+/// key parts: the same URL over `http` and `https` (or another port) is a
+/// different variant, so a redirect to `https` is never served for it.
+pub(crate) fn push_forwarded_origin(extra: &mut String, view: &RequestView) {
+    if view.scheme.is_none() && view.port.is_none() {
+        return;
+    }
+    extra.push_str("forwarded=");
+    if let Some(scheme) = &view.scheme {
+        extra.push_str(scheme.as_str());
+    }
+    extra.push(':');
+    if let Some(port) = view.port {
+        extra.push_str(itoa::Buffer::new().format(port));
+    }
+    extra.push('\n');
 }
 
 fn url_from(

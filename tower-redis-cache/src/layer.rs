@@ -14,6 +14,7 @@ use crate::policy::Route;
 use crate::request::RequestCacheControl;
 use crate::service::Cache;
 use crate::store::{CacheStore, StoreOptions};
+use tower_redis_core::forwarding::Forwarding;
 
 /// A problem with the cache configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,6 +58,8 @@ pub(crate) struct Config {
     pub(crate) keep_stale_for: Duration,
     pub(crate) generate_etags: bool,
     pub(crate) unkeyed_headers: Vec<HeaderName>,
+    /// The trusted proxies and the header they write.
+    pub(crate) forwarding: Forwarding,
     pub(crate) tag_headers: Vec<HeaderName>,
     pub(crate) strip_tag_headers: bool,
     pub(crate) coalesce: Option<Duration>,
@@ -107,6 +110,7 @@ impl CacheLayer {
             lock_ttl: Duration::from_secs(5),
             origin_timeout: None,
             request_cache_control: RequestCacheControl::Honor,
+            forwarding: Forwarding::none(),
             near_cache: None,
             index_depth: 4,
         }
@@ -159,13 +163,25 @@ pub struct CacheLayerBuilder {
     request_cache_control: RequestCacheControl,
     near_cache: Option<(u64, Duration)>,
     index_depth: usize,
+    forwarding: Forwarding,
 }
 
 /// Request headers that can change what an origin answers without being
 /// part of the cache key; a response to a request carrying one is not
 /// stored (it is still answered from the cache when an entry exists).
+///
+/// The forwarding headers among them (`Forwarded`, `X-Forwarded-Host`,
+/// `-Proto`, `-Port`) are read instead when the request comes from a proxy
+/// trusted by [`CacheLayerBuilder::forwarding`] and they are the family
+/// those proxies write: the host, scheme and port they name become part of
+/// the key.
 pub const DEFAULT_UNKEYED_HEADERS: &[&str] = &[
+    "forwarded",
     "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-scheme",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
     "x-forwarded-server",
     "x-host",
     "x-original-url",
@@ -185,6 +201,37 @@ impl CacheLayerBuilder {
         S: Into<String>,
     {
         self.unkeyed_headers = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The shared forwarding model: which proxies are trusted and which one
+    /// header they write. Give the same value to the rate-limit layer.
+    ///
+    /// From a trusted proxy, the host, scheme and port the proxy reports
+    /// (`X-Forwarded-Host` / `-Proto` / `-Port`, or `host=` / `proto=` of
+    /// `Forwarded`) key the entry, so a response to `http` is never served
+    /// for `https` and a proxied app keeps caching. From any other peer
+    /// those headers keep the response out of the cache (see
+    /// [`DEFAULT_UNKEYED_HEADERS`]), and a trusted proxy that sends a value
+    /// that cannot be read makes the request bypass the cache. Without
+    /// this, no proxy is trusted.
+    ///
+    /// ```
+    /// use tower_redis_cache::CacheLayer;
+    /// use tower_redis_core::forwarding::{Forwarding, ForwardingHeader, TrustedProxies};
+    ///
+    /// let forwarding = Forwarding::new(
+    ///     TrustedProxies::parse(["10.0.0.0/8"])?,
+    ///     ForwardingHeader::XForwardedFor,
+    /// );
+    /// let layer = CacheLayer::builder(tower_redis_core::RedisManager::disabled())
+    ///     .forwarding(forwarding)
+    ///     .build()?;
+    /// # let _ = layer;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forwarding(mut self, forwarding: Forwarding) -> Self {
+        self.forwarding = forwarding;
         self
     }
 
@@ -400,6 +447,7 @@ impl CacheLayerBuilder {
                 keep_stale_for: self.keep_stale_for,
                 generate_etags: self.generate_etags,
                 unkeyed_headers,
+                forwarding: self.forwarding,
                 tag_headers,
                 strip_tag_headers: self.strip_tag_headers,
                 coalesce: self.coalesce,

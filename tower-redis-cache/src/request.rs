@@ -3,8 +3,11 @@
 //! whether its own answer could ever be stored.
 
 use http::request::Parts;
-use http::{HeaderMap, Method, Request, Version, header};
+use http::{HeaderMap, HeaderName, Method, Request, Version, header};
 use http_body::Body;
+use tower_redis_core::forwarding::{
+    ForwardingHeader, RequestView, X_FORWARDED_HOST, X_FORWARDED_PORT, X_FORWARDED_PROTO,
+};
 
 use crate::directives::{self, RequestDirectives};
 use crate::layer::Config;
@@ -96,12 +99,44 @@ pub(crate) fn may_lead(config: &Config, request: &Parts, directives: &RequestDir
 }
 
 /// Whether the request carries a header that can change the origin's answer
-/// without being part of the key: its response must not be stored.
+/// without being part of the key: its response must not be stored. The
+/// forwarding headers a trusted proxy wrote (marked by [`ViaTrustedProxy`])
+/// are part of the key instead.
 pub(crate) fn carries_unkeyed_header(config: &Config, request: &Parts) -> bool {
+    let keyed: &[HeaderName] = match request.extensions.get::<ViaTrustedProxy>() {
+        Some(ViaTrustedProxy(ForwardingHeader::Forwarded)) => &[header::FORWARDED],
+        Some(_) => &[X_FORWARDED_HOST, X_FORWARDED_PROTO, X_FORWARDED_PORT],
+        None => &[],
+    };
     config
         .unkeyed_headers
         .iter()
-        .any(|h| request.headers.contains_key(h))
+        .any(|h| !keyed.contains(h) && request.headers.contains_key(h))
+}
+
+/// Marks a request's head as received from a trusted proxy that writes this
+/// header family.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ViaTrustedProxy(pub(crate) ForwardingHeader);
+
+/// What the trusted-proxy view adds to a request's key: the host to key by
+/// (`None`: the request's own) and the scheme and port, as extra key
+/// parts. `Err(())` when a trusted proxy sent a value that cannot be read,
+/// so the request's origin is unknown and it must bypass the cache.
+pub(crate) fn forwarded_origin(
+    config: &Config,
+    request: &Request<impl Sized>,
+) -> Result<Option<(ForwardingHeader, RequestView)>, ()> {
+    if config.forwarding.is_empty() {
+        return Ok(None);
+    }
+    let view = config.forwarding.view(request);
+    if view.malformed {
+        return Err(());
+    }
+    Ok(view
+        .via_trusted_proxy
+        .then(|| (config.forwarding.header(), view)))
 }
 
 #[cfg(test)]

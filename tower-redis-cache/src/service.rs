@@ -111,11 +111,24 @@ where
     let route = config.route_for(request.uri().path());
     // The request's head is copied once, and only for requests the cache handles.
     let keyed = (cacheable_request && route.enabled)
-        .then(|| head_only(&request).0)
-        .and_then(|parts| {
-            key::url_of(&parts, &config.allowed_hosts, route).map(|url| (parts, url))
+        .then(|| request::forwarded_origin(&config, &request).ok())
+        .flatten()
+        .and_then(|forwarded| {
+            let mut parts = head_only(&request).0;
+            let url = match &forwarded {
+                Some((family, view)) => {
+                    parts.extensions.insert(request::ViaTrustedProxy(*family));
+                    key::forwarded_url_of(&parts, view, &config.allowed_hosts, route)
+                }
+                None => key::url_of(&parts, &config.allowed_hosts, route),
+            }?;
+            let mut extra = key::extra_key(&parts, route);
+            if let Some((_, view)) = &forwarded {
+                key::push_forwarded_origin(&mut extra, view);
+            }
+            Some((parts, url, extra))
         });
-    let Some((parts, url)) = keyed else {
+    let Some((parts, url, extra)) = keyed else {
         let response = inner.call(request).await?;
         return Ok(passthrough(&config, response));
     };
@@ -123,7 +136,7 @@ where
     let keyed = Keyed {
         url_hash: key::hash_url(&url),
         url,
-        extra: key::extra_key(&parts, route),
+        extra,
         directives: request::directives(&parts.headers, config.request_cache_control),
         parts,
     };
@@ -721,24 +734,37 @@ where
     ResBody: Body,
 {
     let (parts, ()) = head_only(&request);
+    // Behind a trusted proxy the entries of this URL are keyed by the host
+    // the proxy reports; the request's own host is invalidated as well, as
+    // over-invalidating only costs a miss.
+    let mut heads = vec![parts];
+    if let Ok(Some((_, view))) = request::forwarded_origin(config, &request)
+        && let Some(host) = &view.host
+    {
+        heads.push(key::with_host(&heads[0], host));
+    }
     let response = inner.call(request).await?;
     let status = response.status();
     if status.is_success() || status.is_redirection() {
         let mut urls = Vec::new();
-        let route = config.route_for(parts.uri.path());
-        for url in key::invalidated_urls(&parts, &config.allowed_hosts, route) {
-            urls.push(key::hash_url(&url));
-        }
-        for field in [header::LOCATION, header::CONTENT_LOCATION] {
-            if let Some(value) = response.headers().get(field).and_then(|v| v.to_str().ok())
-                && let Some(url) =
-                    key::same_origin_url(&parts, value, &config.allowed_hosts, |path| {
-                        config.route_for(path)
-                    })
-            {
+        for parts in &heads {
+            let route = config.route_for(parts.uri.path());
+            for url in key::invalidated_urls(parts, &config.allowed_hosts, route) {
                 urls.push(key::hash_url(&url));
             }
+            for field in [header::LOCATION, header::CONTENT_LOCATION] {
+                if let Some(value) = response.headers().get(field).and_then(|v| v.to_str().ok())
+                    && let Some(url) =
+                        key::same_origin_url(parts, value, &config.allowed_hosts, |path| {
+                            config.route_for(path)
+                        })
+                {
+                    urls.push(key::hash_url(&url));
+                }
+            }
         }
+        urls.sort_unstable();
+        urls.dedup();
         config.store.invalidate(&urls).await;
     }
     Ok(passthrough(config, response))

@@ -123,10 +123,10 @@ mod store;
 
 pub use body::ResponseBody;
 pub use client_ip::{ClientIp, InvalidProxy, TrustedProxies};
-pub use tower_redis_core::forwarding::{Forwarding, ForwardingHeader};
 pub use key::{Key, KeyFuture, MissingKey};
 pub use layer::{ConfigError, DEFAULT_MEMORY_BYTES, RateLimitLayer, RateLimitLayerBuilder};
 pub use policy::{Algorithm, Policy};
 pub use response::{Denied, DeniedResponse, QUOTA_EXCEEDED_TYPE};
 pub use service::{RateLimit, ResponseFuture};
 pub use store::{DecisionSource, Fallback};
+pub use tower_redis_core::forwarding::{Forwarding, ForwardingHeader};
