@@ -33,7 +33,10 @@
 //! or given a session.
 //!
 //! Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`; `memory` runs
-//! on the in-process stores only), `BIND` (default `127.0.0.1`), `PORT`
+//! on the in-process stores only), `TRUSTED_PROXIES` (comma-separated
+//! addresses or CIDRs of the reverse proxies in front; none by default) and
+//! `FORWARDING_HEADER` (`x-forwarded-for`, the default, or `forwarded`: the
+//! header those proxies write), `BIND` (default `127.0.0.1`), `PORT`
 //! (default `3000`; `0` picks a free port, and the log line `listening on
 //! http://…` names it), `RUST_LOG` (default `info`). Ctrl-C (or SIGTERM)
 //! stops it gracefully: in-flight requests finish and pending cache stores
@@ -58,7 +61,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower_redis_cache::admin::CacheAdmin;
-use tower_redis_cache::{CacheHandle, CacheLayer, Route};
+use tower_redis_cache::{CacheHandle, CacheLayer, Forwarding, Route};
 use tower_redis_core::{BreakerState, RedisManager};
 use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
 use tower_redis_session::{Session, SessionLayer};
@@ -85,8 +88,15 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     support::init_tracing();
     let metrics = PrometheusBuilder::new().install_recorder()?;
     let redis = support::redis_from_env().await?;
+    // Who the client is behind proxies: TRUSTED_PROXIES / FORWARDING_HEADER,
+    // one configuration for the cache and the rate limits.
+    let forwarding = Forwarding::from_env()?;
+    if !forwarding.is_empty() {
+        tracing::info!(header = ?forwarding.header(), "trusting forwarding headers from TRUSTED_PROXIES");
+    }
 
     let cache = CacheLayer::builder(redis.clone())
+        .forwarding(forwarding.clone())
         .route(
             Route::new("/products*")
                 .default_ttl(Duration::from_secs(60))
@@ -98,17 +108,19 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .insecure_http_for_local_development()
         .build()?;
     let flood_guard = RateLimitLayer::builder(redis.clone())
+        .forwarding(forwarding.clone())
         .policy(Policy::gcra("flood", 50, Duration::from_secs(30)))
         .build()?;
+    let client_of = forwarding.clone();
     let api_limits = RateLimitLayer::builder(redis.clone())
+        .forwarding(forwarding)
         .policy(
             Policy::gcra("anonymous", 10, Duration::from_secs(60)).key(Key::from_async_fn(
-                |parts| {
+                move |parts| {
                     let session = parts.extensions.get::<Session>().cloned();
-                    let ip = parts
-                        .extensions
-                        .get::<axum::extract::ConnectInfo<SocketAddr>>()
-                        .map(|info| info.0.ip().to_string());
+                    let ip = client_of
+                        .client_addr(&parts.headers, &parts.extensions)
+                        .map(|ip| ip.to_string());
                     // Counted per IP only while nobody is logged in.
                     async move {
                         match session {

@@ -161,5 +161,5 @@ pub use handle::{CacheHandle, EntryInfo, InvalidUrl, Purged, Stats, Warmed};
 pub use layer::{CacheLayer, CacheLayerBuilder, ConfigError, DEFAULT_UNKEYED_HEADERS};
 pub use policy::Route;
 pub use request::RequestCacheControl;
-pub use tower_redis_core::forwarding::{Forwarding, ForwardingHeader};
 pub use service::{Cache, ResponseFuture};
+pub use tower_redis_core::forwarding::{Forwarding, ForwardingHeader};
