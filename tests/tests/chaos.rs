@@ -16,8 +16,8 @@
 use std::time::Duration;
 
 use tests::chaos::{
-    Fault, FaultProxy, Instance, LATENCY_BOUND, Load, Phase, RL_QUOTA, all_closed, all_opened,
-    tuned,
+    CLUSTER_LATENCY_BOUND, Fault, FaultProxy, Instance, Load, Phase, RL_QUOTA, all_closed,
+    all_opened, tuned,
 };
 use tower_redis_core::testing::{TestCluster, TestRedis};
 use tower_redis_core::{RedisConfig, RedisConfigBuilder, RedisManager, redis};
@@ -121,7 +121,7 @@ async fn recover_and_check(
         violations.join("\n")
     );
     assert!(
-        load.max_latency() <= LATENCY_BOUND,
+        load.max_latency() <= load.latency_bound(),
         "{name}: {}",
         load.slowest()
     );
@@ -503,7 +503,8 @@ async fn a_cluster_node_stopped_and_started() {
     let _serial = SERIAL.lock().await;
     let cluster = TestCluster::start().await;
     let instances = instances(|| cluster.config()).await;
-    let load = start_load("cluster", &instances);
+    let apps: Vec<_> = instances.iter().map(|i| i.app.clone()).collect();
+    let load = Load::start_with_latency_bound("cluster", &apps, 4, CLUSTER_LATENCY_BOUND);
     healthy(&load).await;
 
     load.fault();
