@@ -481,9 +481,11 @@ pub struct RateLimitReport {
     pub count: RateLimitCount,
     /// How long the phase lasted, with the slack for requests begun in it.
     pub duration: Duration,
-    /// The most admissions allowed in all: `local_bound + shared_bound`.
+    /// The most admissions allowed in all: the local limiters' and the
+    /// shared counter's allowances over the whole phase.
     pub bound: f64,
-    /// The most admissions the instances' local limiters may make.
+    /// The most admissions the instances' local limiters may make in the
+    /// time they decided ([`RateLimitCount::local_window`]).
     pub local_bound: f64,
     /// The most admissions the shared counter may make.
     pub shared_bound: f64,
@@ -522,6 +524,9 @@ pub struct RateLimitCount {
     pub admitted_local: u64,
     /// Of the denied, those the local limiter decided.
     pub denied_local: u64,
+    /// From the start of the first request a local limiter decided to the
+    /// end of the last: every local decision of the phase fell within it.
+    pub local_window: Option<(Instant, Instant)>,
 }
 
 #[derive(Default)]
@@ -861,11 +866,12 @@ impl Load {
     /// phase lasted, and the most the documented bound allows in that time
     /// for `instances` instances, in two parts that are checked apart:
     /// what the local limiters decided (`RateLimit: …;local`) may not
-    /// exceed each instance's `share × quota` per period plus its burst,
-    /// and what the shared counter decided may not exceed `quota` per
-    /// period plus the burst; each rounded up by one request. A local
-    /// limiter that ignored its share would admit twice its part here, so
-    /// the shared counter's allowance is never slack for the local ones.
+    /// exceed each instance's `share × quota` per period plus its burst
+    /// over the time they decided in, and what the shared counter decided
+    /// may not exceed `quota` per period plus the burst over the phase;
+    /// each rounded up by one request. A local limiter that ignored its
+    /// share would admit twice its part, so the shared counter's allowance
+    /// is never slack for the local ones.
     pub fn rate_limit_report(&self, phase: Phase, instances: u32) -> RateLimitReport {
         let started = self
             .shared
@@ -886,7 +892,6 @@ impl Load {
         let periods = duration.as_secs_f64() / RL_PERIOD.as_secs_f64();
         let quota = f64::from(RL_QUOTA);
         let local = (quota * RL_SHARE).floor().max(1.0);
-        let local_bound = f64::from(instances) * (local + local * periods + 1.0);
         let shared_bound = quota + quota * periods + 1.0;
         let count = self
             .shared
@@ -896,10 +901,16 @@ impl Load {
             .get(&phase)
             .copied()
             .unwrap_or_default();
+        // The local limiters over the time they decided in (no slack: the
+        // window holds every local decision).
+        let local_periods = count.local_window.map_or(0.0, |(first, last)| {
+            last.saturating_duration_since(first).as_secs_f64() / RL_PERIOD.as_secs_f64()
+        });
+        let local_bound = f64::from(instances) * (local + local * local_periods + 1.0);
         RateLimitReport {
             count,
             duration,
-            bound: local_bound + shared_bound,
+            bound: f64::from(instances) * (local + local * periods + 1.0) + shared_bound,
             local_bound,
             shared_bound,
         }
@@ -1301,6 +1312,7 @@ async fn rate_limit_task(scenario: String, apps: Vec<Router>, shared: Arc<Shared
             .header("x-rl-key", &key)
             .body(Body::empty())
             .expect("request");
+        let sent_at = Instant::now();
         let answered = send(&apps[n % apps.len()], request).await;
         record(&shared, phase, "GET /limited", &answered);
         let local = answered
@@ -1312,6 +1324,10 @@ async fn rate_limit_task(scenario: String, apps: Vec<Router>, shared: Arc<Shared
         {
             let mut counts = shared.rate_limit.lock().unwrap_or_else(|p| p.into_inner());
             let count = counts.entry(phase).or_default();
+            if local {
+                let first = count.local_window.map_or(sent_at, |(first, _)| first);
+                count.local_window = Some((first, Instant::now()));
+            }
             match answered.response.status() {
                 StatusCode::OK => {
                     count.admitted += 1;

@@ -215,7 +215,7 @@ async fn recover_and_check(
     );
     assert!(
         count.admitted_local as f64 <= outage.local_bound,
-        "{name}: the local limiters admitted {} during the outage, over instances × share × quota per period plus a burst each: {:.0}",
+        "{name}: the local limiters admitted {} during the outage, over instances × share × quota per period (over the time they decided in) plus a burst each: {:.0}",
         count.admitted_local,
         outage.local_bound
     );
