@@ -21,8 +21,10 @@
 //! make one "database" read across every instance. `/admin/cache/*` (the
 //! cache's admin router: purge by tag, URL, prefix or everything, soft
 //! purge, entry lookup, stats) requires `Authorization: Bearer <token>`,
-//! with the token from `ADMIN_TOKEN` (without it a random one is generated
-//! and logged at startup).
+//! with the token from `ADMIN_TOKEN`. Without it a random one is generated
+//! and printed once to stderr with a warning, never to the log; set
+//! `ADMIN_TOKEN` to a long random secret anywhere but on your own machine.
+//! The token is checked in constant time.
 //!
 //! Limits: every shop route has a flood guard of 50 requests per 30 s per
 //! client IP; under `/api`, anonymous clients get 10 per minute per IP and
@@ -139,18 +141,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         metrics,
         cache: cache.handle(),
     };
-    let admin_token = std::env::var("ADMIN_TOKEN").unwrap_or_else(|_| {
-        let token = format!("{:032x}", rand::random::<u128>());
-        tracing::info!(%token, "cache admin token (set ADMIN_TOKEN to choose one)");
-        token
-    });
-    let expected = format!("Bearer {admin_token}");
-    let admin = CacheAdmin::new(cache.handle(), move |headers: &HeaderMap| {
-        headers
-            .get(header::AUTHORIZATION)
-            .is_some_and(|value| value.as_bytes() == expected.as_bytes())
-    })
-    .into_router();
+    let admin = CacheAdmin::new(cache.handle(), bearer_token_check(admin_token())).into_router();
     let api = Router::new()
         .route("/orders", get(orders))
         .layer(api_limits);
@@ -192,6 +183,42 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     cache.flush().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `ADMIN_TOKEN`, or a generated token. A secret never goes into the
+/// `tracing` log (logs are shipped and kept): a generated one is printed
+/// once to stderr, for the person who started the demo.
+fn admin_token() -> String {
+    match std::env::var("ADMIN_TOKEN") {
+        Ok(token) if !token.trim().is_empty() => token,
+        _ => {
+            let token = format!("{:032x}", rand::random::<u128>());
+            eprintln!(
+                "warning: ADMIN_TOKEN is not set, so /admin/cache accepts this generated token \
+                 until the server stops (shown once, never logged; set ADMIN_TOKEN to a long \
+                 random secret in any shared setup): {token}"
+            );
+            token
+        }
+    }
+}
+
+/// Accepts `Authorization: Bearer <token>`. Both sides are hashed with
+/// SHA-256 and the digests compared in constant time, so the time the check
+/// takes says nothing about the token, not even its length.
+fn bearer_token_check(token: String) -> impl Fn(&HeaderMap) -> bool + Send + Sync + 'static {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+
+    let expected = Sha256::digest(format!("Bearer {token}").as_bytes());
+    move |headers: &HeaderMap| {
+        headers.get(header::AUTHORIZATION).is_some_and(|value| {
+            Sha256::digest(value.as_bytes())
+                .as_slice()
+                .ct_eq(expected.as_slice())
+                .into()
+        })
+    }
 }
 
 /// The slow "database" a cache is for.

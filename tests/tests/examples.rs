@@ -90,7 +90,10 @@ fn binary_name(example: &str) -> String {
 struct Running {
     name: &'static str,
     child: tokio::process::Child,
+    /// Every line, stdout and stderr, in the order they were read.
     log: Arc<Mutex<Vec<String>>>,
+    /// The lines written to stderr only (the `tracing` log goes to stdout).
+    stderr: Arc<Mutex<Vec<String>>>,
     addr: SocketAddr,
 }
 
@@ -123,27 +126,32 @@ impl Running {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start the {name} example: {e}"));
         let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
         let (addr_tx, addr_rx) = oneshot::channel();
         let mut addr_tx = Some(addr_tx);
-        let (lines_tx, mut lines_rx) = mpsc::unbounded_channel::<String>();
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        let (lines_tx, mut lines_rx) = mpsc::unbounded_channel::<(bool, String)>();
+        for (is_stderr, stream) in [
+            (
+                false,
+                child
+                    .stdout
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            ),
+            (
+                true,
+                child
+                    .stderr
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            ),
+        ] {
+            let Some(stream) = stream else { continue };
             let lines_tx = lines_tx.clone();
             tokio::spawn(async move {
                 let mut lines = BufReader::new(stream).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    if lines_tx.send(line).is_err() {
+                    if lines_tx.send((is_stderr, line)).is_err() {
                         break;
                     }
                 }
@@ -151,12 +159,16 @@ impl Running {
         }
         drop(lines_tx);
         let sink = Arc::clone(&log);
+        let stderr_sink = Arc::clone(&stderr);
         tokio::spawn(async move {
-            while let Some(line) = lines_rx.recv().await {
+            while let Some((is_stderr, line)) = lines_rx.recv().await {
                 if let Some(addr) = listening_address(&line)
                     && let Some(tx) = addr_tx.take()
                 {
                     let _ = tx.send(addr);
+                }
+                if is_stderr {
+                    stderr_sink.lock().expect("log lock").push(line.clone());
                 }
                 sink.lock().expect("log lock").push(line);
             }
@@ -165,6 +177,7 @@ impl Running {
             name,
             child,
             log,
+            stderr,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         };
         match tokio::time::timeout(DEADLINE, addr_rx).await {
@@ -183,6 +196,11 @@ impl Running {
 
     fn log(&self) -> Vec<String> {
         self.log.lock().expect("log lock").clone()
+    }
+
+    /// What the process wrote to stderr (not its `tracing` log).
+    fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().expect("log lock").clone()
     }
 
     /// Sends SIGINT (Ctrl-C) and waits for the process to exit.
@@ -719,6 +737,113 @@ async fn server_starts_without_redis_and_says_so_once() {
     assert_eq!(
         get(&http, &memory.url("/products/1")).await.status,
         StatusCode::OK
+    );
+}
+
+/// The admin token guards purges: it is never written to the `tracing`
+/// log (which ends up in log aggregators). A generated one is printed once,
+/// to stderr, with a warning; one from `ADMIN_TOKEN` is printed nowhere.
+#[tokio::test]
+async fn server_admin_token_never_reaches_the_log() {
+    let http = http_client();
+    let stats = |server: &Running, token: &str| {
+        let url = server.url("/admin/cache/stats");
+        let authorization = format!("Bearer {token}");
+        let http = http.clone();
+        async move {
+            send(
+                &http,
+                Method::GET,
+                &url,
+                &[("authorization", &authorization)],
+                "",
+            )
+            .await
+            .status
+        }
+    };
+
+    // No ADMIN_TOKEN: a generated one, shown once on stderr.
+    let server = Running::start(
+        "server",
+        &[],
+        &[
+            ("REDIS_URL", "memory"),
+            ("PORT", "0"),
+            ("RUST_LOG", "trace"),
+        ],
+    )
+    .await;
+    let shown = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let lines: Vec<String> = server
+                .stderr()
+                .into_iter()
+                .filter(|l| l.contains("ADMIN_TOKEN"))
+                .collect();
+            if !lines.is_empty() {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no admin token on stderr: {:?}", server.log()));
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert!(shown[0].starts_with("warning:"), "{shown:?}");
+    let token = shown[0]
+        .split_whitespace()
+        .last()
+        .expect("the line ends with the token")
+        .to_owned();
+    assert!(token.len() >= 32, "a long random token: {token}");
+    assert_eq!(stats(&server, &token).await, StatusCode::OK);
+    let mut wrong = token.clone();
+    wrong.pop();
+    wrong.push('x');
+    assert_eq!(stats(&server, &wrong).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(stats(&server, "").await, StatusCode::UNAUTHORIZED);
+    let stdout: Vec<String> = {
+        let stderr = server.stderr();
+        server
+            .log()
+            .into_iter()
+            .filter(|l| !stderr.contains(l))
+            .collect()
+    };
+    assert!(
+        stdout.iter().any(|l| l.contains("listening on")),
+        "the tracing log is captured: {stdout:?}"
+    );
+    assert!(
+        !stdout.iter().any(|l| l.contains(&token)),
+        "the generated token is in the tracing log: {stdout:?}"
+    );
+    assert_eq!(
+        server.log().iter().filter(|l| l.contains(&token)).count(),
+        1,
+        "printed once"
+    );
+
+    // ADMIN_TOKEN set: it works and is printed nowhere.
+    let chosen = "chosen-admin-token-5f0c1d9e7a3b";
+    let server = Running::start(
+        "server",
+        &[],
+        &[
+            ("REDIS_URL", "memory"),
+            ("PORT", "0"),
+            ("RUST_LOG", "trace"),
+            ("ADMIN_TOKEN", chosen),
+        ],
+    )
+    .await;
+    assert_eq!(stats(&server, chosen).await, StatusCode::OK);
+    assert_eq!(stats(&server, "chosen").await, StatusCode::UNAUTHORIZED);
+    assert!(
+        !server.log().iter().any(|l| l.contains(chosen)),
+        "{:?}",
+        server.log()
     );
 }
 
