@@ -10,21 +10,27 @@
 //! origin marks cacheable (`Cache-Control: public, max-age=…`, `s-maxage`,
 //! `Expires`) are stored in Redis under RFC 9111 shared-cache rules and
 //! answered from there, with `Cache-Status` and `Age`; a successful POST,
-//! PUT, PATCH or DELETE invalidates its URL.
+//! PUT, PATCH or DELETE invalidates its URL. Clients' own cache directives
+//! (`Cache-Control: no-cache`, `Pragma: no-cache`, `max-age=0`, `no-store`)
+//! are ignored, as a CDN edge does: the clients are not trusted to decide
+//! when the upstream is asked again.
 //!
 //! As a proxy it:
 //!
 //! - forwards every method (CONNECT excepted: this is not a forward proxy),
 //!   path and query to the upstream, and streams request and response
-//!   bodies through without buffering them (the cache keeps a copy of
-//!   bodies up to 1 MiB while they stream);
+//!   bodies through (a response the cache stores, up to 1 MiB, is read
+//!   from the upstream at its own pace, so a slow client never holds the
+//!   entry back);
 //! - removes hop-by-hop fields in both directions: `Connection` and every
 //!   field it names, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`,
 //!   `Transfer-Encoding`, `Upgrade` (so no WebSocket upgrades);
 //! - sends `Host: <upstream authority>` upstream, with the client's `Host`
-//!   in `X-Forwarded-Host` and `Forwarded` (plus `X-Forwarded-For` /
-//!   `-Proto`). It is meant to be the edge: the `Forwarded` and
-//!   `X-Forwarded-*` fields a client sends are dropped before the cache
+//!   in `X-Forwarded-Host`, plus `X-Forwarded-For` and `-Proto` (it writes
+//!   only this family, never `Forwarded`: an app behind it that uses
+//!   tower-redis trusts it with `TRUSTED_PROXIES=<proxy address>`, and
+//!   keeps caching). It is meant to be the edge: the `Forwarded`,
+//!   `X-Forwarded-*` and `X-Real-IP` fields a client sends are dropped before the cache
 //!   sees the request, so nobody can forge them (or keep responses out of
 //!   the cache with them);
 //! - adds `Via` to requests and responses;
@@ -59,7 +65,7 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tower_redis_cache::{CacheLayer, Route};
+use tower_redis_cache::{CacheLayer, RequestCacheControl, Route};
 use tower_redis_ratelimit::{Policy, RateLimitLayer};
 
 mod support;
@@ -141,6 +147,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let cache = CacheLayer::builder(redis.clone())
         .default_route(route)
+        // Any client could otherwise make the upstream answer again.
+        .request_cache_control(RequestCacheControl::Ignore)
         .build()?;
 
     let mut connector = HttpConnector::new();
@@ -353,18 +361,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Forwarding fields a client could forge; this proxy writes its own.
-const CLIENT_FORWARDING: [&str; 5] = [
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-server",
-];
+/// Forwarding fields a client could forge: every one the cache knows
+/// (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`). This proxy writes its own.
+const CLIENT_FORWARDING: &[&str] = tower_redis_core::forwarding::FORWARDING_HEADERS;
 
 async fn drop_client_forwarding(mut request: Request) -> Request {
     for name in CLIENT_FORWARDING {
-        request.headers_mut().remove(name);
+        request.headers_mut().remove(*name);
     }
     request
 }
@@ -428,21 +431,13 @@ async fn forward(
     if let Ok(host) = upstream_host {
         headers.insert(header::HOST, host);
     }
+    // One family only (`X-Forwarded-*`), so that an app trusting this proxy
+    // with `ForwardingHeader::XForwardedFor` reads everything it says.
     let client_ip = client.ip();
-    let for_node = if client_ip.is_ipv6() {
-        format!("\"[{client_ip}]\"")
-    } else {
-        client_ip.to_string()
-    };
-    let mut forwarded = format!("for={for_node};proto=http");
-    if let Some(host) = original_host.as_ref().and_then(|h| h.to_str().ok()) {
-        forwarded.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
-    }
     if let Some(host) = original_host {
         headers.insert("x-forwarded-host", host);
     }
     for (name, value) in [
-        ("forwarded", forwarded),
         ("x-forwarded-for", client_ip.to_string()),
         ("x-forwarded-proto", "http".to_owned()),
     ] {

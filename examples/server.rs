@@ -21,8 +21,10 @@
 //! make one "database" read across every instance. `/admin/cache/*` (the
 //! cache's admin router: purge by tag, URL, prefix or everything, soft
 //! purge, entry lookup, stats) requires `Authorization: Bearer <token>`,
-//! with the token from `ADMIN_TOKEN` (without it a random one is generated
-//! and logged at startup).
+//! with the token from `ADMIN_TOKEN`. Without it a random one is generated
+//! and printed once to stderr with a warning, never to the log; set
+//! `ADMIN_TOKEN` to a long random secret anywhere but on your own machine.
+//! The token is checked in constant time.
 //!
 //! Limits: every shop route has a flood guard of 50 requests per 30 s per
 //! client IP; under `/api`, anonymous clients get 10 per minute per IP and
@@ -31,7 +33,10 @@
 //! or given a session.
 //!
 //! Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`; `memory` runs
-//! on the in-process stores only), `BIND` (default `127.0.0.1`), `PORT`
+//! on the in-process stores only), `TRUSTED_PROXIES` (comma-separated
+//! addresses or CIDRs of the reverse proxies in front; none by default) and
+//! `FORWARDING_HEADER` (`x-forwarded-for`, the default, or `forwarded`: the
+//! header those proxies write), `BIND` (default `127.0.0.1`), `PORT`
 //! (default `3000`; `0` picks a free port, and the log line `listening on
 //! http://…` names it), `RUST_LOG` (default `info`). Ctrl-C (or SIGTERM)
 //! stops it gracefully: in-flight requests finish and pending cache stores
@@ -56,7 +61,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower_redis_cache::admin::CacheAdmin;
-use tower_redis_cache::{CacheHandle, CacheLayer, Route};
+use tower_redis_cache::{CacheHandle, CacheLayer, Forwarding, Route};
 use tower_redis_core::{BreakerState, RedisManager};
 use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
 use tower_redis_session::{Session, SessionLayer};
@@ -83,8 +88,15 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     support::init_tracing();
     let metrics = PrometheusBuilder::new().install_recorder()?;
     let redis = support::redis_from_env().await?;
+    // Who the client is behind proxies: TRUSTED_PROXIES / FORWARDING_HEADER,
+    // one configuration for the cache and the rate limits.
+    let forwarding = Forwarding::from_env()?;
+    if !forwarding.is_empty() {
+        tracing::info!(header = ?forwarding.header(), "trusting forwarding headers from TRUSTED_PROXIES");
+    }
 
     let cache = CacheLayer::builder(redis.clone())
+        .forwarding(forwarding.clone())
         .route(
             Route::new("/products*")
                 .default_ttl(Duration::from_secs(60))
@@ -96,17 +108,19 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .insecure_http_for_local_development()
         .build()?;
     let flood_guard = RateLimitLayer::builder(redis.clone())
+        .forwarding(forwarding.clone())
         .policy(Policy::gcra("flood", 50, Duration::from_secs(30)))
         .build()?;
+    let client_of = forwarding.clone();
     let api_limits = RateLimitLayer::builder(redis.clone())
+        .forwarding(forwarding)
         .policy(
             Policy::gcra("anonymous", 10, Duration::from_secs(60)).key(Key::from_async_fn(
-                |parts| {
+                move |parts| {
                     let session = parts.extensions.get::<Session>().cloned();
-                    let ip = parts
-                        .extensions
-                        .get::<axum::extract::ConnectInfo<SocketAddr>>()
-                        .map(|info| info.0.ip().to_string());
+                    let ip = client_of
+                        .client_addr(&parts.headers, &parts.extensions)
+                        .map(|ip| ip.to_string());
                     // Counted per IP only while nobody is logged in.
                     async move {
                         match session {
@@ -139,18 +153,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         metrics,
         cache: cache.handle(),
     };
-    let admin_token = std::env::var("ADMIN_TOKEN").unwrap_or_else(|_| {
-        let token = format!("{:032x}", rand::random::<u128>());
-        tracing::info!(%token, "cache admin token (set ADMIN_TOKEN to choose one)");
-        token
-    });
-    let expected = format!("Bearer {admin_token}");
-    let admin = CacheAdmin::new(cache.handle(), move |headers: &HeaderMap| {
-        headers
-            .get(header::AUTHORIZATION)
-            .is_some_and(|value| value.as_bytes() == expected.as_bytes())
-    })
-    .into_router();
+    let admin = CacheAdmin::new(cache.handle(), bearer_token_check(admin_token())).into_router();
     let api = Router::new()
         .route("/orders", get(orders))
         .layer(api_limits);
@@ -192,6 +195,42 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     cache.flush().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `ADMIN_TOKEN`, or a generated token. A secret never goes into the
+/// `tracing` log (logs are shipped and kept): a generated one is printed
+/// once to stderr, for the person who started the demo.
+fn admin_token() -> String {
+    match std::env::var("ADMIN_TOKEN") {
+        Ok(token) if !token.trim().is_empty() => token,
+        _ => {
+            let token = format!("{:032x}", rand::random::<u128>());
+            eprintln!(
+                "warning: ADMIN_TOKEN is not set, so /admin/cache accepts this generated token \
+                 until the server stops (shown once, never logged; set ADMIN_TOKEN to a long \
+                 random secret in any shared setup): {token}"
+            );
+            token
+        }
+    }
+}
+
+/// Accepts `Authorization: Bearer <token>`. Both sides are hashed with
+/// SHA-256 and the digests compared in constant time, so the time the check
+/// takes says nothing about the token, not even its length.
+fn bearer_token_check(token: String) -> impl Fn(&HeaderMap) -> bool + Send + Sync + 'static {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+
+    let expected = Sha256::digest(format!("Bearer {token}").as_bytes());
+    move |headers: &HeaderMap| {
+        headers.get(header::AUTHORIZATION).is_some_and(|value| {
+            Sha256::digest(value.as_bytes())
+                .as_slice()
+                .ct_eq(expected.as_slice())
+                .into()
+        })
+    }
 }
 
 /// The slow "database" a cache is for.

@@ -83,11 +83,28 @@ async fn a_stored_entry_with_an_absurd_age_is_a_miss_not_a_panic() {
     let answered = tokio::spawn(async move {
         let response = app.oneshot(get()).await.unwrap();
         let status = response.status();
+        let cache_status = response.headers().get("cache-status").cloned();
+        let age = response.headers().get(header::AGE).cloned();
         let body = response.into_body().collect().await.unwrap().to_bytes();
-        (status, body)
+        (status, cache_status, age, body)
     })
     .await;
-    let (status, body) = answered.expect("the cache does not panic on a stored value");
+    let (status, cache_status, age, body) =
+        answered.expect("the cache does not panic on a stored value");
     assert_eq!(status, StatusCode::OK);
     assert_eq!(&body[..], b"page");
+    // A miss: forwarded to the origin for want of a usable entry, not
+    // served from the stored one (a hit answers 200 with the same body).
+    let cache_status = cache_status
+        .expect("the cache says what it did")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        cache_status.starts_with("tower-redis; fwd=")
+            && cache_status.contains("miss")
+            && !cache_status.contains("hit"),
+        "the absurd entry is a miss: {cache_status}"
+    );
+    assert_eq!(age, None, "a response from the origin has no Age");
 }

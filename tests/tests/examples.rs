@@ -90,7 +90,10 @@ fn binary_name(example: &str) -> String {
 struct Running {
     name: &'static str,
     child: tokio::process::Child,
+    /// Every line, stdout and stderr, in the order they were read.
     log: Arc<Mutex<Vec<String>>>,
+    /// The lines written to stderr only (the `tracing` log goes to stdout).
+    stderr: Arc<Mutex<Vec<String>>>,
     addr: SocketAddr,
 }
 
@@ -123,27 +126,32 @@ impl Running {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start the {name} example: {e}"));
         let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
         let (addr_tx, addr_rx) = oneshot::channel();
         let mut addr_tx = Some(addr_tx);
-        let (lines_tx, mut lines_rx) = mpsc::unbounded_channel::<String>();
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        let (lines_tx, mut lines_rx) = mpsc::unbounded_channel::<(bool, String)>();
+        for (is_stderr, stream) in [
+            (
+                false,
+                child
+                    .stdout
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            ),
+            (
+                true,
+                child
+                    .stderr
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            ),
+        ] {
+            let Some(stream) = stream else { continue };
             let lines_tx = lines_tx.clone();
             tokio::spawn(async move {
                 let mut lines = BufReader::new(stream).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    if lines_tx.send(line).is_err() {
+                    if lines_tx.send((is_stderr, line)).is_err() {
                         break;
                     }
                 }
@@ -151,12 +159,16 @@ impl Running {
         }
         drop(lines_tx);
         let sink = Arc::clone(&log);
+        let stderr_sink = Arc::clone(&stderr);
         tokio::spawn(async move {
-            while let Some(line) = lines_rx.recv().await {
+            while let Some((is_stderr, line)) = lines_rx.recv().await {
                 if let Some(addr) = listening_address(&line)
                     && let Some(tx) = addr_tx.take()
                 {
                     let _ = tx.send(addr);
+                }
+                if is_stderr {
+                    stderr_sink.lock().expect("log lock").push(line.clone());
                 }
                 sink.lock().expect("log lock").push(line);
             }
@@ -165,6 +177,7 @@ impl Running {
             name,
             child,
             log,
+            stderr,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         };
         match tokio::time::timeout(DEADLINE, addr_rx).await {
@@ -183,6 +196,11 @@ impl Running {
 
     fn log(&self) -> Vec<String> {
         self.log.lock().expect("log lock").clone()
+    }
+
+    /// What the process wrote to stderr (not its `tracing` log).
+    fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().expect("log lock").clone()
     }
 
     /// Sends SIGINT (Ctrl-C) and waits for the process to exit.
@@ -722,6 +740,113 @@ async fn server_starts_without_redis_and_says_so_once() {
     );
 }
 
+/// The admin token guards purges: it is never written to the `tracing`
+/// log (which ends up in log aggregators). A generated one is printed once,
+/// to stderr, with a warning; one from `ADMIN_TOKEN` is printed nowhere.
+#[tokio::test]
+async fn server_admin_token_never_reaches_the_log() {
+    let http = http_client();
+    let stats = |server: &Running, token: &str| {
+        let url = server.url("/admin/cache/stats");
+        let authorization = format!("Bearer {token}");
+        let http = http.clone();
+        async move {
+            send(
+                &http,
+                Method::GET,
+                &url,
+                &[("authorization", &authorization)],
+                "",
+            )
+            .await
+            .status
+        }
+    };
+
+    // No ADMIN_TOKEN: a generated one, shown once on stderr.
+    let server = Running::start(
+        "server",
+        &[],
+        &[
+            ("REDIS_URL", "memory"),
+            ("PORT", "0"),
+            ("RUST_LOG", "trace"),
+        ],
+    )
+    .await;
+    let shown = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let lines: Vec<String> = server
+                .stderr()
+                .into_iter()
+                .filter(|l| l.contains("ADMIN_TOKEN"))
+                .collect();
+            if !lines.is_empty() {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no admin token on stderr: {:?}", server.log()));
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert!(shown[0].starts_with("warning:"), "{shown:?}");
+    let token = shown[0]
+        .split_whitespace()
+        .last()
+        .expect("the line ends with the token")
+        .to_owned();
+    assert!(token.len() >= 32, "a long random token: {token}");
+    assert_eq!(stats(&server, &token).await, StatusCode::OK);
+    let mut wrong = token.clone();
+    wrong.pop();
+    wrong.push('x');
+    assert_eq!(stats(&server, &wrong).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(stats(&server, "").await, StatusCode::UNAUTHORIZED);
+    let stdout: Vec<String> = {
+        let stderr = server.stderr();
+        server
+            .log()
+            .into_iter()
+            .filter(|l| !stderr.contains(l))
+            .collect()
+    };
+    assert!(
+        stdout.iter().any(|l| l.contains("listening on")),
+        "the tracing log is captured: {stdout:?}"
+    );
+    assert!(
+        !stdout.iter().any(|l| l.contains(&token)),
+        "the generated token is in the tracing log: {stdout:?}"
+    );
+    assert_eq!(
+        server.log().iter().filter(|l| l.contains(&token)).count(),
+        1,
+        "printed once"
+    );
+
+    // ADMIN_TOKEN set: it works and is printed nowhere.
+    let chosen = "chosen-admin-token-5f0c1d9e7a3b";
+    let server = Running::start(
+        "server",
+        &[],
+        &[
+            ("REDIS_URL", "memory"),
+            ("PORT", "0"),
+            ("RUST_LOG", "trace"),
+            ("ADMIN_TOKEN", chosen),
+        ],
+    )
+    .await;
+    assert_eq!(stats(&server, chosen).await, StatusCode::OK);
+    assert_eq!(stats(&server, "chosen").await, StatusCode::UNAUTHORIZED);
+    assert!(
+        !server.log().iter().any(|l| l.contains(chosen)),
+        "{:?}",
+        server.log()
+    );
+}
+
 // ---------------------------------------------------------------------------
 // examples/caching_proxy.rs
 
@@ -895,6 +1020,7 @@ async fn caching_proxy_caches_forwards_streams_and_reports_a_dead_upstream() {
             ("proxy-connection", "keep-alive"),
             ("keep-alive", "timeout=5"),
             ("x-forwarded-for", "203.0.113.9"),
+            ("forwarded", "for=203.0.113.9;host=evil.example"),
             ("x-kept", "yes"),
         ],
         "order=42",
@@ -921,9 +1047,10 @@ async fn caching_proxy_caches_forwards_streams_and_reports_a_dead_upstream() {
         seen["x-forwarded-for"], "127.0.0.1",
         "the client's forged value is gone"
     );
+    assert_eq!(seen["x-forwarded-proto"], "http");
     assert!(
-        seen["forwarded"].contains(&format!("host=\"{}\"", proxy.addr)),
-        "{seen:?}"
+        !seen.contains_key("forwarded"),
+        "one forwarding family only (X-Forwarded-*), and the client's Forwarded is dropped: {seen:?}"
     );
     assert_eq!(seen["via"], "1.1 tower-redis-proxy");
     assert_eq!(seen["x-kept"], "yes");
@@ -1057,6 +1184,58 @@ async fn caching_proxy_caches_forwards_streams_and_reports_a_dead_upstream() {
             && status.contains("fwd-status=502")
             && status.contains("stale-if-error"),
         "{status}"
+    );
+}
+
+/// The demo server behind the caching proxy: told to trust the proxy
+/// (`TRUSTED_PROXIES`), it keys its cache by the host the proxy reports
+/// and stores responses; before, the proxy's `X-Forwarded-Host` kept every
+/// response out of its cache.
+#[tokio::test]
+async fn the_demo_server_behind_the_caching_proxy_keeps_caching() {
+    let app_redis = TestRedis::start().await;
+    let proxy_redis = TestRedis::start().await;
+    let server = Running::start(
+        "server",
+        &[],
+        &[
+            ("REDIS_URL", app_redis.url()),
+            ("PORT", "0"),
+            ("ADMIN_TOKEN", "smoke-token"),
+            ("TRUSTED_PROXIES", "127.0.0.1, ::1"),
+        ],
+    )
+    .await;
+    let upstream = server.url("");
+    let proxy = Running::start(
+        "caching_proxy",
+        &["--upstream", &upstream, "--listen", "127.0.0.1:0"],
+        &[("REDIS_URL", proxy_redis.url())],
+    )
+    .await;
+    let http = http_client();
+    let first = get(&http, &proxy.url("/products/1")).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    // The app's own cache stored the page, keyed by the proxy's host.
+    wait_for_keys(&app_redis, CACHE_KEYS, 1).await;
+    // A client's forged forwarding headers change nothing: the proxy drops them.
+    let forged = send(
+        &http,
+        Method::GET,
+        &proxy.url("/products/1"),
+        &[
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "gopher"),
+            ("forwarded", "for=1.2.3.4;host=evil.example"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(forged.status, StatusCode::OK);
+    assert!(
+        !forged.body.contains("evil.example"),
+        "a forged host reached the page: {}",
+        forged.body
     );
 }
 

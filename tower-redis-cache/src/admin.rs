@@ -16,13 +16,25 @@
 //! Answers are JSON; a refused check is `401`, a bad URL or prefix `400`
 //! with the reason, an unknown entry `404`.
 //!
+//! The check is the app's: compare secrets in constant time, never with
+//! `==` (which stops at the first differing byte, so response times reveal
+//! how much of a guess is right). Here both sides are hashed with SHA-256
+//! and every byte of the digests is compared; the `subtle` crate's
+//! `ConstantTimeEq` on the digests does the same.
+//!
 //! ```no_run
 //! use axum::Router;
+//! use sha2::{Digest, Sha256};
 //! use tower_redis_cache::admin::CacheAdmin;
 //!
-//! # fn demo(cache: tower_redis_cache::CacheLayer, app: Router) -> Router {
-//! let admin = CacheAdmin::new(cache.handle(), |headers: &axum::http::HeaderMap| {
-//!     headers.get("authorization").is_some_and(|v| v == "Bearer s3cret")
+//! # fn demo(cache: tower_redis_cache::CacheLayer, app: Router, token: &str) -> Router {
+//! let expected = Sha256::digest(format!("Bearer {token}"));
+//! let admin = CacheAdmin::new(cache.handle(), move |headers: &axum::http::HeaderMap| {
+//!     headers.get("authorization").is_some_and(|value| {
+//!         let given = Sha256::digest(value.as_bytes());
+//!         // No early exit: the time taken says nothing about the token.
+//!         given.iter().zip(expected.iter()).fold(0, |diff, (a, b)| diff | (a ^ b)) == 0
+//!     })
 //! })
 //! .warm_through(app.clone())
 //! .into_router();

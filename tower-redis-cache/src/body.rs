@@ -1,17 +1,18 @@
-//! The response body: passed through, served from an entry, or streamed to
-//! the client while a copy is kept for the cache.
+//! The response body: passed through, served from an entry, or read ahead
+//! of the client for the cache (see [`crate::tee`]).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::sync::oneshot;
+
+use crate::tee::TeeReader;
 
 pin_project! {
     /// The body of a response that went through [`Cache`](crate::Cache).
-    pub struct CacheBody<B> {
+    pub struct CacheBody<B: Body> {
         #[pin]
         kind: Kind<B>,
     }
@@ -19,50 +20,14 @@ pin_project! {
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<B> {
+    enum Kind<B: Body> {
         Passthrough { #[pin] body: B },
-        Recording { #[pin] body: B, recorder: Option<Recorder> },
+        Teed { reader: TeeReader<B> },
         Cached { data: Option<Bytes> },
     }
 }
 
-/// Copies a body up to a limit and hands the copy over when the body ends.
-/// Dropped early (client gone, body error, limit passed): nothing is sent,
-/// so nothing partial is stored.
-pub(crate) struct Recorder {
-    buffer: BytesMut,
-    limit: usize,
-    done: oneshot::Sender<Bytes>,
-}
-
-impl Recorder {
-    pub(crate) fn new(limit: usize) -> (Self, oneshot::Receiver<Bytes>) {
-        let (done, receiver) = oneshot::channel();
-        (
-            Self {
-                buffer: BytesMut::new(),
-                limit,
-                done,
-            },
-            receiver,
-        )
-    }
-
-    /// False once the copy is over the limit.
-    fn push(&mut self, data: &Bytes) -> bool {
-        if self.buffer.len() + data.len() > self.limit {
-            return false;
-        }
-        self.buffer.extend_from_slice(data);
-        true
-    }
-
-    fn finish(self) {
-        let _ = self.done.send(self.buffer.freeze());
-    }
-}
-
-impl<B> CacheBody<B> {
+impl<B: Body> CacheBody<B> {
     pub(crate) fn passthrough(body: B) -> Self {
         Self {
             kind: Kind::Passthrough { body },
@@ -82,30 +47,20 @@ impl<B> CacheBody<B> {
             kind: Kind::Cached { data: None },
         }
     }
-}
 
-impl<B: Body<Data = Bytes>> CacheBody<B> {
-    pub(crate) fn recording(body: B, recorder: Recorder) -> Self {
-        if body.is_end_stream() {
-            // An empty body: complete already.
-            recorder.finish();
-            return Self::passthrough(body);
-        }
+    /// A body read ahead of the client for the cache.
+    pub(crate) fn teed(reader: TeeReader<B>) -> Self {
         Self {
-            kind: Kind::Recording {
-                body,
-                recorder: Some(recorder),
-            },
+            kind: Kind::Teed { reader },
         }
     }
 }
 
-impl<B: std::fmt::Debug> std::fmt::Debug for CacheBody<B> {
+impl<B: Body + std::fmt::Debug> std::fmt::Debug for CacheBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
-            Kind::Passthrough { body } | Kind::Recording { body, .. } => {
-                f.debug_tuple("CacheBody").field(body).finish()
-            }
+            Kind::Passthrough { body } => f.debug_tuple("CacheBody").field(body).finish(),
+            Kind::Teed { .. } => f.debug_tuple("CacheBody::Teed").finish(),
             Kind::Cached { data } => f.debug_tuple("CacheBody::Cached").field(data).finish(),
         }
     }
@@ -125,50 +80,22 @@ where
         match self.project().kind.project() {
             KindProj::Passthrough { body } => body.poll_frame(cx),
             KindProj::Cached { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            KindProj::Recording { mut body, recorder } => {
-                let result = match body.as_mut().poll_frame(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(result) => result,
-                };
-                match &result {
-                    Some(Ok(frame)) => match frame.data_ref() {
-                        Some(data) => {
-                            if recorder.as_mut().is_some_and(|r| !r.push(data)) {
-                                // Too big to store: stop copying, keep streaming.
-                                *recorder = None;
-                            }
-                            // A body that knows it is done may not be polled again.
-                            if body.is_end_stream()
-                                && let Some(recorder) = recorder.take()
-                            {
-                                recorder.finish();
-                            }
-                        }
-                        // Trailers are not stored; neither is the response.
-                        None => *recorder = None,
-                    },
-                    Some(Err(_)) => *recorder = None,
-                    None => {
-                        if let Some(recorder) = recorder.take() {
-                            recorder.finish();
-                        }
-                    }
-                }
-                Poll::Ready(result)
-            }
+            KindProj::Teed { reader } => reader.poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Passthrough { body } | Kind::Recording { body, .. } => body.is_end_stream(),
+            Kind::Passthrough { body } => body.is_end_stream(),
+            Kind::Teed { reader } => reader.is_end_stream(),
             Kind::Cached { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Passthrough { body } | Kind::Recording { body, .. } => body.size_hint(),
+            Kind::Passthrough { body } => body.size_hint(),
+            Kind::Teed { reader } => reader.size_hint(),
             Kind::Cached { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

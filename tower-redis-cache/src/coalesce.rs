@@ -5,16 +5,19 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use http::StatusCode;
 use tokio::sync::watch;
 
 use crate::entry::Entry;
 
 /// How a flight ended: with the entry it stored (shared only when it has
-/// no `Vary`, so that it fits every follower), or without one.
+/// no `Vary`, so that it fits every follower), without one, or with the
+/// origin failing (an error, or this status) while the leader revalidated.
 #[derive(Clone, Debug)]
 pub(crate) enum Outcome {
     Pending,
     Done(Option<Arc<Entry>>),
+    OriginFailed(Option<StatusCode>),
 }
 
 #[derive(Default, Debug)]
@@ -28,6 +31,12 @@ pub(crate) enum Joined {
 }
 
 impl Flights {
+    /// Follows the flight on `key` if there is one, without ever leading:
+    /// for requests whose own answer could not be stored.
+    pub(crate) fn follow(&self, key: &str) -> Option<watch::Receiver<Outcome>> {
+        lock(&self.map).get(key).cloned()
+    }
+
     pub(crate) fn join(self: &Arc<Self>, key: &str) -> Joined {
         let mut map = lock(&self.map);
         if let Some(receiver) = map.get(key) {
@@ -54,6 +63,11 @@ pub(crate) struct FlightGuard {
 impl FlightGuard {
     pub(crate) fn complete(self, entry: Option<Arc<Entry>>) {
         self.sender.send_replace(Outcome::Done(entry));
+    }
+
+    /// Ends the flight saying the origin failed (an error, or `status`).
+    pub(crate) fn fail(self, status: Option<StatusCode>) {
+        self.sender.send_replace(Outcome::OriginFailed(status));
     }
 }
 
@@ -87,14 +101,11 @@ impl std::fmt::Debug for FlightGuard {
     }
 }
 
-/// Waits for the flight's outcome.
-pub(crate) async fn wait(mut receiver: watch::Receiver<Outcome>) -> Option<Arc<Entry>> {
-    match receiver.wait_for(|o| matches!(o, Outcome::Done(_))).await {
-        Ok(outcome) => match &*outcome {
-            Outcome::Done(entry) => entry.clone(),
-            Outcome::Pending => None,
-        },
-        Err(_) => None,
+/// Waits for the flight's outcome (never `Pending`).
+pub(crate) async fn wait(mut receiver: watch::Receiver<Outcome>) -> Outcome {
+    match receiver.wait_for(|o| !matches!(o, Outcome::Pending)).await {
+        Ok(outcome) => outcome.clone(),
+        Err(_) => Outcome::Done(None),
     }
 }
 

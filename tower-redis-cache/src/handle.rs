@@ -295,7 +295,8 @@ impl CacheHandle {
                         .filter_map(|v| v.to_str().ok())
                         .find(|v| v.starts_with("tower-redis"))
                         .map(str::to_owned);
-                    // The entry is stored once the body has been read.
+                    // Read to its end: a body dropped early is a client
+                    // that left, and nothing would be stored.
                     let _ = response.into_body().collect().await;
                     Warmed {
                         url,
@@ -340,14 +341,9 @@ impl CacheHandle {
                 "give an absolute URL (`https://host/path`) or a path starting with `/`",
             ));
         }
-        // Normalise the query as keys are, with a placeholder host.
-        let mut placeholder = parts;
-        placeholder
-            .headers
-            .insert(header::HOST, http::HeaderValue::from_static("h"));
-        let key_url =
-            key::url_of(&placeholder, &[], route).ok_or_else(|| invalid("not a usable path"))?;
-        Ok(Target::Path(key::path_of(&key_url).to_owned()))
+        // Normalised as keys are: the purge and the index agree.
+        let path = key::path_target(&parts, route).ok_or_else(|| invalid("not a usable path"))?;
+        Ok(Target::Path(path))
     }
 }
 

@@ -7,14 +7,18 @@
 //! a URL deletes the one hash, and with it every variant.
 //!
 //! The host comes from the request's authority (`Host`), and only when it
-//! is in the configured allow list (if any): headers such as
-//! `X-Forwarded-Host` never reach the key, so they cannot poison entries.
+//! is in the configured allow list (if any). Forwarding headers such as
+//! `X-Forwarded-Host` reach the key only when a proxy trusted by the
+//! layer's forwarding model wrote them; from anyone else they keep the
+//! response out of the cache, so they cannot poison entries.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::request::Parts;
 use http::{HeaderMap, Uri, header};
 use sha2::{Digest, Sha256};
+
+use tower_redis_core::forwarding::RequestView;
 
 use crate::policy::Route;
 
@@ -28,6 +32,57 @@ pub(crate) fn url_of(parts: &Parts, allowed_hosts: &[String], route: &Route) -> 
         allowed_hosts,
         route,
     )
+}
+
+/// [`url_of`] for a request received from a trusted proxy: keyed by the
+/// host the proxy reports, or by the request's own when it reports none.
+pub(crate) fn forwarded_url_of(
+    parts: &Parts,
+    view: &RequestView,
+    allowed_hosts: &[String],
+    route: &Route,
+) -> Option<String> {
+    match &view.host {
+        Some(host) => url_from(
+            host.as_str(),
+            parts.uri.path(),
+            parts.uri.query(),
+            allowed_hosts,
+            route,
+        ),
+        None => url_of(parts, allowed_hosts, route),
+    }
+}
+
+/// `parts` as the client sent them to a trusted proxy that reported `host`:
+/// origin-form target, `Host: host`.
+pub(crate) fn with_host(parts: &Parts, host: &http::uri::Authority) -> Parts {
+    let mut rewritten = parts.clone();
+    if let Some(path_and_query) = parts.uri.path_and_query() {
+        rewritten.uri = Uri::from(path_and_query.clone());
+    }
+    if let Ok(value) = http::HeaderValue::from_str(host.as_str()) {
+        rewritten.headers.insert(header::HOST, value);
+    }
+    rewritten
+}
+
+/// Adds the scheme and port a trusted proxy reported to a variant's extra
+/// key parts: the same URL over `http` and `https` (or another port) is a
+/// different variant, so a redirect to `https` is never served for it.
+pub(crate) fn push_forwarded_origin(extra: &mut String, view: &RequestView) {
+    if view.scheme.is_none() && view.port.is_none() {
+        return;
+    }
+    extra.push_str("forwarded=");
+    if let Some(scheme) = &view.scheme {
+        extra.push_str(scheme.as_str());
+    }
+    extra.push(':');
+    if let Some(port) = view.port {
+        extra.push_str(itoa::Buffer::new().format(port));
+    }
+    extra.push('\n');
 }
 
 fn url_from(
@@ -48,6 +103,45 @@ fn url_from(
         url.push_str(&query);
     }
     Some(url)
+}
+
+/// The URLs an unsafe request may have changed (RFC 9111 §4.4): its own;
+/// or, when it has no trustworthy host (its target authority and `Host`
+/// disagree, or it has several `Host` fields), the URL under each host it
+/// names, since the origin acted on one of them and over-invalidating only
+/// costs a miss.
+pub(crate) fn invalidated_urls(
+    parts: &Parts,
+    allowed_hosts: &[String],
+    route: &Route,
+) -> Vec<String> {
+    if let Some(url) = url_of(parts, allowed_hosts, route) {
+        return vec![url];
+    }
+    let named = parts.uri.authority().map(|a| a.as_str().to_owned());
+    let hosts = parts
+        .headers
+        .get_all(header::HOST)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.trim().to_owned())
+        .filter(|h| !h.is_empty() && h.parse::<http::uri::Authority>().is_ok());
+    let mut urls: Vec<String> = named
+        .into_iter()
+        .chain(hosts)
+        .filter_map(|host| {
+            url_from(
+                &host,
+                parts.uri.path(),
+                parts.uri.query(),
+                allowed_hosts,
+                route,
+            )
+        })
+        .collect();
+    urls.sort_unstable();
+    urls.dedup();
+    urls
 }
 
 /// The URL of a `Location` / `Content-Location` value, resolved against the
@@ -73,12 +167,32 @@ pub(crate) fn same_origin_url<'r>(
     url_from(&host, path, target.query(), allowed_hosts, route_for(path))
 }
 
+/// The host a request is for: its target's authority (absolute form,
+/// HTTP/2 `:authority`) or its `Host`. `None` when the two disagree, when
+/// `Host` appears more than once or is not a valid authority: an origin
+/// (or a framework's `Host` extractor) may build its answer from either
+/// one, so such a request has no host the cache can trust.
 fn authority(parts: &Parts) -> Option<String> {
-    if let Some(authority) = parts.uri.authority() {
-        return Some(authority.as_str().to_owned());
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (None, _) => None,
+        (Some(host), None) => {
+            let host = host.to_str().ok()?.trim();
+            if host.is_empty() || host.parse::<http::uri::Authority>().is_err() {
+                return None;
+            }
+            Some(host)
+        }
+        (Some(_), Some(_)) => return None,
+    };
+    match (parts.uri.authority(), host) {
+        (Some(authority), Some(host)) => authority
+            .as_str()
+            .eq_ignore_ascii_case(host)
+            .then(|| authority.as_str().to_owned()),
+        (Some(authority), None) => Some(authority.as_str().to_owned()),
+        (None, host) => host.map(str::to_owned),
     }
-    let host = parts.headers.get(header::HOST)?.to_str().ok()?.trim();
-    (!host.is_empty() && host.parse::<http::uri::Authority>().is_ok()).then(|| host.to_owned())
 }
 
 fn normalised_query(query: Option<&str>, route: &Route) -> Option<String> {
@@ -105,10 +219,10 @@ pub(crate) fn path_of(url: &str) -> &str {
 }
 
 /// The directory prefixes of a key URL's path that index it, shortest
-/// first: `/`, `/a/`, `/a/b/` … at most `depth` segments deep.
+/// first: `/`, `/a/`, `/a/b/` … at most `depth` segments deep. The query
+/// plays no part, whatever it holds.
 pub(crate) fn directories(url: &str, depth: usize) -> Vec<&str> {
-    let path = path_of(url);
-    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let path = without_query(path_of(url));
     let mut dirs = vec!["/"];
     for (i, _) in path.match_indices('/').skip(1).take(depth) {
         dirs.push(&path[..=i]);
@@ -116,14 +230,29 @@ pub(crate) fn directories(url: &str, depth: usize) -> Vec<&str> {
     dirs
 }
 
-/// The index directory to read for a purge of everything under `prefix`:
-/// the longest directory of `prefix` within `depth` segments.
+/// The index directory to read for a purge of everything under `prefix`
+/// (a path, or a path and query): the longest directory of its path within
+/// `depth` segments. Like [`directories`], it ignores the query, so that a
+/// `/` in a query never points a purge at an index nothing is recorded in.
 pub(crate) fn directory_for_prefix(prefix: &str, depth: usize) -> &str {
+    let path = without_query(prefix);
     let mut dir = "/";
-    for (i, _) in prefix.match_indices('/').skip(1).take(depth) {
-        dir = &prefix[..=i];
+    for (i, _) in path.match_indices('/').skip(1).take(depth) {
+        dir = &path[..=i];
     }
     dir
+}
+
+fn without_query(path: &str) -> &str {
+    path.split_once('?').map_or(path, |(p, _)| p)
+}
+
+/// The path and query (`/path?query`) a purge of a path-only target
+/// selects: the same normalisation as the keys of that path's route, with
+/// `parts` carrying no host.
+pub(crate) fn path_target(parts: &Parts, route: &Route) -> Option<String> {
+    let url = url_from("h", parts.uri.path(), parts.uri.query(), &[], route)?;
+    Some(path_of(&url).to_owned())
 }
 
 /// The Redis-safe name of a URL: SHA-256, so long URLs make short keys.
@@ -272,6 +401,53 @@ mod tests {
         assert_eq!(directory_for_prefix("/a/b/c", 8), "/a/b/");
         assert_eq!(directory_for_prefix("/a/b/c/d/", 2), "/a/b/");
         assert_eq!(directory_for_prefix("/pro", 8), "/");
+        assert_eq!(directory_for_prefix("/search?q=a/b", 8), "/");
+        assert_eq!(directory_for_prefix("/a/b?q=/c/d/", 8), "/a/");
+        assert_eq!(directories("//h/search?q=a/b", 8), vec!["/"]);
+    }
+
+    #[test]
+    fn a_host_that_disagrees_with_the_target_authority_gives_no_key() {
+        let route = Route::new("*");
+        let absolute = |host: &str| {
+            let mut builder = http::Request::get("http://shop.example/p");
+            if !host.is_empty() {
+                builder = builder.header("host", host);
+            }
+            builder.body(()).unwrap().into_parts().0
+        };
+        assert_eq!(
+            url_of(&absolute("shop.example"), &[], &route).as_deref(),
+            Some("//shop.example/p")
+        );
+        assert_eq!(
+            url_of(&absolute("SHOP.example"), &[], &route).as_deref(),
+            Some("//shop.example/p")
+        );
+        assert_eq!(
+            url_of(&absolute(""), &[], &route).as_deref(),
+            Some("//shop.example/p")
+        );
+        assert_eq!(url_of(&absolute("evil.example"), &[], &route), None);
+        assert_eq!(url_of(&absolute("shop.example:8080"), &[], &route), None);
+        let two_hosts = parts("/p", &[("host", "shop.example"), ("host", "evil.example")]);
+        assert_eq!(url_of(&two_hosts, &[], &route), None);
+        let bad_host = parts("/p", &[("host", "a b")]);
+        assert_eq!(url_of(&bad_host, &[], &route), None);
+        // An unsafe request without a trustworthy host invalidates the
+        // URL under every host it names.
+        assert_eq!(
+            invalidated_urls(&absolute("evil.example"), &[], &route),
+            ["//evil.example/p", "//shop.example/p"]
+        );
+        assert_eq!(
+            invalidated_urls(&two_hosts, &[], &route),
+            ["//evil.example/p", "//shop.example/p"]
+        );
+        assert_eq!(
+            invalidated_urls(&absolute("shop.example"), &[], &route),
+            ["//shop.example/p"]
+        );
     }
 
     fn parts(uri: &str, headers: &[(&str, &str)]) -> Parts {

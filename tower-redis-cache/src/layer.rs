@@ -11,8 +11,10 @@ use crate::coalesce::Flights;
 use crate::freshness::Rules;
 use crate::handle::CacheHandle;
 use crate::policy::Route;
+use crate::request::RequestCacheControl;
 use crate::service::Cache;
 use crate::store::{CacheStore, StoreOptions};
+use tower_redis_core::forwarding::Forwarding;
 
 /// A problem with the cache configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,15 +58,20 @@ pub(crate) struct Config {
     pub(crate) keep_stale_for: Duration,
     pub(crate) generate_etags: bool,
     pub(crate) unkeyed_headers: Vec<HeaderName>,
+    /// The trusted proxies and the header they write.
+    pub(crate) forwarding: Forwarding,
     pub(crate) tag_headers: Vec<HeaderName>,
     pub(crate) strip_tag_headers: bool,
     pub(crate) coalesce: Option<Duration>,
     pub(crate) origin_timeout: Option<Duration>,
+    pub(crate) request_cache_control: RequestCacheControl,
     pub(crate) flights: Arc<Flights>,
     /// Flight keys whose last coalesced fill answered something the cache
     /// may not store (`private`, `no-store`, too large…): misses on them go
     /// straight to the origin for a while instead of queueing behind each
-    /// other's fill lock for an entry that never comes.
+    /// other's fill lock for an entry that never comes. Only refusals that
+    /// come from the response count: one request's own headers never turn
+    /// coalescing off for the others.
     pub(crate) uncacheable: moka::sync::Cache<String, ()>,
 }
 
@@ -102,6 +109,8 @@ impl CacheLayer {
             coalesce: Some(Duration::from_secs(5)),
             lock_ttl: Duration::from_secs(5),
             origin_timeout: None,
+            request_cache_control: RequestCacheControl::Honor,
+            forwarding: Forwarding::none(),
             near_cache: None,
             index_depth: 4,
         }
@@ -109,9 +118,10 @@ impl CacheLayer {
 }
 
 impl CacheLayer {
-    /// Waits until the responses already sent have been stored (or their
-    /// storing given up). Stores run after a body has gone out in full; call
-    /// this before shutting down so that none is lost.
+    /// Waits until the responses already answered have been stored (or
+    /// their storing given up). A store waits for the origin to send the
+    /// whole body, never for the client to read it; call this before
+    /// shutting down so that none is lost.
     pub async fn flush(&self) {
         self.config.store.flushed().await;
     }
@@ -150,15 +160,28 @@ pub struct CacheLayerBuilder {
     coalesce: Option<Duration>,
     lock_ttl: Duration,
     origin_timeout: Option<Duration>,
+    request_cache_control: RequestCacheControl,
     near_cache: Option<(u64, Duration)>,
     index_depth: usize,
+    forwarding: Forwarding,
 }
 
 /// Request headers that can change what an origin answers without being
 /// part of the cache key; a response to a request carrying one is not
 /// stored (it is still answered from the cache when an entry exists).
+///
+/// The forwarding headers among them (`Forwarded`, `X-Forwarded-Host`,
+/// `-Proto`, `-Port`) are read instead when the request comes from a proxy
+/// trusted by [`CacheLayerBuilder::forwarding`] and they are the family
+/// those proxies write: the host, scheme and port they name become part of
+/// the key.
 pub const DEFAULT_UNKEYED_HEADERS: &[&str] = &[
+    "forwarded",
     "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-scheme",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
     "x-forwarded-server",
     "x-host",
     "x-original-url",
@@ -178,6 +201,37 @@ impl CacheLayerBuilder {
         S: Into<String>,
     {
         self.unkeyed_headers = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The shared forwarding model: which proxies are trusted and which one
+    /// header they write. Give the same value to the rate-limit layer.
+    ///
+    /// From a trusted proxy, the host, scheme and port the proxy reports
+    /// (`X-Forwarded-Host` / `-Proto` / `-Port`, or `host=` / `proto=` of
+    /// `Forwarded`) key the entry, so a response to `http` is never served
+    /// for `https` and a proxied app keeps caching. From any other peer
+    /// those headers keep the response out of the cache (see
+    /// [`DEFAULT_UNKEYED_HEADERS`]), and a trusted proxy that sends a value
+    /// that cannot be read makes the request bypass the cache. Without
+    /// this, no proxy is trusted.
+    ///
+    /// ```
+    /// use tower_redis_cache::CacheLayer;
+    /// use tower_redis_core::forwarding::{Forwarding, ForwardingHeader, TrustedProxies};
+    ///
+    /// let forwarding = Forwarding::new(
+    ///     TrustedProxies::parse(["10.0.0.0/8"])?,
+    ///     ForwardingHeader::XForwardedFor,
+    /// );
+    /// let layer = CacheLayer::builder(tower_redis_core::RedisManager::disabled())
+    ///     .forwarding(forwarding)
+    ///     .build()?;
+    /// # let _ = layer;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forwarding(mut self, forwarding: Forwarding) -> Self {
+        self.forwarding = forwarding;
         self
     }
 
@@ -297,6 +351,17 @@ impl CacheLayerBuilder {
         self
     }
 
+    /// Whether requests' `Cache-Control` and `Pragma: no-cache` are obeyed
+    /// ([`RequestCacheControl::Honor`], the default) or ignored
+    /// ([`RequestCacheControl::Ignore`]). Obeyed, any client can make the
+    /// cache revalidate with the origin (`no-cache`, `max-age=0`) or keep
+    /// an answer out of the cache (`no-store`); ignore them when the
+    /// clients are not yours, as a CDN edge does.
+    pub fn request_cache_control(mut self, policy: RequestCacheControl) -> Self {
+        self.request_cache_control = policy;
+        self
+    }
+
     /// A near cache: an in-process copy of entries read from Redis, of at
     /// most `max_bytes`, each kept at most `ttl`, answering hits with no
     /// round trip. Instances keep it coherent through Redis pub/sub: a
@@ -382,10 +447,12 @@ impl CacheLayerBuilder {
                 keep_stale_for: self.keep_stale_for,
                 generate_etags: self.generate_etags,
                 unkeyed_headers,
+                forwarding: self.forwarding,
                 tag_headers,
                 strip_tag_headers: self.strip_tag_headers,
                 coalesce: self.coalesce,
                 origin_timeout: self.origin_timeout,
+                request_cache_control: self.request_cache_control,
                 flights: Arc::new(Flights::default()),
                 uncacheable: moka::sync::Cache::builder()
                     .max_capacity(UNCACHEABLE_CAPACITY)

@@ -30,8 +30,9 @@
 //!   are not stored unless allowed; `Vary` selects among several variants of
 //!   a URL, and `Vary: *` is never stored; `Age` is on every response served
 //!   from the cache; request `no-cache`, `max-age`, `max-stale`, `min-fresh`
-//!   and `only-if-cached` are honoured; heuristic freshness only when
-//!   enabled. `CDN-Cache-Control` and a configurable targeted field
+//!   and `only-if-cached` are honoured, or all ignored with
+//!   [`RequestCacheControl::Ignore`] for clients you do not trust;
+//!   heuristic freshness only when enabled. `CDN-Cache-Control` and a configurable targeted field
 //!   (RFC 9213) take precedence over `Cache-Control`.
 //! - **Conditional requests**: `If-None-Match` / `If-Modified-Since` get a
 //!   304 from the cache; stale entries are revalidated with their
@@ -39,11 +40,22 @@
 //! - **No poisoning through unkeyed headers**: the key's host comes from the
 //!   request's authority (optionally checked against an allow list), never
 //!   from `X-Forwarded-Host`; and a response to a request that carries such
-//!   a header ([`DEFAULT_UNKEYED_HEADERS`]) is not stored.
+//!   a header ([`DEFAULT_UNKEYED_HEADERS`]) is not stored. A request whose
+//!   target authority (absolute form, HTTP/2 `:authority`) and `Host`
+//!   disagree, or with several `Host` fields, is neither answered from the
+//!   cache nor stored; nor is a GET or HEAD with a body (`Content-Length`
+//!   other than 0, `Transfer-Encoding`, or an HTTP/2 stream that did not
+//!   end with its headers), whose key could not include its body.
 //! - **Invalidation**: a successful POST, PUT, PATCH or DELETE invalidates
 //!   its URL and same-origin `Location` / `Content-Location`.
-//! - **Bodies** are streamed to the client while a copy is kept; past
-//!   `max_body_bytes`, or if the client goes away, nothing is stored.
+//! - **Bodies** of responses that may be stored are read from the origin at
+//!   its pace, whatever the client's, and streamed to the client as they
+//!   come: the entry is stored as soon as the origin has sent it, so a slow
+//!   reader never holds back the requests coalesced on it nor
+//!   [`CacheLayer::flush`]. Past `max_body_bytes` nothing is stored and the
+//!   rest streams with ordinary backpressure; if the client goes away before
+//!   the origin has sent the whole body, the origin body is dropped and
+//!   nothing is stored.
 //! - **`Cache-Status`** (RFC 9211) on every response it handles:
 //!   `tower-redis; hit; ttl=42`, `tower-redis; fwd=uri-miss; stored`,
 //!   `tower-redis; fwd=stale; fwd-status=304; stored`, plus
@@ -55,10 +67,16 @@
 //!   pub/sub, polling as a fallback) up to [`CacheLayerBuilder::coalesce`]'s
 //!   wait, then go to the origin rather than hang. A holder that dies frees
 //!   the lock when it expires ([`CacheLayerBuilder::lock_ttl`]). Followers
-//!   answer `hit; detail=coalesced`. A URL whose fill answered something
-//!   the cache may not store (`private`, `no-store`, too large) is not
-//!   coalesced for the next 10 s in that process: its misses go to the
-//!   origin at once instead of queueing for an entry that never comes.
+//!   answer `hit; detail=coalesced`. Revalidations are coalesced the same
+//!   way: concurrent requests for a stale entry, or with `no-cache`, make
+//!   one conditional origin request; when it fails, the followers that may
+//!   serve `stale-if-error` do so without asking the origin again. A URL
+//!   whose fill answered something the cache may not store (`private`,
+//!   `no-store`, too large) is not coalesced for the next 10 s in that
+//!   process: its misses go to the origin at once instead of queueing for
+//!   an entry that never comes. A request whose own headers keep its answer
+//!   out of the cache (an unkeyed header, `no-store`, `Authorization`)
+//!   never causes that, and never leads a coalesced fill.
 //! - **Stale serving** (RFC 5861): `stale-while-revalidate` serves a stale
 //!   entry at once (`hit; fwd=stale; detail=stale-while-revalidate`) while
 //!   exactly one background request — per instance and across instances —
@@ -72,7 +90,9 @@
 //!   headers (removed before the client sees them), [`Route::tag`] and
 //!   [`Route::tags_fn`]; [`CacheHandle`] purges by tag, URL, path prefix or
 //!   everything, hard or soft (soft: marked stale, so stale-while-revalidate
-//!   keeps serving while one request refreshes), warms URLs through the
+//!   keeps serving while one request refreshes; the mark and the entries'
+//!   response times both come from Redis' clock, so instances whose clocks
+//!   disagree agree on what it made stale), warms URLs through the
 //!   app, looks entries up and reports statistics; [`admin::CacheAdmin`]
 //!   (feature `axum`) puts the same behind an authorisation check.
 //! - **Near cache** (opt-in, [`CacheLayerBuilder::near_cache`]): hot entries
@@ -108,9 +128,12 @@
 //! it and a purge costs O(entries under the tag or prefix). Every command
 //! names a single key, so this works the same on Redis Cluster (where a
 //! write batch is sent as concurrent commands to the slots' nodes instead
-//! of one pipeline). A URL that is re-stored without a tag it had stays in
-//! that tag's index until its entry expires: a purge of the old tag then
-//! removes it too (over-purging is a miss, never a stale hit).
+//! of one pipeline, and the announcements only once every write is
+//! acknowledged: one more round trip of time, so that a subscriber never
+//! hears of an update before it can read it). A URL that is re-stored
+//! without a tag it had stays in that tag's index until its entry expires:
+//! a purge of the old tag then removes it too (over-purging is a miss,
+//! never a stale hit).
 
 #[cfg(feature = "axum")]
 pub mod admin;
@@ -126,11 +149,17 @@ mod layer;
 mod policy;
 #[cfg(test)]
 mod proptests;
+mod request;
+mod revalidation;
 mod service;
 mod store;
+mod storing;
+mod tee;
 
 pub use body::CacheBody;
 pub use handle::{CacheHandle, EntryInfo, InvalidUrl, Purged, Stats, Warmed};
 pub use layer::{CacheLayer, CacheLayerBuilder, ConfigError, DEFAULT_UNKEYED_HEADERS};
 pub use policy::Route;
+pub use request::RequestCacheControl;
 pub use service::{Cache, ResponseFuture};
+pub use tower_redis_core::forwarding::{Forwarding, ForwardingHeader};

@@ -1,6 +1,7 @@
 //! Property tests for the parsers that read untrusted bytes: request and
 //! response `Cache-Control` (and targeted fields), `Vary`, `Age` / `Date`,
-//! and the stored-entry decoder (whose input comes from Redis).
+//! and the stored-entry decoder (whose input comes from Redis); and for the
+//! agreement of a URL's purge indexes with the purge of that URL.
 //!
 //! Properties: nothing panics on arbitrary bytes; what has an encoder
 //! round-trips; outputs stay within their documented bounds.
@@ -185,6 +186,30 @@ fn entry() -> impl Strategy<Value = Entry> {
                 initial_age: age,
                 lifetime,
             }
+        })
+}
+
+/// A request target as clients write them: path segments (percent-escapes,
+/// dots, empty segments) and a query that may hold `/`, `?`, `=`, `&`, `;`.
+fn request_target() -> impl Strategy<Value = String> {
+    let segment = prop_oneof![
+        4 => "[a-z0-9._~-]{1,6}",
+        1 => Just(String::new()),
+        1 => Just("%2F".to_owned()),
+        1 => Just("..".to_owned()),
+    ];
+    let query = "([a-z0-9/?:@._~!$'()*+,;=&-]|%2F|%3F|%26){0,24}";
+    (
+        prop::collection::vec(segment, 0..7),
+        prop::option::of(query),
+    )
+        .prop_map(|(segments, query)| {
+            let mut target = format!("/{}", segments.join("/"));
+            if let Some(query) = query {
+                target.push('?');
+                target.push_str(&query);
+            }
+            target
         })
 }
 
@@ -397,5 +422,44 @@ proptest! {
             ..Default::default()
         };
         let _ = freshness::usability(age, lifetime, &stored, &request);
+    }
+
+    /// Issue 15, item 5: a purge of a URL's path (and query) reads an index
+    /// its entry was recorded in, and selects it there.
+    #[test]
+    fn a_path_purge_reads_an_index_the_url_is_recorded_in(
+        target in request_target(),
+        depth in 0usize..6,
+        keep_order in any::<bool>(),
+    ) {
+        let mut route = Route::new("*").ignore_query_params(["utm_*"]);
+        if keep_order {
+            route = route.keep_query_order();
+        }
+        let Ok(uri) = target.parse::<http::Uri>() else {
+            return Ok(());
+        };
+        let stored = http::Request::get(uri.clone())
+            .header(http::header::HOST, "shop.example")
+            .body(())
+            .map(|r| r.into_parts().0);
+        let purge = http::Request::get(uri).body(()).map(|r| r.into_parts().0);
+        let (Ok(stored), Ok(purge)) = (stored, purge) else {
+            return Ok(());
+        };
+        let Some(url) = key::url_of(&stored, &[], &route) else {
+            return Ok(());
+        };
+        let path = key::path_target(&purge, &route);
+        prop_assert_eq!(Some(key::path_of(&url)), path.as_deref(), "{}", target);
+        let path = path.unwrap_or_default();
+        let index = key::directory_for_prefix(&path, depth);
+        prop_assert!(
+            key::directories(&url, depth).contains(&index),
+            "{} is recorded under {:?}, its purge reads {:?}",
+            url,
+            key::directories(&url, depth),
+            index
+        );
     }
 }

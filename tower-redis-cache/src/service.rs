@@ -13,29 +13,23 @@ use http_body_util::BodyExt;
 use tower_service::Service;
 use tracing::Instrument;
 
-use crate::body::{CacheBody, Recorder};
-use crate::coalesce::{self, FlightGuard, Joined};
-use crate::directives::{self, RequestDirectives};
+use crate::body::CacheBody;
+use crate::coalesce::{self, FlightGuard, Joined, Outcome};
+use crate::directives::RequestDirectives;
 use crate::entry::Entry;
 use crate::freshness::{self, Usability};
 use crate::key;
 use crate::layer::Config;
-use crate::policy::Route;
+use crate::request;
+use crate::revalidation;
 use crate::store::{LockAttempt, LockPurpose, LockToken, Lookup, Put, Tier};
+use crate::storing::{
+    HOP_BY_HOP, STORED_TAGS, keep_for, set_stored_tags, store_if_allowed, stored_tags, take_tags,
+};
 
 /// The `Cache-Status` field (RFC 9211).
 pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 const CACHE_NAME: &str = "tower-redis";
-
-/// Response headers that describe a connection, not a response: never stored.
-const HOP_BY_HOP: [HeaderName; 6] = [
-    header::CONNECTION,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::TE,
-    header::TRAILER,
-    header::PROXY_AUTHENTICATE,
-];
 
 /// The cached service produced by [`CacheLayer`](crate::CacheLayer).
 #[derive(Clone)]
@@ -63,8 +57,9 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Send + 'static,
-    ReqBody: Send + 'static,
+    ReqBody: Body + Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     type Response = Response<CacheBody<ResBody>>;
     type Error = S::Error;
@@ -98,8 +93,9 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send,
     S::Error: Send + 'static,
-    ReqBody: Send + 'static,
+    ReqBody: Body + Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     let method = request.method().clone();
     // The miss, revalidation and invalidation paths are boxed: inlined,
@@ -110,15 +106,29 @@ where
     }
     let cacheable_request = (method == Method::GET || method == Method::HEAD)
         && !is_grpc(request.headers())
-        && !request.headers().contains_key(header::RANGE);
+        && !request.headers().contains_key(header::RANGE)
+        && !request::carries_body(&request);
     let route = config.route_for(request.uri().path());
     // The request's head is copied once, and only for requests the cache handles.
     let keyed = (cacheable_request && route.enabled)
-        .then(|| head_only(&request).0)
-        .and_then(|parts| {
-            key::url_of(&parts, &config.allowed_hosts, route).map(|url| (parts, url))
+        .then(|| request::forwarded_origin(&config, &request).ok())
+        .flatten()
+        .and_then(|forwarded| {
+            let mut parts = head_only(&request).0;
+            let url = match &forwarded {
+                Some((family, view)) => {
+                    parts.extensions.insert(request::ViaTrustedProxy(*family));
+                    key::forwarded_url_of(&parts, view, &config.allowed_hosts, route)
+                }
+                None => key::url_of(&parts, &config.allowed_hosts, route),
+            }?;
+            let mut extra = key::extra_key(&parts, route);
+            if let Some((_, view)) = &forwarded {
+                key::push_forwarded_origin(&mut extra, view);
+            }
+            Some((parts, url, extra))
         });
-    let Some((parts, url)) = keyed else {
+    let Some((parts, url, extra)) = keyed else {
         let response = inner.call(request).await?;
         return Ok(passthrough(&config, response));
     };
@@ -126,8 +136,8 @@ where
     let keyed = Keyed {
         url_hash: key::hash_url(&url),
         url,
-        extra: key::extra_key(&parts, route),
-        directives: directives::request(&parts.headers),
+        extra,
+        directives: request::directives(&parts.headers, config.request_cache_control),
         parts,
     };
     let (lookup, tier) = config
@@ -144,11 +154,7 @@ where
         return Ok(gateway_timeout(tier));
     }
     let status = CacheStatus::forward(forward_reason, tier);
-    let Some(max_wait) = config
-        .coalesce
-        .filter(|_| keyed.parts.method == Method::GET)
-        .filter(|_| !config.uncacheable.contains_key(&keyed.flight_key()))
-    else {
+    let Some(max_wait) = coalescing(&config, &keyed) else {
         return Box::pin(forward_and_store(
             &config,
             inner,
@@ -165,21 +171,31 @@ where
     .await
 }
 
+/// How long requests may wait for a fill or a revalidation another request
+/// makes for them, when they may be coalesced at all: GET only, and not on
+/// a URL whose last coalesced answer was not storable.
+pub(crate) fn coalescing(config: &Config, keyed: &Keyed) -> Option<Duration> {
+    config
+        .coalesce
+        .filter(|_| keyed.parts.method == Method::GET)
+        .filter(|_| !config.uncacheable.contains_key(&keyed.flight_key()))
+}
+
 /// A request the cache handles: its head (as the client sent it), where its
 /// entries live and what it asks of the cache.
-struct Keyed {
-    parts: Parts,
+pub(crate) struct Keyed {
+    pub(crate) parts: Parts,
     /// `//host/path?query`.
-    url: String,
-    url_hash: String,
-    extra: String,
-    directives: RequestDirectives,
+    pub(crate) url: String,
+    pub(crate) url_hash: String,
+    pub(crate) extra: String,
+    pub(crate) directives: RequestDirectives,
 }
 
 impl Keyed {
     /// The key requests are coalesced on: the URL and the route's extra
     /// key parts (the `Vary` of the response is not known yet).
-    fn flight_key(&self) -> String {
+    pub(crate) fn flight_key(&self) -> String {
         if self.extra.is_empty() {
             self.url_hash.clone()
         } else {
@@ -191,22 +207,31 @@ impl Keyed {
 /// What a request that fills an entry holds: its in-process flight (the
 /// followers waiting for it) and the Redis fill lock, both released once
 /// the entry is stored or given up.
-struct Fill {
-    guard: Option<FlightGuard>,
-    lock: Option<LockToken>,
+pub(crate) struct Fill {
+    pub(crate) guard: Option<FlightGuard>,
+    pub(crate) lock: Option<LockToken>,
 }
 
 impl Fill {
-    fn none() -> Self {
+    pub(crate) fn none() -> Self {
         Self {
             guard: None,
             lock: None,
         }
     }
 
+    /// Gives up because the origin failed (an error, or `status`): the
+    /// in-process followers hear so at once, then the lock is released.
+    fn fail(mut self, config: &Arc<Config>, url_hash: &str, status: Option<StatusCode>) {
+        if let Some(guard) = self.guard.take() {
+            guard.fail(status);
+        }
+        self.release(config, url_hash);
+    }
+
     /// Gives up without an entry: releases the lock (waking the other
     /// instances' waiters) and ends the flight.
-    fn release(self, config: &Arc<Config>, url_hash: &str) {
+    pub(crate) fn release(self, config: &Arc<Config>, url_hash: &str) {
         if let Some(lock) = self.lock {
             let store = Arc::clone(&config.store);
             let url_hash = url_hash.to_owned();
@@ -237,6 +262,7 @@ where
     S::Error: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     let now_ms = freshness::epoch_ms(SystemTime::now());
     let age = entry.age(now_ms);
@@ -285,17 +311,37 @@ where
                 && windows.if_error > 0
                 && stale_by <= windows.if_error;
             let status = CacheStatus::forward(reason, tier);
-            Box::pin(revalidate(
-                &config,
-                inner,
-                request,
-                entry,
-                &keyed,
-                status,
-                stale_if_error,
-                Fill::none(),
-            ))
-            .await
+            match coalescing(&config, &keyed) {
+                Some(max_wait) => {
+                    let revalidation = revalidation::Revalidation {
+                        entry,
+                        status,
+                        stale_if_error,
+                        max_wait,
+                    };
+                    Box::pin(revalidation::coalesced(
+                        &config,
+                        inner,
+                        request,
+                        &keyed,
+                        revalidation,
+                    ))
+                    .await
+                }
+                None => {
+                    Box::pin(revalidate(
+                        &config,
+                        inner,
+                        request,
+                        entry,
+                        &keyed,
+                        status,
+                        stale_if_error,
+                        Fill::none(),
+                    ))
+                    .await
+                }
+            }
         }
     }
 }
@@ -316,6 +362,7 @@ fn refresh_in_background<S, ReqBody, ResBody>(
     S::Error: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     let Joined::Leader(guard) = config.flights.join(&format!("r:{}", keyed.flight_key())) else {
         return;
@@ -346,7 +393,8 @@ fn refresh_in_background<S, ReqBody, ResBody>(
             let refreshed =
                 revalidate(&config, inner, request, entry, &keyed, status, false, fill).await;
             if let Ok(response) = refreshed {
-                // The copy is stored once the body has been read in full.
+                // Read to its end: a body dropped early is a client that
+                // left, and nothing would be stored.
                 let _ = response.into_body().collect().await;
             }
         }
@@ -357,6 +405,9 @@ fn refresh_in_background<S, ReqBody, ResBody>(
 /// A miss with coalescing: one request per instance leads (the others
 /// follow it in process); among the instances' leaders, the one that takes
 /// the Redis fill lock goes to the origin and the others wait for its entry.
+/// A request whose own answer could not be stored (or, with
+/// `Authorization`, seldom can) never leads: it follows a flight under
+/// way, or goes to the origin on its own.
 async fn coalesced_miss<S, ReqBody, ResBody>(
     config: &Arc<Config>,
     inner: S,
@@ -371,13 +422,23 @@ where
     S::Error: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     let store = &config.store;
     let deadline = tokio::time::Instant::now() + max_wait;
-    let guard = match config.flights.join(&keyed.flight_key()) {
-        Joined::Follower(flight) => {
+    let flight_key = keyed.flight_key();
+    let joined = if !request::may_lead(config, &keyed.parts, &keyed.directives) {
+        config.flights.follow(&flight_key).map(Joined::Follower)
+    } else {
+        Some(config.flights.join(&flight_key))
+    };
+    let guard = match joined {
+        None => {
+            return forward_and_store(config, inner, request, keyed, status, Fill::none()).await;
+        }
+        Some(Joined::Follower(flight)) => {
             let shared = tokio::time::timeout_at(deadline, coalesce::wait(flight)).await;
-            if let Ok(Some(entry)) = shared {
+            if let Ok(Outcome::Done(Some(entry))) = shared {
                 return Ok(serve_coalesced(config, &entry, keyed, Tier::Redis));
             }
             // The leader stored nothing this request can use (or took too
@@ -390,7 +451,7 @@ where
             }
             return forward_and_store(config, inner, request, keyed, status, Fill::none()).await;
         }
-        Joined::Leader(guard) => guard,
+        Some(Joined::Leader(guard)) => guard,
     };
     let mut poll = Duration::from_millis(10);
     loop {
@@ -436,7 +497,7 @@ where
 }
 
 /// An entry another request just fetched.
-fn serve_coalesced<B>(
+pub(crate) fn serve_coalesced<B: Body>(
     config: &Config,
     entry: &Entry,
     keyed: &Keyed,
@@ -453,7 +514,7 @@ fn serve_coalesced<B>(
     serve(entry, &keyed.parts, entry.age(now_ms), status)
 }
 
-async fn forward_and_store<S, ReqBody, ResBody>(
+pub(crate) async fn forward_and_store<S, ReqBody, ResBody>(
     config: &Arc<Config>,
     mut inner: S,
     request: Request<ReqBody>,
@@ -464,6 +525,7 @@ async fn forward_and_store<S, ReqBody, ResBody>(
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     let request_time = SystemTime::now();
     let response = match inner.call(request).await {
@@ -488,7 +550,7 @@ where
 /// With `stale_if_error`, an origin error, a 500/502/503/504 or no answer
 /// within the origin timeout serves the stale entry instead (RFC 5861).
 #[allow(clippy::too_many_arguments)]
-async fn revalidate<S, ReqBody, ResBody>(
+pub(crate) async fn revalidate<S, ReqBody, ResBody>(
     config: &Arc<Config>,
     mut inner: S,
     mut request: Request<ReqBody>,
@@ -501,6 +563,7 @@ async fn revalidate<S, ReqBody, ResBody>(
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     // The client's own conditionals are answered here, from the result.
     let client_parts = &keyed.parts;
@@ -532,23 +595,19 @@ where
         Some(Ok(_)) => None,
     };
     if let (true, Some(fwd_status)) = (stale_if_error, failed) {
-        fill.release(config, &keyed.url_hash);
-        let now_ms = freshness::epoch_ms(SystemTime::now());
-        let mut stale = CacheStatus::hit(entry.ttl(now_ms), status.tier);
-        stale.fwd = Some("stale");
-        stale.fwd_status = fwd_status;
-        stale.details.push("stale-if-error");
-        config
-            .store
-            .counters
-            .stale_hits
-            .fetch_add(1, Ordering::Relaxed);
-        return Ok(serve(&entry, client_parts, entry.age(now_ms), stale));
+        fill.fail(config, &keyed.url_hash, fwd_status);
+        return Ok(serve_stale_if_error(
+            config,
+            &entry,
+            client_parts,
+            status.tier,
+            fwd_status,
+        ));
     }
     let response = match answer {
         Some(Ok(response)) => response,
         Some(Err(error)) => {
-            fill.release(config, &keyed.url_hash);
+            fill.fail(config, &keyed.url_hash, None);
             return Err(error);
         }
         // Unreachable: a timeout only applies with stale_if_error.
@@ -588,7 +647,7 @@ where
     }
     let as_stored = response_parts(refreshed.status, refreshed.headers.clone());
     let mut status = status.with_fwd_status(StatusCode::NOT_MODIFIED);
-    let unkeyed = carries_unkeyed_header(config, client_parts);
+    let unkeyed = request::carries_unkeyed_header(config, client_parts);
     let storable = freshness::storable(
         client_parts,
         &keyed.directives,
@@ -626,24 +685,34 @@ where
     Ok(serve(&refreshed, client_parts, age, status))
 }
 
+/// A stale entry served because the origin failed (an error, or
+/// `fwd_status`), as RFC 5861's `stale-if-error` allows.
+pub(crate) fn serve_stale_if_error<B: Body>(
+    config: &Config,
+    entry: &Entry,
+    request: &Parts,
+    tier: Tier,
+    fwd_status: Option<StatusCode>,
+) -> Response<CacheBody<B>> {
+    let now_ms = freshness::epoch_ms(SystemTime::now());
+    let mut stale = CacheStatus::hit(entry.ttl(now_ms), tier);
+    stale.fwd = Some("stale");
+    stale.fwd_status = fwd_status;
+    stale.details.push("stale-if-error");
+    config
+        .store
+        .counters
+        .stale_hits
+        .fetch_add(1, Ordering::Relaxed);
+    serve(entry, request, entry.age(now_ms), stale)
+}
+
 fn is_server_failure(status: StatusCode) -> bool {
     matches!(status.as_u16(), 500 | 502 | 503 | 504)
 }
 
-/// How long an entry is kept: its freshness, plus the longest of the
-/// layer's stale keep and the stale-while-revalidate / stale-if-error windows.
-fn keep_for(config: &Config, route: &Route, entry: &Entry, lifetime: u64) -> Duration {
-    let stored = freshness::directives_of(&entry.headers, &config.rules);
-    let windows = freshness::stale_windows(&stored, route);
-    let stale_keep = config
-        .keep_stale_for
-        .max(Duration::from_secs(windows.while_revalidate))
-        .max(Duration::from_secs(windows.if_error));
-    freshness::retention(lifetime, stale_keep)
-}
-
 /// A response the cache does not handle: only its tag headers are removed.
-fn passthrough<B>(config: &Config, response: Response<B>) -> Response<CacheBody<B>> {
+fn passthrough<B: Body>(config: &Config, response: Response<B>) -> Response<CacheBody<B>> {
     let (mut parts, body) = response.into_parts();
     if config.strip_tag_headers {
         for name in &config.tag_headers {
@@ -651,178 +720,6 @@ fn passthrough<B>(config: &Config, response: Response<B>) -> Response<CacheBody<
         }
     }
     Response::from_parts(parts, CacheBody::passthrough(body))
-}
-
-/// The internal header that keeps an entry's tags with it (never served).
-static STORED_TAGS: HeaderName = HeaderName::from_static("tower-redis-tags");
-
-/// Tags of a response: its tag headers (removed when so configured), the
-/// route's static tags and the route's tag function.
-fn take_tags(
-    config: &Config,
-    route: &Route,
-    request: &Parts,
-    response: &mut http::response::Parts,
-) -> Vec<String> {
-    let mut tags: Vec<String> = Vec::new();
-    for name in &config.tag_headers {
-        for value in response.headers.get_all(name) {
-            let text = String::from_utf8_lossy(value.as_bytes());
-            tags.extend(
-                text.split(|c: char| c == ',' || c.is_ascii_whitespace())
-                    .filter(|t| !t.is_empty())
-                    .map(str::to_owned),
-            );
-        }
-        if config.strip_tag_headers {
-            response.headers.remove(name);
-        }
-    }
-    tags.extend(route.tags.iter().cloned());
-    if let Some(tags_fn) = &route.tags_fn {
-        tags.extend(tags_fn(request, response));
-    }
-    tags.retain(|t| !t.is_empty() && t.len() <= 1024);
-    tags.sort_unstable();
-    tags.dedup();
-    tags
-}
-
-fn stored_tags(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get(&STORED_TAGS)
-        .map(|v| {
-            String::from_utf8_lossy(v.as_bytes())
-                .split(' ')
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn set_stored_tags(headers: &mut HeaderMap, tags: &[String]) {
-    headers.remove(&STORED_TAGS);
-    if tags.is_empty() {
-        return;
-    }
-    if let Ok(value) = HeaderValue::from_str(&tags.join(" ")) {
-        headers.insert(STORED_TAGS.clone(), value);
-    }
-}
-
-/// Passes a response on, storing a copy when RFC 9111 and the route allow.
-fn store_if_allowed<ResBody>(
-    config: &Arc<Config>,
-    keyed: &Keyed,
-    response: Response<ResBody>,
-    request_time: SystemTime,
-    mut status: CacheStatus,
-    fill: Fill,
-) -> Response<CacheBody<ResBody>>
-where
-    ResBody: Body<Data = Bytes> + Send + 'static,
-{
-    let response_time = SystemTime::now();
-    let (mut parts, body) = response.into_parts();
-    let request = &keyed.parts;
-    let route = config.route_for(request.uri.path());
-    let tags = take_tags(config, route, request, &mut parts);
-    let storable = (request.method == Method::GET && !carries_unkeyed_header(config, request))
-        .then(|| {
-            freshness::storable(
-                request,
-                &keyed.directives,
-                &parts,
-                &config.rules,
-                route,
-                response_time,
-            )
-            .ok()
-        })
-        .flatten()
-        .filter(|_| body.size_hint().lower() <= config.max_body_bytes as u64);
-    let Some(storable) = storable else {
-        if fill.guard.is_some() || fill.lock.is_some() {
-            // Nothing will be stored for the requests coalesced on this
-            // URL: let the next misses pass instead of waiting in turn.
-            config.uncacheable.insert(keyed.flight_key(), ());
-        }
-        fill.release(config, &keyed.url_hash);
-        add_cache_status(&mut parts.headers, &status);
-        return Response::from_parts(parts, CacheBody::passthrough(body));
-    };
-    status.stored = true;
-    let mut headers = parts.headers.clone();
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    set_stored_tags(&mut headers, &tags);
-    let vary = key::vary_names(&headers).unwrap_or_default();
-    let (recorder, done) = Recorder::new(config.max_body_bytes);
-    let template = Entry {
-        status: parts.status,
-        headers,
-        body: Bytes::new(),
-        response_time_ms: freshness::epoch_ms(response_time),
-        initial_age: freshness::initial_age(&parts.headers, request_time, response_time),
-        lifetime: storable.lifetime,
-    };
-    let put = Put {
-        url_hash: keyed.url_hash.clone(),
-        url: keyed.url.clone(),
-        variant: key::variant(&vary, &request.headers, &keyed.extra),
-        vary,
-        keep_for: keep_for(config, route, &template, storable.lifetime),
-        entry: template,
-        tags,
-    };
-    let generate_etags = config.generate_etags;
-    let config = Arc::clone(config);
-    let in_flight = config.store.start_store();
-    // Stored once the body has been sent in full; a client that goes away
-    // mid-body drops the recorder and nothing is stored.
-    tokio::spawn(
-        async move {
-            let _in_flight = in_flight;
-            let Ok(body) = done.await else {
-                fill.release(&config, &put.url_hash);
-                return;
-            };
-            let mut put = put;
-            // A body that ended short of its declared length is not an entry.
-            let declared = put
-                .entry
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<usize>().ok());
-            if declared.is_some_and(|len| len != body.len()) {
-                fill.release(&config, &put.url_hash);
-                return;
-            }
-            put.entry.body = body;
-            if generate_etags && !put.entry.headers.contains_key(header::ETAG) {
-                put.entry
-                    .headers
-                    .insert(header::ETAG, strong_etag(&put.entry.body));
-            }
-            let shared = put.vary.is_empty().then(|| Arc::new(put.entry.clone()));
-            config.store.put(put, fill.lock).await;
-            if let Some(guard) = fill.guard {
-                guard.complete(shared);
-            }
-        }
-        .in_current_span(),
-    );
-    add_cache_status(&mut parts.headers, &status);
-    Response::from_parts(parts, CacheBody::recording(body, recorder))
-}
-
-fn strong_etag(body: &Bytes) -> HeaderValue {
-    let digest = sha1_smol::Sha1::from(&body[..]).digest().to_string();
-    HeaderValue::from_str(&format!("\"{digest}\""))
-        .unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
 }
 
 /// An unsafe method: forwarded, and on success its target (and same-origin
@@ -834,33 +731,47 @@ async fn invalidating<S, ReqBody, ResBody>(
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body,
 {
     let (parts, ()) = head_only(&request);
+    // Behind a trusted proxy the entries of this URL are keyed by the host
+    // the proxy reports; the request's own host is invalidated as well, as
+    // over-invalidating only costs a miss.
+    let mut heads = vec![parts];
+    if let Ok(Some((_, view))) = request::forwarded_origin(config, &request)
+        && let Some(host) = &view.host
+    {
+        heads.push(key::with_host(&heads[0], host));
+    }
     let response = inner.call(request).await?;
     let status = response.status();
     if status.is_success() || status.is_redirection() {
         let mut urls = Vec::new();
-        let route = config.route_for(parts.uri.path());
-        if let Some(url) = key::url_of(&parts, &config.allowed_hosts, route) {
-            urls.push(key::hash_url(&url));
-        }
-        for field in [header::LOCATION, header::CONTENT_LOCATION] {
-            if let Some(value) = response.headers().get(field).and_then(|v| v.to_str().ok())
-                && let Some(url) =
-                    key::same_origin_url(&parts, value, &config.allowed_hosts, |path| {
-                        config.route_for(path)
-                    })
-            {
+        for parts in &heads {
+            let route = config.route_for(parts.uri.path());
+            for url in key::invalidated_urls(parts, &config.allowed_hosts, route) {
                 urls.push(key::hash_url(&url));
             }
+            for field in [header::LOCATION, header::CONTENT_LOCATION] {
+                if let Some(value) = response.headers().get(field).and_then(|v| v.to_str().ok())
+                    && let Some(url) =
+                        key::same_origin_url(parts, value, &config.allowed_hosts, |path| {
+                            config.route_for(path)
+                        })
+                {
+                    urls.push(key::hash_url(&url));
+                }
+            }
         }
+        urls.sort_unstable();
+        urls.dedup();
         config.store.invalidate(&urls).await;
     }
     Ok(passthrough(config, response))
 }
 
 /// A response from an entry: 304 when the client's validators match.
-fn serve<B>(
+pub(crate) fn serve<B: Body>(
     entry: &Entry,
     request: &Parts,
     age: u64,
@@ -923,7 +834,7 @@ fn not_modified(request: &Parts, stored: &HeaderMap) -> bool {
 }
 
 /// `only-if-cached` with nothing usable: 504, and nothing was forwarded.
-fn gateway_timeout<B>(tier: Tier) -> Response<CacheBody<B>> {
+fn gateway_timeout<B: Body>(tier: Tier) -> Response<CacheBody<B>> {
     let mut response = Response::new(CacheBody::empty());
     *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
     let mut status = CacheStatus::new(tier);
@@ -940,8 +851,8 @@ pub(crate) struct CacheStatus {
     hit_ttl: Option<i64>,
     fwd: Option<&'static str>,
     fwd_status: Option<StatusCode>,
-    stored: bool,
-    tier: Tier,
+    pub(crate) stored: bool,
+    pub(crate) tier: Tier,
     /// `detail` tokens: why it was served as it was.
     details: Vec<&'static str>,
 }
@@ -1014,7 +925,7 @@ impl CacheStatus {
     }
 }
 
-fn add_cache_status(headers: &mut HeaderMap, status: &CacheStatus) {
+pub(crate) fn add_cache_status(headers: &mut HeaderMap, status: &CacheStatus) {
     record(status);
     if let Ok(value) = HeaderValue::from_str(&status.render()) {
         headers.append(CACHE_STATUS.clone(), value);
@@ -1040,16 +951,6 @@ fn record(status: &CacheStatus) {
 #[cfg(not(feature = "metrics"))]
 fn record(status: &CacheStatus) {
     tracing::trace!(target: "tower_redis_cache", cache_status = %status.render(), "answered");
-}
-
-/// RFC 9111 §4.4: unsafe methods, including those whose safety is unknown.
-/// Whether the request carries a header that can change the origin's answer
-/// without being part of the key: its response must not be stored.
-fn carries_unkeyed_header(config: &Config, request: &Parts) -> bool {
-    config
-        .unkeyed_headers
-        .iter()
-        .any(|h| request.headers.contains_key(h))
 }
 
 /// RFC 9111 §4.4: unsafe methods, including those whose safety is unknown.

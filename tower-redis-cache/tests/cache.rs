@@ -172,7 +172,37 @@ fn origin_routes(origin: Origin) -> Router {
                 )
             }),
         )
+        .route(
+            "/unfinished",
+            routing::get(|State(o): State<Origin>| async move {
+                o.calls.fetch_add(1, Ordering::SeqCst);
+                respond(
+                    StatusCode::OK,
+                    &[("cache-control", "max-age=60".into())],
+                    Body::new(Unfinished(Some(Bytes::from_static(b"chunk0;")))),
+                )
+            }),
+        )
         .with_state(origin)
+}
+
+/// A body that sends one chunk and then never ends (an origin still
+/// sending when the client leaves).
+struct Unfinished(Option<Bytes>);
+
+impl http_body::Body for Unfinished {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.0.take() {
+            Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+            None => Poll::Pending,
+        }
+    }
 }
 
 /// A body that yields its chunks one frame at a time.
@@ -416,10 +446,13 @@ async fn a_streamed_body_is_stored_once_complete() {
     assert_eq!(f.origin.calls(), 1);
 }
 
+/// The body is read for the cache at the origin's pace (issue 15, item 9):
+/// "mid-body" is while the origin still sends it. A client that leaves
+/// after the origin has sent it all leaves a complete entry.
 #[tokio::test]
 async fn a_client_that_disconnects_mid_body_leaves_no_entry() {
     let f = fixture(|b| b).await;
-    let request = Request::get("/chunked")
+    let request = Request::get("/unfinished")
         .header(header::HOST, "shop.example")
         .body(Body::empty())
         .unwrap();

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 
 use bytes::Bytes;
 use http::{Request, Response, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Empty, Full};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tower::ServiceExt;
 use tower_redis_cache::CacheLayer;
@@ -25,7 +25,7 @@ async fn results_are_counted_with_their_degraded_flag() {
     let layer = CacheLayer::builder(manager).build().expect("layer");
     let service = tower::Layer::layer(
         &layer,
-        tower::service_fn(|_: Request<()>| async {
+        tower::service_fn(|_: Request<Empty<Bytes>>| async {
             let mut response = Response::new(Full::new(Bytes::from_static(b"hello")));
             response
                 .headers_mut()
@@ -36,7 +36,7 @@ async fn results_are_counted_with_their_degraded_flag() {
     let get = || {
         Request::get("/x")
             .header(header::HOST, "a.example")
-            .body(())
+            .body(Empty::new())
             .expect("request")
     };
     for _ in 0..3 {

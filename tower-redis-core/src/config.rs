@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use crate::error::ConfigError;
 
-const URL_FIX: &str = "use redis://[user:password@]host[:port][/db], or rediss:// for TLS";
+const URL_FIX: &str = "use redis://[user:password@]host[:port][/db], rediss:// for TLS, \
+                       or redis+unix:///path/to/redis.sock[?user=…&pass=…&db=…] for a Unix socket";
 const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
 
 /// Where Redis runs: one server, or the seed nodes of a Redis Cluster.
@@ -35,7 +36,12 @@ pub struct RedisUrl {
 }
 
 impl RedisUrl {
-    /// Parses and validates a `redis://`, `rediss://` or `redis+unix://` URL.
+    /// Parses and validates a Redis URL, in any form redis-rs reads:
+    /// `redis://` / `valkey://` (`[user:password@]host[:port][/db]`),
+    /// `rediss://` / `valkeys://` for TLS (feature `tls`), and the Unix
+    /// socket forms `redis+unix://`, `valkey+unix://` and `unix://`
+    /// (`/path?user=…&pass=…&db=…`). `Display` and `Debug` hide the
+    /// password of every form.
     pub fn parse(field: &'static str, input: &str) -> Result<Self, ConfigError> {
         let input = input.trim();
         if input.is_empty() {
@@ -60,7 +66,7 @@ impl RedisUrl {
                     ));
                 }
             }
-            "redis+unix" | "unix" => return this.checked_by_redis(field),
+            "redis+unix" | "valkey+unix" | "unix" => return this.checked_by_redis(field),
             other => {
                 return Err(ConfigError::new(
                     field,
@@ -84,6 +90,23 @@ impl RedisUrl {
                 "put the database number after the host, e.g. redis://localhost:6379/2",
             ));
         }
+        // redis-rs reads `user` and `pass` from the query of socket URLs
+        // only: on a TCP URL they would be dropped without a word, and the
+        // connection would go out unauthenticated.
+        if let Some((key, _)) = this
+            .url
+            .query_pairs()
+            .find(|(key, _)| key == "user" || is_secret_query_key(key))
+        {
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "`{this}` gives `{key}` as a query parameter, which the Redis client \
+                     reads only from Unix socket URLs"
+                ),
+                "put the credentials before the host: redis://user:password@host:6379",
+            ));
+        }
         this.checked_by_redis(field)
     }
 
@@ -99,14 +122,36 @@ impl RedisUrl {
             })
     }
 
-    /// The database number the URL selects (0 when it names none).
+    /// The database number the URL selects (0 when it names none): the
+    /// path of a TCP URL, the `db` query parameter of a Unix socket URL.
     pub fn db(&self) -> u16 {
+        if self.is_unix() {
+            return self
+                .url
+                .query_pairs()
+                .filter(|(key, _)| key == "db")
+                .last()
+                .and_then(|(_, db)| db.parse().ok())
+                .unwrap_or(0);
+        }
         self.url.path().trim_start_matches('/').parse().unwrap_or(0)
     }
 
     /// Whether the URL asks for TLS.
     pub fn is_tls(&self) -> bool {
         matches!(self.url.scheme(), "rediss" | "valkeys")
+    }
+
+    /// Whether the URL names a Unix socket.
+    pub fn is_unix(&self) -> bool {
+        matches!(self.url.scheme(), "redis+unix" | "valkey+unix" | "unix")
+    }
+
+    /// Whether the URL turns certificate checks off (`rediss://…#insecure`):
+    /// anyone on the path can then pose as Redis and read every password
+    /// and value sent to it.
+    pub fn skips_certificate_checks(&self) -> bool {
+        self.is_tls() && self.url.fragment() == Some("insecure")
     }
 
     /// The full URL, password included: for handing to the Redis client only.
@@ -117,14 +162,34 @@ impl RedisUrl {
 
 impl fmt::Display for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.url.password().is_some() {
-            let mut shown = self.url.clone();
+        let secret_in_query = self
+            .url
+            .query_pairs()
+            .any(|(key, _)| is_secret_query_key(&key));
+        if self.url.password().is_none() && !secret_in_query {
+            return f.write_str(self.url.as_str());
+        }
+        let mut shown = self.url.clone();
+        if shown.password().is_some() {
             // Setting a password only fails for URLs that cannot have one.
             let _ = shown.set_password(Some("***"));
-            f.write_str(shown.as_str())
-        } else {
-            f.write_str(self.url.as_str())
         }
+        if secret_in_query {
+            // Unix socket URLs carry the password as `?pass=…`.
+            let pairs: Vec<(String, String)> = shown
+                .query_pairs()
+                .map(|(key, value)| {
+                    let value = if is_secret_query_key(&key) {
+                        "***".to_owned()
+                    } else {
+                        value.into_owned()
+                    };
+                    (key.into_owned(), value)
+                })
+                .collect();
+            shown.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        f.write_str(shown.as_str())
     }
 }
 
@@ -134,14 +199,59 @@ impl fmt::Debug for RedisUrl {
     }
 }
 
-/// Hides whatever sits between `://` and `@` in a string that did not parse.
+/// Query parameters that hold a password: redis-rs reads `pass` (Unix
+/// socket URLs); `password` is hidden too, in case someone writes that.
+fn is_secret_query_key(key: &str) -> bool {
+    key.eq_ignore_ascii_case("pass") || key.eq_ignore_ascii_case("password")
+}
+
+/// Hides what could be a password in a URL that is not validated (or did
+/// not parse): whatever sits between `://` and the last `@`, and the value
+/// of every `pass` / `password` query parameter (keys percent-decoded).
+/// Where the two overlap, the union is hidden, so an `@` or `&` inside a
+/// password never uncovers part of it.
 fn redact_unparsed(input: &str) -> String {
-    match (input.find("://"), input.rfind('@')) {
-        (Some(start), Some(at)) if at > start => {
-            format!("{}://***{}", &input[..start], &input[at..])
-        }
-        _ => input.to_owned(),
+    let mut hidden: Vec<(usize, usize)> = Vec::new();
+    if let (Some(start), Some(at)) = (input.find("://"), input.rfind('@'))
+        && at > start + 3
+    {
+        hidden.push((start + 3, at));
     }
+    if let Some(question) = input.find('?') {
+        let mut offset = question + 1;
+        for pair in input[question + 1..].split('&') {
+            if let Some(equals) = pair.find('=') {
+                let key = url::form_urlencoded::parse(&pair.as_bytes()[..equals])
+                    .next()
+                    .map(|(key, _)| key.into_owned())
+                    .unwrap_or_default();
+                if is_secret_query_key(&key) && equals + 1 < pair.len() {
+                    hidden.push((offset + equals + 1, offset + pair.len()));
+                }
+            }
+            offset += pair.len() + 1;
+        }
+    }
+    if hidden.is_empty() {
+        return input.to_owned();
+    }
+    hidden.sort_unstable();
+    let mut shown = String::with_capacity(input.len());
+    let mut cursor = 0;
+    for (start, end) in hidden {
+        if end <= cursor {
+            continue;
+        }
+        if start > cursor {
+            shown.push_str(&input[cursor..start]);
+            shown.push_str("***");
+        } else if cursor == 0 {
+            shown.push_str("***");
+        }
+        cursor = end;
+    }
+    shown.push_str(&input[cursor..]);
+    shown
 }
 
 /// The circuit breaker's thresholds and the recovery probe's pacing.
@@ -337,14 +447,19 @@ impl Default for RedisConfigBuilder {
 impl RedisConfigBuilder {
     /// A builder whose location comes from `REDIS_CLUSTER_NODES` or `REDIS_URL`.
     pub fn from_env() -> Self {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// [`from_env`](Self::from_env) over any source of variables.
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
         let mut builder = Self::default();
-        if let Ok(nodes) = std::env::var("REDIS_CLUSTER_NODES")
+        if let Some(nodes) = var("REDIS_CLUSTER_NODES")
             && !nodes.trim().is_empty()
         {
             builder.cluster_nodes = Some(("REDIS_CLUSTER_NODES", split_nodes(&nodes)));
             return builder;
         }
-        if let Ok(url) = std::env::var("REDIS_URL") {
+        if let Some(url) = var("REDIS_URL") {
             builder.url = Some(("REDIS_URL", url));
         }
         builder
@@ -756,6 +871,94 @@ mod tests {
             assert!(err.fix.contains("rediss://"), "{err}");
         } else {
             assert!(err.fix.contains("`tls` feature"), "{err}");
+        }
+    }
+
+    #[test]
+    fn unix_socket_password_is_hidden_from_display() {
+        let url = RedisUrl::parse(
+            "url",
+            "redis+unix:///run/redis.sock?user=app&pass=hunter2&db=4",
+        )
+        .expect("valid");
+        assert_eq!(
+            url.to_string(),
+            "redis+unix:///run/redis.sock?user=app&pass=***&db=4"
+        );
+        assert_eq!(url.db(), 4);
+        assert!(url.is_unix());
+        assert!(url.expose().contains("hunter2"), "redis-rs still gets it");
+    }
+
+    #[test]
+    fn redact_unparsed_hides_userinfo_and_query_passwords_even_when_they_overlap() {
+        for (input, shown) in [
+            ("redis://app:hunter2@local host", "redis://***@local host"),
+            ("unix:///s?pass=hunter2&db=1", "unix:///s?pass=***&db=1"),
+            ("unix:///s?db=1&PASS=hunter2", "unix:///s?db=1&PASS=***"),
+            ("unix:///s?pa%73s=hunter2", "unix:///s?pa%73s=***"),
+            ("unix:///s?password=hunter2#x", "unix:///s?password=***"),
+            ("unix:///s?pass=hun@ter2", "unix://***"),
+            ("redis://:hun?pass=ter2@host", "redis://***"),
+            ("redis://:hun?ter2@host", "redis://***@host"),
+            ("redis://host:6379", "redis://host:6379"),
+            ("unix:///s?pass=", "unix:///s?pass="),
+        ] {
+            assert_eq!(redact_unparsed(input), shown, "{input}");
+        }
+    }
+
+    #[test]
+    fn passwords_from_the_environment_stay_hidden() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| (*value).to_owned())
+            }
+        };
+        for vars in [
+            &[(
+                "REDIS_URL",
+                "redis+unix:///run/redis.sock?pass=hunter2&db=2",
+            )][..],
+            &[("REDIS_URL", "unix:///run/redis.sock?pass=hunter2")],
+            &[("REDIS_URL", "redis://app:hunter2@cache.internal:6379/1")],
+            &[("REDIS_URL", "redis://app:hunter2@cache internal")],
+            &[(
+                "REDIS_URL",
+                "redis+unix:///run/redis.sock?pass=hunter2&db=x",
+            )],
+            &[(
+                "REDIS_CLUSTER_NODES",
+                "app:hunter2@10.0.0.1:7000, redis://:hunter2@10.0.0.2:7000",
+            )],
+            &[("REDIS_CLUSTER_NODES", "app:hunter2@10.0.0.1:7000/2")],
+        ] {
+            let builder = RedisConfigBuilder::from_vars(env(vars));
+            assert!(!format!("{builder:?}").contains("hunter2"), "{builder:?}");
+            match builder.build() {
+                Ok(config) => {
+                    assert!(!format!("{config:?}").contains("hunter2"), "{config:?}");
+                }
+                Err(error) => {
+                    assert!(error.field.starts_with("REDIS_"), "{error}");
+                    assert!(!error.to_string().contains("hunter2"), "{error}");
+                    assert!(!format!("{error:?}").contains("hunter2"), "{error:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn credentials_in_the_query_of_a_tcp_url_are_refused_not_dropped() {
+        for url in [
+            "redis://cache.internal?pass=hunter2",
+            "redis://cache.internal/?user=app&pass=hunter2",
+        ] {
+            let err = RedisConfig::from_url(url).unwrap_err();
+            assert!(err.fix.contains("redis://user:password@host"), "{err}");
+            assert!(!err.to_string().contains("hunter2"), "{err}");
         }
     }
 

@@ -53,6 +53,8 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// `X-Forwarded-Host`.
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `X-Forwarded-Port`.
+pub const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 
 /// Request headers that proxies use to describe the original request. A
 /// response to a request carrying one of them from a peer that is not a
@@ -77,10 +79,12 @@ pub const FORWARDING_HEADERS: &[&str] = &[
 #[non_exhaustive]
 pub enum ForwardingHeader {
     /// `X-Forwarded-For` for the client (nginx, HAProxy, AWS ALB, Google
-    /// Cloud Load Balancing, Azure, Cloudflare), with `X-Forwarded-Proto`
-    /// and `X-Forwarded-Host` for the scheme and host. The proxies must
-    /// append to `X-Forwarded-For` and set (overwrite) the other two when
-    /// they are read; a host the proxy does not set is taken from `Host`.
+    /// Cloud Load Balancing, Azure, Cloudflare), with `X-Forwarded-Proto`,
+    /// `X-Forwarded-Host` and `X-Forwarded-Port` for the scheme, host and
+    /// port. The proxies must append to `X-Forwarded-For` and set
+    /// (overwrite) the others when present; the value the nearest proxy
+    /// wrote (the rightmost) is read. A host the proxy does not set is taken
+    /// from `Host`.
     #[default]
     XForwardedFor,
     /// RFC 7239 `Forwarded`: `for=`, `proto=` and `host=` of the element the
@@ -158,6 +162,9 @@ pub struct RequestView {
     /// The host the client asked for, as the trusted proxy reported it;
     /// `None` when the peer is not a trusted proxy or the proxy did not say.
     pub host: Option<Authority>,
+    /// The port the client connected to, as the trusted proxy reported it
+    /// (`X-Forwarded-Port`; `ForwardingHeader::XForwardedFor` only).
+    pub port: Option<u16>,
     /// A trusted proxy sent a scheme or host that is not valid, so the
     /// request's origin is uncertain.
     pub malformed: bool,
@@ -257,6 +264,7 @@ impl Forwarding {
                 view.scheme =
                     read_scheme(last_value(headers, X_FORWARDED_PROTO), &mut view.malformed);
                 view.host = read_host(last_value(headers, X_FORWARDED_HOST), &mut view.malformed);
+                view.port = read_port(last_value(headers, X_FORWARDED_PORT), &mut view.malformed);
             }
             ForwardingHeader::Forwarded => {
                 if headers.contains_key(X_FORWARDED_FOR) {
@@ -359,6 +367,14 @@ fn read_scheme(value: Option<Option<&str>>, malformed: &mut bool) -> Option<Sche
             None
         }
     }
+}
+
+fn read_port(value: Option<Option<&str>>, malformed: &mut bool) -> Option<u16> {
+    let parsed = value?.and_then(|text| text.parse::<u16>().ok());
+    if parsed.is_none() {
+        *malformed = true;
+    }
+    parsed
 }
 
 fn read_host(value: Option<Option<&str>>, malformed: &mut bool) -> Option<Authority> {
@@ -794,9 +810,11 @@ mod tests {
                 ("x-forwarded-for", CLIENT),
                 ("x-forwarded-proto", "http, HTTPS"),
                 ("x-forwarded-host", "shop.example:8443"),
+                ("x-forwarded-port", "8443"),
             ],
         );
         let view = xff().view(&request);
+        assert_eq!(view.port, Some(8443));
         assert_eq!(view.scheme, Some(Scheme::HTTPS));
         assert_eq!(
             view.host.as_ref().map(Authority::as_str),
@@ -830,12 +848,14 @@ mod tests {
             ("x-forwarded-proto", "gopher"),
             ("x-forwarded-host", "a b"),
             ("x-forwarded-host", "user@evil.example"),
+            ("x-forwarded-port", "99999"),
         ] {
             let request = request(PROXY, &[("x-forwarded-for", CLIENT), (name, value)]);
             let view = xff().view(&request);
             assert!(view.malformed, "{name}: {value}");
             assert_eq!(view.scheme, None);
             assert_eq!(view.host, None);
+            assert_eq!(view.port, None);
         }
         let mut bytes = request(PROXY, &[]);
         bytes.headers_mut().insert(

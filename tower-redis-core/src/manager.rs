@@ -152,8 +152,9 @@ impl RedisManager {
     /// Redis when [`require_redis`](crate::RedisConfigBuilder::require_redis) is set.
     pub async fn connect(config: RedisConfig) -> Result<Self, Error> {
         let backend = Backend::new(&config)?;
-        let pubsub_client = crate::pubsub::client_for(config.topology());
+        let pubsub_client = crate::pubsub::client_for(&config);
         let description = describe(config.topology());
+        warn_if_certificates_unchecked(config.topology(), &description);
         let breaker_config = config.breaker();
         let manager = Self {
             inner: Arc::new(Inner {
@@ -627,9 +628,13 @@ impl Backend {
     }
 }
 
-/// The client of a standalone server: with the configured root
-/// certificates for a `rediss://` URL that has some.
-fn standalone_client(config: &RedisConfig, url: &RedisUrl) -> RedisResult<redis::Client> {
+/// The client of a standalone server (or of one cluster node, for
+/// pub/sub): with the configured root certificates for a `rediss://` URL
+/// that has some.
+pub(crate) fn standalone_client(
+    config: &RedisConfig,
+    url: &RedisUrl,
+) -> RedisResult<redis::Client> {
     #[cfg(feature = "tls")]
     if url.is_tls() {
         install_crypto_provider();
@@ -701,6 +706,25 @@ fn pool_error(error: bb8::RunError<RedisError>) -> RedisError {
             std::io::ErrorKind::TimedOut,
             "timed out waiting for a pooled Redis connection",
         )),
+    }
+}
+
+/// `rediss://…#insecure` makes redis-rs accept any certificate: said once
+/// per manager, at connect, with the fix.
+fn warn_if_certificates_unchecked(topology: &Topology, description: &str) {
+    let unchecked = match topology {
+        Topology::Standalone(url) => url.skips_certificate_checks(),
+        Topology::Cluster(nodes) => nodes.iter().any(RedisUrl::skips_certificate_checks),
+    };
+    if unchecked {
+        tracing::warn!(
+            target: "tower_redis",
+            redis = %description,
+            "`#insecure` turns off TLS certificate checks: anyone who can intercept the connection \
+             can pose as Redis and read every password and value sent to it. Remove `#insecure` and, \
+             for a private CA, pass its certificate to RedisConfigBuilder::tls_root_certificates \
+             (without redis-rs' `tls-rustls-insecure` feature, such a URL cannot connect at all)"
+        );
     }
 }
 

@@ -3,15 +3,27 @@
 
 use redis::aio::PubSub;
 
-use crate::config::Topology;
+use crate::config::{RedisConfig, Topology};
+use crate::manager::standalone_client;
 use crate::{Error, RedisManager};
 
-pub(crate) fn client_for(topology: &Topology) -> Option<redis::Client> {
-    let url = match topology {
+/// The client of the subscribe connection: the server, or the first
+/// cluster seed, with the same TLS roots as the pool's connections (a
+/// private CA set with `tls_root_certificates` applies here too).
+pub(crate) fn client_for(config: &RedisConfig) -> Option<redis::Client> {
+    let url = match config.topology() {
         Topology::Standalone(url) => url,
         Topology::Cluster(nodes) => nodes.first()?,
     };
-    redis::Client::open(url.expose()).ok()
+    match standalone_client(config, url) {
+        Ok(client) => Some(client),
+        Err(error) => {
+            // The pool was built from the same URL and roots, so this does
+            // not happen; if it did, pub/sub users see `BreakerOpen`.
+            tracing::warn!(target: "tower_redis", redis = %url, %error, "cannot build the publish/subscribe client");
+            None
+        }
+    }
 }
 
 impl RedisManager {

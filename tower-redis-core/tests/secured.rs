@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tower_redis_core::redis;
 use tower_redis_core::testing::TestRedis;
-use tower_redis_core::{BreakerState, Error, RedisConfig, RedisManager, Source};
+use tower_redis_core::{BreakerState, Error, RedisConfig, RedisManager, RedisUrl, Source};
 
 /// Every password any test uses: none may appear in the captured logs.
 const APP_PASSWORD: &str = "pw-app-7d1e9c";
@@ -221,6 +221,167 @@ async fn passwords_stay_out_of_debug_display_and_errors_of_every_config_shape() 
     assert_no_password("cluster builder Debug", &format!("{cluster:?}"));
     let error = cluster.build().expect_err("cluster has only db 0");
     assert_no_password("cluster error", &error.to_string());
+
+    // Every other form redis-rs takes a password in.
+    for form in every_url_form(APP_PASSWORD) {
+        let builder = RedisConfig::builder().url(form.clone());
+        assert_no_password("builder Debug", &format!("{builder:?}"));
+        let config = builder
+            .build()
+            .unwrap_or_else(|e| panic!("{form} is a valid form: {e}"));
+        assert_no_password("config Debug", &format!("{config:?}"));
+        let tower_redis_core::Topology::Standalone(url) = config.topology() else {
+            panic!("standalone expected")
+        };
+        let shown = url.to_string();
+        assert_no_password("url Display", &shown);
+        assert_no_password("url Debug", &format!("{url:?}"));
+        assert!(shown.contains("***"), "the redaction is visible: {shown}");
+        // Nothing listens there (port 1, a missing socket): the manager
+        // starts on its fallbacks and says why, without the password.
+        let nowhere = form
+            .replace("cache.internal:6379", "127.0.0.1:1")
+            .replace("cache.internal:6380", "127.0.0.1:1")
+            .replace("cache.internal", "127.0.0.1:1")
+            .replace("/run/", "/nonexistent/");
+        let config = RedisConfig::builder()
+            .url(nowhere)
+            .connect_timeout(Duration::from_millis(100))
+            .build()
+            .expect("still valid");
+        let manager = RedisManager::connect(config).await.expect("starts open");
+        assert_no_password("manager Debug", &format!("{manager:?}"));
+        assert_no_password("health", &format!("{:?}", manager.health()));
+    }
+    // A cluster seed list of every TCP form (a cluster has database 0 only).
+    let nodes = every_url_form(APP_PASSWORD).into_iter().filter(|node| {
+        RedisUrl::parse("node", node).is_ok_and(|url| !url.is_unix() && url.db() == 0)
+    });
+    let cluster = RedisConfig::builder().cluster_nodes(nodes);
+    assert_no_password("cluster builder Debug", &format!("{cluster:?}"));
+    let config = cluster.build().expect("valid cluster");
+    assert_no_password("cluster config Debug", &format!("{config:?}"));
+
+    for (index, bad) in every_invalid_url_form(APP_PASSWORD).into_iter().enumerate() {
+        let builder = RedisConfig::builder().url(bad.clone());
+        assert_no_password("builder Debug", &format!("{builder:?}"));
+        // The panic message names the form by its place, not its text.
+        let Err(error) = builder.build() else {
+            panic!("invalid form #{index} is accepted")
+        };
+        assert_no_password("config error", &error.to_string());
+        assert_no_password("config error Debug", &format!("{error:?}"));
+        let cluster = RedisConfig::builder().cluster_nodes([bad]);
+        assert_no_password("cluster builder Debug", &format!("{cluster:?}"));
+        let error = cluster.build().expect_err("invalid node");
+        assert_no_password("cluster error", &error.to_string());
+    }
+    assert_no_password("logs", &log_text());
+}
+
+/// Every URL form redis-rs reads a password from (`redis-1.x/src/connection.rs`,
+/// `url_to_tcp_connection_info` / `url_to_unix_connection_info`): the
+/// userinfo of `redis`, `rediss`, `valkey`, `valkeys`, and the `pass` query
+/// parameter of `redis+unix`, `valkey+unix` and `unix`.
+fn every_url_form(password: &str) -> Vec<String> {
+    let encoded = format!("{password}%26%3F%3D%20%2B");
+    let mut forms = vec![
+        format!("redis://app:{password}@cache.internal:6379/2"),
+        format!("redis://:{password}@cache.internal:6379"),
+        format!("redis://app:{password}@cache.internal/?protocol=resp3"),
+        format!("valkey://app:{password}@cache.internal:6379/1"),
+        format!("valkey://:{password}@cache.internal"),
+        format!("redis+unix:///run/redis.sock?pass={password}&user=app&db=2"),
+        format!("redis+unix:///run/redis.sock?db=1&pass={password}"),
+        format!("redis+unix:///run/redis.sock?user=app&pass={encoded}&protocol=resp3"),
+        format!("unix:///run/redis.sock?pass={password}"),
+        format!("unix:///run/redis.sock?user=app&pass={password}&db=3"),
+        format!("valkey+unix:///run/valkey.sock?pass={password}"),
+        format!("redis+unix:///run/redis.sock?pa%73s={password}"),
+    ];
+    if cfg!(feature = "tls") {
+        forms.extend([
+            format!("rediss://app:{password}@cache.internal:6380"),
+            format!("rediss://:{password}@cache.internal:6380/4"),
+            format!("rediss://app:{password}@cache.internal:6380/#insecure"),
+            format!("valkeys://app:{password}@cache.internal:6380"),
+        ]);
+    }
+    forms
+}
+
+/// Forms that are wrong, each in a different place: the errors must not
+/// repeat the password either.
+fn every_invalid_url_form(password: &str) -> Vec<String> {
+    vec![
+        format!("redis://app:{password}@cache internal:6379"),
+        format!("http://app:{password}@cache.internal"),
+        format!("redis://app:{password}@cache.internal/notanumber"),
+        format!("redis://:{password}@cache.internal/?protocol=9"),
+        format!("redis://:{password}@[::1"),
+        format!("redis+unix:///run/redis.sock?pass={password}&db=notanumber"),
+        format!("redis+unix:///run/redis.sock?pass={password}&protocol=9"),
+        format!("unix:///run/redis.sock?db=x&pass={password}"),
+        format!("unix://[bad/run/redis.sock?pass={password}"),
+        format!("unix://host:99999/sock?pass={password}@x"),
+        format!("redis+unix:///run/redis.sock?pass={password}@x&db=-"),
+        format!("redis://cache.internal?pass={password}"),
+        format!("valkey+unix://[/?pass={password}&user=app"),
+    ]
+}
+
+/// A real server on a Unix socket with a password: the `pass` form works,
+/// and a wrong one is refused without being shown.
+#[tokio::test]
+async fn a_unix_socket_url_with_a_password_works_and_never_shows_it() {
+    captured();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("redis.sock");
+    let redis = TestRedis::builder()
+        .backend(tower_redis_core::testing::Backend::Binary)
+        .arg("--unixsocket")
+        .arg(socket.display().to_string())
+        .arg("--unixsocketperm")
+        .arg("700")
+        .start()
+        .await
+        .expect("server starts");
+    // Set after start: the harness waits for a PING without a password.
+    let mut conn = redis.connection().await.expect("connection");
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg(APP_PASSWORD)
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("CONFIG SET requirepass");
+    let url = format!("redis+unix://{}?pass={APP_PASSWORD}&db=3", socket.display());
+    let config = RedisConfig::builder()
+        .url(url)
+        .require_redis(true)
+        .build()
+        .expect("valid config");
+    assert_no_password("config Debug", &format!("{config:?}"));
+    let manager = RedisManager::connect(config).await.expect("authenticates");
+    assert_eq!(
+        set_get(&manager, "over a socket").await,
+        (Some("over a socket".to_owned()), Source::Redis)
+    );
+    assert_no_password("manager Debug", &format!("{manager:?}"));
+
+    let url = format!("unix://{}?pass={WRONG_PASSWORD}", socket.display());
+    let config = RedisConfig::builder()
+        .url(url)
+        .require_redis(true)
+        .build()
+        .expect("valid config");
+    let error = RedisManager::connect(config)
+        .await
+        .expect_err("wrong password");
+    assert_no_password("error", &error.to_string());
+    assert_no_password("error Debug", &format!("{error:?}"));
+    assert_no_password("logs", &log_text());
+    drop(redis);
 }
 
 #[tokio::test]
@@ -352,6 +513,91 @@ mod tls {
             (Some("over tls".to_owned()), Source::Redis)
         );
         assert_no_password("logs", &log_text());
+    }
+
+    /// The subscribe connection (the cache's near tier listens on it) must
+    /// trust the same private CA as the pool, or it never connects.
+    #[tokio::test]
+    async fn subscribe_over_rediss_with_a_private_ca_receives_what_is_published() {
+        use futures_util::StreamExt;
+        captured();
+        let pki = pki();
+        let redis = TestRedis::builder()
+            .tls(&pki.files)
+            .arg("--requirepass")
+            .arg(TLS_PASSWORD)
+            .start()
+            .await
+            .expect("TLS server starts");
+        let url = format!("rediss://:{TLS_PASSWORD}@127.0.0.1:{}", port_of(&redis));
+        let config = RedisConfig::builder()
+            .url(url)
+            .tls_root_certificates(pki.ca_pem.clone())
+            .connect_timeout(Duration::from_secs(2))
+            .require_redis(true)
+            .build()
+            .expect("valid config");
+        let manager = RedisManager::connect(config).await.expect("pool connects");
+        let deadline = Duration::from_secs(5);
+        let mut pubsub = tokio::time::timeout(deadline, manager.pubsub())
+            .await
+            .expect("pubsub() answers within the deadline")
+            .expect("the subscribe connection trusts the private CA");
+        let channel = "tower-redis-test:tls-events";
+        tokio::time::timeout(deadline, pubsub.subscribe(channel))
+            .await
+            .expect("SUBSCRIBE answers within the deadline")
+            .expect("SUBSCRIBE over TLS");
+        let receivers: i64 = manager
+            .query(redis::cmd("PUBLISH").arg(channel).arg("purged /products"))
+            .await
+            .expect("PUBLISH over the pool");
+        assert_eq!(receivers, 1, "the TLS subscriber is registered");
+        let message = tokio::time::timeout(deadline, pubsub.on_message().next())
+            .await
+            .expect("the message arrives within the deadline")
+            .expect("the subscription is open");
+        assert_eq!(message.get_channel_name(), channel);
+        assert_eq!(
+            message.get_payload::<String>().expect("text payload"),
+            "purged /products"
+        );
+        assert_no_password("logs", &log_text());
+    }
+
+    /// `#insecure` turns certificate checks off: the manager says so once,
+    /// at connect, with what to do instead, however often it probes after.
+    #[tokio::test]
+    async fn rediss_insecure_logs_a_warning_once_at_connect() {
+        captured();
+        // Port 9 (discard): nothing listens, so the manager keeps probing.
+        let url = format!("rediss://:{TLS_PASSWORD}@127.0.0.1:9/#insecure");
+        let config = RedisConfig::builder()
+            .url(url)
+            .connect_timeout(Duration::from_millis(100))
+            .probe_backoff(Duration::from_millis(5), Duration::from_millis(10))
+            .build()
+            .expect("valid config");
+        let manager = RedisManager::connect(config).await.expect("starts open");
+        let mut state = manager.subscribe();
+        // Let it probe a few times (each probe is a new connection attempt).
+        for _ in 0..6 {
+            tokio::time::timeout(Duration::from_secs(5), state.changed())
+                .await
+                .expect("the probe runs within the deadline")
+                .expect("the manager is alive");
+        }
+        let logs = log_text();
+        let warnings: Vec<&str> = logs
+            .lines()
+            .filter(|line| line.contains("WARN") && line.contains("127.0.0.1:9/#insecure"))
+            .filter(|line| line.contains("certificate"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "one warning per manager:\n{logs}");
+        let warning = warnings[0];
+        assert!(warning.contains("tls_root_certificates"), "{warning}");
+        assert_no_password("logs", &logs);
+        drop(manager);
     }
 
     #[tokio::test]

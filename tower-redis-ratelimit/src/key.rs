@@ -7,8 +7,15 @@ use std::sync::Arc;
 
 use http::HeaderName;
 use http::request::Parts;
+use sha2::{Digest, Sha256};
+use tower_redis_core::Keyspace;
 
 use crate::client_ip::ClientIp;
+use crate::policy::{Algorithm, Policy};
+
+/// Key values longer than this many bytes are counted under their SHA-256
+/// rather than stored as they are.
+pub(crate) const MAX_KEY_LEN: usize = 256;
 
 /// A boxed future returned by a custom key extractor.
 pub type KeyFuture = Pin<Box<dyn Future<Output = Option<String>> + Send + 'static>>;
@@ -53,6 +60,11 @@ impl Key {
     /// rightmost forwarded address that is not a proxy. IPv6 clients are
     /// grouped by prefix (/64 by default). See
     /// [`RateLimitLayerBuilder::client_ip`](crate::RateLimitLayerBuilder::client_ip).
+    ///
+    /// The peer address comes from the request extensions (axum's
+    /// `ConnectInfo<SocketAddr>`, a `SocketAddr` or an `IpAddr`). Without
+    /// one the key is missing and [`MissingKey`] applies; the layer logs a
+    /// warning once, naming `into_make_service_with_connect_info`.
     pub fn client_ip() -> Self {
         Self {
             kind: KeyKind::ClientIp,
@@ -61,6 +73,9 @@ impl Key {
 
     /// The value of a request header, e.g. an API key. Works for gRPC
     /// metadata too (`x-api-key` metadata is an `x-api-key` header).
+    ///
+    /// Any length counts: a value over 256 bytes is counted under its
+    /// SHA-256, so padding a key does not escape the policy.
     ///
     /// # Panics
     ///
@@ -121,6 +136,11 @@ impl Key {
         }
     }
 
+    /// True for [`Key::client_ip`], which needs the request's peer address.
+    pub(crate) fn is_client_ip(&self) -> bool {
+        matches!(self.kind, KeyKind::ClientIp)
+    }
+
     /// Extracts this key from a request head. Empty values count as missing.
     pub(crate) async fn extract(&self, parts: &Parts, client_ip: &ClientIp) -> Option<String> {
         let value = match &self.kind {
@@ -143,7 +163,11 @@ impl Key {
 }
 
 /// What to do with a request when a policy's key cannot be extracted (no
-/// header, no user, no peer address).
+/// header, no user, no peer address). Empty values count as missing; long
+/// ones do not (they are hashed).
+///
+/// A missing peer address usually means the app is served without connect
+/// info; the layer warns about it once, whatever this setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MissingKey {
     /// Answer 400 with a problem+json body saying what is missing.
@@ -153,4 +177,124 @@ pub enum MissingKey {
     Skip,
     /// Count every such request in one shared bucket of that policy.
     SharedBucket,
+}
+
+/// The Redis key (also the in-process key) of `policy`'s counter for the
+/// key value `value` (`None`: the shared bucket of requests without one).
+///
+/// `prefix:{tag}:rl:<policy>[:<algorithm>]:<kind>:<value>`, every part
+/// escaped, where:
+/// - `<algorithm>` is absent for GCRA (so GCRA counters keep the layout of
+///   earlier versions), `fw` for fixed windows and `sw` for sliding
+///   windows: two layers that give one policy name to different algorithms
+///   count in different keys, instead of one reading the other's counter
+///   (a GCRA counter is a string, a window counter a hash);
+/// - `<kind>:<value>` is `k:<value>` for a value of at most
+///   [`MAX_KEY_LEN`] bytes, `h:<hex SHA-256 of the value>` for a longer one,
+///   and `missing` for the shared bucket. Parts are escaped, so a value
+///   cannot contain `:` and these never collide.
+pub(crate) fn counter_key(
+    keys: &Keyspace,
+    tag: &str,
+    policy: &Policy,
+    value: Option<&str>,
+) -> String {
+    let mut parts = ["rl", policy.name(), "", "", ""];
+    let mut len = 2;
+    let mut push = |part| {
+        parts[len] = part;
+        len += 1;
+    };
+    match policy.algorithm() {
+        Algorithm::Gcra { .. } => {}
+        Algorithm::FixedWindow { .. } => push("fw"),
+        Algorithm::SlidingWindow { .. } => push("sw"),
+    }
+    let hashed;
+    match value {
+        Some(value) if value.len() <= MAX_KEY_LEN => {
+            push("k");
+            push(value);
+        }
+        Some(value) => {
+            hashed = sha256_hex(value);
+            push("h");
+            push(&hashed);
+        }
+        None => push("missing"),
+    }
+    keys.tagged(tag, &parts[..len])
+}
+
+fn sha256_hex(value: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = Sha256::digest(value.as_bytes());
+    let mut hex = String::with_capacity(2 * digest.len());
+    for byte in digest.iter() {
+        hex.push(char::from(HEX[usize::from(byte >> 4)]));
+        hex.push(char::from(HEX[usize::from(byte & 0xf)]));
+    }
+    hex
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn counter_keys_differ_by_algorithm_kind_and_value() {
+        let keys = Keyspace::new("app");
+        let hour = Duration::from_secs(3600);
+        let policies = [
+            Policy::gcra("p", 1, hour),
+            Policy::fixed_window("p", 1, hour),
+            Policy::sliding_window("p", 1, hour),
+        ];
+        let long_a = "a".repeat(MAX_KEY_LEN + 1);
+        let long_b = format!("{}b", "a".repeat(MAX_KEY_LEN));
+        let exact = "a".repeat(MAX_KEY_LEN);
+        let hash_of_a = sha256_hex(&long_a);
+        let values = [
+            Some("alice"),
+            Some(exact.as_str()),
+            Some(long_a.as_str()),
+            Some(long_b.as_str()),
+            // A client sending the hash of someone's long key as its own
+            // key, or the words the layout uses.
+            Some(hash_of_a.as_str()),
+            Some("h"),
+            Some("missing"),
+            Some("fw:k:alice"),
+            None,
+        ];
+        let mut seen = HashSet::new();
+        for policy in &policies {
+            for value in values {
+                let key = counter_key(&keys, "rl", policy, value);
+                assert!(key.len() < 64 + 3 * MAX_KEY_LEN, "{key}");
+                assert!(seen.insert(key.clone()), "{key} collides");
+            }
+        }
+        // GCRA keeps the layout of earlier versions.
+        assert_eq!(
+            counter_key(&keys, "rl", &policies[0], Some("alice")),
+            "app:{rl}:rl:p:k:alice"
+        );
+        assert_eq!(
+            counter_key(&keys, "rl", &policies[1], Some("alice")),
+            "app:{rl}:rl:p:fw:k:alice"
+        );
+        assert_eq!(
+            counter_key(&keys, "rl", &policies[2], None),
+            "app:{rl}:rl:p:sw:missing"
+        );
+        assert_eq!(
+            counter_key(&keys, "rl", &policies[0], Some(&long_a)),
+            format!("app:{{rl}}:rl:p:h:{hash_of_a}")
+        );
+        assert_eq!(hash_of_a.len(), 64);
+    }
 }

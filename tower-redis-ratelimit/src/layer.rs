@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use http::request::Parts;
 use ipnet::IpNet;
@@ -52,6 +53,11 @@ pub enum ConfigError {
         /// The parser's complaint.
         reason: String,
     },
+    /// The memory bound of the in-process state is too small to be useful.
+    #[error(
+        "the rate-limit layer's memory capacity is {0} bytes; use at least 65536 (64 KiB), e.g. the default of 64 MiB"
+    )]
+    MemoryCapacityTooSmall(u64),
     /// The local fallback's share is outside (0, 1].
     #[error(
         "the local fallback share is {0}; use a fraction above 0 and at most 1 (e.g. 1/instances)"
@@ -94,9 +100,16 @@ impl RateLimitLayer {
             fallback: Fallback::default(),
             on_denied: None,
             hash_tag: "rl".to_owned(),
+            memory_bytes: DEFAULT_MEMORY_BYTES,
         }
     }
 }
+
+/// The default bound of a layer's in-process state: 64 MiB.
+pub const DEFAULT_MEMORY_BYTES: u64 = 64 << 20;
+
+/// The smallest bound [`RateLimitLayerBuilder::memory_capacity_bytes`] takes.
+const MIN_MEMORY_BYTES: u64 = 64 << 10;
 
 impl<S> Layer<S> for RateLimitLayer {
     type Service = RateLimit<S>;
@@ -118,6 +131,8 @@ pub(crate) struct Config {
     pub(crate) cost: Option<CostFn>,
     pub(crate) on_denied: Option<DeniedResponse>,
     pub(crate) hash_tag: String,
+    /// Set once the layer has warned about a request without a peer address.
+    pub(crate) warned_no_peer_address: AtomicBool,
 }
 
 /// Configures a [`RateLimitLayer`].
@@ -150,6 +165,7 @@ pub struct RateLimitLayerBuilder {
     fallback: Fallback,
     on_denied: Option<DeniedResponse>,
     hash_tag: String,
+    memory_bytes: u64,
 }
 
 impl fmt::Debug for RateLimitLayerBuilder {
@@ -291,6 +307,26 @@ impl RateLimitLayerBuilder {
         self
     }
 
+    /// The most memory this layer's in-process state may take, in bytes
+    /// (default [`DEFAULT_MEMORY_BYTES`], 64 MiB; at least 64 KiB). Half
+    /// goes to the local limiter that decides while Redis is down, half to
+    /// the cache of keys Redis has denied. Each entry is counted for its key
+    /// plus about 280 bytes (its share of the maps, with room for their
+    /// growth), so the default holds about 100 000 clients in each.
+    ///
+    /// At the bound the least recently used entry is evicted, so a client
+    /// rotating through addresses or keys cannot grow memory:
+    /// - in the local limiter, an evicted client starts over with a fresh
+    ///   local quota the next time it comes; every client still held keeps
+    ///   being limited, and one that keeps sending stays held unless more
+    ///   distinct clients than fit arrive between two of its requests;
+    /// - in the blocked-key cache, an evicted key's next request is decided
+    ///   by Redis again (one round trip; the limit itself is unchanged).
+    pub fn memory_capacity_bytes(mut self, bytes: u64) -> Self {
+        self.memory_bytes = bytes;
+        self
+    }
+
     /// Checks everything and builds the layer.
     pub fn build(self) -> Result<RateLimitLayer, ConfigError> {
         if self.policies.is_empty() {
@@ -311,6 +347,9 @@ impl RateLimitLayerBuilder {
             && !(share > 0.0 && share <= 1.0)
         {
             return Err(ConfigError::InvalidShare(share.to_string()));
+        }
+        if self.memory_bytes < MIN_MEMORY_BYTES {
+            return Err(ConfigError::MemoryCapacityTooSmall(self.memory_bytes));
         }
         let mut client_ip = self.client_ip;
         if !self.trusted_proxies.is_empty() {
@@ -334,7 +373,7 @@ impl RateLimitLayerBuilder {
         Ok(RateLimitLayer {
             config: Arc::new(Config {
                 policies: self.policies,
-                limiter: Limiter::new(self.manager, self.fallback),
+                limiter: Limiter::new(self.manager, self.fallback, self.memory_bytes),
                 client_ip,
                 missing_key: self.missing_key,
                 allow_nets,
@@ -344,6 +383,7 @@ impl RateLimitLayerBuilder {
                 cost: self.cost,
                 on_denied: self.on_denied,
                 hash_tag: self.hash_tag,
+                warned_no_peer_address: AtomicBool::new(false),
             }),
         })
     }

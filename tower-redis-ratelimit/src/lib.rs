@@ -62,7 +62,12 @@
 //! calls would (and reads and writes a hot key once per call). Alone, a
 //! request pays that one yield; under load a call answers many requests
 //! (at concurrency 64 in the benchmark, about 10 to 20). Keys are
-//! `prefix:{rl}:rl:<policy>:k:<key>`: every key of one layer shares a hash
+//! `prefix:{rl}:rl:<policy>:k:<key>` for GCRA and
+//! `prefix:{rl}:rl:<policy>:fw:k:<key>` / `…:sw:k:<key>` for fixed and
+//! sliding windows, so layers that give one policy name to different
+//! algorithms never read each other's counters. A key value longer than
+//! 256 bytes is counted under its SHA-256 (`…:h:<hex>`), never skipped.
+//! Every key of one layer shares a hash
 //! tag, so the all-or-nothing script is legal on Redis Cluster (the price:
 //! a layer's counters live on one shard). Every key has a TTL of at most
 //! the policy's period (twice the window for windows), so idle clients cost
@@ -77,9 +82,32 @@
 //! parameter. Overshoot bound: during an outage, N instances admit at most
 //! `N × share × quota` per period per client (plus one burst each), on top
 //! of what Redis had already admitted in the current period; with
-//! `share = 1 / N` and balanced traffic that is about one extra quota.
+//! `share = 1 / N` and balanced traffic that is about one extra quota. The
+//! bound holds for every client the local limiter keeps in memory; a client
+//! evicted at the memory bound (see below) gets a fresh local quota.
 //! [`Fallback::Allow`] and [`Fallback::Deny`] fail open or closed. When Redis
 //! answers again, the shared counters apply and the local state is dropped.
+//!
+//! # Memory
+//!
+//! The in-process state a client can grow (the local limiter's counters
+//! and the blocked keys) is bounded by bytes
+//! ([`RateLimitLayerBuilder::memory_capacity_bytes`], 64 MiB by default),
+//! and every decision is O(1) whatever the number of clients. At the bound
+//! the least recently used entry is evicted: a client rotating through
+//! addresses (IPv6 /64s) or header keys during an outage cannot exhaust
+//! memory, every client still held keeps being limited, and an evicted one
+//! starts over with a fresh local quota when it comes back.
+//!
+//! # Client addresses
+//!
+//! [`Key::client_ip`] needs the peer address in the request extensions:
+//! serve axum apps with
+//! `into_make_service_with_connect_info::<SocketAddr>()`, and with plain
+//! hyper, tower or tonic insert the connection's `SocketAddr`. A per-IP
+//! policy that meets a request without one cannot count it
+//! ([`MissingKey`] says what happens then); the layer logs a warning the
+//! first time, naming the call to add.
 
 mod body;
 mod client_ip;
@@ -96,8 +124,9 @@ mod store;
 pub use body::ResponseBody;
 pub use client_ip::{ClientIp, InvalidProxy, TrustedProxies};
 pub use key::{Key, KeyFuture, MissingKey};
-pub use layer::{ConfigError, RateLimitLayer, RateLimitLayerBuilder};
+pub use layer::{ConfigError, DEFAULT_MEMORY_BYTES, RateLimitLayer, RateLimitLayerBuilder};
 pub use policy::{Algorithm, Policy};
 pub use response::{Denied, DeniedResponse, QUOTA_EXCEEDED_TYPE};
 pub use service::{RateLimit, ResponseFuture};
 pub use store::{DecisionSource, Fallback};
+pub use tower_redis_core::forwarding::{Forwarding, ForwardingHeader};

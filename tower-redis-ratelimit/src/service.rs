@@ -1,6 +1,7 @@
 //! [`RateLimit`]: the service that decides before calling the inner one.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -11,14 +12,11 @@ use tower_service::Service;
 
 use crate::body::ResponseBody;
 use crate::headers;
-use crate::key::MissingKey;
+use crate::key::{self, MissingKey};
 use crate::layer::Config;
 use crate::policy::Policy;
 use crate::response::{self, Denied};
 use crate::store::{Check, PolicyState, Verdict};
-
-/// Keys longer than this are treated as missing rather than stored.
-const MAX_KEY_LEN: usize = 256;
 
 /// The rate-limited service produced by [`RateLimitLayer`](crate::RateLimitLayer).
 #[derive(Clone)]
@@ -160,16 +158,15 @@ async fn applicable_checks<'c>(
         .iter()
         .filter(|p| p.applies_to(&parts.method, path))
     {
-        let value = policy
-            .key
-            .extract(parts, &config.client_ip)
-            .await
-            .filter(|v| v.len() <= MAX_KEY_LEN);
+        let value = policy.key.extract(parts, &config.client_ip).await;
+        if value.is_none() && policy.key.is_client_ip() {
+            warn_no_peer_address(config, policy);
+        }
         let key = match (&value, config.missing_key) {
-            (Some(value), _) => keys.tagged(&config.hash_tag, &["rl", policy.name(), "k", value]),
+            (Some(value), _) => key::counter_key(keys, &config.hash_tag, policy, Some(value)),
             (None, MissingKey::Skip) => continue,
             (None, MissingKey::SharedBucket) => {
-                keys.tagged(&config.hash_tag, &["rl", policy.name(), "missing"])
+                key::counter_key(keys, &config.hash_tag, policy, None)
             }
             (None, MissingKey::Reject) => return Err(policy.name().to_owned()),
         };
@@ -180,6 +177,35 @@ async fn applicable_checks<'c>(
         });
     }
     Ok((policies, checks))
+}
+
+/// Says once per layer that a per-IP policy met a request without a peer
+/// address: the app is most likely served without connect info, and the
+/// policy is not doing what its author thinks.
+fn warn_no_peer_address(config: &Config, policy: &Policy) {
+    if config.warned_no_peer_address.load(Ordering::Relaxed)
+        || config.warned_no_peer_address.swap(true, Ordering::Relaxed)
+    {
+        return;
+    }
+    let outcome = match config.missing_key {
+        MissingKey::Skip => {
+            "the policy is skipped for such requests, so they are not limited by it"
+        }
+        MissingKey::SharedBucket => "such requests all share one bucket of the policy",
+        MissingKey::Reject => "such requests are rejected with 400",
+    };
+    tracing::warn!(
+        target: "tower_redis_ratelimit",
+        policy = policy.name(),
+        "rate-limit policy \"{}\" is keyed by client IP, but a request has no peer address: {outcome} \
+         (on_missing_key). Serve an axum app with \
+         `app.into_make_service_with_connect_info::<SocketAddr>()` instead of \
+         `into_make_service()`; with plain hyper, tower or tonic, insert the connection's \
+         remote `SocketAddr` into each request's extensions before this layer. \
+         This warning is logged once per layer.",
+        policy.name()
+    );
 }
 
 fn denied_response(

@@ -767,3 +767,24 @@ async fn stacked_layers_each_add_their_fields() {
         "{fields:?}"
     );
 }
+
+#[test]
+fn a_memory_capacity_below_64_kib_is_a_configuration_error() {
+    let build = |bytes| {
+        RateLimitLayer::builder(RedisManager::disabled())
+            .policy(Policy::gcra("per-ip", 1, HOUR))
+            .memory_capacity_bytes(bytes)
+            .build()
+    };
+    let error = build(1024).expect_err("too small");
+    assert!(
+        matches!(
+            error,
+            tower_redis_ratelimit::ConfigError::MemoryCapacityTooSmall(1024)
+        ),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("at least 65536"), "{error}");
+    assert!(build(64 << 10).is_ok());
+    assert_eq!(tower_redis_ratelimit::DEFAULT_MEMORY_BYTES, 64 << 20);
+}

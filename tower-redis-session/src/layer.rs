@@ -8,10 +8,19 @@ use tower_redis_core::RedisManager;
 use crate::config::{CookieConfig, Expiry};
 use crate::id::CookieCodec;
 use crate::service::SessionService;
-use crate::store::SessionStore;
+use crate::store::{LocalLimits, SessionStore};
 
 /// Signing keys shorter than this are refused.
 const MIN_SIGNING_KEY: usize = 32;
+
+/// Default [`SessionLayerBuilder::max_session_bytes`]: 64 KiB.
+pub const DEFAULT_MAX_SESSION_BYTES: usize = 64 * 1024;
+/// Default [`SessionLayerBuilder::outage_queue_bytes`]: 16 MiB.
+pub const DEFAULT_OUTAGE_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// Default [`SessionLayerBuilder::local_capacity_bytes`]: 32 MiB.
+pub const DEFAULT_LOCAL_CAPACITY_BYTES: u64 = 32 * 1024 * 1024;
+/// What [`SessionLayerBuilder::local_capacity`] allows per session.
+const BYTES_PER_SESSION: u64 = 4 * 1024;
 
 /// A problem with the session configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,6 +35,9 @@ pub enum ConfigError {
     /// The timeouts contradict each other.
     #[error("session expiry: {0}")]
     Expiry(String),
+    /// The size limits contradict each other.
+    #[error("session size limits: {0}")]
+    Limits(String),
 }
 
 /// Adds a lazily loaded [`Session`](crate::Session) to every request.
@@ -41,6 +53,7 @@ pub(crate) struct Shared {
     pub(crate) cookie_name: String,
     pub(crate) codec: CookieCodec,
     pub(crate) expiry: Expiry,
+    pub(crate) max_session_bytes: usize,
 }
 
 impl SessionLayer {
@@ -51,7 +64,9 @@ impl SessionLayer {
             cookie: CookieConfig::default(),
             expiry: Expiry::default(),
             signing_key: None,
-            local_capacity: 10_000,
+            local_capacity_bytes: DEFAULT_LOCAL_CAPACITY_BYTES,
+            outage_queue_bytes: DEFAULT_OUTAGE_QUEUE_BYTES,
+            max_session_bytes: DEFAULT_MAX_SESSION_BYTES,
         }
     }
 
@@ -77,7 +92,9 @@ pub struct SessionLayerBuilder {
     cookie: CookieConfig,
     expiry: Expiry,
     signing_key: Option<Vec<u8>>,
-    local_capacity: u64,
+    local_capacity_bytes: u64,
+    outage_queue_bytes: usize,
+    max_session_bytes: usize,
 }
 
 impl SessionLayerBuilder {
@@ -110,10 +127,45 @@ impl SessionLayerBuilder {
         self
     }
 
-    /// How many sessions this instance keeps copies of, to serve them while
-    /// Redis is unavailable (default 10 000).
-    pub fn local_capacity(mut self, sessions: u64) -> Self {
-        self.local_capacity = sessions;
+    /// How many bytes of session copies this instance keeps, to serve them
+    /// while Redis is unavailable (default 32 MiB). Copies are weighed by
+    /// their data plus a bookkeeping allowance; the least useful are
+    /// evicted at the bound (their users look logged out on this instance
+    /// during an outage, until Redis is back).
+    pub fn local_capacity_bytes(mut self, bytes: u64) -> Self {
+        self.local_capacity_bytes = bytes;
+        self
+    }
+
+    /// The former count bound of the local copies, now a byte bound of
+    /// 4 KiB per session: `local_capacity(n)` is
+    /// `local_capacity_bytes(n × 4096)`.
+    #[deprecated(note = "local copies are bounded by bytes: use `local_capacity_bytes`")]
+    pub fn local_capacity(self, sessions: u64) -> Self {
+        self.local_capacity_bytes(sessions.saturating_mul(BYTES_PER_SESSION))
+    }
+
+    /// How many bytes of changes made while Redis is unavailable this
+    /// instance queues for writing when it is back (default 16 MiB).
+    ///
+    /// At the bound, nothing queued is dropped: a new session is not
+    /// created (the visitor gets a fresh, empty session on the next
+    /// request) and a change to an existing one is not kept, each with a
+    /// warning. Log outs are never refused nor dropped, so an attacker who
+    /// fills the queue cannot push out someone else's log out.
+    pub fn outage_queue_bytes(mut self, bytes: usize) -> Self {
+        self.outage_queue_bytes = bytes;
+        self
+    }
+
+    /// The largest a session may be, in bytes of entry names, JSON values
+    /// and user id (default 64 KiB). A [`Session::insert`](crate::Session::insert)
+    /// that would take the session over it returns
+    /// [`SessionError::TooLarge`](crate::SessionError::TooLarge) and changes
+    /// nothing. Must not exceed `outage_queue_bytes` nor
+    /// `local_capacity_bytes`, so that any session fits both.
+    pub fn max_session_bytes(mut self, bytes: usize) -> Self {
+        self.max_session_bytes = bytes;
         self
     }
 
@@ -143,7 +195,27 @@ impl SessionLayerBuilder {
                 self.expiry.idle, self.expiry.absolute
             )));
         }
-        let store = SessionStore::new(self.manager, self.expiry, self.local_capacity);
+        if self.max_session_bytes == 0 {
+            return Err(ConfigError::Limits(
+                "max_session_bytes must be positive".to_owned(),
+            ));
+        }
+        if self.max_session_bytes > self.outage_queue_bytes
+            || u64::try_from(self.max_session_bytes).unwrap_or(u64::MAX) > self.local_capacity_bytes
+        {
+            return Err(ConfigError::Limits(format!(
+                "max_session_bytes ({}) is larger than outage_queue_bytes ({}) or local_capacity_bytes ({}); a session of the maximum size must fit both: raise them or lower max_session_bytes",
+                self.max_session_bytes, self.outage_queue_bytes, self.local_capacity_bytes
+            )));
+        }
+        let store = SessionStore::new(
+            self.manager,
+            self.expiry,
+            LocalLimits {
+                copies_bytes: self.local_capacity_bytes,
+                queue_bytes: self.outage_queue_bytes,
+            },
+        );
         Ok(SessionLayer {
             shared: Arc::new(Shared {
                 store,
@@ -151,6 +223,7 @@ impl SessionLayerBuilder {
                 cookie: self.cookie,
                 codec: CookieCodec::new(self.signing_key),
                 expiry: self.expiry,
+                max_session_bytes: self.max_session_bytes,
             }),
         })
     }

@@ -34,7 +34,10 @@
 //!   separately (a Redis hash, one script), so two requests that change
 //!   different entries both persist. Two requests that change the *same*
 //!   entry: the last write wins, for that entry only. A session destroyed or
-//!   cycled by one request is not resurrected by another's save.
+//!   cycled by one request is not resurrected by another's save, and that
+//!   other request leaves the cookie alone: only the request that destroys
+//!   a session tells the browser to drop it, so a concurrent request with
+//!   the old cookie never logs out a login that just cycled the id.
 //! - **Secure defaults** (OWASP): 256-bit ids from the OS CSPRNG; strict
 //!   mode (an id the store does not know is never adopted); Redis keys are
 //!   SHA-256 of the id; cookie `__Host-session` with `Secure; HttpOnly;
@@ -49,6 +52,15 @@
 //!   seen, so without sticky routing a user may look logged out on another
 //!   instance during the outage; changes queued on two instances for the
 //!   same entry are resolved by their times (instance clocks).
+//! - **Bounded memory.** A session holds at most
+//!   [`max_session_bytes`](SessionLayerBuilder::max_session_bytes) (64 KiB
+//!   by default; an insert over it is a [`SessionError::TooLarge`] the
+//!   handler sees). The local copies and the outage queue are bounded by
+//!   bytes ([`local_capacity_bytes`](SessionLayerBuilder::local_capacity_bytes),
+//!   [`outage_queue_bytes`](SessionLayerBuilder::outage_queue_bytes)); a
+//!   full queue refuses new sessions and changes (the visitor gets a fresh
+//!   session) but never drops a queued change, and never refuses a log out.
+//!   [`SessionStore::local_usage`] reports both.
 
 mod config;
 #[cfg(feature = "axum")]
@@ -63,7 +75,10 @@ mod store;
 
 pub use config::{CookieConfig, Expiry};
 pub use cookie::SameSite;
-pub use layer::{ConfigError, SessionLayer, SessionLayerBuilder};
+pub use layer::{
+    ConfigError, DEFAULT_LOCAL_CAPACITY_BYTES, DEFAULT_MAX_SESSION_BYTES,
+    DEFAULT_OUTAGE_QUEUE_BYTES, SessionLayer, SessionLayerBuilder,
+};
 pub use service::{ResponseFuture, SessionService};
 pub use session::{Session, SessionError};
-pub use store::{SessionStore, StoreError, UserSession};
+pub use store::{LocalUsage, SessionStore, StoreError, UserSession};

@@ -49,7 +49,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = Arc::clone(&self.shared);
         let cookie_id = session_cookie(request.headers(), &shared);
-        let session = Session::new(shared.store.clone(), cookie_id);
+        let session = Session::new(shared.store.clone(), cookie_id, shared.max_session_bytes);
         request.extensions_mut().insert(session.clone());
         ResponseFuture::new(async move {
             let mut response = inner.call(request).await?;

@@ -26,6 +26,21 @@ pub enum SessionError {
         #[source]
         source: serde_json::Error,
     },
+    /// The change would take the session over its size limit
+    /// ([`SessionLayerBuilder::max_session_bytes`](crate::SessionLayerBuilder::max_session_bytes)).
+    /// Nothing was changed.
+    #[error(
+        "session entry {key:?} would make the session {size} bytes, over its limit of {limit}; keep large data out of the session (store it elsewhere and keep its id) or raise SessionLayerBuilder::max_session_bytes"
+    )]
+    TooLarge {
+        /// The entry.
+        key: String,
+        /// The session's size with the change: entry names, JSON values and
+        /// user id, in bytes.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 /// The session of the current request.
@@ -36,6 +51,8 @@ pub enum SessionError {
 pub struct Session {
     state: Arc<Mutex<State>>,
     store: SessionStore,
+    /// The largest the session may grow, in bytes.
+    max_bytes: usize,
 }
 
 impl fmt::Debug for Session {
@@ -57,6 +74,28 @@ struct State {
     cycle: bool,
     /// Set by `destroy`: the stored session to delete (and its user).
     delete: Option<(SessionId, Option<String>)>,
+    /// The session's size as this request sees it (record and changes):
+    /// entry names, JSON values and user id, in bytes.
+    size: usize,
+}
+
+impl State {
+    /// What entry `key` counts toward the session's size now.
+    fn entry_size(&self, key: &str) -> usize {
+        let json = match self.changes.entries.get(key) {
+            Some(change) => change.as_deref(),
+            None => self.record.fields.get(key).map(String::as_str),
+        };
+        json.map_or(0, |json| key.len() + json.len())
+    }
+
+    fn user_size(&self) -> usize {
+        self.changes
+            .user
+            .as_ref()
+            .or(self.record.user.as_ref())
+            .map_or(0, String::len)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +115,7 @@ pub(crate) enum CookieUpdate {
 }
 
 impl Session {
-    pub(crate) fn new(store: SessionStore, cookie_id: Option<SessionId>) -> Self {
+    pub(crate) fn new(store: SessionStore, cookie_id: Option<SessionId>, max_bytes: usize) -> Self {
         Self {
             state: Arc::new(Mutex::new(State {
                 cookie_id,
@@ -86,8 +125,10 @@ impl Session {
                 changes: Changes::default(),
                 cycle: false,
                 delete: None,
+                size: 0,
             })),
             store,
+            max_bytes,
         }
     }
 
@@ -102,6 +143,7 @@ impl Session {
                 && let Some(record) = self.store.load(&cookie_id.storage_key()).await
             {
                 state.id = Some(cookie_id);
+                state.size = record.size();
                 state.record = record;
             }
         }
@@ -120,9 +162,25 @@ impl Session {
     }
 
     /// Sets `key` to `value`.
+    ///
+    /// Fails with [`SessionError::TooLarge`], changing nothing, when the
+    /// session would grow over
+    /// [`max_session_bytes`](crate::SessionLayerBuilder::max_session_bytes).
     pub async fn insert<T: Serialize>(&self, key: &str, value: T) -> Result<(), SessionError> {
         let json = serde_json::to_string(&value).map_err(|source| serde_error(key, source))?;
         let mut state = self.loaded().await;
+        let (old, new) = (state.entry_size(key), key.len() + json.len());
+        let size = state.size - old.min(state.size) + new;
+        // A session already over the limit (the limit was lowered) may
+        // still shrink.
+        if new > old && size > self.max_bytes {
+            return Err(SessionError::TooLarge {
+                key: key.to_owned(),
+                size,
+                limit: self.max_bytes,
+            });
+        }
+        state.size = size;
         // Writing after `destroy` starts a new session.
         state.phase = Phase::Loaded;
         state.changes.entries.insert(key.to_owned(), Some(json));
@@ -133,6 +191,8 @@ impl Session {
     pub async fn remove<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SessionError> {
         let previous = self.get(key).await?;
         let mut state = self.loaded().await;
+        let old = state.entry_size(key);
+        state.size = state.size.saturating_sub(old);
         state.changes.entries.insert(key.to_owned(), None);
         Ok(previous)
     }
@@ -150,6 +210,7 @@ impl Session {
         for name in names {
             state.changes.entries.insert(name, None);
         }
+        state.size = state.user_size();
     }
 
     /// Gives the session a new id, for privilege changes (log in, sudo): the
@@ -171,12 +232,20 @@ impl Session {
         state.record = Record::default();
         state.changes = Changes::default();
         state.cycle = false;
+        state.size = 0;
     }
 
     /// Associates the session with a user, for
     /// [`SessionStore::list_user_sessions`] and [`SessionStore::revoke_user`].
+    ///
+    /// The user id counts toward the session's size, but this never fails:
+    /// user ids come from the app's authentication, and one that alone
+    /// takes the session over the limit is kept (later inserts that grow
+    /// the session are refused).
     pub async fn set_user(&self, user: &str) {
         let mut state = self.loaded().await;
+        let old = state.user_size();
+        state.size = state.size.saturating_sub(old) + user.len();
         // Like `insert`, after `destroy` this starts a new session.
         state.phase = Phase::Loaded;
         state.changes.user = Some(user.to_owned());
@@ -213,6 +282,12 @@ impl Session {
         }
     }
 
+    /// Stores the changes. When the store says the session is gone
+    /// (destroyed, revoked, cycled or expired by another request), no cookie
+    /// is sent at all: the browser may already hold the id that replaced
+    /// it, from a concurrent login, and a removal or a refresh of the old id
+    /// would log that login out. Only a request that destroys the session
+    /// itself tells the browser to drop the cookie.
     async fn write(&self, state: &mut State) -> Option<CookieUpdate> {
         let Some(id) = state.id.clone() else {
             // A new session is stored only once it holds something.
@@ -221,12 +296,19 @@ impl Session {
                 return None;
             }
             let id = SessionId::generate();
-            Box::pin(
-                self.store
-                    .save(&id.storage_key(), Some(now_ms()), &state.changes, None),
-            )
-            .await;
-            return Some(CookieUpdate::Set(id));
+            return match Box::pin(self.store.save(
+                &id.storage_key(),
+                Some(now_ms()),
+                &state.changes,
+                None,
+            ))
+            .await
+            {
+                Saved::Written => Some(CookieUpdate::Set(id)),
+                // Not created (the outage queue is full, or it expired at
+                // once): no cookie, the next request starts afresh.
+                Saved::Gone | Saved::Refused => None,
+            };
         };
         if state.cycle {
             let mut merged = state.record.clone();
@@ -241,8 +323,15 @@ impl Session {
             .await
             {
                 Saved::Written => Some(CookieUpdate::Set(new_id)),
-                // Destroyed or revoked meanwhile: stays ended.
-                Saved::Gone => Some(CookieUpdate::Remove),
+                // Destroyed, revoked or cycled meanwhile: stays ended, and
+                // the cookie is left alone (a concurrent login may have set
+                // its successor).
+                Saved::Gone => {
+                    state.id = None;
+                    None
+                }
+                // Kept its old id, unchanged (the outage queue is full).
+                Saved::Refused => None,
             };
         }
         if state.changes.is_empty() {
@@ -257,19 +346,28 @@ impl Session {
         ))
         .await
         {
-            Saved::Written => None,
-            // Destroyed or cycled by a concurrent request: not resurrected.
-            Saved::Gone => Some(CookieUpdate::Remove),
+            Saved::Written | Saved::Refused => None,
+            // Destroyed or cycled by a concurrent request: not resurrected,
+            // and its cookie is left alone.
+            Saved::Gone => {
+                state.id = None;
+                None
+            }
         }
     }
 
-    /// Whether the handler loaded the session (so a persistent cookie's
-    /// `Max-Age` can be renewed).
+    /// The id of a session the handler loaded (so a persistent cookie's
+    /// `Max-Age` can be renewed), unless it has ended meanwhile as far as
+    /// this instance knows: a concurrent login may have set its successor.
     pub(crate) async fn live_id(&self) -> Option<SessionId> {
         let state = self.state.lock().await;
-        (state.phase == Phase::Loaded)
-            .then(|| state.id.clone())
-            .flatten()
+        if state.phase != Phase::Loaded {
+            return None;
+        }
+        state
+            .id
+            .clone()
+            .filter(|id| !self.store.has_ended(&id.storage_key()))
     }
 }
 

@@ -416,9 +416,14 @@ impl CacheStore {
         }
     }
 
-    /// Purges (or, with `soft_at`, marks stale as of that time) the target's
-    /// entries everywhere: Redis, this instance's in-process stores, and
-    /// (through the announcements) the other instances' near caches.
+    /// Purges (or, with `soft_at`, marks stale) the target's entries
+    /// everywhere: Redis, this instance's in-process stores, and (through
+    /// the announcements) the other instances' near caches. `soft_at` is
+    /// this instance's time, used only for its in-process store (whose
+    /// entries carry its own clock); in Redis the mark is Redis' time, the
+    /// clock stored entries are stamped with, and near-cache copies are
+    /// dropped, so that no instance's clock decides what a soft purge makes
+    /// stale.
     pub(crate) async fn purge(&self, target: &Target, soft_at: Option<u64>) -> Purged {
         let selector = match target {
             Target::Tag(tag) => Some(Selector::Tag(tag)),
@@ -433,7 +438,7 @@ impl CacheStore {
             Target::Url(_) => None,
             Target::All => Some(Selector::All),
         };
-        let local = |store: &MemoryStore| match (&selector, target, soft_at) {
+        let local = |store: &MemoryStore, soft_at: Option<u64>| match (&selector, target, soft_at) {
             (Some(selector), _, None) => store.purge(selector),
             (Some(selector), _, Some(at)) => store.soft_purge(selector, at),
             (None, Target::Url(url), _) => {
@@ -443,9 +448,9 @@ impl CacheStore {
             (None, _, _) => 0,
         };
         if let Some(near) = &self.near {
-            local(near);
+            local(near, None);
         }
-        let local_count = local(&self.memory);
+        let local_count = local(&self.memory, soft_at);
         match self.purge_redis(target, soft_at).await {
             Ok(urls) => Purged {
                 urls,
@@ -568,11 +573,7 @@ impl CacheStore {
                         del.arg(&key);
                         Op::Cmd(del)
                     }
-                    Some(at) => {
-                        let mut mark = redis_store::SOFT_PURGE.key(&key);
-                        mark.arg(at);
-                        Op::Script(mark)
-                    }
+                    Some(_) => Op::Script(redis_store::SOFT_PURGE.key(&key)),
                 });
                 ops.push(redis_store::publish(
                     self.events.channel(),
@@ -751,4 +752,80 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http::StatusCode;
+    use tower_redis_core::testing::TestRedis;
+
+    async fn store(redis: &TestRedis) -> CacheStore {
+        let manager = RedisManager::connect(redis.config().build().unwrap())
+            .await
+            .unwrap();
+        CacheStore::new(
+            manager,
+            StoreOptions {
+                memory_bytes: 1 << 20,
+                near: None,
+                index_depth: 4,
+                lock_ttl: Duration::from_secs(5),
+            },
+        )
+    }
+
+    fn put(url: &str, response_time_ms: u64) -> Put {
+        Put {
+            url_hash: key::hash_url(url),
+            url: url.to_owned(),
+            vary: String::new(),
+            variant: key::variant("", &HeaderMap::new(), ""),
+            entry: Entry {
+                status: StatusCode::OK,
+                headers: HeaderMap::new(),
+                body: Bytes::from_static(b"page"),
+                response_time_ms,
+                initial_age: 0,
+                lifetime: 3600,
+            },
+            keep_for: Duration::from_secs(3600),
+            tags: Vec::new(),
+        }
+    }
+
+    /// Item 16 of issue 15: the soft-purge mark was the purging instance's
+    /// clock, compared with the storing instance's response time. An entry
+    /// stored by an instance whose clock runs ahead, or purged by one whose
+    /// clock runs behind, stayed fresh after a soft purge.
+    #[tokio::test]
+    async fn a_soft_purge_is_ignored_by_entries_from_a_skewed_instance_clock() {
+        let redis = TestRedis::start().await;
+        let store = store(&redis).await;
+        let now = freshness::epoch_ms(SystemTime::now());
+        for (url, stored_at, purged_at) in [
+            ("//shop.example/ahead", now + 60_000, now),
+            ("//shop.example/behind", now, now - 60_000),
+        ] {
+            store.put(put(url, stored_at), None).await;
+            let purged = store
+                .purge(&Target::Url(url.to_owned()), Some(purged_at))
+                .await;
+            assert_eq!(purged.urls, 1);
+            let (found, tier) = store
+                .lookup(&key::hash_url(url), &HeaderMap::new(), "")
+                .await;
+            assert_eq!(tier, Tier::Redis);
+            let Lookup::Hit(entry) = found else {
+                panic!("{url}: a soft purge keeps the entry, stale: {found:?}");
+            };
+            let ttl = entry.ttl(freshness::epoch_ms(SystemTime::now()));
+            assert!(
+                ttl <= 0,
+                "{url}: still fresh for {ttl} s after a soft purge"
+            );
+        }
+    }
 }

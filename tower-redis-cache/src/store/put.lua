@@ -6,8 +6,23 @@
 -- limit (a Vary on a header clients vary freely) starts over: memory stays
 -- bounded whatever clients send. A soft-purge mark (`sp`) stays: it only
 -- makes entries older than it stale, and the new entry is newer.
+-- The entry's response time (bytes 7..14, ms since the epoch, big-endian)
+-- is replaced with Redis' own clock, the clock soft-purge marks are taken
+-- from: instances whose clocks disagree then still agree on which entries
+-- a soft purge made stale.
+local entry = ARGV[3]
+if string.sub(entry, 1, 3) == 'TRC' and #entry >= 14 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local bytes = {}
+  for i = 8, 1, -1 do
+    bytes[i] = string.char(now % 256)
+    now = math.floor(now / 256)
+  end
+  entry = string.sub(entry, 1, 6) .. table.concat(bytes) .. string.sub(entry, 15)
+end
 if redis.call('HLEN', KEYS[1]) > tonumber(ARGV[5]) then redis.call('DEL', KEYS[1]) end
-redis.call('HSET', KEYS[1], 'vary', ARGV[1], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[1], 'vary', ARGV[1], ARGV[2], entry)
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end

@@ -127,31 +127,48 @@ fn found(
     }
 }
 
-/// One command of a batch: a script or a plain command.
+/// One command of a batch: a script, a plain command, or an announcement
+/// of the batch's writes (which must not be heard before they are done).
 pub(crate) enum Op {
     Script(ScriptInvocation<'static>),
     Cmd(Cmd),
+    Announce(Cmd),
 }
 
 /// Runs a batch of commands on possibly different keys, answering with
-/// one value per command: one pipeline on a single server; on a cluster
-/// (where a pipeline cannot span slots) every command at once, each to its
-/// slot's node, so the batch still costs about one round trip of time.
+/// one value per command, in order: one pipeline on a single server (which
+/// runs them in order, so an announcement placed after the writes it
+/// announces is sent after they are done); on a cluster (where a pipeline
+/// cannot span slots) the writes at once, each to its slot's node, and
+/// only once every one is acknowledged the announcements. A subscriber that
+/// hears of an update and reads the key at once (a near cache, an instance
+/// waiting for a fill) then always reads the new value.
 pub(crate) async fn run_ops(conn: &mut RedisConnection, ops: &[Op]) -> RedisResult<Vec<Value>> {
     if ops.is_empty() {
         return Ok(Vec::new());
     }
     if conn.is_cluster() {
-        let sends = ops.iter().map(|op| {
-            let mut conn = conn.clone();
-            async move {
-                match op {
-                    Op::Script(invocation) => invocation.invoke_async::<Value>(&mut conn).await,
-                    Op::Cmd(cmd) => cmd.query_async::<Value>(&mut conn).await,
-                }
-            }
-        });
-        return futures_util::future::try_join_all(sends).await;
+        let is_announcement = |op: &&Op| matches!(op, Op::Announce(_));
+        let writes = futures_util::future::try_join_all(
+            ops.iter()
+                .filter(|op| !is_announcement(op))
+                .map(|op| send_one(conn.clone(), op)),
+        )
+        .await?;
+        let announcements = futures_util::future::try_join_all(
+            ops.iter()
+                .filter(is_announcement)
+                .map(|op| send_one(conn.clone(), op)),
+        )
+        .await?;
+        let (mut writes, mut announcements) = (writes.into_iter(), announcements.into_iter());
+        return Ok(ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Announce(_) => announcements.next(),
+                _ => writes.next(),
+            })
+            .collect());
     }
     let mut pipe = redis::pipe();
     for op in ops {
@@ -159,7 +176,7 @@ pub(crate) async fn run_ops(conn: &mut RedisConnection, ops: &[Op]) -> RedisResu
             Op::Script(invocation) => {
                 pipe.invoke_script(invocation);
             }
-            Op::Cmd(cmd) => {
+            Op::Cmd(cmd) | Op::Announce(cmd) => {
                 pipe.add_command(cmd.clone());
             }
         }
@@ -168,11 +185,18 @@ pub(crate) async fn run_ops(conn: &mut RedisConnection, ops: &[Op]) -> RedisResu
         .await
 }
 
-/// `PUBLISH channel message`.
+async fn send_one(mut conn: RedisConnection, op: &Op) -> RedisResult<Value> {
+    match op {
+        Op::Script(invocation) => invocation.invoke_async::<Value>(&mut conn).await,
+        Op::Cmd(cmd) | Op::Announce(cmd) => cmd.query_async::<Value>(&mut conn).await,
+    }
+}
+
+/// `PUBLISH channel message`, announcing the writes before it in its batch.
 pub(crate) fn publish(channel: &str, message: &str) -> Op {
     let mut cmd = redis::cmd("PUBLISH");
     cmd.arg(channel).arg(message);
-    Op::Cmd(cmd)
+    Op::Announce(cmd)
 }
 
 /// Where a stored entry is also recorded, and what else goes into the

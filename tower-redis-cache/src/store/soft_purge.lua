@@ -1,6 +1,9 @@
 -- Marks every entry of a URL stored before now as stale (soft purge): they
 -- may still be served stale-while-revalidate while a refresh happens.
--- KEYS[1] the URL's hash; ARGV[1] the purge time (ms since the epoch).
+-- KEYS[1] the URL's hash. The mark is Redis' own time (ms since the epoch),
+-- the clock every entry's response time is stamped with when stored
+-- (put.lua), never an instance's clock.
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'sp', ARGV[1])
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'sp', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 return 1

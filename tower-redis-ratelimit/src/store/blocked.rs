@@ -1,18 +1,27 @@
 //! Keys Redis has denied, remembered until they would be allowed again, so
 //! an abusive client costs Redis nothing while it stays blocked.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use super::lru::Lru;
 use super::{Check, DecisionSource, PolicyState, Verdict};
 
-/// Past this many entries, expired ones are swept before inserting.
-const SWEEP_ABOVE: usize = 100_000;
-
-#[derive(Debug, Default)]
+/// The blocked keys, in a map bounded by bytes.
+///
+/// At the bound the least recently used key is evicted; its next request
+/// goes to Redis, which denies it again, and it is remembered again: an
+/// eviction costs one Redis call and never loosens a limit. A key whose
+/// `Retry-After` has passed counts as absent and leaves when read or when
+/// it reaches the old end of the map. Every operation is O(1) amortised.
+#[derive(Debug)]
 pub(crate) struct BlockedKeys {
-    entries: Mutex<HashMap<String, Blocked>>,
+    entries: Mutex<Lru<Blocked>>,
+    /// The latest `until` of any key ever remembered, in microseconds since
+    /// [`epoch`]: past it nothing can be blocked, and a request is answered
+    /// without taking the lock.
+    latest_until_us: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -25,19 +34,39 @@ struct Blocked {
     cost: u32,
 }
 
+/// The origin of [`BlockedKeys::latest_until_us`].
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn micros_since_epoch(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch()).as_micros()).unwrap_or(u64::MAX)
+}
+
 impl BlockedKeys {
+    /// A cache holding at most `max_bytes` of blocked keys.
+    pub(crate) fn new(max_bytes: u64) -> Self {
+        // Taken now, so that every `until` comes after it.
+        epoch();
+        Self {
+            entries: Mutex::new(Lru::new(max_bytes)),
+            latest_until_us: AtomicU64::new(0),
+        }
+    }
+
     /// A denial without Redis when one of the request's keys is blocked.
     pub(crate) fn verdict(&self, checks: &[Check], cost: u32) -> Option<Verdict> {
         let now = Instant::now();
-        let entries = self.lock();
-        if entries.is_empty() {
+        if micros_since_epoch(now) >= self.latest_until_us.load(Ordering::Relaxed) {
             return None;
         }
+        let live = |entry: &Blocked| entry.until > now;
+        let mut entries = self.lock();
         let mut states = vec![None; checks.len()];
         let mut blocked = false;
         for (check, state) in checks.iter().zip(&mut states) {
-            if let Some(entry) = entries.get(&check.key)
-                && entry.until > now
+            if let Some(entry) = entries.get(&check.key, live)
                 && cost >= entry.cost
             {
                 *state = Some(PolicyState {
@@ -58,30 +87,149 @@ impl BlockedKeys {
     /// Remembers the keys whose policies denied a request.
     pub(crate) fn remember(&self, checks: &[Check], cost: u32, states: &[Option<PolicyState>]) {
         let now = Instant::now();
+        let live = |entry: &Blocked| entry.until > now;
         let mut entries = self.lock();
-        if entries.len() > SWEEP_ABOVE {
-            entries.retain(|_, e| e.until > now);
-        }
         for (check, state) in checks.iter().zip(states) {
             if let Some(state) = state
                 && let Some(retry_after) = state.retry_after
                 && retry_after > Duration::ZERO
             {
+                let until = now + retry_after;
+                self.latest_until_us
+                    .fetch_max(micros_since_epoch(until), Ordering::Relaxed);
                 entries.insert(
-                    check.key.clone(),
+                    &check.key,
                     Blocked {
-                        until: now + retry_after,
+                        until,
                         reset_at: now + state.reset,
                         cost,
                     },
+                    live,
                 );
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Blocked>> {
+    /// Entries held, the bytes they are counted for, and the bytes allocated.
+    #[cfg(test)]
+    fn footprint(&self) -> (u64, u64, u64) {
+        let entries = self.lock();
+        (
+            entries.len() as u64,
+            entries.bytes(),
+            entries.allocated_bytes(),
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lru<Blocked>> {
         self.entries
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Algorithm;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn check(key: &str) -> Check {
+        Check {
+            key: key.to_owned(),
+            algorithm: Algorithm::Gcra {
+                quota: 1,
+                period: HOUR,
+                burst: 1,
+            },
+        }
+    }
+
+    /// An attacker with a million addresses gets each of them denied (say,
+    /// by a global or per-route policy): every denial is remembered. The
+    /// cache stays within its byte bound (the least recently used entries
+    /// are evicted), a key that keeps coming stays blocked without Redis,
+    /// and a request costs the same after a million keys as after the first
+    /// hundred thousand (no sweep over every entry under the lock).
+    #[test]
+    fn a_million_blocked_keys_keep_the_blocked_cache_bounded_and_o1() {
+        const BOUND: u64 = 4 << 20;
+        const CHUNK: u32 = 100_000;
+        let blocked = BlockedKeys::new(BOUND);
+        let denied = [Some(PolicyState {
+            remaining: 0,
+            reset: HOUR,
+            retry_after: Some(HOUR),
+        })];
+        let abuser = [check("p:{rl}:rl:per-ip:k:203.0.113.66")];
+        blocked.remember(&abuser, 1, &denied);
+        let mut per_chunk: Vec<Duration> = Vec::new();
+        for chunk in 0..10 {
+            let started = Instant::now();
+            for i in 0..CHUNK {
+                let n = chunk * CHUNK + i;
+                let key = format!(
+                    "p:{{rl}}:rl:per-ip:k:198.{}.{}.{}",
+                    n >> 16,
+                    (n >> 8) & 0xff,
+                    n & 0xff
+                );
+                let checks = [check(&key)];
+                // The request path: not blocked yet, Redis denies, remembered.
+                assert!(blocked.verdict(&checks, 1).is_none(), "key {n}");
+                blocked.remember(&checks, 1, &denied);
+                if i % 1000 == 0 {
+                    assert!(
+                        blocked.verdict(&abuser, 1).is_some(),
+                        "the abuser was forgotten after {n} keys"
+                    );
+                    // A deadline: stop as soon as this chunk is clearly slower.
+                    if let Some(first) = per_chunk.first() {
+                        assert!(
+                            started.elapsed() < *first * 5,
+                            "chunk {chunk} is over 5x slower than the first ({:?} so far, first {first:?})",
+                            started.elapsed()
+                        );
+                    }
+                }
+            }
+            per_chunk.push(started.elapsed());
+        }
+        let (entries, bytes, allocated) = blocked.footprint();
+        assert!(bytes <= BOUND, "{bytes} bytes in {entries} entries");
+        assert!(
+            allocated <= BOUND,
+            "{allocated} bytes allocated for {entries} entries"
+        );
+        assert!(entries > 0 && entries < 100_000, "{entries} entries");
+        let (first, last) = (per_chunk[0], per_chunk[9]);
+        assert!(
+            last < first * 5,
+            "the last 100k keys took {last:?}, the first {first:?}"
+        );
+    }
+
+    #[test]
+    fn an_expired_block_answers_nothing() {
+        let blocked = BlockedKeys::new(1 << 20);
+        let checks = [check("k")];
+        let state = |retry_ms| {
+            [Some(PolicyState {
+                remaining: 0,
+                reset: HOUR,
+                retry_after: Some(Duration::from_millis(retry_ms)),
+            })]
+        };
+        assert!(blocked.verdict(&checks, 1).is_none());
+        blocked.remember(&checks, 1, &state(1));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(blocked.verdict(&checks, 1).is_none());
+        blocked.remember(&checks, 1, &state(60_000));
+        let verdict = blocked.verdict(&checks, 1).expect("blocked");
+        assert!(!verdict.allowed);
+        // A cheaper request than the one denied may fit: not answered here.
+        blocked.remember(&checks, 5, &state(60_000));
+        assert!(blocked.verdict(&checks, 1).is_none());
     }
 }

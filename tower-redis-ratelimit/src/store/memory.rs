@@ -6,22 +6,29 @@
 //! the window algorithms, and scale quotas by a share; governor checks one
 //! quota at a time and cannot undo a consumed cell.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use super::lru::Lru;
 use super::{Check, DecisionSource, PolicyState, Verdict, micros};
 use crate::policy::Algorithm;
 
-/// Entries beyond which expired ones are swept on the next decision.
-const SWEEP_EVERY: u64 = 4096;
-
+/// The in-process limiter: one small entry per counter, in a map bounded by
+/// bytes.
+///
+/// At the bound the least recently used counter is evicted: that client
+/// starts over with a fresh local quota the next time it comes, while every
+/// counter still held keeps limiting. A client that keeps sending stays
+/// recently used, so it is forgotten only when more distinct clients than
+/// the bound holds arrive between two of its requests. A counter back to a
+/// full quota counts as absent and leaves when read or when it reaches the
+/// old end of the map.
 #[derive(Debug)]
 pub(crate) struct MemoryLimiter {
     share: f64,
-    entries: Mutex<HashMap<String, Entry>>,
-    decisions: AtomicU64,
+    /// One lock per decision: it reads all its counters, then writes them
+    /// all or none. Every step under it is O(1) amortised.
+    entries: Mutex<Lru<Entry>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -41,33 +48,30 @@ enum EntryState {
 }
 
 impl MemoryLimiter {
-    pub(crate) fn new(share: f64) -> Self {
+    /// A limiter enforcing `share` of each quota, holding at most
+    /// `max_bytes` of counters.
+    pub(crate) fn new(share: f64, max_bytes: u64) -> Self {
         Self {
             share,
-            entries: Mutex::new(HashMap::new()),
-            decisions: AtomicU64::new(0),
+            entries: Mutex::new(Lru::new(max_bytes)),
         }
     }
 
+    /// Forgets every counter (Redis decides again).
     pub(crate) fn clear(&self) {
         self.lock().clear();
     }
 
     pub(crate) fn decide(&self, checks: &[Check], cost: u32) -> Verdict {
         let now = now_us();
+        let live = |e: &Entry| e.expires_us > now;
         let cost = f64::from(cost);
         let mut entries = self.lock();
-        if self.decisions.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
-            entries.retain(|_, e| e.expires_us > now);
-        }
         let mut states = Vec::with_capacity(checks.len());
         let mut writes = Vec::with_capacity(checks.len());
         let mut allowed = true;
         for check in checks {
-            let current = entries
-                .get(&check.key)
-                .filter(|e| e.expires_us > now)
-                .map(|e| e.state);
+            let current = entries.get(&check.key, live).map(|e| e.state);
             let (state, write) =
                 decide_one(scaled(check.algorithm, self.share), current, now, cost);
             allowed &= state.retry_after.is_none();
@@ -77,7 +81,7 @@ impl MemoryLimiter {
         if allowed {
             for (check, write) in checks.iter().zip(writes) {
                 if let Some(entry) = write {
-                    entries.insert(check.key.clone(), entry);
+                    entries.insert(&check.key, entry, live);
                 }
             }
         }
@@ -88,10 +92,21 @@ impl MemoryLimiter {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    /// Entries held, the bytes they are counted for, and the bytes allocated.
+    #[cfg(test)]
+    fn footprint(&self) -> (u64, u64, u64) {
+        let entries = self.lock();
+        (
+            entries.len() as u64,
+            entries.bytes(),
+            entries.allocated_bytes(),
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lru<Entry>> {
         self.entries
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -236,6 +251,8 @@ fn now_us() -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     fn check(key: &str, algorithm: Algorithm) -> Check {
@@ -249,7 +266,7 @@ mod tests {
 
     #[test]
     fn gcra_admits_exactly_the_burst_at_once() {
-        let limiter = MemoryLimiter::new(1.0);
+        let limiter = MemoryLimiter::new(1.0, 1 << 20);
         let checks = [check(
             "k",
             Algorithm::Gcra {
@@ -266,7 +283,7 @@ mod tests {
 
     #[test]
     fn share_scales_the_local_quota() {
-        let limiter = MemoryLimiter::new(0.25);
+        let limiter = MemoryLimiter::new(0.25, 1 << 20);
         let checks = [check(
             "k",
             Algorithm::FixedWindow {
@@ -282,7 +299,7 @@ mod tests {
 
     #[test]
     fn a_denial_by_one_policy_consumes_nothing_from_the_others() {
-        let limiter = MemoryLimiter::new(1.0);
+        let limiter = MemoryLimiter::new(1.0, 1 << 20);
         let small = check(
             "small",
             Algorithm::FixedWindow {
@@ -310,7 +327,7 @@ mod tests {
 
     #[test]
     fn weighted_cost_counts_units() {
-        let limiter = MemoryLimiter::new(1.0);
+        let limiter = MemoryLimiter::new(1.0, 1 << 20);
         let checks = [check(
             "k",
             Algorithm::Gcra {
@@ -324,6 +341,67 @@ mod tests {
         assert!(!denied.allowed);
         assert_eq!(denied.states[0].map(|s| s.remaining), Some(3));
         assert!(limiter.decide(&checks, 3).allowed);
+    }
+
+    /// During an outage an attacker rotates through IPv6 /64s (or header
+    /// keys): one new local counter per request. The limiter stays within
+    /// its byte bound (the least recently used counters are evicted), a
+    /// client that keeps coming stays limited, and a decision costs the same
+    /// after a million keys as after the first hundred thousand.
+    #[test]
+    fn a_million_rotating_keys_during_an_outage_keep_the_local_limiter_bounded() {
+        const BOUND: u64 = 4 << 20;
+        const CHUNK: u32 = 100_000;
+        let limiter = MemoryLimiter::new(1.0, BOUND);
+        let gcra = Algorithm::Gcra {
+            quota: 2,
+            period: HOUR,
+            burst: 2,
+        };
+        let abuser = [check("p:{rl}:rl:per-ip:k:203.0.113.66", gcra)];
+        assert!(limiter.decide(&abuser, 1).allowed);
+        assert!(limiter.decide(&abuser, 1).allowed);
+        let mut per_chunk: Vec<Duration> = Vec::new();
+        for chunk in 0..10 {
+            let started = Instant::now();
+            for i in 0..CHUNK {
+                let n = chunk * CHUNK + i;
+                let key = format!(
+                    "p:{{rl}}:rl:per-ip:k:2001%3Adb8%3A{:x}%3A{:x}%3A%3A/64",
+                    n >> 16,
+                    n & 0xffff
+                );
+                let checks = [check(&key, gcra)];
+                assert!(limiter.decide(&checks, 1).allowed, "key {n}: a fresh quota");
+                if i % 1000 == 0 {
+                    assert!(
+                        !limiter.decide(&abuser, 1).allowed,
+                        "the abuser was forgotten after {n} keys"
+                    );
+                    // A deadline: stop as soon as this chunk is clearly slower.
+                    if let Some(first) = per_chunk.first() {
+                        assert!(
+                            started.elapsed() < *first * 5,
+                            "chunk {chunk} is over 5x slower than the first ({:?} so far, first {first:?})",
+                            started.elapsed()
+                        );
+                    }
+                }
+            }
+            per_chunk.push(started.elapsed());
+        }
+        let (entries, bytes, allocated) = limiter.footprint();
+        assert!(bytes <= BOUND, "{bytes} bytes in {entries} entries");
+        assert!(
+            allocated <= BOUND,
+            "{allocated} bytes allocated for {entries} entries"
+        );
+        assert!(entries > 0 && entries < 100_000, "{entries} entries");
+        let (first, last) = (per_chunk[0], per_chunk[9]);
+        assert!(
+            last < first * 5,
+            "the last 100k keys took {last:?}, the first {first:?}"
+        );
     }
 
     #[test]

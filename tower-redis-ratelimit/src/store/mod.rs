@@ -6,6 +6,7 @@
 //! never knows which one answered except through [`Source`].
 
 mod blocked;
+mod lru;
 mod memory;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -151,7 +152,9 @@ struct Waiting {
 const MAX_BATCH: usize = 255;
 
 impl Limiter {
-    pub(crate) fn new(manager: RedisManager, fallback: Fallback) -> Arc<Self> {
+    /// A limiter whose in-process state (the local limiter's counters and
+    /// the blocked keys, half each) stays within `memory_bytes`.
+    pub(crate) fn new(manager: RedisManager, fallback: Fallback, memory_bytes: u64) -> Arc<Self> {
         let share = match fallback {
             Fallback::Local { share } => share,
             Fallback::Allow | Fallback::Deny => 1.0,
@@ -159,8 +162,8 @@ impl Limiter {
         Arc::new(Self {
             manager,
             fallback,
-            local: MemoryLimiter::new(share),
-            blocked: BlockedKeys::default(),
+            local: MemoryLimiter::new(share, memory_bytes / 2),
+            blocked: BlockedKeys::new(memory_bytes / 2),
             local_dirty: AtomicBool::new(false),
             batch: Mutex::new(Batch::default()),
         })

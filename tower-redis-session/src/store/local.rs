@@ -2,41 +2,33 @@
 //! a user is not logged out by a short outage) and the changes made while
 //! Redis was unavailable, queued for reconciliation.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::queue::{OutageQueue, QueueFull, Queued};
 use super::{Changes, Record, now_ms};
 
-/// Queued changes beyond which the oldest are dropped, with a warning.
-const MAX_PENDING: usize = 100_000;
-
-/// A change waiting for Redis.
-#[derive(Debug, Clone)]
-pub(crate) enum Pending {
-    Save {
-        /// `Some(created_ms)` when the session was created during the outage.
-        create: Option<u64>,
-        changes: Changes,
-        /// When the (latest) change was made, for the per-entry "newer wins" rule.
-        at_ms: u64,
-    },
-    Delete {
-        user: Option<String>,
-    },
-}
+/// The bookkeeping of one local copy, in bytes, beyond its data: the
+/// cache's slot, the key, the record's map.
+const COPY_OVERHEAD: usize = 160;
+/// The bookkeeping of one entry of a local copy.
+const FIELD_OVERHEAD: usize = 48;
+/// How long this instance remembers that a session ended: longer than any
+/// request that loaded it before can still be running.
+const ENDED_FOR: Duration = Duration::from_secs(120);
+/// The bound of that memory (about 10 000 sessions).
+const ENDED_BYTES: u64 = 1024 * 1024;
+/// The bookkeeping of one remembered end.
+const ENDED_OVERHEAD: usize = 64;
 
 pub(crate) struct LocalStore {
+    /// Weighed in bytes.
     copies: moka::sync::Cache<String, Arc<Copy>>,
-    pending: Mutex<Vec<(String, Pending)>>,
-    /// The length of `pending`, readable without its lock (a read checks
-    /// it on every request).
-    pending_len: AtomicUsize,
-    /// Sessions whose queued changes the reconciler has taken but not yet
-    /// written: until they are in Redis, reads of these sessions are still
-    /// answered from this instance's copy (Redis does not have them yet).
-    reconciling: Mutex<Vec<String>>,
-    reconciling_len: AtomicUsize,
+    queue: OutageQueue,
+    /// Sessions this instance recently destroyed, cycled away or saw
+    /// gone, so that a concurrent request that loaded one before does not
+    /// send its old id back in a renewed persistent cookie.
+    ended: moka::sync::Cache<String, ()>,
 }
 
 /// A session as this instance last read or wrote it.
@@ -49,17 +41,36 @@ pub(crate) struct Copy {
 }
 
 impl LocalStore {
-    pub(crate) fn new(capacity: u64, idle: Duration) -> Self {
+    pub(crate) fn new(capacity_bytes: u64, queue_bytes: usize, idle: Duration) -> Self {
         Self {
             copies: moka::sync::Cache::builder()
-                .max_capacity(capacity)
+                .max_capacity(capacity_bytes)
+                .weigher(|key: &String, copy: &Arc<Copy>| {
+                    u32::try_from(key.len() + copy.weight()).unwrap_or(u32::MAX)
+                })
                 .time_to_idle(idle)
                 .build(),
-            pending: Mutex::new(Vec::new()),
-            pending_len: AtomicUsize::new(0),
-            reconciling: Mutex::new(Vec::new()),
-            reconciling_len: AtomicUsize::new(0),
+            queue: OutageQueue::new(queue_bytes),
+            ended: moka::sync::Cache::builder()
+                .max_capacity(ENDED_BYTES)
+                .weigher(|key: &String, ()| {
+                    u32::try_from(key.len() + ENDED_OVERHEAD).unwrap_or(u32::MAX)
+                })
+                .time_to_live(ENDED_FOR)
+                .build(),
         }
+    }
+
+    /// The session ended: its copy goes, and its end is remembered for a
+    /// while.
+    pub(crate) fn end(&self, storage_key: &str) {
+        self.copies.invalidate(storage_key);
+        self.ended.insert(storage_key.to_owned(), ());
+    }
+
+    /// Whether this instance saw the session end recently.
+    pub(crate) fn has_ended(&self, storage_key: &str) -> bool {
+        self.ended.contains_key(storage_key)
     }
 
     /// The local copy, unless it has outlived the absolute timeout.
@@ -114,111 +125,85 @@ impl LocalStore {
         create: Option<u64>,
         changes: &Changes,
         at_ms: u64,
-    ) {
-        let mut pending = self.lock();
-        push_bounded(
-            &mut pending,
-            storage_key,
-            Pending::Save {
-                create,
-                changes: changes.clone(),
-                at_ms,
-            },
-        );
-        self.pending_len.store(pending.len(), Ordering::Release);
+    ) -> Result<(), QueueFull> {
+        self.queue.push_save(storage_key, create, changes, at_ms)
     }
 
-    /// Whether changes to this session are waiting for Redis.
+    /// Whether changes to this session are waiting for Redis. Then this
+    /// instance's copy is newer than Redis', and the session's next changes
+    /// are queued behind them, in order, even if Redis is back: sent
+    /// directly, a change could find the session not created yet and be
+    /// lost, or a log out be undone by the replay of the creation.
     pub(crate) fn has_pending(&self, storage_key: &str) -> bool {
-        (self.pending_len.load(Ordering::Acquire) > 0
-            && self.lock().iter().any(|(k, _)| k == storage_key))
-            || (self.reconciling_len.load(Ordering::Acquire) > 0
-                && lock(&self.reconciling).iter().any(|k| k == storage_key))
+        self.queue.contains(storage_key)
     }
 
-    /// Queues a deletion made while Redis was unavailable.
+    /// Queues a deletion made while Redis was unavailable (never refused).
     pub(crate) fn queue_delete(&self, storage_key: &str, user: Option<&str>) {
-        let mut pending = self.lock();
-        pending.retain(|(k, _)| k != storage_key);
-        push_bounded(
-            &mut pending,
-            storage_key,
-            Pending::Delete {
-                user: user.map(str::to_owned),
-            },
-        );
-        self.pending_len.store(pending.len(), Ordering::Release);
+        self.queue.push_delete(storage_key, user);
+    }
+
+    /// Queues an id change made while Redis was unavailable: both halves, or
+    /// neither when the new session does not fit.
+    pub(crate) fn queue_cycle(
+        &self,
+        old_storage_key: &str,
+        user: Option<&str>,
+        new_storage_key: &str,
+        created_ms: u64,
+        full: &Changes,
+        at_ms: u64,
+    ) -> Result<(), QueueFull> {
+        self.queue.push_cycle(
+            old_storage_key,
+            user,
+            new_storage_key,
+            created_ms,
+            full,
+            at_ms,
+        )
     }
 
     pub(crate) fn pending_len(&self) -> usize {
-        self.lock().len()
+        self.queue.len()
     }
 
-    /// Takes the queued changes for writing. Their sessions count as
-    /// pending until [`reconciled`](Self::reconciled) or
-    /// [`end_reconcile`](Self::end_reconcile) says otherwise.
-    pub(crate) fn take_pending(&self) -> Vec<(String, Pending)> {
-        let mut pending = self.lock();
-        let mut reconciling = lock(&self.reconciling);
-        reconciling.extend(pending.iter().map(|(k, _)| k.clone()));
-        self.reconciling_len
-            .store(reconciling.len(), Ordering::Release);
-        self.pending_len.store(0, Ordering::Release);
-        std::mem::take(&mut *pending)
-    }
-
-    /// One taken change of this session is in Redis.
-    pub(crate) fn reconciled(&self, storage_key: &str) {
-        let mut reconciling = lock(&self.reconciling);
-        if let Some(at) = reconciling.iter().position(|k| k == storage_key) {
-            reconciling.remove(at);
-        }
-        self.reconciling_len
-            .store(reconciling.len(), Ordering::Release);
-    }
-
-    /// The pass is over (what failed was requeued first).
-    pub(crate) fn end_reconcile(&self) {
-        let mut reconciling = lock(&self.reconciling);
-        reconciling.clear();
-        self.reconciling_len.store(0, Ordering::Release);
+    /// Takes the queued changes for writing.
+    pub(crate) fn take_pending(&self) -> Vec<Queued> {
+        self.queue.take()
     }
 
     /// Puts back what could not be written, ahead of anything queued since.
-    pub(crate) fn requeue(&self, mut failed: Vec<(String, Pending)>) {
-        if failed.is_empty() {
-            return;
-        }
-        let mut pending = self.lock();
-        failed.append(&mut pending);
-        *pending = failed;
-        self.pending_len.store(pending.len(), Ordering::Release);
+    pub(crate) fn requeue(&self, failed: Vec<Queued>) {
+        self.queue.requeue(failed);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, Pending)>> {
-        lock(&self.pending)
+    /// One taken change is in Redis.
+    pub(crate) fn reconciled(&self, queued: &Queued) {
+        self.queue.written(queued);
+    }
+
+    /// The approximate bytes the outage queue takes.
+    pub(crate) fn queue_bytes(&self) -> usize {
+        self.queue.bytes()
+    }
+
+    /// The approximate bytes the local copies take.
+    pub(crate) fn copies_bytes(&self) -> u64 {
+        self.copies.run_pending_tasks();
+        self.copies.weighted_size()
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn push_bounded(pending: &mut Vec<(String, Pending)>, storage_key: &str, change: Pending) {
-    if pending.len() >= MAX_PENDING {
-        // Deletions (log outs) are never the ones dropped.
-        let oldest_save = pending
+impl Copy {
+    /// The approximate memory this copy takes, beyond its key.
+    fn weight(&self) -> usize {
+        let fields: usize = self
+            .record
+            .fields
             .iter()
-            .position(|(_, p)| matches!(p, Pending::Save { .. }))
-            .unwrap_or(0);
-        pending.remove(oldest_save);
-        tracing::warn!(
-            target: "tower_redis_session",
-            limit = MAX_PENDING,
-            "too many session changes queued during the Redis outage; the oldest save was dropped"
-        );
+            .map(|(name, json)| FIELD_OVERHEAD + name.len() + json.len())
+            .sum();
+        COPY_OVERHEAD + fields + self.record.user.as_ref().map_or(0, String::len)
     }
-    pending.push((storage_key.to_owned(), change));
 }

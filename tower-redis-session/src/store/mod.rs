@@ -14,6 +14,7 @@
 //! one session from losing each other's changes.
 
 mod local;
+mod queue;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +31,7 @@ use tower_redis_core::{
 
 use crate::config::Expiry;
 pub(crate) use local::LocalStore;
-use local::Pending;
+use queue::{Pending, QueueFull};
 
 static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("save.lua")));
 static TAKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("take.lua")));
@@ -42,6 +43,19 @@ pub(crate) struct Record {
     pub(crate) fields: HashMap<String, String>,
     pub(crate) created_ms: u64,
     pub(crate) user: Option<String>,
+}
+
+impl Record {
+    /// What counts toward the session size limit: entry names, JSON values
+    /// and the user id, in bytes.
+    pub(crate) fn size(&self) -> usize {
+        let fields: usize = self
+            .fields
+            .iter()
+            .map(|(name, json)| name.len() + json.len())
+            .sum();
+        fields + self.user.as_ref().map_or(0, String::len)
+    }
 }
 
 /// What one request changed.
@@ -77,6 +91,40 @@ pub(crate) enum Saved {
     /// The session no longer exists (destroyed, cycled or expired meanwhile);
     /// nothing was written, so it is not resurrected.
     Gone,
+    /// Redis is unavailable and the outage queue has no room for it: nothing
+    /// was kept (a new session is not created, an existing one is unchanged).
+    Refused,
+}
+
+/// The byte bounds of the store's in-process side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LocalLimits {
+    /// Local copies of sessions, for reading through an outage.
+    pub(crate) copies_bytes: u64,
+    /// Changes made during an outage, waiting for Redis.
+    pub(crate) queue_bytes: usize,
+}
+
+/// How much of its in-process bounds a [`SessionStore`] uses, from
+/// [`SessionStore::local_usage`]. Sizes are estimates of the memory taken
+/// (data plus bookkeeping), the same ones the bounds are enforced on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LocalUsage {
+    /// Changes made while Redis was unavailable, queued or being written.
+    pub queued_changes: usize,
+    /// Their size. At most
+    /// [`outage_queue_bytes`](crate::SessionLayerBuilder::outage_queue_bytes),
+    /// except that log outs are never refused: those of sessions this
+    /// instance held copies of can take it over the bound.
+    pub queued_bytes: usize,
+    /// The outage queue's bound.
+    pub queue_limit_bytes: usize,
+    /// The size of the local copies of sessions: at most
+    /// [`local_capacity_bytes`](crate::SessionLayerBuilder::local_capacity_bytes).
+    pub local_copies_bytes: u64,
+    /// Their bound.
+    pub local_copies_limit_bytes: u64,
 }
 
 /// One of a user's sessions, from [`SessionStore::list_user_sessions`].
@@ -117,6 +165,7 @@ impl std::fmt::Debug for SessionStore {
 struct StoreInner {
     manager: RedisManager,
     expiry: Expiry,
+    limits: LocalLimits,
     local: LocalStore,
     reconciler_started: AtomicBool,
     /// Wakes the reconciler when a write had to be queued, whether or not
@@ -125,16 +174,35 @@ struct StoreInner {
 }
 
 impl SessionStore {
-    pub(crate) fn new(manager: RedisManager, expiry: Expiry, local_capacity: u64) -> Self {
+    pub(crate) fn new(manager: RedisManager, expiry: Expiry, limits: LocalLimits) -> Self {
         Self {
             inner: Arc::new(StoreInner {
                 manager,
                 expiry,
-                local: LocalStore::new(local_capacity, expiry.idle),
+                limits,
+                local: LocalStore::new(limits.copies_bytes, limits.queue_bytes, expiry.idle),
                 reconciler_started: AtomicBool::new(false),
                 wake: Arc::new(tokio::sync::Notify::new()),
             }),
         }
+    }
+
+    /// How much of its in-process bounds the store uses: the outage queue
+    /// and the local copies. For monitoring; not meant for every request.
+    pub fn local_usage(&self) -> LocalUsage {
+        LocalUsage {
+            queued_changes: self.inner.local.pending_len(),
+            queued_bytes: self.inner.local.queue_bytes(),
+            queue_limit_bytes: self.inner.limits.queue_bytes,
+            local_copies_bytes: self.inner.local.copies_bytes(),
+            local_copies_limit_bytes: self.inner.limits.copies_bytes,
+        }
+    }
+
+    /// Whether this instance saw the session end (destroyed, cycled away,
+    /// revoked) in the last two minutes. No Redis call.
+    pub(crate) fn has_ended(&self, storage_key: &str) -> bool {
+        self.inner.local.has_ended(storage_key)
     }
 
     fn keys(&self) -> &tower_redis_core::Keyspace {
@@ -258,30 +326,48 @@ impl SessionStore {
     ) -> Saved {
         self.start_reconciler();
         let key = self.session_key(storage_key);
-        let served = self
-            .inner
-            .manager
-            .failover(
-                |mut conn| async move {
-                    let commands =
-                        self.save_commands(&key, storage_key, create, changes, previous_user, None);
-                    commands.run(&mut conn).await
-                },
-                |_| async { Saved::Written },
-            )
-            .await;
-        if served.is_fallback() {
-            self.inner
+        let (value, queue) = if self.inner.local.has_pending(storage_key) {
+            // Behind the session's earlier changes: see `has_pending`.
+            (Saved::Written, true)
+        } else {
+            let served = self
+                .inner
+                .manager
+                .failover(
+                    |mut conn| async move {
+                        let commands = self.save_commands(
+                            &key,
+                            storage_key,
+                            create,
+                            changes,
+                            previous_user,
+                            None,
+                        );
+                        commands.run(&mut conn).await
+                    },
+                    |_| async { Saved::Written },
+                )
+                .await;
+            let queue = served.is_fallback();
+            (served.value, queue)
+        };
+        if queue {
+            if let Err(full) = self
+                .inner
                 .local
-                .queue(storage_key, create, changes, now_ms());
+                .queue(storage_key, create, changes, now_ms())
+            {
+                refused(full, create.is_some());
+                return Saved::Refused;
+            }
             self.inner.wake.notify_one();
         }
-        if served.value == Saved::Written {
+        if value == Saved::Written {
             self.inner.local.apply(storage_key, create, changes);
         } else {
-            self.inner.local.remove(storage_key);
+            self.inner.local.end(storage_key);
         }
-        served.value
+        value
     }
 
     /// A new id for a session. The old key is taken (read and deleted
@@ -298,52 +384,60 @@ impl SessionStore {
         self.start_reconciler();
         let old_key = self.session_key(old_storage_key);
         let new_key = self.session_key(new_storage_key);
-        let served = self
-            .inner
-            .manager
-            .failover(
-                |mut conn| async move {
-                    let taken: Option<Vec<(String, String)>> = TAKE
-                        .key(&old_key)
-                        .arg(self.absolute_ms())
-                        .invoke_async(&mut conn)
-                        .await?;
-                    let Some(taken) = taken else {
-                        return Ok(Saved::Gone);
-                    };
-                    // What Redis held (with other requests' changes), then ours.
-                    let mut record = record_from_fields(taken);
-                    let previous_user = record.user.clone();
-                    changes.apply_to(&mut record);
-                    let full = Changes {
-                        entries: record
-                            .fields
-                            .iter()
-                            .map(|(k, v)| (k.clone(), Some(v.clone())))
-                            .collect(),
-                        user: record.user.clone(),
-                    };
-                    let mut commands = self.save_commands(
-                        &new_key,
-                        new_storage_key,
-                        Some(record.created_ms),
-                        &full,
-                        previous_user.as_deref(),
-                        None,
-                    );
-                    if let Some(user) = &previous_user {
-                        commands.extras.push(
-                            redis::cmd("SREM")
-                                .arg(self.user_key(user))
-                                .arg(old_storage_key)
-                                .clone(),
+        let pending = self.inner.local.has_pending(old_storage_key);
+        let (value, queue) = if pending {
+            // Behind the session's earlier changes: see `has_pending`.
+            (Saved::Written, true)
+        } else {
+            let served = self
+                .inner
+                .manager
+                .failover(
+                    |mut conn| async move {
+                        let taken: Option<Vec<(String, String)>> = TAKE
+                            .key(&old_key)
+                            .arg(self.absolute_ms())
+                            .invoke_async(&mut conn)
+                            .await?;
+                        let Some(taken) = taken else {
+                            return Ok(Saved::Gone);
+                        };
+                        // What Redis held (with other requests' changes), then ours.
+                        let mut record = record_from_fields(taken);
+                        let previous_user = record.user.clone();
+                        changes.apply_to(&mut record);
+                        let full = Changes {
+                            entries: record
+                                .fields
+                                .iter()
+                                .map(|(k, v)| (k.clone(), Some(v.clone())))
+                                .collect(),
+                            user: record.user.clone(),
+                        };
+                        let mut commands = self.save_commands(
+                            &new_key,
+                            new_storage_key,
+                            Some(record.created_ms),
+                            &full,
+                            previous_user.as_deref(),
+                            None,
                         );
-                    }
-                    commands.run(&mut conn).await
-                },
-                |_| async { Saved::Written },
-            )
-            .await;
+                        if let Some(user) = &previous_user {
+                            commands.extras.push(
+                                redis::cmd("SREM")
+                                    .arg(self.user_key(user))
+                                    .arg(old_storage_key)
+                                    .clone(),
+                            );
+                        }
+                        commands.run(&mut conn).await
+                    },
+                    |_| async { Saved::Written },
+                )
+                .await;
+            let queue = served.is_fallback();
+            (served.value, queue)
+        };
         let full = Changes {
             entries: merged
                 .fields
@@ -352,22 +446,28 @@ impl SessionStore {
                 .collect(),
             user: merged.user.clone(),
         };
-        if served.is_fallback() {
-            self.inner
-                .local
-                .queue_delete(old_storage_key, merged.user.as_deref());
-            self.inner
-                .local
-                .queue(new_storage_key, Some(merged.created_ms), &full, now_ms());
+        if queue {
+            if let Err(full) = self.inner.local.queue_cycle(
+                old_storage_key,
+                merged.user.as_deref(),
+                new_storage_key,
+                merged.created_ms,
+                &full,
+                now_ms(),
+            ) {
+                // Neither half is queued: the session keeps its old id.
+                refused(full, false);
+                return Saved::Refused;
+            }
             self.inner.wake.notify_one();
         }
-        self.inner.local.remove(old_storage_key);
-        if served.value == Saved::Written {
+        self.inner.local.end(old_storage_key);
+        if value == Saved::Written {
             self.inner
                 .local
                 .apply(new_storage_key, Some(merged.created_ms), &full);
         }
-        served.value
+        value
     }
 
     /// Deletes a session (and its entry in the user index).
@@ -375,31 +475,34 @@ impl SessionStore {
         self.start_reconciler();
         let key = self.session_key(storage_key);
         let user_key = user.map(|u| self.user_key(u));
-        let served = self
-            .inner
-            .manager
-            .failover(
-                |mut conn| async move {
-                    let mut extras = vec![redis::cmd("DEL").arg(&key).clone()];
-                    if let Some(user_key) = &user_key {
-                        extras.push(redis::cmd("SREM").arg(user_key).arg(storage_key).clone());
-                    }
-                    SaveCommands {
-                        script: None,
-                        extras,
-                    }
-                    .run(&mut conn)
-                    .await
-                    .map(|_| ())
-                },
-                |_| async {},
-            )
-            .await;
-        if served.is_fallback() {
+        // Behind the session's earlier changes: see `has_pending`.
+        let queue = self.inner.local.has_pending(storage_key)
+            || self
+                .inner
+                .manager
+                .failover(
+                    |mut conn| async move {
+                        let mut extras = vec![redis::cmd("DEL").arg(&key).clone()];
+                        if let Some(user_key) = &user_key {
+                            extras.push(redis::cmd("SREM").arg(user_key).arg(storage_key).clone());
+                        }
+                        SaveCommands {
+                            script: None,
+                            extras,
+                        }
+                        .run(&mut conn)
+                        .await
+                        .map(|_| ())
+                    },
+                    |_| async {},
+                )
+                .await
+                .is_fallback();
+        if queue {
             self.inner.local.queue_delete(storage_key, user);
             self.inner.wake.notify_one();
         }
-        self.inner.local.remove(storage_key);
+        self.inner.local.end(storage_key);
     }
 
     /// The EVALSHA of one save, and the user-index update when the user is set.
@@ -521,7 +624,7 @@ impl SessionStore {
                 .await
                 .map_err(StoreError::Unavailable)?;
             revoked += deleted;
-            self.inner.local.remove(handle);
+            self.inner.local.end(handle);
         }
         self.inner
             .manager
@@ -572,29 +675,27 @@ impl SessionStore {
             return;
         }
         let total = pending.len();
-        let mut requeue = Vec::new();
+        let mut requeue: Vec<queue::Queued> = Vec::new();
         // Sessions with a change that could not be written in this pass:
         // their later changes wait behind it, in order. Replaying them now
         // could find the session absent (its creation still queued) and
         // drop them as changes to a session that ended.
         let mut blocked = std::collections::HashSet::new();
-        for (storage_key, change) in pending {
-            if blocked.contains(&storage_key) {
-                requeue.push((storage_key, change));
+        for queued in pending {
+            let storage_key = queued.storage_key.as_str();
+            if blocked.contains(storage_key) {
+                requeue.push(queued);
                 continue;
             }
-            let result = match &change {
+            let result = match &queued.change {
                 Pending::Delete { user } => {
-                    let mut extras = vec![
-                        redis::cmd("DEL")
-                            .arg(self.session_key(&storage_key))
-                            .clone(),
-                    ];
+                    let mut extras =
+                        vec![redis::cmd("DEL").arg(self.session_key(storage_key)).clone()];
                     if let Some(user) = user {
                         extras.push(
                             redis::cmd("SREM")
                                 .arg(self.user_key(user))
-                                .arg(&storage_key)
+                                .arg(storage_key)
                                 .clone(),
                         );
                     }
@@ -614,8 +715,8 @@ impl SessionStore {
                     at_ms,
                 } => {
                     let commands = self.save_commands(
-                        &self.session_key(&storage_key),
-                        &storage_key,
+                        &self.session_key(storage_key),
+                        storage_key,
                         *create,
                         changes,
                         None,
@@ -629,15 +730,14 @@ impl SessionStore {
                 }
             };
             if result.is_err() {
-                blocked.insert(storage_key.clone());
-                requeue.push((storage_key, change));
+                blocked.insert(storage_key.to_owned());
+                requeue.push(queued);
             } else {
-                self.inner.local.reconciled(&storage_key);
+                self.inner.local.reconciled(&queued);
             }
         }
         let failed = requeue.len();
         self.inner.local.requeue(requeue);
-        self.inner.local.end_reconcile();
         tracing::info!(
             target: "tower_redis_session",
             written = total - failed,
@@ -717,6 +817,29 @@ pub(crate) fn now_ms() -> u64 {
         .map(millis)
         .unwrap_or(0)
 }
+
+/// Says why a change made during an outage was not kept.
+fn refused(full: QueueFull, create: bool) {
+    tracing::warn!(
+        target: "tower_redis_session",
+        limit_bytes = full.limit_bytes,
+        "Redis is unavailable and the session outage queue is full; {} (raise SessionLayerBuilder::outage_queue_bytes if this happens in normal outages)",
+        if create {
+            "a new session was not created: the visitor gets a fresh, empty session on the next request"
+        } else {
+            "a session change was not kept"
+        }
+    );
+    record_refused();
+}
+
+#[cfg(feature = "metrics")]
+fn record_refused() {
+    metrics::counter!("tower_redis_session_refused_total").increment(1);
+}
+
+#[cfg(not(feature = "metrics"))]
+fn record_refused() {}
 
 #[cfg(feature = "metrics")]
 fn record_reconciled(count: usize) {

@@ -1,0 +1,179 @@
+//! What a request may ask of the cache: whether it can be answered from
+//! (and fill) an entry at all, which of its cache directives count, and
+//! whether its own answer could ever be stored.
+
+use http::request::Parts;
+use http::{HeaderMap, HeaderName, Method, Request, Version, header};
+use http_body::Body;
+use tower_redis_core::forwarding::{
+    ForwardingHeader, RequestView, X_FORWARDED_HOST, X_FORWARDED_PORT, X_FORWARDED_PROTO,
+};
+
+use crate::directives::{self, RequestDirectives};
+use crate::layer::Config;
+
+/// Whether the cache obeys the `Cache-Control` (and `Pragma: no-cache`) of
+/// requests, set with
+/// [`CacheLayerBuilder::request_cache_control`](crate::CacheLayerBuilder::request_cache_control).
+///
+/// Request directives are advisory for a cache (RFC 9111 §5.2.1). Obeyed,
+/// they let any client make the cache go to the origin (`no-cache`,
+/// `max-age=0`, `min-fresh`) or keep an answer out of it (`no-store`):
+/// revalidations are coalesced like misses, so concurrent ones cost one
+/// origin request, but a client that repeats them still sends one origin
+/// request per revalidation. A cache in front of untrusted clients (a CDN
+/// edge, the caching proxy example) ignores them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RequestCacheControl {
+    /// RFC 9111 as written: `no-cache`, `no-store`, `max-age`, `max-stale`,
+    /// `min-fresh` and `only-if-cached` are obeyed (the default).
+    #[default]
+    Honor,
+    /// Requests' `Cache-Control` and `Pragma` are ignored: every request is
+    /// answered as if it had none.
+    Ignore,
+}
+
+/// The request directives the cache acts on.
+pub(crate) fn directives(headers: &HeaderMap, policy: RequestCacheControl) -> RequestDirectives {
+    match policy {
+        RequestCacheControl::Honor => directives::request(headers),
+        RequestCacheControl::Ignore => RequestDirectives::default(),
+    }
+}
+
+/// Whether a request carries a body. A GET or HEAD with one (a "fat GET")
+/// is keyed without it, so it is neither answered from the cache nor
+/// stored: an origin that reads the body would otherwise have one client's
+/// body decide everyone's answer.
+///
+/// HTTP/1 says so in its header: `Transfer-Encoding`, or a `Content-Length`
+/// that is not 0 (an unreadable one counts as a body). HTTP/2 and HTTP/3
+/// frame bodies without either, so there only a body known to be empty
+/// (ended with the headers, or of exact length 0) counts as none.
+pub(crate) fn carries_body<B: Body>(request: &Request<B>) -> bool {
+    let headers = request.headers();
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        return true;
+    }
+    let declared = headers.get_all(header::CONTENT_LENGTH).iter().any(|value| {
+        value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_none_or(|length| length > 0)
+    });
+    let body = request.body();
+    let hint = body.size_hint();
+    if declared || hint.lower() > 0 {
+        return true;
+    }
+    matches!(request.version(), Version::HTTP_2 | Version::HTTP_3)
+        && !body.is_end_stream()
+        && hint.upper() != Some(0)
+}
+
+/// Whether the request itself keeps its answer out of the cache, whatever
+/// the origin says: it is not a GET, it says `no-store`, or it carries a
+/// header that can change the answer without being part of the key. Such a
+/// request never leads a coalesced fill (the others would wait for an entry
+/// that cannot come) and its refusal says nothing about the URL.
+pub(crate) fn refuses_storage(
+    config: &Config,
+    request: &Parts,
+    directives: &RequestDirectives,
+) -> bool {
+    request.method != Method::GET || directives.no_store || carries_unkeyed_header(config, request)
+}
+
+/// Whether the request may lead a coalesced fill or revalidation, which
+/// the others then wait for: not when its own answer cannot be stored
+/// ([`refuses_storage`]), nor with `Authorization` (RFC 9111 §3.5 stores
+/// such an answer only when the origin marks it `public`, `s-maxage` or
+/// `must-revalidate`, so on most URLs the others would wait for nothing).
+/// It still follows a flight another request leads.
+pub(crate) fn may_lead(config: &Config, request: &Parts, directives: &RequestDirectives) -> bool {
+    !refuses_storage(config, request, directives)
+        && !request.headers.contains_key(header::AUTHORIZATION)
+}
+
+/// Whether the request carries a header that can change the origin's answer
+/// without being part of the key: its response must not be stored. The
+/// forwarding headers a trusted proxy wrote (marked by [`ViaTrustedProxy`])
+/// are part of the key instead.
+pub(crate) fn carries_unkeyed_header(config: &Config, request: &Parts) -> bool {
+    let keyed: &[HeaderName] = match request.extensions.get::<ViaTrustedProxy>() {
+        Some(ViaTrustedProxy(ForwardingHeader::Forwarded)) => &[header::FORWARDED],
+        Some(_) => &[X_FORWARDED_HOST, X_FORWARDED_PROTO, X_FORWARDED_PORT],
+        None => &[],
+    };
+    config
+        .unkeyed_headers
+        .iter()
+        .any(|h| !keyed.contains(h) && request.headers.contains_key(h))
+}
+
+/// Marks a request's head as received from a trusted proxy that writes this
+/// header family.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ViaTrustedProxy(pub(crate) ForwardingHeader);
+
+/// What the trusted-proxy view adds to a request's key: the host to key by
+/// (`None`: the request's own) and the scheme and port, as extra key
+/// parts. `Err(())` when a trusted proxy sent a value that cannot be read,
+/// so the request's origin is unknown and it must bypass the cache.
+pub(crate) fn forwarded_origin(
+    config: &Config,
+    request: &Request<impl Sized>,
+) -> Result<Option<(ForwardingHeader, RequestView)>, ()> {
+    if config.forwarding.is_empty() {
+        return Ok(None);
+    }
+    let view = config.forwarding.view(request);
+    if view.malformed {
+        return Err(());
+    }
+    Ok(view
+        .via_trusted_proxy
+        .then(|| (config.forwarding.header(), view)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{Empty, Full};
+
+    fn get<B>(body: B, version: Version, headers: &[(&str, &str)]) -> Request<B> {
+        let mut builder = Request::get("/").version(version);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(body).unwrap()
+    }
+
+    #[test]
+    fn bodies_are_seen_in_headers_hints_and_http2_streams() {
+        let h1 = Version::HTTP_11;
+        let h2 = Version::HTTP_2;
+        let none = Empty::<Bytes>::new;
+        assert!(!carries_body(&get(none(), h1, &[])));
+        assert!(!carries_body(&get(none(), h1, &[("content-length", "0")])));
+        assert!(!carries_body(&get(none(), h2, &[])));
+        assert!(carries_body(&get(none(), h1, &[("content-length", "3")])));
+        assert!(carries_body(&get(none(), h1, &[("content-length", "x")])));
+        assert!(carries_body(&get(
+            none(),
+            h1,
+            &[("transfer-encoding", "chunked")]
+        )));
+        assert!(carries_body(&get(Full::new(Bytes::from("x")), h1, &[])));
+        // An HTTP/2 stream that did not end with its headers.
+        let open = http_body_util::StreamBody::new(futures_util::stream::pending::<
+            Result<http_body::Frame<Bytes>, std::convert::Infallible>,
+        >());
+        assert!(carries_body(&get(open, h2, &[])));
+    }
+}

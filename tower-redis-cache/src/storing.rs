@@ -1,0 +1,243 @@
+//! Storing a response: whether RFC 9111, the route and the request allow
+//! it, the entry (tags, retention, `ETag`) and the body, read for the
+//! cache at the origin's pace (see [`crate::tee`]).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderMap, HeaderName, HeaderValue, Response, header};
+use http_body::Body;
+use tracing::Instrument;
+
+use crate::body::CacheBody;
+use crate::entry::Entry;
+use crate::freshness::{self, NotStored};
+use crate::key;
+use crate::layer::Config;
+use crate::policy::Route;
+use crate::request;
+use crate::service::{CacheStatus, Fill, Keyed, add_cache_status};
+use crate::store::Put;
+use crate::tee;
+
+/// Response headers that describe a connection, not a response: never stored.
+pub(crate) const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+    header::TRAILER,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// How long an entry is kept: its freshness, plus the longest of the
+/// layer's stale keep and the stale-while-revalidate / stale-if-error windows.
+pub(crate) fn keep_for(config: &Config, route: &Route, entry: &Entry, lifetime: u64) -> Duration {
+    let stored = freshness::directives_of(&entry.headers, &config.rules);
+    let windows = freshness::stale_windows(&stored, route);
+    let stale_keep = config
+        .keep_stale_for
+        .max(Duration::from_secs(windows.while_revalidate))
+        .max(Duration::from_secs(windows.if_error));
+    freshness::retention(lifetime, stale_keep)
+}
+
+/// The internal header that keeps an entry's tags with it (never served).
+pub(crate) static STORED_TAGS: HeaderName = HeaderName::from_static("tower-redis-tags");
+
+/// Tags of a response: its tag headers (removed when so configured), the
+/// route's static tags and the route's tag function.
+pub(crate) fn take_tags(
+    config: &Config,
+    route: &Route,
+    request: &Parts,
+    response: &mut http::response::Parts,
+) -> Vec<String> {
+    let mut tags: Vec<String> = Vec::new();
+    for name in &config.tag_headers {
+        for value in response.headers.get_all(name) {
+            let text = String::from_utf8_lossy(value.as_bytes());
+            tags.extend(
+                text.split(|c: char| c == ',' || c.is_ascii_whitespace())
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned),
+            );
+        }
+        if config.strip_tag_headers {
+            response.headers.remove(name);
+        }
+    }
+    tags.extend(route.tags.iter().cloned());
+    if let Some(tags_fn) = &route.tags_fn {
+        tags.extend(tags_fn(request, response));
+    }
+    tags.retain(|t| !t.is_empty() && t.len() <= 1024);
+    tags.sort_unstable();
+    tags.dedup();
+    tags
+}
+
+pub(crate) fn stored_tags(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get(&STORED_TAGS)
+        .map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(' ')
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub(crate) fn set_stored_tags(headers: &mut HeaderMap, tags: &[String]) {
+    headers.remove(&STORED_TAGS);
+    if tags.is_empty() {
+        return;
+    }
+    if let Ok(value) = HeaderValue::from_str(&tags.join(" ")) {
+        headers.insert(STORED_TAGS.clone(), value);
+    }
+}
+
+/// Passes a response on, storing a copy when RFC 9111 and the route allow.
+pub(crate) fn store_if_allowed<ResBody>(
+    config: &Arc<Config>,
+    keyed: &Keyed,
+    response: Response<ResBody>,
+    request_time: SystemTime,
+    mut status: CacheStatus,
+    fill: Fill,
+) -> Response<CacheBody<ResBody>>
+where
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
+{
+    let response_time = SystemTime::now();
+    let (mut parts, body) = response.into_parts();
+    let request = &keyed.parts;
+    let route = config.route_for(request.uri.path());
+    let tags = take_tags(config, route, request, &mut parts);
+    // Refused because of the request itself (its method, `no-store`, an
+    // unkeyed header, `Authorization`), or because of the response.
+    let storable = if request::refuses_storage(config, request, &keyed.directives) {
+        Err(false)
+    } else {
+        match freshness::storable(
+            request,
+            &keyed.directives,
+            &parts,
+            &config.rules,
+            route,
+            response_time,
+        ) {
+            Ok(_) if body.size_hint().lower() > config.max_body_bytes as u64 => Err(true),
+            Ok(storable) => Ok(storable),
+            Err(NotStored::Method | NotStored::Authorization) => Err(false),
+            Err(_) => Err(true),
+        }
+    };
+    let storable = match storable {
+        Ok(storable) => storable,
+        Err(because_of_the_response) => {
+            if because_of_the_response && (fill.guard.is_some() || fill.lock.is_some()) {
+                // Nothing will be stored for the requests coalesced on this
+                // URL: let the next misses pass instead of waiting in turn.
+                // A refusal due to this request alone says nothing of the
+                // URL: the next request may well be stored.
+                config.uncacheable.insert(keyed.flight_key(), ());
+            }
+            fill.release(config, &keyed.url_hash);
+            add_cache_status(&mut parts.headers, &status);
+            return Response::from_parts(parts, CacheBody::passthrough(body));
+        }
+    };
+    status.stored = true;
+    let mut headers = parts.headers.clone();
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    set_stored_tags(&mut headers, &tags);
+    let vary = key::vary_names(&headers).unwrap_or_default();
+    let template = Entry {
+        status: parts.status,
+        headers,
+        body: Bytes::new(),
+        response_time_ms: freshness::epoch_ms(response_time),
+        initial_age: freshness::initial_age(&parts.headers, request_time, response_time),
+        lifetime: storable.lifetime,
+    };
+    let put = Put {
+        url_hash: keyed.url_hash.clone(),
+        url: keyed.url.clone(),
+        variant: key::variant(&vary, &request.headers, &keyed.extra),
+        vary,
+        keep_for: keep_for(config, route, &template, storable.lifetime),
+        entry: template,
+        tags,
+    };
+    add_cache_status(&mut parts.headers, &status);
+    // The body is read at the origin's pace by a task of its own, so the
+    // entry is stored (and the coalesced requests woken, and `flush()`
+    // done) once the origin has sent it, however slowly the client reads.
+    let (body, read) = if body.is_end_stream() {
+        (CacheBody::passthrough(body), None)
+    } else {
+        let (reader, writer) = tee::tee(body);
+        (CacheBody::teed(reader), Some(writer))
+    };
+    let max_body_bytes = config.max_body_bytes;
+    let config = Arc::clone(config);
+    let in_flight = config.store.start_store();
+    tokio::spawn(
+        async move {
+            let _in_flight = in_flight;
+            let body = match read {
+                None => Some(Bytes::new()),
+                Some(writer) => writer.read_ahead(max_body_bytes).await,
+            };
+            match body {
+                Some(body) => store_entry(&config, put, body, fill).await,
+                // Too big, failed, with trailers, or its client went away.
+                None => fill.release(&config, &put.url_hash),
+            }
+        }
+        .in_current_span(),
+    );
+    Response::from_parts(parts, body)
+}
+
+/// Stores an entry whose body has been read in full, then wakes the
+/// requests coalesced on it.
+async fn store_entry(config: &Arc<Config>, mut put: Put, body: Bytes, fill: Fill) {
+    // A body that ended short of (or past) its declared length is not an entry.
+    let declared = put
+        .entry
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len != body.len()) {
+        fill.release(config, &put.url_hash);
+        return;
+    }
+    put.entry.body = body;
+    if config.generate_etags && !put.entry.headers.contains_key(header::ETAG) {
+        put.entry
+            .headers
+            .insert(header::ETAG, strong_etag(&put.entry.body));
+    }
+    let shared = put.vary.is_empty().then(|| Arc::new(put.entry.clone()));
+    config.store.put(put, fill.lock).await;
+    if let Some(guard) = fill.guard {
+        guard.complete(shared);
+    }
+}
+
+fn strong_etag(body: &Bytes) -> HeaderValue {
+    let digest = sha1_smol::Sha1::from(&body[..]).digest().to_string();
+    HeaderValue::from_str(&format!("\"{digest}\""))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+}

@@ -1,0 +1,1008 @@
+//! Attacks on the cache and races in it (issue 15), each against real Redis:
+//! a test named after the attack, which failed before the fix it guards.
+
+#![allow(clippy::unwrap_used)] // A failed setup step should fail the test loudly.
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, Request, Response, StatusCode, Version, header};
+use axum::routing;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body::Frame;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_redis_cache::{CacheLayer, CacheLayerBuilder, RequestCacheControl};
+use tower_redis_core::testing::{TestCluster, TestRedis};
+use tower_redis_core::{RedisConfigBuilder, RedisManager, redis};
+
+/// The origin behind the cache: counts its calls per path.
+#[derive(Clone, Default)]
+struct Origin {
+    calls: Arc<Mutex<HashMap<String, u64>>>,
+    /// Latency of every answer, ms.
+    delay_ms: Arc<AtomicU64>,
+    /// Run by `/pause-writes` before it answers (item 10).
+    before_answer: Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<()>>>>,
+}
+
+impl Origin {
+    fn count(&self, path: &str) -> u64 {
+        let mut calls = self.calls.lock().unwrap();
+        let n = calls.entry(path.to_owned()).or_default();
+        *n += 1;
+        *n
+    }
+
+    fn calls(&self, path: &str) -> u64 {
+        self.calls.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    async fn delay(&self) {
+        let ms = self.delay_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+}
+
+fn cacheable(body: impl Into<Body>) -> Response<Body> {
+    Response::builder()
+        .header("cache-control", "max-age=60")
+        .body(body.into())
+        .unwrap()
+}
+
+/// A body that yields its chunks one frame at a time.
+struct Chunks(VecDeque<Bytes>);
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.0.pop_front().map(|c| Ok(Frame::data(c))))
+    }
+}
+
+/// The body of [`SLOW_BODY`] in one-byte frames.
+const SLOW_BODY: &str = "abcdefghijklmnopqrst";
+
+fn routes(origin: Origin) -> Router {
+    Router::new()
+        .route(
+            "/reflect-host",
+            routing::get(|State(o): State<Origin>, headers: HeaderMap| async move {
+                o.count("/reflect-host");
+                let host = headers
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                cacheable(format!("<script src=//{host}/app.js>"))
+            })
+            .head(|State(o): State<Origin>| async move {
+                o.count("/reflect-host");
+                cacheable(Body::empty())
+            }),
+        )
+        .route(
+            "/echo-body",
+            routing::get(|State(o): State<Origin>, body: String| async move {
+                o.count("/echo-body");
+                cacheable(format!("you sent: {body}"))
+            }),
+        )
+        .route(
+            "/slow",
+            routing::get(|State(o): State<Origin>| async move {
+                let n = o.count("/slow");
+                o.delay().await;
+                cacheable(format!("slow-v{n}"))
+            }),
+        )
+        .route(
+            "/one-byte-frames",
+            routing::get(|State(o): State<Origin>| async move {
+                o.count("/one-byte-frames");
+                let chunks: VecDeque<Bytes> = SLOW_BODY
+                    .bytes()
+                    .map(|b| Bytes::copy_from_slice(&[b]))
+                    .collect();
+                cacheable(Body::new(Chunks(chunks)))
+            }),
+        )
+        .route(
+            "/pause-writes",
+            routing::get(|State(o): State<Origin>| async move {
+                let n = o.count("/pause-writes");
+                let hook = o.before_answer.lock().unwrap().clone();
+                if let Some(hook) = hook {
+                    hook.send(()).unwrap();
+                    // Give the test the moment to pause Redis writes.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                cacheable(format!("v{n}"))
+            }),
+        )
+        .fallback(
+            |State(o): State<Origin>, request: Request<Body>| async move {
+                let target = request.uri().to_string();
+                o.count(&target);
+                o.delay().await;
+                cacheable(format!("page {target}"))
+            },
+        )
+        .with_state(origin)
+}
+
+struct Fixture {
+    _redis: TestRedis,
+    origin: Origin,
+    app: Router,
+    layer: CacheLayer,
+}
+
+async fn fixture(configure: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder) -> Fixture {
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().unwrap())
+        .await
+        .unwrap();
+    let origin = Origin::default();
+    let layer = configure(CacheLayer::builder(manager)).build().unwrap();
+    let app = routes(origin.clone()).layer(layer.clone());
+    Fixture {
+        _redis: redis,
+        origin,
+        app,
+        layer,
+    }
+}
+
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn cache_status(&self) -> &str {
+        self.headers
+            .get("cache-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+async fn call(app: &Router, request: Request<Body>) -> Answer {
+    let response = tokio::time::timeout(Duration::from_secs(10), app.clone().oneshot(request))
+        .await
+        .expect("no answer within 10 s")
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let body = tokio::time::timeout(Duration::from_secs(10), body.collect())
+        .await
+        .expect("no body within 10 s")
+        .unwrap()
+        .to_bytes();
+    Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+fn request(path: &str, headers: &[(&str, &str)]) -> Request<Body> {
+    let mut builder = Request::get(path).header(header::HOST, "shop.example");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    builder.body(Body::empty()).unwrap()
+}
+
+async fn get(app: &Router, path: &str, headers: &[(&str, &str)]) -> Answer {
+    call(app, request(path, headers)).await
+}
+
+async fn settle(layer: &CacheLayer) {
+    tokio::time::timeout(Duration::from_secs(10), layer.flush())
+        .await
+        .expect("flush never finished");
+}
+
+/// Item 2. An absolute-form request names one host in its target and
+/// another in `Host`; the origin (like axum's `Host` extractor and the proxy
+/// example) builds links from `Host`. Keyed under the target's host, the
+/// attacker's page would be served to everyone who asks for that host.
+#[tokio::test]
+async fn cache_poisoning_via_an_absolute_uri_whose_authority_disagrees_with_host() {
+    let f = fixture(|b| b).await;
+    let attack = || {
+        Request::get("http://shop.example/reflect-host")
+            .header(header::HOST, "evil.example")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let attacker = call(&f.app, attack()).await;
+    assert!(
+        attacker.body.contains("evil.example"),
+        "the origin reflects Host"
+    );
+    assert!(
+        !attacker.cache_status().contains("stored"),
+        "{}",
+        attacker.cache_status()
+    );
+    settle(&f.layer).await;
+    let victim = get(&f.app, "/reflect-host", &[]).await;
+    assert!(
+        victim.body.contains("shop.example"),
+        "the attacker's page was served from the cache: {} ({})",
+        victim.body,
+        victim.cache_status()
+    );
+    settle(&f.layer).await;
+    assert!(
+        get(&f.app, "/reflect-host", &[])
+            .await
+            .cache_status()
+            .contains("hit")
+    );
+    // Such a request is never answered from the cache either: it goes to
+    // the origin, which sees the same disagreement the cache saw.
+    let calls = f.origin.calls("/reflect-host");
+    let again = call(&f.app, attack()).await;
+    assert!(again.body.contains("evil.example"), "{}", again.body);
+    assert!(
+        !again.cache_status().contains("hit"),
+        "{}",
+        again.cache_status()
+    );
+    assert_eq!(f.origin.calls("/reflect-host"), calls + 1);
+    // Agreeing absolute-form requests (and case differences) are cached.
+    let agreeing = Request::get("http://shop.example/reflect-host")
+        .header(header::HOST, "Shop.Example")
+        .body(Body::empty())
+        .unwrap();
+    assert!(call(&f.app, agreeing).await.cache_status().contains("hit"));
+}
+
+fn fat_get(method: &str, body: Body, headers: &[(&str, &str)]) -> Request<Body> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri("/echo-body")
+        .header(header::HOST, "shop.example");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    builder.body(body).unwrap()
+}
+
+/// A body of unknown length that is not known to be empty.
+struct UnknownLength(Option<Bytes>);
+
+impl http_body::Body for UnknownLength {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.0.take().map(|c| Ok(Frame::data(c))))
+    }
+}
+
+/// Item 4. A GET (or HEAD) with a body is keyed without its body: an origin
+/// that reads the body would have the attacker's answer stored for the URL.
+#[tokio::test]
+async fn cache_poisoning_via_a_get_with_a_body() {
+    let f = fixture(|b| b).await;
+    let attacker = call(
+        &f.app,
+        fat_get("GET", Body::from("poison"), &[("content-length", "6")]),
+    )
+    .await;
+    assert_eq!(attacker.body, "you sent: poison");
+    assert!(
+        !attacker.cache_status().contains("stored"),
+        "{}",
+        attacker.cache_status()
+    );
+    settle(&f.layer).await;
+    let victim = get(&f.app, "/echo-body", &[]).await;
+    assert_eq!(
+        victim.body,
+        "you sent: ",
+        "the attacker's answer was served from the cache ({})",
+        victim.cache_status()
+    );
+    settle(&f.layer).await;
+    assert!(
+        get(&f.app, "/echo-body", &[])
+            .await
+            .cache_status()
+            .contains("hit")
+    );
+    // With a clean entry stored, requests with a body are still not
+    // answered from it: chunked, HTTP/2 without a length, HEAD.
+    let calls = f.origin.calls("/echo-body");
+    let chunked = call(
+        &f.app,
+        fat_get("GET", Body::from("x"), &[("transfer-encoding", "chunked")]),
+    )
+    .await;
+    assert_eq!(chunked.body, "you sent: x", "{}", chunked.cache_status());
+    let mut h2 = fat_get(
+        "GET",
+        Body::new(UnknownLength(Some(Bytes::from_static(b"y")))),
+        &[],
+    );
+    *h2.version_mut() = Version::HTTP_2;
+    let h2 = call(&f.app, h2).await;
+    assert_eq!(h2.body, "you sent: y", "{}", h2.cache_status());
+    let head = call(
+        &f.app,
+        fat_get("HEAD", Body::from("z"), &[("content-length", "1")]),
+    )
+    .await;
+    assert!(
+        !head.cache_status().contains("hit"),
+        "{}",
+        head.cache_status()
+    );
+    assert_eq!(f.origin.calls("/echo-body"), calls + 3);
+    // A bodiless HTTP/2 GET and a `Content-Length: 0` GET are still hits.
+    let mut empty_h2 = fat_get("GET", Body::empty(), &[]);
+    *empty_h2.version_mut() = Version::HTTP_2;
+    assert!(call(&f.app, empty_h2).await.cache_status().contains("hit"));
+    let zero = fat_get("GET", Body::empty(), &[("content-length", "0")]);
+    assert!(call(&f.app, zero).await.cache_status().contains("hit"));
+}
+
+/// Item 5. The prefix index dropped the query while the purge target kept
+/// it: a URL whose query holds a `/` could never be purged by path.
+#[tokio::test]
+async fn a_url_whose_query_holds_a_slash_survives_a_purge_of_that_url() {
+    let f = fixture(|b| b).await;
+    let target = "/search?q=a/b";
+    get(&f.app, target, &[]).await;
+    settle(&f.layer).await;
+    assert!(
+        get(&f.app, target, &[])
+            .await
+            .cache_status()
+            .contains("hit")
+    );
+    let purged = f.layer.handle().purge_url(target).await.unwrap();
+    assert_eq!(purged.urls, 1, "{purged:?}");
+    let after = get(&f.app, target, &[]).await;
+    assert!(
+        after.cache_status().contains("fwd=uri-miss"),
+        "{}",
+        after.cache_status()
+    );
+}
+
+/// Item 5, as a property over URL shapes: store, then purge the same URL
+/// (as a path, then as an absolute URL), and it is gone.
+#[test]
+fn store_then_purge_the_same_url_removes_it() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let f = runtime.block_on(fixture(|b| b.prefix_index_depth(3)));
+    // Path segments and query text as clients write them; the query may
+    // hold `/`, `?`, `=`, `&`, `;`, `:`, `@` and percent-escapes.
+    let segment = "[a-z0-9._~-]{1,6}|%2[fF]|[a-z]{1,3}%20[a-z]";
+    let query = "([a-z0-9/?:@._~!$'()*+,;=-]|%2F|%3F|%26){0,24}";
+    let shapes = (
+        proptest::collection::vec(proptest::string::string_regex(segment).unwrap(), 0..6),
+        any::<bool>(),
+        proptest::option::of(proptest::string::string_regex(query).unwrap()),
+    );
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&shapes, |(segments, trailing_slash, query)| {
+            let mut path = format!("/{}", segments.join("/"));
+            if trailing_slash && !segments.is_empty() {
+                path.push('/');
+            }
+            let target = match &query {
+                Some(query) => format!("{path}?{query}"),
+                None => path.clone(),
+            };
+            runtime.block_on(async {
+                for purge_with in [target.clone(), format!("http://shop.example{target}")] {
+                    let stored = get(&f.app, &target, &[]).await;
+                    prop_assert!(stored.status == 200, "{target}: {}", stored.status);
+                    settle(&f.layer).await;
+                    let hit = get(&f.app, &target, &[]).await;
+                    prop_assert!(
+                        hit.cache_status().contains("hit"),
+                        "{target}: {}",
+                        hit.cache_status()
+                    );
+                    let purged = f.layer.handle().purge_url(&purge_with).await.unwrap();
+                    prop_assert_eq!(purged.urls, 1, "purge of {} for {}", purge_with, target);
+                    let after = get(&f.app, &target, &[]).await;
+                    prop_assert!(
+                        after.cache_status().contains("fwd=uri-miss"),
+                        "{} still cached after purging {}: {}",
+                        target,
+                        purge_with,
+                        after.cache_status()
+                    );
+                    settle(&f.layer).await;
+                    f.layer.handle().purge_all().await;
+                }
+                Ok(())
+            })
+        })
+        .unwrap();
+}
+
+/// Item 9. A client that reads one byte every 100 ms got the first miss at
+/// expiry: the entry was stored, and the followers woken, only once that
+/// client had read the whole body; `flush()` waited for it too.
+#[tokio::test]
+async fn a_slow_reader_holds_coalesced_followers_and_flush_hostage() {
+    let f = fixture(|b| b).await;
+    let response = f
+        .app
+        .clone()
+        .oneshot(request("/one-byte-frames", &[]))
+        .await
+        .unwrap();
+    assert!(
+        response.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("stored")
+    );
+    // The slow reader: one byte per 100 ms.
+    let reader = tokio::spawn(async move {
+        let mut body = response.into_body();
+        let mut read = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                read.extend_from_slice(&data);
+                tokio::time::sleep(Duration::from_millis(100) * data.len() as u32).await;
+            }
+        }
+        read
+    });
+    // Followers arriving while it reads are answered at once, from the entry.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let mut followers = Vec::new();
+    for _ in 0..5 {
+        let app = f.app.clone();
+        followers.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let answer = get(&app, "/one-byte-frames", &[]).await;
+            (answer, started.elapsed())
+        }));
+    }
+    for follower in followers {
+        let (answer, waited) = follower.await.unwrap();
+        assert_eq!(answer.body, SLOW_BODY);
+        assert!(
+            waited < Duration::from_secs(1),
+            "a follower waited {waited:?} for the slow reader ({})",
+            answer.cache_status()
+        );
+        assert!(
+            answer.cache_status().contains("hit"),
+            "{}",
+            answer.cache_status()
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(1), f.layer.flush())
+        .await
+        .expect("flush() waited for the slow reader");
+    assert!(
+        !reader.is_finished() && started.elapsed() < Duration::from_secs(1),
+        "the test must finish its checks while the reader still reads"
+    );
+    assert_eq!(f.origin.calls("/one-byte-frames"), 1);
+    let read = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .expect("the slow reader never finished")
+        .unwrap();
+    assert_eq!(
+        read,
+        SLOW_BODY.as_bytes(),
+        "the slow reader gets the whole body"
+    );
+}
+
+/// Item 9, the other side: a client that goes away before the origin has
+/// sent the whole body leaves no entry, and the origin body is dropped.
+#[tokio::test]
+async fn a_client_that_leaves_before_the_origin_body_ends_leaves_no_entry() {
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().unwrap())
+        .await
+        .unwrap();
+    let layer = CacheLayer::builder(manager).build().unwrap();
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let receiver = Arc::new(tokio::sync::Mutex::new(Some(receiver)));
+    let app = Router::new()
+        .route(
+            "/endless",
+            routing::get(move || {
+                let receiver = Arc::clone(&receiver);
+                async move {
+                    let receiver = receiver.lock().await.take().unwrap();
+                    let stream = tokio_stream_of(receiver);
+                    cacheable(Body::from_stream(stream))
+                }
+            }),
+        )
+        .layer(layer.clone());
+    let response = app.oneshot(request("/endless", &[])).await.unwrap();
+    sender.send(Bytes::from_static(b"first;")).await.unwrap();
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first;");
+    drop(body);
+    // The origin body is dropped (its sender sees the channel close) and
+    // nothing is stored; flush() does not wait for the endless origin.
+    tokio::time::timeout(Duration::from_secs(5), sender.closed())
+        .await
+        .expect("the origin body was kept after the client left");
+    settle(&layer).await;
+    let mut conn = redis.connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*:c:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}
+
+fn tokio_stream_of(
+    mut receiver: tokio::sync::mpsc::Receiver<Bytes>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> {
+    futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx).map(|b| b.map(Ok)))
+}
+
+/// The node of a cluster that holds `key`: the one that answers a keyed
+/// read without a redirection.
+async fn node_of(cluster: &TestCluster, key: &str) -> String {
+    for url in cluster.urls() {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let owned: redis::RedisResult<i64> =
+            redis::cmd("EXISTS").arg(key).query_async(&mut conn).await;
+        if owned.is_ok() {
+            return url;
+        }
+    }
+    panic!("no node owns {key}");
+}
+
+async fn node_connection(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Item 10. On a cluster the write batch went out as concurrent commands,
+/// the `PUBLISH` among them: a subscriber (a near cache, a waiting
+/// instance) could hear of the update and read the key before the write
+/// had happened. Here the entry's node holds writes for a moment (`CLIENT
+/// PAUSE … WRITE`); the announcement, routed to the channel's node, must
+/// still come after the write.
+#[tokio::test]
+async fn a_cluster_update_announcement_can_overtake_its_write() {
+    let cluster = TestCluster::start().await;
+    let config: RedisConfigBuilder = cluster.config().command_timeout(Duration::from_secs(3));
+    let manager = RedisManager::connect(config.build().unwrap())
+        .await
+        .unwrap();
+    let origin = Origin::default();
+    let layer = CacheLayer::builder(manager.clone())
+        .coalesce(None)
+        .build()
+        .unwrap();
+    let app = routes(origin.clone()).layer(layer.clone());
+    let channel = "tower-redis:cache-events";
+    let channel_node = node_of(&cluster, channel).await;
+    // Pick URLs whose entries live on another node than the channel.
+    let mut candidates = Vec::new();
+    for i in 0..40 {
+        let path = format!("/pause-writes?n={i}");
+        let url_hash = url_hash(&format!("//shop.example{path}"));
+        let key = manager.keys().key(&["c", &url_hash]);
+        let node = node_of(&cluster, &key).await;
+        if node != channel_node {
+            candidates.push((path, key, node));
+        }
+        if candidates.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(candidates.len(), 3);
+    let mut pubsub = redis::Client::open(channel_node.as_str())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    pubsub.subscribe(channel).await.unwrap();
+    let mut messages = pubsub.into_on_message();
+    let (hook, mut hooked) = tokio::sync::mpsc::unbounded_channel();
+    *origin.before_answer.lock().unwrap() = Some(hook);
+    for (path, key, node) in &candidates {
+        let mut entry_node = node_connection(node).await;
+        // The origin answers; just before the cache writes, the entry's
+        // node stops taking writes for 300 ms.
+        let app = app.clone();
+        let path = path.clone();
+        let answer = tokio::spawn(async move { get(&app, &path, &[]).await });
+        tokio::time::timeout(Duration::from_secs(5), hooked.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(300)
+            .arg("WRITE")
+            .query_async(&mut entry_node)
+            .await
+            .unwrap();
+        assert_eq!(answer.await.unwrap().status, 200);
+        // On the announcement, the entry must already be readable.
+        let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .expect("no announcement")
+            .unwrap();
+        let announced: String = message.get_payload().unwrap();
+        assert!(announced.starts_with("u "), "{announced}");
+        let stored: bool = redis::cmd("HEXISTS")
+            .arg(key)
+            .arg("vary")
+            .query_async(&mut entry_node)
+            .await
+            .unwrap();
+        assert!(
+            stored,
+            "the announcement for {key} arrived before its write"
+        );
+        settle(&layer).await;
+        // A purge's announcement, too, comes after the delete.
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(300)
+            .arg("WRITE")
+            .query_async(&mut entry_node)
+            .await
+            .unwrap();
+        let handle = layer.handle();
+        let absolute = format!("http://shop.example{}", candidates_path(key, &candidates));
+        let purge = tokio::spawn(async move { handle.purge_url(&absolute).await });
+        let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .expect("no announcement")
+            .unwrap();
+        let announced: String = message.get_payload().unwrap();
+        assert!(announced.starts_with("u "), "{announced}");
+        let still_there: bool = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(&mut entry_node)
+            .await
+            .unwrap();
+        assert!(
+            !still_there,
+            "the purge announcement for {key} arrived before its delete"
+        );
+        assert_eq!(purge.await.unwrap().unwrap().urls, 1);
+    }
+}
+
+fn candidates_path<'a>(key: &str, candidates: &'a [(String, String, String)]) -> &'a str {
+    &candidates.iter().find(|(_, k, _)| k == key).unwrap().0
+}
+
+/// The cache's name for a URL (`key::hash_url`): base64url of its SHA-256.
+fn url_hash(url: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(url.as_bytes()))
+}
+
+async fn concurrent(app: &Router, n: usize, path: &str, headers: &[(&str, &str)]) -> Vec<Answer> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let app = app.clone();
+        let path = path.to_owned();
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            get(&app, &path, &headers).await
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
+/// Item 15. `Cache-Control: no-cache` (or `Pragma: no-cache`) from any
+/// client forces a revalidation, and revalidations were not coalesced: a
+/// client could turn every one of its requests into an origin request, in
+/// parallel.
+#[tokio::test]
+async fn origin_flood_via_concurrent_no_cache_requests() {
+    let f = fixture(|b| b).await;
+    get(&f.app, "/slow", &[]).await;
+    settle(&f.layer).await;
+    f.origin.delay_ms.store(300, Ordering::SeqCst);
+    for directive in [("cache-control", "no-cache"), ("pragma", "no-cache")] {
+        let before = f.origin.calls("/slow");
+        let answers = concurrent(&f.app, 10, "/slow", &[directive]).await;
+        for answer in &answers {
+            assert_eq!(answer.status, 200);
+            assert!(answer.body.starts_with("slow-v"), "{}", answer.body);
+        }
+        let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
+        assert_eq!(
+            f.origin.calls("/slow"),
+            before + 1,
+            "{directive:?}: one revalidation for ten requests: {statuses:?}"
+        );
+        settle(&f.layer).await;
+    }
+}
+
+/// Item 15, on a stale entry: the revalidations at expiry are coalesced too.
+#[tokio::test]
+async fn origin_flood_via_concurrent_requests_for_a_stale_entry() {
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().unwrap())
+        .await
+        .unwrap();
+    let layer = CacheLayer::builder(manager).build().unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&calls);
+    let app = Router::new()
+        .route(
+            "/short",
+            routing::get(move || {
+                let calls = Arc::clone(&counted);
+                async move {
+                    let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    tokio::time::sleep(Duration::from_millis(if n == 1 { 0 } else { 300 })).await;
+                    Response::builder()
+                        .header("cache-control", "max-age=1")
+                        .header("etag", "\"same\"")
+                        .body(Body::from(format!("short-v{n}")))
+                        .unwrap()
+                }
+            }),
+        )
+        .layer(layer.clone());
+    get(&app, "/short", &[]).await;
+    settle(&layer).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let answers = concurrent(&app, 10, "/short", &[]).await;
+    let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
+    for answer in &answers {
+        assert_eq!(answer.body, "short-v2", "{statuses:?}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "{statuses:?}");
+}
+
+/// Item 15, the layer option: request cache directives from clients can
+/// be ignored (the proxy example does), so `no-cache` is a plain hit.
+#[tokio::test]
+async fn request_cache_directives_can_be_ignored() {
+    let f = fixture(|b| b.request_cache_control(RequestCacheControl::Ignore)).await;
+    get(&f.app, "/slow", &[]).await;
+    settle(&f.layer).await;
+    for directive in [
+        ("cache-control", "no-cache"),
+        ("pragma", "no-cache"),
+        ("cache-control", "max-age=0"),
+        ("cache-control", "no-store"),
+    ] {
+        let answer = get(&f.app, "/slow", &[directive]).await;
+        assert!(
+            answer.cache_status().contains("hit"),
+            "{directive:?}: {}",
+            answer.cache_status()
+        );
+    }
+    // Ignored on the way in too: a no-store request's answer is stored.
+    let answer = get(&f.app, "/fallback-page", &[("cache-control", "no-store")]).await;
+    assert!(
+        answer.cache_status().contains("stored"),
+        "{}",
+        answer.cache_status()
+    );
+    assert_eq!(f.origin.calls("/slow"), 1);
+}
+
+/// Item 16. A request that carries an unkeyed header (here
+/// `X-Forwarded-Host`) is refused storage because of itself; when it led
+/// the coalesced fill, the URL was marked uncacheable for everyone for
+/// 10 s, and the others queued behind it for nothing.
+#[tokio::test]
+async fn a_request_with_an_unkeyed_header_turns_off_coalescing_for_everyone() {
+    let f = fixture(|b| b).await;
+    f.origin.delay_ms.store(200, Ordering::SeqCst);
+    // One after the other: the refusal must not switch coalescing off.
+    let attacker = get(&f.app, "/slow", &[("x-forwarded-host", "evil.example")]).await;
+    assert!(
+        !attacker.cache_status().contains("stored"),
+        "{}",
+        attacker.cache_status()
+    );
+    settle(&f.layer).await;
+    let answers = concurrent(&f.app, 10, "/slow", &[]).await;
+    let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
+    assert_eq!(f.origin.calls("/slow"), 2, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| s.contains("stored")).count(),
+        1,
+        "{statuses:?}"
+    );
+    settle(&f.layer).await;
+    assert!(
+        get(&f.app, "/slow", &[])
+            .await
+            .cache_status()
+            .contains("hit")
+    );
+
+    // At the same time: the others do not wait for the attacker's answer.
+    let app = f.app.clone();
+    let attacker =
+        tokio::spawn(
+            async move { get(&app, "/other", &[("x-forwarded-host", "evil.example")]).await },
+        );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let answers = concurrent(&f.app, 10, "/other", &[]).await;
+    let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
+    assert!(
+        !attacker.await.unwrap().cache_status().contains("stored"),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        f.origin.calls("/other"),
+        2,
+        "the attacker and one fill for the others: {statuses:?}"
+    );
+}
+
+/// Item 15, when the origin fails: the requests coalesced on a
+/// revalidation that fails serve their stale entry (`stale-if-error`)
+/// instead of each asking the failing origin again.
+#[tokio::test]
+async fn origin_flood_via_concurrent_requests_while_the_origin_fails() {
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().unwrap())
+        .await
+        .unwrap();
+    let layer = CacheLayer::builder(manager).build().unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&calls);
+    let app = Router::new()
+        .route(
+            "/failing",
+            routing::get(move || {
+                let calls = Arc::clone(&counted);
+                async move {
+                    let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    if n == 1 {
+                        return Response::builder()
+                            .header("cache-control", "max-age=1, stale-if-error=300")
+                            .body(Body::from("good"))
+                            .unwrap();
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Response::builder()
+                        .status(StatusCode::SERVICE_UNAVAILABLE)
+                        .body(Body::from("down"))
+                        .unwrap()
+                }
+            }),
+        )
+        .layer(layer.clone());
+    get(&app, "/failing", &[]).await;
+    settle(&layer).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let answers = concurrent(&app, 10, "/failing", &[]).await;
+    let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
+    for answer in &answers {
+        assert_eq!(answer.body, "good", "{statuses:?}");
+        assert!(
+            answer.cache_status().contains("stale-if-error"),
+            "{statuses:?}"
+        );
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "{statuses:?}");
+}
+
+/// Item 16, the other side: a refusal because of the request no longer
+/// switches coalescing off for the URL, so requests whose answers are
+/// refused because of themselves (here `Authorization` with an answer not
+/// marked shareable) must not lead fills either, or every concurrent one
+/// would wait for a leader whose answer cannot be shared.
+#[tokio::test]
+async fn authorised_requests_do_not_queue_behind_each_other() {
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().unwrap())
+        .await
+        .unwrap();
+    let layer = CacheLayer::builder(manager).build().unwrap();
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let most = Arc::new(AtomicU64::new(0));
+    let calls = Arc::new(AtomicU64::new(0));
+    let (now, peak, counted) = (
+        Arc::clone(&in_flight),
+        Arc::clone(&most),
+        Arc::clone(&calls),
+    );
+    let app = Router::new()
+        .route(
+            "/api",
+            routing::get(move || {
+                let (now, peak, counted) =
+                    (Arc::clone(&now), Arc::clone(&peak), Arc::clone(&counted));
+                async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let current = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(current, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    // Shared-cacheable, but not for an authorised request.
+                    cacheable("for you")
+                }
+            }),
+        )
+        .layer(layer.clone());
+    let token = [("authorization", "Bearer t")];
+    assert!(
+        !get(&app, "/api", &token)
+            .await
+            .cache_status()
+            .contains("stored")
+    );
+    settle(&layer).await;
+    most.store(0, Ordering::SeqCst);
+    let answers = concurrent(&app, 10, "/api", &token).await;
+    let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
+    assert_eq!(calls.load(Ordering::SeqCst), 11, "{statuses:?}");
+    assert_eq!(most.load(Ordering::SeqCst), 10, "{statuses:?}");
+}

@@ -1,0 +1,554 @@
+//! Attacks on the session layer, against real Redis: a concurrent request
+//! logging a user out, and attacks on the in-process outage queue and
+//! local copies (flooding them, growing them, oversized sessions).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Path;
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use http::{Request, header};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_redis_core::testing::TestRedis;
+use tower_redis_core::{BreakerState, RedisManager, redis};
+use tower_redis_session::{
+    DEFAULT_MAX_SESSION_BYTES, Expiry, Session, SessionError, SessionLayer, SessionLayerBuilder,
+    SessionStore,
+};
+
+struct Gates {
+    loaded: tokio::sync::Notify,
+    proceed: tokio::sync::Notify,
+}
+
+impl Gates {
+    async fn hold(&self) {
+        self.loaded.notify_one();
+        self.proceed.notified().await;
+    }
+}
+
+/// The app, the gates its `/gated-*` routes wait on, and its store.
+fn start_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>, SessionStore) {
+    let layer = builder.build().expect("valid session layer");
+    let store = layer.store().clone();
+    let gates = Arc::new(Gates {
+        loaded: tokio::sync::Notify::new(),
+        proceed: tokio::sync::Notify::new(),
+    });
+    let router = Router::new()
+        .route(
+            "/get/{key}",
+            get(|session: Session, Path(key): Path<String>| async move {
+                session
+                    .get::<String>(&key)
+                    .await
+                    .expect("json")
+                    .unwrap_or_else(|| "none".to_owned())
+            }),
+        )
+        .route(
+            "/set/{key}/{value}",
+            post(
+                |session: Session, Path((key, value)): Path<(String, String)>| async move {
+                    match session.insert(&key, value).await {
+                        Ok(()) => "ok".to_owned(),
+                        Err(error) => format!("refused: {error}"),
+                    }
+                },
+            ),
+        )
+        .route(
+            "/fill/{key}/{bytes}",
+            post(
+                |session: Session, Path((key, bytes)): Path<(String, usize)>| async move {
+                    match session.insert(&key, "x".repeat(bytes)).await {
+                        Ok(()) => "ok".to_owned(),
+                        Err(SessionError::TooLarge { size, limit, .. }) => {
+                            format!("too large: {size} > {limit}")
+                        }
+                        Err(error) => format!("other error: {error}"),
+                    }
+                },
+            ),
+        )
+        .route(
+            "/gated-set/{key}/{value}",
+            post(
+                |session: Session,
+                 Extension(gates): Extension<Arc<Gates>>,
+                 Path((key, value)): Path<(String, String)>| async move {
+                    let _ = session.get::<String>(&key).await;
+                    gates.hold().await;
+                    session.insert(&key, value).await.expect("json");
+                    "set"
+                },
+            ),
+        )
+        .route(
+            "/gated-get/{key}",
+            get(
+                |session: Session,
+                 Extension(gates): Extension<Arc<Gates>>,
+                 Path(key): Path<String>| async move {
+                    let value = session.get::<String>(&key).await.expect("json");
+                    gates.hold().await;
+                    value.unwrap_or_else(|| "none".to_owned())
+                },
+            ),
+        )
+        .route(
+            "/login/{user}",
+            post(|session: Session, Path(user): Path<String>| async move {
+                session.cycle_id().await;
+                session.set_user(&user).await;
+                session.insert("user", user).await.expect("json");
+                "welcome"
+            }),
+        )
+        .route(
+            "/gated-login/{user}",
+            post(
+                |session: Session,
+                 Extension(gates): Extension<Arc<Gates>>,
+                 Path(user): Path<String>| async move {
+                    let _ = session.get::<String>("user").await;
+                    gates.hold().await;
+                    session.cycle_id().await;
+                    session.set_user(&user).await;
+                    session.insert("user", user).await.expect("json");
+                    "welcome"
+                },
+            ),
+        )
+        .route(
+            "/logout",
+            post(|session: Session| async move {
+                session.destroy().await;
+                "bye"
+            }),
+        )
+        .layer(Extension(Arc::clone(&gates)))
+        .layer(layer);
+    (router, gates, store)
+}
+
+async fn send(
+    app: &Router,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+) -> (u16, String, Option<String>) {
+    let mut request = Request::builder().method(method).uri(path);
+    if let Some(cookie) = cookie {
+        request = request.header(header::COOKIE, cookie);
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::empty()).expect("request"))
+        .await
+        .expect("infallible");
+    let set_cookie = response
+        .headers()
+        .get(header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (parts, body) = response.into_parts();
+    let body =
+        String::from_utf8(body.collect().await.expect("body").to_bytes().to_vec()).expect("utf-8");
+    (parts.status.as_u16(), body, set_cookie)
+}
+
+fn cookie_pair(set_cookie: &str) -> String {
+    set_cookie.split(';').next().expect("pair").to_owned()
+}
+
+async fn manager(redis: &TestRedis) -> RedisManager {
+    RedisManager::connect(redis.config().failure_threshold(1).build().expect("config"))
+        .await
+        .expect("manager")
+}
+
+async fn session_keys(redis: &TestRedis) -> Vec<String> {
+    let mut conn = redis.connection().await.expect("connection");
+    redis::cmd("KEYS")
+        .arg("*:s")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS")
+}
+
+async fn wait_closed(manager: &RedisManager) {
+    let mut rx = manager.subscribe();
+    let closed = tokio::time::timeout(
+        Duration::from_secs(15),
+        rx.wait_for(|s| *s == BreakerState::Closed),
+    )
+    .await;
+    assert!(matches!(closed, Ok(Ok(_))), "{:?}", manager.health());
+}
+
+async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took over 10 s"))
+}
+
+#[tokio::test]
+async fn concurrent_request_with_the_old_cookie_does_not_log_out_a_cycled_session() {
+    let redis = TestRedis::start().await;
+    for persistent in [false, true] {
+        let expiry = Expiry {
+            persistent,
+            ..Expiry::default()
+        };
+        let (app, gates, _) =
+            start_app(SessionLayer::builder(manager(&redis).await).expiry(expiry));
+        let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
+        let old = cookie_pair(&set_cookie.expect("session"));
+        let slow = {
+            let (app, old) = (app.clone(), old.clone());
+            tokio::spawn(
+                async move { send(&app, "POST", "/gated-set/theme/dark", Some(&old)).await },
+            )
+        };
+        within("the slow request's load", gates.loaded.notified()).await;
+        let (_, _, login) = send(&app, "POST", "/login/alice", Some(&old)).await;
+        let new = cookie_pair(&login.expect("login cookie"));
+        gates.proceed.notify_one();
+        let (status, _, slow_cookie) = within("the slow request", slow).await.expect("task");
+        assert_eq!(status, 200);
+        assert_eq!(
+            slow_cookie, None,
+            "persistent={persistent}: the request holding the old cookie must not touch the browser's cookie"
+        );
+        assert_eq!(send(&app, "GET", "/get/user", Some(&new)).await.1, "alice");
+    }
+}
+
+/// With persistent cookies every request that reads the session renews the
+/// cookie's `Max-Age`: a read that loaded the session before a concurrent
+/// login cycled its id must not send the old id back.
+#[tokio::test]
+async fn a_concurrent_read_with_the_old_cookie_does_not_log_out_a_cycled_session() {
+    let redis = TestRedis::start().await;
+    let expiry = Expiry {
+        persistent: true,
+        ..Expiry::default()
+    };
+    let (app, gates, _) = start_app(SessionLayer::builder(manager(&redis).await).expiry(expiry));
+    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let old = cookie_pair(&set_cookie.expect("session"));
+    let slow = {
+        let (app, old) = (app.clone(), old.clone());
+        tokio::spawn(async move { send(&app, "GET", "/gated-get/cart", Some(&old)).await })
+    };
+    within("the slow read's load", gates.loaded.notified()).await;
+    let (_, _, login) = send(&app, "POST", "/login/alice", Some(&old)).await;
+    let new = cookie_pair(&login.expect("login cookie"));
+    gates.proceed.notify_one();
+    let (status, body, slow_cookie) = within("the slow read", slow).await.expect("task");
+    assert_eq!((status, body.as_str()), (200, "3"));
+    assert_eq!(slow_cookie, None, "the old id is not sent back");
+    assert_eq!(send(&app, "GET", "/get/user", Some(&new)).await.1, "alice");
+}
+
+#[tokio::test]
+async fn a_double_submitted_login_does_not_log_out_the_first() {
+    let redis = TestRedis::start().await;
+    for persistent in [false, true] {
+        let expiry = Expiry {
+            persistent,
+            ..Expiry::default()
+        };
+        let (app, gates, _) =
+            start_app(SessionLayer::builder(manager(&redis).await).expiry(expiry));
+        let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
+        let old = cookie_pair(&set_cookie.expect("session"));
+        let second = {
+            let (app, old) = (app.clone(), old.clone());
+            tokio::spawn(async move { send(&app, "POST", "/gated-login/alice", Some(&old)).await })
+        };
+        within("the second login's load", gates.loaded.notified()).await;
+        let (_, _, first) = send(&app, "POST", "/login/alice", Some(&old)).await;
+        let new = cookie_pair(&first.expect("login cookie"));
+        gates.proceed.notify_one();
+        let (status, _, second_cookie) = within("the second login", second).await.expect("task");
+        assert_eq!(status, 200);
+        assert_eq!(second_cookie, None, "persistent={persistent}");
+        assert_eq!(send(&app, "GET", "/get/user", Some(&new)).await.1, "alice");
+    }
+}
+
+/// Waits until every change queued during the outage is in Redis.
+async fn drained(store: &SessionStore) {
+    within("the outage queue to drain", async {
+        while store.local_usage().queued_changes > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_flood_of_creates_and_deletes_during_an_outage_never_drops_a_logout() {
+    const QUEUE: usize = 16 * 1024;
+    let redis = TestRedis::start().await;
+    let manager = manager(&redis).await;
+    let (app, _, store) = start_app(
+        SessionLayer::builder(manager.clone())
+            .outage_queue_bytes(QUEUE)
+            .max_session_bytes(1024),
+    );
+    let mut victims = Vec::new();
+    for _ in 0..2 {
+        let (_, _, victim) = send(&app, "POST", "/set/secret/s", None).await;
+        let victim = cookie_pair(&victim.expect("victim session"));
+        // Read before the outage: this instance keeps a copy.
+        assert_eq!(send(&app, "GET", "/get/secret", Some(&victim)).await.1, "s");
+        victims.push(victim);
+    }
+
+    redis.pause().await;
+    // The first victim logs out early in the outage…
+    let (_, _, removal) = send(&app, "POST", "/logout", Some(&victims[0])).await;
+    assert!(removal.expect("removal cookie").contains("Max-Age=0"));
+    // …then an attacker creates and destroys sessions as fast as it can.
+    let mut refused = 0;
+    for i in 0..400 {
+        let (status, _, cookie) = send(&app, "POST", &format!("/set/k/{i}"), None).await;
+        assert_eq!(status, 200);
+        match cookie {
+            Some(cookie) => {
+                send(&app, "POST", "/logout", Some(&cookie_pair(&cookie))).await;
+            }
+            None => refused += 1,
+        }
+        let usage = store.local_usage();
+        assert!(usage.queued_bytes <= QUEUE, "{usage:?}");
+    }
+    assert!(
+        refused > 0,
+        "the flood filled the queue: new sessions were refused"
+    );
+    // A log out once the queue is full is still taken.
+    let (_, _, removal) = send(&app, "POST", "/logout", Some(&victims[1])).await;
+    assert!(removal.expect("removal cookie").contains("Max-Age=0"));
+    assert_eq!(
+        send(&app, "GET", "/get/secret", Some(&victims[1])).await.1,
+        "none"
+    );
+
+    redis.resume().await;
+    wait_closed(&manager).await;
+    drained(&store).await;
+    assert!(
+        session_keys(&redis).await.is_empty(),
+        "both victims' log outs made during the outage reached Redis"
+    );
+    for victim in &victims {
+        assert_eq!(
+            send(&app, "GET", "/get/secret", Some(victim)).await.1,
+            "none"
+        );
+    }
+}
+
+#[tokio::test]
+async fn outage_queue_is_bounded_by_bytes() {
+    const QUEUE: usize = 64 * 1024;
+    let redis = TestRedis::start().await;
+    let manager = manager(&redis).await;
+    let (app, _, store) = start_app(
+        SessionLayer::builder(manager.clone())
+            .outage_queue_bytes(QUEUE)
+            .max_session_bytes(8 * 1024),
+    );
+    redis.pause().await;
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for _ in 0..40 {
+        let (status, body, cookie) = send(&app, "POST", "/fill/blob/6000", None).await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+        match cookie {
+            Some(cookie) => accepted.push(cookie_pair(&cookie)),
+            None => refused += 1,
+        }
+        let usage = store.local_usage();
+        assert!(usage.queued_bytes <= QUEUE, "{usage:?}");
+        assert_eq!(usage.queue_limit_bytes, QUEUE);
+    }
+    // 40 sessions of 6 kB (240 kB) do not fit in 64 KiB: the first ones
+    // were queued, the rest refused, and nothing queued was dropped.
+    assert!(
+        (5..=10).contains(&accepted.len()) && refused == 40 - accepted.len(),
+        "{} accepted, {refused} refused",
+        accepted.len()
+    );
+    // A change to a queued session when the queue is full is not kept.
+    send(&app, "POST", "/fill/more/6000", Some(&accepted[0])).await;
+    assert_eq!(
+        send(&app, "GET", "/get/more", Some(&accepted[0])).await.1,
+        "none"
+    );
+    for cookie in &accepted {
+        assert_eq!(
+            send(&app, "GET", "/get/blob", Some(cookie)).await.1.len(),
+            6000
+        );
+    }
+
+    redis.resume().await;
+    wait_closed(&manager).await;
+    drained(&store).await;
+    assert_eq!(store.local_usage().queued_bytes, 0);
+    assert_eq!(session_keys(&redis).await.len(), accepted.len());
+    for cookie in &accepted {
+        assert_eq!(
+            send(&app, "GET", "/get/blob", Some(cookie)).await.1.len(),
+            6000
+        );
+        assert_eq!(send(&app, "GET", "/get/more", Some(cookie)).await.1, "none");
+    }
+}
+
+#[tokio::test]
+async fn local_copies_are_bounded_by_bytes() {
+    const COPIES: u64 = 64 * 1024;
+    let redis = TestRedis::start().await;
+    let (app, _, store) = start_app(
+        SessionLayer::builder(manager(&redis).await)
+            .local_capacity_bytes(COPIES)
+            .max_session_bytes(8 * 1024),
+    );
+    for _ in 0..40 {
+        let (_, _, cookie) = send(&app, "POST", "/fill/blob/6000", None).await;
+        let cookie = cookie_pair(&cookie.expect("session"));
+        assert_eq!(
+            send(&app, "GET", "/get/blob", Some(&cookie)).await.1.len(),
+            6000
+        );
+        let usage = store.local_usage();
+        assert!(usage.local_copies_bytes <= COPIES, "{usage:?}");
+        assert_eq!(usage.local_copies_limit_bytes, COPIES);
+    }
+    assert!(store.local_usage().local_copies_bytes > 0);
+}
+
+#[tokio::test]
+async fn an_oversized_session_change_is_a_typed_error_the_handler_sees() {
+    let redis = TestRedis::start().await;
+    let (app, _, _) =
+        start_app(SessionLayer::builder(manager(&redis).await).max_session_bytes(1024));
+    // Too large for a new session: the handler is told, nothing is stored.
+    let (status, body, cookie) = send(&app, "POST", "/fill/blob/2000", None).await;
+    assert_eq!((status, body.as_str()), (200, "too large: 2006 > 1024"));
+    assert_eq!(cookie, None);
+    assert!(session_keys(&redis).await.is_empty());
+
+    let (_, body, cookie) = send(&app, "POST", "/fill/a/500", None).await;
+    assert_eq!(body, "ok");
+    let cookie = cookie_pair(&cookie.expect("session"));
+    // 503 bytes stored; 603 more would make 1106.
+    let (_, body, _) = send(&app, "POST", "/fill/b/600", Some(&cookie)).await;
+    assert_eq!(body, "too large: 1106 > 1024");
+    assert_eq!(send(&app, "GET", "/get/b", Some(&cookie)).await.1, "none");
+    assert_eq!(
+        send(&app, "GET", "/get/a", Some(&cookie)).await.1.len(),
+        500
+    );
+    // Replacing an entry counts its new size only.
+    let (_, body, _) = send(&app, "POST", "/fill/a/1000", Some(&cookie)).await;
+    assert_eq!(body, "ok");
+    assert_eq!(
+        send(&app, "GET", "/get/a", Some(&cookie)).await.1.len(),
+        1000
+    );
+
+    // The default limit.
+    let (defaults, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
+    let over = DEFAULT_MAX_SESSION_BYTES;
+    let (_, body, cookie) = send(&defaults, "POST", &format!("/fill/blob/{over}"), None).await;
+    assert_eq!(body, format!("too large: {} > {over}", over + 6));
+    assert_eq!(cookie, None);
+    let (_, body, cookie) =
+        send(&defaults, "POST", &format!("/fill/blob/{}", over - 6), None).await;
+    assert_eq!(body, "ok");
+    assert!(cookie.is_some());
+}
+
+/// Makes Redis refuse writes (out of memory, `noeviction`) while it stays up,
+/// or lifts that.
+async fn refuse_writes(redis: &TestRedis, refuse: bool) {
+    let mut conn = redis.connection().await.expect("connection");
+    for (name, value) in [
+        ("maxmemory-policy", "noeviction"),
+        ("maxmemory", if refuse { "1" } else { "0" }),
+    ] {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("CONFIG SET");
+    }
+}
+
+/// A session created while Redis refused writes waits in the outage queue.
+/// A change to it must wait behind its creation: sent to Redis directly it
+/// finds no session there and would be lost.
+#[tokio::test]
+async fn a_change_to_a_session_whose_creation_is_still_queued_is_not_lost() {
+    let redis = TestRedis::start().await;
+    let (app, _, store) = start_app(SessionLayer::builder(manager(&redis).await));
+    refuse_writes(&redis, true).await;
+    let (_, _, cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let cookie = cookie_pair(&cookie.expect("a session, queued"));
+    let (status, _, set_cookie) = send(&app, "POST", "/set/more/4", Some(&cookie)).await;
+    assert_eq!((status, set_cookie), (200, None));
+    assert_eq!(send(&app, "GET", "/get/more", Some(&cookie)).await.1, "4");
+    // So must a login's id change.
+    let (_, _, login) = send(&app, "POST", "/login/alice", Some(&cookie)).await;
+    let login = cookie_pair(&login.expect("the login's new id"));
+    refuse_writes(&redis, false).await;
+    drained(&store).await;
+    assert_eq!(session_keys(&redis).await.len(), 1);
+    for (key, value) in [("cart", "3"), ("more", "4"), ("user", "alice")] {
+        assert_eq!(
+            send(&app, "GET", &format!("/get/{key}"), Some(&login))
+                .await
+                .1,
+            value
+        );
+    }
+    assert_eq!(
+        send(&app, "GET", "/get/cart", Some(&cookie)).await.1,
+        "none"
+    );
+}
+
+/// A log out of a session whose creation is still queued must not be undone
+/// by the creation's replay.
+#[tokio::test]
+async fn a_logout_of_a_session_whose_creation_is_still_queued_is_not_undone() {
+    let redis = TestRedis::start().await;
+    let (app, _, store) = start_app(SessionLayer::builder(manager(&redis).await));
+    refuse_writes(&redis, true).await;
+    let (_, _, cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let cookie = cookie_pair(&cookie.expect("a session, queued"));
+    send(&app, "POST", "/logout", Some(&cookie)).await;
+    refuse_writes(&redis, false).await;
+    drained(&store).await;
+    assert!(
+        session_keys(&redis).await.is_empty(),
+        "the session was recreated"
+    );
+    assert_eq!(
+        send(&app, "GET", "/get/cart", Some(&cookie)).await.1,
+        "none"
+    );
+}
