@@ -638,18 +638,94 @@ async fn redis_outage_keeps_caching_in_process_and_says_so() {
     assert_eq!(f.origin.calls(), calls_during_outage + 1);
 }
 
+/// Requests the cache cannot key (no host, or a host not allowed) and
+/// safe methods it does not cache (`OPTIONS`, `TRACE`) reach the origin
+/// every time, carry no `Cache-Status`, and leave
+/// nothing in Redis.
 #[tokio::test]
 async fn requests_without_a_host_or_with_other_methods_pass_through() {
     let f = fixture(|b| b.allowed_hosts(["shop.example"])).await;
-    let other_host = send(&f.app, "GET", "/fresh", &[("host", "evil.example")]).await;
-    assert_eq!(other_host.status, 200);
-    // Both Host headers were sent; the request is not cacheable either way.
-    let request = Request::get("/fresh")
-        .header(header::HOST, "evil.example")
-        .body(Body::empty())
+    // An origin that answers every method as cacheable.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let service = tower::ServiceBuilder::new()
+        .layer(f.layer.clone())
+        .service_fn(move |request: Request<Body>| {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                Ok::<_, std::convert::Infallible>(respond(
+                    StatusCode::OK,
+                    &[("cache-control", "public, max-age=60".into())],
+                    format!("{} {n}", request.method()),
+                ))
+            }
+        });
+    let ask = |request: Request<Body>| {
+        let service = service.clone();
+        async move {
+            let response = service.oneshot(request).await.unwrap();
+            let status = response.status();
+            let cache_status = response.headers().get("cache-status").cloned();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                cache_status,
+                String::from_utf8_lossy(&body).into_owned(),
+            )
+        }
+    };
+    let no_host = || Request::get("/fresh").body(Body::empty()).unwrap();
+    let other_host = || {
+        Request::get("/fresh")
+            .header(header::HOST, "evil.example")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let method = |m: &str| {
+        Request::builder()
+            .method(m)
+            .uri("/fresh")
+            .header(header::HOST, "shop.example")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let cases: [(&str, &dyn Fn() -> Request<Body>); 4] = [
+        ("GET without a host", &no_host),
+        ("GET to a host not allowed", &other_host),
+        ("OPTIONS", &|| method("OPTIONS")),
+        ("TRACE", &|| method("TRACE")),
+    ];
+    let mut expected_calls = 0;
+    for (what, request) in cases {
+        for _ in 0..2 {
+            let (status, cache_status, body) = ask(request()).await;
+            f.layer.flush().await;
+            expected_calls += 1;
+            assert_eq!(status, 200, "{what}");
+            assert_eq!(cache_status, None, "{what}: handled by the cache");
+            assert!(
+                body.ends_with(&format!(" {expected_calls}")),
+                "{what}: not from the origin: {body}"
+            );
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), expected_calls, "{what}");
+    }
+    let mut conn = f.redis.connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
         .unwrap();
-    let response = f.app.clone().oneshot(request).await.unwrap();
-    assert!(response.headers().get("cache-status").is_none());
+    assert!(keys.is_empty(), "a pass-through left {keys:?} in Redis");
+    // The same origin through the cache, keyed: stored, then a hit.
+    let (_, stored, _) = ask(method("GET")).await;
+    f.layer.flush().await;
+    let (_, hit, _) = ask(method("GET")).await;
+    assert!(
+        stored.is_some_and(|v| v.to_str().unwrap().contains("stored")),
+        "the origin's answer is storable"
+    );
+    assert!(hit.is_some_and(|v| v.to_str().unwrap().contains("hit")));
 }
 
 #[tokio::test]
