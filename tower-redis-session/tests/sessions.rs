@@ -162,9 +162,20 @@ async fn send(
     path: &str,
     cookie: Option<&str>,
 ) -> (u16, String, Option<String>, Response<()>) {
+    send_bytes(app, method, path, cookie.map(str::as_bytes)).await
+}
+
+/// [`send`] with a `Cookie` line of any bytes a header value may hold.
+async fn send_bytes(
+    app: &Router,
+    method: &str,
+    path: &str,
+    cookie: Option<&[u8]>,
+) -> (u16, String, Option<String>, Response<()>) {
     let mut request = Request::builder().method(method).uri(path);
     if let Some(cookie) = cookie {
-        request = request.header(header::COOKIE, cookie);
+        let value = http::HeaderValue::from_bytes(cookie).expect("a header value");
+        request = request.header(header::COOKIE, value);
     }
     let response = app
         .clone()
@@ -412,6 +423,57 @@ async fn a_tampered_signed_cookie_is_no_session() {
     let tampered = format!("{name}={}", String::from_utf8(bytes).unwrap());
     let (status, body, _, _) = send(&app, "GET", "/get/a", Some(&tampered)).await;
     assert_eq!((status, body.as_str()), (200, "none"));
+}
+
+/// Other cookies on the session cookie's `Cookie` line belong to the app
+/// or to the browser, and may hold bytes that are not text: UTF-8
+/// (`pref=ü`), Latin-1, anything over 0x7f. None of them hides the session.
+#[tokio::test]
+async fn bytes_that_are_not_text_in_other_cookies_do_not_log_the_user_out() {
+    let redis = TestRedis::start().await;
+    let app = app(SessionLayer::builder(
+        manager_for(redis.config().build().unwrap()).await,
+    ));
+    let (_, _, set_cookie, _) = send(&app, "POST", "/login/alice", None).await;
+    let cookie = cookie_pair(&set_cookie.expect("a session after login"));
+    let pair = cookie.as_bytes();
+    let lines: [Vec<u8>; 4] = [
+        [b"pref=\xc3\xbc; ", pair].concat(),
+        [pair, b"; pref=\xc3\xbc"].concat(),
+        [b"lang=\xfc; ", pair, b"; theme=\xff\x80"].concat(),
+        [b"a=\x80\x81;", pair, b";b=\"\xfe\""].concat(),
+    ];
+    for (i, line) in lines.iter().enumerate() {
+        let (status, body, set_cookie, _) = send_bytes(&app, "GET", "/whoami", Some(line)).await;
+        assert_eq!(
+            (status, body.as_str(), set_cookie),
+            (200, "alice", None),
+            "line {i}: {}",
+            line.escape_ascii()
+        );
+        // A change through such a line reaches the same session in Redis.
+        let (status, _, set_cookie, _) =
+            send_bytes(&app, "POST", &format!("/set/k{i}/v{i}"), Some(line)).await;
+        assert_eq!((status, set_cookie), (200, None), "line {i}");
+    }
+    let keys = session_keys(&redis).await;
+    assert_eq!(keys.len(), 1, "one session, no fresh one: {keys:?}");
+    let mut conn = redis.connection().await.expect("connection");
+    let (user, values): (String, Vec<Option<String>>) = redis::pipe()
+        .cmd("HGET")
+        .arg(&keys[0])
+        .arg("_u")
+        .cmd("HMGET")
+        .arg(&keys[0])
+        .arg(&["d:k0", "d:k1", "d:k2", "d:k3"])
+        .query_async(&mut conn)
+        .await
+        .expect("HGET, HMGET");
+    assert_eq!(user, "alice");
+    assert_eq!(
+        values,
+        ["\"v0\"", "\"v1\"", "\"v2\"", "\"v3\""].map(|v| Some(v.to_owned()))
+    );
 }
 
 #[tokio::test]
