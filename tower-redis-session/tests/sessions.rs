@@ -725,31 +725,121 @@ async fn a_hung_redis_does_not_log_anyone_out_and_changes_reach_redis_after() {
     assert_eq!(send(&app, "GET", "/get/b", Some(&cookie)).await.1, "2");
 }
 
+/// `host:port` of a test server.
+fn address_of(redis: &TestRedis) -> (String, u16) {
+    match redis.client().get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
+        other => panic!("a TCP test server, not {other:?}"),
+    }
+}
+
+/// Redis' clock, in milliseconds since the epoch.
+async fn redis_time_ms(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
+    secs * 1000 + micros / 1000
+}
+
+fn local_time_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis(),
+    )
+    .expect("fits u64")
+}
+
+/// The app's Redis user (`app`), which the tests turn off and on to hold the
+/// app's breaker open while Redis itself stays up for the test's own writes.
+async fn with_app_user(redis: &TestRedis) -> RedisConfig {
+    let mut conn = redis.connection().await.expect("connection");
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("app")
+        .arg("on")
+        .arg(">app-secret")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("ACL SETUSER app");
+    let (host, port) = address_of(redis);
+    redis
+        .config()
+        .url(format!("redis://app:app-secret@{host}:{port}"))
+        .failure_threshold(1)
+        .build()
+        .expect("valid config")
+}
+
+/// Cuts the app off Redis: its user is turned off and its connections are
+/// closed, so requests fail and every probe is refused at authentication.
+async fn cut_the_app_off(redis: &TestRedis) {
+    let mut conn = redis.connection().await.expect("connection");
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("app")
+        .arg("off")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("ACL SETUSER app off");
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("USER")
+        .arg("app")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("CLIENT KILL USER app");
+}
+
+async fn let_the_app_back(redis: &TestRedis) {
+    let mut conn = redis.connection().await.expect("connection");
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("app")
+        .arg("on")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("ACL SETUSER app on");
+}
+
+/// A change made during an outage is replayed with the time it was made, so
+/// a write another instance made after it, while this one was still cut
+/// off, wins, even though the replay itself comes later than both.
 #[tokio::test]
 async fn outage_changes_never_overwrite_newer_data_in_redis() {
     let redis = TestRedis::start().await;
-    let manager = manager_for(redis.config().failure_threshold(1).build().unwrap()).await;
-    let app = app(SessionLayer::builder(manager.clone()));
+    let manager = manager_for(with_app_user(&redis).await).await;
+    let layer = SessionLayer::builder(manager.clone()).build().unwrap();
+    let store = layer.store().clone();
+    let app = routes().layer(layer);
     let (_, _, set_cookie, _) = send(&app, "POST", "/set/color/red", None).await;
     let cookie = cookie_pair(&set_cookie.unwrap());
+    let mut conn = redis.connection().await.unwrap();
+    let keys = session_keys(&redis).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
 
-    redis.pause().await;
+    cut_the_app_off(&redis).await;
     send(&app, "POST", "/set/color/blue", Some(&cookie)).await; // queued locally
+    let blue_queued_by = local_time_ms();
     // Queued after it: once this reaches Redis, the color change has been replayed.
     send(&app, "POST", "/set/marker/1", Some(&cookie)).await;
-    // Meanwhile another instance (here: directly) writes a newer value.
-    let newer_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-        + 60_000;
-    redis.resume().await;
-    let mut conn = redis.connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*:s")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    assert_ne!(manager.health().state, BreakerState::Closed);
+    assert_eq!(store.local_usage().queued_changes, 2, "both changes queued");
+
+    // Meanwhile another instance writes a newer value, stamped with the
+    // real time: after the queued change, before its replay.
+    let mut newer_at = redis_time_ms(&mut conn).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while newer_at <= blue_queued_by {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis' clock never passed {blue_queued_by}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        newer_at = redis_time_ms(&mut conn).await;
+    }
     redis::cmd("HSET")
         .arg(&keys[0])
         .arg("d:color")
@@ -759,19 +849,38 @@ async fn outage_changes_never_overwrite_newer_data_in_redis() {
         .query_async::<()>(&mut conn)
         .await
         .unwrap();
+    // The app is still cut off: nothing has been replayed yet.
+    assert_ne!(manager.health().state, BreakerState::Closed);
+    let marker: bool = redis::cmd("HEXISTS")
+        .arg(&keys[0])
+        .arg("d:marker")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!marker, "replayed before the newer write");
 
+    let_the_app_back(&redis).await;
     wait_closed(&manager).await;
     assert!(
         wait_for_field(&redis, "d:marker").await,
         "the outage queue was replayed"
     );
-    let color: String = redis::cmd("HGET")
+    let (color, stamp): (String, u64) = redis::cmd("HMGET")
         .arg(&keys[0])
         .arg("d:color")
+        .arg("t:color")
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(color, "\"green\"");
+    assert_eq!(
+        (color.as_str(), stamp),
+        ("\"green\"", newer_at),
+        "the replayed change (made before the newer write) must not win"
+    );
+    assert_eq!(
+        send(&app, "GET", "/get/color", Some(&cookie)).await.1,
+        "green"
+    );
 }
 
 #[tokio::test]
