@@ -292,7 +292,7 @@ async fn a_read_is_one_round_trip_and_a_change_is_two() {
 #[tokio::test]
 async fn reads_keep_renewing_the_idle_timeout() {
     let redis = TestRedis::start().await;
-    let idle = Duration::from_millis(1_500);
+    let idle = Duration::from_secs(1);
     let app = app(
         SessionLayer::builder(manager_for(redis.config().build().unwrap()).await).expiry(Expiry {
             idle,
@@ -300,18 +300,45 @@ async fn reads_keep_renewing_the_idle_timeout() {
             persistent: false,
         }),
     );
+    let mut used_at = std::time::Instant::now();
     let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
-    let cookie = cookie_pair(&set_cookie.unwrap());
+    let mut cookie = cookie_pair(&set_cookie.unwrap());
+    let mut created = 1;
     // Reads for three idle timeouts: each instance renews at least every
-    // 1/100 of the idle timeout, so the session never lapses.
-    let started = std::time::Instant::now();
+    // 1/100 of the idle timeout, so the session never lapses. A read that
+    // ends within the idle timeout of the previous use's start must find
+    // it. After a longer stall of the loaded machine the session may have
+    // lapsed, rightly: then the test starts over with a new one.
+    let mut run_started = used_at;
     let mut reads = 0;
-    while started.elapsed() < idle * 3 {
-        let (_, body, _, _) = send(&app, "GET", "/get/a", Some(&cookie)).await;
-        assert_eq!(body, "1", "lapsed after {:?}", started.elapsed());
-        reads += 1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while used_at - run_started < idle * 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no read kept up with the idle timeout for 3 s in 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
+        let read_at = std::time::Instant::now();
+        let (_, body, _, _) = send(&app, "GET", "/get/a", Some(&cookie)).await;
+        reads += 1;
+        if std::time::Instant::now() - used_at < idle {
+            assert_eq!(
+                body,
+                "1",
+                "lapsed {:?} after the previous read",
+                read_at - used_at
+            );
+        } else if body == "none" {
+            used_at = std::time::Instant::now();
+            run_started = used_at;
+            let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
+            cookie = cookie_pair(&set_cookie.unwrap());
+            created += 1;
+            continue;
+        }
+        used_at = read_at;
     }
+    // Renewed by reads (at most one each) and by each creation's save.
     let renewals = redis
         .command_calls()
         .await
@@ -320,13 +347,49 @@ async fn reads_keep_renewing_the_idle_timeout() {
         .find(|(name, _)| name == "pexpire")
         .map_or(0, |(_, calls)| calls);
     assert!(
-        renewals > 3 && renewals <= reads + 1,
-        "{renewals} renewals for {reads} reads"
+        renewals > 3 && renewals <= reads + created,
+        "{renewals} renewals for {reads} reads and {created} sessions"
     );
-    // Unused for longer than the idle timeout, it ends.
-    tokio::time::sleep(idle + Duration::from_millis(500)).await;
+    // Unused for longer than the idle timeout, it ends: Redis expires it no
+    // sooner than the idle timeout after the last read began.
+    // (A session that lapsed during a stall is gone already.)
+    let key = only_session_key(&redis).await;
+    let gone_after = wait_until_gone(&redis, &key, idle).await - used_at;
+    assert!(
+        gone_after >= idle,
+        "expired {gone_after:?} after the last read"
+    );
     let (_, body, _, _) = send(&app, "GET", "/get/a", Some(&cookie)).await;
     assert_eq!(body, "none");
+}
+
+/// The one session hash in Redis.
+async fn only_session_key(redis: &TestRedis) -> String {
+    let keys = session_keys(redis).await;
+    assert_eq!(keys.len(), 1, "exactly one stored session: {keys:?}");
+    keys.into_iter().next().expect("one key")
+}
+
+/// Waits (at most `expected` + 10 s) until Redis no longer holds `key`;
+/// returns when that was first seen.
+async fn wait_until_gone(redis: &TestRedis, key: &str, expected: Duration) -> std::time::Instant {
+    let mut conn = redis.connection().await.expect("connection");
+    let deadline = std::time::Instant::now() + expected + Duration::from_secs(10);
+    loop {
+        // An answer slower than the client's timeout (a loaded machine) is
+        // asked again.
+        let exists: Result<bool, _> = redis::cmd("EXISTS").arg(key).query_async(&mut conn).await;
+        let now = std::time::Instant::now();
+        if exists == Ok(false) {
+            return now;
+        }
+        assert!(
+            now < deadline,
+            "{key} still in Redis {:?} after its expected end ({exists:?})",
+            expected + Duration::from_secs(10)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Commands the server ran since the last reset, sorted, without the
@@ -498,53 +561,124 @@ async fn an_oversized_or_malformed_cookie_is_no_session_not_an_error() {
 #[tokio::test]
 async fn idle_timeout_ends_an_unused_session() {
     let redis = TestRedis::start().await;
+    let idle = Duration::from_millis(800);
     let expiry = Expiry {
-        idle: Duration::from_millis(600),
+        idle,
         absolute: Duration::from_secs(60),
         persistent: false,
     };
     let app = app(
         SessionLayer::builder(manager_for(redis.config().build().unwrap()).await).expiry(expiry),
     );
+    let mut used_at = std::time::Instant::now();
     let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
-    let cookie = cookie_pair(&set_cookie.unwrap());
-    // Used within the idle timeout: still alive (the read renews it).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(send(&app, "GET", "/get/a", Some(&cookie)).await.1, "1");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(send(&app, "GET", "/get/a", Some(&cookie)).await.1, "1");
-    // Then left alone for longer than the idle timeout.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut cookie = cookie_pair(&set_cookie.unwrap());
+    // Used within the idle timeout, it stays alive: each use renews it. A
+    // read that ends within the idle timeout of the previous use's start
+    // must find it. One that does not (a stall of the loaded machine) is not
+    // counted, and if the session lapsed then, the test starts a new one.
+    let mut alive = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while alive < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no three reads within the idle timeout of each other in 20 s"
+        );
+        tokio::time::sleep(idle * 3 / 8).await;
+        let read_at = std::time::Instant::now();
+        let (_, body, _, _) = send(&app, "GET", "/get/a", Some(&cookie)).await;
+        if std::time::Instant::now() - used_at < idle {
+            assert_eq!(
+                body,
+                "1",
+                "ended {:?} after its last use",
+                read_at - used_at
+            );
+            alive += 1;
+        } else if body == "none" {
+            used_at = std::time::Instant::now();
+            let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
+            cookie = cookie_pair(&set_cookie.unwrap());
+            continue;
+        }
+        used_at = read_at;
+    }
+    // Then left alone: Redis ends it, no sooner than the idle timeout after
+    // its last use, and the cookie is no session any more.
+    let key = only_session_key(&redis).await;
+    let gone_after = wait_until_gone(&redis, &key, idle).await - used_at;
+    assert!(
+        gone_after >= idle,
+        "expired {gone_after:?} after its last use"
+    );
     assert_eq!(send(&app, "GET", "/get/a", Some(&cookie)).await.1, "none");
 }
 
 #[tokio::test]
 async fn absolute_timeout_ends_even_an_active_session() {
     let redis = TestRedis::start().await;
+    // Read every 100 ms, the idle timeout alone would keep it for good.
+    let (idle, absolute) = (Duration::from_secs(1), Duration::from_millis(1500));
     let expiry = Expiry {
-        idle: Duration::from_secs(1),
-        absolute: Duration::from_millis(1500),
+        idle,
+        absolute,
         persistent: true,
     };
     let app = app(
         SessionLayer::builder(manager_for(redis.config().build().unwrap()).await).expiry(expiry),
     );
+    let before = std::time::Instant::now();
     let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
+    let after = std::time::Instant::now();
     let set_cookie = set_cookie.unwrap();
     assert!(
-        set_cookie.contains("Max-Age=1"),
+        set_cookie.contains("Max-Age=1;") || set_cookie.ends_with("Max-Age=1"),
         "persistent cookie: {set_cookie}"
     );
     let cookie = cookie_pair(&set_cookie);
-    let mut last = String::new();
-    for _ in 0..8 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        last = send(&app, "GET", "/get/a", Some(&cookie)).await.1;
-    }
-    assert_eq!(
-        last, "none",
-        "2.4 s after creation, past the 1.5 s absolute timeout"
+    // It is stored, and its key does not outlive the absolute timeout.
+    let key = only_session_key(&redis).await;
+    let mut conn = redis.connection().await.expect("connection");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .expect("PTTL");
+    assert!(
+        ttl > 0 && ttl <= 1500,
+        "TTL {ttl} ms, capped by the absolute timeout"
     );
+    // Used all along: every read that ends before the absolute timeout (and
+    // within the idle timeout of the previous use) finds it, every read that
+    // starts after it does not.
+    let mut alive = 0;
+    let mut used_at = before;
+    loop {
+        assert!(
+            before.elapsed() < absolute + Duration::from_secs(10),
+            "still alive {:?} after creation",
+            before.elapsed()
+        );
+        let read_at = std::time::Instant::now();
+        let body = send(&app, "GET", "/get/a", Some(&cookie)).await.1;
+        let ended = std::time::Instant::now();
+        if ended - before < absolute && ended - used_at < idle {
+            assert_eq!(body, "1", "ended {:?} after creation", read_at - before);
+            alive += 1;
+        } else if read_at >= after + absolute {
+            assert_eq!(body, "none", "{:?} after creation", read_at - before);
+            break;
+        }
+        used_at = read_at;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(alive > 0, "no read before the absolute timeout");
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .expect("EXISTS");
+    assert!(!exists, "the ended session left Redis");
 }
 
 #[tokio::test]
