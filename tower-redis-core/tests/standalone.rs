@@ -328,6 +328,8 @@ async fn the_probe_backs_off_from_50_ms_doubling_to_2_s_with_jitter() {
     );
 }
 
+/// The gauge's value, set since the previous snapshot (the debugging
+/// recorder hands a gauge's value over and zeroes it).
 fn breaker_gauge(snapshotter: &Snapshotter) -> Option<f64> {
     snapshotter
         .snapshot()
@@ -389,6 +391,9 @@ async fn the_breaker_state_gauge_follows_the_breaker() {
         "half-open or, once the probe failed, open"
     );
 
+    // Redis was still down: the probe that succeeds comes after the restart
+    // and passes through half-open (2), so a gauge the closing did not set
+    // would not read 0.
     redis.restart().await;
     tokio::time::timeout(
         Duration::from_secs(15),

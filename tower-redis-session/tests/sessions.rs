@@ -69,6 +69,31 @@ fn routes_with(gates: Arc<Gates>) -> Router {
             ),
         )
         .route(
+            "/cacheable-set/{key}/{value}",
+            post(
+                |session: Session, Path((key, value)): Path<(String, String)>| async move {
+                    session.insert(&key, value).await.expect("json");
+                    (
+                        axum::response::AppendHeaders([
+                            (header::CACHE_CONTROL, "public"),
+                            (header::CACHE_CONTROL, "max-age=600"),
+                        ]),
+                        "set",
+                    )
+                },
+            ),
+        )
+        .route(
+            "/cacheable-get/{key}",
+            get(|session: Session, Path(key): Path<String>| async move {
+                let value = session.get::<String>(&key).await.expect("json");
+                (
+                    [(header::CACHE_CONTROL, "public, max-age=600")],
+                    value.unwrap_or_else(|| "none".to_owned()),
+                )
+            }),
+        )
+        .route(
             "/paired-set/{key}/{value}",
             post(
                 |session: Session,
@@ -499,6 +524,36 @@ async fn cookie_has_secure_defaults_and_the_response_is_not_cacheable() {
     let keys = session_keys(&redis).await;
     assert_eq!(keys.len(), 1);
     assert!(!keys[0].contains(&id));
+}
+
+/// A response that sets the session cookie is `no-store`, whatever
+/// `Cache-Control` the handler gave it: a shared cache must never hand one
+/// visitor's session id to another. Responses that set no cookie keep the
+/// handler's.
+#[tokio::test]
+async fn a_response_setting_the_cookie_is_no_store_even_if_the_handler_said_public() {
+    let redis = TestRedis::start().await;
+    let app = app(SessionLayer::builder(
+        manager_for(redis.config().build().unwrap()).await,
+    ));
+    let (status, _, set_cookie, response) = send(&app, "POST", "/cacheable-set/a/1", None).await;
+    assert_eq!(status, 200);
+    let cookie = cookie_pair(&set_cookie.expect("a new session's cookie"));
+    let cache_control: Vec<_> = response
+        .headers()
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .collect();
+    assert_eq!(cache_control, ["no-store"]);
+
+    // No cookie set: the handler's own header stands.
+    let (_, body, set_cookie, response) =
+        send(&app, "GET", "/cacheable-get/a", Some(&cookie)).await;
+    assert_eq!((body.as_str(), set_cookie), ("1", None));
+    assert_eq!(
+        response.headers()[header::CACHE_CONTROL],
+        "public, max-age=600"
+    );
 }
 
 #[tokio::test]
@@ -1066,6 +1121,69 @@ async fn outage_changes_never_overwrite_newer_data_in_redis() {
     assert_eq!(
         send(&app, "GET", "/get/color", Some(&cookie)).await.1,
         "green"
+    );
+}
+
+/// `tower_redis_session_reconciled_total` counts the changes made during an
+/// outage as they are written to Redis after it.
+#[tokio::test(flavor = "current_thread")]
+async fn replayed_outage_changes_are_counted_in_metrics() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    // A snapshot takes the counts since the previous one: add them up.
+    let total = std::cell::Cell::new(0);
+    let reconciled = || {
+        let counted: u64 = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, _, _, _)| key.key().name() == "tower_redis_session_reconciled_total")
+            .map(|(_, _, _, value)| match value {
+                DebugValue::Counter(count) => count,
+                other => panic!("a counter, not {other:?}"),
+            })
+            .sum();
+        total.set(total.get() + counted);
+        total.get()
+    };
+
+    let redis = TestRedis::start().await;
+    let manager = manager_for(with_app_user(&redis).await).await;
+    let app = app(SessionLayer::builder(manager.clone()));
+    let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
+    let cookie = cookie_pair(&set_cookie.unwrap());
+    assert_eq!(reconciled(), 0, "nothing replayed while Redis is up");
+
+    cut_the_app_off(&redis).await;
+    for change in ["/set/b/2", "/set/c/3", "/set/d/4"] {
+        let (status, _, _, _) = send(&app, "POST", change, Some(&cookie)).await;
+        assert_eq!(status, 200);
+    }
+    // A new session during the outage, too.
+    send(&app, "POST", "/set/e/5", None).await;
+    assert_eq!(reconciled(), 0, "nothing replayed during the outage");
+
+    let_the_app_back(&redis).await;
+    wait_closed(&manager).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while reconciled() < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of 4 changes counted as replayed",
+            reconciled()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(reconciled(), 4);
+    assert!(
+        wait_for_field(&redis, "d:d").await,
+        "the changes are in Redis"
+    );
+    assert!(
+        wait_for_field(&redis, "d:e").await,
+        "the new session is in Redis"
     );
 }
 
