@@ -661,6 +661,57 @@ async fn every_key_has_a_ttl() {
 }
 
 #[tokio::test]
+async fn hash_tag_puts_every_key_of_the_layer_in_its_own_tag() {
+    let redis = TestRedis::start().await;
+    let tagged = |tag: &str| {
+        let manager = manager(&redis);
+        let tag = tag.to_owned();
+        async move {
+            RateLimitLayer::builder(manager.await)
+                .policy(Policy::gcra("per-ip", 2, Duration::from_secs(60)))
+                .policy(Policy::fixed_window("burst", 5, Duration::from_secs(60)))
+                .hash_tag(&tag)
+                .build()
+                .expect("layer")
+        }
+    };
+    let first = app(tagged("shop-a").await);
+    let second = app(tagged("shop-b").await);
+    let mut statuses = Vec::new();
+    for service in [&first, &first, &first, &second] {
+        statuses.push(send(service, request("192.0.2.10", "/")).await.status());
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::OK
+        ],
+        "each tag counts on its own"
+    );
+    let mut conn = redis.connection().await.expect("connection");
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    keys.sort();
+    assert_eq!(keys.len(), 4, "{keys:?}");
+    assert_eq!(
+        keys.iter().filter(|k| k.contains("{shop-a}")).count(),
+        2,
+        "{keys:?}"
+    );
+    assert_eq!(
+        keys.iter().filter(|k| k.contains("{shop-b}")).count(),
+        2,
+        "{keys:?}"
+    );
+}
+
+#[tokio::test]
 async fn redis_outage_falls_back_to_local_limits_and_recovers() {
     let redis = TestRedis::start().await;
     let manager = manager(&redis).await;
