@@ -11,8 +11,12 @@ use crate::id::{CookieCodec, SessionId};
 use crate::layer::Shared;
 use crate::session::{CookieUpdate, Session};
 
-/// `Cookie` headers longer than this are not searched for the session.
-const MAX_COOKIE_HEADER: usize = 8 * 1024;
+/// A `name=value` pair longer than this is not a session cookie (ids are a
+/// few dozen bytes, signed ones about a hundred) and is skipped unread. The
+/// whole line is still searched, however long another cookie makes it, so
+/// a neighbour's large cookie cannot hide the session; its length is
+/// bounded by the server's header limit, and the search is one pass.
+const MAX_SESSION_PAIR: usize = 1024;
 
 /// The service produced by [`SessionLayer`](crate::SessionLayer).
 #[derive(Clone, Debug)]
@@ -92,8 +96,8 @@ pub(crate) fn find_session_cookie(
     headers
         .get_all(header::COOKIE)
         .iter()
-        .filter(|line| line.len() <= MAX_COOKIE_HEADER)
         .flat_map(|line| line.as_bytes().split(|byte| *byte == b';'))
+        .filter(|pair| pair.len() <= MAX_SESSION_PAIR)
         .filter_map(|pair| {
             let at = pair.iter().position(|byte| *byte == b'=')?;
             let (pair_name, value) = (pair[..at].trim_ascii_start(), &pair[at + 1..]);
