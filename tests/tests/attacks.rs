@@ -109,17 +109,30 @@ async fn all_keys(redis: &TestRedis) -> Vec<String> {
 
 /// An origin that trusts headers it should not: it builds links from
 /// `X-Forwarded-Host`, routes on `X-Original-URL` and honours
-/// `X-HTTP-Method-Override`, and marks every answer publicly cacheable.
+/// `X-HTTP-Method-Override`, reflects the other unkeyed headers of
+/// [`tower_redis_cache::DEFAULT_UNKEYED_HEADERS`], and marks every answer
+/// publicly cacheable.
 fn gullible_origin(cache: CacheLayer) -> Router {
     Router::new()
         .route(
             "/home",
             get(|headers: HeaderMap| async move {
                 let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+                let reflected = [
+                    "x-forwarded-server",
+                    "x-host",
+                    "x-rewrite-url",
+                    "x-http-method",
+                    "x-method-override",
+                ]
+                .into_iter()
+                .find_map(|name| text(name).map(|value| format!("{name} says {value}")));
                 let body = if let Some(url) = text("x-original-url") {
                     format!("content of {url}")
                 } else if let Some(method) = text("x-http-method-override") {
                     format!("{method} done")
+                } else if let Some(reflected) = reflected {
+                    reflected
                 } else {
                     let host = text("x-forwarded-host").or(text("host")).unwrap_or("-");
                     format!("<script src=\"https://{host}/app.js\"></script>")
@@ -184,6 +197,31 @@ async fn cache_poisoning_via_x_original_url() {
 #[tokio::test]
 async fn cache_poisoning_via_x_http_method_override() {
     poisoning_attempt(("x-http-method-override", "DELETE"), "DELETE done").await;
+}
+
+#[tokio::test]
+async fn cache_poisoning_via_x_forwarded_server() {
+    poisoning_attempt(("x-forwarded-server", "evil.example"), "says evil.example").await;
+}
+
+#[tokio::test]
+async fn cache_poisoning_via_x_host() {
+    poisoning_attempt(("x-host", "evil.example"), "says evil.example").await;
+}
+
+#[tokio::test]
+async fn cache_poisoning_via_x_rewrite_url() {
+    poisoning_attempt(("x-rewrite-url", "/admin"), "says /admin").await;
+}
+
+#[tokio::test]
+async fn cache_poisoning_via_x_http_method() {
+    poisoning_attempt(("x-http-method", "DELETE"), "says DELETE").await;
+}
+
+#[tokio::test]
+async fn cache_poisoning_via_x_method_override() {
+    poisoning_attempt(("x-method-override", "DELETE"), "says DELETE").await;
 }
 
 // ---------------------------------------------------------------------------

@@ -70,7 +70,25 @@ pub(crate) fn with_host(parts: &Parts, host: &http::uri::Authority) -> Parts {
 /// Adds the scheme and port a trusted proxy reported to a variant's extra
 /// key parts: the same URL over `http` and `https` (or another port) is a
 /// different variant, so a redirect to `https` is never served for it.
-pub(crate) fn push_forwarded_origin(extra: &mut String, view: &RequestView) {
+///
+/// When the entry is keyed by a host the proxy reported, the request's own
+/// target authority and `Host` lines are key parts too: an app may build
+/// its answer from `Host`, and a proxy that passes the client's `Host` on
+/// (nginx's `$http_host`) would otherwise let `Host: shop.example:1` fill
+/// the entry of `shop.example`. Behind a proxy that sets `Host` itself the
+/// value is the same on every request and costs no hits.
+pub(crate) fn push_forwarded_origin(extra: &mut String, view: &RequestView, parts: &Parts) {
+    if view.host.is_some() {
+        extra.push_str("own-host=");
+        if let Some(authority) = parts.uri.authority() {
+            extra.push_str(&authority.as_str().to_ascii_lowercase());
+        }
+        for host in parts.headers.get_all(header::HOST) {
+            extra.push('|');
+            extra.push_str(&String::from_utf8_lossy(host.as_bytes()).to_ascii_lowercase());
+        }
+        extra.push('\n');
+    }
     if view.scheme.is_none() && view.port.is_none() {
         return;
     }

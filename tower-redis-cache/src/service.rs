@@ -124,7 +124,7 @@ where
             }?;
             let mut extra = key::extra_key(&parts, route);
             if let Some((_, view)) = &forwarded {
-                key::push_forwarded_origin(&mut extra, view);
+                key::push_forwarded_origin(&mut extra, view, &parts);
             }
             Some((parts, url, extra))
         });

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // A failed setup step should fail the test loudly.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -294,6 +295,23 @@ async fn settle(layer: &CacheLayer) {
     layer.flush().await;
 }
 
+/// Waits (10 s at most) until the entry for `url` has no freshness left.
+async fn wait_until_stale(layer: &CacheLayer, url: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let entry = layer.handle().entry(url).await.unwrap();
+        let info = entry.unwrap_or_else(|| panic!("{url} is not stored"));
+        if info.ttl <= 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url} still fresh after 10 s: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_fresh_response_is_served_from_redis_with_age_and_cache_status() {
     let f = fixture(|b| b).await;
@@ -390,7 +408,7 @@ async fn a_stale_entry_is_revalidated_and_a_304_refreshes_its_headers() {
     let f = fixture(|b| b).await;
     assert_eq!(get(&f.app, "/etag").await.body, "etag-body");
     settle(&f.layer).await;
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    wait_until_stale(&f.layer, "http://shop.example/etag").await;
     let revalidated = get(&f.app, "/etag").await;
     assert_eq!(revalidated.status, 200);
     assert_eq!(
@@ -638,18 +656,94 @@ async fn redis_outage_keeps_caching_in_process_and_says_so() {
     assert_eq!(f.origin.calls(), calls_during_outage + 1);
 }
 
+/// Requests the cache cannot key (no host, or a host not allowed) and
+/// safe methods it does not cache (`OPTIONS`, `TRACE`) reach the origin
+/// every time, carry no `Cache-Status`, and leave
+/// nothing in Redis.
 #[tokio::test]
 async fn requests_without_a_host_or_with_other_methods_pass_through() {
     let f = fixture(|b| b.allowed_hosts(["shop.example"])).await;
-    let other_host = send(&f.app, "GET", "/fresh", &[("host", "evil.example")]).await;
-    assert_eq!(other_host.status, 200);
-    // Both Host headers were sent; the request is not cacheable either way.
-    let request = Request::get("/fresh")
-        .header(header::HOST, "evil.example")
-        .body(Body::empty())
+    // An origin that answers every method as cacheable.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let service = tower::ServiceBuilder::new()
+        .layer(f.layer.clone())
+        .service_fn(move |request: Request<Body>| {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                Ok::<_, std::convert::Infallible>(respond(
+                    StatusCode::OK,
+                    &[("cache-control", "public, max-age=60".into())],
+                    format!("{} {n}", request.method()),
+                ))
+            }
+        });
+    let ask = |request: Request<Body>| {
+        let service = service.clone();
+        async move {
+            let response = service.oneshot(request).await.unwrap();
+            let status = response.status();
+            let cache_status = response.headers().get("cache-status").cloned();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                cache_status,
+                String::from_utf8_lossy(&body).into_owned(),
+            )
+        }
+    };
+    let no_host = || Request::get("/fresh").body(Body::empty()).unwrap();
+    let other_host = || {
+        Request::get("/fresh")
+            .header(header::HOST, "evil.example")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let method = |m: &str| {
+        Request::builder()
+            .method(m)
+            .uri("/fresh")
+            .header(header::HOST, "shop.example")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let cases: [(&str, &dyn Fn() -> Request<Body>); 4] = [
+        ("GET without a host", &no_host),
+        ("GET to a host not allowed", &other_host),
+        ("OPTIONS", &|| method("OPTIONS")),
+        ("TRACE", &|| method("TRACE")),
+    ];
+    let mut expected_calls = 0;
+    for (what, request) in cases {
+        for _ in 0..2 {
+            let (status, cache_status, body) = ask(request()).await;
+            f.layer.flush().await;
+            expected_calls += 1;
+            assert_eq!(status, 200, "{what}");
+            assert_eq!(cache_status, None, "{what}: handled by the cache");
+            assert!(
+                body.ends_with(&format!(" {expected_calls}")),
+                "{what}: not from the origin: {body}"
+            );
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), expected_calls, "{what}");
+    }
+    let mut conn = f.redis.connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
         .unwrap();
-    let response = f.app.clone().oneshot(request).await.unwrap();
-    assert!(response.headers().get("cache-status").is_none());
+    assert!(keys.is_empty(), "a pass-through left {keys:?} in Redis");
+    // The same origin through the cache, keyed: stored, then a hit.
+    let (_, stored, _) = ask(method("GET")).await;
+    f.layer.flush().await;
+    let (_, hit, _) = ask(method("GET")).await;
+    assert!(
+        stored.is_some_and(|v| v.to_str().unwrap().contains("stored")),
+        "the origin's answer is storable"
+    );
+    assert!(hit.is_some_and(|v| v.to_str().unwrap().contains("hit")));
 }
 
 #[tokio::test]
@@ -755,4 +849,318 @@ async fn an_instance_with_an_outdated_vary_still_finds_the_entry() {
         "{}",
         answer.cache_status()
     );
+}
+
+/// A layer (configured by `configure`) in front of an origin that answers
+/// every request with `headers` and the body `body`, counting its calls.
+struct Simple {
+    redis: TestRedis,
+    layer: CacheLayer,
+    service: tower::util::BoxCloneService<Request<Body>, Answer, std::convert::Infallible>,
+    calls: Arc<AtomicUsize>,
+}
+
+async fn simple(
+    configure: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder,
+    headers: &[(&'static str, String)],
+    body: &'static [u8],
+) -> Simple {
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().unwrap())
+        .await
+        .unwrap();
+    let layer = configure(CacheLayer::builder(manager)).build().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let headers: Vec<(&'static str, String)> = headers.to_vec();
+    let service = tower::ServiceBuilder::new()
+        .and_then(|response: Response<_>| async move {
+            let (parts, body) = response.into_parts();
+            let body = BodyExt::collect(body).await.unwrap().to_bytes();
+            Ok(Answer {
+                status: parts.status.as_u16(),
+                headers: parts.headers,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            })
+        })
+        .layer(layer.clone())
+        .service_fn(move |_: Request<Body>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let response = respond(StatusCode::OK, &headers, body);
+            async move { Ok::<_, std::convert::Infallible>(response) }
+        });
+    Simple {
+        redis,
+        layer,
+        service: tower::util::BoxCloneService::new(service),
+        calls,
+    }
+}
+
+impl Simple {
+    /// GETs `path` and waits until what it stores is stored.
+    async fn get(&self, path: &str) -> Answer {
+        let request = Request::get(path)
+            .header(header::HOST, "shop.example")
+            .body(Body::empty())
+            .unwrap();
+        let answer = self.service.clone().oneshot(request).await.unwrap();
+        self.layer.flush().await;
+        answer
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+/// `targeted_field`: the named field (RFC 9213) is obeyed before
+/// `Cache-Control`, which here says `no-store` (for browsers).
+#[tokio::test]
+async fn a_targeted_field_overrides_cache_control() {
+    let headers = [
+        ("cache-control", "no-store".to_owned()),
+        ("acme-cache-control", "max-age=60".to_owned()),
+    ];
+    let s = simple(|b| b.targeted_field("Acme-Cache-Control"), &headers, b"x").await;
+    let first = s.get("/t").await;
+    assert_eq!(first.cache_status(), "tower-redis; fwd=uri-miss; stored");
+    let second = s.get("/t").await;
+    assert!(
+        second.cache_status().starts_with("tower-redis; hit; ttl="),
+        "{}",
+        second.cache_status()
+    );
+    assert_eq!(s.calls(), 1);
+    // Without the option, the same answers are never stored.
+    let plain = simple(|b| b, &headers, b"x").await;
+    plain.get("/t").await;
+    assert!(!plain.get("/t").await.cache_status().contains("hit"));
+    assert_eq!(plain.calls(), 2);
+}
+
+/// `heuristic_freshness`: an answer with `Last-Modified` and no explicit
+/// freshness is fresh for 10% of its age (at most a day), so it is a hit.
+#[tokio::test]
+async fn heuristic_freshness_makes_a_last_modified_answer_fresh() {
+    let ten_days_ago =
+        httpdate::fmt_http_date(std::time::SystemTime::now() - Duration::from_secs(10 * 24 * 3600));
+    let headers = [("last-modified", ten_days_ago)];
+    let s = simple(|b| b.heuristic_freshness(true), &headers, b"x").await;
+    s.get("/h").await;
+    let second = s.get("/h").await;
+    let status = second.cache_status();
+    assert!(status.starts_with("tower-redis; hit; ttl="), "{status}");
+    let ttl: u64 = status["tower-redis; hit; ttl=".len()..]
+        .split(';')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // 10% of ten days is a day: capped at a day.
+    assert!((86_000..=86_400).contains(&ttl), "{status}");
+    assert_eq!(s.calls(), 1);
+    // Off (the default), the same answer is not fresh: the origin again.
+    let plain = simple(|b| b, &headers, b"x").await;
+    plain.get("/h").await;
+    assert!(!plain.get("/h").await.cache_status().contains("hit"));
+    assert_eq!(plain.calls(), 2);
+}
+
+/// `store_set_cookie`: an answer that sets a cookie is stored when allowed.
+#[tokio::test]
+async fn store_set_cookie_stores_answers_that_set_a_cookie() {
+    let headers = [
+        ("cache-control", "max-age=60".to_owned()),
+        ("set-cookie", "theme=dark; Path=/".to_owned()),
+    ];
+    let s = simple(|b| b.store_set_cookie(true), &headers, b"x").await;
+    assert!(s.get("/c").await.cache_status().contains("stored"));
+    let hit = s.get("/c").await;
+    assert!(hit.cache_status().contains("hit"), "{}", hit.cache_status());
+    assert_eq!(s.calls(), 1);
+    // Off (the default), never stored.
+    let plain = simple(|b| b, &headers, b"x").await;
+    assert!(!plain.get("/c").await.cache_status().contains("stored"));
+    assert!(!plain.get("/c").await.cache_status().contains("hit"));
+    assert_eq!(plain.calls(), 2);
+}
+
+/// The Redis key holding `/k` of a layer, and its time to live in seconds.
+async fn entry_ttl(redis: &TestRedis) -> i64 {
+    let mut conn = redis.connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*:c:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    redis::cmd("TTL")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// `keep_stale_for`: entries are kept in Redis that long past their
+/// freshness (for revalidation and `max-stale`), then expire.
+#[tokio::test]
+async fn keep_stale_for_sets_how_long_a_stale_entry_is_kept() {
+    let headers = [("cache-control", "max-age=60".to_owned())];
+    let s = simple(
+        |b| b.keep_stale_for(Duration::from_secs(3600)),
+        &headers,
+        b"x",
+    )
+    .await;
+    let stored = s.get("/k").await;
+    assert_eq!(stored.cache_status(), "tower-redis; fwd=uri-miss; stored");
+    let ttl = entry_ttl(&s.redis).await;
+    assert!((3600..=3660).contains(&ttl), "kept {ttl} s");
+    // The default keeps it 60 s past its 60 s of freshness.
+    let plain = simple(|b| b, &headers, b"x").await;
+    let stored = plain.get("/k").await;
+    assert_eq!(stored.cache_status(), "tower-redis; fwd=uri-miss; stored");
+    let ttl = entry_ttl(&plain.redis).await;
+    assert!((60..=120).contains(&ttl), "kept {ttl} s");
+}
+
+/// `memory_capacity_bytes`: while Redis is down, the in-process store
+/// holds at most that many bytes; older entries are evicted to keep it so.
+#[tokio::test]
+async fn the_in_process_store_stays_within_its_byte_bound() {
+    const BODY: &[u8] = &[b'x'; 8 * 1024];
+    let headers = [("cache-control", "max-age=60".to_owned())];
+    let s = simple(|b| b.memory_capacity_bytes(64 * 1024), &headers, BODY).await;
+    s.redis.kill().await;
+    for i in 0..32 {
+        let answer = s.get(&format!("/m/{i}")).await;
+        assert!(
+            answer.cache_status().contains("stored")
+                && answer.cache_status().contains("redis-unavailable"),
+            "{}",
+            answer.cache_status()
+        );
+    }
+    let stats = s.layer.handle().stats().await;
+    assert!(stats.in_process, "{stats:?}");
+    // 32 × 8 KiB were stored: at most 8 of them fit in 64 KiB.
+    assert!(stats.bytes <= 64 * 1024, "{stats:?}");
+    assert!((1..=8).contains(&stats.entries), "{stats:?}");
+    // What it keeps, it answers (which ones is moka's admission policy).
+    let mut hits = 0;
+    for i in 0..32 {
+        if s.get(&format!("/m/{i}"))
+            .await
+            .cache_status()
+            .contains("hit")
+        {
+            hits += 1;
+        }
+    }
+    assert!((1..=8).contains(&hits), "{hits} hits");
+}
+
+/// A body of `left` chunks, one every 20 ms (an origin still sending).
+struct Trickle {
+    left: usize,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for Trickle {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        std::task::ready!(self.timer.as_mut().poll(cx));
+        self.left -= 1;
+        let next = tokio::time::Instant::now() + Duration::from_millis(20);
+        self.timer.as_mut().reset(next);
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"chunk;")))))
+    }
+}
+
+/// Graceful shutdown: `CacheLayer::flush()` waits for the stores of the
+/// responses already answered, so an app that flushes and then exits (its
+/// runtime dropped, every pending task with it) leaves them all in Redis;
+/// here the origins are still sending their bodies (and the clients have
+/// read none of them) when the app starts to shut down.
+#[test]
+fn flush_before_exit_stores_every_answered_response() {
+    let outer = tokio::runtime::Runtime::new().unwrap();
+    let redis = outer.block_on(TestRedis::start());
+    let config = redis.config().build().unwrap();
+    let app_runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let statuses = app_runtime.block_on(async move {
+        let manager = RedisManager::connect(config).await.unwrap();
+        let layer = CacheLayer::builder(manager).build().unwrap();
+        let service = tower::ServiceBuilder::new()
+            .layer(layer.clone())
+            .service_fn(|_: Request<Body>| async {
+                let body = Trickle {
+                    left: 5,
+                    timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+                };
+                Ok::<_, std::convert::Infallible>(respond(
+                    StatusCode::OK,
+                    &[("cache-control", "max-age=60".into())],
+                    Body::new(body),
+                ))
+            });
+        let mut unread = Vec::new();
+        for i in 0..10 {
+            let request = Request::get(format!("/trickle/{i}"))
+                .header(header::HOST, "shop.example")
+                .body(Body::empty())
+                .unwrap();
+            unread.push(service.clone().oneshot(request).await.unwrap());
+        }
+        // Answered (heads sent, bodies on their way): shut down.
+        layer.flush().await;
+        unread
+            .iter()
+            .map(|r| r.headers()["cache-status"].to_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    });
+    // The process exits: whatever was not stored yet never will be.
+    drop(app_runtime);
+    for status in &statuses {
+        assert_eq!(status, "tower-redis; fwd=uri-miss; stored", "{statuses:?}");
+    }
+    // Entries, not fill locks (which live in the same hash).
+    let stored: Vec<String> = outer.block_on(async {
+        let mut conn = redis.connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*:c:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut stored = Vec::new();
+        for key in keys {
+            let fields: Vec<String> = redis::cmd("HKEYS")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if fields.iter().any(|f| f.starts_with("e:")) {
+                stored.push(key);
+            }
+        }
+        stored
+    });
+    assert_eq!(
+        stored.len(),
+        10,
+        "answered but not stored before exit: {stored:?}"
+    );
+    outer.block_on(async move { drop(redis) });
 }

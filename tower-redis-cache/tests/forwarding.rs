@@ -72,6 +72,24 @@ fn app(calls: Arc<AtomicU64>) -> Router {
             ),
         )
         .route(
+            "/links",
+            routing::get(
+                |State(calls): State<Arc<AtomicU64>>, headers: HeaderMap| async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    // Links built from `Host`, as many frameworks do.
+                    let host = headers
+                        .get(header::HOST)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    Response::builder()
+                        .header(header::CACHE_CONTROL, "max-age=60")
+                        .body(Body::from(format!("<a href=https://{host}/cart>")))
+                        .unwrap()
+                },
+            ),
+        )
+        .route(
             "/",
             routing::post(|State(calls): State<Arc<AtomicU64>>| async move {
                 calls.fetch_add(1, Ordering::SeqCst);
@@ -118,10 +136,21 @@ struct Answer {
 }
 
 async fn call(f: &Fixture, method: &str, peer: &str, headers: &[(&str, &str)]) -> Answer {
+    call_at(f, method, "/", peer, "app.internal:8080", headers).await
+}
+
+async fn call_at(
+    f: &Fixture,
+    method: &str,
+    path: &str,
+    peer: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
     let mut builder = Request::builder()
         .method(method)
-        .uri("/")
-        .header(header::HOST, "app.internal:8080");
+        .uri(path)
+        .header(header::HOST, host);
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
@@ -387,4 +416,96 @@ async fn an_unreadable_value_from_a_trusted_proxy_bypasses_the_cache() {
             answer.cache_status
         );
     }
+}
+
+/// A proxy that passes the client's `Host` on (nginx with
+/// `proxy_set_header Host $http_host`) while reporting the normalised host
+/// in `X-Forwarded-Host`: an app building links from `Host` must not have
+/// the page it built for `Host: shop.example:1` served to every visitor of
+/// `shop.example`.
+#[tokio::test]
+async fn cache_poisoning_via_a_host_the_trusted_proxy_passes_on() {
+    let f = fixture(behind(ForwardingHeader::XForwardedFor)).await;
+    let via = [
+        ("x-forwarded-for", CLIENT),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "shop.example"),
+    ];
+    let poisoned = call_at(&f, "GET", "/links", PROXY, "shop.example:1", &via).await;
+    assert_eq!(poisoned.body, "<a href=https://shop.example:1/cart>");
+    let visitor = call_at(&f, "GET", "/links", PROXY, "shop.example", &via).await;
+    assert_eq!(
+        visitor.body, "<a href=https://shop.example/cart>",
+        "the page built for another Host was served: {}",
+        visitor.cache_status
+    );
+    let again = call_at(&f, "GET", "/links", PROXY, "shop.example", &via).await;
+    assert!(again.cache_status.contains("hit"), "{}", again.cache_status);
+    assert_eq!(again.body, "<a href=https://shop.example/cart>");
+}
+
+/// Frameworks disagree on which of several `X-Forwarded-Host` (or
+/// `-Proto`) values counts: the first line, the first entry, the last.
+/// Several values, or an empty one, leave the answer unknown, so such a
+/// request bypasses the cache.
+#[tokio::test]
+async fn cache_poisoning_via_several_values_of_a_forwarded_field() {
+    let f = fixture(behind(ForwardingHeader::XForwardedFor)).await;
+    for extra in [
+        vec![
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-host", "shop.example"),
+        ],
+        vec![("x-forwarded-host", "evil.example, shop.example")],
+        vec![("x-forwarded-host", "")],
+        vec![("x-forwarded-proto", "http, https")],
+    ] {
+        let mut headers = vec![("x-forwarded-for", CLIENT)];
+        headers.extend(extra.iter().copied());
+        let answer = call(&f, "GET", PROXY, &headers).await;
+        assert!(
+            !answer.cache_status.contains("stored") && !answer.cache_status.contains("hit"),
+            "{extra:?}: {}",
+            answer.cache_status
+        );
+    }
+}
+
+/// Behind proxies that append to `Forwarded`, the elements to the left of
+/// the one they appended are the client's. An app that reads the first
+/// element would build its answer for the client's `host=` / `proto=`, so
+/// such a request bypasses the cache.
+#[tokio::test]
+async fn cache_poisoning_via_a_client_element_of_forwarded() {
+    let f = fixture(behind(ForwardingHeader::Forwarded)).await;
+    let answer = call(
+        &f,
+        "GET",
+        PROXY,
+        &[(
+            "forwarded",
+            "for=1.1.1.1;host=evil.example;proto=http, for=203.0.113.7;host=shop.example;proto=https",
+        )],
+    )
+    .await;
+    assert!(
+        !answer.cache_status.contains("stored") && !answer.cache_status.contains("hit"),
+        "{}",
+        answer.cache_status
+    );
+    let clean = call(
+        &f,
+        "GET",
+        PROXY,
+        &[(
+            "forwarded",
+            "for=1.1.1.1, for=203.0.113.7;host=shop.example;proto=https",
+        )],
+    )
+    .await;
+    assert!(
+        clean.cache_status.contains("stored"),
+        "{}",
+        clean.cache_status
+    );
 }

@@ -12,6 +12,9 @@ use tower_redis_cache::CacheLayer;
 use tower_redis_core::RedisManager;
 use tower_redis_core::testing::TestRedis;
 
+/// Every answer is counted under its result, whether it was stored, and
+/// whether Redis was unavailable (`degraded`): three answers while Redis
+/// is up, then two after it is killed (answered from the in-process store).
 #[tokio::test(flavor = "current_thread")]
 async fn results_are_counted_with_their_degraded_flag() {
     let recorder = DebuggingRecorder::new();
@@ -19,9 +22,10 @@ async fn results_are_counted_with_their_degraded_flag() {
     let _guard = metrics::set_default_local_recorder(&recorder);
 
     let redis = TestRedis::start().await;
-    let manager = RedisManager::connect(redis.config().build().expect("valid"))
-        .await
-        .expect("starts");
+    let manager =
+        RedisManager::connect(redis.config().failure_threshold(1).build().expect("valid"))
+            .await
+            .expect("starts");
     let layer = CacheLayer::builder(manager).build().expect("layer");
     let service = tower::Layer::layer(
         &layer,
@@ -39,13 +43,28 @@ async fn results_are_counted_with_their_degraded_flag() {
             .body(Empty::new())
             .expect("request")
     };
-    for _ in 0..3 {
+    let mut statuses = Vec::new();
+    let mut ask = async || {
         let response = service.clone().oneshot(get()).await.expect("infallible");
+        statuses.push(
+            response.headers()["cache-status"]
+                .to_str()
+                .expect("text")
+                .to_owned(),
+        );
         response.into_body().collect().await.expect("body");
         layer.flush().await;
+    };
+    for _ in 0..3 {
+        ask().await;
+    }
+    redis.kill().await;
+    for _ in 0..2 {
+        ask().await;
     }
 
-    let mut counts: HashMap<String, u64> = HashMap::new();
+    // (result, stored, degraded) → count.
+    let mut counts: HashMap<(String, String, String), u64> = HashMap::new();
     for (key, _, _, value) in snapshotter.snapshot().into_vec() {
         if key.key().name() != "tower_redis_cache_requests_total" {
             continue;
@@ -53,14 +72,28 @@ async fn results_are_counted_with_their_degraded_flag() {
         let DebugValue::Counter(n) = value else {
             continue;
         };
-        let result = key
-            .key()
-            .labels()
-            .find(|l| l.key() == "result")
-            .map(|l| l.value().to_owned())
-            .expect("label");
-        *counts.entry(result).or_default() += n;
+        let label = |name: &str| {
+            key.key()
+                .labels()
+                .find(|l| l.key() == name)
+                .map(|l| l.value().to_owned())
+                .unwrap_or_else(|| panic!("no {name} label on {key:?}"))
+        };
+        *counts
+            .entry((label("result"), label("stored"), label("degraded")))
+            .or_default() += n;
     }
-    assert_eq!(counts.get("uri-miss"), Some(&1), "{counts:?}");
-    assert_eq!(counts.get("hit"), Some(&2), "{counts:?}");
+    let count = |result: &str, stored: &str, degraded: &str| {
+        counts
+            .get(&(result.to_owned(), stored.to_owned(), degraded.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    };
+    let context = format!("{counts:?} from {statuses:?}");
+    assert_eq!(count("uri-miss", "true", "false"), 1, "{context}");
+    assert_eq!(count("hit", "false", "false"), 2, "{context}");
+    // Redis is gone: the in-process store starts empty, then answers.
+    assert_eq!(count("uri-miss", "true", "true"), 1, "{context}");
+    assert_eq!(count("hit", "false", "true"), 1, "{context}");
+    assert_eq!(counts.values().sum::<u64>(), 5, "{context}");
 }

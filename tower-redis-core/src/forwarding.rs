@@ -274,6 +274,13 @@ impl Forwarding {
                 }
                 let (client, element) = self.walk_forwarded(peer, headers);
                 view.client = Some(client);
+                if element.is_some() && self.client_elements_name_an_origin(peer, headers) {
+                    // A client's own elements, to the left of the one our
+                    // proxy appended, say another host or scheme; an app
+                    // reading the first element would build its answer
+                    // for those.
+                    view.malformed = true;
+                }
                 if let Some(element) = element {
                     view.scheme =
                         read_scheme(element.proto.as_deref().map(Some), &mut view.malformed);
@@ -316,6 +323,28 @@ impl Forwarding {
         (last_trusted, None)
     }
 
+    /// Whether an element to the left of the one naming the client (written
+    /// by the client, not by our proxies) carries `host=` or `proto=`.
+    fn client_elements_name_an_origin(&self, peer: IpAddr, headers: &HeaderMap) -> bool {
+        let (_, index) = self.walk(peer, forwarded_hops(headers));
+        let Some(index) = index else {
+            return false;
+        };
+        list_entries(headers, FORWARDED)
+            .skip(index + 1)
+            .take(MAX_HOPS)
+            .any(|entry| {
+                entry.is_none_or(|text| {
+                    text.split(';').any(|pair| {
+                        pair.split_once('=').is_some_and(|(key, _)| {
+                            let key = key.trim();
+                            key.eq_ignore_ascii_case("host") || key.eq_ignore_ascii_case("proto")
+                        })
+                    })
+                })
+            })
+    }
+
     /// The `Forwarded` walk, also returning the element the first trusted
     /// proxy appended (the one naming the client), whose `proto` and `host`
     /// describe the client's request.
@@ -350,12 +379,18 @@ pub fn peer_addr(extensions: &http::Extensions) -> Option<IpAddr> {
     extensions.get::<IpAddr>().copied()
 }
 
-/// The last comma-separated value of the last `name` line: the one the
-/// nearest proxy wrote. `Some(None)` when it is present but unreadable.
+/// The one value of `name`, which the trusted proxy set. `Some(None)` when
+/// it is present but unreadable, empty, or holds more than one value (on
+/// several lines or separated by commas): frameworks disagree on which of
+/// several values counts (the first, the last, the whole line), so the
+/// answer an app builds from it cannot be known.
 fn last_value(headers: &HeaderMap, name: HeaderName) -> Option<Option<&str>> {
-    list_entries(headers, name)
-        .find(|entry| entry.is_none_or(|text| !text.trim().is_empty()))
-        .map(|entry| entry.map(str::trim))
+    let mut entries = list_entries(headers, name);
+    let only = entries.next()?;
+    if entries.next().is_some() {
+        return Some(None);
+    }
+    Some(only.map(str::trim).filter(|text| !text.is_empty()))
 }
 
 fn read_scheme(value: Option<Option<&str>>, malformed: &mut bool) -> Option<Scheme> {
@@ -808,7 +843,7 @@ mod tests {
             PROXY,
             &[
                 ("x-forwarded-for", CLIENT),
-                ("x-forwarded-proto", "http, HTTPS"),
+                ("x-forwarded-proto", "HTTPS"),
                 ("x-forwarded-host", "shop.example:8443"),
                 ("x-forwarded-port", "8443"),
             ],
@@ -863,6 +898,48 @@ mod tests {
             HeaderValue::from_bytes(b"\xffhttps").unwrap(),
         );
         assert!(xff().view(&bytes).malformed);
+    }
+
+    #[test]
+    fn several_or_empty_values_of_a_forwarded_field_are_malformed() {
+        for headers in [
+            vec![
+                ("x-forwarded-host", "evil.example"),
+                ("x-forwarded-host", "shop.example"),
+            ],
+            vec![("x-forwarded-host", "evil.example, shop.example")],
+            vec![("x-forwarded-host", "")],
+            vec![("x-forwarded-proto", "http, https")],
+            vec![("x-forwarded-port", "80"), ("x-forwarded-port", "443")],
+        ] {
+            let mut all = vec![("x-forwarded-for", CLIENT)];
+            all.extend(headers.iter().copied());
+            let view = xff().view(&request(PROXY, &all));
+            assert!(view.malformed, "{headers:?}");
+            assert_eq!((view.host, view.scheme, view.port), (None, None, None));
+        }
+    }
+
+    #[test]
+    fn a_client_forwarded_element_naming_a_host_or_scheme_is_malformed() {
+        let request = request(
+            PROXY,
+            &[(
+                "forwarded",
+                "for=1.1.1.1;host=evil.example;proto=http, for=203.0.113.7;host=shop.example;proto=https",
+            )],
+        );
+        let view = forwarded().view(&request);
+        assert_eq!(view.client, Some(ip(CLIENT)));
+        assert!(view.malformed);
+        let clean = self::request(
+            PROXY,
+            &[(
+                "forwarded",
+                "for=1.1.1.1, for=203.0.113.7;host=shop.example;proto=https, for=10.0.0.2;proto=http",
+            )],
+        );
+        assert!(!forwarded().view(&clean).malformed);
     }
 
     #[test]

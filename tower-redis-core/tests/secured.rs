@@ -400,9 +400,18 @@ async fn an_outage_and_recovery_log_nothing_secret() {
     // and then (the restarted server has no `app` user) fail to authenticate.
     redis.kill().await;
     let mut state = manager.subscribe();
-    while manager.health().state == BreakerState::Closed {
-        set_get(&manager, "b").await;
-    }
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while manager.health().state == BreakerState::Closed {
+            set_get(&manager, "b").await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "the breaker never opened after the kill: {:?}",
+            manager.health()
+        )
+    });
     redis.restart().await;
     // The probes now reach the server and are refused: no `app` user.
     let refused = tokio::time::timeout(Duration::from_secs(15), async {

@@ -226,6 +226,33 @@ proptest! {
             prop_assert_eq!(behind_proxies().client_addr(&request), Some(client));
         }
     }
+
+    #[test]
+    fn bytes_a_client_sends_cannot_hide_the_elements_our_proxies_append_forwarded(
+        junk in value_bytes(),
+        client in public_ip(),
+        hops in prop::collection::vec(proxy_ip(), 0..4),
+        style in any::<u8>(),
+        port in any::<u16>(),
+        peer in proxy_ip(),
+        split_lines in any::<bool>(),
+    ) {
+        // Proxies configured for `Forwarded` append their elements to what
+        // the client sent: on the client's own line (one line, client bytes
+        // first), or on a line of their own.
+        let mut ours = vec![forwarded_node(client, style, port)];
+        ours.extend(hops.iter().map(|h| forwarded_node(*h, style / 3, port)));
+        let headers = if split_lines {
+            vec![("forwarded", junk), ("forwarded", ours.join(", ").into_bytes())]
+        } else {
+            let mut line = junk;
+            line.extend_from_slice(format!(", {}", ours.join(", ")).as_bytes());
+            vec![("forwarded", line)]
+        };
+        prop_assert!(headers.iter().all(|(_, v)| HeaderValue::from_bytes(v).is_ok()));
+        let request = request(peer, &headers);
+        prop_assert_eq!(behind_forwarded_proxies().client_addr(&request), Some(client));
+    }
 }
 
 /// The smallest case the property above found before the fix: one byte

@@ -71,6 +71,91 @@ async fn away_from_window_edge(redis: &TestRedis, window: Duration) {
     }
 }
 
+/// Every command clients send to a test server while it is watched, from
+/// `MONITOR`, without the commands Lua scripts run inside Redis (MONITOR
+/// marks those `[<db> lua]`). On a server used by nothing but the client
+/// under test this is everything that client sent, whatever the command:
+/// unlike `INFO commandstats`, which also counts what scripts run and so
+/// can only be filtered by command name, hiding any new per-request
+/// `PEXPIRE`, `GET`, `HSET` or `HGET` of the client's own.
+struct Monitor {
+    /// Sends the end marker; connected before MONITOR starts, so its own
+    /// connection setup is not seen.
+    marker_conn: redis::aio::MultiplexedConnection,
+    marker: String,
+    lines: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl Monitor {
+    async fn start(redis: &TestRedis) -> Self {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let marker_conn = redis.connection().await.expect("connection");
+        let marker = format!("end-of-monitor-{}", std::process::id());
+        let address = match redis.client().get_connection_info().addr() {
+            redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+            other => panic!("MONITOR needs a TCP test server, not {other:?}"),
+        };
+        let mut stream = tokio::net::TcpStream::connect(&address)
+            .await
+            .expect("a connection for MONITOR");
+        stream
+            .write_all(b"MONITOR\r\n")
+            .await
+            .expect("MONITOR sent");
+        let mut reader = tokio::io::BufReader::new(stream);
+        let mut ok = String::new();
+        tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut ok))
+            .await
+            .expect("MONITOR answers within 10 s")
+            .expect("MONITOR reply");
+        assert_eq!(ok.trim_end(), "+OK", "MONITOR refused");
+        let end = marker.clone();
+        let lines = tokio::spawn(async move {
+            let mut lines = Vec::new();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line).await {
+                    Ok(0) | Err(_) => return lines,
+                    Ok(_) if line.contains(&end) => return lines,
+                    Ok(_) => lines.push(line.trim_end().to_owned()),
+                }
+            }
+        });
+        Self {
+            marker_conn,
+            marker,
+            lines,
+        }
+    }
+
+    /// The lower-case names of the commands clients sent since
+    /// [`start`](Self::start), in the order the server ran them.
+    async fn commands(mut self) -> Vec<String> {
+        redis::cmd("ECHO")
+            .arg(&self.marker)
+            .query_async::<String>(&mut self.marker_conn)
+            .await
+            .expect("ECHO");
+        let lines = tokio::time::timeout(Duration::from_secs(10), self.lines)
+            .await
+            .expect("MONITOR shows the end marker within 10 s")
+            .expect("MONITOR reader");
+        lines
+            .iter()
+            .filter_map(|line| {
+                // +<time> [<db> <client address>|lua] "<command>" "<arg>" ...
+                let (client, command) = line.split_once("] ")?;
+                if client.ends_with(" lua") {
+                    return None;
+                }
+                let name = command.strip_prefix('"')?.split('"').next()?;
+                Some(name.to_ascii_lowercase())
+            })
+            .collect()
+    }
+}
+
 /// 50 concurrent clients over two layer instances fire `total` requests
 /// from one IP; returns how many were admitted.
 async fn admitted_under_load(redis: &TestRedis, policy: Policy, total: usize) -> usize {
@@ -451,8 +536,8 @@ async fn stacked_policies_are_one_round_trip_and_blocked_keys_are_zero() {
         send(&service, request("192.0.2.9", "/")).await.status(),
         200
     );
-    redis.reset_stats().await.expect("reset");
 
+    let monitor = Monitor::start(&redis).await;
     for _ in 0..4 {
         assert_eq!(
             send(&service, request("192.0.2.9", "/")).await.status(),
@@ -463,24 +548,14 @@ async fn stacked_policies_are_one_round_trip_and_blocked_keys_are_zero() {
         send(&service, request("192.0.2.9", "/")).await.status(),
         429
     );
-    let calls = redis.command_calls().await.expect("stats");
-    // INFO commandstats also counts the commands the script runs inside
-    // Redis; the client sent only what is left.
-    let inside_the_script = ["time", "get", "set", "hmget", "hset", "pexpire"];
-    let sent: u64 = calls
-        .iter()
-        .filter(|(name, _)| !inside_the_script.contains(&name.as_str()))
-        .filter(|(name, _)| !matches!(name.as_str(), "info" | "config|resetstat"))
-        .map(|(_, n)| n)
-        .sum();
-    assert_eq!(calls.get("evalsha"), Some(&5), "{calls:?}");
     assert_eq!(
-        sent, 5,
-        "one command per decision, three policies each: {calls:?}"
+        monitor.commands().await,
+        ["evalsha"; 5],
+        "one command per decision, three policies each, and nothing else"
     );
 
     // The denied key is now answered in process.
-    redis.reset_stats().await.expect("reset");
+    let monitor = Monitor::start(&redis).await;
     for _ in 0..20 {
         let response = send(&service, request("192.0.2.9", "/")).await;
         assert_eq!(response.status(), 429);
@@ -492,11 +567,10 @@ async fn stacked_policies_are_one_round_trip_and_blocked_keys_are_zero() {
             .expect("t");
         assert!(reset > 3000, "{field}");
     }
-    let calls = redis.command_calls().await.expect("stats");
-    assert_eq!(
-        calls.get("evalsha"),
-        None,
-        "blocked key must cost no Redis call: {calls:?}"
+    let sent = monitor.commands().await;
+    assert!(
+        sent.is_empty(),
+        "a blocked key must cost no Redis call: {sent:?}"
     );
 }
 
@@ -516,7 +590,7 @@ async fn concurrent_decisions_share_a_call_and_stay_exact() {
     let service = app(layer);
     // Loads the script once.
     send(&service, request("192.0.2.200", "/")).await;
-    redis.reset_stats().await.expect("reset");
+    let monitor = Monitor::start(&redis).await;
 
     let clients: Vec<String> = (1..=20).map(|i| format!("10.0.0.{i}")).collect();
     let mut set = tokio::task::JoinSet::new();
@@ -551,10 +625,11 @@ async fn concurrent_decisions_share_a_call_and_stay_exact() {
             "{client}: {field}"
         );
     }
-    let calls = redis.command_calls().await.expect("stats");
-    let evalsha = calls.get("evalsha").copied().unwrap_or(0);
-    // 140 concurrent decisions plus 20 follow-ups, in far fewer calls.
-    assert!(evalsha < 60, "decisions were not batched: {calls:?}");
+    let sent = monitor.commands().await;
+    // 140 concurrent decisions plus 20 follow-ups, in far fewer calls, and
+    // nothing but decisions.
+    assert!(sent.iter().all(|c| c == "evalsha"), "{sent:?}");
+    assert!(sent.len() < 60, "decisions were not batched: {sent:?}");
 }
 
 #[tokio::test]
@@ -583,6 +658,57 @@ async fn every_key_has_a_ttl() {
             .expect("PTTL");
         assert!(ttl > 0 && ttl <= 120_001, "{key}: {ttl}");
     }
+}
+
+#[tokio::test]
+async fn hash_tag_puts_every_key_of_the_layer_in_its_own_tag() {
+    let redis = TestRedis::start().await;
+    let tagged = |tag: &str| {
+        let manager = manager(&redis);
+        let tag = tag.to_owned();
+        async move {
+            RateLimitLayer::builder(manager.await)
+                .policy(Policy::gcra("per-ip", 2, Duration::from_secs(60)))
+                .policy(Policy::fixed_window("burst", 5, Duration::from_secs(60)))
+                .hash_tag(&tag)
+                .build()
+                .expect("layer")
+        }
+    };
+    let first = app(tagged("shop-a").await);
+    let second = app(tagged("shop-b").await);
+    let mut statuses = Vec::new();
+    for service in [&first, &first, &first, &second] {
+        statuses.push(send(service, request("192.0.2.10", "/")).await.status());
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::OK
+        ],
+        "each tag counts on its own"
+    );
+    let mut conn = redis.connection().await.expect("connection");
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    keys.sort();
+    assert_eq!(keys.len(), 4, "{keys:?}");
+    assert_eq!(
+        keys.iter().filter(|k| k.contains("{shop-a}")).count(),
+        2,
+        "{keys:?}"
+    );
+    assert_eq!(
+        keys.iter().filter(|k| k.contains("{shop-b}")).count(),
+        2,
+        "{keys:?}"
+    );
 }
 
 #[tokio::test]

@@ -7,12 +7,16 @@ use std::task::{Context, Poll};
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use tower_service::Service;
 
-use crate::id::SessionId;
+use crate::id::{CookieCodec, SessionId};
 use crate::layer::Shared;
 use crate::session::{CookieUpdate, Session};
 
-/// `Cookie` headers longer than this are not searched for the session.
-const MAX_COOKIE_HEADER: usize = 8 * 1024;
+/// A `name=value` pair longer than this is not a session cookie (ids are a
+/// few dozen bytes, signed ones about a hundred) and is skipped unread. The
+/// whole line is still searched, however long another cookie makes it, so
+/// a neighbour's large cookie cannot hide the session; its length is
+/// bounded by the server's header limit, and the search is one pass.
+const MAX_SESSION_PAIR: usize = 1024;
 
 /// The service produced by [`SessionLayer`](crate::SessionLayer).
 #[derive(Clone, Debug)]
@@ -74,15 +78,33 @@ where
 
 /// The id in the request's session cookie, if there is a valid one.
 fn session_cookie(headers: &HeaderMap, shared: &Shared) -> Option<SessionId> {
+    find_session_cookie(headers, &shared.cookie_name, &shared.codec)
+}
+
+/// The first valid session id among the `name` cookies of every `Cookie`
+/// line.
+///
+/// Each line is split into its `name=value` pairs before anything is
+/// decoded: other cookies on the same line are the browser's business and
+/// may hold bytes that are not text (`pref=ü`), which must not hide the
+/// session cookie next to them and log the user out.
+pub(crate) fn find_session_cookie(
+    headers: &HeaderMap,
+    name: &str,
+    codec: &CookieCodec,
+) -> Option<SessionId> {
     headers
         .get_all(header::COOKIE)
         .iter()
-        .filter(|value| value.len() <= MAX_COOKIE_HEADER)
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .filter(|(name, _)| *name == shared.cookie_name)
-        .find_map(|(_, value)| shared.codec.decode(value.trim_matches('"')))
+        .flat_map(|line| line.as_bytes().split(|byte| *byte == b';'))
+        .filter(|pair| pair.len() <= MAX_SESSION_PAIR)
+        .filter_map(|pair| {
+            let at = pair.iter().position(|byte| *byte == b'=')?;
+            let (pair_name, value) = (pair[..at].trim_ascii_start(), &pair[at + 1..]);
+            (pair_name == name.as_bytes()).then_some(value)
+        })
+        .filter_map(|value| std::str::from_utf8(value.trim_ascii()).ok())
+        .find_map(|value| codec.decode(value.trim_matches('"')))
 }
 
 fn set_cookie(shared: &Shared, update: &CookieUpdate) -> String {

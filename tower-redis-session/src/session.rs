@@ -272,12 +272,21 @@ impl Session {
         // The store's writes are boxed where they are awaited: inlined,
         // their Redis futures made the layer's future (allocated and moved
         // on every request, reads included) several KiB larger.
-        if let Some((id, user)) = state.delete.take() {
+        let deleted = state.delete.take();
+        if let Some((id, user)) = &deleted {
             Box::pin(self.store.delete(&id.storage_key(), user.as_deref())).await;
         }
         match state.phase {
             Phase::Untouched => None,
-            Phase::Destroyed => state.cookie_id.is_some().then_some(CookieUpdate::Remove),
+            // The cookie is removed when this request ended its session, or
+            // when the cookie named none (expired, unknown); not when another
+            // request ended it meanwhile (a concurrent login's cycle), since
+            // the browser may already hold the id that replaced it.
+            Phase::Destroyed => state
+                .cookie_id
+                .as_ref()
+                .filter(|cookie| deleted.is_some() || !self.store.has_ended(&cookie.storage_key()))
+                .map(|_| CookieUpdate::Remove),
             Phase::Loaded => self.write(&mut state).await,
         }
     }

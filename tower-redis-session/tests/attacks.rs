@@ -552,3 +552,43 @@ async fn a_logout_of_a_session_whose_creation_is_still_queued_is_not_undone() {
         "none"
     );
 }
+
+/// A request that still holds the old cookie and logs out after a
+/// concurrent login cycled the id finds no session: it must not remove the
+/// cookie, which the browser may already have replaced with the new id.
+#[tokio::test]
+async fn a_logout_with_the_old_cookie_does_not_log_out_a_cycled_session() {
+    let redis = TestRedis::start().await;
+    let (app, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
+    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let old = cookie_pair(&set_cookie.expect("session"));
+    let (_, _, login) = send(&app, "POST", "/login/alice", Some(&old)).await;
+    let new = cookie_pair(&login.expect("login cookie"));
+    let (status, _, cookie) = send(&app, "POST", "/logout", Some(&old)).await;
+    assert_eq!(status, 200);
+    assert_eq!(cookie, None, "the logout of an id another request cycled");
+    assert_eq!(send(&app, "GET", "/get/user", Some(&new)).await.1, "alice");
+    // A logout of the live session still removes the cookie.
+    let (_, _, removal) = send(&app, "POST", "/logout", Some(&new)).await;
+    assert!(
+        removal.as_deref().is_some_and(|c| c.contains("Max-Age=0")),
+        "{removal:?}"
+    );
+}
+
+/// A neighbour's large cookie (a sibling subdomain's, a page script's) on
+/// the same `Cookie` line must not hide the session cookie.
+#[tokio::test]
+async fn a_large_neighbour_cookie_does_not_hide_the_session() {
+    let redis = TestRedis::start().await;
+    let (app, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
+    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let session = cookie_pair(&set_cookie.expect("session"));
+    let big = "x".repeat(16 * 1024);
+    for line in [
+        format!("tracking={big}; {session}"),
+        format!("{session}; tracking={big}"),
+    ] {
+        assert_eq!(send(&app, "GET", "/get/cart", Some(&line)).await.1, "3");
+    }
+}

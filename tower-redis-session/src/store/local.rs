@@ -57,6 +57,11 @@ impl LocalStore {
                     u32::try_from(key.len() + ENDED_OVERHEAD).unwrap_or(u32::MAX)
                 })
                 .time_to_live(ENDED_FOR)
+                // Plain LRU: the markers are only ever checked with
+                // `contains_key`, which moka's default admission (TinyLFU)
+                // does not count as use, so once full it would refuse every
+                // new marker.
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
         }
     }
@@ -205,5 +210,33 @@ impl Copy {
             .map(|(name, json)| FIELD_OVERHEAD + name.len() + json.len())
             .sum();
         COPY_OVERHEAD + fields + self.record.user.as_ref().map_or(0, String::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flood of ended sessions (logins cycle ids, logouts) must not stop
+    /// the instance from remembering the next one: the memory is a plain
+    /// LRU, so the newest marker always stays.
+    #[test]
+    fn a_full_ended_memory_still_remembers_the_newest_end() {
+        let local = LocalStore::new(1 << 20, 1 << 20, Duration::from_secs(60));
+        for n in 0..30_000 {
+            local.end(&format!("flood-{n:040}"));
+        }
+        local.ended.run_pending_tasks();
+        for n in 0..100 {
+            let key = format!("victim-{n:039}");
+            local.end(&key);
+            local.ended.run_pending_tasks();
+            assert!(local.has_ended(&key), "marker {n} was refused");
+        }
+        assert!(
+            local.ended.weighted_size() <= ENDED_BYTES,
+            "{} bytes",
+            local.ended.weighted_size()
+        );
     }
 }
