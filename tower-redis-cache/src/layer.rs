@@ -300,7 +300,9 @@ impl CacheLayerBuilder {
         self
     }
 
-    /// The in-process store's size while Redis is unavailable (default 64 MiB).
+    /// The in-process store's size while Redis is unavailable (default 64
+    /// MiB). A 64th of it (at least 16 KiB) also bounds the `Vary` names
+    /// remembered per URL, which make a lookup one plain `HMGET`.
     pub fn memory_capacity_bytes(mut self, bytes: u64) -> Self {
         self.memory_bytes = bytes;
         self

@@ -23,6 +23,17 @@ use crate::key;
 pub(crate) use memory::{MemoryStore, Selector};
 use redis_store::Op;
 
+/// The `Vary` hints (the names last seen per URL) take at most this share
+/// of `memory_capacity_bytes`, weighed by bytes like every store a client
+/// can grow: 1 MiB of the default 64 MiB, some thousands of URLs. A URL
+/// without a hint is looked up by the script instead of a plain `HMGET`:
+/// one round trip either way.
+const VARY_HINT_SHARE: u64 = 64;
+/// The least the hints may take, however small the store.
+const MIN_VARY_HINT_BYTES: u64 = 16 << 10;
+/// The bookkeeping of one hint beyond its URL hash and names.
+const VARY_HINT_OVERHEAD: usize = 96;
+
 /// Invalidations and purges remembered during an outage, at most.
 const MAX_PENDING: usize = 10_000;
 /// URLs deleted per pipeline in a purge.
@@ -181,13 +192,20 @@ impl CacheStore {
             .near
             .map(|(bytes, ttl)| Arc::new(MemoryStore::new(bytes, Some(ttl))));
         let events = Arc::new(Events::new(manager.clone(), near.clone()));
+        let vary_hint_bytes = (options.memory_bytes / VARY_HINT_SHARE).max(MIN_VARY_HINT_BYTES);
         Self {
             memory: MemoryStore::new(options.memory_bytes, None),
             near,
             events,
             options,
             manager,
-            vary_hints: moka::sync::Cache::new(100_000),
+            vary_hints: moka::sync::Cache::builder()
+                .max_capacity(vary_hint_bytes)
+                .weigher(|url_hash: &String, vary: &String| {
+                    u32::try_from(url_hash.len() + vary.len() + VARY_HINT_OVERHEAD)
+                        .unwrap_or(u32::MAX)
+                })
+                .build(),
             degraded: AtomicBool::new(false),
             pending: Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
