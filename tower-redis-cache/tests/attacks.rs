@@ -215,6 +215,24 @@ async fn get(app: &Router, path: &str, headers: &[(&str, &str)]) -> Answer {
     call(app, request(path, headers)).await
 }
 
+/// Waits, with a deadline, until Redis' clock makes the entry of `url`
+/// stale (its freshness is judged by Redis time, so no paused clock).
+async fn wait_until_stale(layer: &CacheLayer, url: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let entry = layer.handle().entry(url).await.unwrap();
+        let info = entry.unwrap_or_else(|| panic!("{url} is not stored"));
+        if info.ttl <= 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url} still fresh after 10 s: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn settle(layer: &CacheLayer) {
     tokio::time::timeout(Duration::from_secs(10), layer.flush())
         .await
@@ -814,7 +832,7 @@ async fn origin_flood_via_concurrent_requests_for_a_stale_entry() {
         .layer(layer.clone());
     get(&app, "/short", &[]).await;
     settle(&layer).await;
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    wait_until_stale(&layer, "http://shop.example/short").await;
     let answers = concurrent(&app, 10, "/short", &[]).await;
     let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
     for answer in &answers {
@@ -941,7 +959,7 @@ async fn origin_flood_via_concurrent_requests_while_the_origin_fails() {
         .layer(layer.clone());
     get(&app, "/failing", &[]).await;
     settle(&layer).await;
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    wait_until_stale(&layer, "http://shop.example/failing").await;
     let answers = concurrent(&app, 10, "/failing", &[]).await;
     let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
     for answer in &answers {
