@@ -1,12 +1,13 @@
 //! The in-process side of the store: copies of recently read sessions (so
-//! a user is not logged out by a short outage) and the changes made while
-//! Redis was unavailable, queued for reconciliation.
+//! a user is not logged out by a short outage), and the memory of sessions
+//! that ended. The changes made while Redis was unavailable wait in the
+//! outage queue (`reconcile`), not here.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::queue::{OutageQueue, QueueFull, Queued};
-use super::{Changes, Record, now_ms};
+use super::{Changes, Record, Saved, Store, Take, Write, millis, now_ms};
 
 /// The bookkeeping of one local copy, in bytes, beyond its data: the
 /// cache's slot, the key, the record's map.
@@ -23,17 +24,17 @@ const ENDED_OVERHEAD: usize = 64;
 
 pub(crate) struct LocalStore {
     /// Weighed in bytes.
-    copies: moka::sync::Cache<String, Arc<Copy>>,
-    queue: OutageQueue,
+    copies: moka::sync::Cache<String, Arc<LocalCopy>>,
     /// Sessions this instance recently destroyed, cycled away or saw
     /// gone, so that a concurrent request that loaded one before does not
     /// send its old id back in a renewed persistent cookie.
     ended: moka::sync::Cache<String, ()>,
+    absolute_ms: u64,
 }
 
 /// A session as this instance last read or wrote it.
 #[derive(Debug)]
-pub(crate) struct Copy {
+pub(crate) struct LocalCopy {
     pub(crate) record: Record,
     /// When this instance last renewed the session's idle timeout in
     /// Redis (0: not known to have).
@@ -41,16 +42,15 @@ pub(crate) struct Copy {
 }
 
 impl LocalStore {
-    pub(crate) fn new(capacity_bytes: u64, queue_bytes: usize, idle: Duration) -> Self {
+    pub(crate) fn new(capacity_bytes: u64, idle: Duration, absolute: Duration) -> Self {
         Self {
             copies: moka::sync::Cache::builder()
                 .max_capacity(capacity_bytes)
-                .weigher(|key: &String, copy: &Arc<Copy>| {
+                .weigher(|key: &String, copy: &Arc<LocalCopy>| {
                     u32::try_from(key.len() + copy.weight()).unwrap_or(u32::MAX)
                 })
                 .time_to_idle(idle)
                 .build(),
-            queue: OutageQueue::new(queue_bytes),
             ended: moka::sync::Cache::builder()
                 .max_capacity(ENDED_BYTES)
                 .weigher(|key: &String, ()| {
@@ -63,6 +63,7 @@ impl LocalStore {
                 // new marker.
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
+            absolute_ms: millis(absolute),
         }
     }
 
@@ -79,9 +80,9 @@ impl LocalStore {
     }
 
     /// The local copy, unless it has outlived the absolute timeout.
-    pub(crate) fn get(&self, storage_key: &str, absolute_ms: u64) -> Option<Record> {
+    pub(crate) fn get(&self, storage_key: &str) -> Option<Record> {
         let copy = self.copies.get(storage_key)?;
-        if copy.record.created_ms.saturating_add(absolute_ms) <= now_ms() {
+        if copy.record.created_ms.saturating_add(self.absolute_ms) <= now_ms() {
             self.copies.invalidate(storage_key);
             return None;
         }
@@ -89,23 +90,45 @@ impl LocalStore {
     }
 
     /// The local copy as it is, with when it was last renewed.
-    pub(crate) fn copy(&self, storage_key: &str) -> Option<Arc<Copy>> {
+    pub(crate) fn copy(&self, storage_key: &str) -> Option<Arc<LocalCopy>> {
         self.copies.get(storage_key)
     }
 
     pub(crate) fn put(&self, storage_key: &str, record: Record, touched_ms: u64) {
         self.copies.insert(
             storage_key.to_owned(),
-            Arc::new(Copy { record, touched_ms }),
+            Arc::new(LocalCopy { record, touched_ms }),
         );
     }
 
-    pub(crate) fn remove(&self, storage_key: &str) {
-        self.copies.invalidate(storage_key);
+    /// Keeps the copy in step with what Redis answered to a read that began
+    /// at `started_ms`; `touched`: that read renewed the idle timeout.
+    pub(crate) fn refresh(
+        &self,
+        storage_key: &str,
+        answer: Option<&Record>,
+        copy: Option<Arc<LocalCopy>>,
+        touched: bool,
+        started_ms: u64,
+    ) {
+        match (answer, copy) {
+            // Unchanged and not renewed: the copy is already right.
+            (Some(record), Some(copy)) if !touched && copy.record == *record => {}
+            // A copy for reading through an outage.
+            (Some(record), copy) => {
+                let touched_ms = match copy {
+                    Some(copy) if !touched => copy.touched_ms,
+                    _ => started_ms,
+                };
+                self.put(storage_key, record.clone(), touched_ms);
+            }
+            (None, _) => self.copies.invalidate(storage_key),
+        }
     }
 
     /// Applies changes to the local copy (creating it for a new session).
-    pub(crate) fn apply(&self, storage_key: &str, create: Option<u64>, changes: &Changes) {
+    /// False when there is no copy to change.
+    pub(crate) fn apply(&self, storage_key: &str, create: Option<u64>, changes: &Changes) -> bool {
         let existing = self.copies.get(storage_key);
         let (mut record, touched_ms) = match (existing, create) {
             (Some(copy), _) => (copy.record.clone(), copy.touched_ms),
@@ -116,81 +139,11 @@ impl LocalStore {
                 },
                 0,
             ),
-            (None, None) => return,
+            (None, None) => return false,
         };
         changes.apply_to(&mut record);
         self.put(storage_key, record, touched_ms);
-    }
-
-    /// Queues a save made while Redis was unavailable. Saves are not merged:
-    /// each keeps the time of its own changes for the "newer wins" rule.
-    pub(crate) fn queue(
-        &self,
-        storage_key: &str,
-        create: Option<u64>,
-        changes: &Changes,
-        at_ms: u64,
-    ) -> Result<(), QueueFull> {
-        self.queue.push_save(storage_key, create, changes, at_ms)
-    }
-
-    /// Whether changes to this session are waiting for Redis. Then this
-    /// instance's copy is newer than Redis', and the session's next changes
-    /// are queued behind them, in order, even if Redis is back: sent
-    /// directly, a change could find the session not created yet and be
-    /// lost, or a log out be undone by the replay of the creation.
-    pub(crate) fn has_pending(&self, storage_key: &str) -> bool {
-        self.queue.contains(storage_key)
-    }
-
-    /// Queues a deletion made while Redis was unavailable (never refused).
-    pub(crate) fn queue_delete(&self, storage_key: &str, user: Option<&str>) {
-        self.queue.push_delete(storage_key, user);
-    }
-
-    /// Queues an id change made while Redis was unavailable: both halves, or
-    /// neither when the new session does not fit.
-    pub(crate) fn queue_cycle(
-        &self,
-        old_storage_key: &str,
-        user: Option<&str>,
-        new_storage_key: &str,
-        created_ms: u64,
-        full: &Changes,
-        at_ms: u64,
-    ) -> Result<(), QueueFull> {
-        self.queue.push_cycle(
-            old_storage_key,
-            user,
-            new_storage_key,
-            created_ms,
-            full,
-            at_ms,
-        )
-    }
-
-    pub(crate) fn pending_len(&self) -> usize {
-        self.queue.len()
-    }
-
-    /// Takes the queued changes for writing.
-    pub(crate) fn take_pending(&self) -> Vec<Queued> {
-        self.queue.take()
-    }
-
-    /// Puts back what could not be written, ahead of anything queued since.
-    pub(crate) fn requeue(&self, failed: Vec<Queued>) {
-        self.queue.requeue(failed);
-    }
-
-    /// One taken change is in Redis.
-    pub(crate) fn reconciled(&self, queued: &Queued) {
-        self.queue.written(queued);
-    }
-
-    /// The approximate bytes the outage queue takes.
-    pub(crate) fn queue_bytes(&self) -> usize {
-        self.queue.bytes()
+        true
     }
 
     /// The approximate bytes the local copies take.
@@ -200,7 +153,46 @@ impl LocalStore {
     }
 }
 
-impl Copy {
+/// In process: what this instance holds. It cannot see other instances'
+/// sessions, nor tell a session it never held from one that ended.
+impl Store for LocalStore {
+    type Error = Infallible;
+
+    async fn load(&self, storage_key: &str, _touch: bool) -> Result<Option<Record>, Infallible> {
+        Ok(self.get(storage_key))
+    }
+
+    /// [`Saved::Gone`] for an update of a session without a copy here.
+    async fn save(&self, write: &Write<'_>) -> Result<Saved, Infallible> {
+        Ok(
+            if self.apply(write.storage_key, write.create, write.changes) {
+                Saved::Written
+            } else {
+                Saved::Gone
+            },
+        )
+    }
+
+    async fn take(&self, take: &Take<'_>) -> Result<Saved, Infallible> {
+        self.end(take.old_storage_key);
+        // A new id never has a copy yet: the request's view is the session.
+        self.put(take.new_storage_key, take.merged.clone(), 0);
+        Ok(Saved::Written)
+    }
+
+    async fn delete(&self, storage_key: &str, _user: Option<&str>) -> Result<(), Infallible> {
+        self.end(storage_key);
+        Ok(())
+    }
+}
+
+impl LocalCopy {
+    /// Whether this instance should renew the session's idle timeout in
+    /// Redis on a read at `now_ms`, renewing at most once per `every_ms`.
+    pub(crate) fn touch_due(copy: Option<&Self>, now_ms: u64, every_ms: u64) -> bool {
+        copy.is_none_or(|copy| now_ms.saturating_sub(copy.touched_ms) >= every_ms)
+    }
+
     /// The approximate memory this copy takes, beyond its key.
     fn weight(&self) -> usize {
         let fields: usize = self
@@ -222,7 +214,7 @@ mod tests {
     /// LRU, so the newest marker always stays.
     #[test]
     fn a_full_ended_memory_still_remembers_the_newest_end() {
-        let local = LocalStore::new(1 << 20, 1 << 20, Duration::from_secs(60));
+        let local = LocalStore::new(1 << 20, Duration::from_secs(60), Duration::from_secs(3600));
         for n in 0..30_000 {
             local.end(&format!("flood-{n:040}"));
         }

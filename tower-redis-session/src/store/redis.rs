@@ -1,0 +1,349 @@
+//! The Redis side of the store: the scripts and commands of each verb.
+//!
+//! Redis layout (all keys under the app's prefix):
+//!
+//! - `{<sha256(id)>}:s` — a hash per session: `d:<name>` the JSON value of
+//!   each entry, `t:<name>` the time of its last change (kept after removal),
+//!   `_c` the creation time, `_u` the user. Its TTL is the idle timeout,
+//!   capped by the absolute one.
+//! - `{<sha256(user)>}:u` — a set of the user's session hashes, for "log out
+//!   everywhere".
+//!
+//! Per-entry writes in one Lua script are what keep concurrent requests of
+//! one session from losing each other's changes.
+//!
+//! Each verb exists twice: `*_on` runs on a connection the caller checked
+//! out (so [`Failover`](super::failover::Failover) can hand it to the
+//! manager's `failover`, which accounts the outcome to the breaker and the
+//! fallback metrics), and the [`Store`] implementation checks one out
+//! itself through [`RedisManager::run`].
+
+use std::sync::LazyLock;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sha2::{Digest, Sha256};
+use tower_redis_core::redis::{self, Script};
+use tower_redis_core::{RedisConnection, RedisManager, pipeline_with_scripts};
+
+use super::{Record, Saved, Store, Take, Write, millis, now_ms};
+use crate::config::Expiry;
+
+static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("save.lua")));
+static TAKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("take.lua")));
+
+/// Sessions in Redis, through the shared manager.
+pub(crate) struct RedisStore {
+    manager: RedisManager,
+    expiry: Expiry,
+}
+
+impl RedisStore {
+    pub(crate) fn new(manager: RedisManager, expiry: Expiry) -> Self {
+        Self { manager, expiry }
+    }
+
+    pub(crate) fn manager(&self) -> &RedisManager {
+        &self.manager
+    }
+
+    pub(crate) fn expiry(&self) -> &Expiry {
+        &self.expiry
+    }
+
+    pub(crate) fn session_key(&self, storage_key: &str) -> String {
+        self.manager.keys().tagged(storage_key, &["s"])
+    }
+
+    pub(crate) fn user_key(&self, user: &str) -> String {
+        self.manager.keys().tagged(
+            &URL_SAFE_NO_PAD.encode(Sha256::digest(user.as_bytes())),
+            &["u"],
+        )
+    }
+
+    fn idle_ms(&self) -> u64 {
+        millis(self.expiry.idle)
+    }
+
+    fn absolute_ms(&self) -> u64 {
+        millis(self.expiry.absolute)
+    }
+
+    /// One round trip: `HGETALL`, pipelined with a `PEXPIRE` that renews the
+    /// idle timeout when `touch`. A record past the absolute timeout is
+    /// deleted and reads as absent.
+    pub(crate) async fn load_on(
+        &self,
+        conn: &mut RedisConnection,
+        storage_key: &str,
+        touch: bool,
+    ) -> redis::RedisResult<Option<Record>> {
+        let key = self.session_key(storage_key);
+        // One round trip of plain commands: renewing the idle TTL never
+        // rewrites the data.
+        let mut pipe = redis::pipe();
+        if touch {
+            pipe.cmd("PEXPIRE").arg(&key).arg(self.idle_ms()).ignore();
+        }
+        let (fields,): (Vec<(String, String)>,) =
+            pipe.cmd("HGETALL").arg(&key).query_async(conn).await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let record = record_from_fields(fields);
+        let deadline = record.created_ms.saturating_add(self.absolute_ms());
+        let now = now_ms();
+        if deadline <= now {
+            // Past the absolute timeout: ended, whatever its use.
+            redis::cmd("DEL").arg(&key).query_async::<()>(conn).await?;
+            return Ok(None);
+        }
+        if touch && deadline - now < self.idle_ms() {
+            // Near the absolute timeout the key must not outlive it.
+            redis::cmd("PEXPIRE")
+                .arg(&key)
+                .arg(deadline - now)
+                .query_async::<()>(conn)
+                .await?;
+        }
+        Ok(Some(record))
+    }
+
+    /// One round trip: the changes, entry by entry (plus the user index).
+    pub(crate) async fn save_on(
+        &self,
+        conn: &mut RedisConnection,
+        write: &Write<'_>,
+    ) -> redis::RedisResult<Saved> {
+        let key = self.session_key(write.storage_key);
+        self.save_commands(&key, write).run(conn).await
+    }
+
+    /// Two round trips: the old key is taken (read and deleted atomically),
+    /// then what Redis held, with this request's changes, is written under
+    /// the new key.
+    pub(crate) async fn take_on(
+        &self,
+        conn: &mut RedisConnection,
+        take: &Take<'_>,
+    ) -> redis::RedisResult<Saved> {
+        let taken: Option<Vec<(String, String)>> = TAKE
+            .key(self.session_key(take.old_storage_key))
+            .arg(self.absolute_ms())
+            .invoke_async(conn)
+            .await?;
+        let Some(taken) = taken else {
+            return Ok(Saved::Gone);
+        };
+        // What Redis held (with other requests' changes), then ours.
+        let mut record = record_from_fields(taken);
+        let previous_user = record.user.clone();
+        take.changes.apply_to(&mut record);
+        let full = record.as_changes();
+        let new_key = self.session_key(take.new_storage_key);
+        let mut commands = self.save_commands(
+            &new_key,
+            &Write {
+                storage_key: take.new_storage_key,
+                create: Some(record.created_ms),
+                changes: &full,
+                previous_user: previous_user.as_deref(),
+                at_ms: None,
+            },
+        );
+        if let Some(user) = &previous_user {
+            commands.extras.push(
+                redis::cmd("SREM")
+                    .arg(self.user_key(user))
+                    .arg(take.old_storage_key)
+                    .clone(),
+            );
+        }
+        commands.run(conn).await
+    }
+
+    /// One round trip: `DEL`, and the `SREM` from the user's index.
+    pub(crate) async fn delete_on(
+        &self,
+        conn: &mut RedisConnection,
+        storage_key: &str,
+        user: Option<&str>,
+    ) -> redis::RedisResult<()> {
+        let mut extras = vec![
+            redis::cmd("DEL")
+                .arg(self.session_key(storage_key))
+                .clone(),
+        ];
+        if let Some(user) = user {
+            extras.push(
+                redis::cmd("SREM")
+                    .arg(self.user_key(user))
+                    .arg(storage_key)
+                    .clone(),
+            );
+        }
+        SaveCommands {
+            script: None,
+            extras,
+        }
+        .run(conn)
+        .await
+        .map(|_| ())
+    }
+
+    /// The EVALSHA of one save, and the user-index update when the user is set.
+    fn save_commands(&self, key: &str, write: &Write<'_>) -> SaveCommands {
+        let changes = write.changes;
+        let mut invocation = SAVE.key(key);
+        invocation
+            .arg(if write.create.is_some() { "create" } else { "update" })
+            .arg(self.idle_ms())
+            .arg(self.absolute_ms())
+            .arg(changes.user.as_deref().unwrap_or(""))
+            .arg(write.create.map(|c| c.to_string()).unwrap_or_default())
+            .arg(write.at_ms.map(|t| t.to_string()).unwrap_or_default());
+        let sets: Vec<(&String, &String)> = changes
+            .entries
+            .iter()
+            .filter_map(|(name, value)| value.as_ref().map(|v| (name, v)))
+            .collect();
+        invocation.arg(sets.len());
+        for (name, value) in sets {
+            invocation.arg(name).arg(value);
+        }
+        let removals: Vec<&String> = changes
+            .entries
+            .iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(n, _)| n)
+            .collect();
+        invocation.arg(removals.len());
+        for name in removals {
+            invocation.arg(name);
+        }
+        let mut script = redis::pipe();
+        script.invoke_script(&invocation);
+        SaveCommands {
+            script: Some(script),
+            extras: self.user_index_commands(write),
+        }
+    }
+
+    /// The user-index update of a save that sets the user.
+    fn user_index_commands(&self, write: &Write<'_>) -> Vec<redis::Cmd> {
+        let mut extras = Vec::new();
+        if let Some(user) = &write.changes.user {
+            let user_key = self.user_key(user);
+            extras.push(
+                redis::cmd("SADD")
+                    .arg(&user_key)
+                    .arg(write.storage_key)
+                    .clone(),
+            );
+            extras.push(
+                redis::cmd("PEXPIRE")
+                    .arg(&user_key)
+                    .arg(self.absolute_ms())
+                    .clone(),
+            );
+            // A session that changes hands leaves the previous user's index.
+            if let Some(previous) = write.previous_user.filter(|p| *p != user) {
+                extras.push(
+                    redis::cmd("SREM")
+                        .arg(self.user_key(previous))
+                        .arg(write.storage_key)
+                        .clone(),
+                );
+            }
+        }
+        extras
+    }
+}
+
+impl Store for RedisStore {
+    type Error = tower_redis_core::Error;
+
+    async fn load(&self, storage_key: &str, touch: bool) -> Result<Option<Record>, Self::Error> {
+        self.manager
+            .run(|mut conn| async move { self.load_on(&mut conn, storage_key, touch).await })
+            .await
+    }
+
+    async fn save(&self, write: &Write<'_>) -> Result<Saved, Self::Error> {
+        self.manager
+            .run(|mut conn| async move { self.save_on(&mut conn, write).await })
+            .await
+    }
+
+    async fn take(&self, take: &Take<'_>) -> Result<Saved, Self::Error> {
+        self.manager
+            .run(|mut conn| async move { self.take_on(&mut conn, take).await })
+            .await
+    }
+
+    async fn delete(&self, storage_key: &str, user: Option<&str>) -> Result<(), Self::Error> {
+        self.manager
+            .run(|mut conn| async move { self.delete_on(&mut conn, storage_key, user).await })
+            .await
+    }
+}
+
+/// A save's script and the commands on other keys (the user index, the
+/// replaced session) that go with it.
+struct SaveCommands {
+    script: Option<redis::Pipeline>,
+    extras: Vec<redis::Cmd>,
+}
+
+impl SaveCommands {
+    /// One pipelined round trip on a single server. On a cluster the other
+    /// keys live in other slots, so they follow the script one by one.
+    async fn run(&self, conn: &mut RedisConnection) -> redis::RedisResult<Saved> {
+        if conn.is_cluster() {
+            let saved = match &self.script {
+                Some(script) => pipeline_with_scripts(conn, script, &[&SAVE]).await?,
+                None => Saved::Written,
+            };
+            for cmd in &self.extras {
+                cmd.query_async::<()>(conn).await?;
+            }
+            return Ok(saved);
+        }
+        let mut pipe = self.script.clone().unwrap_or_else(redis::pipe);
+        for cmd in &self.extras {
+            pipe.add_command(cmd.clone()).ignore();
+        }
+        if self.script.is_some() {
+            pipeline_with_scripts(conn, &pipe, &[&SAVE]).await
+        } else {
+            pipe.query_async::<()>(conn).await.map(|()| Saved::Written)
+        }
+    }
+}
+
+impl redis::FromRedisValue for Saved {
+    fn from_redis_value(value: redis::Value) -> Result<Self, redis::ParsingError> {
+        // The pipeline's only non-ignored reply is the script's 1 or 0.
+        let written: Vec<i64> = redis::FromRedisValue::from_redis_value(value)?;
+        Ok(if written.first() == Some(&1) {
+            Saved::Written
+        } else {
+            Saved::Gone
+        })
+    }
+}
+
+fn record_from_fields(pairs: Vec<(String, String)>) -> Record {
+    let mut record = Record::default();
+    for (field, value) in pairs {
+        if let Some(name) = field.strip_prefix("d:") {
+            record.fields.insert(name.to_owned(), value);
+        } else if field == "_c" {
+            record.created_ms = value.parse().unwrap_or(0);
+        } else if field == "_u" {
+            record.user = Some(value);
+        }
+    }
+    record
+}

@@ -1,0 +1,76 @@
+//! The per-user session index: `{<sha256(user)>}:u`, a set of the user's
+//! session hashes, kept by every save that sets a user. It serves "list my
+//! sessions" and "log out everywhere", which need Redis (the in-process
+//! store cannot see other instances' sessions).
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use tower_redis_core::redis;
+
+use super::redis::RedisStore;
+use super::{StoreError, UserSession};
+
+impl RedisStore {
+    /// The live sessions of a user; expired ones found in the index are
+    /// removed from it.
+    pub(crate) async fn list_user_sessions(
+        &self,
+        user: &str,
+    ) -> Result<Vec<UserSession>, StoreError> {
+        let manager = self.manager();
+        let user_key = self.user_key(user);
+        let members: Vec<String> = manager
+            .query(redis::cmd("SMEMBERS").arg(&user_key))
+            .await
+            .map_err(StoreError::Unavailable)?;
+        let mut sessions = Vec::with_capacity(members.len());
+        for handle in members {
+            let created: Option<u64> = manager
+                .query(redis::cmd("HGET").arg(self.session_key(&handle)).arg("_c"))
+                .await
+                .map_err(StoreError::Unavailable)?;
+            match created {
+                Some(created) => sessions.push(UserSession {
+                    handle,
+                    created: UNIX_EPOCH + Duration::from_millis(created),
+                }),
+                // Expired: tidy the index.
+                None => {
+                    let _ = manager
+                        .query::<()>(redis::cmd("SREM").arg(&user_key).arg(&handle))
+                        .await;
+                }
+            }
+        }
+        Ok(sessions)
+    }
+
+    /// Ends every session of a user; `ended` hears of each one as it goes.
+    /// Returns how many were live.
+    pub(crate) async fn revoke_user(
+        &self,
+        user: &str,
+        ended: impl Fn(&str),
+    ) -> Result<usize, StoreError> {
+        let manager = self.manager();
+        let user_key = self.user_key(user);
+        let members: Vec<String> = manager
+            .query(redis::cmd("SMEMBERS").arg(&user_key))
+            .await
+            .map_err(StoreError::Unavailable)?;
+        let mut revoked = 0;
+        for handle in &members {
+            let deleted: usize = manager
+                .query(redis::cmd("DEL").arg(self.session_key(handle)))
+                .await
+                .map_err(StoreError::Unavailable)?;
+            revoked += deleted;
+            ended(handle);
+        }
+        manager
+            .query::<()>(redis::cmd("DEL").arg(&user_key))
+            .await
+            .map_err(StoreError::Unavailable)?;
+        Ok(revoked)
+    }
+}
