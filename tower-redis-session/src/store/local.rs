@@ -50,6 +50,10 @@ impl LocalStore {
                     u32::try_from(key.len() + copy.weight()).unwrap_or(u32::MAX)
                 })
                 .time_to_idle(idle)
+                // Plain LRU: with moka's default admission (TinyLFU) a
+                // session created during an outage loses to copies read
+                // often before it and is refused, logging its visitor out.
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
             ended: moka::sync::Cache::builder()
                 .max_capacity(ENDED_BYTES)
@@ -144,6 +148,12 @@ impl LocalStore {
         changes.apply_to(&mut record);
         self.put(storage_key, record, touched_ms);
         true
+    }
+
+    /// How long an unused copy is kept.
+    #[cfg(test)]
+    pub(crate) fn idle_timeout(&self) -> Option<Duration> {
+        self.copies.policy().time_to_idle()
     }
 
     /// The approximate bytes the local copies take.

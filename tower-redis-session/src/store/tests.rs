@@ -28,3 +28,252 @@ pub(crate) mod clock {
         OFFSET_MS.with(|offset| offset.set(offset.get() + super::millis(by)));
     }
 }
+
+fn key(n: usize) -> String {
+    format!("{n:043}")
+}
+
+fn expiry(idle: Duration, absolute: Duration) -> Expiry {
+    Expiry {
+        idle,
+        absolute,
+        persistent: false,
+    }
+}
+
+/// A store whose Redis is never available.
+fn offline(expiry: Expiry, copies_bytes: u64, queue_bytes: usize) -> SessionStore {
+    SessionStore::new(
+        RedisManager::disabled(),
+        expiry,
+        LocalLimits {
+            copies_bytes,
+            queue_bytes,
+        },
+    )
+}
+
+fn set(name: &str, json: &str) -> Changes {
+    let mut changes = Changes::default();
+    changes
+        .entries
+        .insert(name.to_owned(), Some(json.to_owned()));
+    changes
+}
+
+fn field(record: Option<Record>, name: &str) -> Option<String> {
+    record.and_then(|record| record.fields.get(name).cloned())
+}
+
+/// The local copies must take a session created during an outage even when
+/// they are full of sessions read many times before it: with moka's
+/// default admission (TinyLFU) a newcomer loses to popular entries and is
+/// refused, and its visitor is logged out on the next request.
+#[tokio::test]
+async fn sessions_created_during_an_outage_are_kept_even_after_a_warm_up() {
+    let store = offline(
+        expiry(Duration::from_secs(1800), Duration::from_secs(3600)),
+        64 * 1024,
+        16 << 20,
+    );
+    let value = format!("\"{}\"", "p".repeat(100));
+    // About 150 copies fill the bound: popular sessions, read often.
+    for n in 0..150 {
+        store
+            .save(&key(n), Some(now_ms()), &set("cart", &value), None)
+            .await;
+    }
+    for _ in 0..20 {
+        for n in 0..150 {
+            assert!(store.load(&key(n)).await.is_some(), "popular {n}");
+        }
+    }
+    // New visitors, fewer than the bound holds.
+    for n in 1000..1100 {
+        let saved = store
+            .save(&key(n), Some(now_ms()), &set("cart", &value), None)
+            .await;
+        assert_eq!(saved, Saved::Written, "new {n}");
+    }
+    // Let the copies settle (admission and eviction run here).
+    let usage = store.local_usage();
+    assert!(usage.local_copies_bytes <= usage.local_copies_limit_bytes);
+    let lost: Vec<usize> = {
+        let mut lost = Vec::new();
+        for n in 1000..1100 {
+            if store.load(&key(n)).await.is_none() {
+                lost.push(n);
+            }
+        }
+        lost
+    };
+    assert!(lost.is_empty(), "{} new sessions were not kept: {lost:?}", lost.len());
+}
+
+/// A local copy is not served past the session's absolute timeout, however
+/// recently it was used.
+#[tokio::test]
+async fn a_local_copy_ends_at_the_absolute_timeout() {
+    let store = offline(
+        expiry(Duration::from_secs(1800), Duration::from_secs(3600)),
+        1 << 20,
+        1 << 20,
+    );
+    store
+        .save(&key(1), Some(now_ms()), &set("a", "1"), None)
+        .await;
+    clock::advance(Duration::from_secs(3600 - 60));
+    assert_eq!(field(store.load(&key(1)).await, "a").as_deref(), Some("1"));
+    clock::advance(Duration::from_secs(61));
+    assert_eq!(store.load(&key(1)).await, None);
+}
+
+/// The local copies forget a session unused for the idle timeout (moka's
+/// time-to-idle, on its own clock: checked as configuration).
+#[test]
+fn local_copies_expire_after_the_idle_timeout() {
+    let idle = Duration::from_secs(1800);
+    let local = local::LocalStore::new(1 << 20, idle, Duration::from_secs(3600));
+    assert_eq!(local.idle_timeout(), Some(idle));
+}
+
+/// Reads renew the idle timeout in Redis at most once per 1/100 of it
+/// (capped at a minute), counted from the last renewal this instance made.
+#[tokio::test]
+async fn the_idle_timeout_is_renewed_at_most_once_per_hundredth() {
+    let failover = failover::Failover::new(
+        RedisManager::disabled(),
+        expiry(Duration::from_secs(1800), Duration::from_secs(3600)),
+        LocalLimits {
+            copies_bytes: 1 << 20,
+            queue_bytes: 1 << 20,
+        },
+    );
+    let every = failover.touch_every_ms();
+    assert_eq!(every, 18_000);
+    let local = failover.local();
+    let record = Record {
+        created_ms: now_ms(),
+        ..Record::default()
+    };
+    assert!(local::LocalCopy::touch_due(None, now_ms(), every), "no copy");
+    local.put(&key(1), record.clone(), now_ms());
+    let due = || local::LocalCopy::touch_due(local.copy(&key(1)).as_deref(), now_ms(), every);
+    assert!(!due(), "just renewed");
+    clock::advance(Duration::from_millis(every - 1));
+    assert!(!due(), "before a hundredth");
+    // A read from Redis that did not renew keeps the time of the renewal...
+    let renewed_ms = local.copy(&key(1)).map(|copy| copy.touched_ms);
+    let mut changed = record.clone();
+    changed.fields.insert("a".to_owned(), "1".to_owned());
+    local.refresh(&key(1), Some(&changed), local.copy(&key(1)), false, now_ms());
+    assert_eq!(local.copy(&key(1)).map(|copy| copy.touched_ms), renewed_ms);
+    clock::advance(Duration::from_millis(1));
+    assert!(due(), "a hundredth after the renewal");
+    // ...and one that did renew restarts the count.
+    local.refresh(&key(1), Some(&changed), local.copy(&key(1)), true, now_ms());
+    assert!(!due(), "renewed again");
+
+    let long = failover::Failover::new(
+        RedisManager::disabled(),
+        expiry(Duration::from_secs(12 * 3600), Duration::from_secs(24 * 3600)),
+        LocalLimits {
+            copies_bytes: 1 << 20,
+            queue_bytes: 1 << 20,
+        },
+    );
+    assert_eq!(long.touch_every_ms(), 60_000, "at most a minute");
+}
+
+/// Without Redis, changes are kept locally and queued; a log out is queued
+/// and remembered; an id change queues both halves.
+#[tokio::test]
+async fn outage_writes_are_queued_and_served_locally() {
+    let store = offline(
+        expiry(Duration::from_secs(1800), Duration::from_secs(3600)),
+        1 << 20,
+        1 << 20,
+    );
+    let created = now_ms();
+    assert_eq!(
+        store.save(&key(1), Some(created), &set("a", "1"), None).await,
+        Saved::Written
+    );
+    assert_eq!(
+        store.save(&key(1), None, &set("b", "2"), None).await,
+        Saved::Written
+    );
+    let record = store.load(&key(1)).await;
+    assert_eq!(field(record.clone(), "a").as_deref(), Some("1"));
+    assert_eq!(field(record.clone(), "b").as_deref(), Some("2"));
+    assert_eq!(store.local_usage().queued_changes, 2);
+
+    let merged = record.expect("the session");
+    assert_eq!(
+        store
+            .cycle(&key(1), &key(2), &merged, &Changes::default())
+            .await,
+        Saved::Written
+    );
+    assert!(store.has_ended(&key(1)));
+    assert_eq!(store.load(&key(1)).await, None);
+    assert_eq!(field(store.load(&key(2)).await, "b").as_deref(), Some("2"));
+    // The old session's saves are replaced by its deletion; the new one is
+    // created.
+    assert_eq!(store.local_usage().queued_changes, 2);
+
+    store.delete(&key(2), None).await;
+    assert!(store.has_ended(&key(2)));
+    assert_eq!(store.load(&key(2)).await, None);
+    assert_eq!(store.local_usage().queued_changes, 2);
+}
+
+/// A full outage queue refuses a new session (nothing kept, nothing to
+/// read), but never a log out.
+#[tokio::test]
+async fn a_full_queue_refuses_new_sessions_but_never_a_log_out() {
+    let store = offline(
+        expiry(Duration::from_secs(1800), Duration::from_secs(3600)),
+        1 << 20,
+        2048,
+    );
+    let big = format!("\"{}\"", "x".repeat(1200));
+    assert_eq!(
+        store.save(&key(1), Some(now_ms()), &set("a", &big), None).await,
+        Saved::Written
+    );
+    assert_eq!(
+        store.save(&key(2), Some(now_ms()), &set("a", &big), None).await,
+        Saved::Refused
+    );
+    assert_eq!(store.load(&key(2)).await, None, "a refused session is not kept");
+    assert!(!store.has_ended(&key(2)));
+    for n in 10..40 {
+        store.delete(&key(n), Some("someone")).await;
+    }
+    let usage = store.local_usage();
+    assert_eq!(usage.queued_changes, 31, "every log out is queued");
+    assert!(usage.queued_bytes > usage.queue_limit_bytes);
+}
+
+/// A replay that cannot reach Redis keeps every change queued, in order.
+#[tokio::test]
+async fn a_failed_replay_keeps_the_changes_queued() {
+    let store = offline(
+        expiry(Duration::from_secs(1800), Duration::from_secs(3600)),
+        1 << 20,
+        1 << 20,
+    );
+    store
+        .save(&key(1), Some(now_ms()), &set("a", "1"), None)
+        .await;
+    store.save(&key(1), None, &set("a", "2"), None).await;
+    store.delete(&key(3), None).await;
+    let before = store.local_usage();
+    store.reconcile().await;
+    let after = store.local_usage();
+    assert_eq!(after.queued_changes, 3);
+    assert_eq!(after.queued_bytes, before.queued_bytes);
+    // The session still reads as this instance holds it.
+    assert_eq!(field(store.load(&key(1)).await, "a").as_deref(), Some("2"));
+}
