@@ -181,15 +181,18 @@ impl Failover {
 
     pub(crate) async fn delete(&self, storage_key: &str, user: Option<&str>) {
         // Behind the session's earlier changes: see `has_pending`.
-        let queue = self.reconciler.has_pending(storage_key)
-            || self
-                .manager()
-                .failover(
-                    |mut conn| async move { self.redis.delete_on(&mut conn, storage_key, user).await },
-                    |_| async {},
-                )
-                .await
-                .is_fallback();
+        let queue =
+            self.reconciler.has_pending(storage_key)
+                || self
+                    .manager()
+                    .failover(
+                        |mut conn| async move {
+                            self.redis.delete_on(&mut conn, storage_key, user).await
+                        },
+                        |_| async {},
+                    )
+                    .await
+                    .is_fallback();
         if queue {
             self.reconciler.queue_delete(storage_key, user);
         }

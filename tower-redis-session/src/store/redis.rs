@@ -170,11 +170,7 @@ impl RedisStore {
         storage_key: &str,
         user: Option<&str>,
     ) -> redis::RedisResult<()> {
-        let mut extras = vec![
-            redis::cmd("DEL")
-                .arg(self.session_key(storage_key))
-                .clone(),
-        ];
+        let mut extras = vec![redis::cmd("DEL").arg(self.session_key(storage_key)).clone()];
         if let Some(user) = user {
             extras.push(
                 redis::cmd("SREM")
@@ -197,7 +193,11 @@ impl RedisStore {
         let changes = write.changes;
         let mut invocation = SAVE.key(key);
         invocation
-            .arg(if write.create.is_some() { "create" } else { "update" })
+            .arg(if write.create.is_some() {
+                "create"
+            } else {
+                "update"
+            })
             .arg(self.idle_ms())
             .arg(self.absolute_ms())
             .arg(changes.user.as_deref().unwrap_or(""))

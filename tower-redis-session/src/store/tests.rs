@@ -107,7 +107,11 @@ async fn sessions_created_during_an_outage_are_kept_even_after_a_warm_up() {
         }
         lost
     };
-    assert!(lost.is_empty(), "{} new sessions were not kept: {lost:?}", lost.len());
+    assert!(
+        lost.is_empty(),
+        "{} new sessions were not kept: {lost:?}",
+        lost.len()
+    );
 }
 
 /// A local copy is not served past the session's absolute timeout, however
@@ -156,7 +160,10 @@ async fn the_idle_timeout_is_renewed_at_most_once_per_hundredth() {
         created_ms: now_ms(),
         ..Record::default()
     };
-    assert!(local::LocalCopy::touch_due(None, now_ms(), every), "no copy");
+    assert!(
+        local::LocalCopy::touch_due(None, now_ms(), every),
+        "no copy"
+    );
     local.put(&key(1), record.clone(), now_ms());
     let due = || local::LocalCopy::touch_due(local.copy(&key(1)).as_deref(), now_ms(), every);
     assert!(!due(), "just renewed");
@@ -166,7 +173,13 @@ async fn the_idle_timeout_is_renewed_at_most_once_per_hundredth() {
     let renewed_ms = local.copy(&key(1)).map(|copy| copy.touched_ms);
     let mut changed = record.clone();
     changed.fields.insert("a".to_owned(), "1".to_owned());
-    local.refresh(&key(1), Some(&changed), local.copy(&key(1)), false, now_ms());
+    local.refresh(
+        &key(1),
+        Some(&changed),
+        local.copy(&key(1)),
+        false,
+        now_ms(),
+    );
     assert_eq!(local.copy(&key(1)).map(|copy| copy.touched_ms), renewed_ms);
     clock::advance(Duration::from_millis(1));
     assert!(due(), "a hundredth after the renewal");
@@ -176,7 +189,10 @@ async fn the_idle_timeout_is_renewed_at_most_once_per_hundredth() {
 
     let long = failover::Failover::new(
         RedisManager::disabled(),
-        expiry(Duration::from_secs(12 * 3600), Duration::from_secs(24 * 3600)),
+        expiry(
+            Duration::from_secs(12 * 3600),
+            Duration::from_secs(24 * 3600),
+        ),
         LocalLimits {
             copies_bytes: 1 << 20,
             queue_bytes: 1 << 20,
@@ -196,7 +212,9 @@ async fn outage_writes_are_queued_and_served_locally() {
     );
     let created = now_ms();
     assert_eq!(
-        store.save(&key(1), Some(created), &set("a", "1"), None).await,
+        store
+            .save(&key(1), Some(created), &set("a", "1"), None)
+            .await,
         Saved::Written
     );
     assert_eq!(
@@ -239,14 +257,22 @@ async fn a_full_queue_refuses_new_sessions_but_never_a_log_out() {
     );
     let big = format!("\"{}\"", "x".repeat(1200));
     assert_eq!(
-        store.save(&key(1), Some(now_ms()), &set("a", &big), None).await,
+        store
+            .save(&key(1), Some(now_ms()), &set("a", &big), None)
+            .await,
         Saved::Written
     );
     assert_eq!(
-        store.save(&key(2), Some(now_ms()), &set("a", &big), None).await,
+        store
+            .save(&key(2), Some(now_ms()), &set("a", &big), None)
+            .await,
         Saved::Refused
     );
-    assert_eq!(store.load(&key(2)).await, None, "a refused session is not kept");
+    assert_eq!(
+        store.load(&key(2)).await,
+        None,
+        "a refused session is not kept"
+    );
     assert!(!store.has_ended(&key(2)));
     for n in 10..40 {
         store.delete(&key(n), Some("someone")).await;
