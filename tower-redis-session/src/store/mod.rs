@@ -331,11 +331,12 @@ pub(crate) fn millis(d: Duration) -> u64 {
 /// The wall clock in milliseconds since the Unix epoch: session times are
 /// compared with those other instances (and Redis) wrote.
 pub(crate) fn now_ms() -> u64 {
-    let now = SystemTime::now()
+    #[cfg(test)]
+    if let Some(now) = tests::clock::paused_ms() {
+        return now;
+    }
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(millis)
-        .unwrap_or(0);
-    #[cfg(test)]
-    let now = now.saturating_add(tests::clock::offset_ms());
-    now
+        .unwrap_or(0)
 }

@@ -7,25 +7,39 @@ use tower_redis_core::RedisManager;
 
 use super::*;
 
-/// A clock for the store's unit tests: the wall clock, moved forward by
-/// [`advance`](clock::advance). The store's times are wall-clock
+/// A clock for the store's unit tests, like tokio's paused clock: once
+/// [`pause`](clock::pause)d, the store's "now" stands still until
+/// [`advance`](clock::advance)d. The store's times are wall-clock
 /// milliseconds (they are compared with times other instances and Redis
-/// wrote), which tokio's paused clock does not move; this does, per thread
-/// (a `current_thread` test runtime runs the test and its tasks on one).
+/// wrote), which tokio's paused clock does not move. Per thread: a
+/// `current_thread` test runtime runs the test and its tasks on one.
 pub(crate) mod clock {
     use std::cell::Cell;
-    use std::time::Duration;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     thread_local! {
-        static OFFSET_MS: Cell<u64> = const { Cell::new(0) };
+        static PAUSED_MS: Cell<Option<u64>> = const { Cell::new(None) };
     }
 
-    pub(crate) fn offset_ms() -> u64 {
-        OFFSET_MS.with(Cell::get)
+    pub(crate) fn paused_ms() -> Option<u64> {
+        PAUSED_MS.with(Cell::get)
     }
 
+    /// Stops the clock at the current wall-clock time.
+    pub(crate) fn pause() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(super::millis)
+            .unwrap_or(0);
+        PAUSED_MS.with(|paused| paused.set(Some(now)));
+    }
+
+    /// Moves the paused clock forward.
     pub(crate) fn advance(by: Duration) {
-        OFFSET_MS.with(|offset| offset.set(offset.get() + super::millis(by)));
+        PAUSED_MS.with(|paused| {
+            let now = paused.get().expect("clock::pause() first");
+            paused.set(Some(now + super::millis(by)));
+        });
     }
 }
 
@@ -118,6 +132,7 @@ async fn sessions_created_during_an_outage_are_kept_even_after_a_warm_up() {
 /// recently it was used.
 #[tokio::test]
 async fn a_local_copy_ends_at_the_absolute_timeout() {
+    clock::pause();
     let store = offline(
         expiry(Duration::from_secs(1800), Duration::from_secs(3600)),
         1 << 20,
@@ -145,6 +160,7 @@ fn local_copies_expire_after_the_idle_timeout() {
 /// (capped at a minute), counted from the last renewal this instance made.
 #[tokio::test]
 async fn the_idle_timeout_is_renewed_at_most_once_per_hundredth() {
+    clock::pause();
     let failover = failover::Failover::new(
         RedisManager::disabled(),
         expiry(Duration::from_secs(1800), Duration::from_secs(3600)),
