@@ -11,7 +11,8 @@ use sha2::{Digest, Sha256};
 use tower_redis_core::Keyspace;
 
 use crate::client_ip::ClientIp;
-use crate::policy::{Algorithm, Policy};
+use crate::algorithm::Algorithm;
+use crate::policy::Policy;
 
 /// Key values longer than this many bytes are counted under their SHA-256
 /// rather than stored as they are.
