@@ -10,8 +10,8 @@ use http::request::Parts;
 use sha2::{Digest, Sha256};
 use tower_redis_core::Keyspace;
 
-use crate::client_ip::ClientIp;
 use crate::algorithm::Algorithm;
+use crate::client_ip::ClientIp;
 use crate::policy::Policy;
 
 /// Key values longer than this many bytes are counted under their SHA-256

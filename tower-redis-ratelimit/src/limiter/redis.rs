@@ -30,20 +30,15 @@ impl DecisionStore for RedisStore {
     /// One script call through [`RedisManager::failover`], which accounts the
     /// outcome to the breaker (and the fallback metric) exactly as before;
     /// its fallback only says why, the caller chooses what to do then.
-    fn decide(
-        &self,
-        batch: &[Query<'_>],
-    ) -> impl Future<Output = Result<Vec<Verdict>, FallbackReason>> + Send {
-        async move {
-            let served = self
-                .manager
-                .failover(
-                    |conn| async move { decide_on_redis(conn, batch).await.map(Ok) },
-                    |reason| async move { Err(reason) },
-                )
-                .await;
-            served.value
-        }
+    async fn decide(&self, batch: &[Query<'_>]) -> Result<Vec<Verdict>, FallbackReason> {
+        let served = self
+            .manager
+            .failover(
+                |conn| async move { decide_on_redis(conn, batch).await.map(Ok) },
+                |reason| async move { Err(reason) },
+            )
+            .await;
+        served.value
     }
 }
 
