@@ -3,8 +3,8 @@
 //!
 //! While Redis is unavailable the in-process store counts alone; its counts
 //! are not the shared ones, so the first answer from Redis afterwards drops
-//! them. (This crate's own recovery step, to be replaced by core's shared
-//! failover composition.)
+//! them. That is this crate's whole recovery step; it lives here alone so
+//! that core's shared failover composition can replace it in one place.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
