@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::limiter::{DecisionSource, PolicyState};
 use crate::policy::Policy;
-use crate::store::{DecisionSource, PolicyState};
 
 /// `RateLimit-Policy`.
 pub(crate) static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");

@@ -10,8 +10,9 @@ use http::request::Parts;
 use sha2::{Digest, Sha256};
 use tower_redis_core::Keyspace;
 
+use crate::algorithm::Algorithm;
 use crate::client_ip::ClientIp;
-use crate::policy::{Algorithm, Policy};
+use crate::policy::Policy;
 
 /// Key values longer than this many bytes are counted under their SHA-256
 /// rather than stored as they are.

@@ -11,10 +11,10 @@ use tower_redis_core::RedisManager;
 
 use crate::client_ip::{ClientIp, TrustedProxies};
 use crate::key::MissingKey;
+use crate::limiter::{Fallback, Limiter};
 use crate::policy::Policy;
 use crate::response::{Denied, DeniedResponse};
 use crate::service::RateLimit;
-use crate::store::{Fallback, Limiter};
 use tower_redis_core::forwarding::Forwarding;
 
 type Predicate = Arc<dyn Fn(&Parts) -> bool + Send + Sync>;

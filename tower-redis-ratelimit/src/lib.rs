@@ -109,24 +109,26 @@
 //! ([`MissingKey`] says what happens then); the layer logs a warning the
 //! first time, naming the call to add.
 
+mod algorithm;
 mod body;
 mod client_ip;
 mod headers;
 mod key;
 mod layer;
+mod limiter;
 mod policy;
 #[cfg(test)]
 mod proptests;
 mod response;
 mod service;
-mod store;
 
+pub use algorithm::Algorithm;
 pub use body::ResponseBody;
 pub use client_ip::{ClientIp, InvalidProxy, TrustedProxies};
 pub use key::{Key, KeyFuture, MissingKey};
 pub use layer::{ConfigError, DEFAULT_MEMORY_BYTES, RateLimitLayer, RateLimitLayerBuilder};
-pub use policy::{Algorithm, Policy};
+pub use limiter::{DecisionSource, Fallback};
+pub use policy::Policy;
 pub use response::{Denied, DeniedResponse, QUOTA_EXCEEDED_TYPE};
 pub use service::{RateLimit, ResponseFuture};
-pub use store::{DecisionSource, Fallback};
 pub use tower_redis_core::forwarding::{Forwarding, ForwardingHeader};

@@ -6,59 +6,8 @@ use std::time::Duration;
 
 use http::Method;
 
+use crate::algorithm::Algorithm;
 use crate::key::Key;
-
-/// The counting algorithm of a [`Policy`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Algorithm {
-    /// Generic cell rate algorithm: `quota` requests per `period`, spaced
-    /// evenly, with up to `burst` at once. Exact, one small key per client.
-    Gcra {
-        /// Requests per period.
-        quota: u32,
-        /// The period.
-        period: Duration,
-        /// Requests allowed at once (defaults to `quota`).
-        burst: u32,
-    },
-    /// Sliding-window counter: the current window's count plus the previous
-    /// window's, weighted by how much of it still overlaps. Smooth at window
-    /// edges; approximate (see the crate docs for the bound).
-    SlidingWindow {
-        /// Requests per window.
-        limit: u32,
-        /// The window.
-        window: Duration,
-    },
-    /// Fixed window: at most `limit` requests per aligned window. Exact, but
-    /// allows up to `2 × limit` across a window edge.
-    FixedWindow {
-        /// Requests per window.
-        limit: u32,
-        /// The window.
-        window: Duration,
-    },
-}
-
-impl Algorithm {
-    /// The quota advertised in `RateLimit-Policy` (`q`).
-    pub fn quota(&self) -> u32 {
-        match *self {
-            Algorithm::Gcra { quota, .. } => quota,
-            Algorithm::SlidingWindow { limit, .. } | Algorithm::FixedWindow { limit, .. } => limit,
-        }
-    }
-
-    /// The window advertised in `RateLimit-Policy` (`w`).
-    pub fn window(&self) -> Duration {
-        match *self {
-            Algorithm::Gcra { period, .. } => period,
-            Algorithm::SlidingWindow { window, .. } | Algorithm::FixedWindow { window, .. } => {
-                window
-            }
-        }
-    }
-}
 
 /// One named limit. Several can apply to a request; they are decided
 /// together, all or nothing.

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::headers::ceil_secs;
-use crate::store::DecisionSource;
+use crate::limiter::DecisionSource;
 
 /// The problem type of draft-ietf-httpapi-ratelimit-headers.
 pub const QUOTA_EXCEEDED_TYPE: &str =

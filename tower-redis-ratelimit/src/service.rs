@@ -14,9 +14,9 @@ use crate::body::ResponseBody;
 use crate::headers;
 use crate::key::{self, MissingKey};
 use crate::layer::Config;
+use crate::limiter::{Check, PolicyState, Verdict};
 use crate::policy::Policy;
 use crate::response::{self, Denied};
-use crate::store::{Check, PolicyState, Verdict};
 
 /// The rate-limited service produced by [`RateLimitLayer`](crate::RateLimitLayer).
 #[derive(Clone)]

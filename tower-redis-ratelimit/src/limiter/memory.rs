@@ -6,12 +6,14 @@
 //! the window algorithms, and scale quotas by a share; governor checks one
 //! quota at a time and cannot undo a consumed cell.
 
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::convert::Infallible;
+use std::sync::Mutex;
+
+use tokio::time::Instant;
 
 use super::lru::Lru;
-use super::{Check, DecisionSource, PolicyState, Verdict, micros};
-use crate::policy::Algorithm;
+use super::{Check, DecisionSource, DecisionStore, Query, Verdict};
+use crate::algorithm::{Counter, micros};
 
 /// The in-process limiter: one small entry per counter, in a map bounded by
 /// bytes.
@@ -24,35 +26,22 @@ use crate::policy::Algorithm;
 /// full quota counts as absent and leaves when read or when it reaches the
 /// old end of the map.
 #[derive(Debug)]
-pub(crate) struct MemoryLimiter {
+pub(crate) struct MemoryStore {
     share: f64,
+    /// The origin of this store's clock (tokio's, so tests can pause it).
+    start: Instant,
     /// One lock per decision: it reads all its counters, then writes them
     /// all or none. Every step under it is O(1) amortised.
-    entries: Mutex<Lru<Entry>>,
+    entries: Mutex<Lru<Counter>>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    expires_us: f64,
-    state: EntryState,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum EntryState {
-    Tat(f64),
-    Window {
-        index: f64,
-        current: f64,
-        previous: f64,
-    },
-}
-
-impl MemoryLimiter {
+impl MemoryStore {
     /// A limiter enforcing `share` of each quota, holding at most
     /// `max_bytes` of counters.
     pub(crate) fn new(share: f64, max_bytes: u64) -> Self {
         Self {
             share,
+            start: Instant::now(),
             entries: Mutex::new(Lru::new(max_bytes)),
         }
     }
@@ -62,9 +51,10 @@ impl MemoryLimiter {
         self.lock().clear();
     }
 
+    /// Decides one request, all or nothing over its checks.
     pub(crate) fn decide(&self, checks: &[Check], cost: u32) -> Verdict {
-        let now = now_us();
-        let live = |e: &Entry| e.expires_us > now;
+        let now = self.now_us();
+        let live = |e: &Counter| e.expires_us > now;
         let cost = f64::from(cost);
         let mut entries = self.lock();
         let mut states = Vec::with_capacity(checks.len());
@@ -72,8 +62,10 @@ impl MemoryLimiter {
         let mut allowed = true;
         for check in checks {
             let current = entries.get(&check.key, live).map(|e| e.state);
-            let (state, write) =
-                decide_one(scaled(check.algorithm, self.share), current, now, cost);
+            let (state, write) = check
+                .algorithm
+                .scaled(self.share)
+                .decide(current, now, cost);
             allowed &= state.retry_after.is_none();
             states.push(Some(state));
             writes.push(write);
@@ -103,157 +95,41 @@ impl MemoryLimiter {
         )
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Lru<Entry>> {
+    /// Microseconds on this store's monotonic clock, offset by a day so that
+    /// window indexes and the first TAT are never near zero.
+    fn now_us(&self) -> f64 {
+        micros(self.start.elapsed()) + 86_400_000_000.0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lru<Counter>> {
         self.entries
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-/// The quota this instance enforces alone: `share` of it, at least 1.
-fn scaled(algorithm: Algorithm, share: f64) -> Algorithm {
-    let scale = |n: u32| -> u32 {
-        let scaled = (f64::from(n) * share).floor();
-        if scaled < 1.0 {
-            1
-        } else {
-            scaled.min(f64::from(u32::MAX)) as u32
-        }
-    };
-    match algorithm {
-        Algorithm::Gcra {
-            quota,
-            period,
-            burst,
-        } => Algorithm::Gcra {
-            quota: scale(quota),
-            period,
-            burst: scale(burst),
-        },
-        Algorithm::SlidingWindow { limit, window } => Algorithm::SlidingWindow {
-            limit: scale(limit),
-            window,
-        },
-        Algorithm::FixedWindow { limit, window } => Algorithm::FixedWindow {
-            limit: scale(limit),
-            window,
-        },
-    }
-}
+impl DecisionStore for MemoryStore {
+    type Error = Infallible;
 
-/// One policy, the same arithmetic as `decide.lua`.
-fn decide_one(
-    algorithm: Algorithm,
-    current: Option<EntryState>,
-    now: f64,
-    cost: f64,
-) -> (PolicyState, Option<Entry>) {
-    let duration = |us: f64| Duration::from_micros(us.max(0.0).ceil() as u64);
-    match algorithm {
-        Algorithm::Gcra {
-            quota,
-            period,
-            burst,
-        } => {
-            let interval = micros(period) / f64::from(quota);
-            let tolerance = interval * f64::from(burst);
-            let tat = match current {
-                Some(EntryState::Tat(tat)) if tat > now => tat,
-                _ => now,
-            };
-            let new_tat = tat + cost * interval;
-            let allow_at = new_tat - tolerance;
-            if allow_at > now {
-                let state = PolicyState {
-                    remaining: ((tolerance - (tat - now)) / interval).floor().max(0.0) as u64,
-                    reset: duration(tat - now),
-                    retry_after: Some(duration(allow_at - now)),
-                };
-                (state, None)
-            } else {
-                let state = PolicyState {
-                    remaining: ((tolerance - (new_tat - now)) / interval).floor().max(0.0) as u64,
-                    reset: duration(new_tat - now),
-                    retry_after: None,
-                };
-                let entry = Entry {
-                    expires_us: new_tat,
-                    state: EntryState::Tat(new_tat),
-                };
-                (state, Some(entry))
-            }
-        }
-        Algorithm::SlidingWindow { limit, window } | Algorithm::FixedWindow { limit, window } => {
-            let sliding = matches!(algorithm, Algorithm::SlidingWindow { .. });
-            let limit = f64::from(limit);
-            let window = micros(window);
-            let index = (now / window).floor();
-            let (current_count, previous) = match current {
-                Some(EntryState::Window {
-                    index: i,
-                    current,
-                    previous,
-                }) if i == index => (current, previous),
-                Some(EntryState::Window {
-                    index: i, current, ..
-                }) if i == index - 1.0 => (0.0, current),
-                _ => (0.0, 0.0),
-            };
-            let elapsed = now - index * window;
-            let reset = window - elapsed;
-            let used = if sliding {
-                previous * (window - elapsed) / window + current_count
-            } else {
-                current_count
-            };
-            if used + cost > limit {
-                let retry = if !sliding {
-                    reset
-                } else if limit - current_count - cost >= 0.0 {
-                    window - elapsed - (limit - current_count - cost) * window / previous
-                } else if cost <= limit {
-                    reset + window * (1.0 - (limit - cost) / current_count)
-                } else {
-                    reset + window
-                };
-                let state = PolicyState {
-                    remaining: (limit - used).floor().max(0.0) as u64,
-                    reset: duration(reset),
-                    retry_after: Some(duration(retry.max(1.0))),
-                };
-                (state, None)
-            } else {
-                let state = PolicyState {
-                    remaining: (limit - used - cost).floor().max(0.0) as u64,
-                    reset: duration(reset),
-                    retry_after: None,
-                };
-                let entry = Entry {
-                    expires_us: (index + 2.0) * window,
-                    state: EntryState::Window {
-                        index,
-                        current: current_count + cost,
-                        previous,
-                    },
-                };
-                (state, Some(entry))
-            }
-        }
+    /// Each request in turn, at once: nothing here waits.
+    fn decide(
+        &self,
+        batch: &[Query<'_>],
+    ) -> impl Future<Output = Result<Vec<Verdict>, Infallible>> + Send {
+        let verdicts = batch
+            .iter()
+            .map(|(checks, cost)| MemoryStore::decide(self, checks, *cost))
+            .collect();
+        std::future::ready(Ok(verdicts))
     }
-}
-
-/// Microseconds on a process-local monotonic clock.
-fn now_us() -> f64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    // Offset by a day so window indexes and the first TAT are never near zero.
-    micros(START.get_or_init(Instant::now).elapsed()) + 86_400_000_000.0
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     use super::*;
+    use crate::algorithm::Algorithm;
 
     fn check(key: &str, algorithm: Algorithm) -> Check {
         Check {
@@ -266,7 +142,7 @@ mod tests {
 
     #[test]
     fn gcra_admits_exactly_the_burst_at_once() {
-        let limiter = MemoryLimiter::new(1.0, 1 << 20);
+        let limiter = MemoryStore::new(1.0, 1 << 20);
         let checks = [check(
             "k",
             Algorithm::Gcra {
@@ -283,7 +159,7 @@ mod tests {
 
     #[test]
     fn share_scales_the_local_quota() {
-        let limiter = MemoryLimiter::new(0.25, 1 << 20);
+        let limiter = MemoryStore::new(0.25, 1 << 20);
         let checks = [check(
             "k",
             Algorithm::FixedWindow {
@@ -299,7 +175,7 @@ mod tests {
 
     #[test]
     fn a_denial_by_one_policy_consumes_nothing_from_the_others() {
-        let limiter = MemoryLimiter::new(1.0, 1 << 20);
+        let limiter = MemoryStore::new(1.0, 1 << 20);
         let small = check(
             "small",
             Algorithm::FixedWindow {
@@ -327,7 +203,7 @@ mod tests {
 
     #[test]
     fn weighted_cost_counts_units() {
-        let limiter = MemoryLimiter::new(1.0, 1 << 20);
+        let limiter = MemoryStore::new(1.0, 1 << 20);
         let checks = [check(
             "k",
             Algorithm::Gcra {
@@ -352,7 +228,7 @@ mod tests {
     fn a_million_rotating_keys_during_an_outage_keep_the_local_limiter_bounded() {
         const BOUND: u64 = 4 << 20;
         const CHUNK: u32 = 100_000;
-        let limiter = MemoryLimiter::new(1.0, BOUND);
+        let limiter = MemoryStore::new(1.0, BOUND);
         let gcra = Algorithm::Gcra {
             quota: 2,
             period: HOUR,
@@ -402,24 +278,5 @@ mod tests {
             last < first * 5,
             "the last 100k keys took {last:?}, the first {first:?}"
         );
-    }
-
-    #[test]
-    fn sliding_window_weights_the_previous_window() {
-        let window = 1_000_000.0;
-        let algorithm = Algorithm::SlidingWindow {
-            limit: 10,
-            window: Duration::from_secs(1),
-        };
-        // Previous window full, a quarter into the current one: 7.5 still count.
-        let previous = Some(EntryState::Window {
-            index: 4.0,
-            current: 10.0,
-            previous: 0.0,
-        });
-        let (state, _) = decide_one(algorithm, previous, 5.0 * window + 250_000.0, 1.0);
-        assert_eq!(state.remaining, 1);
-        let (state, _) = decide_one(algorithm, previous, 5.0 * window + 250_000.0, 3.0);
-        assert!(state.retry_after.is_some());
     }
 }

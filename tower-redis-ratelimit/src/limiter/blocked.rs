@@ -1,9 +1,11 @@
 //! Keys Redis has denied, remembered until they would be allowed again, so
 //! an abusive client costs Redis nothing while it stays blocked.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::lru::Lru;
 use super::{Check, DecisionSource, PolicyState, Verdict};
@@ -18,8 +20,11 @@ use super::{Check, DecisionSource, PolicyState, Verdict};
 #[derive(Debug)]
 pub(crate) struct BlockedKeys {
     entries: Mutex<Lru<Blocked>>,
+    /// The origin of `latest_until_us`: this cache's creation, on tokio's
+    /// clock (so tests can pause it).
+    epoch: Instant,
     /// The latest `until` of any key ever remembered, in microseconds since
-    /// [`epoch`]: past it nothing can be blocked, and a request is answered
+    /// `epoch`: past it nothing can be blocked, and a request is answered
     /// without taking the lock.
     latest_until_us: AtomicU64,
 }
@@ -34,23 +39,13 @@ struct Blocked {
     cost: u32,
 }
 
-/// The origin of [`BlockedKeys::latest_until_us`].
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn micros_since_epoch(at: Instant) -> u64 {
-    u64::try_from(at.saturating_duration_since(epoch()).as_micros()).unwrap_or(u64::MAX)
-}
-
 impl BlockedKeys {
     /// A cache holding at most `max_bytes` of blocked keys.
     pub(crate) fn new(max_bytes: u64) -> Self {
-        // Taken now, so that every `until` comes after it.
-        epoch();
         Self {
             entries: Mutex::new(Lru::new(max_bytes)),
+            // Taken now, so that every `until` comes after it.
+            epoch: Instant::now(),
             latest_until_us: AtomicU64::new(0),
         }
     }
@@ -58,7 +53,7 @@ impl BlockedKeys {
     /// A denial without Redis when one of the request's keys is blocked.
     pub(crate) fn verdict(&self, checks: &[Check], cost: u32) -> Option<Verdict> {
         let now = Instant::now();
-        if micros_since_epoch(now) >= self.latest_until_us.load(Ordering::Relaxed) {
+        if self.micros_since_epoch(now) >= self.latest_until_us.load(Ordering::Relaxed) {
             return None;
         }
         let live = |entry: &Blocked| entry.until > now;
@@ -96,7 +91,7 @@ impl BlockedKeys {
             {
                 let until = now + retry_after;
                 self.latest_until_us
-                    .fetch_max(micros_since_epoch(until), Ordering::Relaxed);
+                    .fetch_max(self.micros_since_epoch(until), Ordering::Relaxed);
                 entries.insert(
                     &check.key,
                     Blocked {
@@ -121,6 +116,10 @@ impl BlockedKeys {
         )
     }
 
+    fn micros_since_epoch(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Lru<Blocked>> {
         self.entries
             .lock()
@@ -131,7 +130,7 @@ impl BlockedKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Algorithm;
+    use crate::algorithm::Algorithm;
 
     const HOUR: Duration = Duration::from_secs(3600);
 

@@ -1,0 +1,196 @@
+//! The shared counters: one script call (`decide.lua`) decides a batch of
+//! requests, and its reply is parsed into verdicts.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use tower_redis_core::redis::{self, Script};
+use tower_redis_core::{FallbackReason, RedisConnection, RedisManager};
+
+use super::{DecisionSource, DecisionStore, PolicyState, Query, Verdict};
+
+static DECIDE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("decide.lua")));
+
+/// The counters in Redis, reached through the manager (breaker, timeout).
+#[derive(Debug)]
+pub(crate) struct RedisStore {
+    manager: RedisManager,
+}
+
+impl RedisStore {
+    pub(crate) fn new(manager: RedisManager) -> Self {
+        Self { manager }
+    }
+}
+
+impl DecisionStore for RedisStore {
+    /// Why Redis did not decide (the breaker is open, a timeout, an error).
+    type Error = FallbackReason;
+
+    /// One script call through [`RedisManager::failover`], which accounts the
+    /// outcome to the breaker (and the fallback metric) exactly as before;
+    /// its fallback only says why, the caller chooses what to do then.
+    async fn decide(&self, batch: &[Query<'_>]) -> Result<Vec<Verdict>, FallbackReason> {
+        let served = self
+            .manager
+            .failover(
+                |conn| async move { decide_on_redis(conn, batch).await.map(Ok) },
+                |reason| async move { Err(reason) },
+            )
+            .await;
+        served.value
+    }
+}
+
+/// One EVALSHA for a batch of requests and all their checks: the whole
+/// decision of each in one round trip.
+async fn decide_on_redis(
+    mut conn: RedisConnection,
+    requests: &[Query<'_>],
+) -> redis::RedisResult<Vec<Verdict>> {
+    let mut invocation = DECIDE.prepare_invoke();
+    let mut keys: Vec<&str> = Vec::new();
+    // Each request's counters, as indexes into `keys`.
+    let mut indexes: Vec<usize> = Vec::new();
+    for (checks, _) in requests {
+        for check in *checks {
+            let index = match keys.iter().position(|k| *k == check.key) {
+                Some(index) => index,
+                None => {
+                    keys.push(&check.key);
+                    invocation.key(&check.key);
+                    let (kind, a, b) = check.algorithm.script_args();
+                    invocation.arg(kind).arg(a).arg(b);
+                    keys.len() - 1
+                }
+            };
+            indexes.push(index + 1);
+        }
+    }
+    // Consecutive requests with the same cost and counters go as one group.
+    let mut groups: Vec<(usize, u32, &[usize])> = Vec::new();
+    let mut offset = 0;
+    for (checks, cost) in requests {
+        let counters = &indexes[offset..offset + checks.len()];
+        offset += checks.len();
+        match groups.last_mut() {
+            Some((count, group_cost, group)) if *group_cost == *cost && *group == counters => {
+                *count += 1;
+            }
+            _ => groups.push((1, *cost, counters)),
+        }
+    }
+    invocation.arg(groups.len());
+    for (count, cost, counters) in &groups {
+        invocation.arg(*count).arg(*cost).arg(counters.len());
+        for index in *counters {
+            invocation.arg(*index);
+        }
+    }
+    let reply: Vec<u8> = invocation.invoke_async(&mut conn).await?;
+    let reply = parse_numbers(&reply)?;
+    parse_reply(&reply, requests)
+}
+
+/// The script's answer: space-separated integers.
+fn parse_numbers(reply: &[u8]) -> redis::RedisResult<Vec<i64>> {
+    reply
+        .split(|b| *b == b' ')
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            std::str::from_utf8(part)
+                .ok()
+                .and_then(|text| text.parse::<i64>().ok())
+                .ok_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::UnexpectedReturnType,
+                        "rate-limit script answered with a value that is not an integer",
+                        String::from_utf8_lossy(part).into_owned(),
+                    ))
+                })
+        })
+        .collect()
+}
+
+fn parse_reply(reply: &[i64], requests: &[Query<'_>]) -> redis::RedisResult<Vec<Verdict>> {
+    let expected: usize = requests
+        .iter()
+        .map(|(checks, _)| 1 + 3 * checks.len())
+        .sum();
+    if reply.len() != expected {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "rate-limit script answered with the wrong number of values",
+            format!("expected {expected}, got {}", reply.len()),
+        )));
+    }
+    let us = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
+    let mut rest = reply;
+    let mut verdicts = Vec::with_capacity(requests.len());
+    for (checks, _) in requests {
+        let (this, tail) = rest.split_at(1 + 3 * checks.len());
+        rest = tail;
+        let states = this[1..]
+            .chunks_exact(3)
+            .map(|c| {
+                Some(PolicyState {
+                    remaining: u64::try_from(c[0]).unwrap_or(0),
+                    reset: us(c[1]),
+                    retry_after: (c[2] > 0).then(|| us(c[2])),
+                })
+            })
+            .collect();
+        verdicts.push(Verdict {
+            allowed: this[0] == 1,
+            states,
+            source: DecisionSource::Redis,
+        });
+    }
+    Ok(verdicts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::algorithm::Algorithm;
+    use crate::limiter::Check;
+
+    #[test]
+    fn malformed_script_reply_is_an_error_not_a_panic() {
+        let check = Check {
+            key: "k".to_owned(),
+            algorithm: Algorithm::FixedWindow {
+                limit: 1,
+                window: Duration::from_secs(1),
+            },
+        };
+        let one: &[Check] = std::slice::from_ref(&check);
+        assert!(parse_reply(&[1, 2], &[(one, 1)]).is_err());
+        assert!(parse_reply(&[1], &[]).is_err());
+        assert!(parse_reply(&[0, 0, 1_000_000, 500_000], &[(one, 1), (one, 1)]).is_err());
+        let ok = parse_reply(&[0, 0, 1_000_000, 500_000], &[(one, 1)]).expect("well formed");
+        assert!(!ok[0].allowed);
+        assert_eq!(
+            ok[0].states[0].and_then(|s| s.retry_after),
+            Some(Duration::from_millis(500))
+        );
+        let two =
+            parse_reply(&[1, 3, 10, 0, 0, 0, 20, 7], &[(one, 1), (one, 1)]).expect("two requests");
+        assert!(two[0].allowed && !two[1].allowed);
+        assert_eq!(
+            two[1].states[0].map(|s| s.reset),
+            Some(Duration::from_micros(20))
+        );
+    }
+
+    #[test]
+    fn the_script_reply_is_space_separated_integers() {
+        assert_eq!(
+            parse_numbers(b"1 999 3600000000 0").expect("numbers"),
+            [1, 999, 3_600_000_000, 0]
+        );
+        assert_eq!(parse_numbers(b"").expect("empty"), Vec::<i64>::new());
+        assert!(parse_numbers(b"1 1e+15 0").is_err());
+        assert!(parse_numbers(b"1 x").is_err());
+    }
+}

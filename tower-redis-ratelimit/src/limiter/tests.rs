@@ -1,0 +1,227 @@
+//! Decisions without Redis, on tokio's paused clock: the manager is
+//! [`RedisManager::disabled`] (its breaker never lets a call through), so
+//! every request is decided by the configured fallback, and time moves
+//! only when a test advances it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::time::advance;
+use tower_redis_core::{FallbackReason, RedisManager};
+
+use super::blocked::BlockedKeys;
+use super::failover::Failover;
+use super::*;
+
+const MIB: u64 = 1 << 20;
+
+fn without_redis(fallback: Fallback) -> Arc<Limiter> {
+    Limiter::new(RedisManager::disabled(), fallback, MIB)
+}
+
+fn check(key: &str, algorithm: Algorithm) -> Check {
+    Check {
+        key: key.to_owned(),
+        algorithm,
+    }
+}
+
+/// How many of `n` requests of cost 1 are allowed now.
+async fn admitted(limiter: &Arc<Limiter>, checks: &[Check], n: usize) -> usize {
+    let mut allowed = 0;
+    for _ in 0..n {
+        if limiter.decide(checks, 1).await.allowed {
+            allowed += 1;
+        }
+    }
+    allowed
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fixed_window_starts_over_when_the_next_window_begins() {
+    let limiter = without_redis(Fallback::default());
+    let checks = [check(
+        "fw",
+        Algorithm::FixedWindow {
+            limit: 3,
+            window: Duration::from_secs(1),
+        },
+    )];
+    assert_eq!(admitted(&limiter, &checks, 3).await, 3);
+    let denied = limiter.decide(&checks, 1).await;
+    assert!(!denied.allowed);
+    assert_eq!(denied.source, DecisionSource::Local);
+    let retry = denied.states[0].and_then(|s| s.retry_after).expect("retry");
+    assert!(retry > Duration::from_millis(1) && retry <= Duration::from_secs(1));
+
+    advance(retry - Duration::from_millis(1)).await;
+    assert_eq!(admitted(&limiter, &checks, 1).await, 0, "same window");
+    advance(Duration::from_millis(1)).await;
+    assert_eq!(admitted(&limiter, &checks, 5).await, 3, "the next window");
+}
+
+#[tokio::test(start_paused = true)]
+async fn gcra_admits_the_burst_then_one_per_emission_interval() {
+    let limiter = without_redis(Fallback::default());
+    // One every 100 ms, three at once.
+    let checks = [check(
+        "gcra",
+        Algorithm::Gcra {
+            quota: 10,
+            period: Duration::from_secs(1),
+            burst: 3,
+        },
+    )];
+    assert_eq!(admitted(&limiter, &checks, 10).await, 3);
+    let denied = limiter.decide(&checks, 1).await;
+    assert_eq!(
+        denied.states[0].and_then(|s| s.retry_after),
+        Some(Duration::from_millis(100))
+    );
+
+    advance(Duration::from_millis(99)).await;
+    assert_eq!(admitted(&limiter, &checks, 1).await, 0);
+    advance(Duration::from_millis(1)).await;
+    assert_eq!(admitted(&limiter, &checks, 5).await, 1);
+    // A full period later the whole burst is back, not more.
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(admitted(&limiter, &checks, 10).await, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_degraded_an_instance_enforces_its_share_of_each_quota() {
+    let limiter = without_redis(Fallback::Local { share: 0.25 });
+    let checks = [
+        check(
+            "per-ip",
+            Algorithm::Gcra {
+                quota: 40,
+                period: Duration::from_secs(60),
+                burst: 40,
+            },
+        ),
+        check(
+            "sw",
+            Algorithm::SlidingWindow {
+                limit: 100,
+                window: Duration::from_secs(60),
+            },
+        ),
+    ];
+    let first = limiter.decide(&checks, 1).await;
+    assert_eq!(first.source, DecisionSource::Local);
+    assert!(first.source.is_degraded());
+    // 25 % of 40 is 10, of 100 is 25: the GCRA policy decides.
+    assert_eq!(admitted(&limiter, &checks, 50).await, 9);
+    let denied = limiter.decide(&checks, 1).await;
+    assert_eq!(denied.states[0].map(|s| s.remaining), Some(0));
+    // The sliding window counted only the ten allowed requests: 25 - 10,
+    // less this request's unit, which it would have allowed.
+    assert_eq!(denied.states[1].map(|s| s.remaining), Some(14));
+
+    let closed = without_redis(Fallback::Deny).decide(&checks, 1).await;
+    assert!(!closed.allowed);
+    assert_eq!(closed.source, DecisionSource::FailClosed);
+    let open = without_redis(Fallback::Allow).decide(&checks, 1).await;
+    assert!(open.allowed);
+    assert_eq!(open.source, DecisionSource::FailOpen);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_blocked_key_is_answered_until_its_retry_after_then_forgotten() {
+    let blocked = BlockedKeys::new(MIB);
+    let checks = [check(
+        "k",
+        Algorithm::Gcra {
+            quota: 1,
+            period: Duration::from_secs(60),
+            burst: 1,
+        },
+    )];
+    let denied = [Some(PolicyState {
+        remaining: 0,
+        reset: Duration::from_secs(60),
+        retry_after: Some(Duration::from_secs(2)),
+    })];
+    blocked.remember(&checks, 1, &denied);
+
+    advance(Duration::from_millis(1_999)).await;
+    let verdict = blocked.verdict(&checks, 1).expect("still blocked");
+    assert_eq!(verdict.source, DecisionSource::BlockedCache);
+    assert_eq!(
+        verdict.states[0].and_then(|s| s.retry_after),
+        Some(Duration::from_millis(1))
+    );
+    assert_eq!(
+        verdict.states[0].map(|s| s.reset),
+        Some(Duration::from_millis(58_001))
+    );
+    advance(Duration::from_millis(1)).await;
+    assert!(blocked.verdict(&checks, 1).is_none(), "expired");
+}
+
+/// A Redis store that answers "allowed" while `up`, and is unavailable
+/// otherwise.
+struct Switch {
+    up: Arc<AtomicBool>,
+}
+
+impl DecisionStore for Switch {
+    type Error = FallbackReason;
+
+    fn decide(
+        &self,
+        batch: &[Query<'_>],
+    ) -> impl Future<Output = Result<Vec<Verdict>, FallbackReason>> + Send {
+        let answer = if self.up.load(Ordering::Relaxed) {
+            Ok(batch
+                .iter()
+                .map(|(checks, _)| Verdict {
+                    allowed: true,
+                    states: vec![None; checks.len()],
+                    source: DecisionSource::Redis,
+                })
+                .collect())
+        } else {
+            Err(FallbackReason::BreakerOpen)
+        };
+        std::future::ready(answer)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_local_counts_are_dropped_once_redis_answers_again() {
+    let up = Arc::new(AtomicBool::new(false));
+    let redis = Switch {
+        up: Arc::clone(&up),
+    };
+    let failover = Failover::new(redis, Fallback::default(), MIB);
+    let checks = [check(
+        "k",
+        Algorithm::FixedWindow {
+            limit: 2,
+            window: Duration::from_secs(3600),
+        },
+    )];
+    let one: &[Query<'_>] = &[(&checks, 1)];
+    let allowed = |verdicts: Vec<Verdict>| verdicts[0].allowed;
+
+    // Outage: the memory store counts, and keeps counting.
+    assert!(allowed(failover.decide(one).await));
+    assert!(allowed(failover.decide(one).await));
+    assert!(!allowed(failover.decide(one).await));
+    assert!(!allowed(failover.decide(one).await));
+
+    // Redis answers: the shared counters apply.
+    up.store(true, Ordering::Relaxed);
+    let verdicts = failover.decide(one).await;
+    assert_eq!(verdicts[0].source, DecisionSource::Redis);
+
+    // The next outage starts from a fresh local quota.
+    up.store(false, Ordering::Relaxed);
+    let verdicts = failover.decide(one).await;
+    assert_eq!(verdicts[0].source, DecisionSource::Local);
+    assert!(verdicts[0].allowed);
+    assert!(allowed(failover.decide(one).await));
+    assert!(!allowed(failover.decide(one).await));
+}
