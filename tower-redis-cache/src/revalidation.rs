@@ -125,7 +125,7 @@ where
     let mut seen_filled = false;
     let lock = loop {
         let variant = store.known_variant(&keyed.url_hash, &keyed.parts.headers, &keyed.extra);
-        let updated = store.events.updated();
+        let updated = store.bus.updated();
         match store
             .try_lock(
                 &keyed.url_hash,

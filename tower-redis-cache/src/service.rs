@@ -465,7 +465,7 @@ where
             LockAttempt::Held | LockAttempt::Filled => {
                 // Another instance fills: wait for its announcement (or poll,
                 // in case the message is lost), then look again.
-                let updated = store.events.updated();
+                let updated = store.bus.updated();
                 let now = tokio::time::Instant::now();
                 if now >= deadline {
                     tracing::debug!(target: "tower_redis_cache", "coalescing wait exceeded; going to the origin");
