@@ -139,7 +139,6 @@
 pub mod admin;
 mod body;
 mod bus;
-mod coalesce;
 mod directives;
 mod entry;
 mod freshness;
@@ -148,18 +147,14 @@ mod key;
 mod layer;
 #[cfg(test)]
 mod proptests;
-mod request;
-mod revalidation;
 mod route;
 mod service;
 mod store;
-mod storing;
-mod tee;
 
 pub use body::CacheBody;
 pub use handle::{CacheHandle, EntryInfo, InvalidUrl, Purged, Stats, Warmed};
 pub use layer::{CacheLayer, CacheLayerBuilder, ConfigError, DEFAULT_UNKEYED_HEADERS};
-pub use request::RequestCacheControl;
 pub use route::Route;
+pub use service::RequestCacheControl;
 pub use service::{Cache, ResponseFuture};
 pub use tower_redis_core::forwarding::{Forwarding, ForwardingHeader};
