@@ -1,5 +1,5 @@
 //! The response body: passed through, served from an entry, or read ahead
-//! of the client for the cache (see [`crate::tee`]).
+//! of the client for the cache (see `service/tee.rs`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::tee::TeeReader;
+use crate::service::TeeReader;
 
 pin_project! {
     /// The body of a response that went through [`Cache`](crate::Cache).

@@ -8,7 +8,7 @@ use http::response;
 use http::{HeaderMap, HeaderName, Method, StatusCode, header};
 
 use crate::directives::{self, RequestDirectives, ResponseDirectives};
-use crate::policy::Route;
+use crate::route::Route;
 
 /// The first fields a shared cache reads its directives from (RFC 9213);
 /// `Cache-Control` applies only when none of them is present.

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 use tower_redis_core::forwarding::RequestView;
 
-use crate::policy::Route;
+use crate::route::Route;
 
 /// The URL part of a key, before hashing: `//host/path?query`.
 pub(crate) fn url_of(parts: &Parts, allowed_hosts: &[String], route: &Route) -> Option<String> {

@@ -7,12 +7,12 @@ use http::HeaderName;
 use tower_layer::Layer;
 use tower_redis_core::RedisManager;
 
-use crate::coalesce::Flights;
 use crate::freshness::Rules;
 use crate::handle::CacheHandle;
-use crate::policy::Route;
-use crate::request::RequestCacheControl;
+use crate::route::Route;
 use crate::service::Cache;
+use crate::service::Flights;
+use crate::service::RequestCacheControl;
 use crate::store::{CacheStore, StoreOptions};
 use tower_redis_core::forwarding::Forwarding;
 

@@ -138,28 +138,23 @@
 #[cfg(feature = "axum")]
 pub mod admin;
 mod body;
-mod coalesce;
+mod bus;
 mod directives;
 mod entry;
-mod events;
 mod freshness;
 mod handle;
 mod key;
 mod layer;
-mod policy;
 #[cfg(test)]
 mod proptests;
-mod request;
-mod revalidation;
+mod route;
 mod service;
 mod store;
-mod storing;
-mod tee;
 
 pub use body::CacheBody;
 pub use handle::{CacheHandle, EntryInfo, InvalidUrl, Purged, Stats, Warmed};
 pub use layer::{CacheLayer, CacheLayerBuilder, ConfigError, DEFAULT_UNKEYED_HEADERS};
-pub use policy::Route;
-pub use request::RequestCacheControl;
+pub use route::Route;
+pub use service::RequestCacheControl;
 pub use service::{Cache, ResponseFuture};
 pub use tower_redis_core::forwarding::{Forwarding, ForwardingHeader};

@@ -21,7 +21,7 @@ use crate::directives::{self, MAX_DELTA, ResponseDirectives};
 use crate::entry::Entry;
 use crate::freshness::{self, Rules};
 use crate::key;
-use crate::policy::Route;
+use crate::route::Route;
 
 /// Bytes a header value may hold (`HeaderValue::from_bytes` accepts them):
 /// visible ASCII, space, tab and obs-text, with a bias towards the

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 
-use super::Put;
-use super::redis_store::Found;
+use std::convert::Infallible;
+
+use super::{EntryStore, Found, LockAttempt, LockPurpose, LockToken, Put, Target};
 use crate::entry::Entry;
 use crate::key;
 
@@ -30,7 +31,7 @@ pub(crate) struct MemoryStore {
 }
 
 /// What an in-process purge selects.
-pub(crate) enum Selector<'a> {
+enum Selector<'a> {
     Tag(&'a str),
     /// A path prefix (`/products/`), or a whole URL's path and query with
     /// `exact` (`/products/1?page=2`), on any host.
@@ -73,7 +74,7 @@ impl MemoryStore {
         }
     }
 
-    pub(crate) fn lookup(&self, url_hash: &str, request: &HeaderMap, extra: &str) -> Found {
+    pub(crate) fn find(&self, url_hash: &str, request: &HeaderMap, extra: &str) -> Found {
         let Some(variants) = self.urls.get(url_hash) else {
             return Found::NoUrl;
         };
@@ -90,7 +91,7 @@ impl MemoryStore {
         }
     }
 
-    pub(crate) fn put(&self, put: &Put) {
+    pub(crate) fn insert(&self, put: &Put) {
         let now = Instant::now();
         let mut variants = self
             .urls
@@ -133,7 +134,7 @@ impl MemoryStore {
     }
 
     /// Removes the URLs the selector matches; returns how many.
-    pub(crate) fn purge(&self, selector: &Selector<'_>) -> u64 {
+    fn purge_selected(&self, selector: &Selector<'_>) -> u64 {
         if matches!(selector, Selector::All) {
             let count = self.urls.entry_count();
             self.clear();
@@ -150,7 +151,7 @@ impl MemoryStore {
     }
 
     /// Marks the matching URLs' entries stale as of `at_ms`; returns how many URLs.
-    pub(crate) fn soft_purge(&self, selector: &Selector<'_>, at_ms: u64) -> u64 {
+    fn soft_purge_selected(&self, selector: &Selector<'_>, at_ms: u64) -> u64 {
         let mut count = 0;
         for (url_hash, variants) in &self.urls {
             if selector.matches(&variants) {
@@ -163,6 +164,31 @@ impl MemoryStore {
         count
     }
 
+    /// Purges (or, with `soft_at`, marks stale as of then) a target's URLs;
+    /// returns how many.
+    pub(crate) fn purge_target(&self, target: &Target, soft_at: Option<u64>) -> u64 {
+        let selector = match target {
+            Target::Tag(tag) => Selector::Tag(tag),
+            Target::Prefix(prefix) => Selector::Path {
+                prefix,
+                exact: false,
+            },
+            Target::Path(path) => Selector::Path {
+                prefix: path,
+                exact: true,
+            },
+            Target::Url(url) => {
+                self.remove(&key::hash_url(url));
+                return 1;
+            }
+            Target::All => Selector::All,
+        };
+        match soft_at {
+            None => self.purge_selected(&selector),
+            Some(at) => self.soft_purge_selected(&selector, at),
+        }
+    }
+
     pub(crate) fn clear(&self) {
         self.urls.invalidate_all();
     }
@@ -171,6 +197,51 @@ impl MemoryStore {
     pub(crate) fn size(&self) -> (u64, u64) {
         self.urls.run_pending_tasks();
         (self.urls.entry_count(), self.urls.weighted_size())
+    }
+}
+
+/// The in-process side of the cache's verbs: it never fails, and it has no
+/// cross-instance lock to take.
+impl EntryStore for MemoryStore {
+    type Error = Infallible;
+
+    async fn lookup(
+        &self,
+        url_hash: &str,
+        request: &HeaderMap,
+        extra: &str,
+        _vary_hint: Option<String>,
+    ) -> Result<(Found, Option<String>), Infallible> {
+        Ok((self.find(url_hash, request, extra), None))
+    }
+
+    async fn put(&self, put: &Put, _unlock: Option<&LockToken>) -> Result<(), Infallible> {
+        self.insert(put);
+        Ok(())
+    }
+
+    async fn invalidate(&self, url_hashes: &[String]) -> Result<(), Infallible> {
+        for url_hash in url_hashes {
+            self.remove(url_hash);
+        }
+        Ok(())
+    }
+
+    async fn purge(&self, target: &Target, soft_at: Option<u64>) -> Result<u64, Infallible> {
+        Ok(self.purge_target(target, soft_at))
+    }
+
+    async fn lock(
+        &self,
+        _url_hash: &str,
+        _variant: Option<&str>,
+        _purpose: LockPurpose,
+    ) -> Result<LockAttempt, Infallible> {
+        Ok(LockAttempt::Unavailable)
+    }
+
+    async fn unlock(&self, _lock: LockToken, _url_hash: &str) -> Result<(), Infallible> {
+        Ok(())
     }
 }
 

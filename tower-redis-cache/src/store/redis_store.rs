@@ -18,12 +18,14 @@
 //!   URLs, so that waiting instances wake up and near caches drop copies.
 
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use http::HeaderMap;
-use tower_redis_core::RedisConnection;
 use tower_redis_core::redis::{self, Cmd, RedisResult, Script, ScriptInvocation, Value};
+use tower_redis_core::{RedisConnection, RedisManager};
 
-use super::Put;
+use super::{EntryStore, Found, LockAttempt, LockPurpose, LockToken, Put, Target};
+use crate::bus::Bus;
 use crate::entry::Entry;
 use crate::key;
 
@@ -41,13 +43,132 @@ pub(crate) static SOFT_PURGE: LazyLock<Script> =
 /// Variants kept per URL before the URL's entries start over.
 const MAX_VARIANTS: u32 = 32;
 
-/// What Redis holds for a request.
-pub(crate) enum Found {
-    Entry(Entry),
-    NoUrl,
-    NoVariant,
-    /// A value that does not decode: its field, for deletion.
-    Corrupt(String),
+/// Why Redis did not answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoreError {
+    /// The breaker was open, or the operation failed or timed out; core has
+    /// already logged and counted the fallback.
+    #[error("Redis is unavailable")]
+    Unavailable,
+    #[error(transparent)]
+    Redis(#[from] tower_redis_core::Error),
+}
+
+/// The shared side of the cache: entries, indexes, locks and
+/// announcements in Redis.
+#[derive(Debug)]
+pub(crate) struct RedisStore {
+    pub(crate) manager: RedisManager,
+    /// The bus channel that writes are announced on.
+    pub(super) channel: String,
+    pub(super) index_depth: usize,
+    pub(super) lock_ttl: Duration,
+}
+
+impl RedisStore {
+    pub(super) fn redis_key(&self, url_hash: &str) -> String {
+        self.manager.keys().key(&["c", url_hash])
+    }
+
+    pub(super) fn index_key(&self, kind: &str, name: &str) -> String {
+        self.manager.keys().key(&[kind, name])
+    }
+
+    /// Runs `op` through core's failover (which accounts the breaker and
+    /// counts the fallback); a fallback is [`StoreError::Unavailable`].
+    async fn failover<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(RedisConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.manager
+            .failover(
+                |conn| async move { op(conn).await.map(Ok) },
+                |_| async { Err(StoreError::Unavailable) },
+            )
+            .await
+            .value
+    }
+
+    pub(super) async fn run_ops(&self, ops: &[Op]) -> Result<Vec<Value>, tower_redis_core::Error> {
+        self.manager
+            .run(|mut conn| async move { run_ops(&mut conn, ops).await })
+            .await
+    }
+
+    /// Deletes URLs' entries and announces each.
+    pub(super) fn delete_ops<'a>(&self, url_hashes: impl Iterator<Item = &'a str>) -> Vec<Op> {
+        let mut ops = Vec::new();
+        for url_hash in url_hashes {
+            let mut del = redis::cmd("DEL");
+            del.arg(self.redis_key(url_hash));
+            ops.push(Op::Cmd(del));
+            ops.push(publish(&self.channel, &Bus::updated_message(url_hash)));
+        }
+        ops
+    }
+}
+
+/// Lookups, writes and invalidations go through core's failover; purges
+/// and locks report Redis' own error (see `purge.rs` and `lock.rs`).
+impl EntryStore for RedisStore {
+    type Error = StoreError;
+
+    async fn lookup(
+        &self,
+        url_hash: &str,
+        request: &HeaderMap,
+        extra: &str,
+        vary_hint: Option<String>,
+    ) -> Result<(Found, Option<String>), StoreError> {
+        let key = self.redis_key(url_hash);
+        self.failover(|conn| lookup(conn, &key, request, extra, vary_hint))
+            .await
+    }
+
+    /// The entry, its index records, the lock release and the
+    /// announcement: one pipelined round trip.
+    async fn put(&self, put: &Put, unlock: Option<&LockToken>) -> Result<(), StoreError> {
+        let key = self.redis_key(&put.url_hash);
+        let mut indexes: Vec<String> = key::directories(&put.url, self.index_depth)
+            .into_iter()
+            .map(|dir| self.index_key("cx", dir))
+            .collect();
+        indexes.extend(put.tags.iter().map(|tag| self.index_key("ct", tag)));
+        let message = Bus::updated_message(&put.url_hash);
+        let extras = Extras {
+            indexes: &indexes,
+            url: &put.url,
+            unlock: unlock.map(LockToken::as_str),
+            announce: Some((&self.channel, &message)),
+        };
+        self.failover(|conn| self::put(conn, &key, put, &extras))
+            .await
+    }
+
+    async fn invalidate(&self, url_hashes: &[String]) -> Result<(), StoreError> {
+        let ops = &self.delete_ops(url_hashes.iter().map(String::as_str));
+        self.failover(|mut conn| async move { run_ops(&mut conn, ops).await.map(|_| ()) })
+            .await
+    }
+
+    async fn purge(&self, target: &Target, soft_at: Option<u64>) -> Result<u64, StoreError> {
+        Ok(self.purge_indexed(target, soft_at).await?)
+    }
+
+    async fn lock(
+        &self,
+        url_hash: &str,
+        variant: Option<&str>,
+        purpose: LockPurpose,
+    ) -> Result<LockAttempt, StoreError> {
+        Ok(self.take_lock(url_hash, variant, purpose).await?)
+    }
+
+    async fn unlock(&self, lock: LockToken, url_hash: &str) -> Result<(), StoreError> {
+        self.release_lock(lock, url_hash).await?;
+        Ok(())
+    }
 }
 
 /// Finds the variant a request selects, in one round trip.

@@ -14,7 +14,7 @@ use tower_redis_core::RedisManager;
 
 use crate::store::MemoryStore;
 
-pub(crate) struct Events {
+pub(crate) struct Bus {
     manager: RedisManager,
     channel: String,
     near: Option<Arc<MemoryStore>>,
@@ -27,7 +27,7 @@ pub(crate) struct Events {
     updated: Notify,
 }
 
-impl Events {
+impl Bus {
     pub(crate) fn new(manager: RedisManager, near: Option<Arc<MemoryStore>>) -> Self {
         let channel = manager.keys().key(&["cache-events"]);
         Self {
@@ -106,7 +106,7 @@ impl Events {
     }
 }
 
-async fn listen(events: Weak<Events>) {
+async fn listen(events: Weak<Bus>) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let (manager, channel) = match events.upgrade() {

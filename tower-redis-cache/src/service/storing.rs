@@ -1,26 +1,26 @@
 //! Storing a response: whether RFC 9111, the route and the request allow
 //! it, the entry (tags, retention, `ETag`) and the body, read for the
-//! cache at the origin's pace (see [`crate::tee`]).
+//! cache at the origin's pace (see `tee.rs`).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::request::Parts;
-use http::{HeaderMap, HeaderName, HeaderValue, Response, header};
+use http::{HeaderName, HeaderValue, Response, header};
 use http_body::Body;
 use tracing::Instrument;
 
+use super::cache_status::{CacheStatus, add_cache_status};
+use super::miss::Fill;
+use super::tags::{TagHeaders, set_stored_tags, take_tags};
+use super::{Ctx, OriginBody, request, tee};
 use crate::body::CacheBody;
 use crate::entry::Entry;
-use crate::freshness::{self, NotStored};
+use crate::freshness::{self, NotStored, Storable};
 use crate::key;
 use crate::layer::Config;
-use crate::policy::Route;
-use crate::request;
-use crate::service::{CacheStatus, Fill, Keyed, add_cache_status};
+use crate::route::Route;
 use crate::store::Put;
-use crate::tee;
 
 /// Response headers that describe a connection, not a response: never stored.
 pub(crate) const HOP_BY_HOP: [HeaderName; 6] = [
@@ -44,102 +44,59 @@ pub(crate) fn keep_for(config: &Config, route: &Route, entry: &Entry, lifetime: 
     freshness::retention(lifetime, stale_keep)
 }
 
-/// The internal header that keeps an entry's tags with it (never served).
-pub(crate) static STORED_TAGS: HeaderName = HeaderName::from_static("tower-redis-tags");
+/// The tag sources a layer is configured with.
+pub(crate) fn tag_headers(config: &Config) -> TagHeaders<'_> {
+    TagHeaders {
+        names: &config.tag_headers,
+        strip: config.strip_tag_headers,
+    }
+}
 
-/// Tags of a response: its tag headers (removed when so configured), the
-/// route's static tags and the route's tag function.
-pub(crate) fn take_tags(
-    config: &Config,
+/// Whether a response may be stored: `Err(true)` when the response itself
+/// refuses (which says something of its URL), `Err(false)` when the
+/// request does (its method, `no-store`, an unkeyed header, `Authorization`).
+fn storability<B: Body>(
+    ctx: &Ctx,
     route: &Route,
-    request: &Parts,
-    response: &mut http::response::Parts,
-) -> Vec<String> {
-    let mut tags: Vec<String> = Vec::new();
-    for name in &config.tag_headers {
-        for value in response.headers.get_all(name) {
-            let text = String::from_utf8_lossy(value.as_bytes());
-            tags.extend(
-                text.split(|c: char| c == ',' || c.is_ascii_whitespace())
-                    .filter(|t| !t.is_empty())
-                    .map(str::to_owned),
-            );
-        }
-        if config.strip_tag_headers {
-            response.headers.remove(name);
-        }
+    response: &http::response::Parts,
+    body: &B,
+    response_time: SystemTime,
+) -> Result<Storable, bool> {
+    let Ctx { config, keyed } = ctx;
+    let request = &keyed.parts;
+    if request::refuses_storage(config, request, &keyed.directives) {
+        return Err(false);
     }
-    tags.extend(route.tags.iter().cloned());
-    if let Some(tags_fn) = &route.tags_fn {
-        tags.extend(tags_fn(request, response));
-    }
-    tags.retain(|t| !t.is_empty() && t.len() <= 1024);
-    tags.sort_unstable();
-    tags.dedup();
-    tags
-}
-
-pub(crate) fn stored_tags(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get(&STORED_TAGS)
-        .map(|v| {
-            String::from_utf8_lossy(v.as_bytes())
-                .split(' ')
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-pub(crate) fn set_stored_tags(headers: &mut HeaderMap, tags: &[String]) {
-    headers.remove(&STORED_TAGS);
-    if tags.is_empty() {
-        return;
-    }
-    if let Ok(value) = HeaderValue::from_str(&tags.join(" ")) {
-        headers.insert(STORED_TAGS.clone(), value);
+    match freshness::storable(
+        request,
+        &keyed.directives,
+        response,
+        &config.rules,
+        route,
+        response_time,
+    ) {
+        Ok(_) if body.size_hint().lower() > config.max_body_bytes as u64 => Err(true),
+        Ok(storable) => Ok(storable),
+        Err(NotStored::Method | NotStored::Authorization) => Err(false),
+        Err(_) => Err(true),
     }
 }
 
 /// Passes a response on, storing a copy when RFC 9111 and the route allow.
-pub(crate) fn store_if_allowed<ResBody>(
-    config: &Arc<Config>,
-    keyed: &Keyed,
+pub(crate) fn store_if_allowed<ResBody: OriginBody>(
+    ctx: &Ctx,
     response: Response<ResBody>,
     request_time: SystemTime,
     mut status: CacheStatus,
     fill: Fill,
-) -> Response<CacheBody<ResBody>>
-where
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Send,
-{
+) -> Response<CacheBody<ResBody>> {
+    let Ctx { config, keyed } = ctx;
     let response_time = SystemTime::now();
     let (mut parts, body) = response.into_parts();
     let request = &keyed.parts;
     let route = config.route_for(request.uri.path());
-    let tags = take_tags(config, route, request, &mut parts);
-    // Refused because of the request itself (its method, `no-store`, an
-    // unkeyed header, `Authorization`), or because of the response.
-    let storable = if request::refuses_storage(config, request, &keyed.directives) {
-        Err(false)
-    } else {
-        match freshness::storable(
-            request,
-            &keyed.directives,
-            &parts,
-            &config.rules,
-            route,
-            response_time,
-        ) {
-            Ok(_) if body.size_hint().lower() > config.max_body_bytes as u64 => Err(true),
-            Ok(storable) => Ok(storable),
-            Err(NotStored::Method | NotStored::Authorization) => Err(false),
-            Err(_) => Err(true),
-        }
-    };
-    let storable = match storable {
+    let tags = take_tags(&tag_headers(config), route, request, &mut parts);
+    let storable = match storability(ctx, route, &parts, &body, response_time) {
         Ok(storable) => storable,
         Err(because_of_the_response) => {
             if because_of_the_response && (fill.guard.is_some() || fill.lock.is_some()) {
@@ -149,7 +106,7 @@ where
                 // URL: the next request may well be stored.
                 config.uncacheable.insert(keyed.flight_key(), ());
             }
-            fill.release(config, &keyed.url_hash);
+            fill.release(ctx);
             add_cache_status(&mut parts.headers, &status);
             return Response::from_parts(parts, CacheBody::passthrough(body));
         }
@@ -179,17 +136,27 @@ where
         tags,
     };
     add_cache_status(&mut parts.headers, &status);
-    // The body is read at the origin's pace by a task of its own, so the
-    // entry is stored (and the coalesced requests woken, and `flush()`
-    // done) once the origin has sent it, however slowly the client reads.
+    Response::from_parts(parts, read_and_store(ctx, body, put, fill))
+}
+
+/// Hands the body to the client while a task of its own reads it at the
+/// origin's pace, so the entry is stored (and the coalesced requests
+/// woken, and `flush()` done) once the origin has sent it, however slowly
+/// the client reads.
+fn read_and_store<ResBody: OriginBody>(
+    ctx: &Ctx,
+    body: ResBody,
+    put: Put,
+    fill: Fill,
+) -> CacheBody<ResBody> {
     let (body, read) = if body.is_end_stream() {
         (CacheBody::passthrough(body), None)
     } else {
         let (reader, writer) = tee::tee(body);
         (CacheBody::teed(reader), Some(writer))
     };
-    let max_body_bytes = config.max_body_bytes;
-    let config = Arc::clone(config);
+    let max_body_bytes = ctx.config.max_body_bytes;
+    let config = Arc::clone(&ctx.config);
     let in_flight = config.store.start_store();
     tokio::spawn(
         async move {
@@ -201,12 +168,12 @@ where
             match body {
                 Some(body) => store_entry(&config, put, body, fill).await,
                 // Too big, failed, with trailers, or its client went away.
-                None => fill.release(&config, &put.url_hash),
+                None => fill.release_for(&config, &put.url_hash),
             }
         }
         .in_current_span(),
     );
-    Response::from_parts(parts, body)
+    body
 }
 
 /// Stores an entry whose body has been read in full, then wakes the
@@ -220,7 +187,7 @@ async fn store_entry(config: &Arc<Config>, mut put: Put, body: Bytes, fill: Fill
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len != body.len()) {
-        fill.release(config, &put.url_hash);
+        fill.release_for(config, &put.url_hash);
         return;
     }
     put.entry.body = body;

@@ -1,0 +1,165 @@
+//! This cache's member of the `Cache-Status` response field (RFC 9211),
+//! e.g. `tower-redis; hit; ttl=42` or `tower-redis; fwd=uri-miss; stored`.
+//! Pure: built from the decisions, rendered once per response.
+
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::store::Tier;
+
+/// The `Cache-Status` field (RFC 9211).
+pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+const CACHE_NAME: &str = "tower-redis";
+
+/// This cache's member of the `Cache-Status` list.
+#[derive(Debug, Clone)]
+pub(crate) struct CacheStatus {
+    hit_ttl: Option<i64>,
+    pub(crate) fwd: Option<&'static str>,
+    pub(crate) fwd_status: Option<StatusCode>,
+    pub(crate) stored: bool,
+    pub(crate) tier: Tier,
+    /// `detail` tokens: why it was served as it was.
+    pub(crate) details: Vec<&'static str>,
+}
+
+impl CacheStatus {
+    pub(crate) fn new(tier: Tier) -> Self {
+        let details = match tier {
+            Tier::Degraded => vec!["redis-unavailable"],
+            Tier::Near => vec!["near"],
+            Tier::Redis => Vec::new(),
+        };
+        Self {
+            hit_ttl: None,
+            fwd: None,
+            fwd_status: None,
+            stored: false,
+            tier,
+            details,
+        }
+    }
+
+    pub(crate) fn hit(ttl: i64, tier: Tier) -> Self {
+        let mut status = Self::new(tier);
+        status.hit_ttl = Some(ttl);
+        status
+    }
+
+    pub(crate) fn forward(reason: &'static str, tier: Tier) -> Self {
+        let mut status = Self::new(tier);
+        status.fwd = Some(reason);
+        status
+    }
+
+    pub(crate) fn with_fwd_status(mut self, status: StatusCode) -> Self {
+        self.fwd_status = Some(status);
+        self
+    }
+
+    pub(crate) fn render(&self) -> String {
+        let mut out = String::with_capacity(64);
+        out.push_str(CACHE_NAME);
+        if let Some(ttl) = self.hit_ttl {
+            out.push_str("; hit; ttl=");
+            out.push_str(itoa::Buffer::new().format(ttl));
+        }
+        if let Some(fwd) = self.fwd {
+            out.push_str("; fwd=");
+            out.push_str(fwd);
+        }
+        if let Some(status) = self.fwd_status {
+            out.push_str("; fwd-status=");
+            out.push_str(itoa::Buffer::new().format(status.as_u16()));
+        }
+        if self.stored {
+            out.push_str("; stored");
+        }
+        match self.details.as_slice() {
+            [] => {}
+            [one] => {
+                out.push_str("; detail=");
+                out.push_str(one);
+            }
+            several => {
+                out.push_str("; detail=\"");
+                out.push_str(&several.join(" "));
+                out.push('"');
+            }
+        }
+        out
+    }
+}
+
+/// Appends the field to a response's headers (and counts the answer).
+pub(crate) fn add_cache_status(headers: &mut HeaderMap, status: &CacheStatus) {
+    record(status);
+    if let Ok(value) = HeaderValue::from_str(&status.render()) {
+        headers.append(CACHE_STATUS.clone(), value);
+    }
+}
+
+#[cfg(feature = "metrics")]
+fn record(status: &CacheStatus) {
+    let result = match (status.hit_ttl, status.fwd) {
+        (Some(_), _) => "hit",
+        (None, Some(fwd)) => fwd,
+        (None, None) => "none",
+    };
+    metrics::counter!(
+        "tower_redis_cache_requests_total",
+        "result" => result,
+        "stored" => if status.stored { "true" } else { "false" },
+        "degraded" => if status.tier == Tier::Degraded { "true" } else { "false" }
+    )
+    .increment(1);
+}
+
+#[cfg(not(feature = "metrics"))]
+fn record(status: &CacheStatus) {
+    tracing::trace!(target: "tower_redis_cache", cache_status = %status.render(), "answered");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hit_renders_its_ttl_and_the_tier() {
+        assert_eq!(
+            CacheStatus::hit(42, Tier::Redis).render(),
+            "tower-redis; hit; ttl=42"
+        );
+        assert_eq!(
+            CacheStatus::hit(-3, Tier::Near).render(),
+            "tower-redis; hit; ttl=-3; detail=near"
+        );
+    }
+
+    #[test]
+    fn a_forward_renders_reason_status_stored_and_details_in_order() {
+        let mut status =
+            CacheStatus::forward("stale", Tier::Degraded).with_fwd_status(StatusCode::NOT_MODIFIED);
+        status.stored = true;
+        assert_eq!(
+            status.render(),
+            "tower-redis; fwd=stale; fwd-status=304; stored; detail=redis-unavailable"
+        );
+        status.details.push("stale-if-error");
+        assert!(
+            status
+                .render()
+                .ends_with("; detail=\"redis-unavailable stale-if-error\""),
+            "several details are one quoted string: {}",
+            status.render()
+        );
+    }
+
+    #[test]
+    fn the_field_is_appended_not_replacing_others() {
+        let mut headers = HeaderMap::new();
+        headers.insert(&CACHE_STATUS, HeaderValue::from_static("upstream; hit"));
+        add_cache_status(&mut headers, &CacheStatus::forward("uri-miss", Tier::Redis));
+        let values: Vec<_> = headers.get_all(&CACHE_STATUS).iter().collect();
+        assert_eq!(values, ["upstream; hit", "tower-redis; fwd=uri-miss"]);
+    }
+}

@@ -1,0 +1,281 @@
+//! An entry was found: serve it (fresh, or stale as allowed), serve it
+//! stale while refreshing it in the background, or revalidate it. Also the
+//! responses made from an entry, whichever path found it.
+
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tracing::Instrument;
+
+use super::cache_status::{CACHE_STATUS, CacheStatus, add_cache_status};
+use super::coalesce::Joined;
+use super::miss::Fill;
+use super::revalidate::Revalidation;
+use super::tags::STORED_TAGS;
+use super::{Answer, Ctx, Exchange, Keyed, Origin, OriginBody};
+use crate::body::CacheBody;
+use crate::directives::{RequestDirectives, ResponseDirectives};
+use crate::entry::Entry;
+use crate::freshness::{self, StaleWindows, Usability};
+use crate::layer::Config;
+use crate::store::{LockAttempt, LockPurpose, Tier};
+
+/// How a stale (or refused) entry is to be used, once it is known that it
+/// cannot simply be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StaleUse {
+    /// Serve it now and refresh it in the background.
+    WhileRevalidate,
+    /// Revalidate it; `reason` is the `fwd` parameter, and with
+    /// `if_error` the entry is served if the origin fails.
+    Revalidate {
+        reason: &'static str,
+        if_error: bool,
+    },
+}
+
+/// Decides what to do with an entry that must be revalidated (RFC 9111
+/// §4.2.4, RFC 5861): `age` and `lifetime` in seconds.
+pub(crate) fn stale_use(
+    age: u64,
+    lifetime: u64,
+    stored: &ResponseDirectives,
+    request: &RequestDirectives,
+    windows: StaleWindows,
+) -> StaleUse {
+    let stale = age >= lifetime;
+    let stale_by = age.saturating_sub(lifetime);
+    let wants_fresh = request.no_cache || request.max_age.is_some() || request.min_fresh.is_some();
+    if stale && !wants_fresh && windows.while_revalidate > 0 && stale_by <= windows.while_revalidate
+    {
+        return StaleUse::WhileRevalidate;
+    }
+    // Fresh but refused by the request's own directives: fwd=request.
+    let reason = if request.no_cache || !stale && !stored.no_cache {
+        "request"
+    } else {
+        "stale"
+    };
+    let if_error =
+        stale && !request.no_cache && windows.if_error > 0 && stale_by <= windows.if_error;
+    StaleUse::Revalidate { reason, if_error }
+}
+
+impl<S, ReqBody, ResBody> Exchange<S, ReqBody, ResBody>
+where
+    S: Origin<ReqBody, ResBody>,
+    ReqBody: Send + 'static,
+    ResBody: OriginBody,
+{
+    /// A stored entry was found: serve it, serve it stale while refreshing
+    /// it in the background, or revalidate it.
+    pub(super) async fn on_hit(self, entry: Entry, tier: Tier) -> Answer<ResBody, S::Error> {
+        let config = &self.ctx.config;
+        let keyed = &self.ctx.keyed;
+        let now_ms = freshness::epoch_ms(SystemTime::now());
+        let age = entry.age(now_ms);
+        let stored = freshness::directives_of(&entry.headers, &config.rules);
+        let request_directives = &keyed.directives;
+        match freshness::usability(age, entry.lifetime, &stored, request_directives) {
+            Usability::Fresh | Usability::StaleAccepted => {
+                config.store.counters.hits.fetch_add(1, Ordering::Relaxed);
+                let status = CacheStatus::hit(entry.ttl(now_ms), tier);
+                Ok(serve(&entry, &keyed.parts, age, status))
+            }
+            Usability::Revalidate if request_directives.only_if_cached => Ok(gateway_timeout(tier)),
+            Usability::Revalidate => {
+                let route = config.route_for(keyed.parts.uri.path());
+                let windows = freshness::stale_windows(&stored, route);
+                match stale_use(age, entry.lifetime, &stored, request_directives, windows) {
+                    StaleUse::WhileRevalidate => {
+                        config
+                            .store
+                            .counters
+                            .stale_hits
+                            .fetch_add(1, Ordering::Relaxed);
+                        let mut status = CacheStatus::hit(entry.ttl(now_ms), tier);
+                        status.fwd = Some("stale");
+                        status.details.push("stale-while-revalidate");
+                        let response = serve(&entry, &keyed.parts, age, status);
+                        self.refresh_in_background(entry, tier);
+                        Ok(response)
+                    }
+                    StaleUse::Revalidate { reason, if_error } => {
+                        let revalidation = Revalidation {
+                            entry,
+                            status: CacheStatus::forward(reason, tier),
+                            stale_if_error: if_error,
+                        };
+                        self.revalidate_found(revalidation).await
+                    }
+                }
+            }
+        }
+    }
+
+    /// Refreshes a stale entry once: one background request per instance
+    /// (an in-process flight) and across instances (a Redis lock that also
+    /// sees a refresh another instance already stored).
+    fn refresh_in_background(self, entry: Entry, tier: Tier) {
+        let Ctx { config, keyed } = &self.ctx;
+        let Joined::Leader(guard) = config.flights.join(&format!("r:{}", keyed.flight_key()))
+        else {
+            return;
+        };
+        let in_flight = config.store.start_store();
+        tokio::spawn(
+            async move {
+                let _in_flight = in_flight;
+                let Ctx { config, keyed } = &self.ctx;
+                let variant =
+                    config
+                        .store
+                        .known_variant(&keyed.url_hash, &keyed.parts.headers, &keyed.extra);
+                let purpose = LockPurpose::Refresh(entry.response_time_ms);
+                let lock = match config
+                    .store
+                    .try_lock(&keyed.url_hash, variant.as_deref(), purpose)
+                    .await
+                {
+                    LockAttempt::Acquired(lock) => Some(lock),
+                    LockAttempt::Unavailable => None,
+                    LockAttempt::Held | LockAttempt::Filled => return,
+                };
+                let fill = Fill {
+                    guard: Some(guard),
+                    lock,
+                };
+                let revalidation = Revalidation {
+                    entry,
+                    status: CacheStatus::forward("stale", tier),
+                    stale_if_error: false,
+                };
+                if let Ok(response) = self.revalidate(revalidation, fill).await {
+                    // Read to its end: a body dropped early is a client that
+                    // left, and nothing would be stored.
+                    let _ = response.into_body().collect().await;
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// An entry another request just fetched.
+pub(crate) fn serve_coalesced<B: Body>(
+    config: &Config,
+    entry: &Entry,
+    keyed: &Keyed,
+    tier: Tier,
+) -> Response<CacheBody<B>> {
+    config
+        .store
+        .counters
+        .coalesced
+        .fetch_add(1, Ordering::Relaxed);
+    let now_ms = freshness::epoch_ms(SystemTime::now());
+    let mut status = CacheStatus::hit(entry.ttl(now_ms), tier);
+    status.details.push("coalesced");
+    serve(entry, &keyed.parts, entry.age(now_ms), status)
+}
+
+/// A stale entry served because the origin failed (an error, or
+/// `fwd_status`), as RFC 5861's `stale-if-error` allows.
+pub(crate) fn serve_stale_if_error<B: Body>(
+    config: &Config,
+    entry: &Entry,
+    request: &Parts,
+    tier: Tier,
+    fwd_status: Option<StatusCode>,
+) -> Response<CacheBody<B>> {
+    let now_ms = freshness::epoch_ms(SystemTime::now());
+    let mut stale = CacheStatus::hit(entry.ttl(now_ms), tier);
+    stale.fwd = Some("stale");
+    stale.fwd_status = fwd_status;
+    stale.details.push("stale-if-error");
+    config
+        .store
+        .counters
+        .stale_hits
+        .fetch_add(1, Ordering::Relaxed);
+    serve(entry, request, entry.age(now_ms), stale)
+}
+
+/// A response from an entry: 304 when the client's validators match.
+pub(crate) fn serve<B: Body>(
+    entry: &Entry,
+    request: &Parts,
+    age: u64,
+    status: CacheStatus,
+) -> Response<CacheBody<B>> {
+    let mut headers = entry.headers.clone();
+    headers.remove(&STORED_TAGS);
+    headers.insert(header::AGE, HeaderValue::from(age));
+    add_cache_status(&mut headers, &status);
+    if entry.status == StatusCode::OK && not_modified(request, &entry.headers) {
+        let mut response = Response::new(CacheBody::empty());
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        for name in [
+            header::CACHE_CONTROL,
+            header::CONTENT_LOCATION,
+            header::DATE,
+            header::ETAG,
+            header::EXPIRES,
+            header::VARY,
+            header::LAST_MODIFIED,
+            header::AGE,
+            CACHE_STATUS.clone(),
+        ] {
+            for value in headers.get_all(&name) {
+                response.headers_mut().append(name.clone(), value.clone());
+            }
+        }
+        return response;
+    }
+    let body = if request.method == Method::HEAD {
+        CacheBody::empty()
+    } else {
+        CacheBody::cached(entry.body.clone())
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = entry.status;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// Whether the client's `If-None-Match` (or, without it, `If-Modified-Since`)
+/// says it already has this response.
+fn not_modified(request: &Parts, stored: &HeaderMap) -> bool {
+    if let Some(if_none_match) = request.headers.get(header::IF_NONE_MATCH) {
+        let Some(etag) = stored.get(header::ETAG).and_then(|e| e.to_str().ok()) else {
+            return false;
+        };
+        let weak = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
+        let candidates = String::from_utf8_lossy(if_none_match.as_bytes()).into_owned();
+        return candidates.trim() == "*" || candidates.split(',').any(|c| weak(c) == weak(etag));
+    }
+    let since = request
+        .headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| freshness::http_date(v.as_bytes()));
+    let modified = stored
+        .get(header::LAST_MODIFIED)
+        .and_then(|v| freshness::http_date(v.as_bytes()));
+    matches!((since, modified), (Some(since), Some(modified)) if modified <= since)
+}
+
+/// `only-if-cached` with nothing usable: 504, and nothing was forwarded.
+pub(crate) fn gateway_timeout<B: Body>(tier: Tier) -> Response<CacheBody<B>> {
+    let mut response = Response::new(CacheBody::empty());
+    *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+    let mut status = CacheStatus::new(tier);
+    status.details.insert(0, "only-if-cached");
+    if let Ok(value) = HeaderValue::from_str(&status.render()) {
+        response.headers_mut().append(CACHE_STATUS.clone(), value);
+    }
+    response
+}

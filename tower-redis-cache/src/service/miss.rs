@@ -1,0 +1,238 @@
+//! Nothing usable was found: forward the request and store the answer.
+//! With coalescing, one request per instance leads (the others follow it
+//! in process) and, among the instances' leaders, the one that takes the
+//! Redis fill lock goes to the origin while the others wait for its entry.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use http::{Method, StatusCode};
+use tokio::time::Instant;
+
+use super::cache_status::CacheStatus;
+use super::coalesce::{self, FlightGuard, Joined, Outcome};
+use super::hit::{gateway_timeout, serve_coalesced};
+use super::request;
+use super::storing::store_if_allowed;
+use super::{Answer, Ctx, Exchange, Origin, OriginBody};
+use crate::key;
+use crate::layer::Config;
+use crate::store::{LockAttempt, LockPurpose, LockToken, Lookup, Tier};
+
+/// What a request that fills an entry holds: its in-process flight (the
+/// followers waiting for it) and the Redis fill lock, both released once
+/// the entry is stored or given up.
+pub(crate) struct Fill {
+    pub(crate) guard: Option<FlightGuard>,
+    pub(crate) lock: Option<LockToken>,
+}
+
+impl Fill {
+    pub(crate) fn none() -> Self {
+        Self {
+            guard: None,
+            lock: None,
+        }
+    }
+
+    /// Gives up because the origin failed (an error, or `status`): the
+    /// in-process followers hear so at once, then the lock is released.
+    pub(crate) fn fail(mut self, ctx: &Ctx, status: Option<StatusCode>) {
+        if let Some(guard) = self.guard.take() {
+            guard.fail(status);
+        }
+        self.release(ctx);
+    }
+
+    /// Gives up without an entry: releases the lock (waking the other
+    /// instances' waiters) and ends the flight.
+    pub(crate) fn release(self, ctx: &Ctx) {
+        self.release_for(&ctx.config, &ctx.keyed.url_hash);
+    }
+
+    /// [`release`](Self::release), for a fill of `url_hash`.
+    pub(crate) fn release_for(self, config: &Config, url_hash: &str) {
+        if let Some(lock) = self.lock {
+            let store = Arc::clone(&config.store);
+            let url_hash = url_hash.to_owned();
+            let guard = self.guard;
+            let in_flight = config.store.start_store();
+            tokio::spawn(async move {
+                store.unlock(lock, &url_hash).await;
+                drop(guard);
+                drop(in_flight);
+            });
+        }
+    }
+}
+
+impl Ctx {
+    /// How long requests may wait for a fill or a revalidation another
+    /// request makes for them, when they may be coalesced at all: GET only,
+    /// and not on a URL whose last coalesced answer was not storable.
+    pub(crate) fn coalescing(&self) -> Option<Duration> {
+        self.config
+            .coalesce
+            .filter(|_| self.keyed.parts.method == Method::GET)
+            .filter(|_| {
+                !self
+                    .config
+                    .uncacheable
+                    .contains_key(&self.keyed.flight_key())
+            })
+    }
+
+    /// Joins the flight on `flight_key`: as its leader or a follower, or,
+    /// for a request that may not lead and finds no flight, not at all.
+    pub(crate) fn join_flight(&self, flight_key: &str) -> Option<Joined> {
+        let Ctx { config, keyed } = self;
+        if request::may_lead(config, &keyed.parts, &keyed.directives) {
+            Some(config.flights.join(flight_key))
+        } else {
+            config.flights.follow(flight_key).map(Joined::Follower)
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody> Exchange<S, ReqBody, ResBody>
+where
+    S: Origin<ReqBody, ResBody>,
+    ReqBody: Send + 'static,
+    ResBody: OriginBody,
+{
+    /// Nothing usable was found (`reason`: `uri-miss` or `vary-miss`).
+    pub(super) async fn on_miss(
+        self,
+        reason: &'static str,
+        tier: Tier,
+    ) -> Answer<ResBody, S::Error> {
+        let ctx = &self.ctx;
+        ctx.config
+            .store
+            .counters
+            .misses
+            .fetch_add(1, Ordering::Relaxed);
+        if ctx.keyed.directives.only_if_cached {
+            return Ok(gateway_timeout(tier));
+        }
+        let status = CacheStatus::forward(reason, tier);
+        match ctx.coalescing() {
+            None => Box::pin(self.forward_and_store(status, Fill::none())).await,
+            Some(max_wait) => Box::pin(self.coalesced_miss(status, max_wait)).await,
+        }
+    }
+
+    /// A miss with coalescing. A request whose own answer could not be
+    /// stored (or, with `Authorization`, seldom can) never leads: it
+    /// follows a flight under way, or goes to the origin on its own.
+    async fn coalesced_miss(
+        self,
+        status: CacheStatus,
+        max_wait: Duration,
+    ) -> Answer<ResBody, S::Error> {
+        let deadline = Instant::now() + max_wait;
+        match self.ctx.join_flight(&self.ctx.keyed.flight_key()) {
+            None => self.forward_and_store(status, Fill::none()).await,
+            Some(Joined::Follower(flight)) => self.follow_fill(flight, status, deadline).await,
+            Some(Joined::Leader(guard)) => self.lead_fill(guard, status, deadline).await,
+        }
+    }
+
+    /// Waits for the in-process leader's entry; without one this request
+    /// can use, looks again, then goes to the origin.
+    async fn follow_fill(
+        self,
+        flight: tokio::sync::watch::Receiver<Outcome>,
+        status: CacheStatus,
+        deadline: Instant,
+    ) -> Answer<ResBody, S::Error> {
+        let Ctx { config, keyed } = &self.ctx;
+        let shared = tokio::time::timeout_at(deadline, coalesce::wait(flight)).await;
+        if let Ok(Outcome::Done(Some(entry))) = shared {
+            return Ok(serve_coalesced(config, &entry, keyed, Tier::Redis));
+        }
+        // The leader stored nothing this request can use (or took too
+        // long): look again, then go to the origin.
+        if let (Lookup::Hit(entry), tier) = config
+            .store
+            .lookup(&keyed.url_hash, &keyed.parts.headers, &keyed.extra)
+            .await
+        {
+            return Ok(serve_coalesced(config, &entry, keyed, tier));
+        }
+        self.forward_and_store(status, Fill::none()).await
+    }
+
+    /// Leads the in-process flight: takes the Redis fill lock and goes to
+    /// the origin, or, while another instance holds it, waits for its
+    /// announcement (or polls, in case the message is lost) and looks again.
+    async fn lead_fill(
+        self,
+        guard: FlightGuard,
+        status: CacheStatus,
+        deadline: Instant,
+    ) -> Answer<ResBody, S::Error> {
+        let Ctx { config, keyed } = &self.ctx;
+        let store = &config.store;
+        let mut poll = Duration::from_millis(10);
+        let lock = loop {
+            let variant = store.known_variant(&keyed.url_hash, &keyed.parts.headers, &keyed.extra);
+            match store
+                .try_lock(&keyed.url_hash, variant.as_deref(), LockPurpose::Fill)
+                .await
+            {
+                LockAttempt::Acquired(lock) => break Some(lock),
+                LockAttempt::Unavailable => break None,
+                LockAttempt::Held | LockAttempt::Filled => {}
+            }
+            let updated = store.bus.updated();
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::debug!(target: "tower_redis_cache", "coalescing wait exceeded; going to the origin");
+                break None;
+            }
+            let _ = tokio::time::timeout_at(deadline.min(now + poll), updated).await;
+            poll = (poll * 2).min(Duration::from_millis(250));
+            if let (Lookup::Hit(entry), tier) = store
+                .lookup(&keyed.url_hash, &keyed.parts.headers, &keyed.extra)
+                .await
+            {
+                let shared = key::vary_names(&entry.headers)
+                    .unwrap_or_default()
+                    .is_empty()
+                    .then(|| Arc::new(entry.clone()));
+                guard.complete(shared);
+                return Ok(serve_coalesced(config, &entry, keyed, tier));
+            }
+        };
+        let fill = Fill {
+            guard: Some(guard),
+            lock,
+        };
+        self.forward_and_store(status, fill).await
+    }
+
+    /// Forwards the request and passes the answer on, storing a copy when
+    /// allowed.
+    pub(crate) async fn forward_and_store(
+        self,
+        status: CacheStatus,
+        fill: Fill,
+    ) -> Answer<ResBody, S::Error> {
+        let Exchange {
+            ctx,
+            mut inner,
+            request,
+            ..
+        } = self;
+        let request_time = SystemTime::now();
+        match inner.call(request).await {
+            Ok(response) => Ok(store_if_allowed(&ctx, response, request_time, status, fill)),
+            Err(error) => {
+                fill.release(&ctx);
+                Err(error)
+            }
+        }
+    }
+}

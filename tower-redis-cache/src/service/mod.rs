@@ -1,0 +1,282 @@
+//! [`Cache`]: look up, serve or forward, and store what may be stored.
+//!
+//! One file per decision:
+//! - `mod.rs`: the service, and the dispatch of a request (unsafe method,
+//!   not handled, hit, miss);
+//! - `request.rs`: what a request may ask of the cache;
+//! - `hit.rs`: an entry was found: serve it, serve it stale while
+//!   refreshing, or revalidate it;
+//! - `miss.rs`: nothing usable was found: coalesce, forward, fill
+//!   (`coalesce.rs`: the in-process flights);
+//! - `revalidate.rs`: conditional requests for stale entries, coalesced;
+//! - `storing.rs`: whether and how a response is stored (`tee.rs`: its body
+//!   read at the origin's pace);
+//! - `invalidate.rs`: unsafe methods invalidate what they change;
+//! - `cache_status.rs`, `tags.rs`: pure helpers.
+
+mod cache_status;
+mod coalesce;
+mod hit;
+mod invalidate;
+mod miss;
+mod request;
+mod revalidate;
+mod storing;
+mod tags;
+mod tee;
+#[cfg(test)]
+mod tests;
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http_body::Body;
+use tower_service::Service;
+use tracing::Instrument;
+
+use crate::body::CacheBody;
+use crate::directives::RequestDirectives;
+use crate::key;
+use crate::layer::Config;
+use crate::store::Lookup;
+
+pub(crate) use cache_status::CACHE_STATUS;
+pub(crate) use coalesce::Flights;
+pub use request::RequestCacheControl;
+pub(crate) use tee::TeeReader;
+
+/// The cached service produced by [`CacheLayer`](crate::CacheLayer).
+#[derive(Clone)]
+pub struct Cache<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> std::fmt::Debug for Cache<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache").finish_non_exhaustive()
+    }
+}
+
+impl<S> Cache<S> {
+    pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
+        Self { inner, config }
+    }
+}
+
+pub use tower_redis_core::ResponseFuture;
+
+/// The service the cache wraps, with the bounds every path needs (it is
+/// called from spawned refreshes, so it is `Send + 'static`).
+pub(crate) trait Origin<ReqBody, ResBody>:
+    Service<Request<ReqBody>, Response = Response<ResBody>, Future: Send, Error: Send + 'static>
+    + Send
+    + 'static
+{
+}
+
+impl<T, ReqBody, ResBody> Origin<ReqBody, ResBody> for T where
+    T: Service<Request<ReqBody>, Response = Response<ResBody>, Future: Send, Error: Send + 'static>
+        + Send
+        + 'static
+{
+}
+
+/// A response body the cache can read (to store it) on a task of its own.
+pub(crate) trait OriginBody: Body<Data = Bytes, Error: Send> + Send + 'static {}
+
+impl<B> OriginBody for B where B: Body<Data = Bytes, Error: Send> + Send + 'static {}
+
+/// What every path answers.
+pub(crate) type Answer<B, E> = Result<Response<CacheBody<B>>, E>;
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Cache<S>
+where
+    // The `Service` bound names `ResBody`; `Origin` adds what every path needs.
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Origin<ReqBody, ResBody> + Clone,
+    ReqBody: Body + Send + 'static,
+    ResBody: OriginBody,
+{
+    type Response = Response<CacheBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<Self::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let config = Arc::clone(&self.config);
+        let span = tracing::debug_span!(
+            target: "tower_redis_cache",
+            "cache",
+            method = %request.method(),
+            path = request.uri().path()
+        );
+        ResponseFuture::new(handle(config, inner, request).instrument(span))
+    }
+}
+
+/// Parse, decide, and either answer from the cache or forward.
+async fn handle<S, ReqBody, ResBody>(
+    config: Arc<Config>,
+    mut inner: S,
+    request: Request<ReqBody>,
+) -> Answer<ResBody, S::Error>
+where
+    S: Origin<ReqBody, ResBody>,
+    ReqBody: Body + Send + 'static,
+    ResBody: OriginBody,
+{
+    // The miss, revalidation and invalidation paths are boxed: inlined,
+    // they made this future (moved and allocated on every request, hits
+    // included) about twice as large.
+    if is_unsafe(request.method()) {
+        return Box::pin(invalidate::invalidating(&config, inner, request)).await;
+    }
+    let Some(keyed) = Keyed::of(&config, &request) else {
+        let response = inner.call(request).await?;
+        return Ok(passthrough(&config, response));
+    };
+    let (lookup, tier) = config
+        .store
+        .lookup(&keyed.url_hash, &keyed.parts.headers, &keyed.extra)
+        .await;
+    let exchange = Exchange {
+        ctx: Ctx { config, keyed },
+        inner,
+        request,
+        body: PhantomData,
+    };
+    match lookup {
+        Lookup::Hit(entry) => exchange.on_hit(entry, tier).await,
+        Lookup::UriMiss => exchange.on_miss("uri-miss", tier).await,
+        Lookup::VaryMiss => exchange.on_miss("vary-miss", tier).await,
+    }
+}
+
+/// A request the cache handles: its head (as the client sent it), where its
+/// entries live and what it asks of the cache.
+pub(crate) struct Keyed {
+    pub(crate) parts: Parts,
+    /// `//host/path?query`.
+    pub(crate) url: String,
+    pub(crate) url_hash: String,
+    pub(crate) extra: String,
+    pub(crate) directives: RequestDirectives,
+}
+
+impl Keyed {
+    /// The key of a request the cache handles, or `None` for one it passes
+    /// through: not a GET or HEAD, gRPC, a range, a body, a route that
+    /// bypasses the cache, an unknown host or a malformed forwarded origin.
+    /// The request's head is copied once, and only for requests the cache
+    /// handles.
+    fn of<B: Body>(config: &Config, request: &Request<B>) -> Option<Self> {
+        let method = request.method();
+        let cacheable_request = (method == Method::GET || method == Method::HEAD)
+            && !is_grpc(request.headers())
+            && !request.headers().contains_key(header::RANGE)
+            && !request::carries_body(request);
+        let route = config.route_for(request.uri().path());
+        if !(cacheable_request && route.enabled) {
+            return None;
+        }
+        let forwarded = request::forwarded_origin(config, request).ok()?;
+        let mut parts = head_only(request).0;
+        let url = match &forwarded {
+            Some((family, view)) => {
+                parts.extensions.insert(request::ViaTrustedProxy(*family));
+                key::forwarded_url_of(&parts, view, &config.allowed_hosts, route)
+            }
+            None => key::url_of(&parts, &config.allowed_hosts, route),
+        }?;
+        let mut extra = key::extra_key(&parts, route);
+        if let Some((_, view)) = &forwarded {
+            key::push_forwarded_origin(&mut extra, view, &parts);
+        }
+        Some(Keyed {
+            url_hash: key::hash_url(&url),
+            url,
+            extra,
+            directives: request::directives(&parts.headers, config.request_cache_control),
+            parts,
+        })
+    }
+
+    /// The key requests are coalesced on: the URL and the route's extra
+    /// key parts (the `Vary` of the response is not known yet).
+    pub(crate) fn flight_key(&self) -> String {
+        if self.extra.is_empty() {
+            self.url_hash.clone()
+        } else {
+            format!("{}:{}", self.url_hash, key::value_digest(&self.extra))
+        }
+    }
+}
+
+/// What every decision about one keyed request needs, once the request
+/// itself has gone to the origin: the layer's configuration and the key.
+pub(crate) struct Ctx {
+    pub(crate) config: Arc<Config>,
+    pub(crate) keyed: Keyed,
+}
+
+/// A keyed request on its way: its context, the service to forward it to
+/// and the request itself. The decisions (`hit.rs`, `miss.rs`,
+/// `revalidate.rs`) are its methods, under one set of bounds.
+pub(crate) struct Exchange<S, ReqBody, ResBody> {
+    pub(crate) ctx: Ctx,
+    pub(crate) inner: S,
+    pub(crate) request: Request<ReqBody>,
+    /// The origin's body type, which the methods' bounds name.
+    body: PhantomData<fn() -> ResBody>,
+}
+
+/// A response the cache does not handle: only its tag headers are removed.
+fn passthrough<B: Body>(config: &Config, response: Response<B>) -> Response<CacheBody<B>> {
+    let (mut parts, body) = response.into_parts();
+    if config.strip_tag_headers {
+        for name in &config.tag_headers {
+            parts.headers.remove(name);
+        }
+    }
+    Response::from_parts(parts, CacheBody::passthrough(body))
+}
+
+/// RFC 9111 §4.4: unsafe methods, including those whose safety is unknown.
+fn is_unsafe(method: &Method) -> bool {
+    !method.is_safe()
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// The request's head, without its body.
+fn head_only<B>(request: &Request<B>) -> (Parts, ()) {
+    let mut builder = Request::builder()
+        .method(request.method().clone())
+        .uri(request.uri().clone())
+        .version(request.version());
+    if let Some(headers) = builder.headers_mut() {
+        *headers = request.headers().clone();
+    }
+    builder.body(()).unwrap_or_default().into_parts()
+}
+
+fn response_parts(status: StatusCode, headers: HeaderMap) -> http::response::Parts {
+    let (mut parts, ()) = Response::new(()).into_parts();
+    parts.status = status;
+    parts.headers = headers;
+    parts
+}

@@ -1,0 +1,394 @@
+//! Revalidation: a conditional request for a stale entry; a 304 refreshes
+//! the entry (RFC 9111 §4.3.4) and it is served, anything else is a fresh
+//! response. With `stale_if_error`, an origin error, a 500/502/503/504 or
+//! no answer within the origin timeout serves the stale entry (RFC 5861).
+//!
+//! Revalidations are coalesced the way misses are: a stale entry (or a fresh
+//! one that a request's `no-cache` or `max-age` refuses) is revalidated by
+//! one request per instance (an in-process flight) and across instances
+//! (the URL's Redis lock); the others wait for its result, up to the
+//! coalescing wait. Without this, every request for a stale entry, and
+//! every `no-cache` request any client sends, is an origin request.
+//!
+//! A follower is answered with the entry its leader stored, or with an
+//! entry stored since its own lookup (a newer response than the one it
+//! found: it was fetched from the origin after this request arrived, which
+//! is what `no-cache` asks for). When the origin fails while the leader
+//! revalidates, followers whose own request allows `stale-if-error` serve
+//! their stale entry instead of asking the failing origin again.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, Request, Response, StatusCode, header};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::cache_status::CacheStatus;
+use super::coalesce::{self, FlightGuard, Joined, Outcome};
+use super::hit::{gateway_timeout, serve, serve_coalesced, serve_stale_if_error};
+use super::miss::Fill;
+use super::storing::{HOP_BY_HOP, keep_for, store_if_allowed, tag_headers};
+use super::tags::{set_stored_tags, stored_tags, take_tags};
+use super::{Answer, Ctx, Exchange, Origin, OriginBody, request, response_parts};
+use crate::entry::Entry;
+use crate::freshness;
+use crate::key;
+use crate::store::{LockAttempt, LockPurpose, Lookup, Put, Tier};
+
+/// A revalidation to make, or to wait for.
+pub(crate) struct Revalidation {
+    /// The entry found, which the origin is asked to validate.
+    pub(crate) entry: Entry,
+    pub(crate) status: CacheStatus,
+    /// The request allows serving the entry if the origin fails.
+    pub(crate) stale_if_error: bool,
+}
+
+impl<S, ReqBody, ResBody> Exchange<S, ReqBody, ResBody>
+where
+    S: Origin<ReqBody, ResBody>,
+    ReqBody: Send + 'static,
+    ResBody: OriginBody,
+{
+    /// Revalidates an entry a lookup found, coalesced when allowed.
+    pub(super) async fn revalidate_found(
+        self,
+        revalidation: Revalidation,
+    ) -> Answer<ResBody, S::Error> {
+        match self.ctx.coalescing() {
+            Some(max_wait) => Box::pin(self.coalesced(revalidation, max_wait)).await,
+            None => Box::pin(self.revalidate(revalidation, Fill::none())).await,
+        }
+    }
+
+    async fn coalesced(
+        self,
+        revalidation: Revalidation,
+        max_wait: Duration,
+    ) -> Answer<ResBody, S::Error> {
+        let deadline = Instant::now() + max_wait;
+        let flight_key = format!("v:{}", self.ctx.keyed.flight_key());
+        match self.ctx.join_flight(&flight_key) {
+            None => self.revalidate(revalidation, Fill::none()).await,
+            Some(Joined::Follower(flight)) => self.follow(flight, revalidation, deadline).await,
+            Some(Joined::Leader(guard)) => self.lead(guard, revalidation, deadline).await,
+        }
+    }
+
+    /// Waits for the in-process leader's revalidation.
+    async fn follow(
+        self,
+        flight: watch::Receiver<Outcome>,
+        revalidation: Revalidation,
+        deadline: Instant,
+    ) -> Answer<ResBody, S::Error> {
+        let Ctx { config, keyed } = &self.ctx;
+        match tokio::time::timeout_at(deadline, coalesce::wait(flight)).await {
+            Ok(Outcome::Done(Some(shared))) => {
+                return Ok(serve_coalesced(config, &shared, keyed, Tier::Redis));
+            }
+            Ok(Outcome::OriginFailed(fwd_status)) if revalidation.stale_if_error => {
+                return Ok(serve_stale_if_error(
+                    config,
+                    &revalidation.entry,
+                    &keyed.parts,
+                    revalidation.status.tier,
+                    fwd_status,
+                ));
+            }
+            _ => {}
+        }
+        // Nothing shared (a `Vary`, a refusal, a timeout): an entry
+        // stored since this request's lookup will do, else revalidate.
+        let found_at = revalidation.entry.response_time_ms;
+        if let Some((newer, tier)) = newer_entry(&self.ctx, found_at).await {
+            return Ok(serve_coalesced(config, &newer, keyed, tier));
+        }
+        self.revalidate(revalidation, Fill::none()).await
+    }
+
+    /// Leads the in-process flight: takes the URL's Redis lock and
+    /// revalidates, or, while another instance revalidates (or just did),
+    /// waits for its announcement (or polls, in case it is lost) and looks
+    /// again.
+    async fn lead(
+        self,
+        guard: FlightGuard,
+        revalidation: Revalidation,
+        deadline: Instant,
+    ) -> Answer<ResBody, S::Error> {
+        let Ctx { config, keyed } = &self.ctx;
+        let store = &config.store;
+        let found_at = revalidation.entry.response_time_ms;
+        let mut poll = Duration::from_millis(10);
+        let mut seen_filled = false;
+        let lock = loop {
+            let variant = store.known_variant(&keyed.url_hash, &keyed.parts.headers, &keyed.extra);
+            let updated = store.bus.updated();
+            let purpose = LockPurpose::Refresh(found_at);
+            let attempt = match store
+                .try_lock(&keyed.url_hash, variant.as_deref(), purpose)
+                .await
+            {
+                LockAttempt::Acquired(lock) => break Some(lock),
+                LockAttempt::Unavailable => break None,
+                attempt @ (LockAttempt::Held | LockAttempt::Filled) => attempt,
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::debug!(target: "tower_redis_cache", "coalescing wait exceeded; revalidating");
+                break None;
+            }
+            // An entry just stored is looked up at once, the first time.
+            if matches!(attempt, LockAttempt::Held) || seen_filled {
+                let _ = tokio::time::timeout_at(deadline.min(now + poll), updated).await;
+                poll = (poll * 2).min(Duration::from_millis(250));
+            }
+            seen_filled |= matches!(attempt, LockAttempt::Filled);
+            if let Some((newer, tier)) = newer_entry(&self.ctx, found_at).await {
+                let shared = key::vary_names(&newer.headers)
+                    .unwrap_or_default()
+                    .is_empty()
+                    .then(|| Arc::new(newer.clone()));
+                guard.complete(shared);
+                return Ok(serve_coalesced(config, &newer, keyed, tier));
+            }
+        };
+        let fill = Fill {
+            guard: Some(guard),
+            lock,
+        };
+        self.revalidate(revalidation, fill).await
+    }
+
+    /// Sends the conditional request for a stale entry and answers with
+    /// its result (see the module's documentation).
+    pub(crate) async fn revalidate(
+        self,
+        revalidation: Revalidation,
+        fill: Fill,
+    ) -> Answer<ResBody, S::Error> {
+        let Exchange {
+            ctx,
+            mut inner,
+            mut request,
+            ..
+        } = self;
+        let Revalidation {
+            entry,
+            status,
+            stale_if_error,
+        } = revalidation;
+        // The client's own conditionals are answered here, from the result.
+        make_conditional(&mut request, &entry.headers);
+        let request_time = SystemTime::now();
+        let call = inner.call(request);
+        let answer = match ctx.config.origin_timeout.filter(|_| stale_if_error) {
+            Some(limit) => tokio::time::timeout(limit, call).await.ok(),
+            None => Some(call.await),
+        };
+        let failed = match &answer {
+            None => Some(None),
+            Some(Err(_)) => Some(None),
+            Some(Ok(response)) if is_server_failure(response.status()) => {
+                Some(Some(response.status()))
+            }
+            Some(Ok(_)) => None,
+        };
+        if let (true, Some(fwd_status)) = (stale_if_error, failed) {
+            fill.fail(&ctx, fwd_status);
+            let (config, parts) = (&ctx.config, &ctx.keyed.parts);
+            return Ok(serve_stale_if_error(
+                config,
+                &entry,
+                parts,
+                status.tier,
+                fwd_status,
+            ));
+        }
+        let response = match answer {
+            Some(Ok(response)) => response,
+            Some(Err(error)) => {
+                fill.fail(&ctx, None);
+                return Err(error);
+            }
+            // Unreachable: a timeout only applies with stale_if_error.
+            None => {
+                fill.release(&ctx);
+                return Ok(gateway_timeout(status.tier));
+            }
+        };
+        if response.status() != StatusCode::NOT_MODIFIED {
+            let status = status.with_fwd_status(response.status());
+            return Ok(store_if_allowed(&ctx, response, request_time, status, fill));
+        }
+        let validated = Validated {
+            entry,
+            not_modified: response.into_parts().0,
+            request_time,
+        };
+        Ok(validated.refresh(&ctx, status, fill).await)
+    }
+}
+
+/// Replaces the client's conditionals with the entry's validators.
+fn make_conditional<B>(request: &mut Request<B>, stored: &HeaderMap) {
+    let headers = request.headers_mut();
+    for name in [
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+    ] {
+        headers.remove(name);
+    }
+    if let Some(etag) = stored.get(header::ETAG) {
+        headers.insert(header::IF_NONE_MATCH, etag.clone());
+    }
+    if let Some(modified) = stored.get(header::LAST_MODIFIED) {
+        headers.insert(header::IF_MODIFIED_SINCE, modified.clone());
+    }
+}
+
+/// An entry the origin answered 304 for.
+struct Validated {
+    entry: Entry,
+    not_modified: http::response::Parts,
+    request_time: SystemTime,
+}
+
+impl Validated {
+    /// §4.3.4: the stored response, with the 304's header fields; stored
+    /// again when it still may be, and served.
+    async fn refresh<B: http_body::Body>(
+        self,
+        ctx: &Ctx,
+        status: CacheStatus,
+        fill: Fill,
+    ) -> Response<crate::body::CacheBody<B>> {
+        let Ctx { config, keyed } = ctx;
+        let Validated {
+            entry,
+            mut not_modified,
+            request_time,
+        } = self;
+        let client_parts = &keyed.parts;
+        let response_time = SystemTime::now();
+        let route = config.route_for(client_parts.uri.path());
+        let mut tags = stored_tags(&entry.headers);
+        tags.extend(take_tags(
+            &tag_headers(config),
+            route,
+            client_parts,
+            &mut not_modified,
+        ));
+        let mut refreshed = merge_304(entry, &not_modified.headers);
+        let as_stored = response_parts(refreshed.status, refreshed.headers.clone());
+        let mut status = status.with_fwd_status(StatusCode::NOT_MODIFIED);
+        let unkeyed = request::carries_unkeyed_header(config, client_parts);
+        let storable = freshness::storable(
+            client_parts,
+            &keyed.directives,
+            &as_stored,
+            &config.rules,
+            route,
+            response_time,
+        );
+        if let (false, Ok(storable)) = (unkeyed, storable) {
+            refreshed.response_time_ms = freshness::epoch_ms(response_time);
+            refreshed.initial_age =
+                freshness::initial_age(&not_modified.headers, request_time, response_time);
+            refreshed.lifetime = storable.lifetime;
+            set_stored_tags(&mut refreshed.headers, &tags);
+            let vary = key::vary_names(&refreshed.headers).unwrap_or_default();
+            let put = Put {
+                url_hash: keyed.url_hash.clone(),
+                url: keyed.url.clone(),
+                variant: key::variant(&vary, &client_parts.headers, &keyed.extra),
+                vary,
+                keep_for: keep_for(config, route, &refreshed, storable.lifetime),
+                entry: refreshed.clone(),
+                tags,
+            };
+            let shared = put.vary.is_empty().then(|| Arc::new(refreshed.clone()));
+            config.store.put(put, fill.lock).await;
+            if let Some(guard) = fill.guard {
+                guard.complete(shared);
+            }
+            status.stored = true;
+        } else {
+            fill.release(ctx);
+        }
+        let age = refreshed.age(freshness::epoch_ms(SystemTime::now()));
+        serve(&refreshed, client_parts, age, status)
+    }
+}
+
+/// The stored entry with a 304's fields: every line of each field the 304
+/// sends replaces the stored lines (but `Content-Length` and hop-by-hop
+/// fields, which describe the 304 itself).
+fn merge_304(mut entry: Entry, not_modified: &HeaderMap) -> Entry {
+    for name in not_modified.keys() {
+        if name != header::CONTENT_LENGTH && !HOP_BY_HOP.contains(name) {
+            entry.headers.remove(name);
+        }
+    }
+    for (name, value) in not_modified {
+        if name != header::CONTENT_LENGTH && !HOP_BY_HOP.contains(name) {
+            entry.headers.append(name.clone(), value.clone());
+        }
+    }
+    entry
+}
+
+fn is_server_failure(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 500 | 502 | 503 | 504)
+}
+
+/// The entry the request selects, when it was stored after the one the
+/// request found (stored at `found_at`): a response the origin gave after
+/// this request's lookup.
+async fn newer_entry(ctx: &Ctx, found_at: u64) -> Option<(Entry, Tier)> {
+    let Ctx { config, keyed } = ctx;
+    match config
+        .store
+        .lookup(&keyed.url_hash, &keyed.parts.headers, &keyed.extra)
+        .await
+    {
+        (Lookup::Hit(entry), tier) if entry.response_time_ms > found_at => Some((entry, tier)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_304_replaces_every_line_of_its_fields_but_not_its_length() {
+        let mut entry = Entry {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: bytes::Bytes::from_static(b"page"),
+            response_time_ms: 0,
+            initial_age: 0,
+            lifetime: 60,
+        };
+        entry.headers.append("x-a", "1".parse().unwrap());
+        entry.headers.append("x-a", "2".parse().unwrap());
+        entry.headers.insert("content-length", "4".parse().unwrap());
+        entry.headers.insert("x-kept", "k".parse().unwrap());
+        let mut not_modified = HeaderMap::new();
+        not_modified.insert("x-a", "3".parse().unwrap());
+        not_modified.insert("content-length", "0".parse().unwrap());
+        not_modified.insert("connection", "close".parse().unwrap());
+        let merged = merge_304(entry, &not_modified);
+        let a: Vec<_> = merged.headers.get_all("x-a").iter().collect();
+        assert_eq!(a, ["3"]);
+        assert_eq!(merged.headers["content-length"], "4");
+        assert_eq!(merged.headers["x-kept"], "k");
+        assert!(!merged.headers.contains_key("connection"));
+    }
+}

@@ -1,0 +1,265 @@
+//! The service's decisions, in process: a cache over
+//! `RedisManager::disabled()` (so every entry lives in the in-process store
+//! and every answer says `redis-unavailable`) in front of a scripted origin.
+//! Entry ages come from the origin's `Age` field, so no wall clock is
+//! waited for; waits for background work run on tokio's paused clock.
+
+#![allow(clippy::unwrap_used)]
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use tower::{Layer, Service, ServiceExt};
+use tower_redis_core::RedisManager;
+
+use super::hit::{StaleUse, stale_use};
+use crate::CacheLayer;
+use crate::directives::{RequestDirectives, ResponseDirectives};
+use crate::freshness::StaleWindows;
+
+/// An origin that answers every request with `headers`, counts its calls,
+/// and answers 304 to a request carrying `If-None-Match`.
+#[derive(Clone)]
+struct Origin {
+    headers: &'static [(&'static str, &'static str)],
+    calls: Arc<AtomicUsize>,
+}
+
+impl Origin {
+    fn new(headers: &'static [(&'static str, &'static str)]) -> Self {
+        Self {
+            headers,
+            calls: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Service<Request<Empty<Bytes>>> for Origin {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Empty<Bytes>>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let validated = request.headers().contains_key("if-none-match");
+        let mut builder = Response::builder().status(if validated {
+            StatusCode::NOT_MODIFIED
+        } else {
+            StatusCode::OK
+        });
+        for (name, value) in self.headers {
+            builder = builder.header(*name, *value);
+        }
+        let body = if validated { "" } else { "page" };
+        std::future::ready(Ok(builder.body(Full::new(Bytes::from(body))).unwrap()))
+    }
+}
+
+fn layer() -> CacheLayer {
+    CacheLayer::builder(RedisManager::disabled())
+        .build()
+        .unwrap()
+}
+
+fn get(headers: &[(&str, &str)]) -> Request<Empty<Bytes>> {
+    let mut builder = Request::get("http://shop.example/p/1");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    builder.body(Empty::new()).unwrap()
+}
+
+/// Sends one request, reads the whole body, waits for its store; returns
+/// the status and `Cache-Status`.
+async fn send(
+    layer: &CacheLayer,
+    origin: &Origin,
+    request: Request<Empty<Bytes>>,
+) -> (StatusCode, String) {
+    let response = layer.layer(origin.clone()).oneshot(request).await.unwrap();
+    let status = response.status();
+    let cache_status = response.headers()["cache-status"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let _ = response.into_body().collect().await;
+    layer.flush().await;
+    (status, cache_status)
+}
+
+#[tokio::test]
+async fn a_miss_is_stored_and_then_served_without_the_origin() {
+    let (layer, origin) = (layer(), Origin::new(&[("cache-control", "max-age=60")]));
+    let (_, first) = send(&layer, &origin, get(&[])).await;
+    assert_eq!(
+        first,
+        "tower-redis; fwd=uri-miss; stored; detail=redis-unavailable"
+    );
+    let (status, second) = send(&layer, &origin, get(&[])).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        second.starts_with("tower-redis; hit; ttl=") && second.ends_with("redis-unavailable"),
+        "{second}"
+    );
+    assert_eq!(origin.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_no_store_answer_is_forwarded_every_time() {
+    let (layer, origin) = (layer(), Origin::new(&[("cache-control", "no-store")]));
+    for _ in 0..2 {
+        let (_, status) = send(&layer, &origin, get(&[])).await;
+        assert_eq!(
+            status,
+            "tower-redis; fwd=uri-miss; detail=redis-unavailable"
+        );
+    }
+    assert_eq!(origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn only_if_cached_without_an_entry_is_a_504_and_nothing_is_forwarded() {
+    let (layer, origin) = (layer(), Origin::new(&[("cache-control", "max-age=60")]));
+    let (status, cache_status) =
+        send(&layer, &origin, get(&[("cache-control", "only-if-cached")])).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        cache_status,
+        "tower-redis; detail=\"only-if-cached redis-unavailable\""
+    );
+    assert_eq!(origin.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_request_no_cache_revalidates_a_fresh_entry_and_a_304_refreshes_it() {
+    let origin = Origin::new(&[("cache-control", "max-age=60"), ("etag", "\"v1\"")]);
+    let layer = layer();
+    send(&layer, &origin, get(&[])).await;
+    let (status, cache_status) = send(&layer, &origin, get(&[("cache-control", "no-cache")])).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the client had no validator: the entry"
+    );
+    assert_eq!(
+        cache_status,
+        "tower-redis; fwd=request; fwd-status=304; stored; detail=redis-unavailable"
+    );
+    assert_eq!(origin.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_entry_within_stale_while_revalidate_is_served_and_refreshed_once() {
+    // 70 s old at arrival with a 60 s lifetime: stale by 10 s, within 30 s.
+    let origin = Origin::new(&[
+        ("cache-control", "max-age=60, stale-while-revalidate=30"),
+        ("age", "70"),
+        ("etag", "\"v1\""),
+    ]);
+    let layer = layer();
+    send(&layer, &origin, get(&[])).await;
+    let (status, cache_status) = send(&layer, &origin, get(&[])).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        cache_status.contains("; fwd=stale")
+            && cache_status.ends_with("detail=\"redis-unavailable stale-while-revalidate\""),
+        "{cache_status}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while origin.calls() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no background refresh"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    layer.flush().await;
+    assert_eq!(origin.calls(), 2, "one refresh, in the background");
+}
+
+#[tokio::test]
+async fn a_stale_entry_past_its_windows_is_revalidated_before_answering() {
+    let origin = Origin::new(&[
+        ("cache-control", "max-age=60, stale-while-revalidate=5"),
+        ("age", "70"),
+        ("etag", "\"v1\""),
+    ]);
+    let layer = layer();
+    send(&layer, &origin, get(&[])).await;
+    let (_, cache_status) = send(&layer, &origin, get(&[])).await;
+    assert!(
+        cache_status.starts_with("tower-redis; fwd=stale; fwd-status=304"),
+        "{cache_status}"
+    );
+    assert_eq!(origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_successful_post_invalidates_its_target() {
+    let (layer, origin) = (layer(), Origin::new(&[("cache-control", "max-age=60")]));
+    send(&layer, &origin, get(&[])).await;
+    let post = Request::post("http://shop.example/p/1")
+        .body(Empty::new())
+        .unwrap();
+    let response = layer.layer(origin.clone()).oneshot(post).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (_, cache_status) = send(&layer, &origin, get(&[])).await;
+    assert!(cache_status.contains("fwd=uri-miss"), "{cache_status}");
+    assert_eq!(origin.calls(), 3);
+}
+
+#[test]
+fn stale_use_decides_between_serving_stale_and_revalidating() {
+    let windows = StaleWindows {
+        while_revalidate: 30,
+        if_error: 60,
+    };
+    let stored = ResponseDirectives::default();
+    let plain = RequestDirectives::default();
+    assert_eq!(
+        stale_use(70, 60, &stored, &plain, windows),
+        StaleUse::WhileRevalidate
+    );
+    assert_eq!(
+        stale_use(100, 60, &stored, &plain, windows),
+        StaleUse::Revalidate {
+            reason: "stale",
+            if_error: true
+        }
+    );
+    let no_cache = RequestDirectives {
+        no_cache: true,
+        ..RequestDirectives::default()
+    };
+    assert_eq!(
+        stale_use(70, 60, &stored, &no_cache, windows),
+        StaleUse::Revalidate {
+            reason: "request",
+            if_error: false
+        }
+    );
+    assert_eq!(
+        stale_use(10, 60, &stored, &no_cache, windows),
+        StaleUse::Revalidate {
+            reason: "request",
+            if_error: false
+        },
+        "a fresh entry the request refuses"
+    );
+}

@@ -1,0 +1,115 @@
+//! Finding the entry a request selects: the near cache first, then Redis
+//! (one round trip, `Vary` resolution included) or, while Redis is
+//! unavailable, the in-process store. The `Vary` hints remember each URL's
+//! `Vary` names so that a Redis lookup is a plain `HMGET`.
+
+use std::time::Duration;
+
+use http::HeaderMap;
+use tower_redis_core::redis;
+
+use super::{CacheStore, EntryStore, Found, Lookup, Put, Tier};
+use crate::entry::Entry;
+use crate::key;
+
+impl CacheStore {
+    /// One round trip (Vary resolution included), none from the near cache.
+    pub(crate) async fn lookup(
+        &self,
+        url_hash: &str,
+        request: &HeaderMap,
+        extra: &str,
+    ) -> (Lookup, Tier) {
+        self.bus.ensure_started();
+        if self.outage.is_degraded() && self.redis.manager.is_available() {
+            // Redis is back: replay the outage's invalidations and purges
+            // before reading, so this answer already reflects them.
+            self.track_outage(true).await;
+        }
+        let near = self.near.as_ref().filter(|_| self.bus.near_usable());
+        if let Some(near) = near
+            && let Found::Entry(entry) = near.find(url_hash, request, extra)
+        {
+            return (Lookup::Hit(entry), Tier::Near);
+        }
+        let epoch = self.bus.epoch();
+        let hint = self.vary_hints.get(url_hash);
+        let previous_hint = hint.clone();
+        let (from_redis, (found, vary_seen)) =
+            match self.redis.lookup(url_hash, request, extra, hint).await {
+                Ok(found) => (true, found),
+                Err(_) => {
+                    let Ok(found) = self.memory.lookup(url_hash, request, extra, None).await;
+                    (false, found)
+                }
+            };
+        let tier = if self.track_outage(from_redis).await {
+            Tier::Degraded
+        } else {
+            Tier::Redis
+        };
+        self.update_vary_hint(url_hash, previous_hint, vary_seen.as_deref(), tier);
+        let lookup = match found {
+            Found::Entry(entry) => {
+                if let (Some(near), Some(vary), Tier::Redis) = (near, vary_seen, tier)
+                    && self.bus.epoch() == epoch
+                {
+                    keep_near(near, url_hash, request, extra, vary, &entry);
+                }
+                Lookup::Hit(entry)
+            }
+            Found::NoUrl => Lookup::UriMiss,
+            Found::NoVariant => Lookup::VaryMiss,
+            Found::Corrupt(field) => {
+                tracing::warn!(target: "tower_redis_cache", "deleting a corrupt or foreign cache entry");
+                let key = self.redis.redis_key(url_hash);
+                let _ = self
+                    .redis
+                    .manager
+                    .query::<()>(redis::cmd("HDEL").arg(&key).arg(field))
+                    .await;
+                Lookup::VaryMiss
+            }
+        };
+        (lookup, tier)
+    }
+
+    /// Records the `Vary` names a lookup saw, written only when they
+    /// change: a cache write costs more than a read.
+    fn update_vary_hint(
+        &self,
+        url_hash: &str,
+        previous: Option<String>,
+        seen: Option<&str>,
+        tier: Tier,
+    ) {
+        match seen {
+            Some(vary) if previous.as_deref() == Some(vary) => {}
+            Some(vary) => self.vary_hints.insert(url_hash.to_owned(), vary.to_owned()),
+            None if tier == Tier::Redis && previous.is_some() => {
+                self.vary_hints.invalidate(url_hash);
+            }
+            None => {}
+        }
+    }
+}
+
+/// Copies an entry read from Redis into the near cache.
+fn keep_near(
+    near: &super::MemoryStore,
+    url_hash: &str,
+    request: &HeaderMap,
+    extra: &str,
+    vary: String,
+    entry: &Entry,
+) {
+    near.insert(&Put {
+        url_hash: url_hash.to_owned(),
+        url: String::new(),
+        variant: key::variant(&vary, request, extra),
+        vary,
+        entry: entry.clone(),
+        keep_for: Duration::from_secs(u64::from(u32::MAX)),
+        tags: Vec::new(),
+    });
+}

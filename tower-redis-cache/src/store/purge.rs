@@ -1,0 +1,220 @@
+//! Removing entries: RFC 9111 invalidations (after unsafe requests) and
+//! the admin purges, by tag, path prefix, path, URL or everything, hard or
+//! soft. In Redis a purge reads the tag's or directory's index and deletes
+//! (or marks stale) the URLs it lists, a page at a time.
+
+use tower_redis_core::redis::{self, Value};
+
+use super::outage::Pending;
+use super::redis_store::{self, Op, RedisStore};
+use super::{CacheStore, EntryStore, Purged, Target};
+use crate::bus::Bus;
+use crate::key;
+
+/// URLs deleted per pipeline in a purge.
+const PURGE_BATCH: usize = 500;
+
+impl CacheStore {
+    /// Deletes every variant of these URLs (RFC 9111 §4.4 invalidation).
+    pub(crate) async fn invalidate(&self, url_hashes: &[String]) {
+        let Ok(()) = self.memory.invalidate(url_hashes).await;
+        if let Some(near) = &self.near {
+            let Ok(()) = near.invalidate(url_hashes).await;
+        }
+        if url_hashes.is_empty() {
+            return;
+        }
+        match self.redis.invalidate(url_hashes).await {
+            Ok(()) => {
+                self.track_outage(true).await;
+            }
+            Err(_) => self
+                .outage
+                .defer(url_hashes.iter().cloned().map(Pending::Invalidate)),
+        }
+    }
+
+    /// Purges (or, with `soft_at`, marks stale) the target's entries
+    /// everywhere: Redis, this instance's in-process stores, and (through
+    /// the announcements) the other instances' near caches. `soft_at` is
+    /// this instance's time, used only for its in-process store (whose
+    /// entries carry its own clock); in Redis the mark is Redis' time, the
+    /// clock stored entries are stamped with, and near-cache copies are
+    /// dropped, so that no instance's clock decides what a soft purge makes
+    /// stale.
+    pub(crate) async fn purge(&self, target: &Target, soft_at: Option<u64>) -> Purged {
+        if let Some(near) = &self.near {
+            let Ok(_) = near.purge(target, None).await;
+        }
+        let Ok(local_count) = self.memory.purge(target, soft_at).await;
+        match self.redis.purge(target, soft_at).await {
+            Ok(urls) => Purged {
+                urls,
+                deferred: false,
+            },
+            Err(error) => {
+                tracing::warn!(target: "tower_redis_cache", %error, "purge deferred: Redis is unavailable; purged in process, replayed on Redis when it is back");
+                self.outage.defer([Pending::Purge(target.clone(), soft_at)]);
+                Purged {
+                    urls: local_count,
+                    deferred: true,
+                }
+            }
+        }
+    }
+}
+
+/// Where a purge finds its URLs in Redis: an index, and which of its URLs
+/// it selects.
+struct Indexed<'a> {
+    index: String,
+    /// A path prefix, or a whole path with `exact`.
+    filter: Option<(&'a str, bool)>,
+}
+
+impl Indexed<'_> {
+    fn selects(&self, url: &str) -> bool {
+        match self.filter {
+            None => true,
+            Some((prefix, false)) => key::path_of(url).starts_with(prefix),
+            Some((path, true)) => key::path_of(url) == path,
+        }
+    }
+}
+
+impl RedisStore {
+    /// The Redis side of a purge; returns how many URLs had entries.
+    pub(super) async fn purge_indexed(
+        &self,
+        target: &Target,
+        soft_at: Option<u64>,
+    ) -> Result<u64, tower_redis_core::Error> {
+        let indexed = match target {
+            Target::Url(url) => {
+                return self.purge_urls(std::slice::from_ref(url), soft_at).await;
+            }
+            Target::Tag(tag) => Indexed {
+                index: self.index_key("ct", tag),
+                filter: None,
+            },
+            Target::Prefix(prefix) => Indexed {
+                index: self.index_key("cx", key::directory_for_prefix(prefix, self.index_depth)),
+                filter: Some((prefix.as_str(), false)),
+            },
+            Target::Path(path) => Indexed {
+                index: self.index_key("cx", key::directory_for_prefix(path, self.index_depth)),
+                filter: Some((path.as_str(), true)),
+            },
+            Target::All => Indexed {
+                index: self.index_key("cx", "/"),
+                filter: None,
+            },
+        };
+        let count = self.purge_pages(&indexed, soft_at).await?;
+        if matches!(target, Target::All) && soft_at.is_none() {
+            self.manager
+                .query::<()>(
+                    redis::cmd("PUBLISH")
+                        .arg(&self.channel)
+                        .arg(Bus::ALL_MESSAGE),
+                )
+                .await?;
+        }
+        Ok(count)
+    }
+
+    /// Purges the selected URLs of an index, a page at a time.
+    async fn purge_pages(
+        &self,
+        indexed: &Indexed<'_>,
+        soft_at: Option<u64>,
+    ) -> Result<u64, tower_redis_core::Error> {
+        let index = &indexed.index;
+        let mut count = 0;
+        let mut start = 0isize;
+        loop {
+            // Pages by rank; a hard purge removes what it read, so it always
+            // reads the first page.
+            let page: Vec<String> = self
+                .manager
+                .query(
+                    redis::cmd("ZRANGE")
+                        .arg(index)
+                        .arg(start)
+                        .arg(start + PURGE_BATCH as isize - 1),
+                )
+                .await?;
+            if page.is_empty() {
+                break;
+            }
+            let selected: Vec<&String> = page.iter().filter(|url| indexed.selects(url)).collect();
+            let urls: Vec<String> = selected.iter().map(|url| (*url).clone()).collect();
+            count += self.purge_urls(&urls, soft_at).await?;
+            let done = page.len() < PURGE_BATCH;
+            if soft_at.is_none() {
+                // Drop what was purged from the index, so the next page is new.
+                let mut zrem = redis::cmd("ZREM");
+                zrem.arg(index);
+                let mut removed = 0;
+                for url in &selected {
+                    zrem.arg(url.as_str());
+                    removed += 1;
+                }
+                if removed > 0 {
+                    self.manager.query::<()>(&zrem).await?;
+                }
+                start += (page.len() - removed) as isize;
+            } else {
+                start += page.len() as isize;
+            }
+            if done {
+                break;
+            }
+        }
+        Ok(count)
+    }
+
+    /// Deletes (or soft-purges) URLs' entries and announces each; returns
+    /// how many existed. A hard purge also takes the URLs out of the root
+    /// index, which counts the live entries.
+    async fn purge_urls(
+        &self,
+        urls: &[String],
+        soft_at: Option<u64>,
+    ) -> Result<u64, tower_redis_core::Error> {
+        let mut count = 0;
+        for chunk in urls.chunks(PURGE_BATCH) {
+            let mut ops = Vec::with_capacity(chunk.len() * 2 + 1);
+            for url in chunk {
+                let url_hash = &key::hash_url(url);
+                let key = self.redis_key(url_hash);
+                ops.push(match soft_at {
+                    None => {
+                        let mut del = redis::cmd("DEL");
+                        del.arg(&key);
+                        Op::Cmd(del)
+                    }
+                    Some(_) => Op::Script(redis_store::SOFT_PURGE.key(&key)),
+                });
+                ops.push(redis_store::publish(
+                    &self.channel,
+                    &Bus::updated_message(url_hash),
+                ));
+            }
+            let pairs = ops.len();
+            if soft_at.is_none() {
+                let mut zrem = redis::cmd("ZREM");
+                zrem.arg(self.index_key("cx", "/")).arg(chunk);
+                ops.push(Op::Cmd(zrem));
+            }
+            let results = self.run_ops(&ops).await?;
+            // Every other answer is a PUBLISH count.
+            count += results[..pairs]
+                .iter()
+                .step_by(2)
+                .filter(|v| matches!(v, Value::Int(n) if *n > 0))
+                .count() as u64;
+        }
+        Ok(count)
+    }
+}
