@@ -46,17 +46,37 @@
 //! - `testing`: [`testing::TestRedis`] and [`testing::TestCluster`], real
 //!   Redis servers for tests that can be killed, paused and restarted.
 //! - `testing-docker`: adds a Docker backend (testcontainers) to `testing`.
+//! - `http`: the module `http`, the HTTP plumbing the layers share:
+//!   `PathPattern`, `is_grpc`, `Problem` (`application/problem+json`) and
+//!   `InnerOrFull`, the body of a response that is the inner service's or
+//!   the layer's own.
+//! - `forwarding` (implies `http`): the module `forwarding`, the
+//!   trusted-proxy view of a request (client address, scheme, host) shared
+//!   by every layer.
+//! - `axum` (implies `forwarding`): also reads the peer address from axum's
+//!   `ConnectInfo`.
+//!
+//! Always available, without extra dependencies: [`sync::lock`] (a
+//! poison-tolerant mutex lock), [`clock`] (epoch milliseconds) and
+//! [`record`] (metrics that compile to nothing without `metrics`).
 
 mod breaker;
+pub mod clock;
 mod config;
 mod connection;
 mod error;
 #[cfg(feature = "forwarding")]
 pub mod forwarding;
 mod future;
+#[cfg(feature = "http")]
+pub mod http;
 mod keys;
 mod manager;
 mod pubsub;
+pub mod record;
+pub mod sync;
+mod tls;
+mod url;
 
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -1,0 +1,423 @@
+//! Redis URLs: parsing and validation of every form redis-rs reads, hiding
+//! passwords from `Debug`/`Display`, and cluster node lists.
+
+use std::fmt;
+
+use crate::error::ConfigError;
+
+const URL_FIX: &str = "use redis://[user:password@]host[:port][/db], rediss:// for TLS, \
+                       or redis+unix:///path/to/redis.sock[?user=…&pass=…&db=…] for a Unix socket";
+pub(crate) const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
+
+/// Where Redis runs: one server, or the seed nodes of a Redis Cluster.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Topology {
+    /// A single server (or a proxy in front of one), reached through a pool
+    /// of multiplexed connections.
+    Standalone(RedisUrl),
+    /// A Redis Cluster, reached through the cluster client; the nodes are
+    /// seeds, the client discovers the rest.
+    Cluster(Vec<RedisUrl>),
+}
+
+impl fmt::Debug for Topology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Topology::Standalone(url) => f.debug_tuple("Standalone").field(url).finish(),
+            Topology::Cluster(nodes) => f.debug_tuple("Cluster").field(nodes).finish(),
+        }
+    }
+}
+
+/// A validated Redis URL. Its `Debug` and `Display` hide the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    url: url::Url,
+}
+
+impl RedisUrl {
+    /// Parses and validates a Redis URL, in any form redis-rs reads:
+    /// `redis://` / `valkey://` (`[user:password@]host[:port][/db]`),
+    /// `rediss://` / `valkeys://` for TLS (feature `tls`), and the Unix
+    /// socket forms `redis+unix://`, `valkey+unix://` and `unix://`
+    /// (`/path?user=…&pass=…&db=…`). `Display` and `Debug` hide the
+    /// password of every form.
+    pub fn parse(field: &'static str, input: &str) -> Result<Self, ConfigError> {
+        let input = input.trim();
+        if input.is_empty() {
+            return Err(ConfigError::new(field, "is empty", URL_FIX));
+        }
+        let url = url::Url::parse(input).map_err(|e| {
+            ConfigError::new(
+                field,
+                format!("`{}` is not a valid URL ({e})", redact_unparsed(input)),
+                URL_FIX,
+            )
+        })?;
+        let this = Self { url };
+        match this.url.scheme() {
+            "redis" | "valkey" => {}
+            "rediss" | "valkeys" => {
+                if !cfg!(feature = "tls") {
+                    return Err(ConfigError::new(
+                        field,
+                        format!("`{this}` asks for TLS, which this build does not include"),
+                        "enable the `tls` feature of tower-redis-core",
+                    ));
+                }
+            }
+            "redis+unix" | "valkey+unix" | "unix" => return this.checked_by_redis(field),
+            other => {
+                return Err(ConfigError::new(
+                    field,
+                    format!("has the scheme `{other}:`, which is not a Redis scheme"),
+                    URL_FIX,
+                ));
+            }
+        }
+        if this.url.host_str().is_none_or(str::is_empty) {
+            return Err(ConfigError::new(
+                field,
+                format!("`{this}` names no host"),
+                URL_FIX,
+            ));
+        }
+        let db = this.url.path().trim_start_matches('/');
+        if !db.is_empty() && db.parse::<u16>().is_err() {
+            return Err(ConfigError::new(
+                field,
+                format!("`{this}` selects the database `{db}`, which is not a number"),
+                "put the database number after the host, e.g. redis://localhost:6379/2",
+            ));
+        }
+        // redis-rs reads `user` and `pass` from the query of socket URLs
+        // only: on a TCP URL they would be dropped without a word, and the
+        // connection would go out unauthenticated.
+        if let Some((key, _)) = this
+            .url
+            .query_pairs()
+            .find(|(key, _)| key == "user" || is_secret_query_key(key))
+        {
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "`{this}` gives `{key}` as a query parameter, which the Redis client \
+                     reads only from Unix socket URLs"
+                ),
+                "put the credentials before the host: redis://user:password@host:6379",
+            ));
+        }
+        this.checked_by_redis(field)
+    }
+
+    fn checked_by_redis(self, field: &'static str) -> Result<Self, ConfigError> {
+        redis::Client::open(self.url.as_str())
+            .map(|_| self.clone())
+            .map_err(|e| {
+                ConfigError::new(
+                    field,
+                    format!("`{self}` is rejected by the Redis client ({e})"),
+                    URL_FIX,
+                )
+            })
+    }
+
+    /// The database number the URL selects (0 when it names none): the
+    /// path of a TCP URL, the `db` query parameter of a Unix socket URL.
+    pub fn db(&self) -> u16 {
+        if self.is_unix() {
+            return self
+                .url
+                .query_pairs()
+                .filter(|(key, _)| key == "db")
+                .last()
+                .and_then(|(_, db)| db.parse().ok())
+                .unwrap_or(0);
+        }
+        self.url.path().trim_start_matches('/').parse().unwrap_or(0)
+    }
+
+    /// Whether the URL asks for TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.url.scheme(), "rediss" | "valkeys")
+    }
+
+    /// Whether the URL names a Unix socket.
+    pub fn is_unix(&self) -> bool {
+        matches!(self.url.scheme(), "redis+unix" | "valkey+unix" | "unix")
+    }
+
+    /// Whether the URL turns certificate checks off (`rediss://…#insecure`):
+    /// anyone on the path can then pose as Redis and read every password
+    /// and value sent to it.
+    pub fn skips_certificate_checks(&self) -> bool {
+        self.is_tls() && self.url.fragment() == Some("insecure")
+    }
+
+    /// The full URL, password included: for handing to the Redis client only.
+    pub(crate) fn expose(&self) -> &str {
+        self.url.as_str()
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secret_in_query = self
+            .url
+            .query_pairs()
+            .any(|(key, _)| is_secret_query_key(&key));
+        if self.url.password().is_none() && !secret_in_query {
+            return f.write_str(self.url.as_str());
+        }
+        let mut shown = self.url.clone();
+        if shown.password().is_some() {
+            // Setting a password only fails for URLs that cannot have one.
+            let _ = shown.set_password(Some("***"));
+        }
+        if secret_in_query {
+            // Unix socket URLs carry the password as `?pass=…`.
+            let pairs: Vec<(String, String)> = shown
+                .query_pairs()
+                .map(|(key, value)| {
+                    let value = if is_secret_query_key(&key) {
+                        "***".to_owned()
+                    } else {
+                        value.into_owned()
+                    };
+                    (key.into_owned(), value)
+                })
+                .collect();
+            shown.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        f.write_str(shown.as_str())
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+/// Query parameters that hold a password: redis-rs reads `pass` (Unix
+/// socket URLs); `password` is hidden too, in case someone writes that.
+fn is_secret_query_key(key: &str) -> bool {
+    key.eq_ignore_ascii_case("pass") || key.eq_ignore_ascii_case("password")
+}
+
+/// Hides what could be a password in a URL that is not validated (or did
+/// not parse): whatever sits between `://` and the last `@`, and the value
+/// of every `pass` / `password` query parameter (keys percent-decoded).
+/// Where the two overlap, the union is hidden, so an `@` or `&` inside a
+/// password never uncovers part of it.
+pub(crate) fn redact_unparsed(input: &str) -> String {
+    let mut hidden: Vec<(usize, usize)> = Vec::new();
+    if let (Some(start), Some(at)) = (input.find("://"), input.rfind('@'))
+        && at > start + 3
+    {
+        hidden.push((start + 3, at));
+    }
+    if let Some(question) = input.find('?') {
+        let mut offset = question + 1;
+        for pair in input[question + 1..].split('&') {
+            if let Some(equals) = pair.find('=') {
+                let key = url::form_urlencoded::parse(&pair.as_bytes()[..equals])
+                    .next()
+                    .map(|(key, _)| key.into_owned())
+                    .unwrap_or_default();
+                if is_secret_query_key(&key) && equals + 1 < pair.len() {
+                    hidden.push((offset + equals + 1, offset + pair.len()));
+                }
+            }
+            offset += pair.len() + 1;
+        }
+    }
+    if hidden.is_empty() {
+        return input.to_owned();
+    }
+    hidden.sort_unstable();
+    let mut shown = String::with_capacity(input.len());
+    let mut cursor = 0;
+    for (start, end) in hidden {
+        if end <= cursor {
+            continue;
+        }
+        if start > cursor {
+            shown.push_str(&input[cursor..start]);
+            shown.push_str("***");
+        } else if cursor == 0 {
+            shown.push_str("***");
+        }
+        cursor = end;
+    }
+    shown.push_str(&input[cursor..]);
+    shown
+}
+
+/// Splits a `REDIS_CLUSTER_NODES` list (commas or spaces) into node URLs;
+/// a bare `host:port` gets the `redis://` scheme.
+pub(crate) fn split_nodes(list: &str) -> Vec<String> {
+    list.split([',', ' '])
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            if n.contains("://") {
+                n.to_owned()
+            } else {
+                format!("redis://{n}")
+            }
+        })
+        .collect()
+}
+
+/// Validates the seed nodes of a cluster: at least one, each a valid URL
+/// on database 0 (the only one Redis Cluster has).
+pub(crate) fn parse_cluster_nodes(
+    field: &'static str,
+    nodes: &[String],
+) -> Result<Vec<RedisUrl>, ConfigError> {
+    let nodes: Vec<&String> = nodes.iter().filter(|n| !n.is_empty()).collect();
+    if nodes.is_empty() {
+        return Err(ConfigError::new(
+            field,
+            "lists no nodes",
+            "give at least one node URL, e.g. redis://10.0.0.1:6379,redis://10.0.0.2:6379",
+        ));
+    }
+    let mut parsed = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let url = RedisUrl::parse(field, node)?;
+        if url.db() != 0 {
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "node `{url}` selects database {}, but Redis Cluster only has database 0",
+                    url.db()
+                ),
+                "remove the /db part from the cluster node URLs",
+            ));
+        }
+        parsed.push(url);
+    }
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RedisConfig;
+
+    #[test]
+    fn url_with_user_password_and_db_is_accepted() {
+        let config =
+            RedisConfig::from_url("redis://app:pa55@cache.internal:6380/3").expect("valid");
+        let Topology::Standalone(url) = config.topology() else {
+            panic!("standalone expected")
+        };
+        assert_eq!(url.db(), 3);
+        assert_eq!(url.expose(), "redis://app:pa55@cache.internal:6380/3");
+    }
+
+    #[test]
+    fn password_is_hidden_from_debug_display_and_errors() {
+        let config = RedisConfig::from_url("redis://app:hunter2@localhost/1").expect("valid");
+        assert!(!format!("{config:?}").contains("hunter2"));
+        let err = RedisConfig::from_url("redis://app:hunter2@local host/1").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn wrong_scheme_names_the_field_and_the_fix() {
+        let err = RedisConfig::from_url("http://localhost:6379").unwrap_err();
+        assert_eq!(err.field, "url");
+        assert!(err.to_string().contains("redis://"), "{err}");
+    }
+
+    #[test]
+    fn non_numeric_database_is_rejected() {
+        let err = RedisConfig::from_url("redis://localhost/sessions").unwrap_err();
+        assert!(err.problem.contains("sessions"), "{err}");
+    }
+
+    #[test]
+    fn missing_host_is_rejected() {
+        assert!(RedisConfig::from_url("redis://").is_err());
+        assert!(RedisConfig::from_url("").is_err());
+    }
+
+    #[test]
+    fn tls_url_without_tls_feature_says_which_feature() {
+        let result = RedisConfig::from_url("rediss://localhost:6380");
+        if cfg!(feature = "tls") {
+            assert!(result.is_ok());
+        } else {
+            let err = result.unwrap_err();
+            assert!(err.fix.contains("`tls` feature"), "{err}");
+        }
+    }
+
+    #[test]
+    fn cluster_nodes_accept_bare_host_port_from_env_syntax() {
+        let nodes = split_nodes("10.0.0.1:7000, redis://10.0.0.2:7001");
+        assert_eq!(nodes, ["redis://10.0.0.1:7000", "redis://10.0.0.2:7001"]);
+        let config = RedisConfig::from_cluster_nodes(nodes).expect("valid");
+        assert!(matches!(config.topology(), Topology::Cluster(n) if n.len() == 2));
+    }
+
+    #[test]
+    fn cluster_rejects_databases_and_empty_lists() {
+        assert_eq!(
+            RedisConfig::from_cluster_nodes(["redis://a:7000/2"])
+                .unwrap_err()
+                .field,
+            "cluster_nodes"
+        );
+        assert!(RedisConfig::from_cluster_nodes(Vec::<String>::new()).is_err());
+    }
+
+    #[test]
+    fn unix_socket_password_is_hidden_from_display() {
+        let url = RedisUrl::parse(
+            "url",
+            "redis+unix:///run/redis.sock?user=app&pass=hunter2&db=4",
+        )
+        .expect("valid");
+        assert_eq!(
+            url.to_string(),
+            "redis+unix:///run/redis.sock?user=app&pass=***&db=4"
+        );
+        assert_eq!(url.db(), 4);
+        assert!(url.is_unix());
+        assert!(url.expose().contains("hunter2"), "redis-rs still gets it");
+    }
+
+    #[test]
+    fn redact_unparsed_hides_userinfo_and_query_passwords_even_when_they_overlap() {
+        for (input, shown) in [
+            ("redis://app:hunter2@local host", "redis://***@local host"),
+            ("unix:///s?pass=hunter2&db=1", "unix:///s?pass=***&db=1"),
+            ("unix:///s?db=1&PASS=hunter2", "unix:///s?db=1&PASS=***"),
+            ("unix:///s?pa%73s=hunter2", "unix:///s?pa%73s=***"),
+            ("unix:///s?password=hunter2#x", "unix:///s?password=***"),
+            ("unix:///s?pass=hun@ter2", "unix://***"),
+            ("redis://:hun?pass=ter2@host", "redis://***"),
+            ("redis://:hun?ter2@host", "redis://***@host"),
+            ("redis://host:6379", "redis://host:6379"),
+            ("unix:///s?pass=", "unix:///s?pass="),
+        ] {
+            assert_eq!(redact_unparsed(input), shown, "{input}");
+        }
+    }
+
+    #[test]
+    fn credentials_in_the_query_of_a_tcp_url_are_refused_not_dropped() {
+        for url in [
+            "redis://cache.internal?pass=hunter2",
+            "redis://cache.internal/?user=app&pass=hunter2",
+        ] {
+            let err = RedisConfig::from_url(url).unwrap_err();
+            assert!(err.fix.contains("redis://user:password@host"), "{err}");
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+    }
+}
