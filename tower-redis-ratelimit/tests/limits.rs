@@ -71,91 +71,6 @@ async fn away_from_window_edge(redis: &TestRedis, window: Duration) {
     }
 }
 
-/// Every command clients send to a test server while it is watched, from
-/// `MONITOR`, without the commands Lua scripts run inside Redis (MONITOR
-/// marks those `[<db> lua]`). On a server used by nothing but the client
-/// under test this is everything that client sent, whatever the command:
-/// unlike `INFO commandstats`, which also counts what scripts run and so
-/// can only be filtered by command name, hiding any new per-request
-/// `PEXPIRE`, `GET`, `HSET` or `HGET` of the client's own.
-struct Monitor {
-    /// Sends the end marker; connected before MONITOR starts, so its own
-    /// connection setup is not seen.
-    marker_conn: redis::aio::MultiplexedConnection,
-    marker: String,
-    lines: tokio::task::JoinHandle<Vec<String>>,
-}
-
-impl Monitor {
-    async fn start(redis: &TestRedis) -> Self {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-        let marker_conn = redis.connection().await.expect("connection");
-        let marker = format!("end-of-monitor-{}", std::process::id());
-        let address = match redis.client().get_connection_info().addr() {
-            redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
-            other => panic!("MONITOR needs a TCP test server, not {other:?}"),
-        };
-        let mut stream = tokio::net::TcpStream::connect(&address)
-            .await
-            .expect("a connection for MONITOR");
-        stream
-            .write_all(b"MONITOR\r\n")
-            .await
-            .expect("MONITOR sent");
-        let mut reader = tokio::io::BufReader::new(stream);
-        let mut ok = String::new();
-        tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut ok))
-            .await
-            .expect("MONITOR answers within 10 s")
-            .expect("MONITOR reply");
-        assert_eq!(ok.trim_end(), "+OK", "MONITOR refused");
-        let end = marker.clone();
-        let lines = tokio::spawn(async move {
-            let mut lines = Vec::new();
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match reader.read_line(&mut line).await {
-                    Ok(0) | Err(_) => return lines,
-                    Ok(_) if line.contains(&end) => return lines,
-                    Ok(_) => lines.push(line.trim_end().to_owned()),
-                }
-            }
-        });
-        Self {
-            marker_conn,
-            marker,
-            lines,
-        }
-    }
-
-    /// The lower-case names of the commands clients sent since
-    /// [`start`](Self::start), in the order the server ran them.
-    async fn commands(mut self) -> Vec<String> {
-        redis::cmd("ECHO")
-            .arg(&self.marker)
-            .query_async::<String>(&mut self.marker_conn)
-            .await
-            .expect("ECHO");
-        let lines = tokio::time::timeout(Duration::from_secs(10), self.lines)
-            .await
-            .expect("MONITOR shows the end marker within 10 s")
-            .expect("MONITOR reader");
-        lines
-            .iter()
-            .filter_map(|line| {
-                // +<time> [<db> <client address>|lua] "<command>" "<arg>" ...
-                let (client, command) = line.split_once("] ")?;
-                if client.ends_with(" lua") {
-                    return None;
-                }
-                let name = command.strip_prefix('"')?.split('"').next()?;
-                Some(name.to_ascii_lowercase())
-            })
-            .collect()
-    }
-}
-
 /// 50 concurrent clients over two layer instances fire `total` requests
 /// from one IP; returns how many were admitted.
 async fn admitted_under_load(redis: &TestRedis, policy: Policy, total: usize) -> usize {
@@ -537,7 +452,7 @@ async fn stacked_policies_are_one_round_trip_and_blocked_keys_are_zero() {
         200
     );
 
-    let monitor = Monitor::start(&redis).await;
+    let monitor = redis.monitor().await;
     for _ in 0..4 {
         assert_eq!(
             send(&service, request("192.0.2.9", "/")).await.status(),
@@ -555,7 +470,7 @@ async fn stacked_policies_are_one_round_trip_and_blocked_keys_are_zero() {
     );
 
     // The denied key is now answered in process.
-    let monitor = Monitor::start(&redis).await;
+    let monitor = redis.monitor().await;
     for _ in 0..20 {
         let response = send(&service, request("192.0.2.9", "/")).await;
         assert_eq!(response.status(), 429);
@@ -590,7 +505,7 @@ async fn concurrent_decisions_share_a_call_and_stay_exact() {
     let service = app(layer);
     // Loads the script once.
     send(&service, request("192.0.2.200", "/")).await;
-    let monitor = Monitor::start(&redis).await;
+    let monitor = redis.monitor().await;
 
     let clients: Vec<String> = (1..=20).map(|i| format!("10.0.0.{i}")).collect();
     let mut set = tokio::task::JoinSet::new();
