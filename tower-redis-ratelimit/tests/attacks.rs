@@ -1,6 +1,8 @@
 //! Ways a client, or a deployment mistake, could make limits disappear,
 //! each against real Redis.
 
+mod support;
+
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -18,26 +20,9 @@ use tower_redis_core::testing::TestRedis;
 use tower_redis_core::{RedisManager, redis};
 use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
 
+use support::{Svc, app, manager};
+
 const HOUR: Duration = Duration::from_secs(3600);
-
-type Svc = tower::util::BoxCloneSyncService<
-    Request<()>,
-    Response<tower_redis_ratelimit::ResponseBody<Empty<Bytes>>>,
-    Infallible,
->;
-
-fn app(layer: RateLimitLayer) -> Svc {
-    let inner = tower::service_fn(|_req: Request<()>| async {
-        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
-    });
-    tower::util::BoxCloneSyncService::new(tower::Layer::layer(&layer, inner))
-}
-
-async fn manager(redis: &TestRedis) -> RedisManager {
-    RedisManager::connect(redis.config().build().expect("valid"))
-        .await
-        .expect("starts")
-}
 
 fn request(peer: &str) -> Request<()> {
     let mut request = Request::get("/").body(()).expect("request");

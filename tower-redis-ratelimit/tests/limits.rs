@@ -1,6 +1,8 @@
 //! The rate limit layer against real Redis: exactness under concurrency,
 //! stacking, keys, responses, the blocked-key cache, outages and clusters.
 
+mod support;
+
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -11,33 +13,15 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use tower::{Service, ServiceExt};
-use tower_redis_core::testing::{TestCluster, TestRedis};
+use tower_redis_core::testing::{TestCluster, TestRedis, wait_for_breaker};
 use tower_redis_core::{BreakerState, RedisManager, redis};
 use tower_redis_ratelimit::{
     Fallback, Key, MissingKey, Policy, RateLimitLayer, RateLimitLayerBuilder,
 };
 
+use support::{Svc, app, manager};
+
 const HOUR: Duration = Duration::from_secs(3600);
-
-type Svc = tower::util::BoxCloneSyncService<
-    Request<()>,
-    Response<tower_redis_ratelimit::ResponseBody<Empty<Bytes>>>,
-    Infallible,
->;
-
-/// The app behind the layer: 200, empty body.
-fn app(layer: RateLimitLayer) -> Svc {
-    let inner = tower::service_fn(|_req: Request<()>| async {
-        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
-    });
-    tower::util::BoxCloneSyncService::new(tower::Layer::layer(&layer, inner))
-}
-
-async fn manager(redis: &TestRedis) -> RedisManager {
-    RedisManager::connect(redis.config().build().expect("valid"))
-        .await
-        .expect("starts")
-}
 
 fn request(peer: &str, path: &str) -> Request<()> {
     let mut request = Request::get(path).body(()).expect("request");
@@ -654,13 +638,7 @@ async fn redis_outage_falls_back_to_local_limits_and_recovers() {
     assert_eq!(marked_local, 6);
 
     redis.restart().await;
-    let mut rx = manager.subscribe();
-    let closed = tokio::time::timeout(
-        Duration::from_secs(15),
-        rx.wait_for(|s| *s == BreakerState::Closed),
-    )
-    .await;
-    assert!(matches!(closed, Ok(Ok(_))));
+    wait_for_breaker(&manager, BreakerState::Closed, Duration::from_secs(15)).await;
     // The restarted Redis is empty: the shared counters start over, unmarked.
     let response = send(&service, request("192.0.2.12", "/")).await;
     assert_eq!(response.status(), 200);

@@ -11,7 +11,7 @@ use axum::{Extension, Router};
 use http::{Request, Response, header};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use tower_redis_core::testing::{TestCluster, TestRedis};
+use tower_redis_core::testing::{TestCluster, TestRedis, wait_for_breaker};
 use tower_redis_core::{BreakerState, RedisConfig, RedisManager, redis};
 use tower_redis_session::{Expiry, Session, SessionLayer, SessionLayerBuilder};
 
@@ -824,16 +824,6 @@ async fn revoke_user_logs_out_everywhere() {
     assert!(store.list_user_sessions("bob").await.unwrap().is_empty());
 }
 
-async fn wait_closed(manager: &RedisManager) {
-    let mut rx = manager.subscribe();
-    let closed = tokio::time::timeout(
-        Duration::from_secs(15),
-        rx.wait_for(|s| *s == BreakerState::Closed),
-    )
-    .await;
-    assert!(matches!(closed, Ok(Ok(_))), "{:?}", manager.health());
-}
-
 /// Polls Redis directly until the session hash has `field`.
 async fn wait_for_field(redis: &TestRedis, field: &str) -> bool {
     let mut conn = redis.connection().await.expect("connection");
@@ -879,7 +869,7 @@ async fn a_hung_redis_does_not_log_anyone_out_and_changes_reach_redis_after() {
     assert!(new_visitor.is_some());
 
     redis.resume().await;
-    wait_closed(&manager).await;
+    wait_for_breaker(&manager, BreakerState::Closed, Duration::from_secs(15)).await;
     assert!(
         wait_for_field(&redis, "d:b").await,
         "the change made during the outage reached Redis"
@@ -1027,7 +1017,7 @@ async fn outage_changes_never_overwrite_newer_data_in_redis() {
     assert!(!marker, "replayed before the newer write");
 
     let_the_app_back(&redis).await;
-    wait_closed(&manager).await;
+    wait_for_breaker(&manager, BreakerState::Closed, Duration::from_secs(15)).await;
     assert!(
         wait_for_field(&redis, "d:marker").await,
         "the outage queue was replayed"
@@ -1092,7 +1082,7 @@ async fn replayed_outage_changes_are_counted_in_metrics() {
     assert_eq!(reconciled(), 0, "nothing replayed during the outage");
 
     let_the_app_back(&redis).await;
-    wait_closed(&manager).await;
+    wait_for_breaker(&manager, BreakerState::Closed, Duration::from_secs(15)).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while reconciled() < 4 {
         assert!(
@@ -1280,7 +1270,7 @@ async fn sessions_created_during_an_outage_stay_readable_while_they_are_replayed
             wrong
         });
     }
-    wait_closed(&manager).await;
+    wait_for_breaker(&manager, BreakerState::Closed, Duration::from_secs(15)).await;
     let mut stored = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while stored != SESSIONS && std::time::Instant::now() < deadline {

@@ -480,6 +480,23 @@ fn parse_commandstats(info: &str) -> HashMap<String, u64> {
         .collect()
 }
 
+/// Waits until `manager`'s breaker is in `state`, and panics with the
+/// manager's health if it is not within `within`: a breaker that never gets
+/// there fails the test instead of hanging it.
+pub async fn wait_for_breaker(
+    manager: &crate::RedisManager,
+    state: crate::BreakerState,
+    within: Duration,
+) {
+    let mut states = manager.subscribe();
+    let reached = tokio::time::timeout(within, states.wait_for(|s| *s == state)).await;
+    assert!(
+        matches!(reached, Ok(Ok(_))),
+        "breaker did not reach {state} within {within:?}; health: {:?}",
+        manager.health()
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

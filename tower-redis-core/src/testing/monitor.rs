@@ -123,7 +123,10 @@ impl Monitor {
                 )));
             }
         };
-        Ok(lines.iter().filter_map(|line| client_command(line)).collect())
+        Ok(lines
+            .iter()
+            .filter_map(|line| client_command(line))
+            .collect())
     }
 
     /// [`stop`](Self::stop), panicking with the reason if watching failed.
