@@ -36,7 +36,6 @@ use crate::error::BenchError;
 use crate::grid::{Grid, Section, timing};
 use crate::http_load::{
     DeadRedis, Expect, HttpError, HttpRequest, clear_keys, connect, managers, send, serve,
-    top_level,
 };
 use crate::raw::{RawClient, RawPlan, RawShape, RawValue, RedisBenchmark};
 use crate::report::{Target, bytes};

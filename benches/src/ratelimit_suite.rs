@@ -33,8 +33,7 @@ use crate::degraded::{self, Outage};
 use crate::error::BenchError;
 use crate::grid::{Grid, Section, timing};
 use crate::http_load::{
-    Expect, HttpError, HttpRequest, Sender, clear_keys, connect, manager_for, managers, send,
-    serve, top_level,
+    Expect, HttpError, HttpRequest, Sender, clear_keys, connect, manager_for, managers, send, serve,
 };
 use crate::keys;
 use crate::raw::{RawClient, RawPlan, RawShape, RawValue, RedisBenchmark};

@@ -32,7 +32,7 @@ use crate::error::BenchError;
 use crate::grid::{Grid, Section, timing};
 use crate::http_load::{
     Expect, HttpError, HttpRequest, clear_keys, connect, create_sessions, manager_for, managers,
-    send, serve, top_level,
+    send, serve,
 };
 use crate::keys;
 use crate::raw::{RawClient, RawPlan, RawShape, RawValue, RedisBenchmark};

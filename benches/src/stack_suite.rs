@@ -37,7 +37,6 @@ use crate::error::BenchError;
 use crate::grid::{Grid, Section, timing};
 use crate::http_load::{
     Expect, HttpError, HttpRequest, clear_keys, connect, create_sessions, managers, send, serve,
-    top_level,
 };
 use crate::raw::{RawClient, RawPlan, RawShape, RawValue, RedisBenchmark};
 use crate::report::{Target, bytes};

@@ -19,7 +19,7 @@ use tower_redis_ratelimit::{
     Fallback, Key, MissingKey, Policy, RateLimitLayer, RateLimitLayerBuilder,
 };
 
-use support::{Svc, app, manager};
+use support::{Svc, app, away_from_window_edge, manager};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -39,20 +39,6 @@ async fn send(
 
 fn header<'r, B>(response: &'r Response<B>, name: &str) -> Option<&'r str> {
     response.headers().get(name).and_then(|v| v.to_str().ok())
-}
-
-/// Sleeps past a window edge when one is near, so window tests never straddle it.
-async fn away_from_window_edge(redis: &TestRedis, window: Duration) {
-    let mut conn = redis.connection().await.expect("connection");
-    let (secs, micros): (u64, u64) = redis::cmd("TIME")
-        .query_async(&mut conn)
-        .await
-        .expect("TIME");
-    let now = Duration::from_secs(secs) + Duration::from_micros(micros);
-    let into = Duration::from_nanos((now.as_nanos() % window.as_nanos()) as u64);
-    if window - into < Duration::from_secs(20) {
-        tokio::time::sleep(window - into + Duration::from_millis(50)).await;
-    }
 }
 
 /// 50 concurrent clients over two layer instances fire `total` requests
