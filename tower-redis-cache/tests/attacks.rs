@@ -941,7 +941,7 @@ async fn authorised_requests_do_not_queue_behind_each_other() {
     let most = Arc::new(AtomicU64::new(0));
     let calls = Arc::new(AtomicU64::new(0));
     // Once armed, each call stays in the handler until all 10 concurrent
-    // ones have arrived (or the shared deadline passes): all 10 in flight
+    // ones have arrived (or the shared deadline below passes): all 10 in flight
     // at once is then an event, not a 200 ms overlap to hit under load.
     // Counted monotonically, so no waiter can miss the moment.
     let arrived = Arc::new(tokio::sync::watch::Sender::new(0_u64));
@@ -985,7 +985,11 @@ async fn authorised_requests_do_not_queue_behind_each_other() {
     );
     settle(&layer).await;
     most.store(0, Ordering::SeqCst);
-    gate.set(tokio::time::Instant::now() + Duration::from_secs(10))
+    // 4 s: shorter than the layer's coalescing wait (5 s by default), so
+    // that requests wrongly queued behind a leader cannot reach the gate by
+    // giving up their wait; long enough for a loaded machine to get all ten
+    // there.
+    gate.set(tokio::time::Instant::now() + Duration::from_secs(4))
         .expect("armed once");
     let answers = concurrent(&app, 10, "/api", &token).await;
     let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
