@@ -11,13 +11,17 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tower_redis_core::testing::Monitor;
+
 use crate::Options;
 use crate::cpu::{CpuSnapshot, CpuUse};
 use crate::error::BenchError;
-use crate::http_load::{Expect, HttpCall, HttpRequest, InProcessCall, Server, connect, top_level};
+use crate::http_load::{
+    Expect, HttpCall, HttpError, HttpRequest, InProcessCall, Server, connect, send, top_level,
+};
 use crate::load::{self, LoadResult, LoadSpec};
 use crate::raw::{RawClient, RawOp, RawPlan, RedisBenchmark};
-use crate::report::{fixed1, fixed2, micros, thousands};
+use crate::report::{Target, fixed1, fixed2, micros, thousands};
 use crate::server::{BenchRedis, CommandCalls, CommandStat};
 
 /// What a peer row says when the `peers` feature is off.
@@ -458,4 +462,77 @@ pub(crate) async fn run_row(
         }
     }
     Ok(row)
+}
+
+/// Requests sent through a cell in its untimed round-trip window.
+pub(crate) const TRIP_REQUESTS: usize = 50;
+
+/// How a round-trip target says where its numbers come from.
+pub(crate) const TRIP_SOURCE: &str = "every command the client sent, from MONITOR, in an untimed window of 50 sequential requests; only commands Lua runs inside a script are left out";
+
+impl Cell {
+    /// Redis commands per request of an HTTP cell, counted with `MONITOR`
+    /// over [`TRIP_REQUESTS`] sequential requests outside the timed runs:
+    /// every command any client sent while they ran, whatever its name
+    /// (unlike the cells' `INFO commandstats` counts, which must skip the
+    /// commands scripts run by name), without only what Lua ran inside a
+    /// script. Also returns the commands by name. `None` for cells that are
+    /// not HTTP.
+    pub(crate) async fn round_trips(
+        &self,
+        redis: &BenchRedis,
+    ) -> Result<Option<(f64, BTreeMap<String, usize>)>, BenchError> {
+        let (Some(server), Driver::Http { requests, .. } | Driver::InProcess { requests, .. }) =
+            (&self._server, &self.driver)
+        else {
+            return Ok(None);
+        };
+        let failed = |e: HttpError| BenchError::Check(format!("{}: round trips: {e}", self.short));
+        let mut sender = connect(server.addr).await.map_err(failed)?;
+        let monitor = Monitor::start(redis.client()).await?;
+        for i in 0..TRIP_REQUESTS {
+            send(&mut sender, &requests[i % requests.len()])
+                .await
+                .map_err(failed)?;
+        }
+        let commands = monitor.stop().await?;
+        let mut by_name = BTreeMap::new();
+        for name in &commands {
+            *by_name.entry(name.clone()).or_insert(0) += 1;
+        }
+        Ok(Some((
+            commands.len() as f64 / TRIP_REQUESTS as f64,
+            by_name,
+        )))
+    }
+}
+
+/// Checks `cells[of]`'s commands per request from its untimed window (see
+/// [`Cell::round_trips`]) against `max`, labelled `at`.
+pub(crate) async fn check_round_trips(
+    target: &mut Target,
+    redis: &BenchRedis,
+    cells: &[Cell],
+    of: usize,
+    at: &str,
+    max: f64,
+) -> Result<(), BenchError> {
+    let Some(cell) = cells.get(of) else {
+        target.not_measured(at, "no such cell");
+        return Ok(());
+    };
+    match cell.round_trips(redis).await? {
+        Some((per_request, by_name)) => {
+            eprintln!(
+                "round trips: {} ({at}): {per_request:.2} commands per request over {TRIP_REQUESTS} requests: {by_name:?}",
+                cell.short
+            );
+            target.at_most(format!("{at} {}", cell.short), per_request, max);
+        }
+        None => target.not_measured(
+            format!("{at} {}", cell.short),
+            cell.missing_reason().unwrap_or("not an HTTP cell"),
+        ),
+    }
+    Ok(())
 }

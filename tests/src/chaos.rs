@@ -56,7 +56,7 @@ use tower::ServiceExt;
 use tower_redis_cache::CacheLayer;
 use tower_redis_core::{BreakerState, RedisConfigBuilder, RedisManager, redis};
 use tower_redis_ratelimit::{Fallback, Key, Policy, RateLimitLayer};
-use tower_redis_session::{Session, SessionLayer};
+use tower_redis_session::{Expiry, Session, SessionLayer};
 
 /// The managers' command timeout in every chaos scenario.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(200);
@@ -152,25 +152,66 @@ pub fn tuned(config: RedisConfigBuilder) -> RedisConfigBuilder {
         .key_prefix(PREFIX)
 }
 
+/// What the app's layers are bounded by, beyond the chaos defaults. The
+/// default is the chaos app's: the library defaults everywhere and no
+/// `/visit` route. The soak test bounds every in-process store small and
+/// adds a near cache and the `visit` policy.
+#[derive(Debug, Clone, Default)]
+pub struct AppBounds {
+    /// The cache's in-process store (`memory_capacity_bytes`).
+    pub local_cache_bytes: Option<u64>,
+    /// The cache's near tier: its byte bound and entry lifetime.
+    pub near_cache: Option<(u64, Duration)>,
+    /// The session lifetimes.
+    pub session_expiry: Option<Expiry>,
+    /// The session layer's local copies (`local_capacity_bytes`).
+    pub session_copies_bytes: Option<u64>,
+    /// The session layer's outage queue (`outage_queue_bytes`).
+    pub session_queue_bytes: Option<usize>,
+    /// The rate limiter's in-process maps (`memory_capacity_bytes`).
+    pub rate_limit_bytes: Option<u64>,
+    /// A `visit` policy on `/visit` (and that route), keyed by `x-visitor`,
+    /// allowing this many visits a minute.
+    pub visits_per_minute: Option<u32>,
+}
+
 /// The app: cacheable pages (with `Vary`, validators and short lifetimes),
 /// private and authorised pages, session reads and writes, and a
 /// rate-limited route; cache inside sessions inside the rate limit, as in
 /// the README.
 pub fn app(manager: RedisManager) -> Router {
+    bounded_app(manager, &AppBounds::default())
+}
+
+/// [`app`] with its in-process stores bounded by `bounds`.
+pub fn bounded_app(manager: RedisManager, bounds: &AppBounds) -> Router {
     // Coalescing waits (and the cross-instance lock) bounded well under the
     // latency bound: with the defaults (5 s each), a lock taken in Redis by
     // a request that then timed out during a hang makes the first requests
     // for that URL after recovery wait until the lock expires (seen: 4.96 s
     // after SIGSTOP). Reported for the cache crate; see the issue 9 report.
-    let cache = CacheLayer::builder(manager.clone())
+    let mut cache = CacheLayer::builder(manager.clone())
         .coalesce(Some(COALESCE))
-        .lock_ttl(COALESCE)
-        .build()
-        .expect("valid cache layer");
-    let sessions = SessionLayer::builder(manager.clone())
-        .build()
-        .expect("valid session layer");
-    let limits = RateLimitLayer::builder(manager)
+        .lock_ttl(COALESCE);
+    if let Some(bytes) = bounds.local_cache_bytes {
+        cache = cache.memory_capacity_bytes(bytes);
+    }
+    if let Some((bytes, ttl)) = bounds.near_cache {
+        cache = cache.near_cache(bytes, ttl);
+    }
+    let cache = cache.build().expect("valid cache layer");
+    let mut sessions = SessionLayer::builder(manager.clone());
+    if let Some(expiry) = bounds.session_expiry {
+        sessions = sessions.expiry(expiry);
+    }
+    if let Some(bytes) = bounds.session_copies_bytes {
+        sessions = sessions.local_capacity_bytes(bytes);
+    }
+    if let Some(bytes) = bounds.session_queue_bytes {
+        sessions = sessions.outage_queue_bytes(bytes);
+    }
+    let sessions = sessions.build().expect("valid session layer");
+    let mut limits = RateLimitLayer::builder(manager)
         .policy(
             Policy::gcra("limited", RL_QUOTA, RL_PERIOD)
                 .key(Key::header("x-rl-key"))
@@ -179,11 +220,27 @@ pub fn app(manager: RedisManager) -> Router {
         .policy(
             Policy::gcra("per-client", 1_000_000, Duration::from_secs(1))
                 .key(Key::header("x-client")),
-        )
-        .fallback(Fallback::Local { share: RL_SHARE })
-        .build()
-        .expect("valid rate-limit layer");
-    Router::new()
+        );
+    if let Some(visits) = bounds.visits_per_minute {
+        limits = limits.policy(
+            Policy::gcra("visit", visits, Duration::from_secs(60))
+                .key(Key::header("x-visitor"))
+                .path("/visit"),
+        );
+    }
+    limits = limits.fallback(Fallback::Local { share: RL_SHARE });
+    if let Some(bytes) = bounds.rate_limit_bytes {
+        limits = limits.memory_capacity_bytes(bytes);
+    }
+    let limits = limits.build().expect("valid rate-limit layer");
+    let mut router = Router::new();
+    if bounds.visits_per_minute.is_some() {
+        router = router.route(
+            "/visit",
+            get(|| async { ([(header::CACHE_CONTROL, "no-store")], "visit ok") }),
+        );
+    }
+    router
         .route("/page/{id}", get(page))
         .route("/private/{id}", get(private))
         .route("/auth/{id}", get(authorised))

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use tower_redis_core::redis;
-use tower_redis_core::testing::TestRedis;
+use tower_redis_core::testing::{TestRedis, wait_for_breaker};
 use tower_redis_core::{BreakerState, RedisManager, Source};
 
 /// How long requests to a killed Redis may take to open a breaker (each
@@ -65,17 +65,7 @@ async fn every_instance_recovers_on_its_own_after_an_outage() {
     }
     redis.restart().await;
     for manager in &instances {
-        let mut rx = manager.subscribe();
-        let closed = tokio::time::timeout(
-            Duration::from_secs(15),
-            rx.wait_for(|s| *s == BreakerState::Closed),
-        )
-        .await;
-        assert!(
-            matches!(closed, Ok(Ok(_))),
-            "health: {:?}",
-            manager.health()
-        );
+        wait_for_breaker(manager, BreakerState::Closed, Duration::from_secs(15)).await;
     }
     assert_eq!(incr(&instances[0], "n").await, (1, Source::Redis));
     assert_eq!(incr(&instances[1], "n").await, (2, Source::Redis));

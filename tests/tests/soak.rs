@@ -24,22 +24,18 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::Path;
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use http::{HeaderMap, Request, StatusCode, Uri, header};
+use axum::response::Response;
+use http::{HeaderMap, Request, StatusCode, header};
 use http_body_util::BodyExt;
 use tests::chaos::{
-    COALESCE, HOST, LATENCY_BOUND, Load, Phase, RL_PERIOD, RL_QUOTA, RL_SHARE, all_closed,
+    AppBounds, HOST, LATENCY_BOUND, Load, Phase, RL_PERIOD, RL_QUOTA, all_closed, bounded_app,
     page_body, tuned,
 };
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
-use tower_redis_cache::CacheLayer;
 use tower_redis_core::RedisManager;
 use tower_redis_core::testing::TestRedis;
-use tower_redis_ratelimit::{Fallback, Key, Policy, RateLimitLayer};
-use tower_redis_session::{Expiry, Session, SessionLayer};
+use tower_redis_session::Expiry;
 
 /// The in-process stores' byte bounds: small, so that the visitors fill
 /// them within seconds (a rate-limit entry weighs about 150 bytes, a page
@@ -97,139 +93,25 @@ pub(crate) struct Settings {
     pub(crate) samples_csv: Option<std::path::PathBuf>,
 }
 
-/// The app: the chaos app's routes and bodies, small in-process stores, a
-/// near cache, and one more policy, `visit`, that blocks each visitor.
+/// The app: the chaos app with small in-process stores, a near cache, and
+/// one more policy, `visit`, that blocks each visitor.
 pub(crate) fn app(manager: RedisManager) -> Router {
-    let cache = CacheLayer::builder(manager.clone())
-        .coalesce(Some(COALESCE))
-        .lock_ttl(COALESCE)
-        .memory_capacity_bytes(LOCAL_CACHE_BYTES)
-        .near_cache(NEAR_CACHE_BYTES, Duration::from_secs(5))
-        .build()
-        .expect("valid cache layer");
-    let sessions = SessionLayer::builder(manager.clone())
-        .expiry(Expiry {
-            idle: SESSION_IDLE,
-            absolute: Duration::from_secs(3600),
-            persistent: false,
-        })
-        .local_capacity_bytes(SESSION_COPIES_BYTES)
-        .outage_queue_bytes(SESSION_QUEUE_BYTES)
-        .build()
-        .expect("valid session layer");
-    let limits = RateLimitLayer::builder(manager)
-        .policy(
-            Policy::gcra("limited", RL_QUOTA, RL_PERIOD)
-                .key(Key::header("x-rl-key"))
-                .path("/limited"),
-        )
-        .policy(
-            Policy::gcra("per-client", 1_000_000, Duration::from_secs(1))
-                .key(Key::header("x-client")),
-        )
-        .policy(
-            Policy::gcra("visit", VISITS_PER_MINUTE, Duration::from_secs(60))
-                .key(Key::header("x-visitor"))
-                .path("/visit"),
-        )
-        .fallback(Fallback::Local { share: RL_SHARE })
-        .memory_capacity_bytes(RATE_LIMIT_BYTES)
-        .build()
-        .expect("valid rate-limit layer");
-    Router::new()
-        .route("/page/{id}", get(page))
-        .route("/private/{id}", get(private))
-        .route("/auth/{id}", get(authorised))
-        .route(
-            "/session/{field}",
-            get(|session: Session, Path(field): Path<String>| async move {
-                match session.get::<String>(&field).await {
-                    Ok(value) => value.unwrap_or_else(|| "none".to_owned()).into_response(),
-                    // Never swallowed, as in the chaos app.
-                    Err(error) => (
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("session read failed: {error}"),
-                    )
-                        .into_response(),
-                }
+    bounded_app(
+        manager,
+        &AppBounds {
+            local_cache_bytes: Some(LOCAL_CACHE_BYTES),
+            near_cache: Some((NEAR_CACHE_BYTES, Duration::from_secs(5))),
+            session_expiry: Some(Expiry {
+                idle: SESSION_IDLE,
+                absolute: Duration::from_secs(3600),
+                persistent: false,
             }),
-        )
-        .route(
-            "/session/{field}/{value}",
-            axum::routing::post(
-                |session: Session, Path((field, value)): Path<(String, String)>| async move {
-                    match session.insert(&field, value).await {
-                        Ok(()) => "ok".into_response(),
-                        Err(_) => StatusCode::BAD_REQUEST.into_response(),
-                    }
-                },
-            ),
-        )
-        .route(
-            "/limited",
-            get(|| async { ([(header::CACHE_CONTROL, "no-store")], "limited ok") }),
-        )
-        .route(
-            "/visit",
-            get(|| async { ([(header::CACHE_CONTROL, "no-store")], "visit ok") }),
-        )
-        .layer(cache)
-        .layer(sessions)
-        .layer(limits)
-}
-
-fn language(headers: &HeaderMap) -> String {
-    headers
-        .get(header::ACCEPT_LANGUAGE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_owned()
-}
-
-/// The chaos app's page: its URL and variant in the body, lifetimes of 0–2 s, an `ETag`.
-async fn page(Path(id): Path<u64>, uri: Uri, headers: HeaderMap) -> Response {
-    let lang = language(&headers);
-    let etag = format!("\"p{id}-{lang}\"");
-    let fields = [
-        (header::CACHE_CONTROL, format!("public, max-age={}", id % 3)),
-        (header::VARY, "accept-language".to_owned()),
-        (header::ETAG, etag.clone()),
-    ];
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
-    {
-        return (StatusCode::NOT_MODIFIED, fields).into_response();
-    }
-    (fields, page_body(&uri.to_string(), &lang)).into_response()
-}
-
-/// The chaos app's page for one client only (`private`).
-async fn private(Path(id): Path<u32>, headers: HeaderMap) -> Response {
-    let client = headers
-        .get("x-client")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_owned();
-    (
-        [(header::CACHE_CONTROL, "private, max-age=60")],
-        format!("private {id} for {client}"),
+            session_copies_bytes: Some(SESSION_COPIES_BYTES),
+            session_queue_bytes: Some(SESSION_QUEUE_BYTES),
+            rate_limit_bytes: Some(RATE_LIMIT_BYTES),
+            visits_per_minute: Some(VISITS_PER_MINUTE),
+        },
     )
-        .into_response()
-}
-
-/// The chaos app's page answered to an `Authorization` header.
-async fn authorised(Path(id): Path<u32>, headers: HeaderMap) -> Response {
-    let who = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_owned();
-    (
-        [(header::CACHE_CONTROL, "max-age=60")],
-        format!("auth {id} for {who}"),
-    )
-        .into_response()
 }
 
 /// What the visitors share with the run.

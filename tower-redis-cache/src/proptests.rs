@@ -6,7 +6,8 @@
 //! Properties: nothing panics on arbitrary bytes; what has an encoder
 //! round-trips; outputs stay within their documented bounds.
 //!
-//! `PROPTEST_CASES` sets the number of cases per property (default 256, which
+//! `PROPTEST_CASES` sets the number of cases per property (proptest reads
+//! it itself; default 256, which
 //! keeps CI short); run longer with e.g.
 //! `PROPTEST_CASES=100000 cargo test -p tower-redis-cache --lib proptests`.
 
@@ -222,10 +223,6 @@ fn rules(heuristic: bool) -> Rules {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
-    ))]
-
     #[test]
     fn cache_control_parsers_never_panic_and_stay_bounded(
         lines in prop::collection::vec(value_bytes(), 0..4),

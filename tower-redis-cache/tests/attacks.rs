@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // A failed setup step should fail the test loudly.
 
+mod support;
+
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +21,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body::Frame;
 use http_body_util::BodyExt;
+use support::{Answer, call, request, settle, wait_until_stale};
 use tower::ServiceExt;
 use tower_redis_cache::{CacheLayer, CacheLayerBuilder, RequestCacheControl};
 use tower_redis_core::testing::{TestCluster, TestRedis};
@@ -170,73 +173,8 @@ async fn fixture(configure: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder)
     }
 }
 
-struct Answer {
-    status: u16,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl Answer {
-    fn cache_status(&self) -> &str {
-        self.headers
-            .get("cache-status")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    }
-}
-
-async fn call(app: &Router, request: Request<Body>) -> Answer {
-    let response = tokio::time::timeout(Duration::from_secs(10), app.clone().oneshot(request))
-        .await
-        .expect("no answer within 10 s")
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    let body = tokio::time::timeout(Duration::from_secs(10), body.collect())
-        .await
-        .expect("no body within 10 s")
-        .unwrap()
-        .to_bytes();
-    Answer {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
-}
-
-fn request(path: &str, headers: &[(&str, &str)]) -> Request<Body> {
-    let mut builder = Request::get(path).header(header::HOST, "shop.example");
-    for (name, value) in headers {
-        builder = builder.header(*name, *value);
-    }
-    builder.body(Body::empty()).unwrap()
-}
-
 async fn get(app: &Router, path: &str, headers: &[(&str, &str)]) -> Answer {
     call(app, request(path, headers)).await
-}
-
-/// Waits, with a deadline, until Redis' clock makes the entry of `url`
-/// stale (its freshness is judged by Redis time, so no paused clock).
-async fn wait_until_stale(layer: &CacheLayer, url: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let entry = layer.handle().entry(url).await.unwrap();
-        let info = entry.unwrap_or_else(|| panic!("{url} is not stored"));
-        if info.ttl <= 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{url} still fresh after 10 s: {info:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn settle(layer: &CacheLayer) {
-    tokio::time::timeout(Duration::from_secs(10), layer.flush())
-        .await
-        .expect("flush never finished");
 }
 
 /// Item 2. An absolute-form request names one host in its target and
@@ -498,53 +436,68 @@ async fn a_slow_reader_holds_coalesced_followers_and_flush_hostage() {
             .unwrap()
             .contains("stored")
     );
-    // The slow reader: one byte per 100 ms.
+    // The slow reader: reads the first byte, then reads nothing more until
+    // the test releases it, so every check below happens while it is
+    // provably still reading (no wall-clock bound to miss under load).
+    let (first_byte, first_byte_read) = tokio::sync::oneshot::channel::<()>();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
     let reader = tokio::spawn(async move {
         let mut body = response.into_body();
         let mut read = Vec::new();
+        let (mut first_byte, mut released) = (Some(first_byte), Some(released));
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame.unwrap().into_data() {
                 read.extend_from_slice(&data);
-                tokio::time::sleep(Duration::from_millis(100) * data.len() as u32).await;
+                if let Some(first_byte) = first_byte.take() {
+                    let _ = first_byte.send(());
+                }
+                if let Some(released) = released.take() {
+                    let _ = released.await;
+                }
             }
         }
         read
     });
-    // Followers arriving while it reads are answered at once, from the entry.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), first_byte_read)
+        .await
+        .expect("the slow reader gets its first byte within 10 s")
+        .expect("the slow reader's first byte");
+    // Followers arriving while it reads are answered from the entry, without
+    // waiting for it: it reads nothing more until released.
     let mut followers = Vec::new();
     for _ in 0..5 {
         let app = f.app.clone();
         followers.push(tokio::spawn(async move {
             let started = Instant::now();
-            let answer = get(&app, "/one-byte-frames", &[]).await;
+            let answer =
+                tokio::time::timeout(Duration::from_secs(10), get(&app, "/one-byte-frames", &[]))
+                    .await
+                    .ok();
             (answer, started.elapsed())
         }));
     }
     for follower in followers {
         let (answer, waited) = follower.await.unwrap();
+        let answer = answer.unwrap_or_else(|| {
+            panic!("a follower waited {waited:?} for the slow reader (no answer within 10 s)")
+        });
         assert_eq!(answer.body, SLOW_BODY);
-        assert!(
-            waited < Duration::from_secs(1),
-            "a follower waited {waited:?} for the slow reader ({})",
-            answer.cache_status()
-        );
         assert!(
             answer.cache_status().contains("hit"),
             "{}",
             answer.cache_status()
         );
     }
-    tokio::time::timeout(Duration::from_secs(1), f.layer.flush())
+    tokio::time::timeout(Duration::from_secs(10), f.layer.flush())
         .await
         .expect("flush() waited for the slow reader");
     assert!(
-        !reader.is_finished() && started.elapsed() < Duration::from_secs(1),
+        !reader.is_finished(),
         "the test must finish its checks while the reader still reads"
     );
     assert_eq!(f.origin.calls("/one-byte-frames"), 1);
-    let read = tokio::time::timeout(Duration::from_secs(5), reader)
+    release.send(()).expect("the slow reader is still reading");
+    let read = tokio::time::timeout(Duration::from_secs(10), reader)
         .await
         .expect("the slow reader never finished")
         .unwrap();
@@ -987,22 +940,35 @@ async fn authorised_requests_do_not_queue_behind_each_other() {
     let in_flight = Arc::new(AtomicU64::new(0));
     let most = Arc::new(AtomicU64::new(0));
     let calls = Arc::new(AtomicU64::new(0));
+    // Once armed, each call stays in the handler until all 10 concurrent
+    // ones have arrived (or the shared deadline below passes): all 10 in flight
+    // at once is then an event, not a 200 ms overlap to hit under load.
+    // Counted monotonically, so no waiter can miss the moment.
+    let arrived = Arc::new(tokio::sync::watch::Sender::new(0_u64));
+    let gate: Arc<std::sync::OnceLock<tokio::time::Instant>> = Arc::default();
     let (now, peak, counted) = (
         Arc::clone(&in_flight),
         Arc::clone(&most),
         Arc::clone(&calls),
     );
+    let (arrivals, armed) = (Arc::clone(&arrived), Arc::clone(&gate));
     let app = Router::new()
         .route(
             "/api",
             routing::get(move || {
                 let (now, peak, counted) =
                     (Arc::clone(&now), Arc::clone(&peak), Arc::clone(&counted));
+                let (arrivals, armed) = (Arc::clone(&arrivals), Arc::clone(&armed));
                 async move {
                     counted.fetch_add(1, Ordering::SeqCst);
                     let current = now.fetch_add(1, Ordering::SeqCst) + 1;
                     peak.fetch_max(current, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if let Some(deadline) = armed.get() {
+                        let mut all_here = arrivals.subscribe();
+                        arrivals.send_modify(|n| *n += 1);
+                        let _ = tokio::time::timeout_at(*deadline, all_here.wait_for(|n| *n >= 10))
+                            .await;
+                    }
                     now.fetch_sub(1, Ordering::SeqCst);
                     // Shared-cacheable, but not for an authorised request.
                     cacheable("for you")
@@ -1019,6 +985,12 @@ async fn authorised_requests_do_not_queue_behind_each_other() {
     );
     settle(&layer).await;
     most.store(0, Ordering::SeqCst);
+    // 4 s: shorter than the layer's coalescing wait (5 s by default), so
+    // that requests wrongly queued behind a leader cannot reach the gate by
+    // giving up their wait; long enough for a loaded machine to get all ten
+    // there.
+    gate.set(tokio::time::Instant::now() + Duration::from_secs(4))
+        .expect("armed once");
     let answers = concurrent(&app, 10, "/api", &token).await;
     let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
     assert_eq!(calls.load(Ordering::SeqCst), 11, "{statuses:?}");

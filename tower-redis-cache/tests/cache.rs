@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // A failed setup step should fail the test loudly.
 
+mod support;
+
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -19,9 +21,10 @@ use axum::routing;
 use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::BodyExt;
+use support::{Answer, send, settle, wait_until_stale};
 use tower::ServiceExt;
 use tower_redis_cache::{CacheLayer, CacheLayerBuilder, Route};
-use tower_redis_core::testing::TestRedis;
+use tower_redis_core::testing::{TestRedis, wait_for_breaker};
 use tower_redis_core::{BreakerState, RedisManager, redis};
 
 #[derive(Clone, Default)]
@@ -248,68 +251,8 @@ async fn fixture(configure: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder)
     }
 }
 
-struct Answer {
-    status: u16,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn cache_status(&self) -> &str {
-        self.header("cache-status").unwrap_or("")
-    }
-}
-
-async fn send(app: &Router, method: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
-    let mut request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(header::HOST, "shop.example");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = app
-        .clone()
-        .oneshot(request.body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    let body = String::from_utf8_lossy(&body.collect().await.unwrap().to_bytes()).into_owned();
-    Answer {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body,
-    }
-}
-
 async fn get(app: &Router, path: &str) -> Answer {
     send(app, "GET", path, &[]).await
-}
-
-/// Stores run after the body is sent; wait until they are done.
-async fn settle(layer: &CacheLayer) {
-    layer.flush().await;
-}
-
-/// Waits (10 s at most) until the entry for `url` has no freshness left.
-async fn wait_until_stale(layer: &CacheLayer, url: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let entry = layer.handle().entry(url).await.unwrap();
-        let info = entry.unwrap_or_else(|| panic!("{url} is not stored"));
-        if info.ttl <= 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{url} still fresh after 10 s: {info:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]
@@ -633,14 +576,7 @@ async fn redis_outage_keeps_caching_in_process_and_says_so() {
     let calls_during_outage = f.origin.calls();
 
     f.redis.restart().await;
-    let mut rx = f.manager.subscribe();
-    tokio::time::timeout(
-        Duration::from_secs(15),
-        rx.wait_for(|s| *s == BreakerState::Closed),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    wait_for_breaker(&f.manager, BreakerState::Closed, Duration::from_secs(15)).await;
     // Redis is empty after its restart: a miss there (the in-process copy is
     // dropped), then shared hits again.
     let back = get(&f.app, "/fresh").await;

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // A failed setup step should fail the test loudly.
 
+mod support;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +17,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Request, Response, StatusCode, header};
 use axum::routing;
 use http_body_util::BodyExt;
+use support::{Answer, call, request};
 use tower::ServiceExt;
 use tower_redis_cache::{CacheLayer, CacheLayerBuilder, Route};
 use tower_redis_core::testing::{TestCluster, TestRedis};
@@ -177,34 +180,8 @@ async fn instance(
     Instance { app, layer }
 }
 
-struct Answer {
-    status: u16,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl Answer {
-    fn cache_status(&self) -> &str {
-        self.headers
-            .get("cache-status")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    }
-}
-
 async fn get(app: &Router, path: &str) -> Answer {
-    let request = Request::get(path)
-        .header(header::HOST, "shop.example")
-        .body(Body::empty())
-        .unwrap();
-    let response = app.clone().oneshot(request).await.unwrap();
-    let (parts, body) = response.into_parts();
-    let body = String::from_utf8_lossy(&body.collect().await.unwrap().to_bytes()).into_owned();
-    Answer {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body,
-    }
+    call(app, request(path, &[])).await
 }
 
 /// Gets `path` and waits until what it stores (or refreshes) is in Redis.

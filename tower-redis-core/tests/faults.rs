@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tower_redis_core::redis;
-use tower_redis_core::testing::TestRedis;
+use tower_redis_core::testing::{TestRedis, wait_for_breaker};
 use tower_redis_core::{BreakerState, Error, FallbackReason, RedisManager, Served, Source};
 
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(200);
@@ -119,13 +119,7 @@ async fn incr(manager: &RedisManager) -> Served<i64> {
 }
 
 async fn wait_for_state(manager: &RedisManager, state: BreakerState) {
-    let mut rx = manager.subscribe();
-    let reached = tokio::time::timeout(RECOVERY, rx.wait_for(|s| *s == state)).await;
-    assert!(
-        matches!(reached, Ok(Ok(_))),
-        "breaker did not reach {state} within {RECOVERY:?}; health: {:?}",
-        manager.health()
-    );
+    wait_for_breaker(manager, state, RECOVERY).await;
 }
 
 #[tokio::test]

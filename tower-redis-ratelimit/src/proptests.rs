@@ -4,7 +4,8 @@
 //! client our proxies appended is found whatever a client put to its left,
 //! and keys are bounded in length and are addresses or networks.
 //!
-//! `PROPTEST_CASES` sets the number of cases per property (default 256);
+//! `PROPTEST_CASES` sets the number of cases per property (proptest reads
+//! it itself; default 256);
 //! run longer with e.g.
 //! `PROPTEST_CASES=100000 cargo test -p tower-redis-ratelimit --lib proptests`.
 
@@ -110,10 +111,6 @@ fn key_is_bounded_and_an_address(key: &str) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
-    ))]
-
     #[test]
     fn arbitrary_forwarding_headers_never_panic_and_keys_stay_bounded(
         xff in prop::collection::vec(value_bytes(), 0..4),

@@ -1,7 +1,8 @@
 //! Ways a client, or a deployment mistake, could make limits disappear,
 //! each against real Redis.
 
-use std::convert::Infallible;
+mod support;
+
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -9,35 +10,16 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Empty;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
+use tower_redis_core::redis;
 use tower_redis_core::testing::TestRedis;
-use tower_redis_core::{RedisManager, redis};
 use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
 
+use support::{app, away_from_window_edge, manager};
+
 const HOUR: Duration = Duration::from_secs(3600);
-
-type Svc = tower::util::BoxCloneSyncService<
-    Request<()>,
-    Response<tower_redis_ratelimit::ResponseBody<Empty<Bytes>>>,
-    Infallible,
->;
-
-fn app(layer: RateLimitLayer) -> Svc {
-    let inner = tower::service_fn(|_req: Request<()>| async {
-        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
-    });
-    tower::util::BoxCloneSyncService::new(tower::Layer::layer(&layer, inner))
-}
-
-async fn manager(redis: &TestRedis) -> RedisManager {
-    RedisManager::connect(redis.config().build().expect("valid"))
-        .await
-        .expect("starts")
-}
 
 fn request(peer: &str) -> Request<()> {
     let mut request = Request::get("/").body(()).expect("request");
@@ -52,20 +34,6 @@ fn ratelimit_field<B>(response: &Response<B>) -> Option<String> {
         .get("ratelimit")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
-}
-
-/// Sleeps past a window edge when one is near, so window tests never straddle it.
-async fn away_from_window_edge(redis: &TestRedis, window: Duration) {
-    let mut conn = redis.connection().await.expect("connection");
-    let (secs, micros): (u64, u64) = redis::cmd("TIME")
-        .query_async(&mut conn)
-        .await
-        .expect("TIME");
-    let now = Duration::from_secs(secs) + Duration::from_micros(micros);
-    let into = Duration::from_nanos((now.as_nanos() % window.as_nanos()) as u64);
-    if window - into < Duration::from_secs(20) {
-        tokio::time::sleep(window - into + Duration::from_millis(50)).await;
-    }
 }
 
 /// A header key of 10 KiB (an API key the client made up, padded) used to

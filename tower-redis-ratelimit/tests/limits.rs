@@ -1,6 +1,8 @@
 //! The rate limit layer against real Redis: exactness under concurrency,
 //! stacking, keys, responses, the blocked-key cache, outages and clusters.
 
+mod support;
+
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -11,33 +13,15 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use tower::{Service, ServiceExt};
-use tower_redis_core::testing::{TestCluster, TestRedis};
+use tower_redis_core::testing::{TestCluster, TestRedis, wait_for_breaker};
 use tower_redis_core::{BreakerState, RedisManager, redis};
 use tower_redis_ratelimit::{
     Fallback, Key, MissingKey, Policy, RateLimitLayer, RateLimitLayerBuilder,
 };
 
+use support::{Svc, app, away_from_window_edge, manager};
+
 const HOUR: Duration = Duration::from_secs(3600);
-
-type Svc = tower::util::BoxCloneSyncService<
-    Request<()>,
-    Response<tower_redis_ratelimit::ResponseBody<Empty<Bytes>>>,
-    Infallible,
->;
-
-/// The app behind the layer: 200, empty body.
-fn app(layer: RateLimitLayer) -> Svc {
-    let inner = tower::service_fn(|_req: Request<()>| async {
-        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
-    });
-    tower::util::BoxCloneSyncService::new(tower::Layer::layer(&layer, inner))
-}
-
-async fn manager(redis: &TestRedis) -> RedisManager {
-    RedisManager::connect(redis.config().build().expect("valid"))
-        .await
-        .expect("starts")
-}
 
 fn request(peer: &str, path: &str) -> Request<()> {
     let mut request = Request::get(path).body(()).expect("request");
@@ -55,105 +39,6 @@ async fn send(
 
 fn header<'r, B>(response: &'r Response<B>, name: &str) -> Option<&'r str> {
     response.headers().get(name).and_then(|v| v.to_str().ok())
-}
-
-/// Sleeps past a window edge when one is near, so window tests never straddle it.
-async fn away_from_window_edge(redis: &TestRedis, window: Duration) {
-    let mut conn = redis.connection().await.expect("connection");
-    let (secs, micros): (u64, u64) = redis::cmd("TIME")
-        .query_async(&mut conn)
-        .await
-        .expect("TIME");
-    let now = Duration::from_secs(secs) + Duration::from_micros(micros);
-    let into = Duration::from_nanos((now.as_nanos() % window.as_nanos()) as u64);
-    if window - into < Duration::from_secs(20) {
-        tokio::time::sleep(window - into + Duration::from_millis(50)).await;
-    }
-}
-
-/// Every command clients send to a test server while it is watched, from
-/// `MONITOR`, without the commands Lua scripts run inside Redis (MONITOR
-/// marks those `[<db> lua]`). On a server used by nothing but the client
-/// under test this is everything that client sent, whatever the command:
-/// unlike `INFO commandstats`, which also counts what scripts run and so
-/// can only be filtered by command name, hiding any new per-request
-/// `PEXPIRE`, `GET`, `HSET` or `HGET` of the client's own.
-struct Monitor {
-    /// Sends the end marker; connected before MONITOR starts, so its own
-    /// connection setup is not seen.
-    marker_conn: redis::aio::MultiplexedConnection,
-    marker: String,
-    lines: tokio::task::JoinHandle<Vec<String>>,
-}
-
-impl Monitor {
-    async fn start(redis: &TestRedis) -> Self {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-        let marker_conn = redis.connection().await.expect("connection");
-        let marker = format!("end-of-monitor-{}", std::process::id());
-        let address = match redis.client().get_connection_info().addr() {
-            redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
-            other => panic!("MONITOR needs a TCP test server, not {other:?}"),
-        };
-        let mut stream = tokio::net::TcpStream::connect(&address)
-            .await
-            .expect("a connection for MONITOR");
-        stream
-            .write_all(b"MONITOR\r\n")
-            .await
-            .expect("MONITOR sent");
-        let mut reader = tokio::io::BufReader::new(stream);
-        let mut ok = String::new();
-        tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut ok))
-            .await
-            .expect("MONITOR answers within 10 s")
-            .expect("MONITOR reply");
-        assert_eq!(ok.trim_end(), "+OK", "MONITOR refused");
-        let end = marker.clone();
-        let lines = tokio::spawn(async move {
-            let mut lines = Vec::new();
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match reader.read_line(&mut line).await {
-                    Ok(0) | Err(_) => return lines,
-                    Ok(_) if line.contains(&end) => return lines,
-                    Ok(_) => lines.push(line.trim_end().to_owned()),
-                }
-            }
-        });
-        Self {
-            marker_conn,
-            marker,
-            lines,
-        }
-    }
-
-    /// The lower-case names of the commands clients sent since
-    /// [`start`](Self::start), in the order the server ran them.
-    async fn commands(mut self) -> Vec<String> {
-        redis::cmd("ECHO")
-            .arg(&self.marker)
-            .query_async::<String>(&mut self.marker_conn)
-            .await
-            .expect("ECHO");
-        let lines = tokio::time::timeout(Duration::from_secs(10), self.lines)
-            .await
-            .expect("MONITOR shows the end marker within 10 s")
-            .expect("MONITOR reader");
-        lines
-            .iter()
-            .filter_map(|line| {
-                // +<time> [<db> <client address>|lua] "<command>" "<arg>" ...
-                let (client, command) = line.split_once("] ")?;
-                if client.ends_with(" lua") {
-                    return None;
-                }
-                let name = command.strip_prefix('"')?.split('"').next()?;
-                Some(name.to_ascii_lowercase())
-            })
-            .collect()
-    }
 }
 
 /// 50 concurrent clients over two layer instances fire `total` requests
@@ -537,7 +422,7 @@ async fn stacked_policies_are_one_round_trip_and_blocked_keys_are_zero() {
         200
     );
 
-    let monitor = Monitor::start(&redis).await;
+    let monitor = redis.monitor().await;
     for _ in 0..4 {
         assert_eq!(
             send(&service, request("192.0.2.9", "/")).await.status(),
@@ -555,7 +440,7 @@ async fn stacked_policies_are_one_round_trip_and_blocked_keys_are_zero() {
     );
 
     // The denied key is now answered in process.
-    let monitor = Monitor::start(&redis).await;
+    let monitor = redis.monitor().await;
     for _ in 0..20 {
         let response = send(&service, request("192.0.2.9", "/")).await;
         assert_eq!(response.status(), 429);
@@ -590,7 +475,7 @@ async fn concurrent_decisions_share_a_call_and_stay_exact() {
     let service = app(layer);
     // Loads the script once.
     send(&service, request("192.0.2.200", "/")).await;
-    let monitor = Monitor::start(&redis).await;
+    let monitor = redis.monitor().await;
 
     let clients: Vec<String> = (1..=20).map(|i| format!("10.0.0.{i}")).collect();
     let mut set = tokio::task::JoinSet::new();
@@ -739,13 +624,7 @@ async fn redis_outage_falls_back_to_local_limits_and_recovers() {
     assert_eq!(marked_local, 6);
 
     redis.restart().await;
-    let mut rx = manager.subscribe();
-    let closed = tokio::time::timeout(
-        Duration::from_secs(15),
-        rx.wait_for(|s| *s == BreakerState::Closed),
-    )
-    .await;
-    assert!(matches!(closed, Ok(Ok(_))));
+    wait_for_breaker(&manager, BreakerState::Closed, Duration::from_secs(15)).await;
     // The restarted Redis is empty: the shared counters start over, unmarked.
     let response = send(&service, request("192.0.2.12", "/")).await;
     assert_eq!(response.status(), 200);

@@ -4,7 +4,8 @@
 //! whatever bytes other cookies hold, on the same `Cookie` line or on
 //! others, the session cookie beside them is found.
 //!
-//! `PROPTEST_CASES` sets the number of cases per property (default 256);
+//! `PROPTEST_CASES` sets the number of cases per property (proptest reads
+//! it itself; default 256);
 //! run longer with e.g.
 //! `PROPTEST_CASES=100000 cargo test -p tower-redis-session --lib proptests`.
 
@@ -82,10 +83,6 @@ fn is_issued_shape(id: &SessionId) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
-    ))]
-
     #[test]
     fn decoding_arbitrary_values_never_panics_and_yields_only_issued_shapes(
         value in cookie_text(),

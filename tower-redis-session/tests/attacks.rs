@@ -12,7 +12,7 @@ use axum::{Extension, Router};
 use http::{Request, header};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use tower_redis_core::testing::TestRedis;
+use tower_redis_core::testing::{TestRedis, wait_for_breaker};
 use tower_redis_core::{BreakerState, RedisManager, redis};
 use tower_redis_session::{
     DEFAULT_MAX_SESSION_BYTES, Expiry, Session, SessionError, SessionLayer, SessionLayerBuilder,
@@ -181,16 +181,6 @@ async fn session_keys(redis: &TestRedis) -> Vec<String> {
         .expect("KEYS")
 }
 
-async fn wait_closed(manager: &RedisManager) {
-    let mut rx = manager.subscribe();
-    let closed = tokio::time::timeout(
-        Duration::from_secs(15),
-        rx.wait_for(|s| *s == BreakerState::Closed),
-    )
-    .await;
-    assert!(matches!(closed, Ok(Ok(_))), "{:?}", manager.health());
-}
-
 async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(10), future)
         .await
@@ -343,7 +333,7 @@ async fn a_flood_of_creates_and_deletes_during_an_outage_never_drops_a_logout() 
     );
 
     redis.resume().await;
-    wait_closed(&manager).await;
+    wait_for_breaker(&manager, BreakerState::Closed, Duration::from_secs(15)).await;
     drained(&store).await;
     assert!(
         session_keys(&redis).await.is_empty(),
@@ -402,7 +392,7 @@ async fn outage_queue_is_bounded_by_bytes() {
     }
 
     redis.resume().await;
-    wait_closed(&manager).await;
+    wait_for_breaker(&manager, BreakerState::Closed, Duration::from_secs(15)).await;
     drained(&store).await;
     assert_eq!(store.local_usage().queued_bytes, 0);
     assert_eq!(session_keys(&redis).await.len(), accepted.len());

@@ -11,7 +11,7 @@ use axum::{Extension, Router};
 use http::{Request, Response, header};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use tower_redis_core::testing::{TestCluster, TestRedis};
+use tower_redis_core::testing::{TestCluster, TestRedis, wait_for_breaker};
 use tower_redis_core::{BreakerState, RedisConfig, RedisManager, redis};
 use tower_redis_session::{Expiry, Session, SessionLayer, SessionLayerBuilder};
 
@@ -244,91 +244,6 @@ async fn session_keys(redis: &TestRedis) -> Vec<String> {
         .expect("KEYS")
 }
 
-/// Every command clients send to a test server while it is watched, from
-/// `MONITOR`, without the commands Lua scripts run inside Redis (MONITOR
-/// marks those `[<db> lua]`). On a server used by nothing but the client
-/// under test this is everything that client sent, whatever the command:
-/// unlike `INFO commandstats`, which also counts what scripts run and so
-/// can only be filtered by command name, hiding any new per-request
-/// `PEXPIRE`, `GET`, `HSET` or `HGET` of the client's own.
-struct Monitor {
-    /// Sends the end marker; connected before MONITOR starts, so its own
-    /// connection setup is not seen.
-    marker_conn: redis::aio::MultiplexedConnection,
-    marker: String,
-    lines: tokio::task::JoinHandle<Vec<String>>,
-}
-
-impl Monitor {
-    async fn start(redis: &TestRedis) -> Self {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-        let marker_conn = redis.connection().await.expect("connection");
-        let marker = format!("end-of-monitor-{}", std::process::id());
-        let address = match redis.client().get_connection_info().addr() {
-            redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
-            other => panic!("MONITOR needs a TCP test server, not {other:?}"),
-        };
-        let mut stream = tokio::net::TcpStream::connect(&address)
-            .await
-            .expect("a connection for MONITOR");
-        stream
-            .write_all(b"MONITOR\r\n")
-            .await
-            .expect("MONITOR sent");
-        let mut reader = tokio::io::BufReader::new(stream);
-        let mut ok = String::new();
-        tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut ok))
-            .await
-            .expect("MONITOR answers within 10 s")
-            .expect("MONITOR reply");
-        assert_eq!(ok.trim_end(), "+OK", "MONITOR refused");
-        let end = marker.clone();
-        let lines = tokio::spawn(async move {
-            let mut lines = Vec::new();
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match reader.read_line(&mut line).await {
-                    Ok(0) | Err(_) => return lines,
-                    Ok(_) if line.contains(&end) => return lines,
-                    Ok(_) => lines.push(line.trim_end().to_owned()),
-                }
-            }
-        });
-        Self {
-            marker_conn,
-            marker,
-            lines,
-        }
-    }
-
-    /// The lower-case names of the commands clients sent since
-    /// [`start`](Self::start), in the order the server ran them.
-    async fn commands(mut self) -> Vec<String> {
-        redis::cmd("ECHO")
-            .arg(&self.marker)
-            .query_async::<String>(&mut self.marker_conn)
-            .await
-            .expect("ECHO");
-        let lines = tokio::time::timeout(Duration::from_secs(10), self.lines)
-            .await
-            .expect("MONITOR shows the end marker within 10 s")
-            .expect("MONITOR reader");
-        lines
-            .iter()
-            .filter_map(|line| {
-                // +<time> [<db> <client address>|lua] "<command>" "<arg>" ...
-                let (client, command) = line.split_once("] ")?;
-                if client.ends_with(" lua") {
-                    return None;
-                }
-                let name = command.strip_prefix('"')?.split('"').next()?;
-                Some(name.to_ascii_lowercase())
-            })
-            .collect()
-    }
-}
-
 #[tokio::test]
 async fn untouched_session_costs_no_redis_call() {
     let redis = TestRedis::start().await;
@@ -337,7 +252,7 @@ async fn untouched_session_costs_no_redis_call() {
     ));
     let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
     let cookie = cookie_pair(&set_cookie.expect("new session cookie"));
-    let monitor = Monitor::start(&redis).await;
+    let monitor = redis.monitor().await;
 
     for _ in 0..10 {
         let (status, _, set_cookie, _) = send(&app, "GET", "/nothing", Some(&cookie)).await;
@@ -358,14 +273,14 @@ async fn a_read_is_one_round_trip_and_a_change_is_two() {
     let cookie = cookie_pair(&set_cookie.unwrap());
 
     // A read: PEXPIRE + HGETALL in one pipelined round trip, nothing else.
-    let monitor = Monitor::start(&redis).await;
+    let monitor = redis.monitor().await;
     let (_, body, _, _) = send(&app, "GET", "/get/a", Some(&cookie)).await;
     assert_eq!(body, "1");
     assert_eq!(monitor.commands().await, ["pexpire", "hgetall"], "read");
 
     // The idle timeout (30 min) was just renewed: the next reads within
     // 1/100 of it are a single HGETALL each.
-    let monitor = Monitor::start(&redis).await;
+    let monitor = redis.monitor().await;
     for _ in 0..3 {
         let (_, body, _, _) = send(&app, "GET", "/get/a", Some(&cookie)).await;
         assert_eq!(body, "1");
@@ -378,7 +293,7 @@ async fn a_read_is_one_round_trip_and_a_change_is_two() {
 
     // A change: the same read, then one EVALSHA (whose own commands run
     // inside Redis, renewing the TTL too).
-    let monitor = Monitor::start(&redis).await;
+    let monitor = redis.monitor().await;
     send(&app, "POST", "/set/b/2", Some(&cookie)).await;
     assert_eq!(
         monitor.commands().await,
@@ -409,7 +324,7 @@ async fn reads_keep_renewing_the_idle_timeout() {
     // lapsed, rightly: then the test starts over with a new one.
     let mut run_started = used_at;
     let mut reads = 0;
-    let monitor = Monitor::start(&redis).await;
+    let monitor = redis.monitor().await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while used_at - run_started < idle * 3 {
         assert!(
@@ -909,16 +824,6 @@ async fn revoke_user_logs_out_everywhere() {
     assert!(store.list_user_sessions("bob").await.unwrap().is_empty());
 }
 
-async fn wait_closed(manager: &RedisManager) {
-    let mut rx = manager.subscribe();
-    let closed = tokio::time::timeout(
-        Duration::from_secs(15),
-        rx.wait_for(|s| *s == BreakerState::Closed),
-    )
-    .await;
-    assert!(matches!(closed, Ok(Ok(_))), "{:?}", manager.health());
-}
-
 /// Polls Redis directly until the session hash has `field`.
 async fn wait_for_field(redis: &TestRedis, field: &str) -> bool {
     let mut conn = redis.connection().await.expect("connection");
@@ -964,7 +869,7 @@ async fn a_hung_redis_does_not_log_anyone_out_and_changes_reach_redis_after() {
     assert!(new_visitor.is_some());
 
     redis.resume().await;
-    wait_closed(&manager).await;
+    wait_for_breaker(&manager, BreakerState::Closed, Duration::from_secs(15)).await;
     assert!(
         wait_for_field(&redis, "d:b").await,
         "the change made during the outage reached Redis"
@@ -1112,7 +1017,7 @@ async fn outage_changes_never_overwrite_newer_data_in_redis() {
     assert!(!marker, "replayed before the newer write");
 
     let_the_app_back(&redis).await;
-    wait_closed(&manager).await;
+    wait_for_breaker(&manager, BreakerState::Closed, Duration::from_secs(15)).await;
     assert!(
         wait_for_field(&redis, "d:marker").await,
         "the outage queue was replayed"
@@ -1177,7 +1082,7 @@ async fn replayed_outage_changes_are_counted_in_metrics() {
     assert_eq!(reconciled(), 0, "nothing replayed during the outage");
 
     let_the_app_back(&redis).await;
-    wait_closed(&manager).await;
+    wait_for_breaker(&manager, BreakerState::Closed, Duration::from_secs(15)).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while reconciled() < 4 {
         assert!(
@@ -1365,7 +1270,7 @@ async fn sessions_created_during_an_outage_stay_readable_while_they_are_replayed
             wrong
         });
     }
-    wait_closed(&manager).await;
+    wait_for_breaker(&manager, BreakerState::Closed, Duration::from_secs(15)).await;
     let mut stored = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while stored != SESSIONS && std::time::Instant::now() < deadline {

@@ -29,6 +29,7 @@
 mod cluster;
 #[cfg(feature = "testing-docker")]
 mod docker;
+mod monitor;
 mod process;
 
 use std::collections::HashMap;
@@ -36,6 +37,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use cluster::TestCluster;
+pub use monitor::Monitor;
 use process::{ServerProcess, find_binary, free_port};
 
 use crate::RedisConfigBuilder;
@@ -85,6 +87,12 @@ pub enum TestRedisError {
     /// A Redis command used by the harness itself failed.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// A [`Monitor`] could not watch the server.
+    #[error("MONITOR: {0}")]
+    Monitor(String),
+    /// A socket the harness opened itself failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// Which kind of server a [`TestRedis`] runs on.
@@ -470,6 +478,23 @@ fn parse_commandstats(info: &str) -> HashMap<String, u64> {
             Some((name.to_owned(), calls.parse().ok()?))
         })
         .collect()
+}
+
+/// Waits until `manager`'s breaker is in `state`, and panics with the
+/// manager's health if it is not within `within`: a breaker that never gets
+/// there fails the test instead of hanging it.
+pub async fn wait_for_breaker(
+    manager: &crate::RedisManager,
+    state: crate::BreakerState,
+    within: Duration,
+) {
+    let mut states = manager.subscribe();
+    let reached = tokio::time::timeout(within, states.wait_for(|s| *s == state)).await;
+    assert!(
+        matches!(reached, Ok(Ok(_))),
+        "breaker did not reach {state} within {within:?}; health: {:?}",
+        manager.health()
+    );
 }
 
 #[cfg(test)]

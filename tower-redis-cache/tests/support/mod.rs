@@ -1,0 +1,107 @@
+//! Helpers shared by the cache crate's integration suites: an answer read
+//! whole, requests to `shop.example`, and waits that end in a deadline.
+//!
+//! Each suite uses a part of this module; the rest is dead code there.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, header};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_redis_cache::CacheLayer;
+
+/// How long any one wait of these helpers may take.
+pub(crate) const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A response read whole.
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: String,
+}
+
+impl Answer {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The `Cache-Status` field, or "" without one.
+    pub(crate) fn cache_status(&self) -> &str {
+        self.header("cache-status").unwrap_or("")
+    }
+}
+
+/// Calls `app` and reads the whole answer, each within [`DEADLINE`].
+pub(crate) async fn call(app: &Router, request: Request<Body>) -> Answer {
+    let response = tokio::time::timeout(DEADLINE, app.clone().oneshot(request))
+        .await
+        .expect("no answer within 10 s")
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let body = tokio::time::timeout(DEADLINE, body.collect())
+        .await
+        .expect("no body within 10 s")
+        .unwrap()
+        .to_bytes();
+    Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// A `method` request for `path` on `shop.example` with `headers`.
+pub(crate) fn request_with(method: &str, path: &str, headers: &[(&str, &str)]) -> Request<Body> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, "shop.example");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    builder.body(Body::empty()).unwrap()
+}
+
+/// [`call`] with a [`request_with`].
+pub(crate) async fn send(
+    app: &Router,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
+    call(app, request_with(method, path, headers)).await
+}
+
+/// Waits ([`DEADLINE`] at most) until the entry for `url` has no freshness
+/// left; freshness is judged by Redis' clock, so no paused clock here.
+pub(crate) async fn wait_until_stale(layer: &CacheLayer, url: &str) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let entry = layer.handle().entry(url).await.unwrap();
+        let info = entry.unwrap_or_else(|| panic!("{url} is not stored"));
+        if info.ttl <= 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url} still fresh after 10 s: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Stores run after the body is sent: waits ([`DEADLINE`] at most) until
+/// they are done.
+pub(crate) async fn settle(layer: &CacheLayer) {
+    tokio::time::timeout(DEADLINE, layer.flush())
+        .await
+        .expect("flush never finished");
+}
+
+/// A `GET` request for `path` on `shop.example` with `headers`.
+pub(crate) fn request(path: &str, headers: &[(&str, &str)]) -> Request<Body> {
+    request_with("GET", path, headers)
+}
