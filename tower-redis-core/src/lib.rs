@@ -47,10 +47,13 @@
 //!   Redis servers for tests that can be killed, paused and restarted.
 //! - `testing-docker`: adds a Docker backend (testcontainers) to `testing`.
 
+mod backend;
 mod breaker;
 mod config;
 mod connection;
+pub mod degrade;
 mod error;
+mod failover;
 #[cfg(feature = "forwarding")]
 pub mod forwarding;
 mod future;
@@ -61,13 +64,16 @@ mod pubsub;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use backend::pipeline_with_scripts;
 pub use breaker::{BreakerState, Health};
 pub use config::{BreakerConfig, RedisConfig, RedisConfigBuilder, RedisUrl, Topology};
 pub use connection::RedisConnection;
+pub use degrade::Failover;
 pub use error::{ConfigError, Error};
+pub use failover::{FallbackReason, Served, Source};
 pub use future::ResponseFuture;
 pub use keys::{Keyspace, escape_key_part};
-pub use manager::{FallbackReason, RedisManager, Served, Source, pipeline_with_scripts};
+pub use manager::RedisManager;
 
 /// The redis-rs crate this manager is built on, for writing commands,
 /// pipelines and scripts against [`RedisConnection`].
