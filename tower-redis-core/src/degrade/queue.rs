@@ -11,7 +11,7 @@
 //!   lookup, and no lock at all while the queue is empty.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -44,8 +44,8 @@ struct Queued<C> {
 /// What one key has waiting.
 #[derive(Default)]
 struct Waiting {
-    /// Sequence numbers of its queued changes.
-    queued: Vec<u64>,
+    /// Sequence numbers of its queued changes, oldest first.
+    queued: VecDeque<u64>,
     /// Its changes taken for writing and not yet settled.
     writing: usize,
 }
@@ -151,7 +151,12 @@ impl<C: Deferred> OutageQueue<C> {
                 break;
             };
             if let Some(waiting) = inner.index.get_mut(queued.change.key()) {
-                waiting.queued.retain(|queued_seq| *queued_seq != seq);
+                // Taken oldest first: it is the front of its key's list.
+                if waiting.queued.front() == Some(&seq) {
+                    waiting.queued.pop_front();
+                } else {
+                    waiting.queued.retain(|queued_seq| *queued_seq != seq);
+                }
                 waiting.writing += 1;
             }
             batch.slots.push((seq, queued.weight));
@@ -182,9 +187,11 @@ impl<C: Deferred> OutageQueue<C> {
                 inner.bytes = inner.bytes.saturating_sub(weight);
                 settled += weight;
             } else {
-                waiting.queued.push(seq);
-                // Kept sorted: later pushes of the key have larger numbers.
-                waiting.queued.sort_unstable();
+                // Older than anything of its key queued since: near the front.
+                let at = waiting
+                    .queued
+                    .partition_point(|queued_seq| *queued_seq < seq);
+                waiting.queued.insert(at, seq);
                 inner.changes.insert(seq, Queued { weight, change });
             }
         }
@@ -235,8 +242,162 @@ impl<C: Deferred> Inner<C> {
             .entry(change.key().to_owned())
             .or_default()
             .queued
-            .push(seq);
+            .push_back(seq);
         self.bytes = self.bytes.saturating_add(weight);
         self.changes.insert(seq, Queued { weight, change });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A test change: a key, a weight, and whether it deletes.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Change(String, usize, bool);
+
+    impl Deferred for Change {
+        fn key(&self) -> &str {
+            &self.0
+        }
+        fn weight(&self) -> usize {
+            self.1
+        }
+        fn is_delete(&self) -> bool {
+            self.2
+        }
+    }
+
+    fn save(key: &str, weight: usize) -> Change {
+        Change(key.to_owned(), weight, false)
+    }
+
+    fn delete(key: &str) -> Change {
+        Change(key.to_owned(), 10, true)
+    }
+
+    fn push(queue: &OutageQueue<Change>, change: Change) -> Result<(), QueueFull> {
+        queue.push_all(vec![change], || {})
+    }
+
+    fn drain(queue: &OutageQueue<Change>) -> Vec<Change> {
+        let batch = queue.take(usize::MAX);
+        let changes = batch.changes.clone();
+        queue.settle(batch, changes.len());
+        changes
+    }
+
+    #[test]
+    fn the_queue_is_bounded_by_bytes_and_refuses_what_does_not_fit() {
+        let queue = OutageQueue::new(1_000);
+        for i in 0..9 {
+            push(&queue, save(&format!("k{i}"), 100)).expect("fits");
+        }
+        assert_eq!(
+            push(&queue, save("big", 101)),
+            Err(QueueFull { limit_bytes: 1_000 })
+        );
+        push(&queue, save("last", 100)).expect("exactly fits");
+        assert_eq!(
+            push(&queue, save("one-more", 1)),
+            Err(QueueFull { limit_bytes: 1_000 })
+        );
+        let usage = queue.usage();
+        assert_eq!((usage.changes, usage.bytes), (10, 1_000));
+        // Nothing queued was dropped to make room.
+        assert_eq!(drain(&queue).len(), 10);
+        assert_eq!(queue.usage().bytes, 0);
+    }
+
+    #[test]
+    fn deletes_are_never_refused_and_replace_the_queued_changes_of_their_key() {
+        let queue = OutageQueue::new(300);
+        push(&queue, save("a", 100)).expect("fits");
+        push(&queue, save("b", 100)).expect("fits");
+        push(&queue, save("a", 100)).expect("fits");
+        assert!(push(&queue, save("c", 100)).is_err());
+        // Full, and deletes still go in, over the bound if need be.
+        for i in 0..50 {
+            push(&queue, delete(&format!("gone{i}"))).expect("a delete always fits");
+        }
+        push(&queue, delete("a")).expect("a delete always fits");
+        assert_eq!(queue.usage().changes, 52, "both changes of `a` replaced");
+        let changes = drain(&queue);
+        assert_eq!(changes[0], save("b", 100));
+        assert_eq!(changes.last(), Some(&delete("a")));
+        assert!(!changes.contains(&save("a", 100)));
+    }
+
+    #[test]
+    fn a_batch_is_queued_whole_or_not_at_all_with_the_room_its_delete_frees() {
+        let queue = OutageQueue::new(250);
+        push(&queue, save("old", 200)).expect("fits");
+        // The delete of `old` frees its 200 bytes for the new key.
+        queue
+            .push_all(vec![delete("old"), save("new", 200)], || {})
+            .expect("fits once `old` is replaced");
+        let before = queue.usage();
+        assert!(
+            queue
+                .push_all(vec![delete("new"), save("newer", 300)], || {})
+                .is_err()
+        );
+        assert_eq!(
+            queue.usage(),
+            before,
+            "nothing of a refused batch is queued"
+        );
+        assert!(queue.contains("new") && !queue.contains("newer"));
+        assert_eq!(drain(&queue), [delete("old"), save("new", 200)]);
+    }
+
+    #[test]
+    fn unwritten_changes_go_back_to_the_front_in_order_and_stay_pending() {
+        let queue = OutageQueue::new(usize::MAX);
+        for key in ["a", "b", "c", "d"] {
+            push(&queue, save(key, 1)).expect("fits");
+        }
+        let batch = queue.take(3);
+        assert_eq!(batch.changes.len(), 3);
+        // Being written: still pending.
+        assert!(queue.contains("a") && queue.contains("c"));
+        // A change made while the batch is written, and a delete of a key
+        // being written: both wait behind the batch.
+        push(&queue, save("e", 1)).expect("fits");
+        push(&queue, delete("b")).expect("fits");
+        assert_eq!(queue.len(), 6);
+        queue.settle(batch, 1);
+        assert!(!queue.contains("a"), "written and settled");
+        assert!(queue.contains("b") && queue.contains("c"));
+        let keys: Vec<(String, bool)> = drain(&queue).into_iter().map(|c| (c.0, c.2)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("b".to_owned(), false),
+                ("c".to_owned(), false),
+                ("d".to_owned(), false),
+                ("e".to_owned(), false),
+                ("b".to_owned(), true),
+            ]
+        );
+        assert_eq!((queue.len(), queue.usage().bytes), (0, 0));
+        assert!(!queue.contains("b"));
+        assert!(queue.lock().index.is_empty(), "the index is emptied");
+    }
+
+    #[test]
+    fn is_pending_is_an_index_lookup_not_a_scan() {
+        let queue = OutageQueue::new(usize::MAX);
+        let n = 50_000;
+        for i in 0..n {
+            push(&queue, save(&format!("{i:020}"), 1)).expect("fits");
+        }
+        let started = std::time::Instant::now();
+        for i in 0..n {
+            assert!(queue.contains(&format!("{i:020}")));
+            assert!(!queue.contains(&format!("x{i:019}")));
+        }
+        // A scan per lookup would take minutes; the index, milliseconds.
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
     }
 }
