@@ -317,3 +317,38 @@ async fn the_recovery_task_ends_when_the_failover_is_dropped() {
     .await
     .expect("the task ends");
 }
+
+/// Many requests on several threads see Redis answer at the end of the
+/// same outage: the memory side is still told once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_answers_end_an_outage_once() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(&redis).await;
+    let failover = failover(manager, Store::default());
+    for outage in 1..=3_u64 {
+        redis.stop().await;
+        assert_eq!(get(&failover, "x").await, None);
+        redis.restart().await;
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let failover = failover.clone();
+                tokio::spawn(async move {
+                    tokio::time::timeout(DEADLINE, async {
+                        while failover.is_degraded() {
+                            let _ = get(&failover, "x").await;
+                            // A fallback never waits: let the probe run.
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    })
+                    .await
+                    .expect("the outage ends");
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("no panic");
+        }
+        let recoveries = failover.memory().recoveries.load(Ordering::Acquire);
+        assert_eq!(recoveries, usize::try_from(outage).unwrap());
+    }
+}
