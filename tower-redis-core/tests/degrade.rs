@@ -80,7 +80,10 @@ impl Replay for Store {
             if let Err(error) = result {
                 return Err(ReplayError { written: i, error });
             }
-            self.written.lock().unwrap().push(change.clone());
+            self.written
+                .lock()
+                .expect("not poisoned")
+                .push(change.clone());
         }
         Ok(())
     }
@@ -167,7 +170,12 @@ async fn changes_made_during_an_outage_are_replayed_in_order_once_redis_is_back(
     wait_for_recovery(&failover, 0).await;
     assert!(!failover.is_degraded());
     assert!(!failover.is_pending("a"));
-    let written = failover.redis().written.lock().unwrap().clone();
+    let written = failover
+        .redis()
+        .written
+        .lock()
+        .expect("not poisoned")
+        .clone();
     assert_eq!(
         written,
         [
@@ -200,7 +208,10 @@ async fn a_failed_replay_keeps_the_order_and_is_retried() {
         .collect();
     failover.defer_all(changes.clone()).expect("fits");
     wait_for_recovery(&failover, 0).await;
-    assert_eq!(*failover.redis().written.lock().unwrap(), changes);
+    assert_eq!(
+        *failover.redis().written.lock().expect("not poisoned"),
+        changes
+    );
     assert!(failover.redis().attempts.load(Ordering::Acquire) >= changes.len() + 2);
     assert_eq!(failover.memory().recoveries.load(Ordering::Acquire), 1);
 }
@@ -235,7 +246,7 @@ async fn a_key_stays_pending_while_its_change_is_being_written() {
     wait_for_recovery(&failover, 0).await;
     assert!(!failover.is_pending("a"));
     assert_eq!(
-        *failover.redis().written.lock().unwrap(),
+        *failover.redis().written.lock().expect("not poisoned"),
         [set("a", "1"), set("a", "2")]
     );
     assert_eq!(get(&failover, "a").await.as_deref(), Some("2"));
@@ -263,7 +274,7 @@ async fn recovery_ends_each_outage_once() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         let recoveries = failover.memory().recoveries.load(Ordering::Acquire);
-        assert_eq!(recoveries, usize::try_from(outage).unwrap());
+        assert_eq!(recoveries, usize::try_from(outage).expect("small"));
         assert_eq!(*failover.recovered().borrow(), outage);
     }
 }
@@ -349,6 +360,6 @@ async fn concurrent_answers_end_an_outage_once() {
             task.await.expect("no panic");
         }
         let recoveries = failover.memory().recoveries.load(Ordering::Acquire);
-        assert_eq!(recoveries, usize::try_from(outage).unwrap());
+        assert_eq!(recoveries, usize::try_from(outage).expect("small"));
     }
 }

@@ -40,7 +40,7 @@
 //! struct MemorySide(Mutex<u64>);
 //! impl Recovered for MemorySide {
 //!     fn recovered(&self) {
-//!         *self.0.lock().unwrap() = 0;
+//!         *self.0.lock().expect("not poisoned") = 0;
 //!     }
 //! }
 //!
@@ -51,7 +51,7 @@
 //!     .run(
 //!         |_redis| async { Ok::<u64, tower_redis_core::Error>(0) },
 //!         |memory, _reason| async move {
-//!             let mut count = memory.0.lock().unwrap();
+//!             let mut count = memory.0.lock().expect("not poisoned");
 //!             *count += 1;
 //!             *count
 //!         },
@@ -403,10 +403,11 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
     /// read must already see the outage's changes (the cache's purges).
     /// Nothing at all while healthy but one atomic load.
     pub async fn catch_up(&self) {
-        if self.is_degraded() && self.shared.manager.is_available() {
-            if let recovery::Drained::Empty { wrote: true } = recovery::drain(&self.shared).await {
-                recovery::finish(&self.shared);
-            }
+        if self.is_degraded()
+            && self.shared.manager.is_available()
+            && let recovery::Drained::Empty { wrote: true } = recovery::drain(&self.shared).await
+        {
+            recovery::finish(&self.shared);
         }
     }
 
