@@ -24,7 +24,7 @@
 //!
 //! ```
 //! use std::sync::Mutex;
-//! use tower_redis_core::RedisManager;
+//! use tower_redis_core::{RedisManager, redis};
 //! use tower_redis_core::degrade::{Deferred, Failover, NoChange, Recovered, Replay, ReplayError};
 //!
 //! /// The Redis side: reads and writes a counter (no changes to replay here).
@@ -49,7 +49,12 @@
 //! let failover = Failover::new(RedisManager::disabled(), RedisSide, MemorySide::default(), 1 << 20);
 //! let served = failover
 //!     .run(
-//!         |_redis| async { Ok::<u64, tower_redis_core::Error>(0) },
+//!         // The Redis side's own verb would do this; the manager has no
+//!         // Redis here, so the breaker sends every call to the memory side.
+//!         |_redis| async {
+//!             let incr = redis::cmd("INCR").arg("visits").clone();
+//!             failover.manager().query::<u64>(&incr).await
+//!         },
 //!         |memory, _reason| async move {
 //!             let mut count = memory.0.lock().expect("not poisoned");
 //!             *count += 1;
