@@ -60,11 +60,14 @@
 //! poison-tolerant mutex lock), [`clock`] (epoch milliseconds) and
 //! [`record`] (metrics that compile to nothing without `metrics`).
 
+mod backend;
 mod breaker;
 pub mod clock;
 mod config;
 mod connection;
+pub mod degrade;
 mod error;
+mod failover;
 #[cfg(feature = "forwarding")]
 pub mod forwarding;
 mod future;
@@ -81,13 +84,16 @@ mod url;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use backend::pipeline_with_scripts;
 pub use breaker::{BreakerState, Health};
 pub use config::{BreakerConfig, RedisConfig, RedisConfigBuilder, RedisUrl, Topology};
 pub use connection::RedisConnection;
+pub use degrade::Failover;
 pub use error::{ConfigError, Error};
+pub use failover::{FallbackReason, Served, Source};
 pub use future::ResponseFuture;
 pub use keys::{Keyspace, escape_key_part};
-pub use manager::{FallbackReason, RedisManager, Served, Source, pipeline_with_scripts};
+pub use manager::RedisManager;
 
 /// The redis-rs crate this manager is built on, for writing commands,
 /// pipelines and scripts against [`RedisConnection`].

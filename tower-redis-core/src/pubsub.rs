@@ -3,8 +3,8 @@
 
 use redis::aio::PubSub;
 
+use crate::backend::standalone_client;
 use crate::config::{RedisConfig, Topology};
-use crate::manager::standalone_client;
 use crate::{Error, RedisManager};
 
 /// The client of the subscribe connection: the server, or the first

@@ -1,0 +1,318 @@
+//! How the manager reaches Redis: the connection pool or cluster client,
+//! checkout, TLS wiring, and the query helpers for commands, pipelines and
+//! scripts.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult, Script, ScriptInvocation};
+
+use crate::config::{RedisConfig, RedisUrl, Topology};
+use crate::connection::{RedisConnection, StandaloneConnector, TracingErrorSink};
+use crate::error::{ConfigError, Error};
+use crate::manager::RedisManager;
+
+pub(crate) enum Backend {
+    Standalone {
+        pool: bb8::Pool<StandaloneConnector>,
+        generation: Arc<AtomicU64>,
+        pool_size: u32,
+    },
+    Cluster {
+        client: Box<ClusterClient>,
+        conn: Mutex<Option<ClusterConnection>>,
+    },
+    Disabled,
+}
+
+impl RedisManager {
+    /// One command, one round trip.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, Error> {
+        self.run(|mut conn| async move { cmd.query_async(&mut conn).await })
+            .await
+    }
+
+    /// One pipeline, one round trip.
+    pub async fn query_pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, Error> {
+        self.run(|mut conn| async move { pipe.query_async(&mut conn).await })
+            .await
+    }
+
+    /// Runs a Lua script by EVALSHA: one round trip, plus a reload when
+    /// Redis has lost the script (restart, `SCRIPT FLUSH`).
+    pub async fn invoke_script<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, Error> {
+        self.run(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await
+    }
+
+    /// Runs a pipeline that contains script invocations (EVALSHA). When Redis
+    /// reports NOSCRIPT, the scripts are loaded and the pipeline is sent
+    /// once more, so the other commands in it must be safe to repeat.
+    pub async fn query_pipeline_with_scripts<T: FromRedisValue>(
+        &self,
+        pipe: &Pipeline,
+        scripts: &[&Script],
+    ) -> Result<T, Error> {
+        self.run(|mut conn| async move { pipeline_with_scripts(&mut conn, pipe, scripts).await })
+            .await
+    }
+}
+
+/// Sends a pipeline that contains script invocations (EVALSHA) on `conn`;
+/// when Redis reports NOSCRIPT, loads `scripts` and sends the pipeline once
+/// more, so the other commands in it must be safe to repeat. For use inside
+/// [`RedisManager::run`] and [`RedisManager::failover`].
+pub async fn pipeline_with_scripts<T: FromRedisValue>(
+    conn: &mut RedisConnection,
+    pipe: &Pipeline,
+    scripts: &[&Script],
+) -> RedisResult<T> {
+    match pipe.query_async(conn).await {
+        Err(error) if is_noscript(&error) => {
+            for script in scripts {
+                script.prepare_invoke().load_async(conn).await?;
+            }
+            pipe.query_async(conn).await
+        }
+        other => other,
+    }
+}
+
+fn is_noscript(error: &RedisError) -> bool {
+    error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+pub(crate) type CheckedOut = (RedisConnection, Option<Arc<AtomicBool>>);
+
+impl Backend {
+    pub(crate) fn new(config: &RedisConfig) -> Result<Self, ConfigError> {
+        match config.topology() {
+            Topology::Standalone(url) => {
+                let client = standalone_client(config, url).map_err(|e| {
+                    ConfigError::new(
+                        "url",
+                        format!("`{url}` is rejected by the Redis client ({e})"),
+                        "check the URL",
+                    )
+                })?;
+                let connector = StandaloneConnector::new(client, config.connect_timeout());
+                let generation = Arc::clone(&connector.generation);
+                let pool = bb8::Pool::builder()
+                    .max_size(config.pool_size())
+                    .test_on_check_out(false)
+                    .retry_connection(false)
+                    .connection_timeout(config.connect_timeout())
+                    .queue_strategy(bb8::QueueStrategy::Fifo)
+                    .error_sink(Box::new(TracingErrorSink))
+                    .build_unchecked(connector);
+                Ok(Backend::Standalone {
+                    pool,
+                    generation,
+                    pool_size: config.pool_size(),
+                })
+            }
+            Topology::Cluster(nodes) => {
+                let builder = ClusterClient::builder(nodes.iter().map(|n| n.expose().to_owned()))
+                    .connection_timeout(config.connect_timeout())
+                    .response_timeout(config.command_timeout())
+                    .retries(2);
+                let client = with_cluster_roots(builder, config).build().map_err(|e| {
+                    ConfigError::new(
+                        "cluster_nodes",
+                        format!("are rejected by the cluster client ({e})"),
+                        "check the node URLs",
+                    )
+                })?;
+                Ok(Backend::Cluster {
+                    client: Box::new(client),
+                    conn: Mutex::new(None),
+                })
+            }
+        }
+    }
+
+    pub(crate) async fn checkout(&self) -> Result<CheckedOut, RedisError> {
+        match self {
+            Backend::Standalone {
+                pool,
+                generation,
+                pool_size,
+            } => {
+                // Stale connections (from before an outage, or broken) are
+                // dropped by bb8 when their guard goes back; try the next.
+                for _ in 0..=*pool_size {
+                    if pool.state().connections == 0 {
+                        // An empty pool: bb8 would connect in the background
+                        // and make `get` wait, hiding the reason a connect
+                        // failed until its timeout. Connect here instead, so
+                        // a refused connection is known (and opens the
+                        // breaker) at once, then give the result to the pool.
+                        let fresh = pool.dedicated_connection().await?;
+                        let checked_out = (
+                            RedisConnection::standalone(fresh.conn.clone()),
+                            Some(Arc::clone(&fresh.broken)),
+                        );
+                        // A full pool refuses it; the clone above still works.
+                        let _ = pool.add(fresh);
+                        return Ok(checked_out);
+                    }
+                    let guard = pool.get().await.map_err(pool_error)?;
+                    if !guard.broken.load(Ordering::Acquire)
+                        && guard.generation() == generation.load(Ordering::Acquire)
+                    {
+                        return Ok((
+                            RedisConnection::standalone(guard.conn.clone()),
+                            Some(Arc::clone(&guard.broken)),
+                        ));
+                    }
+                }
+                Err(RedisError::from((
+                    redis::ErrorKind::Io,
+                    "no usable pooled connection",
+                    "every pooled connection was stale".to_owned(),
+                )))
+            }
+            Backend::Cluster { client, conn } => {
+                if let Some(existing) = lock(conn).clone() {
+                    return Ok((RedisConnection::cluster(existing), None));
+                }
+                let fresh = client.get_async_connection().await?;
+                let mut slot = lock(conn);
+                let shared = slot.get_or_insert(fresh).clone();
+                Ok((RedisConnection::cluster(shared), None))
+            }
+            Backend::Disabled => Err(RedisError::from((
+                redis::ErrorKind::Client,
+                "Redis is disabled for this manager",
+            ))),
+        }
+    }
+
+    /// Makes sure no connection from before now is used again.
+    pub(crate) fn discard_connections(&self) {
+        match self {
+            Backend::Standalone { generation, .. } => {
+                generation.fetch_add(1, Ordering::AcqRel);
+            }
+            Backend::Cluster { conn, .. } => {
+                lock(conn).take();
+            }
+            Backend::Disabled => {}
+        }
+    }
+}
+
+/// The client of a standalone server (or of one cluster node, for
+/// pub/sub): with the configured root certificates for a `rediss://` URL
+/// that has some.
+pub(crate) fn standalone_client(
+    config: &RedisConfig,
+    url: &RedisUrl,
+) -> RedisResult<redis::Client> {
+    #[cfg(feature = "tls")]
+    if url.is_tls() {
+        install_crypto_provider();
+        if let Some(pem) = config.tls_root_certificates() {
+            let certificates = crate::config::tls_certificates(pem).map_err(|problem| {
+                RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "invalid TLS root certificates",
+                    problem,
+                ))
+            })?;
+            return redis::Client::build_with_tls(url.expose(), certificates);
+        }
+    }
+    #[cfg(not(feature = "tls"))]
+    let _ = config;
+    redis::Client::open(url.expose())
+}
+
+#[cfg(feature = "tls")]
+fn with_cluster_roots(
+    builder: redis::cluster::ClusterClientBuilder,
+    config: &RedisConfig,
+) -> redis::cluster::ClusterClientBuilder {
+    let Topology::Cluster(nodes) = config.topology() else {
+        return builder;
+    };
+    if !nodes.iter().any(RedisUrl::is_tls) {
+        return builder;
+    }
+    install_crypto_provider();
+    // Checked by `RedisConfigBuilder::build`; a failure here leaves the
+    // built-in roots, and the connections then say why they fail.
+    match config
+        .tls_root_certificates()
+        .map(crate::config::tls_certificates)
+    {
+        Some(Ok(certificates)) => builder.certs(certificates),
+        _ => builder,
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+fn with_cluster_roots(
+    builder: redis::cluster::ClusterClientBuilder,
+    _config: &RedisConfig,
+) -> redis::cluster::ClusterClientBuilder {
+    builder
+}
+
+/// rustls needs a process-wide crypto provider; redis-rs does not pick one.
+/// Installs ring's unless the app installed one already.
+#[cfg(feature = "tls")]
+fn install_crypto_provider() {
+    // An error only means a provider is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn pool_error(error: bb8::RunError<RedisError>) -> RedisError {
+    match error {
+        bb8::RunError::User(error) => error,
+        bb8::RunError::TimedOut => RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "timed out waiting for a pooled Redis connection",
+        )),
+    }
+}
+
+/// `rediss://…#insecure` makes redis-rs accept any certificate: said once
+/// per manager, at connect, with the fix.
+pub(crate) fn warn_if_certificates_unchecked(topology: &Topology, description: &str) {
+    let unchecked = match topology {
+        Topology::Standalone(url) => url.skips_certificate_checks(),
+        Topology::Cluster(nodes) => nodes.iter().any(RedisUrl::skips_certificate_checks),
+    };
+    if unchecked {
+        tracing::warn!(
+            target: "tower_redis",
+            redis = %description,
+            "`#insecure` turns off TLS certificate checks: anyone who can intercept the connection \
+             can pose as Redis and read every password and value sent to it. Remove `#insecure` and, \
+             for a private CA, pass its certificate to RedisConfigBuilder::tls_root_certificates \
+             (without redis-rs' `tls-rustls-insecure` feature, such a URL cannot connect at all)"
+        );
+    }
+}
+
+pub(crate) fn describe(topology: &Topology) -> String {
+    match topology {
+        Topology::Standalone(url) => url.to_string(),
+        Topology::Cluster(nodes) => {
+            let nodes: Vec<String> = nodes.iter().map(ToString::to_string).collect();
+            format!("cluster [{}]", nodes.join(", "))
+        }
+    }
+}

@@ -1,0 +1,403 @@
+//! The outage queue: changes made while Redis was unavailable, in the order
+//! they were made, bounded by bytes and indexed by key.
+//!
+//! - **Bounded by bytes.** A change that does not fit is refused; nothing
+//!   already queued is dropped to make room.
+//! - **Deletes always fit.** A delete is never refused nor dropped. It
+//!   replaces the changes queued for its key (not those already being
+//!   written, which stay ahead of it), so deletes only take the queue over
+//!   its bound by the keys that had changes before them.
+//! - **Indexed by key.** "Does this key have changes waiting" is one hash
+//!   lookup, and no lock at all while the queue is empty.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::{Deferred, QueueFull, QueueUsage};
+
+pub(crate) struct OutageQueue<C> {
+    inner: Mutex<Inner<C>>,
+    /// Changes queued or being written, readable without the lock.
+    len: AtomicUsize,
+    limit_bytes: usize,
+}
+
+struct Inner<C> {
+    /// Queued changes by sequence number, oldest first.
+    changes: BTreeMap<u64, Queued<C>>,
+    next_seq: u64,
+    /// Keys with changes queued or being written.
+    index: HashMap<String, Waiting>,
+    /// Changes taken for writing and not yet settled.
+    writing: usize,
+    /// The weight of everything queued or being written.
+    bytes: usize,
+}
+
+struct Queued<C> {
+    weight: usize,
+    change: C,
+}
+
+/// What one key has waiting.
+#[derive(Default)]
+struct Waiting {
+    /// Sequence numbers of its queued changes, oldest first.
+    queued: VecDeque<u64>,
+    /// Its changes taken for writing and not yet settled.
+    writing: usize,
+}
+
+/// Changes taken from the front of the queue, oldest first, until
+/// [`OutageQueue::settle`] is told how many of them were written.
+pub(crate) struct Batch<C> {
+    slots: Vec<(u64, usize)>,
+    pub(crate) changes: Vec<C>,
+}
+
+impl<C: Deferred> OutageQueue<C> {
+    pub(crate) fn new(limit_bytes: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                changes: BTreeMap::new(),
+                next_seq: 0,
+                index: HashMap::new(),
+                writing: 0,
+                bytes: 0,
+            }),
+            len: AtomicUsize::new(0),
+            limit_bytes,
+        }
+    }
+
+    /// Queues `changes` in order, all or none: refused when the changes that
+    /// are not deletes do not fit once the deletes among them have replaced
+    /// what they replace. A batch of deletes only is always accepted.
+    /// `and_then` runs under the queue's lock once the changes are in.
+    pub(crate) fn push_all(
+        &self,
+        changes: Vec<C>,
+        and_then: impl FnOnce(),
+    ) -> Result<(), QueueFull> {
+        let mut inner = self.lock();
+        if changes.iter().any(|c| !c.is_delete()) {
+            let needed: usize = changes.iter().map(Deferred::weight).sum();
+            // What the deletes free: the queued changes of their keys.
+            let mut freed = 0;
+            let mut seen: Vec<&str> = Vec::new();
+            for delete in changes.iter().filter(|c| c.is_delete()) {
+                if seen.contains(&delete.key()) {
+                    continue;
+                }
+                seen.push(delete.key());
+                freed += inner.queued_weight(delete.key());
+            }
+            let after = inner.bytes.saturating_sub(freed).saturating_add(needed);
+            if after > self.limit_bytes {
+                return Err(QueueFull {
+                    limit_bytes: self.limit_bytes,
+                });
+            }
+        }
+        for change in changes {
+            inner.push(change);
+        }
+        and_then();
+        self.publish_len(&inner);
+        Ok(())
+    }
+
+    /// Whether `key` has changes queued or being written.
+    pub(crate) fn contains(&self, key: &str) -> bool {
+        self.len.load(Ordering::Acquire) > 0 && self.lock().index.contains_key(key)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn usage(&self) -> QueueUsage {
+        let inner = self.lock();
+        QueueUsage {
+            changes: inner.changes.len() + inner.writing,
+            bytes: inner.bytes,
+            limit_bytes: self.limit_bytes,
+        }
+    }
+
+    /// Runs `f` under the queue's lock when nothing is queued nor being
+    /// written; returns whether it ran.
+    pub(crate) fn if_empty(&self, f: impl FnOnce()) -> bool {
+        let inner = self.lock();
+        let empty = inner.changes.is_empty() && inner.writing == 0;
+        if empty {
+            f();
+        }
+        empty
+    }
+
+    /// Takes up to `max` changes from the front. Until they are settled,
+    /// their keys count as waiting and their weight as used.
+    pub(crate) fn take(&self, max: usize) -> Batch<C> {
+        let mut inner = self.lock();
+        let mut batch = Batch {
+            slots: Vec::new(),
+            changes: Vec::new(),
+        };
+        while batch.changes.len() < max {
+            let Some((seq, queued)) = inner.changes.pop_first() else {
+                break;
+            };
+            if let Some(waiting) = inner.index.get_mut(queued.change.key()) {
+                // Taken oldest first: it is the front of its key's list.
+                if waiting.queued.front() == Some(&seq) {
+                    waiting.queued.pop_front();
+                } else {
+                    waiting.queued.retain(|queued_seq| *queued_seq != seq);
+                }
+                waiting.writing += 1;
+            }
+            batch.slots.push((seq, queued.weight));
+            batch.changes.push(queued.change);
+        }
+        inner.writing += batch.changes.len();
+        self.publish_len(&inner);
+        batch
+    }
+
+    /// The first `written` changes of `batch` are in Redis; the others go
+    /// back to the front of the queue, in their order, ahead of anything
+    /// queued since. Returns the weight settled.
+    pub(crate) fn settle(&self, batch: Batch<C>, written: usize) -> usize {
+        let mut inner = self.lock();
+        let mut settled = 0;
+        for (i, ((seq, weight), change)) in batch.slots.into_iter().zip(batch.changes).enumerate() {
+            inner.writing = inner.writing.saturating_sub(1);
+            let Entry::Occupied(mut entry) = inner.index.entry(change.key().to_owned()) else {
+                continue;
+            };
+            let waiting = entry.get_mut();
+            waiting.writing = waiting.writing.saturating_sub(1);
+            if i < written {
+                if waiting.writing == 0 && waiting.queued.is_empty() {
+                    entry.remove();
+                }
+                inner.bytes = inner.bytes.saturating_sub(weight);
+                settled += weight;
+            } else {
+                // Older than anything of its key queued since: near the front.
+                let at = waiting
+                    .queued
+                    .partition_point(|queued_seq| *queued_seq < seq);
+                waiting.queued.insert(at, seq);
+                inner.changes.insert(seq, Queued { weight, change });
+            }
+        }
+        self.publish_len(&inner);
+        settled
+    }
+
+    fn publish_len(&self, inner: &Inner<C>) {
+        self.len
+            .store(inner.changes.len() + inner.writing, Ordering::Release);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<C>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl<C: Deferred> Inner<C> {
+    fn queued_weight(&self, key: &str) -> usize {
+        self.index.get(key).map_or(0, |waiting| {
+            waiting
+                .queued
+                .iter()
+                .filter_map(|seq| self.changes.get(seq))
+                .map(|queued| queued.weight)
+                .sum()
+        })
+    }
+
+    fn push(&mut self, change: C) {
+        if change.is_delete()
+            && let Some(waiting) = self.index.get_mut(change.key())
+        {
+            // The key's queued changes are replaced by the delete; those
+            // being written stay ahead of it.
+            for seq in std::mem::take(&mut waiting.queued) {
+                if let Some(removed) = self.changes.remove(&seq) {
+                    self.bytes = self.bytes.saturating_sub(removed.weight);
+                }
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let weight = change.weight();
+        self.index
+            .entry(change.key().to_owned())
+            .or_default()
+            .queued
+            .push_back(seq);
+        self.bytes = self.bytes.saturating_add(weight);
+        self.changes.insert(seq, Queued { weight, change });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A test change: a key, a weight, and whether it deletes.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Change(String, usize, bool);
+
+    impl Deferred for Change {
+        fn key(&self) -> &str {
+            &self.0
+        }
+        fn weight(&self) -> usize {
+            self.1
+        }
+        fn is_delete(&self) -> bool {
+            self.2
+        }
+    }
+
+    fn save(key: &str, weight: usize) -> Change {
+        Change(key.to_owned(), weight, false)
+    }
+
+    fn delete(key: &str) -> Change {
+        Change(key.to_owned(), 10, true)
+    }
+
+    fn push(queue: &OutageQueue<Change>, change: Change) -> Result<(), QueueFull> {
+        queue.push_all(vec![change], || {})
+    }
+
+    fn drain(queue: &OutageQueue<Change>) -> Vec<Change> {
+        let batch = queue.take(usize::MAX);
+        let changes = batch.changes.clone();
+        queue.settle(batch, changes.len());
+        changes
+    }
+
+    #[test]
+    fn the_queue_is_bounded_by_bytes_and_refuses_what_does_not_fit() {
+        let queue = OutageQueue::new(1_000);
+        for i in 0..9 {
+            push(&queue, save(&format!("k{i}"), 100)).expect("fits");
+        }
+        assert_eq!(
+            push(&queue, save("big", 101)),
+            Err(QueueFull { limit_bytes: 1_000 })
+        );
+        push(&queue, save("last", 100)).expect("exactly fits");
+        assert_eq!(
+            push(&queue, save("one-more", 1)),
+            Err(QueueFull { limit_bytes: 1_000 })
+        );
+        let usage = queue.usage();
+        assert_eq!((usage.changes, usage.bytes), (10, 1_000));
+        // Nothing queued was dropped to make room.
+        assert_eq!(drain(&queue).len(), 10);
+        assert_eq!(queue.usage().bytes, 0);
+    }
+
+    #[test]
+    fn deletes_are_never_refused_and_replace_the_queued_changes_of_their_key() {
+        let queue = OutageQueue::new(300);
+        push(&queue, save("a", 100)).expect("fits");
+        push(&queue, save("b", 100)).expect("fits");
+        push(&queue, save("a", 100)).expect("fits");
+        assert!(push(&queue, save("c", 100)).is_err());
+        // Full, and deletes still go in, over the bound if need be.
+        for i in 0..50 {
+            push(&queue, delete(&format!("gone{i}"))).expect("a delete always fits");
+        }
+        push(&queue, delete("a")).expect("a delete always fits");
+        assert_eq!(queue.usage().changes, 52, "both changes of `a` replaced");
+        let changes = drain(&queue);
+        assert_eq!(changes[0], save("b", 100));
+        assert_eq!(changes.last(), Some(&delete("a")));
+        assert!(!changes.contains(&save("a", 100)));
+    }
+
+    #[test]
+    fn a_batch_is_queued_whole_or_not_at_all_with_the_room_its_delete_frees() {
+        let queue = OutageQueue::new(250);
+        push(&queue, save("old", 200)).expect("fits");
+        // The delete of `old` frees its 200 bytes for the new key.
+        queue
+            .push_all(vec![delete("old"), save("new", 200)], || {})
+            .expect("fits once `old` is replaced");
+        let before = queue.usage();
+        assert!(
+            queue
+                .push_all(vec![delete("new"), save("newer", 300)], || {})
+                .is_err()
+        );
+        assert_eq!(
+            queue.usage(),
+            before,
+            "nothing of a refused batch is queued"
+        );
+        assert!(queue.contains("new") && !queue.contains("newer"));
+        assert_eq!(drain(&queue), [delete("old"), save("new", 200)]);
+    }
+
+    #[test]
+    fn unwritten_changes_go_back_to_the_front_in_order_and_stay_pending() {
+        let queue = OutageQueue::new(usize::MAX);
+        for key in ["a", "b", "c", "d"] {
+            push(&queue, save(key, 1)).expect("fits");
+        }
+        let batch = queue.take(3);
+        assert_eq!(batch.changes.len(), 3);
+        // Being written: still pending.
+        assert!(queue.contains("a") && queue.contains("c"));
+        // A change made while the batch is written, and a delete of a key
+        // being written: both wait behind the batch.
+        push(&queue, save("e", 1)).expect("fits");
+        push(&queue, delete("b")).expect("fits");
+        assert_eq!(queue.len(), 6);
+        queue.settle(batch, 1);
+        assert!(!queue.contains("a"), "written and settled");
+        assert!(queue.contains("b") && queue.contains("c"));
+        let keys: Vec<(String, bool)> = drain(&queue).into_iter().map(|c| (c.0, c.2)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("b".to_owned(), false),
+                ("c".to_owned(), false),
+                ("d".to_owned(), false),
+                ("e".to_owned(), false),
+                ("b".to_owned(), true),
+            ]
+        );
+        assert_eq!((queue.len(), queue.usage().bytes), (0, 0));
+        assert!(!queue.contains("b"));
+        assert!(queue.lock().index.is_empty(), "the index is emptied");
+    }
+
+    #[test]
+    fn is_pending_is_an_index_lookup_not_a_scan() {
+        let queue = OutageQueue::new(usize::MAX);
+        let n = 50_000;
+        for i in 0..n {
+            push(&queue, save(&format!("{i:020}"), 1)).expect("fits");
+        }
+        let started = std::time::Instant::now();
+        for i in 0..n {
+            assert!(queue.contains(&format!("{i:020}")));
+            assert!(!queue.contains(&format!("x{i:019}")));
+        }
+        // A scan per lookup would take minutes; the index, milliseconds.
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,166 @@
+//! The recovery of a [`Failover`](super::Failover): writing the outage queue
+//! to Redis when it is back, and ending the outage.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+use super::queue::{Batch, OutageQueue};
+use super::{
+    Deferred, Recovered, Replay, Shared, record_degraded, record_queue_bytes, record_replayed,
+};
+use crate::breaker::BreakerState;
+
+/// How a pass over the queue ended.
+pub(super) enum Drained {
+    /// The queue was empty at the end; `wrote` when Redis took some of it.
+    Empty { wrote: bool },
+    /// A write failed; what was not written is back at the front.
+    Failed,
+}
+
+/// Starts the recovery task of `shared`; false outside a tokio runtime.
+pub(super) fn spawn<R: Replay, M: Recovered>(shared: &Arc<Shared<R, M>>) -> bool {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return false;
+    };
+    let states = shared.manager.subscribe();
+    runtime.spawn(recover(
+        Arc::downgrade(shared),
+        Arc::clone(&shared.wake),
+        states,
+    ));
+    true
+}
+
+/// The task: while the breaker is closed and the pair degraded, writes the
+/// queue; retries failures with a doubling, bounded wait. It holds the
+/// failover only while it works, so dropping the failover ends it.
+async fn recover<R: Replay, M: Recovered>(
+    failover: Weak<Shared<R, M>>,
+    wake: Arc<Notify>,
+    mut states: watch::Receiver<BreakerState>,
+) {
+    let mut retry: Option<Duration> = None;
+    // The breaker closed since the last pass: its probe got an answer.
+    let mut answered = false;
+    loop {
+        {
+            let Some(shared) = failover.upgrade() else {
+                return;
+            };
+            let closed = *states.borrow_and_update() == BreakerState::Closed;
+            if !closed {
+                retry = None;
+            } else if shared.degraded.load(std::sync::atomic::Ordering::Acquire) {
+                match drain(&shared).await {
+                    Drained::Failed => {
+                        retry = Some(retry.map_or(shared.min_backoff, |wait| {
+                            wait.saturating_mul(2).min(shared.max_backoff)
+                        }));
+                    }
+                    Drained::Empty { wrote } => {
+                        retry = None;
+                        if wrote || answered {
+                            finish(&shared);
+                        }
+                    }
+                }
+            }
+            answered = false;
+        }
+        tokio::select! {
+            changed = states.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                answered = *states.borrow() == BreakerState::Closed;
+            }
+            () = wake.notified() => {}
+            () = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
+        }
+    }
+}
+
+/// Writes the queue to Redis, oldest first, in batches; one writer at a
+/// time. Cancel-safe: a batch whose write is abandoned goes back to the
+/// front of the queue.
+pub(super) async fn drain<R: Replay, M>(shared: &Shared<R, M>) -> Drained {
+    let _one_writer = shared.draining.lock().await;
+    let mut wrote = false;
+    loop {
+        let mut taken = Taken {
+            queue: &shared.queue,
+            batch: Some(shared.queue.take(shared.batch)),
+        };
+        let changes = taken.changes();
+        if changes.is_empty() {
+            return Drained::Empty { wrote };
+        }
+        let count = changes.len();
+        let result = shared.redis.replay(&shared.manager, changes).await;
+        let written = match &result {
+            Ok(()) => count,
+            Err(stopped) => stopped.written.min(count),
+        };
+        taken.settle(written);
+        if written > 0 {
+            wrote = true;
+            record_replayed(shared.name, written);
+        }
+        record_queue_bytes(shared.name, shared.queue.usage().bytes);
+        if let Err(stopped) = result {
+            tracing::debug!(
+                target: "tower_redis",
+                layer = shared.name,
+                error = %stopped.error,
+                written,
+                still_queued = shared.queue.len(),
+                "writing the outage queue to Redis failed; retrying"
+            );
+            return Drained::Failed;
+        }
+    }
+}
+
+/// Ends the outage when nothing is waiting for Redis: clears the degraded
+/// flag, tells the memory side, bumps the epoch. Once per outage.
+pub(super) fn finish<R: Replay, M: Recovered>(shared: &Shared<R, M>) {
+    let mut ended = false;
+    shared.queue.if_empty(|| {
+        ended = shared
+            .degraded
+            .swap(false, std::sync::atomic::Ordering::AcqRel);
+    });
+    if ended {
+        shared.memory.recovered();
+        shared.epoch.send_modify(|epoch| *epoch += 1);
+        record_degraded(shared.name, false);
+        tracing::info!(target: "tower_redis", layer = shared.name, "Redis is back: outage changes written, in-process store released");
+    }
+}
+
+/// A batch being written: given back whole if its write is abandoned.
+struct Taken<'a, C: Deferred> {
+    queue: &'a OutageQueue<C>,
+    batch: Option<Batch<C>>,
+}
+
+impl<C: Deferred> Taken<'_, C> {
+    fn changes(&self) -> &[C] {
+        self.batch.as_ref().map_or(&[], |batch| &batch.changes)
+    }
+
+    fn settle(&mut self, written: usize) {
+        if let Some(batch) = self.batch.take() {
+            self.queue.settle(batch, written);
+        }
+    }
+}
+
+impl<C: Deferred> Drop for Taken<'_, C> {
+    fn drop(&mut self) {
+        self.settle(0);
+    }
+}

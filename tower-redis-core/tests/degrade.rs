@@ -1,0 +1,365 @@
+//! The degradation mechanism every layer uses (`tower_redis_core::degrade`):
+//! outage queue replayed in order on recovery, retries that keep order,
+//! pending keys while they are written, one recovery per outage, and a
+//! recovery task that ends with its failover.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tower_redis_core::degrade::{Deferred, Failover, Recovered, Replay, ReplayError};
+use tower_redis_core::redis;
+use tower_redis_core::testing::TestRedis;
+use tower_redis_core::{Error, RedisManager};
+
+/// How long any recovery may take before a test gives up.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// `SET key value`, or `DEL key` when `value` is `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Change {
+    key: String,
+    value: Option<String>,
+}
+
+impl Deferred for Change {
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn weight(&self) -> usize {
+        64 + self.key.len() + self.value.as_ref().map_or(0, String::len)
+    }
+    fn is_delete(&self) -> bool {
+        self.value.is_none()
+    }
+}
+
+fn set(key: &str, value: &str) -> Change {
+    Change {
+        key: key.to_owned(),
+        value: Some(value.to_owned()),
+    }
+}
+
+/// The Redis side: writes changes one by one and logs them; can be made to
+/// fail, and to wait at a gate before each write.
+#[derive(Default)]
+struct Store {
+    written: Mutex<Vec<Change>>,
+    /// The attempts (1-based) that fail before reaching Redis.
+    fail: Vec<usize>,
+    attempts: AtomicUsize,
+    gate: Option<Arc<Semaphore>>,
+}
+
+impl Replay for Store {
+    type Change = Change;
+
+    async fn replay(&self, manager: &RedisManager, changes: &[Change]) -> Result<(), ReplayError> {
+        for (i, change) in changes.iter().enumerate() {
+            let attempt = self.attempts.fetch_add(1, Ordering::AcqRel) + 1;
+            if let Some(gate) = &self.gate {
+                gate.acquire().await.expect("open").forget();
+            }
+            if self.fail.contains(&attempt) {
+                return Err(ReplayError {
+                    written: i,
+                    error: Error::Timeout(Duration::ZERO),
+                });
+            }
+            let key = manager.keys().key(&[&change.key]);
+            let result = match &change.value {
+                Some(value) => {
+                    manager
+                        .query::<()>(redis::cmd("SET").arg(&key).arg(value))
+                        .await
+                }
+                None => manager.query::<()>(redis::cmd("DEL").arg(&key)).await,
+            };
+            if let Err(error) = result {
+                return Err(ReplayError { written: i, error });
+            }
+            self.written
+                .lock()
+                .expect("not poisoned")
+                .push(change.clone());
+        }
+        Ok(())
+    }
+}
+
+/// The memory side: counts recoveries.
+#[derive(Default)]
+struct Memory {
+    recoveries: AtomicUsize,
+}
+
+impl Recovered for Memory {
+    fn recovered(&self) {
+        self.recoveries.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+async fn manager_for(redis: &TestRedis) -> RedisManager {
+    let config = redis
+        .config()
+        .command_timeout(Duration::from_millis(300))
+        .connect_timeout(Duration::from_millis(300))
+        .probe_backoff(Duration::from_millis(20), Duration::from_millis(100))
+        .failure_threshold(1)
+        .build()
+        .expect("valid config");
+    RedisManager::connect(config).await.expect("manager starts")
+}
+
+fn failover(manager: RedisManager, store: Store) -> Failover<Store, Memory> {
+    Failover::builder(manager, store, Memory::default())
+        .queue_bytes(1 << 20)
+        .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .batch(2)
+        .build()
+}
+
+/// One GET through the failover: Redis, or `None` from memory.
+async fn get(failover: &Failover<Store, Memory>, key: &str) -> Option<String> {
+    let key = failover.manager().keys().key(&[key]);
+    failover
+        .run(
+            |_store| {
+                let manager = failover.manager().clone();
+                async move {
+                    manager
+                        .query::<Option<String>>(redis::cmd("GET").arg(&key))
+                        .await
+                }
+            },
+            |_memory, _reason| async { None },
+        )
+        .await
+        .value
+}
+
+async fn wait_for_recovery(failover: &Failover<Store, Memory>, epoch: u64) {
+    let mut recovered = failover.recovered();
+    tokio::time::timeout(DEADLINE, recovered.wait_for(|e| *e > epoch))
+        .await
+        .expect("recovered in time")
+        .expect("failover alive");
+}
+
+#[tokio::test]
+async fn changes_made_during_an_outage_are_replayed_in_order_once_redis_is_back() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(&redis).await;
+    let failover = failover(manager, Store::default());
+    redis.stop().await;
+    assert_eq!(get(&failover, "a").await, None);
+    assert!(failover.is_degraded());
+    for change in [
+        set("a", "1"),
+        set("b", "1"),
+        set("a", "2"),
+        set("c", "1"),
+        set("b", "2"),
+    ] {
+        failover.defer(change).expect("fits");
+    }
+    assert!(failover.is_pending("a") && !failover.is_pending("z"));
+    redis.restart().await;
+    wait_for_recovery(&failover, 0).await;
+    assert!(!failover.is_degraded());
+    assert!(!failover.is_pending("a"));
+    let written = failover
+        .redis()
+        .written
+        .lock()
+        .expect("not poisoned")
+        .clone();
+    assert_eq!(
+        written,
+        [
+            set("a", "1"),
+            set("b", "1"),
+            set("a", "2"),
+            set("c", "1"),
+            set("b", "2")
+        ]
+    );
+    assert_eq!(get(&failover, "a").await.as_deref(), Some("2"));
+    assert_eq!(get(&failover, "b").await.as_deref(), Some("2"));
+    assert_eq!(failover.queue_usage().changes, 0);
+}
+
+#[tokio::test]
+async fn a_failed_replay_keeps_the_order_and_is_retried() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(&redis).await;
+    // The second write fails (the first of its batch is written), then the
+    // first of the retry: what was not written is tried again, in order,
+    // ahead of the rest.
+    let store = Store {
+        fail: vec![2, 3],
+        ..Store::default()
+    };
+    let failover = failover(manager, store);
+    let changes: Vec<Change> = (0..7)
+        .map(|i| set(&format!("k{i}"), &i.to_string()))
+        .collect();
+    failover.defer_all(changes.clone()).expect("fits");
+    wait_for_recovery(&failover, 0).await;
+    assert_eq!(
+        *failover.redis().written.lock().expect("not poisoned"),
+        changes
+    );
+    assert!(failover.redis().attempts.load(Ordering::Acquire) >= changes.len() + 2);
+    assert_eq!(failover.memory().recoveries.load(Ordering::Acquire), 1);
+}
+
+#[tokio::test]
+async fn a_key_stays_pending_while_its_change_is_being_written() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(&redis).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let store = Store {
+        gate: Some(Arc::clone(&gate)),
+        ..Store::default()
+    };
+    let failover = failover(manager, store);
+    failover.defer(set("a", "1")).expect("fits");
+    // The recovery task takes the change and waits at the gate.
+    tokio::time::timeout(DEADLINE, async {
+        while failover.redis().attempts.load(Ordering::Acquire) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the write starts");
+    assert!(
+        failover.is_pending("a"),
+        "taken but not written: still pending"
+    );
+    assert_eq!(failover.queue_usage().changes, 1);
+    // A change pushed meanwhile is written after it.
+    failover.defer(set("a", "2")).expect("fits");
+    gate.add_permits(2);
+    wait_for_recovery(&failover, 0).await;
+    assert!(!failover.is_pending("a"));
+    assert_eq!(
+        *failover.redis().written.lock().expect("not poisoned"),
+        [set("a", "1"), set("a", "2")]
+    );
+    assert_eq!(get(&failover, "a").await.as_deref(), Some("2"));
+}
+
+#[tokio::test]
+async fn recovery_ends_each_outage_once() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(&redis).await;
+    let failover = failover(manager, Store::default());
+    for outage in 1..=2_u64 {
+        redis.stop().await;
+        // Several fallbacks and deferred changes in one outage.
+        for _ in 0..3 {
+            assert_eq!(get(&failover, "x").await, None);
+        }
+        failover.defer(set("x", &outage.to_string())).expect("fits");
+        assert!(failover.is_degraded());
+        redis.restart().await;
+        wait_for_recovery(&failover, outage - 1).await;
+        assert!(!failover.is_degraded());
+        // Redis answers again: no second recovery for the same outage.
+        for _ in 0..3 {
+            assert_eq!(get(&failover, "x").await, Some(outage.to_string()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let recoveries = failover.memory().recoveries.load(Ordering::Acquire);
+        assert_eq!(recoveries, usize::try_from(outage).expect("small"));
+        assert_eq!(*failover.recovered().borrow(), outage);
+    }
+}
+
+#[tokio::test]
+async fn an_outage_without_changes_ends_on_the_next_redis_answer() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(&redis).await;
+    let failover = failover(manager, Store::default());
+    redis.stop().await;
+    assert_eq!(get(&failover, "x").await, None);
+    assert!(failover.is_degraded());
+    redis.restart().await;
+    tokio::time::timeout(DEADLINE, async {
+        while get(&failover, "x").await.is_none() && failover.is_degraded() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("Redis answers again");
+    wait_for_recovery(&failover, 0).await;
+    assert_eq!(failover.memory().recoveries.load(Ordering::Acquire), 1);
+}
+
+/// The recovery task holds the failover weakly: dropping the failover ends
+/// it, even while it waits for a Redis that never comes.
+#[tokio::test(start_paused = true)]
+async fn the_recovery_task_ends_when_the_failover_is_dropped() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let failover = Failover::new(
+        RedisManager::disabled(),
+        Store::default(),
+        Memory::default(),
+        1024,
+    );
+    assert_eq!(metrics.num_alive_tasks(), 0);
+    failover.defer(set("a", "1")).expect("fits");
+    assert!(get(&failover, "a").await.is_none());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        metrics.num_alive_tasks(),
+        1,
+        "one recovery task per failover"
+    );
+    drop(failover);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while metrics.num_alive_tasks() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the task ends");
+}
+
+/// Many requests on several threads see Redis answer at the end of the
+/// same outage: the memory side is still told once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_answers_end_an_outage_once() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(&redis).await;
+    let failover = failover(manager, Store::default());
+    for outage in 1..=3_u64 {
+        redis.stop().await;
+        assert_eq!(get(&failover, "x").await, None);
+        redis.restart().await;
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let failover = failover.clone();
+                tokio::spawn(async move {
+                    tokio::time::timeout(DEADLINE, async {
+                        while failover.is_degraded() {
+                            let _ = get(&failover, "x").await;
+                            // A fallback never waits: let the probe run.
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    })
+                    .await
+                    .expect("the outage ends");
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("no panic");
+        }
+        let recoveries = failover.memory().recoveries.load(Ordering::Acquire);
+        assert_eq!(recoveries, usize::try_from(outage).expect("small"));
+    }
+}
