@@ -40,8 +40,11 @@ mod tests {
 
     use super::*;
 
-    /// Every measurement the closure records: (name, sorted labels, value).
-    fn recorded(body: impl FnOnce()) -> Vec<(String, Vec<(String, String)>, DebugValue)> {
+    /// One measurement: (name, sorted labels, value).
+    type Measurement = (String, Vec<(String, String)>, DebugValue);
+
+    /// Every measurement the closure records.
+    fn recorded(body: impl FnOnce()) -> Vec<Measurement> {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         metrics::with_local_recorder(&recorder, body);
