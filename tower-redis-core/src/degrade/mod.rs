@@ -87,6 +87,7 @@ use tokio::sync::{Notify, watch};
 use crate::error::Error;
 use crate::failover::{FallbackReason, Served, Source};
 use crate::manager::RedisManager;
+use crate::record;
 use queue::OutageQueue;
 
 /// A change made while Redis was unavailable, waiting to be written to it.
@@ -467,36 +468,29 @@ impl<R: Replay, M> fmt::Debug for Failover<R, M> {
     }
 }
 
-#[cfg(feature = "metrics")]
 fn record_degraded(layer: &'static str, degraded: bool) {
-    metrics::gauge!("tower_redis_degraded", "layer" => layer).set(if degraded { 1.0 } else { 0.0 });
+    let value = if degraded { 1.0 } else { 0.0 };
+    record::gauge("tower_redis_degraded", &[("layer", layer)], value);
 }
 
-#[cfg(not(feature = "metrics"))]
-fn record_degraded(_layer: &'static str, _degraded: bool) {}
-
-#[cfg(feature = "metrics")]
 fn record_queue_bytes(layer: &'static str, bytes: usize) {
     #[allow(clippy::cast_precision_loss)] // A gauge of bytes: f64 is exact far enough.
-    metrics::gauge!("tower_redis_outage_queue_bytes", "layer" => layer).set(bytes as f64);
+    record::gauge(
+        "tower_redis_outage_queue_bytes",
+        &[("layer", layer)],
+        bytes as f64,
+    );
 }
 
-#[cfg(not(feature = "metrics"))]
-fn record_queue_bytes(_layer: &'static str, _bytes: usize) {}
-
-#[cfg(feature = "metrics")]
 fn record_refused(layer: &'static str) {
-    metrics::counter!("tower_redis_outage_refused_total", "layer" => layer).increment(1);
+    record::counter("tower_redis_outage_refused_total", &[("layer", layer)], 1);
 }
 
-#[cfg(not(feature = "metrics"))]
-fn record_refused(_layer: &'static str) {}
-
-#[cfg(feature = "metrics")]
 fn record_replayed(layer: &'static str, changes: usize) {
-    metrics::counter!("tower_redis_outage_replayed_total", "layer" => layer)
-        .increment(u64::try_from(changes).unwrap_or(u64::MAX));
+    let changes = u64::try_from(changes).unwrap_or(u64::MAX);
+    record::counter(
+        "tower_redis_outage_replayed_total",
+        &[("layer", layer)],
+        changes,
+    );
 }
-
-#[cfg(not(feature = "metrics"))]
-fn record_replayed(_layer: &'static str, _changes: usize) {}
