@@ -3,7 +3,6 @@
 //! responses made from an entry, whichever path found it.
 
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
 
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
@@ -11,6 +10,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use tracing::Instrument;
 
+use tower_redis_core::clock;
 use super::cache_status::{CACHE_STATUS, CacheStatus, add_cache_status};
 use super::coalesce::Joined;
 use super::miss::Fill;
@@ -76,7 +76,7 @@ where
     pub(super) async fn on_hit(self, entry: Entry, tier: Tier) -> Answer<ResBody, S::Error> {
         let config = &self.ctx.config;
         let keyed = &self.ctx.keyed;
-        let now_ms = freshness::epoch_ms(SystemTime::now());
+        let now_ms = clock::now_ms();
         let age = entry.age(now_ms);
         let stored = freshness::directives_of(&entry.headers, &config.rules);
         let request_directives = &keyed.directives;
@@ -177,7 +177,7 @@ pub(crate) fn serve_coalesced<B: Body>(
         .counters
         .coalesced
         .fetch_add(1, Ordering::Relaxed);
-    let now_ms = freshness::epoch_ms(SystemTime::now());
+    let now_ms = clock::now_ms();
     let mut status = CacheStatus::hit(entry.ttl(now_ms), tier);
     status.details.push("coalesced");
     serve(entry, &keyed.parts, entry.age(now_ms), status)
@@ -192,7 +192,7 @@ pub(crate) fn serve_stale_if_error<B: Body>(
     tier: Tier,
     fwd_status: Option<StatusCode>,
 ) -> Response<CacheBody<B>> {
-    let now_ms = freshness::epoch_ms(SystemTime::now());
+    let now_ms = clock::now_ms();
     let mut stale = CacheStatus::hit(entry.ttl(now_ms), tier);
     stale.fwd = Some("stale");
     stale.fwd_status = fwd_status;

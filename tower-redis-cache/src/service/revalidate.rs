@@ -24,6 +24,7 @@ use http::{HeaderMap, Request, Response, StatusCode, header};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use tower_redis_core::clock;
 use super::cache_status::CacheStatus;
 use super::coalesce::{self, FlightGuard, Joined, Outcome};
 use super::hit::{gateway_timeout, serve, serve_coalesced, serve_stale_if_error};
@@ -296,7 +297,7 @@ impl Validated {
             response_time,
         );
         if let (false, Ok(storable)) = (unkeyed, storable) {
-            refreshed.response_time_ms = freshness::epoch_ms(response_time);
+            refreshed.response_time_ms = clock::epoch_ms(response_time);
             refreshed.initial_age =
                 freshness::initial_age(&not_modified.headers, request_time, response_time);
             refreshed.lifetime = storable.lifetime;
@@ -320,7 +321,7 @@ impl Validated {
         } else {
             fill.release(ctx);
         }
-        let age = refreshed.age(freshness::epoch_ms(SystemTime::now()));
+        let age = refreshed.age(clock::now_ms());
         serve(&refreshed, client_parts, age, status)
     }
 }

@@ -10,6 +10,7 @@ use http::{HeaderName, HeaderValue, Response, header};
 use http_body::Body;
 use tracing::Instrument;
 
+use tower_redis_core::clock;
 use super::cache_status::{CacheStatus, add_cache_status};
 use super::miss::Fill;
 use super::tags::{TagHeaders, set_stored_tags, take_tags};
@@ -122,7 +123,7 @@ pub(crate) fn store_if_allowed<ResBody: OriginBody>(
         status: parts.status,
         headers,
         body: Bytes::new(),
-        response_time_ms: freshness::epoch_ms(response_time),
+        response_time_ms: clock::epoch_ms(response_time),
         initial_age: freshness::initial_age(&parts.headers, request_time, response_time),
         lifetime: storable.lifetime,
     };
