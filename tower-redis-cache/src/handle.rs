@@ -10,11 +10,11 @@ use http_body::Body;
 use http_body_util::{BodyExt, Empty};
 use tower_service::Service;
 
-use tower_redis_core::clock;
 use crate::key;
 use crate::layer::Config;
 pub use crate::store::Purged;
 use crate::store::{Target, Tier};
+use tower_redis_core::clock;
 
 /// The admin side of a [`CacheLayer`](crate::CacheLayer), from
 /// [`CacheLayer::handle`](crate::CacheLayer::handle): purges (by tag, URL,
@@ -157,7 +157,11 @@ impl CacheHandle {
     /// Marks one URL stale (see [`soft_purge_tag`](Self::soft_purge_tag)).
     pub async fn soft_purge_url(&self, url: &str) -> Result<Purged, InvalidUrl> {
         let target = self.target_of(url)?;
-        Ok(self.config.store.purge(&target, Some(clock::now_ms())).await)
+        Ok(self
+            .config
+            .store
+            .purge(&target, Some(clock::now_ms()))
+            .await)
     }
 
     /// Removes every URL whose path starts with `prefix` (`/products/`), on

@@ -10,7 +10,6 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use tracing::Instrument;
 
-use tower_redis_core::clock;
 use super::cache_status::{CACHE_STATUS, CacheStatus, add_cache_status};
 use super::coalesce::Joined;
 use super::miss::Fill;
@@ -23,6 +22,7 @@ use crate::entry::Entry;
 use crate::freshness::{self, StaleWindows, Usability};
 use crate::layer::Config;
 use crate::store::{LockAttempt, LockPurpose, Tier};
+use tower_redis_core::clock;
 
 /// How a stale (or refused) entry is to be used, once it is known that it
 /// cannot simply be served.

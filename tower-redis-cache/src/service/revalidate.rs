@@ -24,7 +24,6 @@ use http::{HeaderMap, Request, Response, StatusCode, header};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use tower_redis_core::clock;
 use super::cache_status::CacheStatus;
 use super::coalesce::{self, FlightGuard, Joined, Outcome};
 use super::hit::{gateway_timeout, serve, serve_coalesced, serve_stale_if_error};
@@ -36,6 +35,7 @@ use crate::entry::Entry;
 use crate::freshness;
 use crate::key;
 use crate::store::{LockAttempt, LockPurpose, Lookup, Put, Tier};
+use tower_redis_core::clock;
 
 /// A revalidation to make, or to wait for.
 pub(crate) struct Revalidation {

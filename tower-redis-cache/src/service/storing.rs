@@ -10,7 +10,6 @@ use http::{HeaderName, HeaderValue, Response, header};
 use http_body::Body;
 use tracing::Instrument;
 
-use tower_redis_core::clock;
 use super::cache_status::{CacheStatus, add_cache_status};
 use super::miss::Fill;
 use super::tags::{TagHeaders, set_stored_tags, take_tags};
@@ -22,6 +21,7 @@ use crate::key;
 use crate::layer::Config;
 use crate::route::Route;
 use crate::store::Put;
+use tower_redis_core::clock;
 
 /// Response headers that describe a connection, not a response: never stored.
 pub(crate) const HOP_BY_HOP: [HeaderName; 6] = [

@@ -26,13 +26,13 @@ use http::HeaderMap;
 use tower_redis_core::RedisManager;
 use tower_redis_core::redis::{self, Value};
 
-use tower_redis_core::clock;
 use crate::bus::Bus;
 use crate::entry::Entry;
 use crate::key;
 pub(crate) use memory::MemoryStore;
 use outage::Outage;
 use redis_store::{Op, RedisStore};
+use tower_redis_core::clock;
 
 /// The `Vary` hints (the names last seen per URL) take at most this share
 /// of `memory_capacity_bytes`, weighed by bytes like every store a client
