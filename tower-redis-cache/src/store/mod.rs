@@ -20,7 +20,7 @@ mod redis_store;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use http::HeaderMap;
 use tower_redis_core::RedisManager;
@@ -28,11 +28,11 @@ use tower_redis_core::redis::{self, Value};
 
 use crate::bus::Bus;
 use crate::entry::Entry;
-use crate::freshness;
 use crate::key;
 pub(crate) use memory::MemoryStore;
 use outage::Outage;
 use redis_store::{Op, RedisStore};
+use tower_redis_core::clock;
 
 /// The `Vary` hints (the names last seen per URL) take at most this share
 /// of `memory_capacity_bytes`, weighed by bytes like every store a client
@@ -331,7 +331,7 @@ impl CacheStore {
     /// `MEMORY USAGE`), or in the in-process store while Redis is down.
     pub(crate) async fn size(&self) -> (u64, u64, bool) {
         let root = self.redis.index_key("cx", "/");
-        let now_ms = freshness::epoch_ms(SystemTime::now());
+        let now_ms = clock::now_ms();
         let counted = async {
             let entries: u64 = self
                 .redis
@@ -441,7 +441,7 @@ mod tests {
     async fn a_soft_purge_is_ignored_by_entries_from_a_skewed_instance_clock() {
         let redis = TestRedis::start().await;
         let store = store(&redis).await;
-        let now = freshness::epoch_ms(SystemTime::now());
+        let now = clock::now_ms();
         for (url, stored_at, purged_at) in [
             ("//shop.example/ahead", now + 60_000, now),
             ("//shop.example/behind", now, now - 60_000),
@@ -458,7 +458,7 @@ mod tests {
             let Lookup::Hit(entry) = found else {
                 panic!("{url}: a soft purge keeps the entry, stale: {found:?}");
             };
-            let ttl = entry.ttl(freshness::epoch_ms(SystemTime::now()));
+            let ttl = entry.ttl(clock::now_ms());
             assert!(
                 ttl <= 0,
                 "{url}: still fresh for {ttl} s after a soft purge"

@@ -10,6 +10,8 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tower_redis_core::sync::lock;
+
 use super::{CacheStore, Target};
 
 /// Invalidations and purges remembered during an outage, at most.
@@ -110,12 +112,6 @@ impl CacheStore {
         }
         self.outage.retry_later(failed);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tower_redis_core::sync::lock;
 
 use super::lru::Lru;
 use super::{Check, DecisionSource, PolicyState, Verdict};
@@ -57,7 +58,7 @@ impl BlockedKeys {
             return None;
         }
         let live = |entry: &Blocked| entry.until > now;
-        let mut entries = self.lock();
+        let mut entries = lock(&self.entries);
         let mut states = vec![None; checks.len()];
         let mut blocked = false;
         for (check, state) in checks.iter().zip(&mut states) {
@@ -83,7 +84,7 @@ impl BlockedKeys {
     pub(crate) fn remember(&self, checks: &[Check], cost: u32, states: &[Option<PolicyState>]) {
         let now = Instant::now();
         let live = |entry: &Blocked| entry.until > now;
-        let mut entries = self.lock();
+        let mut entries = lock(&self.entries);
         for (check, state) in checks.iter().zip(states) {
             if let Some(state) = state
                 && let Some(retry_after) = state.retry_after
@@ -108,7 +109,7 @@ impl BlockedKeys {
     /// Entries held, the bytes they are counted for, and the bytes allocated.
     #[cfg(test)]
     fn footprint(&self) -> (u64, u64, u64) {
-        let entries = self.lock();
+        let entries = lock(&self.entries);
         (
             entries.len() as u64,
             entries.bytes(),
@@ -118,12 +119,6 @@ impl BlockedKeys {
 
     fn micros_since_epoch(&self, at: Instant) -> u64 {
         u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Lru<Blocked>> {
-        self.entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

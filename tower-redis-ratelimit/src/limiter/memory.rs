@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::sync::Mutex;
 
 use tokio::time::Instant;
+use tower_redis_core::sync::lock;
 
 use super::lru::Lru;
 use super::{Check, DecisionSource, DecisionStore, Query, Verdict};
@@ -48,7 +49,7 @@ impl MemoryStore {
 
     /// Forgets every counter (Redis decides again).
     pub(crate) fn clear(&self) {
-        self.lock().clear();
+        lock(&self.entries).clear();
     }
 
     /// Decides one request, all or nothing over its checks.
@@ -56,7 +57,7 @@ impl MemoryStore {
         let now = self.now_us();
         let live = |e: &Counter| e.expires_us > now;
         let cost = f64::from(cost);
-        let mut entries = self.lock();
+        let mut entries = lock(&self.entries);
         let mut states = Vec::with_capacity(checks.len());
         let mut writes = Vec::with_capacity(checks.len());
         let mut allowed = true;
@@ -87,7 +88,7 @@ impl MemoryStore {
     /// Entries held, the bytes they are counted for, and the bytes allocated.
     #[cfg(test)]
     fn footprint(&self) -> (u64, u64, u64) {
-        let entries = self.lock();
+        let entries = lock(&self.entries);
         (
             entries.len() as u64,
             entries.bytes(),
@@ -99,12 +100,6 @@ impl MemoryStore {
     /// window indexes and the first TAT are never near zero.
     fn now_us(&self) -> f64 {
         micros(self.start.elapsed()) + 86_400_000_000.0
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Lru<Counter>> {
-        self.entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

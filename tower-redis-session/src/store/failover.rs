@@ -16,13 +16,15 @@
 
 use std::convert::Infallible;
 
+use tower_redis_core::clock::duration_ms;
+use tower_redis_core::record;
 use tower_redis_core::{RedisManager, Source};
 
 use super::local::{LocalCopy, LocalStore};
 use super::queue::QueueFull;
 use super::reconcile::Reconciler;
 use super::redis::RedisStore;
-use super::{LocalLimits, LocalUsage, Record, Saved, Store, Take, Write, millis, now_ms};
+use super::{LocalLimits, LocalUsage, Record, Saved, Store, Take, Write, now_ms};
 use crate::config::Expiry;
 
 pub(crate) struct Failover {
@@ -80,7 +82,7 @@ impl Failover {
     /// 1/100 of the idle timeout, at most a minute. Between renewals a read
     /// is a single `HGETALL`.
     pub(crate) fn touch_every_ms(&self) -> u64 {
-        (millis(self.expiry().idle) / 100).min(60_000)
+        (duration_ms(self.expiry().idle) / 100).min(60_000)
     }
 
     pub(crate) async fn load(&self, storage_key: &str) -> Option<Record> {
@@ -225,13 +227,5 @@ fn refused(full: QueueFull, create: bool) {
             "a session change was not kept"
         }
     );
-    record_refused();
+    record::counter("tower_redis_session_refused_total", &[], 1);
 }
-
-#[cfg(feature = "metrics")]
-fn record_refused() {
-    metrics::counter!("tower_redis_session_refused_total").increment(1);
-}
-
-#[cfg(not(feature = "metrics"))]
-fn record_refused() {}

@@ -27,7 +27,7 @@ mod users;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use tower_redis_core::RedisManager;
 
@@ -324,10 +324,6 @@ impl SessionStore {
     }
 }
 
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 /// The wall clock in milliseconds since the Unix epoch: session times are
 /// compared with those other instances (and Redis) wrote.
 pub(crate) fn now_ms() -> u64 {
@@ -335,8 +331,5 @@ pub(crate) fn now_ms() -> u64 {
     if let Some(now) = tests::clock::paused_ms() {
         return now;
     }
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(millis)
-        .unwrap_or(0)
+    tower_redis_core::clock::now_ms()
 }

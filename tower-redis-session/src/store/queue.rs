@@ -21,6 +21,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use tower_redis_core::sync::lock;
+
 use super::Changes;
 
 /// The bookkeeping of one queued change, in bytes, beyond its own data: the
@@ -111,7 +113,7 @@ impl OutageQueue {
         at_ms: u64,
     ) -> Result<(), QueueFull> {
         let weight = save_weight(storage_key, changes);
-        let mut inner = self.lock();
+        let mut inner = lock(&self.inner);
         if inner.bytes.saturating_add(weight) > self.limit_bytes {
             return Err(self.full());
         }
@@ -131,7 +133,7 @@ impl OutageQueue {
     /// Queues a deletion. Always accepted: it replaces the session's queued
     /// changes, and is never dropped.
     pub(crate) fn push_delete(&self, storage_key: &str, user: Option<&str>) {
-        let mut inner = self.lock();
+        let mut inner = lock(&self.inner);
         inner.push_delete(storage_key, user);
         self.publish_len(&inner);
     }
@@ -149,7 +151,7 @@ impl OutageQueue {
         at_ms: u64,
     ) -> Result<(), QueueFull> {
         let weight = save_weight(new_storage_key, full);
-        let mut inner = self.lock();
+        let mut inner = lock(&self.inner);
         // The room the deletion leaves, counted before deciding.
         let freed: usize = inner.index.get(old_storage_key).map_or(0, |waiting| {
             waiting
@@ -180,7 +182,7 @@ impl OutageQueue {
     /// Whether changes to this session are waiting for Redis (queued, or
     /// taken by the reconciler and not yet written). One hash lookup.
     pub(crate) fn contains(&self, storage_key: &str) -> bool {
-        self.len.load(Ordering::Acquire) > 0 && self.lock().index.contains_key(storage_key)
+        self.len.load(Ordering::Acquire) > 0 && lock(&self.inner).index.contains_key(storage_key)
     }
 
     /// Changes queued or being written.
@@ -190,14 +192,14 @@ impl OutageQueue {
 
     /// Their weight in bytes.
     pub(crate) fn bytes(&self) -> usize {
-        self.lock().bytes
+        lock(&self.inner).bytes
     }
 
     /// Takes every queued change, oldest first, for writing. Each must be
     /// given back to [`written`](Self::written) or [`requeue`](Self::requeue);
     /// until then its session counts as waiting and its weight as used.
     pub(crate) fn take(&self) -> Vec<Queued> {
-        let mut inner = self.lock();
+        let mut inner = lock(&self.inner);
         let taken = std::mem::take(&mut inner.changes);
         inner.writing += taken.len();
         self.publish_len(&inner);
@@ -210,7 +212,7 @@ impl OutageQueue {
 
     /// A taken change is in Redis (or was settled there).
     pub(crate) fn written(&self, queued: &Queued) {
-        let mut inner = self.lock();
+        let mut inner = lock(&self.inner);
         inner.writing = inner.writing.saturating_sub(1);
         inner.bytes = inner.bytes.saturating_sub(queued.weight);
         if let Entry::Occupied(mut entry) = inner.index.entry(queued.storage_key.clone()) {
@@ -229,7 +231,7 @@ impl OutageQueue {
         if failed.is_empty() {
             return;
         }
-        let mut inner = self.lock();
+        let mut inner = lock(&self.inner);
         for queued in failed {
             inner.writing = inner.writing.saturating_sub(1);
             let waiting = inner.index.entry(queued.storage_key.clone()).or_default();
@@ -249,12 +251,6 @@ impl OutageQueue {
     fn publish_len(&self, inner: &Inner) {
         self.len
             .store(inner.changes.len() + inner.writing, Ordering::Release);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -374,7 +370,7 @@ mod tests {
         }
         assert!(!queue.contains(&key(7)));
         assert_eq!((queue.len(), queue.bytes()), (0, 0));
-        assert!(queue.lock().index.is_empty(), "the index is emptied");
+        assert!(lock(&queue.inner).index.is_empty(), "the index is emptied");
     }
 
     #[test]

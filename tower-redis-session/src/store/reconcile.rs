@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tower_redis_core::BreakerState;
+use tower_redis_core::record;
 
 use super::failover::Failover;
 use super::queue::{OutageQueue, Pending, QueueFull, Queued};
@@ -139,7 +140,11 @@ impl Reconciler {
             still_queued = failed,
             "wrote session changes made during the Redis outage"
         );
-        record_reconciled(total - failed);
+        record::counter(
+            "tower_redis_session_reconciled_total",
+            &[],
+            (total - failed) as u64,
+        );
     }
 }
 
@@ -205,11 +210,3 @@ async fn run(
         }
     }
 }
-
-#[cfg(feature = "metrics")]
-fn record_reconciled(count: usize) {
-    metrics::counter!("tower_redis_session_reconciled_total").increment(count as u64);
-}
-
-#[cfg(not(feature = "metrics"))]
-fn record_reconciled(_count: usize) {}

@@ -23,10 +23,11 @@ use std::sync::LazyLock;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
+use tower_redis_core::clock::duration_ms;
 use tower_redis_core::redis::{self, Script};
 use tower_redis_core::{RedisConnection, RedisManager, pipeline_with_scripts};
 
-use super::{Record, Saved, Store, Take, Write, millis, now_ms};
+use super::{Record, Saved, Store, Take, Write, now_ms};
 use crate::config::Expiry;
 
 static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("save.lua")));
@@ -63,11 +64,11 @@ impl RedisStore {
     }
 
     fn idle_ms(&self) -> u64 {
-        millis(self.expiry.idle)
+        duration_ms(self.expiry.idle)
     }
 
     fn absolute_ms(&self) -> u64 {
-        millis(self.expiry.absolute)
+        duration_ms(self.expiry.absolute)
     }
 
     /// One round trip: `HGETALL`, pipelined with a `PEXPIRE` that renews the

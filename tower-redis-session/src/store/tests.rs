@@ -15,7 +15,7 @@ use super::*;
 /// `current_thread` test runtime runs the test and its tasks on one.
 pub(crate) mod clock {
     use std::cell::Cell;
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use std::time::Duration;
 
     thread_local! {
         static PAUSED_MS: Cell<Option<u64>> = const { Cell::new(None) };
@@ -27,10 +27,7 @@ pub(crate) mod clock {
 
     /// Stops the clock at the current wall-clock time.
     pub(crate) fn pause() {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(super::millis)
-            .unwrap_or(0);
+        let now = tower_redis_core::clock::now_ms();
         PAUSED_MS.with(|paused| paused.set(Some(now)));
     }
 
@@ -38,7 +35,7 @@ pub(crate) mod clock {
     pub(crate) fn advance(by: Duration) {
         PAUSED_MS.with(|paused| {
             let now = paused.get().expect("clock::pause() first");
-            paused.set(Some(now + super::millis(by)));
+            paused.set(Some(now + tower_redis_core::clock::duration_ms(by)));
         });
     }
 }
