@@ -35,6 +35,11 @@ struct Origin {
     delay_ms: Arc<AtomicU64>,
     /// Run by `/pause-writes` before it answers (item 10).
     before_answer: Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<()>>>>,
+    /// Calls over all paths, for waiting on a call to arrive.
+    arrivals: Arc<tokio::sync::watch::Sender<u64>>,
+    /// When set, every answer waits for this many cache lookups in Redis
+    /// (see [`LookupGate`]).
+    hold: Arc<Mutex<Option<LookupGate>>>,
 }
 
 impl Origin {
@@ -42,7 +47,20 @@ impl Origin {
         let mut calls = self.calls.lock().unwrap();
         let n = calls.entry(path.to_owned()).or_default();
         *n += 1;
+        self.arrivals.send_modify(|all| *all += 1);
         *n
+    }
+
+    /// Waits (10 s at most) until `path` has been called `n` times.
+    async fn wait_for_calls(&self, path: &str, n: u64) {
+        let mut arrivals = self.arrivals.subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            arrivals.wait_for(|_| self.calls(path) >= n),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{path} was not called {n} times within 10 s"))
+        .expect("the origin is alive");
     }
 
     fn calls(&self, path: &str) -> u64 {
@@ -50,11 +68,78 @@ impl Origin {
     }
 
     async fn delay(&self) {
+        let gate = self.hold.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.pass().await;
+        }
         let ms = self.delay_ms.load(Ordering::SeqCst);
         if ms > 0 {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
     }
+}
+
+/// Holds an origin call until Redis has served `target` cache lookups in
+/// all (`HMGET`, one per request that looks in Redis), so that an answer
+/// leaves the origin only once every concurrent request has looked up its
+/// entry: the overlap a coalescing test needs is an event, not a latency.
+/// Gives up after 4 s, under the layer's 5 s coalescing wait, so that
+/// wrongly queued requests cannot get through by timing out; a gate that
+/// gave up is counted, and the tests require none.
+#[derive(Clone)]
+struct LookupGate {
+    redis: redis::Client,
+    target: Arc<AtomicU64>,
+    gave_up: Arc<AtomicU64>,
+}
+
+impl LookupGate {
+    fn new(redis: &TestRedis) -> Self {
+        LookupGate {
+            redis: redis.client(),
+            target: Arc::default(),
+            gave_up: Arc::default(),
+        }
+    }
+
+    /// Lets origin calls through once `more` lookups than so far are served.
+    async fn expect_lookups(&self, more: u64) {
+        let now = lookups(&self.redis).await;
+        self.target.store(now + more, Ordering::SeqCst);
+    }
+
+    async fn pass(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+        while lookups(&self.redis).await < self.target.load(Ordering::SeqCst) {
+            if tokio::time::Instant::now() >= deadline {
+                self.gave_up.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn gave_up(&self) -> u64 {
+        self.gave_up.load(Ordering::SeqCst)
+    }
+}
+
+/// The cache's lookups Redis has served (`HMGET` calls in `INFO commandstats`).
+async fn lookups(redis: &redis::Client) -> u64 {
+    let mut conn = redis
+        .get_multiplexed_async_connection()
+        .await
+        .expect("test Redis answers");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO commandstats");
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_hmget:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
 }
 
 fn cacheable(body: impl Into<Body>) -> Response<Body> {
@@ -151,7 +236,7 @@ fn routes(origin: Origin) -> Router {
 }
 
 struct Fixture {
-    _redis: TestRedis,
+    redis: TestRedis,
     origin: Origin,
     app: Router,
     layer: CacheLayer,
@@ -166,7 +251,7 @@ async fn fixture(configure: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder)
     let layer = configure(CacheLayer::builder(manager)).build().unwrap();
     let app = routes(origin.clone()).layer(layer.clone());
     Fixture {
-        _redis: redis,
+        redis,
         origin,
         app,
         layer,
@@ -738,9 +823,13 @@ async fn origin_flood_via_concurrent_no_cache_requests() {
     let f = fixture(|b| b).await;
     get(&f.app, "/slow", &[]).await;
     settle(&f.layer).await;
-    f.origin.delay_ms.store(300, Ordering::SeqCst);
+    // The revalidation answers once all ten requests have looked up the
+    // entry, so the other nine are in the layer while it is under way.
+    let gate = LookupGate::new(&f.redis);
+    *f.origin.hold.lock().unwrap() = Some(gate.clone());
     for directive in [("cache-control", "no-cache"), ("pragma", "no-cache")] {
         let before = f.origin.calls("/slow");
+        gate.expect_lookups(10).await;
         let answers = concurrent(&f.app, 10, "/slow", &[directive]).await;
         for answer in &answers {
             assert_eq!(answer.status, 200);
@@ -751,6 +840,11 @@ async fn origin_flood_via_concurrent_no_cache_requests() {
             f.origin.calls("/slow"),
             before + 1,
             "{directive:?}: one revalidation for ten requests: {statuses:?}"
+        );
+        assert_eq!(
+            gate.gave_up(),
+            0,
+            "{directive:?}: the ten requests never all looked up the entry while the revalidation was under way"
         );
         settle(&f.layer).await;
     }
@@ -766,14 +860,20 @@ async fn origin_flood_via_concurrent_requests_for_a_stale_entry() {
     let layer = CacheLayer::builder(manager).build().unwrap();
     let calls = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&calls);
+    // The revalidation answers once all ten requests have looked up the
+    // stale entry, so the other nine are in the layer while it is under way.
+    let gate = LookupGate::new(&redis);
+    let held = gate.clone();
     let app = Router::new()
         .route(
             "/short",
             routing::get(move || {
-                let calls = Arc::clone(&counted);
+                let (calls, held) = (Arc::clone(&counted), held.clone());
                 async move {
                     let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
-                    tokio::time::sleep(Duration::from_millis(if n == 1 { 0 } else { 300 })).await;
+                    if n > 1 {
+                        held.pass().await;
+                    }
                     Response::builder()
                         .header("cache-control", "max-age=1")
                         .header("etag", "\"same\"")
@@ -786,12 +886,14 @@ async fn origin_flood_via_concurrent_requests_for_a_stale_entry() {
     get(&app, "/short", &[]).await;
     settle(&layer).await;
     wait_until_stale(&layer, "http://shop.example/short").await;
+    gate.expect_lookups(10).await;
     let answers = concurrent(&app, 10, "/short", &[]).await;
     let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
     for answer in &answers {
         assert_eq!(answer.body, "short-v2", "{statuses:?}");
     }
     assert_eq!(calls.load(Ordering::SeqCst), 2, "{statuses:?}");
+    assert_eq!(gate.gave_up(), 0, "the ten requests never overlapped");
 }
 
 /// Item 15, the layer option: request cache directives from clients can
@@ -862,7 +964,8 @@ async fn a_request_with_an_unkeyed_header_turns_off_coalescing_for_everyone() {
         tokio::spawn(
             async move { get(&app, "/other", &[("x-forwarded-host", "evil.example")]).await },
         );
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The attacker is at the origin before the others start.
+    f.origin.wait_for_calls("/other", 1).await;
     let answers = concurrent(&f.app, 10, "/other", &[]).await;
     let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
     assert!(
@@ -888,11 +991,15 @@ async fn origin_flood_via_concurrent_requests_while_the_origin_fails() {
     let layer = CacheLayer::builder(manager).build().unwrap();
     let calls = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&calls);
+    // The failing revalidation answers once all ten requests have looked up
+    // the stale entry, so the other nine are in the layer meanwhile.
+    let gate = LookupGate::new(&redis);
+    let held = gate.clone();
     let app = Router::new()
         .route(
             "/failing",
             routing::get(move || {
-                let calls = Arc::clone(&counted);
+                let (calls, held) = (Arc::clone(&counted), held.clone());
                 async move {
                     let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
                     if n == 1 {
@@ -901,7 +1008,7 @@ async fn origin_flood_via_concurrent_requests_while_the_origin_fails() {
                             .body(Body::from("good"))
                             .unwrap();
                     }
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    held.pass().await;
                     Response::builder()
                         .status(StatusCode::SERVICE_UNAVAILABLE)
                         .body(Body::from("down"))
@@ -913,6 +1020,7 @@ async fn origin_flood_via_concurrent_requests_while_the_origin_fails() {
     get(&app, "/failing", &[]).await;
     settle(&layer).await;
     wait_until_stale(&layer, "http://shop.example/failing").await;
+    gate.expect_lookups(10).await;
     let answers = concurrent(&app, 10, "/failing", &[]).await;
     let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
     for answer in &answers {
@@ -923,6 +1031,7 @@ async fn origin_flood_via_concurrent_requests_while_the_origin_fails() {
         );
     }
     assert_eq!(calls.load(Ordering::SeqCst), 2, "{statuses:?}");
+    assert_eq!(gate.gave_up(), 0, "the ten requests never overlapped");
 }
 
 /// Item 16, the other side: a refusal because of the request no longer
