@@ -17,13 +17,14 @@ use axum::routing::{get, post};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::{HeaderMap, HeaderValue, Request, StatusCode, header};
-use http_body_util::BodyExt;
 use tower::ServiceExt;
 use tower_redis_cache::{CacheLayer, Route};
 use tower_redis_core::testing::TestRedis;
 use tower_redis_core::{RedisManager, redis};
 use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
 use tower_redis_session::{Session, SessionLayer};
+
+use tests::answer::Answer;
 
 const HOST: &str = "shop.test";
 const COOKIE: &str = "__Host-session";
@@ -66,44 +67,8 @@ fn admitted_by_redis(answer: &Answer) -> bool {
     answer.status == StatusCode::OK
 }
 
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl Answer {
-    fn cache_status(&self) -> String {
-        self.headers
-            .get("cache-status")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned()
-    }
-
-    /// The session cookie this response sets, if any (`None` for a removal).
-    fn session_cookie(&self) -> Option<String> {
-        self.headers
-            .get_all(header::SET_COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find_map(|v| {
-                let pair = v.split(';').next()?;
-                let (name, value) = pair.split_once('=')?;
-                (name == COOKIE && !value.is_empty()).then(|| value.to_owned())
-            })
-    }
-}
-
 async fn call(app: &Router, request: Request<Body>) -> Answer {
-    let response = app.clone().oneshot(request).await.unwrap();
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
+    Answer::read(app.clone().oneshot(request).await.unwrap()).await
 }
 
 fn get_request(path: &str, headers: &[(&str, &str)]) -> Request<Body> {
@@ -310,7 +275,7 @@ async fn cache_deception_through_a_static_looking_path_on_an_authenticated_route
             .unwrap(),
     )
     .await;
-    let cookie = format!("{COOKIE}={}", login.session_cookie().unwrap());
+    let cookie = format!("{COOKIE}={}", login.set_cookie(COOKIE).unwrap());
 
     // The victim is lured to account pages dressed up as static files.
     for path in [
@@ -412,7 +377,7 @@ async fn session_fixation_a_client_chosen_id_is_never_adopted() {
     // 1. An id the attacker made up, well-formed, planted in the victim's browser.
     let chosen = URL_SAFE_NO_PAD.encode([7u8; 32]);
     let login = session_call(&app, "POST", "/login/victim", Some(&chosen)).await;
-    let issued = login.session_cookie().expect("a session is issued");
+    let issued = login.set_cookie(COOKIE).expect("a session is issued");
     assert_ne!(issued, chosen, "the chosen id was adopted");
     let keys = all_keys(&redis).await;
     assert!(!storage_key_exists(&keys, &chosen));
@@ -434,10 +399,10 @@ async fn session_fixation_a_client_chosen_id_is_never_adopted() {
     // login moves the session to a new id, and the planted one dies.
     let planted = session_call(&app, "POST", "/visit", None)
         .await
-        .session_cookie()
+        .set_cookie(COOKIE)
         .expect("an anonymous session");
     let login = session_call(&app, "POST", "/login/victim2", Some(&planted)).await;
-    let after = login.session_cookie().expect("a new id on login");
+    let after = login.set_cookie(COOKIE).expect("a new id on login");
     assert_ne!(after, planted);
     assert_eq!(
         session_call(&app, "GET", "/whoami", Some(&planted))
@@ -467,7 +432,7 @@ async fn session_id_guessing_ids_are_uniformly_random() {
     for i in 0..N {
         let cookie = session_call(&app, "POST", &format!("/login/u{i}"), None)
             .await
-            .session_cookie()
+            .set_cookie(COOKIE)
             .unwrap();
         let bytes = URL_SAFE_NO_PAD.decode(&cookie).unwrap();
         assert_eq!(bytes.len(), 32, "256-bit ids");
@@ -552,7 +517,7 @@ async fn signed_cookie_tampering_every_single_bit_flip_is_rejected() {
     let app = session_app(layer);
     let value = session_call(&app, "POST", "/login/alice", None)
         .await
-        .session_cookie()
+        .set_cookie(COOKIE)
         .unwrap();
     assert_eq!(value.len(), 43 + 1 + 43, "id.signature");
     assert_eq!(
