@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body::Frame;
 use http_body_util::BodyExt;
-use support::{Answer, call, request, settle, wait_until_stale};
+use support::{Answer, OriginCalls, call, request, settle, wait_until_stale};
 use tower::ServiceExt;
 use tower_redis_cache::{CacheLayer, CacheLayerBuilder, RequestCacheControl};
 use tower_redis_core::testing::{TestCluster, TestRedis};
@@ -30,52 +30,30 @@ use tower_redis_core::{RedisConfigBuilder, RedisManager, redis};
 /// The origin behind the cache: counts its calls per path.
 #[derive(Clone, Default)]
 struct Origin {
-    calls: Arc<Mutex<HashMap<String, u64>>>,
-    /// Latency of every answer, ms.
-    delay_ms: Arc<AtomicU64>,
+    calls: OriginCalls,
     /// Run by `/pause-writes` before it answers (item 10).
     before_answer: Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<()>>>>,
-    /// Calls over all paths, for waiting on a call to arrive.
-    arrivals: Arc<tokio::sync::watch::Sender<u64>>,
     /// When set, every answer waits for this many cache lookups in Redis
     /// (see [`LookupGate`]).
     hold: Arc<Mutex<Option<LookupGate>>>,
 }
 
+impl std::ops::Deref for Origin {
+    type Target = OriginCalls;
+
+    fn deref(&self) -> &OriginCalls {
+        &self.calls
+    }
+}
+
 impl Origin {
-    fn count(&self, path: &str) -> u64 {
-        let mut calls = self.calls.lock().unwrap();
-        let n = calls.entry(path.to_owned()).or_default();
-        *n += 1;
-        self.arrivals.send_modify(|all| *all += 1);
-        *n
-    }
-
-    /// Waits (10 s at most) until `path` has been called `n` times.
-    async fn wait_for_calls(&self, path: &str, n: u64) {
-        let mut arrivals = self.arrivals.subscribe();
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            arrivals.wait_for(|_| self.calls(path) >= n),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{path} was not called {n} times within 10 s"))
-        .expect("the origin is alive");
-    }
-
-    fn calls(&self, path: &str) -> u64 {
-        self.calls.lock().unwrap().get(path).copied().unwrap_or(0)
-    }
-
+    /// The held answer's wait (when a gate is set), then the latency.
     async fn delay(&self) {
         let gate = self.hold.lock().unwrap().clone();
         if let Some(gate) = gate {
             gate.pass().await;
         }
-        let ms = self.delay_ms.load(Ordering::SeqCst);
-        if ms > 0 {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-        }
+        self.calls.delay().await;
     }
 }
 
