@@ -235,6 +235,57 @@ async fn the_local_counts_are_dropped_once_redis_answers_again() {
     assert!(!allowed(failover.decide(one).await));
 }
 
+/// Waits (on the real clock, with a deadline) for the breaker to be `state`.
+async fn breaker_becomes(manager: &RedisManager, state: tower_redis_core::BreakerState) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while manager.health().state != state {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the breaker did not become {state:?}: {:?}",
+            manager.health()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Redis comes back (the breaker's probe answers, the breaker closes) and
+/// goes away again before any decision came from it: the local counts of
+/// the first outage still hold. Only a decision Redis answered drops them.
+#[tokio::test]
+async fn the_local_counts_hold_until_a_decision_comes_from_redis() {
+    use tower_redis_core::BreakerState;
+    use tower_redis_core::testing::TestRedis;
+
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().expect("valid"))
+        .await
+        .expect("starts");
+    let limiter = Limiter::new(manager.clone(), Fallback::default(), MIB);
+    let checks = [check(
+        "held",
+        Algorithm::FixedWindow {
+            limit: 2,
+            window: Duration::from_secs(3600),
+        },
+    )];
+    redis.kill().await;
+    assert_eq!(admitted(&limiter, &checks, 3).await, 2);
+    breaker_becomes(&manager, BreakerState::Open).await;
+
+    redis.restart().await;
+    breaker_becomes(&manager, BreakerState::Closed).await;
+    // Time for anything the breaker's transition wakes to run.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    redis.kill().await;
+    let verdict = limiter.decide(&checks, 1).await;
+    assert_eq!(verdict.source, DecisionSource::Local);
+    assert!(
+        !verdict.allowed,
+        "the local count was dropped without Redis deciding"
+    );
+}
+
 /// The attack both in-process maps must survive: a million distinct keys,
 /// one `fresh(n)` each (which asserts what a new key gets), while one
 /// client that keeps coming must stay `held()` (still limited). The map
