@@ -211,6 +211,9 @@ pub(crate) struct Shared<R: Replay, M> {
     batch: usize,
     min_backoff: Duration,
     max_backoff: Duration,
+    /// Whether the breaker closing (its probe answered) ends an outage that
+    /// has nothing queued, or only an answer to [`Failover::run`] does.
+    recover_on_probe: bool,
 }
 
 /// Builds a [`Failover`]; see [`Failover::builder`].
@@ -223,6 +226,7 @@ pub struct FailoverBuilder<R, M> {
     batch: usize,
     min_backoff: Duration,
     max_backoff: Duration,
+    recover_on_probe: bool,
 }
 
 impl<R: Replay, M: Recovered> FailoverBuilder<R, M> {
@@ -252,6 +256,16 @@ impl<R: Replay, M: Recovered> FailoverBuilder<R, M> {
         self
     }
 
+    /// Ends an outage only when Redis answers one of this failover's own
+    /// operations ([`Failover::run`]) or takes its queue, not when the
+    /// breaker's probe answers: for a memory side whose state must hold
+    /// until Redis serves this layer again (the rate limiter's local counts
+    /// through a breaker that closes and opens again). Default: either ends it.
+    pub fn recover_on_answer_only(mut self) -> Self {
+        self.recover_on_probe = false;
+        self
+    }
+
     /// The failover.
     pub fn build(self) -> Failover<R, M> {
         Failover {
@@ -269,6 +283,7 @@ impl<R: Replay, M: Recovered> FailoverBuilder<R, M> {
                 batch: self.batch,
                 min_backoff: self.min_backoff,
                 max_backoff: self.max_backoff,
+                recover_on_probe: self.recover_on_probe,
             }),
         }
     }
@@ -294,6 +309,7 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
             batch: 64,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
+            recover_on_probe: true,
         }
     }
 
