@@ -133,10 +133,9 @@ impl Replay for RedisStore {
             written += 1;
         }
         if written > 0 {
-            tracing::info!(
+            tracing::debug!(
                 target: "tower_redis_session",
                 written,
-                still_queued = changes.len() - written,
                 "wrote session changes made during the Redis outage"
             );
         }

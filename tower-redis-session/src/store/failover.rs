@@ -51,6 +51,11 @@ impl Failover {
             .name("session")
             .queue_bytes(limits.queue_bytes)
             .retry_backoff(RETRY_AFTER, RETRY_AFTER)
+            // One change per write: a session stops being pending (read from
+            // the local copy) as soon as its own changes are in Redis, not
+            // when a whole batch is, so reads move back to Redis one by one
+            // during the replay instead of piling onto this instance.
+            .batch(1)
             .build();
         Self { pair, limits }
     }
