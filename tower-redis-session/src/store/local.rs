@@ -1,7 +1,7 @@
 //! The in-process side of the store: copies of recently read sessions (so
 //! a user is not logged out by a short outage), and the memory of sessions
 //! that ended. The changes made while Redis was unavailable wait in the
-//! outage queue (`reconcile`), not here.
+//! outage queue (core's, through `failover`), not here.
 
 use std::convert::Infallible;
 use std::sync::Arc;

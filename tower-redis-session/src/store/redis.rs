@@ -13,10 +13,10 @@
 //! one session from losing each other's changes.
 //!
 //! Each verb exists twice: `*_on` runs on a connection the caller checked
-//! out (so [`Failover`](super::failover::Failover) can hand it to the
-//! manager's `failover`, which accounts the outcome to the breaker and the
-//! fallback metrics), and the [`Store`] implementation checks one out
-//! itself through [`RedisManager::run`].
+//! out, and the [`Store`] implementation checks one out itself through
+//! [`RedisManager::run`] (which accounts the outcome to the breaker); the
+//! [`Failover`](super::failover::Failover) runs those under core's
+//! failover, which adds the fallback metrics.
 
 use std::sync::LazyLock;
 
