@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tower_redis_core::degrade::{Deferred, Failover, Recovered, Replay, ReplayError};
 use tower_redis_core::redis;
-use tower_redis_core::testing::TestRedis;
-use tower_redis_core::{Error, RedisManager};
+use tower_redis_core::testing::{TestRedis, wait_for_breaker};
+use tower_redis_core::{BreakerState, Error, RedisManager};
 
 /// How long any recovery may take before a test gives up.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -340,6 +340,10 @@ async fn concurrent_answers_end_an_outage_once() {
         redis.stop().await;
         assert_eq!(get(&failover, "x").await, None);
         redis.restart().await;
+        // From here Redis answers every request: no fallback can start a
+        // second outage (the memory side told twice, rightly) while the
+        // tasks race to end this one.
+        wait_for_breaker(failover.manager(), BreakerState::Closed, DEADLINE).await;
         let tasks: Vec<_> = (0..32)
             .map(|_| {
                 let failover = failover.clone();
