@@ -544,4 +544,53 @@ mod tests {
         assert_eq!(store.failover.queue_usage().changes, 0);
         assert!(!store.failover.is_degraded());
     }
+
+    /// An entry kept in process during one outage is dropped when Redis is
+    /// back: the next outage does not serve it (Redis may since hold newer).
+    #[tokio::test]
+    async fn the_in_process_store_is_dropped_when_redis_is_back() {
+        let redis = TestRedis::start().await;
+        let config = redis.config().failure_threshold(1).build().unwrap();
+        let manager = RedisManager::connect(config).await.unwrap();
+        let store = CacheStore::new(
+            manager.clone(),
+            StoreOptions {
+                memory_bytes: 1 << 20,
+                near: None,
+                index_depth: 4,
+                lock_ttl: Duration::from_secs(5),
+                outage_queue_bytes: 1 << 20,
+            },
+        );
+        let url = "//shop.example/outage-only";
+        let hash = key::hash_url(url);
+        let now = freshness::epoch_ms(SystemTime::now());
+        redis.pause().await;
+        store.put(put(url, now), None).await;
+        let (found, tier) = store.lookup(&hash, &HeaderMap::new(), "").await;
+        assert!(matches!(found, Lookup::Hit(_)) && tier == Tier::Degraded);
+        redis.resume().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let (found, tier) = store.lookup(&hash, &HeaderMap::new(), "").await;
+            if tier == Tier::Redis {
+                assert!(matches!(found, Lookup::UriMiss), "{found:?}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "Redis never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!store.failover.is_degraded());
+        redis.pause().await;
+        let (found, tier) = store.lookup(&hash, &HeaderMap::new(), "").await;
+        assert_eq!(tier, Tier::Degraded);
+        assert!(
+            matches!(found, Lookup::UriMiss),
+            "an entry from the previous outage was kept: {found:?}"
+        );
+        redis.resume().await;
+    }
 }
