@@ -2,6 +2,7 @@
 //! chaos. The suites live in `tests/`; this library holds what the chaos
 //! suite and the soak run (`examples/soak.rs`) share: the app with all three
 //! layers, the request load and its invariants, and a fault-injecting TCP
-//! proxy.
+//! proxy; and the [`Answer`](answer::Answer) the suites read responses into.
 
+pub mod answer;
 pub mod chaos;

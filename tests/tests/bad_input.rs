@@ -20,6 +20,7 @@ use tower::ServiceExt;
 use tower_redis_core::RedisManager;
 use tower_redis_core::testing::TestRedis;
 
+use tests::answer::Answer;
 use tests::chaos::{app, tuned};
 
 /// No request may take longer, whatever it carries.
@@ -69,12 +70,6 @@ fn wrap(router: Router, manager: RedisManager) -> Router {
         )
 }
 
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: String,
-}
-
 /// Sends `request` through the stack in a task of its own, so that a panic
 /// anywhere in the layers fails the test with its message instead of
 /// aborting it, and checks the universal invariants.
@@ -95,11 +90,7 @@ async fn send(app: &Router, request: Request<Body>, what: &str) -> Answer {
     // may wait for another's origin fetch of the same URL (the cache's
     // coalescing, 5 s at most by default).
     assert!(took <= HANG_BOUND, "{what}: took {took:?}");
-    let answer = Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    };
+    let answer = Answer::from_parts(parts.status, parts.headers, &body);
     assert!(
         !answer.status.is_server_error(),
         "{what}: answered {}: {}",

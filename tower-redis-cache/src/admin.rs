@@ -48,7 +48,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, Request, StatusCode, header};
+use axum::http::{HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -56,6 +56,7 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use serde::Deserialize;
 use serde_json::json;
+use tower_redis_core::http::Problem;
 use tower_service::Service;
 
 use crate::handle::{CacheHandle, InvalidUrl, Purged, Warmed};
@@ -164,16 +165,10 @@ struct PrefixQuery {
 }
 
 fn problem(status: StatusCode, detail: &str) -> Response {
-    let mut response = (
-        status,
-        Json(json!({ "status": status.as_u16(), "detail": detail })),
-    )
-        .into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/problem+json"),
-    );
-    response
+    Problem::new(status)
+        .detail(detail.to_owned())
+        .into_response()
+        .map(axum::body::Body::from)
 }
 
 fn purged(result: Result<Purged, InvalidUrl>) -> Response {

@@ -1,5 +1,9 @@
 //! The response body: passed through, served from an entry, or read ahead
 //! of the client for the cache (see `service/tee.rs`).
+//!
+//! The first two are core's [`InnerOrFull`]; the third, a body whose bytes
+//! are read by the cache while they are sent on, stays here because only
+//! the cache reads ahead of its client.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -7,6 +11,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tower_redis_core::http::InnerOrFull;
 
 use crate::service::TeeReader;
 
@@ -21,31 +26,28 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<B: Body> {
-        Passthrough { #[pin] body: B },
+        Plain { #[pin] body: InnerOrFull<B> },
         Teed { reader: TeeReader<B> },
-        Cached { data: Option<Bytes> },
     }
 }
 
 impl<B: Body> CacheBody<B> {
-    pub(crate) fn passthrough(body: B) -> Self {
+    fn plain(body: InnerOrFull<B>) -> Self {
         Self {
-            kind: Kind::Passthrough { body },
+            kind: Kind::Plain { body },
         }
+    }
+
+    pub(crate) fn passthrough(body: B) -> Self {
+        Self::plain(InnerOrFull::inner(body))
     }
 
     pub(crate) fn cached(data: Bytes) -> Self {
-        Self {
-            kind: Kind::Cached {
-                data: (!data.is_empty()).then_some(data),
-            },
-        }
+        Self::plain(InnerOrFull::full(data))
     }
 
     pub(crate) fn empty() -> Self {
-        Self {
-            kind: Kind::Cached { data: None },
-        }
+        Self::plain(InnerOrFull::empty())
     }
 
     /// A body read ahead of the client for the cache.
@@ -59,9 +61,8 @@ impl<B: Body> CacheBody<B> {
 impl<B: Body + std::fmt::Debug> std::fmt::Debug for CacheBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
-            Kind::Passthrough { body } => f.debug_tuple("CacheBody").field(body).finish(),
+            Kind::Plain { body } => f.debug_tuple("CacheBody").field(body).finish(),
             Kind::Teed { .. } => f.debug_tuple("CacheBody::Teed").finish(),
-            Kind::Cached { data } => f.debug_tuple("CacheBody::Cached").field(data).finish(),
         }
     }
 }
@@ -78,27 +79,22 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project().kind.project() {
-            KindProj::Passthrough { body } => body.poll_frame(cx),
-            KindProj::Cached { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Plain { body } => body.poll_frame(cx),
             KindProj::Teed { reader } => reader.poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Passthrough { body } => body.is_end_stream(),
+            Kind::Plain { body } => body.is_end_stream(),
             Kind::Teed { reader } => reader.is_end_stream(),
-            Kind::Cached { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Passthrough { body } => body.size_hint(),
+            Kind::Plain { body } => body.size_hint(),
             Kind::Teed { reader } => reader.size_hint(),
-            Kind::Cached { data } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! RFC 9111 as a shared cache applies it: may this response be stored
 //! (§3, §3.5), and for how long is it fresh (§4.2)?
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use http::request::Parts;
 use http::response;
@@ -168,11 +168,6 @@ pub(crate) fn initial_age(
         .duration_since(request_time)
         .map_or(0, |d| d.as_secs());
     apparent_age.max(age_value + response_delay)
-}
-
-pub(crate) fn epoch_ms(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// How a stored response may be used for a request (RFC 9111 §4.2, §5.2.1).

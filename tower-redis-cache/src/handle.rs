@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, Uri, header};
@@ -10,11 +10,11 @@ use http_body::Body;
 use http_body_util::{BodyExt, Empty};
 use tower_service::Service;
 
-use crate::freshness;
 use crate::key;
 use crate::layer::Config;
 pub use crate::store::Purged;
 use crate::store::{Target, Tier};
+use tower_redis_core::clock;
 
 /// The admin side of a [`CacheLayer`](crate::CacheLayer), from
 /// [`CacheLayer::handle`](crate::CacheLayer::handle): purges (by tag, URL,
@@ -141,7 +141,7 @@ impl CacheHandle {
     pub async fn soft_purge_tag(&self, tag: &str) -> Purged {
         self.config
             .store
-            .purge(&Target::Tag(tag.to_owned()), Some(now_ms()))
+            .purge(&Target::Tag(tag.to_owned()), Some(clock::now_ms()))
             .await
     }
 
@@ -157,7 +157,11 @@ impl CacheHandle {
     /// Marks one URL stale (see [`soft_purge_tag`](Self::soft_purge_tag)).
     pub async fn soft_purge_url(&self, url: &str) -> Result<Purged, InvalidUrl> {
         let target = self.target_of(url)?;
-        Ok(self.config.store.purge(&target, Some(now_ms())).await)
+        Ok(self
+            .config
+            .store
+            .purge(&target, Some(clock::now_ms()))
+            .await)
     }
 
     /// Removes every URL whose path starts with `prefix` (`/products/`), on
@@ -193,7 +197,7 @@ impl CacheHandle {
         let Some((entry, tier)) = self.config.store.inspect(&key::hash_url(&key_url)).await else {
             return Ok(None);
         };
-        let now = now_ms();
+        let now = clock::now_ms();
         let mut headers = entry.headers.clone();
         let tags = headers
             .remove("tower-redis-tags")
@@ -345,8 +349,4 @@ impl CacheHandle {
         let path = key::path_target(&parts, route).ok_or_else(|| invalid("not a usable path"))?;
         Ok(Target::Path(path))
     }
-}
-
-fn now_ms() -> u64 {
-    freshness::epoch_ms(SystemTime::now())
 }

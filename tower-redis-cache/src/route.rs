@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use http::HeaderName;
 use http::request::Parts;
+use tower_redis_core::http::PathPattern;
 
 type KeyFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
 type TagsFn = Arc<dyn Fn(&Parts, &http::response::Parts) -> Vec<String> + Send + Sync>;
@@ -28,7 +29,7 @@ type TagsFn = Arc<dyn Fn(&Parts, &http::response::Parts) -> Vec<String> + Send +
 /// ```
 #[derive(Clone)]
 pub struct Route {
-    pub(crate) pattern: Pattern,
+    pub(crate) pattern: PathPattern,
     pub(crate) enabled: bool,
     pub(crate) default_ttl: Option<Duration>,
     pub(crate) min_ttl: Option<Duration>,
@@ -61,7 +62,7 @@ impl Route {
     /// (`/products/*`); `*` alone matches everything.
     pub fn new(pattern: &str) -> Self {
         Self {
-            pattern: Pattern::new(pattern),
+            pattern: PathPattern::new(pattern),
             enabled: true,
             default_ttl: None,
             min_ttl: None,
@@ -228,28 +229,6 @@ impl Route {
                 Some(prefix) => name.starts_with(prefix),
                 None => name == pattern,
             })
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Pattern {
-    Exact(String),
-    Prefix(String),
-}
-
-impl Pattern {
-    fn new(pattern: &str) -> Self {
-        match pattern.strip_suffix('*') {
-            Some(prefix) => Pattern::Prefix(prefix.to_owned()),
-            None => Pattern::Exact(pattern.to_owned()),
-        }
-    }
-
-    fn matches(&self, path: &str) -> bool {
-        match self {
-            Pattern::Exact(exact) => path == exact,
-            Pattern::Prefix(prefix) => path.starts_with(prefix.as_str()),
-        }
     }
 }
 

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body::Frame;
 use http_body_util::BodyExt;
-use support::{Answer, call, request, settle, wait_until_stale};
+use support::{Answer, OriginCalls, call, request, settle, wait_until_stale};
 use tower::ServiceExt;
 use tower_redis_cache::{CacheLayer, CacheLayerBuilder, RequestCacheControl};
 use tower_redis_core::testing::{TestCluster, TestRedis};
@@ -30,31 +30,94 @@ use tower_redis_core::{RedisConfigBuilder, RedisManager, redis};
 /// The origin behind the cache: counts its calls per path.
 #[derive(Clone, Default)]
 struct Origin {
-    calls: Arc<Mutex<HashMap<String, u64>>>,
-    /// Latency of every answer, ms.
-    delay_ms: Arc<AtomicU64>,
+    calls: OriginCalls,
     /// Run by `/pause-writes` before it answers (item 10).
     before_answer: Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<()>>>>,
+    /// When set, every answer waits for this many cache lookups in Redis
+    /// (see [`LookupGate`]).
+    hold: Arc<Mutex<Option<LookupGate>>>,
+}
+
+impl std::ops::Deref for Origin {
+    type Target = OriginCalls;
+
+    fn deref(&self) -> &OriginCalls {
+        &self.calls
+    }
 }
 
 impl Origin {
-    fn count(&self, path: &str) -> u64 {
-        let mut calls = self.calls.lock().unwrap();
-        let n = calls.entry(path.to_owned()).or_default();
-        *n += 1;
-        *n
-    }
-
-    fn calls(&self, path: &str) -> u64 {
-        self.calls.lock().unwrap().get(path).copied().unwrap_or(0)
-    }
-
+    /// The held answer's wait (when a gate is set), then the latency.
     async fn delay(&self) {
-        let ms = self.delay_ms.load(Ordering::SeqCst);
-        if ms > 0 {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
+        let gate = self.hold.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.pass().await;
+        }
+        self.calls.delay().await;
+    }
+}
+
+/// Holds an origin call until Redis has served `target` cache lookups in
+/// all (`HMGET`, one per request that looks in Redis), so that an answer
+/// leaves the origin only once every concurrent request has looked up its
+/// entry: the overlap a coalescing test needs is an event, not a latency.
+/// Gives up after 4 s, under the layer's 5 s coalescing wait, so that
+/// wrongly queued requests cannot get through by timing out; a gate that
+/// gave up is counted, and the tests require none.
+#[derive(Clone)]
+struct LookupGate {
+    redis: redis::Client,
+    target: Arc<AtomicU64>,
+    gave_up: Arc<AtomicU64>,
+}
+
+impl LookupGate {
+    fn new(redis: &TestRedis) -> Self {
+        LookupGate {
+            redis: redis.client(),
+            target: Arc::default(),
+            gave_up: Arc::default(),
         }
     }
+
+    /// Lets origin calls through once `more` lookups than so far are served.
+    async fn expect_lookups(&self, more: u64) {
+        let now = lookups(&self.redis).await;
+        self.target.store(now + more, Ordering::SeqCst);
+    }
+
+    async fn pass(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+        while lookups(&self.redis).await < self.target.load(Ordering::SeqCst) {
+            if tokio::time::Instant::now() >= deadline {
+                self.gave_up.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn gave_up(&self) -> u64 {
+        self.gave_up.load(Ordering::SeqCst)
+    }
+}
+
+/// The cache's lookups Redis has served (`HMGET` calls in `INFO commandstats`).
+async fn lookups(redis: &redis::Client) -> u64 {
+    let mut conn = redis
+        .get_multiplexed_async_connection()
+        .await
+        .expect("test Redis answers");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO commandstats");
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_hmget:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
 }
 
 fn cacheable(body: impl Into<Body>) -> Response<Body> {
@@ -151,7 +214,7 @@ fn routes(origin: Origin) -> Router {
 }
 
 struct Fixture {
-    _redis: TestRedis,
+    redis: TestRedis,
     origin: Origin,
     app: Router,
     layer: CacheLayer,
@@ -166,7 +229,7 @@ async fn fixture(configure: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder)
     let layer = configure(CacheLayer::builder(manager)).build().unwrap();
     let app = routes(origin.clone()).layer(layer.clone());
     Fixture {
-        _redis: redis,
+        redis,
         origin,
         app,
         layer,
@@ -738,9 +801,13 @@ async fn origin_flood_via_concurrent_no_cache_requests() {
     let f = fixture(|b| b).await;
     get(&f.app, "/slow", &[]).await;
     settle(&f.layer).await;
-    f.origin.delay_ms.store(300, Ordering::SeqCst);
+    // The revalidation answers once all ten requests have looked up the
+    // entry, so the other nine are in the layer while it is under way.
+    let gate = LookupGate::new(&f.redis);
+    *f.origin.hold.lock().unwrap() = Some(gate.clone());
     for directive in [("cache-control", "no-cache"), ("pragma", "no-cache")] {
         let before = f.origin.calls("/slow");
+        gate.expect_lookups(10).await;
         let answers = concurrent(&f.app, 10, "/slow", &[directive]).await;
         for answer in &answers {
             assert_eq!(answer.status, 200);
@@ -751,6 +818,11 @@ async fn origin_flood_via_concurrent_no_cache_requests() {
             f.origin.calls("/slow"),
             before + 1,
             "{directive:?}: one revalidation for ten requests: {statuses:?}"
+        );
+        assert_eq!(
+            gate.gave_up(),
+            0,
+            "{directive:?}: the ten requests never all looked up the entry while the revalidation was under way"
         );
         settle(&f.layer).await;
     }
@@ -766,14 +838,20 @@ async fn origin_flood_via_concurrent_requests_for_a_stale_entry() {
     let layer = CacheLayer::builder(manager).build().unwrap();
     let calls = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&calls);
+    // The revalidation answers once all ten requests have looked up the
+    // stale entry, so the other nine are in the layer while it is under way.
+    let gate = LookupGate::new(&redis);
+    let held = gate.clone();
     let app = Router::new()
         .route(
             "/short",
             routing::get(move || {
-                let calls = Arc::clone(&counted);
+                let (calls, held) = (Arc::clone(&counted), held.clone());
                 async move {
                     let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
-                    tokio::time::sleep(Duration::from_millis(if n == 1 { 0 } else { 300 })).await;
+                    if n > 1 {
+                        held.pass().await;
+                    }
                     Response::builder()
                         .header("cache-control", "max-age=1")
                         .header("etag", "\"same\"")
@@ -786,12 +864,14 @@ async fn origin_flood_via_concurrent_requests_for_a_stale_entry() {
     get(&app, "/short", &[]).await;
     settle(&layer).await;
     wait_until_stale(&layer, "http://shop.example/short").await;
+    gate.expect_lookups(10).await;
     let answers = concurrent(&app, 10, "/short", &[]).await;
     let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
     for answer in &answers {
         assert_eq!(answer.body, "short-v2", "{statuses:?}");
     }
     assert_eq!(calls.load(Ordering::SeqCst), 2, "{statuses:?}");
+    assert_eq!(gate.gave_up(), 0, "the ten requests never overlapped");
 }
 
 /// Item 15, the layer option: request cache directives from clients can
@@ -862,7 +942,8 @@ async fn a_request_with_an_unkeyed_header_turns_off_coalescing_for_everyone() {
         tokio::spawn(
             async move { get(&app, "/other", &[("x-forwarded-host", "evil.example")]).await },
         );
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The attacker is at the origin before the others start.
+    f.origin.wait_for_calls("/other", 1).await;
     let answers = concurrent(&f.app, 10, "/other", &[]).await;
     let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
     assert!(
@@ -888,11 +969,15 @@ async fn origin_flood_via_concurrent_requests_while_the_origin_fails() {
     let layer = CacheLayer::builder(manager).build().unwrap();
     let calls = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&calls);
+    // The failing revalidation answers once all ten requests have looked up
+    // the stale entry, so the other nine are in the layer meanwhile.
+    let gate = LookupGate::new(&redis);
+    let held = gate.clone();
     let app = Router::new()
         .route(
             "/failing",
             routing::get(move || {
-                let calls = Arc::clone(&counted);
+                let (calls, held) = (Arc::clone(&counted), held.clone());
                 async move {
                     let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
                     if n == 1 {
@@ -901,7 +986,7 @@ async fn origin_flood_via_concurrent_requests_while_the_origin_fails() {
                             .body(Body::from("good"))
                             .unwrap();
                     }
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    held.pass().await;
                     Response::builder()
                         .status(StatusCode::SERVICE_UNAVAILABLE)
                         .body(Body::from("down"))
@@ -913,6 +998,7 @@ async fn origin_flood_via_concurrent_requests_while_the_origin_fails() {
     get(&app, "/failing", &[]).await;
     settle(&layer).await;
     wait_until_stale(&layer, "http://shop.example/failing").await;
+    gate.expect_lookups(10).await;
     let answers = concurrent(&app, 10, "/failing", &[]).await;
     let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
     for answer in &answers {
@@ -923,6 +1009,7 @@ async fn origin_flood_via_concurrent_requests_while_the_origin_fails() {
         );
     }
     assert_eq!(calls.load(Ordering::SeqCst), 2, "{statuses:?}");
+    assert_eq!(gate.gave_up(), 0, "the ten requests never overlapped");
 }
 
 /// Item 16, the other side: a refusal because of the request no longer

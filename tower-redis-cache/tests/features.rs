@@ -6,9 +6,8 @@
 
 mod support;
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -17,7 +16,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Request, Response, StatusCode, header};
 use axum::routing;
 use http_body_util::BodyExt;
-use support::{Answer, call, request};
+use support::{Answer, OriginCalls, call, request};
 use tower::ServiceExt;
 use tower_redis_cache::{CacheLayer, CacheLayerBuilder, Route};
 use tower_redis_core::testing::{TestCluster, TestRedis};
@@ -32,9 +31,7 @@ const GATE_DEADLINE: Duration = Duration::from_secs(4);
 /// One origin shared by every instance: counts calls per path.
 #[derive(Clone, Default)]
 struct Origin {
-    calls: Arc<Mutex<HashMap<String, u64>>>,
-    /// Extra latency of every answer, ms.
-    delay_ms: Arc<AtomicU64>,
+    calls: OriginCalls,
     /// `/sie` after its first answer: 0 ok, 1 answers 503, 2 hangs.
     sie_mode: Arc<AtomicU8>,
     /// `/private` requests being answered now, and the most at once.
@@ -48,23 +45,11 @@ struct Origin {
     item_gate: Arc<AtomicU64>,
 }
 
-impl Origin {
-    fn count(&self, path: &str) -> u64 {
-        let mut calls = self.calls.lock().unwrap();
-        let n = calls.entry(path.to_owned()).or_default();
-        *n += 1;
-        *n
-    }
+impl std::ops::Deref for Origin {
+    type Target = OriginCalls;
 
-    fn calls(&self, path: &str) -> u64 {
-        self.calls.lock().unwrap().get(path).copied().unwrap_or(0)
-    }
-
-    async fn delay(&self) {
-        let ms = self.delay_ms.load(Ordering::SeqCst);
-        if ms > 0 {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-        }
+    fn deref(&self) -> &OriginCalls {
+        &self.calls
     }
 }
 

@@ -13,6 +13,7 @@ use crate::config::{RedisConfig, RedisUrl, Topology};
 use crate::connection::{RedisConnection, StandaloneConnector, TracingErrorSink};
 use crate::error::{ConfigError, Error};
 use crate::manager::RedisManager;
+use crate::sync::lock;
 
 pub(crate) enum Backend {
     Standalone {
@@ -270,12 +271,6 @@ fn with_cluster_roots(
 fn install_crypto_provider() {
     // An error only means a provider is already installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn pool_error(error: bb8::RunError<RedisError>) -> RedisError {

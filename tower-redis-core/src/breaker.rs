@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::record;
+
 /// The breaker's position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -198,9 +200,7 @@ impl Breaker {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Counters> {
         // The counters stay consistent even if a holder panicked.
-        self.counters
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.counters)
     }
 }
 
@@ -222,27 +222,18 @@ fn log_transition(from: BreakerState, to: BreakerState, reason: &str) {
     }
 }
 
-#[cfg(feature = "metrics")]
 fn record_transition(from: BreakerState, to: BreakerState) {
-    metrics::counter!(
+    record::counter(
         "tower_redis_breaker_transitions_total",
-        "from" => from.as_str(),
-        "to" => to.as_str()
-    )
-    .increment(1);
+        &[("from", from.as_str()), ("to", to.as_str())],
+        1,
+    );
     record_state_gauge(to);
 }
 
-#[cfg(not(feature = "metrics"))]
-fn record_transition(_from: BreakerState, _to: BreakerState) {}
-
-#[cfg(feature = "metrics")]
 fn record_state_gauge(state: BreakerState) {
-    metrics::gauge!("tower_redis_breaker_state").set(f64::from(state.encode()));
+    record::gauge("tower_redis_breaker_state", &[], f64::from(state.encode()));
 }
-
-#[cfg(not(feature = "metrics"))]
-fn record_state_gauge(_state: BreakerState) {}
 
 #[cfg(test)]
 mod tests {

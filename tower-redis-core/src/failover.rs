@@ -195,10 +195,10 @@ enum Attempt {
     Command(RedisError, Option<Arc<AtomicBool>>),
 }
 
-#[cfg(feature = "metrics")]
 pub(crate) fn record_fallback(reason: FallbackReason) {
-    metrics::counter!("tower_redis_fallbacks_total", "reason" => reason.as_str()).increment(1);
+    crate::record::counter(
+        "tower_redis_fallbacks_total",
+        &[("reason", reason.as_str())],
+        1,
+    );
 }
-
-#[cfg(not(feature = "metrics"))]
-pub(crate) fn record_fallback(_reason: FallbackReason) {}

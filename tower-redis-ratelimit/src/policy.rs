@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
+use tower_redis_core::http::PathPattern;
 
 use crate::algorithm::Algorithm;
 use crate::key::Key;
@@ -146,29 +147,6 @@ impl Policy {
             return Err(format!("the period is {span:?}; use 1 ms to a year"));
         }
         Ok(())
-    }
-}
-
-/// An exact path, or a prefix when the pattern ends in `*`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum PathPattern {
-    Exact(String),
-    Prefix(String),
-}
-
-impl PathPattern {
-    fn new(pattern: &str) -> Self {
-        match pattern.strip_suffix('*') {
-            Some(prefix) => PathPattern::Prefix(prefix.to_owned()),
-            None => PathPattern::Exact(pattern.to_owned()),
-        }
-    }
-
-    fn matches(&self, path: &str) -> bool {
-        match self {
-            PathPattern::Exact(exact) => path == exact,
-            PathPattern::Prefix(prefix) => path.starts_with(prefix.as_str()),
-        }
     }
 }
 

@@ -7,6 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
+use tower_redis_core::http::Problem;
+
 use crate::headers::ceil_secs;
 use crate::limiter::DecisionSource;
 
@@ -29,45 +31,28 @@ pub struct Denied {
 /// `RateLimit` fields and `Retry-After` are added to it unless it sets them.
 pub type DeniedResponse = Arc<dyn Fn(&Denied) -> Response<Bytes> + Send + Sync>;
 
-/// Whether the request speaks gRPC (`content-type: application/grpc…`).
-pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/grpc"))
-}
-
 /// The default 429: `Retry-After` and an `application/problem+json` body.
 pub(crate) fn too_many_requests(denied: &Denied) -> Response<Bytes> {
-    let body = serde_json::json!({
-        "type": QUOTA_EXCEEDED_TYPE,
-        "title": "Request cannot be satisfied as assigned quota has been exceeded",
-        "status": 429,
-        "detail": format!("Retry in {} s.", ceil_secs(denied.retry_after).max(1)),
-        "violated-policies": denied.policies,
-    });
-    problem(StatusCode::TOO_MANY_REQUESTS, &body)
+    Problem::new(StatusCode::TOO_MANY_REQUESTS)
+        .type_uri(QUOTA_EXCEEDED_TYPE)
+        .title("Request cannot be satisfied as assigned quota has been exceeded")
+        .detail(format!(
+            "Retry in {} s.",
+            ceil_secs(denied.retry_after).max(1)
+        ))
+        .extension("violated-policies", denied.policies.clone())
+        .into_response()
 }
 
 /// 400 for a request whose key a policy could not find.
 pub(crate) fn missing_key(policy: &str) -> Response<Bytes> {
-    let body = serde_json::json!({
-        "type": "about:blank",
-        "title": "Bad Request",
-        "status": 400,
-        "detail": format!("the request does not carry what rate-limit policy \"{policy}\" counts by"),
-    });
-    problem(StatusCode::BAD_REQUEST, &body)
-}
-
-fn problem(status: StatusCode, body: &serde_json::Value) -> Response<Bytes> {
-    let mut response = Response::new(Bytes::from(body.to_string()));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    response
+    Problem::new(StatusCode::BAD_REQUEST)
+        .type_uri("about:blank")
+        .title("Bad Request")
+        .detail(format!(
+            "the request does not carry what rate-limit policy \"{policy}\" counts by"
+        ))
+        .into_response()
 }
 
 /// A trailers-only gRPC answer: HTTP 200, `grpc-status` and `grpc-message`

@@ -8,6 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
+use tower_redis_core::http::is_grpc;
+use tower_redis_core::record;
 use tower_service::Service;
 
 use crate::body::ResponseBody;
@@ -92,7 +94,7 @@ async fn decide(config: &Config, parts: &Parts) -> Outcome {
     let (policies, checks) = match applicable_checks(config, parts).await {
         Ok(found) => found,
         Err(policy) => {
-            return Outcome::Respond(if response::is_grpc(&parts.headers) {
+            return Outcome::Respond(if is_grpc(&parts.headers) {
                 response::grpc_status(
                     response::GRPC_INVALID_ARGUMENT,
                     &format!("missing the key of rate-limit policy {policy}"),
@@ -236,7 +238,7 @@ fn denied_response(
         retry_after,
         source: verdict.source,
     };
-    let mut response = if response::is_grpc(&parts.headers) {
+    let mut response = if is_grpc(&parts.headers) {
         response::grpc_status(
             response::GRPC_RESOURCE_EXHAUSTED,
             &format!(
@@ -266,19 +268,21 @@ fn denied_response(
     response
 }
 
-#[cfg(feature = "metrics")]
+/// Counts the decision (`tower_redis_ratelimit_decisions_total`) and
+/// traces one made without Redis.
 fn record(verdict: &Verdict, shadow: bool) {
-    metrics::counter!(
+    record::counter(
         "tower_redis_ratelimit_decisions_total",
-        "outcome" => if verdict.allowed { "allowed" } else { "denied" },
-        "source" => verdict.source.as_str(),
-        "shadow" => if shadow { "true" } else { "false" }
-    )
-    .increment(1);
-}
-
-#[cfg(not(feature = "metrics"))]
-fn record(verdict: &Verdict, _shadow: bool) {
+        &[
+            (
+                "outcome",
+                if verdict.allowed { "allowed" } else { "denied" },
+            ),
+            ("source", verdict.source.as_str()),
+            ("shadow", if shadow { "true" } else { "false" }),
+        ],
+        1,
+    );
     if verdict.source.is_degraded() {
         tracing::trace!(target: "tower_redis_ratelimit", source = verdict.source.as_str(), "decided without Redis");
     }

@@ -17,7 +17,7 @@ use tower_redis_core::redis;
 use tower_redis_core::testing::TestRedis;
 use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
 
-use support::{app, away_from_window_edge, manager};
+use support::{app, away_from_window_edge, manager, patient_manager};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -95,15 +95,17 @@ async fn an_over_long_key_is_still_limited() {
 async fn one_policy_name_with_different_algorithms_on_one_redis_limits_each_exactly() {
     let redis = TestRedis::start().await;
     away_from_window_edge(&redis, HOUR).await;
-    let gcra = app(RateLimitLayer::builder(manager(&redis).await)
+    // Exactness while Redis answers: a slow machine must not turn a
+    // decision into a local one through the default command timeout.
+    let gcra = app(RateLimitLayer::builder(patient_manager(&redis).await)
         .policy(Policy::gcra("per-ip", 3, HOUR))
         .build()
         .expect("layer"));
-    let fixed = app(RateLimitLayer::builder(manager(&redis).await)
+    let fixed = app(RateLimitLayer::builder(patient_manager(&redis).await)
         .policy(Policy::fixed_window("per-ip", 5, HOUR))
         .build()
         .expect("layer"));
-    let sliding = app(RateLimitLayer::builder(manager(&redis).await)
+    let sliding = app(RateLimitLayer::builder(patient_manager(&redis).await)
         .policy(Policy::sliding_window("per-ip", 7, HOUR))
         .build()
         .expect("layer"));

@@ -19,7 +19,9 @@ use tower_redis_ratelimit::{
     Fallback, Key, MissingKey, Policy, RateLimitLayer, RateLimitLayerBuilder,
 };
 
-use support::{Svc, app, away_from_window_edge, manager};
+use support::{
+    PATIENT_TIMEOUT, Svc, app, away_from_window_edge, decided_locally, manager, patient_manager,
+};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -42,17 +44,20 @@ fn header<'r, B>(response: &'r Response<B>, name: &str) -> Option<&'r str> {
 }
 
 /// 50 concurrent clients over two layer instances fire `total` requests
-/// from one IP; returns how many were admitted.
+/// from one IP; returns how many were admitted. The subject is exactness
+/// while Redis answers, so the managers get a command timeout no loaded
+/// machine reaches, and an answer decided without Redis fails the test.
 async fn admitted_under_load(redis: &TestRedis, policy: Policy, total: usize) -> usize {
-    let a = app(RateLimitLayer::builder(manager(redis).await)
+    let a = app(RateLimitLayer::builder(patient_manager(redis).await)
         .policy(policy.clone())
         .build()
         .expect("layer"));
-    let b = app(RateLimitLayer::builder(manager(redis).await)
+    let b = app(RateLimitLayer::builder(patient_manager(redis).await)
         .policy(policy)
         .build()
         .expect("layer"));
     let admitted = Arc::new(AtomicUsize::new(0));
+    let degraded = Arc::new(AtomicUsize::new(0));
     let next = Arc::new(AtomicUsize::new(0));
     let mut clients = Vec::new();
     for client in 0..50 {
@@ -61,10 +66,17 @@ async fn admitted_under_load(redis: &TestRedis, policy: Policy, total: usize) ->
         } else {
             b.clone()
         };
-        let (admitted, next) = (Arc::clone(&admitted), Arc::clone(&next));
+        let (admitted, degraded, next) = (
+            Arc::clone(&admitted),
+            Arc::clone(&degraded),
+            Arc::clone(&next),
+        );
         clients.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < total {
                 let response = send(&service, request("198.51.100.7", "/")).await;
+                if decided_locally(&response) {
+                    degraded.fetch_add(1, Ordering::Relaxed);
+                }
                 match response.status() {
                     StatusCode::OK => {
                         admitted.fetch_add(1, Ordering::Relaxed);
@@ -78,6 +90,11 @@ async fn admitted_under_load(redis: &TestRedis, policy: Policy, total: usize) ->
     for client in clients {
         client.await.expect("client");
     }
+    assert_eq!(
+        degraded.load(Ordering::Relaxed),
+        0,
+        "answers decided without Redis (RateLimit: …;local) while Redis was up"
+    );
     admitted.load(Ordering::Relaxed)
 }
 
@@ -467,7 +484,9 @@ async fn stacked_policies_are_one_round_trip_and_blocked_keys_are_zero() {
 async fn concurrent_decisions_share_a_call_and_stay_exact() {
     let redis = TestRedis::start().await;
     away_from_window_edge(&redis, HOUR).await;
-    let layer = RateLimitLayer::builder(manager(&redis).await)
+    // Exactness while Redis answers: a batch must not time out into the
+    // local limiter on a loaded machine.
+    let layer = RateLimitLayer::builder(patient_manager(&redis).await)
         .policy(Policy::gcra("login", 3, HOUR).path("/login"))
         .policy(Policy::fixed_window("everything", 1000, HOUR))
         .build()
@@ -483,12 +502,16 @@ async fn concurrent_decisions_share_a_call_and_stay_exact() {
         for path in ["/login", "/login", "/login", "/login", "/login", "/a", "/b"] {
             let (service, request) = (service.clone(), request(client, path));
             let client = client.clone();
-            set.spawn(async move { (client, send(&service, request).await.status()) });
+            set.spawn(async move {
+                let response = send(&service, request).await;
+                (client, response.status(), decided_locally(&response))
+            });
         }
     }
     let mut admitted = std::collections::HashMap::<String, (usize, usize)>::new();
     while let Some(result) = set.join_next().await {
-        let (client, status) = result.expect("task");
+        let (client, status, local) = result.expect("task");
+        assert!(!local, "{client}: decided without Redis while Redis was up");
         let counts = admitted.entry(client).or_default();
         match status {
             StatusCode::OK => counts.0 += 1,
@@ -690,13 +713,18 @@ async fn weighted_cost_is_charged_in_quota_units() {
 async fn exact_limits_on_redis_cluster() {
     let cluster = TestCluster::start().await;
     let policy = Policy::gcra("per-ip", 30, HOUR);
+    // Exactness while Redis answers: no decision may time out into the
+    // local limiter on a loaded machine.
+    let config = || {
+        cluster
+            .config()
+            .command_timeout(PATIENT_TIMEOUT)
+            .build()
+            .expect("valid")
+    };
     let managers = [
-        RedisManager::connect(cluster.config().build().expect("valid"))
-            .await
-            .expect("starts"),
-        RedisManager::connect(cluster.config().build().expect("valid"))
-            .await
-            .expect("starts"),
+        RedisManager::connect(config()).await.expect("starts"),
+        RedisManager::connect(config()).await.expect("starts"),
     ];
     let services: Vec<Svc> = managers
         .iter()
@@ -718,6 +746,10 @@ async fn exact_limits_on_redis_cluster() {
             .call(request("198.51.100.77", "/"))
             .await
             .expect("infallible");
+        assert!(
+            !decided_locally(&response),
+            "request {i} was decided without Redis while Redis was up"
+        );
         if response.status() == 200 {
             admitted += 1;
         }

@@ -3,6 +3,7 @@
 //! Pure: built from the decisions, rendered once per response.
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use tower_redis_core::record;
 
 use crate::store::Tier;
 
@@ -98,24 +99,24 @@ pub(crate) fn add_cache_status(headers: &mut HeaderMap, status: &CacheStatus) {
     }
 }
 
-#[cfg(feature = "metrics")]
+/// Counts the answer (`tower_redis_cache_requests_total`) and traces its
+/// Cache-Status; the trace's text is only built when trace is enabled.
 fn record(status: &CacheStatus) {
     let result = match (status.hit_ttl, status.fwd) {
         (Some(_), _) => "hit",
         (None, Some(fwd)) => fwd,
         (None, None) => "none",
     };
-    metrics::counter!(
+    let flag = |on: bool| if on { "true" } else { "false" };
+    record::counter(
         "tower_redis_cache_requests_total",
-        "result" => result,
-        "stored" => if status.stored { "true" } else { "false" },
-        "degraded" => if status.tier == Tier::Degraded { "true" } else { "false" }
-    )
-    .increment(1);
-}
-
-#[cfg(not(feature = "metrics"))]
-fn record(status: &CacheStatus) {
+        &[
+            ("result", result),
+            ("stored", flag(status.stored)),
+            ("degraded", flag(status.tier == Tier::Degraded)),
+        ],
+        1,
+    );
     tracing::trace!(target: "tower_redis_cache", cache_status = %status.render(), "answered");
 }
 

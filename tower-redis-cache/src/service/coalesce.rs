@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use http::StatusCode;
 use tokio::sync::watch;
+use tower_redis_core::sync::lock;
 
 use crate::entry::Entry;
 
@@ -107,10 +108,4 @@ pub(crate) async fn wait(mut receiver: watch::Receiver<Outcome>) -> Outcome {
         Ok(outcome) => outcome.clone(),
         Err(_) => Outcome::Done(None),
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

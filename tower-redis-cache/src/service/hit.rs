@@ -3,7 +3,6 @@
 //! responses made from an entry, whichever path found it.
 
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
 
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
@@ -23,6 +22,7 @@ use crate::entry::Entry;
 use crate::freshness::{self, StaleWindows, Usability};
 use crate::layer::Config;
 use crate::store::{LockAttempt, LockPurpose, Tier};
+use tower_redis_core::clock;
 
 /// How a stale (or refused) entry is to be used, once it is known that it
 /// cannot simply be served.
@@ -76,7 +76,7 @@ where
     pub(super) async fn on_hit(self, entry: Entry, tier: Tier) -> Answer<ResBody, S::Error> {
         let config = &self.ctx.config;
         let keyed = &self.ctx.keyed;
-        let now_ms = freshness::epoch_ms(SystemTime::now());
+        let now_ms = clock::now_ms();
         let age = entry.age(now_ms);
         let stored = freshness::directives_of(&entry.headers, &config.rules);
         let request_directives = &keyed.directives;
@@ -177,7 +177,7 @@ pub(crate) fn serve_coalesced<B: Body>(
         .counters
         .coalesced
         .fetch_add(1, Ordering::Relaxed);
-    let now_ms = freshness::epoch_ms(SystemTime::now());
+    let now_ms = clock::now_ms();
     let mut status = CacheStatus::hit(entry.ttl(now_ms), tier);
     status.details.push("coalesced");
     serve(entry, &keyed.parts, entry.age(now_ms), status)
@@ -192,7 +192,7 @@ pub(crate) fn serve_stale_if_error<B: Body>(
     tier: Tier,
     fwd_status: Option<StatusCode>,
 ) -> Response<CacheBody<B>> {
-    let now_ms = freshness::epoch_ms(SystemTime::now());
+    let now_ms = clock::now_ms();
     let mut stale = CacheStatus::hit(entry.ttl(now_ms), tier);
     stale.fwd = Some("stale");
     stale.fwd_status = fwd_status;

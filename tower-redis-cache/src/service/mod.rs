@@ -35,6 +35,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
 use http_body::Body;
+use tower_redis_core::http::is_grpc;
 use tower_service::Service;
 use tracing::Instrument;
 
@@ -253,13 +254,6 @@ fn passthrough<B: Body>(config: &Config, response: Response<B>) -> Response<Cach
 /// RFC 9111 §4.4: unsafe methods, including those whose safety is unknown.
 fn is_unsafe(method: &Method) -> bool {
     !method.is_safe()
-}
-
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
 /// The request's head, without its body.

@@ -35,6 +35,7 @@ use crate::entry::Entry;
 use crate::freshness;
 use crate::key;
 use crate::store::{LockAttempt, LockPurpose, Lookup, Put, Tier};
+use tower_redis_core::clock;
 
 /// A revalidation to make, or to wait for.
 pub(crate) struct Revalidation {
@@ -296,7 +297,7 @@ impl Validated {
             response_time,
         );
         if let (false, Ok(storable)) = (unkeyed, storable) {
-            refreshed.response_time_ms = freshness::epoch_ms(response_time);
+            refreshed.response_time_ms = clock::epoch_ms(response_time);
             refreshed.initial_age =
                 freshness::initial_age(&not_modified.headers, request_time, response_time);
             refreshed.lifetime = storable.lifetime;
@@ -320,7 +321,7 @@ impl Validated {
         } else {
             fill.release(ctx);
         }
-        let age = refreshed.age(freshness::epoch_ms(SystemTime::now()));
+        let age = refreshed.age(clock::now_ms());
         serve(&refreshed, client_parts, age, status)
     }
 }

@@ -21,6 +21,7 @@ use crate::key;
 use crate::layer::Config;
 use crate::route::Route;
 use crate::store::Put;
+use tower_redis_core::clock;
 
 /// Response headers that describe a connection, not a response: never stored.
 pub(crate) const HOP_BY_HOP: [HeaderName; 6] = [
@@ -122,7 +123,7 @@ pub(crate) fn store_if_allowed<ResBody: OriginBody>(
         status: parts.status,
         headers,
         body: Bytes::new(),
-        response_time_ms: freshness::epoch_ms(response_time),
+        response_time_ms: clock::epoch_ms(response_time),
         initial_age: freshness::initial_age(&parts.headers, request_time, response_time),
         lifetime: storable.lifetime,
     };

@@ -20,6 +20,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::Notify;
+use tower_redis_core::sync::lock;
 
 /// What the reading task and the client's body share.
 struct Shared<B: Body> {
@@ -42,9 +43,7 @@ struct State<B: Body> {
 
 impl<B: Body> Shared<B> {
     fn state(&self) -> MutexGuard<'_, State<B>> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 
     /// Changes the state and wakes the client.

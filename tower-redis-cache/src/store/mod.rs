@@ -21,7 +21,7 @@ mod redis_store;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use http::HeaderMap;
 use tower_redis_core::RedisManager;
@@ -29,12 +29,12 @@ use tower_redis_core::redis::{self, Value};
 
 use crate::bus::Bus;
 use crate::entry::Entry;
-use crate::freshness;
 use crate::key;
 pub(crate) use memory::MemoryStore;
 pub(crate) use outage::OutageChange;
 use outage::StoreFailover;
 use redis_store::{Op, RedisStore};
+use tower_redis_core::clock;
 
 /// The `Vary` hints (the names last seen per URL) take at most this share
 /// of `memory_capacity_bytes`, weighed by bytes like every store a client
@@ -346,7 +346,7 @@ impl CacheStore {
     /// `MEMORY USAGE`), or in the in-process store while Redis is down.
     pub(crate) async fn size(&self) -> (u64, u64, bool) {
         let root = self.redis().index_key("cx", "/");
-        let now_ms = freshness::epoch_ms(SystemTime::now());
+        let now_ms = clock::now_ms();
         let counted = async {
             let entries: u64 = self
                 .redis()
@@ -457,7 +457,7 @@ mod tests {
     async fn a_soft_purge_is_ignored_by_entries_from_a_skewed_instance_clock() {
         let redis = TestRedis::start().await;
         let store = store(&redis).await;
-        let now = freshness::epoch_ms(SystemTime::now());
+        let now = clock::now_ms();
         for (url, stored_at, purged_at) in [
             ("//shop.example/ahead", now + 60_000, now),
             ("//shop.example/behind", now, now - 60_000),
@@ -474,7 +474,7 @@ mod tests {
             let Lookup::Hit(entry) = found else {
                 panic!("{url}: a soft purge keeps the entry, stale: {found:?}");
             };
-            let ttl = entry.ttl(freshness::epoch_ms(SystemTime::now()));
+            let ttl = entry.ttl(clock::now_ms());
             assert!(
                 ttl <= 0,
                 "{url}: still fresh for {ttl} s after a soft purge"
@@ -501,7 +501,7 @@ mod tests {
                 outage_queue_bytes: 2_000,
             },
         );
-        let now = freshness::epoch_ms(SystemTime::now());
+        let now = clock::now_ms();
         let urls: Vec<String> = (0..100)
             .map(|i| format!("//shop.example/item/{i}"))
             .collect();
@@ -527,7 +527,7 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let now = freshness::epoch_ms(SystemTime::now());
+        let now = clock::now_ms();
         for url in &urls {
             let (found, tier) = store
                 .lookup(&key::hash_url(url), &HeaderMap::new(), "")
@@ -564,7 +564,7 @@ mod tests {
         );
         let url = "//shop.example/outage-only";
         let hash = key::hash_url(url);
-        let now = freshness::epoch_ms(SystemTime::now());
+        let now = clock::now_ms();
         redis.pause().await;
         store.put(put(url, now), None).await;
         let (found, tier) = store.lookup(&hash, &HeaderMap::new(), "").await;

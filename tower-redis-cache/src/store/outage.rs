@@ -178,7 +178,7 @@ impl CacheStore {
                 limit_bytes = usage.limit_bytes,
                 "the outage queue is full: when Redis is back, every entry stored before is marked stale instead of invalidated one by one"
             );
-            let now = crate::freshness::epoch_ms(std::time::SystemTime::now());
+            let now = tower_redis_core::clock::now_ms();
             let _ = failover.defer(OutageChange::collapsed(now));
         }
     }

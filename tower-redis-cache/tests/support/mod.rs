@@ -4,6 +4,9 @@
 //! Each suite uses a part of this module; the rest is dead code there.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -104,4 +107,49 @@ pub(crate) async fn settle(layer: &CacheLayer) {
 /// A `GET` request for `path` on `shop.example` with `headers`.
 pub(crate) fn request(path: &str, headers: &[(&str, &str)]) -> Request<Body> {
     request_with("GET", path, headers)
+}
+
+/// What every suite's origin keeps: its calls per path and a latency for
+/// all its answers. A suite's `Origin` holds one (and derefs to it) beside
+/// its own knobs.
+#[derive(Clone, Default)]
+pub(crate) struct OriginCalls {
+    calls: Arc<Mutex<HashMap<String, u64>>>,
+    /// Calls over all paths, for waiting on a call to arrive.
+    arrivals: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Latency of every answer, ms.
+    pub(crate) delay_ms: Arc<AtomicU64>,
+}
+
+impl OriginCalls {
+    /// Counts a call to `path`; returns its number (1 for the first).
+    pub(crate) fn count(&self, path: &str) -> u64 {
+        let mut calls = self.calls.lock().unwrap();
+        let n = calls.entry(path.to_owned()).or_default();
+        *n += 1;
+        self.arrivals.send_modify(|all| *all += 1);
+        *n
+    }
+
+    /// The calls to `path` so far.
+    pub(crate) fn calls(&self, path: &str) -> u64 {
+        self.calls.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    /// Waits ([`DEADLINE`] at most) until `path` has been called `n` times.
+    pub(crate) async fn wait_for_calls(&self, path: &str, n: u64) {
+        let mut arrivals = self.arrivals.subscribe();
+        tokio::time::timeout(DEADLINE, arrivals.wait_for(|_| self.calls(path) >= n))
+            .await
+            .unwrap_or_else(|_| panic!("{path} was not called {n} times within 10 s"))
+            .expect("the origin is alive");
+    }
+
+    /// Sleeps for the configured latency, if any.
+    pub(crate) async fn delay(&self) {
+        let ms = self.delay_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
 }

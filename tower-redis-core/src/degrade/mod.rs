@@ -87,6 +87,7 @@ use tokio::sync::{Notify, watch};
 use crate::error::Error;
 use crate::failover::{FallbackReason, Served, Source};
 use crate::manager::RedisManager;
+use crate::record;
 use queue::OutageQueue;
 
 /// A change made while Redis was unavailable, waiting to be written to it.
@@ -210,6 +211,9 @@ pub(crate) struct Shared<R: Replay, M> {
     batch: usize,
     min_backoff: Duration,
     max_backoff: Duration,
+    /// Whether the breaker closing (its probe answered) ends an outage that
+    /// has nothing queued, or only an answer to [`Failover::run`] does.
+    recover_on_probe: bool,
 }
 
 /// Builds a [`Failover`]; see [`Failover::builder`].
@@ -222,6 +226,7 @@ pub struct FailoverBuilder<R, M> {
     batch: usize,
     min_backoff: Duration,
     max_backoff: Duration,
+    recover_on_probe: bool,
 }
 
 impl<R: Replay, M: Recovered> FailoverBuilder<R, M> {
@@ -251,6 +256,16 @@ impl<R: Replay, M: Recovered> FailoverBuilder<R, M> {
         self
     }
 
+    /// Ends an outage only when Redis answers one of this failover's own
+    /// operations ([`Failover::run`]) or takes its queue, not when the
+    /// breaker's probe answers: for a memory side whose state must hold
+    /// until Redis serves this layer again (the rate limiter's local counts
+    /// through a breaker that closes and opens again). Default: either ends it.
+    pub fn recover_on_answer_only(mut self) -> Self {
+        self.recover_on_probe = false;
+        self
+    }
+
     /// The failover.
     pub fn build(self) -> Failover<R, M> {
         Failover {
@@ -268,6 +283,7 @@ impl<R: Replay, M: Recovered> FailoverBuilder<R, M> {
                 batch: self.batch,
                 min_backoff: self.min_backoff,
                 max_backoff: self.max_backoff,
+                recover_on_probe: self.recover_on_probe,
             }),
         }
     }
@@ -293,6 +309,7 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
             batch: 64,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
+            recover_on_probe: true,
         }
     }
 
@@ -467,36 +484,29 @@ impl<R: Replay, M> fmt::Debug for Failover<R, M> {
     }
 }
 
-#[cfg(feature = "metrics")]
 fn record_degraded(layer: &'static str, degraded: bool) {
-    metrics::gauge!("tower_redis_degraded", "layer" => layer).set(if degraded { 1.0 } else { 0.0 });
+    let value = if degraded { 1.0 } else { 0.0 };
+    record::gauge("tower_redis_degraded", &[("layer", layer)], value);
 }
 
-#[cfg(not(feature = "metrics"))]
-fn record_degraded(_layer: &'static str, _degraded: bool) {}
-
-#[cfg(feature = "metrics")]
 fn record_queue_bytes(layer: &'static str, bytes: usize) {
     #[allow(clippy::cast_precision_loss)] // A gauge of bytes: f64 is exact far enough.
-    metrics::gauge!("tower_redis_outage_queue_bytes", "layer" => layer).set(bytes as f64);
+    record::gauge(
+        "tower_redis_outage_queue_bytes",
+        &[("layer", layer)],
+        bytes as f64,
+    );
 }
 
-#[cfg(not(feature = "metrics"))]
-fn record_queue_bytes(_layer: &'static str, _bytes: usize) {}
-
-#[cfg(feature = "metrics")]
 fn record_refused(layer: &'static str) {
-    metrics::counter!("tower_redis_outage_refused_total", "layer" => layer).increment(1);
+    record::counter("tower_redis_outage_refused_total", &[("layer", layer)], 1);
 }
 
-#[cfg(not(feature = "metrics"))]
-fn record_refused(_layer: &'static str) {}
-
-#[cfg(feature = "metrics")]
 fn record_replayed(layer: &'static str, changes: usize) {
-    metrics::counter!("tower_redis_outage_replayed_total", "layer" => layer)
-        .increment(u64::try_from(changes).unwrap_or(u64::MAX));
+    let changes = u64::try_from(changes).unwrap_or(u64::MAX);
+    record::counter(
+        "tower_redis_outage_replayed_total",
+        &[("layer", layer)],
+        changes,
+    );
 }
-
-#[cfg(not(feature = "metrics"))]
-fn record_replayed(_layer: &'static str, _changes: usize) {}

@@ -205,9 +205,7 @@ impl<C: Deferred> OutageQueue<C> {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner<C>> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.inner)
     }
 }
 

@@ -30,6 +30,7 @@ pub(super) fn spawn<R: Replay, M: Recovered>(shared: &Arc<Shared<R, M>>) -> bool
         Arc::downgrade(shared),
         Arc::clone(&shared.wake),
         states,
+        shared.recover_on_probe,
     ));
     true
 }
@@ -41,6 +42,7 @@ async fn recover<R: Replay, M: Recovered>(
     failover: Weak<Shared<R, M>>,
     wake: Arc<Notify>,
     mut states: watch::Receiver<BreakerState>,
+    recover_on_probe: bool,
 ) {
     let mut retry: Option<Duration> = None;
     // The breaker closed since the last pass: its probe got an answer.
@@ -75,7 +77,7 @@ async fn recover<R: Replay, M: Recovered>(
                 if changed.is_err() {
                     return;
                 }
-                answered = *states.borrow() == BreakerState::Closed;
+                answered = recover_on_probe && *states.borrow() == BreakerState::Closed;
             }
             () = wake.notified() => {}
             () = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}

@@ -9,9 +9,10 @@
 //! pays one yield. Batches do not wait for each other: several can be in
 //! flight at once.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use tokio::sync::oneshot;
+use tower_redis_core::sync::lock;
 
 use super::{Check, Limiter, Query, Verdict};
 
@@ -137,8 +138,4 @@ impl Drop for Leader<'_> {
             runtime.spawn(run);
         }
     }
-}
-
-fn lock(batch: &Mutex<Batch>) -> MutexGuard<'_, Batch> {
-    batch.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tower_redis_core::sync::lock;
 
 use super::lru::Lru;
 use super::{Check, DecisionSource, PolicyState, Verdict};
@@ -57,7 +58,7 @@ impl BlockedKeys {
             return None;
         }
         let live = |entry: &Blocked| entry.until > now;
-        let mut entries = self.lock();
+        let mut entries = lock(&self.entries);
         let mut states = vec![None; checks.len()];
         let mut blocked = false;
         for (check, state) in checks.iter().zip(&mut states) {
@@ -83,7 +84,7 @@ impl BlockedKeys {
     pub(crate) fn remember(&self, checks: &[Check], cost: u32, states: &[Option<PolicyState>]) {
         let now = Instant::now();
         let live = |entry: &Blocked| entry.until > now;
-        let mut entries = self.lock();
+        let mut entries = lock(&self.entries);
         for (check, state) in checks.iter().zip(states) {
             if let Some(state) = state
                 && let Some(retry_after) = state.retry_after
@@ -108,7 +109,7 @@ impl BlockedKeys {
     /// Entries held, the bytes they are counted for, and the bytes allocated.
     #[cfg(test)]
     fn footprint(&self) -> (u64, u64, u64) {
-        let entries = self.lock();
+        let entries = lock(&self.entries);
         (
             entries.len() as u64,
             entries.bytes(),
@@ -119,18 +120,13 @@ impl BlockedKeys {
     fn micros_since_epoch(&self, at: Instant) -> u64 {
         u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Lru<Blocked>> {
-        self.entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::algorithm::Algorithm;
+    use crate::limiter::tests::a_million_keys_stay_bounded_and_o1;
 
     const HOUR: Duration = Duration::from_secs(3600);
 
@@ -154,7 +150,6 @@ mod tests {
     #[test]
     fn a_million_blocked_keys_keep_the_blocked_cache_bounded_and_o1() {
         const BOUND: u64 = 4 << 20;
-        const CHUNK: u32 = 100_000;
         let blocked = BlockedKeys::new(BOUND);
         let denied = [Some(PolicyState {
             remaining: 0,
@@ -163,11 +158,9 @@ mod tests {
         })];
         let abuser = [check("p:{rl}:rl:per-ip:k:203.0.113.66")];
         blocked.remember(&abuser, 1, &denied);
-        let mut per_chunk: Vec<Duration> = Vec::new();
-        for chunk in 0..10 {
-            let started = Instant::now();
-            for i in 0..CHUNK {
-                let n = chunk * CHUNK + i;
+        a_million_keys_stay_bounded_and_o1(
+            BOUND,
+            |n| {
                 let key = format!(
                     "p:{{rl}}:rl:per-ip:k:198.{}.{}.{}",
                     n >> 16,
@@ -178,34 +171,9 @@ mod tests {
                 // The request path: not blocked yet, Redis denies, remembered.
                 assert!(blocked.verdict(&checks, 1).is_none(), "key {n}");
                 blocked.remember(&checks, 1, &denied);
-                if i % 1000 == 0 {
-                    assert!(
-                        blocked.verdict(&abuser, 1).is_some(),
-                        "the abuser was forgotten after {n} keys"
-                    );
-                    // A deadline: stop as soon as this chunk is clearly slower.
-                    if let Some(first) = per_chunk.first() {
-                        assert!(
-                            started.elapsed() < *first * 5,
-                            "chunk {chunk} is over 5x slower than the first ({:?} so far, first {first:?})",
-                            started.elapsed()
-                        );
-                    }
-                }
-            }
-            per_chunk.push(started.elapsed());
-        }
-        let (entries, bytes, allocated) = blocked.footprint();
-        assert!(bytes <= BOUND, "{bytes} bytes in {entries} entries");
-        assert!(
-            allocated <= BOUND,
-            "{allocated} bytes allocated for {entries} entries"
-        );
-        assert!(entries > 0 && entries < 100_000, "{entries} entries");
-        let (first, last) = (per_chunk[0], per_chunk[9]);
-        assert!(
-            last < first * 5,
-            "the last 100k keys took {last:?}, the first {first:?}"
+            },
+            || blocked.verdict(&abuser, 1).is_some(),
+            || blocked.footprint(),
         );
     }
 

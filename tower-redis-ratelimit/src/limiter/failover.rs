@@ -1,15 +1,19 @@
 //! Redis when it answers, else the configured [`Fallback`]: the only place
 //! that knows about both stores.
 //!
-//! While Redis is unavailable the in-process store counts alone; its counts
-//! are not the shared ones, so the first answer from Redis afterwards drops
-//! them. That is this crate's whole recovery step; it lives here alone so
-//! that core's shared failover composition can replace it in one place.
+//! The two stores are composed by core's [`degrade::Failover`]: it tries
+//! Redis through the breaker, falls back to the memory side, and keeps the
+//! degraded state. Nothing is queued for Redis during an outage (counters
+//! are not replayed, [`NoChange`](tower_redis_core::degrade::NoChange)); the
+//! memory store's counts are not the shared ones, so the first answer from
+//! Redis afterwards drops them ([`Recovered`](tower_redis_core::degrade::Recovered)).
+//! What happens without Redis (count locally, allow, deny) is chosen here,
+//! in the fallback.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use tower_redis_core::FallbackReason;
+use tower_redis_core::degrade::{self, Replay};
+use tower_redis_core::{Error, RedisManager};
 
 use super::memory::MemoryStore;
 use super::redis::RedisStore;
@@ -17,75 +21,73 @@ use super::{DecisionStore, Fallback, Query, Verdict};
 
 /// The Redis store composed with the fallback.
 #[derive(Debug)]
-pub(super) struct Failover<R = RedisStore> {
-    redis: R,
+pub(super) struct Failover<R: Replay = RedisStore> {
+    stores: degrade::Failover<R, MemoryStore>,
     fallback: Fallback,
-    memory: MemoryStore,
-    /// Set when the memory store has counts that must be dropped once Redis
-    /// decides again.
-    memory_dirty: AtomicBool,
 }
 
 impl<R> Failover<R>
 where
-    R: DecisionStore<Error = FallbackReason>,
+    R: DecisionStore<Error = Error> + Replay<Change = degrade::NoChange>,
 {
     /// With [`Fallback::Local`], a memory store of `share` of each quota
     /// holding at most `memory_bytes` of counters.
-    pub(super) fn new(redis: R, fallback: Fallback, memory_bytes: u64) -> Self {
+    pub(super) fn new(
+        manager: RedisManager,
+        redis: R,
+        fallback: Fallback,
+        memory_bytes: u64,
+    ) -> Self {
         let share = match fallback {
             Fallback::Local { share } => share,
             Fallback::Allow | Fallback::Deny => 1.0,
         };
-        Self {
-            redis,
-            fallback,
-            memory: MemoryStore::new(share, memory_bytes),
-            memory_dirty: AtomicBool::new(false),
-        }
+        let memory = MemoryStore::new(share, memory_bytes);
+        let stores = degrade::Failover::builder(manager, redis, memory)
+            .name("ratelimit")
+            .queue_bytes(0)
+            // The local counts hold until a decision of ours comes from
+            // Redis again, not merely until the breaker's probe answers.
+            .recover_on_answer_only()
+            .build();
+        Self { stores, fallback }
     }
 
     /// One verdict per request, from Redis or, when it does not answer,
     /// from the fallback.
     pub(super) async fn decide(&self, requests: &[Query<'_>]) -> Vec<Verdict> {
-        match self.redis.decide(requests).await {
-            Ok(verdicts) => {
-                self.redis_answered();
-                verdicts
-            }
-            Err(_reason) => self.decide_without_redis(requests).await,
-        }
+        let fallback = self.fallback;
+        self.stores
+            .run(
+                |redis| redis.decide(requests),
+                |memory, _reason| decide_without_redis(memory, fallback, requests),
+            )
+            .await
+            .value
     }
+}
 
-    /// Redis decides again: the memory store's counts no longer apply.
-    fn redis_answered(&self) {
-        if self.memory_dirty.load(Ordering::Acquire)
-            && self.memory_dirty.swap(false, Ordering::AcqRel)
-        {
-            self.memory.clear();
-        }
-    }
-
-    async fn decide_without_redis(&self, requests: &[Query<'_>]) -> Vec<Verdict> {
-        match self.fallback {
-            Fallback::Local { .. } => {
-                self.memory_dirty.store(true, Ordering::Release);
-                // The trait's verb, not the memory store's one-request `decide`.
-                let verdicts: Result<_, Infallible> =
-                    DecisionStore::decide(&self.memory, requests).await;
-                match verdicts {
-                    Ok(verdicts) => verdicts,
-                    Err(never) => match never {},
-                }
+async fn decide_without_redis(
+    memory: &MemoryStore,
+    fallback: Fallback,
+    requests: &[Query<'_>],
+) -> Vec<Verdict> {
+    match fallback {
+        Fallback::Local { .. } => {
+            // The trait's verb, not the memory store's one-request `decide`.
+            let verdicts: Result<_, Infallible> = DecisionStore::decide(memory, requests).await;
+            match verdicts {
+                Ok(verdicts) => verdicts,
+                Err(never) => match never {},
             }
-            Fallback::Allow => requests
-                .iter()
-                .map(|(checks, _)| Verdict::fail_open(checks))
-                .collect(),
-            Fallback::Deny => requests
-                .iter()
-                .map(|(checks, _)| Verdict::fail_closed(checks))
-                .collect(),
         }
+        Fallback::Allow => requests
+            .iter()
+            .map(|(checks, _)| Verdict::fail_open(checks))
+            .collect(),
+        Fallback::Deny => requests
+            .iter()
+            .map(|(checks, _)| Verdict::fail_closed(checks))
+            .collect(),
     }
 }

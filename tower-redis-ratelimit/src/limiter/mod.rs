@@ -3,8 +3,9 @@
 //! - [`Limiter`] (here): the entry point. A request blocked in the
 //!   blocked-key cache is denied at once; the others join a batch.
 //! - `batch`: concurrent decisions gathered into one script call.
-//! - `failover`: Redis when it answers, else the configured [`Fallback`];
-//!   the in-process counters are dropped once Redis answers again.
+//! - `failover`: Redis when it answers, else the configured [`Fallback`],
+//!   through core's `degrade::Failover`; the in-process counters are
+//!   dropped once Redis answers again.
 //! - `redis` and `memory`: the two [`DecisionStore`]s, the script on Redis
 //!   and the in-process limiter (its map is `lru`).
 //! - `blocked`: keys Redis denied, remembered until their `Retry-After`.
@@ -171,7 +172,12 @@ impl Limiter {
     /// the blocked keys, half each) stays within `memory_bytes`.
     pub(crate) fn new(manager: RedisManager, fallback: Fallback, memory_bytes: u64) -> Arc<Self> {
         Arc::new(Self {
-            failover: Failover::new(RedisStore::new(manager.clone()), fallback, memory_bytes / 2),
+            failover: Failover::new(
+                manager.clone(),
+                RedisStore::new(manager.clone()),
+                fallback,
+                memory_bytes / 2,
+            ),
             manager,
             blocked: BlockedKeys::new(memory_bytes / 2),
             batch: Mutex::new(Batch::default()),

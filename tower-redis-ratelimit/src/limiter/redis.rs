@@ -4,8 +4,9 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use tower_redis_core::degrade::{NoChange, Replay, ReplayError};
 use tower_redis_core::redis::{self, Script};
-use tower_redis_core::{FallbackReason, RedisConnection, RedisManager};
+use tower_redis_core::{Error, RedisConnection, RedisManager};
 
 use super::{DecisionSource, DecisionStore, PolicyState, Query, Verdict};
 
@@ -25,20 +26,24 @@ impl RedisStore {
 
 impl DecisionStore for RedisStore {
     /// Why Redis did not decide (the breaker is open, a timeout, an error).
-    type Error = FallbackReason;
+    type Error = Error;
 
-    /// One script call through [`RedisManager::failover`], which accounts the
-    /// outcome to the breaker (and the fallback metric) exactly as before;
-    /// its fallback only says why, the caller chooses what to do then.
-    async fn decide(&self, batch: &[Query<'_>]) -> Result<Vec<Verdict>, FallbackReason> {
-        let served = self
-            .manager
-            .failover(
-                |conn| async move { decide_on_redis(conn, batch).await.map(Ok) },
-                |reason| async move { Err(reason) },
-            )
-            .await;
-        served.value
+    /// One script call through [`RedisManager::run`], which accounts the
+    /// outcome to the breaker; the failover chooses what to do on an error.
+    async fn decide(&self, batch: &[Query<'_>]) -> Result<Vec<Verdict>, Error> {
+        self.manager
+            .run(|conn| async move { decide_on_redis(conn, batch).await })
+            .await
+    }
+}
+
+/// Counters are not replayed: what the local limiter counted during an
+/// outage is dropped, and Redis's counters apply again.
+impl Replay for RedisStore {
+    type Change = NoChange;
+
+    async fn replay(&self, _: &RedisManager, _: &[NoChange]) -> Result<(), ReplayError> {
+        Ok(())
     }
 }
 

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::time::advance;
-use tower_redis_core::{FallbackReason, RedisManager};
+use tower_redis_core::degrade::{NoChange, Replay, ReplayError};
+use tower_redis_core::{Error, RedisManager};
 
 use super::blocked::BlockedKeys;
 use super::failover::Failover;
@@ -167,12 +168,12 @@ struct Switch {
 }
 
 impl DecisionStore for Switch {
-    type Error = FallbackReason;
+    type Error = Error;
 
     fn decide(
         &self,
         batch: &[Query<'_>],
-    ) -> impl Future<Output = Result<Vec<Verdict>, FallbackReason>> + Send {
+    ) -> impl Future<Output = Result<Vec<Verdict>, Error>> + Send {
         let answer = if self.up.load(Ordering::Relaxed) {
             Ok(batch
                 .iter()
@@ -183,9 +184,17 @@ impl DecisionStore for Switch {
                 })
                 .collect())
         } else {
-            Err(FallbackReason::BreakerOpen)
+            Err(Error::BreakerOpen)
         };
         std::future::ready(answer)
+    }
+}
+
+impl Replay for Switch {
+    type Change = NoChange;
+
+    async fn replay(&self, _: &RedisManager, _: &[NoChange]) -> Result<(), ReplayError> {
+        Ok(())
     }
 }
 
@@ -195,7 +204,7 @@ async fn the_local_counts_are_dropped_once_redis_answers_again() {
     let redis = Switch {
         up: Arc::clone(&up),
     };
-    let failover = Failover::new(redis, Fallback::default(), MIB);
+    let failover = Failover::new(RedisManager::disabled(), redis, Fallback::default(), MIB);
     let checks = [check(
         "k",
         Algorithm::FixedWindow {
@@ -224,4 +233,102 @@ async fn the_local_counts_are_dropped_once_redis_answers_again() {
     assert!(verdicts[0].allowed);
     assert!(allowed(failover.decide(one).await));
     assert!(!allowed(failover.decide(one).await));
+}
+
+/// Waits (on the real clock, with a deadline) for the breaker to be `state`.
+async fn breaker_becomes(manager: &RedisManager, state: tower_redis_core::BreakerState) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while manager.health().state != state {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the breaker did not become {state:?}: {:?}",
+            manager.health()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Redis comes back (the breaker's probe answers, the breaker closes) and
+/// goes away again before any decision came from it: the local counts of
+/// the first outage still hold. Only a decision Redis answered drops them.
+#[tokio::test]
+async fn the_local_counts_hold_until_a_decision_comes_from_redis() {
+    use tower_redis_core::BreakerState;
+    use tower_redis_core::testing::TestRedis;
+
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().expect("valid"))
+        .await
+        .expect("starts");
+    let limiter = Limiter::new(manager.clone(), Fallback::default(), MIB);
+    let checks = [check(
+        "held",
+        Algorithm::FixedWindow {
+            limit: 2,
+            window: Duration::from_secs(3600),
+        },
+    )];
+    redis.kill().await;
+    assert_eq!(admitted(&limiter, &checks, 3).await, 2);
+    breaker_becomes(&manager, BreakerState::Open).await;
+
+    redis.restart().await;
+    breaker_becomes(&manager, BreakerState::Closed).await;
+    // Time for anything the breaker's transition wakes to run.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    redis.kill().await;
+    let verdict = limiter.decide(&checks, 1).await;
+    assert_eq!(verdict.source, DecisionSource::Local);
+    assert!(
+        !verdict.allowed,
+        "the local count was dropped without Redis deciding"
+    );
+}
+
+/// The attack both in-process maps must survive: a million distinct keys,
+/// one `fresh(n)` each (which asserts what a new key gets), while one
+/// client that keeps coming must stay `held()` (still limited). The map
+/// stays within `bound` (its `footprint`: entries, bytes counted, bytes
+/// allocated), and a request costs the same after a million keys as after
+/// the first hundred thousand (no sweep over every entry under the lock).
+pub(super) fn a_million_keys_stay_bounded_and_o1(
+    bound: u64,
+    mut fresh: impl FnMut(u32),
+    mut held: impl FnMut() -> bool,
+    footprint: impl FnOnce() -> (u64, u64, u64),
+) {
+    const CHUNK: u32 = 100_000;
+    let mut per_chunk: Vec<Duration> = Vec::new();
+    for chunk in 0..10 {
+        let started = std::time::Instant::now();
+        for i in 0..CHUNK {
+            let n = chunk * CHUNK + i;
+            fresh(n);
+            if i % 1000 == 0 {
+                assert!(held(), "the abuser was forgotten after {n} keys");
+                // A deadline: stop as soon as this chunk is clearly slower.
+                if let Some(first) = per_chunk.first() {
+                    assert!(
+                        started.elapsed() < *first * 5,
+                        "chunk {chunk} is over 5x slower than the first ({:?} so far, first {first:?})",
+                        started.elapsed()
+                    );
+                }
+            }
+        }
+        per_chunk.push(started.elapsed());
+    }
+    let (entries, bytes, allocated) = footprint();
+    assert!(bytes <= bound, "{bytes} bytes in {entries} entries");
+    assert!(
+        allocated <= bound,
+        "{allocated} bytes allocated for {entries} entries"
+    );
+    assert!(entries > 0 && entries < 100_000, "{entries} entries");
+    let (first, last) = (per_chunk[0], per_chunk[9]);
+    assert!(
+        last < first * 5,
+        "the last 100k keys took {last:?}, the first {first:?}"
+    );
 }

@@ -33,6 +33,37 @@ pub(crate) async fn manager(redis: &TestRedis) -> RedisManager {
         .expect("starts")
 }
 
+/// A command timeout far above any decision's cost, for tests whose subject
+/// is exactness while Redis answers: on a loaded machine the default (low
+/// hundreds of ms) can expire and send a batch to the local limiter.
+#[allow(dead_code)] // not every suite that includes this module uses it
+pub(crate) const PATIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A manager on `redis` with [`PATIENT_TIMEOUT`] as its command timeout.
+#[allow(dead_code)] // not every suite that includes this module uses it
+pub(crate) async fn patient_manager(redis: &TestRedis) -> RedisManager {
+    RedisManager::connect(
+        redis
+            .config()
+            .command_timeout(PATIENT_TIMEOUT)
+            .build()
+            .expect("valid"),
+    )
+    .await
+    .expect("starts")
+}
+
+/// True when the `RateLimit` field says the answer was decided without
+/// Redis (`…;local`).
+#[allow(dead_code)] // not every suite that includes this module uses it
+pub(crate) fn decided_locally<B>(response: &Response<B>) -> bool {
+    response
+        .headers()
+        .get("ratelimit")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains(";local"))
+}
+
 /// Sleeps past a window edge when one is near, so window tests never straddle it.
 pub(crate) async fn away_from_window_edge(redis: &TestRedis, window: Duration) {
     let mut conn = redis.connection().await.expect("connection");

@@ -1,106 +1,123 @@
-//! The composite the layer talks to: Redis first, the in-process store when
-//! Redis is unavailable, and the outage queue in between.
+//! The composite the layer talks to: core's [`degrade::Failover`] of the
+//! Redis store and the in-process one, with the session's rules on top.
 //!
 //! - A read is served by Redis when it can be; otherwise by the local copy.
 //!   Every answer from Redis refreshes the copy, so a session read before
 //!   an outage stays readable through it.
-//! - A write goes to Redis; when Redis fails it is accepted, queued for
-//!   reconciliation, and applied to the local copy. A session with changes
-//!   still queued is written behind them, through the queue, even when
-//!   Redis is back.
-//! - The local copy is written through on every accepted write.
+//! - A write goes to Redis; when Redis fails it is accepted, deferred to
+//!   core's outage queue (a [`Change`]), and applied to the local copy. A
+//!   session with changes still queued is written behind them, through the
+//!   queue, even when Redis is back: sent directly, a change could find the
+//!   session not created yet and be lost, or a log out be undone by the
+//!   replay of the creation.
+//! - The local copy is written through on every accepted write. It is kept
+//!   when Redis recovers: it is also what reads fall back on next time.
 //!
-//! The Redis halves run inside [`RedisManager::failover`], which accounts
-//! each outcome to the breaker and to the shared fallback metrics. This type
-//! is what core's shared failover will replace.
+//! Core runs the Redis halves through the manager (breaker, timeout, the
+//! shared fallback metrics) and writes the queue to Redis when it is back
+//! ([`Replay`](tower_redis_core::degrade::Replay) on the Redis store).
 
 use std::convert::Infallible;
+use std::time::Duration;
 
+use tower_redis_core::clock::duration_ms;
+use tower_redis_core::degrade::{self, QueueFull, Recovered};
+use tower_redis_core::record;
 use tower_redis_core::{RedisManager, Source};
 
+use super::change::Change;
 use super::local::{LocalCopy, LocalStore};
-use super::queue::QueueFull;
-use super::reconcile::Reconciler;
 use super::redis::RedisStore;
-use super::{LocalLimits, LocalUsage, Record, Saved, Store, Take, Write, millis, now_ms};
+use super::{LocalLimits, LocalUsage, Record, Saved, Store, Take, Write, now_ms};
 use crate::config::Expiry;
 
+/// How soon the outage queue is written again after a failed attempt while
+/// Redis answers (a write it refused, out of memory for example).
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Cheap to clone: the clones share the pair, its queue and its state.
+#[derive(Clone)]
 pub(crate) struct Failover {
-    redis: RedisStore,
-    local: LocalStore,
-    reconciler: Reconciler,
+    pair: degrade::Failover<RedisStore, LocalStore>,
     limits: LocalLimits,
 }
 
+/// The local copies outlive an outage: nothing to drop when it ends.
+impl Recovered for LocalStore {}
+
 impl Failover {
     pub(crate) fn new(manager: RedisManager, expiry: Expiry, limits: LocalLimits) -> Self {
-        Self {
-            redis: RedisStore::new(manager, expiry),
-            local: LocalStore::new(limits.copies_bytes, expiry.idle, expiry.absolute),
-            reconciler: Reconciler::new(limits.queue_bytes),
-            limits,
-        }
+        let redis = RedisStore::new(manager.clone(), expiry);
+        let local = LocalStore::new(limits.copies_bytes, expiry.idle, expiry.absolute);
+        let pair = degrade::Failover::builder(manager, redis, local)
+            .name("session")
+            .queue_bytes(limits.queue_bytes)
+            .retry_backoff(RETRY_AFTER, RETRY_AFTER)
+            // One change per write: a session stops being pending (read from
+            // the local copy) as soon as its own changes are in Redis, not
+            // when a whole batch is, so reads move back to Redis one by one
+            // during the replay instead of piling onto this instance.
+            .batch(1)
+            .build();
+        Self { pair, limits }
     }
 
     pub(crate) fn manager(&self) -> &RedisManager {
-        self.redis.manager()
+        self.pair.manager()
     }
 
     pub(crate) fn expiry(&self) -> &Expiry {
-        self.redis.expiry()
+        self.redis().expiry()
     }
 
     pub(crate) fn redis(&self) -> &RedisStore {
-        &self.redis
+        self.pair.redis()
     }
 
     pub(crate) fn local(&self) -> &LocalStore {
-        &self.local
-    }
-
-    pub(crate) fn reconciler(&self) -> &Reconciler {
-        &self.reconciler
+        self.pair.memory()
     }
 
     pub(crate) fn local_usage(&self) -> LocalUsage {
+        let queue = self.pair.queue_usage();
         LocalUsage {
-            queued_changes: self.reconciler.len(),
-            queued_bytes: self.reconciler.bytes(),
+            queued_changes: queue.changes,
+            queued_bytes: queue.bytes,
             queue_limit_bytes: self.limits.queue_bytes,
-            local_copies_bytes: self.local.copies_bytes(),
+            local_copies_bytes: self.local().copies_bytes(),
             local_copies_limit_bytes: self.limits.copies_bytes,
         }
     }
 
     pub(crate) fn has_ended(&self, storage_key: &str) -> bool {
-        self.local.has_ended(storage_key)
+        self.local().has_ended(storage_key)
     }
 
     /// How often this instance renews a session's idle timeout in Redis:
     /// 1/100 of the idle timeout, at most a minute. Between renewals a read
     /// is a single `HGETALL`.
     pub(crate) fn touch_every_ms(&self) -> u64 {
-        (millis(self.expiry().idle) / 100).min(60_000)
+        (duration_ms(self.expiry().idle) / 100).min(60_000)
     }
 
     pub(crate) async fn load(&self, storage_key: &str) -> Option<Record> {
-        if self.reconciler.has_pending(storage_key) {
+        if self.pair.is_pending(storage_key) {
             // Changes from an outage are still on their way to Redis: this
             // instance's copy is the newer one.
-            return local(self.local.load(storage_key, false).await);
+            return local(self.local().load(storage_key, false).await);
         }
-        let copy = self.local.copy(storage_key);
+        let copy = self.local().copy(storage_key);
         let started_ms = now_ms();
         let touch = LocalCopy::touch_due(copy.as_deref(), started_ms, self.touch_every_ms());
         let served = self
-            .manager()
-            .failover(
-                |mut conn| async move { self.redis.load_on(&mut conn, storage_key, touch).await },
-                |_| async { local(self.local.load(storage_key, touch).await) },
+            .pair
+            .run(
+                |redis| redis.load(storage_key, touch),
+                |local_store, _| async move { local(local_store.load(storage_key, touch).await) },
             )
             .await;
         if served.source == Source::Redis {
-            self.local
+            self.local()
                 .refresh(storage_key, served.value.as_ref(), copy, touch, started_ms);
         }
         served.value
@@ -108,100 +125,91 @@ impl Failover {
 
     pub(crate) async fn save(&self, write: &Write<'_>) -> Saved {
         let storage_key = write.storage_key;
-        let (value, queue) = if self.reconciler.has_pending(storage_key) {
-            // Behind the session's earlier changes: see `has_pending`.
+        let (value, queue) = if self.pair.is_pending(storage_key) {
+            // Behind the session's earlier changes: see the module docs.
             (Saved::Written, true)
         } else {
             let served = self
-                .manager()
-                .failover(
-                    |mut conn| async move { self.redis.save_on(&mut conn, write).await },
-                    |_| async { Saved::Written },
-                )
+                .pair
+                .run(|redis| redis.save(write), |_, _| async { Saved::Written })
                 .await;
             let queue = served.is_fallback();
             (served.value, queue)
         };
         if queue {
-            let queued =
-                self.reconciler
-                    .queue_save(storage_key, write.create, write.changes, now_ms());
-            if let Err(full) = queued {
+            let change = Change::save(storage_key, write.create, write.changes, now_ms());
+            if let Err(full) = self.pair.defer(change) {
                 refused(full, write.create.is_some());
                 return Saved::Refused;
             }
         }
         if value == Saved::Written {
-            local(self.local.save(write).await);
+            local(self.local().save(write).await);
         } else {
-            local(self.local.delete(storage_key, None).await);
+            local(self.local().delete(storage_key, None).await);
         }
         value
     }
 
     pub(crate) async fn take(&self, take: &Take<'_>) -> Saved {
-        let pending = self.reconciler.has_pending(take.old_storage_key);
-        let (value, queue) = if pending {
-            // Behind the session's earlier changes: see `has_pending`.
+        let (value, queue) = if self.pair.is_pending(take.old_storage_key) {
+            // Behind the session's earlier changes: see the module docs.
             (Saved::Written, true)
         } else {
             let served = self
-                .manager()
-                .failover(
-                    |mut conn| async move { self.redis.take_on(&mut conn, take).await },
-                    |_| async { Saved::Written },
-                )
+                .pair
+                .run(|redis| redis.take(take), |_, _| async { Saved::Written })
                 .await;
             let queue = served.is_fallback();
             (served.value, queue)
         };
         if queue {
             let merged = take.merged;
-            let queued = self.reconciler.queue_cycle(
-                take.old_storage_key,
-                merged.user.as_deref(),
-                take.new_storage_key,
-                merged.created_ms,
-                &merged.as_changes(),
-                now_ms(),
-            );
-            if let Err(full) = queued {
+            // Both halves, or neither: the old session ends and the new one
+            // is created with the whole record.
+            let halves = vec![
+                Change::delete(take.old_storage_key, merged.user.as_deref()),
+                Change::save(
+                    take.new_storage_key,
+                    Some(merged.created_ms),
+                    &merged.as_changes(),
+                    now_ms(),
+                ),
+            ];
+            if let Err(full) = self.pair.defer_all(halves) {
                 // Neither half is queued: the session keeps its old id.
                 refused(full, false);
                 return Saved::Refused;
             }
         }
         if value == Saved::Written {
-            local(self.local.take(take).await);
+            local(self.local().take(take).await);
         } else {
-            local(self.local.delete(take.old_storage_key, None).await);
+            local(self.local().delete(take.old_storage_key, None).await);
         }
         value
     }
 
     pub(crate) async fn delete(&self, storage_key: &str, user: Option<&str>) {
-        // Behind the session's earlier changes: see `has_pending`.
-        let queue =
-            self.reconciler.has_pending(storage_key)
-                || self
-                    .manager()
-                    .failover(
-                        |mut conn| async move {
-                            self.redis.delete_on(&mut conn, storage_key, user).await
-                        },
-                        |_| async {},
-                    )
-                    .await
-                    .is_fallback();
+        // Behind the session's earlier changes: see the module docs.
+        let queue = self.pair.is_pending(storage_key)
+            || self
+                .pair
+                .run(|redis| redis.delete(storage_key, user), |_, _| async {})
+                .await
+                .is_fallback();
         if queue {
-            self.reconciler.queue_delete(storage_key, user);
+            let queued = self.pair.defer(Change::delete(storage_key, user));
+            debug_assert!(queued.is_ok(), "a deletion is never refused");
         }
-        local(self.local.delete(storage_key, user).await);
+        local(self.local().delete(storage_key, user).await);
     }
 
-    /// Writes the queued outage changes to Redis, oldest first.
+    /// Writes the queued outage changes to Redis now, oldest first, when
+    /// Redis answers (the recovery task does it on its own otherwise).
+    #[cfg(test)]
     pub(crate) async fn reconcile(&self) {
-        self.reconciler.replay(&self.redis).await;
+        self.pair.catch_up().await;
     }
 }
 
@@ -225,13 +233,5 @@ fn refused(full: QueueFull, create: bool) {
             "a session change was not kept"
         }
     );
-    record_refused();
+    record::counter("tower_redis_session_refused_total", &[], 1);
 }
-
-#[cfg(feature = "metrics")]
-fn record_refused() {
-    metrics::counter!("tower_redis_session_refused_total").increment(1);
-}
-
-#[cfg(not(feature = "metrics"))]
-fn record_refused() {}

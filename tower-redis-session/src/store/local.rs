@@ -1,13 +1,15 @@
 //! The in-process side of the store: copies of recently read sessions (so
 //! a user is not logged out by a short outage), and the memory of sessions
 //! that ended. The changes made while Redis was unavailable wait in the
-//! outage queue (`reconcile`), not here.
+//! outage queue (core's, through `failover`), not here.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Changes, Record, Saved, Store, Take, Write, millis, now_ms};
+use tower_redis_core::clock::duration_ms;
+
+use super::{Changes, Record, Saved, Store, Take, Write, now_ms};
 
 /// The bookkeeping of one local copy, in bytes, beyond its data: the
 /// cache's slot, the key, the record's map.
@@ -67,7 +69,7 @@ impl LocalStore {
                 // new marker.
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
-            absolute_ms: millis(absolute),
+            absolute_ms: duration_ms(absolute),
         }
     }
 

@@ -9,16 +9,17 @@
 //!   the key layout).
 //! - `local`: the in-process implementation: copies of recently read
 //!   sessions, and the memory of sessions that ended.
-//! - `failover`: the composite the layer talks to. Redis answers when it
-//!   can; otherwise the local copies do, and writes go to the outage queue.
-//! - `reconcile` and `queue`: the outage queue and the task that replays it
-//!   into Redis when it is back.
+//! - `failover`: the composite the layer talks to, over core's
+//!   `degrade::Failover`. Redis answers when it can; otherwise the local
+//!   copies do, and writes go to core's outage queue, which core writes to
+//!   Redis when it is back.
+//! - `change`: a change waiting in that queue (its weight, whether it is a
+//!   deletion) and how the Redis side replays it.
 //! - `users`: the per-user session index ("log out everywhere").
 
+mod change;
 mod failover;
 mod local;
-mod queue;
-mod reconcile;
 mod redis;
 #[cfg(test)]
 mod tests;
@@ -26,8 +27,7 @@ mod users;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use tower_redis_core::RedisManager;
 
@@ -215,7 +215,7 @@ pub(crate) trait Store {
 /// while Redis is unavailable. Cheap to clone.
 #[derive(Clone)]
 pub struct SessionStore {
-    inner: Arc<Failover>,
+    inner: Failover,
 }
 
 impl std::fmt::Debug for SessionStore {
@@ -230,7 +230,7 @@ impl std::fmt::Debug for SessionStore {
 impl SessionStore {
     pub(crate) fn new(manager: RedisManager, expiry: Expiry, limits: LocalLimits) -> Self {
         Self {
-            inner: Arc::new(Failover::new(manager, expiry, limits)),
+            inner: Failover::new(manager, expiry, limits),
         }
     }
 
@@ -250,7 +250,6 @@ impl SessionStore {
     /// idle timeout when this instance has not renewed it lately. The
     /// absolute timeout is checked on the record.
     pub(crate) async fn load(&self, storage_key: &str) -> Option<Record> {
-        reconcile::start(&self.inner);
         self.inner.load(storage_key).await
     }
 
@@ -263,7 +262,6 @@ impl SessionStore {
         changes: &Changes,
         previous_user: Option<&str>,
     ) -> Saved {
-        reconcile::start(&self.inner);
         let write = Write {
             storage_key,
             create,
@@ -285,7 +283,6 @@ impl SessionStore {
         merged: &Record,
         changes: &Changes,
     ) -> Saved {
-        reconcile::start(&self.inner);
         let take = Take {
             old_storage_key,
             new_storage_key,
@@ -297,7 +294,6 @@ impl SessionStore {
 
     /// Deletes a session (and its entry in the user index).
     pub(crate) async fn delete(&self, storage_key: &str, user: Option<&str>) {
-        reconcile::start(&self.inner);
         self.inner.delete(storage_key, user).await;
     }
 
@@ -316,16 +312,12 @@ impl SessionStore {
             .await
     }
 
-    /// Writes the queued outage changes to Redis now (the background task
-    /// does it on recovery).
+    /// Writes the queued outage changes to Redis now, when it answers (the
+    /// background task does it on recovery).
     #[cfg(test)]
     pub(crate) async fn reconcile(&self) {
         self.inner.reconcile().await;
     }
-}
-
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The wall clock in milliseconds since the Unix epoch: session times are
@@ -335,8 +327,5 @@ pub(crate) fn now_ms() -> u64 {
     if let Some(now) = tests::clock::paused_ms() {
         return now;
     }
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(millis)
-        .unwrap_or(0)
+    tower_redis_core::clock::now_ms()
 }

@@ -13,20 +13,21 @@
 //! one session from losing each other's changes.
 //!
 //! Each verb exists twice: `*_on` runs on a connection the caller checked
-//! out (so [`Failover`](super::failover::Failover) can hand it to the
-//! manager's `failover`, which accounts the outcome to the breaker and the
-//! fallback metrics), and the [`Store`] implementation checks one out
-//! itself through [`RedisManager::run`].
+//! out, and the [`Store`] implementation checks one out itself through
+//! [`RedisManager::run`] (which accounts the outcome to the breaker); the
+//! [`Failover`](super::failover::Failover) runs those under core's
+//! failover, which adds the fallback metrics.
 
 use std::sync::LazyLock;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
+use tower_redis_core::clock::duration_ms;
 use tower_redis_core::redis::{self, Script};
 use tower_redis_core::{RedisConnection, RedisManager, pipeline_with_scripts};
 
-use super::{Record, Saved, Store, Take, Write, millis, now_ms};
+use super::{Record, Saved, Store, Take, Write, now_ms};
 use crate::config::Expiry;
 
 static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("save.lua")));
@@ -63,11 +64,11 @@ impl RedisStore {
     }
 
     fn idle_ms(&self) -> u64 {
-        millis(self.expiry.idle)
+        duration_ms(self.expiry.idle)
     }
 
     fn absolute_ms(&self) -> u64 {
-        millis(self.expiry.absolute)
+        duration_ms(self.expiry.absolute)
     }
 
     /// One round trip: `HGETALL`, pipelined with a `PEXPIRE` that renews the

@@ -15,7 +15,7 @@ use super::*;
 /// `current_thread` test runtime runs the test and its tasks on one.
 pub(crate) mod clock {
     use std::cell::Cell;
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use std::time::Duration;
 
     thread_local! {
         static PAUSED_MS: Cell<Option<u64>> = const { Cell::new(None) };
@@ -27,10 +27,7 @@ pub(crate) mod clock {
 
     /// Stops the clock at the current wall-clock time.
     pub(crate) fn pause() {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(super::millis)
-            .unwrap_or(0);
+        let now = tower_redis_core::clock::now_ms();
         PAUSED_MS.with(|paused| paused.set(Some(now)));
     }
 
@@ -38,7 +35,7 @@ pub(crate) mod clock {
     pub(crate) fn advance(by: Duration) {
         PAUSED_MS.with(|paused| {
             let now = paused.get().expect("clock::pause() first");
-            paused.set(Some(now + super::millis(by)));
+            paused.set(Some(now + tower_redis_core::clock::duration_ms(by)));
         });
     }
 }
@@ -318,4 +315,39 @@ async fn a_failed_replay_keeps_the_changes_queued() {
     assert_eq!(after.queued_bytes, before.queued_bytes);
     // The session still reads as this instance holds it.
     assert_eq!(field(store.load(&key(1)).await, "a").as_deref(), Some("2"));
+}
+
+/// An id change that does not fit in the outage queue is refused whole: the
+/// old session's deletion is not queued either, and the session keeps its
+/// old id, intact.
+#[tokio::test]
+async fn a_cycle_that_does_not_fit_leaves_the_session_as_it_was() {
+    let store = offline(
+        expiry(Duration::from_secs(1800), Duration::from_secs(3600)),
+        1 << 20,
+        2048,
+    );
+    let big = format!("\"{}\"", "x".repeat(1200));
+    assert_eq!(
+        store
+            .save(&key(1), Some(now_ms()), &set("a", &big), None)
+            .await,
+        Saved::Written
+    );
+    let before = store.local_usage();
+    let mut merged = store.load(&key(1)).await.expect("the session");
+    let more = set("b", &format!("\"{}\"", "y".repeat(700)));
+    more.apply_to(&mut merged);
+    assert_eq!(
+        store.cycle(&key(1), &key(2), &merged, &more).await,
+        Saved::Refused
+    );
+    assert_eq!(
+        store.local_usage(),
+        before,
+        "nothing of the cycle is queued"
+    );
+    assert!(!store.has_ended(&key(1)));
+    assert_eq!(field(store.load(&key(1)).await, "a"), Some(big));
+    assert_eq!(store.load(&key(2)).await, None);
 }

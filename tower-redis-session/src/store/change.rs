@@ -1,0 +1,451 @@
+//! The changes made while Redis was unavailable, as core's outage queue
+//! holds them ([`Deferred`]), and how the Redis side writes them when it is
+//! back ([`Replay`]).
+//!
+//! - **Weighed in bytes.** Every change has an approximate weight (its
+//!   session key, entry names, JSON values and user, plus a fixed allowance
+//!   for the bookkeeping); the queue refuses a save that does not fit.
+//! - **Deletions always fit.** A log out is never refused nor dropped, and
+//!   replaces the changes queued for its session, so deletions only take the
+//!   queue over its bound by the sessions this instance held copies of
+//!   before the outage (themselves bounded by bytes).
+//! - **Newer data wins.** A save is replayed through the same script as a
+//!   live one, with the time it was made: the script's per-entry stamps keep
+//!   it from overwriting an entry another instance changed after it.
+
+use tower_redis_core::RedisManager;
+use tower_redis_core::degrade::{Deferred, Replay, ReplayError};
+
+use super::redis::RedisStore;
+use super::{Changes, Store, Write};
+
+/// The bookkeeping of one queued change, in bytes, beyond its own data: the
+/// ordered map's slot, the index entry, the strings' headers.
+const CHANGE_OVERHEAD: usize = 192;
+/// The bookkeeping of one entry of a queued save.
+const ENTRY_OVERHEAD: usize = 48;
+
+/// A change to one session, waiting for Redis.
+#[derive(Debug, Clone)]
+pub(crate) struct Change {
+    storage_key: String,
+    kind: Kind,
+    weight: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Save {
+        /// `Some(created_ms)` when the session was created during the outage.
+        create: Option<u64>,
+        changes: Changes,
+        /// When the change was made, for the per-entry "newer wins" rule.
+        at_ms: u64,
+    },
+    Delete {
+        user: Option<String>,
+    },
+}
+
+impl Change {
+    /// A save made at `at_ms`. Saves are not merged: each keeps the time of
+    /// its own changes for the "newer wins" rule.
+    pub(crate) fn save(
+        storage_key: &str,
+        create: Option<u64>,
+        changes: &Changes,
+        at_ms: u64,
+    ) -> Self {
+        Self {
+            weight: save_weight(storage_key, changes),
+            storage_key: storage_key.to_owned(),
+            kind: Kind::Save {
+                create,
+                changes: changes.clone(),
+                at_ms,
+            },
+        }
+    }
+
+    /// The end of a session (and its removal from its user's index).
+    pub(crate) fn delete(storage_key: &str, user: Option<&str>) -> Self {
+        Self {
+            weight: CHANGE_OVERHEAD + 2 * storage_key.len() + user.map_or(0, str::len),
+            storage_key: storage_key.to_owned(),
+            kind: Kind::Delete {
+                user: user.map(str::to_owned),
+            },
+        }
+    }
+
+    /// Writes it through the manager (one round trip). A save finding its
+    /// session gone is done: it is not recreated.
+    async fn write(&self, redis: &RedisStore) -> Result<(), tower_redis_core::Error> {
+        let storage_key = self.storage_key.as_str();
+        match &self.kind {
+            Kind::Delete { user } => redis.delete(storage_key, user.as_deref()).await,
+            Kind::Save {
+                create,
+                changes,
+                at_ms,
+            } => {
+                let write = Write {
+                    storage_key,
+                    create: *create,
+                    changes,
+                    previous_user: None,
+                    at_ms: Some(*at_ms),
+                };
+                redis.save(&write).await.map(|_| ())
+            }
+        }
+    }
+}
+
+impl Deferred for Change {
+    fn key(&self) -> &str {
+        &self.storage_key
+    }
+
+    fn weight(&self) -> usize {
+        self.weight
+    }
+
+    fn is_delete(&self) -> bool {
+        matches!(self.kind, Kind::Delete { .. })
+    }
+}
+
+/// The outage changes are written oldest first, one round trip each; the
+/// first failure stops the batch (what follows waits, in order, so that a
+/// session's later changes never reach Redis before its creation).
+impl Replay for RedisStore {
+    type Change = Change;
+
+    async fn replay(&self, _manager: &RedisManager, changes: &[Change]) -> Result<(), ReplayError> {
+        let mut written = 0;
+        let mut result = Ok(());
+        for change in changes {
+            if let Err(error) = change.write(self).await {
+                result = Err(ReplayError { written, error });
+                break;
+            }
+            written += 1;
+        }
+        if written > 0 {
+            tracing::debug!(
+                target: "tower_redis_session",
+                written,
+                "wrote session changes made during the Redis outage"
+            );
+        }
+        record_reconciled(written);
+        result
+    }
+}
+
+/// The approximate memory a queued save takes.
+fn save_weight(storage_key: &str, changes: &Changes) -> usize {
+    let entries: usize = changes
+        .entries
+        .iter()
+        .map(|(name, value)| ENTRY_OVERHEAD + name.len() + value.as_ref().map_or(0, String::len))
+        .sum();
+    CHANGE_OVERHEAD + 2 * storage_key.len() + entries + changes.user.as_ref().map_or(0, String::len)
+}
+
+fn record_reconciled(count: usize) {
+    let count = u64::try_from(count).unwrap_or(u64::MAX);
+    tower_redis_core::record::counter("tower_redis_session_reconciled_total", &[], count);
+}
+
+/// The rules of the old session outage queue, moved here: they now hold for
+/// session changes in core's queue. A recording Redis side shows what is
+/// written, and in which order, when the queue is written.
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use tokio::sync::Semaphore;
+    use tower_redis_core::degrade::{Failover, Recovered};
+    use tower_redis_core::testing::TestRedis;
+
+    use super::*;
+
+    /// Records the changes it is given; fails the write of the change
+    /// numbered `fail_at` (counted over all writes) once; waits for a permit
+    /// of `gate` before each batch.
+    struct Recorder {
+        written: Mutex<Vec<(String, bool)>>,
+        fail_at: Mutex<Option<usize>>,
+        gate: Semaphore,
+    }
+
+    impl Recorder {
+        fn new(gate: usize) -> Self {
+            Self {
+                written: Mutex::new(Vec::new()),
+                fail_at: Mutex::new(None),
+                gate: Semaphore::new(gate),
+            }
+        }
+    }
+
+    impl Replay for Recorder {
+        type Change = Change;
+
+        async fn replay(&self, _: &RedisManager, changes: &[Change]) -> Result<(), ReplayError> {
+            self.gate.acquire().await.expect("open").forget();
+            for (i, change) in changes.iter().enumerate() {
+                let mut written = self.written.lock().expect("not poisoned");
+                if *self.fail_at.lock().expect("not poisoned") == Some(written.len()) {
+                    self.fail_at.lock().expect("not poisoned").take();
+                    return Err(ReplayError {
+                        written: i,
+                        error: tower_redis_core::Error::BreakerOpen,
+                    });
+                }
+                written.push((change.key().to_owned(), change.is_delete()));
+            }
+            Ok(())
+        }
+    }
+
+    struct Nothing;
+    impl Recovered for Nothing {}
+
+    fn queue(manager: RedisManager, limit: usize, gate: usize) -> Failover<Recorder, Nothing> {
+        Failover::new(manager, Recorder::new(gate), Nothing, limit)
+    }
+
+    fn offline(limit: usize) -> Failover<Recorder, Nothing> {
+        queue(RedisManager::disabled(), limit, usize::MAX >> 4)
+    }
+
+    async fn online(redis: &TestRedis, gate: usize) -> Failover<Recorder, Nothing> {
+        let config = redis.config().build().expect("config");
+        let manager = RedisManager::connect(config).await.expect("manager");
+        queue(manager, usize::MAX, gate)
+    }
+
+    fn key(i: usize) -> String {
+        format!("{i:043}")
+    }
+
+    fn changes(bytes: usize) -> Changes {
+        let mut changes = Changes::default();
+        changes
+            .entries
+            .insert("blob".to_owned(), Some("x".repeat(bytes)));
+        changes
+    }
+
+    fn save(i: usize, bytes: usize) -> Change {
+        Change::save(&key(i), Some(1), &changes(bytes), 1)
+    }
+
+    fn written(queue: &Failover<Recorder, Nothing>) -> Vec<(String, bool)> {
+        std::mem::take(&mut *queue.redis().written.lock().expect("not poisoned"))
+    }
+
+    fn bytes(queue: &Failover<Recorder, Nothing>) -> usize {
+        queue.queue_usage().bytes
+    }
+
+    /// Whether a session has changes waiting (asked on every read while
+    /// anything is queued) is one hash lookup, whatever the queue's length.
+    /// A scan of 50 000 changes per lookup takes minutes for 100 000
+    /// lookups; the index answers in milliseconds.
+    #[tokio::test]
+    async fn pending_lookup_is_constant_time() {
+        let redis = TestRedis::start().await;
+        let queue = online(&redis, 0).await;
+        let n = 50_000;
+        for i in 0..n {
+            queue
+                .defer(Change::save(&key(i), Some(1), &Changes::default(), 1))
+                .expect("unbounded");
+        }
+        let started = Instant::now();
+        for i in 0..n {
+            assert!(queue.is_pending(&key(i)));
+            assert!(!queue.is_pending(&format!("x{i:042}")));
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{i} lookups took {:?}: the lookup scans the queue",
+                started.elapsed()
+            );
+        }
+        // Sessions being written still count: the writer holds its first
+        // batch until let go.
+        let catch_up = queue.catch_up();
+        tokio::pin!(catch_up);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut catch_up)
+                .await
+                .is_err(),
+            "held"
+        );
+        assert!(queue.is_pending(&key(7)));
+        queue.redis().gate.add_permits(usize::MAX >> 4);
+        catch_up.await;
+        assert!(!queue.is_pending(&key(7)));
+        assert_eq!(written(&queue).len(), n);
+        assert_eq!((queue.queue_usage().changes, bytes(&queue)), (0, 0));
+    }
+
+    #[test]
+    fn deletes_are_never_dropped_and_saves_that_do_not_fit_are_refused() {
+        let limit = 4 * 1024;
+        let queue = offline(limit);
+        queue
+            .defer(Change::delete(&key(0), Some("victim")))
+            .expect("a delete always fits");
+        // An attacker creates and destroys sessions.
+        let mut refused = 0;
+        for i in 1..1_000 {
+            match queue.defer(save(i, 100)) {
+                Ok(()) => queue
+                    .defer(Change::delete(&key(i), None))
+                    .expect("a delete always fits"),
+                Err(full) => {
+                    assert_eq!(full.limit_bytes, limit);
+                    refused += 1;
+                }
+            }
+            assert!(bytes(&queue) <= limit, "{} > {limit}", bytes(&queue));
+        }
+        assert!(refused > 900, "{refused}");
+        // A log out still goes in when the queue is full.
+        queue
+            .defer(Change::delete(&key(5_000), None))
+            .expect("a delete always fits");
+        assert!(queue.is_pending(&key(0)) && queue.is_pending(&key(5_000)));
+    }
+
+    /// The order of the same queue as written: the victim's log out first,
+    /// deletions only, the last log out last.
+    #[tokio::test]
+    async fn deletes_are_never_dropped_and_are_written_in_order() {
+        let redis = TestRedis::start().await;
+        let limit = 4 * 1024;
+        let queue = queue(
+            RedisManager::connect(redis.config().build().expect("config"))
+                .await
+                .expect("manager"),
+            limit,
+            usize::MAX >> 4,
+        );
+        // Nothing is written until the failover is degraded: deferring is.
+        queue
+            .defer(Change::delete(&key(0), Some("victim")))
+            .expect("a delete always fits");
+        for i in 1..1_000 {
+            if queue.defer(save(i, 100)).is_ok() {
+                queue
+                    .defer(Change::delete(&key(i), None))
+                    .expect("a delete always fits");
+            }
+        }
+        queue
+            .defer(Change::delete(&key(5_000), None))
+            .expect("a delete always fits");
+        queue.catch_up().await;
+        let written = written(&queue);
+        // The recovery task may have written some before catch_up: all
+        // in one order either way.
+        assert_eq!(written.first(), Some(&(key(0), true)));
+        assert!(written.iter().all(|(_, delete)| *delete));
+        assert_eq!(written.last(), Some(&(key(5_000), true)));
+    }
+
+    #[tokio::test]
+    async fn a_delete_replaces_the_sessions_queued_changes_and_frees_their_bytes() {
+        let redis = TestRedis::start().await;
+        let queue = online(&redis, 0).await;
+        queue.defer(save(1, 1000)).expect("fits");
+        queue.defer(save(2, 10)).expect("fits");
+        queue
+            .defer(Change::save(&key(1), None, &changes(1000), 2))
+            .expect("fits");
+        let before = bytes(&queue);
+        queue
+            .defer(Change::delete(&key(1), Some("u")))
+            .expect("a delete always fits");
+        assert!(
+            bytes(&queue) < before - 2000,
+            "{} vs {before}",
+            bytes(&queue)
+        );
+        assert_eq!(queue.queue_usage().changes, 2);
+        queue.redis().gate.add_permits(usize::MAX >> 4);
+        queue.catch_up().await;
+        assert_eq!(written(&queue), [(key(2), false), (key(1), true)]);
+    }
+
+    /// Changes that failed to be written keep their place, ahead of newer
+    /// ones; the first failure stops the pass (strict order).
+    #[tokio::test]
+    async fn requeued_changes_keep_their_place_ahead_of_newer_ones() {
+        let redis = TestRedis::start().await;
+        let queue = online(&redis, 0).await;
+        for i in 0..3 {
+            queue.defer(save(i, 10)).expect("fits");
+        }
+        *queue.redis().fail_at.lock().expect("not poisoned") = Some(1);
+        let catch_up = queue.catch_up();
+        tokio::pin!(catch_up);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut catch_up)
+                .await
+                .is_err(),
+            "held"
+        );
+        // A change made while the first pass runs.
+        queue.defer(save(9, 10)).expect("fits");
+        queue.redis().gate.add_permits(1);
+        catch_up.await;
+        assert_eq!(written(&queue), [(key(0), false)]);
+        assert!(!queue.is_pending(&key(0)));
+        assert!(queue.is_pending(&key(1)) && queue.is_pending(&key(2)));
+        queue.redis().gate.add_permits(usize::MAX >> 4);
+        queue.catch_up().await;
+        assert_eq!(
+            written(&queue),
+            [(key(1), false), (key(2), false), (key(9), false)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cycle_is_queued_whole_or_not_at_all() {
+        let redis = TestRedis::start().await;
+        let queue = queue(
+            RedisManager::connect(redis.config().build().expect("config"))
+                .await
+                .expect("manager"),
+            2 * 1024,
+            0,
+        );
+        queue.defer(save(1, 600)).expect("fits");
+        let cycle = |old: usize, user: Option<&str>, new: usize, bytes: usize| {
+            vec![
+                Change::delete(&key(old), user),
+                Change::save(&key(new), Some(1), &changes(bytes), 2),
+            ]
+        };
+        // The old session's queued creation makes room for the new one.
+        queue
+            .defer_all(cycle(1, Some("u"), 2, 600))
+            .expect("fits once the old session's changes are replaced");
+        assert_eq!(queue.queue_usage().changes, 2);
+        // Not enough room for the new session: nothing changes.
+        let before = queue.queue_usage();
+        assert!(queue.defer_all(cycle(2, None, 3, 1900)).is_err());
+        assert_eq!(queue.queue_usage(), before);
+        assert!(queue.is_pending(&key(2)) && !queue.is_pending(&key(3)));
+        queue.redis().gate.add_permits(usize::MAX >> 4);
+        queue.catch_up().await;
+        assert_eq!(written(&queue), [(key(1), true), (key(2), false)]);
+    }
+}
