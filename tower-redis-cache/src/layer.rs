@@ -46,6 +46,8 @@ pub struct CacheLayer {
 const UNCACHEABLE_FOR: Duration = Duration::from_secs(10);
 /// URLs remembered as uncacheable at once.
 const UNCACHEABLE_CAPACITY: u64 = 10_000;
+/// Default [`CacheLayerBuilder::outage_queue_bytes`]: 4 MiB.
+const DEFAULT_OUTAGE_QUEUE_BYTES: usize = 4 << 20;
 
 #[derive(Debug)]
 pub(crate) struct Config {
@@ -100,6 +102,7 @@ impl CacheLayer {
             keep_stale_for: Duration::from_secs(60),
             generate_etags: false,
             memory_bytes: 64 << 20,
+            outage_queue_bytes: DEFAULT_OUTAGE_QUEUE_BYTES,
             unkeyed_headers: DEFAULT_UNKEYED_HEADERS
                 .iter()
                 .map(|h| (*h).to_owned())
@@ -154,6 +157,7 @@ pub struct CacheLayerBuilder {
     keep_stale_for: Duration,
     generate_etags: bool,
     memory_bytes: u64,
+    outage_queue_bytes: usize,
     unkeyed_headers: Vec<String>,
     tag_headers: Vec<String>,
     strip_tag_headers: bool,
@@ -308,6 +312,19 @@ impl CacheLayerBuilder {
         self
     }
 
+    /// The bound, in bytes, of the invalidations and purges queued while
+    /// Redis is unavailable, written to it when it answers again (default
+    /// 4 MiB, some 25,000 invalidations). They are never dropped: past the
+    /// bound, the queue instead gets one soft purge of everything this
+    /// layer stored, so that after the outage every entry from before it
+    /// is stale (revalidated before it is served fresh) rather than some
+    /// invalidation lost; invalidations and soft purges that follow are
+    /// then covered by it and not queued. Hard purges are always queued.
+    pub fn outage_queue_bytes(mut self, bytes: usize) -> Self {
+        self.outage_queue_bytes = bytes;
+        self
+    }
+
     /// The response headers that carry tags: `Surrogate-Key`
     /// (space-separated) and `Cache-Tag` (comma-separated) by default. Any
     /// other name is read as a comma- or space-separated list.
@@ -435,6 +452,7 @@ impl CacheLayerBuilder {
                         near: self.near_cache,
                         index_depth: self.index_depth,
                         lock_ttl: self.lock_ttl,
+                        outage_queue_bytes: self.outage_queue_bytes,
                     },
                 )),
                 routes: self.routes,

@@ -21,10 +21,10 @@ impl CacheStore {
         variant: Option<&str>,
         purpose: LockPurpose,
     ) -> LockAttempt {
-        if !self.redis.manager.is_available() {
+        if !self.redis().manager.is_available() {
             return LockAttempt::Unavailable;
         }
-        self.redis
+        self.redis()
             .lock(url_hash, variant, purpose)
             .await
             .unwrap_or(LockAttempt::Unavailable)
@@ -33,7 +33,7 @@ impl CacheStore {
     /// Releases a fill lock without storing (the response was not
     /// storable) and wakes the waiters.
     pub(crate) async fn unlock(&self, lock: LockToken, url_hash: &str) {
-        let _ = self.redis.unlock(lock, url_hash).await;
+        let _ = self.redis().unlock(lock, url_hash).await;
     }
 
     /// The variant field a request selects, when this instance knows the

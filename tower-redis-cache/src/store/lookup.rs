@@ -21,11 +21,10 @@ impl CacheStore {
         extra: &str,
     ) -> (Lookup, Tier) {
         self.bus.ensure_started();
-        if self.outage.is_degraded() && self.redis.manager.is_available() {
-            // Redis is back: replay the outage's invalidations and purges
-            // before reading, so this answer already reflects them.
-            self.track_outage(true).await;
-        }
+        // Redis is back: the outage's invalidations and purges are written
+        // before this read, so that its answer already reflects them. One
+        // atomic load while healthy.
+        self.failover.catch_up().await;
         let near = self.near.as_ref().filter(|_| self.bus.near_usable());
         if let Some(near) = near
             && let Found::Entry(entry) = near.find(url_hash, request, extra)
@@ -35,19 +34,22 @@ impl CacheStore {
         let epoch = self.bus.epoch();
         let hint = self.vary_hints.get(url_hash);
         let previous_hint = hint.clone();
-        let (from_redis, (found, vary_seen)) =
-            match self.redis.lookup(url_hash, request, extra, hint).await {
-                Ok(found) => (true, found),
-                Err(_) => {
-                    let Ok(found) = self.memory.lookup(url_hash, request, extra, None).await;
-                    (false, found)
-                }
-            };
-        let tier = if self.track_outage(from_redis).await {
+        let served = self
+            .failover
+            .run(
+                |redis| redis.lookup(url_hash, request, extra, hint),
+                |memory, _| async move {
+                    let Ok(found) = memory.lookup(url_hash, request, extra, None).await;
+                    found
+                },
+            )
+            .await;
+        let tier = if served.is_fallback() {
             Tier::Degraded
         } else {
             Tier::Redis
         };
+        let (found, vary_seen) = served.value;
         self.update_vary_hint(url_hash, previous_hint, vary_seen.as_deref(), tier);
         let lookup = match found {
             Found::Entry(entry) => {
@@ -62,9 +64,9 @@ impl CacheStore {
             Found::NoVariant => Lookup::VaryMiss,
             Found::Corrupt(field) => {
                 tracing::warn!(target: "tower_redis_cache", "deleting a corrupt or foreign cache entry");
-                let key = self.redis.redis_key(url_hash);
+                let key = self.redis().redis_key(url_hash);
                 let _ = self
-                    .redis
+                    .redis()
                     .manager
                     .query::<()>(redis::cmd("HDEL").arg(&key).arg(field))
                     .await;

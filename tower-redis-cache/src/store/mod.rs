@@ -4,12 +4,13 @@
 //!
 //! [`EntryStore`] is the cache's verbs on one place entries live, with a
 //! Redis ([`RedisStore`]) and a memory ([`MemoryStore`]) implementation.
-//! [`CacheStore`] composes the two for the service: Redis when it answers
-//! (through core's failover), else the in-process store, with the outage
-//! bookkeeping of `outage.rs` (when Redis answers again the in-process
-//! entries are dropped and invalidations and purges made meanwhile are
-//! replayed). By job: `lookup.rs`, `purge.rs` (and invalidation),
-//! `lock.rs` (fill locks), `outage.rs`.
+//! [`CacheStore`] composes the two for the service through core's
+//! [`Failover`](tower_redis_core::degrade::Failover): Redis when it
+//! answers, else the in-process store; invalidations and purges Redis
+//! missed are queued and written when it answers again (before the next
+//! lookup), then the in-process entries are dropped. By job: `lookup.rs`,
+//! `purge.rs` (and invalidation), `lock.rs` (fill locks), `outage.rs` (the
+//! queued changes, their replay and the queue's overflow policy).
 
 mod lock;
 mod lookup;
@@ -30,7 +31,8 @@ use crate::bus::Bus;
 use crate::entry::Entry;
 use crate::key;
 pub(crate) use memory::MemoryStore;
-use outage::Outage;
+pub(crate) use outage::OutageChange;
+use outage::StoreFailover;
 use redis_store::{Op, RedisStore};
 use tower_redis_core::clock;
 
@@ -213,17 +215,18 @@ pub(crate) struct StoreOptions {
     pub(crate) near: Option<(u64, Duration)>,
     pub(crate) index_depth: usize,
     pub(crate) lock_ttl: Duration,
+    /// The bound of the outage queue (see `outage.rs`).
+    pub(crate) outage_queue_bytes: usize,
 }
 
 pub(crate) struct CacheStore {
-    redis: RedisStore,
-    memory: MemoryStore,
+    /// Redis, or the in-process store while it is unavailable.
+    failover: StoreFailover,
     near: Option<Arc<MemoryStore>>,
     pub(crate) bus: Arc<Bus>,
     /// The `Vary` names last seen per URL, so that a lookup is a plain
     /// `HMGET` instead of a script.
     vary_hints: moka::sync::Cache<String, String>,
-    outage: Outage,
     /// Stores waiting for a response body to finish, for [`CacheStore::flushed`].
     in_flight: AtomicUsize,
     flushed: tokio::sync::Notify,
@@ -244,7 +247,7 @@ impl Drop for InFlight {
 impl std::fmt::Debug for CacheStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CacheStore")
-            .field("manager", &self.redis.manager)
+            .field("manager", &self.redis().manager)
             .finish_non_exhaustive()
     }
 }
@@ -256,15 +259,19 @@ impl CacheStore {
             .map(|(bytes, ttl)| Arc::new(MemoryStore::new(bytes, Some(ttl))));
         let bus = Arc::new(Bus::new(manager.clone(), near.clone()));
         let vary_hint_bytes = (options.memory_bytes / VARY_HINT_SHARE).max(MIN_VARY_HINT_BYTES);
+        let redis = RedisStore {
+            channel: bus.channel().to_owned(),
+            manager: manager.clone(),
+            index_depth: options.index_depth,
+            lock_ttl: options.lock_ttl,
+        };
+        let memory = MemoryStore::new(options.memory_bytes, None);
         Self {
-            memory: MemoryStore::new(options.memory_bytes, None),
+            failover: StoreFailover::builder(manager, redis, memory)
+                .queue_bytes(options.outage_queue_bytes)
+                .name("cache")
+                .build(),
             near,
-            redis: RedisStore {
-                channel: bus.channel().to_owned(),
-                manager,
-                index_depth: options.index_depth,
-                lock_ttl: options.lock_ttl,
-            },
             bus,
             vary_hints: moka::sync::Cache::builder()
                 .max_capacity(vary_hint_bytes)
@@ -273,11 +280,18 @@ impl CacheStore {
                         .unwrap_or(u32::MAX)
                 })
                 .build(),
-            outage: Outage::default(),
             in_flight: AtomicUsize::new(0),
             flushed: tokio::sync::Notify::new(),
             counters: Counters::default(),
         }
+    }
+
+    fn redis(&self) -> &RedisStore {
+        self.failover.redis()
+    }
+
+    fn memory(&self) -> &MemoryStore {
+        self.failover.memory()
     }
 
     /// Marks a store as started; it counts until the guard is dropped.
@@ -309,14 +323,15 @@ impl CacheStore {
         if let Some(near) = &self.near {
             near.remove(&put.url_hash);
         }
-        let from_redis = match self.redis.put(&put, lock.as_ref()).await {
-            Ok(()) => true,
-            Err(_) => {
-                let Ok(()) = self.memory.put(&put, None).await;
-                false
-            }
-        };
-        self.track_outage(from_redis).await;
+        let put = &put;
+        self.failover
+            .run(
+                |redis| redis.put(put, lock.as_ref()),
+                |memory, _| async move {
+                    let Ok(()) = memory.put(put, None).await;
+                },
+            )
+            .await;
     }
 
     /// An entry for the admin surface: the variant with no request headers.
@@ -330,16 +345,16 @@ impl CacheStore {
     /// Live URLs and an estimate of their bytes in Redis (sampled with
     /// `MEMORY USAGE`), or in the in-process store while Redis is down.
     pub(crate) async fn size(&self) -> (u64, u64, bool) {
-        let root = self.redis.index_key("cx", "/");
+        let root = self.redis().index_key("cx", "/");
         let now_ms = clock::now_ms();
         let counted = async {
             let entries: u64 = self
-                .redis
+                .redis()
                 .manager
                 .query(redis::cmd("ZCOUNT").arg(&root).arg(now_ms).arg("+inf"))
                 .await?;
             let sample: Vec<String> = self
-                .redis
+                .redis()
                 .manager
                 .query(
                     redis::cmd("ZRANGE")
@@ -359,12 +374,12 @@ impl CacheStore {
                     let mut usage = redis::cmd("MEMORY");
                     usage
                         .arg("USAGE")
-                        .arg(self.redis.redis_key(&key::hash_url(url)));
+                        .arg(self.redis().redis_key(&key::hash_url(url)));
                     Op::Cmd(usage)
                 })
                 .collect();
             let found: Vec<u64> = self
-                .redis
+                .redis()
                 .run_ops(&ops)
                 .await?
                 .into_iter()
@@ -384,7 +399,7 @@ impl CacheStore {
         match counted {
             Ok((entries, bytes)) => (entries, bytes, false),
             Err(_) => {
-                let (entries, bytes) = self.memory.size();
+                let (entries, bytes) = self.memory().size();
                 (entries, bytes, true)
             }
         }
@@ -410,6 +425,7 @@ mod tests {
                 near: None,
                 index_depth: 4,
                 lock_ttl: Duration::from_secs(5),
+                outage_queue_bytes: 1 << 20,
             },
         )
     }
@@ -464,5 +480,117 @@ mod tests {
                 "{url}: still fresh for {ttl} s after a soft purge"
             );
         }
+    }
+
+    /// More invalidations during an outage than the queue holds: the queue
+    /// stays bounded (past its bound, one soft purge of everything instead
+    /// of the rest), and once Redis is back no entry stored before the
+    /// outage is served as fresh: each is either gone or stale.
+    #[tokio::test]
+    async fn an_outage_with_more_invalidations_than_fit_leaves_no_entry_fresh() {
+        let redis = TestRedis::start().await;
+        let config = redis.config().failure_threshold(1).build().unwrap();
+        let manager = RedisManager::connect(config).await.unwrap();
+        let store = CacheStore::new(
+            manager.clone(),
+            StoreOptions {
+                memory_bytes: 1 << 20,
+                near: None,
+                index_depth: 4,
+                lock_ttl: Duration::from_secs(5),
+                outage_queue_bytes: 2_000,
+            },
+        );
+        let now = clock::now_ms();
+        let urls: Vec<String> = (0..100)
+            .map(|i| format!("//shop.example/item/{i}"))
+            .collect();
+        for url in &urls {
+            store.put(put(url, now), None).await;
+        }
+        redis.pause().await;
+        for url in &urls {
+            store.invalidate(&[key::hash_url(url)]).await;
+        }
+        let usage = store.failover.queue_usage();
+        assert!(store.failover.is_degraded());
+        assert!(
+            usage.bytes <= usage.limit_bytes + 400 && usage.changes < 20,
+            "the queue grew past its bound: {usage:?}"
+        );
+        redis.resume().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while !manager.is_available() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "Redis never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let now = clock::now_ms();
+        for url in &urls {
+            let (found, tier) = store
+                .lookup(&key::hash_url(url), &HeaderMap::new(), "")
+                .await;
+            assert_eq!(tier, Tier::Redis, "{url}");
+            if let Lookup::Hit(entry) = found {
+                let ttl = entry.ttl(now);
+                assert!(
+                    ttl <= 0,
+                    "{url}: invalidated during the outage, yet fresh for {ttl} s"
+                );
+            }
+        }
+        assert_eq!(store.failover.queue_usage().changes, 0);
+        assert!(!store.failover.is_degraded());
+    }
+
+    /// An entry kept in process during one outage is dropped when Redis is
+    /// back: the next outage does not serve it (Redis may since hold newer).
+    #[tokio::test]
+    async fn the_in_process_store_is_dropped_when_redis_is_back() {
+        let redis = TestRedis::start().await;
+        let config = redis.config().failure_threshold(1).build().unwrap();
+        let manager = RedisManager::connect(config).await.unwrap();
+        let store = CacheStore::new(
+            manager.clone(),
+            StoreOptions {
+                memory_bytes: 1 << 20,
+                near: None,
+                index_depth: 4,
+                lock_ttl: Duration::from_secs(5),
+                outage_queue_bytes: 1 << 20,
+            },
+        );
+        let url = "//shop.example/outage-only";
+        let hash = key::hash_url(url);
+        let now = clock::now_ms();
+        redis.pause().await;
+        store.put(put(url, now), None).await;
+        let (found, tier) = store.lookup(&hash, &HeaderMap::new(), "").await;
+        assert!(matches!(found, Lookup::Hit(_)) && tier == Tier::Degraded);
+        redis.resume().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let (found, tier) = store.lookup(&hash, &HeaderMap::new(), "").await;
+            if tier == Tier::Redis {
+                assert!(matches!(found, Lookup::UriMiss), "{found:?}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "Redis never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!store.failover.is_degraded());
+        redis.pause().await;
+        let (found, tier) = store.lookup(&hash, &HeaderMap::new(), "").await;
+        assert_eq!(tier, Tier::Degraded);
+        assert!(
+            matches!(found, Lookup::UriMiss),
+            "an entry from the previous outage was kept: {found:?}"
+        );
+        redis.resume().await;
     }
 }

@@ -1,116 +1,186 @@
-//! The cache's own outage bookkeeping: whether the in-process store is in
-//! use, and the invalidations and purges that could not reach Redis, to be
-//! replayed when it answers again.
+//! What the cache queues while Redis is unavailable, through core's
+//! [`Failover`]: the invalidations and purges Redis missed
+//! ([`OutageChange`]), written by [`RedisStore`]'s [`Replay`] once it
+//! answers (before the next lookup: see `lookup.rs`), and the in-process
+//! store dropped by [`MemoryStore`]'s [`Recovered`] when the outage ends.
 //!
-//! Kept apart behind this small API so that it can be swapped for core's
-//! shared failover later; it behaves as the cache always has: at most
-//! [`MAX_PENDING`] writes are remembered, later ones are dropped with a
-//! warning, and the replay runs on the first Redis answer after the outage.
+//! Every change is a delete, so core never refuses nor drops one. The queue
+//! still stays bounded by bytes (`outage_queue_bytes`) through an explicit
+//! overflow policy: once its bytes pass the bound, ONE soft purge of
+//! everything this layer stored is queued ([`OutageChange::collapsed`]),
+//! and from then until it is written the invalidations and soft purges that
+//! follow are left out: the soft purge covers them (it marks stale every
+//! entry stored before it runs, so nothing from before the outage is served
+//! as fresh afterwards). Hard purges are still queued one by one (a soft
+//! purge does not cover them; only the admin surface makes them).
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use tower_redis_core::RedisManager;
+use tower_redis_core::degrade::{Deferred, Failover, Recovered, Replay, ReplayError};
 
-use tower_redis_core::sync::lock;
-
+use super::memory::MemoryStore;
+use super::redis_store::RedisStore;
 use super::{CacheStore, Target};
 
-/// Invalidations and purges remembered during an outage, at most.
-const MAX_PENDING: usize = 10_000;
+/// The pair the cache talks to: Redis, or the in-process store.
+pub(crate) type StoreFailover = Failover<RedisStore, MemoryStore>;
 
-/// A write that could not reach Redis, replayed when it answers again.
+/// The bookkeeping of one queued change beyond its key (and target).
+const CHANGE_OVERHEAD: usize = 96;
+
+/// The key of the overflow's soft purge of everything.
+const COLLAPSED_KEY: &str = "outage:collapsed";
+
+/// An invalidation or purge Redis missed, written when it answers again.
 #[derive(Debug, Clone)]
-pub(crate) enum Pending {
-    Invalidate(String),
+pub(crate) struct OutageChange {
+    /// The URL hash of an invalidation; the target (and hardness) of a
+    /// purge: a later change of the same key replaces a queued one.
+    key: String,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Invalidate,
     Purge(Target, Option<u64>),
+    /// The overflow policy's soft purge of everything (the time it was
+    /// queued, this instance's clock, for the log; Redis marks with its own).
+    Collapsed(u64),
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct Outage {
-    /// Set while the in-process store is in use; cleared (and the store
-    /// emptied) on the first Redis answer after.
-    degraded: AtomicBool,
-    pending: Mutex<Vec<Pending>>,
-}
-
-impl Outage {
-    /// An answer came from the in-process store.
-    pub(crate) fn mark_degraded(&self) {
-        self.degraded.store(true, Ordering::Release);
-    }
-
-    pub(crate) fn is_degraded(&self) -> bool {
-        self.degraded.load(Ordering::Acquire)
-    }
-
-    /// Redis answered: true exactly once per outage, for the caller that
-    /// must then drop the in-process entries and [`replay`](Self::take_pending).
-    pub(crate) fn end(&self) -> bool {
-        self.degraded.load(Ordering::Acquire) && self.degraded.swap(false, Ordering::AcqRel)
-    }
-
-    /// Remembers writes that could not reach Redis (and marks the outage).
-    pub(crate) fn defer(&self, writes: impl IntoIterator<Item = Pending>) {
-        self.mark_degraded();
-        let mut pending = lock(&self.pending);
-        for write in writes {
-            if pending.len() < MAX_PENDING {
-                pending.push(write);
-            } else {
-                tracing::warn!(target: "tower_redis_cache", "too many invalidations during the Redis outage; some stale entries may be served after it");
-                break;
-            }
+impl OutageChange {
+    pub(crate) fn invalidate(url_hash: &str) -> Self {
+        Self {
+            key: url_hash.to_owned(),
+            kind: Kind::Invalidate,
         }
     }
 
-    /// The writes to replay, in the order they were made.
-    pub(crate) fn take_pending(&self) -> Vec<Pending> {
-        std::mem::take(&mut *lock(&self.pending))
+    pub(crate) fn purge(target: &Target, soft_at: Option<u64>) -> Self {
+        let hardness = if soft_at.is_some() { "soft" } else { "hard" };
+        let target_key = match target {
+            Target::Tag(tag) => format!("tag:{tag}"),
+            Target::Prefix(prefix) => format!("prefix:{prefix}"),
+            Target::Path(path) => format!("path:{path}"),
+            Target::Url(url) => format!("url:{url}"),
+            Target::All => "all".to_owned(),
+        };
+        Self {
+            // Hard and soft apart: a soft purge must not replace a hard one.
+            key: format!("purge:{hardness}:{target_key}"),
+            kind: Kind::Purge(target.clone(), soft_at),
+        }
     }
 
-    /// Writes whose replay failed: tried again on the next Redis answer.
-    pub(crate) fn retry_later(&self, failed: Vec<Pending>) {
-        if !failed.is_empty() {
-            lock(&self.pending).extend(failed);
-            self.mark_degraded();
+    /// "Mark stale everything this layer stored before now": what the
+    /// queue collapses into when it passes its bound.
+    pub(crate) fn collapsed(at_ms: u64) -> Self {
+        Self {
+            key: COLLAPSED_KEY.to_owned(),
+            kind: Kind::Collapsed(at_ms),
         }
+    }
+
+    /// Whether the overflow's soft purge of everything makes this change
+    /// unnecessary.
+    fn is_covered_by_collapse(&self) -> bool {
+        match &self.kind {
+            Kind::Invalidate | Kind::Collapsed(_) => true,
+            Kind::Purge(_, soft_at) => soft_at.is_some(),
+        }
+    }
+}
+
+impl Deferred for OutageChange {
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn weight(&self) -> usize {
+        let target = match &self.kind {
+            Kind::Purge(
+                Target::Tag(s) | Target::Prefix(s) | Target::Path(s) | Target::Url(s),
+                _,
+            ) => s.len(),
+            _ => 0,
+        };
+        self.key.len() + target + CHANGE_OVERHEAD
+    }
+
+    fn is_delete(&self) -> bool {
+        true
+    }
+}
+
+impl Replay for RedisStore {
+    type Change = OutageChange;
+
+    /// Oldest first; consecutive invalidations go in one pipeline.
+    async fn replay(
+        &self,
+        _manager: &RedisManager,
+        changes: &[OutageChange],
+    ) -> Result<(), ReplayError> {
+        let mut written = 0;
+        while written < changes.len() {
+            let rest = &changes[written..];
+            let invalidations = rest
+                .iter()
+                .take_while(|change| matches!(change.kind, Kind::Invalidate))
+                .count();
+            let result = match &rest[0].kind {
+                Kind::Invalidate => self
+                    .run_ops(&self.delete_ops(rest[..invalidations].iter().map(|c| c.key())))
+                    .await
+                    .map(|_| ()),
+                Kind::Purge(target, soft_at) => {
+                    self.purge_indexed(target, *soft_at).await.map(|_| ())
+                }
+                Kind::Collapsed(at_ms) => self
+                    .purge_indexed(&Target::All, Some(*at_ms))
+                    .await
+                    .map(|_| ()),
+            };
+            result.map_err(|error| ReplayError { written, error })?;
+            written += invalidations.max(1);
+        }
+        Ok(())
+    }
+}
+
+impl Recovered for MemoryStore {
+    /// Redis is back and has every outage change: the in-process entries
+    /// are dropped, as they may be older than what Redis now holds.
+    fn recovered(&self) {
+        self.clear();
+        tracing::info!(target: "tower_redis_cache", "Redis is back: in-process cache entries dropped");
     }
 }
 
 impl CacheStore {
-    /// Keeps the outage bookkeeping after an answer (`from_redis`, or from
-    /// the in-process store): marks the outage, or, on the first Redis
-    /// answer after one, drops the in-process entries and replays the
-    /// writes Redis missed. Returns true for an answer from the outage.
-    pub(super) async fn track_outage(&self, from_redis: bool) -> bool {
-        if !from_redis {
-            self.outage.mark_degraded();
-            return true;
+    /// Queues invalidations or purges for Redis (and marks the outage),
+    /// with the overflow policy of the [module](self).
+    pub(super) fn defer(&self, changes: impl IntoIterator<Item = OutageChange>) {
+        let failover = &self.failover;
+        let collapsed = failover.is_pending(COLLAPSED_KEY);
+        let changes: Vec<OutageChange> = changes
+            .into_iter()
+            .filter(|change| !(collapsed && change.is_covered_by_collapse()))
+            .collect();
+        if !changes.is_empty() {
+            // Deletes only: never refused.
+            let _ = failover.defer_all(changes);
         }
-        if self.outage.end() {
-            self.memory.clear();
-            self.replay().await;
-            tracing::info!(target: "tower_redis_cache", "Redis is back: in-process cache entries dropped");
+        let usage = failover.queue_usage();
+        if !collapsed && usage.bytes > usage.limit_bytes {
+            tracing::warn!(
+                target: "tower_redis_cache",
+                limit_bytes = usage.limit_bytes,
+                "the outage queue is full: when Redis is back, every entry stored before is marked stale instead of invalidated one by one"
+            );
+            let now = tower_redis_core::clock::now_ms();
+            let _ = failover.defer(OutageChange::collapsed(now));
         }
-        false
-    }
-
-    /// Replays what could not reach Redis during the outage.
-    async fn replay(&self) {
-        let mut failed = Vec::new();
-        for write in self.outage.take_pending() {
-            let result = match &write {
-                Pending::Invalidate(url_hash) => self
-                    .redis
-                    .run_ops(&self.redis.delete_ops(std::iter::once(url_hash.as_str())))
-                    .await
-                    .map(|_| 0),
-                Pending::Purge(target, soft_at) => self.redis.purge_indexed(target, *soft_at).await,
-            };
-            if result.is_err() {
-                failed.push(write);
-            }
-        }
-        self.outage.retry_later(failed);
     }
 }
 
@@ -119,29 +189,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_outage_ends_once_and_keeps_its_writes_in_order() {
-        let outage = Outage::default();
-        assert!(!outage.end(), "no outage yet");
-        outage.defer([
-            Pending::Invalidate("a".into()),
-            Pending::Purge(Target::All, None),
-        ]);
-        assert!(outage.is_degraded());
-        assert!(outage.end());
-        assert!(!outage.end(), "a second Redis answer replays nothing");
-        let pending = outage.take_pending();
-        assert!(
-            matches!(&pending[..], [Pending::Invalidate(a), Pending::Purge(Target::All, None)] if a == "a")
+    fn purge_keys_keep_hard_and_soft_apart_and_never_meet_url_hashes() {
+        let hard = OutageChange::purge(&Target::Tag("a".into()), None);
+        let soft = OutageChange::purge(&Target::Tag("a".into()), Some(1));
+        assert_ne!(hard.key(), soft.key());
+        assert_eq!(
+            hard.key(),
+            OutageChange::purge(&Target::Tag("a".into()), None).key()
         );
-        outage.retry_later(pending);
-        assert!(outage.is_degraded());
-        assert_eq!(outage.take_pending().len(), 2);
-    }
-
-    #[test]
-    fn the_queue_is_bounded() {
-        let outage = Outage::default();
-        outage.defer((0..MAX_PENDING + 5).map(|i| Pending::Invalidate(i.to_string())));
-        assert_eq!(outage.take_pending().len(), MAX_PENDING);
+        assert_ne!(
+            OutageChange::purge(&Target::Url("a".into()), None).key(),
+            OutageChange::purge(&Target::Path("a".into()), None).key()
+        );
+        let invalidation = OutageChange::invalidate(&crate::key::hash_url("//h/a"));
+        assert!(!invalidation.key().contains(':'));
+        assert!(hard.is_delete() && invalidation.is_delete());
+        assert!(invalidation.is_covered_by_collapse() && soft.is_covered_by_collapse());
+        assert!(!hard.is_covered_by_collapse());
     }
 }

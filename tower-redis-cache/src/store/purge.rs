@@ -5,9 +5,8 @@
 
 use tower_redis_core::redis::{self, Value};
 
-use super::outage::Pending;
 use super::redis_store::{self, Op, RedisStore};
-use super::{CacheStore, EntryStore, Purged, Target};
+use super::{CacheStore, EntryStore, OutageChange, Purged, Target};
 use crate::bus::Bus;
 use crate::key;
 
@@ -17,20 +16,23 @@ const PURGE_BATCH: usize = 500;
 impl CacheStore {
     /// Deletes every variant of these URLs (RFC 9111 §4.4 invalidation).
     pub(crate) async fn invalidate(&self, url_hashes: &[String]) {
-        let Ok(()) = self.memory.invalidate(url_hashes).await;
+        let Ok(()) = self.memory().invalidate(url_hashes).await;
         if let Some(near) = &self.near {
             let Ok(()) = near.invalidate(url_hashes).await;
         }
         if url_hashes.is_empty() {
             return;
         }
-        match self.redis.invalidate(url_hashes).await {
-            Ok(()) => {
-                self.track_outage(true).await;
-            }
-            Err(_) => self
-                .outage
-                .defer(url_hashes.iter().cloned().map(Pending::Invalidate)),
+        let served = self
+            .failover
+            .run(|redis| redis.invalidate(url_hashes), |_, _| async {})
+            .await;
+        if served.is_fallback() {
+            self.defer(
+                url_hashes
+                    .iter()
+                    .map(|url_hash| OutageChange::invalidate(url_hash)),
+            );
         }
     }
 
@@ -46,15 +48,15 @@ impl CacheStore {
         if let Some(near) = &self.near {
             let Ok(_) = near.purge(target, None).await;
         }
-        let Ok(local_count) = self.memory.purge(target, soft_at).await;
-        match self.redis.purge(target, soft_at).await {
+        let Ok(local_count) = self.memory().purge(target, soft_at).await;
+        match self.redis().purge(target, soft_at).await {
             Ok(urls) => Purged {
                 urls,
                 deferred: false,
             },
             Err(error) => {
                 tracing::warn!(target: "tower_redis_cache", %error, "purge deferred: Redis is unavailable; purged in process, replayed on Redis when it is back");
-                self.outage.defer([Pending::Purge(target.clone(), soft_at)]);
+                self.defer([OutageChange::purge(target, soft_at)]);
                 Purged {
                     urls: local_count,
                     deferred: true,

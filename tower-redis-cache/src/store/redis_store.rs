@@ -43,17 +43,6 @@ pub(crate) static SOFT_PURGE: LazyLock<Script> =
 /// Variants kept per URL before the URL's entries start over.
 const MAX_VARIANTS: u32 = 32;
 
-/// Why Redis did not answer.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum StoreError {
-    /// The breaker was open, or the operation failed or timed out; core has
-    /// already logged and counted the fallback.
-    #[error("Redis is unavailable")]
-    Unavailable,
-    #[error(transparent)]
-    Redis(#[from] tower_redis_core::Error),
-}
-
 /// The shared side of the cache: entries, indexes, locks and
 /// announcements in Redis.
 #[derive(Debug)]
@@ -72,22 +61,6 @@ impl RedisStore {
 
     pub(super) fn index_key(&self, kind: &str, name: &str) -> String {
         self.manager.keys().key(&[kind, name])
-    }
-
-    /// Runs `op` through core's failover (which accounts the breaker and
-    /// counts the fallback); a fallback is [`StoreError::Unavailable`].
-    async fn failover<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
-    where
-        F: FnOnce(RedisConnection) -> Fut,
-        Fut: Future<Output = RedisResult<T>>,
-    {
-        self.manager
-            .failover(
-                |conn| async move { op(conn).await.map(Ok) },
-                |_| async { Err(StoreError::Unavailable) },
-            )
-            .await
-            .value
     }
 
     pub(super) async fn run_ops(&self, ops: &[Op]) -> Result<Vec<Value>, tower_redis_core::Error> {
@@ -109,10 +82,12 @@ impl RedisStore {
     }
 }
 
-/// Lookups, writes and invalidations go through core's failover; purges
-/// and locks report Redis' own error (see `purge.rs` and `lock.rs`).
+/// Redis' own errors: [`CacheStore`](super::CacheStore) runs lookups,
+/// writes and invalidations through core's failover (which counts the
+/// fallback); purges and locks report the error (see `purge.rs` and
+/// `lock.rs`).
 impl EntryStore for RedisStore {
-    type Error = StoreError;
+    type Error = tower_redis_core::Error;
 
     async fn lookup(
         &self,
@@ -120,15 +95,20 @@ impl EntryStore for RedisStore {
         request: &HeaderMap,
         extra: &str,
         vary_hint: Option<String>,
-    ) -> Result<(Found, Option<String>), StoreError> {
+    ) -> Result<(Found, Option<String>), tower_redis_core::Error> {
         let key = self.redis_key(url_hash);
-        self.failover(|conn| lookup(conn, &key, request, extra, vary_hint))
+        self.manager
+            .run(|conn| lookup(conn, &key, request, extra, vary_hint))
             .await
     }
 
     /// The entry, its index records, the lock release and the
     /// announcement: one pipelined round trip.
-    async fn put(&self, put: &Put, unlock: Option<&LockToken>) -> Result<(), StoreError> {
+    async fn put(
+        &self,
+        put: &Put,
+        unlock: Option<&LockToken>,
+    ) -> Result<(), tower_redis_core::Error> {
         let key = self.redis_key(&put.url_hash);
         let mut indexes: Vec<String> = key::directories(&put.url, self.index_depth)
             .into_iter()
@@ -142,18 +122,24 @@ impl EntryStore for RedisStore {
             unlock: unlock.map(LockToken::as_str),
             announce: Some((&self.channel, &message)),
         };
-        self.failover(|conn| self::put(conn, &key, put, &extras))
+        self.manager
+            .run(|conn| self::put(conn, &key, put, &extras))
             .await
     }
 
-    async fn invalidate(&self, url_hashes: &[String]) -> Result<(), StoreError> {
+    async fn invalidate(&self, url_hashes: &[String]) -> Result<(), tower_redis_core::Error> {
         let ops = &self.delete_ops(url_hashes.iter().map(String::as_str));
-        self.failover(|mut conn| async move { run_ops(&mut conn, ops).await.map(|_| ()) })
+        self.manager
+            .run(|mut conn| async move { run_ops(&mut conn, ops).await.map(|_| ()) })
             .await
     }
 
-    async fn purge(&self, target: &Target, soft_at: Option<u64>) -> Result<u64, StoreError> {
-        Ok(self.purge_indexed(target, soft_at).await?)
+    async fn purge(
+        &self,
+        target: &Target,
+        soft_at: Option<u64>,
+    ) -> Result<u64, tower_redis_core::Error> {
+        self.purge_indexed(target, soft_at).await
     }
 
     async fn lock(
@@ -161,13 +147,12 @@ impl EntryStore for RedisStore {
         url_hash: &str,
         variant: Option<&str>,
         purpose: LockPurpose,
-    ) -> Result<LockAttempt, StoreError> {
-        Ok(self.take_lock(url_hash, variant, purpose).await?)
+    ) -> Result<LockAttempt, tower_redis_core::Error> {
+        self.take_lock(url_hash, variant, purpose).await
     }
 
-    async fn unlock(&self, lock: LockToken, url_hash: &str) -> Result<(), StoreError> {
-        self.release_lock(lock, url_hash).await?;
-        Ok(())
+    async fn unlock(&self, lock: LockToken, url_hash: &str) -> Result<(), tower_redis_core::Error> {
+        self.release_lock(lock, url_hash).await
     }
 }
 
