@@ -367,3 +367,32 @@ async fn concurrent_answers_end_an_outage_once() {
         assert_eq!(recoveries, usize::try_from(outage).expect("small"));
     }
 }
+
+/// A caller of `catch_up` (the cache, before each lookup after an outage)
+/// waits at most about one command timeout for a replay that is stuck,
+/// and the change it could not finish stays queued.
+#[tokio::test]
+async fn catch_up_waits_at_most_a_command_timeout() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(&redis).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let store = Store {
+        gate: Some(Arc::clone(&gate)),
+        ..Store::default()
+    };
+    let failover = failover(manager, store);
+    failover.defer(set("a", "1")).expect("fits");
+    assert!(failover.is_degraded());
+    let started = std::time::Instant::now();
+    tokio::time::timeout(DEADLINE, failover.catch_up())
+        .await
+        .expect("catch_up returns");
+    let waited = started.elapsed();
+    // The command timeout is 300 ms; 1.5 s leaves room for a loaded machine.
+    assert!(waited < Duration::from_millis(1_500), "waited {waited:?}");
+    assert!(failover.is_pending("a"), "not written: still pending");
+    assert!(failover.is_degraded());
+    gate.add_permits(1);
+    wait_for_recovery(&failover, 0).await;
+    assert!(!failover.is_pending("a"));
+}

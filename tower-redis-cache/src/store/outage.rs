@@ -162,7 +162,9 @@ impl CacheStore {
     /// with the overflow policy of the [module](self).
     pub(super) fn defer(&self, changes: impl IntoIterator<Item = OutageChange>) {
         let failover = &self.failover;
-        let collapsed = failover.is_pending(COLLAPSED_KEY);
+        // Only a collapse still queued covers what comes now: one being
+        // written may already have passed the pages these changes touch.
+        let collapsed = failover.is_queued(COLLAPSED_KEY);
         let changes: Vec<OutageChange> = changes
             .into_iter()
             .filter(|change| !(collapsed && change.is_covered_by_collapse()))

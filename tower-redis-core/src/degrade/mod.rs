@@ -404,6 +404,13 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
         self.shared.queue.contains(key)
     }
 
+    /// Whether `key` has changes still waiting to be written, not counting
+    /// those being written right now (a change being written may already be
+    /// partly in Redis).
+    pub fn is_queued(&self, key: &str) -> bool {
+        self.shared.queue.is_queued(key)
+    }
+
     /// Whether the memory side has been used since Redis last recovered.
     pub fn is_degraded(&self) -> bool {
         self.shared.degraded.load(Ordering::Acquire)
@@ -424,10 +431,18 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
     /// instead of leaving it to the recovery task. For a layer whose next
     /// read must already see the outage's changes (the cache's purges).
     /// Nothing at all while healthy but one atomic load.
+    ///
+    /// The caller waits at most one command timeout: a long queue (or one
+    /// that keeps failing) is left to the recovery task, and the caller
+    /// goes on (the write in progress is cancel-safe: what it did not
+    /// finish stays queued).
     pub async fn catch_up(&self) {
-        if self.is_degraded()
-            && self.shared.manager.is_available()
-            && let recovery::Drained::Empty { wrote: true } = recovery::drain(&self.shared).await
+        if !self.is_degraded() || !self.shared.manager.is_available() {
+            return;
+        }
+        let within = self.shared.manager.command_timeout();
+        if let Ok(recovery::Drained::Empty { wrote: true }) =
+            tokio::time::timeout(within, recovery::drain(&self.shared)).await
         {
             recovery::finish(&self.shared);
         }

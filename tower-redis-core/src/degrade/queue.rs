@@ -114,6 +114,17 @@ impl<C: Deferred> OutageQueue<C> {
         self.len.load(Ordering::Acquire) > 0 && self.lock().index.contains_key(key)
     }
 
+    /// Whether `key` has changes still queued, not counting those being
+    /// written.
+    pub(crate) fn is_queued(&self, key: &str) -> bool {
+        self.len.load(Ordering::Acquire) > 0
+            && self
+                .lock()
+                .index
+                .get(key)
+                .is_some_and(|waiting| !waiting.queued.is_empty())
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.len.load(Ordering::Acquire)
     }
@@ -283,6 +294,21 @@ mod tests {
         let changes = batch.changes.clone();
         queue.settle(batch, changes.len());
         changes
+    }
+
+    #[test]
+    fn a_change_being_written_is_pending_but_no_longer_queued() {
+        let queue = OutageQueue::new(1_000);
+        push(&queue, save("k", 10)).expect("fits");
+        assert!(queue.is_queued("k") && queue.contains("k"));
+        let batch = queue.take(1);
+        assert!(!queue.is_queued("k"), "taken for writing");
+        assert!(queue.contains("k"), "still pending until settled");
+        push(&queue, save("k", 10)).expect("fits");
+        assert!(queue.is_queued("k"), "a newer change of the key is queued");
+        queue.settle(batch, 1);
+        drain(&queue);
+        assert!(!queue.is_queued("k") && !queue.contains("k"));
     }
 
     #[test]
