@@ -51,6 +51,8 @@ struct Store {
     fail: Vec<usize>,
     attempts: AtomicUsize,
     gate: Option<Arc<Semaphore>>,
+    /// A key every write of which fails (Redis keeps refusing it).
+    refused_key: Option<String>,
 }
 
 impl Replay for Store {
@@ -62,7 +64,7 @@ impl Replay for Store {
             if let Some(gate) = &self.gate {
                 gate.acquire().await.expect("open").forget();
             }
-            if self.fail.contains(&attempt) {
+            if self.fail.contains(&attempt) || self.refused_key.as_ref() == Some(&change.key) {
                 return Err(ReplayError {
                     written: i,
                     error: Error::Timeout(Duration::ZERO),
@@ -208,9 +210,12 @@ async fn a_failed_replay_keeps_the_order_and_is_retried() {
         .collect();
     failover.defer_all(changes.clone()).expect("fits");
     wait_for_recovery(&failover, 0).await;
+    // k1 and k2 failed: each holds back only its own key; the other keys
+    // are written in the same pass, and the two on the retry.
+    let order = [0, 3, 4, 5, 6, 1, 2].map(|i| changes[i].clone());
     assert_eq!(
         *failover.redis().written.lock().expect("not poisoned"),
-        changes
+        order
     );
     assert!(failover.redis().attempts.load(Ordering::Acquire) >= changes.len() + 2);
     assert_eq!(failover.memory().recoveries.load(Ordering::Acquire), 1);
@@ -395,4 +400,43 @@ async fn catch_up_waits_at_most_a_command_timeout() {
     gate.add_permits(1);
     wait_for_recovery(&failover, 0).await;
     assert!(!failover.is_pending("a"));
+}
+
+/// A key Redis keeps refusing (a wrong type, a script error, its cluster
+/// node down while the breaker stays closed) holds back its own later
+/// changes only: every other key is written, in order.
+#[tokio::test]
+async fn a_key_that_keeps_failing_holds_back_only_its_own_changes() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(&redis).await;
+    let store = Store {
+        refused_key: Some("bad".to_owned()),
+        ..Store::default()
+    };
+    let failover = failover(manager, store);
+    let changes = vec![
+        set("bad", "1"),
+        set("a", "1"),
+        set("bad", "2"),
+        set("b", "1"),
+        set("a", "2"),
+    ];
+    failover.defer_all(changes).expect("fits");
+    tokio::time::timeout(DEADLINE, async {
+        while failover.is_pending("a") || failover.is_pending("b") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the other keys are written while `bad` keeps failing");
+    assert_eq!(
+        *failover.redis().written.lock().expect("not poisoned"),
+        [set("a", "1"), set("b", "1"), set("a", "2")]
+    );
+    assert!(failover.is_pending("bad"), "still queued, retried");
+    assert!(
+        failover.is_degraded(),
+        "the outage lasts while a change waits"
+    );
+    assert_eq!(failover.queue_usage().changes, 2);
 }

@@ -11,7 +11,7 @@
 //!   lookup, and no lock at all while the queue is empty.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -149,17 +149,26 @@ impl<C: Deferred> OutageQueue<C> {
         empty
     }
 
-    /// Takes up to `max` changes from the front. Until they are settled,
-    /// their keys count as waiting and their weight as used.
-    pub(crate) fn take(&self, max: usize) -> Batch<C> {
+    /// Takes up to `max` changes from the front, passing over the changes
+    /// of the `held` keys (a key whose oldest change failed keeps its later
+    /// ones back; other keys go on). Until they are settled, their keys
+    /// count as waiting and their weight as used.
+    pub(crate) fn take(&self, max: usize, held: &HashSet<String>) -> Batch<C> {
         let mut inner = self.lock();
         let mut batch = Batch {
             slots: Vec::new(),
             changes: Vec::new(),
         };
-        while batch.changes.len() < max {
-            let Some((seq, queued)) = inner.changes.pop_first() else {
-                break;
+        let seqs: Vec<u64> = inner
+            .changes
+            .iter()
+            .filter(|(_, queued)| held.is_empty() || !held.contains(queued.change.key()))
+            .take(max)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in seqs {
+            let Some(queued) = inner.changes.remove(&seq) else {
+                continue;
             };
             if let Some(waiting) = inner.index.get_mut(queued.change.key()) {
                 // Taken oldest first: it is the front of its key's list.
@@ -290,7 +299,7 @@ mod tests {
     }
 
     fn drain(queue: &OutageQueue<Change>) -> Vec<Change> {
-        let batch = queue.take(usize::MAX);
+        let batch = queue.take(usize::MAX, &HashSet::new());
         let changes = batch.changes.clone();
         queue.settle(batch, changes.len());
         changes
@@ -301,7 +310,7 @@ mod tests {
         let queue = OutageQueue::new(1_000);
         push(&queue, save("k", 10)).expect("fits");
         assert!(queue.is_queued("k") && queue.contains("k"));
-        let batch = queue.take(1);
+        let batch = queue.take(1, &HashSet::new());
         assert!(!queue.is_queued("k"), "taken for writing");
         assert!(queue.contains("k"), "still pending until settled");
         push(&queue, save("k", 10)).expect("fits");
@@ -381,7 +390,7 @@ mod tests {
         for key in ["a", "b", "c", "d"] {
             push(&queue, save(key, 1)).expect("fits");
         }
-        let batch = queue.take(3);
+        let batch = queue.take(3, &HashSet::new());
         assert_eq!(batch.changes.len(), 3);
         // Being written: still pending.
         assert!(queue.contains("a") && queue.contains("c"));

@@ -1,6 +1,7 @@
 //! The recovery of a [`Failover`](super::Failover): writing the outage queue
 //! to Redis when it is back, and ending the outage.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -88,17 +89,27 @@ async fn recover<R: Replay, M: Recovered>(
 /// Writes the queue to Redis, oldest first, in batches; one writer at a
 /// time. Cancel-safe: a batch whose write is abandoned goes back to the
 /// front of the queue.
+///
+/// A change that fails holds back the later changes of its key only: the
+/// other keys are still written in this pass (one key Redis keeps refusing,
+/// or one cluster node down, does not stall every other key). When Redis
+/// itself is unavailable the pass stops at once.
 pub(super) async fn drain<R: Replay, M>(shared: &Shared<R, M>) -> Drained {
     let _one_writer = shared.draining.lock().await;
     let mut wrote = false;
+    let mut held = HashSet::new();
     loop {
         let mut taken = Taken {
             queue: &shared.queue,
-            batch: Some(shared.queue.take(shared.batch)),
+            batch: Some(shared.queue.take(shared.batch, &held)),
         };
         let changes = taken.changes();
         if changes.is_empty() {
-            return Drained::Empty { wrote };
+            return if held.is_empty() {
+                Drained::Empty { wrote }
+            } else {
+                Drained::Failed
+            };
         }
         let count = changes.len();
         let result = shared.redis.replay(&shared.manager, changes).await;
@@ -106,6 +117,7 @@ pub(super) async fn drain<R: Replay, M>(shared: &Shared<R, M>) -> Drained {
             Ok(()) => count,
             Err(stopped) => stopped.written.min(count),
         };
+        let failed_key = changes.get(written).map(|change| change.key().to_owned());
         taken.settle(written);
         if written > 0 {
             wrote = true;
@@ -121,7 +133,12 @@ pub(super) async fn drain<R: Replay, M>(shared: &Shared<R, M>) -> Drained {
                 still_queued = shared.queue.len(),
                 "writing the outage queue to Redis failed; retrying"
             );
-            return Drained::Failed;
+            match failed_key {
+                Some(key) if shared.manager.is_available() => {
+                    held.insert(key);
+                }
+                _ => return Drained::Failed,
+            }
         }
     }
 }
