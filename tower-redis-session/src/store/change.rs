@@ -289,7 +289,16 @@ mod tests {
         );
         assert!(queue.is_pending(&key(7)));
         queue.redis().gate.add_permits(usize::MAX >> 4);
+        // `catch_up` waits at most a command timeout; the recovery task
+        // writes the rest.
         catch_up.await;
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while queue.queue_usage().changes > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the queue is written");
         assert!(!queue.is_pending(&key(7)));
         assert_eq!(written(&queue).len(), n);
         assert_eq!((queue.queue_usage().changes, bytes(&queue)), (0, 0));
