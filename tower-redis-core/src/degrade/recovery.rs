@@ -45,6 +45,9 @@ async fn recover<R: Replay, M: Recovered>(
     mut states: watch::Receiver<BreakerState>,
     recover_on_probe: bool,
 ) {
+    // However the task ends (a replay that panicked, the manager gone),
+    // the next operation of the failover starts a new one.
+    let _restart = Restart(failover.clone());
     let mut retry: Option<Duration> = None;
     // The breaker closed since the last pass: its probe got an answer.
     let mut answered = false;
@@ -82,6 +85,19 @@ async fn recover<R: Replay, M: Recovered>(
             }
             () = wake.notified() => {}
             () = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
+        }
+    }
+}
+
+/// Lets the failover start a new recovery task once this one has ended.
+struct Restart<R: Replay, M>(Weak<Shared<R, M>>);
+
+impl<R: Replay, M> Drop for Restart<R, M> {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared
+                .task_started
+                .store(false, std::sync::atomic::Ordering::Release);
         }
     }
 }
@@ -145,15 +161,21 @@ pub(super) async fn drain<R: Replay, M>(shared: &Shared<R, M>) -> Drained {
 
 /// Ends the outage when nothing is waiting for Redis: clears the degraded
 /// flag, tells the memory side, bumps the epoch. Once per outage.
+///
+/// The memory side is told before the flag is cleared, under the queue's
+/// lock: what a fallback puts in the memory side after it was told stays
+/// (the flag cleared a moment too early is set again by the next fallback),
+/// rather than a new outage's state being dropped as the old one's.
 pub(super) fn finish<R: Replay, M: Recovered>(shared: &Shared<R, M>) {
+    use std::sync::atomic::Ordering;
     let mut ended = false;
     shared.queue.if_empty(|| {
-        ended = shared
-            .degraded
-            .swap(false, std::sync::atomic::Ordering::AcqRel);
+        if shared.degraded.load(Ordering::Acquire) {
+            shared.memory.recovered();
+            ended = shared.degraded.swap(false, Ordering::AcqRel);
+        }
     });
     if ended {
-        shared.memory.recovered();
         shared.epoch.send_modify(|epoch| *epoch += 1);
         record_degraded(shared.name, false);
         tracing::info!(target: "tower_redis", layer = shared.name, "Redis is back: outage changes written, in-process store released");
@@ -181,5 +203,61 @@ impl<C: Deferred> Taken<'_, C> {
 impl<C: Deferred> Drop for Taken<'_, C> {
     fn drop(&mut self) {
         self.settle(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Barrier;
+
+    use super::*;
+    use crate::RedisManager;
+    use crate::degrade::{Failover, NoChange, ReplayError};
+
+    struct Nothing;
+
+    impl Replay for Nothing {
+        type Change = NoChange;
+        async fn replay(&self, _: &RedisManager, _: &[NoChange]) -> Result<(), ReplayError> {
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct Counted(AtomicUsize);
+
+    impl Recovered for Counted {
+        fn recovered(&self) {
+            self.0.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// `finish` is reached from the recovery task, from `catch_up` and from
+    /// every Redis answer while degraded: whoever comes second, even on
+    /// another thread at the same instant, must not end the outage again
+    /// (the memory side would drop what a new outage put in it).
+    #[test]
+    fn finish_ends_an_outage_once_whoever_calls_it() {
+        let failover = Failover::new(RedisManager::disabled(), Nothing, Counted::default(), 1);
+        let shared = &failover.shared;
+        finish(shared);
+        assert_eq!(shared.memory.0.load(Ordering::Acquire), 0, "not degraded");
+        let outages = 300;
+        for outage in 1..=outages {
+            shared.degraded.store(true, Ordering::Release);
+            let barrier = Barrier::new(4);
+            std::thread::scope(|scope| {
+                for _ in 0..4 {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        finish(shared);
+                        finish(shared);
+                    });
+                }
+            });
+            assert_eq!(shared.memory.0.load(Ordering::Acquire), outage);
+            assert_eq!(*shared.epoch.borrow(), outage as u64);
+        }
     }
 }
