@@ -253,7 +253,10 @@ impl<C: Deferred> Inner<C> {
             && queued.change.merge(&change)
         {
             let weight = queued.change.weight();
-            self.bytes = self.bytes.saturating_sub(queued.weight).saturating_add(weight);
+            self.bytes = self
+                .bytes
+                .saturating_sub(queued.weight)
+                .saturating_add(weight);
             queued.weight = weight;
             return;
         }

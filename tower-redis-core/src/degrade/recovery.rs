@@ -208,8 +208,8 @@ impl<C: Deferred> Drop for Taken<'_, C> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Barrier;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
     use crate::RedisManager;
