@@ -582,3 +582,93 @@ async fn a_large_neighbour_cookie_does_not_hide_the_session() {
         assert_eq!(send(&app, "GET", "/get/cart", Some(&line)).await.1, "3");
     }
 }
+
+/// During an outage a client creating sessions as fast as it can must not
+/// evict the copy of another visitor's session whose changes still wait for
+/// Redis: until they are written, that copy is the only place the session's
+/// newest state can be read, and losing it logs the visitor out.
+#[tokio::test]
+async fn a_flood_of_new_sessions_during_an_outage_does_not_evict_a_session_with_changes_waiting() {
+    const COPIES: u64 = 16 * 1024;
+    let redis = TestRedis::start().await;
+    let manager = manager(&redis).await;
+    let (app, _, store) = start_app(
+        SessionLayer::builder(manager.clone())
+            .local_capacity_bytes(COPIES)
+            .outage_queue_bytes(1 << 20)
+            .max_session_bytes(4 * 1024),
+    );
+    let (_, _, victim) = send(&app, "POST", "/set/secret/before", None).await;
+    let victim = cookie_pair(&victim.expect("victim session"));
+    assert_eq!(
+        send(&app, "GET", "/get/secret", Some(&victim)).await.1,
+        "before"
+    );
+
+    redis.pause().await;
+    send(&app, "POST", "/set/secret/during", Some(&victim)).await;
+    // 300 sessions of about 600 bytes: far more than the copies' 16 KiB.
+    for _ in 0..300 {
+        let (status, body, _) = send(&app, "POST", "/fill/blob/400", None).await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+        let usage = store.local_usage();
+        assert!(usage.local_copies_bytes <= COPIES, "{usage:?}");
+        assert!(usage.pinned_copies_bytes <= COPIES + (1 << 20), "{usage:?}");
+    }
+    assert_eq!(
+        send(&app, "GET", "/get/secret", Some(&victim)).await.1,
+        "during",
+        "the victim's session, with its change waiting, was evicted"
+    );
+
+    redis.resume().await;
+    wait_for_breaker(&manager, BreakerState::Closed, Duration::from_secs(15)).await;
+    drained(&store).await;
+    assert_eq!(
+        send(&app, "GET", "/get/secret", Some(&victim)).await.1,
+        "during"
+    );
+}
+
+/// One visitor saving its session over and over during an outage must not
+/// fill the outage queue for everyone: repeated saves of the same entries
+/// take the room of one, so another visitor's new session still fits.
+#[tokio::test]
+async fn repeated_saves_of_one_session_during_an_outage_do_not_fill_the_queue() {
+    const QUEUE: usize = 16 * 1024;
+    let redis = TestRedis::start().await;
+    let manager = manager(&redis).await;
+    let (app, _, store) = start_app(
+        SessionLayer::builder(manager.clone())
+            .outage_queue_bytes(QUEUE)
+            .max_session_bytes(1024),
+    );
+    let (_, _, flooder) = send(&app, "POST", "/set/k/0", None).await;
+    let flooder = cookie_pair(&flooder.expect("session"));
+
+    redis.pause().await;
+    let mut last = String::new();
+    for i in 0..500 {
+        last = format!("{i:0100}");
+        send(&app, "POST", &format!("/set/k/{last}"), Some(&flooder)).await;
+        let usage = store.local_usage();
+        assert!(usage.queued_bytes <= QUEUE, "{usage:?}");
+    }
+    let (_, body, victim) = send(&app, "POST", "/set/secret/v", None).await;
+    assert_eq!(body, "ok");
+    let victim = cookie_pair(&victim.expect("the queue still had room for a new session"));
+    assert_eq!(store.local_usage().queued_changes, 2);
+
+    redis.resume().await;
+    wait_for_breaker(&manager, BreakerState::Closed, Duration::from_secs(15)).await;
+    drained(&store).await;
+    assert_eq!(send(&app, "GET", "/get/secret", Some(&victim)).await.1, "v");
+    assert_eq!(send(&app, "GET", "/get/k", Some(&flooder)).await.1, last);
+    let mut conn = redis.connection().await.expect("connection");
+    let keys = session_keys(&redis).await;
+    assert_eq!(keys.len(), 2, "both sessions are in Redis: {keys:?}");
+    let _: () = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .expect("PING");
+}
