@@ -5,13 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::Path;
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use http::{Request, header};
-use http_body_util::BodyExt;
-use tower::ServiceExt;
 use tower_redis_core::testing::{TestRedis, wait_for_breaker};
 use tower_redis_core::{BreakerState, RedisManager, redis};
 use tower_redis_session::{
@@ -19,26 +15,14 @@ use tower_redis_session::{
     SessionStore,
 };
 
-struct Gates {
-    loaded: tokio::sync::Notify,
-    proceed: tokio::sync::Notify,
-}
-
-impl Gates {
-    async fn hold(&self) {
-        self.loaded.notify_one();
-        self.proceed.notified().await;
-    }
-}
+mod support;
+use support::{Gates, cookie_pair, session_keys, within};
 
 /// The app, the gates its `/gated-*` routes wait on, and its store.
 fn start_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>, SessionStore) {
     let layer = builder.build().expect("valid session layer");
     let store = layer.store().clone();
-    let gates = Arc::new(Gates {
-        loaded: tokio::sync::Notify::new(),
-        proceed: tokio::sync::Notify::new(),
-    });
+    let gates = Gates::new();
     let router = Router::new()
         .route(
             "/get/{key}",
@@ -136,55 +120,21 @@ fn start_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>, SessionStore)
     (router, gates, store)
 }
 
+/// [`support::send`] without the response head.
 async fn send(
     app: &Router,
     method: &str,
     path: &str,
     cookie: Option<&str>,
 ) -> (u16, String, Option<String>) {
-    let mut request = Request::builder().method(method).uri(path);
-    if let Some(cookie) = cookie {
-        request = request.header(header::COOKIE, cookie);
-    }
-    let response = app
-        .clone()
-        .oneshot(request.body(Body::empty()).expect("request"))
-        .await
-        .expect("infallible");
-    let set_cookie = response
-        .headers()
-        .get(header::SET_COOKIE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let (parts, body) = response.into_parts();
-    let body =
-        String::from_utf8(body.collect().await.expect("body").to_bytes().to_vec()).expect("utf-8");
-    (parts.status.as_u16(), body, set_cookie)
-}
-
-fn cookie_pair(set_cookie: &str) -> String {
-    set_cookie.split(';').next().expect("pair").to_owned()
+    let (status, body, set_cookie, _) = support::send(app, method, path, cookie).await;
+    (status, body, set_cookie)
 }
 
 async fn manager(redis: &TestRedis) -> RedisManager {
     RedisManager::connect(redis.config().failure_threshold(1).build().expect("config"))
         .await
         .expect("manager")
-}
-
-async fn session_keys(redis: &TestRedis) -> Vec<String> {
-    let mut conn = redis.connection().await.expect("connection");
-    redis::cmd("KEYS")
-        .arg("*:s")
-        .query_async(&mut conn)
-        .await
-        .expect("KEYS")
-}
-
-async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(10), future)
-        .await
-        .unwrap_or_else(|_| panic!("{what} took over 10 s"))
 }
 
 #[tokio::test]
