@@ -24,16 +24,7 @@ fn start_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>, SessionStore)
     let store = layer.store().clone();
     let gates = Gates::new();
     let router = Router::new()
-        .route(
-            "/get/{key}",
-            get(|session: Session, Path(key): Path<String>| async move {
-                session
-                    .get::<String>(&key)
-                    .await
-                    .expect("json")
-                    .unwrap_or_else(|| "none".to_owned())
-            }),
-        )
+        .route("/get/{key}", get(support::get_entry))
         .route(
             "/set/{key}/{value}",
             post(
@@ -59,19 +50,7 @@ fn start_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>, SessionStore)
                 },
             ),
         )
-        .route(
-            "/gated-set/{key}/{value}",
-            post(
-                |session: Session,
-                 Extension(gates): Extension<Arc<Gates>>,
-                 Path((key, value)): Path<(String, String)>| async move {
-                    let _ = session.get::<String>(&key).await;
-                    gates.hold().await;
-                    session.insert(&key, value).await.expect("json");
-                    "set"
-                },
-            ),
-        )
+        .route("/gated-set/{key}/{value}", post(support::gated_set))
         .route(
             "/gated-get/{key}",
             get(
@@ -84,15 +63,7 @@ fn start_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>, SessionStore)
                 },
             ),
         )
-        .route(
-            "/login/{user}",
-            post(|session: Session, Path(user): Path<String>| async move {
-                session.cycle_id().await;
-                session.set_user(&user).await;
-                session.insert("user", user).await.expect("json");
-                "welcome"
-            }),
-        )
+        .route("/login/{user}", post(support::login))
         .route(
             "/gated-login/{user}",
             post(
@@ -108,13 +79,7 @@ fn start_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>, SessionStore)
                 },
             ),
         )
-        .route(
-            "/logout",
-            post(|session: Session| async move {
-                session.destroy().await;
-                "bye"
-            }),
-        )
+        .route("/logout", post(support::logout))
         .layer(Extension(Arc::clone(&gates)))
         .layer(layer);
     (router, gates, store)

@@ -22,16 +22,7 @@ fn routes() -> Router {
 fn routes_with(gates: Arc<Gates>) -> Router {
     Router::new()
         .route("/nothing", get(|| async { "ok" }))
-        .route(
-            "/get/{key}",
-            get(|session: Session, Path(key): Path<String>| async move {
-                session
-                    .get::<String>(&key)
-                    .await
-                    .expect("json")
-                    .unwrap_or_else(|| "none".to_owned())
-            }),
-        )
+        .route("/get/{key}", get(support::get_entry))
         .route(
             "/set/{key}/{value}",
             post(
@@ -79,28 +70,8 @@ fn routes_with(gates: Arc<Gates>) -> Router {
                 },
             ),
         )
-        .route(
-            "/gated-set/{key}/{value}",
-            post(
-                |session: Session,
-                 Extension(gates): Extension<Arc<Gates>>,
-                 Path((key, value)): Path<(String, String)>| async move {
-                    let _ = session.get::<String>(&key).await;
-                    gates.hold().await;
-                    session.insert(&key, value).await.expect("json");
-                    "set"
-                },
-            ),
-        )
-        .route(
-            "/login/{user}",
-            post(|session: Session, Path(user): Path<String>| async move {
-                session.cycle_id().await;
-                session.set_user(&user).await;
-                session.insert("user", user).await.expect("json");
-                "welcome"
-            }),
-        )
+        .route("/gated-set/{key}/{value}", post(support::gated_set))
+        .route("/login/{user}", post(support::login))
         .route(
             "/gated-login/{user}",
             post(
@@ -128,13 +99,7 @@ fn routes_with(gates: Arc<Gates>) -> Router {
                 session.user().await.unwrap_or_else(|| "nobody".to_owned())
             }),
         )
-        .route(
-            "/logout",
-            post(|session: Session| async move {
-                session.destroy().await;
-                "bye"
-            }),
-        )
+        .route("/logout", post(support::logout))
         .layer(Extension(gates))
 }
 

@@ -8,13 +8,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
+use axum::extract::Path;
+use axum::{Extension, Router};
 use http::{Request, Response, header};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 use tower_redis_core::redis;
 use tower_redis_core::testing::TestRedis;
+use tower_redis_session::Session;
 
 /// Points where a test holds a handler, so that requests overlap exactly
 /// as the test says instead of by timing.
@@ -105,4 +107,40 @@ pub(crate) async fn session_keys(redis: &TestRedis) -> Vec<String> {
         .query_async(&mut conn)
         .await
         .expect("KEYS")
+}
+
+/// `GET /get/{key}`: the entry as a string, or `none`.
+pub(crate) async fn get_entry(session: Session, Path(key): Path<String>) -> String {
+    session
+        .get::<String>(&key)
+        .await
+        .expect("json")
+        .unwrap_or_else(|| "none".to_owned())
+}
+
+/// `POST /gated-set/{key}/{value}`: loads the entry, waits at the gates,
+/// then sets it.
+pub(crate) async fn gated_set(
+    session: Session,
+    Extension(gates): Extension<Arc<Gates>>,
+    Path((key, value)): Path<(String, String)>,
+) -> &'static str {
+    let _ = session.get::<String>(&key).await;
+    gates.hold().await;
+    session.insert(&key, value).await.expect("json");
+    "set"
+}
+
+/// `POST /login/{user}`: a new id, the user, and a `user` entry.
+pub(crate) async fn login(session: Session, Path(user): Path<String>) -> &'static str {
+    session.cycle_id().await;
+    session.set_user(&user).await;
+    session.insert("user", user).await.expect("json");
+    "welcome"
+}
+
+/// `POST /logout`: the session ends.
+pub(crate) async fn logout(session: Session) -> &'static str {
+    session.destroy().await;
+    "bye"
 }
