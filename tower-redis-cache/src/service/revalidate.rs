@@ -297,6 +297,10 @@ impl Validated {
             response_time,
         );
         if let (false, Ok(storable)) = (unkeyed, storable) {
+            refreshed.headers.remove(header::AGE);
+            if storable.directives.drop_set_cookie {
+                refreshed.headers.remove(header::SET_COOKIE);
+            }
             refreshed.response_time_ms = clock::epoch_ms(response_time);
             refreshed.initial_age =
                 freshness::initial_age(&not_modified.headers, request_time, response_time);
