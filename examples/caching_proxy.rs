@@ -168,9 +168,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .request_cache_control(RequestCacheControl::Ignore)
         .store_set_cookie(args.store_set_cookie);
     if let Some(cap) = args.heuristic {
-        cache = cache
-            .heuristic_freshness(true)
-            .heuristic_freshness_cap(cap);
+        cache = cache.heuristic_freshness(true).heuristic_freshness_cap(cap);
     }
     let cache = cache.build()?;
 
@@ -620,7 +618,13 @@ mod tests {
             &["--upstream", "http://x", "--listen", "nowhere"],
             &["--upstream", "http://x", "--bogus"],
             &["--upstream", "http://x", "--heuristic-cap", "600"],
-            &["--upstream", "http://x", "--heuristic", "--heuristic-cap", "0"],
+            &[
+                "--upstream",
+                "http://x",
+                "--heuristic",
+                "--heuristic-cap",
+                "0",
+            ],
             &["--upstream", "http://x", "--heuristic=yes"],
             &["--upstream", "http://x", "--store-set-cookie=1"],
         ] {

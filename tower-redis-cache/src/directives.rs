@@ -420,7 +420,10 @@ mod tests {
             Some(60),
             "parameters and unknown members are ignored"
         );
-        assert!(targeted_of(&["none"]).is_some(), "no known directive: still valid");
+        assert!(
+            targeted_of(&["none"]).is_some(),
+            "no known directive: still valid"
+        );
         for invalid in [
             "max-age=\"60\"",
             "max-age=60.0",

@@ -57,9 +57,8 @@ pub(crate) fn directives_of(headers: &HeaderMap, rules: &Rules) -> ResponseDirec
         .or_else(|| directives::response(headers, &header::CACHE_CONTROL))
         .unwrap_or_default();
     if rules.store_set_cookie {
-        let only_set_cookie = |fields: &[String]| {
-            !fields.is_empty() && fields.iter().all(|f| f == "set-cookie")
-        };
+        let only_set_cookie =
+            |fields: &[String]| !fields.is_empty() && fields.iter().all(|f| f == "set-cookie");
         // Every `private` was qualified with Set-Cookie alone.
         if d.private && only_set_cookie(&d.private_fields) {
             d.private = false;
@@ -344,7 +343,10 @@ pub(crate) fn stale_windows(stored: &ResponseDirectives, route: &Route) -> Stale
             .unwrap_or(0),
         if_error: stored
             .stale_if_error
-            .or(route.stale_if_error.filter(|_| defaults).map(|d| d.as_secs()))
+            .or(route
+                .stale_if_error
+                .filter(|_| defaults)
+                .map(|d| d.as_secs()))
             .unwrap_or(0),
     }
 }
@@ -593,7 +595,11 @@ mod tests {
         r.heuristic = Some(Duration::from_secs(86_400));
         assert_eq!(check(&[], 200, &res, &r, &any), Ok(86_400));
         r.heuristic = Some(Duration::from_secs(600));
-        assert_eq!(check(&[], 200, &res, &r, &any), Ok(600), "the cap is configurable");
+        assert_eq!(
+            check(&[], 200, &res, &r, &any),
+            Ok(600),
+            "the cap is configurable"
+        );
     }
 
     #[test]
@@ -698,7 +704,10 @@ mod tests {
         };
         assert_eq!(age("30"), Ok(Some(30)));
         assert_eq!(age(" 7200 , 0"), Ok(Some(7200)));
-        assert_eq!(age("99999999999999999999999"), Ok(Some(directives::MAX_DELTA)));
+        assert_eq!(
+            age("99999999999999999999999"),
+            Ok(Some(directives::MAX_DELTA))
+        );
         for invalid in ["old, 0", "-5", "1.5", "", "30s", "0x10"] {
             assert_eq!(age(invalid), Err(()), "{invalid:?}");
         }
@@ -740,12 +749,18 @@ mod tests {
             ("cache-control", "max-age=60, private=\"set-cookie\""),
             ("set-cookie", "a=b"),
         ];
-        assert_eq!(check(&[], 200, &qualified, &r, &any), Err(NotStored::Private));
+        assert_eq!(
+            check(&[], 200, &qualified, &r, &any),
+            Err(NotStored::Private)
+        );
         let mut cookies = rules();
         cookies.store_set_cookie = true;
         assert_eq!(check(&[], 200, &qualified, &cookies, &any), Ok(60));
         let other = [("cache-control", "max-age=60, private=\"set-cookie, x\"")];
-        assert_eq!(check(&[], 200, &other, &cookies, &any), Err(NotStored::Private));
+        assert_eq!(
+            check(&[], 200, &other, &cookies, &any),
+            Err(NotStored::Private)
+        );
     }
 
     #[test]

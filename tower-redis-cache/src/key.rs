@@ -665,7 +665,10 @@ mod tests {
             selecting_value(&headers, "accept-language").as_deref(),
             Some("en-GB,fr;q=0.5")
         );
-        assert_eq!(selecting_value(&headers, "x-q").as_deref(), Some("a,\"b c\""));
+        assert_eq!(
+            selecting_value(&headers, "x-q").as_deref(),
+            Some("a,\"b c\"")
+        );
     }
 
     #[test]

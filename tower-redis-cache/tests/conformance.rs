@@ -315,8 +315,16 @@ async fn cdn_cache_control_that_is_not_a_valid_dictionary_is_ignored() {
         f.get(path, &[]).await;
     }
     assert_eq!(f.calls("/wrong-type"), 2, "Cache-Control: no-store applies");
-    assert_eq!(f.calls("/unparsable"), 1, "Cache-Control: max-age=60 applies");
-    assert_eq!(f.calls("/valid"), 1, "CDN-Cache-Control: max-age=60 applies");
+    assert_eq!(
+        f.calls("/unparsable"),
+        1,
+        "Cache-Control: max-age=60 applies"
+    );
+    assert_eq!(
+        f.calls("/valid"),
+        1,
+        "CDN-Cache-Control: max-age=60 applies"
+    );
 }
 
 /// RFC 9110 §5.6.7 (recipients accept the asctime and RFC 850 formats,
@@ -336,14 +344,20 @@ async fn expires_is_read_leniently_and_invalid_means_expired() {
         ("/invalid", "soon"),
     ] {
         let expires = expires.to_owned();
-        f.on(path, move |_, _| respond(200, &[("expires", expires.as_str())], "x"));
+        f.on(path, move |_, _| {
+            respond(200, &[("expires", expires.as_str())], "x")
+        });
         f.get(path, &[]).await;
         f.get(path, &[]).await;
     }
     assert_eq!(f.calls("/asctime"), 1);
     assert_eq!(f.calls("/lower-case"), 1);
     assert_eq!(f.calls("/upper-case"), 1);
-    assert_eq!(f.calls("/invalid"), 2, "an invalid Expires is already expired");
+    assert_eq!(
+        f.calls("/invalid"),
+        2,
+        "an invalid Expires is already expired"
+    );
 }
 
 /// RFC 9110 §13.1.3 and RFC 9111 §4.3.2: a fresh entry without
@@ -362,11 +376,15 @@ async fn if_modified_since_is_evaluated_against_date_without_last_modified() {
     });
     f.get("/dated", &[]).await;
     let later = format_date(hours_from_now(1), false);
-    let not_modified = f.get("/dated", &[("if-modified-since", later.as_str())]).await;
+    let not_modified = f
+        .get("/dated", &[("if-modified-since", later.as_str())])
+        .await;
     assert_eq!(not_modified.status, 304, "{}", not_modified.cache_status());
     assert_eq!(not_modified.body, "");
     let earlier = format_date(hours_from_now(-1), false);
-    let full = f.get("/dated", &[("if-modified-since", earlier.as_str())]).await;
+    let full = f
+        .get("/dated", &[("if-modified-since", earlier.as_str())])
+        .await;
     assert_eq!((full.status, full.body.as_str()), (200, "dated"));
     assert_eq!(f.calls("/dated"), 1, "both answered from the cache");
 }
@@ -380,7 +398,12 @@ async fn must_understand_stores_no_store_responses_with_an_understood_status() {
     let cc = [("cache-control", "no-store, must-understand, max-age=60")];
     f.always("/understood", 200, &cc, "ok");
     f.always("/unknown-status", 299, &cc, "odd");
-    f.always("/no-store", 200, &[("cache-control", "no-store, max-age=60")], "x");
+    f.always(
+        "/no-store",
+        200,
+        &[("cache-control", "no-store, max-age=60")],
+        "x",
+    );
     for path in ["/understood", "/unknown-status", "/no-store"] {
         f.get(path, &[]).await;
         f.get(path, &[]).await;
@@ -413,7 +436,9 @@ async fn no_cache_responses_are_stored_and_revalidated_on_every_use() {
             answer.cache_status()
         );
         assert_eq!(f.calls("/no-cache"), use_);
-        let conditional = f.origin.request("/no-cache", usize::try_from(use_).unwrap());
+        let conditional = f
+            .origin
+            .request("/no-cache", usize::try_from(use_).unwrap());
         assert_eq!(conditional["if-none-match"], "\"n1\"");
     }
 }
@@ -443,14 +468,21 @@ async fn store_set_cookie_keeps_the_field_unless_a_qualifier_names_it() {
     f.on("/public", script("public, max-age=60"));
     f.on("/private", script("max-age=60, private=\"Set-Cookie\""));
     f.on("/no-cache", script("max-age=60, no-cache=\"set-cookie\""));
-    f.on("/other", script("max-age=60, private=\"Set-Cookie, X-Other\""));
+    f.on(
+        "/other",
+        script("max-age=60, private=\"Set-Cookie, X-Other\""),
+    );
     for path in ["/public", "/private", "/no-cache", "/other"] {
         let first = f.get(path, &[]).await;
         assert_eq!(first.header("set-cookie"), Some("id=1"), "{path}");
     }
     let public = f.get("/public", &[]).await;
     assert_eq!(f.calls("/public"), 1);
-    assert_eq!(public.header("set-cookie"), Some("id=1"), "the RFC keeps it");
+    assert_eq!(
+        public.header("set-cookie"),
+        Some("id=1"),
+        "the RFC keeps it"
+    );
     for path in ["/private", "/no-cache"] {
         let hit = f.get(path, &[]).await;
         assert_eq!(f.calls(path), 1, "{path}: {}", hit.cache_status());
@@ -472,7 +504,10 @@ async fn heuristic_freshness_is_opt_in_and_capped() {
             let date = format_date(SystemTime::now(), false);
             respond(
                 status,
-                &[("last-modified", modified.as_str()), ("date", date.as_str())],
+                &[
+                    ("last-modified", modified.as_str()),
+                    ("date", date.as_str()),
+                ],
                 "heuristic",
             )
         }
