@@ -323,11 +323,13 @@ pub(crate) fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
 
 /// A request header's value as `Vary` compares it (RFC 9111 §4.1 lets a
 /// cache normalise values known to mean the same): every line joined with
-/// ",", whitespace outside quoted strings removed, and `Accept-Encoding`
-/// as its set of codings (lower-case, sorted, deduplicated, `q=1` left
-/// out), so `gzip, br` and `br,gzip;q=1.0` select one variant. `None` when
-/// absent, which differs from an empty value. The lookup script receives
-/// digests of these values, never the values.
+/// ",", whitespace outside quoted strings removed; `Accept-Encoding` as its
+/// set of codings (lower-case, sorted, deduplicated, `q=1` left out), so
+/// `gzip, br` and `br,gzip;q=1.0` select one variant; `Accept-Language` as
+/// its lower-case tags by falling weight (RFC 4647 tags ignore case; among
+/// equal weights the order is kept, as servers may break ties by it).
+/// `None` when absent, which differs from an empty value. The lookup
+/// script receives digests of these values, never the values.
 pub(crate) fn selecting_value(headers: &HeaderMap, name: &str) -> Option<String> {
     let mut values = headers.get_all(name).iter().peekable();
     values.peek()?;
@@ -340,7 +342,9 @@ pub(crate) fn selecting_value(headers: &HeaderMap, name: &str) -> Option<String>
     }
     let compact = without_whitespace(&text);
     Some(if name.eq_ignore_ascii_case("accept-encoding") {
-        encodings(&compact)
+        weighted(&compact, Order::ByName)
+    } else if name.eq_ignore_ascii_case("accept-language") {
+        weighted(&compact, Order::ByWeight)
     } else {
         compact
     })
@@ -363,33 +367,49 @@ fn without_whitespace(text: &str) -> String {
     out
 }
 
-/// A whitespace-free `Accept-Encoding` as a canonical list: each coding
-/// lower-case with its weight in thousandths (`;q=0.5`, none for 1),
-/// sorted and deduplicated. An element that does not read as
-/// `coding[;q=weight]` is kept as it is, lower-cased.
-fn encodings(compact: &str) -> String {
-    let mut codings: Vec<String> = compact
-        .split(',')
-        .filter(|element| !element.is_empty())
-        .map(|element| {
-            let element = element.to_ascii_lowercase();
-            let mut parts = element.split(';');
-            let coding = parts.next().unwrap_or_default().to_owned();
-            let weight = match (parts.next(), parts.next()) {
-                (None, _) => Some(1000),
-                (Some(q), None) => q.strip_prefix("q=").and_then(weight),
-                _ => None,
-            };
-            match weight {
-                Some(1000) => coding,
-                Some(w) => format!("{coding};q={w}"),
-                None => element,
-            }
-        })
-        .collect();
-    codings.sort_unstable();
-    codings.dedup();
-    codings.join(",")
+/// How [`weighted`] orders a list.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// A set: sorted by name (`Accept-Encoding`).
+    ByName,
+    /// By falling weight, ties in the order sent (`Accept-Language`).
+    ByWeight,
+}
+
+/// A whitespace-free weighted list (RFC 9110 §12.4.2) in a canonical form:
+/// each member lower-case with its weight in thousandths (`;q=500`, none
+/// for 1), deduplicated (the first of a name counts). A member that does
+/// not read as `name[;q=weight]` is kept as it is, lower-cased, with
+/// weight 1.
+fn weighted(compact: &str, order: Order) -> String {
+    let mut members: Vec<(String, u16, String)> = Vec::new();
+    for element in compact.split(',').filter(|element| !element.is_empty()) {
+        let element = element.to_ascii_lowercase();
+        let mut parts = element.split(';');
+        let name = parts.next().unwrap_or_default().to_owned();
+        let q = match (parts.next(), parts.next()) {
+            (None, _) => Some(1000),
+            (Some(q), None) => q.strip_prefix("q=").and_then(weight),
+            _ => None,
+        };
+        let (name, q, text) = match q {
+            Some(1000) => (name.clone(), 1000, name),
+            Some(w) => (name.clone(), w, format!("{name};q={w}")),
+            None => (element.clone(), 1000, element),
+        };
+        if !members.iter().any(|(seen, _, _)| *seen == name) {
+            members.push((name, q, text));
+        }
+    }
+    match order {
+        Order::ByName => members.sort_unstable_by(|a, b| a.0.cmp(&b.0)),
+        Order::ByWeight => members.sort_by(|a, b| b.1.cmp(&a.1)),
+    }
+    members
+        .into_iter()
+        .map(|(_, _, text)| text)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// An RFC 9110 §12.4.2 weight (`0`, `0.5`, `1.000`) in thousandths.
@@ -663,8 +683,19 @@ mod tests {
         headers.insert("x-q", "a, \"b c\"".parse().unwrap());
         assert_eq!(
             selecting_value(&headers, "accept-language").as_deref(),
-            Some("en-GB,fr;q=0.5")
+            Some("en-gb,fr;q=500")
         );
+        let al = |v: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("accept-language", v.parse().unwrap());
+            selecting_value(&headers, "accept-language")
+        };
+        assert_eq!(al("fr;q=0.5, EN-gb"), al("en-GB, fr;q=0.50"));
+        assert_eq!(
+            al("de;q=0.2, en, fr, en;q=0.1").as_deref(),
+            Some("en,fr,de;q=200")
+        );
+        assert_ne!(al("en, fr"), al("fr, en"), "ties keep their order");
         assert_eq!(
             selecting_value(&headers, "x-q").as_deref(),
             Some("a,\"b c\"")

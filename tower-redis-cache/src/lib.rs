@@ -144,7 +144,9 @@
 //! and the test (in `tests/`) that fails when it stops doing it. Not done:
 //! range requests and partial responses (a request with `Range` passes
 //! through; 206 is never stored), storing `POST` responses for later `GET`s
-//! (§4.4 allows it; never done), `Accept-Language` matching by q-value.
+//! (§4.4 allows it; never done), serving a variant whose `Content-Language`
+//! satisfies a different `Accept-Language` (it would need every variant
+//! read on a lookup: more than one round trip).
 //!
 //! | RFC section | behaviour | default | test |
 //! |---|---|---|---|
@@ -154,7 +156,7 @@
 //! | 9111 §5.2.2.7, §5.2.2.4 | `private="Set-Cookie"` / `no-cache="Set-Cookie"`: stored without that field alone | with `store_set_cookie` | `conformance::store_set_cookie_keeps_the_field_unless_a_qualifier_names_it` |
 //! | 9111 §3.5 | with `Authorization`: stored only with `public`, `s-maxage` or `must-revalidate` | on | unit `freshness::authorization_rule_of_section_3_5` |
 //! | 9111 §4.1 | `Vary` selects a variant; `Vary: *` never stored | on | `cache::vary_keeps_one_variant_per_value` |
-//! | 9111 §4.1 | selecting values compared without whitespace, lines combined, `Accept-Encoding` as a set of codings | on | `conformance::vary_compares_normalised_selecting_values` |
+//! | 9111 §4.1 | selecting values compared without whitespace, lines combined, `Accept-Encoding` as a set of codings, `Accept-Language` as case-insensitive tags by weight | on | `conformance::vary_compares_normalised_selecting_values` |
 //! | 9111 §4.2.1 | `s-maxage` over `max-age` over `Expires − Date` | on | unit `freshness::expires_and_date_and_invalid_expires` |
 //! | 9111 §4.2.2 | heuristic freshness: 10% of the time since `Last-Modified`, capped | off ([`CacheLayerBuilder::heuristic_freshness`], cap a day) | `conformance::heuristic_freshness_is_opt_in_and_capped`, `cache::heuristic_freshness_makes_a_last_modified_answer_fresh` |
 //! | 9111 §4.2.3, §5.1 | `Age` on every answer from the cache, counting the origin's `Age` and delays | on | `cache::a_fresh_response_is_served_from_redis_with_age_and_cache_status` |

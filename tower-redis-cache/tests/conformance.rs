@@ -544,7 +544,8 @@ async fn heuristic_freshness_is_opt_in_and_capped() {
 
 /// RFC 9111 §4.1: selecting header values are compared after a
 /// normalisation known to keep their meaning: whitespace removed, lines
-/// combined, and `Accept-Encoding` as a set of codings. Both ways of
+/// combined, `Accept-Encoding` as a set of codings, `Accept-Language` as
+/// case-insensitive tags by weight (RFC 9110 §12.4.2, §12.5.4). Both ways of
 /// finding a variant agree: the instance that knows the URL's `Vary`, and
 /// a new one that lets the lookup script resolve it.
 #[tokio::test]
@@ -567,7 +568,7 @@ async fn vary_compares_normalised_selecting_values() {
     assert_eq!(f.get("/negotiated", &first).await.body, "variant-1");
     let same = [
         ("accept-encoding", "BR,gzip;q=1.0"),
-        ("accept-language", "en-GB,fr;q=0.5"),
+        ("accept-language", "fr;q=0.50,EN-gb"),
     ];
     assert_eq!(f.get("/negotiated", &same).await.body, "variant-1");
     let (_, other_instance) = Fixture::instance(&f.redis, &f.origin, |b| b).await;

@@ -270,7 +270,7 @@ impl Validated {
     ) -> Response<crate::body::CacheBody<B>> {
         let Ctx { config, keyed } = ctx;
         let Validated {
-            entry,
+            mut entry,
             mut not_modified,
             request_time,
         } = self;
@@ -284,6 +284,8 @@ impl Validated {
             client_parts,
             &mut not_modified,
         ));
+        // The 304's own `Age` (if any) is the one that counts (§5.1).
+        entry.headers.remove(header::AGE);
         let mut refreshed = merge_304(entry, &not_modified.headers);
         let as_stored = response_parts(refreshed.status, refreshed.headers.clone());
         let mut status = status.with_fwd_status(StatusCode::NOT_MODIFIED);
