@@ -87,7 +87,8 @@
 //!   (`detail=stale-if-error; fwd-status=503`). From the response's
 //!   `Cache-Control`, else [`Route::stale_while_revalidate`] /
 //!   [`Route::stale_if_error`]; never with `must-revalidate`,
-//!   `proxy-revalidate` or `no-cache`.
+//!   `proxy-revalidate` or `no-cache`; the route's windows never with
+//!   `s-maxage`, which implies `proxy-revalidate` (RFC 9111 §5.2.2.10).
 //! - **Tags and purges**: tags from `Surrogate-Key` / `Cache-Tag` response
 //!   headers (removed before the client sees them), [`Route::tag`] and
 //!   [`Route::tags_fn`]; [`CacheHandle`] purges by tag, URL, path prefix or
