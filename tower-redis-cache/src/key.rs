@@ -308,7 +308,8 @@ pub(crate) fn extra_key(parts: &Parts, route: &Route) -> String {
 }
 
 /// All values of a header joined with ", " (invalid UTF-8 replaced), or
-/// `None` when absent. The same normalisation as the lookup script's input.
+/// `None` when absent: a route's key header. `Vary` compares
+/// [`selecting_value`]s instead.
 pub(crate) fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
     let mut values = headers.get_all(name).iter().peekable();
     values.peek()?;
@@ -318,6 +319,124 @@ pub(crate) fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
             .collect::<Vec<_>>()
             .join(", "),
     )
+}
+
+/// A request header's value as `Vary` compares it (RFC 9111 §4.1 lets a
+/// cache normalise values known to mean the same): every line joined with
+/// ",", whitespace outside quoted strings removed; `Accept-Encoding` as its
+/// set of codings (lower-case, sorted, deduplicated, `q=1` left out), so
+/// `gzip, br` and `br,gzip;q=1.0` select one variant; `Accept-Language` as
+/// its lower-case tags by falling weight (RFC 4647 tags ignore case; among
+/// equal weights the order is kept, as servers may break ties by it).
+/// `None` when absent, which differs from an empty value. The lookup
+/// script receives digests of these values, never the values.
+pub(crate) fn selecting_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    let mut values = headers.get_all(name).iter().peekable();
+    values.peek()?;
+    let mut text = String::new();
+    for (i, value) in values.enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(&String::from_utf8_lossy(value.as_bytes()));
+    }
+    let compact = without_whitespace(&text);
+    Some(if name.eq_ignore_ascii_case("accept-encoding") {
+        weighted(&compact, Order::ByName)
+    } else if name.eq_ignore_ascii_case("accept-language") {
+        weighted(&compact, Order::ByWeight)
+    } else {
+        compact
+    })
+}
+
+/// `text` without spaces and tabs outside quoted strings.
+fn without_whitespace(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut quoted, mut escaped) = (false, false);
+    for c in text.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ' ' | '\t' if !quoted => continue,
+            _ => {}
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The longest weighted list [`weighted`] normalises, in bytes.
+const MAX_NORMALISED: usize = 1024;
+
+/// How [`weighted`] orders a list.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// A set: sorted by name (`Accept-Encoding`).
+    ByName,
+    /// By falling weight, ties in the order sent (`Accept-Language`).
+    ByWeight,
+}
+
+/// A whitespace-free weighted list (RFC 9110 §12.4.2) in a canonical form:
+/// each member lower-case with its weight in thousandths (`;q=500`, none
+/// for 1), deduplicated (the first of a name counts). A member that does
+/// not read as `name[;q=weight]` is kept as it is, lower-cased, with
+/// weight 1.
+fn weighted(compact: &str, order: Order) -> String {
+    // A client writes this value: past a size no browser sends, it is
+    // compared as it is (fewer hits for that client, no work).
+    if compact.len() > MAX_NORMALISED {
+        return compact.to_owned();
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut members: Vec<(String, u16, String)> = Vec::new();
+    for element in compact.split(',').filter(|element| !element.is_empty()) {
+        let element = element.to_ascii_lowercase();
+        let mut parts = element.split(';');
+        let name = parts.next().unwrap_or_default().to_owned();
+        let q = match (parts.next(), parts.next()) {
+            (None, _) => Some(1000),
+            (Some(q), None) => q.strip_prefix("q=").and_then(weight),
+            _ => None,
+        };
+        let (name, q, text) = match q {
+            Some(1000) => (name.clone(), 1000, name),
+            Some(w) => (name.clone(), w, format!("{name};q={w}")),
+            None => (element.clone(), 1000, element),
+        };
+        if seen.insert(name.clone()) {
+            members.push((name, q, text));
+        }
+    }
+    match order {
+        Order::ByName => members.sort_unstable_by(|a, b| a.0.cmp(&b.0)),
+        Order::ByWeight => members.sort_by_key(|member| std::cmp::Reverse(member.1)),
+    }
+    members
+        .into_iter()
+        .map(|(_, _, text)| text)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// An RFC 9110 §12.4.2 weight (`0`, `0.5`, `1.000`) in thousandths.
+fn weight(q: &str) -> Option<u16> {
+    let (int, frac) = q.split_once('.').unwrap_or((q, ""));
+    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let thousandths = frac
+        .bytes()
+        .chain(std::iter::repeat(b'0'))
+        .take(3)
+        .fold(0u16, |n, b| n * 10 + u16::from(b - b'0'));
+    match int {
+        "0" => Some(thousandths),
+        "1" if thousandths == 0 => Some(1000),
+        _ => None,
+    }
 }
 
 fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
@@ -381,7 +500,7 @@ pub(crate) fn variant(vary: &str, request: &HeaderMap, extra: &str) -> String {
         text.push('\n');
         text.push_str(name);
         text.push('=');
-        match joined(request, name) {
+        match selecting_value(request, name) {
             Some(value) => push_sha1_hex(&mut text, value.as_bytes()),
             None => text.push('\u{0}'),
         }
@@ -538,6 +657,60 @@ mod tests {
         );
         headers.append(header::VARY, "*".parse().unwrap());
         assert_eq!(vary_names(&headers), None);
+    }
+
+    #[test]
+    fn selecting_values_are_normalised() {
+        let ae = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append("accept-encoding", v.parse().unwrap());
+            }
+            selecting_value(&headers, "accept-encoding")
+        };
+        let canonical = ae(&["gzip, br"]);
+        assert_eq!(canonical.as_deref(), Some("br,gzip"));
+        for same in [
+            &["br,gzip"][..],
+            &["GZIP ,  br"],
+            &["gzip;q=1.0, br;q=1"],
+            &["gzip", "br"],
+            &["br, gzip, br"],
+        ] {
+            assert_eq!(ae(same), canonical, "{same:?}");
+        }
+        assert_eq!(
+            ae(&["gzip;q=0.50, identity;q=0"]).as_deref(),
+            Some("gzip;q=500,identity;q=0")
+        );
+        assert_ne!(ae(&["gzip;q=0"]), ae(&["gzip"]));
+        assert_eq!(ae(&["gzip;q=2"]).as_deref(), Some("gzip;q=2"), "kept as is");
+        assert_eq!(ae(&[]), None);
+        assert_eq!(ae(&[""]).as_deref(), Some(""));
+        let mut headers = HeaderMap::new();
+        headers.insert("accept-language", "en-GB, fr;q=0.5".parse().unwrap());
+        headers.insert("x-q", "a, \"b c\"".parse().unwrap());
+        assert_eq!(
+            selecting_value(&headers, "accept-language").as_deref(),
+            Some("en-gb,fr;q=500")
+        );
+        let al = |v: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("accept-language", v.parse().unwrap());
+            selecting_value(&headers, "accept-language")
+        };
+        assert_eq!(al("fr;q=0.5, EN-gb"), al("en-GB, fr;q=0.50"));
+        assert_eq!(
+            al("de;q=0.2, en, fr, en;q=0.1").as_deref(),
+            Some("en,fr,de;q=200")
+        );
+        assert_ne!(al("en, fr"), al("fr, en"), "ties keep their order");
+        let long = "x,".repeat(600);
+        assert_eq!(al(&long).as_deref(), Some(long.as_str()), "kept as sent");
+        assert_eq!(
+            selecting_value(&headers, "x-q").as_deref(),
+            Some("a,\"b c\"")
+        );
     }
 
     #[test]

@@ -143,6 +143,7 @@ fn response_directives() -> impl Strategy<Value = ResponseDirectives> {
             s_maxage,
             stale_while_revalidate: swr,
             stale_if_error: sie,
+            ..Default::default()
         })
 }
 
@@ -217,7 +218,7 @@ fn request_target() -> impl Strategy<Value = String> {
 fn rules(heuristic: bool) -> Rules {
     Rules {
         targeted_fields: vec![HeaderName::from_static("acme-cache-control")],
-        heuristic,
+        heuristic: heuristic.then_some(std::time::Duration::from_secs(86_400)),
         store_set_cookie: false,
     }
 }

@@ -270,7 +270,7 @@ impl Validated {
     ) -> Response<crate::body::CacheBody<B>> {
         let Ctx { config, keyed } = ctx;
         let Validated {
-            entry,
+            mut entry,
             mut not_modified,
             request_time,
         } = self;
@@ -284,6 +284,8 @@ impl Validated {
             client_parts,
             &mut not_modified,
         ));
+        // The 304's own `Age` (if any) is the one that counts (§5.1).
+        entry.headers.remove(header::AGE);
         let mut refreshed = merge_304(entry, &not_modified.headers);
         let as_stored = response_parts(refreshed.status, refreshed.headers.clone());
         let mut status = status.with_fwd_status(StatusCode::NOT_MODIFIED);
@@ -297,6 +299,10 @@ impl Validated {
             response_time,
         );
         if let (false, Ok(storable)) = (unkeyed, storable) {
+            refreshed.headers.remove(header::AGE);
+            if storable.directives.drop_set_cookie {
+                refreshed.headers.remove(header::SET_COOKIE);
+            }
             refreshed.response_time_ms = clock::epoch_ms(response_time);
             refreshed.initial_age =
                 freshness::initial_age(&not_modified.headers, request_time, response_time);
