@@ -6,3 +6,4 @@
 
 pub mod answer;
 pub mod chaos;
+pub mod held_up;
