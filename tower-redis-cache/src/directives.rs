@@ -15,12 +15,12 @@ pub(crate) struct ResponseDirectives {
     /// `no-cache`, except where the layer stores `Set-Cookie` (see
     /// `freshness::directives_of`).
     pub(crate) no_cache: bool,
-    /// The field names of a qualified `no-cache="…"` (lower-case; empty
-    /// when unqualified).
+    /// The field names of a qualified `no-cache="…"` (lower-case), and
+    /// [`UNQUALIFIED`] for each occurrence without names.
     pub(crate) no_cache_fields: Vec<String>,
     pub(crate) private: bool,
-    /// The field names of a qualified `private="…"` (lower-case; empty when
-    /// unqualified).
+    /// The field names of a qualified `private="…"` (lower-case), and
+    /// [`UNQUALIFIED`] for each occurrence without names.
     pub(crate) private_fields: Vec<String>,
     /// RFC 9111 §5.2.2.3: store only when the status code is understood;
     /// then `no-store` does not apply.
@@ -132,11 +132,11 @@ pub(crate) fn response(headers: &HeaderMap, field: &HeaderName) -> Option<Respon
             "no-store" => d.no_store = true,
             "no-cache" => {
                 d.no_cache = true;
-                d.no_cache_fields.extend(field_names(value.as_deref()));
+                qualify(&mut d.no_cache_fields, value.as_deref());
             }
             "private" => {
                 d.private = true;
-                d.private_fields.extend(field_names(value.as_deref()));
+                qualify(&mut d.private_fields, value.as_deref());
             }
             "must-understand" => d.must_understand = true,
             "public" => d.public = true,
@@ -151,6 +151,20 @@ pub(crate) fn response(headers: &HeaderMap, field: &HeaderName) -> Option<Respon
     }
     Some(d)
 }
+
+/// Adds the field names of a `no-cache` / `private` to `fields`, or
+/// [`UNQUALIFIED`] when it names none: the directive then covers the whole
+/// response, whatever a qualified occurrence beside it says.
+fn qualify(fields: &mut Vec<String>, value: Option<&str>) {
+    let before = fields.len();
+    fields.extend(field_names(value));
+    if fields.len() == before {
+        fields.push(UNQUALIFIED.to_owned());
+    }
+}
+
+/// The field name that stands for an unqualified `no-cache` / `private`.
+pub(crate) const UNQUALIFIED: &str = "*";
 
 /// The field names of a qualified `no-cache` / `private`, lower-case.
 fn field_names(value: Option<&str>) -> impl Iterator<Item = String> + '_ {
@@ -215,10 +229,15 @@ pub(crate) fn targeted(headers: &HeaderMap, field: &HeaderName) -> Option<Respon
         // A boolean, or a string listing field names (qualified form).
         let listed = |set: &mut bool, fields: &mut Vec<String>| -> Option<()> {
             match (value.as_boolean(), value.as_string()) {
-                (Some(b), _) => *set |= b,
+                (Some(b), _) => {
+                    *set |= b;
+                    if b {
+                        fields.push(UNQUALIFIED.to_owned());
+                    }
+                }
                 (None, Some(names)) => {
                     *set = true;
-                    fields.extend(field_names(Some(names.as_str())));
+                    qualify(fields, Some(names.as_str()));
                 }
                 (None, None) => return None,
             }

@@ -126,13 +126,25 @@ pub(crate) fn storable(
     {
         return Err(NotStored::Authorization);
     }
-    if response.headers.contains_key(header::SET_COOKIE) && !rules.store_set_cookie {
+    let set_cookie = response.headers.contains_key(header::SET_COOKIE);
+    if set_cookie && !rules.store_set_cookie {
         return Err(NotStored::SetCookie);
     }
     if crate::key::vary_names(&response.headers).is_none() {
         return Err(NotStored::VaryStar);
     }
     let explicit = explicit_lifetime(&response.headers, &d);
+    // A cookie is kept in the stored copy only when the origin said, with an
+    // explicit lifetime and no revalidation, that the response is for
+    // everyone: not on a heuristic or a route's default lifetime, nor on a
+    // `no-cache` response, whose 304s (which carry no cookie) would hand
+    // the stored client's cookie to the next one.
+    if set_cookie
+        && !d.drop_set_cookie
+        && (explicit.is_none() || d.no_cache || route.override_origin)
+    {
+        return Err(NotStored::SetCookie);
+    }
     let heuristic_ok = heuristically_cacheable(status) || d.public;
     let lifetime = match (route.override_origin, route.default_ttl, explicit) {
         (true, Some(ttl), _) => ttl.as_secs(),

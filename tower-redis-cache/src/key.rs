@@ -322,12 +322,20 @@ pub(crate) fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
 }
 
 /// A request header's value as `Vary` compares it (RFC 9111 §4.1 lets a
-/// cache normalise values known to mean the same): every line joined with
-/// ",", whitespace outside quoted strings removed; `Accept-Encoding` as its
-/// set of codings (lower-case, sorted, deduplicated, `q=1` left out), so
-/// `gzip, br` and `br,gzip;q=1.0` select one variant; `Accept-Language` as
-/// its lower-case tags by falling weight (RFC 4647 tags ignore case; among
-/// equal weights the order is kept, as servers may break ties by it).
+/// cache normalise values known to mean the same, removing whitespace only
+/// where the field's syntax allows it). Every line is trimmed and the lines
+/// joined with ",". The list fields whose syntax is known go further:
+/// whitespace outside quoted strings removed (`Accept`, `Accept-Charset`);
+/// `Accept-Encoding` as its set of codings (lower-case, sorted, `q=1` left
+/// out), so `gzip, br` and `br,gzip;q=1.0` select one variant;
+/// `Accept-Language` as its lower-case tags by falling weight (RFC 4647
+/// tags ignore case; among equal weights the order is kept, as servers may
+/// break ties by it). A weighted list that does not read cleanly (a member
+/// that is not `name[;q=weight]`, a name given twice, over 1 KiB) is not
+/// normalised: it keeps its own text, marked so that it can never equal a
+/// normalised value (an origin may read it differently). Other fields
+/// (`User-Agent`, say) keep their inner whitespace: removing it could make
+/// two values the origin tells apart select one variant.
 /// `None` when absent, which differs from an empty value. The lookup
 /// script receives digests of these values, never the values.
 pub(crate) fn selecting_value(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -338,16 +346,27 @@ pub(crate) fn selecting_value(headers: &HeaderMap, name: &str) -> Option<String>
         if i > 0 {
             text.push(',');
         }
-        text.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        text.push_str(String::from_utf8_lossy(value.as_bytes()).trim());
     }
-    let compact = without_whitespace(&text);
-    Some(if name.eq_ignore_ascii_case("accept-encoding") {
-        weighted(&compact, Order::ByName)
+    let order = if name.eq_ignore_ascii_case("accept-encoding") {
+        Order::ByName
     } else if name.eq_ignore_ascii_case("accept-language") {
-        weighted(&compact, Order::ByWeight)
+        Order::ByWeight
+    } else if name.eq_ignore_ascii_case("accept") || name.eq_ignore_ascii_case("accept-charset") {
+        return Some(without_whitespace(&text));
     } else {
-        compact
-    })
+        return Some(text);
+    };
+    Some(
+        weighted(&without_whitespace(&text), order).unwrap_or_else(|| {
+            // A NUL never occurs in a header value, so no normalised value
+            // starts with one.
+            let mut kept = String::with_capacity(text.len() + 1);
+            kept.push('\0');
+            kept.push_str(&text);
+            kept
+        }),
+    )
 }
 
 /// `text` without spaces and tabs outside quoted strings.
@@ -380,45 +399,49 @@ enum Order {
 }
 
 /// A whitespace-free weighted list (RFC 9110 §12.4.2) in a canonical form:
-/// each member lower-case with its weight in thousandths (`;q=500`, none
-/// for 1), deduplicated (the first of a name counts). A member that does
-/// not read as `name[;q=weight]` is kept as it is, lower-cased, with
-/// weight 1.
-fn weighted(compact: &str, order: Order) -> String {
+/// each member lower-case with a valid weight (`;q=0.500`, none for 1).
+/// `None` when the list does not read cleanly: a member that is not
+/// `name[;q=weight]`, a name given twice (origins differ on which one
+/// counts), or a list longer than [`MAX_NORMALISED`]. Every canonical form
+/// reads cleanly again, to itself.
+fn weighted(compact: &str, order: Order) -> Option<String> {
     // A client writes this value: past a size no browser sends, it is
     // compared as it is (fewer hits for that client, no work).
     if compact.len() > MAX_NORMALISED {
-        return compact.to_owned();
+        return None;
     }
     let mut seen = std::collections::HashSet::new();
-    let mut members: Vec<(String, u16, String)> = Vec::new();
+    let mut members: Vec<(String, u16)> = Vec::new();
     for element in compact.split(',').filter(|element| !element.is_empty()) {
         let element = element.to_ascii_lowercase();
         let mut parts = element.split(';');
-        let name = parts.next().unwrap_or_default().to_owned();
+        let name = parts.next().unwrap_or_default();
         let q = match (parts.next(), parts.next()) {
             (None, _) => Some(1000),
             (Some(q), None) => q.strip_prefix("q=").and_then(weight),
             _ => None,
-        };
-        let (name, q, text) = match q {
-            Some(1000) => (name.clone(), 1000, name),
-            Some(w) => (name.clone(), w, format!("{name};q={w}")),
-            None => (element.clone(), 1000, element),
-        };
-        if seen.insert(name.clone()) {
-            members.push((name, q, text));
+        }?;
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b'"') {
+            return None;
         }
+        if !seen.insert(name.to_owned()) {
+            return None;
+        }
+        members.push((name.to_owned(), q));
     }
     match order {
         Order::ByName => members.sort_unstable_by(|a, b| a.0.cmp(&b.0)),
         Order::ByWeight => members.sort_by_key(|member| std::cmp::Reverse(member.1)),
     }
-    members
+    let texts: Vec<String> = members
         .into_iter()
-        .map(|(_, _, text)| text)
-        .collect::<Vec<_>>()
-        .join(",")
+        .map(|(name, q)| match q {
+            1000 => name,
+            0 => format!("{name};q=0"),
+            q => format!("{name};q=0.{q:03}"),
+        })
+        .collect();
+    Some(texts.join(","))
 }
 
 /// An RFC 9110 §12.4.2 weight (`0`, `0.5`, `1.000`) in thousandths.
@@ -675,24 +698,22 @@ mod tests {
             &["GZIP ,  br"],
             &["gzip;q=1.0, br;q=1"],
             &["gzip", "br"],
-            &["br, gzip, br"],
         ] {
             assert_eq!(ae(same), canonical, "{same:?}");
         }
         assert_eq!(
             ae(&["gzip;q=0.50, identity;q=0"]).as_deref(),
-            Some("gzip;q=500,identity;q=0")
+            Some("gzip;q=0.500,identity;q=0")
         );
         assert_ne!(ae(&["gzip;q=0"]), ae(&["gzip"]));
-        assert_eq!(ae(&["gzip;q=2"]).as_deref(), Some("gzip;q=2"), "kept as is");
         assert_eq!(ae(&[]), None);
         assert_eq!(ae(&[""]).as_deref(), Some(""));
         let mut headers = HeaderMap::new();
         headers.insert("accept-language", "en-GB, fr;q=0.5".parse().unwrap());
-        headers.insert("x-q", "a, \"b c\"".parse().unwrap());
+        headers.insert("x-q", " a, \"b c\" ".parse().unwrap());
         assert_eq!(
             selecting_value(&headers, "accept-language").as_deref(),
-            Some("en-gb,fr;q=500")
+            Some("en-gb,fr;q=0.500")
         );
         let al = |v: &str| {
             let mut headers = HeaderMap::new();
@@ -700,16 +721,57 @@ mod tests {
             selecting_value(&headers, "accept-language")
         };
         assert_eq!(al("fr;q=0.5, EN-gb"), al("en-GB, fr;q=0.50"));
-        assert_eq!(
-            al("de;q=0.2, en, fr, en;q=0.1").as_deref(),
-            Some("en,fr,de;q=200")
-        );
+        assert_eq!(al("de;q=0.2, en, fr").as_deref(), Some("en,fr,de;q=0.200"));
         assert_ne!(al("en, fr"), al("fr, en"), "ties keep their order");
-        let long = "x,".repeat(600);
-        assert_eq!(al(&long).as_deref(), Some(long.as_str()), "kept as sent");
+        // Other fields keep their inner whitespace; lines are trimmed.
         assert_eq!(
             selecting_value(&headers, "x-q").as_deref(),
-            Some("a,\"b c\"")
+            Some("a, \"b c\"")
+        );
+    }
+
+    /// A list that does not read cleanly keeps its own text and can never
+    /// select the variant of a normalised value: a malformed weight that
+    /// looks like a canonical one, a name given twice (origins differ on
+    /// which counts), an over-long list.
+    #[test]
+    fn lists_that_do_not_read_cleanly_never_share_a_normalised_variant() {
+        let al = |v: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("accept-language", v.parse().unwrap());
+            selecting_value(&headers, "accept-language").unwrap()
+        };
+        let ae = |v: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("accept-encoding", v.parse().unwrap());
+            selecting_value(&headers, "accept-encoding").unwrap()
+        };
+        assert_ne!(ae("gzip;q=500"), ae("gzip;q=0.5"));
+        assert_ne!(al("en,fr;q=500"), al("fr;q=0.5,en"));
+        assert_ne!(al("fr-FR,fr;q=0.9,fr-FR;q=0,fr;q=0"), al("fr-FR,fr;q=0.9"));
+        assert_ne!(ae("br, gzip, br"), ae("br, gzip"));
+        assert_eq!(ae("gzip;q=2"), "\0gzip;q=2");
+        let long = "x,".repeat(600);
+        assert_eq!(al(&long), format!("\0{long}"));
+        // Every normalised value reads cleanly again, to itself.
+        for v in [
+            "gzip;q=0.5, br;q=0, identity",
+            "de;q=0.2, EN-us, fr;q=1.000",
+        ] {
+            let once = ae(v);
+            assert_eq!(ae(&once), once);
+            let once = al(v);
+            assert_eq!(al(&once), once);
+        }
+        // Not a list with a known syntax: inner whitespace is meaning.
+        let ua = |v: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("user-agent", v.parse().unwrap());
+            selecting_value(&headers, "user-agent").unwrap()
+        };
+        assert_ne!(
+            ua("Mozilla/5.0 (iPhone; CPU iPhone OS)"),
+            ua("Mozilla/5.0 (iPhone;CPUiPhoneOS)")
         );
     }
 

@@ -143,8 +143,19 @@ fn response_directives() -> impl Strategy<Value = ResponseDirectives> {
             s_maxage,
             stale_while_revalidate: swr,
             stale_if_error: sie,
+            // An unqualified directive is recorded as covering everything.
+            no_cache_fields: unqualified(flags[1]),
+            private_fields: unqualified(flags[2]),
             ..Default::default()
         })
+}
+
+fn unqualified(set: bool) -> Vec<String> {
+    if set {
+        vec![directives::UNQUALIFIED.to_owned()]
+    } else {
+        Vec::new()
+    }
 }
 
 fn header_name() -> impl Strategy<Value = HeaderName> {

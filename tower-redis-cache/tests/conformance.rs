@@ -493,6 +493,62 @@ async fn store_set_cookie_keeps_the_field_unless_a_qualifier_names_it() {
     assert_eq!(f.calls("/other"), 2, "other qualified private: not stored");
 }
 
+/// With `store_set_cookie` on, a cookie is still never handed to another
+/// client where the origin did not make the response explicitly shared:
+/// a bare `private` beside a qualified one keeps the whole response
+/// private (RFC 9111 §5.2.2.7); a `no-cache` response (revalidated by 304s
+/// that carry no cookie) or one with only heuristic freshness is not stored
+/// with its cookie.
+#[tokio::test]
+async fn store_set_cookie_never_shares_a_cookie_the_origin_did_not_make_public() {
+    let f = Fixture::new(|b| b.store_set_cookie(true).heuristic_freshness(true)).await;
+    let script = |headers: &'static [(&'static str, &'static str)]| {
+        move |n: u64, _: &HeaderMap| {
+            let mut all: Vec<(&str, &str)> = headers.to_vec();
+            let cookie = format!("id={n}");
+            all.push(("set-cookie", Box::leak(cookie.into_boxed_str())));
+            respond(200, &all, "personal")
+        }
+    };
+    f.on(
+        "/bare-private",
+        script(&[(
+            "cache-control",
+            "private, private=\"Set-Cookie\", max-age=60",
+        )]),
+    );
+    f.on(
+        "/bare-no-cache",
+        script(&[
+            (
+                "cache-control",
+                "no-cache, no-cache=\"Set-Cookie\", max-age=60",
+            ),
+            ("etag", "\"v1\""),
+        ]),
+    );
+    f.on(
+        "/no-cache",
+        script(&[("cache-control", "no-cache"), ("etag", "\"v1\"")]),
+    );
+    f.on(
+        "/heuristic",
+        script(&[("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT")]),
+    );
+    for path in ["/bare-private", "/bare-no-cache", "/no-cache", "/heuristic"] {
+        let first = f.get(path, &[]).await;
+        assert_eq!(first.header("set-cookie"), Some("id=1"), "{path}");
+        let second = f.get(path, &[]).await;
+        assert_eq!(
+            second.header("set-cookie"),
+            Some("id=2"),
+            "{path}: another client got the first one's cookie ({})",
+            second.cache_status()
+        );
+        assert_eq!(f.calls(path), 2, "{path}");
+    }
+}
+
 /// RFC 9111 §4.2.2: heuristic freshness (10% of the time since
 /// `Last-Modified`) only when enabled, only for heuristically cacheable
 /// status codes, and at most the configured cap.

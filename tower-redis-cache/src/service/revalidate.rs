@@ -300,25 +300,29 @@ impl Validated {
         );
         if let (false, Ok(storable)) = (unkeyed, storable) {
             refreshed.headers.remove(header::AGE);
-            if storable.directives.drop_set_cookie {
-                refreshed.headers.remove(header::SET_COOKIE);
-            }
             refreshed.response_time_ms = clock::epoch_ms(response_time);
             refreshed.initial_age =
                 freshness::initial_age(&not_modified.headers, request_time, response_time);
             refreshed.lifetime = storable.lifetime;
             set_stored_tags(&mut refreshed.headers, &tags);
-            let vary = key::vary_names(&refreshed.headers).unwrap_or_default();
+            // The stored copy (and the coalesced followers) without a
+            // `Set-Cookie` the response qualified out; this client still
+            // gets the cookie its 304 set for it.
+            let mut stored = refreshed.clone();
+            if storable.directives.drop_set_cookie {
+                stored.headers.remove(header::SET_COOKIE);
+            }
+            let vary = key::vary_names(&stored.headers).unwrap_or_default();
             let put = Put {
                 url_hash: keyed.url_hash.clone(),
                 url: keyed.url.clone(),
                 variant: key::variant(&vary, &client_parts.headers, &keyed.extra),
                 vary,
-                keep_for: keep_for(config, route, &refreshed, storable.lifetime),
-                entry: refreshed.clone(),
+                keep_for: keep_for(config, route, &stored, storable.lifetime),
+                entry: stored.clone(),
                 tags,
             };
-            let shared = put.vary.is_empty().then(|| Arc::new(refreshed.clone()));
+            let shared = put.vary.is_empty().then(|| Arc::new(stored));
             config.store.put(put, fill.lock).await;
             if let Some(guard) = fill.guard {
                 guard.complete(shared);
