@@ -389,8 +389,13 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
                 }
                 crate::failover::record_fallback(reason);
                 self.mark_degraded();
+                let value = memory_op(&shared.memory, reason).await;
+                // Again, after: an outage that ended (or a return of Redis
+                // the memory side heard of) while `memory_op` ran must not
+                // leave what it stored unaccounted for.
+                self.mark_degraded();
                 Served {
-                    value: memory_op(&shared.memory, reason).await,
+                    value,
                     source: Source::Fallback(reason),
                 }
             }

@@ -163,9 +163,13 @@ pub(super) async fn drain<R: Replay, M>(shared: &Shared<R, M>) -> Drained {
 /// flag, tells the memory side, bumps the epoch. Once per outage.
 ///
 /// The memory side is told before the flag is cleared, under the queue's
-/// lock: what a fallback puts in the memory side after it was told stays
-/// (the flag cleared a moment too early is set again by the next fallback),
-/// rather than a new outage's state being dropped as the old one's.
+/// lock (so nothing is queued meanwhile): what a fallback puts in the
+/// memory side after it was told stays, and that fallback sets the flag
+/// again once its memory operation is done ([`Failover::run`] marks the
+/// outage before and after it), rather than a new outage's state being
+/// dropped as the old one's.
+///
+/// [`Failover::run`]: super::Failover::run
 pub(super) fn finish<R: Replay, M: Recovered>(shared: &Shared<R, M>) {
     use std::sync::atomic::Ordering;
     let mut ended = false;

@@ -495,17 +495,21 @@ mod tests {
         queue
             .defer(Change::save(&key(1), None, &changes(5), 10))
             .expect("fits");
-        assert_eq!(queue.queue_usage().changes, 3, "older than the queued one");
+        assert_eq!(queue.queue_usage().changes, 3, "does not cover more");
+        queue
+            .defer(Change::save(&key(1), None, &changes(5), 9))
+            .expect("fits");
+        assert_eq!(queue.queue_usage().changes, 4, "older than the queued one");
         let mut user = changes(5);
         user.user = Some("alice".to_owned());
         queue
             .defer(Change::save(&key(1), None, &user, 4_000))
             .expect("fits");
-        assert_eq!(queue.queue_usage().changes, 3, "covers the newest one");
+        assert_eq!(queue.queue_usage().changes, 4, "covers the newest one");
         queue
             .defer(Change::save(&key(1), None, &changes(5), 4_001))
             .expect("fits");
-        assert_eq!(queue.queue_usage().changes, 4, "would drop the user");
+        assert_eq!(queue.queue_usage().changes, 5, "would drop the user");
     }
 
     #[tokio::test]

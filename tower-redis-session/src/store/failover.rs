@@ -116,8 +116,13 @@ impl Failover {
             return local(self.local().load(storage_key, false).await);
         }
         if self.local().has_pinned() {
-            // Its changes are in Redis now (if it had any).
+            // Its changes are in Redis now (if it had any)…
             self.local().unpin(storage_key);
+            // …unless a concurrent write queued one since (it pins the copy
+            // after queueing: pinned again here if that came first).
+            if self.pair.is_pending(storage_key) {
+                self.local().pin(storage_key);
+            }
         }
         let copy = self.local().copy(storage_key);
         let started_ms = now_ms();
@@ -159,7 +164,7 @@ impl Failover {
         if value == Saved::Written {
             local(self.local().save(write).await);
             if queue {
-                self.local().pin(storage_key);
+                self.pin(storage_key);
             }
         } else {
             local(self.local().delete(storage_key, None).await);
@@ -201,7 +206,7 @@ impl Failover {
         if value == Saved::Written {
             local(self.local().take(take).await);
             if queue {
-                self.local().pin(take.new_storage_key);
+                self.pin(take.new_storage_key);
             }
         } else {
             local(self.local().delete(take.old_storage_key, None).await);
@@ -222,6 +227,14 @@ impl Failover {
             debug_assert!(queued.is_ok(), "a deletion is never refused");
         }
         local(self.local().delete(storage_key, user).await);
+    }
+
+    /// Pins the copy of a session whose change was just queued, unless the
+    /// recovery task already wrote it (then nothing would unpin it).
+    fn pin(&self, storage_key: &str) {
+        if self.local().pin(storage_key) && !self.pair.is_pending(storage_key) {
+            self.local().unpin(storage_key);
+        }
     }
 
     /// Writes the queued outage changes to Redis now, oldest first, when

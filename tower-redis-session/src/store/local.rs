@@ -176,16 +176,19 @@ impl LocalStore {
         pinned.insert(storage_key, copy);
         self.pinned_count
             .store(pinned.copies.len(), Ordering::Release);
-        drop(pinned);
+        // Under the lock: a `put` from now on goes to the pinned copy, and
+        // one before it is the copy just pinned.
         self.copies.invalidate(storage_key);
         true
     }
 
     /// The session's changes are in Redis: its copy goes back to the LRU.
     pub(crate) fn unpin(&self, storage_key: &str) {
-        if let Some(Some(copy)) = self.with_pinned(|pinned| pinned.remove(storage_key)) {
-            self.copies.insert(storage_key.to_owned(), copy);
-        }
+        self.with_pinned(|pinned| {
+            if let Some(copy) = pinned.remove(storage_key) {
+                self.copies.insert(storage_key.to_owned(), copy);
+            }
+        });
     }
 
     /// Every change is in Redis: every pinned copy goes back to the LRU.
@@ -355,6 +358,44 @@ impl LocalCopy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pinned copies stay out of the LRU's eviction, within their own byte
+    /// bound: past it a copy stays evictable; unpinned, it is an ordinary
+    /// copy again.
+    #[test]
+    fn pinned_copies_survive_a_flood_within_their_bound() {
+        let record = |bytes: usize| Record {
+            fields: [("blob".to_owned(), "x".repeat(bytes))].into(),
+            created_ms: now_ms(),
+            ..Record::default()
+        };
+        let local = LocalStore::new(
+            16 * 1024,
+            4 * 1024,
+            Duration::from_secs(60),
+            Duration::from_secs(3600),
+        );
+        local.put("victim", record(1000), 0);
+        local.put("too-big", record(5000), 0);
+        assert!(local.pin("victim"));
+        assert!(!local.pin("too-big"), "past the pinned bound");
+        assert!(!local.pin("never-held"), "nothing to pin");
+        for n in 0..200 {
+            local.put(&format!("flood-{n}"), record(500), 0);
+        }
+        local.copies.run_pending_tasks();
+        assert!(local.copies_bytes() <= 16 * 1024);
+        assert!(local.get("victim").is_some(), "the pinned copy survives");
+        assert!(
+            local.get("too-big").is_none(),
+            "the unpinned one was evicted"
+        );
+        assert!(local.pinned_bytes() <= 4 * 1024);
+        local.unpin("victim");
+        assert!(!local.has_pinned());
+        assert_eq!(local.pinned_bytes(), 0);
+        assert!(local.get("victim").is_some(), "back in the LRU");
+    }
 
     /// A flood of ended sessions (logins cycle ids, logouts) must not stop
     /// the instance from remembering the next one: the memory is a plain
