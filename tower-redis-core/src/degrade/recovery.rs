@@ -9,7 +9,8 @@ use tokio::sync::{Notify, watch};
 
 use super::queue::{Batch, OutageQueue};
 use super::{
-    Deferred, Recovered, Replay, Shared, record_degraded, record_queue_bytes, record_replayed,
+    Deferred, Recovered, Replay, ReplayError, Shared, record_degraded, record_queue_bytes,
+    record_replayed,
 };
 use crate::breaker::BreakerState;
 
@@ -128,7 +129,7 @@ pub(super) async fn drain<R: Replay, M>(shared: &Shared<R, M>) -> Drained {
             };
         }
         let count = changes.len();
-        let result = shared.redis.replay(&shared.manager, changes).await;
+        let result = without_panic(shared.redis.replay(&shared.manager, changes)).await;
         let written = match &result {
             Ok(()) => count,
             Err(stopped) => stopped.written.min(count),
@@ -157,6 +158,25 @@ pub(super) async fn drain<R: Replay, M>(shared: &Shared<R, M>) -> Drained {
             }
         }
     }
+}
+
+/// A replay that panicked is a replay that failed on its first change
+/// (held back with the retry backoff like any other failure), rather than
+/// a recovery task that ends and is started again on the next request, to
+/// panic again on the same change.
+async fn without_panic<'a>(
+    replay: impl Future<Output = Result<(), ReplayError>> + Send + 'a,
+) -> Result<(), ReplayError> {
+    let mut replay = Box::pin(replay);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| replay.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(_) => std::task::Poll::Ready(Err(ReplayError::none(crate::Error::Redis(
+                std::io::Error::other("writing the outage queue panicked").into(),
+            )))),
+        }
+    })
+    .await
 }
 
 /// Ends the outage when nothing is waiting for Redis: clears the degraded
