@@ -145,24 +145,7 @@ pub(crate) fn storable(
     {
         return Err(NotStored::SetCookie);
     }
-    let heuristic_ok = heuristically_cacheable(status) || d.public;
-    let lifetime = match (route.override_origin, route.default_ttl, explicit) {
-        (true, Some(ttl), _) => ttl.as_secs(),
-        (_, _, Some(lifetime)) => lifetime,
-        (_, Some(ttl), None) if heuristic_ok => ttl.as_secs(),
-        (_, None, None) if heuristic_ok && rules.heuristic.is_some() => {
-            let cap = rules.heuristic.map_or(0, |cap| cap.as_secs());
-            match heuristic_lifetime(&response.headers, now, cap) {
-                Some(lifetime) => lifetime,
-                None if d.no_cache && has_validator(&response.headers) => 0,
-                None => return Err(NotStored::NoFreshness),
-            }
-        }
-        // §5.2.2.4: a no-cache response is stored and validated on every
-        // use; worth it only with a validator to send.
-        (_, None, None) if heuristic_ok && d.no_cache && has_validator(&response.headers) => 0,
-        _ => return Err(NotStored::NoFreshness),
-    };
+    let lifetime = lifetime(&response.headers, status, &d, explicit, rules, route, now)?;
     // §5.1: an Age that is not a delta-seconds makes the response stale.
     let lifetime = if age_value(&response.headers).is_err() {
         0
@@ -172,6 +155,38 @@ pub(crate) fn storable(
     Ok(Storable {
         directives: d,
         lifetime,
+    })
+}
+
+/// The lifetime a storable response gets: the route's override, the
+/// response's explicit one, the route's default, a heuristic one, or 0 for a
+/// `no-cache` response with a validator (validated on every use).
+fn lifetime(
+    headers: &HeaderMap,
+    status: StatusCode,
+    d: &ResponseDirectives,
+    explicit: Option<u64>,
+    rules: &Rules,
+    route: &Route,
+    now: SystemTime,
+) -> Result<u64, NotStored> {
+    let heuristic_ok = heuristically_cacheable(status) || d.public;
+    Ok(match (route.override_origin, route.default_ttl, explicit) {
+        (true, Some(ttl), _) => ttl.as_secs(),
+        (_, _, Some(lifetime)) => lifetime,
+        (_, Some(ttl), None) if heuristic_ok => ttl.as_secs(),
+        (_, None, None) if heuristic_ok && rules.heuristic.is_some() => {
+            let cap = rules.heuristic.map_or(0, |cap| cap.as_secs());
+            match heuristic_lifetime(headers, now, cap) {
+                Some(lifetime) => lifetime,
+                None if d.no_cache && has_validator(headers) => 0,
+                None => return Err(NotStored::NoFreshness),
+            }
+        }
+        // §5.2.2.4: a no-cache response is stored and validated on every
+        // use; worth it only with a validator to send.
+        (_, None, None) if heuristic_ok && d.no_cache && has_validator(headers) => 0,
+        _ => return Err(NotStored::NoFreshness),
     })
 }
 
