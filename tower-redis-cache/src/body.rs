@@ -62,12 +62,7 @@ impl<B: Body> CacheBody<B> {
     /// they are sent, the rest of a body the cache is still reading is
     /// handed to `finish` (which reads it to its end, so that the entry is
     /// stored), not dropped.
-    pub(crate) fn ranged(
-        body: Self,
-        skip: u64,
-        len: u64,
-        finish: fn(Pin<Box<Self>>),
-    ) -> Self {
+    pub(crate) fn ranged(body: Self, skip: u64, len: u64, finish: fn(Pin<Box<Self>>)) -> Self {
         Self {
             kind: Kind::Ranged {
                 ranged: Ranged {

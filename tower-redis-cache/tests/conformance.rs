@@ -629,7 +629,11 @@ async fn byte_ranges_are_served_from_a_stored_complete_response() {
     assert_eq!(miss.body, "2345");
     assert_eq!(miss.header("content-range"), Some("bytes 2-5/20"));
     assert_eq!(miss.header("content-length"), Some("4"));
-    assert!(miss.cache_status().contains("stored"), "{}", miss.cache_status());
+    assert!(
+        miss.cache_status().contains("stored"),
+        "{}",
+        miss.cache_status()
+    );
     let forwarded = f.origin.request("/file", 1);
     assert!(
         forwarded.get("range").is_none() && forwarded.get("if-range").is_none(),
@@ -647,7 +651,10 @@ async fn byte_ranges_are_served_from_a_stored_complete_response() {
         assert_eq!(hit.status, 206, "{range}: {}", hit.cache_status());
         assert_eq!(hit.body, body, "{range}");
         assert_eq!(hit.header("content-range"), Some(content_range), "{range}");
-        assert!(hit.cache_status().starts_with("tower-redis; hit"), "{range}");
+        assert!(
+            hit.cache_status().starts_with("tower-redis; hit"),
+            "{range}"
+        );
         assert!(hit.header("age").is_some(), "{range}");
     }
 
@@ -681,7 +688,11 @@ async fn unsatisfiable_ranges_are_answered_416_with_the_length() {
     }
     let whole = f.get("/file", &[]).await;
     assert_eq!((whole.status, whole.body.as_str()), (200, TWENTY));
-    assert_eq!(f.calls("/file"), 1, "the 416 on the miss stored the response");
+    assert_eq!(
+        f.calls("/file"),
+        1,
+        "the 416 on the miss stored the response"
+    );
 }
 
 /// RFC 9110 §14.2: a server may ignore `Range`. Several ranges, another
@@ -737,9 +748,17 @@ async fn if_range_serves_the_range_only_on_a_strong_match() {
             .get("/file", &[("range", "bytes=0-3"), ("if-range", if_range)])
             .await;
         if ranged {
-            assert_eq!((answer.status, answer.body.as_str()), (206, "0123"), "{if_range}");
+            assert_eq!(
+                (answer.status, answer.body.as_str()),
+                (206, "0123"),
+                "{if_range}"
+            );
         } else {
-            assert_eq!((answer.status, answer.body.as_str()), (200, TWENTY), "{if_range}");
+            assert_eq!(
+                (answer.status, answer.body.as_str()),
+                (200, TWENTY),
+                "{if_range}"
+            );
         }
     }
     assert_eq!(f.calls("/file"), 1);
@@ -768,8 +787,62 @@ async fn a_range_hit_is_one_round_trip() {
         .commands_during(send(&f.app, "GET", "/big", &[("range", range)]))
         .await;
     assert_eq!(hit.status, 206, "{}", hit.cache_status());
-    assert_eq!(hit.header("content-range"), Some("bytes 100000-165535/1048576"));
+    assert_eq!(
+        hit.header("content-range"),
+        Some("bytes 100000-165535/1048576")
+    );
     assert!(hit.body == expected, "the bytes of the range");
     assert_eq!(commands, ["hmget"]);
     assert_eq!(f.calls("/big"), 1);
+}
+
+/// RFC 9110 §15.2 and RFC 9111 §3: an interim (1xx) response is never
+/// stored, even with explicit freshness, and none of its fields reach the
+/// final response that is stored after it. In tower a service answers one
+/// response per request, so an interim response can only reach the layer
+/// as that response: it passes through as it is, and the next request's
+/// final `200` is stored and served with its own fields only.
+#[tokio::test]
+async fn interim_responses_are_passed_on_and_never_stored() {
+    let f = Fixture::new(|b| b).await;
+    for status in [100u16, 102, 103] {
+        let path = format!("/interim-{status}");
+        f.on(&path, move |n, _| match n {
+            1 => respond(
+                status,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("link", "</style.css>; rel=preload"),
+                ],
+                Body::empty(),
+            ),
+            _ => respond(200, &[("cache-control", "max-age=60")], "final"),
+        });
+        let interim = f.get(&path, &[]).await;
+        assert_eq!(interim.status, status);
+        assert_eq!(interim.header("link"), Some("</style.css>; rel=preload"));
+        assert!(
+            !interim.cache_status().contains("stored"),
+            "{status}: {}",
+            interim.cache_status()
+        );
+        let last = f.get(&path, &[]).await;
+        assert_eq!(
+            (last.status, last.body.as_str()),
+            (200, "final"),
+            "{status}"
+        );
+        assert_eq!(f.calls(&path), 2, "{status}: the 1xx was not stored");
+        let hit = f.get(&path, &[]).await;
+        assert_eq!((hit.status, hit.body.as_str()), (200, "final"), "{status}");
+        assert!(
+            hit.cache_status().starts_with("tower-redis; hit"),
+            "{status}"
+        );
+        assert!(
+            hit.header("link").is_none(),
+            "{status}: no interim field stored"
+        );
+        assert_eq!(f.calls(&path), 2, "{status}");
+    }
 }

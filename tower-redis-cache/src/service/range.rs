@@ -129,13 +129,19 @@ pub(crate) fn resolve(range: ByteRange, len: u64) -> Option<(u64, u64)> {
 pub(crate) fn if_range_holds(if_range: &HeaderValue, response: &HeaderMap) -> bool {
     let value = if_range.as_bytes().trim_ascii();
     if value.first() == Some(&b'"') || value.starts_with(b"W/") {
-        let etag = response.get(header::ETAG).map(|e| e.as_bytes().trim_ascii());
+        let etag = response
+            .get(header::ETAG)
+            .map(|e| e.as_bytes().trim_ascii());
         return value.first() == Some(&b'"')
             && value.len() >= 2
             && value.last() == Some(&b'"')
             && etag == Some(value);
     }
-    let date = |name| response.get(name).and_then(|v| freshness::http_date(v.as_bytes()));
+    let date = |name| {
+        response
+            .get(name)
+            .and_then(|v| freshness::http_date(v.as_bytes()))
+    };
     match (
         freshness::http_date(value),
         date(header::LAST_MODIFIED),
@@ -180,14 +186,18 @@ pub(crate) fn answer<B: OriginBody>(
         return response;
     };
     let (mut parts, body) = response.into_parts();
-    parts.headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    parts
+        .headers
+        .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     let Some((start, end)) = resolve(wanted.range, len) else {
         finish(Box::pin(body));
         parts.status = StatusCode::RANGE_NOT_SATISFIABLE;
         for name in [header::CONTENT_TYPE, header::CONTENT_ENCODING] {
             parts.headers.remove(name);
         }
-        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
         parts.headers.insert(
             header::CONTENT_RANGE,
             header_value(&format!("bytes */{len}")),
@@ -196,7 +206,9 @@ pub(crate) fn answer<B: OriginBody>(
     };
     let count = end - start + 1;
     parts.status = StatusCode::PARTIAL_CONTENT;
-    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(count));
     parts.headers.insert(
         header::CONTENT_RANGE,
         header_value(&format!("bytes {start}-{end}/{len}")),
@@ -293,7 +305,10 @@ mod tests {
         ));
         // A weak ETag never matches.
         headers.insert(header::ETAG, HeaderValue::from_static("W/\"v1\""));
-        assert!(!if_range_holds(&HeaderValue::from_static("\"v1\""), &headers));
+        assert!(!if_range_holds(
+            &HeaderValue::from_static("\"v1\""),
+            &headers
+        ));
     }
 
     /// A range of a body sent in several frames: frames before it are
