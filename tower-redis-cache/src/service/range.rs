@@ -19,6 +19,13 @@
 //!
 //! Partial responses are never stored: a `206` from the origin (which it
 //! only sends to a request that is not the cache's) passes through.
+//!
+//! Costs: a range hit is the same single `HMGET` as a whole hit, and reads
+//! the whole entry from Redis (the range is a zero-copy slice of it). A
+//! range request on a miss makes the origin send its whole response; when
+//! that response is not stored (too large, `no-store`, ...) the cache stops
+//! reading it once the range is sent, so the origin sends at most the
+//! range's end plus what was in flight.
 
 use std::pin::Pin;
 
