@@ -846,3 +846,40 @@ async fn interim_responses_are_passed_on_and_never_stored() {
         assert_eq!(f.calls(&path), 2, "{status}");
     }
 }
+
+/// RFC 9111 §3.4 with RFC 9110 §14.1.2: a range request on a miss whose
+/// range ends before the origin has sent the rest of its body still
+/// stores the whole response: the client has its `206` as soon as its
+/// range has arrived, and the cache reads the rest on its own.
+#[tokio::test]
+async fn a_range_on_a_miss_still_stores_the_whole_streamed_response() {
+    let f = Fixture::new(|b| b).await;
+    f.on("/streamed", |_, _| {
+        let chunks = futures_util::stream::unfold(0u8, |i| async move {
+            if i == 4 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let chunk = axum::body::Bytes::from(format!("chunk{i}-"));
+            Some((Ok::<_, std::convert::Infallible>(chunk), i + 1))
+        });
+        respond(
+            200,
+            &[("cache-control", "max-age=3600"), ("content-length", "28")],
+            Body::from_stream(chunks),
+        )
+    });
+    let miss = f.get("/streamed", &[("range", "bytes=0-6")]).await;
+    assert_eq!((miss.status, miss.body.as_str()), (206, "chunk0-"));
+    assert_eq!(miss.header("content-range"), Some("bytes 0-6/28"));
+    let whole = f.get("/streamed", &[]).await;
+    assert_eq!(whole.body, "chunk0-chunk1-chunk2-chunk3-");
+    assert!(
+        whole.cache_status().starts_with("tower-redis; hit"),
+        "{}",
+        whole.cache_status()
+    );
+    assert_eq!(f.calls("/streamed"), 1);
+    let tail = f.get("/streamed", &[("range", "bytes=-7")]).await;
+    assert_eq!((tail.status, tail.body.as_str()), (206, "chunk3-"));
+}
