@@ -34,6 +34,17 @@
 //!   sees the request, so nobody can forge them (or keep responses out of
 //!   the cache with them);
 //! - adds `Via` to requests and responses;
+//! - answers range requests (`Range: bytes=…`, RFC 9110 §14) itself: the
+//!   upstream is asked for the whole response, which is stored when it may
+//!   be, and the range is cut from it (`206`, or `416` when it does not
+//!   overlap; several ranges get the whole `200`);
+//! - does not forward interim (1xx) responses: hyper's HTTP/1 client reads
+//!   an upstream's `100`, `102` or `103` and drops it (its fields too), and
+//!   hyper's server has no way to send one ahead of the final response
+//!   (only the `100 Continue` it writes by itself when a request with
+//!   `Expect: 100-continue` has its body read). The final response is
+//!   forwarded and cached as usual, without any interim field (test
+//!   `interim_tests::an_upstream_interim_response_is_dropped_and_the_final_one_forwarded`);
 //! - answers `502 Bad Gateway` when the upstream cannot be reached and
 //!   `504 Gateway Timeout` when it accepts but does not answer within
 //!   `--timeout`, each with a one-line text body; but when the cache holds
@@ -667,5 +678,69 @@ mod tests {
             headers[header::VIA],
             "1.1 tower-redis-proxy, 1.0 tower-redis-proxy"
         );
+    }
+}
+
+/// What happens to interim (1xx) responses, end to end through the
+/// proxy's upstream client: hyper's HTTP/1 client reads a `103 Early
+/// Hints` and drops it, so `forward` (and the cache in front of it) sees
+/// only the final response, with none of the interim fields.
+#[cfg(test)]
+mod interim_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const WITHIN: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn an_upstream_interim_response_is_dropped_and_the_final_one_forwarded() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream_addr = listener.local_addr().unwrap();
+        let upstream = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = socket.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the request head ended early");
+                head.extend_from_slice(&chunk[..n]);
+            }
+            socket
+                .write_all(
+                    b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n\
+                      HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nfinal",
+                )
+                .await
+                .unwrap();
+            // Held open until the client has read the answer.
+            let _ = socket.read(&mut chunk).await;
+        });
+        let proxy = Proxy {
+            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            upstream: parse_upstream(&format!("http://{upstream_addr}")).unwrap(),
+            timeout: WITHIN,
+        };
+        let request = Request::builder()
+            .uri("/page")
+            .header(header::HOST, "shop.example")
+            .body(Body::empty())
+            .unwrap();
+        let client = SocketAddr::from(([127, 0, 0, 1], 40_000));
+        let response =
+            tokio::time::timeout(WITHIN, forward(State(proxy), ConnectInfo(client), request))
+                .await
+                .expect("no answer within 10 s");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(response.headers().get(header::LINK).is_none());
+        assert_eq!(
+            response.headers().get(header::CACHE_CONTROL).unwrap(),
+            "max-age=60"
+        );
+        let body = tokio::time::timeout(WITHIN, axum::body::to_bytes(response.into_body(), 1024))
+            .await
+            .expect("no body within 10 s")
+            .unwrap();
+        assert_eq!(&body[..], b"final");
+        upstream.abort();
     }
 }

@@ -11,8 +11,10 @@
 //! and by the `reference` cell (an HTTP route whose handler makes one Redis
 //! GET through the manager).
 //!
-//! Then: the same subjects by payload (1 KiB → 1 MiB) at one concurrency,
-//! and degraded mode ([`crate::degraded`]).
+//! Then: the same subjects by payload (1 KiB → 1 MiB) at one concurrency;
+//! hits of other kinds at that concurrency (a 64 KiB range of a 1 MiB
+//! entry against the whole 1 MiB hit, a heuristic-freshness hit against a
+//! `max-age` hit); and degraded mode ([`crate::degraded`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -508,6 +510,34 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     }
     let payload_grid = Grid::new("payload", &payload_cells, payload_rows);
     drop(payload_cells);
+
+    // Other kinds of hit, at the same concurrency.
+    let kind_cells = hit_kind_cells(redis, pool_size).await?;
+    let kind_samples = run_row(redis, "cache", &kind_cells, options, concurrency).await?;
+    let mut kind_trips = Target::new(format!(
+        "a range hit and a heuristic-freshness hit are ≤ 1 Redis command ({TRIP_SOURCE})"
+    ));
+    for kind in HitKind::ALL {
+        check_round_trips(
+            &mut kind_trips,
+            redis,
+            &kind_cells,
+            kind.index(),
+            "hit",
+            1.0,
+        )
+        .await?;
+    }
+    let kind_grid = Grid::new(
+        "c",
+        &kind_cells,
+        vec![Row {
+            key: concurrency.to_string(),
+            name: format!("c={concurrency}"),
+            samples: kind_samples,
+        }],
+    );
+    drop(kind_cells);
     clear_keys(redis, KEY_PREFIX).await?;
 
     let mut section = Section::new(
@@ -582,6 +612,42 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     }
     section.gap();
 
+    section.subsection(
+        &format!("cache: kinds of hit, c={concurrency}"),
+        &format!(
+            "tower-redis-cache (Redis), warmed. A {} range (`Range: bytes=0-{}`, answered 206) of a {} entry \
+             against a hit of the whole entry: the range is cut from the body the one `HMGET` returns, so both \
+             move the whole entry out of Redis. A {} hit whose freshness is heuristic (the origin sends only \
+             an old `Last-Modified`; `heuristic_freshness(true)`) against the same body with \
+             `Cache-Control: {CACHE_CONTROL}`. {}.",
+            bytes(RANGE_BYTES as f64),
+            RANGE_BYTES - 1,
+            bytes(RANGE_ENTRY_BYTES as f64),
+            bytes(BODY_BYTES as f64),
+            timing(options, true)
+        ),
+    );
+    section.table(&kind_grid.table(&[
+        (HitKind::Whole.index(), "whole 1 MiB hit"),
+        (HitKind::MaxAge.index(), "max-age hit"),
+    ]));
+    section.target(&kind_trips);
+    for (subject, to) in [
+        (HitKind::Range, HitKind::Whole),
+        (HitKind::Heuristic, HitKind::MaxAge),
+    ] {
+        section.note(format!(
+            "{} / {}, median (per repeat): {}",
+            subject.short(),
+            to.short(),
+            kind_grid.spread(subject.index(), to.index())
+        ));
+    }
+    for note in kind_grid.notes() {
+        section.note(note);
+    }
+    section.gap();
+
     section.append(
         &degraded::run(
             &CacheOutage {
@@ -593,6 +659,164 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
         .await?,
     );
     Ok(section.finish())
+}
+
+/// The entry a range is read from, and the range's size.
+const RANGE_ENTRY_BYTES: usize = 1 << 20;
+const RANGE_BYTES: usize = 64 << 10;
+
+/// The cells of the kinds-of-hit table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HitKind {
+    Whole,
+    Range,
+    MaxAge,
+    Heuristic,
+}
+
+impl HitKind {
+    const ALL: [HitKind; 4] = [
+        HitKind::Whole,
+        HitKind::Range,
+        HitKind::MaxAge,
+        HitKind::Heuristic,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            HitKind::Whole => "tower-redis-cache: hit of a whole 1 MiB entry (200)",
+            HitKind::Range => "tower-redis-cache: 64 KiB range of the 1 MiB entry (206)",
+            HitKind::MaxAge => "tower-redis-cache: 1 KiB hit, Cache-Control: max-age",
+            HitKind::Heuristic => {
+                "tower-redis-cache: 1 KiB hit, heuristic freshness (Last-Modified only)"
+            }
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            HitKind::Whole => "whole 1 MiB hit",
+            HitKind::Range => "64 KiB range hit",
+            HitKind::MaxAge => "max-age hit",
+            HitKind::Heuristic => "heuristic hit",
+        }
+    }
+
+    fn index(self) -> usize {
+        HitKind::ALL
+            .iter()
+            .position(|k| *k == self)
+            .unwrap_or_default()
+    }
+
+    fn request(self) -> HttpRequest {
+        let mut request = HttpRequest::get(PATH);
+        if self == HitKind::Range {
+            request.fields.insert(
+                header::RANGE,
+                http::HeaderValue::from_static("bytes=0-65535"),
+            );
+        }
+        request
+    }
+
+    fn expect(self) -> Expect {
+        Expect {
+            status: if self == HitKind::Range {
+                StatusCode::PARTIAL_CONTENT
+            } else {
+                StatusCode::OK
+            },
+            // The size is checked once, before measuring.
+            body: None,
+        }
+    }
+}
+
+/// An origin whose answers are fresh only heuristically: an old
+/// `Last-Modified` (10% of its age is past the default cap of a day, so the
+/// entry is fresh for a day), no `Cache-Control` or `Expires`.
+fn heuristic_origin(body: Bytes) -> Router {
+    Router::new().route(
+        PATH,
+        get(move || {
+            let body = body.clone();
+            async move {
+                tokio::time::sleep(ORIGIN_DELAY).await;
+                (
+                    [(header::LAST_MODIFIED, "Thu, 01 Jan 2026 00:00:00 GMT")],
+                    body,
+                )
+            }
+        }),
+    )
+}
+
+/// The kinds-of-hit cells, warmed and checked: each answers a hit of its
+/// kind with the expected status and size.
+async fn hit_kind_cells(redis: &BenchRedis, pool_size: u32) -> Result<Vec<Cell>, BenchError> {
+    let mut cells = Vec::with_capacity(HitKind::ALL.len());
+    for kind in HitKind::ALL {
+        let prefix = format!("{KEY_PREFIX}:kind:{}", kind.index());
+        let (manager, _down, _dead) = managers(redis, pool_size, &prefix).await?;
+        let (origin, body) = match kind {
+            HitKind::Whole | HitKind::Range => {
+                let body = body(RANGE_ENTRY_BYTES);
+                (origin(body.clone()), body)
+            }
+            HitKind::MaxAge => (origin(body(BODY_BYTES)), body(BODY_BYTES)),
+            HitKind::Heuristic => (heuristic_origin(body(BODY_BYTES)), body(BODY_BYTES)),
+        };
+        let layer = CacheLayer::builder(manager.clone())
+            .max_body_bytes(MAX_BODY)
+            .heuristic_freshness(kind == HitKind::Heuristic)
+            .build()
+            .map_err(|e| BenchError::Check(format!("cache: {e}")))?;
+        let server = serve(origin.layer(layer)).await?;
+        let fail = |what: String| BenchError::Check(format!("cache, {}: {what}", kind.label()));
+        wait_for_hit(server.addr, &body, |fields| {
+            fields.cache_status.contains("; hit") && !fields.cache_status.contains("unavailable")
+        })
+        .await
+        .map_err(|last| {
+            fail(format!(
+                "never answered from the cache; last answer: {last}"
+            ))
+        })?;
+        let request = kind.request();
+        let mut sender = connect(server.addr)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let (status, fields, got) = send(&mut sender, &request)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let wanted = if kind == HitKind::Range {
+            &body[..RANGE_BYTES]
+        } else {
+            &body[..]
+        };
+        let cache_status = fields
+            .get("cache-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if status != kind.expect().status || got != wanted || !cache_status.contains("; hit") {
+            return Err(fail(format!(
+                "expected {} and {} bytes from the cache, got {status}, {} bytes, Cache-Status {cache_status:?}",
+                kind.expect().status,
+                wanted.len(),
+                got.len()
+            )));
+        }
+        cells.push(Cell::http(
+            kind.label(),
+            kind.short(),
+            server,
+            vec![Arc::new(request)],
+            kind.expect(),
+            SCRIPT_INNER,
+        ));
+    }
+    Ok(cells)
 }
 
 /// The issue's cache targets, checked in the rows `rows` selects.

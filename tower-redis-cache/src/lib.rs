@@ -143,8 +143,9 @@
 //! What the cache does of RFC 9111 (HTTP caching), RFC 9110 (semantics),
 //! RFC 9213 (targeted fields) and RFC 5861 (stale serving), its default,
 //! and the test (in `tests/`) that fails when it stops doing it. Not done:
-//! range requests and partial responses (a request with `Range` passes
-//! through; 206 is never stored), storing `POST` responses for later `GET`s
+//! partial responses (206 is never stored, so none is completed or
+//! combined, and a stored response is never updated from one: RFC 9111
+//! §3.3, §3.4, §4.3.4), storing `POST` responses for later `GET`s
 //! (§4.4 allows it; never done), serving a variant whose `Content-Language`
 //! satisfies a different `Accept-Language` (it would need every variant
 //! read on a lookup: more than one round trip).
@@ -176,6 +177,12 @@
 //! | 5861 §3 | `stale-while-revalidate`: served stale while one request refreshes | on | `features::stale_while_revalidate_serves_stale_at_once_and_refreshes_once` |
 //! | 5861 §4 | `stale-if-error`: served stale when the origin fails or times out | on | `features::stale_if_error_serves_the_stale_entry_when_the_origin_answers_503` |
 //! | 9211 | `Cache-Status` on every answer the cache handles | on | `cache::a_fresh_response_is_served_from_redis_with_age_and_cache_status` |
+//! | 9110 §14.1.2, §14.4; 9111 §3.4 | one byte range (`a-b`, `a-`, `-n`) of a complete `200` answered `206` with `Content-Range`, from the stored body on a hit, cut from the whole response (asked of the origin without `Range`, and stored) on a miss; `Accept-Ranges: bytes` on answers from the cache | on | `conformance::byte_ranges_are_served_from_a_stored_complete_response`, `conformance::a_range_on_a_miss_still_stores_the_whole_streamed_response` |
+//! | 9110 §14.1.1, §15.5.17 | a range that does not overlap the representation: `416` with `Content-Range: bytes */<length>` | on | `conformance::unsatisfiable_ranges_are_answered_416_with_the_length` |
+//! | 9110 §14.2 | several ranges, another unit or an invalid `Range`: the whole `200`; `HEAD` ignores `Range` | on | `conformance::several_or_invalid_ranges_are_answered_with_the_whole_response` |
+//! | 9110 §13.1.5 | `If-Range`: the range only on a strong `ETag` match or the exact, strong `Last-Modified`; else the whole `200` | on | `conformance::if_range_serves_the_range_only_on_a_strong_match` |
+//! | 9111 §3.4 | a range hit is one round trip (the whole entry is read: the body is not laid out for partial reads) | on | `conformance::a_range_hit_is_one_round_trip` |
+//! | 9110 §15.2; 9111 §3 | interim (1xx) responses passed on, never stored, none of their fields in a stored final response (the proxy example cannot forward them: see its docs) | on | `conformance::interim_responses_are_passed_on_and_never_stored` |
 
 #[cfg(feature = "axum")]
 pub mod admin;

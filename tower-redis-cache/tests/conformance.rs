@@ -646,3 +646,296 @@ async fn vary_compares_normalised_selecting_values() {
     ];
     assert_eq!(f.get("/negotiated", &different).await.body, "variant-2");
 }
+
+/// The body every range test's origin sends: 20 bytes, one per position.
+const TWENTY: &str = "0123456789abcdefghij";
+
+/// Scripts `path` to answer [`TWENTY`], fresh for an hour, with a strong
+/// `ETag` and a `Last-Modified` two hours before its `Date`.
+fn twenty_bytes(f: &Fixture, path: &str) {
+    let last_modified = format_date(hours_from_now(-2), false);
+    let date = format_date(SystemTime::now(), false);
+    f.on(path, move |_, _| {
+        respond(
+            200,
+            &[
+                ("cache-control", "max-age=3600"),
+                ("etag", "\"v1\""),
+                ("last-modified", &last_modified),
+                ("date", &date),
+            ],
+            TWENTY,
+        )
+    });
+}
+
+/// RFC 9110 §14.1.2, §14.4, §15.3.7 and RFC 9111 §3.4: `bytes=a-b`,
+/// `bytes=a-` and `bytes=-n` are served from a stored complete response as
+/// `206` with the right `Content-Range`. On a miss the origin is asked for
+/// the whole response (no `Range`), which is stored, and the range is cut
+/// from it on its way; `HEAD` ignores `Range` (§14.2), and every cached
+/// `200` says `Accept-Ranges: bytes` (§14.3).
+#[tokio::test]
+async fn byte_ranges_are_served_from_a_stored_complete_response() {
+    let f = Fixture::new(|b| b).await;
+    twenty_bytes(&f, "/file");
+
+    let miss = f.get("/file", &[("range", "bytes=2-5")]).await;
+    assert_eq!(miss.status, 206, "{}", miss.cache_status());
+    assert_eq!(miss.body, "2345");
+    assert_eq!(miss.header("content-range"), Some("bytes 2-5/20"));
+    assert_eq!(miss.header("content-length"), Some("4"));
+    assert!(
+        miss.cache_status().contains("stored"),
+        "{}",
+        miss.cache_status()
+    );
+    let forwarded = f.origin.request("/file", 1);
+    assert!(
+        forwarded.get("range").is_none() && forwarded.get("if-range").is_none(),
+        "the origin is asked for the whole response: {forwarded:?}"
+    );
+
+    for (range, body, content_range) in [
+        ("bytes=-3", "hij", "bytes 17-19/20"),
+        ("bytes=15-", "fghij", "bytes 15-19/20"),
+        ("BYTES=10-1000", "abcdefghij", "bytes 10-19/20"),
+        ("bytes=0-0", "0", "bytes 0-0/20"),
+        ("bytes=-50", TWENTY, "bytes 0-19/20"),
+    ] {
+        let hit = f.get("/file", &[("range", range)]).await;
+        assert_eq!(hit.status, 206, "{range}: {}", hit.cache_status());
+        assert_eq!(hit.body, body, "{range}");
+        assert_eq!(hit.header("content-range"), Some(content_range), "{range}");
+        assert!(
+            hit.cache_status().starts_with("tower-redis; hit"),
+            "{range}"
+        );
+        assert!(hit.header("age").is_some(), "{range}");
+    }
+
+    let whole = f.get("/file", &[]).await;
+    assert_eq!((whole.status, whole.body.as_str()), (200, TWENTY));
+    assert_eq!(whole.header("accept-ranges"), Some("bytes"));
+    let head = send(&f.app, "HEAD", "/file", &[("range", "bytes=0-1")]).await;
+    assert_eq!(head.status, 200, "HEAD ignores Range");
+    assert!(head.header("content-range").is_none());
+    assert_eq!(f.calls("/file"), 1, "every answer after the first is a hit");
+}
+
+/// RFC 9110 §14.1.1 and §15.5.17: a range that does not overlap the
+/// representation (a first byte at or past its end, a suffix of 0) is
+/// answered `416` with `Content-Range: bytes */<length>`. On a miss the
+/// whole response is still read from the origin and stored.
+#[tokio::test]
+async fn unsatisfiable_ranges_are_answered_416_with_the_length() {
+    let f = Fixture::new(|b| b).await;
+    twenty_bytes(&f, "/file");
+
+    let miss = f.get("/file", &[("range", "bytes=20-")]).await;
+    assert_eq!(miss.status, 416, "{}", miss.cache_status());
+    assert_eq!(miss.header("content-range"), Some("bytes */20"));
+    assert_eq!(miss.body, "");
+    for range in ["bytes=-0", "bytes=25-30", "bytes=20-20"] {
+        let hit = f.get("/file", &[("range", range)]).await;
+        assert_eq!(hit.status, 416, "{range}");
+        assert_eq!(hit.header("content-range"), Some("bytes */20"), "{range}");
+        assert_eq!(hit.body, "", "{range}");
+    }
+    let whole = f.get("/file", &[]).await;
+    assert_eq!((whole.status, whole.body.as_str()), (200, TWENTY));
+    assert_eq!(
+        f.calls("/file"),
+        1,
+        "the 416 on the miss stored the response"
+    );
+}
+
+/// RFC 9110 §14.2: a server may ignore `Range`. Several ranges, another
+/// unit, a range whose last byte is before its first, two `Range` lines or
+/// a field that does not parse are answered with the whole `200`.
+#[tokio::test]
+async fn several_or_invalid_ranges_are_answered_with_the_whole_response() {
+    let f = Fixture::new(|b| b).await;
+    twenty_bytes(&f, "/file");
+    f.get("/file", &[]).await;
+    for range in [
+        "bytes=0-1,5-6",
+        "bytes=5-2",
+        "items=0-1",
+        "bytes=x-1",
+        "bytes=-",
+        "0-1",
+    ] {
+        let answer = f.get("/file", &[("range", range)]).await;
+        assert_eq!(answer.status, 200, "{range}");
+        assert_eq!(answer.body, TWENTY, "{range}");
+        assert!(answer.header("content-range").is_none(), "{range}");
+    }
+    let two_lines = f
+        .get("/file", &[("range", "bytes=0-1"), ("range", "bytes=2-3")])
+        .await;
+    assert_eq!((two_lines.status, two_lines.body.as_str()), (200, TWENTY));
+    assert_eq!(f.calls("/file"), 1);
+}
+
+/// RFC 9110 §13.1.5: with `If-Range`, the range is served only when the
+/// validator matches the stored response strongly: the same strong entity
+/// tag, or exactly its `Last-Modified` when that is at least a second
+/// before its `Date`. Otherwise (a weak tag, another tag or date) the whole
+/// `200` is sent.
+#[tokio::test]
+async fn if_range_serves_the_range_only_on_a_strong_match() {
+    let f = Fixture::new(|b| b).await;
+    twenty_bytes(&f, "/file");
+    let stored = f.get("/file", &[]).await;
+    let last_modified = stored.header("last-modified").unwrap().to_owned();
+    let other_date = format_date(hours_from_now(-3), false);
+
+    for (if_range, ranged) in [
+        ("\"v1\"", true),
+        (last_modified.as_str(), true),
+        ("W/\"v1\"", false),
+        ("\"v0\"", false),
+        (other_date.as_str(), false),
+        ("not a validator", false),
+    ] {
+        let answer = f
+            .get("/file", &[("range", "bytes=0-3"), ("if-range", if_range)])
+            .await;
+        if ranged {
+            assert_eq!(
+                (answer.status, answer.body.as_str()),
+                (206, "0123"),
+                "{if_range}"
+            );
+        } else {
+            assert_eq!(
+                (answer.status, answer.body.as_str()),
+                (200, TWENTY),
+                "{if_range}"
+            );
+        }
+    }
+    assert_eq!(f.calls("/file"), 1);
+}
+
+/// RFC 9111 §3.4 and the round-trip budget: a range hit costs one Redis
+/// round trip, the same `HMGET` as a whole hit, and the answer holds only
+/// the range (64 KiB out of a 1 MiB entry here).
+#[tokio::test]
+async fn a_range_hit_is_one_round_trip() {
+    let f = Fixture::new(|b| b.max_body_bytes(2 << 20)).await;
+    let body: String = (0..1 << 20)
+        .map(|i: u32| char::from(b'a' + u8::try_from(i % 26).unwrap()))
+        .collect();
+    let expected = body[100_000..100_000 + 65_536].to_owned();
+    f.on("/big", move |_, _| {
+        respond(200, &[("cache-control", "max-age=3600")], body.clone())
+    });
+    f.get("/big", &[]).await;
+    // Once to learn the URL's Vary, so that the next lookup is a plain HMGET.
+    f.get("/big", &[("range", "bytes=0-0")]).await;
+
+    let range = "bytes=100000-165535";
+    let (hit, commands) = f
+        .redis
+        .commands_during(send(&f.app, "GET", "/big", &[("range", range)]))
+        .await;
+    assert_eq!(hit.status, 206, "{}", hit.cache_status());
+    assert_eq!(
+        hit.header("content-range"),
+        Some("bytes 100000-165535/1048576")
+    );
+    assert!(hit.body == expected, "the bytes of the range");
+    assert_eq!(commands, ["hmget"]);
+    assert_eq!(f.calls("/big"), 1);
+}
+
+/// RFC 9110 §15.2 and RFC 9111 §3: an interim (1xx) response is never
+/// stored, even with explicit freshness, and none of its fields reach the
+/// final response that is stored after it. In tower a service answers one
+/// response per request, so an interim response can only reach the layer
+/// as that response: it passes through as it is, and the next request's
+/// final `200` is stored and served with its own fields only.
+#[tokio::test]
+async fn interim_responses_are_passed_on_and_never_stored() {
+    let f = Fixture::new(|b| b).await;
+    for status in [100u16, 102, 103] {
+        let path = format!("/interim-{status}");
+        f.on(&path, move |n, _| match n {
+            1 => respond(
+                status,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("link", "</style.css>; rel=preload"),
+                ],
+                Body::empty(),
+            ),
+            _ => respond(200, &[("cache-control", "max-age=60")], "final"),
+        });
+        let interim = f.get(&path, &[]).await;
+        assert_eq!(interim.status, status);
+        assert_eq!(interim.header("link"), Some("</style.css>; rel=preload"));
+        assert!(
+            !interim.cache_status().contains("stored"),
+            "{status}: {}",
+            interim.cache_status()
+        );
+        let last = f.get(&path, &[]).await;
+        assert_eq!(
+            (last.status, last.body.as_str()),
+            (200, "final"),
+            "{status}"
+        );
+        assert_eq!(f.calls(&path), 2, "{status}: the 1xx was not stored");
+        let hit = f.get(&path, &[]).await;
+        assert_eq!((hit.status, hit.body.as_str()), (200, "final"), "{status}");
+        assert!(
+            hit.cache_status().starts_with("tower-redis; hit"),
+            "{status}"
+        );
+        assert!(
+            hit.header("link").is_none(),
+            "{status}: no interim field stored"
+        );
+        assert_eq!(f.calls(&path), 2, "{status}");
+    }
+}
+
+/// RFC 9111 §3.4 with RFC 9110 §14.1.2: a range request on a miss whose
+/// range ends before the origin has sent the rest of its body still
+/// stores the whole response: the client has its `206` as soon as its
+/// range has arrived, and the cache reads the rest on its own.
+#[tokio::test]
+async fn a_range_on_a_miss_still_stores_the_whole_streamed_response() {
+    let f = Fixture::new(|b| b).await;
+    f.on("/streamed", |_, _| {
+        let chunks = futures_util::stream::unfold(0u8, |i| async move {
+            if i == 4 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let chunk = axum::body::Bytes::from(format!("chunk{i}-"));
+            Some((Ok::<_, std::convert::Infallible>(chunk), i + 1))
+        });
+        respond(
+            200,
+            &[("cache-control", "max-age=3600"), ("content-length", "28")],
+            Body::from_stream(chunks),
+        )
+    });
+    let miss = f.get("/streamed", &[("range", "bytes=0-6")]).await;
+    assert_eq!((miss.status, miss.body.as_str()), (206, "chunk0-"));
+    assert_eq!(miss.header("content-range"), Some("bytes 0-6/28"));
+    let whole = f.get("/streamed", &[]).await;
+    assert_eq!(whole.body, "chunk0-chunk1-chunk2-chunk3-");
+    assert!(
+        whole.cache_status().starts_with("tower-redis; hit"),
+        "{}",
+        whole.cache_status()
+    );
+    assert_eq!(f.calls("/streamed"), 1);
+    let tail = f.get("/streamed", &[("range", "bytes=-7")]).await;
+    assert_eq!((tail.status, tail.body.as_str()), (206, "chunk3-"));
+}

@@ -215,6 +215,11 @@ pub(crate) fn serve<B: Body>(
     let mut headers = entry.headers.clone();
     headers.remove(&STORED_TAGS);
     headers.insert(header::AGE, HeaderValue::from(age));
+    if entry.status == StatusCode::OK {
+        // RFC 9110 §14.3: the cache answers byte ranges of what it stores
+        // (`range.rs`), whatever the origin does.
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
     add_cache_status(&mut headers, &status);
     if entry.status == StatusCode::OK && not_modified(request, &entry.headers) {
         let mut response = Response::new(CacheBody::empty());

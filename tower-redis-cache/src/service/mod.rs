@@ -12,6 +12,8 @@
 //! - `storing.rs`: whether and how a response is stored (`tee.rs`: its body
 //!   read at the origin's pace);
 //! - `invalidate.rs`: unsafe methods invalidate what they change;
+//! - `range.rs`: a range request is answered with a range of the whole
+//!   response;
 //! - `cache_status.rs`, `tags.rs`: pure helpers.
 
 mod cache_status;
@@ -19,6 +21,7 @@ mod coalesce;
 mod hit;
 mod invalidate;
 mod miss;
+mod range;
 mod request;
 mod revalidate;
 mod storing;
@@ -33,7 +36,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower_redis_core::http::is_grpc;
 use tower_service::Service;
@@ -128,7 +131,7 @@ where
 async fn handle<S, ReqBody, ResBody>(
     config: Arc<Config>,
     mut inner: S,
-    request: Request<ReqBody>,
+    mut request: Request<ReqBody>,
 ) -> Answer<ResBody, S::Error>
 where
     S: Origin<ReqBody, ResBody>,
@@ -141,10 +144,14 @@ where
     if is_unsafe(request.method()) {
         return Box::pin(invalidate::invalidating(&config, inner, request)).await;
     }
-    let Some(keyed) = Keyed::of(&config, &request) else {
+    let Some(mut keyed) = Keyed::of(&config, &request) else {
         let response = inner.call(request).await?;
         return Ok(passthrough(&config, response));
     };
+    // The origin is asked for the whole response; the range is cut from
+    // the answer, whichever path gives it.
+    let range = range::take(&mut request);
+    range::strip(&mut keyed.parts.headers);
     let (lookup, tier) = config
         .store
         .lookup(&keyed.url_hash, &keyed.parts.headers, &keyed.extra)
@@ -155,10 +162,14 @@ where
         request,
         body: PhantomData,
     };
-    match lookup {
+    let answer = match lookup {
         Lookup::Hit(entry) => exchange.on_hit(entry, tier).await,
         Lookup::UriMiss => exchange.on_miss("uri-miss", tier).await,
         Lookup::VaryMiss => exchange.on_miss("vary-miss", tier).await,
+    };
+    match range {
+        Some(wanted) => answer.map(|response| range::answer(&wanted, response)),
+        None => answer,
     }
 }
 
@@ -175,7 +186,7 @@ pub(crate) struct Keyed {
 
 impl Keyed {
     /// The key of a request the cache handles, or `None` for one it passes
-    /// through: not a GET or HEAD, gRPC, a range, a body, a route that
+    /// through: not a GET or HEAD, gRPC, a body, a route that
     /// bypasses the cache, an unknown host or a malformed forwarded origin.
     /// The request's head is copied once, and only for requests the cache
     /// handles.
@@ -183,7 +194,6 @@ impl Keyed {
         let method = request.method();
         let cacheable_request = (method == Method::GET || method == Method::HEAD)
             && !is_grpc(request.headers())
-            && !request.headers().contains_key(header::RANGE)
             && !request::carries_body(request);
         let route = config.route_for(request.uri().path());
         if !(cacheable_request && route.enabled) {

@@ -1,0 +1,345 @@
+//! Range requests (RFC 9110 §14), answered by the cache from a complete
+//! `200` response.
+//!
+//! A `GET` the cache handles is forwarded without its `Range` and
+//! `If-Range`: on a miss the origin sends the whole response, which is
+//! stored as usual, and the range is cut from it on its way to the client.
+//! Hits are cut from the stored body. Only the final answer is ranged:
+//! - one `bytes` range (`a-b`, `a-`, `-n`) of a `200` whose length is
+//!   known: `206` with `Content-Range`, or `416` with
+//!   `Content-Range: bytes */len` when it does not overlap the
+//!   representation (§14.1.1, §15.5.17);
+//! - several ranges, another unit or a field that does not parse: the
+//!   whole `200`, which §14.2 allows;
+//! - `If-Range` (§13.1.5) that does not hold (a weak or different entity
+//!   tag, a date that is not the exact, strong `Last-Modified`): the whole
+//!   `200`;
+//! - anything but a `200` (a `304` to a conditional request, an error, a
+//!   body of unknown length): as it is.
+//!
+//! Partial responses are never stored: a `206` from the origin (which it
+//! only sends to a request that is not the cache's) passes through.
+//!
+//! Costs: a range hit is the same single `HMGET` as a whole hit, and reads
+//! the whole entry from Redis (the range is a zero-copy slice of it). A
+//! range request on a miss makes the origin send its whole response; when
+//! that response is not stored (too large, `no-store`, ...) the cache stops
+//! reading it once the range is sent, so the origin sends at most the
+//! range's end plus what was in flight.
+
+use std::pin::Pin;
+
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Body;
+use http_body_util::BodyExt;
+
+use super::OriginBody;
+use crate::body::CacheBody;
+use crate::freshness;
+
+/// One byte range, as the client wrote it (RFC 9110 §14.1.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ByteRange {
+    /// `first-last`, both included.
+    FromTo(u64, u64),
+    /// `first-`: to the end.
+    From(u64),
+    /// `-n`: the last `n` bytes.
+    Suffix(u64),
+}
+
+/// What a request asks of the answer's bytes: the one range it can be
+/// served, and its `If-Range`.
+#[derive(Debug)]
+pub(crate) struct RangeRequest {
+    range: ByteRange,
+    if_range: Option<HeaderValue>,
+}
+
+/// Removes `Range` and `If-Range` from a request the cache handles (the
+/// origin is asked for the whole response) and returns what they asked,
+/// when it is one byte range of a `GET`. A `HEAD`'s range is ignored
+/// (§14.2: range handling is defined for `GET` only), as is a field that
+/// is not a single byte range.
+pub(crate) fn take<B>(request: &mut Request<B>) -> Option<RangeRequest> {
+    let is_get = request.method() == Method::GET;
+    let headers = request.headers_mut();
+    let if_range = headers.remove(header::IF_RANGE);
+    let mut values = match headers.entry(header::RANGE) {
+        header::Entry::Occupied(entry) => entry.remove_entry_mult().1,
+        header::Entry::Vacant(_) => return None,
+    };
+    let value = values.next()?;
+    if values.next().is_some() || !is_get {
+        return None;
+    }
+    Some(RangeRequest {
+        range: parse(value.as_bytes())?,
+        if_range,
+    })
+}
+
+/// Drops `Range` and `If-Range` from a copy of the request's head.
+pub(crate) fn strip(headers: &mut HeaderMap) {
+    headers.remove(header::RANGE);
+    headers.remove(header::IF_RANGE);
+}
+
+/// Parses `bytes=<one range>` (the unit case-insensitively); `None` for
+/// anything else, several ranges included. A number too large for a u64 is
+/// read as `u64::MAX`: past any end, which is what it means.
+pub(crate) fn parse(value: &[u8]) -> Option<ByteRange> {
+    let value = std::str::from_utf8(value).ok()?.trim();
+    let (unit, set) = value.split_once('=')?;
+    if !unit.trim().eq_ignore_ascii_case("bytes") {
+        return None;
+    }
+    let (first, last) = set.trim().split_once('-')?;
+    let number = |s: &str| -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(s.parse::<u64>().unwrap_or(u64::MAX))
+    };
+    match (first.is_empty(), last.is_empty()) {
+        (true, true) => None,
+        (true, false) => number(last).map(ByteRange::Suffix),
+        (false, true) => number(first).map(ByteRange::From),
+        (false, false) => {
+            let (first, last) = (number(first)?, number(last)?);
+            // §14.1.1: a last-pos below the first-pos makes the field invalid.
+            (last >= first).then_some(ByteRange::FromTo(first, last))
+        }
+    }
+}
+
+/// The bytes `start..=end` of a representation of `len` bytes, or `None`
+/// when the range does not overlap it (§14.1.1: a first-pos at or past the
+/// end, a suffix of 0, any range of an empty representation).
+pub(crate) fn resolve(range: ByteRange, len: u64) -> Option<(u64, u64)> {
+    if len == 0 {
+        return None;
+    }
+    match range {
+        ByteRange::FromTo(first, last) if first < len => Some((first, last.min(len - 1))),
+        ByteRange::From(first) if first < len => Some((first, len - 1)),
+        ByteRange::Suffix(n) if n > 0 => Some((len - n.min(len), len - 1)),
+        _ => None,
+    }
+}
+
+/// RFC 9110 §13.1.5: whether `If-Range` lets the range be served from a
+/// response with these headers. An entity tag must match the response's
+/// strong `ETag` exactly (weak tags never do); a date must equal its
+/// `Last-Modified`, which must be strong: at least a second before its
+/// `Date` (§8.8.2.2). Anything else sends the whole response.
+pub(crate) fn if_range_holds(if_range: &HeaderValue, response: &HeaderMap) -> bool {
+    let value = if_range.as_bytes().trim_ascii();
+    if value.first() == Some(&b'"') || value.starts_with(b"W/") {
+        let etag = response
+            .get(header::ETAG)
+            .map(|e| e.as_bytes().trim_ascii());
+        return value.first() == Some(&b'"')
+            && value.len() >= 2
+            && value.last() == Some(&b'"')
+            && etag == Some(value);
+    }
+    let date = |name| {
+        response
+            .get(name)
+            .and_then(|v| freshness::http_date(v.as_bytes()))
+    };
+    match (
+        freshness::http_date(value),
+        date(header::LAST_MODIFIED),
+        date(header::DATE),
+    ) {
+        (Some(since), Some(modified), Some(sent)) => {
+            since == modified
+                && sent
+                    .duration_since(modified)
+                    .is_ok_and(|d| d.as_secs() >= 1)
+        }
+        _ => false,
+    }
+}
+
+/// The answer's length, when it is known: its `Content-Length`, else the
+/// body's exact size.
+fn length<B: Body>(headers: &HeaderMap, body: &B) -> Option<u64> {
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    match (lengths.next(), lengths.next()) {
+        (Some(value), None) => value.to_str().ok()?.trim().parse().ok(),
+        (None, _) => body.size_hint().exact(),
+        (Some(_), Some(_)) => None,
+    }
+}
+
+/// The answer to a range request: `206` or `416` cut from a whole `200`,
+/// or the answer as it is (see the module docs).
+pub(crate) fn answer<B: OriginBody>(
+    wanted: &RangeRequest,
+    response: Response<CacheBody<B>>,
+) -> Response<CacheBody<B>> {
+    if response.status() != StatusCode::OK {
+        return response;
+    }
+    if let Some(if_range) = &wanted.if_range
+        && !if_range_holds(if_range, response.headers())
+    {
+        return response;
+    }
+    let Some(len) = length(response.headers(), response.body()) else {
+        return response;
+    };
+    let (mut parts, body) = response.into_parts();
+    parts
+        .headers
+        .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let Some((start, end)) = resolve(wanted.range, len) else {
+        finish(Box::pin(body));
+        parts.status = StatusCode::RANGE_NOT_SATISFIABLE;
+        for name in [header::CONTENT_TYPE, header::CONTENT_ENCODING] {
+            parts.headers.remove(name);
+        }
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+        parts.headers.insert(
+            header::CONTENT_RANGE,
+            header_value(&format!("bytes */{len}")),
+        );
+        return Response::from_parts(parts, CacheBody::empty());
+    };
+    let count = end - start + 1;
+    parts.status = StatusCode::PARTIAL_CONTENT;
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    parts.headers.insert(
+        header::CONTENT_RANGE,
+        header_value(&format!("bytes {start}-{end}/{len}")),
+    );
+    Response::from_parts(parts, CacheBody::ranged(body, start, count, finish::<B>))
+}
+
+fn header_value(text: &str) -> HeaderValue {
+    // Digits, spaces, `bytes`, `-`, `/` and `*` only.
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("bytes */0"))
+}
+
+/// Reads the rest of a body the cache is storing to its end on a task of
+/// its own (the client has what it asked for); any other body is dropped.
+fn finish<B: OriginBody>(body: Pin<Box<CacheBody<B>>>) {
+    if !body.is_teed() || body.is_end_stream() {
+        return;
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            let _ = body.collect().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_byte_range_parses_and_anything_else_does_not() {
+        assert_eq!(parse(b"bytes=0-99"), Some(ByteRange::FromTo(0, 99)));
+        assert_eq!(parse(b"Bytes = 5-"), Some(ByteRange::From(5)));
+        assert_eq!(parse(b"bytes=-20"), Some(ByteRange::Suffix(20)));
+        assert_eq!(
+            parse(b"bytes=0-99999999999999999999999"),
+            Some(ByteRange::FromTo(0, u64::MAX))
+        );
+        for bad in [
+            &b"bytes=0-1,5-6"[..],
+            b"bytes=5-4",
+            b"bytes=-",
+            b"bytes=a-b",
+            b"bytes=+1-2",
+            b"items=0-1",
+            b"bytes 0-1",
+            b"",
+            b"\xff",
+        ] {
+            assert_eq!(parse(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn ranges_are_resolved_against_the_length() {
+        assert_eq!(resolve(ByteRange::FromTo(0, 9), 100), Some((0, 9)));
+        assert_eq!(resolve(ByteRange::FromTo(90, 200), 100), Some((90, 99)));
+        assert_eq!(resolve(ByteRange::From(99), 100), Some((99, 99)));
+        assert_eq!(resolve(ByteRange::Suffix(10), 100), Some((90, 99)));
+        assert_eq!(resolve(ByteRange::Suffix(500), 100), Some((0, 99)));
+        assert_eq!(resolve(ByteRange::From(100), 100), None);
+        assert_eq!(resolve(ByteRange::FromTo(100, 101), 100), None);
+        assert_eq!(resolve(ByteRange::Suffix(0), 100), None);
+        assert_eq!(resolve(ByteRange::FromTo(0, 0), 0), None);
+    }
+
+    #[test]
+    fn if_range_needs_a_strong_match() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ETAG, HeaderValue::from_static("\"v1\""));
+        headers.insert(
+            header::LAST_MODIFIED,
+            HeaderValue::from_static("Tue, 01 Dec 2026 10:00:00 GMT"),
+        );
+        headers.insert(
+            header::DATE,
+            HeaderValue::from_static("Tue, 01 Dec 2026 10:00:05 GMT"),
+        );
+        let holds = |v: &'static str| if_range_holds(&HeaderValue::from_static(v), &headers);
+        assert!(holds("\"v1\""));
+        assert!(!holds("W/\"v1\""));
+        assert!(!holds("\"v2\""));
+        assert!(holds("Tue, 01 Dec 2026 10:00:00 GMT"));
+        assert!(!holds("Tue, 01 Dec 2026 10:00:01 GMT"));
+        assert!(!holds("yesterday"));
+        // A Last-Modified as late as the Date is weak.
+        headers.insert(
+            header::DATE,
+            HeaderValue::from_static("Tue, 01 Dec 2026 10:00:00 GMT"),
+        );
+        assert!(!if_range_holds(
+            &HeaderValue::from_static("Tue, 01 Dec 2026 10:00:00 GMT"),
+            &headers
+        ));
+        // A weak ETag never matches.
+        headers.insert(header::ETAG, HeaderValue::from_static("W/\"v1\""));
+        assert!(!if_range_holds(
+            &HeaderValue::from_static("\"v1\""),
+            &headers
+        ));
+    }
+
+    /// A range of a body sent in several frames: frames before it are
+    /// skipped, the first and last cut, and the stream ends with the range.
+    #[tokio::test]
+    async fn a_range_is_cut_across_frames() {
+        use bytes::Bytes;
+        use http_body::Frame;
+        use std::convert::Infallible;
+        let cut = |skip, len| {
+            let frames = ["0123", "4567", "89ab", "cdef"]
+                .map(|f| Ok::<_, Infallible>(Frame::data(Bytes::from_static(f.as_bytes()))));
+            let origin = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+            CacheBody::ranged(CacheBody::passthrough(origin), skip, len, |_| {})
+        };
+        for (skip, len, expected) in [
+            (5, 6, "56789a"),
+            (0, 16, "0123456789abcdef"),
+            (4, 4, "4567"),
+            (15, 1, "f"),
+            (14, 5, "ef"),
+        ] {
+            let body = cut(skip, len).collect().await.unwrap().to_bytes();
+            assert_eq!(body, expected.as_bytes(), "skip {skip}, len {len}");
+        }
+    }
+}
