@@ -181,6 +181,7 @@
 pub mod admin;
 mod body;
 mod bus;
+pub mod data;
 mod directives;
 mod entry;
 mod freshness;
