@@ -173,8 +173,17 @@ impl<C: Codec> DataCache<C> {
         let this = self.clone();
         let options = options.clone();
         tokio::spawn(async move {
-            this.complete(url_hash, url, options, factory, guard, lock, stale, Some(sender))
-                .await;
+            this.complete(
+                url_hash,
+                url,
+                options,
+                factory,
+                guard,
+                lock,
+                stale,
+                Some(sender),
+            )
+            .await;
         });
         match receiver.await {
             Ok(Ok(value)) => Ok(value),
@@ -258,8 +267,17 @@ impl<C: Codec> DataCache<C> {
                 LockAttempt::Unavailable => None,
                 LockAttempt::Held | LockAttempt::Filled => return,
             };
-            this.complete(url_hash, url, options, factory, Some(guard), lock, None, None)
-                .await;
+            this.complete(
+                url_hash,
+                url,
+                options,
+                factory,
+                Some(guard),
+                lock,
+                None,
+                None,
+            )
+            .await;
         });
     }
 
@@ -290,7 +308,9 @@ impl<C: Codec> DataCache<C> {
         match outcome {
             Ok(Ok(value)) => {
                 let encoded = self.inner.codec.encode(&value);
-                let shared = self.store_value(&url_hash, &url, encoded, &options, lock).await;
+                let shared = self
+                    .store_value(&url_hash, &url, encoded, &options, lock)
+                    .await;
                 if let Some(guard) = guard {
                     guard.complete(shared);
                 }

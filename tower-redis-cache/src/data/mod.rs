@@ -26,9 +26,9 @@ pub use error::{DataError, InsertError, InvalidKey};
 pub use options::DataOptions;
 pub use value::MAX_KEY_BYTES;
 
+use crate::Purged;
 use crate::key;
 use crate::store::{CacheStore, Put, StoreOptions, Target, Tier};
-use crate::Purged;
 use flight::Flights;
 use value::Stored;
 

@@ -130,7 +130,10 @@ mod tests {
     #[test]
     fn keys_are_bounded() {
         assert_eq!(url(""), Err(InvalidKey::Empty));
-        assert!(matches!(url(&"k".repeat(2000)), Err(InvalidKey::TooLong(2000))));
+        assert!(matches!(
+            url(&"k".repeat(2000)),
+            Err(InvalidKey::TooLong(2000))
+        ));
         assert_eq!(url("p:1").unwrap(), "//<data>/.data/p:1");
     }
 }
