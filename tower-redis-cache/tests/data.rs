@@ -622,6 +622,59 @@ async fn a_value_that_does_not_decode_is_a_miss_and_is_deleted() {
     );
 }
 
+/// Bytes in Redis that are no value at all (corrupt, foreign) are a miss
+/// and are deleted too.
+#[tokio::test]
+async fn a_corrupt_stored_value_is_a_miss_and_is_deleted() {
+    let redis = TestRedis::start().await;
+    let a = instance(&redis, |b| b).await;
+    let options = DataOptions::new(Duration::from_secs(60)).near(false);
+    a.data
+        .insert("product:7", &product("lamp"), &options)
+        .await
+        .unwrap();
+    let mut conn = redis.connection().await.unwrap();
+    let hashes: Vec<String> = redis::cmd("KEYS")
+        .arg("tower-redis:c:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(hashes.len(), 1, "{hashes:?}");
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(&hashes[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let field = fields.iter().find(|f| f.starts_with("e:")).unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&hashes[0])
+        .arg(field)
+        .arg("TRC\x01 garbage")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    assert_eq!(a.data.get::<Product>("product:7").await.unwrap(), None);
+    let exists: bool = redis::cmd("HEXISTS")
+        .arg(&hashes[0])
+        .arg(field)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!exists, "the corrupt value was deleted");
+    let made = a
+        .data
+        .get_or_insert_with(
+            "product:7",
+            &options,
+            counted(&calls, "made", Duration::ZERO),
+        )
+        .await
+        .unwrap();
+    assert_eq!(made, product("made"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
 /// A value over the size limit is returned but not stored.
 #[tokio::test]
 async fn a_value_over_the_limit_is_returned_and_not_stored() {
