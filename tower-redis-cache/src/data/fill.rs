@@ -149,8 +149,10 @@ impl<C: Codec> DataCache<C> {
                 Joined::Follower(flight) => {
                     match tokio::time::timeout_at(deadline, flight::wait(flight)).await {
                         Ok(Outcome::Done(Some(entry))) => {
-                            if let Some((_, value)) = self.decode(Entry::clone(&entry)) {
-                                return Ok(value);
+                            match self.decode(Entry::clone(&entry)) {
+                                Some((_, value)) => return Ok(value),
+                                // Made as another type: make our own.
+                                None => break (None, None),
                             }
                         }
                         Ok(Outcome::Failed) if stale.is_some() => return Err(Fail::Elsewhere),

@@ -59,25 +59,34 @@ pub(crate) struct Guard {
 
 impl Guard {
     pub(crate) fn complete(self, entry: Option<Arc<Entry>>) {
-        self.sender.send_replace(Outcome::Done(entry));
+        self.end(Outcome::Done(entry));
     }
 
     pub(crate) fn fail(self) {
-        self.sender.send_replace(Outcome::Failed);
+        self.end(Outcome::Failed);
+    }
+
+    /// Leaves the map first, so that a woken follower that joins again
+    /// starts a new flight instead of finding this finished one.
+    fn end(self, outcome: Outcome) {
+        self.leave();
+        self.sender.send_replace(outcome);
+    }
+
+    fn leave(&self) {
+        let mut map = lock(&self.flights.map);
+        if map
+            .get(&self.key)
+            .is_some_and(|r| r.same_channel(&self.sender.subscribe()))
+        {
+            map.remove(&self.key);
+        }
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        {
-            let mut map = lock(&self.flights.map);
-            if map
-                .get(&self.key)
-                .is_some_and(|r| r.same_channel(&self.sender.subscribe()))
-            {
-                map.remove(&self.key);
-            }
-        }
+        self.leave();
         self.sender.send_if_modified(|outcome| {
             if matches!(outcome, Outcome::Pending) {
                 *outcome = Outcome::Done(None);
