@@ -231,6 +231,7 @@ async fn a_hit_is_one_round_trip_and_a_near_hit_none() {
         "a near hit costs nothing: {commands:?}"
     );
 
+    // Stored far-only: no read copies it near, plain `get`s included.
     let far = DataOptions::new(Duration::from_secs(60)).near(false);
     a.data
         .insert("product:far", &product("far"), &far)
@@ -246,6 +247,11 @@ async fn a_hit_is_one_round_trip_and_a_near_hit_none() {
             ))
             .await;
         assert_eq!(value.unwrap(), product("far"));
+        assert_eq!(commands, ["hmget"], "not kept near: {commands:?}");
+        let (value, commands) = redis
+            .commands_during(b.data.get::<Product>("product:far"))
+            .await;
+        assert_eq!(value.unwrap(), Some(product("far")));
         assert_eq!(commands, ["hmget"], "not kept near: {commands:?}");
     }
     assert_eq!(calls.load(Ordering::SeqCst), 0);

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower_redis_core::clock;
+use tracing::Instrument;
 
 use super::flight::{self, Guard, Joined, Outcome};
 use super::value::{self, Stored};
@@ -56,6 +57,24 @@ impl<C: Codec> DataCache<C> {
     /// returned but not stored (one warning per key); a stored value that
     /// does not decode is a miss and is deleted.
     pub async fn get_or_insert_with<T, E, F, Fut>(
+        &self,
+        key: &str,
+        options: &DataOptions,
+        factory: F,
+    ) -> Result<T, DataError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let span = tracing::debug_span!(target: "tower_redis_cache", "data", key);
+        self.get_or_make(key, options, factory)
+            .instrument(span)
+            .await
+    }
+
+    async fn get_or_make<T, E, F, Fut>(
         &self,
         key: &str,
         options: &DataOptions,
@@ -174,7 +193,7 @@ impl<C: Codec> DataCache<C> {
         let (sender, receiver) = oneshot::channel();
         let this = self.clone();
         let options = options.clone();
-        tokio::spawn(async move {
+        let task = async move {
             this.complete(
                 url_hash,
                 url,
@@ -186,7 +205,8 @@ impl<C: Codec> DataCache<C> {
                 Some(sender),
             )
             .await;
-        });
+        };
+        tokio::spawn(task.in_current_span());
         match receiver.await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(Fail::Factory(error)),
@@ -257,7 +277,7 @@ impl<C: Codec> DataCache<C> {
         let this = self.clone();
         let options = options.clone();
         let stored_at = stored.stored_at;
-        tokio::spawn(async move {
+        let task = async move {
             let variant = key::variant("", &HeaderMap::new(), "");
             let lock = match this
                 .inner
@@ -280,7 +300,8 @@ impl<C: Codec> DataCache<C> {
                 None,
             )
             .await;
-        });
+        };
+        tokio::spawn(task.in_current_span());
     }
 
     /// Runs the factory and stores its value (releasing the lock in the
@@ -324,7 +345,8 @@ impl<C: Codec> DataCache<C> {
                 match stale {
                     Some(stale) => {
                         let throttle = clock::duration_ms(options.fail_safe_throttle);
-                        let entry = value::entry(stale.bytes(), throttle, clock::now_ms());
+                        let entry =
+                            value::entry(stale.bytes(), throttle, stale.near(), clock::now_ms());
                         let keep_for = options
                             .fail_safe_throttle
                             .saturating_add(options.fail_safe.unwrap_or_default());
@@ -377,7 +399,12 @@ impl<C: Codec> DataCache<C> {
                 return None;
             }
         };
-        let entry = value::entry(&bytes, clock::duration_ms(options.ttl), clock::now_ms());
+        let entry = value::entry(
+            &bytes,
+            clock::duration_ms(options.ttl),
+            options.near,
+            clock::now_ms(),
+        );
         if bytes.len() > self.inner.max_value_bytes {
             if self.inner.warned.get(url_hash).is_none() {
                 self.inner.warned.insert(url_hash.to_owned(), ());

@@ -249,7 +249,12 @@ impl<C: Codec> DataCache<C> {
             });
         }
         let url_hash = key::hash_url(&url);
-        let entry = value::entry(&bytes, clock::duration_ms(options.ttl), clock::now_ms());
+        let entry = value::entry(
+            &bytes,
+            clock::duration_ms(options.ttl),
+            options.near,
+            clock::now_ms(),
+        );
         self.inner
             .store
             .put(put(url_hash, url, entry, options, options.keep_for()), None)
@@ -281,7 +286,11 @@ impl<C: Codec> DataCache<C> {
         url_hash: &str,
         near: bool,
     ) -> (Option<(Stored, T)>, Tier) {
-        let (entry, tier) = self.inner.store.data_lookup(url_hash, near).await;
+        let (entry, tier) = self
+            .inner
+            .store
+            .data_lookup(url_hash, near, value::may_live_near)
+            .await;
         let Some(entry) = entry else {
             return (None, tier);
         };

@@ -104,7 +104,10 @@ impl DataOptions {
     }
 
     /// Whether the value may be copied into the near tier (when the cache
-    /// has one). Default: allowed.
+    /// has one). Stored with the value: when it is not allowed, no read on
+    /// any instance copies it near (plain [`get`](super::DataCache::get)s
+    /// included), and this call does not read the near tier. Default:
+    /// allowed.
     pub fn near(mut self, allowed: bool) -> Self {
         self.near = allowed;
         self

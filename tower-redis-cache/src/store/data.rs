@@ -12,9 +12,15 @@ use crate::entry::Entry;
 impl CacheStore {
     /// A data value's entry: the near tier first (when `near` allows it),
     /// else one `HMGET` on Redis, else the in-process store while Redis is
-    /// unavailable. A stored value that does not decode is deleted and is
-    /// a miss.
-    pub(crate) async fn data_lookup(&self, url_hash: &str, near: bool) -> (Option<Entry>, Tier) {
+    /// unavailable; a value read from Redis is copied into the near tier
+    /// when `near` and `keep_near` allow it. A stored value that does not
+    /// decode is deleted and is a miss.
+    pub(crate) async fn data_lookup(
+        &self,
+        url_hash: &str,
+        near: bool,
+        keep_near: fn(&Entry) -> bool,
+    ) -> (Option<Entry>, Tier) {
         self.bus.ensure_started();
         self.failover.catch_up().await;
         let headers = HeaderMap::new();
@@ -49,6 +55,7 @@ impl CacheStore {
             Found::Entry(entry) => {
                 if let (Some(near), Tier::Redis) = (near, tier)
                     && self.bus.epoch() == epoch
+                    && keep_near(&entry)
                 {
                     near.insert(&Put {
                         url_hash: url_hash.to_owned(),
