@@ -126,6 +126,22 @@ impl CacheHandle {
         Self { config }
     }
 
+    /// A typed cache-aside cache on this layer's store (see
+    /// [`crate::data`]): same Redis keys, tags, near cache and in-process
+    /// fallback, so [`purge_tag`](Self::purge_tag) removes data values and
+    /// pages together. Values are limited to the layer's `max_body_bytes`;
+    /// a caller waits for another's fill up to the layer's coalescing wait
+    /// (5 s without coalescing). Obtain it once and clone it: clones share
+    /// their in-process coalescing.
+    pub fn data(&self) -> crate::data::DataCache {
+        crate::data::DataCache::on_store(
+            Arc::clone(&self.config.store),
+            self.config.max_body_bytes,
+            self.config.coalesce.unwrap_or(Duration::from_secs(5)),
+            crate::data::Json,
+        )
+    }
+
     /// Removes every URL tagged `tag` (response `Surrogate-Key` / `Cache-Tag`
     /// headers, [`Route::tag`](crate::Route::tag), [`Route::tags_fn`](crate::Route::tags_fn)).
     pub async fn purge_tag(&self, tag: &str) -> Purged {

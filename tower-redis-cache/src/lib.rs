@@ -183,11 +183,73 @@
 //! | 9110 §13.1.5 | `If-Range`: the range only on a strong `ETag` match or the exact, strong `Last-Modified`; else the whole `200` | on | `conformance::if_range_serves_the_range_only_on_a_strong_match` |
 //! | 9111 §3.4 | a range hit is one round trip (the whole entry is read: the body is not laid out for partial reads) | on | `conformance::a_range_hit_is_one_round_trip` |
 //! | 9110 §15.2; 9111 §3 | interim (1xx) responses passed on, never stored, none of their fields in a stored final response (the proxy example cannot forward them: see its docs) | on | `conformance::interim_responses_are_passed_on_and_never_stored` |
+//!
+//! # Cache-aside: the data cache
+//!
+//! The layer caches whole responses. [`data::DataCache`] caches the data
+//! behind them — a database row, a computed aggregate, a remote API call —
+//! as typed values (`T: Serialize + DeserializeOwned`, serde_json by
+//! default, any [`data::Codec`]), with `get_or_insert_with(key, &options,
+//! factory)`, `get`, `insert` and `remove`. It is built on the same store:
+//! a value is an entry under a key URL of its own (`//<data>/.data/<key>`,
+//! under the manager's key prefix), so it has the same round trips (a hit
+//! is one `HMGET`, none from the near tier), the same fill locks
+//! (concurrent misses on every instance make one factory call), the same
+//! in-process fallback while Redis is down, and the same tag indexes: one
+//! [`CacheHandle::purge_tag`] removes the pages *and* the values of a tag,
+//! on every instance, near tiers included. On top of the store it adds
+//! what a function call needs and an HTTP response does not: fail-safe
+//! (serve the expired value when the factory fails or times out), soft
+//! and hard factory timeouts with background completion, and eager
+//! refresh.
+//!
+//! | | HTTP cache ([`CacheLayer`]) | data cache ([`data::DataCache`]) |
+//! |---|---|---|
+//! | caches | whole responses, by URL and `Vary` | typed values, by a key you choose |
+//! | freshness | the origin's `Cache-Control` (RFC 9111), route defaults | [`data::DataOptions::ttl`] |
+//! | when the source fails | `stale-if-error` | fail-safe window, soft/hard timeouts |
+//! | refresh | `stale-while-revalidate`, revalidation with validators | eager refresh at a fraction of the TTL |
+//! | tags, purges, coalescing, near tier, outage fallback | shared | shared |
+//!
+//! Use the layer when a whole response can be reused as is (public pages,
+//! API answers that are the same for everyone who may see them). Use the
+//! data cache when the response cannot be (it is personalised, or
+//! assembled from several sources) but the data behind it can, or for
+//! work outside HTTP handlers. Both together: tag the page and the value
+//! with the same tag, and one purge after a write drops both.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use tower_redis_cache::CacheLayer;
+//! use tower_redis_cache::data::DataOptions;
+//! use tower_redis_core::RedisManager;
+//!
+//! // `disabled()`: no Redis, the in-process store only (development, tests).
+//! let cache = CacheLayer::builder(RedisManager::disabled()).build()?;
+//! let data = cache.handle().data();
+//! let options = DataOptions::new(Duration::from_secs(60))
+//!     .tag("product-42")
+//!     .fail_safe(Duration::from_secs(3600));
+//! let name: String = data
+//!     .get_or_insert_with("product:42:name", &options, || async {
+//!         Ok::<_, std::io::Error>("desk lamp".to_owned()) // the database read
+//!     })
+//!     .await?;
+//! assert_eq!(name, "desk lamp");
+//! assert_eq!(data.get::<String>("product:42:name").await?.as_deref(), Some("desk lamp"));
+//! // After a write: one purge drops the value and every page tagged so.
+//! cache.handle().purge_tag("product-42").await;
+//! assert_eq!(data.get::<String>("product:42:name").await?, None);
+//! # Ok(()) }
+//! ```
 
 #[cfg(feature = "axum")]
 pub mod admin;
 mod body;
 mod bus;
+pub mod data;
 mod directives;
 mod entry;
 mod freshness;
@@ -201,6 +263,7 @@ mod service;
 mod store;
 
 pub use body::CacheBody;
+pub use data::{DataCache, DataOptions};
 pub use handle::{CacheHandle, EntryInfo, InvalidUrl, Purged, Stats, Warmed};
 pub use layer::{CacheLayer, CacheLayerBuilder, ConfigError, DEFAULT_UNKEYED_HEADERS};
 pub use route::Route;

@@ -12,6 +12,7 @@
 //! `purge.rs` (and invalidation), `lock.rs` (fill locks), `outage.rs` (the
 //! queued changes, their replay and the queue's overflow policy).
 
+mod data;
 mod lock;
 mod lookup;
 mod memory;

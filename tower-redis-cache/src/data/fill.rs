@@ -1,0 +1,433 @@
+//! `get_or_insert_with`: a hit (with eager refresh), else a coalesced fill:
+//! one caller per instance leads, the leaders race for the key's fill lock
+//! in Redis, the winner runs the factory and the others wait for its value
+//! (woken by the bus, polling as a fallback, up to the coalescing wait).
+//! The factory runs in a task of its own, so that it can finish in the
+//! background after a timeout and its panic reaches no waiter.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use http::HeaderMap;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tower_redis_core::clock;
+use tracing::Instrument;
+
+use super::flight::{self, Guard, Joined, Outcome};
+use super::value::{self, Stored};
+use super::{Codec, DataCache, DataError, DataOptions, count, put};
+use crate::entry::Entry;
+use crate::key;
+use crate::store::{LockAttempt, LockPurpose, LockToken};
+
+/// Why a fill has no value.
+enum Fail<E> {
+    Factory(E),
+    Panicked,
+    /// Another caller's factory failed (only reported when an expired
+    /// value can be served instead).
+    Elsewhere,
+}
+
+/// What leading a fill across instances came to.
+enum Led<T> {
+    /// Another instance stored a fresh value meanwhile.
+    Found(Entry, T),
+    /// Run the factory, holding this lock (none: Redis unavailable, or
+    /// waited too long).
+    Lock(Option<LockToken>),
+}
+
+impl<C: Codec> DataCache<C> {
+    /// The value of `key`: fresh from the cache (one Redis round trip, none
+    /// from the near tier), else from `factory`, stored for
+    /// [`DataOptions::ttl`]. Concurrent misses on every instance make one
+    /// factory call; the others wait for its value. See [`DataOptions`] for
+    /// fail-safe, timeouts and eager refresh.
+    ///
+    /// The factory runs in a task of its own (hence `Send + 'static`): it
+    /// finishes in the background after a timeout, and if it panics the
+    /// caller gets [`DataError::Panicked`] and the key is not held up for
+    /// anyone else. A value whose encoding is larger than the limit is
+    /// returned but not stored (one warning per key); a stored value that
+    /// does not decode is a miss and is deleted.
+    pub async fn get_or_insert_with<T, E, F, Fut>(
+        &self,
+        key: &str,
+        options: &DataOptions,
+        factory: F,
+    ) -> Result<T, DataError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let span = tracing::debug_span!(target: "tower_redis_cache", "data", key);
+        self.get_or_make(key, options, factory)
+            .instrument(span)
+            .await
+    }
+
+    async fn get_or_make<T, E, F, Fut>(
+        &self,
+        key: &str,
+        options: &DataOptions,
+        factory: F,
+    ) -> Result<T, DataError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let started = Instant::now();
+        let url = value::url(key)?;
+        let url_hash = key::hash_url(&url);
+        let (found, tier) = self.read::<T>(&url_hash, options.near).await;
+        let now = clock::now_ms();
+        let mut seen = None;
+        let mut stale = None;
+        if let Some((stored, value)) = found {
+            if stored.is_fresh(now) {
+                count("hit", tier);
+                if let Some(fraction) = options.eager_refresh
+                    && stored.age_ms(now) as f64 >= fraction * stored.ttl_ms as f64
+                {
+                    self.refresh(url_hash, url, &stored, options, factory);
+                }
+                return Ok(value);
+            }
+            seen = Some(stored.stored_at);
+            if options.fail_safe.is_some() {
+                stale = Some((stored, value));
+            }
+        }
+        count(if stale.is_some() { "stale" } else { "miss" }, tier);
+        let stale_entry = stale.as_ref().map(|(stored, _)| stored.clone());
+        let work = self.fill(url_hash, url, options, factory, seen, stale_entry);
+        tokio::pin!(work);
+        let soft = options.soft_timeout.filter(|_| stale.is_some());
+        let timeout = match (soft, options.hard_timeout) {
+            (Some(soft), Some(hard)) => Some(soft.min(hard)),
+            (soft, hard) => soft.or(hard),
+        };
+        let result = match timeout {
+            Some(limit) => match tokio::time::timeout_at(started + limit, &mut work).await {
+                Ok(result) => result,
+                Err(_) => {
+                    return match stale {
+                        Some((_, value)) => {
+                            tracing::debug!(target: "tower_redis_cache", ?limit, "factory timed out: serving the expired value, the factory goes on in the background");
+                            Ok(value)
+                        }
+                        None => Err(DataError::Timeout(limit)),
+                    };
+                }
+            },
+            None => work.await,
+        };
+        match (result, stale) {
+            (Ok(value), _) => Ok(value),
+            (Err(_), Some((_, value))) => {
+                tracing::warn!(target: "tower_redis_cache", "the factory failed: serving the expired value (fail-safe)");
+                Ok(value)
+            }
+            (Err(Fail::Factory(error)), None) => Err(DataError::Factory(error)),
+            (Err(Fail::Panicked | Fail::Elsewhere), None) => Err(DataError::Panicked),
+        }
+    }
+
+    /// A miss: follow this instance's flight or lead it; the leader takes
+    /// the fill lock (or waits for another instance's value) and runs the
+    /// factory. `seen`: the stored time of an expired value found, which
+    /// the lock compares with (a newer one means it was refreshed).
+    async fn fill<T, E, F, Fut>(
+        &self,
+        url_hash: String,
+        url: String,
+        options: &DataOptions,
+        factory: F,
+        seen: Option<u64>,
+        stale: Option<Stored>,
+    ) -> Result<T, Fail<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let deadline = Instant::now() + self.inner.wait;
+        let (guard, lock) = loop {
+            match self.inner.flights.join(&url_hash) {
+                Joined::Follower(flight) => {
+                    match tokio::time::timeout_at(deadline, flight::wait(flight)).await {
+                        Ok(Outcome::Done(Some(entry))) => {
+                            match self.decode(Entry::clone(&entry)) {
+                                Some((_, value)) => return Ok(value),
+                                // Made as another type: make our own.
+                                None => break (None, None),
+                            }
+                        }
+                        Ok(Outcome::Failed) if stale.is_some() => return Err(Fail::Elsewhere),
+                        // The leader panicked, failed, or has nothing to
+                        // share: lead (or follow) anew.
+                        Ok(_) => {}
+                        Err(_) => break (None, None),
+                    }
+                }
+                Joined::Leader(guard) => match self.lead(&url_hash, seen, deadline).await {
+                    Led::Found(entry, value) => {
+                        guard.complete(Some(Arc::new(entry)));
+                        return Ok(value);
+                    }
+                    Led::Lock(lock) => break (Some(guard), lock),
+                },
+            }
+        };
+        let (sender, receiver) = oneshot::channel();
+        let this = self.clone();
+        let options = options.clone();
+        let task = async move {
+            this.complete(
+                url_hash,
+                url,
+                options,
+                factory,
+                guard,
+                lock,
+                stale,
+                Some(sender),
+            )
+            .await;
+        };
+        tokio::spawn(task.in_current_span());
+        match receiver.await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(Fail::Factory(error)),
+            Err(_) => Err(Fail::Panicked),
+        }
+    }
+
+    /// Takes the fill lock, or waits for the instance holding it to store
+    /// a value and reads it.
+    async fn lead<T: DeserializeOwned>(
+        &self,
+        url_hash: &str,
+        seen: Option<u64>,
+        deadline: Instant,
+    ) -> Led<T> {
+        let store = &self.inner.store;
+        let variant = key::variant("", &HeaderMap::new(), "");
+        let purpose = seen.map_or(LockPurpose::Fill, LockPurpose::Refresh);
+        let mut poll = Duration::from_millis(10);
+        loop {
+            let updated = store.bus.updated();
+            tokio::pin!(updated);
+            updated.as_mut().enable();
+            match store.try_lock(url_hash, Some(&variant), purpose).await {
+                LockAttempt::Acquired(lock) => return Led::Lock(Some(lock)),
+                LockAttempt::Unavailable => return Led::Lock(None),
+                LockAttempt::Filled => {}
+                LockAttempt::Held => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        tracing::debug!(target: "tower_redis_cache", "data fill wait exceeded; running the factory");
+                        return Led::Lock(None);
+                    }
+                    let _ = tokio::time::timeout_at(deadline.min(now + poll), updated).await;
+                    poll = (poll * 2).min(Duration::from_millis(250));
+                }
+            }
+            if let (Some((stored, value)), _) = self.read::<T>(url_hash, false).await
+                && stored.is_fresh(clock::now_ms())
+            {
+                return Led::Found(stored.entry, value);
+            }
+            if Instant::now() >= deadline {
+                return Led::Lock(None);
+            }
+        }
+    }
+
+    /// Eager refresh: one background factory call per instance (this
+    /// flight) and across instances (the lock, which reports a value
+    /// stored since `stored`).
+    fn refresh<T, E, F, Fut>(
+        &self,
+        url_hash: String,
+        url: String,
+        stored: &Stored,
+        options: &DataOptions,
+        factory: F,
+    ) where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let Joined::Leader(guard) = self.inner.flights.join(&format!("refresh {url_hash}")) else {
+            return;
+        };
+        let this = self.clone();
+        let options = options.clone();
+        let stored_at = stored.stored_at;
+        let task = async move {
+            let variant = key::variant("", &HeaderMap::new(), "");
+            let lock = match this
+                .inner
+                .store
+                .try_lock(&url_hash, Some(&variant), LockPurpose::Refresh(stored_at))
+                .await
+            {
+                LockAttempt::Acquired(lock) => Some(lock),
+                LockAttempt::Unavailable => None,
+                LockAttempt::Held | LockAttempt::Filled => return,
+            };
+            this.complete(
+                url_hash,
+                url,
+                options,
+                factory,
+                Some(guard),
+                lock,
+                None,
+                None,
+            )
+            .await;
+        };
+        tokio::spawn(task.in_current_span());
+    }
+
+    /// Runs the factory and stores its value (releasing the lock in the
+    /// same write), or on failure re-stores the expired value for the
+    /// fail-safe throttle; tells the flight and the caller.
+    #[allow(clippy::too_many_arguments)]
+    async fn complete<T, E, F, Fut>(
+        self,
+        url_hash: String,
+        url: String,
+        options: DataOptions,
+        factory: F,
+        guard: Option<Guard>,
+        lock: Option<LockToken>,
+        stale: Option<Stored>,
+        caller: Option<oneshot::Sender<Result<T, E>>>,
+    ) where
+        T: Serialize + Send + 'static,
+        E: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let store = Arc::clone(&self.inner.store);
+        let outcome = AssertUnwindSafe(async move { factory().await })
+            .catch_unwind()
+            .await;
+        match outcome {
+            Ok(Ok(value)) => {
+                let encoded = self.inner.codec.encode(&value);
+                let shared = self
+                    .store_value(&url_hash, &url, encoded, &options, lock)
+                    .await;
+                if let Some(guard) = guard {
+                    guard.complete(shared);
+                }
+                if let Some(caller) = caller {
+                    let _ = caller.send(Ok(value));
+                }
+            }
+            Ok(Err(error)) => {
+                match stale {
+                    Some(stale) => {
+                        let throttle = clock::duration_ms(options.fail_safe_throttle);
+                        let entry =
+                            value::entry(stale.bytes(), throttle, stale.near(), clock::now_ms());
+                        let keep_for = options
+                            .fail_safe_throttle
+                            .saturating_add(options.fail_safe.unwrap_or_default());
+                        store
+                            .put(put(url_hash, url, entry, &options, keep_for), lock)
+                            .await;
+                    }
+                    None => {
+                        if let Some(lock) = lock {
+                            store.unlock(lock, &url_hash).await;
+                        }
+                    }
+                }
+                if let Some(guard) = guard {
+                    guard.fail();
+                }
+                if let Some(caller) = caller {
+                    let _ = caller.send(Err(error));
+                }
+            }
+            Err(_) => {
+                tracing::warn!(target: "tower_redis_cache", "a data cache factory panicked; the key is released");
+                if let Some(lock) = lock {
+                    store.unlock(lock, &url_hash).await;
+                }
+                drop(guard);
+                drop(caller);
+            }
+        }
+    }
+
+    /// Encodes and stores a value; returns the entry for the in-process
+    /// followers (also when it is too large to store).
+    async fn store_value(
+        &self,
+        url_hash: &str,
+        url: &str,
+        encoded: Result<Vec<u8>, super::CodecError>,
+        options: &DataOptions,
+        lock: Option<LockToken>,
+    ) -> Option<Arc<Entry>> {
+        let store = &self.inner.store;
+        let bytes = match encoded {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                tracing::warn!(target: "tower_redis_cache", %error, "a data cache value does not encode: not stored");
+                if let Some(lock) = lock {
+                    store.unlock(lock, url_hash).await;
+                }
+                return None;
+            }
+        };
+        let entry = value::entry(
+            &bytes,
+            clock::duration_ms(options.ttl),
+            options.near,
+            clock::now_ms(),
+        );
+        if bytes.len() > self.inner.max_value_bytes {
+            if self.inner.warned.get(url_hash).is_none() {
+                self.inner.warned.insert(url_hash.to_owned(), ());
+                tracing::warn!(target: "tower_redis_cache", bytes = bytes.len(), limit = self.inner.max_value_bytes, "a data cache value is over the size limit: returned, not stored");
+            }
+            tower_redis_core::record::counter("tower_redis_cache_data_too_large_total", &[], 1);
+            if let Some(lock) = lock {
+                store.unlock(lock, url_hash).await;
+            }
+            return Some(Arc::new(entry));
+        }
+        store
+            .put(
+                put(
+                    url_hash.to_owned(),
+                    url.to_owned(),
+                    entry.clone(),
+                    options,
+                    options.keep_for(),
+                ),
+                lock,
+            )
+            .await;
+        Some(Arc::new(entry))
+    }
+}

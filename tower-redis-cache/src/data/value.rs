@@ -1,0 +1,156 @@
+//! A data value as a cache entry: its key URL and its envelope.
+//!
+//! A value is stored as an entry without `Vary` under the URL
+//! `//<data>/.data/<key>` (`<` cannot occur in a request's host, so no
+//! HTTP entry shares it). The entry's body is the envelope: magic `TRD`,
+//! version `1`, the TTL in milliseconds (u64, big-endian), a flags byte
+//! (bit 0: the value may not live in the near tier), then the codec's
+//! bytes. The entry's response time is stamped by Redis when it is
+//! stored (the clock soft purges use too), and its lifetime is the TTL in
+//! whole seconds, rounded up, so that the HTTP cache's admin surface
+//! (stats, soft purges) reads it as it reads a page.
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+
+use super::error::InvalidKey;
+use crate::entry::Entry;
+
+/// The longest key accepted, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+const MAGIC: &[u8; 3] = b"TRD";
+const VERSION: u8 = 1;
+const HEADER: usize = 13;
+/// Flag: the value may not be copied into the near tier.
+const FAR_ONLY: u8 = 1;
+
+/// The key URL of a data key.
+pub(crate) fn url(key: &str) -> Result<String, InvalidKey> {
+    if key.is_empty() {
+        return Err(InvalidKey::Empty);
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(InvalidKey::TooLong(key.len()));
+    }
+    Ok(format!("//<data>/.data/{key}"))
+}
+
+/// A stored value, read back.
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
+    /// The whole entry, as found (for re-storing it as fail-safe).
+    pub(crate) entry: Entry,
+    /// When it was stored (ms since the epoch, Redis' clock).
+    pub(crate) stored_at: u64,
+    pub(crate) ttl_ms: u64,
+    /// A soft purge made it stale.
+    soft_purged: bool,
+}
+
+impl Stored {
+    /// The envelope of an entry, or `None` when the entry is not a data
+    /// value of this version.
+    pub(crate) fn of(entry: Entry) -> Option<Self> {
+        let body = &entry.body;
+        if body.len() < HEADER || &body[..3] != MAGIC || body[3] != VERSION {
+            return None;
+        }
+        let ttl_ms = u64::from_be_bytes(body[4..12].try_into().ok()?);
+        let soft_purged = entry.lifetime < lifetime_of(ttl_ms);
+        Some(Self {
+            stored_at: entry.response_time_ms,
+            ttl_ms,
+            soft_purged,
+            entry,
+        })
+    }
+
+    /// The codec's bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.entry.body[HEADER..]
+    }
+
+    /// Whether the value may be copied into the near tier.
+    pub(crate) fn near(&self) -> bool {
+        may_live_near(&self.entry)
+    }
+
+    pub(crate) fn age_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.stored_at)
+    }
+
+    pub(crate) fn is_fresh(&self, now_ms: u64) -> bool {
+        !self.soft_purged && self.age_ms(now_ms) < self.ttl_ms
+    }
+}
+
+/// Whether a stored entry may be copied into the near tier: not when
+/// its value was stored with `near(false)`.
+pub(crate) fn may_live_near(entry: &Entry) -> bool {
+    entry.body.get(12).is_none_or(|flags| flags & FAR_ONLY == 0)
+}
+
+/// The whole seconds of a TTL in milliseconds, rounded up.
+fn lifetime_of(ttl_ms: u64) -> u64 {
+    ttl_ms.div_ceil(1000)
+}
+
+/// The entry storing a value's encoded bytes for `ttl_ms`, stamped `now_ms`
+/// (Redis restamps it with its own clock).
+pub(crate) fn entry(bytes: &[u8], ttl_ms: u64, near: bool, now_ms: u64) -> Entry {
+    let mut body = Vec::with_capacity(HEADER + bytes.len());
+    body.extend_from_slice(MAGIC);
+    body.push(VERSION);
+    body.extend_from_slice(&ttl_ms.to_be_bytes());
+    body.push(if near { 0 } else { FAR_ONLY });
+    body.extend_from_slice(bytes);
+    Entry {
+        status: StatusCode::OK,
+        headers: HeaderMap::new(),
+        body: Bytes::from(body),
+        response_time_ms: now_ms,
+        initial_age: 0,
+        lifetime: lifetime_of(ttl_ms),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_envelope_round_trips_and_foreign_bodies_are_not_values() {
+        let stored = Stored::of(entry(b"{\"a\":1}", 1_500, true, 10_000)).unwrap();
+        assert!(stored.near());
+        assert!(!Stored::of(entry(b"1", 1_500, false, 0)).unwrap().near());
+        assert_eq!(stored.bytes(), b"{\"a\":1}");
+        assert_eq!(stored.ttl_ms, 1_500);
+        assert!(stored.is_fresh(11_499));
+        assert!(!stored.is_fresh(11_500));
+        let mut foreign = entry(b"x", 1_000, true, 0);
+        foreign.body = Bytes::from_static(b"TRC1 not a value");
+        assert!(Stored::of(foreign).is_none());
+        let mut short = entry(b"", 1_000, true, 0);
+        short.body = Bytes::from_static(b"TRD1");
+        assert!(Stored::of(short).is_none());
+    }
+
+    #[test]
+    fn a_soft_purge_makes_a_value_stale() {
+        let mut e = entry(b"1", 60_000, true, 10_000);
+        e.mark_stale_at(12_000);
+        assert!(!Stored::of(e).unwrap().is_fresh(12_500));
+    }
+
+    #[test]
+    fn keys_are_bounded() {
+        assert_eq!(url(""), Err(InvalidKey::Empty));
+        assert!(matches!(
+            url(&"k".repeat(2000)),
+            Err(InvalidKey::TooLong(2000))
+        ));
+        assert_eq!(url("p:1").unwrap(), "//<data>/.data/p:1");
+    }
+}

@@ -1,0 +1,803 @@
+//! The data cache (`tower_redis_cache::data`) against real Redis, with two
+//! instances (two managers, two layers) on one server: coalescing across
+//! them, fail-safe, timeouts, eager refresh, tags shared with the HTTP
+//! cache, the outage fallback and bad values.
+//!
+//! Freshness is Redis' wall clock (entries are stamped by Redis when
+//! stored), so TTLs here are short real durations, and every wait ends in
+//! a generous deadline.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing;
+use serde::{Deserialize, Serialize};
+use support::{call, request};
+use tokio::time::Instant;
+use tower_redis_cache::data::{DataCache, DataError, DataOptions};
+use tower_redis_cache::{CacheLayer, CacheLayerBuilder, Route};
+use tower_redis_core::testing::{TestRedis, wait_for_breaker};
+use tower_redis_core::{BreakerState, RedisManager, redis};
+
+/// How long any wait of this suite may take.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Product {
+    id: u32,
+    name: String,
+}
+
+fn product(name: &str) -> Product {
+    Product {
+        id: 7,
+        name: name.to_owned(),
+    }
+}
+
+/// One instance: its own manager and layer, the layer's data cache, and
+/// an app whose `/products/7` page is tagged `product-7`.
+struct Instance {
+    manager: RedisManager,
+    layer: CacheLayer,
+    data: DataCache,
+    app: Router,
+}
+
+async fn instance(
+    redis: &TestRedis,
+    tune: impl Fn(CacheLayerBuilder) -> CacheLayerBuilder,
+) -> Instance {
+    instance_with(redis, tune, Arc::new(AtomicU64::new(0))).await
+}
+
+async fn instance_with(
+    redis: &TestRedis,
+    tune: impl Fn(CacheLayerBuilder) -> CacheLayerBuilder,
+    pages: Arc<AtomicU64>,
+) -> Instance {
+    let manager = RedisManager::connect(redis.config().failure_threshold(1).build().unwrap())
+        .await
+        .unwrap();
+    let layer = tune(
+        CacheLayer::builder(manager.clone())
+            .route(Route::new("/products/*").tag("product-7"))
+            .near_cache(8 << 20, Duration::from_secs(3600)),
+    )
+    .build()
+    .unwrap();
+    let counted = Arc::clone(&pages);
+    let app = Router::new()
+        .route(
+            "/products/7",
+            routing::get(move || {
+                let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                async move { ([("cache-control", "max-age=3600")], format!("page-{n}")) }
+            }),
+        )
+        .layer(layer.clone());
+    Instance {
+        manager,
+        data: layer.handle().data(),
+        layer,
+        app,
+    }
+}
+
+async fn two(redis: &TestRedis) -> (Instance, Instance) {
+    (instance(redis, |b| b).await, instance(redis, |b| b).await)
+}
+
+/// A factory counting its calls, answering `name` after `delay`.
+fn counted(
+    calls: &Arc<AtomicU64>,
+    name: &'static str,
+    delay: Duration,
+) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<Product, String>> + Send>>
++ Send
++ 'static {
+    let calls = Arc::clone(calls);
+    move || {
+        Box::pin(async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(delay).await;
+            Ok(product(name))
+        })
+    }
+}
+
+/// A factory that fails.
+fn failing(
+    calls: &Arc<AtomicU64>,
+) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<Product, String>> + Send>>
++ Send
++ 'static {
+    let calls = Arc::clone(calls);
+    move || {
+        Box::pin(async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err("the database is down".to_owned())
+        })
+    }
+}
+
+async fn within<F: Future>(what: &str, work: F) -> F::Output {
+    tokio::time::timeout(DEADLINE, work)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not done within {DEADLINE:?}"))
+}
+
+/// Waits until `check` holds, polling, up to the deadline.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within {DEADLINE:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn subscribers(redis: &TestRedis) -> i64 {
+    let mut conn = redis.connection().await.unwrap();
+    let answer: (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("tower-redis:cache-events")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    answer.1
+}
+
+async fn keys(redis: &TestRedis) -> Vec<String> {
+    let mut conn = redis.connection().await.unwrap();
+    redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// 100 concurrent misses, half on each instance, make one factory call,
+/// and every caller gets its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_misses_over_two_instances_make_one_factory_call() {
+    let redis = TestRedis::start().await;
+    let (a, b) = two(&redis).await;
+    let calls = Arc::new(AtomicU64::new(0));
+    let options = DataOptions::new(Duration::from_secs(60));
+    let mut callers = Vec::new();
+    for i in 0..100 {
+        let data = if i % 2 == 0 {
+            a.data.clone()
+        } else {
+            b.data.clone()
+        };
+        let factory = counted(&calls, "herd", Duration::from_millis(300));
+        let options = options.clone();
+        callers.push(tokio::spawn(async move {
+            data.get_or_insert_with("product:herd", &options, factory)
+                .await
+        }));
+    }
+    for caller in callers {
+        let value = within("a herd caller", caller).await.unwrap();
+        assert_eq!(value.unwrap(), product("herd"));
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one factory call for the herd"
+    );
+}
+
+/// A hit is one `HMGET`; once copied into the near tier, none. A value
+/// that may not live in the near tier is read from Redis every time.
+#[tokio::test]
+async fn a_hit_is_one_round_trip_and_a_near_hit_none() {
+    let redis = TestRedis::start().await;
+    let (a, b) = two(&redis).await;
+    let options = DataOptions::new(Duration::from_secs(60));
+    a.data
+        .insert("product:7", &product("lamp"), &options)
+        .await
+        .unwrap();
+    // Start both buses (a lookup does), so that the near tier is usable.
+    let _: Option<Product> = b.data.get("product:7").await.unwrap();
+    let _: Option<Product> = a.data.get("product:7").await.unwrap();
+    eventually("both instances subscribed", || async {
+        subscribers(&redis).await == 2
+    })
+    .await;
+    let (first, commands) = redis
+        .commands_during(b.data.get::<Product>("product:7"))
+        .await;
+    assert_eq!(first.unwrap(), Some(product("lamp")));
+    assert_eq!(commands, ["hmget"], "a hit from Redis is one HMGET");
+    let (second, commands) = redis
+        .commands_during(b.data.get::<Product>("product:7"))
+        .await;
+    assert_eq!(second.unwrap(), Some(product("lamp")));
+    assert!(
+        commands.is_empty(),
+        "a near hit costs nothing: {commands:?}"
+    );
+
+    // Stored far-only: no read copies it near, plain `get`s included.
+    let far = DataOptions::new(Duration::from_secs(60)).near(false);
+    a.data
+        .insert("product:far", &product("far"), &far)
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    for _ in 0..2 {
+        let (value, commands) = redis
+            .commands_during(b.data.get_or_insert_with(
+                "product:far",
+                &far,
+                counted(&calls, "never", Duration::ZERO),
+            ))
+            .await;
+        assert_eq!(value.unwrap(), product("far"));
+        assert_eq!(commands, ["hmget"], "not kept near: {commands:?}");
+        let (value, commands) = redis
+            .commands_during(b.data.get::<Product>("product:far"))
+            .await;
+        assert_eq!(value.unwrap(), Some(product("far")));
+        assert_eq!(commands, ["hmget"], "not kept near: {commands:?}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+/// With a fail-safe window, a factory error serves the expired value, and
+/// for the throttle the other instance is served it too without asking
+/// its factory. Without one, the caller gets the factory's error.
+#[tokio::test]
+async fn fail_safe_serves_the_expired_value_when_the_factory_fails() {
+    let redis = TestRedis::start().await;
+    let (a, b) = two(&redis).await;
+    let calls = Arc::new(AtomicU64::new(0));
+    let options = DataOptions::new(Duration::from_millis(300))
+        .fail_safe(Duration::from_secs(60))
+        .fail_safe_throttle(Duration::from_secs(30));
+    let first = a
+        .data
+        .get_or_insert_with("product:7", &options, counted(&calls, "v1", Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(first, product("v1"));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let served = a
+        .data
+        .get_or_insert_with("product:7", &options, failing(&calls))
+        .await
+        .unwrap();
+    assert_eq!(served, product("v1"), "the expired value, fail-safe");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let throttled = b
+        .data
+        .get_or_insert_with("product:7", &options, counted(&calls, "v2", Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(
+        throttled,
+        product("v1"),
+        "throttled: the failing source is left alone"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    let no_fail_safe = DataOptions::new(Duration::from_millis(300));
+    a.data
+        .insert("product:8", &product("v1"), &no_fail_safe)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let error = a
+        .data
+        .get_or_insert_with("product:8", &no_fail_safe, failing(&calls))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, DataError::Factory(message) if message == "the database is down"),
+        "{error:?}"
+    );
+}
+
+/// Past the hard timeout a caller gets the expired value (or, without
+/// one, `Timeout`) at once, and the factory's value lands when it is done.
+#[tokio::test]
+async fn a_hard_timeout_serves_the_expired_value_and_the_late_value_lands() {
+    let redis = TestRedis::start().await;
+    let (a, b) = two(&redis).await;
+    let calls = Arc::new(AtomicU64::new(0));
+    let options = DataOptions::new(Duration::from_millis(300))
+        .fail_safe(Duration::from_secs(60))
+        .hard_timeout(Duration::from_millis(100));
+    a.data
+        .insert("product:7", &product("v1"), &options)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let started = Instant::now();
+    let served = within(
+        "the timed-out call",
+        a.data.get_or_insert_with(
+            "product:7",
+            &options,
+            counted(&calls, "v2", Duration::from_secs(1)),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(served, product("v1"));
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "did not wait for the factory"
+    );
+    eventually("the late value stored", || async {
+        b.data.get::<Product>("product:7").await.unwrap() == Some(product("v2"))
+    })
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    let error = a
+        .data
+        .get_or_insert_with(
+            "product:new",
+            &options,
+            counted(&calls, "v3", Duration::from_millis(500)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, DataError::Timeout(_)), "{error:?}");
+    eventually("the late value stored", || async {
+        b.data.get::<Product>("product:new").await.unwrap() == Some(product("v3"))
+    })
+    .await;
+}
+
+/// Past the soft timeout a caller gets the expired value while the
+/// factory goes on; its value lands, and is what the next caller (on the
+/// other instance) gets, without another factory call.
+#[tokio::test]
+async fn a_soft_timeout_serves_the_expired_value_and_the_background_value_lands() {
+    let redis = TestRedis::start().await;
+    let (a, b) = two(&redis).await;
+    let calls = Arc::new(AtomicU64::new(0));
+    let options = DataOptions::new(Duration::from_millis(300))
+        .fail_safe(Duration::from_secs(60))
+        .soft_timeout(Duration::from_millis(50))
+        .hard_timeout(Duration::from_secs(5));
+    a.data
+        .insert("product:7", &product("v1"), &options)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let served = within(
+        "the soft-timed-out call",
+        a.data.get_or_insert_with(
+            "product:7",
+            &options,
+            counted(&calls, "v2", Duration::from_millis(500)),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(served, product("v1"));
+    eventually("the background value stored", || async {
+        b.data.get::<Product>("product:7").await.unwrap() == Some(product("v2"))
+    })
+    .await;
+    let next = b
+        .data
+        .get_or_insert_with("product:7", &options, counted(&calls, "v3", Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(next, product("v2"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// Hits past the eager-refresh fraction of the TTL, many on both
+/// instances at once, are served the current value and refresh it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eager_refresh_happens_exactly_once_across_instances() {
+    let redis = TestRedis::start().await;
+    let (a, b) = two(&redis).await;
+    let calls = Arc::new(AtomicU64::new(0));
+    let options = DataOptions::new(Duration::from_secs(3)).eager_refresh(0.3);
+    a.data
+        .insert("product:7", &product("v1"), &options)
+        .await
+        .unwrap();
+    // Before the fraction: plain hits.
+    let early = a
+        .data
+        .get_or_insert_with(
+            "product:7",
+            &options,
+            counted(&calls, "early", Duration::ZERO),
+        )
+        .await
+        .unwrap();
+    assert_eq!(early, product("v1"));
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    let mut callers = Vec::new();
+    for i in 0..40 {
+        let data = if i % 2 == 0 {
+            a.data.clone()
+        } else {
+            b.data.clone()
+        };
+        let factory = counted(&calls, "v2", Duration::from_millis(200));
+        let options = options.clone();
+        callers.push(tokio::spawn(async move {
+            data.get_or_insert_with("product:7", &options, factory)
+                .await
+        }));
+    }
+    for caller in callers {
+        let value = within("a hit", caller).await.unwrap().unwrap();
+        assert_eq!(value, product("v1"), "hits are served the current value");
+    }
+    for data in [&a.data, &b.data] {
+        eventually("the refreshed value", || async {
+            data.get::<Product>("product:7").await.unwrap() == Some(product("v2"))
+        })
+        .await;
+    }
+    // Hits after the refresh (and near copies read before it) start none.
+    for data in [&a.data, &b.data] {
+        let value = data
+            .get_or_insert_with("product:7", &options, counted(&calls, "v3", Duration::ZERO))
+            .await
+            .unwrap();
+        assert_eq!(value, product("v2"));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one eager refresh");
+}
+
+/// One `purge_tag` on A removes the tagged data value and the tagged page,
+/// in Redis and in B's near tier.
+#[tokio::test]
+async fn a_tag_purge_on_a_removes_data_and_pages_everywhere_near_tiers_included() {
+    let redis = TestRedis::start().await;
+    // One origin behind both instances: its page number counts its calls.
+    let pages = Arc::new(AtomicU64::new(0));
+    let a = instance_with(&redis, |b| b, Arc::clone(&pages)).await;
+    let b = instance_with(&redis, |b| b, Arc::clone(&pages)).await;
+    let options = DataOptions::new(Duration::from_secs(3600)).tag("product-7");
+    a.data
+        .insert("product:7", &product("lamp"), &options)
+        .await
+        .unwrap();
+    let page = call(&a.app, request("/products/7", &[])).await;
+    assert_eq!(page.body, "page-1");
+    a.layer.flush().await;
+    // B reads the value from Redis, then from its near tier.
+    assert!(b.data.get::<Product>("product:7").await.unwrap().is_some());
+    eventually("both instances subscribed", || async {
+        subscribers(&redis).await >= 2
+    })
+    .await;
+    eventually("B's near copy", || async {
+        let (value, commands) = redis
+            .commands_during(b.data.get::<Product>("product:7"))
+            .await;
+        value.unwrap().is_some() && commands.is_empty()
+    })
+    .await;
+    let page = call(&b.app, request("/products/7", &[])).await;
+    assert_eq!(page.body, "page-1", "the page is shared");
+
+    let purged = a.layer.handle().purge_tag("product-7").await;
+    assert_eq!(purged.urls, 2, "the page and the value");
+    eventually("B no longer has the value", || async {
+        b.data.get::<Product>("product:7").await.unwrap().is_none()
+    })
+    .await;
+    // The page's near copy goes with its own purge message.
+    let mut page = call(&b.app, request("/products/7", &[])).await;
+    let deadline = Instant::now() + DEADLINE;
+    while page.body == "page-1" {
+        assert!(Instant::now() < deadline, "B still serves the purged page");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        page = call(&b.app, request("/products/7", &[])).await;
+    }
+    assert_eq!(page.body, "page-2", "the page was purged too");
+    assert_eq!(pages.load(Ordering::SeqCst), 2);
+
+    // And from the data side.
+    a.data
+        .insert("product:7", &product("lamp"), &options)
+        .await
+        .unwrap();
+    b.data.purge_tag("product-7").await;
+    assert!(a.data.get::<Product>("product:7").await.unwrap().is_none());
+}
+
+/// Redis killed: values are made and cached in process (one factory call,
+/// then hits); Redis back: the in-process copies go, values are shared
+/// through Redis again.
+#[tokio::test]
+async fn an_outage_caches_in_process_then_values_are_shared_again() {
+    let redis = TestRedis::start().await;
+    let (a, b) = two(&redis).await;
+    let calls = Arc::new(AtomicU64::new(0));
+    let options = DataOptions::new(Duration::from_secs(60));
+    let _: Option<Product> = a.data.get("warm-up").await.unwrap();
+    redis.kill().await;
+    for data in [&a.data, &b.data] {
+        for _ in 0..3 {
+            let value = within(
+                "a call during the outage",
+                data.get_or_insert_with(
+                    "product:7",
+                    &options,
+                    counted(&calls, "outage", Duration::ZERO),
+                ),
+            )
+            .await
+            .unwrap();
+            assert_eq!(value, product("outage"));
+        }
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "cached in each process (no cross-instance lock without Redis)"
+    );
+    assert!(!a.manager.is_available() && !b.manager.is_available());
+
+    redis.restart().await;
+    wait_for_breaker(&a.manager, BreakerState::Closed, Duration::from_secs(15)).await;
+    wait_for_breaker(&b.manager, BreakerState::Closed, Duration::from_secs(15)).await;
+    let back = a
+        .data
+        .get_or_insert_with(
+            "product:7",
+            &options,
+            counted(&calls, "shared", Duration::ZERO),
+        )
+        .await
+        .unwrap();
+    assert_eq!(back, product("shared"), "the in-process copy is dropped");
+    let on_b = b
+        .data
+        .get_or_insert_with(
+            "product:7",
+            &options,
+            counted(&calls, "never", Duration::ZERO),
+        )
+        .await
+        .unwrap();
+    assert_eq!(on_b, product("shared"), "shared through Redis again");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct ProductV2 {
+    id: u32,
+    name: String,
+    price_cents: u64,
+}
+
+/// A stored value that no longer decodes (its type changed) is a miss and
+/// is deleted; the factory's value replaces it.
+#[tokio::test]
+async fn a_value_that_does_not_decode_is_a_miss_and_is_deleted() {
+    let redis = TestRedis::start().await;
+    let (a, b) = two(&redis).await;
+    let options = DataOptions::new(Duration::from_secs(60));
+    a.data
+        .insert("product:7", &product("lamp"), &options)
+        .await
+        .unwrap();
+    let before = keys(&redis).await.len();
+    let found = b.data.get::<ProductV2>("product:7").await.unwrap();
+    assert_eq!(found, None);
+    assert!(
+        a.data.get::<Product>("product:7").await.unwrap().is_none(),
+        "the undecodable value was deleted"
+    );
+    assert_eq!(keys(&redis).await.len(), before - 1);
+    let fresh = b
+        .data
+        .get_or_insert_with("product:7", &options, || async {
+            Ok::<_, String>(ProductV2 {
+                id: 7,
+                name: "lamp".to_owned(),
+                price_cents: 1_999,
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(fresh.price_cents, 1_999);
+    assert_eq!(
+        a.data.get::<ProductV2>("product:7").await.unwrap(),
+        Some(fresh)
+    );
+}
+
+/// Bytes in Redis that are no value at all (corrupt, foreign) are a miss
+/// and are deleted too.
+#[tokio::test]
+async fn a_corrupt_stored_value_is_a_miss_and_is_deleted() {
+    let redis = TestRedis::start().await;
+    let a = instance(&redis, |b| b).await;
+    let options = DataOptions::new(Duration::from_secs(60)).near(false);
+    a.data
+        .insert("product:7", &product("lamp"), &options)
+        .await
+        .unwrap();
+    let mut conn = redis.connection().await.unwrap();
+    let hashes: Vec<String> = redis::cmd("KEYS")
+        .arg("tower-redis:c:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(hashes.len(), 1, "{hashes:?}");
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(&hashes[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let field = fields.iter().find(|f| f.starts_with("e:")).unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&hashes[0])
+        .arg(field)
+        .arg("TRC\x01 garbage")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    assert_eq!(a.data.get::<Product>("product:7").await.unwrap(), None);
+    let exists: bool = redis::cmd("HEXISTS")
+        .arg(&hashes[0])
+        .arg(field)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!exists, "the corrupt value was deleted");
+    let made = a
+        .data
+        .get_or_insert_with(
+            "product:7",
+            &options,
+            counted(&calls, "made", Duration::ZERO),
+        )
+        .await
+        .unwrap();
+    assert_eq!(made, product("made"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// A value over the size limit is returned but not stored.
+#[tokio::test]
+async fn a_value_over_the_limit_is_returned_and_not_stored() {
+    let redis = TestRedis::start().await;
+    let a = instance(&redis, |b| b.max_body_bytes(256)).await;
+    let calls = Arc::new(AtomicU64::new(0));
+    let options = DataOptions::new(Duration::from_secs(60));
+    for expected_calls in 1..=2 {
+        let counter = Arc::clone(&calls);
+        let value = a
+            .data
+            .get_or_insert_with("big", &options, move || async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>("x".repeat(1_000))
+            })
+            .await
+            .unwrap();
+        assert_eq!(value.len(), 1_000);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            expected_calls,
+            "not stored, so each call makes the value"
+        );
+    }
+    assert!(a.data.get::<String>("big").await.unwrap().is_none());
+    let small = a
+        .data
+        .get_or_insert_with("small", &options, || async {
+            Ok::<_, String>("x".to_owned())
+        })
+        .await
+        .unwrap();
+    assert_eq!(small, "x");
+    assert_eq!(
+        a.data.get::<String>("small").await.unwrap().as_deref(),
+        Some("x")
+    );
+}
+
+/// A factory that panics gives its caller `Panicked`; the callers waiting
+/// for it (on this instance and the other) are not stuck behind the key:
+/// one of them makes the value. The lock and coalescing waits are 60 s
+/// here, so a key left held would fail the 10 s deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_factory_does_not_poison_the_key() {
+    let redis = TestRedis::start().await;
+    let slow = |b: CacheLayerBuilder| {
+        b.lock_ttl(Duration::from_secs(60))
+            .coalesce(Some(Duration::from_secs(60)))
+    };
+    let a = instance(&redis, slow).await;
+    let b = instance(&redis, slow).await;
+    let calls = Arc::new(AtomicU64::new(0));
+    let options = DataOptions::new(Duration::from_secs(60));
+    let mut callers = Vec::new();
+    for i in 0..20 {
+        let data = if i % 2 == 0 {
+            a.data.clone()
+        } else {
+            b.data.clone()
+        };
+        let calls = Arc::clone(&calls);
+        let options = options.clone();
+        callers.push(tokio::spawn(async move {
+            data.get_or_insert_with("product:7", &options, move || async move {
+                let call = calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                assert!(call != 0, "the first factory call panics");
+                Ok::<_, String>(product("made"))
+            })
+            .await
+        }));
+        if i == 0 {
+            // The panicking call leads.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+    let mut panicked = 0;
+    for caller in callers {
+        match within("a caller", caller).await.unwrap() {
+            Ok(value) => assert_eq!(value, product("made")),
+            Err(DataError::Panicked) => panicked += 1,
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(panicked, 1, "only the panicking factory's caller fails");
+    assert!(calls.load(Ordering::SeqCst) >= 2);
+    assert_eq!(
+        a.data.get::<Product>("product:7").await.unwrap(),
+        Some(product("made"))
+    );
+}
+
+/// Keys are checked: empty and over-long keys are typed errors, and a
+/// data value lives under the manager's key prefix.
+#[tokio::test]
+async fn keys_are_checked_and_namespaced() {
+    let redis = TestRedis::start().await;
+    let a = instance(&redis, |b| b).await;
+    assert!(a.data.get::<Product>("").await.is_err());
+    let long = "k".repeat(2_000);
+    let error = a
+        .data
+        .get_or_insert_with(&long, &DataOptions::default(), || async {
+            Ok::<_, String>(product("never"))
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(error, DataError::InvalidKey(_)), "{error:?}");
+    a.data
+        .insert("product:7", &product("lamp"), &DataOptions::default())
+        .await
+        .unwrap();
+    let keys = keys(&redis).await;
+    assert!(!keys.is_empty());
+    assert!(
+        keys.iter().all(|k| k.starts_with("tower-redis:")),
+        "{keys:?}"
+    );
+}
