@@ -1,0 +1,206 @@
+//! The manager on Redis Sentinel, against real processes: one primary, one
+//! replica and three Sentinels (`TestSentinel`). It writes through the
+//! primary, follows a failover after the primary dies, never keeps writing
+//! to a demoted primary, and pub/sub follows the primary too.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower_redis_core::redis;
+use tower_redis_core::testing::{TestSentinel, wait_for_breaker};
+use tower_redis_core::{BreakerState, RedisManager, Source};
+
+/// Generous: a failover takes `down-after-milliseconds` (1 s) plus an
+/// election, on a loaded machine.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+async fn manager(sentinel: &TestSentinel) -> RedisManager {
+    let config = sentinel.config().build().expect("valid Sentinel config");
+    let manager = RedisManager::connect(config).await.expect("connects");
+    wait_for_breaker(&manager, BreakerState::Closed, DEADLINE).await;
+    manager
+}
+
+/// `SET key value` through the manager's failover helper.
+async fn set(manager: &RedisManager, key: &str, value: &str) -> Source {
+    let cmd = redis::cmd("SET").arg(key).arg(value).clone();
+    manager
+        .failover(
+            |mut conn| async move { cmd.query_async::<()>(&mut conn).await },
+            |_| async {},
+        )
+        .await
+        .source
+}
+
+/// `GET key` on the data node at `port`, bypassing Sentinel and the manager.
+async fn get_on(sentinel: &TestSentinel, port: u16, key: &str) -> Option<String> {
+    let mut conn = sentinel
+        .node_client(port)
+        .get_multiplexed_async_connection()
+        .await
+        .expect("node answers");
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .expect("GET")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_reach_the_primary_and_follow_it_after_it_dies() {
+    let sentinel = TestSentinel::start().await;
+    let manager = manager(&sentinel).await;
+    let first = sentinel.primary_port().await;
+    assert_eq!(set(&manager, "before", "1").await, Source::Redis);
+    assert_eq!(
+        get_on(&sentinel, first, "before").await.as_deref(),
+        Some("1")
+    );
+
+    // Kill the primary, then write until a write reaches the new primary.
+    let killed_at = Instant::now();
+    let old = sentinel.kill_primary().await;
+    assert_eq!(old, first);
+    let mut attempts = 0u32;
+    let recovered = loop {
+        attempts += 1;
+        if set(&manager, "after", &attempts.to_string()).await == Source::Redis {
+            break killed_at.elapsed();
+        }
+        assert!(
+            killed_at.elapsed() < DEADLINE,
+            "no write reached a primary within {DEADLINE:?} of the kill; health: {:?}",
+            manager.health()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    println!(
+        "sentinel failover: first successful write {recovered:?} after the primary was killed \
+         (down-after-milliseconds {:?}, {attempts} attempts)",
+        TestSentinel::DOWN_AFTER
+    );
+    sentinel.wait_for_promotion(old).await;
+    let new = sentinel.primary_port().await;
+    assert_ne!(new, old);
+    assert_eq!(
+        get_on(&sentinel, new, "after").await,
+        Some(attempts.to_string()),
+        "the successful write is on the new primary"
+    );
+    assert_eq!(
+        get_on(&sentinel, new, "before").await.as_deref(),
+        Some("1"),
+        "replicated before the kill"
+    );
+
+    // Pub/sub connects to the new primary too.
+    let mut pubsub = manager
+        .pubsub()
+        .await
+        .expect("subscribes on the new primary");
+    pubsub.subscribe("news").await.expect("SUBSCRIBE");
+    let mut messages = pubsub.on_message();
+    let published: i64 = manager
+        .query(redis::cmd("PUBLISH").arg("news").arg("hello"))
+        .await
+        .expect("PUBLISH through the manager");
+    assert_eq!(
+        published, 1,
+        "the subscriber is on the primary the manager writes to"
+    );
+    let message = tokio::time::timeout(DEADLINE, futures_util::StreamExt::next(&mut messages))
+        .await
+        .expect("message within the deadline")
+        .expect("stream open");
+    assert_eq!(message.get_payload::<String>().expect("text"), "hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_forced_failover_no_write_lands_on_the_demoted_primary() {
+    let sentinel = TestSentinel::start().await;
+    let manager = manager(&sentinel).await;
+    assert_eq!(set(&manager, "warm", "1").await, Source::Redis);
+
+    let old = sentinel.force_failover().await;
+    let new = sentinel.primary_port().await;
+    assert_ne!(new, old);
+    assert_eq!(sentinel.role(old).await.expect("ROLE").as_str(), "slave");
+
+    // Every write from now on must be acknowledged by the new primary.
+    let started = Instant::now();
+    let mut written = Vec::new();
+    for index in 0..50 {
+        let key = format!("after-{index}");
+        loop {
+            if set(&manager, &key, "v").await == Source::Redis {
+                break;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "the manager did not recover within {DEADLINE:?}; health: {:?}",
+                manager.health()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        written.push(key);
+    }
+    for key in &written {
+        assert_eq!(
+            get_on(&sentinel, new, key).await.as_deref(),
+            Some("v"),
+            "{key} was acknowledged but is not on the new primary"
+        );
+    }
+    assert_eq!(sentinel.role(old).await.expect("ROLE").as_str(), "slave");
+    assert_eq!(sentinel.role(new).await.expect("ROLE").as_str(), "master");
+}
+
+/// A primary demoted under a live connection answers writes with READONLY:
+/// the manager drops that connection at the first one and asks the
+/// Sentinels again, instead of failing until the breaker opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readonly_from_a_demoted_primary_sends_the_manager_back_to_discovery() {
+    let sentinel = TestSentinel::start().await;
+    // A high threshold: the breaker must not be what rescues the manager.
+    let config = sentinel
+        .config()
+        .failure_threshold(1000)
+        .build()
+        .expect("valid");
+    let manager = RedisManager::connect(config).await.expect("connects");
+    wait_for_breaker(&manager, BreakerState::Closed, DEADLINE).await;
+    assert_eq!(set(&manager, "warm", "1").await, Source::Redis);
+
+    // Promote the replica, then demote the old primary by hand: unlike the
+    // Sentinels' own reconfiguration, REPLICAOF keeps client connections
+    // open, so the manager's pooled connection sees READONLY, not a drop.
+    let old = sentinel.start_failover().await;
+    sentinel.wait_for_promotion(old).await;
+    let new = sentinel.primary_port().await;
+    let mut conn = sentinel
+        .node_client(old)
+        .get_multiplexed_async_connection()
+        .await
+        .expect("old primary answers");
+    redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(new)
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("REPLICAOF");
+    assert_eq!(sentinel.role(old).await.expect("ROLE").as_str(), "slave");
+
+    let mut failed = 0;
+    for index in 0..20 {
+        if set(&manager, &format!("k{index}"), "v").await != Source::Redis {
+            failed += 1;
+        }
+    }
+    assert!(
+        failed <= 1,
+        "{failed} of 20 writes failed after the demotion: READONLY must send the manager back \
+         to the Sentinels at once"
+    );
+    assert_eq!(get_on(&sentinel, new, "k19").await.as_deref(), Some("v"));
+}
