@@ -11,7 +11,8 @@ use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult, Script, Scri
 
 use crate::config::{RedisConfig, RedisUrl, Topology};
 use crate::connection::{
-    ConnectTarget, RedisConnection, SentinelDiscovery, StandaloneConnector, TracingErrorSink,
+    ConnectTarget, RedisConnection, SentinelDiscovery, StandaloneConnector, SwitchWatchers,
+    TracingErrorSink, watch_switches,
 };
 use crate::error::{ConfigError, Error};
 use crate::manager::RedisManager;
@@ -24,6 +25,8 @@ pub(crate) enum Backend {
         pool_size: u32,
         /// Set when the primary is found through Sentinel (pub/sub asks it too).
         sentinel: Option<Arc<SentinelDiscovery>>,
+        /// The Sentinel `+switch-master` listeners, stopped on drop.
+        _watchers: Option<SwitchWatchers>,
     },
     Cluster {
         client: Box<ClusterClient>,
@@ -151,6 +154,9 @@ impl Backend {
     ) -> Self {
         let connector = StandaloneConnector::new(target, config.connect_timeout());
         let generation = Arc::clone(&connector.generation);
+        let watchers = sentinel
+            .as_ref()
+            .map(|discovery| watch_switches(discovery, &generation));
         let pool = bb8::Pool::builder()
             .max_size(config.pool_size())
             .test_on_check_out(false)
@@ -164,6 +170,7 @@ impl Backend {
             generation,
             pool_size: config.pool_size(),
             sentinel,
+            _watchers: watchers,
         }
     }
 

@@ -634,6 +634,102 @@ mod tests {
         }
     }
 
+    fn vars(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| (*value).to_owned())
+        }
+    }
+
+    #[test]
+    fn sentinel_variables_take_precedence_and_say_so() {
+        let config = RedisConfigBuilder::from_vars(vars(&[
+            (
+                "REDIS_SENTINELS",
+                "10.0.0.1:26379, redis://:s3cret@10.0.0.2:26379",
+            ),
+            ("REDIS_SENTINEL_MASTER", "mymaster"),
+            ("REDIS_URL", "redis://app:hunter2@old-primary:6379/3"),
+            ("REDIS_CLUSTER_NODES", "10.0.0.9:7000"),
+        ]))
+        .build()
+        .expect("valid");
+        let Topology::Sentinel(sentinel) = config.topology() else {
+            panic!("Sentinel must win: {config:?}")
+        };
+        assert_eq!(sentinel.master_name(), "mymaster");
+        assert_eq!(sentinel.sentinels().len(), 2);
+        // REDIS_URL gives the primary's credentials and database only.
+        assert_eq!(sentinel.master_url().db(), 3);
+        let at = sentinel.master_at("10.0.0.5", 6380).expect("address");
+        assert_eq!(at.expose(), "redis://app:hunter2@10.0.0.5:6380/3");
+        let origin = config.origin().expect("the choice is explained");
+        assert!(origin.contains("REDIS_SENTINELS"), "{origin}");
+        assert!(origin.contains("REDIS_URL"), "{origin}");
+        assert!(origin.contains("REDIS_CLUSTER_NODES"), "{origin}");
+        let described = crate::backend::describe_config(&config);
+        assert!(described.contains("mymaster"), "{described}");
+        assert!(described.contains("REDIS_URL"), "{described}");
+        assert!(!described.contains("hunter2") && !described.contains("s3cret"));
+
+        // Without Sentinels: the cluster, then the URL, as before.
+        let config = RedisConfigBuilder::from_vars(vars(&[
+            ("REDIS_URL", "redis://old-primary:6379"),
+            ("REDIS_CLUSTER_NODES", "10.0.0.9:7000"),
+        ]))
+        .build()
+        .expect("valid");
+        assert!(matches!(config.topology(), Topology::Cluster(_)));
+        let config =
+            RedisConfigBuilder::from_vars(vars(&[("REDIS_URL", "redis://old-primary:6379")]))
+                .build()
+                .expect("valid");
+        assert!(matches!(config.topology(), Topology::Standalone(_)));
+        assert_eq!(config.origin(), None);
+        // A bare IPv6 address from a Sentinel gets its brackets.
+        let config = RedisConfig::builder()
+            .sentinels(["[::1]:26379"], "m")
+            .build()
+            .expect("valid");
+        let Topology::Sentinel(sentinel) = config.topology() else {
+            panic!("Sentinel expected")
+        };
+        assert_eq!(
+            sentinel.master_at("::1", 6379).expect("address").expose(),
+            "redis://[::1]:6379"
+        );
+    }
+
+    #[test]
+    fn half_a_sentinel_configuration_is_an_error_naming_the_missing_variable() {
+        let err = RedisConfigBuilder::from_vars(vars(&[("REDIS_SENTINELS", "10.0.0.1:26379")]))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field, "REDIS_SENTINEL_MASTER");
+        let err = RedisConfigBuilder::from_vars(vars(&[("REDIS_SENTINEL_MASTER", "mymaster")]))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field, "REDIS_SENTINELS");
+        let err = RedisConfig::builder()
+            .sentinels(["10.0.0.1:26379/2"], "mymaster")
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field, "sentinels");
+        let err = RedisConfig::builder()
+            .sentinels(["10.0.0.1:26379"], "my master")
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field, "sentinel_master");
+        let err = RedisConfig::builder()
+            .sentinels(["10.0.0.1:26379"], "mymaster")
+            .url("unix:///run/redis.sock")
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field, "url");
+    }
+
     #[test]
     fn key_prefix_with_braces_is_rejected() {
         let err = RedisConfig::builder()

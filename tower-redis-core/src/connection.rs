@@ -301,6 +301,91 @@ impl SentinelDiscovery {
     }
 }
 
+/// Listens to every Sentinel's `+switch-master` announcements and starts a
+/// new pool generation when the primary named `master_name` moves, so that
+/// no operation keeps writing to a primary the Sentinels have replaced (the
+/// demoted primary would acknowledge writes until the Sentinels reconfigure
+/// it, seconds later, and then drop them). A lost subscription is renewed
+/// after a pause. The tasks end when the returned guard drops.
+pub(crate) fn watch_switches(
+    discovery: &SentinelDiscovery,
+    generation: &Arc<AtomicU64>,
+) -> SwitchWatchers {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return SwitchWatchers(Vec::new());
+    };
+    let tasks = discovery
+        .sentinels
+        .iter()
+        .map(|(url, client)| {
+            let watcher = SwitchWatcher {
+                sentinel: url.clone(),
+                client: client.clone(),
+                master_name: discovery.topology.master_name().to_owned(),
+                connect_timeout: discovery.connect_timeout,
+                generation: Arc::clone(generation),
+            };
+            runtime.spawn(watcher.run()).abort_handle()
+        })
+        .collect();
+    SwitchWatchers(tasks)
+}
+
+/// Stops the `+switch-master` listeners when the backend drops.
+pub(crate) struct SwitchWatchers(Vec<tokio::task::AbortHandle>);
+
+impl Drop for SwitchWatchers {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+struct SwitchWatcher {
+    sentinel: RedisUrl,
+    client: redis::Client,
+    master_name: String,
+    connect_timeout: Duration,
+    generation: Arc<AtomicU64>,
+}
+
+impl SwitchWatcher {
+    const CHANNEL: &'static str = "+switch-master";
+    const RETRY: Duration = Duration::from_secs(1);
+
+    async fn run(self) {
+        loop {
+            if let Err(error) = self.listen().await {
+                tracing::debug!(target: "tower_redis", sentinel = %self.sentinel, %error, "lost the Sentinel's +switch-master subscription; renewing it");
+            }
+            let jitter = Duration::from_millis(rand::random_range(0..250));
+            tokio::time::sleep(Self::RETRY + jitter).await;
+        }
+    }
+
+    async fn listen(&self) -> RedisResult<()> {
+        let subscribe = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(Self::CHANNEL).await?;
+            Ok::<_, RedisError>(pubsub)
+        };
+        let pubsub = tokio::time::timeout(self.connect_timeout, subscribe)
+            .await
+            .map_err(|_| timed_out("no answer from the Sentinel"))??;
+        let mut messages = pubsub.into_on_message();
+        while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
+            // `<master name> <old ip> <old port> <new ip> <new port>`
+            let payload: String = message.get_payload().unwrap_or_default();
+            if payload.split(' ').next() == Some(self.master_name.as_str()) {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                tracing::info!(target: "tower_redis", sentinel = %self.sentinel, switch = %payload, "the Sentinels switched the primary; reconnecting");
+            }
+        }
+        Ok(())
+    }
+}
+
 fn timed_out(what: &'static str) -> RedisError {
     RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
 }
