@@ -209,7 +209,8 @@ async fn after_a_forced_failover_no_write_lands_on_the_demoted_primary() {
 
 /// A primary demoted under a live connection answers writes with READONLY:
 /// the manager drops that connection at the first one and asks the
-/// Sentinels again, instead of failing until the breaker opens.
+/// Sentinels again (and refuses the demoted node by its ROLE), instead of
+/// sending every write to it until the breaker opens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readonly_from_a_demoted_primary_sends_the_manager_back_to_discovery() {
     let sentinel = TestSentinel::start().await;
@@ -223,35 +224,80 @@ async fn readonly_from_a_demoted_primary_sends_the_manager_back_to_discovery() {
     wait_for_breaker(&manager, BreakerState::Closed, DEADLINE).await;
     assert_eq!(set(&manager, "warm", "1").await, Source::Redis);
 
-    // Promote the replica, then demote the old primary by hand: unlike the
-    // Sentinels' own reconfiguration, REPLICAOF keeps client connections
-    // open, so the manager's pooled connection sees READONLY, not a drop.
-    let old = sentinel.start_failover().await;
-    sentinel.wait_for_promotion(old).await;
-    let new = sentinel.primary_port().await;
-    let mut conn = sentinel
-        .node_client(old)
-        .get_multiplexed_async_connection()
-        .await
-        .expect("old primary answers");
-    redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(new)
-        .query_async::<()>(&mut conn)
-        .await
-        .expect("REPLICAOF");
+    // Swap the roles by hand, behind the Sentinels' back: they keep naming
+    // the old primary for a while (no +switch-master yet), and REPLICAOF
+    // keeps client connections open, so the manager's pooled connection
+    // answers READONLY instead of dropping.
+    let old = sentinel.primary_port().await;
+    let other = *sentinel
+        .node_ports()
+        .iter()
+        .find(|port| **port != old)
+        .expect("two nodes");
+    for (port, target) in [(other, None), (old, Some(other))] {
+        let mut conn = sentinel
+            .node_client(port)
+            .get_multiplexed_async_connection()
+            .await
+            .expect("node answers");
+        let mut cmd = redis::cmd("REPLICAOF");
+        match target {
+            Some(target) => cmd.arg("127.0.0.1").arg(target),
+            None => cmd.arg("NO").arg("ONE"),
+        };
+        cmd.query_async::<()>(&mut conn).await.expect("REPLICAOF");
+    }
     assert_eq!(sentinel.role(old).await.expect("ROLE").as_str(), "slave");
 
-    let mut failed = 0;
-    for index in 0..20 {
-        if set(&manager, &format!("k{index}"), "v").await != Source::Redis {
-            failed += 1;
+    let write = |value: &'static str| {
+        let manager = manager.clone();
+        async move {
+            manager
+                .query::<()>(redis::cmd("SET").arg("k").arg(value))
+                .await
         }
-    }
+    };
+    let first = write("1").await.expect_err("the demoted primary refuses");
     assert!(
-        failed <= 1,
-        "{failed} of 20 writes failed after the demotion: READONLY must send the manager back \
-         to the Sentinels at once"
+        matches!(&first, tower_redis_core::Error::Redis(e)
+            if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)),
+        "{first}"
     );
-    assert_eq!(get_on(&sentinel, new, "k19").await.as_deref(), Some("v"));
+    // The next operation does not reuse that connection: it asks the
+    // Sentinels, who still name the demoted node, and ROLE refuses it.
+    let second = write("2")
+        .await
+        .expect_err("no primary where the Sentinels say");
+    assert!(
+        matches!(second, tower_redis_core::Error::Connect(_)),
+        "the second write went to the demoted primary again: {second}"
+    );
+    assert!(second.to_string().contains("ROLE"), "{second}");
+
+    // Put the roles back: the node the Sentinels name is a primary again,
+    // and the manager, asking them at its next connect, finds it.
+    for (port, target) in [(old, None), (other, Some(old))] {
+        let mut conn = sentinel
+            .node_client(port)
+            .get_multiplexed_async_connection()
+            .await
+            .expect("node answers");
+        let mut cmd = redis::cmd("REPLICAOF");
+        match target {
+            Some(target) => cmd.arg("127.0.0.1").arg(target),
+            None => cmd.arg("NO").arg("ONE"),
+        };
+        cmd.query_async::<()>(&mut conn).await.expect("REPLICAOF");
+    }
+    let started = Instant::now();
+    while set(&manager, "k", "3").await != Source::Redis {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no recovery within {DEADLINE:?}; health: {:?}",
+            manager.health()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let primary = sentinel.primary_port().await;
+    assert_eq!(get_on(&sentinel, primary, "k").await.as_deref(), Some("3"));
 }
