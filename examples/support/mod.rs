@@ -38,6 +38,7 @@ pub(crate) async fn redis_from_env() -> Result<RedisManager, Box<dyn std::error:
             let nodes: Vec<String> = nodes.iter().map(ToString::to_string).collect();
             format!("cluster {}", nodes.join(","))
         }
+        Topology::Sentinel(sentinel) => sentinel.to_string(),
     };
     // The manager logs a startup warning of its own; it is muted here so
     // that the line below, which also says what to do, is the only one. Its

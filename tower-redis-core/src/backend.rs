@@ -10,7 +10,10 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult, Script, ScriptInvocation};
 
 use crate::config::{RedisConfig, RedisUrl, Topology};
-use crate::connection::{RedisConnection, StandaloneConnector, TracingErrorSink};
+use crate::connection::{
+    ConnectTarget, RedisConnection, SentinelDiscovery, StandaloneConnector, SwitchWatchers,
+    TracingErrorSink, watch_switches,
+};
 use crate::error::{ConfigError, Error};
 use crate::manager::RedisManager;
 use crate::sync::lock;
@@ -20,6 +23,10 @@ pub(crate) enum Backend {
         pool: bb8::Pool<StandaloneConnector>,
         generation: Arc<AtomicU64>,
         pool_size: u32,
+        /// Set when the primary is found through Sentinel (pub/sub asks it too).
+        sentinel: Option<Arc<SentinelDiscovery>>,
+        /// The Sentinel `+switch-master` listeners, stopped on drop.
+        _watchers: Option<SwitchWatchers>,
     },
     Cluster {
         client: Box<ClusterClient>,
@@ -101,21 +108,22 @@ impl Backend {
                         "check the URL",
                     )
                 })?;
-                let connector = StandaloneConnector::new(client, config.connect_timeout());
-                let generation = Arc::clone(&connector.generation);
-                let pool = bb8::Pool::builder()
-                    .max_size(config.pool_size())
-                    .test_on_check_out(false)
-                    .retry_connection(false)
-                    .connection_timeout(config.connect_timeout())
-                    .queue_strategy(bb8::QueueStrategy::Fifo)
-                    .error_sink(Box::new(TracingErrorSink))
-                    .build_unchecked(connector);
-                Ok(Backend::Standalone {
-                    pool,
-                    generation,
-                    pool_size: config.pool_size(),
-                })
+                Ok(Self::pool(config, ConnectTarget::Server(client), None))
+            }
+            Topology::Sentinel(sentinel) => {
+                let discovery = SentinelDiscovery::new(config, sentinel).map_err(|e| {
+                    ConfigError::new(
+                        "sentinels",
+                        format!("`{sentinel}` is rejected by the Redis client ({e})"),
+                        "check the Sentinel and primary URLs",
+                    )
+                })?;
+                let discovery = Arc::new(discovery);
+                Ok(Self::pool(
+                    config,
+                    ConnectTarget::Sentinel(Arc::clone(&discovery)),
+                    Some(discovery),
+                ))
             }
             Topology::Cluster(nodes) => {
                 let builder = ClusterClient::builder(nodes.iter().map(|n| n.expose().to_owned()))
@@ -137,12 +145,50 @@ impl Backend {
         }
     }
 
+    /// The standalone pool, over a fixed server or the primary the
+    /// Sentinels name.
+    fn pool(
+        config: &RedisConfig,
+        target: ConnectTarget,
+        sentinel: Option<Arc<SentinelDiscovery>>,
+    ) -> Self {
+        let connector = StandaloneConnector::new(target, config.connect_timeout());
+        let generation = Arc::clone(&connector.generation);
+        let watchers = sentinel
+            .as_ref()
+            .map(|discovery| watch_switches(discovery, &generation));
+        let pool = bb8::Pool::builder()
+            .max_size(config.pool_size())
+            .test_on_check_out(false)
+            .retry_connection(false)
+            .connection_timeout(config.connect_timeout())
+            .queue_strategy(bb8::QueueStrategy::Fifo)
+            .error_sink(Box::new(TracingErrorSink))
+            .build_unchecked(connector);
+        Backend::Standalone {
+            pool,
+            generation,
+            pool_size: config.pool_size(),
+            sentinel,
+            _watchers: watchers,
+        }
+    }
+
+    /// The Sentinel discovery, when the primary is found through Sentinel.
+    pub(crate) fn sentinel(&self) -> Option<&Arc<SentinelDiscovery>> {
+        match self {
+            Backend::Standalone { sentinel, .. } => sentinel.as_ref(),
+            _ => None,
+        }
+    }
+
     pub(crate) async fn checkout(&self) -> Result<CheckedOut, RedisError> {
         match self {
             Backend::Standalone {
                 pool,
                 generation,
                 pool_size,
+                ..
             } => {
                 // Stale connections (from before an outage, or broken) are
                 // dropped by bb8 when their guard goes back; try the next.
@@ -289,6 +335,11 @@ pub(crate) fn warn_if_certificates_unchecked(topology: &Topology, description: &
     let unchecked = match topology {
         Topology::Standalone(url) => url.skips_certificate_checks(),
         Topology::Cluster(nodes) => nodes.iter().any(RedisUrl::skips_certificate_checks),
+        Topology::Sentinel(sentinel) => sentinel
+            .sentinels()
+            .iter()
+            .chain([sentinel.master_url()])
+            .any(RedisUrl::skips_certificate_checks),
     };
     if unchecked {
         tracing::warn!(
@@ -302,8 +353,19 @@ pub(crate) fn warn_if_certificates_unchecked(topology: &Topology, description: &
     }
 }
 
+/// What the startup log line names: the topology, and which environment
+/// variables chose it when several were set.
+pub(crate) fn describe_config(config: &RedisConfig) -> String {
+    let topology = describe(config.topology());
+    match config.origin() {
+        Some(origin) => format!("{topology} ({origin})"),
+        None => topology,
+    }
+}
+
 pub(crate) fn describe(topology: &Topology) -> String {
     match topology {
+        Topology::Sentinel(sentinel) => sentinel.to_string(),
         Topology::Standalone(url) => url.to_string(),
         Topology::Cluster(nodes) => {
             let nodes: Vec<String> = nodes.iter().map(ToString::to_string).collect();

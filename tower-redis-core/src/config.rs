@@ -9,8 +9,8 @@ use crate::error::ConfigError;
 #[cfg(feature = "tls")]
 pub(crate) use crate::tls::tls_certificates;
 use crate::tls::{RootCertificates, check_tls_roots};
-use crate::url::{DEFAULT_URL, parse_cluster_nodes, redact_unparsed, split_nodes};
-pub use crate::url::{RedisUrl, Topology};
+use crate::url::{DEFAULT_URL, parse_cluster_nodes, parse_sentinel, redact_unparsed, split_nodes};
+pub use crate::url::{RedisUrl, SentinelTopology, Topology};
 
 /// The circuit breaker's thresholds and the recovery probe's pacing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +63,8 @@ pub struct RedisConfig {
     key_prefix: String,
     require_redis: bool,
     tls_roots: Option<RootCertificates>,
+    /// Which environment variables chose the topology, when several were set.
+    origin: Option<String>,
 }
 
 impl RedisConfig {
@@ -97,8 +99,12 @@ impl RedisConfig {
         Self::builder().cluster_nodes(nodes).build()
     }
 
-    /// Reads `REDIS_CLUSTER_NODES` (comma-separated URLs) or else `REDIS_URL`,
-    /// falling back to `redis://127.0.0.1:6379`.
+    /// Reads `REDIS_SENTINELS` (comma-separated `host:port` or URLs) with
+    /// `REDIS_SENTINEL_MASTER`, or else `REDIS_CLUSTER_NODES`
+    /// (comma-separated URLs), or else `REDIS_URL`, falling back to
+    /// `redis://127.0.0.1:6379`. With Sentinels, a `REDIS_URL` set as well
+    /// gives the primary's credentials, database and TLS (its host and port
+    /// are not used), and the manager's startup log line says so.
     pub fn from_env() -> Result<Self, ConfigError> {
         RedisConfigBuilder::from_env().build()
     }
@@ -136,6 +142,20 @@ impl RedisConfig {
     pub fn tls_root_certificates(&self) -> Option<&[u8]> {
         self.tls_roots.as_ref().map(|roots| roots.0.as_slice())
     }
+    /// Which environment variables chose the topology, when more than one
+    /// was set (for the startup log line).
+    pub(crate) fn origin(&self) -> Option<&str> {
+        self.origin.as_deref()
+    }
+}
+
+/// The Sentinels and master name given to a builder, not validated yet.
+#[derive(Clone)]
+struct SentinelInput {
+    field: &'static str,
+    nodes: Vec<String>,
+    master_field: &'static str,
+    master_name: Option<String>,
 }
 
 /// Builds a [`RedisConfig`]; every problem is reported by [`build`](Self::build).
@@ -144,6 +164,8 @@ impl RedisConfig {
 pub struct RedisConfigBuilder {
     url: Option<(&'static str, String)>,
     cluster_nodes: Option<(&'static str, Vec<String>)>,
+    sentinel: Option<SentinelInput>,
+    origin: Option<String>,
     pool_size: u32,
     connect_timeout: Duration,
     command_timeout: Duration,
@@ -161,9 +183,18 @@ impl fmt::Debug for RedisConfigBuilder {
             .cluster_nodes
             .as_ref()
             .map(|(_, nodes)| nodes.iter().map(|n| redact_unparsed(n)).collect::<Vec<_>>());
+        let sentinels = self.sentinel.as_ref().map(|s| {
+            s.nodes
+                .iter()
+                .map(|n| redact_unparsed(n))
+                .collect::<Vec<_>>()
+        });
+        let master_name = self.sentinel.as_ref().map(|s| &s.master_name);
         f.debug_struct("RedisConfigBuilder")
             .field("url", &url)
             .field("cluster_nodes", &cluster_nodes)
+            .field("sentinels", &sentinels)
+            .field("sentinel_master", &master_name)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
@@ -180,6 +211,8 @@ impl Default for RedisConfigBuilder {
         Self {
             url: None,
             cluster_nodes: None,
+            sentinel: None,
+            origin: None,
             pool_size: RedisConfig::DEFAULT_POOL_SIZE,
             connect_timeout: RedisConfig::DEFAULT_CONNECT_TIMEOUT,
             command_timeout: RedisConfig::DEFAULT_COMMAND_TIMEOUT,
@@ -192,7 +225,9 @@ impl Default for RedisConfigBuilder {
 }
 
 impl RedisConfigBuilder {
-    /// A builder whose location comes from `REDIS_CLUSTER_NODES` or `REDIS_URL`.
+    /// A builder whose location comes from `REDIS_SENTINELS` and
+    /// `REDIS_SENTINEL_MASTER`, `REDIS_CLUSTER_NODES` or `REDIS_URL`, in
+    /// this order of precedence (see [`RedisConfig::from_env`]).
     pub fn from_env() -> Self {
         Self::from_vars(|name| std::env::var(name).ok())
     }
@@ -200,10 +235,39 @@ impl RedisConfigBuilder {
     /// [`from_env`](Self::from_env) over any source of variables.
     fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
         let mut builder = Self::default();
+        let set = |name: &str| var(name).filter(|value| !value.trim().is_empty());
+        let sentinels = set("REDIS_SENTINELS");
+        let master_name = set("REDIS_SENTINEL_MASTER");
+        if sentinels.is_some() || master_name.is_some() {
+            builder.sentinel = Some(SentinelInput {
+                field: "REDIS_SENTINELS",
+                nodes: sentinels.as_deref().map(split_nodes).unwrap_or_default(),
+                master_field: "REDIS_SENTINEL_MASTER",
+                master_name,
+            });
+            let mut notes = vec!["REDIS_SENTINELS and REDIS_SENTINEL_MASTER".to_owned()];
+            if set("REDIS_CLUSTER_NODES").is_some() {
+                notes.push("REDIS_CLUSTER_NODES is ignored".to_owned());
+            }
+            if let Some(url) = var("REDIS_URL") {
+                notes.push(
+                    "REDIS_URL gives only the primary's credentials, database and TLS, \
+                     not its address"
+                        .to_owned(),
+                );
+                builder.url = Some(("REDIS_URL", url));
+            }
+            builder.origin = Some(format!("chosen by {}", notes.join("; ")));
+            return builder;
+        }
         if let Some(nodes) = var("REDIS_CLUSTER_NODES")
             && !nodes.trim().is_empty()
         {
             builder.cluster_nodes = Some(("REDIS_CLUSTER_NODES", split_nodes(&nodes)));
+            if var("REDIS_URL").is_some() {
+                builder.origin =
+                    Some("chosen by REDIS_CLUSTER_NODES; REDIS_URL is ignored".to_owned());
+            }
             return builder;
         }
         if let Some(url) = var("REDIS_URL") {
@@ -213,9 +277,58 @@ impl RedisConfigBuilder {
     }
 
     /// A standalone server.
+    ///
+    /// After [`sentinels`](Self::sentinels) (in either order), the URL
+    /// gives the primary's credentials, database and TLS instead; its host
+    /// and port are then not used.
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.url = Some(("url", url.into()));
         self.cluster_nodes = None;
+        self.origin = None;
+        self
+    }
+
+    /// A primary with replicas watched by Redis Sentinel: `nodes` are the
+    /// Sentinels (`host:port`, or `redis://[user:password@]host:port` /
+    /// `rediss://…` when the Sentinels want credentials or TLS) and
+    /// `master_name` is the name they monitor the primary under.
+    ///
+    /// The primary's own credentials, database and TLS come from
+    /// [`url`](Self::url) when it is set (its host and port are replaced by
+    /// the address the Sentinels name), else it is reached as
+    /// `redis://<address>/0` without credentials. Every new connection asks
+    /// the Sentinels in turn (each within the connect timeout), connects to
+    /// the address they name and checks with `ROLE` that it is the primary.
+    ///
+    /// ```
+    /// use tower_redis_core::{RedisConfig, Topology};
+    ///
+    /// let config = RedisConfig::builder()
+    ///     .sentinels(["10.0.0.1:26379", "redis://:sentinel-secret@10.0.0.2:26379"], "mymaster")
+    ///     .url("redis://app:secret@primary/2")
+    ///     .build()?;
+    /// let Topology::Sentinel(sentinel) = config.topology() else { unreachable!() };
+    /// assert_eq!(sentinel.master_name(), "mymaster");
+    /// assert_eq!(sentinel.master_url().db(), 2);
+    /// assert!(!format!("{config:?}").contains("secret"));
+    /// # Ok::<(), tower_redis_core::ConfigError>(())
+    /// ```
+    pub fn sentinels<I, S>(mut self, nodes: I, master_name: impl Into<String>) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.sentinel = Some(SentinelInput {
+            field: "sentinels",
+            nodes: nodes
+                .into_iter()
+                .flat_map(|n| split_nodes(n.as_ref()))
+                .collect(),
+            master_field: "sentinel_master",
+            master_name: Some(master_name.into()),
+        });
+        self.cluster_nodes = None;
+        self.origin = None;
         self
     }
 
@@ -233,6 +346,8 @@ impl RedisConfigBuilder {
                 .collect(),
         ));
         self.url = None;
+        self.sentinel = None;
+        self.origin = None;
         self
     }
 
@@ -321,11 +436,27 @@ impl RedisConfigBuilder {
             key_prefix: self.key_prefix,
             require_redis: self.require_redis,
             tls_roots: self.tls_roots,
+            origin: self.origin,
         })
     }
 
-    /// Where Redis is: the cluster nodes if given, else the URL, else the default.
+    /// Where Redis is: the Sentinels if given, else the cluster nodes, else
+    /// the URL, else the default.
     fn topology(&self) -> Result<Topology, ConfigError> {
+        if let Some(sentinel) = &self.sentinel {
+            let (url_field, url) = match &self.url {
+                Some((field, url)) => (*field, url.as_str()),
+                None => ("url", "redis://127.0.0.1"),
+            };
+            return Ok(Topology::Sentinel(parse_sentinel(
+                sentinel.field,
+                &sentinel.nodes,
+                sentinel.master_field,
+                sentinel.master_name.as_deref(),
+                url_field,
+                url,
+            )?));
+        }
         Ok(match (&self.cluster_nodes, &self.url) {
             (Some((field, nodes)), _) => Topology::Cluster(parse_cluster_nodes(field, nodes)?),
             (None, Some((field, url))) => Topology::Standalone(RedisUrl::parse(field, url)?),
@@ -501,6 +632,102 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn vars(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| (*value).to_owned())
+        }
+    }
+
+    #[test]
+    fn sentinel_variables_take_precedence_and_say_so() {
+        let config = RedisConfigBuilder::from_vars(vars(&[
+            (
+                "REDIS_SENTINELS",
+                "10.0.0.1:26379, redis://:s3cret@10.0.0.2:26379",
+            ),
+            ("REDIS_SENTINEL_MASTER", "mymaster"),
+            ("REDIS_URL", "redis://app:hunter2@old-primary:6379/3"),
+            ("REDIS_CLUSTER_NODES", "10.0.0.9:7000"),
+        ]))
+        .build()
+        .expect("valid");
+        let Topology::Sentinel(sentinel) = config.topology() else {
+            panic!("Sentinel must win: {config:?}")
+        };
+        assert_eq!(sentinel.master_name(), "mymaster");
+        assert_eq!(sentinel.sentinels().len(), 2);
+        // REDIS_URL gives the primary's credentials and database only.
+        assert_eq!(sentinel.master_url().db(), 3);
+        let at = sentinel.master_at("10.0.0.5", 6380).expect("address");
+        assert_eq!(at.expose(), "redis://app:hunter2@10.0.0.5:6380/3");
+        let origin = config.origin().expect("the choice is explained");
+        assert!(origin.contains("REDIS_SENTINELS"), "{origin}");
+        assert!(origin.contains("REDIS_URL"), "{origin}");
+        assert!(origin.contains("REDIS_CLUSTER_NODES"), "{origin}");
+        let described = crate::backend::describe_config(&config);
+        assert!(described.contains("mymaster"), "{described}");
+        assert!(described.contains("REDIS_URL"), "{described}");
+        assert!(!described.contains("hunter2") && !described.contains("s3cret"));
+
+        // Without Sentinels: the cluster, then the URL, as before.
+        let config = RedisConfigBuilder::from_vars(vars(&[
+            ("REDIS_URL", "redis://old-primary:6379"),
+            ("REDIS_CLUSTER_NODES", "10.0.0.9:7000"),
+        ]))
+        .build()
+        .expect("valid");
+        assert!(matches!(config.topology(), Topology::Cluster(_)));
+        let config =
+            RedisConfigBuilder::from_vars(vars(&[("REDIS_URL", "redis://old-primary:6379")]))
+                .build()
+                .expect("valid");
+        assert!(matches!(config.topology(), Topology::Standalone(_)));
+        assert_eq!(config.origin(), None);
+        // A bare IPv6 address from a Sentinel gets its brackets.
+        let config = RedisConfig::builder()
+            .sentinels(["[::1]:26379"], "m")
+            .build()
+            .expect("valid");
+        let Topology::Sentinel(sentinel) = config.topology() else {
+            panic!("Sentinel expected")
+        };
+        assert_eq!(
+            sentinel.master_at("::1", 6379).expect("address").expose(),
+            "redis://[::1]:6379"
+        );
+    }
+
+    #[test]
+    fn half_a_sentinel_configuration_is_an_error_naming_the_missing_variable() {
+        let err = RedisConfigBuilder::from_vars(vars(&[("REDIS_SENTINELS", "10.0.0.1:26379")]))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field, "REDIS_SENTINEL_MASTER");
+        let err = RedisConfigBuilder::from_vars(vars(&[("REDIS_SENTINEL_MASTER", "mymaster")]))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field, "REDIS_SENTINELS");
+        let err = RedisConfig::builder()
+            .sentinels(["10.0.0.1:26379/2"], "mymaster")
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field, "sentinels");
+        let err = RedisConfig::builder()
+            .sentinels(["10.0.0.1:26379"], "my master")
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field, "sentinel_master");
+        let err = RedisConfig::builder()
+            .sentinels(["10.0.0.1:26379"], "mymaster")
+            .url("unix:///run/redis.sock")
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field, "url");
     }
 
     #[test]

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Value};
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+
+use crate::backend::standalone_client;
+use crate::config::{RedisConfig, RedisUrl, SentinelTopology};
 
 /// A connection to Redis, standalone or cluster, for one operation.
 ///
@@ -109,24 +112,282 @@ impl PooledConnection {
 /// checks nothing on checkout (one round trip per operation) and discards a
 /// connection after an I/O error or an outage.
 pub(crate) struct StandaloneConnector {
-    client: redis::Client,
+    target: ConnectTarget,
     config: AsyncConnectionConfig,
     pub(crate) generation: Arc<AtomicU64>,
 }
 
+/// Where a standalone connection goes: one fixed server, or the primary
+/// the Sentinels name at the time of connecting.
+pub(crate) enum ConnectTarget {
+    Server(redis::Client),
+    Sentinel(Arc<SentinelDiscovery>),
+}
+
+/// The connection settings of the pool: the connect timeout, and no
+/// response timeout (the manager times each whole operation instead; the
+/// client's own default is 500 ms).
+pub(crate) fn pooled_connection_config(connect_timeout: Duration) -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_response_timeout(None)
+}
+
 impl StandaloneConnector {
-    pub(crate) fn new(client: redis::Client, connect_timeout: Duration) -> Self {
-        // Response timeouts are applied around each whole operation by the
-        // manager, so the client's own (500 ms by default) is turned off.
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(None);
+    pub(crate) fn new(target: ConnectTarget, connect_timeout: Duration) -> Self {
         Self {
-            client,
-            config,
+            target,
+            config: pooled_connection_config(connect_timeout),
             generation: Arc::new(AtomicU64::new(0)),
         }
     }
+}
+
+/// Finds the primary through the Sentinels: asks them in turn for
+/// `SENTINEL get-master-addr-by-name`, connects to the address named with
+/// the primary's credentials, database and TLS, and keeps the connection
+/// only if `ROLE` says `master`. redis-rs' own `SentinelClient` is not used:
+/// it asks `SENTINEL MASTERS`, opens extra blocking-style connections for
+/// the role check, and gives no per-Sentinel connect timeout.
+pub(crate) struct SentinelDiscovery {
+    sentinels: Vec<(RedisUrl, redis::Client)>,
+    topology: SentinelTopology,
+    /// For the primary's client: the TLS roots.
+    config: RedisConfig,
+    connect_timeout: Duration,
+}
+
+impl SentinelDiscovery {
+    pub(crate) fn new(config: &RedisConfig, topology: &SentinelTopology) -> RedisResult<Self> {
+        let sentinels = topology
+            .sentinels()
+            .iter()
+            .map(|url| Ok((url.clone(), standalone_client(config, url)?)))
+            .collect::<RedisResult<Vec<_>>>()?;
+        Ok(Self {
+            sentinels,
+            topology: topology.clone(),
+            config: config.clone(),
+            connect_timeout: config.connect_timeout(),
+        })
+    }
+
+    /// A connection to the current primary, checked with `ROLE`.
+    pub(crate) async fn connect_master(
+        &self,
+        settings: &AsyncConnectionConfig,
+    ) -> RedisResult<MultiplexedConnection> {
+        let mut last_error = None;
+        let mut tried: Vec<(String, u16)> = Vec::new();
+        for (sentinel_url, sentinel) in &self.sentinels {
+            let (host, port) = match self.ask(sentinel, settings).await {
+                Ok(address) => address,
+                Err(error) => {
+                    tracing::debug!(target: "tower_redis", sentinel = %sentinel_url, %error, "Sentinel did not name the primary");
+                    last_error = Some(error);
+                    continue;
+                }
+            };
+            // Several Sentinels usually name the same address: one try each.
+            if tried.contains(&(host.clone(), port)) {
+                continue;
+            }
+            tried.push((host.clone(), port));
+            match self.connect_checked(&host, port, settings).await {
+                Ok(conn) => return Ok(conn),
+                Err(error) => {
+                    tracing::debug!(target: "tower_redis", sentinel = %sentinel_url, address = %format!("{host}:{port}"), %error, "the address a Sentinel named is not a usable primary");
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error
+            .unwrap_or_else(|| RedisError::from((redis::ErrorKind::Io, "no Sentinel configured"))))
+    }
+
+    /// A client for the current primary (for pub/sub), checked with `ROLE`.
+    pub(crate) async fn master_client(&self) -> RedisResult<redis::Client> {
+        let settings = pooled_connection_config(self.connect_timeout);
+        let mut last_error = None;
+        for (_, sentinel) in &self.sentinels {
+            let result = async {
+                let (host, port) = self.ask(sentinel, &settings).await?;
+                self.connect_checked(&host, port, &settings).await?;
+                self.client_at(&host, port)
+            }
+            .await;
+            match result {
+                Ok(client) => return Ok(client),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error
+            .unwrap_or_else(|| RedisError::from((redis::ErrorKind::Io, "no Sentinel configured"))))
+    }
+
+    /// One Sentinel's answer: the primary's host and port.
+    async fn ask(
+        &self,
+        sentinel: &redis::Client,
+        settings: &AsyncConnectionConfig,
+    ) -> RedisResult<(String, u16)> {
+        let question = async {
+            let mut conn = sentinel
+                .get_multiplexed_async_connection_with_config(settings)
+                .await?;
+            redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(self.topology.master_name())
+                .query_async::<Option<(String, String)>>(&mut conn)
+                .await
+        };
+        let answer = tokio::time::timeout(self.connect_timeout, question)
+            .await
+            .map_err(|_| timed_out("no answer from the Sentinel"))??;
+        let Some((host, port)) = answer else {
+            return Err(RedisError::from((
+                redis::ErrorKind::Io,
+                "the Sentinel does not monitor this master name",
+                self.topology.master_name().to_owned(),
+            )));
+        };
+        let port = port.parse::<u16>().map_err(|_| {
+            RedisError::from((
+                redis::ErrorKind::Io,
+                "the Sentinel named an invalid port",
+                port.clone(),
+            ))
+        })?;
+        Ok((host, port))
+    }
+
+    fn client_at(&self, host: &str, port: u16) -> RedisResult<redis::Client> {
+        let url = self.topology.master_at(host, port).map_err(|problem| {
+            RedisError::from((redis::ErrorKind::Io, "unusable primary address", problem))
+        })?;
+        standalone_client(&self.config, &url)
+    }
+
+    /// Connects to `host:port` and checks that it is a primary.
+    async fn connect_checked(
+        &self,
+        host: &str,
+        port: u16,
+        settings: &AsyncConnectionConfig,
+    ) -> RedisResult<MultiplexedConnection> {
+        let client = self.client_at(host, port)?;
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(settings)
+            .await?;
+        let role = tokio::time::timeout(
+            self.connect_timeout,
+            redis::cmd("ROLE").query_async::<Vec<Value>>(&mut conn),
+        )
+        .await
+        .map_err(|_| timed_out("no answer to ROLE"))??;
+        let is_master = match role.first() {
+            Some(Value::BulkString(role)) => role == b"master",
+            Some(Value::SimpleString(role)) => role == "master",
+            _ => false,
+        };
+        if !is_master {
+            return Err(RedisError::from((
+                redis::ErrorKind::Io,
+                "the address the Sentinel named is not a primary (ROLE)",
+                format!("{host}:{port}"),
+            )));
+        }
+        Ok(conn)
+    }
+}
+
+/// Listens to every Sentinel's `+switch-master` announcements and starts a
+/// new pool generation when the primary named `master_name` moves, so that
+/// no operation keeps writing to a primary the Sentinels have replaced (the
+/// demoted primary would acknowledge writes until the Sentinels reconfigure
+/// it, seconds later, and then drop them). A lost subscription is renewed
+/// after a pause. The tasks end when the returned guard drops.
+pub(crate) fn watch_switches(
+    discovery: &SentinelDiscovery,
+    generation: &Arc<AtomicU64>,
+) -> SwitchWatchers {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return SwitchWatchers(Vec::new());
+    };
+    let tasks = discovery
+        .sentinels
+        .iter()
+        .map(|(url, client)| {
+            let watcher = SwitchWatcher {
+                sentinel: url.clone(),
+                client: client.clone(),
+                master_name: discovery.topology.master_name().to_owned(),
+                connect_timeout: discovery.connect_timeout,
+                generation: Arc::clone(generation),
+            };
+            runtime.spawn(watcher.run()).abort_handle()
+        })
+        .collect();
+    SwitchWatchers(tasks)
+}
+
+/// Stops the `+switch-master` listeners when the backend drops.
+pub(crate) struct SwitchWatchers(Vec<tokio::task::AbortHandle>);
+
+impl Drop for SwitchWatchers {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+struct SwitchWatcher {
+    sentinel: RedisUrl,
+    client: redis::Client,
+    master_name: String,
+    connect_timeout: Duration,
+    generation: Arc<AtomicU64>,
+}
+
+impl SwitchWatcher {
+    const CHANNEL: &'static str = "+switch-master";
+    const RETRY: Duration = Duration::from_secs(1);
+
+    async fn run(self) {
+        loop {
+            if let Err(error) = self.listen().await {
+                tracing::debug!(target: "tower_redis", sentinel = %self.sentinel, %error, "lost the Sentinel's +switch-master subscription; renewing it");
+            }
+            let jitter = Duration::from_millis(rand::random_range(0..250));
+            tokio::time::sleep(Self::RETRY + jitter).await;
+        }
+    }
+
+    async fn listen(&self) -> RedisResult<()> {
+        let subscribe = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(Self::CHANNEL).await?;
+            Ok::<_, RedisError>(pubsub)
+        };
+        let pubsub = tokio::time::timeout(self.connect_timeout, subscribe)
+            .await
+            .map_err(|_| timed_out("no answer from the Sentinel"))??;
+        let mut messages = pubsub.into_on_message();
+        while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
+            // `<master name> <old ip> <old port> <new ip> <new port>`
+            let payload: String = message.get_payload().unwrap_or_default();
+            if payload.split(' ').next() == Some(self.master_name.as_str()) {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                tracing::info!(target: "tower_redis", sentinel = %self.sentinel, switch = %payload, "the Sentinels switched the primary; reconnecting");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn timed_out(what: &'static str) -> RedisError {
+    RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
 }
 
 impl bb8::ManageConnection for StandaloneConnector {
@@ -135,10 +396,14 @@ impl bb8::ManageConnection for StandaloneConnector {
 
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
         let generation = self.generation.load(Ordering::Acquire);
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config)
-            .await?;
+        let conn = match &self.target {
+            ConnectTarget::Server(client) => {
+                client
+                    .get_multiplexed_async_connection_with_config(&self.config)
+                    .await?
+            }
+            ConnectTarget::Sentinel(discovery) => discovery.connect_master(&self.config).await?,
+        };
         Ok(PooledConnection {
             conn,
             broken: Arc::new(AtomicBool::new(false)),

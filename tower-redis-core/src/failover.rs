@@ -113,10 +113,13 @@ impl RedisManager {
             }
             Ok(Err(Attempt::Command(error, broken))) => {
                 if counts_against_breaker(&error) {
-                    if error.is_io_error() || error.is_connection_dropped() {
+                    if error.is_io_error() || error.is_connection_dropped() || is_readonly(&error) {
                         // A multiplexed connection does not recover, and when
                         // one drops the server has usually restarted, so the
                         // others from before are dead too: replace them all.
+                        // READONLY means the server was demoted to a replica
+                        // (a Sentinel failover): the next connection asks
+                        // the Sentinels where the primary is now.
                         if let Some(broken) = broken {
                             broken.store(true, Ordering::Release);
                         }
@@ -185,6 +188,12 @@ impl RedisManager {
         self.inner.backend.discard_connections();
         self.start_probe();
     }
+}
+
+/// A write sent to a replica: the primary this connection was made to has
+/// been demoted.
+fn is_readonly(error: &RedisError) -> bool {
+    error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
 }
 
 /// How an operation failed inside its time budget.

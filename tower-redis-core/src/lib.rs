@@ -86,7 +86,9 @@ pub mod testing;
 
 pub use backend::pipeline_with_scripts;
 pub use breaker::{BreakerState, Health};
-pub use config::{BreakerConfig, RedisConfig, RedisConfigBuilder, RedisUrl, Topology};
+pub use config::{
+    BreakerConfig, RedisConfig, RedisConfigBuilder, RedisUrl, SentinelTopology, Topology,
+};
 pub use connection::RedisConnection;
 pub use degrade::Failover;
 pub use error::{ConfigError, Error};

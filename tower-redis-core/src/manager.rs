@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::timeout;
 
-use crate::backend::{Backend, describe, warn_if_certificates_unchecked};
+use crate::backend::{Backend, describe_config, warn_if_certificates_unchecked};
 use crate::breaker::{Breaker, BreakerState, Health};
 use crate::config::RedisConfig;
 use crate::error::Error;
@@ -76,7 +76,7 @@ impl RedisManager {
     pub async fn connect(config: RedisConfig) -> Result<Self, Error> {
         let backend = Backend::new(&config)?;
         let pubsub_client = crate::pubsub::client_for(&config);
-        let description = describe(config.topology());
+        let description = describe_config(&config);
         warn_if_certificates_unchecked(config.topology(), &description);
         let breaker_config = config.breaker();
         let manager = Self {

@@ -14,6 +14,8 @@ pub(crate) fn client_for(config: &RedisConfig) -> Option<redis::Client> {
     let url = match config.topology() {
         Topology::Standalone(url) => url,
         Topology::Cluster(nodes) => nodes.first()?,
+        // The primary moves: `pubsub` asks the Sentinels at each connect.
+        Topology::Sentinel(_) => return None,
     };
     match standalone_client(config, url) {
         Ok(client) => Some(client),
@@ -35,9 +37,22 @@ impl RedisManager {
     /// not watched by the breaker; a caller that loses it should reconnect
     /// with a backoff and assume it missed messages meanwhile.
     ///
+    /// With Sentinel it connects to the primary the Sentinels name now
+    /// (checked with `ROLE`); after a failover the Sentinels close the
+    /// demoted primary's client connections, so a caller that reconnects
+    /// follows the primary.
+    ///
     /// Fails with [`Error::BreakerOpen`] on a disabled manager, and with the
     /// connection error (within the connect timeout) when Redis is down.
     pub async fn pubsub(&self) -> Result<PubSub, Error> {
+        if let Some(discovery) = self.inner.backend.sentinel() {
+            let connect = async { discovery.master_client().await?.get_async_pubsub().await };
+            return match tokio::time::timeout(self.connect_timeout(), connect).await {
+                Ok(Ok(pubsub)) => Ok(pubsub),
+                Ok(Err(error)) => Err(Error::Connect(error)),
+                Err(_) => Err(Error::Timeout(self.connect_timeout())),
+            };
+        }
         let Some(client) = self.pubsub_client() else {
             return Err(Error::BreakerOpen);
         };

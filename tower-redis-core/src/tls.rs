@@ -35,6 +35,11 @@ pub(crate) fn check_tls_roots(topology: &Topology, pem: &[u8]) -> Result<(), Con
     let urls: Vec<&RedisUrl> = match topology {
         Topology::Standalone(url) => vec![url],
         Topology::Cluster(nodes) => nodes.iter().collect(),
+        Topology::Sentinel(sentinel) => sentinel
+            .sentinels()
+            .iter()
+            .chain([sentinel.master_url()])
+            .collect(),
     };
     if !urls.iter().any(|url| url.is_tls()) {
         return Err(ConfigError::new(

@@ -18,6 +18,9 @@ pub enum Topology {
     /// A Redis Cluster, reached through the cluster client; the nodes are
     /// seeds, the client discovers the rest.
     Cluster(Vec<RedisUrl>),
+    /// A primary with replicas watched by Redis Sentinel: the Sentinels are
+    /// asked where the primary is at every new connection.
+    Sentinel(SentinelTopology),
 }
 
 impl fmt::Debug for Topology {
@@ -25,7 +28,91 @@ impl fmt::Debug for Topology {
         match self {
             Topology::Standalone(url) => f.debug_tuple("Standalone").field(url).finish(),
             Topology::Cluster(nodes) => f.debug_tuple("Cluster").field(nodes).finish(),
+            Topology::Sentinel(sentinel) => f.debug_tuple("Sentinel").field(sentinel).finish(),
         }
+    }
+}
+
+/// A Sentinel deployment: the Sentinels to ask, the name they monitor the
+/// primary under, and how to talk to the primary once found.
+///
+/// The Sentinel URLs carry the Sentinels' own credentials and TLS
+/// (`redis://:sentinel-pass@10.0.0.1:26379`, `rediss://…`). The primary's
+/// credentials, database and TLS come from `master`: a URL whose host and
+/// port are replaced by the address the Sentinels name.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SentinelTopology {
+    sentinels: Vec<RedisUrl>,
+    master_name: String,
+    master: RedisUrl,
+}
+
+impl SentinelTopology {
+    /// The Sentinels, asked in this order.
+    pub fn sentinels(&self) -> &[RedisUrl] {
+        &self.sentinels
+    }
+
+    /// The name the Sentinels monitor the primary under.
+    pub fn master_name(&self) -> &str {
+        &self.master_name
+    }
+
+    /// The URL whose scheme, credentials and database are used for the
+    /// primary (its host and port are not used).
+    pub fn master_url(&self) -> &RedisUrl {
+        &self.master
+    }
+
+    /// The primary's URL at the address a Sentinel named.
+    pub(crate) fn master_at(&self, host: &str, port: u16) -> Result<RedisUrl, String> {
+        let mut url = self.master.url.clone();
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        url.set_host(Some(&host)).map_err(|e| {
+            format!("the Sentinels named the host `{host}`, which is not valid ({e})")
+        })?;
+        url.set_port(Some(port))
+            .map_err(|()| format!("cannot set the port {port}"))?;
+        Ok(RedisUrl { url })
+    }
+
+    /// The primary's database, TLS and whether credentials are given, for logs.
+    fn master_summary(&self) -> String {
+        let mut parts = vec![format!("db {}", self.master.db())];
+        if self.master.is_tls() {
+            parts.push("TLS".to_owned());
+        }
+        if self.master.url.password().is_some() || !self.master.url.username().is_empty() {
+            parts.push("with credentials".to_owned());
+        }
+        parts.join(", ")
+    }
+}
+
+impl fmt::Display for SentinelTopology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sentinels: Vec<String> = self.sentinels.iter().map(ToString::to_string).collect();
+        write!(
+            f,
+            "sentinel master `{}` via [{}] ({})",
+            self.master_name,
+            sentinels.join(", "),
+            self.master_summary()
+        )
+    }
+}
+
+impl fmt::Debug for SentinelTopology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SentinelTopology")
+            .field("sentinels", &self.sentinels)
+            .field("master_name", &self.master_name)
+            .field("master", &self.master)
+            .finish()
     }
 }
 
@@ -300,6 +387,70 @@ pub(crate) fn parse_cluster_nodes(
         parsed.push(url);
     }
     Ok(parsed)
+}
+
+const SENTINEL_FIX: &str = "give the Sentinels as host:port or redis://[user:password@]host:port, \
+                            e.g. REDIS_SENTINELS=10.0.0.1:26379,10.0.0.2:26379";
+
+/// Validates a Sentinel configuration: at least one Sentinel (database 0,
+/// TCP), a master name, and a master URL that is not a Unix socket.
+pub(crate) fn parse_sentinel(
+    field: &'static str,
+    nodes: &[String],
+    master_field: &'static str,
+    master_name: Option<&str>,
+    master_url_field: &'static str,
+    master_url: &str,
+) -> Result<SentinelTopology, ConfigError> {
+    let nodes: Vec<&String> = nodes.iter().filter(|n| !n.is_empty()).collect();
+    if nodes.is_empty() {
+        return Err(ConfigError::new(field, "lists no Sentinels", SENTINEL_FIX));
+    }
+    let mut sentinels = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let url = RedisUrl::parse(field, node)?;
+        if url.is_unix() || url.db() != 0 {
+            return Err(ConfigError::new(
+                field,
+                format!("`{url}` is not a Sentinel address (a Unix socket or a /db part)"),
+                SENTINEL_FIX,
+            ));
+        }
+        sentinels.push(url);
+    }
+    let master_name = master_name.map(str::trim).unwrap_or_default();
+    if master_name.is_empty() {
+        return Err(ConfigError::new(
+            master_field,
+            "is not set",
+            "name the primary as the Sentinels monitor it (`sentinel monitor <name> …`), \
+             e.g. REDIS_SENTINEL_MASTER=mymaster",
+        ));
+    }
+    if master_name.len() > 256
+        || master_name
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(ConfigError::new(
+            master_field,
+            "is not a Sentinel master name",
+            "use the name from `sentinel monitor <name> …`: no spaces, at most 256 bytes",
+        ));
+    }
+    let master = RedisUrl::parse(master_url_field, master_url)?;
+    if master.is_unix() {
+        return Err(ConfigError::new(
+            master_url_field,
+            format!("`{master}` is a Unix socket, but the Sentinels name a TCP address"),
+            "give the primary's credentials and database as redis://[user:password@]host[/db]",
+        ));
+    }
+    Ok(SentinelTopology {
+        sentinels,
+        master_name: master_name.to_owned(),
+        master,
+    })
 }
 
 #[cfg(test)]

@@ -259,6 +259,81 @@ async fn passwords_stay_out_of_debug_display_and_errors_of_every_config_shape() 
     assert_no_password("logs", &log_text());
 }
 
+/// The Sentinel form: the Sentinels' own passwords (in their URLs) and the
+/// primary's (in `url`) stay out of `Debug`, `Display`, errors, the
+/// manager's description and the logs, also when nothing answers.
+#[tokio::test]
+async fn sentinel_passwords_stay_out_of_debug_display_errors_and_logs() {
+    captured();
+    let tcp_forms: Vec<String> = every_url_form(APP_PASSWORD)
+        .into_iter()
+        .filter(|node| {
+            RedisUrl::parse("node", node).is_ok_and(|url| !url.is_unix() && url.db() == 0)
+        })
+        .collect();
+    for master in every_url_form(TLS_PASSWORD)
+        .into_iter()
+        .filter(|url| RedisUrl::parse("url", url).is_ok_and(|url| !url.is_unix()))
+    {
+        let builder = RedisConfig::builder()
+            .sentinels(&tcp_forms, "mymaster")
+            .url(master.clone());
+        assert_no_password("sentinel builder Debug", &format!("{builder:?}"));
+        let config = builder
+            .build()
+            .unwrap_or_else(|e| panic!("a valid Sentinel form: {e}"));
+        assert_no_password("sentinel config Debug", &format!("{config:?}"));
+        let tower_redis_core::Topology::Sentinel(sentinel) = config.topology() else {
+            panic!("Sentinel expected")
+        };
+        assert_no_password("sentinel Display", &sentinel.to_string());
+        assert!(
+            sentinel.to_string().contains("***"),
+            "the redaction is visible: {sentinel}"
+        );
+        assert_no_password("master url Display", &sentinel.master_url().to_string());
+    }
+    // Invalid Sentinel nodes and invalid primary URLs: errors hide passwords.
+    for bad in every_invalid_url_form(APP_PASSWORD) {
+        let builder = RedisConfig::builder().sentinels([bad.clone()], "mymaster");
+        assert_no_password("sentinel builder Debug", &format!("{builder:?}"));
+        if let Err(error) = builder.build() {
+            assert_no_password("sentinel error", &error.to_string());
+            assert_no_password("sentinel error Debug", &format!("{error:?}"));
+        }
+        let builder = RedisConfig::builder()
+            .sentinels(["127.0.0.1:26379"], "mymaster")
+            .url(bad);
+        let error = builder.build().expect_err("invalid primary URL");
+        assert_no_password("sentinel master error", &error.to_string());
+        assert_no_password("sentinel master error Debug", &format!("{error:?}"));
+    }
+    // Nothing answers (port 1): the manager starts on its fallbacks, and
+    // neither it nor its logs show a password.
+    let config = RedisConfig::builder()
+        .sentinels(
+            [
+                format!("redis://app:{APP_PASSWORD}@127.0.0.1:1"),
+                format!("redis://:{APP_PASSWORD}@127.0.0.1:1"),
+            ],
+            "mymaster",
+        )
+        .url(format!("redis://app:{TLS_PASSWORD}@ignored/2"))
+        .connect_timeout(Duration::from_millis(100))
+        .build()
+        .expect("valid");
+    let manager = RedisManager::connect(config).await.expect("starts open");
+    assert_no_password("sentinel manager Debug", &format!("{manager:?}"));
+    assert!(format!("{manager:?}").contains("mymaster"), "{manager:?}");
+    assert_no_password("sentinel health", &format!("{:?}", manager.health()));
+    assert!(matches!(
+        manager.pubsub().await,
+        Err(Error::Connect(_) | Error::Timeout(_))
+    ));
+    drop(manager);
+    assert_no_password("logs", &log_text());
+}
+
 /// Every URL form redis-rs reads a password from (`redis-1.x/src/connection.rs`,
 /// `url_to_tcp_connection_info` / `url_to_unix_connection_info`): the
 /// userinfo of `redis`, `rediss`, `valkey`, `valkeys`, and the `pass` query

@@ -32,6 +32,7 @@ mod cluster;
 mod docker;
 mod monitor;
 mod process;
+mod sentinel;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,6 +41,7 @@ use std::time::Duration;
 pub use cluster::TestCluster;
 pub use monitor::Monitor;
 use process::{ServerProcess, find_binary, free_port};
+pub use sentinel::TestSentinel;
 
 use crate::RedisConfigBuilder;
 
