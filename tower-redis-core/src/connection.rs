@@ -120,7 +120,7 @@ pub(crate) struct StandaloneConnector {
 /// Where a standalone connection goes: one fixed server, or the primary
 /// the Sentinels name at the time of connecting.
 pub(crate) enum ConnectTarget {
-    Server(redis::Client),
+    Server(Box<redis::Client>),
     Sentinel(Arc<SentinelDiscovery>),
 }
 
