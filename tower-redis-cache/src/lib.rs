@@ -2,23 +2,44 @@
 //! [`tower_redis_core::RedisManager`], and kept alive in process while Redis
 //! is down.
 //!
-//! ```no_run
+//! ```
 //! use std::time::Duration;
-//! use axum::{Router, routing::get};
-//! use tower_redis_cache::{CacheLayer, Route};
-//! use tower_redis_core::{RedisConfig, RedisManager};
+//! use axum::{Router, body::Body, routing::get};
+//! use http::{Request, header};
+//! use http_body_util::BodyExt;
+//! use tower::ServiceExt;
+//! use tower_redis_cache::{CacheLayer, RedisManager, Route};
 //!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let redis = RedisManager::connect(RedisConfig::from_env()?).await?;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // In an app: RedisManager::connect(RedisConfig::from_env()?).await?
+//! // Here, no Redis: the cache runs on its in-process store.
+//! let redis = RedisManager::disabled();
 //! let cache = CacheLayer::builder(redis)
 //!     .route(Route::new("/products/*").default_ttl(Duration::from_secs(60)))
 //!     .route(Route::new("/account/*").bypass())
 //!     .build()?;
-//! let app: Router = Router::new()
+//! let app = Router::new()
 //!     .route("/products/{id}", get(|| async { "a product" }))
 //!     .layer(cache);
-//! # let _ = app; Ok(()) }
+//!
+//! let get_product = || Request::get("http://shop.example/products/1").body(Body::empty());
+//! // First call: a miss, answered by the app and stored.
+//! let first = app.clone().oneshot(get_product()?).await?;
+//! let status = first.headers()[header::HeaderName::from_static("cache-status")].to_str()?;
+//! assert!(status.starts_with("tower-redis; fwd=uri-miss; stored"), "{status}");
+//! first.into_body().collect().await?; // the entry is stored once the body is read
+//!
+//! // Second call: served from the cache, with its `Age`.
+//! let second = app.oneshot(get_product()?).await?;
+//! let status = second.headers()["cache-status"].to_str()?;
+//! assert!(status.starts_with("tower-redis; hit; ttl="), "{status}");
+//! assert!(second.headers().contains_key(header::AGE));
+//! assert_eq!(second.into_body().collect().await?.to_bytes(), "a product");
+//! # Ok(()) }
 //! ```
+//!
+//! (Without Redis every `Cache-Status` also says `detail=redis-unavailable`.)
 //!
 //! # What it does
 //!
@@ -134,8 +155,10 @@
 //! without a tag it had stays in that tag's index until its entry expires:
 //! a purge of the old tag then removes it too (over-purging is a miss,
 //! never a stale hit).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod admin;
 mod body;
 mod bus;
@@ -158,3 +181,16 @@ pub use route::Route;
 pub use service::RequestCacheControl;
 pub use service::{Cache, ResponseFuture};
 pub use tower_redis_core::forwarding::{Forwarding, ForwardingHeader};
+
+// One dependency line is enough: what building this layer needs from
+// `tower-redis-core`, under the same names.
+pub use tower_redis_core::{
+    BreakerState, Error, Health, RedisConfig, RedisConfigBuilder, RedisManager,
+};
+/// The connection manager's invalid-configuration error
+/// ([`tower_redis_core::ConfigError`]), returned by [`RedisConfig::from_env`]
+/// and [`RedisConfigBuilder::build`].
+pub use tower_redis_core::ConfigError as RedisConfigError;
+/// The whole core crate, for what the names above do not cover (its
+/// `testing` harness, `degrade`, `keys`, `redis`).
+pub use tower_redis_core;

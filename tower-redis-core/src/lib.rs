@@ -59,6 +59,7 @@
 //! Always available, without extra dependencies: [`sync::lock`] (a
 //! poison-tolerant mutex lock), [`clock`] (epoch milliseconds) and
 //! [`record`] (metrics that compile to nothing without `metrics`).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backend;
 mod breaker;
@@ -69,9 +70,11 @@ pub mod degrade;
 mod error;
 mod failover;
 #[cfg(feature = "forwarding")]
+#[cfg_attr(docsrs, doc(cfg(feature = "forwarding")))]
 pub mod forwarding;
 mod future;
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 mod keys;
 mod manager;
@@ -82,6 +85,7 @@ mod tls;
 mod url;
 
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
 pub use backend::pipeline_with_scripts;

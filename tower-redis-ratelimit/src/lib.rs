@@ -108,6 +108,7 @@
 //! policy that meets a request without one cannot count it
 //! ([`MissingKey`] says what happens then); the layer logs a warning the
 //! first time, naming the call to add.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod algorithm;
 mod body;
@@ -132,3 +133,16 @@ pub use policy::Policy;
 pub use response::{Denied, DeniedResponse, QUOTA_EXCEEDED_TYPE};
 pub use service::{RateLimit, ResponseFuture};
 pub use tower_redis_core::forwarding::{Forwarding, ForwardingHeader};
+
+// One dependency line is enough: what building this layer needs from
+// `tower-redis-core`, under the same names.
+pub use tower_redis_core::{
+    BreakerState, Error, Health, RedisConfig, RedisConfigBuilder, RedisManager,
+};
+/// The connection manager's invalid-configuration error
+/// ([`tower_redis_core::ConfigError`]), returned by [`RedisConfig::from_env`]
+/// and [`RedisConfigBuilder::build`].
+pub use tower_redis_core::ConfigError as RedisConfigError;
+/// The whole core crate, for what the names above do not cover (its
+/// `testing` harness, `degrade`, `keys`, `redis`).
+pub use tower_redis_core;

@@ -61,6 +61,7 @@
 //!   full queue refuses new sessions and changes (the visitor gets a fresh
 //!   session) but never drops a queued change, and never refuses a log out.
 //!   [`SessionStore::local_usage`] reports both.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod config;
 #[cfg(feature = "axum")]
@@ -82,3 +83,16 @@ pub use layer::{
 pub use service::{ResponseFuture, SessionService};
 pub use session::{Session, SessionError};
 pub use store::{LocalUsage, SessionStore, StoreError, UserSession};
+
+// One dependency line is enough: what building this layer needs from
+// `tower-redis-core`, under the same names.
+pub use tower_redis_core::{
+    BreakerState, Error, Health, RedisConfig, RedisConfigBuilder, RedisManager,
+};
+/// The connection manager's invalid-configuration error
+/// ([`tower_redis_core::ConfigError`]), returned by [`RedisConfig::from_env`]
+/// and [`RedisConfigBuilder::build`].
+pub use tower_redis_core::ConfigError as RedisConfigError;
+/// The whole core crate, for what the names above do not cover (its
+/// `testing` harness, `degrade`, `keys`, `redis`).
+pub use tower_redis_core;
