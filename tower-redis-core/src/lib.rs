@@ -7,18 +7,22 @@
 //! fallback otherwise. A Redis problem never becomes a panic, an error
 //! response or a wait longer than the command timeout.
 //!
-//! ```no_run
+//! ```
 //! use std::time::Duration;
-//! use tower_redis_core::{RedisConfig, RedisManager, Source};
+//! use tower_redis_core::{BreakerState, FallbackReason, RedisConfig, RedisManager, Source};
 //!
-//! # async fn demo() -> Result<(), tower_redis_core::Error> {
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_redis_core::Error> {
 //! let config = RedisConfig::builder()
 //!     .url("redis://127.0.0.1:6379")
 //!     .command_timeout(Duration::from_millis(100))
 //!     .key_prefix("myapp")
 //!     .build()?;
-//! // Succeeds even when Redis is down: the breaker starts open and recovers.
-//! let redis = RedisManager::connect(config).await?;
+//! // In an app: `RedisManager::connect(config).await?`, which succeeds even
+//! // when Redis is down (the breaker starts open and recovers). Here, no
+//! // Redis at all: every operation takes its fallback.
+//! # let _ = config;
+//! let redis = RedisManager::disabled();
 //!
 //! let key = redis.keys().key(&["greeting"]);
 //! let served = redis
@@ -26,13 +30,15 @@
 //!         |mut conn| async move {
 //!             redis::cmd("GET").arg(&key).query_async::<Option<String>>(&mut conn).await
 //!         },
-//!         |_reason| async { None },
+//!         |_reason| async { Some("hello from memory".to_owned()) },
 //!     )
 //!     .await;
+//! assert_eq!(served.value.as_deref(), Some("hello from memory"));
+//! assert_eq!(served.source, Source::Fallback(FallbackReason::BreakerOpen));
+//! assert_eq!(redis.health().state, BreakerState::Disabled);
 //! if let Source::Fallback(reason) = served.source {
 //!     tracing::info!(reason = reason.as_str(), "served without Redis");
 //! }
-//! println!("{:?} ({:?})", served.value, redis.health().state);
 //! # Ok(()) }
 //! ```
 //!
