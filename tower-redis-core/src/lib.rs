@@ -108,3 +108,8 @@ pub use manager::RedisManager;
 /// The redis-rs crate this manager is built on, for writing commands,
 /// pipelines and scripts against [`RedisConnection`].
 pub use redis;
+
+/// The crate README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -196,3 +196,8 @@ pub use tower_redis_core::ConfigError as RedisConfigError;
 /// The whole core crate, for what the names above do not cover (its
 /// `testing` harness, `degrade`, `keys`, `redis`).
 pub use tower_redis_core;
+
+/// The crate README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
