@@ -184,16 +184,16 @@ pub use tower_redis_core::forwarding::{Forwarding, ForwardingHeader};
 
 // One dependency line is enough: what building this layer needs from
 // `tower-redis-core`, under the same names.
-pub use tower_redis_core::{
-    BreakerState, Error, Health, RedisConfig, RedisConfigBuilder, RedisManager,
-};
+/// The whole core crate, for what the names above do not cover (its
+/// `testing` harness, `degrade`, `keys`, `redis`).
+pub use tower_redis_core;
 /// The connection manager's invalid-configuration error
 /// ([`tower_redis_core::ConfigError`]), returned by [`RedisConfig::from_env`]
 /// and [`RedisConfigBuilder::build`].
 pub use tower_redis_core::ConfigError as RedisConfigError;
-/// The whole core crate, for what the names above do not cover (its
-/// `testing` harness, `degrade`, `keys`, `redis`).
-pub use tower_redis_core;
+pub use tower_redis_core::{
+    BreakerState, Error, Health, RedisConfig, RedisConfigBuilder, RedisManager,
+};
 
 /// The crate README's examples, compiled and run as doc tests.
 #[cfg(doctest)]
