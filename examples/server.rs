@@ -67,7 +67,9 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower_redis_cache::admin::CacheAdmin;
 use tower_redis_cache::{CacheHandle, CacheLayer, Forwarding, Route};
-use tower_redis_core::{BreakerState, RedisManager};
+// The layer crates re-export the connection manager: no tower-redis-core
+// dependency is needed for it.
+use tower_redis_cache::{BreakerState, RedisManager};
 use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
 use tower_redis_session::{Session, SessionLayer};
 

@@ -122,6 +122,18 @@
 //!   the pub/sub connection or Redis is down, emptied when it reconnects,
 //!   and each copy lives at most its TTL.
 //!
+//! # Features
+//!
+//! - `metrics`: counts requests by result with the `metrics` facade
+//!   (`tower_redis_cache_requests_total{result, stored, degraded}`), plus
+//!   the connection manager's breaker and fallback metrics.
+//! - `axum`: [`admin::CacheAdmin`], an axum `Router` for purges, entry
+//!   lookup, stats and warming behind an authorisation check.
+//!
+//! Everything a layer needs is re-exported here ([`RedisManager`],
+//! [`RedisConfig`], [`Error`], [`Forwarding`]), so that this crate is the
+//! only dependency to add.
+//!
 //! # Redis
 //!
 //! One round trip per lookup (none from the near cache), `Vary` resolution
