@@ -47,7 +47,15 @@
 //! `listening on http://…`), `--rate-limit N/PERIOD` (per client IP, e.g.
 //! `100/min`, `10/s`, `500/1h`, `20/30s`), `--timeout SECONDS` (default
 //! 10), `--stale-if-error SECONDS` (default 300; 0 turns it off, except for
-//! responses that carry `stale-if-error` themselves). Environment:
+//! responses that carry `stale-if-error` themselves; never for responses
+//! with `s-maxage`, `must-revalidate`, `proxy-revalidate` or `no-cache`),
+//! `--heuristic` (heuristic freshness, RFC 9111 §4.2.2: a response with
+//! `Last-Modified` and no explicit freshness is fresh for 10% of its age)
+//! with `--heuristic-cap SECONDS` (default 86400), `--store-set-cookie`
+//! (store cacheable responses that carry `Set-Cookie`, keeping the field,
+//! or dropping it alone when the response says `private="Set-Cookie"` or
+//! `no-cache="Set-Cookie"`; off by default, because an origin that sends a
+//! session cookie on a `public` page would hand it to everyone). Environment:
 //! `REDIS_URL` (default `redis://127.0.0.1:6379`; `memory` for in-process
 //! stores only), `RUST_LOG` (default `info`). Without a reachable Redis it
 //! starts anyway on the in-process fallbacks.
@@ -73,6 +81,7 @@ mod support;
 const USAGE: &str = "\
 usage: caching_proxy --upstream http://HOST[:PORT] [--listen ADDR] [--rate-limit N/PERIOD]
                      [--timeout SECONDS] [--stale-if-error SECONDS]
+                     [--heuristic [--heuristic-cap SECONDS]] [--store-set-cookie]
 
   --upstream URL        the origin to forward to (http:// only)
   --listen ADDR         where to listen (default 127.0.0.1:3001; port 0 picks a free one)
@@ -81,6 +90,11 @@ usage: caching_proxy --upstream http://HOST[:PORT] [--listen ADDR] [--rate-limit
   --stale-if-error SECONDS
                         serve a cached copy this long past its freshness when the upstream
                         fails (default 300; 0: only when the response says stale-if-error)
+  --heuristic           cache responses with Last-Modified but no explicit freshness for 10% of
+                        their age (RFC 9111 §4.2.2; default off)
+  --heuristic-cap SECONDS
+                        the longest heuristic freshness (default 86400)
+  --store-set-cookie    store cacheable responses that carry Set-Cookie (default off)
 
 environment: REDIS_URL (default redis://127.0.0.1:6379; `memory` for in-process stores only), RUST_LOG";
 
@@ -94,6 +108,9 @@ struct Args {
     rate_limit: Option<(u32, Duration)>,
     timeout: Duration,
     stale_if_error: Duration,
+    /// Heuristic freshness and its cap; `None`: off.
+    heuristic: Option<Duration>,
+    store_set_cookie: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -145,11 +162,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if !args.stale_if_error.is_zero() {
         route = route.stale_if_error(args.stale_if_error);
     }
-    let cache = CacheLayer::builder(redis.clone())
+    let mut cache = CacheLayer::builder(redis.clone())
         .default_route(route)
         // Any client could otherwise make the upstream answer again.
         .request_cache_control(RequestCacheControl::Ignore)
-        .build()?;
+        .store_set_cookie(args.store_set_cookie);
+    if let Some(cap) = args.heuristic {
+        cache = cache.heuristic_freshness(true).heuristic_freshness_cap(cap);
+    }
+    let cache = cache.build()?;
 
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -205,6 +226,9 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
     let mut rate_limit = None;
     let mut timeout = Duration::from_secs(10);
     let mut stale_if_error = Duration::from_secs(300);
+    let mut heuristic = false;
+    let mut heuristic_cap = None;
+    let mut store_set_cookie = false;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         if arg == "-h" || arg == "--help" {
@@ -254,16 +278,37 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
                         format!("--stale-if-error {text:?} is not a number of seconds (0 to 86400)")
                     })?;
             }
+            "--heuristic" if inline.is_none() => heuristic = true,
+            "--heuristic-cap" => {
+                let text = value()?;
+                heuristic_cap = Some(
+                    text.parse::<u64>()
+                        .ok()
+                        .filter(|s| (1..=31_536_000).contains(s))
+                        .map(Duration::from_secs)
+                        .ok_or_else(|| {
+                            format!(
+                                "--heuristic-cap {text:?} is not a number of seconds (1 to 31536000)"
+                            )
+                        })?,
+                );
+            }
+            "--store-set-cookie" if inline.is_none() => store_set_cookie = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
     let upstream = upstream.ok_or("--upstream is required")?;
+    if heuristic_cap.is_some() && !heuristic {
+        return Err("--heuristic-cap needs --heuristic".to_owned());
+    }
     Ok(Some(Args {
         upstream,
         listen,
         rate_limit,
         timeout,
         stale_if_error,
+        heuristic: heuristic.then(|| heuristic_cap.unwrap_or(Duration::from_secs(86_400))),
+        store_set_cookie,
     }))
 }
 
@@ -524,6 +569,8 @@ mod tests {
         assert_eq!(parsed.listen, "127.0.0.1:3001".parse().unwrap());
         assert_eq!(parsed.rate_limit, None);
         assert_eq!(parsed.stale_if_error, Duration::from_secs(300));
+        assert_eq!(parsed.heuristic, None);
+        assert!(!parsed.store_set_cookie);
         let parsed = args(&[
             "--upstream=http://origin/base/",
             "--rate-limit=20/30s",
@@ -536,6 +583,25 @@ mod tests {
         assert_eq!(parsed.rate_limit, Some((20, Duration::from_secs(30))));
         assert_eq!(parsed.timeout, Duration::from_millis(2500));
         assert_eq!(args(&["--help"]), Ok(None));
+        let parsed = args(&[
+            "--upstream",
+            "http://origin",
+            "--heuristic",
+            "--store-set-cookie",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(parsed.heuristic, Some(Duration::from_secs(86_400)));
+        assert!(parsed.store_set_cookie);
+        let parsed = args(&[
+            "--upstream",
+            "http://origin",
+            "--heuristic",
+            "--heuristic-cap=600",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(parsed.heuristic, Some(Duration::from_secs(600)));
     }
 
     #[test]
@@ -551,6 +617,16 @@ mod tests {
             &["--upstream", "http://x", "--stale-if-error", "soon"],
             &["--upstream", "http://x", "--listen", "nowhere"],
             &["--upstream", "http://x", "--bogus"],
+            &["--upstream", "http://x", "--heuristic-cap", "600"],
+            &[
+                "--upstream",
+                "http://x",
+                "--heuristic",
+                "--heuristic-cap",
+                "0",
+            ],
+            &["--upstream", "http://x", "--heuristic=yes"],
+            &["--upstream", "http://x", "--store-set-cookie=1"],
         ] {
             assert!(args(bad).is_err(), "{bad:?}");
         }

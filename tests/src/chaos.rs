@@ -614,8 +614,8 @@ struct Shared {
     /// end net of [`held_up`](Self::held_up).
     over_bound: Mutex<Vec<(Instant, Instant, String)>>,
     /// When the load's runtime could not run its tasks on time
-    /// ([`heartbeat`]), as (due, woke).
-    held_up: Mutex<Vec<(Instant, Instant)>>,
+    /// ([`HeldUp`](crate::held_up::HeldUp)).
+    held_up: crate::held_up::HeldUp,
     /// [`UNATTRIBUTED_FALLBACKS`] when the load started.
     unattributed_at_start: u64,
     counts_fallbacks: bool,
@@ -723,7 +723,10 @@ impl Load {
             apps.to_vec(),
             Arc::clone(&shared),
         )));
-        tasks.push(tokio::spawn(heartbeat(Arc::clone(&shared))));
+        let watched = Arc::clone(&shared);
+        tasks.push(tokio::spawn(async move {
+            watched.held_up.watch(&watched.stop).await;
+        }));
         Self {
             shared,
             tasks,
@@ -841,13 +844,7 @@ impl Load {
     }
 
     fn held_up_during(&self, from: Instant, to: Instant) -> Duration {
-        self.shared
-            .held_up
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|&(due, woke)| woke.min(to).saturating_duration_since(due.max(from)))
-            .sum()
+        self.shared.held_up.during(from, to)
     }
 
     /// The bound on every request of this load.
@@ -1394,30 +1391,6 @@ async fn client_task(client: usize, apps: Vec<Router>, shared: Arc<Shared>) {
             }
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// Records when the load's runtime could not run its tasks on time: this
-/// task sleeps 2 ms at a time and notes every wake-up more than 10 ms late.
-/// A request's wait for Redis is not one (the runtime is free meanwhile);
-/// the machine not running the process (seen for over a second on a loaded
-/// two-core machine) is.
-async fn heartbeat(shared: Arc<Shared>) {
-    const TICK: Duration = Duration::from_millis(2);
-    const LATE: Duration = Duration::from_millis(10);
-    let mut last = Instant::now();
-    while !shared.stop.load(Ordering::Acquire) {
-        tokio::time::sleep(TICK).await;
-        let now = Instant::now();
-        let due = last + TICK;
-        if now > due + LATE {
-            let mut held_up = shared.held_up.lock().unwrap_or_else(|p| p.into_inner());
-            // Bounded however long the run (the soak run lasts minutes).
-            if held_up.len() < 100_000 {
-                held_up.push((due, now));
-            }
-        }
-        last = now;
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod answer;
 pub mod chaos;
+pub mod held_up;
 
 /// The root README's Rust code blocks, compiled by `cargo test --doc -p tests`.
 #[cfg(doctest)]

@@ -128,7 +128,7 @@ struct Visits {
     /// end net of the time the runtime was held up.
     over_bound: Mutex<Vec<(Instant, Instant, String)>>,
     /// When the runtime could not run the visitors on time, as (due, woke).
-    held_up: Mutex<Vec<(Instant, Instant)>>,
+    held_up: tests::held_up::HeldUp,
 }
 
 impl Visits {
@@ -141,12 +141,7 @@ impl Visits {
     }
 
     fn held_up_during(&self, from: Instant, to: Instant) -> Duration {
-        self.held_up
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|&(due, woke)| woke.min(to).saturating_duration_since(due.max(from)))
-            .sum()
+        self.held_up.during(from, to)
     }
 }
 
@@ -182,7 +177,10 @@ impl Visitors {
                 })
             })
             .collect();
-        tasks.push(tokio::spawn(heartbeat(Arc::clone(&shared))));
+        let watched = Arc::clone(&shared);
+        tasks.push(tokio::spawn(async move {
+            watched.held_up.watch(&watched.stop).await;
+        }));
         Self { shared, tasks }
     }
 
@@ -229,27 +227,6 @@ impl Visitors {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-}
-
-/// Notes every wake-up of a 2 ms sleep more than 10 ms late: time the
-/// machine did not run the process, which is not a request's doing (as in
-/// the chaos load).
-async fn heartbeat(shared: Arc<Visits>) {
-    const TICK: Duration = Duration::from_millis(2);
-    const LATE: Duration = Duration::from_millis(10);
-    let mut last = Instant::now();
-    while !shared.stop.load(Ordering::Acquire) {
-        tokio::time::sleep(TICK).await;
-        let now = Instant::now();
-        let due = last + TICK;
-        if now > due + LATE {
-            let mut held_up = shared.held_up.lock().unwrap_or_else(|p| p.into_inner());
-            if held_up.len() < 100_000 {
-                held_up.push((due, now));
-            }
-        }
-        last = now;
     }
 }
 

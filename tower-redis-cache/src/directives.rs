@@ -11,9 +11,23 @@ pub(crate) const MAX_DELTA: u64 = 2_147_483_648;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct ResponseDirectives {
     pub(crate) no_store: bool,
-    /// Qualified or not: a shared cache treats `no-cache="Set-Cookie"` like `no-cache`.
+    /// Qualified or not: a shared cache treats `no-cache="Set-Cookie"` like
+    /// `no-cache`, except where the layer stores `Set-Cookie` (see
+    /// `freshness::directives_of`).
     pub(crate) no_cache: bool,
+    /// The field names of a qualified `no-cache="…"` (lower-case), and
+    /// [`UNQUALIFIED`] for each occurrence without names.
+    pub(crate) no_cache_fields: Vec<String>,
     pub(crate) private: bool,
+    /// The field names of a qualified `private="…"` (lower-case), and
+    /// [`UNQUALIFIED`] for each occurrence without names.
+    pub(crate) private_fields: Vec<String>,
+    /// RFC 9111 §5.2.2.3: store only when the status code is understood;
+    /// then `no-store` does not apply.
+    pub(crate) must_understand: bool,
+    /// Set by `freshness::directives_of` when a `private` or `no-cache`
+    /// qualified with `Set-Cookie` alone means "store, without that field".
+    pub(crate) drop_set_cookie: bool,
     pub(crate) public: bool,
     pub(crate) must_revalidate: bool,
     pub(crate) proxy_revalidate: bool,
@@ -116,8 +130,15 @@ pub(crate) fn response(headers: &HeaderMap, field: &HeaderName) -> Option<Respon
     for (name, value) in items(headers, field) {
         match name.as_str() {
             "no-store" => d.no_store = true,
-            "no-cache" => d.no_cache = true,
-            "private" => d.private = true,
+            "no-cache" => {
+                d.no_cache = true;
+                qualify(&mut d.no_cache_fields, value.as_deref());
+            }
+            "private" => {
+                d.private = true;
+                qualify(&mut d.private_fields, value.as_deref());
+            }
+            "must-understand" => d.must_understand = true,
             "public" => d.public = true,
             "must-revalidate" => d.must_revalidate = true,
             "proxy-revalidate" => d.proxy_revalidate = true,
@@ -125,6 +146,115 @@ pub(crate) fn response(headers: &HeaderMap, field: &HeaderName) -> Option<Respon
             "s-maxage" => freshness(&mut d.s_maxage, &mut seen_s_maxage, value.as_deref()),
             "stale-while-revalidate" => d.stale_while_revalidate = delta_seconds(value.as_deref()),
             "stale-if-error" => d.stale_if_error = delta_seconds(value.as_deref()),
+            _ => {}
+        }
+    }
+    Some(d)
+}
+
+/// Adds the field names of a `no-cache` / `private` to `fields`, or
+/// [`UNQUALIFIED`] when it names none: the directive then covers the whole
+/// response, whatever a qualified occurrence beside it says.
+fn qualify(fields: &mut Vec<String>, value: Option<&str>) {
+    let before = fields.len();
+    fields.extend(field_names(value));
+    if fields.len() == before {
+        fields.push(UNQUALIFIED.to_owned());
+    }
+}
+
+/// The field name that stands for an unqualified `no-cache` / `private`.
+pub(crate) const UNQUALIFIED: &str = "*";
+
+/// The field names of a qualified `no-cache` / `private`, lower-case.
+fn field_names(value: Option<&str>) -> impl Iterator<Item = String> + '_ {
+    value
+        .unwrap_or("")
+        .split(',')
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+}
+
+/// The directives a targeted field's value is checked for.
+const KNOWN: [&str; 11] = [
+    "no-store",
+    "no-cache",
+    "private",
+    "must-understand",
+    "public",
+    "must-revalidate",
+    "proxy-revalidate",
+    "max-age",
+    "s-maxage",
+    "stale-while-revalidate",
+    "stale-if-error",
+];
+
+/// The directives of an RFC 9213 targeted field (`CDN-Cache-Control` and
+/// the like), or `None` when the field is absent, empty, or not a valid
+/// Structured Field dictionary (RFC 9651) whose known directives have the
+/// types RFC 9213 §2.1 infers: then the whole field is ignored, and the
+/// next field (in the end `Cache-Control`) applies.
+pub(crate) fn targeted(headers: &HeaderMap, field: &HeaderName) -> Option<ResponseDirectives> {
+    let mut lines = headers.get_all(field).iter();
+    let first = lines.next()?;
+    // Several lines are one dictionary, joined with commas (RFC 9651 §4.2).
+    let mut text = first.as_bytes().to_vec();
+    for line in lines {
+        text.extend_from_slice(b", ");
+        text.extend_from_slice(line.as_bytes());
+    }
+    if text.iter().all(u8::is_ascii_whitespace) {
+        return None;
+    }
+    let dictionary: sfv::Dictionary = sfv::Parser::new(&text).parse().ok()?;
+    let mut d = ResponseDirectives::default();
+    for (key, member) in &dictionary {
+        if !KNOWN.contains(&key.as_str()) {
+            continue;
+        }
+        // Parameters are ignored; an inner list is never a directive value.
+        let sfv::ListEntry::Item(item) = member else {
+            return None;
+        };
+        let value = &item.bare_item;
+        let flag = || value.as_boolean();
+        let seconds = || {
+            value
+                .as_integer()
+                .map(i64::from)
+                .and_then(|n| u64::try_from(n).ok())
+                .map(|n| n.min(MAX_DELTA))
+        };
+        // A boolean, or a string listing field names (qualified form).
+        let listed = |set: &mut bool, fields: &mut Vec<String>| -> Option<()> {
+            match (value.as_boolean(), value.as_string()) {
+                (Some(b), _) => {
+                    *set |= b;
+                    if b {
+                        fields.push(UNQUALIFIED.to_owned());
+                    }
+                }
+                (None, Some(names)) => {
+                    *set = true;
+                    qualify(fields, Some(names.as_str()));
+                }
+                (None, None) => return None,
+            }
+            Some(())
+        };
+        match key.as_str() {
+            "no-store" => d.no_store = flag()?,
+            "no-cache" => listed(&mut d.no_cache, &mut d.no_cache_fields)?,
+            "private" => listed(&mut d.private, &mut d.private_fields)?,
+            "must-understand" => d.must_understand = flag()?,
+            "public" => d.public = flag()?,
+            "must-revalidate" => d.must_revalidate = flag()?,
+            "proxy-revalidate" => d.proxy_revalidate = flag()?,
+            "max-age" => d.max_age = Some(seconds()?),
+            "s-maxage" => d.s_maxage = Some(seconds()?),
+            "stale-while-revalidate" => d.stale_while_revalidate = Some(seconds()?),
+            "stale-if-error" => d.stale_if_error = Some(seconds()?),
             _ => {}
         }
     }
@@ -207,6 +337,7 @@ mod tests {
                 &["no-cache=\"Set-Cookie, X-Foo\", max-age=3"],
                 ResponseDirectives {
                     no_cache: true,
+                    no_cache_fields: vec!["set-cookie".into(), "x-foo".into()],
                     max_age: Some(3),
                     ..Default::default()
                 },
@@ -215,6 +346,7 @@ mod tests {
                 &["private=\"x\""],
                 ResponseDirectives {
                     private: true,
+                    private_fields: vec!["x".into()],
                     ..Default::default()
                 },
             ),
@@ -286,6 +418,47 @@ mod tests {
         for (values, expected) in cases {
             assert_eq!(&parse(values), expected, "{values:?}");
         }
+    }
+
+    fn targeted_of(values: &[&str]) -> Option<ResponseDirectives> {
+        let mut map = HeaderMap::new();
+        for v in values {
+            map.append("cdn-cache-control", HeaderValue::from_str(v).unwrap());
+        }
+        targeted(&map, &HeaderName::from_static("cdn-cache-control"))
+    }
+
+    #[test]
+    fn targeted_fields_are_structured_dictionaries() {
+        let d = targeted_of(&["max-age=60, public", "no-cache=\"Set-Cookie\""]).unwrap();
+        assert_eq!(d.max_age, Some(60));
+        assert!(d.public && d.no_cache);
+        assert_eq!(d.no_cache_fields, ["set-cookie"]);
+        assert_eq!(
+            targeted_of(&["max-age=60;x=1, foo=(a b)"]).unwrap().max_age,
+            Some(60),
+            "parameters and unknown members are ignored"
+        );
+        assert!(
+            targeted_of(&["none"]).is_some(),
+            "no known directive: still valid"
+        );
+        for invalid in [
+            "max-age=\"60\"",
+            "max-age=60.0",
+            "max-age=-1",
+            "max-age=(1 2)",
+            "no-store=1",
+            "private=?1, max-age=x y",
+            "MAX-AGE=60",
+            "max-age=60,",
+            "max-age=60 public",
+            "",
+            "  ",
+        ] {
+            assert_eq!(targeted_of(&[invalid]), None, "{invalid:?}");
+        }
+        assert_eq!(targeted_of(&[]), None);
     }
 
     #[test]

@@ -18,7 +18,8 @@ pub(crate) static CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-c
 #[derive(Debug, Clone)]
 pub(crate) struct Rules {
     pub(crate) targeted_fields: Vec<HeaderName>,
-    pub(crate) heuristic: bool,
+    /// Heuristic freshness (RFC 9111 §4.2.2): `None` off, else its cap.
+    pub(crate) heuristic: Option<Duration>,
     pub(crate) store_set_cookie: bool,
 }
 
@@ -42,21 +43,50 @@ pub(crate) struct Storable {
     pub(crate) lifetime: u64,
 }
 
-/// The directives this cache obeys: the first targeted field present, else
-/// `Cache-Control`.
+/// The directives this cache obeys: the first valid targeted field present
+/// (RFC 9213: a Structured Field dictionary; one that does not parse is
+/// ignored entirely), else `Cache-Control`.
+///
+/// With [`Rules::store_set_cookie`], a `private` or `no-cache` qualified
+/// with `Set-Cookie` alone (RFC 9111 §5.2.2.4, §5.2.2.7) means: store the
+/// response without its `Set-Cookie`, and use it like any other.
 pub(crate) fn directives_of(headers: &HeaderMap, rules: &Rules) -> ResponseDirectives {
-    std::iter::once(&CDN_CACHE_CONTROL)
+    let mut d = std::iter::once(&CDN_CACHE_CONTROL)
         .chain(rules.targeted_fields.iter())
-        .find_map(|field| directives::response(headers, field))
+        .find_map(|field| directives::targeted(headers, field))
         .or_else(|| directives::response(headers, &header::CACHE_CONTROL))
-        .unwrap_or_default()
+        .unwrap_or_default();
+    if rules.store_set_cookie {
+        let only_set_cookie =
+            |fields: &[String]| !fields.is_empty() && fields.iter().all(|f| f == "set-cookie");
+        // Every `private` was qualified with Set-Cookie alone.
+        if d.private && only_set_cookie(&d.private_fields) {
+            d.private = false;
+            d.drop_set_cookie = true;
+        }
+        if d.no_cache && only_set_cookie(&d.no_cache_fields) {
+            d.no_cache = false;
+            d.drop_set_cookie = true;
+        }
+    }
+    d
 }
 
 /// Status codes cacheable without explicit freshness (RFC 9110 §15.1).
 fn heuristically_cacheable(status: StatusCode) -> bool {
     matches!(
         status.as_u16(),
-        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+        200 | 203 | 204 | 206 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+/// Status codes whose semantics this cache implements, for
+/// `must-understand` (RFC 9111 §5.2.2.3): the final statuses it stores and
+/// serves as they are. 206 and 304 are never entries.
+fn understood(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 300 | 301 | 302 | 307 | 308 | 404 | 405 | 410 | 414 | 501
     )
 }
 
@@ -77,8 +107,15 @@ pub(crate) fn storable(
     if status.is_informational() || matches!(status.as_u16(), 206 | 304) {
         return Err(NotStored::Status);
     }
-    let d = directives_of(&response.headers, rules);
-    if d.no_store {
+    let mut d = directives_of(&response.headers, rules);
+    // §5.2.2.3: with must-understand, the status code decides, and a cache
+    // that understands it ignores no-store.
+    if d.must_understand {
+        if !understood(status) {
+            return Err(NotStored::Status);
+        }
+        d.no_store = false;
+    } else if d.no_store {
         return Err(NotStored::NoStore);
     }
     if d.private {
@@ -89,26 +126,58 @@ pub(crate) fn storable(
     {
         return Err(NotStored::Authorization);
     }
-    if response.headers.contains_key(header::SET_COOKIE) && !rules.store_set_cookie {
+    let set_cookie = response.headers.contains_key(header::SET_COOKIE);
+    if set_cookie && !rules.store_set_cookie {
         return Err(NotStored::SetCookie);
     }
     if crate::key::vary_names(&response.headers).is_none() {
         return Err(NotStored::VaryStar);
     }
     let explicit = explicit_lifetime(&response.headers, &d);
+    // A cookie is kept in the stored copy only when the origin said, with an
+    // explicit lifetime and no revalidation, that the response is for
+    // everyone: not on a heuristic or a route's default lifetime, nor on a
+    // `no-cache` response, whose 304s (which carry no cookie) would hand
+    // the stored client's cookie to the next one.
+    if set_cookie
+        && !d.drop_set_cookie
+        && (explicit.is_none() || d.no_cache || route.override_origin)
+    {
+        return Err(NotStored::SetCookie);
+    }
+    let heuristic_ok = heuristically_cacheable(status) || d.public;
     let lifetime = match (route.override_origin, route.default_ttl, explicit) {
         (true, Some(ttl), _) => ttl.as_secs(),
         (_, _, Some(lifetime)) => lifetime,
-        (_, Some(ttl), None) if heuristically_cacheable(status) || d.public => ttl.as_secs(),
-        (_, None, None) if rules.heuristic && (heuristically_cacheable(status) || d.public) => {
-            heuristic_lifetime(&response.headers, now).ok_or(NotStored::NoFreshness)?
+        (_, Some(ttl), None) if heuristic_ok => ttl.as_secs(),
+        (_, None, None) if heuristic_ok && rules.heuristic.is_some() => {
+            let cap = rules.heuristic.map_or(0, |cap| cap.as_secs());
+            match heuristic_lifetime(&response.headers, now, cap) {
+                Some(lifetime) => lifetime,
+                None if d.no_cache && has_validator(&response.headers) => 0,
+                None => return Err(NotStored::NoFreshness),
+            }
         }
+        // §5.2.2.4: a no-cache response is stored and validated on every
+        // use; worth it only with a validator to send.
+        (_, None, None) if heuristic_ok && d.no_cache && has_validator(&response.headers) => 0,
         _ => return Err(NotStored::NoFreshness),
+    };
+    // §5.1: an Age that is not a delta-seconds makes the response stale.
+    let lifetime = if age_value(&response.headers).is_err() {
+        0
+    } else {
+        route.clamp(lifetime).min(directives::MAX_DELTA)
     };
     Ok(Storable {
         directives: d,
-        lifetime: route.clamp(lifetime).min(directives::MAX_DELTA),
+        lifetime,
     })
+}
+
+/// Whether a response can be validated (`ETag` or `Last-Modified`).
+fn has_validator(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED)
 }
 
 /// `s-maxage`, else `max-age`, else `Expires - Date` (RFC 9111 §4.2.1).
@@ -131,19 +200,69 @@ fn explicit_lifetime(headers: &HeaderMap, d: &ResponseDirectives) -> Option<u64>
     Some(expires.duration_since(date).map_or(0, |d| d.as_secs()))
 }
 
-/// 10% of the time since `Last-Modified`, at most a day (RFC 9111 §4.2.2).
-fn heuristic_lifetime(headers: &HeaderMap, now: SystemTime) -> Option<u64> {
+/// 10% of the time since `Last-Modified`, at most `cap` seconds (RFC 9111
+/// §4.2.2).
+fn heuristic_lifetime(headers: &HeaderMap, now: SystemTime, cap: u64) -> Option<u64> {
     let last_modified = http_date(headers.get(header::LAST_MODIFIED)?.as_bytes())?;
     let date = headers
         .get(header::DATE)
         .and_then(|d| http_date(d.as_bytes()))
         .unwrap_or(now);
     let age = date.duration_since(last_modified).ok()?;
-    Some((age.as_secs() / 10).min(86_400))
+    Some((age.as_secs() / 10).min(cap))
 }
 
+/// An HTTP date, read the way RFC 9110 §5.6.7 asks of recipients: the
+/// IMF-fixdate, RFC 850 and asctime formats, with any case of weekday,
+/// month and `GMT`.
 pub(crate) fn http_date(bytes: &[u8]) -> Option<SystemTime> {
-    httpdate::parse_http_date(std::str::from_utf8(bytes).ok()?.trim()).ok()
+    let text = std::str::from_utf8(bytes).ok()?.trim();
+    // Dates are short; anything long is not one (and is not copied).
+    if text.len() > 64 {
+        return None;
+    }
+    if let Ok(date) = httpdate::parse_http_date(text) {
+        return Some(date);
+    }
+    // Title-case every word ("mon" → "Mon", "NOV" → "Nov"), "GMT" upper.
+    let mut canonical = String::with_capacity(text.len());
+    let mut word_start = true;
+    for c in text.chars() {
+        if c.is_ascii_alphabetic() {
+            canonical.push(if word_start {
+                c.to_ascii_uppercase()
+            } else {
+                c.to_ascii_lowercase()
+            });
+            word_start = false;
+        } else {
+            canonical.push(c);
+            word_start = true;
+        }
+    }
+    let canonical = canonical.replace("Gmt", "GMT");
+    httpdate::parse_http_date(&canonical).ok()
+}
+
+/// RFC 9111 §5.1: the first member of `Age`, `Ok(None)` without one, and
+/// `Err(())` when that member is not a delta-seconds (`Age: old, 0`,
+/// `-5`, `1.5`).
+pub(crate) fn age_value(headers: &HeaderMap) -> Result<Option<u64>, ()> {
+    let Some(line) = headers.get(header::AGE) else {
+        return Ok(None);
+    };
+    let bytes = line.as_bytes();
+    let first = bytes.split(|b| *b == b',').next().unwrap_or_default();
+    let first = first.trim_ascii();
+    if first.is_empty() || !first.iter().all(u8::is_ascii_digit) {
+        return Err(());
+    }
+    // Past u64 is past MAX_DELTA too.
+    let value = std::str::from_utf8(first)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(directives::MAX_DELTA);
+    Ok(Some(value.min(directives::MAX_DELTA)))
 }
 
 /// RFC 9111 §4.2.3 `corrected_initial_age` of a response received at
@@ -153,12 +272,8 @@ pub(crate) fn initial_age(
     request_time: SystemTime,
     response_time: SystemTime,
 ) -> u64 {
-    let age_value = headers
-        .get(header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        .min(directives::MAX_DELTA);
+    // An invalid Age counts as 0 here; `storable` makes such a response stale.
+    let age_value = age_value(headers).ok().flatten().unwrap_or(0);
     let apparent_age = headers
         .get(header::DATE)
         .and_then(|d| http_date(d.as_bytes()))
@@ -220,19 +335,30 @@ pub(crate) struct StaleWindows {
 
 /// RFC 5861 windows: the response's own directives, else the route's
 /// defaults; none when the response forbids serving stale
-/// (`must-revalidate`, `proxy-revalidate`, `no-cache`).
+/// (`must-revalidate`, `proxy-revalidate`, `no-cache`). `s-maxage` implies
+/// `proxy-revalidate` for a shared cache (RFC 9111 §5.2.2.10): the route's
+/// defaults never apply to it, only the windows the response itself
+/// states beside it (`s-maxage=1, stale-while-revalidate=59`: the origin
+/// asked for both).
 pub(crate) fn stale_windows(stored: &ResponseDirectives, route: &Route) -> StaleWindows {
     if stored.must_revalidate || stored.proxy_revalidate || stored.no_cache {
         return StaleWindows::default();
     }
+    let defaults = stored.s_maxage.is_none();
     StaleWindows {
         while_revalidate: stored
             .stale_while_revalidate
-            .or(route.stale_while_revalidate.map(|d| d.as_secs()))
+            .or(route
+                .stale_while_revalidate
+                .filter(|_| defaults)
+                .map(|d| d.as_secs()))
             .unwrap_or(0),
         if_error: stored
             .stale_if_error
-            .or(route.stale_if_error.map(|d| d.as_secs()))
+            .or(route
+                .stale_if_error
+                .filter(|_| defaults)
+                .map(|d| d.as_secs()))
             .unwrap_or(0),
     }
 }
@@ -249,7 +375,7 @@ mod tests {
     fn rules() -> Rules {
         Rules {
             targeted_fields: vec![],
-            heuristic: false,
+            heuristic: None,
             store_set_cookie: false,
         }
     }
@@ -478,8 +604,14 @@ mod tests {
             Err(NotStored::NoFreshness)
         );
         let mut r = rules();
-        r.heuristic = true;
+        r.heuristic = Some(Duration::from_secs(86_400));
         assert_eq!(check(&[], 200, &res, &r, &any), Ok(86_400));
+        r.heuristic = Some(Duration::from_secs(600));
+        assert_eq!(
+            check(&[], 200, &res, &r, &any),
+            Ok(600),
+            "the cap is configurable"
+        );
     }
 
     #[test]
@@ -573,5 +705,93 @@ mod tests {
         assert_eq!(initial_age(&headers, now - Duration::from_secs(2), now), 32);
         headers.insert(header::AGE, "junk".parse().unwrap());
         assert_eq!(initial_age(&headers, now, now), 0);
+    }
+
+    #[test]
+    fn age_takes_the_first_member_and_rejects_the_rest() {
+        let age = |v: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AGE, v.parse().unwrap());
+            age_value(&headers)
+        };
+        assert_eq!(age("30"), Ok(Some(30)));
+        assert_eq!(age(" 7200 , 0"), Ok(Some(7200)));
+        assert_eq!(
+            age("99999999999999999999999"),
+            Ok(Some(directives::MAX_DELTA))
+        );
+        for invalid in ["old, 0", "-5", "1.5", "", "30s", "0x10"] {
+            assert_eq!(age(invalid), Err(()), "{invalid:?}");
+        }
+        assert_eq!(age_value(&HeaderMap::new()), Ok(None));
+    }
+
+    #[test]
+    fn dates_are_read_leniently() {
+        let exact = http_date(b"Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        for lenient in [
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            "sun, 06 nov 1994 08:49:37 gmt",
+            "SUN, 06 NOV 1994 08:49:37 GMT",
+            "sun nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(http_date(lenient.as_bytes()), Some(exact), "{lenient:?}");
+        }
+        for invalid in ["0", "-1", "tomorrow", "Sun, 06 Nov 1994 08:49:37 XYZ"] {
+            assert_eq!(http_date(invalid.as_bytes()), None, "{invalid:?}");
+        }
+    }
+
+    #[test]
+    fn must_understand_and_no_cache_and_set_cookie_qualifiers() {
+        let any = Route::new("*");
+        let r = rules();
+        let mu = [("cache-control", "no-store, must-understand, max-age=60")];
+        assert_eq!(check(&[], 200, &mu, &r, &any), Ok(60));
+        assert_eq!(check(&[], 299, &mu, &r, &any), Err(NotStored::Status));
+        let no_cache = [("cache-control", "no-cache"), ("etag", "\"1\"")];
+        assert_eq!(check(&[], 200, &no_cache, &r, &any), Ok(0));
+        assert_eq!(
+            check(&[], 200, &[("cache-control", "no-cache")], &r, &any),
+            Err(NotStored::NoFreshness),
+            "nothing to validate with"
+        );
+        let qualified = [
+            ("cache-control", "max-age=60, private=\"set-cookie\""),
+            ("set-cookie", "a=b"),
+        ];
+        assert_eq!(
+            check(&[], 200, &qualified, &r, &any),
+            Err(NotStored::Private)
+        );
+        let mut cookies = rules();
+        cookies.store_set_cookie = true;
+        assert_eq!(check(&[], 200, &qualified, &cookies, &any), Ok(60));
+        let other = [("cache-control", "max-age=60, private=\"set-cookie, x\"")];
+        assert_eq!(
+            check(&[], 200, &other, &cookies, &any),
+            Err(NotStored::Private)
+        );
+    }
+
+    #[test]
+    fn s_maxage_keeps_route_stale_windows_away() {
+        let route = Route::new("*")
+            .stale_while_revalidate(Duration::from_secs(30))
+            .stale_if_error(Duration::from_secs(60));
+        let plain = ResponseDirectives::default();
+        assert_eq!(stale_windows(&plain, &route).while_revalidate, 30);
+        let shared = ResponseDirectives {
+            s_maxage: Some(5),
+            ..Default::default()
+        };
+        assert_eq!(stale_windows(&shared, &route), StaleWindows::default());
+        let own = ResponseDirectives {
+            s_maxage: Some(5),
+            stale_while_revalidate: Some(9),
+            ..Default::default()
+        };
+        assert_eq!(stale_windows(&own, &route).while_revalidate, 9);
     }
 }

@@ -308,7 +308,8 @@ pub(crate) fn extra_key(parts: &Parts, route: &Route) -> String {
 }
 
 /// All values of a header joined with ", " (invalid UTF-8 replaced), or
-/// `None` when absent. The same normalisation as the lookup script's input.
+/// `None` when absent: a route's key header. `Vary` compares
+/// [`selecting_value`]s instead.
 pub(crate) fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
     let mut values = headers.get_all(name).iter().peekable();
     values.peek()?;
@@ -318,6 +319,147 @@ pub(crate) fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
             .collect::<Vec<_>>()
             .join(", "),
     )
+}
+
+/// A request header's value as `Vary` compares it (RFC 9111 §4.1 lets a
+/// cache normalise values known to mean the same, removing whitespace only
+/// where the field's syntax allows it). Every line is trimmed and the lines
+/// joined with ",". The list fields whose syntax is known go further:
+/// whitespace outside quoted strings removed (`Accept`, `Accept-Charset`);
+/// `Accept-Encoding` as its set of codings (lower-case, sorted, `q=1` left
+/// out), so `gzip, br` and `br,gzip;q=1.0` select one variant;
+/// `Accept-Language` as its lower-case tags by falling weight (RFC 4647
+/// tags ignore case; among equal weights the order is kept, as servers may
+/// break ties by it). A weighted list that does not read cleanly (a member
+/// that is not `name[;q=weight]`, a name given twice, over 1 KiB) is not
+/// normalised: it keeps its own text, marked so that it can never equal a
+/// normalised value (an origin may read it differently). Other fields
+/// (`User-Agent`, say) keep their inner whitespace: removing it could make
+/// two values the origin tells apart select one variant.
+/// `None` when absent, which differs from an empty value. The lookup
+/// script receives digests of these values, never the values.
+pub(crate) fn selecting_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    let mut values = headers.get_all(name).iter().peekable();
+    values.peek()?;
+    let mut text = String::new();
+    for (i, value) in values.enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(String::from_utf8_lossy(value.as_bytes()).trim());
+    }
+    let order = if name.eq_ignore_ascii_case("accept-encoding") {
+        Order::ByName
+    } else if name.eq_ignore_ascii_case("accept-language") {
+        Order::ByWeight
+    } else if name.eq_ignore_ascii_case("accept") || name.eq_ignore_ascii_case("accept-charset") {
+        return Some(without_whitespace(&text));
+    } else {
+        return Some(text);
+    };
+    Some(
+        weighted(&without_whitespace(&text), order).unwrap_or_else(|| {
+            // A NUL never occurs in a header value, so no normalised value
+            // starts with one.
+            let mut kept = String::with_capacity(text.len() + 1);
+            kept.push('\0');
+            kept.push_str(&text);
+            kept
+        }),
+    )
+}
+
+/// `text` without spaces and tabs outside quoted strings.
+fn without_whitespace(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut quoted, mut escaped) = (false, false);
+    for c in text.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ' ' | '\t' if !quoted => continue,
+            _ => {}
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The longest weighted list [`weighted`] normalises, in bytes.
+const MAX_NORMALISED: usize = 1024;
+
+/// How [`weighted`] orders a list.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// A set: sorted by name (`Accept-Encoding`).
+    ByName,
+    /// By falling weight, ties in the order sent (`Accept-Language`).
+    ByWeight,
+}
+
+/// A whitespace-free weighted list (RFC 9110 §12.4.2) in a canonical form:
+/// each member lower-case with a valid weight (`;q=0.500`, none for 1).
+/// `None` when the list does not read cleanly: a member that is not
+/// `name[;q=weight]`, a name given twice (origins differ on which one
+/// counts), or a list longer than [`MAX_NORMALISED`]. Every canonical form
+/// reads cleanly again, to itself.
+fn weighted(compact: &str, order: Order) -> Option<String> {
+    // A client writes this value: past a size no browser sends, it is
+    // compared as it is (fewer hits for that client, no work).
+    if compact.len() > MAX_NORMALISED {
+        return None;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut members: Vec<(String, u16)> = Vec::new();
+    for element in compact.split(',').filter(|element| !element.is_empty()) {
+        let element = element.to_ascii_lowercase();
+        let mut parts = element.split(';');
+        let name = parts.next().unwrap_or_default();
+        let q = match (parts.next(), parts.next()) {
+            (None, _) => Some(1000),
+            (Some(q), None) => q.strip_prefix("q=").and_then(weight),
+            _ => None,
+        }?;
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b'"') {
+            return None;
+        }
+        if !seen.insert(name.to_owned()) {
+            return None;
+        }
+        members.push((name.to_owned(), q));
+    }
+    match order {
+        Order::ByName => members.sort_unstable_by(|a, b| a.0.cmp(&b.0)),
+        Order::ByWeight => members.sort_by_key(|member| std::cmp::Reverse(member.1)),
+    }
+    let texts: Vec<String> = members
+        .into_iter()
+        .map(|(name, q)| match q {
+            1000 => name,
+            0 => format!("{name};q=0"),
+            q => format!("{name};q=0.{q:03}"),
+        })
+        .collect();
+    Some(texts.join(","))
+}
+
+/// An RFC 9110 §12.4.2 weight (`0`, `0.5`, `1.000`) in thousandths.
+fn weight(q: &str) -> Option<u16> {
+    let (int, frac) = q.split_once('.').unwrap_or((q, ""));
+    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let thousandths = frac
+        .bytes()
+        .chain(std::iter::repeat(b'0'))
+        .take(3)
+        .fold(0u16, |n, b| n * 10 + u16::from(b - b'0'));
+    match int {
+        "0" => Some(thousandths),
+        "1" if thousandths == 0 => Some(1000),
+        _ => None,
+    }
 }
 
 fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
@@ -381,7 +523,7 @@ pub(crate) fn variant(vary: &str, request: &HeaderMap, extra: &str) -> String {
         text.push('\n');
         text.push_str(name);
         text.push('=');
-        match joined(request, name) {
+        match selecting_value(request, name) {
             Some(value) => push_sha1_hex(&mut text, value.as_bytes()),
             None => text.push('\u{0}'),
         }
@@ -538,6 +680,99 @@ mod tests {
         );
         headers.append(header::VARY, "*".parse().unwrap());
         assert_eq!(vary_names(&headers), None);
+    }
+
+    #[test]
+    fn selecting_values_are_normalised() {
+        let ae = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append("accept-encoding", v.parse().unwrap());
+            }
+            selecting_value(&headers, "accept-encoding")
+        };
+        let canonical = ae(&["gzip, br"]);
+        assert_eq!(canonical.as_deref(), Some("br,gzip"));
+        for same in [
+            &["br,gzip"][..],
+            &["GZIP ,  br"],
+            &["gzip;q=1.0, br;q=1"],
+            &["gzip", "br"],
+        ] {
+            assert_eq!(ae(same), canonical, "{same:?}");
+        }
+        assert_eq!(
+            ae(&["gzip;q=0.50, identity;q=0"]).as_deref(),
+            Some("gzip;q=0.500,identity;q=0")
+        );
+        assert_ne!(ae(&["gzip;q=0"]), ae(&["gzip"]));
+        assert_eq!(ae(&[]), None);
+        assert_eq!(ae(&[""]).as_deref(), Some(""));
+        let mut headers = HeaderMap::new();
+        headers.insert("accept-language", "en-GB, fr;q=0.5".parse().unwrap());
+        headers.insert("x-q", " a, \"b c\" ".parse().unwrap());
+        assert_eq!(
+            selecting_value(&headers, "accept-language").as_deref(),
+            Some("en-gb,fr;q=0.500")
+        );
+        let al = |v: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("accept-language", v.parse().unwrap());
+            selecting_value(&headers, "accept-language")
+        };
+        assert_eq!(al("fr;q=0.5, EN-gb"), al("en-GB, fr;q=0.50"));
+        assert_eq!(al("de;q=0.2, en, fr").as_deref(), Some("en,fr,de;q=0.200"));
+        assert_ne!(al("en, fr"), al("fr, en"), "ties keep their order");
+        // Other fields keep their inner whitespace; lines are trimmed.
+        assert_eq!(
+            selecting_value(&headers, "x-q").as_deref(),
+            Some("a, \"b c\"")
+        );
+    }
+
+    /// A list that does not read cleanly keeps its own text and can never
+    /// select the variant of a normalised value: a malformed weight that
+    /// looks like a canonical one, a name given twice (origins differ on
+    /// which counts), an over-long list.
+    #[test]
+    fn lists_that_do_not_read_cleanly_never_share_a_normalised_variant() {
+        let al = |v: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("accept-language", v.parse().unwrap());
+            selecting_value(&headers, "accept-language").unwrap()
+        };
+        let ae = |v: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("accept-encoding", v.parse().unwrap());
+            selecting_value(&headers, "accept-encoding").unwrap()
+        };
+        assert_ne!(ae("gzip;q=500"), ae("gzip;q=0.5"));
+        assert_ne!(al("en,fr;q=500"), al("fr;q=0.5,en"));
+        assert_ne!(al("fr-FR,fr;q=0.9,fr-FR;q=0,fr;q=0"), al("fr-FR,fr;q=0.9"));
+        assert_ne!(ae("br, gzip, br"), ae("br, gzip"));
+        assert_eq!(ae("gzip;q=2"), "\0gzip;q=2");
+        let long = "x,".repeat(600);
+        assert_eq!(al(&long), format!("\0{long}"));
+        // Every normalised value reads cleanly again, to itself.
+        for v in [
+            "gzip;q=0.5, br;q=0, identity",
+            "de;q=0.2, EN-us, fr;q=1.000",
+        ] {
+            let once = ae(v);
+            assert_eq!(ae(&once), once);
+            let once = al(v);
+            assert_eq!(al(&once), once);
+        }
+        // Not a list with a known syntax: inner whitespace is meaning.
+        let ua = |v: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("user-agent", v.parse().unwrap());
+            selecting_value(&headers, "user-agent").unwrap()
+        };
+        assert_ne!(
+            ua("Mozilla/5.0 (iPhone; CPU iPhone OS)"),
+            ua("Mozilla/5.0 (iPhone;CPUiPhoneOS)")
+        );
     }
 
     #[test]

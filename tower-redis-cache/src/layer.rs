@@ -46,6 +46,8 @@ pub struct CacheLayer {
 const UNCACHEABLE_FOR: Duration = Duration::from_secs(10);
 /// URLs remembered as uncacheable at once.
 const UNCACHEABLE_CAPACITY: u64 = 10_000;
+/// Default [`CacheLayerBuilder::heuristic_freshness_cap`]: a day.
+const DEFAULT_HEURISTIC_CAP: Duration = Duration::from_secs(86_400);
 /// Default [`CacheLayerBuilder::outage_queue_bytes`]: 4 MiB.
 const DEFAULT_OUTAGE_QUEUE_BYTES: usize = 4 << 20;
 
@@ -96,6 +98,7 @@ impl CacheLayer {
             default_route: Route::new("*"),
             targeted_fields: Vec::new(),
             heuristic: false,
+            heuristic_cap: DEFAULT_HEURISTIC_CAP,
             store_set_cookie: false,
             allowed_hosts: Vec::new(),
             max_body_bytes: 1 << 20,
@@ -151,6 +154,7 @@ pub struct CacheLayerBuilder {
     default_route: Route,
     targeted_fields: Vec<String>,
     heuristic: bool,
+    heuristic_cap: Duration,
     store_set_cookie: bool,
     allowed_hosts: Vec<String>,
     max_body_bytes: usize,
@@ -420,8 +424,16 @@ impl CacheLayerBuilder {
         self
     }
 
-    /// Heuristic freshness (10% of the time since `Last-Modified`, at most a
-    /// day) for responses without explicit freshness (default off).
+    /// Heuristic freshness (RFC 9111 §4.2.2; default off): a response with
+    /// `Last-Modified` and no explicit freshness (no `max-age`, `s-maxage`,
+    /// `Expires`, and no route [`default_ttl`](Route::default_ttl)) whose
+    /// status is heuristically cacheable (200, 203, 204, 300, 301, 308,
+    /// 404, 405, 410, 414, 501, or any with `public`) is fresh for 10% of
+    /// the time since it was last modified, at most
+    /// [`heuristic_freshness_cap`](Self::heuristic_freshness_cap). Off, such
+    /// responses are not stored: an app route that forgot `Cache-Control`
+    /// is not cached by surprise. A proxy in front of static files wants it
+    /// on.
     ///
     /// ```
     /// # use std::time::Duration;
@@ -466,8 +478,19 @@ impl CacheLayerBuilder {
         self
     }
 
-    /// Stores responses that carry `Set-Cookie` (default off: they are
-    /// usually personal).
+    /// The longest heuristic freshness lifetime (default a day).
+    pub fn heuristic_freshness_cap(mut self, cap: Duration) -> Self {
+        self.heuristic_cap = cap;
+        self
+    }
+
+    /// Stores responses that carry `Set-Cookie` (default off: on app routes
+    /// they are usually personal). RFC 9111 lets a shared cache store them;
+    /// turn this on for a proxy in front of an origin that marks such
+    /// responses cacheable on purpose. The stored copy then keeps
+    /// `Set-Cookie`, and every hit sends it, except when the response says
+    /// `private="Set-Cookie"` or `no-cache="Set-Cookie"`: then the copy is
+    /// stored and used without that one field (§5.2.2.7, §5.2.2.4).
     ///
     /// ```
     /// # use std::time::Duration;
@@ -973,7 +996,7 @@ impl CacheLayerBuilder {
                 default_route: self.default_route,
                 rules: Rules {
                     targeted_fields,
-                    heuristic: self.heuristic,
+                    heuristic: self.heuristic.then_some(self.heuristic_cap),
                     store_set_cookie: self.store_set_cookie,
                 },
                 allowed_hosts: self.allowed_hosts,

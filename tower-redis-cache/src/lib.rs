@@ -54,7 +54,9 @@
 //!   and `only-if-cached` are honoured, or all ignored with
 //!   [`RequestCacheControl::Ignore`] for clients you do not trust;
 //!   heuristic freshness only when enabled. `CDN-Cache-Control` and a configurable targeted field
-//!   (RFC 9213) take precedence over `Cache-Control`.
+//!   (RFC 9213) take precedence over `Cache-Control` when they are valid
+//!   Structured Field dictionaries. The corners are listed, each with its
+//!   test, under [Conformance](#conformance).
 //! - **Conditional requests**: `If-None-Match` / `If-Modified-Since` get a
 //!   304 from the cache; stale entries are revalidated with their
 //!   validators, and a 304 from the origin refreshes the stored headers.
@@ -106,7 +108,8 @@
 //!   (`detail=stale-if-error; fwd-status=503`). From the response's
 //!   `Cache-Control`, else [`Route::stale_while_revalidate`] /
 //!   [`Route::stale_if_error`]; never with `must-revalidate`,
-//!   `proxy-revalidate` or `no-cache`.
+//!   `proxy-revalidate` or `no-cache`; the route's windows never with
+//!   `s-maxage`, which implies `proxy-revalidate` (RFC 9111 §5.2.2.10).
 //! - **Tags and purges**: tags from `Surrogate-Key` / `Cache-Tag` response
 //!   headers (removed before the client sees them), [`Route::tag`] and
 //!   [`Route::tags_fn`]; [`CacheHandle`] purges by tag, URL, path prefix or
@@ -167,6 +170,45 @@
 //! without a tag it had stays in that tag's index until its entry expires:
 //! a purge of the old tag then removes it too (over-purging is a miss,
 //! never a stale hit).
+//!
+//! # Conformance
+//!
+//! What the cache does of RFC 9111 (HTTP caching), RFC 9110 (semantics),
+//! RFC 9213 (targeted fields) and RFC 5861 (stale serving), its default,
+//! and the test (in `tests/`) that fails when it stops doing it. Not done:
+//! range requests and partial responses (a request with `Range` passes
+//! through; 206 is never stored), storing `POST` responses for later `GET`s
+//! (§4.4 allows it; never done), serving a variant whose `Content-Language`
+//! satisfies a different `Accept-Language` (it would need every variant
+//! read on a lookup: more than one round trip).
+//!
+//! | RFC section | behaviour | default | test |
+//! |---|---|---|---|
+//! | 9111 §3 | only `GET` is stored; a final status with explicit freshness, or heuristically cacheable with a route `default_ttl` | on | `cache::route_rules_bypass_and_default_ttl` |
+//! | 9111 §3, §5.2.2.5, §5.2.2.7 | `no-store` and `private` responses are not stored | on | `cache::private_and_no_store_responses_are_never_stored` |
+//! | 9111 §3 | `Set-Cookie` responses stored, the field kept | off ([`CacheLayerBuilder::store_set_cookie`]) | `cache::store_set_cookie_stores_answers_that_set_a_cookie` |
+//! | 9111 §5.2.2.7, §5.2.2.4 | `private="Set-Cookie"` / `no-cache="Set-Cookie"`: stored without that field alone | with `store_set_cookie` | `conformance::store_set_cookie_keeps_the_field_unless_a_qualifier_names_it` |
+//! | 9111 §3.5 | with `Authorization`: stored only with `public`, `s-maxage` or `must-revalidate` | on | unit `freshness::authorization_rule_of_section_3_5` |
+//! | 9111 §4.1 | `Vary` selects a variant; `Vary: *` never stored | on | `cache::vary_keeps_one_variant_per_value` |
+//! | 9111 §4.1 | selecting values compared without whitespace, lines combined, `Accept-Encoding` as a set of codings, `Accept-Language` as case-insensitive tags by weight | on | `conformance::vary_compares_normalised_selecting_values` |
+//! | 9111 §4.2.1 | `s-maxage` over `max-age` over `Expires − Date` | on | unit `freshness::expires_and_date_and_invalid_expires` |
+//! | 9111 §4.2.2 | heuristic freshness: 10% of the time since `Last-Modified`, capped | off ([`CacheLayerBuilder::heuristic_freshness`], cap a day) | `conformance::heuristic_freshness_is_opt_in_and_capped`, `cache::heuristic_freshness_makes_a_last_modified_answer_fresh` |
+//! | 9111 §4.2.3, §5.1 | `Age` on every answer from the cache, counting the origin's `Age` and delays | on | `cache::a_fresh_response_is_served_from_redis_with_age_and_cache_status` |
+//! | 9111 §5.1 | an `Age` whose first member is not a delta-seconds makes the response stale | on | `conformance::invalid_age_makes_the_response_stale` |
+//! | 9111 §5.3, 9110 §5.6.7 | `Expires` (and every date) read in IMF, RFC 850 or asctime format, any case; an invalid one means already expired | on | `conformance::expires_is_read_leniently_and_invalid_means_expired` |
+//! | 9111 §4.3.1–§4.3.4 | stale entries revalidated with their validators; a 304 updates the stored fields | on | `cache::a_stale_entry_is_revalidated_and_a_304_refreshes_its_headers` |
+//! | 9111 §4.3.2, 9110 §13.1.2 | `If-None-Match` answered 304 from a fresh entry | on | `cache::if_none_match_is_answered_with_304_from_the_cache` |
+//! | 9111 §4.3.2, 9110 §13.1.3 | `If-Modified-Since` against `Last-Modified`, else the entry's `Date` | on | `conformance::if_modified_since_is_evaluated_against_date_without_last_modified` |
+//! | 9111 §4.4 | a successful unsafe request invalidates its URL, `Location` and `Content-Location` | on | `cache::a_successful_post_invalidates_the_url` |
+//! | 9111 §5.2.1 | request `no-cache`, `max-age`, `max-stale`, `min-fresh`, `only-if-cached` | honoured ([`RequestCacheControl`]) | `cache::request_directives_are_honoured`, `attacks::request_cache_directives_can_be_ignored` |
+//! | 9111 §5.2.2.3 | `must-understand`: stored when the status is understood, whatever `no-store` says; not stored otherwise | on | `conformance::must_understand_stores_no_store_responses_with_an_understood_status` |
+//! | 9111 §5.2.2.4 | `no-cache` responses stored (with a validator) and revalidated on every use | on | `conformance::no_cache_responses_are_stored_and_revalidated_on_every_use` |
+//! | 9111 §5.2.2.10, §4.2.4 | `s-maxage` implies `proxy-revalidate`: no route stale window and no `max-stale` serves it stale | on | `conformance::s_maxage_forbids_serving_stale_through_route_windows` |
+//! | 9213 §2.1 | `CDN-Cache-Control` (and [`CacheLayerBuilder::targeted_field`]) over `Cache-Control` | on | `cache::a_targeted_field_overrides_cache_control` |
+//! | 9213 §2.1 | a targeted field that is not a valid Structured Field dictionary, or has a known directive of the wrong type, is ignored entirely | on | `conformance::cdn_cache_control_that_is_not_a_valid_dictionary_is_ignored` |
+//! | 5861 §3 | `stale-while-revalidate`: served stale while one request refreshes | on | `features::stale_while_revalidate_serves_stale_at_once_and_refreshes_once` |
+//! | 5861 §4 | `stale-if-error`: served stale when the origin fails or times out | on | `features::stale_if_error_serves_the_stale_entry_when_the_origin_answers_503` |
+//! | 9211 | `Cache-Status` on every answer the cache handles | on | `cache::a_fresh_response_is_served_from_redis_with_age_and_cache_status` |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "axum")]

@@ -143,7 +143,19 @@ fn response_directives() -> impl Strategy<Value = ResponseDirectives> {
             s_maxage,
             stale_while_revalidate: swr,
             stale_if_error: sie,
+            // An unqualified directive is recorded as covering everything.
+            no_cache_fields: unqualified(flags[1]),
+            private_fields: unqualified(flags[2]),
+            ..Default::default()
         })
+}
+
+fn unqualified(set: bool) -> Vec<String> {
+    if set {
+        vec![directives::UNQUALIFIED.to_owned()]
+    } else {
+        Vec::new()
+    }
 }
 
 fn header_name() -> impl Strategy<Value = HeaderName> {
@@ -217,7 +229,7 @@ fn request_target() -> impl Strategy<Value = String> {
 fn rules(heuristic: bool) -> Rules {
     Rules {
         targeted_fields: vec![HeaderName::from_static("acme-cache-control")],
-        heuristic,
+        heuristic: heuristic.then_some(std::time::Duration::from_secs(86_400)),
         store_set_cookie: false,
     }
 }

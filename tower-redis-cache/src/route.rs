@@ -548,7 +548,8 @@ impl Route {
     /// Serves a stale entry at once for this long past its freshness while
     /// one background request refreshes it (RFC 5861), when the response
     /// does not say `stale-while-revalidate` itself. Never for responses
-    /// with `must-revalidate`, `proxy-revalidate` or `no-cache`.
+    /// with `must-revalidate`, `proxy-revalidate`, `no-cache` or `s-maxage`
+    /// (which implies `proxy-revalidate`, RFC 9111 §5.2.2.10).
     pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
         self.stale_while_revalidate = Some(window);
         self
@@ -558,7 +559,7 @@ impl Route {
     /// origin fails (an error, a 500, 502, 503 or 504, or no answer within
     /// the layer's origin timeout), when the response does not say
     /// `stale-if-error` itself. Never for responses with `must-revalidate`,
-    /// `proxy-revalidate` or `no-cache`.
+    /// `proxy-revalidate`, `no-cache` or `s-maxage`.
     pub fn stale_if_error(mut self, window: Duration) -> Self {
         self.stale_if_error = Some(window);
         self

@@ -21,7 +21,7 @@ use axum::routing;
 use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::BodyExt;
-use support::{Answer, send, settle, wait_until_stale};
+use support::{Answer, OriginCalls, send, settle, wait_until_stale};
 use tower::ServiceExt;
 use tower_redis_cache::{CacheLayer, CacheLayerBuilder, Route};
 use tower_redis_core::testing::{TestRedis, wait_for_breaker};
@@ -29,12 +29,13 @@ use tower_redis_core::{BreakerState, RedisManager, redis};
 
 #[derive(Clone, Default)]
 struct Origin {
-    calls: Arc<AtomicUsize>,
+    calls: OriginCalls,
 }
 
 impl Origin {
-    fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
+    /// Calls over all paths.
+    fn calls(&self) -> u64 {
+        self.calls.total()
     }
 }
 
@@ -55,7 +56,7 @@ fn origin_routes(origin: Origin) -> Router {
         .route(
             "/fresh",
             routing::get(|State(o): State<Origin>| async move {
-                let n = o.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                let n = o.calls.count("/fresh");
                 respond(
                     StatusCode::OK,
                     &[("cache-control", "max-age=60".into())],
@@ -67,7 +68,7 @@ fn origin_routes(origin: Origin) -> Router {
         .route(
             "/private",
             routing::get(|State(o): State<Origin>| async move {
-                o.calls.fetch_add(1, Ordering::SeqCst);
+                o.calls.count("/private");
                 respond(
                     StatusCode::OK,
                     &[("cache-control", "private, max-age=60".into())],
@@ -78,7 +79,7 @@ fn origin_routes(origin: Origin) -> Router {
         .route(
             "/no-store",
             routing::get(|State(o): State<Origin>| async move {
-                o.calls.fetch_add(1, Ordering::SeqCst);
+                o.calls.count("/no-store");
                 respond(
                     StatusCode::OK,
                     &[("cache-control", "no-store".into())],
@@ -89,7 +90,7 @@ fn origin_routes(origin: Origin) -> Router {
         .route(
             "/vary",
             routing::get(|State(o): State<Origin>, headers: HeaderMap| async move {
-                o.calls.fetch_add(1, Ordering::SeqCst);
+                o.calls.count("/vary");
                 let lang = headers
                     .get("accept-language")
                     .and_then(|v| v.to_str().ok())
@@ -108,7 +109,7 @@ fn origin_routes(origin: Origin) -> Router {
         .route(
             "/etag",
             routing::get(|State(o): State<Origin>, headers: HeaderMap| async move {
-                o.calls.fetch_add(1, Ordering::SeqCst);
+                o.calls.count("/etag");
                 if headers
                     .get(header::IF_NONE_MATCH)
                     .is_some_and(|v| v == "\"v1\"")
@@ -138,7 +139,7 @@ fn origin_routes(origin: Origin) -> Router {
         .route(
             "/reflect-host",
             routing::get(|State(o): State<Origin>, headers: HeaderMap| async move {
-                o.calls.fetch_add(1, Ordering::SeqCst);
+                o.calls.count("/reflect-host");
                 let host = headers
                     .get("x-forwarded-host")
                     .or_else(|| headers.get(header::HOST))
@@ -155,7 +156,7 @@ fn origin_routes(origin: Origin) -> Router {
         .route(
             "/big",
             routing::get(|State(o): State<Origin>| async move {
-                o.calls.fetch_add(1, Ordering::SeqCst);
+                o.calls.count("/big");
                 respond(
                     StatusCode::OK,
                     &[("cache-control", "max-age=60".into())],
@@ -166,7 +167,7 @@ fn origin_routes(origin: Origin) -> Router {
         .route(
             "/chunked",
             routing::get(|State(o): State<Origin>| async move {
-                o.calls.fetch_add(1, Ordering::SeqCst);
+                o.calls.count("/chunked");
                 let chunks: VecDeque<Bytes> =
                     (0..4).map(|i| Bytes::from(format!("chunk{i};"))).collect();
                 respond(
@@ -179,7 +180,7 @@ fn origin_routes(origin: Origin) -> Router {
         .route(
             "/unfinished",
             routing::get(|State(o): State<Origin>| async move {
-                o.calls.fetch_add(1, Ordering::SeqCst);
+                o.calls.count("/unfinished");
                 respond(
                     StatusCode::OK,
                     &[("cache-control", "max-age=60".into())],

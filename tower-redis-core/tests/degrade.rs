@@ -53,6 +53,8 @@ struct Store {
     gate: Option<Arc<Semaphore>>,
     /// A key every write of which fails (Redis keeps refusing it).
     refused_key: Option<String>,
+    /// The attempt (1-based) that panics.
+    panic_at: Option<usize>,
 }
 
 impl Replay for Store {
@@ -64,6 +66,7 @@ impl Replay for Store {
             if let Some(gate) = &self.gate {
                 gate.acquire().await.expect("open").forget();
             }
+            assert_ne!(self.panic_at, Some(attempt), "a replay that panics");
             if self.fail.contains(&attempt) || self.refused_key.as_ref() == Some(&change.key) {
                 return Err(ReplayError {
                     written: i,
@@ -91,14 +94,24 @@ impl Replay for Store {
     }
 }
 
-/// The memory side: counts recoveries.
+/// The memory side: counts recoveries and returns of Redis; can be made to
+/// panic at its first recovery.
 #[derive(Default)]
 struct Memory {
     recoveries: AtomicUsize,
+    answers: AtomicUsize,
+    panic_once: std::sync::atomic::AtomicBool,
 }
 
 impl Recovered for Memory {
+    fn answered(&self) {
+        self.answers.fetch_add(1, Ordering::AcqRel);
+    }
     fn recovered(&self) {
+        assert!(
+            !self.panic_once.swap(false, Ordering::AcqRel),
+            "a memory side that panics"
+        );
         self.recoveries.fetch_add(1, Ordering::AcqRel);
     }
 }
@@ -439,4 +452,105 @@ async fn a_key_that_keeps_failing_holds_back_only_its_own_changes() {
         "the outage lasts while a change waits"
     );
     assert_eq!(failover.queue_usage().changes, 2);
+}
+
+/// The memory side hears of Redis's first answer after fallbacks at once,
+/// while the queue is still being written (the cache drops its in-process
+/// entries then: other instances may purge them in Redis meanwhile), and
+/// again after each later fallback; the end of the outage comes once the
+/// queue is written.
+#[tokio::test]
+async fn the_memory_side_hears_of_each_return_of_redis_before_the_queue_is_written() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(&redis).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let failover = failover(
+        manager,
+        Store {
+            gate: Some(Arc::clone(&gate)),
+            ..Store::default()
+        },
+    );
+    let answers = || failover.memory().answers.load(Ordering::Acquire);
+    assert_eq!(get(&failover, "x").await, None, "healthy, nothing stored");
+    assert_eq!(answers(), 0, "no fallback yet");
+    for round in 1..=2 {
+        redis.stop().await;
+        assert_eq!(get(&failover, "x").await, None);
+        failover.defer(set("x", "1")).expect("fits");
+        redis.restart().await;
+        wait_for_breaker(failover.manager(), BreakerState::Closed, DEADLINE).await;
+        tokio::time::timeout(DEADLINE, async {
+            while answers() < round {
+                let _ = get(&failover, "y").await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("Redis answers");
+        for _ in 0..3 {
+            let _ = get(&failover, "y").await;
+        }
+        assert_eq!(answers(), round, "once per return of Redis");
+        assert!(failover.is_pending("x"), "the queue is held at the gate");
+        assert_eq!(failover.memory().recoveries.load(Ordering::Acquire), 0);
+    }
+    gate.add_permits(1 << 20);
+    wait_for_recovery(&failover, 0).await;
+    assert_eq!(failover.memory().recoveries.load(Ordering::Acquire), 1);
+    assert_eq!(get(&failover, "x").await.as_deref(), Some("1"));
+}
+
+/// A replay that panics is a failed replay: retried with the backoff, and
+/// nothing queued is lost.
+#[tokio::test]
+async fn a_replay_that_panics_is_retried_and_nothing_queued_is_lost() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(&redis).await;
+    let failover = failover(
+        manager,
+        Store {
+            panic_at: Some(1),
+            ..Store::default()
+        },
+    );
+    failover.defer(set("a", "1")).expect("fits");
+    failover.defer(set("b", "1")).expect("fits");
+    wait_for_recovery(&failover, 0).await;
+    assert_eq!(get(&failover, "a").await.as_deref(), Some("1"));
+    assert_eq!(get(&failover, "b").await.as_deref(), Some("1"));
+    assert!(
+        failover.redis().attempts.load(Ordering::Acquire) >= 3,
+        "retried"
+    );
+}
+
+/// A recovery task that ended (here: the memory side panicked as the task
+/// ended an outage) is started again by the next operation of the
+/// failover, and what is queued then is written.
+#[tokio::test]
+async fn a_recovery_task_that_ended_is_started_again() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(&redis).await;
+    let failover = Failover::builder(
+        manager,
+        Store::default(),
+        Memory {
+            panic_once: true.into(),
+            ..Memory::default()
+        },
+    )
+    .build();
+    failover.defer(set("a", "1")).expect("fits");
+    // The task writes `a`, then panics telling the memory side.
+    tokio::time::timeout(DEADLINE, async {
+        while failover.memory().panic_once.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the task wrote the queue and panicked");
+    failover.defer(set("b", "1")).expect("fits");
+    wait_for_recovery(&failover, 0).await;
+    assert_eq!(get(&failover, "b").await.as_deref(), Some("1"));
 }

@@ -61,43 +61,23 @@ fn assert_no_password(what: &str, text: &str) {
     }
 }
 
-fn port_of(redis: &TestRedis) -> u16 {
-    redis
-        .url()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("url ends in a port")
-}
-
 /// A server with an `app` user (all keys and commands) and the default
 /// user switched off, so only `app` can do anything.
 async fn acl_redis() -> TestRedis {
     let redis = TestRedis::start().await;
-    let mut conn = redis.connection().await.expect("connection");
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("app")
-        .arg("on")
-        .arg(format!(">{APP_PASSWORD}"))
-        .arg("~*")
-        .arg("&*")
-        .arg("+@all")
-        .query_async::<()>(&mut conn)
+    redis
+        .add_user("app", APP_PASSWORD)
         .await
         .expect("ACL SETUSER app");
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("default")
-        .arg("off")
-        .query_async::<()>(&mut conn)
+    redis
+        .set_user_enabled("default", false)
         .await
         .expect("ACL SETUSER default off");
     redis
 }
 
 fn acl_url(redis: &TestRedis, password: &str) -> String {
-    format!("redis://app:{password}@127.0.0.1:{}", port_of(redis))
+    redis.url_as("app", password)
 }
 
 async fn set_get(manager: &RedisManager, value: &str) -> (Option<String>, Source) {
@@ -501,7 +481,7 @@ mod tls {
             .await
             .expect("TLS server starts");
         assert!(redis.url().starts_with("rediss://"), "{}", redis.url());
-        let url = format!("rediss://:{TLS_PASSWORD}@127.0.0.1:{}", port_of(&redis));
+        let url = format!("rediss://:{TLS_PASSWORD}@127.0.0.1:{}", redis.port());
         let config = RedisConfig::builder()
             .url(url)
             .tls_root_certificates(pki.ca_pem.clone())
@@ -538,7 +518,7 @@ mod tls {
             .start()
             .await
             .expect("TLS server starts");
-        let url = format!("rediss://:{TLS_PASSWORD}@127.0.0.1:{}", port_of(&redis));
+        let url = format!("rediss://:{TLS_PASSWORD}@127.0.0.1:{}", redis.port());
         let config = RedisConfig::builder()
             .url(url)
             .tls_root_certificates(pki.ca_pem.clone())

@@ -131,3 +131,176 @@ fn set_cookie(shared: &Shared, update: &CookieUpdate) -> String {
     }
     cookie.build().to_string()
 }
+
+/// The service's decisions, in process: the manager has no Redis, so every
+/// store operation is the local one, and no test needs a server.
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http::{Request, Response, StatusCode, header};
+    use tower::{Layer, ServiceExt};
+    use tower_redis_core::RedisManager;
+
+    use crate::{Session, SessionLayer, SessionLayerBuilder};
+
+    /// What the handler does with the session, by path.
+    async fn handler(request: Request<()>) -> Result<Response<String>, Infallible> {
+        let session = request
+            .extensions()
+            .get::<Session>()
+            .expect("the layer adds it")
+            .clone();
+        let body = match request.uri().path() {
+            "/visit" => {
+                let visits: u32 = session.get("visits").await.expect("json").unwrap_or(0) + 1;
+                session.insert("visits", visits).await.expect("fits");
+                visits.to_string()
+            }
+            "/read" => {
+                let visits: Option<u32> = session.get("visits").await.expect("json");
+                visits.map_or_else(|| "none".to_owned(), |v| v.to_string())
+            }
+            "/cycle" => {
+                session.cycle_id().await;
+                "cycled".to_owned()
+            }
+            "/logout" => {
+                session.destroy().await;
+                "bye".to_owned()
+            }
+            _ => "untouched".to_owned(),
+        };
+        Ok(Response::new(body))
+    }
+
+    struct App<S>(S);
+
+    impl<S> App<S>
+    where
+        S: tower_service::Service<
+                Request<()>,
+                Response = Response<String>,
+                Error = Infallible,
+                Future: Send,
+            > + Clone,
+    {
+        /// (status, body, Set-Cookie).
+        async fn call(
+            &self,
+            path: &str,
+            cookie: Option<&str>,
+        ) -> (StatusCode, String, Option<String>) {
+            let mut request = Request::builder().uri(path);
+            if let Some(cookie) = cookie {
+                request = request.header(header::COOKIE, cookie);
+            }
+            let response = self
+                .0
+                .clone()
+                .oneshot(request.body(()).expect("request"))
+                .await
+                .expect("infallible");
+            let set_cookie = response
+                .headers()
+                .get(header::SET_COOKIE)
+                .map(|v| v.to_str().expect("text").to_owned());
+            (response.status(), response.into_body(), set_cookie)
+        }
+    }
+
+    fn app(
+        configure: impl FnOnce(SessionLayerBuilder) -> SessionLayerBuilder,
+    ) -> App<
+        impl tower_service::Service<
+            Request<()>,
+            Response = Response<String>,
+            Error = Infallible,
+            Future: Send,
+        > + Clone,
+    > {
+        let layer = configure(SessionLayer::builder(RedisManager::disabled()))
+            .build()
+            .expect("valid layer");
+        App(layer.layer(tower::service_fn(handler)))
+    }
+
+    fn pair(set_cookie: &str) -> String {
+        set_cookie.split(';').next().expect("pair").to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_request_that_does_not_use_the_session_gets_no_cookie() {
+        let app = app(|b| b);
+        let (status, body, cookie) = app.call("/other", None).await;
+        assert_eq!(
+            (status, body.as_str(), cookie),
+            (StatusCode::OK, "untouched", None)
+        );
+        // Reading an empty session makes none either.
+        assert_eq!(app.call("/read", None).await.2, None);
+    }
+
+    #[tokio::test]
+    async fn a_session_with_data_gets_a_secure_host_only_cookie_and_keeps_its_data() {
+        let app = app(|b| b);
+        let (_, body, cookie) = app.call("/visit", None).await;
+        assert_eq!(body, "1");
+        let cookie = cookie.expect("a new session sets its cookie");
+        for attribute in [
+            "__Host-session=",
+            "Secure",
+            "HttpOnly",
+            "SameSite=Lax",
+            "Path=/",
+        ] {
+            assert!(cookie.contains(attribute), "{attribute} missing: {cookie}");
+        }
+        let pair = pair(&cookie);
+        assert_eq!(app.call("/visit", Some(&pair)).await.1, "2");
+        let (_, body, again) = app.call("/read", Some(&pair)).await;
+        assert_eq!(
+            (body.as_str(), again),
+            ("2", None),
+            "no cookie on a plain read"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cookie_the_server_never_issued_is_no_session() {
+        let app = app(|b| b);
+        let forged = format!("__Host-session={}", "A".repeat(43));
+        let (_, body, cookie) = app.call("/visit", Some(&forged)).await;
+        assert_eq!(body, "1", "the forged id's session is empty");
+        let cookie = cookie.expect("a new session");
+        assert_ne!(pair(&cookie), forged, "a client-chosen id is never adopted");
+    }
+
+    #[tokio::test]
+    async fn cycling_the_id_moves_the_data_and_ends_the_old_id() {
+        let app = app(|b| b);
+        let old = pair(&app.call("/visit", None).await.2.expect("session"));
+        let new = pair(&app.call("/cycle", Some(&old)).await.2.expect("a new id"));
+        assert_ne!(old, new);
+        assert_eq!(app.call("/read", Some(&new)).await.1, "1");
+        assert_eq!(app.call("/read", Some(&old)).await.1, "none");
+    }
+
+    #[tokio::test]
+    async fn destroying_the_session_removes_the_cookie_and_the_data() {
+        let app = app(|b| b);
+        let cookie = pair(&app.call("/visit", None).await.2.expect("session"));
+        let (_, _, removal) = app.call("/logout", Some(&cookie)).await;
+        let removal = removal.expect("a removal cookie");
+        assert!(removal.contains("Max-Age=0"), "{removal}");
+        assert_eq!(app.call("/read", Some(&cookie)).await.1, "none");
+    }
+
+    #[tokio::test]
+    async fn the_development_opt_in_drops_secure_and_the_host_prefix() {
+        let app = app(SessionLayerBuilder::insecure_http_for_local_development);
+        let cookie = app.call("/visit", None).await.2.expect("session");
+        assert!(cookie.starts_with("session="), "{cookie}");
+        assert!(!cookie.contains("Secure"), "{cookie}");
+    }
+}

@@ -5,13 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::Path;
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use http::{Request, header};
-use http_body_util::BodyExt;
-use tower::ServiceExt;
 use tower_redis_core::testing::{TestRedis, wait_for_breaker};
 use tower_redis_core::{BreakerState, RedisManager, redis};
 use tower_redis_session::{
@@ -19,37 +15,16 @@ use tower_redis_session::{
     SessionStore,
 };
 
-struct Gates {
-    loaded: tokio::sync::Notify,
-    proceed: tokio::sync::Notify,
-}
-
-impl Gates {
-    async fn hold(&self) {
-        self.loaded.notify_one();
-        self.proceed.notified().await;
-    }
-}
+mod support;
+use support::{Gates, cookie_pair, session_keys, within};
 
 /// The app, the gates its `/gated-*` routes wait on, and its store.
 fn start_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>, SessionStore) {
     let layer = builder.build().expect("valid session layer");
     let store = layer.store().clone();
-    let gates = Arc::new(Gates {
-        loaded: tokio::sync::Notify::new(),
-        proceed: tokio::sync::Notify::new(),
-    });
+    let gates = Gates::new();
     let router = Router::new()
-        .route(
-            "/get/{key}",
-            get(|session: Session, Path(key): Path<String>| async move {
-                session
-                    .get::<String>(&key)
-                    .await
-                    .expect("json")
-                    .unwrap_or_else(|| "none".to_owned())
-            }),
-        )
+        .route("/get/{key}", get(support::get_entry))
         .route(
             "/set/{key}/{value}",
             post(
@@ -75,19 +50,7 @@ fn start_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>, SessionStore)
                 },
             ),
         )
-        .route(
-            "/gated-set/{key}/{value}",
-            post(
-                |session: Session,
-                 Extension(gates): Extension<Arc<Gates>>,
-                 Path((key, value)): Path<(String, String)>| async move {
-                    let _ = session.get::<String>(&key).await;
-                    gates.hold().await;
-                    session.insert(&key, value).await.expect("json");
-                    "set"
-                },
-            ),
-        )
+        .route("/gated-set/{key}/{value}", post(support::gated_set))
         .route(
             "/gated-get/{key}",
             get(
@@ -100,15 +63,7 @@ fn start_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>, SessionStore)
                 },
             ),
         )
-        .route(
-            "/login/{user}",
-            post(|session: Session, Path(user): Path<String>| async move {
-                session.cycle_id().await;
-                session.set_user(&user).await;
-                session.insert("user", user).await.expect("json");
-                "welcome"
-            }),
-        )
+        .route("/login/{user}", post(support::login))
         .route(
             "/gated-login/{user}",
             post(
@@ -124,67 +79,27 @@ fn start_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>, SessionStore)
                 },
             ),
         )
-        .route(
-            "/logout",
-            post(|session: Session| async move {
-                session.destroy().await;
-                "bye"
-            }),
-        )
+        .route("/logout", post(support::logout))
         .layer(Extension(Arc::clone(&gates)))
         .layer(layer);
     (router, gates, store)
 }
 
+/// [`support::send`] without the response head.
 async fn send(
     app: &Router,
     method: &str,
     path: &str,
     cookie: Option<&str>,
 ) -> (u16, String, Option<String>) {
-    let mut request = Request::builder().method(method).uri(path);
-    if let Some(cookie) = cookie {
-        request = request.header(header::COOKIE, cookie);
-    }
-    let response = app
-        .clone()
-        .oneshot(request.body(Body::empty()).expect("request"))
-        .await
-        .expect("infallible");
-    let set_cookie = response
-        .headers()
-        .get(header::SET_COOKIE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let (parts, body) = response.into_parts();
-    let body =
-        String::from_utf8(body.collect().await.expect("body").to_bytes().to_vec()).expect("utf-8");
-    (parts.status.as_u16(), body, set_cookie)
-}
-
-fn cookie_pair(set_cookie: &str) -> String {
-    set_cookie.split(';').next().expect("pair").to_owned()
+    let (status, body, set_cookie, _) = support::send(app, method, path, cookie).await;
+    (status, body, set_cookie)
 }
 
 async fn manager(redis: &TestRedis) -> RedisManager {
     RedisManager::connect(redis.config().failure_threshold(1).build().expect("config"))
         .await
         .expect("manager")
-}
-
-async fn session_keys(redis: &TestRedis) -> Vec<String> {
-    let mut conn = redis.connection().await.expect("connection");
-    redis::cmd("KEYS")
-        .arg("*:s")
-        .query_async(&mut conn)
-        .await
-        .expect("KEYS")
-}
-
-async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(10), future)
-        .await
-        .unwrap_or_else(|_| panic!("{what} took over 10 s"))
 }
 
 #[tokio::test]
@@ -581,4 +496,94 @@ async fn a_large_neighbour_cookie_does_not_hide_the_session() {
     ] {
         assert_eq!(send(&app, "GET", "/get/cart", Some(&line)).await.1, "3");
     }
+}
+
+/// During an outage a client creating sessions as fast as it can must not
+/// evict the copy of another visitor's session whose changes still wait for
+/// Redis: until they are written, that copy is the only place the session's
+/// newest state can be read, and losing it logs the visitor out.
+#[tokio::test]
+async fn a_flood_of_new_sessions_during_an_outage_does_not_evict_a_session_with_changes_waiting() {
+    const COPIES: u64 = 16 * 1024;
+    let redis = TestRedis::start().await;
+    let manager = manager(&redis).await;
+    let (app, _, store) = start_app(
+        SessionLayer::builder(manager.clone())
+            .local_capacity_bytes(COPIES)
+            .outage_queue_bytes(1 << 20)
+            .max_session_bytes(4 * 1024),
+    );
+    let (_, _, victim) = send(&app, "POST", "/set/secret/before", None).await;
+    let victim = cookie_pair(&victim.expect("victim session"));
+    assert_eq!(
+        send(&app, "GET", "/get/secret", Some(&victim)).await.1,
+        "before"
+    );
+
+    redis.pause().await;
+    send(&app, "POST", "/set/secret/during", Some(&victim)).await;
+    // 300 sessions of about 600 bytes: far more than the copies' 16 KiB.
+    for _ in 0..300 {
+        let (status, body, _) = send(&app, "POST", "/fill/blob/400", None).await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+        let usage = store.local_usage();
+        assert!(usage.local_copies_bytes <= COPIES, "{usage:?}");
+        assert!(usage.pinned_copies_bytes <= COPIES + (1 << 20), "{usage:?}");
+    }
+    assert_eq!(
+        send(&app, "GET", "/get/secret", Some(&victim)).await.1,
+        "during",
+        "the victim's session, with its change waiting, was evicted"
+    );
+
+    redis.resume().await;
+    wait_for_breaker(&manager, BreakerState::Closed, Duration::from_secs(15)).await;
+    drained(&store).await;
+    assert_eq!(
+        send(&app, "GET", "/get/secret", Some(&victim)).await.1,
+        "during"
+    );
+}
+
+/// One visitor saving its session over and over during an outage must not
+/// fill the outage queue for everyone: repeated saves of the same entries
+/// take the room of one, so another visitor's new session still fits.
+#[tokio::test]
+async fn repeated_saves_of_one_session_during_an_outage_do_not_fill_the_queue() {
+    const QUEUE: usize = 16 * 1024;
+    let redis = TestRedis::start().await;
+    let manager = manager(&redis).await;
+    let (app, _, store) = start_app(
+        SessionLayer::builder(manager.clone())
+            .outage_queue_bytes(QUEUE)
+            .max_session_bytes(1024),
+    );
+    let (_, _, flooder) = send(&app, "POST", "/set/k/0", None).await;
+    let flooder = cookie_pair(&flooder.expect("session"));
+
+    redis.pause().await;
+    let mut last = String::new();
+    for i in 0..500 {
+        last = format!("{i:0100}");
+        send(&app, "POST", &format!("/set/k/{last}"), Some(&flooder)).await;
+        let usage = store.local_usage();
+        assert!(usage.queued_bytes <= QUEUE, "{usage:?}");
+    }
+    let (_, body, victim) = send(&app, "POST", "/set/secret/v", None).await;
+    assert_eq!(body, "ok");
+    let victim = cookie_pair(&victim.expect("the queue still had room for a new session"));
+    assert_eq!(store.local_usage().queued_changes, 2);
+
+    redis.resume().await;
+    wait_for_breaker(&manager, BreakerState::Closed, Duration::from_secs(15)).await;
+    drained(&store).await;
+    assert_eq!(send(&app, "GET", "/get/secret", Some(&victim)).await.1, "v");
+    assert_eq!(send(&app, "GET", "/get/k", Some(&flooder)).await.1, last);
+    let mut conn = redis.connection().await.expect("connection");
+    let keys = session_keys(&redis).await;
+    assert_eq!(keys.len(), 2, "both sessions are in Redis: {keys:?}");
+    let _: () = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .expect("PING");
 }

@@ -4,43 +4,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::Path;
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use http::{Request, Response, header};
-use http_body_util::BodyExt;
-use tower::ServiceExt;
+use http::header;
 use tower_redis_core::testing::{TestCluster, TestRedis, wait_for_breaker};
 use tower_redis_core::{BreakerState, RedisConfig, RedisManager, redis};
 use tower_redis_session::{Expiry, Session, SessionLayer, SessionLayerBuilder};
 
-/// Points where a test holds a handler, so that requests overlap exactly
-/// as the test says instead of by timing.
-struct Gates {
-    /// Two `/paired-set` requests both load before either writes.
-    pair: tokio::sync::Barrier,
-    /// A `/gated-*` handler has loaded the session…
-    loaded: tokio::sync::Notify,
-    /// …and goes on when the test says so.
-    proceed: tokio::sync::Notify,
-}
-
-impl Gates {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            pair: tokio::sync::Barrier::new(2),
-            loaded: tokio::sync::Notify::new(),
-            proceed: tokio::sync::Notify::new(),
-        })
-    }
-
-    /// Tells the test the session is loaded, then waits for its go.
-    async fn hold(&self) {
-        self.loaded.notify_one();
-        self.proceed.notified().await;
-    }
-}
+mod support;
+use support::{Gates, cookie_pair, send, send_bytes, session_keys, within};
 
 fn routes() -> Router {
     routes_with(Gates::new())
@@ -49,16 +22,7 @@ fn routes() -> Router {
 fn routes_with(gates: Arc<Gates>) -> Router {
     Router::new()
         .route("/nothing", get(|| async { "ok" }))
-        .route(
-            "/get/{key}",
-            get(|session: Session, Path(key): Path<String>| async move {
-                session
-                    .get::<String>(&key)
-                    .await
-                    .expect("json")
-                    .unwrap_or_else(|| "none".to_owned())
-            }),
-        )
+        .route("/get/{key}", get(support::get_entry))
         .route(
             "/set/{key}/{value}",
             post(
@@ -106,28 +70,8 @@ fn routes_with(gates: Arc<Gates>) -> Router {
                 },
             ),
         )
-        .route(
-            "/gated-set/{key}/{value}",
-            post(
-                |session: Session,
-                 Extension(gates): Extension<Arc<Gates>>,
-                 Path((key, value)): Path<(String, String)>| async move {
-                    let _ = session.get::<String>(&key).await;
-                    gates.hold().await;
-                    session.insert(&key, value).await.expect("json");
-                    "set"
-                },
-            ),
-        )
-        .route(
-            "/login/{user}",
-            post(|session: Session, Path(user): Path<String>| async move {
-                session.cycle_id().await;
-                session.set_user(&user).await;
-                session.insert("user", user).await.expect("json");
-                "welcome"
-            }),
-        )
+        .route("/gated-set/{key}/{value}", post(support::gated_set))
+        .route("/login/{user}", post(support::login))
         .route(
             "/gated-login/{user}",
             post(
@@ -155,21 +99,8 @@ fn routes_with(gates: Arc<Gates>) -> Router {
                 session.user().await.unwrap_or_else(|| "nobody".to_owned())
             }),
         )
-        .route(
-            "/logout",
-            post(|session: Session| async move {
-                session.destroy().await;
-                "bye"
-            }),
-        )
+        .route("/logout", post(support::logout))
         .layer(Extension(gates))
-}
-
-/// `future`, or a failure naming `what` after 10 s.
-async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(10), future)
-        .await
-        .unwrap_or_else(|_| panic!("{what} took over 10 s"))
 }
 
 async fn manager_for(config: RedisConfig) -> RedisManager {
@@ -185,63 +116,6 @@ fn gated_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>) {
     let gates = Gates::new();
     let app = routes_with(Arc::clone(&gates)).layer(builder.build().expect("valid session layer"));
     (app, gates)
-}
-
-/// Sends a request with an optional cookie; returns (status, body, Set-Cookie value).
-async fn send(
-    app: &Router,
-    method: &str,
-    path: &str,
-    cookie: Option<&str>,
-) -> (u16, String, Option<String>, Response<()>) {
-    send_bytes(app, method, path, cookie.map(str::as_bytes)).await
-}
-
-/// [`send`] with a `Cookie` line of any bytes a header value may hold.
-async fn send_bytes(
-    app: &Router,
-    method: &str,
-    path: &str,
-    cookie: Option<&[u8]>,
-) -> (u16, String, Option<String>, Response<()>) {
-    let mut request = Request::builder().method(method).uri(path);
-    if let Some(cookie) = cookie {
-        let value = http::HeaderValue::from_bytes(cookie).expect("a header value");
-        request = request.header(header::COOKIE, value);
-    }
-    let response = app
-        .clone()
-        .oneshot(request.body(Body::empty()).expect("request"))
-        .await
-        .expect("infallible");
-    let set_cookie = response
-        .headers()
-        .get(header::SET_COOKIE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let (parts, body) = response.into_parts();
-    let body =
-        String::from_utf8(body.collect().await.expect("body").to_bytes().to_vec()).expect("utf-8");
-    (
-        parts.status.as_u16(),
-        body,
-        set_cookie,
-        Response::from_parts(parts, ()),
-    )
-}
-
-/// `name=value` of a Set-Cookie, to send back as a Cookie header.
-fn cookie_pair(set_cookie: &str) -> String {
-    set_cookie.split(';').next().expect("pair").to_owned()
-}
-
-async fn session_keys(redis: &TestRedis) -> Vec<String> {
-    let mut conn = redis.connection().await.expect("connection");
-    redis::cmd("KEYS")
-        .arg("*:s")
-        .query_async(&mut conn)
-        .await
-        .expect("KEYS")
 }
 
 #[tokio::test]
@@ -882,14 +756,6 @@ async fn a_hung_redis_does_not_log_anyone_out_and_changes_reach_redis_after() {
     assert_eq!(send(&app, "GET", "/get/b", Some(&cookie)).await.1, "2");
 }
 
-/// `host:port` of a test server.
-fn address_of(redis: &TestRedis) -> (String, u16) {
-    match redis.client().get_connection_info().addr() {
-        redis::ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
-        other => panic!("a TCP test server, not {other:?}"),
-    }
-}
-
 /// Redis' clock, in milliseconds since the epoch.
 async fn redis_time_ms(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
@@ -909,22 +775,13 @@ fn local_time_ms() -> u64 {
 /// The app's Redis user (`app`), which the tests turn off and on to hold the
 /// app's breaker open while Redis itself stays up for the test's own writes.
 async fn with_app_user(redis: &TestRedis) -> RedisConfig {
-    let mut conn = redis.connection().await.expect("connection");
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("app")
-        .arg("on")
-        .arg(">app-secret")
-        .arg("~*")
-        .arg("&*")
-        .arg("+@all")
-        .query_async::<()>(&mut conn)
+    let url = redis
+        .add_user("app", "app-secret")
         .await
         .expect("ACL SETUSER app");
-    let (host, port) = address_of(redis);
     redis
         .config()
-        .url(format!("redis://app:app-secret@{host}:{port}"))
+        .url(url)
         .failure_threshold(1)
         .build()
         .expect("valid config")
@@ -933,30 +790,15 @@ async fn with_app_user(redis: &TestRedis) -> RedisConfig {
 /// Cuts the app off Redis: its user is turned off and its connections are
 /// closed, so requests fail and every probe is refused at authentication.
 async fn cut_the_app_off(redis: &TestRedis) {
-    let mut conn = redis.connection().await.expect("connection");
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("app")
-        .arg("off")
-        .query_async::<()>(&mut conn)
+    redis
+        .set_user_enabled("app", false)
         .await
         .expect("ACL SETUSER app off");
-    redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("USER")
-        .arg("app")
-        .query_async::<()>(&mut conn)
-        .await
-        .expect("CLIENT KILL USER app");
 }
 
 async fn let_the_app_back(redis: &TestRedis) {
-    let mut conn = redis.connection().await.expect("connection");
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("app")
-        .arg("on")
-        .query_async::<()>(&mut conn)
+    redis
+        .set_user_enabled("app", true)
         .await
         .expect("ACL SETUSER app on");
 }

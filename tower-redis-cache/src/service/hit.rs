@@ -262,8 +262,11 @@ fn not_modified(request: &Parts, stored: &HeaderMap) -> bool {
         .headers
         .get(header::IF_MODIFIED_SINCE)
         .and_then(|v| freshness::http_date(v.as_bytes()));
+    // RFC 9110 §13.1.3: without `Last-Modified`, the stored response's
+    // `Date` is when it was last known to be current.
     let modified = stored
         .get(header::LAST_MODIFIED)
+        .or_else(|| stored.get(header::DATE))
         .and_then(|v| freshness::http_date(v.as_bytes()));
     matches!((since, modified), (Some(since), Some(modified)) if modified <= since)
 }

@@ -270,7 +270,7 @@ impl Validated {
     ) -> Response<crate::body::CacheBody<B>> {
         let Ctx { config, keyed } = ctx;
         let Validated {
-            entry,
+            mut entry,
             mut not_modified,
             request_time,
         } = self;
@@ -284,6 +284,8 @@ impl Validated {
             client_parts,
             &mut not_modified,
         ));
+        // The 304's own `Age` (if any) is the one that counts (§5.1).
+        entry.headers.remove(header::AGE);
         let mut refreshed = merge_304(entry, &not_modified.headers);
         let as_stored = response_parts(refreshed.status, refreshed.headers.clone());
         let mut status = status.with_fwd_status(StatusCode::NOT_MODIFIED);
@@ -297,22 +299,30 @@ impl Validated {
             response_time,
         );
         if let (false, Ok(storable)) = (unkeyed, storable) {
+            refreshed.headers.remove(header::AGE);
             refreshed.response_time_ms = clock::epoch_ms(response_time);
             refreshed.initial_age =
                 freshness::initial_age(&not_modified.headers, request_time, response_time);
             refreshed.lifetime = storable.lifetime;
             set_stored_tags(&mut refreshed.headers, &tags);
-            let vary = key::vary_names(&refreshed.headers).unwrap_or_default();
+            // The stored copy (and the coalesced followers) without a
+            // `Set-Cookie` the response qualified out; this client still
+            // gets the cookie its 304 set for it.
+            let mut stored = refreshed.clone();
+            if storable.directives.drop_set_cookie {
+                stored.headers.remove(header::SET_COOKIE);
+            }
+            let vary = key::vary_names(&stored.headers).unwrap_or_default();
             let put = Put {
                 url_hash: keyed.url_hash.clone(),
                 url: keyed.url.clone(),
                 variant: key::variant(&vary, &client_parts.headers, &keyed.extra),
                 vary,
-                keep_for: keep_for(config, route, &refreshed, storable.lifetime),
-                entry: refreshed.clone(),
+                keep_for: keep_for(config, route, &stored, storable.lifetime),
+                entry: stored.clone(),
                 tags,
             };
-            let shared = put.vary.is_empty().then(|| Arc::new(refreshed.clone()));
+            let shared = put.vary.is_empty().then(|| Arc::new(stored));
             config.store.put(put, fill.lock).await;
             if let Some(guard) = fill.guard {
                 guard.complete(shared);

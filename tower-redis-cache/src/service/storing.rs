@@ -117,6 +117,12 @@ pub(crate) fn store_if_allowed<ResBody: OriginBody>(
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
+    // The age is kept as `initial_age`, and `Age` written anew on each
+    // hit: a stored one would only outlive the response it described.
+    headers.remove(header::AGE);
+    if storable.directives.drop_set_cookie {
+        headers.remove(header::SET_COOKIE);
+    }
     set_stored_tags(&mut headers, &tags);
     let vary = key::vary_names(&headers).unwrap_or_default();
     let template = Entry {

@@ -1,7 +1,7 @@
 -- Finds the variant of a URL that a request selects, in one round trip.
 -- KEYS[1] the URL's hash of variants
 -- ARGV[1] a digest of the route's extra key parts; ARGV[2..] request header name/digest
--- pairs (lower-case names, SHA-1 of the values joined by ", ").
+-- pairs (lower-case names, SHA-1 of the values as key::selecting_value normalises them).
 -- Returns {vary names or false, entry or false, variant field, soft-purge time or false}.
 -- The variant field is the same SHA-1 the Rust side computes when it stores (key::variant).
 local vary = redis.call('HGET', KEYS[1], 'vary')

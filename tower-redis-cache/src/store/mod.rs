@@ -482,6 +482,61 @@ mod tests {
         }
     }
 
+    /// The in-process entries go at Redis's first answer after an outage,
+    /// even while the outage queue cannot be written yet: once Redis is
+    /// back, other instances may purge those pages there, so a later
+    /// fallback must not serve them.
+    #[tokio::test]
+    async fn in_process_entries_are_dropped_at_redis_first_answer_not_when_the_queue_is_written() {
+        let redis = TestRedis::start().await;
+        let config = redis.config().failure_threshold(1).build().unwrap();
+        let manager = RedisManager::connect(config).await.unwrap();
+        let store = CacheStore::new(
+            manager.clone(),
+            StoreOptions {
+                memory_bytes: 1 << 20,
+                near: None,
+                index_depth: 4,
+                lock_ttl: Duration::from_secs(5),
+                outage_queue_bytes: 1 << 20,
+            },
+        );
+        let url = "//shop.example/page";
+        let other = "//shop.example/other";
+        store.put(put(other, clock::now_ms()), None).await;
+        // Redis out of memory refuses writes (and answers reads): the soft
+        // purge queued below cannot be written when it is back.
+        let mut conn = redis.connection().await.unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg("1")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        redis.pause().await;
+        store.put(put(url, clock::now_ms()), None).await;
+        assert_eq!(store.memory().size().0, 1, "stored in process");
+        let other = Target::Url(other.to_owned());
+        store.purge(&other, Some(clock::now_ms())).await;
+        redis.resume().await;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let (_, tier) = store
+                    .lookup(&key::hash_url(url), &HeaderMap::new(), "")
+                    .await;
+                if tier == Tier::Redis {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("Redis answers a lookup");
+        assert!(store.failover.is_degraded(), "the queue is not written yet");
+        assert_eq!(store.memory().size().0, 0, "dropped at the first answer");
+    }
+
     /// More invalidations during an outage than the queue holds: the queue
     /// stays bounded (past its bound, one soft purge of everything instead
     /// of the rest), and once Redis is back no entry stored before the

@@ -149,8 +149,17 @@ impl Replay for RedisStore {
 }
 
 impl Recovered for MemoryStore {
-    /// Redis is back and has every outage change: the in-process entries
-    /// are dropped, as they may be older than what Redis now holds.
+    /// Redis answers again: the in-process entries are dropped at once, not
+    /// when the queue is written. From now on other instances may purge
+    /// these pages in Redis, which this store does not hear of; were Redis
+    /// to fail again, they must not be served from here.
+    fn answered(&self) {
+        self.clear();
+        tracing::debug!(target: "tower_redis_cache", "Redis answers again: in-process cache entries dropped");
+    }
+
+    /// Redis is back and has every outage change: what a fallback stored
+    /// since it first answered goes too.
     fn recovered(&self) {
         self.clear();
         tracing::info!(target: "tower_redis_cache", "Redis is back: in-process cache entries dropped");

@@ -196,7 +196,7 @@ pub(crate) async fn lookup(
     // Digests of the values, not the values: no cookie or credential is
     // sent to Redis.
     for name in request.keys() {
-        if let Some(value) = key::joined(request, name.as_str()) {
+        if let Some(value) = key::selecting_value(request, name.as_str()) {
             invocation.arg(name.as_str()).arg(key::value_digest(&value));
         }
     }

@@ -131,6 +131,11 @@ impl OriginCalls {
         *n
     }
 
+    /// The calls over all paths so far.
+    pub(crate) fn total(&self) -> u64 {
+        self.calls.lock().unwrap().values().sum()
+    }
+
     /// The calls to `path` so far.
     pub(crate) fn calls(&self, path: &str) -> u64 {
         self.calls.lock().unwrap().get(path).copied().unwrap_or(0)

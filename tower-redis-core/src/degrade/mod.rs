@@ -102,6 +102,19 @@ pub trait Deferred: Send + Sync + 'static {
     fn is_delete(&self) -> bool {
         false
     }
+    /// Absorbs `newer`, a later change of the same key, when writing the
+    /// result alone leaves Redis exactly as writing `self` then `newer`
+    /// would; returns whether it did. The queue asks the key's newest
+    /// queued change (not one being written), so that repeated changes of
+    /// one key take the room of one, and one client cannot fill the queue
+    /// with them. Default: never.
+    fn merge(&mut self, newer: &Self) -> bool
+    where
+        Self: Sized,
+    {
+        let _ = newer;
+        false
+    }
 }
 
 /// The Redis side of a [`Failover`]: what it writes when Redis is back.
@@ -121,10 +134,21 @@ pub trait Replay: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), ReplayError>> + Send;
 }
 
-/// The memory side of a [`Failover`]: what it does when the pair is healthy
-/// again (the queue written, Redis answering). Called once per outage.
+/// The memory side of a [`Failover`]: what it does when Redis answers again
+/// and when the pair is healthy again.
 pub trait Recovered: Send + Sync + 'static {
-    /// Drop what only mattered during the outage (local entries, counts).
+    /// Redis answered one of the failover's operations after fallbacks,
+    /// perhaps with the queue still being written. Called once per return
+    /// of Redis (a fallback after it arms it again), under the operation
+    /// that got the answer, so keep it cheap. For a memory side whose
+    /// entries must not be served in a later fallback once Redis has moved
+    /// on without them (the cache's entries, which other instances may
+    /// purge in Redis meanwhile).
+    fn answered(&self) {}
+
+    /// The queue is written and Redis answers: drop what only mattered
+    /// during the outage (local entries, counts). Called once per outage,
+    /// under the queue's lock: it must not call back into the failover.
     fn recovered(&self) {}
 }
 
@@ -201,6 +225,9 @@ pub(crate) struct Shared<R: Replay, M> {
     queue: OutageQueue<R::Change>,
     name: &'static str,
     degraded: AtomicBool,
+    /// Whether the memory side was told of Redis's answer since the last
+    /// fallback.
+    answered: AtomicBool,
     task_started: AtomicBool,
     /// Wakes the recovery task: a change queued, a Redis answer while
     /// degraded, or the failover dropped.
@@ -276,6 +303,7 @@ impl<R: Replay, M: Recovered> FailoverBuilder<R, M> {
                 memory: self.memory,
                 name: self.name,
                 degraded: AtomicBool::new(false),
+                answered: AtomicBool::new(true),
                 task_started: AtomicBool::new(false),
                 wake: Arc::new(Notify::new()),
                 epoch: watch::Sender::new(0),
@@ -361,8 +389,13 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
                 }
                 crate::failover::record_fallback(reason);
                 self.mark_degraded();
+                let value = memory_op(&shared.memory, reason).await;
+                // Again, after: an outage that ended (or a return of Redis
+                // the memory side heard of) while `memory_op` ran must not
+                // leave what it stored unaccounted for.
+                self.mark_degraded();
                 Served {
-                    value: memory_op(&shared.memory, reason).await,
+                    value,
                     source: Source::Fallback(reason),
                 }
             }
@@ -450,6 +483,9 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
 
     fn mark_degraded(&self) {
         let shared = &*self.shared;
+        if shared.answered.load(Ordering::Acquire) {
+            shared.answered.store(false, Ordering::Release);
+        }
         if !shared.degraded.load(Ordering::Acquire) && !shared.degraded.swap(true, Ordering::AcqRel)
         {
             tracing::info!(target: "tower_redis", layer = shared.name, "Redis unavailable: serving from the in-process store");
@@ -460,6 +496,10 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
 
     fn on_redis_answer(&self) {
         let shared = &*self.shared;
+        if !shared.answered.load(Ordering::Acquire) && !shared.answered.swap(true, Ordering::AcqRel)
+        {
+            shared.memory.answered();
+        }
         if shared.queue.len() == 0 {
             recovery::finish(shared);
         } else {

@@ -7,6 +7,10 @@
 //!   replaces the changes queued for its key (not those already being
 //!   written, which stay ahead of it), so deletes only take the queue over
 //!   its bound by the keys that had changes before them.
+//! - **Merged by key.** A change its key's newest queued change can absorb
+//!   ([`Deferred::merge`]) takes no new room: one client repeating a change
+//!   cannot fill the queue. (Whether a change fits is measured at its
+//!   full weight, before any merge.)
 //! - **Indexed by key.** "Does this key have changes waiting" is one hash
 //!   lookup, and no lock at all while the queue is empty.
 
@@ -242,6 +246,20 @@ impl<C: Deferred> Inner<C> {
     }
 
     fn push(&mut self, change: C) {
+        if !change.is_delete()
+            && let Some(waiting) = self.index.get(change.key())
+            && let Some(newest) = waiting.queued.back()
+            && let Some(queued) = self.changes.get_mut(newest)
+            && queued.change.merge(&change)
+        {
+            let weight = queued.change.weight();
+            self.bytes = self
+                .bytes
+                .saturating_sub(queued.weight)
+                .saturating_add(weight);
+            queued.weight = weight;
+            return;
+        }
         if change.is_delete()
             && let Some(waiting) = self.index.get_mut(change.key())
         {
@@ -416,6 +434,62 @@ mod tests {
         assert_eq!((queue.len(), queue.usage().bytes), (0, 0));
         assert!(!queue.contains("b"));
         assert!(queue.lock().index.is_empty(), "the index is emptied");
+    }
+
+    /// A change that absorbs any later save of its key, keeping the newer
+    /// weight.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Merging(String, usize, bool);
+
+    impl Deferred for Merging {
+        fn key(&self) -> &str {
+            &self.0
+        }
+        fn weight(&self) -> usize {
+            self.1
+        }
+        fn is_delete(&self) -> bool {
+            self.2
+        }
+        fn merge(&mut self, newer: &Self) -> bool {
+            if self.2 || newer.2 {
+                return false;
+            }
+            self.1 = newer.1;
+            true
+        }
+    }
+
+    /// One client saving its session over and over during an outage takes
+    /// the room of one change, so other clients' changes still fit.
+    #[test]
+    fn repeated_changes_of_one_key_take_the_room_of_one() {
+        let queue = OutageQueue::new(1_000);
+        let push = |change: Merging| queue.push_all(vec![change], || {});
+        for _ in 0..10_000 {
+            push(Merging("k".to_owned(), 100, false)).expect("merged");
+        }
+        push(Merging("other".to_owned(), 800, false)).expect("still fits");
+        let usage = queue.usage();
+        assert_eq!((usage.changes, usage.bytes), (2, 900));
+        // Into the key's newest queued change, not past it into one being
+        // written: what is being written may already be in Redis.
+        let batch = queue.take(1, &HashSet::new());
+        assert_eq!(batch.changes[0].0, "k");
+        push(Merging("k".to_owned(), 50, false)).expect("fits");
+        assert_eq!(queue.usage().changes, 3);
+        push(Merging("k".to_owned(), 40, false)).expect("merged");
+        assert_eq!((queue.usage().changes, queue.usage().bytes), (3, 940));
+        queue.settle(batch, 1);
+        // A delete is never merged; it replaces the key's queued changes.
+        push(Merging("k".to_owned(), 10, true)).expect("a delete always fits");
+        let batch = queue.take(usize::MAX, &HashSet::new());
+        let keys: Vec<(&str, usize, bool)> = batch
+            .changes
+            .iter()
+            .map(|c| (c.0.as_str(), c.1, c.2))
+            .collect();
+        assert_eq!(keys, [("other", 800, false), ("k", 10, true)]);
     }
 
     #[test]

@@ -9,7 +9,8 @@ use tokio::sync::{Notify, watch};
 
 use super::queue::{Batch, OutageQueue};
 use super::{
-    Deferred, Recovered, Replay, Shared, record_degraded, record_queue_bytes, record_replayed,
+    Deferred, Recovered, Replay, ReplayError, Shared, record_degraded, record_queue_bytes,
+    record_replayed,
 };
 use crate::breaker::BreakerState;
 
@@ -45,6 +46,9 @@ async fn recover<R: Replay, M: Recovered>(
     mut states: watch::Receiver<BreakerState>,
     recover_on_probe: bool,
 ) {
+    // However the task ends (a replay that panicked, the manager gone),
+    // the next operation of the failover starts a new one.
+    let _restart = Restart(failover.clone());
     let mut retry: Option<Duration> = None;
     // The breaker closed since the last pass: its probe got an answer.
     let mut answered = false;
@@ -86,6 +90,19 @@ async fn recover<R: Replay, M: Recovered>(
     }
 }
 
+/// Lets the failover start a new recovery task once this one has ended.
+struct Restart<R: Replay, M>(Weak<Shared<R, M>>);
+
+impl<R: Replay, M> Drop for Restart<R, M> {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared
+                .task_started
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
 /// Writes the queue to Redis, oldest first, in batches; one writer at a
 /// time. Cancel-safe: a batch whose write is abandoned goes back to the
 /// front of the queue.
@@ -112,7 +129,7 @@ pub(super) async fn drain<R: Replay, M>(shared: &Shared<R, M>) -> Drained {
             };
         }
         let count = changes.len();
-        let result = shared.redis.replay(&shared.manager, changes).await;
+        let result = without_panic(shared.redis.replay(&shared.manager, changes)).await;
         let written = match &result {
             Ok(()) => count,
             Err(stopped) => stopped.written.min(count),
@@ -143,17 +160,46 @@ pub(super) async fn drain<R: Replay, M>(shared: &Shared<R, M>) -> Drained {
     }
 }
 
+/// A replay that panicked is a replay that failed on its first change
+/// (held back with the retry backoff like any other failure), rather than
+/// a recovery task that ends and is started again on the next request, to
+/// panic again on the same change.
+async fn without_panic<'a>(
+    replay: impl Future<Output = Result<(), ReplayError>> + Send + 'a,
+) -> Result<(), ReplayError> {
+    let mut replay = Box::pin(replay);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| replay.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(_) => std::task::Poll::Ready(Err(ReplayError::none(crate::Error::Redis(
+                std::io::Error::other("writing the outage queue panicked").into(),
+            )))),
+        }
+    })
+    .await
+}
+
 /// Ends the outage when nothing is waiting for Redis: clears the degraded
 /// flag, tells the memory side, bumps the epoch. Once per outage.
+///
+/// The memory side is told before the flag is cleared, under the queue's
+/// lock (so nothing is queued meanwhile): what a fallback puts in the
+/// memory side after it was told stays, and that fallback sets the flag
+/// again once its memory operation is done ([`Failover::run`] marks the
+/// outage before and after it), rather than a new outage's state being
+/// dropped as the old one's.
+///
+/// [`Failover::run`]: super::Failover::run
 pub(super) fn finish<R: Replay, M: Recovered>(shared: &Shared<R, M>) {
+    use std::sync::atomic::Ordering;
     let mut ended = false;
     shared.queue.if_empty(|| {
-        ended = shared
-            .degraded
-            .swap(false, std::sync::atomic::Ordering::AcqRel);
+        if shared.degraded.load(Ordering::Acquire) {
+            shared.memory.recovered();
+            ended = shared.degraded.swap(false, Ordering::AcqRel);
+        }
     });
     if ended {
-        shared.memory.recovered();
         shared.epoch.send_modify(|epoch| *epoch += 1);
         record_degraded(shared.name, false);
         tracing::info!(target: "tower_redis", layer = shared.name, "Redis is back: outage changes written, in-process store released");
@@ -181,5 +227,61 @@ impl<C: Deferred> Taken<'_, C> {
 impl<C: Deferred> Drop for Taken<'_, C> {
     fn drop(&mut self) {
         self.settle(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Barrier;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::RedisManager;
+    use crate::degrade::{Failover, NoChange, ReplayError};
+
+    struct Nothing;
+
+    impl Replay for Nothing {
+        type Change = NoChange;
+        async fn replay(&self, _: &RedisManager, _: &[NoChange]) -> Result<(), ReplayError> {
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct Counted(AtomicUsize);
+
+    impl Recovered for Counted {
+        fn recovered(&self) {
+            self.0.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// `finish` is reached from the recovery task, from `catch_up` and from
+    /// every Redis answer while degraded: whoever comes second, even on
+    /// another thread at the same instant, must not end the outage again
+    /// (the memory side would drop what a new outage put in it).
+    #[test]
+    fn finish_ends_an_outage_once_whoever_calls_it() {
+        let failover = Failover::new(RedisManager::disabled(), Nothing, Counted::default(), 1);
+        let shared = &failover.shared;
+        finish(shared);
+        assert_eq!(shared.memory.0.load(Ordering::Acquire), 0, "not degraded");
+        let outages = 300;
+        for outage in 1..=outages {
+            shared.degraded.store(true, Ordering::Release);
+            let barrier = Barrier::new(4);
+            std::thread::scope(|scope| {
+                for _ in 0..4 {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        finish(shared);
+                        finish(shared);
+                    });
+                }
+            });
+            assert_eq!(shared.memory.0.load(Ordering::Acquire), outage);
+            assert_eq!(*shared.epoch.borrow(), outage as u64);
+        }
     }
 }

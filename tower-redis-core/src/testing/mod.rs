@@ -26,6 +26,7 @@
 //! # }
 //! ```
 
+mod acl;
 mod cluster;
 #[cfg(feature = "testing-docker")]
 mod docker;

@@ -48,8 +48,10 @@ enum Kind {
 }
 
 impl Change {
-    /// A save made at `at_ms`. Saves are not merged: each keeps the time of
-    /// its own changes for the "newer wins" rule.
+    /// A save made at `at_ms`. A later save of the session that rewrites
+    /// every entry this one writes replaces it in the queue (see
+    /// [`Deferred::merge`]); other saves each keep the time of their own
+    /// changes for the "newer wins" rule.
     pub(crate) fn save(
         storage_key: &str,
         create: Option<u64>,
@@ -113,6 +115,37 @@ impl Deferred for Change {
 
     fn is_delete(&self) -> bool {
         matches!(self.kind, Kind::Delete { .. })
+    }
+
+    /// A later save replaces this one when it writes every entry (and the
+    /// user, if set) this one writes, at a time not before it: each entry
+    /// then ends with the later value and stamp either way. The creation,
+    /// if this one creates the session, is kept. One visitor saving their
+    /// session over and over during an outage so takes the room of one save.
+    fn merge(&mut self, newer: &Self) -> bool {
+        let (
+            Kind::Save { changes, at_ms, .. },
+            Kind::Save {
+                create: None,
+                changes: newer_changes,
+                at_ms: newer_at_ms,
+            },
+        ) = (&mut self.kind, &newer.kind)
+        else {
+            return false;
+        };
+        let covered = *newer_at_ms >= *at_ms
+            && (changes.user.is_none() || newer_changes.user.is_some())
+            && changes
+                .entries
+                .keys()
+                .all(|name| newer_changes.entries.contains_key(name));
+        if covered {
+            changes.clone_from(newer_changes);
+            *at_ms = *newer_at_ms;
+            self.weight = save_weight(&self.storage_key, changes);
+        }
+        covered
     }
 }
 
@@ -375,8 +408,13 @@ mod tests {
         let queue = online(&redis, 0).await;
         queue.defer(save(1, 1000)).expect("fits");
         queue.defer(save(2, 10)).expect("fits");
+        // Another entry: queued behind the first save, not merged into it.
+        let mut other = Changes::default();
+        other
+            .entries
+            .insert("other".to_owned(), Some("x".repeat(1000)));
         queue
-            .defer(Change::save(&key(1), None, &changes(1000), 2))
+            .defer(Change::save(&key(1), None, &other, 2))
             .expect("fits");
         let before = bytes(&queue);
         queue
@@ -424,6 +462,54 @@ mod tests {
             written(&queue),
             [(key(1), false), (key(2), false), (key(9), false)]
         );
+    }
+
+    /// A visitor saving the same entries over and over during an outage
+    /// takes the room of one save; a save that does not rewrite everything
+    /// the queued one writes, a creation, or a delete is queued on its own.
+    #[tokio::test]
+    async fn repeated_saves_of_a_session_are_merged_when_the_newer_covers_the_older() {
+        let queue = offline(4 * 1024);
+        queue.defer(save(1, 100)).expect("fits");
+        for at in 2..2_000 {
+            queue
+                .defer(Change::save(&key(1), None, &changes(100), at))
+                .expect("merged: takes no more room");
+        }
+        assert_eq!(queue.queue_usage().changes, 1);
+        assert_eq!(bytes(&queue), save(1, 100).weight(), "the room of one");
+        let mut wider = changes(10);
+        wider
+            .entries
+            .insert("more".to_owned(), Some("m".to_owned()));
+        queue
+            .defer(Change::save(&key(1), None, &wider, 3_000))
+            .expect("covers blob: merged");
+        assert_eq!(queue.queue_usage().changes, 1);
+        let mut narrower = Changes::default();
+        narrower.entries.insert("more".to_owned(), None);
+        queue
+            .defer(Change::save(&key(1), None, &narrower, 3_001))
+            .expect("fits");
+        assert_eq!(queue.queue_usage().changes, 2, "does not cover blob");
+        queue
+            .defer(Change::save(&key(1), None, &changes(5), 10))
+            .expect("fits");
+        assert_eq!(queue.queue_usage().changes, 3, "does not cover more");
+        queue
+            .defer(Change::save(&key(1), None, &changes(5), 9))
+            .expect("fits");
+        assert_eq!(queue.queue_usage().changes, 4, "older than the queued one");
+        let mut user = changes(5);
+        user.user = Some("alice".to_owned());
+        queue
+            .defer(Change::save(&key(1), None, &user, 4_000))
+            .expect("fits");
+        assert_eq!(queue.queue_usage().changes, 4, "covers the newest one");
+        queue
+            .defer(Change::save(&key(1), None, &changes(5), 4_001))
+            .expect("fits");
+        assert_eq!(queue.queue_usage().changes, 5, "would drop the user");
     }
 
     #[tokio::test]

@@ -42,13 +42,21 @@ pub(crate) struct Failover {
     limits: LocalLimits,
 }
 
-/// The local copies outlive an outage: nothing to drop when it ends.
-impl Recovered for LocalStore {}
+/// The local copies outlive an outage; once every change is in Redis, the
+/// pinned ones go back to the LRU.
+impl Recovered for LocalStore {
+    fn recovered(&self) {
+        self.unpin_all();
+    }
+}
 
 impl Failover {
     pub(crate) fn new(manager: RedisManager, expiry: Expiry, limits: LocalLimits) -> Self {
         let redis = RedisStore::new(manager.clone(), expiry);
-        let local = LocalStore::new(limits.copies_bytes, expiry.idle, expiry.absolute);
+        let pin_limit = limits
+            .copies_bytes
+            .saturating_add(u64::try_from(limits.queue_bytes).unwrap_or(u64::MAX));
+        let local = LocalStore::new(limits.copies_bytes, pin_limit, expiry.idle, expiry.absolute);
         let pair = degrade::Failover::builder(manager, redis, local)
             .name("session")
             .queue_bytes(limits.queue_bytes)
@@ -86,6 +94,7 @@ impl Failover {
             queue_limit_bytes: self.limits.queue_bytes,
             local_copies_bytes: self.local().copies_bytes(),
             local_copies_limit_bytes: self.limits.copies_bytes,
+            pinned_copies_bytes: self.local().pinned_bytes(),
         }
     }
 
@@ -105,6 +114,15 @@ impl Failover {
             // Changes from an outage are still on their way to Redis: this
             // instance's copy is the newer one.
             return local(self.local().load(storage_key, false).await);
+        }
+        if self.local().has_pinned() {
+            // Its changes are in Redis now (if it had any)…
+            self.local().unpin(storage_key);
+            // …unless a concurrent write queued one since (it pins the copy
+            // after queueing: pinned again here if that came first).
+            if self.pair.is_pending(storage_key) {
+                self.local().pin(storage_key);
+            }
         }
         let copy = self.local().copy(storage_key);
         let started_ms = now_ms();
@@ -145,6 +163,9 @@ impl Failover {
         }
         if value == Saved::Written {
             local(self.local().save(write).await);
+            if queue {
+                self.pin(storage_key);
+            }
         } else {
             local(self.local().delete(storage_key, None).await);
         }
@@ -184,6 +205,9 @@ impl Failover {
         }
         if value == Saved::Written {
             local(self.local().take(take).await);
+            if queue {
+                self.pin(take.new_storage_key);
+            }
         } else {
             local(self.local().delete(take.old_storage_key, None).await);
         }
@@ -203,6 +227,14 @@ impl Failover {
             debug_assert!(queued.is_ok(), "a deletion is never refused");
         }
         local(self.local().delete(storage_key, user).await);
+    }
+
+    /// Pins the copy of a session whose change was just queued, unless the
+    /// recovery task already wrote it (then nothing would unpin it).
+    fn pin(&self, storage_key: &str) {
+        if self.local().pin(storage_key) && !self.pair.is_pending(storage_key) {
+            self.local().unpin(storage_key);
+        }
     }
 
     /// Writes the queued outage changes to Redis now, oldest first, when

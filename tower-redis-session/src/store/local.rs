@@ -2,12 +2,24 @@
 //! a user is not logged out by a short outage), and the memory of sessions
 //! that ended. The changes made while Redis was unavailable wait in the
 //! outage queue (core's, through `failover`), not here.
+//!
+//! The copies are an LRU bounded by bytes, except the copies of sessions
+//! whose changes still wait for Redis: those are **pinned**, out of the
+//! LRU, until their changes are written. While they wait the copy is the
+//! only place the session's newest state is readable, so a flood of other
+//! sessions (a client creating them as fast as it can during an outage)
+//! must not evict it and log its visitor out. Pinned copies have their own
+//! byte bound (the copies' bound plus the outage queue's: every pinned
+//! session has a change in the queue); past it a copy stays in the LRU.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tower_redis_core::clock::duration_ms;
+use tower_redis_core::{record, sync};
 
 use super::{Changes, Record, Saved, Store, Take, Write, now_ms};
 
@@ -31,7 +43,18 @@ pub(crate) struct LocalStore {
     /// gone, so that a concurrent request that loaded one before does not
     /// send its old id back in a renewed persistent cookie.
     ended: moka::sync::Cache<String, ()>,
+    /// Copies of sessions with changes waiting for Redis.
+    pinned: Mutex<Pinned>,
+    /// How many copies are pinned, readable without the lock.
+    pinned_count: AtomicUsize,
+    pin_limit_bytes: u64,
     absolute_ms: u64,
+}
+
+#[derive(Default)]
+struct Pinned {
+    copies: HashMap<String, Arc<LocalCopy>>,
+    bytes: u64,
 }
 
 /// A session as this instance last read or wrote it.
@@ -44,8 +67,17 @@ pub(crate) struct LocalCopy {
 }
 
 impl LocalStore {
-    pub(crate) fn new(capacity_bytes: u64, idle: Duration, absolute: Duration) -> Self {
+    /// `pin_limit_bytes`: the bound of the pinned copies.
+    pub(crate) fn new(
+        capacity_bytes: u64,
+        pin_limit_bytes: u64,
+        idle: Duration,
+        absolute: Duration,
+    ) -> Self {
         Self {
+            pinned: Mutex::default(),
+            pinned_count: AtomicUsize::new(0),
+            pin_limit_bytes,
             copies: moka::sync::Cache::builder()
                 .max_capacity(capacity_bytes)
                 .weigher(|key: &String, copy: &Arc<LocalCopy>| {
@@ -76,6 +108,7 @@ impl LocalStore {
     /// The session ended: its copy goes, and its end is remembered for a
     /// while.
     pub(crate) fn end(&self, storage_key: &str) {
+        self.with_pinned(|pinned| pinned.remove(storage_key));
         self.copies.invalidate(storage_key);
         self.ended.insert(storage_key.to_owned(), ());
     }
@@ -87,9 +120,9 @@ impl LocalStore {
 
     /// The local copy, unless it has outlived the absolute timeout.
     pub(crate) fn get(&self, storage_key: &str) -> Option<Record> {
-        let copy = self.copies.get(storage_key)?;
+        let copy = self.copy(storage_key)?;
         if copy.record.created_ms.saturating_add(self.absolute_ms) <= now_ms() {
-            self.copies.invalidate(storage_key);
+            self.end_copy(storage_key);
             return None;
         }
         Some(copy.record.clone())
@@ -97,14 +130,94 @@ impl LocalStore {
 
     /// The local copy as it is, with when it was last renewed.
     pub(crate) fn copy(&self, storage_key: &str) -> Option<Arc<LocalCopy>> {
-        self.copies.get(storage_key)
+        self.with_pinned(|pinned| pinned.copies.get(storage_key).cloned())
+            .flatten()
+            .or_else(|| self.copies.get(storage_key))
     }
 
     pub(crate) fn put(&self, storage_key: &str, record: Record, touched_ms: u64) {
-        self.copies.insert(
-            storage_key.to_owned(),
-            Arc::new(LocalCopy { record, touched_ms }),
-        );
+        let copy = Arc::new(LocalCopy { record, touched_ms });
+        let replaced = self.with_pinned(|pinned| {
+            if pinned.copies.contains_key(storage_key) {
+                pinned.insert(storage_key, Arc::clone(&copy));
+                true
+            } else {
+                false
+            }
+        });
+        if replaced != Some(true) {
+            self.copies.insert(storage_key.to_owned(), copy);
+        }
+    }
+
+    /// Drops the copy (not the memory of an end).
+    fn end_copy(&self, storage_key: &str) {
+        self.with_pinned(|pinned| pinned.remove(storage_key));
+        self.copies.invalidate(storage_key);
+    }
+
+    /// The session has changes waiting for Redis: its copy leaves the LRU
+    /// until [`unpin`](Self::unpin), unless the pinned copies are at their
+    /// bound. False when it was not pinned.
+    pub(crate) fn pin(&self, storage_key: &str) -> bool {
+        let mut pinned = sync::lock(&self.pinned);
+        if pinned.copies.contains_key(storage_key) {
+            return true;
+        }
+        let Some(copy) = self.copies.get(storage_key) else {
+            return false;
+        };
+        if pinned.bytes + weight(storage_key, &copy) > self.pin_limit_bytes {
+            drop(pinned);
+            tracing::debug!(target: "tower_redis_session", limit_bytes = self.pin_limit_bytes, "the copies of sessions with changes waiting are at their bound; this one stays evictable");
+            record::counter("tower_redis_session_unpinned_total", &[], 1);
+            return false;
+        }
+        pinned.insert(storage_key, copy);
+        self.pinned_count
+            .store(pinned.copies.len(), Ordering::Release);
+        // Under the lock: a `put` from now on goes to the pinned copy, and
+        // one before it is the copy just pinned.
+        self.copies.invalidate(storage_key);
+        true
+    }
+
+    /// The session's changes are in Redis: its copy goes back to the LRU.
+    pub(crate) fn unpin(&self, storage_key: &str) {
+        self.with_pinned(|pinned| {
+            if let Some(copy) = pinned.remove(storage_key) {
+                self.copies.insert(storage_key.to_owned(), copy);
+            }
+        });
+    }
+
+    /// Every change is in Redis: every pinned copy goes back to the LRU.
+    pub(crate) fn unpin_all(&self) {
+        let copies = {
+            let mut pinned = sync::lock(&self.pinned);
+            self.pinned_count.store(0, Ordering::Release);
+            std::mem::take(&mut *pinned)
+        };
+        for (storage_key, copy) in copies.copies {
+            self.copies.insert(storage_key, copy);
+        }
+    }
+
+    /// Whether any copy is pinned (no lock).
+    pub(crate) fn has_pinned(&self) -> bool {
+        self.pinned_count.load(Ordering::Acquire) > 0
+    }
+
+    /// Runs `f` on the pinned copies when there are any.
+    fn with_pinned<T>(&self, f: impl FnOnce(&mut Pinned) -> T) -> Option<T> {
+        if !self.has_pinned() {
+            return None;
+        }
+        let mut pinned = sync::lock(&self.pinned);
+        let result = f(&mut pinned);
+        self.pinned_count
+            .store(pinned.copies.len(), Ordering::Release);
+        Some(result)
     }
 
     /// Keeps the copy in step with what Redis answered to a read that began
@@ -128,14 +241,14 @@ impl LocalStore {
                 };
                 self.put(storage_key, record.clone(), touched_ms);
             }
-            (None, _) => self.copies.invalidate(storage_key),
+            (None, _) => self.end_copy(storage_key),
         }
     }
 
     /// Applies changes to the local copy (creating it for a new session).
     /// False when there is no copy to change.
     pub(crate) fn apply(&self, storage_key: &str, create: Option<u64>, changes: &Changes) -> bool {
-        let existing = self.copies.get(storage_key);
+        let existing = self.copy(storage_key);
         let (mut record, touched_ms) = match (existing, create) {
             (Some(copy), _) => (copy.record.clone(), copy.touched_ms),
             (None, Some(created_ms)) => (
@@ -158,10 +271,15 @@ impl LocalStore {
         self.copies.policy().time_to_idle()
     }
 
-    /// The approximate bytes the local copies take.
+    /// The approximate bytes the local copies take (pinned ones apart).
     pub(crate) fn copies_bytes(&self) -> u64 {
         self.copies.run_pending_tasks();
         self.copies.weighted_size()
+    }
+
+    /// The approximate bytes the pinned copies take.
+    pub(crate) fn pinned_bytes(&self) -> u64 {
+        sync::lock(&self.pinned).bytes
     }
 }
 
@@ -198,6 +316,26 @@ impl Store for LocalStore {
     }
 }
 
+impl Pinned {
+    fn insert(&mut self, storage_key: &str, copy: Arc<LocalCopy>) {
+        self.bytes += weight(storage_key, &copy);
+        if let Some(old) = self.copies.insert(storage_key.to_owned(), copy) {
+            self.bytes = self.bytes.saturating_sub(weight(storage_key, &old));
+        }
+    }
+
+    fn remove(&mut self, storage_key: &str) -> Option<Arc<LocalCopy>> {
+        let copy = self.copies.remove(storage_key)?;
+        self.bytes = self.bytes.saturating_sub(weight(storage_key, &copy));
+        Some(copy)
+    }
+}
+
+/// A copy's weight with its key, in bytes.
+fn weight(storage_key: &str, copy: &LocalCopy) -> u64 {
+    u64::try_from(storage_key.len() + copy.weight()).unwrap_or(u64::MAX)
+}
+
 impl LocalCopy {
     /// Whether this instance should renew the session's idle timeout in
     /// Redis on a read at `now_ms`, renewing at most once per `every_ms`.
@@ -221,12 +359,55 @@ impl LocalCopy {
 mod tests {
     use super::*;
 
+    /// Pinned copies stay out of the LRU's eviction, within their own byte
+    /// bound: past it a copy stays evictable; unpinned, it is an ordinary
+    /// copy again.
+    #[test]
+    fn pinned_copies_survive_a_flood_within_their_bound() {
+        let record = |bytes: usize| Record {
+            fields: [("blob".to_owned(), "x".repeat(bytes))].into(),
+            created_ms: now_ms(),
+            ..Record::default()
+        };
+        let local = LocalStore::new(
+            16 * 1024,
+            4 * 1024,
+            Duration::from_secs(60),
+            Duration::from_secs(3600),
+        );
+        local.put("victim", record(1000), 0);
+        local.put("too-big", record(5000), 0);
+        assert!(local.pin("victim"));
+        assert!(!local.pin("too-big"), "past the pinned bound");
+        assert!(!local.pin("never-held"), "nothing to pin");
+        for n in 0..200 {
+            local.put(&format!("flood-{n}"), record(500), 0);
+        }
+        local.copies.run_pending_tasks();
+        assert!(local.copies_bytes() <= 16 * 1024);
+        assert!(local.get("victim").is_some(), "the pinned copy survives");
+        assert!(
+            local.get("too-big").is_none(),
+            "the unpinned one was evicted"
+        );
+        assert!(local.pinned_bytes() <= 4 * 1024);
+        local.unpin("victim");
+        assert!(!local.has_pinned());
+        assert_eq!(local.pinned_bytes(), 0);
+        assert!(local.get("victim").is_some(), "back in the LRU");
+    }
+
     /// A flood of ended sessions (logins cycle ids, logouts) must not stop
     /// the instance from remembering the next one: the memory is a plain
     /// LRU, so the newest marker always stays.
     #[test]
     fn a_full_ended_memory_still_remembers_the_newest_end() {
-        let local = LocalStore::new(1 << 20, Duration::from_secs(60), Duration::from_secs(3600));
+        let local = LocalStore::new(
+            1 << 20,
+            1 << 20,
+            Duration::from_secs(60),
+            Duration::from_secs(3600),
+        );
         for n in 0..30_000 {
             local.end(&format!("flood-{n:040}"));
         }

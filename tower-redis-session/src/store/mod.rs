@@ -135,6 +135,11 @@ pub struct LocalUsage {
     pub local_copies_bytes: u64,
     /// Their bound.
     pub local_copies_limit_bytes: u64,
+    /// The size of the copies of sessions whose changes wait for Redis,
+    /// kept apart from the others so that no flood of new sessions evicts
+    /// them: at most `local_capacity_bytes` plus `outage_queue_bytes`.
+    /// Past that bound a copy stays with the others.
+    pub pinned_copies_bytes: u64,
 }
 
 /// One of a user's sessions, from [`SessionStore::list_user_sessions`].

@@ -149,7 +149,7 @@ async fn a_local_copy_ends_at_the_absolute_timeout() {
 #[test]
 fn local_copies_expire_after_the_idle_timeout() {
     let idle = Duration::from_secs(1800);
-    let local = local::LocalStore::new(1 << 20, idle, Duration::from_secs(3600));
+    let local = local::LocalStore::new(1 << 20, 1 << 20, idle, Duration::from_secs(3600));
     assert_eq!(local.idle_timeout(), Some(idle));
 }
 
@@ -303,9 +303,11 @@ async fn a_failed_replay_keeps_the_changes_queued() {
         1 << 20,
         1 << 20,
     );
-    store
-        .save(&key(1), Some(now_ms()), &set("a", "1"), None)
-        .await;
+    // Two entries, so that the next save (of one) is queued behind it
+    // rather than merged into it.
+    let mut first = set("a", "1");
+    first.entries.insert("c".to_owned(), Some("1".to_owned()));
+    store.save(&key(1), Some(now_ms()), &first, None).await;
     store.save(&key(1), None, &set("a", "2"), None).await;
     store.delete(&key(3), None).await;
     let before = store.local_usage();

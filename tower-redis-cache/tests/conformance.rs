@@ -1,0 +1,648 @@
+//! The RFC 9111 (and RFC 9110, RFC 9213) corners of the cache, one test per
+//! behaviour, each against real Redis in front of a scripted origin. Each
+//! test's doc comment names the section it checks; the crate docs'
+//! conformance table points here.
+//!
+//! Freshness is judged by the wall clock (entries carry Redis' and the
+//! origin's times), so no test waits for time to pass: staleness comes from
+//! the response itself (`max-age=0`, `Age`, `Expires`, `Last-Modified`).
+
+#![allow(clippy::unwrap_used)] // A failed setup step should fail the test loudly.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Response};
+use support::{Answer, OriginCalls, send, settle};
+use tower_redis_cache::{CacheLayer, CacheLayerBuilder, Route};
+use tower_redis_core::RedisManager;
+use tower_redis_core::testing::TestRedis;
+
+/// What the origin answers to its `n`th call (from 1) of a path, given the
+/// request's headers.
+type Script = Arc<dyn Fn(u64, &HeaderMap) -> Response<Body> + Send + Sync>;
+
+/// An origin whose answers the test scripts per path; it counts calls and
+/// keeps the headers of every request it received.
+#[derive(Clone, Default)]
+struct Origin {
+    calls: OriginCalls,
+    scripts: Arc<Mutex<HashMap<String, Script>>>,
+    received: Arc<Mutex<Vec<(String, HeaderMap)>>>,
+}
+
+impl Origin {
+    /// The headers of the `n`th request (from 1) for `path`.
+    fn request(&self, path: &str, n: usize) -> HeaderMap {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p == path)
+            .nth(n - 1)
+            .map(|(_, headers)| headers.clone())
+            .unwrap_or_else(|| panic!("{path} was not called {n} times"))
+    }
+}
+
+async fn answer(State(origin): State<Origin>, request: Request) -> Response<Body> {
+    let path = request.uri().path().to_owned();
+    let n = origin.calls.count(&path);
+    origin
+        .received
+        .lock()
+        .unwrap()
+        .push((path.clone(), request.headers().clone()));
+    let script = origin.scripts.lock().unwrap().get(&path).cloned();
+    match script {
+        Some(script) => script(n, request.headers()),
+        None => respond(404, &[], "no script"),
+    }
+}
+
+fn respond(status: u16, headers: &[(&str, &str)], body: impl Into<Body>) -> Response<Body> {
+    let mut response = Response::builder().status(status);
+    for (name, value) in headers {
+        response = response.header(*name, *value);
+    }
+    response.body(body.into()).unwrap()
+}
+
+struct Fixture {
+    redis: TestRedis,
+    origin: Origin,
+    layer: CacheLayer,
+    app: Router,
+}
+
+impl Fixture {
+    /// A layer on a fresh Redis, configured by `configure`.
+    async fn new(configure: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder) -> Self {
+        let redis = TestRedis::start().await;
+        let origin = Origin::default();
+        let (layer, app) = Self::instance(&redis, &origin, configure).await;
+        Self {
+            redis,
+            origin,
+            layer,
+            app,
+        }
+    }
+
+    /// Another layer instance (its own manager and memory) on the same
+    /// Redis and origin, as a second app instance would be.
+    async fn instance(
+        redis: &TestRedis,
+        origin: &Origin,
+        configure: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder,
+    ) -> (CacheLayer, Router) {
+        let manager = RedisManager::connect(redis.config().build().unwrap())
+            .await
+            .unwrap();
+        let layer = configure(CacheLayer::builder(manager)).build().unwrap();
+        let app = Router::new()
+            .fallback(answer)
+            .with_state(origin.clone())
+            .layer(layer.clone());
+        (layer, app)
+    }
+
+    /// Scripts `path`.
+    fn on(
+        &self,
+        path: &str,
+        script: impl Fn(u64, &HeaderMap) -> Response<Body> + Send + Sync + 'static,
+    ) {
+        self.origin
+            .scripts
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), Arc::new(script));
+    }
+
+    /// Scripts `path` to answer the same every time.
+    fn always(&self, path: &str, status: u16, headers: &[(&str, &str)], body: &'static str) {
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect();
+        self.on(path, move |_, _| {
+            let pairs: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            respond(status, &pairs, body)
+        });
+    }
+
+    /// A GET for `path`, read whole, once whatever it stores is stored.
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let answer = send(&self.app, "GET", path, headers).await;
+        settle(&self.layer).await;
+        answer
+    }
+
+    fn calls(&self, path: &str) -> u64 {
+        self.origin.calls.calls(path)
+    }
+}
+
+/// `time` as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), or, with
+/// `asctime`, as `Sun Nov  6 08:49:37 1994`.
+fn format_date(time: SystemTime, asctime: bool) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let secs = time.duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let days = i64::try_from(secs / 86_400).unwrap();
+    let (hh, mm, ss) = (secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let weekday = DAYS[usize::try_from(days.rem_euclid(7)).unwrap()];
+    let month = MONTHS[usize::try_from(month - 1).unwrap()];
+    if asctime {
+        format!("{weekday} {month} {day:>2} {hh:02}:{mm:02}:{ss:02} {year}")
+    } else {
+        format!("{weekday}, {day:02} {month} {year} {hh:02}:{mm:02}:{ss:02} GMT")
+    }
+}
+
+#[test]
+fn the_date_formatter_agrees_with_the_rfc_example() {
+    let example = UNIX_EPOCH + Duration::from_secs(784_111_777);
+    assert_eq!(format_date(example, false), "Sun, 06 Nov 1994 08:49:37 GMT");
+    assert_eq!(format_date(example, true), "Sun Nov  6 08:49:37 1994");
+}
+
+fn hours_from_now(hours: i64) -> SystemTime {
+    let delta = Duration::from_secs(hours.unsigned_abs() * 3600);
+    if hours >= 0 {
+        SystemTime::now() + delta
+    } else {
+        SystemTime::now() - delta
+    }
+}
+
+/// RFC 9111 §5.1: an `Age` whose first member is not a delta-seconds
+/// (`Age: old, 0`) makes the response stale, not 0 seconds old: its next
+/// use is a revalidation. A valid first member counts, the rest is dropped.
+#[tokio::test]
+async fn invalid_age_makes_the_response_stale() {
+    let f = Fixture::new(|b| b).await;
+    let validated = |bad_age: &'static str| {
+        move |_: u64, request: &HeaderMap| {
+            let headers = [
+                ("cache-control", "max-age=3600"),
+                ("etag", "\"a\""),
+                ("age", bad_age),
+            ];
+            if request.get("if-none-match").is_some_and(|v| v == "\"a\"") {
+                return respond(304, &headers, Body::empty());
+            }
+            respond(200, &headers, "body")
+        }
+    };
+    f.on("/old", validated("old, 0"));
+    f.on("/valid", validated("10, 0"));
+
+    assert_eq!(f.get("/old", &[]).await.body, "body");
+    let second = f.get("/old", &[]).await;
+    assert_eq!(second.body, "body");
+    assert_eq!(f.calls("/old"), 2, "a stale entry is revalidated");
+    assert_eq!(f.origin.request("/old", 2)["if-none-match"], "\"a\"");
+
+    f.get("/valid", &[]).await;
+    let hit = f.get("/valid", &[]).await;
+    assert_eq!(f.calls("/valid"), 1, "{}", hit.cache_status());
+    let age: u64 = hit.header("age").unwrap().parse().unwrap();
+    assert!(age >= 10, "the first member counts: Age {age}");
+}
+
+/// RFC 9111 §5.2.2.10 and §4.2.4: `s-maxage` implies `proxy-revalidate`,
+/// so a shared cache never serves such a response stale on its own
+/// initiative: the route's stale-while-revalidate and stale-if-error
+/// windows do not apply to it (they still do to a `max-age` response).
+#[tokio::test]
+async fn s_maxage_forbids_serving_stale_through_route_windows() {
+    let f = Fixture::new(|b| {
+        b.default_route(
+            Route::new("*")
+                .stale_while_revalidate(Duration::from_secs(60))
+                .stale_if_error(Duration::from_secs(300)),
+        )
+    })
+    .await;
+    let first_then_503 = |cache_control: &'static str, body: &'static str| {
+        move |n: u64, _: &HeaderMap| match n {
+            1 => respond(200, &[("cache-control", cache_control)], body),
+            _ => respond(503, &[], "down"),
+        }
+    };
+    f.on("/shared", first_then_503("s-maxage=0", "shared-v1"));
+    f.on("/private-age", first_then_503("max-age=0", "plain-v1"));
+
+    // The control: a max-age response is served stale within the window.
+    f.get("/private-age", &[]).await;
+    let stale = f.get("/private-age", &[]).await;
+    assert_eq!(stale.body, "plain-v1");
+    assert!(
+        stale.cache_status().contains("stale-while-revalidate"),
+        "{}",
+        stale.cache_status()
+    );
+
+    assert_eq!(f.get("/shared", &[]).await.body, "shared-v1");
+    let second = f.get("/shared", &[]).await;
+    assert_eq!(
+        (second.status, second.body.as_str()),
+        (503, "down"),
+        "{}",
+        second.cache_status()
+    );
+    assert_eq!(f.calls("/shared"), 2);
+}
+
+/// RFC 9213 §2.1: `CDN-Cache-Control` is a Structured Field dictionary; one
+/// that does not parse, or whose directives have the wrong type
+/// (`max-age="60"`), is ignored entirely and `Cache-Control` applies.
+#[tokio::test]
+async fn cdn_cache_control_that_is_not_a_valid_dictionary_is_ignored() {
+    let f = Fixture::new(|b| b).await;
+    f.always(
+        "/wrong-type",
+        200,
+        &[
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "max-age=\"60\""),
+        ],
+        "x",
+    );
+    f.always(
+        "/unparsable",
+        200,
+        &[
+            ("cache-control", "max-age=60"),
+            ("cdn-cache-control", "no-store, max-age=6 0"),
+        ],
+        "x",
+    );
+    f.always(
+        "/valid",
+        200,
+        &[
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "max-age=60;ignored=1, other=(a b)"),
+        ],
+        "x",
+    );
+    for path in ["/wrong-type", "/unparsable", "/valid"] {
+        f.get(path, &[]).await;
+        f.get(path, &[]).await;
+    }
+    assert_eq!(f.calls("/wrong-type"), 2, "Cache-Control: no-store applies");
+    assert_eq!(
+        f.calls("/unparsable"),
+        1,
+        "Cache-Control: max-age=60 applies"
+    );
+    assert_eq!(
+        f.calls("/valid"),
+        1,
+        "CDN-Cache-Control: max-age=60 applies"
+    );
+}
+
+/// RFC 9110 §5.6.7 (recipients accept the asctime and RFC 850 formats,
+/// and may accept any case) and RFC 9111 §5.3 (an invalid `Expires`, such
+/// as `0` or `soon`, means already expired).
+#[tokio::test]
+async fn expires_is_read_leniently_and_invalid_means_expired() {
+    let f = Fixture::new(|b| b).await;
+    let in_an_hour = hours_from_now(1);
+    let asctime = format_date(in_an_hour, true);
+    let lower_case = format_date(in_an_hour, false).to_ascii_lowercase();
+    let upper_case = format_date(in_an_hour, false).to_ascii_uppercase();
+    for (path, expires) in [
+        ("/asctime", asctime.as_str()),
+        ("/lower-case", lower_case.as_str()),
+        ("/upper-case", upper_case.as_str()),
+        ("/invalid", "soon"),
+    ] {
+        let expires = expires.to_owned();
+        f.on(path, move |_, _| {
+            respond(200, &[("expires", expires.as_str())], "x")
+        });
+        f.get(path, &[]).await;
+        f.get(path, &[]).await;
+    }
+    assert_eq!(f.calls("/asctime"), 1);
+    assert_eq!(f.calls("/lower-case"), 1);
+    assert_eq!(f.calls("/upper-case"), 1);
+    assert_eq!(
+        f.calls("/invalid"),
+        2,
+        "an invalid Expires is already expired"
+    );
+}
+
+/// RFC 9110 §13.1.3 and RFC 9111 §4.3.2: a fresh entry without
+/// `Last-Modified` answers `If-Modified-Since` from its `Date`: 304 when
+/// the `Date` is not after the date given, the full response otherwise.
+#[tokio::test]
+async fn if_modified_since_is_evaluated_against_date_without_last_modified() {
+    let f = Fixture::new(|b| b).await;
+    let date = format_date(SystemTime::now(), false);
+    f.on("/dated", move |_, _| {
+        respond(
+            200,
+            &[("cache-control", "max-age=600"), ("date", date.as_str())],
+            "dated",
+        )
+    });
+    f.get("/dated", &[]).await;
+    let later = format_date(hours_from_now(1), false);
+    let not_modified = f
+        .get("/dated", &[("if-modified-since", later.as_str())])
+        .await;
+    assert_eq!(not_modified.status, 304, "{}", not_modified.cache_status());
+    assert_eq!(not_modified.body, "");
+    let earlier = format_date(hours_from_now(-1), false);
+    let full = f
+        .get("/dated", &[("if-modified-since", earlier.as_str())])
+        .await;
+    assert_eq!((full.status, full.body.as_str()), (200, "dated"));
+    assert_eq!(f.calls("/dated"), 1, "both answered from the cache");
+}
+
+/// RFC 9111 §5.2.2.3: with `must-understand`, a cache that understands the
+/// status code stores the response whatever `no-store` says, and one with
+/// a status code it does not know is not stored.
+#[tokio::test]
+async fn must_understand_stores_no_store_responses_with_an_understood_status() {
+    let f = Fixture::new(|b| b).await;
+    let cc = [("cache-control", "no-store, must-understand, max-age=60")];
+    f.always("/understood", 200, &cc, "ok");
+    f.always("/unknown-status", 299, &cc, "odd");
+    f.always(
+        "/no-store",
+        200,
+        &[("cache-control", "no-store, max-age=60")],
+        "x",
+    );
+    for path in ["/understood", "/unknown-status", "/no-store"] {
+        f.get(path, &[]).await;
+        f.get(path, &[]).await;
+    }
+    assert_eq!(f.calls("/understood"), 1);
+    assert_eq!(f.calls("/unknown-status"), 2);
+    assert_eq!(f.calls("/no-store"), 2, "no-store alone still applies");
+}
+
+/// RFC 9111 §5.2.2.4: a response with `Cache-Control: no-cache` (and no
+/// other freshness) is stored and validated with the origin, by a
+/// conditional request, on every use.
+#[tokio::test]
+async fn no_cache_responses_are_stored_and_revalidated_on_every_use() {
+    let f = Fixture::new(|b| b).await;
+    f.on("/no-cache", |_, request| {
+        let headers = [("cache-control", "no-cache"), ("etag", "\"n1\"")];
+        if request.get("if-none-match").is_some_and(|v| v == "\"n1\"") {
+            return respond(304, &headers, Body::empty());
+        }
+        respond(200, &headers, "validated")
+    });
+    assert_eq!(f.get("/no-cache", &[]).await.body, "validated");
+    for use_ in 2..=3 {
+        let answer = f.get("/no-cache", &[]).await;
+        assert_eq!((answer.status, answer.body.as_str()), (200, "validated"));
+        assert!(
+            answer.cache_status().contains("fwd-status=304"),
+            "{}",
+            answer.cache_status()
+        );
+        assert_eq!(f.calls("/no-cache"), use_);
+        let conditional = f
+            .origin
+            .request("/no-cache", usize::try_from(use_).unwrap());
+        assert_eq!(conditional["if-none-match"], "\"n1\"");
+    }
+}
+
+/// RFC 9111 §3 (a shared cache may store a response with `Set-Cookie`),
+/// §5.2.2.7 and §5.2.2.4 (`private="Set-Cookie"`, `no-cache="Set-Cookie"`:
+/// the named field alone is kept out of the stored copy). Off by default.
+#[tokio::test]
+async fn store_set_cookie_keeps_the_field_unless_a_qualifier_names_it() {
+    let cookie = [("set-cookie", "id=1")];
+    let script = |cache_control: &'static str| {
+        move |_: u64, _: &HeaderMap| {
+            respond(
+                200,
+                &[("cache-control", cache_control), cookie[0]],
+                "with cookie",
+            )
+        }
+    };
+    let default = Fixture::new(|b| b).await;
+    default.on("/public", script("public, max-age=60"));
+    default.get("/public", &[]).await;
+    default.get("/public", &[]).await;
+    assert_eq!(default.calls("/public"), 2, "not stored by default");
+
+    let f = Fixture::new(|b| b.store_set_cookie(true)).await;
+    f.on("/public", script("public, max-age=60"));
+    f.on("/private", script("max-age=60, private=\"Set-Cookie\""));
+    f.on("/no-cache", script("max-age=60, no-cache=\"set-cookie\""));
+    f.on(
+        "/other",
+        script("max-age=60, private=\"Set-Cookie, X-Other\""),
+    );
+    for path in ["/public", "/private", "/no-cache", "/other"] {
+        let first = f.get(path, &[]).await;
+        assert_eq!(first.header("set-cookie"), Some("id=1"), "{path}");
+    }
+    let public = f.get("/public", &[]).await;
+    assert_eq!(f.calls("/public"), 1);
+    assert_eq!(
+        public.header("set-cookie"),
+        Some("id=1"),
+        "the RFC keeps it"
+    );
+    for path in ["/private", "/no-cache"] {
+        let hit = f.get(path, &[]).await;
+        assert_eq!(f.calls(path), 1, "{path}: {}", hit.cache_status());
+        assert_eq!(hit.header("set-cookie"), None, "{path}");
+        assert_eq!(hit.body, "with cookie");
+    }
+    f.get("/other", &[]).await;
+    assert_eq!(f.calls("/other"), 2, "other qualified private: not stored");
+}
+
+/// With `store_set_cookie` on, a cookie is still never handed to another
+/// client where the origin did not make the response explicitly shared:
+/// a bare `private` beside a qualified one keeps the whole response
+/// private (RFC 9111 §5.2.2.7); a `no-cache` response (revalidated by 304s
+/// that carry no cookie) or one with only heuristic freshness is not stored
+/// with its cookie.
+#[tokio::test]
+async fn store_set_cookie_never_shares_a_cookie_the_origin_did_not_make_public() {
+    let f = Fixture::new(|b| b.store_set_cookie(true).heuristic_freshness(true)).await;
+    let script = |headers: &'static [(&'static str, &'static str)]| {
+        move |n: u64, _: &HeaderMap| {
+            let mut all: Vec<(&str, &str)> = headers.to_vec();
+            let cookie = format!("id={n}");
+            all.push(("set-cookie", Box::leak(cookie.into_boxed_str())));
+            respond(200, &all, "personal")
+        }
+    };
+    f.on(
+        "/bare-private",
+        script(&[(
+            "cache-control",
+            "private, private=\"Set-Cookie\", max-age=60",
+        )]),
+    );
+    f.on(
+        "/bare-no-cache",
+        script(&[
+            (
+                "cache-control",
+                "no-cache, no-cache=\"Set-Cookie\", max-age=60",
+            ),
+            ("etag", "\"v1\""),
+        ]),
+    );
+    f.on(
+        "/no-cache",
+        script(&[("cache-control", "no-cache"), ("etag", "\"v1\"")]),
+    );
+    f.on(
+        "/heuristic",
+        script(&[("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT")]),
+    );
+    for path in ["/bare-private", "/bare-no-cache", "/no-cache", "/heuristic"] {
+        let first = f.get(path, &[]).await;
+        assert_eq!(first.header("set-cookie"), Some("id=1"), "{path}");
+        let second = f.get(path, &[]).await;
+        assert_eq!(
+            second.header("set-cookie"),
+            Some("id=2"),
+            "{path}: another client got the first one's cookie ({})",
+            second.cache_status()
+        );
+        assert_eq!(f.calls(path), 2, "{path}");
+    }
+}
+
+/// RFC 9111 §4.2.2: heuristic freshness (10% of the time since
+/// `Last-Modified`) only when enabled, only for heuristically cacheable
+/// status codes, and at most the configured cap.
+#[tokio::test]
+async fn heuristic_freshness_is_opt_in_and_capped() {
+    let script = |status: u16| {
+        move |_: u64, _: &HeaderMap| {
+            let modified = format_date(hours_from_now(-100), false);
+            let date = format_date(SystemTime::now(), false);
+            respond(
+                status,
+                &[
+                    ("last-modified", modified.as_str()),
+                    ("date", date.as_str()),
+                ],
+                "heuristic",
+            )
+        }
+    };
+    let off = Fixture::new(|b| b).await;
+    off.on("/h", script(200));
+    off.get("/h", &[]).await;
+    off.get("/h", &[]).await;
+    assert_eq!(off.calls("/h"), 2, "off by default");
+
+    let f = Fixture::new(|b| {
+        b.heuristic_freshness(true)
+            .heuristic_freshness_cap(Duration::from_secs(100))
+    })
+    .await;
+    f.on("/h", script(200));
+    f.on("/error", script(500));
+    f.get("/h", &[]).await;
+    let hit = f.get("/h", &[]).await;
+    assert_eq!(f.calls("/h"), 1);
+    let status = hit.cache_status();
+    let ttl: i64 = status
+        .split("ttl=")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|ttl| ttl.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ttl in {status}"));
+    // 10% of 100 hours is 10 hours; the cap is 100 s.
+    assert!((90..=100).contains(&ttl), "{status}");
+    f.get("/error", &[]).await;
+    f.get("/error", &[]).await;
+    assert_eq!(f.calls("/error"), 2, "500 is not heuristically cacheable");
+}
+
+/// RFC 9111 §4.1: selecting header values are compared after a
+/// normalisation known to keep their meaning: whitespace removed, lines
+/// combined, `Accept-Encoding` as a set of codings, `Accept-Language` as
+/// case-insensitive tags by weight (RFC 9110 §12.4.2, §12.5.4). Both ways of
+/// finding a variant agree: the instance that knows the URL's `Vary`, and
+/// a new one that lets the lookup script resolve it.
+#[tokio::test]
+async fn vary_compares_normalised_selecting_values() {
+    let f = Fixture::new(|b| b).await;
+    f.on("/negotiated", |n, _| {
+        respond(
+            200,
+            &[
+                ("cache-control", "max-age=60"),
+                ("vary", "Accept-Encoding, Accept-Language"),
+            ],
+            format!("variant-{n}"),
+        )
+    });
+    let first = [
+        ("accept-encoding", "gzip, br"),
+        ("accept-language", "en-GB, fr;q=0.5"),
+    ];
+    assert_eq!(f.get("/negotiated", &first).await.body, "variant-1");
+    let same = [
+        ("accept-encoding", "BR,gzip;q=1.0"),
+        ("accept-language", "fr;q=0.50,EN-gb"),
+    ];
+    assert_eq!(f.get("/negotiated", &same).await.body, "variant-1");
+    let (_, other_instance) = Fixture::instance(&f.redis, &f.origin, |b| b).await;
+    let answer = send(&other_instance, "GET", "/negotiated", &same).await;
+    assert_eq!(answer.body, "variant-1", "{}", answer.cache_status());
+    // Found by its first lookup: a plain hit, not a vary-miss that a
+    // second look repaired.
+    assert!(
+        answer.cache_status().starts_with("tower-redis; hit")
+            && !answer.cache_status().contains("fwd=")
+            && !answer.cache_status().contains("coalesced"),
+        "{}",
+        answer.cache_status()
+    );
+    assert_eq!(f.calls("/negotiated"), 1);
+    let different = [
+        ("accept-encoding", "gzip"),
+        ("accept-language", "en-GB, fr;q=0.5"),
+    ];
+    assert_eq!(f.get("/negotiated", &different).await.body, "variant-2");
+}
