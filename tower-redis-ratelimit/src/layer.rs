@@ -624,7 +624,7 @@ impl RateLimitLayerBuilder {
     /// *write.method_mut() = http::Method::POST;
     /// assert_eq!(send(&app, write).await.status(), StatusCode::OK);
     /// let read = send(&app, from("203.0.113.7", "/api/items")).await;
-    /// assert_eq!(read.headers()["ratelimit"], "\"per-ip\";r=0;t=60;local");
+    /// assert!(read.headers()["ratelimit"].to_str()?.starts_with("\"per-ip\";r=0;"));
     /// assert_eq!(send(&app, from("203.0.113.7", "/api/items")).await.status(), StatusCode::TOO_MANY_REQUESTS);
     /// # Ok(()) }
     /// ```
