@@ -6,7 +6,7 @@
 //! curl -si localhost:3000/products/1             # 50 ms "database" read, then cached:
 //! curl -si localhost:3000/products/1             #   Cache-Status: tower-redis; hit; ttl=59
 //! curl -si -X PUT localhost:3000/products/1 -d 'Blue mug'   # purges tag product-1: /products/1 and /products
-//! curl -si -c jar -X POST localhost:3000/login -d 'alice'   # session cookie, new id
+//! curl -si -c jar -X POST localhost:3000/login -d user=alice   # session cookie, new id
 //! curl -si -b jar localhost:3000/me                        # {"user":"alice"}
 //! curl -si -b jar localhost:3000/api/orders                # RateLimit: "per-user";r=99;...
 //! curl -s  localhost:3000/healthz                # Redis breaker state
@@ -36,11 +36,16 @@
 //! on the in-process stores only), `TRUSTED_PROXIES` (comma-separated
 //! addresses or CIDRs of the reverse proxies in front; none by default) and
 //! `FORWARDING_HEADER` (`x-forwarded-for`, the default, or `forwarded`: the
-//! header those proxies write), `BIND` (default `127.0.0.1`), `PORT`
-//! (default `3000`; `0` picks a free port, and the log line `listening on
-//! http://…` names it), `RUST_LOG` (default `info`). Ctrl-C (or SIGTERM)
+//! header those proxies write), `BIND` (default `127.0.0.1`; an address,
+//! `0.0.0.0` or `::`, or host:port, `0.0.0.0:8080`), `PORT` (default
+//! `3000`, used when `BIND` names no port; `0` picks a free port, and the
+//! log line `listening on http://…` names it), `RUST_LOG` (default `info`). Ctrl-C (or SIGTERM)
 //! stops it gracefully: in-flight requests finish and pending cache stores
 //! are written.
+//!
+//! `POST /login` takes the user name as a form (`user=alice`, what
+//! `curl -d user=alice` sends) or as JSON (`{"user":"alice"}`); anything
+//! else is a 400 that says what to send.
 //!
 //! If Redis does not answer at startup, one warning says so and how to
 //! point the server at it; the server runs anyway. Stop Redis while it
@@ -62,7 +67,9 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower_redis_cache::admin::CacheAdmin;
 use tower_redis_cache::{CacheHandle, CacheLayer, Forwarding, Route};
-use tower_redis_core::{BreakerState, RedisManager};
+// The layer crates re-export the connection manager: no tower-redis-core
+// dependency is needed for it.
+use tower_redis_cache::{BreakerState, RedisManager};
 use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
 use tower_redis_session::{Session, SessionLayer};
 
@@ -175,11 +182,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .with_state(app)
         .nest("/admin/cache", admin);
 
-    let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1".to_owned());
-    let port = std::env::var("PORT").unwrap_or_else(|_| "3000".to_owned());
-    let addr: SocketAddr = format!("{bind}:{port}")
-        .parse()
-        .map_err(|e| format!("BIND={bind} PORT={port} is not a socket address: {e}"))?;
+    let addr = listen_address(
+        std::env::var("BIND").ok().as_deref(),
+        std::env::var("PORT").ok().as_deref(),
+    )?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr} ({e}); set PORT (or BIND) to another one"))?;
@@ -293,15 +299,127 @@ async fn update_product(
     (StatusCode::OK, headers, "updated")
 }
 
-async fn login(session: Session, user: String) -> impl IntoResponse {
-    let user = user.trim().to_owned();
-    if user.is_empty() {
-        return (StatusCode::BAD_REQUEST, "send the user name as the body").into_response();
-    }
+async fn login(session: Session, headers: HeaderMap, body: axum::body::Bytes) -> impl IntoResponse {
+    let user = match login_user(&headers, &body) {
+        Ok(user) => user,
+        Err(problem) => {
+            let answer = format!(
+                "{problem}; send the user name as a form (user=alice) or as JSON ({{\"user\":\"alice\"}})\n"
+            );
+            return (StatusCode::BAD_REQUEST, answer).into_response();
+        }
+    };
     // A privilege change: a new session id, the old one stops working.
     session.cycle_id().await;
     session.set_user(&user).await;
     Json(serde_json::json!({ "user": user })).into_response()
+}
+
+/// The longest user name the demo accepts, in bytes.
+const MAX_USER_BYTES: usize = 64;
+
+/// The body of `POST /login`.
+#[derive(serde::Deserialize)]
+struct Login {
+    user: String,
+}
+
+/// The user name of a login request: a form (`user=alice`) or JSON
+/// (`{"user":"alice"}`), chosen by `Content-Type`. Anything else, or a name
+/// that is empty, too long or holds control characters, is an error saying
+/// what was wrong.
+fn login_user(headers: &HeaderMap, body: &[u8]) -> Result<String, String> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let login: Login = if essence == "application/x-www-form-urlencoded" {
+        serde_urlencoded::from_bytes(body).map_err(|_| "the form has no `user` field".to_owned())?
+    } else if essence == "application/json" || essence.ends_with("+json") {
+        serde_json::from_slice(body)
+            .map_err(|_| "the JSON is not an object with a string `user`".to_owned())?
+    } else if essence.is_empty() {
+        return Err("the request has no Content-Type".to_owned());
+    } else {
+        return Err(format!("Content-Type {essence} is not a form nor JSON"));
+    };
+    let user = login.user.trim();
+    if user.is_empty() {
+        return Err("the user name is empty".to_owned());
+    }
+    if user.len() > MAX_USER_BYTES {
+        return Err(format!(
+            "the user name is longer than {MAX_USER_BYTES} bytes"
+        ));
+    }
+    if user.chars().any(char::is_control) {
+        return Err("the user name holds control characters".to_owned());
+    }
+    Ok(user.to_owned())
+}
+
+/// Where to listen: `BIND` is an address (`127.0.0.1`, `0.0.0.0`, `::`),
+/// with the port from `PORT`, or host:port (`0.0.0.0:8080`, `[::]:8080`,
+/// `localhost:8080`). `PORT` defaults to 3000; when both name a port they
+/// must agree. Unset and empty variables count as not given.
+fn listen_address(bind: Option<&str>, port: Option<&str>) -> Result<SocketAddr, String> {
+    use std::net::{IpAddr, ToSocketAddrs};
+
+    let bind = bind
+        .map(str::trim)
+        .filter(|b| !b.is_empty())
+        .unwrap_or("127.0.0.1");
+    let port_var = port.map(str::trim).filter(|p| !p.is_empty());
+    let port = match port_var {
+        Some(port) => Some(
+            port.parse::<u16>()
+                .map_err(|_| format!("PORT={port} is not a port number (0 to 65535)"))?,
+        ),
+        None => None,
+    };
+    let with_port = |named: u16| match port {
+        Some(port) if port != named => Err(format!(
+            "BIND={bind} names port {named} and PORT={port} another; set the port in one of them"
+        )),
+        _ => Ok(named),
+    };
+    if let Ok(addr) = bind.parse::<SocketAddr>() {
+        return with_port(addr.port()).map(|_| addr);
+    }
+    let fallback_port = port.unwrap_or(3000);
+    if let Ok(ip) = bind
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        return Ok(SocketAddr::new(ip, fallback_port));
+    }
+    // A host name, with or without a port.
+    let (host, port) = match bind.rsplit_once(':') {
+        Some((host, named)) if !host.contains(':') => {
+            let named = named
+                .parse::<u16>()
+                .map_err(|_| format!("BIND={bind}: `{named}` is not a port number (0 to 65535)"))?;
+            (host, with_port(named)?)
+        }
+        _ => (bind, fallback_port),
+    };
+    (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| {
+            format!(
+                "BIND={bind} is neither an address (127.0.0.1, 0.0.0.0, ::) nor host:port \
+                 (0.0.0.0:8080, [::]:8080, localhost:8080)"
+            )
+        })
 }
 
 async fn logout(session: Session) -> impl IntoResponse {
@@ -333,4 +451,117 @@ async fn healthz(State(app): State<App>) -> impl IntoResponse {
 
 async fn metrics_text(State(app): State<App>) -> impl IntoResponse {
     app.metrics.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn typed(content_type: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_str(content_type).unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn login_takes_a_form_or_json() {
+        let form = typed("application/x-www-form-urlencoded");
+        assert_eq!(login_user(&form, b"user=alice").unwrap(), "alice");
+        assert_eq!(
+            login_user(&form, b"user=al%20ice&remember=1").unwrap(),
+            "al ice"
+        );
+        let json = typed("application/json; charset=utf-8");
+        assert_eq!(login_user(&json, br#"{"user":"alice"}"#).unwrap(), "alice");
+        assert_eq!(login_user(&json, br#"{"user":" bob "}"#).unwrap(), "bob");
+    }
+
+    #[test]
+    fn login_refuses_anything_else_with_a_reason() {
+        let form = typed("application/x-www-form-urlencoded");
+        let json = typed("application/json");
+        // The raw name, as the demo took it before: no `user` field.
+        assert!(
+            login_user(&form, b"alice")
+                .unwrap_err()
+                .contains("no `user` field")
+        );
+        assert!(login_user(&json, b"alice").unwrap_err().contains("JSON"));
+        assert!(login_user(&json, br#"{"user":42}"#).is_err());
+        assert!(
+            login_user(&HeaderMap::new(), b"user=alice")
+                .unwrap_err()
+                .contains("Content-Type")
+        );
+        assert!(
+            login_user(&typed("text/plain"), b"alice")
+                .unwrap_err()
+                .contains("text/plain")
+        );
+        assert!(login_user(&form, b"user=").unwrap_err().contains("empty"));
+        assert!(login_user(&form, format!("user={}", "a".repeat(65)).as_bytes()).is_err());
+        assert!(
+            login_user(&form, b"user=a%0Ab")
+                .unwrap_err()
+                .contains("control")
+        );
+        assert!(login_user(&form, &[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn bind_is_an_address_or_host_and_port() {
+        let addr = |bind: Option<&str>, port: Option<&str>| listen_address(bind, port);
+        assert_eq!(addr(None, None).unwrap(), "127.0.0.1:3000".parse().unwrap());
+        assert_eq!(
+            addr(Some("0.0.0.0"), Some("8080")).unwrap(),
+            "0.0.0.0:8080".parse().unwrap()
+        );
+        assert_eq!(
+            addr(Some("0.0.0.0:8080"), None).unwrap(),
+            "0.0.0.0:8080".parse().unwrap()
+        );
+        assert_eq!(
+            addr(Some("::"), Some("8080")).unwrap(),
+            "[::]:8080".parse().unwrap()
+        );
+        assert_eq!(
+            addr(Some("[::]:8080"), None).unwrap(),
+            "[::]:8080".parse().unwrap()
+        );
+        assert_eq!(
+            addr(Some("[::1]"), None).unwrap(),
+            "[::1]:3000".parse().unwrap()
+        );
+        assert_eq!(
+            addr(Some("0.0.0.0:8080"), Some("8080")).unwrap().port(),
+            8080
+        );
+        assert_eq!(
+            addr(Some(""), Some("")).unwrap(),
+            "127.0.0.1:3000".parse().unwrap()
+        );
+        assert!(
+            addr(Some("localhost:8080"), None)
+                .unwrap()
+                .ip()
+                .is_loopback()
+        );
+    }
+
+    #[test]
+    fn bind_mistakes_are_clear_errors() {
+        let error = listen_address(Some("0.0.0.0:8080"), Some("3000")).unwrap_err();
+        assert!(error.contains("8080") && error.contains("3000"), "{error}");
+        assert!(
+            listen_address(None, Some("http"))
+                .unwrap_err()
+                .contains("PORT=http")
+        );
+        assert!(listen_address(Some("0.0.0.0:99999"), None).is_err());
+        assert!(listen_address(Some("0.0.0.0:80:80"), None).is_err());
+        assert!(listen_address(Some("no such host.invalid"), None).is_err());
+    }
 }

@@ -129,7 +129,7 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// Connects a manager with the chaos pacing (see [`config`]) and builds the app.
+    /// Connects a manager with the chaos pacing (see [`tuned`]) and builds the app.
     pub async fn start(config: RedisConfigBuilder) -> Self {
         let manager = RedisManager::connect(tuned(config).build().expect("valid Redis config"))
             .await

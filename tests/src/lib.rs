@@ -7,3 +7,8 @@
 pub mod answer;
 pub mod chaos;
 pub mod held_up;
+
+/// The root README's Rust code blocks, compiled by `cargo test --doc -p tests`.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct RootReadme;

@@ -549,7 +549,14 @@ async fn server_walkthrough_survives_a_redis_outage() {
     assert!(stats.body.contains("\"hit_ratio\""), "{}", stats.body);
 
     // Log in, who am I, a per-user limit, log out.
-    let login = send(&http, Method::POST, &server.url("/login"), &[], "alice").await;
+    let login = send(
+        &http,
+        Method::POST,
+        &server.url("/login"),
+        FORM,
+        "user=alice",
+    )
+    .await;
     assert_eq!(login.status, StatusCode::OK);
     assert!(
         login.header("set-cookie").contains("HttpOnly"),
@@ -685,7 +692,7 @@ async fn server_walkthrough_survives_a_redis_outage() {
         ["open", "half_open"].contains(&health["redis"]["state"].as_str().unwrap_or("")),
         "{health}"
     );
-    let login = send(&http, Method::POST, &server.url("/login"), &[], "bob").await;
+    let login = send(&http, Method::POST, &server.url("/login"), FORM, "user=bob").await;
     assert_eq!(login.status, StatusCode::OK);
     let bob = session_cookie(&login);
     let me = send(
@@ -812,6 +819,85 @@ async fn server_starts_without_redis_and_says_so_once() {
         get(&http, &memory.url("/products/1")).await.status,
         StatusCode::OK
     );
+}
+
+/// What `curl -d user=alice` sends.
+const FORM: &[(&str, &str)] = &[("content-type", "application/x-www-form-urlencoded")];
+
+/// `BIND` in host:port form (a user's habit) is accepted as well as an
+/// address; and `POST /login` takes the user as a form or as JSON, and
+/// answers anything else with a 400 that says what to send.
+#[tokio::test]
+async fn server_bind_host_port_and_login_bodies() {
+    let http = http_client();
+    let server = Running::start(
+        "server",
+        &[],
+        &[
+            ("REDIS_URL", "memory"),
+            ("BIND", "127.0.0.1:0"),
+            ("PORT", ""),
+        ],
+    )
+    .await;
+    assert!(server.addr.ip().is_loopback(), "{}", server.addr);
+
+    let form = send(
+        &http,
+        Method::POST,
+        &server.url("/login"),
+        FORM,
+        "user=alice",
+    )
+    .await;
+    assert_eq!(form.status, StatusCode::OK, "{}", form.body);
+    assert_eq!(form.json()["user"], "alice");
+    let json = &[("content-type", "application/json")];
+    let login = send(
+        &http,
+        Method::POST,
+        &server.url("/login"),
+        json,
+        r#"{"user":"bob"}"#,
+    )
+    .await;
+    assert_eq!(login.status, StatusCode::OK, "{}", login.body);
+    assert_eq!(login.json()["user"], "bob");
+    let bob = session_cookie(&login);
+    let me = send(
+        &http,
+        Method::GET,
+        &server.url("/me"),
+        &[("cookie", &bob)],
+        "",
+    )
+    .await;
+    assert_eq!(me.json()["user"], "bob");
+
+    // The raw name (what the demo took before), a JSON string, no body.
+    for (headers, body) in [
+        (FORM, "alice"),
+        (&[][..], "alice"),
+        (json, r#"{"user":"#),
+        (json, r#"{"name":"alice"}"#),
+        (FORM, ""),
+    ] {
+        let refused = send(&http, Method::POST, &server.url("/login"), headers, body).await;
+        assert_eq!(
+            refused.status,
+            StatusCode::BAD_REQUEST,
+            "{headers:?} {body:?}"
+        );
+        assert!(
+            refused.body.contains("user=alice") && refused.body.contains(r#"{"user":"alice"}"#),
+            "says what to send: {}",
+            refused.body
+        );
+        assert!(
+            refused.header("set-cookie").is_empty(),
+            "no session for a refused login"
+        );
+    }
 }
 
 /// The admin token guards purges: it is never written to the `tracing`

@@ -165,6 +165,45 @@ impl CacheHandle {
     /// on its host, or a path with an optional query (`/products/1?page=2`)
     /// on every host. The query is normalised as the URL's route does for
     /// its keys (sorted, ignored parameters removed).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .route(Route::new("*").default_ttl(Duration::from_secs(60)))
+    ///     .build()?;
+    /// let handle = cache.handle();
+    /// let app = Router::new().route("/products/{id}", get(|| async { "a product" })).layer(cache);
+    ///
+    /// send(&app, req("http://shop.example/products/1?page=2")).await;
+    /// // A path purges that URL on every host; an absolute URL on its host only.
+    /// handle.purge_url("/products/1?page=2").await?;
+    /// assert!(status(&send(&app, req("http://shop.example/products/1?page=2")).await).contains("miss"));
+    /// assert!(handle.purge_url("not a url").await.is_err());
+    /// # Ok(()) }
+    /// ```
     pub async fn purge_url(&self, url: &str) -> Result<Purged, InvalidUrl> {
         let target = self.target_of(url)?;
         Ok(self.config.store.purge(&target, None).await)
@@ -182,6 +221,48 @@ impl CacheHandle {
 
     /// Removes every URL whose path starts with `prefix` (`/products/`), on
     /// every host. Costs O(URLs under the prefix's directory).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .route(Route::new("*").default_ttl(Duration::from_secs(60)))
+    ///     .build()?;
+    /// let handle = cache.handle();
+    /// let app = Router::new()
+    ///     .route("/products/{id}", get(|| async { "a product" }))
+    ///     .route("/about", get(|| async { "about" }))
+    ///     .layer(cache);
+    ///
+    /// send(&app, req("http://shop.example/products/1")).await;
+    /// send(&app, req("http://shop.example/about")).await;
+    /// handle.purge_prefix("/products/").await?;
+    /// assert!(status(&send(&app, req("http://shop.example/products/1")).await).contains("miss"));
+    /// assert!(status(&send(&app, req("http://shop.example/about")).await).starts_with("tower-redis; hit"));
+    /// # Ok(()) }
+    /// ```
     pub async fn purge_prefix(&self, prefix: &str) -> Result<Purged, InvalidUrl> {
         if !prefix.starts_with('/') {
             return Err(InvalidUrl {
@@ -240,6 +321,45 @@ impl CacheHandle {
     }
 
     /// Counters of this instance and the size of the cache.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .route(Route::new("*").default_ttl(Duration::from_secs(60)))
+    ///     .build()?;
+    /// let handle = cache.handle();
+    /// let app = Router::new().route("/", get(|| async { "home" })).layer(cache);
+    ///
+    /// send(&app, req("http://shop.example/")).await; // miss
+    /// send(&app, req("http://shop.example/")).await; // hit
+    /// let stats = handle.stats().await;
+    /// assert_eq!((stats.hits, stats.misses), (1, 1));
+    /// assert_eq!(stats.hit_ratio, 0.5);
+    /// # Ok(()) }
+    /// ```
     pub async fn stats(&self) -> Stats {
         let counters = &self.config.store.counters;
         let hits = counters.hits.load(Ordering::Relaxed);

@@ -203,6 +203,45 @@ impl CacheLayerBuilder {
     /// Replaces [`DEFAULT_UNKEYED_HEADERS`]: the request headers whose
     /// presence stops a response from being stored, because an origin that
     /// reflects them would poison the entry for everyone.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .unkeyed_headers(["x-forwarded-host", "x-tenant"])
+    ///     .route(Route::new("*").default_ttl(Duration::from_secs(60)))
+    ///     .build()?;
+    /// let app = Router::new().route("/", get(|| async { "home" })).layer(cache);
+    ///
+    /// // Answered, but not stored: the origin might have reflected `X-Tenant`.
+    /// let tenant = Request::get("http://shop.example/").header("x-tenant", "a").body(Body::empty())?;
+    /// assert!(!status(&send(&app, tenant).await).contains("stored"));
+    /// // Without it, stored.
+    /// assert!(status(&send(&app, req("http://shop.example/")).await).contains("stored"));
+    /// # Ok(()) }
+    /// ```
     pub fn unkeyed_headers<I, S>(mut self, names: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -244,12 +283,92 @@ impl CacheLayerBuilder {
     }
 
     /// Adds route rules; the first route whose pattern matches applies.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .route(Route::new("/products/drafts/*").bypass())
+    ///     .route(Route::new("/products/*").default_ttl(Duration::from_secs(60)))
+    ///     .build()?;
+    /// let app = Router::new()
+    ///     .route("/products/{id}", get(|| async { "a product" }))
+    ///     .route("/products/drafts/{id}", get(|| async { "a draft" }))
+    ///     .layer(cache);
+    ///
+    /// assert!(status(&send(&app, req("http://shop.example/products/1")).await).contains("stored"));
+    /// // Both routes match a draft; the first one added wins.
+    /// let draft = send(&app, req("http://shop.example/products/drafts/1")).await;
+    /// assert!(!status(&draft).contains("stored"));
+    /// # Ok(()) }
+    /// ```
     pub fn route(mut self, route: Route) -> Self {
         self.routes.push(route);
         self
     }
 
     /// The rules for paths no route matches (default: origin headers only).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // Paths under /api are never cached; every other path is, for 30 s.
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .route(Route::new("/api/*").bypass())
+    ///     .default_route(Route::new("*").default_ttl(Duration::from_secs(30)))
+    ///     .build()?;
+    /// let app = Router::new().route("/about", get(|| async { "about us" })).layer(cache);
+    ///
+    /// send(&app, req("http://shop.example/about")).await;
+    /// let hit = send(&app, req("http://shop.example/about")).await;
+    /// assert!(status(&hit).starts_with("tower-redis; hit"));
+    /// assert!((29..=30).contains(&ttl(&hit)));
+    /// # Ok(()) }
+    /// ```
     pub fn default_route(mut self, route: Route) -> Self {
         self.default_route = route;
         self
@@ -258,6 +377,48 @@ impl CacheLayerBuilder {
     /// A targeted cache-control field (RFC 9213) this cache obeys before
     /// `Cache-Control`, after `CDN-Cache-Control`. Lets an app say "cache
     /// here, not in browsers".
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // Browsers are told not to cache; this cache is told to, for a minute.
+    /// let origin = || async {
+    ///     ([("cache-control", "no-cache"), ("shop-cache-control", "max-age=60")], "prices")
+    /// };
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .targeted_field("shop-cache-control")
+    ///     .build()?;
+    /// let app = Router::new().route("/prices", get(origin)).layer(cache);
+    ///
+    /// let first = send(&app, req("http://shop.example/prices")).await;
+    /// assert!(status(&first).contains("stored"));
+    /// assert_eq!(first.headers()["cache-control"], "no-cache"); // what the browser sees
+    /// let second = send(&app, req("http://shop.example/prices")).await;
+    /// assert!(status(&second).starts_with("tower-redis; hit"));
+    /// # Ok(()) }
+    /// ```
     pub fn targeted_field(mut self, name: &str) -> Self {
         self.targeted_fields.push(name.to_owned());
         self
@@ -273,6 +434,45 @@ impl CacheLayerBuilder {
     /// responses are not stored: an app route that forgot `Cache-Control`
     /// is not cached by surprise. A proxy in front of static files wants it
     /// on.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // No `Cache-Control`, no `Expires`: only a `Last-Modified` years ago.
+    /// let origin = || async { ([("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT")], "an old page") };
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .heuristic_freshness(true)
+    ///     .build()?;
+    /// let app = Router::new().route("/old", get(origin)).layer(cache);
+    ///
+    /// assert!(status(&send(&app, req("http://shop.example/old")).await).contains("stored"));
+    /// let hit = send(&app, req("http://shop.example/old")).await;
+    /// // Fresh for 10% of its age, at most a day.
+    /// assert!(ttl(&hit) > 86_000 && ttl(&hit) <= 86_400);
+    /// # Ok(()) }
+    /// ```
     pub fn heuristic_freshness(mut self, enabled: bool) -> Self {
         self.heuristic = enabled;
         self
@@ -291,6 +491,45 @@ impl CacheLayerBuilder {
     /// `Set-Cookie`, and every hit sends it, except when the response says
     /// `private="Set-Cookie"` or `no-cache="Set-Cookie"`: then the copy is
     /// stored and used without that one field (§5.2.2.7, §5.2.2.4).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let origin = || async {
+    ///     ([("cache-control", "public, max-age=60"), ("set-cookie", "theme=dark")], "home")
+    /// };
+    /// let app = |cache| Router::new().route("/", get(origin)).layer(cache);
+    ///
+    /// // By default a response that sets a cookie is not stored.
+    /// let default = app(CacheLayer::builder(RedisManager::disabled()).build()?);
+    /// assert!(!status(&send(&default, req("http://shop.example/")).await).contains("stored"));
+    /// // Allowed, it is (with its `Set-Cookie`, for everyone).
+    /// let allowed = app(CacheLayer::builder(RedisManager::disabled()).store_set_cookie(true).build()?);
+    /// assert!(status(&send(&allowed, req("http://shop.example/")).await).contains("stored"));
+    /// # Ok(()) }
+    /// ```
     pub fn store_set_cookie(mut self, enabled: bool) -> Self {
         self.store_set_cookie = enabled;
         self
@@ -298,6 +537,45 @@ impl CacheLayerBuilder {
 
     /// Only these hosts (the request's `Host` / authority) are cached; other
     /// requests pass through. Empty (the default) caches every host.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .allowed_hosts(["shop.example"])
+    ///     .route(Route::new("*").default_ttl(Duration::from_secs(60)))
+    ///     .build()?;
+    /// let app = Router::new().route("/", get(|| async { "home" })).layer(cache);
+    ///
+    /// assert!(status(&send(&app, req("http://shop.example/")).await).contains("stored"));
+    /// // Another `Host` passes through the cache untouched.
+    /// let other = send(&app, req("http://attacker.example/")).await;
+    /// assert_eq!(status(&other), "");
+    /// assert_eq!(other.body(), "home");
+    /// # Ok(()) }
+    /// ```
     pub fn allowed_hosts<I, S>(mut self, hosts: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -308,6 +586,48 @@ impl CacheLayerBuilder {
     }
 
     /// Larger bodies are streamed to the client but not stored (default 1 MiB).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .max_body_bytes(8)
+    ///     .route(Route::new("*").default_ttl(Duration::from_secs(60)))
+    ///     .build()?;
+    /// let app = Router::new()
+    ///     .route("/small", get(|| async { "tiny" }))
+    ///     .route("/large", get(|| async { "more than eight bytes" }))
+    ///     .layer(cache);
+    ///
+    /// assert!(status(&send(&app, req("http://shop.example/small")).await).contains("stored"));
+    /// // The client gets the whole body; the cache keeps nothing.
+    /// let large = send(&app, req("http://shop.example/large")).await;
+    /// assert_eq!(large.body(), "more than eight bytes");
+    /// assert!(!status(&large).contains("stored"));
+    /// # Ok(()) }
+    /// ```
     pub fn max_body_bytes(mut self, bytes: usize) -> Self {
         self.max_body_bytes = bytes;
         self
@@ -322,6 +642,46 @@ impl CacheLayerBuilder {
 
     /// Adds a strong `ETag` (a hash of the body) to stored responses that
     /// have none, so later hits answer `If-None-Match` (default off).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .generate_etags(true)
+    ///     .route(Route::new("*").default_ttl(Duration::from_secs(60)))
+    ///     .build()?;
+    /// let app = Router::new().route("/", get(|| async { "home" })).layer(cache);
+    ///
+    /// send(&app, req("http://shop.example/")).await;
+    /// let hit = send(&app, req("http://shop.example/")).await;
+    /// let etag = hit.headers()["etag"].clone();
+    /// // A client that has the body already gets a 304 from the cache.
+    /// let revalidate = Request::get("http://shop.example/").header("if-none-match", etag).body(Body::empty())?;
+    /// assert_eq!(send(&app, revalidate).await.status(), 304);
+    /// # Ok(()) }
+    /// ```
     pub fn generate_etags(mut self, enabled: bool) -> Self {
         self.generate_etags = enabled;
         self
@@ -351,6 +711,46 @@ impl CacheLayerBuilder {
     /// The response headers that carry tags: `Surrogate-Key`
     /// (space-separated) and `Cache-Tag` (comma-separated) by default. Any
     /// other name is read as a comma- or space-separated list.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let origin = || async { ([("cache-control", "max-age=60"), ("x-tags", "sale, shoes")], "red shoes") };
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .tag_headers(["x-tags"])
+    ///     .build()?;
+    /// let handle = cache.handle();
+    /// let app = Router::new().route("/shoes/red", get(origin)).layer(cache);
+    ///
+    /// let first = send(&app, req("http://shop.example/shoes/red")).await;
+    /// assert!(first.headers().get("x-tags").is_none()); // removed before the client
+    /// handle.purge_tag("sale").await;
+    /// let after = send(&app, req("http://shop.example/shoes/red")).await;
+    /// assert!(status(&after).contains("miss"), "purged: {}", status(&after));
+    /// # Ok(()) }
+    /// ```
     pub fn tag_headers<I, S>(mut self, names: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -362,6 +762,43 @@ impl CacheLayerBuilder {
 
     /// Whether tag headers are removed from responses before they reach the
     /// client (and from stored entries). Default: removed.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let origin = || async { ([("cache-control", "max-age=60"), ("surrogate-key", "home")], "home") };
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .strip_tag_headers(false) // e.g. a CDN in front purges by the same tags
+    ///     .build()?;
+    /// let app = Router::new().route("/", get(origin)).layer(cache);
+    ///
+    /// send(&app, req("http://shop.example/")).await;
+    /// let hit = send(&app, req("http://shop.example/")).await;
+    /// assert_eq!(hit.headers()["surrogate-key"], "home");
+    /// # Ok(()) }
+    /// ```
     pub fn strip_tag_headers(mut self, strip: bool) -> Self {
         self.strip_tag_headers = strip;
         self
@@ -399,6 +836,46 @@ impl CacheLayerBuilder {
     /// cache revalidate with the origin (`no-cache`, `max-age=0`) or keep
     /// an answer out of the cache (`no-store`); ignore them when the
     /// clients are not yours, as a CDN edge does.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_redis_cache::RequestCacheControl;
+    ///
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .request_cache_control(RequestCacheControl::Ignore)
+    ///     .route(Route::new("*").default_ttl(Duration::from_secs(60)))
+    ///     .build()?;
+    /// let app = Router::new().route("/", get(|| async { "home" })).layer(cache);
+    ///
+    /// send(&app, req("http://shop.example/")).await;
+    /// // A client's `no-cache` does not reach the origin.
+    /// let reload = Request::get("http://shop.example/").header("cache-control", "no-cache").body(Body::empty())?;
+    /// assert!(status(&send(&app, reload).await).starts_with("tower-redis; hit"));
+    /// # Ok(()) }
+    /// ```
     pub fn request_cache_control(mut self, policy: RequestCacheControl) -> Self {
         self.request_cache_control = policy;
         self
@@ -426,6 +903,43 @@ impl CacheLayerBuilder {
     }
 
     /// Checks everything and builds the layer.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_redis_cache::ConfigError;
+    ///
+    /// let error = CacheLayer::builder(RedisManager::disabled())
+    ///     .unkeyed_headers(["not a header name"])
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert!(matches!(error, ConfigError::HeaderName(_)));
+    /// let error = CacheLayer::builder(RedisManager::disabled()).max_body_bytes(0).build().unwrap_err();
+    /// println!("{error}"); // says which setting is wrong
+    /// # Ok(()) }
+    /// ```
     pub fn build(self) -> Result<CacheLayer, ConfigError> {
         if self.max_body_bytes == 0 {
             return Err(ConfigError::ZeroBodyLimit);

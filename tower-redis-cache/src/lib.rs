@@ -2,23 +2,44 @@
 //! [`tower_redis_core::RedisManager`], and kept alive in process while Redis
 //! is down.
 //!
-//! ```no_run
+//! ```
 //! use std::time::Duration;
-//! use axum::{Router, routing::get};
-//! use tower_redis_cache::{CacheLayer, Route};
-//! use tower_redis_core::{RedisConfig, RedisManager};
+//! use axum::{Router, body::Body, routing::get};
+//! use http::{Request, header};
+//! use http_body_util::BodyExt;
+//! use tower::ServiceExt;
+//! use tower_redis_cache::{CacheLayer, RedisManager, Route};
 //!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let redis = RedisManager::connect(RedisConfig::from_env()?).await?;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // In an app: RedisManager::connect(RedisConfig::from_env()?).await?
+//! // Here, no Redis: the cache runs on its in-process store.
+//! let redis = RedisManager::disabled();
 //! let cache = CacheLayer::builder(redis)
 //!     .route(Route::new("/products/*").default_ttl(Duration::from_secs(60)))
 //!     .route(Route::new("/account/*").bypass())
 //!     .build()?;
-//! let app: Router = Router::new()
+//! let app = Router::new()
 //!     .route("/products/{id}", get(|| async { "a product" }))
 //!     .layer(cache);
-//! # let _ = app; Ok(()) }
+//!
+//! let get_product = || Request::get("http://shop.example/products/1").body(Body::empty());
+//! // First call: a miss, answered by the app and stored.
+//! let first = app.clone().oneshot(get_product()?).await?;
+//! let status = first.headers()[header::HeaderName::from_static("cache-status")].to_str()?;
+//! assert!(status.starts_with("tower-redis; fwd=uri-miss; stored"), "{status}");
+//! first.into_body().collect().await?; // the entry is stored once the body is read
+//!
+//! // Second call: served from the cache, with its `Age`.
+//! let second = app.oneshot(get_product()?).await?;
+//! let status = second.headers()["cache-status"].to_str()?;
+//! assert!(status.starts_with("tower-redis; hit; ttl="), "{status}");
+//! assert!(second.headers().contains_key(header::AGE));
+//! assert_eq!(second.into_body().collect().await?.to_bytes(), "a product");
+//! # Ok(()) }
 //! ```
+//!
+//! (Without Redis every `Cache-Status` also says `detail=redis-unavailable`.)
 //!
 //! # What it does
 //!
@@ -103,6 +124,18 @@
 //!   coherent by pub/sub invalidations from every instance; not used while
 //!   the pub/sub connection or Redis is down, emptied when it reconnects,
 //!   and each copy lives at most its TTL.
+//!
+//! # Features
+//!
+//! - `metrics`: counts requests by result with the `metrics` facade
+//!   (`tower_redis_cache_requests_total{result, stored, degraded}`), plus
+//!   the connection manager's breaker and fallback metrics.
+//! - `axum`: [`admin::CacheAdmin`], an axum `Router` for purges, entry
+//!   lookup, stats and warming behind an authorisation check.
+//!
+//! Everything a layer needs is re-exported here ([`RedisManager`],
+//! [`RedisConfig`], [`Error`], [`Forwarding`]), so that this crate is the
+//! only dependency to add.
 //!
 //! # Redis
 //!
@@ -244,8 +277,10 @@
 //! assert_eq!(data.get::<String>("product:42:name").await?, None);
 //! # Ok(()) }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod admin;
 mod body;
 mod bus;
@@ -270,3 +305,21 @@ pub use route::Route;
 pub use service::RequestCacheControl;
 pub use service::{Cache, ResponseFuture};
 pub use tower_redis_core::forwarding::{Forwarding, ForwardingHeader};
+
+// One dependency line is enough: what building this layer needs from
+// `tower-redis-core`, under the same names.
+/// The whole core crate, for what the names above do not cover (its
+/// `testing` harness, `degrade`, `keys`, `redis`).
+pub use tower_redis_core;
+/// The connection manager's invalid-configuration error
+/// ([`tower_redis_core::ConfigError`]), returned by [`RedisConfig::from_env`]
+/// and [`RedisConfigBuilder::build`].
+pub use tower_redis_core::ConfigError as RedisConfigError;
+pub use tower_redis_core::{
+    BreakerState, Error, Health, RedisConfig, RedisConfigBuilder, RedisManager,
+};
+
+/// The crate README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

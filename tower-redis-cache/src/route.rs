@@ -81,6 +81,45 @@ impl Route {
     }
 
     /// Never cache these paths (they still invalidate on unsafe requests).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .route(Route::new("/cart").bypass())
+    ///     .build()?;
+    /// let origin = || async { ([("cache-control", "public, max-age=60")], "your cart") };
+    /// let app = Router::new().route("/cart", get(origin)).layer(cache);
+    ///
+    /// for _ in 0..2 {
+    ///     // Whatever the origin says, never stored and never served from the cache.
+    ///     let cart = send(&app, req("http://shop.example/cart")).await;
+    ///     assert!(!status(&cart).contains("stored") && !status(&cart).contains("hit"));
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn bypass(mut self) -> Self {
         self.enabled = false;
         self
@@ -89,18 +128,130 @@ impl Route {
     /// Freshness for responses that state none (no `max-age`, `s-maxage`,
     /// `Expires`). Without it such responses are only stored when heuristic
     /// freshness is enabled on the layer.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // The origin says nothing about freshness.
+    /// let app = |route| {
+    ///     let cache = CacheLayer::builder(RedisManager::disabled()).route(route).build().unwrap();
+    ///     Router::new().route("/news", get(|| async { "news" })).layer(cache)
+    /// };
+    ///
+    /// let without = app(Route::new("/news"));
+    /// assert!(!status(&send(&without, req("http://shop.example/news")).await).contains("stored"));
+    /// let with = app(Route::new("/news").default_ttl(Duration::from_secs(60)));
+    /// assert!(status(&send(&with, req("http://shop.example/news")).await).contains("stored"));
+    /// # Ok(()) }
+    /// ```
     pub fn default_ttl(mut self, ttl: Duration) -> Self {
         self.default_ttl = Some(ttl);
         self
     }
 
     /// Raises shorter freshness lifetimes to this.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let origin = || async { ([("cache-control", "max-age=5")], "prices") };
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .route(Route::new("/prices").min_ttl(Duration::from_secs(60)))
+    ///     .build()?;
+    /// let app = Router::new().route("/prices", get(origin)).layer(cache);
+    ///
+    /// send(&app, req("http://shop.example/prices")).await;
+    /// let hit = send(&app, req("http://shop.example/prices")).await;
+    /// assert!(ttl(&hit) > 50, "raised from 5 s to 60 s");
+    /// # Ok(()) }
+    /// ```
     pub fn min_ttl(mut self, ttl: Duration) -> Self {
         self.min_ttl = Some(ttl);
         self
     }
 
     /// Caps longer freshness lifetimes to this.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let origin = || async { ([("cache-control", "max-age=86400")], "prices") };
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .route(Route::new("/prices").max_ttl(Duration::from_secs(60)))
+    ///     .build()?;
+    /// let app = Router::new().route("/prices", get(origin)).layer(cache);
+    ///
+    /// send(&app, req("http://shop.example/prices")).await;
+    /// let hit = send(&app, req("http://shop.example/prices")).await;
+    /// assert!(ttl(&hit) <= 60, "capped from a day to 60 s");
+    /// # Ok(()) }
+    /// ```
     pub fn max_ttl(mut self, ttl: Duration) -> Self {
         self.max_ttl = Some(ttl);
         self
@@ -108,6 +259,43 @@ impl Route {
 
     /// Uses [`default_ttl`](Self::default_ttl) whatever freshness the origin
     /// states. `no-store`, `private` and `Set-Cookie` are still respected.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let origin = || async { ([("cache-control", "max-age=1")], "prices") };
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .route(Route::new("/prices").default_ttl(Duration::from_secs(300)).override_origin())
+    ///     .build()?;
+    /// let app = Router::new().route("/prices", get(origin)).layer(cache);
+    ///
+    /// send(&app, req("http://shop.example/prices")).await;
+    /// let hit = send(&app, req("http://shop.example/prices")).await;
+    /// assert!(ttl(&hit) > 290, "the route's 300 s, not the origin's 1 s");
+    /// # Ok(()) }
+    /// ```
     pub fn override_origin(mut self) -> Self {
         self.override_origin = true;
         self
@@ -115,12 +303,93 @@ impl Route {
 
     /// Keeps the query's parameter order as sent (by default parameters are
     /// sorted, so `?a=1&b=2` and `?b=2&a=1` share an entry).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let app = |route: Route| {
+    ///     let route = route.default_ttl(Duration::from_secs(60));
+    ///     let cache = CacheLayer::builder(RedisManager::disabled()).route(route).build().unwrap();
+    ///     Router::new().route("/search", get(|| async { "results" })).layer(cache)
+    /// };
+    ///
+    /// let sorted = app(Route::new("/search"));
+    /// send(&sorted, req("http://shop.example/search?a=1&b=2")).await;
+    /// let swapped = send(&sorted, req("http://shop.example/search?b=2&a=1")).await;
+    /// assert!(status(&swapped).starts_with("tower-redis; hit"));
+    ///
+    /// let as_sent = app(Route::new("/search").keep_query_order());
+    /// send(&as_sent, req("http://shop.example/search?a=1&b=2")).await;
+    /// let swapped = send(&as_sent, req("http://shop.example/search?b=2&a=1")).await;
+    /// assert!(status(&swapped).contains("miss"));
+    /// # Ok(()) }
+    /// ```
     pub fn keep_query_order(mut self) -> Self {
         self.sort_query = false;
         self
     }
 
     /// Query parameters left out of the key (a trailing `*` matches a prefix).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let route = Route::new("/products/*")
+    ///     .default_ttl(Duration::from_secs(60))
+    ///     .ignore_query_params(["utm_*", "fbclid"]);
+    /// let cache = CacheLayer::builder(RedisManager::disabled()).route(route).build()?;
+    /// let app = Router::new().route("/products/{id}", get(|| async { "a product" })).layer(cache);
+    ///
+    /// send(&app, req("http://shop.example/products/1?utm_source=mail")).await;
+    /// // Another campaign, same entry.
+    /// let hit = send(&app, req("http://shop.example/products/1?utm_source=ad&fbclid=x")).await;
+    /// assert!(status(&hit).starts_with("tower-redis; hit"));
+    /// # Ok(()) }
+    /// ```
     pub fn ignore_query_params<I, S>(mut self, params: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -137,6 +406,44 @@ impl Route {
     /// # Panics
     ///
     /// When `name` is not a valid header name.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let route = Route::new("*").default_ttl(Duration::from_secs(60)).key_header("accept-language");
+    /// let cache = CacheLayer::builder(RedisManager::disabled()).route(route).build()?;
+    /// let app = Router::new().route("/", get(|| async { "home" })).layer(cache);
+    /// let in_language = |lang: &str| {
+    ///     Request::get("http://shop.example/").header("accept-language", lang).body(Body::empty()).unwrap()
+    /// };
+    ///
+    /// send(&app, in_language("en")).await;
+    /// assert!(status(&send(&app, in_language("de")).await).contains("miss"));
+    /// assert!(status(&send(&app, in_language("en")).await).starts_with("tower-redis; hit"));
+    /// # Ok(()) }
+    /// ```
     pub fn key_header(mut self, name: &str) -> Self {
         match HeaderName::try_from(name) {
             Ok(name) => self.key_headers.push(name),
@@ -146,12 +453,90 @@ impl Route {
     }
 
     /// Adds a cookie's value to the key.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let route = Route::new("*").default_ttl(Duration::from_secs(60)).key_cookie("currency");
+    /// let cache = CacheLayer::builder(RedisManager::disabled()).route(route).build()?;
+    /// let app = Router::new().route("/prices", get(|| async { "prices" })).layer(cache);
+    /// let with_cookie = |cookie: &str| {
+    ///     Request::get("http://shop.example/prices").header("cookie", cookie).body(Body::empty()).unwrap()
+    /// };
+    ///
+    /// send(&app, with_cookie("currency=EUR; session=a")).await;
+    /// // Other cookies do not matter; the currency does.
+    /// assert!(status(&send(&app, with_cookie("currency=EUR; session=b")).await).starts_with("tower-redis; hit"));
+    /// assert!(status(&send(&app, with_cookie("currency=USD")).await).contains("miss"));
+    /// # Ok(()) }
+    /// ```
     pub fn key_cookie(mut self, name: &str) -> Self {
         self.key_cookies.push(name.to_owned());
         self
     }
 
     /// Adds a computed value to the key; `None` adds nothing.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // One entry per tenant, named by the first label of the host.
+    /// let route = Route::new("*").default_ttl(Duration::from_secs(60)).key_fn(|request| {
+    ///     let host = request.uri.host()?;
+    ///     host.split('.').next().map(str::to_owned)
+    /// });
+    /// let cache = CacheLayer::builder(RedisManager::disabled()).route(route).build()?;
+    /// let app = Router::new().route("/", get(|| async { "home" })).layer(cache);
+    ///
+    /// send(&app, req("http://acme.shop.example/")).await;
+    /// assert!(status(&send(&app, req("http://acme.shop.example/")).await).starts_with("tower-redis; hit"));
+    /// assert!(status(&send(&app, req("http://globex.shop.example/")).await).contains("miss"));
+    /// # Ok(()) }
+    /// ```
     pub fn key_fn<F>(mut self, key: F) -> Self
     where
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
@@ -182,6 +567,45 @@ impl Route {
 
     /// Tags every response stored under this route with `tag`, for
     /// [`CacheHandle::purge_tag`](crate::CacheHandle::purge_tag).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager, Route};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn req(uri: &str) -> Request<Body> {
+    /// #     Request::get(uri).body(Body::empty()).unwrap()
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # fn ttl(response: &Response<Bytes>) -> i64 {
+    /// #     let status = status(response);
+    /// #     let ttl = status.split("; ").find_map(|p| p.strip_prefix("ttl=")).expect(status);
+    /// #     ttl.parse().unwrap()
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = CacheLayer::builder(RedisManager::disabled())
+    ///     .route(Route::new("/products/*").default_ttl(Duration::from_secs(60)).tag("catalogue"))
+    ///     .build()?;
+    /// let handle = cache.handle();
+    /// let app = Router::new().route("/products/{id}", get(|| async { "a product" })).layer(cache);
+    ///
+    /// send(&app, req("http://shop.example/products/1")).await;
+    /// send(&app, req("http://shop.example/products/2")).await;
+    /// handle.purge_tag("catalogue").await; // both go
+    /// assert!(status(&send(&app, req("http://shop.example/products/1")).await).contains("miss"));
+    /// assert!(status(&send(&app, req("http://shop.example/products/2")).await).contains("miss"));
+    /// # Ok(()) }
+    /// ```
     pub fn tag(mut self, tag: &str) -> Self {
         self.tags.push(tag.to_owned());
         self

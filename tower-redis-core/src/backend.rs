@@ -108,7 +108,11 @@ impl Backend {
                         "check the URL",
                     )
                 })?;
-                Ok(Self::pool(config, ConnectTarget::Server(Box::new(client)), None))
+                Ok(Self::pool(
+                    config,
+                    ConnectTarget::Server(Box::new(client)),
+                    None,
+                ))
             }
             Topology::Sentinel(sentinel) => {
                 let discovery = SentinelDiscovery::new(config, sentinel).map_err(|e| {

@@ -281,6 +281,23 @@ impl RedisConfigBuilder {
     /// After [`sentinels`](Self::sentinels) (in either order), the URL
     /// gives the primary's credentials, database and TLS instead; its host
     /// and port are then not used.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_redis_core::{RedisConfig, RedisManager};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_redis_core::Topology;
+    ///
+    /// let config = RedisConfig::builder().url("redis://app:secret@redis.internal:6380/2").build()?;
+    /// let Topology::Standalone(url) = config.topology() else { unreachable!() };
+    /// assert_eq!(url.to_string(), "redis://app:***@redis.internal:6380/2"); // never the password
+    ///
+    /// // A wrong scheme fails at build, naming the field and the fix.
+    /// let error = RedisConfig::builder().url("http://redis.internal").build().unwrap_err();
+    /// assert_eq!(error.field, "url");
+    /// assert!(error.to_string().contains("redis://"));
+    /// # Ok(()) }
+    /// ```
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.url = Some(("url", url.into()));
         self.cluster_nodes = None;
@@ -333,6 +350,21 @@ impl RedisConfigBuilder {
     }
 
     /// Seed nodes of a Redis Cluster.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_redis_core::{RedisConfig, RedisManager};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_redis_core::Topology;
+    ///
+    /// // Seed nodes; replaces any `url`.
+    /// let config = RedisConfig::builder()
+    ///     .url("redis://ignored:6379")
+    ///     .cluster_nodes(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000", "redis://10.0.0.3:7000"])
+    ///     .build()?;
+    /// assert!(matches!(config.topology(), Topology::Cluster(nodes) if nodes.len() == 3));
+    /// # Ok(()) }
+    /// ```
     pub fn cluster_nodes<I, S>(mut self, nodes: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -355,6 +387,17 @@ impl RedisConfigBuilder {
     /// Each is multiplexed and an operation holds its pool slot only to clone
     /// the connection, so one carries most loads; raise it for very large
     /// values or a client with many cores (measure with the `core` bench).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_redis_core::{RedisConfig, RedisManager};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// assert_eq!(RedisConfig::builder().build()?.pool_size(), 1);
+    /// assert_eq!(RedisConfig::builder().pool_size(4).build()?.pool_size(), 4);
+    /// let error = RedisConfig::builder().pool_size(0).build().unwrap_err();
+    /// assert_eq!(error.field, "pool_size");
+    /// # Ok(()) }
+    /// ```
     pub fn pool_size(mut self, size: u32) -> Self {
         self.pool_size = size;
         self
@@ -368,12 +411,33 @@ impl RedisConfigBuilder {
 
     /// The longest a request path waits for Redis before taking its fallback
     /// (default 200 ms).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_redis_core::{RedisConfig, RedisManager};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = RedisConfig::builder().command_timeout(Duration::from_millis(50)).build()?;
+    /// assert_eq!(config.command_timeout(), Duration::from_millis(50));
+    /// // Zero would mean "always fall back": refused.
+    /// assert!(RedisConfig::builder().command_timeout(Duration::ZERO).build().is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.command_timeout = timeout;
         self
     }
 
     /// Consecutive failures that open the breaker (default 5).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_redis_core::{RedisConfig, RedisManager};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = RedisConfig::builder().failure_threshold(3).build()?;
+    /// assert_eq!(config.breaker().failure_threshold, 3);
+    /// assert!(RedisConfig::builder().failure_threshold(0).build().is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn failure_threshold(mut self, failures: u32) -> Self {
         self.breaker.failure_threshold = failures;
         self
@@ -381,6 +445,22 @@ impl RedisConfigBuilder {
 
     /// Delays between recovery probes: starts at `min`, doubles up to `max`,
     /// with jitter (default 50 ms to 2 s).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_redis_core::{RedisConfig, RedisManager};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = RedisConfig::builder()
+    ///     .probe_backoff(Duration::from_millis(100), Duration::from_secs(5))
+    ///     .build()?;
+    /// assert_eq!(config.breaker().probe_max_backoff, Duration::from_secs(5));
+    /// let error = RedisConfig::builder()
+    ///     .probe_backoff(Duration::from_secs(5), Duration::from_secs(1))
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert_eq!(error.field, "probe_backoff");
+    /// # Ok(()) }
+    /// ```
     pub fn probe_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.breaker.probe_min_backoff = min;
         self.breaker.probe_max_backoff = max;
@@ -389,6 +469,17 @@ impl RedisConfigBuilder {
 
     /// The prefix of every key (default `tower-redis`), so several apps can
     /// share one Redis.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_redis_core::{RedisConfig, RedisManager};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = RedisConfig::builder().key_prefix("shop").build()?;
+    /// assert_eq!(config.key_prefix(), "shop");
+    /// // The layers' keys all start with it, e.g. `shop:{rl}:rl:per-ip:k:…`.
+    /// assert_eq!(tower_redis_core::Keyspace::new("shop").key(&["visits"]), "shop:visits");
+    /// # Ok(()) }
+    /// ```
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.key_prefix = prefix.into();
         self
@@ -396,6 +487,26 @@ impl RedisConfigBuilder {
 
     /// Refuse to start when Redis cannot be reached (default: start on the
     /// fallbacks and recover later).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_redis_core::{RedisConfig, RedisManager};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_redis_core::Error;
+    ///
+    /// // Nothing listens on port 1.
+    /// let config = |required| {
+    ///     RedisConfig::builder().url("redis://127.0.0.1:1").require_redis(required).build().unwrap()
+    /// };
+    /// // By default the app starts on its fallbacks and recovers when Redis appears ...
+    /// let manager = RedisManager::connect(config(false)).await?;
+    /// assert!(!manager.is_available());
+    /// // ... required, startup fails instead.
+    /// let error = RedisManager::connect(config(true)).await.unwrap_err();
+    /// assert!(matches!(error, Error::Required { .. }), "{error}");
+    /// # Ok(()) }
+    /// ```
     pub fn require_redis(mut self, required: bool) -> Self {
         self.require_redis = required;
         self

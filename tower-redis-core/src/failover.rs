@@ -85,6 +85,22 @@ impl RedisManager {
     /// The operation gets a connection of its own (a cheap clone of a
     /// multiplexed connection). While the breaker is open this returns
     /// [`Error::BreakerOpen`] without calling Redis.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_redis_core::{RedisConfig, RedisManager};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_redis_core::Error;
+    ///
+    /// // No Redis: nothing is sent, and the caller decides what to do.
+    /// let manager = RedisManager::disabled();
+    /// let result = manager
+    ///     .run(|mut conn| async move { redis::cmd("PING").query_async::<String>(&mut conn).await })
+    ///     .await;
+    /// assert!(matches!(result, Err(Error::BreakerOpen)));
+    /// # Ok(()) }
+    /// ```
     pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, Error>
     where
         F: FnOnce(RedisConnection) -> Fut,

@@ -73,6 +73,23 @@ impl RedisManager {
     /// open, logs one warning, and a background probe closes the breaker once
     /// Redis answers. Only an invalid configuration fails, or an unreachable
     /// Redis when [`require_redis`](crate::RedisConfigBuilder::require_redis) is set.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_redis_core::{RedisConfig, RedisManager};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_redis_core::BreakerState;
+    ///
+    /// // Nothing listens on port 1: the manager starts anyway, with the breaker
+    /// // open, and a background probe connects when Redis answers.
+    /// let config = RedisConfig::builder().url("redis://127.0.0.1:1").build()?;
+    /// let manager = RedisManager::connect(config).await?;
+    /// let health = manager.health();
+    /// assert_ne!(health.state, BreakerState::Closed);
+    /// assert!(health.last_error.is_some());
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(config: RedisConfig) -> Result<Self, Error> {
         let backend = Backend::new(&config)?;
         let pubsub_client = crate::pubsub::client_for(&config);
@@ -123,6 +140,26 @@ impl RedisManager {
 
     /// A manager without Redis: every operation takes its fallback, for good.
     /// For development and for apps that want the layers' in-process behaviour only.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_redis_core::{RedisConfig, RedisManager};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_redis_core::{BreakerState, FallbackReason, Source};
+    ///
+    /// let manager = RedisManager::disabled();
+    /// assert_eq!(manager.health().state, BreakerState::Disabled);
+    /// let served = manager
+    ///     .failover(
+    ///         |mut conn| async move { redis::cmd("GET").arg("k").query_async::<Option<String>>(&mut conn).await },
+    ///         |_reason| async { Some("from memory".to_owned()) },
+    ///     )
+    ///     .await;
+    /// assert_eq!(served.value.as_deref(), Some("from memory"));
+    /// assert_eq!(served.source, Source::Fallback(FallbackReason::BreakerOpen));
+    /// # Ok(()) }
+    /// ```
     pub fn disabled() -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -152,6 +189,20 @@ impl RedisManager {
 
     /// A subscription to breaker transitions, for layers that must react
     /// (drop local entries, reconcile writes) when Redis comes back.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_redis_core::{RedisConfig, RedisManager};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_redis_core::BreakerState;
+    ///
+    /// let manager = RedisManager::disabled();
+    /// let mut state = manager.subscribe();
+    /// assert_eq!(*state.borrow_and_update(), BreakerState::Disabled);
+    /// // A layer waits on `state.changed().await` to react when Redis comes back.
+    /// # Ok(()) }
+    /// ```
     pub fn subscribe(&self) -> watch::Receiver<BreakerState> {
         self.inner.breaker.subscribe()
     }

@@ -66,6 +66,52 @@ impl Key {
     /// `ConnectInfo<SocketAddr>`, a `SocketAddr` or an `IpAddr`). Without
     /// one the key is missing and [`MissingKey`] applies; the layer logs a
     /// warning once, naming `into_make_service_with_connect_info`.
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::gcra("per-ip", 1, Duration::from_secs(60)).key(Key::client_ip()))
+    ///     .build()?;
+    /// let app = app(limits);
+    ///
+    /// send(&app, from("203.0.113.7", "/")).await;
+    /// assert_eq!(send(&app, from("203.0.113.7", "/")).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// // IPv6 clients are counted per /64: another address of the same network shares the quota.
+    /// send(&app, from("[2001:db8:1:2::1]", "/")).await;
+    /// assert_eq!(send(&app, from("[2001:db8:1:2::ffff]", "/")).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    ///
+    /// // Served without connect info there is no address: the policy cannot count
+    /// // the request and is skipped (and a warning is logged, once).
+    /// let no_peer = Request::get("/").body(Body::empty())?;
+    /// assert!(send(&app, no_peer).await.headers().get("ratelimit").is_none());
+    /// # Ok(()) }
+    /// ```
     pub fn client_ip() -> Self {
         Self {
             kind: KeyKind::ClientIp,
@@ -81,6 +127,51 @@ impl Key {
     /// # Panics
     ///
     /// When `name` is not a valid header name.
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::gcra("per-key", 1, Duration::from_secs(60)).key(Key::header("x-api-key")))
+    ///     .build()?;
+    /// let app = app(limits);
+    /// let with_key = |key: String| {
+    ///     let mut request = from("203.0.113.7", "/");
+    ///     request.headers_mut().insert("x-api-key", key.parse().unwrap());
+    ///     request
+    /// };
+    ///
+    /// let long = "k".repeat(300);
+    /// send(&app, with_key(long.clone())).await;
+    /// // A long key is counted under its hash, never skipped.
+    /// assert_eq!(send(&app, with_key(long)).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// # Ok(()) }
+    /// ```
     pub fn header(name: &str) -> Self {
         match HeaderName::try_from(name) {
             Ok(name) => Self {
@@ -108,6 +199,50 @@ impl Key {
     }
 
     /// A key computed from the request head; `None` means "no key".
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // The tenant is the first path segment under /t/.
+    /// let tenant = Key::from_fn(|request| {
+    ///     let rest = request.uri.path().strip_prefix("/t/")?;
+    ///     rest.split('/').next().map(str::to_owned)
+    /// });
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::gcra("per-tenant", 1, Duration::from_secs(60)).key(tenant))
+    ///     .build()?;
+    /// let app = Router::new().route("/t/{tenant}/items", get(|| async { "items" })).layer(limits);
+    ///
+    /// send(&app, from("203.0.113.7", "/t/acme/items")).await;
+    /// assert_eq!(send(&app, from("198.51.100.1", "/t/acme/items")).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// assert_eq!(send(&app, from("203.0.113.7", "/t/globex/items")).await.status(), StatusCode::OK);
+    /// # Ok(()) }
+    /// ```
     pub fn from_fn<F>(extract: F) -> Self
     where
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
@@ -131,6 +266,46 @@ impl Key {
     }
 
     /// One bucket for all requests (a global limit).
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::gcra("everyone", 2, Duration::from_secs(60)).key(Key::global()))
+    ///     .build()?;
+    /// let app = app(limits);
+    ///
+    /// send(&app, from("203.0.113.7", "/")).await;
+    /// send(&app, from("198.51.100.1", "/")).await;
+    /// // Whoever comes third waits.
+    /// assert_eq!(send(&app, from("192.0.2.1", "/")).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// # Ok(()) }
+    /// ```
     pub fn global() -> Self {
         Self {
             kind: KeyKind::Global,

@@ -179,6 +179,54 @@ impl fmt::Debug for RateLimitLayerBuilder {
 impl RateLimitLayerBuilder {
     /// Adds a policy. Every policy that applies to a request is decided with
     /// the others, all or nothing.
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::gcra("per-ip", 100, Duration::from_secs(60)))
+    ///     .policy(Policy::gcra("api", 1, Duration::from_secs(60)).path("/api/*"))
+    ///     .build()?;
+    /// let app = app(limits);
+    ///
+    /// // Under /api both policies apply, and both are reported.
+    /// let first = send(&app, from("203.0.113.7", "/api/items")).await;
+    /// let policies: Vec<&str> = first.headers().get_all("ratelimit-policy").iter().map(|v| v.to_str().unwrap()).collect();
+    /// assert_eq!(policies.join(", "), "\"per-ip\";q=100;w=60, \"api\";q=1;w=60");
+    /// // Denied by "api": all or nothing, so "per-ip" is not charged for it.
+    /// let second = send(&app, from("203.0.113.7", "/api/items")).await;
+    /// assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// let home = send(&app, from("203.0.113.7", "/")).await;
+    /// // 100 - 2 (the denied request was not counted); `local`: decided in process.
+    /// let field = home.headers()["ratelimit"].to_str()?;
+    /// assert!(field.starts_with("\"per-ip\";r=98;t=") && field.ends_with(";local"), "{field}");
+    /// # Ok(()) }
+    /// ```
     pub fn policy(mut self, policy: Policy) -> Self {
         self.policies.push(policy);
         self
@@ -223,6 +271,59 @@ impl RateLimitLayerBuilder {
     /// pick its own key). `Forwarded` is never read this way, because proxies
     /// pass a client's `Forwarded` on untouched; for proxies that write
     /// `Forwarded`, use [`forwarding`](Self::forwarding).
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::gcra("per-ip", 1, Duration::from_secs(60)))
+    ///     .trusted_proxies(["10.0.0.0/8"])
+    ///     .build()?;
+    /// let app = app(limits);
+    /// let via_proxy = |client: &str| {
+    ///     let mut request = from("10.0.0.2", "/");
+    ///     request.headers_mut().insert("x-forwarded-for", client.parse().unwrap());
+    ///     request
+    /// };
+    ///
+    /// // Two clients behind one proxy are counted apart.
+    /// assert_eq!(send(&app, via_proxy("198.51.100.1")).await.status(), StatusCode::OK);
+    /// assert_eq!(send(&app, via_proxy("198.51.100.2")).await.status(), StatusCode::OK);
+    /// assert_eq!(send(&app, via_proxy("198.51.100.1")).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// // From an untrusted peer the header is ignored: it cannot pick its own key.
+    /// let mut spoofed = from("203.0.113.7", "/");
+    /// spoofed.headers_mut().insert("x-forwarded-for", "198.51.100.9".parse()?);
+    /// assert_eq!(send(&app, spoofed).await.status(), StatusCode::OK);
+    /// let mut spoofed = from("203.0.113.7", "/");
+    /// spoofed.headers_mut().insert("x-forwarded-for", "198.51.100.10".parse()?);
+    /// assert_eq!(send(&app, spoofed).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// # Ok(()) }
+    /// ```
     pub fn trusted_proxies<I, S>(mut self, proxies: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -235,12 +336,95 @@ impl RateLimitLayerBuilder {
 
     /// What to do when a policy's key is missing from a request (default:
     /// skip that policy).
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let by_key = Policy::gcra("per-key", 100, Duration::from_secs(60)).key(Key::header("x-api-key"));
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(by_key)
+    ///     .on_missing_key(MissingKey::Reject)
+    ///     .build()?;
+    /// let app = app(limits);
+    ///
+    /// let anonymous = send(&app, from("203.0.113.7", "/")).await;
+    /// assert_eq!(anonymous.status(), StatusCode::BAD_REQUEST);
+    /// assert_eq!(anonymous.headers()["content-type"], "application/problem+json");
+    /// # Ok(()) }
+    /// ```
     pub fn on_missing_key(mut self, outcome: MissingKey) -> Self {
         self.missing_key = outcome;
         self
     }
 
     /// Client addresses or CIDRs that are never limited.
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::gcra("per-ip", 1, Duration::from_secs(60)))
+    ///     .allow_ips(["192.0.2.0/24"]) // e.g. the monitoring hosts
+    ///     .build()?;
+    /// let app = app(limits);
+    ///
+    /// for _ in 0..3 {
+    ///     assert_eq!(send(&app, from("192.0.2.10", "/")).await.status(), StatusCode::OK);
+    /// }
+    /// send(&app, from("203.0.113.7", "/")).await;
+    /// assert_eq!(send(&app, from("203.0.113.7", "/")).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// # Ok(()) }
+    /// ```
     pub fn allow_ips<I, S>(mut self, networks: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -252,6 +436,48 @@ impl RateLimitLayerBuilder {
     }
 
     /// Requests for which `allow` returns true are never limited.
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::gcra("per-ip", 1, Duration::from_secs(60)))
+    ///     .allow_if(|request| request.uri.path() == "/")
+    ///     .build()?;
+    /// let app = app(limits);
+    ///
+    /// for _ in 0..3 {
+    ///     let home = send(&app, from("203.0.113.7", "/")).await;
+    ///     assert_eq!(home.status(), StatusCode::OK);
+    ///     assert!(home.headers().get("ratelimit").is_none()); // not even counted
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn allow_if<F>(mut self, allow: F) -> Self
     where
         F: Fn(&Parts) -> bool + Send + Sync + 'static,
@@ -262,18 +488,146 @@ impl RateLimitLayerBuilder {
 
     /// Shadow mode: decide and count (logs, metrics) but never deny and add
     /// no fields, for trying a policy on real traffic.
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::gcra("per-ip", 1, Duration::from_secs(60)))
+    ///     .shadow(true)
+    ///     .build()?;
+    /// let app = app(limits);
+    ///
+    /// for _ in 0..3 {
+    ///     // Would be denied from the second on; decided and counted, never enforced.
+    ///     let home = send(&app, from("203.0.113.7", "/")).await;
+    ///     assert_eq!(home.status(), StatusCode::OK);
+    ///     assert!(home.headers().get("ratelimit").is_none());
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn shadow(mut self, shadow: bool) -> Self {
         self.shadow = shadow;
         self
     }
 
     /// Also send `X-RateLimit-Limit`, `-Remaining` and `-Reset` (seconds).
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::gcra("per-ip", 10, Duration::from_secs(60)))
+    ///     .legacy_headers(true)
+    ///     .build()?;
+    /// let app = app(limits);
+    ///
+    /// let home = send(&app, from("203.0.113.7", "/")).await;
+    /// assert_eq!(home.headers()["x-ratelimit-limit"], "10");
+    /// assert_eq!(home.headers()["x-ratelimit-remaining"], "9");
+    /// assert!(home.headers().contains_key("ratelimit")); // the IETF fields as well
+    /// # Ok(()) }
+    /// ```
     pub fn legacy_headers(mut self, legacy: bool) -> Self {
         self.legacy_headers = legacy;
         self
     }
 
     /// The cost of a request in quota units (default 1). A cost of 0 is free.
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // Writes cost 5 units, reads 1.
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::gcra("per-ip", 6, Duration::from_secs(60)))
+    ///     .cost(|request| if request.method == http::Method::POST { 5 } else { 1 })
+    ///     .build()?;
+    /// let app = app(limits);
+    ///
+    /// let mut write = from("203.0.113.7", "/api/items");
+    /// *write.method_mut() = http::Method::POST;
+    /// assert_eq!(send(&app, write).await.status(), StatusCode::OK);
+    /// let read = send(&app, from("203.0.113.7", "/api/items")).await;
+    /// assert!(read.headers()["ratelimit"].to_str()?.starts_with("\"per-ip\";r=0;"));
+    /// assert_eq!(send(&app, from("203.0.113.7", "/api/items")).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// # Ok(()) }
+    /// ```
     pub fn cost<F>(mut self, cost: F) -> Self
     where
         F: Fn(&Parts) -> u32 + Send + Sync + 'static,
@@ -284,6 +638,60 @@ impl RateLimitLayerBuilder {
 
     /// What to do while Redis is unavailable (default: limit in process
     /// with the full quota; see [`Fallback`]).
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // While Redis is unavailable (here: always), ...
+    /// let app_with = |fallback| {
+    ///     let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///         .policy(Policy::gcra("per-ip", 4, Duration::from_secs(60)))
+    ///         .fallback(fallback)
+    ///         .build()
+    ///         .unwrap();
+    ///     app(limits)
+    /// };
+    ///
+    /// // ... limit in process with half the quota (two instances) ...
+    /// let local = app_with(Fallback::Local { share: 0.5 });
+    /// let mut allowed = 0;
+    /// for _ in 0..3 {
+    ///     if send(&local, from("203.0.113.7", "/")).await.status() == StatusCode::OK { allowed += 1 }
+    /// }
+    /// assert_eq!(allowed, 2);
+    /// // ... or fail open, or closed.
+    /// assert_eq!(send(&app_with(Fallback::Allow), from("203.0.113.7", "/")).await.status(), StatusCode::OK);
+    /// assert_eq!(
+    ///     send(&app_with(Fallback::Deny), from("203.0.113.7", "/")).await.status(),
+    ///     StatusCode::TOO_MANY_REQUESTS
+    /// );
+    /// # Ok(()) }
+    /// ```
     pub fn fallback(mut self, fallback: Fallback) -> Self {
         self.fallback = fallback;
         self
@@ -291,6 +699,51 @@ impl RateLimitLayerBuilder {
 
     /// Replaces the default 429 problem+json response (gRPC requests still
     /// get `RESOURCE_EXHAUSTED`).
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::gcra("per-ip", 1, Duration::from_secs(60)))
+    ///     .on_denied(|denied| {
+    ///         let text = format!("slow down ({})", denied.policies.join(", "));
+    ///         Response::builder().status(StatusCode::SERVICE_UNAVAILABLE).body(Bytes::from(text)).unwrap()
+    ///     })
+    ///     .build()?;
+    /// let app = app(limits);
+    ///
+    /// send(&app, from("203.0.113.7", "/")).await;
+    /// let denied = send(&app, from("203.0.113.7", "/")).await;
+    /// assert_eq!(denied.status(), StatusCode::SERVICE_UNAVAILABLE);
+    /// assert_eq!(denied.body(), "slow down (per-ip)");
+    /// assert!(denied.headers().contains_key("retry-after")); // added for you
+    /// # Ok(()) }
+    /// ```
     pub fn on_denied<F>(mut self, respond: F) -> Self
     where
         F: Fn(&Denied) -> http::Response<bytes::Bytes> + Send + Sync + 'static,
@@ -328,6 +781,47 @@ impl RateLimitLayerBuilder {
     }
 
     /// Checks everything and builds the layer.
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_redis_ratelimit::ConfigError;
+    ///
+    /// let error = RateLimitLayer::builder(RedisManager::disabled()).build().unwrap_err();
+    /// assert!(matches!(error, ConfigError::NoPolicy));
+    /// let error = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::gcra("per-ip", 10, Duration::from_secs(60)))
+    ///     .trusted_proxies(["not an address"])
+    ///     .build()
+    ///     .unwrap_err();
+    /// println!("{error}"); // names the value and what to write instead
+    /// # Ok(()) }
+    /// ```
     pub fn build(self) -> Result<RateLimitLayer, ConfigError> {
         if self.policies.is_empty() {
             return Err(ConfigError::NoPolicy);

@@ -3,23 +3,63 @@
 //! trip** (one Lua script, all or nothing), with time taken from Redis, and
 //! an in-process limiter keeps limiting while Redis is down.
 //!
-//! ```no_run
+//! ```
+//! use std::net::SocketAddr;
 //! use std::time::Duration;
-//! use axum::{Router, routing::get};
-//! use tower_redis_core::{RedisConfig, RedisManager};
-//! use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
+//! use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+//! use http::{Request, StatusCode};
+//! use http_body_util::BodyExt;
+//! use tower::ServiceExt;
+//! use tower_redis_ratelimit::{Key, Policy, RateLimitLayer, RedisManager};
 //!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let redis = RedisManager::connect(RedisConfig::from_env()?).await?;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // In an app: RedisManager::connect(RedisConfig::from_env()?).await?
+//! // Here, no Redis: every decision is made in process (and says `local`).
+//! let redis = RedisManager::disabled();
 //! let limits = RateLimitLayer::builder(redis)
-//!     // 50 requests per 30 s per client IP, on every route.
-//!     .policy(Policy::gcra("per-ip", 50, Duration::from_secs(30)))
+//!     // 2 requests per minute per client IP, on every route.
+//!     .policy(Policy::gcra("per-ip", 2, Duration::from_secs(60)))
 //!     // 100 per minute per API key under /api.
 //!     .policy(Policy::gcra("per-key", 100, Duration::from_secs(60)).key(Key::header("x-api-key")).path("/api/*"))
 //!     .build()?;
-//! let app: Router = Router::new().route("/api/items", get(|| async { "items" })).layer(limits);
+//! let app = Router::new().route("/", get(|| async { "home" })).layer(limits);
+//!
+//! // Client IPs come from the connection: serve with
+//! // `axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())`,
+//! // which puts this extension into every request. Without it a per-IP
+//! // policy cannot count anyone: it is skipped, and a warning is logged once.
+//! let request = || {
+//!     let mut request = Request::get("/").body(Body::empty()).unwrap();
+//!     request.extensions_mut().insert(ConnectInfo(SocketAddr::from(([203, 0, 113, 7], 40000))));
+//!     request
+//! };
+//!
+//! let first = app.clone().oneshot(request()).await?;
+//! assert_eq!(first.status(), StatusCode::OK);
+//! assert_eq!(first.headers()["ratelimit-policy"], "\"per-ip\";q=2;w=60");
+//! // One left; full again in 30 s; decided in process (`local`).
+//! assert_eq!(first.headers()["ratelimit"], "\"per-ip\";r=1;t=30;local");
+//! app.clone().oneshot(request()).await?;
+//!
+//! let third = app.oneshot(request()).await?;
+//! assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+//! let field = third.headers()["ratelimit"].to_str()?;
+//! assert!(field.starts_with("\"per-ip\";r=0;t=") && field.ends_with(";local"), "{field}");
+//! let retry_after: u64 = third.headers()["retry-after"].to_str()?.parse()?;
+//! assert!((29..=30).contains(&retry_after)); // the next request is allowed 30 s after the first
+//! assert_eq!(third.headers()["content-type"], "application/problem+json");
+//! let problem: serde_json::Value = serde_json::from_slice(&third.into_body().collect().await?.to_bytes())?;
+//! assert_eq!(problem["violated-policies"], serde_json::json!(["per-ip"]));
+//! # Ok(()) }
+//! ```
+//!
+//! Serving it:
+//!
+//! ```no_run
+//! # use axum::{Router, routing::get};
+//! # async fn serve(app: Router) -> Result<(), Box<dyn std::error::Error>> {
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-//! // Client IPs come from the socket: serve with connect info.
 //! axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await?;
 //! # Ok(()) }
 //! ```
@@ -99,6 +139,19 @@
 //! memory, every client still held keeps being limited, and an evicted one
 //! starts over with a fresh local quota when it comes back.
 //!
+//! # Features
+//!
+//! - `axum` (default): reads the client's address from axum's
+//!   `ConnectInfo<SocketAddr>` (without it, from a `SocketAddr` or
+//!   `IpAddr` request extension).
+//! - `metrics`: counts decisions with the `metrics` facade
+//!   (`tower_redis_ratelimit_decisions_total{outcome, source, shadow}`),
+//!   plus the connection manager's breaker and fallback metrics.
+//!
+//! Everything a layer needs is re-exported here ([`RedisManager`],
+//! [`RedisConfig`], [`Error`], [`Forwarding`]), so that this crate is the
+//! only dependency to add.
+//!
 //! # Client addresses
 //!
 //! [`Key::client_ip`] needs the peer address in the request extensions:
@@ -108,6 +161,7 @@
 //! policy that meets a request without one cannot count it
 //! ([`MissingKey`] says what happens then); the layer logs a warning the
 //! first time, naming the call to add.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod algorithm;
 mod body;
@@ -132,3 +186,21 @@ pub use policy::Policy;
 pub use response::{Denied, DeniedResponse, QUOTA_EXCEEDED_TYPE};
 pub use service::{RateLimit, ResponseFuture};
 pub use tower_redis_core::forwarding::{Forwarding, ForwardingHeader};
+
+// One dependency line is enough: what building this layer needs from
+// `tower-redis-core`, under the same names.
+/// The whole core crate, for what the names above do not cover (its
+/// `testing` harness, `degrade`, `keys`, `redis`).
+pub use tower_redis_core;
+/// The connection manager's invalid-configuration error
+/// ([`tower_redis_core::ConfigError`]), returned by [`RedisConfig::from_env`]
+/// and [`RedisConfigBuilder::build`].
+pub use tower_redis_core::ConfigError as RedisConfigError;
+pub use tower_redis_core::{
+    BreakerState, Error, Health, RedisConfig, RedisConfigBuilder, RedisManager,
+};
+
+/// The crate README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

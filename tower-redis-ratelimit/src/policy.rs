@@ -36,6 +36,51 @@ pub struct Policy {
 impl Policy {
     /// A GCRA policy (the default choice): `quota` requests per `period`,
     /// burst equal to the quota, keyed by client IP.
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // 60 per minute, at most 10 at once: then one per second.
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::gcra("per-ip", 60, Duration::from_secs(60)).burst(10))
+    ///     .build()?;
+    /// let app = app(limits);
+    ///
+    /// let first = send(&app, from("203.0.113.7", "/")).await;
+    /// assert_eq!(first.headers()["ratelimit-policy"], "\"per-ip\";q=60;w=60");
+    /// for _ in 1..10 {
+    ///     send(&app, from("203.0.113.7", "/")).await;
+    /// }
+    /// let eleventh = send(&app, from("203.0.113.7", "/")).await;
+    /// assert_eq!(eleventh.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// assert_eq!(eleventh.headers()["retry-after"], "1");
+    /// # Ok(()) }
+    /// ```
     pub fn gcra(name: &str, quota: u32, period: Duration) -> Self {
         Self::new(
             name,
@@ -48,11 +93,94 @@ impl Policy {
     }
 
     /// A sliding-window counter policy keyed by client IP.
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::sliding_window("per-ip", 2, Duration::from_secs(10)))
+    ///     .build()?;
+    /// let app = app(limits);
+    ///
+    /// send(&app, from("203.0.113.7", "/")).await;
+    /// send(&app, from("203.0.113.7", "/")).await;
+    /// let third = send(&app, from("203.0.113.7", "/")).await;
+    /// assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// assert_eq!(third.headers()["ratelimit-policy"], "\"per-ip\";q=2;w=10");
+    /// # Ok(()) }
+    /// ```
     pub fn sliding_window(name: &str, limit: u32, window: Duration) -> Self {
         Self::new(name, Algorithm::SlidingWindow { limit, window })
     }
 
     /// A fixed-window policy keyed by client IP.
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::fixed_window("per-ip", 2, Duration::from_secs(3600)))
+    ///     .build()?;
+    /// let app = app(limits);
+    ///
+    /// send(&app, from("203.0.113.7", "/")).await;
+    /// let second = send(&app, from("203.0.113.7", "/")).await;
+    /// assert!(second.headers()["ratelimit"].to_str()?.starts_with("\"per-ip\";r=0;"));
+    /// // The window is aligned to the clock hour: the reset is at its end.
+    /// let third = send(&app, from("203.0.113.7", "/")).await;
+    /// assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// # Ok(()) }
+    /// ```
     pub fn fixed_window(name: &str, limit: u32, window: Duration) -> Self {
         Self::new(name, Algorithm::FixedWindow { limit, window })
     }
@@ -77,6 +205,52 @@ impl Policy {
     }
 
     /// Whom the policy counts (default: [`Key::client_ip`]).
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let per_key = Policy::gcra("per-key", 1, Duration::from_secs(60)).key(Key::header("x-api-key"));
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled()).policy(per_key).build()?;
+    /// let app = app(limits);
+    /// let with_key = |key: &str| {
+    ///     let mut request = from("203.0.113.7", "/");
+    ///     request.headers_mut().insert("x-api-key", key.parse().unwrap());
+    ///     request
+    /// };
+    ///
+    /// assert_eq!(send(&app, with_key("team-a")).await.status(), StatusCode::OK);
+    /// // Same address, other key: its own quota.
+    /// assert_eq!(send(&app, with_key("team-b")).await.status(), StatusCode::OK);
+    /// assert_eq!(send(&app, with_key("team-a")).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// // No key: the policy is skipped (see `on_missing_key`).
+    /// assert_eq!(send(&app, from("203.0.113.7", "/")).await.status(), StatusCode::OK);
+    /// # Ok(()) }
+    /// ```
     pub fn key(mut self, key: Key) -> Self {
         self.key = key;
         self
@@ -84,12 +258,96 @@ impl Policy {
 
     /// Applies the policy only to matching paths: an exact path (`/login`)
     /// or a prefix ending in `*` (`/api/*`).
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled())
+    ///     .policy(Policy::gcra("api", 1, Duration::from_secs(60)).path("/api/*"))
+    ///     .build()?;
+    /// let app = app(limits);
+    ///
+    /// send(&app, from("203.0.113.7", "/api/items")).await;
+    /// assert_eq!(send(&app, from("203.0.113.7", "/api/items")).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// let home = send(&app, from("203.0.113.7", "/")).await;
+    /// assert_eq!(home.status(), StatusCode::OK);
+    /// assert!(home.headers().get("ratelimit").is_none()); // no policy applies here
+    /// # Ok(()) }
+    /// ```
     pub fn path(mut self, pattern: &str) -> Self {
         self.path = Some(PathPattern::new(pattern));
         self
     }
 
     /// Applies the policy only to these methods.
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_ratelimit::{Fallback, Key, MissingKey, Policy, RateLimitLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request from `ip`, as axum's `into_make_service_with_connect_info` delivers it.
+    /// # fn from(ip: &str, uri: &str) -> Request<Body> {
+    /// #     let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
+    /// #     let mut request = Request::get(uri).body(Body::empty()).unwrap();
+    /// #     request.extensions_mut().insert(ConnectInfo(peer));
+    /// #     request
+    /// # }
+    /// # fn app(limits: RateLimitLayer) -> Router {
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/api/items", get(|| async { "items" }).post(|| async { "created" }))
+    /// #         .layer(limits)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let writes = Policy::gcra("writes", 1, Duration::from_secs(60)).methods([http::Method::POST]);
+    /// let limits = RateLimitLayer::builder(RedisManager::disabled()).policy(writes).build()?;
+    /// let app = app(limits);
+    /// let post = || {
+    ///     let mut request = from("203.0.113.7", "/api/items");
+    ///     *request.method_mut() = http::Method::POST;
+    ///     request
+    /// };
+    ///
+    /// assert_eq!(send(&app, post()).await.status(), StatusCode::OK);
+    /// assert_eq!(send(&app, post()).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// assert_eq!(send(&app, from("203.0.113.7", "/api/items")).await.status(), StatusCode::OK);
+    /// # Ok(()) }
+    /// ```
     pub fn methods<I: IntoIterator<Item = Method>>(mut self, methods: I) -> Self {
         self.methods = Some(methods.into_iter().collect());
         self

@@ -6,6 +6,7 @@ use http::request::Parts;
 
 use crate::Session;
 
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 impl<S: Send + Sync> FromRequestParts<S> for Session {
     type Rejection = (StatusCode, &'static str);
 

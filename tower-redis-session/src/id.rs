@@ -6,7 +6,7 @@ use std::fmt;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, KeyInit, Mac};
-use rand::TryRngCore;
+use rand::TryRng;
 use sha2::{Digest, Sha256};
 
 /// Random bytes per id (256 bits; OWASP asks for at least 64 bits of entropy).
@@ -24,7 +24,7 @@ impl SessionId {
     /// A fresh id from the operating system's CSPRNG.
     pub(crate) fn generate() -> Self {
         let mut bytes = [0u8; ID_BYTES];
-        if rand::rngs::OsRng.try_fill_bytes(&mut bytes).is_err() {
+        if rand::rngs::SysRng.try_fill_bytes(&mut bytes).is_err() {
             // The OS generator failed (practically never): the thread-local
             // CSPRNG, itself seeded from the OS, still gives 256 secure bits.
             rand::fill(&mut bytes);

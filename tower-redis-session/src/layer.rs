@@ -100,6 +100,74 @@ pub struct SessionLayerBuilder {
 impl SessionLayerBuilder {
     /// The cookie's attributes (defaults: `__Host-session`, `Secure`,
     /// `HttpOnly`, `SameSite=Lax`, `Path=/`).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::{get, post}};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_session::{CookieConfig, Expiry, RedisManager, SameSite, Session, SessionLayer};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request carrying `cookie` (`name=value`, or "" for none).
+    /// # fn req(method: &str, uri: &str, cookie: &str) -> Request<Body> {
+    /// #     let mut request = Request::builder().method(method).uri(uri);
+    /// #     if !cookie.is_empty() {
+    /// #         request = request.header("cookie", cookie);
+    /// #     }
+    /// #     request.body(Body::empty()).unwrap()
+    /// # }
+    /// # /// The `name=value` part of the response's `Set-Cookie`.
+    /// # fn cookie(response: &Response<Bytes>) -> String {
+    /// #     let set_cookie = response.headers()["set-cookie"].to_str().unwrap();
+    /// #     set_cookie.split(';').next().unwrap().to_owned()
+    /// # }
+    /// # /// A shop: `/login` logs alice in, `/me` says who is logged in, `/logout`
+    /// # /// logs out, `/visits` counts visits in the session, `/` ignores it.
+    /// # fn app(sessions: SessionLayer) -> Router {
+    /// #     async fn login(session: Session) -> &'static str {
+    /// #         session.cycle_id().await;
+    /// #         session.set_user("alice").await;
+    /// #         "welcome"
+    /// #     }
+    /// #     async fn me(session: Session) -> String {
+    /// #         session.user().await.unwrap_or_default()
+    /// #     }
+    /// #     async fn logout(session: Session) -> StatusCode {
+    /// #         session.destroy().await;
+    /// #         StatusCode::NO_CONTENT
+    /// #     }
+    /// #     async fn visits(session: Session) -> String {
+    /// #         let visits: u32 = session.get("visits").await.unwrap().unwrap_or(0) + 1;
+    /// #         session.insert("visits", visits).await.unwrap();
+    /// #         visits.to_string()
+    /// #     }
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/login", post(login))
+    /// #         .route("/me", get(me))
+    /// #         .route("/logout", post(logout))
+    /// #         .route("/visits", get(visits))
+    /// #         .layer(sessions)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let sessions = SessionLayer::builder(RedisManager::disabled())
+    ///     .cookie(CookieConfig { name: "sid".into(), same_site: SameSite::Strict, ..CookieConfig::default() })
+    ///     .build()?;
+    /// let app = app(sessions);
+    ///
+    /// let login = send(&app, req("POST", "/login", "")).await;
+    /// let set_cookie = login.headers()["set-cookie"].to_str()?;
+    /// // Secure, no Domain, Path=/: the name gets the `__Host-` prefix.
+    /// assert!(set_cookie.starts_with("__Host-sid="), "{set_cookie}");
+    /// assert!(set_cookie.contains("SameSite=Strict"));
+    /// # Ok(()) }
+    /// ```
     pub fn cookie(mut self, cookie: CookieConfig) -> Self {
         self.cookie = cookie;
         self
@@ -107,6 +175,72 @@ impl SessionLayerBuilder {
 
     /// Idle and absolute timeouts, and whether the cookie persists
     /// (defaults: 30 min idle, 12 h absolute, browser-session cookie).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::{get, post}};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_session::{CookieConfig, Expiry, RedisManager, SameSite, Session, SessionLayer};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request carrying `cookie` (`name=value`, or "" for none).
+    /// # fn req(method: &str, uri: &str, cookie: &str) -> Request<Body> {
+    /// #     let mut request = Request::builder().method(method).uri(uri);
+    /// #     if !cookie.is_empty() {
+    /// #         request = request.header("cookie", cookie);
+    /// #     }
+    /// #     request.body(Body::empty()).unwrap()
+    /// # }
+    /// # /// The `name=value` part of the response's `Set-Cookie`.
+    /// # fn cookie(response: &Response<Bytes>) -> String {
+    /// #     let set_cookie = response.headers()["set-cookie"].to_str().unwrap();
+    /// #     set_cookie.split(';').next().unwrap().to_owned()
+    /// # }
+    /// # /// A shop: `/login` logs alice in, `/me` says who is logged in, `/logout`
+    /// # /// logs out, `/visits` counts visits in the session, `/` ignores it.
+    /// # fn app(sessions: SessionLayer) -> Router {
+    /// #     async fn login(session: Session) -> &'static str {
+    /// #         session.cycle_id().await;
+    /// #         session.set_user("alice").await;
+    /// #         "welcome"
+    /// #     }
+    /// #     async fn me(session: Session) -> String {
+    /// #         session.user().await.unwrap_or_default()
+    /// #     }
+    /// #     async fn logout(session: Session) -> StatusCode {
+    /// #         session.destroy().await;
+    /// #         StatusCode::NO_CONTENT
+    /// #     }
+    /// #     async fn visits(session: Session) -> String {
+    /// #         let visits: u32 = session.get("visits").await.unwrap().unwrap_or(0) + 1;
+    /// #         session.insert("visits", visits).await.unwrap();
+    /// #         visits.to_string()
+    /// #     }
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/login", post(login))
+    /// #         .route("/me", get(me))
+    /// #         .route("/logout", post(logout))
+    /// #         .route("/visits", get(visits))
+    /// #         .layer(sessions)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let sessions = SessionLayer::builder(RedisManager::disabled())
+    ///     .expiry(Expiry { idle: Duration::from_secs(3600), persistent: true, ..Expiry::default() })
+    ///     .build()?;
+    /// let app = app(sessions);
+    ///
+    /// let login = send(&app, req("POST", "/login", "")).await;
+    /// // Persistent: the cookie outlives the browser for the idle timeout.
+    /// assert!(login.headers()["set-cookie"].to_str()?.contains("Max-Age=3600"));
+    /// # Ok(()) }
+    /// ```
     pub fn expiry(mut self, expiry: Expiry) -> Self {
         self.expiry = expiry;
         self
@@ -115,6 +249,76 @@ impl SessionLayerBuilder {
     /// Signs the cookie with HMAC-SHA256 under this key (at least 32 bytes,
     /// random, secret, the same on every instance). Cookies without a valid
     /// signature are treated as absent.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::{get, post}};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_session::{CookieConfig, Expiry, RedisManager, SameSite, Session, SessionLayer};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request carrying `cookie` (`name=value`, or "" for none).
+    /// # fn req(method: &str, uri: &str, cookie: &str) -> Request<Body> {
+    /// #     let mut request = Request::builder().method(method).uri(uri);
+    /// #     if !cookie.is_empty() {
+    /// #         request = request.header("cookie", cookie);
+    /// #     }
+    /// #     request.body(Body::empty()).unwrap()
+    /// # }
+    /// # /// The `name=value` part of the response's `Set-Cookie`.
+    /// # fn cookie(response: &Response<Bytes>) -> String {
+    /// #     let set_cookie = response.headers()["set-cookie"].to_str().unwrap();
+    /// #     set_cookie.split(';').next().unwrap().to_owned()
+    /// # }
+    /// # /// A shop: `/login` logs alice in, `/me` says who is logged in, `/logout`
+    /// # /// logs out, `/visits` counts visits in the session, `/` ignores it.
+    /// # fn app(sessions: SessionLayer) -> Router {
+    /// #     async fn login(session: Session) -> &'static str {
+    /// #         session.cycle_id().await;
+    /// #         session.set_user("alice").await;
+    /// #         "welcome"
+    /// #     }
+    /// #     async fn me(session: Session) -> String {
+    /// #         session.user().await.unwrap_or_default()
+    /// #     }
+    /// #     async fn logout(session: Session) -> StatusCode {
+    /// #         session.destroy().await;
+    /// #         StatusCode::NO_CONTENT
+    /// #     }
+    /// #     async fn visits(session: Session) -> String {
+    /// #         let visits: u32 = session.get("visits").await.unwrap().unwrap_or(0) + 1;
+    /// #         session.insert("visits", visits).await.unwrap();
+    /// #         visits.to_string()
+    /// #     }
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/login", post(login))
+    /// #         .route("/me", get(me))
+    /// #         .route("/logout", post(logout))
+    /// #         .route("/visits", get(visits))
+    /// #         .layer(sessions)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let sessions = SessionLayer::builder(RedisManager::disabled())
+    ///     .signing_key(*b"a 32-byte secret, from your vault")
+    ///     .build()?;
+    /// let app = app(sessions);
+    ///
+    /// let alice = cookie(&send(&app, req("POST", "/login", "")).await);
+    /// assert_eq!(send(&app, req("GET", "/me", &alice)).await.body(), "alice");
+    /// // A cookie whose signature does not match is no session at all.
+    /// let mut tampered = alice.clone();
+    /// let last = tampered.pop().unwrap();
+    /// tampered.push(if last == 'A' { 'B' } else { 'A' });
+    /// assert_eq!(send(&app, req("GET", "/me", &tampered)).await.body(), "");
+    /// # Ok(()) }
+    /// ```
     pub fn signing_key(mut self, key: impl Into<Vec<u8>>) -> Self {
         self.signing_key = Some(key.into());
         self
@@ -122,6 +326,72 @@ impl SessionLayerBuilder {
 
     /// Drops `Secure` (and so the `__Host-` prefix) so the cookie works over
     /// plain http on localhost. Never use it in production.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::{get, post}};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_session::{CookieConfig, Expiry, RedisManager, SameSite, Session, SessionLayer};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request carrying `cookie` (`name=value`, or "" for none).
+    /// # fn req(method: &str, uri: &str, cookie: &str) -> Request<Body> {
+    /// #     let mut request = Request::builder().method(method).uri(uri);
+    /// #     if !cookie.is_empty() {
+    /// #         request = request.header("cookie", cookie);
+    /// #     }
+    /// #     request.body(Body::empty()).unwrap()
+    /// # }
+    /// # /// The `name=value` part of the response's `Set-Cookie`.
+    /// # fn cookie(response: &Response<Bytes>) -> String {
+    /// #     let set_cookie = response.headers()["set-cookie"].to_str().unwrap();
+    /// #     set_cookie.split(';').next().unwrap().to_owned()
+    /// # }
+    /// # /// A shop: `/login` logs alice in, `/me` says who is logged in, `/logout`
+    /// # /// logs out, `/visits` counts visits in the session, `/` ignores it.
+    /// # fn app(sessions: SessionLayer) -> Router {
+    /// #     async fn login(session: Session) -> &'static str {
+    /// #         session.cycle_id().await;
+    /// #         session.set_user("alice").await;
+    /// #         "welcome"
+    /// #     }
+    /// #     async fn me(session: Session) -> String {
+    /// #         session.user().await.unwrap_or_default()
+    /// #     }
+    /// #     async fn logout(session: Session) -> StatusCode {
+    /// #         session.destroy().await;
+    /// #         StatusCode::NO_CONTENT
+    /// #     }
+    /// #     async fn visits(session: Session) -> String {
+    /// #         let visits: u32 = session.get("visits").await.unwrap().unwrap_or(0) + 1;
+    /// #         session.insert("visits", visits).await.unwrap();
+    /// #         visits.to_string()
+    /// #     }
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/login", post(login))
+    /// #         .route("/me", get(me))
+    /// #         .route("/logout", post(logout))
+    /// #         .route("/visits", get(visits))
+    /// #         .layer(sessions)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let sessions = SessionLayer::builder(RedisManager::disabled())
+    ///     .insecure_http_for_local_development()
+    ///     .build()?;
+    /// let app = app(sessions);
+    ///
+    /// let login = send(&app, req("POST", "/login", "")).await;
+    /// let set_cookie = login.headers()["set-cookie"].to_str()?;
+    /// assert!(set_cookie.starts_with("session=") && !set_cookie.contains("Secure"), "{set_cookie}");
+    /// # Ok(()) }
+    /// ```
     pub fn insecure_http_for_local_development(mut self) -> Self {
         self.cookie.secure = false;
         self
@@ -164,12 +434,151 @@ impl SessionLayerBuilder {
     /// [`SessionError::TooLarge`](crate::SessionError::TooLarge) and changes
     /// nothing. Must not exceed `outage_queue_bytes` nor
     /// `local_capacity_bytes`, so that any session fits both.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::{get, post}};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_session::{CookieConfig, Expiry, RedisManager, SameSite, Session, SessionLayer};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request carrying `cookie` (`name=value`, or "" for none).
+    /// # fn req(method: &str, uri: &str, cookie: &str) -> Request<Body> {
+    /// #     let mut request = Request::builder().method(method).uri(uri);
+    /// #     if !cookie.is_empty() {
+    /// #         request = request.header("cookie", cookie);
+    /// #     }
+    /// #     request.body(Body::empty()).unwrap()
+    /// # }
+    /// # /// The `name=value` part of the response's `Set-Cookie`.
+    /// # fn cookie(response: &Response<Bytes>) -> String {
+    /// #     let set_cookie = response.headers()["set-cookie"].to_str().unwrap();
+    /// #     set_cookie.split(';').next().unwrap().to_owned()
+    /// # }
+    /// # /// A shop: `/login` logs alice in, `/me` says who is logged in, `/logout`
+    /// # /// logs out, `/visits` counts visits in the session, `/` ignores it.
+    /// # fn app(sessions: SessionLayer) -> Router {
+    /// #     async fn login(session: Session) -> &'static str {
+    /// #         session.cycle_id().await;
+    /// #         session.set_user("alice").await;
+    /// #         "welcome"
+    /// #     }
+    /// #     async fn me(session: Session) -> String {
+    /// #         session.user().await.unwrap_or_default()
+    /// #     }
+    /// #     async fn logout(session: Session) -> StatusCode {
+    /// #         session.destroy().await;
+    /// #         StatusCode::NO_CONTENT
+    /// #     }
+    /// #     async fn visits(session: Session) -> String {
+    /// #         let visits: u32 = session.get("visits").await.unwrap().unwrap_or(0) + 1;
+    /// #         session.insert("visits", visits).await.unwrap();
+    /// #         visits.to_string()
+    /// #     }
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/login", post(login))
+    /// #         .route("/me", get(me))
+    /// #         .route("/logout", post(logout))
+    /// #         .route("/visits", get(visits))
+    /// #         .layer(sessions)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_redis_session::SessionError;
+    ///
+    /// let sessions = SessionLayer::builder(RedisManager::disabled())
+    ///     .max_session_bytes(1024)
+    ///     .build()?;
+    /// async fn remember(session: Session, note: String) -> StatusCode {
+    ///     match session.insert("note", note).await {
+    ///         Ok(()) => StatusCode::OK,
+    ///         Err(SessionError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+    ///         Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    ///     }
+    /// }
+    /// let app = Router::new().route("/note", post(remember)).layer(sessions);
+    /// let note = |text: String| Request::post("/note").body(Body::from(text)).unwrap();
+    ///
+    /// assert_eq!(send(&app, note("short".into())).await.status(), StatusCode::OK);
+    /// assert_eq!(send(&app, note("x".repeat(2000))).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    /// # Ok(()) }
+    /// ```
     pub fn max_session_bytes(mut self, bytes: usize) -> Self {
         self.max_session_bytes = bytes;
         self
     }
 
     /// Checks everything and builds the layer.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::{get, post}};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_session::{CookieConfig, Expiry, RedisManager, SameSite, Session, SessionLayer};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request carrying `cookie` (`name=value`, or "" for none).
+    /// # fn req(method: &str, uri: &str, cookie: &str) -> Request<Body> {
+    /// #     let mut request = Request::builder().method(method).uri(uri);
+    /// #     if !cookie.is_empty() {
+    /// #         request = request.header("cookie", cookie);
+    /// #     }
+    /// #     request.body(Body::empty()).unwrap()
+    /// # }
+    /// # /// The `name=value` part of the response's `Set-Cookie`.
+    /// # fn cookie(response: &Response<Bytes>) -> String {
+    /// #     let set_cookie = response.headers()["set-cookie"].to_str().unwrap();
+    /// #     set_cookie.split(';').next().unwrap().to_owned()
+    /// # }
+    /// # /// A shop: `/login` logs alice in, `/me` says who is logged in, `/logout`
+    /// # /// logs out, `/visits` counts visits in the session, `/` ignores it.
+    /// # fn app(sessions: SessionLayer) -> Router {
+    /// #     async fn login(session: Session) -> &'static str {
+    /// #         session.cycle_id().await;
+    /// #         session.set_user("alice").await;
+    /// #         "welcome"
+    /// #     }
+    /// #     async fn me(session: Session) -> String {
+    /// #         session.user().await.unwrap_or_default()
+    /// #     }
+    /// #     async fn logout(session: Session) -> StatusCode {
+    /// #         session.destroy().await;
+    /// #         StatusCode::NO_CONTENT
+    /// #     }
+    /// #     async fn visits(session: Session) -> String {
+    /// #         let visits: u32 = session.get("visits").await.unwrap().unwrap_or(0) + 1;
+    /// #         session.insert("visits", visits).await.unwrap();
+    /// #         visits.to_string()
+    /// #     }
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/login", post(login))
+    /// #         .route("/me", get(me))
+    /// #         .route("/logout", post(logout))
+    /// #         .route("/visits", get(visits))
+    /// #         .layer(sessions)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_redis_session::ConfigError;
+    ///
+    /// let weak = SessionLayer::builder(RedisManager::disabled()).signing_key(*b"short").build();
+    /// assert!(matches!(weak, Err(ConfigError::WeakSigningKey(5))));
+    /// let no_idle = Expiry { idle: Duration::ZERO, ..Expiry::default() };
+    /// assert!(SessionLayer::builder(RedisManager::disabled()).expiry(no_idle).build().is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn build(self) -> Result<SessionLayer, ConfigError> {
         self.cookie.validate().map_err(ConfigError::Cookie)?;
         if let Some(key) = &self.signing_key

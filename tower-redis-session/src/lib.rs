@@ -2,10 +2,11 @@
 //! [`tower_redis_core::RedisManager`], that keep every change of concurrent
 //! requests and keep working while Redis is down.
 //!
-//! ```no_run
-//! use axum::{Router, routing::post};
-//! use tower_redis_core::{RedisConfig, RedisManager};
-//! use tower_redis_session::{Session, SessionLayer};
+//! ```
+//! use axum::{Router, body::Body, routing::{get, post}};
+//! use http::{Request, header};
+//! use tower::ServiceExt;
+//! use tower_redis_session::{RedisManager, Session, SessionLayer};
 //!
 //! async fn login(session: Session) -> &'static str {
 //!     // A privilege change: new id, the old one stops working.
@@ -15,12 +16,51 @@
 //!     "welcome"
 //! }
 //!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let redis = RedisManager::connect(RedisConfig::from_env()?).await?;
+//! async fn me(session: Session) -> String {
+//!     session.user().await.unwrap_or_default()
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // In an app: RedisManager::connect(RedisConfig::from_env()?).await?
+//! // Here, no Redis: sessions live in process.
+//! let redis = RedisManager::disabled();
 //! let sessions = SessionLayer::builder(redis).build()?;
-//! let app: Router = Router::new().route("/login", post(login)).layer(sessions);
-//! # let _ = app; Ok(()) }
+//! let app = Router::new()
+//!     .route("/login", post(login))
+//!     .route("/me", get(me))
+//!     .layer(sessions);
+//!
+//! let response = app.clone().oneshot(Request::post("/login").body(Body::empty())?).await?;
+//! // A new session: its cookie, with the secure defaults, and no caching.
+//! let set_cookie = response.headers()[header::SET_COOKIE].to_str()?;
+//! assert!(set_cookie.starts_with("__Host-session="), "{set_cookie}");
+//! for attribute in ["Secure", "HttpOnly", "SameSite=Lax", "Path=/"] {
+//!     assert!(set_cookie.split("; ").any(|a| a == attribute), "{attribute} in {set_cookie}");
+//! }
+//! assert_eq!(response.headers()[header::CACHE_CONTROL], "no-store");
+//!
+//! // The browser sends it back.
+//! let cookie = set_cookie.split(';').next().unwrap_or_default();
+//! let me = Request::get("/me").header(header::COOKIE, cookie).body(Body::empty())?;
+//! let response = app.oneshot(me).await?;
+//! assert!(response.headers().get(header::SET_COOKIE).is_none()); // nothing new to say
+//! let body = http_body_util::BodyExt::collect(response.into_body()).await?.to_bytes();
+//! assert_eq!(body, "user-42");
+//! # Ok(()) }
 //! ```
+//!
+//! # Features
+//!
+//! - `axum` (default): [`Session`] is an axum extractor (without it, take
+//!   the `Session` from the request extensions).
+//! - `metrics`: counts degraded operations and the changes written after an
+//!   outage with the `metrics` facade, plus the connection manager's
+//!   breaker and fallback metrics.
+//!
+//! Everything a layer needs is re-exported here ([`RedisManager`],
+//! [`RedisConfig`], [`Error`], [`SameSite`] for [`CookieConfig`]), so that
+//! this crate is the only dependency to add.
 //!
 //! # Promises
 //!
@@ -61,6 +101,7 @@
 //!   full queue refuses new sessions and changes (the visitor gets a fresh
 //!   session) but never drops a queued change, and never refuses a log out.
 //!   [`SessionStore::local_usage`] reports both.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod config;
 #[cfg(feature = "axum")]
@@ -82,3 +123,21 @@ pub use layer::{
 pub use service::{ResponseFuture, SessionService};
 pub use session::{Session, SessionError};
 pub use store::{LocalUsage, SessionStore, StoreError, UserSession};
+
+// One dependency line is enough: what building this layer needs from
+// `tower-redis-core`, under the same names.
+/// The whole core crate, for what the names above do not cover (its
+/// `testing` harness, `degrade`, `keys`, `redis`).
+pub use tower_redis_core;
+/// The connection manager's invalid-configuration error
+/// ([`tower_redis_core::ConfigError`]), returned by [`RedisConfig::from_env`]
+/// and [`RedisConfigBuilder::build`].
+pub use tower_redis_core::ConfigError as RedisConfigError;
+pub use tower_redis_core::{
+    BreakerState, Error, Health, RedisConfig, RedisConfigBuilder, RedisManager,
+};
+
+/// The crate README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

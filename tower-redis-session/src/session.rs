@@ -151,6 +151,71 @@ impl Session {
     }
 
     /// The value of `key`, if the session has one.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::{get, post}};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_session::{CookieConfig, Expiry, RedisManager, SameSite, Session, SessionLayer};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request carrying `cookie` (`name=value`, or "" for none).
+    /// # fn req(method: &str, uri: &str, cookie: &str) -> Request<Body> {
+    /// #     let mut request = Request::builder().method(method).uri(uri);
+    /// #     if !cookie.is_empty() {
+    /// #         request = request.header("cookie", cookie);
+    /// #     }
+    /// #     request.body(Body::empty()).unwrap()
+    /// # }
+    /// # /// The `name=value` part of the response's `Set-Cookie`.
+    /// # fn cookie(response: &Response<Bytes>) -> String {
+    /// #     let set_cookie = response.headers()["set-cookie"].to_str().unwrap();
+    /// #     set_cookie.split(';').next().unwrap().to_owned()
+    /// # }
+    /// # /// A shop: `/login` logs alice in, `/me` says who is logged in, `/logout`
+    /// # /// logs out, `/visits` counts visits in the session, `/` ignores it.
+    /// # fn app(sessions: SessionLayer) -> Router {
+    /// #     async fn login(session: Session) -> &'static str {
+    /// #         session.cycle_id().await;
+    /// #         session.set_user("alice").await;
+    /// #         "welcome"
+    /// #     }
+    /// #     async fn me(session: Session) -> String {
+    /// #         session.user().await.unwrap_or_default()
+    /// #     }
+    /// #     async fn logout(session: Session) -> StatusCode {
+    /// #         session.destroy().await;
+    /// #         StatusCode::NO_CONTENT
+    /// #     }
+    /// #     async fn visits(session: Session) -> String {
+    /// #         let visits: u32 = session.get("visits").await.unwrap().unwrap_or(0) + 1;
+    /// #         session.insert("visits", visits).await.unwrap();
+    /// #         visits.to_string()
+    /// #     }
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/login", post(login))
+    /// #         .route("/me", get(me))
+    /// #         .route("/logout", post(logout))
+    /// #         .route("/visits", get(visits))
+    /// #         .layer(sessions)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let app = app(SessionLayer::builder(RedisManager::disabled()).build()?);
+    ///
+    /// let first = send(&app, req("GET", "/visits", "")).await;
+    /// assert_eq!(first.body(), "1");
+    /// let visitor = cookie(&first);
+    /// assert_eq!(send(&app, req("GET", "/visits", &visitor)).await.body(), "2");
+    /// assert_eq!(send(&app, req("GET", "/visits", "")).await.body(), "1"); // someone else
+    /// # Ok(()) }
+    /// ```
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SessionError> {
         let state = self.loaded().await;
         let json = match state.changes.entries.get(key) {
@@ -166,6 +231,79 @@ impl Session {
     /// Fails with [`SessionError::TooLarge`], changing nothing, when the
     /// session would grow over
     /// [`max_session_bytes`](crate::SessionLayerBuilder::max_session_bytes).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::{get, post}};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_session::{CookieConfig, Expiry, RedisManager, SameSite, Session, SessionLayer};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request carrying `cookie` (`name=value`, or "" for none).
+    /// # fn req(method: &str, uri: &str, cookie: &str) -> Request<Body> {
+    /// #     let mut request = Request::builder().method(method).uri(uri);
+    /// #     if !cookie.is_empty() {
+    /// #         request = request.header("cookie", cookie);
+    /// #     }
+    /// #     request.body(Body::empty()).unwrap()
+    /// # }
+    /// # /// The `name=value` part of the response's `Set-Cookie`.
+    /// # fn cookie(response: &Response<Bytes>) -> String {
+    /// #     let set_cookie = response.headers()["set-cookie"].to_str().unwrap();
+    /// #     set_cookie.split(';').next().unwrap().to_owned()
+    /// # }
+    /// # /// A shop: `/login` logs alice in, `/me` says who is logged in, `/logout`
+    /// # /// logs out, `/visits` counts visits in the session, `/` ignores it.
+    /// # fn app(sessions: SessionLayer) -> Router {
+    /// #     async fn login(session: Session) -> &'static str {
+    /// #         session.cycle_id().await;
+    /// #         session.set_user("alice").await;
+    /// #         "welcome"
+    /// #     }
+    /// #     async fn me(session: Session) -> String {
+    /// #         session.user().await.unwrap_or_default()
+    /// #     }
+    /// #     async fn logout(session: Session) -> StatusCode {
+    /// #         session.destroy().await;
+    /// #         StatusCode::NO_CONTENT
+    /// #     }
+    /// #     async fn visits(session: Session) -> String {
+    /// #         let visits: u32 = session.get("visits").await.unwrap().unwrap_or(0) + 1;
+    /// #         session.insert("visits", visits).await.unwrap();
+    /// #         visits.to_string()
+    /// #     }
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/login", post(login))
+    /// #         .route("/me", get(me))
+    /// #         .route("/logout", post(logout))
+    /// #         .route("/visits", get(visits))
+    /// #         .layer(sessions)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct Cart {
+    ///     items: Vec<String>,
+    /// }
+    /// async fn add(session: Session) -> String {
+    ///     let mut cart: Cart = session.get("cart").await.unwrap().unwrap_or(Cart { items: vec![] });
+    ///     cart.items.push("mug".into());
+    ///     session.insert("cart", &cart).await.unwrap(); // any serde value, stored as JSON
+    ///     cart.items.len().to_string()
+    /// }
+    /// let sessions = SessionLayer::builder(RedisManager::disabled()).build()?;
+    /// let app = Router::new().route("/cart", post(add)).layer(sessions);
+    ///
+    /// let first = send(&app, req("POST", "/cart", "")).await;
+    /// assert_eq!(send(&app, req("POST", "/cart", &cookie(&first))).await.body(), "2");
+    /// # Ok(()) }
+    /// ```
     pub async fn insert<T: Serialize>(&self, key: &str, value: T) -> Result<(), SessionError> {
         let json = serde_json::to_string(&value).map_err(|source| serde_error(key, source))?;
         let mut state = self.loaded().await;
@@ -188,6 +326,77 @@ impl Session {
     }
 
     /// Removes `key`, returning its value.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::{get, post}};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_session::{CookieConfig, Expiry, RedisManager, SameSite, Session, SessionLayer};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request carrying `cookie` (`name=value`, or "" for none).
+    /// # fn req(method: &str, uri: &str, cookie: &str) -> Request<Body> {
+    /// #     let mut request = Request::builder().method(method).uri(uri);
+    /// #     if !cookie.is_empty() {
+    /// #         request = request.header("cookie", cookie);
+    /// #     }
+    /// #     request.body(Body::empty()).unwrap()
+    /// # }
+    /// # /// The `name=value` part of the response's `Set-Cookie`.
+    /// # fn cookie(response: &Response<Bytes>) -> String {
+    /// #     let set_cookie = response.headers()["set-cookie"].to_str().unwrap();
+    /// #     set_cookie.split(';').next().unwrap().to_owned()
+    /// # }
+    /// # /// A shop: `/login` logs alice in, `/me` says who is logged in, `/logout`
+    /// # /// logs out, `/visits` counts visits in the session, `/` ignores it.
+    /// # fn app(sessions: SessionLayer) -> Router {
+    /// #     async fn login(session: Session) -> &'static str {
+    /// #         session.cycle_id().await;
+    /// #         session.set_user("alice").await;
+    /// #         "welcome"
+    /// #     }
+    /// #     async fn me(session: Session) -> String {
+    /// #         session.user().await.unwrap_or_default()
+    /// #     }
+    /// #     async fn logout(session: Session) -> StatusCode {
+    /// #         session.destroy().await;
+    /// #         StatusCode::NO_CONTENT
+    /// #     }
+    /// #     async fn visits(session: Session) -> String {
+    /// #         let visits: u32 = session.get("visits").await.unwrap().unwrap_or(0) + 1;
+    /// #         session.insert("visits", visits).await.unwrap();
+    /// #         visits.to_string()
+    /// #     }
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/login", post(login))
+    /// #         .route("/me", get(me))
+    /// #         .route("/logout", post(logout))
+    /// #         .route("/visits", get(visits))
+    /// #         .layer(sessions)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// async fn take_flash(session: Session) -> String {
+    ///     // Read once: the message is gone afterwards.
+    ///     session.remove::<String>("flash").await.unwrap().unwrap_or_default()
+    /// }
+    /// async fn set_flash(session: Session) {
+    ///     session.insert("flash", "Saved!").await.unwrap();
+    /// }
+    /// let sessions = SessionLayer::builder(RedisManager::disabled()).build()?;
+    /// let app = Router::new().route("/flash", get(take_flash).post(set_flash)).layer(sessions);
+    ///
+    /// let visitor = cookie(&send(&app, req("POST", "/flash", "")).await);
+    /// assert_eq!(send(&app, req("GET", "/flash", &visitor)).await.body(), "Saved!");
+    /// assert_eq!(send(&app, req("GET", "/flash", &visitor)).await.body(), "");
+    /// # Ok(()) }
+    /// ```
     pub async fn remove<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SessionError> {
         let previous = self.get(key).await?;
         let mut state = self.loaded().await;
@@ -215,6 +424,74 @@ impl Session {
 
     /// Gives the session a new id, for privilege changes (log in, sudo): the
     /// old id stops working when this response is sent.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::{get, post}};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_session::{CookieConfig, Expiry, RedisManager, SameSite, Session, SessionLayer};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request carrying `cookie` (`name=value`, or "" for none).
+    /// # fn req(method: &str, uri: &str, cookie: &str) -> Request<Body> {
+    /// #     let mut request = Request::builder().method(method).uri(uri);
+    /// #     if !cookie.is_empty() {
+    /// #         request = request.header("cookie", cookie);
+    /// #     }
+    /// #     request.body(Body::empty()).unwrap()
+    /// # }
+    /// # /// The `name=value` part of the response's `Set-Cookie`.
+    /// # fn cookie(response: &Response<Bytes>) -> String {
+    /// #     let set_cookie = response.headers()["set-cookie"].to_str().unwrap();
+    /// #     set_cookie.split(';').next().unwrap().to_owned()
+    /// # }
+    /// # /// A shop: `/login` logs alice in, `/me` says who is logged in, `/logout`
+    /// # /// logs out, `/visits` counts visits in the session, `/` ignores it.
+    /// # fn app(sessions: SessionLayer) -> Router {
+    /// #     async fn login(session: Session) -> &'static str {
+    /// #         session.cycle_id().await;
+    /// #         session.set_user("alice").await;
+    /// #         "welcome"
+    /// #     }
+    /// #     async fn me(session: Session) -> String {
+    /// #         session.user().await.unwrap_or_default()
+    /// #     }
+    /// #     async fn logout(session: Session) -> StatusCode {
+    /// #         session.destroy().await;
+    /// #         StatusCode::NO_CONTENT
+    /// #     }
+    /// #     async fn visits(session: Session) -> String {
+    /// #         let visits: u32 = session.get("visits").await.unwrap().unwrap_or(0) + 1;
+    /// #         session.insert("visits", visits).await.unwrap();
+    /// #         visits.to_string()
+    /// #     }
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/login", post(login))
+    /// #         .route("/me", get(me))
+    /// #         .route("/logout", post(logout))
+    /// #         .route("/visits", get(visits))
+    /// #         .layer(sessions)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let app = app(SessionLayer::builder(RedisManager::disabled()).build()?);
+    ///
+    /// // A visitor with a session logs in: the id changes (no session fixation).
+    /// let before = cookie(&send(&app, req("GET", "/visits", "")).await);
+    /// let after = cookie(&send(&app, req("POST", "/login", &before)).await);
+    /// assert_ne!(before, after);
+    /// assert_eq!(send(&app, req("GET", "/me", &after)).await.body(), "alice");
+    /// // The data moved with it; the old id no longer works.
+    /// assert_eq!(send(&app, req("GET", "/visits", &after)).await.body(), "2");
+    /// assert_eq!(send(&app, req("GET", "/me", &before)).await.body(), "");
+    /// # Ok(()) }
+    /// ```
     pub async fn cycle_id(&self) {
         let mut state = self.loaded().await;
         state.cycle = true;
@@ -222,6 +499,71 @@ impl Session {
 
     /// Ends the session (log out): it is deleted from the store and the
     /// browser is told to drop the cookie.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::{get, post}};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_session::{CookieConfig, Expiry, RedisManager, SameSite, Session, SessionLayer};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request carrying `cookie` (`name=value`, or "" for none).
+    /// # fn req(method: &str, uri: &str, cookie: &str) -> Request<Body> {
+    /// #     let mut request = Request::builder().method(method).uri(uri);
+    /// #     if !cookie.is_empty() {
+    /// #         request = request.header("cookie", cookie);
+    /// #     }
+    /// #     request.body(Body::empty()).unwrap()
+    /// # }
+    /// # /// The `name=value` part of the response's `Set-Cookie`.
+    /// # fn cookie(response: &Response<Bytes>) -> String {
+    /// #     let set_cookie = response.headers()["set-cookie"].to_str().unwrap();
+    /// #     set_cookie.split(';').next().unwrap().to_owned()
+    /// # }
+    /// # /// A shop: `/login` logs alice in, `/me` says who is logged in, `/logout`
+    /// # /// logs out, `/visits` counts visits in the session, `/` ignores it.
+    /// # fn app(sessions: SessionLayer) -> Router {
+    /// #     async fn login(session: Session) -> &'static str {
+    /// #         session.cycle_id().await;
+    /// #         session.set_user("alice").await;
+    /// #         "welcome"
+    /// #     }
+    /// #     async fn me(session: Session) -> String {
+    /// #         session.user().await.unwrap_or_default()
+    /// #     }
+    /// #     async fn logout(session: Session) -> StatusCode {
+    /// #         session.destroy().await;
+    /// #         StatusCode::NO_CONTENT
+    /// #     }
+    /// #     async fn visits(session: Session) -> String {
+    /// #         let visits: u32 = session.get("visits").await.unwrap().unwrap_or(0) + 1;
+    /// #         session.insert("visits", visits).await.unwrap();
+    /// #         visits.to_string()
+    /// #     }
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/login", post(login))
+    /// #         .route("/me", get(me))
+    /// #         .route("/logout", post(logout))
+    /// #         .route("/visits", get(visits))
+    /// #         .layer(sessions)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let app = app(SessionLayer::builder(RedisManager::disabled()).build()?);
+    ///
+    /// let alice = cookie(&send(&app, req("POST", "/login", "")).await);
+    /// let logout = send(&app, req("POST", "/logout", &alice)).await;
+    /// // The browser is told to drop the cookie, and the session is gone.
+    /// assert!(logout.headers()["set-cookie"].to_str()?.contains("Max-Age=0"));
+    /// assert_eq!(send(&app, req("GET", "/me", &alice)).await.body(), "");
+    /// # Ok(()) }
+    /// ```
     pub async fn destroy(&self) {
         let mut state = self.loaded().await;
         if let Some(id) = state.id.take() {
@@ -242,6 +584,70 @@ impl Session {
     /// user ids come from the app's authentication, and one that alone
     /// takes the session over the limit is kept (later inserts that grow
     /// the session are refused).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use axum::{Router, body::Body, routing::{get, post}};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response, StatusCode};
+    /// # use tower_redis_session::{CookieConfig, Expiry, RedisManager, SameSite, Session, SessionLayer};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # /// A request carrying `cookie` (`name=value`, or "" for none).
+    /// # fn req(method: &str, uri: &str, cookie: &str) -> Request<Body> {
+    /// #     let mut request = Request::builder().method(method).uri(uri);
+    /// #     if !cookie.is_empty() {
+    /// #         request = request.header("cookie", cookie);
+    /// #     }
+    /// #     request.body(Body::empty()).unwrap()
+    /// # }
+    /// # /// The `name=value` part of the response's `Set-Cookie`.
+    /// # fn cookie(response: &Response<Bytes>) -> String {
+    /// #     let set_cookie = response.headers()["set-cookie"].to_str().unwrap();
+    /// #     set_cookie.split(';').next().unwrap().to_owned()
+    /// # }
+    /// # /// A shop: `/login` logs alice in, `/me` says who is logged in, `/logout`
+    /// # /// logs out, `/visits` counts visits in the session, `/` ignores it.
+    /// # fn app(sessions: SessionLayer) -> Router {
+    /// #     async fn login(session: Session) -> &'static str {
+    /// #         session.cycle_id().await;
+    /// #         session.set_user("alice").await;
+    /// #         "welcome"
+    /// #     }
+    /// #     async fn me(session: Session) -> String {
+    /// #         session.user().await.unwrap_or_default()
+    /// #     }
+    /// #     async fn logout(session: Session) -> StatusCode {
+    /// #         session.destroy().await;
+    /// #         StatusCode::NO_CONTENT
+    /// #     }
+    /// #     async fn visits(session: Session) -> String {
+    /// #         let visits: u32 = session.get("visits").await.unwrap().unwrap_or(0) + 1;
+    /// #         session.insert("visits", visits).await.unwrap();
+    /// #         visits.to_string()
+    /// #     }
+    /// #     Router::new()
+    /// #         .route("/", get(|| async { "home" }))
+    /// #         .route("/login", post(login))
+    /// #         .route("/me", get(me))
+    /// #         .route("/logout", post(logout))
+    /// #         .route("/visits", get(visits))
+    /// #         .layer(sessions)
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let app = app(SessionLayer::builder(RedisManager::disabled()).build()?);
+    ///
+    /// let alice = cookie(&send(&app, req("POST", "/login", "")).await);
+    /// assert_eq!(send(&app, req("GET", "/me", &alice)).await.body(), "alice");
+    /// // A request that does not touch the session gets no cookie at all.
+    /// assert!(send(&app, req("GET", "/", &alice)).await.headers().get("set-cookie").is_none());
+    /// # Ok(()) }
+    /// ```
     pub async fn set_user(&self, user: &str) {
         let mut state = self.loaded().await;
         let old = state.user_size();
