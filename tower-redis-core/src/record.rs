@@ -208,9 +208,9 @@ pub const METRICS: &[Metric] = &[
     metric(
         Kind::Counter,
         "tower_redis_cache_stale_total",
-        &[],
+        &["kind"],
         None,
-        "Stale entries served (stale-while-revalidate or stale-if-error).",
+        "Stale entries served, by kind: stale-while-revalidate or stale-if-error.",
     ),
     // tower-redis-ratelimit
     metric(
