@@ -233,14 +233,14 @@ pub const METRICS: &[Metric] = &[
         "tower_redis_session_loads_total",
         &["result"],
         None,
-        "Session loads, by result: found, missing (unknown or expired id), or fallback (read without Redis).",
+        "Session loads, by result: found, or missing (unknown, ended or expired id).",
     ),
     metric(
         Kind::Counter,
         "tower_redis_session_saves_total",
-        &["kind"],
+        &["kind", "result"],
         None,
-        "Session writes, by kind: created, saved, deleted.",
+        "Session writes, by kind (created, saved, cycled, deleted) and result (written, gone, refused).",
     ),
     metric(
         Kind::Counter,
