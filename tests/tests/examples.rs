@@ -663,6 +663,46 @@ async fn server_walkthrough_survives_a_redis_outage() {
         "{}",
         metrics.body
     );
+    // Every series this traffic produces exists, with its help text (the
+    // exporter writes the histogram's dots as underscores).
+    for series in [
+        "tower_redis_breaker_state",
+        "tower_redis_breaker_in_state",
+        "tower_redis_cache_requests_total",
+        "tower_redis_ratelimit_decisions_total",
+        "tower_redis_ratelimit_policy_decisions_total",
+        "tower_redis_session_loads_total",
+        "tower_redis_session_saves_total",
+        "db_client_operation_duration",
+    ] {
+        assert!(
+            metrics
+                .body
+                .lines()
+                .any(|line| line.starts_with(series) && !line.starts_with('#')),
+            "no {series} series in\n{}",
+            metrics.body
+        );
+        assert!(
+            metrics.body.contains(&format!("# HELP {series} ")),
+            "no help text for {series} in\n{}",
+            metrics.body
+        );
+    }
+    assert!(
+        metrics
+            .body
+            .contains("tower_redis_breaker_in_state{state=\"closed\"} 1"),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics.body.contains(
+            "tower_redis_ratelimit_policy_decisions_total{outcome=\"denied\",policy=\"anonymous\"}"
+        ),
+        "{}",
+        metrics.body
+    );
 
     // Redis dies: everything still answers, and says it is degraded.
     redis.kill().await;

@@ -233,6 +233,20 @@ fn record_transition(from: BreakerState, to: BreakerState) {
 
 fn record_state_gauge(state: BreakerState) {
     record::gauge("tower_redis_breaker_state", &[], f64::from(state.encode()));
+    // The same as a labelled gauge: 1 for the current state, 0 for the others.
+    for each in [
+        BreakerState::Closed,
+        BreakerState::Open,
+        BreakerState::HalfOpen,
+        BreakerState::Disabled,
+    ] {
+        let value = if each == state { 1.0 } else { 0.0 };
+        record::gauge(
+            "tower_redis_breaker_in_state",
+            &[("state", each.as_str())],
+            value,
+        );
+    }
 }
 
 #[cfg(test)]

@@ -61,10 +61,19 @@ impl fmt::Debug for RedisConnection {
 
 impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match &mut self.kind {
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            span.record("db.operation.name", operation_name(cmd));
+        }
+        let sent = match &mut self.kind {
             ConnectionKind::Standalone(c) => c.req_packed_command(cmd),
             ConnectionKind::Cluster(c) => c.req_packed_command(cmd),
-        }
+        };
+        timed(
+            || operation_name(cmd),
+            sent,
+            |v| matches!(v, Value::ServerError(_)),
+        )
     }
 
     fn req_packed_commands<'a>(
@@ -73,10 +82,16 @@ impl ConnectionLike for RedisConnection {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match &mut self.kind {
+        tracing::Span::current().record("db.operation.name", "PIPELINE");
+        let sent = match &mut self.kind {
             ConnectionKind::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
             ConnectionKind::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
+        };
+        timed(
+            || "PIPELINE",
+            sent,
+            |vs| vs.iter().any(|v| matches!(v, Value::ServerError(_))),
+        )
     }
 
     fn get_db(&self) -> i64 {
@@ -85,6 +100,81 @@ impl ConnectionLike for RedisConnection {
             ConnectionKind::Cluster(c) => c.get_db(),
         }
     }
+}
+
+/// The commands the layers send, by name; anything else is `other`, so that
+/// the histogram's series stay few whatever an application sends.
+const KNOWN_COMMANDS: &[&str] = &[
+    "GET", "SET", "DEL", "UNLINK", "EXPIRE", "PEXPIRE", "INCR", "INCRBY", "MGET", "EXISTS", "HGET",
+    "HSET", "HDEL", "HMGET", "HGETALL", "SADD", "SREM", "SMEMBERS", "ZADD", "ZREM", "ZRANGE",
+    "ZCOUNT", "EVAL", "EVALSHA", "SCRIPT", "PUBLISH", "PING", "TIME", "INFO",
+];
+
+/// OpenTelemetry's `db.operation.name` of a command: its name in capitals
+/// when it is one of [`KNOWN_COMMANDS`], `other` otherwise.
+fn operation_name(cmd: &Cmd) -> &'static str {
+    let Some(redis::Arg::Simple(first)) = cmd.args_iter().next() else {
+        return "other";
+    };
+    KNOWN_COMMANDS
+        .iter()
+        .find(|known| known.as_bytes().eq_ignore_ascii_case(first))
+        .copied()
+        .unwrap_or("other")
+}
+
+/// With the `metrics` feature: the request, timed into
+/// `db.client.operation.duration`. Without it: the request as it is.
+#[cfg(feature = "metrics")]
+fn timed<'a, T: Send + 'a>(
+    name: impl FnOnce() -> &'static str,
+    sent: RedisFuture<'a, T>,
+    server_error: fn(&T) -> bool,
+) -> RedisFuture<'a, T> {
+    let name = name();
+    Box::pin(async move {
+        let started = std::time::Instant::now();
+        let result = sent.await;
+        let seconds = started.elapsed().as_secs_f64();
+        let histogram = crate::record::DB_CLIENT_OPERATION_DURATION;
+        match &result {
+            // redis-rs hands a server's error reply back as a value.
+            Ok(value) if server_error(value) => crate::record::histogram(
+                histogram,
+                &[
+                    ("db.system.name", "redis"),
+                    ("db.operation.name", name),
+                    ("error.type", "server"),
+                ],
+                seconds,
+            ),
+            Ok(_) => crate::record::histogram(
+                histogram,
+                &[("db.system.name", "redis"), ("db.operation.name", name)],
+                seconds,
+            ),
+            Err(error) => crate::record::histogram(
+                histogram,
+                &[
+                    ("db.system.name", "redis"),
+                    ("db.operation.name", name),
+                    ("error.type", crate::failover::error_type(error)),
+                ],
+                seconds,
+            ),
+        }
+        result
+    })
+}
+
+#[cfg(not(feature = "metrics"))]
+#[inline]
+fn timed<'a, T>(
+    _name: impl FnOnce() -> &'static str,
+    sent: RedisFuture<'a, T>,
+    _server_error: fn(&T) -> bool,
+) -> RedisFuture<'a, T> {
+    sent
 }
 
 /// A pooled multiplexed connection with the marks that decide whether the

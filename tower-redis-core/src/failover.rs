@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use redis::{RedisError, RedisResult};
 use tokio::time::timeout;
+use tracing::Instrument;
 
 use crate::breaker::Failure;
 use crate::connection::RedisConnection;
@@ -118,7 +119,33 @@ impl RedisManager {
                 .await
                 .map_err(|error| Attempt::Command(error, broken))
         };
-        match timeout(inner.command_timeout, attempt).await {
+        // One span per operation, with OpenTelemetry's database client
+        // attributes; the connection records `db.operation.name` (the
+        // command, or PIPELINE) when it sends. Disabled, it costs a check.
+        let span = tracing::debug_span!(
+            target: "tower_redis",
+            "redis",
+            "db.system.name" = "redis",
+            "db.operation.name" = tracing::field::Empty,
+            "server.address" = inner.server.0.as_str(),
+            "server.port" = inner.server.1,
+            "error.type" = tracing::field::Empty,
+        );
+        let outcome = timeout(inner.command_timeout, attempt)
+            .instrument(span.clone())
+            .await;
+        if !span.is_disabled() {
+            let error_type = match &outcome {
+                Ok(Ok(_)) => None,
+                Ok(Err(Attempt::Connect(_))) => Some("connect"),
+                Ok(Err(Attempt::Command(error, _))) => Some(error_type(error)),
+                Err(_) => Some("timeout"),
+            };
+            if let Some(error_type) = error_type {
+                span.record("error.type", error_type);
+            }
+        }
+        match outcome {
             Ok(Ok(value)) => {
                 inner.breaker.on_success();
                 Ok(value)
@@ -218,6 +245,25 @@ enum Attempt {
     Connect(RedisError),
     /// The command failed; the connection's broken flag, if pooled.
     Command(RedisError, Option<Arc<AtomicBool>>),
+}
+
+/// OpenTelemetry's `error.type` of a failed command: the Redis error code
+/// (`NOSCRIPT`, `WRONGTYPE`, …) or the kind of failure.
+pub(crate) fn error_type(error: &RedisError) -> &'static str {
+    if error.is_timeout() {
+        "timeout"
+    } else if error.is_io_error() || error.is_connection_dropped() {
+        "io"
+    } else if error.is_connection_refusal() {
+        "connection_refused"
+    } else if error.code().is_some() {
+        // An error reply: WRONGTYPE, NOSCRIPT, OOM, …
+        "server"
+    } else if error.kind() == redis::ErrorKind::Parse {
+        "parse"
+    } else {
+        "other"
+    }
 }
 
 pub(crate) fn record_fallback(reason: FallbackReason) {

@@ -61,6 +61,9 @@ pub(crate) struct Inner {
     probe_max_backoff: Duration,
     probing: AtomicBool,
     description: String,
+    /// `server.address` and `server.port` of the operation spans: the
+    /// server, or the first cluster seed.
+    pub(crate) server: (String, Option<u16>),
     /// Where [`RedisManager::pubsub`] connects: the server, or the first
     /// cluster seed (plain `PUBLISH` reaches every node of a cluster).
     pubsub_client: Option<redis::Client>,
@@ -94,6 +97,18 @@ impl RedisManager {
         let backend = Backend::new(&config)?;
         let pubsub_client = crate::pubsub::client_for(&config);
         let description = describe_config(&config);
+        crate::record::describe();
+        // The span's `server.*` attributes: the server, the first cluster
+        // seed, or (Sentinel) the master's name, as the primary moves.
+        let server = match config.topology() {
+            crate::config::Topology::Standalone(url) => url.server(),
+            crate::config::Topology::Cluster(nodes) => nodes
+                .first()
+                .map_or_else(|| (String::new(), None), crate::url::RedisUrl::server),
+            crate::config::Topology::Sentinel(sentinel) => {
+                (sentinel.master_name().to_owned(), None)
+            }
+        };
         warn_if_certificates_unchecked(config.topology(), &description);
         let breaker_config = config.breaker();
         let manager = Self {
@@ -107,6 +122,7 @@ impl RedisManager {
                 probe_max_backoff: breaker_config.probe_max_backoff,
                 probing: AtomicBool::new(false),
                 description,
+                server,
                 pubsub_client,
             }),
         };
@@ -172,6 +188,7 @@ impl RedisManager {
                 probe_max_backoff: Duration::MAX,
                 probing: AtomicBool::new(false),
                 description: "disabled (in-process only)".to_owned(),
+                server: (String::new(), None),
                 pubsub_client: None,
             }),
         }

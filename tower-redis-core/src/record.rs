@@ -34,6 +34,254 @@ pub fn gauge(name: &'static str, labels: Labels<'_>, value: f64) {
     let _ = (name, labels, value);
 }
 
+/// Adds `value` to the counter `name` with `labels` and one more label
+/// whose value is only known at run time (a rate-limit policy's name, say).
+/// Its values must come from configuration, never from requests, so that
+/// the number of series stays bounded.
+#[inline]
+pub fn counter_named(
+    name: &'static str,
+    labels: Labels<'_>,
+    named: (&'static str, &str),
+    value: u64,
+) {
+    #[cfg(feature = "metrics")]
+    {
+        let mut all: Vec<metrics::Label> = Vec::with_capacity(labels.len() + 1);
+        all.extend(
+            labels
+                .iter()
+                .map(|&(k, v)| metrics::Label::from_static_parts(k, v)),
+        );
+        all.push(metrics::Label::new(named.0, named.1.to_owned()));
+        metrics::counter!(name, all).increment(value);
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = (name, labels, named, value);
+}
+
+/// Records `value` in the histogram `name` with `labels`.
+#[inline]
+pub fn histogram(name: &'static str, labels: Labels<'_>, value: f64) {
+    #[cfg(feature = "metrics")]
+    metrics::histogram!(name, labels).record(value);
+    #[cfg(not(feature = "metrics"))]
+    let _ = (name, labels, value);
+}
+
+/// What a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// A distribution of values.
+    Histogram,
+}
+
+/// One metric of the project, as [`METRICS`] lists it.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    /// Counter, gauge or histogram.
+    pub kind: Kind,
+    /// The name given to the `metrics` facade (a Prometheus exporter turns
+    /// dots into underscores).
+    pub name: &'static str,
+    /// Its labels.
+    pub labels: &'static [&'static str],
+    /// Seconds, bytes, or a plain count.
+    pub unit: Option<&'static str>,
+    /// The help text.
+    pub help: &'static str,
+}
+
+const fn metric(
+    kind: Kind,
+    name: &'static str,
+    labels: &'static [&'static str],
+    unit: Option<&'static str>,
+    help: &'static str,
+) -> Metric {
+    Metric {
+        kind,
+        name,
+        labels,
+        unit,
+        help,
+    }
+}
+
+/// The name of the Redis operation duration histogram (OpenTelemetry's
+/// database client convention).
+pub const DB_CLIENT_OPERATION_DURATION: &str = "db.client.operation.duration";
+
+/// Every metric the four crates record (with their `metrics` feature).
+/// [`describe`] gives each its help text; docs/OBSERVABILITY.md lists them.
+pub const METRICS: &[Metric] = &[
+    // tower-redis-core
+    metric(
+        Kind::Counter,
+        "tower_redis_breaker_transitions_total",
+        &["from", "to"],
+        None,
+        "Circuit breaker transitions, by the state left and the state entered.",
+    ),
+    metric(
+        Kind::Gauge,
+        "tower_redis_breaker_state",
+        &[],
+        None,
+        "The circuit breaker's state as a number: 0 closed, 1 open, 2 half-open, 3 disabled.",
+    ),
+    metric(
+        Kind::Gauge,
+        "tower_redis_breaker_in_state",
+        &["state"],
+        None,
+        "1 for the circuit breaker's current state (closed, open, half_open, disabled), 0 for the others.",
+    ),
+    metric(
+        Kind::Counter,
+        "tower_redis_fallbacks_total",
+        &["reason"],
+        None,
+        "Operations answered by their in-process fallback instead of Redis, by reason.",
+    ),
+    metric(
+        Kind::Histogram,
+        DB_CLIENT_OPERATION_DURATION,
+        &["db.system.name", "db.operation.name", "error.type"],
+        Some("seconds"),
+        "Duration of Redis commands and pipelines, from sending to the answer (error.type only on failures).",
+    ),
+    metric(
+        Kind::Gauge,
+        "tower_redis_degraded",
+        &["layer"],
+        None,
+        "1 while a layer serves without Redis, 0 otherwise.",
+    ),
+    metric(
+        Kind::Gauge,
+        "tower_redis_outage_queue_bytes",
+        &["layer"],
+        Some("bytes"),
+        "Bytes of changes queued during an outage, waiting to be written to Redis.",
+    ),
+    metric(
+        Kind::Counter,
+        "tower_redis_outage_refused_total",
+        &["layer"],
+        None,
+        "Changes refused during an outage because the queue was full.",
+    ),
+    metric(
+        Kind::Counter,
+        "tower_redis_outage_replayed_total",
+        &["layer"],
+        None,
+        "Changes queued during an outage and written to Redis after it.",
+    ),
+    // tower-redis-cache
+    metric(
+        Kind::Counter,
+        "tower_redis_cache_requests_total",
+        &["result", "stored", "degraded"],
+        None,
+        "Requests the cache answered, by Cache-Status result, whether the response was stored, and whether Redis was unavailable.",
+    ),
+    metric(
+        Kind::Counter,
+        "tower_redis_cache_near_hits_total",
+        &[],
+        None,
+        "Hits answered from the in-process near cache without asking Redis.",
+    ),
+    metric(
+        Kind::Counter,
+        "tower_redis_cache_coalesced_total",
+        &[],
+        None,
+        "Misses that waited for another request's fill of the same entry instead of calling the origin.",
+    ),
+    metric(
+        Kind::Counter,
+        "tower_redis_cache_stale_total",
+        &["kind"],
+        None,
+        "Stale entries served, by kind: stale-while-revalidate or stale-if-error.",
+    ),
+    // tower-redis-ratelimit
+    metric(
+        Kind::Counter,
+        "tower_redis_ratelimit_decisions_total",
+        &["outcome", "source", "shadow"],
+        None,
+        "Rate-limit decisions, by outcome (allowed, denied), how they were made, and whether in shadow mode.",
+    ),
+    metric(
+        Kind::Counter,
+        "tower_redis_ratelimit_policy_decisions_total",
+        &["policy", "outcome"],
+        None,
+        "Rate-limit decisions per policy: allowed, or denied by this policy.",
+    ),
+    // tower-redis-session
+    metric(
+        Kind::Counter,
+        "tower_redis_session_loads_total",
+        &["result"],
+        None,
+        "Session loads, by result: found, or missing (unknown, ended or expired id).",
+    ),
+    metric(
+        Kind::Counter,
+        "tower_redis_session_saves_total",
+        &["kind", "result"],
+        None,
+        "Session writes, by kind (created, saved, cycled, deleted) and result (written, gone, refused).",
+    ),
+    metric(
+        Kind::Counter,
+        "tower_redis_session_reconciled_total",
+        &[],
+        None,
+        "Session changes made during an outage and written to Redis after it.",
+    ),
+    metric(
+        Kind::Counter,
+        "tower_redis_session_refused_total",
+        &[],
+        None,
+        "Session changes refused during an outage.",
+    ),
+];
+
+/// Gives every metric in [`METRICS`] its help text and unit, through the
+/// `metrics` facade's `describe_*!` macros. Call it once after installing
+/// the recorder (an exporter shows the text as `# HELP`);
+/// [`RedisManager::connect`](crate::RedisManager::connect) calls it too.
+/// Without the `metrics` feature it does nothing.
+pub fn describe() {
+    #[cfg(feature = "metrics")]
+    for m in METRICS {
+        let unit = match m.unit {
+            Some("seconds") => Some(metrics::Unit::Seconds),
+            Some("bytes") => Some(metrics::Unit::Bytes),
+            _ => None,
+        };
+        match (m.kind, unit) {
+            (Kind::Counter, Some(unit)) => metrics::describe_counter!(m.name, unit, m.help),
+            (Kind::Counter, None) => metrics::describe_counter!(m.name, m.help),
+            (Kind::Gauge, Some(unit)) => metrics::describe_gauge!(m.name, unit, m.help),
+            (Kind::Gauge, None) => metrics::describe_gauge!(m.name, m.help),
+            (Kind::Histogram, Some(unit)) => metrics::describe_histogram!(m.name, unit, m.help),
+            (Kind::Histogram, None) => metrics::describe_histogram!(m.name, m.help),
+        }
+    }
+}
+
 #[cfg(all(test, feature = "metrics"))]
 mod tests {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};

@@ -229,6 +229,17 @@ impl RedisUrl {
         matches!(self.url.scheme(), "rediss" | "valkeys")
     }
 
+    /// `server.address` and `server.port` in OpenTelemetry's terms: the host
+    /// and port (6379 unless given), or a Unix socket's path and no port.
+    pub(crate) fn server(&self) -> (String, Option<u16>) {
+        if self.is_unix() {
+            return (self.url.path().to_owned(), None);
+        }
+        let host = self.url.host_str().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        (host.to_owned(), Some(self.url.port().unwrap_or(6379)))
+    }
+
     /// Whether the URL names a Unix socket.
     pub fn is_unix(&self) -> bool {
         matches!(self.url.scheme(), "redis+unix" | "valkey+unix" | "unix")

@@ -76,3 +76,89 @@ async fn breaker_transitions_and_fallbacks_are_counted() {
     assert_eq!(opened, 1, "one closed → open transition");
     assert!(fallbacks >= 1);
 }
+
+/// Every metric recorded has the help text `describe()` gives it, the
+/// breaker state is also a labelled gauge (1 for the current state), and
+/// each command's round trip lands in `db.client.operation.duration` under
+/// its name, with `error.type` when it failed.
+#[tokio::test(flavor = "current_thread")]
+async fn metrics_are_described_labelled_and_timed() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().expect("valid"))
+        .await
+        .expect("starts");
+    let key = manager.keys().key(&["k"]);
+    let _: () = manager
+        .query(redis::cmd("SET").arg(&key).arg("v"))
+        .await
+        .expect("SET");
+    let _: Option<String> = manager
+        .query(redis::cmd("GET").arg(&key))
+        .await
+        .expect("GET");
+    // A server error: HSET on a string.
+    let failed: Result<(), _> = manager
+        .query(redis::cmd("HSET").arg(&key).arg("f").arg("v"))
+        .await;
+    assert!(failed.is_err(), "WRONGTYPE");
+
+    let snapshot = snapshotter.snapshot().into_vec();
+    let mut described = 0;
+    let mut states = Vec::new();
+    let mut timed = Vec::new();
+    for (key, _unit, help, value) in &snapshot {
+        let name = key.key().name();
+        let labels: Vec<(String, String)> = key
+            .key()
+            .labels()
+            .map(|l| (l.key().to_owned(), l.value().to_owned()))
+            .collect();
+        let help = help.as_ref().map(|h| h.to_string()).unwrap_or_default();
+        assert!(!help.is_empty(), "{name} has no help text");
+        assert!(
+            tower_redis_core::record::METRICS
+                .iter()
+                .any(|m| m.name == name),
+            "{name} is not in record::METRICS"
+        );
+        described += 1;
+        if name == "tower_redis_breaker_in_state"
+            && let DebugValue::Gauge(v) = value
+        {
+            states.push((labels[0].1.clone(), v.into_inner()));
+        }
+        if name == "db.client.operation.duration"
+            && let DebugValue::Histogram(samples) = value
+        {
+            timed.push((labels, samples.len()));
+        }
+    }
+    assert!(described > 0);
+    states.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        states,
+        [
+            ("closed".to_owned(), 1.0),
+            ("disabled".to_owned(), 0.0),
+            ("half_open".to_owned(), 0.0),
+            ("open".to_owned(), 0.0),
+        ],
+        "one state at 1"
+    );
+    let label = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+    let find = |op: &str, error: Option<&str>| {
+        timed.iter().find(|(labels, _)| {
+            labels.contains(&label("db.system.name", "redis"))
+                && labels.contains(&label("db.operation.name", op))
+                && error.is_none_or(|e| labels.contains(&label("error.type", e)))
+                && (error.is_some() || !labels.iter().any(|(k, _)| k == "error.type"))
+        })
+    };
+    assert!(find("GET", None).is_some_and(|(_, n)| *n >= 1), "{timed:?}");
+    assert!(find("SET", None).is_some_and(|(_, n)| *n >= 1), "{timed:?}");
+    assert!(find("HSET", Some("server")).is_some(), "{timed:?}");
+}

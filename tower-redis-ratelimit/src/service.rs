@@ -11,6 +11,7 @@ use http::{HeaderMap, HeaderValue, Request, Response, header};
 use tower_redis_core::http::is_grpc;
 use tower_redis_core::record;
 use tower_service::Service;
+use tracing::Instrument;
 
 use crate::body::ResponseBody;
 use crate::headers;
@@ -63,7 +64,17 @@ where
         let config = Arc::clone(&self.config);
         ResponseFuture::new(async move {
             let (parts, body) = request.into_parts();
-            match decide(&config, &parts).await {
+            // One span per decision; `decide` records its outcome.
+            let span = tracing::debug_span!(
+                target: "tower_redis_ratelimit",
+                "ratelimit",
+                method = %parts.method,
+                path = parts.uri.path(),
+                verdict = tracing::field::Empty,
+                policy = tracing::field::Empty,
+                source = tracing::field::Empty,
+            );
+            match decide(&config, &parts).instrument(span).await {
                 Outcome::Pass(extra_headers) => {
                     let mut response = inner.call(Request::from_parts(parts, body)).await?;
                     // Appended, not replaced: stacked rate-limit layers
@@ -110,6 +121,7 @@ async fn decide(config: &Config, parts: &Parts) -> Outcome {
     }
     let verdict = config.limiter.decide(&checks, cost).await;
     record(&verdict, config.shadow);
+    record_policies(&policies, &verdict, config.shadow);
     if config.shadow {
         if !verdict.allowed {
             tracing::info!(
@@ -266,6 +278,54 @@ fn denied_response(
         );
     }
     response
+}
+
+/// Counts each policy's part in the decision
+/// (`tower_redis_ratelimit_policy_decisions_total{policy,outcome}`: allowed,
+/// denied by this policy, or unknown when the decision was made without the
+/// counters) and records the verdict on the decision's span: `verdict`
+/// (allowed, denied, or shadow_denied), `policy` (the first that denied, or
+/// with the least remaining when allowed) and `source`.
+fn record_policies(policies: &[&Policy], verdict: &Verdict, shadow: bool) {
+    let states = || {
+        policies
+            .iter()
+            .zip(verdict.states.iter())
+            .filter_map(|(policy, state)| state.map(|state| (policy.name(), state)))
+    };
+    for (index, policy) in policies.iter().enumerate() {
+        let outcome = match verdict.states.get(index).copied().flatten() {
+            Some(state) if state.retry_after.is_some() => "denied",
+            Some(_) => "allowed",
+            None => "unknown",
+        };
+        record::counter_named(
+            "tower_redis_ratelimit_policy_decisions_total",
+            &[("outcome", outcome)],
+            ("policy", policy.name()),
+            1,
+        );
+    }
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return;
+    }
+    let (outcome, deciding) = match (verdict.allowed, shadow) {
+        (true, _) => ("allowed", states().min_by_key(|(_, state)| state.remaining)),
+        (false, denied_for) => (
+            if denied_for {
+                "shadow_denied"
+            } else {
+                "denied"
+            },
+            states().find(|(_, state)| state.retry_after.is_some()),
+        ),
+    };
+    span.record("verdict", outcome);
+    span.record("source", verdict.source.as_str());
+    if let Some((name, _)) = deciding {
+        span.record("policy", name);
+    }
 }
 
 /// Counts the decision (`tower_redis_ratelimit_decisions_total`) and

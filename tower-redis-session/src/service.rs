@@ -53,9 +53,20 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = Arc::clone(&self.shared);
         let cookie_id = session_cookie(request.headers(), &shared);
+        let had_cookie = cookie_id.is_some();
         let session = Session::new(shared.store.clone(), cookie_id, shared.max_session_bytes);
         request.extensions_mut().insert(session.clone());
-        ResponseFuture::new(async move {
+        // One span per request: the store records `loaded` (found, missing),
+        // `saved` (created, saved, cycled, deleted) and `save_result`.
+        let span = tracing::debug_span!(
+            target: "tower_redis_session",
+            "session",
+            cookie = had_cookie,
+            loaded = tracing::field::Empty,
+            saved = tracing::field::Empty,
+            save_result = tracing::field::Empty,
+        );
+        let handled = async move {
             let mut response = inner.call(request).await?;
             let update = match session.finish().await {
                 Some(update) => Some(update),
@@ -72,7 +83,8 @@ where
                 headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             }
             Ok(response)
-        })
+        };
+        ResponseFuture::new(tracing::Instrument::instrument(handled, span))
     }
 }
 

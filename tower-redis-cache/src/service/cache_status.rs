@@ -117,6 +117,24 @@ fn record(status: &CacheStatus) {
         ],
         1,
     );
+    if status.hit_ttl.is_some() && status.tier == Tier::Near {
+        record::counter("tower_redis_cache_near_hits_total", &[], 1);
+    }
+    for detail in &status.details {
+        match *detail {
+            "coalesced" => record::counter("tower_redis_cache_coalesced_total", &[], 1),
+            kind @ ("stale-while-revalidate" | "stale-if-error") => {
+                record::counter("tower_redis_cache_stale_total", &[("kind", kind)], 1);
+            }
+            _ => {}
+        }
+    }
+    // The request's `cache` span (when enabled) records the outcome.
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("result", result);
+        span.record("cache_status", status.render().as_str());
+    }
     tracing::trace!(target: "tower_redis_cache", cache_status = %status.render(), "answered");
 }
 

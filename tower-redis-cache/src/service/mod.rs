@@ -121,7 +121,9 @@ where
             target: "tower_redis_cache",
             "cache",
             method = %request.method(),
-            path = request.uri().path()
+            path = request.uri().path(),
+            result = tracing::field::Empty,
+            cache_status = tracing::field::Empty,
         );
         ResponseFuture::new(handle(config, inner, request).instrument(span))
     }

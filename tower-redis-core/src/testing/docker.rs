@@ -1,4 +1,4 @@
-//! The Docker backend: a `redis:7` container through testcontainers, on a
+//! The Docker backend: a `redis:7.2` container through testcontainers, on a
 //! fixed host port so that a restart keeps its address.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +30,11 @@ impl DockerRedis {
             String::new(),
         ];
         cmd.extend(["--appendonly".to_owned(), "no".to_owned()]);
+        // The container reaches the server from the bridge network, not from
+        // loopback: without a password, protected mode would refuse every
+        // client. The official image's entrypoint adds this; pass it here so
+        // that any image with a `redis-server` works.
+        cmd.extend(["--protected-mode".to_owned(), "no".to_owned()]);
         cmd.extend(args.iter().cloned());
         let container = Redis::default()
             .with_tag(IMAGE_TAG)

@@ -4,7 +4,7 @@
 //! `TOWER_REDIS_TEST_BACKEND=docker|binary|url` forces one:
 //!
 //! 1. `docker` (with the `testing-docker` feature, when a Docker daemon
-//!    answers): a `redis:7` container through testcontainers;
+//!    answers): a `redis:7.2` container through testcontainers;
 //! 2. `binary`: a `redis-server` from `PATH` (or `REDIS_SERVER_BIN`) on a
 //!    free port in a temporary directory, killed when the handle drops;
 //! 3. `url`: the server at `REDIS_URL`, shared and not breakable.

@@ -255,7 +255,15 @@ impl SessionStore {
     /// idle timeout when this instance has not renewed it lately. The
     /// absolute timeout is checked on the record.
     pub(crate) async fn load(&self, storage_key: &str) -> Option<Record> {
-        self.inner.load(storage_key).await
+        let record = self.inner.load(storage_key).await;
+        let result = if record.is_some() { "found" } else { "missing" };
+        tower_redis_core::record::counter(
+            "tower_redis_session_loads_total",
+            &[("result", result)],
+            1,
+        );
+        record_on_span("loaded", result);
+        record
     }
 
     /// One round trip: the changes, entry by entry (plus the user index).
@@ -274,7 +282,9 @@ impl SessionStore {
             previous_user,
             at_ms: None,
         };
-        self.inner.save(&write).await
+        let saved = self.inner.save(&write).await;
+        record_save(if create.is_some() { "created" } else { "saved" }, saved);
+        saved
     }
 
     /// A new id for a session. The old key is taken (read and deleted
@@ -294,12 +304,20 @@ impl SessionStore {
             merged,
             changes,
         };
-        self.inner.take(&take).await
+        let saved = self.inner.take(&take).await;
+        record_save("cycled", saved);
+        saved
     }
 
     /// Deletes a session (and its entry in the user index).
     pub(crate) async fn delete(&self, storage_key: &str, user: Option<&str>) {
         self.inner.delete(storage_key, user).await;
+        tower_redis_core::record::counter(
+            "tower_redis_session_saves_total",
+            &[("kind", "deleted"), ("result", "written")],
+            1,
+        );
+        record_on_span("saved", "deleted");
     }
 
     /// The live sessions of a user.
@@ -333,4 +351,30 @@ pub(crate) fn now_ms() -> u64 {
         return now;
     }
     tower_redis_core::clock::now_ms()
+}
+
+/// Counts a write (`tower_redis_session_saves_total{kind,result}`) and
+/// records it on the request's `session` span.
+fn record_save(kind: &'static str, saved: Saved) {
+    let result = match saved {
+        Saved::Written => "written",
+        Saved::Gone => "gone",
+        Saved::Refused => "refused",
+    };
+    tower_redis_core::record::counter(
+        "tower_redis_session_saves_total",
+        &[("kind", kind), ("result", result)],
+        1,
+    );
+    record_on_span("saved", kind);
+    record_on_span("save_result", result);
+}
+
+/// Records `value` in the field `name` of the current span, when it is the
+/// layer's `session` span (other spans have no such field and ignore it).
+fn record_on_span(name: &'static str, value: &'static str) {
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record(name, value);
+    }
 }
