@@ -252,6 +252,7 @@
 //! with the same tag, and one purge after a write drops both.
 //!
 //! ```
+//! # #![recursion_limit = "256"]
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;

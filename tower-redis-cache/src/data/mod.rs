@@ -44,6 +44,7 @@ const WARNED_CAPACITY: u64 = 10_000;
 /// share their in-process coalescing.
 ///
 /// ```
+/// # #![recursion_limit = "256"]
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// use std::time::Duration;
