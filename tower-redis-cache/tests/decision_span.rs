@@ -5,7 +5,6 @@
 //! so no test without a subscriber runs beside it.
 
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,90 +14,12 @@ use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tower::ServiceExt;
 use tower_redis_cache::CacheLayer;
 use tower_redis_core::RedisManager;
-use tower_redis_core::testing::TestRedis;
-use tracing_subscriber::layer::{Context, SubscriberExt};
-
-type Recorded = Vec<(String, String)>;
-
-/// The fields of every closed `cache` span, and every event's message.
-#[derive(Default, Clone)]
-struct Seen {
-    spans: Arc<Mutex<Vec<Recorded>>>,
-    events: Arc<Mutex<Vec<Recorded>>>,
-}
-
-struct Fields<'a>(&'a mut Recorded);
-
-impl tracing::field::Visit for Fields<'_> {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.push((field.name().to_owned(), format!("{value:?}")));
-    }
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.0.push((field.name().to_owned(), value.to_owned()));
-    }
-}
-
-impl<S> tracing_subscriber::Layer<S> for Seen
-where
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-{
-    fn on_new_span(
-        &self,
-        attrs: &tracing::span::Attributes<'_>,
-        id: &tracing::span::Id,
-        ctx: Context<'_, S>,
-    ) {
-        let mut fields = Vec::new();
-        attrs.record(&mut Fields(&mut fields));
-        if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(fields);
-        }
-    }
-    fn on_record(
-        &self,
-        id: &tracing::span::Id,
-        values: &tracing::span::Record<'_>,
-        ctx: Context<'_, S>,
-    ) {
-        if let Some(span) = ctx.span(id)
-            && let Some(fields) = span.extensions_mut().get_mut::<Recorded>()
-        {
-            values.record(&mut Fields(fields));
-        }
-    }
-    fn on_close(&self, id: tracing::span::Id, ctx: Context<'_, S>) {
-        if let Some(span) = ctx.span(&id)
-            && span.name() == "cache"
-        {
-            let fields = span
-                .extensions()
-                .get::<Recorded>()
-                .cloned()
-                .unwrap_or_default();
-            self.spans.lock().expect("lock").push(fields);
-        }
-    }
-    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
-        let mut fields = Vec::new();
-        event.record(&mut Fields(&mut fields));
-        self.events.lock().expect("lock").push(fields);
-    }
-}
-
-fn field(fields: &Recorded, name: &str) -> String {
-    fields
-        .iter()
-        .rev()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default()
-}
+use tower_redis_core::testing::{TestRedis, Traces, field};
 
 #[tokio::test(flavor = "current_thread")]
 async fn each_answer_has_a_span_with_its_cache_status_and_near_hits_are_counted() {
-    let seen = Seen::default();
-    let _tracing =
-        tracing::subscriber::set_default(tracing_subscriber::registry().with(seen.clone()));
+    let seen = Traces::new("cache");
+    let _tracing = seen.install();
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let _metrics = metrics::set_default_local_recorder(&recorder);
@@ -138,7 +59,7 @@ async fn each_answer_has_a_span_with_its_cache_status_and_near_hits_are_counted(
         layer.flush().await;
     }
 
-    let spans = seen.spans.lock().expect("lock").clone();
+    let spans = seen.spans();
     let recorded: Vec<(String, String, String)> = spans
         .iter()
         .map(|f| {
@@ -186,9 +107,7 @@ async fn each_answer_has_a_span_with_its_cache_status_and_near_hits_are_counted(
 
     // The trace event of each answer, with the `metrics` feature on.
     let answered = seen
-        .events
-        .lock()
-        .expect("lock")
+        .events()
         .iter()
         .filter(|f| field(f, "message") == "answered")
         .count();

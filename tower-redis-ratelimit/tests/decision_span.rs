@@ -5,7 +5,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,74 +13,13 @@ use http_body_util::Empty;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tower::ServiceExt;
 use tower_redis_core::RedisManager;
-use tower_redis_core::testing::TestRedis;
+use tower_redis_core::testing::{TestRedis, Traces, field};
 use tower_redis_ratelimit::{Policy, RateLimitLayer};
-use tracing_subscriber::layer::{Context, SubscriberExt};
-
-type Recorded = Vec<(String, String)>;
-
-/// The fields of every closed span named `ratelimit`.
-#[derive(Default, Clone)]
-struct Spans(Arc<Mutex<Vec<Recorded>>>);
-
-struct Fields<'a>(&'a mut Recorded);
-
-impl tracing::field::Visit for Fields<'_> {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.push((field.name().to_owned(), format!("{value:?}")));
-    }
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.0.push((field.name().to_owned(), value.to_owned()));
-    }
-}
-
-impl<S> tracing_subscriber::Layer<S> for Spans
-where
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-{
-    fn on_new_span(
-        &self,
-        attrs: &tracing::span::Attributes<'_>,
-        id: &tracing::span::Id,
-        ctx: Context<'_, S>,
-    ) {
-        let mut fields = Vec::new();
-        attrs.record(&mut Fields(&mut fields));
-        if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(fields);
-        }
-    }
-    fn on_record(
-        &self,
-        id: &tracing::span::Id,
-        values: &tracing::span::Record<'_>,
-        ctx: Context<'_, S>,
-    ) {
-        if let Some(span) = ctx.span(id)
-            && let Some(fields) = span.extensions_mut().get_mut::<Recorded>()
-        {
-            values.record(&mut Fields(fields));
-        }
-    }
-    fn on_close(&self, id: tracing::span::Id, ctx: Context<'_, S>) {
-        if let Some(span) = ctx.span(&id)
-            && span.name() == "ratelimit"
-        {
-            let fields = span
-                .extensions()
-                .get::<Recorded>()
-                .cloned()
-                .unwrap_or_default();
-            self.0.lock().expect("lock").push(fields);
-        }
-    }
-}
 
 #[tokio::test(flavor = "current_thread")]
 async fn decisions_have_a_span_with_the_verdict_and_per_policy_counts() {
-    let spans = Spans::default();
-    let _tracing =
-        tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+    let spans = Traces::new("ratelimit");
+    let _tracing = spans.install();
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let _metrics = metrics::set_default_local_recorder(&recorder);
@@ -119,15 +57,7 @@ async fn decisions_have_a_span_with_the_verdict_and_per_policy_counts() {
         ]
     );
 
-    let spans = spans.0.lock().expect("lock").clone();
-    let field = |fields: &Recorded, name: &str| {
-        fields
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
+    let spans = spans.spans();
     let seen: Vec<(String, String, String, String)> = spans
         .iter()
         .map(|f| {

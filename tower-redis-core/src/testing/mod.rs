@@ -33,6 +33,7 @@ mod docker;
 mod monitor;
 mod process;
 mod sentinel;
+mod traces;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -42,6 +43,7 @@ pub use cluster::TestCluster;
 pub use monitor::Monitor;
 use process::{ServerProcess, find_binary, free_port};
 pub use sentinel::TestSentinel;
+pub use traces::{Fields, Traces, field};
 
 use crate::RedisConfigBuilder;
 
