@@ -431,6 +431,22 @@ mod tests {
         )
     }
 
+    /// A store whose breaker opens at the first failure, with an outage
+    /// queue of `queue_bytes`.
+    async fn failing_fast(redis: &TestRedis, queue_bytes: usize) -> CacheStore {
+        let config = redis.config().failure_threshold(1).build().unwrap();
+        CacheStore::new(
+            RedisManager::connect(config).await.unwrap(),
+            StoreOptions {
+                memory_bytes: 1 << 20,
+                near: None,
+                index_depth: 4,
+                lock_ttl: Duration::from_secs(5),
+                outage_queue_bytes: queue_bytes,
+            },
+        )
+    }
+
     fn put(url: &str, response_time_ms: u64) -> Put {
         Put {
             url_hash: key::hash_url(url),
@@ -490,18 +506,7 @@ mod tests {
     #[tokio::test]
     async fn in_process_entries_are_dropped_at_redis_first_answer_not_when_the_queue_is_written() {
         let redis = TestRedis::start().await;
-        let config = redis.config().failure_threshold(1).build().unwrap();
-        let manager = RedisManager::connect(config).await.unwrap();
-        let store = CacheStore::new(
-            manager.clone(),
-            StoreOptions {
-                memory_bytes: 1 << 20,
-                near: None,
-                index_depth: 4,
-                lock_ttl: Duration::from_secs(5),
-                outage_queue_bytes: 1 << 20,
-            },
-        );
+        let store = failing_fast(&redis, 1 << 20).await;
         let url = "//shop.example/page";
         let other = "//shop.example/other";
         store.put(put(other, clock::now_ms()), None).await;
@@ -545,18 +550,7 @@ mod tests {
     #[tokio::test]
     async fn an_outage_with_more_invalidations_than_fit_leaves_no_entry_fresh() {
         let redis = TestRedis::start().await;
-        let config = redis.config().failure_threshold(1).build().unwrap();
-        let manager = RedisManager::connect(config).await.unwrap();
-        let store = CacheStore::new(
-            manager.clone(),
-            StoreOptions {
-                memory_bytes: 1 << 20,
-                near: None,
-                index_depth: 4,
-                lock_ttl: Duration::from_secs(5),
-                outage_queue_bytes: 2_000,
-            },
-        );
+        let store = failing_fast(&redis, 2_000).await;
         let now = clock::now_ms();
         let urls: Vec<String> = (0..100)
             .map(|i| format!("//shop.example/item/{i}"))
@@ -576,7 +570,7 @@ mod tests {
         );
         redis.resume().await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        while !manager.is_available() {
+        while !store.redis().manager.is_available() {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "Redis never came back"
