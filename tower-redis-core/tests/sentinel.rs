@@ -57,6 +57,20 @@ async fn writes_reach_the_primary_and_follow_it_after_it_dies() {
         get_on(&sentinel, first, "before").await.as_deref(),
         Some("1")
     );
+    // Replication is asynchronous: the write is on the replica only once
+    // the replica says so (what the failover keeps is checked below).
+    let mut conn = sentinel
+        .node_client(first)
+        .get_multiplexed_async_connection()
+        .await
+        .expect("primary answers");
+    let replicas: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(DEADLINE.as_millis().to_string())
+        .query_async(&mut conn)
+        .await
+        .expect("WAIT");
+    assert_eq!(replicas, 1, "the replica acknowledged the write");
 
     // Kill the primary, then write until a write reaches the new primary.
     let killed_at = Instant::now();
