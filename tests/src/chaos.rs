@@ -718,11 +718,16 @@ impl Load {
             let shared = Arc::clone(&shared);
             tasks.push(tokio::spawn(client_task(client, apps, shared)));
         }
-        tasks.push(tokio::spawn(rate_limit_task(
-            scenario.to_owned(),
-            apps.to_vec(),
-            Arc::clone(&shared),
-        )));
+        // Two clients on the rate-limited route: with one, a scenario whose
+        // requests wait out the command timeout (a cluster node down) sends
+        // too few to reach the limit in its outage phase.
+        for _ in 0..2 {
+            tasks.push(tokio::spawn(rate_limit_task(
+                scenario.to_owned(),
+                apps.to_vec(),
+                Arc::clone(&shared),
+            )));
+        }
         let watched = Arc::clone(&shared);
         tasks.push(tokio::spawn(async move {
             watched.held_up.watch(&watched.stop).await;
