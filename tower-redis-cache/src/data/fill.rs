@@ -18,11 +18,11 @@ use tokio::time::Instant;
 use tower_redis_core::clock;
 use tracing::Instrument;
 
-use super::flight::{self, Guard, Joined, Outcome};
 use super::value::{self, Stored};
 use super::{Codec, DataCache, DataError, DataOptions, count, put};
 use crate::entry::Entry;
 use crate::key;
+use crate::service::coalesce::{self as flight, FlightGuard, Joined, Outcome};
 use crate::store::{LockAttempt, LockPurpose, LockToken};
 
 /// Why a fill has no value.
@@ -174,7 +174,7 @@ impl<C: Codec> DataCache<C> {
                                 None => break (None, None),
                             }
                         }
-                        Ok(Outcome::Failed) if stale.is_some() => return Err(Fail::Elsewhere),
+                        Ok(Outcome::Failed(_)) if stale.is_some() => return Err(Fail::Elsewhere),
                         // The leader panicked, failed, or has nothing to
                         // share: lead (or follow) anew.
                         Ok(_) => {}
@@ -314,7 +314,7 @@ impl<C: Codec> DataCache<C> {
         url: String,
         options: DataOptions,
         factory: F,
-        guard: Option<Guard>,
+        guard: Option<FlightGuard>,
         lock: Option<LockToken>,
         stale: Option<Stored>,
         caller: Option<oneshot::Sender<Result<T, E>>>,
@@ -361,7 +361,7 @@ impl<C: Codec> DataCache<C> {
                     }
                 }
                 if let Some(guard) = guard {
-                    guard.fail();
+                    guard.fail(None);
                 }
                 if let Some(caller) = caller {
                     let _ = caller.send(Err(error));

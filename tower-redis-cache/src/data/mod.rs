@@ -3,14 +3,13 @@
 //!
 //! By job: `options.rs` (per-call [`DataOptions`]), `codec.rs` ([`Codec`],
 //! [`Json`]), `value.rs` (a value as a cache entry: key URL and envelope),
-//! `flight.rs` (coalescing in process), `fill.rs` (a miss: the fill lock
+//! coalescing in process is the HTTP cache's (`service/coalesce.rs`), `fill.rs` (a miss: the fill lock
 //! across instances, the factory, its timeouts, fail-safe and eager
 //! refresh), `error.rs`.
 
 mod codec;
 mod error;
 mod fill;
-mod flight;
 mod options;
 mod value;
 
@@ -28,8 +27,8 @@ pub use value::MAX_KEY_BYTES;
 
 use crate::Purged;
 use crate::key;
+use crate::service::Flights;
 use crate::store::{CacheStore, Put, StoreOptions, Target, Tier};
-use flight::Flights;
 use value::Stored;
 
 /// Keys warned about once (a value too large to store), at most.

@@ -1,6 +1,7 @@
-//! Request coalescing inside one instance: the first request that misses a
-//! key leads, later ones follow and wait for its outcome. Across instances
-//! the leader also takes a short Redis lock (see the store).
+//! Coalescing inside one instance, for the HTTP cache and the data cache
+//! alike: the first caller that misses a key leads, later ones follow and
+//! wait for its outcome. Across instances the leader also takes the key's
+//! short Redis lock (see the store, and `data/fill.rs`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,16 +12,19 @@ use tower_redis_core::sync::lock;
 
 use crate::entry::Entry;
 
-/// How a flight ended: with the entry it stored (shared only when it has
-/// no `Vary`, so that it fits every follower), without one, or with the
-/// origin failing (an error, or this status) while the leader revalidated.
+/// How a flight ended: with the entry it stored (for the HTTP cache shared
+/// only when it has no `Vary`, so that it fits every follower), without
+/// one (nothing to share, or the leader panicked or went away), or with the
+/// origin or the data factory failing (an error, or this status).
 #[derive(Clone, Debug)]
 pub(crate) enum Outcome {
     Pending,
     Done(Option<Arc<Entry>>),
-    OriginFailed(Option<StatusCode>),
+    Failed(Option<StatusCode>),
 }
 
+/// The flights under way, one per key: as many as concurrent callers at
+/// most, removed when they end.
 #[derive(Default, Debug)]
 pub(crate) struct Flights {
     map: Mutex<HashMap<String, watch::Receiver<Outcome>>>,
@@ -53,8 +57,9 @@ impl Flights {
     }
 }
 
-/// The leader's side of a flight; dropping it without
-/// [`complete`](Self::complete) ends the flight with no entry.
+/// The leader's side of a flight; dropping it without an outcome (a panic,
+/// a caller that went away) ends the flight with no entry, and a follower
+/// that joins again leads next.
 pub(crate) struct FlightGuard {
     flights: Arc<Flights>,
     key: String,
@@ -63,26 +68,35 @@ pub(crate) struct FlightGuard {
 
 impl FlightGuard {
     pub(crate) fn complete(self, entry: Option<Arc<Entry>>) {
-        self.sender.send_replace(Outcome::Done(entry));
+        self.end(Outcome::Done(entry));
     }
 
     /// Ends the flight saying the origin failed (an error, or `status`).
     pub(crate) fn fail(self, status: Option<StatusCode>) {
-        self.sender.send_replace(Outcome::OriginFailed(status));
+        self.end(Outcome::Failed(status));
+    }
+
+    /// Leaves the map first, so that a woken follower that joins again
+    /// starts a new flight instead of finding this finished one.
+    fn end(self, outcome: Outcome) {
+        self.leave();
+        self.sender.send_replace(outcome);
+    }
+
+    fn leave(&self) {
+        let mut map = lock(&self.flights.map);
+        if map
+            .get(&self.key)
+            .is_some_and(|r| r.same_channel(&self.sender.subscribe()))
+        {
+            map.remove(&self.key);
+        }
     }
 }
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
-        {
-            let mut map = lock(&self.flights.map);
-            if map
-                .get(&self.key)
-                .is_some_and(|r| r.same_channel(&self.sender.subscribe()))
-            {
-                map.remove(&self.key);
-            }
-        }
+        self.leave();
         self.sender.send_if_modified(|outcome| {
             if matches!(outcome, Outcome::Pending) {
                 *outcome = Outcome::Done(None);

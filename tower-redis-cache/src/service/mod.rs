@@ -17,7 +17,7 @@
 //! - `cache_status.rs`, `tags.rs`: pure helpers.
 
 mod cache_status;
-mod coalesce;
+pub(crate) mod coalesce;
 mod hit;
 mod invalidate;
 mod miss;

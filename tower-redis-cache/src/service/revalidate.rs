@@ -89,7 +89,7 @@ where
             Ok(Outcome::Done(Some(shared))) => {
                 return Ok(serve_coalesced(config, &shared, keyed, Tier::Redis));
             }
-            Ok(Outcome::OriginFailed(fwd_status)) if revalidation.stale_if_error => {
+            Ok(Outcome::Failed(fwd_status)) if revalidation.stale_if_error => {
                 return Ok(serve_stale_if_error(
                     config,
                     &revalidation.entry,
