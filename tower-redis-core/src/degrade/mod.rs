@@ -91,7 +91,10 @@ use crate::record;
 use queue::OutageQueue;
 
 /// A change made while Redis was unavailable, waiting to be written to it.
-pub trait Deferred: Send + Sync + 'static {
+///
+/// `Clone` lets the queue measure whether a change fits after it merges,
+/// on a copy of its key's newest queued change.
+pub trait Deferred: Clone + Send + Sync + 'static {
     /// What it changes: the key [`Failover::is_pending`] is asked about, and
     /// whose queued changes a later delete replaces.
     fn key(&self) -> &str;

@@ -9,8 +9,8 @@
 //!   its bound by the keys that had changes before them.
 //! - **Merged by key.** A change its key's newest queued change can absorb
 //!   ([`Deferred::merge`]) takes no new room: one client repeating a change
-//!   cannot fill the queue. (Whether a change fits is measured at its
-//!   full weight, before any merge.)
+//!   cannot fill the queue. Whether a change fits is measured after the
+//!   merge, so a repeated change still fits a nearly full queue.
 //! - **Indexed by key.** "Does this key have changes waiting" is one hash
 //!   lookup, and no lock at all while the queue is empty.
 
@@ -54,6 +54,11 @@ struct Waiting {
     writing: usize,
 }
 
+/// One key in [`Inner::bytes_after`]: its newest queued change as the
+/// pushes would leave it (with its weight), and the weight it has queued
+/// (not counting changes being written).
+type Simulated<C> = (Option<(C, usize)>, usize);
+
 /// Changes taken from the front of the queue, oldest first, until
 /// [`OutageQueue::settle`] is told how many of them were written.
 pub(crate) struct Batch<C> {
@@ -76,9 +81,10 @@ impl<C: Deferred> OutageQueue<C> {
         }
     }
 
-    /// Queues `changes` in order, all or none: refused when the changes that
-    /// are not deletes do not fit once the deletes among them have replaced
-    /// what they replace. A batch of deletes only is always accepted.
+    /// Queues `changes` in order, all or none: refused when the queue would
+    /// hold more than its bound once they are in (the deletes among them
+    /// having replaced what they replace, and merges counted at their merged
+    /// weight). A batch of deletes only is always accepted.
     /// `and_then` runs under the queue's lock once the changes are in.
     pub(crate) fn push_all(
         &self,
@@ -86,24 +92,11 @@ impl<C: Deferred> OutageQueue<C> {
         and_then: impl FnOnce(),
     ) -> Result<(), QueueFull> {
         let mut inner = self.lock();
-        if changes.iter().any(|c| !c.is_delete()) {
-            let needed: usize = changes.iter().map(Deferred::weight).sum();
-            // What the deletes free: the queued changes of their keys.
-            let mut freed = 0;
-            let mut seen: Vec<&str> = Vec::new();
-            for delete in changes.iter().filter(|c| c.is_delete()) {
-                if seen.contains(&delete.key()) {
-                    continue;
-                }
-                seen.push(delete.key());
-                freed += inner.queued_weight(delete.key());
-            }
-            let after = inner.bytes.saturating_sub(freed).saturating_add(needed);
-            if after > self.limit_bytes {
-                return Err(QueueFull {
-                    limit_bytes: self.limit_bytes,
-                });
-            }
+        if changes.iter().any(|c| !c.is_delete()) && inner.bytes_after(&changes) > self.limit_bytes
+        {
+            return Err(QueueFull {
+                limit_bytes: self.limit_bytes,
+            });
         }
         for change in changes {
             inner.push(change);
@@ -234,6 +227,43 @@ impl<C: Deferred> OutageQueue<C> {
 }
 
 impl<C: Deferred> Inner<C> {
+    /// The weight the queue would hold after pushing `changes`: the same
+    /// steps as [`push`](Self::push), on copies of the newest queued change
+    /// of each key they touch, so the queue itself is not changed.
+    fn bytes_after(&self, changes: &[C]) -> usize {
+        let mut keys: HashMap<&str, Simulated<C>> = HashMap::new();
+        let mut bytes = self.bytes;
+        for change in changes {
+            let (newest, queued) = keys.entry(change.key()).or_insert_with(|| {
+                let newest = self
+                    .index
+                    .get(change.key())
+                    .and_then(|waiting| waiting.queued.back())
+                    .and_then(|seq| self.changes.get(seq))
+                    .map(|queued| (queued.change.clone(), queued.weight));
+                (newest, self.queued_weight(change.key()))
+            });
+            let weight = change.weight();
+            if change.is_delete() {
+                bytes = bytes.saturating_sub(*queued).saturating_add(weight);
+                *queued = weight;
+            } else if let Some((merged, old)) = newest
+                && merged.merge(change)
+            {
+                let new = merged.weight();
+                bytes = bytes.saturating_sub(*old).saturating_add(new);
+                *queued = queued.saturating_sub(*old).saturating_add(new);
+                *old = new;
+                continue;
+            } else {
+                bytes = bytes.saturating_add(weight);
+                *queued = queued.saturating_add(weight);
+            }
+            *newest = Some((change.clone(), weight));
+        }
+        bytes
+    }
+
     fn queued_weight(&self, key: &str) -> usize {
         self.index.get(key).map_or(0, |waiting| {
             waiting
@@ -490,6 +520,32 @@ mod tests {
             .map(|c| (c.0.as_str(), c.1, c.2))
             .collect();
         assert_eq!(keys, [("other", 800, false), ("k", 10, true)]);
+    }
+
+    /// Room is measured after the merge: a nearly full queue still takes
+    /// one more save of a key it holds, and still refuses a new key.
+    #[test]
+    fn a_change_that_merges_fits_a_nearly_full_queue() {
+        let queue = OutageQueue::new(1_000);
+        let push = |changes: Vec<Merging>| queue.push_all(changes, || {});
+        let merging = |key: &str, weight| Merging(key.to_owned(), weight, false);
+        push(vec![merging("k", 100)]).expect("fits");
+        push(vec![merging("other", 850)]).expect("fits");
+        push(vec![merging("k", 120)]).expect("merged into k's 100: 970 bytes");
+        assert_eq!((queue.usage().changes, queue.usage().bytes), (2, 970));
+        push(vec![merging("new", 100)]).expect_err("a new key does not fit");
+        push(vec![merging("k", 200)]).expect_err("merged, k would weigh 200: 1,050 bytes");
+        // Several changes of one key in one batch merge in turn.
+        push(vec![merging("k", 150), merging("k", 130)]).expect("980 bytes");
+        assert_eq!((queue.usage().changes, queue.usage().bytes), (2, 980));
+        // A delete in the batch frees its key's room before the save after it.
+        push(vec![
+            Merging("other".to_owned(), 10, true),
+            merging("new", 800),
+        ])
+        .expect("fits");
+        assert_eq!(queue.usage().bytes, 130 + 10 + 800);
+        assert_eq!(queue.usage().changes, 3);
     }
 
     #[test]
