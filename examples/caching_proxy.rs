@@ -66,7 +66,9 @@
 //! (store cacheable responses that carry `Set-Cookie`, keeping the field,
 //! or dropping it alone when the response says `private="Set-Cookie"` or
 //! `no-cache="Set-Cookie"`; off by default, because an origin that sends a
-//! session cookie on a `public` page would hand it to everyone). Environment:
+//! session cookie on a `public` page would hand it to everyone), `--store-post`
+//! (store a `POST` answer whose `Content-Location` is its own URL and whose
+//! freshness is explicit, for later `GET`s; RFC 9110 §9.3.3). Environment:
 //! `REDIS_URL` (default `redis://127.0.0.1:6379`; `memory` for in-process
 //! stores only), `RUST_LOG` (default `info`). Without a reachable Redis it
 //! starts anyway on the in-process fallbacks.
@@ -93,6 +95,7 @@ const USAGE: &str = "\
 usage: caching_proxy --upstream http://HOST[:PORT] [--listen ADDR] [--rate-limit N/PERIOD]
                      [--timeout SECONDS] [--stale-if-error SECONDS]
                      [--heuristic [--heuristic-cap SECONDS]] [--store-set-cookie]
+                     [--store-post]
 
   --upstream URL        the origin to forward to (http:// only)
   --listen ADDR         where to listen (default 127.0.0.1:3001; port 0 picks a free one)
@@ -106,6 +109,8 @@ usage: caching_proxy --upstream http://HOST[:PORT] [--listen ADDR] [--rate-limit
   --heuristic-cap SECONDS
                         the longest heuristic freshness (default 86400)
   --store-set-cookie    store cacheable responses that carry Set-Cookie (default off)
+  --store-post          store POST answers whose Content-Location is their own URL and whose
+                        freshness is explicit, for later GETs (default off)
 
 environment: REDIS_URL (default redis://127.0.0.1:6379; `memory` for in-process stores only), RUST_LOG";
 
@@ -122,6 +127,7 @@ struct Args {
     /// Heuristic freshness and its cap; `None`: off.
     heuristic: Option<Duration>,
     store_set_cookie: bool,
+    store_post: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -177,7 +183,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .default_route(route)
         // Any client could otherwise make the upstream answer again.
         .request_cache_control(RequestCacheControl::Ignore)
-        .store_set_cookie(args.store_set_cookie);
+        .store_set_cookie(args.store_set_cookie)
+        .store_post(args.store_post);
     if let Some(cap) = args.heuristic {
         cache = cache.heuristic_freshness(true).heuristic_freshness_cap(cap);
     }
@@ -240,6 +247,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
     let mut heuristic = false;
     let mut heuristic_cap = None;
     let mut store_set_cookie = false;
+    let mut store_post = false;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         if arg == "-h" || arg == "--help" {
@@ -305,6 +313,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
                 );
             }
             "--store-set-cookie" if inline.is_none() => store_set_cookie = true,
+            "--store-post" if inline.is_none() => store_post = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -320,6 +329,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
         stale_if_error,
         heuristic: heuristic.then(|| heuristic_cap.unwrap_or(Duration::from_secs(86_400))),
         store_set_cookie,
+        store_post,
     }))
 }
 
@@ -582,6 +592,7 @@ mod tests {
         assert_eq!(parsed.stale_if_error, Duration::from_secs(300));
         assert_eq!(parsed.heuristic, None);
         assert!(!parsed.store_set_cookie);
+        assert!(!parsed.store_post);
         let parsed = args(&[
             "--upstream=http://origin/base/",
             "--rate-limit=20/30s",
@@ -599,11 +610,13 @@ mod tests {
             "http://origin",
             "--heuristic",
             "--store-set-cookie",
+            "--store-post",
         ])
         .unwrap()
         .unwrap();
         assert_eq!(parsed.heuristic, Some(Duration::from_secs(86_400)));
         assert!(parsed.store_set_cookie);
+        assert!(parsed.store_post);
         let parsed = args(&[
             "--upstream",
             "http://origin",

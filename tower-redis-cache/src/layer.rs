@@ -61,6 +61,9 @@ pub(crate) struct Config {
     pub(crate) max_body_bytes: usize,
     pub(crate) keep_stale_for: Duration,
     pub(crate) generate_etags: bool,
+    /// Store a `POST` response whose `Content-Location` is its own URL and
+    /// whose freshness is explicit, for later `GET`s.
+    pub(crate) store_post: bool,
     pub(crate) unkeyed_headers: Vec<HeaderName>,
     /// The trusted proxies and the header they write.
     pub(crate) forwarding: Forwarding,
@@ -100,6 +103,7 @@ impl CacheLayer {
             heuristic: false,
             heuristic_cap: DEFAULT_HEURISTIC_CAP,
             store_set_cookie: false,
+            store_post: false,
             allowed_hosts: Vec::new(),
             max_body_bytes: 1 << 20,
             keep_stale_for: Duration::from_secs(60),
@@ -156,6 +160,7 @@ pub struct CacheLayerBuilder {
     heuristic: bool,
     heuristic_cap: Duration,
     store_set_cookie: bool,
+    store_post: bool,
     allowed_hosts: Vec<String>,
     max_body_bytes: usize,
     keep_stale_for: Duration,
@@ -532,6 +537,55 @@ impl CacheLayerBuilder {
     /// ```
     pub fn store_set_cookie(mut self, enabled: bool) -> Self {
         self.store_set_cookie = enabled;
+        self
+    }
+
+    /// Stores the answer to a `POST` for later `GET`s of the same URL when
+    /// the origin says it is that URL's representation: a `Content-Location`
+    /// equal to the request's URL, and explicit freshness (`max-age`,
+    /// `s-maxage` or `Expires`; RFC 9110 §9.3.3, RFC 9111 §4.4). The other
+    /// storage rules apply as to a `GET` (`private`, `no-store`,
+    /// `Authorization`, `Vary`…). The `POST` still invalidates the URL
+    /// first. Off by default: on an app route, a `POST` answer is usually
+    /// about the one client that sent it.
+    ///
+    /// ```
+    /// # use axum::{Router, body::Body, routing::post};
+    /// # use bytes::Bytes;
+    /// # use http::{Request, Response};
+    /// # use tower_redis_cache::{CacheLayer, RedisManager};
+    /// # async fn send(app: &Router, request: Request<Body>) -> Response<Bytes> {
+    /// #     use http_body_util::BodyExt;
+    /// #     use tower::ServiceExt;
+    /// #     let (parts, body) = app.clone().oneshot(request).await.unwrap().into_parts();
+    /// #     Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    /// # }
+    /// # fn status(response: &Response<Bytes>) -> &str {
+    /// #     response.headers().get("cache-status").map_or("", |v| v.to_str().unwrap())
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let vote = || async {
+    ///     let fields = [
+    ///         ("content-location", "http://poll.example/results"),
+    ///         ("cache-control", "public, max-age=30"),
+    ///     ];
+    ///     (fields, "yes: 12, no: 7")
+    /// };
+    /// let cache = CacheLayer::builder(RedisManager::disabled()).store_post(true).build()?;
+    /// let app = Router::new()
+    ///     .route("/results", post(vote).get(|| async { "from the origin" }))
+    ///     .layer(cache.clone());
+    /// let post = Request::post("http://poll.example/results").body(Body::from("yes"))?;
+    /// assert!(status(&send(&app, post).await).contains("stored"));
+    /// cache.flush().await;
+    /// let get = send(&app, Request::get("http://poll.example/results").body(Body::empty())?).await;
+    /// assert!(status(&get).contains("hit"));
+    /// assert_eq!(get.body(), "yes: 12, no: 7");
+    /// # Ok(()) }
+    /// ```
+    pub fn store_post(mut self, enabled: bool) -> Self {
+        self.store_post = enabled;
         self
     }
 
@@ -1003,6 +1057,7 @@ impl CacheLayerBuilder {
                 max_body_bytes: self.max_body_bytes,
                 keep_stale_for: self.keep_stale_for,
                 generate_etags: self.generate_etags,
+                store_post: self.store_post,
                 unkeyed_headers,
                 forwarding: self.forwarding,
                 tag_headers,

@@ -178,8 +178,7 @@
 //! and the test (in `tests/`) that fails when it stops doing it. Not done:
 //! partial responses (206 is never stored, so none is completed or
 //! combined, and a stored response is never updated from one: RFC 9111
-//! §3.3, §3.4, §4.3.4), storing `POST` responses for later `GET`s
-//! (§4.4 allows it; never done), serving a variant whose `Content-Language`
+//! §3.3, §3.4, §4.3.4), serving a variant whose `Content-Language`
 //! satisfies a different `Accept-Language` (it would need every variant
 //! read on a lookup: more than one round trip).
 //!
@@ -201,6 +200,7 @@
 //! | 9111 §4.3.2, 9110 §13.1.2 | `If-None-Match` answered 304 from a fresh entry | on | `cache::if_none_match_is_answered_with_304_from_the_cache` |
 //! | 9111 §4.3.2, 9110 §13.1.3 | `If-Modified-Since` against `Last-Modified`, else the entry's `Date` | on | `conformance::if_modified_since_is_evaluated_against_date_without_last_modified` |
 //! | 9111 §4.4 | a successful unsafe request invalidates its URL, `Location` and `Content-Location` | on | `cache::a_successful_post_invalidates_the_url` |
+//! | 9110 §9.3.3, 9111 §4.4 | a `POST` answer whose `Content-Location` is its own URL, with explicit freshness, stored for later `GET`s | off ([`CacheLayerBuilder::store_post`]) | `conformance::post_answers_naming_their_own_url_are_stored_for_gets` |
 //! | 9111 §5.2.1 | request `no-cache`, `max-age`, `max-stale`, `min-fresh`, `only-if-cached` | honoured ([`RequestCacheControl`]) | `cache::request_directives_are_honoured`, `attacks::request_cache_directives_can_be_ignored` |
 //! | 9111 §5.2.2.3 | `must-understand`: stored when the status is understood, whatever `no-store` says; not stored otherwise | on | `conformance::must_understand_stores_no_store_responses_with_an_understood_status` |
 //! | 9111 §5.2.2.4 | `no-cache` responses stored (with a validator) and revalidated on every use | on | `conformance::no_cache_responses_are_stored_and_revalidated_on_every_use` |

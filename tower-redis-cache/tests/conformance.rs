@@ -939,3 +939,68 @@ async fn a_range_on_a_miss_still_stores_the_whole_streamed_response() {
     let tail = f.get("/streamed", &[("range", "bytes=-7")]).await;
     assert_eq!((tail.status, tail.body.as_str()), (206, "chunk3-"));
 }
+
+/// RFC 9110 §9.3.3 and RFC 9111 §4.4: with `store_post`, the answer to a
+/// `POST` whose `Content-Location` is the request's own URL and whose
+/// freshness is explicit is stored for later `GET`s (after the `POST` has
+/// invalidated the URL). Another `Content-Location`, no explicit freshness,
+/// or the option off (the default) store nothing.
+#[tokio::test]
+async fn post_answers_naming_their_own_url_are_stored_for_gets() {
+    let own = [
+        ("content-location", "/poll"),
+        ("cache-control", "max-age=60"),
+    ];
+    for enabled in [true, false] {
+        let f = Fixture::new(|b| b.store_post(enabled)).await;
+        f.on("/poll", move |n, _| match n {
+            1 => respond(200, &[("cache-control", "max-age=60")], "before"),
+            2 => respond(200, &own, "after the vote"),
+            _ => respond(200, &[], "from the origin"),
+        });
+        assert_eq!(f.get("/poll", &[]).await.body, "before");
+        let post = send(&f.app, "POST", "/poll", &[]).await;
+        settle(&f.layer).await;
+        assert_eq!(post.body, "after the vote");
+        assert_eq!(
+            post.cache_status().contains("stored"),
+            enabled,
+            "{}",
+            post.cache_status()
+        );
+        let get = f.get("/poll", &[]).await;
+        if enabled {
+            assert_eq!((get.body.as_str(), f.calls("/poll")), ("after the vote", 2));
+            assert!(get.cache_status().contains("hit"), "{}", get.cache_status());
+        } else {
+            // The POST invalidated the URL and stored nothing.
+            assert_eq!(
+                (get.body.as_str(), f.calls("/poll")),
+                ("from the origin", 3)
+            );
+        }
+    }
+    // Heuristic freshness on: it alone is not enough for a POST answer.
+    let f = Fixture::new(|b| b.store_post(true).heuristic_freshness(true)).await;
+    let elsewhere = [
+        ("content-location", "/other"),
+        ("cache-control", "max-age=60"),
+    ];
+    let heuristic = [
+        ("content-location", "/heuristic"),
+        ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
+    ];
+    f.always("/elsewhere", 200, &elsewhere, "x");
+    f.always("/heuristic", 200, &heuristic, "x");
+    for path in ["/elsewhere", "/heuristic"] {
+        let post = send(&f.app, "POST", path, &[]).await;
+        settle(&f.layer).await;
+        assert!(
+            !post.cache_status().contains("stored"),
+            "{path}: {}",
+            post.cache_status()
+        );
+        f.get(path, &[]).await;
+        assert_eq!(f.calls(path), 2, "{path}: the GET went to the origin");
+    }
+}

@@ -194,11 +194,21 @@ impl Keyed {
     /// handles.
     fn of<B: Body>(config: &Config, request: &Request<B>) -> Option<Self> {
         let method = request.method();
-        let cacheable_request = (method == Method::GET || method == Method::HEAD)
-            && !is_grpc(request.headers())
-            && !request::carries_body(request);
+        let cacheable_request =
+            (method == Method::GET || method == Method::HEAD) && !request::carries_body(request);
+        if cacheable_request {
+            Self::of_target(config, request)
+        } else {
+            None
+        }
+    }
+
+    /// The key of the URL a request targets, whatever its method: `None`
+    /// for gRPC, a route that bypasses the cache, an unknown host or a
+    /// malformed forwarded origin.
+    pub(super) fn of_target<B>(config: &Config, request: &Request<B>) -> Option<Self> {
         let route = config.route_for(request.uri().path());
-        if !(cacheable_request && route.enabled) {
+        if is_grpc(request.headers()) || !route.enabled {
             return None;
         }
         let forwarded = request::forwarded_origin(config, request).ok()?;
