@@ -90,6 +90,12 @@ async fn instance_with(
     }
 }
 
+/// The data cache of `a` for even callers, of `b` for odd ones: concurrent
+/// callers spread over both instances.
+fn either(a: &Instance, b: &Instance, caller: usize) -> DataCache {
+    if caller % 2 == 0 { &a.data } else { &b.data }.clone()
+}
+
 async fn two(redis: &TestRedis) -> (Instance, Instance) {
     (instance(redis, |b| b).await, instance(redis, |b| b).await)
 }
@@ -176,11 +182,7 @@ async fn a_hundred_concurrent_misses_over_two_instances_make_one_factory_call() 
     let options = DataOptions::new(Duration::from_secs(60));
     let mut callers = Vec::new();
     for i in 0..100 {
-        let data = if i % 2 == 0 {
-            a.data.clone()
-        } else {
-            b.data.clone()
-        };
+        let data = either(&a, &b, i);
         let factory = counted(&calls, "herd", Duration::from_millis(300));
         let options = options.clone();
         callers.push(tokio::spawn(async move {
@@ -432,11 +434,7 @@ async fn eager_refresh_happens_exactly_once_across_instances() {
     assert_eq!(calls.load(Ordering::SeqCst), 0);
     let mut callers = Vec::new();
     for i in 0..40 {
-        let data = if i % 2 == 0 {
-            a.data.clone()
-        } else {
-            b.data.clone()
-        };
+        let data = either(&a, &b, i);
         let factory = counted(&calls, "v2", Duration::from_millis(200));
         let options = options.clone();
         callers.push(tokio::spawn(async move {
@@ -737,11 +735,7 @@ async fn a_panicking_factory_does_not_poison_the_key() {
     let options = DataOptions::new(Duration::from_secs(60));
     let mut callers = Vec::new();
     for i in 0..20 {
-        let data = if i % 2 == 0 {
-            a.data.clone()
-        } else {
-            b.data.clone()
-        };
+        let data = either(&a, &b, i);
         let calls = Arc::clone(&calls);
         let options = options.clone();
         callers.push(tokio::spawn(async move {
