@@ -195,13 +195,13 @@ fn has_validator(headers: &HeaderMap) -> bool {
     headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED)
 }
 
-/// `s-maxage`, else `max-age`, else `Expires - Date` (RFC 9111 §4.2.1).
 /// Whether a response carries explicit freshness (`s-maxage`, `max-age` or
 /// `Expires`, the targeted fields included), not only a heuristic one.
 pub(crate) fn has_explicit_freshness(headers: &HeaderMap, rules: &Rules) -> bool {
     explicit_lifetime(headers, &directives_of(headers, rules)).is_some()
 }
 
+/// `s-maxage`, else `max-age`, else `Expires - Date` (RFC 9111 §4.2.1).
 fn explicit_lifetime(headers: &HeaderMap, d: &ResponseDirectives) -> Option<u64> {
     if let Some(s_maxage) = d.s_maxage {
         return Some(s_maxage);

@@ -541,13 +541,18 @@ impl CacheLayerBuilder {
     }
 
     /// Stores the answer to a `POST` for later `GET`s of the same URL when
-    /// the origin says it is that URL's representation: a `Content-Location`
-    /// equal to the request's URL, and explicit freshness (`max-age`,
-    /// `s-maxage` or `Expires`; RFC 9110 §9.3.3, RFC 9111 §4.4). The other
-    /// storage rules apply as to a `GET` (`private`, `no-store`,
-    /// `Authorization`, `Vary`…). The `POST` still invalidates the URL
-    /// first. Off by default: on an app route, a `POST` answer is usually
-    /// about the one client that sent it.
+    /// the origin says it is that URL's representation: a `200` or `203`
+    /// whose `Content-Location` is the request's URL (behind a trusted proxy,
+    /// on the host it reports), with explicit freshness (`max-age`,
+    /// `s-maxage` or `Expires`; RFC 9110 §9.3.3, RFC 9111 §4.4). Never an
+    /// answer that sets a cookie (whatever
+    /// [`store_set_cookie`](Self::store_set_cookie) says) or whose `Vary`
+    /// names a body field such as `Content-Type`. The other storage rules
+    /// apply as to a `GET` (`private`, `no-store`, `Authorization`, the
+    /// variant the request's headers select…). The `POST` still invalidates
+    /// the URL first. Off by default: on an app route, a `POST` answer is
+    /// usually about the one client that sent it, so turn it on only where
+    /// the origin marks such answers fresh for everyone on purpose.
     ///
     /// ```
     /// # use axum::{Router, body::Body, routing::post};

@@ -981,7 +981,13 @@ async fn post_answers_naming_their_own_url_are_stored_for_gets() {
         }
     }
     // Heuristic freshness on: it alone is not enough for a POST answer.
-    let f = Fixture::new(|b| b.store_post(true).heuristic_freshness(true)).await;
+    // Set-Cookie storable on GETs: still not on a POST answer.
+    let f = Fixture::new(|b| {
+        b.store_post(true)
+            .heuristic_freshness(true)
+            .store_set_cookie(true)
+    })
+    .await;
     let elsewhere = [
         ("content-location", "/other"),
         ("cache-control", "max-age=60"),
@@ -992,7 +998,31 @@ async fn post_answers_naming_their_own_url_are_stored_for_gets() {
     ];
     f.always("/elsewhere", 200, &elsewhere, "x");
     f.always("/heuristic", 200, &heuristic, "x");
-    for path in ["/elsewhere", "/heuristic"] {
+    // Not a 200 or 203: an error page (that may echo the body sent) is not
+    // the URL's representation.
+    let own = |path: &'static str| [("content-location", path), ("cache-control", "max-age=60")];
+    f.always("/rejected", 422, &own("/rejected"), "your input: <script>");
+    // A cookie set by a POST is one client's.
+    let cookie = [
+        ("content-location", "/cookie"),
+        ("cache-control", "public, max-age=60"),
+        ("set-cookie", "session=alice"),
+    ];
+    f.always("/cookie", 200, &cookie, "welcome alice");
+    // An answer chosen by the body's type is no GET's answer.
+    let by_type = [
+        ("content-location", "/by-type"),
+        ("cache-control", "max-age=60"),
+        ("vary", "Content-Type"),
+    ];
+    f.always("/by-type", 200, &by_type, "{\"json\": true}");
+    for path in [
+        "/elsewhere",
+        "/heuristic",
+        "/rejected",
+        "/cookie",
+        "/by-type",
+    ] {
         let post = send(&f.app, "POST", path, &[]).await;
         settle(&f.layer).await;
         assert!(

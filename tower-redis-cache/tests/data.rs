@@ -93,7 +93,12 @@ async fn instance_with(
 /// The data cache of `a` for even callers, of `b` for odd ones: concurrent
 /// callers spread over both instances.
 fn either(a: &Instance, b: &Instance, caller: usize) -> DataCache {
-    if caller % 2 == 0 { &a.data } else { &b.data }.clone()
+    if caller.is_multiple_of(2) {
+        &a.data
+    } else {
+        &b.data
+    }
+    .clone()
 }
 
 async fn two(redis: &TestRedis) -> (Instance, Instance) {

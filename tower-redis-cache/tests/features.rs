@@ -204,6 +204,59 @@ async fn a_hundred_concurrent_misses_over_two_instances_make_one_origin_call() {
     assert!(coalesced >= 90, "{coalesced} coalesced: {statuses:?}");
 }
 
+/// RFC 9111 §4.2 and §5.2.1: a request coalesced behind another's miss is
+/// served the leader's answer only when that answer satisfies its own
+/// request; a `min-fresh` the entry does not meet sends it to the origin.
+#[tokio::test]
+async fn a_coalesced_follower_is_served_only_what_its_own_request_accepts() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    origin.delay_ms.store(1_500, Ordering::SeqCst);
+    let a = instance(redis.config(), &origin, |b| b).await;
+    let leader = {
+        let app = a.app.clone();
+        tokio::spawn(async move { get(&app, "/item/1").await })
+    };
+    // The leader is at the origin (for 1.5 s): join its flight.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while origin.calls("/item/1") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the leader never reached the origin"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let plain = {
+        let app = a.app.clone();
+        tokio::spawn(async move { get(&app, "/item/1").await })
+    };
+    // `max-age=60` cannot be fresh for 600 s more.
+    let demanding = call(
+        &a.app,
+        request("/item/1", &[("cache-control", "min-fresh=600")]),
+    )
+    .await;
+    assert_eq!(demanding.status, 200);
+    assert!(
+        !demanding.cache_status().contains("coalesced"),
+        "{}",
+        demanding.cache_status()
+    );
+    assert_eq!(leader.await.unwrap().body, "item-1-v1");
+    let plain = plain.await.unwrap();
+    assert_eq!(plain.body, "item-1-v1");
+    assert!(
+        plain.cache_status().contains("coalesced"),
+        "{}",
+        plain.cache_status()
+    );
+    assert_eq!(
+        origin.calls("/item/1"),
+        2,
+        "the leader's and the demanding request's"
+    );
+}
+
 #[tokio::test]
 async fn misses_on_a_url_that_answered_private_do_not_wait_for_each_other() {
     let redis = TestRedis::start().await;

@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, Request, Response, StatusCode, header};
 use axum::routing;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use tower_redis_cache::CacheLayer;
+use tower_redis_cache::{CacheLayer, CacheLayerBuilder};
 use tower_redis_core::RedisManager;
 use tower_redis_core::forwarding::{Forwarding, ForwardingHeader, TrustedProxies};
 use tower_redis_core::testing::TestRedis;
@@ -96,6 +96,22 @@ fn app(calls: Arc<AtomicU64>) -> Router {
                 "changed"
             }),
         )
+        .route(
+            "/poll",
+            routing::post(|State(calls): State<Arc<AtomicU64>>| async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                // Relative: resolved against the host the client asked for.
+                let fields = [
+                    ("content-location", "/poll"),
+                    ("cache-control", "max-age=60"),
+                ];
+                (fields, "after the vote")
+            })
+            .get(|State(calls): State<Arc<AtomicU64>>| async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                "from the origin"
+            }),
+        )
         .with_state(calls)
 }
 
@@ -107,12 +123,18 @@ struct Fixture {
 }
 
 async fn fixture(forwarding: Forwarding) -> Fixture {
+    fixture_with(forwarding, |b| b).await
+}
+
+async fn fixture_with(
+    forwarding: Forwarding,
+    tune: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder,
+) -> Fixture {
     let redis = TestRedis::start().await;
     let manager = RedisManager::connect(redis.config().build().unwrap())
         .await
         .unwrap();
-    let layer = CacheLayer::builder(manager)
-        .forwarding(forwarding)
+    let layer = tune(CacheLayer::builder(manager).forwarding(forwarding))
         .build()
         .unwrap();
     let calls = Arc::new(AtomicU64::new(0));
@@ -182,6 +204,65 @@ async fn call_at(
             .to_owned(),
         body: String::from_utf8_lossy(&body).into_owned(),
     }
+}
+
+/// With `store_post`, behind a trusted proxy that reports the host, a `POST`
+/// answer naming its own URL (relative to that host) is stored for the
+/// `GET`s that proxy forwards for the same host, and only for them.
+#[tokio::test]
+async fn a_post_answer_behind_a_trusted_proxy_is_stored_under_the_reported_host() {
+    let f = fixture_with(behind(ForwardingHeader::XForwardedFor), |b| {
+        b.store_post(true)
+    })
+    .await;
+    let via_proxy = |host| {
+        [
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-host", host),
+        ]
+    };
+    let internal = "app.internal:8080";
+    let post = call_at(
+        &f,
+        "POST",
+        "/poll",
+        "10.0.0.1",
+        internal,
+        &via_proxy("shop.example"),
+    )
+    .await;
+    assert!(
+        post.cache_status.contains("stored"),
+        "{}",
+        post.cache_status
+    );
+    let get = call_at(
+        &f,
+        "GET",
+        "/poll",
+        "10.0.0.1",
+        internal,
+        &via_proxy("shop.example"),
+    )
+    .await;
+    assert_eq!(
+        (get.body.as_str(), f.calls.load(Ordering::SeqCst)),
+        ("after the vote", 1)
+    );
+    assert!(get.cache_status.contains("hit"), "{}", get.cache_status);
+    let other = call_at(
+        &f,
+        "GET",
+        "/poll",
+        "10.0.0.1",
+        internal,
+        &via_proxy("other.example"),
+    )
+    .await;
+    assert_eq!(
+        other.body, "from the origin",
+        "another host has its own entry"
+    );
 }
 
 /// From a peer that is not a trusted proxy, each forwarding header that

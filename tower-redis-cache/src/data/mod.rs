@@ -3,8 +3,8 @@
 //!
 //! By job: `options.rs` (per-call [`DataOptions`]), `codec.rs` ([`Codec`],
 //! [`Json`]), `value.rs` (a value as a cache entry: key URL and envelope),
-//! coalescing in process is the HTTP cache's (`service/coalesce.rs`), `fill.rs` (a miss: the fill lock
-//! across instances, the factory, its timeouts, fail-safe and eager
+//! `fill.rs` (a miss: the HTTP cache's in-process coalescing, the fill
+//! lock across instances, the factory, its timeouts, fail-safe and eager
 //! refresh), `error.rs`.
 
 mod codec;

@@ -166,6 +166,20 @@ where
 }
 
 /// An entry another request just fetched.
+/// Whether a follower may be served `entry` without asking the origin:
+/// fresh enough for its own request (RFC 9111 §4.2, §5.2.1), not only for
+/// the leader's. An entry that must be revalidated on every use
+/// (`no-cache`, `max-age=0`) or a request with `no-cache`, `max-age` or
+/// `min-fresh` it does not meet sends the follower to the origin.
+pub(crate) fn usable_by_follower(config: &Config, entry: &Entry, keyed: &Keyed) -> bool {
+    let stored = freshness::directives_of(&entry.headers, &config.rules);
+    let age = entry.age(clock::now_ms());
+    matches!(
+        freshness::usability(age, entry.lifetime, &stored, &keyed.directives),
+        Usability::Fresh | Usability::StaleAccepted
+    )
+}
+
 pub(crate) fn serve_coalesced<B: Body>(
     config: &Config,
     entry: &Entry,

@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use super::cache_status::CacheStatus;
 use super::miss::Fill;
-use super::{Answer, Ctx, Keyed, OriginBody, head_only, passthrough, request, storing};
+use super::{Answer, Ctx, Keyed, OriginBody, head_only, passthrough, range, request, storing};
 use crate::freshness;
 use crate::key;
 use crate::layer::Config;
@@ -50,10 +50,10 @@ where
         config.store.invalidate(&urls).await;
     }
     match post {
-        Some(keyed) if names_itself(config, &keyed, response.headers()) => {
+        Some(post) if names_itself(config, &post, status, response.headers()) => {
             let ctx = Ctx {
                 config: Arc::clone(config),
-                keyed,
+                keyed: post.keyed,
             };
             let status = CacheStatus::forward("method", Tier::Redis);
             Ok(storing::store_if_allowed(
@@ -68,32 +68,65 @@ where
     }
 }
 
-/// A `POST` seen as the `GET` of its URL whose answer it may become: its
-/// key, with the head a `GET` would have had (no body fields).
-fn as_get<B>(config: &Config, request: &Request<B>) -> Option<Keyed> {
-    let mut keyed = Keyed::of_target(config, request)?;
-    keyed.parts.method = Method::GET;
-    for name in [
-        header::CONTENT_LENGTH,
-        header::TRANSFER_ENCODING,
-        header::CONTENT_TYPE,
-    ] {
-        keyed.parts.headers.remove(name);
-    }
-    Some(keyed)
+/// A `POST` seen as the `GET` of its URL whose answer it may become.
+struct PostAsGet {
+    /// Its key, with the head a `GET` would have had (no `Range`).
+    keyed: Keyed,
+    /// The head its `Content-Location` is resolved against: with the host
+    /// a trusted proxy reported, as its key was built.
+    base: Parts,
 }
 
-/// Whether a `POST` answer is its URL's representation (RFC 9110 §9.3.3):
-/// a `Content-Location` naming the request's own URL, and explicit
-/// freshness. The other storage rules are checked as for a `GET`.
-fn names_itself(config: &Config, keyed: &Keyed, response: &HeaderMap) -> bool {
+fn as_get<B>(config: &Config, request: &Request<B>) -> Option<PostAsGet> {
+    let mut keyed = Keyed::of_target(config, request)?;
+    keyed.parts.method = Method::GET;
+    range::strip(&mut keyed.parts.headers);
+    let base = match request::forwarded_origin(config, request) {
+        Ok(Some((_, view))) => match &view.host {
+            Some(host) => key::with_host(&keyed.parts, host),
+            None => keyed.parts.clone(),
+        },
+        _ => keyed.parts.clone(),
+    };
+    Some(PostAsGet { keyed, base })
+}
+
+/// Request fields that describe a `POST`'s body: a `GET` has none, so an
+/// answer chosen by them (`Vary`) is no `GET`'s answer.
+const BODY_FIELDS: [header::HeaderName; 4] = [
+    header::CONTENT_TYPE,
+    header::CONTENT_LENGTH,
+    header::CONTENT_ENCODING,
+    header::TRANSFER_ENCODING,
+];
+
+/// Whether a `POST` answer is its URL's representation (RFC 9110 §9.3.3,
+/// §8.7): a `200` or `203` whose `Content-Location` names the request's own
+/// URL, with explicit freshness. Never one that sets a cookie (a `POST`
+/// answer is far more often one client's than a `GET`'s), nor one whose
+/// `Vary` names a field of the request body. The other storage rules are
+/// checked as for a `GET`.
+fn names_itself(
+    config: &Config,
+    post: &PostAsGet,
+    status: http::StatusCode,
+    headers: &HeaderMap,
+) -> bool {
     let route = |path: &str| config.route_for(path);
-    response
-        .get(header::CONTENT_LOCATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| key::same_origin_url(&keyed.parts, value, &config.allowed_hosts, route))
-        .is_some_and(|url| url == keyed.url)
-        && freshness::has_explicit_freshness(response, &config.rules)
+    let varies_on_body = key::vary_names(headers).is_none_or(|names| {
+        names
+            .split(',')
+            .any(|name| BODY_FIELDS.iter().any(|field| field.as_str() == name))
+    });
+    matches!(status.as_u16(), 200 | 203)
+        && !headers.contains_key(header::SET_COOKIE)
+        && !varies_on_body
+        && headers
+            .get(header::CONTENT_LOCATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| key::same_origin_url(&post.base, value, &config.allowed_hosts, route))
+            .is_some_and(|url| url == post.keyed.url)
+        && freshness::has_explicit_freshness(headers, &config.rules)
 }
 
 /// The URL hashes a successful unsafe request invalidates, sorted and

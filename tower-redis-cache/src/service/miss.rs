@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::cache_status::CacheStatus;
 use super::coalesce::{self, FlightGuard, Joined, Outcome};
-use super::hit::{gateway_timeout, serve_coalesced};
+use super::hit::{gateway_timeout, serve_coalesced, usable_by_follower};
 use super::request;
 use super::storing::store_if_allowed;
 use super::{Answer, Ctx, Exchange, Origin, OriginBody};
@@ -149,8 +149,10 @@ where
     ) -> Answer<ResBody, S::Error> {
         let Ctx { config, keyed } = &self.ctx;
         let shared = tokio::time::timeout_at(deadline, coalesce::wait(flight)).await;
-        if let Ok(Outcome::Done(Some(entry))) = shared {
-            return Ok(serve_coalesced(config, &entry, keyed, Tier::Redis));
+        if let Ok(Outcome::Done(Some(entry))) = &shared
+            && usable_by_follower(config, entry, keyed)
+        {
+            return Ok(serve_coalesced(config, entry, keyed, Tier::Redis));
         }
         // The leader stored nothing this request can use (or took too
         // long): look again, then go to the origin.
@@ -158,6 +160,7 @@ where
             .store
             .lookup(&keyed.url_hash, &keyed.parts.headers, &keyed.extra)
             .await
+            && usable_by_follower(config, &entry, keyed)
         {
             return Ok(serve_coalesced(config, &entry, keyed, tier));
         }
@@ -198,6 +201,10 @@ where
                 .lookup(&keyed.url_hash, &keyed.parts.headers, &keyed.extra)
                 .await
             {
+                if !usable_by_follower(config, &entry, keyed) {
+                    // Filled, but not for this request: ask the origin.
+                    break None;
+                }
                 let shared = key::vary_names(&entry.headers)
                     .unwrap_or_default()
                     .is_empty()

@@ -93,7 +93,9 @@ use queue::OutageQueue;
 /// A change made while Redis was unavailable, waiting to be written to it.
 ///
 /// `Clone` lets the queue measure whether a change fits after it merges,
-/// on a copy of its key's newest queued change.
+/// on a copy of its key's newest queued change: the copy must be deep as
+/// far as [`merge`](Self::merge) goes (merging into it must leave the
+/// original as it was).
 pub trait Deferred: Clone + Send + Sync + 'static {
     /// What it changes: the key [`Failover::is_pending`] is asked about, and
     /// whose queued changes a later delete replaces.
