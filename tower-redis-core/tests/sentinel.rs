@@ -344,3 +344,27 @@ async fn readonly_from_a_demoted_primary_sends_the_manager_back_to_discovery() {
     let primary = sentinel.primary_port().await;
     assert_eq!(get_on(&sentinel, primary, "k").await.as_deref(), Some("3"));
 }
+
+/// The `redis+sentinel://` URL form reaches the primary through the
+/// Sentinels, as `REDIS_URL` would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_url_finds_the_primary() {
+    let sentinel = TestSentinel::start().await;
+    let url = format!(
+        "redis+sentinel://{}/{}/0",
+        sentinel.sentinel_addresses().join(","),
+        TestSentinel::MASTER_NAME
+    );
+    let config = tower_redis_core::RedisConfig::builder()
+        .url(url)
+        .build()
+        .expect("valid Sentinel URL");
+    let manager = RedisManager::connect(config).await.expect("connects");
+    wait_for_breaker(&manager, BreakerState::Closed, DEADLINE).await;
+    assert_eq!(set(&manager, "via-url", "1").await, Source::Redis);
+    let primary = sentinel.primary_port().await;
+    assert_eq!(
+        get_on(&sentinel, primary, "via-url").await.as_deref(),
+        Some("1")
+    );
+}
