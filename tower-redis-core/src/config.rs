@@ -9,7 +9,10 @@ use crate::error::ConfigError;
 #[cfg(feature = "tls")]
 pub(crate) use crate::tls::tls_certificates;
 use crate::tls::{RootCertificates, check_tls_roots};
-use crate::url::{DEFAULT_URL, parse_cluster_nodes, parse_sentinel, redact_unparsed, split_nodes};
+use crate::url::{
+    DEFAULT_URL, is_sentinel_url, parse_cluster_nodes, parse_sentinel, parse_sentinel_url,
+    redact_unparsed, split_nodes,
+};
 pub use crate::url::{RedisUrl, SentinelTopology, Topology};
 
 /// The circuit breaker's thresholds and the recovery probe's pacing.
@@ -281,6 +284,25 @@ impl RedisConfigBuilder {
     /// After [`sentinels`](Self::sentinels) (in either order), the URL
     /// gives the primary's credentials, database and TLS instead; its host
     /// and port are then not used.
+    ///
+    /// A URL in the Sentinel form,
+    /// `redis+sentinel://[user:password@]host1:port1,host2:port2/mastername[/db]`
+    /// (`rediss+sentinel://` for TLS; port 26379 when left out), finds the
+    /// primary through those Sentinels, with the URL's credentials and
+    /// database for the primary; so does `REDIS_URL` in that form.
+    ///
+    /// ```
+    /// use tower_redis_core::{RedisConfig, Topology};
+    ///
+    /// let config = RedisConfig::builder()
+    ///     .url("redis+sentinel://app:secret@10.0.0.1:26379,10.0.0.2/mymaster/2")
+    ///     .build()?;
+    /// let Topology::Sentinel(sentinel) = config.topology() else { unreachable!() };
+    /// assert_eq!(sentinel.sentinels().len(), 2);
+    /// assert_eq!(sentinel.master_name(), "mymaster");
+    /// assert_eq!(sentinel.master_url().db(), 2);
+    /// # Ok::<(), tower_redis_core::ConfigError>(())
+    /// ```
     ///
     /// ```
     /// # use std::time::Duration;
@@ -570,6 +592,9 @@ impl RedisConfigBuilder {
         }
         Ok(match (&self.cluster_nodes, &self.url) {
             (Some((field, nodes)), _) => Topology::Cluster(parse_cluster_nodes(field, nodes)?),
+            (None, Some((field, url))) if is_sentinel_url(url) => {
+                Topology::Sentinel(parse_sentinel_url(field, url)?)
+            }
             (None, Some((field, url))) => Topology::Standalone(RedisUrl::parse(field, url)?),
             (None, None) => Topology::Standalone(RedisUrl::parse("url", DEFAULT_URL)?),
         })

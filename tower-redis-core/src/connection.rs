@@ -1,16 +1,19 @@
 //! The connections handed to operations, and the pool behind standalone mode.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
+use tokio::sync::Notify;
+
 use crate::backend::standalone_client;
 use crate::config::{RedisConfig, RedisUrl, SentinelTopology};
+use crate::sync::lock;
 
 /// A connection to Redis, standalone or cluster, for one operation.
 ///
@@ -245,6 +248,14 @@ pub(crate) struct SentinelDiscovery {
     /// For the primary's client: the TLS roots.
     config: RedisConfig,
     connect_timeout: Duration,
+    /// The address a Sentinel last announced as promoted (`+promoted-slave`,
+    /// `+switch-master`): tried first, still checked with `ROLE`, forgotten
+    /// when that check fails. It spares the wait for every Sentinel to
+    /// update its answer to `get-master-addr-by-name`.
+    announced: Mutex<Option<(String, u16)>>,
+    /// Woken when a Sentinel announces a new primary, so that the recovery
+    /// probe connects at once instead of at its next backoff step.
+    switched: Arc<Notify>,
 }
 
 impl SentinelDiscovery {
@@ -259,7 +270,44 @@ impl SentinelDiscovery {
             topology: topology.clone(),
             config: config.clone(),
             connect_timeout: config.connect_timeout(),
+            announced: Mutex::new(None),
+            switched: Arc::new(Notify::new()),
         })
+    }
+
+    /// Woken each time a Sentinel announces a new primary.
+    pub(crate) fn switched(&self) -> Arc<Notify> {
+        Arc::clone(&self.switched)
+    }
+
+    /// Records `address` as the announced primary; true when it is new.
+    fn announce(&self, address: (String, u16)) -> bool {
+        let mut announced = lock(&self.announced);
+        if announced.as_ref() == Some(&address) {
+            return false;
+        }
+        *announced = Some(address);
+        true
+    }
+
+    /// The announced primary, when it still says `ROLE master`; a failed
+    /// check forgets it.
+    async fn connect_announced(
+        &self,
+        settings: &AsyncConnectionConfig,
+    ) -> Option<(String, u16, MultiplexedConnection)> {
+        let (host, port) = lock(&self.announced).clone()?;
+        match self.connect_checked(&host, port, settings).await {
+            Ok(conn) => Some((host, port, conn)),
+            Err(error) => {
+                tracing::debug!(target: "tower_redis", address = %format!("{host}:{port}"), %error, "the primary a Sentinel announced is not usable; asking the Sentinels");
+                let mut announced = lock(&self.announced);
+                if announced.as_ref() == Some(&(host, port)) {
+                    *announced = None;
+                }
+                None
+            }
+        }
     }
 
     /// A connection to the current primary, checked with `ROLE`.
@@ -267,6 +315,9 @@ impl SentinelDiscovery {
         &self,
         settings: &AsyncConnectionConfig,
     ) -> RedisResult<MultiplexedConnection> {
+        if let Some((_, _, conn)) = self.connect_announced(settings).await {
+            return Ok(conn);
+        }
         let mut last_error = None;
         let mut tried: Vec<(String, u16)> = Vec::new();
         for (sentinel_url, sentinel) in &self.sentinels {
@@ -298,6 +349,9 @@ impl SentinelDiscovery {
     /// A client for the current primary (for pub/sub), checked with `ROLE`.
     pub(crate) async fn master_client(&self) -> RedisResult<redis::Client> {
         let settings = pooled_connection_config(self.connect_timeout);
+        if let Some((host, port, _)) = self.connect_announced(&settings).await {
+            return self.client_at(&host, port);
+        }
         let mut last_error = None;
         for (_, sentinel) in &self.sentinels {
             let result = async {
@@ -391,14 +445,18 @@ impl SentinelDiscovery {
     }
 }
 
-/// Listens to every Sentinel's `+switch-master` announcements and starts a
-/// new pool generation when the primary named `master_name` moves, so that
-/// no operation keeps writing to a primary the Sentinels have replaced (the
-/// demoted primary would acknowledge writes until the Sentinels reconfigure
-/// it, seconds later, and then drop them). A lost subscription is renewed
-/// after a pause. The tasks end when the returned guard drops.
+/// Listens to every Sentinel's `+promoted-slave` and `+switch-master`
+/// announcements. When the primary named `master_name` moves, it starts a
+/// new pool generation, so that no operation keeps writing to a primary the
+/// Sentinels have replaced (the demoted primary would acknowledge writes
+/// until the Sentinels reconfigure it, seconds later, and then drop them);
+/// it records the new address for the next connect and wakes the recovery
+/// probe. `+promoted-slave` comes first: the leading Sentinel sends it as
+/// soon as the replica reports itself primary, before the other Sentinels
+/// update their answers. A lost subscription is renewed after a pause. The
+/// tasks end when the returned guard drops.
 pub(crate) fn watch_switches(
-    discovery: &SentinelDiscovery,
+    discovery: &Arc<SentinelDiscovery>,
     generation: &Arc<AtomicU64>,
 ) -> SwitchWatchers {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -411,8 +469,7 @@ pub(crate) fn watch_switches(
             let watcher = SwitchWatcher {
                 sentinel: url.clone(),
                 client: client.clone(),
-                master_name: discovery.topology.master_name().to_owned(),
-                connect_timeout: discovery.connect_timeout,
+                discovery: Arc::downgrade(discovery),
                 generation: Arc::clone(generation),
             };
             runtime.spawn(watcher.run()).abort_handle()
@@ -435,18 +492,22 @@ impl Drop for SwitchWatchers {
 struct SwitchWatcher {
     sentinel: RedisUrl,
     client: redis::Client,
-    master_name: String,
-    connect_timeout: Duration,
+    /// Weak: the watcher must not keep the backend alive.
+    discovery: std::sync::Weak<SentinelDiscovery>,
     generation: Arc<AtomicU64>,
 }
 
 impl SwitchWatcher {
-    const CHANNEL: &'static str = "+switch-master";
+    const SWITCH: &'static str = "+switch-master";
+    const PROMOTED: &'static str = "+promoted-slave";
     const RETRY: Duration = Duration::from_secs(1);
 
     async fn run(self) {
         loop {
-            if let Err(error) = self.listen().await {
+            let Some(connect_timeout) = self.discovery.upgrade().map(|d| d.connect_timeout) else {
+                return;
+            };
+            if let Err(error) = self.listen(connect_timeout).await {
                 tracing::debug!(target: "tower_redis", sentinel = %self.sentinel, %error, "lost the Sentinel's +switch-master subscription; renewing it");
             }
             let jitter = Duration::from_millis(rand::random_range(0..250));
@@ -454,26 +515,53 @@ impl SwitchWatcher {
         }
     }
 
-    async fn listen(&self) -> RedisResult<()> {
+    async fn listen(&self, connect_timeout: Duration) -> RedisResult<()> {
         let subscribe = async {
             let mut pubsub = self.client.get_async_pubsub().await?;
-            pubsub.subscribe(Self::CHANNEL).await?;
+            pubsub.subscribe(&[Self::SWITCH, Self::PROMOTED]).await?;
             Ok::<_, RedisError>(pubsub)
         };
-        let pubsub = tokio::time::timeout(self.connect_timeout, subscribe)
+        let pubsub = tokio::time::timeout(connect_timeout, subscribe)
             .await
             .map_err(|_| timed_out("no answer from the Sentinel"))??;
         let mut messages = pubsub.into_on_message();
         while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
-            // `<master name> <old ip> <old port> <new ip> <new port>`
+            let Some(discovery) = self.discovery.upgrade() else {
+                return Ok(());
+            };
             let payload: String = message.get_payload().unwrap_or_default();
-            if payload.split(' ').next() == Some(self.master_name.as_str()) {
+            let master_name = discovery.topology.master_name();
+            let Some(address) =
+                announced_primary(message.get_channel_name(), &payload, master_name)
+            else {
+                continue;
+            };
+            if discovery.announce(address) {
                 self.generation.fetch_add(1, Ordering::AcqRel);
-                tracing::info!(target: "tower_redis", sentinel = %self.sentinel, switch = %payload, "the Sentinels switched the primary; reconnecting");
+                tracing::info!(target: "tower_redis", sentinel = %self.sentinel, event = %message.get_channel_name(), announcement = %payload, "a Sentinel announced a new primary; reconnecting");
             }
+            discovery.switched.notify_one();
         }
         Ok(())
     }
+}
+
+/// The new primary's address in a Sentinel announcement about `master_name`:
+/// `+switch-master <master name> <old ip> <old port> <new ip> <new port>`,
+/// or `+promoted-slave slave <ip>:<port> <ip> <port> @ <master name> <master
+/// ip> <master port>`. Anything else (another master, a malformed payload)
+/// is `None`.
+fn announced_primary(channel: &str, payload: &str, master_name: &str) -> Option<(String, u16)> {
+    let words: Vec<&str> = payload.split(' ').collect();
+    let (name, host, port) = match (channel, words.as_slice()) {
+        ("+switch-master", [name, _, _, host, port]) => (*name, *host, *port),
+        ("+promoted-slave", ["slave", _, host, port, "@", name, _, _]) => (*name, *host, *port),
+        _ => return None,
+    };
+    if name != master_name {
+        return None;
+    }
+    Some((host.to_owned(), port.parse().ok()?))
 }
 
 fn timed_out(what: &'static str) -> RedisError {
@@ -523,5 +611,50 @@ impl bb8::ErrorSink<redis::RedisError> for TracingErrorSink {
 
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<redis::RedisError>> {
         Box::new(*self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::announced_primary;
+
+    #[test]
+    fn sentinel_announcements_name_the_new_primary_of_this_master_only() {
+        assert_eq!(
+            announced_primary(
+                "+switch-master",
+                "mymaster 10.0.0.1 6379 10.0.0.2 6380",
+                "mymaster"
+            ),
+            Some(("10.0.0.2".to_owned(), 6380))
+        );
+        assert_eq!(
+            announced_primary(
+                "+promoted-slave",
+                "slave 10.0.0.2:6380 10.0.0.2 6380 @ mymaster 10.0.0.1 6379",
+                "mymaster"
+            ),
+            Some(("10.0.0.2".to_owned(), 6380))
+        );
+        assert_eq!(
+            announced_primary(
+                "+switch-master",
+                "other 10.0.0.1 6379 10.0.0.2 6380",
+                "mymaster"
+            ),
+            None
+        );
+        assert_eq!(
+            announced_primary("+switch-master", "mymaster 10.0.0.1", "mymaster"),
+            None
+        );
+        assert_eq!(
+            announced_primary("+switch-master", "mymaster a 1 b 99999", "mymaster"),
+            None
+        );
+        assert_eq!(
+            announced_primary("+sdown", "mymaster a 1 b 2", "mymaster"),
+            None
+        );
     }
 }

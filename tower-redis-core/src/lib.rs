@@ -49,8 +49,9 @@
 //!   2 half-open, 3 disabled) and fallbacks (`tower_redis_fallbacks_total`).
 //! - `tls`: `rediss://` URLs (rustls with ring; the webpki roots, or a
 //!   private CA given to [`RedisConfigBuilder::tls_root_certificates`]).
-//! - `testing`: [`testing::TestRedis`] and [`testing::TestCluster`], real
-//!   Redis servers for tests that can be killed, paused and restarted.
+//! - `testing`: [`testing::TestRedis`], [`testing::TestCluster`] (with
+//!   replicas on demand) and [`testing::TestSentinel`], real Redis servers
+//!   for tests that can be killed, paused, restarted and failed over.
 //! - `testing-docker`: adds a Docker backend (testcontainers) to `testing`.
 //! - `http`: the module `http`, the HTTP plumbing the layers share:
 //!   `PathPattern`, `is_grpc`, `Problem` (`application/problem+json`) and

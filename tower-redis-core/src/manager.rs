@@ -262,14 +262,24 @@ impl fmt::Debug for RedisManager {
 
 /// The background task that closes the breaker once Redis answers again.
 async fn probe_until_closed(inner: Weak<Inner>) {
-    let Some((mut backoff, max)) = inner
-        .upgrade()
-        .map(|i| (i.probe_min_backoff, i.probe_max_backoff))
-    else {
+    let Some((min, max, switched)) = inner.upgrade().map(|i| {
+        let switched = i.backend.sentinel().map(|d| d.switched());
+        (i.probe_min_backoff, i.probe_max_backoff, switched)
+    }) else {
         return;
     };
+    let mut backoff = min;
     loop {
-        tokio::time::sleep(jittered(backoff)).await;
+        // With Sentinel, an announced new primary ends the wait at once.
+        match &switched {
+            Some(switched) => {
+                tokio::select! {
+                    () = tokio::time::sleep(jittered(backoff)) => {}
+                    () = switched.notified() => backoff = min,
+                }
+            }
+            None => tokio::time::sleep(jittered(backoff)).await,
+        }
         let Some(inner) = inner.upgrade() else {
             return;
         };

@@ -464,6 +464,86 @@ pub(crate) fn parse_sentinel(
     })
 }
 
+/// The Sentinel port a `redis+sentinel://` host without one gets.
+const SENTINEL_PORT: u16 = 26379;
+
+const SENTINEL_URL_FIX: &str = "write redis+sentinel://[user:password@]host1:port1,host2:port2/mastername[/db] \
+                                (rediss+sentinel:// for TLS)";
+
+/// Whether `url` is in the `redis+sentinel://` (or `rediss+sentinel://`) form.
+pub(crate) fn is_sentinel_url(url: &str) -> bool {
+    url.trim_start()
+        .split_once("://")
+        .is_some_and(|(scheme, _)| {
+            scheme.eq_ignore_ascii_case("redis+sentinel")
+                || scheme.eq_ignore_ascii_case("rediss+sentinel")
+        })
+}
+
+/// Splits `redis+sentinel://[user:password@]host1:port1,host2:port2/mastername[/db]`
+/// (`rediss+sentinel://` for TLS) into what [`parse_sentinel`] checks: the
+/// Sentinels (`redis://host:port`, port 26379 when left out), the master
+/// name, and the primary's URL (its credentials, database and TLS; the
+/// host is replaced by the address the Sentinels name). Credentials in the
+/// URL are the primary's; Sentinels that want their own are given with
+/// [`RedisConfigBuilder::sentinels`](crate::RedisConfigBuilder::sentinels).
+pub(crate) fn parse_sentinel_url(
+    field: &'static str,
+    url: &str,
+) -> Result<SentinelTopology, ConfigError> {
+    let url = url.trim();
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let tls = scheme.eq_ignore_ascii_case("rediss+sentinel");
+    let data_scheme = if tls { "rediss" } else { "redis" };
+    if rest.contains(['?', '#']) {
+        return Err(ConfigError::new(
+            field,
+            "is a Sentinel URL with query parameters or a fragment, which are not supported",
+            SENTINEL_URL_FIX,
+        ));
+    }
+    // The credentials end at the last `@` before the first `/`.
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => (Some(userinfo), hosts),
+        None => (None, authority),
+    };
+    let mut nodes = Vec::new();
+    for host in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+        // `host`, `host:port`, `[v6]`, `[v6]:port`.
+        let has_port = match host.rfind(']') {
+            Some(close) => host[close..].contains(':'),
+            None => host.contains(':'),
+        };
+        nodes.push(if has_port {
+            format!("{data_scheme}://{host}")
+        } else {
+            format!("{data_scheme}://{host}:{SENTINEL_PORT}")
+        });
+    }
+    let mut segments = path.split('/');
+    let master_name = segments.next().filter(|name| !name.is_empty());
+    let db = match (segments.next(), segments.next()) {
+        (None | Some(""), None) => "0",
+        (Some(db), None) if db.parse::<u32>().is_ok() => db,
+        _ => {
+            return Err(ConfigError::new(
+                field,
+                "is a Sentinel URL whose path is not /mastername or /mastername/db",
+                SENTINEL_URL_FIX,
+            ));
+        }
+    };
+    let credentials = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+    let master = format!("{data_scheme}://{credentials}127.0.0.1/{db}");
+    parse_sentinel(field, &nodes, field, master_name, field, &master).map_err(|mut error| {
+        if master_name.is_none() {
+            error.fix = SENTINEL_URL_FIX.to_owned();
+        }
+        error
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -580,6 +660,62 @@ mod tests {
             let err = RedisConfig::from_url(url).unwrap_err();
             assert!(err.fix.contains("redis://user:password@host"), "{err}");
             assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_sentinel_url_names_the_sentinels_the_master_and_the_primary_settings() {
+        let topology = parse_sentinel_url(
+            "url",
+            "redis+sentinel://app:hunter2@10.0.0.1:26380,10.0.0.2,[::1]:5000/mymaster/3",
+        )
+        .expect("valid");
+        let sentinels: Vec<String> = topology
+            .sentinels()
+            .iter()
+            .map(|u| u.expose().to_owned())
+            .collect();
+        assert_eq!(sentinels.len(), 3);
+        assert!(sentinels[0].contains("10.0.0.1:26380"), "{sentinels:?}");
+        assert!(
+            sentinels[1].contains("10.0.0.2:26379"),
+            "default port: {sentinels:?}"
+        );
+        assert!(sentinels[2].contains("[::1]:5000"), "{sentinels:?}");
+        assert_eq!(topology.master_name(), "mymaster");
+        assert_eq!(topology.master_url().db(), 3);
+        let at = topology.master_at("10.0.0.9", 6379).expect("address");
+        assert!(
+            at.expose().starts_with("redis://app:hunter2@10.0.0.9:6379"),
+            "{}",
+            at.expose()
+        );
+        assert!(!topology.to_string().contains("hunter2"), "{topology}");
+
+        #[cfg(feature = "tls")]
+        {
+            let tls = parse_sentinel_url("url", "rediss+sentinel://s1:26379/m").expect("valid");
+            assert!(tls.master_url().is_tls());
+            assert_eq!(tls.master_url().db(), 0);
+        }
+        assert!(is_sentinel_url("REDIS+SENTINEL://s1/m"));
+        assert!(!is_sentinel_url("redis://s1/0"));
+    }
+
+    #[test]
+    fn a_bad_sentinel_url_says_how_to_write_one_without_echoing_the_password() {
+        for bad in [
+            "redis+sentinel://:pw-secret@s1:26379",
+            "redis+sentinel://:pw-secret@s1:26379/",
+            "redis+sentinel://:pw-secret@/mymaster",
+            "redis+sentinel://:pw-secret@s1/mymaster/x",
+            "redis+sentinel://:pw-secret@s1/mymaster/1/2",
+            "redis+sentinel://:pw-secret@s1/mymaster?db=1",
+            "redis+sentinel://:pw-secret@s1/my master",
+        ] {
+            let error = parse_sentinel_url("url", bad).expect_err(bad);
+            assert_eq!(error.field, "url", "{bad}");
+            assert!(!error.to_string().contains("pw-secret"), "{bad}: {error}");
         }
     }
 }

@@ -50,7 +50,15 @@ async fn get_on(sentinel: &TestSentinel, port: u16, key: &str) -> Option<String>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_reach_the_primary_and_follow_it_after_it_dies() {
     let sentinel = TestSentinel::start().await;
-    let manager = manager(&sentinel).await;
+    // A recovery probe far slower than a failover: the manager must follow
+    // the Sentinels' announcement, not wait for its next probe.
+    let config = sentinel
+        .config()
+        .probe_backoff(Duration::from_secs(10), Duration::from_secs(10))
+        .build()
+        .expect("valid Sentinel config");
+    let manager = RedisManager::connect(config).await.expect("connects");
+    wait_for_breaker(&manager, BreakerState::Closed, DEADLINE).await;
     let first = sentinel.primary_port().await;
     assert_eq!(set(&manager, "before", "1").await, Source::Redis);
     assert_eq!(
@@ -73,6 +81,7 @@ async fn writes_reach_the_primary_and_follow_it_after_it_dies() {
     assert_eq!(replicas, 1, "the replica acknowledged the write");
 
     // Kill the primary, then write until a write reaches the new primary.
+    let events = sentinel.record_events().await;
     let killed_at = Instant::now();
     let old = sentinel.kill_primary().await;
     assert_eq!(old, first);
@@ -89,10 +98,30 @@ async fn writes_reach_the_primary_and_follow_it_after_it_dies() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
+    let promoted = events.first(killed_at, "+promoted-slave");
+    let switched = events.first(killed_at, "+switch-master");
     println!(
         "sentinel failover: first successful write {recovered:?} after the primary was killed \
-         (down-after-milliseconds {:?}, {attempts} attempts)",
+         (down-after-milliseconds {:?}, {attempts} attempts); first +promoted-slave at \
+         {promoted:?}, first +switch-master at {switched:?}",
         TestSentinel::DOWN_AFTER
+    );
+    for (at, line) in events.since(killed_at) {
+        println!("  {at:>12?}  {line}");
+    }
+    // The manager reacts to the announcement itself, not to its probe
+    // backoff: the first write lands soon after the first announcement.
+    // Generous (a loaded machine), but far below the probe's 2 s default
+    // ceiling that bounded it before.
+    let announced = promoted
+        .into_iter()
+        .chain(switched)
+        .min()
+        .expect("a Sentinel announced the promotion");
+    assert!(
+        recovered < announced + Duration::from_secs(1),
+        "the first write came {:?} after the announcement",
+        recovered.saturating_sub(announced)
     );
     sentinel.wait_for_promotion(old).await;
     let new = sentinel.primary_port().await;
@@ -314,4 +343,28 @@ async fn readonly_from_a_demoted_primary_sends_the_manager_back_to_discovery() {
     }
     let primary = sentinel.primary_port().await;
     assert_eq!(get_on(&sentinel, primary, "k").await.as_deref(), Some("3"));
+}
+
+/// The `redis+sentinel://` URL form reaches the primary through the
+/// Sentinels, as `REDIS_URL` would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_url_finds_the_primary() {
+    let sentinel = TestSentinel::start().await;
+    let url = format!(
+        "redis+sentinel://{}/{}/0",
+        sentinel.sentinel_addresses().join(","),
+        TestSentinel::MASTER_NAME
+    );
+    let config = tower_redis_core::RedisConfig::builder()
+        .url(url)
+        .build()
+        .expect("valid Sentinel URL");
+    let manager = RedisManager::connect(config).await.expect("connects");
+    wait_for_breaker(&manager, BreakerState::Closed, DEADLINE).await;
+    assert_eq!(set(&manager, "via-url", "1").await, Source::Redis);
+    let primary = sentinel.primary_port().await;
+    assert_eq!(
+        get_on(&sentinel, primary, "via-url").await.as_deref(),
+        Some("1")
+    );
 }

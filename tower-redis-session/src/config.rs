@@ -1,4 +1,4 @@
-//! Cookie and expiry settings.
+//! Cookie, expiry and durability settings.
 
 use std::time::Duration;
 
@@ -97,4 +97,36 @@ impl CookieConfig {
         }
         Ok(())
     }
+}
+
+/// How sure a login or a logout must be to survive a failover before the
+/// response goes out (see
+/// [`SessionLayerBuilder::durability`](crate::SessionLayerBuilder::durability)).
+///
+/// Redis replicates asynchronously: a write the primary acknowledged can be
+/// lost when a replica replaces it a moment later. For most session writes
+/// that costs little (a cart entry), but a lost login logs the user out and
+/// a lost logout logs them back in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// Acknowledged by the primary (the default): no extra round trip.
+    #[default]
+    Primary,
+    /// After the writes of a login (an id cycle, or a save that sets the
+    /// user) and of a logout (`destroy`), the layer sends
+    /// `WAIT <replicas> <timeout>` on the same connection: the response
+    /// waits until `replicas` replicas have the write, or `timeout` has
+    /// passed. A timeout does not fail the request (the write is on the
+    /// primary); it is logged at warn level with the number of replicas
+    /// that did confirm. `WAIT` lowers the chance of a loss, it does not
+    /// make Redis strongly consistent (a replica that confirmed can still
+    /// lose the race to become primary).
+    Replicated {
+        /// Replicas that must confirm (1 for a primary with one replica).
+        replicas: u32,
+        /// The longest to wait; it counts within the manager's command
+        /// timeout, so it must be shorter.
+        timeout: Duration,
+    },
 }

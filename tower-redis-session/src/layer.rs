@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 use tower_redis_core::RedisManager;
 
-use crate::config::{CookieConfig, Expiry};
+use crate::config::{CookieConfig, Durability, Expiry};
 use crate::id::CookieCodec;
 use crate::service::SessionService;
 use crate::store::{LocalLimits, SessionStore};
@@ -38,6 +38,9 @@ pub enum ConfigError {
     /// The size limits contradict each other.
     #[error("session size limits: {0}")]
     Limits(String),
+    /// The durability cannot work with this manager.
+    #[error("session durability: {0}")]
+    Durability(String),
 }
 
 /// Adds a lazily loaded [`Session`](crate::Session) to every request.
@@ -66,6 +69,7 @@ impl SessionLayer {
             signing_key: None,
             local_capacity_bytes: DEFAULT_LOCAL_CAPACITY_BYTES,
             outage_queue_bytes: DEFAULT_OUTAGE_QUEUE_BYTES,
+            durability: Durability::Primary,
             max_session_bytes: DEFAULT_MAX_SESSION_BYTES,
         }
     }
@@ -95,6 +99,7 @@ pub struct SessionLayerBuilder {
     local_capacity_bytes: u64,
     outage_queue_bytes: usize,
     max_session_bytes: usize,
+    durability: Durability,
 }
 
 impl SessionLayerBuilder {
@@ -428,6 +433,31 @@ impl SessionLayerBuilder {
         self
     }
 
+    /// How sure logins and logouts must be to survive a failover (default
+    /// [`Durability::Primary`]). With
+    /// [`Durability::Replicated`], the writes of a login (id cycle, or a
+    /// save that sets the user) and of a logout wait for `WAIT replicas
+    /// timeout` before the response: one more command in the same
+    /// operation, paid by those requests only. Other session writes are
+    /// unchanged. [`build`](Self::build) refuses a `timeout` that is not
+    /// shorter than the manager's command timeout (the whole operation
+    /// must fit in it), and `replicas` of 0.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// use tower_redis_session::{ConfigError, Durability, RedisManager, SessionLayer};
+    ///
+    /// let replicated = Durability::Replicated { replicas: 1, timeout: Duration::from_millis(50) };
+    /// assert!(SessionLayer::builder(RedisManager::disabled()).durability(replicated).build().is_ok());
+    /// let too_long = Durability::Replicated { replicas: 1, timeout: Duration::from_secs(5) };
+    /// let refused = SessionLayer::builder(RedisManager::disabled()).durability(too_long).build();
+    /// assert!(matches!(refused, Err(ConfigError::Durability(_))));
+    /// ```
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
     /// The largest a session may be, in bytes of entry names, JSON values
     /// and user id (default 64 KiB). A [`Session::insert`](crate::Session::insert)
     /// that would take the session over it returns
@@ -617,13 +647,22 @@ impl SessionLayerBuilder {
                 self.max_session_bytes, self.outage_queue_bytes, self.local_capacity_bytes
             )));
         }
-        let store = SessionStore::new(
+        if let Durability::Replicated { replicas, timeout } = self.durability
+            && (replicas == 0 || timeout >= self.manager.command_timeout())
+        {
+            return Err(ConfigError::Durability(format!(
+                "Replicated {{ replicas: {replicas}, timeout: {timeout:?} }} needs at least one replica and a timeout shorter than the Redis command timeout ({:?}), which bounds the whole save",
+                self.manager.command_timeout()
+            )));
+        }
+        let store = SessionStore::with_durability(
             self.manager,
             self.expiry,
             LocalLimits {
                 copies_bytes: self.local_capacity_bytes,
                 queue_bytes: self.outage_queue_bytes,
             },
+            self.durability,
         );
         Ok(SessionLayer {
             shared: Arc::new(Shared {

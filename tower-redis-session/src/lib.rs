@@ -114,7 +114,7 @@ mod service;
 mod session;
 mod store;
 
-pub use config::{CookieConfig, Expiry};
+pub use config::{CookieConfig, Durability, Expiry};
 pub use cookie::SameSite;
 pub use layer::{
     ConfigError, DEFAULT_LOCAL_CAPACITY_BYTES, DEFAULT_MAX_SESSION_BYTES,

@@ -1,4 +1,5 @@
-//! A three-master Redis Cluster of `redis-server` processes.
+//! A three-master Redis Cluster of `redis-server` processes, optionally
+//! with replicas that take over when a primary dies.
 
 use std::time::Duration;
 
@@ -9,9 +10,28 @@ use crate::RedisConfigBuilder;
 /// How long the cluster may take to agree on its slots after creation or a restart.
 const CLUSTER_OK_DEADLINE: Duration = Duration::from_secs(30);
 
-/// A real Redis Cluster with three masters and no replicas, each a
-/// `redis-server` process that can be killed and restarted (it rejoins with
-/// its slots, from the `nodes.conf` kept in its directory).
+/// `cluster-node-timeout` with replicas: how long a primary must be
+/// unreachable before its replica takes over.
+const REPLICA_NODE_TIMEOUT: Duration = Duration::from_millis(1000);
+/// How long a promotion may take after a primary dies.
+const PROMOTION_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A real Redis Cluster with three masters, each a `redis-server` process
+/// that can be killed and restarted (it rejoins from the `nodes.conf` kept
+/// in its directory). [`start`](Self::start) builds it without replicas;
+/// [`with_replicas`](Self::with_replicas) gives each primary replicas, so
+/// that [`kill_primary`](Self::kill_primary) makes a real cluster failover.
+///
+/// ```no_run
+/// use tower_redis_core::testing::TestCluster;
+///
+/// # async fn demo() {
+/// let cluster = TestCluster::with_replicas(1).await; // 3 primaries + 3 replicas
+/// let killed = cluster.kill_primary(0).await;        // the primary of slot 0
+/// let promoted = cluster.wait_for_promotion(0, killed).await;
+/// assert_ne!(promoted, killed);
+/// # }
+/// ```
 pub struct TestCluster {
     nodes: Vec<ServerProcess>,
     _dir: tempfile::TempDir,
@@ -37,6 +57,28 @@ impl TestCluster {
     /// Starts three masters, joins them with `redis-cli --cluster create`
     /// and waits for `cluster_state:ok` on every node.
     pub async fn try_start() -> Result<Self, TestRedisError> {
+        Self::try_start_with(0).await
+    }
+
+    /// Starts three primaries with `replicas` replicas each
+    /// (`cluster-node-timeout` 1000 ms), or panics with a message that says
+    /// what is missing. Nodes are indexed primaries first, as created.
+    pub async fn with_replicas(replicas: usize) -> Self {
+        match Self::try_start_with(replicas).await {
+            Ok(cluster) => cluster,
+            Err(error) => panic!("{error}"),
+        }
+    }
+
+    /// Like [`with_replicas`](Self::with_replicas), with the error returned.
+    /// It also waits until every replica's link to its primary is up, so a
+    /// primary killed at once has a replica ready to take over.
+    pub async fn try_start_with(replicas: usize) -> Result<Self, TestRedisError> {
+        let node_timeout = if replicas == 0 {
+            Duration::from_millis(2000)
+        } else {
+            REPLICA_NODE_TIMEOUT
+        };
         let server = redis_server_binary().ok_or(TestRedisError::NoBackend)?;
         let cli = find_binary("redis-cli").ok_or_else(|| {
             TestRedisError::Cluster(
@@ -48,8 +90,9 @@ impl TestCluster {
             .prefix("tower-redis-cluster-")
             .tempdir()
             .map_err(|e| TestRedisError::Spawn(format!("temporary directory: {e}")))?;
-        let mut nodes = Vec::with_capacity(3);
-        for index in 0..3 {
+        let count = 3 * (1 + replicas);
+        let mut nodes = Vec::with_capacity(count);
+        for index in 0..count {
             let node_dir = dir.path().join(format!("node{index}"));
             std::fs::create_dir_all(&node_dir).map_err(|e| TestRedisError::Spawn(e.to_string()))?;
             let mut attempt = 0;
@@ -61,7 +104,7 @@ impl TestCluster {
                     "--cluster-config-file".to_owned(),
                     "nodes.conf".to_owned(),
                     "--cluster-node-timeout".to_owned(),
-                    "2000".to_owned(),
+                    node_timeout.as_millis().to_string(),
                 ];
                 match ServerProcess::spawn(server.clone(), node_dir.clone(), port, args, false)
                     .await
@@ -83,7 +126,7 @@ impl TestCluster {
         let output = tokio::process::Command::new(cli)
             .args(["--cluster", "create"])
             .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .await
             .map_err(|e| TestRedisError::Cluster(format!("redis-cli: {e}")))?;
@@ -96,6 +139,9 @@ impl TestCluster {
         }
         let cluster = Self { nodes, _dir: dir };
         cluster.wait_until_ok().await?;
+        if replicas > 0 {
+            cluster.wait_for_replicas(3 * replicas).await?;
+        }
         Ok(cluster)
     }
 
@@ -122,7 +168,7 @@ impl TestCluster {
         }
     }
 
-    /// The number of nodes (3).
+    /// The number of nodes: 3, or 3 × (1 + replicas).
     pub fn len(&self) -> usize {
         self.nodes.len()
     }
@@ -160,6 +206,125 @@ impl TestCluster {
         }
     }
 
+    /// The index of the node that serves `slot` as primary now, as a live
+    /// node's `CLUSTER SLOTS` says.
+    pub async fn primary_of(&self, slot: u16) -> usize {
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            if let Ok(Some(port)) = slot_owner(node.port(), slot).await
+                && let Some(index) = self.nodes.iter().position(|n| n.port() == port)
+            {
+                return index;
+            }
+        }
+        panic!("no live node names the primary of slot {slot}")
+    }
+
+    /// The slot of `key` (`CLUSTER KEYSLOT` on a live node; a `{tag}`
+    /// counts as the whole key).
+    pub async fn slot_of(&self, key: &str) -> u16 {
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            let ask = async {
+                let mut conn = node_connection(node.port()).await?;
+                redis::cmd("CLUSTER")
+                    .arg("KEYSLOT")
+                    .arg(key)
+                    .query_async::<u16>(&mut conn)
+                    .await
+            };
+            if let Ok(Ok(slot)) = tokio::time::timeout(Duration::from_secs(1), ask).await {
+                return slot;
+            }
+        }
+        panic!("no live node answers CLUSTER KEYSLOT")
+    }
+
+    /// SIGKILLs the primary of `slot` without waiting; returns its index.
+    pub async fn kill_primary(&self, slot: u16) -> usize {
+        let index = self.primary_of(slot).await;
+        self.node(index).kill();
+        index
+    }
+
+    /// [`kill_primary`](Self::kill_primary), then
+    /// [`wait_for_promotion`](Self::wait_for_promotion): returns the killed
+    /// and the promoted node's indexes.
+    pub async fn failover(&self, slot: u16) -> (usize, usize) {
+        let killed = self.kill_primary(slot).await;
+        (killed, self.wait_for_promotion(slot, killed).await)
+    }
+
+    /// Waits until every live node names a node other than `killed` as the
+    /// primary of `slot`, that node says `ROLE master`, and every live node
+    /// reports `cluster_state:ok`. Returns the new primary's index; panics
+    /// after a generous deadline.
+    pub async fn wait_for_promotion(&self, slot: u16, killed: usize) -> usize {
+        let killed_port = self.node(killed).port();
+        let promoted = async {
+            loop {
+                if let Some(port) = self.agreed_owner(slot).await
+                    && port != killed_port
+                    && node_role(port).await.as_deref() == Some("master")
+                    && self.live_nodes_ok().await
+                    && let Some(index) = self.nodes.iter().position(|n| n.port() == port)
+                {
+                    return index;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        match tokio::time::timeout(PROMOTION_DEADLINE, promoted).await {
+            Ok(index) => index,
+            Err(_) => panic!(
+                "no replica took over slot {slot} within {PROMOTION_DEADLINE:?} after node \
+                 {killed} (port {killed_port}) was killed"
+            ),
+        }
+    }
+
+    /// The owner of `slot` when every live node names the same one.
+    async fn agreed_owner(&self, slot: u16) -> Option<u16> {
+        let mut agreed = None;
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            let owner = slot_owner(node.port(), slot).await.ok().flatten()?;
+            if agreed.is_some_and(|port| port != owner) {
+                return None;
+            }
+            agreed = Some(owner);
+        }
+        agreed
+    }
+
+    async fn live_nodes_ok(&self) -> bool {
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            if !node_reports_ok(&format!("redis://127.0.0.1:{}", node.port())).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Waits until `expected` nodes are replicas with their link up.
+    async fn wait_for_replicas(&self, expected: usize) -> Result<(), TestRedisError> {
+        let deadline = tokio::time::Instant::now() + CLUSTER_OK_DEADLINE;
+        loop {
+            let mut synced = 0;
+            for node in &self.nodes {
+                if replica_link_up(node.port()).await {
+                    synced += 1;
+                }
+            }
+            if synced >= expected {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(TestRedisError::Cluster(format!(
+                    "{synced} of {expected} replicas in sync after {CLUSTER_OK_DEADLINE:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn node(&self, index: usize) -> &ServerProcess {
         match self.nodes.get(index) {
             Some(node) => node,
@@ -192,6 +357,78 @@ impl TestCluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+async fn node_connection(port: u16) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    client.get_multiplexed_async_connection().await
+}
+
+/// The port of the primary serving `slot`, from the node on `port`'s
+/// `CLUSTER SLOTS` (`[[start, end, [ip, port, id, …], replicas…], …]`).
+async fn slot_owner(port: u16, slot: u16) -> redis::RedisResult<Option<u16>> {
+    let ask = async {
+        let mut conn = node_connection(port).await?;
+        let ranges: Vec<Vec<redis::Value>> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await?;
+        for range in ranges {
+            let (Some(start), Some(end), Some(primary)) =
+                (range.first(), range.get(1), range.get(2))
+            else {
+                continue;
+            };
+            let start: u16 = redis::from_redis_value_ref(start)?;
+            let end: u16 = redis::from_redis_value_ref(end)?;
+            if (start..=end).contains(&slot) {
+                let primary: Vec<redis::Value> = redis::from_redis_value_ref(primary)?;
+                let port = primary
+                    .get(1)
+                    .map(redis::from_redis_value_ref)
+                    .transpose()?;
+                return Ok(port);
+            }
+        }
+        Ok(None)
+    };
+    tokio::time::timeout(Duration::from_secs(1), ask)
+        .await
+        .unwrap_or_else(|_| {
+            Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer to CLUSTER SLOTS",
+            )))
+        })
+}
+
+/// `ROLE`'s first word on the node at `port`.
+async fn node_role(port: u16) -> Option<String> {
+    let ask = async {
+        let mut conn = node_connection(port).await?;
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
+        let role: String = redis::from_redis_value_ref(role.first().unwrap_or(&redis::Value::Nil))?;
+        Ok::<_, redis::RedisError>(role)
+    };
+    tokio::time::timeout(Duration::from_secs(1), ask)
+        .await
+        .ok()?
+        .ok()
+}
+
+/// Whether the node at `port` is a replica whose link to its primary is up.
+async fn replica_link_up(port: u16) -> bool {
+    let ask = async {
+        let mut conn = node_connection(port).await?;
+        redis::cmd("INFO")
+            .arg("replication")
+            .query_async::<String>(&mut conn)
+            .await
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), ask).await,
+        Ok(Ok(info)) if info.contains("role:slave") && info.contains("master_link_status:up")
+    )
 }
 
 async fn node_reports_ok(url: &str) -> bool {

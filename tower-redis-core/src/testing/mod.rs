@@ -42,7 +42,7 @@ use std::time::Duration;
 pub use cluster::TestCluster;
 pub use monitor::Monitor;
 use process::{ServerProcess, find_binary, free_port};
-pub use sentinel::TestSentinel;
+pub use sentinel::{SentinelEvents, TestSentinel};
 pub use traces::{Fields, Traces, field};
 
 use crate::RedisConfigBuilder;

@@ -244,6 +244,41 @@ impl TestSentinel {
         }
     }
 
+    /// Starts recording every Sentinel's events (`PSUBSCRIBE *`: `+sdown`,
+    /// `+odown`, `+promoted-slave`, `+switch-master`, …) with the time each
+    /// arrived, for a failover's timeline. Recording stops when the handle
+    /// drops.
+    pub async fn record_events(&self) -> SentinelEvents {
+        let events = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::with_capacity(self.sentinels.len());
+        for sentinel in &self.sentinels {
+            let subscribe = async {
+                let mut pubsub = sentinel.client.get_async_pubsub().await?;
+                pubsub.psubscribe("*").await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            let pubsub = match tokio::time::timeout(Duration::from_secs(5), subscribe).await {
+                Ok(Ok(pubsub)) => pubsub,
+                Ok(Err(error)) => panic!("Sentinel {} refused PSUBSCRIBE: {error}", sentinel.port),
+                Err(_) => panic!("Sentinel {} did not answer PSUBSCRIBE", sentinel.port),
+            };
+            let events = std::sync::Arc::clone(&events);
+            let port = sentinel.port;
+            tasks.push(tokio::spawn(async move {
+                let mut messages = pubsub.into_on_message();
+                while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
+                    let payload: String = message.get_payload().unwrap_or_default();
+                    let line = format!("sentinel {port}: {} {payload}", message.get_channel_name());
+                    events
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((Instant::now(), line));
+                }
+            }));
+        }
+        SentinelEvents { events, tasks }
+    }
+
     async fn wait_until_ready(&self) -> Result<(), TestRedisError> {
         let replica = self.nodes[1].port();
         let ready = async {
@@ -299,6 +334,53 @@ impl TestSentinel {
             }
         }
         true
+    }
+}
+
+/// The Sentinels' events as they arrive; see [`TestSentinel::record_events`].
+pub struct SentinelEvents {
+    events: std::sync::Arc<Mutex<Vec<(Instant, String)>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for SentinelEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SentinelEvents")
+            .field(
+                "recorded",
+                &self.events.lock().map(|e| e.len()).unwrap_or(0),
+            )
+            .finish()
+    }
+}
+
+impl SentinelEvents {
+    /// Each event recorded so far, with its time after `since` (events
+    /// before `since` are left out).
+    pub fn since(&self, since: Instant) -> Vec<(Duration, String)> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(at, _)| *at >= since)
+            .map(|(at, line)| (at.duration_since(since), line.clone()))
+            .collect()
+    }
+
+    /// When the first event whose line contains `needle` arrived, after `since`.
+    pub fn first(&self, since: Instant, needle: &str) -> Option<Duration> {
+        self.since(since)
+            .into_iter()
+            .find(|(_, line)| line.contains(needle))
+            .map(|(at, _)| at)
+    }
+}
+
+impl Drop for SentinelEvents {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 

@@ -51,8 +51,18 @@ impl Recovered for LocalStore {
 }
 
 impl Failover {
+    #[cfg(test)]
     pub(crate) fn new(manager: RedisManager, expiry: Expiry, limits: LocalLimits) -> Self {
-        let redis = RedisStore::new(manager.clone(), expiry);
+        Self::with_durability(manager, expiry, limits, crate::Durability::default())
+    }
+
+    pub(crate) fn with_durability(
+        manager: RedisManager,
+        expiry: Expiry,
+        limits: LocalLimits,
+        durability: crate::Durability,
+    ) -> Self {
+        let redis = RedisStore::new(manager.clone(), expiry).with_durability(durability);
         let pin_limit = limits
             .copies_bytes
             .saturating_add(u64::try_from(limits.queue_bytes).unwrap_or(u64::MAX));

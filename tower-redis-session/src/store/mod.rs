@@ -233,9 +233,19 @@ impl std::fmt::Debug for SessionStore {
 }
 
 impl SessionStore {
+    #[cfg(test)]
     pub(crate) fn new(manager: RedisManager, expiry: Expiry, limits: LocalLimits) -> Self {
+        Self::with_durability(manager, expiry, limits, crate::Durability::default())
+    }
+
+    pub(crate) fn with_durability(
+        manager: RedisManager,
+        expiry: Expiry,
+        limits: LocalLimits,
+        durability: crate::Durability,
+    ) -> Self {
         Self {
-            inner: Failover::new(manager, expiry, limits),
+            inner: Failover::with_durability(manager, expiry, limits, durability),
         }
     }
 

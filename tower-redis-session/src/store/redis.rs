@@ -28,7 +28,7 @@ use tower_redis_core::redis::{self, Script};
 use tower_redis_core::{RedisConnection, RedisManager, pipeline_with_scripts};
 
 use super::{Record, Saved, Store, Take, Write, now_ms};
-use crate::config::Expiry;
+use crate::config::{Durability, Expiry};
 
 static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("save.lua")));
 static TAKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("take.lua")));
@@ -37,11 +37,41 @@ static TAKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("take.
 pub(crate) struct RedisStore {
     manager: RedisManager,
     expiry: Expiry,
+    durability: Durability,
 }
 
 impl RedisStore {
     pub(crate) fn new(manager: RedisManager, expiry: Expiry) -> Self {
-        Self { manager, expiry }
+        Self {
+            manager,
+            expiry,
+            durability: Durability::Primary,
+        }
+    }
+
+    /// Logins and logouts wait for replicas as `durability` says.
+    pub(crate) fn with_durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// With [`Durability::Replicated`]: `WAIT` on the connection that just
+    /// wrote, within the same operation (one more round trip). Fewer
+    /// confirmations than asked is logged, not an error: the write is on
+    /// the primary.
+    async fn replicate(&self, conn: &mut RedisConnection, what: &str) -> redis::RedisResult<()> {
+        let Durability::Replicated { replicas, timeout } = self.durability else {
+            return Ok(());
+        };
+        let confirmed: i64 = redis::cmd("WAIT")
+            .arg(replicas)
+            .arg(duration_ms(timeout))
+            .query_async(conn)
+            .await?;
+        if confirmed < i64::from(replicas) {
+            tracing::warn!(target: "tower_redis", what, confirmed, wanted = replicas, ?timeout, "a session write was not confirmed by enough replicas in time; a failover now could lose it");
+        }
+        Ok(())
     }
 
     pub(crate) fn manager(&self) -> &RedisManager {
@@ -273,19 +303,35 @@ impl Store for RedisStore {
 
     async fn save(&self, write: &Write<'_>) -> Result<Saved, Self::Error> {
         self.manager
-            .run(|mut conn| async move { self.save_on(&mut conn, write).await })
+            .run(|mut conn| async move {
+                let saved = self.save_on(&mut conn, write).await?;
+                // Setting the user is a login.
+                if matches!(saved, Saved::Written) && write.changes.user.is_some() {
+                    self.replicate(&mut conn, "login").await?;
+                }
+                Ok(saved)
+            })
             .await
     }
 
     async fn take(&self, take: &Take<'_>) -> Result<Saved, Self::Error> {
         self.manager
-            .run(|mut conn| async move { self.take_on(&mut conn, take).await })
+            .run(|mut conn| async move {
+                let saved = self.take_on(&mut conn, take).await?;
+                if matches!(saved, Saved::Written) {
+                    self.replicate(&mut conn, "id cycle").await?;
+                }
+                Ok(saved)
+            })
             .await
     }
 
     async fn delete(&self, storage_key: &str, user: Option<&str>) -> Result<(), Self::Error> {
         self.manager
-            .run(|mut conn| async move { self.delete_on(&mut conn, storage_key, user).await })
+            .run(|mut conn| async move {
+                self.delete_on(&mut conn, storage_key, user).await?;
+                self.replicate(&mut conn, "logout").await
+            })
             .await
     }
 }
