@@ -465,6 +465,10 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     }
     section.target(&throughput);
     section.target(&trips);
+    for target in issue_targets(&grid) {
+        section.target(&target);
+    }
+    section.note(server_time_note(&grid));
     for subject in [
         Subject::OnePolicy,
         Subject::ClientKeys,
@@ -485,6 +489,105 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     section.append(&degraded::run(&RateLimitOutage, options).await?);
     section.append(&key_memory(redis, pool_size, options).await?);
     Ok(section.finish())
+}
+
+/// Rate limit / reference route (the same route whose handler makes one
+/// Redis GET): at c=1 the decision must cost about what its round trip
+/// does; at c ≥ 64 batching must make it cheaper than one GET a request.
+const REFERENCE_RATIO_C1: f64 = 0.9;
+const REFERENCE_RATIO_LOADED: f64 = 1.0;
+/// Redis server time per decision (µs), from `INFO commandstats`.
+const SERVER_US_ONE_POLICY: f64 = 5.0;
+const SERVER_US_THREE_POLICIES: f64 = 10.0;
+/// p99.9 of a rate-limited cell at c=64 / the reference route's.
+const TAIL_RATIO: f64 = 1.5;
+
+/// Server time of the rate-limit script per decision in one sample:
+/// `EVALSHA` usec (the commands it runs included) / requests.
+fn server_us_per_decision(sample: &crate::cells::Sample) -> f64 {
+    let usec = sample.commands.get("evalsha").map_or(0, |stat| stat.usec);
+    usec as f64 / sample.calls.max(1) as f64
+}
+
+/// The verdicts of the speed issue's rate-limit rows: throughput against
+/// the reference route, server time per decision, and the tail at c=64.
+fn issue_targets(grid: &Grid) -> Vec<Target> {
+    let (one, three, reference) = (
+        Subject::OnePolicy.index(),
+        Subject::ThreePolicies.index(),
+        Subject::OneGet.index(),
+    );
+    let concurrency = |row: &crate::cells::Row| row.key.parse::<usize>().unwrap_or(0);
+    let mut c1 = Target::new(format!(
+        "rate limit, 1 policy / reference route (handler makes 1 GET) ≥ {REFERENCE_RATIO_C1:.1}× at c=1"
+    ));
+    grid.check_ratio(&mut c1, one, reference, REFERENCE_RATIO_C1, |row| {
+        concurrency(row) == 1
+    });
+    let mut loaded = Target::new(format!(
+        "rate limit, 1 policy / reference route ≥ {REFERENCE_RATIO_LOADED:.1}× at c ≥ 64 (batching)"
+    ));
+    grid.check_ratio(&mut loaded, one, reference, REFERENCE_RATIO_LOADED, |row| {
+        concurrency(row) >= 64
+    });
+    let mut server = Target::new(format!(
+        "Redis server time per decision (`INFO commandstats` EVALSHA usec / requests) ≤ {SERVER_US_ONE_POLICY:.0} µs for 1 policy, ≤ {SERVER_US_THREE_POLICIES:.0} µs for 3"
+    ));
+    let mut tail = Target::new(format!(
+        "p99.9 at c=64 / the reference route's p99.9 ≤ {TAIL_RATIO:.1}×"
+    ));
+    for row in &grid.rows {
+        for (subject, max) in [
+            (one, SERVER_US_ONE_POLICY),
+            (three, SERVER_US_THREE_POLICIES),
+        ] {
+            let at = format!("{} {}", row.name, Subject::ALL[subject].short());
+            let us = crate::grid::med(&row.samples[subject], server_us_per_decision);
+            if us.is_nan() {
+                server.not_measured(at, "no sample");
+            } else {
+                server.at_most(at, us, max);
+            }
+        }
+        if concurrency(row) == 64 {
+            let p999 = |i: usize| crate::grid::med(&row.samples[i], |s| s.p999_us);
+            for subject in [one, three] {
+                tail.at_most(
+                    format!("{} {}", row.name, Subject::ALL[subject].short()),
+                    p999(subject) / p999(reference),
+                    TAIL_RATIO,
+                );
+            }
+        }
+    }
+    vec![c1, loaded, server, tail]
+}
+
+/// Server µs per decision and what that makes one Redis core decide per
+/// second (10⁶ / Redis CPU µs per request, from `INFO cpu`).
+fn server_time_note(grid: &Grid) -> String {
+    let mut parts = Vec::new();
+    for row in &grid.rows {
+        for subject in [
+            Subject::OnePolicy,
+            Subject::ClientKeys,
+            Subject::ThreePolicies,
+        ] {
+            let samples = &row.samples[subject.index()];
+            let us = crate::grid::med(samples, server_us_per_decision);
+            let cpu = crate::grid::med(samples, crate::cells::Sample::redis_cpu_us_per_request);
+            parts.push(format!(
+                "{} {}: {us:.2} µs script time, {cpu:.1} µs Redis CPU → {} decisions/s per Redis core",
+                row.name,
+                subject.short(),
+                crate::report::thousands(1e6 / cpu)
+            ));
+        }
+    }
+    format!(
+        "server time per decision (EVALSHA usec / requests; Redis CPU from `INFO cpu` includes its network I/O): {}",
+        parts.join(" | ")
+    )
 }
 
 /// The 1-policy layer, for the degraded-mode section.

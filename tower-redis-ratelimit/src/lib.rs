@@ -95,13 +95,17 @@
 //! # Redis
 //!
 //! At most one EVALSHA per decision, whatever the number of policies.
-//! Decisions that arrive at the same moment share one: a request that finds
-//! no batch forming starts one, yields once to the scheduler so that the
-//! requests ready to run beside it can join, and sends them all in one
-//! script call, which decides them one after another exactly as separate
-//! calls would (and reads and writes a hot key once per call). Alone, a
-//! request pays that one yield; under load a call answers many requests
-//! (at concurrency 64 in the benchmark, about 10 to 20). Keys are
+//! A request that finds no other decision of its layer waiting for Redis
+//! sends its own call at once (no yield, no batch). Decisions that arrive
+//! while one is waiting share a call: a request that finds no batch
+//! forming starts one, yields once to the scheduler so that the requests
+//! ready to run beside it can join, and sends them all in one script call,
+//! which decides them one after another exactly as separate calls would
+//! (and reads and writes a hot key once per call). Under load a call
+//! answers many requests (at concurrency 64 in the benchmark, about 10 to
+//! 20). The script is written for the server's time per call: its numbers
+//! arrive packed as binary doubles and its answer is an array of integers,
+//! so that no decimal number is parsed or printed on the hot path. Keys are
 //! `prefix:{rl}:rl:<policy>:k:<key>` for GCRA and
 //! `prefix:{rl}:rl:<policy>:fw:k:<key>` / `…:sw:k:<key>` for fixed and
 //! sliding windows, so layers that give one policy name to different

@@ -1,15 +1,17 @@
 //! Concurrent decisions gathered into one call to Redis.
 //!
-//! A request that finds no batch forming starts one, lets the requests that
-//! are ready to run at the same moment join it (one yield to the
-//! scheduler), and then sends them all in one script call: the script
-//! decides them one after another, exactly as separate calls would. Under
-//! load one `EVALSHA` answers many requests, and a hot key is read and
-//! written once per call instead of once per request; alone, a request
-//! pays one yield. Batches do not wait for each other: several can be in
-//! flight at once.
+//! Only when another decision is already waiting for Redis (a request
+//! alone takes the direct path in [`Limiter::decide`]). A request that
+//! finds no batch forming starts one, lets the requests that are ready to
+//! run at the same moment join it (one yield to the scheduler), and then
+//! sends them all in one script call: the script decides them one after
+//! another, exactly as separate calls would. Under load one `EVALSHA`
+//! answers many requests, and a hot key is read and written once per call
+//! instead of once per request. Batches do not wait for each other:
+//! several can be in flight at once.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use tokio::sync::oneshot;
 use tower_redis_core::sync::lock;
@@ -61,6 +63,7 @@ impl Limiter {
             limiter: self,
             closed: false,
         };
+        self.batches_led.fetch_add(1, Ordering::Relaxed);
         tokio::task::yield_now().await;
         let followers = leader.close();
         let mut requests = Vec::with_capacity(1 + followers.len());

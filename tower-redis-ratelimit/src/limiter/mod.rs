@@ -20,6 +20,7 @@ mod lru;
 mod memory;
 mod redis;
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -165,6 +166,11 @@ pub(crate) struct Limiter {
     failover: Failover,
     blocked: BlockedKeys,
     batch: Mutex<Batch>,
+    /// Decisions of this limiter now waiting for Redis: a request that
+    /// finds none decides at once, alone (no yield, no batch lock).
+    active: AtomicUsize,
+    /// Batches led so far (each one yielded once to gather followers).
+    batches_led: AtomicU64,
 }
 
 impl Limiter {
@@ -181,6 +187,8 @@ impl Limiter {
             manager,
             blocked: BlockedKeys::new(memory_bytes / 2),
             batch: Mutex::new(Batch::default()),
+            active: AtomicUsize::new(0),
+            batches_led: AtomicU64::new(0),
         })
     }
 
@@ -188,8 +196,10 @@ impl Limiter {
         &self.manager
     }
 
-    /// Decides one request: from the blocked-key cache, or in a batch call
-    /// to Redis (or the fallback) shared with the requests arriving with it.
+    /// Decides one request: from the blocked-key cache, alone when no other
+    /// decision is waiting for Redis (the direct path: no task hop), or
+    /// else in a batch call to Redis (or the fallback) shared with the
+    /// requests arriving with it.
     pub(crate) async fn decide(self: &Arc<Self>, checks: &[Check], cost: u32) -> Verdict {
         if let Some(verdict) = self.blocked.verdict(checks, cost) {
             return verdict;
@@ -198,7 +208,21 @@ impl Limiter {
             // Nothing to batch: the fallback answers at once.
             return self.decide_alone(checks, cost).await;
         }
+        let active = Active::enter(&self.active);
+        if active.was_alone {
+            // Nobody to share a call with: the batching machinery (a
+            // yield to gather followers, the batch lock) would only add
+            // latency. Requests arriving while this one waits see it
+            // active and batch among themselves.
+            return self.decide_alone(checks, cost).await;
+        }
         self.decide_in_batch(checks, cost).await
+    }
+
+    /// How many batches this limiter has led (for tests and diagnostics).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn batches_led(&self) -> u64 {
+        self.batches_led.load(Ordering::Relaxed)
     }
 
     /// A batch of one.
@@ -227,6 +251,30 @@ impl Limiter {
             }
         }
         verdicts
+    }
+}
+
+/// One decision counted in [`Limiter::active`] until it is dropped
+/// (answered or cancelled).
+struct Active<'a> {
+    count: &'a AtomicUsize,
+    /// No other decision was active when this one started.
+    was_alone: bool,
+}
+
+impl<'a> Active<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        let before = count.fetch_add(1, Ordering::AcqRel);
+        Self {
+            count,
+            was_alone: before == 0,
+        }
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

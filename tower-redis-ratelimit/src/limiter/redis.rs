@@ -53,9 +53,24 @@ async fn decide_on_redis(
     mut conn: RedisConnection,
     requests: &[Query<'_>],
 ) -> redis::RedisResult<Vec<Verdict>> {
+    let (keys, numbers) = encode_batch(requests);
     let mut invocation = DECIDE.prepare_invoke();
+    for key in keys {
+        invocation.key(key);
+    }
+    invocation.arg(numbers);
+    let reply: Vec<i64> = invocation.invoke_async(&mut conn).await?;
+    parse_reply(&reply, requests)
+}
+
+/// The script's `KEYS` (the distinct counters of the batch) and its one
+/// argument: every number it needs, packed as little-endian `f64`s, which
+/// Lua reads with `struct.unpack` at a fraction of the cost of parsing
+/// decimal strings (see `decide.lua` for the layout).
+fn encode_batch<'q>(requests: &[Query<'q>]) -> (Vec<&'q str>, Vec<u8>) {
     let mut keys: Vec<&str> = Vec::new();
-    // Each request's counters, as indexes into `keys`.
+    let mut policies: Vec<f64> = Vec::new();
+    // Each request's counters, as 1-based indexes into `keys`.
     let mut indexes: Vec<usize> = Vec::new();
     for (checks, _) in requests {
         for check in *checks {
@@ -63,9 +78,8 @@ async fn decide_on_redis(
                 Some(index) => index,
                 None => {
                     keys.push(&check.key);
-                    invocation.key(&check.key);
                     let (kind, a, b) = check.algorithm.script_args();
-                    invocation.arg(kind).arg(a).arg(b);
+                    policies.extend([f64::from(kind), a, b]);
                     keys.len() - 1
                 }
             };
@@ -85,36 +99,25 @@ async fn decide_on_redis(
             _ => groups.push((1, *cost, counters)),
         }
     }
-    invocation.arg(groups.len());
+    let count = policies.len() + 1 + groups.iter().map(|(_, _, c)| 3 + c.len()).sum::<usize>();
+    let mut numbers = Vec::with_capacity(8 * count);
+    let mut push = |value: f64| numbers.extend_from_slice(&value.to_le_bytes());
+    for value in policies {
+        push(value);
+    }
+    // Counts and indexes are small integers: exact as `f64`.
+    #[allow(clippy::cast_precision_loss)]
+    let exact = |n: usize| n as f64;
+    push(exact(groups.len()));
     for (count, cost, counters) in &groups {
-        invocation.arg(*count).arg(*cost).arg(counters.len());
+        push(exact(*count));
+        push(f64::from(*cost));
+        push(exact(counters.len()));
         for index in *counters {
-            invocation.arg(*index);
+            push(exact(*index));
         }
     }
-    let reply: Vec<u8> = invocation.invoke_async(&mut conn).await?;
-    let reply = parse_numbers(&reply)?;
-    parse_reply(&reply, requests)
-}
-
-/// The script's answer: space-separated integers.
-fn parse_numbers(reply: &[u8]) -> redis::RedisResult<Vec<i64>> {
-    reply
-        .split(|b| *b == b' ')
-        .filter(|part| !part.is_empty())
-        .map(|part| {
-            std::str::from_utf8(part)
-                .ok()
-                .and_then(|text| text.parse::<i64>().ok())
-                .ok_or_else(|| {
-                    redis::RedisError::from((
-                        redis::ErrorKind::UnexpectedReturnType,
-                        "rate-limit script answered with a value that is not an integer",
-                        String::from_utf8_lossy(part).into_owned(),
-                    ))
-                })
-        })
-        .collect()
+    (keys, numbers)
 }
 
 fn parse_reply(reply: &[i64], requests: &[Query<'_>]) -> redis::RedisResult<Vec<Verdict>> {
@@ -189,13 +192,38 @@ mod tests {
     }
 
     #[test]
-    fn the_script_reply_is_space_separated_integers() {
+    fn the_batch_is_packed_as_little_endian_doubles() {
+        let first = Check {
+            key: "a".to_owned(),
+            algorithm: Algorithm::FixedWindow {
+                limit: 7,
+                window: Duration::from_secs(1),
+            },
+        };
+        let other = Check {
+            key: "b".to_owned(),
+            algorithm: Algorithm::FixedWindow {
+                limit: 9,
+                window: Duration::from_secs(2),
+            },
+        };
+        let both = [first.clone(), other];
+        let one: &[Check] = std::slice::from_ref(&first);
+        // Two identical requests form one group; the third (other cost) its own.
+        let (keys, numbers) = encode_batch(&[(&both, 1), (&both, 1), (one, 2)]);
+        assert_eq!(keys, ["a", "b"]);
+        let decoded: Vec<f64> = numbers
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
         assert_eq!(
-            parse_numbers(b"1 999 3600000000 0").expect("numbers"),
-            [1, 999, 3_600_000_000, 0]
+            decoded,
+            [
+                3.0, 7.0, 1e6, 3.0, 9.0, 2e6, // the two counters' policies
+                2.0, // groups
+                2.0, 1.0, 2.0, 1.0, 2.0, // two requests, cost 1, counters 1 and 2
+                1.0, 2.0, 1.0, 1.0, // one request, cost 2, counter 1
+            ]
         );
-        assert_eq!(parse_numbers(b"").expect("empty"), Vec::<i64>::new());
-        assert!(parse_numbers(b"1 1e+15 0").is_err());
-        assert!(parse_numbers(b"1 x").is_err());
     }
 }

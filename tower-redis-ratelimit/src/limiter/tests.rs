@@ -332,3 +332,52 @@ pub(super) fn a_million_keys_stay_bounded_and_o1(
         "the last 100k keys took {last:?}, the first {first:?}"
     );
 }
+
+/// A request with no other decision waiting takes the direct path (no
+/// batch, no yield); requests that arrive together still share calls.
+#[tokio::test]
+async fn a_lone_request_is_decided_directly_and_concurrent_ones_in_batches() {
+    use tower_redis_core::testing::TestRedis;
+
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().expect("valid"))
+        .await
+        .expect("starts");
+    let limiter = Limiter::new(manager, Fallback::default(), MIB);
+    let checks = [check(
+        "lone",
+        Algorithm::FixedWindow {
+            limit: 1000,
+            window: Duration::from_secs(3600),
+        },
+    )];
+    for _ in 0..5 {
+        let verdict = limiter.decide(&checks, 1).await;
+        assert!(verdict.allowed);
+        assert_eq!(verdict.source, DecisionSource::Redis);
+    }
+    assert_eq!(
+        limiter.batches_led(),
+        0,
+        "sequential requests formed batches"
+    );
+
+    // 20 decisions at once: the first goes alone, the others find it
+    // waiting and batch.
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (limiter, checks) = (Arc::clone(&limiter), checks.clone());
+        set.spawn(async move { limiter.decide(&checks, 1).await });
+    }
+    while let Some(verdict) = set.join_next().await {
+        let verdict = verdict.expect("task");
+        assert!(verdict.allowed && verdict.source == DecisionSource::Redis);
+    }
+    assert!(
+        limiter.batches_led() >= 1,
+        "concurrent requests were not batched"
+    );
+    // Exact: 25 counted.
+    let verdict = limiter.decide(&checks, 1).await;
+    assert_eq!(verdict.states[0].map(|s| s.remaining), Some(1000 - 26));
+}
