@@ -130,7 +130,9 @@
 //! bound holds for every client the local limiter keeps in memory; a client
 //! evicted at the memory bound (see below) gets a fresh local quota.
 //! [`Fallback::Allow`] and [`Fallback::Deny`] fail open or closed. When Redis
-//! answers again, the shared counters apply and the local state is dropped.
+//! answers again, the shared counters apply; the local counts are kept until
+//! their windows pass, so outages that follow each other within a period
+//! (a flapping Redis) share one local quota instead of a fresh one each.
 //!
 //! # Memory
 //!

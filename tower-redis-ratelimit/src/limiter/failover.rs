@@ -4,9 +4,10 @@
 //! The two stores are composed by core's [`degrade::Failover`]: it tries
 //! Redis through the breaker, falls back to the memory side, and keeps the
 //! degraded state. Nothing is queued for Redis during an outage (counters
-//! are not replayed, [`NoChange`](tower_redis_core::degrade::NoChange)); the
-//! memory store's counts are not the shared ones, so the first answer from
-//! Redis afterwards drops them ([`Recovered`](tower_redis_core::degrade::Recovered)).
+//! are not replayed, [`NoChange`](tower_redis_core::degrade::NoChange)). The
+//! memory store's counts outlive the outage: they age out with their
+//! windows, so a Redis that flaps within a period does not hand out a fresh
+//! local quota each time it answers.
 //! What happens without Redis (count locally, allow, deny) is chosen here,
 //! in the fallback.
 

@@ -99,13 +99,13 @@ impl MemoryStore {
     }
 }
 
-/// Redis decides again: this instance's counts are not the shared ones, so
-/// every counter is forgotten (the next outage starts from a fresh quota).
-impl Recovered for MemoryStore {
-    fn recovered(&self) {
-        lock(&self.entries).clear();
-    }
-}
+/// Redis decides again. The local counts are kept, not forgotten: they
+/// age out with their own windows, and an outage that comes back within a
+/// period carries on from them. Dropping them would hand every client a
+/// fresh local quota each time a flapping Redis answered once, and the
+/// overshoot bound (`share × quota` per period per instance, plus one
+/// burst) would not hold. The map stays bounded by bytes either way.
+impl Recovered for MemoryStore {}
 
 impl DecisionStore for MemoryStore {
     type Error = Infallible;

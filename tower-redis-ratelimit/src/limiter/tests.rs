@@ -199,7 +199,7 @@ impl Replay for Switch {
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_local_counts_are_dropped_once_redis_answers_again() {
+async fn the_local_counts_outlive_redis_answering_again() {
     let up = Arc::new(AtomicBool::new(false));
     let redis = Switch {
         up: Arc::clone(&up),
@@ -226,11 +226,16 @@ async fn the_local_counts_are_dropped_once_redis_answers_again() {
     let verdicts = failover.decide(one).await;
     assert_eq!(verdicts[0].source, DecisionSource::Redis);
 
-    // The next outage starts from a fresh local quota.
+    // The next outage in the same window carries on from the local count:
+    // a flapping Redis does not hand out a fresh local quota.
     up.store(false, Ordering::Relaxed);
     let verdicts = failover.decide(one).await;
     assert_eq!(verdicts[0].source, DecisionSource::Local);
-    assert!(verdicts[0].allowed);
+    assert!(!verdicts[0].allowed);
+
+    // The local count ages out with its window, as Redis' would.
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert!(allowed(failover.decide(one).await));
     assert!(allowed(failover.decide(one).await));
     assert!(!allowed(failover.decide(one).await));
 }
