@@ -6,6 +6,11 @@
 //! (u32), value; body length (u32), body. Anything that does not parse —
 //! another version, a foreign value, a truncated one — is a decode error,
 //! which the store turns into a miss and a delete.
+//!
+//! An entry read from Redis is decoded in place (`Entry::decode_shared`):
+//! its body and header values are `Bytes` slices of the one buffer the
+//! reply arrived in, so a hit copies no body byte between Redis and the
+//! response.
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
