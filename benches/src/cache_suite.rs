@@ -892,7 +892,7 @@ fn issue_targets(grid: &Grid, payloads: &Grid, payload_c: usize) -> Vec<Target> 
     for row in grid.rows.iter().filter(|row| row.name == row_name) {
         let p999 = |cell: usize| med(&row.samples[cell], |s| s.p999_us);
         tail.at_most(
-            format!("{} 1 KiB", row.name),
+            format!("{} 1 KiB (main table)", row.name),
             p999(hit) / p999(reference),
             TAIL_TARGET,
         );
@@ -901,7 +901,7 @@ fn issue_targets(grid: &Grid, payloads: &Grid, payload_c: usize) -> Vec<Target> 
         for row in &payloads.rows {
             let p999 = |cell: usize| med(&row.samples[cell], |s| s.p999_us);
             tail.at_most(
-                format!("{row_name} {}", row.name),
+                format!("{row_name} {} (payload table)", row.name),
                 p999(hit) / p999(reference),
                 TAIL_TARGET,
             );
