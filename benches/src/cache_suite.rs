@@ -35,7 +35,7 @@ use crate::cells::{
 };
 use crate::degraded::{self, Outage};
 use crate::error::BenchError;
-use crate::grid::{Grid, Section, timing};
+use crate::grid::{Grid, Section, med, timing};
 use crate::http_load::{
     DeadRedis, Expect, HttpError, HttpRequest, clear_keys, connect, managers, send, serve,
 };
@@ -57,6 +57,14 @@ const CACHE_CONTROL: &str = "max-age=600";
 /// The issue's target: cache hit / one Redis GET in a handler, at this concurrency.
 const TARGET_RATIO: f64 = 0.8;
 const TARGET_CONCURRENCY: usize = 64;
+/// Issue 18 item 5: cache hit / reference route at c=1, 64, 256 for
+/// 1 KiB and 64 KiB bodies.
+const HIT_TARGET: f64 = 0.9;
+/// Issue 18 item 5: the same at 1 MiB.
+const HIT_TARGET_1M: f64 = 0.8;
+/// Issue 18 item 6: a hit's p99.9 at c=64 at most this times the reference
+/// route's.
+const TAIL_TARGET: f64 = 1.5;
 /// Commands the cache's scripts (`lookup.lua`, `put.lua`) run inside their
 /// EVALSHA; left out of the top-level count.
 const SCRIPT_INNER: &[&str] = &[
@@ -562,6 +570,9 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
         section.target(&target);
     }
     section.target(&main_trips);
+    for target in issue_targets(&grid, &payload_grid, concurrency) {
+        section.target(&target);
+    }
     for (subject, to) in [
         (Subject::Redis, Subject::Raw),
         (Subject::RedisInProcess, Subject::Raw),
@@ -852,6 +863,51 @@ fn targets(grid: &Grid, rows: impl Fn(&Row) -> bool + Copy) -> Vec<Target> {
         rows,
     );
     vec![raw, in_process, reference]
+}
+
+/// Issue 18's cache targets (items 5 and 6): hit / reference route ≥ 0.9×
+/// at every concurrency of the main (1 KiB) table and at 64 KiB in the
+/// payload table (measured at `payload_c` only), ≥ 0.8× at 1 MiB; the
+/// hit's p99.9 at c=64 within 1.5× of the reference route's.
+fn issue_targets(grid: &Grid, payloads: &Grid, payload_c: usize) -> Vec<Target> {
+    let (hit, reference) = (Subject::Redis.index(), Subject::OneGet.index());
+    let mut ratio = Target::new(format!(
+        "issue 18: cache hit / reference route ≥ {HIT_TARGET:.1}× (1 KiB: every c; 64 KiB: c={payload_c}, \
+         the payload table's only concurrency)"
+    ));
+    grid.check_ratio(&mut ratio, hit, reference, HIT_TARGET, |_| true);
+    payloads.check_ratio(&mut ratio, hit, reference, HIT_TARGET, |row| {
+        row.key == bytes((64 << 10) as f64)
+    });
+    let mut large = Target::new(format!(
+        "issue 18: cache hit / reference route ≥ {HIT_TARGET_1M:.1}× at 1 MiB (c={payload_c})"
+    ));
+    payloads.check_ratio(&mut large, hit, reference, HIT_TARGET_1M, |row| {
+        row.key == bytes((1 << 20) as f64)
+    });
+    let mut tail = Target::new(format!(
+        "issue 18: cache hit p99.9 ≤ {TAIL_TARGET:.1}× the reference route's p99.9 at c={TARGET_CONCURRENCY}"
+    ));
+    let row_name = format!("c={TARGET_CONCURRENCY}");
+    for row in grid.rows.iter().filter(|row| row.name == row_name) {
+        let p999 = |cell: usize| med(&row.samples[cell], |s| s.p999_us);
+        tail.at_most(
+            format!("{} 1 KiB (main table)", row.name),
+            p999(hit) / p999(reference),
+            TAIL_TARGET,
+        );
+    }
+    if payload_c == TARGET_CONCURRENCY {
+        for row in &payloads.rows {
+            let p999 = |cell: usize| med(&row.samples[cell], |s| s.p999_us);
+            tail.at_most(
+                format!("{row_name} {} (payload table)", row.name),
+                p999(hit) / p999(reference),
+                TAIL_TARGET,
+            );
+        }
+    }
+    vec![ratio, large, tail]
 }
 
 /// The target "a hit is 1 Redis command", checked by [`check_hit_trips`].

@@ -6,6 +6,11 @@
 //! (u32), value; body length (u32), body. Anything that does not parse —
 //! another version, a foreign value, a truncated one — is a decode error,
 //! which the store turns into a miss and a delete.
+//!
+//! An entry read from Redis is decoded in place (`Entry::decode_shared`):
+//! its body and header values are `Bytes` slices of the one buffer the
+//! reply arrived in, so a hit copies no body byte between Redis and the
+//! response.
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -85,8 +90,20 @@ impl Entry {
         out
     }
 
+    /// Decodes a copy of `bytes` (see [`Entry::decode_shared`]).
+    #[cfg(test)]
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = Reader { bytes, pos: 0 };
+        Self::decode_shared(Bytes::copy_from_slice(bytes))
+    }
+
+    /// Decodes an entry without copying it: the body and every header
+    /// value are slices of `bytes` (the one buffer a Redis reply arrived
+    /// in), so a hit moves no body byte in this process.
+    pub(crate) fn decode_shared(bytes: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader {
+            bytes: &bytes,
+            pos: 0,
+        };
         if r.take(3)? != MAGIC {
             return Err(DecodeError("bad magic"));
         }
@@ -111,21 +128,26 @@ impl Entry {
             let name = HeaderName::from_bytes(r.take(name_len)?)
                 .map_err(|_| DecodeError("bad header name"))?;
             let value_len = r.u32()? as usize;
-            let value = HeaderValue::from_bytes(r.take(value_len)?)
+            let start = r.pos;
+            r.take(value_len)?;
+            // Checked like `from_bytes`, but shares the buffer.
+            let value = HeaderValue::from_maybe_shared(bytes.slice(start..r.pos))
                 .map_err(|_| DecodeError("bad header value"))?;
             headers
                 .try_append(name, value)
                 .map_err(|_| DecodeError("too many headers"))?;
         }
         let body_len = r.u32()? as usize;
-        let body = Bytes::copy_from_slice(r.take(body_len)?);
-        if r.pos != bytes.len() {
+        let start = r.pos;
+        r.take(body_len)?;
+        let end = r.pos;
+        if end != bytes.len() {
             return Err(DecodeError("trailing bytes"));
         }
         Ok(Entry {
             status,
             headers,
-            body,
+            body: bytes.slice(start..end),
             response_time_ms,
             initial_age,
             lifetime,
@@ -207,6 +229,23 @@ mod tests {
     fn round_trip_keeps_everything() {
         let e = entry();
         assert_eq!(Entry::decode(&e.encode()), Ok(e));
+    }
+
+    #[test]
+    fn a_shared_decode_borrows_the_body_and_header_values() {
+        let e = entry();
+        let bytes = Bytes::from(e.encode());
+        let range = bytes.as_ptr_range();
+        let decoded = Entry::decode_shared(bytes.clone()).unwrap();
+        assert_eq!(decoded, e);
+        let inside = |p: *const u8| range.contains(&p);
+        assert!(
+            inside(decoded.body.as_ptr()),
+            "the body is a slice of the reply"
+        );
+        for value in decoded.headers.values() {
+            assert!(inside(value.as_bytes().as_ptr()), "{value:?} was copied");
+        }
     }
 
     #[test]
