@@ -118,7 +118,7 @@ pub use config::{CookieConfig, Expiry};
 pub use cookie::SameSite;
 pub use layer::{
     ConfigError, DEFAULT_LOCAL_CAPACITY_BYTES, DEFAULT_MAX_SESSION_BYTES,
-    DEFAULT_OUTAGE_QUEUE_BYTES, SessionLayer, SessionLayerBuilder,
+    DEFAULT_OUTAGE_QUEUE_BYTES, DEFAULT_TRACKED_CAPACITY_BYTES, SessionLayer, SessionLayerBuilder,
 };
 pub use service::{ResponseFuture, SessionService};
 pub use session::{Session, SessionError};
