@@ -48,6 +48,10 @@ const ENTRY: &str = "k";
 const PLAIN: &str = "v";
 /// The target: our session read / tower-sessions' read.
 const TARGET_RATIO: f64 = 1.2;
+/// The targets for a read with tracking: / tower-sessions' read,
+/// and / the no-session route.
+const TRACKED_RATIO: f64 = 2.0;
+const TRACKED_PLAIN_RATIO: f64 = 0.8;
 /// Commands the session scripts (`save.lua`, `take.lua`) and the read run
 /// inside their EVALSHA; left out of the top-level count.
 const SCRIPT_INNER: &[&str] = &[
@@ -71,17 +75,20 @@ enum Subject {
     Raw,
     RedisBenchmark,
     OursRead,
+    /// The read with client tracking: an unchanged session costs no round trip.
+    OursReadTracked,
     OursWrite,
     TowerSessionsRead,
     TowerSessionsWrite,
 }
 
 impl Subject {
-    const ALL: [Subject; 7] = [
+    const ALL: [Subject; 8] = [
         Subject::NoSession,
         Subject::Raw,
         Subject::RedisBenchmark,
         Subject::OursRead,
+        Subject::OursReadTracked,
         Subject::OursWrite,
         Subject::TowerSessionsRead,
         Subject::TowerSessionsWrite,
@@ -94,7 +101,10 @@ impl Subject {
                 "raw Redis: 1 round trip of 2 pipelined GETs on a bare redis-rs connection (no HTTP)"
             }
             Subject::RedisBenchmark => "raw Redis: redis-benchmark, 1 GET per request (no HTTP)",
-            Subject::OursRead => "tower-redis-session, read (GET /read)",
+            Subject::OursRead => "tower-redis-session, read without tracking (GET /read)",
+            Subject::OursReadTracked => {
+                "tower-redis-session, read with tracking (GET /read, unchanged session: 0 round trips)"
+            }
             Subject::OursWrite => "tower-redis-session, modify (POST /write)",
             Subject::TowerSessionsRead => {
                 "tower-sessions 0.14 + tower-sessions-redis-store 0.16, read (GET /read)"
@@ -111,6 +121,7 @@ impl Subject {
             Subject::Raw => "raw redis-rs",
             Subject::RedisBenchmark => "redis-benchmark",
             Subject::OursRead => "ours read",
+            Subject::OursReadTracked => "ours read tracked",
             Subject::OursWrite => "ours write",
             Subject::TowerSessionsRead => "t-s read",
             Subject::TowerSessionsWrite => "t-s write",
@@ -128,7 +139,10 @@ impl Subject {
 /// The session layer a subject's app is built with.
 enum Layer {
     None,
-    Ours,
+    /// With or without client tracking (`tracked_capacity_bytes(0)`).
+    Ours {
+        tracked: bool,
+    },
     TowerSessions,
 }
 
@@ -143,7 +157,8 @@ impl Subject {
     fn layer(self) -> Layer {
         match self {
             Subject::NoSession | Subject::Raw | Subject::RedisBenchmark => Layer::None,
-            Subject::OursRead | Subject::OursWrite => Layer::Ours,
+            Subject::OursRead => Layer::Ours { tracked: false },
+            Subject::OursReadTracked | Subject::OursWrite => Layer::Ours { tracked: true },
             Subject::TowerSessionsRead | Subject::TowerSessionsWrite => Layer::TowerSessions,
         }
     }
@@ -170,10 +185,14 @@ async fn write_ours(session: Session) -> (StatusCode, String) {
     }
 }
 
-/// `/read` and `/write` behind tower-redis-session on `manager`.
-fn ours(manager: &RedisManager) -> Result<Router, BenchError> {
-    let layer = SessionLayer::builder(manager.clone())
-        .insecure_http_for_local_development()
+/// `/read` and `/write` behind tower-redis-session on `manager`, with or
+/// without client tracking.
+fn ours(manager: &RedisManager, tracked: bool) -> Result<Router, BenchError> {
+    let mut builder = SessionLayer::builder(manager.clone()).insecure_http_for_local_development();
+    if !tracked {
+        builder = builder.tracked_capacity_bytes(0);
+    }
+    let layer = builder
         .build()
         .map_err(|e| BenchError::Check(format!("session: {e}")))?;
     Ok(Router::new()
@@ -191,7 +210,7 @@ async fn app(
 ) -> Result<Option<Router>, BenchError> {
     let app = match subject.layer() {
         Layer::None => Router::new().route("/read", get(|| async { PLAIN })),
-        Layer::Ours => ours(manager)?,
+        Layer::Ours { tracked } => ours(manager, tracked)?,
         Layer::TowerSessions => return tower_sessions_app(redis, pool_size).await,
     };
     Ok(Some(app))
@@ -425,9 +444,33 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
         |_| true,
     );
     section.target(&target);
+    let mut tracked_target = Target::new(format!(
+        "tower-redis-session read with tracking ≥ {TRACKED_RATIO:.2}× tower-sessions' read"
+    ));
+    grid.check_ratio(
+        &mut tracked_target,
+        Subject::OursReadTracked.index(),
+        Subject::TowerSessionsRead.index(),
+        TRACKED_RATIO,
+        |_| true,
+    );
+    section.target(&tracked_target);
+    let mut plain_target = Target::new(format!(
+        "tower-redis-session read with tracking ≥ {TRACKED_PLAIN_RATIO:.2}× the no-session route"
+    ));
+    grid.check_ratio(
+        &mut plain_target,
+        Subject::OursReadTracked.index(),
+        Subject::NoSession.index(),
+        TRACKED_PLAIN_RATIO,
+        |_| true,
+    );
+    section.target(&plain_target);
     section.target(&read_trip);
     for (ours, theirs) in [
         (Subject::OursRead, Subject::TowerSessionsRead),
+        (Subject::OursReadTracked, Subject::TowerSessionsRead),
+        (Subject::OursReadTracked, Subject::OursRead),
         (Subject::OursWrite, Subject::TowerSessionsWrite),
         (Subject::OursRead, Subject::Raw),
     ] {
@@ -464,7 +507,7 @@ impl Outage for SessionOutage {
     }
 
     fn app(&self, manager: &RedisManager) -> Result<Router, BenchError> {
-        ours(manager)
+        ours(manager, true)
     }
 
     async fn prepare(
@@ -501,7 +544,7 @@ async fn key_memory(
     let checkpoints = keys::grow(
         redis,
         "session",
-        ours(&manager)?,
+        ours(&manager, true)?,
         prefix,
         &options.keys,
         |_| {

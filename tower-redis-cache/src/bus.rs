@@ -1,8 +1,19 @@
 //! The pub/sub side: writers announce updated URLs on one channel; every
-//! instance listens, to wake requests waiting for a fill and to drop near
-//! cache copies. A lost connection is reconnected with a backoff; while it
-//! is down (or Redis is unavailable) the near cache is not used, and it is
-//! emptied on every (re)connection because messages may have been missed.
+//! instance listens, to wake requests waiting for a fill. A lost connection
+//! is reconnected with a backoff.
+//!
+//! The near tier's copies are kept exact by **Redis client tracking**
+//! (`tower_redis_core::tracking`): lookups that may fill the near tier are
+//! read on the manager's tracking connection, and Redis itself tells this
+//! instance when such an entry changes, is purged (hard or soft), expires
+//! or is deleted by any instance, in the order it ran the commands. So a
+//! near copy no longer depends on the writer's own announcement (which was
+//! published in the same pipeline as the write, and could be lost or
+//! overtaken). While tracking is not live (connection lost, breaker open)
+//! the near tier is not used, and it is emptied whenever trust is lost
+//! (see the core module). On a Redis Cluster, where tracking is off, the
+//! near tier falls back to the announcements: emptied on every
+//! (re)connection of the subscription, not used while it is down.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -10,7 +21,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::Notify;
-use tower_redis_core::RedisManager;
+use tower_redis_core::{Invalidate, RedisManager, Tracking};
 
 use crate::store::MemoryStore;
 
@@ -25,12 +36,20 @@ pub(crate) struct Bus {
     epoch: AtomicU64,
     /// Woken by every update message.
     updated: Notify,
+    /// When the near tier follows Redis client tracking (not on a cluster).
+    tracking: Option<Tracking>,
+    /// `<prefix>:c:`: the keys of entries, as tracking names them.
+    entry_prefix: String,
 }
 
 impl Bus {
-    pub(crate) fn new(manager: RedisManager, near: Option<Arc<MemoryStore>>) -> Self {
+    /// With a near tier, registers it with the manager's tracking
+    /// connection when there is one.
+    pub(crate) fn new(manager: RedisManager, near: Option<Arc<MemoryStore>>) -> Arc<Self> {
         let channel = manager.keys().key(&["cache-events"]);
-        Self {
+        let tracking = near.as_ref().and_then(|_| manager.tracking());
+        let entry_prefix = format!("{}:", manager.keys().key(&["c"]));
+        let bus = Arc::new(Self {
             manager,
             channel,
             near,
@@ -38,7 +57,20 @@ impl Bus {
             connected: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             updated: Notify::new(),
+            tracking,
+            entry_prefix,
+        });
+        if let Some(tracking) = &bus.tracking {
+            let weak: Weak<Bus> = Arc::downgrade(&bus);
+            tracking.register(weak);
         }
+        bus
+    }
+
+    /// The tracking connection near-tier lookups are read on, when the
+    /// near tier follows tracking.
+    pub(crate) fn tracking(&self) -> Option<&Tracking> {
+        self.tracking.as_ref()
     }
 
     pub(crate) fn channel(&self) -> &str {
@@ -60,7 +92,11 @@ impl Bus {
 
     /// Whether a near-cache copy can be trusted now.
     pub(crate) fn near_usable(&self) -> bool {
-        self.connected.load(Ordering::Acquire) && self.manager.is_available()
+        let following = match &self.tracking {
+            Some(tracking) => tracking.is_live(),
+            None => self.connected.load(Ordering::Acquire),
+        };
+        following && self.manager.is_available()
     }
 
     pub(crate) fn epoch(&self) -> u64 {
@@ -81,6 +117,11 @@ impl Bus {
     pub(crate) const ALL_MESSAGE: &'static str = "a";
 
     fn on_message(&self, payload: &[u8]) {
+        if self.tracking.is_some() {
+            // Near copies follow tracking; the message only wakes waiters.
+            self.updated.notify_waiters();
+            return;
+        }
         self.epoch.fetch_add(1, Ordering::AcqRel);
         match payload {
             [b'u', b' ', url_hash @ ..] => {
@@ -99,6 +140,31 @@ impl Bus {
 
     fn set_connected(&self, connected: bool) {
         self.connected.store(connected, Ordering::Release);
+        if self.tracking.is_some() {
+            return;
+        }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        if let Some(near) = &self.near {
+            near.clear();
+        }
+    }
+}
+
+/// Redis client tracking's word on the near tier: an entry's key changed
+/// (its URL's near copies go), or everything may have.
+impl Invalidate for Bus {
+    fn invalidate(&self, key: &[u8]) {
+        let Some(url_hash) = key.strip_prefix(self.entry_prefix.as_bytes()) else {
+            return;
+        };
+        // A lookup that began before this does not fill the near tier.
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        if let (Some(near), Ok(url_hash)) = (&self.near, std::str::from_utf8(url_hash)) {
+            near.remove(url_hash);
+        }
+    }
+
+    fn invalidate_all(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         if let Some(near) = &self.near {
             near.clear();

@@ -121,9 +121,20 @@
 //!   (feature `axum`) puts the same behind an authorisation check.
 //! - **Near cache** (opt-in, [`CacheLayerBuilder::near_cache`]): hot entries
 //!   answered from process memory with no round trip (`detail=near`), kept
-//!   coherent by pub/sub invalidations from every instance; not used while
-//!   the pub/sub connection or Redis is down, emptied when it reconnects,
-//!   and each copy lives at most its TTL.
+//!   exact by **Redis client tracking**: near-tier lookups are read on the
+//!   manager's tracking connection, and Redis itself tells the instance
+//!   when an entry it holds changes, is purged, expires or is deleted by any
+//!   instance (no longer by the writers' own announcements, which went out
+//!   in the write's pipeline and could be missed). Once another instance's
+//!   change is acknowledged, a near copy is served only until this
+//!   instance's tracking connection has read Redis' invalidation (sent
+//!   before that acknowledgement); [`RedisManager::tracking`]'s `sync`
+//!   waits for it. Not used while tracking or Redis is down; emptied when
+//!   the tracking connection is lost or replaced, the breaker opens, the
+//!   Sentinels switch the primary, or on `FLUSHALL`; each copy lives at
+//!   most its TTL and the tier is bounded by bytes. On a Redis Cluster,
+//!   where tracking is off, it falls back to the pub/sub announcements (not
+//!   used while that subscription is down, emptied when it reconnects).
 //!
 //! # Features
 //!
@@ -151,7 +162,7 @@
 //!
 //! | operation | round trips |
 //! |---|---|
-//! | hit | 1 `HMGET` (0 from the near cache) |
+//! | hit | 1 `HMGET` (0 from the near cache, kept exact by Redis client tracking) |
 //! | miss, coalescing off | 1 lookup + 1 write batch (entry, indexes, announcement) |
 //! | miss, coalescing on | 1 lookup + 1 lock script + 1 write batch (lock released in it) |
 //! | purge by tag / prefix | 1 index read + 1 batch per 500 URLs (+ 1 `ZREM` per page) |

@@ -224,6 +224,24 @@ async fn a_hit_is_one_round_trip_and_a_near_hit_none() {
         subscribers(&redis).await == 2
     })
     .await;
+    eventually("both instances' tracking up", || async {
+        [&a, &b]
+            .iter()
+            .all(|i| i.manager.tracking().is_some_and(|t| t.is_live()))
+    })
+    .await;
+    // B may hold a near copy from the reads above: A's write ends it
+    // (Redis client tracking), and B's sync waits for that word.
+    a.data
+        .insert("product:7", &product("lamp"), &options)
+        .await
+        .unwrap();
+    b.manager
+        .tracking()
+        .expect("tracking")
+        .sync()
+        .await
+        .unwrap();
     let (first, commands) = redis
         .commands_during(b.data.get::<Product>("product:7"))
         .await;

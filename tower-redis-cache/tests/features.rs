@@ -150,6 +150,7 @@ fn routes(origin: Origin) -> Router {
 struct Instance {
     app: Router,
     layer: CacheLayer,
+    manager: RedisManager,
 }
 
 async fn instance(
@@ -160,9 +161,15 @@ async fn instance(
     let manager = RedisManager::connect(config.build().unwrap())
         .await
         .unwrap();
-    let layer = configure(CacheLayer::builder(manager)).build().unwrap();
+    let layer = configure(CacheLayer::builder(manager.clone()))
+        .build()
+        .unwrap();
     let app = routes(origin.clone()).layer(layer.clone());
-    Instance { app, layer }
+    Instance {
+        app,
+        layer,
+        manager,
+    }
 }
 
 async fn get(app: &Router, path: &str) -> Answer {
@@ -678,9 +685,9 @@ async fn a_near_cache_answers_without_redis_and_a_purge_elsewhere_reaches_it_fas
     get_settled(&a, "/item/1").await;
     get(&b.app, "/item/1").await;
     wait_for_subscribers(&redis, 2).await;
-    // The first read after subscribing comes from Redis and is kept near.
-    let from_redis = get(&b.app, "/item/1").await;
-    assert!(!from_redis.cache_status().contains("near"));
+    wait_tracking(&b).await;
+    // A read once tracking is up is kept near (or served from there).
+    get(&b.app, "/item/1").await;
     redis.reset_stats().await.unwrap();
     let near_hit = get(&b.app, "/item/1").await;
     assert_eq!(near_hit.body, "item-1-v1");
@@ -691,6 +698,8 @@ async fn a_near_cache_answers_without_redis_and_a_purge_elsewhere_reaches_it_fas
     );
     let mut calls = redis.command_calls().await.unwrap();
     calls.remove("config|resetstat");
+    // The tracking connection's once-a-second heartbeat is not the hit's.
+    calls.remove("ping");
     assert_eq!(
         calls.values().sum::<u64>(),
         0,
@@ -715,6 +724,133 @@ async fn a_near_cache_answers_without_redis_and_a_purge_elsewhere_reaches_it_fas
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// Waits until the instance's near tier follows Redis client tracking.
+async fn wait_tracking(instance: &Instance) {
+    let tracking = instance
+        .manager
+        .tracking()
+        .expect("tracking on a standalone server");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tracking.is_live() {
+        assert!(Instant::now() < deadline, "tracking never came up");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_near_copy_is_never_served_after_a_change_elsewhere_is_acknowledged_and_synced() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let near = |b: CacheLayerBuilder| b.near_cache(8 << 20, Duration::from_secs(3600));
+    let a = instance(redis.config(), &origin, near).await;
+    let b = instance(redis.config(), &origin, near).await;
+    wait_tracking(&a).await;
+    wait_tracking(&b).await;
+    let tracking = b.manager.tracking().expect("tracking");
+    for round in 1..=10 {
+        let path = "/item/1";
+        let version = format!("item-1-v{round}");
+        assert_eq!(get_settled(&a, path).await.body, version);
+        // B reads it from Redis (kept near), then from its near copy.
+        assert_eq!(get(&b.app, path).await.body, version);
+        let near_hit = get(&b.app, path).await;
+        assert!(
+            near_hit.cache_status().contains("near"),
+            "round {round}: {}",
+            near_hit.cache_status()
+        );
+        assert_eq!(near_hit.body, version);
+        // A's purge is acknowledged; B syncs: its near copy is gone.
+        assert_eq!(a.layer.handle().purge_url(path).await.unwrap().urls, 1);
+        tracking.sync().await.unwrap();
+        let after = get(&b.app, path).await;
+        assert!(
+            !after.cache_status().contains("near"),
+            "round {round}: {}",
+            after.cache_status()
+        );
+        assert_eq!(
+            after.body,
+            format!("item-1-v{}", round + 1),
+            "round {round}"
+        );
+        b.layer.flush().await;
+        // A's own near copy of the old version is gone too (its tracking).
+        a.manager
+            .tracking()
+            .expect("tracking")
+            .sync()
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn flushall_and_a_killed_tracking_connection_empty_the_near_tier() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let near = |b: CacheLayerBuilder| b.near_cache(8 << 20, Duration::from_secs(3600));
+    let a = instance(redis.config(), &origin, near).await;
+    wait_tracking(&a).await;
+    let tracking = a.manager.tracking().expect("tracking");
+    get_settled(&a, "/item/1").await;
+    get(&a.app, "/item/1").await;
+    assert!(get(&a.app, "/item/1").await.cache_status().contains("near"));
+
+    // FLUSHALL: Redis says "everything", the near copy goes.
+    let mut conn = redis.connection().await.unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    tracking.sync().await.unwrap();
+    let after = get(&a.app, "/item/1").await;
+    assert!(
+        !after.cache_status().contains("near"),
+        "{}",
+        after.cache_status()
+    );
+    assert_eq!(after.body, "item-1-v2");
+    a.layer.flush().await;
+
+    // A killed tracking connection: the near copy goes with it.
+    get(&a.app, "/item/1").await;
+    assert!(get(&a.app, "/item/1").await.cache_status().contains("near"));
+    let flushes = tracking.flushes();
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for id in clients
+        .lines()
+        .filter(|l| {
+            l.split(' ')
+                .any(|f| f.strip_prefix("flags=").is_some_and(|f| f.contains('t')))
+        })
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+    {
+        let _: () = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tracking.flushes() <= flushes {
+        assert!(Instant::now() < deadline, "the near tier was never emptied");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Until tracking is back the near tier is not used; after, it was emptied.
+    wait_tracking(&a).await;
+    let after = get(&a.app, "/item/1").await;
+    assert!(
+        !after.cache_status().contains("near"),
+        "{}",
+        after.cache_status()
+    );
+    assert_eq!(after.body, "item-1-v2");
 }
 
 #[tokio::test]

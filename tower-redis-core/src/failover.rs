@@ -207,7 +207,7 @@ impl RedisManager {
         }
     }
 
-    fn record_timeout(&self) -> Error {
+    pub(crate) fn record_timeout(&self) -> Error {
         let timeout = self.inner.command_timeout;
         let message = format!("no answer within {timeout:?}");
         if self.inner.breaker.on_failure(Failure::Counted, &message) {
@@ -216,7 +216,7 @@ impl RedisManager {
         Error::Timeout(timeout)
     }
 
-    fn record_failure(&self, error: &RedisError) {
+    pub(crate) fn record_failure(&self, error: &RedisError) {
         let failure = if error.is_connection_refusal() {
             Failure::Refused
         } else {

@@ -89,6 +89,7 @@ mod pubsub;
 pub mod record;
 pub mod sync;
 mod tls;
+pub mod tracking;
 mod url;
 
 #[cfg(feature = "testing")]
@@ -107,6 +108,7 @@ pub use failover::{FallbackReason, Served, Source};
 pub use future::ResponseFuture;
 pub use keys::{Keyspace, escape_key_part};
 pub use manager::RedisManager;
+pub use tracking::{Invalidate, TrackedCache, Tracking};
 
 /// The redis-rs crate this manager is built on, for writing commands,
 /// pipelines and scripts against [`RedisConnection`].

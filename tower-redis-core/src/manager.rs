@@ -67,6 +67,8 @@ pub(crate) struct Inner {
     /// Where [`RedisManager::pubsub`] connects: the server, or the first
     /// cluster seed (plain `PUBLISH` reaches every node of a cluster).
     pubsub_client: Option<redis::Client>,
+    /// The tracking connection, made on first use.
+    pub(crate) tracking: crate::tracking::TrackingSlot,
 }
 
 impl RedisManager {
@@ -124,6 +126,7 @@ impl RedisManager {
                 description,
                 server,
                 pubsub_client,
+                tracking: crate::tracking::TrackingSlot::new(),
             }),
         };
         match manager.inner.probe().await {
@@ -190,6 +193,7 @@ impl RedisManager {
                 description: "disabled (in-process only)".to_owned(),
                 server: (String::new(), None),
                 pubsub_client: None,
+                tracking: crate::tracking::TrackingSlot::new(),
             }),
         }
     }

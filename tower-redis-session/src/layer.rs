@@ -19,6 +19,8 @@ pub const DEFAULT_MAX_SESSION_BYTES: usize = 64 * 1024;
 pub const DEFAULT_OUTAGE_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// Default [`SessionLayerBuilder::local_capacity_bytes`]: 32 MiB.
 pub const DEFAULT_LOCAL_CAPACITY_BYTES: u64 = 32 * 1024 * 1024;
+/// Default [`SessionLayerBuilder::tracked_capacity_bytes`]: 32 MiB.
+pub const DEFAULT_TRACKED_CAPACITY_BYTES: u64 = 32 * 1024 * 1024;
 /// What [`SessionLayerBuilder::local_capacity`] allows per session.
 const BYTES_PER_SESSION: u64 = 4 * 1024;
 
@@ -71,6 +73,7 @@ impl SessionLayer {
             outage_queue_bytes: DEFAULT_OUTAGE_QUEUE_BYTES,
             durability: Durability::Primary,
             max_session_bytes: DEFAULT_MAX_SESSION_BYTES,
+            tracked_capacity_bytes: DEFAULT_TRACKED_CAPACITY_BYTES,
         }
     }
 
@@ -100,9 +103,28 @@ pub struct SessionLayerBuilder {
     outage_queue_bytes: usize,
     max_session_bytes: usize,
     durability: Durability,
+    tracked_capacity_bytes: u64,
 }
 
 impl SessionLayerBuilder {
+    /// How many bytes of session copies this instance keeps exact with
+    /// Redis client tracking (default 32 MiB; 0 turns tracking off). A read
+    /// of a session unchanged since this instance last read it is then
+    /// served from the copy, with no round trip; Redis tells the instance
+    /// when any instance changes, deletes or expires it. The throttled
+    /// idle-timeout renewal still goes to Redis.
+    ///
+    /// The guarantee: once another instance's change is acknowledged, this
+    /// instance serves the old session only until its tracking connection
+    /// has read Redis' invalidation (sent before that acknowledgement);
+    /// [`SessionStore::sync`] waits for it. A lost tracking connection, an
+    /// open breaker, a Sentinel failover or `FLUSHALL` drop every copy.
+    /// Off on a Redis Cluster (see `tower_redis_core::tracking`).
+    pub fn tracked_capacity_bytes(mut self, bytes: u64) -> Self {
+        self.tracked_capacity_bytes = bytes;
+        self
+    }
+
     /// The cookie's attributes (defaults: `__Host-session`, `Secure`,
     /// `HttpOnly`, `SameSite=Lax`, `Path=/`).
     ///
@@ -661,6 +683,7 @@ impl SessionLayerBuilder {
             LocalLimits {
                 copies_bytes: self.local_capacity_bytes,
                 queue_bytes: self.outage_queue_bytes,
+                tracked_bytes: self.tracked_capacity_bytes,
             },
             self.durability,
         );

@@ -70,6 +70,24 @@
 //!   this instance has not renewed it for 1/100 of the idle timeout (at most
 //!   a minute). A change costs one more (a Lua script); a new session is
 //!   stored only once it holds something.
+//! - **Unchanged sessions are read with no round trip.** With Redis client
+//!   tracking (on by default, [`SessionLayerBuilder::tracked_capacity_bytes`];
+//!   off on a Redis Cluster) this instance keeps a copy of each session it
+//!   read, bounded by bytes, and Redis tells it when any instance changes,
+//!   deletes or expires one. A read of a session unchanged since this
+//!   instance last read it costs 0 round trips; the idle-timeout renewal
+//!   still goes to Redis when due. Once another instance's change is
+//!   acknowledged, this instance serves the old session only until its
+//!   tracking connection has read Redis' invalidation (sent before that
+//!   acknowledgement); [`SessionStore::sync`] waits for it. A lost tracking
+//!   connection, an open breaker, a Sentinel failover or `FLUSHALL` drop
+//!   every copy at once.
+//!
+//!   | operation | round trips |
+//!   |---|---|
+//!   | handler never touches the session | 0 |
+//!   | read | 1 (idle-TTL renewal included); 0 when unchanged since this instance last read it (tracking) |
+//!   | change | ≤ 2 |
 //! - **Concurrent requests keep their changes.** Each entry is written
 //!   separately (a Redis hash, one script), so two requests that change
 //!   different entries both persist. Two requests that change the *same*
@@ -118,7 +136,7 @@ pub use config::{CookieConfig, Durability, Expiry};
 pub use cookie::SameSite;
 pub use layer::{
     ConfigError, DEFAULT_LOCAL_CAPACITY_BYTES, DEFAULT_MAX_SESSION_BYTES,
-    DEFAULT_OUTAGE_QUEUE_BYTES, SessionLayer, SessionLayerBuilder,
+    DEFAULT_OUTAGE_QUEUE_BYTES, DEFAULT_TRACKED_CAPACITY_BYTES, SessionLayer, SessionLayerBuilder,
 };
 pub use service::{ResponseFuture, SessionService};
 pub use session::{Session, SessionError};

@@ -39,7 +39,7 @@ impl CacheStore {
             .failover
             .run(
                 // Data entries have no `Vary`: the lookup is a plain HMGET.
-                |redis| redis.lookup(url_hash, headers, "", Some(String::new())),
+                |redis| self.read_entry(redis, url_hash, headers, "", Some(String::new())),
                 |memory, _| async move {
                     let Ok(found) = memory.lookup(url_hash, headers, "", None).await;
                     found

@@ -37,7 +37,7 @@ impl CacheStore {
         let served = self
             .failover
             .run(
-                |redis| redis.lookup(url_hash, request, extra, hint),
+                |redis| self.read_entry(redis, url_hash, request, extra, hint),
                 |memory, _| async move {
                     let Ok(found) = memory.lookup(url_hash, request, extra, None).await;
                     found

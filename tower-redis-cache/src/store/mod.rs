@@ -258,7 +258,7 @@ impl CacheStore {
         let near = options
             .near
             .map(|(bytes, ttl)| Arc::new(MemoryStore::new(bytes, Some(ttl))));
-        let bus = Arc::new(Bus::new(manager.clone(), near.clone()));
+        let bus = Bus::new(manager.clone(), near.clone());
         let vary_hint_bytes = (options.memory_bytes / VARY_HINT_SHARE).max(MIN_VARY_HINT_BYTES);
         let redis = RedisStore {
             channel: bus.channel().to_owned(),
@@ -289,6 +289,28 @@ impl CacheStore {
 
     fn redis(&self) -> &RedisStore {
         self.failover.redis()
+    }
+
+    /// A Redis lookup. When the near tier follows Redis client tracking it
+    /// is read on the tracking connection, so that Redis tells this
+    /// instance when the entry changes (see `bus.rs`); otherwise on the pool.
+    async fn read_entry(
+        &self,
+        redis: &RedisStore,
+        url_hash: &str,
+        request: &HeaderMap,
+        extra: &str,
+        vary_hint: Option<String>,
+    ) -> Result<(Found, Option<String>), tower_redis_core::Error> {
+        match self.bus.tracking() {
+            Some(tracking) => {
+                let key = redis.redis_key(url_hash);
+                tracking
+                    .run(|conn| redis_store::lookup(conn, &key, request, extra, vary_hint))
+                    .await
+            }
+            None => redis.lookup(url_hash, request, extra, vary_hint).await,
+        }
     }
 
     fn memory(&self) -> &MemoryStore {

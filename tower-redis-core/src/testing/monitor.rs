@@ -209,7 +209,22 @@ fn client_command(line: &str) -> Option<String> {
         return None;
     }
     let name = command.strip_prefix('"')?.split('"').next()?;
+    if is_tracking_housekeeping(command) {
+        return None;
+    }
     Some(name.to_ascii_lowercase())
+}
+
+/// The tracking connection's own setup and heartbeat (`HELLO 3`,
+/// `CLIENT TRACKING`, `PING tower-redis-tracking`): background work once
+/// per connection or per second, not round trips of a request. The reads
+/// it carries, and [`Tracking::sync`](crate::Tracking::sync)'s plain
+/// `PING`, are counted.
+fn is_tracking_housekeeping(command: &str) -> bool {
+    let lower = command.to_ascii_lowercase();
+    lower.starts_with("\"hello\"")
+        || lower.starts_with("\"client\" \"tracking\"")
+        || lower == format!("\"ping\" \"{}\"", crate::tracking::HEARTBEAT_MESSAGE)
 }
 
 #[cfg(test)]
@@ -225,6 +240,12 @@ mod tests {
         assert_eq!(client_command(from_lua), None);
         assert_eq!(client_command(unix_socket).as_deref(), Some("pexpire"));
         assert_eq!(client_command("+OK"), None);
+        let heartbeat = r#"+1700000000.123480 [0 127.0.0.1:50001] "PING" "tower-redis-tracking""#;
+        let tracking = r#"+1700000000.123490 [0 127.0.0.1:50001] "CLIENT" "TRACKING" "ON""#;
+        let sync = r#"+1700000000.123500 [0 127.0.0.1:50001] "PING""#;
+        assert_eq!(client_command(heartbeat), None);
+        assert_eq!(client_command(tracking), None);
+        assert_eq!(client_command(sync).as_deref(), Some("ping"));
     }
 
     #[test]

@@ -133,6 +133,7 @@ impl<V> Lru<V> {
     }
 
     /// Forgets every entry and gives their memory back.
+    #[cfg(test)]
     pub(crate) fn clear(&mut self) {
         *self = Self::new(self.max_bytes);
     }

@@ -62,7 +62,8 @@ impl Failover {
         limits: LocalLimits,
         durability: crate::Durability,
     ) -> Self {
-        let redis = RedisStore::new(manager.clone(), expiry).with_durability(durability);
+        let redis = RedisStore::new(manager.clone(), expiry, limits.tracked_bytes)
+            .with_durability(durability);
         let pin_limit = limits
             .copies_bytes
             .saturating_add(u64::try_from(limits.queue_bytes).unwrap_or(u64::MAX));
@@ -105,6 +106,7 @@ impl Failover {
             local_copies_bytes: self.local().copies_bytes(),
             local_copies_limit_bytes: self.limits.copies_bytes,
             pinned_copies_bytes: self.local().pinned_bytes(),
+            tracked_copies_bytes: self.redis().tracked_bytes(),
         }
     }
 
@@ -137,6 +139,12 @@ impl Failover {
         let copy = self.local().copy(storage_key);
         let started_ms = now_ms();
         let touch = LocalCopy::touch_due(copy.as_deref(), started_ms, self.touch_every_ms());
+        if !touch {
+            // Unchanged in Redis since this instance read it: 0 round trips.
+            if let Some(record) = self.redis().tracked(storage_key, started_ms) {
+                return Some(record);
+            }
+        }
         let served = self
             .pair
             .run(

@@ -113,6 +113,8 @@ pub(crate) struct LocalLimits {
     pub(crate) copies_bytes: u64,
     /// Changes made during an outage, waiting for Redis.
     pub(crate) queue_bytes: usize,
+    /// Copies kept exact by Redis client tracking (0: tracking off).
+    pub(crate) tracked_bytes: u64,
 }
 
 /// How much of its in-process bounds a [`SessionStore`] uses, from
@@ -140,6 +142,10 @@ pub struct LocalUsage {
     /// them: at most `local_capacity_bytes` plus `outage_queue_bytes`.
     /// Past that bound a copy stays with the others.
     pub pinned_copies_bytes: u64,
+    /// The size of the copies kept exact by Redis client tracking (the
+    /// zero-round-trip reads): at most
+    /// [`tracked_capacity_bytes`](crate::SessionLayerBuilder::tracked_capacity_bytes).
+    pub tracked_copies_bytes: u64,
 }
 
 /// One of a user's sessions, from [`SessionStore::list_user_sessions`].
@@ -263,7 +269,9 @@ impl SessionStore {
 
     /// One round trip: `HGETALL`, pipelined with a `PEXPIRE` that renews the
     /// idle timeout when this instance has not renewed it lately. The
-    /// absolute timeout is checked on the record.
+    /// absolute timeout is checked on the record. No round trip when
+    /// tracking is on, no renewal is due and Redis has not said the session
+    /// changed since this instance last read it.
     pub(crate) async fn load(&self, storage_key: &str) -> Option<Record> {
         let record = self.inner.load(storage_key).await;
         let result = if record.is_some() { "found" } else { "missing" };
@@ -343,6 +351,23 @@ impl SessionStore {
             .redis()
             .revoke_user(user, |handle| local.end(handle))
             .await
+    }
+
+    /// Waits until every change another instance made to a session before
+    /// now (acknowledged to it) is known here: after `sync`, no read on this
+    /// instance serves a session as it was before such a change. One `PING`
+    /// on the tracking connection; nothing to wait for when tracking is off.
+    ///
+    /// Without it, a session changed on another instance is served as it
+    /// was only until this instance's tracking connection has read Redis'
+    /// invalidation, which Redis sends before it acknowledges the change.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        match self.inner.redis().tracking() {
+            Some(tracking) if tracking.is_live() => {
+                tracking.sync().await.map_err(StoreError::Unavailable)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Writes the queued outage changes to Redis now, when it answers (the

@@ -18,14 +18,14 @@
 //! [`Failover`](super::failover::Failover) runs those under core's
 //! failover, which adds the fallback metrics.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 use tower_redis_core::clock::duration_ms;
 use tower_redis_core::redis::{self, Script};
-use tower_redis_core::{RedisConnection, RedisManager, pipeline_with_scripts};
+use tower_redis_core::{RedisConnection, RedisManager, TrackedCache, pipeline_with_scripts};
 
 use super::{Record, Saved, Store, Take, Write, now_ms};
 use crate::config::{Durability, Expiry};
@@ -38,14 +38,45 @@ pub(crate) struct RedisStore {
     manager: RedisManager,
     expiry: Expiry,
     durability: Durability,
+    /// Copies of session hashes kept exact by Redis client tracking (keyed
+    /// by the Redis key), when on: a read of a session unchanged since this
+    /// instance last read it costs no round trip.
+    tracked: Option<TrackedCache<Arc<Tracked>>>,
+}
+
+/// A session as Redis last answered it, with when its key expires.
+#[derive(Debug)]
+pub(crate) struct Tracked {
+    record: Record,
+    /// The key's expiry (`PTTL` at the read, from its start): no copy
+    /// outlives the key, even before the expiry's invalidation arrives.
+    expires_ms: u64,
+}
+
+/// The bookkeeping of one tracked copy beyond its data.
+const TRACKED_OVERHEAD: usize = 160;
+/// The bookkeeping of one entry of a tracked copy.
+const TRACKED_FIELD_OVERHEAD: usize = 48;
+
+fn tracked_weight(copy: &Arc<Tracked>) -> usize {
+    copy.record.size() + copy.record.fields.len() * TRACKED_FIELD_OVERHEAD + TRACKED_OVERHEAD
 }
 
 impl RedisStore {
-    pub(crate) fn new(manager: RedisManager, expiry: Expiry) -> Self {
+    /// `tracked_bytes`: the bound of the tracked copies; 0 turns tracking
+    /// off (and so does a cluster or a disabled manager).
+    pub(crate) fn new(manager: RedisManager, expiry: Expiry, tracked_bytes: u64) -> Self {
+        let tracked = match tracked_bytes {
+            0 => None,
+            bytes => manager
+                .tracking()
+                .map(|tracking| tracking.cache(bytes, tracked_weight)),
+        };
         Self {
             manager,
             expiry,
             durability: Durability::Primary,
+            tracked,
         }
     }
 
@@ -72,6 +103,39 @@ impl RedisStore {
             tracing::warn!(target: "tower_redis", what, confirmed, wanted = replicas, ?timeout, "a session write was not confirmed by enough replicas in time; a failover now could lose it");
         }
         Ok(())
+    }
+
+    /// The tracked copy of a session, when tracking is live and Redis has
+    /// not said it changed: no round trip.
+    pub(crate) fn tracked(&self, storage_key: &str, now_ms: u64) -> Option<Record> {
+        let tracked = self.tracked.as_ref()?;
+        let key = self.session_key(storage_key);
+        let copy = tracked.get(&key)?;
+        let deadline = copy.record.created_ms.saturating_add(self.absolute_ms());
+        if now_ms >= copy.expires_ms || now_ms >= deadline {
+            tracked.invalidate(&key);
+            return None;
+        }
+        Some(copy.record.clone())
+    }
+
+    /// Drops this instance's tracked copy of a session it just changed,
+    /// after Redis acknowledged (or refused) the change: later reads here
+    /// do not wait for Redis' own invalidation.
+    pub(crate) fn forget(&self, storage_key: &str) {
+        if let Some(tracked) = &self.tracked {
+            tracked.invalidate(&self.session_key(storage_key));
+        }
+    }
+
+    /// The tracked copies' size in bytes (0 when tracking is off).
+    pub(crate) fn tracked_bytes(&self) -> u64 {
+        self.tracked.as_ref().map_or(0, TrackedCache::bytes)
+    }
+
+    /// The tracking connection the copies follow, when tracking is on.
+    pub(crate) fn tracking(&self) -> Option<&tower_redis_core::Tracking> {
+        self.tracked.as_ref().map(TrackedCache::tracking)
     }
 
     pub(crate) fn manager(&self) -> &RedisManager {
@@ -104,12 +168,15 @@ impl RedisStore {
     /// One round trip: `HGETALL`, pipelined with a `PEXPIRE` that renews the
     /// idle timeout when `touch`. A record past the absolute timeout is
     /// deleted and reads as absent.
+    /// With `ttl`, the key's `PTTL` is read in the same round trip (for a
+    /// tracked copy's expiry) and returned with the record.
     pub(crate) async fn load_on(
         &self,
         conn: &mut RedisConnection,
         storage_key: &str,
         touch: bool,
-    ) -> redis::RedisResult<Option<Record>> {
+        ttl: bool,
+    ) -> redis::RedisResult<Option<(Record, Option<u64>)>> {
         let key = self.session_key(storage_key);
         // One round trip of plain commands: renewing the idle TTL never
         // rewrites the data.
@@ -117,11 +184,17 @@ impl RedisStore {
         if touch {
             pipe.cmd("PEXPIRE").arg(&key).arg(self.idle_ms()).ignore();
         }
-        let (fields,): (Vec<(String, String)>,) =
-            pipe.cmd("HGETALL").arg(&key).query_async(conn).await?;
+        pipe.cmd("HGETALL").arg(&key);
+        let (fields, pttl): (Vec<(String, String)>, Option<i64>) = if ttl {
+            pipe.cmd("PTTL").arg(&key).query_async(conn).await?
+        } else {
+            let (fields,): (Vec<(String, String)>,) = pipe.query_async(conn).await?;
+            (fields, None)
+        };
         if fields.is_empty() {
             return Ok(None);
         }
+        let pttl = pttl.and_then(|pttl| u64::try_from(pttl).ok());
         let record = record_from_fields(fields);
         let deadline = record.created_ms.saturating_add(self.absolute_ms());
         let now = now_ms();
@@ -138,7 +211,7 @@ impl RedisStore {
                 .query_async::<()>(conn)
                 .await?;
         }
-        Ok(Some(record))
+        Ok(Some((record, pttl)))
     }
 
     /// One round trip: the changes, entry by entry (plus the user index).
@@ -296,13 +369,39 @@ impl Store for RedisStore {
     type Error = tower_redis_core::Error;
 
     async fn load(&self, storage_key: &str, touch: bool) -> Result<Option<Record>, Self::Error> {
-        self.manager
-            .run(|mut conn| async move { self.load_on(&mut conn, storage_key, touch).await })
-            .await
+        let Some(tracked) = &self.tracked else {
+            let loaded =
+                self.manager
+                    .run(|mut conn| async move {
+                        self.load_on(&mut conn, storage_key, touch, false).await
+                    })
+                    .await?;
+            return Ok(loaded.map(|(record, _)| record));
+        };
+        // The ticket before the read: an invalidation that lands before the
+        // answer voids it, so an answer older than a change is never kept.
+        let key = self.session_key(storage_key);
+        let ticket = tracked.begin(&key);
+        let started_ms = now_ms();
+        let loaded = tracked
+            .tracking()
+            .run(|mut conn| async move { self.load_on(&mut conn, storage_key, touch, true).await })
+            .await?;
+        let Some((record, pttl)) = loaded else {
+            return Ok(None);
+        };
+        if let (Some(ticket), Some(pttl)) = (ticket, pttl) {
+            ticket.fill(Arc::new(Tracked {
+                record: record.clone(),
+                expires_ms: started_ms.saturating_add(pttl),
+            }));
+        }
+        Ok(Some(record))
     }
 
     async fn save(&self, write: &Write<'_>) -> Result<Saved, Self::Error> {
-        self.manager
+        let saved = self
+            .manager
             .run(|mut conn| async move {
                 let saved = self.save_on(&mut conn, write).await?;
                 // Setting the user is a login.
@@ -311,11 +410,14 @@ impl Store for RedisStore {
                 }
                 Ok(saved)
             })
-            .await
+            .await;
+        self.forget(write.storage_key);
+        saved
     }
 
     async fn take(&self, take: &Take<'_>) -> Result<Saved, Self::Error> {
-        self.manager
+        let taken = self
+            .manager
             .run(|mut conn| async move {
                 let saved = self.take_on(&mut conn, take).await?;
                 if matches!(saved, Saved::Written) {
@@ -323,16 +425,22 @@ impl Store for RedisStore {
                 }
                 Ok(saved)
             })
-            .await
+            .await;
+        self.forget(take.old_storage_key);
+        self.forget(take.new_storage_key);
+        taken
     }
 
     async fn delete(&self, storage_key: &str, user: Option<&str>) -> Result<(), Self::Error> {
-        self.manager
+        let deleted = self
+            .manager
             .run(|mut conn| async move {
                 self.delete_on(&mut conn, storage_key, user).await?;
                 self.replicate(&mut conn, "logout").await
             })
-            .await
+            .await;
+        self.forget(storage_key);
+        deleted
     }
 }
 

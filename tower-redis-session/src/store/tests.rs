@@ -60,6 +60,7 @@ fn offline(expiry: Expiry, copies_bytes: u64, queue_bytes: usize) -> SessionStor
         LocalLimits {
             copies_bytes,
             queue_bytes,
+            tracked_bytes: 0,
         },
     )
 }
@@ -164,6 +165,7 @@ async fn the_idle_timeout_is_renewed_at_most_once_per_hundredth() {
         LocalLimits {
             copies_bytes: 1 << 20,
             queue_bytes: 1 << 20,
+            tracked_bytes: 0,
         },
     );
     let every = failover.touch_every_ms();
@@ -209,6 +211,7 @@ async fn the_idle_timeout_is_renewed_at_most_once_per_hundredth() {
         LocalLimits {
             copies_bytes: 1 << 20,
             queue_bytes: 1 << 20,
+            tracked_bytes: 0,
         },
     );
     assert_eq!(long.touch_every_ms(), 60_000, "at most a minute");

@@ -60,11 +60,12 @@ impl RedisStore {
             .map_err(StoreError::Unavailable)?;
         let mut revoked = 0;
         for handle in &members {
-            let deleted: usize = manager
-                .query(redis::cmd("DEL").arg(self.session_key(handle)))
-                .await
-                .map_err(StoreError::Unavailable)?;
-            revoked += deleted;
+            let deleted = manager
+                .query::<usize>(redis::cmd("DEL").arg(self.session_key(handle)))
+                .await;
+            // Acknowledged (or not): no tracked copy here outlives it.
+            self.forget(handle);
+            revoked += deleted.map_err(StoreError::Unavailable)?;
             ended(handle);
         }
         manager

@@ -1,0 +1,743 @@
+//! Server-assisted client-side caching: local copies of Redis keys that
+//! Redis itself keeps exact (`CLIENT TRACKING`).
+//!
+//! One **tracking connection** per manager: a RESP3 multiplexed connection
+//! with `CLIENT TRACKING on NOLOOP` (default mode: Redis remembers which keys
+//! *this connection* read, and pushes an `invalidate` message on the same
+//! connection when any client changes, deletes or expires one of them). The
+//! reads whose answers are kept locally are sent on that connection
+//! ([`Tracking::run`]); everything else keeps using the pool. Because the
+//! read and its invalidation travel on one socket, in order, no pool
+//! connection needs tracking and nothing has to be re-pointed when a
+//! connection is replaced: a new tracking connection starts with every local
+//! copy dropped.
+//!
+//! Layers keep their copies in a [`TrackedCache`] (bounded by bytes), made by
+//! [`Tracking::cache`], or register any structure that implements
+//! [`Invalidate`]. Every registered structure is told:
+//!
+//! - a key was invalidated (changed, deleted, expired or evicted in Redis,
+//!   or dropped from the server's tracking table);
+//! - **everything** is invalid: at every (re)connection of the tracking
+//!   connection and whenever it is lost (closed, killed, no answer to the
+//!   heartbeat `PING` within the command timeout), when the breaker opens,
+//!   when the pool starts a new generation (a Sentinel `+switch-master`, a
+//!   `READONLY` answer, a dropped pooled connection), and on `FLUSHALL` /
+//!   `FLUSHDB` (Redis sends a null invalidation).
+//!
+//! # The guarantee
+//!
+//! When Redis executes instance A's write, it queues the invalidation to
+//! instance B's tracking connection before it replies to A. So once A's
+//! write is acknowledged, B serves the old value only until B's tracking
+//! connection has read that message (normally well under a millisecond:
+//! the same network path as any reply). Where even that window matters,
+//! [`Tracking::sync`] closes it: a `PING` on the tracking connection whose
+//! answer arrives after every invalidation queued before it, so a read on
+//! B after A's acknowledgement and B's `sync` never sees the old value. A
+//! tracking connection that goes silent without closing (a partition) is
+//! found by the heartbeat: copies may be served for at most the heartbeat
+//! interval plus the command timeout after the last sign of life.
+//!
+//! Reads race with invalidations: a read that Redis answered before a write
+//! can land after the write's invalidation was applied here. A
+//! [`TrackedCache`] therefore keeps an answer only through a [`Ticket`] taken
+//! *before* the read: an invalidation of the key (or of everything) voids
+//! every ticket outstanding for it, and a void ticket keeps nothing.
+//!
+//! # Topologies
+//!
+//! Standalone and Sentinel (the tracking connection follows the primary the
+//! Sentinels name, like the pool). On a **Redis Cluster** tracking is off
+//! ([`RedisManager::tracking`] returns `None`): a key read on one node is
+//! tracked by that node only, and one connection cannot read every slot.
+//! Layers then read from Redis every time, as without tracking.
+//!
+//! # Why not redis-rs' `cache-aio`
+//!
+//! It caches command replies per multiplexed connection, bounded by entry
+//! count: with a pool of N connections that is N separate caches and N
+//! times the server's tracking table, with no hook for the manager's own
+//! events (breaker, Sentinel switch) and no way to keep a parsed value
+//! (a session record, a cache entry with its freshness) instead of the raw
+//! reply. The tracking connection here is one per manager, and each layer
+//! keeps what it needs, bounded by bytes.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{
+    AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, RedisError, RedisResult, Value,
+};
+
+use crate::backend::Backend;
+use crate::breaker::BreakerState;
+use crate::connection::RedisConnection;
+use crate::error::{Error, counts_against_breaker};
+use crate::manager::{Inner, RedisManager};
+use crate::sync::lock;
+
+/// How often the tracking connection is checked with a `PING` while idle.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// The argument of the heartbeat `PING` (so that round-trip counts in
+/// tests can tell it from a request's commands).
+pub(crate) const HEARTBEAT_MESSAGE: &str = "tower-redis-tracking";
+/// The first pause before reconnecting a lost tracking connection.
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// The longest pause between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Told by the tracking connection what is no longer valid. Implemented by
+/// [`TrackedCache`]; layers with their own structures implement it and
+/// [`register`](Tracking::register) them.
+///
+/// Both methods are called from the connection's reader, in the order
+/// Redis sent the messages: they must be quick and must not block.
+pub trait Invalidate: Send + Sync + 'static {
+    /// The key (a full Redis key, prefix included) changed in Redis.
+    fn invalidate(&self, key: &[u8]);
+    /// Everything may have changed: drop every copy.
+    fn invalidate_all(&self);
+}
+
+/// The manager's tracking connection and the local structures it keeps
+/// exact. Cheap to clone. See the [module docs](self) for the guarantee.
+#[derive(Clone)]
+pub struct Tracking {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    manager: Weak<Inner>,
+    /// The pool generation to follow (standalone / Sentinel): a new
+    /// generation means the primary may have changed.
+    generation: Option<Arc<AtomicU64>>,
+    /// The current tracking connection, when live.
+    conn: Mutex<Option<Live>>,
+    /// Copies may be served and tickets given out.
+    live: AtomicBool,
+    /// Which connection is current; a closing old connection's last message
+    /// must not mark the new one lost.
+    serial: AtomicU64,
+    registered: Mutex<Vec<Weak<dyn Invalidate>>>,
+    started: AtomicBool,
+    /// Counts flushes, for tests and metrics.
+    flushes: AtomicU64,
+}
+
+#[derive(Clone)]
+struct Live {
+    conn: MultiplexedConnection,
+    serial: u64,
+}
+
+impl fmt::Debug for Tracking {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tracking")
+            .field("live", &self.is_live())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisManager {
+    /// The manager's tracking connection, made on first use (its task
+    /// starts with the first call made inside a Tokio runtime). `None` on a
+    /// Redis Cluster and on a disabled manager: see the
+    /// [`tracking`](crate::tracking) module.
+    ///
+    /// ```
+    /// # use tower_redis_core::RedisManager;
+    /// assert!(RedisManager::disabled().tracking().is_none());
+    /// ```
+    pub fn tracking(&self) -> Option<Tracking> {
+        let tracking = self
+            .inner
+            .tracking
+            .get_or_init(|| {
+                let generation = match &self.inner.backend {
+                    Backend::Standalone { generation, .. } => Some(Arc::clone(generation)),
+                    Backend::Cluster { .. } | Backend::Disabled => return None,
+                };
+                Some(Tracking {
+                    shared: Arc::new(Shared {
+                        manager: Arc::downgrade(&self.inner),
+                        generation,
+                        conn: Mutex::new(None),
+                        live: AtomicBool::new(false),
+                        serial: AtomicU64::new(0),
+                        registered: Mutex::new(Vec::new()),
+                        started: AtomicBool::new(false),
+                        flushes: AtomicU64::new(0),
+                    }),
+                })
+            })
+            .clone()?;
+        tracking.ensure_started();
+        Some(tracking)
+    }
+}
+
+/// The manager's slot for its tracking connection.
+pub(crate) type TrackingSlot = OnceLock<Option<Tracking>>;
+
+impl Tracking {
+    /// Whether local copies can be trusted now: the tracking connection is
+    /// up, has tracking on, and the breaker is closed.
+    pub fn is_live(&self) -> bool {
+        self.shared.live.load(Ordering::Acquire)
+    }
+
+    /// How many times every registered structure was told to drop
+    /// everything (connection lost or replaced, breaker open, `FLUSHALL`).
+    pub fn flushes(&self) -> u64 {
+        self.shared.flushes.load(Ordering::Acquire)
+    }
+
+    /// Registers a structure to keep exact. It is told to drop everything
+    /// at once (its copies were made under no tracking), and held weakly:
+    /// dropping it unregisters it.
+    pub fn register(&self, structure: Weak<dyn Invalidate>) {
+        if let Some(structure) = structure.upgrade() {
+            structure.invalidate_all();
+        }
+        let mut registered = lock(&self.shared.registered);
+        registered.retain(|r| r.strong_count() > 0);
+        registered.push(structure);
+    }
+
+    /// A byte-bounded local cache kept exact by this tracking connection.
+    /// `weigh` gives an entry's size in bytes (the key's length is added).
+    pub fn cache<V: Clone + Send + Sync + 'static>(
+        &self,
+        capacity_bytes: u64,
+        weigh: fn(&V) -> usize,
+    ) -> TrackedCache<V> {
+        let inner = Arc::new(CacheInner {
+            copies: moka::sync::Cache::builder()
+                .max_capacity(capacity_bytes)
+                .weigher(move |key: &Arc<[u8]>, value: &V| {
+                    u32::try_from(key.len() + weigh(value) + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+                })
+                .build(),
+            pending: Mutex::new(HashMap::new()),
+            next_ticket: AtomicU64::new(1),
+        });
+        let weak: Weak<CacheInner<V>> = Arc::downgrade(&inner);
+        self.register(weak);
+        TrackedCache {
+            inner,
+            tracking: self.clone(),
+        }
+    }
+
+    /// Waits until every invalidation Redis queued for this instance before
+    /// now has been applied: one `PING` on the tracking connection. After
+    /// another instance's write was acknowledged, a read made after `sync`
+    /// never returns the old value from a local copy.
+    ///
+    /// Fails when the tracking connection is down (then no copy is served
+    /// anyway) or does not answer within the command timeout (then it is
+    /// dropped, and with it every copy).
+    pub async fn sync(&self) -> Result<(), Error> {
+        let Some(live) = self.current() else {
+            return Err(Error::BreakerOpen);
+        };
+        let timeout = self.command_timeout();
+        let mut conn = live.conn.clone();
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(timeout, ping.query_async::<()>(&mut conn)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => {
+                self.shared.lose(live.serial);
+                Err(Error::Redis(error))
+            }
+            Err(_) => {
+                self.shared.lose(live.serial);
+                Err(Error::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Runs a read on the tracking connection, within the command timeout
+    /// and accounted to the breaker like [`RedisManager::run`], so that
+    /// Redis tracks the keys it reads for this instance. When the tracking
+    /// connection is not live, the read runs on the pool instead (its
+    /// answer is then not tracked, and a [`Ticket`] taken before keeps
+    /// nothing).
+    pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, Error>
+    where
+        F: FnOnce(RedisConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let Some(manager) = self.manager() else {
+            return Err(Error::BreakerOpen);
+        };
+        let Some(live) = self.current() else {
+            return manager.run(op).await;
+        };
+        if !manager.inner.breaker.allows_requests() {
+            return Err(Error::BreakerOpen);
+        }
+        let timeout = manager.inner.command_timeout;
+        let outcome =
+            tokio::time::timeout(timeout, op(RedisConnection::standalone(live.conn))).await;
+        match outcome {
+            Ok(Ok(value)) => {
+                manager.inner.breaker.on_success();
+                Ok(value)
+            }
+            Ok(Err(error)) => {
+                if counts_against_breaker(&error) {
+                    if error.is_io_error() || error.is_connection_dropped() {
+                        self.shared.lose(live.serial);
+                    }
+                    manager.record_failure(&error);
+                } else {
+                    manager.inner.breaker.on_success();
+                }
+                Err(Error::Redis(error))
+            }
+            Err(_) => {
+                self.shared.lose(live.serial);
+                Err(manager.record_timeout())
+            }
+        }
+    }
+
+    fn manager(&self) -> Option<RedisManager> {
+        self.shared
+            .manager
+            .upgrade()
+            .map(|inner| RedisManager { inner })
+    }
+
+    fn command_timeout(&self) -> Duration {
+        self.shared
+            .manager
+            .upgrade()
+            .map_or(Duration::from_secs(1), |inner| inner.command_timeout)
+    }
+
+    fn current(&self) -> Option<Live> {
+        if !self.is_live() {
+            return None;
+        }
+        lock(&self.shared.conn).clone()
+    }
+
+    fn ensure_started(&self) {
+        if self.shared.started.load(Ordering::Acquire)
+            || self.shared.started.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(keep_connected(Arc::downgrade(&self.shared)));
+            }
+            Err(_) => self.shared.started.store(false, Ordering::Release),
+        }
+    }
+}
+
+impl Shared {
+    fn each(&self, f: impl Fn(&dyn Invalidate)) {
+        let registered: Vec<Arc<dyn Invalidate>> = lock(&self.registered)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for structure in registered {
+            f(&*structure);
+        }
+    }
+
+    fn flush(&self) {
+        self.flushes.fetch_add(1, Ordering::AcqRel);
+        self.each(|s| s.invalidate_all());
+        crate::record::counter("tower_redis_tracking_flushes_total", &[], 1);
+    }
+
+    /// The connection `serial` is no longer trusted: nothing is served
+    /// from local copies until a new one is up.
+    fn lose(&self, serial: u64) {
+        let mut conn = lock(&self.conn);
+        if self.serial.load(Ordering::Acquire) != serial {
+            return;
+        }
+        // A new serial: the closing connection's late messages are ignored.
+        self.serial.fetch_add(1, Ordering::AcqRel);
+        self.live.store(false, Ordering::Release);
+        *conn = None;
+        drop(conn);
+        self.flush();
+    }
+
+    fn on_push(&self, serial: u64, info: PushInfo) {
+        match info.kind {
+            PushKind::Invalidate => match info.data.first() {
+                Some(Value::Array(keys)) => {
+                    for key in keys {
+                        if let Value::BulkString(key) = key {
+                            self.each(|s| s.invalidate(key));
+                        }
+                    }
+                }
+                // FLUSHALL / FLUSHDB, or the server's tracking table dropped.
+                _ => self.flush(),
+            },
+            PushKind::Disconnection => self.lose(serial),
+            _ => {}
+        }
+    }
+}
+
+/// The background task: keeps one tracking connection up while the breaker
+/// is closed, and drops every copy whenever trust is lost.
+async fn keep_connected(shared: Weak<Shared>) {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let Some(inner) = strong.manager.upgrade() else {
+            return;
+        };
+        let manager = RedisManager { inner };
+        let mut breaker = manager.subscribe();
+        if *breaker.borrow_and_update() != BreakerState::Closed {
+            drop((strong, manager));
+            // Waits for the breaker to close (or the manager to go).
+            if breaker.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let generation = strong
+            .generation
+            .as_ref()
+            .map(|g| g.load(Ordering::Acquire));
+        let serial = strong.serial.load(Ordering::Acquire);
+        let connected = connect(&manager, Arc::downgrade(&strong), serial).await;
+        let conn = match connected {
+            Ok(conn) => conn,
+            Err(error) => {
+                tracing::debug!(target: "tower_redis", %error, "cannot open the tracking connection; retrying");
+                drop((strong, manager));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        {
+            let mut slot = lock(&strong.conn);
+            if strong.serial.load(Ordering::Acquire) != serial {
+                // Lost while connecting (its reader already closed).
+                continue;
+            }
+            // Copies from before were made without this connection's
+            // tracking: dropped before any new one can be made.
+            strong.flush();
+            *slot = Some(Live {
+                conn: conn.clone(),
+                serial,
+            });
+            strong.live.store(true, Ordering::Release);
+        }
+        backoff = MIN_BACKOFF;
+        tracing::debug!(target: "tower_redis", "tracking connection up");
+        let timeout = manager.inner.command_timeout;
+        drop((strong, manager));
+        watch(&shared, conn, serial, generation, breaker, timeout).await;
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        strong.lose(serial);
+        tracing::debug!(target: "tower_redis", "tracking connection lost; reconnecting");
+        drop(strong);
+        tokio::time::sleep(MIN_BACKOFF).await;
+    }
+}
+
+/// Returns when the connection `serial` can no longer be trusted.
+async fn watch(
+    shared: &Weak<Shared>,
+    mut conn: MultiplexedConnection,
+    serial: u64,
+    generation: Option<u64>,
+    mut breaker: tokio::sync::watch::Receiver<BreakerState>,
+    timeout: Duration,
+) {
+    loop {
+        tokio::select! {
+            changed = breaker.changed() => {
+                if changed.is_err() || *breaker.borrow_and_update() == BreakerState::Open {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(HEARTBEAT) => {
+                let Some(strong) = shared.upgrade() else { return };
+                let moved = match (&strong.generation, generation) {
+                    (Some(now), Some(then)) => now.load(Ordering::Acquire) != then,
+                    _ => false,
+                };
+                if moved || strong.serial.load(Ordering::Acquire) != serial {
+                    return;
+                }
+                drop(strong);
+                let mut ping = redis::cmd("PING");
+                ping.arg(HEARTBEAT_MESSAGE);
+                let answered = tokio::time::timeout(timeout, ping.query_async::<()>(&mut conn)).await;
+                if !matches!(answered, Ok(Ok(()))) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A RESP3 connection to the server (or the primary the Sentinels name),
+/// with tracking on and its pushes applied by `shared` as they arrive.
+async fn connect(
+    manager: &RedisManager,
+    shared: Weak<Shared>,
+    serial: u64,
+) -> Result<MultiplexedConnection, Error> {
+    let connect_timeout = manager.connect_timeout();
+    let client = match manager.inner.backend.sentinel() {
+        Some(discovery) => {
+            let found = tokio::time::timeout(connect_timeout, discovery.master_client()).await;
+            match found {
+                Ok(Ok(client)) => client,
+                Ok(Err(error)) => return Err(Error::Connect(error)),
+                Err(_) => return Err(Error::Timeout(connect_timeout)),
+            }
+        }
+        None => manager.pubsub_client().cloned().ok_or(Error::BreakerOpen)?,
+    };
+    let info = client.get_connection_info().clone();
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3)
+        .set_skip_set_lib_name();
+    let client = redis::Client::open(info.set_redis_settings(settings)).map_err(Error::Connect)?;
+    let push = move |info: PushInfo| -> Result<(), RedisError> {
+        if let Some(shared) = shared.upgrade() {
+            shared.on_push(serial, info);
+        }
+        Ok(())
+    };
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_response_timeout(None)
+        .set_push_sender(push);
+    let setup = async {
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        // NOLOOP: this connection's own idle-TTL renewals (`PEXPIRE`) do not
+        // void its copies; writes from the pool (this instance's own) do.
+        redis::cmd("CLIENT")
+            .arg("TRACKING")
+            .arg("ON")
+            .arg("NOLOOP")
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok::<_, RedisError>(conn)
+    };
+    match tokio::time::timeout(connect_timeout, setup).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(error)) => Err(Error::Connect(error)),
+        Err(_) => Err(Error::Timeout(connect_timeout)),
+    }
+}
+
+/// The bookkeeping of one local copy beyond its key and value.
+const ENTRY_OVERHEAD: usize = 64;
+
+/// Local copies of Redis keys, bounded by bytes, kept exact by the
+/// manager's tracking connection. Keys are full Redis keys (prefix
+/// included), as Redis names them in invalidations.
+///
+/// Fill it only through a [`Ticket`] taken before the read, and read on the
+/// tracking connection ([`Tracking::run`]):
+///
+/// ```
+/// # use tower_redis_core::RedisManager;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let manager = RedisManager::disabled();
+/// // Without tracking (a disabled manager, a cluster) there is no cache:
+/// // the layer reads from Redis every time.
+/// assert!(manager.tracking().is_none());
+/// # }
+/// ```
+pub struct TrackedCache<V> {
+    inner: Arc<CacheInner<V>>,
+    tracking: Tracking,
+}
+
+impl<V> Clone for TrackedCache<V> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            tracking: self.tracking.clone(),
+        }
+    }
+}
+
+impl<V> fmt::Debug for TrackedCache<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrackedCache")
+            .field("bytes", &self.inner.copies.weighted_size())
+            .field("live", &self.tracking.is_live())
+            .finish()
+    }
+}
+
+struct CacheInner<V> {
+    copies: moka::sync::Cache<Arc<[u8]>, V>,
+    /// Reads in flight: key → the tickets still valid for it. Also the lock
+    /// that orders fills against invalidations.
+    pending: Mutex<HashMap<Arc<[u8]>, Vec<u64>>>,
+    next_ticket: AtomicU64,
+}
+
+impl<V: Clone + Send + Sync + 'static> Invalidate for CacheInner<V> {
+    fn invalidate(&self, key: &[u8]) {
+        let mut pending = lock(&self.pending);
+        pending.remove(key);
+        self.copies.invalidate(key);
+    }
+
+    fn invalidate_all(&self) {
+        let mut pending = lock(&self.pending);
+        pending.clear();
+        self.copies.invalidate_all();
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> TrackedCache<V> {
+    /// The local copy, when tracking is live and the key has not changed
+    /// in Redis since it was read (as far as the tracking connection has
+    /// told this instance: see [`Tracking::sync`]).
+    pub fn get(&self, key: &str) -> Option<V> {
+        if !self.tracking.is_live() {
+            return None;
+        }
+        self.inner.copies.get(key.as_bytes())
+    }
+
+    /// Takes a ticket for a read of `key` about to be sent on the tracking
+    /// connection. `None` when tracking is not live (the answer must not be
+    /// kept).
+    pub fn begin(&self, key: &str) -> Option<Ticket<V>> {
+        if !self.tracking.is_live() {
+            return None;
+        }
+        let id = self.inner.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let key: Arc<[u8]> = Arc::from(key.as_bytes());
+        lock(&self.inner.pending)
+            .entry(Arc::clone(&key))
+            .or_default()
+            .push(id);
+        // Lost between the check and the mark: the flush may have run before
+        // the mark; check again so that the ticket is void.
+        if !self.tracking.is_live() {
+            self.inner.invalidate(&key);
+        }
+        Some(Ticket {
+            cache: Arc::clone(&self.inner),
+            key,
+            id,
+            done: false,
+        })
+    }
+
+    /// Drops the copy of `key` (and voids the tickets of reads in flight),
+    /// for a change this instance made: call it after the write was
+    /// acknowledged, so that no later read here serves the old value even
+    /// before Redis' own invalidation arrives.
+    pub fn invalidate(&self, key: &str) {
+        self.inner.invalidate(key.as_bytes());
+    }
+
+    /// Drops every copy.
+    pub fn clear(&self) {
+        self.inner.invalidate_all();
+    }
+
+    /// The estimated size of the copies, in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.inner.copies.run_pending_tasks();
+        self.inner.copies.weighted_size()
+    }
+
+    /// The tracking connection this cache follows.
+    pub fn tracking(&self) -> &Tracking {
+        &self.tracking
+    }
+}
+
+/// A read in flight whose answer may be kept: valid until the key (or
+/// everything) is invalidated. Dropped unused, it leaves nothing behind.
+pub struct Ticket<V: Clone + Send + Sync + 'static> {
+    cache: Arc<CacheInner<V>>,
+    key: Arc<[u8]>,
+    id: u64,
+    done: bool,
+}
+
+impl<V: Clone + Send + Sync + 'static> fmt::Debug for Ticket<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ticket").field("id", &self.id).finish()
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> Ticket<V> {
+    /// Keeps `value` as the copy of the key, unless the key (or
+    /// everything) was invalidated since the ticket was taken. True when
+    /// kept.
+    pub fn fill(mut self, value: V) -> bool {
+        self.done = true;
+        let mut pending = lock(&self.cache.pending);
+        if !take_ticket(&mut pending, &self.key, self.id) {
+            return false;
+        }
+        self.cache.copies.insert(Arc::clone(&self.key), value);
+        true
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> Drop for Ticket<V> {
+    fn drop(&mut self) {
+        if !self.done {
+            take_ticket(&mut lock(&self.cache.pending), &self.key, self.id);
+        }
+    }
+}
+
+/// Removes ticket `id` of `key`; false when it was void.
+fn take_ticket<K: Eq + Hash + std::borrow::Borrow<[u8]>>(
+    pending: &mut HashMap<K, Vec<u64>>,
+    key: &[u8],
+    id: u64,
+) -> bool {
+    let Some(ids) = pending.get_mut(key) else {
+        return false;
+    };
+    let Some(position) = ids.iter().position(|&t| t == id) else {
+        return false;
+    };
+    ids.swap_remove(position);
+    if ids.is_empty() {
+        pending.remove(key);
+    }
+    true
+}

@@ -1,0 +1,349 @@
+//! Zero-round-trip session reads kept exact by Redis client tracking: two
+//! managers on one Redis are two instances of the app.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Path;
+use axum::routing::{get, post};
+use tower_redis_core::testing::{TestRedis, TestSentinel};
+use tower_redis_core::{RedisConfig, RedisManager, Tracking, redis};
+use tower_redis_session::{Session, SessionLayer};
+
+mod support;
+use support::{cookie_pair, send, within};
+
+fn routes() -> Router {
+    Router::new()
+        .route("/get/{key}", get(support::get_entry))
+        .route(
+            "/set/{key}/{value}",
+            post(
+                |session: Session, Path((key, value)): Path<(String, String)>| async move {
+                    session.insert(&key, value).await.expect("json");
+                    "set"
+                },
+            ),
+        )
+        .route("/login/{user}", post(support::login))
+}
+
+/// One instance of the app: its manager, layer and router.
+struct Instance {
+    manager: RedisManager,
+    layer: SessionLayer,
+    app: Router,
+}
+
+impl Instance {
+    async fn start(config: RedisConfig) -> Self {
+        let manager = RedisManager::connect(config).await.expect("manager starts");
+        let layer = SessionLayer::builder(manager.clone())
+            .build()
+            .expect("valid session layer");
+        let app = routes().layer(layer.clone());
+        let instance = Self {
+            manager,
+            layer,
+            app,
+        };
+        instance.wait_live().await;
+        instance
+    }
+
+    fn tracking(&self) -> Tracking {
+        self.manager
+            .tracking()
+            .expect("tracking on a standalone server")
+    }
+
+    async fn wait_live(&self) {
+        let tracking = self.tracking();
+        within("the tracking connection to come up", async {
+            while !tracking.is_live() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
+
+    async fn get(&self, cookie: &str, key: &str) -> String {
+        send(&self.app, "GET", &format!("/get/{key}"), Some(cookie))
+            .await
+            .1
+    }
+
+    async fn set(&self, cookie: Option<&str>, key: &str, value: &str) -> Option<String> {
+        let (status, _, set_cookie, _) =
+            send(&self.app, "POST", &format!("/set/{key}/{value}"), cookie).await;
+        assert_eq!(status, 200);
+        set_cookie.map(|c| cookie_pair(&c))
+    }
+
+    fn tracked_bytes(&self) -> u64 {
+        self.layer.store().local_usage().tracked_copies_bytes
+    }
+
+    /// Waits until tracking has dropped everything at least once since
+    /// `flushes` was read.
+    async fn wait_flush(&self, flushes: u64) {
+        let tracking = self.tracking();
+        within("the local copies to be dropped", async {
+            while tracking.flushes() <= flushes {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+    }
+}
+
+/// A TCP proxy to `upstream` that holds what the server sends on tracking
+/// connections (those that open with `HELLO`) for `delay` before passing
+/// it on, in order; other connections pass straight through. An instance
+/// behind it hears of invalidations `delay` late, as across a slow network.
+async fn slow_tracking_proxy(upstream: u16, delay: Duration) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(relay(client, upstream, delay));
+        }
+    });
+    port
+}
+
+async fn relay(client: tokio::net::TcpStream, upstream: u16, delay: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+        return;
+    };
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let mut first = vec![0u8; 4096];
+    let Ok(n) = client_read.read(&mut first).await else {
+        return;
+    };
+    let tracking = first[..n]
+        .windows(5)
+        .any(|w| w.eq_ignore_ascii_case(b"HELLO"));
+    if server_write.write_all(&first[..n]).await.is_err() {
+        return;
+    }
+    tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+    });
+    let (chunks, mut queued) =
+        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    tokio::spawn(async move {
+        while let Some((due, chunk)) = queued.recv().await {
+            tokio::time::sleep_until(due).await;
+            if client_write.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = match server_read.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let due = tokio::time::Instant::now() + if tracking { delay } else { Duration::ZERO };
+        if chunks.send((due, buffer[..n].to_vec())).is_err() {
+            return;
+        }
+    }
+}
+
+/// A configuration for an instance whose tracking connection goes through
+/// a [`slow_tracking_proxy`].
+async fn slow_config(redis: &TestRedis) -> RedisConfig {
+    let upstream = redis
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|port| port.trim_end_matches('/').parse::<u16>().ok())
+        .expect("a redis://host:port URL");
+    let port = slow_tracking_proxy(upstream, Duration::from_millis(50)).await;
+    RedisConfig::builder()
+        .url(format!("redis://127.0.0.1:{port}"))
+        .build()
+        .expect("config")
+}
+
+async fn two_instances(redis: &TestRedis) -> (Instance, Instance) {
+    let a = Instance::start(redis.config().build().expect("config")).await;
+    let b = Instance::start(redis.config().build().expect("config")).await;
+    (a, b)
+}
+
+#[tokio::test]
+async fn an_unchanged_session_is_read_with_no_round_trip_and_a_change_elsewhere_is_seen() {
+    let redis = TestRedis::start().await;
+    let (a, b) = two_instances(&redis).await;
+    let cookie = a.set(None, "k", "1").await.expect("new session");
+
+    // B's first read goes to Redis (renewing the idle timeout)…
+    let (body, sent) = redis.commands_during(b.get(&cookie, "k")).await;
+    assert_eq!(body, "1");
+    assert_eq!(sent, ["pexpire", "hgetall", "pttl"], "first read on B");
+    // …the next ones cost nothing.
+    let (bodies, sent) = redis
+        .commands_during(async {
+            let mut bodies = Vec::new();
+            for _ in 0..5 {
+                bodies.push(b.get(&cookie, "k").await);
+            }
+            bodies
+        })
+        .await;
+    assert_eq!(bodies, ["1"; 5]);
+    assert!(sent.is_empty(), "reads of an unchanged session: {sent:?}");
+    assert!(b.tracked_bytes() > 0);
+
+    // A changes it: B, once its tracking connection has caught up, reads
+    // the new value from Redis.
+    a.set(Some(&cookie), "k", "2").await;
+    b.layer.store().sync().await.expect("sync");
+    let (body, sent) = redis.commands_during(b.get(&cookie, "k")).await;
+    assert_eq!(body, "2");
+    assert_eq!(sent, ["hgetall", "pttl"], "a read after a change elsewhere");
+}
+
+#[tokio::test]
+async fn after_a_write_is_acknowledged_and_a_sync_the_old_value_is_never_read() {
+    let redis = TestRedis::start().await;
+    let a = Instance::start(redis.config().build().expect("config")).await;
+    // B hears of invalidations 50 ms late: only the sync stands between it
+    // and the old value.
+    let b = Instance::start(slow_config(&redis).await).await;
+    let cookie = a.set(None, "k", "0").await.expect("new session");
+    for i in 1..=20 {
+        // B holds a copy of the previous value…
+        assert_eq!(b.get(&cookie, "k").await, (i - 1).to_string());
+        // …A's write is acknowledged, B syncs: never the old value.
+        a.set(Some(&cookie), "k", &i.to_string()).await;
+        b.layer.store().sync().await.expect("sync");
+        assert_eq!(b.get(&cookie, "k").await, i.to_string(), "round {i}");
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_user_is_logged_out_on_every_instance() {
+    let redis = TestRedis::start().await;
+    // A hears of invalidations (its own included) 50 ms late: it must drop
+    // its copies itself.
+    let a = Instance::start(slow_config(&redis).await).await;
+    let b = Instance::start(redis.config().build().expect("config")).await;
+    let (_, _, set_cookie, _) = send(&a.app, "POST", "/login/ada", None).await;
+    let cookie = cookie_pair(&set_cookie.expect("login cookie"));
+    assert_eq!(b.get(&cookie, "user").await, "ada");
+    assert_eq!(b.get(&cookie, "user").await, "ada", "from B's copy");
+    assert_eq!(a.get(&cookie, "user").await, "ada");
+    assert_eq!(a.get(&cookie, "user").await, "ada", "from A's copy");
+
+    assert_eq!(a.layer.store().revoke_user("ada").await.expect("revoke"), 1);
+    b.layer.store().sync().await.expect("sync");
+    assert_eq!(b.get(&cookie, "user").await, "none");
+    // And on A itself, at once (no wait for Redis' invalidation).
+    assert_eq!(a.get(&cookie, "user").await, "none");
+}
+
+#[tokio::test]
+async fn an_instance_reads_its_own_change_back_at_once() {
+    let redis = TestRedis::start().await;
+    // The instance hears of invalidations (its own writes' included) 50 ms
+    // late: it must drop its copy itself when its write is acknowledged.
+    let a = Instance::start(slow_config(&redis).await).await;
+    let cookie = a.set(None, "k", "0").await.expect("new session");
+    for i in 1..=5 {
+        assert_eq!(a.get(&cookie, "k").await, (i - 1).to_string());
+        assert_eq!(a.get(&cookie, "k").await, (i - 1).to_string(), "copy");
+        a.set(Some(&cookie), "k", &i.to_string()).await;
+        assert_eq!(a.get(&cookie, "k").await, i.to_string(), "round {i}");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_tracking_connection_drops_the_copies_at_once() {
+    let redis = TestRedis::start().await;
+    let (a, b) = two_instances(&redis).await;
+    let cookie = a.set(None, "k", "1").await.expect("new session");
+    assert_eq!(b.get(&cookie, "k").await, "1");
+    assert!(b.tracked_bytes() > 0);
+
+    // Every client with tracking on (flag `t`): both instances' tracking
+    // connections.
+    let mut conn = redis.connection().await.expect("connection");
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT LIST");
+    let tracking_ids: Vec<String> = clients
+        .lines()
+        .filter(|line| {
+            line.split(' ')
+                .any(|f| f.strip_prefix("flags=").is_some_and(|f| f.contains('t')))
+        })
+        .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(tracking_ids.len(), 2, "{clients}");
+    let flushes = b.tracking().flushes();
+    for id in &tracking_ids {
+        let _: () = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .expect("CLIENT KILL");
+    }
+    b.wait_flush(flushes).await;
+    assert_eq!(b.tracked_bytes(), 0, "copies dropped with the connection");
+    // The next read goes to Redis (through the new connection or the pool).
+    let (body, sent) = redis.commands_during(b.get(&cookie, "k")).await;
+    assert_eq!(body, "1");
+    assert!(sent.contains(&"hgetall".to_owned()), "{sent:?}");
+}
+
+#[tokio::test]
+async fn flushall_drops_the_copies() {
+    let redis = TestRedis::start().await;
+    let (a, b) = two_instances(&redis).await;
+    let cookie = a.set(None, "k", "1").await.expect("new session");
+    assert_eq!(b.get(&cookie, "k").await, "1");
+    assert_eq!(b.get(&cookie, "k").await, "1");
+
+    redis.flush_all().await.expect("FLUSHALL");
+    b.layer.store().sync().await.expect("sync");
+    assert_eq!(b.tracked_bytes(), 0);
+    assert_eq!(b.get(&cookie, "k").await, "none", "the session is gone");
+}
+
+#[tokio::test]
+async fn a_sentinel_failover_drops_the_copies() {
+    let sentinel = TestSentinel::start().await;
+    let config = || {
+        sentinel
+            .config()
+            .command_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap()
+    };
+    let a = Instance::start(config()).await;
+    let b = Instance::start(config()).await;
+    let cookie = a.set(None, "k", "1").await.expect("new session");
+    assert_eq!(b.get(&cookie, "k").await, "1");
+    assert!(b.tracked_bytes() > 0);
+
+    let flushes = b.tracking().flushes();
+    sentinel.force_failover().await;
+    b.wait_flush(flushes).await;
+    assert_eq!(b.tracked_bytes(), 0, "copies dropped at the failover");
+    // Tracking follows the new primary.
+    b.wait_live().await;
+}
