@@ -106,7 +106,8 @@ struct App {
 const HTTP_SERVER_REQUEST_DURATION: &str = "http.server.request.duration";
 
 /// Histogram buckets in seconds, for every `*duration` histogram (Redis
-/// operations, the layers' added latency, HTTP requests): 100 µs to 10 s.
+/// operations, the layers' added latency, HTTP requests) and the pool's
+/// checkout wait: 100 µs to 10 s.
 const DURATION_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
@@ -127,6 +128,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // instances; without them the exporter writes summaries.
     let metrics = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("duration".to_owned()), DURATION_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full("db.client.connection.wait_time".to_owned()),
+            DURATION_BUCKETS,
+        )?
         .install_recorder()?;
     metrics::describe_histogram!(
         HTTP_SERVER_REQUEST_DURATION,

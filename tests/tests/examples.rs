@@ -503,7 +503,24 @@ fn dashboard_queries() -> BTreeMap<String, Vec<String>> {
                         .map(str::to_owned),
                 );
             }
-            for name in expr.split(|c: char| !is_ident(c)) {
+            // Series names only: label lists (`by (...)`) and matchers
+            // (`{...}`) left out.
+            let mut names = String::new();
+            let mut depth_by = false;
+            let mut in_matcher = false;
+            for (at, c) in expr.char_indices() {
+                if expr[at..].starts_with("by (") {
+                    depth_by = true;
+                }
+                match c {
+                    '{' => in_matcher = true,
+                    '}' => in_matcher = false,
+                    ')' if depth_by => depth_by = false,
+                    _ if depth_by || in_matcher => {}
+                    _ => names.push(c),
+                }
+            }
+            for name in names.split(|c: char| !is_ident(c)) {
                 if ["tower_redis_", "db_client_", "http_server_"]
                     .iter()
                     .any(|prefix| name.starts_with(prefix))
@@ -651,8 +668,23 @@ async fn server_walkthrough_survives_a_redis_outage() {
     );
 
     // The cache admin router: refused without the token, purges with it.
-    wait_for_page(&http, &server, &server.url("/products/1")).await;
-    wait_for_page(&http, &server, &server.url("/products")).await;
+    // A page filled within the PUT's purge is sometimes not stored (seen
+    // about once in five runs): asked once more then.
+    for page in ["/products/1", "/products"] {
+        let entry = server.url(&format!("/admin/cache/entry?url={}", server.url(page)));
+        let found = send(
+            &http,
+            Method::GET,
+            &entry,
+            &[("authorization", "Bearer smoke-token")],
+            "",
+        )
+        .await;
+        if found.status != StatusCode::OK {
+            get(&http, &server.url(page)).await;
+        }
+        wait_for_page(&http, &server, &server.url(page)).await;
+    }
     let refused = send(
         &http,
         Method::POST,
