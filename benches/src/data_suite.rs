@@ -173,7 +173,7 @@ async fn measure_subject(
                             .arg(&key)
                             .arg(bytes)
                             .arg("EX")
-                            .arg(600)
+                            .arg(60)
                             .query_async(&mut conn)
                             .await
                             .map_err(|e| e.to_string())?;
@@ -497,7 +497,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
             label: "get_or_insert_with miss (fill lock, factory, store)",
             kind: SubjectKind::DataMiss(
                 on_redis.clone(),
-                DataOptions::new(Duration::from_secs(600)).near(false),
+                DataOptions::new(Duration::from_secs(60)).near(false),
                 Arc::new(AtomicU64::new(0)),
             ),
         },
@@ -569,7 +569,12 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     ));
     section.target(&target);
     section.gap();
-    clean(redis).await?;
+    // Best effort: the keys expire by themselves (miss keys after 60 s).
+    if let Err(error) = clean(redis).await {
+        section.note(format!(
+            "the suite's keys were not all deleted ({error}); they expire"
+        ));
+    }
     Ok(section.finish())
 }
 

@@ -421,6 +421,27 @@ async fn wait_for_page(client: &Client<HttpConnector, ClientBody>, server: &Runn
     .await;
 }
 
+/// Makes sure the demo server has a stored page for `path`: a page filled
+/// just after a purge of it is sometimes not stored (seen about once in
+/// five runs), so a missing page is asked for once more (one flood-guard
+/// token), then waited for.
+async fn refill_page(client: &Client<HttpConnector, ClientBody>, server: &Running, path: &str) {
+    let url = server.url(path);
+    let entry = server.url(&format!("/admin/cache/entry?url={url}"));
+    let found = send(
+        client,
+        Method::GET,
+        &entry,
+        &[("authorization", "Bearer smoke-token")],
+        "",
+    )
+    .await;
+    if found.status != StatusCode::OK {
+        get(client, &url).await;
+    }
+    wait_for_page(client, server, &url).await;
+}
+
 /// Polls the test Redis until it holds a session of `user` (sessions live
 /// at `tower-redis:{<hash of the id>}:s`, the user in field `_u`).
 async fn wait_for_session_of(redis: &TestRedis, user: &str) {
@@ -629,7 +650,7 @@ async fn server_walkthrough_survives_a_redis_outage() {
 
     // A PUT invalidates the product and the list, and its one tag purge
     // drops the product's data too (else the pages would show the old name).
-    wait_for_page(&http, &server, &server.url("/products/1")).await;
+    refill_page(&http, &server, "/products/1").await;
     get(&http, &server.url("/products")).await;
     wait_for_page(&http, &server, &server.url("/products")).await;
     let list = get(&http, &server.url("/products")).await;
@@ -668,23 +689,8 @@ async fn server_walkthrough_survives_a_redis_outage() {
     );
 
     // The cache admin router: refused without the token, purges with it.
-    // A page filled within the PUT's purge is sometimes not stored (seen
-    // about once in five runs): asked once more then.
-    for page in ["/products/1", "/products"] {
-        let entry = server.url(&format!("/admin/cache/entry?url={}", server.url(page)));
-        let found = send(
-            &http,
-            Method::GET,
-            &entry,
-            &[("authorization", "Bearer smoke-token")],
-            "",
-        )
-        .await;
-        if found.status != StatusCode::OK {
-            get(&http, &server.url(page)).await;
-        }
-        wait_for_page(&http, &server, &server.url(page)).await;
-    }
+    refill_page(&http, &server, "/products/1").await;
+    refill_page(&http, &server, "/products").await;
     let refused = send(
         &http,
         Method::POST,
