@@ -529,6 +529,32 @@ mod tests {
     }
 
     #[test]
+    fn a_layer_clock_records_its_time_without_the_inner_service() {
+        let inner_time = std::time::Duration::from_millis(50);
+        let seen = recorded(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                let clock = LayerClock::start("cache");
+                clock.inner(tokio::time::sleep(inner_time)).await;
+                drop(clock);
+            });
+        });
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].0, TOWER_REDIS_LAYER_OVERHEAD_DURATION);
+        assert_eq!(seen[0].1, [pair("layer", "cache")]);
+        let DebugValue::Histogram(values) = &seen[0].2 else {
+            panic!("not a histogram: {seen:?}");
+        };
+        assert_eq!(values.len(), 1);
+        // The 50 ms inside the inner service are not the layer's.
+        let added = values[0].into_inner();
+        assert!((0.0..inner_time.as_secs_f64()).contains(&added), "{added}");
+    }
+
+    #[test]
     fn gauges_keep_the_last_value() {
         let seen = recorded(|| {
             gauge("breaker_state", &[], 1.0);
