@@ -5,7 +5,7 @@
 //! ```text
 //! curl -si localhost:3000/products/1             # 50 ms "database" read, then cached:
 //! curl -si localhost:3000/products/1             #   Cache-Status: tower-redis; hit; ttl=59
-//! curl -si -X PUT localhost:3000/products/1 -d 'Blue mug'   # purges tag product-1: /products/1 and /products
+//! curl -si -X PUT localhost:3000/products/1 -d 'Blue mug'   # purges tag product-1: the data, /products/1 and /products
 //! curl -si -c jar -X POST localhost:3000/login -d user=alice   # session cookie, new id
 //! curl -si -b jar localhost:3000/me                        # {"user":"alice"}
 //! curl -si -b jar localhost:3000/api/orders                # RateLimit: "per-user";r=99;...
@@ -18,7 +18,20 @@
 //! Product responses are tagged (`Surrogate-Key: product-<id> products`,
 //! removed before they reach the client) and served stale for up to 30 s
 //! while one request refreshes them; concurrent misses for one product
-//! make one "database" read across every instance. `/admin/cache/*` (the
+//! make one "database" read across every instance. Under the page cache,
+//! the product's "database" read itself goes through the data cache
+//! (`DataCache::get_or_insert_with`, key `product:<id>`, tag
+//! `product-<id>`): a page purged on its own (`/admin/cache/purge/url`) is
+//! rebuilt without the 50 ms read, and the one `purge_tag("product-<id>")`
+//! of a `PUT` drops the data and every page that shows it.
+//!
+//! Observability: tower-http's `TraceLayer` logs each request (span
+//! `request` with method, URI and version; `RUST_LOG=tower_http=debug`
+//! shows its events), the histogram `http.server.request.duration`
+//! (Prometheus: `http_server_request_duration`) times every request by
+//! method, route and status, and `/metrics` serves it with every metric of
+//! the layers, histograms with buckets (docs/OBSERVABILITY.md lists them). `examples/grafana-dashboard.json`
+//! is a Grafana dashboard for that page. `/admin/cache/*` (the
 //! cache's admin router: purge by tag, URL, prefix or everything, soft
 //! purge, entry lookup, stats) requires `Authorization: Bearer <token>`,
 //! with the token from `ADMIN_TOKEN`. Without it a random one is generated
@@ -55,17 +68,21 @@
 //! here so that it works over plain http on localhost.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use axum::extract::{Path, State};
+use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tower_http::trace::TraceLayer;
 use tower_redis_cache::admin::CacheAdmin;
+use tower_redis_cache::data::{DataCache, DataOptions};
 use tower_redis_cache::{CacheHandle, CacheLayer, Forwarding, Route};
 // The layer crates re-export the connection manager: no tower-redis-core
 // dependency is needed for it.
@@ -81,7 +98,20 @@ struct App {
     products: Arc<RwLock<BTreeMap<u32, String>>>,
     metrics: PrometheusHandle,
     cache: CacheHandle,
+    /// The product reads, cached as data (`product:<id>`, tag `product-<id>`).
+    data: DataCache,
 }
+
+/// The request-duration histogram (OpenTelemetry's HTTP server convention).
+const HTTP_SERVER_REQUEST_DURATION: &str = "http.server.request.duration";
+
+/// Histogram buckets in seconds, for every `*duration` histogram (Redis
+/// operations, the layers' added latency, HTTP requests) and the pool's
+/// checkout wait: 100 µs to 10 s.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
 
 #[tokio::main]
 async fn main() {
@@ -93,7 +123,21 @@ async fn main() {
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     support::init_tracing();
-    let metrics = PrometheusBuilder::new().install_recorder()?;
+    // Buckets make the `*duration` histograms Prometheus histograms
+    // (`_bucket`, `_sum`, `_count`), which dashboards aggregate across
+    // instances; without them the exporter writes summaries.
+    let metrics = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("duration".to_owned()), DURATION_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full("db.client.connection.wait_time".to_owned()),
+            DURATION_BUCKETS,
+        )?
+        .install_recorder()?;
+    metrics::describe_histogram!(
+        HTTP_SERVER_REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Duration of HTTP requests the demo server answered, by method, route and status code."
+    );
     let redis = support::redis_from_env().await?;
     // Who the client is behind proxies: TRUSTED_PROXIES / FORWARDING_HEADER,
     // one configuration for the cache and the rate limits.
@@ -159,6 +203,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         products: Arc::new(RwLock::new(products)),
         metrics,
         cache: cache.handle(),
+        data: cache.handle().data(),
     };
     let admin = CacheAdmin::new(cache.handle(), bearer_token_check(admin_token())).into_router();
     let api = Router::new()
@@ -180,7 +225,11 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .route("/metrics", get(metrics_text))
         .merge(shop)
         .with_state(app)
-        .nest("/admin/cache", admin);
+        .nest("/admin/cache", admin)
+        // Outermost: every request, answered by a layer or not, is traced
+        // and timed.
+        .layer(middleware::from_fn(request_duration))
+        .layer(TraceLayer::new_for_http());
 
     let addr = listen_address(
         std::env::var("BIND").ok().as_deref(),
@@ -244,6 +293,64 @@ async fn database_read() {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
+/// Records `http.server.request.duration` with the OpenTelemetry HTTP
+/// server attributes: `http.request.method` (the method, or `_OTHER`),
+/// `http.route` (the route template, never the raw path, so the number of
+/// series stays bounded; `unmatched` for a 404 without a route) and
+/// `http.response.status_code`.
+async fn request_duration(request: Request, next: Next) -> axum::response::Response {
+    let started = Instant::now();
+    let method = match *request.method() {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::HEAD => "HEAD",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::PUT => "PUT",
+        axum::http::Method::DELETE => "DELETE",
+        axum::http::Method::PATCH => "PATCH",
+        axum::http::Method::OPTIONS => "OPTIONS",
+        _ => "_OTHER",
+    };
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let response = next.run(request).await;
+    metrics::histogram!(
+        HTTP_SERVER_REQUEST_DURATION,
+        "http.request.method" => method,
+        "http.route" => route,
+        "http.response.status_code" => response.status().as_u16().to_string(),
+    )
+    .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// A product's name from the "database", through the data cache: one
+/// Redis round trip when cached, else one 50 ms read for every instance
+/// asking at once. `None` (no such product) is cached too; a `PUT` purges
+/// the tag. Should the data cache give no value (it always does here: the
+/// read cannot fail), the database is read directly.
+async fn product_name(app: &App, id: u32) -> Option<String> {
+    let options = DataOptions::new(Duration::from_secs(60)).tag(format!("product-{id}"));
+    let products = Arc::clone(&app.products);
+    let read = move || async move {
+        database_read().await;
+        Ok::<_, Infallible>(products.read().ok().and_then(|p| p.get(&id).cloned()))
+    };
+    match app
+        .data
+        .get_or_insert_with(&format!("product:{id}"), &options, read)
+        .await
+    {
+        Ok(name) => name,
+        Err(error) => {
+            tracing::warn!(%error, "the data cache gave no product; reading the database");
+            database_read().await;
+            app.products.read().ok().and_then(|p| p.get(&id).cloned())
+        }
+    }
+}
+
 /// Cacheable for a minute, tagged so that a change can purge every
 /// response that shows it.
 fn cacheable(tags: String, body: impl IntoResponse) -> impl IntoResponse {
@@ -270,9 +377,7 @@ async fn list_products(State(app): State<App>) -> impl IntoResponse {
 }
 
 async fn product(State(app): State<App>, Path(id): Path<u32>) -> axum::response::Response {
-    database_read().await;
-    let name = app.products.read().ok().and_then(|p| p.get(&id).cloned());
-    match name {
+    match product_name(&app, id).await {
         Some(name) => cacheable(
             format!("product-{id} products"),
             Json(serde_json::json!({ "id": id, "name": name })),
@@ -283,8 +388,8 @@ async fn product(State(app): State<App>, Path(id): Path<u32>) -> axum::response:
 }
 
 /// A successful PUT invalidates its own URL (and its same-origin
-/// `Location`); the tag purge reaches every other response that shows the
-/// product, on every instance.
+/// `Location`); the tag purge drops the product's data and reaches every
+/// other response that shows the product, on every instance.
 async fn update_product(
     State(app): State<App>,
     Path(id): Path<u32>,

@@ -6,6 +6,7 @@
 //! cargo run --release -p benches --features peers -- cache
 //! cargo run --release -p benches --features peers -- session
 //! cargo run --release -p benches --features peers -- stack
+//! cargo run --release -p benches --features peers -- data
 //! cargo run --release -p benches --features peers -- all --quick
 //! ```
 //!
@@ -21,6 +22,7 @@ mod cache_suite;
 mod cells;
 mod core_suite;
 mod cpu;
+mod data_suite;
 mod degraded;
 mod error;
 mod grid;
@@ -57,6 +59,8 @@ enum Suite {
     Session,
     /// Rate limit + cache + session on one route.
     Stack,
+    /// `DataCache::get_or_insert_with` vs bare GET + serde, moka (and amalgam-cache).
+    Data,
 }
 
 impl Suite {
@@ -67,6 +71,7 @@ impl Suite {
         Suite::Cache,
         Suite::Session,
         Suite::Stack,
+        Suite::Data,
     ];
 
     fn name(self) -> &'static str {
@@ -76,6 +81,7 @@ impl Suite {
             Suite::Cache => "cache",
             Suite::Session => "session",
             Suite::Stack => "stack",
+            Suite::Data => "data",
         }
     }
 
@@ -95,6 +101,9 @@ impl Suite {
             }
             Suite::Stack => {
                 "HTTP requests/s of one route behind rate limit + cache + session vs no layer and raw Redis, degraded mode"
+            }
+            Suite::Data => {
+                "DataCache::get_or_insert_with hit, miss and near hit vs bare redis-rs GET + serde and moka (amalgam-cache with --features peers), the herd across two instances"
             }
         }
     }
@@ -119,6 +128,7 @@ impl Suite {
             Suite::Cache => cache_suite::run(redis, options).await,
             Suite::Session => session_suite::run(redis, options).await,
             Suite::Stack => stack_suite::run(redis, options).await,
+            Suite::Data => data_suite::run(redis, options).await,
         }
     }
 }

@@ -212,7 +212,15 @@ impl Backend {
                         let _ = pool.add(fresh);
                         return Ok(checked_out);
                     }
+                    let waited = crate::record::Started::now();
                     let guard = pool.get().await.map_err(pool_error)?;
+                    let state = pool.state();
+                    crate::record::pool_checkout(
+                        waited,
+                        state.connections,
+                        state.idle_connections,
+                        *pool_size,
+                    );
                     if !guard.broken.load(Ordering::Acquire)
                         && guard.generation() == generation.load(Ordering::Acquire)
                     {

@@ -69,6 +69,116 @@ pub fn histogram(name: &'static str, labels: Labels<'_>, value: f64) {
     let _ = (name, labels, value);
 }
 
+/// A start time for a duration that is recorded only with the `metrics`
+/// feature: without it this is zero-sized and reads no clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Started {
+    #[cfg(feature = "metrics")]
+    at: std::time::Instant,
+}
+
+impl Started {
+    /// Now.
+    #[inline]
+    pub fn now() -> Self {
+        Self {
+            #[cfg(feature = "metrics")]
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// Seconds since [`Started::now`] (0 without the `metrics` feature).
+    #[inline]
+    pub fn elapsed_secs(&self) -> f64 {
+        #[cfg(feature = "metrics")]
+        return self.at.elapsed().as_secs_f64();
+        #[cfg(not(feature = "metrics"))]
+        0.0
+    }
+}
+
+/// The pool's figures after a checkout from the standalone pool: the
+/// checkout's wait (`db.client.connection.wait_time`), the connections by
+/// state (`db.client.connection.count`, `state` = `idle` / `used`) and the
+/// pool's size (`db.client.connection.max`).
+#[inline]
+pub fn pool_checkout(waited: Started, connections: u32, idle: u32, max: u32) {
+    histogram(DB_CLIENT_CONNECTION_WAIT_TIME, &[], waited.elapsed_secs());
+    gauge(
+        DB_CLIENT_CONNECTION_COUNT,
+        &[("db.client.connection.state", "idle")],
+        f64::from(idle),
+    );
+    gauge(
+        DB_CLIENT_CONNECTION_COUNT,
+        &[("db.client.connection.state", "used")],
+        f64::from(connections.saturating_sub(idle)),
+    );
+    gauge(DB_CLIENT_CONNECTION_MAX, &[], f64::from(max));
+}
+
+/// Measures the latency a layer adds to one request: the time from the
+/// layer's `call` until its response is ready, minus the time spent in the
+/// inner service's futures ([`LayerClock::inner`]). Recorded once, when the
+/// clock is dropped (at the end of the layer's response future), in
+/// [`TOWER_REDIS_LAYER_OVERHEAD_DURATION`] with label `layer`. Without the
+/// `metrics` feature it is zero-sized and [`LayerClock::inner`] only awaits.
+#[derive(Debug)]
+pub struct LayerClock {
+    #[cfg(feature = "metrics")]
+    layer: &'static str,
+    #[cfg(feature = "metrics")]
+    started: std::time::Instant,
+    #[cfg(feature = "metrics")]
+    inner_ns: std::sync::atomic::AtomicU64,
+}
+
+impl LayerClock {
+    /// Starts timing a request in `layer` (`cache`, `ratelimit`, `session`).
+    #[inline]
+    pub fn start(layer: &'static str) -> Self {
+        #[cfg(not(feature = "metrics"))]
+        let _ = layer;
+        Self {
+            #[cfg(feature = "metrics")]
+            layer,
+            #[cfg(feature = "metrics")]
+            started: std::time::Instant::now(),
+            #[cfg(feature = "metrics")]
+            inner_ns: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Awaits the inner service's future, counting its time as not the layer's.
+    #[inline]
+    pub async fn inner<F: std::future::Future>(&self, future: F) -> F::Output {
+        #[cfg(feature = "metrics")]
+        {
+            let started = std::time::Instant::now();
+            let output = future.await;
+            let spent = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.inner_ns
+                .fetch_add(spent, std::sync::atomic::Ordering::Relaxed);
+            output
+        }
+        #[cfg(not(feature = "metrics"))]
+        future.await
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl Drop for LayerClock {
+    fn drop(&mut self) {
+        let total = self.started.elapsed().as_secs_f64();
+        let inner = self.inner_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9;
+        histogram(
+            TOWER_REDIS_LAYER_OVERHEAD_DURATION,
+            &[("layer", self.layer)],
+            (total - inner).max(0.0),
+        );
+    }
+}
+
 /// What a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -116,6 +226,19 @@ const fn metric(
 /// database client convention).
 pub const DB_CLIENT_OPERATION_DURATION: &str = "db.client.operation.duration";
 
+/// The pool checkout wait histogram (OpenTelemetry's database client
+/// connection metrics).
+pub const DB_CLIENT_CONNECTION_WAIT_TIME: &str = "db.client.connection.wait_time";
+
+/// The pool's connections by `db.client.connection.state` (`idle`, `used`).
+pub const DB_CLIENT_CONNECTION_COUNT: &str = "db.client.connection.count";
+
+/// The pool's maximum size.
+pub const DB_CLIENT_CONNECTION_MAX: &str = "db.client.connection.max";
+
+/// The latency a layer adds to a request, its inner service's time left out.
+pub const TOWER_REDIS_LAYER_OVERHEAD_DURATION: &str = "tower_redis.layer.overhead.duration";
+
 /// Every metric the four crates record (with their `metrics` feature).
 /// [`describe`] gives each its help text; docs/OBSERVABILITY.md lists them.
 pub const METRICS: &[Metric] = &[
@@ -154,6 +277,34 @@ pub const METRICS: &[Metric] = &[
         &["db.system.name", "db.operation.name", "error.type"],
         Some("seconds"),
         "Duration of Redis commands and pipelines, from sending to the answer (error.type only on failures).",
+    ),
+    metric(
+        Kind::Histogram,
+        DB_CLIENT_CONNECTION_WAIT_TIME,
+        &[],
+        Some("seconds"),
+        "Time a command waited to check a connection out of the standalone pool.",
+    ),
+    metric(
+        Kind::Gauge,
+        DB_CLIENT_CONNECTION_COUNT,
+        &["db.client.connection.state"],
+        None,
+        "Connections in the standalone pool, by state (idle, used), as of the last checkout.",
+    ),
+    metric(
+        Kind::Gauge,
+        DB_CLIENT_CONNECTION_MAX,
+        &[],
+        None,
+        "The most connections the standalone pool opens (RedisConfig pool_size).",
+    ),
+    metric(
+        Kind::Histogram,
+        TOWER_REDIS_LAYER_OVERHEAD_DURATION,
+        &["layer"],
+        Some("seconds"),
+        "Latency a layer adds to a request: its time until the response is ready, minus the inner service's.",
     ),
     metric(
         Kind::Gauge,
@@ -211,6 +362,27 @@ pub const METRICS: &[Metric] = &[
         &["kind"],
         None,
         "Stale entries served, by kind: stale-while-revalidate or stale-if-error.",
+    ),
+    metric(
+        Kind::Counter,
+        "tower_redis_cache_data_total",
+        &["result", "tier"],
+        None,
+        "Data cache lookups (DataCache::get_or_insert_with), by result (hit, stale, miss) and tier (redis, near, in-process).",
+    ),
+    metric(
+        Kind::Counter,
+        "tower_redis_cache_data_decode_failures_total",
+        &[],
+        None,
+        "Stored data values that did not decode (schema change, corruption): treated as misses and deleted.",
+    ),
+    metric(
+        Kind::Counter,
+        "tower_redis_cache_data_too_large_total",
+        &[],
+        None,
+        "Data values returned but not stored because their encoding is over the size limit.",
     ),
     // tower-redis-ratelimit
     metric(
@@ -354,6 +526,32 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_layer_clock_records_its_time_without_the_inner_service() {
+        let inner_time = std::time::Duration::from_millis(50);
+        let seen = recorded(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                let clock = LayerClock::start("cache");
+                clock.inner(tokio::time::sleep(inner_time)).await;
+                drop(clock);
+            });
+        });
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].0, TOWER_REDIS_LAYER_OVERHEAD_DURATION);
+        assert_eq!(seen[0].1, [pair("layer", "cache")]);
+        let DebugValue::Histogram(values) = &seen[0].2 else {
+            panic!("not a histogram: {seen:?}");
+        };
+        assert_eq!(values.len(), 1);
+        // The 50 ms inside the inner service are not the layer's.
+        let added = values[0].into_inner();
+        assert!((0.0..inner_time.as_secs_f64()).contains(&added), "{added}");
     }
 
     #[test]

@@ -63,6 +63,8 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = Arc::clone(&self.config);
         ResponseFuture::new(async move {
+            // The latency this layer adds (metrics only); recorded when dropped.
+            let clock = tower_redis_core::record::LayerClock::start("ratelimit");
             let (parts, body) = request.into_parts();
             // One span per decision; `decide` records its outcome.
             let span = tracing::debug_span!(
@@ -76,7 +78,9 @@ where
             );
             match decide(&config, &parts).instrument(span).await {
                 Outcome::Pass(extra_headers) => {
-                    let mut response = inner.call(Request::from_parts(parts, body)).await?;
+                    let mut response = clock
+                        .inner(inner.call(Request::from_parts(parts, body)))
+                        .await?;
                     // Appended, not replaced: stacked rate-limit layers
                     // each add their members to the same list fields.
                     for (name, value) in &extra_headers {

@@ -67,7 +67,9 @@ where
             save_result = tracing::field::Empty,
         );
         let handled = async move {
-            let mut response = inner.call(request).await?;
+            // The latency this layer adds (metrics only); recorded when dropped.
+            let clock = tower_redis_core::record::LayerClock::start("session");
+            let mut response = clock.inner(inner.call(request)).await?;
             let update = match session.finish().await {
                 Some(update) => Some(update),
                 // A persistent cookie's Max-Age rolls with use.

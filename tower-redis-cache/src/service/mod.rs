@@ -125,7 +125,60 @@ where
             result = tracing::field::Empty,
             cache_status = tracing::field::Empty,
         );
+        // The latency the cache adds (metrics only): the inner service's
+        // time is counted through `Timed`, recorded when `clock` drops.
+        #[cfg(feature = "metrics")]
+        {
+            let clock = Arc::new(tower_redis_core::record::LayerClock::start("cache"));
+            let inner = Timed {
+                inner,
+                clock: Arc::downgrade(&clock),
+            };
+            let handled = async move {
+                let answer = handle(config, inner, request).await;
+                drop(clock);
+                answer
+            };
+            ResponseFuture::new(handled.instrument(span))
+        }
+        #[cfg(not(feature = "metrics"))]
         ResponseFuture::new(handle(config, inner, request).instrument(span))
+    }
+}
+
+/// The inner service, its time counted as not the cache's own
+/// ([`LayerClock::inner`](tower_redis_core::record::LayerClock::inner)).
+/// A call made after the request's answer (a background refresh) is not
+/// counted: the clock is gone by then.
+#[cfg(feature = "metrics")]
+struct Timed<S> {
+    inner: S,
+    clock: std::sync::Weak<tower_redis_core::record::LayerClock>,
+}
+
+#[cfg(feature = "metrics")]
+impl<S, R> Service<R> for Timed<S>
+where
+    S: Service<R, Future: Send + 'static>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        let called = self.inner.call(request);
+        let clock = self.clock.upgrade();
+        Box::pin(async move {
+            match clock {
+                Some(clock) => clock.inner(called).await,
+                None => called.await,
+            }
+        })
     }
 }
 
