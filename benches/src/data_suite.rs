@@ -427,8 +427,10 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
         .build();
     let redis_only = DataOptions::new(Duration::from_secs(3600)).near(false);
     let near_allowed = DataOptions::new(Duration::from_secs(3600));
+    // Stored with the near tier allowed (a value stored `near(false)` is
+    // never copied near by any instance).
     let stored: Product = on_redis
-        .get_or_insert_with(HIT_KEY, &redis_only, {
+        .get_or_insert_with(HIT_KEY, &near_allowed, {
             let value = value.clone();
             move || async move { Ok::<_, &str>(value) }
         })

@@ -118,8 +118,8 @@ impl DataCacheBuilder {
     }
 
     /// A near tier of at most `max_bytes`, each copy kept at most `ttl`,
-    /// kept coherent by pub/sub like the HTTP cache's near cache. Off by
-    /// default.
+    /// kept coherent like the HTTP cache's near cache (Redis client
+    /// tracking; pub/sub on a cluster). Off by default.
     pub fn near_cache(mut self, max_bytes: u64, ttl: Duration) -> Self {
         self.near = Some((max_bytes.max(1), ttl.max(Duration::from_millis(1))));
         self
