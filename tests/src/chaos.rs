@@ -553,6 +553,49 @@ pub struct RateLimitReport {
     pub shared_bound: f64,
 }
 
+impl RateLimitReport {
+    /// Prints the phase's figures and asserts that they stay within the
+    /// documented bound: some admissions (the route was used), all of them
+    /// within the whole bound, the local limiters' within theirs
+    /// (`instances × share × quota` per period, plus a burst each) and the
+    /// shared counter's within its limit. `during` names the phase.
+    pub fn assert_within_bounds(&self, name: &str, during: &str) {
+        let count = self.count;
+        let shared = count.admitted - count.admitted_local;
+        eprintln!(
+            "{name}: rate limit during the {during} ({:?} with slack): admitted {} ({} local, bound {:.0}; {shared} shared, bound {:.0}) denied {} ({} local)",
+            self.duration,
+            count.admitted,
+            count.admitted_local,
+            self.local_bound,
+            self.shared_bound,
+            count.denied,
+            count.denied_local,
+        );
+        assert!(
+            count.admitted > 0,
+            "{name}: the rate-limited route was used"
+        );
+        assert!(
+            count.admitted as f64 <= self.bound,
+            "{name}: {} admitted during the {during}, over the bound of {:.0}",
+            count.admitted,
+            self.bound
+        );
+        assert!(
+            count.admitted_local as f64 <= self.local_bound,
+            "{name}: the local limiters admitted {} during the {during}, over instances × share × quota per period (over the time they decided in) plus a burst each: {:.0}",
+            count.admitted_local,
+            self.local_bound
+        );
+        assert!(
+            shared as f64 <= self.shared_bound,
+            "{name}: the shared counter admitted {shared} during the {during}, over its limit of {:.0}",
+            self.shared_bound
+        );
+    }
+}
+
 /// A session that vanished for the client holding it: read as empty
 /// although the client's acknowledged writes were there, or replaced or
 /// ended by a write. Only a fault that loses Redis' data (a restart without

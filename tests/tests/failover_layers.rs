@@ -106,40 +106,7 @@ async fn through_failover(
     // Rate limit: within the documented bound during the failover (local
     // and shared admissions each within their part), exact after it.
     let failover = load.rate_limit_report(Phase::Outage, 2);
-    let count = failover.count;
-    eprintln!(
-        "{name}: rate limit during the failover ({:?} with slack): admitted {} ({} local, bound \
-         {:.0}; {} shared, bound {:.0}) denied {}",
-        failover.duration,
-        count.admitted,
-        count.admitted_local,
-        failover.local_bound,
-        count.admitted - count.admitted_local,
-        failover.shared_bound,
-        count.denied,
-    );
-    assert!(
-        count.admitted > 0,
-        "{name}: the rate-limited route was used"
-    );
-    assert!(
-        count.admitted as f64 <= failover.bound,
-        "{name}: {} admitted during the failover, over the bound of {:.0}",
-        count.admitted,
-        failover.bound
-    );
-    assert!(
-        count.admitted_local as f64 <= failover.local_bound,
-        "{name}: the local limiters admitted {}, over their bound of {:.0}",
-        count.admitted_local,
-        failover.local_bound
-    );
-    assert!(
-        (count.admitted - count.admitted_local) as f64 <= failover.shared_bound,
-        "{name}: the shared counter admitted {}, over its limit of {:.0}",
-        count.admitted - count.admitted_local,
-        failover.shared_bound
-    );
+    failover.assert_within_bounds(&name, "failover");
     let recovered = load.rate_limit_report(Phase::Recovered, 0);
     let exact = f64::from(RL_QUOTA) * (1.0 + recovered.duration.as_secs_f64() / 2.0) + 1.0;
     eprintln!(
