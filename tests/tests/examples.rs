@@ -421,37 +421,6 @@ async fn wait_for_page(client: &Client<HttpConnector, ClientBody>, server: &Runn
     .await;
 }
 
-/// Makes sure the demo server has a stored page for `path`: a page filled
-/// just after a purge of it, or under heavy load, is sometimes not stored
-/// (seen about once in five runs after a purge, and once in a loaded CI
-/// run for the first fill; the cause is not found yet). So the page is
-/// looked for during 5 s; if it is missing, it is asked for once more (one
-/// flood-guard token), then waited for.
-async fn refill_page(client: &Client<HttpConnector, ClientBody>, server: &Running, path: &str) {
-    let url = server.url(path);
-    let entry = server.url(&format!("/admin/cache/entry?url={url}"));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let found = send(
-            client,
-            Method::GET,
-            &entry,
-            &[("authorization", "Bearer smoke-token")],
-            "",
-        )
-        .await;
-        if found.status == StatusCode::OK {
-            return;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    get(client, &url).await;
-    wait_for_page(client, server, &url).await;
-}
-
 /// Polls the test Redis until it holds a session of `user` (sessions live
 /// at `tower-redis:{<hash of the id>}:s`, the user in field `_u`).
 async fn wait_for_session_of(redis: &TestRedis, user: &str) {
@@ -612,7 +581,7 @@ async fn server_walkthrough_survives_a_redis_outage() {
         "tower-redis; fwd=uri-miss; stored"
     );
     assert!(miss.body.contains("Red mug"), "{}", miss.body);
-    refill_page(&http, &server, "/products/1").await;
+    wait_for_page(&http, &server, &server.url("/products/1")).await;
     let hit = get(&http, &server.url("/products/1")).await;
     assert!(
         hit.header("cache-status")
@@ -660,7 +629,7 @@ async fn server_walkthrough_survives_a_redis_outage() {
 
     // A PUT invalidates the product and the list, and its one tag purge
     // drops the product's data too (else the pages would show the old name).
-    refill_page(&http, &server, "/products/1").await;
+    wait_for_page(&http, &server, &server.url("/products/1")).await;
     get(&http, &server.url("/products")).await;
     wait_for_page(&http, &server, &server.url("/products")).await;
     let list = get(&http, &server.url("/products")).await;
@@ -699,8 +668,8 @@ async fn server_walkthrough_survives_a_redis_outage() {
     );
 
     // The cache admin router: refused without the token, purges with it.
-    refill_page(&http, &server, "/products/1").await;
-    refill_page(&http, &server, "/products").await;
+    wait_for_page(&http, &server, &server.url("/products/1")).await;
+    wait_for_page(&http, &server, &server.url("/products")).await;
     let refused = send(
         &http,
         Method::POST,

@@ -188,7 +188,45 @@ fn origin_routes(origin: Origin) -> Router {
                 )
             }),
         )
+        .route(
+            "/announced",
+            routing::get(|State(o): State<Origin>| async move {
+                o.calls.count("/announced");
+                respond(
+                    StatusCode::OK,
+                    &[
+                        ("cache-control", "max-age=60".into()),
+                        ("content-length", "6".into()),
+                    ],
+                    Body::new(Announced(Some(Bytes::from_static(b"whole;")))),
+                )
+            }),
+        )
         .with_state(origin)
+}
+
+/// A body whose one chunk is its last, and says so (`is_end_stream`), as
+/// hyper's body does once its `Content-Length` bytes are read; polling for
+/// the end itself waits, so the client can take the chunk and leave first.
+struct Announced(Option<Bytes>);
+
+impl http_body::Body for Announced {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.0.take() {
+            Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+            None => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_none()
+    }
 }
 
 /// A body that sends one chunk and then never ends (an origin still
@@ -431,6 +469,45 @@ async fn a_client_that_disconnects_mid_body_leaves_no_entry() {
         .await
         .unwrap();
     assert!(keys.is_empty(), "{keys:?}");
+}
+
+/// A page answered `stored` was once missing from Redis: hyper drops a body
+/// as soon as its declared bytes are written, and the store took the
+/// client's departure for a disconnect mid-body. A client that leaves with
+/// the whole body leaves the entry.
+#[tokio::test]
+async fn a_client_that_leaves_with_the_whole_body_leaves_the_entry() {
+    let f = fixture(|b| b).await;
+    let request = Request::get("/announced")
+        .header(header::HOST, "shop.example")
+        .body(Body::empty())
+        .unwrap();
+    let response = f.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(
+        response.headers()["cache-status"],
+        "tower-redis; fwd=uri-miss; stored"
+    );
+    let mut body = response.into_body();
+    let all = body.frame().await.unwrap().unwrap();
+    assert_eq!(all.into_data().unwrap(), "whole;");
+    drop(body);
+    settle(&f.layer).await;
+    let mut conn = f.redis.connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*:c:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "the page was not stored: {keys:?}");
+    let hit = get(&f.app, "/announced").await;
+    assert!(
+        hit.header("cache-status")
+            .is_some_and(|s| s.starts_with("tower-redis; hit")),
+        "{:?}",
+        hit.headers
+    );
+    assert_eq!(hit.body, "whole;");
+    assert_eq!(f.origin.calls(), 1);
 }
 
 #[tokio::test]

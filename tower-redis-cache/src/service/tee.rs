@@ -9,7 +9,11 @@
 //! each hold at most the entry size limit. Past the limit the body is not
 //! stored and the task hands the rest of the origin body to the client,
 //! which then streams it with ordinary backpressure. A client that goes
-//! away stops the task: the origin body is dropped and nothing is stored.
+//! away while the origin is still sending stops the task: the origin body
+//! is dropped and nothing is stored. A client that leaves once it has the
+//! whole body (hyper drops a body as soon as its `Content-Length` bytes are
+//! written) does not: the body's end, when the origin has already announced
+//! it, is seen before the departure.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -108,7 +112,10 @@ where
         let mut copy = BytesMut::new();
         let mut storable = true;
         loop {
+            // The origin first: a body that has ended is stored even when
+            // its client has already left.
             let frame = tokio::select! {
+                biased;
                 frame = body.frame() => frame,
                 () = shared.client_gone.notified() => return None,
             };
@@ -135,7 +142,18 @@ where
                     }
                     Ok(data) => {
                         copy.extend_from_slice(&data);
-                        shared.update(|state| state.pending.extend_from_slice(&data));
+                        // The origin says nothing follows (the last bytes of
+                        // a known length): the body is complete now, before
+                        // the client, which may take these bytes and leave
+                        // at once, is woken.
+                        let last = body.is_end_stream();
+                        shared.update(|state| {
+                            state.pending.extend_from_slice(&data);
+                            state.ended = last;
+                        });
+                        if last {
+                            return storable.then(|| copy.freeze());
+                        }
                     }
                     Err(frame) => {
                         // Trailers are passed on; a response with them is not stored.
@@ -290,6 +308,48 @@ mod tests {
         let (reader, writer) = tee(frames);
         assert_eq!(writer.read_ahead(100).await, None);
         assert_eq!(read_all(reader).await, (b"ab".to_vec(), true));
+    }
+
+    /// One chunk whose end the origin announces with it (as hyper does for
+    /// the last bytes of a `Content-Length` body), while polling for the end
+    /// itself waits: the client takes the chunk and leaves in between.
+    struct Announced(Option<Bytes>);
+
+    impl Body for Announced {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            match self.0.take() {
+                Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                None => Poll::Pending,
+            }
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_none()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_took_the_whole_body_and_left_still_stores_it() {
+        let (mut reader, writer) = tee(Announced(Some(Bytes::from_static(b"whole"))));
+        let stored = tokio::spawn(writer.read_ahead(100));
+        let frame = std::future::poll_fn(|cx| reader.poll_frame(cx))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(frame.into_data().unwrap(), "whole");
+        assert!(reader.is_end_stream());
+        drop(reader);
+        let stored = tokio::time::timeout(std::time::Duration::from_secs(5), stored)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.as_deref(), Some(&b"whole"[..]));
     }
 
     #[tokio::test]
