@@ -184,7 +184,7 @@ fn origin_routes(origin: Origin) -> Router {
                 respond(
                     StatusCode::OK,
                     &[("cache-control", "max-age=60".into())],
-                    Body::new(Unfinished(Some(Bytes::from_static(b"chunk0;")))),
+                    Body::new(OneChunk::new(b"chunk0;", false)),
                 )
             }),
         )
@@ -198,19 +198,33 @@ fn origin_routes(origin: Origin) -> Router {
                         ("cache-control", "max-age=60".into()),
                         ("content-length", "6".into()),
                     ],
-                    Body::new(Announced(Some(Bytes::from_static(b"whole;")))),
+                    Body::new(OneChunk::new(b"whole;", true)),
                 )
             }),
         )
         .with_state(origin)
 }
 
-/// A body whose one chunk is its last, and says so (`is_end_stream`), as
-/// hyper's body does once its `Content-Length` bytes are read; polling for
-/// the end itself waits, so the client can take the chunk and leave first.
-struct Announced(Option<Bytes>);
+/// A body that sends one chunk, then waits for an end that never comes.
+/// `announced`: the chunk is its last and the body says so
+/// (`is_end_stream`), as hyper's body does once its `Content-Length` bytes
+/// are read, so a client can take the chunk and leave before the end. Not
+/// announced: an origin still sending when the client leaves.
+struct OneChunk {
+    chunk: Option<Bytes>,
+    announced: bool,
+}
 
-impl http_body::Body for Announced {
+impl OneChunk {
+    fn new(chunk: &'static [u8], announced: bool) -> Self {
+        OneChunk {
+            chunk: Some(Bytes::from_static(chunk)),
+            announced,
+        }
+    }
+}
+
+impl http_body::Body for OneChunk {
     type Data = Bytes;
     type Error = std::convert::Infallible;
 
@@ -218,33 +232,14 @@ impl http_body::Body for Announced {
         mut self: Pin<&mut Self>,
         _: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.0.take() {
+        match self.chunk.take() {
             Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
             None => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.is_none()
-    }
-}
-
-/// A body that sends one chunk and then never ends (an origin still
-/// sending when the client leaves).
-struct Unfinished(Option<Bytes>);
-
-impl http_body::Body for Unfinished {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.0.take() {
-            Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
-            None => Poll::Pending,
-        }
+        self.announced && self.chunk.is_none()
     }
 }
 
