@@ -162,7 +162,17 @@ impl RedisManager {
             .get_or_init(|| {
                 let generation = match &self.inner.backend {
                     Backend::Standalone { generation, .. } => Some(Arc::clone(generation)),
-                    Backend::Cluster { .. } | Backend::Disabled => return None,
+                    Backend::Cluster { .. } => {
+                        // Said once: the layers that would read through
+                        // tracking go to Redis on every read instead.
+                        tracing::info!(
+                            target: "tower_redis_core",
+                            "client tracking is off on a Redis Cluster: session reads and the cache's near tier \
+                             go to Redis on every read (0-round-trip reads need a standalone or Sentinel Redis)"
+                        );
+                        return None;
+                    }
+                    Backend::Disabled => return None,
                 };
                 Some(Tracking {
                     shared: Arc::new(Shared {

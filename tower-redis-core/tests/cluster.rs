@@ -1,6 +1,8 @@
 //! The manager against a real three-master Redis Cluster.
 
 use std::collections::HashSet;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tower_redis_core::redis::{self, Script};
@@ -137,4 +139,48 @@ async fn a_killed_node_falls_back_and_recovers_after_restart() {
             manager.health()
         );
     }
+}
+
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Tracking (0-round-trip session reads, the cache's near tier) is off on a
+/// cluster; a user who counted on it reads why in the log, once, not twice.
+#[tokio::test]
+async fn tracking_off_on_a_cluster_is_logged_once() {
+    let cluster = TestCluster::start().await;
+    let manager = RedisManager::connect(cluster.config().build().expect("valid"))
+        .await
+        .expect("starts");
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        assert!(manager.tracking().is_none());
+        assert!(manager.clone().tracking().is_none());
+    });
+    let log = String::from_utf8_lossy(&capture.0.lock().unwrap_or_else(|p| p.into_inner()))
+        .into_owned();
+    assert_eq!(
+        log.matches("client tracking is off on a Redis Cluster").count(),
+        1,
+        "{log}"
+    );
 }
