@@ -129,7 +129,10 @@ async fn two_leasing_instances_stay_within_the_gcra_bound_plus_instances_times_t
         admitted <= 1000 + refilled + 2 * 50,
         "admitted {admitted}: over the burst + {refilled} + 2 × 50"
     );
-    assert!(admitted >= 900, "admitted {admitted}: more than 2 × 50 parked");
+    assert!(
+        admitted >= 900,
+        "admitted {admitted}: more than 2 × 50 parked"
+    );
 }
 
 /// The point of a lease: a hot global key costs Redis one call per lease,
@@ -175,11 +178,20 @@ async fn a_holds_everything(redis: &TestRedis) -> (RateLimitLayer, Svc) {
         .key(Key::global())
         .lease(10);
     let (a, b) = two_instances(redis, &policy).await;
-    assert_eq!(send(&app(a.clone()), request("198.51.100.1")).await.status(), 200);
+    assert_eq!(
+        send(&app(a.clone()), request("198.51.100.1"))
+            .await
+            .status(),
+        200
+    );
     let b = app(b);
     let denied = send(&b, request("198.51.100.2")).await;
     assert_eq!(denied.status(), 429);
-    assert!(field(&denied).starts_with("\"global\";r=0;"), "{}", field(&denied));
+    assert!(
+        field(&denied).starts_with("\"global\";r=0;"),
+        "{}",
+        field(&denied)
+    );
     // Held: B's denial is asked again every 100 ms, and stays a denial.
     assert_eq!(admitted_before(&b, Duration::from_millis(150)).await, None);
     (a, b)
@@ -234,7 +246,11 @@ async fn a_request_denied_by_another_policy_spends_nothing_from_the_lease() {
     let first = send(&service, request("192.0.2.1")).await;
     assert_eq!(first.status(), 200);
     // 9 units left here, 990 on Redis.
-    assert!(field(&first).starts_with("\"global\";r=999;"), "{}", field(&first));
+    assert!(
+        field(&first).starts_with("\"global\";r=999;"),
+        "{}",
+        field(&first)
+    );
     for _ in 0..3 {
         assert_eq!(send(&service, request("192.0.2.1")).await.status(), 429);
     }

@@ -108,7 +108,7 @@ impl Slot {
     fn give_back(&self, key: Arc<str>, now: Instant) -> Option<GiveBack> {
         let worth_it = self.tokens > 0
             && (self.expires > now || !matches!(self.algorithm, Algorithm::FixedWindow { .. }));
-        worth_it.then(|| GiveBack {
+        worth_it.then_some(GiveBack {
             key,
             algorithm: self.algorithm,
             unused: self.tokens,
@@ -265,9 +265,9 @@ impl Leases {
         let mut backs: Vec<GiveBack> = std::mem::take(&mut *lock(&self.pending)).into();
         let mut slots = lock(&self.slots);
         // The least recently used come first: stop at the first one in use.
-        while let Some((key, slot)) = slots.pop_oldest_if(|slot| {
-            slot.last_used + LEASE_IDLE <= now || slot.expires <= now
-        }) {
+        while let Some((key, slot)) =
+            slots.pop_oldest_if(|slot| slot.last_used + LEASE_IDLE <= now || slot.expires <= now)
+        {
             // A lease being refilled is in use (`last_used` was just set).
             backs.extend(slot.give_back(key, now));
         }
@@ -278,7 +278,10 @@ impl Leases {
     fn drain(&self, now: Instant) -> Vec<GiveBack> {
         let mut backs: Vec<GiveBack> = std::mem::take(&mut *lock(&self.pending)).into();
         let all = lock(&self.slots).drain();
-        backs.extend(all.into_iter().filter_map(|(key, slot)| slot.give_back(key, now)));
+        backs.extend(
+            all.into_iter()
+                .filter_map(|(key, slot)| slot.give_back(key, now)),
+        );
         backs
     }
 
@@ -519,7 +522,9 @@ mod tests {
         assert!(leases.try_spend(&check, 1).is_err(), "the lease is spent");
 
         // A new lease; its window ends half an hour after it was sent.
-        leases.add(&check, &reply(100, 7), Instant::now(), 1).expect("spent");
+        leases
+            .add(&check, &reply(100, 7), Instant::now(), 1)
+            .expect("spent");
         tokio::time::advance(HOUR / 2 - Duration::from_millis(1)).await;
         assert!(leases.try_spend(&check, 1).is_ok());
         tokio::time::advance(Duration::from_millis(1)).await;
@@ -533,8 +538,12 @@ mod tests {
     async fn idle_leases_are_swept_back_and_busy_ones_are_kept() {
         let leases = leases(1 << 20);
         let (idle, busy) = (leased("idle"), leased("busy"));
-        leases.add(&idle, &reply(100, 1), Instant::now(), 1).expect("spent");
-        leases.add(&busy, &reply(100, 1), Instant::now(), 1).expect("spent");
+        leases
+            .add(&idle, &reply(100, 1), Instant::now(), 1)
+            .expect("spent");
+        leases
+            .add(&busy, &reply(100, 1), Instant::now(), 1)
+            .expect("spent");
         tokio::time::advance(LEASE_IDLE / 2).await;
         leases.try_spend(&busy, 1).expect("busy spends");
         assert!(leases.sweep(Instant::now()).is_empty(), "nothing idle yet");
@@ -552,7 +561,9 @@ mod tests {
     async fn units_put_back_after_another_policy_denied_are_spent_again() {
         let leases = leases(1 << 20);
         let check = leased("k");
-        leases.add(&check, &reply(2, 3), Instant::now(), 1).expect("spent");
+        leases
+            .add(&check, &reply(2, 3), Instant::now(), 1)
+            .expect("spent");
         let (_, window) = leases.try_spend(&check, 1).expect("the second unit");
         leases.put_back(&check.key, 1, window);
         assert!(leases.try_spend(&check, 1).is_ok());
@@ -571,21 +582,35 @@ mod tests {
         const BOUND: u64 = 1 << 20;
         let leases = leases(BOUND);
         let regular = leased("p:{rl}:rl:tenant:fw:k:regular");
-        leases.add(&regular, &reply(1000, 1), Instant::now(), 1).expect("spent");
+        leases
+            .add(&regular, &reply(1000, 1), Instant::now(), 1)
+            .expect("spent");
         for n in 0..200_000u32 {
             let check = leased(&format!("p:{{rl}}:rl:tenant:fw:k:client-{n}"));
             assert!(leases.try_spend(&check, 1).is_err());
-            leases.add(&check, &reply(100, 1), Instant::now(), 1).expect("spent");
+            leases
+                .add(&check, &reply(100, 1), Instant::now(), 1)
+                .expect("spent");
             if n % 1000 == 0 {
                 let spent = leases.try_spend(&regular, 1);
-                assert!(spent.is_ok(), "{n}: the regular keeps its lease ({:?})", leases.footprint());
+                assert!(
+                    spent.is_ok(),
+                    "{n}: the regular keeps its lease ({:?})",
+                    leases.footprint()
+                );
                 let (_, bytes, allocated) = leases.footprint();
-                assert!(bytes <= BOUND && allocated <= BOUND, "{n}: {bytes} / {allocated}");
+                assert!(
+                    bytes <= BOUND && allocated <= BOUND,
+                    "{n}: {bytes} / {allocated}"
+                );
             }
         }
         let (entries, bytes, allocated) = leases.footprint();
         assert!(entries > 1000, "{entries}");
-        assert!(bytes <= BOUND && allocated <= BOUND, "{bytes} / {allocated}");
+        assert!(
+            bytes <= BOUND && allocated <= BOUND,
+            "{bytes} / {allocated}"
+        );
         assert_eq!(lock(&leases.pending).len(), MAX_PENDING);
     }
 }

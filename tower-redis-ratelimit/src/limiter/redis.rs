@@ -291,7 +291,10 @@ mod tests {
         assert_eq!(denied.granted, 0);
         assert_eq!(denied.state.retry_after, Some(Duration::from_micros(500)));
         assert_eq!(denied.window, 7);
-        assert_eq!(parse_lease(&[-3, -1, -1, 0, 0]).expect("clamped").granted, 0);
+        assert_eq!(
+            parse_lease(&[-3, -1, -1, 0, 0]).expect("clamped").granted,
+            0
+        );
     }
 
     #[test]
