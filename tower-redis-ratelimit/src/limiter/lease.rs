@@ -380,10 +380,6 @@ impl Limiter {
                 }
                 LeaseOutcome::Denied(state) => {
                     put_back(&taken);
-                    let mut denied = vec![None; checks.len()];
-                    denied[i] = Some(state);
-                    self.blocked
-                        .remember_for(checks, cost, &denied, Some(LEASE_RECHECK));
                     states[i] = Some(state);
                     return Verdict {
                         allowed: false,
@@ -446,9 +442,15 @@ impl Limiter {
             return LeaseOutcome::Fallback(self.failover.without_redis(checks, cost).await);
         }
         let _refilling = gate.lock().await;
-        // The refill this request waited for may have brought enough.
+        // The refill this request waited for may have brought enough, or
+        // been denied (then remembered for a moment: no call per waiter).
         if let Ok((state, window)) = leases.try_spend(check, cost) {
             return LeaseOutcome::Granted(state, window);
+        }
+        if let Some(denied) = self.blocked.verdict(std::slice::from_ref(check), cost)
+            && let Some(Some(state)) = denied.states.first()
+        {
+            return LeaseOutcome::Denied(*state);
         }
         start_sweeper(leases);
         let want = u64::from(lease.max(cost));
@@ -465,10 +467,20 @@ impl Limiter {
                     }),
                 }
             }
-            Ok(reply) => LeaseOutcome::Denied(PolicyState {
-                retry_after: Some(reply.state.retry_after.unwrap_or(Duration::from_secs(1))),
-                ..reply.state
-            }),
+            Ok(reply) => {
+                let state = PolicyState {
+                    retry_after: Some(reply.state.retry_after.unwrap_or(Duration::from_secs(1))),
+                    ..reply.state
+                };
+                // Remembered before the gate opens for the next waiter.
+                self.blocked.remember_for(
+                    std::slice::from_ref(check),
+                    cost,
+                    &[Some(state)],
+                    Some(LEASE_RECHECK),
+                );
+                LeaseOutcome::Denied(state)
+            }
             Err(verdict) => LeaseOutcome::Fallback(verdict),
         }
     }
