@@ -105,10 +105,20 @@ async fn two_leasing_instances_never_admit_more_than_a_fixed_window_limit() {
         .key(Key::global())
         .lease(50);
     let (a, b) = two_instances(&redis, &policy).await;
+    let monitor = redis.monitor().await;
     let admitted = admitted(&a, &b, 3000).await;
     assert!(
         (900..=1000).contains(&admitted),
         "admitted {admitted} of a limit of 1000 (at most 2 × 50 parked)"
+    );
+    // About 20 leases, then each instance asks again at most every 100 ms
+    // once the limit is reached: requests waiting for a refill that was
+    // denied do not each ask Redis.
+    let commands = monitor.commands().await;
+    assert!(
+        commands.len() <= 60,
+        "{} commands for 3000 requests",
+        commands.len()
     );
 }
 
