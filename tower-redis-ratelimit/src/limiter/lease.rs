@@ -183,6 +183,33 @@ impl Leases {
         Err(gate)
     }
 
+    /// The verdict of a request whose policies all lease and all have
+    /// the units here; `None` (and nothing spent) otherwise.
+    pub(crate) fn spend_all(&self, checks: &[Check], cost: u32) -> Option<Verdict> {
+        if !checks.iter().all(|check| check.lease.is_some()) {
+            return None;
+        }
+        let mut states = Vec::with_capacity(checks.len());
+        let mut windows = Vec::new();
+        for (i, check) in checks.iter().enumerate() {
+            let Ok((state, window)) = self.try_spend(check, cost) else {
+                for (check, window) in checks[..i].iter().zip(windows) {
+                    self.put_back(&check.key, cost, window);
+                }
+                return None;
+            };
+            states.push(Some(state));
+            if checks.len() > 1 {
+                windows.push(window);
+            }
+        }
+        Some(Verdict {
+            allowed: true,
+            states,
+            source: DecisionSource::Lease,
+        })
+    }
+
     /// Adds what Redis granted (taken at `sent`) to `check`'s lease and
     /// spends `cost` of it.
     fn add(
@@ -583,6 +610,25 @@ mod tests {
         // A unit of another window is not put back.
         leases.put_back(&check.key, 1, window + 1);
         assert!(leases.try_spend(&check, 1).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_leased_policies_are_spent_all_or_nothing() {
+        let leases = leases(1 << 20);
+        let (first, second) = (leased("first"), leased("second"));
+        leases
+            .add(&first, &reply(3, 1), Instant::now(), 1)
+            .expect("spent");
+        let both = [first.clone(), second.clone()];
+        assert!(leases.spend_all(&both, 1).is_none(), "second has no units");
+        leases
+            .add(&second, &reply(2, 1), Instant::now(), 1)
+            .expect("spent");
+        // first still has its 2 units: nothing was taken by the failed try.
+        let verdict = leases.spend_all(&both, 1).expect("both spend");
+        assert!(verdict.allowed && verdict.source == DecisionSource::Lease);
+        assert!(leases.try_spend(&first, 1).is_ok());
+        assert!(leases.try_spend(&first, 1).is_err());
     }
 
     /// A leased per-client policy: one lease per client, so an attacker

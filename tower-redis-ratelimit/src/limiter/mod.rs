@@ -241,6 +241,11 @@ impl Limiter {
         if let Some(leases) = &self.leases
             && checks.iter().any(|check| check.lease.is_some())
         {
+            // The hot path: every policy spends from its lease, nothing
+            // to wait for (no boxed future).
+            if let Some(verdict) = leases.spend_all(checks, cost) {
+                return verdict;
+            }
             return Box::pin(self.decide_leased(leases, checks, cost)).await;
         }
         self.decide_shared(checks, cost).await
