@@ -56,7 +56,8 @@ const MAX_ROUND_TRIPS: f64 = 1.0;
 /// Commands the rate-limit script (`decide.lua`) runs inside its EVALSHA.
 /// `INFO commandstats` counts them as if a client had sent them, so they are
 /// left out of the top-level count (and listed separately).
-const SCRIPT_INNER: &[&str] = &["time", "get", "set", "hmget", "hset", "pexpire"];
+/// `lease.lua` runs the same ones and `DEL`.
+const SCRIPT_INNER: &[&str] = &["time", "get", "set", "hmget", "hset", "pexpire", "del"];
 /// The raw baselines' value: as small as a decision's reply.
 const RAW_KEY: &str = "tower-redis-bench:ratelimit:raw";
 const RAW_LEN: usize = 16;
@@ -80,11 +81,12 @@ enum Subject {
     BlockedKey,
     RedisDown,
     Governor,
+    Leased,
 }
 
 impl Subject {
     /// Every subject, in table order.
-    const ALL: [Subject; 10] = [
+    const ALL: [Subject; 11] = [
         Subject::NoLimiter,
         Subject::Raw,
         Subject::RedisBenchmark,
@@ -95,6 +97,9 @@ impl Subject {
         Subject::BlockedKey,
         Subject::RedisDown,
         Subject::Governor,
+        // Last: its preflight's lease goes back 1 s later, after every
+        // other preflight (the blocked-key one counts commands).
+        Subject::Leased,
     ];
 
     fn label(self) -> &'static str {
@@ -111,6 +116,9 @@ impl Subject {
             Subject::BlockedKey => "tower-redis-ratelimit, blocked key",
             Subject::RedisDown => "tower-redis-ratelimit, Redis down (local fallback)",
             Subject::Governor => "tower_governor",
+            Subject::Leased => {
+                "tower-redis-ratelimit, 1 global GCRA policy leased 1000 units at a time"
+            }
         }
     }
 
@@ -127,6 +135,7 @@ impl Subject {
             Subject::BlockedKey => "blocked key",
             Subject::RedisDown => "Redis down",
             Subject::Governor => "tower_governor",
+            Subject::Leased => "leased global key",
         }
     }
 
@@ -142,7 +151,11 @@ impl Subject {
     fn runs_script(self) -> bool {
         matches!(
             self,
-            Subject::OnePolicy | Subject::ClientKeys | Subject::ThreePolicies | Subject::BlockedKey
+            Subject::OnePolicy
+                | Subject::ClientKeys
+                | Subject::ThreePolicies
+                | Subject::BlockedKey
+                | Subject::Leased
         )
     }
 
@@ -234,6 +247,15 @@ fn app(
                 .build()?,
         ),
         Subject::Governor => return governor_app(),
+        Subject::Leased => route().layer(
+            limits(manager, "bench-leased")
+                .policy(
+                    Policy::gcra("global", HUGE_QUOTA, HOUR)
+                        .key(Key::global())
+                        .lease(LEASE_UNITS),
+                )
+                .build()?,
+        ),
     };
     Ok(Some(app))
 }
@@ -301,7 +323,7 @@ async fn preflight(
                 status == StatusCode::OK && body == BODY.as_bytes(),
             )?;
         }
-        Subject::OnePolicy | Subject::ThreePolicies | Subject::ClientKeys => {
+        Subject::OnePolicy | Subject::ThreePolicies | Subject::ClientKeys | Subject::Leased => {
             check(
                 subject,
                 &format!("expected 200, got {status}"),
@@ -465,6 +487,9 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     }
     section.target(&throughput);
     section.target(&trips);
+    for target in lease_targets(&grid) {
+        section.target(&target);
+    }
     for target in issue_targets(&grid) {
         section.target(&target);
     }
@@ -474,6 +499,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
         Subject::ClientKeys,
         Subject::ThreePolicies,
         Subject::Governor,
+        Subject::Leased,
     ] {
         section.note(format!(
             "{} / no limiter, median (per repeat): {}",
@@ -489,6 +515,35 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     section.append(&degraded::run(&RateLimitOutage, options).await?);
     section.append(&key_memory(redis, pool_size, options).await?);
     Ok(section.finish())
+}
+
+/// Units a leased policy takes from Redis at a time.
+const LEASE_UNITS: u32 = 1000;
+/// The leased global key / tower_governor (one key in process) at c=64.
+const LEASE_GOVERNOR_RATIO: f64 = 0.9;
+/// Top-level Redis commands per request of the leased global key.
+const LEASE_COMMANDS: f64 = 0.01;
+
+/// The verdicts of leased quotas: one global key at c=64 against
+/// tower_governor (which keeps its one key in process), and the Redis
+/// commands a request costs (leases and give-backs, every row).
+fn lease_targets(grid: &Grid) -> Vec<Target> {
+    let leased = Subject::Leased.index();
+    let mut speed = Target::new(format!(
+        "leased global key ({LEASE_UNITS} units a lease) / tower_governor ≥ {LEASE_GOVERNOR_RATIO:.1}× at c=64"
+    ));
+    grid.check_ratio(
+        &mut speed,
+        leased,
+        Subject::Governor.index(),
+        LEASE_GOVERNOR_RATIO,
+        |row| row.key.parse::<usize>().unwrap_or(0) == 64,
+    );
+    let mut commands = Target::new(format!(
+        "leased global key: ≤ {LEASE_COMMANDS} Redis commands per request (every repeat, warm-up included)"
+    ));
+    grid.check_commands(&mut commands, leased, LEASE_COMMANDS);
+    vec![speed, commands]
 }
 
 /// Rate limit / reference route (the same route whose handler makes one

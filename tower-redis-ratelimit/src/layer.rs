@@ -84,6 +84,16 @@ impl fmt::Debug for RateLimitLayer {
 }
 
 impl RateLimitLayer {
+    /// Gives the unused units of this layer's leases ([`Policy::lease`])
+    /// back to Redis now, so that other instances can spend them: call it
+    /// when the instance shuts down. Idle leases go back by themselves
+    /// after 1 s; dropping the layer gives them back from a task.
+    /// A give-back that fails (Redis unavailable) leaves the units counted
+    /// until their window or period ends: fewer admissions, never more.
+    pub async fn return_leases(&self) {
+        self.config.limiter.return_leases().await;
+    }
+
     /// Starts a builder on a shared connection manager.
     pub fn builder(manager: RedisManager) -> RateLimitLayerBuilder {
         RateLimitLayerBuilder {
@@ -763,7 +773,8 @@ impl RateLimitLayerBuilder {
     /// The most memory this layer's in-process state may take, in bytes
     /// (default [`DEFAULT_MEMORY_BYTES`], 64 MiB; at least 64 KiB). Half
     /// goes to the local limiter that decides while Redis is down, half to
-    /// the cache of keys Redis has denied. Each entry is counted for its key
+    /// the cache of keys Redis has denied (of which a quarter goes to the
+    /// leases when a policy leases, see [`Policy::lease`]). Each entry is counted for its key
     /// plus about 280 bytes (its share of the maps, with room for their
     /// growth), so the default holds about 100 000 clients in each.
     ///
@@ -864,10 +875,16 @@ impl RateLimitLayerBuilder {
             })?
             .networks()
             .to_vec();
+        let leases = self.policies.iter().any(|p| p.lease.is_some());
         Ok(RateLimitLayer {
             config: Arc::new(Config {
                 policies: self.policies,
-                limiter: Limiter::new(self.manager, self.fallback, self.memory_bytes),
+                limiter: Limiter::with_leases(
+                    self.manager,
+                    self.fallback,
+                    self.memory_bytes,
+                    leases,
+                ),
                 client_ip,
                 missing_key: self.missing_key,
                 allow_nets,

@@ -94,7 +94,8 @@
 //!
 //! # Redis
 //!
-//! At most one EVALSHA per decision, whatever the number of policies.
+//! At most one EVALSHA per decision, whatever the number of policies
+//! (a leased policy: one per lease, see below).
 //! A request that finds no other decision of its layer waiting for Redis
 //! sends its own call at once (no yield, no batch). Decisions that arrive
 //! while one is waiting share a call: a request that finds no batch
@@ -117,6 +118,21 @@
 //! the policy's period (twice the window for windows), so idle clients cost
 //! nothing. A key Redis has denied is remembered in process until its
 //! `Retry-After`, and such requests are answered with no Redis call.
+//!
+//! # Leased quotas for hot keys
+//!
+//! One global or per-tenant counter hit at a very high rate makes one key
+//! on one Redis shard the bottleneck. [`Policy::lease`] lets each instance
+//! take up to `n` units of such a counter in one script call and spend them
+//! in process, with no Redis call per request (about `1 / n` calls per
+//! request while the key is hot). Window policies stay exact (units are
+//! counted when leased and end with their window); a leased GCRA policy
+//! admits at most `instances × n` over its bound in any interval. Units an
+//! instance leased but does not use are not available to the others until
+//! they go back: after 1 s without use, when the lease ends or is evicted,
+//! when the layer is dropped, and on [`RateLimitLayer::return_leases`].
+//! While Redis is down, leased units are spent, then the [`Fallback`]
+//! decides as without a lease. See [`Policy::lease`] for the details.
 //!
 //! # When Redis is down
 //!

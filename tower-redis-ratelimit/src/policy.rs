@@ -31,6 +31,7 @@ pub struct Policy {
     pub(crate) key: Key,
     pub(crate) path: Option<PathPattern>,
     pub(crate) methods: Option<Vec<Method>>,
+    pub(crate) lease: Option<u32>,
 }
 
 impl Policy {
@@ -192,6 +193,7 @@ impl Policy {
             key: Key::client_ip(),
             path: None,
             methods: None,
+            lease: None,
         }
     }
 
@@ -353,6 +355,74 @@ impl Policy {
         self
     }
 
+    /// Leases up to `units` of the quota at a time to this instance, for a
+    /// hot counter (a global or per-tenant policy hit at a rate where one
+    /// key on one Redis shard is the bottleneck): one script call takes the
+    /// units, and requests spend them in process with no Redis call until
+    /// they run out. At most `units` per instance are held at once (a
+    /// request costing more takes its cost).
+    ///
+    /// What it changes, per algorithm, while Redis answers:
+    ///
+    /// - **Fixed and sliding windows: no overshoot.** Leased units are
+    ///   counted in the window's counter when they are taken, and are void
+    ///   when that window ends (on this instance's clock, measured from
+    ///   before the lease was asked for, so never after the window really
+    ///   ends). Admissions per window stay within the limit (for the sliding
+    ///   window, within its usual approximation).
+    /// - **GCRA: at most `instances × units` over the GCRA bound in any
+    ///   interval** (a period included). A unit is counted when it is
+    ///   leased, and may be spent later, so the units an instance holds
+    ///   when an interval starts (at most `units`) can be spent in it on top
+    ///   of what the GCRA admits in it. A GCRA lease ends one period after
+    ///   it was taken.
+    /// - **The price: units parked on an idle instance.** Units are taken
+    ///   before they are spent, so another instance can be denied while one
+    ///   holds unused units: at most `(instances − 1) × units`. Unused units
+    ///   go back to Redis (and to the other instances) when a lease has not
+    ///   been spent from for 1 s, when it ends (sliding window, GCRA), when
+    ///   it is evicted at the memory bound, when the layer is dropped, and on
+    ///   [`RateLimitLayer::return_leases`](crate::RateLimitLayer::return_leases)
+    ///   (call it at shutdown). A leased policy that Redis denies is asked
+    ///   again after 100 ms at the latest (not at its `Retry-After`), so
+    ///   units given back reach the other instances.
+    /// - **Redis round trips:** one per lease (`1 / units` per request while
+    ///   the key is hot), one per give-back; a request with two leased
+    ///   policies that both run out at once makes two.
+    ///
+    /// While Redis is unavailable, units already leased are spent (Redis
+    /// counted them); once they are gone, the layer's [`Fallback`](crate::Fallback)
+    /// decides exactly as for a policy without a lease. Leases live in a map
+    /// bounded by bytes (an eighth of
+    /// [`memory_capacity_bytes`](crate::RateLimitLayerBuilder::memory_capacity_bytes)),
+    /// so a leased per-client policy cannot grow memory: the least recently
+    /// used lease is evicted and its units given back.
+    ///
+    /// `units` must be 1 to the quota (GCRA: 1 to the burst); the builder
+    /// says so otherwise.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_redis_ratelimit::{Key, Policy, RateLimitLayer, RedisManager};
+    ///
+    /// // 100 000 requests a minute over every instance; each takes 500 at a time.
+    /// let global = Policy::fixed_window("global", 100_000, Duration::from_secs(60))
+    ///     .key(Key::global())
+    ///     .lease(500);
+    /// let layer = RateLimitLayer::builder(RedisManager::disabled()).policy(global).build()?;
+    /// # let _ = layer;
+    /// # Ok::<(), tower_redis_ratelimit::ConfigError>(())
+    /// ```
+    pub fn lease(mut self, units: u32) -> Self {
+        self.lease = Some(units);
+        self
+    }
+
+    /// The lease size set with [`Policy::lease`], if any.
+    pub fn lease_units(&self) -> Option<u32> {
+        self.lease
+    }
+
     /// The policy's name, as reported in the `RateLimit` fields.
     pub fn name(&self) -> &str {
         &self.name
@@ -403,6 +473,23 @@ impl Policy {
         }
         if span < Duration::from_millis(1) || span > Duration::from_secs(366 * 24 * 3600) {
             return Err(format!("the period is {span:?}; use 1 ms to a year"));
+        }
+        if let Some(units) = self.lease {
+            // GCRA never grants more than its burst at once.
+            let most = match self.algorithm {
+                Algorithm::Gcra { burst, .. } => burst,
+                _ => count,
+            };
+            if units == 0 || units > most {
+                return Err(format!(
+                    "the lease is {units} units; use 1 to {most} (the {}), e.g. a hundredth of it",
+                    if matches!(self.algorithm, Algorithm::Gcra { .. }) {
+                        "burst"
+                    } else {
+                        "limit"
+                    }
+                ));
+            }
         }
         Ok(())
     }
@@ -458,5 +545,18 @@ mod tests {
                 .validate()
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn a_lease_must_fit_the_quota() {
+        let window = Policy::fixed_window("g", 100, Duration::from_secs(1));
+        assert!(window.clone().lease(100).validate().is_ok());
+        let too_big = window.clone().lease(101).validate().unwrap_err();
+        assert!(too_big.contains("use 1 to 100 (the limit)"), "{too_big}");
+        assert!(window.lease(0).validate().is_err());
+        let gcra = Policy::gcra("g", 100, Duration::from_secs(1)).burst(10);
+        let over_burst = gcra.clone().lease(11).validate().unwrap_err();
+        assert!(over_burst.contains("(the burst)"), "{over_burst}");
+        assert!(gcra.lease(10).validate().is_ok());
     }
 }

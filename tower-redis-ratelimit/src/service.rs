@@ -192,6 +192,7 @@ async fn applicable_checks<'c>(
         checks.push(Check {
             key,
             algorithm: policy.algorithm(),
+            lease: policy.lease,
         });
     }
     Ok((policies, checks))

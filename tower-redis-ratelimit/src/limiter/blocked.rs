@@ -32,7 +32,10 @@ pub(crate) struct BlockedKeys {
 
 #[derive(Debug, Clone, Copy)]
 struct Blocked {
+    /// When the request would be allowed (reported as `Retry-After`).
     until: Instant,
+    /// Until when it is answered from here (at most `until`).
+    held: Instant,
     /// When the policy's quota is fully available again.
     reset_at: Instant,
     /// The cost that was denied; a cheaper request may fit sooner, so only
@@ -57,7 +60,7 @@ impl BlockedKeys {
         if self.micros_since_epoch(now) >= self.latest_until_us.load(Ordering::Relaxed) {
             return None;
         }
-        let live = |entry: &Blocked| entry.until > now;
+        let live = |entry: &Blocked| entry.held > now;
         let mut entries = lock(&self.entries);
         let mut states = vec![None; checks.len()];
         let mut blocked = false;
@@ -82,8 +85,21 @@ impl BlockedKeys {
 
     /// Remembers the keys whose policies denied a request.
     pub(crate) fn remember(&self, checks: &[Check], cost: u32, states: &[Option<PolicyState>]) {
+        self.remember_for(checks, cost, states, None);
+    }
+
+    /// Remembers the keys whose policies denied a request, each until its
+    /// `Retry-After` or for at most `hold` (the answers still report the
+    /// whole `Retry-After`).
+    pub(crate) fn remember_for(
+        &self,
+        checks: &[Check],
+        cost: u32,
+        states: &[Option<PolicyState>],
+        hold: Option<Duration>,
+    ) {
         let now = Instant::now();
-        let live = |entry: &Blocked| entry.until > now;
+        let live = |entry: &Blocked| entry.held > now;
         let mut entries = lock(&self.entries);
         for (check, state) in checks.iter().zip(states) {
             if let Some(state) = state
@@ -91,12 +107,14 @@ impl BlockedKeys {
                 && retry_after > Duration::ZERO
             {
                 let until = now + retry_after;
+                let held = hold.map_or(until, |hold| until.min(now + hold));
                 self.latest_until_us
-                    .fetch_max(self.micros_since_epoch(until), Ordering::Relaxed);
+                    .fetch_max(self.micros_since_epoch(held), Ordering::Relaxed);
                 entries.insert(
                     &check.key,
                     Blocked {
                         until,
+                        held,
                         reset_at: now + state.reset,
                         cost,
                     },
@@ -138,6 +156,7 @@ mod tests {
                 period: HOUR,
                 burst: 1,
             },
+            lease: None,
         }
     }
 

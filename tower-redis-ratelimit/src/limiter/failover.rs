@@ -17,8 +17,8 @@ use tower_redis_core::degrade::{self, Replay};
 use tower_redis_core::{Error, RedisManager};
 
 use super::memory::MemoryStore;
-use super::redis::RedisStore;
-use super::{DecisionStore, Fallback, Query, Verdict};
+use super::redis::{LeaseReply, RedisStore};
+use super::{Check, DecisionStore, Fallback, Query, Verdict};
 
 /// The Redis store composed with the fallback.
 #[derive(Debug)]
@@ -62,6 +62,63 @@ where
             .run(
                 |redis| redis.decide(requests),
                 |memory, _reason| decide_without_redis(memory, fallback, requests),
+            )
+            .await
+            .value
+    }
+}
+
+impl<R> Failover<R>
+where
+    R: DecisionStore<Error = Error> + Replay<Change = degrade::NoChange>,
+{
+    /// The fallback's verdict for one request, Redis not asked (it is
+    /// known to be unavailable); the pair's degraded state is kept as for
+    /// any fallback.
+    pub(super) async fn without_redis(&self, checks: &[Check], cost: u32) -> Verdict {
+        let fallback = self.fallback;
+        let requests = [(checks, cost)];
+        self.stores
+            .run(
+                |_| std::future::ready(Err::<Vec<Verdict>, _>(Error::BreakerOpen)),
+                |memory, _reason| decide_without_redis(memory, fallback, &requests),
+            )
+            .await
+            .value
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Verdict::fail_open(checks))
+    }
+}
+
+impl Failover<RedisStore> {
+    /// Takes up to `want` units of `check`'s counter for this instance's
+    /// lease, or, when Redis does not answer, the fallback's verdict for
+    /// the whole request (`checks`, `cost`), as without a lease.
+    pub(super) async fn lease(
+        &self,
+        check: &Check,
+        want: u64,
+        checks: &[Check],
+        cost: u32,
+    ) -> Result<LeaseReply, Verdict> {
+        let fallback = self.fallback;
+        let requests = [(checks, cost)];
+        self.stores
+            .run(
+                |redis| async move {
+                    redis
+                        .lease(&check.key, check.algorithm, want, cost)
+                        .await
+                        .map(Ok)
+                },
+                |memory, _reason| async move {
+                    Err(decide_without_redis(memory, fallback, &requests)
+                        .await
+                        .into_iter()
+                        .next()
+                        .unwrap_or_else(|| Verdict::fail_open(checks)))
+                },
             )
             .await
             .value

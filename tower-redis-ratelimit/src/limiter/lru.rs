@@ -132,6 +132,66 @@ impl<V> Lru<V> {
         self.bytes += weight;
     }
 
+    /// Stores `value` under `key` as the most recently used entry, like
+    /// [`Lru::insert`], and hands back the entries evicted to make room
+    /// (their owner may still have something to do with them).
+    pub(crate) fn insert_evicting(&mut self, key: &str, value: V) -> Vec<(Arc<str>, V)>
+    where
+        V: Clone,
+    {
+        let mut evicted = Vec::new();
+        if !self.index.contains_key(key) {
+            let weight = Self::weight(key);
+            while self.bytes + weight > self.max_bytes && self.tail != NIL {
+                evicted.extend(self.take_slot(self.tail));
+            }
+        }
+        self.insert(key, value, |_| true);
+        evicted
+    }
+
+    /// The value under `key`, made the most recently used, to change in place.
+    pub(crate) fn get_mut(&mut self, key: &str) -> Option<&mut V> {
+        let slot = *self.index.get(key)?;
+        self.unlink(slot);
+        self.push_front(slot);
+        Some(&mut self.slots[slot].value)
+    }
+
+    /// Removes and returns the least recently used entry when `old` says so.
+    pub(crate) fn pop_oldest_if(&mut self, old: impl Fn(&V) -> bool) -> Option<(Arc<str>, V)>
+    where
+        V: Clone,
+    {
+        if self.tail == NIL || !old(&self.slots[self.tail].value) {
+            return None;
+        }
+        self.take_slot(self.tail)
+    }
+
+    /// Removes and returns every entry.
+    pub(crate) fn drain(&mut self) -> Vec<(Arc<str>, V)>
+    where
+        V: Clone,
+    {
+        let mut all = Vec::with_capacity(self.index.len());
+        while self.tail != NIL {
+            all.extend(self.take_slot(self.tail));
+        }
+        *self = Self::new(self.max_bytes);
+        all
+    }
+
+    fn take_slot(&mut self, slot: usize) -> Option<(Arc<str>, V)>
+    where
+        V: Clone,
+    {
+        let key = self.slots[slot].key.clone()?;
+        let value = self.slots[slot].value.clone();
+        self.remove_slot(slot);
+        Some((key, value))
+    }
+
     /// Forgets every entry and gives their memory back.
     #[cfg(test)]
     pub(crate) fn clear(&mut self) {

@@ -135,6 +135,7 @@ mod tests {
         Check {
             key: key.to_owned(),
             algorithm,
+            lease: None,
         }
     }
 

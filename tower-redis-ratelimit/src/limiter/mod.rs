@@ -16,6 +16,7 @@
 mod batch;
 mod blocked;
 mod failover;
+mod lease;
 mod lru;
 mod memory;
 mod redis;
@@ -29,6 +30,7 @@ use tower_redis_core::RedisManager;
 use self::batch::Batch;
 use self::blocked::BlockedKeys;
 use self::failover::Failover;
+use self::lease::Leases;
 use self::redis::RedisStore;
 use crate::algorithm::Algorithm;
 
@@ -38,6 +40,8 @@ pub(crate) struct Check {
     /// The Redis key (and local key) of this policy's counter for this client.
     pub(crate) key: String,
     pub(crate) algorithm: Algorithm,
+    /// The policy's lease size ([`Policy::lease`](crate::Policy::lease)), if it leases.
+    pub(crate) lease: Option<u32>,
 }
 
 /// One request to decide: its checks (all or nothing) and its cost.
@@ -61,6 +65,8 @@ pub enum DecisionSource {
     Redis,
     /// This instance's cache of keys Redis recently denied (no Redis call).
     BlockedCache,
+    /// Units this instance leased from Redis earlier (no Redis call).
+    Lease,
     /// The in-process limiter, while Redis was unavailable.
     Local,
     /// Redis was unavailable and the layer is configured to fail open.
@@ -75,6 +81,7 @@ impl DecisionSource {
         match self {
             DecisionSource::Redis => "redis",
             DecisionSource::BlockedCache => "blocked_cache",
+            DecisionSource::Lease => "lease",
             DecisionSource::Local => "local",
             DecisionSource::FailOpen => "fail_open",
             DecisionSource::FailClosed => "fail_closed",
@@ -102,7 +109,7 @@ pub(crate) struct Verdict {
 
 impl Verdict {
     /// Allowed, knowing nothing about the policies.
-    fn fail_open(checks: &[Check]) -> Self {
+    pub(crate) fn fail_open(checks: &[Check]) -> Self {
         Verdict {
             allowed: true,
             states: vec![None; checks.len()],
@@ -165,6 +172,8 @@ pub(crate) struct Limiter {
     manager: RedisManager,
     failover: Failover,
     blocked: BlockedKeys,
+    /// This instance's leases, when a policy leases.
+    leases: Option<Arc<Leases>>,
     batch: Mutex<Batch>,
     /// Decisions of this limiter now waiting for Redis: a request that
     /// finds none decides at once, alone (no yield, no batch lock).
@@ -176,7 +185,31 @@ pub(crate) struct Limiter {
 impl Limiter {
     /// A limiter whose in-process state (the local limiter's counters and
     /// the blocked keys, half each) stays within `memory_bytes`.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn new(manager: RedisManager, fallback: Fallback, memory_bytes: u64) -> Arc<Self> {
+        Self::with_leases(manager, fallback, memory_bytes, false)
+    }
+
+    /// A limiter as [`Limiter::new`]; with `leases`, an eighth of
+    /// `memory_bytes` goes to the leases, taken from the blocked keys' half.
+    pub(crate) fn with_leases(
+        manager: RedisManager,
+        fallback: Fallback,
+        memory_bytes: u64,
+        leases: bool,
+    ) -> Arc<Self> {
+        let (blocked_bytes, leases) = if leases {
+            let lease_bytes = memory_bytes / 8;
+            (
+                memory_bytes / 2 - lease_bytes,
+                Some(Arc::new(Leases::new(
+                    RedisStore::new(manager.clone()),
+                    lease_bytes,
+                ))),
+            )
+        } else {
+            (memory_bytes / 2, None)
+        };
         Arc::new(Self {
             failover: Failover::new(
                 manager.clone(),
@@ -185,7 +218,8 @@ impl Limiter {
                 memory_bytes / 2,
             ),
             manager,
-            blocked: BlockedKeys::new(memory_bytes / 2),
+            blocked: BlockedKeys::new(blocked_bytes),
+            leases,
             batch: Mutex::new(Batch::default()),
             active: AtomicUsize::new(0),
             batches_led: AtomicU64::new(0),
@@ -204,6 +238,29 @@ impl Limiter {
         if let Some(verdict) = self.blocked.verdict(checks, cost) {
             return verdict;
         }
+        if let Some(leases) = &self.leases
+            && checks.iter().any(|check| check.lease.is_some())
+        {
+            // The hot path: every policy spends from its lease, nothing
+            // to wait for (no boxed future).
+            if let Some(verdict) = leases.spend_all(checks, cost) {
+                return verdict;
+            }
+            return Box::pin(self.decide_leased(leases, checks, cost)).await;
+        }
+        self.decide_shared(checks, cost).await
+    }
+
+    /// Gives every lease's unused units back to Redis now.
+    pub(crate) async fn return_leases(&self) {
+        if let Some(leases) = &self.leases {
+            leases.return_all().await;
+        }
+    }
+
+    /// Decides a request on the shared counters (or the fallback): alone or
+    /// in a batch.
+    async fn decide_shared(self: &Arc<Self>, checks: &[Check], cost: u32) -> Verdict {
         if !self.manager.is_available() {
             // Nothing to batch: the fallback answers at once.
             return self.decide_alone(checks, cost).await;

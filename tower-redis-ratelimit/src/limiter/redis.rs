@@ -9,11 +9,24 @@ use tower_redis_core::redis::{self, Script};
 use tower_redis_core::{Error, RedisConnection, RedisManager};
 
 use super::{DecisionSource, DecisionStore, PolicyState, Query, Verdict};
+use crate::algorithm::Algorithm;
 
 static DECIDE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("decide.lua")));
+static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lease.lua")));
+
+/// What `lease.lua` answered to a take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LeaseReply {
+    /// Units taken for this instance (0: denied).
+    pub(crate) granted: u64,
+    /// How the policy stands on Redis after the lease.
+    pub(crate) state: PolicyState,
+    /// The window index the units belong to (0 for GCRA).
+    pub(crate) window: i64,
+}
 
 /// The counters in Redis, reached through the manager (breaker, timeout).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct RedisStore {
     manager: RedisManager,
 }
@@ -35,6 +48,85 @@ impl DecisionStore for RedisStore {
             .run(|conn| async move { decide_on_redis(conn, batch).await })
             .await
     }
+}
+
+impl RedisStore {
+    /// Takes up to `want` units (at least `min`, else none) of one counter
+    /// for this instance: one script call.
+    pub(crate) async fn lease(
+        &self,
+        key: &str,
+        algorithm: Algorithm,
+        want: u64,
+        min: u32,
+    ) -> Result<LeaseReply, Error> {
+        self.manager
+            .run(|mut conn| async move {
+                let reply: Vec<i64> = lease_invocation(key, algorithm, 1, want, i64::from(min))
+                    .invoke_async(&mut conn)
+                    .await?;
+                parse_lease(&reply)
+            })
+            .await
+    }
+
+    /// Gives `unused` units taken in `window` back to one counter.
+    pub(crate) async fn give_back(
+        &self,
+        key: &str,
+        algorithm: Algorithm,
+        unused: u64,
+        window: i64,
+    ) -> Result<(), Error> {
+        self.manager
+            .run(|mut conn| async move {
+                let _: Vec<i64> = lease_invocation(key, algorithm, 2, unused, window)
+                    .invoke_async(&mut conn)
+                    .await?;
+                Ok(())
+            })
+            .await
+    }
+}
+
+fn lease_invocation(
+    key: &str,
+    algorithm: Algorithm,
+    mode: u8,
+    count: u64,
+    extra: i64,
+) -> redis::ScriptInvocation<'static> {
+    let (kind, a, b) = algorithm.script_args();
+    let mut invocation = LEASE.prepare_invoke();
+    invocation
+        .key(key)
+        .arg(mode)
+        .arg(kind)
+        .arg(a.to_string())
+        .arg(b.to_string())
+        .arg(count)
+        .arg(extra);
+    invocation
+}
+
+fn parse_lease(reply: &[i64]) -> redis::RedisResult<LeaseReply> {
+    let &[granted, remaining, reset, retry, window] = reply else {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "lease script answered with the wrong number of values",
+            format!("expected 5, got {}", reply.len()),
+        )));
+    };
+    let us = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
+    Ok(LeaseReply {
+        granted: u64::try_from(granted).unwrap_or(0),
+        state: PolicyState {
+            remaining: u64::try_from(remaining).unwrap_or(0),
+            reset: us(reset),
+            retry_after: (retry > 0).then(|| us(retry)),
+        },
+        window,
+    })
 }
 
 /// Counters are not replayed: what the local limiter counted during an
@@ -160,7 +252,6 @@ fn parse_reply(reply: &[i64], requests: &[Query<'_>]) -> redis::RedisResult<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::algorithm::Algorithm;
     use crate::limiter::Check;
 
     #[test]
@@ -171,6 +262,7 @@ mod tests {
                 limit: 1,
                 window: Duration::from_secs(1),
             },
+            lease: None,
         };
         let one: &[Check] = std::slice::from_ref(&check);
         assert!(parse_reply(&[1, 2], &[(one, 1)]).is_err());
@@ -192,6 +284,20 @@ mod tests {
     }
 
     #[test]
+    fn a_malformed_lease_reply_is_an_error_not_a_panic() {
+        assert!(parse_lease(&[]).is_err());
+        assert!(parse_lease(&[1, 2, 3, 4]).is_err());
+        let denied = parse_lease(&[0, 0, 10, 500, 7]).expect("well formed");
+        assert_eq!(denied.granted, 0);
+        assert_eq!(denied.state.retry_after, Some(Duration::from_micros(500)));
+        assert_eq!(denied.window, 7);
+        assert_eq!(
+            parse_lease(&[-3, -1, -1, 0, 0]).expect("clamped").granted,
+            0
+        );
+    }
+
+    #[test]
     fn the_batch_is_packed_as_little_endian_doubles() {
         let first = Check {
             key: "a".to_owned(),
@@ -199,6 +305,7 @@ mod tests {
                 limit: 7,
                 window: Duration::from_secs(1),
             },
+            lease: None,
         };
         let other = Check {
             key: "b".to_owned(),
@@ -206,6 +313,7 @@ mod tests {
                 limit: 9,
                 window: Duration::from_secs(2),
             },
+            lease: None,
         };
         let both = [first.clone(), other];
         let one: &[Check] = std::slice::from_ref(&first);

@@ -24,6 +24,7 @@ fn check(key: &str, algorithm: Algorithm) -> Check {
     Check {
         key: key.to_owned(),
         algorithm,
+        lease: None,
     }
 }
 

@@ -1,0 +1,118 @@
+-- Leases: takes up to `count` units of one counter for an instance to spend
+-- in process, or gives unused units back. The same counters and the same
+-- arithmetic as decide.lua: a lease of k units is a request of cost k that
+-- is allowed in part (as many units as fit, at least `min`).
+--
+-- KEYS[1]  the counter
+-- ARGV     mode (1 = take, 2 = give back), kind, a, b, count, extra
+--   kind 1 = GCRA:           a = emission interval (µs), b = burst tolerance (µs)
+--   kind 2 = sliding window: a = limit,                  b = window (µs)
+--   kind 3 = fixed window:   a = limit,                  b = window (µs)
+--   take:      count = units wanted, extra = the fewest worth taking (the
+--              request's cost); fewer fit: nothing is taken
+--   give back: count = units unused, extra = the window index they were
+--              taken in (windows; ignored for GCRA)
+--
+-- Returns integers: granted, remaining (after the lease), reset_us,
+-- retry_us (> 0: denied), the window index the units belong to (0 for
+-- GCRA). A give-back returns zeros.
+local t = redis.call('TIME')
+local now = t[1] * 1000000 + t[2]
+local floor, ceil, format = math.floor, math.ceil, string.format
+local mode, kind = tonumber(ARGV[1]), tonumber(ARGV[2])
+local a, b = tonumber(ARGV[3]), tonumber(ARGV[4])
+local count, extra = tonumber(ARGV[5]), tonumber(ARGV[6])
+local key = KEYS[1]
+local BIG = 99999999999999
+local function clamp(v)
+  if v < 0 then return 0 end
+  if v > BIG then return BIG end
+  return v
+end
+
+if kind == 1 then
+  local stored = tonumber(redis.call('GET', key))
+  local tat = stored or now
+  if tat < now then tat = now end
+  local function store(v)
+    -- Rounded half to even, as decide.lua does.
+    local r = floor(v + 0.5)
+    if r - v == 0.5 and r % 2 == 1 then r = r - 1 end
+    redis.call('SET', key, format('%d', r), 'PX', format('%d', ceil((v - now) / 1000) + 1))
+  end
+  if mode == 2 then
+    if stored ~= nil then
+      local back = tat - count * a
+      if back <= now then
+        redis.call('DEL', key)
+      else
+        store(back)
+      end
+    end
+    return {0, 0, 0, 0, 0}
+  end
+  local fits = floor((now + b - tat) / a)
+  local k = count
+  if fits < k then k = fits end
+  if k < extra then
+    local allow_at = tat + extra * a - b
+    return {0, floor(clamp((b - (tat - now)) / a)), ceil(clamp(tat - now)), ceil(clamp(allow_at - now)), 0}
+  end
+  local new_tat = tat + k * a
+  store(new_tat)
+  return {k, floor(clamp((b - (new_tat - now)) / a)), ceil(clamp(new_tat - now)), 0, 0}
+end
+
+local w = floor(now / b)
+local d = redis.call('HMGET', key, 'w', 'c', 'p')
+local stored = tonumber(d[1])
+
+if mode == 2 then
+  -- Only the window the units were taken in, or (sliding) that window
+  -- while it is the previous one and still weighs on the current count.
+  local field
+  if stored == extra then
+    field = 'c'
+  elseif kind == 2 and stored == extra + 1 then
+    field = 'p'
+  end
+  if field then
+    local v = tonumber(d[field == 'c' and 2 or 3]) or 0
+    v = v - count
+    if v < 0 then v = 0 end
+    redis.call('HSET', key, field, format('%d', v))
+  end
+  return {0, 0, 0, 0, 0}
+end
+
+local c, p = 0, 0
+if stored == w then
+  c = tonumber(d[2]) or 0
+  p = tonumber(d[3]) or 0
+elseif stored == w - 1 then
+  p = tonumber(d[2]) or 0
+end
+local elapsed = now - w * b
+local reset = b - elapsed
+local used = c
+if kind == 2 then used = p * (b - elapsed) / b + c end
+local fits = floor(a - used)
+local k = count
+if fits < k then k = fits end
+if k < extra then
+  local retry
+  if kind == 3 then
+    retry = reset
+  elseif a - c - extra >= 0 then
+    retry = b - elapsed - (a - c - extra) * b / p
+  elseif extra <= a then
+    retry = reset + b * (1 - (a - extra) / c)
+  else
+    retry = reset + b
+  end
+  if retry < 1 then retry = 1 end
+  return {0, floor(clamp(a - used)), ceil(clamp(reset)), ceil(clamp(retry)), w}
+end
+redis.call('HSET', key, 'w', format('%d', w), 'c', format('%d', c + k), 'p', format('%d', p))
+redis.call('PEXPIRE', key, format('%d', ceil(2 * b / 1000) + 1))
+return {k, floor(clamp(a - used - k)), ceil(clamp(reset)), 0, w}

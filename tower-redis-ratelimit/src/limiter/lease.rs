@@ -1,0 +1,674 @@
+//! Leased quotas ([`Policy::lease`](crate::Policy::lease)): an instance
+//! takes up to `n` units of a hot counter from Redis in one call
+//! (`lease.lua`) and spends them in process, with no Redis call per
+//! request, until they run out.
+//!
+//! - **Taking.** A request whose leased policy finds no unit left here
+//!   refills: one script call takes `max(n, cost)` units, or as many as the
+//!   policy allows now (at least the request's cost, else none: the request
+//!   is denied by Redis). Requests that find a refill under way wait for it
+//!   (one refill per counter at a time), then spend from it.
+//! - **Spending.** Under one mutex, O(1): the request's cost comes off the
+//!   local units. Several policies are still all or nothing: units taken for
+//!   a request that another policy then denies are put back here.
+//! - **Ending.** Units of a window lease are void when their window ends
+//!   (on this instance's clock, measured from *before* the call was sent, so
+//!   never after the window really ends); a GCRA lease ends one period after
+//!   it was taken. Unused units go back to Redis (`lease.lua` give-back)
+//!   when a lease has not been spent from for [`LEASE_IDLE`], when it ends
+//!   (GCRA, sliding window), when it is evicted at the memory bound, when
+//!   the layer is dropped, and on [`RateLimitLayer::return_leases`](crate::RateLimitLayer::return_leases).
+//!   A give-back that fails is not retried: the units stay counted, so the
+//!   limit never loosens (fewer admissions, never more).
+//! - **Denials.** A leased policy that Redis denies is remembered in the
+//!   blocked-key cache for at most [`LEASE_RECHECK`], not until its
+//!   `Retry-After`: another instance may give units back meanwhile.
+//! - **Redis down.** Units already leased are spent (Redis counted them);
+//!   once they are gone, the request goes to the configured fallback exactly
+//!   as a request of a policy without a lease does.
+//! - **Memory.** One entry per leased counter, in a map bounded by bytes
+//!   (an eighth of the layer's memory capacity); the least recently used
+//!   lease is evicted and its units given back.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower_redis_core::sync::lock;
+
+use super::lru::Lru;
+use super::redis::{LeaseReply, RedisStore};
+use super::{Check, DecisionSource, Limiter, PolicyState, Verdict};
+use crate::algorithm::Algorithm;
+
+/// A lease nobody has spent from for this long gives its units back.
+pub(crate) const LEASE_IDLE: Duration = Duration::from_secs(1);
+
+/// How long a denial of a leased policy is answered without Redis: other
+/// instances may give units back, so the denial is asked again this often.
+pub(crate) const LEASE_RECHECK: Duration = Duration::from_millis(100);
+
+/// The most give-backs waiting for the next sweep; beyond, the oldest are
+/// dropped (their units stay counted: fewer admissions, never more).
+const MAX_PENDING: usize = 4096;
+
+/// One counter's lease on this instance.
+#[derive(Debug, Clone)]
+struct Slot {
+    /// Units left to spend here.
+    tokens: u64,
+    /// From this moment the units are void.
+    expires: Instant,
+    /// The last time a request spent from (or refilled) this lease.
+    last_used: Instant,
+    /// The window the units belong to (0 for GCRA).
+    window: i64,
+    algorithm: Algorithm,
+    /// What Redis said was left after the lease (for the `RateLimit` field).
+    shared_remaining: u64,
+    /// When Redis said the policy is full again.
+    reset_at: Instant,
+    /// Held by the request refilling this lease.
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Slot {
+    fn empty(algorithm: Algorithm, now: Instant) -> Self {
+        Self {
+            tokens: 0,
+            expires: now,
+            last_used: now,
+            window: 0,
+            algorithm,
+            shared_remaining: 0,
+            reset_at: now,
+            gate: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// Takes `cost` units if they are here and valid.
+    fn spend(&mut self, cost: u32, now: Instant) -> Option<(PolicyState, i64)> {
+        if self.expires <= now || self.tokens < u64::from(cost) {
+            return None;
+        }
+        self.tokens -= u64::from(cost);
+        self.last_used = now;
+        let state = PolicyState {
+            remaining: self.tokens.saturating_add(self.shared_remaining),
+            reset: self.reset_at.saturating_duration_since(now),
+            retry_after: None,
+        };
+        Some((state, self.window))
+    }
+
+    /// The units to give back to Redis, if giving them back changes
+    /// anything there.
+    fn give_back(&self, key: Arc<str>, now: Instant) -> Option<GiveBack> {
+        let worth_it = self.tokens > 0
+            && (self.expires > now || !matches!(self.algorithm, Algorithm::FixedWindow { .. }));
+        worth_it.then_some(GiveBack {
+            key,
+            algorithm: self.algorithm,
+            unused: self.tokens,
+            window: self.window,
+        })
+    }
+}
+
+/// Unused units on their way back to Redis.
+#[derive(Debug, Clone)]
+pub(crate) struct GiveBack {
+    key: Arc<str>,
+    algorithm: Algorithm,
+    unused: u64,
+    window: i64,
+}
+
+/// This instance's leases.
+#[derive(Debug)]
+pub(crate) struct Leases {
+    slots: Mutex<Lru<Slot>>,
+    /// Give-backs for the next sweep (evicted and voided leases).
+    pending: Mutex<VecDeque<GiveBack>>,
+    redis: RedisStore,
+    /// The sweeper task was started.
+    sweeping: AtomicBool,
+}
+
+/// What a leased policy answers for one request.
+pub(crate) enum LeaseOutcome {
+    /// Units were spent here: how the policy stands, and the window they
+    /// came from (to put them back if another policy denies).
+    Granted(PolicyState, i64),
+    /// Redis has fewer units left than the request costs.
+    Denied(PolicyState),
+    /// Redis is unavailable and the lease is spent: the fallback's verdict
+    /// for the whole request.
+    Fallback(Verdict),
+}
+
+impl Leases {
+    /// Leases holding at most `max_bytes` of entries.
+    pub(crate) fn new(redis: RedisStore, max_bytes: u64) -> Self {
+        Self {
+            slots: Mutex::new(Lru::new(max_bytes)),
+            pending: Mutex::new(VecDeque::new()),
+            redis,
+            sweeping: AtomicBool::new(false),
+        }
+    }
+
+    /// Spends `cost` units of `check`'s lease, or hands out the gate to
+    /// hold while refilling it.
+    fn try_spend(
+        &self,
+        check: &Check,
+        cost: u32,
+    ) -> Result<(PolicyState, i64), Arc<tokio::sync::Mutex<()>>> {
+        let now = Instant::now();
+        let mut slots = lock(&self.slots);
+        if let Some(slot) = slots.get_mut(&check.key) {
+            if let Some(spent) = slot.spend(cost, now) {
+                return Ok(spent);
+            }
+            return Err(Arc::clone(&slot.gate));
+        }
+        let slot = Slot::empty(check.algorithm, now);
+        let gate = Arc::clone(&slot.gate);
+        let evicted = slots.insert_evicting(&check.key, slot);
+        drop(slots);
+        self.queue(evicted, now);
+        Err(gate)
+    }
+
+    /// The verdict of a request whose policies all lease and all have
+    /// the units here; `None` (and nothing spent) otherwise.
+    pub(crate) fn spend_all(&self, checks: &[Check], cost: u32) -> Option<Verdict> {
+        if !checks.iter().all(|check| check.lease.is_some()) {
+            return None;
+        }
+        let mut states = Vec::with_capacity(checks.len());
+        let mut windows = Vec::new();
+        for (i, check) in checks.iter().enumerate() {
+            let Ok((state, window)) = self.try_spend(check, cost) else {
+                for (check, window) in checks[..i].iter().zip(windows) {
+                    self.put_back(&check.key, cost, window);
+                }
+                return None;
+            };
+            states.push(Some(state));
+            if checks.len() > 1 {
+                windows.push(window);
+            }
+        }
+        Some(Verdict {
+            allowed: true,
+            states,
+            source: DecisionSource::Lease,
+        })
+    }
+
+    /// Adds what Redis granted (taken at `sent`) to `check`'s lease and
+    /// spends `cost` of it.
+    fn add(
+        &self,
+        check: &Check,
+        reply: &LeaseReply,
+        sent: Instant,
+        cost: u32,
+    ) -> Option<(PolicyState, i64)> {
+        let now = Instant::now();
+        let expires = match check.algorithm {
+            Algorithm::Gcra { period, .. } => sent + period,
+            Algorithm::SlidingWindow { .. } | Algorithm::FixedWindow { .. } => {
+                sent + reply.state.reset
+            }
+        };
+        let mut slots = lock(&self.slots);
+        let mut evicted = Vec::new();
+        if slots.get_mut(&check.key).is_none() {
+            evicted = slots.insert_evicting(&check.key, Slot::empty(check.algorithm, now));
+        }
+        let mut void = None;
+        let spent = slots.get_mut(&check.key).and_then(|slot| {
+            if slot.window != reply.window || slot.expires <= now {
+                // What is left of an earlier window goes back; a unit of
+                // one window is never spent in another.
+                void = slot.give_back(Arc::from(check.key.as_str()), now);
+                slot.tokens = 0;
+            }
+            slot.tokens += reply.granted;
+            slot.window = reply.window;
+            slot.expires = expires;
+            slot.shared_remaining = reply.state.remaining;
+            slot.reset_at = sent + reply.state.reset;
+            slot.spend(cost, now)
+        });
+        drop(slots);
+        self.queue(evicted, now);
+        self.push_pending(void.into_iter().collect());
+        spent
+    }
+
+    /// Puts back units a request took but did not use (another policy
+    /// denied it), if their lease is still the same.
+    fn put_back(&self, key: &str, cost: u32, window: i64) {
+        let now = Instant::now();
+        let mut slots = lock(&self.slots);
+        if let Some(slot) = slots.get_mut(key)
+            && slot.window == window
+            && slot.expires > now
+        {
+            slot.tokens += u64::from(cost);
+        }
+    }
+
+    /// Remembers the unused units of leases that left the map.
+    fn queue(&self, left: Vec<(Arc<str>, Slot)>, now: Instant) {
+        let backs = left
+            .into_iter()
+            .filter_map(|(key, slot)| slot.give_back(key, now))
+            .collect();
+        self.push_pending(backs);
+    }
+
+    fn push_pending(&self, backs: Vec<GiveBack>) {
+        if backs.is_empty() {
+            return;
+        }
+        let mut pending = lock(&self.pending);
+        for back in backs {
+            if pending.len() >= MAX_PENDING {
+                pending.pop_front();
+            }
+            pending.push_back(back);
+        }
+    }
+
+    /// Takes the leases that are idle or over, and the queued give-backs.
+    fn sweep(&self, now: Instant) -> Vec<GiveBack> {
+        let mut backs: Vec<GiveBack> = std::mem::take(&mut *lock(&self.pending)).into();
+        let mut slots = lock(&self.slots);
+        // The least recently used come first: stop at the first one in use.
+        while let Some((key, slot)) =
+            slots.pop_oldest_if(|slot| slot.last_used + LEASE_IDLE <= now || slot.expires <= now)
+        {
+            // A lease being refilled is in use (`last_used` was just set).
+            backs.extend(slot.give_back(key, now));
+        }
+        backs
+    }
+
+    /// Every lease, ended now.
+    fn drain(&self, now: Instant) -> Vec<GiveBack> {
+        let mut backs: Vec<GiveBack> = std::mem::take(&mut *lock(&self.pending)).into();
+        let all = lock(&self.slots).drain();
+        backs.extend(
+            all.into_iter()
+                .filter_map(|(key, slot)| slot.give_back(key, now)),
+        );
+        backs
+    }
+
+    /// Gives every lease's unused units back to Redis now.
+    pub(crate) async fn return_all(&self) {
+        let backs = self.drain(Instant::now());
+        give_back_all(&self.redis, backs).await;
+    }
+
+    /// Entries held, the bytes they are counted for, and the bytes allocated.
+    #[cfg(test)]
+    fn footprint(&self) -> (u64, u64, u64) {
+        let slots = lock(&self.slots);
+        (slots.len() as u64, slots.bytes(), slots.allocated_bytes())
+    }
+}
+
+async fn give_back_all(redis: &RedisStore, backs: Vec<GiveBack>) {
+    for back in backs {
+        if let Err(error) = redis
+            .give_back(&back.key, back.algorithm, back.unused, back.window)
+            .await
+        {
+            tracing::debug!(
+                target: "tower_redis_ratelimit",
+                %error,
+                unused = back.unused,
+                "could not give leased units back; they stay counted until their window or period ends"
+            );
+        }
+    }
+}
+
+/// The layer went away: its leases go back, from a task of their own.
+impl Drop for Leases {
+    fn drop(&mut self) {
+        let backs = self.drain(Instant::now());
+        if backs.is_empty() {
+            return;
+        }
+        let redis = self.redis.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { give_back_all(&redis, backs).await });
+        }
+    }
+}
+
+/// Sweeps idle and ended leases back to Redis while the leases live.
+fn start_sweeper(leases: &Arc<Leases>) {
+    if leases.sweeping.load(Ordering::Relaxed) || leases.sweeping.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        leases.sweeping.store(false, Ordering::Release);
+        return;
+    };
+    let weak: Weak<Leases> = Arc::downgrade(leases);
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(LEASE_IDLE / 4);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(leases) = weak.upgrade() else { break };
+            let backs = leases.sweep(Instant::now());
+            let redis = leases.redis.clone();
+            // Not held across the give-backs: dropping the layer ends them.
+            drop(leases);
+            give_back_all(&redis, backs).await;
+        }
+    });
+}
+
+impl Limiter {
+    /// Decides a request with at least one leased policy: each leased
+    /// policy from its lease (refilled when spent), then the others as any
+    /// request, all or nothing.
+    pub(super) async fn decide_leased(
+        self: &Arc<Self>,
+        leases: &Arc<Leases>,
+        checks: &[Check],
+        cost: u32,
+    ) -> Verdict {
+        let mut states: Vec<Option<PolicyState>> = vec![None; checks.len()];
+        let mut taken: Vec<(usize, i64)> = Vec::new();
+        let put_back = |taken: &[(usize, i64)]| {
+            for &(i, window) in taken {
+                leases.put_back(&checks[i].key, cost, window);
+            }
+        };
+        for (i, check) in checks.iter().enumerate() {
+            let Some(lease) = check.lease else { continue };
+            match self.spend_leased(leases, check, lease, checks, cost).await {
+                LeaseOutcome::Granted(state, window) => {
+                    states[i] = Some(state);
+                    taken.push((i, window));
+                }
+                LeaseOutcome::Denied(state) => {
+                    put_back(&taken);
+                    states[i] = Some(state);
+                    return Verdict {
+                        allowed: false,
+                        states,
+                        source: DecisionSource::Redis,
+                    };
+                }
+                LeaseOutcome::Fallback(verdict) => {
+                    put_back(&taken);
+                    return verdict;
+                }
+            }
+        }
+        if taken.len() == checks.len() {
+            return Verdict {
+                allowed: true,
+                states,
+                source: DecisionSource::Lease,
+            };
+        }
+        let plain: Vec<Check> = checks
+            .iter()
+            .filter(|c| c.lease.is_none())
+            .cloned()
+            .collect();
+        let verdict = self.decide_shared(&plain, cost).await;
+        if !verdict.allowed {
+            put_back(&taken);
+        }
+        let mut plain_states = verdict.states.into_iter();
+        for (check, state) in checks.iter().zip(&mut states) {
+            if check.lease.is_none() {
+                *state = plain_states.next().flatten();
+            }
+        }
+        Verdict {
+            allowed: verdict.allowed,
+            states,
+            source: verdict.source,
+        }
+    }
+
+    /// One leased policy of a request: spend here, or refill (one refill
+    /// per counter at a time), or the fallback while Redis is unavailable.
+    async fn spend_leased(
+        self: &Arc<Self>,
+        leases: &Arc<Leases>,
+        check: &Check,
+        lease: u32,
+        checks: &[Check],
+        cost: u32,
+    ) -> LeaseOutcome {
+        let gate = match leases.try_spend(check, cost) {
+            Ok((state, window)) => return LeaseOutcome::Granted(state, window),
+            Err(gate) => gate,
+        };
+        if !self.manager.is_available() {
+            // Nothing to refill from: the fallback at once, as without a
+            // lease (no queue behind the gate).
+            return LeaseOutcome::Fallback(self.failover.without_redis(checks, cost).await);
+        }
+        let _refilling = gate.lock().await;
+        // The refill this request waited for may have brought enough, or
+        // been denied (then remembered for a moment: no call per waiter).
+        if let Ok((state, window)) = leases.try_spend(check, cost) {
+            return LeaseOutcome::Granted(state, window);
+        }
+        if let Some(denied) = self.blocked.verdict(std::slice::from_ref(check), cost)
+            && let Some(Some(state)) = denied.states.first()
+        {
+            return LeaseOutcome::Denied(*state);
+        }
+        start_sweeper(leases);
+        let want = u64::from(lease.max(cost));
+        let sent = Instant::now();
+        match self.failover.lease(check, want, checks, cost).await {
+            Ok(reply) if reply.granted >= u64::from(cost) => {
+                match leases.add(check, &reply, sent, cost) {
+                    Some((state, window)) => LeaseOutcome::Granted(state, window),
+                    // Evicted at once (a map too small for one entry): the
+                    // units stay counted; the request is denied.
+                    None => LeaseOutcome::Denied(PolicyState {
+                        retry_after: Some(Duration::from_secs(1)),
+                        ..reply.state
+                    }),
+                }
+            }
+            Ok(reply) => {
+                let state = PolicyState {
+                    retry_after: Some(reply.state.retry_after.unwrap_or(Duration::from_secs(1))),
+                    ..reply.state
+                };
+                // Remembered before the gate opens for the next waiter.
+                self.blocked.remember_for(
+                    std::slice::from_ref(check),
+                    cost,
+                    &[Some(state)],
+                    Some(LEASE_RECHECK),
+                );
+                LeaseOutcome::Denied(state)
+            }
+            Err(verdict) => LeaseOutcome::Fallback(verdict),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower_redis_core::RedisManager;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn leased(key: &str) -> Check {
+        Check {
+            key: key.to_owned(),
+            algorithm: Algorithm::FixedWindow {
+                limit: 1000,
+                window: HOUR,
+            },
+            lease: Some(100),
+        }
+    }
+
+    fn reply(granted: u64, window: i64) -> LeaseReply {
+        LeaseReply {
+            granted,
+            state: PolicyState {
+                remaining: 900,
+                reset: HOUR / 2,
+                retry_after: None,
+            },
+            window,
+        }
+    }
+
+    fn leases(max_bytes: u64) -> Leases {
+        Leases::new(RedisStore::new(RedisManager::disabled()), max_bytes)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_is_spent_locally_and_ends_with_its_window() {
+        let leases = leases(1 << 20);
+        let check = leased("k");
+        assert!(leases.try_spend(&check, 1).is_err(), "nothing leased yet");
+        let sent = Instant::now();
+        let (state, window) = leases.add(&check, &reply(100, 7), sent, 1).expect("spent");
+        assert_eq!((state.remaining, window), (99 + 900, 7));
+        for _ in 0..99 {
+            assert!(leases.try_spend(&check, 1).is_ok());
+        }
+        assert!(leases.try_spend(&check, 1).is_err(), "the lease is spent");
+
+        // A new lease; its window ends half an hour after it was sent.
+        leases
+            .add(&check, &reply(100, 7), Instant::now(), 1)
+            .expect("spent");
+        tokio::time::advance(HOUR / 2 - Duration::from_millis(1)).await;
+        assert!(leases.try_spend(&check, 1).is_ok());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(
+            leases.try_spend(&check, 1).is_err(),
+            "a unit of an ended window is never spent"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_leases_are_swept_back_and_busy_ones_are_kept() {
+        let leases = leases(1 << 20);
+        let (idle, busy) = (leased("idle"), leased("busy"));
+        leases
+            .add(&idle, &reply(100, 1), Instant::now(), 1)
+            .expect("spent");
+        leases
+            .add(&busy, &reply(100, 1), Instant::now(), 1)
+            .expect("spent");
+        tokio::time::advance(LEASE_IDLE / 2).await;
+        leases.try_spend(&busy, 1).expect("busy spends");
+        assert!(leases.sweep(Instant::now()).is_empty(), "nothing idle yet");
+        tokio::time::advance(LEASE_IDLE / 2).await;
+        let backs = leases.sweep(Instant::now());
+        assert_eq!(backs.len(), 1, "{backs:?}");
+        assert_eq!((&*backs[0].key, backs[0].unused), ("idle", 99));
+        tokio::time::advance(LEASE_IDLE / 2).await;
+        let backs = leases.sweep(Instant::now());
+        assert_eq!((backs.len(), backs[0].unused), (1, 98));
+        assert_eq!(leases.footprint().0, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn units_put_back_after_another_policy_denied_are_spent_again() {
+        let leases = leases(1 << 20);
+        let check = leased("k");
+        leases
+            .add(&check, &reply(2, 3), Instant::now(), 1)
+            .expect("spent");
+        let (_, window) = leases.try_spend(&check, 1).expect("the second unit");
+        leases.put_back(&check.key, 1, window);
+        assert!(leases.try_spend(&check, 1).is_ok());
+        assert!(leases.try_spend(&check, 1).is_err());
+        // A unit of another window is not put back.
+        leases.put_back(&check.key, 1, window + 1);
+        assert!(leases.try_spend(&check, 1).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_leased_policies_are_spent_all_or_nothing() {
+        let leases = leases(1 << 20);
+        let (first, second) = (leased("first"), leased("second"));
+        leases
+            .add(&first, &reply(3, 1), Instant::now(), 1)
+            .expect("spent");
+        let both = [first.clone(), second.clone()];
+        assert!(leases.spend_all(&both, 1).is_none(), "second has no units");
+        leases
+            .add(&second, &reply(2, 1), Instant::now(), 1)
+            .expect("spent");
+        // first still has its 2 units: nothing was taken by the failed try.
+        let verdict = leases.spend_all(&both, 1).expect("both spend");
+        assert!(verdict.allowed && verdict.source == DecisionSource::Lease);
+        assert!(leases.try_spend(&first, 1).is_ok());
+        assert!(leases.try_spend(&first, 1).is_err());
+    }
+
+    /// A leased per-client policy: one lease per client, so an attacker
+    /// rotating keys could grow the map. It stays within its byte bound;
+    /// evicted leases' units are queued to go back (bounded too); a client
+    /// that keeps spending keeps its lease.
+    #[tokio::test(start_paused = true)]
+    async fn leases_of_rotating_keys_stay_within_their_byte_bound() {
+        const BOUND: u64 = 1 << 20;
+        let leases = leases(BOUND);
+        let regular = leased("p:{rl}:rl:tenant:fw:k:regular");
+        leases
+            .add(&regular, &reply(1000, 1), Instant::now(), 1)
+            .expect("spent");
+        for n in 0..200_000u32 {
+            let check = leased(&format!("p:{{rl}}:rl:tenant:fw:k:client-{n}"));
+            assert!(leases.try_spend(&check, 1).is_err());
+            leases
+                .add(&check, &reply(100, 1), Instant::now(), 1)
+                .expect("spent");
+            if n % 1000 == 0 {
+                let spent = leases.try_spend(&regular, 1);
+                assert!(
+                    spent.is_ok(),
+                    "{n}: the regular keeps its lease ({:?})",
+                    leases.footprint()
+                );
+                let (_, bytes, allocated) = leases.footprint();
+                assert!(
+                    bytes <= BOUND && allocated <= BOUND,
+                    "{n}: {bytes} / {allocated}"
+                );
+            }
+        }
+        let (entries, bytes, allocated) = leases.footprint();
+        assert!(entries > 1000, "{entries}");
+        assert!(
+            bytes <= BOUND && allocated <= BOUND,
+            "{bytes} / {allocated}"
+        );
+        assert_eq!(lock(&leases.pending).len(), MAX_PENDING);
+    }
+}

@@ -1,0 +1,312 @@
+//! Leased quotas (`Policy::lease`) against real Redis, with two limiter
+//! instances (two layers over two managers): the limits and the documented
+//! bound hold, a hot key costs Redis about one call per lease, unused units
+//! given back reach the other instance, and an outage falls back as
+//! without a lease.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tower_redis_core::testing::TestRedis;
+use tower_redis_ratelimit::{Fallback, Key, Policy, RateLimitLayer};
+
+use support::{Svc, app, away_from_window_edge, decided_locally, manager, patient_manager};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn request(peer: &str) -> Request<()> {
+    let mut request = Request::get("/").body(()).expect("request");
+    let ip: IpAddr = peer.parse().expect("ip");
+    request.extensions_mut().insert(SocketAddr::new(ip, 40_000));
+    request
+}
+
+async fn send(
+    service: &Svc,
+    request: Request<()>,
+) -> Response<tower_redis_ratelimit::ResponseBody<Empty<Bytes>>> {
+    service.clone().oneshot(request).await.expect("infallible")
+}
+
+fn field<B>(response: &Response<B>) -> String {
+    response
+        .headers()
+        .get("ratelimit")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Two instances of `policy`, each a layer over its own manager (patient:
+/// the subject is exactness while Redis answers).
+async fn two_instances(redis: &TestRedis, policy: &Policy) -> (RateLimitLayer, RateLimitLayer) {
+    let layer = async || {
+        RateLimitLayer::builder(patient_manager(redis).await)
+            .policy(policy.clone())
+            .build()
+            .expect("layer")
+    };
+    (layer().await, layer().await)
+}
+
+/// 64 tasks over the two instances send `total` requests; returns how many
+/// were admitted. An answer decided without Redis fails the test.
+async fn admitted(a: &RateLimitLayer, b: &RateLimitLayer, total: usize) -> usize {
+    let (a, b) = (app(a.clone()), app(b.clone()));
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for task in 0..64 {
+        let service = if task % 2 == 0 { a.clone() } else { b.clone() };
+        let (admitted, next) = (Arc::clone(&admitted), Arc::clone(&next));
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                let response = send(&service, request("198.51.100.7")).await;
+                assert!(
+                    !decided_locally(&response),
+                    "decided without Redis while Redis was up"
+                );
+                match response.status() {
+                    StatusCode::OK => {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    StatusCode::TOO_MANY_REQUESTS => {}
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .expect("the requests finish")
+            .expect("task");
+    }
+    admitted.load(Ordering::Relaxed)
+}
+
+/// Fixed window: units are counted when leased and void when the window
+/// ends, so two leasing instances never admit more than the limit; what
+/// they admit less is at most what they still hold (2 × the lease).
+#[tokio::test]
+async fn two_leasing_instances_never_admit_more_than_a_fixed_window_limit() {
+    let redis = TestRedis::start().await;
+    away_from_window_edge(&redis, HOUR).await;
+    let policy = Policy::fixed_window("global", 1000, HOUR)
+        .key(Key::global())
+        .lease(50);
+    let (a, b) = two_instances(&redis, &policy).await;
+    let monitor = redis.monitor().await;
+    let admitted = admitted(&a, &b, 3000).await;
+    assert!(
+        (900..=1000).contains(&admitted),
+        "admitted {admitted} of a limit of 1000 (at most 2 × 50 parked)"
+    );
+    // About 20 leases, then each instance asks again at most every 100 ms
+    // once the limit is reached: requests waiting for a refill that was
+    // denied do not each ask Redis.
+    let commands = monitor.commands().await;
+    assert!(
+        commands.len() <= 60,
+        "{} commands for 3000 requests",
+        commands.len()
+    );
+}
+
+/// GCRA: a leased unit may be spent after it was counted, so the
+/// documented bound is the GCRA's own plus instances × lease.
+#[tokio::test]
+async fn two_leasing_instances_stay_within_the_gcra_bound_plus_instances_times_the_lease() {
+    let redis = TestRedis::start().await;
+    let policy = Policy::gcra("global", 1000, HOUR)
+        .key(Key::global())
+        .lease(50);
+    let (a, b) = two_instances(&redis, &policy).await;
+    let started = Instant::now();
+    let admitted = admitted(&a, &b, 3000).await;
+    // One more unit per 3.6 s of the run.
+    let refilled = (started.elapsed().as_secs_f64() / 3.6).ceil() as usize;
+    assert!(
+        admitted <= 1000 + refilled + 2 * 50,
+        "admitted {admitted}: over the burst + {refilled} + 2 × 50"
+    );
+    assert!(
+        admitted >= 900,
+        "admitted {admitted}: more than 2 × 50 parked"
+    );
+}
+
+/// The point of a lease: a hot global key costs Redis one call per lease,
+/// not one per request.
+#[tokio::test]
+async fn a_hot_global_key_costs_at_most_a_hundredth_of_a_redis_command_per_request() {
+    let redis = TestRedis::start().await;
+    let policy = Policy::gcra("global", 1_000_000_000, HOUR)
+        .key(Key::global())
+        .lease(1000);
+    let (a, b) = two_instances(&redis, &policy).await;
+    // Loads the script.
+    send(&app(a.clone()), request("198.51.100.1")).await;
+    let monitor = redis.monitor().await;
+    const REQUESTS: usize = 20_000;
+    assert_eq!(admitted(&a, &b, REQUESTS).await, REQUESTS);
+    let commands = monitor.commands().await;
+    assert!(
+        commands.len() * 100 <= REQUESTS,
+        "{} commands for {REQUESTS} requests: {commands:?}",
+        commands.len()
+    );
+    assert!(commands.iter().all(|c| c == "evalsha"), "{commands:?}");
+}
+
+/// Sends `B`'s request until it is admitted, at most until `deadline`.
+async fn admitted_before(service: &Svc, deadline: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < deadline {
+        if send(service, request("198.51.100.2")).await.status() == StatusCode::OK {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// A takes the whole limit as its lease and spends one unit: B is denied
+/// (for longer than B's own recheck interval), until A gives the rest back.
+async fn a_holds_everything(redis: &TestRedis) -> (RateLimitLayer, Svc) {
+    away_from_window_edge(redis, HOUR).await;
+    let policy = Policy::fixed_window("global", 10, HOUR)
+        .key(Key::global())
+        .lease(10);
+    let (a, b) = two_instances(redis, &policy).await;
+    assert_eq!(
+        send(&app(a.clone()), request("198.51.100.1"))
+            .await
+            .status(),
+        200
+    );
+    let b = app(b);
+    let denied = send(&b, request("198.51.100.2")).await;
+    assert_eq!(denied.status(), 429);
+    assert!(
+        field(&denied).starts_with("\"global\";r=0;"),
+        "{}",
+        field(&denied)
+    );
+    // Held: B's denial is asked again every 100 ms, and stays a denial.
+    assert_eq!(admitted_before(&b, Duration::from_millis(150)).await, None);
+    (a, b)
+}
+
+#[tokio::test]
+async fn unused_units_given_back_reach_the_other_instance() {
+    let redis = TestRedis::start().await;
+    let (a, b) = a_holds_everything(&redis).await;
+    a.return_leases().await;
+    // Well before A's lease would go back by itself (1 s after A's last
+    // request, which was more than 150 ms ago: not before 0.8 s from now).
+    let waited = admitted_before(&b, Duration::from_millis(600)).await;
+    assert!(waited.is_some(), "B did not get the units A gave back");
+    // The other 8 are B's now; the 10th was A's.
+    let mut more = 0;
+    for _ in 0..20 {
+        if send(&b, request("198.51.100.2")).await.status() == StatusCode::OK {
+            more += 1;
+        }
+    }
+    assert_eq!(more, 8);
+}
+
+#[tokio::test]
+async fn an_idle_lease_goes_back_by_itself() {
+    let redis = TestRedis::start().await;
+    let (_a, b) = a_holds_everything(&redis).await;
+    // A is idle from now on: its lease goes back after 1 s (the sweep runs
+    // every 250 ms), and B asks again within 100 ms.
+    let waited = admitted_before(&b, Duration::from_secs(10)).await;
+    let waited = waited.expect("A's idle lease never came back");
+    assert!(waited >= Duration::from_millis(500), "{waited:?}");
+}
+
+/// A request that another policy denies spends nothing from the lease
+/// (all or nothing, as without a lease).
+#[tokio::test]
+async fn a_request_denied_by_another_policy_spends_nothing_from_the_lease() {
+    let redis = TestRedis::start().await;
+    away_from_window_edge(&redis, HOUR).await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(
+            Policy::fixed_window("global", 1000, HOUR)
+                .key(Key::global())
+                .lease(10),
+        )
+        .policy(Policy::gcra("per-ip", 1, HOUR))
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    let first = send(&service, request("192.0.2.1")).await;
+    assert_eq!(first.status(), 200);
+    // 9 units left here, 990 on Redis.
+    assert!(
+        field(&first).starts_with("\"global\";r=999;"),
+        "{}",
+        field(&first)
+    );
+    for _ in 0..3 {
+        assert_eq!(send(&service, request("192.0.2.1")).await.status(), 429);
+    }
+    let other = send(&service, request("192.0.2.2")).await;
+    assert_eq!(other.status(), 200);
+    assert!(
+        field(&other).starts_with("\"global\";r=998;"),
+        "the denied requests were charged: {}",
+        field(&other)
+    );
+}
+
+/// Redis goes away: the units already leased are spent (Redis counted
+/// them), then the local fallback decides with its share, exactly as for
+/// a policy without a lease.
+#[tokio::test]
+async fn while_redis_is_down_the_leased_policy_falls_back_as_without_a_lease() {
+    let redis = TestRedis::start().await;
+    away_from_window_edge(&redis, HOUR).await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(
+            Policy::fixed_window("global", 10, HOUR)
+                .key(Key::global())
+                .lease(4),
+        )
+        .fallback(Fallback::Local { share: 0.5 })
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    let first = send(&service, request("192.0.2.1")).await;
+    assert_eq!(first.status(), 200);
+    assert!(!decided_locally(&first));
+
+    redis.kill().await;
+    let mut answers = Vec::new();
+    for _ in 0..10 {
+        let response = send(&service, request("192.0.2.1")).await;
+        answers.push((response.status().as_u16(), decided_locally(&response)));
+    }
+    let expected: Vec<(u16, bool)> = [(200, false); 3]
+        .into_iter()
+        .chain([(200, true); 5])
+        .chain([(429, true); 2])
+        .collect();
+    assert_eq!(
+        answers, expected,
+        "3 leased units, then half of the limit locally, then denied locally"
+    );
+}
