@@ -52,8 +52,8 @@ use crate::store::Lookup;
 
 pub(crate) use cache_status::CACHE_STATUS;
 pub(crate) use coalesce::Flights;
-pub use request::RequestCacheControl;
 pub(crate) use range::storable_partial;
+pub use request::RequestCacheControl;
 pub(crate) use tee::TeeReader;
 
 /// The cached service produced by [`CacheLayer`](crate::CacheLayer).

@@ -238,7 +238,9 @@ where
             bytes,
             request_time,
         };
-        Ok(combined.store_and_serve(&ctx, parts, status, (start, end)).await)
+        Ok(combined
+            .store_and_serve(&ctx, parts, status, (start, end))
+            .await)
     }
 }
 

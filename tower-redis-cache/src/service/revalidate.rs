@@ -383,7 +383,8 @@ fn partial_of(entry: &Entry, partial: &HeaderMap) -> bool {
     );
     entry.status == StatusCode::OK
         && same_tag
-        && range::content_range(partial).is_some_and(|span| span.complete == entry.body.len() as u64)
+        && range::content_range(partial)
+            .is_some_and(|span| span.complete == entry.body.len() as u64)
 }
 
 fn is_server_failure(status: StatusCode) -> bool {

@@ -196,7 +196,8 @@ async fn store_entry(config: &Arc<Config>, mut put: Put, body: Bytes, fill: Fill
     // A partial entry holds exactly the span its `Content-Range` names.
     let partial = put.entry.is_partial();
     let wrong_span = partial
-        && range::content_range(&put.entry.headers).is_none_or(|span| span.len() != body.len() as u64);
+        && range::content_range(&put.entry.headers)
+            .is_none_or(|span| span.len() != body.len() as u64);
     if declared.is_some_and(|len| len != body.len()) || wrong_span {
         fill.release_for(config, &put.url_hash);
         return;
