@@ -1363,3 +1363,109 @@ async fn a_stored_response_takes_the_fields_of_a_206_of_the_same_representation(
     assert_eq!(f.calls("/other-tag"), 3, "not a hit of an updated entry");
     assert_eq!((after.status, after.header("x-changed")), (200, Some("3")));
 }
+
+/// `response` with its body sent only after `delay_ms`.
+fn slowly(response: Response<Body>, delay_ms: u64) -> Response<Body> {
+    let (parts, body) = response.into_parts();
+    let body = async move {
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        axum::body::to_bytes(body, usize::MAX).await
+    };
+    let stream = futures_util::stream::once(body);
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
+/// RFC 9111 §3.3 with request coalescing: a range request on a miss,
+/// forwarded with its range, neither leads nor follows the flight of the
+/// requests that want the whole response (a partial answer is of no use to
+/// them); and its partial entry, stored after the whole one, does not
+/// replace that fresh complete entry.
+#[tokio::test]
+async fn a_forwarded_range_never_joins_a_whole_response_flight() {
+    let f = Fixture::new(|b| b.forward_ranges(true)).await;
+    f.on("/shared", |_, headers| {
+        // The range's answer is the slower: its entry is stored last.
+        let delay = if headers.contains_key("range") {
+            400
+        } else {
+            200
+        };
+        slowly(ranged(headers, TWENTY, "\"v1\"", &[]), delay)
+    });
+    let range = tokio::spawn({
+        let app = f.app.clone();
+        async move { send(&app, "GET", "/shared", &[("range", "bytes=2-5")]).await }
+    });
+    f.origin.calls.wait_for_calls("/shared", 1).await;
+    let wholes: Vec<_> = (0..3)
+        .map(|_| {
+            let app = f.app.clone();
+            tokio::spawn(async move { send(&app, "GET", "/shared", &[]).await })
+        })
+        .collect();
+    let range = range.await.unwrap();
+    assert_eq!((range.status, range.body.as_str()), (206, "2345"));
+    assert_eq!(range.header("content-range"), Some("bytes 2-5/20"));
+    for whole in wholes {
+        let whole = whole.await.unwrap();
+        assert_eq!(
+            (whole.status, whole.body.as_str()),
+            (200, TWENTY),
+            "{}",
+            whole.cache_status()
+        );
+    }
+    settle(&f.layer).await;
+    assert_eq!(
+        f.calls("/shared"),
+        2,
+        "the range alone, then one whole fill for three requests"
+    );
+    let hit = f.get("/shared", &[]).await;
+    assert_eq!((hit.status, hit.body.as_str()), (200, TWENTY));
+    assert!(
+        hit.cache_status().starts_with("tower-redis; hit"),
+        "{}",
+        hit.cache_status()
+    );
+    assert_eq!(f.calls("/shared"), 2, "the complete entry was kept");
+}
+
+/// RFC 9111 §3.3 while Redis is down: partial entries live in the
+/// in-process store like any other, and are served the same way.
+#[tokio::test]
+async fn partial_entries_are_kept_in_process_while_redis_is_down() {
+    let f = Fixture::new(|b| b.forward_ranges(true)).await;
+    f.on("/outage", |_, headers| {
+        ranged(headers, TWENTY, "\"v1\"", &[])
+    });
+    f.redis.kill().await;
+    let miss = f.get("/outage", &[("range", "bytes=10-14")]).await;
+    assert_eq!((miss.status, miss.body.as_str()), (206, "abcde"));
+    let status = miss.cache_status();
+    assert!(
+        status.contains("stored") && status.contains("detail=redis-unavailable"),
+        "{status}"
+    );
+    let hit = f.get("/outage", &[("range", "bytes=11-12")]).await;
+    assert_eq!((hit.status, hit.body.as_str()), (206, "bc"));
+    assert_eq!(hit.header("content-range"), Some("bytes 11-12/20"));
+    let status = hit.cache_status();
+    assert!(
+        status.starts_with("tower-redis; hit") && status.contains("detail=redis-unavailable"),
+        "{status}"
+    );
+    let completed = f.get("/outage", &[("range", "bytes=10-19")]).await;
+    assert_eq!(
+        (completed.status, completed.body.as_str()),
+        (206, "abcdefghij")
+    );
+    assert_eq!(f.origin.request("/outage", 2)["range"], "bytes=15-");
+    let whole = f.get("/outage", &[]).await;
+    assert_eq!((whole.status, whole.body.as_str()), (200, TWENTY));
+    assert_eq!(
+        f.calls("/outage"),
+        3,
+        "without Range: forwarded, never the partial entry"
+    );
+}
