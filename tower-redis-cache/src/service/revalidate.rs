@@ -438,4 +438,43 @@ mod tests {
         assert_eq!(merged.headers["x-kept"], "k");
         assert!(!merged.headers.contains_key("connection"));
     }
+
+    /// RFC 9111 §3.4, §4.3.4: a 206 of the stored representation gives its
+    /// fields, but not those that describe the part it carries.
+    #[test]
+    fn a_206_gives_its_fields_but_not_those_of_its_part() {
+        let mut entry = Entry {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: bytes::Bytes::from_static(b"0123456789"),
+            response_time_ms: 0,
+            initial_age: 0,
+            lifetime: 60,
+        };
+        entry
+            .headers
+            .insert("content-length", "10".parse().unwrap());
+        entry
+            .headers
+            .insert("content-type", "video/mp4".parse().unwrap());
+        entry.headers.insert("x-old", "1".parse().unwrap());
+        let mut part = HeaderMap::new();
+        part.insert("content-range", "bytes 0-3/10".parse().unwrap());
+        part.insert("content-length", "4".parse().unwrap());
+        part.insert(
+            "content-type",
+            "multipart/byteranges; boundary=x".parse().unwrap(),
+        );
+        part.insert("x-old", "2".parse().unwrap());
+        let merged = merge_fields(entry.clone(), &part);
+        assert_eq!(merged.headers["content-length"], "10");
+        assert_eq!(merged.headers["content-type"], "video/mp4");
+        assert!(!merged.headers.contains_key("content-range"));
+        assert_eq!(merged.headers["x-old"], "2");
+        part.insert("content-type", "video/webm".parse().unwrap());
+        assert_eq!(
+            merge_fields(entry, &part).headers["content-type"],
+            "video/webm"
+        );
+    }
 }
