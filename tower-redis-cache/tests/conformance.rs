@@ -1469,3 +1469,92 @@ async fn partial_entries_are_kept_in_process_while_redis_is_down() {
         "without Range: forwarded, never the partial entry"
     );
 }
+
+/// RFC 9111 §3.3 with §4.1 and the layer's tags and size limit: a partial
+/// entry is one variant among a URL's (`Vary`), carries its response's tags
+/// (a purge removes it like any entry), and is stored only within
+/// `max_body_bytes`.
+#[tokio::test]
+async fn partial_entries_follow_vary_tags_purges_and_the_size_limit() {
+    let f = Fixture::new(|b| b.forward_ranges(true)).await;
+    f.on("/media", |_, headers| {
+        let coding = headers
+            .get("accept-encoding")
+            .map_or("none", |v| v.to_str().unwrap())
+            .to_owned();
+        ranged(
+            headers,
+            TWENTY,
+            "\"v1\"",
+            &[
+                ("vary", "accept-encoding"),
+                ("surrogate-key", "media"),
+                ("x-coding", &coding),
+            ],
+        )
+    });
+    let gzip = [("range", "bytes=0-9"), ("accept-encoding", "gzip")];
+    let br = [("range", "bytes=0-9"), ("accept-encoding", "br")];
+    f.get("/media", &gzip).await;
+    let hit = f
+        .get(
+            "/media",
+            &[("range", "bytes=2-3"), ("accept-encoding", "gzip")],
+        )
+        .await;
+    assert_eq!((hit.status, hit.body.as_str()), (206, "23"));
+    assert_eq!(hit.header("x-coding"), Some("gzip"));
+    assert!(
+        hit.header("surrogate-key").is_none(),
+        "tag fields are not served"
+    );
+    let other = f.get("/media", &br).await;
+    assert!(
+        other.cache_status().contains("fwd=vary-miss"),
+        "{}",
+        other.cache_status()
+    );
+    assert_eq!(other.header("x-coding"), Some("br"));
+    assert_eq!(f.calls("/media"), 2);
+    assert!(
+        f.get("/media", &br)
+            .await
+            .cache_status()
+            .starts_with("tower-redis; hit")
+    );
+
+    let purged = f.layer.handle().purge_tag("media").await;
+    assert_eq!(purged.urls, 1);
+    let after = f.get("/media", &gzip).await;
+    assert!(
+        after.cache_status().contains("fwd=uri-miss"),
+        "{}",
+        after.cache_status()
+    );
+    assert_eq!(f.calls("/media"), 3);
+
+    let small = Fixture::new(|b| b.forward_ranges(true).max_body_bytes(4)).await;
+    small.on("/big-part", |_, headers| {
+        ranged(headers, TWENTY, "\"v1\"", &[])
+    });
+    let part = small.get("/big-part", &[("range", "bytes=0-4")]).await;
+    assert_eq!((part.status, part.body.as_str()), (206, "01234"));
+    assert!(
+        !part.cache_status().contains("stored"),
+        "{}",
+        part.cache_status()
+    );
+    small.get("/big-part", &[("range", "bytes=0-4")]).await;
+    assert_eq!(
+        small.calls("/big-part"),
+        2,
+        "a part past the limit is not stored"
+    );
+    small.get("/big-part", &[("range", "bytes=0-3")]).await;
+    let within = small.get("/big-part", &[("range", "bytes=0-3")]).await;
+    assert!(
+        within.cache_status().starts_with("tower-redis; hit"),
+        "{}",
+        within.cache_status()
+    );
+}
