@@ -34,10 +34,14 @@
 //!   sees the request, so nobody can forge them (or keep responses out of
 //!   the cache with them);
 //! - adds `Via` to requests and responses;
-//! - answers range requests (`Range: bytes=…`, RFC 9110 §14) itself: the
-//!   upstream is asked for the whole response, which is stored when it may
-//!   be, and the range is cut from it (`206`, or `416` when it does not
-//!   overlap; several ranges get the whole `200`);
+//! - answers range requests (`Range: bytes=…`, RFC 9110 §14) itself: by
+//!   default the upstream is asked for the whole response, which is stored
+//!   when it may be, and the range is cut from it (`206`, or `416` when it
+//!   does not overlap; several ranges get the whole `200`). With
+//!   `--forward-ranges` the range of a miss goes upstream as the client
+//!   sent it, and a `206` is stored as a partial entry: later ranges inside
+//!   it are hits, ranges reaching past it are completed with a range
+//!   request for the missing bytes (RFC 9111 §3.3, §3.4);
 //! - does not forward interim (1xx) responses: hyper's HTTP/1 client reads
 //!   an upstream's `100`, `102` or `103` and drops it (its fields too), and
 //!   hyper's server has no way to send one ahead of the final response
@@ -68,7 +72,9 @@
 //! `no-cache="Set-Cookie"`; off by default, because an origin that sends a
 //! session cookie on a `public` page would hand it to everyone), `--store-post`
 //! (store a `POST` answer whose `Content-Location` is its own URL and whose
-//! freshness is explicit, for later `GET`s; RFC 9110 §9.3.3). Environment:
+//! freshness is explicit, for later `GET`s; RFC 9110 §9.3.3),
+//! `--forward-ranges` (see above: for large files read by ranges).
+//! Environment:
 //! `REDIS_URL` (default `redis://127.0.0.1:6379`; `memory` for in-process
 //! stores only), `RUST_LOG` (default `info`). Without a reachable Redis it
 //! starts anyway on the in-process fallbacks.
@@ -95,7 +101,7 @@ const USAGE: &str = "\
 usage: caching_proxy --upstream http://HOST[:PORT] [--listen ADDR] [--rate-limit N/PERIOD]
                      [--timeout SECONDS] [--stale-if-error SECONDS]
                      [--heuristic [--heuristic-cap SECONDS]] [--store-set-cookie]
-                     [--store-post]
+                     [--store-post] [--forward-ranges]
 
   --upstream URL        the origin to forward to (http:// only)
   --listen ADDR         where to listen (default 127.0.0.1:3001; port 0 picks a free one)
@@ -111,6 +117,9 @@ usage: caching_proxy --upstream http://HOST[:PORT] [--listen ADDR] [--rate-limit
   --store-set-cookie    store cacheable responses that carry Set-Cookie (default off)
   --store-post          store POST answers whose Content-Location is their own URL and whose
                         freshness is explicit, for later GETs (default off)
+  --forward-ranges      send a range miss upstream with its Range and store partial (206)
+                        answers, completed by range requests later (default off: the whole
+                        response is fetched and the range cut from it)
 
 environment: REDIS_URL (default redis://127.0.0.1:6379; `memory` for in-process stores only), RUST_LOG";
 
@@ -128,6 +137,7 @@ struct Args {
     heuristic: Option<Duration>,
     store_set_cookie: bool,
     store_post: bool,
+    forward_ranges: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -184,7 +194,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         // Any client could otherwise make the upstream answer again.
         .request_cache_control(RequestCacheControl::Ignore)
         .store_set_cookie(args.store_set_cookie)
-        .store_post(args.store_post);
+        .store_post(args.store_post)
+        .forward_ranges(args.forward_ranges);
     if let Some(cap) = args.heuristic {
         cache = cache.heuristic_freshness(true).heuristic_freshness_cap(cap);
     }
@@ -248,6 +259,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
     let mut heuristic_cap = None;
     let mut store_set_cookie = false;
     let mut store_post = false;
+    let mut forward_ranges = false;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         if arg == "-h" || arg == "--help" {
@@ -314,6 +326,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
             }
             "--store-set-cookie" if inline.is_none() => store_set_cookie = true,
             "--store-post" if inline.is_none() => store_post = true,
+            "--forward-ranges" if inline.is_none() => forward_ranges = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -330,6 +343,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
         heuristic: heuristic.then(|| heuristic_cap.unwrap_or(Duration::from_secs(86_400))),
         store_set_cookie,
         store_post,
+        forward_ranges,
     }))
 }
 
@@ -593,6 +607,7 @@ mod tests {
         assert_eq!(parsed.heuristic, None);
         assert!(!parsed.store_set_cookie);
         assert!(!parsed.store_post);
+        assert!(!parsed.forward_ranges);
         let parsed = args(&[
             "--upstream=http://origin/base/",
             "--rate-limit=20/30s",
@@ -611,12 +626,14 @@ mod tests {
             "--heuristic",
             "--store-set-cookie",
             "--store-post",
+            "--forward-ranges",
         ])
         .unwrap()
         .unwrap();
         assert_eq!(parsed.heuristic, Some(Duration::from_secs(86_400)));
         assert!(parsed.store_set_cookie);
         assert!(parsed.store_post);
+        assert!(parsed.forward_ranges);
         let parsed = args(&[
             "--upstream",
             "http://origin",

@@ -628,8 +628,9 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
         &format!(
             "tower-redis-cache (Redis), warmed. A {} range (`Range: bytes=0-{}`, answered 206) of a {} entry \
              against a hit of the whole entry: the range is cut from the body the one `HMGET` returns, so both \
-             move the whole entry out of Redis. A {} hit whose freshness is heuristic (the origin sends only \
-             an old `Last-Modified`; `heuristic_freshness(true)`) against the same body with \
+             move the whole entry out of Redis; the same range from a partial entry (`forward_ranges(true)`: \
+             the origin answered the range with a 206, stored alone) moves only the range. A {} hit \
+             whose freshness is heuristic (the origin sends only an old `Last-Modified`; `heuristic_freshness(true)`) against the same body with \
              `Cache-Control: {CACHE_CONTROL}`. {}.",
             bytes(RANGE_BYTES as f64),
             RANGE_BYTES - 1,
@@ -645,6 +646,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     section.target(&kind_trips);
     for (subject, to) in [
         (HitKind::Range, HitKind::Whole),
+        (HitKind::PartialRange, HitKind::Range),
         (HitKind::Heuristic, HitKind::MaxAge),
     ] {
         section.note(format!(
@@ -681,14 +683,17 @@ const RANGE_BYTES: usize = 64 << 10;
 enum HitKind {
     Whole,
     Range,
+    /// The same range, from a stored partial entry holding only it.
+    PartialRange,
     MaxAge,
     Heuristic,
 }
 
 impl HitKind {
-    const ALL: [HitKind; 4] = [
+    const ALL: [HitKind; 5] = [
         HitKind::Whole,
         HitKind::Range,
+        HitKind::PartialRange,
         HitKind::MaxAge,
         HitKind::Heuristic,
     ];
@@ -697,6 +702,9 @@ impl HitKind {
         match self {
             HitKind::Whole => "tower-redis-cache: hit of a whole 1 MiB entry (200)",
             HitKind::Range => "tower-redis-cache: 64 KiB range of the 1 MiB entry (206)",
+            HitKind::PartialRange => {
+                "tower-redis-cache: the same range from a stored 64 KiB partial entry (206)"
+            }
             HitKind::MaxAge => "tower-redis-cache: 1 KiB hit, Cache-Control: max-age",
             HitKind::Heuristic => {
                 "tower-redis-cache: 1 KiB hit, heuristic freshness (Last-Modified only)"
@@ -708,6 +716,7 @@ impl HitKind {
         match self {
             HitKind::Whole => "whole 1 MiB hit",
             HitKind::Range => "64 KiB range hit",
+            HitKind::PartialRange => "partial-entry range hit",
             HitKind::MaxAge => "max-age hit",
             HitKind::Heuristic => "heuristic hit",
         }
@@ -722,7 +731,7 @@ impl HitKind {
 
     fn request(self) -> HttpRequest {
         let mut request = HttpRequest::get(PATH);
-        if self == HitKind::Range {
+        if self.is_range() {
             request.fields.insert(
                 header::RANGE,
                 http::HeaderValue::from_static("bytes=0-65535"),
@@ -731,9 +740,13 @@ impl HitKind {
         request
     }
 
+    fn is_range(self) -> bool {
+        matches!(self, HitKind::Range | HitKind::PartialRange)
+    }
+
     fn expect(self) -> Expect {
         Expect {
-            status: if self == HitKind::Range {
+            status: if self.is_range() {
                 StatusCode::PARTIAL_CONTENT
             } else {
                 StatusCode::OK
@@ -763,6 +776,64 @@ fn heuristic_origin(body: Bytes) -> Router {
     )
 }
 
+/// An origin that answers the range the kinds-of-hit table asks
+/// (`bytes=0-65535`) with a `206` of it, and anything else with the whole
+/// body.
+fn range_origin(body: Bytes) -> Router {
+    Router::new().route(
+        PATH,
+        get(move |fields: http::HeaderMap| {
+            let body = body.clone();
+            async move {
+                tokio::time::sleep(ORIGIN_DELAY).await;
+                let asked = fields.get(header::RANGE).and_then(|v| v.to_str().ok());
+                if asked == Some("bytes=0-65535") {
+                    let content_range = format!("bytes 0-{}/{}", RANGE_BYTES - 1, body.len());
+                    (
+                        StatusCode::PARTIAL_CONTENT,
+                        [
+                            (header::CACHE_CONTROL, CACHE_CONTROL.to_owned()),
+                            (header::CONTENT_RANGE, content_range),
+                        ],
+                        body.slice(..RANGE_BYTES),
+                    )
+                } else {
+                    (
+                        StatusCode::OK,
+                        [
+                            (header::CACHE_CONTROL, CACHE_CONTROL.to_owned()),
+                            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                        ],
+                        body,
+                    )
+                }
+            }
+        }),
+    )
+}
+
+/// Sends `request` until it is a hit (its partial entry stored), at most
+/// 300 times; the last `Cache-Status` when it never is.
+async fn warm_partial(addr: SocketAddr, request: &HttpRequest) -> Result<(), String> {
+    let mut sender = connect(addr).await.map_err(|e| e.to_string())?;
+    let mut last = String::new();
+    for _ in 0..300 {
+        let (_, fields, _) = send(&mut sender, request)
+            .await
+            .map_err(|e| e.to_string())?;
+        last = fields
+            .get("cache-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        if last.contains("; hit") && !last.contains("unavailable") {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(last)
+}
+
 /// The kinds-of-hit cells, warmed and checked: each answers a hit of its
 /// kind with the expected status and size.
 async fn hit_kind_cells(redis: &BenchRedis, pool_size: u32) -> Result<Vec<Cell>, BenchError> {
@@ -775,33 +846,46 @@ async fn hit_kind_cells(redis: &BenchRedis, pool_size: u32) -> Result<Vec<Cell>,
                 let body = body(RANGE_ENTRY_BYTES);
                 (origin(body.clone()), body)
             }
+            HitKind::PartialRange => {
+                let body = body(RANGE_ENTRY_BYTES);
+                (range_origin(body.clone()), body)
+            }
             HitKind::MaxAge => (origin(body(BODY_BYTES)), body(BODY_BYTES)),
             HitKind::Heuristic => (heuristic_origin(body(BODY_BYTES)), body(BODY_BYTES)),
         };
         let layer = CacheLayer::builder(manager.clone())
             .max_body_bytes(MAX_BODY)
             .heuristic_freshness(kind == HitKind::Heuristic)
+            .forward_ranges(kind == HitKind::PartialRange)
             .build()
             .map_err(|e| BenchError::Check(format!("cache: {e}")))?;
         let server = serve(origin.layer(layer)).await?;
         let fail = |what: String| BenchError::Check(format!("cache, {}: {what}", kind.label()));
-        wait_for_hit(server.addr, &body, |fields| {
-            fields.cache_status.contains("; hit") && !fields.cache_status.contains("unavailable")
-        })
-        .await
-        .map_err(|last| {
-            fail(format!(
-                "never answered from the cache; last answer: {last}"
-            ))
-        })?;
         let request = kind.request();
+        if kind == HitKind::PartialRange {
+            // Warmed by the range itself: a whole GET would store the whole entry.
+            warm_partial(server.addr, &request)
+                .await
+                .map_err(|last| fail(format!("never a partial hit; last answer: {last}")))?;
+        } else {
+            wait_for_hit(server.addr, &body, |fields| {
+                fields.cache_status.contains("; hit")
+                    && !fields.cache_status.contains("unavailable")
+            })
+            .await
+            .map_err(|last| {
+                fail(format!(
+                    "never answered from the cache; last answer: {last}"
+                ))
+            })?;
+        }
         let mut sender = connect(server.addr)
             .await
             .map_err(|e| fail(e.to_string()))?;
         let (status, fields, got) = send(&mut sender, &request)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        let wanted = if kind == HitKind::Range {
+        let wanted = if kind.is_range() {
             &body[..RANGE_BYTES]
         } else {
             &body[..]

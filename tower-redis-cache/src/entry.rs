@@ -1,6 +1,9 @@
 //! A stored response and its compact, versioned binary form.
 //!
-//! Layout (all integers big-endian): magic `TRC`, version `1`, status (u16),
+//! Layout (all integers big-endian): magic `TRC`, version (`1` for a
+//! complete response, `2` for a partial one: a `206` whose body is the
+//! span its stored `Content-Range` names, which a reader that does not
+//! know partial entries must not serve as a whole), status (u16),
 //! response time (u64 ms since the epoch), corrected initial age (u64 s),
 //! freshness lifetime (u64 s), header count (u16) then per header name length (u16), name, value length
 //! (u32), value; body length (u32), body. Anything that does not parse —
@@ -17,6 +20,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 const MAGIC: &[u8; 3] = b"TRC";
 const VERSION: u8 = 1;
+/// The version of a partial entry (status 206).
+const VERSION_PARTIAL: u8 = 2;
 
 /// A stored response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +70,11 @@ impl Entry {
             .sum();
         let mut out = Vec::with_capacity(24 + headers_len + self.body.len());
         out.extend_from_slice(MAGIC);
-        out.push(VERSION);
+        out.push(if self.is_partial() {
+            VERSION_PARTIAL
+        } else {
+            VERSION
+        });
         out.extend_from_slice(&self.status.as_u16().to_be_bytes());
         out.extend_from_slice(&self.response_time_ms.to_be_bytes());
         let max = crate::directives::MAX_DELTA;
@@ -107,10 +116,14 @@ impl Entry {
         if r.take(3)? != MAGIC {
             return Err(DecodeError("bad magic"));
         }
-        if r.u8()? != VERSION {
+        let version = r.u8()?;
+        if version != VERSION && version != VERSION_PARTIAL {
             return Err(DecodeError("unknown version"));
         }
         let status = StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError("bad status"))?;
+        if (version == VERSION_PARTIAL) != (status == StatusCode::PARTIAL_CONTENT) {
+            return Err(DecodeError("version and status disagree"));
+        }
         let response_time_ms = r.u64()?;
         let initial_age = r.u64()?;
         let lifetime = r.u64()?;
@@ -152,6 +165,13 @@ impl Entry {
             initial_age,
             lifetime,
         })
+    }
+
+    /// A partial entry: a `206` holding the span of the representation its
+    /// `Content-Range` names (RFC 9111 §3.3), served only to range
+    /// requests inside that span.
+    pub(crate) fn is_partial(&self) -> bool {
+        self.status == StatusCode::PARTIAL_CONTENT
     }
 
     /// The stored size, for byte-bounded stores.
@@ -264,6 +284,21 @@ mod tests {
         let mut trailing = bytes;
         trailing.push(0);
         assert!(Entry::decode(&trailing).is_err());
+    }
+
+    #[test]
+    fn a_partial_entry_has_a_version_of_its_own() {
+        let mut partial = entry();
+        partial.status = StatusCode::PARTIAL_CONTENT;
+        let bytes = partial.encode();
+        assert_eq!(bytes[3], VERSION_PARTIAL);
+        assert_eq!(Entry::decode(&bytes), Ok(partial));
+        let mut claims_complete = bytes;
+        claims_complete[3] = VERSION;
+        assert!(Entry::decode(&claims_complete).is_err());
+        let mut whole = entry().encode();
+        whole[3] = VERSION_PARTIAL;
+        assert!(Entry::decode(&whole).is_err());
     }
 
     #[test]

@@ -82,7 +82,7 @@ fn heuristically_cacheable(status: StatusCode) -> bool {
 
 /// Status codes whose semantics this cache implements, for
 /// `must-understand` (RFC 9111 §5.2.2.3): the final statuses it stores and
-/// serves as they are. 206 and 304 are never entries.
+/// serves as they are. 304 is never an entry; 206 is a partial one.
 fn understood(status: StatusCode) -> bool {
     matches!(
         status.as_u16(),
@@ -103,8 +103,14 @@ pub(crate) fn storable(
         return Err(NotStored::Method);
     }
     let status = response.status;
-    // Final statuses we understand; partial content and 304 are not entries.
-    if status.is_informational() || matches!(status.as_u16(), 206 | 304) {
+    // Final statuses we understand; a 304 is not an entry, and a 206 only
+    // when it can be a partial one (§3.3: one span of a known length, a
+    // strong validator or none).
+    if status.is_informational()
+        || status == StatusCode::NOT_MODIFIED
+        || (status == StatusCode::PARTIAL_CONTENT
+            && !crate::service::storable_partial(&response.headers))
+    {
         return Err(NotStored::Status);
     }
     let mut d = directives_of(&response.headers, rules);
@@ -499,6 +505,20 @@ mod tests {
         assert_eq!(
             check(&[], 206, &[("cache-control", "max-age=60")], &r, &any),
             Err(NotStored::Status)
+        );
+        assert_eq!(
+            check(
+                &[],
+                206,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("content-range", "bytes 0-4/10")
+                ],
+                &r,
+                &any
+            ),
+            Ok(60),
+            "a partial response with one span is stored (RFC 9111 §3.3)"
         );
         assert_eq!(
             check(&[], 500, &[("cache-control", "max-age=60")], &r, &any),

@@ -64,6 +64,10 @@ pub(crate) struct Config {
     /// Store a `POST` response whose `Content-Location` is its own URL and
     /// whose freshness is explicit, for later `GET`s.
     pub(crate) store_post: bool,
+    /// Forward a single byte range of a miss to the origin (and store a
+    /// `206` answer as a partial entry) instead of asking for the whole
+    /// response.
+    pub(crate) forward_ranges: bool,
     pub(crate) unkeyed_headers: Vec<HeaderName>,
     /// The trusted proxies and the header they write.
     pub(crate) forwarding: Forwarding,
@@ -104,6 +108,7 @@ impl CacheLayer {
             heuristic_cap: DEFAULT_HEURISTIC_CAP,
             store_set_cookie: false,
             store_post: false,
+            forward_ranges: false,
             allowed_hosts: Vec::new(),
             max_body_bytes: 1 << 20,
             keep_stale_for: Duration::from_secs(60),
@@ -161,6 +166,7 @@ pub struct CacheLayerBuilder {
     heuristic_cap: Duration,
     store_set_cookie: bool,
     store_post: bool,
+    forward_ranges: bool,
     allowed_hosts: Vec<String>,
     max_body_bytes: usize,
     keep_stale_for: Duration,
@@ -480,6 +486,27 @@ impl CacheLayerBuilder {
     /// ```
     pub fn heuristic_freshness(mut self, enabled: bool) -> Self {
         self.heuristic = enabled;
+        self
+    }
+
+    /// Range requests on a miss (RFC 9111 §3.3, §3.4; default off): off,
+    /// a `GET` with one byte range that finds nothing stored asks the
+    /// origin for the whole response, stores it and cuts the range from
+    /// it: the next requests, ranged or not, are hits. On, the range (and
+    /// its `If-Range`) is forwarded as the client sent it, and a `206`
+    /// with one `Content-Range: bytes a-b/N` (a strong `ETag` or none) is
+    /// stored as a *partial* entry: later ranges inside `a-b` are served
+    /// from it, and a range that reaches past it is completed with a
+    /// range request for the missing bytes (combined only when the
+    /// origin's answer has the same strong `ETag`; once the bytes `0..N`
+    /// are all there the entry is a complete `200`). A request without
+    /// `Range` is never served from a partial entry. Turn it on in front
+    /// of large files (media, downloads) that clients read by ranges.
+    ///
+    /// Whatever this says, a request that finds a partial entry it cannot
+    /// use is forwarded with its range.
+    pub fn forward_ranges(mut self, enabled: bool) -> Self {
+        self.forward_ranges = enabled;
         self
     }
 
@@ -1063,6 +1090,7 @@ impl CacheLayerBuilder {
                 keep_stale_for: self.keep_stale_for,
                 generate_etags: self.generate_etags,
                 store_post: self.store_post,
+                forward_ranges: self.forward_ranges,
                 unkeyed_headers,
                 forwarding: self.forwarding,
                 tag_headers,

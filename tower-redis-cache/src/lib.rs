@@ -59,7 +59,13 @@
 //!   test, under [Conformance](#conformance).
 //! - **Conditional requests**: `If-None-Match` / `If-Modified-Since` get a
 //!   304 from the cache; stale entries are revalidated with their
-//!   validators, and a 304 from the origin refreshes the stored headers.
+//!   validators, and a 304 from the origin (or a 206 of the same
+//!   representation) refreshes the stored headers.
+//! - **Byte ranges**: one range of a stored `200` is answered `206` (or
+//!   `416`) from the cache; with [`CacheLayerBuilder::forward_ranges`] a
+//!   range miss is forwarded and a `206` stored as a partial entry, served
+//!   to the ranges inside it and completed with range requests for the
+//!   missing bytes (RFC 9111 §3.3, §3.4).
 //! - **No poisoning through unkeyed headers**: the key's host comes from the
 //!   request's authority (optionally checked against an allow list), never
 //!   from `X-Forwarded-Host`; and a response to a request that carries such
@@ -187,11 +193,14 @@
 //! What the cache does of RFC 9111 (HTTP caching), RFC 9110 (semantics),
 //! RFC 9213 (targeted fields) and RFC 5861 (stale serving), its default,
 //! and the test (in `tests/`) that fails when it stops doing it. Not done:
-//! partial responses (206 is never stored, so none is completed or
-//! combined, and a stored response is never updated from one: RFC 9111
-//! §3.3, §3.4, §4.3.4), serving a variant whose `Content-Language`
-//! satisfies a different `Accept-Language` (it would need every variant
-//! read on a lookup: more than one round trip).
+//! serving a variant whose `Content-Language` satisfies a different
+//! `Accept-Language` (it would need every variant read on a lookup: more
+//! than one round trip); several ranges in one request (`bytes=0-1,5-6`:
+//! the whole `200`); completing a partial entry for a request without
+//! `Range`, or one that has no strong `ETag` (such requests are forwarded,
+//! and the answer replaces the partial entry); combining more than one
+//! span per entry (a range apart from the stored span is forwarded and its
+//! answer replaces it).
 //!
 //! | RFC section | behaviour | default | test |
 //! |---|---|---|---|
@@ -226,6 +235,11 @@
 //! | 9110 §14.2 | several ranges, another unit or an invalid `Range`: the whole `200`; `HEAD` ignores `Range` | on | `conformance::several_or_invalid_ranges_are_answered_with_the_whole_response` |
 //! | 9110 §13.1.5 | `If-Range`: the range only on a strong `ETag` match or the exact, strong `Last-Modified`; else the whole `200` | on | `conformance::if_range_serves_the_range_only_on_a_strong_match` |
 //! | 9111 §3.4 | a range hit is one round trip (the whole entry is read: the body is not laid out for partial reads) | on | `conformance::a_range_hit_is_one_round_trip` |
+//! | 9111 §3.3 | a range miss forwarded with its `Range`; a `206` with one `Content-Range: bytes a-b/N` and a strong `ETag` or none stored as a partial entry; ranges inside its span served from it (`206`, one round trip: the entry holds only the span), past the end `416`; a request without `Range` never served from it (`Cache-Status: fwd=partial`) | off ([`CacheLayerBuilder::forward_ranges`]) | `conformance::partial_responses_are_stored_and_serve_the_ranges_inside_them` |
+//! | 9111 §3.4 | a range reaching past a partial entry completed with a range request for the missing bytes, `If-Range` the stored strong `ETag`; combined and stored with the new fields, a complete `200` once it covers `0..N` | on, once a partial entry exists | `conformance::a_partial_response_is_completed_with_a_range_request_for_the_missing_bytes` |
+//! | 9111 §3.4 | ranges from different validators never combined: another `206` replaces the partial entry and is passed on as it is, a `200` is stored whole | on | `conformance::ranges_with_different_validators_are_never_combined` |
+//! | 9111 §3.4, §4.3.4 | a `206` of a stored complete response (same strong `ETag` and length) updates its fields but `Content-Range`, `Content-Length` and a `multipart/byteranges` `Content-Type`, and keeps the others | on | `conformance::a_stored_response_takes_the_fields_of_a_206_of_the_same_representation` |
+//! | 9111 §3.3, §4 | a forwarded range neither leads nor follows a whole-response flight; a partial entry never replaces a fresh complete one; partial entries kept in process while Redis is down; one variant among a URL's (`Vary`), tagged and purged like any entry, stored only within `max_body_bytes` | on | `conformance::a_forwarded_range_never_joins_a_whole_response_flight`, `conformance::partial_entries_are_kept_in_process_while_redis_is_down`, `conformance::partial_entries_follow_vary_tags_purges_and_the_size_limit` |
 //! | 9110 §15.2; 9111 §3 | interim (1xx) responses passed on, never stored, none of their fields in a stored final response (the proxy example cannot forward them: see its docs) | on | `conformance::interim_responses_are_passed_on_and_never_stored` |
 //!
 //! # Cache-aside: the data cache

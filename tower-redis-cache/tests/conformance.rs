@@ -1034,3 +1034,527 @@ async fn post_answers_naming_their_own_url_are_stored_for_gets() {
         assert_eq!(f.calls(path), 2, "{path}: the GET went to the origin");
     }
 }
+
+/// Another representation of the same URL, as long as [`TWENTY`]: what an
+/// origin sends once the resource changed.
+const CHANGED: &str = "KLMNOPQRSTUVWXYZklmn";
+
+/// What a range-capable origin answers to `headers` for a representation
+/// `body` with entity tag `etag`: the one range asked (`a-b`, `a-`, `-n`)
+/// as a `206`, or the whole `200` without a `Range` or when `If-Range`
+/// names another tag. `extra` fields go on either.
+fn ranged(
+    headers: &HeaderMap,
+    body: &'static str,
+    etag: &str,
+    extra: &[(&str, &str)],
+) -> Response<Body> {
+    let len = body.len();
+    let mut fields = vec![("cache-control", "max-age=3600"), ("etag", etag)];
+    fields.extend_from_slice(extra);
+    let if_range_holds = headers
+        .get("if-range")
+        .is_none_or(|tag| tag.to_str().unwrap() == etag);
+    let range = headers.get("range").filter(|_| if_range_holds).map(|v| {
+        v.to_str()
+            .unwrap()
+            .strip_prefix("bytes=")
+            .unwrap()
+            .to_owned()
+    });
+    let Some(range) = range else {
+        let length = len.to_string();
+        fields.push(("content-length", &length));
+        return respond(200, &fields, body);
+    };
+    let (first, last) = range.split_once('-').unwrap();
+    let (first, last) = match (first.parse::<usize>(), last.parse::<usize>()) {
+        (Ok(first), Ok(last)) => (first, last.min(len - 1)),
+        (Ok(first), Err(_)) => (first, len - 1),
+        (Err(_), Ok(suffix)) => (len - suffix, len - 1),
+        _ => panic!("not a range this origin answers: {range}"),
+    };
+    let content_range = format!("bytes {first}-{last}/{len}");
+    fields.push(("content-range", &content_range));
+    respond(206, &fields, &body[first..=last])
+}
+
+/// RFC 9111 §3.3: with `forward_ranges`, a range miss is forwarded as the
+/// client sent it, and the origin's `206` (one `Content-Range: bytes
+/// a-b/N`) is stored as a partial entry. A range inside its span is served
+/// from it, `206` with the right `Content-Range`, in one Redis round trip;
+/// a range past the representation's end is `416`. A range apart from the
+/// span is forwarded (its answer replaces the partial entry), and a
+/// request without `Range` is never served from a partial entry: it is
+/// forwarded whole, and the `200` stored as a complete entry.
+#[tokio::test]
+async fn partial_responses_are_stored_and_serve_the_ranges_inside_them() {
+    let f = Fixture::new(|b| b.forward_ranges(true)).await;
+    f.on("/part", |_, headers| ranged(headers, TWENTY, "\"v1\"", &[]));
+
+    let miss = f.get("/part", &[("range", "bytes=-5")]).await;
+    assert_eq!((miss.status, miss.body.as_str()), (206, "fghij"));
+    assert_eq!(miss.header("content-range"), Some("bytes 15-19/20"));
+    assert!(
+        miss.cache_status().contains("fwd=uri-miss") && miss.cache_status().contains("stored"),
+        "{}",
+        miss.cache_status()
+    );
+    let forwarded = f.origin.request("/part", 1);
+    assert_eq!(forwarded["range"], "bytes=-5", "the range is forwarded");
+
+    let (hit, commands) = f
+        .redis
+        .commands_during(send(&f.app, "GET", "/part", &[("range", "bytes=16-18")]))
+        .await;
+    assert_eq!(
+        (hit.status, hit.body.as_str()),
+        (206, "ghi"),
+        "{}",
+        hit.cache_status()
+    );
+    assert_eq!(hit.header("content-range"), Some("bytes 16-18/20"));
+    assert_eq!(hit.header("content-length"), Some("3"));
+    assert!(
+        hit.cache_status().starts_with("tower-redis; hit"),
+        "{}",
+        hit.cache_status()
+    );
+    assert!(hit.header("age").is_some());
+    assert_eq!(commands, ["hmget"], "a partial hit is one round trip");
+    for (range, body, content_range) in [
+        ("bytes=17-", "hij", "bytes 17-19/20"),
+        ("bytes=-1", "j", "bytes 19-19/20"),
+        ("bytes=15-100", "fghij", "bytes 15-19/20"),
+    ] {
+        let hit = f.get("/part", &[("range", range)]).await;
+        assert_eq!((hit.status, hit.body.as_str()), (206, body), "{range}");
+        assert_eq!(hit.header("content-range"), Some(content_range), "{range}");
+    }
+    let past_the_end = f.get("/part", &[("range", "bytes=20-")]).await;
+    assert_eq!(past_the_end.status, 416);
+    assert_eq!(past_the_end.header("content-range"), Some("bytes */20"));
+    assert_eq!(f.calls("/part"), 1, "every range inside the span was a hit");
+
+    // Apart from the span (and not joining it): forwarded with its range.
+    let apart = f.get("/part", &[("range", "bytes=0-3")]).await;
+    assert_eq!((apart.status, apart.body.as_str()), (206, "0123"));
+    assert!(
+        apart.cache_status().contains("fwd=partial"),
+        "{}",
+        apart.cache_status()
+    );
+    assert_eq!(f.origin.request("/part", 2)["range"], "bytes=0-3");
+
+    // No range: never from the partial entry.
+    let whole = f.get("/part", &[]).await;
+    assert_eq!((whole.status, whole.body.as_str()), (200, TWENTY));
+    assert!(
+        whole.cache_status().contains("fwd=partial"),
+        "{}",
+        whole.cache_status()
+    );
+    assert!(f.origin.request("/part", 3).get("range").is_none());
+    let stored_whole = f.get("/part", &[]).await;
+    assert_eq!(
+        (stored_whole.status, stored_whole.body.as_str()),
+        (200, TWENTY)
+    );
+    assert!(stored_whole.cache_status().starts_with("tower-redis; hit"));
+    assert_eq!(f.calls("/part"), 3);
+}
+
+/// RFC 9111 §3.4: a range that reaches past a stored partial entry is
+/// completed with a range request to the origin for the missing bytes only,
+/// with `If-Range` set to the stored strong `ETag`. The answer (a `206` of
+/// the same tag) is combined with the span and stored, taking the new
+/// response's fields; once the bytes `0..N` are all there the entry is a
+/// complete `200`, served to requests without `Range` too.
+#[tokio::test]
+async fn a_partial_response_is_completed_with_a_range_request_for_the_missing_bytes() {
+    let f = Fixture::new(|b| b.forward_ranges(true)).await;
+    f.on("/video", |n, headers| {
+        let part = n.to_string();
+        ranged(headers, TWENTY, "\"v1\"", &[("x-part", &part)])
+    });
+    f.get("/video", &[("range", "bytes=0-4")]).await;
+
+    let completed = f.get("/video", &[("range", "bytes=3-9")]).await;
+    assert_eq!(
+        (completed.status, completed.body.as_str()),
+        (206, "3456789")
+    );
+    assert_eq!(completed.header("content-range"), Some("bytes 3-9/20"));
+    let status = completed.cache_status();
+    assert!(
+        status.contains("fwd=partial") && status.contains("stored"),
+        "{status}"
+    );
+    let asked = f.origin.request("/video", 2);
+    assert_eq!(asked["range"], "bytes=5-9", "only the missing bytes");
+    assert_eq!(asked["if-range"], "\"v1\"");
+
+    let inside = f.get("/video", &[("range", "bytes=0-9")]).await;
+    assert_eq!((inside.status, inside.body.as_str()), (206, "0123456789"));
+    assert_eq!(
+        inside.header("x-part"),
+        Some("2"),
+        "the new response's fields"
+    );
+    assert_eq!(f.calls("/video"), 2, "the combined span is served");
+
+    let to_the_end = f.get("/video", &[("range", "bytes=8-")]).await;
+    assert_eq!(
+        (to_the_end.status, to_the_end.body.as_str()),
+        (206, "89abcdefghij")
+    );
+    assert_eq!(to_the_end.header("content-range"), Some("bytes 8-19/20"));
+    assert_eq!(f.origin.request("/video", 3)["range"], "bytes=10-");
+
+    let whole = f.get("/video", &[]).await;
+    assert_eq!((whole.status, whole.body.as_str()), (200, TWENTY));
+    assert!(
+        whole.cache_status().starts_with("tower-redis; hit"),
+        "{}",
+        whole.cache_status()
+    );
+    assert_eq!(whole.header("content-length"), Some("20"));
+    assert!(whole.header("content-range").is_none());
+    assert_eq!(whole.header("x-part"), Some("3"));
+    assert_eq!(f.calls("/video"), 3, "the entry became a complete 200");
+}
+
+/// RFC 9111 §3.4: ranges are combined only under the same strong
+/// validator. An origin that answers the completion with a part of another
+/// representation (another `ETag`, `If-Range` ignored) gets that part passed
+/// on as it is, never a body mixing both; it replaces the partial entry. An
+/// origin that honours `If-Range` sends the whole new representation, which
+/// is stored and the range cut from it.
+#[tokio::test]
+async fn ranges_with_different_validators_are_never_combined() {
+    let f = Fixture::new(|b| b.forward_ranges(true)).await;
+    // Ignores If-Range once the representation changed.
+    f.on("/changed", |n, headers| {
+        let mut headers = headers.clone();
+        headers.remove("if-range");
+        match n {
+            1 => ranged(&headers, TWENTY, "\"v1\"", &[]),
+            _ => ranged(&headers, CHANGED, "\"v2\"", &[]),
+        }
+    });
+    f.get("/changed", &[("range", "bytes=0-4")]).await;
+    let answer = f.get("/changed", &[("range", "bytes=0-9")]).await;
+    assert_eq!(f.origin.request("/changed", 2)["range"], "bytes=5-9");
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (206, &CHANGED[5..10])
+    );
+    assert_eq!(answer.header("content-range"), Some("bytes 5-9/20"));
+    assert_eq!(answer.header("etag"), Some("\"v2\""));
+    // The new part replaced the old one: its bytes are served, the old
+    // ones are gone.
+    let new_part = f.get("/changed", &[("range", "bytes=6-8")]).await;
+    assert_eq!(
+        (new_part.status, new_part.body.as_str()),
+        (206, &CHANGED[6..9])
+    );
+    assert_eq!(f.calls("/changed"), 2);
+    let old_span = f.get("/changed", &[("range", "bytes=0-9")]).await;
+    assert_eq!(f.origin.request("/changed", 3)["if-range"], "\"v2\"");
+    assert_eq!(old_span.body, &CHANGED[..10], "never a mixed body");
+
+    // Honours If-Range: the whole new representation.
+    f.on("/honoured", |n, headers| match n {
+        1 => ranged(headers, TWENTY, "\"v1\"", &[]),
+        _ => ranged(headers, CHANGED, "\"v2\"", &[]),
+    });
+    f.get("/honoured", &[("range", "bytes=0-4")]).await;
+    let answer = f.get("/honoured", &[("range", "bytes=0-9")]).await;
+    assert_eq!(f.origin.request("/honoured", 2)["if-range"], "\"v1\"");
+    assert_eq!((answer.status, answer.body.as_str()), (206, &CHANGED[..10]));
+    assert_eq!(answer.header("content-range"), Some("bytes 0-9/20"));
+    let whole = f.get("/honoured", &[]).await;
+    assert_eq!((whole.status, whole.body.as_str()), (200, CHANGED));
+    assert!(
+        whole.cache_status().starts_with("tower-redis; hit"),
+        "{}",
+        whole.cache_status()
+    );
+    assert_eq!(f.calls("/honoured"), 2);
+}
+
+/// RFC 9111 §3.4 and §4.3.4: a `206` of the stored complete response (the
+/// same strong `ETag`, a `Content-Range` of its length), here the answer to
+/// the revalidation of a stale entry, updates the stored response: it takes
+/// the fields the 206 carries, but its `Content-Range` and
+/// `Content-Length`, and keeps those the 206 does not send. A 206 with
+/// another `ETag` updates nothing.
+#[tokio::test]
+async fn a_stored_response_takes_the_fields_of_a_206_of_the_same_representation() {
+    let f = Fixture::new(|b| b).await;
+    let stale_first = |etag_later: &'static str| {
+        move |n: u64, _: &HeaderMap| match n {
+            1 => respond(
+                200,
+                &[
+                    ("cache-control", "max-age=0"),
+                    ("etag", "\"v1\""),
+                    ("content-length", "20"),
+                    ("x-kept", "stored"),
+                    ("x-changed", "1"),
+                ],
+                TWENTY,
+            ),
+            2 => respond(
+                206,
+                &[
+                    ("cache-control", "max-age=3600"),
+                    ("etag", etag_later),
+                    ("content-range", "bytes 0-3/20"),
+                    ("content-length", "4"),
+                    ("x-changed", "2"),
+                ],
+                &TWENTY[..4],
+            ),
+            _ => respond(
+                200,
+                &[
+                    ("cache-control", "max-age=3600"),
+                    ("etag", etag_later),
+                    ("x-changed", "3"),
+                ],
+                TWENTY,
+            ),
+        }
+    };
+    f.on("/updated", stale_first("\"v1\""));
+    f.get("/updated", &[]).await;
+    let revalidated = f.get("/updated", &[("range", "bytes=0-3")]).await;
+    assert_eq!(
+        (revalidated.status, revalidated.body.as_str()),
+        (206, "0123")
+    );
+    assert_eq!(revalidated.header("content-range"), Some("bytes 0-3/20"));
+    let status = revalidated.cache_status();
+    assert!(
+        status.contains("fwd-status=206") && status.contains("stored"),
+        "{status}"
+    );
+    let hit = f.get("/updated", &[]).await;
+    assert_eq!((hit.status, hit.body.as_str()), (200, TWENTY));
+    assert!(
+        hit.cache_status().starts_with("tower-redis; hit"),
+        "{}",
+        hit.cache_status()
+    );
+    assert_eq!(hit.header("x-changed"), Some("2"), "taken from the 206");
+    assert_eq!(hit.header("x-kept"), Some("stored"), "kept");
+    assert_eq!(hit.header("content-length"), Some("20"));
+    assert!(hit.header("content-range").is_none());
+    assert_eq!(f.calls("/updated"), 2);
+
+    f.on("/other-tag", stale_first("\"v2\""));
+    f.get("/other-tag", &[]).await;
+    let other = f.get("/other-tag", &[("range", "bytes=0-3")]).await;
+    assert_eq!((other.status, other.body.as_str()), (206, "0123"));
+    // The other tag's part replaced the stale entry; a request without
+    // `Range` goes to the origin.
+    let after = f.get("/other-tag", &[]).await;
+    assert_eq!(f.calls("/other-tag"), 3, "not a hit of an updated entry");
+    assert_eq!((after.status, after.header("x-changed")), (200, Some("3")));
+}
+
+/// `response` with its body sent only after `delay_ms`.
+fn slowly(response: Response<Body>, delay_ms: u64) -> Response<Body> {
+    let (parts, body) = response.into_parts();
+    let body = async move {
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        axum::body::to_bytes(body, usize::MAX).await
+    };
+    let stream = futures_util::stream::once(body);
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
+/// RFC 9111 §3.3 with request coalescing: a range request on a miss,
+/// forwarded with its range, neither leads nor follows the flight of the
+/// requests that want the whole response (a partial answer is of no use to
+/// them); and its partial entry, stored after the whole one, does not
+/// replace that fresh complete entry.
+#[tokio::test]
+async fn a_forwarded_range_never_joins_a_whole_response_flight() {
+    let f = Fixture::new(|b| b.forward_ranges(true)).await;
+    f.on("/shared", |_, headers| {
+        // The range's answer is the slower: its entry is stored last.
+        let delay = if headers.contains_key("range") {
+            400
+        } else {
+            200
+        };
+        slowly(ranged(headers, TWENTY, "\"v1\"", &[]), delay)
+    });
+    let range = tokio::spawn({
+        let app = f.app.clone();
+        async move { send(&app, "GET", "/shared", &[("range", "bytes=2-5")]).await }
+    });
+    f.origin.calls.wait_for_calls("/shared", 1).await;
+    let wholes: Vec<_> = (0..3)
+        .map(|_| {
+            let app = f.app.clone();
+            tokio::spawn(async move { send(&app, "GET", "/shared", &[]).await })
+        })
+        .collect();
+    let range = range.await.unwrap();
+    assert_eq!((range.status, range.body.as_str()), (206, "2345"));
+    assert_eq!(range.header("content-range"), Some("bytes 2-5/20"));
+    for whole in wholes {
+        let whole = whole.await.unwrap();
+        assert_eq!(
+            (whole.status, whole.body.as_str()),
+            (200, TWENTY),
+            "{}",
+            whole.cache_status()
+        );
+    }
+    settle(&f.layer).await;
+    assert_eq!(
+        f.calls("/shared"),
+        2,
+        "the range alone, then one whole fill for three requests"
+    );
+    let hit = f.get("/shared", &[]).await;
+    assert_eq!((hit.status, hit.body.as_str()), (200, TWENTY));
+    assert!(
+        hit.cache_status().starts_with("tower-redis; hit"),
+        "{}",
+        hit.cache_status()
+    );
+    assert_eq!(f.calls("/shared"), 2, "the complete entry was kept");
+}
+
+/// RFC 9111 §3.3 while Redis is down: partial entries live in the
+/// in-process store like any other, and are served the same way.
+#[tokio::test]
+async fn partial_entries_are_kept_in_process_while_redis_is_down() {
+    let f = Fixture::new(|b| b.forward_ranges(true)).await;
+    f.on("/outage", |_, headers| {
+        ranged(headers, TWENTY, "\"v1\"", &[])
+    });
+    f.redis.kill().await;
+    let miss = f.get("/outage", &[("range", "bytes=10-14")]).await;
+    assert_eq!((miss.status, miss.body.as_str()), (206, "abcde"));
+    let status = miss.cache_status();
+    assert!(
+        status.contains("stored") && status.contains("detail=redis-unavailable"),
+        "{status}"
+    );
+    let hit = f.get("/outage", &[("range", "bytes=11-12")]).await;
+    assert_eq!((hit.status, hit.body.as_str()), (206, "bc"));
+    assert_eq!(hit.header("content-range"), Some("bytes 11-12/20"));
+    let status = hit.cache_status();
+    assert!(
+        status.starts_with("tower-redis; hit") && status.contains("detail=redis-unavailable"),
+        "{status}"
+    );
+    let completed = f.get("/outage", &[("range", "bytes=10-19")]).await;
+    assert_eq!(
+        (completed.status, completed.body.as_str()),
+        (206, "abcdefghij")
+    );
+    assert_eq!(f.origin.request("/outage", 2)["range"], "bytes=15-");
+    let whole = f.get("/outage", &[]).await;
+    assert_eq!((whole.status, whole.body.as_str()), (200, TWENTY));
+    assert_eq!(
+        f.calls("/outage"),
+        3,
+        "without Range: forwarded, never the partial entry"
+    );
+}
+
+/// RFC 9111 §3.3 with §4.1 and the layer's tags and size limit: a partial
+/// entry is one variant among a URL's (`Vary`), carries its response's tags
+/// (a purge removes it like any entry), and is stored only within
+/// `max_body_bytes`.
+#[tokio::test]
+async fn partial_entries_follow_vary_tags_purges_and_the_size_limit() {
+    let f = Fixture::new(|b| b.forward_ranges(true)).await;
+    f.on("/media", |_, headers| {
+        let coding = headers
+            .get("accept-encoding")
+            .map_or("none", |v| v.to_str().unwrap())
+            .to_owned();
+        ranged(
+            headers,
+            TWENTY,
+            "\"v1\"",
+            &[
+                ("vary", "accept-encoding"),
+                ("surrogate-key", "media"),
+                ("x-coding", &coding),
+            ],
+        )
+    });
+    let gzip = [("range", "bytes=0-9"), ("accept-encoding", "gzip")];
+    let br = [("range", "bytes=0-9"), ("accept-encoding", "br")];
+    f.get("/media", &gzip).await;
+    let hit = f
+        .get(
+            "/media",
+            &[("range", "bytes=2-3"), ("accept-encoding", "gzip")],
+        )
+        .await;
+    assert_eq!((hit.status, hit.body.as_str()), (206, "23"));
+    assert_eq!(hit.header("x-coding"), Some("gzip"));
+    assert!(
+        hit.header("surrogate-key").is_none(),
+        "tag fields are not served"
+    );
+    let other = f.get("/media", &br).await;
+    assert!(
+        other.cache_status().contains("fwd=vary-miss"),
+        "{}",
+        other.cache_status()
+    );
+    assert_eq!(other.header("x-coding"), Some("br"));
+    assert_eq!(f.calls("/media"), 2);
+    assert!(
+        f.get("/media", &br)
+            .await
+            .cache_status()
+            .starts_with("tower-redis; hit")
+    );
+
+    let purged = f.layer.handle().purge_tag("media").await;
+    assert_eq!(purged.urls, 1);
+    let after = f.get("/media", &gzip).await;
+    assert!(
+        after.cache_status().contains("fwd=uri-miss"),
+        "{}",
+        after.cache_status()
+    );
+    assert_eq!(f.calls("/media"), 3);
+
+    let small = Fixture::new(|b| b.forward_ranges(true).max_body_bytes(4)).await;
+    small.on("/big-part", |_, headers| {
+        ranged(headers, TWENTY, "\"v1\"", &[])
+    });
+    let part = small.get("/big-part", &[("range", "bytes=0-4")]).await;
+    assert_eq!((part.status, part.body.as_str()), (206, "01234"));
+    assert!(
+        !part.cache_status().contains("stored"),
+        "{}",
+        part.cache_status()
+    );
+    small.get("/big-part", &[("range", "bytes=0-4")]).await;
+    assert_eq!(
+        small.calls("/big-part"),
+        2,
+        "a part past the limit is not stored"
+    );
+    small.get("/big-part", &[("range", "bytes=0-3")]).await;
+    let within = small.get("/big-part", &[("range", "bytes=0-3")]).await;
+    assert!(
+        within.cache_status().starts_with("tower-redis; hit"),
+        "{}",
+        within.cache_status()
+    );
+}

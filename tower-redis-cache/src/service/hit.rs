@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::cache_status::{CACHE_STATUS, CacheStatus, add_cache_status};
 use super::coalesce::Joined;
 use super::miss::Fill;
+use super::range::RangeRequest;
 use super::revalidate::Revalidation;
 use super::tags::STORED_TAGS;
 use super::{Answer, Ctx, Exchange, Keyed, Origin, OriginBody};
@@ -73,7 +74,15 @@ where
 {
     /// A stored entry was found: serve it, serve it stale while refreshing
     /// it in the background, or revalidate it.
-    pub(super) async fn on_hit(self, entry: Entry, tier: Tier) -> Answer<ResBody, S::Error> {
+    pub(super) async fn on_hit(
+        self,
+        entry: Entry,
+        tier: Tier,
+        wanted: Option<&RangeRequest>,
+    ) -> Answer<ResBody, S::Error> {
+        if entry.is_partial() {
+            return Box::pin(self.on_partial(entry, tier, wanted)).await;
+        }
         let config = &self.ctx.config;
         let keyed = &self.ctx.keyed;
         let now_ms = clock::now_ms();
@@ -170,8 +179,12 @@ where
 /// fresh enough for its own request (RFC 9111 §4.2, §5.2.1), not only for
 /// the leader's. An entry that must be revalidated on every use
 /// (`no-cache`, `max-age=0`) or a request with `no-cache`, `max-age` or
-/// `min-fresh` it does not meet sends the follower to the origin.
+/// `min-fresh` it does not meet sends the follower to the origin, and so
+/// does a partial entry (a follower may want bytes it does not hold).
 pub(crate) fn usable_by_follower(config: &Config, entry: &Entry, keyed: &Keyed) -> bool {
+    if entry.is_partial() {
+        return false;
+    }
     let stored = freshness::directives_of(&entry.headers, &config.rules);
     let age = entry.age(clock::now_ms());
     matches!(

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use super::cache_status::CacheStatus;
 use super::coalesce::{self, FlightGuard, Joined, Outcome};
 use super::hit::{gateway_timeout, serve_coalesced, usable_by_follower};
+use super::range::RangeRequest;
 use super::request;
 use super::storing::store_if_allowed;
 use super::{Answer, Ctx, Exchange, Origin, OriginBody};
@@ -103,9 +104,10 @@ where
 {
     /// Nothing usable was found (`reason`: `uri-miss` or `vary-miss`).
     pub(super) async fn on_miss(
-        self,
+        mut self,
         reason: &'static str,
         tier: Tier,
+        wanted: Option<&RangeRequest>,
     ) -> Answer<ResBody, S::Error> {
         let ctx = &self.ctx;
         ctx.config
@@ -117,6 +119,13 @@ where
             return Ok(gateway_timeout(tier));
         }
         let status = CacheStatus::forward(reason, tier);
+        if let Some(wanted) = wanted.filter(|_| ctx.config.forward_ranges) {
+            // The range goes to the origin as the client sent it. Its answer
+            // may be a `206` that no other request could use: it neither
+            // leads a flight nor follows one.
+            wanted.restore(&mut self.request);
+            return Box::pin(self.forward_and_store(status, Fill::none())).await;
+        }
         match ctx.coalescing() {
             None => Box::pin(self.forward_and_store(status, Fill::none())).await,
             Some(max_wait) => Box::pin(self.coalesced_miss(status, max_wait)).await,

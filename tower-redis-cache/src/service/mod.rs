@@ -13,7 +13,8 @@
 //!   read at the origin's pace);
 //! - `invalidate.rs`: unsafe methods invalidate what they change;
 //! - `range.rs`: a range request is answered with a range of the whole
-//!   response;
+//!   response; `partial.rs`: partial entries (stored `206`s), served,
+//!   completed and combined;
 //! - `cache_status.rs`, `tags.rs`: pure helpers.
 
 mod cache_status;
@@ -21,6 +22,7 @@ pub(crate) mod coalesce;
 mod hit;
 mod invalidate;
 mod miss;
+mod partial;
 mod range;
 mod request;
 mod revalidate;
@@ -50,6 +52,7 @@ use crate::store::Lookup;
 
 pub(crate) use cache_status::CACHE_STATUS;
 pub(crate) use coalesce::Flights;
+pub(crate) use range::storable_partial;
 pub use request::RequestCacheControl;
 pub(crate) use tee::TeeReader;
 
@@ -203,8 +206,9 @@ where
         let response = inner.call(request).await?;
         return Ok(passthrough(&config, response));
     };
-    // The origin is asked for the whole response; the range is cut from
-    // the answer, whichever path gives it.
+    // The origin is asked for the whole response (unless the range is
+    // forwarded: `forward_ranges`, or a stored partial entry); a range is
+    // cut from a whole answer, whichever path gives it.
     let range = range::take(&mut request);
     range::strip(&mut keyed.parts.headers);
     let (lookup, tier) = config
@@ -218,9 +222,9 @@ where
         body: PhantomData,
     };
     let answer = match lookup {
-        Lookup::Hit(entry) => exchange.on_hit(entry, tier).await,
-        Lookup::UriMiss => exchange.on_miss("uri-miss", tier).await,
-        Lookup::VaryMiss => exchange.on_miss("vary-miss", tier).await,
+        Lookup::Hit(entry) => exchange.on_hit(entry, tier, range.as_ref()).await,
+        Lookup::UriMiss => exchange.on_miss("uri-miss", tier, range.as_ref()).await,
+        Lookup::VaryMiss => exchange.on_miss("vary-miss", tier, range.as_ref()).await,
     };
     match range {
         Some(wanted) => answer.map(|response| range::answer(&wanted, response)),

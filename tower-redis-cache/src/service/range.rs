@@ -1,10 +1,12 @@
 //! Range requests (RFC 9110 §14), answered by the cache from a complete
-//! `200` response.
+//! `200` response or from a stored partial one.
 //!
-//! A `GET` the cache handles is forwarded without its `Range` and
-//! `If-Range`: on a miss the origin sends the whole response, which is
+//! By default a `GET` the cache handles is forwarded without its `Range`
+//! and `If-Range`: on a miss the origin sends the whole response, which is
 //! stored as usual, and the range is cut from it on its way to the client.
-//! Hits are cut from the stored body. Only the final answer is ranged:
+//! With [`forward_ranges`](crate::CacheLayerBuilder::forward_ranges) the
+//! range of a miss is forwarded as the client sent it instead. Hits are cut
+//! from the stored body. Only the final answer is ranged:
 //! - one `bytes` range (`a-b`, `a-`, `-n`) of a `200` whose length is
 //!   known: `206` with `Content-Range`, or `416` with
 //!   `Content-Range: bytes */len` when it does not overlap the
@@ -14,16 +16,22 @@
 //! - `If-Range` (§13.1.5) that does not hold (a weak or different entity
 //!   tag, a date that is not the exact, strong `Last-Modified`): the whole
 //!   `200`;
-//! - anything but a `200` (a `304` to a conditional request, an error, a
-//!   body of unknown length): as it is.
+//! - anything but a `200` (a `206` the origin sent, a `304` to a
+//!   conditional request, an error, a body of unknown length): as it is.
 //!
-//! Partial responses are never stored: a `206` from the origin (which it
-//! only sends to a request that is not the cache's) passes through.
+//! Partial responses (RFC 9111 §3.3, §3.4; `partial.rs`): a `206` with one
+//! `Content-Range: bytes a-b/N` (a known length, not `multipart/byteranges`)
+//! and a strong `ETag` or none is stored as a partial entry ([`Span`]):
+//! its body is the bytes `a..=b`. A range inside the span is served from
+//! it; one that reaches past it is completed with a range request for the
+//! missing bytes, combined only under the same strong `ETag`; a request
+//! without a range is never served from it.
 //!
 //! Costs: a range hit is the same single `HMGET` as a whole hit, and reads
-//! the whole entry from Redis (the range is a zero-copy slice of it). A
-//! range request on a miss makes the origin send its whole response; when
-//! that response is not stored (too large, `no-store`, ...) the cache stops
+//! the whole entry from Redis (the range is a zero-copy slice of it; a
+//! partial entry holds only its span). A range request on a miss makes the
+//! origin send its whole response (unless ranges are forwarded); when that
+//! response is not stored (too large, `no-store`, ...) the cache stops
 //! reading it once the range is sent, so the origin sends at most the
 //! range's end plus what was in flight.
 
@@ -52,8 +60,134 @@ pub(crate) enum ByteRange {
 /// served, and its `If-Range`.
 #[derive(Debug)]
 pub(crate) struct RangeRequest {
-    range: ByteRange,
-    if_range: Option<HeaderValue>,
+    pub(crate) range: ByteRange,
+    pub(crate) if_range: Option<HeaderValue>,
+    /// The `Range` field as the client sent it, to forward it.
+    field: HeaderValue,
+}
+
+impl RangeRequest {
+    /// Puts the client's `Range` and `If-Range` back on a request the
+    /// cache forwards with its range.
+    pub(crate) fn restore<B>(&self, request: &mut Request<B>) {
+        let headers = request.headers_mut();
+        headers.insert(header::RANGE, self.field.clone());
+        if let Some(if_range) = &self.if_range {
+            headers.insert(header::IF_RANGE, if_range.clone());
+        }
+    }
+
+    /// Whether the client's `If-Range` (if any) lets the range be served
+    /// from a response with these headers.
+    pub(crate) fn if_range_allows(&self, headers: &HeaderMap) -> bool {
+        self.if_range
+            .as_ref()
+            .is_none_or(|if_range| if_range_holds(if_range, headers))
+    }
+}
+
+/// The bytes a `206` carries (RFC 9110 §14.4): `first..=last` of a
+/// representation of `complete` bytes, `first <= last < complete`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub(crate) first: u64,
+    pub(crate) last: u64,
+    pub(crate) complete: u64,
+}
+
+impl Span {
+    pub(crate) fn len(self) -> u64 {
+        self.last - self.first + 1
+    }
+
+    /// Whether `start..=end` lies inside the span.
+    pub(crate) fn covers(self, start: u64, end: u64) -> bool {
+        self.first <= start && end <= self.last
+    }
+
+    /// Whether the two spans overlap or touch, so that together they are
+    /// one span.
+    pub(crate) fn joins(self, other: Span) -> bool {
+        other.first <= self.last.saturating_add(1) && self.first <= other.last.saturating_add(1)
+    }
+
+    /// Whether the span is the whole representation.
+    pub(crate) fn is_whole(self) -> bool {
+        self.first == 0 && self.last + 1 == self.complete
+    }
+
+    /// `bytes first-last/complete`.
+    pub(crate) fn content_range(self) -> HeaderValue {
+        header_value(&format!(
+            "bytes {}-{}/{}",
+            self.first, self.last, self.complete
+        ))
+    }
+}
+
+/// The one span a response's `Content-Range` names (`bytes a-b/N`, the
+/// unit case-insensitively), or `None`: no field, several, an unknown
+/// length (`/*`), an unsatisfied-range form (`*/N`), a last byte before the
+/// first or past the end.
+pub(crate) fn content_range(headers: &HeaderMap) -> Option<Span> {
+    let mut values = headers.get_all(header::CONTENT_RANGE).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return None;
+    };
+    let value = std::str::from_utf8(value.as_bytes()).ok()?.trim();
+    let (unit, rest) = value.split_once(' ')?;
+    if !unit.eq_ignore_ascii_case("bytes") {
+        return None;
+    }
+    let (range, complete) = rest.trim().split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let number = |s: &str| -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok()
+    };
+    let span = Span {
+        first: number(first)?,
+        last: number(last)?,
+        complete: number(complete)?,
+    };
+    (span.first <= span.last && span.last < span.complete).then_some(span)
+}
+
+/// The response's one strong entity tag, if it has one (RFC 9110 §8.8.3).
+pub(crate) fn strong_etag(headers: &HeaderMap) -> Option<&HeaderValue> {
+    let mut values = headers.get_all(header::ETAG).iter();
+    match (values.next(), values.next()) {
+        (Some(etag), None) => {
+            let tag = etag.as_bytes().trim_ascii();
+            (tag.len() >= 2 && tag.first() == Some(&b'"') && tag.last() == Some(&b'"'))
+                .then_some(etag)
+        }
+        _ => None,
+    }
+}
+
+/// Whether a `206` may be stored as a partial entry (RFC 9111 §3.3): one
+/// span of a known length, a single part (not `multipart/byteranges`), and
+/// a strong `ETag` or no `ETag` at all (a weak one could never be combined
+/// nor tell two representations apart).
+pub(crate) fn storable_partial(headers: &HeaderMap) -> bool {
+    let multipart = headers
+        .get_all(header::CONTENT_TYPE)
+        .iter()
+        .any(is_multipart);
+    let etag_ok = !headers.contains_key(header::ETAG) || strong_etag(headers).is_some();
+    !multipart && etag_ok && content_range(headers).is_some()
+}
+
+/// Whether a `Content-Type` line says `multipart/byteranges`.
+pub(crate) fn is_multipart(value: &HeaderValue) -> bool {
+    value
+        .as_bytes()
+        .trim_ascii_start()
+        .to_ascii_lowercase()
+        .starts_with(b"multipart/byteranges")
 }
 
 /// Removes `Range` and `If-Range` from a request the cache handles (the
@@ -76,6 +210,7 @@ pub(crate) fn take<B>(request: &mut Request<B>) -> Option<RangeRequest> {
     Some(RangeRequest {
         range: parse(value.as_bytes())?,
         if_range,
+        field: value,
     })
 }
 
@@ -223,7 +358,7 @@ pub(crate) fn answer<B: OriginBody>(
     Response::from_parts(parts, CacheBody::ranged(body, start, count, finish::<B>))
 }
 
-fn header_value(text: &str) -> HeaderValue {
+pub(crate) fn header_value(text: &str) -> HeaderValue {
     // Digits, spaces, `bytes`, `-`, `/` and `*` only.
     HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("bytes */0"))
 }
@@ -267,6 +402,80 @@ mod tests {
         ] {
             assert_eq!(parse(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn content_range_names_one_span_of_a_known_length() {
+        let span = |v: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_RANGE, HeaderValue::from_static(v));
+            content_range(&headers)
+        };
+        let whole = Span {
+            first: 0,
+            last: 9,
+            complete: 10,
+        };
+        assert_eq!(span("bytes 0-9/10"), Some(whole));
+        assert!(whole.is_whole());
+        assert_eq!(
+            span("Bytes 4-9/10"),
+            Some(Span {
+                first: 4,
+                last: 9,
+                complete: 10
+            })
+        );
+        for bad in [
+            "bytes 0-9/*",
+            "bytes */10",
+            "bytes 5-4/10",
+            "bytes 0-10/10",
+            "items 0-1/10",
+            "bytes 0-1",
+            "bytes -1-2/10",
+            "bytes 0-99999999999999999999/10",
+        ] {
+            assert_eq!(span(bad), None, "{bad}");
+        }
+        let a = Span {
+            first: 0,
+            last: 4,
+            complete: 10,
+        };
+        let touching = Span {
+            first: 5,
+            last: 9,
+            complete: 10,
+        };
+        let apart = Span {
+            first: 6,
+            last: 9,
+            complete: 10,
+        };
+        assert!(a.joins(touching) && touching.joins(a));
+        assert!(!a.joins(apart) && !apart.joins(a));
+        assert!(a.covers(1, 4) && !a.covers(3, 5));
+    }
+
+    #[test]
+    fn only_single_spans_with_a_strong_tag_or_none_are_stored() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.append(*name, HeaderValue::from_static(value));
+            }
+            headers
+        };
+        let range = ("content-range", "bytes 0-4/10");
+        assert!(storable_partial(&headers(&[range])));
+        assert!(storable_partial(&headers(&[range, ("etag", "\"v1\"")])));
+        assert!(!storable_partial(&headers(&[range, ("etag", "W/\"v1\"")])));
+        assert!(!storable_partial(&headers(&[
+            range,
+            ("content-type", "multipart/byteranges; boundary=x")
+        ])));
+        assert!(!storable_partial(&headers(&[])));
     }
 
     #[test]

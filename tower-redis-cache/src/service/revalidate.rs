@@ -1,6 +1,8 @@
 //! Revalidation: a conditional request for a stale entry; a 304 refreshes
-//! the entry (RFC 9111 §4.3.4) and it is served, anything else is a fresh
-//! response. With `stale_if_error`, an origin error, a 500/502/503/504 or
+//! the entry (RFC 9111 §4.3.4) and it is served, and so does a 206 of the
+//! same representation (the same strong `ETag` and length: §3.4), whose
+//! fields replace the stored ones but its `Content-Range` and
+//! `Content-Length`; anything else is a fresh response. With `stale_if_error`, an origin error, a 500/502/503/504 or
 //! no answer within the origin timeout serves the stale entry (RFC 5861).
 //!
 //! Revalidations are coalesced the way misses are: a stale entry (or a fresh
@@ -20,7 +22,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode, header};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -30,7 +32,7 @@ use super::hit::{gateway_timeout, serve, serve_coalesced, serve_stale_if_error};
 use super::miss::Fill;
 use super::storing::{HOP_BY_HOP, keep_for, store_if_allowed, tag_headers};
 use super::tags::{set_stored_tags, stored_tags, take_tags};
-use super::{Answer, Ctx, Exchange, Origin, OriginBody, request, response_parts};
+use super::{Answer, Ctx, Exchange, Origin, OriginBody, range, request, response_parts};
 use crate::entry::Entry;
 use crate::freshness;
 use crate::key;
@@ -220,16 +222,23 @@ where
                 return Ok(gateway_timeout(status.tier));
             }
         };
-        if response.status() != StatusCode::NOT_MODIFIED {
+        // §3.4, §4.3.4: a 206 of the very representation stored (the same
+        // strong validator, the same length) updates the stored response's
+        // fields like a 304; its body, a part of the stored one, is dropped.
+        let updates = response.status() == StatusCode::NOT_MODIFIED
+            || (response.status() == StatusCode::PARTIAL_CONTENT
+                && partial_of(&entry, response.headers()));
+        if !updates {
             let status = status.with_fwd_status(response.status());
             return Ok(store_if_allowed(&ctx, response, request_time, status, fill));
         }
+        let fwd_status = response.status();
         let validated = Validated {
             entry,
             not_modified: response.into_parts().0,
             request_time,
         };
-        Ok(validated.refresh(&ctx, status, fill).await)
+        Ok(validated.refresh(&ctx, status, fill, fwd_status).await)
     }
 }
 
@@ -252,7 +261,7 @@ fn make_conditional<B>(request: &mut Request<B>, stored: &HeaderMap) {
     }
 }
 
-/// An entry the origin answered 304 for.
+/// An entry the origin answered 304 (or a 206 of it) for.
 struct Validated {
     entry: Entry,
     not_modified: http::response::Parts,
@@ -267,6 +276,7 @@ impl Validated {
         ctx: &Ctx,
         status: CacheStatus,
         fill: Fill,
+        fwd_status: StatusCode,
     ) -> Response<crate::body::CacheBody<B>> {
         let Ctx { config, keyed } = ctx;
         let Validated {
@@ -286,9 +296,9 @@ impl Validated {
         ));
         // The 304's own `Age` (if any) is the one that counts (§5.1).
         entry.headers.remove(header::AGE);
-        let mut refreshed = merge_304(entry, &not_modified.headers);
+        let mut refreshed = merge_fields(entry, &not_modified.headers);
         let as_stored = response_parts(refreshed.status, refreshed.headers.clone());
-        let mut status = status.with_fwd_status(StatusCode::NOT_MODIFIED);
+        let mut status = status.with_fwd_status(fwd_status);
         let unkeyed = request::carries_unkeyed_header(config, client_parts);
         let storable = freshness::storable(
             client_parts,
@@ -322,7 +332,7 @@ impl Validated {
                 entry: stored.clone(),
                 tags,
             };
-            let shared = put.vary.is_empty().then(|| Arc::new(stored));
+            let shared = (put.vary.is_empty() && !stored.is_partial()).then(|| Arc::new(stored));
             config.store.put(put, fill.lock).await;
             if let Some(guard) = fill.guard {
                 guard.complete(shared);
@@ -336,21 +346,45 @@ impl Validated {
     }
 }
 
-/// The stored entry with a 304's fields: every line of each field the 304
-/// sends replaces the stored lines (but `Content-Length` and hop-by-hop
-/// fields, which describe the 304 itself).
-fn merge_304(mut entry: Entry, not_modified: &HeaderMap) -> Entry {
-    for name in not_modified.keys() {
-        if name != header::CONTENT_LENGTH && !HOP_BY_HOP.contains(name) {
+/// The stored entry with the fields of a 304, or of a 206 of the same
+/// representation (§3.4, §4.3.4): every line of each field the response
+/// sends replaces the stored lines, the fields it does not send are kept.
+/// Not taken: what describes the response itself rather than the
+/// representation (`Content-Length`, `Content-Range`, a
+/// `multipart/byteranges` `Content-Type`, hop-by-hop fields).
+pub(crate) fn merge_fields(mut entry: Entry, update: &HeaderMap) -> Entry {
+    let taken = |name: &HeaderName| {
+        name != header::CONTENT_LENGTH
+            && name != header::CONTENT_RANGE
+            && !HOP_BY_HOP.contains(name)
+            && !(name == header::CONTENT_TYPE
+                && update.get_all(name).iter().any(range::is_multipart))
+    };
+    for name in update.keys() {
+        if taken(name) {
             entry.headers.remove(name);
         }
     }
-    for (name, value) in not_modified {
-        if name != header::CONTENT_LENGTH && !HOP_BY_HOP.contains(name) {
+    for (name, value) in update {
+        if taken(name) {
             entry.headers.append(name.clone(), value.clone());
         }
     }
     entry
+}
+
+/// Whether a `206` is a part of a stored complete response: both have the
+/// same strong `ETag` and the 206's `Content-Range` names the stored
+/// body's length.
+fn partial_of(entry: &Entry, partial: &HeaderMap) -> bool {
+    let same_tag = matches!(
+        (range::strong_etag(&entry.headers), range::strong_etag(partial)),
+        (Some(stored), Some(new)) if stored.as_bytes().trim_ascii() == new.as_bytes().trim_ascii()
+    );
+    entry.status == StatusCode::OK
+        && same_tag
+        && range::content_range(partial)
+            .is_some_and(|span| span.complete == entry.body.len() as u64)
 }
 
 fn is_server_failure(status: StatusCode) -> bool {
@@ -367,7 +401,9 @@ async fn newer_entry(ctx: &Ctx, found_at: u64) -> Option<(Entry, Tier)> {
         .lookup(&keyed.url_hash, &keyed.parts.headers, &keyed.extra)
         .await
     {
-        (Lookup::Hit(entry), tier) if entry.response_time_ms > found_at => Some((entry, tier)),
+        (Lookup::Hit(entry), tier) if entry.response_time_ms > found_at && !entry.is_partial() => {
+            Some((entry, tier))
+        }
         _ => None,
     }
 }
@@ -395,11 +431,50 @@ mod tests {
         not_modified.insert("x-a", "3".parse().unwrap());
         not_modified.insert("content-length", "0".parse().unwrap());
         not_modified.insert("connection", "close".parse().unwrap());
-        let merged = merge_304(entry, &not_modified);
+        let merged = merge_fields(entry, &not_modified);
         let a: Vec<_> = merged.headers.get_all("x-a").iter().collect();
         assert_eq!(a, ["3"]);
         assert_eq!(merged.headers["content-length"], "4");
         assert_eq!(merged.headers["x-kept"], "k");
         assert!(!merged.headers.contains_key("connection"));
+    }
+
+    /// RFC 9111 §3.4, §4.3.4: a 206 of the stored representation gives its
+    /// fields, but not those that describe the part it carries.
+    #[test]
+    fn a_206_gives_its_fields_but_not_those_of_its_part() {
+        let mut entry = Entry {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: bytes::Bytes::from_static(b"0123456789"),
+            response_time_ms: 0,
+            initial_age: 0,
+            lifetime: 60,
+        };
+        entry
+            .headers
+            .insert("content-length", "10".parse().unwrap());
+        entry
+            .headers
+            .insert("content-type", "video/mp4".parse().unwrap());
+        entry.headers.insert("x-old", "1".parse().unwrap());
+        let mut part = HeaderMap::new();
+        part.insert("content-range", "bytes 0-3/10".parse().unwrap());
+        part.insert("content-length", "4".parse().unwrap());
+        part.insert(
+            "content-type",
+            "multipart/byteranges; boundary=x".parse().unwrap(),
+        );
+        part.insert("x-old", "2".parse().unwrap());
+        let merged = merge_fields(entry.clone(), &part);
+        assert_eq!(merged.headers["content-length"], "10");
+        assert_eq!(merged.headers["content-type"], "video/mp4");
+        assert!(!merged.headers.contains_key("content-range"));
+        assert_eq!(merged.headers["x-old"], "2");
+        part.insert("content-type", "video/webm".parse().unwrap());
+        assert_eq!(
+            merge_fields(entry, &part).headers["content-type"],
+            "video/webm"
+        );
     }
 }

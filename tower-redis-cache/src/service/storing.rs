@@ -13,7 +13,7 @@ use tracing::Instrument;
 use super::cache_status::{CacheStatus, add_cache_status};
 use super::miss::Fill;
 use super::tags::{TagHeaders, set_stored_tags, take_tags};
-use super::{Ctx, OriginBody, request, tee};
+use super::{Ctx, OriginBody, range, request, tee};
 use crate::body::CacheBody;
 use crate::entry::Entry;
 use crate::freshness::{self, NotStored, Storable};
@@ -193,17 +193,24 @@ async fn store_entry(config: &Arc<Config>, mut put: Put, body: Bytes, fill: Fill
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|len| len != body.len()) {
+    // A partial entry holds exactly the span its `Content-Range` names.
+    let partial = put.entry.is_partial();
+    let wrong_span = partial
+        && range::content_range(&put.entry.headers)
+            .is_none_or(|span| span.len() != body.len() as u64);
+    if declared.is_some_and(|len| len != body.len()) || wrong_span {
         fill.release_for(config, &put.url_hash);
         return;
     }
     put.entry.body = body;
-    if config.generate_etags && !put.entry.headers.contains_key(header::ETAG) {
+    // A tag made from a part would name that part, not the representation.
+    if config.generate_etags && !partial && !put.entry.headers.contains_key(header::ETAG) {
         put.entry
             .headers
             .insert(header::ETAG, strong_etag(&put.entry.body));
     }
-    let shared = put.vary.is_empty().then(|| Arc::new(put.entry.clone()));
+    // A partial entry is never handed to the requests coalesced on a fill.
+    let shared = (put.vary.is_empty() && !partial).then(|| Arc::new(put.entry.clone()));
     config.store.put(put, fill.lock).await;
     if let Some(guard) = fill.guard {
         guard.complete(shared);

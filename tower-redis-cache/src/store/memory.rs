@@ -110,6 +110,20 @@ impl MemoryStore {
             variants.vary.clone_from(&put.vary);
         }
         variants.entries.retain(|_, (_, expires)| *expires > now);
+        // As in Redis (`put.lua`): a partial entry never replaces a fresh
+        // complete one of the same variant.
+        if put.entry.is_partial()
+            && let Some((stored, _)) = variants.entries.get(&put.variant)
+            && !stored.is_partial()
+        {
+            let mut stored = Entry::clone(stored);
+            if let Some(at) = variants.soft_purged {
+                stored.mark_stale_at(at);
+            }
+            if stored.ttl(tower_redis_core::clock::now_ms()) > 0 {
+                return;
+            }
+        }
         variants.entries.insert(
             put.variant.clone(),
             (Arc::new(put.entry.clone()), expiry(now, put.keep_for)),

@@ -10,21 +10,42 @@
 -- is replaced with Redis' own clock, the clock soft-purge marks are taken
 -- from: instances whose clocks disagree then still agree on which entries
 -- a soft purge made stale.
+-- A partial entry (version 2) never replaces a fresh complete one (version
+-- 1) of the same variant: a range request that raced a whole fill must not
+-- leave the URL with less than it had. A stale or soft-purged one it does.
 local entry = ARGV[3]
-if string.sub(entry, 1, 3) == 'TRC' and #entry >= 14 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local bytes = {}
-  for i = 8, 1, -1 do
-    bytes[i] = string.char(now % 256)
-    now = math.floor(now / 256)
-  end
-  entry = string.sub(entry, 1, 6) .. table.concat(bytes) .. string.sub(entry, 15)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function u64(s, at)
+  local n = 0
+  for i = at, at + 7 do n = n * 256 + string.byte(s, i) end
+  return n
 end
-if redis.call('HLEN', KEYS[1]) > tonumber(ARGV[5]) then redis.call('DEL', KEYS[1]) end
-redis.call('HSET', KEYS[1], 'vary', ARGV[1], ARGV[2], entry)
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local keep_complete = false
+if string.sub(entry, 1, 3) == 'TRC' and string.byte(entry, 4) == 2 then
+  local old = redis.call('HGET', KEYS[1], ARGV[2])
+  if old and #old >= 30 and string.sub(old, 1, 3) == 'TRC' and string.byte(old, 4) == 1 then
+    local stored_at = u64(old, 7)
+    local age = u64(old, 15) + math.floor(math.max(now - stored_at, 0) / 1000)
+    local purged = tonumber(redis.call('HGET', KEYS[1], 'sp') or '-1')
+    keep_complete = age < u64(old, 23) and purged < stored_at
+  end
+end
+if not keep_complete then
+  if string.sub(entry, 1, 3) == 'TRC' and #entry >= 14 then
+    local stamp = now
+    local bytes = {}
+    for i = 8, 1, -1 do
+      bytes[i] = string.char(stamp % 256)
+      stamp = math.floor(stamp / 256)
+    end
+    entry = string.sub(entry, 1, 6) .. table.concat(bytes) .. string.sub(entry, 15)
+  end
+  if redis.call('HLEN', KEYS[1]) > tonumber(ARGV[5]) then redis.call('DEL', KEYS[1]) end
+  redis.call('HSET', KEYS[1], 'vary', ARGV[1], ARGV[2], entry)
+  if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  end
 end
 if ARGV[6] ~= '' then
   local held = redis.call('HGET', KEYS[1], 'lk')
