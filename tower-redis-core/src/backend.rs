@@ -33,7 +33,7 @@ pub(crate) enum Backend {
         conn: Mutex<Option<ClusterConnection>>,
         /// The connections that send read-only commands to replicas, for
         /// [`RedisManager::run_read`]; made on first use.
-        replicas: Box<ReplicaReads>,
+        replicas: Arc<ReplicaReads>,
     },
     Disabled,
 }
@@ -47,6 +47,9 @@ pub(crate) struct ReplicaReads {
     conn: Mutex<Option<ClusterConnection>>,
     /// Epoch milliseconds before which replica reads are skipped.
     paused_until: AtomicU64,
+    /// A connection is being made in the background.
+    connecting: AtomicBool,
+    connect_timeout: std::time::Duration,
 }
 
 /// How long replica reads are skipped after one failed.
@@ -58,14 +61,32 @@ impl ReplicaReads {
         crate::clock::now_ms() < self.paused_until.load(Ordering::Acquire)
     }
 
-    /// A connection that reads from replicas.
-    pub(crate) async fn checkout(&self) -> RedisResult<RedisConnection> {
+    /// A connection that reads from replicas, or none while one is being
+    /// made: that is done in the background (a cluster connection asks
+    /// for the slot map and connects to every node), so that no request
+    /// waits for it or, cut off by its timeout, throws it away.
+    pub(crate) fn checkout(self: &Arc<Self>) -> Option<RedisConnection> {
         if let Some(existing) = lock(&self.conn).clone() {
-            return Ok(RedisConnection::cluster(existing));
+            return Some(RedisConnection::cluster(existing));
         }
-        let fresh = self.client.get_async_connection().await?;
-        let shared = lock(&self.conn).get_or_insert(fresh).clone();
-        Ok(RedisConnection::cluster(shared))
+        if !self.connecting.swap(true, Ordering::AcqRel) {
+            let replicas = Arc::downgrade(self);
+            let (client, limit) = (self.client.clone(), self.connect_timeout);
+            tokio::spawn(async move {
+                let made = tokio::time::timeout(limit, client.get_async_connection()).await;
+                let Some(replicas) = replicas.upgrade() else {
+                    return;
+                };
+                match made {
+                    Ok(Ok(conn)) => {
+                        lock(&replicas.conn).get_or_insert(conn);
+                    }
+                    _ => replicas.failed(),
+                }
+                replicas.connecting.store(false, Ordering::Release);
+            });
+        }
+        None
     }
 
     /// After a failed or late replica read: drop the connection (a fresh
@@ -197,10 +218,12 @@ impl Backend {
                 Ok(Backend::Cluster {
                     client: Box::new(client),
                     conn: Mutex::new(None),
-                    replicas: Box::new(ReplicaReads {
+                    replicas: Arc::new(ReplicaReads {
                         client: replica_client,
                         conn: Mutex::new(None),
                         paused_until: AtomicU64::new(0),
+                        connecting: AtomicBool::new(false),
+                        connect_timeout: config.connect_timeout(),
                     }),
                 })
             }
@@ -238,7 +261,7 @@ impl Backend {
 
     /// The replica reads of a cluster; none for a standalone server or
     /// Sentinel (their reads stay on the primary).
-    pub(crate) fn replicas(&self) -> Option<&ReplicaReads> {
+    pub(crate) fn replicas(&self) -> Option<&Arc<ReplicaReads>> {
         match self {
             Backend::Cluster { replicas, .. } => Some(replicas),
             _ => None,

@@ -158,12 +158,10 @@ impl RedisManager {
             return Err(Error::BreakerOpen);
         }
         let started = tokio::time::Instant::now();
-        if !replicas.paused() {
-            let attempt = async {
-                let conn = replicas.checkout().await.ok()?;
-                op(conn).await.ok()
-            };
-            if let Ok(Some(value)) = timeout(inner.command_timeout / 2, attempt).await {
+        if !replicas.paused()
+            && let Some(conn) = replicas.checkout()
+        {
+            if let Ok(Ok(value)) = timeout(inner.command_timeout / 2, op(conn)).await {
                 crate::record::counter("tower_redis_replica_reads_total", &[], 1);
                 return Ok(value);
             }

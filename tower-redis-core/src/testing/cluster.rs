@@ -178,6 +178,49 @@ impl TestCluster {
         self.nodes.is_empty()
     }
 
+    /// The indexes of the live nodes that are replicas now (`ROLE`).
+    pub async fn replicas(&self) -> Vec<usize> {
+        let mut replicas = Vec::new();
+        for (index, node) in self.nodes.iter().enumerate() {
+            if node.is_running() && node_role(node.port()).await.as_deref() == Some("slave") {
+                replicas.push(index);
+            }
+        }
+        replicas
+    }
+
+    /// Calls per command on one node since its last
+    /// [`reset_stats`](Self::reset_stats), from `INFO commandstats`
+    /// (lower-case names such as `hmget`, `evalsha_ro`); empty for a node
+    /// that does not answer.
+    pub async fn command_calls(&self, index: usize) -> std::collections::HashMap<String, u64> {
+        let ask = async {
+            let mut conn = node_connection(self.node(index).port()).await?;
+            redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async::<String>(&mut conn)
+                .await
+        };
+        match tokio::time::timeout(Duration::from_secs(1), ask).await {
+            Ok(Ok(info)) => super::parse_commandstats(&info),
+            _ => std::collections::HashMap::new(),
+        }
+    }
+
+    /// `CONFIG RESETSTAT` on every live node.
+    pub async fn reset_stats(&self) {
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            let reset = async {
+                let mut conn = node_connection(node.port()).await?;
+                redis::cmd("CONFIG")
+                    .arg("RESETSTAT")
+                    .query_async::<()>(&mut conn)
+                    .await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), reset).await;
+        }
+    }
+
     /// SIGKILL one node.
     pub async fn kill_node(&self, index: usize) {
         self.node(index).kill();
