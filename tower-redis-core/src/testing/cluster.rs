@@ -356,7 +356,18 @@ impl TestCluster {
                     synced += 1;
                 }
             }
-            if synced >= expected {
+            // And every node's `CLUSTER SLOTS` names them (gossip lags the
+            // replication link): a client reading from replicas takes its
+            // slot map from one node, once.
+            let per_primary = expected / 3;
+            let mut listed = true;
+            for node in &self.nodes {
+                if !slots_list_replicas(node.port(), per_primary).await {
+                    listed = false;
+                    break;
+                }
+            }
+            if synced >= expected && listed {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
@@ -443,6 +454,23 @@ async fn slot_owner(port: u16, slot: u16) -> redis::RedisResult<Option<u16>> {
                 "no answer to CLUSTER SLOTS",
             )))
         })
+}
+
+/// Whether every slot range in the `CLUSTER SLOTS` of the node at `port`
+/// lists at least `replicas` replicas after its primary.
+async fn slots_list_replicas(port: u16, replicas: usize) -> bool {
+    let ask = async {
+        let mut conn = node_connection(port).await?;
+        redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async::<Vec<Vec<redis::Value>>>(&mut conn)
+            .await
+    };
+    match tokio::time::timeout(Duration::from_secs(1), ask).await {
+        // Start, end, primary, then the replicas.
+        Ok(Ok(ranges)) => !ranges.is_empty() && ranges.iter().all(|r| r.len() >= 3 + replicas),
+        _ => false,
+    }
 }
 
 /// `ROLE`'s first word on the node at `port`.
