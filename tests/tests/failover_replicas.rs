@@ -2,8 +2,8 @@
 //! (`TestCluster::with_replicas(1)`): with
 //! `CacheLayerBuilder::read_from_replicas(true)` cache hits are read from
 //! replicas (counted with `INFO commandstats` on each node), without it
-//! from the primaries only; and a replica that dies costs no request: the
-//! lookup goes to the primary and the page is still a hit.
+//! from the primaries only; and a replica that dies or hangs costs no
+//! request: the lookup goes to the primary and the page is still a hit.
 
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use http::{Request, header};
 use tests::answer::Answer;
 use tower::ServiceExt;
 use tower_redis_cache::CacheLayer;
-use tower_redis_core::RedisManager;
+use tower_redis_core::{RedisManager, redis};
 use tower_redis_core::testing::TestCluster;
 
 /// Pages spread over the slots (and so over the three shards).
@@ -63,6 +63,12 @@ async fn fetch(app: &Router, n: usize) -> Answer {
     answer
 }
 
+/// A hit read from Redis (not from the in-process fallback).
+fn is_redis_hit(answer: &Answer) -> bool {
+    let status = answer.cache_status();
+    status.starts_with("tower-redis; hit") && !status.contains("redis-unavailable")
+}
+
 /// Lookup reads on `nodes` since the last reset.
 async fn reads_on(cluster: &TestCluster, nodes: &[usize]) -> u64 {
     let mut reads = 0;
@@ -86,8 +92,8 @@ async fn hits(cluster: &TestCluster, app: &Router, cache: &CacheLayer) -> (u64, 
     for n in 0..PAGES {
         let answer = fetch(app, n).await;
         assert!(
-            answer.cache_status().starts_with("tower-redis; hit"),
-            "/page/{n} is a hit: {}",
+            is_redis_hit(&answer),
+            "/page/{n} is a hit from Redis: {}",
             answer.cache_status()
         );
     }
@@ -138,24 +144,59 @@ async fn hits_are_read_from_replicas_only_when_asked_and_survive_a_dead_replica(
         "the hits are read on replicas ({on_replicas} reads there, {on_primaries} on primaries)"
     );
 
-    // A replica dies: every page is still answered within the bound, and
-    // still a hit (its lookups go to the primary).
+    // A replica dies, another hangs (SIGSTOP): every page is still
+    // answered within the bound, and still a hit (its lookups go to the
+    // primary: redis-rs itself for the dead one, the manager after half
+    // the command timeout for the hung one).
+    let keys: Vec<String> = (0..30).map(|i| format!("replicas:key:{i}")).collect();
+    for key in &keys {
+        manager
+            .query::<()>(redis::cmd("SET").arg(key).arg(key))
+            .await
+            .expect("SET on the primary");
+    }
     let replicas = cluster.replicas().await;
-    let dead = replicas[0];
+    let (dead, hung) = (replicas[0], replicas[1]);
     cluster.kill_node(dead).await;
+    cluster.pause_node(hung).await;
+    // The manager's own reads first: every one answers (from the primary
+    // when its replica is dead or hung), within the command timeout.
+    for key in &keys {
+        let started = std::time::Instant::now();
+        let read = manager
+            .run_read(|mut conn| async move {
+                redis::cmd("GET")
+                    .arg(key)
+                    .query_async::<Option<String>>(&mut conn)
+                    .await
+            })
+            .await;
+        assert_eq!(
+            read.as_ref().ok().and_then(Option::as_deref),
+            Some(key.as_str()),
+            "run_read({key}) with a replica dead and one hung: {read:?}"
+        );
+        assert!(
+            started.elapsed() <= manager.command_timeout() + Duration::from_millis(100),
+            "run_read({key}) took {:?}",
+            started.elapsed()
+        );
+    }
     for round in 0..3 {
         for n in 0..PAGES {
             let answer = fetch(&app, n).await;
             assert!(
-                answer.cache_status().starts_with("tower-redis; hit"),
-                "round {round}: /page/{n} is a hit with replica node {dead} dead: {}",
+                is_redis_hit(&answer),
+                "round {round}: /page/{n} is a hit with replica node {dead} dead and {hung} \
+                 hung: {}",
                 answer.cache_status()
             );
         }
     }
+    cluster.resume_node(hung).await;
     assert_eq!(
         manager.health().state,
         tower_redis_core::BreakerState::Closed,
-        "a dead replica does not open the breaker"
+        "a dead or hung replica does not open the breaker"
     );
 }
