@@ -302,7 +302,10 @@ async fn read_scaling(options: &Options) -> Result<String, BenchError> {
                 "/page/{n}",
                 get(
                     |axum::extract::Path(n): axum::extract::Path<u32>| async move {
-                        ([(header::CACHE_CONTROL, "max-age=3600")], format!("page {n}"))
+                        (
+                            [(header::CACHE_CONTROL, "max-age=3600")],
+                            format!("page {n}"),
+                        )
                     },
                 ),
             )
@@ -399,8 +402,7 @@ async fn hits_per_second(app: &Router, duration: Duration) -> Result<f64, BenchE
             let mut n = reader;
             while started.elapsed() < duration {
                 let status = get_page(&app, n % PAGES).await?;
-                if !status.starts_with("tower-redis; hit") || status.contains("redis-unavailable")
-                {
+                if !status.starts_with("tower-redis; hit") || status.contains("redis-unavailable") {
                     return Err(BenchError::Check(format!("not a Redis hit: {status}")));
                 }
                 done.fetch_add(1, Ordering::Relaxed);

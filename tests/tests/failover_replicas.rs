@@ -14,8 +14,8 @@ use http::{Request, header};
 use tests::answer::Answer;
 use tower::ServiceExt;
 use tower_redis_cache::CacheLayer;
-use tower_redis_core::{RedisManager, redis};
 use tower_redis_core::testing::TestCluster;
+use tower_redis_core::{RedisManager, redis};
 
 /// Pages spread over the slots (and so over the three shards).
 const PAGES: usize = 60;
@@ -34,9 +34,14 @@ fn cached_app(manager: RedisManager, replicas: bool) -> (Router, CacheLayer) {
     let app = Router::new()
         .route(
             "/page/{n}",
-            get(|axum::extract::Path(n): axum::extract::Path<u32>| async move {
-                ([(header::CACHE_CONTROL, "max-age=600")], format!("page {n}"))
-            }),
+            get(
+                |axum::extract::Path(n): axum::extract::Path<u32>| async move {
+                    (
+                        [(header::CACHE_CONTROL, "max-age=600")],
+                        format!("page {n}"),
+                    )
+                },
+            ),
         )
         .layer(cache.clone());
     (app, cache)
@@ -87,7 +92,9 @@ async fn hits(cluster: &TestCluster, app: &Router, cache: &CacheLayer) -> (u64, 
     }
     cache.flush().await;
     let replicas = cluster.replicas().await;
-    let primaries: Vec<usize> = (0..cluster.len()).filter(|i| !replicas.contains(i)).collect();
+    let primaries: Vec<usize> = (0..cluster.len())
+        .filter(|i| !replicas.contains(i))
+        .collect();
     cluster.reset_stats().await;
     for n in 0..PAGES {
         let answer = fetch(app, n).await;
@@ -119,9 +126,14 @@ async fn hits_are_read_from_replicas_only_when_asked_and_survive_a_dead_replica(
     // Without the option: every hit is read on a primary.
     let (app, cache) = cached_app(manager.clone(), false);
     let (on_replicas, on_primaries) = hits(&cluster, &app, &cache).await;
-    eprintln!("without read_from_replicas: {on_replicas} reads on replicas, {on_primaries} on primaries");
+    eprintln!(
+        "without read_from_replicas: {on_replicas} reads on replicas, {on_primaries} on primaries"
+    );
     assert_eq!(on_replicas, 0, "no lookup reads a replica unless asked");
-    assert!(on_primaries >= PAGES as u64, "the hits were read on the primaries");
+    assert!(
+        on_primaries >= PAGES as u64,
+        "the hits were read on the primaries"
+    );
 
     // With it: the hits are read on the replicas (a dedicated layer, so
     // that nothing this instance learnt above is reused).
@@ -136,7 +148,9 @@ async fn hits_are_read_from_replicas_only_when_asked_and_survive_a_dead_replica(
     .expect("manager starts");
     let (app, cache) = cached_app(manager.clone(), true);
     let (on_replicas, on_primaries) = hits(&cluster, &app, &cache).await;
-    eprintln!("with read_from_replicas: {on_replicas} reads on replicas, {on_primaries} on primaries");
+    eprintln!(
+        "with read_from_replicas: {on_replicas} reads on replicas, {on_primaries} on primaries"
+    );
     // Most, not all: a replica read that misses half the command timeout
     // on a loaded machine goes to the primary (and pauses replica reads).
     assert!(

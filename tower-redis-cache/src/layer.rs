@@ -1068,17 +1068,19 @@ impl CacheLayerBuilder {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(CacheLayer {
             config: Arc::new(Config {
-                store: Arc::new(CacheStore::new(
-                    self.manager,
-                    StoreOptions {
-                        memory_bytes: self.memory_bytes,
-                        near: self.near_cache,
-                        index_depth: self.index_depth,
-                        lock_ttl: self.lock_ttl,
-                        outage_queue_bytes: self.outage_queue_bytes,
-                    },
-                )
-                .with_replica_reads(self.read_from_replicas)),
+                store: Arc::new(
+                    CacheStore::new(
+                        self.manager,
+                        StoreOptions {
+                            memory_bytes: self.memory_bytes,
+                            near: self.near_cache,
+                            index_depth: self.index_depth,
+                            lock_ttl: self.lock_ttl,
+                            outage_queue_bytes: self.outage_queue_bytes,
+                        },
+                    )
+                    .with_replica_reads(self.read_from_replicas),
+                ),
                 routes: self.routes,
                 default_route: self.default_route,
                 rules: Rules {

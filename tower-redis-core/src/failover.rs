@@ -201,9 +201,7 @@ impl RedisManager {
             "server.port" = inner.server.1,
             "error.type" = tracing::field::Empty,
         );
-        let outcome = timeout(budget, attempt)
-            .instrument(span.clone())
-            .await;
+        let outcome = timeout(budget, attempt).instrument(span.clone()).await;
         if !span.is_disabled() {
             let error_type = match &outcome {
                 Ok(Ok(_)) => None,

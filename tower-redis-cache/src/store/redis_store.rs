@@ -244,7 +244,10 @@ pub(crate) async fn lookup(
             Reads::Replica => {
                 let readonly = |command: &str, script: &str| {
                     let mut cmd = redis::cmd(command);
-                    cmd.arg(script).arg(1).arg(key).arg(key::value_digest(extra));
+                    cmd.arg(script)
+                        .arg(1)
+                        .arg(key)
+                        .arg(key::value_digest(extra));
                     for (name, digest) in &args {
                         cmd.arg(*name).arg(digest);
                     }
@@ -254,7 +257,10 @@ pub(crate) async fn lookup(
                     .query_async(&mut conn)
                     .await
                 {
-                    Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                    Err(error)
+                        if error.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                    {
                         readonly("EVAL_RO", LOOKUP_SOURCE)
                             .query_async(&mut conn)
                             .await?
