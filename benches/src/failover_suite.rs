@@ -105,7 +105,11 @@ pub(crate) async fn run(_redis: &BenchRedis, options: &Options) -> Result<String
                 "{} ({}) / {:.0} / {:.0}",
                 f.admitted, f.admitted_local, f.exact, f.bound
             ),
-            format!("{:+.0}", f.admitted as f64 - f.exact),
+            {
+                // Rounded to whole requests (no "-0").
+                let overshoot = (f.admitted as f64 - f.exact).round() as i64;
+                format!("{overshoot:+}")
+            },
         ]);
     }
     out.push_str(&table.render());
@@ -316,7 +320,12 @@ async fn read_scaling(options: &Options) -> Result<String, BenchError> {
         cache.flush().await;
         // Once more, so that every `Vary` hint is known and a hit is one HMGET.
         for n in 0..PAGES {
-            get_page(&app, n).await?;
+            let status = get_page(&app, n).await?;
+            if !is_redis_hit(&status) {
+                return Err(BenchError::Check(format!(
+                    "{name}: /page/{n} is not a Redis hit after the fill: {status}"
+                )));
+            }
         }
         cells.push((name, app, Vec::new(), (0_u64, 0_u64)));
     }
@@ -325,10 +334,10 @@ async fn read_scaling(options: &Options) -> Result<String, BenchError> {
         .filter(|i| !replicas.contains(i))
         .collect();
     for _ in 0..options.repeats {
-        for (_, app, rates, reads) in &mut cells {
+        for (name, app, rates, reads) in &mut cells {
             tokio::time::sleep(options.warmup).await;
             cluster.reset_stats().await;
-            let rate = hits_per_second(app, options.duration).await?;
+            let rate = hits_per_second(name, app, options.duration).await?;
             rates.push(rate);
             reads.0 += lookup_reads(&cluster, &primaries).await;
             reads.1 += lookup_reads(&cluster, &replicas).await;
@@ -382,17 +391,22 @@ async fn get_page(app: &Router, n: usize) -> Result<String, BenchError> {
             response.status()
         )));
     }
-    Ok(response
+    let status = response
         .headers()
         .get("cache-status")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
-        .to_owned())
+        .to_owned();
+    // Read to the end: the cache stores a body once it has been read whole.
+    http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .map_err(|e| BenchError::Check(format!("/page/{n}: body: {e}")))?;
+    Ok(status)
 }
 
 /// Hits per second of [`READERS`] tasks over `duration`; a non-hit ends
 /// the run with an error.
-async fn hits_per_second(app: &Router, duration: Duration) -> Result<f64, BenchError> {
+async fn hits_per_second(name: &str, app: &Router, duration: Duration) -> Result<f64, BenchError> {
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -416,6 +430,10 @@ async fn hits_per_second(app: &Router, duration: Duration) -> Result<f64, BenchE
             .map_err(|e| BenchError::Check(format!("reader: {e}")))??;
     }
     Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+fn is_redis_hit(status: &str) -> bool {
+    status.starts_with("tower-redis; hit") && !status.contains("redis-unavailable")
 }
 
 async fn lookup_reads(cluster: &TestCluster, nodes: &[usize]) -> u64 {
