@@ -411,13 +411,17 @@ async fn hits_per_second(name: &str, app: &Router, duration: Duration) -> Result
     let started = Instant::now();
     let mut tasks = Vec::new();
     for reader in 0..READERS {
-        let (app, done) = (app.clone(), Arc::clone(&done));
+        let (app, done, name) = (app.clone(), Arc::clone(&done), name.to_owned());
         tasks.push(tokio::spawn(async move {
             let mut n = reader;
             while started.elapsed() < duration {
-                let status = get_page(&app, n % PAGES).await?;
-                if !status.starts_with("tower-redis; hit") || status.contains("redis-unavailable") {
-                    return Err(BenchError::Check(format!("not a Redis hit: {status}")));
+                let page = n % PAGES;
+                let status = get_page(&app, page).await?;
+                if !is_redis_hit(&status) {
+                    return Err(BenchError::Check(format!(
+                        "{name}: /page/{page} after {:?}: not a Redis hit: {status}",
+                        started.elapsed()
+                    )));
                 }
                 done.fetch_add(1, Ordering::Relaxed);
                 n += READERS;
