@@ -7,6 +7,7 @@
 //! cargo run --release -p benches --features peers -- session
 //! cargo run --release -p benches --features peers -- stack
 //! cargo run --release -p benches --features peers -- data
+//! cargo run --release -p benches -- failover --quick
 //! cargo run --release -p benches --features peers -- all --quick
 //! ```
 //!
@@ -25,6 +26,7 @@ mod cpu;
 mod data_suite;
 mod degraded;
 mod error;
+mod failover_suite;
 mod grid;
 mod http_load;
 mod keys;
@@ -61,6 +63,8 @@ enum Suite {
     Stack,
     /// `DataCache::get_or_insert_with` vs bare GET + serde, moka (and amalgam-cache).
     Data,
+    /// The stack through a Sentinel and a Cluster failover; cache hits from replicas.
+    Failover,
 }
 
 impl Suite {
@@ -72,6 +76,7 @@ impl Suite {
         Suite::Session,
         Suite::Stack,
         Suite::Data,
+        Suite::Failover,
     ];
 
     fn name(self) -> &'static str {
@@ -82,6 +87,7 @@ impl Suite {
             Suite::Session => "session",
             Suite::Stack => "stack",
             Suite::Data => "data",
+            Suite::Failover => "failover",
         }
     }
 
@@ -104,6 +110,9 @@ impl Suite {
             }
             Suite::Data => {
                 "DataCache::get_or_insert_with hit, miss and near hit vs bare redis-rs GET + serde and moka (amalgam-cache with --features peers), the herd across two instances"
+            }
+            Suite::Failover => {
+                "rate limit + cache + session on two instances through one Sentinel and one Cluster failover (failed and degraded requests, recovery time, rate-limit overshoot); cache hits/s on a 3+3 cluster with and without read_from_replicas"
             }
         }
     }
@@ -129,6 +138,7 @@ impl Suite {
             Suite::Session => session_suite::run(redis, options).await,
             Suite::Stack => stack_suite::run(redis, options).await,
             Suite::Data => data_suite::run(redis, options).await,
+            Suite::Failover => failover_suite::run(redis, options).await,
         }
     }
 }

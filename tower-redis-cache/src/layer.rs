@@ -128,6 +128,7 @@ impl CacheLayer {
             forwarding: Forwarding::none(),
             near_cache: None,
             index_depth: 4,
+            read_from_replicas: false,
         }
     }
 }
@@ -183,6 +184,7 @@ pub struct CacheLayerBuilder {
     near_cache: Option<(u64, Duration)>,
     index_depth: usize,
     forwarding: Forwarding,
+    read_from_replicas: bool,
 }
 
 /// Request headers that can change what an origin answers without being
@@ -967,6 +969,31 @@ impl CacheLayerBuilder {
         self
     }
 
+    /// Reads cache entries from replicas (off by default): on a Redis
+    /// Cluster with replicas, a lookup (a hit, and the look again of a
+    /// coalesced miss) goes to a replica of its slot over a `READONLY`
+    /// connection, so hits spread over the replicas instead of loading
+    /// the primaries. Writes, fill locks, purges and invalidations stay on
+    /// the primaries. With a standalone server or Sentinel it changes
+    /// nothing (reads stay on the primary).
+    ///
+    /// **Staleness:** replicas apply the primary's writes asynchronously.
+    /// An entry stored, invalidated or purged a moment ago may still be
+    /// found as it was on a replica for the replication lag (usually
+    /// under a millisecond; while a replica's link to its primary is
+    /// down, until the cluster fails it over or it catches up). A
+    /// coalesced miss may then see no entry yet and ask the origin once
+    /// more. Entries read from a replica are not copied into the
+    /// [near cache](Self::near_cache), where a purged entry would outlive
+    /// the lag, so the near cache gains little with this on. A replica
+    /// that fails or does not answer within half the command timeout
+    /// costs that time once: the lookup goes to the primary, and replicas
+    /// are skipped for a second.
+    pub fn read_from_replicas(mut self, on: bool) -> Self {
+        self.read_from_replicas = on;
+        self
+    }
+
     /// A near cache: an in-process copy of entries read from Redis, of at
     /// most `max_bytes`, each kept at most `ttl`, answering hits with no
     /// round trip. Instances keep it coherent through Redis pub/sub: a
@@ -1068,16 +1095,19 @@ impl CacheLayerBuilder {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(CacheLayer {
             config: Arc::new(Config {
-                store: Arc::new(CacheStore::new(
-                    self.manager,
-                    StoreOptions {
-                        memory_bytes: self.memory_bytes,
-                        near: self.near_cache,
-                        index_depth: self.index_depth,
-                        lock_ttl: self.lock_ttl,
-                        outage_queue_bytes: self.outage_queue_bytes,
-                    },
-                )),
+                store: Arc::new(
+                    CacheStore::new(
+                        self.manager,
+                        StoreOptions {
+                            memory_bytes: self.memory_bytes,
+                            near: self.near_cache,
+                            index_depth: self.index_depth,
+                            lock_ttl: self.lock_ttl,
+                            outage_queue_bytes: self.outage_queue_bytes,
+                        },
+                    )
+                    .with_replica_reads(self.read_from_replicas),
+                ),
                 routes: self.routes,
                 default_route: self.default_route,
                 rules: Rules {

@@ -31,8 +31,72 @@ pub(crate) enum Backend {
     Cluster {
         client: Box<ClusterClient>,
         conn: Mutex<Option<ClusterConnection>>,
+        /// The connections that send read-only commands to replicas, for
+        /// [`RedisManager::run_read`]; made on first use.
+        replicas: Arc<ReplicaReads>,
     },
     Disabled,
+}
+
+/// A second cluster client whose read-only commands go to a random
+/// replica of the slot (`READONLY` connections), and a pause after a
+/// failed replica read, so a dead replica costs one attempt per pause and
+/// not one per request.
+pub(crate) struct ReplicaReads {
+    client: ClusterClient,
+    conn: Mutex<Option<ClusterConnection>>,
+    /// Epoch milliseconds before which replica reads are skipped.
+    paused_until: AtomicU64,
+    /// A connection is being made in the background.
+    connecting: AtomicBool,
+    connect_timeout: std::time::Duration,
+}
+
+/// How long replica reads are skipped after one failed.
+const REPLICA_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl ReplicaReads {
+    /// Whether replica reads are paused after a failure.
+    pub(crate) fn paused(&self) -> bool {
+        crate::clock::now_ms() < self.paused_until.load(Ordering::Acquire)
+    }
+
+    /// A connection that reads from replicas, or none while one is being
+    /// made: that is done in the background (a cluster connection asks
+    /// for the slot map and connects to every node), so that no request
+    /// waits for it or, cut off by its timeout, throws it away.
+    pub(crate) fn checkout(self: &Arc<Self>) -> Option<RedisConnection> {
+        if let Some(existing) = lock(&self.conn).clone() {
+            return Some(RedisConnection::cluster(existing));
+        }
+        if !self.connecting.swap(true, Ordering::AcqRel) {
+            let replicas = Arc::downgrade(self);
+            let (client, limit) = (self.client.clone(), self.connect_timeout);
+            tokio::spawn(async move {
+                let made = tokio::time::timeout(limit, client.get_async_connection()).await;
+                let Some(replicas) = replicas.upgrade() else {
+                    return;
+                };
+                match made {
+                    Ok(Ok(conn)) => {
+                        lock(&replicas.conn).get_or_insert(conn);
+                    }
+                    _ => replicas.failed(),
+                }
+                replicas.connecting.store(false, Ordering::Release);
+            });
+        }
+        None
+    }
+
+    /// After a failed or late replica read: drop the connection (a fresh
+    /// one reads the current slot map) and skip replicas for a while.
+    pub(crate) fn failed(&self) {
+        lock(&self.conn).take();
+        let until = crate::clock::now_ms()
+            .saturating_add(u64::try_from(REPLICA_PAUSE.as_millis()).unwrap_or(u64::MAX));
+        self.paused_until.store(until, Ordering::Release);
+    }
 }
 
 impl RedisManager {
@@ -130,20 +194,37 @@ impl Backend {
                 ))
             }
             Topology::Cluster(nodes) => {
-                let builder = ClusterClient::builder(nodes.iter().map(|n| n.expose().to_owned()))
-                    .connection_timeout(config.connect_timeout())
-                    .response_timeout(config.command_timeout())
-                    .retries(2);
-                let client = with_cluster_roots(builder, config).build().map_err(|e| {
+                let builder = || {
+                    ClusterClient::builder(nodes.iter().map(|n| n.expose().to_owned()))
+                        .connection_timeout(config.connect_timeout())
+                        .response_timeout(config.command_timeout())
+                        .retries(2)
+                };
+                let replica_builder = builder()
+                    .read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy);
+                let rejected = |e: RedisError| {
                     ConfigError::new(
                         "cluster_nodes",
                         format!("are rejected by the cluster client ({e})"),
                         "check the node URLs",
                     )
-                })?;
+                };
+                let client = with_cluster_roots(builder(), config)
+                    .build()
+                    .map_err(rejected)?;
+                let replica_client = with_cluster_roots(replica_builder, config)
+                    .build()
+                    .map_err(rejected)?;
                 Ok(Backend::Cluster {
                     client: Box::new(client),
                     conn: Mutex::new(None),
+                    replicas: Arc::new(ReplicaReads {
+                        client: replica_client,
+                        conn: Mutex::new(None),
+                        paused_until: AtomicU64::new(0),
+                        connecting: AtomicBool::new(false),
+                        connect_timeout: config.connect_timeout(),
+                    }),
                 })
             }
         }
@@ -175,6 +256,15 @@ impl Backend {
             pool_size: config.pool_size(),
             sentinel,
             _watchers: watchers,
+        }
+    }
+
+    /// The replica reads of a cluster; none for a standalone server or
+    /// Sentinel (their reads stay on the primary).
+    pub(crate) fn replicas(&self) -> Option<&Arc<ReplicaReads>> {
+        match self {
+            Backend::Cluster { replicas, .. } => Some(replicas),
+            _ => None,
         }
     }
 
@@ -236,7 +326,7 @@ impl Backend {
                     "every pooled connection was stale".to_owned(),
                 )))
             }
-            Backend::Cluster { client, conn } => {
+            Backend::Cluster { client, conn, .. } => {
                 if let Some(existing) = lock(conn).clone() {
                     return Ok((RedisConnection::cluster(existing), None));
                 }
@@ -258,8 +348,9 @@ impl Backend {
             Backend::Standalone { generation, .. } => {
                 generation.fetch_add(1, Ordering::AcqRel);
             }
-            Backend::Cluster { conn, .. } => {
+            Backend::Cluster { conn, replicas, .. } => {
                 lock(conn).take();
+                lock(&replicas.conn).take();
             }
             Backend::Disabled => {}
         }

@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use redis::{RedisError, RedisResult};
 use tokio::time::timeout;
@@ -107,6 +108,75 @@ impl RedisManager {
         F: FnOnce(RedisConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
+        self.run_within(self.inner.command_timeout, op).await
+    }
+
+    /// Runs one read-only operation, on a replica where the topology has
+    /// replicas this manager reads from, else as [`run`](Self::run) does.
+    ///
+    /// On a Redis Cluster the operation first goes to a replica of its
+    /// slot (a `READONLY` connection; redis-rs routes read-only commands —
+    /// `GET`, `HMGET`, `EVALSHA_RO`, … — to a random replica and anything
+    /// else to the primary). If the replica fails or does not answer within
+    /// half the command timeout, the operation runs on the primary within
+    /// what is left of it, so the whole stays within the command timeout;
+    /// a failed replica read is not counted by the breaker (the primary is
+    /// what the breaker watches), and replica reads pause for a second
+    /// after one fails. With a standalone server or Sentinel this is
+    /// [`run`](Self::run): reads stay on the primary.
+    ///
+    /// **Staleness:** a replica applies the primary's writes asynchronously,
+    /// so a read may return what the primary has already changed or
+    /// deleted (replication lag, usually under a millisecond, unbounded
+    /// while a replica's link is down). Use it only for reads that may be
+    /// that stale; writes, locks and scripts that write go through
+    /// [`run`](Self::run).
+    ///
+    /// ```
+    /// # use tower_redis_core::{RedisManager, Error};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let manager = RedisManager::disabled();
+    /// let read = manager
+    ///     .run_read(|mut conn| async move {
+    ///         redis::cmd("GET").arg("k").query_async::<Option<String>>(&mut conn).await
+    ///     })
+    ///     .await;
+    /// assert!(matches!(read, Err(Error::BreakerOpen)));
+    /// # }
+    /// ```
+    pub async fn run_read<T, F, Fut>(&self, op: F) -> Result<T, Error>
+    where
+        F: Fn(RedisConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let inner = &self.inner;
+        let Some(replicas) = inner.backend.replicas() else {
+            return self.run(op).await;
+        };
+        if !inner.breaker.allows_requests() {
+            return Err(Error::BreakerOpen);
+        }
+        let started = tokio::time::Instant::now();
+        if !replicas.paused()
+            && let Some(conn) = replicas.checkout()
+        {
+            if let Ok(Ok(value)) = timeout(inner.command_timeout / 2, op(conn)).await {
+                crate::record::counter("tower_redis_replica_reads_total", &[], 1);
+                return Ok(value);
+            }
+            tracing::debug!(target: "tower_redis", "a replica read failed; reading from the primary");
+            replicas.failed();
+        }
+        let left = inner.command_timeout.saturating_sub(started.elapsed());
+        self.run_within(left, op).await
+    }
+
+    async fn run_within<T, F, Fut>(&self, budget: Duration, op: F) -> Result<T, Error>
+    where
+        F: FnOnce(RedisConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
         let inner = &self.inner;
         if !inner.breaker.allows_requests() {
             return Err(Error::BreakerOpen);
@@ -131,9 +201,7 @@ impl RedisManager {
             "server.port" = inner.server.1,
             "error.type" = tracing::field::Empty,
         );
-        let outcome = timeout(inner.command_timeout, attempt)
-            .instrument(span.clone())
-            .await;
+        let outcome = timeout(budget, attempt).instrument(span.clone()).await;
         if !span.is_disabled() {
             let error_type = match &outcome {
                 Ok(Ok(_)) => None,

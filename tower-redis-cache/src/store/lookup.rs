@@ -53,7 +53,11 @@ impl CacheStore {
         self.update_vary_hint(url_hash, previous_hint, vary_seen.as_deref(), tier);
         let lookup = match found {
             Found::Entry(entry) => {
+                // An entry read from a replica may already be purged on
+                // the primary: it is not kept in the near tier, where it
+                // would outlive the replica's lag.
                 if let (Some(near), Some(vary), Tier::Redis) = (near, vary_seen, tier)
+                    && !self.read_from_replicas
                     && self.bus.epoch() == epoch
                 {
                     keep_near(near, url_hash, request, extra, vary, &entry);

@@ -232,6 +232,8 @@ pub(crate) struct CacheStore {
     in_flight: AtomicUsize,
     flushed: tokio::sync::Notify,
     pub(crate) counters: Counters,
+    /// Lookups read from replicas (`CacheLayerBuilder::read_from_replicas`).
+    pub(crate) read_from_replicas: bool,
 }
 
 /// Counts one store in flight until dropped.
@@ -284,7 +286,15 @@ impl CacheStore {
             in_flight: AtomicUsize::new(0),
             flushed: tokio::sync::Notify::new(),
             counters: Counters::default(),
+            read_from_replicas: false,
         }
+    }
+
+    /// Lookups read from replicas where the manager can (see
+    /// `CacheLayerBuilder::read_from_replicas`).
+    pub(crate) fn with_replica_reads(mut self, on: bool) -> Self {
+        self.read_from_replicas = on;
+        self
     }
 
     fn redis(&self) -> &RedisStore {
@@ -306,7 +316,21 @@ impl CacheStore {
             Some(tracking) => {
                 let key = redis.redis_key(url_hash);
                 tracking
-                    .run(|conn| redis_store::lookup(conn, &key, request, extra, vary_hint))
+                    .run(|conn| {
+                        redis_store::lookup(
+                            conn,
+                            &key,
+                            request,
+                            extra,
+                            vary_hint,
+                            redis_store::Reads::Primary,
+                        )
+                    })
+                    .await
+            }
+            None if self.read_from_replicas => {
+                redis
+                    .lookup_on_replica(url_hash, request, extra, vary_hint)
                     .await
             }
             None => redis.lookup(url_hash, request, extra, vary_hint).await,

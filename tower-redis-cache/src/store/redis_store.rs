@@ -39,8 +39,10 @@ use crate::bus::Bus;
 use crate::entry::Entry;
 use crate::key;
 
-pub(crate) static LOOKUP: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lookup.lua")));
+/// The lookup script's source: read-only, so a replica may run it
+/// (`EVALSHA_RO`, see [`lookup`]).
+const LOOKUP_SOURCE: &str = include_str!("lookup.lua");
+pub(crate) static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(LOOKUP_SOURCE));
 pub(crate) static PUT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("put.lua")));
 pub(crate) static INDEX: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("index.lua")));
@@ -65,6 +67,23 @@ pub(crate) struct RedisStore {
 }
 
 impl RedisStore {
+    /// [`EntryStore::lookup`] on a replica where the manager reads from
+    /// replicas (a cluster), else on the primary; see
+    /// `RedisManager::run_read` for the staleness this allows.
+    pub(super) async fn lookup_on_replica(
+        &self,
+        url_hash: &str,
+        request: &HeaderMap,
+        extra: &str,
+        vary_hint: Option<String>,
+    ) -> Result<(Found, Option<String>), tower_redis_core::Error> {
+        let key = self.redis_key(url_hash);
+        let (key, hint) = (&key, &vary_hint);
+        self.manager
+            .run_read(|conn| lookup(conn, key, request, extra, hint.clone(), Reads::Replica))
+            .await
+    }
+
     pub(super) fn redis_key(&self, url_hash: &str) -> String {
         self.manager.keys().key(&["c", url_hash])
     }
@@ -108,7 +127,7 @@ impl EntryStore for RedisStore {
     ) -> Result<(Found, Option<String>), tower_redis_core::Error> {
         let key = self.redis_key(url_hash);
         self.manager
-            .run(|conn| lookup(conn, &key, request, extra, vary_hint))
+            .run(|conn| lookup(conn, &key, request, extra, vary_hint, Reads::Primary))
             .await
     }
 
@@ -178,6 +197,7 @@ pub(crate) async fn lookup(
     request: &HeaderMap,
     extra: &str,
     vary_hint: Option<String>,
+    reads: Reads,
 ) -> RedisResult<(Found, Option<String>)> {
     if let Some(hint) = vary_hint {
         let field = key::variant(&hint, request, extra);
@@ -204,13 +224,51 @@ pub(crate) async fn lookup(
     invocation.arg(key::value_digest(extra));
     // Digests of the values, not the values: no cookie or credential is
     // sent to Redis.
+    let mut args: Vec<(&str, String)> = Vec::new();
     for name in request.keys() {
         if let Some(value) = key::selecting_value(request, name.as_str()) {
-            invocation.arg(name.as_str()).arg(key::value_digest(&value));
+            args.push((name.as_str(), key::value_digest(&value)));
         }
     }
     let (vary, entry, field, soft_purged): (Option<String>, Value, Option<String>, Option<u64>) =
-        invocation.invoke_async(&mut conn).await?;
+        match reads {
+            Reads::Primary => {
+                for (name, digest) in &args {
+                    invocation.arg(*name).arg(digest);
+                }
+                invocation.invoke_async(&mut conn).await?
+            }
+            // `EVALSHA_RO`: a read-only command, which a replica runs (and
+            // redis-rs routes to one); a replica that has not seen the
+            // script yet gets its source once (`EVAL_RO` caches it).
+            Reads::Replica => {
+                let readonly = |command: &str, script: &str| {
+                    let mut cmd = redis::cmd(command);
+                    cmd.arg(script)
+                        .arg(1)
+                        .arg(key)
+                        .arg(key::value_digest(extra));
+                    for (name, digest) in &args {
+                        cmd.arg(*name).arg(digest);
+                    }
+                    cmd
+                };
+                match readonly("EVALSHA_RO", LOOKUP.get_hash())
+                    .query_async(&mut conn)
+                    .await
+                {
+                    Err(error)
+                        if error.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                    {
+                        readonly("EVAL_RO", LOOKUP_SOURCE)
+                            .query_async(&mut conn)
+                            .await?
+                    }
+                    other => other?,
+                }
+            }
+        };
     Ok((
         found(
             vary.clone(),
@@ -220,6 +278,15 @@ pub(crate) async fn lookup(
         ),
         vary,
     ))
+}
+
+/// Where a lookup may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reads {
+    /// The primary: `EVALSHA` for the script.
+    Primary,
+    /// A replica, where the manager reads from replicas: `EVALSHA_RO`.
+    Replica,
 }
 
 /// A bulk string of a reply, taken over without a copy (`Bytes` owns the

@@ -178,6 +178,49 @@ impl TestCluster {
         self.nodes.is_empty()
     }
 
+    /// The indexes of the live nodes that are replicas now (`ROLE`).
+    pub async fn replicas(&self) -> Vec<usize> {
+        let mut replicas = Vec::new();
+        for (index, node) in self.nodes.iter().enumerate() {
+            if node.is_running() && node_role(node.port()).await.as_deref() == Some("slave") {
+                replicas.push(index);
+            }
+        }
+        replicas
+    }
+
+    /// Calls per command on one node since its last
+    /// [`reset_stats`](Self::reset_stats), from `INFO commandstats`
+    /// (lower-case names such as `hmget`, `evalsha_ro`); empty for a node
+    /// that does not answer.
+    pub async fn command_calls(&self, index: usize) -> std::collections::HashMap<String, u64> {
+        let ask = async {
+            let mut conn = node_connection(self.node(index).port()).await?;
+            redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async::<String>(&mut conn)
+                .await
+        };
+        match tokio::time::timeout(Duration::from_secs(1), ask).await {
+            Ok(Ok(info)) => super::parse_commandstats(&info),
+            _ => std::collections::HashMap::new(),
+        }
+    }
+
+    /// `CONFIG RESETSTAT` on every live node.
+    pub async fn reset_stats(&self) {
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            let reset = async {
+                let mut conn = node_connection(node.port()).await?;
+                redis::cmd("CONFIG")
+                    .arg("RESETSTAT")
+                    .query_async::<()>(&mut conn)
+                    .await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), reset).await;
+        }
+    }
+
     /// SIGKILL one node.
     pub async fn kill_node(&self, index: usize) {
         self.node(index).kill();
@@ -313,7 +356,18 @@ impl TestCluster {
                     synced += 1;
                 }
             }
-            if synced >= expected {
+            // And every node's `CLUSTER SLOTS` names them (gossip lags the
+            // replication link): a client reading from replicas takes its
+            // slot map from one node, once.
+            let per_primary = expected / 3;
+            let mut listed = true;
+            for node in &self.nodes {
+                if !slots_list_replicas(node.port(), per_primary).await {
+                    listed = false;
+                    break;
+                }
+            }
+            if synced >= expected && listed {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
@@ -400,6 +454,23 @@ async fn slot_owner(port: u16, slot: u16) -> redis::RedisResult<Option<u16>> {
                 "no answer to CLUSTER SLOTS",
             )))
         })
+}
+
+/// Whether every slot range in the `CLUSTER SLOTS` of the node at `port`
+/// lists at least `replicas` replicas after its primary.
+async fn slots_list_replicas(port: u16, replicas: usize) -> bool {
+    let ask = async {
+        let mut conn = node_connection(port).await?;
+        redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async::<Vec<Vec<redis::Value>>>(&mut conn)
+            .await
+    };
+    match tokio::time::timeout(Duration::from_secs(1), ask).await {
+        // Start, end, primary, then the replicas.
+        Ok(Ok(ranges)) => !ranges.is_empty() && ranges.iter().all(|r| r.len() >= 3 + replicas),
+        _ => false,
+    }
 }
 
 /// `ROLE`'s first word on the node at `port`.

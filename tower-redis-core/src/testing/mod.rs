@@ -473,7 +473,7 @@ fn unbreakable(what: &str) -> ! {
     )
 }
 
-fn parse_commandstats(info: &str) -> HashMap<String, u64> {
+pub(crate) fn parse_commandstats(info: &str) -> HashMap<String, u64> {
     info.lines()
         .filter_map(|line| {
             let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
