@@ -920,6 +920,30 @@ async fn a_near_hit_is_the_decoded_value_and_goes_with_the_near_copy() {
         assert_eq!(whole, Some(product("desk lamp")));
     }
 
+    // A decoded copy is fresh as long as its value is: past the TTL (the
+    // value kept in Redis for fail-safe), a read is no hit.
+    let brief = DataOptions::new(Duration::from_millis(300)).fail_safe(Duration::from_secs(60));
+    a.data
+        .insert("product:brief", &product("brief"), &brief)
+        .await
+        .unwrap();
+    b.manager.tracking().unwrap().sync().await.unwrap();
+    assert_eq!(
+        on_b.get::<Product>("product:brief").await.unwrap(),
+        Some(product("brief"))
+    );
+    let (value, commands) = redis
+        .commands_during(on_b.get::<Product>("product:brief"))
+        .await;
+    assert_eq!(value.unwrap(), Some(product("brief")));
+    assert!(commands.is_empty(), "a near hit: {commands:?}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        on_b.get::<Product>("product:brief").await.unwrap(),
+        None,
+        "stale past its TTL"
+    );
+
     // A soft purge on A makes B's value stale: not a fresh hit any more.
     let purged = a.layer.handle().soft_purge_tag("product-7").await;
     assert_eq!(purged.urls, 1);
