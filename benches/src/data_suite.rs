@@ -497,7 +497,9 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     let misses = run_table(redis, "miss", &miss_subjects, options).await?;
     section.subsection(
         "miss: a new key every call, the factory answers at once",
-        "What the data cache adds on a miss: the fill lock across instances and the entry's metadata. No target.",
+        "What the data cache adds on a miss: the fill lock across instances, the entry's metadata and its root \
+         index record (4 commands from the client: HMGET, the lock script, and one pipeline of the value's \
+         script and the index script; the table counts what the scripts run too). No target.",
     );
     section.table(&render(&miss_subjects, &misses, options, 0, "bare"));
     section.gap();
@@ -517,8 +519,9 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     let nears = run_table(redis, "near", &near_subjects, options).await?;
     section.subsection(
         "near hit: answered in process",
-        "The near tier keeps the encoded entry and decodes it on every hit; moka alone keeps the typed \
-         value and clones it. amalgam-cache: its memory tier only (no distributed tier), value set once.",
+        "The near tier keeps the value decoded beside its encoded copy: a near hit is one lookup by key \
+         and a clone of the typed value, as with moka alone. amalgam-cache: its memory tier only (no \
+         distributed tier), value set once.",
     );
     section.table(&render(&near_subjects, &nears, options, 0, "moka"));
     let mut target = Target::new(format!(

@@ -20,7 +20,6 @@ use tracing::Instrument;
 use super::value::{self, Stored};
 use super::{Codec, DataCache, DataError, DataOptions, count, put};
 use crate::entry::Entry;
-use crate::key;
 use crate::service::coalesce::{self as flight, FlightGuard, Joined, Outcome};
 use crate::store::{LockAttempt, LockPurpose, LockToken, Tier};
 
@@ -96,8 +95,7 @@ impl<C: Codec> DataCache<C> {
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
         let started = Instant::now();
-        let url = value::url(key)?;
-        let url_hash = key::hash_url(&url);
+        let url_hash = value::url_hash(key)?;
         let (found, tier) = self
             .read::<T>(key, &url_hash, options.near, options.eager_refresh)
             .await;
@@ -110,7 +108,7 @@ impl<C: Codec> DataCache<C> {
                 if let Some(fraction) = options.eager_refresh
                     && stored.age_ms(now) as f64 >= fraction * stored.ttl_ms as f64
                 {
-                    self.refresh(url_hash, url, &stored, options, factory);
+                    self.refresh(url_hash, value::url(key)?, &stored, options, factory);
                 }
                 return Ok(value);
             }
@@ -122,6 +120,7 @@ impl<C: Codec> DataCache<C> {
         count(if stale.is_some() { "stale" } else { "miss" }, tier);
         let stale_entry = stale.as_ref().map(|(stored, _)| stored.clone());
         // Boxed: a hit's future carries none of the miss's state.
+        let url = value::url(key)?;
         let mut work = Box::pin(self.fill(url_hash, url, options, factory, seen, stale_entry));
         let soft = options.soft_timeout.filter(|_| stale.is_some());
         let timeout = match (soft, options.hard_timeout) {

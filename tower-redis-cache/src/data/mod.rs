@@ -225,8 +225,7 @@ impl<C: Codec> DataCache<C> {
             count("hit", Tier::Near);
             return Ok(Some(value));
         }
-        let url = value::url(key)?;
-        let url_hash = key::hash_url(&url);
+        let url_hash = value::url_hash(key)?;
         let (found, tier) = self.read::<T>(key, &url_hash, true, None).await;
         Ok(match found {
             Some((stored, value)) if stored.is_fresh(clock::now_ms()) => {
@@ -273,8 +272,7 @@ impl<C: Codec> DataCache<C> {
     /// Removes `key`'s value everywhere (while Redis is unavailable: in
     /// process now, in Redis when it is back).
     pub async fn remove(&self, key: &str) -> Result<(), InvalidKey> {
-        let url = value::url(key)?;
-        self.inner.store.invalidate(&[key::hash_url(&url)]).await;
+        self.inner.store.invalidate(&[value::url_hash(key)?]).await;
         Ok(())
     }
 
