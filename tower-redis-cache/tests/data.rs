@@ -605,7 +605,7 @@ async fn an_outage_caches_in_process_then_values_are_shared_again() {
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
 
-#[derive(Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct ProductV2 {
     id: u32,
     name: String,
@@ -816,5 +816,263 @@ async fn keys_are_checked_and_namespaced() {
     assert!(
         keys.iter().all(|k| k.starts_with("tower-redis:")),
         "{keys:?}"
+    );
+}
+
+/// The JSON codec, counting the values it decodes.
+#[derive(Clone)]
+struct CountingJson(Arc<AtomicU64>);
+
+impl tower_redis_cache::data::Codec for CountingJson {
+    fn encode<T: Serialize>(
+        &self,
+        value: &T,
+    ) -> Result<Vec<u8>, tower_redis_cache::data::CodecError> {
+        tower_redis_cache::data::Json.encode(value)
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        bytes: &[u8],
+    ) -> Result<T, tower_redis_cache::data::CodecError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        tower_redis_cache::data::Json.decode(bytes)
+    }
+}
+
+/// Only the name of a product: the same stored value, read as another type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct ProductName {
+    name: String,
+}
+
+/// A near hit is a clone of the value decoded when it was copied near: no
+/// Redis command, no decoding. The decoded copy goes with the near copy:
+/// another instance's write replaces it, a soft purge makes it stale, and
+/// the same key read as another type decodes the stored value (and back).
+#[tokio::test]
+async fn a_near_hit_is_the_decoded_value_and_goes_with_the_near_copy() {
+    let redis = TestRedis::start().await;
+    let (a, b) = two(&redis).await;
+    let decodes = Arc::new(AtomicU64::new(0));
+    let on_b = b
+        .data
+        .clone()
+        .with_codec(CountingJson(Arc::clone(&decodes)));
+    let options = DataOptions::new(Duration::from_secs(60)).tag("product-7");
+    a.data
+        .insert("product:7", &product("lamp"), &options)
+        .await
+        .unwrap();
+    let _: Option<Product> = on_b.get("warm-up").await.unwrap();
+    eventually("B's tracking up", || async {
+        b.manager.tracking().is_some_and(|t| t.is_live())
+    })
+    .await;
+    let first = on_b.get::<Product>("product:7").await.unwrap();
+    assert_eq!(first, Some(product("lamp")));
+    let decoded = decodes.load(Ordering::SeqCst);
+    assert_eq!(decoded, 1, "read from Redis and decoded once");
+    for _ in 0..3 {
+        let (value, commands) = redis
+            .commands_during(on_b.get_or_insert_with(
+                "product:7",
+                &options,
+                counted(&Arc::new(AtomicU64::new(0)), "never", Duration::ZERO),
+            ))
+            .await;
+        assert_eq!(value.unwrap(), product("lamp"));
+        assert!(commands.is_empty(), "a near hit: {commands:?}");
+    }
+    assert_eq!(
+        decodes.load(Ordering::SeqCst),
+        decoded,
+        "near hits hand back the decoded value"
+    );
+
+    // Another instance's write: B's copies go (client tracking).
+    a.data
+        .insert("product:7", &product("desk lamp"), &options)
+        .await
+        .unwrap();
+    b.manager.tracking().unwrap().sync().await.unwrap();
+    assert_eq!(
+        on_b.get::<Product>("product:7").await.unwrap(),
+        Some(product("desk lamp")),
+        "the decoded copy went with the near copy"
+    );
+    assert_eq!(
+        on_b.get::<Product>("product:7").await.unwrap(),
+        Some(product("desk lamp"))
+    );
+
+    // The same key as another type: decoded from the stored value, and
+    // back, each answer right.
+    for _ in 0..2 {
+        let name = on_b.get::<ProductName>("product:7").await.unwrap();
+        assert_eq!(
+            name,
+            Some(ProductName {
+                name: "desk lamp".to_owned()
+            })
+        );
+        let whole = on_b.get::<Product>("product:7").await.unwrap();
+        assert_eq!(whole, Some(product("desk lamp")));
+    }
+
+    // A decoded copy is fresh as long as its value is: past the TTL (the
+    // value kept in Redis for fail-safe), a read is no hit.
+    let brief = DataOptions::new(Duration::from_millis(300)).fail_safe(Duration::from_secs(60));
+    a.data
+        .insert("product:brief", &product("brief"), &brief)
+        .await
+        .unwrap();
+    b.manager.tracking().unwrap().sync().await.unwrap();
+    assert_eq!(
+        on_b.get::<Product>("product:brief").await.unwrap(),
+        Some(product("brief"))
+    );
+    let (value, commands) = redis
+        .commands_during(on_b.get::<Product>("product:brief"))
+        .await;
+    assert_eq!(value.unwrap(), Some(product("brief")));
+    assert!(commands.is_empty(), "a near hit: {commands:?}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        on_b.get::<Product>("product:brief").await.unwrap(),
+        None,
+        "stale past its TTL"
+    );
+
+    // A soft purge on A makes B's value stale: not a fresh hit any more.
+    let purged = a.layer.handle().soft_purge_tag("product-7").await;
+    assert_eq!(purged.urls, 1);
+    b.manager.tracking().unwrap().sync().await.unwrap();
+    assert_eq!(on_b.get::<Product>("product:7").await.unwrap(), None);
+}
+
+/// The commands Redis ran between two `INFO commandstats`, by name,
+/// without the test's own (`INFO`, `MONITOR` and its marker, connection
+/// setup) and the tracking connection's heartbeat.
+async fn ran_since(
+    redis: &TestRedis,
+    before: &std::collections::HashMap<String, u64>,
+) -> std::collections::BTreeMap<String, u64> {
+    let after = redis.command_calls().await.unwrap();
+    after
+        .into_iter()
+        .filter(|(name, _)| {
+            !["ping", "info", "monitor", "echo"].contains(&name.as_str())
+                && !name.starts_with("client")
+                && !name.starts_with("hello")
+        })
+        .map(|(name, calls)| {
+            let delta = calls - before.get(&name).copied().unwrap_or(0);
+            (name, delta)
+        })
+        .filter(|(_, delta)| *delta > 0)
+        .collect()
+}
+
+/// A miss is the lookup, the fill lock, and one pipelined write (the
+/// value's script and its root index record): four commands from the
+/// client, eighteen run by Redis with what the scripts run. It was six and
+/// twenty-nine: a second index (the key's directory), the variants bound
+/// and the checks a value that does not exist yet cannot need in the
+/// scripts, and an announcement nobody waited for. With a waiter on
+/// another instance, the value is announced.
+#[tokio::test]
+async fn a_miss_is_four_commands_and_announces_only_to_waiters() {
+    let redis = TestRedis::start().await;
+    let a = instance(&redis, |b| b).await;
+    let options = DataOptions::new(Duration::from_secs(60)).near(false);
+    let calls = Arc::new(AtomicU64::new(0));
+    // Loads the scripts (the first miss sends `SCRIPT LOAD`s).
+    let warm_up = Arc::new(AtomicU64::new(0));
+    a.data
+        .get_or_insert_with(
+            "warm-up",
+            &options,
+            counted(&warm_up, "warm-up", Duration::ZERO),
+        )
+        .await
+        .unwrap();
+    eventually("A subscribed", || async { subscribers(&redis).await == 1 }).await;
+    let expected: std::collections::BTreeMap<String, u64> = [
+        // The lookup, and the lock's look at the value's hash.
+        ("hmget", 2),
+        // The lock, the value, the root index.
+        ("evalsha", 3),
+        // The lock's and the index's expiry checks.
+        ("pttl", 2),
+        // The lock, the value.
+        ("hset", 2),
+        // The new hash's, the value's, the index's expiry.
+        ("pexpire", 3),
+        // The lock released.
+        ("hdel", 1),
+        ("zremrangebyscore", 1),
+        ("zadd", 1),
+        // The three scripts' clocks, and the monitor's marker.
+        ("time", 4),
+    ]
+    .into_iter()
+    .map(|(name, calls)| (name.to_owned(), calls))
+    .collect();
+    for n in 0..3 {
+        let key = format!("product:{n}");
+        let before = redis.command_calls().await.unwrap();
+        let (value, commands) = redis
+            .commands_during(a.data.get_or_insert_with(
+                &key,
+                &options,
+                counted(&calls, "made", Duration::ZERO),
+            ))
+            .await;
+        let ran = ran_since(&redis, &before).await;
+        assert_eq!(value.unwrap(), product("made"));
+        assert_eq!(
+            commands,
+            ["hmget", "evalsha", "evalsha", "evalsha"],
+            "a miss: lookup, lock, value and root index"
+        );
+        assert_eq!(ran, expected, "what Redis ran for a miss");
+        assert_eq!(ran.values().sum::<u64>() - 1, 18);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+    // A waiter on another instance: the value is announced to it.
+    let b = instance(&redis, |b| b).await;
+    let _: Option<Product> = b.data.get("warm-up").await.unwrap();
+    eventually("B subscribed", || async { subscribers(&redis).await == 2 }).await;
+    let before = redis.command_calls().await.unwrap();
+    let slow = counted(&calls, "slow", Duration::from_millis(300));
+    let leader = {
+        let data = a.data.clone();
+        let options = options.clone();
+        tokio::spawn(async move {
+            data.get_or_insert_with("product:herd", &options, slow)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiter = within(
+        "B waiting for A's value",
+        b.data.get_or_insert_with(
+            "product:herd",
+            &options,
+            counted(&calls, "never", Duration::ZERO),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(waiter, product("slow"));
+    assert_eq!(within("A", leader).await.unwrap().unwrap(), product("slow"));
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    let ran = ran_since(&redis, &before).await;
+    assert_eq!(
+        ran.get("publish"),
+        Some(&1),
+        "announced to the waiter: {ran:?}"
     );
 }

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use http::HeaderMap;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
@@ -21,9 +20,8 @@ use tracing::Instrument;
 use super::value::{self, Stored};
 use super::{Codec, DataCache, DataError, DataOptions, count, put};
 use crate::entry::Entry;
-use crate::key;
 use crate::service::coalesce::{self as flight, FlightGuard, Joined, Outcome};
-use crate::store::{LockAttempt, LockPurpose, LockToken};
+use crate::store::{LockAttempt, LockPurpose, LockToken, Tier};
 
 /// Why a fill has no value.
 enum Fail<E> {
@@ -63,15 +61,25 @@ impl<C: Codec> DataCache<C> {
         factory: F,
     ) -> Result<T, DataError<E>>
     where
-        T: Serialize + DeserializeOwned + Send + 'static,
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
         E: Send + 'static,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
+        // A near hit first, before anything else is built: the future of
+        // a hit stays small (the rest of the work is boxed), as a near hit
+        // is meant to cost what an in-process cache's lookup does.
+        if options.near
+            && let Some(value) = self
+                .inner
+                .store
+                .data_near_hit::<C, T>(key, options.eager_refresh)
+        {
+            count("hit", Tier::Near);
+            return Ok(value);
+        }
         let span = tracing::debug_span!(target: "tower_redis_cache", "data", key);
-        self.get_or_make(key, options, factory)
-            .instrument(span)
-            .await
+        Box::pin(self.get_or_make(key, options, factory).instrument(span)).await
     }
 
     async fn get_or_make<T, E, F, Fut>(
@@ -81,15 +89,16 @@ impl<C: Codec> DataCache<C> {
         factory: F,
     ) -> Result<T, DataError<E>>
     where
-        T: Serialize + DeserializeOwned + Send + 'static,
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
         E: Send + 'static,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
         let started = Instant::now();
-        let url = value::url(key)?;
-        let url_hash = key::hash_url(&url);
-        let (found, tier) = self.read::<T>(&url_hash, options.near).await;
+        let url_hash = value::url_hash(key)?;
+        let (found, tier) = self
+            .read::<T>(key, &url_hash, options.near, options.eager_refresh)
+            .await;
         let now = clock::now_ms();
         let mut seen = None;
         let mut stale = None;
@@ -99,7 +108,7 @@ impl<C: Codec> DataCache<C> {
                 if let Some(fraction) = options.eager_refresh
                     && stored.age_ms(now) as f64 >= fraction * stored.ttl_ms as f64
                 {
-                    self.refresh(url_hash, url, &stored, options, factory);
+                    self.refresh(url_hash, value::url(key)?, &stored, options, factory);
                 }
                 return Ok(value);
             }
@@ -110,8 +119,9 @@ impl<C: Codec> DataCache<C> {
         }
         count(if stale.is_some() { "stale" } else { "miss" }, tier);
         let stale_entry = stale.as_ref().map(|(stored, _)| stored.clone());
-        let work = self.fill(url_hash, url, options, factory, seen, stale_entry);
-        tokio::pin!(work);
+        // Boxed: a hit's future carries none of the miss's state.
+        let url = value::url(key)?;
+        let mut work = Box::pin(self.fill(url_hash, url, options, factory, seen, stale_entry));
         let soft = options.soft_timeout.filter(|_| stale.is_some());
         let timeout = match (soft, options.hard_timeout) {
             (Some(soft), Some(hard)) => Some(soft.min(hard)),
@@ -157,7 +167,7 @@ impl<C: Codec> DataCache<C> {
         stale: Option<Stored>,
     ) -> Result<T, Fail<E>>
     where
-        T: Serialize + DeserializeOwned + Send + 'static,
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
         E: Send + 'static,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
@@ -216,21 +226,20 @@ impl<C: Codec> DataCache<C> {
 
     /// Takes the fill lock, or waits for the instance holding it to store
     /// a value and reads it.
-    async fn lead<T: DeserializeOwned>(
+    async fn lead<T: DeserializeOwned + Clone + Send + Sync + 'static>(
         &self,
         url_hash: &str,
         seen: Option<u64>,
         deadline: Instant,
     ) -> Led<T> {
         let store = &self.inner.store;
-        let variant = key::variant("", &HeaderMap::new(), "");
         let purpose = seen.map_or(LockPurpose::Fill, LockPurpose::Refresh);
         let mut poll = Duration::from_millis(10);
         loop {
             let updated = store.bus.updated();
             tokio::pin!(updated);
             updated.as_mut().enable();
-            match store.try_lock(url_hash, Some(&variant), purpose).await {
+            match store.data_lock(url_hash, purpose).await {
                 LockAttempt::Acquired(lock) => return Led::Lock(Some(lock)),
                 LockAttempt::Unavailable => return Led::Lock(None),
                 LockAttempt::Filled => {}
@@ -244,7 +253,7 @@ impl<C: Codec> DataCache<C> {
                     poll = (poll * 2).min(Duration::from_millis(250));
                 }
             }
-            if let (Some((stored, value)), _) = self.read::<T>(url_hash, false).await
+            if let (Some((stored, value)), _) = self.read::<T>("", url_hash, false, None).await
                 && stored.is_fresh(clock::now_ms())
             {
                 return Led::Found(stored.entry, value);
@@ -278,11 +287,10 @@ impl<C: Codec> DataCache<C> {
         let options = options.clone();
         let stored_at = stored.stored_at;
         let task = async move {
-            let variant = key::variant("", &HeaderMap::new(), "");
             let lock = match this
                 .inner
                 .store
-                .try_lock(&url_hash, Some(&variant), LockPurpose::Refresh(stored_at))
+                .data_lock(&url_hash, LockPurpose::Refresh(stored_at))
                 .await
             {
                 LockAttempt::Acquired(lock) => Some(lock),
@@ -351,7 +359,7 @@ impl<C: Codec> DataCache<C> {
                             .fail_safe_throttle
                             .saturating_add(options.fail_safe.unwrap_or_default());
                         store
-                            .put(put(url_hash, url, entry, &options, keep_for), lock)
+                            .data_put(put(url_hash, url, entry, &options, keep_for), lock)
                             .await;
                     }
                     None => {
@@ -417,7 +425,7 @@ impl<C: Codec> DataCache<C> {
             return Some(Arc::new(entry));
         }
         store
-            .put(
+            .data_put(
                 put(
                     url_hash.to_owned(),
                     url.to_owned(),

@@ -28,7 +28,7 @@ pub use value::MAX_KEY_BYTES;
 use crate::Purged;
 use crate::key;
 use crate::service::Flights;
-use crate::store::{CacheStore, Put, StoreOptions, Target, Tier};
+use crate::store::{CacheStore, DATA_VARIANT, Put, StoreOptions, Target, Tier};
 use value::Stored;
 
 /// Keys warned about once (a value too large to store), at most.
@@ -214,12 +214,19 @@ impl<C: Codec> DataCache<C> {
     }
 
     /// The fresh value of `key`, if there is one (one Redis round trip,
-    /// none from the near tier). A stored value that does not decode as a
-    /// `T` is deleted and is `None`.
-    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, InvalidKey> {
-        let url = value::url(key)?;
-        let url_hash = key::hash_url(&url);
-        let (found, tier) = self.read::<T>(&url_hash, true).await;
+    /// none from the near tier, where it is kept decoded: a near hit is a
+    /// clone of the `T`). A stored value that does not decode as a `T` is
+    /// deleted and is `None`.
+    pub async fn get<T>(&self, key: &str) -> Result<Option<T>, InvalidKey>
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        if let Some(value) = self.inner.store.data_near_hit::<C, T>(key, None) {
+            count("hit", Tier::Near);
+            return Ok(Some(value));
+        }
+        let url_hash = value::url_hash(key)?;
+        let (found, tier) = self.read::<T>(key, &url_hash, true, None).await;
         Ok(match found {
             Some((stored, value)) if stored.is_fresh(clock::now_ms()) => {
                 count("hit", tier);
@@ -257,7 +264,7 @@ impl<C: Codec> DataCache<C> {
         );
         self.inner
             .store
-            .put(put(url_hash, url, entry, options, options.keep_for()), None)
+            .data_put(put(url_hash, url, entry, options, options.keep_for()), None)
             .await;
         Ok(())
     }
@@ -265,8 +272,7 @@ impl<C: Codec> DataCache<C> {
     /// Removes `key`'s value everywhere (while Redis is unavailable: in
     /// process now, in Redis when it is back).
     pub async fn remove(&self, key: &str) -> Result<(), InvalidKey> {
-        let url = value::url(key)?;
-        self.inner.store.invalidate(&[key::hash_url(&url)]).await;
+        self.inner.store.invalidate(&[value::url_hash(key)?]).await;
         Ok(())
     }
 
@@ -280,22 +286,47 @@ impl<C: Codec> DataCache<C> {
     }
 
     /// A value and its envelope, decoded; a stored value that does not
-    /// decode is deleted and is a miss.
-    async fn read<T: DeserializeOwned>(
+    /// decode is deleted and is a miss. A fresh value decoded from a near
+    /// copy (or from a read that made one) is kept decoded beside it, so
+    /// that the next near hit needs no decoding.
+    async fn read<T>(
         &self,
+        key: &str,
         url_hash: &str,
         near: bool,
-    ) -> (Option<(Stored, T)>, Tier) {
-        let (entry, tier) = self
+        refresh: Option<f64>,
+    ) -> (Option<(Stored, T)>, Tier)
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let found = self
             .inner
             .store
             .data_lookup(url_hash, near, value::may_live_near)
             .await;
-        let Some(entry) = entry else {
+        let tier = found.tier;
+        let Some(entry) = found.entry else {
             return (None, tier);
         };
-        match self.decode(entry) {
-            Some(found) => (Some(found), tier),
+        match self.decode::<T>(entry) {
+            Some((stored, value)) => {
+                let now = clock::now_ms();
+                if let Some(copy) = found.near
+                    && stored.is_fresh(now)
+                {
+                    self.inner.store.keep_decoded::<C, T>(
+                        key,
+                        url_hash,
+                        copy,
+                        value.clone(),
+                        stored.entry.clone(),
+                        stored.age_ms(now),
+                        stored.ttl_ms,
+                        refresh,
+                    );
+                }
+                (Some((stored, value)), tier)
+            }
             None => {
                 tracing::warn!(target: "tower_redis_cache", "a data cache value does not decode (its type changed?): deleted, treated as a miss");
                 record::counter("tower_redis_cache_data_decode_failures_total", &[], 1);
@@ -324,7 +355,7 @@ fn put(
         url_hash,
         url,
         vary: String::new(),
-        variant: key::variant("", &http::HeaderMap::new(), ""),
+        variant: DATA_VARIANT.clone(),
         entry,
         keep_for,
         tags: options.tags.clone(),

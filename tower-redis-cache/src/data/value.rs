@@ -25,15 +25,37 @@ const HEADER: usize = 13;
 /// Flag: the value may not be copied into the near tier.
 const FAR_ONLY: u8 = 1;
 
-/// The key URL of a data key.
-pub(crate) fn url(key: &str) -> Result<String, InvalidKey> {
+/// What every data key URL starts with.
+const URL_PREFIX: &str = "//<data>/.data/";
+
+/// Checks a data key.
+fn check(key: &str) -> Result<(), InvalidKey> {
     if key.is_empty() {
         return Err(InvalidKey::Empty);
     }
     if key.len() > MAX_KEY_BYTES {
         return Err(InvalidKey::TooLong(key.len()));
     }
-    Ok(format!("//<data>/.data/{key}"))
+    Ok(())
+}
+
+/// The key URL of a data key.
+pub(crate) fn url(key: &str) -> Result<String, InvalidKey> {
+    check(key)?;
+    Ok(format!("{URL_PREFIX}{key}"))
+}
+
+/// The URL hash of a data key (`key::hash_url` of its URL), without
+/// building the URL: a hit needs only the hash.
+pub(crate) fn url_hash(key: &str) -> Result<String, InvalidKey> {
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+    check(key)?;
+    let digest = Sha256::new()
+        .chain_update(URL_PREFIX.as_bytes())
+        .chain_update(key.as_bytes())
+        .finalize();
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest))
 }
 
 /// A stored value, read back.
@@ -152,5 +174,10 @@ mod tests {
             Err(InvalidKey::TooLong(2000))
         ));
         assert_eq!(url("p:1").unwrap(), "//<data>/.data/p:1");
+        assert_eq!(
+            url_hash("p:1").unwrap(),
+            crate::key::hash_url("//<data>/.data/p:1")
+        );
+        assert_eq!(url_hash(""), Err(InvalidKey::Empty));
     }
 }

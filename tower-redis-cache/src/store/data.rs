@@ -1,47 +1,217 @@
 //! The data cache's verbs on the store (see `crate::data`): a data value is
-//! an entry without `Vary` under a URL of its own, so lookups, writes,
-//! locks, tags, purges, the near tier and the outage fallback are the
-//! HTTP cache's own.
+//! an entry without `Vary` under a URL of its own, so tags, purges, the
+//! near tier and the outage fallback are the HTTP cache's own. Its reads,
+//! writes and fill locks are cut to what a value needs:
+//!
+//! - a read is `HMGET <hash> <field> sp` (the field is the same for every
+//!   value: no `Vary`), on the tracking connection when the near tier
+//!   follows tracking;
+//! - a near hit first looks for the value already decoded (`typed.rs`):
+//!   one lookup by the caller's key, a clone of the `T`;
+//! - a write is one pipeline: one script storing the entry (and releasing
+//!   the fill lock), the root index (a purge of everything finds values
+//!   there) and one index per tag. Values are not recorded under their
+//!   path's directories: a data key is no path that a prefix purge names.
+//!   The update is announced (`PUBLISH`) only when some instance waits for
+//!   it (a waiter marks the value's hash when it finds the lock held), or
+//!   on a cluster, where the announcement is also what keeps the other
+//!   near tiers exact (without a cluster they follow client tracking);
+//! - the fill lock is the HTTP cache's `lk` field, taken by a script that
+//!   skips the checks a value that does not exist yet cannot need.
 
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use bytes::Bytes;
 use http::HeaderMap;
-use tower_redis_core::redis;
+use tower_redis_core::RedisConnection;
+use tower_redis_core::redis::{self, RedisResult, Script, Value};
 
-use super::{CacheStore, EntryStore, Found, Put, Tier};
+use super::redis_store::{self, INDEX, Op, RedisStore};
+use super::typed::{NearCopy, Typed};
+use super::{CacheStore, EntryStore, Found, LockAttempt, LockPurpose, LockToken, Put, Tier};
+use crate::bus::Bus;
 use crate::entry::Entry;
 
+/// The variant field of every data value (no `Vary`, no extra key parts).
+pub(crate) static DATA_VARIANT: LazyLock<String> =
+    LazyLock::new(|| crate::key::variant("", &HeaderMap::new(), ""));
+
+/// Stores a value's entry, releases the fill lock, and announces the
+/// update when an instance waits for it.
+/// KEYS[1] the value's hash; ARGV[1] the variant field; ARGV[2] the entry;
+/// ARGV[3] keep-for (ms); ARGV[4] the fill lock's token ('' for none);
+/// ARGV[5] the events channel; ARGV[6] the announcement ('' when the
+/// caller announces it itself).
+/// The entry's response time (bytes 7..14, ms since the epoch, big-endian)
+/// is replaced with Redis' own clock, as `put.lua` does. The hash holds
+/// `vary`, one entry, and at times `lk`, `lw` (waiters) and `sp` (a soft
+/// purge): no bound on variants is needed.
+static DATA_PUT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local entry = ARGV[2]
+if string.sub(entry, 1, 3) == 'TRC' and #entry >= 14 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local bytes = {}
+  for i = 8, 1, -1 do
+    bytes[i] = string.char(now % 256)
+    now = math.floor(now / 256)
+  end
+  entry = string.sub(entry, 1, 6) .. table.concat(bytes) .. string.sub(entry, 15)
+end
+redis.call('HSET', KEYS[1], 'vary', '', ARGV[1], entry)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local held = redis.call('HMGET', KEYS[1], 'lk', 'lw')
+local release = ARGV[4] ~= '' and held[1] and string.sub(held[1], 1, #ARGV[4] + 1) == ARGV[4] .. ':'
+if release and held[2] then
+  redis.call('HDEL', KEYS[1], 'lk', 'lw')
+elseif release then
+  redis.call('HDEL', KEYS[1], 'lk')
+elseif held[2] then
+  redis.call('HDEL', KEYS[1], 'lw')
+end
+if held[2] and ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+return 1
+",
+    )
+});
+
+/// Takes a value's fill lock: `put.lua`'s `lk` field (`token:expiry`), so
+/// that the HTTP cache's release (`unlock.lua`) and its readers agree.
+/// KEYS[1] the value's hash; ARGV[1] token; ARGV[2] lock TTL (ms);
+/// ARGV[3] the variant field; ARGV[4] 'fill' (report a value stored
+/// meanwhile) or 'refresh' (report the value replaced since: its stored
+/// time, bytes 7..14 of the entry, later than ARGV[5], both 8-byte
+/// big-endian). A caller that finds the lock held marks the hash (`lw`),
+/// so that the holder announces its value.
+/// Returns 'acquired', 'held' or 'filled'.
+static DATA_LOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl ~= -2 then
+  local found = redis.call('HMGET', KEYS[1], ARGV[3], 'lk')
+  if ARGV[4] == 'fill' then
+    if found[1] then return 'filled' end
+  elseif found[1] and string.sub(found[1], 7, 14) > ARGV[5] then
+    return 'filled'
+  end
+  if found[2] then
+    local expires = tonumber(string.match(found[2], ':(%d+)$'))
+    if expires and expires > now then
+      redis.call('HSET', KEYS[1], 'lw', '1')
+      return 'held'
+    end
+  end
+end
+redis.call('HSET', KEYS[1], 'lk', ARGV[1] .. ':' .. (now + tonumber(ARGV[2])))
+if pttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 'acquired'
+",
+    )
+});
+
+/// What a data lookup found.
+pub(crate) struct DataFound {
+    pub(crate) entry: Option<Entry>,
+    pub(crate) tier: Tier,
+    /// The near copy the entry is (or was copied into), for keeping its
+    /// decoded value beside it.
+    pub(crate) near: Option<NearCopy>,
+}
+
 impl CacheStore {
+    /// A fresh value of `key` already decoded as a `T` (through codec
+    /// `C`) in the near tier, when the near tier may be read and no eager
+    /// refresh (at `refresh` of the TTL) is due: no Redis, no decoding.
+    pub(crate) fn data_near_hit<C: 'static, T: Clone + 'static>(
+        &self,
+        key: &str,
+        refresh: Option<f64>,
+    ) -> Option<T> {
+        let typed = self.near.as_ref()?.typed()?;
+        if self.failover.is_degraded() || !self.bus.near_usable() {
+            return None;
+        }
+        match typed.get::<C, T>(key, refresh) {
+            Typed::Fresh(value) => Some(value),
+            Typed::Absent => None,
+        }
+    }
+
+    /// Keeps `value`, decoded from the near copy `copy` of `url_hash`, in
+    /// the near tier beside it (unless that copy is gone or replaced).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn keep_decoded<C: 'static, T: Send + Sync + 'static>(
+        &self,
+        key: &str,
+        url_hash: &str,
+        copy: NearCopy,
+        value: T,
+        entry: Entry,
+        age_ms: u64,
+        ttl_ms: u64,
+        refresh: Option<f64>,
+    ) -> bool {
+        let Some(near) = self.near.as_ref() else {
+            return false;
+        };
+        let Some(typed) = near.typed() else {
+            return false;
+        };
+        typed.keep::<C, T>(
+            key,
+            url_hash,
+            copy,
+            |id| near.is_current(url_hash, id),
+            value,
+            entry,
+            age_ms,
+            ttl_ms,
+            refresh,
+        )
+    }
+
     /// A data value's entry: the near tier first (when `near` allows it),
     /// else one `HMGET` on Redis, else the in-process store while Redis is
     /// unavailable; a value read from Redis is copied into the near tier
-    /// when `near` and `keep_near` allow it. A stored value that does not
-    /// decode is deleted and is a miss.
+    /// when `near` and `keep_near` allow it. A stored value that is not an
+    /// entry is deleted and is a miss.
     pub(crate) async fn data_lookup(
         &self,
         url_hash: &str,
         near: bool,
         keep_near: fn(&Entry) -> bool,
-    ) -> (Option<Entry>, Tier) {
+    ) -> DataFound {
         self.bus.ensure_started();
-        self.failover.catch_up().await;
-        let headers = HeaderMap::new();
+        if self.failover.is_degraded() {
+            // Boxed: a healthy lookup's future carries none of its state.
+            Box::pin(self.failover.catch_up()).await;
+        }
         let near = self
             .near
             .as_ref()
             .filter(|_| near && self.bus.near_usable());
         if let Some(near) = near
-            && let Found::Entry(entry) = near.find(url_hash, &headers, "")
+            && let Some((entry, copy)) = near.find_copy(url_hash, &DATA_VARIANT)
         {
-            return (Some(entry), Tier::Near);
+            return DataFound {
+                entry: Some(entry),
+                tier: Tier::Near,
+                near: Some(copy),
+            };
         }
         let epoch = self.bus.epoch();
-        let headers = &headers;
         let served = self
             .failover
             .run(
-                // Data entries have no `Vary`: the lookup is a plain HMGET.
-                |redis| self.read_entry(redis, url_hash, headers, "", Some(String::new())),
+                |redis| self.read_value(redis, url_hash),
                 |memory, _| async move {
-                    let Ok(found) = memory.lookup(url_hash, headers, "", None).await;
+                    let Ok((found, _)) = memory.lookup(url_hash, &HeaderMap::new(), "", None).await;
                     found
                 },
             )
@@ -51,25 +221,41 @@ impl CacheStore {
         } else {
             Tier::Redis
         };
-        match served.value.0 {
+        match served.value {
             Found::Entry(entry) => {
+                let mut copy = None;
                 if let (Some(near), Tier::Redis) = (near, tier)
                     && self.bus.epoch() == epoch
                     && keep_near(&entry)
                 {
-                    near.insert(&Put {
+                    let kept = near.insert(&Put {
                         url_hash: url_hash.to_owned(),
                         url: String::new(),
                         vary: String::new(),
-                        variant: crate::key::variant("", headers, ""),
+                        variant: DATA_VARIANT.clone(),
                         entry: entry.clone(),
-                        keep_for: std::time::Duration::from_secs(u64::from(u32::MAX)),
+                        keep_for: Duration::from_secs(u64::from(u32::MAX)),
                         tags: Vec::new(),
                     });
+                    // An invalidation between the check above and the
+                    // copy: the copy may be older than it.
+                    if self.bus.epoch() == epoch {
+                        copy = Some(kept);
+                    } else {
+                        near.remove(url_hash);
+                    }
                 }
-                (Some(entry), tier)
+                DataFound {
+                    entry: Some(entry),
+                    tier,
+                    near: copy,
+                }
             }
-            Found::NoUrl | Found::NoVariant => (None, tier),
+            Found::NoUrl | Found::NoVariant => DataFound {
+                entry: None,
+                tier,
+                near: None,
+            },
             Found::Corrupt(field) => {
                 tracing::warn!(target: "tower_redis_cache", "deleting a corrupt or foreign data cache entry");
                 let key = self.redis().redis_key(url_hash);
@@ -78,8 +264,169 @@ impl CacheStore {
                     .manager
                     .query::<()>(redis::cmd("HDEL").arg(&key).arg(field))
                     .await;
-                (None, tier)
+                DataFound {
+                    entry: None,
+                    tier,
+                    near: None,
+                }
             }
         }
     }
+
+    /// One `HMGET` of a value: on the tracking connection when the near
+    /// tier follows tracking (so that Redis tells this instance when it
+    /// changes), else on the pool.
+    async fn read_value(
+        &self,
+        redis: &RedisStore,
+        url_hash: &str,
+    ) -> Result<Found, tower_redis_core::Error> {
+        let key = redis.redis_key(url_hash);
+        match self.bus.tracking() {
+            Some(tracking) => tracking.run(|conn| read_value(conn, &key)).await,
+            None => redis.manager.run(|conn| read_value(conn, &key)).await,
+        }
+    }
+
+    /// Stores a value: the entry, its root and tag index records, the lock
+    /// release and (when some instance waits) the announcement in one
+    /// pipelined round trip; in process while Redis is unavailable.
+    pub(crate) async fn data_put(&self, put: Put, lock: Option<LockToken>) {
+        self.counters
+            .stores
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(near) = &self.near {
+            near.remove(&put.url_hash);
+        }
+        let put = &put;
+        self.failover
+            .run(
+                |redis| redis.put_value(put, lock.as_ref()),
+                |memory, _| async move {
+                    let Ok(()) = memory.put(put, None).await;
+                },
+            )
+            .await;
+    }
+
+    /// Takes a value's fill lock (one round trip), or reports it held or
+    /// the value stored meanwhile.
+    pub(crate) async fn data_lock(&self, url_hash: &str, purpose: LockPurpose) -> LockAttempt {
+        if !self.redis().manager.is_available() {
+            return LockAttempt::Unavailable;
+        }
+        self.redis()
+            .lock_value(url_hash, purpose)
+            .await
+            .unwrap_or(LockAttempt::Unavailable)
+    }
+}
+
+impl RedisStore {
+    async fn put_value(
+        &self,
+        put: &Put,
+        unlock: Option<&LockToken>,
+    ) -> Result<(), tower_redis_core::Error> {
+        let key = self.redis_key(&put.url_hash);
+        let ttl = u64::try_from(put.keep_for.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let message = Bus::updated_message(&put.url_hash);
+        let entry = put.entry.encode();
+        self.manager
+            .run(|mut conn| async move {
+                let cluster = conn.is_cluster();
+                let mut ops = Vec::with_capacity(put.tags.len() + 3);
+                let mut store = DATA_PUT.key(&key);
+                store
+                    .arg(&put.variant)
+                    .arg(entry)
+                    .arg(ttl)
+                    .arg(unlock.map_or("", LockToken::as_str))
+                    .arg(&self.channel)
+                    // On a cluster the announcement goes after every write
+                    // (below), always: it keeps the near tiers exact there.
+                    .arg(if cluster { "" } else { message.as_str() });
+                ops.push(Op::Script(store));
+                for index in std::iter::once(self.index_key("cx", "/"))
+                    .chain(put.tags.iter().map(|tag| self.index_key("ct", tag)))
+                {
+                    let mut record = INDEX.key(index);
+                    record.arg(&put.url).arg(ttl);
+                    ops.push(Op::Script(record));
+                }
+                if cluster {
+                    ops.push(redis_store::publish(&self.channel, &message));
+                    return redis_store::run_ops(&mut conn, &ops).await.map(|_| ());
+                }
+                let mut pipe = redis::pipe();
+                for op in &ops {
+                    if let Op::Script(invocation) = op {
+                        pipe.invoke_script(invocation).ignore();
+                    }
+                }
+                tower_redis_core::pipeline_with_scripts::<()>(
+                    &mut conn,
+                    &pipe,
+                    &[&DATA_PUT, &INDEX],
+                )
+                .await
+            })
+            .await
+    }
+
+    async fn lock_value(
+        &self,
+        url_hash: &str,
+        purpose: LockPurpose,
+    ) -> Result<LockAttempt, tower_redis_core::Error> {
+        let token = format!("{:016x}", rand::random::<u64>());
+        let ttl = u64::try_from(self.lock_ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let key = self.redis_key(url_hash);
+        let mut invocation = DATA_LOCK.key(&key);
+        invocation
+            .arg(&token)
+            .arg(ttl)
+            .arg(&*DATA_VARIANT)
+            .arg(match purpose {
+                LockPurpose::Fill => "fill",
+                LockPurpose::Refresh(_) => "refresh",
+            })
+            .arg(match purpose {
+                LockPurpose::Fill => Vec::new(),
+                LockPurpose::Refresh(stored_at) => stored_at.to_be_bytes().to_vec(),
+            });
+        let answer = self.manager.invoke_script::<String>(&invocation).await?;
+        Ok(match answer.as_str() {
+            "acquired" => LockAttempt::Acquired(LockToken { token }),
+            "filled" => LockAttempt::Filled,
+            _ => LockAttempt::Held,
+        })
+    }
+}
+
+/// `HMGET <hash> <field> sp`: the entry (decoded without a copy of its
+/// bytes) with its soft-purge mark.
+async fn read_value(mut conn: RedisConnection, key: &str) -> RedisResult<Found> {
+    let (entry, soft_purged): (Value, Option<u64>) = redis::cmd("HMGET")
+        .arg(key)
+        .arg(&*DATA_VARIANT)
+        .arg("sp")
+        .query_async(&mut conn)
+        .await?;
+    let Value::BulkString(bytes) = entry else {
+        return Ok(Found::NoUrl);
+    };
+    Ok(match Entry::decode_shared(Bytes::from(bytes)) {
+        Ok(mut entry) => {
+            if let Some(at) = soft_purged {
+                entry.mark_stale_at(at);
+            }
+            Found::Entry(entry)
+        }
+        Err(_) => Found::Corrupt(DATA_VARIANT.clone()),
+    })
 }

@@ -4,12 +4,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 
 use std::convert::Infallible;
 
+use super::typed::{NearCopy, TypedNear};
 use super::{EntryStore, Found, LockAttempt, LockPurpose, LockToken, Put, Target};
 use crate::entry::Entry;
 use crate::key;
@@ -24,10 +26,20 @@ struct Variants {
     /// The last soft purge (ms since the epoch).
     soft_purged: Option<u64>,
     weight: u32,
+    /// This record's identity: a new one for every change.
+    id: u64,
+    /// When this record was stored (its time in the store counts from then).
+    stored: Instant,
 }
 
 pub(crate) struct MemoryStore {
     urls: moka::sync::Cache<String, Arc<Variants>>,
+    /// How long a record lives (besides its entries' own expiry).
+    time_to_live: Option<Duration>,
+    next_id: AtomicU64,
+    /// The near tier's decoded data values, dropped with the records they
+    /// were decoded from (see `typed.rs`).
+    typed: Option<Arc<TypedNear>>,
 }
 
 /// What an in-process purge selects.
@@ -71,6 +83,63 @@ impl MemoryStore {
         }
         Self {
             urls: builder.build(),
+            time_to_live,
+            next_id: AtomicU64::new(1),
+            typed: None,
+        }
+    }
+
+    /// The near tier: a store of at most `max_bytes`, whose records live
+    /// at most `time_to_live`, keeping decoded data values beside them.
+    pub(crate) fn near(max_bytes: u64, time_to_live: Duration) -> Self {
+        let mut store = Self::new(max_bytes, Some(time_to_live));
+        store.typed = Some(Arc::new(TypedNear::new(max_bytes)));
+        store
+    }
+
+    /// The decoded data values, on the near tier.
+    pub(crate) fn typed(&self) -> Option<&TypedNear> {
+        self.typed.as_deref()
+    }
+
+    /// Drops the decoded data value decoded from `url_hash`'s record.
+    fn forget_typed(&self, url_hash: &str) {
+        if let Some(typed) = &self.typed {
+            typed.forget(url_hash);
+        }
+    }
+
+    /// The entry of a URL without `Vary` (a data value's), with which
+    /// record it is and when that record leaves the store.
+    pub(crate) fn find_copy(&self, url_hash: &str, variant: &str) -> Option<(Entry, NearCopy)> {
+        let variants = self.urls.get(url_hash)?;
+        match variants.entries.get(variant) {
+            Some((entry, expires)) if *expires > Instant::now() => {
+                let mut entry = Entry::clone(entry);
+                if let Some(at) = variants.soft_purged {
+                    entry.mark_stale_at(at);
+                }
+                let copy = NearCopy {
+                    id: variants.id,
+                    until: self.until(&variants, *expires),
+                };
+                Some((entry, copy))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether record `id` is still `url_hash`'s.
+    pub(crate) fn is_current(&self, url_hash: &str, id: u64) -> bool {
+        self.urls.get(url_hash).is_some_and(|v| v.id == id)
+    }
+
+    /// When a record's entry leaves the store: its own expiry, or the
+    /// record's time to live, whichever comes first.
+    fn until(&self, variants: &Variants, expires: Instant) -> Instant {
+        match self.time_to_live {
+            Some(ttl) => expires.min(expiry(variants.stored, ttl)),
+            None => expires,
         }
     }
 
@@ -91,7 +160,9 @@ impl MemoryStore {
         }
     }
 
-    pub(crate) fn insert(&self, put: &Put) {
+    /// Stores an entry; returns its record's identity and when it leaves
+    /// the store.
+    pub(crate) fn insert(&self, put: &Put) -> NearCopy {
         let now = Instant::now();
         let mut variants = self
             .urls
@@ -104,6 +175,8 @@ impl MemoryStore {
                 tags: Vec::new(),
                 soft_purged: None,
                 weight: 0,
+                id: 0,
+                stored: now,
             });
         if variants.vary != put.vary {
             variants.entries.clear();
@@ -140,11 +213,20 @@ impl MemoryStore {
             .sum::<u32>()
             .saturating_add(u32::try_from(variants.url.len()).unwrap_or(u32::MAX))
             .max(1);
+        variants.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        variants.stored = now;
+        let copy = NearCopy {
+            id: variants.id,
+            until: self.until(&variants, expiry(now, put.keep_for)),
+        };
         self.urls.insert(put.url_hash.clone(), Arc::new(variants));
+        self.forget_typed(&put.url_hash);
+        copy
     }
 
     pub(crate) fn remove(&self, url_hash: &str) {
         self.urls.invalidate(url_hash);
+        self.forget_typed(url_hash);
     }
 
     /// Removes the URLs the selector matches; returns how many.
@@ -158,6 +240,7 @@ impl MemoryStore {
         for (url_hash, variants) in &self.urls {
             if selector.matches(&variants) {
                 self.urls.invalidate(url_hash.as_str());
+                self.forget_typed(&url_hash);
                 count += 1;
             }
         }
@@ -171,7 +254,9 @@ impl MemoryStore {
             if selector.matches(&variants) {
                 let mut marked = Variants::clone(&variants);
                 marked.soft_purged = Some(at_ms);
+                marked.id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 self.urls.insert(String::clone(&url_hash), Arc::new(marked));
+                self.forget_typed(&url_hash);
                 count += 1;
             }
         }
@@ -205,6 +290,9 @@ impl MemoryStore {
 
     pub(crate) fn clear(&self) {
         self.urls.invalidate_all();
+        if let Some(typed) = &self.typed {
+            typed.clear();
+        }
     }
 
     /// Entries (URLs) and bytes held, approximately.

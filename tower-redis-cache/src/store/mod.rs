@@ -19,6 +19,7 @@ mod memory;
 mod outage;
 mod purge;
 mod redis_store;
+mod typed;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -31,6 +32,7 @@ use tower_redis_core::redis::{self, Value};
 use crate::bus::Bus;
 use crate::entry::Entry;
 use crate::key;
+pub(crate) use data::DATA_VARIANT;
 pub(crate) use memory::MemoryStore;
 pub(crate) use outage::OutageChange;
 use outage::StoreFailover;
@@ -259,7 +261,7 @@ impl CacheStore {
     pub(crate) fn new(manager: RedisManager, options: StoreOptions) -> Self {
         let near = options
             .near
-            .map(|(bytes, ttl)| Arc::new(MemoryStore::new(bytes, Some(ttl))));
+            .map(|(bytes, ttl)| Arc::new(MemoryStore::near(bytes, ttl)));
         let bus = Bus::new(manager.clone(), near.clone());
         let vary_hint_bytes = (options.memory_bytes / VARY_HINT_SHARE).max(MIN_VARY_HINT_BYTES);
         let redis = RedisStore {
