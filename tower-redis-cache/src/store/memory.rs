@@ -186,7 +186,7 @@ impl MemoryStore {
         // As in Redis (`put.lua`): a partial entry never replaces a fresh
         // complete one of the same variant.
         if put.entry.is_partial()
-            && let Some((stored, _)) = variants.entries.get(&put.variant)
+            && let Some((stored, expires)) = variants.entries.get(&put.variant)
             && !stored.is_partial()
         {
             let mut stored = Entry::clone(stored);
@@ -194,7 +194,11 @@ impl MemoryStore {
                 stored.mark_stale_at(at);
             }
             if stored.ttl(tower_redis_core::clock::now_ms()) > 0 {
-                return;
+                // The record stays as it is.
+                return NearCopy {
+                    id: variants.id,
+                    until: self.until(&variants, *expires),
+                };
             }
         }
         variants.entries.insert(
