@@ -176,10 +176,11 @@ async fn tracking_off_on_a_cluster_is_logged_once() {
         assert!(manager.tracking().is_none());
         assert!(manager.clone().tracking().is_none());
     });
-    let log = String::from_utf8_lossy(&capture.0.lock().unwrap_or_else(|p| p.into_inner()))
-        .into_owned();
+    let log =
+        String::from_utf8_lossy(&capture.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
     assert_eq!(
-        log.matches("client tracking is off on a Redis Cluster").count(),
+        log.matches("client tracking is off on a Redis Cluster")
+            .count(),
         1,
         "{log}"
     );
