@@ -11,7 +11,6 @@ use crate::freshness::Rules;
 use crate::handle::CacheHandle;
 use crate::route::Route;
 use crate::service::Cache;
-use crate::service::Flights;
 use crate::service::RequestCacheControl;
 use crate::store::{CacheStore, StoreOptions};
 use tower_redis_core::forwarding::Forwarding;
@@ -76,7 +75,6 @@ pub(crate) struct Config {
     pub(crate) coalesce: Option<Duration>,
     pub(crate) origin_timeout: Option<Duration>,
     pub(crate) request_cache_control: RequestCacheControl,
-    pub(crate) flights: Arc<Flights>,
     /// Flight keys whose last coalesced fill answered something the cache
     /// may not store (`private`, `no-store`, too large…): misses on them go
     /// straight to the origin for a while instead of queueing behind each
@@ -1128,7 +1126,6 @@ impl CacheLayerBuilder {
                 coalesce: self.coalesce,
                 origin_timeout: self.origin_timeout,
                 request_cache_control: self.request_cache_control,
-                flights: Arc::new(Flights::default()),
                 uncacheable: moka::sync::Cache::builder()
                     .max_capacity(UNCACHEABLE_CAPACITY)
                     .time_to_live(UNCACHEABLE_FOR)

@@ -744,8 +744,10 @@ async fn a_cluster_update_announcement_can_overtake_its_write() {
             .unwrap();
         let announced: String = message.get_payload().unwrap();
         assert!(announced.starts_with("u "), "{announced}");
-        let still_there: bool = redis::cmd("EXISTS")
+        // A purged URL's hash is a tombstone: no `vary`, no entry.
+        let still_there: bool = redis::cmd("HEXISTS")
             .arg(key)
+            .arg("vary")
             .query_async(&mut entry_node)
             .await
             .unwrap();

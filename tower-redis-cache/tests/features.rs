@@ -706,7 +706,12 @@ async fn a_near_cache_answers_without_redis_and_a_purge_elsewhere_reaches_it_fas
         "a near hit costs no round trip: {calls:?}"
     );
 
-    let purged = a.layer.handle().purge_url("/item/1").await.unwrap();
+    let purged = a
+        .layer
+        .handle()
+        .purge_url("http://shop.example/item/1")
+        .await
+        .unwrap();
     assert_eq!(purged.urls, 1);
     // Only the purge message can end B's copy: it would live an hour.
     // Waited for with a generous deadline, not timed, so that a loaded
@@ -1025,4 +1030,114 @@ async fn the_admin_router_checks_authorisation_and_runs_the_operations() {
     assert!(stats.contains("\"entries\":1"), "{stats}");
     let (status, _) = call("POST", "/admin/warm", true, "not json").await;
     assert_eq!(status, 400);
+}
+
+/// A purge of a URL on the instance that holds a near copy, while four
+/// readers keep missing and refilling it: once `purge_url` has returned,
+/// that instance never answers the purged version again. Guards three
+/// defences: the fill that asked the origin before the purge does not
+/// store after it (`put.lua` finds the tombstone and not its lock), later
+/// requests do not follow its in-process flight (`Flights::detach_all`),
+/// and the purge returns only once Redis' invalidation of the near copy has
+/// been applied (`settle_near`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_returns_only_once_the_purging_instance_cannot_serve_the_old_copy() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let near = |b: CacheLayerBuilder| b.near_cache(8 << 20, Duration::from_secs(3600));
+    let a = Arc::new(instance(redis.config(), &origin, near).await);
+    wait_tracking(&a).await;
+    let version = |body: &str| -> u64 { body.rsplit('v').next().unwrap().parse().unwrap() };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let a = Arc::clone(&a);
+            let stop = Arc::clone(&stop);
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    get(&a.app, "/item/1").await;
+                    // A near hit never yields: let the connection drivers run.
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    for round in 0..200 {
+        let before = version(&get(&a.app, "/item/1").await.body);
+        a.layer
+            .handle()
+            .purge_url("http://shop.example/item/1")
+            .await
+            .unwrap();
+        let after = get(&a.app, "/item/1").await;
+        assert!(
+            version(&after.body) > before,
+            "round {round}: v{before} was purged, then served again ({})",
+            after.cache_status()
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        reader.await.unwrap();
+    }
+}
+
+/// Waits (at most 5 s) until the origin has been asked for `path` `n` times.
+async fn origin_called(origin: &Origin, path: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while origin.calls(path) < n {
+        assert!(Instant::now() < deadline, "the origin was not called");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A fill that asked the origin before a purge of its URL does not store
+/// its answer after the purge: the next request goes to the origin instead
+/// of finding the purged version back in the cache.
+#[tokio::test]
+async fn a_fill_that_began_before_a_purge_does_not_store_after_it() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = Arc::new(instance(redis.config(), &origin, |b| b).await);
+    origin.delay_ms.store(300, Ordering::SeqCst);
+    let first = tokio::spawn({
+        let a = Arc::clone(&a);
+        async move { get(&a.app, "/item/1").await }
+    });
+    origin_called(&origin, "/item/1", 1).await;
+    let purged = a
+        .layer
+        .handle()
+        .purge_url("http://shop.example/item/1")
+        .await
+        .unwrap();
+    assert_eq!(purged.urls, 1, "the fill's lock was there to purge");
+    assert_eq!(first.await.unwrap().body, "item-1-v1");
+    a.layer.flush().await;
+    origin.delay_ms.store(0, Ordering::SeqCst);
+    let next = get(&a.app, "/item/1").await;
+    assert_eq!(next.body, "item-1-v2", "{}", next.cache_status());
+}
+
+/// A request that comes after a purge never follows a flight that asked
+/// the origin before it: it goes to the origin on its own.
+#[tokio::test]
+async fn a_request_after_a_purge_does_not_follow_a_flight_from_before_it() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = Arc::new(instance(redis.config(), &origin, |b| b).await);
+    origin.delay_ms.store(300, Ordering::SeqCst);
+    let first = tokio::spawn({
+        let a = Arc::clone(&a);
+        async move { get(&a.app, "/item/1").await }
+    });
+    origin_called(&origin, "/item/1", 1).await;
+    a.layer
+        .handle()
+        .purge_url("http://shop.example/item/1")
+        .await
+        .unwrap();
+    let after = get(&a.app, "/item/1").await;
+    assert_eq!(after.body, "item-1-v2", "{}", after.cache_status());
+    assert_eq!(first.await.unwrap().body, "item-1-v1");
 }

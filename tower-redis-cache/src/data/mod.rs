@@ -190,8 +190,8 @@ impl<C: Codec> DataCache<C> {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                flights: Arc::new(store.flights.sharing_epoch()),
                 store,
-                flights: Arc::new(Flights::default()),
                 codec,
                 max_value_bytes,
                 wait,

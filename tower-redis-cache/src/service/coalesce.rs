@@ -4,6 +4,7 @@
 //! short Redis lock (see the store, and `data/fill.rs`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http::StatusCode;
@@ -25,9 +26,16 @@ pub(crate) enum Outcome {
 
 /// The flights under way, one per key: as many as concurrent callers at
 /// most, removed when they end.
+///
+/// A purge detaches the flights under way (every one, or one key's): a
+/// caller that comes after it never follows a flight that asked the
+/// origin before it, and leads a new one instead. Each flight remembers
+/// the purge epoch it started in; joining compares it with the current
+/// one, so detaching everything costs one atomic add.
 #[derive(Default, Debug)]
 pub(crate) struct Flights {
-    map: Mutex<HashMap<String, watch::Receiver<Outcome>>>,
+    map: Mutex<HashMap<String, (watch::Receiver<Outcome>, u64)>>,
+    epoch: Arc<AtomicU64>,
 }
 
 pub(crate) enum Joined {
@@ -39,21 +47,53 @@ impl Flights {
     /// Follows the flight on `key` if there is one, without ever leading:
     /// for requests whose own answer could not be stored.
     pub(crate) fn follow(&self, key: &str) -> Option<watch::Receiver<Outcome>> {
-        lock(&self.map).get(key).cloned()
+        let epoch = self.epoch.load(Ordering::Acquire);
+        lock(&self.map)
+            .get(key)
+            .filter(|(_, started)| *started == epoch)
+            .map(|(receiver, _)| receiver.clone())
     }
 
     pub(crate) fn join(self: &Arc<Self>, key: &str) -> Joined {
+        let epoch = self.epoch.load(Ordering::Acquire);
         let mut map = lock(&self.map);
-        if let Some(receiver) = map.get(key) {
+        if let Some((receiver, started)) = map.get(key)
+            && *started == epoch
+        {
             return Joined::Follower(receiver.clone());
         }
+        // A flight from before a purge stays with its own followers; its
+        // leader's `leave` finds it replaced and leaves the new one alone.
         let (sender, receiver) = watch::channel(Outcome::Pending);
-        map.insert(key.to_owned(), receiver);
+        map.insert(key.to_owned(), (receiver, epoch));
         Joined::Leader(FlightGuard {
             flights: Arc::clone(self),
             key: key.to_owned(),
             sender,
         })
+    }
+
+    /// Flights that share this one's purge epoch (the HTTP cache's and the
+    /// data cache's, over one store).
+    pub(crate) fn sharing_epoch(&self) -> Self {
+        Self {
+            map: Mutex::default(),
+            epoch: Arc::clone(&self.epoch),
+        }
+    }
+
+    /// Detaches every flight under way (a purge of a tag, a prefix, a path,
+    /// a URL or everything).
+    pub(crate) fn detach_all(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Detaches the flights on these keys (an invalidation of one URL).
+    pub(crate) fn detach(&self, keys: impl IntoIterator<Item = String>) {
+        let mut map = lock(&self.map);
+        for key in keys {
+            map.remove(&key);
+        }
     }
 }
 
@@ -87,7 +127,7 @@ impl FlightGuard {
         let mut map = lock(&self.flights.map);
         if map
             .get(&self.key)
-            .is_some_and(|r| r.same_channel(&self.sender.subscribe()))
+            .is_some_and(|(r, _)| r.same_channel(&self.sender.subscribe()))
         {
             map.remove(&self.key);
         }

@@ -131,7 +131,10 @@ where
     /// sees a refresh another instance already stored).
     fn refresh_in_background(self, entry: Entry, tier: Tier) {
         let Ctx { config, keyed } = &self.ctx;
-        let Joined::Leader(guard) = config.flights.join(&format!("r:{}", keyed.flight_key()))
+        let Joined::Leader(guard) = config
+            .store
+            .flights
+            .join(&format!("r:{}", keyed.flight_key()))
         else {
             return;
         };

@@ -89,9 +89,13 @@ impl Ctx {
     pub(crate) fn join_flight(&self, flight_key: &str) -> Option<Joined> {
         let Ctx { config, keyed } = self;
         if request::may_lead(config, &keyed.parts, &keyed.directives) {
-            Some(config.flights.join(flight_key))
+            Some(config.store.flights.join(flight_key))
         } else {
-            config.flights.follow(flight_key).map(Joined::Follower)
+            config
+                .store
+                .flights
+                .follow(flight_key)
+                .map(Joined::Follower)
         }
     }
 }

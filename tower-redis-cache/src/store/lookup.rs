@@ -25,13 +25,16 @@ impl CacheStore {
         // before this read, so that its answer already reflects them. One
         // atomic load while healthy.
         self.failover.catch_up().await;
+        // Taken before the near tier is judged usable: a tracking
+        // connection lost after that check bumps the epoch, so a read that
+        // then fell back to the pool (untracked) is not kept.
+        let epoch = self.bus.epoch();
         let near = self.near.as_ref().filter(|_| self.bus.near_usable());
         if let Some(near) = near
             && let Found::Entry(entry) = near.find(url_hash, request, extra)
         {
             return (Lookup::Hit(entry), Tier::Near);
         }
-        let epoch = self.bus.epoch();
         let hint = self.vary_hints.get(url_hash);
         let previous_hint = hint.clone();
         let served = self
@@ -61,6 +64,12 @@ impl CacheStore {
                     && self.bus.epoch() == epoch
                 {
                     keep_near(near, url_hash, request, extra, vary, &entry);
+                    // An invalidation that landed between the check and the
+                    // copy found nothing to remove: look again, and take the
+                    // copy back out if one did.
+                    if self.bus.epoch() != epoch {
+                        near.remove(url_hash);
+                    }
                 }
                 Lookup::Hit(entry)
             }

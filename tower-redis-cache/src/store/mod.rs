@@ -234,6 +234,9 @@ pub(crate) struct CacheStore {
     in_flight: AtomicUsize,
     flushed: tokio::sync::Notify,
     pub(crate) counters: Counters,
+    /// The HTTP cache's in-process flights, which purges detach (see
+    /// `service/coalesce.rs`).
+    pub(crate) flights: Arc<crate::service::Flights>,
     /// Lookups read from replicas (`CacheLayerBuilder::read_from_replicas`).
     pub(crate) read_from_replicas: bool,
 }
@@ -288,6 +291,7 @@ impl CacheStore {
             in_flight: AtomicUsize::new(0),
             flushed: tokio::sync::Notify::new(),
             counters: Counters::default(),
+            flights: Arc::default(),
             read_from_replicas: false,
         }
     }

@@ -15,7 +15,16 @@ const PURGE_BATCH: usize = 500;
 
 impl CacheStore {
     /// Deletes every variant of these URLs (RFC 9111 §4.4 invalidation).
+    /// As with a purge, a fill of these URLs that asked the origin before
+    /// neither lands after it nor serves later callers.
     pub(crate) async fn invalidate(&self, url_hashes: &[String]) {
+        self.flights.detach(url_hashes.iter().flat_map(|url_hash| {
+            [
+                url_hash.clone(),
+                format!("v:{url_hash}"),
+                format!("r:{url_hash}"),
+            ]
+        }));
         let Ok(()) = self.memory().invalidate(url_hashes).await;
         if let Some(near) = &self.near {
             let Ok(()) = near.invalidate(url_hashes).await;
@@ -33,6 +42,19 @@ impl CacheStore {
                     .iter()
                     .map(|url_hash| OutageChange::invalidate(url_hash)),
             );
+        } else {
+            self.settle_near().await;
+        }
+    }
+
+    /// After a removal in Redis: waits until Redis' invalidations of the
+    /// removed keys have reached this instance's near tier, so that a copy
+    /// one of its own readers refilled while the removal ran is dropped
+    /// before the removal returns. When the tracking connection fails to
+    /// answer it is dropped, and with it every near copy.
+    async fn settle_near(&self) {
+        if let Some(tracking) = self.bus.tracking() {
+            let _ = tracking.sync().await;
         }
     }
 
@@ -44,16 +66,24 @@ impl CacheStore {
     /// clock stored entries are stamped with, and near-cache copies are
     /// dropped, so that no instance's clock decides what a soft purge makes
     /// stale.
+    ///
+    /// A fill that asked the origin before the purge neither lands after
+    /// it (in Redis its lock is gone, so `put.lua` drops the entry) nor
+    /// serves this instance's later callers (its flight is detached).
     pub(crate) async fn purge(&self, target: &Target, soft_at: Option<u64>) -> Purged {
+        self.flights.detach_all();
         if let Some(near) = &self.near {
             let Ok(_) = near.purge(target, None).await;
         }
         let Ok(local_count) = self.memory().purge(target, soft_at).await;
         match self.redis().purge(target, soft_at).await {
-            Ok(urls) => Purged {
-                urls,
-                deferred: false,
-            },
+            Ok(urls) => {
+                self.settle_near().await;
+                Purged {
+                    urls,
+                    deferred: false,
+                }
+            }
             Err(error) => {
                 tracing::warn!(target: "tower_redis_cache", %error, "purge deferred: Redis is unavailable; purged in process, replayed on Redis when it is back");
                 self.defer([OutageChange::purge(target, soft_at)]);
@@ -191,11 +221,7 @@ impl RedisStore {
                 let url_hash = &key::hash_url(url);
                 let key = self.redis_key(url_hash);
                 ops.push(match soft_at {
-                    None => {
-                        let mut del = redis::cmd("DEL");
-                        del.arg(&key);
-                        Op::Cmd(del)
-                    }
+                    None => Op::Script(self.delete(url_hash)),
                     Some(_) => Op::Script(redis_store::SOFT_PURGE.key(&key)),
                 });
                 ops.push(redis_store::publish(

@@ -13,6 +13,17 @@
 -- A partial entry (version 2) never replaces a fresh complete one (version
 -- 1) of the same variant: a range request that raced a whole fill must not
 -- leave the URL with less than it had. A stale or soft-purged one it does.
+-- A fill whose URL was purged or soft-purged after it took its lock
+-- (delete.lua leaves `pg`, soft_purge.lua `sp`, and both drop the lock)
+-- asked the origin before the purge: its entry is dropped, not stored.
+-- Returns 0 then, 1 when stored.
+if ARGV[6] ~= '' and (redis.call('HEXISTS', KEYS[1], 'pg') == 1
+    or redis.call('HEXISTS', KEYS[1], 'sp') == 1) then
+  local held = redis.call('HGET', KEYS[1], 'lk')
+  if not (held and string.sub(held, 1, #ARGV[6] + 1) == ARGV[6] .. ':') then
+    return 0
+  end
+end
 local entry = ARGV[3]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

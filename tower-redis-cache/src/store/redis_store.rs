@@ -49,6 +49,8 @@ pub(crate) static INDEX: LazyLock<Script> =
 pub(crate) static LOCK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lock.lua")));
 pub(crate) static UNLOCK: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("unlock.lua")));
+pub(crate) static DELETE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("delete.lua")));
 pub(crate) static SOFT_PURGE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("soft_purge.lua")));
 
@@ -99,12 +101,22 @@ impl RedisStore {
     }
 
     /// Deletes URLs' entries and announces each.
+    /// Deletes a URL's entries, leaving a tombstone for as long as a fill
+    /// lock lives (see `delete.lua`).
+    pub(super) fn delete(&self, url_hash: &str) -> ScriptInvocation<'static> {
+        let mut delete = DELETE.key(self.redis_key(url_hash));
+        delete.arg(
+            u64::try_from(self.lock_ttl.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        );
+        delete
+    }
+
     pub(super) fn delete_ops<'a>(&self, url_hashes: impl Iterator<Item = &'a str>) -> Vec<Op> {
         let mut ops = Vec::new();
         for url_hash in url_hashes {
-            let mut del = redis::cmd("DEL");
-            del.arg(self.redis_key(url_hash));
-            ops.push(Op::Cmd(del));
+            ops.push(Op::Script(self.delete(url_hash)));
             ops.push(publish(&self.channel, &Bus::updated_message(url_hash)));
         }
         ops
@@ -374,8 +386,12 @@ pub(crate) async fn run_ops(conn: &mut RedisConnection, ops: &[Op]) -> RedisResu
             }
         }
     }
-    tower_redis_core::pipeline_with_scripts(conn, &pipe, &[&PUT, &INDEX, &UNLOCK, &SOFT_PURGE])
-        .await
+    tower_redis_core::pipeline_with_scripts(
+        conn,
+        &pipe,
+        &[&PUT, &INDEX, &UNLOCK, &SOFT_PURGE, &DELETE],
+    )
+    .await
 }
 
 async fn send_one(mut conn: RedisConnection, op: &Op) -> RedisResult<Value> {
