@@ -50,7 +50,7 @@ const WARNED_CAPACITY: u64 = 10_000;
 /// use tower_redis_cache::data::{DataCache, DataOptions};
 /// use tower_redis_core::RedisManager;
 ///
-/// #[derive(serde::Serialize, serde::Deserialize)]
+/// #[derive(Clone, serde::Serialize, serde::Deserialize)]
 /// struct Product { id: u32, name: String }
 ///
 /// let cache = DataCache::new(RedisManager::disabled());

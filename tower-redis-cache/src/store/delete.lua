@@ -5,11 +5,16 @@
 -- hash; put.lua, finding the tombstone and not its lock, drops its entry
 -- instead of bringing back what was just deleted. Lookups read the
 -- tombstone as no entry, and a new fill takes the lock in it as usual.
--- A URL with no hash at all has no fill lock to outlive: nothing is left.
+-- A URL without a fill lock has no fill under way to outlive: it is
+-- deleted and nothing is left.
 -- KEYS[1] the URL's hash. Returns 1 when the URL had an entry or a lock.
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local fields = redis.call('HLEN', KEYS[1]) - redis.call('HEXISTS', KEYS[1], 'pg')
+local locked = redis.call('HEXISTS', KEYS[1], 'lk')
 redis.call('DEL', KEYS[1])
+if locked == 0 then
+  if fields > 0 then return 1 end
+  return 0
+end
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'pg', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])

@@ -123,7 +123,9 @@ impl RedisStore {
     ) -> Result<u64, tower_redis_core::Error> {
         let indexed = match target {
             Target::Url(url) => {
-                return self.purge_urls(std::slice::from_ref(url), soft_at).await;
+                return self
+                    .purge_urls(std::slice::from_ref(url), soft_at, true)
+                    .await;
             }
             Target::Tag(tag) => Indexed {
                 index: self.index_key("ct", tag),
@@ -181,7 +183,7 @@ impl RedisStore {
             }
             let selected: Vec<&String> = page.iter().filter(|url| indexed.selects(url)).collect();
             let urls: Vec<String> = selected.iter().map(|url| (*url).clone()).collect();
-            count += self.purge_urls(&urls, soft_at).await?;
+            count += self.purge_urls(&urls, soft_at, false).await?;
             let done = page.len() < PURGE_BATCH;
             if soft_at.is_none() {
                 // Drop what was purged from the index, so the next page is new.
@@ -209,10 +211,16 @@ impl RedisStore {
     /// Deletes (or soft-purges) URLs' entries and announces each; returns
     /// how many existed. A hard purge also takes the URLs out of the root
     /// index, which counts the live entries.
+    ///
+    /// With `tombstones` (a purge of one URL), a URL whose fill lock is held
+    /// is left as a tombstone (`delete.lua`); a tag, prefix or path purge
+    /// deletes with a plain `DEL`, which a new primary runs without first
+    /// loading a script while a purge made during a failover is replayed.
     async fn purge_urls(
         &self,
         urls: &[String],
         soft_at: Option<u64>,
+        tombstones: bool,
     ) -> Result<u64, tower_redis_core::Error> {
         let mut count = 0;
         for chunk in urls.chunks(PURGE_BATCH) {
@@ -221,7 +229,12 @@ impl RedisStore {
                 let url_hash = &key::hash_url(url);
                 let key = self.redis_key(url_hash);
                 ops.push(match soft_at {
-                    None => Op::Script(self.delete(url_hash)),
+                    None if tombstones => Op::Script(self.delete(url_hash)),
+                    None => {
+                        let mut del = redis::cmd("DEL");
+                        del.arg(&key);
+                        Op::Cmd(del)
+                    }
                     Some(_) => Op::Script(redis_store::SOFT_PURGE.key(&key)),
                 });
                 ops.push(redis_store::publish(
