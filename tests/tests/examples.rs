@@ -1249,6 +1249,47 @@ struct Origin {
     release_stream: Arc<tokio::sync::Notify>,
     /// `/upload` reports each chunk it gets.
     uploads: Arc<Mutex<Option<mpsc::UnboundedSender<Bytes>>>>,
+    /// The `Range` of every `/ranged` request (empty: none).
+    ranges_seen: Arc<Mutex<Vec<String>>>,
+}
+
+/// The 100 bytes `/ranged` serves.
+fn ranged_body() -> Vec<u8> {
+    (0..100u8).map(|i| b'a' + i % 26).collect()
+}
+
+/// Answers `Range: bytes=a-b` with a `206`, anything else with the whole.
+async fn origin_ranged(State(origin): State<Origin>, headers: HeaderMap) -> Response {
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    origin.ranges_seen.lock().expect("lock").push(range.clone());
+    let body = ranged_body();
+    let common = [
+        (header::CACHE_CONTROL, "public, max-age=60"),
+        (header::ETAG, "\"r1\""),
+        (header::ACCEPT_RANGES, "bytes"),
+    ];
+    let span = range
+        .strip_prefix("bytes=")
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+        .filter(|(a, b)| a <= b && *b < body.len());
+    match span {
+        Some((a, b)) => (
+            StatusCode::PARTIAL_CONTENT,
+            common,
+            [(
+                header::CONTENT_RANGE,
+                format!("bytes {a}-{b}/{}", body.len()),
+            )],
+            body[a..=b].to_vec(),
+        )
+            .into_response(),
+        None => (common, body).into_response(),
+    }
 }
 
 async fn origin_cached(State(origin): State<Origin>) -> Response {
@@ -1330,6 +1371,7 @@ async fn start_origin(
         .route("/echo", axum::routing::any(origin_echo))
         .route("/stream", axum::routing::get(origin_stream))
         .route("/upload", axum::routing::post(origin_upload))
+        .route("/ranged", axum::routing::get(origin_ranged))
         .with_state(origin);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -1571,6 +1613,74 @@ async fn caching_proxy_caches_forwards_streams_and_reports_a_dead_upstream() {
             && status.contains("stale-if-error"),
         "{status}"
     );
+}
+
+/// `caching_proxy --forward-ranges`: a range miss goes upstream with its
+/// `Range` as the client sent it, the `206` is stored as a partial entry,
+/// and a sub-range of it is then answered from the cache.
+#[tokio::test]
+async fn caching_proxy_forward_ranges_stores_the_partial_answer() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let (origin_addr, stop_origin, origin_task) = start_origin(origin.clone()).await;
+    let upstream = format!("http://{origin_addr}");
+    let proxy = Running::start(
+        "caching_proxy",
+        &[
+            "--upstream",
+            &upstream,
+            "--listen",
+            "127.0.0.1:0",
+            "--forward-ranges",
+        ],
+        &[("REDIS_URL", redis.url())],
+    )
+    .await;
+    let http = http_client();
+    let whole = String::from_utf8(ranged_body()).expect("ASCII");
+
+    let first = send(
+        &http,
+        Method::GET,
+        &proxy.url("/ranged"),
+        &[("range", "bytes=10-19")],
+        "",
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::PARTIAL_CONTENT, "{first:?}");
+    assert_eq!(first.body, whole[10..20]);
+    assert_eq!(first.header("content-range"), "bytes 10-19/100");
+    assert_eq!(
+        *origin.ranges_seen.lock().expect("lock"),
+        vec!["bytes=10-19".to_owned()],
+        "the range went upstream as the client sent it"
+    );
+    wait_for_keys(&redis, CACHE_KEYS, 1).await;
+
+    let sub = send(
+        &http,
+        Method::GET,
+        &proxy.url("/ranged"),
+        &[("range", "bytes=12-15")],
+        "",
+    )
+    .await;
+    assert_eq!(sub.status, StatusCode::PARTIAL_CONTENT, "{sub:?}");
+    assert_eq!(sub.body, whole[12..16]);
+    assert_eq!(sub.header("content-range"), "bytes 12-15/100");
+    assert!(
+        sub.header("cache-status").starts_with("tower-redis; hit"),
+        "{:?}",
+        sub.headers
+    );
+    assert_eq!(
+        origin.ranges_seen.lock().expect("lock").len(),
+        1,
+        "the sub-range was answered from the stored part"
+    );
+
+    let _ = stop_origin.send(());
+    let _ = tokio::time::timeout(DEADLINE, origin_task).await;
 }
 
 /// The demo server behind the caching proxy: told to trust the proxy
