@@ -103,6 +103,12 @@ impl Bus {
         self.epoch.load(Ordering::Acquire)
     }
 
+    /// Makes every lookup under way skip the near tier (after this
+    /// instance removed entries from Redis).
+    pub(crate) fn bump_epoch(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Resolves at the next update message.
     pub(crate) fn updated(&self) -> tokio::sync::futures::Notified<'_> {
         self.updated.notified()

@@ -125,15 +125,19 @@
 //!   disagree agree on what it made stale), warms URLs through the
 //!   app, looks entries up and reports statistics; [`admin::CacheAdmin`]
 //!   (feature `axum`) puts the same behind an authorisation check.
-//!   Once a purge of a URL has returned, the purging instance does not
-//!   answer the purged version again: a fill that asked the origin before
-//!   the purge and holds the URL's fill lock does not store after it (the
-//!   purge leaves a tombstone for the lock's lifetime), later requests do
-//!   not follow that fill, and the instance's near copies are gone. Not
-//!   covered: a fill that runs without the lock (coalescing off, a
-//!   follower that gave up waiting, a forwarded range) and a tag or path
-//!   purge of a URL whose first fill has not yet been indexed; either can
-//!   store the old answer once, until its TTL or the next purge.
+//!   Once a purge of a URL or a path, or an invalidation by an unsafe
+//!   request, has returned, the instance that made it does not answer the
+//!   removed version again: a fill or revalidation that asked the origin
+//!   before and holds the URL's fill lock does not store after it (the
+//!   removal leaves a tombstone for the lock's lifetime), later requests
+//!   do not follow that fill in process, and near copies its own lookups
+//!   refilled meanwhile are dropped. Not covered: a fill that runs without
+//!   the lock (coalescing off, a follower that gave up waiting, a forwarded
+//!   range); a tag or prefix purge (these delete what their index lists,
+//!   without tombstones) or a path purge of a URL whose first fill has not
+//!   been stored yet; lookups from replicas (`read_from_replicas`, which
+//!   may lag); and the data cache's own fills. Each can store or show the
+//!   old answer once, until its TTL or the next purge.
 //! - **Near cache** (opt-in, [`CacheLayerBuilder::near_cache`]): hot entries
 //!   answered from process memory with no round trip (`detail=near`), kept
 //!   exact by **Redis client tracking**: near-tier lookups are read on the

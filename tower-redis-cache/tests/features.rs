@@ -1038,8 +1038,8 @@ async fn the_admin_router_checks_authorisation_and_runs_the_operations() {
 /// defences: the fill that asked the origin before the purge does not
 /// store after it (`put.lua` finds the tombstone and not its lock), later
 /// requests do not follow its in-process flight (`Flights::detach_all`),
-/// and the purge returns only once Redis' invalidation of the near copy has
-/// been applied (`settle_near`).
+/// and a near copy that a reader refilled from what it read before the
+/// purge is dropped before the purge returns (`CacheStore::purge`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purge_returns_only_once_the_purging_instance_cannot_serve_the_old_copy() {
     let redis = TestRedis::start().await;
@@ -1092,31 +1092,67 @@ async fn origin_called(origin: &Origin, path: &str, n: u64) {
 }
 
 /// A fill that asked the origin before a purge of its URL does not store
-/// its answer after the purge: the next request goes to the origin instead
-/// of finding the purged version back in the cache.
+/// its answer after the purge, whether the URL is purged once or twice:
+/// the next request goes to the origin instead of finding the purged
+/// version back in the cache.
 #[tokio::test]
 async fn a_fill_that_began_before_a_purge_does_not_store_after_it() {
     let redis = TestRedis::start().await;
     let origin = Origin::default();
     let a = Arc::new(instance(redis.config(), &origin, |b| b).await);
+    let cases = [
+        ("/item/1", &["http://shop.example/item/1"][..]),
+        (
+            "/item/2",
+            &["http://shop.example/item/2", "http://shop.example/item/2"][..],
+        ),
+    ];
+    for (path, purges) in cases {
+        origin.delay_ms.store(300, Ordering::SeqCst);
+        let first = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { get(&a.app, path).await }
+        });
+        origin_called(&origin, path, 1).await;
+        for purge in purges {
+            a.layer.handle().purge_url(purge).await.unwrap();
+        }
+        let id = &path[6..];
+        assert_eq!(first.await.unwrap().body, format!("item-{id}-v1"));
+        a.layer.flush().await;
+        origin.delay_ms.store(0, Ordering::SeqCst);
+        let next = get(&a.app, path).await;
+        assert_eq!(
+            next.body,
+            format!("item-{id}-v2"),
+            "{purges:?}: {}",
+            next.cache_status()
+        );
+    }
+}
+
+/// A path purge (`purge_url("/item/1")`) while a request's revalidation
+/// of the stored entry is under way: the revalidation's answer, asked for
+/// before the purge, is not stored after it.
+#[tokio::test]
+async fn a_revalidation_that_began_before_a_path_purge_does_not_store_after_it() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = Arc::new(instance(redis.config(), &origin, |b| b).await);
+    assert_eq!(get_settled(&a, "/item/1").await.body, "item-1-v1");
     origin.delay_ms.store(300, Ordering::SeqCst);
-    let first = tokio::spawn({
+    let revalidating = tokio::spawn({
         let a = Arc::clone(&a);
-        async move { get(&a.app, "/item/1").await }
+        async move { call(&a.app, request("/item/1", &[("cache-control", "no-cache")])).await }
     });
-    origin_called(&origin, "/item/1", 1).await;
-    let purged = a
-        .layer
-        .handle()
-        .purge_url("http://shop.example/item/1")
-        .await
-        .unwrap();
-    assert_eq!(purged.urls, 1, "the fill's lock was there to purge");
-    assert_eq!(first.await.unwrap().body, "item-1-v1");
+    origin_called(&origin, "/item/1", 2).await;
+    let purged = a.layer.handle().purge_url("/item/1").await.unwrap();
+    assert_eq!(purged.urls, 1);
+    assert_eq!(revalidating.await.unwrap().body, "item-1-v2");
     a.layer.flush().await;
     origin.delay_ms.store(0, Ordering::SeqCst);
     let next = get(&a.app, "/item/1").await;
-    assert_eq!(next.body, "item-1-v2", "{}", next.cache_status());
+    assert_eq!(next.body, "item-1-v3", "{}", next.cache_status());
 }
 
 /// A request that comes after a purge never follows a flight that asked
@@ -1138,6 +1174,34 @@ async fn a_request_after_a_purge_does_not_follow_a_flight_from_before_it() {
         .await
         .unwrap();
     let after = get(&a.app, "/item/1").await;
+    assert_eq!(after.body, "item-1-v2", "{}", after.cache_status());
+    assert_eq!(first.await.unwrap().body, "item-1-v1");
+}
+
+/// An invalidation (a `PUT` to the URL) detaches the flights of that URL
+/// whatever their key: a request keyed by a header (`key_header`) that
+/// comes after the `PUT` goes to the origin instead of following the fill
+/// that asked before it.
+#[tokio::test]
+async fn a_request_after_an_invalidation_does_not_follow_a_flight_from_before_it() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = Arc::new(
+        instance(redis.config(), &origin, |b| {
+            b.route(Route::new("*").key_header("x-tenant"))
+        })
+        .await,
+    );
+    let tenant = [("x-tenant", "t1")];
+    origin.delay_ms.store(300, Ordering::SeqCst);
+    let first = tokio::spawn({
+        let a = Arc::clone(&a);
+        async move { call(&a.app, request("/item/1", &tenant)).await }
+    });
+    origin_called(&origin, "/item/1", 1).await;
+    let put = call(&a.app, support::request_with("PUT", "/item/1", &[])).await;
+    assert_eq!(put.status, StatusCode::OK);
+    let after = call(&a.app, request("/item/1", &tenant)).await;
     assert_eq!(after.body, "item-1-v2", "{}", after.cache_status());
     assert_eq!(first.await.unwrap().body, "item-1-v1");
 }

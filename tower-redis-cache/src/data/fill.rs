@@ -174,7 +174,7 @@ impl<C: Codec> DataCache<C> {
     {
         let deadline = Instant::now() + self.inner.wait;
         let (guard, lock) = loop {
-            match self.inner.flights.join(&url_hash) {
+            match self.inner.flights.join(&url_hash, &url_hash) {
                 Joined::Follower(flight) => {
                     match tokio::time::timeout_at(deadline, flight::wait(flight)).await {
                         Ok(Outcome::Done(Some(entry))) => {
@@ -280,7 +280,11 @@ impl<C: Codec> DataCache<C> {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        let Joined::Leader(guard) = self.inner.flights.join(&format!("refresh {url_hash}")) else {
+        let Joined::Leader(guard) = self
+            .inner
+            .flights
+            .join(&format!("refresh {url_hash}"), &url_hash)
+        else {
             return;
         };
         let this = self.clone();

@@ -190,7 +190,7 @@ impl<C: Codec> DataCache<C> {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                flights: Arc::new(store.flights.sharing_epoch()),
+                flights: Arc::new(store.flights.sharing_epochs()),
                 store,
                 codec,
                 max_value_bytes,

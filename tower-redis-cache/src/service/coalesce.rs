@@ -27,15 +27,52 @@ pub(crate) enum Outcome {
 /// The flights under way, one per key: as many as concurrent callers at
 /// most, removed when they end.
 ///
-/// A purge detaches the flights under way (every one, or one key's): a
-/// caller that comes after it never follows a flight that asked the
-/// origin before it, and leads a new one instead. Each flight remembers
-/// the purge epoch it started in; joining compares it with the current
-/// one, so detaching everything costs one atomic add.
+/// A purge detaches the flights under way (every one, or one URL's): a
+/// caller that comes after it never follows a flight that asked the origin
+/// before it, and leads a new one instead. Each flight remembers the purge
+/// epoch it started in, that of everything plus that of its URL's stripe;
+/// joining compares it with the current one, so detaching costs one atomic
+/// add and no walk over the flights.
 #[derive(Default, Debug)]
 pub(crate) struct Flights {
     map: Mutex<HashMap<String, (watch::Receiver<Outcome>, u64)>>,
-    epoch: Arc<AtomicU64>,
+    epochs: Arc<Epochs>,
+}
+
+/// Stripes of per-URL purge epochs: an invalidation of one URL detaches the
+/// flights of the URLs that share its stripe (a few extra origin calls at
+/// worst), in constant time and memory.
+const STRIPES: usize = 64;
+
+#[derive(Debug)]
+struct Epochs {
+    all: AtomicU64,
+    stripes: [AtomicU64; STRIPES],
+}
+
+impl Default for Epochs {
+    fn default() -> Self {
+        Self {
+            all: AtomicU64::new(0),
+            stripes: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Epochs {
+    fn stripe(url_hash: &str) -> usize {
+        let folded = url_hash.bytes().take(8).fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
+        folded % STRIPES
+    }
+
+    /// Changes whenever everything or the URL's stripe is detached.
+    fn of(&self, url_hash: &str) -> u64 {
+        self.all
+            .load(Ordering::Acquire)
+            .wrapping_add(self.stripes[Self::stripe(url_hash)].load(Ordering::Acquire))
+    }
 }
 
 pub(crate) enum Joined {
@@ -44,19 +81,23 @@ pub(crate) enum Joined {
 }
 
 impl Flights {
-    /// Follows the flight on `key` if there is one, without ever leading:
-    /// for requests whose own answer could not be stored.
-    pub(crate) fn follow(&self, key: &str) -> Option<watch::Receiver<Outcome>> {
-        let epoch = self.epoch.load(Ordering::Acquire);
-        lock(&self.map)
-            .get(key)
+    /// Follows the flight on `key` (of the URL `url_hash`) if there is one,
+    /// without ever leading: for requests whose own answer could not be
+    /// stored.
+    pub(crate) fn follow(&self, key: &str, url_hash: &str) -> Option<watch::Receiver<Outcome>> {
+        let map = lock(&self.map);
+        let epoch = self.epochs.of(url_hash);
+        map.get(key)
             .filter(|(_, started)| *started == epoch)
             .map(|(receiver, _)| receiver.clone())
     }
 
-    pub(crate) fn join(self: &Arc<Self>, key: &str) -> Joined {
-        let epoch = self.epoch.load(Ordering::Acquire);
+    /// Joins the flight on `key` (of the URL `url_hash`), or leads one.
+    pub(crate) fn join(self: &Arc<Self>, key: &str, url_hash: &str) -> Joined {
         let mut map = lock(&self.map);
+        // Read under the lock: a caller that read an older epoch cannot
+        // replace a flight that started after the purge.
+        let epoch = self.epochs.of(url_hash);
         if let Some((receiver, started)) = map.get(key)
             && *started == epoch
         {
@@ -73,26 +114,25 @@ impl Flights {
         })
     }
 
-    /// Flights that share this one's purge epoch (the HTTP cache's and the
+    /// Flights that share this one's purge epochs (the HTTP cache's and the
     /// data cache's, over one store).
-    pub(crate) fn sharing_epoch(&self) -> Self {
+    pub(crate) fn sharing_epochs(&self) -> Self {
         Self {
             map: Mutex::default(),
-            epoch: Arc::clone(&self.epoch),
+            epochs: Arc::clone(&self.epochs),
         }
     }
 
     /// Detaches every flight under way (a purge of a tag, a prefix, a path,
     /// a URL or everything).
     pub(crate) fn detach_all(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.epochs.all.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Detaches the flights on these keys (an invalidation of one URL).
-    pub(crate) fn detach(&self, keys: impl IntoIterator<Item = String>) {
-        let mut map = lock(&self.map);
-        for key in keys {
-            map.remove(&key);
+    /// Detaches the flights of these URLs (an invalidation).
+    pub(crate) fn detach<'a>(&self, url_hashes: impl IntoIterator<Item = &'a str>) {
+        for url_hash in url_hashes {
+            self.epochs.stripes[Epochs::stripe(url_hash)].fetch_add(1, Ordering::AcqRel);
         }
     }
 }

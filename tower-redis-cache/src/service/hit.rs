@@ -134,7 +134,7 @@ where
         let Joined::Leader(guard) = config
             .store
             .flights
-            .join(&format!("r:{}", keyed.flight_key()))
+            .join(&format!("r:{}", keyed.flight_key()), &keyed.url_hash)
         else {
             return;
         };

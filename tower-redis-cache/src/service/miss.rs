@@ -89,12 +89,12 @@ impl Ctx {
     pub(crate) fn join_flight(&self, flight_key: &str) -> Option<Joined> {
         let Ctx { config, keyed } = self;
         if request::may_lead(config, &keyed.parts, &keyed.directives) {
-            Some(config.store.flights.join(flight_key))
+            Some(config.store.flights.join(flight_key, &keyed.url_hash))
         } else {
             config
                 .store
                 .flights
-                .follow(flight_key)
+                .follow(flight_key, &keyed.url_hash)
                 .map(Joined::Follower)
         }
     }

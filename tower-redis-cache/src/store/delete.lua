@@ -5,13 +5,15 @@
 -- hash; put.lua, finding the tombstone and not its lock, drops its entry
 -- instead of bringing back what was just deleted. Lookups read the
 -- tombstone as no entry, and a new fill takes the lock in it as usual.
--- A URL without a fill lock has no fill under way to outlive: it is
--- deleted and nothing is left.
+-- A URL with neither a fill lock nor a tombstone has no fill under way to
+-- outlive: it is deleted and nothing is left. A tombstone already there is
+-- kept and renewed: a fill that lost its lock to the first deletion still
+-- finds it after a second one.
 -- KEYS[1] the URL's hash. Returns 1 when the URL had an entry or a lock.
 local fields = redis.call('HLEN', KEYS[1]) - redis.call('HEXISTS', KEYS[1], 'pg')
-local locked = redis.call('HEXISTS', KEYS[1], 'lk')
+local keep = redis.call('HEXISTS', KEYS[1], 'lk') + redis.call('HEXISTS', KEYS[1], 'pg')
 redis.call('DEL', KEYS[1])
-if locked == 0 then
+if keep == 0 then
   if fields > 0 then return 1 end
   return 0
 end

@@ -18,13 +18,7 @@ impl CacheStore {
     /// As with a purge, a fill of these URLs that asked the origin before
     /// neither lands after it nor serves later callers.
     pub(crate) async fn invalidate(&self, url_hashes: &[String]) {
-        self.flights.detach(url_hashes.iter().flat_map(|url_hash| {
-            [
-                url_hash.clone(),
-                format!("v:{url_hash}"),
-                format!("r:{url_hash}"),
-            ]
-        }));
+        self.flights.detach(url_hashes.iter().map(String::as_str));
         let Ok(()) = self.memory().invalidate(url_hashes).await;
         if let Some(near) = &self.near {
             let Ok(()) = near.invalidate(url_hashes).await;
@@ -43,18 +37,12 @@ impl CacheStore {
                     .map(|url_hash| OutageChange::invalidate(url_hash)),
             );
         } else {
-            self.settle_near().await;
-        }
-    }
-
-    /// After a removal in Redis: waits until Redis' invalidations of the
-    /// removed keys have reached this instance's near tier, so that a copy
-    /// one of its own readers refilled while the removal ran is dropped
-    /// before the removal returns. When the tracking connection fails to
-    /// answer it is dropped, and with it every near copy.
-    async fn settle_near(&self) {
-        if let Some(tracking) = self.bus.tracking() {
-            let _ = tracking.sync().await;
+            // A near copy a lookup of this instance refilled from what it
+            // read before the removal goes now, as after a purge (below).
+            if let Some(near) = &self.near {
+                self.bus.bump_epoch();
+                let Ok(()) = near.invalidate(url_hashes).await;
+            }
         }
     }
 
@@ -78,7 +66,15 @@ impl CacheStore {
         let Ok(local_count) = self.memory().purge(target, soft_at).await;
         match self.redis().purge(target, soft_at).await {
             Ok(urls) => {
-                self.settle_near().await;
+                // A lookup of this instance that read Redis before the
+                // removal may have refilled the near tier since (Redis'
+                // invalidation, or on a Cluster the announcement, may not
+                // have arrived yet): the epoch makes the lookups under way
+                // drop their copies, and what is already kept goes now.
+                if let Some(near) = &self.near {
+                    self.bus.bump_epoch();
+                    let Ok(_) = near.purge(target, None).await;
+                }
                 Purged {
                     urls,
                     deferred: false,
@@ -183,7 +179,9 @@ impl RedisStore {
             }
             let selected: Vec<&String> = page.iter().filter(|url| indexed.selects(url)).collect();
             let urls: Vec<String> = selected.iter().map(|url| (*url).clone()).collect();
-            count += self.purge_urls(&urls, soft_at, false).await?;
+            // A path names a URL per host, like a URL purge: tombstones.
+            let exact = matches!(indexed.filter, Some((_, true)));
+            count += self.purge_urls(&urls, soft_at, exact).await?;
             let done = page.len() < PURGE_BATCH;
             if soft_at.is_none() {
                 // Drop what was purged from the index, so the next page is new.
@@ -212,8 +210,8 @@ impl RedisStore {
     /// how many existed. A hard purge also takes the URLs out of the root
     /// index, which counts the live entries.
     ///
-    /// With `tombstones` (a purge of one URL), a URL whose fill lock is held
-    /// is left as a tombstone (`delete.lua`); a tag, prefix or path purge
+    /// With `tombstones` (a purge of one URL or path), a URL whose fill lock
+    /// is held is left as a tombstone (`delete.lua`); a tag or prefix purge
     /// deletes with a plain `DEL`, which a new primary runs without first
     /// loading a script while a purge made during a failover is replayed.
     async fn purge_urls(
