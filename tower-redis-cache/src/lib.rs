@@ -21,14 +21,15 @@
 //!     .build()?;
 //! let app = Router::new()
 //!     .route("/products/{id}", get(|| async { "a product" }))
-//!     .layer(cache);
+//!     .layer(cache.clone());
 //!
 //! let get_product = || Request::get("http://shop.example/products/1").body(Body::empty());
 //! // First call: a miss, answered by the app and stored.
 //! let first = app.clone().oneshot(get_product()?).await?;
 //! let status = first.headers()[header::HeaderName::from_static("cache-status")].to_str()?;
 //! assert!(status.starts_with("tower-redis; fwd=uri-miss; stored"), "{status}");
-//! first.into_body().collect().await?; // the entry is stored once the body is read
+//! first.into_body().collect().await?;
+//! cache.flush().await; // the entry is written once the body has been read
 //!
 //! // Second call: served from the cache, with its `Age`.
 //! let second = app.oneshot(get_product()?).await?;

@@ -36,14 +36,13 @@ use super::hit::{gateway_timeout, serve};
 use super::miss::Fill;
 use super::range::{self, RangeRequest, Span};
 use super::revalidate::merge_fields;
-use super::storing::{keep_for, store_if_allowed, tag_headers};
+use super::storing::{put_for, store_if_allowed, tag_headers};
 use super::tags::{STORED_TAGS, set_stored_tags, stored_tags, take_tags};
 use super::{Answer, Ctx, Exchange, Origin, OriginBody, request, response_parts, tee};
 use crate::body::CacheBody;
 use crate::entry::Entry;
 use crate::freshness::{self, Usability};
-use crate::key;
-use crate::store::{Put, Tier};
+use crate::store::Tier;
 use tower_redis_core::clock;
 
 /// What a completion asks of the origin: the stored entry, its span and
@@ -325,20 +324,15 @@ impl Combined {
         if let (false, Ok(storable)) = (refused, storable) {
             combined.lifetime = storable.lifetime;
             set_stored_tags(&mut combined.headers, &tags);
-            let mut stored = combined.clone();
-            if storable.directives.drop_set_cookie {
-                stored.headers.remove(header::SET_COOKIE);
-            }
-            let vary = key::vary_names(&stored.headers).unwrap_or_default();
-            let put = Put {
-                url_hash: keyed.url_hash.clone(),
-                url: keyed.url.clone(),
-                variant: key::variant(&vary, &keyed.parts.headers, &keyed.extra),
-                vary,
-                keep_for: keep_for(config, route, &stored, storable.lifetime),
-                entry: stored,
+            let put = put_for(
+                config,
+                keyed,
+                route,
+                &keyed.parts.headers,
+                combined.clone(),
+                &storable,
                 tags,
-            };
+            );
             config.store.put(put, None).await;
             status.stored = true;
         }

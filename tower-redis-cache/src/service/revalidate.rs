@@ -30,13 +30,13 @@ use super::cache_status::CacheStatus;
 use super::coalesce::{self, FlightGuard, Joined, Outcome};
 use super::hit::{gateway_timeout, serve, serve_coalesced, serve_stale_if_error};
 use super::miss::Fill;
-use super::storing::{HOP_BY_HOP, keep_for, store_if_allowed, tag_headers};
+use super::storing::{HOP_BY_HOP, put_for, store_if_allowed, tag_headers};
 use super::tags::{set_stored_tags, stored_tags, take_tags};
 use super::{Answer, Ctx, Exchange, Origin, OriginBody, range, request, response_parts};
 use crate::entry::Entry;
 use crate::freshness;
 use crate::key;
-use crate::store::{LockAttempt, LockPurpose, Lookup, Put, Tier};
+use crate::store::{LockAttempt, LockPurpose, Lookup, Tier};
 use tower_redis_core::clock;
 
 /// A revalidation to make, or to wait for.
@@ -318,21 +318,17 @@ impl Validated {
             // The stored copy (and the coalesced followers) without a
             // `Set-Cookie` the response qualified out; this client still
             // gets the cookie its 304 set for it.
-            let mut stored = refreshed.clone();
-            if storable.directives.drop_set_cookie {
-                stored.headers.remove(header::SET_COOKIE);
-            }
-            let vary = key::vary_names(&stored.headers).unwrap_or_default();
-            let put = Put {
-                url_hash: keyed.url_hash.clone(),
-                url: keyed.url.clone(),
-                variant: key::variant(&vary, &client_parts.headers, &keyed.extra),
-                vary,
-                keep_for: keep_for(config, route, &stored, storable.lifetime),
-                entry: stored.clone(),
+            let put = put_for(
+                config,
+                keyed,
+                route,
+                &client_parts.headers,
+                refreshed.clone(),
+                &storable,
                 tags,
-            };
-            let shared = (put.vary.is_empty() && !stored.is_partial()).then(|| Arc::new(stored));
+            );
+            let shared = (put.vary.is_empty() && !put.entry.is_partial())
+                .then(|| Arc::new(put.entry.clone()));
             config.store.put(put, fill.lock).await;
             if let Some(guard) = fill.guard {
                 guard.complete(shared);

@@ -13,7 +13,7 @@ use tracing::Instrument;
 use super::cache_status::{CacheStatus, add_cache_status};
 use super::miss::Fill;
 use super::tags::{TagHeaders, set_stored_tags, take_tags};
-use super::{Ctx, OriginBody, range, request, tee};
+use super::{Ctx, Keyed, OriginBody, range, request, tee};
 use crate::body::CacheBody;
 use crate::entry::Entry;
 use crate::freshness::{self, NotStored, Storable};
@@ -120,11 +120,7 @@ pub(crate) fn store_if_allowed<ResBody: OriginBody>(
     // The age is kept as `initial_age`, and `Age` written anew on each
     // hit: a stored one would only outlive the response it described.
     headers.remove(header::AGE);
-    if storable.directives.drop_set_cookie {
-        headers.remove(header::SET_COOKIE);
-    }
     set_stored_tags(&mut headers, &tags);
-    let vary = key::vary_names(&headers).unwrap_or_default();
     let template = Entry {
         status: parts.status,
         headers,
@@ -133,17 +129,44 @@ pub(crate) fn store_if_allowed<ResBody: OriginBody>(
         initial_age: freshness::initial_age(&parts.headers, request_time, response_time),
         lifetime: storable.lifetime,
     };
-    let put = Put {
-        url_hash: keyed.url_hash.clone(),
-        url: keyed.url.clone(),
-        variant: key::variant(&vary, &request.headers, &keyed.extra),
-        vary,
-        keep_for: keep_for(config, route, &template, storable.lifetime),
-        entry: template,
+    let put = put_for(
+        config,
+        keyed,
+        route,
+        &request.headers,
+        template,
+        &storable,
         tags,
-    };
+    );
     add_cache_status(&mut parts.headers, &status);
     Response::from_parts(parts, read_and_store(ctx, body, put, fill))
+}
+
+/// What to store of `entry`, which `storable` allowed: without a
+/// `Set-Cookie` the response qualified out, under the variant that the
+/// request headers `request` select.
+pub(crate) fn put_for(
+    config: &Config,
+    keyed: &Keyed,
+    route: &Route,
+    request: &http::HeaderMap,
+    mut entry: Entry,
+    storable: &Storable,
+    tags: Vec<String>,
+) -> Put {
+    if storable.directives.drop_set_cookie {
+        entry.headers.remove(header::SET_COOKIE);
+    }
+    let vary = key::vary_names(&entry.headers).unwrap_or_default();
+    Put {
+        url_hash: keyed.url_hash.clone(),
+        url: keyed.url.clone(),
+        variant: key::variant(&vary, request, &keyed.extra),
+        vary,
+        keep_for: keep_for(config, route, &entry, storable.lifetime),
+        entry,
+        tags,
+    }
 }
 
 /// Hands the body to the client while a task of its own reads it at the

@@ -381,30 +381,8 @@ impl RedisStore {
         url_hash: &str,
         purpose: LockPurpose,
     ) -> Result<LockAttempt, tower_redis_core::Error> {
-        let token = format!("{:016x}", rand::random::<u64>());
-        let ttl = u64::try_from(self.lock_ttl.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let key = self.redis_key(url_hash);
-        let mut invocation = DATA_LOCK.key(&key);
-        invocation
-            .arg(&token)
-            .arg(ttl)
-            .arg(&*DATA_VARIANT)
-            .arg(match purpose {
-                LockPurpose::Fill => "fill",
-                LockPurpose::Refresh(_) => "refresh",
-            })
-            .arg(match purpose {
-                LockPurpose::Fill => Vec::new(),
-                LockPurpose::Refresh(stored_at) => stored_at.to_be_bytes().to_vec(),
-            });
-        let answer = self.manager.invoke_script::<String>(&invocation).await?;
-        Ok(match answer.as_str() {
-            "acquired" => LockAttempt::Acquired(LockToken { token }),
-            "filled" => LockAttempt::Filled,
-            _ => LockAttempt::Held,
-        })
+        self.run_lock(&DATA_LOCK, url_hash, &DATA_VARIANT, purpose)
+            .await
     }
 }
 

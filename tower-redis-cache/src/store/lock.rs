@@ -58,16 +58,29 @@ impl RedisStore {
         variant: Option<&str>,
         purpose: LockPurpose,
     ) -> Result<LockAttempt, tower_redis_core::Error> {
+        self.run_lock(&redis_store::LOCK, url_hash, variant.unwrap_or(""), purpose)
+            .await
+    }
+
+    /// Runs a fill-lock script (`lock.lua`, or the data cache's, which take
+    /// the same arguments) for the variant field `variant`.
+    pub(super) async fn run_lock(
+        &self,
+        script: &tower_redis_core::redis::Script,
+        url_hash: &str,
+        variant: &str,
+        purpose: LockPurpose,
+    ) -> Result<LockAttempt, tower_redis_core::Error> {
         let token = format!("{:016x}", rand::random::<u64>());
         let ttl = u64::try_from(self.lock_ttl.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
         let key = self.redis_key(url_hash);
-        let mut invocation = redis_store::LOCK.key(&key);
+        let mut invocation = script.key(&key);
         invocation
             .arg(&token)
             .arg(ttl)
-            .arg(variant.unwrap_or(""))
+            .arg(variant)
             .arg(match purpose {
                 LockPurpose::Fill => "fill",
                 LockPurpose::Refresh(_) => "refresh",
