@@ -106,6 +106,25 @@ where
     ReqBody: Send + 'static,
     ResBody: OriginBody,
 {
+    /// Counts a miss; an `only-if-cached` request gets its `504` here
+    /// (RFC 9111 §5.2.1.7).
+    pub(super) fn count_miss(
+        &self,
+        tier: Tier,
+    ) -> Option<http::Response<crate::body::CacheBody<ResBody>>> {
+        self.ctx
+            .config
+            .store
+            .counters
+            .misses
+            .fetch_add(1, Ordering::Relaxed);
+        self.ctx
+            .keyed
+            .directives
+            .only_if_cached
+            .then(|| gateway_timeout(tier))
+    }
+
     /// Nothing usable was found (`reason`: `uri-miss` or `vary-miss`).
     pub(super) async fn on_miss(
         mut self,
@@ -113,15 +132,10 @@ where
         tier: Tier,
         wanted: Option<&RangeRequest>,
     ) -> Answer<ResBody, S::Error> {
-        let ctx = &self.ctx;
-        ctx.config
-            .store
-            .counters
-            .misses
-            .fetch_add(1, Ordering::Relaxed);
-        if ctx.keyed.directives.only_if_cached {
-            return Ok(gateway_timeout(tier));
+        if let Some(answer) = self.count_miss(tier) {
+            return Ok(answer);
         }
+        let ctx = &self.ctx;
         let status = CacheStatus::forward(reason, tier);
         if let Some(wanted) = wanted.filter(|_| ctx.config.forward_ranges) {
             // The range goes to the origin as the client sent it. Its answer

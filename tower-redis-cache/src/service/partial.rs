@@ -32,7 +32,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body::Body;
 
 use super::cache_status::{CacheStatus, add_cache_status};
-use super::hit::{gateway_timeout, serve};
+use super::hit::serve;
 use super::miss::Fill;
 use super::range::{self, RangeRequest, Span};
 use super::revalidate::merge_fields;
@@ -130,14 +130,8 @@ where
         wanted: Option<&RangeRequest>,
         tier: Tier,
     ) -> Answer<ResBody, S::Error> {
-        let ctx = &self.ctx;
-        ctx.config
-            .store
-            .counters
-            .misses
-            .fetch_add(1, Ordering::Relaxed);
-        if ctx.keyed.directives.only_if_cached {
-            return Ok(gateway_timeout(tier));
+        if let Some(answer) = self.count_miss(tier) {
+            return Ok(answer);
         }
         if let Some(wanted) = wanted {
             wanted.restore(&mut self.request);
@@ -179,15 +173,7 @@ where
             format!("bytes={first}-{last}")
         };
         let headers = request.headers_mut();
-        // The client's own conditionals are answered here, from the result.
-        for name in [
-            header::IF_NONE_MATCH,
-            header::IF_MODIFIED_SINCE,
-            header::IF_MATCH,
-            header::IF_UNMODIFIED_SINCE,
-        ] {
-            headers.remove(name);
-        }
+        request::remove_conditionals(headers);
         headers.insert(header::RANGE, range::header_value(&field));
         headers.insert(header::IF_RANGE, etag.clone());
         let request_time = SystemTime::now();

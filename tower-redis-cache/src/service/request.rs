@@ -35,6 +35,20 @@ pub enum RequestCacheControl {
     Ignore,
 }
 
+/// Removes the client's conditionals (`If-None-Match`, `If-Modified-Since`,
+/// `If-Match`, `If-Unmodified-Since`) from a request the cache sends on
+/// its own behalf; the client's are answered from the result.
+pub(crate) fn remove_conditionals(headers: &mut HeaderMap) {
+    for name in [
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+    ] {
+        headers.remove(name);
+    }
+}
+
 /// The request directives the cache acts on.
 pub(crate) fn directives(headers: &HeaderMap, policy: RequestCacheControl) -> RequestDirectives {
     match policy {

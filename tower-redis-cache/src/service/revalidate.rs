@@ -245,14 +245,7 @@ where
 /// Replaces the client's conditionals with the entry's validators.
 fn make_conditional<B>(request: &mut Request<B>, stored: &HeaderMap) {
     let headers = request.headers_mut();
-    for name in [
-        header::IF_NONE_MATCH,
-        header::IF_MODIFIED_SINCE,
-        header::IF_MATCH,
-        header::IF_UNMODIFIED_SINCE,
-    ] {
-        headers.remove(name);
-    }
+    request::remove_conditionals(headers);
     if let Some(etag) = stored.get(header::ETAG) {
         headers.insert(header::IF_NONE_MATCH, etag.clone());
     }
