@@ -136,9 +136,10 @@
 //!   the lock (coalescing off, a follower that gave up waiting, a forwarded
 //!   range); a tag or prefix purge (these delete what their index lists,
 //!   without tombstones) or a path purge of a URL whose first fill has not
-//!   been stored yet; lookups from replicas (`read_from_replicas`, which
-//!   may lag); and the data cache's own fills. Each can store or show the
-//!   old answer once, until its TTL or the next purge.
+//!   been stored yet; and lookups from replicas (`read_from_replicas`,
+//!   which may lag). Each can store or show the old answer once, until its
+//!   TTL or the next purge. The data cache's `remove` and purges hold the
+//!   same way against its fills that hold the value's fill lock.
 //! - **Near cache** (opt-in, [`CacheLayerBuilder::near_cache`]): hot entries
 //!   answered from process memory with no round trip (`detail=near`), kept
 //!   exact by **Redis client tracking**: near-tier lookups are read on the

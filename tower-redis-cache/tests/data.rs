@@ -1076,3 +1076,34 @@ async fn a_miss_is_four_commands_and_announces_only_to_waiters() {
         "announced to the waiter: {ran:?}"
     );
 }
+
+/// A value removed while its factory runs: the factory's value, made
+/// before the removal, is returned to its caller but not stored after it,
+/// so the next read is a miss.
+#[tokio::test]
+async fn a_fill_that_began_before_a_remove_does_not_store_after_it() {
+    let redis = TestRedis::start().await;
+    let a = Arc::new(instance(&redis, |b| b).await);
+    let options = DataOptions::new(Duration::from_secs(60)).near(false);
+    let calls = Arc::new(AtomicU64::new(0));
+    let filling = tokio::spawn({
+        let (a, options, calls) = (Arc::clone(&a), options.clone(), Arc::clone(&calls));
+        async move {
+            a.data
+                .get_or_insert_with(
+                    "product:9",
+                    &options,
+                    counted(&calls, "old", Duration::from_millis(300)),
+                )
+                .await
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while calls.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the factory was not called");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    a.data.remove("product:9").await.unwrap();
+    assert_eq!(filling.await.unwrap().unwrap(), product("old"));
+    assert_eq!(a.data.get::<Product>("product:9").await.unwrap(), None);
+}

@@ -46,10 +46,23 @@ pub(crate) static DATA_VARIANT: LazyLock<String> =
 /// The entry's response time (bytes 7..14, ms since the epoch, big-endian)
 /// is replaced with Redis' own clock, as `put.lua` does. The hash holds
 /// `vary`, one entry, and at times `lk`, `lw` (waiters) and `sp` (a soft
-/// purge): no bound on variants is needed.
+/// purge): no bound on variants is needed. As in `put.lua`, a fill whose
+/// value was removed or purged after it took its lock (a tombstone `pg`,
+/// or a soft-purge mark `sp`, and not its lock) drops its value: it was
+/// made before the removal. Returns 0 then (waiters are still woken), 1
+/// when stored.
 static DATA_PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+local held = redis.call('HMGET', KEYS[1], 'lk', 'lw', 'pg', 'sp')
+local release = ARGV[4] ~= '' and held[1] and string.sub(held[1], 1, #ARGV[4] + 1) == ARGV[4] .. ':'
+if ARGV[4] ~= '' and (held[3] or held[4]) and not release then
+  if held[2] then
+    redis.call('HDEL', KEYS[1], 'lw')
+    if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+  end
+  return 0
+end
 local entry = ARGV[2]
 if string.sub(entry, 1, 3) == 'TRC' and #entry >= 14 then
   local t = redis.call('TIME')
@@ -63,8 +76,6 @@ if string.sub(entry, 1, 3) == 'TRC' and #entry >= 14 then
 end
 redis.call('HSET', KEYS[1], 'vary', '', ARGV[1], entry)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-local held = redis.call('HMGET', KEYS[1], 'lk', 'lw')
-local release = ARGV[4] ~= '' and held[1] and string.sub(held[1], 1, #ARGV[4] + 1) == ARGV[4] .. ':'
 if release and held[2] then
   redis.call('HDEL', KEYS[1], 'lk', 'lw')
 elseif release then

@@ -16,13 +16,13 @@
 -- A fill whose URL was purged or soft-purged after it took its lock
 -- (delete.lua leaves `pg`, soft_purge.lua `sp`, and both drop the lock)
 -- asked the origin before the purge: its entry is dropped, not stored.
--- Returns 0 then, 1 when stored.
-if ARGV[6] ~= '' and (redis.call('HEXISTS', KEYS[1], 'pg') == 1
-    or redis.call('HEXISTS', KEYS[1], 'sp') == 1) then
-  local held = redis.call('HGET', KEYS[1], 'lk')
-  if not (held and string.sub(held, 1, #ARGV[6] + 1) == ARGV[6] .. ':') then
-    return 0
-  end
+-- Returns 0 then, 1 when stored. The lock is read once, here, and
+-- released at the end.
+local ours = false
+if ARGV[6] ~= '' then
+  local marks = redis.call('HMGET', KEYS[1], 'lk', 'pg', 'sp')
+  ours = marks[1] and string.sub(marks[1], 1, #ARGV[6] + 1) == ARGV[6] .. ':'
+  if (marks[2] or marks[3]) and not ours then return 0 end
 end
 local entry = ARGV[3]
 local t = redis.call('TIME')
@@ -58,10 +58,5 @@ if not keep_complete then
     redis.call('PEXPIRE', KEYS[1], ARGV[4])
   end
 end
-if ARGV[6] ~= '' then
-  local held = redis.call('HGET', KEYS[1], 'lk')
-  if held and string.sub(held, 1, #ARGV[6] + 1) == ARGV[6] .. ':' then
-    redis.call('HDEL', KEYS[1], 'lk')
-  end
-end
+if ours then redis.call('HDEL', KEYS[1], 'lk') end
 return 1
