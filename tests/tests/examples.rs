@@ -1615,6 +1615,11 @@ async fn caching_proxy_caches_forwards_streams_and_reports_a_dead_upstream() {
     );
 }
 
+/// A GET of `url` with `Range: range`.
+async fn get_range(client: &Client<HttpConnector, ClientBody>, url: &str, range: &str) -> Reply {
+    send(client, Method::GET, url, &[("range", range)], "").await
+}
+
 /// `caching_proxy --forward-ranges`: a range miss goes upstream with its
 /// `Range` as the client sent it, the `206` is stored as a partial entry,
 /// and a sub-range of it is then answered from the cache.
@@ -1639,14 +1644,8 @@ async fn caching_proxy_forward_ranges_stores_the_partial_answer() {
     let http = http_client();
     let whole = String::from_utf8(ranged_body()).expect("ASCII");
 
-    let first = send(
-        &http,
-        Method::GET,
-        &proxy.url("/ranged"),
-        &[("range", "bytes=10-19")],
-        "",
-    )
-    .await;
+    let url = proxy.url("/ranged");
+    let first = get_range(&http, &url, "bytes=10-19").await;
     assert_eq!(first.status, StatusCode::PARTIAL_CONTENT, "{first:?}");
     assert_eq!(first.body, whole[10..20]);
     assert_eq!(first.header("content-range"), "bytes 10-19/100");
@@ -1657,14 +1656,7 @@ async fn caching_proxy_forward_ranges_stores_the_partial_answer() {
     );
     wait_for_keys(&redis, CACHE_KEYS, 1).await;
 
-    let sub = send(
-        &http,
-        Method::GET,
-        &proxy.url("/ranged"),
-        &[("range", "bytes=12-15")],
-        "",
-    )
-    .await;
+    let sub = get_range(&http, &url, "bytes=12-15").await;
     assert_eq!(sub.status, StatusCode::PARTIAL_CONTENT, "{sub:?}");
     assert_eq!(sub.body, whole[12..16]);
     assert_eq!(sub.header("content-range"), "bytes 12-15/100");

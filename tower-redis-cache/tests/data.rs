@@ -1085,24 +1085,23 @@ async fn a_fill_that_began_before_a_remove_does_not_store_after_it() {
     let redis = TestRedis::start().await;
     let a = Arc::new(instance(&redis, |b| b).await);
     let options = DataOptions::new(Duration::from_secs(60)).near(false);
-    let calls = Arc::new(AtomicU64::new(0));
+    let (started, factory_started) = tokio::sync::oneshot::channel();
     let filling = tokio::spawn({
-        let (a, options, calls) = (Arc::clone(&a), options.clone(), Arc::clone(&calls));
+        let (a, options) = (Arc::clone(&a), options.clone());
         async move {
             a.data
-                .get_or_insert_with(
-                    "product:9",
-                    &options,
-                    counted(&calls, "old", Duration::from_millis(300)),
-                )
+                .get_or_insert_with("product:9", &options, move || async move {
+                    let _ = started.send(());
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok::<_, String>(product("old"))
+                })
                 .await
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while calls.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the factory was not called");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(5), factory_started)
+        .await
+        .expect("the factory was not called")
+        .unwrap();
     a.data.remove("product:9").await.unwrap();
     assert_eq!(filling.await.unwrap().unwrap(), product("old"));
     assert_eq!(a.data.get::<Product>("product:9").await.unwrap(), None);

@@ -1082,15 +1082,6 @@ async fn a_purge_returns_only_once_the_purging_instance_cannot_serve_the_old_cop
     }
 }
 
-/// Waits (at most 5 s) until the origin has been asked for `path` `n` times.
-async fn origin_called(origin: &Origin, path: &str, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while origin.calls(path) < n {
-        assert!(Instant::now() < deadline, "the origin was not called");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
 /// A fill that asked the origin before a purge of its URL does not store
 /// its answer after the purge, whether the URL is purged once or twice:
 /// the next request goes to the origin instead of finding the purged
@@ -1113,7 +1104,7 @@ async fn a_fill_that_began_before_a_purge_does_not_store_after_it() {
             let a = Arc::clone(&a);
             async move { get(&a.app, path).await }
         });
-        origin_called(&origin, path, 1).await;
+        origin.wait_for_calls(path, 1).await;
         for purge in purges {
             a.layer.handle().purge_url(purge).await.unwrap();
         }
@@ -1145,7 +1136,7 @@ async fn a_revalidation_that_began_before_a_path_purge_does_not_store_after_it()
         let a = Arc::clone(&a);
         async move { call(&a.app, request("/item/1", &[("cache-control", "no-cache")])).await }
     });
-    origin_called(&origin, "/item/1", 2).await;
+    origin.wait_for_calls("/item/1", 2).await;
     let purged = a.layer.handle().purge_url("/item/1").await.unwrap();
     assert_eq!(purged.urls, 1);
     assert_eq!(revalidating.await.unwrap().body, "item-1-v2");
@@ -1167,7 +1158,7 @@ async fn a_request_after_a_purge_does_not_follow_a_flight_from_before_it() {
         let a = Arc::clone(&a);
         async move { get(&a.app, "/item/1").await }
     });
-    origin_called(&origin, "/item/1", 1).await;
+    origin.wait_for_calls("/item/1", 1).await;
     a.layer
         .handle()
         .purge_url("http://shop.example/item/1")
@@ -1198,7 +1189,7 @@ async fn a_request_after_an_invalidation_does_not_follow_a_flight_from_before_it
         let a = Arc::clone(&a);
         async move { call(&a.app, request("/item/1", &tenant)).await }
     });
-    origin_called(&origin, "/item/1", 1).await;
+    origin.wait_for_calls("/item/1", 1).await;
     let put = call(&a.app, support::request_with("PUT", "/item/1", &[])).await;
     assert_eq!(put.status, StatusCode::OK);
     let after = call(&a.app, request("/item/1", &tenant)).await;

@@ -72,9 +72,7 @@ impl RedisStore {
         purpose: LockPurpose,
     ) -> Result<LockAttempt, tower_redis_core::Error> {
         let token = format!("{:016x}", rand::random::<u64>());
-        let ttl = u64::try_from(self.lock_ttl.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let ttl = self.lock_ttl_ms();
         let key = self.redis_key(url_hash);
         let mut invocation = script.key(&key);
         invocation

@@ -100,19 +100,20 @@ impl RedisStore {
             .await
     }
 
-    /// Deletes URLs' entries and announces each.
     /// Deletes a URL's entries, leaving a tombstone for as long as a fill
     /// lock lives (see `delete.lua`).
     pub(super) fn delete(&self, url_hash: &str) -> ScriptInvocation<'static> {
         let mut delete = DELETE.key(self.redis_key(url_hash));
-        delete.arg(
-            u64::try_from(self.lock_ttl.as_millis())
-                .unwrap_or(u64::MAX)
-                .max(1),
-        );
+        delete.arg(self.lock_ttl_ms());
         delete
     }
 
+    /// The fill lock's lifetime, in ms (at least 1).
+    pub(super) fn lock_ttl_ms(&self) -> u64 {
+        tower_redis_core::clock::duration_ms(self.lock_ttl).max(1)
+    }
+
+    /// Deletes URLs' entries and announces each.
     pub(super) fn delete_ops<'a>(&self, url_hashes: impl Iterator<Item = &'a str>) -> Vec<Op> {
         let mut ops = Vec::new();
         for url_hash in url_hashes {
