@@ -5,6 +5,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwapOption;
+
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult, Script, ScriptInvocation};
@@ -27,6 +29,13 @@ pub(crate) enum Backend {
         sentinel: Option<Arc<SentinelDiscovery>>,
         /// The Sentinel `+switch-master` listeners, stopped on drop.
         _watchers: Option<SwitchWatchers>,
+        /// With a pool of one (the default), the connection in use, so
+        /// that a checkout is a clone of it and not a trip through bb8
+        /// (its lock, its timer and the pool's metrics cost more than the
+        /// command itself at high concurrency). It is used only while it is
+        /// unbroken and of the current generation; else the checkout goes
+        /// through the pool as before and keeps what that gives.
+        live: ArcSwapOption<Live>,
     },
     Cluster {
         client: Box<ClusterClient>,
@@ -161,6 +170,23 @@ fn is_noscript(error: &RedisError) -> bool {
 
 pub(crate) type CheckedOut = (RedisConnection, Option<Arc<AtomicBool>>);
 
+/// A pooled connection kept for checkouts without the pool (see
+/// `Backend::Standalone::live`).
+pub(crate) struct Live {
+    conn: redis::aio::MultiplexedConnection,
+    broken: Arc<AtomicBool>,
+    generation: u64,
+}
+
+impl Live {
+    fn checked_out(&self) -> CheckedOut {
+        (
+            RedisConnection::standalone(self.conn.clone()),
+            Some(Arc::clone(&self.broken)),
+        )
+    }
+}
+
 impl Backend {
     pub(crate) fn new(config: &RedisConfig) -> Result<Self, ConfigError> {
         match config.topology() {
@@ -256,6 +282,7 @@ impl Backend {
             pool_size: config.pool_size(),
             sentinel,
             _watchers: watchers,
+            live: ArcSwapOption::empty(),
         }
     }
 
@@ -282,43 +309,60 @@ impl Backend {
                 pool,
                 generation,
                 pool_size,
+                live,
                 ..
             } => {
+                if *pool_size == 1
+                    && let Some(kept) = &*live.load()
+                    && !kept.broken.load(Ordering::Acquire)
+                    && kept.generation == generation.load(Ordering::Acquire)
+                {
+                    return Ok(kept.checked_out());
+                }
                 // Stale connections (from before an outage, or broken) are
                 // dropped by bb8 when their guard goes back; try the next.
                 for _ in 0..=*pool_size {
-                    if pool.state().connections == 0 {
+                    let usable = if pool.state().connections == 0 {
                         // An empty pool: bb8 would connect in the background
                         // and make `get` wait, hiding the reason a connect
                         // failed until its timeout. Connect here instead, so
                         // a refused connection is known (and opens the
                         // breaker) at once, then give the result to the pool.
                         let fresh = pool.dedicated_connection().await?;
-                        let checked_out = (
-                            RedisConnection::standalone(fresh.conn.clone()),
-                            Some(Arc::clone(&fresh.broken)),
-                        );
+                        let usable = Live {
+                            conn: fresh.conn.clone(),
+                            broken: Arc::clone(&fresh.broken),
+                            generation: fresh.generation(),
+                        };
                         // A full pool refuses it; the clone above still works.
                         let _ = pool.add(fresh);
-                        return Ok(checked_out);
+                        usable
+                    } else {
+                        let waited = crate::record::Started::now();
+                        let guard = pool.get().await.map_err(pool_error)?;
+                        let state = pool.state();
+                        crate::record::pool_checkout(
+                            waited,
+                            state.connections,
+                            state.idle_connections,
+                            *pool_size,
+                        );
+                        if guard.broken.load(Ordering::Acquire)
+                            || guard.generation() != generation.load(Ordering::Acquire)
+                        {
+                            continue;
+                        }
+                        Live {
+                            conn: guard.conn.clone(),
+                            broken: Arc::clone(&guard.broken),
+                            generation: guard.generation(),
+                        }
+                    };
+                    let checked_out = usable.checked_out();
+                    if *pool_size == 1 {
+                        live.store(Some(Arc::new(usable)));
                     }
-                    let waited = crate::record::Started::now();
-                    let guard = pool.get().await.map_err(pool_error)?;
-                    let state = pool.state();
-                    crate::record::pool_checkout(
-                        waited,
-                        state.connections,
-                        state.idle_connections,
-                        *pool_size,
-                    );
-                    if !guard.broken.load(Ordering::Acquire)
-                        && guard.generation() == generation.load(Ordering::Acquire)
-                    {
-                        return Ok((
-                            RedisConnection::standalone(guard.conn.clone()),
-                            Some(Arc::clone(&guard.broken)),
-                        ));
-                    }
+                    return Ok(checked_out);
                 }
                 Err(RedisError::from((
                     redis::ErrorKind::Io,
