@@ -25,6 +25,56 @@ pub fn counter(name: &'static str, labels: Labels<'_>, value: u64) {
     let _ = (name, labels, value);
 }
 
+/// A counter whose name and labels are fixed, for hot paths: its key is
+/// built on first use and kept, so that counting allocates nothing (the
+/// `metrics` macros build the key, labels included, on every call).
+/// Declare one `static` per label set.
+///
+/// ```
+/// use tower_redis_core::record::Counter;
+///
+/// static NEAR_HITS: Counter = Counter::new("my_near_hits_total", &[("tier", "near")]);
+/// NEAR_HITS.increment(1);
+/// ```
+#[derive(Debug)]
+pub struct Counter {
+    name: &'static str,
+    labels: Labels<'static>,
+    #[cfg(feature = "metrics")]
+    key: std::sync::OnceLock<metrics::Key>,
+}
+
+impl Counter {
+    /// The counter `name` with `labels`.
+    pub const fn new(name: &'static str, labels: Labels<'static>) -> Self {
+        Self {
+            name,
+            labels,
+            #[cfg(feature = "metrics")]
+            key: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Adds `value` to it, through the recorder in effect now (a local
+    /// one, else the global one), as the `metrics` macros do.
+    #[inline]
+    pub fn increment(&self, value: u64) {
+        #[cfg(feature = "metrics")]
+        {
+            static METADATA: metrics::Metadata<'static> =
+                metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+            let key = self
+                .key
+                .get_or_init(|| metrics::Key::from_parts(self.name, self.labels));
+            metrics::with_recorder(|recorder| {
+                recorder.register_counter(key, &METADATA).increment(value);
+            });
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = (self.name, self.labels, value);
+    }
+}
+
 /// Sets the gauge `name` with `labels` to `value`.
 #[inline]
 pub fn gauge(name: &'static str, labels: Labels<'_>, value: f64) {

@@ -18,7 +18,7 @@ use tower_redis_core::clock;
 use tracing::Instrument;
 
 use super::value::{self, Stored};
-use super::{Codec, DataCache, DataError, DataOptions, count, put};
+use super::{Codec, DataCache, DataError, DataOptions, Lookup, count, put};
 use crate::entry::Entry;
 use crate::service::coalesce::{self as flight, FlightGuard, Joined, Outcome};
 use crate::store::{LockAttempt, LockPurpose, LockToken, Tier};
@@ -75,7 +75,7 @@ impl<C: Codec> DataCache<C> {
                 .store
                 .data_near_hit::<C, T>(key, options.eager_refresh)
         {
-            count("hit", Tier::Near);
+            count(Lookup::Hit, Tier::Near);
             return Ok(value);
         }
         let span = tracing::debug_span!(target: "tower_redis_cache", "data", key);
@@ -104,7 +104,7 @@ impl<C: Codec> DataCache<C> {
         let mut stale = None;
         if let Some((stored, value)) = found {
             if stored.is_fresh(now) {
-                count("hit", tier);
+                count(Lookup::Hit, tier);
                 if let Some(fraction) = options.eager_refresh
                     && stored.age_ms(now) as f64 >= fraction * stored.ttl_ms as f64
                 {
@@ -117,7 +117,14 @@ impl<C: Codec> DataCache<C> {
                 stale = Some((stored, value));
             }
         }
-        count(if stale.is_some() { "stale" } else { "miss" }, tier);
+        count(
+            if stale.is_some() {
+                Lookup::Stale
+            } else {
+                Lookup::Miss
+            },
+            tier,
+        );
         let stale_entry = stale.as_ref().map(|(stored, _)| stored.clone());
         // Boxed: a hit's future carries none of the miss's state.
         let url = value::url(key)?;

@@ -222,18 +222,18 @@ impl<C: Codec> DataCache<C> {
         T: DeserializeOwned + Clone + Send + Sync + 'static,
     {
         if let Some(value) = self.inner.store.data_near_hit::<C, T>(key, None) {
-            count("hit", Tier::Near);
+            count(Lookup::Hit, Tier::Near);
             return Ok(Some(value));
         }
         let url_hash = value::url_hash(key)?;
         let (found, tier) = self.read::<T>(key, &url_hash, true, None).await;
         Ok(match found {
             Some((stored, value)) if stored.is_fresh(clock::now_ms()) => {
-                count("hit", tier);
+                count(Lookup::Hit, tier);
                 Some(value)
             }
             _ => {
-                count("miss", tier);
+                count(Lookup::Miss, tier);
                 None
             }
         })
@@ -362,16 +362,32 @@ fn put(
     }
 }
 
-/// Counts a lookup (`tower_redis_cache_data_total`).
-fn count(result: &'static str, tier: Tier) {
-    let tier = match tier {
-        Tier::Redis => "redis",
-        Tier::Near => "near",
-        Tier::Degraded => "in-process",
+/// Counts a lookup (`tower_redis_cache_data_total`), without allocating:
+/// a near hit costs about what an in-process cache's lookup does, and the
+/// key of a counter with labels is as dear as the lookup.
+fn count(result: Lookup, tier: Tier) {
+    macro_rules! counters {
+        ($($result:literal),*) => {
+            [$([
+                record::Counter::new("tower_redis_cache_data_total", &[("result", $result), ("tier", "redis")]),
+                record::Counter::new("tower_redis_cache_data_total", &[("result", $result), ("tier", "near")]),
+                record::Counter::new("tower_redis_cache_data_total", &[("result", $result), ("tier", "in-process")]),
+            ]),*]
+        };
+    }
+    static COUNTERS: [[record::Counter; 3]; 3] = counters!("hit", "miss", "stale");
+    let column = match tier {
+        Tier::Redis => 0,
+        Tier::Near => 1,
+        Tier::Degraded => 2,
     };
-    record::counter(
-        "tower_redis_cache_data_total",
-        &[("result", result), ("tier", tier)],
-        1,
-    );
+    COUNTERS[result as usize][column].increment(1);
+}
+
+/// What a lookup found, as `tower_redis_cache_data_total` counts it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Lookup {
+    Hit = 0,
+    Miss = 1,
+    Stale = 2,
 }
