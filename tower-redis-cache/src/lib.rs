@@ -212,8 +212,11 @@
 //! `Accept-Language` (it would need every variant read on a lookup: more
 //! than one round trip); several ranges in one request (`bytes=0-1,5-6`:
 //! the whole `200`); completing a partial entry for a request without
-//! `Range`, or one that has no strong `ETag` (such requests are forwarded,
-//! and the answer replaces the partial entry); combining more than one
+//! `Range` (it is forwarded whole and its answer replaces the partial
+//! entry: a cache that asked the origin for the missing bytes on such a
+//! request would have nothing correct to answer with when the origin's
+//! part cannot be combined, short of a second request), or one without a
+//! strong validator (forwarded); combining more than one
 //! span per entry (a range apart from the stored span is forwarded and its
 //! answer replaces it).
 //!
@@ -252,6 +255,7 @@
 //! | 9111 §3.4 | a range hit is one round trip (the whole entry is read: the body is not laid out for partial reads) | on | `conformance::a_range_hit_is_one_round_trip` |
 //! | 9111 §3.3 | a range miss forwarded with its `Range`; a `206` with one `Content-Range: bytes a-b/N` and a strong `ETag` or none stored as a partial entry; ranges inside its span served from it (`206`, one round trip: the entry holds only the span), past the end `416`; a request without `Range` never served from it (`Cache-Status: fwd=partial`) | off ([`CacheLayerBuilder::forward_ranges`]) | `conformance::partial_responses_are_stored_and_serve_the_ranges_inside_them` |
 //! | 9111 §3.4 | a range reaching past a partial entry completed with a range request for the missing bytes, `If-Range` the stored strong `ETag`; combined and stored with the new fields, a complete `200` once it covers `0..N` | on, once a partial entry exists | `conformance::a_partial_response_is_completed_with_a_range_request_for_the_missing_bytes` |
+//! | 9111 §3.4, 9110 §8.8.2.2 | without an `ETag`, a `Last-Modified` at least 60 s before the entry's `Date` is its strong validator: sent in `If-Range`, and parts combined only under the same date; a weak one is never completed | on, once a partial entry exists | `conformance::a_partial_response_without_etag_is_completed_under_a_strong_last_modified` |
 //! | 9111 §3.4 | ranges from different validators never combined: another `206` replaces the partial entry and is passed on as it is, a `200` is stored whole | on | `conformance::ranges_with_different_validators_are_never_combined` |
 //! | 9111 §3.4, §4.3.4 | a `206` of a stored complete response (same strong `ETag` and length) updates its fields but `Content-Range`, `Content-Length` and a `multipart/byteranges` `Content-Type`, and keeps the others | on | `conformance::a_stored_response_takes_the_fields_of_a_206_of_the_same_representation` |
 //! | 9111 §3.3, §4 | a forwarded range neither leads nor follows a whole-response flight; a partial entry never replaces a fresh complete one; partial entries kept in process while Redis is down; one variant among a URL's (`Vary`), tagged and purged like any entry, stored only within `max_body_bytes` | on | `conformance::a_forwarded_range_never_joins_a_whole_response_flight`, `conformance::partial_entries_are_kept_in_process_while_redis_is_down`, `conformance::partial_entries_follow_vary_tags_purges_and_the_size_limit` |

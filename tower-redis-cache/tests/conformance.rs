@@ -1049,12 +1049,24 @@ fn ranged(
     etag: &str,
     extra: &[(&str, &str)],
 ) -> Response<Body> {
-    let len = body.len();
-    let mut fields = vec![("cache-control", "max-age=3600"), ("etag", etag)];
+    let mut fields = vec![("etag", etag)];
     fields.extend_from_slice(extra);
+    ranged_under(headers, body, etag, &fields)
+}
+
+/// [`ranged`] for a representation whose validator (what `If-Range` must
+/// name for the range to be sent) is `validator`, with `fields`.
+fn ranged_under(
+    headers: &HeaderMap,
+    body: &'static str,
+    validator: &str,
+    fields: &[(&str, &str)],
+) -> Response<Body> {
+    let len = body.len();
+    let mut fields = [&[("cache-control", "max-age=3600")], fields].concat();
     let if_range_holds = headers
         .get("if-range")
-        .is_none_or(|tag| tag.to_str().unwrap() == etag);
+        .is_none_or(|tag| tag.to_str().unwrap() == validator);
     let range = headers.get("range").filter(|_| if_range_holds).map(|v| {
         v.to_str()
             .unwrap()
@@ -1222,6 +1234,58 @@ async fn a_partial_response_is_completed_with_a_range_request_for_the_missing_by
     assert!(whole.header("content-range").is_none());
     assert_eq!(whole.header("x-part"), Some("3"));
     assert_eq!(f.calls("/video"), 3, "the entry became a complete 200");
+}
+
+/// RFC 9111 §3.4, RFC 9110 §8.8.2.2: a partial entry without an `ETag` is
+/// completed under its `Last-Modified` when a cache may treat that as
+/// strong (at least 60 seconds before the entry's `Date`): the date goes in
+/// `If-Range`, and the origin's part is combined only because it carries
+/// the same date. A `Last-Modified` closer to its `Date` is weak: the range
+/// is forwarded as the client sent it, without `If-Range`, and nothing is
+/// combined.
+#[tokio::test]
+async fn a_partial_response_without_etag_is_completed_under_a_strong_last_modified() {
+    let f = Fixture::new(|b| b.forward_ranges(true)).await;
+    let now = SystemTime::now();
+    let date = format_date(now, false);
+    let strong = format_date(now - Duration::from_secs(3600), false);
+    let weak = format_date(now - Duration::from_secs(10), false);
+    for (path, modified) in [("/strong", strong.clone()), ("/weak", weak.clone())] {
+        let date = date.clone();
+        f.on(path, move |_, headers| {
+            let fields = [
+                ("last-modified", modified.as_str()),
+                ("date", date.as_str()),
+            ];
+            ranged_under(headers, TWENTY, &modified, &fields)
+        });
+    }
+
+    f.get("/strong", &[("range", "bytes=0-4")]).await;
+    let completed = f.get("/strong", &[("range", "bytes=0-9")]).await;
+    assert_eq!(
+        (completed.status, completed.body.as_str()),
+        (206, "0123456789")
+    );
+    let asked = f.origin.request("/strong", 2);
+    assert_eq!(asked["range"], "bytes=5-9", "only the missing bytes");
+    assert_eq!(asked["if-range"], strong.as_str());
+    let again = f.get("/strong", &[("range", "bytes=2-8")]).await;
+    assert_eq!((again.status, again.body.as_str()), (206, "2345678"));
+    assert_eq!(f.calls("/strong"), 2, "the combined span is served");
+
+    f.get("/weak", &[("range", "bytes=0-4")]).await;
+    let forwarded = f.get("/weak", &[("range", "bytes=0-9")]).await;
+    assert_eq!(
+        (forwarded.status, forwarded.body.as_str()),
+        (206, "0123456789")
+    );
+    let asked = f.origin.request("/weak", 2);
+    assert_eq!(
+        asked["range"], "bytes=0-9",
+        "forwarded as the client sent it"
+    );
+    assert!(asked.get("if-range").is_none());
 }
 
 /// RFC 9111 §3.4: ranges are combined only under the same strong

@@ -7,16 +7,18 @@
 //!   the end of the representation is answered `416`.
 //! - A range that reaches past the span but joins it is completed: the
 //!   origin is asked for the missing bytes with `If-Range` set to the
-//!   stored strong `ETag`, and the answer is combined with the span only
-//!   when it is a `206` with the same strong `ETag` and length, whose
-//!   bytes join the span. The combination takes the new response's fields
+//!   stored strong validator (its strong `ETag`; without any `ETag`, a
+//!   `Last-Modified` at least 60 seconds before its `Date`, which RFC 9110
+//!   §8.8.2.2 lets a cache treat as strong), and the answer is combined
+//!   with the span only when it is a `206` with the same strong validator
+//!   and length, whose bytes join the span. The combination takes the new response's fields
 //!   (but its `Content-Range` and `Content-Length`) and is stored; once it
 //!   covers `0..N` it is a complete `200` entry. Anything else is never
 //!   combined: a `200` (the representation changed) is stored whole and
 //!   the range cut from it, another `206` replaces the partial entry and is
 //!   passed on as the origin sent it.
 //! - Any other request (no range, a range apart from the span, a partial
-//!   entry without a strong `ETag`, stale, or an `If-Range` the span does
+//!   entry without a strong validator, stale, or an `If-Range` the span does
 //!   not satisfy) is forwarded, with its range if it has one
 //!   (`Cache-Status: fwd=partial`). A request without a range is never
 //!   answered from a partial entry.
@@ -46,11 +48,12 @@ use crate::store::Tier;
 use tower_redis_core::clock;
 
 /// What a completion asks of the origin: the stored entry, its span and
-/// strong `ETag`, and the bytes the client wants.
+/// strong validator (`ETag`, or a strong `Last-Modified`), and the bytes the
+/// client wants.
 struct Completion {
     entry: Entry,
     span: Span,
-    etag: HeaderValue,
+    validator: HeaderValue,
     wanted: (u64, u64),
 }
 
@@ -102,8 +105,7 @@ where
                     complete: span.complete,
                 };
                 let joined_len = span.last.max(end) - span.first.min(start) + 1;
-                let etag = range::strong_etag(&entry.headers).cloned();
-                if let Some(etag) = etag
+                if let Some(validator) = range::strong_validator(&entry.headers)
                     && span.joins(asked)
                     && joined_len <= config.max_body_bytes as u64
                     && !keyed.directives.only_if_cached
@@ -111,7 +113,7 @@ where
                     let completion = Completion {
                         entry,
                         span,
-                        etag,
+                        validator,
                         wanted: (start, end),
                     };
                     return Box::pin(self.complete(completion, tier)).await;
@@ -155,7 +157,7 @@ where
         let Completion {
             entry,
             span,
-            etag,
+            validator,
             wanted: (start, end),
         } = completion;
         // The missing bytes: before the span, after it, or both (then the
@@ -175,12 +177,11 @@ where
         let headers = request.headers_mut();
         request::remove_conditionals(headers);
         headers.insert(header::RANGE, range::header_value(&field));
-        headers.insert(header::IF_RANGE, etag.clone());
+        headers.insert(header::IF_RANGE, validator.clone());
         let request_time = SystemTime::now();
         let response = inner.call(request).await?;
         let status = CacheStatus::forward("partial", tier).with_fwd_status(response.status());
-        let same_tag = range::strong_etag(response.headers())
-            .is_some_and(|tag| tag.as_bytes().trim_ascii() == etag.as_bytes().trim_ascii());
+        let same_tag = range::has_validator(response.headers(), &validator);
         let part = Some(response.status())
             .filter(|s| *s == StatusCode::PARTIAL_CONTENT && same_tag)
             .and_then(|_| range::content_range(response.headers()))

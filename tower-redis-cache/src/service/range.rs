@@ -168,6 +168,60 @@ pub(crate) fn strong_etag(headers: &HeaderMap) -> Option<&HeaderValue> {
     }
 }
 
+/// The strong validator of a stored response that a completion sends in
+/// `If-Range` and combines parts under (RFC 9111 §3.4): its strong `ETag`;
+/// else, when it has no `ETag` at all, its `Last-Modified` if that is
+/// strong for a cache: at least 60 seconds before the entry's `Date`
+/// (RFC 9110 §8.8.2.2). `None`: the entry is never completed.
+pub(crate) fn strong_validator(headers: &HeaderMap) -> Option<HeaderValue> {
+    if let Some(etag) = strong_etag(headers) {
+        return Some(etag.clone());
+    }
+    if headers.contains_key(header::ETAG) {
+        return None;
+    }
+    strong_last_modified(headers).cloned()
+}
+
+/// Whether a response carries the same strong validator as `validator`
+/// (from [`strong_validator`]): the same strong `ETag`, or, for a date, no
+/// `ETag` and the same `Last-Modified`, strong under the response's own
+/// `Date`.
+pub(crate) fn has_validator(headers: &HeaderMap, validator: &HeaderValue) -> bool {
+    let wanted = validator.as_bytes().trim_ascii();
+    if wanted.first() == Some(&b'"') {
+        return strong_etag(headers).is_some_and(|tag| tag.as_bytes().trim_ascii() == wanted);
+    }
+    if headers.contains_key(header::ETAG) {
+        return false;
+    }
+    match (
+        strong_last_modified(headers).and_then(|v| freshness::http_date(v.as_bytes())),
+        freshness::http_date(wanted),
+    ) {
+        (Some(modified), Some(stored)) => modified == stored,
+        _ => false,
+    }
+}
+
+/// A `Last-Modified` that a cache may treat as strong (RFC 9110 §8.8.2.2):
+/// one valid date, at least 60 seconds before the response's `Date`.
+fn strong_last_modified(headers: &HeaderMap) -> Option<&HeaderValue> {
+    let one = |name| {
+        let mut values = headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (Some(value), None) => Some(value),
+            _ => None,
+        }
+    };
+    let modified = one(header::LAST_MODIFIED)?;
+    let at = freshness::http_date(modified.as_bytes())?;
+    let sent = freshness::http_date(one(header::DATE)?.as_bytes())?;
+    sent.duration_since(at)
+        .is_ok_and(|d| d.as_secs() >= 60)
+        .then_some(modified)
+}
+
 /// Whether a `206` may be stored as a partial entry (RFC 9111 §3.3): one
 /// span of a known length, a single part (not `multipart/byteranges`), and
 /// a strong `ETag` or no `ETag` at all (a weak one could never be combined
