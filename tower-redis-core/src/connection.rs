@@ -256,6 +256,9 @@ pub(crate) struct SentinelDiscovery {
     /// Woken when a Sentinel announces a new primary, so that the recovery
     /// probe connects at once instead of at its next backoff step.
     switched: Arc<Notify>,
+    /// A replica the leading Sentinel told to become primary is being
+    /// watched (one at a time: see [`SentinelDiscovery::watch_promotion`]).
+    watching: AtomicBool,
 }
 
 impl SentinelDiscovery {
@@ -272,7 +275,50 @@ impl SentinelDiscovery {
             connect_timeout: config.connect_timeout(),
             announced: Mutex::new(None),
             switched: Arc::new(Notify::new()),
+            watching: AtomicBool::new(false),
         })
+    }
+
+    /// Watches `address`, the replica that the leading Sentinel has just
+    /// told to become primary (`+failover-state-wait-promotion`), and
+    /// announces it (a new pool generation, the recovery probe woken) as
+    /// soon as it says `ROLE master` itself: the Sentinels only announce the
+    /// promotion (`+promoted-slave`) once their next `INFO` of the replica
+    /// shows it, up to a second later. Asked every 20 ms, for at most
+    /// [`PROMOTION_WATCH`]; one replica is watched at a time, so a flood of
+    /// announcements starts no more work. The Sentinels' own announcements
+    /// still apply; a replica that never takes the role is never used.
+    pub(crate) async fn watch_promotion(
+        self: Arc<Self>,
+        address: (String, u16),
+        generation: Arc<AtomicU64>,
+    ) {
+        if self.watching.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let settings = pooled_connection_config(self.connect_timeout);
+        let deadline = tokio::time::Instant::now() + PROMOTION_WATCH;
+        while tokio::time::Instant::now() < deadline {
+            if lock(&self.announced).as_ref() == Some(&address) {
+                break;
+            }
+            let (host, port) = (&address.0, address.1);
+            let checked = tokio::time::timeout(
+                self.connect_timeout,
+                self.connect_checked(host, port, &settings),
+            )
+            .await;
+            if let Ok(Ok(_)) = checked {
+                if self.announce(address.clone()) {
+                    generation.fetch_add(1, Ordering::AcqRel);
+                    tracing::info!(target: "tower_redis", address = %format!("{host}:{port}"), "the replica a Sentinel is promoting says it is the primary; reconnecting");
+                }
+                self.switched.notify_one();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.watching.store(false, Ordering::Release);
     }
 
     /// Woken each time a Sentinel announces a new primary.
@@ -446,7 +492,9 @@ impl SentinelDiscovery {
 }
 
 /// Listens to every Sentinel's `+promoted-slave` and `+switch-master`
-/// announcements. When the primary named `master_name` moves, it starts a
+/// announcements, and to `+failover-state-wait-promotion`, after which the
+/// replica being promoted is watched until it says it is the primary
+/// ([`SentinelDiscovery::watch_promotion`]). When the primary named `master_name` moves, it starts a
 /// new pool generation, so that no operation keeps writing to a primary the
 /// Sentinels have replaced (the demoted primary would acknowledge writes
 /// until the Sentinels reconfigure it, seconds later, and then drop them);
@@ -500,6 +548,7 @@ struct SwitchWatcher {
 impl SwitchWatcher {
     const SWITCH: &'static str = "+switch-master";
     const PROMOTED: &'static str = "+promoted-slave";
+    const PROMOTING: &'static str = "+failover-state-wait-promotion";
     const RETRY: Duration = Duration::from_secs(1);
 
     async fn run(self) {
@@ -518,7 +567,9 @@ impl SwitchWatcher {
     async fn listen(&self, connect_timeout: Duration) -> RedisResult<()> {
         let subscribe = async {
             let mut pubsub = self.client.get_async_pubsub().await?;
-            pubsub.subscribe(&[Self::SWITCH, Self::PROMOTED]).await?;
+            pubsub
+                .subscribe(&[Self::SWITCH, Self::PROMOTED, Self::PROMOTING])
+                .await?;
             Ok::<_, RedisError>(pubsub)
         };
         let pubsub = tokio::time::timeout(connect_timeout, subscribe)
@@ -536,6 +587,11 @@ impl SwitchWatcher {
             else {
                 continue;
             };
+            if message.get_channel_name() == Self::PROMOTING {
+                // Told to become primary, not one yet: watched, not used.
+                tokio::spawn(discovery.watch_promotion(address, Arc::clone(&self.generation)));
+                continue;
+            }
             if discovery.announce(address) {
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 tracing::info!(target: "tower_redis", sentinel = %self.sentinel, event = %message.get_channel_name(), announcement = %payload, "a Sentinel announced a new primary; reconnecting");
@@ -546,6 +602,11 @@ impl SwitchWatcher {
     }
 }
 
+/// How long a replica being promoted is watched for the role (Sentinel's
+/// default `failover-timeout` is three minutes, but a promotion that takes
+/// more than this is left to the Sentinels' own announcements).
+const PROMOTION_WATCH: Duration = Duration::from_secs(10);
+
 /// The new primary's address in a Sentinel announcement about `master_name`:
 /// `+switch-master <master name> <old ip> <old port> <new ip> <new port>`,
 /// or `+promoted-slave slave <ip>:<port> <ip> <port> @ <master name> <master
@@ -555,7 +616,10 @@ fn announced_primary(channel: &str, payload: &str, master_name: &str) -> Option<
     let words: Vec<&str> = payload.split(' ').collect();
     let (name, host, port) = match (channel, words.as_slice()) {
         ("+switch-master", [name, _, _, host, port]) => (*name, *host, *port),
-        ("+promoted-slave", ["slave", _, host, port, "@", name, _, _]) => (*name, *host, *port),
+        (
+            "+promoted-slave" | "+failover-state-wait-promotion",
+            ["slave", _, host, port, "@", name, _, _],
+        ) => (*name, *host, *port),
         _ => return None,
     };
     if name != master_name {
@@ -638,6 +702,14 @@ mod tests {
         );
         assert_eq!(
             announced_primary(
+                "+failover-state-wait-promotion",
+                "slave 10.0.0.2:6380 10.0.0.2 6380 @ mymaster 10.0.0.1 6379",
+                "mymaster"
+            ),
+            Some(("10.0.0.2".to_owned(), 6380))
+        );
+        assert_eq!(
+            announced_primary(
                 "+switch-master",
                 "other 10.0.0.1 6379 10.0.0.2 6380",
                 "mymaster"
@@ -656,5 +728,96 @@ mod tests {
             announced_primary("+sdown", "mymaster a 1 b 2", "mymaster"),
             None
         );
+    }
+
+    /// The replica that the leading Sentinel is promoting
+    /// (`+failover-state-wait-promotion`) is used as soon as it says `ROLE
+    /// master` itself, without waiting for the Sentinels to see it: a new
+    /// pool generation, its address recorded, the recovery probe woken.
+    /// While it is still a replica it is not used. Real servers: a primary
+    /// and its replica, promoted with `REPLICAOF NO ONE`; no Sentinel is
+    /// asked.
+    #[cfg(feature = "testing")]
+    #[tokio::test]
+    async fn a_replica_being_promoted_is_used_once_it_says_it_is_the_primary() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::time::Duration;
+
+        use super::{SentinelDiscovery, lock};
+        use crate::RedisConfig;
+        use crate::config::Topology;
+        use crate::testing::TestRedis;
+
+        let primary = TestRedis::start().await;
+        let replica = TestRedis::start().await;
+        let port = |url: &str| -> u16 { url.rsplit(':').next().unwrap().parse().unwrap() };
+        let (primary_port, replica_port) = (port(primary.url()), port(replica.url()));
+        let mut conn = replica
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let () = redis::cmd("REPLICAOF")
+            .arg("127.0.0.1")
+            .arg(primary_port)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+
+        // Sentinels that are never asked.
+        let config = RedisConfig::builder()
+            .sentinels(["127.0.0.1:1"], "mymaster")
+            .build()
+            .unwrap();
+        let Topology::Sentinel(topology) = config.topology() else {
+            panic!("a Sentinel topology");
+        };
+        let discovery = Arc::new(SentinelDiscovery::new(&config, topology).unwrap());
+        let generation = Arc::new(AtomicU64::new(0));
+        let switched = discovery.switched();
+        let address = ("127.0.0.1".to_owned(), replica_port);
+        let watcher = tokio::spawn(
+            Arc::clone(&discovery).watch_promotion(address.clone(), Arc::clone(&generation)),
+        );
+        // A second announcement while one is watched starts nothing.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !discovery.watching.load(Ordering::Acquire) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the first watcher starts");
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            Arc::clone(&discovery).watch_promotion(address.clone(), Arc::clone(&generation)),
+        )
+        .await
+        .expect("returns at once");
+
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(generation.load(Ordering::Acquire), 0, "still a replica");
+        assert_eq!(*lock(&discovery.announced), None);
+
+        let notified = switched.notified();
+        let () = redis::cmd("REPLICAOF")
+            .arg("NO")
+            .arg("ONE")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), notified)
+            .await
+            .expect("the recovery probe is woken once the replica is the primary");
+        assert_eq!(
+            generation.load(Ordering::Acquire),
+            1,
+            "a new pool generation"
+        );
+        assert_eq!(*lock(&discovery.announced), Some(address));
+        tokio::time::timeout(Duration::from_secs(10), watcher)
+            .await
+            .expect("the watcher ends")
+            .unwrap();
     }
 }

@@ -98,11 +98,13 @@ async fn writes_reach_the_primary_and_follow_it_after_it_dies() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
+    let promoting = events.first(killed_at, "+failover-state-wait-promotion");
     let promoted = events.first(killed_at, "+promoted-slave");
     let switched = events.first(killed_at, "+switch-master");
     println!(
         "sentinel failover: first successful write {recovered:?} after the primary was killed \
-         (down-after-milliseconds {:?}, {attempts} attempts); first +promoted-slave at \
+         (down-after-milliseconds {:?}, {attempts} attempts); first \
+         +failover-state-wait-promotion at {promoting:?}, first +promoted-slave at \
          {promoted:?}, first +switch-master at {switched:?}",
         TestSentinel::DOWN_AFTER
     );
@@ -110,11 +112,14 @@ async fn writes_reach_the_primary_and_follow_it_after_it_dies() {
         println!("  {at:>12?}  {line}");
     }
     // The manager reacts to the announcement itself, not to its probe
-    // backoff: the first write lands soon after the first announcement.
-    // Generous (a loaded machine), but far below the probe's 2 s default
-    // ceiling that bounded it before.
-    let announced = promoted
+    // backoff: the first write lands soon after the first announcement
+    // (the leader's `+failover-state-wait-promotion`, after which the
+    // manager watches the replica for the role, or the Sentinels'
+    // `+promoted-slave` / `+switch-master`). Generous (a loaded machine),
+    // but far below the probe's 2 s default ceiling that bounded it before.
+    let announced = promoting
         .into_iter()
+        .chain(promoted)
         .chain(switched)
         .min()
         .expect("a Sentinel announced the promotion");
