@@ -66,14 +66,14 @@ impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         let span = tracing::Span::current();
         if !span.is_disabled() {
-            span.record("db.operation.name", operation_name(cmd));
+            span.record("db.operation.name", operation_name(operation(cmd)));
         }
         let sent = match &mut self.kind {
             ConnectionKind::Standalone(c) => c.req_packed_command(cmd),
             ConnectionKind::Cluster(c) => c.req_packed_command(cmd),
         };
         timed(
-            || operation_name(cmd),
+            || operation(cmd),
             sent,
             |v| matches!(v, Value::ServerError(_)),
         )
@@ -91,7 +91,7 @@ impl ConnectionLike for RedisConnection {
             ConnectionKind::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         };
         timed(
-            || "PIPELINE",
+            || PIPELINE,
             sent,
             |vs| vs.iter().any(|v| matches!(v, Value::ServerError(_))),
         )
@@ -105,41 +105,78 @@ impl ConnectionLike for RedisConnection {
     }
 }
 
-/// The commands the layers send, by name; anything else is `other`, so that
-/// the histogram's series stay few whatever an application sends.
-const KNOWN_COMMANDS: &[&str] = &[
+/// The commands the layers send, by name ([`KNOWN_COMMANDS`]; anything
+/// else is `other`, so that the histogram's series stay few whatever an
+/// application sends), and the `db.client.operation.duration` histogram of
+/// each, of `other` and of pipelines ([`OPERATIONS`], same order), whose
+/// keys are built once.
+macro_rules! operations {
+    ($($name:literal),* $(,)?) => {
+        const KNOWN_COMMANDS: &[&str] = &[$($name),*];
+        #[cfg(feature = "metrics")]
+        static OPERATIONS: [crate::record::Histogram; KNOWN_COMMANDS.len() + 2] = [
+            $(crate::record::Histogram::new(
+                crate::record::DB_CLIENT_OPERATION_DURATION,
+                &[("db.system.name", "redis"), ("db.operation.name", $name)],
+            ),)*
+            crate::record::Histogram::new(
+                crate::record::DB_CLIENT_OPERATION_DURATION,
+                &[("db.system.name", "redis"), ("db.operation.name", "other")],
+            ),
+            crate::record::Histogram::new(
+                crate::record::DB_CLIENT_OPERATION_DURATION,
+                &[("db.system.name", "redis"), ("db.operation.name", "PIPELINE")],
+            ),
+        ];
+    };
+}
+
+operations!(
     "GET", "SET", "DEL", "UNLINK", "EXPIRE", "PEXPIRE", "INCR", "INCRBY", "MGET", "EXISTS", "HGET",
     "HSET", "HDEL", "HMGET", "HGETALL", "SADD", "SREM", "SMEMBERS", "ZADD", "ZREM", "ZRANGE",
     "ZCOUNT", "EVAL", "EVALSHA", "SCRIPT", "PUBLISH", "PING", "TIME", "INFO",
-];
+);
 
-/// OpenTelemetry's `db.operation.name` of a command: its name in capitals
-/// when it is one of [`KNOWN_COMMANDS`], `other` otherwise.
-fn operation_name(cmd: &Cmd) -> &'static str {
+/// The index of `other` in [`OPERATIONS`]; `PIPELINE` is the next one.
+const OTHER: usize = KNOWN_COMMANDS.len();
+const PIPELINE: usize = OTHER + 1;
+
+/// The index in [`OPERATIONS`] of a command: its name's, when it is one of
+/// [`KNOWN_COMMANDS`], else [`OTHER`].
+fn operation(cmd: &Cmd) -> usize {
     let Some(redis::Arg::Simple(first)) = cmd.args_iter().next() else {
-        return "other";
+        return OTHER;
     };
     KNOWN_COMMANDS
         .iter()
-        .find(|known| known.as_bytes().eq_ignore_ascii_case(first))
-        .copied()
-        .unwrap_or("other")
+        .position(|known| known.as_bytes().eq_ignore_ascii_case(first))
+        .unwrap_or(OTHER)
+}
+
+/// OpenTelemetry's `db.operation.name` of the operation at `index` of
+/// [`OPERATIONS`].
+fn operation_name(index: usize) -> &'static str {
+    match index {
+        PIPELINE => "PIPELINE",
+        index => KNOWN_COMMANDS.get(index).copied().unwrap_or("other"),
+    }
 }
 
 /// With the `metrics` feature: the request, timed into
 /// `db.client.operation.duration`. Without it: the request as it is.
 #[cfg(feature = "metrics")]
 fn timed<'a, T: Send + 'a>(
-    name: impl FnOnce() -> &'static str,
+    operation: impl FnOnce() -> usize,
     sent: RedisFuture<'a, T>,
     server_error: fn(&T) -> bool,
 ) -> RedisFuture<'a, T> {
-    let name = name();
+    let operation = operation();
     Box::pin(async move {
         let started = std::time::Instant::now();
         let result = sent.await;
         let seconds = started.elapsed().as_secs_f64();
         let histogram = crate::record::DB_CLIENT_OPERATION_DURATION;
+        let name = operation_name(operation);
         match &result {
             // redis-rs hands a server's error reply back as a value.
             Ok(value) if server_error(value) => crate::record::histogram(
@@ -151,11 +188,12 @@ fn timed<'a, T: Send + 'a>(
                 ],
                 seconds,
             ),
-            Ok(_) => crate::record::histogram(
-                histogram,
-                &[("db.system.name", "redis"), ("db.operation.name", name)],
-                seconds,
-            ),
+            // The usual case: a key built once, no allocation.
+            Ok(_) => {
+                if let Some(durations) = OPERATIONS.get(operation) {
+                    durations.record(seconds);
+                }
+            }
             Err(error) => crate::record::histogram(
                 histogram,
                 &[
@@ -173,7 +211,7 @@ fn timed<'a, T: Send + 'a>(
 #[cfg(not(feature = "metrics"))]
 #[inline]
 fn timed<'a, T>(
-    _name: impl FnOnce() -> &'static str,
+    _operation: impl FnOnce() -> usize,
     sent: RedisFuture<'a, T>,
     _server_error: fn(&T) -> bool,
 ) -> RedisFuture<'a, T> {

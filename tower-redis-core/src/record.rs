@@ -25,28 +25,19 @@ pub fn counter(name: &'static str, labels: Labels<'_>, value: u64) {
     let _ = (name, labels, value);
 }
 
-/// A counter whose name and labels are fixed, for hot paths: its key is
-/// built on first use and kept, so that counting allocates nothing (the
-/// `metrics` macros build the key, labels included, on every call).
-/// Declare one `static` per label set.
-///
-/// ```
-/// use tower_redis_core::record::Counter;
-///
-/// static NEAR_HITS: Counter = Counter::new("my_near_hits_total", &[("tier", "near")]);
-/// NEAR_HITS.increment(1);
-/// ```
+/// A name and labels fixed at compile time, whose `metrics` key is built on
+/// first use and kept (with its hash, once a recorder has asked for it).
 #[derive(Debug)]
-pub struct Counter {
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+struct FixedKey {
     name: &'static str,
     labels: Labels<'static>,
     #[cfg(feature = "metrics")]
     key: std::sync::OnceLock<metrics::Key>,
 }
 
-impl Counter {
-    /// The counter `name` with `labels`.
-    pub const fn new(name: &'static str, labels: Labels<'static>) -> Self {
+impl FixedKey {
+    const fn new(name: &'static str, labels: Labels<'static>) -> Self {
         Self {
             name,
             labels,
@@ -55,23 +46,73 @@ impl Counter {
         }
     }
 
-    /// Adds `value` to it, through the recorder in effect now (a local
-    /// one, else the global one), as the `metrics` macros do.
+    #[cfg(feature = "metrics")]
+    fn key(&self) -> &metrics::Key {
+        self.key
+            .get_or_init(|| metrics::Key::from_parts(self.name, self.labels))
+    }
+}
+
+#[cfg(feature = "metrics")]
+static METADATA: metrics::Metadata<'static> =
+    metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+/// A counter whose name and labels are fixed, for hot paths: its key is
+/// built on first use and kept, so that counting allocates nothing (the
+/// `metrics` macros build the key, labels included, on every call).
+/// Declare one `static` per label set. It counts through the recorder in
+/// effect at each call (a local one, else the global one), as the macros do.
+///
+/// ```
+/// use tower_redis_core::record::Counter;
+///
+/// static NEAR_HITS: Counter = Counter::new("my_near_hits_total", &[("tier", "near")]);
+/// NEAR_HITS.increment(1);
+/// ```
+#[derive(Debug)]
+pub struct Counter(FixedKey);
+
+impl Counter {
+    /// The counter `name` with `labels`.
+    pub const fn new(name: &'static str, labels: Labels<'static>) -> Self {
+        Self(FixedKey::new(name, labels))
+    }
+
+    /// Adds `value` to it.
     #[inline]
     pub fn increment(&self, value: u64) {
         #[cfg(feature = "metrics")]
-        {
-            static METADATA: metrics::Metadata<'static> =
-                metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
-            let key = self
-                .key
-                .get_or_init(|| metrics::Key::from_parts(self.name, self.labels));
-            metrics::with_recorder(|recorder| {
-                recorder.register_counter(key, &METADATA).increment(value);
-            });
-        }
+        metrics::with_recorder(|recorder| {
+            recorder
+                .register_counter(self.0.key(), &METADATA)
+                .increment(value);
+        });
         #[cfg(not(feature = "metrics"))]
-        let _ = (self.name, self.labels, value);
+        let _ = (&self.0, value);
+    }
+}
+
+/// A histogram whose name and labels are fixed: [`Counter`]'s counterpart.
+#[derive(Debug)]
+pub struct Histogram(FixedKey);
+
+impl Histogram {
+    /// The histogram `name` with `labels`.
+    pub const fn new(name: &'static str, labels: Labels<'static>) -> Self {
+        Self(FixedKey::new(name, labels))
+    }
+
+    /// Records `value` in it.
+    #[inline]
+    pub fn record(&self, value: f64) {
+        #[cfg(feature = "metrics")]
+        metrics::with_recorder(|recorder| {
+            recorder
+                .register_histogram(self.0.key(), &METADATA)
+                .record(value);
+        });
+        #[cfg(not(feature = "metrics"))]
+        let _ = (&self.0, value);
     }
 }
 
