@@ -34,7 +34,8 @@ pub(crate) enum Backend {
         /// (its lock, its timer and the pool's metrics cost more than the
         /// command itself at high concurrency). It is used only while it is
         /// unbroken and of the current generation; else the checkout goes
-        /// through the pool as before and keeps what that gives.
+        /// through the pool as before and keeps what that gives; so does the
+        /// first checkout after a second (see `Live::until_ms`).
         live: ArcSwapOption<Live>,
     },
     Cluster {
@@ -176,7 +177,16 @@ pub(crate) struct Live {
     conn: redis::aio::MultiplexedConnection,
     broken: Arc<AtomicBool>,
     generation: u64,
+    /// Epoch milliseconds after which the next checkout goes through the
+    /// pool again (and keeps what it gets): bb8 then still sees the
+    /// connection used, rotates it at its maximum lifetime, and the pool's
+    /// metrics stay current.
+    until_ms: u64,
 }
+
+/// How long a kept connection is handed out before a checkout goes through
+/// the pool again.
+const LIVE_MS: u64 = 1000;
 
 impl Live {
     fn checked_out(&self) -> CheckedOut {
@@ -316,6 +326,7 @@ impl Backend {
                     && let Some(kept) = &*live.load()
                     && !kept.broken.load(Ordering::Acquire)
                     && kept.generation == generation.load(Ordering::Acquire)
+                    && crate::clock::now_ms() < kept.until_ms
                 {
                     return Ok(kept.checked_out());
                 }
@@ -333,6 +344,7 @@ impl Backend {
                             conn: fresh.conn.clone(),
                             broken: Arc::clone(&fresh.broken),
                             generation: fresh.generation(),
+                            until_ms: crate::clock::now_ms() + LIVE_MS,
                         };
                         // A full pool refuses it; the clone above still works.
                         let _ = pool.add(fresh);
@@ -356,6 +368,7 @@ impl Backend {
                             conn: guard.conn.clone(),
                             broken: Arc::clone(&guard.broken),
                             generation: guard.generation(),
+                            until_ms: crate::clock::now_ms() + LIVE_MS,
                         }
                     };
                     let checked_out = usable.checked_out();

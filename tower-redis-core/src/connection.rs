@@ -297,6 +297,9 @@ pub(crate) struct SentinelDiscovery {
     /// A replica the leading Sentinel told to become primary is being
     /// watched (one at a time: see [`SentinelDiscovery::watch_promotion`]).
     watching: AtomicBool,
+    /// The primary that only the promotion watch announced, until a
+    /// Sentinel announces one itself.
+    provisional: Mutex<Option<(String, u16)>>,
 }
 
 impl SentinelDiscovery {
@@ -314,6 +317,7 @@ impl SentinelDiscovery {
             announced: Mutex::new(None),
             switched: Arc::new(Notify::new()),
             watching: AtomicBool::new(false),
+            provisional: Mutex::new(None),
         })
     }
 
@@ -322,41 +326,98 @@ impl SentinelDiscovery {
     /// announces it (a new pool generation, the recovery probe woken) as
     /// soon as it says `ROLE master` itself: the Sentinels only announce the
     /// promotion (`+promoted-slave`) once their next `INFO` of the replica
-    /// shows it, up to a second later. Asked every 20 ms, for at most
-    /// [`PROMOTION_WATCH`]; one replica is watched at a time, so a flood of
-    /// announcements starts no more work. The Sentinels' own announcements
-    /// still apply; a replica that never takes the role is never used.
+    /// shows it, up to a second later. `ROLE` is asked every 20 ms on one
+    /// connection (remade at most every 100 ms if it fails), for at most
+    /// [`PROMOTION_WATCH`], and the watch ends as soon as any other
+    /// announcement arrives. One replica is watched at a time, so a flood
+    /// of announcements starts no more work, and the watch holds the
+    /// discovery weakly, so it ends with the manager. An address announced
+    /// this way is provisional until a Sentinel announces a primary itself:
+    /// an aborted failover takes it back ([`SentinelDiscovery::aborted`]).
+    /// A replica that never takes the role is never used.
     pub(crate) async fn watch_promotion(
-        self: Arc<Self>,
+        this: std::sync::Weak<Self>,
         address: (String, u16),
         generation: Arc<AtomicU64>,
     ) {
-        if self.watching.swap(true, Ordering::AcqRel) {
+        let Some(discovery) = this.upgrade() else {
+            return;
+        };
+        if discovery.watching.swap(true, Ordering::AcqRel) {
             return;
         }
-        let settings = pooled_connection_config(self.connect_timeout);
+        let before = lock(&discovery.announced).clone();
+        let settings = pooled_connection_config(discovery.connect_timeout);
+        let connect_timeout = discovery.connect_timeout;
+        let client = discovery.client_at(&address.0, address.1);
+        drop(discovery);
         let deadline = tokio::time::Instant::now() + PROMOTION_WATCH;
+        let mut conn: Option<MultiplexedConnection> = None;
         while tokio::time::Instant::now() < deadline {
-            if lock(&self.announced).as_ref() == Some(&address) {
+            let Some(discovery) = this.upgrade() else {
+                return;
+            };
+            if *lock(&discovery.announced) != before {
                 break;
             }
-            let (host, port) = (&address.0, address.1);
-            let checked = tokio::time::timeout(
-                self.connect_timeout,
-                self.connect_checked(host, port, &settings),
-            )
-            .await;
-            if let Ok(Ok(_)) = checked {
-                if self.announce(address.clone()) {
-                    generation.fetch_add(1, Ordering::AcqRel);
-                    tracing::info!(target: "tower_redis", address = %format!("{host}:{port}"), "the replica a Sentinel is promoting says it is the primary; reconnecting");
+            let Ok(client) = client.as_ref() else {
+                break;
+            };
+            if conn.is_none() {
+                let made = tokio::time::timeout(
+                    connect_timeout,
+                    client.get_multiplexed_async_connection_with_config(&settings),
+                )
+                .await;
+                match made {
+                    Ok(Ok(made)) => conn = Some(made),
+                    _ => {
+                        drop(discovery);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                 }
-                self.switched.notify_one();
-                break;
             }
+            if let Some(open) = conn.as_mut() {
+                match tokio::time::timeout(connect_timeout, role_is_master(open)).await {
+                    Ok(Ok(true)) => {
+                        let mut announced = lock(&discovery.announced);
+                        if *announced == before {
+                            *announced = Some(address.clone());
+                            *lock(&discovery.provisional) = Some(address.clone());
+                            drop(announced);
+                            generation.fetch_add(1, Ordering::AcqRel);
+                            tracing::info!(target: "tower_redis", address = %format!("{}:{}", address.0, address.1), "the replica a Sentinel is promoting says it is the primary; reconnecting");
+                            discovery.switched.notify_one();
+                        }
+                        break;
+                    }
+                    Ok(Ok(false)) => {}
+                    _ => conn = None,
+                }
+            }
+            drop(discovery);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.watching.store(false, Ordering::Release);
+        if let Some(discovery) = this.upgrade() {
+            discovery.watching.store(false, Ordering::Release);
+        }
+    }
+
+    /// A Sentinel aborted a failover of this master: a primary that only
+    /// the promotion watch announced is taken back (a new pool generation;
+    /// the next connection asks the Sentinels again).
+    pub(crate) fn aborted(&self, generation: &AtomicU64) {
+        let Some(provisional) = lock(&self.provisional).take() else {
+            return;
+        };
+        let mut announced = lock(&self.announced);
+        if announced.as_ref() == Some(&provisional) {
+            *announced = None;
+            drop(announced);
+            generation.fetch_add(1, Ordering::AcqRel);
+            tracing::warn!(target: "tower_redis", address = %format!("{}:{}", provisional.0, provisional.1), "a Sentinel aborted the failover to the primary this manager had switched to; asking the Sentinels again");
+        }
     }
 
     /// Woken each time a Sentinel announces a new primary.
@@ -364,8 +425,10 @@ impl SentinelDiscovery {
         Arc::clone(&self.switched)
     }
 
-    /// Records `address` as the announced primary; true when it is new.
+    /// Records `address` as the announced primary (a Sentinel's own
+    /// announcement: no longer provisional); true when it is new.
     fn announce(&self, address: (String, u16)) -> bool {
+        lock(&self.provisional).take();
         let mut announced = lock(&self.announced);
         if announced.as_ref() == Some(&address) {
             return false;
@@ -507,17 +570,9 @@ impl SentinelDiscovery {
         let mut conn = client
             .get_multiplexed_async_connection_with_config(settings)
             .await?;
-        let role = tokio::time::timeout(
-            self.connect_timeout,
-            redis::cmd("ROLE").query_async::<Vec<Value>>(&mut conn),
-        )
-        .await
-        .map_err(|_| timed_out("no answer to ROLE"))??;
-        let is_master = match role.first() {
-            Some(Value::BulkString(role)) => role == b"master",
-            Some(Value::SimpleString(role)) => role == "master",
-            _ => false,
-        };
+        let is_master = tokio::time::timeout(self.connect_timeout, role_is_master(&mut conn))
+            .await
+            .map_err(|_| timed_out("no answer to ROLE"))??;
         if !is_master {
             return Err(RedisError::from((
                 redis::ErrorKind::Io,
@@ -587,6 +642,8 @@ impl SwitchWatcher {
     const SWITCH: &'static str = "+switch-master";
     const PROMOTED: &'static str = "+promoted-slave";
     const PROMOTING: &'static str = "+failover-state-wait-promotion";
+    /// `-failover-abort-not-elected`, `-failover-abort-slave-timeout`, …
+    const ABORTED: &'static str = "-failover-abort-*";
     const RETRY: Duration = Duration::from_secs(1);
 
     async fn run(self) {
@@ -608,6 +665,7 @@ impl SwitchWatcher {
             pubsub
                 .subscribe(&[Self::SWITCH, Self::PROMOTED, Self::PROMOTING])
                 .await?;
+            pubsub.psubscribe(Self::ABORTED).await?;
             Ok::<_, RedisError>(pubsub)
         };
         let pubsub = tokio::time::timeout(connect_timeout, subscribe)
@@ -620,6 +678,14 @@ impl SwitchWatcher {
             };
             let payload: String = message.get_payload().unwrap_or_default();
             let master_name = discovery.topology.master_name();
+            if message.get_channel_name().starts_with("-failover-abort-") {
+                // `master <name> <ip> <port>`: this master's failover ended
+                // without a promotion.
+                if payload.split(' ').nth(1) == Some(master_name) {
+                    discovery.aborted(&self.generation);
+                }
+                continue;
+            }
             let Some(address) =
                 announced_primary(message.get_channel_name(), &payload, master_name)
             else {
@@ -627,7 +693,11 @@ impl SwitchWatcher {
             };
             if message.get_channel_name() == Self::PROMOTING {
                 // Told to become primary, not one yet: watched, not used.
-                tokio::spawn(discovery.watch_promotion(address, Arc::clone(&self.generation)));
+                tokio::spawn(SentinelDiscovery::watch_promotion(
+                    Arc::downgrade(&discovery),
+                    address,
+                    Arc::clone(&self.generation),
+                ));
                 continue;
             }
             if discovery.announce(address) {
@@ -640,10 +710,20 @@ impl SwitchWatcher {
     }
 }
 
-/// How long a replica being promoted is watched for the role (Sentinel's
-/// default `failover-timeout` is three minutes, but a promotion that takes
-/// more than this is left to the Sentinels' own announcements).
-const PROMOTION_WATCH: Duration = Duration::from_secs(10);
+/// How long a replica being promoted is watched for the role: enough to
+/// beat the Sentinels' next `INFO` of it (every second during a failover);
+/// a slower promotion is left to their own announcements.
+const PROMOTION_WATCH: Duration = Duration::from_secs(2);
+
+/// Whether the server on `conn` says `ROLE master`.
+async fn role_is_master(conn: &mut MultiplexedConnection) -> RedisResult<bool> {
+    let role = redis::cmd("ROLE").query_async::<Vec<Value>>(conn).await?;
+    Ok(match role.first() {
+        Some(Value::BulkString(role)) => role == b"master",
+        Some(Value::SimpleString(role)) => role == "master",
+        _ => false,
+    })
+}
 
 /// The new primary's address in a Sentinel announcement about `master_name`:
 /// `+switch-master <master name> <old ip> <old port> <new ip> <new port>`,
@@ -772,7 +852,8 @@ mod tests {
     /// (`+failover-state-wait-promotion`) is used as soon as it says `ROLE
     /// master` itself, without waiting for the Sentinels to see it: a new
     /// pool generation, its address recorded, the recovery probe woken.
-    /// While it is still a replica it is not used. Real servers: a primary
+    /// While it is still a replica it is not used, and an aborted failover
+    /// takes back what only the watch announced. Real servers: a primary
     /// and its replica, promoted with `REPLICAOF NO ONE`; no Sentinel is
     /// asked.
     #[cfg(feature = "testing")]
@@ -815,9 +896,11 @@ mod tests {
         let generation = Arc::new(AtomicU64::new(0));
         let switched = discovery.switched();
         let address = ("127.0.0.1".to_owned(), replica_port);
-        let watcher = tokio::spawn(
-            Arc::clone(&discovery).watch_promotion(address.clone(), Arc::clone(&generation)),
-        );
+        let watcher = tokio::spawn(SentinelDiscovery::watch_promotion(
+            Arc::downgrade(&discovery),
+            address.clone(),
+            Arc::clone(&generation),
+        ));
         // A second announcement while one is watched starts nothing.
         tokio::time::timeout(Duration::from_secs(5), async {
             while !discovery.watching.load(Ordering::Acquire) {
@@ -828,7 +911,11 @@ mod tests {
         .expect("the first watcher starts");
         tokio::time::timeout(
             Duration::from_secs(1),
-            Arc::clone(&discovery).watch_promotion(address.clone(), Arc::clone(&generation)),
+            SentinelDiscovery::watch_promotion(
+                Arc::downgrade(&discovery),
+                address.clone(),
+                Arc::clone(&generation),
+            ),
         )
         .await
         .expect("returns at once");

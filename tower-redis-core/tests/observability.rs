@@ -162,3 +162,53 @@ async fn metrics_are_described_labelled_and_timed() {
     assert!(find("SET", None).is_some_and(|(_, n)| *n >= 1), "{timed:?}");
     assert!(find("HSET", Some("server")).is_some(), "{timed:?}");
 }
+
+/// With a pool of one, checkouts hand out the live connection without the
+/// pool, but at least once a second a checkout still goes through it: the
+/// pool's metrics (`db.client.connection.wait_time`) keep moving, and bb8
+/// keeps seeing the connection used (so it rotates it at its maximum
+/// lifetime instead of reaping it as idle). Real time: the kept
+/// connection's deadline is read from the system clock.
+#[tokio::test(flavor = "current_thread")]
+async fn the_pool_still_sees_a_checkout_every_second() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().pool_size(1).build().expect("valid"))
+        .await
+        .expect("starts");
+    let waits = || {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, ..)| key.key().name() == "db.client.connection.wait_time")
+            .map(|(.., value)| match value {
+                DebugValue::Histogram(samples) => samples.len(),
+                _ => 0,
+            })
+            .sum::<usize>()
+    };
+    let ping = || async {
+        manager
+            .query::<String>(&redis::cmd("PING"))
+            .await
+            .expect("PING")
+    };
+    ping().await;
+    let _ = waits(); // the snapshot drains what was recorded so far
+    for _ in 0..50 {
+        ping().await;
+    }
+    assert_eq!(waits(), 0, "checkouts within a second skip the pool");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    ping().await;
+    ping().await;
+    assert_eq!(
+        waits(),
+        1,
+        "the first checkout after a second goes through the pool"
+    );
+}

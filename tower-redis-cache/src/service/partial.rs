@@ -181,7 +181,20 @@ where
         let request_time = SystemTime::now();
         let response = inner.call(request).await?;
         let status = CacheStatus::forward("partial", tier).with_fwd_status(response.status());
-        let same_tag = range::has_validator(response.headers(), &validator);
+        // A date is a coarser validator than a tag: two versions of a file
+        // can share one (builds that fix file times). The parts are also
+        // required to agree on what the bytes are.
+        let same_tag = range::has_validator(response.headers(), &validator)
+            && (!range::is_date(&validator)
+                || [header::CONTENT_TYPE, header::CONTENT_ENCODING]
+                    .iter()
+                    .all(|name| {
+                        entry
+                            .headers
+                            .get_all(name)
+                            .iter()
+                            .eq(response.headers().get_all(name).iter())
+                    }));
         let part = Some(response.status())
             .filter(|s| *s == StatusCode::PARTIAL_CONTENT && same_tag)
             .and_then(|_| range::content_range(response.headers()))

@@ -184,9 +184,9 @@ pub(crate) fn strong_validator(headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 /// Whether a response carries the same strong validator as `validator`
-/// (from [`strong_validator`]): the same strong `ETag`, or, for a date, no
-/// `ETag` and the same `Last-Modified`, strong under the response's own
-/// `Date`.
+/// (from [`strong_validator`], strong for the stored entry): the same
+/// strong `ETag`; or, for a date, no `ETag` and one `Last-Modified` of the
+/// same date.
 pub(crate) fn has_validator(headers: &HeaderMap, validator: &HeaderValue) -> bool {
     let wanted = validator.as_bytes().trim_ascii();
     if wanted.first() == Some(&b'"') {
@@ -195,13 +195,23 @@ pub(crate) fn has_validator(headers: &HeaderMap, validator: &HeaderValue) -> boo
     if headers.contains_key(header::ETAG) {
         return false;
     }
+    let mut modified = headers.get_all(header::LAST_MODIFIED).iter();
     match (
-        strong_last_modified(headers).and_then(|v| freshness::http_date(v.as_bytes())),
+        modified.next(),
+        modified.next(),
         freshness::http_date(wanted),
     ) {
-        (Some(modified), Some(stored)) => modified == stored,
+        (Some(modified), None, Some(stored)) => {
+            freshness::http_date(modified.as_bytes()) == Some(stored)
+        }
         _ => false,
     }
+}
+
+/// Whether a date validator is the one `validator` is (a date, not an
+/// entity tag).
+pub(crate) fn is_date(validator: &HeaderValue) -> bool {
+    validator.as_bytes().trim_ascii().first() != Some(&b'"')
 }
 
 /// A `Last-Modified` that a cache may treat as strong (RFC 9110 §8.8.2.2):

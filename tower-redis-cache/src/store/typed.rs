@@ -53,9 +53,9 @@ pub(crate) struct Slot {
     /// of its own, because one makes every read write the entry's access
     /// time, and readers of one hot key on several threads then contend for
     /// its cache line (a near hit at 64 tasks on 2 CPUs ran at 0.66 of
-    /// `moka` alone with it). A copy past its end stays, unused, until the
-    /// next keeping replaces it, a drop removes it or the byte bound evicts
-    /// it.
+    /// `moka` alone with it). A copy found past its end is removed then; one
+    /// never looked up again goes with the next keeping, a drop or the byte
+    /// bound.
     until: Instant,
 }
 
@@ -110,9 +110,14 @@ impl TypedNear {
         let Some(slot) = self.slots.get(key) else {
             return Typed::Absent;
         };
+        if Instant::now() >= slot.until {
+            // Ended: removed here, so that it does not wait for the byte
+            // bound to make room for live copies.
+            self.slots.invalidate(key);
+            return Typed::Absent;
+        }
         if slot.kind != (TypeId::of::<C>(), TypeId::of::<T>())
             || slot.refresh != refresh.map(f64::to_bits)
-            || Instant::now() >= slot.until
         {
             return Typed::Absent;
         }
