@@ -939,10 +939,33 @@ mod tests {
             1,
             "a new pool generation"
         );
-        assert_eq!(*lock(&discovery.announced), Some(address));
+        assert_eq!(*lock(&discovery.announced), Some(address.clone()));
         tokio::time::timeout(Duration::from_secs(10), watcher)
             .await
             .expect("the watcher ends")
             .unwrap();
+
+        // Once a Sentinel announces it too, it is no longer provisional: an
+        // abort leaves it.
+        assert!(!discovery.announce(address.clone()), "already the primary");
+        discovery.aborted(&generation);
+        assert_eq!(*lock(&discovery.announced), Some(address.clone()));
+        assert_eq!(generation.load(Ordering::Acquire), 1);
+
+        // Announced by the watch alone, an aborted failover takes it back.
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            SentinelDiscovery::watch_promotion(
+                Arc::downgrade(&discovery),
+                address.clone(),
+                Arc::clone(&generation),
+            ),
+        )
+        .await
+        .expect("the watch ends");
+        assert_eq!(generation.load(Ordering::Acquire), 2);
+        discovery.aborted(&generation);
+        assert_eq!(*lock(&discovery.announced), None);
+        assert_eq!(generation.load(Ordering::Acquire), 3);
     }
 }
