@@ -13,8 +13,8 @@ use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult, Script, Scri
 
 use crate::config::{RedisConfig, RedisUrl, Topology};
 use crate::connection::{
-    ConnectTarget, RedisConnection, SentinelDiscovery, StandaloneConnector, SwitchWatchers,
-    TracingErrorSink, watch_switches,
+    ConnectTarget, PooledConnection, RedisConnection, SentinelDiscovery, StandaloneConnector,
+    SwitchWatchers, TracingErrorSink, watch_switches,
 };
 use crate::error::{ConfigError, Error};
 use crate::manager::RedisManager;
@@ -189,6 +189,16 @@ pub(crate) struct Live {
 const LIVE_MS: u64 = 1000;
 
 impl Live {
+    /// `pooled`, kept for the next [`LIVE_MS`].
+    fn of(pooled: &PooledConnection) -> Self {
+        Self {
+            conn: pooled.conn.clone(),
+            broken: Arc::clone(&pooled.broken),
+            generation: pooled.generation(),
+            until_ms: crate::clock::now_ms() + LIVE_MS,
+        }
+    }
+
     fn checked_out(&self) -> CheckedOut {
         (
             RedisConnection::standalone(self.conn.clone()),
@@ -340,12 +350,7 @@ impl Backend {
                         // a refused connection is known (and opens the
                         // breaker) at once, then give the result to the pool.
                         let fresh = pool.dedicated_connection().await?;
-                        let usable = Live {
-                            conn: fresh.conn.clone(),
-                            broken: Arc::clone(&fresh.broken),
-                            generation: fresh.generation(),
-                            until_ms: crate::clock::now_ms() + LIVE_MS,
-                        };
+                        let usable = Live::of(&fresh);
                         // A full pool refuses it; the clone above still works.
                         let _ = pool.add(fresh);
                         usable
@@ -364,12 +369,7 @@ impl Backend {
                         {
                             continue;
                         }
-                        Live {
-                            conn: guard.conn.clone(),
-                            broken: Arc::clone(&guard.broken),
-                            generation: guard.generation(),
-                            until_ms: crate::clock::now_ms() + LIVE_MS,
-                        }
+                        Live::of(&guard)
                     };
                     let checked_out = usable.checked_out();
                     if *pool_size == 1 {

@@ -176,14 +176,14 @@ fn timed<'a, T: Send + 'a>(
         let result = sent.await;
         let seconds = started.elapsed().as_secs_f64();
         let histogram = crate::record::DB_CLIENT_OPERATION_DURATION;
-        let name = operation_name(operation);
+        let name = || operation_name(operation);
         match &result {
             // redis-rs hands a server's error reply back as a value.
             Ok(value) if server_error(value) => crate::record::histogram(
                 histogram,
                 &[
                     ("db.system.name", "redis"),
-                    ("db.operation.name", name),
+                    ("db.operation.name", name()),
                     ("error.type", "server"),
                 ],
                 seconds,
@@ -198,7 +198,7 @@ fn timed<'a, T: Send + 'a>(
                 histogram,
                 &[
                     ("db.system.name", "redis"),
-                    ("db.operation.name", name),
+                    ("db.operation.name", name()),
                     ("error.type", crate::failover::error_type(error)),
                 ],
                 seconds,
@@ -585,10 +585,11 @@ impl SentinelDiscovery {
 }
 
 /// Listens to every Sentinel's `+promoted-slave` and `+switch-master`
-/// announcements, and to `+failover-state-wait-promotion`, after which the
+/// announcements, to `+failover-state-wait-promotion`, after which the
 /// replica being promoted is watched until it says it is the primary
-/// ([`SentinelDiscovery::watch_promotion`]). When the primary named `master_name` moves, it starts a
-/// new pool generation, so that no operation keeps writing to a primary the
+/// ([`SentinelDiscovery::watch_promotion`]), and to `-failover-abort-*`.
+/// When the primary named `master_name` moves, it starts a new pool
+/// generation, so that no operation keeps writing to a primary the
 /// Sentinels have replaced (the demoted primary would acknowledge writes
 /// until the Sentinels reconfigure it, seconds later, and then drop them);
 /// it records the new address for the next connect and wakes the recovery

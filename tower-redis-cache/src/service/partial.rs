@@ -12,9 +12,10 @@
 //!   §8.8.2.2 lets a cache treat as strong), and the answer is combined
 //!   with the span only when it is a `206` with the same strong validator
 //!   and length (under a date, also the same `Content-Type` and
-//!   `Content-Encoding`), whose bytes join the span. The combination takes the new response's fields
-//!   (but its `Content-Range` and `Content-Length`) and is stored; once it
-//!   covers `0..N` it is a complete `200` entry. Anything else is never
+//!   `Content-Encoding`), whose bytes join the span. The combination takes
+//!   the new response's fields (but its `Content-Range` and
+//!   `Content-Length`) and is stored; once it covers `0..N` it is a
+//!   complete `200` entry. Anything else is never
 //!   combined: a `200` (the representation changed) is stored whole and
 //!   the range cut from it, another `206` replaces the partial entry and is
 //!   passed on as the origin sent it.

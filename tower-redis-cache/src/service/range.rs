@@ -37,7 +37,7 @@
 
 use std::pin::Pin;
 
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::BodyExt;
 
@@ -130,10 +130,7 @@ impl Span {
 /// length (`/*`), an unsatisfied-range form (`*/N`), a last byte before the
 /// first or past the end.
 pub(crate) fn content_range(headers: &HeaderMap) -> Option<Span> {
-    let mut values = headers.get_all(header::CONTENT_RANGE).iter();
-    let (Some(value), None) = (values.next(), values.next()) else {
-        return None;
-    };
+    let value = only(headers, header::CONTENT_RANGE)?;
     let value = std::str::from_utf8(value.as_bytes()).ok()?.trim();
     let (unit, rest) = value.split_once(' ')?;
     if !unit.eq_ignore_ascii_case("bytes") {
@@ -157,13 +154,16 @@ pub(crate) fn content_range(headers: &HeaderMap) -> Option<Span> {
 
 /// The response's one strong entity tag, if it has one (RFC 9110 §8.8.3).
 pub(crate) fn strong_etag(headers: &HeaderMap) -> Option<&HeaderValue> {
-    let mut values = headers.get_all(header::ETAG).iter();
+    let etag = only(headers, header::ETAG)?;
+    let tag = etag.as_bytes().trim_ascii();
+    (tag.len() >= 2 && tag.first() == Some(&b'"') && tag.last() == Some(&b'"')).then_some(etag)
+}
+
+/// The value of `name` when the headers have exactly one line of it.
+fn only(headers: &HeaderMap, name: HeaderName) -> Option<&HeaderValue> {
+    let mut values = headers.get_all(name).iter();
     match (values.next(), values.next()) {
-        (Some(etag), None) => {
-            let tag = etag.as_bytes().trim_ascii();
-            (tag.len() >= 2 && tag.first() == Some(&b'"') && tag.last() == Some(&b'"'))
-                .then_some(etag)
-        }
+        (Some(value), None) => Some(value),
         _ => None,
     }
 }
@@ -195,15 +195,9 @@ pub(crate) fn has_validator(headers: &HeaderMap, validator: &HeaderValue) -> boo
     if headers.contains_key(header::ETAG) {
         return false;
     }
-    let mut modified = headers.get_all(header::LAST_MODIFIED).iter();
-    match (
-        modified.next(),
-        modified.next(),
-        freshness::http_date(wanted),
-    ) {
-        (Some(modified), None, Some(stored)) => {
-            freshness::http_date(modified.as_bytes()) == Some(stored)
-        }
+    let modified = only(headers, header::LAST_MODIFIED);
+    match (modified, freshness::http_date(wanted)) {
+        (Some(modified), Some(stored)) => freshness::http_date(modified.as_bytes()) == Some(stored),
         _ => false,
     }
 }
@@ -217,16 +211,9 @@ pub(crate) fn is_date(validator: &HeaderValue) -> bool {
 /// A `Last-Modified` that a cache may treat as strong (RFC 9110 §8.8.2.2):
 /// one valid date, at least 60 seconds before the response's `Date`.
 fn strong_last_modified(headers: &HeaderMap) -> Option<&HeaderValue> {
-    let one = |name| {
-        let mut values = headers.get_all(name).iter();
-        match (values.next(), values.next()) {
-            (Some(value), None) => Some(value),
-            _ => None,
-        }
-    };
-    let modified = one(header::LAST_MODIFIED)?;
+    let modified = only(headers, header::LAST_MODIFIED)?;
     let at = freshness::http_date(modified.as_bytes())?;
-    let sent = freshness::http_date(one(header::DATE)?.as_bytes())?;
+    let sent = freshness::http_date(only(headers, header::DATE)?.as_bytes())?;
     sent.duration_since(at)
         .is_ok_and(|d| d.as_secs() >= 60)
         .then_some(modified)
