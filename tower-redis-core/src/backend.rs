@@ -323,10 +323,22 @@ impl Backend {
         }
     }
 
+    /// A connection: the kept live one or the cluster's shared one when
+    /// there is one (no await), else one from the pool or a new one. Only
+    /// the latter is a future of its own, boxed: bb8's checkout is a large
+    /// future, and every operation's future would otherwise carry (and
+    /// move) its state.
     pub(crate) async fn checkout(&self) -> Result<CheckedOut, RedisError> {
+        match self.ready() {
+            Some(checked_out) => Ok(checked_out),
+            None => Box::pin(self.connect()).await,
+        }
+    }
+
+    /// The connection in use, when it can be handed out without waiting.
+    fn ready(&self) -> Option<CheckedOut> {
         match self {
             Backend::Standalone {
-                pool,
                 generation,
                 pool_size,
                 live,
@@ -338,8 +350,27 @@ impl Backend {
                     && kept.generation == generation.load(Ordering::Acquire)
                     && crate::clock::now_ms() < kept.until_ms
                 {
-                    return Ok(kept.checked_out());
+                    return Some(kept.checked_out());
                 }
+                None
+            }
+            Backend::Cluster { conn, .. } => lock(conn)
+                .clone()
+                .map(|existing| (RedisConnection::cluster(existing), None)),
+            Backend::Disabled => None,
+        }
+    }
+
+    /// A connection from the pool, or a new one.
+    async fn connect(&self) -> Result<CheckedOut, RedisError> {
+        match self {
+            Backend::Standalone {
+                pool,
+                generation,
+                pool_size,
+                live,
+                ..
+            } => {
                 // Stale connections (from before an outage, or broken) are
                 // dropped by bb8 when their guard goes back; try the next.
                 for _ in 0..=*pool_size {
@@ -384,9 +415,6 @@ impl Backend {
                 )))
             }
             Backend::Cluster { client, conn, .. } => {
-                if let Some(existing) = lock(conn).clone() {
-                    return Ok((RedisConnection::cluster(existing), None));
-                }
                 let fresh = client.get_async_connection().await?;
                 let mut slot = lock(conn);
                 let shared = slot.get_or_insert(fresh).clone();

@@ -68,15 +68,29 @@ impl ConnectionLike for RedisConnection {
         if !span.is_disabled() {
             span.record("db.operation.name", operation_name(operation(cmd)));
         }
-        let sent = match &mut self.kind {
+        match &mut self.kind {
+            // One box: the multiplexed connection's own future, timed in
+            // place (its `ConnectionLike` future would be a second box).
+            #[cfg(feature = "metrics")]
+            ConnectionKind::Standalone(c) => {
+                let operation = operation(cmd);
+                Box::pin(async move {
+                    let started = std::time::Instant::now();
+                    let result = c.send_packed_command(cmd).await;
+                    record_duration(operation, started, &result, |v| {
+                        matches!(v, Value::ServerError(_))
+                    });
+                    result
+                })
+            }
+            #[cfg(not(feature = "metrics"))]
             ConnectionKind::Standalone(c) => c.req_packed_command(cmd),
-            ConnectionKind::Cluster(c) => c.req_packed_command(cmd),
-        };
-        timed(
-            || operation(cmd),
-            sent,
-            |v| matches!(v, Value::ServerError(_)),
-        )
+            ConnectionKind::Cluster(c) => timed(
+                || operation(cmd),
+                c.req_packed_command(cmd),
+                |v| matches!(v, Value::ServerError(_)),
+            ),
+        }
     }
 
     fn req_packed_commands<'a>(
@@ -86,15 +100,23 @@ impl ConnectionLike for RedisConnection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         tracing::Span::current().record("db.operation.name", "PIPELINE");
-        let sent = match &mut self.kind {
+        let server_error = |vs: &Vec<Value>| vs.iter().any(|v| matches!(v, Value::ServerError(_)));
+        match &mut self.kind {
+            #[cfg(feature = "metrics")]
+            ConnectionKind::Standalone(c) => Box::pin(async move {
+                let started = std::time::Instant::now();
+                let result = c.send_packed_commands(pipeline, offset, count).await;
+                record_duration(PIPELINE, started, &result, server_error);
+                result
+            }),
+            #[cfg(not(feature = "metrics"))]
             ConnectionKind::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
-            ConnectionKind::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        };
-        timed(
-            || PIPELINE,
-            sent,
-            |vs| vs.iter().any(|v| matches!(v, Value::ServerError(_))),
-        )
+            ConnectionKind::Cluster(c) => timed(
+                || PIPELINE,
+                c.req_packed_commands(pipeline, offset, count),
+                server_error,
+            ),
+        }
     }
 
     fn get_db(&self) -> i64 {
@@ -174,38 +196,50 @@ fn timed<'a, T: Send + 'a>(
     Box::pin(async move {
         let started = std::time::Instant::now();
         let result = sent.await;
-        let seconds = started.elapsed().as_secs_f64();
-        let histogram = crate::record::DB_CLIENT_OPERATION_DURATION;
-        let name = || operation_name(operation);
-        match &result {
-            // redis-rs hands a server's error reply back as a value.
-            Ok(value) if server_error(value) => crate::record::histogram(
-                histogram,
-                &[
-                    ("db.system.name", "redis"),
-                    ("db.operation.name", name()),
-                    ("error.type", "server"),
-                ],
-                seconds,
-            ),
-            // The usual case: a key built once, no allocation.
-            Ok(_) => {
-                if let Some(durations) = OPERATIONS.get(operation) {
-                    durations.record(seconds);
-                }
-            }
-            Err(error) => crate::record::histogram(
-                histogram,
-                &[
-                    ("db.system.name", "redis"),
-                    ("db.operation.name", name()),
-                    ("error.type", crate::failover::error_type(error)),
-                ],
-                seconds,
-            ),
-        }
+        record_duration(operation, started, &result, server_error);
         result
     })
+}
+
+/// Records the duration of the request at `operation` (an index of
+/// [`OPERATIONS`]) sent at `started` into `db.client.operation.duration`.
+#[cfg(feature = "metrics")]
+fn record_duration<T>(
+    operation: usize,
+    started: std::time::Instant,
+    result: &RedisResult<T>,
+    server_error: fn(&T) -> bool,
+) {
+    let seconds = started.elapsed().as_secs_f64();
+    let histogram = crate::record::DB_CLIENT_OPERATION_DURATION;
+    let name = || operation_name(operation);
+    match result {
+        // redis-rs hands a server's error reply back as a value.
+        Ok(value) if server_error(value) => crate::record::histogram(
+            histogram,
+            &[
+                ("db.system.name", "redis"),
+                ("db.operation.name", name()),
+                ("error.type", "server"),
+            ],
+            seconds,
+        ),
+        // The usual case: a key built once, no allocation.
+        Ok(_) => {
+            if let Some(durations) = OPERATIONS.get(operation) {
+                durations.record(seconds);
+            }
+        }
+        Err(error) => crate::record::histogram(
+            histogram,
+            &[
+                ("db.system.name", "redis"),
+                ("db.operation.name", name()),
+                ("error.type", crate::failover::error_type(error)),
+            ],
+            seconds,
+        ),
+    }
 }
 
 #[cfg(not(feature = "metrics"))]

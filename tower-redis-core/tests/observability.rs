@@ -105,6 +105,11 @@ async fn metrics_are_described_labelled_and_timed() {
         .query(redis::cmd("HSET").arg(&key).arg("f").arg("v"))
         .await;
     assert!(failed.is_err(), "WRONGTYPE");
+    // A pipeline is timed once, as `PIPELINE`.
+    let (_, _): (Option<String>, Option<String>) = manager
+        .query_pipeline(redis::pipe().get(&key).get(&key))
+        .await
+        .expect("pipeline");
 
     let snapshot = snapshotter.snapshot().into_vec();
     let mut described = 0;
@@ -161,6 +166,7 @@ async fn metrics_are_described_labelled_and_timed() {
     assert!(find("GET", None).is_some_and(|(_, n)| *n >= 1), "{timed:?}");
     assert!(find("SET", None).is_some_and(|(_, n)| *n >= 1), "{timed:?}");
     assert!(find("HSET", Some("server")).is_some(), "{timed:?}");
+    assert!(find("PIPELINE", None).is_some_and(|(_, n)| *n >= 1), "{timed:?}");
 }
 
 /// With a pool of one, checkouts hand out the live connection without the

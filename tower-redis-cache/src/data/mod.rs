@@ -330,7 +330,8 @@ impl<C: Codec> DataCache<C> {
             None => {
                 tracing::warn!(target: "tower_redis_cache", "a data cache value does not decode (its type changed?): deleted, treated as a miss");
                 record::counter("tower_redis_cache_data_decode_failures_total", &[], 1);
-                self.inner.store.invalidate(&[url_hash.to_owned()]).await;
+                let url_hashes = [url_hash.to_owned()];
+                Box::pin(self.inner.store.invalidate(&url_hashes)).await;
                 (None, tier)
             }
         }

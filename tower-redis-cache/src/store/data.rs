@@ -221,9 +221,13 @@ impl CacheStore {
             .failover
             .run(
                 |redis| self.read_value(redis, url_hash),
-                |memory, _| async move {
-                    let Ok((found, _)) = memory.lookup(url_hash, &HeaderMap::new(), "", None).await;
-                    found
+                // Boxed: only a lookup during an outage pays for its state.
+                |memory, _| {
+                    Box::pin(async move {
+                        let Ok((found, _)) =
+                            memory.lookup(url_hash, &HeaderMap::new(), "", None).await;
+                        found
+                    })
                 },
             )
             .await;
