@@ -83,6 +83,11 @@ impl Keyspace {
 /// structure (separators, hash-tag braces, glob characters, whitespace,
 /// control characters and `%` itself). Everything else is kept as is.
 pub fn escape_key_part(part: &str) -> Cow<'_, str> {
+    // The usual part (an id, a hash, a path) is ASCII that needs nothing:
+    // one table lookup per byte, without decoding characters.
+    if part.bytes().all(|b| KEPT_AS_IS[usize::from(b)]) {
+        return Cow::Borrowed(part);
+    }
     if !part.chars().any(needs_escape) {
         return Cow::Borrowed(part);
     }
@@ -101,6 +106,22 @@ pub fn escape_key_part(part: &str) -> Cow<'_, str> {
     Cow::Owned(escaped)
 }
 
+/// The bytes [`needs_escape`] keeps as they are, among ASCII: printable,
+/// not a space and not one of the structural characters. Every byte of a
+/// multi-byte character is absent (those are decided by character).
+static KEPT_AS_IS: [bool; 256] = {
+    let mut kept = [false; 256];
+    let mut b = 0x21;
+    while b < 0x7F {
+        kept[b] = !matches!(
+            b as u8,
+            b'%' | b':' | b'{' | b'}' | b'*' | b'?' | b'[' | b']' | b'\\'
+        );
+        b += 1;
+    }
+    kept
+};
+
 fn needs_escape(c: char) -> bool {
     matches!(c, '%' | ':' | '{' | '}' | '*' | '?' | '[' | ']' | '\\')
         || c.is_whitespace()
@@ -110,6 +131,20 @@ fn needs_escape(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The byte table agrees with the character rule on every ASCII
+    /// character (and leaves every other byte to it).
+    #[test]
+    fn the_ascii_table_is_the_character_rule() {
+        for b in 0u8..=255 {
+            let by_table = KEPT_AS_IS[usize::from(b)];
+            if b.is_ascii() {
+                assert_eq!(by_table, !needs_escape(char::from(b)), "byte {b:#04x}");
+            } else {
+                assert!(!by_table, "byte {b:#04x}");
+            }
+        }
+    }
 
     #[test]
     fn plain_parts_are_kept() {
