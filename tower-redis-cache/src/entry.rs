@@ -133,8 +133,11 @@ impl Entry {
             return Err(DecodeError("age or lifetime out of range"));
         }
         let count = r.u16()?;
-        // Capacity from untrusted input: capped, since HeaderMap panics on huge ones.
-        let mut headers = HeaderMap::try_with_capacity(usize::from(count).min(64))
+        // Capacity from untrusted input: capped, since HeaderMap panics on
+        // huge ones; plus room for the fields a hit adds to its copy (`Age`,
+        // `Accept-Ranges`, `Cache-Status`; a clone keeps the index's size),
+        // so that serving it does not grow the map.
+        let mut headers = HeaderMap::try_with_capacity(usize::from(count).min(64) + 4)
             .map_err(|_| DecodeError("header capacity"))?;
         for _ in 0..count {
             let name_len = usize::from(r.u16()?);

@@ -12,6 +12,8 @@
 //! layer's forwarding model wrote them; from anyone else they keep the
 //! response out of the cache, so they cannot poison entries.
 
+use std::sync::LazyLock;
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::request::Parts;
@@ -115,7 +117,12 @@ fn url_from(
     }
     // No scheme: HTTP/2 requests carry one and HTTP/1 requests do not, so
     // keying on it would split one resource (and its invalidation) in two.
-    let mut url = format!("//{}{path}", host.to_ascii_lowercase());
+    let mut url =
+        String::with_capacity(2 + host.len() + path.len() + query.map_or(0, str::len) + 1);
+    url.push_str("//");
+    url.push_str(host);
+    url[2..].make_ascii_lowercase();
+    url.push_str(path);
     if let Some(query) = normalised_query(query, route) {
         url.push('?');
         url.push_str(&query);
@@ -512,13 +519,31 @@ fn push_sha1_hex(out: &mut String, bytes: &[u8]) {
     }
 }
 
+/// The digest of no extra parts, and the variant of a response without
+/// `Vary` on a route without extra parts (most responses): every lookup
+/// computes a variant, and SHA-1 is the dearest part of it.
+static EMPTY_DIGEST: LazyLock<String> = LazyLock::new(|| value_digest(""));
+static PLAIN_VARIANT: LazyLock<String> =
+    LazyLock::new(|| computed_variant("", &HeaderMap::new(), ""));
+
 /// The variant a request selects: the same computation as `lookup.lua`.
 pub(crate) fn variant(vary: &str, request: &HeaderMap, extra: &str) -> String {
+    if vary.is_empty() && extra.is_empty() {
+        return PLAIN_VARIANT.clone();
+    }
+    computed_variant(vary, request, extra)
+}
+
+fn computed_variant(vary: &str, request: &HeaderMap, extra: &str) -> String {
     let mut text = String::with_capacity(vary.len() + 48);
     text.push_str(vary);
     text.push('\n');
     // The route's extra parts (cookies, headers) travel as a digest too.
-    push_sha1_hex(&mut text, extra.as_bytes());
+    if extra.is_empty() {
+        text.push_str(&EMPTY_DIGEST);
+    } else {
+        push_sha1_hex(&mut text, extra.as_bytes());
+    }
     for name in vary.split(',').filter(|n| !n.is_empty()) {
         text.push('\n');
         text.push_str(name);
@@ -537,6 +562,7 @@ pub(crate) fn variant(vary: &str, request: &HeaderMap, extra: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     #[test]
     fn digests_are_lower_case_sha1_hex_as_in_lua() {
@@ -549,6 +575,31 @@ mod tests {
         let field = variant("", &HeaderMap::new(), "");
         assert_eq!(field.len(), 42);
         assert!(field.starts_with("e:"));
+    }
+
+    /// The variants kept computed are the ones computed in full.
+    #[test]
+    fn kept_variants_are_the_computed_ones() {
+        let plain = {
+            let mut text = String::from("\n");
+            push_sha1_hex(&mut text, b"");
+            let mut field = String::from("e:");
+            push_sha1_hex(&mut field, text.as_bytes());
+            field
+        };
+        assert_eq!(variant("", &HeaderMap::new(), ""), plain);
+        let mut request = HeaderMap::new();
+        request.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static("en"));
+        let with_vary = {
+            let mut text = String::from("accept-language\n");
+            push_sha1_hex(&mut text, b"");
+            text.push_str("\naccept-language=");
+            push_sha1_hex(&mut text, b"en");
+            let mut field = String::from("e:");
+            push_sha1_hex(&mut field, text.as_bytes());
+            field
+        };
+        assert_eq!(variant("accept-language", &request, ""), with_vary);
     }
 
     #[test]

@@ -107,18 +107,41 @@ fn record(status: &CacheStatus) {
         (None, Some(fwd)) => fwd,
         (None, None) => "none",
     };
-    let flag = |on: bool| if on { "true" } else { "false" };
-    record::counter(
-        "tower_redis_cache_requests_total",
-        &[
-            ("result", result),
-            ("stored", flag(status.stored)),
-            ("degraded", flag(status.tier == Tier::Degraded)),
-        ],
-        1,
-    );
+    let degraded = status.tier == Tier::Degraded;
+    if result == "hit" && !status.stored {
+        // A hit, the most frequent answer: counters whose keys are built
+        // once (the general call below allocates its labels every time).
+        static HITS: [record::Counter; 2] = [
+            record::Counter::new(
+                "tower_redis_cache_requests_total",
+                &[
+                    ("result", "hit"),
+                    ("stored", "false"),
+                    ("degraded", "false"),
+                ],
+            ),
+            record::Counter::new(
+                "tower_redis_cache_requests_total",
+                &[("result", "hit"), ("stored", "false"), ("degraded", "true")],
+            ),
+        ];
+        HITS[usize::from(degraded)].increment(1);
+    } else {
+        let flag = |on: bool| if on { "true" } else { "false" };
+        record::counter(
+            "tower_redis_cache_requests_total",
+            &[
+                ("result", result),
+                ("stored", flag(status.stored)),
+                ("degraded", flag(degraded)),
+            ],
+            1,
+        );
+    }
     if status.hit_ttl.is_some() && status.tier == Tier::Near {
-        record::counter("tower_redis_cache_near_hits_total", &[], 1);
+        static NEAR_HITS: record::Counter =
+            record::Counter::new("tower_redis_cache_near_hits_total", &[]);
+        NEAR_HITS.increment(1);
     }
     for detail in &status.details {
         match *detail {
