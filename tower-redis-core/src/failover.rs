@@ -335,9 +335,24 @@ pub(crate) fn error_type(error: &RedisError) -> &'static str {
 }
 
 pub(crate) fn record_fallback(reason: FallbackReason) {
-    crate::record::counter(
-        "tower_redis_fallbacks_total",
-        &[("reason", reason.as_str())],
-        1,
-    );
+    // Keys built once: while Redis is down every operation falls back, and
+    // the degraded path should cost no more than the Redis one.
+    macro_rules! fallbacks {
+        ($reason:literal) => {
+            crate::record::Counter::new("tower_redis_fallbacks_total", &[("reason", $reason)])
+        };
+    }
+    static FALLBACKS: [crate::record::Counter; 4] = [
+        fallbacks!("breaker_open"),
+        fallbacks!("timeout"),
+        fallbacks!("connection_failed"),
+        fallbacks!("command_failed"),
+    ];
+    let index = match reason {
+        FallbackReason::BreakerOpen => 0,
+        FallbackReason::Timeout => 1,
+        FallbackReason::ConnectionFailed => 2,
+        FallbackReason::CommandFailed => 3,
+    };
+    FALLBACKS[index].increment(1);
 }

@@ -69,7 +69,23 @@ async fn breaker_transitions_and_fallbacks_are_counted() {
             {
                 opened += count;
             }
-            "tower_redis_fallbacks_total" => fallbacks += count,
+            "tower_redis_fallbacks_total" => {
+                // Under the reason's name.
+                let reason = labels.iter().find(|(k, _)| k == "reason").map(|(_, v)| v);
+                assert!(
+                    reason.is_some_and(|r| {
+                        [
+                            "breaker_open",
+                            "timeout",
+                            "connection_failed",
+                            "command_failed",
+                        ]
+                        .contains(&r.as_str())
+                    }),
+                    "{labels:?}"
+                );
+                fallbacks += count;
+            }
             _ => {}
         }
     }
@@ -166,7 +182,10 @@ async fn metrics_are_described_labelled_and_timed() {
     assert!(find("GET", None).is_some_and(|(_, n)| *n >= 1), "{timed:?}");
     assert!(find("SET", None).is_some_and(|(_, n)| *n >= 1), "{timed:?}");
     assert!(find("HSET", Some("server")).is_some(), "{timed:?}");
-    assert!(find("PIPELINE", None).is_some_and(|(_, n)| *n >= 1), "{timed:?}");
+    assert!(
+        find("PIPELINE", None).is_some_and(|(_, n)| *n >= 1),
+        "{timed:?}"
+    );
 }
 
 /// With a pool of one, checkouts hand out the live connection without the

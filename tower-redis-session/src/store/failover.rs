@@ -23,7 +23,7 @@ use std::time::Duration;
 use tower_redis_core::clock::duration_ms;
 use tower_redis_core::degrade::{self, QueueFull, Recovered};
 use tower_redis_core::record;
-use tower_redis_core::{RedisManager, Source};
+use tower_redis_core::{FallbackReason, RedisManager, Source};
 
 use super::change::Change;
 use super::local::{LocalCopy, LocalStore};
@@ -139,17 +139,30 @@ impl Failover {
         let copy = self.local().copy(storage_key);
         let started_ms = now_ms();
         let touch = LocalCopy::touch_due(copy.as_deref(), started_ms, self.touch_every_ms());
-        if !touch {
+        // While Redis is unavailable the tracked copies are gone (a lost
+        // tracking connection empties them): not looked for.
+        if !touch && !self.pair.is_degraded() {
             // Unchanged in Redis since this instance read it: 0 round trips.
             if let Some(record) = self.redis().tracked(storage_key, started_ms) {
                 return Some(record);
             }
         }
+        let read_copy = &copy;
         let served = self
             .pair
             .run(
                 |redis| redis.load(storage_key, touch),
-                |local_store, _| async move { local(local_store.load(storage_key, touch).await) },
+                |local_store, reason| async move {
+                    if reason == FallbackReason::BreakerOpen {
+                        // Nothing was sent, nothing was awaited: the copy
+                        // read above is the current one (Redis is down, and
+                        // a second lookup would make the degraded read
+                        // dearer than a tracked one).
+                        local_store.live_record(storage_key, read_copy.as_deref())
+                    } else {
+                        local(local_store.load(storage_key, touch).await)
+                    }
+                },
             )
             .await;
         if served.source == Source::Redis {

@@ -120,7 +120,18 @@ impl LocalStore {
 
     /// The local copy, unless it has outlived the absolute timeout.
     pub(crate) fn get(&self, storage_key: &str) -> Option<Record> {
-        let copy = self.copy(storage_key)?;
+        self.live_record(storage_key, self.copy(storage_key).as_deref())
+    }
+
+    /// The record of `copy` (the local copy of `storage_key`, as just read
+    /// with [`copy`](Self::copy)), unless it has outlived the absolute
+    /// timeout: then the copy is dropped.
+    pub(crate) fn live_record(
+        &self,
+        storage_key: &str,
+        copy: Option<&LocalCopy>,
+    ) -> Option<Record> {
+        let copy = copy?;
         if copy.record.created_ms.saturating_add(self.absolute_ms) <= now_ms() {
             self.end_copy(storage_key);
             return None;

@@ -275,11 +275,18 @@ impl SessionStore {
     pub(crate) async fn load(&self, storage_key: &str) -> Option<Record> {
         let record = self.inner.load(storage_key).await;
         let result = if record.is_some() { "found" } else { "missing" };
-        tower_redis_core::record::counter(
-            "tower_redis_session_loads_total",
-            &[("result", result)],
-            1,
-        );
+        // Keys built once: a load is the layer's most frequent operation.
+        static LOADS: [tower_redis_core::record::Counter; 2] = [
+            tower_redis_core::record::Counter::new(
+                "tower_redis_session_loads_total",
+                &[("result", "found")],
+            ),
+            tower_redis_core::record::Counter::new(
+                "tower_redis_session_loads_total",
+                &[("result", "missing")],
+            ),
+        ];
+        LOADS[usize::from(record.is_none())].increment(1);
         record_on_span("loaded", result);
         record
     }

@@ -145,6 +145,41 @@ async fn a_local_copy_ends_at_the_absolute_timeout() {
     assert_eq!(store.load(&key(1)).await, None);
 }
 
+/// With Redis unavailable (the breaker open: nothing is sent), a read of a
+/// session without queued changes is its local copy, and not past the
+/// absolute timeout; the ended copy is dropped.
+#[tokio::test]
+async fn a_read_while_redis_is_down_is_the_local_copy_until_the_absolute_timeout() {
+    clock::pause();
+    let failover = failover::Failover::new(
+        RedisManager::disabled(),
+        expiry(Duration::from_secs(1800), Duration::from_secs(3600)),
+        LocalLimits {
+            copies_bytes: 1 << 20,
+            queue_bytes: 1 << 20,
+            tracked_bytes: 0,
+        },
+    );
+    let mut record = Record {
+        created_ms: now_ms(),
+        ..Record::default()
+    };
+    record.fields.insert("a".to_owned(), "1".to_owned());
+    failover.local().put(&key(1), record, now_ms());
+    clock::advance(Duration::from_secs(3600 - 60));
+    let read = failover.load(&key(1)).await;
+    assert_eq!(
+        read.and_then(|r| r.fields.get("a").cloned()).as_deref(),
+        Some("1")
+    );
+    clock::advance(Duration::from_secs(61));
+    assert_eq!(failover.load(&key(1)).await, None);
+    assert!(
+        failover.local().copy(&key(1)).is_none(),
+        "the ended copy is dropped"
+    );
+}
+
 /// The local copies forget a session unused for the idle timeout (moka's
 /// time-to-idle, on its own clock: checked as configuration).
 #[test]
