@@ -145,13 +145,10 @@ async fn a_local_copy_ends_at_the_absolute_timeout() {
     assert_eq!(store.load(&key(1)).await, None);
 }
 
-/// With Redis unavailable (the breaker open: nothing is sent), a read of a
-/// session without queued changes is its local copy, and not past the
-/// absolute timeout; the ended copy is dropped.
-#[tokio::test]
-async fn a_read_while_redis_is_down_is_the_local_copy_until_the_absolute_timeout() {
-    clock::pause();
-    let failover = failover::Failover::new(
+/// The failover of a store without Redis (idle timeout 30 min, absolute
+/// 1 h, 1 MiB of local copies and of queue, no tracked copies).
+fn offline_failover() -> failover::Failover {
+    failover::Failover::new(
         RedisManager::disabled(),
         expiry(Duration::from_secs(1800), Duration::from_secs(3600)),
         LocalLimits {
@@ -159,7 +156,16 @@ async fn a_read_while_redis_is_down_is_the_local_copy_until_the_absolute_timeout
             queue_bytes: 1 << 20,
             tracked_bytes: 0,
         },
-    );
+    )
+}
+
+/// With Redis unavailable (the breaker open: nothing is sent), a read of a
+/// session without queued changes is its local copy, and not past the
+/// absolute timeout; the ended copy is dropped.
+#[tokio::test]
+async fn a_read_while_redis_is_down_is_the_local_copy_until_the_absolute_timeout() {
+    clock::pause();
+    let failover = offline_failover();
     let mut record = Record {
         created_ms: now_ms(),
         ..Record::default()
@@ -194,15 +200,7 @@ fn local_copies_expire_after_the_idle_timeout() {
 #[tokio::test]
 async fn the_idle_timeout_is_renewed_at_most_once_per_hundredth() {
     clock::pause();
-    let failover = failover::Failover::new(
-        RedisManager::disabled(),
-        expiry(Duration::from_secs(1800), Duration::from_secs(3600)),
-        LocalLimits {
-            copies_bytes: 1 << 20,
-            queue_bytes: 1 << 20,
-            tracked_bytes: 0,
-        },
-    );
+    let failover = offline_failover();
     let every = failover.touch_every_ms();
     assert_eq!(every, 18_000);
     let local = failover.local();
