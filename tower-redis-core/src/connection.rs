@@ -68,28 +68,16 @@ impl ConnectionLike for RedisConnection {
         if !span.is_disabled() {
             span.record("db.operation.name", operation_name(operation(cmd)));
         }
+        let server_error = |v: &Value| matches!(v, Value::ServerError(_));
         match &mut self.kind {
-            // One box: the multiplexed connection's own future, timed in
-            // place (its `ConnectionLike` future would be a second box).
-            #[cfg(feature = "metrics")]
+            // The multiplexed connection's own future, boxed once by
+            // `timed` (its `ConnectionLike` future would be a second box).
             ConnectionKind::Standalone(c) => {
-                let operation = operation(cmd);
-                Box::pin(async move {
-                    let started = std::time::Instant::now();
-                    let result = c.send_packed_command(cmd).await;
-                    record_duration(operation, started, &result, |v| {
-                        matches!(v, Value::ServerError(_))
-                    });
-                    result
-                })
+                timed(|| operation(cmd), c.send_packed_command(cmd), server_error)
             }
-            #[cfg(not(feature = "metrics"))]
-            ConnectionKind::Standalone(c) => c.req_packed_command(cmd),
-            ConnectionKind::Cluster(c) => timed(
-                || operation(cmd),
-                c.req_packed_command(cmd),
-                |v| matches!(v, Value::ServerError(_)),
-            ),
+            ConnectionKind::Cluster(c) => {
+                timed(|| operation(cmd), c.req_packed_command(cmd), server_error)
+            }
         }
     }
 
@@ -102,15 +90,11 @@ impl ConnectionLike for RedisConnection {
         tracing::Span::current().record("db.operation.name", "PIPELINE");
         let server_error = |vs: &Vec<Value>| vs.iter().any(|v| matches!(v, Value::ServerError(_)));
         match &mut self.kind {
-            #[cfg(feature = "metrics")]
-            ConnectionKind::Standalone(c) => Box::pin(async move {
-                let started = std::time::Instant::now();
-                let result = c.send_packed_commands(pipeline, offset, count).await;
-                record_duration(PIPELINE, started, &result, server_error);
-                result
-            }),
-            #[cfg(not(feature = "metrics"))]
-            ConnectionKind::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            ConnectionKind::Standalone(c) => timed(
+                || PIPELINE,
+                c.send_packed_commands(pipeline, offset, count),
+                server_error,
+            ),
             ConnectionKind::Cluster(c) => timed(
                 || PIPELINE,
                 c.req_packed_commands(pipeline, offset, count),
@@ -184,72 +168,60 @@ fn operation_name(index: usize) -> &'static str {
     }
 }
 
-/// With the `metrics` feature: the request, timed into
-/// `db.client.operation.duration`. Without it: the request as it is.
+/// The request as a boxed future; with the `metrics` feature, timed into
+/// `db.client.operation.duration`.
 #[cfg(feature = "metrics")]
 fn timed<'a, T: Send + 'a>(
     operation: impl FnOnce() -> usize,
-    sent: RedisFuture<'a, T>,
+    sent: impl Future<Output = RedisResult<T>> + Send + 'a,
     server_error: fn(&T) -> bool,
 ) -> RedisFuture<'a, T> {
     let operation = operation();
     Box::pin(async move {
         let started = std::time::Instant::now();
         let result = sent.await;
-        record_duration(operation, started, &result, server_error);
+        let seconds = started.elapsed().as_secs_f64();
+        let histogram = crate::record::DB_CLIENT_OPERATION_DURATION;
+        let name = || operation_name(operation);
+        match &result {
+            // redis-rs hands a server's error reply back as a value.
+            Ok(value) if server_error(value) => crate::record::histogram(
+                histogram,
+                &[
+                    ("db.system.name", "redis"),
+                    ("db.operation.name", name()),
+                    ("error.type", "server"),
+                ],
+                seconds,
+            ),
+            // The usual case: a key built once, no allocation.
+            Ok(_) => {
+                if let Some(durations) = OPERATIONS.get(operation) {
+                    durations.record(seconds);
+                }
+            }
+            Err(error) => crate::record::histogram(
+                histogram,
+                &[
+                    ("db.system.name", "redis"),
+                    ("db.operation.name", name()),
+                    ("error.type", crate::failover::error_type(error)),
+                ],
+                seconds,
+            ),
+        }
         result
     })
-}
-
-/// Records the duration of the request at `operation` (an index of
-/// [`OPERATIONS`]) sent at `started` into `db.client.operation.duration`.
-#[cfg(feature = "metrics")]
-fn record_duration<T>(
-    operation: usize,
-    started: std::time::Instant,
-    result: &RedisResult<T>,
-    server_error: fn(&T) -> bool,
-) {
-    let seconds = started.elapsed().as_secs_f64();
-    let histogram = crate::record::DB_CLIENT_OPERATION_DURATION;
-    let name = || operation_name(operation);
-    match result {
-        // redis-rs hands a server's error reply back as a value.
-        Ok(value) if server_error(value) => crate::record::histogram(
-            histogram,
-            &[
-                ("db.system.name", "redis"),
-                ("db.operation.name", name()),
-                ("error.type", "server"),
-            ],
-            seconds,
-        ),
-        // The usual case: a key built once, no allocation.
-        Ok(_) => {
-            if let Some(durations) = OPERATIONS.get(operation) {
-                durations.record(seconds);
-            }
-        }
-        Err(error) => crate::record::histogram(
-            histogram,
-            &[
-                ("db.system.name", "redis"),
-                ("db.operation.name", name()),
-                ("error.type", crate::failover::error_type(error)),
-            ],
-            seconds,
-        ),
-    }
 }
 
 #[cfg(not(feature = "metrics"))]
 #[inline]
 fn timed<'a, T>(
     _operation: impl FnOnce() -> usize,
-    sent: RedisFuture<'a, T>,
+    sent: impl Future<Output = RedisResult<T>> + Send + 'a,
     _server_error: fn(&T) -> bool,
 ) -> RedisFuture<'a, T> {
-    sent
+    Box::pin(sent)
 }
 
 /// A pooled multiplexed connection with the marks that decide whether the
