@@ -137,8 +137,13 @@ impl Entry {
         // huge ones; plus room for the fields a hit adds to its copy (`Age`,
         // `Accept-Ranges`, `Cache-Status`; a clone keeps the index's size),
         // so that serving it does not grow the map.
-        let mut headers = HeaderMap::try_with_capacity(usize::from(count).min(64) + 4)
-            .map_err(|_| DecodeError("header capacity"))?;
+        // An entry without fields (a data value) allocates no map.
+        let mut headers = if count == 0 {
+            HeaderMap::new()
+        } else {
+            HeaderMap::try_with_capacity(usize::from(count).min(64) + 4)
+                .map_err(|_| DecodeError("header capacity"))?
+        };
         for _ in 0..count {
             let name_len = usize::from(r.u16()?);
             let name = HeaderName::from_bytes(r.take(name_len)?)

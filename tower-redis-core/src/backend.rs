@@ -165,6 +165,49 @@ pub async fn pipeline_with_scripts<T: FromRedisValue>(
     }
 }
 
+/// An `EVALSHA` of `script` with `keys`, sized up front for `args` more
+/// arguments of `arg_bytes` bytes in all, which the caller adds with
+/// [`Cmd::arg`]. Send it with [`query_script`]. Unlike a
+/// [`ScriptInvocation`], it copies no key or argument into buffers of its
+/// own: the command is the only buffer.
+///
+/// ```
+/// use tower_redis_core::redis::Script;
+///
+/// let script = Script::new("return redis.call('GET', KEYS[1])");
+/// let mut cmd = tower_redis_core::script_cmd(&script, &["k"], 1, 2);
+/// cmd.arg("v1");
+/// assert_eq!(cmd.args_iter().count(), 5); // EVALSHA, hash, 1, k, v1
+/// ```
+pub fn script_cmd(script: &Script, keys: &[&str], args: usize, arg_bytes: usize) -> Cmd {
+    let hash = script.get_hash();
+    let data = 7 + hash.len() + 2 + keys.iter().map(|k| k.len()).sum::<usize>() + arg_bytes;
+    let mut cmd = Cmd::with_capacity(3 + keys.len() + args, data);
+    cmd.arg("EVALSHA").arg(hash).arg(keys.len());
+    for key in keys {
+        cmd.arg(*key);
+    }
+    cmd
+}
+
+/// Sends `cmd`, an `EVALSHA` of `script` built with [`script_cmd`], on
+/// `conn`; when Redis has lost the script (NOSCRIPT: a restart, `SCRIPT
+/// FLUSH`), loads it and sends the command once more. For use inside
+/// [`RedisManager::run`] and [`RedisManager::failover`].
+pub async fn query_script<T: FromRedisValue>(
+    conn: &mut RedisConnection,
+    script: &Script,
+    cmd: &Cmd,
+) -> RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(error) if is_noscript(&error) => {
+            script.prepare_invoke().load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
+    }
+}
+
 fn is_noscript(error: &RedisError) -> bool {
     error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }

@@ -96,7 +96,7 @@ mod url;
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
-pub use backend::pipeline_with_scripts;
+pub use backend::{pipeline_with_scripts, query_script, script_cmd};
 pub use breaker::{BreakerState, Health};
 pub use config::{
     BreakerConfig, RedisConfig, RedisConfigBuilder, RedisUrl, SentinelTopology, Topology,

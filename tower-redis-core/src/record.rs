@@ -125,30 +125,59 @@ pub fn gauge(name: &'static str, labels: Labels<'_>, value: f64) {
     let _ = (name, labels, value);
 }
 
-/// Adds `value` to the counter `name` with `labels` and one more label
-/// whose value is only known at run time (a rate-limit policy's name, say).
-/// Its values must come from configuration, never from requests, so that
-/// the number of series stays bounded.
-#[inline]
-pub fn counter_named(
-    name: &'static str,
-    labels: Labels<'_>,
-    named: (&'static str, &str),
-    value: u64,
-) {
+/// A counter whose labels are fixed when it is made, one of them known
+/// only at run time (a policy's name, say): its key is built once, in
+/// [`NamedCounter::new`], so that counting allocates nothing. The run-time
+/// value must come from configuration, never from requests, so that the
+/// number of series stays bounded.
+///
+/// ```
+/// use tower_redis_core::record::NamedCounter;
+///
+/// let allowed = NamedCounter::new("my_decisions_total", &[("outcome", "allowed")], ("policy", "per-ip"));
+/// allowed.increment(1);
+/// ```
+#[derive(Debug, Clone)]
+pub struct NamedCounter {
     #[cfg(feature = "metrics")]
-    {
-        let mut all: Vec<metrics::Label> = Vec::with_capacity(labels.len() + 1);
-        all.extend(
-            labels
-                .iter()
-                .map(|&(k, v)| metrics::Label::from_static_parts(k, v)),
-        );
-        all.push(metrics::Label::new(named.0, named.1.to_owned()));
-        metrics::counter!(name, all).increment(value);
+    key: metrics::Key,
+}
+
+impl NamedCounter {
+    /// The counter `name` with `labels` and the label `named` (name, value).
+    pub fn new(name: &'static str, labels: Labels<'_>, named: (&'static str, &str)) -> Self {
+        #[cfg(feature = "metrics")]
+        {
+            let mut all: Vec<metrics::Label> = Vec::with_capacity(labels.len() + 1);
+            all.extend(
+                labels
+                    .iter()
+                    .map(|&(k, v)| metrics::Label::from_static_parts(k, v)),
+            );
+            all.push(metrics::Label::new(named.0, named.1.to_owned()));
+            Self {
+                key: metrics::Key::from_parts(name, all),
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = (name, labels, named);
+            Self {}
+        }
     }
-    #[cfg(not(feature = "metrics"))]
-    let _ = (name, labels, named, value);
+
+    /// Adds `value` to it, through the recorder in effect.
+    #[inline]
+    pub fn increment(&self, value: u64) {
+        #[cfg(feature = "metrics")]
+        metrics::with_recorder(|recorder| {
+            recorder
+                .register_counter(&self.key, &METADATA)
+                .increment(value);
+        });
+        #[cfg(not(feature = "metrics"))]
+        let _ = value;
+    }
 }
 
 /// Records `value` in the histogram `name` with `labels`.
@@ -262,11 +291,33 @@ impl Drop for LayerClock {
     fn drop(&mut self) {
         let total = self.started.elapsed().as_secs_f64();
         let inner = self.inner_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9;
-        histogram(
-            TOWER_REDIS_LAYER_OVERHEAD_DURATION,
-            &[("layer", self.layer)],
-            (total - inner).max(0.0),
-        );
+        let overhead = (total - inner).max(0.0);
+        // The project's layers through fixed keys: recording allocates nothing.
+        static LAYERS: [(&str, Histogram); 3] = [
+            (
+                "cache",
+                Histogram::new(TOWER_REDIS_LAYER_OVERHEAD_DURATION, &[("layer", "cache")]),
+            ),
+            (
+                "ratelimit",
+                Histogram::new(
+                    TOWER_REDIS_LAYER_OVERHEAD_DURATION,
+                    &[("layer", "ratelimit")],
+                ),
+            ),
+            (
+                "session",
+                Histogram::new(TOWER_REDIS_LAYER_OVERHEAD_DURATION, &[("layer", "session")]),
+            ),
+        ];
+        match LAYERS.iter().find(|(layer, _)| *layer == self.layer) {
+            Some((_, fixed)) => fixed.record(overhead),
+            None => histogram(
+                TOWER_REDIS_LAYER_OVERHEAD_DURATION,
+                &[("layer", self.layer)],
+                overhead,
+            ),
+        }
     }
 }
 

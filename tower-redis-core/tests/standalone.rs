@@ -178,6 +178,38 @@ async fn scripts_keep_working_after_script_flush() {
     assert_eq!(manager.health().state, BreakerState::Closed);
 }
 
+/// `script_cmd` + `query_script`: the same EVALSHA as a `ScriptInvocation`
+/// (keys routed and counted), and the script loaded again when Redis lost it.
+#[tokio::test]
+async fn a_presized_script_command_is_reloaded_after_script_flush() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(&redis).await;
+    let script = Script::new(SUM_SCRIPT);
+    let key = manager.keys().key(&["presized"]);
+    let run = |amount: i64| {
+        let (manager, script, key) = (&manager, &script, &key);
+        async move {
+            let mut cmd = tower_redis_core::script_cmd(script, &[key.as_str()], 1, 20);
+            cmd.arg(amount);
+            manager
+                .run(|mut conn| async move {
+                    tower_redis_core::query_script::<i64>(&mut conn, script, &cmd).await
+                })
+                .await
+        }
+    };
+    // Never loaded yet: NOSCRIPT, loaded, sent again.
+    assert_eq!(run(2).await.expect("loads the script"), 2);
+    let mut direct = redis.connection().await.expect("direct connection");
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async::<()>(&mut direct)
+        .await
+        .expect("SCRIPT FLUSH");
+    assert_eq!(run(3).await.expect("reloaded"), 5);
+    assert_eq!(manager.health().state, BreakerState::Closed);
+}
+
 #[tokio::test]
 async fn scripts_inside_pipelines_are_reloaded_after_script_flush() {
     let redis = TestRedis::start().await;

@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::limiter::{DecisionSource, PolicyState};
@@ -36,13 +37,47 @@ fn push_name(field: &mut String, name: &str) {
     field.push('"');
 }
 
-/// Adds the fields for the policies that were decided.
-pub(crate) fn insert(
-    headers: &mut HeaderMap,
+/// The fields of one decision, held without a map of their own (a
+/// `HeaderMap` allocates twice), until they join the response's.
+#[derive(Debug, Default)]
+pub(crate) struct Fields {
+    fields: [Option<(&'static HeaderName, HeaderValue)>; 5],
+    len: usize,
+}
+
+impl Fields {
+    fn insert(&mut self, name: &'static HeaderName, value: HeaderValue) {
+        if let Some(slot) = self.fields.get_mut(self.len) {
+            *slot = Some((name, value));
+            self.len += 1;
+        }
+    }
+
+    /// Appends each field to `headers` (stacked rate-limit layers each add
+    /// their members to the same list fields).
+    pub(crate) fn append_to(self, headers: &mut HeaderMap) {
+        for (name, value) in self.fields.into_iter().flatten() {
+            headers.append(name.clone(), value);
+        }
+    }
+
+    /// Inserts each field `headers` does not have yet.
+    pub(crate) fn insert_missing(self, headers: &mut HeaderMap) {
+        for (name, value) in self.fields.into_iter().flatten() {
+            if !headers.contains_key(name) {
+                headers.insert(name.clone(), value);
+            }
+        }
+    }
+}
+
+/// The fields for the policies that were decided.
+pub(crate) fn fields(
     decided: &[(&Policy, Option<PolicyState>)],
     source: DecisionSource,
     legacy: bool,
-) {
+) -> Fields {
+    let mut headers = Fields::default();
     // Built by hand, not with `write!`: this runs on every request, and
     // the formatting machinery was a measurable share of a decision.
     let mut policy_field = String::with_capacity(48 * decided.len());
@@ -70,15 +105,16 @@ pub(crate) fn insert(
         }
     }
     if policy_field.is_empty() {
-        return;
+        return headers;
     }
     // Policy names are validated to be header-safe, so these cannot fail.
+    // The strings become the values' buffers: no copy.
     if let (Ok(policy_value), Ok(limit_value)) = (
-        HeaderValue::from_str(&policy_field),
-        HeaderValue::from_str(&limit_field),
+        HeaderValue::from_maybe_shared(Bytes::from(policy_field)),
+        HeaderValue::from_maybe_shared(Bytes::from(limit_field)),
     ) {
-        headers.insert(RATELIMIT_POLICY.clone(), policy_value);
-        headers.insert(RATELIMIT.clone(), limit_value);
+        headers.insert(&RATELIMIT_POLICY, policy_value);
+        headers.insert(&RATELIMIT, limit_value);
     }
     if legacy {
         // The legacy fields describe one policy: the one closest to its limit.
@@ -87,14 +123,12 @@ pub(crate) fn insert(
             .filter(|(_, s)| s.is_some())
             .min_by_key(|(_, s)| s.map(|s| s.remaining))
         {
-            headers.insert(
-                X_LIMIT.clone(),
-                HeaderValue::from(policy.algorithm().quota()),
-            );
-            headers.insert(X_REMAINING.clone(), HeaderValue::from(state.remaining));
-            headers.insert(X_RESET.clone(), HeaderValue::from(ceil_secs(state.reset)));
+            headers.insert(&X_LIMIT, HeaderValue::from(policy.algorithm().quota()));
+            headers.insert(&X_REMAINING, HeaderValue::from(state.remaining));
+            headers.insert(&X_RESET, HeaderValue::from(ceil_secs(state.reset)));
         }
     }
+    headers
 }
 
 #[cfg(test)]
@@ -114,12 +148,12 @@ mod tests {
         let ip = Policy::gcra("per-ip", 100, Duration::from_secs(60));
         let user = Policy::fixed_window("per-user", 1000, Duration::from_secs(3600));
         let mut headers = HeaderMap::new();
-        insert(
-            &mut headers,
+        fields(
             &[(&ip, state(42, 17_200)), (&user, state(997, 3_600_000))],
             DecisionSource::Redis,
             false,
-        );
+        )
+        .append_to(&mut headers);
         assert_eq!(
             headers[&RATELIMIT_POLICY],
             "\"per-ip\";q=100;w=60, \"per-user\";q=1000;w=3600"
@@ -135,12 +169,7 @@ mod tests {
     fn local_decisions_are_marked() {
         let ip = Policy::gcra("per-ip", 10, Duration::from_secs(1));
         let mut headers = HeaderMap::new();
-        insert(
-            &mut headers,
-            &[(&ip, state(3, 500))],
-            DecisionSource::Local,
-            false,
-        );
+        fields(&[(&ip, state(3, 500))], DecisionSource::Local, false).append_to(&mut headers);
         assert_eq!(headers[&RATELIMIT], "\"per-ip\";r=3;t=1;local");
     }
 
@@ -149,12 +178,12 @@ mod tests {
         let a = Policy::gcra("a", 100, Duration::from_secs(60));
         let b = Policy::gcra("b", 10, Duration::from_secs(60));
         let mut headers = HeaderMap::new();
-        insert(
-            &mut headers,
+        fields(
             &[(&a, state(50, 1000)), (&b, state(2, 30_000))],
             DecisionSource::Redis,
             true,
-        );
+        )
+        .append_to(&mut headers);
         assert_eq!(headers[&X_LIMIT], "10");
         assert_eq!(headers[&X_REMAINING], "2");
         assert_eq!(headers[&X_RESET], "30");

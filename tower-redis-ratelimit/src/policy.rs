@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use http::Method;
 use tower_redis_core::http::PathPattern;
+use tower_redis_core::record::NamedCounter;
 
 use crate::algorithm::Algorithm;
 use crate::key::Key;
@@ -32,6 +33,19 @@ pub struct Policy {
     pub(crate) path: Option<PathPattern>,
     pub(crate) methods: Option<Vec<Method>>,
     pub(crate) lease: Option<u32>,
+    /// `tower_redis_ratelimit_policy_decisions_total` for this policy, by
+    /// outcome (see [`PolicyOutcome`]): built with the policy, so that counting
+    /// a decision allocates nothing.
+    pub(crate) counters: Arc<[NamedCounter; 3]>,
+}
+
+/// This policy's part in a decision, as its counters label it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PolicyOutcome {
+    Allowed = 0,
+    Denied = 1,
+    /// Decided without the counters (no per-policy state).
+    Unknown = 2,
 }
 
 impl Policy {
@@ -194,7 +208,19 @@ impl Policy {
             path: None,
             methods: None,
             lease: None,
+            counters: Arc::new(["allowed", "denied", "unknown"].map(|outcome| {
+                NamedCounter::new(
+                    "tower_redis_ratelimit_policy_decisions_total",
+                    &[("outcome", outcome)],
+                    ("policy", name),
+                )
+            })),
         }
+    }
+
+    /// Counts this policy's part in one decision.
+    pub(crate) fn count(&self, outcome: PolicyOutcome) {
+        self.counters[outcome as usize].increment(1);
     }
 
     /// For GCRA, how many requests may arrive at once (default: the quota).

@@ -7,18 +7,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Request, Response, header};
+use http::{HeaderValue, Request, Response, header};
 use tower_redis_core::http::is_grpc;
 use tower_redis_core::record;
 use tower_service::Service;
 use tracing::Instrument;
 
 use crate::body::ResponseBody;
-use crate::headers;
+use crate::headers::{self, Fields};
 use crate::key::{self, MissingKey};
 use crate::layer::Config;
+use crate::limiter::DecisionSource;
 use crate::limiter::{Check, PolicyState, Verdict};
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyOutcome};
 use crate::response::{self, Denied};
 
 /// The rate-limited service produced by [`RateLimitLayer`](crate::RateLimitLayer).
@@ -83,9 +84,7 @@ where
                         .await?;
                     // Appended, not replaced: stacked rate-limit layers
                     // each add their members to the same list fields.
-                    for (name, value) in &extra_headers {
-                        response.headers_mut().append(name.clone(), value.clone());
-                    }
+                    extra_headers.append_to(response.headers_mut());
                     Ok(response.map(ResponseBody::inner))
                 }
                 Outcome::Respond(response) => Ok(response.map(ResponseBody::full)),
@@ -96,7 +95,7 @@ where
 
 enum Outcome {
     /// Call the inner service, adding these fields to its response.
-    Pass(HeaderMap),
+    Pass(Fields),
     /// Answer with this response instead.
     Respond(Response<Bytes>),
 }
@@ -104,7 +103,7 @@ enum Outcome {
 /// Parse, decide, and either answer early or let the request through.
 async fn decide(config: &Config, parts: &Parts) -> Outcome {
     if is_allow_listed(config, parts) {
-        return Outcome::Pass(HeaderMap::new());
+        return Outcome::Pass(Fields::default());
     }
     let (policies, checks) = match applicable_checks(config, parts).await {
         Ok(found) => found,
@@ -121,7 +120,7 @@ async fn decide(config: &Config, parts: &Parts) -> Outcome {
     };
     let cost = config.cost.as_ref().map_or(1, |cost| cost(parts));
     if checks.is_empty() || cost == 0 {
-        return Outcome::Pass(HeaderMap::new());
+        return Outcome::Pass(Fields::default());
     }
     let verdict = config.limiter.decide(&checks, cost).await;
     record(&verdict, config.shadow);
@@ -135,15 +134,14 @@ async fn decide(config: &Config, parts: &Parts) -> Outcome {
                 "shadow mode: this request would have been rate limited"
             );
         }
-        return Outcome::Pass(HeaderMap::new());
+        return Outcome::Pass(Fields::default());
     }
     let decided: Vec<(&Policy, Option<PolicyState>)> = policies
         .iter()
         .copied()
         .zip(verdict.states.iter().copied())
         .collect();
-    let mut fields = HeaderMap::new();
-    headers::insert(&mut fields, &decided, verdict.source, config.legacy_headers);
+    let fields = headers::fields(&decided, verdict.source, config.legacy_headers);
     if verdict.allowed {
         return Outcome::Pass(fields);
     }
@@ -232,7 +230,7 @@ fn denied_response(
     parts: &Parts,
     decided: &[(&Policy, Option<PolicyState>)],
     verdict: &Verdict,
-    fields: HeaderMap,
+    fields: Fields,
 ) -> Response<Bytes> {
     let mut denying: Vec<String> = decided
         .iter()
@@ -271,11 +269,7 @@ fn denied_response(
         }
     };
     let headers = response.headers_mut();
-    for (name, value) in &fields {
-        if !headers.contains_key(name) {
-            headers.insert(name.clone(), value.clone());
-        }
-    }
+    fields.insert_missing(headers);
     if !headers.contains_key(header::RETRY_AFTER) {
         headers.insert(
             header::RETRY_AFTER,
@@ -299,17 +293,11 @@ fn record_policies(policies: &[&Policy], verdict: &Verdict, shadow: bool) {
             .filter_map(|(policy, state)| state.map(|state| (policy.name(), state)))
     };
     for (index, policy) in policies.iter().enumerate() {
-        let outcome = match verdict.states.get(index).copied().flatten() {
-            Some(state) if state.retry_after.is_some() => "denied",
-            Some(_) => "allowed",
-            None => "unknown",
-        };
-        record::counter_named(
-            "tower_redis_ratelimit_policy_decisions_total",
-            &[("outcome", outcome)],
-            ("policy", policy.name()),
-            1,
-        );
+        policy.count(match verdict.states.get(index).copied().flatten() {
+            Some(state) if state.retry_after.is_some() => PolicyOutcome::Denied,
+            Some(_) => PolicyOutcome::Allowed,
+            None => PolicyOutcome::Unknown,
+        });
     }
     let span = tracing::Span::current();
     if span.is_disabled() {
@@ -336,18 +324,23 @@ fn record_policies(policies: &[&Policy], verdict: &Verdict, shadow: bool) {
 /// Counts the decision (`tower_redis_ratelimit_decisions_total`) and
 /// traces one made without Redis.
 fn record(verdict: &Verdict, shadow: bool) {
-    record::counter(
-        "tower_redis_ratelimit_decisions_total",
-        &[
-            (
-                "outcome",
-                if verdict.allowed { "allowed" } else { "denied" },
-            ),
-            ("source", verdict.source.as_str()),
-            ("shadow", if shadow { "true" } else { "false" }),
-        ],
-        1,
-    );
+    // One fixed-key counter per label set: counting allocates nothing.
+    macro_rules! by_source {
+        ($outcome:literal) => {
+            by_source!($outcome: 0, 1, 2, 3, 4, 5)
+        };
+        ($outcome:literal: $($source:literal),*) => {
+            [$([
+                record::Counter::new("tower_redis_ratelimit_decisions_total", &[("outcome", $outcome), ("source", DecisionSource::ALL[$source].as_str()), ("shadow", "false")]),
+                record::Counter::new("tower_redis_ratelimit_decisions_total", &[("outcome", $outcome), ("source", DecisionSource::ALL[$source].as_str()), ("shadow", "true")]),
+            ]),*]
+        };
+    }
+    // Indexed by outcome, `source as usize` and shadow.
+    static DECISIONS: [[[record::Counter; 2]; DecisionSource::ALL.len()]; 2] =
+        [by_source!("allowed"), by_source!("denied")];
+    DECISIONS[usize::from(!verdict.allowed)][verdict.source as usize][usize::from(shadow)]
+        .increment(1);
     if verdict.source.is_degraded() {
         tracing::trace!(target: "tower_redis_ratelimit", source = verdict.source.as_str(), "decided without Redis");
     }

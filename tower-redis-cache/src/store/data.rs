@@ -404,7 +404,10 @@ impl RedisStore {
 /// `HMGET <hash> <field> sp`: the entry (decoded without a copy of its
 /// bytes) with its soft-purge mark.
 async fn read_value(mut conn: RedisConnection, key: &str) -> RedisResult<Found> {
-    let (entry, soft_purged): (Value, Option<u64>) = redis::cmd("HMGET")
+    // Sized up front: the command is built without growing its buffers.
+    let mut command = redis::Cmd::with_capacity(4, 5 + key.len() + DATA_VARIANT.len() + 2);
+    let (entry, soft_purged): (Value, Option<u64>) = command
+        .arg("HMGET")
         .arg(key)
         .arg(&*DATA_VARIANT)
         .arg("sp")

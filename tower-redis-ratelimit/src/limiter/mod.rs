@@ -76,8 +76,19 @@ pub enum DecisionSource {
 }
 
 impl DecisionSource {
+    /// Every source, in declaration order: `source as usize` indexes it
+    /// (`tests::every_source_is_at_its_own_index`).
+    pub(crate) const ALL: [DecisionSource; 6] = [
+        DecisionSource::Redis,
+        DecisionSource::BlockedCache,
+        DecisionSource::Lease,
+        DecisionSource::Local,
+        DecisionSource::FailOpen,
+        DecisionSource::FailClosed,
+    ];
+
     /// The lower-case name used in logs and metrics.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             DecisionSource::Redis => "redis",
             DecisionSource::BlockedCache => "blocked_cache",

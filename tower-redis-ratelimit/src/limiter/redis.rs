@@ -62,9 +62,7 @@ impl RedisStore {
     ) -> Result<LeaseReply, Error> {
         self.manager
             .run(|mut conn| async move {
-                let reply: Vec<i64> = lease_invocation(key, algorithm, 1, want, i64::from(min))
-                    .invoke_async(&mut conn)
-                    .await?;
+                let reply = lease_call(&mut conn, key, algorithm, 1, want, i64::from(min)).await?;
                 parse_lease(&reply)
             })
             .await
@@ -80,33 +78,32 @@ impl RedisStore {
     ) -> Result<(), Error> {
         self.manager
             .run(|mut conn| async move {
-                let _: Vec<i64> = lease_invocation(key, algorithm, 2, unused, window)
-                    .invoke_async(&mut conn)
-                    .await?;
+                lease_call(&mut conn, key, algorithm, 2, unused, window).await?;
                 Ok(())
             })
             .await
     }
 }
 
-fn lease_invocation(
+/// One `lease.lua` call on `key`: mode 1 takes `count` units (at least
+/// `extra`), mode 2 gives `count` units of window `extra` back.
+async fn lease_call(
+    conn: &mut RedisConnection,
     key: &str,
     algorithm: Algorithm,
     mode: u8,
     count: u64,
     extra: i64,
-) -> redis::ScriptInvocation<'static> {
+) -> redis::RedisResult<Vec<i64>> {
     let (kind, a, b) = algorithm.script_args();
-    let mut invocation = LEASE.prepare_invoke();
-    invocation
-        .key(key)
-        .arg(mode)
+    let mut cmd = tower_redis_core::script_cmd(&LEASE, &[key], 6, 64);
+    cmd.arg(mode)
         .arg(kind)
         .arg(a.to_string())
         .arg(b.to_string())
         .arg(count)
         .arg(extra);
-    invocation
+    tower_redis_core::query_script(conn, &LEASE, &cmd).await
 }
 
 fn parse_lease(reply: &[i64]) -> redis::RedisResult<LeaseReply> {
@@ -146,69 +143,83 @@ async fn decide_on_redis(
     requests: &[Query<'_>],
 ) -> redis::RedisResult<Vec<Verdict>> {
     let (keys, numbers) = encode_batch(requests);
-    let mut invocation = DECIDE.prepare_invoke();
-    for key in keys {
-        invocation.key(key);
-    }
-    invocation.arg(numbers);
-    let reply: Vec<i64> = invocation.invoke_async(&mut conn).await?;
+    let mut cmd = tower_redis_core::script_cmd(&DECIDE, &keys, 1, numbers.len());
+    cmd.arg(numbers);
+    let reply: Vec<i64> = tower_redis_core::query_script(&mut conn, &DECIDE, &cmd).await?;
     parse_reply(&reply, requests)
 }
 
 /// The script's `KEYS` (the distinct counters of the batch) and its one
 /// argument: every number it needs, packed as little-endian `f64`s, which
 /// Lua reads with `struct.unpack` at a fraction of the cost of parsing
-/// decimal strings (see `decide.lua` for the layout).
+/// decimal strings (see `decide.lua` for the layout). Two allocations
+/// whatever the batch: the counts that precede what they count are
+/// written once known.
 fn encode_batch<'q>(requests: &[Query<'q>]) -> (Vec<&'q str>, Vec<u8>) {
-    let mut keys: Vec<&str> = Vec::new();
-    let mut policies: Vec<f64> = Vec::new();
-    // Each request's counters, as 1-based indexes into `keys`.
-    let mut indexes: Vec<usize> = Vec::new();
-    for (checks, _) in requests {
-        for check in *checks {
-            let index = match keys.iter().position(|k| *k == check.key) {
-                Some(index) => index,
-                None => {
-                    keys.push(&check.key);
-                    let (kind, a, b) = check.algorithm.script_args();
-                    policies.extend([f64::from(kind), a, b]);
-                    keys.len() - 1
-                }
-            };
-            indexes.push(index + 1);
-        }
-    }
-    // Consecutive requests with the same cost and counters go as one group.
-    let mut groups: Vec<(usize, u32, &[usize])> = Vec::new();
-    let mut offset = 0;
-    for (checks, cost) in requests {
-        let counters = &indexes[offset..offset + checks.len()];
-        offset += checks.len();
-        match groups.last_mut() {
-            Some((count, group_cost, group)) if *group_cost == *cost && *group == counters => {
-                *count += 1;
-            }
-            _ => groups.push((1, *cost, counters)),
-        }
-    }
-    let count = policies.len() + 1 + groups.iter().map(|(_, _, c)| 3 + c.len()).sum::<usize>();
-    let mut numbers = Vec::with_capacity(8 * count);
-    let mut push = |value: f64| numbers.extend_from_slice(&value.to_le_bytes());
-    for value in policies {
-        push(value);
-    }
+    let checks: usize = requests.iter().map(|(checks, _)| checks.len()).sum();
+    let mut keys: Vec<&'q str> = Vec::with_capacity(checks);
+    // At most: a policy per check, the group count, and per request a
+    // group head (count, cost, n) and its indexes.
+    let mut numbers = Vec::with_capacity(8 * (3 * checks + 1 + 3 * requests.len() + checks));
+    let push = |numbers: &mut Vec<u8>, value: f64| numbers.extend_from_slice(&value.to_le_bytes());
+    let patch = |numbers: &mut Vec<u8>, at: usize, value: f64| {
+        numbers[at..at + 8].copy_from_slice(&value.to_le_bytes());
+    };
     // Counts and indexes are small integers: exact as `f64`.
     #[allow(clippy::cast_precision_loss)]
     let exact = |n: usize| n as f64;
-    push(exact(groups.len()));
-    for (count, cost, counters) in &groups {
-        push(exact(*count));
-        push(f64::from(*cost));
-        push(exact(counters.len()));
-        for index in *counters {
-            push(exact(*index));
+    // Each distinct counter, in order of first use, with its policy.
+    for (checks, _) in requests {
+        for check in *checks {
+            if !keys.contains(&check.key.as_str()) {
+                keys.push(&check.key);
+                let (kind, a, b) = check.algorithm.script_args();
+                for value in [f64::from(kind), a, b] {
+                    push(&mut numbers, value);
+                }
+            }
         }
     }
+    // Consecutive requests with the same cost and counters go as one group.
+    let groups_at = numbers.len();
+    push(&mut numbers, 0.0);
+    let mut groups = 0;
+    let mut count_at = 0;
+    let mut count = 0;
+    let mut previous: Option<&Query<'q>> = None;
+    for request in requests {
+        let (checks, cost) = request;
+        let same = previous.is_some_and(|(before, before_cost)| {
+            before_cost == cost
+                && before.len() == checks.len()
+                && before
+                    .iter()
+                    .zip(checks.iter())
+                    .all(|(b, c)| b.key == c.key)
+        });
+        if same {
+            count += 1;
+            continue;
+        }
+        if groups > 0 {
+            patch(&mut numbers, count_at, exact(count));
+        }
+        groups += 1;
+        count = 1;
+        count_at = numbers.len();
+        push(&mut numbers, 0.0);
+        push(&mut numbers, f64::from(*cost));
+        push(&mut numbers, exact(checks.len()));
+        for check in *checks {
+            let index = keys.iter().position(|k| *k == check.key).unwrap_or(0);
+            push(&mut numbers, exact(index + 1));
+        }
+        previous = Some(request);
+    }
+    if groups > 0 {
+        patch(&mut numbers, count_at, exact(count));
+    }
+    patch(&mut numbers, groups_at, exact(groups));
     (keys, numbers)
 }
 

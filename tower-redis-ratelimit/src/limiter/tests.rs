@@ -387,3 +387,12 @@ async fn a_lone_request_is_decided_directly_and_concurrent_ones_in_batches() {
     let verdict = limiter.decide(&checks, 1).await;
     assert_eq!(verdict.states[0].map(|s| s.remaining), Some(1000 - 26));
 }
+
+/// The decision counters are indexed by `source as usize` through
+/// `DecisionSource::ALL`, so each source must sit at its own index.
+#[test]
+fn every_source_is_at_its_own_index() {
+    for (index, source) in DecisionSource::ALL.iter().enumerate() {
+        assert_eq!(*source as usize, index, "{source:?}");
+    }
+}
