@@ -376,7 +376,7 @@ mod tests {
     #[test]
     fn pinned_copies_survive_a_flood_within_their_bound() {
         let record = |bytes: usize| Record {
-            fields: [("blob".to_owned(), "x".repeat(bytes))].into(),
+            fields: std::sync::Arc::new([("blob".to_owned(), "x".repeat(bytes))].into()),
             created_ms: now_ms(),
             ..Record::default()
         };

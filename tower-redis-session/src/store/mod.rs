@@ -27,6 +27,7 @@ mod users;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use tower_redis_core::RedisManager;
@@ -35,12 +36,29 @@ use crate::config::Expiry;
 use failover::Failover;
 
 /// A session's stored content.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Record {
-    /// Entry name → JSON.
-    pub(crate) fields: HashMap<String, String>,
+    /// Entry name → JSON. Shared between copies (a read hands out a copy
+    /// of the tracked or local record without copying its entries); a
+    /// change copies them first when another copy shares them.
+    pub(crate) fields: Arc<HashMap<String, String>>,
     pub(crate) created_ms: u64,
     pub(crate) user: Option<String>,
+}
+
+/// No entries: one map shared by every empty record, so that a new
+/// session allocates none.
+static NO_FIELDS: std::sync::LazyLock<Arc<HashMap<String, String>>> =
+    std::sync::LazyLock::new(|| Arc::new(HashMap::new()));
+
+impl Default for Record {
+    fn default() -> Self {
+        Self {
+            fields: Arc::clone(&NO_FIELDS),
+            created_ms: 0,
+            user: None,
+        }
+    }
 }
 
 impl Record {
@@ -82,11 +100,14 @@ impl Changes {
     }
 
     pub(crate) fn apply_to(&self, record: &mut Record) {
-        for (name, value) in &self.entries {
-            match value {
-                Some(json) => record.fields.insert(name.clone(), json.clone()),
-                None => record.fields.remove(name),
-            };
+        if !self.entries.is_empty() {
+            let fields = Arc::make_mut(&mut record.fields);
+            for (name, value) in &self.entries {
+                match value {
+                    Some(json) => fields.insert(name.clone(), json.clone()),
+                    None => fields.remove(name),
+                };
+            }
         }
         if let Some(user) = &self.user {
             record.user = Some(user.clone());

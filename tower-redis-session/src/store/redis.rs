@@ -18,6 +18,7 @@
 //! [`Failover`](super::failover::Failover) runs those under core's
 //! failover, which adds the fallback metrics.
 
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use base64::Engine;
@@ -491,14 +492,18 @@ impl redis::FromRedisValue for Saved {
 
 fn record_from_fields(pairs: Vec<(String, String)>) -> Record {
     let mut record = Record::default();
+    let mut fields = HashMap::new();
     for (field, value) in pairs {
         if let Some(name) = field.strip_prefix("d:") {
-            record.fields.insert(name.to_owned(), value);
+            fields.insert(name.to_owned(), value);
         } else if field == "_c" {
             record.created_ms = value.parse().unwrap_or(0);
         } else if field == "_u" {
             record.user = Some(value);
         }
+    }
+    if !fields.is_empty() {
+        record.fields = Arc::new(fields);
     }
     record
 }

@@ -170,7 +170,7 @@ async fn a_read_while_redis_is_down_is_the_local_copy_until_the_absolute_timeout
         created_ms: now_ms(),
         ..Record::default()
     };
-    record.fields.insert("a".to_owned(), "1".to_owned());
+    Arc::make_mut(&mut record.fields).insert("a".to_owned(), "1".to_owned());
     failover.local().put(&key(1), record, now_ms());
     clock::advance(Duration::from_secs(3600 - 60));
     let read = failover.load(&key(1)).await;
@@ -220,7 +220,7 @@ async fn the_idle_timeout_is_renewed_at_most_once_per_hundredth() {
     // A read from Redis that did not renew keeps the time of the renewal...
     let renewed_ms = local.copy(&key(1)).map(|copy| copy.touched_ms);
     let mut changed = record.clone();
-    changed.fields.insert("a".to_owned(), "1".to_owned());
+    Arc::make_mut(&mut changed.fields).insert("a".to_owned(), "1".to_owned());
     local.refresh(
         &key(1),
         Some(&changed),
@@ -388,4 +388,31 @@ async fn a_cycle_that_does_not_fit_leaves_the_session_as_it_was() {
     assert!(!store.has_ended(&key(1)));
     assert_eq!(field(store.load(&key(1)).await, "a"), Some(big));
     assert_eq!(store.load(&key(2)).await, None);
+}
+
+/// A read hands out a copy of a record that shares its entries; a change
+/// to that copy (a request's session) copies them first, so the record it
+/// came from (tracked or local) keeps what Redis holds.
+#[test]
+fn a_change_to_a_copy_leaves_the_record_it_was_copied_from() {
+    let mut original = Record::default();
+    Arc::make_mut(&mut original.fields).insert("a".to_owned(), "1".to_owned());
+    let mut copy = original.clone();
+    assert!(
+        Arc::ptr_eq(&original.fields, &copy.fields),
+        "shared, not copied"
+    );
+    let changes = Changes {
+        entries: [
+            ("a".to_owned(), Some("2".to_owned())),
+            ("b".to_owned(), Some("3".to_owned())),
+        ]
+        .into(),
+        user: None,
+    };
+    changes.apply_to(&mut copy);
+    assert_eq!(original.fields.len(), 1);
+    assert_eq!(original.fields.get("a").map(String::as_str), Some("1"));
+    assert_eq!(copy.fields.get("a").map(String::as_str), Some("2"));
+    assert_eq!(copy.fields.get("b").map(String::as_str), Some("3"));
 }
