@@ -214,7 +214,10 @@ pub(crate) async fn lookup(
 ) -> RedisResult<(Found, Option<String>)> {
     if let Some(hint) = vary_hint {
         let field = key::variant(&hint, request, extra);
-        let (vary, entry, soft_purged): (Option<String>, Value, Option<u64>) = redis::cmd("HMGET")
+        // Sized up front: the command is built without growing its buffers.
+        let mut command = redis::Cmd::with_capacity(5, 5 + key.len() + 4 + field.len() + 2);
+        let (vary, entry, soft_purged): (Option<String>, Value, Option<u64>) = command
+            .arg("HMGET")
             .arg(key)
             .arg("vary")
             .arg(&field)
