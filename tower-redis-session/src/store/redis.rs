@@ -181,13 +181,23 @@ impl RedisStore {
         let key = self.session_key(storage_key);
         // One round trip of plain commands: renewing the idle TTL never
         // rewrites the data.
-        let mut pipe = redis::pipe();
+        // Each command sized up front: built without growing its buffers.
+        let command = |name: &str, args: usize, bytes: usize| {
+            let mut command = redis::Cmd::with_capacity(2 + args, name.len() + key.len() + bytes);
+            command.arg(name).arg(&key);
+            command
+        };
+        let mut pipe = redis::Pipeline::with_capacity(3);
         if touch {
-            pipe.cmd("PEXPIRE").arg(&key).arg(self.idle_ms()).ignore();
+            pipe.add_command(command("PEXPIRE", 1, 20))
+                .arg(self.idle_ms())
+                .ignore();
         }
-        pipe.cmd("HGETALL").arg(&key);
+        pipe.add_command(command("HGETALL", 0, 0));
         let (fields, pttl): (Vec<(String, String)>, Option<i64>) = if ttl {
-            pipe.cmd("PTTL").arg(&key).query_async(conn).await?
+            pipe.add_command(command("PTTL", 0, 0))
+                .query_async(conn)
+                .await?
         } else {
             let (fields,): (Vec<(String, String)>,) = pipe.query_async(conn).await?;
             (fields, None)
