@@ -150,6 +150,16 @@ async fn one_get_through_the_manager_is_one_command_on_the_server() {
 
 const SUM_SCRIPT: &str = "return redis.call('INCRBY', KEYS[1], ARGV[1])";
 
+/// Makes Redis forget every script, on a connection of its own.
+async fn script_flush(redis: &TestRedis) {
+    let mut direct = redis.connection().await.expect("direct connection");
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async::<()>(&mut direct)
+        .await
+        .expect("SCRIPT FLUSH");
+}
+
 #[tokio::test]
 async fn scripts_keep_working_after_script_flush() {
     let redis = TestRedis::start().await;
@@ -163,12 +173,7 @@ async fn scripts_keep_working_after_script_flush() {
         .expect("first run loads the script");
     assert_eq!(first, 2);
 
-    let mut direct = redis.connection().await.expect("direct connection");
-    redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async::<()>(&mut direct)
-        .await
-        .expect("SCRIPT FLUSH");
+    script_flush(&redis).await;
 
     let second: i64 = manager
         .invoke_script(script.key(&key).arg(3))
@@ -200,12 +205,7 @@ async fn a_presized_script_command_is_reloaded_after_script_flush() {
     };
     // Never loaded yet: NOSCRIPT, loaded, sent again.
     assert_eq!(run(2).await.expect("loads the script"), 2);
-    let mut direct = redis.connection().await.expect("direct connection");
-    redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async::<()>(&mut direct)
-        .await
-        .expect("SCRIPT FLUSH");
+    script_flush(&redis).await;
     assert_eq!(run(3).await.expect("reloaded"), 5);
     assert_eq!(manager.health().state, BreakerState::Closed);
 }
@@ -218,12 +218,7 @@ async fn scripts_inside_pipelines_are_reloaded_after_script_flush() {
     let key = manager.keys().key(&["piped"]);
     let other = manager.keys().key(&["other"]);
 
-    let mut direct = redis.connection().await.expect("direct connection");
-    redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async::<()>(&mut direct)
-        .await
-        .expect("SCRIPT FLUSH");
+    script_flush(&redis).await;
 
     let mut pipe = redis::pipe();
     pipe.invoke_script(script.key(&key).arg(4))
