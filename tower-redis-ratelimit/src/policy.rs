@@ -36,7 +36,16 @@ pub struct Policy {
     /// `tower_redis_ratelimit_policy_decisions_total` for this policy, by
     /// outcome (see [`PolicyOutcome`]): built with the policy, so that counting
     /// a decision allocates nothing.
-    pub(crate) counters: Arc<[NamedCounter; 3]>,
+    pub(crate) counters: Arc<Counters>,
+}
+
+/// A policy's decision counters, by [`PolicyOutcome`].
+pub(crate) struct Counters([NamedCounter; 3]);
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Counters")
+    }
 }
 
 /// This policy's part in a decision, as its counters label it.
@@ -208,19 +217,19 @@ impl Policy {
             path: None,
             methods: None,
             lease: None,
-            counters: Arc::new(["allowed", "denied", "unknown"].map(|outcome| {
+            counters: Arc::new(Counters(["allowed", "denied", "unknown"].map(|outcome| {
                 NamedCounter::new(
                     "tower_redis_ratelimit_policy_decisions_total",
                     &[("outcome", outcome)],
                     ("policy", name),
                 )
-            })),
+            }))),
         }
     }
 
     /// Counts this policy's part in one decision.
     pub(crate) fn count(&self, outcome: PolicyOutcome) {
-        self.counters[outcome as usize].increment(1);
+        self.counters.0[outcome as usize].increment(1);
     }
 
     /// For GCRA, how many requests may arrive at once (default: the quota).
