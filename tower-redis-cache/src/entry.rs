@@ -137,7 +137,8 @@ impl Entry {
         // huge ones; plus room for the fields a hit adds to its copy (`Age`,
         // `Accept-Ranges`, `Cache-Status`; a clone keeps the index's size),
         // so that serving it does not grow the map.
-        // An entry without fields (a data value) allocates no map.
+        // An entry without fields (a data value) allocates no map (a hit
+        // on an HTTP entry whose fields were all left out grows it then).
         let mut headers = if count == 0 {
             HeaderMap::new()
         } else {

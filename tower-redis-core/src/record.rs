@@ -125,6 +125,21 @@ pub fn gauge(name: &'static str, labels: Labels<'_>, value: f64) {
     let _ = (name, labels, value);
 }
 
+/// Adds `value` to the counter `name` with `labels` and one more label
+/// whose value is only known at run time (a rate-limit policy's name, say).
+/// Its values must come from configuration, never from requests, so that
+/// the number of series stays bounded. Builds the key on every call: on a
+/// hot path, keep a [`NamedCounter`] instead.
+#[inline]
+pub fn counter_named(
+    name: &'static str,
+    labels: Labels<'_>,
+    named: (&'static str, &str),
+    value: u64,
+) {
+    NamedCounter::new(name, labels, named).increment(value);
+}
+
 /// A counter whose labels are fixed when it is made, one of them known
 /// only at run time (a policy's name, say): its key is built once, in
 /// [`NamedCounter::new`], so that counting allocates nothing. The run-time

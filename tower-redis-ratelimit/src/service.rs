@@ -339,8 +339,22 @@ fn record(verdict: &Verdict, shadow: bool) {
     // Indexed by outcome, `source as usize` and shadow.
     static DECISIONS: [[[record::Counter; 2]; DecisionSource::ALL.len()]; 2] =
         [by_source!("allowed"), by_source!("denied")];
-    DECISIONS[usize::from(!verdict.allowed)][verdict.source as usize][usize::from(shadow)]
-        .increment(1);
+    match DECISIONS[usize::from(!verdict.allowed)].get(verdict.source as usize) {
+        Some(by_shadow) => by_shadow[usize::from(shadow)].increment(1),
+        // A source missing from `DecisionSource::ALL`: counted all the same.
+        None => record::counter(
+            "tower_redis_ratelimit_decisions_total",
+            &[
+                (
+                    "outcome",
+                    if verdict.allowed { "allowed" } else { "denied" },
+                ),
+                ("source", verdict.source.as_str()),
+                ("shadow", if shadow { "true" } else { "false" }),
+            ],
+            1,
+        ),
+    }
     if verdict.source.is_degraded() {
         tracing::trace!(target: "tower_redis_ratelimit", source = verdict.source.as_str(), "decided without Redis");
     }

@@ -328,6 +328,31 @@ mod tests {
         };
         let both = [first.clone(), other];
         let one: &[Check] = std::slice::from_ref(&first);
+        let decode = |numbers: &[u8]| -> Vec<f64> {
+            numbers
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect()
+        };
+        // No request: no counter and no group.
+        let (keys, numbers) = encode_batch(&[]);
+        assert!(keys.is_empty());
+        assert_eq!(decode(&numbers), [0.0]);
+        // The same counters at another cost, or in another order: a group
+        // of their own.
+        let reversed = [both[1].clone(), both[0].clone()];
+        let (keys, numbers) = encode_batch(&[(&both, 1), (&both, 2), (&reversed, 2)]);
+        assert_eq!(keys, ["a", "b"]);
+        assert_eq!(
+            decode(&numbers),
+            [
+                3.0, 7.0, 1e6, 3.0, 9.0, 2e6, // the two counters' policies
+                3.0, // groups
+                1.0, 1.0, 2.0, 1.0, 2.0, // cost 1
+                1.0, 2.0, 2.0, 1.0, 2.0, // cost 2
+                1.0, 2.0, 2.0, 2.0, 1.0, // cost 2, counters reversed
+            ]
+        );
         // Two identical requests form one group; the third (other cost) its own.
         let (keys, numbers) = encode_batch(&[(&both, 1), (&both, 1), (one, 2)]);
         assert_eq!(keys, ["a", "b"]);

@@ -501,19 +501,20 @@ impl redis::FromRedisValue for Saved {
 }
 
 fn record_from_fields(pairs: Vec<(String, String)>) -> Record {
-    let mut record = Record::default();
+    let (mut created_ms, mut user) = (0, None);
     let mut fields = HashMap::new();
     for (field, value) in pairs {
         if let Some(name) = field.strip_prefix("d:") {
             fields.insert(name.to_owned(), value);
         } else if field == "_c" {
-            record.created_ms = value.parse().unwrap_or(0);
+            created_ms = value.parse().unwrap_or(0);
         } else if field == "_u" {
-            record.user = Some(value);
+            user = Some(value);
         }
     }
-    if !fields.is_empty() {
-        record.fields = Arc::new(fields);
+    Record {
+        fields: Arc::new(fields),
+        created_ms,
+        user,
     }
-    record
 }
