@@ -53,6 +53,15 @@ impl FixedKey {
     }
 }
 
+/// Adds `value` to the counter with the kept `key`, through the recorder
+/// in effect (a local one, else the global one), as the macros do.
+#[cfg(feature = "metrics")]
+fn count_by_key(key: &metrics::Key, value: u64) {
+    metrics::with_recorder(|recorder| {
+        recorder.register_counter(key, &METADATA).increment(value);
+    });
+}
+
 #[cfg(feature = "metrics")]
 static METADATA: metrics::Metadata<'static> =
     metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
@@ -82,11 +91,7 @@ impl Counter {
     #[inline]
     pub fn increment(&self, value: u64) {
         #[cfg(feature = "metrics")]
-        metrics::with_recorder(|recorder| {
-            recorder
-                .register_counter(self.0.key(), &METADATA)
-                .increment(value);
-        });
+        count_by_key(self.0.key(), value);
         #[cfg(not(feature = "metrics"))]
         let _ = (&self.0, value);
     }
@@ -185,11 +190,7 @@ impl NamedCounter {
     #[inline]
     pub fn increment(&self, value: u64) {
         #[cfg(feature = "metrics")]
-        metrics::with_recorder(|recorder| {
-            recorder
-                .register_counter(&self.key, &METADATA)
-                .increment(value);
-        });
+        count_by_key(&self.key, value);
         #[cfg(not(feature = "metrics"))]
         let _ = value;
     }
