@@ -285,20 +285,42 @@ impl LayerClock {
         }
     }
 
-    /// Awaits the inner service's future, counting its time as not the layer's.
+    /// The inner service's future, its time counted as not the layer's
+    /// (from this call until it is ready).
+    ///
+    /// It wraps `future` (`map`) rather than awaiting it in an `async fn`,
+    /// which would hold the future twice: once as its argument and once
+    /// where it is awaited, in every layer's boxed response future.
     #[inline]
-    pub async fn inner<F: std::future::Future>(&self, future: F) -> F::Output {
+    pub fn inner<'a, F: std::future::Future + 'a>(
+        &'a self,
+        future: F,
+    ) -> impl std::future::Future<Output = F::Output> + 'a {
         #[cfg(feature = "metrics")]
         {
+            use futures_util::FutureExt;
             let started = std::time::Instant::now();
-            let output = future.await;
-            let spent = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.inner_ns
-                .fetch_add(spent, std::sync::atomic::Ordering::Relaxed);
-            output
+            future.map(move |output| {
+                self.add_inner(started.elapsed());
+                output
+            })
         }
         #[cfg(not(feature = "metrics"))]
-        future.await
+        future
+    }
+
+    /// Counts `spent` as time in the inner service, not the layer's: for a
+    /// call timed by hand (one that outlives the borrow [`inner`](Self::inner)
+    /// needs).
+    #[inline]
+    pub fn add_inner(&self, spent: std::time::Duration) {
+        #[cfg(feature = "metrics")]
+        self.inner_ns.fetch_add(
+            u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        #[cfg(not(feature = "metrics"))]
+        let _ = spent;
     }
 }
 

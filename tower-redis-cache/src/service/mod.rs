@@ -175,13 +175,18 @@ where
 
     fn call(&mut self, request: R) -> Self::Future {
         let called = self.inner.call(request);
-        let clock = self.clock.upgrade();
-        Box::pin(async move {
-            match clock {
-                Some(clock) => clock.inner(called).await,
-                None => called.await,
+        // Timed by wrapping the call (no `async` block holding it while
+        // awaiting a second copy of it); the clock lives until it is ready.
+        match self.clock.upgrade() {
+            Some(clock) => {
+                let started = std::time::Instant::now();
+                Box::pin(futures_util::FutureExt::map(called, move |output| {
+                    clock.add_inner(started.elapsed());
+                    output
+                }))
             }
-        })
+            None => Box::pin(called),
+        }
     }
 }
 

@@ -25,6 +25,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderMap;
 use tower_redis_core::RedisConnection;
+use tower_redis_core::redis::aio::ConnectionLike;
 use tower_redis_core::redis::{self, RedisResult, Script, Value};
 
 use super::redis_store::{self, INDEX, Op, RedisStore};
@@ -406,13 +407,9 @@ impl RedisStore {
 async fn read_value(mut conn: RedisConnection, key: &str) -> RedisResult<Found> {
     // Sized up front: the command is built without growing its buffers.
     let mut command = redis::Cmd::with_capacity(4, 5 + key.len() + DATA_VARIANT.len() + 2);
-    let (entry, soft_purged): (Value, Option<u64>) = command
-        .arg("HMGET")
-        .arg(key)
-        .arg(&*DATA_VARIANT)
-        .arg("sp")
-        .query_async(&mut conn)
-        .await?;
+    command.arg("HMGET").arg(key).arg(&*DATA_VARIANT).arg("sp");
+    let reply = conn.req_packed_command(&command).await?;
+    let (entry, soft_purged) = entry_and_mark(reply)?;
     let Value::BulkString(bytes) = entry else {
         return Ok(Found::NoUrl);
     };
@@ -425,4 +422,55 @@ async fn read_value(mut conn: RedisConnection, key: &str) -> RedisResult<Found> 
         }
         Err(_) => Found::Corrupt(DATA_VARIANT.clone()),
     })
+}
+
+/// The two values of the `HMGET` reply: the usual reply (two bulk strings
+/// or nils) taken apart in place; anything else through redis-rs' own
+/// conversion, with its errors (a server error, a reply of another shape).
+/// The conversion would first copy the reply's array to look for errors in
+/// it, then convert each value: an allocation and most of a hit's reply
+/// handling.
+fn entry_and_mark(reply: Value) -> RedisResult<(Value, Option<u64>)> {
+    let plain = |value: &Value| matches!(value, Value::BulkString(_) | Value::Nil);
+    let reply = match reply {
+        Value::Array(items) if items.iter().all(plain) => match <[Value; 2]>::try_from(items) {
+            Ok([entry, mark]) => return Ok((entry, redis::from_redis_value(mark)?)),
+            Err(items) => Value::Array(items),
+        },
+        other => other,
+    };
+    Ok(redis::from_redis_value(reply.extract_error()?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Value, entry_and_mark, redis};
+
+    /// The usual reply is taken apart in place; any other reply gets
+    /// redis-rs' own conversion and its errors, as before.
+    #[test]
+    fn the_read_reply_is_taken_apart_as_redis_rs_would() {
+        let entry = Value::BulkString(b"entry".to_vec());
+        let (found, mark) = entry_and_mark(Value::Array(vec![
+            entry.clone(),
+            Value::BulkString(b"1700000000000".to_vec()),
+        ]))
+        .expect("the usual reply");
+        assert_eq!((found, mark), (entry.clone(), Some(1_700_000_000_000)));
+        let (found, mark) =
+            entry_and_mark(Value::Array(vec![Value::Nil, Value::Nil])).expect("no value");
+        assert_eq!((found, mark), (Value::Nil, None));
+
+        // A mark that is not a number, a server error inside the reply or
+        // in place of it, and a reply of another shape are errors.
+        let not_a_number = Value::Array(vec![entry.clone(), Value::BulkString(b"x".to_vec())]);
+        assert!(entry_and_mark(not_a_number).is_err());
+        let error = || redis::parse_redis_value(b"-ERR no\r\n").expect("an error reply");
+        assert!(matches!(error(), Value::ServerError(_)));
+        assert!(entry_and_mark(error()).is_err());
+        assert!(entry_and_mark(Value::Array(vec![error(), Value::Nil])).is_err());
+        assert!(entry_and_mark(Value::Array(vec![entry.clone()])).is_err());
+        assert!(entry_and_mark(Value::Array(vec![entry.clone(), Value::Nil, Value::Nil])).is_err());
+        assert!(entry_and_mark(Value::Okay).is_err());
+    }
 }
