@@ -2,6 +2,8 @@
 //! RFC 9111 asks: unknown directives are ignored, an invalid or conflicting
 //! freshness value makes the response stale, nothing panics.
 
+use std::borrow::Cow;
+
 use http::{HeaderMap, HeaderName};
 
 /// `delta-seconds` beyond this are treated as this (RFC 9111 §1.2.2).
@@ -49,30 +51,35 @@ pub(crate) struct RequestDirectives {
     pub(crate) only_if_cached: bool,
 }
 
-/// One `name[=value]` item of a directive list.
-fn items(headers: &HeaderMap, field: &HeaderName) -> Vec<(String, Option<String>)> {
-    let mut out = Vec::new();
+/// Calls `f` with each `name[=value]` item of `field`'s lines, in order:
+/// the name in lower case, the value unquoted. Nothing is allocated for
+/// the usual field (`max-age=600`, names already in lower case, values
+/// without escapes): a cache hit parses its stored `Cache-Control`.
+fn each_item(headers: &HeaderMap, field: &HeaderName, mut f: impl FnMut(&str, Option<&str>)) {
     for value in headers.get_all(field) {
         // Invalid UTF-8: the bytes that are not ASCII cannot be directives we know.
         let text = String::from_utf8_lossy(value.as_bytes());
-        for item in split_list(&text) {
+        each_list_item(&text, |item| {
             let item = item.trim();
             if item.is_empty() {
-                continue;
+                return;
             }
             let (name, value) = match item.split_once('=') {
                 Some((name, value)) => (name.trim(), Some(unquote(value.trim()))),
                 None => (item, None),
             };
-            out.push((name.to_ascii_lowercase(), value));
-        }
+            let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+                Cow::Owned(name.to_ascii_lowercase())
+            } else {
+                Cow::Borrowed(name)
+            };
+            f(&name, value.as_deref());
+        });
     }
-    out
 }
 
-/// Splits on commas outside quoted strings.
-fn split_list(text: &str) -> Vec<&str> {
-    let mut parts = Vec::new();
+/// Calls `f` with each part of `text` between commas outside quoted strings.
+fn each_list_item<'a>(text: &'a str, mut f: impl FnMut(&'a str)) {
     let mut start = 0;
     let mut quoted = false;
     let mut escaped = false;
@@ -82,20 +89,23 @@ fn split_list(text: &str) -> Vec<&str> {
             '\\' if quoted => escaped = true,
             '"' => quoted = !quoted,
             ',' if !quoted => {
-                parts.push(&text[start..i]);
+                f(&text[start..i]);
                 start = i + 1;
             }
             _ => {}
         }
     }
-    parts.push(&text[start..]);
-    parts
+    f(&text[start..]);
 }
 
-fn unquote(value: &str) -> String {
+/// A value without its quotes and escapes; borrowed when it has no escape.
+fn unquote(value: &str) -> Cow<'_, str> {
     match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
-        Some(inner) => inner.replace("\\\"", "\"").replace("\\\\", "\\"),
-        None => value.to_owned(),
+        Some(inner) if inner.contains('\\') => {
+            Cow::Owned(inner.replace("\\\"", "\"").replace("\\\\", "\\"))
+        }
+        Some(inner) => Cow::Borrowed(inner),
+        None => Cow::Borrowed(value),
     }
 }
 
@@ -127,28 +137,26 @@ pub(crate) fn response(headers: &HeaderMap, field: &HeaderName) -> Option<Respon
     }
     let mut d = ResponseDirectives::default();
     let (mut seen_max_age, mut seen_s_maxage) = (false, false);
-    for (name, value) in items(headers, field) {
-        match name.as_str() {
-            "no-store" => d.no_store = true,
-            "no-cache" => {
-                d.no_cache = true;
-                qualify(&mut d.no_cache_fields, value.as_deref());
-            }
-            "private" => {
-                d.private = true;
-                qualify(&mut d.private_fields, value.as_deref());
-            }
-            "must-understand" => d.must_understand = true,
-            "public" => d.public = true,
-            "must-revalidate" => d.must_revalidate = true,
-            "proxy-revalidate" => d.proxy_revalidate = true,
-            "max-age" => freshness(&mut d.max_age, &mut seen_max_age, value.as_deref()),
-            "s-maxage" => freshness(&mut d.s_maxage, &mut seen_s_maxage, value.as_deref()),
-            "stale-while-revalidate" => d.stale_while_revalidate = delta_seconds(value.as_deref()),
-            "stale-if-error" => d.stale_if_error = delta_seconds(value.as_deref()),
-            _ => {}
+    each_item(headers, field, |name, value| match name {
+        "no-store" => d.no_store = true,
+        "no-cache" => {
+            d.no_cache = true;
+            qualify(&mut d.no_cache_fields, value);
         }
-    }
+        "private" => {
+            d.private = true;
+            qualify(&mut d.private_fields, value);
+        }
+        "must-understand" => d.must_understand = true,
+        "public" => d.public = true,
+        "must-revalidate" => d.must_revalidate = true,
+        "proxy-revalidate" => d.proxy_revalidate = true,
+        "max-age" => freshness(&mut d.max_age, &mut seen_max_age, value),
+        "s-maxage" => freshness(&mut d.s_maxage, &mut seen_s_maxage, value),
+        "stale-while-revalidate" => d.stale_while_revalidate = delta_seconds(value),
+        "stale-if-error" => d.stale_if_error = delta_seconds(value),
+        _ => {}
+    });
     Some(d)
 }
 
@@ -272,20 +280,18 @@ pub(crate) fn request(headers: &HeaderMap) -> RequestDirectives {
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache"));
         return d;
     }
-    for (name, value) in items(headers, &field) {
-        match name.as_str() {
-            "no-cache" => d.no_cache = true,
-            "no-store" => d.no_store = true,
-            // An invalid request max-age is ignored rather than forcing a miss.
-            "max-age" => d.max_age = delta_seconds(value.as_deref()).or(d.max_age),
-            "max-stale" => {
-                d.max_stale = Some(value.map(|v| delta_seconds(Some(&v)).unwrap_or(0)));
-            }
-            "min-fresh" => d.min_fresh = delta_seconds(value.as_deref()).or(d.min_fresh),
-            "only-if-cached" => d.only_if_cached = true,
-            _ => {}
+    each_item(headers, &field, |name, value| match name {
+        "no-cache" => d.no_cache = true,
+        "no-store" => d.no_store = true,
+        // An invalid request max-age is ignored rather than forcing a miss.
+        "max-age" => d.max_age = delta_seconds(value).or(d.max_age),
+        "max-stale" => {
+            d.max_stale = Some(value.map(|v| delta_seconds(Some(v)).unwrap_or(0)));
         }
-    }
+        "min-fresh" => d.min_fresh = delta_seconds(value).or(d.min_fresh),
+        "only-if-cached" => d.only_if_cached = true,
+        _ => {}
+    });
     d
 }
 
@@ -347,6 +353,15 @@ mod tests {
                 ResponseDirectives {
                     private: true,
                     private_fields: vec!["x".into()],
+                    ..Default::default()
+                },
+            ),
+            // Escapes in a quoted value are undone before its names are read.
+            (
+                &["private=\"a\\\\b, x\\\"y\""],
+                ResponseDirectives {
+                    private: true,
+                    private_fields: vec!["a\\b".into(), "x\"y".into()],
                     ..Default::default()
                 },
             ),
