@@ -93,7 +93,7 @@ where
             Usability::Fresh | Usability::StaleAccepted => {
                 config.store.counters.hits.fetch_add(1, Ordering::Relaxed);
                 let status = CacheStatus::hit(entry.ttl(now_ms), tier);
-                Ok(serve(&entry, &keyed.parts, age, status))
+                Ok(serve_owned(entry, &keyed.parts, age, status))
             }
             Usability::Revalidate if request_directives.only_if_cached => Ok(gateway_timeout(tier)),
             Usability::Revalidate => {
@@ -242,8 +242,33 @@ pub(crate) fn serve<B: Body>(
     age: u64,
     status: CacheStatus,
 ) -> Response<CacheBody<B>> {
-    let mut headers = entry.headers.clone();
+    serve_with(entry.headers.clone(), entry, request, age, status)
+}
+
+/// [`serve`] for an entry the caller no longer needs: its header map moves
+/// into the response instead of being copied.
+pub(crate) fn serve_owned<B: Body>(
+    mut entry: Entry,
+    request: &Parts,
+    age: u64,
+    status: CacheStatus,
+) -> Response<CacheBody<B>> {
+    let headers = std::mem::take(&mut entry.headers);
+    serve_with(headers, &entry, request, age, status)
+}
+
+/// A response from `entry` with `headers`, the entry's own (`entry.headers`
+/// is not read: it may have been moved out).
+fn serve_with<B: Body>(
+    mut headers: HeaderMap,
+    entry: &Entry,
+    request: &Parts,
+    age: u64,
+    status: CacheStatus,
+) -> Response<CacheBody<B>> {
     headers.remove(&STORED_TAGS);
+    // Room for the three fields added below, made once.
+    headers.reserve(3);
     headers.insert(header::AGE, HeaderValue::from(age));
     if entry.status == StatusCode::OK {
         // RFC 9110 §14.3: the cache answers byte ranges of what it stores
@@ -251,7 +276,9 @@ pub(crate) fn serve<B: Body>(
         headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     }
     add_cache_status(&mut headers, &status);
-    if entry.status == StatusCode::OK && not_modified(request, &entry.headers) {
+    // The validators are the stored ones: only `Age`, `Accept-Ranges`,
+    // `Cache-Status` and the tags field differ from `entry.headers`.
+    if entry.status == StatusCode::OK && not_modified(request, &headers) {
         let mut response = Response::new(CacheBody::empty());
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         for name in [
