@@ -94,8 +94,7 @@ impl CacheStatus {
 /// Appends the field to a response's headers (and counts the answer).
 pub(crate) fn add_cache_status(headers: &mut HeaderMap, status: &CacheStatus) {
     record(status);
-    // The rendered text becomes the value without a copy.
-    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(status.render())) {
+    if let Ok(value) = HeaderValue::from_str(&status.render()) {
         headers.append(CACHE_STATUS.clone(), value);
     }
 }

@@ -253,7 +253,10 @@ pub(crate) fn serve_owned<B: Body>(
     age: u64,
     status: CacheStatus,
 ) -> Response<CacheBody<B>> {
-    let headers = std::mem::take(&mut entry.headers);
+    let mut headers = std::mem::take(&mut entry.headers);
+    // Room for the three fields `serve_with` adds, made once (a clone is
+    // sized to its entries, and would grow twice).
+    headers.reserve(3);
     serve_with(headers, &entry, request, age, status)
 }
 
@@ -267,8 +270,6 @@ fn serve_with<B: Body>(
     status: CacheStatus,
 ) -> Response<CacheBody<B>> {
     headers.remove(&STORED_TAGS);
-    // Room for the three fields added below, made once.
-    headers.reserve(3);
     headers.insert(header::AGE, HeaderValue::from(age));
     if entry.status == StatusCode::OK {
         // RFC 9110 §14.3: the cache answers byte ranges of what it stores

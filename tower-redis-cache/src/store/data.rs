@@ -221,17 +221,7 @@ impl CacheStore {
         // Boxed on its own (about 1 KB): inlined, it made the data cache's
         // boxed hit future 2.2 KB, too large for the allocator's per-thread
         // cache.
-        let served = Box::pin(self.failover.run(
-            |redis| self.read_value(redis, url_hash),
-            // Boxed: only a lookup during an outage pays for its state.
-            |memory, _| {
-                Box::pin(async move {
-                    let Ok((found, _)) = memory.lookup(url_hash, &HeaderMap::new(), "", None).await;
-                    found
-                })
-            },
-        ))
-        .await;
+        let served = Box::pin(self.read_data_entry(url_hash)).await;
         let tier = if served.is_fallback() {
             Tier::Degraded
         } else {
@@ -289,6 +279,24 @@ impl CacheStore {
                 }
             }
         }
+    }
+
+    /// A value's entry from Redis, else (Redis unavailable) from the
+    /// in-process store.
+    pub(crate) fn read_data_entry<'a>(
+        &'a self,
+        url_hash: &'a str,
+    ) -> impl Future<Output = tower_redis_core::Served<Found>> + 'a {
+        self.failover.run(
+            move |redis| self.read_value(redis, url_hash),
+            // Boxed: only a lookup during an outage pays for its state.
+            move |memory, _| {
+                Box::pin(async move {
+                    let Ok((found, _)) = memory.lookup(url_hash, &HeaderMap::new(), "", None).await;
+                    found
+                })
+            },
+        )
     }
 
     /// One `HMGET` of a value: on the tracking connection when the near
@@ -448,31 +456,55 @@ fn entry_and_mark(reply: Value) -> RedisResult<(Value, Option<u64>)> {
 mod tests {
     use super::{Value, entry_and_mark, redis};
 
-    /// The usual reply is taken apart in place; any other reply gets
-    /// redis-rs' own conversion and its errors, as before.
+    /// Whatever the reply, the answer is redis-rs' own conversion's (the
+    /// one `query_async` made before): the same values, or an error of the
+    /// same kind and text.
     #[test]
     fn the_read_reply_is_taken_apart_as_redis_rs_would() {
-        let entry = Value::BulkString(b"entry".to_vec());
-        let (found, mark) = entry_and_mark(Value::Array(vec![
-            entry.clone(),
-            Value::BulkString(b"1700000000000".to_vec()),
-        ]))
-        .expect("the usual reply");
-        assert_eq!((found, mark), (entry.clone(), Some(1_700_000_000_000)));
-        let (found, mark) =
-            entry_and_mark(Value::Array(vec![Value::Nil, Value::Nil])).expect("no value");
-        assert_eq!((found, mark), (Value::Nil, None));
-
-        // A mark that is not a number, a server error inside the reply or
-        // in place of it, and a reply of another shape are errors.
-        let not_a_number = Value::Array(vec![entry.clone(), Value::BulkString(b"x".to_vec())]);
-        assert!(entry_and_mark(not_a_number).is_err());
+        fn redis_rs(reply: Value) -> redis::RedisResult<(Value, Option<u64>)> {
+            Ok(redis::from_redis_value(reply.extract_error()?)?)
+        }
+        let entry = || Value::BulkString(b"entry".to_vec());
+        let mark = |text: &str| Value::BulkString(text.as_bytes().to_vec());
         let error = || redis::parse_redis_value(b"-ERR no\r\n").expect("an error reply");
         assert!(matches!(error(), Value::ServerError(_)));
-        assert!(entry_and_mark(error()).is_err());
-        assert!(entry_and_mark(Value::Array(vec![error(), Value::Nil])).is_err());
-        assert!(entry_and_mark(Value::Array(vec![entry.clone()])).is_err());
-        assert!(entry_and_mark(Value::Array(vec![entry.clone(), Value::Nil, Value::Nil])).is_err());
-        assert!(entry_and_mark(Value::Okay).is_err());
+        let replies = [
+            // The usual replies, taken apart in place.
+            Value::Array(vec![entry(), mark("1700000000000")]),
+            Value::Array(vec![entry(), Value::Nil]),
+            Value::Array(vec![Value::Nil, Value::Nil]),
+            Value::Array(vec![Value::Nil, mark("12")]),
+            // A mark that is not a number.
+            Value::Array(vec![entry(), mark("x")]),
+            // Server errors: in place of the reply, or inside it.
+            error(),
+            Value::Array(vec![error(), Value::Nil]),
+            Value::Array(vec![entry(), error()]),
+            // Other arities and shapes, RESP3 ones included.
+            Value::Array(vec![entry()]),
+            Value::Array(vec![entry(), Value::Nil, Value::Nil]),
+            Value::Array(vec![entry(), Value::Int(5)]),
+            Value::Array(vec![Value::Int(1), Value::Nil]),
+            Value::Set(vec![entry(), Value::Nil]),
+            Value::Map(vec![(entry(), Value::Nil)]),
+            Value::Push {
+                kind: redis::PushKind::Message,
+                data: vec![entry(), Value::Nil],
+            },
+            Value::Nil,
+            Value::Okay,
+        ];
+        for reply in replies {
+            let ours = entry_and_mark(reply.clone());
+            let theirs = redis_rs(reply.clone());
+            match (&ours, &theirs) {
+                (Ok(ours), Ok(theirs)) => assert_eq!(ours, theirs, "{reply:?}"),
+                (Err(ours), Err(theirs)) => {
+                    assert_eq!(ours.kind(), theirs.kind(), "{reply:?}");
+                    assert_eq!(ours.to_string(), theirs.to_string(), "{reply:?}");
+                }
+                _ => panic!("{reply:?}: {ours:?} against redis-rs' {theirs:?}"),
+            }
+        }
     }
 }
