@@ -296,31 +296,34 @@ impl LayerClock {
         &'a self,
         future: F,
     ) -> impl std::future::Future<Output = F::Output> + 'a {
+        Self::time_inner(self, future)
+    }
+
+    /// [`inner`](Self::inner) for a clock held through any pointer: an
+    /// `Arc` kept by a call that outlives a borrow of the clock.
+    #[inline]
+    pub fn time_inner<C, F>(clock: C, future: F) -> impl std::future::Future<Output = F::Output>
+    where
+        C: std::ops::Deref<Target = LayerClock>,
+        F: std::future::Future,
+    {
         #[cfg(feature = "metrics")]
         {
             use futures_util::FutureExt;
             let started = std::time::Instant::now();
             future.map(move |output| {
-                self.add_inner(started.elapsed());
+                let spent = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                clock
+                    .inner_ns
+                    .fetch_add(spent, std::sync::atomic::Ordering::Relaxed);
                 output
             })
         }
         #[cfg(not(feature = "metrics"))]
-        future
-    }
-
-    /// Counts `spent` as time in the inner service, not the layer's: for a
-    /// call timed by hand (one that outlives the borrow [`inner`](Self::inner)
-    /// needs).
-    #[inline]
-    pub fn add_inner(&self, spent: std::time::Duration) {
-        #[cfg(feature = "metrics")]
-        self.inner_ns.fetch_add(
-            u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX),
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        #[cfg(not(feature = "metrics"))]
-        let _ = spent;
+        {
+            let _ = clock;
+            future
+        }
     }
 }
 

@@ -175,16 +175,11 @@ where
 
     fn call(&mut self, request: R) -> Self::Future {
         let called = self.inner.call(request);
-        // Timed by wrapping the call (no `async` block holding it while
-        // awaiting a second copy of it); the clock lives until it is ready.
+        // The clock lives until the call is ready.
         match self.clock.upgrade() {
-            Some(clock) => {
-                let started = std::time::Instant::now();
-                Box::pin(futures_util::FutureExt::map(called, move |output| {
-                    clock.add_inner(started.elapsed());
-                    output
-                }))
-            }
+            Some(clock) => Box::pin(tower_redis_core::record::LayerClock::time_inner(
+                clock, called,
+            )),
             None => Box::pin(called),
         }
     }
