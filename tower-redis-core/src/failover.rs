@@ -103,12 +103,14 @@ impl RedisManager {
     /// assert!(matches!(result, Err(Error::BreakerOpen)));
     /// # Ok(()) }
     /// ```
-    pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, Error>
+    pub fn run<T, F, Fut>(&self, op: F) -> impl Future<Output = Result<T, Error>>
     where
         F: FnOnce(RedisConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        self.run_within(self.inner.command_timeout, op).await
+        // Not an `async fn`: it would hold `op` (and everything it
+        // captures) beside `run_within`'s own copy.
+        self.run_within(self.inner.command_timeout, op)
     }
 
     /// Runs one read-only operation, on a replica where the topology has
@@ -181,14 +183,6 @@ impl RedisManager {
         if !inner.breaker.allows_requests() {
             return Err(Error::BreakerOpen);
         }
-        // One timer for checkout and command together: a second one per
-        // operation showed up in profiles at high concurrency.
-        let attempt = async {
-            let (conn, broken) = inner.backend.checkout().await.map_err(Attempt::Connect)?;
-            op(conn)
-                .await
-                .map_err(|error| Attempt::Command(error, broken))
-        };
         // One span per operation, with OpenTelemetry's database client
         // attributes; the connection records `db.operation.name` (the
         // command, or PIPELINE) when it sends. Disabled, it costs a check.
@@ -201,7 +195,18 @@ impl RedisManager {
             "server.port" = inner.server.1,
             "error.type" = tracing::field::Empty,
         );
-        let outcome = timeout(budget, attempt).instrument(span.clone()).await;
+        // One timer for checkout and command together: a second one per
+        // operation showed up in profiles at high concurrency. The attempt
+        // is built inside the awaited expression: a named local would stay
+        // in this future beside the timer's copy of it.
+        let outcome = timeout(budget, async {
+            let (conn, broken) = inner.backend.checkout().await.map_err(Attempt::Connect)?;
+            op(conn)
+                .await
+                .map_err(|error| Attempt::Command(error, broken))
+        })
+        .instrument(span.clone())
+        .await;
         if !span.is_disabled() {
             let error_type = match &outcome {
                 Ok(Ok(_)) => None,

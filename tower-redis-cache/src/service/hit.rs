@@ -74,14 +74,25 @@ where
 {
     /// A stored entry was found: serve it, serve it stale while refreshing
     /// it in the background, or revalidate it.
-    pub(super) async fn on_hit(
+    ///
+    /// A plain function: a fresh (or stale-while-revalidate) hit is served
+    /// here, with nothing to await, and only the paths that wait (a partial
+    /// entry, a revalidation) are boxed futures. As an `async fn` it held
+    /// its arguments twice and the revalidation's state, all in the future
+    /// of every hit.
+    pub(super) fn on_hit<'a>(
         self,
         entry: Entry,
         tier: Tier,
-        wanted: Option<&RangeRequest>,
-    ) -> Answer<ResBody, S::Error> {
+        wanted: Option<&'a RangeRequest>,
+    ) -> impl Future<Output = Answer<ResBody, S::Error>> + 'a
+    where
+        S: 'a,
+        ReqBody: 'a,
+    {
+        use futures_util::future::{Either, ready};
         if entry.is_partial() {
-            return Box::pin(self.on_partial(entry, tier, wanted)).await;
+            return Either::Right(Either::Left(Box::pin(self.on_partial(entry, tier, wanted))));
         }
         let config = &self.ctx.config;
         let keyed = &self.ctx.keyed;
@@ -89,7 +100,7 @@ where
         let age = entry.age(now_ms);
         let stored = freshness::directives_of(&entry.headers, &config.rules);
         let request_directives = &keyed.directives;
-        match freshness::usability(age, entry.lifetime, &stored, request_directives) {
+        let answer = match freshness::usability(age, entry.lifetime, &stored, request_directives) {
             Usability::Fresh | Usability::StaleAccepted => {
                 config.store.counters.hits.fetch_add(1, Ordering::Relaxed);
                 let status = CacheStatus::hit(entry.ttl(now_ms), tier);
@@ -119,11 +130,14 @@ where
                             status: CacheStatus::forward(reason, tier),
                             stale_if_error: if_error,
                         };
-                        self.revalidate_found(revalidation).await
+                        return Either::Right(Either::Right(Box::pin(
+                            self.revalidate_found(revalidation),
+                        )));
                     }
                 }
             }
-        }
+        };
+        Either::Left(ready(answer))
     }
 
     /// Refreshes a stale entry once: one background request per instance

@@ -137,15 +137,20 @@ where
                 inner,
                 clock: Arc::downgrade(&clock),
             };
-            let handled = async move {
-                let answer = handle(config, inner, request).await;
+            use futures_util::FutureExt as _;
+            let handled = span.in_scope(|| handle(config, inner, request));
+            let handled = handled.map(move |answer| {
                 drop(clock);
                 answer
-            };
+            });
             ResponseFuture::new(handled.instrument(span))
         }
         #[cfg(not(feature = "metrics"))]
-        ResponseFuture::new(handle(config, inner, request).instrument(span))
+        {
+            // Parsed and keyed now, inside the span as the rest.
+            let handled = span.in_scope(|| handle(config, inner, request));
+            ResponseFuture::new(handled.instrument(span))
+        }
     }
 }
 
@@ -186,50 +191,78 @@ where
 }
 
 /// Parse, decide, and either answer from the cache or forward.
-async fn handle<S, ReqBody, ResBody>(
+///
+/// A plain function: the request is parsed and keyed here, when the
+/// service is called, and the returned future holds only what the lookup
+/// and the answer need. The miss, revalidation and invalidation paths are
+/// boxed. As an `async fn` it held its arguments twice, and the request's
+/// parts both before and after they were moved into the exchange, in the
+/// future boxed for every request (hits included).
+fn handle<S, ReqBody, ResBody>(
     config: Arc<Config>,
     mut inner: S,
     mut request: Request<ReqBody>,
-) -> Answer<ResBody, S::Error>
+) -> impl Future<Output = Answer<ResBody, S::Error>> + Send
 where
     S: Origin<ReqBody, ResBody>,
     ReqBody: Body + Send + 'static,
     ResBody: OriginBody,
 {
-    // The miss, revalidation and invalidation paths are boxed: inlined,
-    // they made this future (moved and allocated on every request, hits
-    // included) about twice as large.
+    use futures_util::FutureExt as _;
+    use futures_util::future::Either;
     if is_unsafe(request.method()) {
-        return Box::pin(invalidate::invalidating(&config, inner, request)).await;
+        return Either::Left(Either::Left(Box::pin(async move {
+            invalidate::invalidating(&config, inner, request).await
+        })));
     }
     let Some(mut keyed) = Keyed::of(&config, &request) else {
-        let response = inner.call(request).await?;
-        return Ok(passthrough(&config, response));
+        return Either::Left(Either::Right(inner.call(request).map(move |response| {
+            response.map(|response| passthrough(&config, response))
+        })));
     };
     // The origin is asked for the whole response (unless the range is
     // forwarded: `forward_ranges`, or a stored partial entry); a range is
     // cut from a whole answer, whichever path gives it.
     let range = range::take(&mut request);
     range::strip(&mut keyed.parts.headers);
-    let (lookup, tier) = config
-        .store
-        .lookup(&keyed.url_hash, &keyed.parts.headers, &keyed.extra)
-        .await;
     let exchange = Exchange {
         ctx: Ctx { config, keyed },
         inner,
         request,
         body: PhantomData,
     };
-    let answer = match lookup {
-        Lookup::Hit(entry) => exchange.on_hit(entry, tier, range.as_ref()).await,
-        Lookup::UriMiss => exchange.on_miss("uri-miss", tier, range.as_ref()).await,
-        Lookup::VaryMiss => exchange.on_miss("vary-miss", tier, range.as_ref()).await,
-    };
-    match range {
-        Some(wanted) => answer.map(|response| range::answer(&wanted, response)),
-        None => answer,
-    }
+    Either::Right(async move {
+        let wanted = range.as_ref();
+        // The next step is picked in a block, so that what the lookup
+        // found is not kept in this future while the step runs.
+        let next = {
+            let ctx = &exchange.ctx;
+            // Boxed apart, as its Redis read is: together with the exchange
+            // they would make a box larger than the allocator's per-thread
+            // cache takes (1,032 bytes), and each such box goes to the
+            // shared arena under its lock.
+            let (lookup, tier) = Box::pin(ctx.config.store.lookup(
+                &ctx.keyed.url_hash,
+                &ctx.keyed.parts.headers,
+                &ctx.keyed.extra,
+            ))
+            .await;
+            match lookup {
+                Lookup::Hit(entry) => Either::Left(exchange.on_hit(entry, tier, wanted)),
+                Lookup::UriMiss => {
+                    Either::Right(Box::pin(exchange.on_miss("uri-miss", tier, wanted)))
+                }
+                Lookup::VaryMiss => {
+                    Either::Right(Box::pin(exchange.on_miss("vary-miss", tier, wanted)))
+                }
+            }
+        };
+        let answer = next.await;
+        match range {
+            Some(wanted) => answer.map(|response| range::answer(&wanted, response)),
+            None => answer,
+        }
+    })
 }
 
 /// A request the cache handles: its head (as the client sent it), where its

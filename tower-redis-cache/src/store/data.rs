@@ -441,15 +441,10 @@ async fn read_value(mut conn: RedisConnection, key: &str) -> RedisResult<Found> 
 /// it, then convert each value: an allocation and most of a hit's reply
 /// handling.
 fn entry_and_mark(reply: Value) -> RedisResult<(Value, Option<u64>)> {
-    let plain = |value: &Value| matches!(value, Value::BulkString(_) | Value::Nil);
-    let reply = match reply {
-        Value::Array(items) if items.iter().all(plain) => match <[Value; 2]>::try_from(items) {
-            Ok([entry, mark]) => return Ok((entry, redis::from_redis_value(mark)?)),
-            Err(items) => Value::Array(items),
-        },
-        other => other,
-    };
-    Ok(redis::from_redis_value(reply.extract_error()?)?)
+    match super::plain_items(reply) {
+        Ok([entry, mark]) => Ok((entry, redis::from_redis_value(mark)?)),
+        Err(reply) => Ok(redis::from_redis_value(reply.extract_error()?)?),
+    }
 }
 
 #[cfg(test)]

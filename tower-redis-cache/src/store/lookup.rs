@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use http::HeaderMap;
+use tower_redis_core::Served;
 use tower_redis_core::redis;
 
 use super::{CacheStore, EntryStore, Found, Lookup, Put, Tier};
@@ -23,8 +24,11 @@ impl CacheStore {
         self.bus.ensure_started();
         // Redis is back: the outage's invalidations and purges are written
         // before this read, so that its answer already reflects them. One
-        // atomic load while healthy.
-        self.failover.catch_up().await;
+        // atomic load while healthy (boxed: a healthy lookup's future
+        // carries none of its state).
+        if self.failover.is_degraded() {
+            Box::pin(self.failover.catch_up()).await;
+        }
         // Taken before the near tier is judged usable: a tracking
         // connection lost after that check bumps the epoch, so a read that
         // then fell back to the pool (untracked) is not kept.
@@ -37,16 +41,10 @@ impl CacheStore {
         }
         let hint = self.vary_hints.get(url_hash);
         let previous_hint = hint.clone();
-        let served = self
-            .failover
-            .run(
-                |redis| self.read_entry(redis, url_hash, request, extra, hint),
-                |memory, _| async move {
-                    let Ok(found) = memory.lookup(url_hash, request, extra, None).await;
-                    found
-                },
-            )
-            .await;
+        // The Redis read is boxed apart: inlined, it made the future of
+        // every request the cache handles (boxed by the service) larger
+        // than the allocator's per-thread cache takes.
+        let served = Box::pin(self.read_served(url_hash, request, extra, hint)).await;
         let tier = if served.is_fallback() {
             Tier::Degraded
         } else {
@@ -78,15 +76,36 @@ impl CacheStore {
             Found::Corrupt(field) => {
                 tracing::warn!(target: "tower_redis_cache", "deleting a corrupt or foreign cache entry");
                 let key = self.redis().redis_key(url_hash);
-                let _ = self
-                    .redis()
-                    .manager
-                    .query::<()>(redis::cmd("HDEL").arg(&key).arg(field))
-                    .await;
+                let mut delete = redis::cmd("HDEL");
+                delete.arg(&key).arg(field);
+                // Boxed, as the read: this rare command's future would
+                // otherwise be part of every lookup's.
+                let _ = Box::pin(self.redis().manager.query::<()>(&delete)).await;
                 Lookup::VaryMiss
             }
         };
         (lookup, tier)
+    }
+
+    /// What a lookup finds in Redis, else (Redis unavailable) in the
+    /// in-process store, and the `Vary` names seen.
+    pub(crate) fn read_served<'a>(
+        &'a self,
+        url_hash: &'a str,
+        request: &'a HeaderMap,
+        extra: &'a str,
+        hint: Option<String>,
+    ) -> impl Future<Output = Served<(Found, Option<String>)>> + 'a {
+        self.failover.run(
+            move |redis| self.read_entry(redis, url_hash, request, extra, hint),
+            // Boxed: only a lookup during an outage pays for its state.
+            move |memory, _| {
+                Box::pin(async move {
+                    let Ok(found) = memory.lookup(url_hash, request, extra, None).await;
+                    found
+                })
+            },
+        )
     }
 
     /// Records the `Vary` names a lookup saw, written only when they

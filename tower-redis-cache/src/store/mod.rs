@@ -260,6 +260,22 @@ impl std::fmt::Debug for CacheStore {
     }
 }
 
+/// The items of an `HMGET` reply of `N` fields, taken apart in place when
+/// the reply is the usual one (an array of `N` bulk strings or nils); any
+/// other reply (a server error in place of it or inside it, another arity
+/// or type) is given back for redis-rs' own conversion. That conversion
+/// would first copy the array to look for errors in it, then convert each
+/// value: an allocation and most of a hit's reply handling.
+pub(crate) fn plain_items<const N: usize>(reply: Value) -> Result<[Value; N], Value> {
+    let plain = |value: &Value| matches!(value, Value::BulkString(_) | Value::Nil);
+    match reply {
+        Value::Array(items) if items.iter().all(plain) => {
+            <[Value; N]>::try_from(items).map_err(Value::Array)
+        }
+        other => Err(other),
+    }
+}
+
 impl CacheStore {
     pub(crate) fn new(manager: RedisManager, options: StoreOptions) -> Self {
         let near = options
@@ -310,36 +326,44 @@ impl CacheStore {
     /// A Redis lookup. When the near tier follows Redis client tracking it
     /// is read on the tracking connection, so that Redis tells this
     /// instance when the entry changes (see `bus.rs`); otherwise on the pool.
-    async fn read_entry(
-        &self,
-        redis: &RedisStore,
-        url_hash: &str,
-        request: &HeaderMap,
-        extra: &str,
+    ///
+    /// A plain function that picks the read's future: an `async fn` would
+    /// hold its arguments twice in the future of every lookup.
+    fn read_entry<'a>(
+        &'a self,
+        redis: &'a RedisStore,
+        url_hash: &'a str,
+        request: &'a HeaderMap,
+        extra: &'a str,
         vary_hint: Option<String>,
-    ) -> Result<(Found, Option<String>), tower_redis_core::Error> {
+    ) -> impl Future<Output = Result<(Found, Option<String>), tower_redis_core::Error>> + Send + 'a
+    {
+        use futures_util::future::Either;
         match self.bus.tracking() {
             Some(tracking) => {
                 let key = redis.redis_key(url_hash);
-                tracking
-                    .run(|conn| {
-                        redis_store::lookup(
-                            conn,
-                            &key,
-                            request,
-                            extra,
-                            vary_hint,
-                            redis_store::Reads::Primary,
-                        )
-                    })
-                    .await
+                Either::Left(async move {
+                    tracking
+                        .run(|conn| {
+                            redis_store::lookup(
+                                conn,
+                                &key,
+                                request,
+                                extra,
+                                vary_hint,
+                                redis_store::Reads::Primary,
+                            )
+                        })
+                        .await
+                })
             }
-            None if self.read_from_replicas => {
-                redis
-                    .lookup_on_replica(url_hash, request, extra, vary_hint)
-                    .await
-            }
-            None => redis.lookup(url_hash, request, extra, vary_hint).await,
+            // Boxed: reads from replicas are a configuration few use.
+            None if self.read_from_replicas => Either::Right(Either::Left(Box::pin(
+                redis.lookup_on_replica(url_hash, request, extra, vary_hint),
+            ))),
+            None => Either::Right(Either::Right(
+                redis.lookup(url_hash, request, extra, vary_hint),
+            )),
         }
     }
 

@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
+use tower_redis_core::redis::aio::ConnectionLike;
 use tower_redis_core::redis::{self, Cmd, RedisResult, Script, ScriptInvocation, Value};
 use tower_redis_core::{RedisConnection, RedisManager};
 
@@ -131,17 +132,21 @@ impl RedisStore {
 impl EntryStore for RedisStore {
     type Error = tower_redis_core::Error;
 
-    async fn lookup(
+    /// Not an `async fn`, which would hold its arguments twice in the
+    /// future of every lookup (boxed per request).
+    fn lookup(
         &self,
         url_hash: &str,
         request: &HeaderMap,
         extra: &str,
         vary_hint: Option<String>,
-    ) -> Result<(Found, Option<String>), tower_redis_core::Error> {
+    ) -> impl Future<Output = Result<(Found, Option<String>), tower_redis_core::Error>> + Send {
         let key = self.redis_key(url_hash);
-        self.manager
-            .run(|conn| lookup(conn, &key, request, extra, vary_hint, Reads::Primary))
-            .await
+        async move {
+            self.manager
+                .run(|conn| lookup(conn, &key, request, extra, vary_hint, Reads::Primary))
+                .await
+        }
     }
 
     /// The entry, its index records, the lock release and the
@@ -204,38 +209,68 @@ impl EntryStore for RedisStore {
 /// it is a plain `HMGET key vary <variant> sp`; only when there is no hint,
 /// or the URL's `Vary` changed since, does the lookup script resolve the
 /// variant inside Redis. Returns what was found and the `Vary` names seen.
-pub(crate) async fn lookup(
+///
+/// A plain function, not an `async fn` (which would hold its arguments
+/// twice); the script's path is boxed, so that neither is part of a hinted
+/// lookup's future (a hit's, boxed per request).
+pub(crate) fn lookup<'a>(
     mut conn: RedisConnection,
-    key: &str,
-    request: &HeaderMap,
-    extra: &str,
+    key: &'a str,
+    request: &'a HeaderMap,
+    extra: &'a str,
     vary_hint: Option<String>,
     reads: Reads,
-) -> RedisResult<(Found, Option<String>)> {
-    if let Some(hint) = vary_hint {
+) -> impl Future<Output = RedisResult<(Found, Option<String>)>> + Send + 'a {
+    use futures_util::future::Either;
+    let Some(hint) = vary_hint else {
+        return Either::Right(Box::pin(lookup_by_script(conn, key, request, extra, reads)));
+    };
+    Either::Left(async move {
         let field = key::variant(&hint, request, extra);
         // Sized up front: the command is built without growing its buffers.
         let mut command = redis::Cmd::with_capacity(5, 5 + key.len() + 4 + field.len() + 2);
-        let (vary, entry, soft_purged): (Option<String>, Value, Option<u64>) = command
+        command
             .arg("HMGET")
             .arg(key)
             .arg("vary")
             .arg(&field)
-            .arg("sp")
-            .query_async(&mut conn)
-            .await?;
+            .arg("sp");
+        let reply = conn.req_packed_command(&command).await?;
+        let (vary, entry, soft_purged) = hinted_reply(reply)?;
         match vary {
-            None => return Ok((Found::NoUrl, None)),
+            None => Ok((Found::NoUrl, None)),
             Some(vary) if vary == hint => {
-                return Ok((
-                    found(Some(vary.clone()), bulk(entry), field, soft_purged),
-                    Some(vary),
-                ));
+                Ok((found(true, bulk(entry), field, soft_purged), Some(vary)))
             }
             // The URL's Vary changed since this instance saw it.
-            Some(_) => {}
+            Some(_) => Box::pin(lookup_by_script(conn, key, request, extra, reads)).await,
         }
+    })
+}
+
+/// The three values of the hinted `HMGET` reply (`vary`, the entry, `sp`):
+/// the usual reply taken apart in place ([`super::plain_items`]), anything
+/// else through redis-rs' own conversion, with its errors.
+fn hinted_reply(reply: Value) -> RedisResult<(Option<String>, Value, Option<u64>)> {
+    match super::plain_items(reply) {
+        Ok([vary, entry, mark]) => Ok((
+            redis::from_redis_value(vary)?,
+            entry,
+            redis::from_redis_value(mark)?,
+        )),
+        Err(reply) => Ok(redis::from_redis_value(reply.extract_error()?)?),
     }
+}
+
+/// The lookup script (no hint, or the URL's `Vary` changed): resolves the
+/// variant inside Redis, on the primary or (`EVALSHA_RO`) a replica.
+async fn lookup_by_script(
+    mut conn: RedisConnection,
+    key: &str,
+    request: &HeaderMap,
+    extra: &str,
+    reads: Reads,
+) -> RedisResult<(Found, Option<String>)> {
     let mut invocation = LOOKUP.key(key);
     invocation.arg(key::value_digest(extra));
     // Digests of the values, not the values: no cookie or credential is
@@ -287,7 +322,7 @@ pub(crate) async fn lookup(
         };
     Ok((
         found(
-            vary.clone(),
+            vary.is_some(),
             bulk(entry),
             field.unwrap_or_default(),
             soft_purged,
@@ -315,16 +350,13 @@ fn bulk(value: Value) -> Option<Bytes> {
     }
 }
 
-fn found(
-    vary: Option<String>,
-    entry: Option<Bytes>,
-    field: String,
-    soft_purged: Option<u64>,
-) -> Found {
-    match (vary, entry) {
-        (None, _) => Found::NoUrl,
-        (Some(_), None) => Found::NoVariant,
-        (Some(_), Some(bytes)) => match Entry::decode_shared(bytes) {
+/// What a lookup's reply says: `has_url` when the URL's hash exists (its
+/// `vary` field was there).
+fn found(has_url: bool, entry: Option<Bytes>, field: String, soft_purged: Option<u64>) -> Found {
+    match (has_url, entry) {
+        (false, _) => Found::NoUrl,
+        (true, None) => Found::NoVariant,
+        (true, Some(bytes)) => match Entry::decode_shared(bytes) {
             Ok(mut entry) => {
                 if let Some(at) = soft_purged {
                     entry.mark_stale_at(at);
@@ -477,12 +509,8 @@ mod tests {
         };
         let reply = entry.encode();
         let range = reply.as_ptr_range();
-        let Found::Entry(found) = found(
-            Some(String::new()),
-            bulk(Value::BulkString(reply)),
-            String::new(),
-            None,
-        ) else {
+        let Found::Entry(found) = found(true, bulk(Value::BulkString(reply)), String::new(), None)
+        else {
             panic!("the entry did not decode");
         };
         assert_eq!(found, entry);

@@ -369,23 +369,36 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
     /// `redis_op` should make its calls through [`RedisManager::run`] (or
     /// the query helpers), so that the breaker and the command timeout
     /// apply to each of them.
-    pub async fn run<'a, T, F, Fut, G, GFut>(&'a self, redis_op: F, memory_op: G) -> Served<T>
+    ///
+    /// `redis_op` is called at once, to make its future; what it does runs
+    /// when the returned future is polled. The returned future holds the
+    /// Redis operation's future, then (only after a failure) the memory
+    /// side's, never both, and each once: it is a chain of combinators, not
+    /// an `async` body, which would also keep the two closures it was given
+    /// beside its copies of them.
+    pub fn run<'a, T, F, Fut, G, GFut>(
+        &'a self,
+        redis_op: F,
+        memory_op: G,
+    ) -> impl Future<Output = Served<T>>
     where
         F: FnOnce(&'a R) -> Fut,
         Fut: Future<Output = Result<T, Error>>,
         G: FnOnce(&'a M, FallbackReason) -> GFut,
         GFut: Future<Output = T>,
     {
+        use futures_util::FutureExt as _;
+        use futures_util::future::Either;
         let shared = &*self.shared;
-        match redis_op(&shared.redis).await {
+        redis_op(&shared.redis).then(move |result| match result {
             Ok(value) => {
                 if shared.degraded.load(Ordering::Acquire) {
                     self.on_redis_answer();
                 }
-                Served {
+                Either::Left(std::future::ready(Served {
                     value,
                     source: Source::Redis,
-                }
+                }))
             }
             Err(error) => {
                 let reason = FallbackReason::of(&error);
@@ -394,17 +407,18 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
                 }
                 crate::failover::record_fallback(reason);
                 self.mark_degraded();
-                let value = memory_op(&shared.memory, reason).await;
-                // Again, after: an outage that ended (or a return of Redis
-                // the memory side heard of) while `memory_op` ran must not
-                // leave what it stored unaccounted for.
-                self.mark_degraded();
-                Served {
-                    value,
-                    source: Source::Fallback(reason),
-                }
+                Either::Right(memory_op(&shared.memory, reason).map(move |value| {
+                    // Again, after: an outage that ended (or a return of
+                    // Redis the memory side heard of) while `memory_op` ran
+                    // must not leave what it stored unaccounted for.
+                    self.mark_degraded();
+                    Served {
+                        value,
+                        source: Source::Fallback(reason),
+                    }
+                }))
             }
-        }
+        })
     }
 
     /// Queues a change for Redis. Refused when it does not fit (a delete
