@@ -456,9 +456,6 @@ mod tests {
     /// same kind and text.
     #[test]
     fn the_read_reply_is_taken_apart_as_redis_rs_would() {
-        fn redis_rs(reply: Value) -> redis::RedisResult<(Value, Option<u64>)> {
-            Ok(redis::from_redis_value(reply.extract_error()?)?)
-        }
         let entry = || Value::BulkString(b"entry".to_vec());
         let mark = |text: &str| Value::BulkString(text.as_bytes().to_vec());
         let error = || redis::parse_redis_value(b"-ERR no\r\n").expect("an error reply");
@@ -489,17 +486,6 @@ mod tests {
             Value::Nil,
             Value::Okay,
         ];
-        for reply in replies {
-            let ours = entry_and_mark(reply.clone());
-            let theirs = redis_rs(reply.clone());
-            match (&ours, &theirs) {
-                (Ok(ours), Ok(theirs)) => assert_eq!(ours, theirs, "{reply:?}"),
-                (Err(ours), Err(theirs)) => {
-                    assert_eq!(ours.kind(), theirs.kind(), "{reply:?}");
-                    assert_eq!(ours.to_string(), theirs.to_string(), "{reply:?}");
-                }
-                _ => panic!("{reply:?}: {ours:?} against redis-rs' {theirs:?}"),
-            }
-        }
+        crate::store::assert_same_as_redis_rs(replies, entry_and_mark);
     }
 }

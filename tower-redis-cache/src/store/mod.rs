@@ -483,6 +483,34 @@ impl CacheStore {
     }
 }
 
+/// For the tests of a reply taken apart with [`plain_items`]: whatever
+/// the reply, `ours` answers what redis-rs' own conversion (the one
+/// `query_async` made before) does: the same values, or an error of the
+/// same kind and text.
+#[cfg(test)]
+pub(crate) fn assert_same_as_redis_rs<T>(
+    replies: impl IntoIterator<Item = Value>,
+    ours: fn(Value) -> redis::RedisResult<T>,
+) where
+    T: redis::FromRedisValue + PartialEq + std::fmt::Debug,
+{
+    for reply in replies {
+        let theirs: redis::RedisResult<T> = reply
+            .clone()
+            .extract_error()
+            .and_then(|reply| Ok(redis::from_redis_value(reply)?));
+        let ours = ours(reply.clone());
+        match (&ours, &theirs) {
+            (Ok(ours), Ok(theirs)) => assert_eq!(ours, theirs, "{reply:?}"),
+            (Err(ours), Err(theirs)) => {
+                assert_eq!(ours.kind(), theirs.kind(), "{reply:?}");
+                assert_eq!(ours.to_string(), theirs.to_string(), "{reply:?}");
+            }
+            _ => panic!("{reply:?}: {ours:?} against redis-rs' {theirs:?}"),
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

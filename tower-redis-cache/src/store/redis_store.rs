@@ -530,4 +530,44 @@ mod tests {
         assert_eq!(bulk(Value::Boolean(false)), None);
         assert_eq!(bulk(Value::Int(1)), None);
     }
+
+    /// The hinted `HMGET` reply (`vary`, the entry, `sp`), taken apart in
+    /// place when usual: whatever the reply, the answer is redis-rs' own
+    /// conversion's, or an error of the same kind and text.
+    #[test]
+    fn the_hinted_reply_is_taken_apart_as_redis_rs_would() {
+        let text = |text: &str| Value::BulkString(text.as_bytes().to_vec());
+        let entry = || text("entry");
+        let error = || redis::parse_redis_value(b"-ERR no\r\n").expect("an error reply");
+        assert!(matches!(error(), Value::ServerError(_)));
+        let replies = [
+            // The usual replies, taken apart in place.
+            Value::Array(vec![text("accept"), entry(), text("1700000000000")]),
+            Value::Array(vec![text(""), entry(), Value::Nil]),
+            Value::Array(vec![text("accept"), Value::Nil, Value::Nil]),
+            Value::Array(vec![Value::Nil, Value::Nil, Value::Nil]),
+            // Values that do not convert: a mark that is not a number, a
+            // `vary` that is not UTF-8.
+            Value::Array(vec![text(""), entry(), text("x")]),
+            Value::Array(vec![Value::BulkString(vec![0xff]), entry(), Value::Nil]),
+            // Server errors: in place of the reply, or inside it.
+            error(),
+            Value::Array(vec![error(), entry(), Value::Nil]),
+            Value::Array(vec![text(""), error(), Value::Nil]),
+            Value::Array(vec![text(""), entry(), error()]),
+            // Other arities and shapes, RESP3 ones included.
+            Value::Array(vec![text(""), entry()]),
+            Value::Array(vec![text(""), entry(), Value::Nil, Value::Nil]),
+            Value::Array(vec![text(""), entry(), Value::Int(5)]),
+            Value::Array(vec![Value::Int(1), entry(), Value::Nil]),
+            Value::Set(vec![text(""), entry(), Value::Nil]),
+            Value::Push {
+                kind: redis::PushKind::Message,
+                data: vec![text(""), entry(), Value::Nil],
+            },
+            Value::Nil,
+            Value::Okay,
+        ];
+        crate::store::assert_same_as_redis_rs(replies, hinted_reply);
+    }
 }
