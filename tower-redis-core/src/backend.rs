@@ -200,12 +200,20 @@ pub async fn query_script<T: FromRedisValue>(
     cmd: &Cmd,
 ) -> RedisResult<T> {
     match cmd.query_async(conn).await {
-        Err(error) if is_noscript(&error) => {
-            script.prepare_invoke().load_async(conn).await?;
-            cmd.query_async(conn).await
-        }
+        // Boxed: the rare reload is not part of every call's future.
+        Err(error) if is_noscript(&error) => Box::pin(load_and_retry(conn, script, cmd)).await,
         other => other,
     }
+}
+
+/// Loads `script` (the server did not have it) and sends `cmd` again.
+async fn load_and_retry<T: FromRedisValue>(
+    conn: &mut RedisConnection,
+    script: &Script,
+    cmd: &Cmd,
+) -> RedisResult<T> {
+    script.prepare_invoke().load_async(conn).await?;
+    cmd.query_async(conn).await
 }
 
 fn is_noscript(error: &RedisError) -> bool {

@@ -312,10 +312,7 @@ impl LayerClock {
             use futures_util::FutureExt;
             let started = std::time::Instant::now();
             future.map(move |output| {
-                let spent = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                clock
-                    .inner_ns
-                    .fetch_add(spent, std::sync::atomic::Ordering::Relaxed);
+                clock.add_inner_since(started);
                 output
             })
         }
@@ -324,6 +321,40 @@ impl LayerClock {
             let _ = clock;
             future
         }
+    }
+
+    /// The inner service's future, its time counted as in
+    /// [`inner`](Self::inner); then `then` on its output, after which this
+    /// clock stops (is dropped) and records. For a layer whose response
+    /// future is a chain of combinators rather than an `async` block, which
+    /// cannot lend the clock to the inner future and keep it afterwards.
+    #[inline]
+    pub fn finish_after<F, R>(
+        self,
+        future: F,
+        then: impl FnOnce(F::Output) -> R,
+    ) -> impl std::future::Future<Output = R>
+    where
+        F: std::future::Future,
+    {
+        use futures_util::FutureExt;
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
+        future.map(move |output| {
+            #[cfg(feature = "metrics")]
+            self.add_inner_since(started);
+            let result = then(output);
+            drop(self);
+            result
+        })
+    }
+
+    /// Counts the time since `started` as the inner service's.
+    #[cfg(feature = "metrics")]
+    fn add_inner_since(&self, started: std::time::Instant) {
+        let spent = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.inner_ns
+            .fetch_add(spent, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -735,6 +766,40 @@ mod tests {
         // The 50 ms inside the inner service are not the layer's.
         let added = values[0].into_inner();
         assert!((0.0..inner_time.as_secs_f64()).contains(&added), "{added}");
+    }
+
+    /// `finish_after`: the inner future's time is not the layer's, what
+    /// `then` does after it is, and the clock records once, when `then`
+    /// is done.
+    #[test]
+    fn a_layer_clock_finished_after_the_inner_service_counts_what_follows_it() {
+        let inner_time = std::time::Duration::from_millis(50);
+        let then_time = std::time::Duration::from_millis(10);
+        let seen = recorded(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("a runtime");
+            let answer = runtime.block_on(LayerClock::start("ratelimit").finish_after(
+                tokio::time::sleep(inner_time),
+                |()| {
+                    std::thread::sleep(then_time);
+                    7
+                },
+            ));
+            assert_eq!(answer, 7);
+        });
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].1, [pair("layer", "ratelimit")]);
+        let DebugValue::Histogram(values) = &seen[0].2 else {
+            panic!("not a histogram: {seen:?}");
+        };
+        assert_eq!(values.len(), 1);
+        let added = values[0].into_inner();
+        assert!(
+            (then_time.as_secs_f64()..inner_time.as_secs_f64()).contains(&added),
+            "{added}"
+        );
     }
 
     #[test]
