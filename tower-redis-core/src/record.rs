@@ -780,13 +780,14 @@ mod tests {
                 .enable_time()
                 .build()
                 .expect("a runtime");
-            let answer = runtime.block_on(LayerClock::start("ratelimit").finish_after(
-                tokio::time::sleep(inner_time),
-                |()| {
-                    std::thread::sleep(then_time);
-                    7
-                },
-            ));
+            let answer = runtime.block_on(async {
+                LayerClock::start("ratelimit")
+                    .finish_after(tokio::time::sleep(inner_time), |()| {
+                        std::thread::sleep(then_time);
+                        7
+                    })
+                    .await
+            });
             assert_eq!(answer, 7);
         });
         assert_eq!(seen.len(), 1, "{seen:?}");
