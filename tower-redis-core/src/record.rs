@@ -343,9 +343,9 @@ impl LayerClock {
         future.map(move |output| {
             #[cfg(feature = "metrics")]
             self.add_inner_since(started);
-            let result = then(output);
-            drop(self);
-            result
+            // Dropped (and recorded) after `then`, at the end of this body.
+            let _stops_after_then = self;
+            then(output)
         })
     }
 
@@ -773,7 +773,7 @@ mod tests {
     /// is done.
     #[test]
     fn a_layer_clock_finished_after_the_inner_service_counts_what_follows_it() {
-        let inner_time = std::time::Duration::from_millis(50);
+        let inner_time = std::time::Duration::from_millis(200);
         let then_time = std::time::Duration::from_millis(10);
         let seen = recorded(|| {
             let runtime = tokio::runtime::Builder::new_current_thread()

@@ -280,42 +280,51 @@ impl Tracking {
     /// connection is not live, the read runs on the pool instead (its
     /// answer is then not tracked, and a [`Ticket`] taken before keeps
     /// nothing).
-    pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, Error>
+    ///
+    /// Not an `async fn`, which would hold `op` twice in the future of
+    /// every tracked read.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` would hold its arguments twice in its future"
+    )]
+    pub fn run<T, F, Fut>(&self, op: F) -> impl Future<Output = Result<T, Error>>
     where
         F: FnOnce(RedisConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let Some(manager) = self.manager() else {
-            return Err(Error::BreakerOpen);
-        };
-        let Some(live) = self.current() else {
-            return manager.run(op).await;
-        };
-        if !manager.inner.breaker.allows_requests() {
-            return Err(Error::BreakerOpen);
-        }
-        let timeout = manager.inner.command_timeout;
-        let outcome =
-            tokio::time::timeout(timeout, op(RedisConnection::standalone(live.conn))).await;
-        match outcome {
-            Ok(Ok(value)) => {
-                manager.inner.breaker.on_success();
-                Ok(value)
+        async move {
+            let Some(manager) = self.manager() else {
+                return Err(Error::BreakerOpen);
+            };
+            let Some(live) = self.current() else {
+                return manager.run(op).await;
+            };
+            if !manager.inner.breaker.allows_requests() {
+                return Err(Error::BreakerOpen);
             }
-            Ok(Err(error)) => {
-                if counts_against_breaker(&error) {
-                    if error.is_io_error() || error.is_connection_dropped() {
-                        self.shared.lose(live.serial);
-                    }
-                    manager.record_failure(&error);
-                } else {
+            let timeout = manager.inner.command_timeout;
+            let outcome =
+                tokio::time::timeout(timeout, op(RedisConnection::standalone(live.conn))).await;
+            match outcome {
+                Ok(Ok(value)) => {
                     manager.inner.breaker.on_success();
+                    Ok(value)
                 }
-                Err(Error::Redis(error))
-            }
-            Err(_) => {
-                self.shared.lose(live.serial);
-                Err(manager.record_timeout())
+                Ok(Err(error)) => {
+                    if counts_against_breaker(&error) {
+                        if error.is_io_error() || error.is_connection_dropped() {
+                            self.shared.lose(live.serial);
+                        }
+                        manager.record_failure(&error);
+                    } else {
+                        manager.inner.breaker.on_success();
+                    }
+                    Err(Error::Redis(error))
+                }
+                Err(_) => {
+                    self.shared.lose(live.serial);
+                    Err(manager.record_timeout())
+                }
             }
         }
     }

@@ -317,4 +317,28 @@ mod tests {
         assert!(cookie.starts_with("session="), "{cookie}");
         assert!(!cookie.contains("Secure"), "{cookie}");
     }
+
+    /// A session read's future (part of the handler's future, which the
+    /// app boxes) and the store's load, which the read boxes apart, each
+    /// fit the allocator's per-thread cache (glibc's tcache takes blocks of
+    /// up to 1,032 bytes; a larger one comes from the shared arena, under
+    /// its lock). The read was 1,288 bytes in a release build, the load
+    /// inlined in it. The sizes are this build's layout (a test build's,
+    /// larger than a release build's).
+    #[test]
+    fn a_session_reads_futures_fit_the_allocators_thread_cache() {
+        let layer = SessionLayer::builder(RedisManager::disabled())
+            .build()
+            .expect("a layer");
+        let store = layer.shared.store.clone();
+        let id = crate::id::SessionId::generate();
+        let session = Session::new(store.clone(), Some(id.clone()), 4096);
+        let read = session.get::<u32>("visits");
+        let size = std::mem::size_of_val(&read);
+        assert!(size <= 1032, "a session read is {size} bytes");
+        let key = id.storage_key();
+        let load = store.load(&key);
+        let size = std::mem::size_of_val(&load);
+        assert!(size <= 1032, "the boxed load is {size} bytes");
+    }
 }

@@ -139,8 +139,11 @@ impl Session {
         let mut state = self.state.lock().await;
         if state.phase == Phase::Untouched {
             state.phase = Phase::Loaded;
+            // The load is boxed: inlined, it made the future of every
+            // session read (part of the handler's future) larger than the
+            // allocator's per-thread cache takes.
             if let Some(cookie_id) = state.cookie_id.clone()
-                && let Some(record) = self.store.load(&cookie_id.storage_key()).await
+                && let Some(record) = Box::pin(self.store.load(&cookie_id.storage_key())).await
             {
                 state.id = Some(cookie_id);
                 state.size = record.size();

@@ -121,55 +121,67 @@ impl Failover {
         (duration_ms(self.expiry().idle) / 100).min(60_000)
     }
 
-    pub(crate) async fn load(&self, storage_key: &str) -> Option<Record> {
-        if self.pair.is_pending(storage_key) {
-            // Changes from an outage are still on their way to Redis: this
-            // instance's copy is the newer one.
-            return local(self.local().load(storage_key, false).await);
-        }
-        if self.local().has_pinned() {
-            // Its changes are in Redis now (if it had any)…
-            self.local().unpin(storage_key);
-            // …unless a concurrent write queued one since (it pins the copy
-            // after queueing: pinned again here if that came first).
+    /// Not an `async fn`, which would hold its arguments twice in the
+    /// future of every load.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` would hold its arguments twice in its future"
+    )]
+    pub(crate) fn load(&self, storage_key: &str) -> impl Future<Output = Option<Record>> + Send {
+        async move {
             if self.pair.is_pending(storage_key) {
-                self.local().pin(storage_key);
+                // Changes from an outage are still on their way to Redis: this
+                // instance's copy is the newer one.
+                // Boxed: this rare path's state is not part of every load's.
+                return local(Box::pin(self.local().load(storage_key, false)).await);
             }
-        }
-        let copy = self.local().copy(storage_key);
-        let started_ms = now_ms();
-        let touch = LocalCopy::touch_due(copy.as_deref(), started_ms, self.touch_every_ms());
-        // While Redis is unavailable the tracked copies are gone (a lost
-        // tracking connection empties them): not looked for.
-        if !touch && !self.pair.is_degraded() {
-            // Unchanged in Redis since this instance read it: 0 round trips.
-            if let Some(record) = self.redis().tracked(storage_key, started_ms) {
-                return Some(record);
+            if self.local().has_pinned() {
+                // Its changes are in Redis now (if it had any)…
+                self.local().unpin(storage_key);
+                // …unless a concurrent write queued one since (it pins the copy
+                // after queueing: pinned again here if that came first).
+                if self.pair.is_pending(storage_key) {
+                    self.local().pin(storage_key);
+                }
             }
+            let copy = self.local().copy(storage_key);
+            let started_ms = now_ms();
+            let touch = LocalCopy::touch_due(copy.as_deref(), started_ms, self.touch_every_ms());
+            // While Redis is unavailable the tracked copies are gone (a lost
+            // tracking connection empties them): not looked for.
+            if !touch && !self.pair.is_degraded() {
+                // Unchanged in Redis since this instance read it: 0 round trips.
+                if let Some(record) = self.redis().tracked(storage_key, started_ms) {
+                    return Some(record);
+                }
+            }
+            let read_copy = &copy;
+            let served = self
+                .pair
+                .run(
+                    |redis| redis.load(storage_key, touch),
+                    // Boxed: only a load during an outage pays for its state.
+                    |local_store, reason| {
+                        Box::pin(async move {
+                            if reason == FallbackReason::BreakerOpen {
+                                // Nothing was sent, nothing was awaited: the copy
+                                // read above is the current one (Redis is down,
+                                // and a second lookup would make the degraded
+                                // read dearer than a tracked one).
+                                local_store.live_record(storage_key, read_copy.as_deref())
+                            } else {
+                                local(local_store.load(storage_key, touch).await)
+                            }
+                        })
+                    },
+                )
+                .await;
+            if served.source == Source::Redis {
+                self.local()
+                    .refresh(storage_key, served.value.as_ref(), copy, touch, started_ms);
+            }
+            served.value
         }
-        let read_copy = &copy;
-        let served = self
-            .pair
-            .run(
-                |redis| redis.load(storage_key, touch),
-                |local_store, reason| async move {
-                    if reason == FallbackReason::BreakerOpen {
-                        // Nothing was sent, nothing was awaited: the copy
-                        // read above is the current one (Redis is down, and
-                        // a second lookup would make the degraded read
-                        // dearer than a tracked one).
-                        local_store.live_record(storage_key, read_copy.as_deref())
-                    } else {
-                        local(local_store.load(storage_key, touch).await)
-                    }
-                },
-            )
-            .await;
-        if served.source == Source::Redis {
-            self.local()
-                .refresh(storage_key, served.value.as_ref(), copy, touch, started_ms);
-        }
-        served.value
     }
 
     pub(crate) async fn save(&self, write: &Write<'_>) -> Saved {

@@ -293,23 +293,32 @@ impl SessionStore {
     /// absolute timeout is checked on the record. No round trip when
     /// tracking is on, no renewal is due and Redis has not said the session
     /// changed since this instance last read it.
-    pub(crate) async fn load(&self, storage_key: &str) -> Option<Record> {
-        let record = self.inner.load(storage_key).await;
-        let result = if record.is_some() { "found" } else { "missing" };
-        // Keys built once: a load is the layer's most frequent operation.
-        static LOADS: [tower_redis_core::record::Counter; 2] = [
-            tower_redis_core::record::Counter::new(
-                "tower_redis_session_loads_total",
-                &[("result", "found")],
-            ),
-            tower_redis_core::record::Counter::new(
-                "tower_redis_session_loads_total",
-                &[("result", "missing")],
-            ),
-        ];
-        LOADS[usize::from(record.is_none())].increment(1);
-        record_on_span("loaded", result);
-        record
+    ///
+    /// Not an `async fn`, which would hold its arguments twice in the
+    /// future of every load.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` would hold its arguments twice in its future"
+    )]
+    pub(crate) fn load(&self, storage_key: &str) -> impl Future<Output = Option<Record>> + Send {
+        async move {
+            let record = self.inner.load(storage_key).await;
+            let result = if record.is_some() { "found" } else { "missing" };
+            // Keys built once: a load is the layer's most frequent operation.
+            static LOADS: [tower_redis_core::record::Counter; 2] = [
+                tower_redis_core::record::Counter::new(
+                    "tower_redis_session_loads_total",
+                    &[("result", "found")],
+                ),
+                tower_redis_core::record::Counter::new(
+                    "tower_redis_session_loads_total",
+                    &[("result", "missing")],
+                ),
+            ];
+            LOADS[usize::from(record.is_none())].increment(1);
+            record_on_span("loaded", result);
+            record
+        }
     }
 
     /// One round trip: the changes, entry by entry (plus the user index).

@@ -209,18 +209,26 @@ impl RedisStore {
         let record = record_from_fields(fields);
         let deadline = record.created_ms.saturating_add(self.absolute_ms());
         let now = now_ms();
-        if deadline <= now {
-            // Past the absolute timeout: ended, whatever its use.
-            redis::cmd("DEL").arg(&key).query_async::<()>(conn).await?;
-            return Ok(None);
-        }
-        if touch && deadline - now < self.idle_ms() {
-            // Near the absolute timeout the key must not outlive it.
-            redis::cmd("PEXPIRE")
-                .arg(&key)
-                .arg(deadline - now)
-                .query_async::<()>(conn)
-                .await?;
+        let past = deadline <= now;
+        if past || (touch && deadline - now < self.idle_ms()) {
+            // Rare, and boxed: their state is not part of every load's.
+            Box::pin(async {
+                if past {
+                    // Past the absolute timeout: ended, whatever its use.
+                    redis::cmd("DEL").arg(&key).query_async::<()>(conn).await
+                } else {
+                    // Near the absolute timeout the key must not outlive it.
+                    redis::cmd("PEXPIRE")
+                        .arg(&key)
+                        .arg(deadline - now)
+                        .query_async::<()>(conn)
+                        .await
+                }
+            })
+            .await?;
+            if past {
+                return Ok(None);
+            }
         }
         Ok(Some((record, pttl)))
     }
@@ -379,35 +387,50 @@ impl RedisStore {
 impl Store for RedisStore {
     type Error = tower_redis_core::Error;
 
-    async fn load(&self, storage_key: &str, touch: bool) -> Result<Option<Record>, Self::Error> {
-        let Some(tracked) = &self.tracked else {
-            let loaded =
-                self.manager
+    /// Not an `async fn`, which would hold its arguments twice in the
+    /// future of every load.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` would hold its arguments twice in its future"
+    )]
+    fn load(
+        &self,
+        storage_key: &str,
+        touch: bool,
+    ) -> impl Future<Output = Result<Option<Record>, Self::Error>> + Send {
+        async move {
+            let Some(tracked) = &self.tracked else {
+                let loaded = self
+                    .manager
                     .run(|mut conn| async move {
                         self.load_on(&mut conn, storage_key, touch, false).await
                     })
                     .await?;
-            return Ok(loaded.map(|(record, _)| record));
-        };
-        // The ticket before the read: an invalidation that lands before the
-        // answer voids it, so an answer older than a change is never kept.
-        let key = self.session_key(storage_key);
-        let ticket = tracked.begin(&key);
-        let started_ms = now_ms();
-        let loaded = tracked
-            .tracking()
-            .run(|mut conn| async move { self.load_on(&mut conn, storage_key, touch, true).await })
-            .await?;
-        let Some((record, pttl)) = loaded else {
-            return Ok(None);
-        };
-        if let (Some(ticket), Some(pttl)) = (ticket, pttl) {
-            ticket.fill(Arc::new(Tracked {
-                record: record.clone(),
-                expires_ms: started_ms.saturating_add(pttl),
-            }));
+                return Ok(loaded.map(|(record, _)| record));
+            };
+            // The ticket before the read: an invalidation that lands before the
+            // answer voids it, so an answer older than a change is never kept.
+            let key = self.session_key(storage_key);
+            let ticket = tracked.begin(&key);
+            let started_ms = now_ms();
+            let loaded =
+                tracked
+                    .tracking()
+                    .run(|mut conn| async move {
+                        self.load_on(&mut conn, storage_key, touch, true).await
+                    })
+                    .await?;
+            let Some((record, pttl)) = loaded else {
+                return Ok(None);
+            };
+            if let (Some(ticket), Some(pttl)) = (ticket, pttl) {
+                ticket.fill(Arc::new(Tracked {
+                    record: record.clone(),
+                    expires_ms: started_ms.saturating_add(pttl),
+                }));
+            }
+            Ok(Some(record))
         }
-        Ok(Some(record))
     }
 
     async fn save(&self, write: &Write<'_>) -> Result<Saved, Self::Error> {
