@@ -742,29 +742,36 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_layer_clock_records_its_time_without_the_inner_service() {
-        let inner_time = std::time::Duration::from_millis(50);
+    /// Runs `timed` on a current-thread runtime with a recorder and
+    /// returns the one layer-overhead value it recorded, checking that it
+    /// is the only measurement and carries `layer`'s label.
+    fn overhead_of<F: std::future::Future<Output = ()>>(layer: &str, timed: F) -> f64 {
         let seen = recorded(|| {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
                 .build()
                 .expect("a runtime");
-            runtime.block_on(async {
-                let clock = LayerClock::start("cache");
-                clock.inner(tokio::time::sleep(inner_time)).await;
-                drop(clock);
-            });
+            runtime.block_on(timed);
         });
         assert_eq!(seen.len(), 1, "{seen:?}");
         assert_eq!(seen[0].0, TOWER_REDIS_LAYER_OVERHEAD_DURATION);
-        assert_eq!(seen[0].1, [pair("layer", "cache")]);
+        assert_eq!(seen[0].1, [pair("layer", layer)]);
         let DebugValue::Histogram(values) = &seen[0].2 else {
             panic!("not a histogram: {seen:?}");
         };
         assert_eq!(values.len(), 1);
+        values[0].into_inner()
+    }
+
+    #[test]
+    fn a_layer_clock_records_its_time_without_the_inner_service() {
+        let inner_time = std::time::Duration::from_millis(50);
+        let added = overhead_of("cache", async {
+            let clock = LayerClock::start("cache");
+            clock.inner(tokio::time::sleep(inner_time)).await;
+            drop(clock);
+        });
         // The 50 ms inside the inner service are not the layer's.
-        let added = values[0].into_inner();
         assert!((0.0..inner_time.as_secs_f64()).contains(&added), "{added}");
     }
 
@@ -775,28 +782,15 @@ mod tests {
     fn a_layer_clock_finished_after_the_inner_service_counts_what_follows_it() {
         let inner_time = std::time::Duration::from_millis(200);
         let then_time = std::time::Duration::from_millis(10);
-        let seen = recorded(|| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .build()
-                .expect("a runtime");
-            let answer = runtime.block_on(async {
-                LayerClock::start("ratelimit")
-                    .finish_after(tokio::time::sleep(inner_time), |()| {
-                        std::thread::sleep(then_time);
-                        7
-                    })
-                    .await
-            });
+        let added = overhead_of("ratelimit", async {
+            let answer = LayerClock::start("ratelimit")
+                .finish_after(tokio::time::sleep(inner_time), |()| {
+                    std::thread::sleep(then_time);
+                    7
+                })
+                .await;
             assert_eq!(answer, 7);
         });
-        assert_eq!(seen.len(), 1, "{seen:?}");
-        assert_eq!(seen[0].1, [pair("layer", "ratelimit")]);
-        let DebugValue::Histogram(values) = &seen[0].2 else {
-            panic!("not a histogram: {seen:?}");
-        };
-        assert_eq!(values.len(), 1);
-        let added = values[0].into_inner();
         assert!(
             (then_time.as_secs_f64()..inner_time.as_secs_f64()).contains(&added),
             "{added}"

@@ -131,26 +131,20 @@ where
         // The latency the cache adds (metrics only): the inner service's
         // time is counted through `Timed`, recorded when `clock` drops.
         #[cfg(feature = "metrics")]
-        {
-            let clock = Arc::new(tower_redis_core::record::LayerClock::start("cache"));
-            let inner = Timed {
-                inner,
-                clock: Arc::downgrade(&clock),
-            };
-            use futures_util::FutureExt as _;
-            let handled = span.in_scope(|| handle(config, inner, request));
-            let handled = handled.map(move |answer| {
-                drop(clock);
-                answer
-            });
-            ResponseFuture::new(handled.instrument(span))
-        }
-        #[cfg(not(feature = "metrics"))]
-        {
-            // Parsed and keyed now, inside the span as the rest.
-            let handled = span.in_scope(|| handle(config, inner, request));
-            ResponseFuture::new(handled.instrument(span))
-        }
+        let clock = Arc::new(tower_redis_core::record::LayerClock::start("cache"));
+        #[cfg(feature = "metrics")]
+        let inner = Timed {
+            inner,
+            clock: Arc::downgrade(&clock),
+        };
+        // Parsed and keyed now, inside the span as the rest.
+        let handled = span.in_scope(|| handle(config, inner, request));
+        #[cfg(feature = "metrics")]
+        let handled = futures_util::FutureExt::map(handled, move |answer| {
+            drop(clock);
+            answer
+        });
+        ResponseFuture::new(handled.instrument(span))
     }
 }
 

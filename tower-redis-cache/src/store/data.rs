@@ -200,10 +200,7 @@ impl CacheStore {
         keep_near: fn(&Entry) -> bool,
     ) -> DataFound {
         self.bus.ensure_started();
-        if self.failover.is_degraded() {
-            // Boxed: a healthy lookup's future carries none of its state.
-            Box::pin(self.failover.catch_up()).await;
-        }
+        self.failover.catch_up().await;
         let near = self
             .near
             .as_ref()

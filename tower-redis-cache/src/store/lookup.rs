@@ -24,11 +24,8 @@ impl CacheStore {
         self.bus.ensure_started();
         // Redis is back: the outage's invalidations and purges are written
         // before this read, so that its answer already reflects them. One
-        // atomic load while healthy (boxed: a healthy lookup's future
-        // carries none of its state).
-        if self.failover.is_degraded() {
-            Box::pin(self.failover.catch_up()).await;
-        }
+        // atomic load while healthy.
+        self.failover.catch_up().await;
         // Taken before the near tier is judged usable: a tracking
         // connection lost after that check bumps the epoch, so a read that
         // then fell back to the pool (untracked) is not kept.

@@ -488,10 +488,21 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
     /// that keeps failing) is left to the recovery task, and the caller
     /// goes on (the write in progress is cancel-safe: what it did not
     /// finish stays queued).
+    ///
+    /// The write is boxed: while healthy this future is a few words, so a
+    /// caller on a hot path can await it inline.
     pub async fn catch_up(&self) {
         if !self.is_degraded() || !self.shared.manager.is_available() {
             return;
         }
+        // A `dyn` box: its type does not nest into every caller's future.
+        let write: std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> =
+            Box::pin(self.write_queue_now());
+        write.await;
+    }
+
+    /// [`catch_up`](Self::catch_up)'s write, within one command timeout.
+    async fn write_queue_now(&self) {
         let within = self.shared.manager.command_timeout();
         if let Ok(recovery::Drained::Empty { wrote: true }) =
             tokio::time::timeout(within, recovery::drain(&self.shared)).await
