@@ -112,7 +112,7 @@ impl ClientIp {
                     .checked_shl(32 - u32::from(self.ipv4_prefix))
                     .unwrap_or(0);
                 let network = Ipv4Addr::from(u32::from(v4) & mask);
-                network_key(network, self.ipv4_prefix, 32)
+                ipv4_key(network, self.ipv4_prefix)
             }
             IpAddr::V6(v6) => {
                 let mask = u128::MAX
@@ -123,6 +123,26 @@ impl ClientIp {
             }
         }
     }
+}
+
+/// What [`network_key`] writes for an IPv4 network (`a.b.c.d`, then
+/// `/prefix` when it is not 32), built by hand: this runs on every request
+/// of a per-IP policy, and the formatting machinery was a measurable share
+/// of a decision.
+fn ipv4_key(network: Ipv4Addr, prefix: u8) -> String {
+    let mut key = String::with_capacity(18);
+    let mut number = itoa::Buffer::new();
+    for (i, octet) in network.octets().into_iter().enumerate() {
+        if i > 0 {
+            key.push('.');
+        }
+        key.push_str(number.format(octet));
+    }
+    if prefix != 32 {
+        key.push('/');
+        key.push_str(number.format(prefix));
+    }
+    key
 }
 
 fn network_key(network: impl fmt::Display, prefix: u8, full: u8) -> String {
@@ -136,6 +156,20 @@ fn network_key(network: impl fmt::Display, prefix: u8, full: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv4_key_is_written_as_the_formatter_would() {
+        for prefix in [32, 31, 24, 8, 1, 0] {
+            for octet in 0..=255u8 {
+                let network = Ipv4Addr::new(octet, 255 - octet, octet / 3, octet % 10);
+                assert_eq!(
+                    ipv4_key(network, prefix),
+                    network_key(network, prefix, 32),
+                    "{network}/{prefix}"
+                );
+            }
+        }
+    }
     use http::{HeaderValue, Request};
     use std::net::SocketAddr;
 

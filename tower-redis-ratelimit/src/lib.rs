@@ -105,7 +105,7 @@
 //! (and reads and writes a hot key once per call). Under load a call
 //! answers many requests (at concurrency 64 in the benchmark, about 10 to
 //! 20). The script is written for the server's time per call: its numbers
-//! arrive packed as binary doubles and its answer is an array of integers,
+//! arrive packed as binary doubles and its answer is packed the same way,
 //! so that no decimal number is parsed or printed on the hot path. Keys are
 //! `prefix:{rl}:rl:<policy>:k:<key>` for GCRA and
 //! `prefix:{rl}:rl:<policy>:fw:k:<key>` / `…:sw:k:<key>` for fixed and

@@ -13,8 +13,9 @@
 --   the same cost and counters: count, cost, n, and the indexes (into
 --   KEYS) of the n counters.
 --
--- Returns a flat array of integers: per request, allowed, then per counter
--- remaining, reset_us, retry_us.
+-- Returns one string of little-endian doubles (struct '<d'), a flat list of
+-- integers: per request, allowed, then per counter remaining, reset_us,
+-- retry_us. Every one is below 2^53, so exact as a double.
 -- A denied request changes no counter, so it consumes nothing from the
 -- policies that would have allowed it. Time comes from the server, so
 -- instances with skewed clocks agree. Every counter is read once and
@@ -23,11 +24,11 @@
 -- Written for the server's time per call, which decides how many decisions
 -- one Redis core makes: binary arguments (no decimal parsing), every key
 -- read up front (each one is used), no closures, integers formatted with
--- %d (not Redis's %.17g for Lua numbers), an array of integers as the
--- reply (no number formatting at all).
+-- %d (not Redis's %.17g for Lua numbers), and the reply packed in binary:
+-- no number is formatted here, nor parsed one by one by the client.
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
-local floor, ceil, unpack, format = math.floor, math.ceil, struct.unpack, string.format
+local floor, ceil, unpack, pack, format, spread = math.floor, math.ceil, struct.unpack, struct.pack, string.format, unpack
 local data = ARGV[1]
 local nk = #KEYS
 -- Kept below 10^14 (as they always were; a reply integer must fit 64 bits).
@@ -61,7 +62,7 @@ if nk == 1 and #data == 64 then
     if remaining > BIG then remaining = BIG end
     if reset > BIG then reset = BIG end
     if retry > BIG then retry = BIG end
-    return {retry > 0 and 0 or 1, floor(remaining), ceil(reset), ceil(retry)}
+    return pack('<dddd', retry > 0 and 0 or 1, floor(remaining), ceil(reset), ceil(retry))
   end
 end
 
@@ -195,4 +196,17 @@ for k = 1, nk do
   end
 end
 
-return reply
+-- Packed in slices of at most SLICE numbers: one pack per slice, within
+-- the Lua stack whatever the batch.
+local SLICE = 64
+local full = '<' .. string.rep('d', SLICE)
+local parts = {}
+for from = 1, n_reply, SLICE do
+  local to = from + SLICE - 1
+  if to <= n_reply then
+    parts[#parts + 1] = pack(full, spread(reply, from, to))
+  else
+    parts[#parts + 1] = pack('<' .. string.rep('d', n_reply - from + 1), spread(reply, from, n_reply))
+  end
+end
+return table.concat(parts)

@@ -145,7 +145,7 @@ async fn decide_on_redis(
     let (keys, numbers) = encode_batch(requests);
     let mut cmd = tower_redis_core::script_cmd(&DECIDE, &keys, 1, numbers.len());
     cmd.arg(numbers);
-    let reply: Vec<i64> = tower_redis_core::query_script(&mut conn, &DECIDE, &cmd).await?;
+    let reply: Vec<u8> = tower_redis_core::query_script(&mut conn, &DECIDE, &cmd).await?;
     parse_reply(&reply, requests)
 }
 
@@ -223,41 +223,62 @@ fn encode_batch<'q>(requests: &[Query<'q>]) -> (Vec<&'q str>, Vec<u8>) {
     (keys, numbers)
 }
 
-fn parse_reply(reply: &[i64], requests: &[Query<'_>]) -> redis::RedisResult<Vec<Verdict>> {
+/// The script's reply: little-endian doubles, all integers (see
+/// `decide.lua`), per request allowed, then per check remaining, reset and
+/// retry (µs). Read in place: no number is parsed from text.
+fn parse_reply(reply: &[u8], requests: &[Query<'_>]) -> redis::RedisResult<Vec<Verdict>> {
     let expected: usize = requests
         .iter()
-        .map(|(checks, _)| 1 + 3 * checks.len())
+        .map(|(checks, _)| 8 * (1 + 3 * checks.len()))
         .sum();
     if reply.len() != expected {
         return Err(redis::RedisError::from((
             redis::ErrorKind::UnexpectedReturnType,
-            "rate-limit script answered with the wrong number of values",
+            "rate-limit script answered with the wrong number of bytes",
             format!("expected {expected}, got {}", reply.len()),
         )));
     }
-    let us = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
-    let mut rest = reply;
+    let mut numbers = reply.chunks_exact(8).map(|bytes| {
+        let mut double = [0; 8];
+        double.copy_from_slice(bytes);
+        whole(f64::from_le_bytes(double))
+    });
+    let mut next = || numbers.next().unwrap_or(0);
+    let us = Duration::from_micros;
     let mut verdicts = Vec::with_capacity(requests.len());
     for (checks, _) in requests {
-        let (this, tail) = rest.split_at(1 + 3 * checks.len());
-        rest = tail;
-        let states = this[1..]
-            .chunks_exact(3)
-            .map(|c| {
+        let allowed = next() == 1;
+        let states = checks
+            .iter()
+            .map(|_| {
+                let (remaining, reset, retry) = (next(), next(), next());
                 Some(PolicyState {
-                    remaining: u64::try_from(c[0]).unwrap_or(0),
-                    reset: us(c[1]),
-                    retry_after: (c[2] > 0).then(|| us(c[2])),
+                    remaining,
+                    reset: us(reset),
+                    retry_after: (retry > 0).then(|| us(retry)),
                 })
             })
             .collect();
         verdicts.push(Verdict {
-            allowed: this[0] == 1,
+            allowed,
             states,
             source: DecisionSource::Redis,
         });
     }
     Ok(verdicts)
+}
+
+/// A number of the reply as an unsigned integer: a negative one (or one
+/// that is not a number) is 0, a fraction is dropped, and one beyond
+/// `u64` is its maximum.
+fn whole(number: f64) -> u64 {
+    if number.is_nan() || number <= 0.0 {
+        return 0;
+    }
+    // Saturating, by the definition of `as` from a float.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let whole = number as u64;
+    whole
 }
 
 #[cfg(test)]
@@ -276,22 +297,42 @@ mod tests {
             lease: None,
         };
         let one: &[Check] = std::slice::from_ref(&check);
-        assert!(parse_reply(&[1, 2], &[(one, 1)]).is_err());
-        assert!(parse_reply(&[1], &[]).is_err());
-        assert!(parse_reply(&[0, 0, 1_000_000, 500_000], &[(one, 1), (one, 1)]).is_err());
-        let ok = parse_reply(&[0, 0, 1_000_000, 500_000], &[(one, 1)]).expect("well formed");
+        assert!(parse_reply(&packed(&[1.0, 2.0]), &[(one, 1)]).is_err());
+        assert!(parse_reply(&packed(&[1.0]), &[]).is_err());
+        // Not whole doubles.
+        assert!(parse_reply(&[0; 31], &[(one, 1)]).is_err());
+        assert!(parse_reply(b"1,0,1000000,500000", &[(one, 1)]).is_err());
+        let denied = packed(&[0.0, 0.0, 1e6, 5e5]);
+        assert!(parse_reply(&denied, &[(one, 1), (one, 1)]).is_err());
+        let ok = parse_reply(&denied, &[(one, 1)]).expect("well formed");
         assert!(!ok[0].allowed);
         assert_eq!(
             ok[0].states[0].and_then(|s| s.retry_after),
             Some(Duration::from_millis(500))
         );
-        let two =
-            parse_reply(&[1, 3, 10, 0, 0, 0, 20, 7], &[(one, 1), (one, 1)]).expect("two requests");
+        let two = parse_reply(
+            &packed(&[1.0, 3.0, 10.0, 0.0, 0.0, 0.0, 20.0, 7.0]),
+            &[(one, 1), (one, 1)],
+        )
+        .expect("two requests");
         assert!(two[0].allowed && !two[1].allowed);
         assert_eq!(
             two[1].states[0].map(|s| s.reset),
             Some(Duration::from_micros(20))
         );
+        // Out of range: a negative number or NaN is 0, a huge one saturates.
+        let odd =
+            parse_reply(&packed(&[1.0, -4.0, f64::NAN, 1e300]), &[(one, 1)]).expect("well formed");
+        let state = odd[0].states[0].expect("a state");
+        assert_eq!(
+            (state.remaining, state.reset, state.retry_after),
+            (0, Duration::ZERO, Some(Duration::from_micros(u64::MAX)))
+        );
+    }
+
+    /// A reply as `decide.lua` packs it.
+    fn packed(numbers: &[f64]) -> Vec<u8> {
+        numbers.iter().flat_map(|n| n.to_le_bytes()).collect()
     }
 
     #[test]

@@ -418,3 +418,64 @@ fn the_boxed_redis_decision_fits_the_allocators_thread_cache() {
     let size = std::mem::size_of_val(&batch);
     assert!(size <= 1032, "the boxed decision is {size} bytes");
 }
+
+/// A batch whose reply spans several of the script's packing slices (64
+/// numbers each): 30 requests on two counters answer 210 numbers. Each
+/// request gets its own verdict, as deciding them one after another would:
+/// the fixed window admits 25 and counts each down, the GCRA counter (one
+/// a minute, a burst of 100) counts every admitted request, and the denied
+/// ones consume nothing from it.
+#[tokio::test]
+async fn a_batch_larger_than_a_packing_slice_is_answered_request_by_request() {
+    use tower_redis_core::testing::TestRedis;
+
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().expect("valid"))
+        .await
+        .expect("starts");
+    let limiter = Limiter::new(manager, Fallback::default(), MIB);
+    let checks = [
+        check(
+            "window",
+            Algorithm::FixedWindow {
+                limit: 25,
+                window: Duration::from_secs(3600),
+            },
+        ),
+        check(
+            "gcra",
+            Algorithm::Gcra {
+                quota: 1,
+                period: Duration::from_secs(60),
+                burst: 100,
+            },
+        ),
+    ];
+    let requests: Vec<Query<'_>> = (0..30).map(|_| (&checks[..], 1)).collect();
+    let verdicts = limiter.decide_batch(&requests).await;
+    assert_eq!(verdicts.len(), 30);
+    for (i, verdict) in verdicts.iter().enumerate() {
+        assert_eq!(verdict.source, DecisionSource::Redis, "request {i}");
+        let window = verdict.states[0].expect("the window's state");
+        let gcra = verdict.states[1].expect("the GCRA counter's state");
+        let admitted_before = u64::try_from(i.min(25)).expect("small");
+        if i < 25 {
+            assert!(verdict.allowed, "request {i}");
+            assert_eq!(window.remaining, 24 - admitted_before, "request {i}");
+            assert_eq!(window.retry_after, None, "request {i}");
+            assert_eq!(gcra.remaining, 99 - admitted_before, "request {i}");
+        } else {
+            assert!(!verdict.allowed, "request {i}");
+            assert_eq!(window.remaining, 0, "request {i}");
+            assert!(window.retry_after.is_some(), "request {i}");
+            // Not counted by the policy that would have allowed it.
+            assert_eq!(gcra.remaining, 99 - admitted_before, "request {i}");
+            assert_eq!(gcra.retry_after, None, "request {i}");
+        }
+        assert!(
+            window.reset > Duration::from_secs(3500) && window.reset <= Duration::from_secs(3600),
+            "request {i}: {:?}",
+            window.reset
+        );
+    }
+}
