@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::limiter::{DecisionSource, PolicyState};
-use crate::policy::Policy;
+use crate::policy::{Described, Policy};
 
 /// `RateLimit-Policy`.
 pub(crate) static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -27,14 +27,6 @@ static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 /// Whole seconds, rounded up: a client that waits this long is not early.
 pub(crate) fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
-}
-
-/// A policy name as a structured-field string (names are validated to
-/// need no escaping).
-fn push_name(field: &mut String, name: &str) {
-    field.push('"');
-    field.push_str(name);
-    field.push('"');
 }
 
 /// The fields of one decision, held without a map of their own (a
@@ -79,24 +71,31 @@ pub(crate) fn fields(
 ) -> Fields {
     let mut headers = Fields::default();
     // Built by hand, not with `write!`: this runs on every request, and
-    // the formatting machinery was a measurable share of a decision.
-    let mut policy_field = String::with_capacity(48 * decided.len());
+    // the formatting machinery was a measurable share of a decision. What
+    // never changes of a policy was written when it was made.
+    // The usual single policy's field is its own value; a list is joined
+    // from the second policy on.
+    let mut first: Option<&Described> = None;
+    let mut policy_field = String::new();
     let mut limit_field = String::with_capacity(48 * decided.len());
     let mut number = itoa::Buffer::new();
+    let mut count = 0;
     for (policy, state) in decided {
         let Some(state) = state else { continue };
-        let algorithm = policy.algorithm();
-        if !policy_field.is_empty() {
+        let described = &*policy.described;
+        count += 1;
+        if let Some(first) = first {
+            if count == 2 {
+                policy_field.reserve(48 * decided.len());
+                policy_field.push_str(&first.item);
+            }
             policy_field.push_str(", ");
+            policy_field.push_str(&described.item);
             limit_field.push_str(", ");
+        } else {
+            first = Some(described);
         }
-        push_name(&mut policy_field, policy.name());
-        policy_field.push_str(";q=");
-        policy_field.push_str(number.format(algorithm.quota()));
-        policy_field.push_str(";w=");
-        policy_field.push_str(number.format(ceil_secs(algorithm.window())));
-        push_name(&mut limit_field, policy.name());
-        limit_field.push_str(";r=");
+        limit_field.push_str(&described.limit_prefix);
         limit_field.push_str(number.format(state.remaining));
         limit_field.push_str(";t=");
         limit_field.push_str(number.format(ceil_secs(state.reset)));
@@ -104,13 +103,17 @@ pub(crate) fn fields(
             limit_field.push_str(";local");
         }
     }
-    if policy_field.is_empty() {
+    if count == 0 {
         return headers;
     }
     // Policy names are validated to be header-safe, so these cannot fail.
     // The strings become the values' buffers: no copy.
-    if let (Ok(policy_value), Ok(limit_value)) = (
-        HeaderValue::from_maybe_shared(Bytes::from(policy_field)),
+    let policy_value = match first {
+        Some(first) if count == 1 => first.value.clone(),
+        _ => HeaderValue::from_maybe_shared(Bytes::from(policy_field)).ok(),
+    };
+    if let (Some(policy_value), Ok(limit_value)) = (
+        policy_value,
         HeaderValue::from_maybe_shared(Bytes::from(limit_field)),
     ) {
         headers.insert(&RATELIMIT_POLICY, policy_value);
@@ -163,6 +166,39 @@ mod tests {
             "\"per-ip\";r=42;t=18, \"per-user\";r=997;t=3600"
         );
         assert!(headers.get(&X_LIMIT).is_none());
+    }
+
+    #[test]
+    fn only_the_decided_policies_are_listed() {
+        let a = Policy::gcra("a", 100, Duration::from_secs(60));
+        let b = Policy::fixed_window("b", 5, Duration::from_millis(1500));
+        let c = Policy::sliding_window("c", 7, Duration::from_secs(10));
+        let mut headers = HeaderMap::new();
+        fields(
+            &[(&a, state(1, 1000)), (&b, None), (&c, state(6, 9_001))],
+            DecisionSource::Redis,
+            false,
+        )
+        .append_to(&mut headers);
+        assert_eq!(
+            headers[&RATELIMIT_POLICY],
+            "\"a\";q=100;w=60, \"c\";q=7;w=10"
+        );
+        assert_eq!(headers[&RATELIMIT], "\"a\";r=1;t=1, \"c\";r=6;t=10");
+        // One decided policy after an undecided one: its own field alone.
+        let mut headers = HeaderMap::new();
+        fields(
+            &[(&a, None), (&b, state(0, 1))],
+            DecisionSource::Redis,
+            false,
+        )
+        .append_to(&mut headers);
+        assert_eq!(headers[&RATELIMIT_POLICY], "\"b\";q=5;w=2");
+        assert_eq!(headers[&RATELIMIT], "\"b\";r=0;t=1");
+        // None decided: no field.
+        let mut headers = HeaderMap::new();
+        fields(&[(&a, None)], DecisionSource::Redis, false).append_to(&mut headers);
+        assert!(headers.is_empty());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Method;
+use http::{HeaderValue, Method};
 use tower_redis_core::http::PathPattern;
 use tower_redis_core::record::NamedCounter;
 
@@ -37,6 +37,37 @@ pub struct Policy {
     /// outcome (see [`PolicyOutcome`]): built with the policy, so that counting
     /// a decision allocates nothing.
     pub(crate) counters: Arc<Counters>,
+    /// This policy's parts of the response fields, written once: neither
+    /// its name nor its quota and window change after it is made.
+    pub(crate) described: Arc<Described>,
+}
+
+/// What the response fields say of one policy that never changes.
+#[derive(Debug)]
+pub(crate) struct Described {
+    /// Its `RateLimit-Policy` item: `"name";q=<quota>;w=<window s>`.
+    pub(crate) item: Box<str>,
+    /// The item as a whole field value (the usual one-policy field), or
+    /// `None` when the name is not header-safe (such a policy never gets
+    /// past the layer's build).
+    pub(crate) value: Option<HeaderValue>,
+    /// The start of its `RateLimit` item: `"name";r=`.
+    pub(crate) limit_prefix: Box<str>,
+}
+
+impl Described {
+    fn new(name: &str, algorithm: Algorithm) -> Self {
+        let item = format!(
+            "\"{name}\";q={};w={}",
+            algorithm.quota(),
+            crate::headers::ceil_secs(algorithm.window())
+        );
+        Self {
+            value: HeaderValue::from_str(&item).ok(),
+            item: item.into_boxed_str(),
+            limit_prefix: format!("\"{name}\";r=").into_boxed_str(),
+        }
+    }
 }
 
 /// A policy's decision counters, by [`PolicyOutcome`].
@@ -224,6 +255,7 @@ impl Policy {
                     ("policy", name),
                 )
             }))),
+            described: Arc::new(Described::new(name, algorithm)),
         }
     }
 
