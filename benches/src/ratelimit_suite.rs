@@ -58,7 +58,8 @@ const MAX_ROUND_TRIPS: f64 = 1.0;
 /// left out of the top-level count (and listed separately).
 /// `lease.lua` runs the same ones and `DEL`.
 const SCRIPT_INNER: &[&str] = &["time", "get", "set", "hmget", "hset", "pexpire", "del"];
-/// The raw baselines' value: as small as a decision's reply.
+/// The raw baselines' value: small, as a decision's reply is (32 bytes for
+/// one policy).
 const RAW_KEY: &str = "tower-redis-bench:ratelimit:raw";
 const RAW_LEN: usize = 16;
 /// The distinct-key table's quota per client and hour: low, so that each

@@ -156,6 +156,11 @@ fn network_key(network: impl fmt::Display, prefix: u8, full: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::{HeaderValue, Request};
+    use std::net::SocketAddr;
+
+    const PROXY: &str = "10.0.0.1";
+    const CLIENT: &str = "203.0.113.7";
 
     #[test]
     fn an_ipv4_key_is_written_as_the_formatter_would() {
@@ -170,11 +175,6 @@ mod tests {
             }
         }
     }
-    use http::{HeaderValue, Request};
-    use std::net::SocketAddr;
-
-    const PROXY: &str = "10.0.0.1";
-    const CLIENT: &str = "203.0.113.7";
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()

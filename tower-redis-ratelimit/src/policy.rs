@@ -43,7 +43,6 @@ pub struct Policy {
 }
 
 /// What the response fields say of one policy that never changes.
-#[derive(Debug)]
 pub(crate) struct Described {
     /// Its `RateLimit-Policy` item: `"name";q=<quota>;w=<window s>`.
     pub(crate) item: Box<str>,
@@ -53,6 +52,13 @@ pub(crate) struct Described {
     pub(crate) value: Option<HeaderValue>,
     /// The start of its `RateLimit` item: `"name";r=`.
     pub(crate) limit_prefix: Box<str>,
+}
+
+/// Its item alone: the rest says the same again.
+impl std::fmt::Debug for Described {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.item)
+    }
 }
 
 impl Described {
@@ -565,6 +571,41 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fields written when a policy is made stay true whatever is set
+    /// on it afterwards: no builder method changes its name, quota or
+    /// window.
+    #[test]
+    fn the_written_fields_hold_after_every_builder_method() {
+        let minute = Duration::from_secs(60);
+        let policies = [
+            Policy::gcra("g", 10, minute).burst(3),
+            Policy::fixed_window("f", 7, Duration::from_millis(1500))
+                .key(Key::header("x-user"))
+                .path("/api/*")
+                .methods([Method::POST]),
+            Policy::sliding_window("s", 5, minute).lease(2),
+        ];
+        for policy in &policies {
+            let algorithm = policy.algorithm();
+            let item = format!(
+                "\"{}\";q={};w={}",
+                policy.name(),
+                algorithm.quota(),
+                crate::headers::ceil_secs(algorithm.window())
+            );
+            assert_eq!(&*policy.described.item, item);
+            assert_eq!(
+                policy.described.value.as_ref().map(HeaderValue::as_bytes),
+                Some(item.as_bytes())
+            );
+            assert_eq!(
+                &*policy.described.limit_prefix,
+                format!("\"{}\";r=", policy.name())
+            );
+            assert_eq!(format!("{:?}", policy.described), item);
+        }
+    }
 
     #[test]
     fn prefix_and_exact_patterns() {

@@ -31,7 +31,8 @@ local now = t[1] * 1000000 + t[2]
 local floor, ceil, unpack, pack, format, spread = math.floor, math.ceil, struct.unpack, struct.pack, string.format, unpack
 local data = ARGV[1]
 local nk = #KEYS
--- Kept below 10^14 (as they always were; a reply integer must fit 64 bits).
+-- Kept below 10^14 (as they always were), far below 2^53: every number of
+-- the reply is an integer that a double holds exactly.
 local BIG = 99999999999999
 
 -- One request on one GCRA counter (a lone request of a one-policy layer,
