@@ -339,17 +339,20 @@ pub(super) fn a_million_keys_stay_bounded_and_o1(
     );
 }
 
+/// A limiter on a private Redis, kept up while the returned server lives.
+async fn on_redis() -> (tower_redis_core::testing::TestRedis, Arc<Limiter>) {
+    let redis = tower_redis_core::testing::TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().expect("valid"))
+        .await
+        .expect("starts");
+    (redis, Limiter::new(manager, Fallback::default(), MIB))
+}
+
 /// A request with no other decision waiting takes the direct path (no
 /// batch, no yield); requests that arrive together still share calls.
 #[tokio::test]
 async fn a_lone_request_is_decided_directly_and_concurrent_ones_in_batches() {
-    use tower_redis_core::testing::TestRedis;
-
-    let redis = TestRedis::start().await;
-    let manager = RedisManager::connect(redis.config().build().expect("valid"))
-        .await
-        .expect("starts");
-    let limiter = Limiter::new(manager, Fallback::default(), MIB);
+    let (_redis, limiter) = on_redis().await;
     let checks = [check(
         "lone",
         Algorithm::FixedWindow {
@@ -427,13 +430,7 @@ fn the_boxed_redis_decision_fits_the_allocators_thread_cache() {
 /// ones consume nothing from it.
 #[tokio::test]
 async fn a_batch_larger_than_a_packing_slice_is_answered_request_by_request() {
-    use tower_redis_core::testing::TestRedis;
-
-    let redis = TestRedis::start().await;
-    let manager = RedisManager::connect(redis.config().build().expect("valid"))
-        .await
-        .expect("starts");
-    let limiter = Limiter::new(manager, Fallback::default(), MIB);
+    let (_redis, limiter) = on_redis().await;
     let checks = [
         check(
             "window",
