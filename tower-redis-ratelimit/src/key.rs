@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::HeaderName;
 use http::request::Parts;
 use sha2::{Digest, Sha256};
-use tower_redis_core::Keyspace;
+use tower_redis_core::{Keyspace, escape_key_part};
 
 use crate::algorithm::Algorithm;
 use crate::client_ip::ClientIp;
@@ -369,37 +369,59 @@ pub enum MissingKey {
 ///   [`MAX_KEY_LEN`] bytes, `h:<hex SHA-256 of the value>` for a longer one,
 ///   and `missing` for the shared bucket. Parts are escaped, so a value
 ///   cannot contain `:` and these never collide.
+#[cfg(test)]
 pub(crate) fn counter_key(
     keys: &Keyspace,
     tag: &str,
     policy: &Policy,
     value: Option<&str>,
 ) -> String {
-    let mut parts = ["rl", policy.name(), "", "", ""];
-    let mut len = 2;
-    let mut push = |part| {
-        parts[len] = part;
-        len += 1;
-    };
-    match policy.algorithm() {
-        Algorithm::Gcra { .. } => {}
-        Algorithm::FixedWindow { .. } => push("fw"),
-        Algorithm::SlidingWindow { .. } => push("sw"),
+    CounterKeys::new(keys, tag, policy).key(value)
+}
+
+/// A policy's counter keys (see [`counter_key`]): the start they all
+/// share, `prefix:{tag}:rl:<policy>[:fw|:sw]:`, is written once, when the
+/// layer is built; a request's key appends its own part to it.
+#[derive(Debug)]
+pub(crate) struct CounterKeys {
+    shared: String,
+}
+
+impl CounterKeys {
+    pub(crate) fn new(keys: &Keyspace, tag: &str, policy: &Policy) -> Self {
+        let kind = match policy.algorithm() {
+            Algorithm::Gcra { .. } => None,
+            Algorithm::FixedWindow { .. } => Some("fw"),
+            Algorithm::SlidingWindow { .. } => Some("sw"),
+        };
+        let parts = ["rl", policy.name(), kind.unwrap_or_default()];
+        let mut shared = keys.tagged(tag, &parts[..if kind.is_some() { 3 } else { 2 }]);
+        shared.push(':');
+        Self { shared }
     }
-    let hashed;
-    match value {
-        Some(value) if value.len() <= MAX_KEY_LEN => {
-            push("k");
-            push(value);
+
+    /// The key of the counter of `value` (`None`: the shared bucket of
+    /// requests without one). The same text as `Keyspace::tagged` of all
+    /// the parts: each part after the shared start is escaped alike.
+    pub(crate) fn key(&self, value: Option<&str>) -> String {
+        let hashed;
+        let (kind, part) = match value {
+            Some(value) if value.len() <= MAX_KEY_LEN => ("k", escape_key_part(value)),
+            Some(value) => {
+                hashed = sha256_hex(value);
+                ("h", escape_key_part(&hashed))
+            }
+            None => ("missing", std::borrow::Cow::Borrowed("")),
+        };
+        let mut key = String::with_capacity(self.shared.len() + kind.len() + 1 + part.len());
+        key.push_str(&self.shared);
+        key.push_str(kind);
+        if value.is_some() {
+            key.push(':');
+            key.push_str(&part);
         }
-        Some(value) => {
-            hashed = sha256_hex(value);
-            push("h");
-            push(&hashed);
-        }
-        None => push("missing"),
+        key
     }
-    keys.tagged(tag, &parts[..len])
 }
 
 fn sha256_hex(value: &str) -> String {
@@ -419,6 +441,42 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// The key written from the shared start is the key of all its parts
+    /// (as earlier versions wrote it), escapes included.
+    #[test]
+    fn a_counter_key_is_its_parts_tagged() {
+        let keys = Keyspace::new("app:x");
+        let hour = Duration::from_secs(3600);
+        let long = "v".repeat(MAX_KEY_LEN + 1);
+        for tag in ["rl", "a{b}:c"] {
+            for policy in [
+                Policy::gcra("p", 1, hour),
+                Policy::fixed_window("p-2", 1, hour),
+                Policy::sliding_window("p", 1, hour),
+            ] {
+                let written = CounterKeys::new(&keys, tag, &policy);
+                let kind = match policy.algorithm() {
+                    Algorithm::Gcra { .. } => vec![],
+                    Algorithm::FixedWindow { .. } => vec!["fw"],
+                    Algorithm::SlidingWindow { .. } => vec!["sw"],
+                };
+                let hashed = sha256_hex(&long);
+                for (value, tail) in [
+                    (Some("alice"), vec!["k", "alice"]),
+                    (Some("a:b {c}*?%"), vec!["k", "a:b {c}*?%"]),
+                    (Some(""), vec!["k", ""]),
+                    (Some(long.as_str()), vec!["h", hashed.as_str()]),
+                    (None, vec!["missing"]),
+                ] {
+                    let mut parts = vec!["rl", policy.name()];
+                    parts.extend(&kind);
+                    parts.extend(tail);
+                    assert_eq!(written.key(value), keys.tagged(tag, &parts), "{value:?}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn counter_keys_differ_by_algorithm_kind_and_value() {

@@ -10,7 +10,7 @@ use tower_layer::Layer;
 use tower_redis_core::RedisManager;
 
 use crate::client_ip::{ClientIp, TrustedProxies};
-use crate::key::MissingKey;
+use crate::key::{CounterKeys, MissingKey};
 use crate::limiter::{Fallback, Limiter};
 use crate::policy::Policy;
 use crate::response::{Denied, DeniedResponse};
@@ -140,7 +140,8 @@ pub(crate) struct Config {
     pub(crate) legacy_headers: bool,
     pub(crate) cost: Option<CostFn>,
     pub(crate) on_denied: Option<DeniedResponse>,
-    pub(crate) hash_tag: String,
+    /// Each policy's counter keys, in the order of `policies`.
+    pub(crate) counter_keys: Vec<CounterKeys>,
     /// Set once the layer has warned about a request without a peer address.
     pub(crate) warned_no_peer_address: AtomicBool,
 }
@@ -876,6 +877,11 @@ impl RateLimitLayerBuilder {
             .networks()
             .to_vec();
         let leases = self.policies.iter().any(|p| p.lease.is_some());
+        let counter_keys = self
+            .policies
+            .iter()
+            .map(|policy| CounterKeys::new(self.manager.keys(), &self.hash_tag, policy))
+            .collect();
         Ok(RateLimitLayer {
             config: Arc::new(Config {
                 policies: self.policies,
@@ -893,7 +899,7 @@ impl RateLimitLayerBuilder {
                 legacy_headers: self.legacy_headers,
                 cost: self.cost,
                 on_denied: self.on_denied,
-                hash_tag: self.hash_tag,
+                counter_keys,
                 warned_no_peer_address: AtomicBool::new(false),
             }),
         })

@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::body::ResponseBody;
 use crate::headers::{self, Fields};
-use crate::key::{self, MissingKey};
+use crate::key::MissingKey;
 use crate::layer::Config;
 use crate::limiter::DecisionSource;
 use crate::limiter::{Check, PolicyState, Verdict};
@@ -199,24 +199,22 @@ async fn applicable_checks<'c>(
     parts: &Parts,
 ) -> Result<(Vec<&'c Policy>, Vec<Check>), String> {
     let path = parts.uri.path();
-    let keys = config.limiter.manager().keys();
     let mut policies = Vec::new();
     let mut checks = Vec::new();
-    for policy in config
+    for (policy, counter_keys) in config
         .policies
         .iter()
-        .filter(|p| p.applies_to(&parts.method, path))
+        .zip(&config.counter_keys)
+        .filter(|(p, _)| p.applies_to(&parts.method, path))
     {
         let value = policy.key.extract(parts, &config.client_ip).await;
         if value.is_none() && policy.key.is_client_ip() {
             warn_no_peer_address(config, policy);
         }
         let key = match (&value, config.missing_key) {
-            (Some(value), _) => key::counter_key(keys, &config.hash_tag, policy, Some(value)),
+            (Some(value), _) => counter_keys.key(Some(value)),
             (None, MissingKey::Skip) => continue,
-            (None, MissingKey::SharedBucket) => {
-                key::counter_key(keys, &config.hash_tag, policy, None)
-            }
+            (None, MissingKey::SharedBucket) => counter_keys.key(None),
             (None, MissingKey::Reject) => return Err(policy.name().to_owned()),
         };
         policies.push(policy);

@@ -237,10 +237,6 @@ impl Limiter {
         })
     }
 
-    pub(crate) fn manager(&self) -> &RedisManager {
-        &self.manager
-    }
-
     /// Decides one request: from the blocked-key cache, alone when no other
     /// decision is waiting for Redis (the direct path: no task hop), or
     /// else in a batch call to Redis (or the fallback) shared with the
