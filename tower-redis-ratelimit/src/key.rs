@@ -389,13 +389,12 @@ pub(crate) struct CounterKeys {
 
 impl CounterKeys {
     pub(crate) fn new(keys: &Keyspace, tag: &str, policy: &Policy) -> Self {
-        let kind = match policy.algorithm() {
-            Algorithm::Gcra { .. } => None,
-            Algorithm::FixedWindow { .. } => Some("fw"),
-            Algorithm::SlidingWindow { .. } => Some("sw"),
+        let name = policy.name();
+        let mut shared = match policy.algorithm() {
+            Algorithm::Gcra { .. } => keys.tagged(tag, &["rl", name]),
+            Algorithm::FixedWindow { .. } => keys.tagged(tag, &["rl", name, "fw"]),
+            Algorithm::SlidingWindow { .. } => keys.tagged(tag, &["rl", name, "sw"]),
         };
-        let parts = ["rl", policy.name(), kind.unwrap_or_default()];
-        let mut shared = keys.tagged(tag, &parts[..if kind.is_some() { 3 } else { 2 }]);
         shared.push(':');
         Self { shared }
     }
