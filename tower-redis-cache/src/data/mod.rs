@@ -319,7 +319,7 @@ impl<C: Codec> DataCache<C> {
                         url_hash,
                         copy,
                         value.clone(),
-                        stored.entry.clone(),
+                        stored.entry.body.len(),
                         stored.age_ms(now),
                         stored.ttl_ms,
                         refresh,

@@ -158,13 +158,13 @@ impl CacheStore {
     /// Keeps `value`, decoded from the near copy `copy` of `url_hash`, in
     /// the near tier beside it (unless that copy is gone or replaced).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn keep_decoded<C: 'static, T: Send + Sync + 'static>(
+    pub(crate) fn keep_decoded<C: 'static, T: Clone + Send + Sync + 'static>(
         &self,
         key: &str,
         url_hash: &str,
         copy: NearCopy,
         value: T,
-        entry: Entry,
+        encoded_bytes: usize,
         age_ms: u64,
         ttl_ms: u64,
         refresh: Option<f64>,
@@ -181,7 +181,7 @@ impl CacheStore {
             copy,
             |id| near.is_current(url_hash, id),
             value,
-            entry,
+            encoded_bytes,
             age_ms,
             ttl_ms,
             refresh,

@@ -13,6 +13,7 @@
 //! queued changes, their replay and the queue's overflow policy).
 
 mod data;
+mod front;
 mod lock;
 mod lookup;
 mod memory;

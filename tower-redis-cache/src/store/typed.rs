@@ -21,33 +21,42 @@
 //! read of the same key as another type, or through another codec, finds
 //! no decoded copy and decodes the near copy as before.
 //!
-//! Bounded by bytes: each copy is charged its key, its URL hash and the
-//! encoded size of its value (the decoded size is not measurable for an
-//! arbitrary `T`; the encoding is its estimate), plus a fixed overhead,
-//! within a budget as large as the near tier's own.
+//! Bounded by bytes: each copy is charged its key (twice: the cache's key
+//! and the copy's own), its URL hash and the encoded size of its value (the
+//! decoded size is not measurable for an arbitrary `T`; the encoding is its
+//! estimate), plus a fixed overhead, within a budget as large as the near
+//! tier's own.
+//!
+//! In front of the shared copies, each thread holds the few it read last
+//! (`front.rs`), so that a hot key read on every core writes no shared
+//! memory; every drop here moves on a generation that retires those too.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tower_redis_core::sync::lock;
 
-use crate::entry::Entry;
+use super::front;
 
 /// The bookkeeping of one decoded copy beyond its key, URL hash and bytes.
 const SLOT_OVERHEAD: usize = 160;
 
 /// A decoded data value in the near tier.
 pub(crate) struct Slot {
+    /// The data key.
+    key: Box<str>,
     /// `TypeId` of the codec and of the value's type.
     kind: (TypeId, TypeId),
     /// The eager-refresh fraction the lifetime was set for (`f64` bits).
     refresh: Option<u64>,
     value: Box<dyn Any + Send + Sync>,
-    /// The near copy's entry (its body is the near copy's, shared).
-    pub(crate) entry: Entry,
+    /// What the copy is charged against the byte budget (see the module
+    /// docs).
+    weight: u32,
     /// When it ends: the first of the value's staleness, its eager refresh
     /// and the near copy's end. A lookup checks it: the cache has no expiry
     /// of its own, because one makes every read write the entry's access
@@ -57,6 +66,32 @@ pub(crate) struct Slot {
     /// never looked up again goes with the next keeping, a drop or the byte
     /// bound.
     until: Instant,
+}
+
+impl Slot {
+    pub(crate) fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub(crate) fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// The value, if it is fresh and kept for codec `C`, type `T` and the
+    /// eager-refresh fraction `refresh`.
+    pub(crate) fn value<C: 'static, T: 'static>(
+        &self,
+        refresh: Option<u64>,
+        now: Instant,
+    ) -> Option<&T> {
+        if now >= self.until
+            || self.kind != (TypeId::of::<C>(), TypeId::of::<T>())
+            || self.refresh != refresh
+        {
+            return None;
+        }
+        self.value.downcast_ref::<T>()
+    }
 }
 
 /// What a lookup of a decoded copy found.
@@ -84,6 +119,11 @@ pub(crate) struct TypedNear {
     /// the module docs). Pruned of keys without a copy when it grows past
     /// twice the copies.
     keys: Mutex<HashMap<String, String>>,
+    /// Names this instance's copies in the threads' fronts.
+    id: u64,
+    /// Moved on by every drop, after it: a front copy is only served while
+    /// the generation it was taken in is the current one.
+    generation: AtomicU64,
 }
 
 impl TypedNear {
@@ -91,12 +131,11 @@ impl TypedNear {
         Self {
             slots: moka::sync::Cache::builder()
                 .max_capacity(max_bytes)
-                .weigher(|key: &String, slot: &Arc<Slot>| {
-                    u32::try_from(key.len() + slot.entry.body.len() + 43 + SLOT_OVERHEAD)
-                        .unwrap_or(u32::MAX)
-                })
+                .weigher(|_: &String, slot: &Arc<Slot>| slot.weight)
                 .build(),
             keys: Mutex::new(HashMap::new()),
+            id: front::owner_id(),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -107,31 +146,38 @@ impl TypedNear {
         key: &str,
         refresh: Option<f64>,
     ) -> Typed<T> {
+        let refresh = refresh.map(f64::to_bits);
+        // Read before the shared copies: a drop that the front missed has
+        // moved it on by then (see `front`).
+        let generation = self.generation.load(Ordering::Acquire);
+        let now = Instant::now();
+        if let Some(value) = front::get(self.id, generation, key, |slot| {
+            slot.value::<C, T>(refresh, now).cloned()
+        }) {
+            return Typed::Fresh(value);
+        }
         let Some(slot) = self.slots.get(key) else {
             return Typed::Absent;
         };
-        if Instant::now() >= slot.until {
+        if now >= slot.until {
             // Ended: removed here, so that it does not wait for the byte
             // bound to make room for live copies.
             self.slots.invalidate(key);
             return Typed::Absent;
         }
-        if slot.kind != (TypeId::of::<C>(), TypeId::of::<T>())
-            || slot.refresh != refresh.map(f64::to_bits)
-        {
+        let Some(value) = slot.value::<C, T>(refresh, now).cloned() else {
             return Typed::Absent;
-        }
-        match slot.value.downcast_ref::<T>() {
-            Some(value) => Typed::Fresh(value.clone()),
-            None => Typed::Absent,
-        }
+        };
+        front::keep(self.id, generation, slot);
+        Typed::Fresh(value)
     }
 
     /// Keeps `value`, decoded from the near copy `copy` of `url_hash`, as
     /// the decoded copy of `key`, if `current` (asked under the drops' lock)
-    /// says that near copy is still the one in the near tier. `age_ms`: the
-    /// value's age now; `ttl_ms`: its TTL; `refresh`: the eager-refresh
-    /// fraction of the reads it serves. Nothing is kept for a value that is
+    /// says that near copy is still the one in the near tier.
+    /// `encoded_bytes`: the size of its entry's body (what it is charged
+    /// for its value); `age_ms`: the value's age now; `ttl_ms`: its TTL;
+    /// `refresh`: the eager-refresh fraction of the reads it serves. Nothing is kept for a value that is
     /// stale or due for a refresh.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn keep<C: 'static, T: Send + Sync + 'static>(
@@ -141,7 +187,7 @@ impl TypedNear {
         copy: NearCopy,
         current: impl FnOnce(u64) -> bool,
         value: T,
-        entry: Entry,
+        encoded_bytes: usize,
         age_ms: u64,
         ttl_ms: u64,
         refresh: Option<f64>,
@@ -161,10 +207,12 @@ impl TypedNear {
             return false;
         }
         let slot = Arc::new(Slot {
+            key: key.into(),
             kind: (TypeId::of::<C>(), TypeId::of::<T>()),
             refresh: refresh.map(f64::to_bits),
             value: Box::new(value),
-            entry,
+            weight: u32::try_from(2 * key.len() + encoded_bytes + 43 + SLOT_OVERHEAD)
+                .unwrap_or(u32::MAX),
             until,
         });
         let mut keys = lock(&self.keys);
@@ -186,6 +234,9 @@ impl TypedNear {
         if let Some(key) = keys.remove(url_hash) {
             self.slots.invalidate(key.as_str());
         }
+        // After the shared copy is gone, and whether or not one was found
+        // (the fronts may hold a copy that the byte bound evicted here).
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Drops every decoded copy. Called after the near tier was emptied.
@@ -196,5 +247,165 @@ impl TypedNear {
         }
         keys.clear();
         self.slots.invalidate_all();
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Codec;
+
+    /// Keeps `value` as `key`'s decoded copy (URL hash `url_hash`) for a
+    /// minute.
+    fn keep(near: &TypedNear, key: &str, url_hash: &str, value: u32) {
+        keep_sized(near, key, url_hash, value, 4);
+    }
+
+    /// `keep` of a value whose encoding was `encoded_bytes` long.
+    fn keep_sized(near: &TypedNear, key: &str, url_hash: &str, value: u32, encoded_bytes: usize) {
+        let copy = NearCopy {
+            id: 1,
+            until: Instant::now() + Duration::from_secs(60),
+        };
+        assert!(near.keep::<Codec, u32>(
+            key,
+            url_hash,
+            copy,
+            |_| true,
+            value,
+            encoded_bytes,
+            0,
+            60_000,
+            None
+        ));
+    }
+
+    fn get(near: &TypedNear, key: &str) -> Option<u32> {
+        match near.get::<Codec, u32>(key, None) {
+            Typed::Fresh(value) => Some(value),
+            Typed::Absent => None,
+        }
+    }
+
+    #[test]
+    fn a_copy_this_thread_holds_is_not_served_after_a_drop() {
+        let near = TypedNear::new(1 << 20);
+        keep(&near, "product:1", "hash-1", 7);
+        // The first read takes the copy into this thread's front, the
+        // second is answered there.
+        assert_eq!(get(&near, "product:1"), Some(7));
+        assert_eq!(get(&near, "product:1"), Some(7));
+        near.forget("hash-1");
+        assert_eq!(get(&near, "product:1"), None, "served after its drop");
+        keep(&near, "product:1", "hash-1", 8);
+        assert_eq!(get(&near, "product:1"), Some(8));
+        assert_eq!(get(&near, "product:1"), Some(8));
+        near.clear();
+        assert_eq!(
+            get(&near, "product:1"),
+            None,
+            "served after everything went"
+        );
+    }
+
+    #[test]
+    fn a_copy_dropped_while_another_thread_holds_it_is_not_served_there() {
+        let near = Arc::new(TypedNear::new(1 << 20));
+        keep(&near, "product:1", "hash-1", 7);
+        let (ask, asked) = std::sync::mpsc::channel::<()>();
+        let (answer, answers) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn({
+            let near = Arc::clone(&near);
+            move || {
+                while asked.recv().is_ok() {
+                    answer.send(get(&near, "product:1")).unwrap();
+                }
+            }
+        });
+        let read = || {
+            ask.send(()).unwrap();
+            answers.recv_timeout(Duration::from_secs(10)).unwrap()
+        };
+        assert_eq!(read(), Some(7));
+        assert_eq!(read(), Some(7));
+        near.forget("hash-1");
+        assert_eq!(read(), None, "the reader's thread served a dropped copy");
+        drop(ask);
+        reader.join().unwrap();
+    }
+
+    #[test]
+    fn each_data_cache_reads_its_own_copies() {
+        let one = TypedNear::new(1 << 20);
+        let two = TypedNear::new(1 << 20);
+        keep(&one, "product:1", "hash-1", 1);
+        keep(&two, "product:1", "hash-1", 2);
+        for _ in 0..3 {
+            assert_eq!(get(&one, "product:1"), Some(1));
+            assert_eq!(get(&two, "product:1"), Some(2));
+        }
+        two.forget("hash-1");
+        assert_eq!(get(&one, "product:1"), Some(1));
+        assert_eq!(get(&two, "product:1"), None);
+    }
+
+    #[test]
+    fn a_copy_is_read_as_the_type_it_was_kept_for() {
+        let near = TypedNear::new(1 << 20);
+        keep(&near, "product:1", "hash-1", 7);
+        assert_eq!(get(&near, "product:1"), Some(7));
+        assert!(matches!(
+            near.get::<Codec, u64>("product:1", None),
+            Typed::Absent
+        ));
+        assert!(matches!(
+            near.get::<(), u32>("product:1", None),
+            Typed::Absent
+        ));
+        assert!(matches!(
+            near.get::<Codec, u32>("product:1", Some(0.5)),
+            Typed::Absent
+        ));
+        assert_eq!(get(&near, "product:1"), Some(7));
+    }
+
+    #[test]
+    fn a_threads_copies_are_bounded_by_count_and_bytes() {
+        let near = TypedNear::new(64 << 20);
+        for i in 0..3 * front::SLOTS {
+            let key = format!("product:{i}");
+            keep_sized(&near, &key, &format!("hash-{i}"), 1, 12 << 10);
+            assert_eq!(get(&near, &key), Some(1));
+        }
+        let (count, bytes) = front::held(near.id);
+        assert_eq!(count, front::SLOTS);
+        assert!(bytes <= (front::SLOTS as u64) * u64::from(front::MAX_WEIGHT));
+        // A value charged more than a front copy may be is read from the
+        // shared copies only.
+        let before = front::held(near.id);
+        keep_sized(&near, "large", "hash-large", 2, front::MAX_WEIGHT as usize);
+        assert_eq!(get(&near, "large"), Some(2));
+        assert_eq!(get(&near, "large"), Some(2));
+        assert_eq!(front::held(near.id), before);
+    }
+
+    #[test]
+    fn a_thread_holds_the_keys_it_read_last() {
+        let near = TypedNear::new(1 << 20);
+        let keys: Vec<String> = (0..front::SLOTS + 3)
+            .map(|i| format!("product:{i}"))
+            .collect();
+        for (i, key) in keys.iter().enumerate() {
+            keep(&near, key, &format!("hash-{i}"), i as u32);
+        }
+        // More keys than a front holds, read twice round: each is answered
+        // with its own value, whether from the front or the shared copies.
+        for _ in 0..2 {
+            for (i, key) in keys.iter().enumerate() {
+                assert_eq!(get(&near, key), Some(i as u32), "{key}");
+            }
+        }
     }
 }
