@@ -72,6 +72,11 @@ const SCRIPT_INNER: &[&str] = &[
 ];
 /// Largest body the layers store: above the largest payload measured.
 const MAX_BODY: usize = 64 << 20;
+/// The near cache's byte budget.
+const NEAR_BYTES: u64 = 256 << 20;
+/// Issue 18 item 5: a near-tier hit / axum-response-cache's hit, both in
+/// process.
+const NEAR_TARGET: f64 = 1.0;
 
 /// The cells of the suite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,13 +88,14 @@ enum Subject {
     OneGetBody,
     Redis,
     RedisInProcess,
+    RedisNear,
     RedisDown,
     AxumResponseCache,
     HttpCacheTowerServer,
 }
 
 impl Subject {
-    const ALL: [Subject; 10] = [
+    const ALL: [Subject; 11] = [
         Subject::NoCache,
         Subject::Raw,
         Subject::RedisBenchmark,
@@ -97,6 +103,7 @@ impl Subject {
         Subject::OneGetBody,
         Subject::Redis,
         Subject::RedisInProcess,
+        Subject::RedisNear,
         Subject::RedisDown,
         Subject::AxumResponseCache,
         Subject::HttpCacheTowerServer,
@@ -119,6 +126,9 @@ impl Subject {
             Subject::RedisInProcess => {
                 "tower-redis-cache (Redis), app called in process (no TCP, no HTTP parsing)"
             }
+            Subject::RedisNear => {
+                "tower-redis-cache with a near cache (hits answered in process, 0 Redis commands)"
+            }
             Subject::RedisDown => "tower-redis-cache (Redis down, in-process store)",
             Subject::AxumResponseCache => "axum-response-cache 0.5 (in process)",
             Subject::HttpCacheTowerServer => "http-cache-tower-server 0.2 (moka, in process)",
@@ -134,6 +144,7 @@ impl Subject {
             Subject::OneGetBody => "1 GET of body",
             Subject::Redis => "redis-cache",
             Subject::RedisInProcess => "redis-cache in process",
+            Subject::RedisNear => "redis-cache near",
             Subject::RedisDown => "redis-cache down",
             Subject::AxumResponseCache => "axum-resp-cache",
             Subject::HttpCacheTowerServer => "http-cache-tower",
@@ -207,6 +218,15 @@ fn cache_layer(manager: &RedisManager) -> Result<CacheLayer, BenchError> {
         .map_err(|e| BenchError::Check(format!("cache: {e}")))
 }
 
+/// [`cache_layer`] with a near cache large enough for every payload.
+fn near_cache_layer(manager: &RedisManager) -> Result<CacheLayer, BenchError> {
+    CacheLayer::builder(manager.clone())
+        .max_body_bytes(MAX_BODY)
+        .near_cache(NEAR_BYTES, Duration::from_secs(600))
+        .build()
+        .map_err(|e| BenchError::Check(format!("cache with a near cache: {e}")))
+}
+
 /// The app of one subject; `None` for a peer that is not compiled in (or a
 /// raw cell, which has no app).
 fn app(
@@ -275,6 +295,7 @@ fn app(
         Subject::Redis | Subject::RedisInProcess => {
             origin(body.clone()).layer(cache_layer(manager)?)
         }
+        Subject::RedisNear => origin(body.clone()).layer(near_cache_layer(manager)?),
         Subject::RedisDown => origin(body.clone()).layer(cache_layer(down)?),
         Subject::AxumResponseCache => return axum_response_cache_app(body),
         Subject::HttpCacheTowerServer => return http_cache_tower_server_app(body),
@@ -357,6 +378,9 @@ async fn preflight(
     wait_for_hit(addr, body, |fields| match subject {
         Subject::Redis | Subject::RedisInProcess => {
             fields.cache_status.contains("; hit") && !fields.cache_status.contains("unavailable")
+        }
+        Subject::RedisNear => {
+            fields.cache_status.contains("; hit") && fields.cache_status.contains("near")
         }
         Subject::RedisDown => {
             fields.cache_status.contains("; hit")
@@ -624,11 +648,13 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
             section.target(&target);
         }
     }
+    section.target(&near_target(&grid, &payload_grid));
     for (subject, to) in [
         (Subject::Redis, Subject::Raw),
         (Subject::RedisInProcess, Subject::Raw),
         (Subject::Redis, Subject::OneGet),
         (Subject::Redis, Subject::OneGetBody),
+        (Subject::RedisNear, Subject::AxumResponseCache),
         (Subject::RedisDown, Subject::Redis),
     ] {
         section.note(format!(
@@ -1065,13 +1091,31 @@ fn issue_targets(
     vec![ratio, large, tail]
 }
 
-/// The target "a hit is 1 Redis command", checked by [`check_hit_trips`].
+/// The target "a hit is 1 Redis command" (a near-tier hit: none), checked
+/// by [`check_hit_trips`].
 fn hit_trips() -> Target {
-    Target::new(format!("a hit is ≤ 1 Redis command ({TRIP_SOURCE})"))
+    Target::new(format!(
+        "a hit is ≤ 1 Redis command, a near-tier hit 0 ({TRIP_SOURCE})"
+    ))
 }
 
-/// Counts the commands per hit of the two Redis-backed subjects among
-/// `cells`, in an untimed window after their timed runs.
+/// Issue 18's near-tier target: a near-tier hit / axum-response-cache's hit
+/// ≥ 1.0× (both answered in process), in every row of both tables.
+fn near_target(grid: &Grid, payloads: &Grid) -> Target {
+    let mut target = Target::new(format!(
+        "issue 18: near-tier cache hit / axum-response-cache ≥ {NEAR_TARGET:.1}× (1 KiB: every c; every payload)"
+    ));
+    let (near, peer) = (
+        Subject::RedisNear.index(),
+        Subject::AxumResponseCache.index(),
+    );
+    grid.check_ratio(&mut target, near, peer, NEAR_TARGET, |_| true);
+    payloads.check_ratio(&mut target, near, peer, NEAR_TARGET, |_| true);
+    target
+}
+
+/// Counts the commands per hit of the Redis-backed subjects among `cells`,
+/// in an untimed window after their timed runs.
 async fn check_hit_trips(
     target: &mut Target,
     redis: &BenchRedis,
@@ -1081,6 +1125,7 @@ async fn check_hit_trips(
     for subject in [Subject::Redis, Subject::RedisInProcess] {
         check_round_trips(target, redis, cells, subject.index(), at, 1.0).await?;
     }
+    check_round_trips(target, redis, cells, Subject::RedisNear.index(), at, 0.0).await?;
     Ok(())
 }
 
