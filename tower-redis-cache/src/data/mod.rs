@@ -120,6 +120,12 @@ impl DataCacheBuilder {
     /// A near tier of at most `max_bytes`, each copy kept at most `ttl`,
     /// kept coherent like the HTTP cache's near cache (Redis client
     /// tracking; pub/sub on a cluster). Off by default.
+    ///
+    /// Besides `max_bytes`, each thread that reads the near tier holds the
+    /// last 8 values it read there (values whose encoding is under about
+    /// 16 KiB; at most 128 KiB a thread), so that a key read on every core
+    /// at once costs each read no write to memory the cores share. They
+    /// go with the shared copies: no thread serves one after it is dropped.
     pub fn near_cache(mut self, max_bytes: u64, ttl: Duration) -> Self {
         self.near = Some((max_bytes.max(1), ttl.max(Duration::from_millis(1))));
         self
