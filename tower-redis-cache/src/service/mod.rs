@@ -364,14 +364,14 @@ fn is_unsafe(method: &Method) -> bool {
 
 /// The request's head, without its body.
 fn head_only<B>(request: &Request<B>) -> (Parts, ()) {
-    let mut builder = Request::builder()
-        .method(request.method().clone())
-        .uri(request.uri().clone())
-        .version(request.version());
-    if let Some(headers) = builder.headers_mut() {
-        *headers = request.headers().clone();
-    }
-    builder.body(()).unwrap_or_default().into_parts()
+    // Set field by field: a `Request::builder()` moves the whole head
+    // through each of its calls.
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = request.method().clone();
+    parts.uri = request.uri().clone();
+    parts.version = request.version();
+    parts.headers = request.headers().clone();
+    (parts, ())
 }
 
 fn response_parts(status: StatusCode, headers: HeaderMap) -> http::response::Parts {
