@@ -29,13 +29,13 @@
 //!
 //! In front of the shared copies, each thread holds the few it read last
 //! (`front.rs`), so that a hot key read on every core writes no shared
-//! memory; every drop here moves on a generation that retires those too.
+//! memory. A drop retires the copy it drops (a flag in the copy, which a
+//! front checks before serving it).
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tower_redis_core::sync::lock;
@@ -51,6 +51,9 @@ pub(crate) struct Slot {
     key: Box<str>,
     /// `TypeId` of the codec and of the value's type.
     kind: (TypeId, TypeId),
+    /// Set when the copy is dropped or replaced: a thread's front may
+    /// still hold it, and must not serve it from then on.
+    retired: AtomicBool,
     /// The eager-refresh fraction the lifetime was set for (`f64` bits).
     refresh: Option<u64>,
     value: Box<dyn Any + Send + Sync>,
@@ -77,14 +80,24 @@ impl Slot {
         self.weight
     }
 
-    /// The value, if it is fresh and kept for codec `C`, type `T` and the
-    /// eager-refresh fraction `refresh`.
+    /// Whether it was dropped or replaced (see `retired`).
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
+    fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+    }
+
+    /// The value, if it is fresh, not retired, and kept for codec `C`, type
+    /// `T` and the eager-refresh fraction `refresh`.
     pub(crate) fn value<C: 'static, T: 'static>(
         &self,
         refresh: Option<u64>,
         now: Instant,
     ) -> Option<&T> {
         if now >= self.until
+            || self.is_retired()
             || self.kind != (TypeId::of::<C>(), TypeId::of::<T>())
             || self.refresh != refresh
         {
@@ -115,15 +128,14 @@ pub(crate) struct NearCopy {
 /// the drops (which name URL hashes).
 pub(crate) struct TypedNear {
     slots: moka::sync::Cache<String, Arc<Slot>>,
-    /// URL hash → data key. Taken by every drop and by every keeping (see
-    /// the module docs). Pruned of keys without a copy when it grows past
-    /// twice the copies.
-    keys: Mutex<HashMap<String, String>>,
+    /// URL hash → data key, and the copy kept for it (weak: its value goes
+    /// when the cache and the fronts let it go). Taken by every drop and by
+    /// every keeping (see the module docs). Pruned of keys without a copy
+    /// when it grows past twice the copies. A copy leaves it only retired,
+    /// so that every copy a front may serve is one a drop can retire.
+    keys: Mutex<HashMap<String, (String, Weak<Slot>)>>,
     /// Names this instance's copies in the threads' fronts.
     id: u64,
-    /// Moved on by every drop, after it: a front copy is only served while
-    /// the generation it was taken in is the current one.
-    generation: AtomicU64,
 }
 
 impl TypedNear {
@@ -135,7 +147,6 @@ impl TypedNear {
                 .build(),
             keys: Mutex::new(HashMap::new()),
             id: front::owner_id(),
-            generation: AtomicU64::new(0),
         }
     }
 
@@ -146,12 +157,18 @@ impl TypedNear {
         key: &str,
         refresh: Option<f64>,
     ) -> Typed<T> {
+        self.get_at::<C, T>(key, refresh, Instant::now())
+    }
+
+    /// [`get`](Self::get) at `now`.
+    fn get_at<C: 'static, T: Clone + 'static>(
+        &self,
+        key: &str,
+        refresh: Option<f64>,
+        now: Instant,
+    ) -> Typed<T> {
         let refresh = refresh.map(f64::to_bits);
-        // Read before the shared copies: a drop that the front missed has
-        // moved it on by then (see `front`).
-        let generation = self.generation.load(Ordering::Acquire);
-        let now = Instant::now();
-        if let Some(value) = front::get(self.id, generation, key, |slot| {
+        if let Some(value) = front::get(self.id, key, |slot| {
             slot.value::<C, T>(refresh, now).cloned()
         }) {
             return Typed::Fresh(value);
@@ -168,7 +185,7 @@ impl TypedNear {
         let Some(value) = slot.value::<C, T>(refresh, now).cloned() else {
             return Typed::Absent;
         };
-        front::keep(self.id, generation, slot);
+        front::keep(self.id, slot);
         Typed::Fresh(value)
     }
 
@@ -177,8 +194,8 @@ impl TypedNear {
     /// says that near copy is still the one in the near tier.
     /// `encoded_bytes`: the size of its entry's body (what it is charged
     /// for its value); `age_ms`: the value's age now; `ttl_ms`: its TTL;
-    /// `refresh`: the eager-refresh fraction of the reads it serves. Nothing is kept for a value that is
-    /// stale or due for a refresh.
+    /// `refresh`: the eager-refresh fraction of the reads it serves.
+    /// Nothing is kept for a value that is stale or due for a refresh.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn keep<C: 'static, T: Send + Sync + 'static>(
         &self,
@@ -213,6 +230,7 @@ impl TypedNear {
             value: Box::new(value),
             weight: u32::try_from(2 * key.len() + encoded_bytes + 43 + SLOT_OVERHEAD)
                 .unwrap_or(u32::MAX),
+            retired: AtomicBool::new(false),
             until,
         });
         let mut keys = lock(&self.keys);
@@ -220,9 +238,19 @@ impl TypedNear {
             return false;
         }
         if keys.len() > 1024 && keys.len() as u64 > 2 * self.slots.entry_count() {
-            keys.retain(|_, key| self.slots.contains_key(key.as_str()));
+            keys.retain(|_, (key, slot)| {
+                let kept = self.slots.contains_key(key.as_str());
+                if !kept {
+                    retire(slot);
+                }
+                kept
+            });
         }
-        keys.insert(url_hash.to_owned(), key.to_owned());
+        let replaced = keys.insert(url_hash.to_owned(), (key.to_owned(), Arc::downgrade(&slot)));
+        if let Some((_, replaced)) = replaced {
+            // Out of `keys`, no drop would find it.
+            retire(&replaced);
+        }
         self.slots.insert(key.to_owned(), slot);
         true
     }
@@ -231,23 +259,30 @@ impl TypedNear {
     /// Called after its near copy changed or went.
     pub(crate) fn forget(&self, url_hash: &str) {
         let mut keys = lock(&self.keys);
-        if let Some(key) = keys.remove(url_hash) {
+        if let Some((key, slot)) = keys.remove(url_hash) {
+            // Retired before it leaves the cache: a read that still finds
+            // it there sees it retired, or was under way before the drop.
+            retire(&slot);
             self.slots.invalidate(key.as_str());
         }
-        // After the shared copy is gone, and whether or not one was found
-        // (the fronts may hold a copy that the byte bound evicted here).
-        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Drops every decoded copy. Called after the near tier was emptied.
     pub(crate) fn clear(&self) {
         let mut keys = lock(&self.keys);
-        for key in keys.values() {
+        for (key, slot) in keys.values() {
+            retire(slot);
             self.slots.invalidate(key.as_str());
         }
         keys.clear();
         self.slots.invalidate_all();
-        self.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Retires the copy, if anything still holds it.
+fn retire(slot: &Weak<Slot>) {
+    if let Some(slot) = slot.upgrade() {
+        slot.retire();
     }
 }
 
@@ -405,6 +440,112 @@ mod tests {
         for _ in 0..2 {
             for (i, key) in keys.iter().enumerate() {
                 assert_eq!(get(&near, key), Some(i as u32), "{key}");
+            }
+        }
+        // Read again, a key keeps its place: the thread still holds 8.
+        assert_eq!(front::held(near.id).0, front::SLOTS);
+        assert_eq!(get(&near, &keys[0]), Some(0));
+        assert_eq!(front::held(near.id).0, front::SLOTS);
+    }
+
+    /// `keep` of any `T` (URL hash `url_hash`, a minute to live).
+    fn keep_as<T: Send + Sync + 'static>(near: &TypedNear, key: &str, url_hash: &str, value: T) {
+        let copy = NearCopy {
+            id: 1,
+            until: Instant::now() + Duration::from_secs(60),
+        };
+        assert!(near.keep::<Codec, T>(key, url_hash, copy, |_| true, value, 4, 0, 60_000, None));
+    }
+
+    #[test]
+    fn a_copy_this_thread_holds_ends_when_its_time_does() {
+        let near = TypedNear::new(1 << 20);
+        keep(&near, "product:1", "hash-1", 7);
+        let now = Instant::now();
+        assert!(matches!(
+            near.get_at::<Codec, u32>("product:1", None, now),
+            Typed::Fresh(7)
+        ));
+        assert!(matches!(
+            near.get_at::<Codec, u32>("product:1", None, now),
+            Typed::Fresh(7)
+        ));
+        let later = now + Duration::from_secs(61);
+        assert!(
+            matches!(
+                near.get_at::<Codec, u32>("product:1", None, later),
+                Typed::Absent
+            ),
+            "served past its end"
+        );
+    }
+
+    #[test]
+    fn a_copy_gone_from_the_shared_cache_is_still_dropped_everywhere() {
+        let near = TypedNear::new(1 << 20);
+        keep(&near, "product:1", "hash-1", 7);
+        assert_eq!(get(&near, "product:1"), Some(7));
+        // Evicted from the shared cache (by the byte bound, say), while this
+        // thread holds it.
+        near.slots.invalidate("product:1");
+        assert_eq!(get(&near, "product:1"), Some(7));
+        near.forget("hash-1");
+        assert_eq!(get(&near, "product:1"), None, "served after its drop");
+    }
+
+    #[test]
+    fn a_copy_kept_again_as_another_type_leaves_no_older_copy_to_serve() {
+        let near = TypedNear::new(1 << 20);
+        keep(&near, "product:1", "hash-1", 7);
+        assert_eq!(get(&near, "product:1"), Some(7));
+        keep_as::<u64>(&near, "product:1", "hash-1", 8);
+        near.forget("hash-1");
+        assert_eq!(get(&near, "product:1"), None, "the older copy was served");
+    }
+
+    #[test]
+    fn a_copy_pruned_from_the_drop_index_is_retired() {
+        let near = TypedNear::new(64 << 20);
+        keep(&near, "product:0", "hash-0", 7);
+        assert_eq!(get(&near, "product:0"), Some(7));
+        for i in 1..1100 {
+            keep(&near, &format!("product:{i}"), &format!("hash-{i}"), 1);
+        }
+        // Every copy leaves the shared cache; the next keeping prunes the
+        // URL hashes that have none.
+        near.slots.invalidate_all();
+        near.slots.run_pending_tasks();
+        keep(&near, "product:new", "hash-new", 1);
+        assert!(lock(&near.keys).len() < 1100, "nothing was pruned");
+        near.forget("hash-0");
+        assert_eq!(get(&near, "product:0"), None, "a pruned copy was served");
+    }
+
+    /// A value whose `clone` reads the same decoded copies.
+    struct Reentrant(u32);
+
+    static REENTRANT_NEAR: std::sync::OnceLock<TypedNear> = std::sync::OnceLock::new();
+
+    impl Clone for Reentrant {
+        fn clone(&self) -> Self {
+            if let Some(near) = REENTRANT_NEAR.get() {
+                // A new copy each time: the read below is never a front
+                // hit, so it takes the copy into the front.
+                keep(near, "other", "hash-other", 1);
+                assert_eq!(get(near, "other"), Some(1));
+            }
+            Reentrant(self.0)
+        }
+    }
+
+    #[test]
+    fn a_value_that_reads_the_cache_as_it_is_copied_is_served() {
+        let near = REENTRANT_NEAR.get_or_init(|| TypedNear::new(1 << 20));
+        keep_as(near, "product:1", "hash-1", Reentrant(7));
+        for _ in 0..3 {
+            match near.get::<Codec, Reentrant>("product:1", None) {
+                Typed::Fresh(value) => assert_eq!(value.0, 7),
+                Typed::Absent => panic!("not served"),
             }
         }
     }
