@@ -12,7 +12,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -844,6 +844,75 @@ impl tower_redis_cache::data::Codec for CountingJson {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct ProductName {
     name: String,
+}
+
+/// A loop of near hits lets the runtime run its other tasks: a near hit
+/// uses no Tokio resource that would make its task yield, so it spends the
+/// task's budget itself. Without that, on this single-threaded runtime the
+/// spawned task below would not run before the loop ends (and on any
+/// runtime, Redis replies waiting behind such a loop would miss their
+/// deadline and open the breaker).
+#[tokio::test]
+async fn a_loop_of_near_hits_lets_the_runtimes_other_tasks_run() {
+    let redis = TestRedis::start().await;
+    let a = instance(&redis, |b| b).await;
+    let options = DataOptions::new(Duration::from_secs(60));
+    a.data
+        .insert("product:7", &product("lamp"), &options)
+        .await
+        .unwrap();
+    let _: Option<Product> = a.data.get("warm-up").await.unwrap();
+    eventually("tracking up", || async {
+        a.manager.tracking().is_some_and(|t| t.is_live())
+    })
+    .await;
+    let never = Arc::new(AtomicU64::new(0));
+    // The first read copies the value near.
+    let first = a
+        .data
+        .get_or_insert_with(
+            "product:7",
+            &options,
+            counted(&never, "never", Duration::ZERO),
+        )
+        .await;
+    assert_eq!(first.unwrap(), product("lamp"));
+
+    // `get_or_insert_with`, then `get`.
+    for api in ["get_or_insert_with", "get"] {
+        let ran = Arc::new(AtomicBool::new(false));
+        let (hits, commands) = redis
+            .commands_during(async {
+                // Spawned here, after the monitoring has started: from now
+                // on only a yield of this loop lets it run.
+                tokio::spawn({
+                    let ran = Arc::clone(&ran);
+                    async move { ran.store(true, Ordering::SeqCst) }
+                });
+                let mut hits = 0;
+                // Ends when the spawned task has run, or after 10,000 hits.
+                while hits < 10_000 && !ran.load(Ordering::SeqCst) {
+                    let value = if api == "get" {
+                        a.data.get::<Product>("product:7").await.unwrap()
+                    } else {
+                        let factory = counted(&never, "never", Duration::ZERO);
+                        let value = a.data.get_or_insert_with("product:7", &options, factory);
+                        Some(value.await.unwrap())
+                    };
+                    assert_eq!(value, Some(product("lamp")));
+                    hits += 1;
+                }
+                hits
+            })
+            .await;
+        assert!(hits > 1, "{api}: the spawned task ran before the first hit");
+        assert!(commands.is_empty(), "{api}: near hits only: {commands:?}");
+        assert!(
+            hits < 10_000,
+            "{api}: {hits} near hits in a row never let another task run"
+        );
+    }
+    assert_eq!(never.load(Ordering::SeqCst), 0);
 }
 
 /// A near hit is a clone of the value decoded when it was copied near: no

@@ -227,6 +227,8 @@ impl<C: Codec> DataCache<C> {
     where
         T: DeserializeOwned + Clone + Send + Sync + 'static,
     {
+        // As in `get_or_insert_with`: a loop of near hits yields now and then.
+        tokio::task::coop::consume_budget().await;
         if let Some(value) = self.inner.store.data_near_hit::<C, T>(key, None) {
             count(Lookup::Hit, Tier::Near);
             return Ok(Some(value));
