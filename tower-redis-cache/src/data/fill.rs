@@ -73,11 +73,8 @@ impl<C: Codec> DataCache<C> {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        // A near hit uses no Tokio resource that would make its task yield
-        // now and then: it spends a unit of the task's budget itself, so
-        // that a loop of near hits lets the runtime's other tasks (Redis
-        // replies, timers) run, instead of having their deadlines pass.
-        tokio::task::coop::consume_budget().await;
+        // A loop of near hits yields now and then (see `cooperate`).
+        super::cooperate().await;
         // A near hit first, before anything else is built: the future of
         // a hit stays small (the rest of the work is boxed), as a near hit
         // is meant to cost what an in-process cache's lookup does.
