@@ -123,7 +123,8 @@ impl DataCacheBuilder {
     ///
     /// Besides `max_bytes`, each thread that reads the near tier holds the
     /// last 8 values it read there (values whose encoding is under about
-    /// 16 KiB; at most 128 KiB a thread), so that a key read on every core
+    /// 16 KiB: about 128 KiB a thread, counted by encoded size), so that a
+    /// key read on every core
     /// at once costs each read no write to memory the cores share. They
     /// go with the shared copies: no thread serves one after it is dropped.
     pub fn near_cache(mut self, max_bytes: u64, ttl: Duration) -> Self {
@@ -352,7 +353,6 @@ impl<C: Codec> DataCache<C> {
     }
 }
 
-/// The write of a value.
 /// Near hits per unit of a task's cooperative budget.
 const NEAR_HITS_PER_UNIT: u32 = 16;
 
@@ -381,6 +381,7 @@ async fn cooperate() {
     }
 }
 
+/// The write of a value.
 fn put(
     url_hash: String,
     url: String,

@@ -35,7 +35,7 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tower_redis_core::sync::lock;
@@ -52,8 +52,9 @@ pub(crate) struct Slot {
     /// `TypeId` of the codec and of the value's type.
     kind: (TypeId, TypeId),
     /// Set when the copy is dropped or replaced: a thread's front may
-    /// still hold it, and must not serve it from then on.
-    retired: AtomicBool,
+    /// still hold it, and must not serve it from then on. Shared with the
+    /// drops' index (`keys`), which sets it without holding the copy.
+    retired: Arc<AtomicBool>,
     /// The eager-refresh fraction the lifetime was set for (`f64` bits).
     refresh: Option<u64>,
     value: Box<dyn Any + Send + Sync>,
@@ -83,10 +84,6 @@ impl Slot {
     /// Whether it was dropped or replaced (see `retired`).
     pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::SeqCst)
-    }
-
-    fn retire(&self) {
-        self.retired.store(true, Ordering::SeqCst);
     }
 
     /// The value, if it is fresh, not retired, and kept for codec `C`, type
@@ -128,12 +125,13 @@ pub(crate) struct NearCopy {
 /// the drops (which name URL hashes).
 pub(crate) struct TypedNear {
     slots: moka::sync::Cache<String, Arc<Slot>>,
-    /// URL hash → data key, and the copy kept for it (weak: its value goes
-    /// when the cache and the fronts let it go). Taken by every drop and by
-    /// every keeping (see the module docs). Pruned of keys without a copy
-    /// when it grows past twice the copies. A copy leaves it only retired,
-    /// so that every copy a front may serve is one a drop can retire.
-    keys: Mutex<HashMap<String, (String, Weak<Slot>)>>,
+    /// URL hash → data key, and the retired flag of the copy kept for it
+    /// (the flag only: a copy's value never goes while this lock is held,
+    /// and its `Drop` may read the cache). Taken by every drop and by every
+    /// keeping (see the module docs). Pruned of keys without a copy when it
+    /// grows past twice the copies. A copy leaves it only retired, so that
+    /// every copy a front may serve is one a drop can retire.
+    keys: Mutex<HashMap<String, (String, Arc<AtomicBool>)>>,
     /// Names this instance's copies in the threads' fronts.
     id: u64,
 }
@@ -230,7 +228,7 @@ impl TypedNear {
             value: Box::new(value),
             weight: u32::try_from(2 * key.len() + encoded_bytes + 43 + SLOT_OVERHEAD)
                 .unwrap_or(u32::MAX),
-            retired: AtomicBool::new(false),
+            retired: Arc::new(AtomicBool::new(false)),
             until,
         });
         let mut keys = lock(&self.keys);
@@ -246,7 +244,10 @@ impl TypedNear {
                 kept
             });
         }
-        let replaced = keys.insert(url_hash.to_owned(), (key.to_owned(), Arc::downgrade(&slot)));
+        let replaced = keys.insert(
+            url_hash.to_owned(),
+            (key.to_owned(), Arc::clone(&slot.retired)),
+        );
         if let Some((_, replaced)) = replaced {
             // Out of `keys`, no drop would find it.
             retire(&replaced);
@@ -279,11 +280,19 @@ impl TypedNear {
     }
 }
 
-/// Retires the copy, if anything still holds it.
-fn retire(slot: &Weak<Slot>) {
-    if let Some(slot) = slot.upgrade() {
-        slot.retire();
+impl Drop for TypedNear {
+    /// The copies of a data cache that is gone are retired: a front then
+    /// gives their places to new copies first.
+    fn drop(&mut self) {
+        for (_, retired) in lock(&self.keys).values() {
+            retire(retired);
+        }
     }
+}
+
+/// Marks a copy retired (see `Slot::retired`).
+fn retire(retired: &AtomicBool) {
+    retired.store(true, Ordering::SeqCst);
 }
 
 #[cfg(test)]
@@ -491,6 +500,20 @@ mod tests {
         assert_eq!(get(&near, "product:1"), Some(7));
         near.forget("hash-1");
         assert_eq!(get(&near, "product:1"), None, "served after its drop");
+    }
+
+    #[test]
+    fn a_copy_gone_from_the_shared_cache_goes_when_everything_does() {
+        let near = TypedNear::new(1 << 20);
+        keep(&near, "product:1", "hash-1", 7);
+        assert_eq!(get(&near, "product:1"), Some(7));
+        near.slots.invalidate("product:1");
+        near.clear();
+        assert_eq!(
+            get(&near, "product:1"),
+            None,
+            "served after everything went"
+        );
     }
 
     #[test]
