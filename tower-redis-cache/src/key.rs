@@ -17,29 +17,72 @@ use std::sync::LazyLock;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::request::Parts;
-use http::{HeaderMap, Uri, header};
+use http::{HeaderMap, Method, Uri, header};
 use sha2::{Digest, Sha256};
 
 use tower_redis_core::forwarding::RequestView;
 
 use crate::route::Route;
 
+/// What a key is read from: a request as it came, or a copy of its head.
+/// Keying a request in place copies nothing (a near hit is answered
+/// without a copy of the head).
+pub(crate) trait Head {
+    fn method(&self) -> &Method;
+    fn uri(&self) -> &Uri;
+    fn headers(&self) -> &HeaderMap;
+    /// The head as `Parts`, for a route's key function; `None` for a
+    /// request, which is keyed in place only when its route has none.
+    fn parts(&self) -> Option<&Parts>;
+}
+
+impl Head for Parts {
+    fn method(&self) -> &Method {
+        &self.method
+    }
+
+    fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    fn parts(&self) -> Option<&Parts> {
+        Some(self)
+    }
+}
+
+impl<B> Head for http::Request<B> {
+    fn method(&self) -> &Method {
+        self.method()
+    }
+
+    fn uri(&self) -> &Uri {
+        self.uri()
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        self.headers()
+    }
+
+    fn parts(&self) -> Option<&Parts> {
+        None
+    }
+}
+
 /// The URL part of a key, before hashing: `//host/path?query`.
-pub(crate) fn url_of(parts: &Parts, allowed_hosts: &[String], route: &Route) -> Option<String> {
-    let host = authority(parts)?;
-    url_from(
-        &host,
-        parts.uri.path(),
-        parts.uri.query(),
-        allowed_hosts,
-        route,
-    )
+pub(crate) fn url_of(head: &impl Head, allowed_hosts: &[String], route: &Route) -> Option<String> {
+    let host = authority(head)?;
+    let uri = head.uri();
+    url_from(host, uri.path(), uri.query(), allowed_hosts, route)
 }
 
 /// [`url_of`] for a request received from a trusted proxy: keyed by the
 /// host the proxy reports, or by the request's own when it reports none.
 pub(crate) fn forwarded_url_of(
-    parts: &Parts,
+    head: &impl Head,
     view: &RequestView,
     allowed_hosts: &[String],
     route: &Route,
@@ -47,12 +90,12 @@ pub(crate) fn forwarded_url_of(
     match &view.host {
         Some(host) => url_from(
             host.as_str(),
-            parts.uri.path(),
-            parts.uri.query(),
+            head.uri().path(),
+            head.uri().query(),
             allowed_hosts,
             route,
         ),
-        None => url_of(parts, allowed_hosts, route),
+        None => url_of(head, allowed_hosts, route),
     }
 }
 
@@ -79,13 +122,13 @@ pub(crate) fn with_host(parts: &Parts, host: &http::uri::Authority) -> Parts {
 /// (nginx's `$http_host`) would otherwise let `Host: shop.example:1` fill
 /// the entry of `shop.example`. Behind a proxy that sets `Host` itself the
 /// value is the same on every request and costs no hits.
-pub(crate) fn push_forwarded_origin(extra: &mut String, view: &RequestView, parts: &Parts) {
+pub(crate) fn push_forwarded_origin(extra: &mut String, view: &RequestView, head: &impl Head) {
     if view.host.is_some() {
         extra.push_str("own-host=");
-        if let Some(authority) = parts.uri.authority() {
+        if let Some(authority) = head.uri().authority() {
             extra.push_str(&authority.as_str().to_ascii_lowercase());
         }
-        for host in parts.headers.get_all(header::HOST) {
+        for host in head.headers().get_all(header::HOST) {
             extra.push('|');
             extra.push_str(&String::from_utf8_lossy(host.as_bytes()).to_ascii_lowercase());
         }
@@ -181,7 +224,7 @@ pub(crate) fn same_origin_url<'r>(
     let target: Uri = value.trim().parse().ok()?;
     let host = authority(parts)?;
     if let Some(target_host) = target.authority()
-        && !target_host.as_str().eq_ignore_ascii_case(&host)
+        && !target_host.as_str().eq_ignore_ascii_case(host)
     {
         return None;
     }
@@ -189,7 +232,7 @@ pub(crate) fn same_origin_url<'r>(
     if !path.starts_with('/') {
         return None;
     }
-    url_from(&host, path, target.query(), allowed_hosts, route_for(path))
+    url_from(host, path, target.query(), allowed_hosts, route_for(path))
 }
 
 /// The host a request is for: its target's authority (absolute form,
@@ -197,8 +240,8 @@ pub(crate) fn same_origin_url<'r>(
 /// `Host` appears more than once or is not a valid authority: an origin
 /// (or a framework's `Host` extractor) may build its answer from either
 /// one, so such a request has no host the cache can trust.
-fn authority(parts: &Parts) -> Option<String> {
-    let mut hosts = parts.headers.get_all(header::HOST).iter();
+fn authority(head: &impl Head) -> Option<&str> {
+    let mut hosts = head.headers().get_all(header::HOST).iter();
     let host = match (hosts.next(), hosts.next()) {
         (None, _) => None,
         (Some(host), None) => {
@@ -210,13 +253,13 @@ fn authority(parts: &Parts) -> Option<String> {
         }
         (Some(_), Some(_)) => return None,
     };
-    match (parts.uri.authority(), host) {
+    match (head.uri().authority(), host) {
         (Some(authority), Some(host)) => authority
             .as_str()
             .eq_ignore_ascii_case(host)
-            .then(|| authority.as_str().to_owned()),
-        (Some(authority), None) => Some(authority.as_str().to_owned()),
-        (None, host) => host.map(str::to_owned),
+            .then(|| authority.as_str()),
+        (Some(authority), None) => Some(authority.as_str()),
+        (None, host) => host,
     }
 }
 
@@ -286,12 +329,17 @@ pub(crate) fn hash_url(url: &str) -> String {
 }
 
 /// The route's extra key parts, as one string.
-pub(crate) fn extra_key(parts: &Parts, route: &Route) -> String {
+///
+/// A route with a key function is keyed from a copy of the head
+/// ([`Head::parts`]): the function is given `Parts`. Without one (a request
+/// keyed in place) there is no key: the request must bypass the cache
+/// rather than share an entry its key function would have kept apart.
+pub(crate) fn extra_key(head: &impl Head, route: &Route) -> Option<String> {
     let mut extra = String::new();
     for name in &route.key_headers {
         extra.push_str(name.as_str());
         extra.push('=');
-        if let Some(value) = joined(&parts.headers, name.as_str()) {
+        if let Some(value) = joined(head.headers(), name.as_str()) {
             extra.push_str(&value);
         }
         extra.push('\n');
@@ -300,18 +348,18 @@ pub(crate) fn extra_key(parts: &Parts, route: &Route) -> String {
         extra.push_str("cookie:");
         extra.push_str(cookie);
         extra.push('=');
-        if let Some(value) = cookie_value(&parts.headers, cookie) {
+        if let Some(value) = cookie_value(head.headers(), cookie) {
             extra.push_str(value);
         }
         extra.push('\n');
     }
     if let Some(key_fn) = &route.key_fn
-        && let Some(value) = key_fn(parts)
+        && let Some(value) = key_fn(head.parts()?)
     {
         extra.push_str("fn=");
         extra.push_str(&value);
     }
-    extra
+    Some(extra)
 }
 
 /// All values of a header joined with ", " (invalid UTF-8 replaced), or

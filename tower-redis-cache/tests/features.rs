@@ -16,7 +16,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Request, Response, StatusCode, header};
 use axum::routing;
 use http_body_util::BodyExt;
-use support::{Answer, OriginCalls, call, request};
+use support::{Answer, OriginCalls, call, request, send};
 use tower::ServiceExt;
 use tower_redis_cache::{CacheLayer, CacheLayerBuilder, Route};
 use tower_redis_core::testing::{TestCluster, TestRedis};
@@ -85,6 +85,20 @@ fn routes(origin: Origin) -> Router {
                         .header("cache-control", "max-age=60")
                         .header("cache-tag", "plain,everything")
                         .body(Body::from(format!("plain-{id}-v{n}")))
+                        .unwrap()
+                },
+            ),
+        )
+        .route(
+            "/etag/{id}",
+            routing::get(
+                |State(o): State<Origin>, Path(id): Path<String>| async move {
+                    let n = o.count(&format!("/etag/{id}"));
+                    Response::builder()
+                        .header("cache-control", "max-age=60")
+                        .header("etag", format!("\"v{n}\""))
+                        .header("surrogate-key", format!("etag-{id}"))
+                        .body(Body::from(format!("etag-{id}-v{n}")))
                         .unwrap()
                 },
             ),
@@ -742,6 +756,155 @@ async fn wait_tracking(instance: &Instance) {
         assert!(Instant::now() < deadline, "tracking never came up");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// The fields of an answer but those that move with time (`Age`, and the
+/// `ttl` and tier in `Cache-Status`), in order.
+fn timeless_fields(answer: &Answer) -> Vec<(String, String)> {
+    let mut fields: Vec<(String, String)> = answer
+        .headers
+        .iter()
+        .filter(|(name, _)| *name != header::AGE)
+        .map(|(name, value)| {
+            let value = String::from_utf8_lossy(value.as_bytes());
+            let value = if *name == "cache-status" {
+                value
+                    .split("; ")
+                    .filter(|item| !item.starts_with("ttl=") && *item != "detail=near")
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            } else {
+                value.into_owned()
+            };
+            (name.to_string(), value)
+        })
+        .collect();
+    fields.sort();
+    fields
+}
+
+/// A near hit is answered without a copy of the request's head or a
+/// future to await (`service/mod.rs`); what it answers is what the same
+/// entry read from Redis answers: conditionals, `HEAD` and ranges included.
+#[tokio::test]
+async fn a_near_hit_answers_as_the_same_entry_read_from_redis() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let near = instance(redis.config(), &origin, |b| {
+        b.near_cache(8 << 20, Duration::from_secs(3600))
+    })
+    .await;
+    let plain = instance(redis.config(), &origin, |b| b).await;
+    wait_tracking(&near).await;
+    let path = "/etag/1";
+    get_settled(&near, path).await;
+    // Read from Redis once tracking is up: kept near.
+    get(&near.app, path).await;
+    let cases: [(&str, &[(&str, &str)]); 7] = [
+        ("GET", &[]),
+        ("HEAD", &[]),
+        ("GET", &[("if-none-match", "\"v1\"")]),
+        ("GET", &[("if-none-match", "W/\"v0\", \"v9\"")]),
+        ("GET", &[("range", "bytes=0-3")]),
+        ("GET", &[("range", "bytes=2-"), ("if-range", "\"v1\"")]),
+        ("HEAD", &[("if-none-match", "*")]),
+    ];
+    for (method, fields) in cases {
+        let from_near = send(&near.app, method, path, fields).await;
+        let from_redis = send(&plain.app, method, path, fields).await;
+        let case = format!("{method} {fields:?}");
+        assert!(
+            from_near.cache_status().contains("hit") && from_near.cache_status().contains("near"),
+            "{case}: {}",
+            from_near.cache_status()
+        );
+        assert!(
+            !from_redis.cache_status().contains("near"),
+            "{case}: {}",
+            from_redis.cache_status()
+        );
+        assert_eq!(from_near.status, from_redis.status, "{case}");
+        assert_eq!(from_near.body, from_redis.body, "{case}");
+        assert_eq!(
+            timeless_fields(&from_near),
+            timeless_fields(&from_redis),
+            "{case}"
+        );
+    }
+    assert_eq!(origin.calls(path), 1);
+    // An entry the request does not take as it is (`no-cache`) goes to the
+    // origin from the near tier as from Redis.
+    let refused = send(&near.app, "GET", path, &[("cache-control", "no-cache")]).await;
+    assert!(
+        refused.cache_status().contains("fwd=request") && refused.cache_status().contains("near"),
+        "{}",
+        refused.cache_status()
+    );
+    assert_eq!(refused.body, "etag-1-v2");
+}
+
+/// A route's key function is given the request's head, near hits
+/// included: two tenants never share a near copy.
+#[tokio::test]
+async fn a_near_hit_is_keyed_by_the_routes_key_function() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let tenant = |parts: &http::request::Parts| {
+        parts
+            .headers
+            .get("x-tenant")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    };
+    let near = instance(redis.config(), &origin, |b| {
+        b.near_cache(8 << 20, Duration::from_secs(3600))
+            .route(Route::new("*").key_fn(tenant))
+    })
+    .await;
+    wait_tracking(&near).await;
+    let path = "/plain/1";
+    let as_tenant = |name: &'static str| {
+        let app = near.app.clone();
+        async move { send(&app, "GET", path, &[("x-tenant", name)]).await }
+    };
+    // Stored, and the invalidation its write causes is in: the next read
+    // is from Redis, and kept near.
+    let settled = || async {
+        near.layer.flush().await;
+        near.manager.tracking().unwrap().sync().await.unwrap();
+    };
+    assert_eq!(as_tenant("a").await.body, "plain-1-v1");
+    settled().await;
+    assert_eq!(as_tenant("a").await.body, "plain-1-v1");
+    let near_a = as_tenant("a").await;
+    assert!(
+        near_a.cache_status().contains("near"),
+        "{}",
+        near_a.cache_status()
+    );
+    assert_eq!(near_a.body, "plain-1-v1");
+    let other = as_tenant("b").await;
+    assert_eq!(other.body, "plain-1-v2", "{}", other.cache_status());
+    settled().await;
+    assert_eq!(as_tenant("b").await.body, "plain-1-v2");
+    let near_b = as_tenant("b").await;
+    assert!(
+        near_b.cache_status().contains("near"),
+        "{}",
+        near_b.cache_status()
+    );
+    assert_eq!(near_b.body, "plain-1-v2");
+    // A's copy went with B's store (the URL's copies go together): from
+    // Redis, then near again.
+    assert_eq!(as_tenant("a").await.body, "plain-1-v1");
+    let near_a = as_tenant("a").await;
+    assert!(
+        near_a.cache_status().contains("near"),
+        "{}",
+        near_a.cache_status()
+    );
+    assert_eq!(near_a.body, "plain-1-v1");
+    assert_eq!(origin.calls(path), 2);
 }
 
 #[tokio::test]

@@ -21,6 +21,7 @@ use crate::body::CacheBody;
 use crate::directives::{RequestDirectives, ResponseDirectives};
 use crate::entry::Entry;
 use crate::freshness::{self, StaleWindows, Usability};
+use crate::key;
 use crate::layer::Config;
 use crate::store::{LockAttempt, LockPurpose, Tier};
 use tower_redis_core::clock;
@@ -96,48 +97,53 @@ where
         }
         let config = &self.ctx.config;
         let keyed = &self.ctx.keyed;
-        let now_ms = clock::now_ms();
-        let age = entry.age(now_ms);
-        let stored = freshness::directives_of(&entry.headers, &config.rules);
         let request_directives = &keyed.directives;
-        let answer = match freshness::usability(age, entry.lifetime, &stored, request_directives) {
-            Usability::Fresh | Usability::StaleAccepted => {
-                config.store.counters.hits.fetch_add(1, Ordering::Relaxed);
-                let status = CacheStatus::hit(entry.ttl(now_ms), tier);
-                Ok(serve_owned(entry, &keyed.parts, age, status))
-            }
-            Usability::Revalidate if request_directives.only_if_cached => Ok(gateway_timeout(tier)),
-            Usability::Revalidate => {
-                let route = config.route_for(keyed.parts.uri.path());
-                let windows = freshness::stale_windows(&stored, route);
-                match stale_use(age, entry.lifetime, &stored, request_directives, windows) {
-                    StaleUse::WhileRevalidate => {
-                        config
-                            .store
-                            .counters
-                            .stale_hits
-                            .fetch_add(1, Ordering::Relaxed);
-                        let mut status = CacheStatus::hit(entry.ttl(now_ms), tier);
-                        status.fwd = Some("stale");
-                        status.details.push("stale-while-revalidate");
-                        let response = serve(&entry, &keyed.parts, age, status);
-                        self.refresh_in_background(entry, tier);
-                        Ok(response)
-                    }
-                    StaleUse::Revalidate { reason, if_error } => {
-                        let revalidation = Revalidation {
-                            entry,
-                            status: CacheStatus::forward(reason, tier),
-                            stale_if_error: if_error,
-                        };
-                        return Either::Right(Either::Right(Box::pin(
-                            self.revalidate_found(revalidation),
-                        )));
-                    }
-                }
-            }
+        let (
+            entry,
+            Unserved {
+                now_ms,
+                age,
+                stored,
+            },
+        ) = match serve_fresh(
+            config,
+            entry,
+            tier,
+            request_directives,
+            Asked::of(&keyed.parts),
+        ) {
+            Ok(response) => return Either::Left(ready(Ok(response))),
+            Err(unserved) => unserved,
         };
-        Either::Left(ready(answer))
+        // It must be revalidated (RFC 9111 §4.2.4, RFC 5861).
+        if request_directives.only_if_cached {
+            return Either::Left(ready(Ok(gateway_timeout(tier))));
+        }
+        let route = config.route_for(keyed.parts.uri.path());
+        let windows = freshness::stale_windows(&stored, route);
+        match stale_use(age, entry.lifetime, &stored, request_directives, windows) {
+            StaleUse::WhileRevalidate => {
+                config
+                    .store
+                    .counters
+                    .stale_hits
+                    .fetch_add(1, Ordering::Relaxed);
+                let mut status = CacheStatus::hit(entry.ttl(now_ms), tier);
+                status.fwd = Some("stale");
+                status.details.push("stale-while-revalidate");
+                let response = serve(&entry, Asked::of(&keyed.parts), age, status);
+                self.refresh_in_background(entry, tier);
+                Either::Left(ready(Ok(response)))
+            }
+            StaleUse::Revalidate { reason, if_error } => {
+                let revalidation = Revalidation {
+                    entry,
+                    status: CacheStatus::forward(reason, tier),
+                    stale_if_error: if_error,
+                };
+                Either::Right(Either::Right(Box::pin(self.revalidate_found(revalidation))))
+            }
+        }
     }
 
     /// Refreshes a stale entry once: one background request per instance
@@ -191,6 +197,60 @@ where
     }
 }
 
+/// What a request asks that a response made from an entry depends on.
+#[derive(Clone, Copy)]
+pub(crate) struct Asked<'a> {
+    method: &'a Method,
+    headers: &'a HeaderMap,
+}
+
+impl<'a> Asked<'a> {
+    pub(crate) fn of(request: &'a impl key::Head) -> Self {
+        Self {
+            method: request.method(),
+            headers: request.headers(),
+        }
+    }
+}
+
+/// An entry [`serve_fresh`] did not serve, as it judged it.
+pub(super) struct Unserved {
+    now_ms: u64,
+    age: u64,
+    stored: ResponseDirectives,
+}
+
+/// Serves a whole entry that is fresh enough for the request (RFC 9111
+/// §4.2, §5.2.1), and counts the hit; otherwise gives it back, with what it
+/// found (it must be revalidated, or served stale while it is).
+#[allow(clippy::result_large_err)]
+pub(super) fn serve_fresh<B: Body>(
+    config: &Config,
+    entry: Entry,
+    tier: Tier,
+    request_directives: &RequestDirectives,
+    asked: Asked<'_>,
+) -> Result<Response<CacheBody<B>>, (Entry, Unserved)> {
+    let now_ms = clock::now_ms();
+    let age = entry.age(now_ms);
+    let stored = freshness::directives_of(&entry.headers, &config.rules);
+    match freshness::usability(age, entry.lifetime, &stored, request_directives) {
+        Usability::Fresh | Usability::StaleAccepted if !entry.is_partial() => {
+            config.store.counters.hits.fetch_add(1, Ordering::Relaxed);
+            let status = CacheStatus::hit(entry.ttl(now_ms), tier);
+            Ok(serve_owned(entry, asked, age, status))
+        }
+        _ => Err((
+            entry,
+            Unserved {
+                now_ms,
+                age,
+                stored,
+            },
+        )),
+    }
+}
+
 /// An entry another request just fetched.
 /// Whether a follower may be served `entry` without asking the origin:
 /// fresh enough for its own request (RFC 9111 §4.2, §5.2.1), not only for
@@ -224,7 +284,7 @@ pub(crate) fn serve_coalesced<B: Body>(
     let now_ms = clock::now_ms();
     let mut status = CacheStatus::hit(entry.ttl(now_ms), tier);
     status.details.push("coalesced");
-    serve(entry, &keyed.parts, entry.age(now_ms), status)
+    serve(entry, Asked::of(&keyed.parts), entry.age(now_ms), status)
 }
 
 /// A stale entry served because the origin failed (an error, or
@@ -246,13 +306,13 @@ pub(crate) fn serve_stale_if_error<B: Body>(
         .counters
         .stale_hits
         .fetch_add(1, Ordering::Relaxed);
-    serve(entry, request, entry.age(now_ms), stale)
+    serve(entry, Asked::of(request), entry.age(now_ms), stale)
 }
 
 /// A response from an entry: 304 when the client's validators match.
 pub(crate) fn serve<B: Body>(
     entry: &Entry,
-    request: &Parts,
+    request: Asked<'_>,
     age: u64,
     status: CacheStatus,
 ) -> Response<CacheBody<B>> {
@@ -263,7 +323,7 @@ pub(crate) fn serve<B: Body>(
 /// into the response instead of being copied.
 pub(crate) fn serve_owned<B: Body>(
     mut entry: Entry,
-    request: &Parts,
+    request: Asked<'_>,
     age: u64,
     status: CacheStatus,
 ) -> Response<CacheBody<B>> {
@@ -279,7 +339,7 @@ pub(crate) fn serve_owned<B: Body>(
 fn serve_with<B: Body>(
     mut headers: HeaderMap,
     entry: &Entry,
-    request: &Parts,
+    request: Asked<'_>,
     age: u64,
     status: CacheStatus,
 ) -> Response<CacheBody<B>> {
@@ -313,7 +373,7 @@ fn serve_with<B: Body>(
         }
         return response;
     }
-    let body = if request.method == Method::HEAD {
+    let body = if *request.method == Method::HEAD {
         CacheBody::empty()
     } else {
         CacheBody::cached(entry.body.clone())
@@ -326,7 +386,7 @@ fn serve_with<B: Body>(
 
 /// Whether the client's `If-None-Match` (or, without it, `If-Modified-Since`)
 /// says it already has this response.
-fn not_modified(request: &Parts, stored: &HeaderMap) -> bool {
+fn not_modified(request: Asked<'_>, stored: &HeaderMap) -> bool {
     if let Some(if_none_match) = request.headers.get(header::IF_NONE_MATCH) {
         let Some(etag) = stored.get(header::ETAG).and_then(|e| e.to_str().ok()) else {
             return false;

@@ -48,7 +48,8 @@ use crate::body::CacheBody;
 use crate::directives::RequestDirectives;
 use crate::key;
 use crate::layer::Config;
-use crate::store::Lookup;
+use crate::store::{Found, Lookup, Tier};
+use hit::Asked;
 
 pub(crate) use cache_status::CACHE_STATUS;
 pub(crate) use coalesce::Flights;
@@ -138,7 +139,10 @@ where
             clock: Arc::downgrade(&clock),
         };
         // Parsed and keyed now, inside the span as the rest.
-        let handled = span.in_scope(|| handle(config, inner, request));
+        let handled = match span.in_scope(|| handle(config, inner, request)) {
+            Handled::Now(answer) => return ResponseFuture::ready(answer),
+            Handled::Later(handled) => handled,
+        };
         #[cfg(feature = "metrics")]
         let handled = futures_util::FutureExt::map(handled, move |answer| {
             drop(clock);
@@ -184,6 +188,13 @@ where
     }
 }
 
+/// What [`handle`] gives: an answer it had at once (a near hit), or the
+/// work to await.
+enum Handled<B: Body, E, F> {
+    Now(Answer<B, E>),
+    Later(F),
+}
+
 /// Parse, decide, and either answer from the cache or forward.
 ///
 /// A plain function: the request is parsed and keyed here, when the
@@ -192,11 +203,15 @@ where
 /// boxed. As an `async fn` it held its arguments twice, and the request's
 /// parts both before and after they were moved into the exchange, in the
 /// future boxed for every request (hits included).
+///
+/// A fresh entry in the near tier is served here, with no copy of the
+/// request's head and no future: the lookup an `await` would make finds
+/// the same entry, and it would be served the same way.
 fn handle<S, ReqBody, ResBody>(
     config: Arc<Config>,
     mut inner: S,
     mut request: Request<ReqBody>,
-) -> impl Future<Output = Answer<ResBody, S::Error>> + Send
+) -> Handled<ResBody, S::Error, impl Future<Output = Answer<ResBody, S::Error>> + Send>
 where
     S: Origin<ReqBody, ResBody>,
     ReqBody: Body + Send + 'static,
@@ -205,15 +220,41 @@ where
     use futures_util::FutureExt as _;
     use futures_util::future::Either;
     if is_unsafe(request.method()) {
-        return Either::Left(Either::Left(Box::pin(async move {
+        return Handled::Later(Either::Left(Either::Left(Box::pin(async move {
             invalidate::invalidating(&config, inner, request).await
-        })));
+        }))));
     }
-    let Some(mut keyed) = Keyed::of(&config, &request) else {
-        return Either::Left(Either::Right(inner.call(request).map(move |response| {
-            response.map(|response| passthrough(&config, response))
-        })));
+    let Some(key) = Key::of(&config, &request) else {
+        return Handled::Later(Either::Left(Either::Right(inner.call(request).map(
+            move |response| response.map(|response| passthrough(&config, response)),
+        ))));
     };
+    // A range request takes the path below, which cuts its range.
+    let near = if range::asked(request.headers()) {
+        None
+    } else {
+        config
+            .store
+            .find_near(&key.url_hash, request.headers(), &key.extra)
+    };
+    let near_read = near.is_some();
+    let found = match near {
+        Some(Found::Entry(entry)) => {
+            match hit::serve_fresh(
+                &config,
+                entry,
+                Tier::Near,
+                &key.directives,
+                Asked::of(&request),
+            ) {
+                Ok(response) => return Handled::Now(Ok(response)),
+                // Boxed: the future of every lookup would hold it.
+                Err((entry, _)) => Some(Box::new(entry)),
+            }
+        }
+        _ => None,
+    };
+    let mut keyed = key.with_head(&request);
     // The origin is asked for the whole response (unless the range is
     // forwarded: `forward_ranges`, or a stored partial entry); a range is
     // cut from a whole answer, whichever path gives it.
@@ -225,7 +266,7 @@ where
         request,
         body: PhantomData,
     };
-    Either::Right(async move {
+    Handled::Later(Either::Right(async move {
         let wanted = range.as_ref();
         // The next step is picked in a block, so that what the lookup
         // found is not kept in this future while the step runs.
@@ -235,12 +276,19 @@ where
             // they would make a box larger than the allocator's per-thread
             // cache takes (1,032 bytes), and each such box goes to the
             // shared arena under its lock.
-            let (lookup, tier) = Box::pin(ctx.config.store.lookup(
-                &ctx.keyed.url_hash,
-                &ctx.keyed.parts.headers,
-                &ctx.keyed.extra,
-            ))
-            .await;
+            let (lookup, tier) = match found {
+                // An entry of the near tier that is not served as it is.
+                Some(entry) => (Lookup::Hit(*entry), Tier::Near),
+                None => {
+                    Box::pin(ctx.config.store.lookup_after(
+                        &ctx.keyed.url_hash,
+                        &ctx.keyed.parts.headers,
+                        &ctx.keyed.extra,
+                        near_read,
+                    ))
+                    .await
+                }
+            };
             match lookup {
                 Lookup::Hit(entry) => Either::Left(exchange.on_hit(entry, tier, wanted)),
                 Lookup::UriMiss => {
@@ -256,26 +304,26 @@ where
             Some(wanted) => answer.map(|response| range::answer(&wanted, response)),
             None => answer,
         }
-    })
+    }))
 }
 
-/// A request the cache handles: its head (as the client sent it), where its
-/// entries live and what it asks of the cache.
-pub(crate) struct Keyed {
-    pub(crate) parts: Parts,
+/// Where a request's entries live and what it asks of the cache, read
+/// from the request in place. The head is copied only when keying needs a
+/// copy: a request from a trusted proxy (marked as such), a route with a
+/// key function (which is given `Parts`).
+pub(crate) struct Key {
     /// `//host/path?query`.
     pub(crate) url: String,
     pub(crate) url_hash: String,
     pub(crate) extra: String,
     pub(crate) directives: RequestDirectives,
+    copied: Option<Parts>,
 }
 
-impl Keyed {
+impl Key {
     /// The key of a request the cache handles, or `None` for one it passes
     /// through: not a GET or HEAD, gRPC, a body, a route that
     /// bypasses the cache, an unknown host or a malformed forwarded origin.
-    /// The request's head is copied once, and only for requests the cache
-    /// handles.
     fn of<B: Body>(config: &Config, request: &Request<B>) -> Option<Self> {
         let method = request.method();
         let cacheable_request =
@@ -290,12 +338,23 @@ impl Keyed {
     /// The key of the URL a request targets, whatever its method: `None`
     /// for gRPC, a route that bypasses the cache, an unknown host or a
     /// malformed forwarded origin.
-    pub(super) fn of_target<B>(config: &Config, request: &Request<B>) -> Option<Self> {
+    fn of_target<B>(config: &Config, request: &Request<B>) -> Option<Self> {
         let route = config.route_for(request.uri().path());
         if is_grpc(request.headers()) || !route.enabled {
             return None;
         }
         let forwarded = request::forwarded_origin(config, request).ok()?;
+        if forwarded.is_none() && route.key_fn.is_none() {
+            let url = key::url_of(request, &config.allowed_hosts, route)?;
+            let extra = key::extra_key(request, route)?;
+            return Some(Self {
+                url_hash: key::hash_url(&url),
+                url,
+                extra,
+                directives: request::directives(request.headers(), config.request_cache_control),
+                copied: None,
+            });
+        }
         let mut parts = head_only(request).0;
         let url = match &forwarded {
             Some((family, view)) => {
@@ -304,17 +363,55 @@ impl Keyed {
             }
             None => key::url_of(&parts, &config.allowed_hosts, route),
         }?;
-        let mut extra = key::extra_key(&parts, route);
+        let mut extra = key::extra_key(&parts, route)?;
         if let Some((_, view)) = &forwarded {
             key::push_forwarded_origin(&mut extra, view, &parts);
         }
-        Some(Keyed {
+        let directives = request::directives(&parts.headers, config.request_cache_control);
+        Some(Self {
             url_hash: key::hash_url(&url),
             url,
             extra,
-            directives: request::directives(&parts.headers, config.request_cache_control),
-            parts,
+            directives,
+            copied: Some(parts),
         })
+    }
+
+    /// The keyed request, with its head: the copy keying made, or one made
+    /// now.
+    fn with_head<B>(self, request: &Request<B>) -> Keyed {
+        let Self {
+            url,
+            url_hash,
+            extra,
+            directives,
+            copied,
+        } = self;
+        Keyed {
+            parts: copied.unwrap_or_else(|| head_only(request).0),
+            url,
+            url_hash,
+            extra,
+            directives,
+        }
+    }
+}
+
+/// A request the cache handles: its head (as the client sent it), where its
+/// entries live and what it asks of the cache.
+pub(crate) struct Keyed {
+    pub(crate) parts: Parts,
+    /// `//host/path?query`.
+    pub(crate) url: String,
+    pub(crate) url_hash: String,
+    pub(crate) extra: String,
+    pub(crate) directives: RequestDirectives,
+}
+
+impl Keyed {
+    /// [`Key::of_target`], with the request's head.
+    pub(super) fn of_target<B>(config: &Config, request: &Request<B>) -> Option<Self> {
+        Key::of_target(config, request).map(|key| key.with_head(request))
     }
 
     /// The key requests are coalesced on: the URL and the route's extra

@@ -36,7 +36,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body::Body;
 
 use super::cache_status::{CacheStatus, add_cache_status};
-use super::hit::serve;
+use super::hit::{Asked, serve};
 use super::miss::Fill;
 use super::range::{self, RangeRequest, Span};
 use super::revalidate::merge_fields;
@@ -342,7 +342,7 @@ impl Combined {
         if !combined.is_partial() {
             // The whole `200`: the client's range is cut from it on the way
             // out, as from any whole answer.
-            return serve(&combined, &keyed.parts, age, status);
+            return serve(&combined, Asked::of(&keyed.parts), age, status);
         }
         if union.covers(start, end) {
             return serve_part(&combined, union, (start, end), age, &status);

@@ -265,6 +265,11 @@ pub(crate) fn take<B>(request: &mut Request<B>) -> Option<RangeRequest> {
     })
 }
 
+/// Whether a request's head holds what [`take`] takes.
+pub(crate) fn asked(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::RANGE) || headers.contains_key(header::IF_RANGE)
+}
+
 /// Drops `Range` and `If-Range` from a copy of the request's head.
 pub(crate) fn strip(headers: &mut HeaderMap) {
     headers.remove(header::RANGE);

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use super::cache_status::CacheStatus;
 use super::coalesce::{self, FlightGuard, Joined, Outcome};
-use super::hit::{gateway_timeout, serve, serve_coalesced, serve_stale_if_error};
+use super::hit::{Asked, gateway_timeout, serve, serve_coalesced, serve_stale_if_error};
 use super::miss::Fill;
 use super::storing::{HOP_BY_HOP, put_for, store_if_allowed, tag_headers};
 use super::tags::{set_stored_tags, stored_tags, take_tags};
@@ -331,7 +331,7 @@ impl Validated {
             fill.release(ctx);
         }
         let age = refreshed.age(clock::now_ms());
-        serve(&refreshed, client_parts, age, status)
+        serve(&refreshed, Asked::of(client_parts), age, status)
     }
 }
 

@@ -278,11 +278,16 @@ fn a_hits_boxed_futures_fit_the_allocators_thread_cache() {
     let config = Arc::clone(&layer().config);
     let request = get(&[]);
     assert!(
-        super::Keyed::of(&config, &request).is_some(),
+        super::Key::of(&config, &request).is_some(),
         "the request is one the cache handles"
     );
     let span = tracing::debug_span!(target: "tower_redis_cache", "cache");
-    let handled = super::handle(Arc::clone(&config), Origin::new(&[]), request).instrument(span);
+    let super::Handled::Later(handled) =
+        super::handle(Arc::clone(&config), Origin::new(&[]), request)
+    else {
+        panic!("without a near cache, a lookup is awaited");
+    };
+    let handled = handled.instrument(span);
     let size = std::mem::size_of_val(&handled);
     assert!(
         size <= THREAD_CACHE_BYTES,

@@ -15,11 +15,43 @@ use crate::key;
 
 impl CacheStore {
     /// One round trip (Vary resolution included), none from the near cache.
-    pub(crate) async fn lookup(
+    pub(crate) fn lookup<'a>(
+        &'a self,
+        url_hash: &'a str,
+        request: &'a HeaderMap,
+        extra: &'a str,
+    ) -> impl Future<Output = (Lookup, Tier)> + Send + 'a {
+        self.lookup_after(url_hash, request, extra, false)
+    }
+
+    /// What the near tier holds for a request, read at once, without a
+    /// look at Redis: what a lookup that starts now would find there.
+    /// `None` when it was not read: there is no near tier, it cannot be
+    /// trusted now, or an outage's writes are still to be caught up with
+    /// (the lookup waits for them).
+    pub(crate) fn find_near(
         &self,
         url_hash: &str,
         request: &HeaderMap,
         extra: &str,
+    ) -> Option<Found> {
+        self.bus.ensure_started();
+        if !self.failover.is_caught_up() {
+            return None;
+        }
+        let near = self.near.as_ref().filter(|_| self.bus.near_usable())?;
+        Some(near.find(url_hash, request, extra))
+    }
+
+    /// [`lookup`](Self::lookup); with `near_read`, after
+    /// [`find_near`](Self::find_near) read the near tier and found no entry
+    /// there, which is not read again.
+    pub(crate) async fn lookup_after(
+        &self,
+        url_hash: &str,
+        request: &HeaderMap,
+        extra: &str,
+        near_read: bool,
     ) -> (Lookup, Tier) {
         self.bus.ensure_started();
         // Redis is back: the outage's invalidations and purges are written
@@ -32,6 +64,7 @@ impl CacheStore {
         let epoch = self.bus.epoch();
         let near = self.near.as_ref().filter(|_| self.bus.near_usable());
         if let Some(near) = near
+            && !near_read
             && let Found::Entry(entry) = near.find(url_hash, request, extra)
         {
             return (Lookup::Hit(entry), Tier::Near);

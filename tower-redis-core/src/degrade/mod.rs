@@ -468,6 +468,15 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
         self.shared.degraded.load(Ordering::Acquire)
     }
 
+    /// Whether [`catch_up`](Self::catch_up) has nothing to do: the memory
+    /// side has not been used since Redis last recovered, or Redis is
+    /// still unavailable. A caller that reads state kept coherent through
+    /// Redis (a copy in process memory) checks this before trusting it at
+    /// once, without awaiting.
+    pub fn is_caught_up(&self) -> bool {
+        !self.is_degraded() || !self.shared.manager.is_available()
+    }
+
     /// The recovery epoch: bumped after each full recovery.
     pub fn recovered(&self) -> watch::Receiver<u64> {
         self.shared.epoch.subscribe()
@@ -492,7 +501,7 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
     /// The write is boxed: while healthy this future is a few words, so a
     /// caller on a hot path can await it inline.
     pub async fn catch_up(&self) {
-        if !self.is_degraded() || !self.shared.manager.is_available() {
+        if self.is_caught_up() {
             return;
         }
         // A `dyn` box: its type does not nest into every caller's future.
