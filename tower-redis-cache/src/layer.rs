@@ -1091,6 +1091,11 @@ impl CacheLayerBuilder {
                     .map_err(|_| ConfigError::TargetedField(name.clone()))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let rules = Rules {
+            targeted_fields,
+            heuristic: self.heuristic.then_some(self.heuristic_cap),
+            store_set_cookie: self.store_set_cookie,
+        };
         Ok(CacheLayer {
             config: Arc::new(Config {
                 store: Arc::new(
@@ -1102,17 +1107,14 @@ impl CacheLayerBuilder {
                             index_depth: self.index_depth,
                             lock_ttl: self.lock_ttl,
                             outage_queue_bytes: self.outage_queue_bytes,
+                            rules: Some(rules.clone()),
                         },
                     )
                     .with_replica_reads(self.read_from_replicas),
                 ),
                 routes: self.routes,
                 default_route: self.default_route,
-                rules: Rules {
-                    targeted_fields,
-                    heuristic: self.heuristic.then_some(self.heuristic_cap),
-                    store_set_cookie: self.store_set_cookie,
-                },
+                rules,
                 allowed_hosts: self.allowed_hosts,
                 max_body_bytes: self.max_body_bytes,
                 keep_stale_for: self.keep_stale_for,

@@ -104,6 +104,21 @@ fn routes(origin: Origin) -> Router {
             ),
         )
         .route(
+            "/targeted/{id}",
+            routing::get(
+                |State(o): State<Origin>, Path(id): Path<String>| async move {
+                    let n = o.count(&format!("/targeted/{id}"));
+                    // Fresh for a minute to the layer (its targeted field),
+                    // `no-cache` to everyone else.
+                    Response::builder()
+                        .header("cache-control", "no-cache")
+                        .header("shop-cache-control", "max-age=60")
+                        .body(Body::from(format!("targeted-{id}-v{n}")))
+                        .unwrap()
+                },
+            ),
+        )
+        .route(
             "/sie",
             routing::get(|State(o): State<Origin>| async move {
                 let n = o.count("/sie");
@@ -792,9 +807,13 @@ async fn a_near_hit_answers_as_the_same_entry_read_from_redis() {
     let origin = Origin::default();
     let near = instance(redis.config(), &origin, |b| {
         b.near_cache(8 << 20, Duration::from_secs(3600))
+            .targeted_field("shop-cache-control")
     })
     .await;
-    let plain = instance(redis.config(), &origin, |b| b).await;
+    let plain = instance(redis.config(), &origin, |b| {
+        b.targeted_field("shop-cache-control")
+    })
+    .await;
     wait_tracking(&near).await;
     let path = "/etag/1";
     get_settled(&near, path).await;
@@ -841,6 +860,23 @@ async fn a_near_hit_answers_as_the_same_entry_read_from_redis() {
         refused.cache_status()
     );
     assert_eq!(refused.body, "etag-1-v2");
+
+    // The directives a near copy is served by are the layer's: its
+    // targeted field makes this one fresh, where `Cache-Control` says
+    // `no-cache`.
+    let path = "/targeted/1";
+    get_settled(&near, path).await;
+    get(&near.app, path).await;
+    let from_near = get(&near.app, path).await;
+    let from_redis = get(&plain.app, path).await;
+    assert!(
+        from_near.cache_status().contains("hit") && from_near.cache_status().contains("near"),
+        "{}",
+        from_near.cache_status()
+    );
+    assert_eq!(from_near.body, from_redis.body);
+    assert_eq!(timeless_fields(&from_near), timeless_fields(&from_redis));
+    assert_eq!(origin.calls(path), 1);
 }
 
 /// A route's key function is given the request's head, near hits

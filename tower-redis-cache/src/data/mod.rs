@@ -161,6 +161,7 @@ impl DataCacheBuilder {
                 index_depth: 4,
                 lock_ttl: self.lock_ttl,
                 outage_queue_bytes: 4 << 20,
+                rules: None,
             },
         );
         DataCache::on_store(Arc::new(store), self.max_value_bytes, self.wait, Json)

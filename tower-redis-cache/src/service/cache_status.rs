@@ -19,25 +19,36 @@ pub(crate) struct CacheStatus {
     pub(crate) fwd_status: Option<StatusCode>,
     pub(crate) stored: bool,
     pub(crate) tier: Tier,
-    /// `detail` tokens: why it was served as it was.
+    /// The first `detail` token, before the tier's.
+    pub(crate) lead: Option<&'static str>,
+    /// `detail` tokens after the tier's: why it was served as it was.
     pub(crate) details: Vec<&'static str>,
 }
 
 impl CacheStatus {
     pub(crate) fn new(tier: Tier) -> Self {
-        let details = match tier {
-            Tier::Degraded => vec!["redis-unavailable"],
-            Tier::Near => vec!["near"],
-            Tier::Redis => Vec::new(),
-        };
         Self {
             hit_ttl: None,
             fwd: None,
             fwd_status: None,
             stored: false,
             tier,
-            details,
+            lead: None,
+            details: Vec::new(),
         }
+    }
+
+    /// The `detail` tokens, in order: the lead, the tier's, the others.
+    fn all_details(&self) -> impl Iterator<Item = &'static str> + '_ {
+        let tier = match self.tier {
+            Tier::Degraded => Some("redis-unavailable"),
+            Tier::Near => Some("near"),
+            Tier::Redis => None,
+        };
+        self.lead
+            .into_iter()
+            .chain(tier)
+            .chain(self.details.iter().copied())
     }
 
     pub(crate) fn hit(ttl: i64, tier: Tier) -> Self {
@@ -59,6 +70,12 @@ impl CacheStatus {
 
     pub(crate) fn render(&self) -> String {
         let mut out = String::with_capacity(64);
+        self.render_into(&mut out);
+        out
+    }
+
+    /// [`render`](Self::render), appended to `out`.
+    fn render_into(&self, out: &mut String) {
         out.push_str(CACHE_NAME);
         if let Some(ttl) = self.hit_ttl {
             out.push_str("; hit; ttl=");
@@ -75,28 +92,42 @@ impl CacheStatus {
         if self.stored {
             out.push_str("; stored");
         }
-        match self.details.as_slice() {
-            [] => {}
-            [one] => {
-                out.push_str("; detail=");
-                out.push_str(one);
-            }
-            several => {
-                out.push_str("; detail=\"");
-                out.push_str(&several.join(" "));
-                out.push('"');
+        let mut details = self.all_details();
+        if let Some(first) = details.next() {
+            match details.next() {
+                None => {
+                    out.push_str("; detail=");
+                    out.push_str(first);
+                }
+                Some(second) => {
+                    out.push_str("; detail=\"");
+                    out.push_str(first);
+                    for detail in std::iter::once(second).chain(details) {
+                        out.push(' ');
+                        out.push_str(detail);
+                    }
+                    out.push('"');
+                }
             }
         }
-        out
     }
 }
 
 /// Appends the field to a response's headers (and counts the answer).
 pub(crate) fn add_cache_status(headers: &mut HeaderMap, status: &CacheStatus) {
     record(status);
-    if let Ok(value) = HeaderValue::from_str(&status.render()) {
-        headers.append(CACHE_STATUS.clone(), value);
+    // Rendered in a buffer the thread keeps: the field's value is the one
+    // allocation.
+    thread_local! {
+        static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
     }
+    LINE.with_borrow_mut(|line| {
+        line.clear();
+        status.render_into(line);
+        if let Ok(value) = HeaderValue::from_str(line) {
+            headers.append(CACHE_STATUS.clone(), value);
+        }
+    });
 }
 
 /// Counts the answer (`tower_redis_cache_requests_total`) and traces its

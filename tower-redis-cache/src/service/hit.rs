@@ -108,6 +108,7 @@ where
         ) = match serve_fresh(
             config,
             entry,
+            None,
             tier,
             request_directives,
             Asked::of(&keyed.parts),
@@ -224,16 +225,18 @@ pub(super) struct Unserved {
 /// §4.2, §5.2.1), and counts the hit; otherwise gives it back, with what it
 /// found (it must be revalidated, or served stale while it is).
 #[allow(clippy::result_large_err)]
+/// `stored`: the entry's directives, when the near tier kept them parsed.
 pub(super) fn serve_fresh<B: Body>(
     config: &Config,
     entry: Entry,
+    stored: Option<ResponseDirectives>,
     tier: Tier,
     request_directives: &RequestDirectives,
     asked: Asked<'_>,
 ) -> Result<Response<CacheBody<B>>, (Entry, Unserved)> {
     let now_ms = clock::now_ms();
     let age = entry.age(now_ms);
-    let stored = freshness::directives_of(&entry.headers, &config.rules);
+    let stored = stored.unwrap_or_else(|| freshness::directives_of(&entry.headers, &config.rules));
     match freshness::usability(age, entry.lifetime, &stored, request_directives) {
         Usability::Fresh | Usability::StaleAccepted if !entry.is_partial() => {
             config.store.counters.hits.fetch_add(1, Ordering::Relaxed);
@@ -395,17 +398,20 @@ fn not_modified(request: Asked<'_>, stored: &HeaderMap) -> bool {
         let candidates = String::from_utf8_lossy(if_none_match.as_bytes()).into_owned();
         return candidates.trim() == "*" || candidates.split(',').any(|c| weak(c) == weak(etag));
     }
-    let since = request
+    let Some(since) = request
         .headers
         .get(header::IF_MODIFIED_SINCE)
-        .and_then(|v| freshness::http_date(v.as_bytes()));
+        .and_then(|v| freshness::http_date(v.as_bytes()))
+    else {
+        return false;
+    };
     // RFC 9110 §13.1.3: without `Last-Modified`, the stored response's
     // `Date` is when it was last known to be current.
-    let modified = stored
+    stored
         .get(header::LAST_MODIFIED)
         .or_else(|| stored.get(header::DATE))
-        .and_then(|v| freshness::http_date(v.as_bytes()));
-    matches!((since, modified), (Some(since), Some(modified)) if modified <= since)
+        .and_then(|v| freshness::http_date(v.as_bytes()))
+        .is_some_and(|modified| modified <= since)
 }
 
 /// `only-if-cached` with nothing usable: 504, and nothing was forwarded.
@@ -413,7 +419,7 @@ pub(crate) fn gateway_timeout<B: Body>(tier: Tier) -> Response<CacheBody<B>> {
     let mut response = Response::new(CacheBody::empty());
     *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
     let mut status = CacheStatus::new(tier);
-    status.details.insert(0, "only-if-cached");
+    status.lead = Some("only-if-cached");
     if let Ok(value) = HeaderValue::from_str(&status.render()) {
         response.headers_mut().append(CACHE_STATUS.clone(), value);
     }

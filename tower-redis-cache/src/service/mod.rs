@@ -239,10 +239,11 @@ where
     };
     let near_read = near.is_some();
     let found = match near {
-        Some(Found::Entry(entry)) => {
+        Some((Found::Entry(entry), stored)) => {
             match hit::serve_fresh(
                 &config,
                 entry,
+                stored,
                 Tier::Near,
                 &key.directives,
                 Asked::of(&request),

@@ -10,6 +10,7 @@ use tower_redis_core::Served;
 use tower_redis_core::redis;
 
 use super::{CacheStore, EntryStore, Found, Lookup, Put, Tier};
+use crate::directives::ResponseDirectives;
 use crate::entry::Entry;
 use crate::key;
 
@@ -28,19 +29,20 @@ impl CacheStore {
     /// look at Redis: what a lookup that starts now would find there.
     /// `None` when it was not read: there is no near tier, it cannot be
     /// trusted now, or an outage's writes are still to be caught up with
-    /// (the lookup waits for them).
+    /// (the lookup waits for them). An entry comes with the directives it
+    /// is served by, parsed when it was kept.
     pub(crate) fn find_near(
         &self,
         url_hash: &str,
         request: &HeaderMap,
         extra: &str,
-    ) -> Option<Found> {
+    ) -> Option<(Found, Option<ResponseDirectives>)> {
         self.bus.ensure_started();
         if !self.failover.is_caught_up() {
             return None;
         }
         let near = self.near.as_ref().filter(|_| self.bus.near_usable())?;
-        Some(near.find(url_hash, request, extra))
+        Some(near.find_judged(url_hash, request, extra))
     }
 
     /// [`lookup`](Self::lookup); with `near_read`, after

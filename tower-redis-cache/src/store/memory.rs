@@ -13,15 +13,25 @@ use std::convert::Infallible;
 
 use super::typed::{NearCopy, TypedNear};
 use super::{EntryStore, Found, LockAttempt, LockPurpose, LockToken, Put, Target};
+use crate::directives::ResponseDirectives;
 use crate::entry::Entry;
+use crate::freshness::{self, Rules};
 use crate::key;
+
+/// An entry as a store keeps it, shared by the copies it serves; in the
+/// near tier, with the directives it is served by, parsed once.
+#[derive(Debug)]
+struct Kept {
+    entry: Entry,
+    directives: Option<ResponseDirectives>,
+}
 
 #[derive(Debug, Clone)]
 struct Variants {
     /// `//host/path?query`.
     url: String,
     vary: String,
-    entries: HashMap<String, (Arc<Entry>, Instant)>,
+    entries: HashMap<String, (Arc<Kept>, Instant)>,
     tags: Vec<String>,
     /// The last soft purge (ms since the epoch).
     soft_purged: Option<u64>,
@@ -40,6 +50,9 @@ pub(crate) struct MemoryStore {
     /// The near tier's decoded data values, dropped with the records they
     /// were decoded from (see `typed.rs`).
     typed: Option<Arc<TypedNear>>,
+    /// The near tier's rules: each entry's directives are parsed when it
+    /// is kept, not on every hit.
+    rules: Option<Rules>,
 }
 
 /// What an in-process purge selects.
@@ -71,6 +84,23 @@ impl Selector<'_> {
     }
 }
 
+impl Kept {
+    /// Its bytes: the entry's, and the directives' when kept.
+    fn weight(&self) -> u32 {
+        let directives = self.directives.as_ref().map_or(0, |d| {
+            std::mem::size_of::<ResponseDirectives>()
+                + d.no_cache_fields
+                    .iter()
+                    .chain(&d.private_fields)
+                    .map(|f| f.len() + std::mem::size_of::<String>())
+                    .sum::<usize>()
+        });
+        self.entry
+            .weight()
+            .saturating_add(u32::try_from(directives).unwrap_or(u32::MAX))
+    }
+}
+
 impl MemoryStore {
     /// A store of at most `max_bytes`, whose entries live at most
     /// `time_to_live` (besides their own expiry).
@@ -86,14 +116,17 @@ impl MemoryStore {
             time_to_live,
             next_id: AtomicU64::new(1),
             typed: None,
+            rules: None,
         }
     }
 
     /// The near tier: a store of at most `max_bytes`, whose records live
-    /// at most `time_to_live`, keeping decoded data values beside them.
-    pub(crate) fn near(max_bytes: u64, time_to_live: Duration) -> Self {
+    /// at most `time_to_live`, keeping decoded data values beside them,
+    /// and each entry's directives under the HTTP cache's `rules`.
+    pub(crate) fn near(max_bytes: u64, time_to_live: Duration, rules: Option<Rules>) -> Self {
         let mut store = Self::new(max_bytes, Some(time_to_live));
         store.typed = Some(Arc::new(TypedNear::new(max_bytes)));
+        store.rules = rules;
         store
     }
 
@@ -114,8 +147,8 @@ impl MemoryStore {
     pub(crate) fn find_copy(&self, url_hash: &str, variant: &str) -> Option<(Entry, NearCopy)> {
         let variants = self.urls.get(url_hash)?;
         match variants.entries.get(variant) {
-            Some((entry, expires)) if *expires > Instant::now() => {
-                let mut entry = Entry::clone(entry);
+            Some((kept, expires)) if *expires > Instant::now() => {
+                let mut entry = kept.entry.clone();
                 if let Some(at) = variants.soft_purged {
                     entry.mark_stale_at(at);
                 }
@@ -144,19 +177,30 @@ impl MemoryStore {
     }
 
     pub(crate) fn find(&self, url_hash: &str, request: &HeaderMap, extra: &str) -> Found {
+        self.find_judged(url_hash, request, extra).0
+    }
+
+    /// [`find`](Self::find), with the entry's directives when the store
+    /// keeps them (the near tier).
+    pub(crate) fn find_judged(
+        &self,
+        url_hash: &str,
+        request: &HeaderMap,
+        extra: &str,
+    ) -> (Found, Option<ResponseDirectives>) {
         let Some(variants) = self.urls.get(url_hash) else {
-            return Found::NoUrl;
+            return (Found::NoUrl, None);
         };
         let variant = key::variant(&variants.vary, request, extra);
         match variants.entries.get(&variant) {
-            Some((entry, expires)) if *expires > Instant::now() => {
-                let mut entry = Entry::clone(entry);
+            Some((kept, expires)) if *expires > Instant::now() => {
+                let mut entry = kept.entry.clone();
                 if let Some(at) = variants.soft_purged {
                     entry.mark_stale_at(at);
                 }
-                Found::Entry(entry)
+                (Found::Entry(entry), kept.directives.clone())
             }
-            _ => Found::NoVariant,
+            _ => (Found::NoVariant, None),
         }
     }
 
@@ -187,9 +231,9 @@ impl MemoryStore {
         // complete one of the same variant.
         if put.entry.is_partial()
             && let Some((stored, expires)) = variants.entries.get(&put.variant)
-            && !stored.is_partial()
+            && !stored.entry.is_partial()
         {
-            let mut stored = Entry::clone(stored);
+            let mut stored = stored.entry.clone();
             if let Some(at) = variants.soft_purged {
                 stored.mark_stale_at(at);
             }
@@ -201,9 +245,16 @@ impl MemoryStore {
                 };
             }
         }
+        let kept = Kept {
+            entry: put.entry.clone(),
+            directives: self
+                .rules
+                .as_ref()
+                .map(|rules| freshness::directives_of(&put.entry.headers, rules)),
+        };
         variants.entries.insert(
             put.variant.clone(),
-            (Arc::new(put.entry.clone()), expiry(now, put.keep_for)),
+            (Arc::new(kept), expiry(now, put.keep_for)),
         );
         for tag in &put.tags {
             if !variants.tags.contains(tag) {
@@ -213,7 +264,7 @@ impl MemoryStore {
         variants.weight = variants
             .entries
             .values()
-            .map(|(e, _)| e.weight())
+            .map(|(kept, _)| kept.weight())
             .sum::<u32>()
             .saturating_add(u32::try_from(variants.url.len()).unwrap_or(u32::MAX))
             .max(1);
@@ -355,4 +406,74 @@ impl EntryStore for MemoryStore {
 fn expiry(now: Instant, keep_for: Duration) -> Instant {
     now.checked_add(keep_for)
         .unwrap_or_else(|| now + Duration::from_secs(10 * 365 * 24 * 3600))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http::{HeaderName, HeaderValue, StatusCode};
+
+    fn put(headers: &[(&'static str, &'static str)]) -> Put {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        Put {
+            url_hash: key::hash_url("//shop.example/p"),
+            url: "//shop.example/p".to_owned(),
+            vary: String::new(),
+            variant: key::variant("", &HeaderMap::new(), ""),
+            entry: Entry {
+                status: StatusCode::OK,
+                headers: map,
+                body: Bytes::from_static(b"page"),
+                response_time_ms: tower_redis_core::clock::now_ms(),
+                initial_age: 0,
+                lifetime: 60,
+            },
+            keep_for: Duration::from_secs(60),
+            tags: Vec::new(),
+        }
+    }
+
+    /// The near tier keeps each entry's directives as the layer's rules
+    /// read them (its targeted fields, `store_set_cookie`), and a near hit
+    /// is judged by them; the outage store keeps none.
+    #[test]
+    fn the_near_tier_keeps_the_directives_its_rules_read() {
+        let rules = Rules {
+            targeted_fields: vec![HeaderName::from_static("shop-cache-control")],
+            heuristic: None,
+            store_set_cookie: true,
+        };
+        let cases: [&[(&str, &str)]; 3] = [
+            &[
+                ("cache-control", "no-cache"),
+                ("shop-cache-control", "max-age=60"),
+            ],
+            &[
+                ("cache-control", "max-age=60"),
+                ("shop-cache-control", "no-cache"),
+            ],
+            &[("cache-control", "max-age=60, private=\"set-cookie\"")],
+        ];
+        let near = MemoryStore::near(1 << 20, Duration::from_secs(60), Some(rules.clone()));
+        let outage = MemoryStore::new(1 << 20, None);
+        for headers in cases {
+            let put = put(headers);
+            near.insert(&put);
+            outage.insert(&put);
+            let (found, kept) = near.find_judged(&put.url_hash, &HeaderMap::new(), "");
+            assert!(matches!(found, Found::Entry(_)), "{headers:?}");
+            assert_eq!(
+                kept,
+                Some(freshness::directives_of(&put.entry.headers, &rules)),
+                "{headers:?}"
+            );
+            let (found, kept) = outage.find_judged(&put.url_hash, &HeaderMap::new(), "");
+            assert!(matches!(found, Found::Entry(_)), "{headers:?}");
+            assert_eq!(kept, None, "{headers:?}");
+        }
+    }
 }

@@ -32,6 +32,7 @@ use tower_redis_core::redis::{self, Value};
 
 use crate::bus::Bus;
 use crate::entry::Entry;
+use crate::freshness::Rules;
 use crate::key;
 pub(crate) use data::DATA_VARIANT;
 pub(crate) use memory::MemoryStore;
@@ -221,6 +222,9 @@ pub(crate) struct StoreOptions {
     pub(crate) lock_ttl: Duration,
     /// The bound of the outage queue (see `outage.rs`).
     pub(crate) outage_queue_bytes: usize,
+    /// The HTTP cache's rules, by which the near tier parses each entry's
+    /// directives once (`None`: a data cache's own store).
+    pub(crate) rules: Option<Rules>,
 }
 
 pub(crate) struct CacheStore {
@@ -281,7 +285,7 @@ impl CacheStore {
     pub(crate) fn new(manager: RedisManager, options: StoreOptions) -> Self {
         let near = options
             .near
-            .map(|(bytes, ttl)| Arc::new(MemoryStore::near(bytes, ttl)));
+            .map(|(bytes, ttl)| Arc::new(MemoryStore::near(bytes, ttl, options.rules.clone())));
         let bus = Bus::new(manager.clone(), near.clone());
         let vary_hint_bytes = (options.memory_bytes / VARY_HINT_SHARE).max(MIN_VARY_HINT_BYTES);
         let redis = RedisStore {
@@ -532,6 +536,7 @@ mod tests {
                 index_depth: 4,
                 lock_ttl: Duration::from_secs(5),
                 outage_queue_bytes: 1 << 20,
+                rules: None,
             },
         )
     }
@@ -548,6 +553,7 @@ mod tests {
                 index_depth: 4,
                 lock_ttl: Duration::from_secs(5),
                 outage_queue_bytes: queue_bytes,
+                rules: None,
             },
         )
     }
@@ -715,6 +721,7 @@ mod tests {
                 index_depth: 4,
                 lock_ttl: Duration::from_secs(5),
                 outage_queue_bytes: 1 << 20,
+                rules: None,
             },
         );
         let url = "//shop.example/outage-only";
