@@ -78,45 +78,33 @@ fn routes(origin: Origin) -> Router {
         )
         .route(
             "/plain/{id}",
-            routing::get(
-                |State(o): State<Origin>, Path(id): Path<String>| async move {
-                    let n = o.count(&format!("/plain/{id}"));
-                    Response::builder()
-                        .header("cache-control", "max-age=60")
-                        .header("cache-tag", "plain,everything")
-                        .body(Body::from(format!("plain-{id}-v{n}")))
-                        .unwrap()
-                },
-            ),
+            versioned("plain", |_, _| {
+                vec![
+                    ("cache-control", "max-age=60".to_owned()),
+                    ("cache-tag", "plain,everything".to_owned()),
+                ]
+            }),
         )
         .route(
             "/etag/{id}",
-            routing::get(
-                |State(o): State<Origin>, Path(id): Path<String>| async move {
-                    let n = o.count(&format!("/etag/{id}"));
-                    Response::builder()
-                        .header("cache-control", "max-age=60")
-                        .header("etag", format!("\"v{n}\""))
-                        .header("surrogate-key", format!("etag-{id}"))
-                        .body(Body::from(format!("etag-{id}-v{n}")))
-                        .unwrap()
-                },
-            ),
+            versioned("etag", |id, n| {
+                vec![
+                    ("cache-control", "max-age=60".to_owned()),
+                    ("etag", format!("\"v{n}\"")),
+                    ("surrogate-key", format!("etag-{id}")),
+                ]
+            }),
         )
         .route(
             "/targeted/{id}",
-            routing::get(
-                |State(o): State<Origin>, Path(id): Path<String>| async move {
-                    let n = o.count(&format!("/targeted/{id}"));
-                    // Fresh for a minute to the layer (its targeted field),
-                    // `no-cache` to everyone else.
-                    Response::builder()
-                        .header("cache-control", "no-cache")
-                        .header("shop-cache-control", "max-age=60")
-                        .body(Body::from(format!("targeted-{id}-v{n}")))
-                        .unwrap()
-                },
-            ),
+            // Fresh for a minute to the layer (its targeted field),
+            // `no-cache` to everyone else.
+            versioned("targeted", |_, _| {
+                vec![
+                    ("cache-control", "no-cache".to_owned()),
+                    ("shop-cache-control", "max-age=60".to_owned()),
+                ]
+            }),
         )
         .route(
             "/sie",
@@ -174,6 +162,26 @@ fn routes(origin: Origin) -> Router {
             }),
         )
         .with_state(origin)
+}
+
+/// `GET /<name>/{id}`: `<name>-<id>-v<n>` on its n-th call, with the
+/// fields `fields(id, n)`.
+fn versioned(
+    name: &'static str,
+    fields: fn(&str, u64) -> Vec<(&'static str, String)>,
+) -> routing::MethodRouter<Origin> {
+    routing::get(
+        move |State(o): State<Origin>, Path(id): Path<String>| async move {
+            let n = o.count(&format!("/{name}/{id}"));
+            let mut answer = Response::builder();
+            for (field, value) in fields(&id, n) {
+                answer = answer.header(field, value);
+            }
+            answer
+                .body(Body::from(format!("{name}-{id}-v{n}")))
+                .unwrap()
+        },
+    )
 }
 
 struct Instance {
