@@ -823,9 +823,11 @@ async fn a_near_hit_answers_as_the_same_entry_read_from_redis() {
     })
     .await;
     wait_tracking(&near).await;
+    let tracking = near.manager.tracking().unwrap();
     let path = "/etag/1";
     get_settled(&near, path).await;
-    // Read from Redis once tracking is up: kept near.
+    // The store's own invalidation is in; then read from Redis: kept near.
+    tracking.sync().await.unwrap();
     get(&near.app, path).await;
     let cases: [(&str, &[(&str, &str)]); 7] = [
         ("GET", &[]),
@@ -874,6 +876,7 @@ async fn a_near_hit_answers_as_the_same_entry_read_from_redis() {
     // `no-cache`.
     let path = "/targeted/1";
     get_settled(&near, path).await;
+    tracking.sync().await.unwrap();
     get(&near.app, path).await;
     let from_near = get(&near.app, path).await;
     let from_redis = get(&plain.app, path).await;

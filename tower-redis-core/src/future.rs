@@ -7,16 +7,9 @@ use std::task::{Context, Poll};
 
 /// The future of a tower-redis layer's service: the layer's decision (which
 /// may await Redis), then the wrapped service's call. Boxed, because the
-/// decision is an `async` block; an answer the layer had at once (a cache
-/// hit from process memory) is held as it is, with no box.
+/// decision is an `async` block.
 pub struct ResponseFuture<T, E> {
-    inner: Inner<T, E>,
-}
-
-enum Inner<T, E> {
-    Boxed(Pin<Box<dyn Future<Output = Result<T, E>> + Send>>),
-    /// Taken by the first poll.
-    Ready(Option<Result<T, E>>),
+    inner: Pin<Box<dyn Future<Output = Result<T, E>> + Send>>,
 }
 
 impl<T, E> ResponseFuture<T, E> {
@@ -26,44 +19,16 @@ impl<T, E> ResponseFuture<T, E> {
         F: Future<Output = Result<T, E>> + Send + 'static,
     {
         Self {
-            inner: Inner::Boxed(Box::pin(future)),
-        }
-    }
-
-    /// An answer known when the service was called.
-    ///
-    /// ```
-    /// # use std::future::Future;
-    /// # use std::pin::pin;
-    /// # use std::task::{Context, Poll, Waker};
-    /// use tower_redis_core::ResponseFuture;
-    ///
-    /// let future = pin!(ResponseFuture::<u8, ()>::ready(Ok(7)));
-    /// let mut cx = Context::from_waker(Waker::noop());
-    /// assert_eq!(future.poll(&mut cx), Poll::Ready(Ok(7)));
-    /// ```
-    pub fn ready(answer: Result<T, E>) -> Self {
-        Self {
-            inner: Inner::Ready(Some(answer)),
+            inner: Box::pin(future),
         }
     }
 }
-
-// The answer is moved out, never pinned.
-impl<T, E> Unpin for ResponseFuture<T, E> {}
 
 impl<T, E> Future for ResponseFuture<T, E> {
     type Output = Result<T, E>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.inner {
-            Inner::Boxed(future) => future.as_mut().poll(cx),
-            Inner::Ready(answer) => Poll::Ready(
-                answer
-                    .take()
-                    .expect("a ResponseFuture is not polled after it has answered"),
-            ),
-        }
+        self.inner.as_mut().poll(cx)
     }
 }
 

@@ -224,8 +224,8 @@ pub(super) struct Unserved {
 /// Serves a whole entry that is fresh enough for the request (RFC 9111
 /// §4.2, §5.2.1), and counts the hit; otherwise gives it back, with what it
 /// found (it must be revalidated, or served stale while it is).
-#[allow(clippy::result_large_err)]
 /// `stored`: the entry's directives, when the near tier kept them parsed.
+#[allow(clippy::result_large_err)]
 pub(super) fn serve_fresh<B: Body>(
     config: &Config,
     entry: Entry,

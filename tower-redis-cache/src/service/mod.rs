@@ -15,10 +15,12 @@
 //! - `range.rs`: a range request is answered with a range of the whole
 //!   response; `partial.rs`: partial entries (stored `206`s), served,
 //!   completed and combined;
-//! - `cache_status.rs`, `tags.rs`: pure helpers.
+//! - `cache_status.rs`, `tags.rs`: pure helpers;
+//! - `future.rs`: the service's future, boxed, or an answer had at once.
 
 mod cache_status;
 pub(crate) mod coalesce;
+mod future;
 mod hit;
 mod invalidate;
 mod miss;
@@ -53,6 +55,7 @@ use hit::Asked;
 
 pub(crate) use cache_status::CACHE_STATUS;
 pub(crate) use coalesce::Flights;
+pub use future::ResponseFuture;
 pub(crate) use range::storable_partial;
 pub use request::RequestCacheControl;
 pub(crate) use tee::TeeReader;
@@ -75,8 +78,6 @@ impl<S> Cache<S> {
         Self { inner, config }
     }
 }
-
-pub use tower_redis_core::ResponseFuture;
 
 /// The service the cache wraps, with the bounds every path needs (it is
 /// called from spawned refreshes, so it is `Send + 'static`).
@@ -188,6 +189,12 @@ where
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Near hits this thread answered when the service was called.
+    pub(crate) static ANSWERED_AT_ONCE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// What [`handle`] gives: an answer it had at once (a near hit), or the
 /// work to await.
 enum Handled<B: Body, E, F> {
@@ -248,7 +255,11 @@ where
                 &key.directives,
                 Asked::of(&request),
             ) {
-                Ok(response) => return Handled::Now(Ok(response)),
+                Ok(response) => {
+                    #[cfg(test)]
+                    ANSWERED_AT_ONCE.set(ANSWERED_AT_ONCE.get() + 1);
+                    return Handled::Now(Ok(response));
+                }
                 // Boxed: the future of every lookup would hold it.
                 Err((entry, _)) => Some(Box::new(entry)),
             }

@@ -306,3 +306,54 @@ fn a_hits_boxed_futures_fit_the_allocators_thread_cache() {
     let size = std::mem::size_of_val(&read);
     assert!(size <= THREAD_CACHE_BYTES, "the boxed read is {size} bytes");
 }
+
+/// A fresh entry of the near tier is answered when the service is called,
+/// judged by the directives the near tier kept with it under the layer's
+/// rules (here a targeted field makes fresh what `Cache-Control` says must
+/// be revalidated); a range request takes the path that cuts its range.
+#[tokio::test]
+async fn a_fresh_near_hit_is_answered_at_once_by_the_directives_kept_with_it() {
+    use tower_redis_core::testing::TestRedis;
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().unwrap())
+        .await
+        .unwrap();
+    let layer = CacheLayer::builder(manager.clone())
+        .near_cache(1 << 20, Duration::from_secs(3600))
+        .targeted_field("shop-cache-control")
+        .build()
+        .unwrap();
+    let origin = Origin::new(&[
+        ("cache-control", "no-cache"),
+        ("shop-cache-control", "max-age=60"),
+    ]);
+    let tracking = manager.tracking().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !tracking.is_live() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tracking never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let at_once = || super::ANSWERED_AT_ONCE.get();
+    let (_, stored) = send(&layer, &origin, get(&[])).await;
+    assert!(stored.contains("stored"), "{stored}");
+    // The store's own invalidation is in: the next read keeps a copy.
+    tracking.sync().await.unwrap();
+    let (_, from_redis) = send(&layer, &origin, get(&[])).await;
+    assert!(!from_redis.contains("near"), "{from_redis}");
+    let before = at_once();
+    let (status, near) = send(&layer, &origin, get(&[])).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(near.contains("hit") && near.contains("near"), "{near}");
+    assert_eq!(at_once(), before + 1, "answered when called");
+    let (status, ranged) = send(&layer, &origin, get(&[("range", "bytes=0-1")])).await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert!(
+        ranged.contains("hit") && ranged.contains("near"),
+        "{ranged}"
+    );
+    assert_eq!(at_once(), before + 1, "a range takes the awaited path");
+    assert_eq!(origin.calls(), 1);
+}

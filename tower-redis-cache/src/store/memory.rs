@@ -177,7 +177,7 @@ impl MemoryStore {
     }
 
     pub(crate) fn find(&self, url_hash: &str, request: &HeaderMap, extra: &str) -> Found {
-        self.find_judged(url_hash, request, extra).0
+        self.find_kept(url_hash, request, extra, false).0
     }
 
     /// [`find`](Self::find), with the entry's directives when the store
@@ -187,6 +187,16 @@ impl MemoryStore {
         url_hash: &str,
         request: &HeaderMap,
         extra: &str,
+    ) -> (Found, Option<ResponseDirectives>) {
+        self.find_kept(url_hash, request, extra, true)
+    }
+
+    fn find_kept(
+        &self,
+        url_hash: &str,
+        request: &HeaderMap,
+        extra: &str,
+        with_directives: bool,
     ) -> (Found, Option<ResponseDirectives>) {
         let Some(variants) = self.urls.get(url_hash) else {
             return (Found::NoUrl, None);
@@ -198,7 +208,8 @@ impl MemoryStore {
                 if let Some(at) = variants.soft_purged {
                     entry.mark_stale_at(at);
                 }
-                (Found::Entry(entry), kept.directives.clone())
+                let directives = kept.directives.as_ref().filter(|_| with_directives);
+                (Found::Entry(entry), directives.cloned())
             }
             _ => (Found::NoVariant, None),
         }
@@ -247,9 +258,11 @@ impl MemoryStore {
         }
         let kept = Kept {
             entry: put.entry.clone(),
+            // A data value has no fields: nothing to parse, nor to charge.
             directives: self
                 .rules
                 .as_ref()
+                .filter(|_| !put.entry.headers.is_empty())
                 .map(|rules| freshness::directives_of(&put.entry.headers, rules)),
         };
         variants.entries.insert(
@@ -474,6 +487,19 @@ mod tests {
             let (found, kept) = outage.find_judged(&put.url_hash, &HeaderMap::new(), "");
             assert!(matches!(found, Found::Entry(_)), "{headers:?}");
             assert_eq!(kept, None, "{headers:?}");
+            // The kept directives are charged to the near tier's budget.
+            let (near_bytes, outage_bytes) = (near.size().1, outage.size().1);
+            assert!(
+                near_bytes >= outage_bytes + std::mem::size_of::<ResponseDirectives>() as u64,
+                "{headers:?}: {near_bytes} bytes near, {outage_bytes} in the outage store"
+            );
         }
+        // A data value (no fields) has nothing to parse.
+        let data = put(&[]);
+        near.insert(&data);
+        assert_eq!(
+            near.find_judged(&data.url_hash, &HeaderMap::new(), "").1,
+            None
+        );
     }
 }
