@@ -994,12 +994,14 @@ impl CacheLayerBuilder {
 
     /// A near cache: an in-process copy of entries read from Redis, of at
     /// most `max_bytes`, each kept at most `ttl`, answering hits with no
-    /// round trip. Instances keep it coherent through Redis pub/sub: a
-    /// store, invalidation or purge anywhere drops the copies everywhere.
-    /// While the pub/sub connection is down or Redis is unavailable it is
-    /// not used, and it is emptied when the connection comes back, so `ttl`
-    /// bounds how stale a copy can be even if a message is lost. Off by
-    /// default.
+    /// round trip (`Cache-Status: …; detail=near`). Redis client tracking
+    /// keeps it coherent: a store, invalidation, purge or expiry by any
+    /// instance drops the copies everywhere (on a Redis Cluster, where
+    /// tracking is off, the layers' pub/sub announcements do). While that
+    /// connection is down or Redis is unavailable it is not used, and it is
+    /// emptied when the connection is lost or replaced, so `ttl` bounds how
+    /// stale a copy can be even if a message is lost. The crate docs ("Near
+    /// cache") state the exact guarantee. Off by default.
     pub fn near_cache(mut self, max_bytes: u64, ttl: Duration) -> Self {
         self.near_cache = Some((max_bytes, ttl));
         self

@@ -581,6 +581,13 @@ async fn head_is_answered_from_the_get_entry() {
     assert!(head.body.is_empty());
     assert!(head.cache_status().contains("hit"));
     assert_eq!(f.origin.calls(), 1);
+    // RFC 9110 §9.3.2: the length a GET's answer has, not the empty body's.
+    let whole = get(&f.app, "/fresh").await;
+    assert!(whole.cache_status().contains("hit"));
+    assert_eq!(
+        head.header("content-length"),
+        Some(whole.body.len().to_string().as_str())
+    );
 }
 
 #[tokio::test]

@@ -377,6 +377,11 @@ fn serve_with<B: Body>(
         return response;
     }
     let body = if *request.method == Method::HEAD {
+        // RFC 9110 §9.3.2, §8.6: the fields a GET would have, its length
+        // included; left to the empty body, a server writes 0.
+        headers
+            .entry(header::CONTENT_LENGTH)
+            .or_insert_with(|| HeaderValue::from(entry.body.len()));
         CacheBody::empty()
     } else {
         CacheBody::cached(entry.body.clone())
