@@ -84,7 +84,32 @@ impl Selector<'_> {
     }
 }
 
+/// Fields a response made from an entry adds (`Age`, `Accept-Ranges`,
+/// `Cache-Status`).
+const ADDED_FIELDS: usize = 3;
+
 impl Kept {
+    /// A copy of the entry to serve, its fields with room for those a
+    /// response adds (a clone is sized to its fields, and would grow).
+    fn served(&self) -> Entry {
+        let stored = &self.entry;
+        let mut headers = HeaderMap::with_capacity(stored.headers.len() + ADDED_FIELDS);
+        headers.extend(
+            stored
+                .headers
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone())),
+        );
+        Entry {
+            status: stored.status,
+            headers,
+            body: stored.body.clone(),
+            response_time_ms: stored.response_time_ms,
+            initial_age: stored.initial_age,
+            lifetime: stored.lifetime,
+        }
+    }
+
     /// Its bytes: the entry's, and the directives' when kept.
     fn weight(&self) -> u32 {
         let directives = self.directives.as_ref().map_or(0, |d| {
@@ -204,7 +229,7 @@ impl MemoryStore {
         let variant = key::variant(&variants.vary, request, extra);
         match variants.entries.get(&variant) {
             Some((kept, expires)) if *expires > Instant::now() => {
-                let mut entry = kept.entry.clone();
+                let mut entry = kept.served();
                 if let Some(at) = variants.soft_purged {
                     entry.mark_stale_at(at);
                 }
@@ -447,6 +472,29 @@ mod tests {
             },
             keep_for: Duration::from_secs(60),
             tags: Vec::new(),
+        }
+    }
+
+    /// A copy served from either store is the entry as stored: every
+    /// field, repeated ones in order, and the body.
+    #[test]
+    fn a_served_copy_is_the_stored_entry() {
+        let put = put(&[
+            ("cache-control", "max-age=60"),
+            ("link", "</a.css>; rel=preload"),
+            ("content-type", "text/html"),
+            ("link", "</b.js>; rel=preload"),
+        ]);
+        let near = MemoryStore::near(1 << 20, Duration::from_secs(60), None);
+        let outage = MemoryStore::new(1 << 20, None);
+        for store in [&near, &outage] {
+            store.insert(&put);
+            let Found::Entry(entry) = store.find(&put.url_hash, &HeaderMap::new(), "") else {
+                panic!("the entry was just stored");
+            };
+            assert_eq!(entry, put.entry);
+            let links: Vec<_> = entry.headers.get_all("link").iter().collect();
+            assert_eq!(links, ["</a.css>; rel=preload", "</b.js>; rel=preload"]);
         }
     }
 
