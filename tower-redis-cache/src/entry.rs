@@ -23,6 +23,11 @@ const VERSION: u8 = 1;
 /// The version of a partial entry (status 206).
 const VERSION_PARTIAL: u8 = 2;
 
+/// The fields a response made from an entry adds to the entry's (`Age`,
+/// `Accept-Ranges`, `Cache-Status`): a map an entry is served from is made
+/// with room for them (a clone is sized to its fields, and would grow).
+pub(crate) const ADDED_FIELDS: usize = 3;
+
 /// A stored response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Entry {
@@ -134,15 +139,14 @@ impl Entry {
         }
         let count = r.u16()?;
         // Capacity from untrusted input: capped, since HeaderMap panics on
-        // huge ones; plus room for the fields a hit adds to its copy (`Age`,
-        // `Accept-Ranges`, `Cache-Status`; a clone keeps the index's size),
-        // so that serving it does not grow the map.
+        // huge ones; plus room for the fields a hit adds
+        // ([`ADDED_FIELDS`]), so that serving it does not grow the map.
         // An entry without fields (a data value) allocates no map (a hit
         // on an HTTP entry whose fields were all left out grows it then).
         let mut headers = if count == 0 {
             HeaderMap::new()
         } else {
-            HeaderMap::try_with_capacity(usize::from(count).min(64) + 4)
+            HeaderMap::try_with_capacity(usize::from(count).min(64) + ADDED_FIELDS)
                 .map_err(|_| DecodeError("header capacity"))?
         };
         for _ in 0..count {

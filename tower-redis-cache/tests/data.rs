@@ -22,7 +22,7 @@ use support::{call, request};
 use tokio::time::Instant;
 use tower_redis_cache::data::{DataCache, DataError, DataOptions};
 use tower_redis_cache::{CacheLayer, CacheLayerBuilder, Route};
-use tower_redis_core::testing::{TestRedis, wait_for_breaker};
+use tower_redis_core::testing::{TestRedis, wait_for_breaker, wait_for_tracking};
 use tower_redis_core::{BreakerState, RedisManager, redis};
 
 /// How long any wait of this suite may take.
@@ -224,12 +224,9 @@ async fn a_hit_is_one_round_trip_and_a_near_hit_none() {
         subscribers(&redis).await == 2
     })
     .await;
-    eventually("both instances' tracking up", || async {
-        [&a, &b]
-            .iter()
-            .all(|i| i.manager.tracking().is_some_and(|t| t.is_live()))
-    })
-    .await;
+    for instance in [&a, &b] {
+        wait_for_tracking(&instance.manager, DEADLINE).await;
+    }
     // B may hold a near copy from the reads above: A's write ends it
     // (Redis client tracking), and B's sync waits for that word.
     a.data
@@ -862,10 +859,7 @@ async fn a_loop_of_near_hits_lets_the_runtimes_other_tasks_run() {
         .await
         .unwrap();
     let _: Option<Product> = a.data.get("warm-up").await.unwrap();
-    eventually("tracking up", || async {
-        a.manager.tracking().is_some_and(|t| t.is_live())
-    })
-    .await;
+    wait_for_tracking(&a.manager, DEADLINE).await;
     let never = Arc::new(AtomicU64::new(0));
     // The first read copies the value near.
     let first = a
@@ -934,10 +928,7 @@ async fn a_near_hit_is_the_decoded_value_and_goes_with_the_near_copy() {
         .await
         .unwrap();
     let _: Option<Product> = on_b.get("warm-up").await.unwrap();
-    eventually("B's tracking up", || async {
-        b.manager.tracking().is_some_and(|t| t.is_live())
-    })
-    .await;
+    wait_for_tracking(&b.manager, DEADLINE).await;
     let first = on_b.get::<Product>("product:7").await.unwrap();
     assert_eq!(first, Some(product("lamp")));
     let decoded = decodes.load(Ordering::SeqCst);

@@ -33,14 +33,7 @@ async fn each_answer_has_a_span_with_its_cache_status_and_near_hits_are_counted(
         .build()
         .expect("layer");
     // The near tier is used once client tracking is up.
-    let tracking = manager.tracking().expect("tracking");
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !tracking.is_live() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("tracking comes up within 10 s");
+    tower_redis_core::testing::wait_for_tracking(&manager, Duration::from_secs(10)).await;
     let service = tower::Layer::layer(
         &layer,
         tower::service_fn(|_: Request<Empty<Bytes>>| async {

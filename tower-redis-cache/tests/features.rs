@@ -770,15 +770,7 @@ async fn a_near_cache_answers_without_redis_and_a_purge_elsewhere_reaches_it_fas
 
 /// Waits until the instance's near tier follows Redis client tracking.
 async fn wait_tracking(instance: &Instance) {
-    let tracking = instance
-        .manager
-        .tracking()
-        .expect("tracking on a standalone server");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !tracking.is_live() {
-        assert!(Instant::now() < deadline, "tracking never came up");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    tower_redis_core::testing::wait_for_tracking(&instance.manager, Duration::from_secs(10)).await;
 }
 
 /// The fields of an answer but those that move with time (`Age`, and the

@@ -97,7 +97,7 @@ where
         }
         let config = &self.ctx.config;
         let keyed = &self.ctx.keyed;
-        let request_directives = &keyed.directives;
+        let request_directives = &keyed.key.directives;
         let (
             entry,
             Unserved {
@@ -155,7 +155,7 @@ where
         let Joined::Leader(guard) = config
             .store
             .flights
-            .join(&format!("r:{}", keyed.flight_key()), &keyed.url_hash)
+            .join(&format!("r:{}", keyed.flight_key()), &keyed.key.url_hash)
         else {
             return;
         };
@@ -164,14 +164,15 @@ where
             async move {
                 let _in_flight = in_flight;
                 let Ctx { config, keyed } = &self.ctx;
-                let variant =
-                    config
-                        .store
-                        .known_variant(&keyed.url_hash, &keyed.parts.headers, &keyed.extra);
+                let variant = config.store.known_variant(
+                    &keyed.key.url_hash,
+                    &keyed.parts.headers,
+                    &keyed.key.extra,
+                );
                 let purpose = LockPurpose::Refresh(entry.response_time_ms);
                 let lock = match config
                     .store
-                    .try_lock(&keyed.url_hash, variant.as_deref(), purpose)
+                    .try_lock(&keyed.key.url_hash, variant.as_deref(), purpose)
                     .await
                 {
                     LockAttempt::Acquired(lock) => Some(lock),
@@ -268,7 +269,7 @@ pub(crate) fn usable_by_follower(config: &Config, entry: &Entry, keyed: &Keyed) 
     let stored = freshness::directives_of(&entry.headers, &config.rules);
     let age = entry.age(clock::now_ms());
     matches!(
-        freshness::usability(age, entry.lifetime, &stored, &keyed.directives),
+        freshness::usability(age, entry.lifetime, &stored, &keyed.key.directives),
         Usability::Fresh | Usability::StaleAccepted
     )
 }
@@ -330,10 +331,9 @@ pub(crate) fn serve_owned<B: Body>(
     age: u64,
     status: CacheStatus,
 ) -> Response<CacheBody<B>> {
-    let mut headers = std::mem::take(&mut entry.headers);
-    // Room for the three fields `serve_with` adds, made once (a clone is
-    // sized to its entries, and would grow twice).
-    headers.reserve(3);
+    // Made with room for the fields `serve_with` adds (`ADDED_FIELDS`),
+    // by the decoding or the in-process store's copy.
+    let headers = std::mem::take(&mut entry.headers);
     serve_with(headers, &entry, request, age, status)
 }
 

@@ -49,7 +49,7 @@ impl Fill {
     /// Gives up without an entry: releases the lock (waking the other
     /// instances' waiters) and ends the flight.
     pub(crate) fn release(self, ctx: &Ctx) {
-        self.release_for(&ctx.config, &ctx.keyed.url_hash);
+        self.release_for(&ctx.config, &ctx.keyed.key.url_hash);
     }
 
     /// [`release`](Self::release), for a fill of `url_hash`.
@@ -88,13 +88,13 @@ impl Ctx {
     /// for a request that may not lead and finds no flight, not at all.
     pub(crate) fn join_flight(&self, flight_key: &str) -> Option<Joined> {
         let Ctx { config, keyed } = self;
-        if request::may_lead(config, &keyed.parts, &keyed.directives) {
-            Some(config.store.flights.join(flight_key, &keyed.url_hash))
+        if request::may_lead(config, &keyed.parts, &keyed.key.directives) {
+            Some(config.store.flights.join(flight_key, &keyed.key.url_hash))
         } else {
             config
                 .store
                 .flights
-                .follow(flight_key, &keyed.url_hash)
+                .follow(flight_key, &keyed.key.url_hash)
                 .map(Joined::Follower)
         }
     }
@@ -120,6 +120,7 @@ where
             .fetch_add(1, Ordering::Relaxed);
         self.ctx
             .keyed
+            .key
             .directives
             .only_if_cached
             .then(|| gateway_timeout(tier))
@@ -185,7 +186,7 @@ where
         // long): look again, then go to the origin.
         if let (Lookup::Hit(entry), tier) = config
             .store
-            .lookup(&keyed.url_hash, &keyed.parts.headers, &keyed.extra)
+            .lookup(&keyed.key.url_hash, &keyed.parts.headers, &keyed.key.extra)
             .await
             && usable_by_follower(config, &entry, keyed)
         {
@@ -207,9 +208,10 @@ where
         let store = &config.store;
         let mut poll = Duration::from_millis(10);
         let lock = loop {
-            let variant = store.known_variant(&keyed.url_hash, &keyed.parts.headers, &keyed.extra);
+            let variant =
+                store.known_variant(&keyed.key.url_hash, &keyed.parts.headers, &keyed.key.extra);
             match store
-                .try_lock(&keyed.url_hash, variant.as_deref(), LockPurpose::Fill)
+                .try_lock(&keyed.key.url_hash, variant.as_deref(), LockPurpose::Fill)
                 .await
             {
                 LockAttempt::Acquired(lock) => break Some(lock),
@@ -225,7 +227,7 @@ where
             let _ = tokio::time::timeout_at(deadline.min(now + poll), updated).await;
             poll = (poll * 2).min(Duration::from_millis(250));
             if let (Lookup::Hit(entry), tier) = store
-                .lookup(&keyed.url_hash, &keyed.parts.headers, &keyed.extra)
+                .lookup(&keyed.key.url_hash, &keyed.parts.headers, &keyed.key.extra)
                 .await
             {
                 if !usable_by_follower(config, &entry, keyed) {

@@ -231,11 +231,12 @@ where
             invalidate::invalidating(&config, inner, request).await
         }))));
     }
-    let Some(key) = Key::of(&config, &request) else {
+    let Some(key_and_copy) = Key::of(&config, &request) else {
         return Handled::Later(Either::Left(Either::Right(inner.call(request).map(
             move |response| response.map(|response| passthrough(&config, response)),
         ))));
     };
+    let key = &key_and_copy.0;
     // A range request takes the path below, which cuts its range.
     let near = if range::asked(request.headers()) {
         None
@@ -266,7 +267,7 @@ where
         }
         _ => None,
     };
-    let mut keyed = key.with_head(&request);
+    let mut keyed = Keyed::with_head(key_and_copy, &request);
     // The origin is asked for the whole response (unless the range is
     // forwarded: `forward_ranges`, or a stored partial entry); a range is
     // cut from a whole answer, whichever path gives it.
@@ -293,9 +294,9 @@ where
                 Some(entry) => (Lookup::Hit(*entry), Tier::Near),
                 None => {
                     Box::pin(ctx.config.store.lookup_after(
-                        &ctx.keyed.url_hash,
+                        &ctx.keyed.key.url_hash,
                         &ctx.keyed.parts.headers,
-                        &ctx.keyed.extra,
+                        &ctx.keyed.key.extra,
                         near_read,
                     ))
                     .await
@@ -320,23 +321,25 @@ where
 }
 
 /// Where a request's entries live and what it asks of the cache, read
-/// from the request in place. The head is copied only when keying needs a
-/// copy: a request from a trusted proxy (marked as such), a route with a
-/// key function (which is given `Parts`).
+/// from the request in place.
 pub(crate) struct Key {
     /// `//host/path?query`.
     pub(crate) url: String,
     pub(crate) url_hash: String,
     pub(crate) extra: String,
     pub(crate) directives: RequestDirectives,
-    copied: Option<Parts>,
 }
+
+/// A [`Key`], and the copy of the request's head keying made when it
+/// needed one: a request from a trusted proxy (marked as such), a route
+/// with a key function (which is given `Parts`).
+type KeyAndCopy = (Key, Option<Parts>);
 
 impl Key {
     /// The key of a request the cache handles, or `None` for one it passes
     /// through: not a GET or HEAD, gRPC, a body, a route that
     /// bypasses the cache, an unknown host or a malformed forwarded origin.
-    fn of<B: Body>(config: &Config, request: &Request<B>) -> Option<Self> {
+    fn of<B: Body>(config: &Config, request: &Request<B>) -> Option<KeyAndCopy> {
         let method = request.method();
         let cacheable_request =
             (method == Method::GET || method == Method::HEAD) && !request::carries_body(request);
@@ -350,62 +353,37 @@ impl Key {
     /// The key of the URL a request targets, whatever its method: `None`
     /// for gRPC, a route that bypasses the cache, an unknown host or a
     /// malformed forwarded origin.
-    fn of_target<B>(config: &Config, request: &Request<B>) -> Option<Self> {
+    fn of_target<B>(config: &Config, request: &Request<B>) -> Option<KeyAndCopy> {
         let route = config.route_for(request.uri().path());
         if is_grpc(request.headers()) || !route.enabled {
             return None;
         }
         let forwarded = request::forwarded_origin(config, request).ok()?;
-        if forwarded.is_none() && route.key_fn.is_none() {
+        let (url, extra, copied) = if forwarded.is_none() && route.key_fn.is_none() {
             let url = key::url_of(request, &config.allowed_hosts, route)?;
-            let extra = key::extra_key(request, route)?;
-            return Some(Self {
-                url_hash: key::hash_url(&url),
-                url,
-                extra,
-                directives: request::directives(request.headers(), config.request_cache_control),
-                copied: None,
-            });
-        }
-        let mut parts = head_only(request).0;
-        let url = match &forwarded {
-            Some((family, view)) => {
-                parts.extensions.insert(request::ViaTrustedProxy(*family));
-                key::forwarded_url_of(&parts, view, &config.allowed_hosts, route)
+            (url, key::extra_key(request, route)?, None)
+        } else {
+            let mut parts = head_only(request).0;
+            let url = match &forwarded {
+                Some((family, view)) => {
+                    parts.extensions.insert(request::ViaTrustedProxy(*family));
+                    key::forwarded_url_of(&parts, view, &config.allowed_hosts, route)
+                }
+                None => key::url_of(&parts, &config.allowed_hosts, route),
+            }?;
+            let mut extra = key::extra_key(&parts, route)?;
+            if let Some((_, view)) = &forwarded {
+                key::push_forwarded_origin(&mut extra, view, &parts);
             }
-            None => key::url_of(&parts, &config.allowed_hosts, route),
-        }?;
-        let mut extra = key::extra_key(&parts, route)?;
-        if let Some((_, view)) = &forwarded {
-            key::push_forwarded_origin(&mut extra, view, &parts);
-        }
-        let directives = request::directives(&parts.headers, config.request_cache_control);
-        Some(Self {
+            (url, extra, Some(parts))
+        };
+        let key = Key {
             url_hash: key::hash_url(&url),
             url,
             extra,
-            directives,
-            copied: Some(parts),
-        })
-    }
-
-    /// The keyed request, with its head: the copy keying made, or one made
-    /// now.
-    fn with_head<B>(self, request: &Request<B>) -> Keyed {
-        let Self {
-            url,
-            url_hash,
-            extra,
-            directives,
-            copied,
-        } = self;
-        Keyed {
-            parts: copied.unwrap_or_else(|| head_only(request).0),
-            url,
-            url_hash,
-            extra,
-            directives,
-        }
+            directives: request::directives(request.headers(), config.request_cache_control),
+        };
+        Some((key, copied))
     }
 }
 
@@ -413,26 +391,32 @@ impl Key {
 /// entries live and what it asks of the cache.
 pub(crate) struct Keyed {
     pub(crate) parts: Parts,
-    /// `//host/path?query`.
-    pub(crate) url: String,
-    pub(crate) url_hash: String,
-    pub(crate) extra: String,
-    pub(crate) directives: RequestDirectives,
+    pub(crate) key: Key,
 }
 
 impl Keyed {
     /// [`Key::of_target`], with the request's head.
     pub(super) fn of_target<B>(config: &Config, request: &Request<B>) -> Option<Self> {
-        Key::of_target(config, request).map(|key| key.with_head(request))
+        Key::of_target(config, request).map(|found| Self::with_head(found, request))
+    }
+
+    /// A key with the request's head: the copy keying made, or one made
+    /// now.
+    fn with_head<B>((key, copied): KeyAndCopy, request: &Request<B>) -> Self {
+        Self {
+            parts: copied.unwrap_or_else(|| head_only(request).0),
+            key,
+        }
     }
 
     /// The key requests are coalesced on: the URL and the route's extra
     /// key parts (the `Vary` of the response is not known yet).
     pub(crate) fn flight_key(&self) -> String {
-        if self.extra.is_empty() {
-            self.url_hash.clone()
+        let key = &self.key;
+        if key.extra.is_empty() {
+            key.url_hash.clone()
         } else {
-            format!("{}:{}", self.url_hash, key::value_digest(&self.extra))
+            format!("{}:{}", key.url_hash, key::value_digest(&key.extra))
         }
     }
 }

@@ -86,7 +86,7 @@ where
         let age = entry.age(now_ms);
         let stored = freshness::directives_of(&entry.headers, &config.rules);
         let usable = matches!(
-            freshness::usability(age, entry.lifetime, &stored, &keyed.directives),
+            freshness::usability(age, entry.lifetime, &stored, &keyed.key.directives),
             Usability::Fresh | Usability::StaleAccepted
         );
         match range::resolve(wanted.range, span.complete) {
@@ -110,7 +110,7 @@ where
                 if let Some(validator) = range::strong_validator(&entry.headers)
                     && span.joins(asked)
                     && joined_len <= config.max_body_bytes as u64
-                    && !keyed.directives.only_if_cached
+                    && !keyed.key.directives.only_if_cached
                 {
                     let completion = Completion {
                         entry,
@@ -314,10 +314,10 @@ impl Combined {
         combined.initial_age = freshness::initial_age(&parts.headers, request_time, response_time);
 
         let as_stored = response_parts(combined.status, combined.headers.clone());
-        let refused = request::refuses_storage(config, &keyed.parts, &keyed.directives);
+        let refused = request::refuses_storage(config, &keyed.parts, &keyed.key.directives);
         let storable = freshness::storable(
             &keyed.parts,
-            &keyed.directives,
+            &keyed.key.directives,
             &as_stored,
             &config.rules,
             route,

@@ -127,11 +127,12 @@ where
         let mut poll = Duration::from_millis(10);
         let mut seen_filled = false;
         let lock = loop {
-            let variant = store.known_variant(&keyed.url_hash, &keyed.parts.headers, &keyed.extra);
+            let variant =
+                store.known_variant(&keyed.key.url_hash, &keyed.parts.headers, &keyed.key.extra);
             let updated = store.bus.updated();
             let purpose = LockPurpose::Refresh(found_at);
             let attempt = match store
-                .try_lock(&keyed.url_hash, variant.as_deref(), purpose)
+                .try_lock(&keyed.key.url_hash, variant.as_deref(), purpose)
                 .await
             {
                 LockAttempt::Acquired(lock) => break Some(lock),
@@ -295,7 +296,7 @@ impl Validated {
         let unkeyed = request::carries_unkeyed_header(config, client_parts);
         let storable = freshness::storable(
             client_parts,
-            &keyed.directives,
+            &keyed.key.directives,
             &as_stored,
             &config.rules,
             route,
@@ -387,7 +388,7 @@ async fn newer_entry(ctx: &Ctx, found_at: u64) -> Option<(Entry, Tier)> {
     let Ctx { config, keyed } = ctx;
     match config
         .store
-        .lookup(&keyed.url_hash, &keyed.parts.headers, &keyed.extra)
+        .lookup(&keyed.key.url_hash, &keyed.parts.headers, &keyed.key.extra)
         .await
     {
         (Lookup::Hit(entry), tier) if entry.response_time_ms > found_at && !entry.is_partial() => {

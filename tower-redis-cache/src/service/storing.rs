@@ -65,12 +65,12 @@ fn storability<B: Body>(
 ) -> Result<Storable, bool> {
     let Ctx { config, keyed } = ctx;
     let request = &keyed.parts;
-    if request::refuses_storage(config, request, &keyed.directives) {
+    if request::refuses_storage(config, request, &keyed.key.directives) {
         return Err(false);
     }
     match freshness::storable(
         request,
-        &keyed.directives,
+        &keyed.key.directives,
         response,
         &config.rules,
         route,
@@ -159,9 +159,9 @@ pub(crate) fn put_for(
     }
     let vary = key::vary_names(&entry.headers).unwrap_or_default();
     Put {
-        url_hash: keyed.url_hash.clone(),
-        url: keyed.url.clone(),
-        variant: key::variant(&vary, request, &keyed.extra),
+        url_hash: keyed.key.url_hash.clone(),
+        url: keyed.key.url.clone(),
+        variant: key::variant(&vary, request, &keyed.key.extra),
         vary,
         keep_for: keep_for(config, route, &entry, storable.lifetime),
         entry,

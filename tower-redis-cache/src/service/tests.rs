@@ -313,7 +313,7 @@ fn a_hits_boxed_futures_fit_the_allocators_thread_cache() {
 /// be revalidated); a range request takes the path that cuts its range.
 #[tokio::test]
 async fn a_fresh_near_hit_is_answered_at_once_by_the_directives_kept_with_it() {
-    use tower_redis_core::testing::TestRedis;
+    use tower_redis_core::testing::{TestRedis, wait_for_tracking};
     let redis = TestRedis::start().await;
     let manager = RedisManager::connect(redis.config().build().unwrap())
         .await
@@ -328,14 +328,7 @@ async fn a_fresh_near_hit_is_answered_at_once_by_the_directives_kept_with_it() {
         ("shop-cache-control", "max-age=60"),
     ]);
     let tracking = manager.tracking().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !tracking.is_live() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "tracking never came up"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_tracking(&manager, Duration::from_secs(10)).await;
     let at_once = || super::ANSWERED_AT_ONCE.get();
     let (_, stored) = send(&layer, &origin, get(&[])).await;
     assert!(stored.contains("stored"), "{stored}");

@@ -14,7 +14,7 @@ use std::convert::Infallible;
 use super::typed::{NearCopy, TypedNear};
 use super::{EntryStore, Found, LockAttempt, LockPurpose, LockToken, Put, Target};
 use crate::directives::ResponseDirectives;
-use crate::entry::Entry;
+use crate::entry::{ADDED_FIELDS, Entry};
 use crate::freshness::{self, Rules};
 use crate::key;
 
@@ -84,13 +84,9 @@ impl Selector<'_> {
     }
 }
 
-/// Fields a response made from an entry adds (`Age`, `Accept-Ranges`,
-/// `Cache-Status`).
-const ADDED_FIELDS: usize = 3;
-
 impl Kept {
     /// A copy of the entry to serve, its fields with room for those a
-    /// response adds (a clone is sized to its fields, and would grow).
+    /// response adds ([`ADDED_FIELDS`]).
     fn served(&self) -> Entry {
         let stored = &self.entry;
         let mut headers = HeaderMap::with_capacity(stored.headers.len() + ADDED_FIELDS);

@@ -502,6 +502,26 @@ pub async fn wait_for_breaker(
     );
 }
 
+/// Waits until `manager`'s client-tracking connection is live (the layers'
+/// near tiers are used from then on), and panics if it is not within
+/// `within` or the manager has no tracking (a Cluster).
+pub async fn wait_for_tracking(manager: &crate::RedisManager, within: Duration) {
+    let tracking = manager
+        .tracking()
+        .expect("client tracking on a standalone or Sentinel manager");
+    let live = tokio::time::timeout(within, async {
+        while !tracking.is_live() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        live.is_ok(),
+        "tracking did not come up within {within:?}; health: {:?}",
+        manager.health()
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
