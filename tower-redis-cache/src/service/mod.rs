@@ -139,17 +139,46 @@ where
             inner,
             clock: Arc::downgrade(&clock),
         };
-        // Parsed and keyed now, inside the span as the rest.
-        let handled = match span.in_scope(|| handle(config, inner, request)) {
-            Handled::Now(answer) => return ResponseFuture::ready(answer),
-            Handled::Later(handled) => handled,
+        let finish = Finish {
+            span: span.clone(),
+            #[cfg(feature = "metrics")]
+            clock,
         };
+        // Parsed and keyed now, inside the span as the rest.
+        span.in_scope(|| handle(config, inner, request, finish))
+    }
+}
+
+/// What the future of a request that awaits needs around it: the request's
+/// span, and (metrics) the clock of the cache's own latency.
+struct Finish {
+    span: tracing::Span,
+    #[cfg(feature = "metrics")]
+    clock: Arc<tower_redis_core::record::LayerClock>,
+}
+
+impl Finish {
+    /// The service's future for `later`: instrumented, timed, boxed.
+    ///
+    /// Boxed where it is made, so that what [`handle`] returns is small: a
+    /// near hit returned the whole unboxed future of the slow path (about a
+    /// kilobyte) through each caller, copied at each step.
+    fn boxed<F, T, E>(self, later: F) -> ResponseFuture<T, E>
+    where
+        F: Future<Output = Result<T, E>> + Send + 'static,
+    {
         #[cfg(feature = "metrics")]
-        let handled = futures_util::FutureExt::map(handled, move |answer| {
-            drop(clock);
-            answer
-        });
-        ResponseFuture::new(handled.instrument(span))
+        let later = {
+            let clock = self.clock;
+            futures_util::FutureExt::map(later, move |answer| {
+                drop(clock);
+                answer
+            })
+        };
+        let later = later.instrument(self.span);
+        #[cfg(test)]
+        LAST_BOXED_BYTES.set(std::mem::size_of_val(&later));
+        ResponseFuture::new(later)
     }
 }
 
@@ -193,13 +222,8 @@ where
 thread_local! {
     /// Near hits this thread answered when the service was called.
     pub(crate) static ANSWERED_AT_ONCE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-}
-
-/// What [`handle`] gives: an answer it had at once (a near hit), or the
-/// work to await.
-enum Handled<B: Body, E, F> {
-    Now(Answer<B, E>),
-    Later(F),
+    /// The size of the last future [`Finish::boxed`] boxed on this thread.
+    pub(crate) static LAST_BOXED_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Parse, decide, and either answer from the cache or forward.
@@ -218,7 +242,8 @@ fn handle<S, ReqBody, ResBody>(
     config: Arc<Config>,
     mut inner: S,
     mut request: Request<ReqBody>,
-) -> Handled<ResBody, S::Error, impl Future<Output = Answer<ResBody, S::Error>> + Send>
+    finish: Finish,
+) -> ResponseFuture<Response<CacheBody<ResBody>>, S::Error>
 where
     S: Origin<ReqBody, ResBody>,
     ReqBody: Body + Send + 'static,
@@ -227,14 +252,15 @@ where
     use futures_util::FutureExt as _;
     use futures_util::future::Either;
     if is_unsafe(request.method()) {
-        return Handled::Later(Either::Left(Either::Left(Box::pin(async move {
-            invalidate::invalidating(&config, inner, request).await
-        }))));
+        return finish
+            .boxed(async move { invalidate::invalidating(&config, inner, request).await });
     }
     let Some(key_and_copy) = Key::of(&config, &request) else {
-        return Handled::Later(Either::Left(Either::Right(inner.call(request).map(
-            move |response| response.map(|response| passthrough(&config, response)),
-        ))));
+        return finish.boxed(
+            inner
+                .call(request)
+                .map(move |response| response.map(|response| passthrough(&config, response))),
+        );
     };
     let key = &key_and_copy.0;
     // A range request takes the path below, which cuts its range.
@@ -259,7 +285,7 @@ where
                 Ok(response) => {
                     #[cfg(test)]
                     ANSWERED_AT_ONCE.set(ANSWERED_AT_ONCE.get() + 1);
-                    return Handled::Now(Ok(response));
+                    return ResponseFuture::ready(Ok(response));
                 }
                 // Boxed: the future of every lookup would hold it.
                 Err((entry, _)) => Some(Box::new(entry)),
@@ -279,7 +305,7 @@ where
         request,
         body: PhantomData,
     };
-    Handled::Later(Either::Right(async move {
+    finish.boxed(async move {
         let wanted = range.as_ref();
         // The next step is picked in a block, so that what the lookup
         // found is not kept in this future while the step runs.
@@ -317,7 +343,7 @@ where
             Some(wanted) => answer.map(|response| range::answer(&wanted, response)),
             None => answer,
         }
-    }))
+    })
 }
 
 /// Where a request's entries live and what it asks of the cache, read

@@ -1,5 +1,8 @@
-//! Each thread's front of the decoded data copies (`typed.rs`): the few
-//! copies this thread read last, held by the thread itself.
+//! Each thread's front of the near tier: the few copies this thread read
+//! last, held by the thread itself. One front per kind of copy: the data
+//! cache's decoded values (`typed.rs`) and the HTTP cache's records
+//! (`memory.rs`, whose exactness comes from the store's generation; see
+//! there). What follows is about the decoded values.
 //!
 //! Why: every read of the shared decoded copies writes shared memory (the
 //! cache's records of reads, the copy's reference count). When one hot key
@@ -28,38 +31,44 @@
 //! while the thread's locals are being destroyed.
 
 use std::cell::RefCell;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use super::typed::Slot;
+use std::thread::LocalKey;
 
 /// Copies held per thread.
 pub(crate) const SLOTS: usize = 8;
-/// The largest charge (see `Slot::weight`) of a copy a front holds.
+/// The largest charge (see [`FrontCopy::weight`]) of a copy a front holds.
 pub(crate) const MAX_WEIGHT: u32 = 16 << 10;
 
-/// A front copy, and whose it is.
-struct Held {
-    owner: u64,
-    slot: Arc<Slot>,
+/// What a front holds.
+pub(crate) trait FrontCopy {
+    /// The key it is found by.
+    fn key(&self) -> &str;
+    /// What it is charged.
+    fn weight(&self) -> u32;
+    /// Whether it may no longer be served: its place is taken first.
+    fn is_spent(&self) -> bool;
 }
 
-struct Front {
-    held: [Option<Held>; SLOTS],
+/// One thread's copies of one kind, each with the name of its owner.
+pub(crate) struct Front<T> {
+    held: [Option<(u64, T)>; SLOTS],
     /// The slot the next new copy takes.
     next: usize,
 }
 
-thread_local! {
-    static FRONT: RefCell<Front> = const {
-        RefCell::new(Front {
+impl<T> Front<T> {
+    pub(crate) const fn new() -> Self {
+        Self {
             held: [const { None }; SLOTS],
             next: 0,
-        })
-    };
+        }
+    }
 }
 
-/// A new owner's name: never reused, so that a copy left by a dropped data
+/// A thread's front of copies of kind `T`.
+pub(crate) type Local<T> = LocalKey<RefCell<Front<T>>>;
+
+/// A new owner's name: never reused, so that a copy left by a dropped
 /// cache is never taken for another's.
 pub(crate) fn owner_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -72,35 +81,42 @@ pub(crate) fn owner_id() -> u64 {
 /// `read` runs with the front borrowed: a call back into the front from it
 /// (a value whose `Clone` reads a data cache) finds it as usual, and one
 /// that would change it changes nothing.
-pub(crate) fn get<R>(owner: u64, key: &str, read: impl FnOnce(&Slot) -> Option<R>) -> Option<R> {
-    FRONT
+pub(crate) fn get<T: FrontCopy, R>(
+    front: &'static Local<T>,
+    owner: u64,
+    key: &str,
+    read: impl FnOnce(&T) -> Option<R>,
+) -> Option<R> {
+    front
         .try_with(|front| {
             let front = front.try_borrow().ok()?;
-            let held = front
+            let (_, held) = front
                 .held
                 .iter()
                 .flatten()
-                .find(|held| held.owner == owner && held.slot.key() == key)?;
-            read(&held.slot)
+                .find(|(held_for, held)| *held_for == owner && held.key() == key)?;
+            read(held)
         })
         .ok()
         .flatten()
 }
 
-/// Holds `slot` as this thread's copy of its key for `owner`.
-pub(crate) fn keep(owner: u64, slot: Arc<Slot>) {
-    if slot.weight() > MAX_WEIGHT {
+/// Holds `copy` as this thread's copy of its key for `owner`, unless it is
+/// charged more than [`MAX_WEIGHT`].
+pub(crate) fn keep<T: FrontCopy>(front: &'static Local<T>, owner: u64, copy: T) {
+    if copy.weight() > MAX_WEIGHT {
         return;
     }
-    let _ = FRONT.try_with(|front| {
+    let _ = front.try_with(|front| {
         let Ok(mut front) = front.try_borrow_mut() else {
             return;
         };
-        let same_key = |held: &Option<Held>| {
+        let same_key = |held: &Option<(u64, T)>| {
             held.as_ref()
-                .is_some_and(|held| held.owner == owner && held.slot.key() == slot.key())
+                .is_some_and(|(held_for, held)| *held_for == owner && held.key() == copy.key())
         };
-        let unused = |held: &Option<Held>| held.as_ref().is_none_or(|held| held.slot.is_retired());
+        let unused =
+            |held: &Option<(u64, T)>| held.as_ref().is_none_or(|(_, held)| held.is_spent());
         let at = match front
             .held
             .iter()
@@ -116,7 +132,7 @@ pub(crate) fn keep(owner: u64, slot: Arc<Slot>) {
         };
         // The copy it replaces is dropped after the front is released: its
         // value's `Drop` may read a data cache.
-        let replaced = front.held[at].replace(Held { owner, slot });
+        let replaced = front.held[at].replace((owner, copy));
         drop(front);
         drop(replaced);
     });
@@ -124,16 +140,16 @@ pub(crate) fn keep(owner: u64, slot: Arc<Slot>) {
 
 /// How many copies this thread holds for `owner`, and their charges.
 #[cfg(test)]
-pub(crate) fn held(owner: u64) -> (usize, u64) {
-    FRONT.with(|front| {
+pub(crate) fn held<T: FrontCopy>(front: &'static Local<T>, owner: u64) -> (usize, u64) {
+    front.with(|front| {
         let front = front.borrow();
         let mine = front
             .held
             .iter()
             .flatten()
-            .filter(|held| held.owner == owner);
-        mine.fold((0, 0), |(count, bytes), held| {
-            (count + 1, bytes + u64::from(held.slot.weight()))
+            .filter(|(held_for, _)| *held_for == owner);
+        mine.fold((0, 0), |(count, bytes), (_, held)| {
+            (count + 1, bytes + u64::from(held.weight()))
         })
     })
 }

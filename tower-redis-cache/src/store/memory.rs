@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use std::convert::Infallible;
 
+use super::front;
 use super::typed::{NearCopy, TypedNear};
 use super::{EntryStore, Found, LockAttempt, LockPurpose, LockToken, Put, Target};
 use crate::directives::ResponseDirectives;
@@ -44,6 +45,16 @@ struct Variants {
 
 pub(crate) struct MemoryStore {
     urls: moka::sync::Cache<String, Arc<Variants>>,
+    /// Bumped after every change this store makes to `urls` (a record
+    /// stored, replaced or removed, a purge, everything emptied). A thread's
+    /// own copy of a record ([`LocalRecord`]) is served only while the
+    /// generation is the one read before the record was: so a read that
+    /// starts after a change has returned never finds a copy from before
+    /// it, on any thread.
+    generation: Arc<AtomicU64>,
+    /// Names this store's copies in the threads' fronts: the near tier's
+    /// only.
+    front_owner: Option<u64>,
     /// How long a record lives (besides its entries' own expiry).
     time_to_live: Option<Duration>,
     next_id: AtomicU64,
@@ -106,6 +117,36 @@ impl Kept {
         }
     }
 
+    /// A copy whose fields and body are in buffers of its own, not slices
+    /// of the ones the stored entry shares.
+    fn local_copy(&self) -> Kept {
+        let stored = &self.entry;
+        let mut headers = HeaderMap::with_capacity(stored.headers.len() + ADDED_FIELDS);
+        for (name, value) in &stored.headers {
+            let name =
+                HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone());
+            let copied = match HeaderValue::from_bytes(value.as_bytes()) {
+                Ok(mut copied) => {
+                    copied.set_sensitive(value.is_sensitive());
+                    copied
+                }
+                Err(_) => value.clone(),
+            };
+            headers.append(name, copied);
+        }
+        Kept {
+            entry: Entry {
+                status: stored.status,
+                headers,
+                body: bytes::Bytes::copy_from_slice(&stored.body),
+                response_time_ms: stored.response_time_ms,
+                initial_age: stored.initial_age,
+                lifetime: stored.lifetime,
+            },
+            directives: self.directives.clone(),
+        }
+    }
+
     /// Its bytes: the entry's, and the directives' when kept.
     fn weight(&self) -> u32 {
         let directives = self.directives.as_ref().map_or(0, |d| {
@@ -122,6 +163,99 @@ impl Kept {
     }
 }
 
+thread_local! {
+    /// This thread's copies of near records (`front.rs`).
+    static RECORDS: std::cell::RefCell<front::Front<LocalRecord>> =
+        const { std::cell::RefCell::new(front::Front::new()) };
+}
+
+/// A thread's own copy of a near record, held in its front: a hot URL read
+/// on every core then writes no memory the cores share (the cache's
+/// records of reads, the record's reference count, the reference counts of
+/// the buffers its fields and body are slices of).
+///
+/// Served only while the store's generation is the one read before the
+/// record was (see `MemoryStore::generation`), and each entry only until
+/// it leaves the store. Its buffers are the thread's own: copied once, when
+/// it is kept.
+struct LocalRecord {
+    url_hash: Box<str>,
+    /// The store's generation when the record was read, and the store's
+    /// counter.
+    generation: u64,
+    current: Arc<AtomicU64>,
+    vary: String,
+    soft_purged: Option<u64>,
+    /// Each variant's entry, and when it leaves the store.
+    entries: Vec<(String, Kept, Instant)>,
+    weight: u32,
+}
+
+impl LocalRecord {
+    fn of(store: &MemoryStore, url_hash: &str, variants: &Variants, generation: u64) -> Self {
+        Self {
+            url_hash: url_hash.into(),
+            generation,
+            current: Arc::clone(&store.generation),
+            vary: variants.vary.clone(),
+            soft_purged: variants.soft_purged,
+            entries: variants
+                .entries
+                .iter()
+                .map(|(variant, (kept, expires))| {
+                    (
+                        variant.clone(),
+                        kept.local_copy(),
+                        store.until(variants, *expires),
+                    )
+                })
+                .collect(),
+            weight: variants.weight,
+        }
+    }
+
+    /// What a read of the store at `generation` finds in this copy; `None`
+    /// when the copy is out of date, or has no live entry for the request
+    /// (the store is read then).
+    fn find(
+        &self,
+        generation: u64,
+        request: &HeaderMap,
+        extra: &str,
+        with_directives: bool,
+        now: Instant,
+    ) -> Option<(Found, Option<ResponseDirectives>)> {
+        if self.generation != generation {
+            return None;
+        }
+        let variant = key::variant(&self.vary, request, extra);
+        let (_, kept, until) = self.entries.iter().find(|(v, ..)| *v == variant)?;
+        if *until <= now {
+            return None;
+        }
+        let mut entry = kept.served();
+        if let Some(at) = self.soft_purged {
+            entry.mark_stale_at(at);
+        }
+        let directives = kept.directives.as_ref().filter(|_| with_directives);
+        Some((Found::Entry(entry), directives.cloned()))
+    }
+}
+
+impl front::FrontCopy for LocalRecord {
+    fn key(&self) -> &str {
+        &self.url_hash
+    }
+
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    fn is_spent(&self) -> bool {
+        self.generation != self.current.load(Ordering::Relaxed)
+    }
+}
+
 impl MemoryStore {
     /// A store of at most `max_bytes`, whose entries live at most
     /// `time_to_live` (besides their own expiry).
@@ -134,6 +268,8 @@ impl MemoryStore {
         }
         Self {
             urls: builder.build(),
+            generation: Arc::new(AtomicU64::new(0)),
+            front_owner: None,
             time_to_live,
             next_id: AtomicU64::new(1),
             typed: None,
@@ -148,6 +284,7 @@ impl MemoryStore {
         let mut store = Self::new(max_bytes, Some(time_to_live));
         store.typed = Some(Arc::new(TypedNear::new(max_bytes)));
         store.rules = rules;
+        store.front_owner = Some(front::owner_id());
         store
     }
 
@@ -219,11 +356,21 @@ impl MemoryStore {
         extra: &str,
         with_directives: bool,
     ) -> (Found, Option<ResponseDirectives>) {
+        // Read before the record: a change after this makes the copy kept
+        // below one that is not served.
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some(owner) = self.front_owner
+            && let Some(found) = front::get(&RECORDS, owner, url_hash, |copy| {
+                copy.find(generation, request, extra, with_directives, Instant::now())
+            })
+        {
+            return found;
+        }
         let Some(variants) = self.urls.get(url_hash) else {
             return (Found::NoUrl, None);
         };
         let variant = key::variant(&variants.vary, request, extra);
-        match variants.entries.get(&variant) {
+        let found = match variants.entries.get(&variant) {
             Some((kept, expires)) if *expires > Instant::now() => {
                 let mut entry = kept.served();
                 if let Some(at) = variants.soft_purged {
@@ -232,8 +379,20 @@ impl MemoryStore {
                 let directives = kept.directives.as_ref().filter(|_| with_directives);
                 (Found::Entry(entry), directives.cloned())
             }
-            _ => (Found::NoVariant, None),
+            _ => return (Found::NoVariant, None),
+        };
+        if let Some(owner) = self.front_owner
+            && variants.weight <= front::MAX_WEIGHT
+        {
+            let copy = LocalRecord::of(self, url_hash, &variants, generation);
+            front::keep(&RECORDS, owner, copy);
         }
+        found
+    }
+
+    /// Marks a change of `urls`, made before this is called.
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Stores an entry; returns its record's identity and when it leaves
@@ -309,12 +468,14 @@ impl MemoryStore {
             until: self.until(&variants, expiry(now, put.keep_for)),
         };
         self.urls.insert(put.url_hash.clone(), Arc::new(variants));
+        self.changed();
         self.forget_typed(&put.url_hash);
         copy
     }
 
     pub(crate) fn remove(&self, url_hash: &str) {
         self.urls.invalidate(url_hash);
+        self.changed();
         self.forget_typed(url_hash);
     }
 
@@ -329,6 +490,7 @@ impl MemoryStore {
         for (url_hash, variants) in &self.urls {
             if selector.matches(&variants) {
                 self.urls.invalidate(url_hash.as_str());
+                self.changed();
                 self.forget_typed(&url_hash);
                 count += 1;
             }
@@ -345,6 +507,7 @@ impl MemoryStore {
                 marked.soft_purged = Some(at_ms);
                 marked.id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 self.urls.insert(String::clone(&url_hash), Arc::new(marked));
+                self.changed();
                 self.forget_typed(&url_hash);
                 count += 1;
             }
@@ -379,6 +542,7 @@ impl MemoryStore {
 
     pub(crate) fn clear(&self) {
         self.urls.invalidate_all();
+        self.changed();
         if let Some(typed) = &self.typed {
             typed.clear();
         }
@@ -485,13 +649,145 @@ mod tests {
         let outage = MemoryStore::new(1 << 20, None);
         for store in [&near, &outage] {
             store.insert(&put);
-            let Found::Entry(entry) = store.find(&put.url_hash, &HeaderMap::new(), "") else {
-                panic!("the entry was just stored");
-            };
-            assert_eq!(entry, put.entry);
-            let links: Vec<_> = entry.headers.get_all("link").iter().collect();
-            assert_eq!(links, ["</a.css>; rel=preload", "</b.js>; rel=preload"]);
+            // Twice: the near tier serves the second from this thread's
+            // own copy of the record.
+            for _ in 0..2 {
+                let Found::Entry(entry) = store.find(&put.url_hash, &HeaderMap::new(), "") else {
+                    panic!("the entry was just stored");
+                };
+                assert_eq!(entry, put.entry);
+                let links: Vec<_> = entry.headers.get_all("link").iter().collect();
+                assert_eq!(links, ["</a.css>; rel=preload", "</b.js>; rel=preload"]);
+            }
         }
+        let owner = near.front_owner.expect("the near tier has a front");
+        assert_eq!(front::held(&RECORDS, owner).0, 1);
+    }
+
+    /// A thread's own copy of a near record is not served once the store
+    /// has changed: each change, made on another thread, is seen by this
+    /// thread's next read, which its earlier reads had answered from its
+    /// copy.
+    #[test]
+    fn a_threads_copy_of_a_near_record_is_not_served_after_a_change() {
+        type Change = fn(&MemoryStore, &Put);
+        let changes: [(&str, Change, Option<&[u8]>); 7] = [
+            (
+                "stored again",
+                |s, p| {
+                    let _ = s.insert(&body(p, b"v2"));
+                },
+                Some(b"v2"),
+            ),
+            ("removed", |s, p| s.remove(&p.url_hash), None),
+            ("emptied", |s, _| s.clear(), None),
+            (
+                "purged by tag",
+                |s, _| {
+                    let _ = s.purge_target(&Target::Tag("t".into()), None);
+                },
+                None,
+            ),
+            (
+                "purged by path",
+                |s, _| {
+                    let _ = s.purge_target(&Target::Path("/p".into()), None);
+                },
+                None,
+            ),
+            (
+                "purged by URL",
+                |s, p| {
+                    let _ = s.purge_target(&Target::Url(p.url.clone()), None);
+                },
+                None,
+            ),
+            (
+                "soft purged",
+                |s, _| {
+                    let _ = s.purge_target(&Target::All, Some(tower_redis_core::clock::now_ms()));
+                },
+                Some(b"page"),
+            ),
+        ];
+        for (change, make, after) in changes {
+            let near = MemoryStore::near(1 << 20, Duration::from_secs(60), None);
+            let owner = near.front_owner.expect("the near tier has a front");
+            let mut stored = put(&[("cache-control", "max-age=60")]);
+            stored.tags = vec!["t".to_owned()];
+            near.insert(&stored);
+            let read = || match near.find(&stored.url_hash, &HeaderMap::new(), "") {
+                Found::Entry(entry) => Some(entry),
+                _ => None,
+            };
+            for _ in 0..2 {
+                assert_eq!(read().map(|e| e.body).as_deref(), Some(&b"page"[..]));
+            }
+            assert_eq!(
+                front::held(&RECORDS, owner).0,
+                1,
+                "{change}: a copy is held"
+            );
+            std::thread::scope(|scope| scope.spawn(|| make(&near, &stored)).join())
+                .expect("the change is made");
+            let found = read();
+            assert_eq!(found.as_ref().map(|e| &e.body[..]), after, "{change}");
+            if change == "soft purged" {
+                let entry = found.expect("a soft purge keeps the entry");
+                assert_eq!(entry.lifetime, 0, "{change}: the entry is stale");
+            }
+        }
+    }
+
+    /// A thread's copy of an entry is served until the entry leaves the
+    /// store: its own end, or the near tier's time to live.
+    #[test]
+    fn a_threads_copy_of_an_entry_ends_when_the_entry_does() {
+        for (keep_for, time_to_live) in [(10, 60), (60, 10)] {
+            let near = MemoryStore::near(1 << 20, Duration::from_secs(time_to_live), None);
+            let mut stored = put(&[]);
+            stored.keep_for = Duration::from_secs(keep_for);
+            near.insert(&stored);
+            let record = near.urls.get(&stored.url_hash).expect("just stored");
+            let generation = near.generation.load(Ordering::Acquire);
+            let copy = LocalRecord::of(&near, &stored.url_hash, &record, generation);
+            let now = Instant::now();
+            let found = |at| {
+                copy.find(generation, &HeaderMap::new(), "", false, at)
+                    .is_some()
+            };
+            assert!(
+                found(now + Duration::from_secs(9)),
+                "{keep_for} / {time_to_live}"
+            );
+            assert!(
+                !found(now + Duration::from_secs(11)),
+                "{keep_for} / {time_to_live}"
+            );
+        }
+    }
+
+    /// A thread holds copies of records charged at most
+    /// [`front::MAX_WEIGHT`]; a larger one is served from the store.
+    #[test]
+    fn a_thread_holds_no_copy_of_a_large_record() {
+        let near = MemoryStore::near(1 << 20, Duration::from_secs(60), None);
+        let owner = near.front_owner.expect("the near tier has a front");
+        let large = body(&put(&[]), &[b'x'; front::MAX_WEIGHT as usize]);
+        near.insert(&large);
+        for _ in 0..2 {
+            assert!(matches!(
+                near.find(&large.url_hash, &HeaderMap::new(), ""),
+                Found::Entry(_)
+            ));
+        }
+        assert_eq!(front::held(&RECORDS, owner), (0, 0));
+    }
+
+    fn body(put: &Put, body: &[u8]) -> Put {
+        let mut put = put.clone();
+        put.entry.body = Bytes::copy_from_slice(body);
+        put
     }
 
     /// The near tier keeps each entry's directives as the layer's rules

@@ -72,15 +72,27 @@ pub(crate) struct Slot {
     until: Instant,
 }
 
-impl Slot {
-    pub(crate) fn key(&self) -> &str {
+thread_local! {
+    /// This thread's front of decoded copies (`front.rs`).
+    static FRONT: std::cell::RefCell<front::Front<Arc<Slot>>> =
+        const { std::cell::RefCell::new(front::Front::new()) };
+}
+
+impl front::FrontCopy for Arc<Slot> {
+    fn key(&self) -> &str {
         &self.key
     }
 
-    pub(crate) fn weight(&self) -> u32 {
+    fn weight(&self) -> u32 {
         self.weight
     }
 
+    fn is_spent(&self) -> bool {
+        self.is_retired()
+    }
+}
+
+impl Slot {
     /// Whether it was dropped or replaced (see `retired`).
     pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::SeqCst)
@@ -166,7 +178,7 @@ impl TypedNear {
         now: Instant,
     ) -> Typed<T> {
         let refresh = refresh.map(f64::to_bits);
-        if let Some(value) = front::get(self.id, key, |slot| {
+        if let Some(value) = front::get(&FRONT, self.id, key, |slot| {
             slot.value::<C, T>(refresh, now).cloned()
         }) {
             return Typed::Fresh(value);
@@ -183,7 +195,7 @@ impl TypedNear {
         let Some(value) = slot.value::<C, T>(refresh, now).cloned() else {
             return Typed::Absent;
         };
-        front::keep(self.id, slot);
+        front::keep(&FRONT, self.id, slot);
         Typed::Fresh(value)
     }
 
@@ -432,12 +444,12 @@ mod tests {
             keep_sized(&near, &key, &format!("hash-{i}"), 1_u32, 12 << 10);
             assert_eq!(get(&near, &key), Some(1));
         }
-        let (count, bytes) = front::held(near.id);
+        let (count, bytes) = front::held(&FRONT, near.id);
         assert_eq!(count, front::SLOTS);
         assert!(bytes <= (front::SLOTS as u64) * u64::from(front::MAX_WEIGHT));
         // A value charged more than a front copy may be is read from the
         // shared copies only.
-        let before = front::held(near.id);
+        let before = front::held(&FRONT, near.id);
         keep_sized(
             &near,
             "large",
@@ -447,7 +459,7 @@ mod tests {
         );
         assert_eq!(get(&near, "large"), Some(2));
         assert_eq!(get(&near, "large"), Some(2));
-        assert_eq!(front::held(near.id), before);
+        assert_eq!(front::held(&FRONT, near.id), before);
     }
 
     #[test]
@@ -467,9 +479,9 @@ mod tests {
             }
         }
         // Read again, a key keeps its place: the thread still holds 8.
-        assert_eq!(front::held(near.id).0, front::SLOTS);
+        assert_eq!(front::held(&FRONT, near.id).0, front::SLOTS);
         assert_eq!(get(&near, &keys[0]), Some(0));
-        assert_eq!(front::held(near.id).0, front::SLOTS);
+        assert_eq!(front::held(&FRONT, near.id).0, front::SLOTS);
     }
 
     #[test]
