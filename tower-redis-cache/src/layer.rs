@@ -52,6 +52,9 @@ const DEFAULT_OUTAGE_QUEUE_BYTES: usize = 4 << 20;
 
 #[derive(Debug)]
 pub(crate) struct Config {
+    /// This layer's name in each thread's memo of keyed URLs
+    /// (`key/memo.rs`): never reused.
+    pub(crate) id: u64,
     pub(crate) store: Arc<CacheStore>,
     pub(crate) routes: Vec<Route>,
     pub(crate) default_route: Route,
@@ -1108,6 +1111,7 @@ impl CacheLayerBuilder {
         };
         Ok(CacheLayer {
             config: Arc::new(Config {
+                id: crate::store::front::owner_id(),
                 store: Arc::new(
                     CacheStore::new(
                         self.manager,

@@ -116,18 +116,35 @@ impl CacheStatus {
 /// Appends the field to a response's headers (and counts the answer).
 pub(crate) fn add_cache_status(headers: &mut HeaderMap, status: &CacheStatus) {
     record(status);
-    // Rendered in a buffer the thread keeps: the field's value is the one
-    // allocation.
+    // Rendered in a buffer the thread keeps. A line the same as the last
+    // one this thread rendered (a hot URL's hits, within the same second
+    // of its `ttl`) shares that line's value instead of making another.
     thread_local! {
-        static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        static LINES: std::cell::RefCell<(String, Option<(String, HeaderValue)>)> =
+            const { std::cell::RefCell::new((String::new(), None)) };
     }
-    LINE.with_borrow_mut(|line| {
+    let value = LINES.try_with(|lines| {
+        let (line, last) = &mut *lines.borrow_mut();
         line.clear();
         status.render_into(line);
-        if let Ok(value) = HeaderValue::from_str(line) {
-            headers.append(CACHE_STATUS.clone(), value);
+        if let Some((last_line, value)) = last
+            && last_line == line
+        {
+            return Some(value.clone());
         }
+        let value = HeaderValue::from_str(line).ok()?;
+        match last {
+            Some((last_line, last_value)) => {
+                last_line.clone_from(line);
+                last_value.clone_from(&value);
+            }
+            None => *last = Some((line.clone(), value.clone())),
+        }
+        Some(value)
     });
+    if let Ok(Some(value)) = value {
+        headers.append(CACHE_STATUS.clone(), value);
+    }
 }
 
 /// Counts the answer (`tower_redis_cache_requests_total`) and traces its
@@ -195,6 +212,26 @@ fn record(status: &CacheStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The field a response gets is its own status's, whether the thread
+    /// made that line last or not.
+    #[test]
+    fn each_response_gets_its_own_line() {
+        let statuses = [
+            CacheStatus::hit(42, Tier::Redis),
+            CacheStatus::hit(42, Tier::Redis),
+            CacheStatus::hit(42, Tier::Near),
+            CacheStatus::hit(41, Tier::Near),
+            CacheStatus::forward("uri-miss", Tier::Redis),
+            CacheStatus::hit(42, Tier::Redis),
+        ];
+        for status in statuses.iter().chain(&statuses) {
+            let mut headers = HeaderMap::new();
+            add_cache_status(&mut headers, status);
+            assert_eq!(headers[&CACHE_STATUS], status.render().as_str());
+            assert_eq!(headers.get_all(&CACHE_STATUS).iter().count(), 1);
+        }
+    }
 
     #[test]
     fn a_hit_renders_its_ttl_and_the_tier() {

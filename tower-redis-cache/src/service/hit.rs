@@ -337,6 +337,27 @@ pub(crate) fn serve_owned<B: Body>(
     serve_with(headers, &entry, request, age, status)
 }
 
+/// The `Age` field's value: the one this thread made last when it is the
+/// same age (a hot URL's hits within a second), else a new one.
+fn age_value(age: u64) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(u64, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.try_with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((made_for, value)) if *made_for == age => value.clone(),
+            _ => {
+                let value = HeaderValue::from(age);
+                *last = Some((age, value.clone()));
+                value
+            }
+        }
+    })
+    .unwrap_or_else(|_| HeaderValue::from(age))
+}
+
 /// A response from `entry` with `headers`, the entry's own (`entry.headers`
 /// is not read: it may have been moved out).
 fn serve_with<B: Body>(
@@ -347,7 +368,7 @@ fn serve_with<B: Body>(
     status: CacheStatus,
 ) -> Response<CacheBody<B>> {
     headers.remove(&STORED_TAGS);
-    headers.insert(header::AGE, HeaderValue::from(age));
+    headers.insert(header::AGE, age_value(age));
     if entry.status == StatusCode::OK {
         // RFC 9110 §14.3: the cache answers byte ranges of what it stores
         // (`range.rs`), whatever the origin does.
@@ -429,4 +450,18 @@ pub(crate) fn gateway_timeout<B: Body>(tier: Tier) -> Response<CacheBody<B>> {
         response.headers_mut().append(CACHE_STATUS.clone(), value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Age` is the response's own, whether the thread made that value
+    /// last or not.
+    #[test]
+    fn each_response_gets_its_own_age() {
+        for age in [0, 0, 1, 1, 0, 86_400, u64::MAX, 1] {
+            assert_eq!(age_value(age), HeaderValue::from(age));
+        }
+    }
 }

@@ -385,9 +385,10 @@ impl Key {
             return None;
         }
         let forwarded = request::forwarded_origin(config, request).ok()?;
-        let (url, extra, copied) = if forwarded.is_none() && route.key_fn.is_none() {
-            let url = key::url_of(request, &config.allowed_hosts, route)?;
-            (url, key::extra_key(request, route)?, None)
+        let (url, url_hash, extra, copied) = if forwarded.is_none() && route.key_fn.is_none() {
+            let (url, url_hash) =
+                key::url_and_hash(config.id, request, &config.allowed_hosts, route)?;
+            (url, url_hash, key::extra_key(request, route)?, None)
         } else {
             let mut parts = head_only(request).0;
             let url = match &forwarded {
@@ -401,10 +402,11 @@ impl Key {
             if let Some((_, view)) = &forwarded {
                 key::push_forwarded_origin(&mut extra, view, &parts);
             }
-            (url, extra, Some(parts))
+            let url_hash = key::hash_url(&url);
+            (url, url_hash, extra, Some(parts))
         };
         let key = Key {
-            url_hash: key::hash_url(&url),
+            url_hash,
             url,
             extra,
             directives: request::directives(request.headers(), config.request_cache_control),

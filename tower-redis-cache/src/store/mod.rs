@@ -13,7 +13,7 @@
 //! queued changes, their replay and the queue's overflow policy).
 
 mod data;
-mod front;
+pub(crate) mod front;
 mod lock;
 mod lookup;
 mod memory;
