@@ -117,6 +117,21 @@ impl Kept {
         }
     }
 
+    /// What a lookup finds: a copy to serve, stale as of the record's soft
+    /// purge if it had one, and the directives when they are asked for.
+    fn found(
+        &self,
+        soft_purged: Option<u64>,
+        with_directives: bool,
+    ) -> (Found, Option<ResponseDirectives>) {
+        let mut entry = self.served();
+        if let Some(at) = soft_purged {
+            entry.mark_stale_at(at);
+        }
+        let directives = self.directives.as_ref().filter(|_| with_directives);
+        (Found::Entry(entry), directives.cloned())
+    }
+
     /// A copy whose fields and body are in buffers of its own, not slices
     /// of the ones the stored entry shares.
     fn local_copy(&self) -> Kept {
@@ -233,12 +248,7 @@ impl LocalRecord {
         if *until <= now {
             return None;
         }
-        let mut entry = kept.served();
-        if let Some(at) = self.soft_purged {
-            entry.mark_stale_at(at);
-        }
-        let directives = kept.directives.as_ref().filter(|_| with_directives);
-        Some((Found::Entry(entry), directives.cloned()))
+        Some(kept.found(self.soft_purged, with_directives))
     }
 }
 
@@ -372,12 +382,7 @@ impl MemoryStore {
         let variant = key::variant(&variants.vary, request, extra);
         let found = match variants.entries.get(&variant) {
             Some((kept, expires)) if *expires > Instant::now() => {
-                let mut entry = kept.served();
-                if let Some(at) = variants.soft_purged {
-                    entry.mark_stale_at(at);
-                }
-                let directives = kept.directives.as_ref().filter(|_| with_directives);
-                (Found::Entry(entry), directives.cloned())
+                kept.found(variants.soft_purged, with_directives)
             }
             _ => return (Found::NoVariant, None),
         };
