@@ -1007,12 +1007,14 @@ impl CacheLayerBuilder {
     /// cache") state the exact guarantee. Off by default.
     ///
     /// Besides `max_bytes`, each thread that reads the near cache holds its
-    /// own copy of the last 8 URLs it read there (URLs whose entries are
-    /// charged under 16 KiB: about 128 KiB a thread), so that a URL read on
-    /// every core at once costs each hit no write to memory the cores
-    /// share. A thread serves its copy only while the near cache has not
-    /// changed since the copy was made: any store, invalidation or purge
-    /// there sends every thread's next hit to the shared copies.
+    /// own copy of the last 8 URLs it read there (URLs whose entries, with
+    /// the copy's bookkeeping, are charged under 16 KiB: about 128 KiB a
+    /// thread), so that a URL read on every core at once costs each hit no
+    /// write to memory the cores share. A thread serves its copy only while
+    /// the near cache has not changed since it last found that copy
+    /// current: after any store, invalidation or purge there, each thread's
+    /// next hit reads the shared copies, and keeps its own only if that URL
+    /// did not change.
     pub fn near_cache(mut self, max_bytes: u64, ttl: Duration) -> Self {
         self.near_cache = Some((max_bytes, ttl));
         self

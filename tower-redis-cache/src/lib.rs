@@ -153,9 +153,12 @@
 //!   waits for it. Not used while tracking or Redis is down; emptied when
 //!   the tracking connection is lost or replaced, the breaker opens, the
 //!   Sentinels switch the primary, or on `FLUSHALL`; each copy lives at
-//!   most its TTL and the tier is bounded by bytes. On a Redis Cluster,
-//!   where tracking is off, it falls back to the pub/sub announcements (not
-//!   used while that subscription is down, emptied when it reconnects).
+//!   most its TTL and the tier is bounded by bytes (beside it, each reading
+//!   thread holds its own copies of the last 8 small URLs it read, served
+//!   only while the tier has not changed since they were found current). On
+//!   a Redis Cluster, where tracking is off, it falls back to the pub/sub
+//!   announcements (not used while that subscription is down, emptied when
+//!   it reconnects).
 //!
 //! # Features
 //!

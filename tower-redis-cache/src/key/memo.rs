@@ -9,12 +9,13 @@
 //! every input is equal, byte for byte, for the same layer.
 //!
 //! Bounded: [`SLOTS`] slots per thread, of inputs of at most
-//! [`MAX_INPUT_BYTES`] (longer URLs are keyed every time), so a few
-//! kilobytes a thread.
+//! [`MAX_INPUT_BYTES`] (longer URLs are keyed every time), each with its URL
+//! and hash: under 20 KiB a thread.
 
 use std::cell::RefCell;
 
-use super::{Head, Route, hash_url, url_of};
+use super::{Head, hash_url, url_of};
+use crate::layer::Config;
 
 /// Slots per thread.
 const SLOTS: usize = 8;
@@ -68,14 +69,11 @@ thread_local! {
 }
 
 /// The URL (`//host/path?query`) and its hash of a request keyed in place
-/// by layer `layer` (see [`url_of`] and [`hash_url`]); `None` when it has no
+/// by the layer of `config`, under its allowed hosts and the route of the
+/// request's path (see [`url_of`] and [`hash_url`]); `None` when it has no
 /// URL the layer keys.
-pub(crate) fn url_and_hash(
-    layer: u64,
-    head: &impl Head,
-    allowed_hosts: &[String],
-    route: &Route,
-) -> Option<(String, String)> {
+pub(crate) fn url_and_hash(config: &Config, head: &impl Head) -> Option<(String, String)> {
+    let layer = config.id;
     let uri = head.uri();
     let mut hosts = head.headers().get_all(http::header::HOST).iter();
     let host = hosts.next();
@@ -105,7 +103,7 @@ pub(crate) fn url_and_hash(
     {
         return Some(found);
     }
-    let url = url_of(head, allowed_hosts, route)?;
+    let url = url_of(head, &config.allowed_hosts, config.route_for(uri.path()))?;
     let url_hash = hash_url(&url);
     if memoised {
         let slot = Slot {
@@ -130,6 +128,7 @@ pub(crate) fn url_and_hash(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::route::Route;
 
     fn request(uri: &str, hosts: &[&str]) -> http::Request<()> {
         let mut builder = http::Request::get(uri);
@@ -144,7 +143,15 @@ mod tests {
     /// and one layer's key is never taken for another's, whose rules differ.
     #[test]
     fn a_remembered_key_is_the_key_made_anew() {
-        let route = Route::new("*").ignore_query_params(["utm_*"]);
+        let layer = |hosts: &[&str]| {
+            let layer = crate::CacheLayer::builder(tower_redis_core::RedisManager::disabled())
+                .allowed_hosts(hosts.iter().copied())
+                .route(Route::new("/*").ignore_query_params(["utm_*"]))
+                .build()
+                .expect("a valid layer");
+            std::sync::Arc::clone(&layer.config)
+        };
+        let config = layer(&["shop.example", "other.example"]);
         let requests = [
             request("/p?a=1", &["shop.example"]),
             request("/p?a=2", &["shop.example"]),
@@ -159,15 +166,15 @@ mod tests {
             request("/p?a=1", &[]),
             request("/p?a=1", &["shop.example", "shop.example"]),
         ];
-        let allowed = ["shop.example".to_owned(), "other.example".to_owned()];
         for round in 0..3 {
             for (i, request) in requests.iter().enumerate() {
-                let made = url_of(request, &allowed, &route).map(|url| {
+                let route = config.route_for(request.uri().path());
+                let made = url_of(request, &config.allowed_hosts, route).map(|url| {
                     let hash = hash_url(&url);
                     (url, hash)
                 });
                 assert_eq!(
-                    url_and_hash(1, request, &allowed, &route),
+                    url_and_hash(&config, request),
                     made,
                     "round {round}, request {i}: {:?} {:?}",
                     request.uri(),
@@ -177,10 +184,7 @@ mod tests {
         }
         // The same request under a layer that allows other hosts only.
         let shop = &requests[0];
-        assert!(url_and_hash(1, shop, &allowed, &route).is_some());
-        assert_eq!(
-            url_and_hash(2, shop, &["other.example".to_owned()], &route),
-            None
-        );
+        assert!(url_and_hash(&config, shop).is_some());
+        assert_eq!(url_and_hash(&layer(&["other.example"]), shop), None);
     }
 }

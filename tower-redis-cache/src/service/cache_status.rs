@@ -142,7 +142,12 @@ pub(crate) fn add_cache_status(headers: &mut HeaderMap, status: &CacheStatus) {
         }
         Some(value)
     });
-    if let Ok(Some(value)) = value {
+    let value = match value {
+        Ok(value) => value,
+        // The thread's buffers are gone (it is ending): made without them.
+        Err(_) => HeaderValue::from_str(&status.render()).ok(),
+    };
+    if let Some(value) = value {
         headers.append(CACHE_STATUS.clone(), value);
     }
 }

@@ -139,20 +139,23 @@ where
             inner,
             clock: Arc::downgrade(&clock),
         };
+        // Parsed and keyed now, inside the span as the rest: `handle` runs
+        // with it entered, and leaves it when it boxes what is awaited (or
+        // returns an answer).
         let finish = Finish {
-            span: span.clone(),
+            span: span.entered(),
             #[cfg(feature = "metrics")]
             clock,
         };
-        // Parsed and keyed now, inside the span as the rest.
-        span.in_scope(|| handle(config, inner, request, finish))
+        handle(config, inner, request, finish)
     }
 }
 
 /// What the future of a request that awaits needs around it: the request's
-/// span, and (metrics) the clock of the cache's own latency.
+/// span (entered while the request is parsed and keyed), and (metrics) the
+/// clock of the cache's own latency.
 struct Finish {
-    span: tracing::Span,
+    span: tracing::span::EnteredSpan,
     #[cfg(feature = "metrics")]
     clock: Arc<tower_redis_core::record::LayerClock>,
 }
@@ -175,7 +178,7 @@ impl Finish {
                 answer
             })
         };
-        let later = later.instrument(self.span);
+        let later = later.instrument(self.span.exit());
         #[cfg(test)]
         LAST_BOXED_BYTES.set(std::mem::size_of_val(&later));
         ResponseFuture::new(later)
@@ -386,8 +389,7 @@ impl Key {
         }
         let forwarded = request::forwarded_origin(config, request).ok()?;
         let (url, url_hash, extra, copied) = if forwarded.is_none() && route.key_fn.is_none() {
-            let (url, url_hash) =
-                key::url_and_hash(config.id, request, &config.allowed_hosts, route)?;
+            let (url, url_hash) = key::url_and_hash(config, request)?;
             (url, url_hash, key::extra_key(request, route)?, None)
         } else {
             let mut parts = head_only(request).0;

@@ -1,31 +1,37 @@
-//! Each thread's front of the near tier: the few copies this thread read
-//! last, held by the thread itself. One front per kind of copy: the data
-//! cache's decoded values (`typed.rs`) and the HTTP cache's records
-//! (`memory.rs`, whose exactness comes from the store's generation; see
-//! there). What follows is about the decoded values.
+//! Each thread's fronts of the near tier: the few copies this thread read
+//! last, held by the thread itself. One front per kind of copy, each of
+//! [`SLOTS`] copies charged at most [`MAX_WEIGHT`] bytes (larger ones stay
+//! shared only), so about `SLOTS × MAX_WEIGHT` (128 KiB) per kind, per
+//! thread that reads it:
+//! - the data cache's decoded values (`typed.rs`), charged their encoded
+//!   size (an estimate of the decoded one);
+//! - the HTTP cache's near records (`memory.rs`), charged the record's
+//!   bytes and the bookkeeping of the thread's own copies of its fields and
+//!   variants.
 //!
-//! Why: every read of the shared decoded copies writes shared memory (the
-//! cache's records of reads, the copy's reference count). When one hot key
-//! is read on every core, those words are one cache line that the cores
-//! hand to each other on every read, and a near hit at 64 tasks on 2 CPUs
-//! ran at 0.6 of the same lookup on one. A front hit writes nothing shared:
-//! it reads the copy, which is written once, when it is retired.
+//! Why: every read of shared copies writes shared memory (the cache's
+//! records of reads, the copy's reference count, the reference counts of
+//! the buffers it shares). When one hot key is read on every core, those
+//! words are cache lines that the cores hand to each other on every read,
+//! and a near hit at 64 tasks on 2 CPUs ran at 0.6 of the same lookup on
+//! one. A front hit writes nothing shared.
 //!
-//! Exact: a drop retires the copy before it leaves the shared cache, every
-//! copy that is not retired can be found by a drop (`typed.rs`), and a
-//! front serves no retired copy. So a read that starts after a drop has
-//! returned finds no front copy from before it, on any thread. The copy's
-//! own end (`until`), codec, type and eager-refresh fraction are checked as
-//! for a shared copy.
+//! Exact, each kind in its own way:
+//! - a decoded value: a drop retires the copy before it leaves the shared
+//!   cache, every copy that is not retired can be found by a drop
+//!   (`typed.rs`), and a front serves no retired copy. The copy's own end
+//!   (`until`), codec, type and eager-refresh fraction are checked as for a
+//!   shared copy;
+//! - a near record: it is served only while the store's generation, which
+//!   every change of the store bumps, is the one read before the record was
+//!   (`memory.rs`), and each entry only until it leaves the store.
 //!
-//! Bounded: [`SLOTS`] copies per thread, of values charged at most
-//! [`MAX_WEIGHT`] bytes each (larger ones stay shared only), so about
-//! `SLOTS × MAX_WEIGHT` (128 KiB) per thread that reads a data cache with a
-//! near tier. The charge is the value's encoded size, an estimate of the
-//! decoded one. A copy outlives its shared one (evicted, dropped, or its
-//! data cache gone) only until this thread reuses the slot or ends; it is
-//! never served after a drop. A new copy takes, in this order, the slot of
-//! the same key, a free or retired one, then the slots in turn.
+//! So a read that starts after a drop or change has returned finds no
+//! front copy from before it, on any thread. A copy may outlive its shared
+//! one (evicted, or its cache gone) until this thread reuses the slot or
+//! ends, and a near record may be served after the shared cache evicted it
+//! (not after it was dropped or changed). A new copy takes, in this order,
+//! the slot of the same key, a free or spent one, then the slots in turn.
 //!
 //! A value whose `Drop` is run by a front may run it when the thread ends,
 //! while the thread's locals are being destroyed.

@@ -2,6 +2,7 @@
 //! structure as Redis. One serves while Redis is unavailable; another,
 //! optional, is the near cache in front of Redis.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -195,38 +196,63 @@ thread_local! {
 /// it is kept.
 struct LocalRecord {
     url_hash: Box<str>,
-    /// The store's generation when the record was read, and the store's
-    /// counter.
-    generation: u64,
+    /// The record's identity (a new one for every change).
+    id: u64,
+    /// The store's generation when the record was last read as current,
+    /// and the store's counter.
+    generation: Cell<u64>,
     current: Arc<AtomicU64>,
     vary: String,
     soft_purged: Option<u64>,
     /// Each variant's entry, and when it leaves the store.
     entries: Vec<(String, Kept, Instant)>,
+    /// What the copy holds: the record's charge, and the bookkeeping of its
+    /// own copies of fields and variants (see [`LOCAL_OVERHEAD`]).
     weight: u32,
 }
 
+/// What a thread's copy holds beyond a record's charge: per field (its own
+/// value buffer and map slot) and per variant (its key, entry and map).
+const LOCAL_OVERHEAD: (usize, usize) = (64, 256);
+
 impl LocalRecord {
     fn of(store: &MemoryStore, url_hash: &str, variants: &Variants, generation: u64) -> Self {
+        let entries: Vec<(String, Kept, Instant)> = variants
+            .entries
+            .iter()
+            .map(|(variant, (kept, expires))| {
+                (
+                    variant.clone(),
+                    kept.local_copy(),
+                    store.until(variants, *expires),
+                )
+            })
+            .collect();
         Self {
             url_hash: url_hash.into(),
-            generation,
+            id: variants.id,
+            generation: Cell::new(generation),
             current: Arc::clone(&store.generation),
             vary: variants.vary.clone(),
             soft_purged: variants.soft_purged,
-            entries: variants
-                .entries
-                .iter()
-                .map(|(variant, (kept, expires))| {
-                    (
-                        variant.clone(),
-                        kept.local_copy(),
-                        store.until(variants, *expires),
-                    )
-                })
-                .collect(),
-            weight: variants.weight,
+            entries,
+            weight: Self::weight_of(variants),
         }
+    }
+
+    /// What a copy of `variants` is charged.
+    fn weight_of(variants: &Variants) -> u32 {
+        let (per_field, per_variant) = LOCAL_OVERHEAD;
+        let overhead: usize = variants
+            .entries
+            .iter()
+            .map(|(variant, (kept, _))| {
+                per_variant + variant.len() + per_field * kept.entry.headers.len()
+            })
+            .sum();
+        variants
+            .weight
+            .saturating_add(u32::try_from(overhead).unwrap_or(u32::MAX))
     }
 
     /// What a read of the store at `generation` finds in this copy; `None`
@@ -240,7 +266,7 @@ impl LocalRecord {
         with_directives: bool,
         now: Instant,
     ) -> Option<(Found, Option<ResponseDirectives>)> {
-        if self.generation != generation {
+        if self.generation.get() != generation {
             return None;
         }
         let variant = key::variant(&self.vary, request, extra);
@@ -249,6 +275,18 @@ impl LocalRecord {
             return None;
         }
         Some(kept.found(self.soft_purged, with_directives))
+    }
+
+    /// Marks this copy current at `generation` if it is a copy of record
+    /// `id`, read as the current one at that generation (records are never
+    /// changed in place: a change makes a new record with a new identity).
+    /// Whether it was.
+    fn renew(&self, id: u64, generation: u64) -> bool {
+        let same = self.id == id;
+        if same {
+            self.generation.set(generation);
+        }
+        same
     }
 }
 
@@ -262,7 +300,7 @@ impl front::FrontCopy for LocalRecord {
     }
 
     fn is_spent(&self) -> bool {
-        self.generation != self.current.load(Ordering::Relaxed)
+        self.generation.get() != self.current.load(Ordering::Relaxed)
     }
 }
 
@@ -387,15 +425,28 @@ impl MemoryStore {
             _ => return (Found::NoVariant, None),
         };
         if let Some(owner) = self.front_owner
-            && variants.weight <= front::MAX_WEIGHT
+            && LocalRecord::weight_of(&variants) <= front::MAX_WEIGHT
         {
-            let copy = LocalRecord::of(self, url_hash, &variants, generation);
-            front::keep(&RECORDS, owner, copy);
+            // A copy of this same record, out of date only because the
+            // store changed elsewhere, is marked current again instead of
+            // being copied anew: writes to other URLs do not make every hit
+            // copy its record.
+            let renewed = front::get(&RECORDS, owner, url_hash, |copy| {
+                copy.renew(variants.id, generation).then_some(())
+            });
+            if renewed.is_none() {
+                let copy = LocalRecord::of(self, url_hash, &variants, generation);
+                front::keep(&RECORDS, owner, copy);
+            }
         }
         found
     }
 
-    /// Marks a change of `urls`, made before this is called.
+    /// Marks a change of `urls`, made before this is called. Never before
+    /// the change: a read that loads the new generation must find the
+    /// change in `urls`, or it would keep a copy of the old record marked
+    /// current at the new generation. (No test interleaves a read between
+    /// a change and its mark; keep every call after its change.)
     fn changed(&self) {
         self.generation.fetch_add(1, Ordering::Release);
     }
@@ -735,13 +786,91 @@ mod tests {
             );
             std::thread::scope(|scope| scope.spawn(|| make(&near, &stored)).join())
                 .expect("the change is made");
-            let found = read();
-            assert_eq!(found.as_ref().map(|e| &e.body[..]), after, "{change}");
-            if change == "soft purged" {
-                let entry = found.expect("a soft purge keeps the entry");
-                assert_eq!(entry.lifetime, 0, "{change}: the entry is stale");
+            // Twice: the second read may come from a copy of the changed
+            // record.
+            for _ in 0..2 {
+                let found = read();
+                assert_eq!(found.as_ref().map(|e| &e.body[..]), after, "{change}");
+                if change == "soft purged" {
+                    let entry = found.expect("a soft purge keeps the entry");
+                    assert_eq!(entry.lifetime, 0, "{change}: the entry is stale");
+                }
             }
         }
+    }
+
+    /// A thread's copy serves each request its own variant, with the
+    /// directives the near tier kept for it.
+    #[test]
+    fn a_threads_copy_serves_each_variant_its_own_entry() {
+        let rules = Rules {
+            targeted_fields: Vec::new(),
+            heuristic: None,
+            store_set_cookie: false,
+        };
+        let near = MemoryStore::near(1 << 20, Duration::from_secs(60), Some(rules.clone()));
+        let owner = near.front_owner.expect("the near tier has a front");
+        let language = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("accept-language", HeaderValue::from_static(value));
+            headers
+        };
+        let (en, de) = (language("en"), language("de"));
+        for (headers, cache_control, body) in [
+            (&en, "max-age=60", &b"hello"[..]),
+            (&de, "max-age=30, must-revalidate", &b"hallo"[..]),
+        ] {
+            let mut stored = put(&[("cache-control", cache_control)]);
+            stored.vary = "accept-language".to_owned();
+            stored.variant = key::variant(&stored.vary, headers, "");
+            stored.entry.body = Bytes::copy_from_slice(body);
+            near.insert(&stored);
+        }
+        let url_hash = key::hash_url("//shop.example/p");
+        for round in 0..3 {
+            for (headers, body) in [(&en, &b"hello"[..]), (&de, &b"hallo"[..])] {
+                let (found, directives) = near.find_judged(&url_hash, headers, "");
+                let Found::Entry(entry) = found else {
+                    panic!("round {round}: the variant was stored");
+                };
+                assert_eq!(&entry.body[..], body, "round {round}");
+                assert_eq!(
+                    directives,
+                    Some(freshness::directives_of(&entry.headers, &rules)),
+                    "round {round}"
+                );
+            }
+        }
+        assert_eq!(front::held(&RECORDS, owner).0, 1);
+        let other = language("fr");
+        assert!(matches!(near.find(&url_hash, &other, ""), Found::NoVariant));
+    }
+
+    /// A change to another URL sends the next read of a URL to the store,
+    /// which finds the same record: the thread's copy of it is marked
+    /// current again, not made anew (it serves the same buffers).
+    #[test]
+    fn a_copy_of_an_unchanged_record_is_kept_through_changes_elsewhere() {
+        let near = MemoryStore::near(1 << 20, Duration::from_secs(60), None);
+        let stored = put(&[("cache-control", "max-age=60")]);
+        near.insert(&stored);
+        let body = || match near.find(&stored.url_hash, &HeaderMap::new(), "") {
+            Found::Entry(entry) => entry.body,
+            _ => panic!("the entry was stored"),
+        };
+        body();
+        let held = body();
+        let mut elsewhere = put(&[]);
+        elsewhere.url_hash = key::hash_url("//shop.example/elsewhere");
+        near.insert(&elsewhere);
+        assert_eq!(body(), held, "read from the store");
+        let again = body();
+        assert_eq!(again, held);
+        assert_eq!(
+            again.as_ptr(),
+            held.as_ptr(),
+            "served from the same copy as before the change elsewhere"
+        );
     }
 
     /// A thread's copy of an entry is served until the entry leaves the
@@ -756,7 +885,9 @@ mod tests {
             let record = near.urls.get(&stored.url_hash).expect("just stored");
             let generation = near.generation.load(Ordering::Acquire);
             let copy = LocalRecord::of(&near, &stored.url_hash, &record, generation);
-            let now = Instant::now();
+            // The entry's end and the record's time to live both count
+            // from when it was stored.
+            let now = record.stored;
             let found = |at| {
                 copy.find(generation, &HeaderMap::new(), "", false, at)
                     .is_some()
@@ -783,6 +914,27 @@ mod tests {
         for _ in 0..2 {
             assert!(matches!(
                 near.find(&large.url_hash, &HeaderMap::new(), ""),
+                Found::Entry(_)
+            ));
+        }
+        assert_eq!(front::held(&RECORDS, owner), (0, 0));
+        // Small entries, but so many variants that the copy's own
+        // bookkeeping is over the bound.
+        let mut tiny = put(&[("cache-control", "max-age=60")]);
+        tiny.url_hash = key::hash_url("//shop.example/tiny");
+        tiny.vary = "x-v".to_owned();
+        for i in 0..100 {
+            let mut request = HeaderMap::new();
+            request.insert("x-v", HeaderValue::from(i));
+            tiny.variant = key::variant(&tiny.vary, &request, "");
+            near.insert(&tiny);
+        }
+        assert!(near.urls.get(&tiny.url_hash).expect("stored").weight < front::MAX_WEIGHT);
+        let mut request = HeaderMap::new();
+        request.insert("x-v", HeaderValue::from(7));
+        for _ in 0..2 {
+            assert!(matches!(
+                near.find(&tiny.url_hash, &request, ""),
                 Found::Entry(_)
             ));
         }
