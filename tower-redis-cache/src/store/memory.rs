@@ -424,9 +424,7 @@ impl MemoryStore {
             }
             _ => return (Found::NoVariant, None),
         };
-        if let Some(owner) = self.front_owner
-            && LocalRecord::weight_of(&variants) <= front::MAX_WEIGHT
-        {
+        if let Some(owner) = self.front_owner {
             // A copy of this same record, out of date only because the
             // store changed elsewhere, is marked current again instead of
             // being copied anew: writes to other URLs do not make every hit
@@ -434,7 +432,7 @@ impl MemoryStore {
             let renewed = front::get(&RECORDS, owner, url_hash, |copy| {
                 copy.renew(variants.id, generation).then_some(())
             });
-            if renewed.is_none() {
+            if renewed.is_none() && LocalRecord::weight_of(&variants) <= front::MAX_WEIGHT {
                 let copy = LocalRecord::of(self, url_hash, &variants, generation);
                 front::keep(&RECORDS, owner, copy);
             }
