@@ -116,37 +116,22 @@ impl CacheStatus {
 /// Appends the field to a response's headers (and counts the answer).
 pub(crate) fn add_cache_status(headers: &mut HeaderMap, status: &CacheStatus) {
     record(status);
-    // Rendered in a buffer the thread keeps. A line the same as the last
-    // one this thread rendered (a hot URL's hits, within the same second
-    // of its `ttl`) shares that line's value instead of making another.
+    // Rendered in a buffer the thread keeps; a line the same as the last
+    // one shares its value (see `remembered`).
     thread_local! {
-        static LINES: std::cell::RefCell<(String, Option<(String, HeaderValue)>)> =
-            const { std::cell::RefCell::new((String::new(), None)) };
+        static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        static LAST: std::cell::RefCell<Option<(String, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
     }
-    let value = LINES.try_with(|lines| {
-        let (line, last) = &mut *lines.borrow_mut();
-        line.clear();
-        status.render_into(line);
-        if let Some((last_line, value)) = last
-            && last_line == line
-        {
-            return Some(value.clone());
-        }
-        let value = HeaderValue::from_str(line).ok()?;
-        match last {
-            Some((last_line, last_value)) => {
-                last_line.clone_from(line);
-                last_value.clone_from(&value);
-            }
-            None => *last = Some((line.clone(), value.clone())),
-        }
-        Some(value)
-    });
-    let value = match value {
-        Ok(value) => value,
-        // The thread's buffers are gone (it is ending): made without them.
-        Err(_) => HeaderValue::from_str(&status.render()).ok(),
-    };
+    let value = LINE
+        .try_with(|line| {
+            let mut line = line.borrow_mut();
+            line.clear();
+            status.render_into(&mut line);
+            super::remembered(&LAST, &*line, || HeaderValue::from_str(&line).ok())
+        })
+        // The thread's buffer is gone (it is ending): made without it.
+        .unwrap_or_else(|_| HeaderValue::from_str(&status.render()).ok());
     if let Some(value) = value {
         headers.append(CACHE_STATUS.clone(), value);
     }

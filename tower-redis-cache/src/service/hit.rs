@@ -337,25 +337,14 @@ pub(crate) fn serve_owned<B: Body>(
     serve_with(headers, &entry, request, age, status)
 }
 
-/// The `Age` field's value: the one this thread made last when it is the
-/// same age (a hot URL's hits within a second), else a new one.
+/// The `Age` field's value (see [`remembered`](super::remembered)).
 fn age_value(age: u64) -> HeaderValue {
     thread_local! {
         static LAST: std::cell::RefCell<Option<(u64, HeaderValue)>> =
             const { std::cell::RefCell::new(None) };
     }
-    LAST.try_with(|last| {
-        let mut last = last.borrow_mut();
-        match &*last {
-            Some((made_for, value)) if *made_for == age => value.clone(),
-            _ => {
-                let value = HeaderValue::from(age);
-                *last = Some((age, value.clone()));
-                value
-            }
-        }
-    })
-    .unwrap_or_else(|_| HeaderValue::from(age))
+    super::remembered(&LAST, &age, || Some(HeaderValue::from(age)))
+        .unwrap_or_else(|| HeaderValue::from(age))
 }
 
 /// A response from `entry` with `headers`, the entry's own (`entry.headers`

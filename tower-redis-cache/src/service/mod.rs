@@ -480,6 +480,30 @@ fn passthrough<B: Body>(config: &Config, response: Response<B>) -> Response<Cach
     Response::from_parts(parts, CacheBody::passthrough(body))
 }
 
+/// The field value this thread last made from `input`, or the one `make`
+/// makes now (remembered in its place): a hot URL's hits answer the same
+/// `Age` and `Cache-Status` many times a second, and share one value
+/// instead of each allocating and checking another. While the thread ends
+/// (its locals gone), `make`'s value, not remembered.
+fn remembered<K: PartialEq + Clone>(
+    last: &'static std::thread::LocalKey<std::cell::RefCell<Option<(K, http::HeaderValue)>>>,
+    input: &K,
+    make: impl Fn() -> Option<http::HeaderValue>,
+) -> Option<http::HeaderValue> {
+    last.try_with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((made_for, value)) = &*last
+            && made_for == input
+        {
+            return Some(value.clone());
+        }
+        let value = make()?;
+        *last = Some((input.clone(), value.clone()));
+        Some(value)
+    })
+    .unwrap_or_else(|_| make())
+}
+
 /// RFC 9111 §4.4: unsafe methods, including those whose safety is unknown.
 fn is_unsafe(method: &Method) -> bool {
     !method.is_safe()
