@@ -47,15 +47,63 @@ pub(crate) fn url(key: &str) -> Result<String, InvalidKey> {
 
 /// The URL hash of a data key (`key::hash_url` of its URL), without
 /// building the URL: a hit needs only the hash.
+///
+/// The hash is a pure function of the key, and a hot key is hashed on
+/// every read, so each thread keeps the last [`MEMO_SLOTS`] keys it hashed
+/// (of at most [`MEMO_MAX_KEY_BYTES`]) with their hashes, and compares
+/// instead of hashing: under 3 KiB a thread.
 pub(crate) fn url_hash(key: &str) -> Result<String, InvalidKey> {
+    check(key)?;
+    if key.len() > MEMO_MAX_KEY_BYTES {
+        return Ok(hash_of(key));
+    }
+    // `try_with`: during the thread's teardown, the hash is made anew.
+    let remembered = HASHES
+        .try_with(|memo| {
+            let mut memo = memo.borrow_mut();
+            if let Some((_, hash)) = memo.slots.iter().flatten().find(|(k, _)| **k == *key) {
+                return hash.clone();
+            }
+            let hash = hash_of(key);
+            let next = memo.next;
+            memo.slots[next] = Some((key.into(), hash.clone()));
+            memo.next = (next + 1) % MEMO_SLOTS;
+            hash
+        })
+        .ok();
+    Ok(remembered.unwrap_or_else(|| hash_of(key)))
+}
+
+/// Keys (with their hashes) each thread remembers.
+const MEMO_SLOTS: usize = 8;
+/// The longest key a thread remembers.
+const MEMO_MAX_KEY_BYTES: usize = 256;
+
+/// A thread's last hashed keys, in a ring.
+struct Hashes {
+    slots: [Option<(Box<str>, String)>; MEMO_SLOTS],
+    /// The slot the next key takes.
+    next: usize,
+}
+
+thread_local! {
+    static HASHES: std::cell::RefCell<Hashes> = const {
+        std::cell::RefCell::new(Hashes {
+            slots: [const { None }; MEMO_SLOTS],
+            next: 0,
+        })
+    };
+}
+
+/// SHA-256 of the key's URL, in unpadded URL-safe base64.
+fn hash_of(key: &str) -> String {
     use base64::Engine;
     use sha2::{Digest, Sha256};
-    check(key)?;
     let digest = Sha256::new()
         .chain_update(URL_PREFIX.as_bytes())
         .chain_update(key.as_bytes())
         .finalize();
-    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest))
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest)
 }
 
 /// A stored value, read back.
@@ -164,6 +212,40 @@ mod tests {
         let mut e = entry(b"1", 60_000, true, 10_000);
         e.mark_stale_at(12_000);
         assert!(!Stored::of(e).unwrap().is_fresh(12_500));
+    }
+
+    /// A remembered hash is the hash of its own key: keys that differ in
+    /// one byte, more keys than a thread remembers, a key too long to be
+    /// remembered, read again in several rounds.
+    #[test]
+    fn a_remembered_hash_is_the_hash_made_anew() {
+        let long = "k".repeat(MEMO_MAX_KEY_BYTES + 1);
+        let mut keys: Vec<String> = (0..MEMO_SLOTS + 3)
+            .map(|n| format!("product:{n}"))
+            .collect();
+        keys.extend([
+            "product:1 ".to_owned(),
+            "Product:1".to_owned(),
+            long.clone(),
+        ]);
+        keys.push(format!("{long}x"));
+        for round in 0..3 {
+            for key in &keys {
+                let hash = url_hash(key).unwrap();
+                assert_eq!(
+                    hash,
+                    crate::key::hash_url(&url(key).unwrap()),
+                    "{key} (round {round})"
+                );
+            }
+            // The first two again, at once: now from the memo.
+            for key in &keys[..2] {
+                assert_eq!(
+                    url_hash(key).unwrap(),
+                    crate::key::hash_url(&url(key).unwrap())
+                );
+            }
+        }
     }
 
     #[test]
