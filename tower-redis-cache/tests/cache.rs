@@ -342,6 +342,115 @@ async fn private_and_no_store_responses_are_never_stored() {
     assert_eq!(f.origin.calls(), 4);
 }
 
+/// The commands Redis ran since the last reset, `INFO` and the reset left
+/// out, sorted.
+async fn commands(redis: &TestRedis) -> Vec<(String, u64)> {
+    let mut calls: Vec<(String, u64)> = redis
+        .command_calls()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "info" | "config|resetstat"))
+        .collect();
+    calls.sort();
+    calls
+}
+
+/// A page that is never stored (private) is looked up on every request:
+/// after the first lookup found it absent, each one is a plain `HMGET`,
+/// not the lookup script with a digest of every request header.
+#[tokio::test]
+async fn a_page_never_stored_is_looked_up_with_a_plain_hmget() {
+    let f = fixture(|b| b).await;
+    let headers = [
+        ("cookie", "sid=abc"),
+        ("accept-language", "en"),
+        ("user-agent", "test"),
+    ];
+    send(&f.app, "GET", "/private", &headers).await;
+    settle(&f.layer).await;
+    f.redis.reset_stats().await.unwrap();
+    for _ in 0..3 {
+        let again = send(&f.app, "GET", "/private", &headers).await;
+        assert_eq!(again.body, "mine");
+        assert!(
+            !again.cache_status().contains("hit"),
+            "{}",
+            again.cache_status()
+        );
+    }
+    assert_eq!(commands(&f.redis).await, [("hmget".to_owned(), 3)]);
+    assert_eq!(f.origin.calls(), 4);
+}
+
+/// An instance that found a URL absent, then looks it up after another
+/// instance stored it with `Vary`, finds the variant the request selects
+/// (and only that one), and from then on in one `HMGET`.
+#[tokio::test]
+async fn a_url_found_absent_then_stored_with_vary_elsewhere_is_found() {
+    let f = fixture(|b| b).await;
+    // Instance B: the same Redis, an origin that varies `/shift`.
+    let manager = RedisManager::connect(f.redis.config().build().unwrap())
+        .await
+        .unwrap();
+    let b_layer = CacheLayer::builder(manager).build().unwrap();
+    let b_app = Router::new()
+        .route(
+            "/shift",
+            routing::get(|headers: HeaderMap| async move {
+                let lang = headers
+                    .get("accept-language")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none")
+                    .to_owned();
+                respond(
+                    StatusCode::OK,
+                    &[
+                        ("cache-control", "max-age=60".into()),
+                        ("vary", "accept-language".into()),
+                    ],
+                    format!("b-{lang}"),
+                )
+            }),
+        )
+        .layer(b_layer.clone());
+    let de = [("accept-language", "de")];
+    let en = [("accept-language", "en")];
+    // A looks `/shift` up: absent, and A's origin does not know it.
+    let first = send(&f.app, "GET", "/shift", &de).await;
+    assert_eq!(first.status, 404);
+    assert!(
+        first.cache_status().contains("fwd=uri-miss"),
+        "{}",
+        first.cache_status()
+    );
+    settle(&f.layer).await;
+    // B stores the `de` variant.
+    assert_eq!(send(&b_app, "GET", "/shift", &de).await.body, "b-de");
+    settle(&b_layer).await;
+    // A finds it, from Redis.
+    let found = send(&f.app, "GET", "/shift", &de).await;
+    assert_eq!(found.body, "b-de");
+    assert!(
+        found.cache_status().contains("hit"),
+        "{}",
+        found.cache_status()
+    );
+    // Another variant is a vary miss (A's origin answers 404, not stored).
+    let other = send(&f.app, "GET", "/shift", &en).await;
+    assert_eq!(other.status, 404);
+    assert!(
+        other.cache_status().contains("fwd=vary-miss"),
+        "{}",
+        other.cache_status()
+    );
+    settle(&f.layer).await;
+    // A knows the URL's Vary now: one HMGET.
+    f.redis.reset_stats().await.unwrap();
+    assert_eq!(send(&f.app, "GET", "/shift", &de).await.body, "b-de");
+    assert_eq!(commands(&f.redis).await, [("hmget".to_owned(), 1)]);
+}
+
 #[tokio::test]
 async fn vary_keeps_one_variant_per_value() {
     let f = fixture(|b| b).await;

@@ -44,9 +44,11 @@ impl CacheStore {
         request: &HeaderMap,
         extra: &str,
     ) -> Option<String> {
-        self.vary_hints
-            .get(url_hash)
-            .map(|vary| key::variant(&vary, request, extra))
+        match self.vary_hints.get(url_hash)? {
+            super::VaryHint::Vary(vary) => Some(key::variant(&vary, request, extra)),
+            // Not known: the URL was absent when last looked up.
+            super::VaryHint::Absent => None,
+        }
     }
 }
 

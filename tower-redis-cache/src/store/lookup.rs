@@ -1,7 +1,10 @@
 //! Finding the entry a request selects: the near cache first, then Redis
 //! (one round trip, `Vary` resolution included) or, while Redis is
-//! unavailable, the in-process store. The `Vary` hints remember each URL's
-//! `Vary` names so that a Redis lookup is a plain `HMGET`.
+//! unavailable, the in-process store. The `Vary` hints remember what each
+//! URL was when last looked up (its `Vary` names, or absent) so that a
+//! Redis lookup is a plain `HMGET`; the lookup script resolves the variant
+//! in Redis for a URL without a hint, and (a second round trip) for one
+//! whose `Vary` is no longer the hinted one.
 
 use std::time::Duration;
 
@@ -9,7 +12,7 @@ use http::HeaderMap;
 use tower_redis_core::Served;
 use tower_redis_core::redis;
 
-use super::{CacheStore, EntryStore, Found, Lookup, Put, Tier};
+use super::{CacheStore, EntryStore, Found, Lookup, Put, Tier, VaryHint};
 use crate::directives::ResponseDirectives;
 use crate::entry::Entry;
 use crate::key;
@@ -71,8 +74,8 @@ impl CacheStore {
         {
             return (Lookup::Hit(entry), Tier::Near);
         }
-        let hint = self.vary_hints.get(url_hash);
-        let previous_hint = hint.clone();
+        let previous_hint = self.vary_hints.get(url_hash);
+        let hint = previous_hint.as_ref().map(|hint| hint.names().to_owned());
         // The Redis read is boxed apart: inlined, it made the future of
         // every request the cache handles (boxed by the service) larger
         // than the allocator's per-thread cache takes.
@@ -140,22 +143,28 @@ impl CacheStore {
         )
     }
 
-    /// Records the `Vary` names a lookup saw, written only when they
-    /// change: a cache write costs more than a read.
+    /// Records what a lookup saw of the URL in Redis (its `Vary` names, or
+    /// that it is absent), written only when it changes: a cache write
+    /// costs more than a read.
     fn update_vary_hint(
         &self,
         url_hash: &str,
-        previous: Option<String>,
+        previous: Option<VaryHint>,
         seen: Option<&str>,
         tier: Tier,
     ) {
-        match seen {
-            Some(vary) if previous.as_deref() == Some(vary) => {}
-            Some(vary) => self.vary_hints.insert(url_hash.to_owned(), vary.to_owned()),
-            None if tier == Tier::Redis && previous.is_some() => {
-                self.vary_hints.invalidate(url_hash);
+        match (seen, previous) {
+            (Some(vary), Some(VaryHint::Vary(previous))) if previous == vary => {}
+            (Some(vary), _) => self
+                .vary_hints
+                .insert(url_hash.to_owned(), VaryHint::Vary(vary.to_owned())),
+            (None, Some(VaryHint::Absent)) => {}
+            (None, _) if tier == Tier::Redis => {
+                self.vary_hints
+                    .insert(url_hash.to_owned(), VaryHint::Absent);
             }
-            None => {}
+            // The in-process store says nothing of Redis.
+            (None, _) => {}
         }
     }
 }

@@ -227,14 +227,45 @@ pub(crate) struct StoreOptions {
     pub(crate) rules: Option<Rules>,
 }
 
+/// What a lookup last found of a URL in Redis: the hint that makes the
+/// next lookup a plain `HMGET` of the variant the request selects (the
+/// lookup script resolves the variant in Redis when there is no hint, or
+/// when the `HMGET` shows the URL's `Vary` is not the hinted one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum VaryHint {
+    /// The URL's `Vary` names (normalised; empty without `Vary`).
+    Vary(String),
+    /// The URL was not in Redis. Its next lookup reads the variant a
+    /// response without `Vary` is stored under: what a URL that is still
+    /// absent, or was stored since without `Vary`, answers in one round
+    /// trip (a private page that is never stored is looked up so on every
+    /// request, without the script and the digests of every request
+    /// header it takes).
+    Absent,
+}
+
+impl VaryHint {
+    /// The names a lookup assumes.
+    pub(crate) fn names(&self) -> &str {
+        match self {
+            Self::Vary(names) => names,
+            Self::Absent => "",
+        }
+    }
+
+    fn names_len(&self) -> usize {
+        self.names().len()
+    }
+}
+
 pub(crate) struct CacheStore {
     /// Redis, or the in-process store while it is unavailable.
     failover: StoreFailover,
     near: Option<Arc<MemoryStore>>,
     pub(crate) bus: Arc<Bus>,
-    /// The `Vary` names last seen per URL, so that a lookup is a plain
-    /// `HMGET` instead of a script.
-    vary_hints: moka::sync::Cache<String, String>,
+    /// What this instance last saw of each URL in Redis, so that a lookup
+    /// is a plain `HMGET` instead of a script.
+    vary_hints: moka::sync::Cache<String, VaryHint>,
     /// Stores waiting for a response body to finish, for [`CacheStore::flushed`].
     in_flight: AtomicUsize,
     flushed: tokio::sync::Notify,
@@ -304,8 +335,8 @@ impl CacheStore {
             bus,
             vary_hints: moka::sync::Cache::builder()
                 .max_capacity(vary_hint_bytes)
-                .weigher(|url_hash: &String, vary: &String| {
-                    u32::try_from(url_hash.len() + vary.len() + VARY_HINT_OVERHEAD)
+                .weigher(|url_hash: &String, hint: &VaryHint| {
+                    u32::try_from(url_hash.len() + hint.names_len() + VARY_HINT_OVERHEAD)
                         .unwrap_or(u32::MAX)
                 })
                 .build(),
@@ -400,7 +431,7 @@ impl CacheStore {
     /// and announces the update: one pipelined round trip.
     pub(crate) async fn put(&self, put: Put, lock: Option<LockToken>) {
         self.vary_hints
-            .insert(put.url_hash.clone(), put.vary.clone());
+            .insert(put.url_hash.clone(), VaryHint::Vary(put.vary.clone()));
         self.counters.stores.fetch_add(1, Ordering::Relaxed);
         if let Some(near) = &self.near {
             near.remove(&put.url_hash);
