@@ -122,10 +122,20 @@ pub(crate) fn carries_unkeyed_header(config: &Config, request: &Parts) -> bool {
         Some(_) => &[X_FORWARDED_HOST, X_FORWARDED_PROTO, X_FORWARDED_PORT],
         None => &[],
     };
-    config
-        .unkeyed_headers
-        .iter()
-        .any(|h| !keyed.contains(h) && request.headers.contains_key(h))
+    let unkeyed = &config.unkeyed_headers;
+    // The cheaper way round. A request usually carries fewer field names
+    // than the list holds: each is compared with the list (no hashing).
+    // Otherwise each name of the list is looked up in the request's map.
+    if request.headers.keys_len() <= unkeyed.len() {
+        request
+            .headers
+            .keys()
+            .any(|h| unkeyed.contains(h) && !keyed.contains(h))
+    } else {
+        unkeyed
+            .iter()
+            .any(|h| !keyed.contains(h) && request.headers.contains_key(h))
+    }
 }
 
 /// Marks a request's head as received from a trusted proxy that writes this
@@ -189,5 +199,80 @@ mod tests {
             Result<http_body::Frame<Bytes>, std::convert::Infallible>,
         >());
         assert!(carries_body(&get(open, h2, &[])));
+    }
+
+    /// Whichever way round the fields are compared (the request's with the
+    /// list, or the list's looked up in the request), the answer is the
+    /// one every name of the list looked up gives: for requests with fewer
+    /// and with more field names than the list, a trusted proxy's keyed
+    /// fields, and a layer with a list of its own.
+    #[test]
+    fn an_unkeyed_header_is_found_whichever_way_round() {
+        let looked_up = |config: &Config, parts: &Parts| {
+            let keyed: &[HeaderName] = match parts.extensions.get::<ViaTrustedProxy>() {
+                Some(ViaTrustedProxy(ForwardingHeader::Forwarded)) => &[header::FORWARDED],
+                Some(_) => &[X_FORWARDED_HOST, X_FORWARDED_PROTO, X_FORWARDED_PORT],
+                None => &[],
+            };
+            config
+                .unkeyed_headers
+                .iter()
+                .any(|h| !keyed.contains(h) && parts.headers.contains_key(h))
+        };
+        let config = |names: Option<&[&str]>| {
+            let mut builder =
+                crate::CacheLayer::builder(tower_redis_core::RedisManager::disabled());
+            if let Some(names) = names {
+                builder = builder.unkeyed_headers(names.iter().copied());
+            }
+            std::sync::Arc::clone(&builder.build().expect("a valid layer").config)
+        };
+        let many: Vec<(String, &str)> = (0..40).map(|i| (format!("x-field-{i}"), "v")).collect();
+        let parts = |extra: &[(&str, &str)], many_fields: bool, proxy: Option<ForwardingHeader>| {
+            let mut fields: Vec<(&str, &str)> = vec![("cookie", "a"), ("accept", "*/*")];
+            if many_fields {
+                fields.extend(many.iter().map(|(n, v)| (n.as_str(), *v)));
+            }
+            fields.extend_from_slice(extra);
+            let mut request = get((), Version::HTTP_11, &fields);
+            if let Some(proxy) = proxy {
+                request.extensions_mut().insert(ViaTrustedProxy(proxy));
+            }
+            request.into_parts().0
+        };
+        let x = Some(ForwardingHeader::XForwardedFor);
+        let f = Some(ForwardingHeader::Forwarded);
+        let cases: [(&[(&str, &str)], Option<ForwardingHeader>, bool); 8] = [
+            (&[], None, false),
+            (&[("x-forwarded-host", "h")], None, true),
+            (&[("x-forwarded-host", "h")], x, false),
+            (&[("x-forwarded-prefix", "/p")], x, true),
+            (&[("forwarded", "host=h")], f, false),
+            (&[("forwarded", "host=h")], x, true),
+            (&[("x-forwarded-host", "h")], f, true),
+            (&[("x-tenant", "t")], None, false),
+        ];
+        let default = config(None);
+        let own = config(Some(&["x-tenant"]));
+        for many_fields in [false, true] {
+            for (extra, proxy, expected) in cases {
+                let parts = parts(extra, many_fields, proxy);
+                assert_eq!(
+                    carries_unkeyed_header(&default, &parts),
+                    expected,
+                    "{extra:?} {proxy:?}"
+                );
+                assert_eq!(
+                    carries_unkeyed_header(&default, &parts),
+                    looked_up(&default, &parts)
+                );
+                assert_eq!(
+                    carries_unkeyed_header(&own, &parts),
+                    looked_up(&own, &parts)
+                );
+            }
+            let tenant = parts(&[("x-tenant", "t")], many_fields, None);
+            assert!(carries_unkeyed_header(&own, &tenant));
+        }
     }
 }
