@@ -55,8 +55,9 @@ const HUGE_QUOTA: u32 = 1_000_000_000;
 const HOUR: Duration = Duration::from_secs(3600);
 /// Commands run inside the scripts a stacked request may run: the GCRA
 /// decision (`TIME`, `GET`, `SET`) and the cache's lookup script (`HGET`;
-/// only a URL's first lookup on an instance runs it, later ones are a
-/// plain `HMGET`). None of them is sent top-level by the stack (its
+/// `/page`'s first lookup on an instance runs it; once its private answer
+/// was not stored, its lookups are a plain `HMGET`). None of them is sent
+/// top-level by the stack (its
 /// top-level commands are `EVALSHA`, `HMGET`, `PEXPIRE`, `HGETALL`).
 const STACK_INNER: &[&str] = &["time", "get", "set", "hget"];
 /// Top-level commands (round trips) a request may make: `/page` = rate

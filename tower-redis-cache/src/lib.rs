@@ -176,9 +176,11 @@
 //!
 //! One round trip per lookup (none from the near cache), `Vary` resolution
 //! included: a URL's variants live in one Redis hash. An instance that knows the URL's `Vary` names
-//! reads the variant with one `HMGET`; otherwise (first sight, or the `Vary`
-//! changed) a script picks the variant from digests of the request's header
-//! values. No cookie or credential is sent to Redis as such. Entries use a compact versioned binary format; a value that does
+//! reads the variant with one `HMGET`; on first sight a script picks the
+//! variant from digests of the request's header values (and when the
+//! `Vary` changed since, after the `HMGET`: two round trips, once). A URL
+//! whose answer was not storable (a private page) is remembered as absent,
+//! and read with one `HMGET` as well. No cookie or credential is sent to Redis as such. Entries use a compact versioned binary format; a value that does
 //! not decode is a miss and is deleted. While Redis is unavailable, a
 //! bounded in-process store (moka, by bytes) keeps caching; when Redis is
 //! back those entries are dropped and invalidations and purges made

@@ -383,6 +383,46 @@ async fn a_page_never_stored_is_looked_up_with_a_plain_hmget() {
     assert_eq!(f.origin.calls(), 4);
 }
 
+/// An instance that marked a URL absent (its own answer was private) finds
+/// it in one `HMGET` once another instance stored it without `Vary`.
+#[tokio::test]
+async fn a_url_marked_absent_then_stored_without_vary_elsewhere_is_one_hmget() {
+    let f = fixture(|b| b).await;
+    // A's origin answers `/private` privately: A marks the URL absent.
+    send(&f.app, "GET", "/private", &[]).await;
+    settle(&f.layer).await;
+    send(&f.app, "GET", "/private", &[]).await;
+    // Instance B: the same Redis, an origin whose `/private` is public.
+    let manager = RedisManager::connect(f.redis.config().build().unwrap())
+        .await
+        .unwrap();
+    let b_layer = CacheLayer::builder(manager).build().unwrap();
+    let b_app = Router::new()
+        .route(
+            "/private",
+            routing::get(|| async {
+                respond(
+                    StatusCode::OK,
+                    &[("cache-control", "max-age=60".into())],
+                    "everyone's",
+                )
+            }),
+        )
+        .layer(b_layer.clone());
+    assert_eq!(get(&b_app, "/private").await.body, "everyone's");
+    settle(&b_layer).await;
+    f.redis.reset_stats().await.unwrap();
+    let found = get(&f.app, "/private").await;
+    assert_eq!(found.body, "everyone's");
+    assert!(
+        found.cache_status().contains("hit"),
+        "{}",
+        found.cache_status()
+    );
+    assert_eq!(commands(&f.redis).await, [("hmget".to_owned(), 1)]);
+    assert_eq!(f.origin.calls(), 2);
+}
+
 /// An instance that found a URL absent, then looks it up after another
 /// instance stored it with `Vary`, finds the variant the request selects
 /// (and only that one), and from then on in one `HMGET`.
@@ -428,13 +468,25 @@ async fn a_url_found_absent_then_stored_with_vary_elsewhere_is_found() {
     // B stores the `de` variant.
     assert_eq!(send(&b_app, "GET", "/shift", &de).await.body, "b-de");
     settle(&b_layer).await;
-    // A finds it, from Redis.
+    // A finds it, from Redis: A's hint (absent, its own answer was not
+    // storable) reads the variant a response without `Vary` has, sees
+    // the URL's `Vary`, and runs the lookup script: two round trips, once
+    // (`INFO commandstats` also counts the script's own `HMGET`, `HGET`).
+    f.redis.reset_stats().await.unwrap();
     let found = send(&f.app, "GET", "/shift", &de).await;
     assert_eq!(found.body, "b-de");
     assert!(
         found.cache_status().contains("hit"),
         "{}",
         found.cache_status()
+    );
+    assert_eq!(
+        commands(&f.redis).await,
+        [
+            ("evalsha".to_owned(), 1),
+            ("hget".to_owned(), 1),
+            ("hmget".to_owned(), 2)
+        ]
     );
     // Another variant is a vary miss (A's origin answers 404, not stored).
     let other = send(&f.app, "GET", "/shift", &en).await;

@@ -62,6 +62,8 @@ pub(crate) fn url_hash(key: &str) -> Result<String, InvalidKey> {
         .try_with(|memo| {
             let mut memo = memo.borrow_mut();
             if let Some((_, hash)) = memo.slots.iter().flatten().find(|(k, _)| **k == *key) {
+                #[cfg(test)]
+                MEMO_HITS.set(MEMO_HITS.get() + 1);
                 return hash.clone();
             }
             let hash = hash_of(key);
@@ -93,6 +95,12 @@ thread_local! {
             next: 0,
         })
     };
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Hashes this thread took from its memo.
+    static MEMO_HITS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// SHA-256 of the key's URL, in unpadded URL-safe base64.
@@ -229,22 +237,29 @@ mod tests {
             long.clone(),
         ]);
         keys.push(format!("{long}x"));
+        let made_anew = |key: &str| crate::key::hash_url(&url(key).unwrap());
         for round in 0..3 {
+            // More keys than a thread remembers: each is hashed anew.
             for key in &keys {
-                let hash = url_hash(key).unwrap();
                 assert_eq!(
-                    hash,
-                    crate::key::hash_url(&url(key).unwrap()),
+                    url_hash(key).unwrap(),
+                    made_anew(key),
                     "{key} (round {round})"
                 );
             }
-            // The first two again, at once: now from the memo.
-            for key in &keys[..2] {
-                assert_eq!(
-                    url_hash(key).unwrap(),
-                    crate::key::hash_url(&url(key).unwrap())
-                );
+            // A few keys read again and again: from the memo, beside keys
+            // that differ from them in one byte or in case.
+            let hits = MEMO_HITS.get();
+            for _ in 0..3 {
+                for key in ["product:1", "product:1 ", "Product:1", "product:10"] {
+                    assert_eq!(
+                        url_hash(key).unwrap(),
+                        made_anew(key),
+                        "{key} (round {round})"
+                    );
+                }
             }
+            assert!(MEMO_HITS.get() - hits >= 8, "the memo is used");
         }
     }
 

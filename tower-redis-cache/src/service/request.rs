@@ -254,6 +254,14 @@ mod tests {
         ];
         let default = config(None);
         let own = config(Some(&["x-tenant"]));
+        // A list of its own longer than most requests' fields, and one of
+        // exactly as many names as the requests without the many fields
+        // carry (the boundary between the two ways round).
+        let long_names: Vec<String> = (0..20).map(|i| format!("x-unkeyed-{i}")).collect();
+        let mut long: Vec<&str> = long_names.iter().map(String::as_str).collect();
+        long.push("x-tenant");
+        let long = config(Some(&long));
+        let exact = config(Some(&["x-tenant", "x-forwarded-host", "cookie"]));
         for many_fields in [false, true] {
             for (extra, proxy, expected) in cases {
                 let parts = parts(extra, many_fields, proxy);
@@ -266,13 +274,21 @@ mod tests {
                     carries_unkeyed_header(&default, &parts),
                     looked_up(&default, &parts)
                 );
-                assert_eq!(
-                    carries_unkeyed_header(&own, &parts),
-                    looked_up(&own, &parts)
-                );
+                for config in [&own, &long, &exact] {
+                    assert_eq!(
+                        carries_unkeyed_header(config, &parts),
+                        looked_up(config, &parts)
+                    );
+                }
             }
             let tenant = parts(&[("x-tenant", "t")], many_fields, None);
             assert!(carries_unkeyed_header(&own, &tenant));
+            assert!(carries_unkeyed_header(&long, &tenant));
+            assert!(carries_unkeyed_header(&exact, &tenant));
+            let plain = parts(&[], many_fields, None);
+            assert!(!carries_unkeyed_header(&long, &plain));
+            // `cookie` is on the exact list, and every request carries it.
+            assert!(carries_unkeyed_header(&exact, &plain));
         }
     }
 }

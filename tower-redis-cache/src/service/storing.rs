@@ -21,6 +21,7 @@ use crate::key;
 use crate::layer::Config;
 use crate::route::Route;
 use crate::store::Put;
+use crate::store::Tier;
 use tower_redis_core::clock;
 
 /// Response headers that describe a connection, not a response: never stored.
@@ -106,6 +107,14 @@ pub(crate) fn store_if_allowed<ResBody: OriginBody>(
                 // A refusal due to this request alone says nothing of the
                 // URL: the next request may well be stored.
                 config.uncacheable.insert(keyed.flight_key(), ());
+            }
+            if because_of_the_response
+                && status.fwd == Some("uri-miss")
+                && status.tier == Tier::Redis
+            {
+                // Absent from Redis, and its answer not storable: its next
+                // lookups need no script.
+                config.store.remember_absent(&keyed.key.url_hash);
             }
             fill.release(ctx);
             add_cache_status(&mut parts.headers, &status);

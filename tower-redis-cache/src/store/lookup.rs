@@ -1,8 +1,8 @@
 //! Finding the entry a request selects: the near cache first, then Redis
 //! (one round trip, `Vary` resolution included) or, while Redis is
-//! unavailable, the in-process store. The `Vary` hints remember what each
-//! URL was when last looked up (its `Vary` names, or absent) so that a
-//! Redis lookup is a plain `HMGET`; the lookup script resolves the variant
+//! unavailable, the in-process store. The `Vary` hints remember each URL's
+//! `Vary` names (or that it is absent and its answer not storable) so that
+//! a Redis lookup is a plain `HMGET`; the lookup script resolves the variant
 //! in Redis for a URL without a hint, and (a second round trip) for one
 //! whose `Vary` is no longer the hinted one.
 
@@ -18,7 +18,8 @@ use crate::entry::Entry;
 use crate::key;
 
 impl CacheStore {
-    /// One round trip (Vary resolution included), none from the near cache.
+    /// One round trip (Vary resolution included; two when this instance's
+    /// `Vary` hint is wrong), none from the near cache.
     pub(crate) fn lookup<'a>(
         &'a self,
         url_hash: &'a str,
@@ -143,9 +144,10 @@ impl CacheStore {
         )
     }
 
-    /// Records what a lookup saw of the URL in Redis (its `Vary` names, or
-    /// that it is absent), written only when it changes: a cache write
-    /// costs more than a read.
+    /// Records the `Vary` names a lookup saw, written only when they
+    /// change: a cache write costs more than a read. A URL found absent
+    /// loses its names; one this instance marked absent
+    /// ([`remember_absent`](Self::remember_absent)) stays so.
     fn update_vary_hint(
         &self,
         url_hash: &str,
@@ -158,14 +160,25 @@ impl CacheStore {
             (Some(vary), _) => self
                 .vary_hints
                 .insert(url_hash.to_owned(), VaryHint::Vary(vary.to_owned())),
-            (None, Some(VaryHint::Absent)) => {}
-            (None, _) if tier == Tier::Redis => {
-                self.vary_hints
-                    .insert(url_hash.to_owned(), VaryHint::Absent);
+            (None, Some(VaryHint::Vary(_))) if tier == Tier::Redis => {
+                self.vary_hints.invalidate(url_hash);
             }
-            // The in-process store says nothing of Redis.
             (None, _) => {}
         }
+    }
+
+    /// Marks a URL that a Redis lookup found absent, and whose answer was
+    /// then not stored because of the answer itself (a private page, say),
+    /// as absent: its next lookups read the variant a response without
+    /// `Vary` has in a plain `HMGET` instead of running the lookup script,
+    /// which sends a digest of every request header. Such a URL usually
+    /// stays absent; should it be stored with `Vary` later, one lookup
+    /// runs the script as well (two round trips) and the hint follows.
+    /// A hint already there (a concurrent store's) is kept.
+    pub(crate) fn remember_absent(&self, url_hash: &str) {
+        self.vary_hints
+            .entry_by_ref(url_hash)
+            .or_insert(VaryHint::Absent);
     }
 }
 

@@ -41,11 +41,12 @@ use outage::StoreFailover;
 use redis_store::{Op, RedisStore};
 use tower_redis_core::clock;
 
-/// The `Vary` hints (the names last seen per URL) take at most this share
-/// of `memory_capacity_bytes`, weighed by bytes like every store a client
-/// can grow: 1 MiB of the default 64 MiB, some thousands of URLs. A URL
-/// without a hint is looked up by the script instead of a plain `HMGET`:
-/// one round trip either way.
+/// The `Vary` hints ([`VaryHint`]: the names last seen per URL, or that it
+/// is absent and not storable) take at most this share of
+/// `memory_capacity_bytes`, weighed by bytes like every store a client can
+/// grow: 1 MiB of the default 64 MiB, some thousands of URLs. A URL without
+/// a hint is looked up by the script instead of a plain `HMGET`: one round
+/// trip either way (two when a hint turns out wrong).
 const VARY_HINT_SHARE: u64 = 64;
 /// The least the hints may take, however small the store.
 const MIN_VARY_HINT_BYTES: u64 = 16 << 10;
@@ -227,20 +228,22 @@ pub(crate) struct StoreOptions {
     pub(crate) rules: Option<Rules>,
 }
 
-/// What a lookup last found of a URL in Redis: the hint that makes the
+/// What this instance knows of a URL in Redis: the hint that makes its
 /// next lookup a plain `HMGET` of the variant the request selects (the
-/// lookup script resolves the variant in Redis when there is no hint, or
-/// when the `HMGET` shows the URL's `Vary` is not the hinted one).
+/// lookup script resolves the variant in Redis when there is no hint, or,
+/// a second round trip, when the `HMGET` shows the URL's `Vary` is not the
+/// hinted one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum VaryHint {
-    /// The URL's `Vary` names (normalised; empty without `Vary`).
+    /// The URL's `Vary` names as a lookup or a store last saw them
+    /// (normalised; empty without `Vary`).
     Vary(String),
-    /// The URL was not in Redis. Its next lookup reads the variant a
-    /// response without `Vary` is stored under: what a URL that is still
+    /// A lookup found the URL absent and its answer was not storable
+    /// ([`CacheStore::remember_absent`]). Its next lookup reads the variant
+    /// a response without `Vary` is stored under: what a URL that is still
     /// absent, or was stored since without `Vary`, answers in one round
-    /// trip (a private page that is never stored is looked up so on every
-    /// request, without the script and the digests of every request
-    /// header it takes).
+    /// trip. A private page is looked up so on every request, without the
+    /// script and the digest of every request header it takes.
     Absent,
 }
 

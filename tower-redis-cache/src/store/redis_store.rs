@@ -2,7 +2,8 @@
 //!
 //! - A hash per URL (`c:<url hash>`): `vary` (the response's `Vary` names),
 //!   one `e:<variant>` field per variant, and `sp`, the time of the last
-//!   soft purge. Read with one `HMGET` (or, the first time, one script) and
+//!   soft purge. Read with one `HMGET` (or, without a `Vary` hint, one
+//!   script) and
 //!   written with one script. The entry is one bulk value of that reply,
 //!   decoded without a copy (`Entry::decode_shared`). Measured on Redis
 //!   7.0 (`redis-benchmark`, `INFO commandstats`), an `HMGET` of `vary`, a
@@ -203,12 +204,15 @@ impl EntryStore for RedisStore {
     }
 }
 
-/// Finds the variant a request selects, in one round trip.
+/// Finds the variant a request selects, in one round trip (two when the
+/// hint is wrong).
 ///
-/// With `vary_hint` (the URL's `Vary` names as last seen by this instance)
-/// it is a plain `HMGET key vary <variant> sp`; only when there is no hint,
-/// or the URL's `Vary` changed since, does the lookup script resolve the
-/// variant inside Redis. Returns what was found and the `Vary` names seen.
+/// With `vary_hint` (the `Vary` names this instance assumes: as last seen,
+/// or empty for a URL it found absent) it is a plain
+/// `HMGET key vary <variant> sp`; only when there is no hint does the
+/// lookup script resolve the variant inside Redis, and after the `HMGET`
+/// when the URL's `Vary` is not the hinted one. Returns what was found and
+/// the `Vary` names seen.
 ///
 /// A plain function, not an `async fn` (which would hold its arguments
 /// twice); the script's path is boxed, so that neither is part of a hinted
