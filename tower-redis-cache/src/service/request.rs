@@ -242,7 +242,8 @@ mod tests {
         };
         let x = Some(ForwardingHeader::XForwardedFor);
         let f = Some(ForwardingHeader::Forwarded);
-        let cases: [(&[(&str, &str)], Option<ForwardingHeader>, bool); 8] = [
+        type Case<'a> = (&'a [(&'a str, &'a str)], Option<ForwardingHeader>, bool);
+        let cases: [Case<'_>; 8] = [
             (&[], None, false),
             (&[("x-forwarded-host", "h")], None, true),
             (&[("x-forwarded-host", "h")], x, false),
