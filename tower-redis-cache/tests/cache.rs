@@ -356,6 +356,22 @@ async fn commands(redis: &TestRedis) -> Vec<(String, u64)> {
     calls
 }
 
+/// Asserts whether `answer`'s `Cache-Status` contains `text`.
+fn assert_status(answer: &Answer, text: &str, contains: bool) {
+    let status = answer.cache_status();
+    assert_eq!(status.contains(text), contains, "{status}");
+}
+
+/// Another instance: a layer of its own on the same Redis, in front of
+/// `origin`.
+async fn second_instance(redis: &TestRedis, origin: Router) -> (Router, CacheLayer) {
+    let manager = RedisManager::connect(redis.config().build().unwrap())
+        .await
+        .unwrap();
+    let layer = CacheLayer::builder(manager).build().unwrap();
+    (origin.layer(layer.clone()), layer)
+}
+
 /// A page that is never stored (private) is looked up on every request:
 /// after the first lookup found it absent, each one is a plain `HMGET`,
 /// not the lookup script with a digest of every request header.
@@ -373,11 +389,7 @@ async fn a_page_never_stored_is_looked_up_with_a_plain_hmget() {
     for _ in 0..3 {
         let again = send(&f.app, "GET", "/private", &headers).await;
         assert_eq!(again.body, "mine");
-        assert!(
-            !again.cache_status().contains("hit"),
-            "{}",
-            again.cache_status()
-        );
+        assert_status(&again, "hit", false);
     }
     assert_eq!(commands(&f.redis).await, [("hmget".to_owned(), 3)]);
     assert_eq!(f.origin.calls(), 4);
@@ -393,12 +405,9 @@ async fn a_url_marked_absent_then_stored_without_vary_elsewhere_is_one_hmget() {
     settle(&f.layer).await;
     send(&f.app, "GET", "/private", &[]).await;
     // Instance B: the same Redis, an origin whose `/private` is public.
-    let manager = RedisManager::connect(f.redis.config().build().unwrap())
-        .await
-        .unwrap();
-    let b_layer = CacheLayer::builder(manager).build().unwrap();
-    let b_app = Router::new()
-        .route(
+    let (b_app, b_layer) = second_instance(
+        &f.redis,
+        Router::new().route(
             "/private",
             routing::get(|| async {
                 respond(
@@ -407,18 +416,15 @@ async fn a_url_marked_absent_then_stored_without_vary_elsewhere_is_one_hmget() {
                     "everyone's",
                 )
             }),
-        )
-        .layer(b_layer.clone());
+        ),
+    )
+    .await;
     assert_eq!(get(&b_app, "/private").await.body, "everyone's");
     settle(&b_layer).await;
     f.redis.reset_stats().await.unwrap();
     let found = get(&f.app, "/private").await;
     assert_eq!(found.body, "everyone's");
-    assert!(
-        found.cache_status().contains("hit"),
-        "{}",
-        found.cache_status()
-    );
+    assert_status(&found, "hit", true);
     assert_eq!(commands(&f.redis).await, [("hmget".to_owned(), 1)]);
     assert_eq!(f.origin.calls(), 2);
 }
@@ -430,12 +436,9 @@ async fn a_url_marked_absent_then_stored_without_vary_elsewhere_is_one_hmget() {
 async fn a_url_found_absent_then_stored_with_vary_elsewhere_is_found() {
     let f = fixture(|b| b).await;
     // Instance B: the same Redis, an origin that varies `/shift`.
-    let manager = RedisManager::connect(f.redis.config().build().unwrap())
-        .await
-        .unwrap();
-    let b_layer = CacheLayer::builder(manager).build().unwrap();
-    let b_app = Router::new()
-        .route(
+    let (b_app, b_layer) = second_instance(
+        &f.redis,
+        Router::new().route(
             "/shift",
             routing::get(|headers: HeaderMap| async move {
                 let lang = headers
@@ -452,18 +455,15 @@ async fn a_url_found_absent_then_stored_with_vary_elsewhere_is_found() {
                     format!("b-{lang}"),
                 )
             }),
-        )
-        .layer(b_layer.clone());
+        ),
+    )
+    .await;
     let de = [("accept-language", "de")];
     let en = [("accept-language", "en")];
     // A looks `/shift` up: absent, and A's origin does not know it.
     let first = send(&f.app, "GET", "/shift", &de).await;
     assert_eq!(first.status, 404);
-    assert!(
-        first.cache_status().contains("fwd=uri-miss"),
-        "{}",
-        first.cache_status()
-    );
+    assert_status(&first, "fwd=uri-miss", true);
     settle(&f.layer).await;
     // B stores the `de` variant.
     assert_eq!(send(&b_app, "GET", "/shift", &de).await.body, "b-de");
@@ -475,11 +475,7 @@ async fn a_url_found_absent_then_stored_with_vary_elsewhere_is_found() {
     f.redis.reset_stats().await.unwrap();
     let found = send(&f.app, "GET", "/shift", &de).await;
     assert_eq!(found.body, "b-de");
-    assert!(
-        found.cache_status().contains("hit"),
-        "{}",
-        found.cache_status()
-    );
+    assert_status(&found, "hit", true);
     assert_eq!(
         commands(&f.redis).await,
         [
@@ -491,11 +487,7 @@ async fn a_url_found_absent_then_stored_with_vary_elsewhere_is_found() {
     // Another variant is a vary miss (A's origin answers 404, not stored).
     let other = send(&f.app, "GET", "/shift", &en).await;
     assert_eq!(other.status, 404);
-    assert!(
-        other.cache_status().contains("fwd=vary-miss"),
-        "{}",
-        other.cache_status()
-    );
+    assert_status(&other, "fwd=vary-miss", true);
     settle(&f.layer).await;
     // A knows the URL's Vary now: one HMGET.
     f.redis.reset_stats().await.unwrap();
