@@ -25,7 +25,7 @@ use tower_redis_core::forwarding::RequestView;
 use crate::route::Route;
 
 mod memo;
-pub(crate) use memo::url_and_hash;
+pub(crate) use memo::{Ring, url_and_hash};
 
 /// What a key is read from: a request as it came, or a copy of its head.
 /// Keying a request in place copies nothing (a near hit is answered

@@ -15,6 +15,7 @@ use http::{HeaderMap, StatusCode};
 
 use super::error::InvalidKey;
 use crate::entry::Entry;
+use crate::key::Ring;
 
 /// The longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -61,15 +62,13 @@ pub(crate) fn url_hash(key: &str) -> Result<String, InvalidKey> {
     let remembered = HASHES
         .try_with(|memo| {
             let mut memo = memo.borrow_mut();
-            if let Some((_, hash)) = memo.slots.iter().flatten().find(|(k, _)| **k == *key) {
+            if let Some((_, hash)) = memo.find(|(k, _)| **k == *key) {
                 #[cfg(test)]
                 MEMO_HITS.set(MEMO_HITS.get() + 1);
                 return hash.clone();
             }
             let hash = hash_of(key);
-            let next = memo.next;
-            memo.slots[next] = Some((key.into(), hash.clone()));
-            memo.next = (next + 1) % MEMO_SLOTS;
+            memo.keep((key.into(), hash.clone()));
             hash
         })
         .ok();
@@ -81,20 +80,10 @@ const MEMO_SLOTS: usize = 8;
 /// The longest key a thread remembers.
 const MEMO_MAX_KEY_BYTES: usize = 256;
 
-/// A thread's last hashed keys, in a ring.
-struct Hashes {
-    slots: [Option<(Box<str>, String)>; MEMO_SLOTS],
-    /// The slot the next key takes.
-    next: usize,
-}
-
 thread_local! {
-    static HASHES: std::cell::RefCell<Hashes> = const {
-        std::cell::RefCell::new(Hashes {
-            slots: [const { None }; MEMO_SLOTS],
-            next: 0,
-        })
-    };
+    /// A thread's last hashed keys, with their hashes.
+    static HASHES: std::cell::RefCell<Ring<(Box<str>, String), MEMO_SLOTS>> =
+        const { std::cell::RefCell::new(Ring::new()) };
 }
 
 #[cfg(test)]

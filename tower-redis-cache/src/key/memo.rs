@@ -53,19 +53,37 @@ impl Slot {
     }
 }
 
-struct Memo {
-    slots: [Option<Slot>; SLOTS],
-    /// The slot the next URL takes.
+/// A thread's last `N` remembered values, the oldest replaced first: the
+/// memos of pure functions on every hit (this module's URL keys, the data
+/// cache's key hashes).
+pub(crate) struct Ring<T, const N: usize> {
+    slots: [Option<T>; N],
+    /// The slot the next value takes.
     next: usize,
 }
 
-thread_local! {
-    static MEMO: RefCell<Memo> = const {
-        RefCell::new(Memo {
-            slots: [const { None }; SLOTS],
+impl<T, const N: usize> Ring<T, N> {
+    pub(crate) const fn new() -> Self {
+        Self {
+            slots: [const { None }; N],
             next: 0,
-        })
-    };
+        }
+    }
+
+    /// The first remembered value `holds` accepts.
+    pub(crate) fn find(&self, holds: impl Fn(&T) -> bool) -> Option<&T> {
+        self.slots.iter().flatten().find(|value| holds(value))
+    }
+
+    /// Remembers `value` in place of the oldest.
+    pub(crate) fn keep(&mut self, value: T) {
+        self.slots[self.next] = Some(value);
+        self.next = (self.next + 1) % N;
+    }
+}
+
+thread_local! {
+    static MEMO: RefCell<Ring<Slot, SLOTS>> = const { RefCell::new(Ring::new()) };
 }
 
 /// The URL (`//host/path?query`) and its hash of a request keyed in place
@@ -93,11 +111,7 @@ pub(crate) fn url_and_hash(config: &Config, head: &impl Head) -> Option<(String,
     if memoised
         && let Ok(Some(found)) = MEMO.try_with(|memo| {
             let memo = memo.borrow();
-            let slot = memo
-                .slots
-                .iter()
-                .flatten()
-                .find(|slot| slot.holds(&inputs))?;
+            let slot = memo.find(|slot| slot.holds(&inputs))?;
             Some((slot.url.clone(), slot.url_hash.clone()))
         })
     {
@@ -115,12 +129,7 @@ pub(crate) fn url_and_hash(config: &Config, head: &impl Head) -> Option<(String,
             url: url.clone(),
             url_hash: url_hash.clone(),
         };
-        let _ = MEMO.try_with(|memo| {
-            let mut memo = memo.borrow_mut();
-            let at = memo.next;
-            memo.next = (at + 1) % SLOTS;
-            memo.slots[at] = Some(slot);
-        });
+        let _ = MEMO.try_with(|memo| memo.borrow_mut().keep(slot));
     }
     Some((url, url_hash))
 }

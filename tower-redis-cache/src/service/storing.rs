@@ -20,8 +20,7 @@ use crate::freshness::{self, NotStored, Storable};
 use crate::key;
 use crate::layer::Config;
 use crate::route::Route;
-use crate::store::Put;
-use crate::store::Tier;
+use crate::store::{Put, Tier};
 use tower_redis_core::clock;
 
 /// Response headers that describe a connection, not a response: never stored.

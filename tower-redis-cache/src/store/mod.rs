@@ -255,10 +255,6 @@ impl VaryHint {
             Self::Absent => "",
         }
     }
-
-    fn names_len(&self) -> usize {
-        self.names().len()
-    }
 }
 
 pub(crate) struct CacheStore {
@@ -339,7 +335,7 @@ impl CacheStore {
             vary_hints: moka::sync::Cache::builder()
                 .max_capacity(vary_hint_bytes)
                 .weigher(|url_hash: &String, hint: &VaryHint| {
-                    u32::try_from(url_hash.len() + hint.names_len() + VARY_HINT_OVERHEAD)
+                    u32::try_from(url_hash.len() + hint.names().len() + VARY_HINT_OVERHEAD)
                         .unwrap_or(u32::MAX)
                 })
                 .build(),
