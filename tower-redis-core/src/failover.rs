@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use redis::{RedisError, RedisResult};
 use tokio::time::timeout;
-use tracing::Instrument;
 
 use crate::breaker::Failure;
 use crate::connection::RedisConnection;
@@ -199,13 +198,15 @@ impl RedisManager {
         // operation showed up in profiles at high concurrency. The attempt
         // is built inside the awaited expression: a named local would stay
         // in this future beside the timer's copy of it.
-        let outcome = timeout(budget, async {
-            let (conn, broken) = inner.backend.checkout().await.map_err(Attempt::Connect)?;
-            op(conn)
-                .await
-                .map_err(|error| Attempt::Command(error, broken))
-        })
-        .instrument(span.clone())
+        let outcome = crate::in_span(
+            &span,
+            timeout(budget, async {
+                let (conn, broken) = inner.backend.checkout().await.map_err(Attempt::Connect)?;
+                op(conn)
+                    .await
+                    .map_err(|error| Attempt::Command(error, broken))
+            }),
+        )
         .await;
         if !span.is_disabled() {
             let error_type = match &outcome {

@@ -105,7 +105,7 @@ pub use connection::RedisConnection;
 pub use degrade::Failover;
 pub use error::{ConfigError, Error};
 pub use failover::{FallbackReason, Served, Source};
-pub use future::ResponseFuture;
+pub use future::{ResponseFuture, in_span};
 pub use keys::{Keyspace, escape_key_part};
 pub use manager::RedisManager;
 pub use tracking::{Invalidate, TrackedCache, Tracking};

@@ -13,7 +13,6 @@ use http::{HeaderValue, Request, Response, header};
 use tower_redis_core::http::is_grpc;
 use tower_redis_core::record;
 use tower_service::Service;
-use tracing::Instrument;
 
 use crate::body::ResponseBody;
 use crate::headers::{self, Fields};
@@ -98,11 +97,10 @@ where
     // the inner service's, so that the box made for every request was
     // larger than the allocator's per-thread cache takes. Here the
     // decision's state and the inner call's take turns in one place.
-    let decided = async move {
+    let decided = tower_redis_core::in_span(&span, async move {
         let outcome = decide(&config, &parts).await;
         (outcome, parts)
-    }
-    .instrument(span);
+    });
     decided.then(move |(outcome, parts)| match outcome {
         Outcome::Pass(extra_headers) => {
             let called = inner.call(Request::from_parts(parts, body));

@@ -88,7 +88,11 @@ impl<C: Codec> DataCache<C> {
             return Ok(value);
         }
         let span = tracing::debug_span!(target: "tower_redis_cache", "data", key);
-        Box::pin(self.get_or_make(key, options, factory).instrument(span)).await
+        Box::pin(tower_redis_core::in_span(
+            &span,
+            self.get_or_make(key, options, factory),
+        ))
+        .await
     }
 
     async fn get_or_make<T, E, F, Fut>(
@@ -519,7 +523,6 @@ mod tests {
     use std::time::Duration;
 
     use tower_redis_core::RedisManager;
-    use tracing::Instrument;
 
     use super::super::{DataCache, DataOptions, value};
 
@@ -537,13 +540,14 @@ mod tests {
         let cache = DataCache::new(RedisManager::disabled());
         let options = DataOptions::new(Duration::from_secs(60));
         let span = tracing::debug_span!(target: "tower_redis_cache", "data");
-        let hit = cache
-            .get_or_make::<(String, Vec<String>), std::io::Error, _, _>(
+        let hit = tower_redis_core::in_span(
+            &span,
+            cache.get_or_make::<(String, Vec<String>), std::io::Error, _, _>(
                 "product:1",
                 &options,
                 || async { Ok((String::new(), Vec::new())) },
-            )
-            .instrument(span);
+            ),
+        );
         let size = std::mem::size_of_val(&hit);
         assert!(size <= THREAD_CACHE_BYTES, "the boxed hit is {size} bytes");
         let url_hash = value::url_hash("product:1").expect("a valid key");

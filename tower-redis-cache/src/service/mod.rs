@@ -44,7 +44,6 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower_redis_core::http::is_grpc;
 use tower_service::Service;
-use tracing::Instrument;
 
 use crate::body::CacheBody;
 use crate::directives::RequestDirectives;
@@ -178,7 +177,7 @@ impl Finish {
                 answer
             })
         };
-        let later = later.instrument(self.span.exit());
+        let later = tower_redis_core::in_span(&self.span.exit(), later);
         #[cfg(test)]
         LAST_BOXED_BYTES.set(std::mem::size_of_val(&later));
         ResponseFuture::new(later)
