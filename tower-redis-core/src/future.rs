@@ -84,9 +84,9 @@ mod tests {
         assert!(disabled.is_disabled(), "no subscriber yet");
         assert_eq!(in_span(&disabled, current()).await, None);
 
-        let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(
-            tracing_subscriber::filter::LevelFilter::DEBUG,
-        ));
+        let _guard = tracing::subscriber::set_default(
+            tracing_subscriber::registry().with(tracing_subscriber::filter::LevelFilter::DEBUG),
+        );
         let enabled = tracing::debug_span!("work");
         assert!(!enabled.is_disabled());
         assert_eq!(in_span(&enabled, current()).await, enabled.id());
