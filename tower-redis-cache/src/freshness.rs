@@ -50,7 +50,78 @@ pub(crate) struct Storable {
 /// With [`Rules::store_set_cookie`], a `private` or `no-cache` qualified
 /// with `Set-Cookie` alone (RFC 9111 §5.2.2.4, §5.2.2.7) means: store the
 /// response without its `Set-Cookie`, and use it like any other.
+///
+/// The usual response (one `Cache-Control` field, no targeted field) is
+/// answered from the thread's memo of the field values it parsed last:
+/// each hit read from Redis decodes its stored fields again, and parsing
+/// them was about a twentieth of such a hit's work.
 pub(crate) fn directives_of(headers: &HeaderMap, rules: &Rules) -> ResponseDirectives {
+    if rules.targeted_fields.is_empty() && !headers.contains_key(&CDN_CACHE_CONTROL) {
+        let mut lines = headers.get_all(header::CACHE_CONTROL).iter();
+        if let (Some(line), None) = (lines.next(), lines.next()) {
+            return remembered_directives(line.as_bytes(), rules.store_set_cookie, || {
+                parse_directives(headers, rules)
+            });
+        }
+    }
+    parse_directives(headers, rules)
+}
+
+/// Cache-Control values each thread remembers with their directives.
+const DIRECTIVE_SLOTS: usize = 8;
+/// The longest Cache-Control value a thread remembers.
+const DIRECTIVE_MAX_BYTES: usize = 256;
+
+/// One remembered `Cache-Control` value (with the rule that changes what
+/// it means) and its directives.
+type DirectiveSlot = (Box<[u8]>, bool, ResponseDirectives);
+
+thread_local! {
+    static DIRECTIVES: std::cell::RefCell<crate::key::Ring<DirectiveSlot, DIRECTIVE_SLOTS>> =
+        const { std::cell::RefCell::new(crate::key::Ring::new()) };
+}
+
+/// The directives `parse` gives for the single `Cache-Control` value
+/// `line` under `store_set_cookie`: remembered when this thread parsed the
+/// same bytes under the same rule, else parsed (and remembered when the
+/// value is short). Parsing is a pure function of those two inputs when no
+/// targeted field applies, which the caller checks.
+fn remembered_directives(
+    line: &[u8],
+    store_set_cookie: bool,
+    parse: impl FnOnce() -> ResponseDirectives,
+) -> ResponseDirectives {
+    let found = DIRECTIVES
+        .try_with(|ring| {
+            ring.borrow()
+                .find(|(bytes, rule, _)| **bytes == *line && *rule == store_set_cookie)
+                .map(|(_, _, directives)| directives.clone())
+        })
+        .ok()
+        .flatten();
+    if let Some(directives) = found {
+        #[cfg(test)]
+        DIRECTIVE_MEMO_HITS.with(|hits| hits.set(hits.get() + 1));
+        return directives;
+    }
+    let directives = parse();
+    if line.len() <= DIRECTIVE_MAX_BYTES {
+        let _ = DIRECTIVES.try_with(|ring| {
+            ring.borrow_mut()
+                .keep((line.into(), store_set_cookie, directives.clone()));
+        });
+    }
+    directives
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Directives this thread took from its memo.
+    static DIRECTIVE_MEMO_HITS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// [`directives_of`], parsed.
+fn parse_directives(headers: &HeaderMap, rules: &Rules) -> ResponseDirectives {
     let mut d = std::iter::once(&CDN_CACHE_CONTROL)
         .chain(rules.targeted_fields.iter())
         .find_map(|field| directives::targeted(headers, field))
@@ -405,6 +476,101 @@ mod tests {
             heuristic: None,
             store_set_cookie: false,
         }
+    }
+
+    /// Whatever the fields and the rules, the directives a thread
+    /// remembers are those a parse gives; only a single `Cache-Control`
+    /// field without a targeted field is remembered.
+    #[test]
+    fn remembered_directives_are_the_directives_parsed_anew() {
+        let long = format!("max-age=60, {}", "x".repeat(DIRECTIVE_MAX_BYTES));
+        let mut cases: Vec<Vec<(&str, String)>> = [
+            "max-age=60",
+            "max-age=61",
+            "max-age=60 ",
+            "MAX-AGE=60",
+            "public, max-age=60",
+            "private",
+            "private=\"set-cookie\", max-age=60",
+            "no-cache=\"set-cookie\", s-maxage=5",
+            "no-store",
+            "must-understand, no-store",
+            "stale-while-revalidate=30, max-age=1",
+            long.as_str(),
+        ]
+        .iter()
+        .map(|value| vec![("cache-control", (*value).to_owned())])
+        .collect();
+        // Beside a field the memo never takes: several lines, a targeted
+        // field (which wins), or no field.
+        cases.push(vec![
+            ("cache-control", "max-age=60".to_owned()),
+            ("cache-control", "private".to_owned()),
+        ]);
+        cases.push(vec![
+            ("cache-control", "max-age=60".to_owned()),
+            ("cdn-cache-control", "no-store".to_owned()),
+        ]);
+        cases.push(vec![("expires", "0".to_owned())]);
+        let targeted = Rules {
+            targeted_fields: vec![HeaderName::from_static("edge-cache-control")],
+            ..rules()
+        };
+        let set_cookie = Rules {
+            store_set_cookie: true,
+            ..rules()
+        };
+        let mut edge = HeaderMap::new();
+        edge.insert("cache-control", "max-age=60".parse().unwrap());
+        edge.insert("edge-cache-control", "max-age=5".parse().unwrap());
+        for round in 0..3 {
+            let hits = DIRECTIVE_MEMO_HITS.with(std::cell::Cell::get);
+            for rules in [&rules(), &set_cookie, &targeted] {
+                for fields in &cases {
+                    let mut headers = HeaderMap::new();
+                    for (name, value) in fields {
+                        headers.append(*name, value.parse().unwrap());
+                    }
+                    assert_eq!(
+                        directives_of(&headers, rules),
+                        parse_directives(&headers, rules),
+                        "{fields:?}, store_set_cookie {}, round {round}",
+                        rules.store_set_cookie
+                    );
+                }
+                assert_eq!(directives_of(&edge, rules), parse_directives(&edge, rules));
+            }
+            // More values than a thread remembers: each was parsed anew.
+            // A few read again and again: from the memo, under either rule,
+            // beside values one byte or one case apart.
+            let hot = [
+                "max-age=60",
+                "max-age=61",
+                "MAX-AGE=60",
+                "private=\"set-cookie\", max-age=60",
+            ];
+            for _ in 0..3 {
+                for rules in [&rules(), &set_cookie] {
+                    for value in hot {
+                        let mut headers = HeaderMap::new();
+                        headers.insert("cache-control", value.parse().unwrap());
+                        assert_eq!(
+                            directives_of(&headers, rules),
+                            parse_directives(&headers, rules),
+                            "{value}, store_set_cookie {}, round {round}",
+                            rules.store_set_cookie
+                        );
+                    }
+                }
+            }
+            let used = DIRECTIVE_MEMO_HITS.with(std::cell::Cell::get) - hits;
+            assert!(used >= 16, "the memo is used: {used}");
+        }
+        assert_eq!(
+            directives_of(&edge, &targeted).max_age,
+            Some(5),
+            "a targeted field wins over a remembered Cache-Control"
+        );
     }
 
     fn request(headers: &[(&str, &str)]) -> Parts {
