@@ -54,7 +54,8 @@ pub(crate) struct RequestDirectives {
 /// Calls `f` with each `name[=value]` item of `field`'s lines, in order:
 /// the name in lower case, the value unquoted. Nothing is allocated for
 /// the usual field (`max-age=600`, names already in lower case, values
-/// without escapes): a cache hit parses its stored `Cache-Control`.
+/// without escapes): a stored `Cache-Control` is parsed whenever a thread
+/// has not parsed the same value lately (`freshness::directives_of`).
 fn each_item(headers: &HeaderMap, field: &HeaderName, mut f: impl FnMut(&str, Option<&str>)) {
     for value in headers.get_all(field) {
         // Invalid UTF-8: the bytes that are not ASCII cannot be directives we know.

@@ -56,10 +56,17 @@ pub(crate) struct Storable {
 /// each hit read from Redis decodes its stored fields again, and parsing
 /// them was about a twentieth of such a hit's work.
 pub(crate) fn directives_of(headers: &HeaderMap, rules: &Rules) -> ResponseDirectives {
-    if rules.targeted_fields.is_empty() && !headers.contains_key(&CDN_CACHE_CONTROL) {
+    // Every rule, named: a rule added to `Rules` must be weighed here (does
+    // it change what a remembered value means?) before this compiles.
+    let Rules {
+        targeted_fields,
+        heuristic: _,
+        store_set_cookie,
+    } = rules;
+    if targeted_fields.is_empty() && !headers.contains_key(&CDN_CACHE_CONTROL) {
         let mut lines = headers.get_all(header::CACHE_CONTROL).iter();
         if let (Some(line), None) = (lines.next(), lines.next()) {
-            return remembered_directives(line.as_bytes(), rules.store_set_cookie, || {
+            return remembered_directives(line.as_bytes(), *store_set_cookie, || {
                 parse_directives(headers, rules)
             });
         }

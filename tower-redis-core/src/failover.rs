@@ -199,7 +199,7 @@ impl RedisManager {
         // is built inside the awaited expression: a named local would stay
         // in this future beside the timer's copy of it.
         let outcome = crate::in_span(
-            &span,
+            span.clone(),
             timeout(budget, async {
                 let (conn, broken) = inner.backend.checkout().await.map_err(Attempt::Connect)?;
                 op(conn)

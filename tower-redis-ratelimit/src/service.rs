@@ -97,7 +97,7 @@ where
     // the inner service's, so that the box made for every request was
     // larger than the allocator's per-thread cache takes. Here the
     // decision's state and the inner call's take turns in one place.
-    let decided = tower_redis_core::in_span(&span, async move {
+    let decided = tower_redis_core::in_span(span, async move {
         let outcome = decide(&config, &parts).await;
         (outcome, parts)
     });

@@ -86,7 +86,7 @@ where
             }
             Ok(response)
         };
-        ResponseFuture::new(tower_redis_core::in_span(&span, handled))
+        ResponseFuture::new(tower_redis_core::in_span(span, handled))
     }
 }
 

@@ -89,7 +89,7 @@ impl<C: Codec> DataCache<C> {
         }
         let span = tracing::debug_span!(target: "tower_redis_cache", "data", key);
         Box::pin(tower_redis_core::in_span(
-            &span,
+            span,
             self.get_or_make(key, options, factory),
         ))
         .await
@@ -541,7 +541,7 @@ mod tests {
         let options = DataOptions::new(Duration::from_secs(60));
         let span = tracing::debug_span!(target: "tower_redis_cache", "data");
         let hit = tower_redis_core::in_span(
-            &span,
+            span,
             cache.get_or_make::<(String, Vec<String>), std::io::Error, _, _>(
                 "product:1",
                 &options,

@@ -55,7 +55,7 @@ impl Slot {
 
 /// A thread's last `N` remembered values, the oldest replaced first: the
 /// memos of pure functions on every hit (this module's URL keys, the data
-/// cache's key hashes).
+/// cache's key hashes, the directives of `Cache-Control` values).
 pub(crate) struct Ring<T, const N: usize> {
     slots: [Option<T>; N],
     /// The slot the next value takes.

@@ -177,7 +177,7 @@ impl Finish {
                 answer
             })
         };
-        let later = tower_redis_core::in_span(&self.span.exit(), later);
+        let later = tower_redis_core::in_span(self.span.exit(), later);
         #[cfg(test)]
         LAST_BOXED_BYTES.set(std::mem::size_of_val(&later));
         ResponseFuture::new(later)
