@@ -378,20 +378,12 @@ async fn manager(redis: &BenchRedis, options: &Options) -> Result<RedisManager, 
     Ok(manager)
 }
 
-/// Deletes every key the suite wrote.
+/// Deletes every key the suite wrote. `KEYS` over the miss table's keys
+/// (each miss writes a value and its index records) outlasted the admin
+/// connection's response timeout, and left them to expire.
 async fn clean(redis: &BenchRedis) -> Result<(), BenchError> {
-    let mut conn = redis.admin();
     for pattern in [format!("{PREFIX}*"), format!("{{{PREFIX}}}*")] {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(&pattern)
-            .query_async(&mut conn)
-            .await?;
-        for chunk in keys.chunks(1_000) {
-            let _: i64 = redis::cmd("UNLINK")
-                .arg(chunk)
-                .query_async(&mut conn)
-                .await?;
-        }
+        crate::http_load::clear_matching(redis, &pattern).await?;
     }
     Ok(())
 }

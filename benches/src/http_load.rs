@@ -316,13 +316,20 @@ pub(crate) async fn managers(
 
 /// Deletes every key under `prefix`.
 pub(crate) async fn clear_keys(redis: &BenchRedis, prefix: &str) -> Result<(), BenchError> {
+    clear_matching(redis, &format!("{prefix}:*")).await
+}
+
+/// Deletes every key matching the glob `pattern`, a thousand at a time
+/// (`SCAN`: no single command walks the whole keyspace, so none outlasts
+/// the connection's response timeout).
+pub(crate) async fn clear_matching(redis: &BenchRedis, pattern: &str) -> Result<(), BenchError> {
     let mut conn = redis.admin();
     let mut cursor: u64 = 0;
     loop {
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
-            .arg(format!("{prefix}:*"))
+            .arg(pattern)
             .arg("COUNT")
             .arg(1000)
             .query_async(&mut conn)
