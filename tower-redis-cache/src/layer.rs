@@ -1015,6 +1015,14 @@ impl CacheLayerBuilder {
     /// current: after any store, invalidation or purge there, each thread's
     /// next hit reads the shared copies, and keeps its own only if that URL
     /// did not change.
+    ///
+    /// The near cache also remembers which URLs whose answers are not
+    /// storable (a private page) Redis does not hold, once a lookup of such a
+    /// URL on the tracking connection found it absent: their lookups then
+    /// cost no round trip either (`fwd=uri-miss; detail=near`), until any
+    /// instance writes them. These marks take at most a sixteenth of
+    /// `max_bytes` (at least 16 KiB), live at most `ttl`, and go whenever
+    /// the copies go. Not on a Redis Cluster.
     pub fn near_cache(mut self, max_bytes: u64, ttl: Duration) -> Self {
         self.near_cache = Some((max_bytes, ttl));
         self

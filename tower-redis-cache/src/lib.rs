@@ -155,10 +155,15 @@
 //!   Sentinels switch the primary, or on `FLUSHALL`; each copy lives at
 //!   most its TTL and the tier is bounded by bytes (beside it, each reading
 //!   thread holds its own copies of the last 8 small URLs it read, served
-//!   only while the tier has not changed since they were found current). On
+//!   only while the tier has not changed since they were found current).
+//!   A URL whose answers are not storable (a private page), once a lookup
+//!   on the tracking connection found it absent from Redis, is marked
+//!   absent in the tier on the same terms: its lookups cost no round trip
+//!   (`fwd=uri-miss; detail=near`) until any instance writes it, and the
+//!   marks (a sixteenth of the tier's bytes) go wherever the copies go. On
 //!   a Redis Cluster, where tracking is off, it falls back to the pub/sub
 //!   announcements (not used while that subscription is down, emptied when
-//!   it reconnects).
+//!   it reconnects), and marks nothing absent.
 //!
 //! # Features
 //!
@@ -180,7 +185,7 @@
 //! variant from digests of the request's header values (and when the
 //! `Vary` changed since, after the `HMGET`: two round trips, once). A URL
 //! whose answer was not storable (a private page) is remembered as absent,
-//! and read with one `HMGET` as well. No cookie or credential is sent to Redis as such. Entries use a compact versioned binary format; a value that does
+//! and read with one `HMGET` as well (none with the near cache, above). No cookie or credential is sent to Redis as such. Entries use a compact versioned binary format; a value that does
 //! not decode is a miss and is deleted. While Redis is unavailable, a
 //! bounded in-process store (moka, by bytes) keeps caching; when Redis is
 //! back those entries are dropped and invalidations and purges made
@@ -189,6 +194,7 @@
 //! | operation | round trips |
 //! |---|---|
 //! | hit | 1 `HMGET` (0 from the near cache, kept exact by Redis client tracking) |
+//! | miss of a page never stored (private) | 1 `HMGET` (0 with the near cache) |
 //! | miss, coalescing off | 1 lookup + 1 write batch (entry, indexes, announcement) |
 //! | miss, coalescing on | 1 lookup + 1 lock script + 1 write batch (lock released in it) |
 //! | purge by tag / prefix | 1 index read + 1 batch per 500 URLs (+ 1 `ZREM` per page) |

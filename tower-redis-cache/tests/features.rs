@@ -1022,6 +1022,21 @@ async fn flushall_and_a_killed_tracking_connection_empty_the_near_tier() {
     // A killed tracking connection: the near copy goes with it.
     get(&a.app, "/item/1").await;
     assert!(get(&a.app, "/item/1").await.cache_status().contains("near"));
+    kill_tracking(&redis, &a).await;
+    let after = get(&a.app, "/item/1").await;
+    assert!(
+        !after.cache_status().contains("near"),
+        "{}",
+        after.cache_status()
+    );
+    assert_eq!(after.body, "item-1-v2");
+}
+
+/// Kills the tracking connections on `redis`, and waits until `instance`
+/// has emptied what it kept through them and follows tracking again.
+async fn kill_tracking(redis: &TestRedis, instance: &Instance) {
+    let tracking = instance.manager.tracking().expect("tracking");
+    let mut conn = redis.connection().await.unwrap();
     let flushes = tracking.flushes();
     let clients: String = redis::cmd("CLIENT")
         .arg("LIST")
@@ -1050,14 +1065,94 @@ async fn flushall_and_a_killed_tracking_connection_empty_the_near_tier() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     // Until tracking is back the near tier is not used; after, it was emptied.
+    wait_tracking(instance).await;
+}
+
+/// The Redis commands run since the last `reset_stats`, but the reset and
+/// the tracking connection's heartbeat.
+async fn round_trips(redis: &TestRedis) -> std::collections::HashMap<String, u64> {
+    let mut calls = redis.command_calls().await.unwrap();
+    calls.remove("config|resetstat");
+    calls.remove("ping");
+    calls.retain(|_, count| *count > 0);
+    calls
+}
+
+/// A page that is never stored (a private one) costs no round trip once
+/// its instance knows it is absent from Redis: its lookup was read on the
+/// tracking connection, so Redis tells the instance when any instance
+/// writes it. Such a write ends the mark (the next lookup finds the entry
+/// another instance stored), and so does a lost tracking connection.
+#[tokio::test]
+async fn a_page_never_stored_costs_no_round_trip_with_the_near_cache() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let near = |b: CacheLayerBuilder| b.near_cache(8 << 20, Duration::from_secs(3600));
+    let a = instance(redis.config(), &origin, near).await;
     wait_tracking(&a).await;
-    let after = get(&a.app, "/item/1").await;
+    let tracking = a.manager.tracking().expect("tracking");
+    let known_absent = |answer: &Answer| {
+        let status = answer.cache_status();
+        assert_eq!(answer.body, "for one user", "{status}");
+        status.contains("fwd=uri-miss") && status.contains("near")
+    };
+    // The first lookup finds the URL absent and the answer is private: the
+    // URL is marked absent; the second reads it with one `HMGET` on the
+    // tracking connection, finds it absent again and remembers that.
+    for _ in 0..2 {
+        assert!(!known_absent(&get_settled(&a, "/private").await));
+    }
+    redis.reset_stats().await.unwrap();
+    for _ in 0..3 {
+        assert!(known_absent(&get(&a.app, "/private").await));
+    }
+    let calls = round_trips(&redis).await;
     assert!(
-        !after.cache_status().contains("near"),
-        "{}",
-        after.cache_status()
+        calls.is_empty(),
+        "a known-absent URL costs no round trip: {calls:?}"
     );
-    assert_eq!(after.body, "item-1-v2");
+    assert_eq!(origin.calls("/private"), 5);
+
+    // A lost tracking connection ends the mark: the next lookup reads Redis
+    // (and marks the URL again).
+    kill_tracking(&redis, &a).await;
+    redis.reset_stats().await.unwrap();
+    assert!(!known_absent(&get(&a.app, "/private").await));
+    assert_eq!(
+        round_trips(&redis).await,
+        [("hmget".to_owned(), 1)].into_iter().collect()
+    );
+    assert!(known_absent(&get(&a.app, "/private").await));
+
+    // Instance B, on the same Redis, stores the URL (its origin answers it
+    // publicly). Once A's tracking connection has read what Redis sent
+    // before B's write was acknowledged, A finds B's entry.
+    let b_manager = RedisManager::connect(redis.config().build().unwrap())
+        .await
+        .unwrap();
+    let b_layer = CacheLayer::builder(b_manager).build().unwrap();
+    let b_app = Router::new()
+        .route(
+            "/private",
+            routing::get(|| async {
+                Response::builder()
+                    .header("cache-control", "max-age=60")
+                    .body(Body::from("everyone's"))
+                    .unwrap()
+            }),
+        )
+        .layer(b_layer.clone());
+    assert_eq!(get(&b_app, "/private").await.body, "everyone's");
+    b_layer.flush().await;
+    tracking.sync().await.unwrap();
+    let found = get(&a.app, "/private").await;
+    assert_eq!(found.body, "everyone's", "{}", found.cache_status());
+    assert!(
+        found.cache_status().contains("hit"),
+        "{}",
+        found.cache_status()
+    );
+    assert_eq!(origin.calls("/private"), 7);
 }
 
 #[tokio::test]

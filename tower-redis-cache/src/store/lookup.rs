@@ -69,13 +69,18 @@ impl CacheStore {
         // then fell back to the pool (untracked) is not kept.
         let epoch = self.bus.epoch();
         let near = self.near.as_ref().filter(|_| self.bus.near_usable());
-        if let Some(near) = near
-            && !near_read
-            && let Found::Entry(entry) = near.find(url_hash, request, extra)
-        {
-            return (Lookup::Hit(entry), Tier::Near);
+        if let Some(near) = near {
+            if !near_read && let Found::Entry(entry) = near.find(url_hash, request, extra) {
+                return (Lookup::Hit(entry), Tier::Near);
+            }
+            // Known absent from Redis, and nothing written to it since:
+            // a miss with no round trip.
+            if near.is_absent(url_hash) {
+                return (Lookup::UriMiss, Tier::Near);
+            }
         }
         let previous_hint = self.vary_hints.get(url_hash);
+        let hinted_absent = previous_hint == Some(VaryHint::Absent);
         let hint = previous_hint.as_ref().map(|hint| hint.names().to_owned());
         // The Redis read is boxed apart: inlined, it made the future of
         // every request the cache handles (boxed by the service) larger
@@ -107,7 +112,24 @@ impl CacheStore {
                 }
                 Lookup::Hit(entry)
             }
-            Found::NoUrl => Lookup::UriMiss,
+            Found::NoUrl => {
+                // A URL marked absent (its answers are not storable), read
+                // on the tracking connection and found absent again: Redis
+                // now tells this instance when any instance writes it, so
+                // until then its lookups need no round trip. The same
+                // checks as a near copy's, around the same race.
+                if let (Some(near), true, Tier::Redis, Some(_)) =
+                    (near, hinted_absent, tier, self.bus.tracking())
+                    && !self.read_from_replicas
+                    && self.bus.epoch() == epoch
+                {
+                    near.mark_absent(url_hash);
+                    if self.bus.epoch() != epoch {
+                        near.remove(url_hash);
+                    }
+                }
+                Lookup::UriMiss
+            }
             Found::NoVariant => Lookup::VaryMiss,
             Found::Corrupt(field) => {
                 tracing::warn!(target: "tower_redis_cache", "deleting a corrupt or foreign cache entry");

@@ -65,7 +65,17 @@ pub(crate) struct MemoryStore {
     /// The near tier's rules: each entry's directives are parsed when it
     /// is kept, not on every hit.
     rules: Option<Rules>,
+    /// The near tier's URLs known to be absent from Redis (see
+    /// [`mark_absent`](Self::mark_absent)); bounded by bytes.
+    absent: Option<moka::sync::Cache<String, ()>>,
 }
+
+/// The known-absent URLs take at most this share of the near tier's bytes.
+const ABSENT_SHARE: u64 = 16;
+/// The least they may take, however small the near tier.
+const MIN_ABSENT_BYTES: u64 = 16 << 10;
+/// The bookkeeping of one known-absent URL beyond its hash.
+const ABSENT_OVERHEAD: usize = 64;
 
 /// What an in-process purge selects.
 enum Selector<'a> {
@@ -322,6 +332,7 @@ impl MemoryStore {
             next_id: AtomicU64::new(1),
             typed: None,
             rules: None,
+            absent: None,
         }
     }
 
@@ -333,7 +344,35 @@ impl MemoryStore {
         store.typed = Some(Arc::new(TypedNear::new(max_bytes)));
         store.rules = rules;
         store.front_owner = Some(front::owner_id());
+        store.absent = Some(
+            moka::sync::Cache::builder()
+                .max_capacity((max_bytes / ABSENT_SHARE).max(MIN_ABSENT_BYTES))
+                .weigher(|url_hash: &String, (): &()| {
+                    u32::try_from(url_hash.len() + ABSENT_OVERHEAD).unwrap_or(u32::MAX)
+                })
+                .time_to_live(time_to_live)
+                .build(),
+        );
         store
+    }
+
+    /// Marks a URL as absent from Redis (near tier only): a lookup read on
+    /// the tracking connection found no entry for it, and nothing changed
+    /// it since (see `CacheStore::lookup_after`). Redis tracks a key read
+    /// while absent like any other: any write to it reaches
+    /// [`remove`](Self::remove), and a loss of trust [`clear`](Self::clear),
+    /// which end the mark.
+    pub(crate) fn mark_absent(&self, url_hash: &str) {
+        if let Some(absent) = &self.absent {
+            absent.insert(url_hash.to_owned(), ());
+        }
+    }
+
+    /// Whether a URL is marked absent from Redis.
+    pub(crate) fn is_absent(&self, url_hash: &str) -> bool {
+        self.absent
+            .as_ref()
+            .is_some_and(|absent| absent.contains_key(url_hash))
     }
 
     /// The decoded data values, on the near tier.
@@ -524,6 +563,7 @@ impl MemoryStore {
         self.urls.insert(put.url_hash.clone(), Arc::new(variants));
         self.changed();
         self.forget_typed(&put.url_hash);
+        self.forget_absent(&put.url_hash);
         copy
     }
 
@@ -531,6 +571,14 @@ impl MemoryStore {
         self.urls.invalidate(url_hash);
         self.changed();
         self.forget_typed(url_hash);
+        self.forget_absent(url_hash);
+    }
+
+    /// Ends a URL's known absence.
+    fn forget_absent(&self, url_hash: &str) {
+        if let Some(absent) = &self.absent {
+            absent.invalidate(url_hash);
+        }
     }
 
     /// Removes the URLs the selector matches; returns how many.
@@ -599,6 +647,9 @@ impl MemoryStore {
         self.changed();
         if let Some(typed) = &self.typed {
             typed.clear();
+        }
+        if let Some(absent) = &self.absent {
+            absent.invalidate_all();
         }
     }
 
@@ -899,6 +950,46 @@ mod tests {
                 "{keep_for} / {time_to_live}"
             );
         }
+    }
+
+    /// The URLs marked absent cannot grow the near tier past its share of
+    /// bytes, however many distinct URLs a client makes; a stored entry, a
+    /// removal and a loss of trust each end a mark.
+    #[test]
+    fn absent_marks_are_bounded_by_bytes_and_end_with_any_change() {
+        let near = MemoryStore::near(1 << 20, Duration::from_secs(60), None);
+        let absent = near.absent.as_ref().expect("the near tier keeps marks");
+        for i in 0..100_000 {
+            near.mark_absent(&key::hash_url(&format!("//shop.example/u/{i}")));
+        }
+        absent.run_pending_tasks();
+        let bound = (1 << 20) / ABSENT_SHARE;
+        assert!(
+            absent.weighted_size() <= bound,
+            "{} bytes of marks, bound {bound}",
+            absent.weighted_size()
+        );
+        assert!(absent.entry_count() > 100, "{}", absent.entry_count());
+
+        let put = put(&[("cache-control", "max-age=60")]);
+        let ends: [&dyn Fn(&MemoryStore); 3] = [
+            &|store| {
+                store.insert(&put);
+            },
+            &|store| store.remove(&put.url_hash),
+            &|store| store.clear(),
+        ];
+        for (i, end) in ends.into_iter().enumerate() {
+            near.remove(&put.url_hash);
+            near.mark_absent(&put.url_hash);
+            assert!(near.is_absent(&put.url_hash), "case {i}");
+            end(&near);
+            assert!(!near.is_absent(&put.url_hash), "case {i}");
+        }
+        // The outage store keeps no marks.
+        let outage = MemoryStore::new(1 << 20, None);
+        outage.mark_absent(&put.url_hash);
+        assert!(!outage.is_absent(&put.url_hash));
     }
 
     /// A thread holds copies of records charged at most
