@@ -69,18 +69,20 @@ impl CacheStore {
         // then fell back to the pool (untracked) is not kept.
         let epoch = self.bus.epoch();
         let near = self.near.as_ref().filter(|_| self.bus.near_usable());
-        if let Some(near) = near {
-            if !near_read && let Found::Entry(entry) = near.find(url_hash, request, extra) {
-                return (Lookup::Hit(entry), Tier::Near);
-            }
-            // Known absent from Redis, and nothing written to it since:
-            // a miss with no round trip.
-            if near.is_absent(url_hash) {
-                return (Lookup::UriMiss, Tier::Near);
-            }
+        if let Some(near) = near
+            && !near_read
+            && let Found::Entry(entry) = near.find(url_hash, request, extra)
+        {
+            return (Lookup::Hit(entry), Tier::Near);
         }
         let previous_hint = self.vary_hints.get(url_hash);
         let hinted_absent = previous_hint == Some(VaryHint::Absent);
+        // Known absent from Redis, and nothing written to it since: a miss
+        // with no round trip. (Only a URL hinted absent is ever marked, so
+        // that other URLs are not looked up twice in memory.)
+        if hinted_absent && near.is_some_and(|near| near.is_absent(url_hash)) {
+            return (Lookup::UriMiss, Tier::Near);
+        }
         let hint = previous_hint.as_ref().map(|hint| hint.names().to_owned());
         // The Redis read is boxed apart: inlined, it made the future of
         // every request the cache handles (boxed by the service) larger
