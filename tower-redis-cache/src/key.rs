@@ -579,10 +579,20 @@ static PLAIN_VARIANT: LazyLock<String> =
 
 /// The variant a request selects: the same computation as `lookup.lua`.
 pub(crate) fn variant(vary: &str, request: &HeaderMap, extra: &str) -> String {
+    variant_of(vary, request, extra).into_owned()
+}
+
+/// [`variant`], borrowed when it is the variant of a URL without `Vary`
+/// or extra key parts: a lookup compares it, and needs no copy of it.
+pub(crate) fn variant_of(
+    vary: &str,
+    request: &HeaderMap,
+    extra: &str,
+) -> std::borrow::Cow<'static, str> {
     if vary.is_empty() && extra.is_empty() {
-        return PLAIN_VARIANT.clone();
+        return std::borrow::Cow::Borrowed(PLAIN_VARIANT.as_str());
     }
-    computed_variant(vary, request, extra)
+    std::borrow::Cow::Owned(computed_variant(vary, request, extra))
 }
 
 fn computed_variant(vary: &str, request: &HeaderMap, extra: &str) -> String {

@@ -279,8 +279,8 @@ impl LocalRecord {
         if self.generation.get() != generation {
             return None;
         }
-        let variant = key::variant(&self.vary, request, extra);
-        let (_, kept, until) = self.entries.iter().find(|(v, ..)| *v == variant)?;
+        let variant = key::variant_of(&self.vary, request, extra);
+        let (_, kept, until) = self.entries.iter().find(|(v, ..)| *v == *variant)?;
         if *until <= now {
             return None;
         }
@@ -456,8 +456,8 @@ impl MemoryStore {
         let Some(variants) = self.urls.get(url_hash) else {
             return (Found::NoUrl, None);
         };
-        let variant = key::variant(&variants.vary, request, extra);
-        let found = match variants.entries.get(&variant) {
+        let variant = key::variant_of(&variants.vary, request, extra);
+        let found = match variants.entries.get(&*variant) {
             Some((kept, expires)) if *expires > Instant::now() => {
                 kept.found(variants.soft_purged, with_directives)
             }
