@@ -15,8 +15,9 @@
 //! (the hot-read paths, as the session layer's tracked reads): `/item` is
 //! answered from it, and `/page`'s lookup, once the URL is known absent
 //! from Redis, makes no round trip. Baselines: the same routes with no
-//! layer, and the same Redis commands a `/page` request makes (3 round
-//! trips: 1 + 1 + 2 pipelined) issued raw on a bare redis-rs connection.
+//! layer, and the Redis commands a `/page` request makes without the
+//! hot-read paths (3 round trips: 1 + 1 + 2 pipelined) issued raw on a bare
+//! redis-rs connection.
 //!
 //! Then degraded mode for `/page` ([`crate::degraded`]).
 
@@ -65,11 +66,15 @@ const HOUR: Duration = Duration::from_secs(3600);
 /// top-level by the stack (its
 /// top-level commands are `EVALSHA`, `HMGET`, `PEXPIRE`, `HGETALL`).
 const STACK_INNER: &[&str] = &["time", "get", "set", "hget"];
-/// Top-level commands (round trips) a request may make: `/page` = rate
-/// limit 1 + cache lookup 1 + session read 2 (pipelined, 1 round trip);
-/// `/item` = rate limit 1 + cache hit 1.
-const PAGE_BUDGET: f64 = 4.0;
-const ITEM_BUDGET: f64 = 2.0;
+/// Top-level commands (round trips) a request may make, on average over
+/// the untimed window: `/page` = rate limit 1 + cache lookup 0 (known
+/// absent) + session read 0 (tracked), with room for the session's idle
+/// renewal and the cache's fill lock (its private answer leads a fill
+/// again every 10 s); `/item` = rate limit 1 + near hit 0, with room for a
+/// copy read from Redis once. Without the hot-read paths `/page` makes 4
+/// (1 + 1 + 2 pipelined) and `/item` 2: both fail.
+const PAGE_BUDGET: f64 = 2.0;
+const ITEM_BUDGET: f64 = 1.5;
 /// The target for every degraded path.
 const DEGRADED_RATIO: f64 = 1.0;
 
@@ -98,7 +103,7 @@ impl Subject {
         match self {
             Subject::NoLayer => "no layer (GET /page answering the same 1 KiB)",
             Subject::Raw => {
-                "raw Redis: /page's commands, 3 round trips (1 + 1 + 2 pipelined GETs) on a bare redis-rs connection (no HTTP)"
+                "raw Redis: /page's commands without the hot-read paths, 3 round trips (1 + 1 + 2 pipelined GETs) on a bare redis-rs connection (no HTTP)"
             }
             Subject::RedisBenchmark => "raw Redis: redis-benchmark, 1 GET per request (no HTTP)",
             Subject::Page => {
@@ -345,7 +350,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
 
     let rows = run_interleaved(redis, "stack", &cells, options).await?;
     let mut page = Target::new(format!(
-        "/page makes ≤ {PAGE_BUDGET:.0} Redis commands (rate limit 1 + cache lookup 1 + session read 2 pipelined: 3 round trips; {TRIP_SOURCE})"
+        "/page makes ≤ {PAGE_BUDGET:.0} Redis commands (rate limit 1; the cache's lookup, known absent, and the tracked session read 0; {TRIP_SOURCE})"
     ));
     check_round_trips(
         &mut page,
@@ -357,7 +362,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     )
     .await?;
     let mut item = Target::new(format!(
-        "/item makes ≤ {ITEM_BUDGET:.0} Redis commands (rate limit 1 + cache hit 1; {TRIP_SOURCE})"
+        "/item makes ≤ {ITEM_BUDGET:.1} Redis commands (rate limit 1 + near hit 0; {TRIP_SOURCE})"
     ));
     check_round_trips(
         &mut item,

@@ -124,7 +124,14 @@ impl Bus {
 
     fn on_message(&self, payload: &[u8]) {
         if self.tracking.is_some() {
-            // Near copies follow tracking; the message only wakes waiters.
+            // Near copies follow tracking; the message wakes waiters, and
+            // ends the URL's known absence now (the tracking invalidation
+            // comes on another connection, maybe after the waiters look).
+            if let (Some(near), [b'u', b' ', url_hash @ ..]) = (&self.near, payload)
+                && let Ok(url_hash) = std::str::from_utf8(url_hash)
+            {
+                near.forget_absent(url_hash);
+            }
             self.updated.notify_waiters();
             return;
         }

@@ -158,9 +158,11 @@
 //!   only while the tier has not changed since they were found current).
 //!   A URL whose answers are not storable (a private page), once a lookup
 //!   on the tracking connection found it absent from Redis, is marked
-//!   absent in the tier on the same terms: its lookups cost no round trip
-//!   (`fwd=uri-miss; detail=near`) until any instance writes it, and the
-//!   marks (a sixteenth of the tier's bytes) go wherever the copies go. On
+//!   known absent on the same terms: its lookups cost no round trip
+//!   (`fwd=uri-miss; detail=near`) until any instance writes it (its own
+//!   fill lock included, which it takes again every 10 s), and the marks
+//!   (beside the tier's bytes, a sixteenth of them) go wherever the copies
+//!   go. On
 //!   a Redis Cluster, where tracking is off, it falls back to the pub/sub
 //!   announcements (not used while that subscription is down, emptied when
 //!   it reconnects), and marks nothing absent.
@@ -194,7 +196,7 @@
 //! | operation | round trips |
 //! |---|---|
 //! | hit | 1 `HMGET` (0 from the near cache, kept exact by Redis client tracking) |
-//! | miss of a page never stored (private) | 1 `HMGET` (0 with the near cache) |
+//! | miss of a page never stored (private) | 1 `HMGET` (0 with the near cache, in steady state) |
 //! | miss, coalescing off | 1 lookup + 1 write batch (entry, indexes, announcement) |
 //! | miss, coalescing on | 1 lookup + 1 lock script + 1 write batch (lock released in it) |
 //! | purge by tag / prefix | 1 index read + 1 batch per 500 URLs (+ 1 `ZREM` per page) |

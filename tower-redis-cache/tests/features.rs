@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 use support::{Answer, OriginCalls, call, request, send};
 use tower::ServiceExt;
 use tower_redis_cache::{CacheLayer, CacheLayerBuilder, Route};
-use tower_redis_core::testing::{TestCluster, TestRedis};
+use tower_redis_core::testing::{Monitor, TestCluster, TestRedis};
 use tower_redis_core::{RedisConfigBuilder, RedisManager, redis};
 
 /// How long a gated origin answer waits for the others at most: shorter
@@ -1068,6 +1068,56 @@ async fn kill_tracking(redis: &TestRedis, instance: &Instance) {
     wait_tracking(instance).await;
 }
 
+/// An update announcement for a URL ends its known absence at once: a
+/// waiter it wakes must find the entry, even before this instance's
+/// tracking connection has read Redis' invalidation (another socket).
+#[tokio::test]
+async fn an_update_announcement_ends_a_known_absence() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let near = |b: CacheLayerBuilder| b.near_cache(8 << 20, Duration::from_secs(3600));
+    let a = instance(redis.config(), &origin, near).await;
+    wait_tracking(&a).await;
+    let known_absent = |answer: &Answer| answer.cache_status().contains("near");
+    // (The first lookup starts the instance's subscription.)
+    get_settled(&a, "/private").await;
+    wait_for_subscribers(&redis, 1).await;
+    // The second lookup's `HMGET` names the URL's key.
+    let monitor = Monitor::start(&redis.client()).await.unwrap();
+    assert!(!known_absent(&get(&a.app, "/private").await));
+    let lines = monitor.stop_lines().await.unwrap();
+    let entry_prefix = format!("{}:", a.manager.keys().key(&["c"]));
+    let url_hash = lines
+        .iter()
+        .filter(|line| line.contains("\"HMGET\""))
+        .find_map(|line| {
+            let key = line.split('"').nth(3)?;
+            key.strip_prefix(&entry_prefix).map(str::to_owned)
+        })
+        .unwrap_or_else(|| panic!("no HMGET of a key under {entry_prefix}: {lines:?}"));
+    assert!(known_absent(&get(&a.app, "/private").await));
+    // An announcement alone, with nothing written in Redis: no tracking
+    // invalidation comes, only the message.
+    let mut conn = redis.connection().await.unwrap();
+    let channel = a.manager.keys().key(&["cache-events"]);
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(&channel)
+        .arg(format!("u {url_hash}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Shorter than the 10 s after which the URL's next miss leads a fill
+    // again (its fill lock, a write, would end the mark by itself).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while known_absent(&get(&a.app, "/private").await) {
+        assert!(
+            Instant::now() < deadline,
+            "the URL was still known absent 5 s after its announcement"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// The Redis commands run since the last `reset_stats`, but the reset and
 /// the tracking connection's heartbeat.
 async fn round_trips(redis: &TestRedis) -> std::collections::HashMap<String, u64> {
@@ -1097,8 +1147,9 @@ async fn a_page_never_stored_costs_no_round_trip_with_the_near_cache() {
         status.contains("fwd=uri-miss") && status.contains("near")
     };
     // The first lookup finds the URL absent and the answer is private: the
-    // URL is marked absent; the second reads it with one `HMGET` on the
-    // tracking connection, finds it absent again and remembers that.
+    // URL is hinted absent (its next lookup is a plain `HMGET`); the second
+    // reads it so on the tracking connection, finds it absent again, and
+    // marks it known absent.
     for _ in 0..2 {
         assert!(!known_absent(&get_settled(&a, "/private").await));
     }

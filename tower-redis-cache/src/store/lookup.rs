@@ -80,7 +80,7 @@ impl CacheStore {
         // Known absent from Redis, and nothing written to it since: a miss
         // with no round trip. (Only a URL hinted absent is ever marked, so
         // that other URLs are not looked up twice in memory.)
-        if hinted_absent && near.is_some_and(|near| near.is_absent(url_hash)) {
+        if hinted_absent && near.is_some_and(|near| near.is_known_absent(url_hash)) {
             return (Lookup::UriMiss, Tier::Near);
         }
         let hint = previous_hint.as_ref().map(|hint| hint.names().to_owned());
@@ -125,7 +125,7 @@ impl CacheStore {
                     && !self.read_from_replicas
                     && self.bus.epoch() == epoch
                 {
-                    near.mark_absent(url_hash);
+                    near.mark_known_absent(url_hash);
                     if self.bus.epoch() != epoch {
                         near.remove(url_hash);
                     }

@@ -104,7 +104,20 @@ impl Monitor {
     /// Ends watching and returns the lower-case names of the commands clients
     /// sent since [`start`](Self::start), in the order the server ran them,
     /// without the commands Lua ran inside scripts.
-    pub async fn stop(mut self) -> Result<Vec<String>, TestRedisError> {
+    pub async fn stop(self) -> Result<Vec<String>, TestRedisError> {
+        Ok(self
+            .stop_lines()
+            .await?
+            .iter()
+            .filter_map(|line| client_command(line))
+            .collect())
+    }
+
+    /// Ends watching and returns `MONITOR`'s own lines since
+    /// [`start`](Self::start) (the commands with their arguments, those Lua
+    /// ran inside scripts included), for a test that needs a key a client
+    /// named.
+    pub async fn stop_lines(mut self) -> Result<Vec<String>, TestRedisError> {
         redis::cmd("ECHO")
             .arg(&self.marker)
             .query_async::<String>(&mut self.marker_conn)
@@ -123,10 +136,7 @@ impl Monitor {
                 )));
             }
         };
-        Ok(lines
-            .iter()
-            .filter_map(|line| client_command(line))
-            .collect())
+        Ok(lines)
     }
 
     /// [`stop`](Self::stop), panicking with the reason if watching failed.
