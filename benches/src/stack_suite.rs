@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! Router::new().route("/page", ..).route("/item", ..).route("/write", ..)
-//!     .layer(session).layer(cache).layer(rate_limit)
+//!     .layer(ServiceBuilder::new().layer(rate_limit).layer(cache).layer(session))
 //! ```
 //!
 //! `GET /page` reads the session entry `k` and answers a 1 KiB body with
@@ -29,6 +29,7 @@ use axum::Router;
 use axum::routing::{get, post};
 use bytes::Bytes;
 use http::{StatusCode, header};
+use tower::ServiceBuilder;
 use tower_redis_cache::CacheLayer;
 use tower_redis_core::{RedisConfig, RedisManager};
 use tower_redis_ratelimit::{Policy, RateLimitLayer};
@@ -187,13 +188,19 @@ fn stacked(manager: &RedisManager) -> Result<Router, BenchError> {
         .insecure_http_for_local_development()
         .build()
         .map_err(|e| BenchError::Check(format!("stack, session: {e}")))?;
+    // Applied together with `ServiceBuilder`, as axum's docs advise for
+    // several layers: each `Router::layer` call wraps every route in a
+    // boxed service of its own, which every request then goes through.
     Ok(Router::new()
         .route("/page", get(page))
         .route("/item", get(item))
         .route("/write", post(write))
-        .layer(session)
-        .layer(cache)
-        .layer(rate_limit))
+        .layer(
+            ServiceBuilder::new()
+                .layer(rate_limit)
+                .layer(cache)
+                .layer(session),
+        ))
 }
 
 /// The routes without any layer.
@@ -380,7 +387,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     let mut section = Section::new(
         "stack: rate limit + cache + session on one axum app, over TCP",
         &format!(
-            "{}. Layers, outermost first: `RateLimitLayer` (per-IP GCRA, 10⁹ per hour), `CacheLayer` (`near_cache(16 MiB, 1 h)`), \
+            "{}. Layers, in one `ServiceBuilder`, outermost first: `RateLimitLayer` (per-IP GCRA, 10⁹ per hour), `CacheLayer` (`near_cache(16 MiB, 1 h)`), \
              `SessionLayer` (`insecure_http_for_local_development()`), all on one manager (RedisConfig defaults \
              with pool_size {pool_size}); `/page` and `/item` answer {}. One session per task, created before \
              measuring. `Redis down` points at {}. Raw Redis rows: {RAW_LEN}-byte GETs, no HTTP.",
