@@ -23,7 +23,9 @@ use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tower_redis_core::{Invalidate, RedisManager, Tracking};
 
-use crate::store::MemoryStore;
+use moka::ops::compute::Op;
+
+use crate::store::{MemoryStore, VaryHint};
 
 pub(crate) struct Bus {
     manager: RedisManager,
@@ -40,12 +42,21 @@ pub(crate) struct Bus {
     tracking: Option<Tracking>,
     /// `<prefix>:c:`: the keys of entries, as tracking names them.
     entry_prefix: String,
+    /// The store's `Vary` hints, whose known-absent marks a write ends.
+    hints: moka::sync::Cache<String, VaryHint>,
+    /// Bumped whenever the near tier is emptied: a known-absent mark set
+    /// before holds no more.
+    trust: AtomicU64,
 }
 
 impl Bus {
     /// With a near tier, registers it with the manager's tracking
     /// connection when there is one.
-    pub(crate) fn new(manager: RedisManager, near: Option<Arc<MemoryStore>>) -> Arc<Self> {
+    pub(crate) fn new(
+        manager: RedisManager,
+        near: Option<Arc<MemoryStore>>,
+        hints: moka::sync::Cache<String, VaryHint>,
+    ) -> Arc<Self> {
         let channel = manager.keys().key(&["cache-events"]);
         let tracking = near.as_ref().and_then(|_| manager.tracking());
         let entry_prefix = format!("{}:", manager.keys().key(&["c"]));
@@ -59,6 +70,8 @@ impl Bus {
             updated: Notify::new(),
             tracking,
             entry_prefix,
+            hints,
+            trust: AtomicU64::new(0),
         });
         if let Some(tracking) = &bus.tracking {
             let weak: Weak<Bus> = Arc::downgrade(&bus);
@@ -103,6 +116,23 @@ impl Bus {
         self.epoch.load(Ordering::Acquire)
     }
 
+    /// The trust a known-absent mark is valid under (see
+    /// [`VaryHint::KnownAbsent`]).
+    pub(crate) fn trust(&self) -> u64 {
+        self.trust.load(Ordering::Acquire)
+    }
+
+    /// Ends a URL's known absence: it was written in Redis, or may have
+    /// been. Its next lookup reads Redis again.
+    pub(crate) fn end_known_absence(&self, url_hash: &str) {
+        self.hints.entry_by_ref(url_hash).and_compute_with(|hint| {
+            match hint.map(moka::Entry::into_value) {
+                Some(VaryHint::KnownAbsent(_)) => Op::Put(VaryHint::Absent),
+                _ => Op::Nop,
+            }
+        });
+    }
+
     /// Makes every lookup under way skip the near tier (after this
     /// instance removed entries from Redis).
     pub(crate) fn bump_epoch(&self) {
@@ -127,10 +157,10 @@ impl Bus {
             // Near copies follow tracking; the message wakes waiters, and
             // ends the URL's known absence now (the tracking invalidation
             // comes on another connection, maybe after the waiters look).
-            if let (Some(near), [b'u', b' ', url_hash @ ..]) = (&self.near, payload)
+            if let [b'u', b' ', url_hash @ ..] = payload
                 && let Ok(url_hash) = std::str::from_utf8(url_hash)
             {
-                near.forget_absent(url_hash);
+                self.end_known_absence(url_hash);
             }
             self.updated.notify_waiters();
             return;
@@ -172,13 +202,17 @@ impl Invalidate for Bus {
         };
         // A lookup that began before this does not fill the near tier.
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        if let (Some(near), Ok(url_hash)) = (&self.near, std::str::from_utf8(url_hash)) {
-            near.remove(url_hash);
+        if let Ok(url_hash) = std::str::from_utf8(url_hash) {
+            if let Some(near) = &self.near {
+                near.remove(url_hash);
+            }
+            self.end_known_absence(url_hash);
         }
     }
 
     fn invalidate_all(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.trust.fetch_add(1, Ordering::AcqRel);
         if let Some(near) = &self.near {
             near.clear();
         }

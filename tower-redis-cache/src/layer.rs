@@ -1020,10 +1020,10 @@ impl CacheLayerBuilder {
     /// storable (a private page) Redis does not hold, once a lookup of such a
     /// URL on the tracking connection found it absent: their lookups then
     /// cost no round trip either (`fwd=uri-miss; detail=near`), until any
-    /// instance writes them. These marks take, beside `max_bytes`, at most a
-    /// sixteenth of it (at least 16 KiB; the least recently used goes at
-    /// the bound), live at most `ttl`, and go whenever the copies go. Not on
-    /// a Redis Cluster.
+    /// instance writes them, and all of them whenever the copies all go.
+    /// The marks are kept with the URLs' `Vary` hints, in the share of
+    /// [`memory_capacity_bytes`](Self::memory_capacity_bytes) those take.
+    /// Not on a Redis Cluster.
     pub fn near_cache(mut self, max_bytes: u64, ttl: Duration) -> Self {
         self.near_cache = Some((max_bytes, ttl));
         self

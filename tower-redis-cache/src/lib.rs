@@ -161,8 +161,8 @@
 //!   known absent on the same terms: its lookups cost no round trip
 //!   (`fwd=uri-miss; detail=near`) until any instance writes it (its own
 //!   fill lock included, which it takes again every 10 s), and the marks
-//!   (beside the tier's bytes, a sixteenth of them) go wherever the copies
-//!   go. On
+//!   (kept with the URLs' `Vary` hints) all go whenever the copies all go.
+//!   On
 //!   a Redis Cluster, where tracking is off, it falls back to the pub/sub
 //!   announcements (not used while that subscription is down, emptied when
 //!   it reconnects), and marks nothing absent.

@@ -1068,11 +1068,13 @@ async fn kill_tracking(redis: &TestRedis, instance: &Instance) {
     wait_tracking(instance).await;
 }
 
-/// An update announcement for a URL ends its known absence at once: a
-/// waiter it wakes must find the entry, even before this instance's
-/// tracking connection has read Redis' invalidation (another socket).
+/// Any write to a URL's key ends its known absence, once this instance's
+/// tracking connection has read Redis' invalidation (a write with no
+/// announcement here: a raw `HSET`). An update announcement alone ends it
+/// too, at once: a waiter it wakes must find the entry even before the
+/// tracking connection has read the invalidation (another socket).
 #[tokio::test]
-async fn an_update_announcement_ends_a_known_absence() {
+async fn a_write_or_an_announcement_ends_a_known_absence() {
     let redis = TestRedis::start().await;
     let origin = Origin::default();
     let near = |b: CacheLayerBuilder| b.near_cache(8 << 20, Duration::from_secs(3600));
@@ -1096,9 +1098,27 @@ async fn an_update_announcement_ends_a_known_absence() {
         })
         .unwrap_or_else(|| panic!("no HMGET of a key under {entry_prefix}: {lines:?}"));
     assert!(known_absent(&get(&a.app, "/private").await));
+    // A write, announced to nobody: the tracking invalidation ends the
+    // mark. (The hash holds no entry, so the lookup finds the URL absent
+    // again, and marks it again.)
+    let mut conn = redis.connection().await.unwrap();
+    let _: i64 = redis::cmd("HSET")
+        .arg(format!("{entry_prefix}{url_hash}"))
+        .arg("unrelated")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    a.manager.tracking().unwrap().sync().await.unwrap();
+    redis.reset_stats().await.unwrap();
+    assert!(!known_absent(&get(&a.app, "/private").await));
+    assert_eq!(
+        round_trips(&redis).await,
+        [("hmget".to_owned(), 1)].into_iter().collect()
+    );
+    assert!(known_absent(&get(&a.app, "/private").await));
     // An announcement alone, with nothing written in Redis: no tracking
     // invalidation comes, only the message.
-    let mut conn = redis.connection().await.unwrap();
     let channel = a.manager.keys().key(&["cache-events"]);
     let _: i64 = redis::cmd("PUBLISH")
         .arg(&channel)

@@ -68,6 +68,7 @@ impl CacheStore {
         // connection lost after that check bumps the epoch, so a read that
         // then fell back to the pool (untracked) is not kept.
         let epoch = self.bus.epoch();
+        let trust = self.bus.trust();
         let near = self.near.as_ref().filter(|_| self.bus.near_usable());
         if let Some(near) = near
             && !near_read
@@ -76,13 +77,12 @@ impl CacheStore {
             return (Lookup::Hit(entry), Tier::Near);
         }
         let previous_hint = self.vary_hints.get(url_hash);
-        let hinted_absent = previous_hint == Some(VaryHint::Absent);
         // Known absent from Redis, and nothing written to it since: a miss
-        // with no round trip. (Only a URL hinted absent is ever marked, so
-        // that other URLs are not looked up twice in memory.)
-        if hinted_absent && near.is_some_and(|near| near.is_known_absent(url_hash)) {
+        // with no round trip.
+        if near.is_some() && previous_hint == Some(VaryHint::KnownAbsent(trust)) {
             return (Lookup::UriMiss, Tier::Near);
         }
+        let hinted_absent = previous_hint.as_ref().is_some_and(VaryHint::is_absent);
         let hint = previous_hint.as_ref().map(|hint| hint.names().to_owned());
         // The Redis read is boxed apart: inlined, it made the future of
         // every request the cache handles (boxed by the service) larger
@@ -120,14 +120,15 @@ impl CacheStore {
                 // now tells this instance when any instance writes it, so
                 // until then its lookups need no round trip. The same
                 // checks as a near copy's, around the same race.
-                if let (Some(near), true, Tier::Redis, Some(_)) =
+                if let (Some(_), true, Tier::Redis, Some(_)) =
                     (near, hinted_absent, tier, self.bus.tracking())
                     && !self.read_from_replicas
                     && self.bus.epoch() == epoch
                 {
-                    near.mark_known_absent(url_hash);
+                    self.vary_hints
+                        .insert(url_hash.to_owned(), VaryHint::KnownAbsent(trust));
                     if self.bus.epoch() != epoch {
-                        near.remove(url_hash);
+                        self.bus.end_known_absence(url_hash);
                     }
                 }
                 Lookup::UriMiss

@@ -65,19 +65,7 @@ pub(crate) struct MemoryStore {
     /// The near tier's rules: each entry's directives are parsed when it
     /// is kept, not on every hit.
     rules: Option<Rules>,
-    /// The near tier's URLs known to be absent from Redis (see
-    /// [`mark_known_absent`](Self::mark_known_absent)); bounded by bytes.
-    known_absent: Option<moka::sync::Cache<String, ()>>,
 }
-
-/// The known-absent URLs take at most this share of the near tier's bytes,
-/// beside them.
-const ABSENT_SHARE: u64 = 16;
-/// The least they may take, however small the near tier.
-const MIN_ABSENT_BYTES: u64 = 16 << 10;
-/// What one known-absent URL costs beyond its hash: moka's entry, its
-/// bookkeeping and its places in the eviction and expiry orders.
-const ABSENT_OVERHEAD: usize = 320;
 
 /// What an in-process purge selects.
 enum Selector<'a> {
@@ -334,7 +322,6 @@ impl MemoryStore {
             next_id: AtomicU64::new(1),
             typed: None,
             rules: None,
-            known_absent: None,
         }
     }
 
@@ -346,49 +333,7 @@ impl MemoryStore {
         store.typed = Some(Arc::new(TypedNear::new(max_bytes)));
         store.rules = rules;
         store.front_owner = Some(front::owner_id());
-        store.known_absent = Some(
-            moka::sync::Cache::builder()
-                .max_capacity((max_bytes / ABSENT_SHARE).max(MIN_ABSENT_BYTES))
-                .weigher(|url_hash: &String, (): &()| {
-                    u32::try_from(url_hash.len() + ABSENT_OVERHEAD).unwrap_or(u32::MAX)
-                })
-                .time_to_live(time_to_live)
-                // At the bound the least recently used mark goes: moka's
-                // default admission keeps the marks it already holds over
-                // new ones, which would let a client that fills the bound
-                // keep every other URL unmarked.
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .build(),
-        );
         store
-    }
-
-    /// Marks a URL as known to be absent from Redis (near tier only): a
-    /// lookup read on the tracking connection found no entry for it, and
-    /// nothing changed it since (see `CacheStore::lookup_after`). Redis
-    /// tracks a key read while absent like any other: any write to it
-    /// reaches [`remove`](Self::remove), and a loss of trust
-    /// [`clear`](Self::clear), which end the mark.
-    pub(crate) fn mark_known_absent(&self, url_hash: &str) {
-        if let Some(known_absent) = &self.known_absent {
-            known_absent.insert(url_hash.to_owned(), ());
-        }
-    }
-
-    /// Whether a URL is known to be absent from Redis (a read, which keeps
-    /// the mark among the recently used).
-    pub(crate) fn is_known_absent(&self, url_hash: &str) -> bool {
-        self.known_absent
-            .as_ref()
-            .is_some_and(|known_absent| known_absent.get(url_hash).is_some())
-    }
-
-    /// Ends a URL's known absence: it was written in Redis, or may have
-    /// been.
-    pub(crate) fn forget_absent(&self, url_hash: &str) {
-        if let Some(known_absent) = &self.known_absent {
-            known_absent.invalidate(url_hash);
-        }
     }
 
     /// The decoded data values, on the near tier.
@@ -579,7 +524,6 @@ impl MemoryStore {
         self.urls.insert(put.url_hash.clone(), Arc::new(variants));
         self.changed();
         self.forget_typed(&put.url_hash);
-        self.forget_absent(&put.url_hash);
         copy
     }
 
@@ -587,7 +531,6 @@ impl MemoryStore {
         self.urls.invalidate(url_hash);
         self.changed();
         self.forget_typed(url_hash);
-        self.forget_absent(url_hash);
     }
 
     /// Removes the URLs the selector matches; returns how many.
@@ -656,9 +599,6 @@ impl MemoryStore {
         self.changed();
         if let Some(typed) = &self.typed {
             typed.clear();
-        }
-        if let Some(known_absent) = &self.known_absent {
-            known_absent.invalidate_all();
         }
     }
 
@@ -959,64 +899,6 @@ mod tests {
                 "{keep_for} / {time_to_live}"
             );
         }
-    }
-
-    /// The URLs marked known absent cannot grow past their share of the
-    /// near tier's bytes, however many distinct URLs a client makes; at the
-    /// bound a new mark is kept and the least recently used one goes (so a
-    /// client that fills the bound cannot keep other URLs unmarked); a
-    /// stored entry, a removal and a loss of trust each end a mark.
-    #[test]
-    fn absent_marks_are_bounded_by_bytes_and_end_with_any_change() {
-        let near = MemoryStore::near(1 << 20, Duration::from_secs(60), None);
-        let marks = near
-            .known_absent
-            .as_ref()
-            .expect("the near tier keeps marks");
-        let url = |i: usize| key::hash_url(&format!("//shop.example/u/{i}"));
-        for i in 0..100_000 {
-            near.mark_known_absent(&url(i));
-        }
-        marks.run_pending_tasks();
-        let bound = (1 << 20) / ABSENT_SHARE;
-        assert!(
-            marks.weighted_size() <= bound,
-            "{} bytes of marks, bound {bound}",
-            marks.weighted_size()
-        );
-        assert!(marks.entry_count() > 100, "{}", marks.entry_count());
-        // Full: a new mark is kept, read ones stay, and the oldest unread
-        // one made room.
-        let held = marks.entry_count();
-        let (read, oldest) = (url(99_999), url(100_000 - held as usize));
-        assert!(near.is_known_absent(&read) && near.is_known_absent(&oldest));
-        let fresh = url(200_000);
-        near.mark_known_absent(&fresh);
-        near.is_known_absent(&read);
-        marks.run_pending_tasks();
-        assert!(near.is_known_absent(&fresh), "a new mark was refused");
-        assert!(near.is_known_absent(&read));
-        assert!(marks.weighted_size() <= bound);
-
-        let put = put(&[("cache-control", "max-age=60")]);
-        let ends: [&dyn Fn(&MemoryStore); 3] = [
-            &|store| {
-                store.insert(&put);
-            },
-            &|store| store.remove(&put.url_hash),
-            &|store| store.clear(),
-        ];
-        for (i, end) in ends.into_iter().enumerate() {
-            near.remove(&put.url_hash);
-            near.mark_known_absent(&put.url_hash);
-            assert!(near.is_known_absent(&put.url_hash), "case {i}");
-            end(&near);
-            assert!(!near.is_known_absent(&put.url_hash), "case {i}");
-        }
-        // The outage store keeps no marks.
-        let outage = MemoryStore::new(1 << 20, None);
-        outage.mark_known_absent(&put.url_hash);
-        assert!(!outage.is_known_absent(&put.url_hash));
     }
 
     /// A thread holds copies of records charged at most

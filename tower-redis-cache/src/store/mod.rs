@@ -245,6 +245,14 @@ pub(crate) enum VaryHint {
     /// trip. A private page is looked up so on every request, without the
     /// script and the digest of every request header it takes.
     Absent,
+    /// [`Absent`](Self::Absent), and known to be so: a lookup read on the
+    /// tracking connection found it absent again, so Redis tells this
+    /// instance when any instance writes it ([`Bus`] then makes it
+    /// `Absent`). Its lookups make no round trip while the near tier is
+    /// usable and this instance's trust in it is the one this mark was set
+    /// under ([`Bus::trust`]: a lost tracking connection, a failover or a
+    /// `FLUSHALL` ends every mark at once).
+    KnownAbsent(u64),
 }
 
 impl VaryHint {
@@ -252,8 +260,14 @@ impl VaryHint {
     pub(crate) fn names(&self) -> &str {
         match self {
             Self::Vary(names) => names,
-            Self::Absent => "",
+            Self::Absent | Self::KnownAbsent(_) => "",
         }
+    }
+
+    /// Whether this instance last found the URL absent, its answer not
+    /// storable.
+    pub(crate) fn is_absent(&self) -> bool {
+        matches!(self, Self::Absent | Self::KnownAbsent(_))
     }
 }
 
@@ -316,8 +330,15 @@ impl CacheStore {
         let near = options
             .near
             .map(|(bytes, ttl)| Arc::new(MemoryStore::near(bytes, ttl, options.rules.clone())));
-        let bus = Bus::new(manager.clone(), near.clone());
         let vary_hint_bytes = (options.memory_bytes / VARY_HINT_SHARE).max(MIN_VARY_HINT_BYTES);
+        let vary_hints = moka::sync::Cache::builder()
+            .max_capacity(vary_hint_bytes)
+            .weigher(|url_hash: &String, hint: &VaryHint| {
+                u32::try_from(url_hash.len() + hint.names().len() + VARY_HINT_OVERHEAD)
+                    .unwrap_or(u32::MAX)
+            })
+            .build();
+        let bus = Bus::new(manager.clone(), near.clone(), vary_hints.clone());
         let redis = RedisStore {
             channel: bus.channel().to_owned(),
             manager: manager.clone(),
@@ -332,13 +353,7 @@ impl CacheStore {
                 .build(),
             near,
             bus,
-            vary_hints: moka::sync::Cache::builder()
-                .max_capacity(vary_hint_bytes)
-                .weigher(|url_hash: &String, hint: &VaryHint| {
-                    u32::try_from(url_hash.len() + hint.names().len() + VARY_HINT_OVERHEAD)
-                        .unwrap_or(u32::MAX)
-                })
-                .build(),
+            vary_hints,
             in_flight: AtomicUsize::new(0),
             flushed: tokio::sync::Notify::new(),
             counters: Counters::default(),
@@ -569,6 +584,30 @@ mod tests {
                 rules: None,
             },
         )
+    }
+
+    /// The `Vary` hints, known-absent marks included, cannot grow past
+    /// their share of the store's bytes, however many distinct URLs a
+    /// client makes.
+    #[tokio::test]
+    async fn vary_hints_and_known_absent_marks_are_bounded_by_bytes() {
+        let redis = TestRedis::start().await;
+        let store = store(&redis).await;
+        for i in 0..100_000 {
+            let hint = if i % 2 == 0 {
+                VaryHint::KnownAbsent(0)
+            } else {
+                VaryHint::Vary("accept-encoding".to_owned())
+            };
+            store
+                .vary_hints
+                .insert(key::hash_url(&format!("//shop.example/u/{i}")), hint);
+        }
+        store.vary_hints.run_pending_tasks();
+        let bound = ((1 << 20) / VARY_HINT_SHARE).max(MIN_VARY_HINT_BYTES);
+        let held = store.vary_hints.weighted_size();
+        assert!(held <= bound, "{held} bytes of hints, bound {bound}");
+        assert!(store.vary_hints.entry_count() > 50, "{held}");
     }
 
     /// A store whose breaker opens at the first failure, with an outage
