@@ -112,22 +112,31 @@ impl Bus {
         following && self.manager.is_available()
     }
 
+    /// Sequentially consistent, as the bumps in [`Invalidate`]: a lookup
+    /// that keeps something (a copy, a mark) and then reads the epoch, and
+    /// an invalidation that bumps it and then removes what was kept, never
+    /// both miss each other.
     pub(crate) fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+        self.epoch.load(Ordering::SeqCst)
     }
 
     /// The trust a known-absent mark is valid under (see
     /// [`VaryHint::KnownAbsent`]).
     pub(crate) fn trust(&self) -> u64 {
-        self.trust.load(Ordering::Acquire)
+        self.trust.load(Ordering::SeqCst)
     }
 
     /// Ends a URL's known absence: it was written in Redis, or may have
     /// been. Its next lookup reads Redis again.
     pub(crate) fn end_known_absence(&self, url_hash: &str) {
+        // Most URLs written have no hint here (and a data cache's store
+        // none at all): one read, and no entry made for them.
+        if !self.hints.contains_key(url_hash) {
+            return;
+        }
         self.hints.entry_by_ref(url_hash).and_compute_with(|hint| {
             match hint.map(moka::Entry::into_value) {
-                Some(VaryHint::KnownAbsent(_)) => Op::Put(VaryHint::Absent),
+                Some(VaryHint::KnownAbsent { .. }) => Op::Put(VaryHint::Absent),
                 _ => Op::Nop,
             }
         });
@@ -136,7 +145,7 @@ impl Bus {
     /// Makes every lookup under way skip the near tier (after this
     /// instance removed entries from Redis).
     pub(crate) fn bump_epoch(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Resolves at the next update message.
@@ -165,7 +174,7 @@ impl Bus {
             self.updated.notify_waiters();
             return;
         }
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         match payload {
             [b'u', b' ', url_hash @ ..] => {
                 if let (Some(near), Ok(url_hash)) = (&self.near, std::str::from_utf8(url_hash)) {
@@ -186,7 +195,7 @@ impl Bus {
         if self.tracking.is_some() {
             return;
         }
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         if let Some(near) = &self.near {
             near.clear();
         }
@@ -201,7 +210,7 @@ impl Invalidate for Bus {
             return;
         };
         // A lookup that began before this does not fill the near tier.
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         if let Ok(url_hash) = std::str::from_utf8(url_hash) {
             if let Some(near) = &self.near {
                 near.remove(url_hash);
@@ -211,8 +220,8 @@ impl Invalidate for Bus {
     }
 
     fn invalidate_all(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.trust.fetch_add(1, Ordering::AcqRel);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.trust.fetch_add(1, Ordering::SeqCst);
         if let Some(near) = &self.near {
             near.clear();
         }

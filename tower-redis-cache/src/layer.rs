@@ -1016,12 +1016,12 @@ impl CacheLayerBuilder {
     /// next hit reads the shared copies, and keeps its own only if that URL
     /// did not change.
     ///
-    /// The near cache also remembers which URLs whose answers are not
-    /// storable (a private page) Redis does not hold, once a lookup of such a
-    /// URL on the tracking connection found it absent: their lookups then
-    /// cost no round trip either (`fwd=uri-miss; detail=near`), until any
-    /// instance writes them, and all of them whenever the copies all go.
-    /// The marks are kept with the URLs' `Vary` hints, in the share of
+    /// The near cache also saves the round trip of a page that is never
+    /// stored (a private one): once a lookup on the tracking connection
+    /// found such a URL absent from Redis, its lookups answer a miss from
+    /// memory (`fwd=uri-miss; detail=near`) until any instance writes it,
+    /// the near cache is emptied, or `ttl` has passed. These marks are kept
+    /// with the URLs' `Vary` hints, in the share of
     /// [`memory_capacity_bytes`](Self::memory_capacity_bytes) those take.
     /// Not on a Redis Cluster.
     pub fn near_cache(mut self, max_bytes: u64, ttl: Duration) -> Self {

@@ -157,15 +157,15 @@
 //!   thread holds its own copies of the last 8 small URLs it read, served
 //!   only while the tier has not changed since they were found current).
 //!   A URL whose answers are not storable (a private page), once a lookup
-//!   on the tracking connection found it absent from Redis, is marked
-//!   known absent on the same terms: its lookups cost no round trip
-//!   (`fwd=uri-miss; detail=near`) until any instance writes it (its own
-//!   fill lock included, which it takes again every 10 s), and the marks
-//!   (kept with the URLs' `Vary` hints) all go whenever the copies all go.
-//!   On
-//!   a Redis Cluster, where tracking is off, it falls back to the pub/sub
-//!   announcements (not used while that subscription is down, emptied when
-//!   it reconnects), and marks nothing absent.
+//!   on the tracking connection found it absent from Redis (its second
+//!   lookup: the first runs the script), is marked known absent: its
+//!   lookups cost no round trip (`fwd=uri-miss; detail=near`) until any
+//!   instance writes it (with coalescing on, its own fill lock too, which
+//!   it takes again every 10 s), the near tier is emptied, or the near
+//!   tier's TTL has passed; the marks are kept with the URLs' `Vary` hints.
+//!   On a Redis Cluster, where tracking is off, it falls back to the
+//!   pub/sub announcements (not used while that subscription is down,
+//!   emptied when it reconnects), and marks nothing absent.
 //!
 //! # Features
 //!

@@ -47,7 +47,7 @@ impl CacheStore {
         match self.vary_hints.get(url_hash)? {
             super::VaryHint::Vary(vary) => Some(key::variant(&vary, request, extra)),
             // Not known: the URL was absent when last looked up.
-            super::VaryHint::Absent | super::VaryHint::KnownAbsent(_) => None,
+            super::VaryHint::Absent | super::VaryHint::KnownAbsent { .. } => None,
         }
     }
 }

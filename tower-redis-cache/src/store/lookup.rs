@@ -68,6 +68,7 @@ impl CacheStore {
         // connection lost after that check bumps the epoch, so a read that
         // then fell back to the pool (untracked) is not kept.
         let epoch = self.bus.epoch();
+        // For a mark set below (a mark is checked against the trust now).
         let trust = self.bus.trust();
         let near = self.near.as_ref().filter(|_| self.bus.near_usable());
         if let Some(near) = near
@@ -79,7 +80,11 @@ impl CacheStore {
         let previous_hint = self.vary_hints.get(url_hash);
         // Known absent from Redis, and nothing written to it since: a miss
         // with no round trip.
-        if near.is_some() && previous_hint == Some(VaryHint::KnownAbsent(trust)) {
+        if near.is_some()
+            && previous_hint
+                .as_ref()
+                .is_some_and(|hint| hint.is_known_absent(self.bus.trust()))
+        {
             return (Lookup::UriMiss, Tier::Near);
         }
         let hinted_absent = previous_hint.as_ref().is_some_and(VaryHint::is_absent);
@@ -122,11 +127,20 @@ impl CacheStore {
                 // checks as a near copy's, around the same race.
                 if let (Some(_), true, Tier::Redis, Some(_)) =
                     (near, hinted_absent, tier, self.bus.tracking())
-                    && !self.read_from_replicas
                     && self.bus.epoch() == epoch
                 {
+                    let mark = VaryHint::KnownAbsent {
+                        trust,
+                        until: std::time::Instant::now() + self.near_ttl,
+                    };
+                    // Only over a hint that still says absent: a
+                    // concurrent store's names stay.
                     self.vary_hints
-                        .insert(url_hash.to_owned(), VaryHint::KnownAbsent(trust));
+                        .entry_by_ref(url_hash)
+                        .and_compute_with(|hint| match hint.map(moka::Entry::into_value) {
+                            Some(hint) if hint.is_absent() => moka::ops::compute::Op::Put(mark),
+                            _ => moka::ops::compute::Op::Nop,
+                        });
                     if self.bus.epoch() != epoch {
                         self.bus.end_known_absence(url_hash);
                     }
@@ -199,7 +213,9 @@ impl CacheStore {
     /// which sends a digest of every request header. Such a URL usually
     /// stays absent; should it be stored with `Vary` later, one lookup
     /// runs the script as well (two round trips) and the hint follows.
-    /// A hint already there (a concurrent store's) is kept.
+    /// A hint already there is kept (one a concurrent store writes between
+    /// moka's read and write here may not be: a wrong hint costs one more
+    /// round trip, once).
     pub(crate) fn remember_absent(&self, url_hash: &str) {
         self.vary_hints
             .entry_by_ref(url_hash)

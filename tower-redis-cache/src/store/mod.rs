@@ -249,10 +249,14 @@ pub(crate) enum VaryHint {
     /// tracking connection found it absent again, so Redis tells this
     /// instance when any instance writes it ([`Bus`] then makes it
     /// `Absent`). Its lookups make no round trip while the near tier is
-    /// usable and this instance's trust in it is the one this mark was set
+    /// usable, this instance's trust in it is the one this mark was set
     /// under ([`Bus::trust`]: a lost tracking connection, a failover or a
-    /// `FLUSHALL` ends every mark at once).
-    KnownAbsent(u64),
+    /// `FLUSHALL` ends every mark at once), and until the mark's deadline:
+    /// as a near copy, it lives at most the near tier's time to live.
+    KnownAbsent {
+        trust: u64,
+        until: std::time::Instant,
+    },
 }
 
 impl VaryHint {
@@ -260,14 +264,19 @@ impl VaryHint {
     pub(crate) fn names(&self) -> &str {
         match self {
             Self::Vary(names) => names,
-            Self::Absent | Self::KnownAbsent(_) => "",
+            Self::Absent | Self::KnownAbsent { .. } => "",
         }
     }
 
     /// Whether this instance last found the URL absent, its answer not
     /// storable.
     pub(crate) fn is_absent(&self) -> bool {
-        matches!(self, Self::Absent | Self::KnownAbsent(_))
+        matches!(self, Self::Absent | Self::KnownAbsent { .. })
+    }
+
+    /// Whether this is a known-absent mark that holds under `trust` now.
+    pub(crate) fn is_known_absent(&self, trust: u64) -> bool {
+        matches!(self, Self::KnownAbsent { trust: set, until } if *set == trust && *until > std::time::Instant::now())
     }
 }
 
@@ -288,6 +297,8 @@ pub(crate) struct CacheStore {
     pub(crate) flights: Arc<crate::service::Flights>,
     /// Lookups read from replicas (`CacheLayerBuilder::read_from_replicas`).
     pub(crate) read_from_replicas: bool,
+    /// The near tier's time to live: a known-absent mark's too.
+    near_ttl: Duration,
 }
 
 /// Counts one store in flight until dropped.
@@ -359,6 +370,7 @@ impl CacheStore {
             counters: Counters::default(),
             flights: Arc::default(),
             read_from_replicas: false,
+            near_ttl: options.near.map_or(Duration::ZERO, |(_, ttl)| ttl),
         }
     }
 
@@ -586,6 +598,23 @@ mod tests {
         )
     }
 
+    /// A known-absent mark holds only under the trust it was set under,
+    /// and only until its deadline (the near tier's time to live).
+    #[test]
+    fn a_known_absent_mark_holds_under_its_trust_until_its_deadline() {
+        let now = std::time::Instant::now();
+        let mark = |trust, until| VaryHint::KnownAbsent { trust, until };
+        let later = now + Duration::from_secs(60);
+        assert!(mark(3, later).is_known_absent(3));
+        assert!(!mark(3, later).is_known_absent(4), "after a loss of trust");
+        assert!(!mark(3, now).is_known_absent(3), "past its deadline");
+        assert!(!VaryHint::Absent.is_known_absent(3));
+        assert!(!VaryHint::Vary(String::new()).is_known_absent(3));
+        for hint in [mark(3, later), VaryHint::Absent] {
+            assert!(hint.is_absent() && hint.names().is_empty());
+        }
+    }
+
     /// The `Vary` hints, known-absent marks included, cannot grow past
     /// their share of the store's bytes, however many distinct URLs a
     /// client makes.
@@ -595,7 +624,10 @@ mod tests {
         let store = store(&redis).await;
         for i in 0..100_000 {
             let hint = if i % 2 == 0 {
-                VaryHint::KnownAbsent(0)
+                VaryHint::KnownAbsent {
+                    trust: 0,
+                    until: std::time::Instant::now(),
+                }
             } else {
                 VaryHint::Vary("accept-encoding".to_owned())
             };
@@ -607,7 +639,14 @@ mod tests {
         let bound = ((1 << 20) / VARY_HINT_SHARE).max(MIN_VARY_HINT_BYTES);
         let held = store.vary_hints.weighted_size();
         assert!(held <= bound, "{held} bytes of hints, bound {bound}");
-        assert!(store.vary_hints.entry_count() > 50, "{held}");
+        // Each weighed by its bytes, not counted as one.
+        let least = (key::hash_url("//shop.example/u/0").len() + VARY_HINT_OVERHEAD) as u64;
+        let count = store.vary_hints.entry_count();
+        assert!(count > 50, "{count}");
+        assert!(
+            count * least <= bound,
+            "{count} hints of at least {least} bytes"
+        );
     }
 
     /// A store whose breaker opens at the first failure, with an outage
