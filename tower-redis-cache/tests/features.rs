@@ -1068,6 +1068,20 @@ async fn kill_tracking(redis: &TestRedis, instance: &Instance) {
     wait_tracking(instance).await;
 }
 
+/// An instance with a near cache that follows tracking, without
+/// coalescing: a miss never takes the fill lock, whose write would end a
+/// known-absent mark by itself (every 10 s, when the URL leads a fill
+/// again), so only what a test does ends it.
+async fn marking_instance(redis: &TestRedis, origin: &Origin) -> Instance {
+    let near = |b: CacheLayerBuilder| {
+        b.near_cache(8 << 20, Duration::from_secs(3600))
+            .coalesce(None)
+    };
+    let instance = instance(redis.config(), origin, near).await;
+    wait_tracking(&instance).await;
+    instance
+}
+
 /// Any write to a URL's key ends its known absence, once this instance's
 /// tracking connection has read Redis' invalidation (a write with no
 /// announcement here: a raw `HSET`). An update announcement alone ends it
@@ -1077,15 +1091,7 @@ async fn kill_tracking(redis: &TestRedis, instance: &Instance) {
 async fn a_write_or_an_announcement_ends_a_known_absence() {
     let redis = TestRedis::start().await;
     let origin = Origin::default();
-    // Without coalescing: a miss never takes the fill lock, whose write
-    // would end the mark by itself (every 10 s, when the URL leads a fill
-    // again), so only what each test does ends it.
-    let near = |b: CacheLayerBuilder| {
-        b.near_cache(8 << 20, Duration::from_secs(3600))
-            .coalesce(None)
-    };
-    let a = instance(redis.config(), &origin, near).await;
-    wait_tracking(&a).await;
+    let a = marking_instance(&redis, &origin).await;
     let known_absent = |answer: &Answer| answer.cache_status().contains("near");
     // (The first lookup starts the instance's subscription.)
     get_settled(&a, "/private").await;
@@ -1161,15 +1167,7 @@ async fn round_trips(redis: &TestRedis) -> std::collections::HashMap<String, u64
 async fn a_page_never_stored_costs_no_round_trip_with_the_near_cache() {
     let redis = TestRedis::start().await;
     let origin = Origin::default();
-    // Without coalescing: a miss never takes the fill lock, whose write
-    // would end the mark by itself (every 10 s, when the URL leads a fill
-    // again), so only what each test does ends it.
-    let near = |b: CacheLayerBuilder| {
-        b.near_cache(8 << 20, Duration::from_secs(3600))
-            .coalesce(None)
-    };
-    let a = instance(redis.config(), &origin, near).await;
-    wait_tracking(&a).await;
+    let a = marking_instance(&redis, &origin).await;
     let tracking = a.manager.tracking().expect("tracking");
     let known_absent = |answer: &Answer| {
         let status = answer.cache_status();
