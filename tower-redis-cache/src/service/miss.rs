@@ -80,7 +80,7 @@ impl Ctx {
                 !self
                     .config
                     .uncacheable
-                    .contains_key(&self.keyed.flight_key())
+                    .contains_key(&*self.keyed.flight_key())
             })
     }
 

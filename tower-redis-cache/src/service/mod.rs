@@ -440,12 +440,17 @@ impl Keyed {
 
     /// The key requests are coalesced on: the URL and the route's extra
     /// key parts (the `Vary` of the response is not known yet).
-    pub(crate) fn flight_key(&self) -> String {
+    /// Borrowed when there are no extra parts: a miss only looks it up.
+    pub(crate) fn flight_key(&self) -> std::borrow::Cow<'_, str> {
         let key = &self.key;
         if key.extra.is_empty() {
-            key.url_hash.clone()
+            std::borrow::Cow::Borrowed(&key.url_hash)
         } else {
-            format!("{}:{}", key.url_hash, key::value_digest(&key.extra))
+            std::borrow::Cow::Owned(format!(
+                "{}:{}",
+                key.url_hash,
+                key::value_digest(&key.extra)
+            ))
         }
     }
 }

@@ -105,7 +105,9 @@ pub(crate) fn store_if_allowed<ResBody: OriginBody>(
                 // URL: let the next misses pass instead of waiting in turn.
                 // A refusal due to this request alone says nothing of the
                 // URL: the next request may well be stored.
-                config.uncacheable.insert(keyed.flight_key(), ());
+                config
+                    .uncacheable
+                    .insert(keyed.flight_key().into_owned(), ());
             }
             if because_of_the_response
                 && status.fwd == Some("uri-miss")
