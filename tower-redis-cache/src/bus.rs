@@ -44,8 +44,9 @@ pub(crate) struct Bus {
     entry_prefix: String,
     /// The store's `Vary` hints, whose known-absent marks a write ends.
     hints: moka::sync::Cache<String, VaryHint>,
-    /// Bumped whenever the near tier is emptied: a known-absent mark set
-    /// before holds no more.
+    /// Bumped whenever tracking says anything may have changed
+    /// ([`Invalidate::invalidate_all`]: the near tier is emptied then): a
+    /// known-absent mark set before holds no more.
     trust: AtomicU64,
 }
 

@@ -120,7 +120,7 @@ impl CacheStore {
                 Lookup::Hit(entry)
             }
             Found::NoUrl => {
-                // A URL marked absent (its answers are not storable), read
+                // A URL hinted absent (its answers are not storable), read
                 // on the tracking connection and found absent again: Redis
                 // now tells this instance when any instance writes it, so
                 // until then its lookups need no round trip. The same
