@@ -125,13 +125,14 @@ impl CacheStore {
                 // now tells this instance when any instance writes it, so
                 // until then its lookups need no round trip. The same
                 // checks as a near copy's, around the same race.
-                if let (Some(_), true, Tier::Redis, Some(_)) =
+                if let (Some(near), true, Tier::Redis, Some(_)) =
                     (near, hinted_absent, tier, self.bus.tracking())
                     && self.bus.epoch() == epoch
                 {
+                    // As a near copy, the mark lives at most the tier's TTL.
                     let mark = VaryHint::KnownAbsent {
                         trust,
-                        until: std::time::Instant::now() + self.near_ttl,
+                        until: std::time::Instant::now() + near.time_to_live().unwrap_or_default(),
                     };
                     // Only over a hint that still says absent: a
                     // concurrent store's names stay.

@@ -336,6 +336,11 @@ impl MemoryStore {
         store
     }
 
+    /// How long a record lives at most (besides its entries' own expiry).
+    pub(crate) fn time_to_live(&self) -> Option<Duration> {
+        self.time_to_live
+    }
+
     /// The decoded data values, on the near tier.
     pub(crate) fn typed(&self) -> Option<&TypedNear> {
         self.typed.as_deref()

@@ -297,8 +297,6 @@ pub(crate) struct CacheStore {
     pub(crate) flights: Arc<crate::service::Flights>,
     /// Lookups read from replicas (`CacheLayerBuilder::read_from_replicas`).
     pub(crate) read_from_replicas: bool,
-    /// The near tier's time to live: a known-absent mark's too.
-    near_ttl: Duration,
 }
 
 /// Counts one store in flight until dropped.
@@ -370,7 +368,6 @@ impl CacheStore {
             counters: Counters::default(),
             flights: Arc::default(),
             read_from_replicas: false,
-            near_ttl: options.near.map_or(Duration::ZERO, |(_, ttl)| ttl),
         }
     }
 
