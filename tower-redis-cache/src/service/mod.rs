@@ -332,12 +332,8 @@ where
             };
             match lookup {
                 Lookup::Hit(entry) => Either::Left(exchange.on_hit(entry, tier, wanted)),
-                Lookup::UriMiss => {
-                    Either::Right(Box::pin(exchange.on_miss("uri-miss", tier, wanted)))
-                }
-                Lookup::VaryMiss => {
-                    Either::Right(Box::pin(exchange.on_miss("vary-miss", tier, wanted)))
-                }
+                Lookup::UriMiss => Either::Right(exchange.on_miss("uri-miss", tier, wanted)),
+                Lookup::VaryMiss => Either::Right(exchange.on_miss("vary-miss", tier, wanted)),
             }
         };
         let answer = next.await;
