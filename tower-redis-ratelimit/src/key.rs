@@ -317,8 +317,34 @@ impl Key {
         matches!(self.kind, KeyKind::ClientIp)
     }
 
+    /// True for the keys read from the request head by the layer itself
+    /// ([`Key::client_ip`], [`Key::header`], [`Key::global`]), not by a
+    /// function of the application's.
+    pub(crate) fn is_built_in(&self) -> bool {
+        !matches!(self.kind, KeyKind::Sync(_) | KeyKind::Async(_))
+    }
+
     /// Extracts this key from a request head. Empty values count as missing.
     pub(crate) async fn extract(&self, parts: &Parts, client_ip: &ClientIp) -> Option<String> {
+        if let Some(value) = self.extract_built_in(parts, client_ip) {
+            return value;
+        }
+        let value = match &self.kind {
+            KeyKind::Sync(extract) => extract(parts),
+            KeyKind::Async(extract) => extract(parts).await,
+            // Read above.
+            KeyKind::ClientIp | KeyKind::Header(_) | KeyKind::Global => None,
+        };
+        value.filter(|value| !value.is_empty())
+    }
+
+    /// [`extract`](Self::extract) for a [built-in](Self::is_built_in) key,
+    /// which needs no waiting; `None` for a function of the application's.
+    pub(crate) fn extract_built_in(
+        &self,
+        parts: &Parts,
+        client_ip: &ClientIp,
+    ) -> Option<Option<String>> {
         let value = match &self.kind {
             KeyKind::ClientIp => client_ip.key_of_parts(parts),
             KeyKind::Header(name) => parts
@@ -326,15 +352,11 @@ impl Key {
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(|v| v.trim().to_owned()),
-            KeyKind::Sync(extract) => extract(parts),
-            KeyKind::Async(extract) => extract(parts).await,
-            KeyKind::Global => Some(String::new()),
+            // The one bucket's key is empty, and not missing.
+            KeyKind::Global => return Some(Some(String::new())),
+            KeyKind::Sync(_) | KeyKind::Async(_) => return None,
         };
-        match (&self.kind, value) {
-            (KeyKind::Global, value) => value,
-            (_, Some(value)) if !value.is_empty() => Some(value),
-            _ => None,
-        }
+        Some(value.filter(|value| !value.is_empty()))
     }
 }
 

@@ -144,6 +144,13 @@ pub(crate) struct Config {
     pub(crate) counter_keys: Vec<CounterKeys>,
     /// Set once the layer has warned about a request without a peer address.
     pub(crate) warned_no_peer_address: AtomicBool,
+    /// Every policy leases, and the layer reads the request itself: its
+    /// built-in keys, no `allow_if` predicate, no cost function. A request
+    /// is then decided when the service is called, with no future of its
+    /// own, whenever the leases hold its units; the few that must take a
+    /// lease first are decided again, by the same reads, in a future. No
+    /// function of the application's runs twice for one request.
+    pub(crate) decides_at_once: bool,
 }
 
 /// Configures a [`RateLimitLayer`].
@@ -877,6 +884,12 @@ impl RateLimitLayerBuilder {
             .networks()
             .to_vec();
         let leases = self.policies.iter().any(|p| p.lease.is_some());
+        let decides_at_once = self
+            .policies
+            .iter()
+            .all(|p| p.lease.is_some() && p.key.is_built_in())
+            && self.allow_if.is_empty()
+            && self.cost.is_none();
         let counter_keys = self
             .policies
             .iter()
@@ -901,6 +914,7 @@ impl RateLimitLayerBuilder {
                 on_denied: self.on_denied,
                 counter_keys,
                 warned_no_peer_address: AtomicBool::new(false),
+                decides_at_once,
             }),
         })
     }

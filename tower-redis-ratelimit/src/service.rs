@@ -16,7 +16,7 @@ use tower_service::Service;
 
 use crate::body::ResponseBody;
 use crate::headers::{self, Fields};
-use crate::key::MissingKey;
+use crate::key::{CounterKeys, MissingKey};
 use crate::layer::Config;
 use crate::limiter::DecisionSource;
 use crate::limiter::{Check, PolicyState, Verdict};
@@ -63,15 +63,45 @@ where
         // The clone is not ready; the ready one goes into the future.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::new(answer(Arc::clone(&self.config), inner, request))
+        // The latency this layer adds (metrics only); recorded when dropped.
+        let clock = tower_redis_core::record::LayerClock::start("ratelimit");
+        let (parts, body) = request.into_parts();
+        // One span per decision; `conclude` records its outcome.
+        let span = tracing::debug_span!(
+            target: "tower_redis_ratelimit",
+            "ratelimit",
+            method = %parts.method,
+            path = parts.uri.path(),
+            verdict = tracing::field::Empty,
+            policy = tracing::field::Empty,
+            source = tracing::field::Empty,
+        );
+        if self.config.decides_at_once {
+            let decided = {
+                let _entered = (!span.is_disabled()).then(|| span.enter());
+                decide_now(&self.config, &parts)
+            };
+            if let Some(outcome) = decided {
+                return ResponseFuture::new(respond(outcome, parts, body, inner, clock));
+            }
+        }
+        ResponseFuture::new(answer(
+            Arc::clone(&self.config),
+            inner,
+            parts,
+            body,
+            (clock, span),
+        ))
     }
 }
 
 /// Decides, then calls `inner` or answers early.
 fn answer<S, ReqBody, ResBody>(
     config: Arc<Config>,
-    mut inner: S,
-    request: Request<ReqBody>,
+    inner: S,
+    parts: Parts,
+    body: ReqBody,
+    (clock, span): (tower_redis_core::record::LayerClock, tracing::Span),
 ) -> impl Future<Output = Result<Response<ResponseBody<ResBody>>, S::Error>> + Send + 'static
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
@@ -79,19 +109,6 @@ where
     ReqBody: Send + 'static,
     ResBody: Send + 'static,
 {
-    // The latency this layer adds (metrics only); recorded when dropped.
-    let clock = tower_redis_core::record::LayerClock::start("ratelimit");
-    let (parts, body) = request.into_parts();
-    // One span per decision; `decide` records its outcome.
-    let span = tracing::debug_span!(
-        target: "tower_redis_ratelimit",
-        "ratelimit",
-        method = %parts.method,
-        path = parts.uri.path(),
-        verdict = tracing::field::Empty,
-        policy = tracing::field::Empty,
-        source = tracing::field::Empty,
-    );
     // A chain of combinators, not one `async` block: the block kept the
     // request's parts (and the span) beside the decision's future and
     // the inner service's, so that the box made for every request was
@@ -101,7 +118,25 @@ where
         let outcome = decide(&config, &parts).await;
         (outcome, parts)
     });
-    decided.then(move |(outcome, parts)| match outcome {
+    decided.then(move |(outcome, parts)| respond(outcome, parts, body, inner, clock))
+}
+
+/// Calls `inner` with the request, adding the decision's fields to its
+/// answer, or answers in its place.
+fn respond<S, ReqBody, ResBody>(
+    outcome: Outcome,
+    parts: Parts,
+    body: ReqBody,
+    mut inner: S,
+    clock: tower_redis_core::record::LayerClock,
+) -> impl Future<Output = Result<Response<ResponseBody<ResBody>>, S::Error>> + Send + 'static
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: Send + 'static,
+{
+    match outcome {
         Outcome::Pass(extra_headers) => {
             let called = inner.call(Request::from_parts(parts, body));
             Either::Left(clock.finish_after(called, move |answer| {
@@ -121,7 +156,7 @@ where
                 std::future::ready(response).map(|response| Ok(response.map(ResponseBody::full))),
             )
         }
-    })
+    }
 }
 
 enum Outcome {
@@ -138,24 +173,64 @@ async fn decide(config: &Config, parts: &Parts) -> Outcome {
     }
     let (policies, checks) = match applicable_checks(config, parts).await {
         Ok(found) => found,
-        Err(policy) => {
-            return Outcome::Respond(if is_grpc(&parts.headers) {
-                response::grpc_status(
-                    response::GRPC_INVALID_ARGUMENT,
-                    &format!("missing the key of rate-limit policy {policy}"),
-                )
-            } else {
-                response::missing_key(&policy)
-            });
-        }
+        Err(policy) => return missing_key(parts, &policy),
     };
     let cost = config.cost.as_ref().map_or(1, |cost| cost(parts));
     if checks.is_empty() || cost == 0 {
         return Outcome::Pass(Fields::default());
     }
     let verdict = config.limiter.decide(&checks, cost).await;
-    record(&verdict, config.shadow);
-    record_policies(&policies, &verdict, config.shadow);
+    conclude(config, parts, &policies, &verdict)
+}
+
+/// [`decide`] when nothing needs to be waited for (see
+/// [`Config::decides_at_once`]): every policy spends from its lease, or a
+/// key is known blocked. `None` when a lease must be taken from Redis
+/// first; the request then takes [`decide`], which reads its keys again
+/// (the layer's own reads, no function of the application's).
+fn decide_now(config: &Config, parts: &Parts) -> Option<Outcome> {
+    if is_allow_listed(config, parts) {
+        return Some(Outcome::Pass(Fields::default()));
+    }
+    let mut policies = Vec::new();
+    let mut checks = Vec::new();
+    for (policy, counter_keys) in applicable(config, parts) {
+        let value = policy.key.extract_built_in(parts, &config.client_ip)?;
+        if let Err(policy) = add_check(
+            config,
+            (policy, counter_keys),
+            value,
+            (&mut policies, &mut checks),
+        ) {
+            return Some(missing_key(parts, &policy));
+        }
+    }
+    if checks.is_empty() {
+        return Some(Outcome::Pass(Fields::default()));
+    }
+    // Every request costs 1: the layer has no cost function.
+    let verdict = config.limiter.decide_now(&checks, 1)?;
+    Some(conclude(config, parts, &policies, &verdict))
+}
+
+/// The answer to a request without the key of a policy that rejects such
+/// requests (`on_missing_key`).
+fn missing_key(parts: &Parts, policy: &str) -> Outcome {
+    Outcome::Respond(if is_grpc(&parts.headers) {
+        response::grpc_status(
+            response::GRPC_INVALID_ARGUMENT,
+            &format!("missing the key of rate-limit policy {policy}"),
+        )
+    } else {
+        response::missing_key(policy)
+    })
+}
+
+/// Records a verdict and turns it into the request's outcome: its fields
+/// when allowed (or in shadow mode), else the denial.
+fn conclude(config: &Config, parts: &Parts, policies: &[&Policy], verdict: &Verdict) -> Outcome {
+    record(verdict, config.shadow);
+    record_policies(policies, verdict, config.shadow);
     if config.shadow {
         if !verdict.allowed {
             tracing::info!(
@@ -176,7 +251,7 @@ async fn decide(config: &Config, parts: &Parts) -> Outcome {
     if verdict.allowed {
         return Outcome::Pass(fields);
     }
-    Outcome::Respond(denied_response(config, parts, &decided, &verdict, fields))
+    Outcome::Respond(denied_response(config, parts, &decided, verdict, fields))
 }
 
 fn is_allow_listed(config: &Config, parts: &Parts) -> bool {
@@ -196,33 +271,59 @@ async fn applicable_checks<'c>(
     config: &'c Config,
     parts: &Parts,
 ) -> Result<(Vec<&'c Policy>, Vec<Check>), String> {
-    let path = parts.uri.path();
     let mut policies = Vec::new();
     let mut checks = Vec::new();
-    for (policy, counter_keys) in config
+    for (policy, counter_keys) in applicable(config, parts) {
+        let value = policy.key.extract(parts, &config.client_ip).await;
+        add_check(
+            config,
+            (policy, counter_keys),
+            value,
+            (&mut policies, &mut checks),
+        )?;
+    }
+    Ok((policies, checks))
+}
+
+/// The policies that apply to the request, with their counter keys.
+fn applicable<'c>(
+    config: &'c Config,
+    parts: &Parts,
+) -> impl Iterator<Item = (&'c Policy, &'c CounterKeys)> {
+    let path = parts.uri.path();
+    let method = &parts.method;
+    config
         .policies
         .iter()
         .zip(&config.counter_keys)
-        .filter(|(p, _)| p.applies_to(&parts.method, path))
-    {
-        let value = policy.key.extract(parts, &config.client_ip).await;
-        if value.is_none() && policy.key.is_client_ip() {
-            warn_no_peer_address(config, policy);
-        }
-        let key = match (&value, config.missing_key) {
-            (Some(value), _) => counter_keys.key(Some(value)),
-            (None, MissingKey::Skip) => continue,
-            (None, MissingKey::SharedBucket) => counter_keys.key(None),
-            (None, MissingKey::Reject) => return Err(policy.name().to_owned()),
-        };
-        policies.push(policy);
-        checks.push(Check {
-            key,
-            algorithm: policy.algorithm(),
-            lease: policy.lease,
-        });
+        .filter(move |(p, _)| p.applies_to(method, path))
+}
+
+/// Adds an applicable policy and its check, for the key `value` it found
+/// in the request; a missing key is skipped, shared or rejected (`Err`,
+/// with the policy's name) as the layer says.
+fn add_check<'c>(
+    config: &Config,
+    (policy, counter_keys): (&'c Policy, &CounterKeys),
+    value: Option<String>,
+    (policies, checks): (&mut Vec<&'c Policy>, &mut Vec<Check>),
+) -> Result<(), String> {
+    if value.is_none() && policy.key.is_client_ip() {
+        warn_no_peer_address(config, policy);
     }
-    Ok((policies, checks))
+    let key = match (&value, config.missing_key) {
+        (Some(value), _) => counter_keys.key(Some(value)),
+        (None, MissingKey::Skip) => return Ok(()),
+        (None, MissingKey::SharedBucket) => counter_keys.key(None),
+        (None, MissingKey::Reject) => return Err(policy.name().to_owned()),
+    };
+    policies.push(policy);
+    checks.push(Check {
+        key,
+        algorithm: policy.algorithm(),
+        lease: policy.lease,
+    });
+    Ok(())
 }
 
 /// Says once per layer that a per-IP policy met a request without a peer
@@ -395,6 +496,50 @@ mod tests {
     use crate::{Policy, RateLimitLayer};
     use tower_redis_core::RedisManager;
 
+    /// A request is decided when the service is called only where that
+    /// runs no function of the application's a second time (for the few
+    /// requests that must take a lease first): every policy leases and is
+    /// keyed by the layer itself, with no `allow_if` and no cost function.
+    #[test]
+    fn only_leased_built_in_keys_are_decided_at_once() {
+        let leased = || {
+            Policy::gcra("global", 10, Duration::from_secs(1))
+                .key(crate::Key::global())
+                .lease(5)
+        };
+        let at_once = |builder: crate::RateLimitLayerBuilder| {
+            builder.build().expect("a layer").config.decides_at_once
+        };
+        let builder = || RateLimitLayer::builder(RedisManager::disabled());
+        assert!(at_once(builder().policy(leased())));
+        assert!(at_once(builder().policy(leased()).policy(
+            Policy::gcra("per-ip", 10, Duration::from_secs(1)).lease(5)
+        )));
+        assert!(at_once(
+            builder().policy(
+                Policy::gcra("per-key", 10, Duration::from_secs(1))
+                    .key(crate::Key::header("x-api-key"))
+                    .lease(5)
+            )
+        ));
+        // A policy without a lease waits for Redis anyway.
+        assert!(!at_once(builder().policy(leased()).policy(Policy::gcra(
+            "per-ip",
+            10,
+            Duration::from_secs(1)
+        ))));
+        // Functions of the application's.
+        assert!(!at_once(
+            builder().policy(
+                Policy::gcra("per-user", 10, Duration::from_secs(1))
+                    .key(crate::Key::from_fn(|_| Some("u".to_owned())))
+                    .lease(5)
+            )
+        ));
+        assert!(!at_once(builder().policy(leased()).allow_if(|_| false)));
+        assert!(!at_once(builder().policy(leased()).cost(|_| 1)));
+    }
+
     /// The future boxed for every request fits the allocator's per-thread
     /// cache (glibc's tcache takes blocks of up to 1,032 bytes; a larger one
     /// comes from the shared arena, under its lock). As one `async` block
@@ -410,7 +555,17 @@ mod tests {
             .expect("a layer");
         let inner = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
         let request = Request::new(axum::body::Body::empty());
-        let answered = answer(Arc::clone(&layer.config), inner, request);
+        let (parts, body) = request.into_parts();
+        let answered = answer(
+            Arc::clone(&layer.config),
+            inner,
+            parts,
+            body,
+            (
+                tower_redis_core::record::LayerClock::start("ratelimit"),
+                tracing::Span::none(),
+            ),
+        );
         let size = std::mem::size_of_val(&answered);
         assert!(size <= 1032, "the boxed request is {size} bytes");
     }

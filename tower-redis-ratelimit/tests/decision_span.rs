@@ -57,8 +57,8 @@ async fn decisions_have_a_span_with_the_verdict_and_per_policy_counts() {
         ]
     );
 
-    let spans = spans.spans();
     let seen: Vec<(String, String, String, String)> = spans
+        .spans()
         .iter()
         .map(|f| {
             (
@@ -118,4 +118,38 @@ async fn decisions_have_a_span_with_the_verdict_and_per_policy_counts() {
         "{counts:?}"
     );
     assert_eq!(counts.get(&pair("hourly", "denied")), None, "{counts:?}");
+
+    // A leased policy: the first request takes a lease from Redis in its
+    // future; the next are decided when the service is called, and their
+    // spans say the same.
+    let layer = RateLimitLayer::builder(
+        RedisManager::connect(redis.config().build().expect("valid"))
+            .await
+            .expect("starts"),
+    )
+    .policy(
+        Policy::gcra("global", 100, Duration::from_secs(3600))
+            .key(tower_redis_ratelimit::Key::global())
+            .lease(10),
+    )
+    .build()
+    .expect("layer");
+    let service = tower::Layer::layer(
+        &layer,
+        tower::service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+        }),
+    );
+    let before = spans.spans().len();
+    for _ in 0..3 {
+        let request = Request::get("/y").body(()).expect("request");
+        let response = service.clone().oneshot(request).await.expect("infallible");
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let leased: Vec<(String, String, String)> = spans.spans()[before..]
+        .iter()
+        .map(|f| (field(f, "path"), field(f, "verdict"), field(f, "policy")))
+        .collect();
+    let row = || ("/y".to_owned(), "allowed".to_owned(), "global".to_owned());
+    assert_eq!(leased, [row(), row(), row()]);
 }

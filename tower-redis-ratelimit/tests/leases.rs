@@ -273,6 +273,44 @@ async fn a_request_denied_by_another_policy_spends_nothing_from_the_lease() {
     );
 }
 
+/// With every policy leased (and the layer's own keys), a request whose
+/// lease holds its units is decided when the service is called, with no
+/// future of its own: a response future dropped before it is polled has
+/// spent its unit, as a request that reached the layer. A request that
+/// must take a lease first is decided in its future, as before.
+#[tokio::test]
+async fn a_leased_request_is_decided_when_the_service_is_called() {
+    use tower::Service as _;
+    let redis = TestRedis::start().await;
+    away_from_window_edge(&redis, HOUR).await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(
+            Policy::fixed_window("global", 1000, HOUR)
+                .key(Key::global())
+                .lease(10),
+        )
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    let first = send(&service, request("192.0.2.1")).await;
+    assert_eq!(first.status(), 200);
+    assert!(
+        field(&first).starts_with("\"global\";r=999;"),
+        "{}",
+        field(&first)
+    );
+    let mut called = service.clone();
+    called.ready().await.expect("ready");
+    drop(called.call(request("192.0.2.1")));
+    let third = send(&service, request("192.0.2.1")).await;
+    assert_eq!(third.status(), 200);
+    assert!(
+        field(&third).starts_with("\"global\";r=997;"),
+        "the unpolled request was not decided: {}",
+        field(&third)
+    );
+}
+
 /// Redis goes away: the units already leased are spent (Redis counted
 /// them), then the local fallback decides with its share, exactly as for
 /// a policy without a lease.

@@ -242,20 +242,29 @@ impl Limiter {
     /// else in a batch call to Redis (or the fallback) shared with the
     /// requests arriving with it.
     pub(crate) async fn decide(self: &Arc<Self>, checks: &[Check], cost: u32) -> Verdict {
-        if let Some(verdict) = self.blocked.verdict(checks, cost) {
+        if let Some(verdict) = self.decide_now(checks, cost) {
             return verdict;
         }
         if let Some(leases) = &self.leases
             && checks.iter().any(|check| check.lease.is_some())
         {
-            // The hot path: every policy spends from its lease, nothing
-            // to wait for (no boxed future).
-            if let Some(verdict) = leases.spend_all(checks, cost) {
-                return verdict;
-            }
             return Box::pin(self.decide_leased(leases, checks, cost)).await;
         }
         self.decide_shared(checks, cost).await
+    }
+
+    /// The verdict when nothing needs to be waited for: a key this
+    /// instance knows is blocked, or every policy spending from its lease.
+    /// `None` (and nothing spent) otherwise.
+    pub(crate) fn decide_now(&self, checks: &[Check], cost: u32) -> Option<Verdict> {
+        if let Some(verdict) = self.blocked.verdict(checks, cost) {
+            return Some(verdict);
+        }
+        // The hot path of leased policies: no future at all.
+        self.leases
+            .as_ref()
+            .filter(|_| checks.iter().any(|check| check.lease.is_some()))
+            .and_then(|leases| leases.spend_all(checks, cost))
     }
 
     /// Gives every lease's unused units back to Redis now.
