@@ -462,6 +462,13 @@ impl Policy {
     /// - **Redis round trips:** one per lease (`1 / units` per request while
     ///   the key is hot), one per give-back; a request with two leased
     ///   policies that both run out at once makes two.
+    /// - **When a request is decided.** When every policy of the layer
+    ///   leases and is keyed by the layer itself ([`Key::client_ip`](crate::Key::client_ip),
+    ///   [`Key::header`](crate::Key::header), [`Key::global`](crate::Key::global)),
+    ///   with no `allow_if` and no `cost`, a request whose units are in the
+    ///   leases is decided when the service is called, with no future of its
+    ///   own; a response future dropped unpolled has spent its units. Any
+    ///   other request is decided in its response future.
     ///
     /// While Redis is unavailable, units already leased are spent (Redis
     /// counted them); once they are gone, the layer's [`Fallback`](crate::Fallback)
