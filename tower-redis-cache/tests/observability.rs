@@ -14,7 +14,8 @@ use tower_redis_core::testing::TestRedis;
 
 /// Every answer is counted under its result, whether it was stored, and
 /// whether Redis was unavailable (`degraded`): three answers while Redis
-/// is up, then two after it is killed (answered from the in-process store).
+/// is up, then two after it is killed (answered from the in-process store),
+/// and a private page's answers (once, then twice).
 #[tokio::test(flavor = "current_thread")]
 async fn results_are_counted_with_their_degraded_flag() {
     let recorder = DebuggingRecorder::new();
@@ -29,23 +30,33 @@ async fn results_are_counted_with_their_degraded_flag() {
     let layer = CacheLayer::builder(manager).build().expect("layer");
     let service = tower::Layer::layer(
         &layer,
-        tower::service_fn(|_: Request<Empty<Bytes>>| async {
+        tower::service_fn(|request: Request<Empty<Bytes>>| async move {
             let mut response = Response::new(Full::new(Bytes::from_static(b"hello")));
+            // `/private` is never stored.
+            let directives = if request.uri().path() == "/private" {
+                "private"
+            } else {
+                "max-age=60"
+            };
             response
                 .headers_mut()
-                .insert(header::CACHE_CONTROL, "max-age=60".parse().expect("value"));
+                .insert(header::CACHE_CONTROL, directives.parse().expect("value"));
             Ok::<_, Infallible>(response)
         }),
     );
-    let get = || {
-        Request::get("/x")
+    let get = |path: &str| {
+        Request::get(path)
             .header(header::HOST, "a.example")
             .body(Empty::new())
             .expect("request")
     };
     let mut statuses = Vec::new();
-    let mut ask = async || {
-        let response = service.clone().oneshot(get()).await.expect("infallible");
+    let mut ask = async |path: &str| {
+        let response = service
+            .clone()
+            .oneshot(get(path))
+            .await
+            .expect("infallible");
         statuses.push(
             response.headers()["cache-status"]
                 .to_str()
@@ -56,11 +67,13 @@ async fn results_are_counted_with_their_degraded_flag() {
         layer.flush().await;
     };
     for _ in 0..3 {
-        ask().await;
+        ask("/x").await;
     }
+    ask("/private").await;
     redis.kill().await;
     for _ in 0..2 {
-        ask().await;
+        ask("/x").await;
+        ask("/private").await;
     }
 
     // (result, stored, degraded) → count.
@@ -95,5 +108,8 @@ async fn results_are_counted_with_their_degraded_flag() {
     // Redis is gone: the in-process store starts empty, then answers.
     assert_eq!(count("uri-miss", "true", "true"), 1, "{context}");
     assert_eq!(count("hit", "false", "true"), 1, "{context}");
-    assert_eq!(counts.values().sum::<u64>(), 5, "{context}");
+    // A private answer is a miss that is not stored, with Redis or without.
+    assert_eq!(count("uri-miss", "false", "false"), 1, "{context}");
+    assert_eq!(count("uri-miss", "false", "true"), 2, "{context}");
+    assert_eq!(counts.values().sum::<u64>(), 8, "{context}");
 }

@@ -164,6 +164,26 @@ fn record(status: &CacheStatus) {
             ),
         ];
         HITS[usize::from(degraded)].increment(1);
+    } else if result == "uri-miss" {
+        // The next most frequent (every request of a page never stored):
+        // by `stored`, then `degraded`.
+        macro_rules! miss {
+            ($stored:literal, $degraded:literal) => {
+                record::Counter::new(
+                    "tower_redis_cache_requests_total",
+                    &[
+                        ("result", "uri-miss"),
+                        ("stored", $stored),
+                        ("degraded", $degraded),
+                    ],
+                )
+            };
+        }
+        static MISSES: [[record::Counter; 2]; 2] = [
+            [miss!("false", "false"), miss!("false", "true")],
+            [miss!("true", "false"), miss!("true", "true")],
+        ];
+        MISSES[usize::from(status.stored)][usize::from(degraded)].increment(1);
     } else {
         let flag = |on: bool| if on { "true" } else { "false" };
         record::counter(
