@@ -139,15 +139,21 @@ impl Session {
         let mut state = self.state.lock().await;
         if state.phase == Phase::Untouched {
             state.phase = Phase::Loaded;
-            // The load is boxed: inlined, it made the future of every
-            // session read (part of the handler's future) larger than the
-            // allocator's per-thread cache takes.
-            if let Some(cookie_id) = state.cookie_id.clone()
-                && let Some(record) = Box::pin(self.store.load(&cookie_id.storage_key())).await
-            {
-                state.id = Some(cookie_id);
-                state.size = record.size();
-                state.record = record;
+            if let Some(cookie_id) = state.cookie_id.clone() {
+                let storage_key = cookie_id.storage_key();
+                // A tracked copy answers here, with no future. The load
+                // that waits is boxed: inlined, it made the future of every
+                // session read (part of the handler's future) larger than
+                // the allocator's per-thread cache takes.
+                let record = match self.store.load_now(&storage_key) {
+                    Ok(record) => Some(record),
+                    Err(later) => Box::pin(self.store.load_later(&storage_key, later)).await,
+                };
+                if let Some(record) = record {
+                    state.id = Some(cookie_id);
+                    state.size = record.size();
+                    state.record = record;
+                }
             }
         }
         state

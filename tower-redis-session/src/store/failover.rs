@@ -18,6 +18,7 @@
 //! ([`Replay`](tower_redis_core::degrade::Replay) on the Redis store).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tower_redis_core::clock::duration_ms;
@@ -121,40 +122,90 @@ impl Failover {
         (duration_ms(self.expiry().idle) / 100).min(60_000)
     }
 
+    /// A session's record: this instance's tracked copy when Redis has not
+    /// changed it since, else read from Redis (or in process).
+    #[cfg(test)]
+    pub(crate) async fn load(&self, storage_key: &str) -> Option<Record> {
+        match self.load_now(storage_key) {
+            Ok(record) => Some(record),
+            Err(later) => self.load_later(storage_key, later).await,
+        }
+    }
+
+    /// [`load`](Self::load)'s answer when it needs no waiting: the tracked
+    /// copy of a session unchanged in Redis since this instance read it,
+    /// whose idle timeout needs no renewal yet (0 round trips). Else what
+    /// [`load_later`](Self::load_later) goes on with.
+    pub(crate) fn load_now(&self, storage_key: &str) -> Result<Record, Later> {
+        if self.pair.is_pending(storage_key) {
+            return Err(Later::Queued);
+        }
+        if self.local().has_pinned() {
+            // Its changes are in Redis now (if it had any)…
+            self.local().unpin(storage_key);
+            // …unless a concurrent write queued one since (it pins the copy
+            // after queueing: pinned again here if that came first).
+            if self.pair.is_pending(storage_key) {
+                self.local().pin(storage_key);
+            }
+        }
+        let copy = self.local().copy(storage_key);
+        let started_ms = now_ms();
+        let touch = LocalCopy::touch_due(copy.as_deref(), started_ms, self.touch_every_ms());
+        // While Redis is unavailable the tracked copies are gone (a lost
+        // tracking connection empties them): not looked for.
+        if !touch
+            && !self.pair.is_degraded()
+            && let Some(record) = self.redis().tracked(storage_key, started_ms)
+        {
+            return Ok(record);
+        }
+        Err(Later::Read {
+            copy,
+            started_ms,
+            touch,
+        })
+    }
+
+    /// The load [`load_now`](Self::load_now) could not answer.
+    pub(crate) fn load_later(
+        &self,
+        storage_key: &str,
+        later: Later,
+    ) -> impl Future<Output = Option<Record>> + Send {
+        use futures_util::future::Either;
+        match later {
+            // Changes from an outage are still on their way to Redis: this
+            // instance's copy is the newer one.
+            // Boxed: this rare path's state is not part of every load's.
+            Later::Queued => Either::Left(Box::pin(async move {
+                local(self.local().load(storage_key, false).await)
+            })),
+            Later::Read {
+                copy,
+                started_ms,
+                touch,
+            } => Either::Right(self.read(storage_key, copy, started_ms, touch)),
+        }
+    }
+
+    /// Reads the session from Redis (renewing its idle timeout when
+    /// `touch`), or in process while Redis is unavailable.
+    ///
     /// Not an `async fn`, which would hold its arguments twice in the
     /// future of every load.
     #[allow(
         clippy::manual_async_fn,
         reason = "an `async fn` would hold its arguments twice in its future"
     )]
-    pub(crate) fn load(&self, storage_key: &str) -> impl Future<Output = Option<Record>> + Send {
+    fn read(
+        &self,
+        storage_key: &str,
+        copy: Option<Arc<LocalCopy>>,
+        started_ms: u64,
+        touch: bool,
+    ) -> impl Future<Output = Option<Record>> + Send {
         async move {
-            if self.pair.is_pending(storage_key) {
-                // Changes from an outage are still on their way to Redis: this
-                // instance's copy is the newer one.
-                // Boxed: this rare path's state is not part of every load's.
-                return local(Box::pin(self.local().load(storage_key, false)).await);
-            }
-            if self.local().has_pinned() {
-                // Its changes are in Redis now (if it had any)…
-                self.local().unpin(storage_key);
-                // …unless a concurrent write queued one since (it pins the copy
-                // after queueing: pinned again here if that came first).
-                if self.pair.is_pending(storage_key) {
-                    self.local().pin(storage_key);
-                }
-            }
-            let copy = self.local().copy(storage_key);
-            let started_ms = now_ms();
-            let touch = LocalCopy::touch_due(copy.as_deref(), started_ms, self.touch_every_ms());
-            // While Redis is unavailable the tracked copies are gone (a lost
-            // tracking connection empties them): not looked for.
-            if !touch && !self.pair.is_degraded() {
-                // Unchanged in Redis since this instance read it: 0 round trips.
-                if let Some(record) = self.redis().tracked(storage_key, started_ms) {
-                    return Some(record);
-                }
-            }
             let read_copy = &copy;
             let served = self
                 .pair
@@ -309,4 +360,17 @@ fn refused(full: QueueFull, create: bool) {
         }
     );
     record::counter("tower_redis_session_refused_total", &[], 1);
+}
+
+/// What a load goes on with when [`Failover::load_now`] could not answer.
+pub(crate) enum Later {
+    /// Changes from an outage are queued for Redis: the local copy answers.
+    Queued,
+    /// Redis is read (or, while it is unavailable, the local store), with
+    /// the local copy read and the renewal decided when the load began.
+    Read {
+        copy: Option<Arc<LocalCopy>>,
+        started_ms: u64,
+        touch: bool,
+    },
 }

@@ -288,11 +288,30 @@ impl SessionStore {
         self.inner.has_ended(storage_key)
     }
 
-    /// One round trip: `HGETALL`, pipelined with a `PEXPIRE` that renews the
-    /// idle timeout when this instance has not renewed it lately. The
-    /// absolute timeout is checked on the record. No round trip when
-    /// tracking is on, no renewal is due and Redis has not said the session
-    /// changed since this instance last read it.
+    /// A session's record: [`load_now`](Self::load_now), then
+    /// [`load_later`](Self::load_later).
+    #[cfg(test)]
+    pub(crate) async fn load(&self, storage_key: &str) -> Option<Record> {
+        match self.load_now(storage_key) {
+            Ok(record) => Some(record),
+            Err(later) => self.load_later(storage_key, later).await,
+        }
+    }
+
+    /// A session's record, counted. No round trip when tracking is on, no
+    /// renewal is due and Redis has not said the session changed since this
+    /// instance last read it: answered here, with no future. Else one round
+    /// trip ([`load_later`](Self::load_later) with what this returns):
+    /// `HGETALL`, pipelined with a `PEXPIRE` that renews the idle timeout
+    /// when this instance has not renewed it lately. The absolute timeout is
+    /// checked on the record.
+    pub(crate) fn load_now(&self, storage_key: &str) -> Result<Record, failover::Later> {
+        let record = self.inner.load_now(storage_key)?;
+        counted_load(true);
+        Ok(record)
+    }
+
+    /// The load [`load_now`](Self::load_now) could not answer, counted.
     ///
     /// Not an `async fn`, which would hold its arguments twice in the
     /// future of every load.
@@ -300,23 +319,14 @@ impl SessionStore {
         clippy::manual_async_fn,
         reason = "an `async fn` would hold its arguments twice in its future"
     )]
-    pub(crate) fn load(&self, storage_key: &str) -> impl Future<Output = Option<Record>> + Send {
+    pub(crate) fn load_later(
+        &self,
+        storage_key: &str,
+        later: failover::Later,
+    ) -> impl Future<Output = Option<Record>> + Send {
         async move {
-            let record = self.inner.load(storage_key).await;
-            let result = if record.is_some() { "found" } else { "missing" };
-            // Keys built once: a load is the layer's most frequent operation.
-            static LOADS: [tower_redis_core::record::Counter; 2] = [
-                tower_redis_core::record::Counter::new(
-                    "tower_redis_session_loads_total",
-                    &[("result", "found")],
-                ),
-                tower_redis_core::record::Counter::new(
-                    "tower_redis_session_loads_total",
-                    &[("result", "missing")],
-                ),
-            ];
-            LOADS[usize::from(record.is_none())].increment(1);
-            record_on_span("loaded", result);
+            let record = self.inner.load_later(storage_key, later).await;
+            counted_load(record.is_some());
             record
         }
     }
@@ -444,6 +454,24 @@ fn record_save(kind: &'static str, saved: Saved) {
 
 /// Records `value` in the field `name` of the current span, when it is the
 /// layer's `session` span (other spans have no such field and ignore it).
+/// Counts a load (`tower_redis_session_loads_total{result}`) and records
+/// it on the request's span.
+fn counted_load(found: bool) {
+    // Keys built once: a load is the layer's most frequent operation.
+    static LOADS: [tower_redis_core::record::Counter; 2] = [
+        tower_redis_core::record::Counter::new(
+            "tower_redis_session_loads_total",
+            &[("result", "found")],
+        ),
+        tower_redis_core::record::Counter::new(
+            "tower_redis_session_loads_total",
+            &[("result", "missing")],
+        ),
+    ];
+    LOADS[usize::from(!found)].increment(1);
+    record_on_span("loaded", if found { "found" } else { "missing" });
+}
+
 fn record_on_span(name: &'static str, value: &'static str) {
     let span = tracing::Span::current();
     if !span.is_disabled() {

@@ -77,6 +77,53 @@ fn field(record: Option<Record>, name: &str) -> Option<String> {
     record.and_then(|record| record.fields.get(name).cloned())
 }
 
+/// With tracking, a session unchanged in Redis since this instance read it
+/// is loaded with no waiting ([`SessionStore::load_now`]: no future, no
+/// round trip). The first load waits for Redis and fills the copy; a save
+/// through this instance drops it, so the next load waits again.
+#[tokio::test]
+async fn a_tracked_session_is_loaded_without_waiting() {
+    use tower_redis_core::testing::{TestRedis, wait_for_tracking};
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().expect("config"))
+        .await
+        .expect("manager");
+    wait_for_tracking(&manager, Duration::from_secs(10)).await;
+    let store = SessionStore::new(
+        manager,
+        expiry(Duration::from_secs(1800), Duration::from_secs(3600)),
+        LocalLimits {
+            copies_bytes: 1 << 20,
+            queue_bytes: 1 << 20,
+            tracked_bytes: 1 << 20,
+        },
+    );
+    assert_eq!(
+        store
+            .save(&key(1), Some(now_ms()), &set("a", "1"), None)
+            .await,
+        Saved::Written
+    );
+    let Err(later) = store.load_now(&key(1)) else {
+        panic!("a session this instance has not read is not tracked");
+    };
+    let record = store.load_later(&key(1), later).await;
+    assert_eq!(field(record, "a").as_deref(), Some("1"));
+    for _ in 0..3 {
+        let record = store.load_now(&key(1)).ok();
+        assert_eq!(field(record, "a").as_deref(), Some("1"), "tracked");
+    }
+    assert_eq!(
+        store.save(&key(1), None, &set("a", "2"), None).await,
+        Saved::Written
+    );
+    let Err(later) = store.load_now(&key(1)) else {
+        panic!("a session this instance changed is read from Redis again");
+    };
+    let record = store.load_later(&key(1), later).await;
+    assert_eq!(field(record, "a").as_deref(), Some("2"));
+}
+
 /// The local copies must take a session created during an outage even when
 /// they are full of sessions read many times before it: with moka's
 /// default admission (TinyLFU) a newcomer loses to popular entries and is
