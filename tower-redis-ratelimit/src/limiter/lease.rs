@@ -70,8 +70,48 @@ struct Slot {
     shared_remaining: u64,
     /// When Redis said the policy is full again.
     reset_at: Instant,
-    /// Held by the request refilling this lease.
-    gate: Arc<tokio::sync::Mutex<()>>,
+    /// One refill of this lease at a time.
+    gate: Arc<Gate>,
+}
+
+/// One refill of a lease at a time: a request that finds no unit and no
+/// refill under way refills; the others wait for that refill, and are all
+/// woken together when it ends (each then spends from it, takes its
+/// denial, or refills in turn). Waiters that went through a mutex one at a
+/// time took a scheduler hand-off each after every refill, while both
+/// cores idled.
+#[derive(Debug, Default)]
+struct Gate {
+    refilling: AtomicBool,
+    ended: tokio::sync::Notify,
+}
+
+impl Gate {
+    /// `Some` when this request refills; `None` once the refill under way
+    /// has ended.
+    async fn enter(self: &Arc<Self>) -> Option<Refilling> {
+        let ended = std::pin::pin!(self.ended.notified());
+        let mut ended = ended;
+        // Registered before the check: a refill that ends in between
+        // still wakes this request.
+        ended.as_mut().enable();
+        if !self.refilling.swap(true, Ordering::AcqRel) {
+            return Some(Refilling(Arc::clone(self)));
+        }
+        ended.await;
+        None
+    }
+}
+
+/// Held by the request refilling a lease; when it ends (or the request is
+/// dropped), the waiters are woken.
+struct Refilling(Arc<Gate>);
+
+impl Drop for Refilling {
+    fn drop(&mut self) {
+        self.0.refilling.store(false, Ordering::Release);
+        self.0.ended.notify_waiters();
+    }
 }
 
 impl Slot {
@@ -84,7 +124,7 @@ impl Slot {
             algorithm,
             shared_remaining: 0,
             reset_at: now,
-            gate: Arc::new(tokio::sync::Mutex::new(())),
+            gate: Arc::new(Gate::default()),
         }
     }
 
@@ -162,11 +202,7 @@ impl Leases {
 
     /// Spends `cost` units of `check`'s lease, or hands out the gate to
     /// hold while refilling it.
-    fn try_spend(
-        &self,
-        check: &Check,
-        cost: u32,
-    ) -> Result<(PolicyState, i64), Arc<tokio::sync::Mutex<()>>> {
+    fn try_spend(&self, check: &Check, cost: u32) -> Result<(PolicyState, i64), Arc<Gate>> {
         let now = Instant::now();
         let mut slots = lock(&self.slots);
         if let Some(slot) = slots.get_mut(&check.key) {
@@ -468,17 +504,27 @@ impl Limiter {
             // lease (no queue behind the gate).
             return LeaseOutcome::Fallback(self.failover.without_redis(checks, cost).await);
         }
-        let _refilling = gate.lock().await;
-        // The refill this request waited for may have brought enough, or
-        // been denied (then remembered for a moment: no call per waiter).
-        if let Ok((state, window)) = leases.try_spend(check, cost) {
-            return LeaseOutcome::Granted(state, window);
-        }
-        if let Some(denied) = self.blocked.verdict(std::slice::from_ref(check), cost)
-            && let Some(Some(state)) = denied.states.first()
-        {
-            return LeaseOutcome::Denied(*state);
-        }
+        let mut gate = gate;
+        let _refilling = loop {
+            // This request's turn to refill, or the end of the refill it
+            // waited for.
+            let refilling = gate.enter().await;
+            // A refill (the one waited for, or one that ended since this
+            // request looked) may have brought enough, or been denied (then
+            // remembered for a moment: no call per waiter).
+            match leases.try_spend(check, cost) {
+                Ok((state, window)) => return LeaseOutcome::Granted(state, window),
+                Err(next) => gate = next,
+            }
+            if let Some(denied) = self.blocked.verdict(std::slice::from_ref(check), cost)
+                && let Some(Some(state)) = denied.states.first()
+            {
+                return LeaseOutcome::Denied(*state);
+            }
+            if let Some(refilling) = refilling {
+                break refilling;
+            }
+        };
         start_sweeper(leases);
         let want = u64::from(lease.max(cost));
         let sent = Instant::now();
@@ -545,6 +591,44 @@ mod tests {
 
     fn leases(max_bytes: u64) -> Leases {
         Leases::new(RedisStore::new(RedisManager::disabled()), max_bytes)
+    }
+
+    /// One refill at a time: of the requests that find a lease empty, one
+    /// refills and the others wait, all woken together when its refill
+    /// ends (here it is dropped, as a cancelled request's would be); then
+    /// another may refill.
+    #[tokio::test]
+    async fn a_refill_is_one_at_a_time_and_its_end_wakes_every_waiter() {
+        use std::sync::atomic::AtomicUsize;
+        let gate = Arc::new(Gate::default());
+        let refilling = gate.enter().await.expect("the first request refills");
+        let woken = Arc::new(AtomicUsize::new(0));
+        let mut waiters = Vec::new();
+        for _ in 0..8 {
+            let (gate, woken) = (Arc::clone(&gate), Arc::clone(&woken));
+            waiters.push(tokio::spawn(async move {
+                let second = gate.enter().await;
+                assert!(second.is_none(), "a second refill while one is under way");
+                woken.fetch_add(1, Ordering::SeqCst);
+            }));
+        }
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            woken.load(Ordering::SeqCst),
+            0,
+            "woken before the refill ended"
+        );
+        drop(refilling);
+        for waiter in waiters {
+            tokio::time::timeout(Duration::from_secs(10), waiter)
+                .await
+                .expect("a waiter was not woken")
+                .expect("waiter");
+        }
+        assert_eq!(woken.load(Ordering::SeqCst), 8);
+        assert!(gate.enter().await.is_some(), "the gate stayed shut");
     }
 
     #[tokio::test(start_paused = true)]
