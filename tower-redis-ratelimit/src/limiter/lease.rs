@@ -79,7 +79,10 @@ struct Slot {
 /// woken together when it ends (each then spends from it, takes its
 /// denial, or refills in turn). Waiters that went through a mutex one at a
 /// time took a scheduler hand-off each after every refill, while both
-/// cores idled.
+/// cores idled. The turn to refill is not first come, first served: a
+/// woken waiter can lose it to a request that arrived later, and waits for
+/// that refill too (a refill brings a lease's worth of units, so this is
+/// rare unless more requests wait than a lease holds).
 #[derive(Debug, Default)]
 struct Gate {
     refilling: AtomicBool,
@@ -523,6 +526,11 @@ impl Limiter {
             }
             if let Some(refilling) = refilling {
                 break refilling;
+            }
+            if !self.manager.is_available() {
+                // The refill waited for found Redis gone: the fallback at
+                // once, as above (no queue behind the gate).
+                return LeaseOutcome::Fallback(self.failover.without_redis(checks, cost).await);
             }
         };
         start_sweeper(leases);

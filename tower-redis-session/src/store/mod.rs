@@ -452,8 +452,6 @@ fn record_save(kind: &'static str, saved: Saved) {
     record_on_span("save_result", result);
 }
 
-/// Records `value` in the field `name` of the current span, when it is the
-/// layer's `session` span (other spans have no such field and ignore it).
 /// Counts a load (`tower_redis_session_loads_total{result}`) and records
 /// it on the request's span.
 fn counted_load(found: bool) {
@@ -472,6 +470,8 @@ fn counted_load(found: bool) {
     record_on_span("loaded", if found { "found" } else { "missing" });
 }
 
+/// Records `value` in the field `name` of the current span, when it is the
+/// layer's `session` span (other spans have no such field and ignore it).
 fn record_on_span(name: &'static str, value: &'static str) {
     let span = tracing::Span::current();
     if !span.is_disabled() {
