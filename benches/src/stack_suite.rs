@@ -78,6 +78,8 @@ const PAGE_BUDGET: f64 = 2.0;
 const ITEM_BUDGET: f64 = 1.5;
 /// The issue's target for every degraded path.
 const DEGRADED_RATIO: f64 = 1.0;
+/// The issue's target for `/page` against no layer at c=64.
+const STACK_RATIO: f64 = 0.5;
 
 /// The cells of the suite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -413,6 +415,19 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
         |_| true,
     );
     section.target(&degraded_target);
+    // Issue 18's stack target, with the hot-read paths on (the near cache
+    // and the session layer's tracked reads).
+    let mut stack_target = Target::new(format!(
+        "stack /page / no layer ≥ {STACK_RATIO:.2}× at c=64 (the hot-read paths on)"
+    ));
+    grid.check_ratio(
+        &mut stack_target,
+        Subject::Page.index(),
+        Subject::NoLayer.index(),
+        STACK_RATIO,
+        |row| row.key.parse::<usize>().unwrap_or(0) == 64,
+    );
+    section.target(&stack_target);
     for (of, to) in [
         (Subject::Page, Subject::NoLayer),
         (Subject::Page, Subject::Raw),
