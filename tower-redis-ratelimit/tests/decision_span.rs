@@ -16,6 +16,23 @@ use tower_redis_core::RedisManager;
 use tower_redis_core::testing::{TestRedis, Traces, field};
 use tower_redis_ratelimit::{Policy, RateLimitLayer};
 
+/// An empty answer behind `layer`.
+fn limited(
+    layer: &RateLimitLayer,
+) -> impl tower::Service<
+    Request<()>,
+    Response = Response<tower_redis_ratelimit::ResponseBody<Empty<Bytes>>>,
+    Error = Infallible,
+    Future: Send,
+> + Clone {
+    tower::Layer::layer(
+        layer,
+        tower::service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+        }),
+    )
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn decisions_have_a_span_with_the_verdict_and_per_policy_counts() {
     let spans = Traces::new("ratelimit");
@@ -33,12 +50,7 @@ async fn decisions_have_a_span_with_the_verdict_and_per_policy_counts() {
         .policy(Policy::gcra("hourly", 100, Duration::from_secs(3600)))
         .build()
         .expect("layer");
-    let service = tower::Layer::layer(
-        &layer,
-        tower::service_fn(|_: Request<()>| async {
-            Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
-        }),
-    );
+    let service = limited(&layer);
     let mut statuses = Vec::new();
     for _ in 0..3 {
         let mut request = Request::get("/x").body(()).expect("request");
@@ -134,12 +146,7 @@ async fn decisions_have_a_span_with_the_verdict_and_per_policy_counts() {
     )
     .build()
     .expect("layer");
-    let service = tower::Layer::layer(
-        &layer,
-        tower::service_fn(|_: Request<()>| async {
-            Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
-        }),
-    );
+    let service = limited(&layer);
     let before = spans.spans().len();
     for _ in 0..3 {
         let request = Request::get("/y").body(()).expect("request");

@@ -237,30 +237,36 @@ async fn an_idle_lease_goes_back_by_itself() {
     assert!(waited >= Duration::from_millis(500), "{waited:?}");
 }
 
-/// A request that another policy denies spends nothing from the lease
-/// (all or nothing, as without a lease).
-#[tokio::test]
-async fn a_request_denied_by_another_policy_spends_nothing_from_the_lease() {
-    let redis = TestRedis::start().await;
-    away_from_window_edge(&redis, HOUR).await;
-    let layer = RateLimitLayer::builder(manager(&redis).await)
-        .policy(
-            Policy::fixed_window("global", 1000, HOUR)
-                .key(Key::global())
-                .lease(10),
-        )
-        .policy(Policy::gcra("per-ip", 1, HOUR))
-        .build()
-        .expect("layer");
-    let service = app(layer);
+/// A layer whose `global` policy (1000 an hour, fixed window) leases 10
+/// units at a time, with `more` after it, once its first request (from
+/// 192.0.2.1) was admitted: 9 units are left here, 990 on Redis.
+async fn after_a_first_leased_request(redis: &TestRedis, more: Option<Policy>) -> Svc {
+    away_from_window_edge(redis, HOUR).await;
+    let mut builder = RateLimitLayer::builder(manager(redis).await).policy(
+        Policy::fixed_window("global", 1000, HOUR)
+            .key(Key::global())
+            .lease(10),
+    );
+    if let Some(policy) = more {
+        builder = builder.policy(policy);
+    }
+    let service = app(builder.build().expect("layer"));
     let first = send(&service, request("192.0.2.1")).await;
     assert_eq!(first.status(), 200);
-    // 9 units left here, 990 on Redis.
     assert!(
         field(&first).starts_with("\"global\";r=999;"),
         "{}",
         field(&first)
     );
+    service
+}
+
+/// A request that another policy denies spends nothing from the lease
+/// (all or nothing, as without a lease).
+#[tokio::test]
+async fn a_request_denied_by_another_policy_spends_nothing_from_the_lease() {
+    let redis = TestRedis::start().await;
+    let service = after_a_first_leased_request(&redis, Some(Policy::gcra("per-ip", 1, HOUR))).await;
     for _ in 0..3 {
         assert_eq!(send(&service, request("192.0.2.1")).await.status(), 429);
     }
@@ -282,23 +288,7 @@ async fn a_request_denied_by_another_policy_spends_nothing_from_the_lease() {
 async fn a_leased_request_is_decided_when_the_service_is_called() {
     use tower::Service as _;
     let redis = TestRedis::start().await;
-    away_from_window_edge(&redis, HOUR).await;
-    let layer = RateLimitLayer::builder(manager(&redis).await)
-        .policy(
-            Policy::fixed_window("global", 1000, HOUR)
-                .key(Key::global())
-                .lease(10),
-        )
-        .build()
-        .expect("layer");
-    let service = app(layer);
-    let first = send(&service, request("192.0.2.1")).await;
-    assert_eq!(first.status(), 200);
-    assert!(
-        field(&first).starts_with("\"global\";r=999;"),
-        "{}",
-        field(&first)
-    );
+    let service = after_a_first_leased_request(&redis, None).await;
     let mut called = service.clone();
     called.ready().await.expect("ready");
     drop(called.call(request("192.0.2.1")));
