@@ -95,6 +95,17 @@ where
     }
 }
 
+/// The service a rate limit wraps, as the response futures need it.
+trait Inner<ReqBody, ResBody>:
+    Service<Request<ReqBody>, Response = Response<ResBody>, Future: Send> + Send + 'static
+{
+}
+
+impl<T, ReqBody, ResBody> Inner<ReqBody, ResBody> for T where
+    T: Service<Request<ReqBody>, Response = Response<ResBody>, Future: Send> + Send + 'static
+{
+}
+
 /// Decides, then calls `inner` or answers early.
 fn answer<S, ReqBody, ResBody>(
     config: Arc<Config>,
@@ -104,8 +115,7 @@ fn answer<S, ReqBody, ResBody>(
     (clock, span): (tower_redis_core::record::LayerClock, tracing::Span),
 ) -> impl Future<Output = Result<Response<ResponseBody<ResBody>>, S::Error>> + Send + 'static
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send,
+    S: Inner<ReqBody, ResBody>,
     ReqBody: Send + 'static,
     ResBody: Send + 'static,
 {
@@ -131,8 +141,7 @@ fn respond<S, ReqBody, ResBody>(
     clock: tower_redis_core::record::LayerClock,
 ) -> impl Future<Output = Result<Response<ResponseBody<ResBody>>, S::Error>> + Send + 'static
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send,
+    S: Inner<ReqBody, ResBody>,
     ReqBody: Send + 'static,
     ResBody: Send + 'static,
 {

@@ -145,16 +145,17 @@ where
             return Either::Left(ready(Ok(answer)));
         }
         let status = CacheStatus::forward(reason, tier);
-        if let Some(wanted) = wanted.filter(|_| self.ctx.config.forward_ranges) {
+        let coalescing = match wanted.filter(|_| self.ctx.config.forward_ranges) {
             // The range goes to the origin as the client sent it. Its answer
             // may be a `206` that no other request could use: it neither
             // leads a flight nor follows one.
-            wanted.restore(&mut self.request);
-            return Either::Right(Either::Left(Box::pin(
-                self.forward_and_store(status, Fill::none()),
-            )));
-        }
-        Either::Right(match self.ctx.coalescing() {
+            Some(wanted) => {
+                wanted.restore(&mut self.request);
+                None
+            }
+            None => self.ctx.coalescing(),
+        };
+        Either::Right(match coalescing {
             None => Either::Left(Box::pin(self.forward_and_store(status, Fill::none()))),
             Some(max_wait) => Either::Right(self.coalesced_miss(status, max_wait)),
         })
