@@ -490,7 +490,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
     section.subsection(
         "miss: a new key every call, the factory answers at once",
         "What the data cache adds on a miss: the fill lock across instances, the entry's metadata and its root \
-         index record (4 commands from the client: HMGET, the lock script, and one pipeline of the value's \
+         index record (4 commands from the client: HGET, the lock script, and one pipeline of the value's \
          script and the index script; the table counts what the scripts run too). No target.",
     );
     section.table(&render(&miss_subjects, &misses, options, 0, "bare"));

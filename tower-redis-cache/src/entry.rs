@@ -15,7 +15,7 @@
 //! reply arrived in, so a hit copies no body byte between Redis and the
 //! response.
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 const MAGIC: &[u8; 3] = b"TRC";
@@ -170,10 +170,16 @@ impl Entry {
         if end != bytes.len() {
             return Err(DecodeError("trailing bytes"));
         }
+        // The body is the buffer itself, moved past the fields: a slice
+        // would be a second handle on it, and the first one made of a
+        // reply's buffer allocates (an entry without fields, a data value,
+        // then allocates nothing).
+        let mut body = bytes;
+        body.advance(start);
         Ok(Entry {
             status,
             headers,
-            body: bytes.slice(start..end),
+            body,
             response_time_ms,
             initial_age,
             lifetime,

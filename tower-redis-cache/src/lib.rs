@@ -283,7 +283,7 @@
 //! factory)`, `get`, `insert` and `remove`. It is built on the same store:
 //! a value is an entry under a key URL of its own (`//<data>/.data/<key>`,
 //! under the manager's key prefix), so it has the same round trips (a hit
-//! is one `HMGET`, none from the near tier), the same fill locks
+//! is one `HGET`, none from the near tier), the same fill locks
 //! (concurrent misses on every instance make one factory call), the same
 //! in-process fallback while Redis is down, and the same tag indexes: one
 //! [`CacheHandle::purge_tag`] removes the pages *and* the values of a tag,
@@ -315,7 +315,7 @@
 //!
 //! What each costs (the `cache` and `data` suites of `benches/`): a page
 //! hit is one Redis round trip and no origin call; a data hit is one
-//! `HMGET` plus decoding the value (the `data` suite compares it with a
+//! `HGET` plus decoding the value (the `data` suite compares it with a
 //! bare redis-rs `GET` + serde decode), none from the near tier; a data
 //! miss adds the fill lock and the entry's metadata to the factory.
 //!

@@ -206,7 +206,7 @@ async fn a_hundred_concurrent_misses_over_two_instances_make_one_factory_call() 
     );
 }
 
-/// A hit is one `HMGET`; once copied into the near tier, none. A value
+/// A hit is one `HGET`; once copied into the near tier, none. A value
 /// that may not live in the near tier is read from Redis every time.
 #[tokio::test]
 async fn a_hit_is_one_round_trip_and_a_near_hit_none() {
@@ -243,7 +243,7 @@ async fn a_hit_is_one_round_trip_and_a_near_hit_none() {
         .commands_during(b.data.get::<Product>("product:7"))
         .await;
     assert_eq!(first.unwrap(), Some(product("lamp")));
-    assert_eq!(commands, ["hmget"], "a hit from Redis is one HMGET");
+    assert_eq!(commands, ["hget"], "a hit from Redis is one HGET");
     let (second, commands) = redis
         .commands_during(b.data.get::<Product>("product:7"))
         .await;
@@ -269,14 +269,153 @@ async fn a_hit_is_one_round_trip_and_a_near_hit_none() {
             ))
             .await;
         assert_eq!(value.unwrap(), product("far"));
-        assert_eq!(commands, ["hmget"], "not kept near: {commands:?}");
+        assert_eq!(commands, ["hget"], "not kept near: {commands:?}");
         let (value, commands) = redis
             .commands_during(b.data.get::<Product>("product:far"))
             .await;
         assert_eq!(value.unwrap(), Some(product("far")));
-        assert_eq!(commands, ["hmget"], "not kept near: {commands:?}");
+        assert_eq!(commands, ["hget"], "not kept near: {commands:?}");
     }
     assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+/// Two instances, and `product:7` stored as `v1` by B for the Redis tier
+/// alone (`near(false)`), tagged `product-7`, with a fail-safe window; both
+/// buses started (a lookup does), so that no subscription is among the
+/// commands a test then counts. The options are returned.
+async fn stored_on_redis_alone(redis: &TestRedis) -> (Instance, Instance, DataOptions) {
+    let (a, b) = two(redis).await;
+    let options = DataOptions::new(Duration::from_secs(3600))
+        .tag("product-7")
+        .near(false)
+        .fail_safe(Duration::from_secs(3600));
+    b.data
+        .insert("product:7", &product("v1"), &options)
+        .await
+        .unwrap();
+    for instance in [&a, &b] {
+        let _: Option<Product> = instance.data.get("warm-up").await.unwrap();
+    }
+    eventually("both instances subscribed", || async {
+        subscribers(redis).await == 2
+    })
+    .await;
+    (a, b, options)
+}
+
+/// `product:7`, soft-purged, read through `data`: no hit, and a failing
+/// factory's caller gets the soft-purged `v1` (fail-safe).
+async fn soft_purged_and_kept(data: &DataCache, options: &DataOptions, calls: &Arc<AtomicU64>) {
+    assert_eq!(
+        data.get::<Product>("product:7").await.unwrap(),
+        None,
+        "soft-purged: no hit"
+    );
+    let served = data
+        .get_or_insert_with("product:7", options, failing(calls))
+        .await
+        .unwrap();
+    assert_eq!(served, product("v1"), "the soft-purged value, fail-safe");
+}
+
+/// A soft purge (of a tag, on another instance) makes a value read from
+/// Redis stale: it is no hit any more, and with a fail-safe window it is
+/// what a failing factory's caller gets. A value stored after the purge is
+/// fresh. The read is one `HGET` of the entry, which carries the mark.
+#[tokio::test]
+async fn a_soft_purged_value_read_from_redis_is_stale_and_kept_for_fail_safe() {
+    let redis = TestRedis::start().await;
+    let (a, b, options) = stored_on_redis_alone(&redis).await;
+    let calls = Arc::new(AtomicU64::new(0));
+    let (read, commands) = redis
+        .commands_during(b.data.get::<Product>("product:7"))
+        .await;
+    assert_eq!(read.unwrap(), Some(product("v1")));
+    assert_eq!(commands, ["hget"]);
+
+    let purged = a.layer.handle().soft_purge_tag("product-7").await;
+    assert_eq!(purged.urls, 1);
+    soft_purged_and_kept(&b.data, &options, &calls).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    b.data
+        .insert("product:7", &product("v2"), &options)
+        .await
+        .unwrap();
+    assert_eq!(
+        a.data.get::<Product>("product:7").await.unwrap(),
+        Some(product("v2")),
+        "stored after the purge: fresh"
+    );
+}
+
+/// A value stored by an earlier version (its envelope without the flag
+/// that says soft purges are written into it) is read with the hash's
+/// soft-purge mark too: a soft purge that only set the mark (as an
+/// earlier version's does) makes it stale. The read is then two `HGET`s.
+#[tokio::test]
+async fn a_value_stored_by_an_earlier_version_is_read_with_the_hash_mark() {
+    let redis = TestRedis::start().await;
+    let (a, _b, options) = stored_on_redis_alone(&redis).await;
+    let calls = Arc::new(AtomicU64::new(0));
+    // The value's hash (the one hash stored), and its entry made as an
+    // earlier version made it: the flag cleared.
+    let mut conn = redis.connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut hash = None;
+    for key in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if kind == "hash" {
+            assert!(hash.replace(key).is_none(), "one hash");
+        }
+    }
+    let hash = hash.expect("the value's hash");
+    let fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+        .arg(&hash)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (field, mut entry) = fields
+        .into_iter()
+        .find(|(name, _)| name.starts_with("e:"))
+        .expect("the value's entry");
+    let envelope = entry
+        .windows(3)
+        .position(|w| w == b"TRD")
+        .expect("the value's envelope");
+    assert_eq!(entry[envelope + 12] & 2, 2, "stored now: the flag set");
+    entry[envelope + 12] &= !2;
+    let _: () = redis::cmd("HSET")
+        .arg(&hash)
+        .arg(&field)
+        .arg(entry)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let (read, commands) = redis
+        .commands_during(a.data.get::<Product>("product:7"))
+        .await;
+    assert_eq!(read.unwrap(), Some(product("v1")), "no mark yet: fresh");
+    assert_eq!(commands, ["hget", "hget"], "the entry, then the mark");
+
+    // An earlier version's soft purge: the mark alone, Redis' clock.
+    let _: () = redis::cmd("HSET")
+        .arg(&hash)
+        .arg("sp")
+        .arg(redis.time_ms().await.unwrap())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    soft_purged_and_kept(&a.data, &options, &calls).await;
 }
 
 /// With a fail-safe window, a factory error serves the expired value, and
@@ -1059,8 +1198,10 @@ async fn a_miss_is_four_commands_and_announces_only_to_waiters() {
         .unwrap();
     eventually("A subscribed", || async { subscribers(&redis).await == 1 }).await;
     let expected: std::collections::BTreeMap<String, u64> = [
-        // The lookup, and the lock's look at the value's hash.
-        ("hmget", 2),
+        // The lookup.
+        ("hget", 1),
+        // The lock's look at the value's hash.
+        ("hmget", 1),
         // The lock, the value, the root index.
         ("evalsha", 3),
         // The lock's and the index's expiry checks.
@@ -1093,7 +1234,7 @@ async fn a_miss_is_four_commands_and_announces_only_to_waiters() {
         assert_eq!(value.unwrap(), product("made"));
         assert_eq!(
             commands,
-            ["hmget", "evalsha", "evalsha", "evalsha"],
+            ["hget", "evalsha", "evalsha", "evalsha"],
             "a miss: lookup, lock, value and root index"
         );
         assert_eq!(ran, expected, "what Redis ran for a miss");

@@ -137,10 +137,13 @@ macro_rules! operations {
     };
 }
 
+// The layers' per-request commands first (a data hit's `HGET`, a page
+// hit's `HMGET`, the scripts' `EVALSHA`, a session read's `HGETALL`): a
+// command's name is looked up in this order on every command.
 operations!(
-    "GET", "SET", "DEL", "UNLINK", "EXPIRE", "PEXPIRE", "INCR", "INCRBY", "MGET", "EXISTS", "HGET",
-    "HSET", "HDEL", "HMGET", "HGETALL", "SADD", "SREM", "SMEMBERS", "ZADD", "ZREM", "ZRANGE",
-    "ZCOUNT", "EVAL", "EVALSHA", "SCRIPT", "PUBLISH", "PING", "TIME", "INFO",
+    "HGET", "HMGET", "EVALSHA", "GET", "HGETALL", "PEXPIRE", "SET", "DEL", "UNLINK", "EXPIRE",
+    "INCR", "INCRBY", "MGET", "EXISTS", "HSET", "HDEL", "SADD", "SREM", "SMEMBERS", "ZADD", "ZREM",
+    "ZRANGE", "ZCOUNT", "EVAL", "SCRIPT", "PUBLISH", "PING", "TIME", "INFO",
 );
 
 /// The index of `other` in [`OPERATIONS`]; `PIPELINE` is the next one.
@@ -823,6 +826,25 @@ impl bb8::ErrorSink<redis::RedisError> for TracingErrorSink {
 #[cfg(test)]
 mod tests {
     use super::announced_primary;
+
+    /// Each known command is named by itself, in any case; anything else
+    /// (no name at all included) is `other`.
+    #[test]
+    fn a_command_is_named_by_its_own_name() {
+        use super::{KNOWN_COMMANDS, OTHER, operation, operation_name};
+        for (index, name) in KNOWN_COMMANDS.iter().enumerate() {
+            for spelled in [name.to_string(), name.to_lowercase()] {
+                let found = operation(&redis::cmd(&spelled));
+                assert_eq!(found, index, "{spelled}");
+                assert_eq!(operation_name(found), *name);
+            }
+        }
+        for other in ["HSCAN", "GETEX", "HGE", "HGETALLX"] {
+            assert_eq!(operation(&redis::cmd(other)), OTHER, "{other}");
+        }
+        assert_eq!(operation(&redis::Cmd::new()), OTHER);
+        assert_eq!(operation_name(OTHER), "other");
+    }
 
     /// The timing adds a few words to the request's future, not a second
     /// copy of it (each command's box was twice the request's size).

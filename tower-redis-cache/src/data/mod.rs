@@ -11,7 +11,7 @@ mod codec;
 mod error;
 mod fill;
 mod options;
-mod value;
+pub(crate) mod value;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -320,20 +320,22 @@ impl<C: Codec> DataCache<C> {
         };
         match self.decode::<T>(entry) {
             Some((stored, value)) => {
-                let now = clock::now_ms();
-                if let Some(copy) = found.near
-                    && stored.is_fresh(now)
-                {
-                    self.inner.store.keep_decoded::<C, T>(
-                        key,
-                        url_hash,
-                        copy,
-                        value.clone(),
-                        stored.entry.body.len(),
-                        stored.age_ms(now),
-                        stored.ttl_ms,
-                        refresh,
-                    );
+                // The clock is read only for a value with a near copy:
+                // a read from Redis alone needs no time here.
+                if let Some(copy) = found.near {
+                    let now = clock::now_ms();
+                    if stored.is_fresh(now) {
+                        self.inner.store.keep_decoded::<C, T>(
+                            key,
+                            url_hash,
+                            copy,
+                            value.clone(),
+                            stored.entry.body.len(),
+                            stored.age_ms(now),
+                            stored.ttl_ms,
+                            refresh,
+                        );
+                    }
                 }
                 (Some((stored, value)), tier)
             }

@@ -4,11 +4,14 @@
 //! `//<data>/.data/<key>` (`<` cannot occur in a request's host, so no
 //! HTTP entry shares it). The entry's body is the envelope: magic `TRD`,
 //! version `1`, the TTL in milliseconds (u64, big-endian), a flags byte
-//! (bit 0: the value may not live in the near tier), then the codec's
-//! bytes. The entry's response time is stamped by Redis when it is
-//! stored (the clock soft purges use too), and its lifetime is the TTL in
-//! whole seconds, rounded up, so that the HTTP cache's admin surface
-//! (stats, soft purges) reads it as it reads a page.
+//! (bit 0: the value may not live in the near tier; bit 1: soft purges
+//! are written into the entry), then the codec's bytes. The entry's
+//! response time is stamped by Redis when it is stored (the clock soft
+//! purges use too), and its lifetime is the TTL in whole seconds, rounded
+//! up, so that the HTTP cache's admin surface (stats, soft purges) reads
+//! it as it reads a page. A soft purge shortens that lifetime to the
+//! value's age at the purge (`soft_purge.lua`), which is how a reader of
+//! the entry alone sees it.
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
@@ -25,6 +28,12 @@ const VERSION: u8 = 1;
 const HEADER: usize = 13;
 /// Flag: the value may not be copied into the near tier.
 const FAR_ONLY: u8 = 1;
+/// Flag: a soft purge writes its mark into this entry (`soft_purge.lua`),
+/// so that one `HGET` of the entry is the whole read. Every value stored
+/// by this version has it; a value stored by an earlier version has not,
+/// and its reader also reads the hash's mark (`sp`): a soft purge made
+/// before the upgrade may not be written into it.
+const CARRIES_MARKS: u8 = 2;
 
 /// What every data key URL starts with.
 const URL_PREFIX: &str = "//<data>/.data/";
@@ -38,6 +47,11 @@ fn check(key: &str) -> Result<(), InvalidKey> {
         return Err(InvalidKey::TooLong(key.len()));
     }
     Ok(())
+}
+
+/// Whether `url` is a data value's URL ([`url`]).
+pub(crate) fn is_data_url(url: &str) -> bool {
+    url.starts_with(URL_PREFIX)
 }
 
 /// The key URL of a data key.
@@ -152,15 +166,24 @@ impl Stored {
     }
 }
 
+/// Whether `entry` is a data value stored by an earlier version, whose
+/// soft purges may be in the hash's mark alone (see [`CARRIES_MARKS`]).
+pub(crate) fn lacks_its_marks(entry: &Entry) -> bool {
+    let body = &entry.body;
+    body.len() >= HEADER && &body[..3] == MAGIC && body[12] & CARRIES_MARKS == 0
+}
+
 /// Whether a stored entry may be copied into the near tier: not when
 /// its value was stored with `near(false)`.
 pub(crate) fn may_live_near(entry: &Entry) -> bool {
     entry.body.get(12).is_none_or(|flags| flags & FAR_ONLY == 0)
 }
 
-/// The whole seconds of a TTL in milliseconds, rounded up.
+/// The whole seconds of a TTL in milliseconds, rounded up, at most what
+/// an entry stores (`directives::MAX_DELTA`, about 68 years): a longer TTL
+/// was stored as that, and is no soft purge.
 fn lifetime_of(ttl_ms: u64) -> u64 {
-    ttl_ms.div_ceil(1000)
+    ttl_ms.div_ceil(1000).min(crate::directives::MAX_DELTA)
 }
 
 /// The entry storing a value's encoded bytes for `ttl_ms`, stamped `now_ms`
@@ -170,7 +193,7 @@ pub(crate) fn entry(bytes: &[u8], ttl_ms: u64, near: bool, now_ms: u64) -> Entry
     body.extend_from_slice(MAGIC);
     body.push(VERSION);
     body.extend_from_slice(&ttl_ms.to_be_bytes());
-    body.push(if near { 0 } else { FAR_ONLY });
+    body.push(CARRIES_MARKS | if near { 0 } else { FAR_ONLY });
     body.extend_from_slice(bytes);
     Entry {
         status: StatusCode::OK,
@@ -202,6 +225,33 @@ mod tests {
         let mut short = entry(b"", 1_000, true, 0);
         short.body = Bytes::from_static(b"TRD1");
         assert!(Stored::of(short).is_none());
+    }
+
+    /// A value stored now says that soft purges are written into it; one
+    /// stored by an earlier version (the flag clear) does not; anything
+    /// that is not a value is no question of marks.
+    #[test]
+    fn a_value_stored_now_carries_its_marks() {
+        let mut stored = entry(b"{}", 1_000, false, 0);
+        assert!(!lacks_its_marks(&stored));
+        assert!(!may_live_near(&stored), "the near flag is kept");
+        let mut earlier = stored.body.to_vec();
+        earlier[12] &= !CARRIES_MARKS;
+        stored.body = Bytes::from(earlier);
+        assert!(lacks_its_marks(&stored));
+        assert!(!may_live_near(&stored));
+        stored.body = Bytes::from_static(b"TRC1 not a value");
+        assert!(!lacks_its_marks(&stored));
+    }
+
+    /// A TTL longer than an entry can store (about 68 years) is stored as
+    /// the longest one, and read back as no soft purge: the value is fresh.
+    #[test]
+    fn a_value_with_the_longest_ttl_is_fresh() {
+        let stored = entry(b"1", u64::MAX, true, 10_000);
+        let read = Entry::decode(&stored.encode()).unwrap();
+        let value = Stored::of(read).unwrap();
+        assert!(value.is_fresh(10_000 + 86_400_000));
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! near tier and the outage fallback are the HTTP cache's own. Its reads,
 //! writes and fill locks are cut to what a value needs:
 //!
-//! - a read is `HMGET <hash> <field> sp` (the field is the same for every
+//! - a read is `HGET <hash> <field>` (the field is the same for every
 //!   value: no `Vary`), on the tracking connection when the near tier
-//!   follows tracking;
+//!   follows tracking; a soft purge writes its mark into a value's entry
+//!   as well as into the hash (`soft_purge.lua`), so the read needs no
+//!   second field;
 //! - a near hit first looks for the value already decoded (`typed.rs`):
 //!   one lookup by the caller's key, a clone of the `T`;
 //! - a write is one pipeline: one script storing the entry (and releasing
@@ -189,7 +191,7 @@ impl CacheStore {
     }
 
     /// A data value's entry: the near tier first (when `near` allows it),
-    /// else one `HMGET` on Redis, else the in-process store while Redis is
+    /// else one `HGET` on Redis, else the in-process store while Redis is
     /// unavailable; a value read from Redis is copied into the near tier
     /// when `near` and `keep_near` allow it. A stored value that is not an
     /// entry is deleted and is a miss.
@@ -296,7 +298,7 @@ impl CacheStore {
         )
     }
 
-    /// One `HMGET` of a value: on the tracking connection when the near
+    /// One `HGET` of a value: on the tracking connection when the near
     /// tier follows tracking (so that Redis tells this instance when it
     /// changes), else on the pool.
     async fn read_value(
@@ -409,44 +411,141 @@ impl RedisStore {
     }
 }
 
-/// `HMGET <hash> <field> sp`: the entry (decoded without a copy of its
-/// bytes) with its soft-purge mark.
+/// `HGET <hash> <field>`: the entry, decoded without a copy of its bytes.
+/// A soft purge writes its mark into a value's entry (`soft_purge.lua`),
+/// so the hash's `sp` field need not be read (but for a value stored by an
+/// earlier version, `data::value::lacks_its_marks`): one bulk string is
+/// the whole reply, as a `GET`'s. A reply that is an array (`HMGET`'s) is
+/// an allocation and a parse more, made on the connection's task and freed
+/// on the caller's, often another thread: at high concurrency that showed
+/// as contention on the allocator's locks.
 async fn read_value(mut conn: RedisConnection, key: &str) -> RedisResult<Found> {
     // Sized up front: the command is built without growing its buffers.
-    let mut command = redis::Cmd::with_capacity(4, 5 + key.len() + DATA_VARIANT.len() + 2);
-    command.arg("HMGET").arg(key).arg(&*DATA_VARIANT).arg("sp");
+    let mut command = redis::Cmd::with_capacity(3, 4 + key.len() + DATA_VARIANT.len());
+    command.arg("HGET").arg(key).arg(&*DATA_VARIANT);
     let reply = conn.req_packed_command(&command).await?;
-    let (entry, soft_purged) = entry_and_mark(reply)?;
-    let Value::BulkString(bytes) = entry else {
+    let Some(bytes) = entry_bytes(reply)? else {
         return Ok(Found::NoUrl);
     };
     Ok(match Entry::decode_shared(Bytes::from(bytes)) {
-        Ok(mut entry) => {
-            if let Some(at) = soft_purged {
-                entry.mark_stale_at(at);
-            }
-            Found::Entry(entry)
+        Ok(entry) if crate::data::value::lacks_its_marks(&entry) => {
+            // Boxed: only a value stored by an earlier version pays for it.
+            Found::Entry(Box::pin(with_the_hash_mark(conn, key, entry)).await?)
         }
+        Ok(entry) => Found::Entry(entry),
         Err(_) => Found::Corrupt(DATA_VARIANT.clone()),
     })
 }
 
-/// The two values of the `HMGET` reply: the usual reply (two bulk strings
-/// or nils) taken apart in place; anything else through redis-rs' own
-/// conversion, with its errors (a server error, a reply of another shape).
-/// The conversion would first copy the reply's array to look for errors in
-/// it, then convert each value: an allocation and most of a hit's reply
-/// handling.
-fn entry_and_mark(reply: Value) -> RedisResult<(Value, Option<u64>)> {
-    match super::plain_items(reply) {
-        Ok([entry, mark]) => Ok((entry, redis::from_redis_value(mark)?)),
-        Err(reply) => Ok(redis::from_redis_value(reply.extract_error()?)?),
+/// A value stored by an earlier version, with the hash's soft-purge mark
+/// applied (one more `HGET`): a soft purge made before the upgrade may not
+/// be written into its entry.
+async fn with_the_hash_mark(
+    mut conn: RedisConnection,
+    key: &str,
+    mut entry: Entry,
+) -> RedisResult<Entry> {
+    let mark: Option<u64> = redis::cmd("HGET")
+        .arg(key)
+        .arg("sp")
+        .query_async(&mut conn)
+        .await?;
+    if let Some(at) = mark {
+        entry.mark_stale_at(at);
+    }
+    Ok(entry)
+}
+
+/// The `HGET` reply's entry: the usual reply (a bulk string or nil) taken
+/// as it is; anything else through redis-rs' own conversion, with its
+/// errors (a server error, a reply of another shape).
+fn entry_bytes(reply: Value) -> RedisResult<Option<Vec<u8>>> {
+    match reply {
+        Value::BulkString(bytes) => Ok(Some(bytes)),
+        Value::Nil => Ok(None),
+        other => Ok(redis::from_redis_value(other.extract_error()?)?),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Value, entry_and_mark, redis};
+    use super::{DATA_VARIANT, Value, entry_bytes, redis};
+    use crate::entry::Entry;
+    use crate::store::redis_store::SOFT_PURGE;
+
+    /// A soft purge writes into a data value's entry what a reader that
+    /// applies the hash's mark computes (`Entry::mark_stale_at`), byte for
+    /// byte: a value stored long before the mark, one whose freshness had
+    /// ended already, one with an initial age, and one stored after the
+    /// mark. An HTTP URL's entries (no field named) are left as they are.
+    #[tokio::test]
+    async fn a_soft_purge_writes_the_readers_mark_into_a_value() {
+        let redis = tower_redis_core::testing::TestRedis::start().await;
+        let mut conn = redis.connection().await.expect("a connection");
+        let now = redis.time_ms().await.expect("Redis' clock");
+        let value = |stored_ms: u64, initial_age: u64, lifetime: u64| {
+            let mut entry = crate::data::value::entry(b"{}", lifetime * 1000, true, stored_ms);
+            entry.initial_age = initial_age;
+            entry
+        };
+        let cases = [
+            ("long-before", value(now - 90_500, 0, 3_600)),
+            ("ended", value(now - 90_500, 0, 60)),
+            ("aged", value(now - 10_000, 30, 3_600)),
+            ("after", value(now + 60_000, 0, 3_600)),
+        ];
+        for (name, stored) in &cases {
+            for field in [DATA_VARIANT.as_str(), ""] {
+                let key = format!("soft:{name}:{}", field.is_empty());
+                let _: () = redis::cmd("HSET")
+                    .arg(&key)
+                    .arg("vary")
+                    .arg("")
+                    .arg(&*DATA_VARIANT)
+                    .arg(stored.encode())
+                    .query_async(&mut conn)
+                    .await
+                    .expect("HSET");
+                let marked: i64 = SOFT_PURGE
+                    .key(&key)
+                    .arg(field)
+                    .invoke_async(&mut conn)
+                    .await
+                    .expect("the soft purge");
+                assert_eq!(marked, 1);
+                let (bytes, at): (Vec<u8>, u64) = redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg(&*DATA_VARIANT)
+                    .arg("sp")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("HMGET");
+                let read = Entry::decode_shared(bytes.into()).expect("an entry");
+                let mut expected = stored.clone();
+                if !field.is_empty() {
+                    expected.mark_stale_at(at);
+                }
+                assert_eq!(read, expected, "{name}, field {field:?}");
+                // What a reader of the hash computes is unchanged.
+                let mut applied = read.clone();
+                applied.mark_stale_at(at);
+                let mut from_the_hash = stored.clone();
+                from_the_hash.mark_stale_at(at);
+                assert_eq!(applied, from_the_hash, "{name}, field {field:?}");
+            }
+        }
+        // The cases mark what they are meant to.
+        let lifetime = |name: &str, at: u64| {
+            let (_, stored) = cases.iter().find(|(n, _)| *n == name).expect("a case");
+            let mut marked = stored.clone();
+            marked.mark_stale_at(at);
+            (marked.lifetime, stored.lifetime)
+        };
+        assert_eq!(lifetime("long-before", now), (90, 3_600));
+        assert_eq!(lifetime("ended", now), (60, 60));
+        assert_eq!(lifetime("aged", now), (40, 3_600));
+        assert_eq!(lifetime("after", now), (3_600, 3_600));
+    }
 
     /// Whatever the reply, the answer is redis-rs' own conversion's (the
     /// one `query_async` made before): the same values, or an error of the
@@ -454,35 +553,28 @@ mod tests {
     #[test]
     fn the_read_reply_is_taken_apart_as_redis_rs_would() {
         let entry = || Value::BulkString(b"entry".to_vec());
-        let mark = |text: &str| Value::BulkString(text.as_bytes().to_vec());
         let error = || redis::parse_redis_value(b"-ERR no\r\n").expect("an error reply");
         assert!(matches!(error(), Value::ServerError(_)));
         let replies = [
-            // The usual replies, taken apart in place.
-            Value::Array(vec![entry(), mark("1700000000000")]),
-            Value::Array(vec![entry(), Value::Nil]),
-            Value::Array(vec![Value::Nil, Value::Nil]),
-            Value::Array(vec![Value::Nil, mark("12")]),
-            // A mark that is not a number.
-            Value::Array(vec![entry(), mark("x")]),
-            // Server errors: in place of the reply, or inside it.
+            // The usual replies, taken as they are.
+            entry(),
+            Value::BulkString(Vec::new()),
+            Value::Nil,
+            // A server error in place of the reply.
             error(),
-            Value::Array(vec![error(), Value::Nil]),
-            Value::Array(vec![entry(), error()]),
-            // Other arities and shapes, RESP3 ones included.
-            Value::Array(vec![entry()]),
-            Value::Array(vec![entry(), Value::Nil, Value::Nil]),
-            Value::Array(vec![entry(), Value::Int(5)]),
-            Value::Array(vec![Value::Int(1), Value::Nil]),
-            Value::Set(vec![entry(), Value::Nil]),
+            // Other shapes, RESP3 ones included.
+            Value::SimpleString("entry".to_owned()),
+            Value::Okay,
+            Value::Int(5),
+            Value::Array(vec![entry(), Value::Nil]),
+            Value::Array(vec![error()]),
+            Value::Set(vec![entry()]),
             Value::Map(vec![(entry(), Value::Nil)]),
             Value::Push {
                 kind: redis::PushKind::Message,
-                data: vec![entry(), Value::Nil],
+                data: vec![entry()],
             },
-            Value::Nil,
-            Value::Okay,
         ];
-        crate::store::assert_same_as_redis_rs(replies, entry_and_mark);
+        crate::store::assert_same_as_redis_rs(replies, entry_bytes);
     }
 }

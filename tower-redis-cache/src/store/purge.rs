@@ -233,7 +233,17 @@ impl RedisStore {
                         del.arg(&key);
                         Op::Cmd(del)
                     }
-                    Some(_) => Op::Script(redis_store::SOFT_PURGE.key(&key)),
+                    Some(_) => {
+                        let mut soft = redis_store::SOFT_PURGE.key(&key);
+                        // A data value's entry carries the mark too: a
+                        // hit reads the entry alone (`store/data.rs`).
+                        soft.arg(if crate::data::value::is_data_url(url) {
+                            super::DATA_VARIANT.as_str()
+                        } else {
+                            ""
+                        });
+                        Op::Script(soft)
+                    }
                 });
                 ops.push(redis_store::publish(
                     &self.channel,

@@ -3,7 +3,8 @@
 //! - A hash per URL (`c:<url hash>`): `vary` (the response's `Vary` names),
 //!   one `e:<variant>` field per variant, and `sp`, the time of the last
 //!   soft purge. Read with one `HMGET` (or, without a `Vary` hint, one
-//!   script) and
+//!   script; a data value, whose soft purges are also written into its
+//!   entry, with one `HGET`: `store/data.rs`) and
 //!   written with one script. The entry is one bulk value of that reply,
 //!   decoded without a copy (`Entry::decode_shared`). Measured on Redis
 //!   7.0 (`redis-benchmark`, `INFO commandstats`), an `HMGET` of `vary`, a

@@ -359,6 +359,14 @@ impl TestRedis {
         Ok(self.client().get_multiplexed_async_connection().await?)
     }
 
+    /// Redis' own clock (`TIME`), in milliseconds since the epoch: the
+    /// clock the layers' scripts stamp entries and marks with.
+    pub async fn time_ms(&self) -> Result<u64, TestRedisError> {
+        let mut conn = self.connection().await?;
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
     /// Calls per command since the last [`reset_stats`](Self::reset_stats),
     /// from `INFO commandstats` (lower-case names such as `get`, `evalsha`).
     pub async fn command_calls(&self) -> Result<HashMap<String, u64>, TestRedisError> {
