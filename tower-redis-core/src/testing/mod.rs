@@ -43,7 +43,7 @@ pub use cluster::TestCluster;
 pub use monitor::Monitor;
 use process::{ServerProcess, find_binary, free_port};
 pub use sentinel::{SentinelEvents, TestSentinel};
-pub use traces::{Fields, Traces, field};
+pub use traces::{Fields, Traces, field, install_subscriber};
 
 use crate::RedisConfigBuilder;
 

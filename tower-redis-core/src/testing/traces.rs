@@ -15,6 +15,25 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::sync::lock;
 
+/// Makes `subscriber` the current thread's subscriber until the guard drops,
+/// as [`tracing::subscriber::set_default`] does, and also for call sites that
+/// another thread reaches first.
+///
+/// While a single scoped subscriber exists, `tracing` asks only the
+/// registering thread's subscriber whether a new call site is of interest.
+/// A call site first reached on a thread without one (another test's) is
+/// then cached as of no interest, and its events never reach this
+/// subscriber. A second subscriber, registered once and kept, makes
+/// `tracing` ask every registered subscriber instead.
+pub fn install_subscriber<S>(subscriber: S) -> tracing::subscriber::DefaultGuard
+where
+    S: Subscriber + Send + Sync + 'static,
+{
+    static KEPT: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    KEPT.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
+    tracing::subscriber::set_default(subscriber)
+}
+
 /// A span's or event's fields, `(name, value)` in the order recorded (a
 /// field recorded twice appears twice; [`field`] reads the last).
 pub type Fields = Vec<(String, String)>;
@@ -41,7 +60,7 @@ impl Traces {
     /// Makes this the current thread's subscriber until the guard drops
     /// (use a current-thread runtime).
     pub fn install(&self) -> tracing::subscriber::DefaultGuard {
-        tracing::subscriber::set_default(tracing_subscriber::registry().with(self.clone()))
+        install_subscriber(tracing_subscriber::registry().with(self.clone()))
     }
 
     /// The fields of each closed span of the name, in closing order.
@@ -121,5 +140,25 @@ where
         let mut fields = Fields::new();
         event.record(&mut Recorder(&mut fields));
         lock(&self.events).push(fields);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reach() {
+        tracing::info!(target: "tower_redis_traces_test", "reached");
+    }
+
+    /// Another test's thread, without a subscriber, reaches a call site
+    /// first: this thread's subscriber still sees its events.
+    #[test]
+    fn an_event_first_reached_on_another_thread_is_seen() {
+        let seen = Traces::new("none");
+        let _guard = seen.install();
+        std::thread::spawn(reach).join().expect("the other thread");
+        reach();
+        assert_eq!(seen.messages(), ["reached"]);
     }
 }
