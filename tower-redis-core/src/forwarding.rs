@@ -1010,7 +1010,9 @@ mod tests {
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
-        tracing::subscriber::with_default(subscriber, f);
+        let guard = crate::testing::install_subscriber(subscriber);
+        f();
+        drop(guard);
         String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
     }
 

@@ -87,7 +87,7 @@ mod tests {
         assert!(disabled.is_disabled(), "no subscriber yet");
         assert_eq!(in_span(disabled, current()).await, None);
 
-        let _guard = tracing::subscriber::set_default(
+        let _guard = crate::testing::install_subscriber(
             tracing_subscriber::registry().with(tracing_subscriber::filter::LevelFilter::DEBUG),
         );
         let enabled = tracing::debug_span!("work");

@@ -172,10 +172,10 @@ async fn tracking_off_on_a_cluster_is_logged_once() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
-    tracing::subscriber::with_default(subscriber, || {
-        assert!(manager.tracking().is_none());
-        assert!(manager.clone().tracking().is_none());
-    });
+    let guard = tower_redis_core::testing::install_subscriber(subscriber);
+    assert!(manager.tracking().is_none());
+    assert!(manager.clone().tracking().is_none());
+    drop(guard);
     let log =
         String::from_utf8_lossy(&capture.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
     assert_eq!(

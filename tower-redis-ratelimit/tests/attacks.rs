@@ -181,7 +181,7 @@ async fn an_app_served_without_connect_info_warns_once_naming_the_call() {
         .with_ansi(false)
         .with_max_level(tracing::Level::WARN)
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = tower_redis_core::testing::install_subscriber(subscriber);
 
     let redis = TestRedis::start().await;
     let limits = RateLimitLayer::builder(manager(&redis).await)
