@@ -319,6 +319,16 @@
 //! bare redis-rs `GET` + serde decode), none from the near tier; a data
 //! miss adds the fill lock and the entry's metadata to the factory.
 //!
+//! **During a rolling upgrade.** So that a data hit is one `HGET`, a soft
+//! purge writes its mark into each data value it reaches, and a hit reads
+//! only the value. Values stored by instances that predate this say so in
+//! their envelope, and are still read with the URL's own soft-purge mark.
+//! The other way round is not covered: a soft purge run by an older
+//! instance marks only the URL, so the newer instances serve the values
+//! they stored as fresh until their TTL ends or they are written again.
+//! Hard purges, `remove` and writes are not affected. Finish the rollout
+//! before soft-purging data values, or hard-purge while it runs.
+//!
 //! ```
 //! # #![recursion_limit = "256"]
 //! # #[tokio::main(flavor = "current_thread")]
