@@ -321,8 +321,9 @@
 //!
 //! **During a rolling upgrade.** So that a data hit is one `HGET`, a soft
 //! purge writes its mark into each data value it reaches, and a hit reads
-//! only the value. Values stored by instances that predate this say so in
-//! their envelope, and are still read with the URL's own soft-purge mark.
+//! only the value. Values stored by instances that predate this lack a flag
+//! that newer values carry in their envelope, and are still read with the
+//! URL's own soft-purge mark.
 //! The other way round is not covered: a soft purge run by an older
 //! instance marks only the URL, so the newer instances serve the values
 //! they stored as fresh until their TTL ends or they are written again.

@@ -1,7 +1,9 @@
-//! The recovery probe's backoff, alone in its test binary: it reads the
-//! breaker's transitions from `tracing` events, and `tracing` caches a call
-//! site's interest process-wide, so no other test may reach the breaker's
-//! call sites first, from another thread, without a subscriber.
+//! The recovery probe's backoff. The test reads the breaker's transitions
+//! from `tracing` events, and must see every one of them. Its subscriber
+//! is installed with `testing::install_subscriber`, and it is alone in its
+//! test binary: no other test reaches the breaker's call sites at all, not
+//! even while the process registers its first subscriber (the one race
+//! `install_subscriber` leaves).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -476,8 +476,9 @@ mod tests {
     /// A soft purge writes into a data value's entry what a reader that
     /// applies the hash's mark computes (`Entry::mark_stale_at`), byte for
     /// byte: a value stored long before the mark, one whose freshness had
-    /// ended already, one with an initial age, and one stored after the
-    /// mark. An HTTP URL's entries (no field named) are left as they are.
+    /// ended already, one with an initial age, one stored after the mark,
+    /// and one whose age takes three bytes. An HTTP URL's entries (no field
+    /// named) are left as they are.
     #[tokio::test]
     async fn a_soft_purge_writes_the_readers_mark_into_a_value() {
         let redis = tower_redis_core::testing::TestRedis::start().await;
@@ -493,6 +494,8 @@ mod tests {
             ("ended", value(now - 90_500, 0, 60)),
             ("aged", value(now - 10_000, 30, 3_600)),
             ("after", value(now + 60_000, 0, 3_600)),
+            // An age that takes three bytes.
+            ("wide", value(now - 3_000_000_500, 70_000, 10_000_000)),
         ];
         for (name, stored) in &cases {
             for field in [DATA_VARIANT.as_str(), ""] {
@@ -545,6 +548,7 @@ mod tests {
         assert_eq!(lifetime("ended", now), (60, 60));
         assert_eq!(lifetime("aged", now), (40, 3_600));
         assert_eq!(lifetime("after", now), (3_600, 3_600));
+        assert_eq!(lifetime("wide", now), (3_070_000, 10_000_000));
     }
 
     /// Whatever the reply, the answer is redis-rs' own conversion's (the
