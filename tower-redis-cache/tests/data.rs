@@ -168,6 +168,28 @@ async fn subscribers(redis: &TestRedis) -> i64 {
     answer.1
 }
 
+/// The one value stored: its hash, its entry's field and the entry.
+async fn the_stored_entry(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> (String, String, Vec<u8>) {
+    let hashes: Vec<String> = redis::cmd("KEYS")
+        .arg("tower-redis:c:*")
+        .query_async(conn)
+        .await
+        .unwrap();
+    assert_eq!(hashes.len(), 1, "{hashes:?}");
+    let fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+        .arg(&hashes[0])
+        .query_async(conn)
+        .await
+        .unwrap();
+    let (field, entry) = fields
+        .into_iter()
+        .find(|(name, _)| name.starts_with("e:"))
+        .expect("the value's entry");
+    (hashes[0].clone(), field, entry)
+}
+
 async fn keys(redis: &TestRedis) -> Vec<String> {
     let mut conn = redis.connection().await.unwrap();
     redis::cmd("KEYS")
@@ -361,32 +383,7 @@ async fn a_value_stored_by_an_earlier_version_is_read_with_the_hash_mark() {
     // The value's hash (the one hash stored), and its entry made as an
     // earlier version made it: the flag cleared.
     let mut conn = redis.connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let mut hash = None;
-    for key in keys {
-        let kind: String = redis::cmd("TYPE")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if kind == "hash" {
-            assert!(hash.replace(key).is_none(), "one hash");
-        }
-    }
-    let hash = hash.expect("the value's hash");
-    let fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
-        .arg(&hash)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let (field, mut entry) = fields
-        .into_iter()
-        .find(|(name, _)| name.starts_with("e:"))
-        .expect("the value's entry");
+    let (hash, field, mut entry) = the_stored_entry(&mut conn).await;
     let envelope = entry
         .windows(3)
         .position(|w| w == b"TRD")
@@ -797,21 +794,10 @@ async fn a_corrupt_stored_value_is_a_miss_and_is_deleted() {
         .await
         .unwrap();
     let mut conn = redis.connection().await.unwrap();
-    let hashes: Vec<String> = redis::cmd("KEYS")
-        .arg("tower-redis:c:*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(hashes.len(), 1, "{hashes:?}");
-    let fields: Vec<String> = redis::cmd("HKEYS")
-        .arg(&hashes[0])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let field = fields.iter().find(|f| f.starts_with("e:")).unwrap();
+    let (hash, field, _) = the_stored_entry(&mut conn).await;
     let _: () = redis::cmd("HSET")
-        .arg(&hashes[0])
-        .arg(field)
+        .arg(&hash)
+        .arg(&field)
         .arg("TRC\x01 garbage")
         .query_async(&mut conn)
         .await
@@ -819,8 +805,8 @@ async fn a_corrupt_stored_value_is_a_miss_and_is_deleted() {
     let calls = Arc::new(AtomicU64::new(0));
     assert_eq!(a.data.get::<Product>("product:7").await.unwrap(), None);
     let exists: bool = redis::cmd("HEXISTS")
-        .arg(&hashes[0])
-        .arg(field)
+        .arg(&hash)
+        .arg(&field)
         .query_async(&mut conn)
         .await
         .unwrap();
