@@ -1293,3 +1293,146 @@ async fn a_fill_that_began_before_a_remove_does_not_store_after_it() {
     assert_eq!(filling.await.unwrap().unwrap(), product("old"));
     assert_eq!(a.data.get::<Product>("product:9").await.unwrap(), None);
 }
+
+/// How many times each Redis operation was timed in `snapshot`
+/// (`db.client.operation.duration` samples by `db.operation.name`).
+fn operations(
+    snapshot: metrics_util::debugging::Snapshot,
+) -> std::collections::HashMap<String, usize> {
+    let mut counts = std::collections::HashMap::new();
+    for (key, _, _, value) in snapshot.into_vec() {
+        let key = key.key();
+        if key.name() != "db.client.operation.duration" {
+            continue;
+        }
+        let Some(name) = key
+            .labels()
+            .find(|label| label.key() == "db.operation.name")
+        else {
+            continue;
+        };
+        if let metrics_util::debugging::DebugValue::Histogram(samples) = value {
+            *counts.entry(name.value().to_owned()).or_default() += samples.len();
+        }
+    }
+    counts
+}
+
+/// Reads that arrive while another is in flight are sent together: twenty
+/// reads of twenty values (and one of a value that is not there), started
+/// at once, are one `HGET` alone and one pipeline of the other twenty.
+/// Each caller gets its own value, the absent one a miss, and Redis still
+/// runs one `HGET` per read.
+#[tokio::test(flavor = "current_thread")]
+async fn reads_arriving_together_are_one_pipeline_and_each_gets_its_own_value() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let redis = TestRedis::start().await;
+    let a = instance(&redis, |b| b).await;
+    let far = DataOptions::new(Duration::from_secs(60)).near(false);
+    for i in 0..20 {
+        a.data
+            .insert(&format!("item:{i}"), &product(&format!("item {i}")), &far)
+            .await
+            .unwrap();
+    }
+    let _: Option<Product> = a.data.get("warm-up").await.unwrap();
+    // A snapshot takes the histograms' samples: the next one holds the
+    // reads' alone.
+    let _ = snapshotter.snapshot();
+
+    let reads = (0..=20).map(|i| {
+        let data = a.data.clone();
+        async move {
+            let key = if i < 20 {
+                format!("item:{i}")
+            } else {
+                "item:absent".to_owned()
+            };
+            data.get::<Product>(&key).await.unwrap()
+        }
+    });
+    let (found, commands) = redis
+        .commands_during(within("the reads", futures_util::future::join_all(reads)))
+        .await;
+    let mut expected: Vec<_> = (0..20)
+        .map(|i| Some(product(&format!("item {i}"))))
+        .collect();
+    expected.push(None);
+    assert_eq!(found, expected);
+    assert_eq!(commands, vec!["hget"; 21], "one HGET per read");
+
+    let timed = operations(snapshotter.snapshot());
+    assert_eq!(
+        (timed.get("HGET"), timed.get("PIPELINE")),
+        (Some(&1), Some(&1)),
+        "the first read alone, the others in one pipeline: {timed:?}"
+    );
+}
+
+/// When the call of gathered reads fails (Redis stops answering), every
+/// read in it falls back to the in-process store: each caller gets its
+/// factory's value, none waits past the command timeout or fails.
+#[tokio::test(flavor = "current_thread")]
+async fn gathered_reads_fall_back_together_when_redis_stops_answering() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(
+        redis
+            .config()
+            .failure_threshold(100)
+            .command_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let data = DataCache::new(manager);
+    let options = DataOptions::new(Duration::from_secs(60)).near(false);
+    let _: Option<Product> = data.get("warm-up").await.unwrap();
+    redis.pause().await;
+    let calls = Arc::new(AtomicU64::new(0));
+    let reads = (0..20).map(|i| {
+        let (data, options, calls) = (data.clone(), options.clone(), Arc::clone(&calls));
+        async move {
+            data.get_or_insert_with(
+                &format!("item:{i}"),
+                &options,
+                counted(&calls, "in process", Duration::ZERO),
+            )
+            .await
+        }
+    });
+    let values = within("the reads", futures_util::future::join_all(reads)).await;
+    redis.resume().await;
+    for value in values {
+        assert_eq!(value.unwrap(), product("in process"));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 20);
+    let misses: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| {
+            let key = key.key();
+            let labelled = |name: &str, wanted: &str| {
+                key.labels()
+                    .any(|label| label.key() == name && label.value() == wanted)
+            };
+            match value {
+                metrics_util::debugging::DebugValue::Counter(n)
+                    if key.name() == "tower_redis_cache_data_total"
+                        && labelled("result", "miss")
+                        && labelled("tier", "in-process") =>
+                {
+                    Some(n)
+                }
+                _ => None,
+            }
+        })
+        .sum();
+    assert_eq!(misses, 20, "every read fell back to the in-process store");
+}

@@ -30,7 +30,7 @@ impl ConfigError {
 }
 
 /// Why a Redis operation did not produce a value.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The configuration is invalid.

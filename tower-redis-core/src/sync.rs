@@ -1,6 +1,11 @@
-//! Locking that survives a panic elsewhere.
+//! Locking that survives a panic elsewhere, and [`Gather`]: calls that
+//! arrive together, made as one.
 
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::oneshot;
 
 /// Locks `mutex`, taking the guard even if a previous holder panicked.
 ///
@@ -20,6 +25,207 @@ pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Calls that arrive while another is in flight, made as one call.
+///
+/// A call that finds no other in flight takes its own path (`alone`): no
+/// lock, no task hop, nothing added to its latency. A call that finds
+/// others in flight joins the batch being formed, or starts one. The call
+/// that starts a batch leads it: it yields once to the scheduler, so that
+/// the calls ready at the same moment can join, then makes one call for
+/// all of them (`together`, its own query first) and hands each member its
+/// answer. Batches do not wait for each other: several can be in flight.
+///
+/// Nobody waits for a batch that cannot answer: when the leader's future
+/// is dropped (its request was cancelled), or `together` returns fewer
+/// answers than queries, the members left without one make their own call
+/// (`alone`). A batch holds at most `max` members besides its leader; later
+/// calls go alone until the next batch forms.
+///
+/// Under load this turns many round trips into one pipeline: one write,
+/// one reply to parse, one timer and one connection checkout for the
+/// batch, instead of one each.
+///
+/// ```
+/// use tower_redis_core::sync::Gather;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let gather: Gather<u32, u32> = Gather::new(64);
+/// // Alone: the call's own path.
+/// let doubled = gather
+///     .run(|| 21, || async { 42 }, |queries| async move {
+///         queries.into_iter().map(|q| q * 2).collect()
+///     })
+///     .await;
+/// assert_eq!(doubled, 42);
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Gather<Q, R> {
+    /// Calls between entering [`Gather::run`] and leaving it.
+    active: AtomicUsize,
+    /// The members of the batch being formed, if one is.
+    forming: Mutex<Option<Vec<Member<Q, R>>>>,
+    max: usize,
+}
+
+#[derive(Debug)]
+struct Member<Q, R> {
+    query: Q,
+    answer: oneshot::Sender<R>,
+}
+
+/// What a call does with the batch being formed.
+enum Role<Q, R> {
+    /// It starts a batch (with its own query).
+    Lead(Q),
+    Follow(oneshot::Receiver<R>),
+    /// The batch being formed is full.
+    Alone,
+}
+
+impl<Q, R> Gather<Q, R> {
+    /// A gather whose batches take at most `max` members besides their
+    /// leader (at least 1).
+    pub fn new(max: usize) -> Self {
+        Self {
+            active: AtomicUsize::new(0),
+            forming: Mutex::new(None),
+            max: max.max(1),
+        }
+    }
+
+    /// Makes one call: alone when no other is in flight, else in a batch.
+    ///
+    /// `query` builds what a batch needs of this call (only when it joins
+    /// one); `alone` makes the call by itself; `together` makes the call
+    /// for a batch's queries, in order, and returns one answer per query,
+    /// in the same order. Every call's future has room for the batch's
+    /// call, which only a leader makes: where that future is large, let
+    /// `together` return it boxed.
+    pub async fn run<AF, TF>(
+        &self,
+        query: impl FnOnce() -> Q,
+        alone: impl FnOnce() -> AF,
+        together: impl FnOnce(Vec<Q>) -> TF,
+    ) -> R
+    where
+        AF: Future<Output = R>,
+        TF: Future<Output = Vec<R>>,
+    {
+        let active = Active::enter(&self.active);
+        if !active.was_alone
+            && let Some(answer) = self.gathered(query, together).await
+        {
+            return answer;
+        }
+        // Awaited in one place only: the future holds one `alone` call.
+        alone().await
+    }
+
+    /// The answer of the batch this call joins or leads; `None` when it
+    /// must make its own call (the batch is full, was abandoned, or left
+    /// it unanswered; or nobody joined the batch it leads).
+    async fn gathered<TF>(
+        &self,
+        query: impl FnOnce() -> Q,
+        together: impl FnOnce(Vec<Q>) -> TF,
+    ) -> Option<R>
+    where
+        TF: Future<Output = Vec<R>>,
+    {
+        let query = query();
+        let role = {
+            let mut forming = lock(&self.forming);
+            match &mut *forming {
+                Some(members) if members.len() < self.max => {
+                    let (answer, receiver) = oneshot::channel();
+                    members.push(Member { query, answer });
+                    Role::Follow(receiver)
+                }
+                Some(_) => Role::Alone,
+                None => {
+                    *forming = Some(Vec::new());
+                    Role::Lead(query)
+                }
+            }
+        };
+        let query = match role {
+            Role::Alone => return None,
+            Role::Follow(receiver) => return receiver.await.ok(),
+            Role::Lead(query) => query,
+        };
+        let mut leading = Leading {
+            forming: &self.forming,
+            closed: false,
+        };
+        tokio::task::yield_now().await;
+        let members = leading.close();
+        if members.is_empty() {
+            return None;
+        }
+        let mut queries = Vec::with_capacity(1 + members.len());
+        queries.push(query);
+        let mut answers = Vec::with_capacity(members.len());
+        for member in members {
+            queries.push(member.query);
+            answers.push(member.answer);
+        }
+        let mut replies = together(queries).await.into_iter();
+        let own = replies.next();
+        for (answer, reply) in answers.into_iter().zip(replies) {
+            // A member whose future was dropped is fine.
+            let _ = answer.send(reply);
+        }
+        own
+    }
+}
+
+/// One call in [`Gather::run`], counted until dropped.
+struct Active<'a> {
+    active: &'a AtomicUsize,
+    was_alone: bool,
+}
+
+impl<'a> Active<'a> {
+    fn enter(active: &'a AtomicUsize) -> Self {
+        let before = active.fetch_add(1, Ordering::AcqRel);
+        Self {
+            active,
+            was_alone: before == 0,
+        }
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The leader of a batch being formed. Closing it takes the members; a
+/// leader dropped before closing (its call cancelled during the yield)
+/// drops them, so that each makes its own call.
+struct Leading<'a, Q, R> {
+    forming: &'a Mutex<Option<Vec<Member<Q, R>>>>,
+    closed: bool,
+}
+
+impl<Q, R> Leading<'_, Q, R> {
+    fn close(&mut self) -> Vec<Member<Q, R>> {
+        self.closed = true;
+        lock(self.forming).take().unwrap_or_default()
+    }
+}
+
+impl<Q, R> Drop for Leading<'_, Q, R> {
+    fn drop(&mut self) {
+        if !self.closed {
+            drop(self.close());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -35,5 +241,189 @@ mod tests {
         assert!(panicked.is_err());
         assert!(mutex.is_poisoned());
         assert_eq!(*lock(&mutex), [1, 2, 3]);
+    }
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// What a test's calls did: the queries of each batch, and how many
+    /// calls went alone.
+    #[derive(Default)]
+    struct Calls {
+        batches: Mutex<Vec<Vec<u32>>>,
+        alone: AtomicUsize,
+    }
+
+    /// One call of `query` through `gather`: alone it answers `query * 10`
+    /// (after `hold` resolves), in a batch `query * 100`; `together`
+    /// answers the first `answered` queries of a batch at most.
+    async fn call(
+        gather: &Gather<u32, u32>,
+        calls: &Calls,
+        query: u32,
+        hold: Option<oneshot::Receiver<()>>,
+        answered: usize,
+    ) -> u32 {
+        gather
+            .run(
+                || query,
+                || async move {
+                    calls.alone.fetch_add(1, Ordering::SeqCst);
+                    if let Some(hold) = hold {
+                        let _ = hold.await;
+                    }
+                    query * 10
+                },
+                |queries| async move {
+                    lock(&calls.batches).push(queries.clone());
+                    queries
+                        .into_iter()
+                        .take(answered)
+                        .map(|q| q * 100)
+                        .collect()
+                },
+            )
+            .await
+    }
+
+    /// A call in flight until the returned sender is dropped or used.
+    fn in_flight(
+        gather: &Arc<Gather<u32, u32>>,
+        calls: &Arc<Calls>,
+    ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<u32>) {
+        let (release, hold) = oneshot::channel();
+        let (gather, calls) = (Arc::clone(gather), Arc::clone(calls));
+        let task =
+            tokio::spawn(async move { call(&gather, &calls, 1, Some(hold), usize::MAX).await });
+        (release, task)
+    }
+
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_call_alone_takes_its_own_path() {
+        let (gather, calls) = (Gather::new(8), Calls::default());
+        assert_eq!(call(&gather, &calls, 7, None, usize::MAX).await, 70);
+        assert_eq!(call(&gather, &calls, 8, None, usize::MAX).await, 80);
+        assert_eq!(calls.alone.load(Ordering::SeqCst), 2);
+        assert!(lock(&calls.batches).is_empty());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn calls_arriving_while_one_is_in_flight_make_one_call_in_order() {
+        let (gather, calls) = (Arc::new(Gather::new(8)), Arc::new(Calls::default()));
+        let (release, first) = in_flight(&gather, &calls);
+        settle().await;
+        let joined = (2..=6).map(|query| {
+            let (gather, calls) = (Arc::clone(&gather), Arc::clone(&calls));
+            tokio::spawn(async move { call(&gather, &calls, query, None, usize::MAX).await })
+        });
+        let joined: Vec<_> = joined.collect();
+        let mut answers = Vec::new();
+        for task in joined {
+            answers.push(
+                tokio::time::timeout(Duration::from_secs(10), task)
+                    .await
+                    .expect("answered in time")
+                    .expect("no panic"),
+            );
+        }
+        assert_eq!(answers, [200, 300, 400, 500, 600]);
+        assert_eq!(*lock(&calls.batches), [vec![2, 3, 4, 5, 6]]);
+        release.send(()).expect("the first call waits");
+        assert_eq!(first.await.expect("no panic"), 10);
+        assert_eq!(calls.alone.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_batch_sends_later_calls_alone() {
+        let (gather, calls) = (Arc::new(Gather::new(2)), Arc::new(Calls::default()));
+        let (release, first) = in_flight(&gather, &calls);
+        settle().await;
+        let tasks: Vec<_> = (2..=6)
+            .map(|query| {
+                let (gather, calls) = (Arc::clone(&gather), Arc::clone(&calls));
+                tokio::spawn(async move { call(&gather, &calls, query, None, usize::MAX).await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for task in tasks {
+            answers.push(
+                tokio::time::timeout(Duration::from_secs(10), task)
+                    .await
+                    .expect("in time")
+                    .expect("no panic"),
+            );
+        }
+        // 2 leads, 3 and 4 join (the most a batch takes), 5 and 6 go alone.
+        assert_eq!(answers, [200, 300, 400, 50, 60]);
+        assert_eq!(*lock(&calls.batches), [vec![2, 3, 4]]);
+        drop(release);
+        first.await.expect("no panic");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn members_of_a_batch_whose_leader_is_dropped_make_their_own_calls() {
+        let (gather, calls) = (Arc::new(Gather::new(8)), Arc::new(Calls::default()));
+        let (release, first) = in_flight(&gather, &calls);
+        settle().await;
+        // The leader starts the batch and yields ...
+        let mut leader = Box::pin(call(&gather, &calls, 2, None, usize::MAX));
+        let polled =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(leader.as_mut().poll(cx))).await;
+        assert!(polled.is_pending(), "the leader yields once");
+        // ... two calls join it ...
+        let members: Vec<_> = (3..=4)
+            .map(|query| {
+                let (gather, calls) = (Arc::clone(&gather), Arc::clone(&calls));
+                tokio::spawn(async move { call(&gather, &calls, query, None, usize::MAX).await })
+            })
+            .collect();
+        settle().await;
+        // ... and the leader is dropped (its request cancelled).
+        drop(leader);
+        let mut answers = Vec::new();
+        for task in members {
+            answers.push(
+                tokio::time::timeout(Duration::from_secs(10), task)
+                    .await
+                    .expect("not left waiting")
+                    .expect("no panic"),
+            );
+        }
+        assert_eq!(answers, [30, 40]);
+        assert!(lock(&calls.batches).is_empty());
+        drop(release);
+        first.await.expect("no panic");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn members_a_batch_does_not_answer_make_their_own_calls() {
+        let (gather, calls) = (Arc::new(Gather::new(8)), Arc::new(Calls::default()));
+        let (release, first) = in_flight(&gather, &calls);
+        settle().await;
+        let tasks: Vec<_> = (2..=5)
+            .map(|query| {
+                let (gather, calls) = (Arc::clone(&gather), Arc::clone(&calls));
+                // The batch answers its first two queries only.
+                tokio::spawn(async move { call(&gather, &calls, query, None, 2).await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for task in tasks {
+            answers.push(
+                tokio::time::timeout(Duration::from_secs(10), task)
+                    .await
+                    .expect("not left waiting")
+                    .expect("no panic"),
+            );
+        }
+        assert_eq!(answers, [200, 300, 40, 50]);
+        drop(release);
+        first.await.expect("no panic");
     }
 }

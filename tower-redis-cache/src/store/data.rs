@@ -21,10 +21,12 @@
 //! - the fill lock is the HTTP cache's `lk` field, taken by a script that
 //!   skips the checks a value that does not exist yet cannot need.
 
+use std::future::Future;
 use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http::HeaderMap;
 use tower_redis_core::RedisConnection;
 use tower_redis_core::redis::aio::ConnectionLike;
@@ -300,16 +302,61 @@ impl CacheStore {
 
     /// One `HGET` of a value: on the tracking connection when the near
     /// tier follows tracking (so that Redis tells this instance when it
-    /// changes), else on the pool.
+    /// changes), else on the pool. Reads that arrive while another is in
+    /// flight are sent together, as one pipeline (`data_reads`).
     async fn read_value(
         &self,
         redis: &RedisStore,
         url_hash: &str,
     ) -> Result<Found, tower_redis_core::Error> {
         let key = redis.redis_key(url_hash);
+        let reply = self
+            .data_reads
+            .run(
+                || key.clone(),
+                || self.on_reads(redis, |conn| read_entry(conn, &key)),
+                // Boxed, as a trait object: only a batch's leader pays for
+                // the batch's call (and its type stays out of every read's).
+                |keys| -> BoxFuture<'_, Vec<Result<Value, tower_redis_core::Error>>> {
+                    Box::pin(async move {
+                        match self.on_reads(redis, |conn| read_entries(conn, &keys)).await {
+                            Ok(replies) => replies.into_iter().map(Ok).collect(),
+                            Err(error) => keys.iter().map(|_| Err(error.clone())).collect(),
+                        }
+                    })
+                },
+            )
+            .await?;
+        let Some(bytes) = entry_bytes(reply)? else {
+            return Ok(Found::NoUrl);
+        };
+        Ok(match Entry::decode_shared(Bytes::from(bytes)) {
+            Ok(entry) if crate::data::value::lacks_its_marks(&entry) => {
+                // Boxed: only a value stored by an earlier version pays for it.
+                Found::Entry(
+                    Box::pin(self.on_reads(redis, |conn| with_the_hash_mark(conn, &key, entry)))
+                        .await?,
+                )
+            }
+            Ok(entry) => Found::Entry(entry),
+            Err(_) => Found::Corrupt(DATA_VARIANT.clone()),
+        })
+    }
+
+    /// Runs a read on the tracking connection when the near tier follows
+    /// tracking, else on the pool.
+    async fn on_reads<T, F, Fut>(
+        &self,
+        redis: &RedisStore,
+        op: F,
+    ) -> Result<T, tower_redis_core::Error>
+    where
+        F: FnOnce(RedisConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
         match self.bus.tracking() {
-            Some(tracking) => tracking.run(|conn| read_value(conn, &key)).await,
-            None => redis.manager.run(|conn| read_value(conn, &key)).await,
+            Some(tracking) => tracking.run(op).await,
+            None => redis.manager.run(op).await,
         }
     }
 
@@ -419,22 +466,32 @@ impl RedisStore {
 /// an allocation and a parse more, made on the connection's task and freed
 /// on the caller's, often another thread: at high concurrency that showed
 /// as contention on the allocator's locks.
-async fn read_value(mut conn: RedisConnection, key: &str) -> RedisResult<Found> {
+/// `HGET` of a value's entry.
+fn read_command(key: &str) -> redis::Cmd {
     // Sized up front: the command is built without growing its buffers.
     let mut command = redis::Cmd::with_capacity(3, 4 + key.len() + DATA_VARIANT.len());
     command.arg("HGET").arg(key).arg(&*DATA_VARIANT);
-    let reply = conn.req_packed_command(&command).await?;
-    let Some(bytes) = entry_bytes(reply)? else {
-        return Ok(Found::NoUrl);
-    };
-    Ok(match Entry::decode_shared(Bytes::from(bytes)) {
-        Ok(entry) if crate::data::value::lacks_its_marks(&entry) => {
-            // Boxed: only a value stored by an earlier version pays for it.
-            Found::Entry(Box::pin(with_the_hash_mark(conn, key, entry)).await?)
-        }
-        Ok(entry) => Found::Entry(entry),
-        Err(_) => Found::Corrupt(DATA_VARIANT.clone()),
-    })
+    command
+}
+
+/// The reply to one value's read.
+async fn read_entry(mut conn: RedisConnection, key: &str) -> RedisResult<Value> {
+    conn.req_packed_command(&read_command(key)).await
+}
+
+/// The replies to several values' reads, in order: one pipeline on a
+/// single server; on a cluster (where a pipeline cannot span slots) one
+/// command each, sent at once, each to its slot's node.
+async fn read_entries(mut conn: RedisConnection, keys: &[String]) -> RedisResult<Vec<Value>> {
+    if conn.is_cluster() {
+        let ops: Vec<Op> = keys.iter().map(|key| Op::Cmd(read_command(key))).collect();
+        return redis_store::run_ops(&mut conn, &ops).await;
+    }
+    let mut pipe = redis::pipe();
+    for key in keys {
+        pipe.add_command(read_command(key));
+    }
+    conn.req_packed_commands(&pipe, 0, keys.len()).await
 }
 
 /// A value stored by an earlier version, with the hash's soft-purge mark

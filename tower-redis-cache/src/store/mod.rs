@@ -29,6 +29,7 @@ use std::time::Duration;
 use http::HeaderMap;
 use tower_redis_core::RedisManager;
 use tower_redis_core::redis::{self, Value};
+use tower_redis_core::sync::Gather;
 
 use crate::bus::Bus;
 use crate::entry::Entry;
@@ -297,7 +298,14 @@ pub(crate) struct CacheStore {
     pub(crate) flights: Arc<crate::service::Flights>,
     /// Lookups read from replicas (`CacheLayerBuilder::read_from_replicas`).
     pub(crate) read_from_replicas: bool,
+    /// The data cache's reads that arrive while another is in flight,
+    /// sent together (`data.rs`).
+    data_reads: Gather<String, Result<Value, tower_redis_core::Error>>,
 }
+
+/// The most reads one pipeline of gathered data reads takes besides its
+/// leader's; later reads go alone until the next one forms.
+const MAX_GATHERED_READS: usize = 255;
 
 /// Counts one store in flight until dropped.
 pub(crate) struct InFlight(Arc<CacheStore>);
@@ -368,6 +376,7 @@ impl CacheStore {
             counters: Counters::default(),
             flights: Arc::default(),
             read_from_replicas: false,
+            data_reads: Gather::new(MAX_GATHERED_READS),
         }
     }
 
