@@ -1436,3 +1436,40 @@ async fn gathered_reads_fall_back_together_when_redis_stops_answering() {
         .sum();
     assert_eq!(misses, 20, "every read fell back to the in-process store");
 }
+
+/// On a Redis Cluster a pipeline cannot span slots: reads gathered there
+/// are sent at once, each to its own slot's node, and each caller still
+/// gets its own value.
+#[tokio::test(flavor = "current_thread")]
+async fn reads_gathered_on_a_redis_cluster_each_reach_their_own_slot() {
+    let cluster = tower_redis_core::testing::TestCluster::start().await;
+    let manager = RedisManager::connect(cluster.config().build().unwrap())
+        .await
+        .unwrap();
+    let data = DataCache::new(manager);
+    let far = DataOptions::new(Duration::from_secs(60)).near(false);
+    for i in 0..20 {
+        data.insert(&format!("item:{i}"), &product(&format!("item {i}")), &far)
+            .await
+            .unwrap();
+    }
+    let reads = (0..20).map(|i| {
+        let data = data.clone();
+        async move { data.get::<Product>(&format!("item:{i}")).await.unwrap() }
+    });
+    let found = within("the reads", futures_util::future::join_all(reads)).await;
+    let expected: Vec<_> = (0..20)
+        .map(|i| Some(product(&format!("item {i}"))))
+        .collect();
+    assert_eq!(found, expected);
+    let mut served = 0;
+    for node in 0..cluster.len() {
+        served += cluster
+            .command_calls(node)
+            .await
+            .get("hget")
+            .copied()
+            .unwrap_or(0);
+    }
+    assert_eq!(served, 20, "one HGET per read, on the nodes of their slots");
+}
