@@ -113,3 +113,86 @@ async fn results_are_counted_with_their_degraded_flag() {
     assert_eq!(count("uri-miss", "false", "true"), 2, "{context}");
     assert_eq!(counts.values().sum::<u64>(), 8, "{context}");
 }
+
+/// Lookups that arrive while another is in flight are sent together:
+/// twenty requests for twenty stored pages, started at once, are one
+/// `HMGET` alone and one pipeline of the other nineteen (timed once, as
+/// `PIPELINE`). Each request is served its own page, and Redis still runs
+/// one `HMGET` per lookup.
+#[tokio::test(flavor = "current_thread")]
+async fn lookups_arriving_together_are_one_pipeline_and_each_is_served_its_own_page() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().expect("valid"))
+        .await
+        .expect("starts");
+    let layer = CacheLayer::builder(manager).build().expect("layer");
+    let service = tower::Layer::layer(
+        &layer,
+        tower::service_fn(|request: Request<Empty<Bytes>>| async move {
+            let mut response = Response::new(Full::new(Bytes::from(format!(
+                "page {}",
+                request.uri().path()
+            ))));
+            response
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, "max-age=60".parse().expect("value"));
+            Ok::<_, Infallible>(response)
+        }),
+    );
+    let ask = |path: String| {
+        let service = service.clone();
+        async move {
+            let request = Request::get(path)
+                .header(header::HOST, "a.example")
+                .body(Empty::<Bytes>::new())
+                .expect("request");
+            let response = service.oneshot(request).await.expect("infallible");
+            let status = response.headers()["cache-status"]
+                .to_str()
+                .expect("text")
+                .to_owned();
+            let body = response.into_body().collect().await.expect("body");
+            (status, body.to_bytes())
+        }
+    };
+    let paths: Vec<String> = (0..20).map(|i| format!("/page/{i}")).collect();
+    for path in &paths {
+        ask(path.clone()).await;
+    }
+    layer.flush().await;
+    // A snapshot takes the histograms' samples: the next one holds the
+    // lookups' alone.
+    let _ = snapshotter.snapshot();
+
+    let (answers, commands) = redis
+        .commands_during(futures_util::future::join_all(
+            paths.iter().map(|path| ask(path.clone())),
+        ))
+        .await;
+    for (path, (status, body)) in paths.iter().zip(answers) {
+        assert!(status.contains("hit"), "{path}: {status}");
+        assert_eq!(body, format!("page {path}").as_bytes());
+    }
+    assert_eq!(commands, vec!["hmget"; 20], "one HMGET per lookup");
+    let mut timed: HashMap<String, usize> = HashMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let key = key.key();
+        if key.name() != "db.client.operation.duration" {
+            continue;
+        }
+        let (Some(name), DebugValue::Histogram(samples)) =
+            (key.labels().find(|l| l.key() == "db.operation.name"), value)
+        else {
+            continue;
+        };
+        *timed.entry(name.value().to_owned()).or_default() += samples.len();
+    }
+    assert_eq!(
+        (timed.get("HMGET"), timed.get("PIPELINE")),
+        (Some(&1), Some(&1)),
+        "the first lookup alone, the others in one pipeline: {timed:?}"
+    );
+}

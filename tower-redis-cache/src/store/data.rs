@@ -21,15 +21,12 @@
 //! - the fill lock is the HTTP cache's `lk` field, taken by a script that
 //!   skips the checks a value that does not exist yet cannot need.
 
-use std::future::Future;
 use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use http::HeaderMap;
 use tower_redis_core::RedisConnection;
-use tower_redis_core::redis::aio::ConnectionLike;
 use tower_redis_core::redis::{self, RedisResult, Script, Value};
 
 use super::redis_store::{self, INDEX, Op, RedisStore};
@@ -302,8 +299,8 @@ impl CacheStore {
 
     /// One `HGET` of a value: on the tracking connection when the near
     /// tier follows tracking (so that Redis tells this instance when it
-    /// changes), else on the pool. Reads that arrive while another is in
-    /// flight are sent together, as one pipeline (`data_reads`).
+    /// changes), else on the pool; sent together with the reads that
+    /// arrive with it ([`CacheStore::read_gathered`]).
     async fn read_value(
         &self,
         redis: &RedisStore,
@@ -311,21 +308,7 @@ impl CacheStore {
     ) -> Result<Found, tower_redis_core::Error> {
         let key = redis.redis_key(url_hash);
         let reply = self
-            .data_reads
-            .run(
-                || key.clone(),
-                || self.on_reads(redis, |conn| read_entry(conn, &key)),
-                // Boxed, as a trait object: only a batch's leader pays for
-                // the batch's call (and its type stays out of every read's).
-                |keys| -> BoxFuture<'_, Vec<Result<Value, tower_redis_core::Error>>> {
-                    Box::pin(async move {
-                        match self.on_reads(redis, |conn| read_entries(conn, &keys)).await {
-                            Ok(replies) => replies.into_iter().map(Ok).collect(),
-                            Err(error) => keys.iter().map(|_| Err(error.clone())).collect(),
-                        }
-                    })
-                },
-            )
+            .read_gathered(&self.data_reads, redis, &key, read_command)
             .await?;
         let Some(bytes) = entry_bytes(reply)? else {
             return Ok(Found::NoUrl);
@@ -341,23 +324,6 @@ impl CacheStore {
             Ok(entry) => Found::Entry(entry),
             Err(_) => Found::Corrupt(DATA_VARIANT.clone()),
         })
-    }
-
-    /// Runs a read on the tracking connection when the near tier follows
-    /// tracking, else on the pool.
-    async fn on_reads<T, F, Fut>(
-        &self,
-        redis: &RedisStore,
-        op: F,
-    ) -> Result<T, tower_redis_core::Error>
-    where
-        F: FnOnce(RedisConnection) -> Fut,
-        Fut: Future<Output = RedisResult<T>>,
-    {
-        match self.bus.tracking() {
-            Some(tracking) => tracking.run(op).await,
-            None => redis.manager.run(op).await,
-        }
     }
 
     /// Stores a value: the entry, its root and tag index records, the lock
@@ -467,31 +433,15 @@ impl RedisStore {
 /// on the caller's, often another thread: at high concurrency that showed
 /// as contention on the allocator's locks.
 /// `HGET` of a value's entry.
-fn read_command(key: &str) -> redis::Cmd {
+#[allow(
+    clippy::ptr_arg,
+    reason = "a gathered read's query is the key, a `String`"
+)]
+fn read_command(key: &String) -> redis::Cmd {
     // Sized up front: the command is built without growing its buffers.
     let mut command = redis::Cmd::with_capacity(3, 4 + key.len() + DATA_VARIANT.len());
     command.arg("HGET").arg(key).arg(&*DATA_VARIANT);
     command
-}
-
-/// The reply to one value's read.
-async fn read_entry(mut conn: RedisConnection, key: &str) -> RedisResult<Value> {
-    conn.req_packed_command(&read_command(key)).await
-}
-
-/// The replies to several values' reads, in order: one pipeline on a
-/// single server; on a cluster (where a pipeline cannot span slots) one
-/// command each, sent at once, each to its slot's node.
-async fn read_entries(mut conn: RedisConnection, keys: &[String]) -> RedisResult<Vec<Value>> {
-    if conn.is_cluster() {
-        let ops: Vec<Op> = keys.iter().map(|key| Op::Cmd(read_command(key))).collect();
-        return redis_store::run_ops(&mut conn, &ops).await;
-    }
-    let mut pipe = redis::pipe();
-    for key in keys {
-        pipe.add_command(read_command(key));
-    }
-    conn.req_packed_commands(&pipe, 0, keys.len()).await
 }
 
 /// A value stored by an earlier version, with the hash's soft-purge mark

@@ -22,12 +22,17 @@ mod purge;
 mod redis_store;
 mod typed;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use http::HeaderMap;
+use tower_redis_core::RedisConnection;
 use tower_redis_core::RedisManager;
+use tower_redis_core::redis::RedisResult;
+use tower_redis_core::redis::aio::ConnectionLike;
 use tower_redis_core::redis::{self, Value};
 use tower_redis_core::sync::Gather;
 
@@ -301,9 +306,12 @@ pub(crate) struct CacheStore {
     /// The data cache's reads that arrive while another is in flight,
     /// sent together (`data.rs`).
     data_reads: Gather<String, Result<Value, tower_redis_core::Error>>,
+    /// The HTTP cache's hinted lookups (`(key, variant)`), gathered alike
+    /// (`lookup.rs`).
+    lookups: Gather<(String, String), Result<Value, tower_redis_core::Error>>,
 }
 
-/// The most reads one pipeline of gathered data reads takes besides its
+/// The most reads one pipeline of gathered reads takes besides its
 /// leader's; later reads go alone until the next one forms.
 const MAX_GATHERED_READS: usize = 255;
 
@@ -377,6 +385,7 @@ impl CacheStore {
             flights: Arc::default(),
             read_from_replicas: false,
             data_reads: Gather::new(MAX_GATHERED_READS),
+            lookups: Gather::new(MAX_GATHERED_READS),
         }
     }
 
@@ -407,36 +416,117 @@ impl CacheStore {
     ) -> impl Future<Output = Result<(Found, Option<String>), tower_redis_core::Error>> + Send + 'a
     {
         use futures_util::future::Either;
-        match self.bus.tracking() {
-            Some(tracking) => {
-                let key = redis.redis_key(url_hash);
-                Either::Left(async move {
-                    tracking
-                        .run(|conn| {
-                            redis_store::lookup(
-                                conn,
-                                &key,
-                                request,
-                                extra,
-                                vary_hint,
-                                redis_store::Reads::Primary,
-                            )
-                        })
-                        .await
-                })
-            }
+        if self.read_from_replicas && self.bus.tracking().is_none() {
             // Boxed: reads from replicas are a configuration few use.
-            None if self.read_from_replicas => Either::Right(Either::Left(Box::pin(
+            return Either::Right(Box::pin(
                 redis.lookup_on_replica(url_hash, request, extra, vary_hint),
-            ))),
-            None => Either::Right(Either::Right(
-                redis.lookup(url_hash, request, extra, vary_hint),
-            )),
+            ));
         }
+        Either::Left(self.read_primary(redis, url_hash, request, extra, vary_hint))
+    }
+
+    /// A lookup on the primary ([`on_reads`](Self::on_reads)). With a
+    /// `Vary` hint it is one `HMGET`, sent together with the lookups that
+    /// arrive with it ([`read_gathered`](Self::read_gathered)); the lookup
+    /// script (no hint, or the URL's `Vary` changed) runs on its own.
+    async fn read_primary(
+        &self,
+        redis: &RedisStore,
+        url_hash: &str,
+        request: &HeaderMap,
+        extra: &str,
+        vary_hint: Option<String>,
+    ) -> Result<(Found, Option<String>), tower_redis_core::Error> {
+        let key = redis.redis_key(url_hash);
+        let Some(hint) = vary_hint else {
+            return self.by_script(redis, key, request, extra).await;
+        };
+        let query = (key, key::variant(&hint, request, extra));
+        let reply = self
+            .read_gathered(&self.lookups, redis, &query, redis_store::hinted_command)
+            .await?;
+        let (key, field) = query;
+        match redis_store::hinted_found(reply, &hint, field)? {
+            Some(found) => Ok(found),
+            // The URL's Vary changed since this instance saw it.
+            None => self.by_script(redis, key, request, extra).await,
+        }
+    }
+
+    /// A lookup by the lookup script, on the primary. Boxed: it is not
+    /// part of a hinted lookup's future.
+    fn by_script<'a>(
+        &'a self,
+        redis: &'a RedisStore,
+        key: String,
+        request: &'a HeaderMap,
+        extra: &'a str,
+    ) -> BoxFuture<'a, Result<(Found, Option<String>), tower_redis_core::Error>> {
+        Box::pin(self.on_reads(redis, move |conn| async move {
+            redis_store::lookup_by_script(conn, &key, request, extra, redis_store::Reads::Primary)
+                .await
+        }))
     }
 
     fn memory(&self) -> &MemoryStore {
         self.failover.memory()
+    }
+
+    /// Runs a read on the tracking connection when the near tier follows
+    /// tracking (so that Redis tells this instance when what it read
+    /// changes), else on the pool.
+    async fn on_reads<T, F, Fut>(
+        &self,
+        redis: &RedisStore,
+        op: F,
+    ) -> Result<T, tower_redis_core::Error>
+    where
+        F: FnOnce(RedisConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        match self.bus.tracking() {
+            Some(tracking) => tracking.run(op).await,
+            None => redis.manager.run(op).await,
+        }
+    }
+
+    /// The reply to one read command (`command(query)`), as
+    /// [`on_reads`](Self::on_reads) runs it: alone, or, when other reads
+    /// of `reads` are in flight, with those that arrive with it in one
+    /// pipeline (on a cluster, one command each, sent at once). Each
+    /// caller parses its own reply; a failed call is every caller's error.
+    ///
+    /// Not an `async fn`, which would hold its arguments beside the
+    /// closures that hold them too.
+    fn read_gathered<'a, Q: Clone + Send + Sync>(
+        &'a self,
+        reads: &'a Gather<Q, Result<Value, tower_redis_core::Error>>,
+        redis: &'a RedisStore,
+        query: &'a Q,
+        command: fn(&Q) -> redis::Cmd,
+    ) -> impl Future<Output = Result<Value, tower_redis_core::Error>> + 'a {
+        reads.run(
+            move || query.clone(),
+            move || {
+                self.on_reads(redis, move |mut conn| async move {
+                    conn.req_packed_command(&command(query)).await
+                })
+            },
+            // Boxed, as a trait object: only a batch's leader pays for
+            // the batch's call (and its type stays out of every read's).
+            move |queries| -> BoxFuture<'a, Vec<Result<Value, tower_redis_core::Error>>> {
+                Box::pin(async move {
+                    let commands = queries.iter().map(command).collect();
+                    let replies = self
+                        .on_reads(redis, |conn| redis_store::run_commands(conn, commands))
+                        .await;
+                    match replies {
+                        Ok(replies) => replies.into_iter().map(Ok).collect(),
+                        Err(error) => queries.iter().map(|_| Err(error.clone())).collect(),
+                    }
+                })
+            },
+        )
     }
 
     /// Marks a store as started; it counts until the guard is dropped.

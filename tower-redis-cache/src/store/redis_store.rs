@@ -231,25 +231,43 @@ pub(crate) fn lookup<'a>(
         return Either::Right(Box::pin(lookup_by_script(conn, key, request, extra, reads)));
     };
     Either::Left(async move {
-        let field = key::variant(&hint, request, extra);
-        // Sized up front: the command is built without growing its buffers.
-        let mut command = redis::Cmd::with_capacity(5, 5 + key.len() + 4 + field.len() + 2);
-        command
-            .arg("HMGET")
-            .arg(key)
-            .arg("vary")
-            .arg(&field)
-            .arg("sp");
-        let reply = conn.req_packed_command(&command).await?;
-        let (vary, entry, soft_purged) = hinted_reply(reply)?;
-        match vary {
-            None => Ok((Found::NoUrl, None)),
-            Some(vary) if vary == hint => {
-                Ok((found(true, bulk(entry), field, soft_purged), Some(vary)))
-            }
+        let query = (key.to_owned(), key::variant(&hint, request, extra));
+        let reply = conn.req_packed_command(&hinted_command(&query)).await?;
+        match hinted_found(reply, &hint, query.1)? {
+            Some(found) => Ok(found),
             // The URL's Vary changed since this instance saw it.
-            Some(_) => Box::pin(lookup_by_script(conn, key, request, extra, reads)).await,
+            None => Box::pin(lookup_by_script(conn, key, request, extra, reads)).await,
         }
+    })
+}
+
+/// The hinted lookup's `HMGET key vary <variant> sp`, for `(key, variant)`.
+pub(super) fn hinted_command((key, field): &(String, String)) -> Cmd {
+    // Sized up front: the command is built without growing its buffers.
+    let mut command = redis::Cmd::with_capacity(5, 5 + key.len() + 4 + field.len() + 2);
+    command
+        .arg("HMGET")
+        .arg(key)
+        .arg("vary")
+        .arg(field)
+        .arg("sp");
+    command
+}
+
+/// What the hinted `HMGET`'s reply says, with the `Vary` names seen; `None`
+/// when the URL's `Vary` is not `hint` (the lookup script resolves it).
+pub(super) fn hinted_found(
+    reply: Value,
+    hint: &str,
+    field: String,
+) -> RedisResult<Option<(Found, Option<String>)>> {
+    let (vary, entry, soft_purged) = hinted_reply(reply)?;
+    Ok(match vary {
+        None => Some((Found::NoUrl, None)),
+        Some(vary) if vary == hint => {
+            Some((found(true, bulk(entry), field, soft_purged), Some(vary)))
+        }
+        Some(_) => None,
     })
 }
 
@@ -269,7 +287,7 @@ fn hinted_reply(reply: Value) -> RedisResult<(Option<String>, Value, Option<u64>
 
 /// The lookup script (no hint, or the URL's `Vary` changed): resolves the
 /// variant inside Redis, on the primary or (`EVALSHA_RO`) a replica.
-async fn lookup_by_script(
+pub(super) async fn lookup_by_script(
     mut conn: RedisConnection,
     key: &str,
     request: &HeaderMap,
@@ -379,6 +397,29 @@ pub(crate) enum Op {
     Script(ScriptInvocation<'static>),
     Cmd(Cmd),
     Announce(Cmd),
+}
+
+/// Runs read commands on possibly different keys, answering with one reply
+/// per command, in order: one pipeline on a single server; on a cluster
+/// (where a pipeline cannot span slots) one command each, sent at once,
+/// each to its slot's node.
+pub(crate) async fn run_commands(
+    mut conn: RedisConnection,
+    commands: Vec<Cmd>,
+) -> RedisResult<Vec<Value>> {
+    if conn.is_cluster() {
+        let replies = commands.into_iter().map(|command| {
+            let mut conn = conn.clone();
+            async move { conn.req_packed_command(&command).await }
+        });
+        return futures_util::future::try_join_all(replies).await;
+    }
+    let count = commands.len();
+    let mut pipe = redis::pipe();
+    for command in commands {
+        pipe.add_command(command);
+    }
+    conn.req_packed_commands(&pipe, 0, count).await
 }
 
 /// Runs a batch of commands on possibly different keys, answering with
