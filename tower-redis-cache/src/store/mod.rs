@@ -495,6 +495,8 @@ impl CacheStore {
     /// of `reads` are in flight, with those that arrive with it in one
     /// pipeline (on a cluster, one command each, sent at once). Each
     /// caller parses its own reply; a failed call is every caller's error.
+    /// While Redis is unavailable every read goes alone: the breaker
+    /// answers it at once, with nothing to wait for.
     ///
     /// Not an `async fn`, which would hold its arguments beside the
     /// closures that hold them too.
@@ -505,13 +507,20 @@ impl CacheStore {
         query: &'a Q,
         command: fn(&Q) -> redis::Cmd,
     ) -> impl Future<Output = Result<Value, tower_redis_core::Error>> + 'a {
-        reads.run(
+        use futures_util::future::Either;
+        let alone = move || {
+            self.on_reads(redis, move |mut conn| async move {
+                conn.req_packed_command(&command(query)).await
+            })
+        };
+        if !redis.manager.is_available() {
+            // Nothing to share: the breaker answers at once, and the
+            // fallback is read right after.
+            return Either::Left(alone());
+        }
+        Either::Right(reads.run(
             move || query.clone(),
-            move || {
-                self.on_reads(redis, move |mut conn| async move {
-                    conn.req_packed_command(&command(query)).await
-                })
-            },
+            alone,
             // Boxed, as a trait object: only a batch's leader pays for
             // the batch's call (and its type stays out of every read's).
             move |queries| -> BoxFuture<'a, Vec<Result<Value, tower_redis_core::Error>>> {
@@ -526,7 +535,7 @@ impl CacheStore {
                     }
                 })
             },
-        )
+        ))
     }
 
     /// Marks a store as started; it counts until the guard is dropped.
