@@ -304,6 +304,36 @@ mod tests {
         }
     }
 
+    /// Calls of `queries`, each in a task of its own, whose batches
+    /// answer `answered` queries at most.
+    fn spawn_calls(
+        gather: &Arc<Gather<u32, u32>>,
+        calls: &Arc<Calls>,
+        queries: std::ops::RangeInclusive<u32>,
+        answered: usize,
+    ) -> Vec<tokio::task::JoinHandle<u32>> {
+        queries
+            .map(|query| {
+                let (gather, calls) = (Arc::clone(gather), Arc::clone(calls));
+                tokio::spawn(async move { call(&gather, &calls, query, None, answered).await })
+            })
+            .collect()
+    }
+
+    /// The answers of `tasks`, in order, each within a deadline.
+    async fn answers(tasks: Vec<tokio::task::JoinHandle<u32>>) -> Vec<u32> {
+        let mut answers = Vec::new();
+        for task in tasks {
+            answers.push(
+                tokio::time::timeout(Duration::from_secs(10), task)
+                    .await
+                    .expect("answered in time, not left waiting")
+                    .expect("no panic"),
+            );
+        }
+        answers
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn a_call_alone_takes_its_own_path() {
         let (gather, calls) = (Gather::new(8), Calls::default());
@@ -318,20 +348,7 @@ mod tests {
         let (gather, calls) = (Arc::new(Gather::new(8)), Arc::new(Calls::default()));
         let (release, first) = in_flight(&gather, &calls);
         settle().await;
-        let joined = (2..=6).map(|query| {
-            let (gather, calls) = (Arc::clone(&gather), Arc::clone(&calls));
-            tokio::spawn(async move { call(&gather, &calls, query, None, usize::MAX).await })
-        });
-        let joined: Vec<_> = joined.collect();
-        let mut answers = Vec::new();
-        for task in joined {
-            answers.push(
-                tokio::time::timeout(Duration::from_secs(10), task)
-                    .await
-                    .expect("answered in time")
-                    .expect("no panic"),
-            );
-        }
+        let answers = answers(spawn_calls(&gather, &calls, 2..=6, usize::MAX)).await;
         assert_eq!(answers, [200, 300, 400, 500, 600]);
         assert_eq!(*lock(&calls.batches), [vec![2, 3, 4, 5, 6]]);
         release.send(()).expect("the first call waits");
@@ -344,21 +361,7 @@ mod tests {
         let (gather, calls) = (Arc::new(Gather::new(2)), Arc::new(Calls::default()));
         let (release, first) = in_flight(&gather, &calls);
         settle().await;
-        let tasks: Vec<_> = (2..=6)
-            .map(|query| {
-                let (gather, calls) = (Arc::clone(&gather), Arc::clone(&calls));
-                tokio::spawn(async move { call(&gather, &calls, query, None, usize::MAX).await })
-            })
-            .collect();
-        let mut answers = Vec::new();
-        for task in tasks {
-            answers.push(
-                tokio::time::timeout(Duration::from_secs(10), task)
-                    .await
-                    .expect("in time")
-                    .expect("no panic"),
-            );
-        }
+        let answers = answers(spawn_calls(&gather, &calls, 2..=6, usize::MAX)).await;
         // 2 leads, 3 and 4 join (the most a batch takes), 5 and 6 go alone.
         assert_eq!(answers, [200, 300, 400, 50, 60]);
         assert_eq!(*lock(&calls.batches), [vec![2, 3, 4]]);
@@ -377,24 +380,11 @@ mod tests {
             std::future::poll_fn(|cx| std::task::Poll::Ready(leader.as_mut().poll(cx))).await;
         assert!(polled.is_pending(), "the leader yields once");
         // ... two calls join it ...
-        let members: Vec<_> = (3..=4)
-            .map(|query| {
-                let (gather, calls) = (Arc::clone(&gather), Arc::clone(&calls));
-                tokio::spawn(async move { call(&gather, &calls, query, None, usize::MAX).await })
-            })
-            .collect();
+        let members = spawn_calls(&gather, &calls, 3..=4, usize::MAX);
         settle().await;
         // ... and the leader is dropped (its request cancelled).
         drop(leader);
-        let mut answers = Vec::new();
-        for task in members {
-            answers.push(
-                tokio::time::timeout(Duration::from_secs(10), task)
-                    .await
-                    .expect("not left waiting")
-                    .expect("no panic"),
-            );
-        }
+        let answers = answers(members).await;
         assert_eq!(answers, [30, 40]);
         assert!(lock(&calls.batches).is_empty());
         drop(release);
@@ -406,22 +396,8 @@ mod tests {
         let (gather, calls) = (Arc::new(Gather::new(8)), Arc::new(Calls::default()));
         let (release, first) = in_flight(&gather, &calls);
         settle().await;
-        let tasks: Vec<_> = (2..=5)
-            .map(|query| {
-                let (gather, calls) = (Arc::clone(&gather), Arc::clone(&calls));
-                // The batch answers its first two queries only.
-                tokio::spawn(async move { call(&gather, &calls, query, None, 2).await })
-            })
-            .collect();
-        let mut answers = Vec::new();
-        for task in tasks {
-            answers.push(
-                tokio::time::timeout(Duration::from_secs(10), task)
-                    .await
-                    .expect("not left waiting")
-                    .expect("no panic"),
-            );
-        }
+        // The batch answers its first two queries only.
+        let answers = answers(spawn_calls(&gather, &calls, 2..=5, 2)).await;
         assert_eq!(answers, [200, 300, 40, 50]);
         drop(release);
         first.await.expect("no panic");
