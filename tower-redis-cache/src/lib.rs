@@ -318,11 +318,14 @@
 //! `HGET` plus decoding the value (the `data` suite compares it with a
 //! bare redis-rs `GET` + serde decode), none from the near tier; a data
 //! miss adds the fill lock and the entry's metadata to the factory.
-//! Data reads that arrive while another is in flight share a round trip:
-//! they are sent together, one `HGET` each in one pipeline (one command
-//! each, sent at once, on a Redis Cluster), and a read alone is sent as
-//! it comes ([`tower_redis_core::sync::Gather`]). The operation histogram
-//! then times the pipeline once, as `PIPELINE`.
+//! Reads that arrive while another is in flight share a round trip (data
+//! hits' `HGET`s, and page lookups' `HMGET`s once this instance knows the
+//! URL's `Vary`): they are sent together, one command each in one
+//! pipeline, and a read alone is sent as it comes
+//! ([`tower_redis_core::sync::Gather`]). The operation histogram then
+//! times the pipeline once, as `PIPELINE`, and only the read that sent it
+//! has the `redis` span. On a Redis Cluster, and while Redis is
+//! unavailable, every read goes alone.
 //!
 //! **During a rolling upgrade.** So that a data hit is one `HGET`, a soft
 //! purge writes its mark into each data value it reaches, and a hit reads

@@ -1372,8 +1372,9 @@ async fn reads_arriving_together_are_one_pipeline_and_each_gets_its_own_value() 
 }
 
 /// When the call of gathered reads fails (Redis stops answering), every
-/// read in it falls back to the in-process store: each caller gets its
-/// factory's value, none waits past the command timeout or fails.
+/// read in it falls back to the in-process store (a miss there), none
+/// fails, and the breaker counts two failed calls (the first read's own
+/// and the pipeline of the nineteen others), not twenty.
 #[tokio::test(flavor = "current_thread")]
 async fn gathered_reads_fall_back_together_when_redis_stops_answering() {
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
@@ -1390,28 +1391,20 @@ async fn gathered_reads_fall_back_together_when_redis_stops_answering() {
     )
     .await
     .unwrap();
-    let data = DataCache::new(manager);
-    let options = DataOptions::new(Duration::from_secs(60)).near(false);
+    let data = DataCache::new(manager.clone());
     let _: Option<Product> = data.get("warm-up").await.unwrap();
     redis.pause().await;
-    let calls = Arc::new(AtomicU64::new(0));
     let reads = (0..20).map(|i| {
-        let (data, options, calls) = (data.clone(), options.clone(), Arc::clone(&calls));
-        async move {
-            data.get_or_insert_with(
-                &format!("item:{i}"),
-                &options,
-                counted(&calls, "in process", Duration::ZERO),
-            )
-            .await
-        }
+        let data = data.clone();
+        async move { data.get::<Product>(&format!("item:{i}")).await }
     });
     let values = within("the reads", futures_util::future::join_all(reads)).await;
+    let failures = manager.health().consecutive_failures;
     redis.resume().await;
     for value in values {
-        assert_eq!(value.unwrap(), product("in process"));
+        assert_eq!(value.unwrap(), None, "nothing in process yet");
     }
-    assert_eq!(calls.load(Ordering::SeqCst), 20);
+    assert_eq!(failures, 2, "the reads' calls that failed");
     let misses: u64 = snapshotter
         .snapshot()
         .into_vec()
@@ -1437,11 +1430,14 @@ async fn gathered_reads_fall_back_together_when_redis_stops_answering() {
     assert_eq!(misses, 20, "every read fell back to the in-process store");
 }
 
-/// On a Redis Cluster a pipeline cannot span slots: reads gathered there
-/// are sent at once, each to its own slot's node, and each caller still
-/// gets its own value.
+/// On a Redis Cluster a pipeline cannot span slots: reads there are not
+/// gathered, each goes alone to its slot's node (timed as its own `HGET`),
+/// and each caller gets its own value.
 #[tokio::test(flavor = "current_thread")]
-async fn reads_gathered_on_a_redis_cluster_each_reach_their_own_slot() {
+async fn reads_on_a_redis_cluster_go_alone_each_to_its_own_slot() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
     let cluster = tower_redis_core::testing::TestCluster::start().await;
     let manager = RedisManager::connect(cluster.config().build().unwrap())
         .await
@@ -1453,6 +1449,7 @@ async fn reads_gathered_on_a_redis_cluster_each_reach_their_own_slot() {
             .await
             .unwrap();
     }
+    let _ = snapshotter.snapshot();
     let reads = (0..20).map(|i| {
         let data = data.clone();
         async move { data.get::<Product>(&format!("item:{i}")).await.unwrap() }
@@ -1462,6 +1459,12 @@ async fn reads_gathered_on_a_redis_cluster_each_reach_their_own_slot() {
         .map(|i| Some(product(&format!("item {i}"))))
         .collect();
     assert_eq!(found, expected);
+    let timed = operations(snapshotter.snapshot());
+    assert_eq!(
+        (timed.get("HGET"), timed.get("PIPELINE")),
+        (Some(&20), None),
+        "each read alone: {timed:?}"
+    );
     let mut served = 0;
     for node in 0..cluster.len() {
         served += cluster
@@ -1472,4 +1475,60 @@ async fn reads_gathered_on_a_redis_cluster_each_reach_their_own_slot() {
             .unwrap_or(0);
     }
     assert_eq!(served, 20, "one HGET per read, on the nodes of their slots");
+}
+
+/// An error reply that says Redis is unhealthy (`MASTERDOWN`: a replica
+/// that lost its primary and serves no stale data) counts against the
+/// breaker, for a read alone and for reads gathered into one pipeline: it
+/// is not taken as an answer. Each read falls back to the in-process
+/// store.
+#[tokio::test(flavor = "current_thread")]
+async fn an_unhealthy_reply_counts_against_the_breaker_alone_or_gathered() {
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().failure_threshold(1000).build().unwrap())
+        .await
+        .unwrap();
+    let data = DataCache::new(manager.clone());
+    let _: Option<Product> = data.get("warm-up").await.unwrap();
+    let mut admin = redis.connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("replica-serve-stale-data")
+        .arg("no")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // A primary that does not exist: the link stays down.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(unused)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+
+    assert_eq!(data.get::<Product>("item:alone").await.unwrap(), None);
+    assert_eq!(manager.health().consecutive_failures, 1, "the read alone");
+    let reads = (0..20).map(|i| {
+        let data = data.clone();
+        async move { data.get::<Product>(&format!("item:{i}")).await }
+    });
+    for value in within("the reads", futures_util::future::join_all(reads)).await {
+        assert_eq!(value.unwrap(), None);
+    }
+    assert_eq!(
+        manager.health().consecutive_failures,
+        3,
+        "the first read's own call and the pipeline of the others"
+    );
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
 }

@@ -72,6 +72,12 @@ pub(crate) struct Inner {
 }
 
 impl RedisManager {
+    /// Whether this manager talks to a Redis Cluster (where one pipeline
+    /// cannot span slots).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner.backend, Backend::Cluster { .. })
+    }
+
     /// Builds the manager and tries Redis once.
     ///
     /// Redis being down is not an error: the manager starts with its breaker

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -35,11 +36,13 @@ pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// all of them (`together`, its own query first) and hands each member its
 /// answer. Batches do not wait for each other: several can be in flight.
 ///
-/// Nobody waits for a batch that cannot answer: when the leader's future
-/// is dropped (its request was cancelled), or `together` returns fewer
-/// answers than queries, the members left without one make their own call
-/// (`alone`). A batch holds at most `max` members besides its leader; later
-/// calls go alone until the next batch forms.
+/// Nobody waits long for a batch that cannot answer: when the leader's
+/// future is dropped (its request was cancelled), when `together` returns
+/// fewer answers than queries, or when no answer came within `patience`
+/// (the leader's future is no longer polled, say), the members left
+/// without one make their own call (`alone`). A batch holds at most `max`
+/// members besides its leader; later calls go alone until the next batch
+/// forms.
 ///
 /// Under load this turns many round trips into one pipeline: one write,
 /// one reply to parse, one timer and one connection checkout for the
@@ -50,7 +53,7 @@ pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
-/// let gather: Gather<u32, u32> = Gather::new(64);
+/// let gather: Gather<u32, u32> = Gather::new(64, std::time::Duration::from_secs(1));
 /// // Alone: the call's own path.
 /// let doubled = gather
 ///     .run(|| 21, || async { 42 }, |queries| async move {
@@ -67,6 +70,8 @@ pub struct Gather<Q, R> {
     /// The members of the batch being formed, if one is.
     forming: Mutex<Option<Vec<Member<Q, R>>>>,
     max: usize,
+    /// How long a member waits for its batch's answer.
+    patience: Duration,
 }
 
 #[derive(Debug)]
@@ -86,19 +91,22 @@ enum Role<Q, R> {
 
 impl<Q, R> Gather<Q, R> {
     /// A gather whose batches take at most `max` members besides their
-    /// leader (at least 1).
-    pub fn new(max: usize) -> Self {
+    /// leader (at least 1), each of which waits at most `patience` for its
+    /// answer before it makes its own call: make it longer than the
+    /// batch's call can take.
+    pub fn new(max: usize, patience: Duration) -> Self {
         Self {
             active: AtomicUsize::new(0),
             forming: Mutex::new(None),
             max: max.max(1),
+            patience,
         }
     }
 
     /// Makes one call: alone when no other is in flight, else in a batch.
     ///
-    /// `query` builds what a batch needs of this call (only when it joins
-    /// one); `alone` makes the call by itself; `together` makes the call
+    /// `query` builds what a batch needs of this call (only when others
+    /// are in flight); `alone` makes the call by itself; `together` makes the call
     /// for a batch's queries, in order, and returns one answer per query,
     /// in the same order. Every call's future has room for the batch's
     /// call, which only a leader makes: where that future is large, let
@@ -152,7 +160,13 @@ impl<Q, R> Gather<Q, R> {
         };
         let query = match role {
             Role::Alone => return None,
-            Role::Follow(receiver) => return receiver.await.ok(),
+            Role::Follow(receiver) => {
+                return match tokio::time::timeout(self.patience, receiver).await {
+                    Ok(Ok(answer)) => Some(answer),
+                    // Abandoned, left unanswered, or too late.
+                    _ => None,
+                };
+            }
             Role::Lead(query) => query,
         };
         let mut leading = Leading {
@@ -244,7 +258,9 @@ mod tests {
     }
 
     use std::sync::Arc;
-    use std::time::Duration;
+
+    /// How long the tests' members wait for a batch's answer.
+    const PATIENCE: Duration = Duration::from_secs(5);
 
     /// What a test's calls did: the queries of each batch, and how many
     /// calls went alone.
@@ -336,7 +352,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_call_alone_takes_its_own_path() {
-        let (gather, calls) = (Gather::new(8), Calls::default());
+        let (gather, calls) = (Gather::new(8, PATIENCE), Calls::default());
         assert_eq!(call(&gather, &calls, 7, None, usize::MAX).await, 70);
         assert_eq!(call(&gather, &calls, 8, None, usize::MAX).await, 80);
         assert_eq!(calls.alone.load(Ordering::SeqCst), 2);
@@ -345,7 +361,10 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn calls_arriving_while_one_is_in_flight_make_one_call_in_order() {
-        let (gather, calls) = (Arc::new(Gather::new(8)), Arc::new(Calls::default()));
+        let (gather, calls) = (
+            Arc::new(Gather::new(8, PATIENCE)),
+            Arc::new(Calls::default()),
+        );
         let (release, first) = in_flight(&gather, &calls);
         settle().await;
         let answers = answers(spawn_calls(&gather, &calls, 2..=6, usize::MAX)).await;
@@ -358,7 +377,10 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_full_batch_sends_later_calls_alone() {
-        let (gather, calls) = (Arc::new(Gather::new(2)), Arc::new(Calls::default()));
+        let (gather, calls) = (
+            Arc::new(Gather::new(2, PATIENCE)),
+            Arc::new(Calls::default()),
+        );
         let (release, first) = in_flight(&gather, &calls);
         settle().await;
         let answers = answers(spawn_calls(&gather, &calls, 2..=6, usize::MAX)).await;
@@ -371,7 +393,10 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn members_of_a_batch_whose_leader_is_dropped_make_their_own_calls() {
-        let (gather, calls) = (Arc::new(Gather::new(8)), Arc::new(Calls::default()));
+        let (gather, calls) = (
+            Arc::new(Gather::new(8, PATIENCE)),
+            Arc::new(Calls::default()),
+        );
         let (release, first) = in_flight(&gather, &calls);
         settle().await;
         // The leader starts the batch and yields ...
@@ -393,12 +418,41 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn members_a_batch_does_not_answer_make_their_own_calls() {
-        let (gather, calls) = (Arc::new(Gather::new(8)), Arc::new(Calls::default()));
+        let (gather, calls) = (
+            Arc::new(Gather::new(8, PATIENCE)),
+            Arc::new(Calls::default()),
+        );
         let (release, first) = in_flight(&gather, &calls);
         settle().await;
         // The batch answers its first two queries only.
         let answers = answers(spawn_calls(&gather, &calls, 2..=5, 2)).await;
         assert_eq!(answers, [200, 300, 40, 50]);
+        drop(release);
+        first.await.expect("no panic");
+    }
+
+    /// A leader that stops being polled (neither answering nor dropped)
+    /// holds its members for `patience` at most: then each makes its own
+    /// call. The clock is tokio's paused one.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn members_of_a_stalled_batch_make_their_own_calls_after_the_patience() {
+        let (gather, calls) = (
+            Arc::new(Gather::new(8, PATIENCE)),
+            Arc::new(Calls::default()),
+        );
+        let (release, first) = in_flight(&gather, &calls);
+        settle().await;
+        let mut leader = Box::pin(call(&gather, &calls, 2, None, usize::MAX));
+        let polled =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(leader.as_mut().poll(cx))).await;
+        assert!(polled.is_pending(), "the leader yields once");
+        let started = tokio::time::Instant::now();
+        let members = spawn_calls(&gather, &calls, 3..=4, usize::MAX);
+        // The leader is kept, never polled again.
+        assert_eq!(answers(members).await, [30, 40]);
+        assert_eq!(started.elapsed(), PATIENCE, "they waited out the patience");
+        assert!(lock(&calls.batches).is_empty());
+        drop(leader);
         drop(release);
         first.await.expect("no panic");
     }

@@ -312,8 +312,25 @@ pub(crate) struct CacheStore {
 }
 
 /// The most reads one pipeline of gathered reads takes besides its
-/// leader's; later reads go alone until the next one forms.
-const MAX_GATHERED_READS: usize = 255;
+/// leader's; later reads go alone until the next one forms. Small enough
+/// that a pipeline's slowest reply (a large entry's) holds few others.
+const MAX_GATHERED_READS: usize = 64;
+
+/// A pipeline's replies, or the first error among them that says Redis is
+/// unhealthy (`LOADING`, `MASTERDOWN`, …): that one fails the pipeline's
+/// run, so that the breaker counts it as it would count a read's own. A
+/// command's own error (a wrong type) stays in its reply, its reader's.
+fn healthy(replies: Vec<Value>) -> RedisResult<Vec<Value>> {
+    for reply in &replies {
+        if let Value::ServerError(_) = reply
+            && let Err(error) = reply.clone().extract_error()
+            && !tower_redis_core::Error::Redis(error.clone()).is_command_error()
+        {
+            return Err(error);
+        }
+    }
+    Ok(replies)
+}
 
 /// Counts one store in flight until dropped.
 pub(crate) struct InFlight(Arc<CacheStore>);
@@ -364,6 +381,9 @@ impl CacheStore {
             })
             .build();
         let bus = Bus::new(manager.clone(), near.clone(), vary_hints.clone());
+        // A gathered read's member waits out its pipeline's run (within the
+        // command timeout) with room to spare, then reads alone.
+        let patience = manager.command_timeout().saturating_mul(2);
         let redis = RedisStore {
             channel: bus.channel().to_owned(),
             manager: manager.clone(),
@@ -384,8 +404,8 @@ impl CacheStore {
             counters: Counters::default(),
             flights: Arc::default(),
             read_from_replicas: false,
-            data_reads: Gather::new(MAX_GATHERED_READS),
-            lookups: Gather::new(MAX_GATHERED_READS),
+            data_reads: Gather::new(MAX_GATHERED_READS, patience),
+            lookups: Gather::new(MAX_GATHERED_READS, patience),
         }
     }
 
@@ -496,7 +516,8 @@ impl CacheStore {
     /// pipeline (on a cluster, one command each, sent at once). Each
     /// caller parses its own reply; a failed call is every caller's error.
     /// While Redis is unavailable every read goes alone: the breaker
-    /// answers it at once, with nothing to wait for.
+    /// answers it at once, with nothing to wait for. On a Redis Cluster
+    /// every read goes alone too, each to its slot's node.
     ///
     /// Not an `async fn`, which would hold its arguments beside the
     /// closures that hold them too.
@@ -508,14 +529,18 @@ impl CacheStore {
         command: fn(&Q) -> redis::Cmd,
     ) -> impl Future<Output = Result<Value, tower_redis_core::Error>> + 'a {
         use futures_util::future::Either;
+        // An error reply fails the read inside the run, so that the breaker
+        // counts it by its kind, as any command's.
         let alone = move || {
             self.on_reads(redis, move |mut conn| async move {
-                conn.req_packed_command(&command(query)).await
+                conn.req_packed_command(&command(query))
+                    .await?
+                    .extract_error()
             })
         };
-        if !redis.manager.is_available() {
-            // Nothing to share: the breaker answers at once, and the
-            // fallback is read right after.
+        if !redis.manager.is_available() || redis.manager.is_cluster() {
+            // Nothing to share: while Redis is unavailable the breaker
+            // answers at once; on a cluster a pipeline cannot span slots.
             return Either::Left(alone());
         }
         Either::Right(reads.run(
@@ -527,7 +552,9 @@ impl CacheStore {
                 Box::pin(async move {
                     let commands = queries.iter().map(command).collect();
                     let replies = self
-                        .on_reads(redis, |conn| redis_store::run_commands(conn, commands))
+                        .on_reads(redis, |conn| async move {
+                            healthy(redis_store::run_commands(conn, commands).await?)
+                        })
                         .await;
                     match replies {
                         Ok(replies) => replies.into_iter().map(Ok).collect(),

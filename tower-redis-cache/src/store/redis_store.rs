@@ -399,21 +399,13 @@ pub(crate) enum Op {
     Announce(Cmd),
 }
 
-/// Runs read commands on possibly different keys, answering with one reply
-/// per command, in order: one pipeline on a single server; on a cluster
-/// (where a pipeline cannot span slots) one command each, sent at once,
-/// each to its slot's node.
+/// Runs read commands on possibly different keys of a single server (not a
+/// cluster, where a pipeline cannot span slots), answering with one reply
+/// per command, in order: one pipeline.
 pub(crate) async fn run_commands(
     mut conn: RedisConnection,
     commands: Vec<Cmd>,
 ) -> RedisResult<Vec<Value>> {
-    if conn.is_cluster() {
-        let replies = commands.into_iter().map(|command| {
-            let mut conn = conn.clone();
-            async move { conn.req_packed_command(&command).await }
-        });
-        return futures_util::future::try_join_all(replies).await;
-    }
     let count = commands.len();
     let mut pipe = redis::pipe();
     for command in commands {

@@ -226,6 +226,9 @@ impl Limiter {
         } else {
             (memory_bytes / 2, None)
         };
+        // A follower waits out its batch's call (within the command
+        // timeout) with room to spare, then decides alone.
+        let patience = manager.command_timeout().saturating_mul(2);
         Arc::new(Self {
             failover: Failover::new(
                 manager.clone(),
@@ -236,7 +239,7 @@ impl Limiter {
             manager,
             blocked: BlockedKeys::new(blocked_bytes),
             leases,
-            batch: Gather::new(MAX_BATCH),
+            batch: Gather::new(MAX_BATCH, patience),
             batches_led: AtomicU64::new(0),
         })
     }
