@@ -312,9 +312,10 @@ pub(crate) struct CacheStore {
 }
 
 /// The most reads one pipeline of gathered reads takes besides its
-/// leader's; later reads go alone until the next one forms. Small enough
-/// that a pipeline's slowest reply (a large entry's) holds few others.
-const MAX_GATHERED_READS: usize = 64;
+/// leader's; later reads go alone until the next one forms. As many as
+/// the rate limiter's batches: the replies share one connection (and wait
+/// behind a large one) whether they are gathered or not.
+const MAX_GATHERED_READS: usize = 255;
 
 /// A pipeline's replies, or the first error among them that says Redis is
 /// unhealthy (`LOADING`, `MASTERDOWN`, …): that one fails the pipeline's
