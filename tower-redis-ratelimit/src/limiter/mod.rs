@@ -13,6 +13,7 @@
 //! The service never knows which of them answered except through
 //! [`DecisionSource`].
 
+mod batch;
 mod blocked;
 mod failover;
 mod lease;
@@ -20,15 +21,13 @@ mod lru;
 mod memory;
 mod redis;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
-
 use tower_redis_core::RedisManager;
-use tower_redis_core::sync::Gather;
 
+use self::batch::Batch;
 use self::blocked::BlockedKeys;
 use self::failover::Failover;
 use self::lease::Leases;
@@ -178,10 +177,6 @@ impl Default for Fallback {
     }
 }
 
-/// The most requests one batch call decides besides its leader's; more
-/// requests decide alone until the next batch forms.
-const MAX_BATCH: usize = 255;
-
 /// Decides requests: blocked cache, then Redis, then the fallback.
 #[derive(Debug)]
 pub(crate) struct Limiter {
@@ -190,11 +185,11 @@ pub(crate) struct Limiter {
     blocked: BlockedKeys,
     /// This instance's leases, when a policy leases.
     leases: Option<Arc<Leases>>,
-    /// Decisions waiting for Redis: a request that finds none decides at
-    /// once, alone (no yield, no batch lock); requests that arrive while
-    /// others wait share one script call (core's `Gather`).
-    batch: Gather<(Vec<Check>, u32), Verdict>,
-    /// Batch calls made so far (for tests and diagnostics).
+    batch: Mutex<Batch>,
+    /// Decisions of this limiter now waiting for Redis: a request that
+    /// finds none decides at once, alone (no yield, no batch lock).
+    active: AtomicUsize,
+    /// Batches led so far (each one yielded once to gather followers).
     batches_led: AtomicU64,
 }
 
@@ -226,9 +221,6 @@ impl Limiter {
         } else {
             (memory_bytes / 2, None)
         };
-        // A follower waits out its batch's call (within the command
-        // timeout) with room to spare, then decides alone.
-        let patience = manager.command_timeout().saturating_mul(2);
         Arc::new(Self {
             failover: Failover::new(
                 manager.clone(),
@@ -239,7 +231,8 @@ impl Limiter {
             manager,
             blocked: BlockedKeys::new(blocked_bytes),
             leases,
-            batch: Gather::new(MAX_BATCH, patience),
+            batch: Mutex::new(Batch::default()),
+            active: AtomicUsize::new(0),
             batches_led: AtomicU64::new(0),
         })
     }
@@ -282,35 +275,24 @@ impl Limiter {
     }
 
     /// Decides a request on the shared counters (or the fallback): alone or
-    /// in a batch. The script decides a batch's requests one after another,
-    /// exactly as separate calls would: under load one `EVALSHA` answers
-    /// many requests, and a hot key is read and written once per call
-    /// instead of once per request.
+    /// in a batch.
     async fn decide_shared(self: &Arc<Self>, checks: &[Check], cost: u32) -> Verdict {
         if !self.manager.is_available() {
             // Nothing to batch: the fallback answers at once.
             return self.decide_alone(checks, cost).await;
         }
-        self.batch
-            .run(
-                || (checks.to_vec(), cost),
-                || self.decide_alone(checks, cost),
-                // Boxed: only a batch's leader makes the batch's call.
-                |requests| -> BoxFuture<'_, Vec<Verdict>> {
-                    Box::pin(async move {
-                        self.batches_led.fetch_add(1, Ordering::Relaxed);
-                        let queries: Vec<Query<'_>> = requests
-                            .iter()
-                            .map(|(checks, cost)| (checks.as_slice(), *cost))
-                            .collect();
-                        self.decide_batch(&queries).await
-                    })
-                },
-            )
-            .await
+        let active = Active::enter(&self.active);
+        if active.was_alone {
+            // Nobody to share a call with: the batching machinery (a
+            // yield to gather followers, the batch lock) would only add
+            // latency. Requests arriving while this one waits see it
+            // active and batch among themselves.
+            return self.decide_alone(checks, cost).await;
+        }
+        self.decide_in_batch(checks, cost).await
     }
 
-    /// How many batch calls this limiter has made (for tests and diagnostics).
+    /// How many batches this limiter has led (for tests and diagnostics).
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn batches_led(&self) -> u64 {
         self.batches_led.load(Ordering::Relaxed)
@@ -342,6 +324,30 @@ impl Limiter {
             }
         }
         verdicts
+    }
+}
+
+/// One decision counted in [`Limiter::active`] until it is dropped
+/// (answered or cancelled).
+struct Active<'a> {
+    count: &'a AtomicUsize,
+    /// No other decision was active when this one started.
+    was_alone: bool,
+}
+
+impl<'a> Active<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        let before = count.fetch_add(1, Ordering::AcqRel);
+        Self {
+            count,
+            was_alone: before == 0,
+        }
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
