@@ -416,7 +416,8 @@ mod tests {
         first.await.expect("no panic");
     }
 
-    #[tokio::test(flavor = "current_thread")]
+    /// At once: on tokio's paused clock, no member waits out its patience.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn members_a_batch_does_not_answer_make_their_own_calls() {
         let (gather, calls) = (
             Arc::new(Gather::new(8, PATIENCE)),
@@ -425,7 +426,9 @@ mod tests {
         let (release, first) = in_flight(&gather, &calls);
         settle().await;
         // The batch answers its first two queries only.
+        let started = tokio::time::Instant::now();
         let answers = answers(spawn_calls(&gather, &calls, 2..=5, 2)).await;
+        assert!(started.elapsed() < PATIENCE, "the unanswered waited");
         assert_eq!(answers, [200, 300, 40, 50]);
         drop(release);
         first.await.expect("no panic");
