@@ -122,7 +122,7 @@ impl<Q, R> Gather<Q, R> {
         TF: Future<Output = Vec<R>>,
     {
         let active = Active::enter(&self.active);
-        if !active.was_alone
+        if !active.was_alone()
             && let Some(answer) = self.gathered(query, together).await
         {
             return answer;
@@ -195,19 +195,40 @@ impl<Q, R> Gather<Q, R> {
     }
 }
 
-/// One call in [`Gather::run`], counted until dropped.
-struct Active<'a> {
+/// One call counted in a count of calls in flight until it is dropped
+/// (answered or cancelled): how [`Gather::run`] (and the rate limiter's own
+/// batching) tells a call alone from one that has company.
+///
+/// ```
+/// use std::sync::atomic::AtomicUsize;
+/// use tower_redis_core::sync::Active;
+///
+/// let in_flight = AtomicUsize::new(0);
+/// let first = Active::enter(&in_flight);
+/// assert!(first.was_alone());
+/// assert!(!Active::enter(&in_flight).was_alone());
+/// drop(first);
+/// assert!(Active::enter(&in_flight).was_alone());
+/// ```
+#[derive(Debug)]
+pub struct Active<'a> {
     active: &'a AtomicUsize,
     was_alone: bool,
 }
 
 impl<'a> Active<'a> {
-    fn enter(active: &'a AtomicUsize) -> Self {
+    /// Counts a call in `active`.
+    pub fn enter(active: &'a AtomicUsize) -> Self {
         let before = active.fetch_add(1, Ordering::AcqRel);
         Self {
             active,
             was_alone: before == 0,
         }
+    }
+
+    /// No other call was counted when this one entered.
+    pub fn was_alone(&self) -> bool {
+        self.was_alone
     }
 }
 
@@ -314,6 +335,38 @@ mod tests {
         (release, task)
     }
 
+    /// A gather of batches of `max` members, with a call in flight (until
+    /// the sender is used or dropped) and everything settled.
+    async fn one_in_flight(
+        max: usize,
+    ) -> (
+        Arc<Gather<u32, u32>>,
+        Arc<Calls>,
+        oneshot::Sender<()>,
+        tokio::task::JoinHandle<u32>,
+    ) {
+        let (gather, calls) = (
+            Arc::new(Gather::new(max, PATIENCE)),
+            Arc::new(Calls::default()),
+        );
+        let (release, first) = in_flight(&gather, &calls);
+        settle().await;
+        (gather, calls, release, first)
+    }
+
+    /// The call of query 2, polled once: it leads a batch and is in its
+    /// yield, and is not polled again unless its caller does.
+    async fn leading_in_its_yield<'a>(
+        gather: &'a Gather<u32, u32>,
+        calls: &'a Calls,
+    ) -> std::pin::Pin<Box<impl Future<Output = u32> + 'a>> {
+        let mut leader = Box::pin(call(gather, calls, 2, None, usize::MAX));
+        let polled =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(leader.as_mut().poll(cx))).await;
+        assert!(polled.is_pending(), "the leader yields once");
+        leader
+    }
+
     async fn settle() {
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -361,12 +414,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn calls_arriving_while_one_is_in_flight_make_one_call_in_order() {
-        let (gather, calls) = (
-            Arc::new(Gather::new(8, PATIENCE)),
-            Arc::new(Calls::default()),
-        );
-        let (release, first) = in_flight(&gather, &calls);
-        settle().await;
+        let (gather, calls, release, first) = one_in_flight(8).await;
         let answers = answers(spawn_calls(&gather, &calls, 2..=6, usize::MAX)).await;
         assert_eq!(answers, [200, 300, 400, 500, 600]);
         assert_eq!(*lock(&calls.batches), [vec![2, 3, 4, 5, 6]]);
@@ -377,12 +425,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_full_batch_sends_later_calls_alone() {
-        let (gather, calls) = (
-            Arc::new(Gather::new(2, PATIENCE)),
-            Arc::new(Calls::default()),
-        );
-        let (release, first) = in_flight(&gather, &calls);
-        settle().await;
+        let (gather, calls, release, first) = one_in_flight(2).await;
         let answers = answers(spawn_calls(&gather, &calls, 2..=6, usize::MAX)).await;
         // 2 leads, 3 and 4 join (the most a batch takes), 5 and 6 go alone.
         assert_eq!(answers, [200, 300, 400, 50, 60]);
@@ -393,17 +436,9 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn members_of_a_batch_whose_leader_is_dropped_make_their_own_calls() {
-        let (gather, calls) = (
-            Arc::new(Gather::new(8, PATIENCE)),
-            Arc::new(Calls::default()),
-        );
-        let (release, first) = in_flight(&gather, &calls);
-        settle().await;
+        let (gather, calls, release, first) = one_in_flight(8).await;
         // The leader starts the batch and yields ...
-        let mut leader = Box::pin(call(&gather, &calls, 2, None, usize::MAX));
-        let polled =
-            std::future::poll_fn(|cx| std::task::Poll::Ready(leader.as_mut().poll(cx))).await;
-        assert!(polled.is_pending(), "the leader yields once");
+        let leader = leading_in_its_yield(&gather, &calls).await;
         // ... two calls join it ...
         let members = spawn_calls(&gather, &calls, 3..=4, usize::MAX);
         settle().await;
@@ -419,12 +454,7 @@ mod tests {
     /// At once: on tokio's paused clock, no member waits out its patience.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn members_a_batch_does_not_answer_make_their_own_calls() {
-        let (gather, calls) = (
-            Arc::new(Gather::new(8, PATIENCE)),
-            Arc::new(Calls::default()),
-        );
-        let (release, first) = in_flight(&gather, &calls);
-        settle().await;
+        let (gather, calls, release, first) = one_in_flight(8).await;
         // The batch answers its first two queries only.
         let started = tokio::time::Instant::now();
         let answers = answers(spawn_calls(&gather, &calls, 2..=5, 2)).await;
@@ -439,16 +469,8 @@ mod tests {
     /// call. The clock is tokio's paused one.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn members_of_a_stalled_batch_make_their_own_calls_after_the_patience() {
-        let (gather, calls) = (
-            Arc::new(Gather::new(8, PATIENCE)),
-            Arc::new(Calls::default()),
-        );
-        let (release, first) = in_flight(&gather, &calls);
-        settle().await;
-        let mut leader = Box::pin(call(&gather, &calls, 2, None, usize::MAX));
-        let polled =
-            std::future::poll_fn(|cx| std::task::Poll::Ready(leader.as_mut().poll(cx))).await;
-        assert!(polled.is_pending(), "the leader yields once");
+        let (gather, calls, release, first) = one_in_flight(8).await;
+        let leader = leading_in_its_yield(&gather, &calls).await;
         let started = tokio::time::Instant::now();
         let members = spawn_calls(&gather, &calls, 3..=4, usize::MAX);
         // The leader is kept, never polled again.

@@ -514,7 +514,7 @@ impl CacheStore {
     /// The reply to one read command (`command(query)`), as
     /// [`on_reads`](Self::on_reads) runs it: alone, or, when other reads
     /// of `reads` are in flight, with those that arrive with it in one
-    /// pipeline (on a cluster, one command each, sent at once). Each
+    /// pipeline. Each
     /// caller parses its own reply; a failed call is every caller's error.
     /// While Redis is unavailable every read goes alone: the breaker
     /// answers it at once, with nothing to wait for. On a Redis Cluster

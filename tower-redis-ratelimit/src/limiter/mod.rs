@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tower_redis_core::RedisManager;
+use tower_redis_core::sync::Active;
 
 use self::batch::Batch;
 use self::blocked::BlockedKeys;
@@ -282,7 +283,7 @@ impl Limiter {
             return self.decide_alone(checks, cost).await;
         }
         let active = Active::enter(&self.active);
-        if active.was_alone {
+        if active.was_alone() {
             // Nobody to share a call with: the batching machinery (a
             // yield to gather followers, the batch lock) would only add
             // latency. Requests arriving while this one waits see it
@@ -324,30 +325,6 @@ impl Limiter {
             }
         }
         verdicts
-    }
-}
-
-/// One decision counted in [`Limiter::active`] until it is dropped
-/// (answered or cancelled).
-struct Active<'a> {
-    count: &'a AtomicUsize,
-    /// No other decision was active when this one started.
-    was_alone: bool,
-}
-
-impl<'a> Active<'a> {
-    fn enter(count: &'a AtomicUsize) -> Self {
-        let before = count.fetch_add(1, Ordering::AcqRel);
-        Self {
-            count,
-            was_alone: before == 0,
-        }
-    }
-}
-
-impl Drop for Active<'_> {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
