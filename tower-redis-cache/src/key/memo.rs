@@ -39,8 +39,8 @@ struct Slot {
     host: Option<Box<[u8]>>,
     path: Box<str>,
     query: Option<Box<str>>,
-    url: String,
-    url_hash: String,
+    url: std::sync::Arc<str>,
+    url_hash: std::sync::Arc<str>,
 }
 
 impl Slot {
@@ -90,7 +90,10 @@ thread_local! {
 /// by the layer of `config`, under its allowed hosts and the route of the
 /// request's path (see [`url_of`] and [`hash_url`]); `None` when it has no
 /// URL the layer keys.
-pub(crate) fn url_and_hash(config: &Config, head: &impl Head) -> Option<(String, String)> {
+pub(crate) fn url_and_hash(
+    config: &Config,
+    head: &impl Head,
+) -> Option<(std::sync::Arc<str>, std::sync::Arc<str>)> {
     let layer = config.id;
     let uri = head.uri();
     let mut hosts = head.headers().get_all(http::header::HOST).iter();
@@ -118,7 +121,8 @@ pub(crate) fn url_and_hash(config: &Config, head: &impl Head) -> Option<(String,
         return Some(found);
     }
     let url = url_of(head, &config.allowed_hosts, config.route_for(uri.path()))?;
-    let url_hash = hash_url(&url);
+    let url_hash: std::sync::Arc<str> = hash_url(&url).into();
+    let url: std::sync::Arc<str> = url.into();
     if memoised {
         let slot = Slot {
             layer,
@@ -180,7 +184,7 @@ mod tests {
                 let route = config.route_for(request.uri().path());
                 let made = url_of(request, &config.allowed_hosts, route).map(|url| {
                     let hash = hash_url(&url);
-                    (url, hash)
+                    (url.into(), hash.into())
                 });
                 assert_eq!(
                     url_and_hash(&config, request),

@@ -125,7 +125,7 @@ fn names_itself(
             .get(header::CONTENT_LOCATION)
             .and_then(|value| value.to_str().ok())
             .and_then(|value| key::same_origin_url(&post.base, value, &config.allowed_hosts, route))
-            .is_some_and(|url| url == post.keyed.key.url)
+            .is_some_and(|url| *url == *post.keyed.key.url)
         && freshness::has_explicit_freshness(headers, &config.rules)
 }
 

@@ -150,7 +150,7 @@ where
             // may be a `206` that no other request could use: it neither
             // leads a flight nor follows one.
             Some(wanted) => {
-                wanted.restore(&mut self.request);
+                wanted.restore(self.request_mut());
                 None
             }
             None => self.ctx.coalescing(),
@@ -275,12 +275,7 @@ where
         fill: Fill,
     ) -> impl Future<Output = Answer<ResBody, S::Error>> + use<S, ReqBody, ResBody> {
         use futures_util::FutureExt as _;
-        let Exchange {
-            ctx,
-            mut inner,
-            request,
-            ..
-        } = self;
+        let (ctx, mut inner, request) = self.into_parts();
         let request_time = SystemTime::now();
         let called = inner.call(request);
         // The call's future owns what it needs; the service is not kept.

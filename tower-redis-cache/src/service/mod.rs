@@ -295,17 +295,38 @@ where
         }
         _ => None,
     };
-    let mut keyed = Keyed::with_head(key_and_copy, &request);
     // The origin is asked for the whole response (unless the range is
     // forwarded: `forward_ranges`, or a stored partial entry); a range is
     // cut from a whole answer, whichever path gives it.
     let range = range::take(&mut request);
-    range::strip(&mut keyed.parts.headers);
-    let exchange = Exchange {
-        ctx: Ctx { config, keyed },
-        inner,
-        request,
-        body: PhantomData,
+    let exchange = match key_and_copy {
+        // Keying made a copy of the head: it stays the context's.
+        (key, Some(mut parts)) => {
+            range::strip(&mut parts.headers);
+            Exchange::new(
+                Ctx {
+                    config,
+                    keyed: Keyed { parts, key },
+                },
+                inner,
+                request,
+            )
+        }
+        // The request's own head is the context's; the origin's copy is
+        // made only if the request is forwarded (a hit makes none).
+        (key, None) => {
+            let (parts, body) = request.into_parts();
+            let mut exchange = Exchange::new(
+                Ctx {
+                    config,
+                    keyed: Keyed { parts, key },
+                },
+                inner,
+                Request::new(body),
+            );
+            exchange.head_in_ctx = true;
+            exchange
+        }
     };
     finish.boxed(async move {
         let wanted = range.as_ref();
@@ -348,8 +369,8 @@ where
 /// from the request in place.
 pub(crate) struct Key {
     /// `//host/path?query`.
-    pub(crate) url: String,
-    pub(crate) url_hash: String,
+    pub(crate) url: std::sync::Arc<str>,
+    pub(crate) url_hash: std::sync::Arc<str>,
     pub(crate) extra: String,
     pub(crate) directives: RequestDirectives,
 }
@@ -400,7 +421,7 @@ impl Key {
                 key::push_forwarded_origin(&mut extra, view, &parts);
             }
             let url_hash = key::hash_url(&url);
-            (url, url_hash, extra, Some(parts))
+            (url.into(), url_hash.into(), extra, Some(parts))
         };
         let key = Key {
             url_hash,
@@ -464,9 +485,49 @@ pub(crate) struct Ctx {
 pub(crate) struct Exchange<S, ReqBody, ResBody> {
     pub(crate) ctx: Ctx,
     pub(crate) inner: S,
-    pub(crate) request: Request<ReqBody>,
+    /// The request for the origin ([`request_mut`](Self::request_mut)).
+    request: Request<ReqBody>,
+    /// Whether `request` has only the body yet, its head being the
+    /// context's (`ctx.keyed.parts`) until the request is forwarded.
+    head_in_ctx: bool,
     /// The origin's body type, which the methods' bounds name.
     body: PhantomData<fn() -> ResBody>,
+}
+
+impl<S, ReqBody, ResBody> Exchange<S, ReqBody, ResBody> {
+    /// An exchange of a request whose head the context holds a copy of.
+    pub(crate) fn new(ctx: Ctx, inner: S, request: Request<ReqBody>) -> Self {
+        Self {
+            ctx,
+            inner,
+            request,
+            head_in_ctx: false,
+            body: PhantomData,
+        }
+    }
+
+    /// The request for the origin. Where the context holds the request's
+    /// own head, the origin's request gets a copy of it now, and its
+    /// extensions (the context's head keeps none, as a copy made when the
+    /// request was keyed).
+    pub(crate) fn request_mut(&mut self) -> &mut Request<ReqBody> {
+        if std::mem::take(&mut self.head_in_ctx) {
+            let head = &mut self.ctx.keyed.parts;
+            let request = &mut self.request;
+            *request.method_mut() = head.method.clone();
+            *request.uri_mut() = head.uri.clone();
+            *request.version_mut() = head.version;
+            *request.headers_mut() = head.headers.clone();
+            *request.extensions_mut() = std::mem::take(&mut head.extensions);
+        }
+        &mut self.request
+    }
+
+    /// The context, the inner service and the request for the origin.
+    pub(crate) fn into_parts(mut self) -> (Ctx, S, Request<ReqBody>) {
+        self.request_mut();
+        (self.ctx, self.inner, self.request)
+    }
 }
 
 /// A response the cache does not handle: only its tag headers are removed.

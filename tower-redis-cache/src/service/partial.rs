@@ -138,7 +138,7 @@ where
             return Ok(answer);
         }
         if let Some(wanted) = wanted {
-            wanted.restore(&mut self.request);
+            wanted.restore(self.request_mut());
         }
         let status = CacheStatus::forward("partial", tier);
         Box::pin(self.forward_and_store(status, Fill::none())).await
@@ -148,12 +148,7 @@ where
     /// and combines its answer with the span when it is a part of the same
     /// representation (RFC 9111 §3.4).
     async fn complete(self, completion: Completion, tier: Tier) -> Answer<ResBody, S::Error> {
-        let Exchange {
-            ctx,
-            mut inner,
-            mut request,
-            ..
-        } = self;
+        let (ctx, mut inner, mut request) = self.into_parts();
         let config = &ctx.config;
         config.store.counters.misses.fetch_add(1, Ordering::Relaxed);
         let Completion {

@@ -173,12 +173,7 @@ where
         revalidation: Revalidation,
         fill: Fill,
     ) -> Answer<ResBody, S::Error> {
-        let Exchange {
-            ctx,
-            mut inner,
-            mut request,
-            ..
-        } = self;
+        let (ctx, mut inner, mut request) = self.into_parts();
         let Revalidation {
             entry,
             status,

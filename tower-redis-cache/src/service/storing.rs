@@ -169,8 +169,8 @@ pub(crate) fn put_for(
     }
     let vary = key::vary_names(&entry.headers).unwrap_or_default();
     Put {
-        url_hash: keyed.key.url_hash.clone(),
-        url: keyed.key.url.clone(),
+        url_hash: keyed.key.url_hash.to_string(),
+        url: keyed.key.url.to_string(),
         variant: key::variant(&vary, request, &keyed.key.extra),
         vary,
         keep_for: keep_for(config, route, &entry, storable.lifetime),

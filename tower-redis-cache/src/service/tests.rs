@@ -320,12 +320,7 @@ fn a_forwarded_miss_boxes_within_the_allocators_thread_cache() {
     let config = Arc::clone(&layer().config);
     let request = get(&[]);
     let keyed = super::Keyed::of_target(&config, &request).expect("a request the cache handles");
-    let exchange = super::Exchange {
-        ctx: super::Ctx { config, keyed },
-        inner: Origin::new(&[]),
-        request,
-        body: std::marker::PhantomData,
-    };
+    let exchange = super::Exchange::new(super::Ctx { config, keyed }, Origin::new(&[]), request);
     let forwarded = exchange.forward_and_store(
         super::cache_status::CacheStatus::forward("uri-miss", crate::store::Tier::Redis),
         super::miss::Fill::none(),
@@ -379,4 +374,99 @@ async fn a_fresh_near_hit_is_answered_at_once_by_the_directives_kept_with_it() {
     );
     assert_eq!(at_once(), before + 1, "a range takes the awaited path");
     assert_eq!(origin.calls(), 1);
+}
+
+/// What the origin is sent for a request the cache forwards: the client's
+/// head (method, target, version, fields; its range restored when ranges
+/// are forwarded) and the request's extensions. The cache keys and looks
+/// up a request on its own head, and copies that head for the origin only
+/// when it forwards the request.
+#[tokio::test]
+async fn a_forwarded_request_reaches_the_origin_with_its_head_and_extensions() {
+    #[derive(Clone, Debug, PartialEq)]
+    struct Marker(u32);
+    type Seen = (
+        http::Method,
+        http::Uri,
+        http::Version,
+        http::HeaderMap,
+        Option<Marker>,
+    );
+    let seen: Arc<std::sync::Mutex<Vec<Seen>>> = Arc::default();
+    let origin = {
+        let seen = Arc::clone(&seen);
+        tower::service_fn(move |request: Request<Empty<Bytes>>| {
+            seen.lock().unwrap().push((
+                request.method().clone(),
+                request.uri().clone(),
+                request.version(),
+                request.headers().clone(),
+                request.extensions().get::<Marker>().cloned(),
+            ));
+            std::future::ready(Ok::<_, Infallible>(
+                Response::builder()
+                    .header("cache-control", "max-age=60")
+                    .body(Full::new(Bytes::from("page")))
+                    .unwrap(),
+            ))
+        })
+    };
+    let send = |layer: CacheLayer, mut request: Request<Empty<Bytes>>, marker: u32| {
+        let origin = origin.clone();
+        async move {
+            request.extensions_mut().insert(Marker(marker));
+            let response = layer.layer(origin).oneshot(request).await.unwrap();
+            let _ = response.into_body().collect().await;
+            layer.flush().await;
+        }
+    };
+    // A miss.
+    send(
+        layer(),
+        get(&[("accept", "text/html"), ("x-trace", "t1")]),
+        7,
+    )
+    .await;
+    // A range, forwarded as the client sent it.
+    let ranges = CacheLayer::builder(RedisManager::disabled())
+        .forward_ranges(true)
+        .build()
+        .unwrap();
+    send(
+        ranges,
+        get(&[("range", "bytes=0-1"), ("if-range", "\"v1\"")]),
+        8,
+    )
+    .await;
+    // A HEAD request (a miss: no entry in this layer).
+    let mut head = get(&[("x-trace", "t3")]);
+    *head.method_mut() = http::Method::HEAD;
+    send(layer(), head, 9).await;
+
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let uri: http::Uri = "http://shop.example/p/1".parse().unwrap();
+    let (method, target, version, fields, marker) = &seen[0];
+    assert_eq!(
+        (method, target, *version, marker),
+        (
+            &http::Method::GET,
+            &uri,
+            http::Version::HTTP_11,
+            &Some(Marker(7))
+        )
+    );
+    assert_eq!(fields["accept"], "text/html");
+    assert_eq!(fields["x-trace"], "t1");
+    assert!(!fields.contains_key("range"));
+    let (_, _, _, fields, marker) = &seen[1];
+    assert_eq!(marker, &Some(Marker(8)));
+    assert_eq!(fields["range"], "bytes=0-1");
+    assert_eq!(fields["if-range"], "\"v1\"");
+    let (method, target, _, fields, marker) = &seen[2];
+    assert_eq!(
+        (method, target, marker),
+        (&http::Method::HEAD, &uri, &Some(Marker(9)))
+    );
+    assert_eq!(fields["x-trace"], "t3");
 }

@@ -305,10 +305,10 @@ pub(crate) struct CacheStore {
     pub(crate) read_from_replicas: bool,
     /// The data cache's reads that arrive while another is in flight,
     /// sent together (`data.rs`).
-    data_reads: Gather<String, Result<Value, tower_redis_core::Error>>,
+    data_reads: Gather<redis::Cmd, Result<Value, tower_redis_core::Error>>,
     /// The HTTP cache's hinted lookups (`(key, variant)`), gathered alike
     /// (`lookup.rs`).
-    lookups: Gather<(String, String), Result<Value, tower_redis_core::Error>>,
+    lookups: Gather<redis::Cmd, Result<Value, tower_redis_core::Error>>,
 }
 
 /// The most reads one pipeline of gathered reads takes besides its
@@ -522,9 +522,9 @@ impl CacheStore {
     ///
     /// Not an `async fn`, which would hold its arguments beside the
     /// closures that hold them too.
-    fn read_gathered<'a, Q: Clone + Send + Sync>(
+    fn read_gathered<'a, Q: Sync>(
         &'a self,
-        reads: &'a Gather<Q, Result<Value, tower_redis_core::Error>>,
+        reads: &'a Gather<redis::Cmd, Result<Value, tower_redis_core::Error>>,
         redis: &'a RedisStore,
         query: &'a Q,
         command: fn(&Q) -> redis::Cmd,
@@ -545,13 +545,15 @@ impl CacheStore {
             return Either::Left(alone());
         }
         Either::Right(reads.run(
-            move || query.clone(),
+            // A member hands the batch its command, built once: the
+            // leader pipelines the commands as they are.
+            move || command(query),
             alone,
             // Boxed, as a trait object: only a batch's leader pays for
             // the batch's call (and its type stays out of every read's).
-            move |queries| -> BoxFuture<'a, Vec<Result<Value, tower_redis_core::Error>>> {
+            move |commands| -> BoxFuture<'a, Vec<Result<Value, tower_redis_core::Error>>> {
                 Box::pin(async move {
-                    let commands = queries.iter().map(command).collect();
+                    let count = commands.len();
                     let replies = self
                         .on_reads(redis, |conn| async move {
                             healthy(redis_store::run_commands(conn, commands).await?)
@@ -559,7 +561,7 @@ impl CacheStore {
                         .await;
                     match replies {
                         Ok(replies) => replies.into_iter().map(Ok).collect(),
-                        Err(error) => queries.iter().map(|_| Err(error.clone())).collect(),
+                        Err(error) => (0..count).map(|_| Err(error.clone())).collect(),
                     }
                 })
             },
