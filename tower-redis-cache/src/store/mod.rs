@@ -306,7 +306,7 @@ pub(crate) struct CacheStore {
     /// The data cache's reads that arrive while another is in flight,
     /// sent together (`data.rs`).
     data_reads: Gather<redis::Cmd, Result<Value, tower_redis_core::Error>>,
-    /// The HTTP cache's hinted lookups (`(key, variant)`), gathered alike
+    /// The HTTP cache's hinted lookups (their `HMGET`s), gathered alike
     /// (`lookup.rs`).
     lookups: Gather<redis::Cmd, Result<Value, tower_redis_core::Error>>,
 }
