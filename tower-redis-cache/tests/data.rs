@@ -1371,6 +1371,41 @@ async fn reads_arriving_together_are_one_pipeline_and_each_gets_its_own_value() 
     );
 }
 
+/// Reads started at once from many tasks on a multi-threaded runtime,
+/// where batches form and are answered on both workers at the same time:
+/// each caller gets its own value (an absent key a miss), whichever batch
+/// it went in, or none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_on_several_threads_at_once_each_get_their_own_value() {
+    let redis = TestRedis::start().await;
+    let a = instance(&redis, |b| b).await;
+    let far = DataOptions::new(Duration::from_secs(60)).near(false);
+    for i in 0..50 {
+        a.data
+            .insert(&format!("item:{i}"), &product(&format!("item {i}")), &far)
+            .await
+            .unwrap();
+    }
+    let reads = (0..2_000).map(|n| {
+        let data = a.data.clone();
+        tokio::spawn(async move {
+            let i = n % 51;
+            let key = if i < 50 {
+                format!("item:{i}")
+            } else {
+                "item:absent".to_owned()
+            };
+            (i, data.get::<Product>(&key).await.unwrap())
+        })
+    });
+    let found = within("the reads", futures_util::future::join_all(reads)).await;
+    for read in found {
+        let (i, value) = read.expect("no read panics");
+        let expected = (i < 50).then(|| product(&format!("item {i}")));
+        assert_eq!(value, expected, "the read of item {i}");
+    }
+}
+
 /// When the call of gathered reads fails (Redis stops answering), every
 /// read in it falls back to the in-process store (a miss there), none
 /// fails, and the breaker counts two failed calls (the first read's own

@@ -423,6 +423,53 @@ mod tests {
         assert_eq!(calls.alone.load(Ordering::SeqCst), 1);
     }
 
+    /// Many calls at once on a multi-threaded runtime, while one is in
+    /// flight: batches form and are answered on both workers at the same
+    /// time, and each call gets the answer to its own query, whichever
+    /// batch it went in, or none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_on_several_threads_each_get_their_own_answer() {
+        let gather = Arc::new(Gather::new(16, PATIENCE));
+        let calls = Arc::new(Calls::default());
+        let (release, hold) = oneshot::channel();
+        let first = {
+            let (gather, calls) = (Arc::clone(&gather), Arc::clone(&calls));
+            tokio::spawn(async move { call(&gather, &calls, 1, Some(hold), usize::MAX).await })
+        };
+        while gather.active.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let tasks: Vec<_> = (2..2_002)
+            .map(|query| {
+                let (gather, calls) = (Arc::clone(&gather), Arc::clone(&calls));
+                tokio::spawn(async move {
+                    (query, call(&gather, &calls, query, None, usize::MAX).await)
+                })
+            })
+            .collect();
+        let answered = tokio::time::timeout(
+            Duration::from_secs(30),
+            futures_util::future::join_all(tasks),
+        )
+        .await
+        .expect("every call is answered within 30 s");
+        for task in answered {
+            let (query, answer) = task.expect("no call panics");
+            assert!(
+                answer == query * 100 || answer == query * 10,
+                "call {query} was answered {answer}"
+            );
+        }
+        let batches = lock(&calls.batches);
+        assert!(
+            batches.iter().any(|batch| batch.len() >= 2),
+            "batches formed: {batches:?}"
+        );
+        drop(batches);
+        release.send(()).expect("the first call waits");
+        assert_eq!(first.await.expect("no panic"), 10);
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn a_full_batch_sends_later_calls_alone() {
         let (gather, calls, release, first) = one_in_flight(2).await;
