@@ -460,12 +460,13 @@ mod tests {
                 "call {query} was answered {answer}"
             );
         }
-        let batches = lock(&calls.batches);
-        assert!(
-            batches.iter().any(|batch| batch.len() >= 2),
-            "batches formed: {batches:?}"
-        );
-        drop(batches);
+        {
+            let batches = lock(&calls.batches);
+            assert!(
+                batches.iter().any(|batch| batch.len() >= 2),
+                "batches formed: {batches:?}"
+            );
+        }
         release.send(()).expect("the first call waits");
         assert_eq!(first.await.expect("no panic"), 10);
     }
