@@ -152,6 +152,24 @@ pub fn tuned(config: RedisConfigBuilder) -> RedisConfigBuilder {
         .key_prefix(PREFIX)
 }
 
+/// The configuration of the manager a test reads Redis with to check what
+/// the layers wrote ([`Load::missing_session_writes`]): the chaos key
+/// prefix, but neither the chaos timeouts nor its breaker. It is the
+/// test's instrument, not a subject: on a loaded machine a read that takes
+/// longer than the layers' 200 ms must slow the check down, not turn every
+/// later read away as `BreakerOpen` until the check's deadline has passed.
+pub fn checker(config: RedisConfigBuilder) -> RedisConfigBuilder {
+    config
+        .command_timeout(CHECKER_TIMEOUT)
+        .connect_timeout(CHECKER_TIMEOUT)
+        .failure_threshold(u32::MAX)
+        .probe_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .key_prefix(PREFIX)
+}
+
+/// How long the checker ([`checker`]) waits for one connection or answer.
+const CHECKER_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What the app's layers are bounded by, beyond the chaos defaults. The
 /// default is the chaos app's: the library defaults everywhere and no
 /// `/visit` route. The soak test bounds every in-process store small and

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tests::chaos::{
     CLUSTER_LATENCY_BOUND, Fault, FaultProxy, Instance, Load, Phase, RL_QUOTA, all_closed,
-    all_opened, tuned,
+    all_opened, checker as checker_config,
 };
 use tower_redis_core::testing::{TestCluster, TestRedis};
 use tower_redis_core::{RedisConfig, RedisConfigBuilder, RedisManager, redis};
@@ -213,7 +213,7 @@ async fn recover_and_check(
     );
 
     // Sessions: every acknowledged write of a durable session is in Redis.
-    let checker = RedisManager::connect(tuned(checker).build().expect("valid config"))
+    let checker = RedisManager::connect(checker_config(checker).build().expect("valid config"))
         .await
         .expect("checker starts");
     let (expected, missing) = load

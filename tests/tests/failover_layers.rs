@@ -18,7 +18,9 @@
 
 use std::time::{Duration, Instant};
 
-use tests::chaos::{CLUSTER_LATENCY_BOUND, Instance, Load, Phase, RL_QUOTA, all_closed, tuned};
+use tests::chaos::{
+    CLUSTER_LATENCY_BOUND, Instance, Load, Phase, RL_QUOTA, all_closed, checker as checker_config,
+};
 use tower_redis_core::testing::{TestCluster, TestSentinel};
 use tower_redis_core::{RedisConfigBuilder, RedisManager};
 
@@ -126,7 +128,7 @@ async fn through_failover(
     // Sessions: every write acknowledged from the kill on is in Redis; of
     // the writes acknowledged before it, those the replica had not received
     // are lost (counted, not asserted: asynchronous replication).
-    let checker = RedisManager::connect(tuned(checker).build().expect("valid config"))
+    let checker = RedisManager::connect(checker_config(checker).build().expect("valid config"))
         .await
         .expect("checker starts");
     let (expected, missing) = load

@@ -426,9 +426,13 @@ pub(crate) async fn run(settings: &Settings) -> Vec<String> {
         );
     }
     let apps: Vec<Router> = managers.iter().map(|m| app(m.clone())).collect();
-    let checker = RedisManager::connect(config())
-        .await
-        .expect("checker starts");
+    let checker = RedisManager::connect(
+        tests::chaos::checker(redis.config())
+            .build()
+            .expect("valid Redis config"),
+    )
+    .await
+    .expect("checker starts");
     let manager_refs: Vec<&RedisManager> = managers.iter().collect();
     eprintln!(
         "soak: {:?}, Redis killed every {:?} for {OUTAGE:?}, {} chaos clients, {} new visitors/s, \
