@@ -378,8 +378,9 @@ async fn a_fresh_near_hit_is_answered_at_once_by_the_directives_kept_with_it() {
 
 /// What the origin is sent for a request the cache forwards: the client's
 /// head (method, target, version, fields; its range restored when ranges
-/// are forwarded) and the request's extensions. The cache keys and looks
-/// up a request on its own head, and copies that head for the origin only
+/// are forwarded; the stored validators added when an entry is
+/// revalidated) and the request's extensions. The cache keys and looks up
+/// a request on its own head, and copies that head for the origin only
 /// when it forwards the request.
 #[tokio::test]
 async fn a_forwarded_request_reaches_the_origin_with_its_head_and_extensions() {
@@ -393,7 +394,8 @@ async fn a_forwarded_request_reaches_the_origin_with_its_head_and_extensions() {
         Option<Marker>,
     );
     let seen: Arc<std::sync::Mutex<Vec<Seen>>> = Arc::default();
-    let origin = {
+    // Answers with `fields`, and 304 to a request with `If-None-Match`.
+    let origin = |fields: &'static [(&'static str, &'static str)]| {
         let seen = Arc::clone(&seen);
         tower::service_fn(move |request: Request<Empty<Bytes>>| {
             seen.lock().unwrap().push((
@@ -403,19 +405,31 @@ async fn a_forwarded_request_reaches_the_origin_with_its_head_and_extensions() {
                 request.headers().clone(),
                 request.extensions().get::<Marker>().cloned(),
             ));
+            let validated = request.headers().contains_key("if-none-match");
+            let mut response = Response::builder().status(if validated {
+                StatusCode::NOT_MODIFIED
+            } else {
+                StatusCode::OK
+            });
+            for (name, value) in fields {
+                response = response.header(*name, *value);
+            }
             std::future::ready(Ok::<_, Infallible>(
-                Response::builder()
-                    .header("cache-control", "max-age=60")
-                    .body(Full::new(Bytes::from("page")))
-                    .unwrap(),
+                response.body(Full::new(Bytes::from("page"))).unwrap(),
             ))
         })
     };
+    let fresh = origin(&[("cache-control", "max-age=60")]);
+    let validated = origin(&[("cache-control", "no-cache"), ("etag", "\"v1\"")]);
     let send = |layer: CacheLayer, mut request: Request<Empty<Bytes>>, marker: u32| {
-        let origin = origin.clone();
+        let (fresh, validated) = (fresh.clone(), validated.clone());
         async move {
             request.extensions_mut().insert(Marker(marker));
-            let response = layer.layer(origin).oneshot(request).await.unwrap();
+            let response = if marker < 10 {
+                layer.layer(fresh).oneshot(request).await.unwrap()
+            } else {
+                layer.layer(validated).oneshot(request).await.unwrap()
+            };
             let _ = response.into_body().collect().await;
             layer.flush().await;
         }
@@ -442,9 +456,13 @@ async fn a_forwarded_request_reaches_the_origin_with_its_head_and_extensions() {
     let mut head = get(&[("x-trace", "t3")]);
     *head.method_mut() = http::Method::HEAD;
     send(layer(), head, 9).await;
+    // An entry stored, then revalidated (`no-cache`) with its `ETag`.
+    let revalidating = layer();
+    send(revalidating.clone(), get(&[]), 10).await;
+    send(revalidating, get(&[("x-trace", "t5")]), 11).await;
 
     let seen = seen.lock().unwrap();
-    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen.len(), 5, "{seen:?}");
     let uri: http::Uri = "http://shop.example/p/1".parse().unwrap();
     let (method, target, version, fields, marker) = &seen[0];
     assert_eq!(
@@ -469,4 +487,14 @@ async fn a_forwarded_request_reaches_the_origin_with_its_head_and_extensions() {
         (&http::Method::HEAD, &uri, &Some(Marker(9)))
     );
     assert_eq!(fields["x-trace"], "t3");
+    let (method, target, _, fields, marker) = &seen[4];
+    assert_eq!(
+        (method, target, marker),
+        (&http::Method::GET, &uri, &Some(Marker(11)))
+    );
+    assert_eq!(fields["x-trace"], "t5");
+    assert_eq!(
+        fields["if-none-match"], "\"v1\"",
+        "the stored validator is sent"
+    );
 }
