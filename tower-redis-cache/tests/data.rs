@@ -1318,6 +1318,16 @@ fn operations(
     counts
 }
 
+/// Stores `item:0` … `item:{count - 1}` (values `item 0` …), in Redis only.
+async fn insert_items(data: &DataCache, count: usize) {
+    let far = DataOptions::new(Duration::from_secs(60)).near(false);
+    for i in 0..count {
+        data.insert(&format!("item:{i}"), &product(&format!("item {i}")), &far)
+            .await
+            .unwrap();
+    }
+}
+
 /// Reads that arrive while another is in flight are sent together: twenty
 /// reads of twenty values (and one of a value that is not there), started
 /// at once, are one `HGET` alone and one pipeline of the other twenty.
@@ -1330,13 +1340,7 @@ async fn reads_arriving_together_are_one_pipeline_and_each_gets_its_own_value() 
     let _guard = metrics::set_default_local_recorder(&recorder);
     let redis = TestRedis::start().await;
     let a = instance(&redis, |b| b).await;
-    let far = DataOptions::new(Duration::from_secs(60)).near(false);
-    for i in 0..20 {
-        a.data
-            .insert(&format!("item:{i}"), &product(&format!("item {i}")), &far)
-            .await
-            .unwrap();
-    }
+    insert_items(&a.data, 20).await;
     let _: Option<Product> = a.data.get("warm-up").await.unwrap();
     // A snapshot takes the histograms' samples: the next one holds the
     // reads' alone.
@@ -1379,13 +1383,7 @@ async fn reads_arriving_together_are_one_pipeline_and_each_gets_its_own_value() 
 async fn reads_on_several_threads_at_once_each_get_their_own_value() {
     let redis = TestRedis::start().await;
     let a = instance(&redis, |b| b).await;
-    let far = DataOptions::new(Duration::from_secs(60)).near(false);
-    for i in 0..50 {
-        a.data
-            .insert(&format!("item:{i}"), &product(&format!("item {i}")), &far)
-            .await
-            .unwrap();
-    }
+    insert_items(&a.data, 50).await;
     let reads = (0..2_000).map(|n| {
         let data = a.data.clone();
         tokio::spawn(async move {
@@ -1525,14 +1523,11 @@ async fn an_unhealthy_reply_counts_against_the_breaker_alone_or_gathered() {
         .unwrap();
     let data = DataCache::new(manager.clone());
     let _: Option<Product> = data.get("warm-up").await.unwrap();
-    let mut admin = redis.connection().await.unwrap();
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("replica-serve-stale-data")
-        .arg("no")
-        .query_async(&mut admin)
+    redis
+        .config_set("replica-serve-stale-data", "no")
         .await
         .unwrap();
+    let mut admin = redis.connection().await.unwrap();
     // A primary that does not exist: the link stays down.
     let unused = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

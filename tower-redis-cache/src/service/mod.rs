@@ -299,35 +299,7 @@ where
     // forwarded: `forward_ranges`, or a stored partial entry); a range is
     // cut from a whole answer, whichever path gives it.
     let range = range::take(&mut request);
-    let exchange = match key_and_copy {
-        // Keying made a copy of the head: it stays the context's.
-        (key, Some(mut parts)) => {
-            range::strip(&mut parts.headers);
-            Exchange::new(
-                Ctx {
-                    config,
-                    keyed: Keyed { parts, key },
-                },
-                inner,
-                request,
-            )
-        }
-        // The request's own head is the context's; the origin's copy is
-        // made only if the request is forwarded (a hit makes none).
-        (key, None) => {
-            let (parts, body) = request.into_parts();
-            let mut exchange = Exchange::new(
-                Ctx {
-                    config,
-                    keyed: Keyed { parts, key },
-                },
-                inner,
-                Request::new(body),
-            );
-            exchange.head_in_ctx = true;
-            exchange
-        }
-    };
+    let exchange = Exchange::keyed(config, key_and_copy, inner, request);
     finish.boxed(async move {
         let wanted = range.as_ref();
         // The next step is picked in a block, so that what the lookup
@@ -495,13 +467,34 @@ pub(crate) struct Exchange<S, ReqBody, ResBody> {
 }
 
 impl<S, ReqBody, ResBody> Exchange<S, ReqBody, ResBody> {
-    /// An exchange of a request whose head the context holds a copy of.
-    pub(crate) fn new(ctx: Ctx, inner: S, request: Request<ReqBody>) -> Self {
+    /// A keyed request on its way (its range already taken). The context
+    /// holds the copy of the head keying made, or else the request's own
+    /// head: the origin's copy is made only if the request is forwarded
+    /// (a hit makes none).
+    fn keyed(
+        config: Arc<Config>,
+        (key, copied): KeyAndCopy,
+        inner: S,
+        request: Request<ReqBody>,
+    ) -> Self {
+        let (parts, request, head_in_ctx) = match copied {
+            Some(mut parts) => {
+                range::strip(&mut parts.headers);
+                (parts, request, false)
+            }
+            None => {
+                let (parts, body) = request.into_parts();
+                (parts, Request::new(body), true)
+            }
+        };
         Self {
-            ctx,
+            ctx: Ctx {
+                config,
+                keyed: Keyed { parts, key },
+            },
             inner,
             request,
-            head_in_ctx: false,
+            head_in_ctx,
             body: PhantomData,
         }
     }

@@ -319,8 +319,8 @@ fn a_forwarded_miss_boxes_within_the_allocators_thread_cache() {
     const THREAD_CACHE_BYTES: usize = 1032;
     let config = Arc::clone(&layer().config);
     let request = get(&[]);
-    let keyed = super::Keyed::of_target(&config, &request).expect("a request the cache handles");
-    let exchange = super::Exchange::new(super::Ctx { config, keyed }, Origin::new(&[]), request);
+    let key = super::Key::of_target(&config, &request).expect("a request the cache handles");
+    let exchange = super::Exchange::keyed(config, key, Origin::new(&[]), request);
     let forwarded = exchange.forward_and_store(
         super::cache_status::CacheStatus::forward("uri-miss", crate::store::Tier::Redis),
         super::miss::Fill::none(),

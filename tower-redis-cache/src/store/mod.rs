@@ -866,14 +866,7 @@ mod tests {
         store.put(put(other, clock::now_ms()), None).await;
         // Redis out of memory refuses writes (and answers reads): the soft
         // purge queued below cannot be written when it is back.
-        let mut conn = redis.connection().await.unwrap();
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("maxmemory")
-            .arg("1")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        redis.config_set("maxmemory", "1").await.unwrap();
         redis.pause().await;
         store.put(put(url, clock::now_ms()), None).await;
         assert_eq!(store.memory().size().0, 1, "stored in process");

@@ -378,6 +378,18 @@ impl TestRedis {
         Ok(parse_commandstats(&info))
     }
 
+    /// `CONFIG SET name value`: changes a setting of the running server.
+    pub async fn config_set(&self, name: &str, value: &str) -> Result<(), TestRedisError> {
+        let mut conn = self.connection().await?;
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
     /// `CONFIG RESETSTAT`: zeroes the command counters.
     pub async fn reset_stats(&self) -> Result<(), TestRedisError> {
         let mut conn = self.connection().await?;
