@@ -301,7 +301,7 @@ fn a_hits_boxed_futures_fit_the_allocators_thread_cache() {
     );
     let read = config
         .store
-        .read_served("url", &headers, "", Some(String::new()));
+        .read_served("url", &headers, "", Some(String::new()), false);
     let size = std::mem::size_of_val(&read);
     assert!(size <= THREAD_CACHE_BYTES, "the boxed read is {size} bytes");
 }

@@ -308,7 +308,7 @@ impl CacheStore {
     ) -> Result<Found, tower_redis_core::Error> {
         let key = redis.redis_key(url_hash);
         let reply = self
-            .read_gathered(&self.data_reads, redis, &key, read_command)
+            .read_gathered(&self.data_reads, redis, &key, read_command, false)
             .await?;
         let Some(bytes) = entry_bytes(reply)? else {
             return Ok(Found::NoUrl);

@@ -45,7 +45,7 @@ impl CacheStore {
         extra: &str,
     ) -> Option<String> {
         match self.vary_hints.get(url_hash)? {
-            super::VaryHint::Vary(vary) => Some(key::variant(&vary, request, extra)),
+            super::VaryHint::Vary { names, .. } => Some(key::variant(&names, request, extra)),
             // Not known: the URL was absent when last looked up.
             super::VaryHint::Absent | super::VaryHint::KnownAbsent { .. } => None,
         }

@@ -12,7 +12,7 @@ use http::HeaderMap;
 use tower_redis_core::Served;
 use tower_redis_core::redis;
 
-use super::{CacheStore, EntryStore, Found, Lookup, Put, Tier, VaryHint};
+use super::{CacheStore, EntryStore, Found, LARGE_ENTRY_BYTES, Lookup, Put, Tier, VaryHint};
 use crate::directives::ResponseDirectives;
 use crate::entry::Entry;
 use crate::key;
@@ -89,17 +89,24 @@ impl CacheStore {
         }
         let hinted_absent = previous_hint.as_ref().is_some_and(VaryHint::is_absent);
         let hint = previous_hint.as_ref().map(|hint| hint.names().to_owned());
+        let alone = previous_hint.as_ref().is_some_and(VaryHint::is_large);
         // The Redis read is boxed apart: inlined, it made the future of
         // every request the cache handles (boxed by the service) larger
         // than the allocator's per-thread cache takes.
-        let served = Box::pin(self.read_served(url_hash, request, extra, hint)).await;
+        let served = Box::pin(self.read_served(url_hash, request, extra, hint, alone)).await;
         let tier = if served.is_fallback() {
             Tier::Degraded
         } else {
             Tier::Redis
         };
         let (found, vary_seen) = served.value;
-        self.update_vary_hint(url_hash, previous_hint, vary_seen.as_deref(), tier);
+        // Whether the URL's entry is large, as last seen: an absent
+        // variant says nothing of its siblings' size.
+        let large = match &found {
+            Found::Entry(entry) => entry.weight() > LARGE_ENTRY_BYTES,
+            _ => alone,
+        };
+        self.update_vary_hint(url_hash, previous_hint, vary_seen.as_deref(), large, tier);
         let lookup = match found {
             Found::Entry(entry) => {
                 // An entry read from a replica may already be purged on
@@ -164,16 +171,18 @@ impl CacheStore {
     }
 
     /// What a lookup finds in Redis, else (Redis unavailable) in the
-    /// in-process store, and the `Vary` names seen.
+    /// in-process store, and the `Vary` names seen. With `alone`, a hinted
+    /// read is not gathered with others (the URL's entry is large).
     pub(crate) fn read_served<'a>(
         &'a self,
         url_hash: &'a str,
         request: &'a HeaderMap,
         extra: &'a str,
         hint: Option<String>,
+        alone: bool,
     ) -> impl Future<Output = Served<(Found, Option<String>)>> + 'a {
         self.failover.run(
-            move |redis| self.read_entry(redis, url_hash, request, extra, hint),
+            move |redis| self.read_entry(redis, url_hash, request, extra, hint, alone),
             // Boxed: only a lookup during an outage pays for its state.
             move |memory, _| {
                 Box::pin(async move {
@@ -184,23 +193,29 @@ impl CacheStore {
         )
     }
 
-    /// Records the `Vary` names a lookup saw, written only when they
-    /// change: a cache write costs more than a read. A URL found absent
-    /// loses its names; one this instance marked absent
-    /// ([`remember_absent`](Self::remember_absent)) stays so.
+    /// Records the `Vary` names a lookup saw and whether the URL's entry is
+    /// `large`, written only when they change: a cache write costs more
+    /// than a read. A URL found absent loses its names; one this instance
+    /// marked absent ([`remember_absent`](Self::remember_absent)) stays so.
     fn update_vary_hint(
         &self,
         url_hash: &str,
         previous: Option<VaryHint>,
         seen: Option<&str>,
+        large: bool,
         tier: Tier,
     ) {
         match (seen, previous) {
-            (Some(vary), Some(VaryHint::Vary(previous))) if previous == vary => {}
-            (Some(vary), _) => self
-                .vary_hints
-                .insert(url_hash.to_owned(), VaryHint::Vary(vary.to_owned())),
-            (None, Some(VaryHint::Vary(_))) if tier == Tier::Redis => {
+            (Some(vary), Some(VaryHint::Vary { names, large: was }))
+                if names == vary && was == large => {}
+            (Some(vary), _) => self.vary_hints.insert(
+                url_hash.to_owned(),
+                VaryHint::Vary {
+                    names: vary.to_owned(),
+                    large,
+                },
+            ),
+            (None, Some(VaryHint::Vary { .. })) if tier == Tier::Redis => {
                 self.vary_hints.invalidate(url_hash);
             }
             (None, _) => {}
