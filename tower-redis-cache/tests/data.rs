@@ -1375,6 +1375,53 @@ async fn reads_arriving_together_are_one_pipeline_and_each_gets_its_own_value() 
     );
 }
 
+/// Values larger than 8 KiB are read alone: twenty reads of twenty 16 KiB
+/// values, started at once, are twenty `HGET`s each timed on its own and no
+/// pipeline, whether the instance learnt their size when it stored them
+/// (`a`) or when it read them (`b`).
+#[tokio::test(flavor = "current_thread")]
+async fn reads_of_large_values_are_not_gathered() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let redis = TestRedis::start().await;
+    let a = instance(&redis, |b| b).await;
+    let b = instance(&redis, |b| b).await;
+    let large = |i: usize| product(&format!("item {i} {}", "x".repeat(16 * 1024)));
+    let far = DataOptions::new(Duration::from_secs(60)).near(false);
+    for i in 0..20 {
+        a.data
+            .insert(&format!("big:{i}"), &large(i), &far)
+            .await
+            .unwrap();
+    }
+    for i in 0..20 {
+        let value: Option<Product> = b.data.get(&format!("big:{i}")).await.unwrap();
+        assert_eq!(value, Some(large(i)));
+    }
+    // Starts `a`'s bus (its first read subscribes), outside the window.
+    let _: Option<Product> = a.data.get("warm-up").await.unwrap();
+    for (name, reader) in [("a", &a), ("b", &b)] {
+        let _ = snapshotter.snapshot();
+        let reads = (0..20).map(|i| {
+            let data = reader.data.clone();
+            async move { data.get::<Product>(&format!("big:{i}")).await.unwrap() }
+        });
+        let (found, commands) = redis
+            .commands_during(within("the reads", futures_util::future::join_all(reads)))
+            .await;
+        let expected: Vec<_> = (0..20).map(|i| Some(large(i))).collect();
+        assert_eq!(found, expected, "{name}");
+        assert_eq!(commands, vec!["hget"; 20], "{name}: one HGET per read");
+        let timed = operations(snapshotter.snapshot());
+        assert_eq!(
+            (timed.get("HGET"), timed.get("PIPELINE").unwrap_or(&0)),
+            (Some(&20), &0),
+            "{name}: every read alone: {timed:?}"
+        );
+    }
+}
+
 /// Reads started at once from many tasks on a multi-threaded runtime,
 /// where batches form and are answered on both workers at the same time:
 /// each caller gets its own value (an absent key a miss), whichever batch

@@ -31,7 +31,10 @@ use tower_redis_core::redis::{self, RedisResult, Script, Value};
 
 use super::redis_store::{self, INDEX, Op, RedisStore};
 use super::typed::{NearCopy, Typed};
-use super::{CacheStore, EntryStore, Found, LockAttempt, LockPurpose, LockToken, Put, Tier};
+use super::{
+    CacheStore, EntryStore, Found, LARGE_ENTRY_BYTES, LockAttempt, LockPurpose, LockToken, Put,
+    Tier, VaryHint,
+};
 use crate::bus::Bus;
 use crate::entry::Entry;
 
@@ -300,17 +303,21 @@ impl CacheStore {
     /// One `HGET` of a value: on the tracking connection when the near
     /// tier follows tracking (so that Redis tells this instance when it
     /// changes), else on the pool; sent together with the reads that
-    /// arrive with it ([`CacheStore::read_gathered`]).
+    /// arrive with it ([`CacheStore::read_gathered`]), unless the value was
+    /// large when last seen here ([`LARGE_ENTRY_BYTES`]).
     async fn read_value(
         &self,
         redis: &RedisStore,
         url_hash: &str,
     ) -> Result<Found, tower_redis_core::Error> {
         let key = redis.redis_key(url_hash);
+        let large = self.is_large_value(url_hash);
         let reply = self
-            .read_gathered(&self.data_reads, redis, &key, read_command, false)
+            .read_gathered(&self.data_reads, redis, &key, read_command, large)
             .await?;
-        let Some(bytes) = entry_bytes(reply)? else {
+        let bytes = entry_bytes(reply)?;
+        self.note_value_size(url_hash, bytes.as_ref().map(Vec::len), large);
+        let Some(bytes) = bytes else {
             return Ok(Found::NoUrl);
         };
         Ok(match Entry::decode_shared(Bytes::from(bytes)) {
@@ -333,6 +340,8 @@ impl CacheStore {
         self.counters
             .stores
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let large = self.is_large_value(&put.url_hash);
+        self.note_value_size(&put.url_hash, Some(put.entry.weight() as usize), large);
         if let Some(near) = &self.near {
             near.remove(&put.url_hash);
         }
@@ -345,6 +354,36 @@ impl CacheStore {
                 },
             )
             .await;
+    }
+
+    /// Whether a value was larger than [`LARGE_ENTRY_BYTES`] when this
+    /// instance last read or stored it: one atomic load until some value
+    /// was.
+    fn is_large_value(&self, url_hash: &str) -> bool {
+        self.large_values.load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .vary_hints
+                .get(url_hash)
+                .is_some_and(|hint| hint.is_large())
+    }
+
+    /// Records a value's size as read or stored (`None`: absent), when it
+    /// changes whether the value is large (`was_large`).
+    fn note_value_size(&self, url_hash: &str, bytes: Option<usize>, was_large: bool) {
+        let large = bytes.is_some_and(|bytes| bytes > LARGE_ENTRY_BYTES as usize);
+        if large && !was_large {
+            self.large_values
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.vary_hints.insert(
+                url_hash.to_owned(),
+                VaryHint::Vary {
+                    names: String::new(),
+                    large: true,
+                },
+            );
+        } else if was_large && !large {
+            self.vary_hints.invalidate(url_hash);
+        }
     }
 
     /// Takes a value's fill lock (one round trip), or reports it held or

@@ -24,7 +24,7 @@ mod typed;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -302,6 +302,10 @@ pub(crate) struct CacheStore {
     /// What this instance last saw of each URL in Redis, so that a lookup
     /// is a plain `HMGET` instead of a script.
     vary_hints: moka::sync::Cache<String, VaryHint>,
+    /// Whether this instance has read or stored a data value larger than
+    /// [`LARGE_ENTRY_BYTES`]: only then does a data read look for the
+    /// hint (in `vary_hints`, under the value's hash) that it is large.
+    large_values: AtomicBool,
     /// Stores waiting for a response body to finish, for [`CacheStore::flushed`].
     in_flight: AtomicUsize,
     flushed: tokio::sync::Notify,
@@ -327,7 +331,7 @@ const MAX_GATHERED_READS: usize = 255;
 
 /// An entry larger than this (its stored bytes: fields and body) is looked
 /// up alone, not gathered with other lookups (the URL's [`VaryHint`]
-/// remembers it). A pipeline of large replies is read into one growing
+/// remembers it; a data value's hint is one without names). A pipeline of large replies is read into one growing
 /// buffer and answered only when its last reply is in, and that cost more
 /// than the round trips it shares: at 64 concurrent hits, a lookup read
 /// alone served 16 KiB entries about 15 % faster and 64 KiB ones about
@@ -418,6 +422,7 @@ impl CacheStore {
             near,
             bus,
             vary_hints,
+            large_values: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             flushed: tokio::sync::Notify::new(),
             counters: Counters::default(),
