@@ -100,12 +100,13 @@ impl CacheStore {
             Tier::Redis
         };
         let (found, vary_seen) = served.value;
-        // Whether the URL's entry is large, as last seen: an absent
-        // variant says nothing of its siblings' size.
-        let large = match &found {
-            Found::Entry(entry) => entry.weight() > LARGE_ENTRY_BYTES,
-            _ => alone,
-        };
+        // Whether the URL's entries are large. A lookup only raises the
+        // mark (a store sets it either way): the variants of one URL may
+        // differ in size (a compressed one and a plain one), and a mark
+        // that followed each lookup would be rewritten at every turn. An
+        // absent variant says nothing of its siblings' size.
+        let large =
+            alone || matches!(&found, Found::Entry(entry) if entry.weight() > LARGE_ENTRY_BYTES);
         self.update_vary_hint(url_hash, previous_hint, vary_seen.as_deref(), large, tier);
         let lookup = match found {
             Found::Entry(entry) => {

@@ -242,8 +242,9 @@ pub(crate) struct StoreOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum VaryHint {
     /// The URL's `Vary` names as a lookup or a store last saw them
-    /// (normalised; empty without `Vary`), and whether the entry then
-    /// seen was larger than [`LARGE_ENTRY_BYTES`]: such a URL's lookups
+    /// (normalised; empty without `Vary`), and whether its entry is large
+    /// (above [`LARGE_ENTRY_BYTES`]: as this instance last stored it, or
+    /// as a lookup since found one of its variants): such a URL's lookups
     /// are read alone, not gathered.
     Vary { names: String, large: bool },
     /// A lookup found the URL absent and its answer was not storable
