@@ -1336,38 +1336,21 @@ async fn insert_items(data: &DataCache, count: usize) {
 #[tokio::test(flavor = "current_thread")]
 async fn reads_arriving_together_are_one_pipeline_and_each_gets_its_own_value() {
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
     let _guard = metrics::set_default_local_recorder(&recorder);
     let redis = TestRedis::start().await;
     let a = instance(&redis, |b| b).await;
     insert_items(&a.data, 20).await;
     let _: Option<Product> = a.data.get("warm-up").await.unwrap();
-    // A snapshot takes the histograms' samples: the next one holds the
-    // reads' alone.
-    let _ = snapshotter.snapshot();
 
-    let reads = (0..=20).map(|i| {
-        let data = a.data.clone();
-        async move {
-            let key = if i < 20 {
-                format!("item:{i}")
-            } else {
-                "item:absent".to_owned()
-            };
-            data.get::<Product>(&key).await.unwrap()
-        }
-    });
-    let (found, commands) = redis
-        .commands_during(within("the reads", futures_util::future::join_all(reads)))
-        .await;
+    let mut keys: Vec<_> = (0..20).map(|i| format!("item:{i}")).collect();
+    keys.push("item:absent".to_owned());
+    let (found, commands, timed) = read_at_once(&redis, &recorder, &a.data, &keys).await;
     let mut expected: Vec<_> = (0..20)
         .map(|i| Some(product(&format!("item {i}"))))
         .collect();
     expected.push(None);
     assert_eq!(found, expected);
     assert_eq!(commands, vec!["hget"; 21], "one HGET per read");
-
-    let timed = operations(snapshotter.snapshot());
     assert_eq!(
         (timed.get("HGET"), timed.get("PIPELINE")),
         (Some(&1), Some(&1)),
@@ -1382,44 +1365,60 @@ async fn reads_arriving_together_are_one_pipeline_and_each_gets_its_own_value() 
 #[tokio::test(flavor = "current_thread")]
 async fn reads_of_large_values_are_not_gathered() {
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
     let _guard = metrics::set_default_local_recorder(&recorder);
     let redis = TestRedis::start().await;
     let a = instance(&redis, |b| b).await;
     let b = instance(&redis, |b| b).await;
     let large = |i: usize| product(&format!("item {i} {}", "x".repeat(16 * 1024)));
     let far = DataOptions::new(Duration::from_secs(60)).near(false);
-    for i in 0..20 {
-        a.data
-            .insert(&format!("big:{i}"), &large(i), &far)
-            .await
-            .unwrap();
+    let keys: Vec<_> = (0..20).map(|i| format!("big:{i}")).collect();
+    for (i, key) in keys.iter().enumerate() {
+        a.data.insert(key, &large(i), &far).await.unwrap();
     }
-    for i in 0..20 {
-        let value: Option<Product> = b.data.get(&format!("big:{i}")).await.unwrap();
+    for (i, key) in keys.iter().enumerate() {
+        let value: Option<Product> = b.data.get(key).await.unwrap();
         assert_eq!(value, Some(large(i)));
     }
     // Starts `a`'s bus (its first read subscribes), outside the window.
     let _: Option<Product> = a.data.get("warm-up").await.unwrap();
     for (name, reader) in [("a", &a), ("b", &b)] {
-        let _ = snapshotter.snapshot();
-        let reads = (0..20).map(|i| {
-            let data = reader.data.clone();
-            async move { data.get::<Product>(&format!("big:{i}")).await.unwrap() }
-        });
-        let (found, commands) = redis
-            .commands_during(within("the reads", futures_util::future::join_all(reads)))
-            .await;
+        let (found, commands, timed) = read_at_once(&redis, &recorder, &reader.data, &keys).await;
         let expected: Vec<_> = (0..20).map(|i| Some(large(i))).collect();
         assert_eq!(found, expected, "{name}");
         assert_eq!(commands, vec!["hget"; 20], "{name}: one HGET per read");
-        let timed = operations(snapshotter.snapshot());
         assert_eq!(
             (timed.get("HGET"), timed.get("PIPELINE").unwrap_or(&0)),
             (Some(&20), &0),
             "{name}: every read alone: {timed:?}"
         );
     }
+}
+
+/// Reads `keys` through `data`, all started at once: what each found, the
+/// commands Redis ran meanwhile, and the operations timed (by name, from
+/// `recorder`, the thread's recorder).
+async fn read_at_once(
+    redis: &TestRedis,
+    recorder: &metrics_util::debugging::DebuggingRecorder,
+    data: &DataCache,
+    keys: &[String],
+) -> (
+    Vec<Option<Product>>,
+    Vec<String>,
+    std::collections::HashMap<String, usize>,
+) {
+    let snapshotter = recorder.snapshotter();
+    // A snapshot takes the histograms' samples: the next one holds the
+    // reads' alone.
+    let _ = snapshotter.snapshot();
+    let reads = keys.iter().map(|key| {
+        let data = data.clone();
+        async move { data.get::<Product>(key).await.unwrap() }
+    });
+    let (found, commands) = redis
+        .commands_during(within("the reads", futures_util::future::join_all(reads)))
+        .await;
+    (found, commands, operations(snapshotter.snapshot()))
 }
 
 /// Reads started at once from many tasks on a multi-threaded runtime,
