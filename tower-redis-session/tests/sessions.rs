@@ -71,6 +71,16 @@ fn routes_with(gates: Arc<Gates>) -> Router {
             ),
         )
         .route("/gated-set/{key}/{value}", post(support::gated_set))
+        .route(
+            "/replace/{old}/{key}/{value}",
+            post(
+                |session: Session, Path((old, key, value)): Path<(String, String, String)>| async move {
+                    let _ = session.remove::<String>(&old).await.expect("json");
+                    session.insert(&key, value).await.expect("json");
+                    "replaced"
+                },
+            ),
+        )
         .route("/login/{user}", post(support::login))
         .route(
             "/gated-login/{user}",
@@ -116,6 +126,71 @@ fn gated_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>) {
     let gates = Gates::new();
     let app = routes_with(Arc::clone(&gates)).layer(builder.build().expect("valid session layer"));
     (app, gates)
+}
+
+/// A removed entry is gone for every instance: one request that removes an
+/// entry and sets two others (one save) deletes the first's field in Redis,
+/// keeps its stamp as a tombstone, and writes the others; a second instance,
+/// which holds no copy of the session, reads exactly that.
+#[tokio::test]
+async fn a_request_that_removes_and_sets_entries_is_seen_by_every_instance() {
+    let redis = TestRedis::start().await;
+    let a = app(SessionLayer::builder(
+        manager_for(redis.config().build().unwrap()).await,
+    ));
+    let b = app(SessionLayer::builder(
+        manager_for(redis.config().build().unwrap()).await,
+    ));
+    let (_, _, set_cookie, _) = send(&a, "POST", "/set/color/red", None).await;
+    let cookie = cookie_pair(&set_cookie.expect("new session cookie"));
+    send(&a, "POST", "/set/size/small", Some(&cookie)).await;
+    let keys = session_keys(&redis).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let mut conn = redis.connection().await.unwrap();
+    let reader = conn.clone();
+    let color_stamp = || {
+        let mut conn = reader.clone();
+        let key = keys[0].clone();
+        async move {
+            redis::cmd("HMGET")
+                .arg(key)
+                .arg("d:color")
+                .arg("t:color")
+                .query_async::<(Option<String>, Option<u64>)>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let (_, set_at) = color_stamp().await;
+    let set_at = set_at.expect("a set entry has its stamp");
+    // The removal is stamped later than the set.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while redis_time_ms(&mut conn).await <= set_at {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis' clock stood still"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let (status, body, _, _) = send(&a, "POST", "/replace/color/size/large", Some(&cookie)).await;
+    assert_eq!((status, body.as_str()), (200, "replaced"));
+    send(&a, "POST", "/set/shape/round", Some(&cookie)).await;
+
+    for (entry, value) in [("color", "none"), ("size", "large"), ("shape", "round")] {
+        assert_eq!(
+            send(&b, "GET", &format!("/get/{entry}"), Some(&cookie))
+                .await
+                .1,
+            value,
+            "{entry}, read by the other instance"
+        );
+    }
+    let (value, removed_at) = color_stamp().await;
+    assert_eq!(value, None, "the removed entry's field is deleted");
+    assert!(
+        removed_at.is_some_and(|at| at > set_at),
+        "its stamp is the removal's, kept as a tombstone: {removed_at:?}, set at {set_at}"
+    );
 }
 
 #[tokio::test]
