@@ -55,7 +55,7 @@ const TRACKED_PLAIN_RATIO: f64 = 0.8;
 /// Commands the session scripts (`save.lua`, `take.lua`) and the read run
 /// inside their EVALSHA; left out of the top-level count.
 const SCRIPT_INNER: &[&str] = &[
-    "hget", "hmget", "hgetall", "hset", "hdel", "hlen", "del", "exists", "pexpire", "pttl", "time",
+    "hget", "hgetall", "hset", "hdel", "hlen", "del", "exists", "pexpire", "pttl", "time",
 ];
 /// The raw baselines' value: about a small session's size.
 const RAW_KEY: &str = "tower-redis-bench:session:raw";
