@@ -130,8 +130,9 @@ impl Bus {
     /// Ends a URL's known absence: it was written in Redis, or may have
     /// been. Its next lookup reads Redis again.
     pub(crate) fn end_known_absence(&self, url_hash: &str) {
-        // Most URLs written have no hint here (and a data cache's store
-        // none at all): one read, and no entry made for them.
+        // Most URLs written have no hint here (and a data value none, or
+        // only the mark that it is large): one read, and no entry made
+        // for them.
         if !self.hints.contains_key(url_hash) {
             return;
         }

@@ -325,10 +325,14 @@
 //! ([`tower_redis_core::sync::Gather`]). The operation histogram then
 //! times the pipeline once, as `PIPELINE`, and only the read that sent it
 //! has the `redis` span. On a Redis Cluster, and while Redis is
-//! unavailable, every read goes alone; so does the read of a page or a
-//! data value that was larger than 8 KiB when this instance last stored
-//! or read it: large replies read faster each on its own than waiting in
-//! one pipeline's buffer (the `cache` suite at 64 KiB and 1 MiB).
+//! unavailable, every read goes alone. So does the lookup of a URL whose
+//! entry this instance has seen larger than 8 KiB (stored it so, or read
+//! one of its variants so: the mark covers every variant of the URL, and
+//! only storing a smaller entry clears it), and the read of a data value
+//! last seen larger than 8 KiB. The first read of a large entry is
+//! gathered as any other. Large replies read faster each on its own than
+//! waiting in one pipeline's buffer (the `cache` suite's 64 KiB and 1 MiB
+//! rows).
 //!
 //! **During a rolling upgrade.** So that a data hit is one `HGET`, a soft
 //! purge writes its mark into each data value it reaches, and a hit reads

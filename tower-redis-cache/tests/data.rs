@@ -1341,6 +1341,8 @@ async fn reads_arriving_together_are_one_pipeline_and_each_gets_its_own_value() 
     let a = instance(&redis, |b| b).await;
     insert_items(&a.data, 20).await;
     let _: Option<Product> = a.data.get("warm-up").await.unwrap();
+    // Its bus has subscribed: no SUBSCRIBE among the reads' commands.
+    eventually("a subscribed", || async { subscribers(&redis).await == 1 }).await;
 
     let mut keys: Vec<_> = (0..20).map(|i| format!("item:{i}")).collect();
     keys.push("item:absent".to_owned());
@@ -1381,6 +1383,10 @@ async fn reads_of_large_values_are_not_gathered() {
     }
     // Starts `a`'s bus (its first read subscribes), outside the window.
     let _: Option<Product> = a.data.get("warm-up").await.unwrap();
+    eventually("both subscribed", || async {
+        subscribers(&redis).await == 2
+    })
+    .await;
     for (name, reader) in [("a", &a), ("b", &b)] {
         let (found, commands, timed) = read_at_once(&redis, &recorder, &reader.data, &keys).await;
         let expected: Vec<_> = (0..20).map(|i| Some(large(i))).collect();

@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use http::{Request, Response, header};
@@ -121,7 +123,7 @@ async fn results_are_counted_with_their_degraded_flag() {
 /// one `HMGET` per lookup.
 #[tokio::test(flavor = "current_thread")]
 async fn lookups_arriving_together_are_one_pipeline_and_each_is_served_its_own_page() {
-    let timed = lookups_at_once(0, 1).await;
+    let timed = lookups_at_once(&[0], 1).await;
     assert_eq!(
         (timed.get("HMGET"), timed.get("PIPELINE")),
         (Some(&1), Some(&1)),
@@ -136,13 +138,21 @@ async fn lookups_arriving_together_are_one_pipeline_and_each_is_served_its_own_p
 #[tokio::test(flavor = "current_thread")]
 async fn lookups_of_large_entries_are_not_gathered() {
     for instances in [1, 2] {
-        let timed = lookups_at_once(16 * 1024, instances).await;
+        let timed = lookups_at_once(&[16 * 1024], instances).await;
         assert_eq!(
             (timed.get("HMGET"), timed.get("PIPELINE").unwrap_or(&0)),
             (Some(&20), &0),
             "{instances} instance(s): every lookup alone: {timed:?}"
         );
     }
+    // The second instance first saw the pages small; they grew since, and
+    // one lookup of each found them large.
+    let timed = lookups_at_once(&[0, 16 * 1024], 2).await;
+    assert_eq!(
+        (timed.get("HMGET"), timed.get("PIPELINE").unwrap_or(&0)),
+        (Some(&20), &0),
+        "pages that grew: every lookup alone: {timed:?}"
+    );
 }
 
 /// Asks `service` for `path`: the answer's `Cache-Status` and body.
@@ -172,30 +182,38 @@ fn page(path: &str, size: usize) -> Bytes {
     Bytes::from(page)
 }
 
-/// Twenty pages of (at least) `size` bytes are stored through one instance; the
-/// last of `instances` (the same one, or a second whose first lookups
-/// of them ran the lookup script) then looks them up twenty at once.
-/// Checks that each is served its own page in one `HMGET`, and returns
-/// how many times each operation was timed during those lookups.
-async fn lookups_at_once(size: usize, instances: usize) -> HashMap<String, usize> {
+/// Twenty pages of (at least) `sizes[0]` bytes are stored through one
+/// instance; the last of `instances` (the same one, or a second whose
+/// first lookups of them ran the lookup script) looks each up once. For
+/// each further size, the pages are purged, stored again at that size
+/// through the first instance, and looked up again by the last, twenty at
+/// once. Then the last instance looks them up twenty at once: checks that
+/// each is served its own page in one `HMGET`, and returns how many times
+/// each operation was timed during those lookups.
+async fn lookups_at_once(sizes: &[usize], instances: usize) -> HashMap<String, usize> {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let _guard = metrics::set_default_local_recorder(&recorder);
     let redis = TestRedis::start().await;
+    let size = Arc::new(AtomicUsize::new(sizes[0]));
     let mut services = Vec::new();
     for _ in 0..instances {
+        let size = Arc::clone(&size);
         let manager = RedisManager::connect(redis.config().build().expect("valid"))
             .await
             .expect("starts");
         let layer = CacheLayer::builder(manager).build().expect("layer");
         let service = tower::Layer::layer(
             &layer,
-            tower::service_fn(move |request: Request<Empty<Bytes>>| async move {
-                let mut response = Response::new(Full::new(page(request.uri().path(), size)));
-                response
-                    .headers_mut()
-                    .insert(header::CACHE_CONTROL, "max-age=60".parse().expect("value"));
-                Ok::<_, Infallible>(response)
+            tower::service_fn(move |request: Request<Empty<Bytes>>| {
+                let size = size.load(Ordering::Relaxed);
+                async move {
+                    let mut response = Response::new(Full::new(page(request.uri().path(), size)));
+                    response
+                        .headers_mut()
+                        .insert(header::CACHE_CONTROL, "max-age=60".parse().expect("value"));
+                    Ok::<_, Infallible>(response)
+                }
             }),
         );
         services.push((layer, service));
@@ -210,6 +228,18 @@ async fn lookups_at_once(size: usize, instances: usize) -> HashMap<String, usize
         layer.flush().await;
     }
     let (_, service) = services.last().expect("an instance");
+    for &grown in &sizes[1..] {
+        size.store(grown, Ordering::Relaxed);
+        let (layer, first) = &services[0];
+        layer.handle().purge_all().await;
+        for path in &paths {
+            ask(first.clone(), path.clone()).await;
+        }
+        layer.flush().await;
+        futures_util::future::join_all(paths.iter().map(|path| ask(service.clone(), path.clone())))
+            .await;
+    }
+    let size = *sizes.last().expect("a size");
     // A snapshot takes the histograms' samples: the next one holds the
     // lookups' alone.
     let _ = snapshotter.snapshot();

@@ -315,12 +315,13 @@ impl CacheStore {
         let reply = self
             .read_gathered(&self.data_reads, redis, &key, read_command, large)
             .await?;
-        let bytes = entry_bytes(reply)?;
-        self.note_value_size(url_hash, bytes.as_ref().map(Vec::len), large);
-        let Some(bytes) = bytes else {
+        let Some(bytes) = entry_bytes(reply)? else {
+            self.note_value_size(url_hash, None, large);
             return Ok(Found::NoUrl);
         };
-        Ok(match Entry::decode_shared(Bytes::from(bytes)) {
+        let entry = Entry::decode_shared(Bytes::from(bytes));
+        self.note_value_size(url_hash, entry.as_ref().ok().map(Entry::weight), large);
+        Ok(match entry {
             Ok(entry) if crate::data::value::lacks_its_marks(&entry) => {
                 // Boxed: only a value stored by an earlier version pays for it.
                 Found::Entry(
@@ -341,7 +342,7 @@ impl CacheStore {
             .stores
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let large = self.is_large_value(&put.url_hash);
-        self.note_value_size(&put.url_hash, Some(put.entry.weight() as usize), large);
+        self.note_value_size(&put.url_hash, Some(put.entry.weight()), large);
         if let Some(near) = &self.near {
             near.remove(&put.url_hash);
         }
@@ -367,10 +368,11 @@ impl CacheStore {
                 .is_some_and(|hint| hint.is_large())
     }
 
-    /// Records a value's size as read or stored (`None`: absent), when it
-    /// changes whether the value is large (`was_large`).
-    fn note_value_size(&self, url_hash: &str, bytes: Option<usize>, was_large: bool) {
-        let large = bytes.is_some_and(|bytes| bytes > LARGE_ENTRY_BYTES as usize);
+    /// Records a value's size as read or stored (its entry's weight;
+    /// `None`: absent or unreadable), when it changes whether the value is
+    /// large (`was_large`).
+    fn note_value_size(&self, url_hash: &str, weight: Option<u32>, was_large: bool) {
+        let large = weight.is_some_and(|weight| weight > LARGE_ENTRY_BYTES);
         if large && !was_large {
             self.large_values
                 .store(true, std::sync::atomic::Ordering::Relaxed);

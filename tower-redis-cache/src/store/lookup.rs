@@ -194,10 +194,11 @@ impl CacheStore {
         )
     }
 
-    /// Records the `Vary` names a lookup saw and whether the URL's entry is
-    /// `large`, written only when they change: a cache write costs more
-    /// than a read. A URL found absent loses its names; one this instance
-    /// marked absent ([`remember_absent`](Self::remember_absent)) stays so.
+    /// Records the `Vary` names a lookup saw and whether the URL's entries
+    /// are `large`, written only when they change: a cache write costs
+    /// more than a read. A URL found absent loses its names; one this
+    /// instance marked absent ([`remember_absent`](Self::remember_absent))
+    /// stays so.
     fn update_vary_hint(
         &self,
         url_hash: &str,
@@ -207,8 +208,23 @@ impl CacheStore {
         tier: Tier,
     ) {
         match (seen, previous) {
-            (Some(vary), Some(VaryHint::Vary { names, large: was }))
-                if names == vary && was == large => {}
+            (Some(vary), Some(VaryHint::Vary { names, large: was })) if names == vary => {
+                if large && !was {
+                    // Raised only over the hint this lookup started from: a
+                    // store's or another lookup's newer hint stays.
+                    self.vary_hints
+                        .entry_by_ref(url_hash)
+                        .and_compute_with(|hint| match hint.map(moka::Entry::into_value) {
+                            Some(VaryHint::Vary {
+                                names,
+                                large: false,
+                            }) if names == vary => {
+                                moka::ops::compute::Op::Put(VaryHint::Vary { names, large: true })
+                            }
+                            _ => moka::ops::compute::Op::Nop,
+                        });
+                }
+            }
             (Some(vary), _) => self.vary_hints.insert(
                 url_hash.to_owned(),
                 VaryHint::Vary {

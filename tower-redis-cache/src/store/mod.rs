@@ -300,7 +300,8 @@ pub(crate) struct CacheStore {
     near: Option<Arc<MemoryStore>>,
     pub(crate) bus: Arc<Bus>,
     /// What this instance last saw of each URL in Redis, so that a lookup
-    /// is a plain `HMGET` instead of a script.
+    /// is a plain `HMGET` instead of a script; and, under a data value's
+    /// hash, that the value is large (a hint without names).
     vary_hints: moka::sync::Cache<String, VaryHint>,
     /// Whether this instance has read or stored a data value larger than
     /// [`LARGE_ENTRY_BYTES`]: only then does a data read look for the
@@ -329,9 +330,10 @@ pub(crate) struct CacheStore {
 /// behind a large one) whether they are gathered or not.
 const MAX_GATHERED_READS: usize = 255;
 
-/// An entry larger than this (its stored bytes: fields and body) is read
-/// alone, not gathered with other reads (the URL's [`VaryHint`] remembers
-/// it; a data value's hint is one without names). A pipeline of large
+/// An entry heavier than this ([`Entry::weight`]: fields, body and a fixed
+/// overhead) is read alone, not gathered with other reads, once this
+/// instance has seen it so (the URL's [`VaryHint`] remembers it; a data
+/// value's hint is one without names). A pipeline of large
 /// replies is read into one growing buffer and answered only when its last
 /// reply is in, and that cost more than the round trips it shares. Over
 /// HTTP at 64 concurrent hits (the benches' `cache` suite, one cell at a
