@@ -18,7 +18,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing;
 use serde::{Deserialize, Serialize};
-use support::{call, request};
+use support::{call, operations, request};
 use tokio::time::Instant;
 use tower_redis_cache::data::{DataCache, DataError, DataOptions};
 use tower_redis_cache::{CacheLayer, CacheLayerBuilder, Route};
@@ -1292,30 +1292,6 @@ async fn a_fill_that_began_before_a_remove_does_not_store_after_it() {
     a.data.remove("product:9").await.unwrap();
     assert_eq!(filling.await.unwrap().unwrap(), product("old"));
     assert_eq!(a.data.get::<Product>("product:9").await.unwrap(), None);
-}
-
-/// How many times each Redis operation was timed in `snapshot`
-/// (`db.client.operation.duration` samples by `db.operation.name`).
-fn operations(
-    snapshot: metrics_util::debugging::Snapshot,
-) -> std::collections::HashMap<String, usize> {
-    let mut counts = std::collections::HashMap::new();
-    for (key, _, _, value) in snapshot.into_vec() {
-        let key = key.key();
-        if key.name() != "db.client.operation.duration" {
-            continue;
-        }
-        let Some(name) = key
-            .labels()
-            .find(|label| label.key() == "db.operation.name")
-        else {
-            continue;
-        };
-        if let metrics_util::debugging::DebugValue::Histogram(samples) = value {
-            *counts.entry(name.value().to_owned()).or_default() += samples.len();
-        }
-    }
-    counts
 }
 
 /// Stores `item:0` … `item:{count - 1}` (values `item 0` …), in Redis only.

@@ -1,5 +1,7 @@
 //! Hits, misses and degraded answers are counted with `metrics`.
 
+#![allow(clippy::unwrap_used)] // The shared helpers unwrap: a failed setup step fails the test loudly.
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,6 +15,8 @@ use tower::ServiceExt;
 use tower_redis_cache::CacheLayer;
 use tower_redis_core::RedisManager;
 use tower_redis_core::testing::TestRedis;
+
+mod support;
 
 /// Every answer is counted under its result, whether it was stored, and
 /// whether Redis was unavailable (`degraded`): three answers while Redis
@@ -254,18 +258,5 @@ async fn lookups_at_once(sizes: &[usize], instances: usize) -> HashMap<String, u
         assert_eq!(body, page(path, size), "{path}");
     }
     assert_eq!(commands, vec!["hmget"; 20], "one HMGET per lookup");
-    let mut timed: HashMap<String, usize> = HashMap::new();
-    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
-        let key = key.key();
-        if key.name() != "db.client.operation.duration" {
-            continue;
-        }
-        let (Some(name), DebugValue::Histogram(samples)) =
-            (key.labels().find(|l| l.key() == "db.operation.name"), value)
-        else {
-            continue;
-        };
-        *timed.entry(name.value().to_owned()).or_default() += samples.len();
-    }
-    timed
+    support::operations(snapshotter.snapshot())
 }

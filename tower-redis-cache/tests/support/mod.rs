@@ -1,5 +1,6 @@
 //! Helpers shared by the cache crate's integration suites: an answer read
-//! whole, requests to `shop.example`, and waits that end in a deadline.
+//! whole, requests to `shop.example`, waits that end in a deadline, and
+//! the Redis operations a metrics snapshot timed.
 //!
 //! Each suite uses a part of this module; the rest is dead code there.
 #![allow(dead_code)]
@@ -157,4 +158,28 @@ impl OriginCalls {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
     }
+}
+
+/// How many times each Redis operation was timed in `snapshot`
+/// (`db.client.operation.duration` samples by `db.operation.name`).
+pub(crate) fn operations(
+    snapshot: metrics_util::debugging::Snapshot,
+) -> std::collections::HashMap<String, usize> {
+    let mut counts = std::collections::HashMap::new();
+    for (key, _, _, value) in snapshot.into_vec() {
+        let key = key.key();
+        if key.name() != "db.client.operation.duration" {
+            continue;
+        }
+        let Some(name) = key
+            .labels()
+            .find(|label| label.key() == "db.operation.name")
+        else {
+            continue;
+        };
+        if let metrics_util::debugging::DebugValue::Histogram(samples) = value {
+            *counts.entry(name.value().to_owned()).or_default() += samples.len();
+        }
+    }
+    counts
 }
