@@ -235,7 +235,7 @@ impl Tracking {
                     u32::try_from(key.len() + weigh(value) + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
                 })
                 .build(),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
             next_ticket: AtomicU64::new(1),
         });
         let weak: Weak<CacheInner<V>> = Arc::downgrade(&inner);
@@ -622,22 +622,34 @@ impl<V> fmt::Debug for TrackedCache<V> {
 
 struct CacheInner<V> {
     copies: moka::sync::Cache<Arc<[u8]>, V>,
-    /// Reads in flight: key → the tickets still valid for it. Also the lock
-    /// that orders fills against invalidations.
-    pending: Mutex<HashMap<Arc<[u8]>, Vec<u64>>>,
+    /// Reads and writes in flight. Also the lock that orders fills against
+    /// invalidations.
+    pending: Mutex<Pending>,
     next_ticket: AtomicU64,
+}
+
+/// What is in flight on the tracking connection, by key.
+#[derive(Default)]
+struct Pending {
+    /// Key → the tickets still valid for it.
+    tickets: HashMap<Arc<[u8]>, Vec<u64>>,
+    /// Key → how many of this instance's writes of it are in flight. Redis
+    /// sends no invalidation for them (`NOLOOP`), so while one is in flight
+    /// no read of the key keeps its answer. An invalidation does not clear
+    /// it: only the writes' ends do.
+    writing: HashMap<Arc<[u8]>, usize>,
 }
 
 impl<V: Clone + Send + Sync + 'static> Invalidate for CacheInner<V> {
     fn invalidate(&self, key: &[u8]) {
         let mut pending = lock(&self.pending);
-        pending.remove(key);
+        pending.tickets.remove(key);
         self.copies.invalidate(key);
     }
 
     fn invalidate_all(&self) {
         let mut pending = lock(&self.pending);
-        pending.clear();
+        pending.tickets.clear();
         self.copies.invalidate_all();
     }
 }
@@ -662,10 +674,18 @@ impl<V: Clone + Send + Sync + 'static> TrackedCache<V> {
         }
         let id = self.inner.next_ticket.fetch_add(1, Ordering::Relaxed);
         let key: Arc<[u8]> = Arc::from(key.as_bytes());
-        lock(&self.inner.pending)
-            .entry(Arc::clone(&key))
-            .or_default()
-            .push(id);
+        {
+            let mut pending = lock(&self.inner.pending);
+            // While this instance writes the key, Redis will not say when
+            // the write lands: an answer read meanwhile is not kept.
+            if !pending.writing.contains_key(&key) {
+                pending
+                    .tickets
+                    .entry(Arc::clone(&key))
+                    .or_default()
+                    .push(id);
+            }
+        }
         // Lost between the check and the mark: the flush may have run before
         // the mark; check again so that the ticket is void.
         if !self.tracking.is_live() {
@@ -676,6 +696,53 @@ impl<V: Clone + Send + Sync + 'static> TrackedCache<V> {
             key,
             id,
             done: false,
+        })
+    }
+
+    /// Takes a ticket for a **write** of `key` about to be sent on the
+    /// tracking connection, whose result this instance can compute (the
+    /// copy with the write's changes applied): filled, the copy is current
+    /// again without a read. `None` when tracking is not live.
+    ///
+    /// The connection has tracking `NOLOOP`, so Redis sends it no
+    /// invalidation for its own write, and the write drops the key from
+    /// the server's tracking table: the write must read the key after
+    /// changing it, in the same atomic step (a script's last command), so
+    /// that later changes by others are still reported.
+    ///
+    /// The ticket voids every read and write of the key in flight (their
+    /// answers may predate this write, and Redis will not say so). While it
+    /// is in flight no read of the key keeps its answer, and a second
+    /// write of the key is void from the start (its base may lack the
+    /// first's changes). Take the base copy with [`get`](Self::get)
+    /// *after* this call: an invalidation after it voids the ticket.
+    /// Dropped or filled in vain, the ticket drops the copy, which no
+    /// longer matches Redis.
+    pub fn begin_write(&self, key: &str) -> Option<WriteTicket<V>> {
+        if !self.tracking.is_live() {
+            return None;
+        }
+        let id = self.inner.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let key: Arc<[u8]> = Arc::from(key.as_bytes());
+        {
+            let mut pending = lock(&self.inner.pending);
+            pending.tickets.remove(&key);
+            let writes = pending.writing.entry(Arc::clone(&key)).or_default();
+            *writes += 1;
+            if *writes == 1 {
+                pending.tickets.insert(Arc::clone(&key), vec![id]);
+            }
+        }
+        if !self.tracking.is_live() {
+            self.inner.invalidate(&key);
+        }
+        Some(WriteTicket {
+            ticket: Ticket {
+                cache: Arc::clone(&self.inner),
+                key,
+                id,
+                done: false,
+            },
         })
     }
 
@@ -726,7 +793,7 @@ impl<V: Clone + Send + Sync + 'static> Ticket<V> {
     pub fn fill(mut self, value: V) -> bool {
         self.done = true;
         let mut pending = lock(&self.cache.pending);
-        if !take_ticket(&mut pending, &self.key, self.id) {
+        if !take_ticket(&mut pending.tickets, &self.key, self.id) {
             return false;
         }
         self.cache.copies.insert(Arc::clone(&self.key), value);
@@ -737,7 +804,63 @@ impl<V: Clone + Send + Sync + 'static> Ticket<V> {
 impl<V: Clone + Send + Sync + 'static> Drop for Ticket<V> {
     fn drop(&mut self) {
         if !self.done {
-            take_ticket(&mut lock(&self.cache.pending), &self.key, self.id);
+            take_ticket(&mut lock(&self.cache.pending).tickets, &self.key, self.id);
+        }
+    }
+}
+
+/// A write in flight whose result may be kept, from
+/// [`TrackedCache::begin_write`].
+pub struct WriteTicket<V: Clone + Send + Sync + 'static> {
+    ticket: Ticket<V>,
+}
+
+impl<V: Clone + Send + Sync + 'static> fmt::Debug for WriteTicket<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriteTicket")
+            .field("id", &self.ticket.id)
+            .finish()
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> WriteTicket<V> {
+    /// Keeps `value` (the key as the acknowledged write left it) as the
+    /// copy, unless the ticket was voided meanwhile. True when kept; when
+    /// not, the copy is dropped.
+    pub fn fill(mut self, value: V) -> bool {
+        self.ticket.done = true;
+        let cache = Arc::clone(&self.ticket.cache);
+        let mut pending = lock(&cache.pending);
+        let valid = take_ticket(&mut pending.tickets, &self.ticket.key, self.ticket.id);
+        if valid {
+            cache.copies.insert(Arc::clone(&self.ticket.key), value);
+        } else {
+            cache.copies.invalidate(&self.ticket.key);
+        }
+        end_write(&mut pending, &self.ticket.key);
+        valid
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> Drop for WriteTicket<V> {
+    fn drop(&mut self) {
+        if self.ticket.done {
+            return;
+        }
+        self.ticket.done = true;
+        // Not filled: whatever the write did, the copy may not match it.
+        let mut pending = lock(&self.ticket.cache.pending);
+        self.ticket.cache.copies.invalidate(&self.ticket.key);
+        end_write(&mut pending, &self.ticket.key);
+    }
+}
+
+/// One write of `key` is over.
+fn end_write(pending: &mut Pending, key: &[u8]) {
+    if let Some(writes) = pending.writing.get_mut(key) {
+        *writes -= 1;
+        if *writes == 0 {
+            pending.writing.remove(key);
         }
     }
 }

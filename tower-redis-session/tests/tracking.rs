@@ -230,6 +230,71 @@ async fn after_a_write_is_acknowledged_and_a_sync_the_old_value_is_never_read() 
     }
 }
 
+/// An update through this instance runs on its tracking connection and
+/// leaves its copy current: the next read here costs no round trip. The
+/// script reads the key last, so Redis keeps tracking it for this
+/// instance: another instance's later change is still heard of.
+#[tokio::test]
+async fn an_instance_s_own_update_keeps_its_copy_and_a_later_change_elsewhere_is_seen() {
+    let redis = TestRedis::start().await;
+    let (a, b) = two_instances(&redis).await;
+    let cookie = a.set(None, "k", "0").await.expect("new session");
+    assert_eq!(a.get(&cookie, "k").await, "0", "A's copy");
+    for i in 1..=5 {
+        // A's update: its script, no read after it…
+        let (_, sent) = redis
+            .commands_during(a.set(Some(&cookie), "k", &i.to_string()))
+            .await;
+        assert_eq!(sent, ["evalsha"], "an update of a tracked session");
+        // …and A reads the update from its copy.
+        let (body, sent) = redis.commands_during(a.get(&cookie, "k")).await;
+        assert_eq!(body, i.to_string(), "round {i}");
+        assert!(sent.is_empty(), "a read after an own update: {sent:?}");
+        // B changes another entry (B's own copy kept current the same way);
+        // A, once synced, reads it, with A's update still there.
+        b.set(Some(&cookie), "other", &i.to_string()).await;
+        a.layer.store().sync().await.expect("sync");
+        assert_eq!(a.get(&cookie, "other").await, i.to_string(), "round {i}");
+        assert_eq!(a.get(&cookie, "k").await, i.to_string(), "round {i}");
+        assert_eq!(b.get(&cookie, "k").await, i.to_string(), "round {i}");
+    }
+}
+
+/// Updates of one session that overlap on one instance each build on the
+/// copy as it was before any of them: none may keep its result as the
+/// copy, or the copy would lose the others' changes. The instance's
+/// tracking connection answers 50 ms late, so all twenty are in flight at
+/// once.
+#[tokio::test]
+async fn overlapping_updates_on_one_instance_lose_nothing_from_its_copy() {
+    let redis = TestRedis::start().await;
+    let a = Instance::start(slow_config(&redis).await).await;
+    let cookie = a.set(None, "k", "0").await.expect("new session");
+    assert_eq!(a.get(&cookie, "k").await, "0", "A's copy");
+    let mut updates = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let app = a.app.clone();
+        let cookie = cookie.clone();
+        updates.spawn(async move {
+            let (status, ..) = send(&app, "POST", &format!("/set/e{i}/{i}"), Some(&cookie)).await;
+            assert_eq!(status, 200);
+        });
+    }
+    within("the updates", async {
+        while let Some(done) = updates.join_next().await {
+            done.expect("update");
+        }
+    })
+    .await;
+    for i in 0..20 {
+        assert_eq!(
+            a.get(&cookie, &format!("e{i}")).await,
+            i.to_string(),
+            "e{i}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_revoked_user_is_logged_out_on_every_instance() {
     let redis = TestRedis::start().await;

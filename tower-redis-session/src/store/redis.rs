@@ -26,7 +26,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 use tower_redis_core::clock::duration_ms;
 use tower_redis_core::redis::{self, Script};
-use tower_redis_core::{RedisConnection, RedisManager, TrackedCache, pipeline_with_scripts};
+use tower_redis_core::{Error, RedisConnection, RedisManager, TrackedCache, pipeline_with_scripts};
 
 use super::{Record, Saved, Store, Take, Write, now_ms};
 use crate::config::{Durability, Expiry};
@@ -238,9 +238,50 @@ impl RedisStore {
         &self,
         conn: &mut RedisConnection,
         write: &Write<'_>,
-    ) -> redis::RedisResult<Saved> {
+    ) -> redis::RedisResult<SaveReply> {
         let key = self.session_key(write.storage_key);
         self.save_commands(&key, write).run(conn).await
+    }
+
+    /// A save that leaves this instance's tracked copy current, when it
+    /// can: a plain update (no new session, no login, no replayed outage
+    /// change) of a session this instance holds a tracked copy of. The
+    /// script runs on the tracking connection, whose own writes Redis does
+    /// not report (`NOLOOP`); it reads the key last, so the key stays
+    /// tracked. When the write ticket survives the round trip, nobody else
+    /// changed the session between the copy's read and the script, so the
+    /// copy with this request's changes is what Redis holds: kept, and the
+    /// next read here costs no round trip. `None`: not such a save.
+    async fn save_tracked(&self, write: &Write<'_>) -> Option<Result<Saved, Error>> {
+        let tracked = self.tracked.as_ref()?;
+        if write.create.is_some() || write.changes.user.is_some() || write.at_ms.is_some() {
+            return None;
+        }
+        let key = self.session_key(write.storage_key);
+        let ticket = tracked.begin_write(&key)?;
+        // After the ticket: an invalidation from here on voids it.
+        let base = tracked.get(&key)?;
+        let started_ms = now_ms();
+        let key = &key;
+        let reply = tracked
+            .tracking()
+            .run(|mut conn| async move { self.save_commands(key, write).run(&mut conn).await })
+            .await;
+        Some(reply.map(|reply| {
+            if let SaveReply::Written {
+                ttl_ms: Some(ttl_ms),
+                applied: true,
+            } = reply
+            {
+                let mut record = base.record.clone();
+                write.changes.apply_to(&mut record);
+                ticket.fill(Arc::new(Tracked {
+                    record,
+                    expires_ms: started_ms.saturating_add(ttl_ms),
+                }));
+            }
+            Saved::from(reply)
+        }))
     }
 
     /// Two round trips: the old key is taken (read and deleted atomically),
@@ -283,7 +324,7 @@ impl RedisStore {
                     .clone(),
             );
         }
-        commands.run(conn).await
+        commands.run(conn).await.map(Saved::from)
     }
 
     /// One round trip: `DEL`, and the `SREM` from the user's index.
@@ -434,10 +475,13 @@ impl Store for RedisStore {
     }
 
     async fn save(&self, write: &Write<'_>) -> Result<Saved, Self::Error> {
+        if let Some(saved) = self.save_tracked(write).await {
+            return saved;
+        }
         let saved = self
             .manager
             .run(|mut conn| async move {
-                let saved = self.save_on(&mut conn, write).await?;
+                let saved = Saved::from(self.save_on(&mut conn, write).await?);
                 // Setting the user is a login.
                 if matches!(saved, Saved::Written) && write.changes.user.is_some() {
                     self.replicate(&mut conn, "login").await?;
@@ -488,11 +532,11 @@ struct SaveCommands {
 impl SaveCommands {
     /// One pipelined round trip on a single server. On a cluster the other
     /// keys live in other slots, so they follow the script one by one.
-    async fn run(&self, conn: &mut RedisConnection) -> redis::RedisResult<Saved> {
+    async fn run(&self, conn: &mut RedisConnection) -> redis::RedisResult<SaveReply> {
         if conn.is_cluster() {
             let saved = match &self.script {
                 Some(script) => pipeline_with_scripts(conn, script, &[&SAVE]).await?,
-                None => Saved::Written,
+                None => SaveReply::DONE,
             };
             for cmd in &self.extras {
                 cmd.query_async::<()>(conn).await?;
@@ -506,19 +550,59 @@ impl SaveCommands {
         if self.script.is_some() {
             pipeline_with_scripts(conn, &pipe, &[&SAVE]).await
         } else {
-            pipe.query_async::<()>(conn).await.map(|()| Saved::Written)
+            pipe.query_async::<()>(conn).await.map(|()| SaveReply::DONE)
         }
     }
 }
 
-impl redis::FromRedisValue for Saved {
+/// What a save's script answered (see `save.lua`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SaveReply {
+    /// The session no longer exists: nothing was written.
+    Gone,
+    Written {
+        /// The key's TTL as the script left it (`None`: not known).
+        ttl_ms: Option<u64>,
+        /// Every change was applied (none was older than the stored one).
+        applied: bool,
+    },
+}
+
+impl SaveReply {
+    /// Written, by commands with nothing to tell (no script).
+    const DONE: Self = Self::Written {
+        ttl_ms: None,
+        applied: true,
+    };
+}
+
+impl From<SaveReply> for Saved {
+    fn from(reply: SaveReply) -> Self {
+        match reply {
+            SaveReply::Gone => Saved::Gone,
+            SaveReply::Written { .. } => Saved::Written,
+        }
+    }
+}
+
+impl redis::FromRedisValue for SaveReply {
     fn from_redis_value(value: redis::Value) -> Result<Self, redis::ParsingError> {
-        // The pipeline's only non-ignored reply is the script's 1 or 0.
-        let written: Vec<i64> = redis::FromRedisValue::from_redis_value(value)?;
-        Ok(if written.first() == Some(&1) {
-            Saved::Written
-        } else {
-            Saved::Gone
+        // The pipeline's only non-ignored reply is the script's: 0 when the
+        // session is gone, else {PTTL, applied}.
+        let mut replies: Vec<redis::Value> = redis::FromRedisValue::from_redis_value(value)?;
+        if replies.is_empty() {
+            return Err("a session save's pipeline answered nothing".into());
+        }
+        Ok(match replies.swap_remove(0) {
+            redis::Value::Array(reply) => {
+                let (ttl, applied): (i64, i64) =
+                    redis::FromRedisValue::from_redis_value(redis::Value::Array(reply))?;
+                SaveReply::Written {
+                    ttl_ms: u64::try_from(ttl).ok().filter(|&ttl| ttl > 0),
+                    applied: applied == 1,
+                }
+            }
+            _ => SaveReply::Gone,
         })
     }
 }

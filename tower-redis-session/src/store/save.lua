@@ -12,7 +12,11 @@
 -- Every field carries the time of its last change ('t:' fields, kept as
 -- tombstones after removal); a change older than the stored one is skipped,
 -- so replaying writes made during an outage never overwrites newer data.
--- Returns 1 when written, 0 when the session is gone.
+-- Returns 0 when the session is gone; when written, {PTTL, applied}: the
+-- key's TTL as set, and 1 when every change was applied (0 when a newer
+-- stamp kept one out). The PTTL is read last, after every write: on a
+-- connection with client tracking, the key is then tracked again for it
+-- (its own write took it out of the server's tracking table).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local key = KEYS[1]
@@ -32,6 +36,7 @@ if deadline <= now then
   redis.call('DEL', key)
   return 0
 end
+local applied = 1
 local i = 7
 local sets = tonumber(ARGV[i])
 i = i + 1
@@ -41,6 +46,8 @@ for _ = 1, sets do
   local stored = tonumber(redis.call('HGET', key, 't:' .. name))
   if not stored or stored <= at then
     redis.call('HSET', key, 'd:' .. name, value, 't:' .. name, at)
+  else
+    applied = 0
   end
 end
 local removals = tonumber(ARGV[i])
@@ -52,8 +59,10 @@ for _ = 1, removals do
   if not stored or stored <= at then
     redis.call('HDEL', key, 'd:' .. name)
     redis.call('HSET', key, 't:' .. name, at)
+  else
+    applied = 0
   end
 end
 if ARGV[4] ~= '' then redis.call('HSET', key, '_u', ARGV[4]) end
 redis.call('PEXPIRE', key, math.min(tonumber(ARGV[2]), deadline - now))
-return 1
+return {redis.call('PTTL', key), applied}

@@ -79,8 +79,10 @@ fn field(record: Option<Record>, name: &str) -> Option<String> {
 
 /// With tracking, a session unchanged in Redis since this instance read it
 /// is loaded with no waiting ([`SessionStore::load_now`]: no future, no
-/// round trip). The first load waits for Redis and fills the copy; a save
-/// through this instance drops it, so the next load waits again.
+/// round trip). The first load waits for Redis and fills the copy; a plain
+/// update through this instance keeps it current (the script's answer says
+/// nobody else wrote meanwhile); a login drops it, so the next load waits
+/// again.
 #[tokio::test]
 async fn a_tracked_session_is_loaded_without_waiting() {
     use tower_redis_core::testing::{TestRedis, wait_for_tracking};
@@ -117,11 +119,21 @@ async fn a_tracked_session_is_loaded_without_waiting() {
         store.save(&key(1), None, &set("a", "2"), None).await,
         Saved::Written
     );
+    let Ok(record) = store.load_now(&key(1)) else {
+        panic!("a session this instance updated stays tracked, with the update");
+    };
+    assert_eq!(field(Some(record), "a").as_deref(), Some("2"));
+    let mut login = set("a", "3");
+    login.user = Some("ada".to_owned());
+    assert_eq!(
+        store.save(&key(1), None, &login, None).await,
+        Saved::Written
+    );
     let Err(later) = store.load_now(&key(1)) else {
-        panic!("a session this instance changed is read from Redis again");
+        panic!("a session this instance logged in is read from Redis again");
     };
     let record = store.load_later(&key(1), later).await;
-    assert_eq!(field(record, "a").as_deref(), Some("2"));
+    assert_eq!(field(record, "a").as_deref(), Some("3"));
 }
 
 /// The local copies must take a session created during an outage even when
