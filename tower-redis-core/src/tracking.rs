@@ -6,7 +6,9 @@
 //! *this connection* read, and pushes an `invalidate` message on the same
 //! connection when any client changes, deletes or expires one of them). The
 //! reads whose answers are kept locally are sent on that connection
-//! ([`Tracking::run`]); everything else keeps using the pool. Because the
+//! ([`Tracking::run`]), and so are the writes whose results a layer keeps
+//! through a [`WriteTicket`] ([`TrackedCache::begin_write`]); everything
+//! else keeps using the pool. Because the
 //! read and its invalidation travel on one socket, in order, no pool
 //! connection needs tracking and nothing has to be re-pointed when a
 //! connection is replaced: a new tracking connection starts with every local
@@ -560,8 +562,9 @@ async fn connect(
         let mut conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        // NOLOOP: this connection's own idle-TTL renewals (`PEXPIRE`) do not
-        // void its copies; writes from the pool (this instance's own) do.
+        // NOLOOP: this connection's own writes (idle-TTL renewals, and the
+        // writes whose results are kept through a `WriteTicket`) are not
+        // reported to it; writes from the pool (this instance's own) are.
         redis::cmd("CLIENT")
             .arg("TRACKING")
             .arg("ON")

@@ -112,7 +112,8 @@ impl SessionLayerBuilder {
     /// of a session unchanged since this instance last read it is then
     /// served from the copy, with no round trip; Redis tells the instance
     /// when any instance changes, deletes or expires it. The throttled
-    /// idle-timeout renewal still goes to Redis.
+    /// idle-timeout renewal still goes to Redis. This instance's own
+    /// updates keep its copy current (no read after a write).
     ///
     /// The guarantee: once another instance's change is acknowledged, this
     /// instance serves the old session only until its tracking connection

@@ -76,7 +76,12 @@
 //!   read, bounded by bytes, and Redis tells it when any instance changes,
 //!   deletes or expires one. A read of a session unchanged since this
 //!   instance last read it costs 0 round trips; the idle-timeout renewal
-//!   still goes to Redis when due. Once another instance's change is
+//!   still goes to Redis when due. A change this instance makes to a
+//!   session it holds a copy of keeps the copy current (the script runs on
+//!   the tracking connection and tells whether anyone else wrote
+//!   meanwhile), so a session written on every request is still read with
+//!   no round trip; a login, a new session or overlapping changes of one
+//!   session on this instance drop the copy instead. Once another instance's change is
 //!   acknowledged, this instance serves the old session only until its
 //!   tracking connection has read Redis' invalidation (sent before that
 //!   acknowledgement); [`SessionStore::sync`] waits for it. A lost tracking
@@ -87,7 +92,7 @@
 //!   |---|---|
 //!   | handler never touches the session | 0 |
 //!   | read | 1 (idle-TTL renewal included); 0 when unchanged since this instance last read it (tracking) |
-//!   | change | ≤ 2 |
+//!   | change | ≤ 2; 1 when the session's copy here is current (tracking) |
 //! - **Concurrent requests keep their changes.** Each entry is written
 //!   separately (a Redis hash, one script), so two requests that change
 //!   different entries both persist. Two requests that change the *same*
