@@ -309,7 +309,7 @@ impl RedisManager {
 
 /// A write sent to a replica: the primary this connection was made to has
 /// been demoted.
-fn is_readonly(error: &RedisError) -> bool {
+pub(crate) fn is_readonly(error: &RedisError) -> bool {
     error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
 }
 

@@ -124,6 +124,11 @@ struct Shared {
     conn: Mutex<Option<Live>>,
     /// Copies may be served and tickets given out.
     live: AtomicBool,
+    /// The pool generation the live connection was made in: once the pool
+    /// moves on (a Sentinel switch), the connection may point at a demoted
+    /// primary, and is not used again (not even before the heartbeat
+    /// notices).
+    live_generation: AtomicU64,
     /// Which connection is current; a closing old connection's last message
     /// must not mark the new one lost.
     serial: AtomicU64,
@@ -182,6 +187,7 @@ impl RedisManager {
                         generation,
                         conn: Mutex::new(None),
                         live: AtomicBool::new(false),
+                        live_generation: AtomicU64::new(0),
                         serial: AtomicU64::new(0),
                         registered: Mutex::new(Vec::new()),
                         started: AtomicBool::new(false),
@@ -202,7 +208,7 @@ impl Tracking {
     /// Whether local copies can be trusted now: the tracking connection is
     /// up, has tracking on, and the breaker is closed.
     pub fn is_live(&self) -> bool {
-        self.shared.live.load(Ordering::Acquire)
+        self.shared.live.load(Ordering::Acquire) && !self.shared.moved()
     }
 
     /// How many times every registered structure was told to drop
@@ -316,6 +322,11 @@ impl Tracking {
                     if counts_against_breaker(&error) {
                         if error.is_io_error() || error.is_connection_dropped() {
                             self.shared.lose(live.serial);
+                        } else if crate::failover::is_readonly(&error) {
+                            // A demoted primary (a Sentinel failover): this
+                            // connection and the pool's follow the new one.
+                            self.shared.lose(live.serial);
+                            manager.inner.backend.discard_connections();
                         }
                         manager.record_failure(&error);
                     } else {
@@ -346,10 +357,16 @@ impl Tracking {
     }
 
     fn current(&self) -> Option<Live> {
-        if !self.is_live() {
+        if !self.shared.live.load(Ordering::Acquire) {
             return None;
         }
-        lock(&self.shared.conn).clone()
+        let live = lock(&self.shared.conn).clone()?;
+        if self.shared.moved() {
+            // The pool follows a new primary: so does the next connection.
+            self.shared.lose(live.serial);
+            return None;
+        }
+        Some(live)
     }
 
     fn ensure_started(&self) {
@@ -368,6 +385,14 @@ impl Tracking {
 }
 
 impl Shared {
+    /// The pool has moved to a new generation since the live connection
+    /// was made (standalone and Sentinel only).
+    fn moved(&self) -> bool {
+        self.generation.as_ref().is_some_and(|generation| {
+            generation.load(Ordering::Acquire) != self.live_generation.load(Ordering::Acquire)
+        })
+    }
+
     fn each(&self, f: impl Fn(&dyn Invalidate)) {
         let registered: Vec<Arc<dyn Invalidate>> = lock(&self.registered)
             .iter()
@@ -468,6 +493,9 @@ async fn keep_connected(shared: Weak<Shared>) {
                 conn: conn.clone(),
                 serial,
             });
+            strong
+                .live_generation
+                .store(generation.unwrap_or(0), Ordering::Release);
             strong.live.store(true, Ordering::Release);
         }
         backoff = MIN_BACKOFF;
@@ -714,7 +742,10 @@ impl<V: Clone + Send + Sync + 'static> TrackedCache<V> {
     /// that later changes by others are still reported.
     ///
     /// The ticket voids every read and write of the key in flight (their
-    /// answers may predate this write, and Redis will not say so). While it
+    /// answers may predate this write, and Redis will not say so). The
+    /// other structures kept exact by the same tracking connection hear of
+    /// the write from here, not from Redis: the key is invalidated in each
+    /// of them when the write begins and when it ends. While it
     /// is in flight no read of the key keeps its answer, and a second
     /// write of the key is void from the start (its base may lack the
     /// first's changes). Take the base copy with [`get`](Self::get)
@@ -739,6 +770,7 @@ impl<V: Clone + Send + Sync + 'static> TrackedCache<V> {
         if !self.tracking.is_live() {
             self.inner.invalidate(&key);
         }
+        invalidate_siblings(&self.tracking, &self.inner, &key);
         Some(WriteTicket {
             ticket: Ticket {
                 cache: Arc::clone(&self.inner),
@@ -746,6 +778,7 @@ impl<V: Clone + Send + Sync + 'static> TrackedCache<V> {
                 id,
                 done: false,
             },
+            tracking: self.tracking.clone(),
         })
     }
 
@@ -760,6 +793,13 @@ impl<V: Clone + Send + Sync + 'static> TrackedCache<V> {
     /// Drops every copy.
     pub fn clear(&self) {
         self.inner.invalidate_all();
+    }
+
+    /// Reads and writes of this cache in flight (tickets outstanding and
+    /// keys being written), for tests and diagnostics.
+    pub fn in_flight(&self) -> usize {
+        let pending = lock(&self.inner.pending);
+        pending.tickets.values().map(Vec::len).sum::<usize>() + pending.writing.len()
     }
 
     /// The estimated size of the copies, in bytes.
@@ -816,6 +856,8 @@ impl<V: Clone + Send + Sync + 'static> Drop for Ticket<V> {
 /// [`TrackedCache::begin_write`].
 pub struct WriteTicket<V: Clone + Send + Sync + 'static> {
     ticket: Ticket<V>,
+    /// Whose other structures are told when the write ends.
+    tracking: Tracking,
 }
 
 impl<V: Clone + Send + Sync + 'static> fmt::Debug for WriteTicket<V> {
@@ -841,6 +883,8 @@ impl<V: Clone + Send + Sync + 'static> WriteTicket<V> {
             cache.copies.invalidate(&self.ticket.key);
         }
         end_write(&mut pending, &self.ticket.key);
+        drop(pending);
+        invalidate_siblings(&self.tracking, &cache, &self.ticket.key);
         valid
     }
 }
@@ -853,9 +897,26 @@ impl<V: Clone + Send + Sync + 'static> Drop for WriteTicket<V> {
         self.ticket.done = true;
         // Not filled: whatever the write did, the copy may not match it.
         let mut pending = lock(&self.ticket.cache.pending);
+        take_ticket(&mut pending.tickets, &self.ticket.key, self.ticket.id);
         self.ticket.cache.copies.invalidate(&self.ticket.key);
         end_write(&mut pending, &self.ticket.key);
+        drop(pending);
+        invalidate_siblings(&self.tracking, &self.ticket.cache, &self.ticket.key);
     }
+}
+
+/// Invalidates `key` in every structure registered on `tracking` but
+/// `cache`: Redis does not report this connection's own writes to them.
+fn invalidate_siblings<V: Clone + Send + Sync + 'static>(
+    tracking: &Tracking,
+    cache: &Arc<CacheInner<V>>,
+    key: &[u8],
+) {
+    tracking.shared.each(|structure| {
+        if !std::ptr::addr_eq(structure, Arc::as_ptr(cache)) {
+            structure.invalidate(key);
+        }
+    });
 }
 
 /// One write of `key` is over.

@@ -106,6 +106,67 @@ async fn a_script_that_reads_its_key_last_keeps_it_tracked() {
         .expect("SET");
     tracking.sync().await.expect("sync");
     assert_eq!(cache.get("k"), None, "another client's write is heard of");
+
+    // The control: without the last read, Redis forgets that this
+    // connection read the key, and the other client's write goes unheard.
+    let write_only = Script::new("redis.call('SET', KEYS[1], ARGV[1]); return ARGV[1]");
+    assert_eq!(read_into(&tracking, &cache, "k").await, "theirs");
+    let write = cache.begin_write("k").expect("live");
+    let written: String = tracking
+        .run(|mut conn| async move {
+            write_only
+                .key("k")
+                .arg("mine again")
+                .invoke_async(&mut conn)
+                .await
+        })
+        .await
+        .expect("script");
+    assert!(write.fill(written));
+    manager
+        .query::<()>(redis::cmd("SET").arg("k").arg("theirs again"))
+        .await
+        .expect("SET");
+    tracking.sync().await.expect("sync");
+    assert_eq!(
+        cache.get("k").as_deref(),
+        Some("mine again"),
+        "unheard: the reason for the last read"
+    );
+}
+
+/// Another structure on the same tracking connection (a second layer
+/// built on the same manager) hears of this instance's own writes from
+/// the cache that makes them: Redis reports them to nobody here.
+#[tokio::test]
+async fn a_write_invalidates_the_key_in_the_other_structures_on_the_connection() {
+    let redis = TestRedis::start().await;
+    let (_manager, tracking, cache) = tracked(&redis).await;
+    let sibling: TrackedCache<String> = tracking.cache(1 << 20, String::len);
+    assert!(sibling.begin("k").expect("live").fill("old".into()));
+    let write = cache.begin_write("k").expect("live");
+    assert_eq!(sibling.get("k"), None, "dropped when the write begins");
+    let during = sibling.begin("k").expect("live");
+    assert!(write.fill("new".into()));
+    assert!(!during.fill("old".into()), "a read begun during the write");
+    assert_eq!(sibling.get("k"), None);
+    assert_eq!(cache.get("k").as_deref(), Some("new"));
+}
+
+/// No ticket outlives its read or write, whatever became of it.
+#[tokio::test]
+async fn tickets_leave_nothing_behind() {
+    let redis = TestRedis::start().await;
+    let (_manager, _tracking, cache) = tracked(&redis).await;
+    drop(cache.begin("a").expect("live"));
+    assert!(cache.begin("b").expect("live").fill("b".into()));
+    drop(cache.begin_write("c").expect("live"));
+    assert!(cache.begin_write("d").expect("live").fill("d".into()));
+    let first = cache.begin_write("e").expect("live");
+    let second = cache.begin_write("e").expect("live");
+    drop(first);
+    assert!(!second.fill("e".into()));
+    assert_eq!(cache.in_flight(), 0);
 }
 
 #[tokio::test]

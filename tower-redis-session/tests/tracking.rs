@@ -8,7 +8,7 @@ use axum::extract::Path;
 use axum::routing::{get, post};
 use tower_redis_core::testing::{TestRedis, TestSentinel};
 use tower_redis_core::{RedisConfig, RedisManager, Tracking, redis};
-use tower_redis_session::{Session, SessionLayer};
+use tower_redis_session::{Expiry, Session, SessionLayer};
 
 mod support;
 use support::{cookie_pair, send, within};
@@ -37,8 +37,13 @@ struct Instance {
 
 impl Instance {
     async fn start(config: RedisConfig) -> Self {
+        Self::with_expiry(config, Expiry::default()).await
+    }
+
+    async fn with_expiry(config: RedisConfig, expiry: Expiry) -> Self {
         let manager = RedisManager::connect(config).await.expect("manager starts");
         let layer = SessionLayer::builder(manager.clone())
+            .expiry(expiry)
             .build()
             .expect("valid session layer");
         let app = routes().layer(layer.clone());
@@ -293,6 +298,63 @@ async fn overlapping_updates_on_one_instance_lose_nothing_from_its_copy() {
             "e{i}"
         );
     }
+}
+
+/// Two session layers built on one manager share its tracking connection:
+/// an update through one must reach the other's copy at once, since Redis
+/// reports a connection's own writes to nobody on it.
+#[tokio::test]
+async fn an_update_through_one_layer_reaches_another_layer_on_the_same_manager() {
+    let redis = TestRedis::start().await;
+    let x = Instance::start(redis.config().build().expect("config")).await;
+    let y_layer = SessionLayer::builder(x.manager.clone())
+        .build()
+        .expect("valid session layer");
+    let y = routes().layer(y_layer);
+    let y_get = |cookie: String| {
+        let y = y.clone();
+        async move { send(&y, "GET", "/get/k", Some(&cookie)).await.1 }
+    };
+    let cookie = x.set(None, "k", "0").await.expect("new session");
+    assert_eq!(x.get(&cookie, "k").await, "0", "X's copy");
+    assert_eq!(y_get(cookie.clone()).await, "0", "Y's copy");
+    for i in 1..=3 {
+        x.set(Some(&cookie), "k", &i.to_string()).await;
+        assert_eq!(y_get(cookie.clone()).await, i.to_string(), "round {i}");
+        assert_eq!(x.get(&cookie, "k").await, i.to_string(), "round {i}");
+    }
+}
+
+/// In a session's last idle window (its absolute timeout nearer than the
+/// idle one) a renewing read caps the key's TTL with a `PEXPIRE` sent
+/// after the read. On the tracking connection that write takes the key out
+/// of Redis' tracking table, so the answer must not be kept: another
+/// instance's later change would go unheard.
+#[tokio::test]
+async fn a_read_that_caps_the_ttl_keeps_no_copy() {
+    let redis = TestRedis::start().await;
+    // Idle as long as absolute: every renewing read caps the TTL.
+    let expiry = Expiry {
+        idle: Duration::from_secs(3600),
+        absolute: Duration::from_secs(3600),
+        persistent: false,
+    };
+    let a = Instance::with_expiry(redis.config().build().expect("config"), expiry).await;
+    let b = Instance::with_expiry(redis.config().build().expect("config"), expiry).await;
+    let cookie = a.set(None, "k", "0").await.expect("new session");
+    // A millisecond at least, so that the deadline is nearer than the idle
+    // timeout.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let (body, sent) = redis.commands_during(b.get(&cookie, "k")).await;
+    assert_eq!(body, "0");
+    assert_eq!(
+        sent,
+        ["pexpire", "hgetall", "pttl", "pexpire"],
+        "a capped read"
+    );
+    a.set(Some(&cookie), "k", "1").await;
+    b.layer.store().sync().await.expect("sync");
+    assert_eq!(b.get(&cookie, "k").await, "1", "A's change, on B");
 }
 
 #[tokio::test]

@@ -149,15 +149,26 @@ impl Failover {
                 self.local().pin(storage_key);
             }
         }
-        let copy = self.local().copy(storage_key);
         let started_ms = now_ms();
-        let touch = LocalCopy::touch_due(copy.as_deref(), started_ms, self.touch_every_ms());
+        let every_ms = self.touch_every_ms();
         // While Redis is unavailable the tracked copies are gone (a lost
         // tracking connection empties them): not looked for.
-        if !touch
-            && !self.pair.is_degraded()
-            && let Some(record) = self.redis().tracked(storage_key, started_ms)
-        {
+        let tracked = if self.pair.is_degraded() {
+            None
+        } else {
+            self.redis().tracked(storage_key, started_ms)
+        };
+        // The common case: the tracked copy knows of a renewal recent
+        // enough (the local copy's is never older), so none is due.
+        let tracked = match tracked {
+            Some((record, touched_ms)) if started_ms.saturating_sub(touched_ms) < every_ms => {
+                return Ok(record);
+            }
+            tracked => tracked,
+        };
+        let copy = self.local().copy(storage_key);
+        let touch = LocalCopy::touch_due(copy.as_deref(), started_ms, every_ms);
+        if !touch && let Some((record, _)) = tracked {
             return Ok(record);
         }
         Err(Later::Read {

@@ -52,6 +52,11 @@ pub(crate) struct Tracked {
     /// The key's expiry (`PTTL` at the read, from its start): no copy
     /// outlives the key, even before the expiry's invalidation arrives.
     expires_ms: u64,
+    /// When this instance last renewed the idle timeout, as far as this
+    /// copy knows (0: not known). Never later than the local copy's own
+    /// record of it, so a read that finds it recent enough needs no look
+    /// at the local copy to know that no renewal is due.
+    touched_ms: u64,
 }
 
 /// The bookkeeping of one tracked copy beyond its data.
@@ -107,8 +112,10 @@ impl RedisStore {
     }
 
     /// The tracked copy of a session, when tracking is live and Redis has
-    /// not said it changed: no round trip.
-    pub(crate) fn tracked(&self, storage_key: &str, now_ms: u64) -> Option<Record> {
+    /// not said it changed: no round trip. With it, when this instance
+    /// last renewed the idle timeout as far as the copy knows (0: not
+    /// known).
+    pub(crate) fn tracked(&self, storage_key: &str, now_ms: u64) -> Option<(Record, u64)> {
         let tracked = self.tracked.as_ref()?;
         let key = self.session_key(storage_key);
         let copy = tracked.get(&key)?;
@@ -117,7 +124,7 @@ impl RedisStore {
             tracked.invalidate(&key);
             return None;
         }
-        Some(copy.record.clone())
+        Some((copy.record.clone(), copy.touched_ms))
     }
 
     /// Drops this instance's tracked copy of a session it just changed,
@@ -170,7 +177,8 @@ impl RedisStore {
     /// idle timeout when `touch`. A record past the absolute timeout is
     /// deleted and reads as absent.
     /// With `ttl`, the key's `PTTL` is read in the same round trip (for a
-    /// tracked copy's expiry) and returned with the record.
+    /// tracked copy's expiry) and returned with the record; `None` when a
+    /// write followed the read (the copy must not be kept).
     pub(crate) async fn load_on(
         &self,
         conn: &mut RedisConnection,
@@ -205,7 +213,7 @@ impl RedisStore {
         if fields.is_empty() {
             return Ok(None);
         }
-        let pttl = pttl.and_then(|pttl| u64::try_from(pttl).ok());
+        let mut pttl = pttl.and_then(|pttl| u64::try_from(pttl).ok());
         let record = record_from_fields(fields);
         let deadline = record.created_ms.saturating_add(self.absolute_ms());
         let now = now_ms();
@@ -229,6 +237,10 @@ impl RedisStore {
             if past {
                 return Ok(None);
             }
+            // That `PEXPIRE` came after the read: on the tracking connection
+            // it took the key out of the server's tracking table (its own
+            // writes are not reported), so this answer is not kept.
+            pttl = None;
         }
         Ok(Some((record, pttl)))
     }
@@ -278,6 +290,7 @@ impl RedisStore {
                 ticket.fill(Arc::new(Tracked {
                     record,
                     expires_ms: started_ms.saturating_add(ttl_ms),
+                    touched_ms: base.touched_ms,
                 }));
             }
             Saved::from(reply)
@@ -468,6 +481,7 @@ impl Store for RedisStore {
                 ticket.fill(Arc::new(Tracked {
                     record: record.clone(),
                     expires_ms: started_ms.saturating_add(pttl),
+                    touched_ms: if touch { started_ms } else { 0 },
                 }));
             }
             Ok(Some(record))
