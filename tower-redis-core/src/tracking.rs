@@ -47,6 +47,22 @@
 //! *before* the read: an invalidation of the key (or of everything) voids
 //! every ticket outstanding for it, and a void ticket keeps nothing.
 //!
+//! # Writes on the tracking connection
+//!
+//! A layer that can compute what its own write leaves in Redis (the copy
+//! with the write's changes) sends the write on the tracking connection
+//! with a [`WriteTicket`], and keeps the result as the copy: the next read
+//! costs no round trip. Redis reports a connection's own writes to nobody
+//! on it (`NOLOOP`) and drops the key from its tracking table at the
+//! write, so the write must read the key last, in the same atomic step (a
+//! script's last command): the key stays tracked, and later changes by
+//! others are still reported. The ticket voids the reads of the key in
+//! flight and any overlapping write of it, and invalidates the key in the
+//! other structures on the connection when the write begins and ends. The
+//! connection is not used once the pool has moved to a new generation (a
+//! Sentinel switch, a `READONLY` answer), so such a write never reaches a
+//! demoted primary.
+//!
 //! # Topologies
 //!
 //! Standalone and Sentinel (the tracking connection follows the primary the
