@@ -602,21 +602,22 @@ impl From<SaveReply> for Saved {
 impl redis::FromRedisValue for SaveReply {
     fn from_redis_value(value: redis::Value) -> Result<Self, redis::ParsingError> {
         // The pipeline's only non-ignored reply is the script's: 0 when the
-        // session is gone, else {PTTL, applied}.
-        let mut replies: Vec<redis::Value> = redis::FromRedisValue::from_redis_value(value)?;
-        if replies.is_empty() {
+        // session is gone, the TTL as set when every change was applied,
+        // -1 when one was kept out.
+        let replies: Vec<i64> = redis::FromRedisValue::from_redis_value(value)?;
+        let Some(&reply) = replies.first() else {
             return Err("a session save's pipeline answered nothing".into());
-        }
-        Ok(match replies.swap_remove(0) {
-            redis::Value::Array(reply) => {
-                let (ttl, applied): (i64, i64) =
-                    redis::FromRedisValue::from_redis_value(redis::Value::Array(reply))?;
-                SaveReply::Written {
-                    ttl_ms: u64::try_from(ttl).ok().filter(|&ttl| ttl > 0),
-                    applied: applied == 1,
-                }
-            }
-            _ => SaveReply::Gone,
+        };
+        Ok(match reply {
+            0 => SaveReply::Gone,
+            ttl if ttl > 0 => SaveReply::Written {
+                ttl_ms: u64::try_from(ttl).ok(),
+                applied: true,
+            },
+            _ => SaveReply::Written {
+                ttl_ms: None,
+                applied: false,
+            },
         })
     }
 }

@@ -12,22 +12,22 @@
 -- Every field carries the time of its last change ('t:' fields, kept as
 -- tombstones after removal); a change older than the stored one is skipped,
 -- so replaying writes made during an outage never overwrites newer data.
--- Returns 0 when the session is gone; when written, {PTTL, applied}: the
--- key's TTL as set, and 1 when every change was applied (0 when a newer
--- stamp kept one out). The PTTL is read last, after every write: on a
+-- Returns 0 when the session is gone; when written, the key's TTL as set
+-- (PTTL, at least 1) when every change was applied, or -1 when a newer
+-- stamp kept one out. The PTTL is read last, after every write: on a
 -- connection with client tracking, the key is then tracked again for it
--- (its own write took it out of the server's tracking table).
+-- (its own write took it out of the server's tracking table). One integer,
+-- not a table: a table reply costs the server more than the read.
+-- A session hash always holds '_c' (every create writes it first): its
+-- absence is the session's.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local key = KEYS[1]
 -- A queued change stamped by a clock ahead of Redis' is not in the future.
 local at = math.min(tonumber(ARGV[6]) or now, now)
-local exists = redis.call('EXISTS', key) == 1
-if not exists and ARGV[1] ~= 'create' then return 0 end
-local created
-if exists then
-  created = tonumber(redis.call('HGET', key, '_c')) or now
-else
+local created = tonumber(redis.call('HGET', key, '_c'))
+if not created then
+  if ARGV[1] ~= 'create' then return 0 end
   created = tonumber(ARGV[5]) or now
   redis.call('HSET', key, '_c', created)
 end
@@ -65,4 +65,6 @@ for _ = 1, removals do
 end
 if ARGV[4] ~= '' then redis.call('HSET', key, '_u', ARGV[4]) end
 redis.call('PEXPIRE', key, math.min(tonumber(ARGV[2]), deadline - now))
-return {redis.call('PTTL', key), applied}
+local ttl = redis.call('PTTL', key)
+if applied == 0 then return -1 end
+return ttl
