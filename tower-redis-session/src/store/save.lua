@@ -37,6 +37,9 @@ if deadline <= now then
   return 0
 end
 local applied = 1
+-- Written as integers ('%d'), not as Lua numbers (Redis formats those
+-- with '%.17g', a float's formatting).
+local stamp = string.format('%d', at)
 local i = 7
 local sets = tonumber(ARGV[i])
 i = i + 1
@@ -45,7 +48,7 @@ for _ = 1, sets do
   i = i + 2
   local stored = tonumber(redis.call('HGET', key, 't:' .. name))
   if not stored or stored <= at then
-    redis.call('HSET', key, 'd:' .. name, value, 't:' .. name, at)
+    redis.call('HSET', key, 'd:' .. name, value, 't:' .. name, stamp)
   else
     applied = 0
   end
@@ -58,13 +61,13 @@ for _ = 1, removals do
   local stored = tonumber(redis.call('HGET', key, 't:' .. name))
   if not stored or stored <= at then
     redis.call('HDEL', key, 'd:' .. name)
-    redis.call('HSET', key, 't:' .. name, at)
+    redis.call('HSET', key, 't:' .. name, stamp)
   else
     applied = 0
   end
 end
 if ARGV[4] ~= '' then redis.call('HSET', key, '_u', ARGV[4]) end
-redis.call('PEXPIRE', key, math.min(tonumber(ARGV[2]), deadline - now))
+redis.call('PEXPIRE', key, string.format('%d', math.min(tonumber(ARGV[2]), deadline - now)))
 local ttl = redis.call('PTTL', key)
 if applied == 0 then return -1 end
 return ttl
