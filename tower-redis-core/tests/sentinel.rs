@@ -373,3 +373,78 @@ async fn a_sentinel_url_finds_the_primary() {
         Some("1")
     );
 }
+
+/// A write sent on the tracking connection (as a tracked session update
+/// is) follows the pool to the new primary at a switch: once the pool has
+/// moved (its writes land on the new primary), no write acknowledged on
+/// the tracking connection lands on the demoted one, even before the
+/// tracking connection's heartbeat would notice the switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_on_the_tracking_connection_follow_the_switch() {
+    let sentinel = TestSentinel::start().await;
+    let manager = manager(&sentinel).await;
+    tower_redis_core::testing::wait_for_tracking(&manager, DEADLINE).await;
+    let tracking = manager.tracking().expect("tracking on Sentinel");
+
+    // Each round: a write through the pool, then one on the tracking
+    // connection; what each got acknowledged is recorded.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let manager = manager.clone();
+        let stop = std::sync::Arc::clone(&stop);
+        async move {
+            let mut rounds = Vec::new();
+            let mut index = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                index += 1;
+                let pooled = set(&manager, &format!("pool-{index}"), "v").await == Source::Redis;
+                let key = format!("tracked-{index}");
+                let tracked = tracking
+                    .run(|mut conn| {
+                        let cmd = redis::cmd("SET").arg(&key).arg("v").clone();
+                        async move { cmd.query_async::<()>(&mut conn).await }
+                    })
+                    .await
+                    .is_ok();
+                rounds.push((index, pooled, tracked));
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            rounds
+        }
+    });
+    let old = sentinel.force_failover().await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let rounds = writer.await.expect("writer");
+    let new = sentinel.primary_port().await;
+    assert_ne!(new, old);
+
+    // The pool's writes lost in the switch (acknowledged by the old primary
+    // after the promotion) end where the pool moved.
+    let mut last_lost_pooled = 0;
+    for &(index, pooled, _) in &rounds {
+        if pooled
+            && get_on(&sentinel, new, &format!("pool-{index}"))
+                .await
+                .is_none()
+        {
+            last_lost_pooled = index;
+        }
+    }
+    let mut lost = Vec::new();
+    for &(index, _, tracked) in &rounds {
+        if tracked
+            && index > last_lost_pooled + 1
+            && get_on(&sentinel, new, &format!("tracked-{index}"))
+                .await
+                .is_none()
+        {
+            lost.push(index);
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "writes acknowledged on the tracking connection after the pool moved (round {last_lost_pooled}) \
+         are not on the new primary: rounds {lost:?} of {}",
+        rounds.len()
+    );
+}
