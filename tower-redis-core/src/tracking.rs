@@ -716,23 +716,29 @@ impl<V: Clone + Send + Sync + 'static> TrackedCache<V> {
     /// connection. `None` when tracking is not live (the answer must not be
     /// kept).
     pub fn begin(&self, key: &str) -> Option<Ticket<V>> {
+        self.ticket(key, |pending, key, id| {
+            // While this instance writes the key, Redis will not say when
+            // the write lands: an answer read meanwhile is not kept.
+            if !pending.writing.contains_key(key) {
+                pending.tickets.entry(Arc::clone(key)).or_default().push(id);
+            }
+        })
+    }
+
+    /// A ticket for `key`, marked in flight by `mark` under the lock that
+    /// orders fills against invalidations. `None` when tracking is not
+    /// live.
+    fn ticket(
+        &self,
+        key: &str,
+        mark: impl FnOnce(&mut Pending, &Arc<[u8]>, u64),
+    ) -> Option<Ticket<V>> {
         if !self.tracking.is_live() {
             return None;
         }
         let id = self.inner.next_ticket.fetch_add(1, Ordering::Relaxed);
         let key: Arc<[u8]> = Arc::from(key.as_bytes());
-        {
-            let mut pending = lock(&self.inner.pending);
-            // While this instance writes the key, Redis will not say when
-            // the write lands: an answer read meanwhile is not kept.
-            if !pending.writing.contains_key(&key) {
-                pending
-                    .tickets
-                    .entry(Arc::clone(&key))
-                    .or_default()
-                    .push(id);
-            }
-        }
+        mark(&mut lock(&self.inner.pending), &key, id);
         // Lost between the check and the mark: the flush may have run before
         // the mark; check again so that the ticket is void.
         if !self.tracking.is_live() {
@@ -769,31 +775,17 @@ impl<V: Clone + Send + Sync + 'static> TrackedCache<V> {
     /// Dropped or filled in vain, the ticket drops the copy, which no
     /// longer matches Redis.
     pub fn begin_write(&self, key: &str) -> Option<WriteTicket<V>> {
-        if !self.tracking.is_live() {
-            return None;
-        }
-        let id = self.inner.next_ticket.fetch_add(1, Ordering::Relaxed);
-        let key: Arc<[u8]> = Arc::from(key.as_bytes());
-        {
-            let mut pending = lock(&self.inner.pending);
-            pending.tickets.remove(&key);
-            let writes = pending.writing.entry(Arc::clone(&key)).or_default();
+        let ticket = self.ticket(key, |pending, key, id| {
+            pending.tickets.remove(key);
+            let writes = pending.writing.entry(Arc::clone(key)).or_default();
             *writes += 1;
             if *writes == 1 {
-                pending.tickets.insert(Arc::clone(&key), vec![id]);
+                pending.tickets.insert(Arc::clone(key), vec![id]);
             }
-        }
-        if !self.tracking.is_live() {
-            self.inner.invalidate(&key);
-        }
-        invalidate_siblings(&self.tracking, &self.inner, &key);
+        })?;
+        invalidate_siblings(&self.tracking, &self.inner, &ticket.key);
         Some(WriteTicket {
-            ticket: Ticket {
-                cache: Arc::clone(&self.inner),
-                key,
-                id,
-                done: false,
-            },
+            ticket,
             tracking: self.tracking.clone(),
         })
     }

@@ -34,6 +34,14 @@ async fn read_into(tracking: &Tracking, cache: &TrackedCache<String>, key: &str)
     value
 }
 
+/// Runs `script` on key `k` with `value` on the tracking connection.
+async fn write_on(tracking: &Tracking, script: &Script, value: &str) -> String {
+    tracking
+        .run(|mut conn| async move { script.key("k").arg(value).invoke_async(&mut conn).await })
+        .await
+        .expect("script")
+}
+
 #[tokio::test]
 async fn a_write_voids_the_reads_in_flight_and_those_begun_while_it_is() {
     let redis = TestRedis::start().await;
@@ -86,16 +94,7 @@ async fn a_script_that_reads_its_key_last_keeps_it_tracked() {
         Script::new("redis.call('SET', KEYS[1], ARGV[1]); return redis.call('GET', KEYS[1])");
     assert_eq!(read_into(&tracking, &cache, "k").await, "");
     let write = cache.begin_write("k").expect("live");
-    let written: String = tracking
-        .run(|mut conn| async move {
-            write_then_read
-                .key("k")
-                .arg("mine")
-                .invoke_async(&mut conn)
-                .await
-        })
-        .await
-        .expect("script");
+    let written = write_on(&tracking, &write_then_read, "mine").await;
     tracking.sync().await.expect("sync");
     assert!(write.fill(written), "no invalidation for its own write");
     assert_eq!(cache.get("k").as_deref(), Some("mine"));
@@ -112,16 +111,7 @@ async fn a_script_that_reads_its_key_last_keeps_it_tracked() {
     let write_only = Script::new("redis.call('SET', KEYS[1], ARGV[1]); return ARGV[1]");
     assert_eq!(read_into(&tracking, &cache, "k").await, "theirs");
     let write = cache.begin_write("k").expect("live");
-    let written: String = tracking
-        .run(|mut conn| async move {
-            write_only
-                .key("k")
-                .arg("mine again")
-                .invoke_async(&mut conn)
-                .await
-        })
-        .await
-        .expect("script");
+    let written = write_on(&tracking, &write_only, "mine again").await;
     assert!(write.fill(written));
     manager
         .query::<()>(redis::cmd("SET").arg("k").arg("theirs again"))
