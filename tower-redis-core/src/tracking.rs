@@ -158,6 +158,8 @@ struct Shared {
 struct Live {
     conn: MultiplexedConnection,
     serial: u64,
+    /// The pool generation it was made in.
+    generation: u64,
 }
 
 impl fmt::Debug for Tracking {
@@ -377,7 +379,12 @@ impl Tracking {
             return None;
         }
         let live = lock(&self.shared.conn).clone()?;
-        if self.shared.moved() {
+        let moved = self
+            .shared
+            .generation
+            .as_ref()
+            .is_some_and(|generation| generation.load(Ordering::Acquire) != live.generation);
+        if moved {
             // The pool follows a new primary: so does the next connection.
             self.shared.lose(live.serial);
             return None;
@@ -508,6 +515,7 @@ async fn keep_connected(shared: Weak<Shared>) {
             *slot = Some(Live {
                 conn: conn.clone(),
                 serial,
+                generation: generation.unwrap_or(0),
             });
             strong
                 .live_generation
@@ -796,6 +804,23 @@ impl<V: Clone + Send + Sync + 'static> TrackedCache<V> {
     /// before Redis' own invalidation arrives.
     pub fn invalidate(&self, key: &str) {
         self.inner.invalidate(key.as_bytes());
+    }
+
+    /// This instance wrote `key` on the tracking connection outside a
+    /// [`WriteTicket`] (Redis reports a connection's own writes to nobody
+    /// on it, and forgets that it read the key): drops the key here and in
+    /// every other structure on the connection.
+    pub fn invalidate_written(&self, key: &str) {
+        self.inner.invalidate(key.as_bytes());
+        invalidate_siblings(&self.tracking, &self.inner, key.as_bytes());
+    }
+
+    /// Drops `key` in the other structures on the tracking connection, not
+    /// in this one: for a write of this instance's on the connection whose
+    /// answer this cache keeps through its own ticket (a read pipelined
+    /// after the write).
+    pub fn invalidate_others(&self, key: &str) {
+        invalidate_siblings(&self.tracking, &self.inner, key.as_bytes());
     }
 
     /// Drops every copy.

@@ -441,8 +441,12 @@ async fn writes_on_the_tracking_connection_follow_the_switch() {
             lost.push(index);
         }
     }
+    // One round may straddle the switch unseen (no pool write lost: the
+    // promotion fell between a round's two writes and the pool moved
+    // before the next round): its tracked write is lost as a pooled one
+    // would be. Without the check, every round until the heartbeat is.
     assert!(
-        lost.is_empty(),
+        lost.len() <= 1,
         "writes acknowledged on the tracking connection after the pool moved (round {last_lost_pooled}) \
          are not on the new primary: rounds {lost:?} of {}",
         rounds.len()

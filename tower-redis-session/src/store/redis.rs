@@ -53,9 +53,10 @@ pub(crate) struct Tracked {
     /// outlives the key, even before the expiry's invalidation arrives.
     expires_ms: u64,
     /// When this instance last renewed the idle timeout, as far as this
-    /// copy knows (0: not known). Never later than the local copy's own
-    /// record of it, so a read that finds it recent enough needs no look
-    /// at the local copy to know that no renewal is due.
+    /// copy knows (0: not known): the start of the renewing read, as the
+    /// local copy records it (within microseconds), so a read that finds
+    /// it recent enough needs no look at the local copy to know that no
+    /// renewal is due.
     touched_ms: u64,
 }
 
@@ -475,8 +476,19 @@ impl Store for RedisStore {
                     })
                     .await?;
             let Some((record, pttl)) = loaded else {
+                // Absent, or deleted here past its absolute timeout.
+                tracked.invalidate_written(&key);
                 return Ok(None);
             };
+            if pttl.is_none() {
+                // Its TTL capped after the read: no longer tracked here.
+                tracked.invalidate_written(&key);
+            } else if touch {
+                // The renewal came before the read, which refills this
+                // cache; the other structures on the connection heard of
+                // nothing.
+                tracked.invalidate_others(&key);
+            }
             if let (Some(ticket), Some(pttl)) = (ticket, pttl) {
                 ticket.fill(Arc::new(Tracked {
                     record: record.clone(),

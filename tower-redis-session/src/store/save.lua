@@ -37,9 +37,10 @@ if deadline <= now then
   return 0
 end
 local applied = 1
--- Written as integers ('%d'), not as Lua numbers (Redis formats those
--- with '%.17g', a float's formatting).
-local stamp = string.format('%d', at)
+-- Written as integers ('%.0f': exact for every double below 2^53, on
+-- 32-bit builds too), not as Lua numbers (Redis formats those with
+-- '%.17g').
+local stamp = string.format('%.0f', at)
 local i = 7
 local sets = tonumber(ARGV[i])
 i = i + 1
@@ -67,7 +68,9 @@ for _ = 1, removals do
   end
 end
 if ARGV[4] ~= '' then redis.call('HSET', key, '_u', ARGV[4]) end
-redis.call('PEXPIRE', key, string.format('%d', math.min(tonumber(ARGV[2]), deadline - now)))
-local ttl = redis.call('PTTL', key)
+redis.call('PEXPIRE', key, string.format('%.0f', math.min(tonumber(ARGV[2]), deadline - now)))
+-- At least 1: a TTL of a few ms can run out during the script where the
+-- server's clock is not frozen for it (before Redis 7), and 0 means gone.
+local ttl = math.max(redis.call('PTTL', key), 1)
 if applied == 0 then return -1 end
 return ttl

@@ -136,6 +136,57 @@ async fn a_tracked_session_is_loaded_without_waiting() {
     assert_eq!(field(record, "a").as_deref(), Some("3"));
 }
 
+/// A renewing read that caps the TTL (the session's last idle window)
+/// sends that `PEXPIRE` after its read: on the tracking connection the
+/// write takes the key out of Redis' tracking table, so the copy this
+/// instance held from before must go too, or another instance's change
+/// would go unheard.
+#[tokio::test]
+async fn a_read_that_caps_the_ttl_drops_the_copy_it_had() {
+    use tower_redis_core::testing::{TestRedis, wait_for_tracking};
+    let redis = TestRedis::start().await;
+    let mut stores = Vec::new();
+    for _ in 0..2 {
+        let manager = RedisManager::connect(redis.config().build().expect("config"))
+            .await
+            .expect("manager");
+        wait_for_tracking(&manager, Duration::from_secs(10)).await;
+        // Idle as long as absolute: every renewal caps the TTL.
+        stores.push(SessionStore::new(
+            manager,
+            expiry(Duration::from_secs(3600), Duration::from_secs(3600)),
+            LocalLimits {
+                copies_bytes: 1 << 20,
+                queue_bytes: 1 << 20,
+                tracked_bytes: 1 << 20,
+            },
+        ));
+    }
+    let (a, b) = (&stores[0], &stores[1]);
+    clock::pause();
+    assert_eq!(
+        a.save(&key(1), Some(now_ms()), &set("k", "0"), None).await,
+        Saved::Written
+    );
+    clock::advance(Duration::from_millis(1));
+    // B's first read renews (capped: no copy kept); its second, with no
+    // renewal due, keeps one.
+    assert_eq!(field(b.load(&key(1)).await, "k").as_deref(), Some("0"));
+    assert!(b.load_now(&key(1)).is_err(), "no copy from a capped read");
+    assert_eq!(field(b.load(&key(1)).await, "k").as_deref(), Some("0"));
+    assert!(b.load_now(&key(1)).is_ok(), "a copy from a plain read");
+    // A renewal falls due (every 1/100 of the idle timeout): capped again.
+    clock::advance(Duration::from_secs(36));
+    assert_eq!(field(b.load(&key(1)).await, "k").as_deref(), Some("0"));
+    // A changes it; B, synced, reads the change.
+    assert_eq!(
+        a.save(&key(1), None, &set("k", "1"), None).await,
+        Saved::Written
+    );
+    b.sync().await.expect("sync");
+    assert_eq!(field(b.load(&key(1)).await, "k").as_deref(), Some("1"));
+}
+
 /// The local copies must take a session created during an outage even when
 /// they are full of sessions read many times before it: with moka's
 /// default admission (TinyLFU) a newcomer loses to popular entries and is
