@@ -37,10 +37,6 @@ if deadline <= now then
   return 0
 end
 local applied = 1
--- Written as integers ('%.0f': exact for every double below 2^53, on
--- 32-bit builds too), not as Lua numbers (Redis formats those with
--- '%.17g').
-local stamp = string.format('%.0f', at)
 local i = 7
 local sets = tonumber(ARGV[i])
 i = i + 1
@@ -49,7 +45,7 @@ for _ = 1, sets do
   i = i + 2
   local stored = tonumber(redis.call('HGET', key, 't:' .. name))
   if not stored or stored <= at then
-    redis.call('HSET', key, 'd:' .. name, value, 't:' .. name, stamp)
+    redis.call('HSET', key, 'd:' .. name, value, 't:' .. name, at)
   else
     applied = 0
   end
@@ -62,13 +58,13 @@ for _ = 1, removals do
   local stored = tonumber(redis.call('HGET', key, 't:' .. name))
   if not stored or stored <= at then
     redis.call('HDEL', key, 'd:' .. name)
-    redis.call('HSET', key, 't:' .. name, stamp)
+    redis.call('HSET', key, 't:' .. name, at)
   else
     applied = 0
   end
 end
 if ARGV[4] ~= '' then redis.call('HSET', key, '_u', ARGV[4]) end
-redis.call('PEXPIRE', key, string.format('%.0f', math.min(tonumber(ARGV[2]), deadline - now)))
+redis.call('PEXPIRE', key, math.min(tonumber(ARGV[2]), deadline - now))
 -- At least 1: a TTL of a few ms can run out during the script where the
 -- server's clock is not frozen for it (before Redis 7), and 0 means gone.
 local ttl = math.max(redis.call('PTTL', key), 1)
