@@ -379,12 +379,7 @@ impl Tracking {
             return None;
         }
         let live = lock(&self.shared.conn).clone()?;
-        let moved = self
-            .shared
-            .generation
-            .as_ref()
-            .is_some_and(|generation| generation.load(Ordering::Acquire) != live.generation);
-        if moved {
+        if self.shared.moved_since(live.generation) {
             // The pool follows a new primary: so does the next connection.
             self.shared.lose(live.serial);
             return None;
@@ -411,9 +406,14 @@ impl Shared {
     /// The pool has moved to a new generation since the live connection
     /// was made (standalone and Sentinel only).
     fn moved(&self) -> bool {
-        self.generation.as_ref().is_some_and(|generation| {
-            generation.load(Ordering::Acquire) != self.live_generation.load(Ordering::Acquire)
-        })
+        self.moved_since(self.live_generation.load(Ordering::Acquire))
+    }
+
+    /// The pool has moved to a new generation since `generation`.
+    fn moved_since(&self, generation: u64) -> bool {
+        self.generation
+            .as_ref()
+            .is_some_and(|now| now.load(Ordering::Acquire) != generation)
     }
 
     fn each(&self, f: impl Fn(&dyn Invalidate)) {
@@ -811,8 +811,9 @@ impl<V: Clone + Send + Sync + 'static> TrackedCache<V> {
     /// on it, and forgets that it read the key): drops the key here and in
     /// every other structure on the connection.
     pub fn invalidate_written(&self, key: &str) {
-        self.inner.invalidate(key.as_bytes());
-        invalidate_siblings(&self.tracking, &self.inner, key.as_bytes());
+        self.tracking
+            .shared
+            .each(|structure| structure.invalidate(key.as_bytes()));
     }
 
     /// Drops `key` in the other structures on the tracking connection, not
@@ -906,35 +907,34 @@ impl<V: Clone + Send + Sync + 'static> WriteTicket<V> {
     /// copy, unless the ticket was voided meanwhile. True when kept; when
     /// not, the copy is dropped.
     pub fn fill(mut self, value: V) -> bool {
+        self.end(Some(value))
+    }
+
+    /// Ends the write: keeps `value` as the copy when the ticket is still
+    /// valid, else drops the copy; then tells the other structures.
+    fn end(&mut self, value: Option<V>) -> bool {
         self.ticket.done = true;
-        let cache = Arc::clone(&self.ticket.cache);
+        let cache = &self.ticket.cache;
+        let key = &self.ticket.key;
         let mut pending = lock(&cache.pending);
-        let valid = take_ticket(&mut pending.tickets, &self.ticket.key, self.ticket.id);
-        if valid {
-            cache.copies.insert(Arc::clone(&self.ticket.key), value);
-        } else {
-            cache.copies.invalidate(&self.ticket.key);
+        let valid = take_ticket(&mut pending.tickets, key, self.ticket.id);
+        match value {
+            Some(value) if valid => cache.copies.insert(Arc::clone(key), value),
+            _ => cache.copies.invalidate(key),
         }
-        end_write(&mut pending, &self.ticket.key);
+        end_write(&mut pending, key);
         drop(pending);
-        invalidate_siblings(&self.tracking, &cache, &self.ticket.key);
+        invalidate_siblings(&self.tracking, cache, key);
         valid
     }
 }
 
 impl<V: Clone + Send + Sync + 'static> Drop for WriteTicket<V> {
     fn drop(&mut self) {
-        if self.ticket.done {
-            return;
+        if !self.ticket.done {
+            // Not filled: whatever the write did, the copy may not match it.
+            self.end(None);
         }
-        self.ticket.done = true;
-        // Not filled: whatever the write did, the copy may not match it.
-        let mut pending = lock(&self.ticket.cache.pending);
-        take_ticket(&mut pending.tickets, &self.ticket.key, self.ticket.id);
-        self.ticket.cache.copies.invalidate(&self.ticket.key);
-        end_write(&mut pending, &self.ticket.key);
-        drop(pending);
-        invalidate_siblings(&self.tracking, &self.ticket.cache, &self.ticket.key);
     }
 }
 

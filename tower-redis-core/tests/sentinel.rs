@@ -164,6 +164,34 @@ async fn writes_reach_the_primary_and_follow_it_after_it_dies() {
     assert_eq!(message.get_payload::<String>().expect("text"), "hello");
 }
 
+/// Runs `round` (numbered from 1, 2 ms apart) from a task of its own
+/// through a forced failover; returns the old primary's port and every
+/// round's output, in order.
+async fn through_a_forced_failover<T, F, Fut>(sentinel: &TestSentinel, round: F) -> (u16, Vec<T>)
+where
+    T: Send + 'static,
+    F: Fn(u64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + Send,
+{
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let stop = std::sync::Arc::clone(&stop);
+        async move {
+            let mut rounds = Vec::new();
+            let mut index = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                index += 1;
+                rounds.push(round(index).await);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            rounds
+        }
+    });
+    let old = sentinel.force_failover().await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    (old, writer.await.expect("writer"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_forced_failover_no_write_lands_on_the_demoted_primary() {
     let sentinel = TestSentinel::start().await;
@@ -172,27 +200,18 @@ async fn after_a_forced_failover_no_write_lands_on_the_demoted_primary() {
 
     // A writer runs through the whole failover, recording what Redis
     // acknowledged.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = tokio::spawn({
+    let (old, rounds) = through_a_forced_failover(&sentinel, {
         let manager = manager.clone();
-        let stop = std::sync::Arc::clone(&stop);
-        async move {
-            let mut acknowledged = Vec::new();
-            let mut index = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                index += 1;
+        move |index| {
+            let manager = manager.clone();
+            async move {
                 let key = format!("during-{index}");
-                if set(&manager, &key, "v").await == Source::Redis {
-                    acknowledged.push(key);
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                (set(&manager, &key, "v").await == Source::Redis).then_some(key)
             }
-            acknowledged
         }
-    });
-    let old = sentinel.force_failover().await;
-    stop.store(true, std::sync::atomic::Ordering::Release);
-    let acknowledged = writer.await.expect("writer");
+    })
+    .await;
+    let acknowledged: Vec<String> = rounds.into_iter().flatten().collect();
     let new = sentinel.primary_port().await;
     assert_ne!(new, old);
     assert_eq!(sentinel.role(old).await.expect("ROLE").as_str(), "slave");
@@ -388,15 +407,11 @@ async fn writes_on_the_tracking_connection_follow_the_switch() {
 
     // Each round: a write through the pool, then one on the tracking
     // connection; what each got acknowledged is recorded.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = tokio::spawn({
+    let (old, rounds) = through_a_forced_failover(&sentinel, {
         let manager = manager.clone();
-        let stop = std::sync::Arc::clone(&stop);
-        async move {
-            let mut rounds = Vec::new();
-            let mut index = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                index += 1;
+        move |index| {
+            let (manager, tracking) = (manager.clone(), tracking.clone());
+            async move {
                 let pooled = set(&manager, &format!("pool-{index}"), "v").await == Source::Redis;
                 let key = format!("tracked-{index}");
                 let tracked = tracking
@@ -406,15 +421,11 @@ async fn writes_on_the_tracking_connection_follow_the_switch() {
                     })
                     .await
                     .is_ok();
-                rounds.push((index, pooled, tracked));
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                (index, pooled, tracked)
             }
-            rounds
         }
-    });
-    let old = sentinel.force_failover().await;
-    stop.store(true, std::sync::atomic::Ordering::Release);
-    let rounds = writer.await.expect("writer");
+    })
+    .await;
     let new = sentinel.primary_port().await;
     assert_ne!(new, old);
 
