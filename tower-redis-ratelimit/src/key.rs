@@ -383,10 +383,14 @@ pub enum MissingKey {
 /// `prefix:{tag}:rl:<policy>[:<algorithm>]:<kind>:<value>`, every part
 /// escaped, where:
 /// - `<algorithm>` is absent for GCRA (so GCRA counters keep the layout of
-///   earlier versions), `fw` for fixed windows and `sw` for sliding
+///   earlier versions), `fw2` for fixed windows and `sw2` for sliding
 ///   windows: two layers that give one policy name to different algorithms
-///   count in different keys, instead of one reading the other's counter
-///   (a GCRA counter is a string, a window counter a hash);
+///   count in different keys, instead of one reading the other's counter.
+///   The `2` is the window counter's layout: a string of packed numbers
+///   (see `decide.lua`), where earlier versions kept a hash under
+///   `fw`/`sw`. During a rolling upgrade the two versions count a window
+///   policy in different keys (each admits up to the limit), and neither
+///   reads a counter of the other's type;
 /// - `<kind>:<value>` is `k:<value>` for a value of at most
 ///   [`MAX_KEY_LEN`] bytes, `h:<hex SHA-256 of the value>` for a longer one,
 ///   and `missing` for the shared bucket. Parts are escaped, so a value
@@ -402,7 +406,7 @@ pub(crate) fn counter_key(
 }
 
 /// A policy's counter keys (see [`counter_key`]): the start they all
-/// share, `prefix:{tag}:rl:<policy>[:fw|:sw]:`, is written once, when the
+/// share, `prefix:{tag}:rl:<policy>[:fw2|:sw2]:`, is written once, when the
 /// layer is built; a request's key appends its own part to it.
 #[derive(Debug)]
 pub(crate) struct CounterKeys {
@@ -414,8 +418,8 @@ impl CounterKeys {
         let name = policy.name();
         let mut shared = match policy.algorithm() {
             Algorithm::Gcra { .. } => keys.tagged(tag, &["rl", name]),
-            Algorithm::FixedWindow { .. } => keys.tagged(tag, &["rl", name, "fw"]),
-            Algorithm::SlidingWindow { .. } => keys.tagged(tag, &["rl", name, "sw"]),
+            Algorithm::FixedWindow { .. } => keys.tagged(tag, &["rl", name, "fw2"]),
+            Algorithm::SlidingWindow { .. } => keys.tagged(tag, &["rl", name, "sw2"]),
         };
         shared.push(':');
         Self { shared }
@@ -479,8 +483,8 @@ mod tests {
                 let written = CounterKeys::new(&keys, tag, &policy);
                 let kind = match policy.algorithm() {
                     Algorithm::Gcra { .. } => vec![],
-                    Algorithm::FixedWindow { .. } => vec!["fw"],
-                    Algorithm::SlidingWindow { .. } => vec!["sw"],
+                    Algorithm::FixedWindow { .. } => vec!["fw2"],
+                    Algorithm::SlidingWindow { .. } => vec!["sw2"],
                 };
                 let hashed = sha256_hex(&long);
                 for (value, tail) in [
@@ -540,11 +544,11 @@ mod tests {
         );
         assert_eq!(
             counter_key(&keys, "rl", &policies[1], Some("alice")),
-            "app:{rl}:rl:p:fw:k:alice"
+            "app:{rl}:rl:p:fw2:k:alice"
         );
         assert_eq!(
             counter_key(&keys, "rl", &policies[2], None),
-            "app:{rl}:rl:p:sw:missing"
+            "app:{rl}:rl:p:sw2:missing"
         );
         assert_eq!(
             counter_key(&keys, "rl", &policies[0], Some(&long_a)),

@@ -108,9 +108,16 @@
 //! arrive packed as binary doubles and its answer is packed the same way,
 //! so that no decimal number is parsed or printed on the hot path. Keys are
 //! `prefix:{rl}:rl:<policy>:k:<key>` for GCRA and
-//! `prefix:{rl}:rl:<policy>:fw:k:<key>` / `…:sw:k:<key>` for fixed and
+//! `prefix:{rl}:rl:<policy>:fw2:k:<key>` / `…:sw2:k:<key>` for fixed and
 //! sliding windows, so layers that give one policy name to different
-//! algorithms never read each other's counters. A key value longer than
+//! algorithms never read each other's counters. Every counter is one
+//! string: a GCRA counter its theoretical arrival time, a window counter
+//! its window and counts packed (the `2`: versions before it kept window
+//! counters as hashes under `fw`/`sw`, so during a rolling upgrade old and
+//! new instances count a window policy in separate keys, each up to the
+//! limit, until every instance runs the new version). One `MGET` reads
+//! every counter of a call and one `SET` writes each, so a request with
+//! three stacked policies costs the script five Redis commands. A key value longer than
 //! 256 bytes is counted under its SHA-256 (`…:h:<hex>`), never skipped.
 //! Every key of one layer shares a hash
 //! tag, so the all-or-nothing script is legal on Redis Cluster (the price:

@@ -543,13 +543,20 @@ async fn concurrent_decisions_share_a_call_and_stay_exact() {
 #[tokio::test]
 async fn every_key_has_a_ttl() {
     let redis = TestRedis::start().await;
-    let layer = RateLimitLayer::builder(manager(&redis).await)
+    let layer = RateLimitLayer::builder(patient_manager(&redis).await)
         .policy(Policy::gcra("a", 5, Duration::from_secs(60)))
         .policy(Policy::fixed_window("b", 5, Duration::from_secs(60)))
         .policy(Policy::sliding_window("c", 5, Duration::from_secs(60)))
         .build()
         .expect("layer");
-    send(&app(layer), request("192.0.2.10", "/")).await;
+    let service = app(layer);
+    // The second request finds every counter in its window: a window
+    // counter keeps the TTL its window's first write gave it.
+    for _ in 0..2 {
+        let response = send(&service, request("192.0.2.10", "/")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(!decided_locally(&response));
+    }
     let mut conn = redis.connection().await.expect("connection");
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("*")
@@ -565,7 +572,182 @@ async fn every_key_has_a_ttl() {
             .await
             .expect("PTTL");
         assert!(ttl > 0 && ttl <= 120_001, "{key}: {ttl}");
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("TYPE");
+        assert_eq!(kind, "string", "{key}");
     }
+}
+
+/// The key of the one counter whose name contains `part`.
+async fn the_key(conn: &mut redis::aio::MultiplexedConnection, part: &str) -> String {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*{part}*"))
+        .query_async(conn)
+        .await
+        .expect("KEYS");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    keys.into_iter().next().expect("one key")
+}
+
+/// The window index Redis's clock is in, for a window of `window`.
+async fn server_window(conn: &mut redis::aio::MultiplexedConnection, window: Duration) -> f64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
+    #[allow(clippy::cast_precision_loss)]
+    let now = (secs * 1_000_000 + micros) as f64;
+    #[allow(clippy::cast_precision_loss)]
+    let window = window.as_micros() as f64;
+    (now / window).floor()
+}
+
+/// A window counter as the script stores it: window index, count, previous
+/// window's count, as three little-endian doubles.
+fn packed_window(window: f64, count: f64, previous: f64) -> Vec<u8> {
+    [window, count, previous]
+        .iter()
+        .flat_map(|n| n.to_le_bytes())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_window_counter_is_read_from_its_packed_string() {
+    let redis = TestRedis::start().await;
+    let layer = RateLimitLayer::builder(patient_manager(&redis).await)
+        .policy(Policy::fixed_window("fixed", 10, HOUR))
+        .policy(Policy::sliding_window("sliding", 10, HOUR))
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    away_from_window_edge(&redis, HOUR).await;
+    // Makes both counters, then reads them back as written.
+    let response = send(&service, request("192.0.2.20", "/")).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut conn = redis.connection().await.expect("connection");
+    let fixed = the_key(&mut conn, ":fw2:").await;
+    let sliding = the_key(&mut conn, ":sw2:").await;
+    let w = server_window(&mut conn, HOUR).await;
+    for key in [&fixed, &sliding] {
+        let value: Vec<u8> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("GET");
+        assert_eq!(value, packed_window(w, 1.0, 0.0), "{key}");
+    }
+    // Each case from a client of its own (a denied key is then answered in
+    // process until its Retry-After), its counters written beforehand.
+    let cases = [
+        // The fixed window full in this window: denied.
+        (
+            "192.0.2.21",
+            packed_window(w, 10.0, 0.0),
+            None,
+            StatusCode::TOO_MANY_REQUESTS,
+        ),
+        // Full in the window before: a fixed window forgets it.
+        (
+            "192.0.2.22",
+            packed_window(w - 1.0, 10.0, 0.0),
+            None,
+            StatusCode::OK,
+        ),
+        // A sliding window weighs the previous window's count by what is
+        // left of it: a count this large denies at any point of the hour.
+        (
+            "192.0.2.23",
+            packed_window(w, 0.0, 0.0),
+            Some(packed_window(w - 1.0, 1e9, 0.0)),
+            StatusCode::TOO_MANY_REQUESTS,
+        ),
+        // The counts of two windows ago weigh nothing.
+        (
+            "192.0.2.24",
+            packed_window(w, 0.0, 0.0),
+            Some(packed_window(w - 2.0, 1e9, 1e9)),
+            StatusCode::OK,
+        ),
+    ];
+    for (ip, fixed_value, sliding_value, expected) in cases {
+        for (key, value) in [(&fixed, Some(fixed_value)), (&sliding, sliding_value)] {
+            let Some(value) = value else { continue };
+            let () = redis::cmd("SET")
+                .arg(key.replace("192.0.2.20", ip))
+                .arg(value)
+                .arg("PX")
+                .arg(60_000)
+                .query_async(&mut conn)
+                .await
+                .expect("SET");
+        }
+        let response = send(&service, request(ip, "/")).await;
+        assert_eq!(response.status(), expected, "{ip}");
+        assert!(!decided_locally(&response), "{ip}");
+    }
+}
+
+#[tokio::test]
+async fn a_counter_of_another_shape_or_type_counts_as_empty() {
+    let redis = TestRedis::start().await;
+    let layer = RateLimitLayer::builder(patient_manager(&redis).await)
+        .policy(Policy::gcra("gcra", 1, HOUR))
+        .policy(Policy::fixed_window("fixed", 1, HOUR))
+        .policy(Policy::sliding_window("sliding", 1, HOUR))
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    let response = send(&service, request("192.0.2.30", "/")).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut conn = redis.connection().await.expect("connection");
+    let gcra = the_key(&mut conn, ":gcra:").await;
+    let fixed = the_key(&mut conn, ":fw2:").await;
+    let sliding = the_key(&mut conn, ":sw2:").await;
+    // A hash where a string belongs (the layout of earlier versions), a
+    // string of the wrong length, and text that is not a number: each is
+    // an empty counter, decided on Redis (no script error, no fallback),
+    // and overwritten with a counter of the right shape.
+    let () = redis::cmd("DEL")
+        .arg(&fixed)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    let () = redis::cmd("HSET")
+        .arg(&fixed)
+        .arg("w")
+        .arg(1)
+        .arg("c")
+        .arg(5)
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+    let () = redis::cmd("SET")
+        .arg(&sliding)
+        .arg(&b"not 24 bytes"[..])
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    let () = redis::cmd("SET")
+        .arg(&gcra)
+        .arg("not a number")
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    let response = send(&service, request("192.0.2.30", "/")).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(!decided_locally(&response));
+    for key in [&fixed, &sliding] {
+        let len: usize = redis::cmd("STRLEN")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("STRLEN");
+        assert_eq!(len, 24, "{key}");
+    }
+    // And they count again: the next request is over every limit of 1.
+    let response = send(&service, request("192.0.2.30", "/")).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(!decided_locally(&response));
 }
 
 #[tokio::test]

@@ -18,7 +18,7 @@
 -- GCRA). A give-back returns zeros.
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
-local floor, ceil, format = math.floor, math.ceil, string.format
+local floor, ceil, format, pack, unpack = math.floor, math.ceil, string.format, struct.pack, struct.unpack
 local mode, kind = tonumber(ARGV[1]), tonumber(ARGV[2])
 local a, b = tonumber(ARGV[3]), tonumber(ARGV[4])
 local count, extra = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -63,34 +63,35 @@ if kind == 1 then
   return {k, floor(clamp((b - (new_tat - now)) / a)), ceil(clamp(new_tat - now)), 0, 0}
 end
 
+-- A window counter: the window index, its count and the previous window's,
+-- packed as decide.lua packs them (struct '<ddd'); any other value is an
+-- empty counter.
 local w = floor(now / b)
-local d = redis.call('HMGET', key, 'w', 'c', 'p')
-local stored = tonumber(d[1])
+local v = redis.call('GET', key)
+local stored, sc, sp
+if v and #v == 24 then stored, sc, sp = unpack('<ddd', v) end
 
 if mode == 2 then
   -- Only the window the units were taken in, or (sliding) that window
   -- while it is the previous one and still weighs on the current count.
-  local field
+  -- The counter keeps its TTL.
   if stored == extra then
-    field = 'c'
+    sc = sc - count
+    if sc < 0 then sc = 0 end
+    redis.call('SET', key, pack('<ddd', stored, sc, sp), 'KEEPTTL')
   elseif kind == 2 and stored == extra + 1 then
-    field = 'p'
-  end
-  if field then
-    local v = tonumber(d[field == 'c' and 2 or 3]) or 0
-    v = v - count
-    if v < 0 then v = 0 end
-    redis.call('HSET', key, field, format('%d', v))
+    sp = sp - count
+    if sp < 0 then sp = 0 end
+    redis.call('SET', key, pack('<ddd', stored, sc, sp), 'KEEPTTL')
   end
   return {0, 0, 0, 0, 0}
 end
 
 local c, p = 0, 0
 if stored == w then
-  c = tonumber(d[2]) or 0
-  p = tonumber(d[3]) or 0
+  c, p = sc, sp
 elseif stored == w - 1 then
-  p = tonumber(d[2]) or 0
+  p = sc
 end
 local elapsed = now - w * b
 local reset = b - elapsed
@@ -113,6 +114,10 @@ if k < extra then
   if retry < 1 then retry = 1 end
   return {0, floor(clamp(a - used)), ceil(clamp(reset)), ceil(clamp(retry)), w}
 end
-redis.call('HSET', key, 'w', format('%d', w), 'c', format('%d', c + k), 'p', format('%d', p))
-redis.call('PEXPIRE', key, format('%d', ceil(2 * b / 1000) + 1))
+if stored == w then
+  -- The window's first write gave the counter its TTL: kept.
+  redis.call('SET', key, pack('<ddd', w, c + k, p), 'KEEPTTL')
+else
+  redis.call('SET', key, pack('<ddd', w, c + k, p), 'PX', format('%d', ceil(2 * b / 1000) + 1))
+end
 return {k, floor(clamp(a - used - k)), ceil(clamp(reset)), 0, w}
