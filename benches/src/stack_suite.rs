@@ -61,12 +61,12 @@ const NEAR_BYTES: u64 = 16 << 20;
 const HUGE_QUOTA: u32 = 1_000_000_000;
 const HOUR: Duration = Duration::from_secs(3600);
 /// Commands run inside the scripts a stacked request may run: the GCRA
-/// decision (`TIME`, `GET`, `SET`) and the cache's lookup script (`HGET`;
+/// decision (`TIME`, `GET`, `SET`, and `MGET` for a batch) and the cache's lookup script (`HGET`;
 /// `/page`'s first lookup on an instance runs it; once its private answer
 /// was not stored, its lookups are a plain `HMGET`). None of them is sent
 /// top-level by the stack (its
 /// top-level commands are `EVALSHA`, `HMGET`, `PEXPIRE`, `HGETALL`).
-const STACK_INNER: &[&str] = &["time", "get", "set", "hget"];
+const STACK_INNER: &[&str] = &["time", "get", "mget", "set", "hget"];
 /// Top-level commands (round trips) a request may make, on average over
 /// the untimed window: `/page` = rate limit 1 + cache lookup 0 (known
 /// absent) + session read 0 (tracked), with room for the session's idle

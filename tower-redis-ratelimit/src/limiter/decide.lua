@@ -32,13 +32,17 @@
 -- for all of them) and written at most once per call.
 --
 -- Written for the server's time per call, which decides how many decisions
--- one Redis core makes (each redis.call costs about as much as all the
--- arithmetic of a request): binary arguments (no decimal parsing), every
--- counter read in one MGET and written in one SET (a window's TTL kept,
--- not printed again), no per-key tables for a lone request, integers
--- formatted with %d (not Redis's %.17g for Lua numbers), and the reply
--- packed in binary: no number of it is formatted here, nor parsed one by
--- one by the client.
+-- one Redis core makes. At low load a call is a lone request, and there
+-- each redis.call, each table and each function made costs about as much
+-- as the arithmetic of a policy. So: binary arguments (no decimal
+-- parsing); every counter read in one MGET and written in one SET (a
+-- window's TTL kept, not printed again); the arithmetic inline in each of
+-- the three paths below (one GCRA counter, a lone request, a batch),
+-- written out three times rather than put in functions, which cost a
+-- stacked-policy request about 1 µs of the server's time in measurements;
+-- integers formatted with %d (not Redis's %.17g for Lua numbers); and the
+-- reply packed in binary: no number of it is formatted here, nor parsed
+-- one by one by the client.
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
 local floor, ceil, unpack, pack, format, spread = math.floor, math.ceil, struct.unpack, struct.pack, string.format, unpack
@@ -49,8 +53,7 @@ local nk = #KEYS
 local BIG = 99999999999999
 
 -- One request on one GCRA counter (a lone request of a one-policy layer,
--- the most common call): the arithmetic of judge() below, inline, with no
--- function or table made. Its
+-- the most common call): the arithmetic below, with no table made. Its
 -- numbers are exactly 8 doubles: kind, a, b, 1 group, count 1, cost, n 1,
 -- counter 1.
 if nk == 1 and #data == 64 then
@@ -81,133 +84,123 @@ if nk == 1 and #data == 64 then
   end
 end
 
--- One policy's counter as read: the GCRA theoretical arrival time (never
--- before now), or the window's count and the previous window's (shifted to
--- the window `now` falls in), and whether the stored window is this one.
-local function state(kind, b, v)
-  if kind == 1 then
-    local tat = tonumber(v) or now
-    if tat < now then tat = now end
-    return tat, 0, false
-  end
-  if v and #v == 24 then
-    local w = floor(now / b)
-    local stored, c, p = unpack('<ddd', v)
-    if stored == w then return c, p, true end
-    if stored == w - 1 then return 0, c, false end
-  end
-  return 0, 0, false
-end
-
--- One policy's answer to a request of `cost` on the counter (s1, s2) from
--- state(): remaining, reset_us, retry_us (0: this policy allows it),
--- clamped to [0, BIG] and whole.
-local function judge(kind, a, b, s1, s2, cost)
-  local remaining, reset, retry
-  if kind == 1 then
-    local new_tat = s1 + cost * a
-    local allow_at = new_tat - b
-    if allow_at > now then
-      retry = allow_at - now
-      remaining = (b - (s1 - now)) / a
-      reset = s1 - now
-    else
-      retry = 0
-      remaining = (b - (new_tat - now)) / a
-      reset = new_tat - now
-    end
-  else
-    local elapsed = now - floor(now / b) * b
-    reset = b - elapsed
-    local used = s1
-    if kind == 2 then used = s2 * (b - elapsed) / b + s1 end
-    if used + cost > a then
-      if kind == 3 then
-        retry = reset
-      elseif a - s1 - cost >= 0 then
-        retry = b - elapsed - (a - s1 - cost) * b / s2
-      elseif cost <= a then
-        retry = reset + b * (1 - (a - cost) / s1)
-      else
-        retry = reset + b
-      end
-      if retry < 1 then retry = 1 end
-      remaining = a - used
-    else
-      retry = 0
-      remaining = a - used - cost
-    end
-  end
-  if remaining < 0 then remaining = 0 end
-  if remaining > BIG then remaining = BIG end
-  if reset > BIG then reset = BIG end
-  if retry > BIG then retry = BIG end
-  return floor(remaining), ceil(reset), ceil(retry)
-end
-
--- Writes a counter the call changed: s1 (and s2) are its new state, `same`
--- whether its stored window is the current one.
-local function store(key, kind, b, s1, s2, same)
-  if kind == 1 then
-    -- Rounded half to even, as '%.0f' would, but printed as an integer.
-    local r = floor(s1 + 0.5)
-    if r - s1 == 0.5 and r % 2 == 1 then r = r - 1 end
-    redis.call('SET', key, format('%d', r), 'PX', format('%d', ceil((s1 - now) / 1000) + 1))
-  elseif same then
-    redis.call('SET', key, pack('<ddd', floor(now / b), s1, s2), 'KEEPTTL')
-  else
-    redis.call('SET', key, pack('<ddd', floor(now / b), s1, s2), 'PX', format('%d', ceil(2 * b / 1000) + 1))
-  end
-end
-
--- A lone request on any counters (a batch of one: the call of every
--- request that finds no batch forming): its numbers are kind, a, b per
--- key, 1 group, count 1, its cost, n = the number of keys, and the n
--- indexes. One table, for the reply and the counters' new states.
-if #data == 32 * nk + 32 then
+-- A lone request (a batch of one: the call of every request that finds no
+-- batch forming, so the one every request makes at low load), on any
+-- number of counters. Its numbers are kind, a, b per key, then 1 group,
+-- count 1, its cost, n = the number of keys, and the n indexes. The
+-- arithmetic of the batch below, inline, with one table (the reply's) and
+-- no function made or called: at this size those cost as much as the
+-- arithmetic itself. At most 64 counters, so that its reply fits the Lua
+-- stack in one pack.
+if nk <= 64 and #data == 32 * nk + 32 then
   local groups, count, cost, n = unpack('<dddd', data, 24 * nk + 1)
   if groups == 1 and count == 1 and n == nk then
+    local vals
     if nk == 1 then
-      local kind, a, b = unpack('<ddd', data)
-      local s1, s2, same = state(kind, b, redis.call('GET', KEYS[1]))
-      local remaining, reset, retry = judge(kind, a, b, s1, s2, cost)
-      if retry == 0 then
-        if kind == 1 then s1 = s1 + cost * a else s1 = s1 + cost end
-        store(KEYS[1], kind, b, s1, s2, same)
-      end
-      return pack('<dddd', retry > 0 and 0 or 1, remaining, reset, retry)
+      vals = {redis.call('GET', KEYS[1])}
+    else
+      vals = redis.call('MGET', spread(KEYS))
     end
-    local vals = redis.call('MGET', spread(KEYS))
-    -- The reply's numbers, then per key its new state (s1, s2, same).
     local out = {1}
-    local top = 3 * n + 1
     local pos = 24 * nk + 33
     for i = 1, n do
       local k
       k, pos = unpack('<d', data, pos)
       local kind, a, b = unpack('<ddd', data, 24 * k - 23)
-      local s1, s2, same = state(kind, b, vals[k])
-      local remaining, reset, retry = judge(kind, a, b, s1, s2, cost)
+      local v = vals[k]
+      local remaining, reset, retry
+      if kind == 1 then
+        local tat = tonumber(v) or now
+        if tat < now then tat = now end
+        local new_tat = tat + cost * a
+        local allow_at = new_tat - b
+        if allow_at > now then
+          retry = allow_at - now
+          remaining = floor((b - (tat - now)) / a)
+          reset = tat - now
+        else
+          retry = 0
+          remaining = floor((b - (new_tat - now)) / a)
+          reset = new_tat - now
+        end
+      else
+        local w = floor(now / b)
+        local c, p = 0, 0
+        if v and #v == 24 then
+          local stored, sc, sp = unpack('<ddd', v)
+          if stored == w then
+            c, p = sc, sp
+          elseif stored == w - 1 then
+            p = sc
+          end
+        end
+        local elapsed = now - w * b
+        reset = b - elapsed
+        local used = c
+        if kind == 2 then used = p * (b - elapsed) / b + c end
+        if used + cost > a then
+          if kind == 3 then
+            retry = reset
+          elseif a - c - cost >= 0 then
+            retry = b - elapsed - (a - c - cost) * b / p
+          elseif cost <= a then
+            retry = reset + b * (1 - (a - cost) / c)
+          else
+            retry = reset + b
+          end
+          if retry < 1 then retry = 1 end
+          remaining = a - used
+        else
+          retry = 0
+          remaining = a - used - cost
+        end
+      end
+      if remaining < 0 then remaining = 0 end
+      if remaining > BIG then remaining = BIG end
+      if reset > BIG then reset = BIG end
+      if retry > BIG then retry = BIG end
       if retry > 0 then out[1] = 0 end
-      out[3 * i - 1] = remaining
-      out[3 * i] = reset
-      out[3 * i + 1] = retry
-      if kind == 1 then s1 = s1 + cost * a else s1 = s1 + cost end
-      out[top + 3 * k - 2] = s1
-      out[top + 3 * k - 1] = s2
-      out[top + 3 * k] = same
+      out[3 * i - 1] = floor(remaining)
+      out[3 * i] = ceil(reset)
+      out[3 * i + 1] = ceil(retry)
     end
     if out[1] == 1 then
+      -- Allowed by every policy: each counter counts it, from what was
+      -- read (read again here rather than kept in tables).
       for k = 1, nk do
-        local kind, _, b = unpack('<ddd', data, 24 * k - 23)
-        store(KEYS[k], kind, b, out[top + 3 * k - 2], out[top + 3 * k - 1], out[top + 3 * k])
+        local kind, a, b = unpack('<ddd', data, 24 * k - 23)
+        local v = vals[k]
+        if kind == 1 then
+          local tat = tonumber(v) or now
+          if tat < now then tat = now end
+          tat = tat + cost * a
+          -- Rounded half to even, as '%.0f' would, but printed as an integer.
+          local r = floor(tat + 0.5)
+          if r - tat == 0.5 and r % 2 == 1 then r = r - 1 end
+          redis.call('SET', KEYS[k], format('%d', r), 'PX', format('%d', ceil((tat - now) / 1000) + 1))
+        else
+          local w = floor(now / b)
+          local stored, c, p = nil, 0, 0
+          if v and #v == 24 then stored, c, p = unpack('<ddd', v) end
+          if stored == w then
+            -- The window's first write gave the counter its TTL: kept.
+            redis.call('SET', KEYS[k], pack('<ddd', w, c + cost, p), 'KEEPTTL')
+          else
+            if stored ~= w - 1 then c = 0 end
+            redis.call('SET', KEYS[k], pack('<ddd', w, cost, c), 'PX', format('%d', ceil(2 * b / 1000) + 1))
+          end
+        end
       end
     end
-    return pack('<' .. string.rep('d', top), spread(out, 1, top))
+    return pack('<' .. string.rep('d', 3 * n + 1), spread(out))
   end
 end
 
--- A batch. Per key: the policy (kind, a, b), and its state from state().
+-- A batch. Per key: the policy (kind, a, b), and its state: the GCRA
+-- theoretical arrival time in s1, or the window counts (current, previous,
+-- already shifted to the window `now` falls in) in s1 and s2, and whether
+-- the stored window is the current one (its TTL is then kept).
+local kinds, as, bs, s1, s2, same, dirty = {}, {}, {}, {}, {}, {}, {}
 local vals
 if nk <= 512 then
   vals = redis.call('MGET', spread(KEYS))
@@ -221,7 +214,6 @@ else
     for i = 1, #part do vals[from + i - 1] = part[i] end
   end
 end
-local kinds, as, bs, s1, s2, same, dirty = {}, {}, {}, {}, {}, {}, {}
 local pos = 1
 for k = 1, nk do
   local kind, a, b
@@ -229,7 +221,27 @@ for k = 1, nk do
   kinds[k] = kind
   as[k] = a
   bs[k] = b
-  s1[k], s2[k], same[k] = state(kind, b, vals[k])
+  local v = vals[k]
+  if kind == 1 then
+    local t0 = tonumber(v) or now
+    if t0 < now then t0 = now end
+    s1[k] = t0
+  else
+    local w = floor(now / b)
+    local c, p = 0, 0
+    same[k] = false
+    if v and #v == 24 then
+      local stored, sc, sp = unpack('<ddd', v)
+      if stored == w then
+        c, p = sc, sp
+        same[k] = true
+      elseif stored == w - 1 then
+        p = sc
+      end
+    end
+    s1[k] = c
+    s2[k] = p
+  end
 end
 
 local reply = {}
@@ -250,11 +262,53 @@ for _ = 1, groups do
     local allowed = 1
     for i = 1, n do
       local k = ks[i]
-      local remaining, reset, retry = judge(kinds[k], as[k], bs[k], s1[k], s2[k], cost)
+      local a, b = as[k], bs[k]
+      local remaining, reset, retry
+      if kinds[k] == 1 then
+        local t0 = s1[k]
+        local new_tat = t0 + cost * a
+        local allow_at = new_tat - b
+        if allow_at > now then
+          retry = allow_at - now
+          remaining = floor((b - (t0 - now)) / a)
+          reset = t0 - now
+        else
+          retry = 0
+          remaining = floor((b - (new_tat - now)) / a)
+          reset = new_tat - now
+        end
+      else
+        local c, p = s1[k], s2[k]
+        local elapsed = now - floor(now / b) * b
+        reset = b - elapsed
+        local used = c
+        local kind = kinds[k]
+        if kind == 2 then used = p * (b - elapsed) / b + c end
+        if used + cost > a then
+          if kind == 3 then
+            retry = reset
+          elseif a - c - cost >= 0 then
+            retry = b - elapsed - (a - c - cost) * b / p
+          elseif cost <= a then
+            retry = reset + b * (1 - (a - cost) / c)
+          else
+            retry = reset + b
+          end
+          if retry < 1 then retry = 1 end
+          remaining = a - used
+        else
+          retry = 0
+          remaining = a - used - cost
+        end
+      end
+      if remaining < 0 then remaining = 0 end
+      if remaining > BIG then remaining = BIG end
+      if reset > BIG then reset = BIG end
+      if retry > BIG then retry = BIG end
       if retry > 0 then allowed = 0 end
-      reply[n_reply + 1] = remaining
-      reply[n_reply + 2] = reset
-      reply[n_reply + 3] = retry
+      reply[n_reply + 1] = floor(remaining)
+      reply[n_reply + 2] = ceil(reset)
+      reply[n_reply + 3] = ceil(retry)
       n_reply = n_reply + 3
     end
     reply[head] = allowed
@@ -275,7 +329,21 @@ end
 
 for k = 1, nk do
   if dirty[k] then
-    store(KEYS[k], kinds[k], bs[k], s1[k], s2[k], same[k])
+    if kinds[k] == 1 then
+      local v = s1[k]
+      -- Rounded half to even, as '%.0f' would, but printed as an integer.
+      local r = floor(v + 0.5)
+      if r - v == 0.5 and r % 2 == 1 then r = r - 1 end
+      redis.call('SET', KEYS[k], format('%d', r), 'PX', format('%d', ceil((v - now) / 1000) + 1))
+    else
+      local b = bs[k]
+      if same[k] then
+        -- The window's first write gave the counter its TTL: kept.
+        redis.call('SET', KEYS[k], pack('<ddd', floor(now / b), s1[k], s2[k]), 'KEEPTTL')
+      else
+        redis.call('SET', KEYS[k], pack('<ddd', floor(now / b), s1[k], s2[k]), 'PX', format('%d', ceil(2 * b / 1000) + 1))
+      end
+    end
   end
 end
 

@@ -478,3 +478,61 @@ async fn a_batch_larger_than_a_packing_slice_is_answered_request_by_request() {
         assert_eq!(window.reset, verdicts[0].states[0].expect("a state").reset);
     }
 }
+
+/// A request with more counters than the script's lone-request path takes
+/// (64), and a batch with more than one `MGET`'s worth (512): both decided
+/// on Redis, each counter read and counted once.
+#[tokio::test]
+async fn many_counters_in_one_call_are_read_in_parts() {
+    let (redis, limiter) = on_redis().await;
+    let window = |i: usize| {
+        check(
+            &format!("many-{i}"),
+            Algorithm::FixedWindow {
+                limit: 2,
+                window: Duration::from_secs(3600),
+            },
+        )
+    };
+    // One request on 70 counters, twice: the second finds each counted once.
+    let wide: Vec<Check> = (0..70).map(window).collect();
+    for remaining in [1, 0] {
+        let verdict = limiter.decide(&wide, 1).await;
+        assert_eq!(verdict.source, DecisionSource::Redis);
+        assert!(verdict.allowed);
+        assert_eq!(verdict.states.len(), 70);
+        for (i, state) in verdict.states.iter().enumerate() {
+            assert_eq!(state.map(|s| s.remaining), Some(remaining), "counter {i}");
+        }
+    }
+    // 600 requests on a counter each, in one batch, twice.
+    let singles: Vec<[Check; 1]> = (100..700).map(|i| [window(i)]).collect();
+    let requests: Vec<Query<'_>> = singles.iter().map(|c| (&c[..], 1)).collect();
+    for remaining in [1, 0] {
+        let verdicts = limiter.decide_batch(&requests).await;
+        assert_eq!(verdicts.len(), 600);
+        for (i, verdict) in verdicts.iter().enumerate() {
+            assert_eq!(verdict.source, DecisionSource::Redis, "request {i}");
+            assert!(verdict.allowed, "request {i}");
+            assert_eq!(
+                verdict.states[0].map(|s| s.remaining),
+                Some(remaining),
+                "request {i}"
+            );
+        }
+    }
+    // The third request on the 70 is over every limit of 2.
+    let verdict = limiter.decide(&wide, 1).await;
+    assert!(!verdict.allowed);
+    // The second write of a window (in a batch, and alone) kept the TTL the
+    // first gave it.
+    let mut conn = redis.connection().await.expect("connection");
+    for key in ["many-0", "many-100", "many-699"] {
+        let ttl: i64 = tower_redis_core::redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("PTTL");
+        assert!(ttl > 0 && ttl <= 7_200_001, "{key}: {ttl}");
+    }
+}
