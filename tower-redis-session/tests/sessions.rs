@@ -1023,6 +1023,54 @@ async fn replayed_outage_changes_are_counted_in_metrics() {
     );
 }
 
+/// While the breaker is open a read is answered from this instance's copy
+/// at once, and counted as what it is: a fallback because the breaker was
+/// open (`tower_redis_fallbacks_total{reason="breaker_open"}`), one a read.
+#[tokio::test(flavor = "current_thread")]
+async fn a_read_while_the_breaker_is_open_is_served_from_the_copy_and_counted() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    // A snapshot takes the counts since the previous one.
+    let breaker_open = || -> u64 {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, _, _, _)| {
+                key.key().name() == "tower_redis_fallbacks_total"
+                    && key
+                        .key()
+                        .labels()
+                        .any(|l| l.key() == "reason" && l.value() == "breaker_open")
+            })
+            .map(|(_, _, _, value)| match value {
+                DebugValue::Counter(count) => count,
+                other => panic!("a counter, not {other:?}"),
+            })
+            .sum()
+    };
+
+    let redis = TestRedis::start().await;
+    let manager = manager_for(with_app_user(&redis).await).await;
+    let app = app(SessionLayer::builder(manager.clone()));
+    let (_, _, set_cookie, _) = send(&app, "POST", "/set/a/1", None).await;
+    let cookie = cookie_pair(&set_cookie.unwrap());
+    assert_eq!(send(&app, "GET", "/get/a", Some(&cookie)).await.1, "1");
+
+    cut_the_app_off(&redis).await;
+    // The first read after the cut meets the failure that opens the breaker.
+    assert_eq!(send(&app, "GET", "/get/a", Some(&cookie)).await.1, "1");
+    wait_for_breaker(&manager, BreakerState::Open, Duration::from_secs(15)).await;
+    breaker_open();
+    for _ in 0..3 {
+        assert_eq!(send(&app, "GET", "/get/a", Some(&cookie)).await.1, "1");
+    }
+    assert_eq!(breaker_open(), 3, "each read counted once as a fallback");
+    let_the_app_back(&redis).await;
+}
+
 #[tokio::test]
 async fn sessions_work_on_redis_cluster() {
     let cluster = TestCluster::start().await;

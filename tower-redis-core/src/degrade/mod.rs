@@ -463,6 +463,23 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
         self.shared.queue.is_queued(key)
     }
 
+    /// Whether Redis is known unavailable right now (its breaker is open):
+    /// [`run`](Self::run) would send nothing and answer from the memory
+    /// side with reason [`FallbackReason::BreakerOpen`]. A caller that
+    /// already holds that answer serves it at once and calls
+    /// [`served_while_open`](Self::served_while_open), with no future made.
+    pub fn is_open(&self) -> bool {
+        !self.shared.manager.is_available()
+    }
+
+    /// Accounts an answer served from the memory side because
+    /// [`is_open`](Self::is_open) said so, as [`run`](Self::run) accounts
+    /// its fallbacks: the fallback is recorded and the pair is degraded.
+    pub fn served_while_open(&self) {
+        crate::failover::record_fallback(FallbackReason::BreakerOpen);
+        self.mark_degraded();
+    }
+
     /// Whether the memory side has been used since Redis last recovered.
     pub fn is_degraded(&self) -> bool {
         self.shared.degraded.load(Ordering::Acquire)

@@ -171,6 +171,16 @@ impl Failover {
         if !touch && let Some((record, _)) = tracked {
             return Ok(record);
         }
+        // Redis is known down (its breaker is open): a read would send
+        // nothing and answer with this copy (see `read`). Answered here,
+        // with no future made, so that a degraded read costs no more than
+        // a tracked one.
+        if self.pair.is_open()
+            && let Some(record) = self.local().live_record(storage_key, copy.as_deref())
+        {
+            self.pair.served_while_open();
+            return Ok(record);
+        }
         Err(Later::Read {
             copy,
             started_ms,
