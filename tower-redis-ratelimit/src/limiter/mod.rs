@@ -109,13 +109,19 @@ impl DecisionSource {
     }
 }
 
+/// Per check of a request, how its policy stands (`None`: unknown). Held
+/// inline up to four policies: a verdict is made on one thread and read on
+/// another, and a heap buffer would be freed across threads for every
+/// request.
+pub(crate) type States = smallvec::SmallVec<[Option<PolicyState>; 4]>;
+
 /// The outcome for all policies of one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Verdict {
     pub(crate) allowed: bool,
     /// Per check, in order; empty when the source knows nothing (fail-open,
     /// fail-closed), or only the blocking checks for the blocked cache.
-    pub(crate) states: Vec<Option<PolicyState>>,
+    pub(crate) states: States,
     pub(crate) source: DecisionSource,
 }
 
@@ -124,7 +130,7 @@ impl Verdict {
     pub(crate) fn fail_open(checks: &[Check]) -> Self {
         Verdict {
             allowed: true,
-            states: vec![None; checks.len()],
+            states: smallvec::smallvec![None; checks.len()],
             source: DecisionSource::FailOpen,
         }
     }
@@ -133,7 +139,7 @@ impl Verdict {
     fn fail_closed(checks: &[Check]) -> Self {
         Verdict {
             allowed: false,
-            states: vec![None; checks.len()],
+            states: smallvec::smallvec![None; checks.len()],
             source: DecisionSource::FailClosed,
         }
     }

@@ -180,7 +180,7 @@ impl DecisionStore for Switch {
                 .iter()
                 .map(|(checks, _)| Verdict {
                     allowed: true,
-                    states: vec![None; checks.len()],
+                    states: smallvec::smallvec![None; checks.len()],
                     source: DecisionSource::Redis,
                 })
                 .collect())
