@@ -175,16 +175,6 @@ enum Outcome {
     Respond(Response<Bytes>),
 }
 
-/// How many policies of a request are held inline (no heap buffer) while
-/// it is decided.
-const INLINE: usize = 4;
-/// The applicable policies of a request, in order.
-type Policies<'c> = smallvec::SmallVec<[&'c Policy; INLINE]>;
-/// Their checks, in the same order: on the heap, as they are held across
-/// the decision's await in the boxed future of every request, which inline
-/// checks would make larger than the allocator's per-thread cache takes.
-type Checks = Vec<Check>;
-
 /// Parse, decide, and either answer early or let the request through.
 async fn decide(config: &Config, parts: &Parts) -> Outcome {
     if is_allow_listed(config, parts) {
@@ -211,8 +201,8 @@ fn decide_now(config: &Config, parts: &Parts) -> Option<Outcome> {
     if is_allow_listed(config, parts) {
         return Some(Outcome::Pass(Fields::default()));
     }
-    let mut policies = Policies::new();
-    let mut checks = Checks::new();
+    let mut policies = Vec::new();
+    let mut checks = Vec::new();
     for (policy, counter_keys) in applicable(config, parts) {
         let value = policy.key.extract_built_in(parts, &config.client_ip)?;
         if let Err(policy) = add_check(
@@ -261,7 +251,7 @@ fn conclude(config: &Config, parts: &Parts, policies: &[&Policy], verdict: &Verd
         }
         return Outcome::Pass(Fields::default());
     }
-    let decided: smallvec::SmallVec<[(&Policy, Option<PolicyState>); INLINE]> = policies
+    let decided: Vec<(&Policy, Option<PolicyState>)> = policies
         .iter()
         .copied()
         .zip(verdict.states.iter().copied())
@@ -289,9 +279,9 @@ fn is_allow_listed(config: &Config, parts: &Parts) -> bool {
 async fn applicable_checks<'c>(
     config: &'c Config,
     parts: &Parts,
-) -> Result<(Policies<'c>, Checks), String> {
-    let mut policies = Policies::new();
-    let mut checks = Checks::new();
+) -> Result<(Vec<&'c Policy>, Vec<Check>), String> {
+    let mut policies = Vec::new();
+    let mut checks = Vec::new();
     for (policy, counter_keys) in applicable(config, parts) {
         let value = policy.key.extract(parts, &config.client_ip).await;
         add_check(
@@ -325,7 +315,7 @@ fn add_check<'c>(
     config: &Config,
     (policy, counter_keys): (&'c Policy, &CounterKeys),
     value: Option<String>,
-    (policies, checks): (&mut Policies<'c>, &mut Checks),
+    (policies, checks): (&mut Vec<&'c Policy>, &mut Vec<Check>),
 ) -> Result<(), String> {
     if value.is_none() && policy.key.is_client_ip() {
         warn_no_peer_address(config, policy);

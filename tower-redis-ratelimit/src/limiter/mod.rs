@@ -109,19 +109,13 @@ impl DecisionSource {
     }
 }
 
-/// Per check of a request, how its policy stands (`None`: unknown). Held
-/// inline up to four policies: a verdict is made on one thread and read on
-/// another, and a heap buffer would be freed across threads for every
-/// request.
-pub(crate) type States = smallvec::SmallVec<[Option<PolicyState>; 4]>;
-
 /// The outcome for all policies of one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Verdict {
     pub(crate) allowed: bool,
     /// Per check, in order; empty when the source knows nothing (fail-open,
     /// fail-closed), or only the blocking checks for the blocked cache.
-    pub(crate) states: States,
+    pub(crate) states: Vec<Option<PolicyState>>,
     pub(crate) source: DecisionSource,
 }
 
@@ -130,7 +124,7 @@ impl Verdict {
     pub(crate) fn fail_open(checks: &[Check]) -> Self {
         Verdict {
             allowed: true,
-            states: smallvec::smallvec![None; checks.len()],
+            states: vec![None; checks.len()],
             source: DecisionSource::FailOpen,
         }
     }
@@ -139,7 +133,7 @@ impl Verdict {
     fn fail_closed(checks: &[Check]) -> Self {
         Verdict {
             allowed: false,
-            states: smallvec::smallvec![None; checks.len()],
+            states: vec![None; checks.len()],
             source: DecisionSource::FailClosed,
         }
     }

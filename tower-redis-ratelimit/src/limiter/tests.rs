@@ -180,7 +180,7 @@ impl DecisionStore for Switch {
                 .iter()
                 .map(|(checks, _)| Verdict {
                     allowed: true,
-                    states: smallvec::smallvec![None; checks.len()],
+                    states: vec![None; checks.len()],
                     source: DecisionSource::Redis,
                 })
                 .collect())
