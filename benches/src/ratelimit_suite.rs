@@ -56,8 +56,8 @@ const MAX_ROUND_TRIPS: f64 = 1.0;
 /// Commands the rate-limit script (`decide.lua`) runs inside its EVALSHA.
 /// `INFO commandstats` counts them as if a client had sent them, so they are
 /// left out of the top-level count (and listed separately).
-/// `lease.lua` runs `TIME`, `GET`, `SET` and `DEL`.
-const SCRIPT_INNER: &[&str] = &["time", "get", "mget", "set", "del"];
+/// `lease.lua` runs `TIME`, `GET`, `SET`, `SETRANGE` and `DEL`.
+const SCRIPT_INNER: &[&str] = &["time", "get", "mget", "set", "setrange", "del"];
 /// The raw baselines' value: small, as a decision's reply is (32 bytes for
 /// one policy).
 const RAW_KEY: &str = "tower-redis-bench:ratelimit:raw";

@@ -116,8 +116,10 @@
 //! counters as hashes under `fw`/`sw`, so during a rolling upgrade old and
 //! new instances count a window policy in separate keys, each up to the
 //! limit, until every instance runs the new version). One `MGET` reads
-//! every counter of a call and one `SET` writes each, so a request with
-//! three stacked policies costs the script five Redis commands. A key value longer than
+//! every counter of a call and one command writes each (`SET`, or
+//! `SETRANGE` for a window's counts within its window, which keeps its
+//! TTL), so a request with three stacked policies costs the script five
+//! Redis commands. A key value longer than
 //! 256 bytes is counted under its SHA-256 (`…:h:<hex>`), never skipped.
 //! Every key of one layer shares a hash
 //! tag, so the all-or-nothing script is legal on Redis Cluster (the price:

@@ -87,7 +87,7 @@ async fn an_over_long_key_is_still_limited() {
 }
 
 /// Two services on one Redis that both call their policy "per-ip", one
-/// with GCRA (a string counter) and one with windows (hash counters): the
+/// with GCRA and one with windows (counters of different layouts): the
 /// script used to fail with WRONGTYPE and every decision fell back to the
 /// in-process limiter. Each algorithm has its own keys, so each limits
 /// exactly, from Redis.

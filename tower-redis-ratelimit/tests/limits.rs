@@ -687,6 +687,53 @@ async fn a_window_counter_is_read_from_its_packed_string() {
     }
 }
 
+/// The same with a layer of one policy, whose counter is read with a plain
+/// `GET` (the script's one-counter paths): a hash under its key is an empty
+/// counter too, not an error that sends every decision to the fallback.
+#[tokio::test]
+async fn a_lone_counter_of_another_type_counts_as_empty() {
+    let redis = TestRedis::start().await;
+    for (policy, part) in [
+        (Policy::gcra("gcra", 1, HOUR), ":gcra:"),
+        (Policy::fixed_window("fixed", 1, HOUR), ":fw2:"),
+        (Policy::sliding_window("sliding", 1, HOUR), ":sw2:"),
+    ] {
+        let service = app(RateLimitLayer::builder(patient_manager(&redis).await)
+            .policy(policy)
+            .build()
+            .expect("layer"));
+        let response = send(&service, request("192.0.2.40", "/")).await;
+        assert_eq!(response.status(), StatusCode::OK, "{part}");
+        let mut conn = redis.connection().await.expect("connection");
+        let key = the_key(&mut conn, part).await;
+        let () = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
+        let () = redis::cmd("HSET")
+            .arg(&key)
+            .arg("w")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .expect("HSET");
+        let response = send(&service, request("192.0.2.40", "/")).await;
+        assert_eq!(response.status(), StatusCode::OK, "{part}");
+        assert!(!decided_locally(&response), "{part}");
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("TYPE");
+        assert_eq!(kind, "string", "{part}");
+        // Counted again: over the limit of 1.
+        let response = send(&service, request("192.0.2.40", "/")).await;
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS, "{part}");
+        assert!(!decided_locally(&response), "{part}");
+    }
+}
+
 #[tokio::test]
 async fn a_counter_of_another_shape_or_type_counts_as_empty() {
     let redis = TestRedis::start().await;

@@ -18,10 +18,11 @@
 -- counter is a string of three little-endian doubles (struct '<ddd'): the
 -- window index (server time / window), the count in that window, and the
 -- count of the window before it. It expires two windows after its window
--- began: its TTL is set when a window's first request writes it, and kept
--- (KEEPTTL) by the others. A value of another shape (or a key of another
--- type, which MGET reads as nil) counts as an empty counter and is
--- overwritten.
+-- began: its TTL is set when a window's first request writes it (SET PX),
+-- and the others rewrite its two counts in place (SETRANGE), which keeps
+-- it. A value of another shape, or a key of another type (which MGET reads
+-- as nil, and GET is called for with pcall), counts as an empty counter
+-- and is overwritten.
 --
 -- Returns one string of little-endian doubles (struct '<d'), a flat list of
 -- integers: per request, allowed, then per counter remaining, reset_us,
@@ -35,8 +36,9 @@
 -- one Redis core makes. At low load a call is a lone request, and there
 -- each redis.call, each table and each function made costs about as much
 -- as the arithmetic of a policy. So: binary arguments (no decimal
--- parsing); every counter read in one MGET and written in one SET (a
--- window's TTL kept, not printed again); the arithmetic inline in each of
+-- parsing); every counter read in one MGET and written in one command (a
+-- window's counts rewritten in place, its TTL not printed again); the
+-- arithmetic inline in each of
 -- the three paths below (one GCRA counter, a lone request, a batch),
 -- written out three times rather than put in functions, which cost a
 -- stacked-policy request about 1 µs of the server's time in measurements;
@@ -59,7 +61,7 @@ local BIG = 99999999999999
 if nk == 1 and #data == 64 then
   local kind, a, b, _, count, cost = unpack('<dddddd', data)
   if kind == 1 and count == 1 then
-    local tat = tonumber(redis.call('GET', KEYS[1])) or now
+    local tat = tonumber(redis.pcall('GET', KEYS[1])) or now
     if tat < now then tat = now end
     local new_tat = tat + cost * a
     local allow_at = new_tat - b
@@ -97,7 +99,7 @@ if nk <= 64 and #data == 32 * nk + 32 then
   if groups == 1 and count == 1 and n == nk then
     local vals
     if nk == 1 then
-      vals = {redis.call('GET', KEYS[1])}
+      vals = {redis.pcall('GET', KEYS[1])}
     else
       vals = redis.call('MGET', spread(KEYS))
     end
@@ -184,7 +186,7 @@ if nk <= 64 and #data == 32 * nk + 32 then
           if v and #v == 24 then stored, c, p = unpack('<ddd', v) end
           if stored == w then
             -- The window's first write gave the counter its TTL: kept.
-            redis.call('SET', KEYS[k], pack('<ddd', w, c + cost, p), 'KEEPTTL')
+            redis.call('SETRANGE', KEYS[k], 8, pack('<dd', c + cost, p))
           else
             if stored ~= w - 1 then c = 0 end
             redis.call('SET', KEYS[k], pack('<ddd', w, cost, c), 'PX', format('%d', ceil(2 * b / 1000) + 1))
@@ -202,7 +204,9 @@ end
 -- the stored window is the current one (its TTL is then kept).
 local kinds, as, bs, s1, s2, same, dirty = {}, {}, {}, {}, {}, {}, {}
 local vals
-if nk <= 512 then
+if nk == 0 then
+  vals = {}
+elseif nk <= 512 then
   vals = redis.call('MGET', spread(KEYS))
 else
   -- A few hundred arguments at a time, within the Lua stack.
@@ -339,7 +343,7 @@ for k = 1, nk do
       local b = bs[k]
       if same[k] then
         -- The window's first write gave the counter its TTL: kept.
-        redis.call('SET', KEYS[k], pack('<ddd', floor(now / b), s1[k], s2[k]), 'KEEPTTL')
+        redis.call('SETRANGE', KEYS[k], 8, pack('<dd', s1[k], s2[k]))
       else
         redis.call('SET', KEYS[k], pack('<ddd', floor(now / b), s1[k], s2[k]), 'PX', format('%d', ceil(2 * b / 1000) + 1))
       end

@@ -31,7 +31,7 @@ local function clamp(v)
 end
 
 if kind == 1 then
-  local stored = tonumber(redis.call('GET', key))
+  local stored = tonumber(redis.pcall('GET', key))
   local tat = stored or now
   if tat < now then tat = now end
   local function store(v)
@@ -67,9 +67,9 @@ end
 -- packed as decide.lua packs them (struct '<ddd'); any other value is an
 -- empty counter.
 local w = floor(now / b)
-local v = redis.call('GET', key)
+local v = redis.pcall('GET', key)
 local stored, sc, sp
-if v and #v == 24 then stored, sc, sp = unpack('<ddd', v) end
+if type(v) == 'string' and #v == 24 then stored, sc, sp = unpack('<ddd', v) end
 
 if mode == 2 then
   -- Only the window the units were taken in, or (sliding) that window
@@ -78,11 +78,11 @@ if mode == 2 then
   if stored == extra then
     sc = sc - count
     if sc < 0 then sc = 0 end
-    redis.call('SET', key, pack('<ddd', stored, sc, sp), 'KEEPTTL')
+    redis.call('SETRANGE', key, 8, pack('<dd', sc, sp))
   elseif kind == 2 and stored == extra + 1 then
     sp = sp - count
     if sp < 0 then sp = 0 end
-    redis.call('SET', key, pack('<ddd', stored, sc, sp), 'KEEPTTL')
+    redis.call('SETRANGE', key, 8, pack('<dd', sc, sp))
   end
   return {0, 0, 0, 0, 0}
 end
@@ -116,7 +116,7 @@ if k < extra then
 end
 if stored == w then
   -- The window's first write gave the counter its TTL: kept.
-  redis.call('SET', key, pack('<ddd', w, c + k, p), 'KEEPTTL')
+  redis.call('SETRANGE', key, 8, pack('<dd', c + k, p))
 else
   redis.call('SET', key, pack('<ddd', w, c + k, p), 'PX', format('%d', ceil(2 * b / 1000) + 1))
 end

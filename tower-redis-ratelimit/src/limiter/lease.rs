@@ -731,12 +731,12 @@ mod tests {
     async fn leases_of_rotating_keys_stay_within_their_byte_bound() {
         const BOUND: u64 = 1 << 20;
         let leases = leases(BOUND);
-        let regular = leased("p:{rl}:rl:tenant:fw:k:regular");
+        let regular = leased("p:{rl}:rl:tenant:fw2:k:regular");
         leases
             .add(&regular, &reply(1000, 1), Instant::now(), 1)
             .expect("spent");
         for n in 0..200_000u32 {
-            let check = leased(&format!("p:{{rl}}:rl:tenant:fw:k:client-{n}"));
+            let check = leased(&format!("p:{{rl}}:rl:tenant:fw2:k:client-{n}"));
             assert!(leases.try_spend(&check, 1).is_err());
             leases
                 .add(&check, &reply(100, 1), Instant::now(), 1)
