@@ -283,12 +283,19 @@ async fn a_read_while_redis_is_down_is_the_local_copy_until_the_absolute_timeout
     Arc::make_mut(&mut record.fields).insert("a".to_owned(), "1".to_owned());
     failover.local().put(&key(1), record, now_ms());
     clock::advance(Duration::from_secs(3600 - 60));
+    // Answered at once (`load_now`: no future), as `load` answers.
+    let now = failover.load_now(&key(1)).ok();
+    assert_eq!(
+        now.and_then(|r| r.fields.get("a").cloned()).as_deref(),
+        Some("1")
+    );
     let read = failover.load(&key(1)).await;
     assert_eq!(
         read.and_then(|r| r.fields.get("a").cloned()).as_deref(),
         Some("1")
     );
     clock::advance(Duration::from_secs(61));
+    assert!(failover.load_now(&key(1)).is_err(), "an ended copy waits");
     assert_eq!(failover.load(&key(1)).await, None);
     assert!(
         failover.local().copy(&key(1)).is_none(),
