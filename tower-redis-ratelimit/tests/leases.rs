@@ -16,6 +16,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
 use tokio::time::Instant;
 use tower::ServiceExt;
+use tower_redis_core::redis;
 use tower_redis_core::testing::TestRedis;
 use tower_redis_ratelimit::{Fallback, Key, Policy, RateLimitLayer};
 
@@ -205,6 +206,62 @@ async fn a_holds_everything(redis: &TestRedis) -> (RateLimitLayer, Svc) {
     // Held: B's denial is asked again every 100 ms, and stays a denial.
     assert_eq!(admitted_before(&b, Duration::from_millis(150)).await, None);
     (a, b)
+}
+
+/// A key of another type where a leased counter belongs (a hash) is an
+/// empty counter to the lease script, as to the decision script: the lease
+/// is taken from Redis and the key becomes a counter, instead of every take
+/// failing and the policy falling back to the in-process limiter.
+#[tokio::test]
+async fn a_leased_counter_of_another_type_counts_as_empty() {
+    let redis = TestRedis::start().await;
+    away_from_window_edge(&redis, HOUR).await;
+    for policy in [
+        Policy::fixed_window("global", 10, HOUR)
+            .key(Key::global())
+            .lease(5),
+        Policy::gcra("global", 10, HOUR).key(Key::global()).lease(5),
+    ] {
+        let mut conn = redis.connection().await.expect("connection");
+        let () = redis::cmd("FLUSHALL")
+            .query_async(&mut conn)
+            .await
+            .expect("FLUSHALL");
+        // Made once, to learn its key; then replaced by a hash.
+        let (made, _) = two_instances(&redis, &policy).await;
+        assert_eq!(
+            send(&app(made), request("198.51.100.1")).await.status(),
+            200
+        );
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*:rl:global:*")
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS");
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let () = redis::cmd("DEL")
+            .arg(&keys[0])
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
+        let () = redis::cmd("HSET")
+            .arg(&keys[0])
+            .arg("c")
+            .arg(9)
+            .query_async(&mut conn)
+            .await
+            .expect("HSET");
+        let (fresh, _) = two_instances(&redis, &policy).await;
+        let response = send(&app(fresh), request("198.51.100.1")).await;
+        assert_eq!(response.status(), 200);
+        assert!(!decided_locally(&response), "{}", field(&response));
+        let kind: String = redis::cmd("TYPE")
+            .arg(&keys[0])
+            .query_async(&mut conn)
+            .await
+            .expect("TYPE");
+        assert_eq!(kind, "string", "{keys:?}");
+    }
 }
 
 #[tokio::test]

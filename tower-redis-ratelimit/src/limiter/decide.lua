@@ -21,8 +21,9 @@
 -- began: its TTL is set when a window's first request writes it (SET PX),
 -- and the others rewrite its two counts in place (SETRANGE), which keeps
 -- it. A value of another shape, or a key of another type (which MGET reads
--- as nil, and GET is called for with pcall), counts as an empty counter
--- and is overwritten.
+-- as nil; the one-key paths call GET with pcall and take WRONGTYPE for
+-- nil, any other error stands), counts as an empty counter and is
+-- overwritten.
 --
 -- Returns one string of little-endian doubles (struct '<d'), a flat list of
 -- integers: per request, allowed, then per counter remaining, reset_us,
@@ -61,7 +62,12 @@ local BIG = 99999999999999
 if nk == 1 and #data == 64 then
   local kind, a, b, _, count, cost = unpack('<dddddd', data)
   if kind == 1 and count == 1 then
-    local tat = tonumber(redis.pcall('GET', KEYS[1])) or now
+    local v = redis.pcall('GET', KEYS[1])
+    if type(v) == 'table' then
+      if not string.find(v.err or '', 'WRONGTYPE', 1, true) then return v end
+      v = false
+    end
+    local tat = tonumber(v) or now
     if tat < now then tat = now end
     local new_tat = tat + cost * a
     local allow_at = new_tat - b
@@ -94,12 +100,17 @@ end
 -- no function made or called: at this size those cost as much as the
 -- arithmetic itself. At most 64 counters, so that its reply fits the Lua
 -- stack in one pack.
-if nk <= 64 and #data == 32 * nk + 32 then
+if nk > 0 and nk <= 64 and #data == 32 * nk + 32 then
   local groups, count, cost, n = unpack('<dddd', data, 24 * nk + 1)
   if groups == 1 and count == 1 and n == nk then
     local vals
     if nk == 1 then
-      vals = {redis.pcall('GET', KEYS[1])}
+      local v = redis.pcall('GET', KEYS[1])
+      if type(v) == 'table' then
+        if not string.find(v.err or '', 'WRONGTYPE', 1, true) then return v end
+        v = false
+      end
+      vals = {v}
     else
       vals = redis.call('MGET', spread(KEYS))
     end

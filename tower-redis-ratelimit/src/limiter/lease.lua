@@ -29,9 +29,21 @@ local function clamp(v)
   if v > BIG then return BIG end
   return v
 end
+-- The counter's value: a key of another type is an empty counter (false),
+-- as decide.lua reads it; any other error stands.
+local function read()
+  local v = redis.pcall('GET', key)
+  if type(v) == 'table' then
+    if not string.find(v.err or '', 'WRONGTYPE', 1, true) then
+      error(v.err or 'GET failed')
+    end
+    return false
+  end
+  return v
+end
 
 if kind == 1 then
-  local stored = tonumber(redis.pcall('GET', key))
+  local stored = tonumber(read())
   local tat = stored or now
   if tat < now then tat = now end
   local function store(v)
@@ -67,9 +79,9 @@ end
 -- packed as decide.lua packs them (struct '<ddd'); any other value is an
 -- empty counter.
 local w = floor(now / b)
-local v = redis.pcall('GET', key)
+local v = read()
 local stored, sc, sp
-if type(v) == 'string' and #v == 24 then stored, sc, sp = unpack('<ddd', v) end
+if v and #v == 24 then stored, sc, sp = unpack('<ddd', v) end
 
 if mode == 2 then
   -- Only the window the units were taken in, or (sliding) that window
