@@ -20,7 +20,10 @@ use tower_redis_core::redis;
 use tower_redis_core::testing::TestRedis;
 use tower_redis_ratelimit::{Fallback, Key, Policy, RateLimitLayer};
 
-use support::{Svc, app, away_from_window_edge, decided_locally, manager, patient_manager};
+use support::{
+    Svc, app, away_from_window_edge, decided_locally, key_type, manager, patient_manager,
+    replace_with_a_hash, the_key,
+};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -233,34 +236,13 @@ async fn a_leased_counter_of_another_type_counts_as_empty() {
             send(&app(made), request("198.51.100.1")).await.status(),
             200
         );
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("*:rl:global:*")
-            .query_async(&mut conn)
-            .await
-            .expect("KEYS");
-        assert_eq!(keys.len(), 1, "{keys:?}");
-        let () = redis::cmd("DEL")
-            .arg(&keys[0])
-            .query_async(&mut conn)
-            .await
-            .expect("DEL");
-        let () = redis::cmd("HSET")
-            .arg(&keys[0])
-            .arg("c")
-            .arg(9)
-            .query_async(&mut conn)
-            .await
-            .expect("HSET");
+        let key = the_key(&mut conn, ":rl:global:").await;
+        replace_with_a_hash(&mut conn, &key).await;
         let (fresh, _) = two_instances(&redis, &policy).await;
         let response = send(&app(fresh), request("198.51.100.1")).await;
         assert_eq!(response.status(), 200);
         assert!(!decided_locally(&response), "{}", field(&response));
-        let kind: String = redis::cmd("TYPE")
-            .arg(&keys[0])
-            .query_async(&mut conn)
-            .await
-            .expect("TYPE");
-        assert_eq!(kind, "string", "{keys:?}");
+        assert_eq!(key_type(&mut conn, &key).await, "string", "{key}");
     }
 }
 

@@ -20,7 +20,8 @@ use tower_redis_ratelimit::{
 };
 
 use support::{
-    PATIENT_TIMEOUT, Svc, app, away_from_window_edge, decided_locally, manager, patient_manager,
+    PATIENT_TIMEOUT, Svc, app, away_from_window_edge, decided_locally, key_type, manager,
+    patient_manager, replace_with_a_hash, the_key,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -572,24 +573,9 @@ async fn every_key_has_a_ttl() {
             .await
             .expect("PTTL");
         assert!(ttl > 0 && ttl <= 120_001, "{key}: {ttl}");
-        let kind: String = redis::cmd("TYPE")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .expect("TYPE");
+        let kind = key_type(&mut conn, &key).await;
         assert_eq!(kind, "string", "{key}");
     }
-}
-
-/// The key of the one counter whose name contains `part`.
-async fn the_key(conn: &mut redis::aio::MultiplexedConnection, part: &str) -> String {
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("*{part}*"))
-        .query_async(conn)
-        .await
-        .expect("KEYS");
-    assert_eq!(keys.len(), 1, "{keys:?}");
-    keys.into_iter().next().expect("one key")
 }
 
 /// The window index Redis's clock is in, for a window of `window`.
@@ -706,26 +692,11 @@ async fn a_lone_counter_of_another_type_counts_as_empty() {
         assert_eq!(response.status(), StatusCode::OK, "{part}");
         let mut conn = redis.connection().await.expect("connection");
         let key = the_key(&mut conn, part).await;
-        let () = redis::cmd("DEL")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .expect("DEL");
-        let () = redis::cmd("HSET")
-            .arg(&key)
-            .arg("w")
-            .arg(1)
-            .query_async(&mut conn)
-            .await
-            .expect("HSET");
+        replace_with_a_hash(&mut conn, &key).await;
         let response = send(&service, request("192.0.2.40", "/")).await;
         assert_eq!(response.status(), StatusCode::OK, "{part}");
         assert!(!decided_locally(&response), "{part}");
-        let kind: String = redis::cmd("TYPE")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .expect("TYPE");
+        let kind = key_type(&mut conn, &key).await;
         assert_eq!(kind, "string", "{part}");
         // Counted again: over the limit of 1.
         let response = send(&service, request("192.0.2.40", "/")).await;
@@ -754,20 +725,7 @@ async fn a_counter_of_another_shape_or_type_counts_as_empty() {
     // string of the wrong length, and text that is not a number: each is
     // an empty counter, decided on Redis (no script error, no fallback),
     // and overwritten with a counter of the right shape.
-    let () = redis::cmd("DEL")
-        .arg(&fixed)
-        .query_async(&mut conn)
-        .await
-        .expect("DEL");
-    let () = redis::cmd("HSET")
-        .arg(&fixed)
-        .arg("w")
-        .arg(1)
-        .arg("c")
-        .arg(5)
-        .query_async(&mut conn)
-        .await
-        .expect("HSET");
+    replace_with_a_hash(&mut conn, &fixed).await;
     let () = redis::cmd("SET")
         .arg(&sliding)
         .arg(&b"not 24 bytes"[..])

@@ -77,3 +77,45 @@ pub(crate) async fn away_from_window_edge(redis: &TestRedis, window: Duration) {
         tokio::time::sleep(window - into + Duration::from_millis(50)).await;
     }
 }
+
+/// The key of the one counter whose name contains `part`.
+#[allow(dead_code)] // not every suite that includes this module uses it
+pub(crate) async fn the_key(conn: &mut redis::aio::MultiplexedConnection, part: &str) -> String {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*{part}*"))
+        .query_async(conn)
+        .await
+        .expect("KEYS");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    keys.into_iter().next().expect("one key")
+}
+
+/// Puts a hash where the counter `key` is: a key of another type (the
+/// layout of window counters in earlier versions).
+#[allow(dead_code)]
+pub(crate) async fn replace_with_a_hash(conn: &mut redis::aio::MultiplexedConnection, key: &str) {
+    let () = redis::cmd("DEL")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("DEL");
+    let () = redis::cmd("HSET")
+        .arg(key)
+        .arg("w")
+        .arg(1)
+        .arg("c")
+        .arg(5)
+        .query_async(conn)
+        .await
+        .expect("HSET");
+}
+
+/// Redis's `TYPE` of `key`.
+#[allow(dead_code)]
+pub(crate) async fn key_type(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> String {
+    redis::cmd("TYPE")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("TYPE")
+}
