@@ -21,9 +21,9 @@
 -- began: its TTL is set when a window's first request writes it (SET PX),
 -- and the others rewrite its two counts in place (SETRANGE), which keeps
 -- it. A value of another shape, or a key of another type (which MGET reads
--- as nil; the one-key paths call GET with pcall and take WRONGTYPE for
--- nil, any other error stands), counts as an empty counter and is
--- overwritten.
+-- as nil; the one-GCRA-counter path calls GET with pcall and takes
+-- WRONGTYPE for nil, any other error stands), counts as an empty counter
+-- and is overwritten.
 --
 -- Returns one string of little-endian doubles (struct '<d'), a flat list of
 -- integers: per request, allowed, then per counter remaining, reset_us,
@@ -103,17 +103,7 @@ end
 if nk > 0 and nk <= 64 and #data == 32 * nk + 32 then
   local groups, count, cost, n = unpack('<dddd', data, 24 * nk + 1)
   if groups == 1 and count == 1 and n == nk then
-    local vals
-    if nk == 1 then
-      local v = redis.pcall('GET', KEYS[1])
-      if type(v) == 'table' then
-        if not string.find(v.err or '', 'WRONGTYPE', 1, true) then return v end
-        v = false
-      end
-      vals = {v}
-    else
-      vals = redis.call('MGET', spread(KEYS))
-    end
+    local vals = redis.call('MGET', spread(KEYS))
     local out = {1}
     local pos = 24 * nk + 33
     for i = 1, n do

@@ -88,14 +88,13 @@ if mode == 2 then
   -- while it is the previous one and still weighs on the current count.
   -- The counter keeps its TTL.
   if stored == extra then
-    sc = sc - count
-    if sc < 0 then sc = 0 end
-    redis.call('SETRANGE', key, 8, pack('<dd', sc, sp))
+    sc = math.max(sc - count, 0)
   elseif kind == 2 and stored == extra + 1 then
-    sp = sp - count
-    if sp < 0 then sp = 0 end
-    redis.call('SETRANGE', key, 8, pack('<dd', sc, sp))
+    sp = math.max(sp - count, 0)
+  else
+    return {0, 0, 0, 0, 0}
   end
+  redis.call('SETRANGE', key, 8, pack('<dd', sc, sp))
   return {0, 0, 0, 0, 0}
 end
 
