@@ -20,6 +20,14 @@ pub struct Expiry {
     pub persistent: bool,
 }
 
+impl Expiry {
+    /// How often an instance renews a session's idle timeout in Redis, on
+    /// a read or a change: 1/100 of the idle timeout, at most a minute.
+    pub(crate) fn renew_every_ms(&self) -> u64 {
+        (tower_redis_core::clock::duration_ms(self.idle) / 100).min(60_000)
+    }
+}
+
 impl Default for Expiry {
     fn default() -> Self {
         Self {

@@ -378,6 +378,92 @@ async fn a_revoked_user_is_logged_out_on_every_instance() {
     assert_eq!(a.get(&cookie, "user").await, "none");
 }
 
+/// A change of a tracked session soon after this instance renewed its
+/// idle timeout leaves the key's TTL as it is (the script sends no
+/// `PEXPIRE`): a session changed on every request costs Redis no renewal
+/// between two due ones. Once a renewal is due, the request that changes
+/// the session renews it (its read does, before the change). The TTL is
+/// read from another connection before and after each request: it only
+/// grows when the request renewed it.
+#[tokio::test]
+async fn a_change_renews_the_idle_timeout_only_when_a_renewal_is_due() {
+    let redis = TestRedis::start().await;
+    let pttl = |key: String| {
+        let redis = &redis;
+        async move {
+            let mut conn = redis.connection().await.expect("connection");
+            redis::cmd("PTTL")
+                .arg(&key)
+                .query_async::<i64>(&mut conn)
+                .await
+                .expect("PTTL")
+        }
+    };
+    // An hour's idle timeout: a renewal is due every 36 s.
+    let hour = Expiry {
+        idle: Duration::from_secs(3600),
+        absolute: Duration::from_secs(7200),
+        persistent: false,
+    };
+    let a = Instance::with_expiry(redis.config().build().expect("config"), hour).await;
+    let cookie = a.set(None, "k", "0").await.expect("new session");
+    let [key] = support::session_keys(&redis)
+        .await
+        .try_into()
+        .expect("one session");
+    // The first read renews, and leaves a tracked copy that knows it.
+    assert_eq!(a.get(&cookie, "k").await, "0");
+    for i in 1..=3 {
+        // Time for the TTL to fall below the full idle timeout.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let before = pttl(key.clone()).await;
+        let (_, sent) = redis
+            .commands_during(a.set(Some(&cookie), "k", &i.to_string()))
+            .await;
+        assert_eq!(sent, ["evalsha"], "an update of a tracked session");
+        let after = pttl(key.clone()).await;
+        assert!(
+            after <= before,
+            "change {i}: TTL {before} ms before, {after} ms after: renewed"
+        );
+        assert!(after > 3_500_000, "change {i}: TTL {after} ms");
+        assert_eq!(a.get(&cookie, "k").await, i.to_string(), "change {i}");
+    }
+
+    // A 10 s idle timeout: a renewal is due every 100 ms.
+    let short = Expiry {
+        idle: Duration::from_secs(10),
+        absolute: Duration::from_secs(7200),
+        persistent: false,
+    };
+    let b = Instance::with_expiry(redis.config().build().expect("config"), short).await;
+    let cookie = b.set(None, "k", "0").await.expect("new session");
+    let key = support::session_keys(&redis)
+        .await
+        .into_iter()
+        .find(|k| *k != key)
+        .expect("the second session");
+    assert_eq!(b.get(&cookie, "k").await, "0");
+    for i in 1..=3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = pttl(key.clone()).await;
+        let (_, sent) = redis
+            .commands_during(b.set(Some(&cookie), "k", &i.to_string()))
+            .await;
+        assert_eq!(
+            sent,
+            ["pexpire", "hgetall", "pttl", "evalsha"],
+            "a renewing read, then the change"
+        );
+        let after = pttl(key.clone()).await;
+        assert!(
+            after > before,
+            "change {i}: TTL {before} ms before, {after} ms after: not renewed"
+        );
+        assert_eq!(b.get(&cookie, "k").await, i.to_string(), "change {i}");
+    }
+}
+
 #[tokio::test]
 async fn an_instance_reads_its_own_change_back_at_once() {
     let redis = TestRedis::start().await;

@@ -21,7 +21,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tower_redis_core::clock::duration_ms;
 use tower_redis_core::degrade::{self, QueueFull, Recovered};
 use tower_redis_core::record;
 use tower_redis_core::{FallbackReason, RedisManager, Source};
@@ -115,11 +114,11 @@ impl Failover {
         self.local().has_ended(storage_key)
     }
 
-    /// How often this instance renews a session's idle timeout in Redis:
-    /// 1/100 of the idle timeout, at most a minute. Between renewals a read
-    /// is a single `HGETALL`.
+    /// How often this instance renews a session's idle timeout in Redis
+    /// ([`Expiry::renew_every_ms`]). Between renewals a read is a single
+    /// `HGETALL`.
     pub(crate) fn touch_every_ms(&self) -> u64 {
-        (duration_ms(self.expiry().idle) / 100).min(60_000)
+        self.expiry().renew_every_ms()
     }
 
     /// A session's record: this instance's tracked copy when Redis has not

@@ -253,7 +253,7 @@ impl RedisStore {
         write: &Write<'_>,
     ) -> redis::RedisResult<SaveReply> {
         let key = self.session_key(write.storage_key);
-        self.save_commands(&key, write).run(conn).await
+        self.save_commands(&key, write, true).run(conn).await
     }
 
     /// A save that leaves this instance's tracked copy current, when it
@@ -264,7 +264,11 @@ impl RedisStore {
     /// tracked. When the write ticket survives the round trip, nobody else
     /// changed the session between the copy's read and the script, so the
     /// copy with this request's changes is what Redis holds: kept, and the
-    /// next read here costs no round trip. `None`: not such a save.
+    /// next read here costs no round trip. The save renews the idle timeout
+    /// only when the copy knows of no renewal by this instance within
+    /// [`Expiry::renew_every_ms`], as a read does; a session changed on
+    /// every request then costs Redis no `PEXPIRE` between renewals.
+    /// `None`: not such a save.
     async fn save_tracked(&self, write: &Write<'_>) -> Option<Result<Saved, Error>> {
         let tracked = self.tracked.as_ref()?;
         if write.create.is_some() || write.changes.user.is_some() || write.at_ms.is_some() {
@@ -275,11 +279,15 @@ impl RedisStore {
         // After the ticket: an invalidation from here on voids it.
         let base = tracked.get(&key)?;
         let started_ms = now_ms();
+        let renew = started_ms.saturating_sub(base.touched_ms) >= self.expiry.renew_every_ms();
         let key = &key;
-        let reply = tracked
-            .tracking()
-            .run(|mut conn| async move { self.save_commands(key, write).run(&mut conn).await })
-            .await;
+        let reply =
+            tracked
+                .tracking()
+                .run(|mut conn| async move {
+                    self.save_commands(key, write, renew).run(&mut conn).await
+                })
+                .await;
         Some(reply.map(|reply| {
             if let SaveReply::Written {
                 ttl_ms: Some(ttl_ms),
@@ -291,7 +299,7 @@ impl RedisStore {
                 ticket.fill(Arc::new(Tracked {
                     record,
                     expires_ms: started_ms.saturating_add(ttl_ms),
-                    touched_ms: base.touched_ms,
+                    touched_ms: if renew { started_ms } else { base.touched_ms },
                 }));
             }
             Saved::from(reply)
@@ -329,6 +337,7 @@ impl RedisStore {
                 previous_user: previous_user.as_deref(),
                 at_ms: None,
             },
+            true,
         );
         if let Some(user) = &previous_user {
             commands.extras.push(
@@ -366,8 +375,10 @@ impl RedisStore {
         .map(|_| ())
     }
 
-    /// The EVALSHA of one save, and the user-index update when the user is set.
-    fn save_commands(&self, key: &str, write: &Write<'_>) -> SaveCommands {
+    /// The EVALSHA of one save, and the user-index update when the user is
+    /// set. Without `renew`, an update leaves the key's TTL as it is (a new
+    /// session always gets one).
+    fn save_commands(&self, key: &str, write: &Write<'_>, renew: bool) -> SaveCommands {
         let changes = write.changes;
         let mut invocation = SAVE.key(key);
         invocation
@@ -376,7 +387,11 @@ impl RedisStore {
             } else {
                 "update"
             })
-            .arg(self.idle_ms())
+            .arg(if renew || write.create.is_some() {
+                self.idle_ms().to_string()
+            } else {
+                String::new()
+            })
             .arg(self.absolute_ms())
             .arg(changes.user.as_deref().unwrap_or(""))
             .arg(write.create.map(|c| c.to_string()).unwrap_or_default())

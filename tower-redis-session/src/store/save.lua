@@ -3,7 +3,9 @@
 -- KEYS[1] the session hash
 -- ARGV[1] 'create' (a new session: write even if absent) or 'update'
 --         (only if present: a destroyed or cycled session is not resurrected)
--- ARGV[2] idle timeout (ms)     ARGV[3] absolute timeout (ms)
+-- ARGV[2] idle timeout (ms), or '' to leave an updated session's TTL as it
+--         is (a change made soon after this instance's last renewal)
+-- ARGV[3] absolute timeout (ms)
 -- ARGV[4] user id to set, or '' ARGV[5] created-at (ms) for 'create', or ''
 -- ARGV[6] change time (ms), or '' for the server's clock
 -- ARGV[7] number of set fields, then name, JSON value pairs
@@ -64,7 +66,10 @@ for _ = 1, removals do
   end
 end
 if ARGV[4] ~= '' then redis.call('HSET', key, '_u', ARGV[4]) end
-redis.call('PEXPIRE', key, math.min(tonumber(ARGV[2]), deadline - now))
+-- (A new session always gets its TTL: a create always sends ARGV[2].)
+if ARGV[2] ~= '' then
+  redis.call('PEXPIRE', key, math.min(tonumber(ARGV[2]), deadline - now))
+end
 -- At least 1: a TTL of a few ms can run out during the script where the
 -- server's clock is not frozen for it (before Redis 7), and 0 means gone.
 local ttl = math.max(redis.call('PTTL', key), 1)
