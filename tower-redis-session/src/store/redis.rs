@@ -26,7 +26,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 use tower_redis_core::clock::duration_ms;
 use tower_redis_core::redis::{self, Script};
-use tower_redis_core::{Error, RedisConnection, RedisManager, TrackedCache, pipeline_with_scripts};
+use tower_redis_core::{
+    Error, RedisConnection, RedisManager, TrackedCache, pipeline_with_scripts, query_script,
+};
 
 use super::{Record, Saved, Store, Take, Write, now_ms};
 use crate::config::{Durability, Expiry};
@@ -380,8 +382,23 @@ impl RedisStore {
     /// session always gets one).
     fn save_commands(&self, key: &str, write: &Write<'_>, renew: bool) -> SaveCommands {
         let changes = write.changes;
-        let mut invocation = SAVE.key(key);
-        invocation
+        let sets = changes.entries.iter().filter(|(_, value)| value.is_some());
+        let removals = changes.entries.iter().filter(|(_, value)| value.is_none());
+        let (set_count, removed_count) = (sets.clone().count(), removals.clone().count());
+        // Sized up front: the command is the only buffer the save's
+        // arguments are copied into.
+        let entry_bytes: usize = changes
+            .entries
+            .iter()
+            .map(|(name, value)| name.len() + value.as_ref().map_or(0, String::len))
+            .sum();
+        let mut script = tower_redis_core::script_cmd(
+            &SAVE,
+            &[key],
+            8 + 2 * set_count + removed_count,
+            64 + changes.user.as_ref().map_or(0, String::len) + entry_bytes,
+        );
+        script
             .arg(if write.create.is_some() {
                 "create"
             } else {
@@ -395,28 +412,15 @@ impl RedisStore {
             .arg(self.absolute_ms())
             .arg(changes.user.as_deref().unwrap_or(""))
             .arg(write.create.map(|c| c.to_string()).unwrap_or_default())
-            .arg(write.at_ms.map(|t| t.to_string()).unwrap_or_default());
-        let sets: Vec<(&String, &String)> = changes
-            .entries
-            .iter()
-            .filter_map(|(name, value)| value.as_ref().map(|v| (name, v)))
-            .collect();
-        invocation.arg(sets.len());
+            .arg(write.at_ms.map(|t| t.to_string()).unwrap_or_default())
+            .arg(set_count);
         for (name, value) in sets {
-            invocation.arg(name).arg(value);
+            script.arg(name).arg(value.as_deref().unwrap_or_default());
         }
-        let removals: Vec<&String> = changes
-            .entries
-            .iter()
-            .filter(|(_, v)| v.is_none())
-            .map(|(n, _)| n)
-            .collect();
-        invocation.arg(removals.len());
-        for name in removals {
-            invocation.arg(name);
+        script.arg(removed_count);
+        for (name, _) in removals {
+            script.arg(name);
         }
-        let mut script = redis::pipe();
-        script.invoke_script(&invocation);
         SaveCommands {
             script: Some(script),
             extras: self.user_index_commands(write),
@@ -566,17 +570,20 @@ impl Store for RedisStore {
 /// A save's script and the commands on other keys (the user index, the
 /// replaced session) that go with it.
 struct SaveCommands {
-    script: Option<redis::Pipeline>,
+    /// The save script's `EVALSHA` ([`tower_redis_core::script_cmd`]).
+    script: Option<redis::Cmd>,
     extras: Vec<redis::Cmd>,
 }
 
 impl SaveCommands {
-    /// One pipelined round trip on a single server. On a cluster the other
-    /// keys live in other slots, so they follow the script one by one.
+    /// One round trip on a single server: the script alone (the common
+    /// save: no pipeline to build, copy or take apart), or pipelined with
+    /// the other commands. On a cluster the other keys live in other slots,
+    /// so they follow the script one by one.
     async fn run(&self, conn: &mut RedisConnection) -> redis::RedisResult<SaveReply> {
-        if conn.is_cluster() {
+        if conn.is_cluster() || self.extras.is_empty() {
             let saved = match &self.script {
-                Some(script) => pipeline_with_scripts(conn, script, &[&SAVE]).await?,
+                Some(script) => query_script(conn, &SAVE, script).await?,
                 None => SaveReply::DONE,
             };
             for cmd in &self.extras {
@@ -584,7 +591,10 @@ impl SaveCommands {
             }
             return Ok(saved);
         }
-        let mut pipe = self.script.clone().unwrap_or_else(redis::pipe);
+        let mut pipe = redis::pipe();
+        if let Some(script) = &self.script {
+            pipe.add_command(script.clone());
+        }
         for cmd in &self.extras {
             pipe.add_command(cmd.clone()).ignore();
         }
@@ -628,12 +638,18 @@ impl From<SaveReply> for Saved {
 
 impl redis::FromRedisValue for SaveReply {
     fn from_redis_value(value: redis::Value) -> Result<Self, redis::ParsingError> {
-        // The pipeline's only non-ignored reply is the script's: 0 when the
-        // session is gone, the TTL as set when every change was applied,
-        // -1 when one was kept out.
-        let replies: Vec<i64> = redis::FromRedisValue::from_redis_value(value)?;
-        let Some(&reply) = replies.first() else {
-            return Err("a session save's pipeline answered nothing".into());
+        // The script's reply (alone, or a pipeline's only non-ignored
+        // one): 0 when the session is gone, the TTL as set when every
+        // change was applied, -1 when one was kept out.
+        let reply = match value {
+            redis::Value::Int(reply) => reply,
+            pipeline => {
+                let replies: Vec<i64> = redis::FromRedisValue::from_redis_value(pipeline)?;
+                let Some(&reply) = replies.first() else {
+                    return Err("a session save's pipeline answered nothing".into());
+                };
+                reply
+            }
         };
         Ok(match reply {
             0 => SaveReply::Gone,
