@@ -68,11 +68,12 @@
 //!   Redis call. A read is one round trip: one `HGETALL`, pipelined with a
 //!   `PEXPIRE` that renews the idle TTL (without rewriting the data) when
 //!   this instance has not renewed it for 1/100 of the idle timeout (at most
-//!   a minute). A change costs one more (a Lua script), which renews the
-//!   idle TTL by the same rule when this instance holds a tracked copy (a
-//!   session changed on every request is renewed as often as one read on
-//!   every request), else every time; a new session is stored only once it
-//!   holds something.
+//!   a minute). A change costs one more (a Lua script). With a tracked
+//!   copy of the session here, the change renews the idle TTL only when
+//!   the copy knows of no renewal by this instance within that time, so a
+//!   session changed on every request is renewed about as often as one read
+//!   on every request; without one, every change renews it. A new session is
+//!   stored only once it holds something.
 //! - **Unchanged sessions are read with no round trip.** With Redis client
 //!   tracking (on by default, [`SessionLayerBuilder::tracked_capacity_bytes`];
 //!   off on a Redis Cluster) this instance keeps a copy of each session it

@@ -158,9 +158,9 @@ impl Failover {
             self.redis().tracked(storage_key, started_ms)
         };
         // The common case: the tracked copy knows of a renewal recent
-        // enough (the local copy's is never older), so none is due.
+        // enough, so none is due.
         let tracked = match tracked {
-            Some((record, touched_ms)) if started_ms.saturating_sub(touched_ms) < every_ms => {
+            Some((record, touched_ms)) if !super::renewal_due(touched_ms, started_ms, every_ms) => {
                 return Ok(record);
             }
             tracked => tracked,

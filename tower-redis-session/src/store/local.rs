@@ -351,7 +351,7 @@ impl LocalCopy {
     /// Whether this instance should renew the session's idle timeout in
     /// Redis on a read at `now_ms`, renewing at most once per `every_ms`.
     pub(crate) fn touch_due(copy: Option<&Self>, now_ms: u64, every_ms: u64) -> bool {
-        copy.is_none_or(|copy| now_ms.saturating_sub(copy.touched_ms) >= every_ms)
+        copy.is_none_or(|copy| super::renewal_due(copy.touched_ms, now_ms, every_ms))
     }
 
     /// The approximate memory this copy takes, beyond its key.

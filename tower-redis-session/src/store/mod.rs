@@ -435,6 +435,17 @@ pub(crate) fn now_ms() -> u64 {
     tower_redis_core::clock::now_ms()
 }
 
+/// Whether a renewal of a session's idle timeout is due at `now_ms`, this
+/// instance having last renewed it at `touched_ms` (0: not known),
+/// renewing at most once per `every_ms`. A renewal stamped after `now_ms`
+/// (the wall clock stepped back since) is due: trusting it would leave the
+/// session unrenewed until the clock caught up.
+pub(crate) fn renewal_due(touched_ms: u64, now_ms: u64, every_ms: u64) -> bool {
+    now_ms
+        .checked_sub(touched_ms)
+        .is_none_or(|since| since >= every_ms)
+}
+
 /// Counts a write (`tower_redis_session_saves_total{kind,result}`) and
 /// records it on the request's `session` span.
 fn record_save(kind: &'static str, saved: Saved) {

@@ -55,10 +55,12 @@ pub(crate) struct Tracked {
     /// outlives the key, even before the expiry's invalidation arrives.
     expires_ms: u64,
     /// When this instance last renewed the idle timeout, as far as this
-    /// copy knows (0: not known): the start of the renewing read, as the
-    /// local copy records it (within microseconds), so a read that finds
-    /// it recent enough needs no look at the local copy to know that no
-    /// renewal is due.
+    /// copy knows (0: not known): the start of the renewing read (as the
+    /// local copy records it, within microseconds) or of the renewing
+    /// change, so a read that finds it recent enough needs no look at the
+    /// local copy to know that no renewal is due. The local copy's may be
+    /// older (a change does not move it): that only makes a renewal due
+    /// sooner.
     touched_ms: u64,
 }
 
@@ -198,20 +200,26 @@ impl RedisStore {
             command.arg(name).arg(&key);
             command
         };
-        let mut pipe = redis::Pipeline::with_capacity(3);
-        if touch {
-            pipe.add_command(command("PEXPIRE", 1, 20))
-                .arg(self.idle_ms())
-                .ignore();
-        }
-        pipe.add_command(command("HGETALL", 0, 0));
-        let (fields, pttl): (Vec<(String, String)>, Option<i64>) = if ttl {
-            pipe.add_command(command("PTTL", 0, 0))
-                .query_async(conn)
-                .await?
+        let (fields, pttl): (Vec<(String, String)>, Option<i64>) = if !touch && !ttl {
+            // The usual read between renewals, untracked: one command, not
+            // a pipeline of one (no reply list to build and take apart).
+            (command("HGETALL", 0, 0).query_async(conn).await?, None)
         } else {
-            let (fields,): (Vec<(String, String)>,) = pipe.query_async(conn).await?;
-            (fields, None)
+            let mut pipe = redis::Pipeline::with_capacity(3);
+            if touch {
+                pipe.add_command(command("PEXPIRE", 1, 20))
+                    .arg(self.idle_ms())
+                    .ignore();
+            }
+            pipe.add_command(command("HGETALL", 0, 0));
+            if ttl {
+                pipe.add_command(command("PTTL", 0, 0))
+                    .query_async(conn)
+                    .await?
+            } else {
+                let (fields,): (Vec<(String, String)>,) = pipe.query_async(conn).await?;
+                (fields, None)
+            }
         };
         if fields.is_empty() {
             return Ok(None);
@@ -281,7 +289,7 @@ impl RedisStore {
         // After the ticket: an invalidation from here on voids it.
         let base = tracked.get(&key)?;
         let started_ms = now_ms();
-        let renew = started_ms.saturating_sub(base.touched_ms) >= self.expiry.renew_every_ms();
+        let renew = super::renewal_due(base.touched_ms, started_ms, self.expiry.renew_every_ms());
         let key = &key;
         let reply =
             tracked
@@ -668,9 +676,11 @@ impl redis::FromRedisValue for SaveReply {
 fn record_from_fields(pairs: Vec<(String, String)>) -> Record {
     let (mut created_ms, mut user) = (0, None);
     let mut fields = HashMap::new();
-    for (field, value) in pairs {
-        if let Some(name) = field.strip_prefix("d:") {
-            fields.insert(name.to_owned(), value);
+    for (mut field, value) in pairs {
+        if field.starts_with("d:") {
+            // The name in place, without a copy.
+            field.drain(..2);
+            fields.insert(field, value);
         } else if field == "_c" {
             created_ms = value.parse().unwrap_or(0);
         } else if field == "_u" {

@@ -314,6 +314,15 @@ fn local_copies_expire_after_the_idle_timeout() {
 
 /// Reads renew the idle timeout in Redis at most once per 1/100 of it
 /// (capped at a minute), counted from the last renewal this instance made.
+#[test]
+fn a_renewal_is_due_once_its_time_has_passed_or_when_the_clock_went_back() {
+    assert!(super::renewal_due(0, 10_000, 1_000), "no renewal known");
+    assert!(!super::renewal_due(9_500, 10_000, 1_000), "a recent one");
+    assert!(super::renewal_due(9_000, 10_000, 1_000), "a renewal ago");
+    // Stamped after now: the wall clock stepped back since.
+    assert!(super::renewal_due(10_500, 10_000, 1_000), "from the future");
+}
+
 #[tokio::test]
 async fn the_idle_timeout_is_renewed_at_most_once_per_hundredth() {
     clock::pause();
