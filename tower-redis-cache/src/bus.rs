@@ -16,7 +16,7 @@
 //! (re)connection of the subscription, not used while it is down.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -36,6 +36,10 @@ pub(crate) struct Bus {
     /// Bumped by every message and every (re)connection: a near-cache copy
     /// read before a bump may be outdated and is not kept.
     epoch: AtomicU64,
+    /// Held (shared) by a lookup from its epoch check to the end of keeping
+    /// its copy; every bump then takes it alone once, so that when a bump
+    /// returns, no copy read under an older epoch can still land.
+    keeps: RwLock<()>,
     /// Woken by every update message.
     updated: Notify,
     /// When the near tier follows Redis client tracking (not on a cluster).
@@ -68,6 +72,7 @@ impl Bus {
             started: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
+            keeps: RwLock::new(()),
             updated: Notify::new(),
             tracking,
             entry_prefix,
@@ -144,10 +149,23 @@ impl Bus {
         });
     }
 
+    /// Held while a lookup checks the epoch and keeps what it read (a near
+    /// copy, a known-absent mark), until it has checked again: see
+    /// [`bump_epoch`](Self::bump_epoch). Never held across an `.await`.
+    pub(crate) fn keeping(&self) -> RwLockReadGuard<'_, ()> {
+        self.keeps.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Makes every lookup under way skip the near tier (after this
-    /// instance removed entries from Redis).
+    /// instance removed entries from Redis, or Redis said they changed),
+    /// and waits for those already keeping a copy to finish: a copy that
+    /// passed its epoch check just before the bump may land after the
+    /// caller's removal, and a request could read it before the lookup's
+    /// second check took it out again. Once this returns, what the caller
+    /// removes next stays removed.
     pub(crate) fn bump_epoch(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
+        drop(self.keeps.write().unwrap_or_else(PoisonError::into_inner));
     }
 
     /// Resolves at the next update message.
@@ -176,7 +194,7 @@ impl Bus {
             self.updated.notify_waiters();
             return;
         }
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.bump_epoch();
         match payload {
             [b'u', b' ', url_hash @ ..] => {
                 if let (Some(near), Ok(url_hash)) = (&self.near, std::str::from_utf8(url_hash)) {
@@ -197,7 +215,7 @@ impl Bus {
         if self.tracking.is_some() {
             return;
         }
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.bump_epoch();
         if let Some(near) = &self.near {
             near.clear();
         }
@@ -212,7 +230,7 @@ impl Invalidate for Bus {
             return;
         };
         // A lookup that began before this does not fill the near tier.
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.bump_epoch();
         if let Ok(url_hash) = std::str::from_utf8(url_hash) {
             if let Some(near) = &self.near {
                 near.remove(url_hash);
@@ -222,7 +240,7 @@ impl Invalidate for Bus {
     }
 
     fn invalidate_all(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.bump_epoch();
         self.trust.fetch_add(1, Ordering::SeqCst);
         if let Some(near) = &self.near {
             near.clear();

@@ -231,9 +231,11 @@ impl CacheStore {
         match served.value {
             Found::Entry(entry) => {
                 let mut copy = None;
+                // From the check to the end of the copy (`Bus::bump_epoch`).
                 if let (Some(near), Tier::Redis) = (near, tier)
-                    && self.bus.epoch() == epoch
                     && keep_near(&entry)
+                    && let _keeping = self.bus.keeping()
+                    && self.bus.epoch() == epoch
                 {
                     let kept = near.insert(&Put {
                         url_hash: url_hash.to_owned(),

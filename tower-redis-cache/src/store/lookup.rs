@@ -115,14 +115,18 @@ impl CacheStore {
                 // would outlive the replica's lag.
                 if let (Some(near), Some(vary), Tier::Redis) = (near, vary_seen, tier)
                     && !self.read_from_replicas
-                    && self.bus.epoch() == epoch
                 {
-                    keep_near(near, url_hash, request, extra, vary, &entry);
-                    // An invalidation that landed between the check and the
-                    // copy found nothing to remove: look again, and take the
-                    // copy back out if one did.
-                    if self.bus.epoch() != epoch {
-                        near.remove(url_hash);
+                    // From the check to the end of the copy: an invalidation
+                    // or a purge waits for it (`Bus::bump_epoch`), so that no
+                    // copy of what it removed lands after it.
+                    let _keeping = self.bus.keeping();
+                    if self.bus.epoch() == epoch {
+                        keep_near(near, url_hash, request, extra, vary, &entry);
+                        // An invalidation that landed between the check and
+                        // the copy: take the copy back out.
+                        if self.bus.epoch() != epoch {
+                            near.remove(url_hash);
+                        }
                     }
                 }
                 Lookup::Hit(entry)
@@ -135,6 +139,7 @@ impl CacheStore {
                 // checks as a near copy's, around the same race.
                 if let (Some(near), true, Tier::Redis, Some(_)) =
                     (near, hinted_absent, tier, self.bus.tracking())
+                    && let _keeping = self.bus.keeping()
                     && self.bus.epoch() == epoch
                 {
                     // As a near copy, the mark lives at most the tier's TTL.
