@@ -1004,7 +1004,11 @@ impl CacheLayerBuilder {
     /// connection is down or Redis is unavailable it is not used, and it is
     /// emptied when the connection is lost or replaced, so `ttl` bounds how
     /// stale a copy can be even if a message is lost. The crate docs ("Near
-    /// cache") state the exact guarantee. Off by default.
+    /// cache") state the exact guarantee. A purge made through this
+    /// instance's [`CacheHandle`](crate::CacheHandle) has removed its copies
+    /// by the time it returns; one by path, prefix or tag empties this
+    /// instance's near cache (copies do not record their tags). Off by
+    /// default.
     ///
     /// Besides `max_bytes`, each thread that reads the near cache holds its
     /// own copy of the last 8 URLs it read there (URLs whose entries, with

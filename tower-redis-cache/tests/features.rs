@@ -1413,7 +1413,10 @@ async fn the_admin_router_checks_authorisation_and_runs_the_operations() {
 /// store after it (`put.lua` finds the tombstone and not its lock), later
 /// requests do not follow its in-process flight (`Flights::detach_all`),
 /// and a near copy that a reader refilled from what it read before the
-/// purge is dropped before the purge returns (`CacheStore::purge`).
+/// purge is dropped before the purge returns (`CacheStore::purge`; a
+/// reader keeping its copy as the purge runs is waited for,
+/// `Bus::bump_epoch`). The same holds for a purge by path and by tag,
+/// which cannot find near copies by URL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purge_returns_only_once_the_purging_instance_cannot_serve_the_old_copy() {
     let redis = TestRedis::start().await;
@@ -1450,9 +1453,68 @@ async fn a_purge_returns_only_once_the_purging_instance_cannot_serve_the_old_cop
             after.cache_status()
         );
     }
+    for round in 0..100 {
+        let before = version(&get(&a.app, "/item/1").await.body);
+        let handle = a.layer.handle();
+        let (how, purged) = if round % 2 == 0 {
+            ("by path", handle.purge_url("/item/1").await.unwrap())
+        } else {
+            ("by tag", handle.purge_tag("item-1").await)
+        };
+        assert!(!purged.deferred, "round {round} ({how})");
+        let after = get(&a.app, "/item/1").await;
+        assert!(
+            version(&after.body) > before,
+            "round {round}: v{before} was purged {how}, then served again ({})",
+            after.cache_status()
+        );
+    }
     stop.store(true, Ordering::Relaxed);
     for reader in readers {
         reader.await.unwrap();
+    }
+}
+
+/// A purge by path or by tag on the instance that holds a near copy of
+/// the page: the copy is gone when the purge returns, though near copies
+/// carry neither their URL nor their tags, and though Redis' invalidation
+/// reaches this instance 50 ms after the purge (its tracking connection
+/// is slow).
+#[tokio::test]
+async fn a_purge_by_path_or_tag_drops_the_purging_instance_s_near_copy() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let slow = redis.slow_tracking_config(Duration::from_millis(50)).await;
+    let near = |b: CacheLayerBuilder| b.near_cache(8 << 20, Duration::from_secs(3600));
+    let a = instance(slow, &origin, near).await;
+    wait_tracking(&a).await;
+    let version = |body: &str| -> u64 { body.rsplit('v').next().unwrap().parse().unwrap() };
+    for how in ["path", "tag"] {
+        get_settled(&a, "/item/1").await;
+        // Read from Redis, then from the near copy that read kept.
+        let kept = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let answer = get(&a.app, "/item/1").await;
+                if answer.cache_status().contains("detail=near") {
+                    return answer;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("a near hit within 10 s");
+        let purged = match how {
+            "path" => a.layer.handle().purge_url("/item/1").await.unwrap(),
+            _ => a.layer.handle().purge_tag("item-1").await,
+        };
+        assert_eq!(purged.urls, 1, "purged by {how}");
+        let after = get(&a.app, "/item/1").await;
+        assert!(
+            version(&after.body) > version(&kept.body),
+            "{} was purged by {how}, then served again ({})",
+            kept.body,
+            after.cache_status()
+        );
     }
 }
 

@@ -102,78 +102,12 @@ impl Instance {
     }
 }
 
-/// A TCP proxy to `upstream` that holds what the server sends on tracking
-/// connections (those that open with `HELLO`) for `delay` before passing
-/// it on, in order; other connections pass straight through. An instance
-/// behind it hears of invalidations `delay` late, as across a slow network.
-async fn slow_tracking_proxy(upstream: u16, delay: Duration) -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("address").port();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            tokio::spawn(relay(client, upstream, delay));
-        }
-    });
-    port
-}
-
-async fn relay(client: tokio::net::TcpStream, upstream: u16, delay: Duration) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
-        return;
-    };
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
-    let mut first = vec![0u8; 4096];
-    let Ok(n) = client_read.read(&mut first).await else {
-        return;
-    };
-    let tracking = first[..n]
-        .windows(5)
-        .any(|w| w.eq_ignore_ascii_case(b"HELLO"));
-    if server_write.write_all(&first[..n]).await.is_err() {
-        return;
-    }
-    tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
-    });
-    let (chunks, mut queued) =
-        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
-    tokio::spawn(async move {
-        while let Some((due, chunk)) = queued.recv().await {
-            tokio::time::sleep_until(due).await;
-            if client_write.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        let n = match server_read.read(&mut buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let due = tokio::time::Instant::now() + if tracking { delay } else { Duration::ZERO };
-        if chunks.send((due, buffer[..n].to_vec())).is_err() {
-            return;
-        }
-    }
-}
-
-/// A configuration for an instance whose tracking connection goes through
-/// a [`slow_tracking_proxy`].
+/// A configuration for an instance that hears of invalidations 50 ms late
+/// (`TestRedis::slow_tracking_config`).
 async fn slow_config(redis: &TestRedis) -> RedisConfig {
-    let upstream = redis
-        .url()
-        .rsplit(':')
-        .next()
-        .and_then(|port| port.trim_end_matches('/').parse::<u16>().ok())
-        .expect("a redis://host:port URL");
-    let port = slow_tracking_proxy(upstream, Duration::from_millis(50)).await;
-    RedisConfig::builder()
-        .url(format!("redis://127.0.0.1:{port}"))
+    redis
+        .slow_tracking_config(Duration::from_millis(50))
+        .await
         .build()
         .expect("config")
 }

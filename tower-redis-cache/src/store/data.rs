@@ -231,13 +231,11 @@ impl CacheStore {
         match served.value {
             Found::Entry(entry) => {
                 let mut copy = None;
-                // From the check to the end of the copy (`Bus::bump_epoch`).
                 if let (Some(near), Tier::Redis) = (near, tier)
                     && keep_near(&entry)
-                    && let _keeping = self.bus.keeping()
                     && self.bus.epoch() == epoch
                 {
-                    let kept = near.insert(&Put {
+                    let put = Put {
                         url_hash: url_hash.to_owned(),
                         url: String::new(),
                         vary: String::new(),
@@ -245,7 +243,19 @@ impl CacheStore {
                         entry: entry.clone(),
                         keep_for: Duration::from_secs(u64::from(u32::MAX)),
                         tags: Vec::new(),
-                    });
+                    };
+                    // From the check to the end of the copy: a purge, a
+                    // write or an invalidation waits for it
+                    // (`Bus::bump_epoch`).
+                    let _keeping = self.bus.keeping();
+                    if self.bus.epoch() != epoch {
+                        return DataFound {
+                            entry: Some(entry),
+                            tier,
+                            near: None,
+                        };
+                    }
+                    let kept = near.insert(&put);
                     // An invalidation between the check above and the
                     // copy: the copy may be older than it.
                     if self.bus.epoch() == epoch {
@@ -357,6 +367,7 @@ impl CacheStore {
                 },
             )
             .await;
+        self.after_write(&put.url_hash);
     }
 
     /// Whether a value was larger than [`LARGE_ENTRY_BYTES`] when this

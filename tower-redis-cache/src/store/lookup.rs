@@ -115,15 +115,18 @@ impl CacheStore {
                 // would outlive the replica's lag.
                 if let (Some(near), Some(vary), Tier::Redis) = (near, vary_seen, tier)
                     && !self.read_from_replicas
+                    && self.bus.epoch() == epoch
                 {
-                    // From the check to the end of the copy: an invalidation
-                    // or a purge waits for it (`Bus::bump_epoch`), so that no
-                    // copy of what it removed lands after it.
+                    let put = near_put(url_hash, request, extra, vary, &entry);
+                    // From the check to the end of the copy: a purge, a
+                    // write or an invalidation waits for it
+                    // (`Bus::bump_epoch`), so that no copy of what it
+                    // removed lands after it.
                     let _keeping = self.bus.keeping();
                     if self.bus.epoch() == epoch {
-                        keep_near(near, url_hash, request, extra, vary, &entry);
-                        // An invalidation that landed between the check and
-                        // the copy: take the copy back out.
+                        near.insert(&put);
+                        // Belt and braces: every bump waits for the guard,
+                        // so the epoch cannot have moved since the check.
                         if self.bus.epoch() != epoch {
                             near.remove(url_hash);
                         }
@@ -139,6 +142,7 @@ impl CacheStore {
                 // checks as a near copy's, around the same race.
                 if let (Some(near), true, Tier::Redis, Some(_)) =
                     (near, hinted_absent, tier, self.bus.tracking())
+                    && self.bus.epoch() == epoch
                     && let _keeping = self.bus.keeping()
                     && self.bus.epoch() == epoch
                 {
@@ -262,15 +266,8 @@ impl CacheStore {
 }
 
 /// Copies an entry read from Redis into the near cache.
-fn keep_near(
-    near: &super::MemoryStore,
-    url_hash: &str,
-    request: &HeaderMap,
-    extra: &str,
-    vary: String,
-    entry: &Entry,
-) {
-    near.insert(&Put {
+fn near_put(url_hash: &str, request: &HeaderMap, extra: &str, vary: String, entry: &Entry) -> Put {
+    Put {
         url_hash: url_hash.to_owned(),
         url: String::new(),
         variant: key::variant(&vary, request, extra),
@@ -278,5 +275,5 @@ fn keep_near(
         entry: entry.clone(),
         keep_for: Duration::from_secs(u64::from(u32::MAX)),
         tags: Vec::new(),
-    });
+    }
 }

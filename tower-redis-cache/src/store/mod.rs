@@ -649,6 +649,18 @@ impl CacheStore {
                 },
             )
             .await;
+        self.after_write(&put.url_hash);
+    }
+
+    /// After this instance wrote a URL's entry: a lookup that read the
+    /// previous one before the write may be keeping it in the near tier
+    /// (Redis does not report this instance's own writes to it). The epoch
+    /// makes lookups under way drop their copies, and what one kept goes.
+    pub(crate) fn after_write(&self, url_hash: &str) {
+        if let Some(near) = &self.near {
+            self.bus.bump_epoch();
+            near.remove(url_hash);
+        }
     }
 
     /// An entry for the admin surface: the variant with no request headers.

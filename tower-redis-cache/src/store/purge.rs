@@ -70,10 +70,18 @@ impl CacheStore {
                 // removal may have refilled the near tier since (Redis'
                 // invalidation, or on a Cluster the announcement, may not
                 // have arrived yet): the epoch makes the lookups under way
-                // drop their copies, and what is already kept goes now.
+                // drop their copies (those already keeping one finish
+                // first), and what is already kept goes now. Near copies
+                // carry neither their URL nor their tags: a purge by tag,
+                // prefix or path cannot find them, so it empties the tier.
                 if let Some(near) = &self.near {
                     self.bus.bump_epoch();
-                    let Ok(_) = near.purge(target, None).await;
+                    match target {
+                        Target::Url(_) | Target::All => {
+                            let Ok(_) = near.purge(target, None).await;
+                        }
+                        Target::Tag(_) | Target::Prefix(_) | Target::Path(_) => near.clear(),
+                    }
                 }
                 Purged {
                     urls,

@@ -33,6 +33,7 @@ mod docker;
 mod monitor;
 mod process;
 mod sentinel;
+mod slow;
 mod traces;
 
 use std::collections::HashMap;
