@@ -248,20 +248,15 @@ impl CacheStore {
                     // write or an invalidation waits for it
                     // (`Bus::bump_epoch`).
                     let _keeping = self.bus.keeping();
-                    if self.bus.epoch() != epoch {
-                        return DataFound {
-                            entry: Some(entry),
-                            tier,
-                            near: None,
-                        };
-                    }
-                    let kept = near.insert(&put);
-                    // An invalidation between the check above and the
-                    // copy: the copy may be older than it.
                     if self.bus.epoch() == epoch {
-                        copy = Some(kept);
-                    } else {
-                        near.remove(url_hash);
+                        let kept = near.insert(&put);
+                        // Belt and braces: every bump waits for the guard,
+                        // so the epoch cannot have moved since the check.
+                        if self.bus.epoch() == epoch {
+                            copy = Some(kept);
+                        } else {
+                            near.remove(url_hash);
+                        }
                     }
                 }
                 DataFound {
