@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tower_redis_cache::data::{DataCache, DataError, DataOptions};
 use tower_redis_cache::{CacheLayer, CacheLayerBuilder, Route};
 use tower_redis_core::testing::{TestRedis, wait_for_breaker, wait_for_tracking};
-use tower_redis_core::{BreakerState, RedisManager, redis};
+use tower_redis_core::{BreakerState, RedisConfigBuilder, RedisManager, redis};
 
 /// How long any wait of this suite may take.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -62,7 +62,15 @@ async fn instance_with(
     tune: impl Fn(CacheLayerBuilder) -> CacheLayerBuilder,
     pages: Arc<AtomicU64>,
 ) -> Instance {
-    let manager = RedisManager::connect(redis.config().failure_threshold(1).build().unwrap())
+    instance_on(redis.config(), tune, pages).await
+}
+
+async fn instance_on(
+    config: RedisConfigBuilder,
+    tune: impl Fn(CacheLayerBuilder) -> CacheLayerBuilder,
+    pages: Arc<AtomicU64>,
+) -> Instance {
+    let manager = RedisManager::connect(config.failure_threshold(1).build().unwrap())
         .await
         .unwrap();
     let layer = tune(
@@ -1589,4 +1597,54 @@ async fn an_unhealthy_reply_counts_against_the_breaker_alone_or_gathered() {
         .query_async(&mut admin)
         .await
         .unwrap();
+}
+
+/// A read that Redis answered before this instance's own write, and whose
+/// answer arrives after the write was acknowledged, keeps no near copy:
+/// the next read on this instance sees the write. (Redis reports the write
+/// on the tracking connection, but that word comes after the read's
+/// answer; here the tracking connection's network is 50 ms slow.)
+#[tokio::test]
+async fn a_read_answered_before_this_instance_s_write_keeps_no_copy_of_the_old_value() {
+    let redis = TestRedis::start().await;
+    let slow = redis.slow_tracking_config(Duration::from_millis(50)).await;
+    let a = instance_on(slow, |b| b, Arc::new(AtomicU64::new(0))).await;
+    let options = DataOptions::new(Duration::from_secs(60));
+    a.data
+        .insert("product:7", &product("v0"), &options)
+        .await
+        .unwrap();
+    let _: Option<Product> = a.data.get("product:7").await.unwrap();
+    wait_for_tracking(&a.manager, DEADLINE).await;
+    // Rounds where the read did see the old value (on a busy machine it
+    // may be sent only after the write, and read the new one).
+    let mut raced = 0;
+    for round in 1..=20 {
+        if raced == 3 {
+            break;
+        }
+        let old = product(&format!("v{round}"));
+        let new = product(&format!("v{round}-new"));
+        // Settled: no near copy, no word from Redis still on its way.
+        a.data.insert("product:7", &old, &options).await.unwrap();
+        let tracking = a.manager.tracking().expect("tracking");
+        tracking.sync().await.unwrap();
+        let reading = tokio::spawn({
+            let data = a.data.clone();
+            async move { data.get::<Product>("product:7").await.unwrap() }
+        });
+        // Redis answers the read at once; the answer is 50 ms on its way
+        // when the write is acknowledged.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        a.data.insert("product:7", &new, &options).await.unwrap();
+        let read = within("the read", reading).await.unwrap();
+        raced += u32::from(read == Some(old));
+        let after: Option<Product> = a.data.get("product:7").await.unwrap();
+        assert_eq!(
+            after,
+            Some(new),
+            "round {round}: read on the writing instance after its write"
+        );
+    }
+    assert_eq!(raced, 3, "reads answered before the write, in 20 rounds");
 }

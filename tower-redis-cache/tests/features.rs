@@ -1518,6 +1518,58 @@ async fn a_purge_by_path_or_tag_drops_the_purging_instance_s_near_copy() {
     }
 }
 
+/// A lookup that Redis answered before this instance stored a new
+/// version of the page, and whose answer arrives after the store was
+/// acknowledged, keeps no near copy of the old version: the next request
+/// on this instance is served the new one. (Redis reports the store on the
+/// tracking connection, but that word comes after the lookup's answer;
+/// here the tracking connection's network is 50 ms slow.)
+#[tokio::test]
+async fn a_lookup_answered_before_this_instance_stored_keeps_no_copy_of_the_old_page() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let slow = redis.slow_tracking_config(Duration::from_millis(50)).await;
+    let near = |b: CacheLayerBuilder| b.near_cache(8 << 20, Duration::from_secs(3600));
+    let a = Arc::new(instance(slow, &origin, near).await);
+    wait_tracking(&a).await;
+    let version = |body: &str| -> u64 { body.rsplit('v').next().unwrap().parse().unwrap() };
+    get_settled(&a, "/item/1").await;
+    // Rounds where the second lookup did read the old version (on a busy
+    // machine it may be sent only after the store, and read the new one).
+    let mut raced = 0;
+    for round in 1..=20 {
+        if raced == 3 {
+            break;
+        }
+        let tracking = a.manager.tracking().expect("tracking");
+        tracking.sync().await.unwrap();
+        // The revalidation's lookup answers 50 ms late; its new version is
+        // stored at once after that.
+        let revalidating = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { call(&a.app, request("/item/1", &[("cache-control", "no-cache")])).await }
+        });
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        // Answered by Redis now, before the store; here 25 ms after it.
+        let reading = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { get(&a.app, "/item/1").await }
+        });
+        let stored = version(&revalidating.await.unwrap().body);
+        a.layer.flush().await;
+        let read = version(&reading.await.unwrap().body);
+        raced += u32::from(read < stored);
+        let after = get(&a.app, "/item/1").await;
+        assert_eq!(
+            version(&after.body),
+            stored,
+            "round {round}: served after this instance stored v{stored} ({})",
+            after.cache_status()
+        );
+    }
+    assert_eq!(raced, 3, "lookups answered before the store, in 20 rounds");
+}
+
 /// A fill that asked the origin before a purge of its URL does not store
 /// its answer after the purge, whether the URL is purged once or twice:
 /// the next request goes to the origin instead of finding the purged

@@ -653,9 +653,16 @@ impl CacheStore {
     }
 
     /// After this instance wrote a URL's entry: a lookup that read the
-    /// previous one before the write may be keeping it in the near tier
-    /// (Redis does not report this instance's own writes to it). The epoch
-    /// makes lookups under way drop their copies, and what one kept goes.
+    /// previous one before the write may be keeping it in the near tier.
+    /// Redis reports the write on the tracking connection, but that word
+    /// comes after the lookup's answer, and may come after the write's
+    /// acknowledgement: until then this instance would serve the old
+    /// copy after its own write. The epoch makes lookups under way drop
+    /// their copies, and what one kept goes. Tests:
+    /// `a_lookup_answered_before_this_instance_stored_keeps_no_copy_of_the_old_page`
+    /// (`tests/features.rs`),
+    /// `a_read_answered_before_this_instance_s_write_keeps_no_copy_of_the_old_value`
+    /// (`tests/data.rs`).
     pub(crate) fn after_write(&self, url_hash: &str) {
         if let Some(near) = &self.near {
             self.bus.bump_epoch();
