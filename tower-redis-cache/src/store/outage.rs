@@ -18,6 +18,7 @@ use tower_redis_core::RedisManager;
 use tower_redis_core::degrade::{Deferred, Failover, Recovered, Replay, ReplayError};
 
 use super::memory::MemoryStore;
+use super::purge::Removed;
 use super::redis_store::RedisStore;
 use super::{CacheStore, Target};
 
@@ -133,11 +134,12 @@ impl Replay for RedisStore {
                     .run_ops(&self.delete_ops(rest[..invalidations].iter().map(|c| c.key())))
                     .await
                     .map(|_| ()),
-                Kind::Purge(target, soft_at) => {
-                    self.purge_indexed(target, *soft_at).await.map(|_| ())
-                }
+                Kind::Purge(target, soft_at) => self
+                    .purge_indexed(target, *soft_at, &mut Removed::default())
+                    .await
+                    .map(|_| ()),
                 Kind::Collapsed(at_ms) => self
-                    .purge_indexed(&Target::All, Some(*at_ms))
+                    .purge_indexed(&Target::All, Some(*at_ms), &mut Removed::default())
                     .await
                     .map(|_| ()),
             };

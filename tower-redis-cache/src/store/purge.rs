@@ -13,6 +13,30 @@ use crate::key;
 /// URLs deleted per pipeline in a purge.
 const PURGE_BATCH: usize = 500;
 
+/// How many purged URLs the purging instance drops one by one from its
+/// near tier; a purge of more empties the tier instead.
+const NEAR_REMOVALS: usize = 4096;
+
+/// The URLs a purge found in Redis, named as the near tier names them
+/// (their hashes), up to [`NEAR_REMOVALS`]: near copies record neither
+/// their URL nor their tags, so a purge by tag, prefix or path learns here
+/// which copies to drop. Bounded: past the bound only the fact remains.
+#[derive(Default)]
+pub(super) struct Removed {
+    url_hashes: Vec<String>,
+    too_many: bool,
+}
+
+impl Removed {
+    fn note(&mut self, url_hash: &str) {
+        if self.url_hashes.len() < NEAR_REMOVALS {
+            self.url_hashes.push(url_hash.to_owned());
+        } else {
+            self.too_many = true;
+        }
+    }
+}
+
 impl CacheStore {
     /// Deletes every variant of these URLs (RFC 9111 §4.4 invalidation).
     /// As with a purge, a fill of these URLs that asked the origin before
@@ -64,7 +88,12 @@ impl CacheStore {
             let Ok(_) = near.purge(target, None).await;
         }
         let Ok(local_count) = self.memory().purge(target, soft_at).await;
-        match self.redis().purge(target, soft_at).await {
+        let mut removed = Removed::default();
+        match self
+            .redis()
+            .purge_indexed(target, soft_at, &mut removed)
+            .await
+        {
             Ok(urls) => {
                 // A lookup of this instance that read Redis before the
                 // removal may have refilled the near tier since (Redis'
@@ -72,15 +101,21 @@ impl CacheStore {
                 // have arrived yet): the epoch makes the lookups under way
                 // drop their copies (those already keeping one finish
                 // first), and what is already kept goes now. Near copies
-                // carry neither their URL nor their tags: a purge by tag,
-                // prefix or path cannot find them, so it empties the tier.
+                // carry neither their URL nor their tags: those of a purge
+                // by tag, prefix or path are the URLs it found in Redis
+                // (too many of them, and the tier is emptied).
                 if let Some(near) = &self.near {
                     self.bus.bump_epoch();
                     match target {
-                        Target::Url(_) | Target::All => {
+                        Target::All => {
                             let Ok(_) = near.purge(target, None).await;
                         }
-                        Target::Tag(_) | Target::Prefix(_) | Target::Path(_) => near.clear(),
+                        _ if removed.too_many => near.clear(),
+                        _ => {
+                            for url_hash in &removed.url_hashes {
+                                near.remove(url_hash);
+                            }
+                        }
                     }
                 }
                 Purged {
@@ -119,16 +154,18 @@ impl Indexed<'_> {
 }
 
 impl RedisStore {
-    /// The Redis side of a purge; returns how many URLs had entries.
+    /// The Redis side of a purge; returns how many URLs had entries, and
+    /// notes in `removed` those it purged.
     pub(super) async fn purge_indexed(
         &self,
         target: &Target,
         soft_at: Option<u64>,
+        removed: &mut Removed,
     ) -> Result<u64, tower_redis_core::Error> {
         let indexed = match target {
             Target::Url(url) => {
                 return self
-                    .purge_urls(std::slice::from_ref(url), soft_at, true)
+                    .purge_urls(std::slice::from_ref(url), soft_at, true, removed)
                     .await;
             }
             Target::Tag(tag) => Indexed {
@@ -148,7 +185,7 @@ impl RedisStore {
                 filter: None,
             },
         };
-        let count = self.purge_pages(&indexed, soft_at).await?;
+        let count = self.purge_pages(&indexed, soft_at, removed).await?;
         if matches!(target, Target::All) && soft_at.is_none() {
             self.manager
                 .query::<()>(
@@ -166,6 +203,7 @@ impl RedisStore {
         &self,
         indexed: &Indexed<'_>,
         soft_at: Option<u64>,
+        removed: &mut Removed,
     ) -> Result<u64, tower_redis_core::Error> {
         let index = &indexed.index;
         let mut count = 0;
@@ -189,7 +227,7 @@ impl RedisStore {
             let urls: Vec<String> = selected.iter().map(|url| (*url).clone()).collect();
             // A path names a URL per host, like a URL purge: tombstones.
             let exact = matches!(indexed.filter, Some((_, true)));
-            count += self.purge_urls(&urls, soft_at, exact).await?;
+            count += self.purge_urls(&urls, soft_at, exact, removed).await?;
             let done = page.len() < PURGE_BATCH;
             if soft_at.is_none() {
                 // Drop what was purged from the index, so the next page is new.
@@ -227,12 +265,14 @@ impl RedisStore {
         urls: &[String],
         soft_at: Option<u64>,
         tombstones: bool,
+        removed: &mut Removed,
     ) -> Result<u64, tower_redis_core::Error> {
         let mut count = 0;
         for chunk in urls.chunks(PURGE_BATCH) {
             let mut ops = Vec::with_capacity(chunk.len() * 2 + 1);
             for url in chunk {
                 let url_hash = &key::hash_url(url);
+                removed.note(url_hash);
                 let key = self.redis_key(url_hash);
                 ops.push(match soft_at {
                     None if tombstones => Op::Script(self.delete(url_hash)),
@@ -273,5 +313,23 @@ impl RedisStore {
                 .count() as u64;
         }
         Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{NEAR_REMOVALS, Removed};
+
+    #[test]
+    fn a_purge_notes_the_urls_it_removed_up_to_a_bound() {
+        let mut removed = Removed::default();
+        for n in 0..NEAR_REMOVALS {
+            removed.note(&format!("hash-{n}"));
+        }
+        assert!(!removed.too_many);
+        assert_eq!(removed.url_hashes.len(), NEAR_REMOVALS);
+        removed.note("one-more");
+        assert!(removed.too_many, "past the bound");
+        assert_eq!(removed.url_hashes.len(), NEAR_REMOVALS, "bounded");
     }
 }

@@ -37,6 +37,7 @@ use tower_redis_core::redis::aio::ConnectionLike;
 use tower_redis_core::redis::{self, Cmd, RedisResult, Script, ScriptInvocation, Value};
 use tower_redis_core::{RedisConnection, RedisManager};
 
+use super::purge::Removed;
 use super::{EntryStore, Found, LockAttempt, LockPurpose, LockToken, Put, Target};
 use crate::bus::Bus;
 use crate::entry::Entry;
@@ -188,7 +189,8 @@ impl EntryStore for RedisStore {
         target: &Target,
         soft_at: Option<u64>,
     ) -> Result<u64, tower_redis_core::Error> {
-        self.purge_indexed(target, soft_at).await
+        self.purge_indexed(target, soft_at, &mut Removed::default())
+            .await
     }
 
     async fn lock(
