@@ -162,7 +162,8 @@ impl Bus {
     /// passed its epoch check just before the bump may land after the
     /// caller's removal, and a request could read it before the lookup's
     /// second check took it out again. Once this returns, what the caller
-    /// removes next stays removed.
+    /// removes next stays removed. Test:
+    /// `a_bump_of_the_epoch_waits_for_the_copies_being_kept`.
     pub(crate) fn bump_epoch(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         drop(self.keeps.write().unwrap_or_else(PoisonError::into_inner));
@@ -284,5 +285,60 @@ async fn listen(events: Weak<Bus>) {
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, mpsc};
+    use std::time::Duration;
+
+    use tower_redis_core::RedisManager;
+    use tower_redis_core::testing::TestRedis;
+
+    use super::Bus;
+
+    /// A bump of the epoch (a purge, a store, an invalidation) returns
+    /// only once no lookup is keeping a copy under the older epoch: one
+    /// that passed its check just before the bump finishes first, and the
+    /// caller's removal that follows the bump comes after its copy.
+    #[tokio::test]
+    async fn a_bump_of_the_epoch_waits_for_the_copies_being_kept() {
+        let redis = TestRedis::start().await;
+        let manager = RedisManager::connect(redis.config().build().unwrap())
+            .await
+            .unwrap();
+        let bus = Bus::new(manager, None, moka::sync::Cache::new(16));
+        let before = bus.epoch();
+        let keeping = bus.keeping();
+        let bumped = Arc::new(AtomicBool::new(false));
+        let (done, finished) = mpsc::channel();
+        std::thread::spawn({
+            let bus = Arc::clone(&bus);
+            let bumped = Arc::clone(&bumped);
+            move || {
+                bus.bump_epoch();
+                bumped.store(true, Ordering::SeqCst);
+                let _ = done.send(());
+            }
+        });
+        // The bump itself is at once: a lookup that checks now skips the
+        // near tier.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while bus.epoch() == before {
+            assert!(std::time::Instant::now() < deadline, "no bump in 10 s");
+            std::thread::yield_now();
+        }
+        assert!(
+            finished.recv_timeout(Duration::from_millis(200)).is_err(),
+            "the bump returned while a copy was being kept"
+        );
+        assert!(!bumped.load(Ordering::SeqCst));
+        drop(keeping);
+        finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the bump returns once the copy is kept");
+        assert_eq!(bus.epoch(), before + 1);
     }
 }
