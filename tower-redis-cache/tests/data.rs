@@ -62,7 +62,7 @@ async fn instance_with(
     tune: impl Fn(CacheLayerBuilder) -> CacheLayerBuilder,
     pages: Arc<AtomicU64>,
 ) -> Instance {
-    instance_on(redis.config(), tune, pages).await
+    instance_on(redis.config().failure_threshold(1), tune, pages).await
 }
 
 async fn instance_on(
@@ -70,7 +70,7 @@ async fn instance_on(
     tune: impl Fn(CacheLayerBuilder) -> CacheLayerBuilder,
     pages: Arc<AtomicU64>,
 ) -> Instance {
-    let manager = RedisManager::connect(config.failure_threshold(1).build().unwrap())
+    let manager = RedisManager::connect(config.build().unwrap())
         .await
         .unwrap();
     let layer = tune(
@@ -1607,7 +1607,12 @@ async fn an_unhealthy_reply_counts_against_the_breaker_alone_or_gathered() {
 #[tokio::test]
 async fn a_read_answered_before_this_instance_s_write_keeps_no_copy_of_the_old_value() {
     let redis = TestRedis::start().await;
-    let slow = redis.slow_tracking_config(Duration::from_millis(50)).await;
+    // Every tracked command answers 50 ms late: a command timeout well
+    // above that, so that a busy machine does not open the breaker.
+    let slow = redis
+        .slow_tracking_config(Duration::from_millis(50))
+        .await
+        .command_timeout(Duration::from_secs(2));
     let a = instance_on(slow, |b| b, Arc::new(AtomicU64::new(0))).await;
     let options = DataOptions::new(Duration::from_secs(60));
     a.data

@@ -84,7 +84,10 @@ impl CacheStore {
     /// serves this instance's later callers (its flight is detached).
     pub(crate) async fn purge(&self, target: &Target, soft_at: Option<u64>) -> Purged {
         self.flights.detach_all();
-        if let Some(near) = &self.near {
+        // A URL's copy goes at once. Those of a tag, prefix or path are
+        // found after the Redis part (near copies record neither URL nor
+        // tags), which names the URLs it purged.
+        if let (Some(near), Target::Url(_) | Target::All) = (&self.near, target) {
             let Ok(_) = near.purge(target, None).await;
         }
         let Ok(local_count) = self.memory().purge(target, soft_at).await;
@@ -95,40 +98,51 @@ impl CacheStore {
             .await
         {
             Ok(urls) => {
-                // A lookup of this instance that read Redis before the
-                // removal may have refilled the near tier since (Redis'
-                // invalidation, or on a Cluster the announcement, may not
-                // have arrived yet): the epoch makes the lookups under way
-                // drop their copies (those already keeping one finish
-                // first), and what is already kept goes now. Near copies
-                // carry neither their URL nor their tags: those of a purge
-                // by tag, prefix or path are the URLs it found in Redis
-                // (too many of them, and the tier is emptied).
-                if let Some(near) = &self.near {
-                    self.bus.bump_epoch();
-                    match target {
-                        Target::All => {
-                            let Ok(_) = near.purge(target, None).await;
-                        }
-                        _ if removed.too_many => near.clear(),
-                        _ => {
-                            for url_hash in &removed.url_hashes {
-                                near.remove(url_hash);
-                            }
-                        }
-                    }
-                }
+                self.drop_near_copies(target, &removed).await;
                 Purged {
                     urls,
                     deferred: false,
                 }
             }
             Err(error) => {
+                // Some URLs may be purged in Redis already: their copies
+                // go as after a purge. Those the replay purges go with
+                // Redis' invalidations of them (or, on a Cluster, with the
+                // replay's announcements), as another instance's purge.
+                self.drop_near_copies(target, &removed).await;
                 tracing::warn!(target: "tower_redis_cache", %error, "purge deferred: Redis is unavailable; purged in process, replayed on Redis when it is back");
                 self.defer([OutageChange::purge(target, soft_at)]);
                 Purged {
                     urls: local_count,
                     deferred: true,
+                }
+            }
+        }
+    }
+}
+
+impl CacheStore {
+    /// After the Redis part of a purge: a lookup of this instance that
+    /// read Redis before the removal may have refilled the near tier since
+    /// (Redis' invalidation, or on a Cluster the announcement, may not have
+    /// arrived yet). The epoch makes the lookups under way drop their
+    /// copies (those already keeping one finish first), and what is
+    /// already kept goes now. Near copies carry neither their URL nor
+    /// their tags: those of a purge by tag, prefix or path are the URLs it
+    /// found in Redis (too many of them, and the tier is emptied).
+    async fn drop_near_copies(&self, target: &Target, removed: &Removed) {
+        let Some(near) = &self.near else {
+            return;
+        };
+        self.bus.bump_epoch();
+        match target {
+            Target::All => {
+                let Ok(_) = near.purge(target, None).await;
+            }
+            _ if removed.too_many => near.clear(),
+            _ => {
+                for url_hash in &removed.url_hashes {
+                    near.remove(url_hash);
                 }
             }
         }
