@@ -1653,3 +1653,64 @@ async fn a_read_answered_before_this_instance_s_write_keeps_no_copy_of_the_old_v
     }
     assert_eq!(raced, 3, "reads answered before the write, in 20 rounds");
 }
+
+/// A purge of more URLs than the purging instance notes one by one (4,096)
+/// empties its near tier: the near copy of a purged value the purge did not
+/// note is not served after the purge returns, though Redis' invalidation
+/// reaches this instance 50 ms later (its tracking connection is slow).
+#[tokio::test]
+async fn a_purge_of_more_urls_than_it_notes_empties_the_near_tier() {
+    const VALUES: usize = 4_097;
+    let redis = TestRedis::start().await;
+    let slow = redis
+        .slow_tracking_config(Duration::from_millis(50))
+        .await
+        .command_timeout(Duration::from_secs(2));
+    let a = instance_on(slow, |b| b, Arc::new(AtomicU64::new(0))).await;
+    let _: Option<Product> = a.data.get("warm-up").await.unwrap();
+    wait_for_tracking(&a.manager, DEADLINE).await;
+    let options = DataOptions::new(Duration::from_secs(3600)).tag("bulk");
+    // By 16 tasks; the last value alone after them, so that the index
+    // lists it last, past the bound.
+    let last = format!("bulk:{}", VALUES - 1);
+    let tasks: Vec<_> = (0..16)
+        .map(|task| {
+            let (data, options) = (a.data.clone(), options.clone());
+            tokio::spawn(async move {
+                for n in (task..VALUES - 1).step_by(16) {
+                    let value = product(&format!("v{n}"));
+                    data.insert(&format!("bulk:{n}"), &value, &options)
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        within("the inserts", task).await.unwrap();
+    }
+    // A later expiry than every other (the index's order), not a tie.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    a.data
+        .insert(&last, &product("last"), &options)
+        .await
+        .unwrap();
+    let near_hit = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let (value, commands) = redis.commands_during(a.data.get::<Product>(&last)).await;
+            if value.unwrap().is_some() && commands.is_empty() {
+                return;
+            }
+        }
+    });
+    near_hit
+        .await
+        .expect("a near copy of the last value within 10 s");
+    let purged = a.data.purge_tag("bulk").await;
+    assert_eq!(purged.urls, VALUES as u64);
+    assert_eq!(
+        a.data.get::<Product>(&last).await.unwrap(),
+        None,
+        "the purged value's near copy was served after the purge"
+    );
+}
