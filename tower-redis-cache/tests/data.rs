@@ -98,6 +98,18 @@ async fn instance_on(
     }
 }
 
+/// An instance that hears of Redis' invalidations 50 ms late (its tracking
+/// connection's network is slow), so does every tracked command's answer:
+/// with a command timeout well above that, so that a busy machine does
+/// not open the breaker.
+async fn slow_tracking_instance(redis: &TestRedis) -> Instance {
+    let slow = redis
+        .slow_tracking_config(Duration::from_millis(50))
+        .await
+        .command_timeout(Duration::from_secs(2));
+    instance_on(slow, |b| b, Arc::new(AtomicU64::new(0))).await
+}
+
 /// The data cache of `a` for even callers, of `b` for odd ones: concurrent
 /// callers spread over both instances.
 fn either(a: &Instance, b: &Instance, caller: usize) -> DataCache {
@@ -1607,13 +1619,7 @@ async fn an_unhealthy_reply_counts_against_the_breaker_alone_or_gathered() {
 #[tokio::test]
 async fn a_read_answered_before_this_instance_s_write_keeps_no_copy_of_the_old_value() {
     let redis = TestRedis::start().await;
-    // Every tracked command answers 50 ms late: a command timeout well
-    // above that, so that a busy machine does not open the breaker.
-    let slow = redis
-        .slow_tracking_config(Duration::from_millis(50))
-        .await
-        .command_timeout(Duration::from_secs(2));
-    let a = instance_on(slow, |b| b, Arc::new(AtomicU64::new(0))).await;
+    let a = slow_tracking_instance(&redis).await;
     let options = DataOptions::new(Duration::from_secs(60));
     a.data
         .insert("product:7", &product("v0"), &options)
@@ -1662,11 +1668,7 @@ async fn a_read_answered_before_this_instance_s_write_keeps_no_copy_of_the_old_v
 async fn a_purge_of_more_urls_than_it_notes_empties_the_near_tier() {
     const VALUES: usize = 4_097;
     let redis = TestRedis::start().await;
-    let slow = redis
-        .slow_tracking_config(Duration::from_millis(50))
-        .await
-        .command_timeout(Duration::from_secs(2));
-    let a = instance_on(slow, |b| b, Arc::new(AtomicU64::new(0))).await;
+    let a = slow_tracking_instance(&redis).await;
     let _: Option<Product> = a.data.get("warm-up").await.unwrap();
     wait_for_tracking(&a.manager, DEADLINE).await;
     let options = DataOptions::new(Duration::from_secs(3600)).tag("bulk");
