@@ -21,14 +21,26 @@ const NEAR_REMOVALS: usize = 4096;
 /// (their hashes), up to [`NEAR_REMOVALS`]: near copies record neither
 /// their URL nor their tags, so a purge by tag, prefix or path learns here
 /// which copies to drop. Bounded: past the bound only the fact remains.
+/// The default notes nothing (no near tier to drop copies from).
 #[derive(Default)]
 pub(super) struct Removed {
+    noting: bool,
     url_hashes: Vec<String>,
     too_many: bool,
 }
 
 impl Removed {
+    fn noting() -> Self {
+        Self {
+            noting: true,
+            ..Self::default()
+        }
+    }
+
     fn note(&mut self, url_hash: &str) {
+        if !self.noting {
+            return;
+        }
         if self.url_hashes.len() < NEAR_REMOVALS {
             self.url_hashes.push(url_hash.to_owned());
         } else {
@@ -91,7 +103,11 @@ impl CacheStore {
             let Ok(_) = near.purge(target, None).await;
         }
         let Ok(local_count) = self.memory().purge(target, soft_at).await;
-        let mut removed = Removed::default();
+        let mut removed = if self.near.is_some() {
+            Removed::noting()
+        } else {
+            Removed::default()
+        };
         match self
             .redis()
             .purge_indexed(target, soft_at, &mut removed)
@@ -119,9 +135,7 @@ impl CacheStore {
             }
         }
     }
-}
 
-impl CacheStore {
     /// After the Redis part of a purge: a lookup of this instance that
     /// read Redis before the removal may have refilled the near tier since
     /// (Redis' invalidation, or on a Cluster the announcement, may not have
@@ -336,7 +350,7 @@ mod tests {
 
     #[test]
     fn a_purge_notes_the_urls_it_removed_up_to_a_bound() {
-        let mut removed = Removed::default();
+        let mut removed = Removed::noting();
         for n in 0..NEAR_REMOVALS {
             removed.note(&format!("hash-{n}"));
         }
@@ -345,5 +359,8 @@ mod tests {
         removed.note("one-more");
         assert!(removed.too_many, "past the bound");
         assert_eq!(removed.url_hashes.len(), NEAR_REMOVALS, "bounded");
+        let mut ignored = Removed::default();
+        ignored.note("hash");
+        assert!(ignored.url_hashes.is_empty() && !ignored.too_many);
     }
 }
