@@ -152,8 +152,33 @@ impl Bus {
     /// Held while a lookup checks the epoch and keeps what it read (a near
     /// copy, a known-absent mark), until it has checked again: see
     /// [`bump_epoch`](Self::bump_epoch). Never held across an `.await`.
-    pub(crate) fn keeping(&self) -> RwLockReadGuard<'_, ()> {
+    fn keeping(&self) -> RwLockReadGuard<'_, ()> {
         self.keeps.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps what a lookup read under `epoch` (`keep`: a near copy, a
+    /// known-absent mark) unless the epoch moved since: from the check to
+    /// the end of the keeping, a purge, a write or an invalidation waits
+    /// ([`bump_epoch`](Self::bump_epoch)), so that nothing it removed lands
+    /// after it. `None` when nothing was kept. Belt and braces: should the
+    /// epoch have moved all the same, `undo` takes the kept thing out.
+    pub(crate) fn keep_at<T>(
+        &self,
+        epoch: u64,
+        keep: impl FnOnce() -> T,
+        undo: impl FnOnce(),
+    ) -> Option<T> {
+        let _keeping = self.keeping();
+        if self.epoch() != epoch {
+            return None;
+        }
+        let kept = keep();
+        if self.epoch() == epoch {
+            Some(kept)
+        } else {
+            undo();
+            None
+        }
     }
 
     /// Makes every lookup under way skip the near tier (after this

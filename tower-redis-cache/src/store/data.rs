@@ -244,20 +244,9 @@ impl CacheStore {
                         keep_for: Duration::from_secs(u64::from(u32::MAX)),
                         tags: Vec::new(),
                     };
-                    // From the check to the end of the copy: a purge, a
-                    // write or an invalidation waits for it
-                    // (`Bus::bump_epoch`).
-                    let _keeping = self.bus.keeping();
-                    if self.bus.epoch() == epoch {
-                        let kept = near.insert(&put);
-                        // Belt and braces: every bump waits for the guard,
-                        // so the epoch cannot have moved since the check.
-                        if self.bus.epoch() == epoch {
-                            copy = Some(kept);
-                        } else {
-                            near.remove(url_hash);
-                        }
-                    }
+                    copy = self
+                        .bus
+                        .keep_at(epoch, || near.insert(&put), || near.remove(url_hash));
                 }
                 DataFound {
                     entry: Some(entry),

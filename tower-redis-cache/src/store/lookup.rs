@@ -118,19 +118,8 @@ impl CacheStore {
                     && self.bus.epoch() == epoch
                 {
                     let put = near_put(url_hash, request, extra, vary, &entry);
-                    // From the check to the end of the copy: a purge, a
-                    // write or an invalidation waits for it
-                    // (`Bus::bump_epoch`), so that no copy of what it
-                    // removed lands after it.
-                    let _keeping = self.bus.keeping();
-                    if self.bus.epoch() == epoch {
-                        near.insert(&put);
-                        // Belt and braces: every bump waits for the guard,
-                        // so the epoch cannot have moved since the check.
-                        if self.bus.epoch() != epoch {
-                            near.remove(url_hash);
-                        }
-                    }
+                    self.bus
+                        .keep_at(epoch, || near.insert(&put), || near.remove(url_hash));
                 }
                 Lookup::Hit(entry)
             }
@@ -143,8 +132,6 @@ impl CacheStore {
                 if let (Some(near), true, Tier::Redis, Some(_)) =
                     (near, hinted_absent, tier, self.bus.tracking())
                     && self.bus.epoch() == epoch
-                    && let _keeping = self.bus.keeping()
-                    && self.bus.epoch() == epoch
                 {
                     // As a near copy, the mark lives at most the tier's TTL.
                     let mark = VaryHint::KnownAbsent {
@@ -153,15 +140,16 @@ impl CacheStore {
                     };
                     // Only over a hint that still says absent: a
                     // concurrent store's names stay.
-                    self.vary_hints
-                        .entry_by_ref(url_hash)
-                        .and_compute_with(|hint| match hint.map(moka::Entry::into_value) {
-                            Some(hint) if hint.is_absent() => moka::ops::compute::Op::Put(mark),
-                            _ => moka::ops::compute::Op::Nop,
-                        });
-                    if self.bus.epoch() != epoch {
-                        self.bus.end_known_absence(url_hash);
-                    }
+                    let keep = || {
+                        self.vary_hints
+                            .entry_by_ref(url_hash)
+                            .and_compute_with(|hint| match hint.map(moka::Entry::into_value) {
+                                Some(hint) if hint.is_absent() => moka::ops::compute::Op::Put(mark),
+                                _ => moka::ops::compute::Op::Nop,
+                            });
+                    };
+                    self.bus
+                        .keep_at(epoch, keep, || self.bus.end_known_absence(url_hash));
                 }
                 Lookup::UriMiss
             }
