@@ -14,7 +14,9 @@
 //! | `POST /warm` (JSON array of URLs) | [`CacheHandle::warm`], when built with [`CacheAdmin::warm_through`] |
 //!
 //! Answers are JSON; a refused check is `401`, a bad URL or prefix `400`
-//! with the reason, an unknown entry `404`.
+//! with the reason, an unknown entry `404`. A path or method the router
+//! does not have is a `404` or `405` problem whose detail lists the routes
+//! above (after the same check: it says nothing to a refused caller).
 //!
 //! The check is the app's: compare secrets in constant time, never with
 //! `==` (which stops at the first differing byte, so response times reveal
@@ -124,10 +126,12 @@ impl CacheAdmin {
             .route("/entry", get(entry))
             .route("/stats", get(stats))
             .route("/warm", post(warm))
+            .method_not_allowed_fallback(wrong_method)
             .route_layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 authorised,
             ))
+            .fallback(unknown)
             .with_state(self)
     }
 
@@ -152,6 +156,31 @@ async fn authorised(
         Some(refused) => refused,
         None => next.run(request).await,
     }
+}
+
+/// The routes, for the answer to a request that matches none of them.
+const ROUTES: &str = "POST /purge/tag/{tag}, POST /soft-purge/tag/{tag}, POST /purge/url?url=…, \
+     POST /soft-purge/url?url=…, POST /purge/prefix?prefix=…, POST /purge/all, GET /entry?url=…, \
+     GET /stats, POST /warm (relative to where the router is nested)";
+
+/// A path the router does not have: checked like the routes, then a `404`
+/// that names them.
+async fn unknown(State(admin): State<CacheAdmin>, headers: HeaderMap) -> Response {
+    if let Some(refused) = admin.refusal(&headers) {
+        return refused;
+    }
+    problem(
+        StatusCode::NOT_FOUND,
+        &format!("no such cache admin operation; the operations are: {ROUTES}"),
+    )
+}
+
+/// A route asked with another method (after the check, as every route).
+async fn wrong_method() -> Response {
+    problem(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("this operation takes another method; the operations are: {ROUTES}"),
+    )
 }
 
 #[derive(Deserialize)]

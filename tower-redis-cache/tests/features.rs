@@ -1404,6 +1404,16 @@ async fn the_admin_router_checks_authorisation_and_runs_the_operations() {
     assert!(stats.contains("\"entries\":1"), "{stats}");
     let (status, _) = call("POST", "/admin/warm", true, "not json").await;
     assert_eq!(status, 400);
+    // A path or method the router does not have: the same check, then an
+    // answer that names the routes.
+    assert_eq!(call("POST", "/admin/purge/tag", false, "").await.0, 401);
+    let (status, problem) = call("POST", "/admin/purge/tag?tag=item-1", true, "").await;
+    assert_eq!(status, 404, "{problem}");
+    assert!(problem.contains("POST /purge/tag/{tag}"), "{problem}");
+    assert_eq!(call("GET", "/admin/purge/all", false, "").await.0, 401);
+    let (status, problem) = call("GET", "/admin/purge/all", true, "").await;
+    assert_eq!(status, 405, "{problem}");
+    assert!(problem.contains("POST /purge/all"), "{problem}");
 }
 
 /// A purge of a URL on the instance that holds a near copy, while four
