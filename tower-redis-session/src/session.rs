@@ -719,6 +719,21 @@ impl Session {
             {
                 return None;
             }
+            // The cookie names a session another request ended (a
+            // concurrent login cycled it): as for a change that finds its
+            // session gone, nothing is stored and no cookie is sent. A new
+            // session's cookie would replace the one that login set.
+            if state
+                .cookie_id
+                .as_ref()
+                .is_some_and(|cookie| self.store.has_ended(&cookie.storage_key()))
+            {
+                tracing::debug!(
+                    target: "tower_redis_session",
+                    "a change to a session another request ended is not stored"
+                );
+                return None;
+            }
             let id = SessionId::generate();
             return match Box::pin(self.store.save(
                 &id.storage_key(),

@@ -481,6 +481,36 @@ async fn a_logout_with_the_old_cookie_does_not_log_out_a_cycled_session() {
     );
 }
 
+/// A request that still holds the old cookie and writes (a form's token, a
+/// cart entry) after a concurrent login cycled the id finds no session: it
+/// must not start a new one, whose cookie would replace the login's.
+#[tokio::test]
+async fn a_write_with_the_old_cookie_does_not_log_out_a_cycled_session() {
+    let redis = TestRedis::start().await;
+    let (app, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
+    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let old = cookie_pair(&set_cookie.expect("session"));
+    let (_, _, login) = send(&app, "POST", "/login/alice", Some(&old)).await;
+    let new = cookie_pair(&login.expect("login cookie"));
+    let (status, _, cookie) = send(&app, "POST", "/set/theme/dark", Some(&old)).await;
+    assert_eq!(status, 200);
+    assert_eq!(cookie, None, "a write to an id another request cycled");
+    assert_eq!(send(&app, "GET", "/get/user", Some(&new)).await.1, "alice");
+    assert_eq!(session_keys(&redis).await.len(), 1, "a session was created");
+    // A cookie whose session expired (gone from Redis, not ended by a
+    // request this instance saw) still starts a new session on a write.
+    let mut conn = redis.connection().await.expect("connection");
+    for key in session_keys(&redis).await {
+        redis::cmd("DEL")
+            .arg(key)
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("DEL");
+    }
+    let (_, _, fresh) = send(&app, "POST", "/set/theme/dark", Some(&new)).await;
+    assert!(fresh.is_some(), "a write to an expired session starts one");
+}
+
 /// A neighbour's large cookie (a sibling subdomain's, a page script's) on
 /// the same `Cookie` line must not hide the session cookie.
 #[tokio::test]
