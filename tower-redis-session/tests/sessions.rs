@@ -776,6 +776,55 @@ async fn revoke_user_logs_out_everywhere() {
     assert!(store.list_user_sessions("bob").await.unwrap().is_empty());
 }
 
+/// "Log out everywhere" is not one atomic step: a login while it runs must
+/// not end up live and missing from the user's index, where no later
+/// revocation would find it (the index used to be deleted whole at the end,
+/// taking the new login's entry with it).
+#[tokio::test]
+async fn a_login_during_a_revocation_is_ended_or_stays_listed() {
+    let redis = TestRedis::start().await;
+    let layer = SessionLayer::builder(manager_for(redis.config().build().unwrap()).await)
+        .build()
+        .unwrap();
+    let store = layer.store().clone();
+    let app = routes().layer(layer);
+    for _ in 0..500 {
+        send(&app, "POST", "/login/bob", None).await;
+    }
+    let mut conn = redis.connection().await.expect("connection");
+    let mut dbsize = async || -> usize {
+        redis::cmd("DBSIZE")
+            .query_async(&mut conn)
+            .await
+            .expect("DBSIZE")
+    };
+    let before = dbsize().await;
+    let revoking = tokio::spawn({
+        let store = store.clone();
+        async move { store.revoke_user("bob").await }
+    });
+    // Once the revocation has read the index (its first session is gone),
+    // bob logs in again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while dbsize().await >= before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no session was revoked"
+        );
+    }
+    let (_, _, login, _) = send(&app, "POST", "/login/bob", None).await;
+    let login = cookie_pair(&login.expect("login cookie"));
+    let revoked = revoking.await.expect("task").expect("revoked");
+    assert!(revoked >= 500, "{revoked}");
+    let live = send(&app, "GET", "/get/user", Some(&login)).await.1 == "bob";
+    let listed = store.list_user_sessions("bob").await.unwrap().len();
+    assert_eq!(
+        listed,
+        usize::from(live),
+        "the login during the revocation is live: {live}, listed: {listed}"
+    );
+}
+
 /// Polls Redis directly until the session hash has `field`.
 async fn wait_for_field(redis: &TestRedis, field: &str) -> bool {
     let mut conn = redis.connection().await.expect("connection");

@@ -3,12 +3,17 @@
 //! sessions" and "log out everywhere", which need Redis (the in-process
 //! store cannot see other instances' sessions).
 
+use std::collections::HashSet;
 use std::time::{Duration, UNIX_EPOCH};
 
 use tower_redis_core::redis;
 
 use super::redis::RedisStore;
 use super::{StoreError, UserSession};
+
+/// How many times a revocation reads the user's index: the sessions made
+/// or cycled while one pass ran are ended by the next.
+const REVOKE_PASSES: usize = 4;
 
 impl RedisStore {
     /// The live sessions of a user; expired ones found in the index are
@@ -47,6 +52,13 @@ impl RedisStore {
 
     /// Ends every session of a user; `ended` hears of each one as it goes.
     /// Returns how many were live.
+    ///
+    /// Not one atomic step (the user's index and sessions may live on other
+    /// shards), so the index is read again after each pass: a session made
+    /// or cycled (a login's new id) while a pass ran is ended by the next,
+    /// up to [`REVOKE_PASSES`]. Only the ids a pass ended leave the index, so
+    /// a login after the last read stays listed, and revocable, rather than
+    /// live and unlisted.
     pub(crate) async fn revoke_user(
         &self,
         user: &str,
@@ -54,24 +66,35 @@ impl RedisStore {
     ) -> Result<usize, StoreError> {
         let manager = self.manager();
         let user_key = self.user_key(user);
-        let members: Vec<String> = manager
-            .query(redis::cmd("SMEMBERS").arg(&user_key))
-            .await
-            .map_err(StoreError::Unavailable)?;
         let mut revoked = 0;
-        for handle in &members {
-            let deleted = manager
-                .query::<usize>(redis::cmd("DEL").arg(self.session_key(handle)))
-                .await;
-            // Acknowledged (or not): no tracked copy here outlives it.
-            self.forget(handle);
-            revoked += deleted.map_err(StoreError::Unavailable)?;
-            ended(handle);
+        let mut seen = HashSet::new();
+        for _ in 0..REVOKE_PASSES {
+            let members: Vec<String> = manager
+                .query(redis::cmd("SMEMBERS").arg(&user_key))
+                .await
+                .map_err(StoreError::Unavailable)?;
+            let fresh: Vec<String> = members
+                .into_iter()
+                .filter(|handle| !seen.contains(handle))
+                .collect();
+            if fresh.is_empty() {
+                break;
+            }
+            for handle in &fresh {
+                let deleted = manager
+                    .query::<usize>(redis::cmd("DEL").arg(self.session_key(handle)))
+                    .await;
+                // Acknowledged (or not): no tracked copy here outlives it.
+                self.forget(handle);
+                revoked += deleted.map_err(StoreError::Unavailable)?;
+                ended(handle);
+            }
+            manager
+                .query::<()>(redis::cmd("SREM").arg(&user_key).arg(&fresh))
+                .await
+                .map_err(StoreError::Unavailable)?;
+            seen.extend(fresh);
         }
-        manager
-            .query::<()>(redis::cmd("DEL").arg(&user_key))
-            .await
-            .map_err(StoreError::Unavailable)?;
         Ok(revoked)
     }
 }
