@@ -379,7 +379,10 @@ impl Policy {
         self
     }
 
-    /// Applies the policy only to these methods.
+    /// Applies the policy only to these methods. A policy on `GET` applies
+    /// to `HEAD` too: routers answer a `HEAD` with the `GET` handler (axum
+    /// does), so the work and the status a `GET` would be limited for are
+    /// there without a body.
     ///
     /// ```
     /// # use std::net::SocketAddr;
@@ -424,7 +427,11 @@ impl Policy {
     /// # Ok(()) }
     /// ```
     pub fn methods<I: IntoIterator<Item = Method>>(mut self, methods: I) -> Self {
-        self.methods = Some(methods.into_iter().collect());
+        let mut methods: Vec<Method> = methods.into_iter().collect();
+        if methods.contains(&Method::GET) && !methods.contains(&Method::HEAD) {
+            methods.push(Method::HEAD);
+        }
+        self.methods = Some(methods);
         self
     }
 

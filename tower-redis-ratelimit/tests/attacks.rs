@@ -86,6 +86,37 @@ async fn an_over_long_key_is_still_limited() {
     assert!(keys.iter().all(|k| k.len() < 200), "{keys:?}");
 }
 
+/// A policy on `GET` only: a `HEAD` runs the same handler (axum answers it
+/// with the `GET` route, without the body), so a client must not escape the
+/// limit by asking `HEAD`.
+#[tokio::test]
+async fn a_get_policy_also_limits_head() {
+    let redis = TestRedis::start().await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("reads", 1, HOUR).methods([http::Method::GET]))
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    let asking = |method: http::Method| {
+        let mut request = request("192.0.2.31");
+        *request.method_mut() = method;
+        request
+    };
+    let mut statuses = Vec::new();
+    for method in [http::Method::GET, http::Method::HEAD, http::Method::HEAD] {
+        let response = service.clone().oneshot(asking(method)).await.expect("ok");
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 429, 429]);
+    // Other methods stay outside the policy.
+    let response = service
+        .clone()
+        .oneshot(asking(http::Method::POST))
+        .await
+        .expect("ok");
+    assert_eq!(response.status(), 200);
+}
+
 /// Two services on one Redis that both call their policy "per-ip", one
 /// with GCRA and one with windows (counters of different layouts): the
 /// script used to fail with WRONGTYPE and every decision fell back to the
