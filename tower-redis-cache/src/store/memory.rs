@@ -14,7 +14,7 @@ use std::convert::Infallible;
 
 use super::front;
 use super::typed::{NearCopy, TypedNear};
-use super::{EntryStore, Found, LockAttempt, LockPurpose, LockToken, Put, Target};
+use super::{EntryStore, Found, LockAttempt, LockPurpose, LockToken, MAX_VARIANTS, Put, Target};
 use crate::directives::ResponseDirectives;
 use crate::entry::{ADDED_FIELDS, Entry};
 use crate::freshness::{self, Rules};
@@ -477,6 +477,14 @@ impl MemoryStore {
             variants.vary.clone_from(&put.vary);
         }
         variants.entries.retain(|_, (_, expires)| *expires > now);
+        // As in Redis (`put.lua`): past the most variants a URL keeps, its
+        // entries start over, so a store stays O(MAX_VARIANTS) and one URL
+        // whose `Vary` clients drive cannot fill the store.
+        if !variants.entries.contains_key(&put.variant)
+            && variants.entries.len() >= MAX_VARIANTS as usize
+        {
+            variants.entries.clear();
+        }
         // As in Redis (`put.lua`): a partial entry never replaces a fresh
         // complete one of the same variant.
         if put.entry.is_partial()
@@ -691,6 +699,40 @@ mod tests {
             },
             keep_for: Duration::from_secs(60),
             tags: Vec::new(),
+        }
+    }
+
+    /// A `Vary` on a field clients choose cannot grow one URL's record in
+    /// process (while Redis is down, or in the near tier) past the variants
+    /// Redis keeps: each store of a new variant would otherwise copy and
+    /// re-weigh all of them.
+    #[test]
+    fn a_url_keeps_at_most_max_variants_in_process() {
+        let near = MemoryStore::near(64 << 20, Duration::from_secs(60), None);
+        let outage = MemoryStore::new(64 << 20, None);
+        for store in [&near, &outage] {
+            let mut kept = 0;
+            for i in 0..200 {
+                let mut variant =
+                    put(&[("cache-control", "max-age=60"), ("vary", "accept-encoding")]);
+                variant.vary = "accept-encoding".to_owned();
+                let mut asked = HeaderMap::new();
+                asked.insert(
+                    "accept-encoding",
+                    HeaderValue::from_str(&format!("x{i}")).unwrap(),
+                );
+                variant.variant = key::variant("accept-encoding", &asked, "");
+                store.insert(&variant);
+                kept = store
+                    .urls
+                    .get(&variant.url_hash)
+                    .map_or(0, |v| v.entries.len());
+                assert!(
+                    kept <= MAX_VARIANTS as usize,
+                    "{kept} variants after {i} stores"
+                );
+            }
+            assert!(kept > 0);
         }
     }
 

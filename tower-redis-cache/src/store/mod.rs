@@ -47,6 +47,11 @@ use outage::StoreFailover;
 use redis_store::{Op, RedisStore};
 use tower_redis_core::clock;
 
+/// Variants kept per URL before the URL's entries start over, in Redis
+/// (`put.lua`) and in process alike: a `Vary` on a field clients choose
+/// (`Accept-Encoding`, `Accept-Language`) cannot grow one URL's record.
+pub(crate) const MAX_VARIANTS: u32 = 32;
+
 /// The `Vary` hints ([`VaryHint`]: the names last seen per URL, or that it
 /// is absent and not storable) take at most this share of
 /// `memory_capacity_bytes`, weighed by bytes like every store a client can

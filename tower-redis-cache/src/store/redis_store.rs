@@ -38,7 +38,7 @@ use tower_redis_core::redis::{self, Cmd, RedisResult, Script, ScriptInvocation, 
 use tower_redis_core::{RedisConnection, RedisManager};
 
 use super::purge::Removed;
-use super::{EntryStore, Found, LockAttempt, LockPurpose, LockToken, Put, Target};
+use super::{EntryStore, Found, LockAttempt, LockPurpose, LockToken, MAX_VARIANTS, Put, Target};
 use crate::bus::Bus;
 use crate::entry::Entry;
 use crate::key;
@@ -57,9 +57,6 @@ pub(crate) static DELETE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("delete.lua")));
 pub(crate) static SOFT_PURGE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("soft_purge.lua")));
-
-/// Variants kept per URL before the URL's entries start over.
-const MAX_VARIANTS: u32 = 32;
 
 /// The shared side of the cache: entries, indexes, locks and
 /// announcements in Redis.
