@@ -278,9 +278,47 @@ fn normalised_query(query: Option<&str>, route: &Route) -> Option<String> {
         })
         .collect();
     if route.sort_query {
-        pairs.sort_unstable();
+        // By name only, and stable: parameters of different names commute,
+        // but the order of a repeated name is the app's (`sort=price&
+        // sort=date` is not `sort=date&sort=price`). Names compare as
+        // parsers read them (percent-decoded, `+` a space), so `%61` and
+        // `a` are one name whose order is kept.
+        pairs.sort_by(|a, b| param_name(a).cmp(&param_name(b)));
     }
     (!pairs.is_empty()).then(|| pairs.join("&"))
+}
+
+/// The name of a query parameter as form parsers read it: percent-escapes
+/// decoded and `+` a space (a malformed escape stays as written). Borrowed
+/// unless it has one of them.
+fn param_name(pair: &str) -> std::borrow::Cow<'_, [u8]> {
+    let name = pair.split('=').next().unwrap_or(pair).as_bytes();
+    if !name.iter().any(|b| matches!(b, b'%' | b'+')) {
+        return std::borrow::Cow::Borrowed(name);
+    }
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let mut decoded = Vec::with_capacity(name.len());
+    let mut i = 0;
+    while i < name.len() {
+        match name[i] {
+            b'+' => decoded.push(b' '),
+            b'%' => {
+                if let (Some(high), Some(low)) = (
+                    name.get(i + 1).and_then(|b| hex(*b)),
+                    name.get(i + 2).and_then(|b| hex(*b)),
+                ) {
+                    // Two hex digits: below 256.
+                    decoded.push(u8::try_from(high * 16 + low).unwrap_or(b'%'));
+                    i += 3;
+                    continue;
+                }
+                decoded.push(b'%');
+            }
+            other => decoded.push(other),
+        }
+        i += 1;
+    }
+    std::borrow::Cow::Owned(decoded)
 }
 
 /// The path and query of a key URL (`//host/path?query` → `/path?query`).
@@ -745,6 +783,29 @@ mod tests {
         );
         assert_eq!(a.as_deref(), Some("//shop.example/p?a=1&b=2"));
         assert_eq!(a, b);
+    }
+
+    /// Sorting makes parameters of different names commute, never the
+    /// values of one name: the app reads them in order (last wins, or a
+    /// list), so two orders are two pages.
+    #[test]
+    fn repeated_parameters_keep_their_order() {
+        let route = Route::new("*");
+        let key = |uri: &str| url_of(&parts(uri, &[("host", "shop.example")]), &[], &route);
+        assert_ne!(
+            key("/list?sort=price&sort=date"),
+            key("/list?sort=date&sort=price")
+        );
+        assert_eq!(
+            key("/list?sort=price&page=2&sort=date").as_deref(),
+            Some("//shop.example/list?page=2&sort=price&sort=date")
+        );
+        // One name however it is written: its order is kept too.
+        assert_ne!(key("/list?a=1&%61=2"), key("/list?%61=2&a=1"));
+        assert_ne!(key("/list?a+b=1&a%20b=2"), key("/list?a%20b=2&a+b=1"));
+        assert_eq!(key("/list?b=1&a=2"), key("/list?a=2&b=1"));
+        // A malformed escape is a name of its own, and no panic.
+        assert!(key("/list?%zz=1&%=2&a%2=3").is_some());
     }
 
     #[test]

@@ -302,7 +302,9 @@ impl Route {
     }
 
     /// Keeps the query's parameter order as sent (by default parameters are
-    /// sorted, so `?a=1&b=2` and `?b=2&a=1` share an entry).
+    /// sorted by name, so `?a=1&b=2` and `?b=2&a=1` share an entry; the
+    /// values of a repeated name keep their order, as the app reads them:
+    /// `?tag=a&tag=b` and `?tag=b&tag=a` are two entries).
     ///
     /// ```
     /// # use std::time::Duration;
