@@ -1176,6 +1176,31 @@ async fn partial_responses_are_stored_and_serve_the_ranges_inside_them() {
     assert_eq!(f.calls("/part"), 3);
 }
 
+/// A range inside a partial entry that may not be used as it is (the
+/// client's `no-cache`, or the entry gone stale) is forwarded as the client
+/// asked: the span holds all of its bytes, so there is nothing to complete,
+/// and asking the origin for "the bytes after the span" would ask for
+/// none (`bytes=20-` of 20 bytes, a `416` for a satisfiable range).
+#[tokio::test]
+async fn a_range_inside_a_partial_entry_that_must_be_revalidated_is_forwarded_as_asked() {
+    let f = Fixture::new(|b| b.forward_ranges(true)).await;
+    f.on("/part", |_, headers| ranged(headers, TWENTY, "\"v1\"", &[]));
+    let stored = f.get("/part", &[("range", "bytes=10-")]).await;
+    assert_eq!((stored.status, stored.body.as_str()), (206, "abcdefghij"));
+    for (n, range, body) in [(2, "bytes=12-", "cdefghij"), (3, "bytes=13-15", "def")] {
+        let reloaded = f
+            .get("/part", &[("range", range), ("cache-control", "no-cache")])
+            .await;
+        assert_eq!(
+            (reloaded.status, reloaded.body.as_str()),
+            (206, body),
+            "{range}: {}",
+            reloaded.cache_status()
+        );
+        assert_eq!(f.origin.request("/part", n)["range"], range);
+    }
+}
+
 /// RFC 9111 §3.4: a range that reaches past a stored partial entry is
 /// completed with a range request to the origin for the missing bytes only,
 /// with `If-Range` set to the stored strong `ETag`. The answer (a `206` of

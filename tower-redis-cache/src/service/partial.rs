@@ -107,7 +107,13 @@ where
                     complete: span.complete,
                 };
                 let joined_len = span.last.max(end) - span.first.min(start) + 1;
+                // Completed only when the span lacks some of the bytes: a
+                // range inside an entry that may not be used as it is
+                // (stale, or the client's `no-cache`) is forwarded as the
+                // client asked, never as a request for "the bytes after
+                // the span", which would be empty (`first > last`).
                 if let Some(validator) = range::strong_validator(&entry.headers)
+                    && !span.covers(start, end)
                     && span.joins(asked)
                     && joined_len <= config.max_body_bytes as u64
                     && !keyed.key.directives.only_if_cached
