@@ -63,6 +63,15 @@ fn start_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>, SessionStore)
                 },
             ),
         )
+        .route(
+            "/remove/{key}",
+            post(|session: Session, Path(key): Path<String>| async move {
+                match session.remove::<String>(&key).await {
+                    Ok(_) => "ok".to_owned(),
+                    Err(error) => format!("refused: {error}"),
+                }
+            }),
+        )
         .route("/login/{user}", post(support::login))
         .route(
             "/gated-login/{user}",
@@ -509,6 +518,40 @@ async fn a_write_with_the_old_cookie_does_not_log_out_a_cycled_session() {
     }
     let (_, _, fresh) = send(&app, "POST", "/set/theme/dark", Some(&new)).await;
     assert!(fresh.is_some(), "a write to an expired session starts one");
+}
+
+/// An app that keeps entries under names its clients choose (a token per
+/// form) and removes them: each removal leaves a tombstone (the removal's
+/// time, for replays after an outage), which must not grow the session's
+/// hash, and every read of it, without bound.
+#[tokio::test]
+async fn removals_under_names_a_client_chooses_do_not_grow_the_session_without_bound() {
+    let redis = TestRedis::start().await;
+    let (app, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
+    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let cookie = cookie_pair(&set_cookie.expect("session"));
+    for i in 0..2_500 {
+        let (status, body, _) =
+            send(&app, "POST", &format!("/remove/form-{i}"), Some(&cookie)).await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+    }
+    let key = session_keys(&redis).await.pop().expect("the session");
+    let mut conn = redis.connection().await.expect("connection");
+    let fields: usize = redis::cmd("HLEN")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .expect("HLEN");
+    assert!(fields <= 2_048, "{fields} fields after 2,500 removals");
+    assert_eq!(send(&app, "GET", "/get/cart", Some(&cookie)).await.1, "3");
+    // Below the bound a removal still leaves its tombstone.
+    let stamp: Option<String> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("t:form-0")
+        .query_async(&mut conn)
+        .await
+        .expect("HGET");
+    assert!(stamp.is_some(), "the first removals keep their tombstones");
 }
 
 /// A neighbour's large cookie (a sibling subdomain's, a page script's) on

@@ -3,7 +3,8 @@
 //! Redis layout (all keys under the app's prefix):
 //!
 //! - `{<sha256(id)>}:s` — a hash per session: `d:<name>` the JSON value of
-//!   each entry, `t:<name>` the time of its last change (kept after removal),
+//!   each entry, `t:<name>` the time of its last change (kept after removal
+//!   while the hash has fewer than 2,048 fields: see `save.lua`),
 //!   `_c` the creation time, `_u` the user. Its TTL is the idle timeout,
 //!   capped by the absolute one.
 //! - `{<sha256(user)>}:u` — a set of the user's session hashes, for "log out

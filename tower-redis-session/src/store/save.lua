@@ -14,6 +14,11 @@
 -- Every field carries the time of its last change ('t:' fields, kept as
 -- tombstones after removal); a change older than the stored one is skipped,
 -- so replaying writes made during an outage never overwrites newer data.
+-- Tombstones are bounded: once the hash holds MAX_FIELDS fields, a removal
+-- leaves none (an app that stores entries under names its clients choose
+-- and removes them would otherwise grow the hash, and every read of it,
+-- until the absolute timeout). Past the bound, only an outage change to a
+-- removed entry older than its removal can bring the entry back.
 -- Returns 0 when the session is gone; when written, the key's TTL as set
 -- (PTTL, at least 1) when every change was applied, or -1 when a newer
 -- stamp kept one out. The PTTL is read last, after every write: on a
@@ -38,6 +43,7 @@ if deadline <= now then
   redis.call('DEL', key)
   return 0
 end
+local MAX_FIELDS = 2048
 local applied = 1
 local i = 7
 local sets = tonumber(ARGV[i])
@@ -60,7 +66,11 @@ for _ = 1, removals do
   local stored = tonumber(redis.call('HGET', key, 't:' .. name))
   if not stored or stored <= at then
     redis.call('HDEL', key, 'd:' .. name)
-    redis.call('HSET', key, 't:' .. name, at)
+    if redis.call('HLEN', key) < MAX_FIELDS then
+      redis.call('HSET', key, 't:' .. name, at)
+    elseif stored then
+      redis.call('HDEL', key, 't:' .. name)
+    end
   else
     applied = 0
   end
