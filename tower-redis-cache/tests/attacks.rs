@@ -23,7 +23,7 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use support::{Answer, OriginCalls, call, request, settle, wait_until_stale};
 use tower::ServiceExt;
-use tower_redis_cache::{CacheLayer, CacheLayerBuilder, RequestCacheControl};
+use tower_redis_cache::{CacheLayer, CacheLayerBuilder, RequestCacheControl, Route};
 use tower_redis_core::testing::{TestCluster, TestRedis};
 use tower_redis_core::{RedisConfigBuilder, RedisManager, redis};
 
@@ -202,6 +202,19 @@ fn routes(origin: Origin) -> Router {
                 cacheable(format!("v{n}"))
             }),
         )
+        .route(
+            "/prices/{case}",
+            routing::get(|State(o): State<Origin>, headers: HeaderMap| async move {
+                o.count("/prices");
+                let tenant = headers.get("x-tenant").map_or("(none)".to_owned(), |v| {
+                    String::from_utf8_lossy(v.as_bytes()).into_owned()
+                });
+                cacheable(format!(
+                    "currency={} tenant={tenant}",
+                    currency_as_the_cookie_crate_reads_it(&headers)
+                ))
+            }),
+        )
         .fallback(
             |State(o): State<Origin>, request: Request<Body>| async move {
                 let target = request.uri().to_string();
@@ -211,6 +224,21 @@ fn routes(origin: Origin) -> Router {
             },
         )
         .with_state(origin)
+}
+
+/// The `currency` cookie as the `cookie` crate reads it (so tower-cookies
+/// and axum-extra's `CookieJar` do): every `Cookie` field, names trimmed
+/// and percent-decoded, the last pair of a name winning.
+fn currency_as_the_cookie_crate_reads_it(headers: &HeaderMap) -> String {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| cookie::Cookie::split_parse_encoded(v.to_owned()))
+        .filter_map(Result::ok)
+        .filter(|c| c.name() == "currency")
+        .last()
+        .map_or_else(|| "(none)".to_owned(), |c| c.value().to_owned())
 }
 
 struct Fixture {
@@ -295,6 +323,70 @@ async fn cache_poisoning_via_an_absolute_uri_whose_authority_disagrees_with_host
         .body(Body::empty())
         .unwrap();
     assert!(call(&f.app, agreeing).await.cache_status().contains("hit"));
+}
+
+/// `Route::key_cookie` read the cookie otherwise than the app: the first
+/// pair whose untrimmed name was the cookie's, a missing and an empty
+/// value alike. A request the app reads differently from the key filled
+/// the variant of other requests: `currency=USD; currency=EUR` (keyed
+/// `USD`, rendered `EUR`) the page of `currency=USD`; `currency =EUR` and
+/// `%63urrency=EUR` (keyed as no cookie) the page of every visitor without
+/// the cookie; `currency=` (empty) the page of no cookie. Now a cookie a
+/// parser could read otherwise makes the request bypass the cache (it is
+/// neither stored nor answered from it), and empty is a variant of its own.
+#[tokio::test]
+async fn cache_poisoning_via_a_key_cookie_the_app_reads_otherwise() {
+    let f = fixture(|b| b.route(Route::new("*").key_cookie("currency"))).await;
+    // The attacker's cookie, what the app reads in it, whether it bypasses
+    // the cache, and the victim's cookie.
+    let cases = [
+        (
+            "currency=USD; currency=EUR",
+            "EUR",
+            true,
+            Some("currency=USD"),
+        ),
+        ("currency =EUR", "EUR", true, None),
+        ("%63urrency=EUR", "EUR", true, None),
+        ("currency=", "", false, None),
+    ];
+    for (i, (attack, read, bypasses, victim)) in cases.into_iter().enumerate() {
+        let path = format!("/prices/{i}");
+        let attacker = get(&f.app, &path, &[("cookie", attack)]).await;
+        assert_eq!(attacker.body, format!("currency={read} tenant=(none)"));
+        assert_eq!(
+            attacker.cache_status().contains("stored"),
+            !bypasses,
+            "{attack:?}: {}",
+            attacker.cache_status()
+        );
+        settle(&f.layer).await;
+        let victim_fields: Vec<(&str, &str)> = victim.map(|c| ("cookie", c)).into_iter().collect();
+        let expected = victim.map_or("(none)", |_| "USD");
+        for round in ["stored", "hit"] {
+            let answer = get(&f.app, &path, &victim_fields).await;
+            assert_eq!(
+                answer.body,
+                format!("currency={expected} tenant=(none)"),
+                "{attack:?} filled the entry of {victim:?}: {}",
+                answer.cache_status()
+            );
+            assert!(
+                answer.cache_status().contains(round),
+                "{attack:?}, then {victim:?}: {}",
+                answer.cache_status()
+            );
+            settle(&f.layer).await;
+        }
+        // Nor is the attacker answered with the victim's entry.
+        let again = get(&f.app, &path, &[("cookie", attack)]).await;
+        assert_eq!(
+            again.body,
+            format!("currency={read} tenant=(none)"),
+            "{attack:?}: {}",
+            again.cache_status()
+        );
+    }
 }
 
 fn fat_get(method: &str, body: Body, headers: &[(&str, &str)]) -> Request<Body> {
