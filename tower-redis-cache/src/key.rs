@@ -332,9 +332,9 @@ pub(crate) fn hash_url(url: &str) -> String {
 }
 
 /// The route's extra key parts, as one string: a line per key header and
-/// key cookie; a key cookie is `name=value` when the request has it and
-/// `name` alone when it has not, so an empty value and no value are
-/// different variants (an app may well answer them differently).
+/// key cookie, `name=value` when the request has it and `name` alone when
+/// it has not, so an empty value and no value are different variants (an
+/// app may well answer them differently).
 ///
 /// A route with a key function is keyed from a copy of the head
 /// ([`Head::parts`]): the function is given `Parts`. Without one (a request
@@ -346,8 +346,8 @@ pub(crate) fn extra_key(head: &impl Head, route: &Route) -> Option<String> {
     let mut extra = String::new();
     for name in &route.key_headers {
         extra.push_str(name.as_str());
-        extra.push('=');
         if let Some(value) = joined(head.headers(), name.as_str()) {
+            extra.push('=');
             extra.push_str(&value);
         }
         extra.push('\n');
@@ -1024,8 +1024,8 @@ mod tests {
         assert_eq!(percent_decoded("%ff%41"), "\u{fffd}A");
     }
 
-    /// A key cookie that is absent and one that is empty are different
-    /// variants.
+    /// A key header or cookie that is absent and one that is empty are
+    /// different variants.
     #[test]
     fn an_absent_key_part_is_not_an_empty_one() {
         let route = Route::new("*")
@@ -1034,7 +1034,12 @@ mod tests {
         let extra = |headers: &[(&str, &str)]| extra_key(&parts("/", headers), &route);
         let none = extra(&[]);
         assert!(none.is_some());
+        assert_ne!(none, extra(&[("x-tenant", "")]));
         assert_ne!(none, extra(&[("cookie", "currency=")]));
+        assert_ne!(
+            extra(&[("x-tenant", "")]),
+            extra(&[("cookie", "currency=")])
+        );
         assert_eq!(none, extra(&[("cookie", "session=a")]));
         assert_eq!(extra(&[("cookie", "currency=USD; currency=EUR")]), None);
     }

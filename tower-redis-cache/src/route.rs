@@ -401,7 +401,8 @@ impl Route {
     }
 
     /// Adds a request header's value to the key (like a `Vary` the origin
-    /// did not send).
+    /// did not send). A request without the header and one with an empty
+    /// value are different variants.
     ///
     /// # Panics
     ///

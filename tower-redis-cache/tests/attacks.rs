@@ -389,6 +389,39 @@ async fn cache_poisoning_via_a_key_cookie_the_app_reads_otherwise() {
     }
 }
 
+/// `Route::key_header` keyed a header sent empty like no header: an app
+/// that tells them apart (`None` and `Some("")` from `HeaderMap::get`)
+/// had the answer to an empty header served to every request without it.
+#[tokio::test]
+async fn cache_poisoning_via_an_empty_key_header() {
+    let f = fixture(|b| b.route(Route::new("*").key_header("x-tenant"))).await;
+    let attacker = get(&f.app, "/prices/empty", &[("x-tenant", "")]).await;
+    assert_eq!(attacker.body, "currency=(none) tenant=");
+    settle(&f.layer).await;
+    for round in ["stored", "hit"] {
+        let answer = get(&f.app, "/prices/empty", &[]).await;
+        assert_eq!(
+            answer.body,
+            "currency=(none) tenant=(none)",
+            "the empty header's page was served: {}",
+            answer.cache_status()
+        );
+        assert!(
+            answer.cache_status().contains(round),
+            "{}",
+            answer.cache_status()
+        );
+        settle(&f.layer).await;
+    }
+    let again = get(&f.app, "/prices/empty", &[("x-tenant", "")]).await;
+    assert_eq!(again.body, "currency=(none) tenant=");
+    assert!(
+        again.cache_status().contains("hit"),
+        "{}",
+        again.cache_status()
+    );
+}
+
 fn fat_get(method: &str, body: Body, headers: &[(&str, &str)]) -> Request<Body> {
     let mut builder = Request::builder()
         .method(method)
