@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Request, Response, StatusCode, Version, header};
 use axum::routing;
 use bytes::Bytes;
@@ -215,6 +215,16 @@ fn routes(origin: Origin) -> Router {
                 ))
             }),
         )
+        .route(
+            "/conditional/{case}",
+            routing::get(
+                |State(o): State<Origin>, Path(case): Path<String>, headers: HeaderMap| async move {
+                    let n = o.count(&format!("/conditional/{case}"));
+                    o.delay().await;
+                    conditional_answer(&headers, n)
+                },
+            ),
+        )
         .fallback(
             |State(o): State<Origin>, request: Request<Body>| async move {
                 let target = request.uri().to_string();
@@ -239,6 +249,45 @@ fn currency_as_the_cookie_crate_reads_it(headers: &HeaderMap) -> String {
         .filter(|c| c.name() == "currency")
         .last()
         .map_or_else(|| "(none)".to_owned(), |c| c.value().to_owned())
+}
+
+/// The `Last-Modified` of the `/conditional/…` pages.
+const LAST_MODIFIED: &str = "Mon, 01 Jan 2024 00:00:00 GMT";
+
+/// What an origin that evaluates conditionals answers for a page whose
+/// `ETag` is `"v1"`: `304` when `If-None-Match` names it or
+/// `If-Modified-Since` is its `Last-Modified`, `412` when `If-Match` does
+/// not name it or `If-Unmodified-Since` is another date, else the page
+/// (the `n`th call's).
+fn conditional_answer(headers: &HeaderMap, n: u64) -> Response<Body> {
+    let field = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let status = if let Some(tags) = field(header::IF_NONE_MATCH) {
+        if tags == "\"v1\"" {
+            StatusCode::NOT_MODIFIED
+        } else {
+            StatusCode::OK
+        }
+    } else if field(header::IF_MODIFIED_SINCE) == Some(LAST_MODIFIED) {
+        StatusCode::NOT_MODIFIED
+    } else if field(header::IF_MATCH).is_some_and(|tags| tags != "\"v1\"")
+        || field(header::IF_UNMODIFIED_SINCE).is_some_and(|date| date != LAST_MODIFIED)
+    {
+        StatusCode::PRECONDITION_FAILED
+    } else {
+        StatusCode::OK
+    };
+    let body = if status == StatusCode::OK {
+        Body::from(format!("conditional-v{n}"))
+    } else {
+        Body::empty()
+    };
+    Response::builder()
+        .status(status)
+        .header("cache-control", "max-age=60")
+        .header("etag", "\"v1\"")
+        .header("last-modified", LAST_MODIFIED)
+        .body(body)
+        .unwrap()
 }
 
 struct Fixture {
@@ -1209,4 +1258,73 @@ async fn authorised_requests_do_not_queue_behind_each_other() {
     let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
     assert_eq!(calls.load(Ordering::SeqCst), 11, "{statuses:?}");
     assert_eq!(most.load(Ordering::SeqCst), 10, "{statuses:?}");
+}
+
+/// A conditional request on a miss led the fill with its conditionals: the
+/// origin's `304` (or `412`) is not storable, which marked the URL
+/// uncacheable and switched coalescing off for it for 10 s, so one request
+/// with `If-None-Match` sent every request of the next 10 s to the origin
+/// (here 21 origin calls for 21 requests). The leader now asks the origin
+/// for the whole page, stores it and answers its client's conditionals from
+/// it: `304` for `If-None-Match` / `If-Modified-Since` that match (as a hit
+/// does), the page for `If-Match` / `If-Unmodified-Since` (which a cache
+/// may ignore, and a hit does).
+#[tokio::test]
+async fn a_conditional_request_on_a_miss_turns_off_coalescing_for_everyone() {
+    let f = fixture(|b| b).await;
+    f.origin.delay_ms.store(100, Ordering::SeqCst);
+    let stale = "Sun, 01 Jan 2023 00:00:00 GMT";
+    let cases = [
+        ("if-none-match", "\"v1\"", 304),
+        ("if-none-match", "\"v0\"", 200),
+        ("if-modified-since", LAST_MODIFIED, 304),
+        ("if-match", "\"v0\"", 200),
+        ("if-unmodified-since", stale, 200),
+    ];
+    for (i, (name, value, expected)) in cases.into_iter().enumerate() {
+        // One after the other, and while the conditional one is at the
+        // origin.
+        for overlapping in [false, true] {
+            let path = format!("/conditional/{i}-{overlapping}");
+            let app = f.app.clone();
+            let target = path.clone();
+            let conditional =
+                tokio::spawn(async move { get(&app, &target, &[(name, value)]).await });
+            let (conditional, answers) = if overlapping {
+                f.origin.wait_for_calls(&path, 1).await;
+                let answers = concurrent(&f.app, 20, &path, &[]).await;
+                (conditional.await.unwrap(), answers)
+            } else {
+                let conditional = conditional.await.unwrap();
+                settle(&f.layer).await;
+                (conditional, concurrent(&f.app, 20, &path, &[]).await)
+            };
+            let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
+            let case = format!("{name}: {value} (overlapping: {overlapping})");
+            assert_eq!(f.origin.calls(&path), 1, "{case}: {statuses:?}");
+            for answer in &answers {
+                assert_eq!(answer.status, 200, "{case}: {statuses:?}");
+                assert_eq!(answer.body, "conditional-v1", "{case}: {statuses:?}");
+            }
+            assert_eq!(
+                conditional.status,
+                expected,
+                "{case}: {}",
+                conditional.cache_status()
+            );
+            assert_eq!(conditional.header("etag"), Some("\"v1\""), "{case}");
+            let body = if expected == 304 {
+                ""
+            } else {
+                "conditional-v1"
+            };
+            assert_eq!(conditional.body, body, "{case}");
+            assert!(
+                conditional.cache_status().contains("stored"),
+                "{case}: {}",
+                conditional.cache_status()
+            );
+            settle(&f.layer).await;
+        }
+    }
 }
