@@ -1328,3 +1328,45 @@ async fn a_conditional_request_on_a_miss_turns_off_coalescing_for_everyone() {
         }
     }
 }
+
+/// A request whose conditionals reach the origin (one that leads no fill:
+/// here coalescing is off) got its answer stored like any other: a `412`
+/// to `If-Match` or `If-Unmodified-Since` that carries freshness was
+/// served to every client of the URL. A `304` or `412` to a request with
+/// conditionals is now a refusal because of the request: not stored, and
+/// nothing is said of the URL (the next plain request stores its page).
+#[tokio::test]
+async fn cache_poisoning_via_a_precondition_that_fails() {
+    let f = fixture(|b| b.coalesce(None)).await;
+    let cases = [
+        ("if-match", "\"v0\"", 412),
+        ("if-unmodified-since", "Sun, 01 Jan 2023 00:00:00 GMT", 412),
+        ("if-none-match", "\"v1\"", 304),
+    ];
+    for (i, (name, value, status)) in cases.into_iter().enumerate() {
+        let path = format!("/conditional/failed-{i}");
+        let attacker = get(&f.app, &path, &[(name, value)]).await;
+        assert_eq!(attacker.status, status, "{name}");
+        assert!(
+            !attacker.cache_status().contains("stored"),
+            "{name}: {}",
+            attacker.cache_status()
+        );
+        settle(&f.layer).await;
+        for round in ["stored", "hit"] {
+            let answer = get(&f.app, &path, &[]).await;
+            assert_eq!(
+                (answer.status, answer.body.as_str()),
+                (200, "conditional-v2"),
+                "{name}: {}",
+                answer.cache_status()
+            );
+            assert!(
+                answer.cache_status().contains(round),
+                "{name}: {}",
+                answer.cache_status()
+            );
+            settle(&f.layer).await;
+        }
+    }
+}

@@ -35,21 +35,31 @@ pub enum RequestCacheControl {
     Ignore,
 }
 
+/// The conditional request fields a client's answer can depend on
+/// (`If-Range` is handled with the range: `range.rs`).
+const CONDITIONALS: [HeaderName; 4] = [
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+];
+
 /// Removes the client's conditionals (`If-None-Match`, `If-Modified-Since`,
 /// `If-Match`, `If-Unmodified-Since`) from a request the cache sends on
 /// its own behalf; the client's are answered from the result. Whether
 /// there were any.
 pub(crate) fn remove_conditionals(headers: &mut HeaderMap) -> bool {
     let mut removed = false;
-    for name in [
-        header::IF_NONE_MATCH,
-        header::IF_MODIFIED_SINCE,
-        header::IF_MATCH,
-        header::IF_UNMODIFIED_SINCE,
-    ] {
+    for name in &CONDITIONALS {
         removed |= headers.remove(name).is_some();
     }
     removed
+}
+
+/// Whether a request carries any of the conditionals
+/// [`remove_conditionals`] removes.
+pub(crate) fn carries_conditionals(headers: &HeaderMap) -> bool {
+    CONDITIONALS.iter().any(|name| headers.contains_key(name))
 }
 
 /// The request directives the cache acts on.

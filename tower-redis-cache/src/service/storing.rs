@@ -57,7 +57,8 @@ pub(crate) fn tag_headers(config: &Config) -> TagHeaders<'_> {
 
 /// Whether a response may be stored: `Err(true)` when the response itself
 /// refuses (which says something of its URL), `Err(false)` when the
-/// request does (its method, `no-store`, an unkeyed header, `Authorization`).
+/// request does (its method, `no-store`, an unkeyed header, `Authorization`,
+/// or conditionals the origin answered with `304` or `412`).
 fn storability<B: Body>(
     ctx: &Ctx,
     route: &Route,
@@ -68,6 +69,16 @@ fn storability<B: Body>(
     let Ctx { config, keyed } = ctx;
     let request = &keyed.parts;
     if request::refuses_storage(config, request, &keyed.key.directives) {
+        return Err(false);
+    }
+    // The answer to the request's conditionals (forwarded when it leads no
+    // fill), not to the URL: a `412` with freshness would otherwise be
+    // served to every client of the URL.
+    if matches!(
+        response.status,
+        StatusCode::NOT_MODIFIED | StatusCode::PRECONDITION_FAILED
+    ) && request::carries_conditionals(&request.headers)
+    {
         return Err(false);
     }
     match freshness::storable(
