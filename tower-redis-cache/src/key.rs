@@ -369,18 +369,23 @@ pub(crate) fn hash_url(url: &str) -> String {
     URL_SAFE_NO_PAD.encode(Sha256::digest(url.as_bytes()))
 }
 
-/// The route's extra key parts, as one string.
+/// The route's extra key parts, as one string: a line per key header and
+/// key cookie, `name=value` when the request has it and `name` alone when
+/// it has not, so an empty value and no value are different variants (an
+/// app may well answer them differently).
 ///
 /// A route with a key function is keyed from a copy of the head
 /// ([`Head::parts`]): the function is given `Parts`. Without one (a request
 /// keyed in place) there is no key: the request must bypass the cache
 /// rather than share an entry its key function would have kept apart.
+/// `None` too when a key cookie cannot be read one way only
+/// ([`cookie_value`]).
 pub(crate) fn extra_key(head: &impl Head, route: &Route) -> Option<String> {
     let mut extra = String::new();
     for name in &route.key_headers {
         extra.push_str(name.as_str());
-        extra.push('=');
         if let Some(value) = joined(head.headers(), name.as_str()) {
+            extra.push('=');
             extra.push_str(&value);
         }
         extra.push('\n');
@@ -388,8 +393,8 @@ pub(crate) fn extra_key(head: &impl Head, route: &Route) -> Option<String> {
     for cookie in &route.key_cookies {
         extra.push_str("cookie:");
         extra.push_str(cookie);
-        extra.push('=');
-        if let Some(value) = cookie_value(head.headers(), cookie) {
+        if let Some(value) = cookie_value(head.headers(), cookie).ok()? {
+            extra.push('=');
             extra.push_str(value);
         }
         extra.push('\n');
@@ -558,15 +563,99 @@ fn weight(q: &str) -> Option<u16> {
     }
 }
 
-fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| v)
+/// A key cookie that cookie parsers may read differently: the request
+/// bypasses the cache.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct AmbiguousCookie;
+
+/// The value of the cookie `name` in a request's `Cookie` fields, as the
+/// key reads it: `Ok(None)` when no pair names it, `Ok(Some(value))` when
+/// exactly one pair `name=value` does, with the name exactly as given.
+///
+/// Apps read cookies with parsers that differ: the `cookie` crate (and
+/// tower-cookies, axum-extra's `CookieJar`) trims names and
+/// percent-decodes them and lets a later pair of one name win; others keep
+/// the first, compare names as sent, or ignore case (ASP.NET). A request
+/// one of them reads differently from the key would fill a variant other
+/// requests then get: `currency=USD; currency=EUR` keyed `USD` and
+/// rendered `EUR`, or `%63urrency=EUR` keyed as no cookie and rendered
+/// `EUR` for everyone without one. So the cookie is [`AmbiguousCookie`]
+/// whenever a parser could read it otherwise: it is named by more than
+/// one pair, or by a pair whose name only trimming, percent-decoding or a
+/// case change makes `name`, or by a pair without `=` (which some parsers
+/// read as an empty value), or by a pair in a field that is not text (which
+/// some parsers skip). The value is the pair's text after `=` as sent:
+/// values a parser would read alike (`EUR` and `%45UR`) are different
+/// variants, which costs hits, never a wrong answer.
+pub(crate) fn cookie_value<'h>(
+    headers: &'h HeaderMap,
+    name: &str,
+) -> Result<Option<&'h str>, AmbiguousCookie> {
+    let mut found = None;
+    for line in headers.get_all(header::COOKIE) {
+        let Ok(text) = line.to_str() else {
+            let text = String::from_utf8_lossy(line.as_bytes());
+            if cookie_pairs(&text).any(|(pair_name, _)| may_name(pair_name, name)) {
+                return Err(AmbiguousCookie);
+            }
+            continue;
+        };
+        for (pair_name, value) in cookie_pairs(text) {
+            if !may_name(pair_name, name) {
+                continue;
+            }
+            match (found, value) {
+                (None, Some(value)) if pair_name == name => found = Some(value),
+                _ => return Err(AmbiguousCookie),
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The pairs of a `Cookie` field: the name (without the whitespace that
+/// follows a `;`) and the text after the first `=`, if any.
+fn cookie_pairs(text: &str) -> impl Iterator<Item = (&str, Option<&str>)> {
+    text.split(';').map(|pair| {
+        let pair = pair.trim_start_matches([' ', '\t']);
+        match pair.split_once('=') {
+            Some((name, value)) => (name, Some(value)),
+            None => (pair, None),
+        }
+    })
+}
+
+/// Whether some cookie parser could read `sent` as the name `name`: as
+/// sent, trimmed, percent-decoded (and trimmed again), in any ASCII case.
+fn may_name(sent: &str, name: &str) -> bool {
+    let trimmed = sent.trim();
+    if trimmed.eq_ignore_ascii_case(name) {
+        return true;
+    }
+    trimmed.contains('%') && percent_decoded(trimmed).trim().eq_ignore_ascii_case(name)
+}
+
+/// `text` with each `%` and two hex digits replaced by the byte they
+/// name (bytes that are not UTF-8 replaced); other `%` kept.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: Option<&u8>| b.and_then(|b| char::from(*b).to_digit(16));
+        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+            (b'%', Some(high), Some(low)) => {
+                // Two hex digits: at most 0xff.
+                out.push(u8::try_from(high * 16 + low).unwrap_or(u8::MAX));
+                i += 3;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The normalised list of `Vary` names of a response (lower-case, sorted,
@@ -946,6 +1035,74 @@ mod tests {
             ua("Mozilla/5.0 (iPhone; CPU iPhone OS)"),
             ua("Mozilla/5.0 (iPhone;CPUiPhoneOS)")
         );
+    }
+
+    /// The key reads a key cookie one way only: a pair every parser reads
+    /// as that cookie gives its value; anything a parser could read
+    /// otherwise (a second pair, a name that only trimming, decoding or a
+    /// case change makes the cookie's, a pair without `=`, a field that is
+    /// not text) makes the request bypass the cache.
+    #[test]
+    fn a_key_cookie_parsers_could_read_differently_is_ambiguous() {
+        let read = |lines: &[&[u8]]| {
+            let mut headers = HeaderMap::new();
+            for line in lines {
+                headers.append(header::COOKIE, HeaderValue::from_bytes(line).unwrap());
+            }
+            cookie_value(&headers, "currency").map(|v| v.map(str::to_owned))
+        };
+        let value = |v: &str| Ok(Some(v.to_owned()));
+        assert_eq!(read(&[]), Ok(None));
+        assert_eq!(read(&[b"session=a; other=b"]), Ok(None));
+        assert_eq!(read(&[b"currency=EUR"]), value("EUR"));
+        assert_eq!(read(&[b"a=1;currency=EUR; b=2"]), value("EUR"));
+        assert_eq!(read(&[b"a=1", b"currency=EUR"]), value("EUR"));
+        assert_eq!(read(&[b"currency="]), value(""));
+        assert_eq!(read(&[b"currency=%45UR"]), value("%45UR"));
+        assert_eq!(read(&[b"currency=a=b"]), value("a=b"));
+        // Names that merely contain or resemble it.
+        assert_eq!(read(&[b"xcurrency=EUR; currency2=USD"]), Ok(None));
+        assert_eq!(read(&[b"cur%72ency2=EUR; %zzcurrency=1"]), Ok(None));
+        for ambiguous in [
+            &[&b"currency=USD; currency=EUR"[..]][..],
+            &[b"currency=EUR", b"currency=EUR"],
+            &[b"currency =EUR"],
+            &[b"currency\t=EUR"],
+            &[b"%63urrency=EUR"],
+            &[b"%63URRENCY=EUR"],
+            &[b"%20currency=EUR"],
+            &[b"Currency=EUR"],
+            &[b"currency"],
+            &[b"a=1; currency"],
+            &[b"currency=EUR; x=\xff"],
+            &[b"currency=USD", b"currency=EUR; x=\xff"],
+        ] {
+            assert_eq!(read(ambiguous), Err(AmbiguousCookie), "{ambiguous:?}");
+        }
+        // A field that is not text and does not name it leaves it be.
+        assert_eq!(read(&[b"x=\xff", b"currency=EUR"]), value("EUR"));
+        assert_eq!(percent_decoded("%63ur%zz%7"), "cur%zz%7");
+        assert_eq!(percent_decoded("%ff%41"), "\u{fffd}A");
+    }
+
+    /// A key header or cookie that is absent and one that is empty are
+    /// different variants.
+    #[test]
+    fn an_absent_key_part_is_not_an_empty_one() {
+        let route = Route::new("*")
+            .key_header("x-tenant")
+            .key_cookie("currency");
+        let extra = |headers: &[(&str, &str)]| extra_key(&parts("/", headers), &route);
+        let none = extra(&[]);
+        assert!(none.is_some());
+        assert_ne!(none, extra(&[("x-tenant", "")]));
+        assert_ne!(none, extra(&[("cookie", "currency=")]));
+        assert_ne!(
+            extra(&[("x-tenant", "")]),
+            extra(&[("cookie", "currency=")])
+        );
+        assert_eq!(none, extra(&[("cookie", "session=a")]));
+        assert_eq!(extra(&[("cookie", "currency=USD; currency=EUR")]), None);
     }
 
     #[test]

@@ -403,7 +403,8 @@ impl Route {
     }
 
     /// Adds a request header's value to the key (like a `Vary` the origin
-    /// did not send).
+    /// did not send). A request without the header and one with an empty
+    /// value are different variants.
     ///
     /// # Panics
     ///
@@ -454,7 +455,17 @@ impl Route {
         self
     }
 
-    /// Adds a cookie's value to the key.
+    /// Adds a cookie's value to the key. A request without the cookie and
+    /// one with an empty value are different variants.
+    ///
+    /// Apps read cookies with parsers that differ on a few forms: a name
+    /// sent twice (`currency=USD; currency=EUR`: the `cookie` crate,
+    /// tower-cookies and axum-extra's `CookieJar` keep the last, others the
+    /// first), a name with whitespace or percent-escapes (`currency =EUR`,
+    /// `%63urrency=EUR`), in another case, without `=`, or in a field that
+    /// is not text. A request that names the cookie in any such form is
+    /// neither answered from the cache nor stored, so it cannot fill the
+    /// variant of requests the app reads otherwise.
     ///
     /// ```
     /// # use std::time::Duration;

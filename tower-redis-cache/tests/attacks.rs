@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Request, Response, StatusCode, Version, header};
 use axum::routing;
 use bytes::Bytes;
@@ -23,7 +23,7 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use support::{Answer, OriginCalls, call, request, settle, wait_until_stale};
 use tower::ServiceExt;
-use tower_redis_cache::{CacheLayer, CacheLayerBuilder, RequestCacheControl};
+use tower_redis_cache::{CacheLayer, CacheLayerBuilder, RequestCacheControl, Route};
 use tower_redis_core::testing::{TestCluster, TestRedis};
 use tower_redis_core::{RedisConfigBuilder, RedisManager, redis};
 
@@ -202,6 +202,29 @@ fn routes(origin: Origin) -> Router {
                 cacheable(format!("v{n}"))
             }),
         )
+        .route(
+            "/prices/{case}",
+            routing::get(|State(o): State<Origin>, headers: HeaderMap| async move {
+                o.count("/prices");
+                let tenant = headers.get("x-tenant").map_or("(none)".to_owned(), |v| {
+                    String::from_utf8_lossy(v.as_bytes()).into_owned()
+                });
+                cacheable(format!(
+                    "currency={} tenant={tenant}",
+                    currency_as_the_cookie_crate_reads_it(&headers)
+                ))
+            }),
+        )
+        .route(
+            "/conditional/{case}",
+            routing::get(
+                |State(o): State<Origin>, Path(case): Path<String>, headers: HeaderMap| async move {
+                    let n = o.count(&format!("/conditional/{case}"));
+                    o.delay().await;
+                    conditional_answer(&headers, n)
+                },
+            ),
+        )
         .fallback(
             |State(o): State<Origin>, request: Request<Body>| async move {
                 let target = request.uri().to_string();
@@ -211,6 +234,60 @@ fn routes(origin: Origin) -> Router {
             },
         )
         .with_state(origin)
+}
+
+/// The `currency` cookie as the `cookie` crate reads it (so tower-cookies
+/// and axum-extra's `CookieJar` do): every `Cookie` field, names trimmed
+/// and percent-decoded, the last pair of a name winning.
+fn currency_as_the_cookie_crate_reads_it(headers: &HeaderMap) -> String {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| cookie::Cookie::split_parse_encoded(v.to_owned()))
+        .filter_map(Result::ok)
+        .filter(|c| c.name() == "currency")
+        .last()
+        .map_or_else(|| "(none)".to_owned(), |c| c.value().to_owned())
+}
+
+/// The `Last-Modified` of the `/conditional/…` pages.
+const LAST_MODIFIED: &str = "Mon, 01 Jan 2024 00:00:00 GMT";
+
+/// What an origin that evaluates conditionals answers for a page whose
+/// `ETag` is `"v1"`: `304` when `If-None-Match` names it or
+/// `If-Modified-Since` is its `Last-Modified`, `412` when `If-Match` does
+/// not name it or `If-Unmodified-Since` is another date, else the page
+/// (the `n`th call's).
+fn conditional_answer(headers: &HeaderMap, n: u64) -> Response<Body> {
+    let field = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let status = if let Some(tags) = field(header::IF_NONE_MATCH) {
+        if tags == "\"v1\"" {
+            StatusCode::NOT_MODIFIED
+        } else {
+            StatusCode::OK
+        }
+    } else if field(header::IF_MODIFIED_SINCE) == Some(LAST_MODIFIED) {
+        StatusCode::NOT_MODIFIED
+    } else if field(header::IF_MATCH).is_some_and(|tags| tags != "\"v1\"")
+        || field(header::IF_UNMODIFIED_SINCE).is_some_and(|date| date != LAST_MODIFIED)
+    {
+        StatusCode::PRECONDITION_FAILED
+    } else {
+        StatusCode::OK
+    };
+    let body = if status == StatusCode::OK {
+        Body::from(format!("conditional-v{n}"))
+    } else {
+        Body::empty()
+    };
+    Response::builder()
+        .status(status)
+        .header("cache-control", "max-age=60")
+        .header("etag", "\"v1\"")
+        .header("last-modified", LAST_MODIFIED)
+        .body(body)
+        .unwrap()
 }
 
 struct Fixture {
@@ -295,6 +372,103 @@ async fn cache_poisoning_via_an_absolute_uri_whose_authority_disagrees_with_host
         .body(Body::empty())
         .unwrap();
     assert!(call(&f.app, agreeing).await.cache_status().contains("hit"));
+}
+
+/// `Route::key_cookie` read the cookie otherwise than the app: the first
+/// pair whose untrimmed name was the cookie's, a missing and an empty
+/// value alike. A request the app reads differently from the key filled
+/// the variant of other requests: `currency=USD; currency=EUR` (keyed
+/// `USD`, rendered `EUR`) the page of `currency=USD`; `currency =EUR` and
+/// `%63urrency=EUR` (keyed as no cookie) the page of every visitor without
+/// the cookie; `currency=` (empty) the page of no cookie. Now a cookie a
+/// parser could read otherwise makes the request bypass the cache (it is
+/// neither stored nor answered from it), and empty is a variant of its own.
+#[tokio::test]
+async fn cache_poisoning_via_a_key_cookie_the_app_reads_otherwise() {
+    let f = fixture(|b| b.route(Route::new("*").key_cookie("currency"))).await;
+    // The attacker's cookie, what the app reads in it, whether it bypasses
+    // the cache, and the victim's cookie.
+    let cases = [
+        (
+            "currency=USD; currency=EUR",
+            "EUR",
+            true,
+            Some("currency=USD"),
+        ),
+        ("currency =EUR", "EUR", true, None),
+        ("%63urrency=EUR", "EUR", true, None),
+        ("currency=", "", false, None),
+    ];
+    for (i, (attack, read, bypasses, victim)) in cases.into_iter().enumerate() {
+        let path = format!("/prices/{i}");
+        let attacker = get(&f.app, &path, &[("cookie", attack)]).await;
+        assert_eq!(attacker.body, format!("currency={read} tenant=(none)"));
+        assert_eq!(
+            attacker.cache_status().contains("stored"),
+            !bypasses,
+            "{attack:?}: {}",
+            attacker.cache_status()
+        );
+        settle(&f.layer).await;
+        let victim_fields: Vec<(&str, &str)> = victim.map(|c| ("cookie", c)).into_iter().collect();
+        let expected = victim.map_or("(none)", |_| "USD");
+        for round in ["stored", "hit"] {
+            let answer = get(&f.app, &path, &victim_fields).await;
+            assert_eq!(
+                answer.body,
+                format!("currency={expected} tenant=(none)"),
+                "{attack:?} filled the entry of {victim:?}: {}",
+                answer.cache_status()
+            );
+            assert!(
+                answer.cache_status().contains(round),
+                "{attack:?}, then {victim:?}: {}",
+                answer.cache_status()
+            );
+            settle(&f.layer).await;
+        }
+        // Nor is the attacker answered with the victim's entry.
+        let again = get(&f.app, &path, &[("cookie", attack)]).await;
+        assert_eq!(
+            again.body,
+            format!("currency={read} tenant=(none)"),
+            "{attack:?}: {}",
+            again.cache_status()
+        );
+    }
+}
+
+/// `Route::key_header` keyed a header sent empty like no header: an app
+/// that tells them apart (`None` and `Some("")` from `HeaderMap::get`)
+/// had the answer to an empty header served to every request without it.
+#[tokio::test]
+async fn cache_poisoning_via_an_empty_key_header() {
+    let f = fixture(|b| b.route(Route::new("*").key_header("x-tenant"))).await;
+    let attacker = get(&f.app, "/prices/empty", &[("x-tenant", "")]).await;
+    assert_eq!(attacker.body, "currency=(none) tenant=");
+    settle(&f.layer).await;
+    for round in ["stored", "hit"] {
+        let answer = get(&f.app, "/prices/empty", &[]).await;
+        assert_eq!(
+            answer.body,
+            "currency=(none) tenant=(none)",
+            "the empty header's page was served: {}",
+            answer.cache_status()
+        );
+        assert!(
+            answer.cache_status().contains(round),
+            "{}",
+            answer.cache_status()
+        );
+        settle(&f.layer).await;
+    }
+    let again = get(&f.app, "/prices/empty", &[("x-tenant", "")]).await;
+    assert_eq!(again.body, "currency=(none) tenant=");
+    assert!(
+        again.cache_status().contains("hit"),
+        "{}",
+        again.cache_status()
+    );
 }
 
 fn fat_get(method: &str, body: Body, headers: &[(&str, &str)]) -> Request<Body> {
@@ -1084,4 +1258,115 @@ async fn authorised_requests_do_not_queue_behind_each_other() {
     let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
     assert_eq!(calls.load(Ordering::SeqCst), 11, "{statuses:?}");
     assert_eq!(most.load(Ordering::SeqCst), 10, "{statuses:?}");
+}
+
+/// A conditional request on a miss led the fill with its conditionals: the
+/// origin's `304` (or `412`) is not storable, which marked the URL
+/// uncacheable and switched coalescing off for it for 10 s, so one request
+/// with `If-None-Match` sent every request of the next 10 s to the origin
+/// (here 21 origin calls for 21 requests). The leader now asks the origin
+/// for the whole page, stores it and answers its client's conditionals from
+/// it: `304` for `If-None-Match` / `If-Modified-Since` that match (as a hit
+/// does), the page for `If-Match` / `If-Unmodified-Since` (which a cache
+/// may ignore, and a hit does).
+#[tokio::test]
+async fn a_conditional_request_on_a_miss_turns_off_coalescing_for_everyone() {
+    let f = fixture(|b| b).await;
+    f.origin.delay_ms.store(100, Ordering::SeqCst);
+    let stale = "Sun, 01 Jan 2023 00:00:00 GMT";
+    let cases = [
+        ("if-none-match", "\"v1\"", 304),
+        ("if-none-match", "\"v0\"", 200),
+        ("if-modified-since", LAST_MODIFIED, 304),
+        ("if-match", "\"v0\"", 200),
+        ("if-unmodified-since", stale, 200),
+    ];
+    for (i, (name, value, expected)) in cases.into_iter().enumerate() {
+        // One after the other, and while the conditional one is at the
+        // origin.
+        for overlapping in [false, true] {
+            let path = format!("/conditional/{i}-{overlapping}");
+            let app = f.app.clone();
+            let target = path.clone();
+            let conditional =
+                tokio::spawn(async move { get(&app, &target, &[(name, value)]).await });
+            let (conditional, answers) = if overlapping {
+                f.origin.wait_for_calls(&path, 1).await;
+                let answers = concurrent(&f.app, 20, &path, &[]).await;
+                (conditional.await.unwrap(), answers)
+            } else {
+                let conditional = conditional.await.unwrap();
+                settle(&f.layer).await;
+                (conditional, concurrent(&f.app, 20, &path, &[]).await)
+            };
+            let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
+            let case = format!("{name}: {value} (overlapping: {overlapping})");
+            assert_eq!(f.origin.calls(&path), 1, "{case}: {statuses:?}");
+            for answer in &answers {
+                assert_eq!(answer.status, 200, "{case}: {statuses:?}");
+                assert_eq!(answer.body, "conditional-v1", "{case}: {statuses:?}");
+            }
+            assert_eq!(
+                conditional.status,
+                expected,
+                "{case}: {}",
+                conditional.cache_status()
+            );
+            assert_eq!(conditional.header("etag"), Some("\"v1\""), "{case}");
+            let body = if expected == 304 {
+                ""
+            } else {
+                "conditional-v1"
+            };
+            assert_eq!(conditional.body, body, "{case}");
+            assert!(
+                conditional.cache_status().contains("stored"),
+                "{case}: {}",
+                conditional.cache_status()
+            );
+            settle(&f.layer).await;
+        }
+    }
+}
+
+/// A request whose conditionals reach the origin (one that leads no fill:
+/// here coalescing is off) got its answer stored like any other: a `412`
+/// to `If-Match` or `If-Unmodified-Since` that carries freshness was
+/// served to every client of the URL. A `304` or `412` to a request with
+/// conditionals is now a refusal because of the request: not stored, and
+/// nothing is said of the URL (the next plain request stores its page).
+#[tokio::test]
+async fn cache_poisoning_via_a_precondition_that_fails() {
+    let f = fixture(|b| b.coalesce(None)).await;
+    let cases = [
+        ("if-match", "\"v0\"", 412),
+        ("if-unmodified-since", "Sun, 01 Jan 2023 00:00:00 GMT", 412),
+        ("if-none-match", "\"v1\"", 304),
+    ];
+    for (i, (name, value, status)) in cases.into_iter().enumerate() {
+        let path = format!("/conditional/failed-{i}");
+        let attacker = get(&f.app, &path, &[(name, value)]).await;
+        assert_eq!(attacker.status, status, "{name}");
+        assert!(
+            !attacker.cache_status().contains("stored"),
+            "{name}: {}",
+            attacker.cache_status()
+        );
+        settle(&f.layer).await;
+        for round in ["stored", "hit"] {
+            let answer = get(&f.app, &path, &[]).await;
+            assert_eq!(
+                (answer.status, answer.body.as_str()),
+                (200, "conditional-v2"),
+                "{name}: {}",
+                answer.cache_status()
+            );
+            assert!(
+                answer.cache_status().contains(round),
+                "{name}: {}",
+                answer.cache_status()
+            );
+            settle(&f.layer).await;
+        }
+    }
 }

@@ -367,24 +367,7 @@ fn serve_with<B: Body>(
     // The validators are the stored ones: only `Age`, `Accept-Ranges`,
     // `Cache-Status` and the tags field differ from `entry.headers`.
     if entry.status == StatusCode::OK && not_modified(request, &headers) {
-        let mut response = Response::new(CacheBody::empty());
-        *response.status_mut() = StatusCode::NOT_MODIFIED;
-        for name in [
-            header::CACHE_CONTROL,
-            header::CONTENT_LOCATION,
-            header::DATE,
-            header::ETAG,
-            header::EXPIRES,
-            header::VARY,
-            header::LAST_MODIFIED,
-            header::AGE,
-            CACHE_STATUS.clone(),
-        ] {
-            for value in headers.get_all(&name) {
-                response.headers_mut().append(name.clone(), value.clone());
-            }
-        }
-        return response;
+        return not_modified_response(&headers);
     }
     let body = if *request.method == Method::HEAD {
         // RFC 9110 §9.3.2, §8.6: the fields a GET would have, its length
@@ -402,9 +385,33 @@ fn serve_with<B: Body>(
     response
 }
 
+/// The `304` for a `200` with `headers` (RFC 9110 §15.4.5): the fields
+/// that describe the representation and its caching, and `Cache-Status`.
+pub(crate) fn not_modified_response<B: Body>(headers: &HeaderMap) -> Response<CacheBody<B>> {
+    let mut response = Response::new(CacheBody::empty());
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    for name in [
+        header::CACHE_CONTROL,
+        header::CONTENT_LOCATION,
+        header::DATE,
+        header::ETAG,
+        header::EXPIRES,
+        header::VARY,
+        header::LAST_MODIFIED,
+        header::AGE,
+        CACHE_STATUS.clone(),
+    ] {
+        for value in headers.get_all(&name) {
+            response.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    response
+}
+
 /// Whether the client's `If-None-Match` (or, without it, `If-Modified-Since`)
-/// says it already has this response.
-fn not_modified(request: Asked<'_>, stored: &HeaderMap) -> bool {
+/// says it already has this response. `If-Match` and `If-Unmodified-Since`
+/// are not evaluated: a cache may ignore them (RFC 9110 §13.1.1, §13.1.4).
+pub(crate) fn not_modified(request: Asked<'_>, stored: &HeaderMap) -> bool {
     if let Some(if_none_match) = request.headers.get(header::IF_NONE_MATCH) {
         let Some(etag) = stored.get(header::ETAG).and_then(|e| e.to_str().ok()) else {
             return false;

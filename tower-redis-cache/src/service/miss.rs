@@ -15,7 +15,7 @@ use super::coalesce::{self, FlightGuard, Joined, Outcome};
 use super::hit::{gateway_timeout, serve_coalesced, usable_by_follower};
 use super::range::RangeRequest;
 use super::request;
-use super::storing::store_if_allowed;
+use super::storing::{store_answering_conditionals, store_if_allowed};
 use super::{Answer, Ctx, Exchange, Origin, OriginBody};
 use crate::key;
 use crate::layer::Config;
@@ -35,6 +35,12 @@ impl Fill {
             guard: None,
             lock: None,
         }
+    }
+
+    /// Whether this request leads a fill others wait for: in this process
+    /// (a flight) or across instances (the Redis lock).
+    pub(crate) fn leads(&self) -> bool {
+        self.guard.is_some() || self.lock.is_some()
     }
 
     /// Gives up because the origin failed (an error, or `status`): the
@@ -265,6 +271,16 @@ where
     /// Forwards the request and passes the answer on, storing a copy when
     /// allowed.
     ///
+    /// A request that leads a fill asks the origin for the whole response,
+    /// which is what the requests waiting for it need: its client's
+    /// conditionals (`If-None-Match`, `If-Modified-Since`, `If-Match`,
+    /// `If-Unmodified-Since`) are not sent, as a revalidation does not send
+    /// them either. With them the origin would answer `304` or `412`, which
+    /// nothing can be stored from: the followers would go to the origin one
+    /// by one, and the URL would be marked uncacheable, switching coalescing
+    /// off for everyone. They are answered from the response instead, as a
+    /// hit answers them ([`store_answering_conditionals`]).
+    ///
     /// A plain function: the origin is called here, and the future holds
     /// only its call and what storing needs. As an `async fn` it held the
     /// whole exchange (its argument) beside the parts taken from it, and
@@ -275,12 +291,21 @@ where
         fill: Fill,
     ) -> impl Future<Output = Answer<ResBody, S::Error>> + use<S, ReqBody, ResBody> {
         use futures_util::FutureExt as _;
-        let (ctx, mut inner, request) = self.into_parts();
+        let (ctx, mut inner, mut request) = self.into_parts();
+        let answers_conditionals =
+            fill.leads() && request::remove_conditionals(request.headers_mut());
         let request_time = SystemTime::now();
         let called = inner.call(request);
         // The call's future owns what it needs; the service is not kept.
         drop(inner);
         called.map(move |answer| match answer {
+            Ok(response) if answers_conditionals => Ok(store_answering_conditionals(
+                &ctx,
+                response,
+                request_time,
+                status,
+                fill,
+            )),
             Ok(response) => Ok(store_if_allowed(&ctx, response, request_time, status, fill)),
             Err(error) => {
                 fill.release(&ctx);

@@ -35,18 +35,31 @@ pub enum RequestCacheControl {
     Ignore,
 }
 
+/// The conditional request fields a client's answer can depend on
+/// (`If-Range` is handled with the range: `range.rs`).
+const CONDITIONALS: [HeaderName; 4] = [
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+];
+
 /// Removes the client's conditionals (`If-None-Match`, `If-Modified-Since`,
 /// `If-Match`, `If-Unmodified-Since`) from a request the cache sends on
-/// its own behalf; the client's are answered from the result.
-pub(crate) fn remove_conditionals(headers: &mut HeaderMap) {
-    for name in [
-        header::IF_NONE_MATCH,
-        header::IF_MODIFIED_SINCE,
-        header::IF_MATCH,
-        header::IF_UNMODIFIED_SINCE,
-    ] {
-        headers.remove(name);
+/// its own behalf; the client's are answered from the result. Whether
+/// there were any.
+pub(crate) fn remove_conditionals(headers: &mut HeaderMap) -> bool {
+    let mut removed = false;
+    for name in &CONDITIONALS {
+        removed |= headers.remove(name).is_some();
     }
+    removed
+}
+
+/// Whether a request carries any of the conditionals
+/// [`remove_conditionals`] removes.
+pub(crate) fn carries_conditionals(headers: &HeaderMap) -> bool {
+    CONDITIONALS.iter().any(|name| headers.contains_key(name))
 }
 
 /// The request directives the cache acts on.
@@ -93,6 +106,10 @@ pub(crate) fn carries_body<B: Body>(request: &Request<B>) -> bool {
 /// header that can change the answer without being part of the key. Such a
 /// request never leads a coalesced fill (the others would wait for an entry
 /// that cannot come) and its refusal says nothing about the URL.
+///
+/// Conditionals (`If-None-Match` …) are not among these: a request that
+/// leads a fill does not send them to the origin, which answers it in full,
+/// and they are answered from that answer (`miss.rs`).
 pub(crate) fn refuses_storage(
     config: &Config,
     request: &Parts,

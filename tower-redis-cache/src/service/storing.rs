@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Response, header};
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body::Body;
+use http_body_util::BodyExt;
 use tracing::Instrument;
 
 use super::cache_status::{CacheStatus, add_cache_status};
+use super::hit::{self, Asked};
 use super::miss::Fill;
 use super::tags::{TagHeaders, set_stored_tags, take_tags};
 use super::{Ctx, Keyed, OriginBody, range, request, tee};
@@ -55,7 +57,8 @@ pub(crate) fn tag_headers(config: &Config) -> TagHeaders<'_> {
 
 /// Whether a response may be stored: `Err(true)` when the response itself
 /// refuses (which says something of its URL), `Err(false)` when the
-/// request does (its method, `no-store`, an unkeyed header, `Authorization`).
+/// request does (its method, `no-store`, an unkeyed header, `Authorization`,
+/// or conditionals the origin answered with `304` or `412`).
 fn storability<B: Body>(
     ctx: &Ctx,
     route: &Route,
@@ -66,6 +69,16 @@ fn storability<B: Body>(
     let Ctx { config, keyed } = ctx;
     let request = &keyed.parts;
     if request::refuses_storage(config, request, &keyed.key.directives) {
+        return Err(false);
+    }
+    // The answer to the request's conditionals (forwarded when it leads no
+    // fill), not to the URL: a `412` with freshness would otherwise be
+    // served to every client of the URL.
+    if matches!(
+        response.status,
+        StatusCode::NOT_MODIFIED | StatusCode::PRECONDITION_FAILED
+    ) && request::carries_conditionals(&request.headers)
+    {
         return Err(false);
     }
     match freshness::storable(
@@ -88,8 +101,33 @@ pub(crate) fn store_if_allowed<ResBody: OriginBody>(
     ctx: &Ctx,
     response: Response<ResBody>,
     request_time: SystemTime,
+    status: CacheStatus,
+    fill: Fill,
+) -> Response<CacheBody<ResBody>> {
+    store(ctx, response, request_time, status, fill, false)
+}
+
+/// [`store_if_allowed`] for a request whose conditionals the cache did not
+/// send to the origin: a `200` that is stored answers them as a hit would,
+/// with a `304` when they match it (its body then read for the entry
+/// alone). A response that is not stored is passed on whole.
+pub(crate) fn store_answering_conditionals<ResBody: OriginBody>(
+    ctx: &Ctx,
+    response: Response<ResBody>,
+    request_time: SystemTime,
+    status: CacheStatus,
+    fill: Fill,
+) -> Response<CacheBody<ResBody>> {
+    store(ctx, response, request_time, status, fill, true)
+}
+
+fn store<ResBody: OriginBody>(
+    ctx: &Ctx,
+    response: Response<ResBody>,
+    request_time: SystemTime,
     mut status: CacheStatus,
     fill: Fill,
+    answer_conditionals: bool,
 ) -> Response<CacheBody<ResBody>> {
     let Ctx { config, keyed } = ctx;
     let response_time = SystemTime::now();
@@ -100,7 +138,7 @@ pub(crate) fn store_if_allowed<ResBody: OriginBody>(
     let storable = match storability(ctx, route, &parts, &body, response_time) {
         Ok(storable) => storable,
         Err(because_of_the_response) => {
-            if because_of_the_response && (fill.guard.is_some() || fill.lock.is_some()) {
+            if because_of_the_response && fill.leads() {
                 // Nothing will be stored for the requests coalesced on this
                 // URL: let the next misses pass instead of waiting in turn.
                 // A refusal due to this request alone says nothing of the
@@ -149,7 +187,40 @@ pub(crate) fn store_if_allowed<ResBody: OriginBody>(
         tags,
     );
     add_cache_status(&mut parts.headers, &status);
-    Response::from_parts(parts, read_and_store(ctx, body, put, fill))
+    let body = read_and_store(ctx, body, put, fill);
+    // A `Set-Cookie` is for this client: it gets the whole response.
+    if answer_conditionals
+        && parts.status == StatusCode::OK
+        && !parts.headers.contains_key(header::SET_COOKIE)
+        && hit::not_modified(Asked::of(request), &parts.headers)
+    {
+        read_for_the_entry_alone(body, config.max_body_bytes);
+        return hit::not_modified_response(&parts.headers);
+    }
+    Response::from_parts(parts, body)
+}
+
+/// Reads, on a task of its own, a body the cache is storing whose client
+/// was answered without it (as the rest of a range is read once the
+/// client has its part): to its end, or until it holds more than an entry
+/// may (then nothing is stored and the rest is not read).
+fn read_for_the_entry_alone<B: OriginBody>(body: CacheBody<B>, max_body_bytes: usize) {
+    if !body.is_teed() || body.is_end_stream() {
+        return;
+    }
+    tokio::spawn(
+        async move {
+            let mut body = std::pin::pin!(body);
+            let mut read = 0_usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                read = read.saturating_add(frame.data_ref().map_or(0, Bytes::len));
+                if read > max_body_bytes {
+                    return;
+                }
+            }
+        }
+        .in_current_span(),
+    );
 }
 
 /// What to store of `entry`, which `storable` allowed: without a
