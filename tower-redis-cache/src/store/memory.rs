@@ -963,12 +963,18 @@ mod tests {
             ));
         }
         assert_eq!(front::held(&RECORDS, owner), (0, 0));
-        // Small entries, but so many variants that the copy's own
-        // bookkeeping is over the bound.
-        let mut tiny = put(&[("cache-control", "max-age=60")]);
+        // Small entries, but so many variants (as many as a URL keeps),
+        // each with a few fields, that the copy's own bookkeeping is over
+        // the bound.
+        let mut tiny = put(&[
+            ("cache-control", "max-age=60"),
+            ("content-type", "text/plain"),
+            ("x-a", "1"),
+            ("x-b", "2"),
+        ]);
         tiny.url_hash = key::hash_url("//shop.example/tiny");
         tiny.vary = "x-v".to_owned();
-        for i in 0..100 {
+        for i in 0..MAX_VARIANTS {
             let mut request = HeaderMap::new();
             request.insert("x-v", HeaderValue::from(i));
             tiny.variant = key::variant(&tiny.vary, &request, "");
