@@ -293,32 +293,11 @@ fn normalised_query(query: Option<&str>, route: &Route) -> Option<String> {
 /// unless it has one of them.
 fn param_name(pair: &str) -> std::borrow::Cow<'_, [u8]> {
     let name = pair.split('=').next().unwrap_or(pair).as_bytes();
-    if !name.iter().any(|b| matches!(b, b'%' | b'+')) {
-        return std::borrow::Cow::Borrowed(name);
+    if name.iter().any(|b| matches!(b, b'%' | b'+')) {
+        std::borrow::Cow::Owned(percent_decode(name, true))
+    } else {
+        std::borrow::Cow::Borrowed(name)
     }
-    let hex = |b: u8| char::from(b).to_digit(16);
-    let mut decoded = Vec::with_capacity(name.len());
-    let mut i = 0;
-    while i < name.len() {
-        match name[i] {
-            b'+' => decoded.push(b' '),
-            b'%' => {
-                if let (Some(high), Some(low)) = (
-                    name.get(i + 1).and_then(|b| hex(*b)),
-                    name.get(i + 2).and_then(|b| hex(*b)),
-                ) {
-                    // Two hex digits: below 256.
-                    decoded.push(u8::try_from(high * 16 + low).unwrap_or(b'%'));
-                    i += 3;
-                    continue;
-                }
-                decoded.push(b'%');
-            }
-            other => decoded.push(other),
-        }
-        i += 1;
-    }
-    std::borrow::Cow::Owned(decoded)
 }
 
 /// The path and query of a key URL (`//host/path?query` → `/path?query`).
@@ -378,15 +357,15 @@ pub(crate) fn hash_url(url: &str) -> String {
 /// ([`Head::parts`]): the function is given `Parts`. Without one (a request
 /// keyed in place) there is no key: the request must bypass the cache
 /// rather than share an entry its key function would have kept apart.
-/// `None` too when a key cookie cannot be read one way only
-/// ([`cookie_value`]).
+/// `None` too when a key header or cookie cannot be read one way only
+/// ([`key_header_value`], [`cookie_value`]).
 pub(crate) fn extra_key(head: &impl Head, route: &Route) -> Option<String> {
     let mut extra = String::new();
     for name in &route.key_headers {
         extra.push_str(name.as_str());
-        if let Some(value) = joined(head.headers(), name.as_str()) {
+        if let Some(value) = key_header_value(head.headers(), name.as_str()).ok()? {
             extra.push('=');
-            extra.push_str(&value);
+            extra.push_str(value);
         }
         extra.push('\n');
     }
@@ -408,18 +387,27 @@ pub(crate) fn extra_key(head: &impl Head, route: &Route) -> Option<String> {
     Some(extra)
 }
 
-/// All values of a header joined with ", " (invalid UTF-8 replaced), or
-/// `None` when absent: a route's key header. `Vary` compares
-/// [`selecting_value`]s instead.
-pub(crate) fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
-    let mut values = headers.get_all(name).iter().peekable();
-    values.peek()?;
-    Some(
-        values
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned())
-            .collect::<Vec<_>>()
-            .join(", "),
-    )
+/// The value of a route's key header, as the key reads it: `Ok(None)`
+/// when the request has none, `Ok(Some(value))` (trimmed) when it has one
+/// line of text. Several lines, or a value that is not text, are
+/// [`Ambiguous`]: apps read such a header differently (`HeaderMap::get`
+/// takes the first line, others join them; bytes that are not text are
+/// kept, replaced or refused), so the request bypasses the cache rather
+/// than fill a variant an app reads otherwise.
+pub(crate) fn key_header_value<'h>(
+    headers: &'h HeaderMap,
+    name: &str,
+) -> Result<Option<&'h str>, Ambiguous> {
+    let mut lines = headers.get_all(name).iter();
+    let Some(line) = lines.next() else {
+        return Ok(None);
+    };
+    if lines.next().is_some() {
+        return Err(Ambiguous);
+    }
+    line.to_str()
+        .map(|value| Some(value.trim()))
+        .map_err(|_| Ambiguous)
 }
 
 /// A request header's value as `Vary` compares it (RFC 9111 §4.1 lets a
@@ -563,10 +551,10 @@ fn weight(q: &str) -> Option<u16> {
     }
 }
 
-/// A key cookie that cookie parsers may read differently: the request
+/// A key header or cookie that apps may read differently: the request
 /// bypasses the cache.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct AmbiguousCookie;
+pub(crate) struct Ambiguous;
 
 /// The value of the cookie `name` in a request's `Cookie` fields, as the
 /// key reads it: `Ok(None)` when no pair names it, `Ok(Some(value))` when
@@ -579,7 +567,7 @@ pub(crate) struct AmbiguousCookie;
 /// one of them reads differently from the key would fill a variant other
 /// requests then get: `currency=USD; currency=EUR` keyed `USD` and
 /// rendered `EUR`, or `%63urrency=EUR` keyed as no cookie and rendered
-/// `EUR` for everyone without one. So the cookie is [`AmbiguousCookie`]
+/// `EUR` for everyone without one. So the cookie is [`Ambiguous`]
 /// whenever a parser could read it otherwise: it is named by more than
 /// one pair, or by a pair whose name only trimming, percent-decoding or a
 /// case change makes `name`, or by a pair without `=` (which some parsers
@@ -590,13 +578,13 @@ pub(crate) struct AmbiguousCookie;
 pub(crate) fn cookie_value<'h>(
     headers: &'h HeaderMap,
     name: &str,
-) -> Result<Option<&'h str>, AmbiguousCookie> {
+) -> Result<Option<&'h str>, Ambiguous> {
     let mut found = None;
     for line in headers.get_all(header::COOKIE) {
         let Ok(text) = line.to_str() else {
             let text = String::from_utf8_lossy(line.as_bytes());
             if cookie_pairs(&text).any(|(pair_name, _)| may_name(pair_name, name)) {
-                return Err(AmbiguousCookie);
+                return Err(Ambiguous);
             }
             continue;
         };
@@ -606,7 +594,7 @@ pub(crate) fn cookie_value<'h>(
             }
             match (found, value) {
                 (None, Some(value)) if pair_name == name => found = Some(value),
-                _ => return Err(AmbiguousCookie),
+                _ => return Err(Ambiguous),
             }
         }
     }
@@ -638,16 +626,26 @@ fn may_name(sent: &str, name: &str) -> bool {
 /// `text` with each `%` and two hex digits replaced by the byte they
 /// name (bytes that are not UTF-8 replaced); other `%` kept.
 fn percent_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
+    String::from_utf8_lossy(&percent_decode(text.as_bytes(), false)).into_owned()
+}
+
+/// `bytes` with each `%` and two hex digits replaced by the byte they name
+/// (other `%` kept), and each `+` by a space when `plus_is_space` (a form
+/// field's name or value).
+fn percent_decode(bytes: &[u8], plus_is_space: bool) -> Vec<u8> {
+    let hex = |b: Option<&u8>| b.and_then(|b| char::from(*b).to_digit(16));
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let hex = |b: Option<&u8>| b.and_then(|b| char::from(*b).to_digit(16));
         match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
             (b'%', Some(high), Some(low)) => {
                 // Two hex digits: at most 0xff.
                 out.push(u8::try_from(high * 16 + low).unwrap_or(u8::MAX));
                 i += 3;
+            }
+            (b'+', _, _) if plus_is_space => {
+                out.push(b' ');
+                i += 1;
             }
             (byte, _, _) => {
                 out.push(byte);
@@ -655,7 +653,7 @@ fn percent_decoded(text: &str) -> String {
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// The normalised list of `Vary` names of a response (lower-case, sorted,
@@ -1077,12 +1075,35 @@ mod tests {
             &[b"currency=EUR; x=\xff"],
             &[b"currency=USD", b"currency=EUR; x=\xff"],
         ] {
-            assert_eq!(read(ambiguous), Err(AmbiguousCookie), "{ambiguous:?}");
+            assert_eq!(read(ambiguous), Err(Ambiguous), "{ambiguous:?}");
         }
         // A field that is not text and does not name it leaves it be.
         assert_eq!(read(&[b"x=\xff", b"currency=EUR"]), value("EUR"));
         assert_eq!(percent_decoded("%63ur%zz%7"), "cur%zz%7");
         assert_eq!(percent_decoded("%ff%41"), "\u{fffd}A");
+    }
+
+    /// A key header read one way only: one line of text gives its
+    /// (trimmed) value; several lines (`HeaderMap::get` reads the first,
+    /// other code joins them) or bytes that are not text make the request
+    /// bypass the cache.
+    #[test]
+    fn a_key_header_apps_could_read_differently_bypasses() {
+        let route = Route::new("*").key_header("x-tenant");
+        let extra = |lines: &[&[u8]]| {
+            let mut head = parts("/", &[]);
+            for line in lines {
+                head.headers
+                    .append("x-tenant", HeaderValue::from_bytes(line).unwrap());
+            }
+            extra_key(&head, &route)
+        };
+        assert_eq!(extra(&[b"t1"]).as_deref(), Some("x-tenant=t1\n"));
+        assert_eq!(extra(&[b" t1 "]), extra(&[b"t1"]));
+        assert_eq!(extra(&[b"t1", b"t2"]), None);
+        assert_eq!(extra(&[b"t1, t2"]).as_deref(), Some("x-tenant=t1, t2\n"));
+        assert_eq!(extra(&[b"\xff"]), None);
+        assert_eq!(extra(&[b"\xfe"]), None);
     }
 
     /// A key header or cookie that is absent and one that is empty are

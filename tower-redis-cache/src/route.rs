@@ -404,7 +404,9 @@ impl Route {
 
     /// Adds a request header's value to the key (like a `Vary` the origin
     /// did not send). A request without the header and one with an empty
-    /// value are different variants.
+    /// value are different variants; a request with the header on several
+    /// lines, or with a value that is not text, bypasses the cache (apps
+    /// read those differently).
     ///
     /// # Panics
     ///
