@@ -274,7 +274,7 @@ impl Forwarding {
                 }
                 let (client, element) = self.walk_forwarded(peer, headers);
                 view.client = Some(client);
-                if element.is_some() && self.client_elements_name_an_origin(peer, headers) {
+                if self.client_elements_name_an_origin(headers) {
                     // A client's own elements, to the left of the one our
                     // proxy appended, say another host or scheme; an app
                     // reading the first element would build its answer
@@ -323,16 +323,24 @@ impl Forwarding {
         (last_trusted, None)
     }
 
-    /// Whether an element to the left of the one naming the client (written
-    /// by the client, not by our proxies) carries `host=` or `proto=`.
-    fn client_elements_name_an_origin(&self, peer: IpAddr, headers: &HeaderMap) -> bool {
-        let (_, index) = self.walk(peer, forwarded_hops(headers));
-        let Some(index) = index else {
+    /// Whether an element to the left of where the walk stopped (the one
+    /// naming the client, or one whose `for=` hides it) carries `host=` or
+    /// `proto=`: those were written by the client, not by our proxies. All
+    /// of them are read, however many (the header's size is the server's
+    /// to bound): a client must not hide one behind padding.
+    fn client_elements_name_an_origin(&self, headers: &HeaderMap) -> bool {
+        let stop = forwarded_hops(headers)
+            .take(MAX_HOPS)
+            .position(|hop| match hop {
+                Hop::Empty => false,
+                Hop::Addr(ip) => !self.inner.trusted.contains(ip),
+                Hop::Opaque => true,
+            });
+        let Some(index) = stop else {
             return false;
         };
         list_entries(headers, FORWARDED)
             .skip(index + 1)
-            .take(MAX_HOPS)
             .any(|entry| {
                 entry.is_none_or(|text| {
                     text.split(';').any(|pair| {
@@ -940,6 +948,45 @@ mod tests {
             )],
         );
         assert!(!forwarded().view(&clean).malformed);
+    }
+
+    /// A client cannot hide its own `host=` / `proto=` element behind
+    /// padding (more elements than a walk reads), nor behind an element of
+    /// our proxy whose `for=` hides the client (RFC 7239 §6.3).
+    #[test]
+    fn a_client_element_naming_a_host_is_found_behind_padding_or_a_hidden_client() {
+        let mut padded = "for=198.51.100.1;host=evil.example;proto=http".to_owned();
+        for _ in 0..2 * MAX_HOPS {
+            padded.push_str(", for=198.51.100.2");
+        }
+        padded.push_str(", for=203.0.113.7;host=shop.example;proto=https");
+        let view = forwarded().view(&request(PROXY, &[("forwarded", &padded)]));
+        assert_eq!(view.client, Some(ip(CLIENT)));
+        assert!(view.malformed, "the padded element was not read");
+        for hidden in [
+            "for=1.1.1.1;host=evil.example, for=_hidden;host=shop.example;proto=https",
+            "for=1.1.1.1;proto=http, for=unknown;host=shop.example;proto=https",
+        ] {
+            let view = forwarded().view(&request(PROXY, &[("forwarded", hidden)]));
+            assert!(view.malformed, "{hidden}");
+        }
+        // Padding alone, and a hidden client alone, stay clean.
+        let mut clean = "for=198.51.100.1".to_owned();
+        for _ in 0..2 * MAX_HOPS {
+            clean.push_str(", for=198.51.100.2");
+        }
+        clean.push_str(", for=203.0.113.7;host=shop.example;proto=https");
+        assert!(
+            !forwarded()
+                .view(&request(PROXY, &[("forwarded", &clean)]))
+                .malformed
+        );
+        let hidden = "for=1.1.1.1, for=_hidden;host=shop.example;proto=https";
+        assert!(
+            !forwarded()
+                .view(&request(PROXY, &[("forwarded", hidden)]))
+                .malformed
+        );
     }
 
     #[test]
