@@ -218,14 +218,17 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .nest("/api", api)
         .layer(cache.clone())
         .layer(sessions)
-        .layer(flood_guard);
+        .layer(flood_guard.clone());
+    let flood_guard_admin = flood_guard;
     // Added after `.layer(...)`, so no layer wraps them.
     let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .merge(shop)
         .with_state(app)
-        .nest("/admin/cache", admin)
+        // Behind the flood guard too: a wrong token costs a guess of the
+        // client's quota, so tokens cannot be guessed at line rate.
+        .nest("/admin/cache", admin.layer(flood_guard_admin))
         // Outermost: every request, answered by a layer or not, is traced
         // and timed.
         .layer(middleware::from_fn(request_duration))
@@ -257,7 +260,19 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// once to stderr, for the person who started the demo.
 fn admin_token() -> String {
     match std::env::var("ADMIN_TOKEN") {
-        Ok(token) if !token.trim().is_empty() => token,
+        // Trimmed: a token read from a file ends with a newline, which no
+        // `Authorization` header can carry (its value is trimmed too).
+        Ok(token) if !token.trim().is_empty() => {
+            let token = token.trim().to_owned();
+            if token.len() < 16 {
+                eprintln!(
+                    "warning: ADMIN_TOKEN is {} characters long; use a long random secret \
+                     (32 or more) in any shared setup",
+                    token.len()
+                );
+            }
+            token
+        }
         _ => {
             let token = format!("{:032x}", rand::random::<u128>());
             eprintln!(
@@ -387,21 +402,42 @@ async fn product(State(app): State<App>, Path(id): Path<u32>) -> axum::response:
     }
 }
 
-/// A successful PUT invalidates its own URL (and its same-origin
-/// `Location`); the tag purge drops the product's data and reaches every
-/// other response that shows the product, on every instance.
+/// The longest product name a rename takes.
+const MAX_NAME_CHARS: usize = 100;
+
+/// Renames a product. A successful PUT invalidates its own URL (and its
+/// same-origin `Location`); the tag purge drops the product's data and
+/// reaches every other response that shows the product, on every instance.
+///
+/// Open to anyone, as the rest of the demo shop: a real app checks who
+/// may change its catalogue. It renames only the products there are, to a
+/// bounded name, so a client cannot grow the server's memory with it.
 async fn update_product(
     State(app): State<App>,
     Path(id): Path<u32>,
     name: String,
-) -> impl IntoResponse {
-    if let Ok(mut products) = app.products.write() {
-        products.insert(id, name.trim().to_owned());
+) -> axum::response::Response {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("send the new name as the body: 1 to {MAX_NAME_CHARS} characters"),
+        )
+            .into_response();
+    }
+    let renamed = app.products.write().is_ok_and(|mut products| {
+        products
+            .get_mut(&id)
+            .map(|product| name.clone_into(product))
+            .is_some()
+    });
+    if !renamed {
+        return (StatusCode::NOT_FOUND, "no such product").into_response();
     }
     app.cache.purge_tag(&format!("product-{id}")).await;
     let mut headers = HeaderMap::new();
     headers.insert(header::LOCATION, HeaderValue::from_static("/products"));
-    (StatusCode::OK, headers, "updated")
+    (StatusCode::OK, headers, "updated").into_response()
 }
 
 async fn login(session: Session, headers: HeaderMap, body: axum::body::Bytes) -> impl IntoResponse {

@@ -1233,6 +1233,73 @@ async fn server_admin_token_never_reaches_the_log() {
     );
 }
 
+/// What a client can do to the demo without credentials stays bounded: a
+/// rename takes only the products there are and a name of at most 100
+/// characters (it used to store any id with any body), and wrong admin
+/// tokens are throttled by the flood guard (50 per 30 s a client). A token
+/// from a file, ending with a newline, still works.
+#[tokio::test]
+async fn server_product_renames_and_admin_guesses_are_bounded() {
+    let http = http_client();
+    let token = "file-admin-token-9c2e4b7d1f0a";
+    let with_newline = format!("{token}\n");
+    let server = Running::start(
+        "server",
+        &[],
+        &[
+            ("REDIS_URL", "memory"),
+            ("PORT", "0"),
+            ("ADMIN_TOKEN", &with_newline),
+        ],
+    )
+    .await;
+    let put = |path: &str, body: String| {
+        let (http, url) = (http.clone(), server.url(path));
+        async move { send(&http, Method::PUT, &url, &[], &body).await }
+    };
+    let unknown = put("/products/4000000000", "Gold mug".to_owned()).await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND, "{}", unknown.body);
+    let long = put("/products/1", "x".repeat(101)).await;
+    assert_eq!(long.status, StatusCode::BAD_REQUEST, "{}", long.body);
+    assert!(long.body.contains("100"), "says the bound: {}", long.body);
+    let empty = put("/products/1", "  ".to_owned()).await;
+    assert_eq!(empty.status, StatusCode::BAD_REQUEST);
+    let renamed = put("/products/1", "Blue mug".to_owned()).await;
+    assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.body);
+    assert!(
+        get(&http, &server.url("/products/1"))
+            .await
+            .body
+            .contains("Blue mug")
+    );
+    let list = get(&http, &server.url("/products")).await;
+    assert!(!list.body.contains("Gold mug"), "{}", list.body);
+
+    let stats = |authorization: String| {
+        let (http, url) = (http.clone(), server.url("/admin/cache/stats"));
+        async move {
+            send(
+                &http,
+                Method::GET,
+                &url,
+                &[("authorization", &authorization)],
+                "",
+            )
+            .await
+            .status
+        }
+    };
+    assert_eq!(stats(format!("Bearer {token}")).await, StatusCode::OK);
+    let mut statuses = Vec::new();
+    for guess in 0..60 {
+        statuses.push(stats(format!("Bearer guess-{guess}")).await);
+    }
+    assert!(
+        statuses.contains(&StatusCode::TOO_MANY_REQUESTS),
+        "60 wrong tokens in a row were never throttled: {statuses:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // examples/caching_proxy.rs
 
