@@ -719,14 +719,18 @@ impl Session {
             {
                 return None;
             }
-            // The cookie names a session another request ended (a
-            // concurrent login cycled it): as for a change that finds its
-            // session gone, nothing is stored and no cookie is sent. A new
-            // session's cookie would replace the one that login set.
-            if state
-                .cookie_id
-                .as_ref()
-                .is_some_and(|cookie| self.store.has_ended(&cookie.storage_key()))
+            // The cookie names a session whose id another request cycled
+            // away (a concurrent login): a change that is no login itself
+            // stores nothing and sends no cookie, as a change that finds its
+            // session gone. A new session's cookie would replace the one
+            // that login set. (A session destroyed or revoked has no
+            // successor: a write after it starts a new session.)
+            if state.changes.user.is_none()
+                && !state.cycle
+                && state
+                    .cookie_id
+                    .as_ref()
+                    .is_some_and(|cookie| self.store.was_cycled(&cookie.storage_key()))
             {
                 tracing::debug!(
                     target: "tower_redis_session",

@@ -64,6 +64,20 @@ fn start_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>, SessionStore)
             ),
         )
         .route(
+            "/fresh/{key}/{value}",
+            post(
+                |session: Session, Path((key, value)): Path<(String, String)>| async move {
+                    // A new session in place of the old one (as an
+                    // anti-fixation login may do without cycle_id).
+                    session.destroy().await;
+                    match session.insert(&key, value).await {
+                        Ok(()) => "ok".to_owned(),
+                        Err(error) => format!("refused: {error}"),
+                    }
+                },
+            ),
+        )
+        .route(
             "/remove/{key}",
             post(|session: Session, Path(key): Path<String>| async move {
                 match session.remove::<String>(&key).await {
@@ -552,6 +566,35 @@ async fn removals_under_names_a_client_chooses_do_not_grow_the_session_without_b
         .await
         .expect("HGET");
     assert!(stamp.is_some(), "the first removals keep their tombstones");
+}
+
+/// The guard above is for ids cycled away only: a session this request
+/// destroyed, or one "log out everywhere" ended, has no successor, and a
+/// write after it starts a new session with its cookie (it used to be
+/// dropped, with no cookie, whenever this instance had seen the id end).
+#[tokio::test]
+async fn a_write_after_a_destroy_or_a_revocation_starts_a_new_session() {
+    let redis = TestRedis::start().await;
+    let (app, _, store) = start_app(SessionLayer::builder(manager(&redis).await));
+    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let old = cookie_pair(&set_cookie.expect("session"));
+    let (status, body, fresh) = send(&app, "POST", "/fresh/theme/dark", Some(&old)).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    let fresh = cookie_pair(&fresh.expect("the new session's cookie"));
+    assert_ne!(fresh, old);
+    assert_eq!(
+        send(&app, "GET", "/get/theme", Some(&fresh)).await.1,
+        "dark"
+    );
+    assert_eq!(send(&app, "GET", "/get/cart", Some(&fresh)).await.1, "none");
+
+    let (_, _, login) = send(&app, "POST", "/login/alice", Some(&fresh)).await;
+    let alice = cookie_pair(&login.expect("login cookie"));
+    assert_eq!(store.revoke_user("alice").await.expect("revoked"), 1);
+    let (_, _, after) = send(&app, "POST", "/set/cart/4", Some(&alice)).await;
+    let after = cookie_pair(&after.expect("a new session after the revocation"));
+    assert_eq!(send(&app, "GET", "/get/cart", Some(&after)).await.1, "4");
+    assert_eq!(send(&app, "GET", "/get/user", Some(&after)).await.1, "none");
 }
 
 /// A neighbour's large cookie (a sibling subdomain's, a page script's) on

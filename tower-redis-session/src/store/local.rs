@@ -41,8 +41,10 @@ pub(crate) struct LocalStore {
     copies: moka::sync::Cache<String, Arc<LocalCopy>>,
     /// Sessions this instance recently destroyed, cycled away or saw
     /// gone, so that a concurrent request that loaded one before does not
-    /// send its old id back in a renewed persistent cookie.
-    ended: moka::sync::Cache<String, ()>,
+    /// send its old id back in a renewed persistent cookie; `true` for an
+    /// id cycled away (a login gave the session a successor the browser may
+    /// already hold).
+    ended: moka::sync::Cache<String, bool>,
     /// Copies of sessions with changes waiting for Redis.
     pinned: Mutex<Pinned>,
     /// How many copies are pinned, readable without the lock.
@@ -91,7 +93,7 @@ impl LocalStore {
                 .build(),
             ended: moka::sync::Cache::builder()
                 .max_capacity(ENDED_BYTES)
-                .weigher(|key: &String, ()| {
+                .weigher(|key: &String, _: &bool| {
                     u32::try_from(key.len() + ENDED_OVERHEAD).unwrap_or(u32::MAX)
                 })
                 .time_to_live(ENDED_FOR)
@@ -108,14 +110,30 @@ impl LocalStore {
     /// The session ended: its copy goes, and its end is remembered for a
     /// while.
     pub(crate) fn end(&self, storage_key: &str) {
+        self.end_as(storage_key, false);
+    }
+
+    /// The session's id was cycled away: [`end`](Self::end), remembering
+    /// that the session lives on under another id.
+    fn end_cycled(&self, storage_key: &str) {
+        self.end_as(storage_key, true);
+    }
+
+    fn end_as(&self, storage_key: &str, cycled: bool) {
         self.with_pinned(|pinned| pinned.remove(storage_key));
         self.copies.invalidate(storage_key);
-        self.ended.insert(storage_key.to_owned(), ());
+        self.ended.insert(storage_key.to_owned(), cycled);
     }
 
     /// Whether this instance saw the session end recently.
     pub(crate) fn has_ended(&self, storage_key: &str) -> bool {
         self.ended.contains_key(storage_key)
+    }
+
+    /// Whether this instance recently cycled the session's id away (a
+    /// login): the session lives on under an id the browser may hold.
+    pub(crate) fn was_cycled(&self, storage_key: &str) -> bool {
+        self.ended.get(storage_key).unwrap_or(false)
     }
 
     /// The local copy, unless it has outlived the absolute timeout.
@@ -315,7 +333,7 @@ impl Store for LocalStore {
     }
 
     async fn take(&self, take: &Take<'_>) -> Result<Saved, Infallible> {
-        self.end(take.old_storage_key);
+        self.end_cycled(take.old_storage_key);
         // A new id never has a copy yet: the request's view is the session.
         self.put(take.new_storage_key, take.merged.clone(), 0);
         Ok(Saved::Written)

@@ -288,6 +288,13 @@ impl SessionStore {
         self.inner.has_ended(storage_key)
     }
 
+    /// Whether this instance cycled the session's id away (a login) in the
+    /// last two minutes: the session lives on under another id. No Redis
+    /// call.
+    pub(crate) fn was_cycled(&self, storage_key: &str) -> bool {
+        self.inner.was_cycled(storage_key)
+    }
+
     /// A session's record: [`load_now`](Self::load_now), then
     /// [`load_later`](Self::load_later).
     #[cfg(test)]
