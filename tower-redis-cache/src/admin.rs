@@ -114,7 +114,12 @@ impl CacheAdmin {
         self
     }
 
-    /// The router; nest it where the app wants it.
+    /// The router; nest it where the app wants it
+    /// (`app.nest("/admin/cache", router)`). Nest it rather than merge it:
+    /// its fallback answers the paths under it that it does not have (a
+    /// `404` naming its routes, after the check), and merged into an app it
+    /// would answer the app's unknown paths too (axum refuses to merge it
+    /// into an app with a fallback of its own).
     pub fn into_router(self) -> Router {
         Router::new()
             .route("/purge/tag/{tag}", post(purge_tag))

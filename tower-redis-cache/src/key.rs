@@ -12,6 +12,7 @@
 //! layer's forwarding model wrote them; from anyone else they keep the
 //! response out of the cache, so they cannot poison entries.
 
+use std::borrow::Cow;
 use std::sync::LazyLock;
 
 use base64::Engine;
@@ -277,27 +278,56 @@ fn normalised_query(query: Option<&str>, route: &Route) -> Option<String> {
             pair.contains(';') || !route.ignores_param(pair.split('=').next().unwrap_or(pair))
         })
         .collect();
-    if route.sort_query {
-        // By name only, and stable: parameters of different names commute,
-        // but the order of a repeated name is the app's (`sort=price&
-        // sort=date` is not `sort=date&sort=price`). Names compare as
-        // parsers read them (percent-decoded, `+` a space), so `%61` and
-        // `a` are one name whose order is kept.
-        pairs.sort_by(|a, b| param_name(a).cmp(&param_name(b)));
+    // Sorted by name only, and stable: parameters of different names
+    // commute, but the order of one name's values is the app's
+    // (`sort=price&sort=date` is not `sort=date&sort=price`). Names compare
+    // as loosely as any parser reads them ([`loose_name`]), so `%61`, `A`
+    // and `a` keep their order among themselves. A query with a `;` in a
+    // pair is not sorted at all: frameworks that split on it read other
+    // names there.
+    if route.sort_query && !pairs.iter().any(|pair| pair.contains(';')) {
+        fn name(pair: &str) -> &str {
+            pair.split('=').next().unwrap_or(pair)
+        }
+        if pairs
+            .iter()
+            .all(|pair| matches!(loose_name(name(pair), true), Cow::Borrowed(_)))
+        {
+            pairs.sort_by(|a, b| name(a).cmp(name(b)));
+        } else {
+            // One loose name per pair, not one per comparison.
+            pairs.sort_by_cached_key(|pair| loose_name(name(pair), true).into_owned());
+        }
     }
     (!pairs.is_empty()).then(|| pairs.join("&"))
 }
 
-/// The name of a query parameter as form parsers read it: percent-escapes
-/// decoded and `+` a space (a malformed escape stays as written). Borrowed
-/// unless it has one of them.
-fn param_name(pair: &str) -> std::borrow::Cow<'_, [u8]> {
-    let name = pair.split('=').next().unwrap_or(pair).as_bytes();
-    if name.iter().any(|b| matches!(b, b'%' | b'+')) {
-        std::borrow::Cow::Owned(percent_decode(name, true))
-    } else {
-        std::borrow::Cow::Borrowed(name)
+/// A query parameter's or a cookie's name as the loosest common parser
+/// reads it: percent-escapes decoded (and `+` a space, in a query),
+/// trimmed, in lower case, with `.`, a space and `[` read as `_` (as PHP
+/// does). Two names equal here may be one name to some app. Borrowed when
+/// the name has none of those.
+fn loose_name(raw: &str, plus_is_space: bool) -> Cow<'_, [u8]> {
+    let bytes = raw.as_bytes();
+    let plain = |b: &u8| {
+        !(b.is_ascii_uppercase()
+            || matches!(b, b'%' | b'.' | b' ' | b'\t' | b'[')
+            || (plus_is_space && *b == b'+'))
+    };
+    if bytes.iter().all(plain) {
+        return Cow::Borrowed(bytes);
     }
+    let decoded = percent_decode(bytes, plus_is_space);
+    Cow::Owned(
+        decoded
+            .trim_ascii()
+            .iter()
+            .map(|b| match b.to_ascii_lowercase() {
+                b'.' | b' ' | b'[' => b'_',
+                other => other,
+            })
+            .collect(),
+    )
 }
 
 /// The path and query of a key URL (`//host/path?query` → `/path?query`).
@@ -616,17 +646,7 @@ fn cookie_pairs(text: &str) -> impl Iterator<Item = (&str, Option<&str>)> {
 /// Whether some cookie parser could read `sent` as the name `name`: as
 /// sent, trimmed, percent-decoded (and trimmed again), in any ASCII case.
 fn may_name(sent: &str, name: &str) -> bool {
-    let trimmed = sent.trim();
-    if trimmed.eq_ignore_ascii_case(name) {
-        return true;
-    }
-    trimmed.contains('%') && percent_decoded(trimmed).trim().eq_ignore_ascii_case(name)
-}
-
-/// `text` with each `%` and two hex digits replaced by the byte they
-/// name (bytes that are not UTF-8 replaced); other `%` kept.
-fn percent_decoded(text: &str) -> String {
-    String::from_utf8_lossy(&percent_decode(text.as_bytes(), false)).into_owned()
+    loose_name(sent, false) == loose_name(name, false)
 }
 
 /// `bytes` with each `%` and two hex digits replaced by the byte they name
@@ -891,6 +911,14 @@ mod tests {
         assert_ne!(key("/list?a=1&%61=2"), key("/list?%61=2&a=1"));
         assert_ne!(key("/list?a+b=1&a%20b=2"), key("/list?a%20b=2&a+b=1"));
         assert_eq!(key("/list?b=1&a=2"), key("/list?a=2&b=1"));
+        // Names some parser reads as one: case (ASP.NET), `.` (PHP).
+        assert_ne!(
+            key("/list?Sort=price&sort=date"),
+            key("/list?sort=date&Sort=price")
+        );
+        assert_ne!(key("/list?a.b=1&a_b=2"), key("/list?a_b=2&a.b=1"));
+        // A `;` hides other names from the sort: not sorted at all.
+        assert_ne!(key("/list?x=1;s=a&s=b"), key("/list?s=b&x=1;s=a"));
         // A malformed escape is a name of its own, and no panic.
         assert!(key("/list?%zz=1&%=2&a%2=3").is_some());
     }
@@ -1079,8 +1107,23 @@ mod tests {
         }
         // A field that is not text and does not name it leaves it be.
         assert_eq!(read(&[b"x=\xff", b"currency=EUR"]), value("EUR"));
-        assert_eq!(percent_decoded("%63ur%zz%7"), "cur%zz%7");
-        assert_eq!(percent_decoded("%ff%41"), "\u{fffd}A");
+        assert_eq!(percent_decode(b"%63ur%zz%7+", false), b"cur%zz%7+");
+        assert_eq!(percent_decode(b"%ff%41+", true), b"\xffA ");
+        // PHP reads `.`, a space and `[` in a name as `_`.
+        for mangled in [
+            &b"site.lang=xx"[..],
+            b"site lang=xx",
+            b"site[lang=xx",
+            b"SITE_LANG=xx",
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::COOKIE, HeaderValue::from_bytes(mangled).unwrap());
+            assert_eq!(
+                cookie_value(&headers, "site_lang"),
+                Err(Ambiguous),
+                "{mangled:?}"
+            );
+        }
     }
 
     /// A key header read one way only: one line of text gives its

@@ -221,7 +221,16 @@ fn routes(origin: Origin) -> Router {
                 |State(o): State<Origin>, Path(case): Path<String>, headers: HeaderMap| async move {
                     let n = o.count(&format!("/conditional/{case}"));
                     o.delay().await;
-                    conditional_answer(&headers, n)
+                    conditional_answer(&headers, n, "max-age=60")
+                },
+            ),
+        )
+        .route(
+            "/conditional-private/{case}",
+            routing::get(
+                |State(o): State<Origin>, Path(case): Path<String>, headers: HeaderMap| async move {
+                    let n = o.count(&format!("/conditional-private/{case}"));
+                    conditional_answer(&headers, n, "private, max-age=60")
                 },
             ),
         )
@@ -259,7 +268,7 @@ const LAST_MODIFIED: &str = "Mon, 01 Jan 2024 00:00:00 GMT";
 /// `If-Modified-Since` is its `Last-Modified`, `412` when `If-Match` does
 /// not name it or `If-Unmodified-Since` is another date, else the page
 /// (the `n`th call's).
-fn conditional_answer(headers: &HeaderMap, n: u64) -> Response<Body> {
+fn conditional_answer(headers: &HeaderMap, n: u64, cache_control: &'static str) -> Response<Body> {
     let field = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     let status = if let Some(tags) = field(header::IF_NONE_MATCH) {
         if tags == "\"v1\"" {
@@ -283,7 +292,7 @@ fn conditional_answer(headers: &HeaderMap, n: u64) -> Response<Body> {
     };
     Response::builder()
         .status(status)
-        .header("cache-control", "max-age=60")
+        .header("cache-control", cache_control)
         .header("etag", "\"v1\"")
         .header("last-modified", LAST_MODIFIED)
         .body(body)
@@ -1326,6 +1335,32 @@ async fn a_conditional_request_on_a_miss_turns_off_coalescing_for_everyone() {
             );
             settle(&f.layer).await;
         }
+    }
+}
+
+/// The leader of a fill asks the origin for the whole page; when that page
+/// is not stored (here it is `private`), its client's conditionals are
+/// still answered as the origin would have: a `304` for a matching
+/// `If-None-Match`, not the whole page.
+#[tokio::test]
+async fn a_conditional_request_whose_page_is_not_stored_still_gets_its_304() {
+    let f = fixture(|b| b).await;
+    for (i, (value, expected)) in [("\"v1\"", 304), ("\"v0\"", 200)].into_iter().enumerate() {
+        let path = format!("/conditional-private/{i}");
+        let answer = get(&f.app, &path, &[("if-none-match", value)]).await;
+        assert_eq!(
+            answer.status,
+            expected,
+            "{value}: {}",
+            answer.cache_status()
+        );
+        assert_eq!(answer.header("etag"), Some("\"v1\""));
+        assert_eq!(answer.body.is_empty(), expected == 304, "{value}");
+        assert!(
+            !answer.cache_status().contains("stored"),
+            "{}",
+            answer.cache_status()
+        );
     }
 }
 

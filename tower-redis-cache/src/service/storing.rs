@@ -157,6 +157,11 @@ fn store<ResBody: OriginBody>(
             }
             fill.release(ctx);
             add_cache_status(&mut parts.headers, &status);
+            // The client's conditionals were not sent: answered here too,
+            // as the origin would have (the body is not needed then).
+            if answer_conditionals && answers_with_not_modified(request, &parts) {
+                return hit::not_modified_response(&parts.headers);
+            }
             return Response::from_parts(parts, CacheBody::passthrough(body));
         }
     };
@@ -188,16 +193,23 @@ fn store<ResBody: OriginBody>(
     );
     add_cache_status(&mut parts.headers, &status);
     let body = read_and_store(ctx, body, put, fill);
-    // A `Set-Cookie` is for this client: it gets the whole response.
-    if answer_conditionals
-        && parts.status == StatusCode::OK
-        && !parts.headers.contains_key(header::SET_COOKIE)
-        && hit::not_modified(Asked::of(request), &parts.headers)
-    {
+    if answer_conditionals && answers_with_not_modified(request, &parts) {
         read_for_the_entry_alone(body, config.max_body_bytes);
         return hit::not_modified_response(&parts.headers);
     }
     Response::from_parts(parts, body)
+}
+
+/// Whether the origin's `200` answers the client's conditionals (which the
+/// cache did not send) with a `304`: they match it, as a hit would find.
+/// A `Set-Cookie` is for this client: it gets the whole response.
+fn answers_with_not_modified(
+    request: &http::request::Parts,
+    response: &http::response::Parts,
+) -> bool {
+    response.status == StatusCode::OK
+        && !response.headers.contains_key(header::SET_COOKIE)
+        && hit::not_modified(Asked::of(request), &response.headers)
 }
 
 /// Reads, on a task of its own, a body the cache is storing whose client

@@ -14,11 +14,12 @@
 -- Every field carries the time of its last change ('t:' fields, kept as
 -- tombstones after removal); a change older than the stored one is skipped,
 -- so replaying writes made during an outage never overwrites newer data.
--- Tombstones are bounded: once the hash holds MAX_FIELDS fields, a removal
--- leaves none (an app that stores entries under names its clients choose
--- and removes them would otherwise grow the hash, and every read of it,
--- until the absolute timeout). Past the bound, only an outage change to a
--- removed entry older than its removal can bring the entry back.
+-- Tombstones are bounded: once the hash holds MAX_FIELDS fields, the
+-- removal of a name without a tombstone leaves none (an app that stores
+-- entries under names its clients choose and removes them would otherwise
+-- grow the hash, and every read of it, until the absolute timeout); one
+-- already there is refreshed. Past the bound, only an outage change to a
+-- removed entry older than its removal can bring that entry back.
 -- Returns 0 when the session is gone; when written, the key's TTL as set
 -- (PTTL, at least 1) when every change was applied, or -1 when a newer
 -- stamp kept one out. The PTTL is read last, after every write: on a
@@ -66,10 +67,9 @@ for _ = 1, removals do
   local stored = tonumber(redis.call('HGET', key, 't:' .. name))
   if not stored or stored <= at then
     redis.call('HDEL', key, 'd:' .. name)
-    if redis.call('HLEN', key) < MAX_FIELDS then
+    -- A tombstone already there is refreshed (that adds no field).
+    if stored or redis.call('HLEN', key) < MAX_FIELDS then
       redis.call('HSET', key, 't:' .. name, at)
-    elseif stored then
-      redis.call('HDEL', key, 't:' .. name)
     end
   else
     applied = 0

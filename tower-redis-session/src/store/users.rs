@@ -55,10 +55,11 @@ impl RedisStore {
     ///
     /// Not one atomic step (the user's index and sessions may live on other
     /// shards), so the index is read again after each pass: a session made
-    /// or cycled (a login's new id) while a pass ran is ended by the next,
-    /// up to [`REVOKE_PASSES`]. Only the ids a pass ended leave the index, so
-    /// a login after the last read stays listed, and revocable, rather than
-    /// live and unlisted.
+    /// or cycled (a login's new id) while a pass ran is ended by the next
+    /// one when its id is in the index by then, up to [`REVOKE_PASSES`].
+    /// Only the ids a pass ended leave the index, so one that comes later
+    /// stays listed, and revocable by another call, rather than live and
+    /// unlisted.
     pub(crate) async fn revoke_user(
         &self,
         user: &str,
