@@ -464,8 +464,9 @@ impl Route {
     /// sent twice (`currency=USD; currency=EUR`: the `cookie` crate,
     /// tower-cookies and axum-extra's `CookieJar` keep the last, others the
     /// first), a name with whitespace or percent-escapes (`currency =EUR`,
-    /// `%63urrency=EUR`), in another case, without `=`, or in a field that
-    /// is not text. A request that names the cookie in any such form is
+    /// `%63urrency=EUR`), in another case, with `.`, a space or `[` where
+    /// the name has `_` (PHP reads those as `_`), without `=`, or in a
+    /// field that is not text. A request that names the cookie in any such form is
     /// neither answered from the cache nor stored, so it cannot fill the
     /// variant of requests the app reads otherwise.
     ///
