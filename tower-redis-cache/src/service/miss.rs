@@ -15,7 +15,7 @@ use super::coalesce::{self, FlightGuard, Joined, Outcome};
 use super::hit::{gateway_timeout, serve_coalesced, usable_by_follower};
 use super::range::RangeRequest;
 use super::request;
-use super::storing::{store_answering_conditionals, store_if_allowed};
+use super::storing;
 use super::{Answer, Ctx, Exchange, Origin, OriginBody};
 use crate::key;
 use crate::layer::Config;
@@ -279,7 +279,7 @@ where
     /// nothing can be stored from: the followers would go to the origin one
     /// by one, and the URL would be marked uncacheable, switching coalescing
     /// off for everyone. They are answered from the response instead, as a
-    /// hit answers them ([`store_answering_conditionals`]).
+    /// hit answers them ([`storing::store`]).
     ///
     /// A plain function: the origin is called here, and the future holds
     /// only its call and what storing needs. As an `async fn` it held the
@@ -299,14 +299,14 @@ where
         // The call's future owns what it needs; the service is not kept.
         drop(inner);
         called.map(move |answer| match answer {
-            Ok(response) if answers_conditionals => Ok(store_answering_conditionals(
+            Ok(response) => Ok(storing::store(
                 &ctx,
                 response,
                 request_time,
                 status,
                 fill,
+                answers_conditionals,
             )),
-            Ok(response) => Ok(store_if_allowed(&ctx, response, request_time, status, fill)),
             Err(error) => {
                 fill.release(&ctx);
                 Err(error)

@@ -107,21 +107,11 @@ pub(crate) fn store_if_allowed<ResBody: OriginBody>(
     store(ctx, response, request_time, status, fill, false)
 }
 
-/// [`store_if_allowed`] for a request whose conditionals the cache did not
-/// send to the origin: a `200` that is stored answers them as a hit would,
-/// with a `304` when they match it (its body then read for the entry
-/// alone). A response that is not stored is passed on whole.
-pub(crate) fn store_answering_conditionals<ResBody: OriginBody>(
-    ctx: &Ctx,
-    response: Response<ResBody>,
-    request_time: SystemTime,
-    status: CacheStatus,
-    fill: Fill,
-) -> Response<CacheBody<ResBody>> {
-    store(ctx, response, request_time, status, fill, true)
-}
-
-fn store<ResBody: OriginBody>(
+/// [`store_if_allowed`]; with `answer_conditionals`, for a request whose
+/// conditionals the cache did not send to the origin: a `200` answers them
+/// as a hit would, with a `304` when they match it (a body being stored is
+/// then read for the entry alone; one that is not, dropped).
+pub(crate) fn store<ResBody: OriginBody>(
     ctx: &Ctx,
     response: Response<ResBody>,
     request_time: SystemTime,
