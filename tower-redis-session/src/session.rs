@@ -734,7 +734,7 @@ impl Session {
             {
                 tracing::debug!(
                     target: "tower_redis_session",
-                    "a change to a session another request ended is not stored"
+                    "a change to a session whose id another request cycled away is not stored"
                 );
                 return None;
             }
