@@ -203,6 +203,30 @@ fn routes(origin: Origin) -> Router {
             }),
         )
         .route(
+            "/cgi/{case}",
+            routing::get(|State(o): State<Origin>, headers: HeaderMap| async move {
+                o.count("/cgi");
+                // As a CGI-style origin reads fields: `_` and `-` alike.
+                let field = |name: &str| {
+                    headers
+                        .get(name)
+                        .or_else(|| headers.get(name.replace('-', "_")))
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("(none)")
+                        .to_owned()
+                };
+                let mut response = cacheable(format!(
+                    "tenant={} host={}",
+                    field("x-tenant"),
+                    field("x-forwarded-host")
+                ));
+                response
+                    .headers_mut()
+                    .insert(header::VARY, "X-Tenant".parse().unwrap());
+                response
+            }),
+        )
+        .route(
             "/prices/{case}",
             routing::get(|State(o): State<Origin>, headers: HeaderMap| async move {
                 o.count("/prices");
@@ -1267,6 +1291,50 @@ async fn authorised_requests_do_not_queue_behind_each_other() {
     let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
     assert_eq!(calls.load(Ordering::SeqCst), 11, "{statuses:?}");
     assert_eq!(most.load(Ordering::SeqCst), 10, "{statuses:?}");
+}
+
+/// An origin that reads fields through CGI-style names (PHP's `$_SERVER`)
+/// takes `X_Tenant` for `X-Tenant` and `X_Forwarded_Host` for
+/// `X-Forwarded-Host`. A page it rendered for such a spelling must not be
+/// stored: the key would file it under the field's absence (`Vary`, a key
+/// header) or miss the unkeyed field altogether.
+#[tokio::test]
+async fn cache_poisoning_via_an_underscore_spelling_of_a_field() {
+    let f = fixture(|b| b.route(Route::new("/cgi/keyed").key_header("x-tenant"))).await;
+    for (case, name, value, seen) in [
+        ("vary", "x_tenant", "evil", "tenant=evil host=(none)"),
+        ("keyed", "x_tenant", "evil", "tenant=evil host=(none)"),
+        (
+            "unkeyed",
+            "x_forwarded_host",
+            "evil.example",
+            "tenant=(none) host=evil.example",
+        ),
+    ] {
+        let path = format!("/cgi/{case}");
+        let attacker = get(&f.app, &path, &[(name, value)]).await;
+        assert_eq!(attacker.body, seen, "{case}: the origin reads the spelling");
+        assert!(
+            !attacker.cache_status().contains("stored"),
+            "{case}: {}",
+            attacker.cache_status()
+        );
+        settle(&f.layer).await;
+        let victim = get(&f.app, &path, &[]).await;
+        assert_eq!(
+            victim.body,
+            "tenant=(none) host=(none)",
+            "{case}: {}",
+            victim.cache_status()
+        );
+    }
+    // Fields with `_` that spell nothing the answer depends on change nothing.
+    let plain = get(&f.app, "/cgi/other", &[("x_request_id", "1")]).await;
+    assert!(
+        plain.cache_status().contains("stored"),
+        "{}",
+        plain.cache_status()
+    );
 }
 
 /// A conditional request on a miss led the fill with its conditionals: the

@@ -140,6 +140,15 @@ pub(crate) fn carries_unkeyed_header(config: &Config, request: &Parts) -> bool {
         None => &[],
     };
     let unkeyed = &config.unkeyed_headers;
+    // `X_Forwarded_Host` is `X-Forwarded-Host` to origins that read fields
+    // through CGI-style names (PHP's `$_SERVER`): such a spelling of any
+    // listed field, keyed ones included (which spelling wins there is the
+    // origin's guess), counts as the field.
+    if spells_otherwise(&request.headers, |name| {
+        unkeyed.iter().chain(keyed).any(|field| field == name)
+    }) {
+        return true;
+    }
     // The cheaper way round. A request usually carries fewer field names
     // than the list holds: each is compared with the list (no hashing).
     // Otherwise each name of the list is looked up in the request's map.
@@ -153,6 +162,18 @@ pub(crate) fn carries_unkeyed_header(config: &Config, request: &Parts) -> bool {
             .iter()
             .any(|h| !keyed.contains(h) && request.headers.contains_key(h))
     }
+}
+
+/// Whether the request carries a field whose name, with `_` for `-`
+/// (`x_tenant` for `x-tenant`), is one the answer `depends_on` (given in
+/// lower case): origins that read fields through CGI-style names (PHP's
+/// `$_SERVER['HTTP_X_TENANT']`) take it for that field. A request without
+/// a `_` in its field names costs one scan of them.
+pub(crate) fn spells_otherwise(headers: &HeaderMap, depends_on: impl Fn(&str) -> bool) -> bool {
+    headers.keys().any(|field| {
+        let field = field.as_str();
+        field.contains('_') && depends_on(&field.replace('_', "-"))
+    })
 }
 
 /// Marks a request's head as received from a trusted proxy that writes this

@@ -71,6 +71,22 @@ fn storability<B: Body>(
     if request::refuses_storage(config, request, &keyed.key.directives) {
         return Err(false);
     }
+    // A field the answer varies by (its `Vary`, the route's key headers),
+    // sent spelled with `_` for `-`: an origin reading CGI-style names
+    // answered for it, but the key would file the answer under the field's
+    // absence.
+    if request::spells_otherwise(&request.headers, |name| {
+        route.key_headers.iter().any(|field| field == name)
+            || response
+                .headers
+                .get_all(header::VARY)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .flat_map(|value| value.split(','))
+                .any(|field| field.trim().eq_ignore_ascii_case(name))
+    }) {
+        return Err(false);
+    }
     // The answer to the request's conditionals (forwarded when it leads no
     // fill), not to the URL: a `412` with freshness would otherwise be
     // served to every client of the URL.
