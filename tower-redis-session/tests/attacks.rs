@@ -119,6 +119,15 @@ async fn send(
     (status, body, set_cookie)
 }
 
+/// The app on `redis` and a session holding `cart=3`: the app, its store
+/// and the session's cookie.
+async fn app_with_a_cart(redis: &TestRedis) -> (Router, SessionStore, String) {
+    let (app, _, store) = start_app(SessionLayer::builder(manager(redis).await));
+    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let cookie = cookie_pair(&set_cookie.expect("session"));
+    (app, store, cookie)
+}
+
 async fn manager(redis: &TestRedis) -> RedisManager {
     RedisManager::connect(redis.config().failure_threshold(1).build().expect("config"))
         .await
@@ -487,9 +496,7 @@ async fn a_logout_of_a_session_whose_creation_is_still_queued_is_not_undone() {
 #[tokio::test]
 async fn a_logout_with_the_old_cookie_does_not_log_out_a_cycled_session() {
     let redis = TestRedis::start().await;
-    let (app, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
-    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
-    let old = cookie_pair(&set_cookie.expect("session"));
+    let (app, _, old) = app_with_a_cart(&redis).await;
     let (_, _, login) = send(&app, "POST", "/login/alice", Some(&old)).await;
     let new = cookie_pair(&login.expect("login cookie"));
     let (status, _, cookie) = send(&app, "POST", "/logout", Some(&old)).await;
@@ -510,9 +517,7 @@ async fn a_logout_with_the_old_cookie_does_not_log_out_a_cycled_session() {
 #[tokio::test]
 async fn a_write_with_the_old_cookie_does_not_log_out_a_cycled_session() {
     let redis = TestRedis::start().await;
-    let (app, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
-    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
-    let old = cookie_pair(&set_cookie.expect("session"));
+    let (app, store, old) = app_with_a_cart(&redis).await;
     let (_, _, login) = send(&app, "POST", "/login/alice", Some(&old)).await;
     let new = cookie_pair(&login.expect("login cookie"));
     let (status, _, cookie) = send(&app, "POST", "/set/theme/dark", Some(&old)).await;
@@ -530,6 +535,8 @@ async fn a_write_with_the_old_cookie_does_not_log_out_a_cycled_session() {
             .await
             .expect("DEL");
     }
+    // This instance's tracked copy goes with Redis' invalidation.
+    store.sync().await.expect("sync");
     let (_, _, fresh) = send(&app, "POST", "/set/theme/dark", Some(&new)).await;
     assert!(fresh.is_some(), "a write to an expired session starts one");
 }
@@ -541,9 +548,7 @@ async fn a_write_with_the_old_cookie_does_not_log_out_a_cycled_session() {
 #[tokio::test]
 async fn removals_under_names_a_client_chooses_do_not_grow_the_session_without_bound() {
     let redis = TestRedis::start().await;
-    let (app, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
-    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
-    let cookie = cookie_pair(&set_cookie.expect("session"));
+    let (app, _, cookie) = app_with_a_cart(&redis).await;
     for i in 0..2_500 {
         let (status, body, _) =
             send(&app, "POST", &format!("/remove/form-{i}"), Some(&cookie)).await;
@@ -575,9 +580,7 @@ async fn removals_under_names_a_client_chooses_do_not_grow_the_session_without_b
 #[tokio::test]
 async fn a_write_after_a_destroy_or_a_revocation_starts_a_new_session() {
     let redis = TestRedis::start().await;
-    let (app, _, store) = start_app(SessionLayer::builder(manager(&redis).await));
-    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
-    let old = cookie_pair(&set_cookie.expect("session"));
+    let (app, store, old) = app_with_a_cart(&redis).await;
     let (status, body, fresh) = send(&app, "POST", "/fresh/theme/dark", Some(&old)).await;
     assert_eq!((status, body.as_str()), (200, "ok"));
     let fresh = cookie_pair(&fresh.expect("the new session's cookie"));
@@ -602,9 +605,7 @@ async fn a_write_after_a_destroy_or_a_revocation_starts_a_new_session() {
 #[tokio::test]
 async fn a_large_neighbour_cookie_does_not_hide_the_session() {
     let redis = TestRedis::start().await;
-    let (app, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
-    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
-    let session = cookie_pair(&set_cookie.expect("session"));
+    let (app, _, session) = app_with_a_cart(&redis).await;
     let big = "x".repeat(16 * 1024);
     for line in [
         format!("tracking={big}; {session}"),
