@@ -43,6 +43,8 @@ struct Origin {
     /// `/item/{id}` answers wait until that item has had this many calls
     /// (at most [`GATE_DEADLINE`]; 0: no wait).
     item_gate: Arc<AtomicU64>,
+    /// Chunks of `/growing`'s large answer read so far.
+    chunks_read: Arc<AtomicU64>,
 }
 
 impl std::ops::Deref for Origin {
@@ -104,6 +106,30 @@ fn routes(origin: Origin) -> Router {
                     ("cache-control", "no-cache".to_owned()),
                     ("shop-cache-control", "max-age=60".to_owned()),
                 ]
+            }),
+        )
+        .route(
+            "/growing",
+            routing::get(|State(o): State<Origin>| async move {
+                let n = o.count("/growing");
+                let headers = "max-age=60, stale-while-revalidate=60";
+                if n == 1 {
+                    return Response::builder()
+                        .header("cache-control", headers)
+                        .body(Body::from("small"))
+                        .unwrap();
+                }
+                // Then 64 chunks of 64 KiB, of no announced length,
+                // counted as they are read.
+                let read = Arc::clone(&o.chunks_read);
+                let chunks = futures_util::stream::iter((0..64).map(move |_| {
+                    read.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(vec![b'x'; 64 << 10]))
+                }));
+                Response::builder()
+                    .header("cache-control", headers)
+                    .body(Body::from_stream(chunks))
+                    .unwrap()
             }),
         )
         .route(
@@ -427,6 +453,39 @@ async fn stale_while_revalidate_serves_stale_at_once_and_refreshes_once() {
         "{}",
         refreshed.cache_status()
     );
+}
+
+/// A stale entry's background refresh reads the new answer for the entry
+/// only, and no further than an entry may hold: a refresh of 4 MiB, with
+/// entries bounded at 64 KiB, is not read (nor kept) to its end.
+#[tokio::test]
+async fn a_background_refresh_larger_than_an_entry_is_not_read_to_its_end() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = instance(redis.config(), &origin, |b| b.max_body_bytes(64 << 10)).await;
+    assert_eq!(get_settled(&a, "/growing").await.body, "small");
+    a.layer.handle().soft_purge_url("/growing").await.unwrap();
+    let stale = get(&a.app, "/growing").await;
+    assert_eq!(stale.body, "small", "{}", stale.cache_status());
+    assert!(
+        stale.cache_status().contains("stale-while-revalidate"),
+        "{}",
+        stale.cache_status()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while origin.calls("/growing") < 2 {
+        assert!(Instant::now() < deadline, "no background refresh");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.layer.flush().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let read = origin.chunks_read.load(Ordering::SeqCst);
+    assert!(
+        read <= 4,
+        "{read} chunks of 64 KiB read of a refresh no entry can hold"
+    );
+    // Nothing was stored from it: the stale entry is still what there is.
+    assert_eq!(get(&a.app, "/growing").await.body, "small");
 }
 
 #[tokio::test]

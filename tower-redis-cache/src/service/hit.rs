@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body::Body;
-use http_body_util::BodyExt;
 use tracing::Instrument;
 
 use super::cache_status::{CACHE_STATUS, CacheStatus, add_cache_status};
@@ -15,6 +14,7 @@ use super::coalesce::Joined;
 use super::miss::Fill;
 use super::range::RangeRequest;
 use super::revalidate::Revalidation;
+use super::storing;
 use super::tags::STORED_TAGS;
 use super::{Answer, Ctx, Exchange, Keyed, Origin, OriginBody};
 use crate::body::CacheBody;
@@ -164,6 +164,7 @@ where
             async move {
                 let _in_flight = in_flight;
                 let Ctx { config, keyed } = &self.ctx;
+                let max_body_bytes = config.max_body_bytes;
                 let variant = config.store.known_variant(
                     &keyed.key.url_hash,
                     &keyed.parts.headers,
@@ -189,9 +190,10 @@ where
                     stale_if_error: false,
                 };
                 if let Ok(response) = self.revalidate(revalidation, fill).await {
-                    // Read to its end: a body dropped early is a client that
-                    // left, and nothing would be stored.
-                    let _ = response.into_body().collect().await;
+                    // Read for the entry: a body dropped early is a client
+                    // that left, and nothing would be stored. Not kept: a
+                    // refresh larger than an entry may hold is not read on.
+                    storing::read_to_the_entry(response.into_body(), max_body_bytes).await;
                 }
             }
             .in_current_span(),

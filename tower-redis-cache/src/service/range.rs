@@ -39,7 +39,6 @@ use std::pin::Pin;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body;
-use http_body_util::BodyExt;
 
 use super::OriginBody;
 use crate::body::CacheBody;
@@ -421,20 +420,21 @@ pub(crate) fn header_value(text: &str) -> HeaderValue {
 
 /// Reads the rest of a body the cache is storing to its end on a task of
 /// its own (the client has what it asked for); any other body is dropped.
+/// A body that is stored has a known length within the entry bound, and
+/// what is read is not kept here (the body's tee takes it).
 fn finish<B: OriginBody>(body: Pin<Box<CacheBody<B>>>) {
     if !body.is_teed() || body.is_end_stream() {
         return;
     }
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(async move {
-            let _ = body.collect().await;
-        });
+        runtime.spawn(super::storing::read_to_the_entry(body, usize::MAX));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
 
     #[test]
     fn one_byte_range_parses_and_anything_else_does_not() {

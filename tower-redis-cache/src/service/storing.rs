@@ -219,26 +219,27 @@ fn answers_with_not_modified(
 }
 
 /// Reads, on a task of its own, a body the cache is storing whose client
-/// was answered without it (as the rest of a range is read once the
-/// client has its part): to its end, or until it holds more than an entry
-/// may (then nothing is stored and the rest is not read).
+/// was answered without it (a `304`).
 fn read_for_the_entry_alone<B: OriginBody>(body: CacheBody<B>, max_body_bytes: usize) {
     if !body.is_teed() || body.is_end_stream() {
         return;
     }
-    tokio::spawn(
-        async move {
-            let mut body = std::pin::pin!(body);
-            let mut read = 0_usize;
-            while let Some(Ok(frame)) = body.frame().await {
-                read = read.saturating_add(frame.data_ref().map_or(0, Bytes::len));
-                if read > max_body_bytes {
-                    return;
-                }
-            }
+    tokio::spawn(read_to_the_entry(body, max_body_bytes).in_current_span());
+}
+
+/// Reads a body the cache is storing, for the entry alone: to its end, or
+/// until more than an entry may hold has come (then nothing is stored, and
+/// the rest is not read). Nothing read is kept here: the body's tee takes
+/// what the entry needs.
+pub(crate) async fn read_to_the_entry<B: Body<Data = Bytes>>(body: B, max_body_bytes: usize) {
+    let mut body = std::pin::pin!(body);
+    let mut read = 0_usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        read = read.saturating_add(frame.data_ref().map_or(0, Bytes::len));
+        if read > max_body_bytes {
+            return;
         }
-        .in_current_span(),
-    );
+    }
 }
 
 /// What to store of `entry`, which `storable` allowed: without a
