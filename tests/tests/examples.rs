@@ -1126,28 +1126,34 @@ async fn server_bind_host_port_and_login_bodies() {
     }
 }
 
+/// The status of the demo's `GET /admin/cache/stats` with `authorization`.
+fn admin_stats(
+    http: &Client<HttpConnector, ClientBody>,
+    server: &Running,
+    authorization: String,
+) -> impl Future<Output = StatusCode> + use<> {
+    let (http, url) = (http.clone(), server.url("/admin/cache/stats"));
+    async move {
+        send(
+            &http,
+            Method::GET,
+            &url,
+            &[("authorization", &authorization)],
+            "",
+        )
+        .await
+        .status
+    }
+}
+
 /// The admin token guards purges: it is never written to the `tracing`
 /// log (which ends up in log aggregators). A generated one is printed once,
 /// to stderr, with a warning; one from `ADMIN_TOKEN` is printed nowhere.
 #[tokio::test]
 async fn server_admin_token_never_reaches_the_log() {
     let http = http_client();
-    let stats = |server: &Running, token: &str| {
-        let url = server.url("/admin/cache/stats");
-        let authorization = format!("Bearer {token}");
-        let http = http.clone();
-        async move {
-            send(
-                &http,
-                Method::GET,
-                &url,
-                &[("authorization", &authorization)],
-                "",
-            )
-            .await
-            .status
-        }
-    };
+    let stats =
+        |server: &Running, token: &str| admin_stats(&http, server, format!("Bearer {token}"));
 
     // No ADMIN_TOKEN: a generated one, shown once on stderr.
     let server = Running::start(
@@ -1275,20 +1281,7 @@ async fn server_product_renames_and_admin_guesses_are_bounded() {
     let list = get(&http, &server.url("/products")).await;
     assert!(!list.body.contains("Gold mug"), "{}", list.body);
 
-    let stats = |authorization: String| {
-        let (http, url) = (http.clone(), server.url("/admin/cache/stats"));
-        async move {
-            send(
-                &http,
-                Method::GET,
-                &url,
-                &[("authorization", &authorization)],
-                "",
-            )
-            .await
-            .status
-        }
-    };
+    let stats = |authorization: String| admin_stats(&http, &server, authorization);
     assert_eq!(stats(format!("Bearer {token}")).await, StatusCode::OK);
     let mut statuses = Vec::new();
     for guess in 0..60 {

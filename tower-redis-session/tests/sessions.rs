@@ -113,6 +113,16 @@ fn routes_with(gates: Arc<Gates>) -> Router {
         .layer(Extension(gates))
 }
 
+/// The test routes behind a default session layer on `redis`, and its store.
+async fn default_app(redis: &TestRedis) -> (Router, tower_redis_session::SessionStore) {
+    let config = redis.config().build().expect("config");
+    let layer = SessionLayer::builder(manager_for(config).await)
+        .build()
+        .expect("session layer");
+    let store = layer.store().clone();
+    (routes().layer(layer), store)
+}
+
 async fn manager_for(config: RedisConfig) -> RedisManager {
     RedisManager::connect(config).await.expect("manager starts")
 }
@@ -748,11 +758,7 @@ async fn a_destroyed_session_is_not_resurrected_by_a_concurrent_save() {
 #[tokio::test]
 async fn revoke_user_logs_out_everywhere() {
     let redis = TestRedis::start().await;
-    let layer = SessionLayer::builder(manager_for(redis.config().build().unwrap()).await)
-        .build()
-        .unwrap();
-    let store = layer.store().clone();
-    let app = routes().layer(layer);
+    let (app, store) = default_app(&redis).await;
     let (_, _, laptop, _) = send(&app, "POST", "/login/bob", None).await;
     let (_, _, phone, _) = send(&app, "POST", "/login/bob", None).await;
     let (_, _, other, _) = send(&app, "POST", "/login/carol", None).await;
@@ -783,11 +789,7 @@ async fn revoke_user_logs_out_everywhere() {
 #[tokio::test]
 async fn a_login_during_a_revocation_is_ended_or_stays_listed() {
     let redis = TestRedis::start().await;
-    let layer = SessionLayer::builder(manager_for(redis.config().build().unwrap()).await)
-        .build()
-        .unwrap();
-    let store = layer.store().clone();
-    let app = routes().layer(layer);
+    let (app, store) = default_app(&redis).await;
     for _ in 0..500 {
         send(&app, "POST", "/login/bob", None).await;
     }
