@@ -77,13 +77,8 @@ fn storability<B: Body>(
     // absence.
     if request::spells_otherwise(&request.headers, |name| {
         route.key_headers.iter().any(|field| field == name)
-            || response
-                .headers
-                .get_all(header::VARY)
-                .iter()
-                .filter_map(|value| value.to_str().ok())
-                .flat_map(|value| value.split(','))
-                .any(|field| field.trim().eq_ignore_ascii_case(name))
+            || key::vary_names(&response.headers)
+                .is_some_and(|names| names.split(',').any(|field| field == name))
     }) {
         return Err(false);
     }
