@@ -17,11 +17,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, Weak};
-use std::time::Duration;
 
-use futures_util::StreamExt;
 use tokio::sync::Notify;
-use tower_redis_core::{Invalidate, RedisManager, Tracking};
+use tower_redis_core::{Invalidate, RedisManager, Subscriber, Tracking};
 
 use moka::ops::compute::Op;
 
@@ -92,10 +90,6 @@ impl Bus {
         self.tracking.as_ref()
     }
 
-    pub(crate) fn channel(&self) -> &str {
-        &self.channel
-    }
-
     /// Starts the listener once, from inside a Tokio runtime.
     pub(crate) fn ensure_started(self: &Arc<Self>) {
         if self.started.load(Ordering::Acquire) || self.started.swap(true, Ordering::AcqRel) {
@@ -103,7 +97,7 @@ impl Bus {
         }
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn(listen(Arc::downgrade(self)));
+                runtime.spawn(tower_redis_core::listen(Arc::downgrade(self)));
             }
             Err(_) => self.started.store(false, Ordering::Release),
         }
@@ -206,6 +200,18 @@ impl Bus {
 
     /// The message announcing that every entry is gone.
     pub(crate) const ALL_MESSAGE: &'static str = "a";
+}
+
+/// The channel's announcements: an updated URL wakes the requests waiting
+/// for its fill (and, on a cluster, drops its near copies).
+impl Subscriber for Bus {
+    fn manager(&self) -> &RedisManager {
+        &self.manager
+    }
+
+    fn channel(&self) -> &str {
+        &self.channel
+    }
 
     fn on_message(&self, payload: &[u8]) {
         if self.tracking.is_some() {
@@ -236,7 +242,7 @@ impl Bus {
         self.updated.notify_waiters();
     }
 
-    fn set_connected(&self, connected: bool) {
+    fn on_connected(&self, connected: bool) {
         self.connected.store(connected, Ordering::Release);
         if self.tracking.is_some() {
             return;
@@ -271,45 +277,6 @@ impl Invalidate for Bus {
         if let Some(near) = &self.near {
             near.clear();
         }
-    }
-}
-
-async fn listen(events: Weak<Bus>) {
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let (manager, channel) = match events.upgrade() {
-            Some(events) => (events.manager.clone(), events.channel.clone()),
-            None => return,
-        };
-        let subscribed = async {
-            let mut pubsub = manager.pubsub().await.ok()?;
-            pubsub.subscribe(&channel).await.ok()?;
-            Some(pubsub)
-        }
-        .await;
-        drop(manager);
-        if let Some(mut pubsub) = subscribed {
-            backoff = Duration::from_millis(50);
-            match events.upgrade() {
-                Some(events) => events.set_connected(true),
-                None => return,
-            }
-            tracing::debug!(target: "tower_redis_cache", %channel, "listening for cache events");
-            let mut messages = pubsub.on_message();
-            while let Some(message) = messages.next().await {
-                match events.upgrade() {
-                    Some(events) => events.on_message(message.get_payload_bytes()),
-                    None => return,
-                }
-            }
-            match events.upgrade() {
-                Some(events) => events.set_connected(false),
-                None => return,
-            }
-            tracing::debug!(target: "tower_redis_cache", "cache events connection lost; reconnecting");
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 

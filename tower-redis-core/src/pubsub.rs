@@ -1,6 +1,10 @@
 //! Dedicated publish/subscribe connections, for layers that tell each other
-//! about changes (cache invalidations, fills).
+//! about changes (cache invalidations, fills, ended sessions).
 
+use std::sync::Weak;
+use std::time::Duration;
+
+use futures_util::StreamExt;
 use redis::aio::PubSub;
 
 use crate::backend::standalone_client;
@@ -62,5 +66,66 @@ impl RedisManager {
             Ok(Err(error)) => Err(Error::Connect(error)),
             Err(_) => Err(Error::Timeout(self.connect_timeout())),
         }
+    }
+}
+
+/// A listener of one channel, kept subscribed by [`listen`].
+pub trait Subscriber: Send + Sync + 'static {
+    /// The manager whose server the channel is on.
+    fn manager(&self) -> &RedisManager;
+    /// The channel.
+    fn channel(&self) -> &str;
+    /// A message published on the channel.
+    fn on_message(&self, payload: &[u8]);
+    /// Subscribed (`true`), or the subscription was lost (`false`). Messages
+    /// published while not subscribed are never delivered: a subscriber
+    /// that keeps state the messages correct should treat what it kept
+    /// before a (re)subscription as possibly outdated.
+    fn on_connected(&self, connected: bool);
+}
+
+/// Keeps `subscriber` subscribed to its channel
+/// ([`RedisManager::pubsub`]), reconnecting with a backoff from 50 ms to
+/// 2 s, until the subscriber is dropped (noticed at its next message or
+/// reconnection). Spawn it once per subscriber.
+///
+/// Between connections it holds neither the subscriber nor its manager,
+/// so dropping them frees the manager's connections.
+pub async fn listen<S: Subscriber>(subscriber: Weak<S>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let (manager, channel) = match subscriber.upgrade() {
+            Some(listener) => (listener.manager().clone(), listener.channel().to_owned()),
+            None => return,
+        };
+        let subscribed = async {
+            let mut pubsub = manager.pubsub().await.ok()?;
+            pubsub.subscribe(&channel).await.ok()?;
+            Some(pubsub)
+        }
+        .await;
+        drop(manager);
+        if let Some(mut pubsub) = subscribed {
+            backoff = Duration::from_millis(50);
+            match subscriber.upgrade() {
+                Some(listener) => listener.on_connected(true),
+                None => return,
+            }
+            tracing::debug!(target: "tower_redis", %channel, "subscribed");
+            let mut messages = pubsub.on_message();
+            while let Some(message) = messages.next().await {
+                match subscriber.upgrade() {
+                    Some(listener) => listener.on_message(message.get_payload_bytes()),
+                    None => return,
+                }
+            }
+            match subscriber.upgrade() {
+                Some(listener) => listener.on_connected(false),
+                None => return,
+            }
+            tracing::debug!(target: "tower_redis", %channel, "subscription lost; reconnecting");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }

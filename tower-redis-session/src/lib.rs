@@ -115,10 +115,18 @@
 //! - **Redis down**: sessions read on this instance before the outage stay
 //!   readable from a bounded local copy; new sessions and changes are kept
 //!   in process and written to Redis when it is back, entry by entry, never
-//!   over newer data. Limits: an instance only knows the sessions it has
+//!   over newer data. A session ended on any instance (a log out, a
+//!   login's `cycle_id`, [`SessionStore::revoke_user`]) is announced on a
+//!   channel in the same round trip as its delete (`PUBLISH` on
+//!   `<prefix>:session-ended`), and every instance drops its copy, so no
+//!   instance serves it in a later outage; copies an instance held while
+//!   its subscription was down are dropped when it subscribes again.
+//!   Limits: an instance only knows the sessions it has
 //!   seen, so without sticky routing a user may look logged out on another
 //!   instance during the outage; changes queued on two instances for the
-//!   same entry are resolved by their times (instance clocks).
+//!   same entry are resolved by their times (instance clocks); an instance
+//!   cut off from a Redis that still serves the others hears of no end
+//!   until it reaches Redis again.
 //! - **Bounded memory.** A session holds at most
 //!   [`max_session_bytes`](SessionLayerBuilder::max_session_bytes) (64 KiB
 //!   by default; an insert over it is a [`SessionError::TooLarge`] the

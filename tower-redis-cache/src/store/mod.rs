@@ -30,11 +30,11 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use http::HeaderMap;
 use tower_redis_core::RedisConnection;
-use tower_redis_core::RedisManager;
 use tower_redis_core::redis::RedisResult;
 use tower_redis_core::redis::aio::ConnectionLike;
 use tower_redis_core::redis::{self, Value};
 use tower_redis_core::sync::Gather;
+use tower_redis_core::{RedisManager, Subscriber};
 
 use crate::bus::Bus;
 use crate::entry::Entry;

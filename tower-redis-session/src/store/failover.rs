@@ -26,6 +26,7 @@ use tower_redis_core::record;
 use tower_redis_core::{FallbackReason, RedisManager, Source};
 
 use super::change::Change;
+use super::ended::Announcements;
 use super::local::{LocalCopy, LocalStore};
 use super::redis::RedisStore;
 use super::{LocalLimits, LocalUsage, Record, Saved, Store, Take, Write, now_ms};
@@ -40,6 +41,8 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 pub(crate) struct Failover {
     pair: degrade::Failover<RedisStore, LocalStore>,
     limits: LocalLimits,
+    /// Ends the local copies of sessions ended on other instances.
+    ended: Arc<Announcements>,
 }
 
 /// The local copies outlive an outage; once every change is in Redis, the
@@ -64,11 +67,12 @@ impl Failover {
     ) -> Self {
         let redis = RedisStore::new(manager.clone(), expiry, limits.tracked_bytes)
             .with_durability(durability);
+        let tracked = redis.tracked_cache();
         let pin_limit = limits
             .copies_bytes
             .saturating_add(u64::try_from(limits.queue_bytes).unwrap_or(u64::MAX));
         let local = LocalStore::new(limits.copies_bytes, pin_limit, expiry.idle, expiry.absolute);
-        let pair = degrade::Failover::builder(manager, redis, local)
+        let pair = degrade::Failover::builder(manager.clone(), redis, local.clone())
             .name("session")
             .queue_bytes(limits.queue_bytes)
             .retry_backoff(RETRY_AFTER, RETRY_AFTER)
@@ -78,7 +82,13 @@ impl Failover {
             // during the replay instead of piling onto this instance.
             .batch(1)
             .build();
-        Self { pair, limits }
+        let ended = Announcements::new(manager.clone(), local.clone(), tracked);
+        ended.ensure_started();
+        Self {
+            pair,
+            limits,
+            ended,
+        }
     }
 
     pub(crate) fn manager(&self) -> &RedisManager {
@@ -229,6 +239,8 @@ impl Failover {
         started_ms: u64,
         touch: bool,
     ) -> impl Future<Output = Option<Record>> + Send {
+        // Before a copy is made: it must hear of its session's end.
+        self.ended.ensure_started();
         async move {
             let read_copy = &copy;
             let served = self
@@ -260,6 +272,7 @@ impl Failover {
     }
 
     pub(crate) async fn save(&self, write: &Write<'_>) -> Saved {
+        self.ended.ensure_started();
         let storage_key = write.storage_key;
         let (value, queue) = if self.pair.is_pending(storage_key) {
             // Behind the session's earlier changes: see the module docs.
@@ -291,6 +304,7 @@ impl Failover {
     }
 
     pub(crate) async fn take(&self, take: &Take<'_>) -> Saved {
+        self.ended.ensure_started();
         let (value, queue) = if self.pair.is_pending(take.old_storage_key) {
             // Behind the session's earlier changes: see the module docs.
             (Saved::Written, true)

@@ -36,7 +36,21 @@ const ENDED_BYTES: u64 = 1024 * 1024;
 /// The bookkeeping of one remembered end.
 const ENDED_OVERHEAD: usize = 64;
 
-pub(crate) struct LocalStore {
+/// Cheap to clone: the clones share the copies and the memory of ends
+/// (the announcements of sessions ended elsewhere hold one, see
+/// `ended.rs`).
+#[derive(Clone)]
+pub(crate) struct LocalStore(Arc<LocalState>);
+
+impl std::ops::Deref for LocalStore {
+    type Target = LocalState;
+
+    fn deref(&self) -> &LocalState {
+        &self.0
+    }
+}
+
+pub(crate) struct LocalState {
     /// Weighed in bytes.
     copies: moka::sync::Cache<String, Arc<LocalCopy>>,
     /// Sessions this instance recently destroyed, cycled away or saw
@@ -76,6 +90,17 @@ impl LocalStore {
         idle: Duration,
         absolute: Duration,
     ) -> Self {
+        Self(Arc::new(LocalState::new(
+            capacity_bytes,
+            pin_limit_bytes,
+            idle,
+            absolute,
+        )))
+    }
+}
+
+impl LocalState {
+    fn new(capacity_bytes: u64, pin_limit_bytes: u64, idle: Duration, absolute: Duration) -> Self {
         Self {
             pinned: Mutex::default(),
             pinned_count: AtomicUsize::new(0),
@@ -119,7 +144,9 @@ impl LocalStore {
         self.end_as(storage_key, true);
     }
 
-    fn end_as(&self, storage_key: &str, cycled: bool) {
+    /// The session ended (`cycled`: its id was cycled away), here or on
+    /// another instance.
+    pub(crate) fn end_as(&self, storage_key: &str, cycled: bool) {
         self.with_pinned(|pinned| pinned.remove(storage_key));
         self.copies.invalidate(storage_key);
         self.ended.insert(storage_key.to_owned(), cycled);
@@ -177,6 +204,13 @@ impl LocalStore {
         if replaced != Some(true) {
             self.copies.insert(storage_key.to_owned(), copy);
         }
+    }
+
+    /// Drops every copy outside the pinned ones (whose changes still wait
+    /// for Redis): they may have missed the end of their session on
+    /// another instance.
+    pub(crate) fn drop_copies(&self) {
+        self.copies.invalidate_all();
     }
 
     /// Drops the copy (not the memory of an end).
@@ -263,6 +297,9 @@ impl LocalStore {
             // Unchanged and not renewed: the copy is already right.
             (Some(record), Some(copy)) if !touched && copy.record == *record => {}
             // A copy for reading through an outage.
+            // Ended since the read began (here, or announced from another
+            // instance): no copy comes back.
+            (Some(_), _) if self.has_ended(storage_key) => {}
             (Some(record), copy) => {
                 let touched_ms = match copy {
                     Some(copy) if !touched => copy.touched_ms,

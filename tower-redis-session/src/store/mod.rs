@@ -18,6 +18,7 @@
 //! - `users`: the per-user session index ("log out everywhere").
 
 mod change;
+mod ended;
 mod failover;
 mod local;
 mod redis;

@@ -46,6 +46,8 @@ pub(crate) struct RedisStore {
     /// by the Redis key), when on: a read of a session unchanged since this
     /// instance last read it costs no round trip.
     tracked: Option<TrackedCache<Arc<Tracked>>>,
+    /// Where ended sessions are announced (see `ended.rs`).
+    ended_channel: String,
 }
 
 /// A session as Redis last answered it, with when its key expires.
@@ -85,6 +87,7 @@ impl RedisStore {
                 .map(|tracking| tracking.cache(bytes, tracked_weight)),
         };
         Self {
+            ended_channel: super::ended::channel(&manager),
             manager,
             expiry,
             durability: Durability::Primary,
@@ -147,6 +150,11 @@ impl RedisStore {
         self.tracked.as_ref().map_or(0, TrackedCache::bytes)
     }
 
+    /// The copies kept exact by tracking, when tracking is on.
+    pub(crate) fn tracked_cache(&self) -> Option<TrackedCache<Arc<Tracked>>> {
+        self.tracked.clone()
+    }
+
     /// The tracking connection the copies follow, when tracking is on.
     pub(crate) fn tracking(&self) -> Option<&tower_redis_core::Tracking> {
         self.tracked.as_ref().map(TrackedCache::tracking)
@@ -158,6 +166,11 @@ impl RedisStore {
 
     pub(crate) fn expiry(&self) -> &Expiry {
         &self.expiry
+    }
+
+    /// Where ended sessions are announced (see `ended.rs`).
+    pub(crate) fn ended_channel(&self) -> &str {
+        &self.ended_channel
     }
 
     pub(crate) fn session_key(&self, storage_key: &str) -> String {
@@ -358,6 +371,11 @@ impl RedisStore {
                     .clone(),
             );
         }
+        commands.extras.push(super::ended::announce(
+            &self.ended_channel,
+            true,
+            [take.old_storage_key],
+        ));
         commands.run(conn).await.map(Saved::from)
     }
 
@@ -377,6 +395,11 @@ impl RedisStore {
                     .clone(),
             );
         }
+        extras.push(super::ended::announce(
+            &self.ended_channel,
+            false,
+            [storage_key],
+        ));
         SaveCommands {
             script: None,
             extras,

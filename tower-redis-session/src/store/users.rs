@@ -50,8 +50,9 @@ impl RedisStore {
         Ok(sessions)
     }
 
-    /// Ends every session of a user; `ended` hears of each one as it goes.
-    /// Returns how many were live.
+    /// Ends every session of a user; `ended` hears of each one as it goes,
+    /// and each pass announces the ids it ended to every instance (see
+    /// `ended.rs`). Returns how many were live.
     ///
     /// Not one atomic step (the user's index and sessions may live on other
     /// shards), so the index is read again after each pass: a session made
@@ -90,6 +91,16 @@ impl RedisStore {
                 revoked += deleted.map_err(StoreError::Unavailable)?;
                 ended(handle);
             }
+            // Every instance ends its copies of them (after the deletes, before
+            // they leave the index: a call that fails here is retried whole).
+            manager
+                .query::<()>(&super::ended::announce(
+                    self.ended_channel(),
+                    false,
+                    fresh.iter().map(String::as_str),
+                ))
+                .await
+                .map_err(StoreError::Unavailable)?;
             manager
                 .query::<()>(redis::cmd("SREM").arg(&user_key).arg(&fresh))
                 .await
