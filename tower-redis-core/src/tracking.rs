@@ -503,24 +503,33 @@ async fn keep_connected(shared: Weak<Shared>) {
                 continue;
             }
         };
-        {
+        let installed = {
             let mut slot = lock(&strong.conn);
-            if strong.serial.load(Ordering::Acquire) != serial {
-                // Lost while connecting (its reader already closed).
-                continue;
+            // Lost while connecting (its reader already closed)?
+            let installed = strong.serial.load(Ordering::Acquire) == serial;
+            if installed {
+                // Copies from before were made without this connection's
+                // tracking: dropped before any new one can be made.
+                strong.flush();
+                *slot = Some(Live {
+                    conn: conn.clone(),
+                    serial,
+                    generation: generation.unwrap_or(0),
+                });
+                strong
+                    .live_generation
+                    .store(generation.unwrap_or(0), Ordering::Release);
+                strong.live.store(true, Ordering::Release);
             }
-            // Copies from before were made without this connection's
-            // tracking: dropped before any new one can be made.
-            strong.flush();
-            *slot = Some(Live {
-                conn: conn.clone(),
-                serial,
-                generation: generation.unwrap_or(0),
-            });
-            strong
-                .live_generation
-                .store(generation.unwrap_or(0), Ordering::Release);
-            strong.live.store(true, Ordering::Release);
+            installed
+        };
+        if !installed {
+            // Retried with the backoff, as a failed connect is, so that a
+            // server that drops every new connection is not asked in a loop.
+            drop((strong, manager));
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            continue;
         }
         backoff = MIN_BACKOFF;
         tracing::debug!(target: "tower_redis", "tracking connection up");
