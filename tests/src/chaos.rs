@@ -204,10 +204,11 @@ pub fn app(manager: RedisManager) -> Router {
 /// [`app`] with its in-process stores bounded by `bounds`.
 pub fn bounded_app(manager: RedisManager, bounds: &AppBounds) -> Router {
     // Coalescing waits (and the cross-instance lock) bounded well under the
-    // latency bound: with the defaults (5 s each), a lock taken in Redis by
-    // a request that then timed out during a hang makes the first requests
-    // for that URL after recovery wait until the lock expires (seen: 4.96 s
-    // after SIGSTOP). Reported for the cache crate; see the issue 9 report.
+    // latency bound: a lock taken in Redis by a request that then timed out
+    // during a hang is released when the outage queue is written, which
+    // waits for the recovery's backoff; with the defaults (5 s each) the
+    // first requests for that URL could wait that long (4.96 s was seen
+    // after SIGSTOP before the release was queued).
     let mut cache = CacheLayer::builder(manager.clone())
         .coalesce(Some(COALESCE))
         .lock_ttl(COALESCE);

@@ -1390,6 +1390,44 @@ async fn a_purge_while_redis_hangs_is_deferred_and_replayed_when_it_answers() {
     assert!(get(&a.app, "/item/2").await.cache_status().contains("hit"));
 }
 
+/// A fill-lock attempt that timed out while Redis hung runs when Redis
+/// wakes, taking the URL's lock for a request that gave up long before.
+/// Its release is queued and written as soon as Redis answers again (with
+/// the announcement that wakes the waiters), so the first requests for the
+/// URL afterwards, here on another instance, do not wait out the lock's
+/// 5 s TTL for a fill that never comes.
+#[tokio::test]
+async fn a_fill_lock_taken_by_an_attempt_that_timed_out_is_released_when_redis_answers() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    // The default lock TTL and coalescing wait (5 s each); a breaker that
+    // stays closed through the lookup's and the lock's timeouts, so the
+    // lock attempt is sent. The answer is private: nothing stored releases
+    // the lock.
+    let a = instance(redis.config().failure_threshold(3), &origin, |b| b).await;
+    let b = instance(redis.config(), &origin, |b| b).await;
+    // Redis knows the lock script (a miss took a lock).
+    get_settled(&a, "/item/1").await;
+    redis.pause().await;
+    let answer = get(&a.app, "/private").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(origin.calls("/private"), 1);
+    redis.resume().await;
+
+    let started = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(10), get(&b.app, "/private"))
+        .await
+        .expect("B answered");
+    let waited = started.elapsed();
+    assert_eq!(answer.status, 200);
+    assert!(
+        waited < Duration::from_secs(3),
+        "B waited {waited:?} for a lock nobody would release ({})",
+        answer.cache_status()
+    );
+    assert_eq!(origin.calls("/private"), 2);
+}
+
 #[tokio::test]
 async fn the_admin_router_checks_authorisation_and_runs_the_operations() {
     use tower_redis_cache::admin::CacheAdmin;

@@ -391,10 +391,9 @@ impl CacheStore {
         if !self.redis().manager.is_available() {
             return LockAttempt::Unavailable;
         }
-        self.redis()
-            .lock_value(url_hash, purpose)
-            .await
-            .unwrap_or(LockAttempt::Unavailable)
+        let token = LockToken::generate();
+        let attempt = self.redis().lock_value(url_hash, purpose, &token).await;
+        self.lock_answered(url_hash, token, attempt)
     }
 }
 
@@ -456,8 +455,9 @@ impl RedisStore {
         &self,
         url_hash: &str,
         purpose: LockPurpose,
+        token: &LockToken,
     ) -> Result<LockAttempt, tower_redis_core::Error> {
-        self.run_lock(&DATA_LOCK, url_hash, &DATA_VARIANT, purpose)
+        self.run_lock(&DATA_LOCK, url_hash, &DATA_VARIANT, purpose, token)
             .await
     }
 }

@@ -5,6 +5,7 @@
 
 use http::HeaderMap;
 
+use super::outage::OutageChange;
 use super::redis_store::{self, Op, RedisStore};
 use super::{CacheStore, EntryStore, LockAttempt, LockPurpose, LockToken};
 use crate::bus::Bus;
@@ -24,10 +25,39 @@ impl CacheStore {
         if !self.redis().manager.is_available() {
             return LockAttempt::Unavailable;
         }
-        self.redis()
-            .lock(url_hash, variant, purpose)
-            .await
-            .unwrap_or(LockAttempt::Unavailable)
+        let token = LockToken::generate();
+        let attempt = self.redis().lock(url_hash, variant, purpose, &token).await;
+        self.lock_answered(url_hash, token, attempt)
+    }
+
+    /// What a lock attempt comes to. One that failed after it may have
+    /// reached Redis (a timeout, a connection lost mid-command) may yet
+    /// take the lock there: a hung Redis runs it when it wakes, for a
+    /// request that gave up long before, and every request for the URL
+    /// would wait out the lock's TTL for a fill that never comes. So its
+    /// release is queued, written as soon as Redis answers again (with the
+    /// announcement that wakes the waiters).
+    pub(super) fn lock_answered(
+        &self,
+        url_hash: &str,
+        token: LockToken,
+        attempt: Result<LockAttempt, tower_redis_core::Error>,
+    ) -> LockAttempt {
+        match attempt {
+            Ok(attempt) => attempt,
+            Err(error) => {
+                let unsent = matches!(
+                    error,
+                    tower_redis_core::Error::BreakerOpen
+                        | tower_redis_core::Error::Connect(_)
+                        | tower_redis_core::Error::Config(_)
+                ) || error.is_command_error();
+                if !unsent {
+                    self.defer([OutageChange::unlock(url_hash, token)]);
+                }
+                LockAttempt::Unavailable
+            }
+        }
     }
 
     /// Releases a fill lock without storing (the response was not
@@ -59,9 +89,16 @@ impl RedisStore {
         url_hash: &str,
         variant: Option<&str>,
         purpose: LockPurpose,
+        token: &LockToken,
     ) -> Result<LockAttempt, tower_redis_core::Error> {
-        self.run_lock(&redis_store::LOCK, url_hash, variant.unwrap_or(""), purpose)
-            .await
+        self.run_lock(
+            &redis_store::LOCK,
+            url_hash,
+            variant.unwrap_or(""),
+            purpose,
+            token,
+        )
+        .await
     }
 
     /// Runs a fill-lock script (`lock.lua`, or the data cache's, which take
@@ -72,13 +109,13 @@ impl RedisStore {
         url_hash: &str,
         variant: &str,
         purpose: LockPurpose,
+        token: &LockToken,
     ) -> Result<LockAttempt, tower_redis_core::Error> {
-        let token = format!("{:016x}", rand::random::<u64>());
         let ttl = self.lock_ttl_ms();
         let key = self.redis_key(url_hash);
         let mut invocation = script.key(&key);
         invocation
-            .arg(&token)
+            .arg(token.as_str())
             .arg(ttl)
             .arg(variant)
             .arg(match purpose {
@@ -91,7 +128,9 @@ impl RedisStore {
             });
         let answer = self.manager.invoke_script::<String>(&invocation).await?;
         Ok(match answer.as_str() {
-            "acquired" => LockAttempt::Acquired(LockToken { token }),
+            "acquired" => LockAttempt::Acquired(LockToken {
+                token: token.as_str().to_owned(),
+            }),
             "filled" => LockAttempt::Filled,
             _ => LockAttempt::Held,
         })

@@ -658,6 +658,7 @@ impl EntryStore for MemoryStore {
         _url_hash: &str,
         _variant: Option<&str>,
         _purpose: LockPurpose,
+        _token: &LockToken,
     ) -> Result<LockAttempt, Infallible> {
         Ok(LockAttempt::Unavailable)
     }

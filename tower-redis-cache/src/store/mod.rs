@@ -101,12 +101,13 @@ pub(crate) trait EntryStore {
         soft_at: Option<u64>,
     ) -> impl Future<Output = Result<u64, Self::Error>> + Send;
 
-    /// Takes a URL's fill lock.
+    /// Takes a URL's fill lock, held under `token` when acquired.
     fn lock(
         &self,
         url_hash: &str,
         variant: Option<&str>,
         purpose: LockPurpose,
+        token: &LockToken,
     ) -> impl Future<Output = Result<LockAttempt, Self::Error>> + Send;
 
     /// Releases a fill lock without storing, waking its waiters.
@@ -165,6 +166,20 @@ pub(crate) struct LockToken {
 }
 
 impl LockToken {
+    /// A new random token: whose lock a holder releases.
+    pub(crate) fn generate() -> Self {
+        Self {
+            token: format!("{:016x}", rand::random::<u64>()),
+        }
+    }
+
+    /// A token known from an earlier attempt.
+    pub(crate) fn from_token(token: &str) -> Self {
+        Self {
+            token: token.to_owned(),
+        }
+    }
+
     pub(crate) fn as_str(&self) -> &str {
         &self.token
     }

@@ -20,7 +20,7 @@ use tower_redis_core::degrade::{Deferred, Failover, Recovered, Replay, ReplayErr
 use super::memory::MemoryStore;
 use super::purge::Removed;
 use super::redis_store::RedisStore;
-use super::{CacheStore, Target};
+use super::{CacheStore, LockToken, Target};
 
 /// The pair the cache talks to: Redis, or the in-process store.
 pub(crate) type StoreFailover = Failover<RedisStore, MemoryStore>;
@@ -47,6 +47,9 @@ enum Kind {
     /// The overflow policy's soft purge of everything (the time it was
     /// queued, this instance's clock, for the log; Redis marks with its own).
     Collapsed(u64),
+    /// The release of a fill lock whose attempt failed after it may have
+    /// reached Redis: the URL hash and the attempt's token.
+    Unlock(String, String),
 }
 
 impl OutageChange {
@@ -73,6 +76,16 @@ impl OutageChange {
         }
     }
 
+    /// The release of the fill lock `token` of a URL, if Redis gave it.
+    pub(crate) fn unlock(url_hash: &str, token: LockToken) -> Self {
+        Self {
+            // One per attempt: which of several attempts Redis ran is
+            // not known.
+            key: format!("unlock:{url_hash}:{}", token.as_str()),
+            kind: Kind::Unlock(url_hash.to_owned(), token.as_str().to_owned()),
+        }
+    }
+
     /// "Mark stale everything this layer stored before now": what the
     /// queue collapses into when it passes its bound.
     pub(crate) fn collapsed(at_ms: u64) -> Self {
@@ -86,7 +99,9 @@ impl OutageChange {
     /// unnecessary.
     fn is_covered_by_collapse(&self) -> bool {
         match &self.kind {
-            Kind::Invalidate | Kind::Collapsed(_) => true,
+            // A lock not released expires with its TTL: only waiting
+            // longer, which a queue over its bound accepts.
+            Kind::Invalidate | Kind::Collapsed(_) | Kind::Unlock(..) => true,
             Kind::Purge(_, soft_at) => soft_at.is_some(),
         }
     }
@@ -103,6 +118,7 @@ impl Deferred for OutageChange {
                 Target::Tag(s) | Target::Prefix(s) | Target::Path(s) | Target::Url(s),
                 _,
             ) => s.len(),
+            Kind::Unlock(url_hash, token) => url_hash.len() + token.len(),
             _ => 0,
         };
         self.key.len() + target + CHANGE_OVERHEAD
@@ -142,6 +158,10 @@ impl Replay for RedisStore {
                     .purge_indexed(&Target::All, Some(*at_ms), &mut Removed::default())
                     .await
                     .map(|_| ()),
+                Kind::Unlock(url_hash, token) => {
+                    self.release_lock(LockToken::from_token(token), url_hash)
+                        .await
+                }
             };
             result.map_err(|error| ReplayError { written, error })?;
             written += invalidations.max(1);

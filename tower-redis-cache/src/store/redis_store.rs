@@ -195,8 +195,9 @@ impl EntryStore for RedisStore {
         url_hash: &str,
         variant: Option<&str>,
         purpose: LockPurpose,
+        token: &LockToken,
     ) -> Result<LockAttempt, tower_redis_core::Error> {
-        self.take_lock(url_hash, variant, purpose).await
+        self.take_lock(url_hash, variant, purpose, token).await
     }
 
     async fn unlock(&self, lock: LockToken, url_hash: &str) -> Result<(), tower_redis_core::Error> {
