@@ -84,10 +84,17 @@ pub trait Subscriber: Send + Sync + 'static {
     fn on_connected(&self, connected: bool);
 }
 
+/// How long a subscription may stay quiet before it is checked: the
+/// subscriber still wanted, and the connection answering a `PING`.
+const QUIET: Duration = Duration::from_secs(5);
+
 /// Keeps `subscriber` subscribed to its channel
 /// ([`RedisManager::pubsub`]), reconnecting with a backoff from 50 ms to
-/// 2 s, until the subscriber is dropped (noticed at its next message or
-/// reconnection). Spawn it once per subscriber.
+/// 2 s, until the subscriber is dropped. A subscription quiet for 5 s is
+/// checked: it ends once the subscriber is gone, and is reconnected when
+/// the connection does not answer a `PING` within the command timeout (a
+/// half-open TCP connection would otherwise hold it forever, deaf).
+/// Spawn it once per subscriber.
 ///
 /// Between connections it holds neither the subscriber nor its manager,
 /// so dropping them frees the manager's connections.
@@ -98,6 +105,7 @@ pub async fn listen<S: Subscriber>(subscriber: Weak<S>) {
             Some(listener) => (listener.manager().clone(), listener.channel().to_owned()),
             None => return,
         };
+        let ping_timeout = manager.command_timeout();
         let subscribed = async {
             let mut pubsub = manager.pubsub().await.ok()?;
             pubsub.subscribe(&channel).await.ok()?;
@@ -105,18 +113,30 @@ pub async fn listen<S: Subscriber>(subscriber: Weak<S>) {
         }
         .await;
         drop(manager);
-        if let Some(mut pubsub) = subscribed {
+        if let Some(pubsub) = subscribed {
             backoff = Duration::from_millis(50);
             match subscriber.upgrade() {
                 Some(listener) => listener.on_connected(true),
                 None => return,
             }
             tracing::debug!(target: "tower_redis", %channel, "subscribed");
-            let mut messages = pubsub.on_message();
-            while let Some(message) = messages.next().await {
-                match subscriber.upgrade() {
-                    Some(listener) => listener.on_message(message.get_payload_bytes()),
-                    None => return,
+            let (mut sink, mut messages) = pubsub.split();
+            loop {
+                match tokio::time::timeout(QUIET, messages.next()).await {
+                    Ok(Some(message)) => match subscriber.upgrade() {
+                        Some(listener) => listener.on_message(message.get_payload_bytes()),
+                        None => return,
+                    },
+                    Ok(None) => break,
+                    Err(_) => {
+                        if subscriber.strong_count() == 0 {
+                            return;
+                        }
+                        let ping = sink.ping::<redis::Value>();
+                        if !matches!(tokio::time::timeout(ping_timeout, ping).await, Ok(Ok(_))) {
+                            break;
+                        }
+                    }
                 }
             }
             match subscriber.upgrade() {

@@ -1,0 +1,112 @@
+//! `listen`: the subscription loop the layers share (cache announcements,
+//! ended sessions), against real Redis.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tower_redis_core::testing::TestRedis;
+use tower_redis_core::{RedisManager, Subscriber, listen, redis};
+
+struct Recorder {
+    manager: RedisManager,
+    channel: String,
+    subscribed: AtomicUsize,
+    messages: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Subscriber for Recorder {
+    fn manager(&self) -> &RedisManager {
+        &self.manager
+    }
+
+    fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    fn on_message(&self, payload: &[u8]) {
+        self.messages
+            .lock()
+            .expect("not poisoned")
+            .push(payload.to_vec());
+    }
+
+    fn on_connected(&self, connected: bool) {
+        if connected {
+            self.subscribed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn subscribers(redis: &TestRedis, channel: &str) -> u64 {
+    let mut conn = redis.connection().await.expect("connection");
+    let (_, n): (String, u64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async(&mut conn)
+        .await
+        .expect("PUBSUB NUMSUB");
+    n
+}
+
+/// Waits (at most `secs`) until `done`, or fails naming `what`.
+async fn until(what: &str, secs: u64, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}: not within {secs} s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A subscription whose server stops answering without closing the
+/// connection (a hung Redis, a half-open TCP connection) is found deaf by
+/// its `PING` after a quiet period and made again, so the subscriber hears
+/// that it may have missed messages; and a subscriber that is dropped lets
+/// its connection go within a quiet period, with no message to notice it.
+#[tokio::test]
+async fn a_deaf_subscription_is_made_again_and_a_dropped_subscriber_lets_it_go() {
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().expect("config"))
+        .await
+        .expect("manager");
+    let recorder = Arc::new(Recorder {
+        channel: manager.keys().key(&["listen-test"]),
+        manager,
+        subscribed: AtomicUsize::new(0),
+        messages: Mutex::default(),
+    });
+    let channel = recorder.channel.clone();
+    tokio::spawn(listen(Arc::downgrade(&recorder)));
+    until("subscribed", 10, async || {
+        subscribers(&redis, &channel).await == 1
+    })
+    .await;
+    assert_eq!(recorder.subscribed.load(Ordering::SeqCst), 1);
+
+    // Longer than a quiet period plus the PING's timeout.
+    redis.pause().await;
+    tokio::time::sleep(Duration::from_millis(6_500)).await;
+    redis.resume().await;
+    until("subscribed again", 15, async || {
+        recorder.subscribed.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    let mut conn = redis.connection().await.expect("connection");
+    until("a message heard", 10, async || {
+        let _: u64 = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg("hello")
+            .query_async(&mut conn)
+            .await
+            .expect("PUBLISH");
+        let heard = recorder.messages.lock().expect("not poisoned").clone();
+        heard.iter().any(|m| m == b"hello")
+    })
+    .await;
+
+    drop(recorder);
+    until("the connection let go", 15, async || {
+        subscribers(&redis, &channel).await == 0
+    })
+    .await;
+}
