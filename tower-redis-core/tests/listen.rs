@@ -53,7 +53,10 @@ async fn subscribers(redis: &TestRedis, channel: &str) -> u64 {
 async fn until(what: &str, secs: u64, mut done: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     while !done().await {
-        assert!(tokio::time::Instant::now() < deadline, "{what}: not within {secs} s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {secs} s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -116,11 +116,13 @@
 //!   readable from a bounded local copy; new sessions and changes are kept
 //!   in process and written to Redis when it is back, entry by entry, never
 //!   over newer data. A session ended on any instance (a log out, a
-//!   login's `cycle_id`, [`SessionStore::revoke_user`]) is announced on a
-//!   channel in the same round trip as its delete (`PUBLISH` on
-//!   `<prefix>:session-ended`), and every instance drops its copy, so no
-//!   instance serves it in a later outage; copies an instance held while
-//!   its subscription was down are dropped when it subscribes again.
+//!   login's `cycle_id`, [`SessionStore::revoke_user`]) is announced once
+//!   Redis acknowledges it (`PUBLISH` on `<prefix>:session-ended`; the
+//!   Redis user needs that channel, ACL `&<prefix>:session-ended`, or a
+//!   warning is logged and the end still holds), and every instance drops
+//!   its copy, so no instance serves it in a later outage; after a new
+//!   subscription an instance checks its copies against Redis and drops
+//!   those whose session is gone.
 //!   Limits: an instance only knows the sessions it has
 //!   seen, so without sticky routing a user may look logged out on another
 //!   instance during the outage; changes queued on two instances for the

@@ -17,7 +17,7 @@ use tower_redis_core::RedisManager;
 use tower_redis_core::degrade::{Deferred, Replay, ReplayError};
 
 use super::redis::RedisStore;
-use super::{Changes, Store, Write};
+use super::{Changes, Saved, Store, Write};
 
 /// The bookkeeping of one queued change, in bytes, beyond its own data: the
 /// ordered map's slot, the index entry, the strings' headers.
@@ -98,7 +98,13 @@ impl Change {
                     previous_user: None,
                     at_ms: Some(*at_ms),
                 };
-                redis.save(&write).await.map(|_| ())
+                let saved = redis.save(&write).await?;
+                if saved == Saved::Gone && create.is_none() {
+                    // The session ended in Redis while this change waited:
+                    // an end this instance (or another) may have missed.
+                    redis.announce_ended(false, vec![storage_key.to_owned()]);
+                }
+                Ok(())
             }
         }
     }

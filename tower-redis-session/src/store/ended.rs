@@ -3,50 +3,94 @@
 //! Each instance keeps in-process copies of the sessions it read, to serve
 //! them while Redis is unavailable. A session that another instance logged
 //! out, cycled (a login) or revoked must not be served from such a copy
-//! during a later outage. So every end written to Redis (a delete, the take
-//! of a cycle, a `revoke_user` pass, and their replays after an outage) is
-//! announced on one channel, in the same round trip, after the write
-//! itself; every instance listens and ends its copy.
+//! during a later outage. So every end Redis acknowledges (a delete, the
+//! take of a cycle, a `revoke_user` pass, their replays after an outage,
+//! and a replayed change that finds its session gone) is announced on one
+//! channel, and every instance ends its copy when it hears it.
+//!
+//! An announcement is best-effort: sent in its own task once the end is
+//! acknowledged, so that neither a failure to publish (a Redis user
+//! without the channel's permission) nor the request's cancellation
+//! fails or undoes the end itself; a failure is logged.
 //!
 //! Messages published while an instance is not subscribed are lost, so
-//! each (re)subscription drops the copies (not the pinned ones, whose
-//! changes still wait for Redis and are written behind the queue's rules),
-//! and the tracked copies with them: each session's next request reads it
-//! from Redis and makes its copy again.
+//! after each (re)subscription, once Redis answers commands again (its
+//! breaker closed), the instance checks its copies against Redis (one
+//! `EXISTS` each, pipelined) and ends those whose session is gone. The
+//! copies of live sessions are kept: a subscription made again in the
+//! middle of an outage (Redis loading its data, a flapping server) logs
+//! nobody out. Copies pinned by changes still queued are left to the
+//! queue: a replayed change that finds its session gone announces it.
 //!
 //! A message is `d` (ended) or `c` (cycled away), then the sessions'
-//! storage keys, each after one space. Anything else is ignored.
+//! storage keys, each after one space; at most [`PER_MESSAGE`] keys a
+//! message. Anything else is ignored.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 
 use tower_redis_core::redis;
-use tower_redis_core::{RedisManager, Subscriber, TrackedCache};
+use tower_redis_core::{BreakerState, RedisManager, Subscriber};
 
 use super::local::LocalStore;
-use super::redis::Tracked;
+use super::redis::session_key;
 
 /// The length of a storage key (base64url of a SHA-256, no padding).
 const STORAGE_KEY_LEN: usize = 43;
+/// The most storage keys one message names (about 44 KB).
+pub(crate) const PER_MESSAGE: usize = 1000;
+/// The most `EXISTS` one pipeline of the check sends.
+const CHECK_BATCH: usize = 256;
+
+/// Whether a failed announcement was already logged as a warning.
+static WARNED: AtomicBool = AtomicBool::new(false);
 
 /// The announcements' channel under a manager's prefix.
 pub(crate) fn channel(manager: &RedisManager) -> String {
     manager.keys().key(&["session-ended"])
 }
 
-/// The `PUBLISH` announcing that the sessions of `storage_keys` ended
+/// The messages announcing that the sessions of `storage_keys` ended
 /// (`cycled`: their ids were cycled away).
-pub(crate) fn announce<'k>(
+fn messages(cycled: bool, storage_keys: &[String]) -> impl Iterator<Item = String> + '_ {
+    storage_keys.chunks(PER_MESSAGE).map(move |chunk| {
+        let mut message = String::from(if cycled { "c" } else { "d" });
+        for storage_key in chunk {
+            message.push(' ');
+            message.push_str(storage_key);
+        }
+        message
+    })
+}
+
+/// Publishes the end of `storage_keys` on `channel`, in a task of its own
+/// (nothing without a Tokio runtime).
+pub(crate) fn announce(
+    manager: &RedisManager,
     channel: &str,
     cycled: bool,
-    storage_keys: impl IntoIterator<Item = &'k str>,
-) -> redis::Cmd {
-    let mut message = String::from(if cycled { "c" } else { "d" });
-    for storage_key in storage_keys {
-        message.push(' ');
-        message.push_str(storage_key);
+    storage_keys: Vec<String>,
+) {
+    if storage_keys.is_empty() {
+        return;
     }
-    redis::cmd("PUBLISH").arg(channel).arg(message).clone()
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let (manager, channel) = (manager.clone(), channel.to_owned());
+    runtime.spawn(async move {
+        for message in messages(cycled, &storage_keys) {
+            let publish = redis::cmd("PUBLISH").arg(&channel).arg(message).clone();
+            if let Err(error) = manager.query::<()>(&publish).await {
+                if WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(target: "tower_redis_session", %error, %channel, "an ended session was not announced");
+                } else {
+                    tracing::warn!(target: "tower_redis_session", %error, %channel, "an ended session was not announced to the other instances, which may serve it from their copies in an outage; if the Redis user lacks the channel's permission, grant it (ACL `&{channel}`)");
+                }
+                return;
+            }
+        }
+    });
 }
 
 /// The listener of one store: ends the local copies of announced sessions.
@@ -54,25 +98,19 @@ pub(crate) struct Announcements {
     manager: RedisManager,
     channel: String,
     local: LocalStore,
-    /// The copies kept exact by tracking, emptied with the local ones: the
-    /// next read of each session then goes to Redis and makes its local
-    /// copy again.
-    tracked: Option<TrackedCache<Arc<Tracked>>>,
     started: AtomicBool,
+    /// Itself, for the checks it spawns.
+    me: Weak<Self>,
 }
 
 impl Announcements {
-    pub(crate) fn new(
-        manager: RedisManager,
-        local: LocalStore,
-        tracked: Option<TrackedCache<Arc<Tracked>>>,
-    ) -> Arc<Self> {
-        Arc::new(Self {
+    pub(crate) fn new(manager: RedisManager, local: LocalStore) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
             channel: channel(&manager),
             manager,
             local,
-            tracked,
             started: AtomicBool::new(false),
+            me: me.clone(),
         })
     }
 
@@ -86,6 +124,67 @@ impl Announcements {
                 runtime.spawn(tower_redis_core::listen(Arc::downgrade(self)));
             }
             Err(_) => self.started.store(false, Ordering::Release),
+        }
+    }
+}
+
+/// After a (re)subscription: once Redis answers commands, ends the copies
+/// whose session Redis no longer holds. On a failed check every copy goes
+/// (a copy could have missed an end; nothing could tell).
+async fn check_copies(announcements: Weak<Announcements>) {
+    let Some(this) = announcements.upgrade() else {
+        return;
+    };
+    let mut breaker = this.manager.subscribe();
+    drop(this);
+    while *breaker.borrow_and_update() != BreakerState::Closed {
+        if breaker.changed().await.is_err() {
+            return;
+        }
+    }
+    let Some(this) = announcements.upgrade() else {
+        return;
+    };
+    let keys = this.local.copy_keys();
+    for batch in keys.chunks(CHECK_BATCH) {
+        let manager = &this.manager;
+        let exist = manager
+            .run(|mut conn| async move {
+                let mut exist = Vec::with_capacity(batch.len());
+                if conn.is_cluster() {
+                    // Keys of other slots: one by one.
+                    for storage_key in batch {
+                        let key = session_key(manager, storage_key);
+                        exist.push(
+                            redis::cmd("EXISTS")
+                                .arg(key)
+                                .query_async::<bool>(&mut conn)
+                                .await?,
+                        );
+                    }
+                } else {
+                    let mut pipe = redis::pipe();
+                    for storage_key in batch {
+                        pipe.cmd("EXISTS").arg(session_key(manager, storage_key));
+                    }
+                    exist = pipe.query_async::<Vec<bool>>(&mut conn).await?;
+                }
+                Ok(exist)
+            })
+            .await;
+        match exist {
+            Ok(exist) => {
+                for (storage_key, exists) in batch.iter().zip(exist) {
+                    if !exists {
+                        this.local.end_as(storage_key, false);
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::debug!(target: "tower_redis_session", %error, "the session copies could not be checked after a new subscription; dropping them");
+                this.local.drop_copies();
+                return;
+            }
         }
     }
 }
@@ -118,14 +217,8 @@ impl Subscriber for Announcements {
     }
 
     fn on_connected(&self, connected: bool) {
-        if connected {
-            self.local.drop_copies();
-            // Else a session read on every request, answered by its
-            // tracked copy, would have no local copy until its next
-            // renewal, and none to serve in an outage that came first.
-            if let Some(tracked) = &self.tracked {
-                tracked.clear();
-            }
+        if connected && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(check_copies(self.me.clone()));
         }
     }
 }
@@ -137,7 +230,7 @@ mod tests {
     use tower_redis_core::RedisManager;
     use tower_redis_core::Subscriber;
 
-    use super::{Announcements, announce};
+    use super::{Announcements, PER_MESSAGE, messages};
     use crate::store::local::LocalStore;
     use crate::store::{Record, now_ms};
 
@@ -167,13 +260,11 @@ mod tests {
     #[test]
     fn announced_sessions_end_and_nothing_else() {
         let local = local();
-        let listener = Announcements::new(RedisManager::disabled(), local.clone(), None);
+        let listener = Announcements::new(RedisManager::disabled(), local.clone());
         let message = |cycled, keys: &[String]| {
-            let cmd = announce("channel", cycled, keys.iter().map(String::as_str));
-            match cmd.args_iter().nth(2) {
-                Some(tower_redis_core::redis::Arg::Simple(bytes)) => bytes.to_vec(),
-                _ => panic!("PUBLISH channel message"),
-            }
+            let all: Vec<String> = messages(cycled, keys).collect();
+            assert_eq!(all.len(), 1);
+            all[0].clone().into_bytes()
         };
         for junk in [
             b"x 0000000000000000000000000000000000000000000".to_vec(),
@@ -195,11 +286,25 @@ mod tests {
         assert!(local.has_ended(&key(0)) && !local.was_cycled(&key(0)));
         assert!(local.was_cycled(&key(2)));
         assert!(local.get(&key(3)).is_some());
-        // A new subscription drops every copy.
+        // A cycled id announced later as a delete (a replayed cycle) stays
+        // known as cycled away.
+        listener.on_message(&message(false, &[key(2)]));
+        assert!(local.was_cycled(&key(2)));
+        // A lost subscription alone changes nothing.
         listener.on_connected(false);
         assert!(local.get(&key(3)).is_some());
-        listener.on_connected(true);
-        assert!(local.get(&key(3)).is_none());
+    }
+
+    /// However many sessions end at once ("log out everywhere" of a user
+    /// with many), no message names more than `PER_MESSAGE`.
+    #[test]
+    fn a_large_end_is_announced_in_bounded_messages() {
+        let keys: Vec<String> = (0..2_500).map(|n| format!("{n:043}")).collect();
+        let all: Vec<String> = messages(false, &keys).collect();
+        assert_eq!(all.len(), 3);
+        assert!(all.iter().all(|m| m.split(' ').count() <= PER_MESSAGE + 1));
+        let named: usize = all.iter().map(|m| m.split(' ').count() - 1).sum();
+        assert_eq!(named, keys.len());
     }
 
     /// A read that began before an end (announced or made here) does not

@@ -67,7 +67,6 @@ impl Failover {
     ) -> Self {
         let redis = RedisStore::new(manager.clone(), expiry, limits.tracked_bytes)
             .with_durability(durability);
-        let tracked = redis.tracked_cache();
         let pin_limit = limits
             .copies_bytes
             .saturating_add(u64::try_from(limits.queue_bytes).unwrap_or(u64::MAX));
@@ -82,7 +81,7 @@ impl Failover {
             // during the replay instead of piling onto this instance.
             .batch(1)
             .build();
-        let ended = Announcements::new(manager.clone(), local.clone(), tracked);
+        let ended = Announcements::new(manager.clone(), local.clone());
         ended.ensure_started();
         Self {
             pair,

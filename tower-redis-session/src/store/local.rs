@@ -31,8 +31,9 @@ const FIELD_OVERHEAD: usize = 48;
 /// How long this instance remembers that a session ended: longer than any
 /// request that loaded it before can still be running.
 const ENDED_FOR: Duration = Duration::from_secs(120);
-/// The bound of that memory (about 10 000 sessions).
-const ENDED_BYTES: u64 = 1024 * 1024;
+/// The bound of that memory (about 40 000 sessions: it also holds the
+/// ends other instances announce).
+const ENDED_BYTES: u64 = 4 * 1024 * 1024;
 /// The bookkeeping of one remembered end.
 const ENDED_OVERHEAD: usize = 64;
 
@@ -146,10 +147,15 @@ impl LocalState {
 
     /// The session ended (`cycled`: its id was cycled away), here or on
     /// another instance.
+    ///
+    /// An id known to be cycled away stays known so (a replayed cycle is
+    /// announced as the delete of its old id).
     pub(crate) fn end_as(&self, storage_key: &str, cycled: bool) {
         self.with_pinned(|pinned| pinned.remove(storage_key));
         self.copies.invalidate(storage_key);
-        self.ended.insert(storage_key.to_owned(), cycled);
+        if cycled || !self.was_cycled(storage_key) {
+            self.ended.insert(storage_key.to_owned(), cycled);
+        }
     }
 
     /// Whether this instance saw the session end recently.
@@ -204,6 +210,11 @@ impl LocalState {
         if replaced != Some(true) {
             self.copies.insert(storage_key.to_owned(), copy);
         }
+    }
+
+    /// The storage keys of the copies outside the pinned ones.
+    pub(crate) fn copy_keys(&self) -> Vec<String> {
+        self.copies.iter().map(|(key, _)| (*key).clone()).collect()
     }
 
     /// Drops every copy outside the pinned ones (whose changes still wait
@@ -371,8 +382,12 @@ impl Store for LocalStore {
 
     async fn take(&self, take: &Take<'_>) -> Result<Saved, Infallible> {
         self.end_cycled(take.old_storage_key);
-        // A new id never has a copy yet: the request's view is the session.
-        self.put(take.new_storage_key, take.merged.clone(), 0);
+        // A new id never has a copy yet: the request's view is the session
+        // (unless the new id already ended: a "log out everywhere" that
+        // ran meanwhile announced it).
+        if !self.has_ended(take.new_storage_key) {
+            self.put(take.new_storage_key, take.merged.clone(), 0);
+        }
         Ok(Saved::Written)
     }
 

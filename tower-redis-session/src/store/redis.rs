@@ -150,11 +150,6 @@ impl RedisStore {
         self.tracked.as_ref().map_or(0, TrackedCache::bytes)
     }
 
-    /// The copies kept exact by tracking, when tracking is on.
-    pub(crate) fn tracked_cache(&self) -> Option<TrackedCache<Arc<Tracked>>> {
-        self.tracked.clone()
-    }
-
     /// The tracking connection the copies follow, when tracking is on.
     pub(crate) fn tracking(&self) -> Option<&tower_redis_core::Tracking> {
         self.tracked.as_ref().map(TrackedCache::tracking)
@@ -168,13 +163,15 @@ impl RedisStore {
         &self.expiry
     }
 
-    /// Where ended sessions are announced (see `ended.rs`).
-    pub(crate) fn ended_channel(&self) -> &str {
-        &self.ended_channel
+    /// Tells every instance (this one too) that the sessions of
+    /// `storage_keys` ended (`cycled`: their ids were cycled away), once
+    /// Redis has acknowledged it: see `ended.rs`.
+    pub(crate) fn announce_ended(&self, cycled: bool, storage_keys: Vec<String>) {
+        super::ended::announce(&self.manager, &self.ended_channel, cycled, storage_keys);
     }
 
     pub(crate) fn session_key(&self, storage_key: &str) -> String {
-        self.manager.keys().tagged(storage_key, &["s"])
+        session_key(&self.manager, storage_key)
     }
 
     pub(crate) fn user_key(&self, user: &str) -> String {
@@ -371,11 +368,6 @@ impl RedisStore {
                     .clone(),
             );
         }
-        commands.extras.push(super::ended::announce(
-            &self.ended_channel,
-            true,
-            [take.old_storage_key],
-        ));
         commands.run(conn).await.map(Saved::from)
     }
 
@@ -395,11 +387,6 @@ impl RedisStore {
                     .clone(),
             );
         }
-        extras.push(super::ended::announce(
-            &self.ended_channel,
-            false,
-            [storage_key],
-        ));
         SaveCommands {
             script: None,
             extras,
@@ -583,6 +570,9 @@ impl Store for RedisStore {
             .await;
         self.forget(take.old_storage_key);
         self.forget(take.new_storage_key);
+        if matches!(taken, Ok(Saved::Written)) {
+            self.announce_ended(true, vec![take.old_storage_key.to_owned()]);
+        }
         taken
     }
 
@@ -595,8 +585,16 @@ impl Store for RedisStore {
             })
             .await;
         self.forget(storage_key);
+        if deleted.is_ok() {
+            self.announce_ended(false, vec![storage_key.to_owned()]);
+        }
         deleted
     }
+}
+
+/// The Redis key of a session's hash.
+pub(crate) fn session_key(manager: &RedisManager, storage_key: &str) -> String {
+    manager.keys().tagged(storage_key, &["s"])
 }
 
 /// A save's script and the commands on other keys (the user index, the

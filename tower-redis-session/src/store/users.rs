@@ -51,8 +51,8 @@ impl RedisStore {
     }
 
     /// Ends every session of a user; `ended` hears of each one as it goes,
-    /// and each pass announces the ids it ended to every instance (see
-    /// `ended.rs`). Returns how many were live.
+    /// and each pass announces the ids it ends to every instance, before
+    /// and after its deletes (see `ended.rs`). Returns how many were live.
     ///
     /// Not one atomic step (the user's index and sessions may live on other
     /// shards), so the index is read again after each pass: a session made
@@ -82,6 +82,10 @@ impl RedisStore {
             if fresh.is_empty() {
                 break;
             }
+            // Announced before the deletes too (the memory of ends keeps a
+            // read that begins meanwhile from making a copy), so that a
+            // call cancelled or failing among them still reached everyone.
+            self.announce_ended(false, fresh.clone());
             for handle in &fresh {
                 let deleted = manager
                     .query::<usize>(redis::cmd("DEL").arg(self.session_key(handle)))
@@ -91,16 +95,8 @@ impl RedisStore {
                 revoked += deleted.map_err(StoreError::Unavailable)?;
                 ended(handle);
             }
-            // Every instance ends its copies of them (after the deletes, before
-            // they leave the index: a call that fails here is retried whole).
-            manager
-                .query::<()>(&super::ended::announce(
-                    self.ended_channel(),
-                    false,
-                    fresh.iter().map(String::as_str),
-                ))
-                .await
-                .map_err(StoreError::Unavailable)?;
+            // And after them: nothing read before them keeps a copy.
+            self.announce_ended(false, fresh.clone());
             manager
                 .query::<()>(redis::cmd("SREM").arg(&user_key).arg(&fresh))
                 .await
