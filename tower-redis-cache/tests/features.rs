@@ -750,14 +750,11 @@ async fn warm_fills_through_the_service_and_stats_count() {
 }
 
 async fn numsub(redis: &TestRedis) -> i64 {
-    let mut conn = redis.connection().await.unwrap();
-    let answer: (String, i64) = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg("tower-redis:cache-events")
-        .query_async(&mut conn)
+    let n = redis
+        .subscribers("tower-redis:cache-events")
         .await
-        .unwrap();
-    answer.1
+        .expect("PUBSUB NUMSUB");
+    i64::try_from(n).expect("a count")
 }
 
 async fn wait_for_subscribers(redis: &TestRedis, count: i64) {

@@ -39,14 +39,7 @@ impl Subscriber for Recorder {
 }
 
 async fn subscribers(redis: &TestRedis, channel: &str) -> u64 {
-    let mut conn = redis.connection().await.expect("connection");
-    let (_, n): (String, u64) = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg(channel)
-        .query_async(&mut conn)
-        .await
-        .expect("PUBSUB NUMSUB");
-    n
+    redis.subscribers(channel).await.expect("PUBSUB NUMSUB")
 }
 
 /// Waits (at most `secs`) until `done`, or fails naming `what`.

@@ -724,27 +724,26 @@ async fn wait_for(what: &str, store: &SessionStore, done: impl Fn(u64) -> bool) 
     }
 }
 
-/// How many clients subscribe to `channel`.
-async fn subscribers(redis: &TestRedis, channel: &str) -> u64 {
-    let mut conn = redis.connection().await.expect("connection");
-    let (_, n): (String, u64) = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg(channel)
-        .query_async(&mut conn)
-        .await
-        .expect("PUBSUB NUMSUB");
-    n
-}
-
 /// Waits until `instances` are subscribed to the session announcements.
 async fn subscribed(redis: &TestRedis, manager: &RedisManager, instances: u64) {
     let channel = manager.keys().key(&["session-ended"]);
     within("the subscriptions", async {
-        while subscribers(redis, &channel).await < instances {
+        while redis.subscribers(&channel).await.expect("PUBSUB NUMSUB") < instances {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await;
+}
+
+/// Two instances of the app on `redis`, A and B: A's app and store, B's
+/// app, manager and store.
+async fn two_instances(
+    redis: &TestRedis,
+) -> ((Router, SessionStore), (Router, RedisManager, SessionStore)) {
+    let (a, _, a_store) = start_app(SessionLayer::builder(manager(redis).await));
+    let b_manager = manager(redis).await;
+    let (b, _, b_store) = start_app(SessionLayer::builder(b_manager.clone()));
+    ((a, a_store), (b, b_manager, b_store))
 }
 
 /// Hangs Redis, and waits until `manager`'s breaker has opened (a new
@@ -765,9 +764,7 @@ async fn outage(redis: &TestRedis, app: &Router, manager: &RedisManager) {
 #[tokio::test]
 async fn session_ended_on_another_instance_served_from_this_one_s_outage_copy() {
     let redis = TestRedis::start().await;
-    let (a, _, a_store) = start_app(SessionLayer::builder(manager(&redis).await));
-    let b_manager = manager(&redis).await;
-    let (b, _, b_store) = start_app(SessionLayer::builder(b_manager.clone()));
+    let ((a, a_store), (b, b_manager, b_store)) = two_instances(&redis).await;
     let out = logged_in(&a, "out").await;
     let cycled = logged_in(&a, "cycled").await;
     let revoked = logged_in(&a, "revoked").await;
@@ -812,9 +809,7 @@ async fn session_ended_on_another_instance_served_from_this_one_s_outage_copy() 
 #[tokio::test]
 async fn session_ended_while_this_instance_was_not_subscribed_served_from_its_copy() {
     let redis = TestRedis::start().await;
-    let (a, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
-    let b_manager = manager(&redis).await;
-    let (b, _, b_store) = start_app(SessionLayer::builder(b_manager.clone()));
+    let ((a, _), (b, b_manager, b_store)) = two_instances(&redis).await;
     let victim = logged_in(&a, "victim").await;
     let live = logged_in(&a, "live").await;
     assert_eq!(

@@ -360,6 +360,17 @@ impl TestRedis {
         Ok(self.client().get_multiplexed_async_connection().await?)
     }
 
+    /// How many clients subscribe to `channel` (`PUBSUB NUMSUB`).
+    pub async fn subscribers(&self, channel: &str) -> Result<u64, TestRedisError> {
+        let mut conn = self.connection().await?;
+        let (_, n): (String, u64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(&mut conn)
+            .await?;
+        Ok(n)
+    }
+
     /// Redis' own clock (`TIME`), in milliseconds since the epoch: the
     /// clock the layers' scripts stamp entries and marks with.
     pub async fn time_ms(&self) -> Result<u64, TestRedisError> {

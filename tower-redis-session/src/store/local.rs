@@ -31,9 +31,9 @@ const FIELD_OVERHEAD: usize = 48;
 /// How long this instance remembers that a session ended: longer than any
 /// request that loaded it before can still be running.
 const ENDED_FOR: Duration = Duration::from_secs(120);
-/// The bound of that memory (about 40 000 sessions: it also holds the
-/// ends other instances announce).
-const ENDED_BYTES: u64 = 4 * 1024 * 1024;
+/// The bound of that memory (about 10 000 sessions, the ends other
+/// instances announce included; the newest are kept).
+const ENDED_BYTES: u64 = 1024 * 1024;
 /// The bookkeeping of one remembered end.
 const ENDED_OVERHEAD: usize = 64;
 
