@@ -176,7 +176,11 @@ async fn check_copies(announcements: Weak<Announcements>) {
             Ok(exist) => {
                 for (storage_key, exists) in batch.iter().zip(exist) {
                     if !exists {
-                        this.local.end_as(storage_key, false);
+                        // Only the copy: a read now finds the session gone
+                        // too, and a Redis that restarted empty would
+                        // otherwise fill the memory of ends with every
+                        // session this instance held.
+                        this.local.end_copy(storage_key);
                     }
                 }
             }

@@ -225,7 +225,7 @@ impl LocalState {
     }
 
     /// Drops the copy (not the memory of an end).
-    fn end_copy(&self, storage_key: &str) {
+    pub(crate) fn end_copy(&self, storage_key: &str) {
         self.with_pinned(|pinned| pinned.remove(storage_key));
         self.copies.invalidate(storage_key);
     }
