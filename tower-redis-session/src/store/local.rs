@@ -307,10 +307,10 @@ impl LocalState {
         match (answer, copy) {
             // Unchanged and not renewed: the copy is already right.
             (Some(record), Some(copy)) if !touched && copy.record == *record => {}
-            // A copy for reading through an outage.
             // Ended since the read began (here, or announced from another
             // instance): no copy comes back.
             (Some(_), _) if self.has_ended(storage_key) => {}
+            // A copy for reading through an outage.
             (Some(record), copy) => {
                 let touched_ms = match copy {
                     Some(copy) if !touched => copy.touched_ms,
