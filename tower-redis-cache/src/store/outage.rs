@@ -1,5 +1,6 @@
 //! What the cache queues while Redis is unavailable, through core's
-//! [`Failover`]: the invalidations and purges Redis missed
+//! [`Failover`]: the invalidations and purges Redis missed, and the
+//! releases of fill locks whose attempt may have reached it
 //! ([`OutageChange`]), written by [`RedisStore`]'s [`Replay`] once it
 //! answers (before the next lookup: see `lookup.rs`), and the in-process
 //! store dropped by [`MemoryStore`]'s [`Recovered`] when the outage ends.
