@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, Weak};
 
 use tokio::sync::Notify;
-use tower_redis_core::{Invalidate, RedisManager, Subscriber, Tracking};
+use tower_redis_core::{Invalidate, ListenOnce, RedisManager, Subscriber, Tracking};
 
 use moka::ops::compute::Op;
 
@@ -29,7 +29,7 @@ pub(crate) struct Bus {
     manager: RedisManager,
     channel: String,
     near: Option<Arc<MemoryStore>>,
-    started: AtomicBool,
+    listening: ListenOnce,
     connected: AtomicBool,
     /// Bumped by every message and every (re)connection: a near-cache copy
     /// read before a bump may be outdated and is not kept.
@@ -67,7 +67,7 @@ impl Bus {
             manager,
             channel,
             near,
-            started: AtomicBool::new(false),
+            listening: ListenOnce::new(),
             connected: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             keeps: RwLock::new(()),
@@ -92,15 +92,7 @@ impl Bus {
 
     /// Starts the listener once, from inside a Tokio runtime.
     pub(crate) fn ensure_started(self: &Arc<Self>) {
-        if self.started.load(Ordering::Acquire) || self.started.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(tower_redis_core::listen(Arc::downgrade(self)));
-            }
-            Err(_) => self.started.store(false, Ordering::Release),
-        }
+        self.listening.start(self);
     }
 
     /// Whether a near-cache copy can be trusted now.

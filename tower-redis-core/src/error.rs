@@ -65,6 +65,20 @@ impl Error {
     pub fn is_command_error(&self) -> bool {
         matches!(self, Error::Redis(e) if !counts_against_breaker(e))
     }
+
+    /// Whether Redis may have run the command although the caller got this
+    /// error: it may have been sent and never answered (a timeout, a
+    /// connection lost mid-command). False when nothing was sent (breaker
+    /// open, no connection, configuration) or Redis answered with an error.
+    pub fn may_have_run(&self) -> bool {
+        match self {
+            Error::BreakerOpen | Error::Config(_) | Error::Connect(_) | Error::Required { .. } => {
+                false
+            }
+            Error::Timeout(_) => true,
+            Error::Redis(_) => !self.is_command_error(),
+        }
+    }
 }
 
 /// Whether a Redis error means "Redis is unhealthy" (counted by the breaker)

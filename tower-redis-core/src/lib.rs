@@ -108,7 +108,7 @@ pub use failover::{FallbackReason, Served, Source};
 pub use future::{ResponseFuture, in_span};
 pub use keys::{Keyspace, escape_key_part};
 pub use manager::RedisManager;
-pub use pubsub::{Subscriber, listen};
+pub use pubsub::{ListenOnce, Subscriber, listen};
 pub use tracking::{Invalidate, TrackedCache, Tracking, WriteTicket};
 
 /// The redis-rs crate this manager is built on, for writing commands,

@@ -1,7 +1,8 @@
 //! Dedicated publish/subscribe connections, for layers that tell each other
 //! about changes (cache invalidations, fills, ended sessions).
 
-use std::sync::Weak;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -82,6 +83,32 @@ pub trait Subscriber: Send + Sync + 'static {
     /// that keeps state the messages correct should treat what it kept
     /// before a (re)subscription as possibly outdated.
     fn on_connected(&self, connected: bool);
+}
+
+/// Starts [`listen`] for one subscriber once, from inside a Tokio runtime
+/// (a layer may be built outside one: its first request starts it).
+#[derive(Debug, Default)]
+pub struct ListenOnce(AtomicBool);
+
+impl ListenOnce {
+    /// Not started yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Spawns [`listen`] for `subscriber` on the current runtime, unless
+    /// this already did; outside a runtime, nothing (the next call tries).
+    pub fn start<S: Subscriber>(&self, subscriber: &Arc<S>) {
+        if self.0.load(Ordering::Acquire) || self.0.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(listen(Arc::downgrade(subscriber)));
+            }
+            Err(_) => self.0.store(false, Ordering::Release),
+        }
+    }
 }
 
 /// How long a subscription may stay quiet before it is checked: the

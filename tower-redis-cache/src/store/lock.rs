@@ -46,13 +46,7 @@ impl CacheStore {
         match attempt {
             Ok(attempt) => attempt,
             Err(error) => {
-                let unsent = matches!(
-                    error,
-                    tower_redis_core::Error::BreakerOpen
-                        | tower_redis_core::Error::Connect(_)
-                        | tower_redis_core::Error::Config(_)
-                ) || error.is_command_error();
-                if !unsent {
+                if error.may_have_run() {
                     self.defer([OutageChange::unlock(url_hash, token)]);
                 }
                 LockAttempt::Unavailable

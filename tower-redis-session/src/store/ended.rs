@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 use tower_redis_core::redis;
-use tower_redis_core::{BreakerState, RedisManager, Subscriber};
+use tower_redis_core::{BreakerState, ListenOnce, RedisManager, Subscriber};
 
 use super::local::LocalStore;
 use super::redis::session_key;
@@ -98,7 +98,7 @@ pub(crate) struct Announcements {
     manager: RedisManager,
     channel: String,
     local: LocalStore,
-    started: AtomicBool,
+    listening: ListenOnce,
     /// Itself, for the checks it spawns.
     me: Weak<Self>,
 }
@@ -109,22 +109,14 @@ impl Announcements {
             channel: channel(&manager),
             manager,
             local,
-            started: AtomicBool::new(false),
+            listening: ListenOnce::new(),
             me: me.clone(),
         })
     }
 
     /// Starts the listener once, from inside a Tokio runtime.
     pub(crate) fn ensure_started(self: &Arc<Self>) {
-        if self.started.load(Ordering::Acquire) || self.started.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(tower_redis_core::listen(Arc::downgrade(self)));
-            }
-            Err(_) => self.started.store(false, Ordering::Release),
-        }
+        self.listening.start(self);
     }
 }
 
