@@ -1011,6 +1011,111 @@ async fn outage_changes_never_overwrite_newer_data_in_redis() {
     );
 }
 
+/// The app (its Redis user cut off) and another instance on the same
+/// Redis, which stays up: the app's store, to see its outage queue.
+async fn cut_off_app_and_another(
+    redis: &TestRedis,
+) -> (
+    Router,
+    RedisManager,
+    tower_redis_session::SessionStore,
+    Router,
+) {
+    let manager = manager_for(with_app_user(redis).await).await;
+    let layer = SessionLayer::builder(manager.clone())
+        .build()
+        .expect("session layer");
+    let store = layer.store().clone();
+    let other = default_app(redis).await.0;
+    (routes().layer(layer), manager, store, other)
+}
+
+/// Lets the app back and waits until its outage queue is written.
+async fn replayed(
+    redis: &TestRedis,
+    manager: &RedisManager,
+    store: &tower_redis_session::SessionStore,
+) {
+    let_the_app_back(redis).await;
+    wait_for_breaker(manager, BreakerState::Closed, Duration::from_secs(15)).await;
+    within("the outage queue's replay", async {
+        while store.local_usage().queued_changes > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// A login (`cycle_id`) on an instance cut off from Redis is queued: end
+/// the old id, create the new one. The user then logs out on another
+/// instance, which reaches Redis. When the first instance is back, its
+/// replay must not bring the session back under the new id it handed
+/// out: the logout would be undone for whoever holds that cookie.
+#[tokio::test]
+async fn a_login_queued_during_an_outage_does_not_undo_a_logout_made_elsewhere() {
+    let redis = TestRedis::start().await;
+    let (app, manager, store, other) = cut_off_app_and_another(&redis).await;
+    let (_, _, set_cookie, _) = send(&app, "POST", "/set/secret/s", None).await;
+    let old = cookie_pair(&set_cookie.unwrap());
+
+    cut_the_app_off(&redis).await;
+    let (status, _, set_cookie, _) = send(&app, "POST", "/login/mallory", Some(&old)).await;
+    assert_eq!(status, 200);
+    let new = cookie_pair(&set_cookie.expect("the login's new id"));
+    assert_ne!(manager.health().state, BreakerState::Closed);
+    assert!(
+        store.local_usage().queued_changes > 0,
+        "the login is queued"
+    );
+    assert_eq!(send(&other, "POST", "/logout", Some(&old)).await.1, "bye");
+    assert!(session_keys(&redis).await.is_empty());
+
+    replayed(&redis, &manager, &store).await;
+    assert_eq!(
+        session_keys(&redis).await,
+        Vec::<String>::new(),
+        "the replayed login brought the logged-out session back"
+    );
+    for instance in [&other, &app] {
+        assert_eq!(
+            send(instance, "GET", "/get/secret", Some(&new)).await.1,
+            "none"
+        );
+    }
+}
+
+/// A session created during an outage and logged into during the same
+/// outage reaches Redis under its new id when the outage ends (its
+/// creation is written before its old id is ended).
+#[tokio::test]
+async fn a_session_created_and_logged_into_during_an_outage_reaches_redis_under_its_new_id() {
+    let redis = TestRedis::start().await;
+    let (app, manager, store, other) = cut_off_app_and_another(&redis).await;
+    // Connected once before the outage.
+    send(&app, "POST", "/set/warm/1", None).await;
+
+    cut_the_app_off(&redis).await;
+    let (_, _, set_cookie, _) = send(&app, "POST", "/set/secret/s", None).await;
+    let old = cookie_pair(&set_cookie.expect("a session during the outage"));
+    let (status, _, set_cookie, _) = send(&app, "POST", "/login/alice", Some(&old)).await;
+    assert_eq!(status, 200);
+    let new = cookie_pair(&set_cookie.expect("the login's new id"));
+    assert_ne!(manager.health().state, BreakerState::Closed);
+
+    replayed(&redis, &manager, &store).await;
+    assert_eq!(send(&other, "GET", "/get/secret", Some(&new)).await.1, "s");
+    assert_eq!(send(&other, "GET", "/whoami", Some(&new)).await.1, "alice");
+    assert_eq!(
+        send(&other, "GET", "/get/secret", Some(&old)).await.1,
+        "none"
+    );
+    assert_eq!(
+        session_keys(&redis).await.len(),
+        2,
+        "the warm-up's and the login's"
+    );
+}
+
 /// `tower_redis_session_reconciled_total` counts the changes made during an
 /// outage as they are written to Redis after it.
 #[tokio::test(flavor = "current_thread")]

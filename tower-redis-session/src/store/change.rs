@@ -9,9 +9,17 @@
 //!   replaces the changes queued for its session, so deletions only take the
 //!   queue over its bound by the sessions this instance held copies of
 //!   before the outage (themselves bounded by bytes).
+//! - **A cycle is conditional.** The old id of a `cycle_id` made during the
+//!   outage is ended after its queued changes (it does not replace them, as
+//!   a log out does), and the new id is created only if Redis still held
+//!   the old one: a session ended elsewhere meanwhile (logged out, revoked,
+//!   timed out) is not brought back under its new id.
 //! - **Newer data wins.** A save is replayed through the same script as a
 //!   live one, with the time it was made: the script's per-entry stamps keep
 //!   it from overwriting an entry another instance changed after it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use tower_redis_core::RedisManager;
 use tower_redis_core::degrade::{Deferred, Replay, ReplayError};
@@ -41,10 +49,57 @@ enum Kind {
         changes: Changes,
         /// When the change was made, for the per-entry "newer wins" rule.
         at_ms: u64,
+        /// The creation of a cycle's new id: made only if the old one was
+        /// still in Redis.
+        cycle: Option<Arc<Cycle>>,
     },
     Delete {
         user: Option<String>,
     },
+    /// The end of a cycle's old id.
+    EndCycled {
+        user: Option<String>,
+        cycle: Arc<Cycle>,
+    },
+}
+
+/// What the replay of a queued cycle found of the old id, shared by the
+/// cycle's two halves (and kept if the replay stops between them).
+#[derive(Debug, Default)]
+pub(crate) struct Cycle(AtomicU8);
+
+impl Cycle {
+    const UNKNOWN: u8 = 0;
+    /// Redis held the old id: the cycle goes on.
+    const TAKEN: u8 = 1;
+    /// The old id was gone: ended elsewhere, or timed out.
+    const GONE: u8 = 2;
+    /// A `DEL` of the old id failed in a way that may have run: a retry
+    /// finding it gone may be finding its own work.
+    const MAYBE_TAKEN: u8 = 3;
+
+    fn found(&self, existed: bool) {
+        let before = self.0.load(Ordering::Acquire);
+        let state = if existed || before == Self::MAYBE_TAKEN || before == Self::TAKEN {
+            Self::TAKEN
+        } else {
+            Self::GONE
+        };
+        self.0.store(state, Ordering::Release);
+    }
+
+    fn may_have_taken(&self) {
+        let _ = self.0.compare_exchange(
+            Self::UNKNOWN,
+            Self::MAYBE_TAKEN,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    fn old_was_gone(&self) -> bool {
+        self.0.load(Ordering::Acquire) == Self::GONE
+    }
 }
 
 impl Change {
@@ -65,8 +120,33 @@ impl Change {
                 create,
                 changes: changes.clone(),
                 at_ms,
+                cycle: None,
             },
         }
+    }
+
+    /// A `cycle_id`: the end of the old id, then the creation of the new
+    /// one (made at `at_ms`, holding the whole session), which waits for
+    /// the end to find the old id in Redis. Queued both or neither.
+    pub(crate) fn cycle(
+        old_storage_key: &str,
+        user: Option<&str>,
+        new_storage_key: &str,
+        created_ms: u64,
+        changes: &Changes,
+        at_ms: u64,
+    ) -> Vec<Self> {
+        let cycle = Arc::new(Cycle::default());
+        let mut end = Self::delete(old_storage_key, user);
+        end.kind = Kind::EndCycled {
+            user: user.map(str::to_owned),
+            cycle: Arc::clone(&cycle),
+        };
+        let mut create = Self::save(new_storage_key, Some(created_ms), changes, at_ms);
+        if let Kind::Save { cycle: slot, .. } = &mut create.kind {
+            *slot = Some(cycle);
+        }
+        vec![end, create]
     }
 
     /// The end of a session (and its removal from its user's index).
@@ -86,11 +166,33 @@ impl Change {
         let storage_key = self.storage_key.as_str();
         match &self.kind {
             Kind::Delete { user } => redis.delete(storage_key, user.as_deref()).await,
+            Kind::EndCycled { user, cycle } => {
+                match redis.end(storage_key, user.as_deref(), true).await {
+                    Ok(existed) => {
+                        cycle.found(existed);
+                        Ok(())
+                    }
+                    Err(error) => {
+                        if error.may_have_run() {
+                            cycle.may_have_taken();
+                        }
+                        Err(error)
+                    }
+                }
+            }
             Kind::Save {
                 create,
                 changes,
                 at_ms,
+                cycle,
             } => {
+                if cycle.as_ref().is_some_and(|cycle| cycle.old_was_gone()) {
+                    // The old id ended in Redis while the cycle waited: the
+                    // session is not brought back under the new one, and
+                    // every instance ends its copy of it.
+                    redis.announce_ended(false, vec![storage_key.to_owned()]);
+                    return Ok(());
+                }
                 let write = Write {
                     storage_key,
                     create: *create,
@@ -135,6 +237,7 @@ impl Deferred for Change {
                 create: None,
                 changes: newer_changes,
                 at_ms: newer_at_ms,
+                ..
             },
         ) = (&mut self.kind, &newer.kind)
         else {
@@ -518,6 +621,26 @@ mod tests {
         assert_eq!(queue.queue_usage().changes, 5, "would drop the user");
     }
 
+    /// The end of a cycle's old id that finds it gone after an attempt that
+    /// may have run (a timeout, a lost connection) counts it as found: the
+    /// attempt may have deleted it, and dropping the login would lose the
+    /// session. Without such an attempt, gone is gone.
+    #[test]
+    fn an_end_retried_after_an_attempt_that_may_have_run_counts_the_old_id_as_found() {
+        let cycle = Cycle::default();
+        cycle.found(false);
+        assert!(cycle.old_was_gone());
+        let cycle = Cycle::default();
+        cycle.may_have_taken();
+        cycle.found(false);
+        assert!(!cycle.old_was_gone());
+        let cycle = Cycle::default();
+        cycle.found(true);
+        cycle.may_have_taken();
+        cycle.found(false);
+        assert!(!cycle.old_was_gone(), "a known answer is kept");
+    }
+
     #[tokio::test]
     async fn a_cycle_is_queued_whole_or_not_at_all() {
         let redis = TestRedis::start().await;
@@ -525,28 +648,29 @@ mod tests {
             RedisManager::connect(redis.config().build().expect("config"))
                 .await
                 .expect("manager"),
-            2 * 1024,
+            3 * 1024,
             0,
         );
         queue.defer(save(1, 600)).expect("fits");
         let cycle = |old: usize, user: Option<&str>, new: usize, bytes: usize| {
-            vec![
-                Change::delete(&key(old), user),
-                Change::save(&key(new), Some(1), &changes(bytes), 2),
-            ]
+            Change::cycle(&key(old), user, &key(new), 1, &changes(bytes), 2)
         };
-        // The old session's queued creation makes room for the new one.
+        // The old session's queued creation stays ahead of its end: the end
+        // must find it in Redis for the new one to be created.
         queue
             .defer_all(cycle(1, Some("u"), 2, 600))
-            .expect("fits once the old session's changes are replaced");
-        assert_eq!(queue.queue_usage().changes, 2);
+            .expect("fits beside the old session's changes");
+        assert_eq!(queue.queue_usage().changes, 3);
         // Not enough room for the new session: nothing changes.
         let before = queue.queue_usage();
-        assert!(queue.defer_all(cycle(2, None, 3, 1900)).is_err());
+        assert!(queue.defer_all(cycle(2, None, 3, 1000)).is_err());
         assert_eq!(queue.queue_usage(), before);
         assert!(queue.is_pending(&key(2)) && !queue.is_pending(&key(3)));
         queue.redis().gate.add_permits(usize::MAX >> 4);
         queue.catch_up().await;
-        assert_eq!(written(&queue), [(key(1), true), (key(2), false)]);
+        assert_eq!(
+            written(&queue),
+            [(key(1), false), (key(1), false), (key(2), false)]
+        );
     }
 }

@@ -319,15 +319,14 @@ impl Failover {
             let merged = take.merged;
             // Both halves, or neither: the old session ends and the new one
             // is created with the whole record.
-            let halves = vec![
-                Change::delete(take.old_storage_key, merged.user.as_deref()),
-                Change::save(
-                    take.new_storage_key,
-                    Some(merged.created_ms),
-                    &merged.as_changes(),
-                    now_ms(),
-                ),
-            ];
+            let halves = Change::cycle(
+                take.old_storage_key,
+                merged.user.as_deref(),
+                take.new_storage_key,
+                merged.created_ms,
+                &merged.as_changes(),
+                now_ms(),
+            );
             if let Err(full) = self.pair.defer_all(halves) {
                 // Neither half is queued: the session keeps its old id.
                 refused(full, false);

@@ -371,29 +371,66 @@ impl RedisStore {
         commands.run(conn).await.map(Saved::from)
     }
 
-    /// One round trip: `DEL`, and the `SREM` from the user's index.
+    /// One round trip: `DEL`, and the `SREM` from the user's index. True
+    /// when Redis still held the session.
     pub(crate) async fn delete_on(
         &self,
         conn: &mut RedisConnection,
         storage_key: &str,
         user: Option<&str>,
-    ) -> redis::RedisResult<()> {
-        let mut extras = vec![redis::cmd("DEL").arg(self.session_key(storage_key)).clone()];
-        if let Some(user) = user {
-            extras.push(
-                redis::cmd("SREM")
-                    .arg(self.user_key(user))
-                    .arg(storage_key)
-                    .clone(),
-            );
+    ) -> redis::RedisResult<bool> {
+        let key = self.session_key(storage_key);
+        let unlist = user.map(|user| {
+            redis::cmd("SREM")
+                .arg(self.user_key(user))
+                .arg(storage_key)
+                .clone()
+        });
+        // The index lives in another slot on a cluster: sent after.
+        let deleted: u64 = match unlist {
+            Some(unlist) if !conn.is_cluster() => {
+                let (deleted,): (u64,) = redis::pipe()
+                    .cmd("DEL")
+                    .arg(&key)
+                    .add_command(unlist)
+                    .ignore()
+                    .query_async(conn)
+                    .await?;
+                deleted
+            }
+            unlist => {
+                let deleted = redis::cmd("DEL").arg(&key).query_async(conn).await?;
+                if let Some(unlist) = unlist {
+                    unlist.query_async::<()>(conn).await?;
+                }
+                deleted
+            }
+        };
+        Ok(deleted > 0)
+    }
+
+    /// Ends a session (its key and its place in the user's index), and
+    /// announces the end. `cycled`: the end of the old id of a cycle. True
+    /// when Redis still held the session.
+    pub(crate) async fn end(
+        &self,
+        storage_key: &str,
+        user: Option<&str>,
+        cycled: bool,
+    ) -> Result<bool, tower_redis_core::Error> {
+        let deleted = self
+            .manager
+            .run(|mut conn| async move {
+                let existed = self.delete_on(&mut conn, storage_key, user).await?;
+                self.replicate(&mut conn, "logout").await?;
+                Ok(existed)
+            })
+            .await;
+        self.forget(storage_key);
+        if deleted.is_ok() {
+            self.announce_ended(cycled, vec![storage_key.to_owned()]);
         }
-        SaveCommands {
-            script: None,
-            extras,
-        }
-        .run(conn)
-        .await
-        .map(|_| ())
+        deleted
     }
 
     /// The EVALSHA of one save, and the user-index update when the user is
@@ -577,18 +614,7 @@ impl Store for RedisStore {
     }
 
     async fn delete(&self, storage_key: &str, user: Option<&str>) -> Result<(), Self::Error> {
-        let deleted = self
-            .manager
-            .run(|mut conn| async move {
-                self.delete_on(&mut conn, storage_key, user).await?;
-                self.replicate(&mut conn, "logout").await
-            })
-            .await;
-        self.forget(storage_key);
-        if deleted.is_ok() {
-            self.announce_ended(false, vec![storage_key.to_owned()]);
-        }
-        deleted
+        self.end(storage_key, user, false).await.map(|_| ())
     }
 }
 
