@@ -103,8 +103,16 @@ pub trait Deferred: Clone + Send + Sync + 'static {
     /// Its approximate memory, in bytes, bookkeeping included.
     fn weight(&self) -> usize;
     /// Deletes are never refused nor dropped, and replace the queued
-    /// changes of their key.
+    /// changes of their key (except those that
+    /// [outlive](Self::outlives_delete) it).
     fn is_delete(&self) -> bool {
+        false
+    }
+    /// Whether a later delete of its key leaves it queued, ahead of the
+    /// delete, instead of replacing it: a change whose replay tells a
+    /// later change of another key something (whether the key was still in
+    /// Redis, for example). Default: replaced.
+    fn outlives_delete(&self) -> bool {
         false
     }
     /// Absorbs `newer`, a later change of the same key, when writing the

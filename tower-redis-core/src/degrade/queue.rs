@@ -5,8 +5,9 @@
 //!   already queued is dropped to make room.
 //! - **Deletes always fit.** A delete is never refused nor dropped. It
 //!   replaces the changes queued for its key (not those already being
-//!   written, which stay ahead of it), so deletes only take the queue over
-//!   its bound by the keys that had changes before them.
+//!   written, nor those that outlive a delete, which stay ahead of it), so
+//!   deletes only take the queue over its bound by the keys that had
+//!   changes before them.
 //! - **Merged by key.** A change its key's newest queued change can absorb
 //!   ([`Deferred::merge`]) takes no new room: one client repeating a change
 //!   cannot fill the queue. Whether a change fits is measured after the
@@ -55,8 +56,9 @@ struct Waiting {
 }
 
 /// One key in [`Inner::bytes_after`]: its newest queued change as the
-/// pushes would leave it (with its weight), and the weight it has queued
-/// (not counting changes being written).
+/// pushes would leave it (with its weight), and the weight a delete would
+/// replace (its queued changes, not counting those being written nor those
+/// that outlive a delete).
 type Simulated<C> = (Option<(C, usize)>, usize);
 
 /// Changes taken from the front of the queue, oldest first, until
@@ -241,12 +243,14 @@ impl<C: Deferred> Inner<C> {
                     .and_then(|waiting| waiting.queued.back())
                     .and_then(|seq| self.changes.get(seq))
                     .map(|queued| (queued.change.clone(), queued.weight));
-                (newest, self.queued_weight(change.key()))
+                (newest, self.replaceable_weight(change.key()))
             });
             let weight = change.weight();
             if change.is_delete() {
                 bytes = bytes.saturating_sub(*queued).saturating_add(weight);
                 *queued = weight;
+            } else if change.outlives_delete() {
+                bytes = bytes.saturating_add(weight);
             } else if let Some((merged, old)) = newest
                 && merged.merge(change)
             {
@@ -264,12 +268,14 @@ impl<C: Deferred> Inner<C> {
         bytes
     }
 
-    fn queued_weight(&self, key: &str) -> usize {
+    /// The weight of `key`'s queued changes that a delete replaces.
+    fn replaceable_weight(&self, key: &str) -> usize {
         self.index.get(key).map_or(0, |waiting| {
             waiting
                 .queued
                 .iter()
                 .filter_map(|seq| self.changes.get(seq))
+                .filter(|queued| !queued.change.outlives_delete())
                 .map(|queued| queued.weight)
                 .sum()
         })
@@ -294,9 +300,17 @@ impl<C: Deferred> Inner<C> {
             && let Some(waiting) = self.index.get_mut(change.key())
         {
             // The key's queued changes are replaced by the delete; those
-            // being written stay ahead of it.
-            for seq in std::mem::take(&mut waiting.queued) {
-                if let Some(removed) = self.changes.remove(&seq) {
+            // being written, and those that outlive a delete, stay ahead of
+            // it.
+            let queued = std::mem::take(&mut waiting.queued);
+            for seq in queued {
+                if self
+                    .changes
+                    .get(&seq)
+                    .is_some_and(|queued| queued.change.outlives_delete())
+                {
+                    waiting.queued.push_back(seq);
+                } else if let Some(removed) = self.changes.remove(&seq) {
                     self.bytes = self.bytes.saturating_sub(removed.weight);
                 }
             }
@@ -318,9 +332,10 @@ impl<C: Deferred> Inner<C> {
 mod tests {
     use super::*;
 
-    /// A test change: a key, a weight, and whether it deletes.
+    /// A test change: a key, a weight, whether it deletes, and whether it
+    /// outlives a later delete.
     #[derive(Debug, Clone, PartialEq, Eq)]
-    struct Change(String, usize, bool);
+    struct Change(String, usize, bool, bool);
 
     impl Deferred for Change {
         fn key(&self) -> &str {
@@ -332,14 +347,21 @@ mod tests {
         fn is_delete(&self) -> bool {
             self.2
         }
+        fn outlives_delete(&self) -> bool {
+            self.3
+        }
     }
 
     fn save(key: &str, weight: usize) -> Change {
-        Change(key.to_owned(), weight, false)
+        Change(key.to_owned(), weight, false, false)
     }
 
     fn delete(key: &str) -> Change {
-        Change(key.to_owned(), 10, true)
+        Change(key.to_owned(), 10, true, false)
+    }
+
+    fn lasting(key: &str, weight: usize) -> Change {
+        Change(key.to_owned(), weight, false, true)
     }
 
     fn push(queue: &OutageQueue<Change>, change: Change) -> Result<(), QueueFull> {
@@ -430,6 +452,32 @@ mod tests {
         );
         assert!(queue.contains("new") && !queue.contains("newer"));
         assert_eq!(drain(&queue), [delete("old"), save("new", 200)]);
+    }
+
+    /// A change that outlives a delete stays queued ahead of it, and the
+    /// room the delete frees is only that of the changes it replaced, both
+    /// when it is queued and when a batch is measured before.
+    #[test]
+    fn a_change_that_outlives_a_delete_stays_ahead_of_it() {
+        let queue = OutageQueue::new(400);
+        push(&queue, save("k", 100)).expect("fits");
+        push(&queue, lasting("k", 100)).expect("fits");
+        push(&queue, save("k", 100)).expect("fits");
+        // The delete frees the two saves (200), not the lasting change.
+        assert!(
+            queue
+                .push_all(vec![delete("k"), save("other", 291)], || {})
+                .is_err(),
+            "100 + 10 + 291 does not fit 400"
+        );
+        queue
+            .push_all(vec![delete("k"), save("other", 290)], || {})
+            .expect("100 + 10 + 290 fits");
+        assert_eq!(queue.usage().bytes, 400);
+        assert_eq!(
+            drain(&queue),
+            [lasting("k", 100), delete("k"), save("other", 290)]
+        );
     }
 
     #[test]

@@ -11,9 +11,12 @@
 //!   before the outage (themselves bounded by bytes).
 //! - **A cycle is conditional.** The old id of a `cycle_id` made during the
 //!   outage is ended after its queued changes (it does not replace them, as
-//!   a log out does), and the new id is created only if Redis still held
-//!   the old one: a session ended elsewhere meanwhile (logged out, revoked,
-//!   timed out) is not brought back under its new id.
+//!   a log out does, and a later log out of the old id does not replace
+//!   it), and the new id is created only once that end found the old one
+//!   in Redis: a session ended elsewhere meanwhile (logged out, revoked,
+//!   timed out) is not brought back under its new id. Until the end has
+//!   answered, the creation waits (a failed end holds it back, even when
+//!   other keys are written).
 //! - **Newer data wins.** A save is replayed through the same script as a
 //!   live one, with the time it was made: the script's per-entry stamps keep
 //!   it from overwriting an entry another instance changed after it.
@@ -59,6 +62,7 @@ enum Kind {
     /// The end of a cycle's old id.
     EndCycled {
         user: Option<String>,
+        new_storage_key: String,
         cycle: Arc<Cycle>,
     },
 }
@@ -69,36 +73,21 @@ enum Kind {
 pub(crate) struct Cycle(AtomicU8);
 
 impl Cycle {
+    /// The end has not answered yet: the creation waits.
     const UNKNOWN: u8 = 0;
-    /// Redis held the old id: the cycle goes on.
+    /// Redis held the old id: the new one is created.
     const TAKEN: u8 = 1;
-    /// The old id was gone: ended elsewhere, or timed out.
+    /// The old id was gone (ended elsewhere, or timed out): the new one is
+    /// not created.
     const GONE: u8 = 2;
-    /// A `DEL` of the old id failed in a way that may have run: a retry
-    /// finding it gone may be finding its own work.
-    const MAYBE_TAKEN: u8 = 3;
 
-    fn found(&self, existed: bool) {
-        let before = self.0.load(Ordering::Acquire);
-        let state = if existed || before == Self::MAYBE_TAKEN || before == Self::TAKEN {
-            Self::TAKEN
-        } else {
-            Self::GONE
-        };
+    fn found(&self, taken: bool) {
+        let state = if taken { Self::TAKEN } else { Self::GONE };
         self.0.store(state, Ordering::Release);
     }
 
-    fn may_have_taken(&self) {
-        let _ = self.0.compare_exchange(
-            Self::UNKNOWN,
-            Self::MAYBE_TAKEN,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
-    }
-
-    fn old_was_gone(&self) -> bool {
-        self.0.load(Ordering::Acquire) == Self::GONE
+    fn state(&self) -> u8 {
+        self.0.load(Ordering::Acquire)
     }
 }
 
@@ -138,8 +127,10 @@ impl Change {
     ) -> Vec<Self> {
         let cycle = Arc::new(Cycle::default());
         let mut end = Self::delete(old_storage_key, user);
+        end.weight += new_storage_key.len();
         end.kind = Kind::EndCycled {
             user: user.map(str::to_owned),
+            new_storage_key: new_storage_key.to_owned(),
             cycle: Arc::clone(&cycle),
         };
         let mut create = Self::save(new_storage_key, Some(created_ms), changes, at_ms);
@@ -166,19 +157,16 @@ impl Change {
         let storage_key = self.storage_key.as_str();
         match &self.kind {
             Kind::Delete { user } => redis.delete(storage_key, user.as_deref()).await,
-            Kind::EndCycled { user, cycle } => {
-                match redis.end(storage_key, user.as_deref(), true).await {
-                    Ok(existed) => {
-                        cycle.found(existed);
-                        Ok(())
-                    }
-                    Err(error) => {
-                        if error.may_have_run() {
-                            cycle.may_have_taken();
-                        }
-                        Err(error)
-                    }
-                }
+            Kind::EndCycled {
+                user,
+                new_storage_key,
+                cycle,
+            } => {
+                let taken = redis
+                    .end_cycled(storage_key, user.as_deref(), new_storage_key)
+                    .await?;
+                cycle.found(taken);
+                Ok(())
             }
             Kind::Save {
                 create,
@@ -186,12 +174,25 @@ impl Change {
                 at_ms,
                 cycle,
             } => {
-                if cycle.as_ref().is_some_and(|cycle| cycle.old_was_gone()) {
-                    // The old id ended in Redis while the cycle waited: the
-                    // session is not brought back under the new one, and
-                    // every instance ends its copy of it.
-                    redis.announce_ended(false, vec![storage_key.to_owned()]);
-                    return Ok(());
+                match cycle.as_ref().map(|cycle| cycle.state()) {
+                    Some(Cycle::GONE) => {
+                        // The old id ended in Redis while the cycle waited:
+                        // the session is not brought back under the new
+                        // one, and every instance ends its copy of it.
+                        redis.announce_ended(false, vec![storage_key.to_owned()]);
+                        return Ok(());
+                    }
+                    Some(Cycle::UNKNOWN) => {
+                        // The end failed (its key is held back): this waits
+                        // for it, and is tried again after it.
+                        return Err(tower_redis_core::Error::Redis(
+                            std::io::Error::other(
+                                "a session id cycle waits for the end of its old id",
+                            )
+                            .into(),
+                        ));
+                    }
+                    _ => {}
                 }
                 let write = Write {
                     storage_key,
@@ -223,6 +224,12 @@ impl Deferred for Change {
 
     fn is_delete(&self) -> bool {
         matches!(self.kind, Kind::Delete { .. })
+    }
+
+    /// The end of a cycle's old id stays ahead of a later log out of that
+    /// id: the cycle's creation waits for its answer.
+    fn outlives_delete(&self) -> bool {
+        matches!(self.kind, Kind::EndCycled { .. })
     }
 
     /// A later save replaces this one when it writes every entry (and the
@@ -621,24 +628,88 @@ mod tests {
         assert_eq!(queue.queue_usage().changes, 5, "would drop the user");
     }
 
-    /// The end of a cycle's old id that finds it gone after an attempt that
-    /// may have run (a timeout, a lost connection) counts it as found: the
-    /// attempt may have deleted it, and dropping the login would lose the
-    /// session. Without such an attempt, gone is gone.
-    #[test]
-    fn an_end_retried_after_an_attempt_that_may_have_run_counts_the_old_id_as_found() {
-        let cycle = Cycle::default();
-        cycle.found(false);
-        assert!(cycle.old_was_gone());
-        let cycle = Cycle::default();
-        cycle.may_have_taken();
-        cycle.found(false);
-        assert!(!cycle.old_was_gone());
-        let cycle = Cycle::default();
-        cycle.found(true);
-        cycle.may_have_taken();
-        cycle.found(false);
-        assert!(!cycle.old_was_gone(), "a known answer is kept");
+    /// The end of a cycle's old id says whether Redis held it; a retry of
+    /// the same end (its reply lost) still says so, another cycle's end of
+    /// the same id does not, and an id Redis never held is gone.
+    #[tokio::test]
+    async fn the_end_of_a_cycled_id_is_found_again_by_its_own_retry_only() {
+        let redis = TestRedis::start().await;
+        let manager = RedisManager::connect(redis.config().build().expect("config"))
+            .await
+            .expect("manager");
+        let store = RedisStore::new(manager, crate::Expiry::default(), 0);
+        let mut conn = redis.connection().await.expect("connection");
+        let _: () = tower_redis_core::redis::cmd("HSET")
+            .arg(store.session_key(&key(1)))
+            .arg("_c")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .expect("HSET");
+        let old = key(1);
+        for (new, held, why) in [
+            (2, true, "held"),
+            (2, true, "a retry finds its own work"),
+            (3, false, "another cycle finds it gone"),
+        ] {
+            let taken = store.end_cycled(&old, None, &key(new)).await;
+            assert_eq!(taken.expect("ends"), held, "{why}");
+        }
+        assert!(
+            !store
+                .end_cycled(&key(4), None, &key(5))
+                .await
+                .expect("ends"),
+            "never held"
+        );
+    }
+
+    /// A cycle's creation waits for the end of its old id: written first
+    /// (the end failed, its key held back), it fails and creates nothing;
+    /// after an end that found the old id it creates the new one; after an
+    /// end that found it gone it creates nothing and succeeds.
+    #[tokio::test]
+    async fn a_cycle_s_creation_waits_for_the_end_of_its_old_id() {
+        let redis = TestRedis::start().await;
+        let manager = RedisManager::connect(redis.config().build().expect("config"))
+            .await
+            .expect("manager");
+        let store = RedisStore::new(manager, crate::Expiry::default(), 0);
+        let mut conn = redis.connection().await.expect("connection");
+        let reader = conn.clone();
+        let exists = |storage_key: String| {
+            let key = store.session_key(&storage_key);
+            let mut conn = reader.clone();
+            async move {
+                tower_redis_core::redis::cmd("EXISTS")
+                    .arg(key)
+                    .query_async::<bool>(&mut conn)
+                    .await
+                    .expect("EXISTS")
+            }
+        };
+        let _: () = tower_redis_core::redis::cmd("HSET")
+            .arg(store.session_key(&key(1)))
+            .arg("_c")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .expect("HSET");
+        let now = super::super::now_ms();
+        let held = Change::cycle(&key(1), None, &key(2), now, &changes(5), now);
+        assert!(held[1].write(&store).await.is_err(), "waits for the end");
+        assert!(!exists(key(2)).await);
+        held[0].write(&store).await.expect("ends the old id");
+        held[1].write(&store).await.expect("creates the new id");
+        assert!(exists(key(2)).await && !exists(key(1)).await);
+
+        let gone = Change::cycle(&key(3), None, &key(4), now, &changes(5), now);
+        gone[0].write(&store).await.expect("finds the old id gone");
+        gone[1]
+            .write(&store)
+            .await
+            .expect("done: nothing to create");
+        assert!(!exists(key(4)).await, "not brought back");
     }
 
     #[tokio::test]

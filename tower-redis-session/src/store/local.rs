@@ -148,8 +148,9 @@ impl LocalState {
     /// The session ended (`cycled`: its id was cycled away), here or on
     /// another instance.
     ///
-    /// An id known to be cycled away stays known so (a replayed cycle is
-    /// announced as the delete of its old id).
+    /// An id known to be cycled away stays known so (a plain end of it
+    /// heard later, a logout of the old id for example, does not change
+    /// that).
     pub(crate) fn end_as(&self, storage_key: &str, cycled: bool) {
         self.with_pinned(|pinned| pinned.remove(storage_key));
         self.copies.invalidate(storage_key);

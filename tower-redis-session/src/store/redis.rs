@@ -36,6 +36,7 @@ use crate::config::{Durability, Expiry};
 
 static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("save.lua")));
 static TAKE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("take.lua")));
+static END_CYCLED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("end_cycled.lua")));
 
 /// Sessions in Redis, through the shared manager.
 pub(crate) struct RedisStore {
@@ -371,66 +372,68 @@ impl RedisStore {
         commands.run(conn).await.map(Saved::from)
     }
 
-    /// One round trip: `DEL`, and the `SREM` from the user's index. True
-    /// when Redis still held the session.
+    /// One round trip: `DEL`, and the `SREM` from the user's index.
     pub(crate) async fn delete_on(
         &self,
         conn: &mut RedisConnection,
         storage_key: &str,
         user: Option<&str>,
-    ) -> redis::RedisResult<bool> {
-        let key = self.session_key(storage_key);
-        let unlist = user.map(|user| {
-            redis::cmd("SREM")
-                .arg(self.user_key(user))
-                .arg(storage_key)
-                .clone()
-        });
-        // The index lives in another slot on a cluster: sent after.
-        let deleted: u64 = match unlist {
-            Some(unlist) if !conn.is_cluster() => {
-                let (deleted,): (u64,) = redis::pipe()
-                    .cmd("DEL")
-                    .arg(&key)
-                    .add_command(unlist)
-                    .ignore()
-                    .query_async(conn)
-                    .await?;
-                deleted
-            }
-            unlist => {
-                let deleted = redis::cmd("DEL").arg(&key).query_async(conn).await?;
-                if let Some(unlist) = unlist {
-                    unlist.query_async::<()>(conn).await?;
-                }
-                deleted
-            }
-        };
-        Ok(deleted > 0)
+    ) -> redis::RedisResult<()> {
+        let mut extras = vec![redis::cmd("DEL").arg(self.session_key(storage_key)).clone()];
+        if let Some(user) = user {
+            extras.push(
+                redis::cmd("SREM")
+                    .arg(self.user_key(user))
+                    .arg(storage_key)
+                    .clone(),
+            );
+        }
+        SaveCommands {
+            script: None,
+            extras,
+        }
+        .run(conn)
+        .await
+        .map(|_| ())
     }
 
-    /// Ends a session (its key and its place in the user's index), and
-    /// announces the end. `cycled`: the end of the old id of a cycle. True
-    /// when Redis still held the session.
-    pub(crate) async fn end(
+    /// Ends the old id of a cycle made during an outage, as the outage
+    /// queue is written (its key, its place in the user's index), and
+    /// announces the end. True when Redis still held it (or this cycle
+    /// already took it: a retry after a lost reply), false when it was
+    /// gone. The marker the script leaves lives for the idle timeout.
+    pub(crate) async fn end_cycled(
         &self,
-        storage_key: &str,
+        old_storage_key: &str,
         user: Option<&str>,
-        cycled: bool,
+        new_storage_key: &str,
     ) -> Result<bool, tower_redis_core::Error> {
-        let deleted = self
+        let taken = self
             .manager
             .run(|mut conn| async move {
-                let existed = self.delete_on(&mut conn, storage_key, user).await?;
-                self.replicate(&mut conn, "logout").await?;
-                Ok(existed)
+                let taken: bool = END_CYCLED
+                    .key(self.session_key(old_storage_key))
+                    .key(self.manager.keys().tagged(old_storage_key, &["cycled"]))
+                    .arg(new_storage_key)
+                    .arg(duration_ms(self.expiry.idle).max(1))
+                    .invoke_async(&mut conn)
+                    .await?;
+                if let Some(user) = user {
+                    redis::cmd("SREM")
+                        .arg(self.user_key(user))
+                        .arg(old_storage_key)
+                        .query_async::<()>(&mut conn)
+                        .await?;
+                }
+                self.replicate(&mut conn, "id cycle").await?;
+                Ok(taken)
             })
             .await;
-        self.forget(storage_key);
-        if deleted.is_ok() {
-            self.announce_ended(cycled, vec![storage_key.to_owned()]);
+        self.forget(old_storage_key);
+        if let Ok(taken) = taken {
+            self.announce_ended(taken, vec![old_storage_key.to_owned()]);
         }
-        deleted
+        taken
     }
 
     /// The EVALSHA of one save, and the user-index update when the user is
@@ -614,7 +617,18 @@ impl Store for RedisStore {
     }
 
     async fn delete(&self, storage_key: &str, user: Option<&str>) -> Result<(), Self::Error> {
-        self.end(storage_key, user, false).await.map(|_| ())
+        let deleted = self
+            .manager
+            .run(|mut conn| async move {
+                self.delete_on(&mut conn, storage_key, user).await?;
+                self.replicate(&mut conn, "logout").await
+            })
+            .await;
+        self.forget(storage_key);
+        if deleted.is_ok() {
+            self.announce_ended(false, vec![storage_key.to_owned()]);
+        }
+        deleted
     }
 }
 
