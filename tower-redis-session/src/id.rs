@@ -17,8 +17,44 @@ const ID_LEN: usize = 43;
 const SIG_LEN: usize = 43;
 
 /// A session id. Its `Debug` output is redacted: ids are credentials.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub(crate) struct SessionId(String);
+///
+/// Held inline (its 43 base64url characters), as is its
+/// [`StorageKey`]: reading a session allocates neither.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct SessionId([u8; ID_LEN]);
+
+/// What Redis and the local store know a session by: the SHA-256 of its
+/// id, base64url without padding (43 characters), held inline. Reads as a
+/// `&str`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct StorageKey([u8; ID_LEN]);
+
+impl std::ops::Deref for StorageKey {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        ascii(&self.0)
+    }
+}
+
+impl fmt::Debug for StorageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+/// 32 bytes as base64url without padding.
+fn encode_32(bytes: &[u8]) -> [u8; ID_LEN] {
+    let mut out = [0u8; ID_LEN];
+    // 32 bytes are always 43 characters: the slice fits.
+    let _ = URL_SAFE_NO_PAD.encode_slice(bytes, &mut out);
+    out
+}
+
+/// The text of base64url characters (ASCII: never fails).
+fn ascii(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap_or_default()
+}
 
 impl SessionId {
     /// A fresh id from the operating system's CSPRNG.
@@ -29,26 +65,26 @@ impl SessionId {
             // CSPRNG, itself seeded from the OS, still gives 256 secure bits.
             rand::fill(&mut bytes);
         }
-        Self(URL_SAFE_NO_PAD.encode(bytes))
+        Self(encode_32(&bytes))
     }
 
     /// The id's value as sent in the cookie.
     pub(crate) fn as_str(&self) -> &str {
-        &self.0
+        ascii(&self.0)
     }
 
     /// What Redis and the local store know the session by: SHA-256 of the id.
-    pub(crate) fn storage_key(&self) -> String {
-        URL_SAFE_NO_PAD.encode(Sha256::digest(self.0.as_bytes()))
+    pub(crate) fn storage_key(&self) -> StorageKey {
+        StorageKey(encode_32(&Sha256::digest(self.0)))
     }
 
     /// Accepts only strings shaped like ids we issue.
     fn parse(value: &str) -> Option<Self> {
-        let well_formed = value.len() == ID_LEN
-            && value
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        well_formed.then(|| Self(value.to_owned()))
+        let bytes: [u8; ID_LEN] = value.as_bytes().try_into().ok()?;
+        bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+            .then_some(Self(bytes))
     }
 }
 
@@ -139,7 +175,7 @@ mod tests {
     #[test]
     fn storage_key_is_not_the_id() {
         let id = SessionId::generate();
-        assert_ne!(id.storage_key(), id.as_str());
+        assert_ne!(&*id.storage_key(), id.as_str());
         assert_eq!(id.storage_key(), id.storage_key());
         assert!(!format!("{id:?}").contains(id.as_str()));
     }
@@ -158,7 +194,7 @@ mod tests {
         let codec = CookieCodec::new(Some(b"0123456789abcdef0123456789abcdef".to_vec()));
         let id = SessionId::generate();
         let value = codec.encode(&id);
-        assert_eq!(codec.decode(&value), Some(id.clone()));
+        assert_eq!(codec.decode(&value), Some(id));
 
         let mut tampered = value.clone().into_bytes();
         tampered[3] = if tampered[3] == b'A' { b'B' } else { b'A' };

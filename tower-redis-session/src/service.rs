@@ -49,8 +49,6 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = Arc::clone(&self.shared);
         let cookie_id = session_cookie(request.headers(), &shared);
         let had_cookie = cookie_id.is_some();
@@ -66,10 +64,14 @@ where
             saved = tracing::field::Empty,
             save_result = tracing::field::Empty,
         );
+        // The latency this layer adds (metrics only); recorded when dropped.
+        let clock = tower_redis_core::record::LayerClock::start("session");
+        // Called here, on the service `poll_ready` readied (nothing to
+        // await first: the session loads when the handler asks), so the
+        // inner service is not cloned for every request.
+        let inner = self.inner.call(request);
         let handled = async move {
-            // The latency this layer adds (metrics only); recorded when dropped.
-            let clock = tower_redis_core::record::LayerClock::start("session");
-            let mut response = clock.inner(inner.call(request)).await?;
+            let mut response = clock.inner(inner).await?;
             let update = match session.finish().await {
                 Some(update) => Some(update),
                 // A persistent cookie's Max-Age rolls with use.
@@ -332,7 +334,7 @@ mod tests {
             .expect("a layer");
         let store = layer.shared.store.clone();
         let id = crate::id::SessionId::generate();
-        let session = Session::new(store.clone(), Some(id.clone()), 4096);
+        let session = Session::new(store.clone(), Some(id), 4096);
         let read = session.get::<u32>("visits");
         let size = std::mem::size_of_val(&read);
         assert!(size <= 1032, "a session read is {size} bytes");

@@ -49,7 +49,14 @@ pub enum SessionError {
 /// or as an axum extractor.
 #[derive(Clone)]
 pub struct Session {
-    state: Arc<Mutex<State>>,
+    /// One allocation a request: a clone (the extension, the extractor)
+    /// touches this request's count only, not the store's, which every
+    /// request shares.
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
     store: SessionStore,
     /// The largest the session may grow, in bytes.
     max_bytes: usize,
@@ -75,11 +82,17 @@ struct State {
     /// Set by `destroy`: the stored session to delete (and its user).
     delete: Option<(SessionId, Option<String>)>,
     /// The session's size as this request sees it (record and changes):
-    /// entry names, JSON values and user id, in bytes.
-    size: usize,
+    /// entry names, JSON values and user id, in bytes. `None` until a
+    /// change needs it: a read does not measure the record.
+    size: Option<usize>,
 }
 
 impl State {
+    /// The session's size as this request sees it (measured on first use).
+    fn size(&mut self) -> usize {
+        *self.size.get_or_insert_with(|| self.record.size())
+    }
+
     /// What entry `key` counts toward the session's size now.
     fn entry_size(&self, key: &str) -> usize {
         let json = match self.changes.entries.get(key) {
@@ -117,18 +130,20 @@ pub(crate) enum CookieUpdate {
 impl Session {
     pub(crate) fn new(store: SessionStore, cookie_id: Option<SessionId>, max_bytes: usize) -> Self {
         Self {
-            state: Arc::new(Mutex::new(State {
-                cookie_id,
-                phase: Phase::Untouched,
-                id: None,
-                record: Record::default(),
-                changes: Changes::default(),
-                cycle: false,
-                delete: None,
-                size: 0,
-            })),
-            store,
-            max_bytes,
+            inner: Arc::new(Inner {
+                state: Mutex::new(State {
+                    cookie_id,
+                    phase: Phase::Untouched,
+                    id: None,
+                    record: Record::default(),
+                    changes: Changes::default(),
+                    cycle: false,
+                    delete: None,
+                    size: None,
+                }),
+                store,
+                max_bytes,
+            }),
         }
     }
 
@@ -136,22 +151,22 @@ impl Session {
     /// request carried a well-formed id. An id the store does not know is
     /// never adopted.
     async fn loaded(&self) -> tokio::sync::MutexGuard<'_, State> {
-        let mut state = self.state.lock().await;
+        let mut state = self.inner.state.lock().await;
         if state.phase == Phase::Untouched {
             state.phase = Phase::Loaded;
-            if let Some(cookie_id) = state.cookie_id.clone() {
+            if let Some(cookie_id) = state.cookie_id {
                 let storage_key = cookie_id.storage_key();
                 // A tracked copy answers here, with no future. The load
                 // that waits is boxed: inlined, it made the future of every
                 // session read (part of the handler's future) larger than
                 // the allocator's per-thread cache takes.
-                let record = match self.store.load_now(&storage_key) {
+                let record = match self.inner.store.load_now(&storage_key) {
                     Ok(record) => Some(record),
-                    Err(later) => Box::pin(self.store.load_later(&storage_key, later)).await,
+                    Err(later) => Box::pin(self.inner.store.load_later(&storage_key, later)).await,
                 };
                 if let Some(record) = record {
                     state.id = Some(cookie_id);
-                    state.size = record.size();
+                    state.size = None;
                     state.record = record;
                 }
             }
@@ -317,17 +332,18 @@ impl Session {
         let json = serde_json::to_string(&value).map_err(|source| serde_error(key, source))?;
         let mut state = self.loaded().await;
         let (old, new) = (state.entry_size(key), key.len() + json.len());
-        let size = state.size - old.min(state.size) + new;
+        let current = state.size();
+        let size = current - old.min(current) + new;
         // A session already over the limit (the limit was lowered) may
         // still shrink.
-        if new > old && size > self.max_bytes {
+        if new > old && size > self.inner.max_bytes {
             return Err(SessionError::TooLarge {
                 key: key.to_owned(),
                 size,
-                limit: self.max_bytes,
+                limit: self.inner.max_bytes,
             });
         }
-        state.size = size;
+        state.size = Some(size);
         // Writing after `destroy` starts a new session.
         state.phase = Phase::Loaded;
         state.changes.entries.insert(key.to_owned(), Some(json));
@@ -410,7 +426,7 @@ impl Session {
         let previous = self.get(key).await?;
         let mut state = self.loaded().await;
         let old = state.entry_size(key);
-        state.size = state.size.saturating_sub(old);
+        state.size = Some(state.size().saturating_sub(old));
         state.changes.entries.insert(key.to_owned(), None);
         Ok(previous)
     }
@@ -428,7 +444,7 @@ impl Session {
         for name in names {
             state.changes.entries.insert(name, None);
         }
-        state.size = state.user_size();
+        state.size = Some(state.user_size());
     }
 
     /// Gives the session a new id, for privilege changes (log in, sudo): the
@@ -583,7 +599,7 @@ impl Session {
         state.record = Record::default();
         state.changes = Changes::default();
         state.cycle = false;
-        state.size = 0;
+        state.size = Some(0);
     }
 
     /// Associates the session with a user, for
@@ -660,7 +676,7 @@ impl Session {
     pub async fn set_user(&self, user: &str) {
         let mut state = self.loaded().await;
         let old = state.user_size();
-        state.size = state.size.saturating_sub(old) + user.len();
+        state.size = Some(state.size().saturating_sub(old) + user.len());
         // Like `insert`, after `destroy` this starts a new session.
         state.phase = Phase::Loaded;
         state.changes.user = Some(user.to_owned());
@@ -678,18 +694,18 @@ impl Session {
 
     /// The store behind this session (for "log out everywhere" and such).
     pub fn store(&self) -> &SessionStore {
-        &self.store
+        &self.inner.store
     }
 
     /// Writes what the handler changed; says what the cookie must become.
     pub(crate) async fn finish(&self) -> Option<CookieUpdate> {
-        let mut state = self.state.lock().await;
+        let mut state = self.inner.state.lock().await;
         // The store's writes are boxed where they are awaited: inlined,
         // their Redis futures made the layer's future (allocated and moved
         // on every request, reads included) several KiB larger.
         let deleted = state.delete.take();
         if let Some((id, user)) = &deleted {
-            Box::pin(self.store.delete(&id.storage_key(), user.as_deref())).await;
+            Box::pin(self.inner.store.delete(&id.storage_key(), user.as_deref())).await;
         }
         match state.phase {
             Phase::Untouched => None,
@@ -700,7 +716,9 @@ impl Session {
             Phase::Destroyed => state
                 .cookie_id
                 .as_ref()
-                .filter(|cookie| deleted.is_some() || !self.store.has_ended(&cookie.storage_key()))
+                .filter(|cookie| {
+                    deleted.is_some() || !self.inner.store.has_ended(&cookie.storage_key())
+                })
                 .map(|_| CookieUpdate::Remove),
             Phase::Loaded => self.write(&mut state).await,
         }
@@ -713,7 +731,7 @@ impl Session {
     /// would log that login out. Only a request that destroys the session
     /// itself tells the browser to drop the cookie.
     async fn write(&self, state: &mut State) -> Option<CookieUpdate> {
-        let Some(id) = state.id.clone() else {
+        let Some(id) = state.id else {
             // A new session is stored only once it holds something.
             if !state.changes.entries.values().any(Option::is_some) && state.changes.user.is_none()
             {
@@ -730,7 +748,7 @@ impl Session {
                 && state
                     .cookie_id
                     .as_ref()
-                    .is_some_and(|cookie| self.store.was_cycled(&cookie.storage_key()))
+                    .is_some_and(|cookie| self.inner.store.was_cycled(&cookie.storage_key()))
             {
                 tracing::debug!(
                     target: "tower_redis_session",
@@ -739,7 +757,7 @@ impl Session {
                 return None;
             }
             let id = SessionId::generate();
-            return match Box::pin(self.store.save(
+            return match Box::pin(self.inner.store.save(
                 &id.storage_key(),
                 Some(now_ms()),
                 &state.changes,
@@ -757,7 +775,7 @@ impl Session {
             let mut merged = state.record.clone();
             state.changes.apply_to(&mut merged);
             let new_id = SessionId::generate();
-            return match Box::pin(self.store.cycle(
+            return match Box::pin(self.inner.store.cycle(
                 &id.storage_key(),
                 &new_id.storage_key(),
                 &merged,
@@ -781,7 +799,7 @@ impl Session {
             return None;
         }
         let previous_user = state.record.user.clone();
-        match Box::pin(self.store.save(
+        match Box::pin(self.inner.store.save(
             &id.storage_key(),
             None,
             &state.changes,
@@ -803,14 +821,13 @@ impl Session {
     /// `Max-Age` can be renewed), unless it has ended meanwhile as far as
     /// this instance knows: a concurrent login may have set its successor.
     pub(crate) async fn live_id(&self) -> Option<SessionId> {
-        let state = self.state.lock().await;
+        let state = self.inner.state.lock().await;
         if state.phase != Phase::Loaded {
             return None;
         }
         state
             .id
-            .clone()
-            .filter(|id| !self.store.has_ended(&id.storage_key()))
+            .filter(|id| !self.inner.store.has_ended(&id.storage_key()))
     }
 }
 
