@@ -118,8 +118,6 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
         let config = Arc::clone(&self.config);
         let span = tracing::debug_span!(
             target: "tower_redis_cache",
@@ -134,9 +132,20 @@ where
         #[cfg(feature = "metrics")]
         let clock = Arc::new(tower_redis_core::record::LayerClock::start("cache"));
         #[cfg(feature = "metrics")]
-        let inner = Timed {
-            inner,
-            clock: Arc::downgrade(&clock),
+        let timing = Arc::downgrade(&clock);
+        // The readied service, for a future that may call it: taken only
+        // by such a future (a near hit, answered here, takes none, and so
+        // does not clone the inner service).
+        let service = &mut self.inner;
+        let inner = move || {
+            let clone = service.clone();
+            let inner = std::mem::replace(service, clone);
+            #[cfg(feature = "metrics")]
+            let inner = Timed {
+                inner,
+                clock: timing,
+            };
+            inner
         };
         // Parsed and keyed now, inside the span as the rest: `handle` runs
         // with it entered, and leaves it when it boxes what is awaited (or
@@ -238,11 +247,12 @@ thread_local! {
 /// future boxed for every request (hits included).
 ///
 /// A fresh entry in the near tier is served here, with no copy of the
-/// request's head and no future: the lookup an `await` would make finds
-/// the same entry, and it would be served the same way.
+/// request's head, no future and no clone of the inner service (`inner`
+/// hands it out, to the paths that may call it): the lookup an `await`
+/// would make finds the same entry, and it would be served the same way.
 fn handle<S, ReqBody, ResBody>(
     config: Arc<Config>,
-    mut inner: S,
+    inner: impl FnOnce() -> S,
     mut request: Request<ReqBody>,
     finish: Finish,
 ) -> ResponseFuture<Response<CacheBody<ResBody>>, S::Error>
@@ -254,12 +264,13 @@ where
     use futures_util::FutureExt as _;
     use futures_util::future::Either;
     if is_unsafe(request.method()) {
+        let inner = inner();
         return finish
             .boxed(async move { invalidate::invalidating(&config, inner, request).await });
     }
     let Some(key_and_copy) = Key::of(&config, &request) else {
         return finish.boxed(
-            inner
+            inner()
                 .call(request)
                 .map(move |response| response.map(|response| passthrough(&config, response))),
         );
@@ -299,7 +310,7 @@ where
     // forwarded: `forward_ranges`, or a stored partial entry); a range is
     // cut from a whole answer, whichever path gives it.
     let range = range::take(&mut request);
-    let exchange = Exchange::keyed(config, key_and_copy, inner, request);
+    let exchange = Exchange::keyed(config, key_and_copy, inner(), request);
     finish.boxed(async move {
         let wanted = range.as_ref();
         // The next step is picked in a block, so that what the lookup

@@ -22,12 +22,23 @@ use crate::CacheLayer;
 use crate::directives::{RequestDirectives, ResponseDirectives};
 use crate::freshness::StaleWindows;
 
-/// An origin that answers every request with `headers`, counts its calls,
-/// and answers 304 to a request carrying `If-None-Match`.
-#[derive(Clone)]
+/// An origin that answers every request with `headers`, counts its calls
+/// (and its clones), and answers 304 to a request carrying `If-None-Match`.
 struct Origin {
     headers: &'static [(&'static str, &'static str)],
     calls: Arc<AtomicUsize>,
+    clones: Arc<AtomicUsize>,
+}
+
+impl Clone for Origin {
+    fn clone(&self) -> Self {
+        self.clones.fetch_add(1, Ordering::SeqCst);
+        Self {
+            headers: self.headers,
+            calls: Arc::clone(&self.calls),
+            clones: Arc::clone(&self.clones),
+        }
+    }
 }
 
 impl Origin {
@@ -35,11 +46,16 @@ impl Origin {
         Self {
             headers,
             calls: Arc::new(AtomicUsize::new(0)),
+            clones: Arc::new(AtomicUsize::new(0)),
         }
     }
 
     fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    fn clones(&self) -> usize {
+        self.clones.load(Ordering::SeqCst)
     }
 }
 
@@ -333,7 +349,7 @@ fn a_forwarded_miss_boxes_within_the_allocators_thread_cache() {
 }
 
 /// A fresh entry of the near tier is answered when the service is called,
-/// judged by the directives the near tier kept with it under the layer's
+/// without a clone of the inner service, judged by the directives the near tier kept with it under the layer's
 /// rules (here a targeted field makes fresh what `Cache-Control` says must
 /// be revalidated); a range request takes the path that cuts its range.
 #[tokio::test]
@@ -362,10 +378,16 @@ async fn a_fresh_near_hit_is_answered_at_once_by_the_directives_kept_with_it() {
     let (_, from_redis) = send(&layer, &origin, get(&[])).await;
     assert!(!from_redis.contains("near"), "{from_redis}");
     let before = at_once();
+    let clones = origin.clones();
     let (status, near) = send(&layer, &origin, get(&[])).await;
     assert_eq!(status, StatusCode::OK);
     assert!(near.contains("hit") && near.contains("near"), "{near}");
     assert_eq!(at_once(), before + 1, "answered when called");
+    assert_eq!(
+        origin.clones(),
+        clones + 1,
+        "a near hit clones no inner service (the one clone is the test's own)"
+    );
     let (status, ranged) = send(&layer, &origin, get(&[("range", "bytes=0-1")])).await;
     assert_eq!(status, StatusCode::PARTIAL_CONTENT);
     assert!(
