@@ -11,7 +11,8 @@
 //! - [`Failover::defer`] queues a change made while Redis was unavailable
 //!   ([`Deferred`]): the queue is bounded by bytes, refuses what does not
 //!   fit, never refuses nor drops a delete, and a delete replaces the queued
-//!   changes of its key. [`Failover::is_pending`] says in one hash lookup
+//!   changes of its key (but those that
+//!   [outlive a delete](Deferred::outlives_delete)). [`Failover::is_pending`] says in one hash lookup
 //!   (none while the queue is empty) whether a key has changes waiting.
 //! - Recovery: one background task per failover, started by the first
 //!   fallback or deferred change, writes the queue to Redis oldest first in
