@@ -64,12 +64,18 @@ where
             saved = tracing::field::Empty,
             save_result = tracing::field::Empty,
         );
-        // The latency this layer adds (metrics only); recorded when dropped.
-        let clock = tower_redis_core::record::LayerClock::start("session");
         // Called here, on the service `poll_ready` readied (nothing to
         // await first: the session loads when the handler asks), so the
         // inner service is not cloned for every request.
-        let inner = self.inner.call(request);
+        let inner = {
+            // Inside the request's span, as when it was called from the
+            // future: a span the inner service makes in `call` is its child.
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        // The latency this layer adds (metrics only); recorded when dropped.
+        // Started after the inner service's `call`, which is not the layer's.
+        let clock = tower_redis_core::record::LayerClock::start("session");
         let handled = async move {
             let mut response = clock.inner(inner).await?;
             let update = match session.finish().await {
@@ -318,6 +324,55 @@ mod tests {
         let cookie = app.call("/visit", None).await.2.expect("session");
         assert!(cookie.starts_with("session="), "{cookie}");
         assert!(!cookie.contains("Secure"), "{cookie}");
+    }
+
+    /// The layer calls the inner service `poll_ready` readied, in `call`:
+    /// it clones no inner service for a request (an axum route's clone is
+    /// an allocation).
+    #[tokio::test]
+    async fn a_request_clones_no_inner_service() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tower::Service;
+
+        struct Counted(Arc<AtomicUsize>);
+        impl Clone for Counted {
+            fn clone(&self) -> Self {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                Self(Arc::clone(&self.0))
+            }
+        }
+        impl Service<Request<()>> for Counted {
+            type Response = Response<String>;
+            type Error = Infallible;
+            type Future = std::future::Ready<Result<Response<String>, Infallible>>;
+            fn poll_ready(
+                &mut self,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<(), Infallible>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+            fn call(&mut self, _: Request<()>) -> Self::Future {
+                std::future::ready(Ok(Response::new("ok".to_owned())))
+            }
+        }
+
+        let clones = Arc::new(AtomicUsize::new(0));
+        let layer = SessionLayer::builder(RedisManager::disabled())
+            .build()
+            .expect("a layer");
+        let mut service = layer.layer(Counted(Arc::clone(&clones)));
+        for _ in 0..3 {
+            let response = service
+                .ready()
+                .await
+                .expect("ready")
+                .call(Request::new(()))
+                .await
+                .expect("infallible");
+            assert_eq!(response.into_body(), "ok");
+        }
+        assert_eq!(clones.load(Ordering::SeqCst), 0);
     }
 
     /// A session read's future (part of the handler's future, which the

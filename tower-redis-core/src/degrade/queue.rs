@@ -252,6 +252,7 @@ impl<C: Deferred> Inner<C> {
             } else if change.outlives_delete() {
                 bytes = bytes.saturating_add(weight);
             } else if let Some((merged, old)) = newest
+                && !merged.outlives_delete()
                 && merged.merge(change)
             {
                 let new = merged.weight();
@@ -282,10 +283,15 @@ impl<C: Deferred> Inner<C> {
     }
 
     fn push(&mut self, change: C) {
+        // A change that outlives a delete neither absorbs nor is absorbed
+        // (a later delete would otherwise drop it with the change it merged
+        // into), as `bytes_after` counts it.
         if !change.is_delete()
+            && !change.outlives_delete()
             && let Some(waiting) = self.index.get(change.key())
             && let Some(newest) = waiting.queued.back()
             && let Some(queued) = self.changes.get_mut(newest)
+            && !queued.change.outlives_delete()
             && queued.change.merge(&change)
         {
             let weight = queued.change.weight();

@@ -81,9 +81,20 @@ impl Cycle {
     /// not created.
     const GONE: u8 = 2;
 
+    /// What an end found. Once taken, always taken: an end written again
+    /// (a batch put back after its writer was cancelled) after the marker
+    /// expired must not turn a created session into a gone one.
     fn found(&self, taken: bool) {
-        let state = if taken { Self::TAKEN } else { Self::GONE };
-        self.0.store(state, Ordering::Release);
+        if taken {
+            self.0.store(Self::TAKEN, Ordering::Release);
+        } else {
+            let _ = self.0.compare_exchange(
+                Self::UNKNOWN,
+                Self::GONE,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
     }
 
     fn state(&self) -> u8 {
@@ -626,6 +637,20 @@ mod tests {
             .defer(Change::save(&key(1), None, &changes(5), 4_001))
             .expect("fits");
         assert_eq!(queue.queue_usage().changes, 5, "would drop the user");
+    }
+
+    /// An end that found the old id taken stays so, whatever a later run of
+    /// it finds (a batch put back after its writer was cancelled, run again
+    /// once the marker is gone).
+    #[test]
+    fn a_cycle_found_taken_stays_taken() {
+        let cycle = Cycle::default();
+        cycle.found(true);
+        cycle.found(false);
+        assert_eq!(cycle.state(), Cycle::TAKEN);
+        let cycle = Cycle::default();
+        cycle.found(false);
+        assert_eq!(cycle.state(), Cycle::GONE);
     }
 
     /// The end of a cycle's old id says whether Redis held it; a retry of

@@ -288,6 +288,19 @@ impl RedisStore {
         std::mem::size_of_val(&boxed)
     }
 
+    /// The size of the future [`save_tracked`](Self::save_tracked) boxes
+    /// (which owns its connection).
+    #[cfg(test)]
+    pub(crate) fn boxed_tracked_save_bytes(
+        &self,
+        mut conn: RedisConnection,
+        write: &Write<'_>,
+    ) -> usize {
+        let key = &self.session_key(write.storage_key);
+        let boxed = async move { self.save_commands(key, write, false).run(&mut conn).await };
+        std::mem::size_of_val(&boxed)
+    }
+
     /// A save that leaves this instance's tracked copy current, when it
     /// can: a plain update (no new session, no login, no replayed outage
     /// change) of a session this instance holds a tracked copy of. The
