@@ -653,12 +653,14 @@ mod tests {
         assert_eq!(cycle.state(), Cycle::GONE);
     }
 
-    /// The end of a cycle's old id says whether Redis held it; a retry of
-    /// the same end (its reply lost) still says so, another cycle's end of
-    /// the same id does not, and an id Redis never held is gone.
-    #[tokio::test]
-    async fn the_end_of_a_cycled_id_is_found_again_by_its_own_retry_only() {
-        let redis = TestRedis::start().await;
+    /// A store on `redis` (no tracking) holding the session `key(1)`, and
+    /// a connection of the test's own.
+    async fn holding_one(
+        redis: &TestRedis,
+    ) -> (
+        RedisStore,
+        tower_redis_core::redis::aio::MultiplexedConnection,
+    ) {
         let manager = RedisManager::connect(redis.config().build().expect("config"))
             .await
             .expect("manager");
@@ -671,6 +673,16 @@ mod tests {
             .query_async(&mut conn)
             .await
             .expect("HSET");
+        (store, conn)
+    }
+
+    /// The end of a cycle's old id says whether Redis held it; a retry of
+    /// the same end (its reply lost) still says so, another cycle's end of
+    /// the same id does not, and an id Redis never held is gone.
+    #[tokio::test]
+    async fn the_end_of_a_cycled_id_is_found_again_by_its_own_retry_only() {
+        let redis = TestRedis::start().await;
+        let (store, _) = holding_one(&redis).await;
         let old = key(1);
         for (new, held, why) in [
             (2, true, "held"),
@@ -696,12 +708,7 @@ mod tests {
     #[tokio::test]
     async fn a_cycle_s_creation_waits_for_the_end_of_its_old_id() {
         let redis = TestRedis::start().await;
-        let manager = RedisManager::connect(redis.config().build().expect("config"))
-            .await
-            .expect("manager");
-        let store = RedisStore::new(manager, crate::Expiry::default(), 0);
-        let mut conn = redis.connection().await.expect("connection");
-        let reader = conn.clone();
+        let (store, reader) = holding_one(&redis).await;
         let exists = |storage_key: String| {
             let key = store.session_key(&storage_key);
             let mut conn = reader.clone();
@@ -713,13 +720,6 @@ mod tests {
                     .expect("EXISTS")
             }
         };
-        let _: () = tower_redis_core::redis::cmd("HSET")
-            .arg(store.session_key(&key(1)))
-            .arg("_c")
-            .arg(1)
-            .query_async(&mut conn)
-            .await
-            .expect("HSET");
         let now = super::super::now_ms();
         let held = Change::cycle(&key(1), None, &key(2), now, &changes(5), now);
         assert!(held[1].write(&store).await.is_err(), "waits for the end");
