@@ -62,11 +62,12 @@ pub(crate) struct Inner {
     probing: AtomicBool,
     description: String,
     /// `server.address` and `server.port` of the operation spans: the
-    /// server, or the first cluster seed.
+    /// server, or the first cluster seed (a label, not where the
+    /// subscriptions go).
     pub(crate) server: (String, Option<u16>),
-    /// Where [`RedisManager::pubsub`] connects: the server, or the first
-    /// cluster seed (plain `PUBLISH` reaches every node of a cluster).
-    pubsub_client: Option<redis::Client>,
+    /// Where [`RedisManager::pubsub`] connects: the server, or a cluster
+    /// seed (plain `PUBLISH` reaches every node of a cluster).
+    pubsub_clients: crate::pubsub::PubSubClients,
     /// The tracking connection, made on first use.
     pub(crate) tracking: crate::tracking::TrackingSlot,
 }
@@ -103,7 +104,7 @@ impl RedisManager {
     /// ```
     pub async fn connect(config: RedisConfig) -> Result<Self, Error> {
         let backend = Backend::new(&config)?;
-        let pubsub_client = crate::pubsub::client_for(&config);
+        let pubsub_clients = crate::pubsub::clients_for(&config);
         let description = describe_config(&config);
         crate::record::describe();
         // The span's `server.*` attributes: the server, the first cluster
@@ -131,7 +132,7 @@ impl RedisManager {
                 probing: AtomicBool::new(false),
                 description,
                 server,
-                pubsub_client,
+                pubsub_clients,
                 tracking: crate::tracking::TrackingSlot::new(),
             }),
         };
@@ -198,7 +199,7 @@ impl RedisManager {
                 probing: AtomicBool::new(false),
                 description: "disabled (in-process only)".to_owned(),
                 server: (String::new(), None),
-                pubsub_client: None,
+                pubsub_clients: crate::pubsub::PubSubClients::default(),
                 tracking: crate::tracking::TrackingSlot::new(),
             }),
         }
@@ -235,7 +236,11 @@ impl RedisManager {
     }
 
     pub(crate) fn pubsub_client(&self) -> Option<&redis::Client> {
-        self.inner.pubsub_client.as_ref()
+        self.inner.pubsub_clients.current()
+    }
+
+    pub(crate) fn pubsub_clients(&self) -> &crate::pubsub::PubSubClients {
+        &self.inner.pubsub_clients
     }
 
     pub(crate) fn connect_timeout(&self) -> Duration {

@@ -1,7 +1,7 @@
 //! Dedicated publish/subscribe connections, for layers that tell each other
 //! about changes (cache invalidations, fills, ended sessions).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -12,23 +12,58 @@ use crate::backend::standalone_client;
 use crate::config::{RedisConfig, Topology};
 use crate::{Error, RedisManager};
 
-/// The client of the subscribe connection: the server, or the first
-/// cluster seed, with the same TLS roots as the pool's connections (a
-/// private CA set with `tls_root_certificates` applies here too).
-pub(crate) fn client_for(config: &RedisConfig) -> Option<redis::Client> {
-    let url = match config.topology() {
-        Topology::Standalone(url) => url,
-        Topology::Cluster(nodes) => nodes.first()?,
+/// The clients of the subscribe connection: the server, or every cluster
+/// seed (tried in turn), with the same TLS roots as the pool's connections
+/// (a private CA set with `tls_root_certificates` applies here too).
+pub(crate) fn clients_for(config: &RedisConfig) -> PubSubClients {
+    let urls = match config.topology() {
+        Topology::Standalone(url) => std::slice::from_ref(url),
+        Topology::Cluster(nodes) => nodes.as_slice(),
         // The primary moves: `pubsub` asks the Sentinels at each connect.
-        Topology::Sentinel(_) => return None,
+        Topology::Sentinel(_) => &[],
     };
-    match standalone_client(config, url) {
-        Ok(client) => Some(client),
-        Err(error) => {
-            // The pool was built from the same URL and roots, so this does
-            // not happen; if it did, pub/sub users see `BreakerOpen`.
-            tracing::warn!(target: "tower_redis", redis = %url, %error, "cannot build the publish/subscribe client");
-            None
+    let clients = urls
+        .iter()
+        .filter_map(|url| match standalone_client(config, url) {
+            Ok(client) => Some(client),
+            Err(error) => {
+                // The pool was built from the same URL and roots, so this
+                // does not happen; if it did, that node is not subscribed on.
+                tracing::warn!(target: "tower_redis", redis = %url, %error, "cannot build the publish/subscribe client");
+                None
+            }
+        })
+        .collect();
+    PubSubClients {
+        clients,
+        next: AtomicUsize::new(0),
+    }
+}
+
+/// Where [`RedisManager::pubsub`] connects: the server, or one of the
+/// cluster seeds, the next one after a failed connect.
+#[derive(Debug, Default)]
+pub(crate) struct PubSubClients {
+    clients: Vec<redis::Client>,
+    next: AtomicUsize,
+}
+
+impl PubSubClients {
+    /// The client the next subscription connects with.
+    pub(crate) fn current(&self) -> Option<&redis::Client> {
+        let len = self.clients.len();
+        (len > 0).then(|| &self.clients[self.next.load(Ordering::Acquire) % len])
+    }
+
+    /// The connect with `client` failed: the next subscription tries the
+    /// next seed (unless another caller moved on already).
+    fn failed(&self, client: &redis::Client) {
+        let len = self.clients.len();
+        let at = self.next.load(Ordering::Acquire);
+        if len > 1 && std::ptr::eq(&self.clients[at % len], client) {
+            let _ =
+                self.next
+                    .compare_exchange(at, (at + 1) % len, Ordering::AcqRel, Ordering::Acquire);
         }
     }
 }
@@ -37,8 +72,10 @@ impl RedisManager {
     /// Opens a dedicated connection for `SUBSCRIBE` (a subscribed connection
     /// cannot run other commands, so it is never taken from the pool).
     ///
-    /// On a cluster it connects to the first seed node: a plain `PUBLISH`
-    /// sent to any node reaches subscribers on every node. The connection is
+    /// On a cluster it connects to a seed node: a plain `PUBLISH` sent to
+    /// any node reaches subscribers on every node. A failed connect moves
+    /// to the next seed, so a dead first seed does not keep the layers
+    /// from hearing each other. The connection is
     /// not watched by the breaker; a caller that loses it should reconnect
     /// with a backoff and assume it missed messages meanwhile.
     ///
@@ -58,15 +95,18 @@ impl RedisManager {
                 Err(_) => Err(Error::Timeout(self.connect_timeout())),
             };
         }
-        let Some(client) = self.pubsub_client() else {
+        let clients = self.pubsub_clients();
+        let Some(client) = clients.current() else {
             return Err(Error::BreakerOpen);
         };
         let connect = client.get_async_pubsub();
-        match tokio::time::timeout(self.connect_timeout(), connect).await {
-            Ok(Ok(pubsub)) => Ok(pubsub),
+        let connected = match tokio::time::timeout(self.connect_timeout(), connect).await {
+            Ok(Ok(pubsub)) => return Ok(pubsub),
             Ok(Err(error)) => Err(Error::Connect(error)),
             Err(_) => Err(Error::Timeout(self.connect_timeout())),
-        }
+        };
+        clients.failed(client);
+        connected
     }
 }
 

@@ -106,3 +106,40 @@ async fn a_deaf_subscription_is_made_again_and_a_dropped_subscriber_lets_it_go()
     })
     .await;
 }
+
+/// On a cluster the subscription is made on a seed node. With the first
+/// seed dead, it is made on the next one (a plain `PUBLISH` reaches every
+/// node), rather than tried on the dead seed for ever: the layers keep
+/// hearing each other's announcements.
+#[tokio::test]
+async fn a_cluster_subscription_moves_to_the_next_seed_when_the_first_is_dead() {
+    use tower_redis_core::testing::TestCluster;
+    let cluster = TestCluster::start().await;
+    let manager = RedisManager::connect(cluster.config().build().expect("config"))
+        .await
+        .expect("manager");
+    cluster.kill_node(0).await;
+    let recorder = Arc::new(Recorder {
+        channel: manager.keys().key(&["listen-test"]),
+        manager,
+        subscribed: AtomicUsize::new(0),
+        messages: Mutex::default(),
+    });
+    let channel = recorder.channel.clone();
+    tokio::spawn(listen(Arc::downgrade(&recorder)));
+    let client = redis::Client::open(cluster.urls()[1].as_str()).expect("a client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("a connection to a live node");
+    until("a message published on a live node heard", 20, async || {
+        let _: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg("hello")
+            .query_async(&mut conn)
+            .await;
+        !recorder.messages.lock().expect("not poisoned").is_empty()
+    })
+    .await;
+    assert!(recorder.subscribed.load(Ordering::SeqCst) >= 1);
+}
