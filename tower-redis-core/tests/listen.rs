@@ -38,6 +38,20 @@ impl Subscriber for Recorder {
     }
 }
 
+/// A recorder of `listen-test` on `manager`, listening from now on; and
+/// its channel.
+fn listening(manager: RedisManager) -> (Arc<Recorder>, String) {
+    let recorder = Arc::new(Recorder {
+        channel: manager.keys().key(&["listen-test"]),
+        manager,
+        subscribed: AtomicUsize::new(0),
+        messages: Mutex::default(),
+    });
+    let channel = recorder.channel.clone();
+    tokio::spawn(listen(Arc::downgrade(&recorder)));
+    (recorder, channel)
+}
+
 async fn subscribers(redis: &TestRedis, channel: &str) -> u64 {
     redis.subscribers(channel).await.expect("PUBSUB NUMSUB")
 }
@@ -65,14 +79,7 @@ async fn a_deaf_subscription_is_made_again_and_a_dropped_subscriber_lets_it_go()
     let manager = RedisManager::connect(redis.config().build().expect("config"))
         .await
         .expect("manager");
-    let recorder = Arc::new(Recorder {
-        channel: manager.keys().key(&["listen-test"]),
-        manager,
-        subscribed: AtomicUsize::new(0),
-        messages: Mutex::default(),
-    });
-    let channel = recorder.channel.clone();
-    tokio::spawn(listen(Arc::downgrade(&recorder)));
+    let (recorder, channel) = listening(manager);
     until("subscribed", 10, async || {
         subscribers(&redis, &channel).await == 1
     })
@@ -119,14 +126,7 @@ async fn a_cluster_subscription_moves_to_the_next_seed_when_the_first_is_dead() 
         .await
         .expect("manager");
     cluster.kill_node(0).await;
-    let recorder = Arc::new(Recorder {
-        channel: manager.keys().key(&["listen-test"]),
-        manager,
-        subscribed: AtomicUsize::new(0),
-        messages: Mutex::default(),
-    });
-    let channel = recorder.channel.clone();
-    tokio::spawn(listen(Arc::downgrade(&recorder)));
+    let (recorder, channel) = listening(manager);
     let client = redis::Client::open(cluster.urls()[1].as_str()).expect("a client");
     let mut conn = client
         .get_multiplexed_async_connection()
