@@ -235,10 +235,6 @@ impl RedisManager {
         self.inner.breaker.subscribe()
     }
 
-    pub(crate) fn pubsub_client(&self) -> Option<&redis::Client> {
-        self.inner.pubsub_clients.current()
-    }
-
     pub(crate) fn pubsub_clients(&self) -> &crate::pubsub::PubSubClients {
         &self.inner.pubsub_clients
     }

@@ -600,7 +600,11 @@ async fn connect(
                 Err(_) => return Err(Error::Timeout(connect_timeout)),
             }
         }
-        None => manager.pubsub_client().cloned().ok_or(Error::BreakerOpen)?,
+        None => manager
+            .pubsub_clients()
+            .current()
+            .cloned()
+            .ok_or(Error::BreakerOpen)?,
     };
     let info = client.get_connection_info().clone();
     let settings = info

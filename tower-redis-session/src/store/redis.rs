@@ -275,30 +275,22 @@ impl RedisStore {
         write: &Write<'_>,
     ) -> redis::RedisResult<SaveReply> {
         let key = self.session_key(write.storage_key);
-        // Boxed, with its commands: inlined, a write's future was larger
-        // than the allocator's per-thread cache takes (see `save_tracked`).
-        Box::pin(async move { self.save_commands(&key, write, true).run(conn).await }).await
+        Box::pin(self.send_save(&key, write, true, conn)).await
     }
 
-    /// The size of the future [`save_on`](Self::save_on) boxes.
-    #[cfg(test)]
-    pub(crate) fn boxed_save_bytes(&self, conn: &mut RedisConnection, write: &Write<'_>) -> usize {
-        let key = self.session_key(write.storage_key);
-        let boxed = async move { self.save_commands(&key, write, true).run(conn).await };
-        std::mem::size_of_val(&boxed)
-    }
-
-    /// The size of the future [`save_tracked`](Self::save_tracked) boxes
-    /// (which owns its connection).
-    #[cfg(test)]
-    pub(crate) fn boxed_tracked_save_bytes(
+    /// A save's commands, built and sent. Every caller boxes this future:
+    /// inlined, with its commands, the future of a session write was 1,512
+    /// bytes, over the 1,032 the allocator's per-thread cache takes (a
+    /// larger block comes from the shared arena, and first makes it
+    /// consolidate its small free blocks).
+    pub(crate) async fn send_save(
         &self,
-        mut conn: RedisConnection,
+        key: &str,
         write: &Write<'_>,
-    ) -> usize {
-        let key = &self.session_key(write.storage_key);
-        let boxed = async move { self.save_commands(key, write, false).run(&mut conn).await };
-        std::mem::size_of_val(&boxed)
+        renew: bool,
+        conn: &mut RedisConnection,
+    ) -> redis::RedisResult<SaveReply> {
+        self.save_commands(key, write, renew).run(conn).await
     }
 
     /// A save that leaves this instance's tracked copy current, when it
@@ -329,13 +321,8 @@ impl RedisStore {
         let reply = tracked
             .tracking()
             .run(|mut conn| async move {
-                // Boxed, with its commands: inlined, the future of every
-                // session write was 1,512 bytes, over the 1,032 the
-                // allocator's per-thread cache takes (a larger block
-                // comes from the shared arena, and first makes it
-                // consolidate its small free blocks).
-                Box::pin(async move { self.save_commands(key, write, renew).run(&mut conn).await })
-                    .await
+                // Boxed: see `send_save`.
+                Box::pin(self.send_save(key, write, renew, &mut conn)).await
             })
             .await;
         Some(reply.map(|reply| {

@@ -580,16 +580,11 @@ async fn a_session_write_s_futures_fit_the_allocators_thread_cache() {
     let redis_store = store.inner.redis();
     let write = &write;
     let size = manager
-        .run(|mut conn| async move { Ok(redis_store.boxed_save_bytes(&mut conn, write)) })
+        .run(|mut conn| async move {
+            let send = redis_store.send_save(write.storage_key, write, true, &mut conn);
+            Ok(std::mem::size_of_val(&send))
+        })
         .await
         .expect("a connection");
-    assert!(size <= 1032, "the boxed commands' run is {size} bytes");
-    let size = manager
-        .run(|conn| async move { Ok(redis_store.boxed_tracked_save_bytes(conn, write)) })
-        .await
-        .expect("a connection");
-    assert!(
-        size <= 1032,
-        "the boxed commands' run of a tracked save is {size} bytes"
-    );
+    assert!(size <= 1032, "the boxed send of a save is {size} bytes");
 }
