@@ -70,6 +70,7 @@
 
 mod backend;
 mod breaker;
+pub mod bytes_cache;
 pub mod clock;
 mod config;
 mod connection;

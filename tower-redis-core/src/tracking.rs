@@ -96,6 +96,7 @@ use redis::{
 
 use crate::backend::Backend;
 use crate::breaker::BreakerState;
+use crate::bytes_cache::BytesCache;
 use crate::connection::RedisConnection;
 use crate::error::{Error, counts_against_breaker};
 use crate::manager::{Inner, RedisManager};
@@ -255,12 +256,9 @@ impl Tracking {
         weigh: fn(&V) -> usize,
     ) -> TrackedCache<V> {
         let inner = Arc::new(CacheInner {
-            copies: moka::sync::Cache::builder()
-                .max_capacity(capacity_bytes)
-                .weigher(move |key: &Arc<[u8]>, value: &V| {
-                    u32::try_from(key.len() + weigh(value) + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
-                })
-                .build(),
+            copies: BytesCache::new(capacity_bytes, move |key: &Arc<[u8]>, value: &V| {
+                key.len() + weigh(value) + ENTRY_OVERHEAD
+            }),
             pending: Mutex::new(Pending::default()),
             next_ticket: AtomicU64::new(1),
         });
@@ -679,17 +677,19 @@ impl<V> Clone for TrackedCache<V> {
     }
 }
 
-impl<V> fmt::Debug for TrackedCache<V> {
+impl<V: Clone> fmt::Debug for TrackedCache<V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TrackedCache")
-            .field("bytes", &self.inner.copies.weighted_size())
+            .field("bytes", &self.inner.copies.bytes())
             .field("live", &self.tracking.is_live())
             .finish()
     }
 }
 
 struct CacheInner<V> {
-    copies: moka::sync::Cache<Arc<[u8]>, V>,
+    /// Weighed in bytes: the key, the value as the layer weighs it, and
+    /// the bookkeeping.
+    copies: BytesCache<Arc<[u8]>, V>,
     /// Reads and writes in flight. Also the lock that orders fills against
     /// invalidations.
     pending: Mutex<Pending>,
@@ -712,13 +712,13 @@ impl<V: Clone + Send + Sync + 'static> Invalidate for CacheInner<V> {
     fn invalidate(&self, key: &[u8]) {
         let mut pending = lock(&self.pending);
         pending.tickets.remove(key);
-        self.copies.invalidate(key);
+        self.copies.remove(key);
     }
 
     fn invalidate_all(&self) {
         let mut pending = lock(&self.pending);
         pending.tickets.clear();
-        self.copies.invalidate_all();
+        self.copies.clear();
     }
 }
 
@@ -849,10 +849,9 @@ impl<V: Clone + Send + Sync + 'static> TrackedCache<V> {
         pending.tickets.values().map(Vec::len).sum::<usize>() + pending.writing.len()
     }
 
-    /// The estimated size of the copies, in bytes.
+    /// The size of the copies, in bytes (as weighed).
     pub fn bytes(&self) -> u64 {
-        self.inner.copies.run_pending_tasks();
-        self.inner.copies.weighted_size()
+        self.inner.copies.bytes()
     }
 
     /// The tracking connection this cache follows.
@@ -933,7 +932,9 @@ impl<V: Clone + Send + Sync + 'static> WriteTicket<V> {
         let valid = take_ticket(&mut pending.tickets, key, self.ticket.id);
         match value {
             Some(value) if valid => cache.copies.insert(Arc::clone(key), value),
-            _ => cache.copies.invalidate(key),
+            _ => {
+                cache.copies.remove(key);
+            }
         }
         end_write(&mut pending, key);
         drop(pending);
