@@ -1,28 +1,27 @@
-//! [`BytesCache`]: a concurrent map bounded by bytes, for the copies the
-//! layers keep in process (the tracked copies of [`crate::tracking`], the
-//! session layer's copies for reading through an outage).
+//! [`BytesCache`]: a concurrent map bounded by bytes, for copies kept in
+//! process (the tracked copies of [`crate::tracking`]).
 //!
 //! Built on `quick_cache`: a read takes one shard's read lock and marks the
 //! entry used, with no log of reads to replay and no upkeep on the read
-//! path (moka, which these copies used before, records every read and
-//! applies the records in batches on the reading threads: most of what a
-//! tracked session read cost in profiles). Eviction is CLOCK-PRO: a new
-//! entry is always admitted (unlike a frequency sketch's admission, which
-//! can refuse a new session in favour of old ones), and entries read again
-//! are kept over entries read once.
+//! path (moka, which the tracked copies used before, records every read
+//! and applies the records in batches on the reading threads: most of what
+//! a tracked session read cost in profiles). Eviction is CLOCK-PRO: a new
+//! entry is always admitted (as cold), and entries read again (hot, up to
+//! 97% of the bound) are kept over entries read once, so a flood of new
+//! keys read once does not push out the copies in use.
 //!
-//! The bound is split between shards, one per 256 KiB of the bound (at
-//! most eight): an entry heavier than its shard's share is not kept (a
-//! copy is a shortcut, never the only place data lives). Entries carry no
-//! expiry: whoever needs one checks it on read (see the session layer's
-//! idle timeout).
+//! The bound is split between shards: the largest power of two that
+//! leaves each at least 256 KiB, at most eight. An entry heavier than 97%
+//! of its shard's share is not kept: this suits copies that are only a
+//! shortcut (a miss reads Redis), not data kept nowhere else. Entries
+//! carry no expiry.
 
 use std::hash::Hash;
 use std::sync::Arc;
 
 pub use quick_cache::Equivalent;
 
-/// The least bound of one shard.
+/// The least share of the bound one shard has.
 const SHARD_BYTES: u64 = 256 * 1024;
 /// The most shards.
 const MAX_SHARDS: u64 = 8;
@@ -76,7 +75,9 @@ impl<K: Eq + Hash + Clone, V: Clone> BytesCache<K, V> {
         capacity_bytes: u64,
         weigh: impl Fn(&K, &V) -> usize + Send + Sync + 'static,
     ) -> Self {
+        // A power of two (the cache would round up, shrinking the shares).
         let shards = (capacity_bytes / SHARD_BYTES).clamp(1, MAX_SHARDS);
+        let shards = 1_u64 << (63 - shards.leading_zeros());
         let options = quick_cache::OptionsBuilder::new()
             .shards(usize::try_from(shards).unwrap_or(1))
             // At least 32 per shard, or the cache merges its shards.
@@ -106,7 +107,8 @@ impl<K: Eq + Hash + Clone, V: Clone> BytesCache<K, V> {
     }
 
     /// Keeps `value` for `key` (replacing any), evicting others past the
-    /// bound; not kept when heavier than its shard's share of the bound.
+    /// bound; not kept (and any older value of `key` removed) when heavier
+    /// than 97% of its shard's share of the bound.
     pub fn insert(&self, key: K, value: V) {
         self.entries.insert(key, value);
     }

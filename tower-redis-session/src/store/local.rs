@@ -3,10 +3,7 @@
 //! that ended. The changes made while Redis was unavailable wait in the
 //! outage queue (core's, through `failover`), not here.
 //!
-//! The copies are a cache bounded by bytes (core's `BytesCache`: a new
-//! copy is always admitted, copies read again are kept over copies read
-//! once), that forgets a copy unused for the idle timeout, except the
-//! copies of sessions
+//! The copies are an LRU bounded by bytes, except the copies of sessions
 //! whose changes still wait for Redis: those are **pinned**, out of the
 //! LRU, until their changes are written. While they wait the copy is the
 //! only place the session's newest state is readable, so a flood of other
@@ -17,11 +14,10 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tower_redis_core::bytes_cache::BytesCache;
 use tower_redis_core::clock::duration_ms;
 use tower_redis_core::{record, sync};
 
@@ -56,9 +52,8 @@ impl std::ops::Deref for LocalStore {
 }
 
 pub(crate) struct LocalState {
-    /// Weighed in bytes. A copy unused for `idle_ms` is gone (checked
-    /// when it is read: see [`copy`](Self::copy)).
-    copies: BytesCache<String, Arc<LocalCopy>>,
+    /// Weighed in bytes.
+    copies: moka::sync::Cache<String, Arc<LocalCopy>>,
     /// Sessions this instance recently destroyed, cycled away or saw
     /// gone, so that a concurrent request that loaded one before does not
     /// send its old id back in a renewed persistent cookie; `true` for an
@@ -70,7 +65,6 @@ pub(crate) struct LocalState {
     /// How many copies are pinned, readable without the lock.
     pinned_count: AtomicUsize,
     pin_limit_bytes: u64,
-    idle_ms: u64,
     absolute_ms: u64,
 }
 
@@ -87,9 +81,6 @@ pub(crate) struct LocalCopy {
     /// When this instance last renewed the session's idle timeout in
     /// Redis (0: not known to have).
     pub(crate) touched_ms: u64,
-    /// When the copy was last read or written here: unused for the idle
-    /// timeout, it is gone.
-    used_ms: AtomicU64,
 }
 
 impl LocalStore {
@@ -115,12 +106,17 @@ impl LocalState {
             pinned: Mutex::default(),
             pinned_count: AtomicUsize::new(0),
             pin_limit_bytes,
-            // Every new copy admitted: a session created during an outage
-            // must not be refused in favour of copies read often before it
-            // (that would log its visitor out).
-            copies: BytesCache::new(capacity_bytes, |key: &String, copy: &Arc<LocalCopy>| {
-                key.len() + copy.weight()
-            }),
+            copies: moka::sync::Cache::builder()
+                .max_capacity(capacity_bytes)
+                .weigher(|key: &String, copy: &Arc<LocalCopy>| {
+                    u32::try_from(key.len() + copy.weight()).unwrap_or(u32::MAX)
+                })
+                .time_to_idle(idle)
+                // Plain LRU: with moka's default admission (TinyLFU) a
+                // session created during an outage loses to copies read
+                // often before it and is refused, logging its visitor out.
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .build(),
             ended: moka::sync::Cache::builder()
                 .max_capacity(ENDED_BYTES)
                 .weigher(|key: &String, _: &bool| {
@@ -133,7 +129,6 @@ impl LocalState {
                 // new marker.
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
-            idle_ms: duration_ms(idle),
             absolute_ms: duration_ms(absolute),
         }
     }
@@ -158,7 +153,7 @@ impl LocalState {
     /// that).
     pub(crate) fn end_as(&self, storage_key: &str, cycled: bool) {
         self.with_pinned(|pinned| pinned.remove(storage_key));
-        self.copies.remove(storage_key);
+        self.copies.invalidate(storage_key);
         if cycled || !self.was_cycled(storage_key) {
             self.ended.insert(storage_key.to_owned(), cycled);
         }
@@ -196,44 +191,15 @@ impl LocalState {
         Some(copy.record.clone())
     }
 
-    /// The local copy as it is, with when it was last renewed. A copy
-    /// (not pinned) unused for the idle timeout is gone, as the session
-    /// is in Redis: dropped, and `None`.
+    /// The local copy as it is, with when it was last renewed.
     pub(crate) fn copy(&self, storage_key: &str) -> Option<Arc<LocalCopy>> {
-        if let Some(pinned) = self
-            .with_pinned(|pinned| pinned.copies.get(storage_key).cloned())
+        self.with_pinned(|pinned| pinned.copies.get(storage_key).cloned())
             .flatten()
-        {
-            return Some(pinned);
-        }
-        self.unpinned_copy(storage_key)
-    }
-
-    /// The copy among the evictable ones, unless unused for the idle
-    /// timeout (then dropped).
-    fn unpinned_copy(&self, storage_key: &str) -> Option<Arc<LocalCopy>> {
-        let copy = self.copies.get(storage_key)?;
-        let now = now_ms();
-        let used = copy.used_ms.load(Ordering::Relaxed);
-        let unused = now.saturating_sub(used);
-        if unused >= self.idle_ms {
-            self.copies
-                .remove_if(storage_key, |found| Arc::ptr_eq(found, &copy));
-            return None;
-        }
-        // Stamped at most once a millisecond.
-        if unused > 0 {
-            copy.used_ms.store(now, Ordering::Relaxed);
-        }
-        Some(copy)
+            .or_else(|| self.copies.get(storage_key))
     }
 
     pub(crate) fn put(&self, storage_key: &str, record: Record, touched_ms: u64) {
-        let copy = Arc::new(LocalCopy {
-            record,
-            touched_ms,
-            used_ms: AtomicU64::new(now_ms()),
-        });
+        let copy = Arc::new(LocalCopy { record, touched_ms });
         let replaced = self.with_pinned(|pinned| {
             if pinned.copies.contains_key(storage_key) {
                 pinned.insert(storage_key, Arc::clone(&copy));
@@ -247,37 +213,22 @@ impl LocalState {
         }
     }
 
-    /// Puts a copy back among the evictable ones (out of the pinned ones),
-    /// as used now: its idle time restarts, as at any write.
-    fn put_back(&self, storage_key: String, copy: Arc<LocalCopy>) {
-        copy.used_ms.store(now_ms(), Ordering::Relaxed);
-        self.copies.insert(storage_key, copy);
-    }
-
-    /// The storage keys of the copies outside the pinned ones (those unused
-    /// for the idle timeout left out).
+    /// The storage keys of the copies outside the pinned ones.
     pub(crate) fn copy_keys(&self) -> Vec<String> {
-        let now = now_ms();
-        self.copies
-            .entries()
-            .filter(|(_, copy)| {
-                now.saturating_sub(copy.used_ms.load(Ordering::Relaxed)) < self.idle_ms
-            })
-            .map(|(key, _)| key)
-            .collect()
+        self.copies.iter().map(|(key, _)| (*key).clone()).collect()
     }
 
     /// Drops every copy outside the pinned ones (whose changes still wait
     /// for Redis): they may have missed the end of their session on
     /// another instance.
     pub(crate) fn drop_copies(&self) {
-        self.copies.clear();
+        self.copies.invalidate_all();
     }
 
     /// Drops the copy (not the memory of an end).
     pub(crate) fn end_copy(&self, storage_key: &str) {
         self.with_pinned(|pinned| pinned.remove(storage_key));
-        self.copies.remove(storage_key);
+        self.copies.invalidate(storage_key);
     }
 
     /// The session has changes waiting for Redis: its copy leaves the LRU
@@ -288,7 +239,7 @@ impl LocalState {
         if pinned.copies.contains_key(storage_key) {
             return true;
         }
-        let Some(copy) = self.unpinned_copy(storage_key) else {
+        let Some(copy) = self.copies.get(storage_key) else {
             return false;
         };
         if pinned.bytes + weight(storage_key, &copy) > self.pin_limit_bytes {
@@ -302,7 +253,7 @@ impl LocalState {
             .store(pinned.copies.len(), Ordering::Release);
         // Under the lock: a `put` from now on goes to the pinned copy, and
         // one before it is the copy just pinned.
-        self.copies.remove(storage_key);
+        self.copies.invalidate(storage_key);
         true
     }
 
@@ -310,7 +261,7 @@ impl LocalState {
     pub(crate) fn unpin(&self, storage_key: &str) {
         self.with_pinned(|pinned| {
             if let Some(copy) = pinned.remove(storage_key) {
-                self.put_back(storage_key.to_owned(), copy);
+                self.copies.insert(storage_key.to_owned(), copy);
             }
         });
     }
@@ -323,7 +274,7 @@ impl LocalState {
             std::mem::take(&mut *pinned)
         };
         for (storage_key, copy) in copies.copies {
-            self.put_back(storage_key, copy);
+            self.copies.insert(storage_key, copy);
         }
     }
 
@@ -392,9 +343,16 @@ impl LocalState {
         true
     }
 
+    /// How long an unused copy is kept.
+    #[cfg(test)]
+    pub(crate) fn idle_timeout(&self) -> Option<Duration> {
+        self.copies.policy().time_to_idle()
+    }
+
     /// The approximate bytes the local copies take (pinned ones apart).
     pub(crate) fn copies_bytes(&self) -> u64 {
-        self.copies.bytes()
+        self.copies.run_pending_tasks();
+        self.copies.weighted_size()
     }
 
     /// The approximate bytes the pinned copies take.
@@ -504,12 +462,10 @@ mod tests {
         assert!(local.pin("victim"));
         assert!(!local.pin("too-big"), "past the pinned bound");
         assert!(!local.pin("never-held"), "nothing to pin");
-        // Copies in use (each read again), which the cache keeps over
-        // copies read once.
         for n in 0..200 {
             local.put(&format!("flood-{n}"), record(500), 0);
-            local.get(&format!("flood-{n}"));
         }
+        local.copies.run_pending_tasks();
         assert!(local.copies_bytes() <= 16 * 1024);
         assert!(local.get("victim").is_some(), "the pinned copy survives");
         assert!(
