@@ -866,6 +866,114 @@ async fn session_ended_while_this_instance_was_not_subscribed_served_from_its_co
     redis.resume().await;
 }
 
+/// A check of the copies that fails after a new subscription is made
+/// again, with the copies kept meanwhile; once it passes, a session Redis
+/// no longer holds is ended. Here B's Redis user may not run `EXISTS` for
+/// a while, as when the Cluster node of some sessions is down until its
+/// replica takes over: dropping every copy on the first failure logged
+/// out, for the rest of that outage, sessions the check never reached.
+#[tokio::test]
+async fn a_failed_check_of_the_copies_keeps_them_and_checks_again() {
+    let redis = TestRedis::start().await;
+    let mut conn = redis.connection().await.expect("connection");
+    let acl = |rule: &'static str| {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER").arg("checker").arg(rule);
+        cmd
+    };
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("checker")
+        .arg("on")
+        .arg(">checker-secret")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query_async(&mut conn)
+        .await
+        .expect("ACL SETUSER");
+    let (a, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
+    let url = format!("redis://checker:checker-secret@127.0.0.1:{}", redis.port());
+    let b_manager = RedisManager::connect(
+        redis
+            .config()
+            .url(url)
+            .failure_threshold(1)
+            .build()
+            .expect("config"),
+    )
+    .await
+    .expect("manager");
+    let (b, _, b_store) = start_app(SessionLayer::builder(b_manager.clone()));
+    let victim = logged_in(&a, "victim").await;
+    let live = logged_in(&a, "live").await;
+    assert_eq!(
+        send(&b, "GET", "/get/user", Some(&victim)).await.1,
+        "victim"
+    );
+    subscribed(&redis, &b_manager, 2).await;
+    assert_eq!(send(&b, "GET", "/get/user", Some(&live)).await.1, "live");
+    let held = b_store.local_usage().local_copies_bytes;
+    assert!(held > 0);
+
+    let _: () = acl("-exists")
+        .query_async(&mut conn)
+        .await
+        .expect("ACL SETUSER");
+    let victim_key = {
+        let mut victim_key = None;
+        for key in session_keys(&redis).await {
+            let user: Option<String> = redis::cmd("HGET")
+                .arg(&key)
+                .arg("_u")
+                .query_async(&mut conn)
+                .await
+                .expect("HGET");
+            if user.as_deref() == Some("victim") {
+                victim_key = Some(key);
+            }
+        }
+        victim_key.expect("the victim's session")
+    };
+    let _: u64 = redis::cmd("DEL")
+        .arg(&victim_key)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    let _: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT KILL");
+    // Subscribed again: B's check runs now, and fails (NOPERM).
+    subscribed(&redis, &b_manager, 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        b_store.local_usage().local_copies_bytes,
+        held,
+        "a failed check dropped the copies"
+    );
+
+    let _: () = acl("+exists")
+        .query_async(&mut conn)
+        .await
+        .expect("ACL SETUSER");
+    wait_for("B checked its copies again", &b_store, |bytes| {
+        bytes > 0 && bytes < held
+    })
+    .await;
+    outage(&redis, &b, &b_manager).await;
+    let (status, body, _) = send(&b, "GET", "/get/user", Some(&victim)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "none", "B served a session Redis had ended");
+    let (status, body, _) = send(&b, "GET", "/get/user", Some(&live)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "live", "a failed check logged a live session out");
+    redis.resume().await;
+}
+
 /// Announcing is best-effort: a Redis user without the channel's
 /// permission (Redis 7's default for new users) still logs out, logs in
 /// and logs out everywhere, with nothing left queued.

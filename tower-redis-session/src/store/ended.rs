@@ -18,8 +18,9 @@
 //! breaker closed), the instance checks its copies against Redis (one
 //! `EXISTS` each, pipelined) and ends those whose session is gone. The
 //! copies of live sessions are kept: a subscription made again in the
-//! middle of an outage (Redis loading its data, a flapping server) logs
-//! nobody out. Copies pinned by changes still queued are left to the
+//! middle of an outage (Redis loading its data, a flapping server, a
+//! Cluster node down until its replica takes over: a failed check is made
+//! again, with the copies kept meanwhile) logs nobody out. Copies pinned by changes still queued are left to the
 //! queue: a replayed change that finds its session gone announces it.
 //!
 //! A message is `d` (ended) or `c` (cycled away), then the sessions'
@@ -28,6 +29,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use tower_redis_core::redis;
 use tower_redis_core::{BreakerState, ListenOnce, RedisManager, Subscriber};
@@ -41,6 +43,13 @@ const STORAGE_KEY_LEN: usize = 43;
 pub(crate) const PER_MESSAGE: usize = 1000;
 /// The most `EXISTS` one pipeline of the check sends.
 const CHECK_BATCH: usize = 256;
+/// How many times the check of the copies is made before they are
+/// dropped unchecked.
+const CHECK_ATTEMPTS: u32 = 6;
+/// The pause after the first failed check; doubled after each (0.25 s to
+/// 4 s, about 8 s in all: longer than a Cluster takes to promote a replica
+/// with a node timeout of a few seconds).
+const CHECK_RETRY: Duration = Duration::from_millis(250);
 
 /// Whether a failed announcement was already logged as a warning.
 static WARNED: AtomicBool = AtomicBool::new(false);
@@ -121,22 +130,47 @@ impl Announcements {
 }
 
 /// After a (re)subscription: once Redis answers commands, ends the copies
-/// whose session Redis no longer holds. On a failed check every copy goes
-/// (a copy could have missed an end; nothing could tell).
+/// whose session Redis no longer holds. A failed check is made again (once
+/// Redis answers again, after a pause), keeping the copies meanwhile: on a
+/// Redis Cluster with one node down, the keys of that node's slots cannot
+/// be checked until a replica takes over, and dropping every copy then
+/// logged out the sessions of the healthy nodes for the rest of the
+/// outage. Unchecked copies are what an instance serves during any outage
+/// that begins before its check; after [`CHECK_ATTEMPTS`] failed checks
+/// every copy goes (a copy could have missed an end; nothing could tell).
 async fn check_copies(announcements: Weak<Announcements>) {
-    let Some(this) = announcements.upgrade() else {
-        return;
-    };
-    let mut breaker = this.manager.subscribe();
-    drop(this);
-    while *breaker.borrow_and_update() != BreakerState::Closed {
-        if breaker.changed().await.is_err() {
+    for attempt in 0..CHECK_ATTEMPTS {
+        let Some(this) = announcements.upgrade() else {
             return;
+        };
+        let mut breaker = this.manager.subscribe();
+        drop(this);
+        while *breaker.borrow_and_update() != BreakerState::Closed {
+            if breaker.changed().await.is_err() {
+                return;
+            }
         }
+        let Some(this) = announcements.upgrade() else {
+            return;
+        };
+        match check_once(&this).await {
+            Ok(()) => return,
+            Err(error) if attempt + 1 == CHECK_ATTEMPTS => {
+                tracing::debug!(target: "tower_redis_session", %error, attempts = CHECK_ATTEMPTS, "the session copies could not be checked after a new subscription; dropping them");
+                this.local.drop_copies();
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(target: "tower_redis_session", %error, attempt, "the session copies could not be checked after a new subscription; checking again");
+            }
+        }
+        drop(this);
+        tokio::time::sleep(CHECK_RETRY * 2_u32.pow(attempt)).await;
     }
-    let Some(this) = announcements.upgrade() else {
-        return;
-    };
+}
+
+/// One check of every copy: ends those whose session is gone.
+async fn check_once(this: &Announcements) -> Result<(), tower_redis_core::Error> {
     let keys = this.local.copy_keys();
     for batch in keys.chunks(CHECK_BATCH) {
         let manager = &this.manager;
@@ -163,26 +197,18 @@ async fn check_copies(announcements: Weak<Announcements>) {
                 }
                 Ok(exist)
             })
-            .await;
-        match exist {
-            Ok(exist) => {
-                for (storage_key, exists) in batch.iter().zip(exist) {
-                    if !exists {
-                        // Only the copy: a read now finds the session gone
-                        // too, and a Redis that restarted empty would
-                        // otherwise fill the memory of ends with every
-                        // session this instance held.
-                        this.local.end_copy(storage_key);
-                    }
-                }
-            }
-            Err(error) => {
-                tracing::debug!(target: "tower_redis_session", %error, "the session copies could not be checked after a new subscription; dropping them");
-                this.local.drop_copies();
-                return;
+            .await?;
+        for (storage_key, exists) in batch.iter().zip(exist) {
+            if !exists {
+                // Only the copy: a read now finds the session gone too,
+                // and a Redis that restarted empty would otherwise fill
+                // the memory of ends with every session this instance
+                // held.
+                this.local.end_copy(storage_key);
             }
         }
     }
+    Ok(())
 }
 
 impl Subscriber for Announcements {
