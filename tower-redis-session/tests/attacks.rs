@@ -974,6 +974,60 @@ async fn a_failed_check_of_the_copies_keeps_them_and_checks_again() {
     redis.resume().await;
 }
 
+/// ... but not for long: a check of the copies still failing 10 s after
+/// the subscription drops them all, unchecked (any of them could have
+/// missed an end).
+#[tokio::test]
+async fn a_check_of_the_copies_that_keeps_failing_drops_them() {
+    let redis = TestRedis::start().await;
+    let mut conn = redis.connection().await.expect("connection");
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("nocheck")
+        .arg("on")
+        .arg(">nocheck-secret")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-exists")
+        .query_async(&mut conn)
+        .await
+        .expect("ACL SETUSER");
+    let (a, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
+    let url = format!("redis://nocheck:nocheck-secret@127.0.0.1:{}", redis.port());
+    let b_manager = RedisManager::connect(
+        redis
+            .config()
+            .url(url)
+            .failure_threshold(1)
+            .build()
+            .expect("config"),
+    )
+    .await
+    .expect("manager");
+    let (b, _, b_store) = start_app(SessionLayer::builder(b_manager.clone()));
+    let live = logged_in(&a, "live").await;
+    assert_eq!(send(&b, "GET", "/get/user", Some(&live)).await.1, "live");
+    subscribed(&redis, &b_manager, 2).await;
+    let _: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT KILL");
+    subscribed(&redis, &b_manager, 2).await;
+    assert!(b_store.local_usage().local_copies_bytes > 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while b_store.local_usage().local_copies_bytes > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "copies that could not be checked were kept past 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Announcing is best-effort: a Redis user without the channel's
 /// permission (Redis 7's default for new users) still logs out, logs in
 /// and logs out everywhere, with nothing left queued.

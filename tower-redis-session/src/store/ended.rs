@@ -20,14 +20,14 @@
 //! copies of live sessions are kept: a subscription made again in the
 //! middle of an outage (Redis loading its data, a flapping server, a
 //! Cluster node down until its replica takes over: a failed check is made
-//! again, with the copies kept meanwhile) logs nobody out. Copies pinned by changes still queued are left to the
+//! again for up to 10 s, the copies kept meanwhile) logs nobody out. Copies pinned by changes still queued are left to the
 //! queue: a replayed change that finds its session gone announces it.
 //!
 //! A message is `d` (ended) or `c` (cycled away), then the sessions'
 //! storage keys, each after one space; at most [`PER_MESSAGE`] keys a
 //! message. Anything else is ignored.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -43,12 +43,13 @@ const STORAGE_KEY_LEN: usize = 43;
 pub(crate) const PER_MESSAGE: usize = 1000;
 /// The most `EXISTS` one pipeline of the check sends.
 const CHECK_BATCH: usize = 256;
-/// How many times the check of the copies is made before they are
-/// dropped unchecked.
-const CHECK_ATTEMPTS: u32 = 6;
-/// The pause after the first failed check; doubled after each (0.25 s to
-/// 4 s, about 8 s in all: longer than a Cluster takes to promote a replica
-/// with a node timeout of a few seconds).
+/// How long after a new subscription the check of the copies may keep
+/// failing (or wait for Redis) before the copies are dropped unchecked:
+/// long enough for a Cluster with a node timeout of a few seconds to
+/// promote a replica (Redis' default `cluster-node-timeout`, 15 s, is
+/// longer: there the copies still go).
+const CHECK_FOR: Duration = Duration::from_secs(10);
+/// The pause after the first failed check; doubled after each.
 const CHECK_RETRY: Duration = Duration::from_millis(250);
 
 /// Whether a failed announcement was already logged as a warning.
@@ -110,6 +111,9 @@ pub(crate) struct Announcements {
     listening: ListenOnce,
     /// Itself, for the checks it spawns.
     me: Weak<Self>,
+    /// Bumped at each new subscription: a check made for an older one
+    /// stops (the newer check covers its gap).
+    subscriptions: AtomicU64,
 }
 
 impl Announcements {
@@ -120,6 +124,7 @@ impl Announcements {
             local,
             listening: ListenOnce::new(),
             me: me.clone(),
+            subscriptions: AtomicU64::new(0),
         })
     }
 
@@ -131,41 +136,57 @@ impl Announcements {
 
 /// After a (re)subscription: once Redis answers commands, ends the copies
 /// whose session Redis no longer holds. A failed check is made again (once
-/// Redis answers again, after a pause), keeping the copies meanwhile: on a
-/// Redis Cluster with one node down, the keys of that node's slots cannot
-/// be checked until a replica takes over, and dropping every copy then
-/// logged out the sessions of the healthy nodes for the rest of the
-/// outage. Unchecked copies are what an instance serves during any outage
-/// that begins before its check; after [`CHECK_ATTEMPTS`] failed checks
-/// every copy goes (a copy could have missed an end; nothing could tell).
-async fn check_copies(announcements: Weak<Announcements>) {
-    for attempt in 0..CHECK_ATTEMPTS {
+/// Redis answers again, after a pause), for at most [`CHECK_FOR`] from the
+/// first attempt; then, unchecked, every copy goes (a copy could have
+/// missed an end; nothing could tell). Meanwhile the copies are kept, and
+/// served in an outage, as they are in any outage that begins before a
+/// check has passed: on a Redis Cluster with one node down, the keys of
+/// that node's slots cannot be checked until a replica takes over, and
+/// dropping every copy at the first failure logged out the sessions of
+/// the healthy nodes for the rest of the outage. A check made for an older
+/// subscription stops once a newer one begins.
+async fn check_copies(announcements: Weak<Announcements>, subscription: u64) {
+    let deadline = tokio::time::Instant::now() + CHECK_FOR;
+    let mut pause = CHECK_RETRY;
+    loop {
         let Some(this) = announcements.upgrade() else {
             return;
         };
         let mut breaker = this.manager.subscribe();
         drop(this);
-        while *breaker.borrow_and_update() != BreakerState::Closed {
-            if breaker.changed().await.is_err() {
-                return;
+        let closed = tokio::time::timeout_at(deadline, async {
+            while *breaker.borrow_and_update() != BreakerState::Closed {
+                if breaker.changed().await.is_err() {
+                    return false;
+                }
             }
-        }
+            true
+        })
+        .await;
         let Some(this) = announcements.upgrade() else {
             return;
         };
-        match check_once(&this).await {
-            Ok(()) => return,
-            Err(error) if attempt + 1 == CHECK_ATTEMPTS => {
-                tracing::debug!(target: "tower_redis_session", %error, attempts = CHECK_ATTEMPTS, "the session copies could not be checked after a new subscription; dropping them");
-                this.local.drop_copies();
-                return;
-            }
-            Err(error) => {
-                tracing::debug!(target: "tower_redis_session", %error, attempt, "the session copies could not be checked after a new subscription; checking again");
-            }
+        if this.subscriptions.load(Ordering::Acquire) != subscription {
+            return;
         }
+        let error = match closed {
+            // The manager is gone.
+            Ok(false) => return,
+            Ok(true) => match check_once(&this).await {
+                Ok(()) => return,
+                Err(error) => error.to_string(),
+            },
+            Err(_) => "Redis did not answer".to_owned(),
+        };
+        if tokio::time::Instant::now() + pause >= deadline {
+            tracing::debug!(target: "tower_redis_session", %error, "the session copies could not be checked after a new subscription; dropping them");
+            this.local.drop_copies();
+            return;
+        }
+        tracing::debug!(target: "tower_redis_session", %error, "the session copies could not be checked after a new subscription; checking again");
         drop(this);
-        tokio::time::sleep(CHECK_RETRY * 2_u32.pow(attempt)).await;
+        tokio::time::sleep(pause).await;
+        pause *= 2;
     }
 }
 
@@ -240,7 +261,8 @@ impl Subscriber for Announcements {
 
     fn on_connected(&self, connected: bool) {
         if connected && let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(check_copies(self.me.clone()));
+            let subscription = self.subscriptions.fetch_add(1, Ordering::AcqRel) + 1;
+            runtime.spawn(check_copies(self.me.clone(), subscription));
         }
     }
 }
