@@ -975,7 +975,7 @@ async fn a_failed_check_of_the_copies_keeps_them_and_checks_again() {
 }
 
 /// ... but not for long: a check of the copies still failing 10 s after
-/// the subscription drops them all, unchecked (any of them could have
+/// its first failure drops them all, unchecked (any of them could have
 /// missed an end).
 #[tokio::test]
 async fn a_check_of_the_copies_that_keeps_failing_drops_them() {

@@ -20,7 +20,8 @@
 //! copies of live sessions are kept: a subscription made again in the
 //! middle of an outage (Redis loading its data, a flapping server, a
 //! Cluster node down until its replica takes over: a failed check is made
-//! again for up to 10 s, the copies kept meanwhile) logs nobody out. Copies pinned by changes still queued are left to the
+//! again for up to 10 s after its first failure, the copies kept
+//! meanwhile) logs nobody out. Copies pinned by changes still queued are left to the
 //! queue: a replayed change that finds its session gone announces it.
 //!
 //! A message is `d` (ended) or `c` (cycled away), then the sessions'
@@ -43,7 +44,7 @@ const STORAGE_KEY_LEN: usize = 43;
 pub(crate) const PER_MESSAGE: usize = 1000;
 /// The most `EXISTS` one pipeline of the check sends.
 const CHECK_BATCH: usize = 256;
-/// How long after a new subscription the check of the copies may keep
+/// How long after its first failure the check of the copies may keep
 /// failing (or wait for Redis) before the copies are dropped unchecked:
 /// long enough for a Cluster with a node timeout of a few seconds to
 /// promote a replica (Redis' default `cluster-node-timeout`, 15 s, is
@@ -137,7 +138,7 @@ impl Announcements {
 /// After a (re)subscription: once Redis answers commands, ends the copies
 /// whose session Redis no longer holds. A failed check is made again (once
 /// Redis answers again, after a pause), for at most [`CHECK_FOR`] from the
-/// first attempt; then, unchecked, every copy goes (a copy could have
+/// first failure; then, unchecked, every copy goes (a copy could have
 /// missed an end; nothing could tell). Meanwhile the copies are kept, and
 /// served in an outage, as they are in any outage that begins before a
 /// check has passed: on a Redis Cluster with one node down, the keys of
@@ -146,7 +147,9 @@ impl Announcements {
 /// the healthy nodes for the rest of the outage. A check made for an older
 /// subscription stops once a newer one begins.
 async fn check_copies(announcements: Weak<Announcements>, subscription: u64) {
-    let deadline = tokio::time::Instant::now() + CHECK_FOR;
+    // Set at the first failure: waiting for Redis to answer before the
+    // first check has no bound (as in any outage, the copies serve).
+    let mut deadline = None;
     let mut pause = CHECK_RETRY;
     loop {
         let Some(this) = announcements.upgrade() else {
@@ -154,15 +157,18 @@ async fn check_copies(announcements: Weak<Announcements>, subscription: u64) {
         };
         let mut breaker = this.manager.subscribe();
         drop(this);
-        let closed = tokio::time::timeout_at(deadline, async {
+        let answers = async {
             while *breaker.borrow_and_update() != BreakerState::Closed {
                 if breaker.changed().await.is_err() {
                     return false;
                 }
             }
             true
-        })
-        .await;
+        };
+        let closed = match deadline {
+            None => Ok(answers.await),
+            Some(deadline) => tokio::time::timeout_at(deadline, answers).await,
+        };
         let Some(this) = announcements.upgrade() else {
             return;
         };
@@ -178,7 +184,8 @@ async fn check_copies(announcements: Weak<Announcements>, subscription: u64) {
             },
             Err(_) => "Redis did not answer".to_owned(),
         };
-        if tokio::time::Instant::now() + pause >= deadline {
+        let now = tokio::time::Instant::now();
+        if now + pause >= *deadline.get_or_insert(now + CHECK_FOR) {
             tracing::debug!(target: "tower_redis_session", %error, "the session copies could not be checked after a new subscription; dropping them");
             this.local.drop_copies();
             return;
