@@ -746,6 +746,115 @@ async fn two_instances(
     ((a, a_store), (b, b_manager, b_store))
 }
 
+/// A logs in "victim" and "live"; B reads both (its copies), subscribed.
+/// Returns their cookies.
+async fn b_holds_two_copies(
+    redis: &TestRedis,
+    a: &Router,
+    b: &Router,
+    b_manager: &RedisManager,
+) -> (String, String) {
+    let victim = logged_in(a, "victim").await;
+    let live = logged_in(a, "live").await;
+    assert_eq!(send(b, "GET", "/get/user", Some(&victim)).await.1, "victim");
+    subscribed(redis, b_manager, 2).await;
+    assert_eq!(send(b, "GET", "/get/user", Some(&live)).await.1, "live");
+    (victim, live)
+}
+
+/// In an outage B serves the live session's copy and not the victim's,
+/// whose session Redis no longer holds.
+async fn in_an_outage_b_serves_only_the_live_one(
+    redis: &TestRedis,
+    b: &Router,
+    b_manager: &RedisManager,
+    (victim, live): (&str, &str),
+) {
+    outage(redis, b, b_manager).await;
+    let (status, body, _) = send(b, "GET", "/get/user", Some(victim)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "none", "B served a session Redis had ended");
+    let (status, body, _) = send(b, "GET", "/get/user", Some(live)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "live", "B logged a live session out");
+    redis.resume().await;
+}
+
+/// Creates the Redis user `name` (every key, channel and command but
+/// `denied`) and connects a manager as it.
+async fn manager_as(redis: &TestRedis, name: &str, denied: &[&str]) -> RedisManager {
+    let mut conn = redis.connection().await.expect("connection");
+    let mut setuser = redis::cmd("ACL");
+    setuser
+        .arg("SETUSER")
+        .arg(name)
+        .arg("on")
+        .arg(format!(">{name}-secret"));
+    setuser.arg("~*").arg("&*").arg("+@all");
+    for command in denied {
+        setuser.arg(format!("-{command}"));
+    }
+    let _: () = setuser.query_async(&mut conn).await.expect("ACL SETUSER");
+    let url = format!("redis://{name}:{name}-secret@127.0.0.1:{}", redis.port());
+    RedisManager::connect(
+        redis
+            .config()
+            .url(url)
+            .failure_threshold(1)
+            .build()
+            .expect("config"),
+    )
+    .await
+    .expect("manager")
+}
+
+/// Applies one ACL `rule` to the Redis user `name`.
+async fn acl(redis: &TestRedis, name: &str, rule: &str) {
+    let mut conn = redis.connection().await.expect("connection");
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(name)
+        .arg(rule)
+        .query_async(&mut conn)
+        .await
+        .expect("ACL SETUSER");
+}
+
+/// Deletes `user`'s session behind the layer's back (no announcement).
+async fn delete_session_of(redis: &TestRedis, user: &str) {
+    let mut conn = redis.connection().await.expect("connection");
+    for key in session_keys(redis).await {
+        let owner: Option<String> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("_u")
+            .query_async(&mut conn)
+            .await
+            .expect("HGET");
+        if owner.as_deref() == Some(user) {
+            let _: u64 = redis::cmd("DEL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .expect("DEL");
+            return;
+        }
+    }
+    panic!("no session of {user}");
+}
+
+/// Closes every pub/sub connection: the instances subscribe again (and
+/// miss what was announced meanwhile).
+async fn kill_subscriptions(redis: &TestRedis) {
+    let mut conn = redis.connection().await.expect("connection");
+    let _: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT KILL");
+}
+
 /// Hangs Redis, and waits until `manager`'s breaker has opened (a new
 /// session's write on `app` times out): from then on `app` serves sessions
 /// from its in-process copies only (an open breaker drops the tracked ones).
@@ -810,60 +919,18 @@ async fn session_ended_on_another_instance_served_from_this_one_s_outage_copy() 
 async fn session_ended_while_this_instance_was_not_subscribed_served_from_its_copy() {
     let redis = TestRedis::start().await;
     let ((a, _), (b, b_manager, b_store)) = two_instances(&redis).await;
-    let victim = logged_in(&a, "victim").await;
-    let live = logged_in(&a, "live").await;
-    assert_eq!(
-        send(&b, "GET", "/get/user", Some(&victim)).await.1,
-        "victim"
-    );
-    subscribed(&redis, &b_manager, 2).await;
-    assert_eq!(send(&b, "GET", "/get/user", Some(&live)).await.1, "live");
-    let victim_key = {
-        let keys = session_keys(&redis).await;
-        assert_eq!(keys.len(), 2);
-        let mut conn = redis.connection().await.expect("connection");
-        let mut victim_key = None;
-        for key in keys {
-            let user: Option<String> = redis::cmd("HGET")
-                .arg(&key)
-                .arg("_u")
-                .query_async(&mut conn)
-                .await
-                .expect("HGET");
-            if user.as_deref() == Some("victim") {
-                victim_key = Some(key);
-            }
-        }
-        victim_key.expect("the victim's session")
-    };
+    let (victim, live) = b_holds_two_copies(&redis, &a, &b, &b_manager).await;
+    assert_eq!(session_keys(&redis).await.len(), 2);
     let held = b_store.local_usage().local_copies_bytes;
 
-    let mut conn = redis.connection().await.expect("connection");
-    let _: u64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .expect("CLIENT KILL");
-    let _: u64 = redis::cmd("DEL")
-        .arg(&victim_key)
-        .query_async(&mut conn)
-        .await
-        .expect("DEL");
+    kill_subscriptions(&redis).await;
+    delete_session_of(&redis, "victim").await;
     wait_for("B checked its copies", &b_store, |bytes| {
         bytes > 0 && bytes < held
     })
     .await;
 
-    outage(&redis, &b, &b_manager).await;
-    let (status, body, _) = send(&b, "GET", "/get/user", Some(&victim)).await;
-    assert_eq!(status, 200);
-    assert_eq!(body, "none", "B served a session Redis had ended");
-    let (status, body, _) = send(&b, "GET", "/get/user", Some(&live)).await;
-    assert_eq!(status, 200);
-    assert_eq!(body, "live", "a new subscription logged a live session out");
-    redis.resume().await;
+    in_an_outage_b_serves_only_the_live_one(&redis, &b, &b_manager, (&victim, &live)).await;
 }
 
 /// A check of the copies that fails after a new subscription is made
@@ -875,78 +942,16 @@ async fn session_ended_while_this_instance_was_not_subscribed_served_from_its_co
 #[tokio::test]
 async fn a_failed_check_of_the_copies_keeps_them_and_checks_again() {
     let redis = TestRedis::start().await;
-    let mut conn = redis.connection().await.expect("connection");
-    let acl = |rule: &'static str| {
-        let mut cmd = redis::cmd("ACL");
-        cmd.arg("SETUSER").arg("checker").arg(rule);
-        cmd
-    };
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("checker")
-        .arg("on")
-        .arg(">checker-secret")
-        .arg("~*")
-        .arg("&*")
-        .arg("+@all")
-        .query_async(&mut conn)
-        .await
-        .expect("ACL SETUSER");
     let (a, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
-    let url = format!("redis://checker:checker-secret@127.0.0.1:{}", redis.port());
-    let b_manager = RedisManager::connect(
-        redis
-            .config()
-            .url(url)
-            .failure_threshold(1)
-            .build()
-            .expect("config"),
-    )
-    .await
-    .expect("manager");
+    let b_manager = manager_as(&redis, "checker", &[]).await;
     let (b, _, b_store) = start_app(SessionLayer::builder(b_manager.clone()));
-    let victim = logged_in(&a, "victim").await;
-    let live = logged_in(&a, "live").await;
-    assert_eq!(
-        send(&b, "GET", "/get/user", Some(&victim)).await.1,
-        "victim"
-    );
-    subscribed(&redis, &b_manager, 2).await;
-    assert_eq!(send(&b, "GET", "/get/user", Some(&live)).await.1, "live");
+    let (victim, live) = b_holds_two_copies(&redis, &a, &b, &b_manager).await;
     let held = b_store.local_usage().local_copies_bytes;
     assert!(held > 0);
 
-    let _: () = acl("-exists")
-        .query_async(&mut conn)
-        .await
-        .expect("ACL SETUSER");
-    let victim_key = {
-        let mut victim_key = None;
-        for key in session_keys(&redis).await {
-            let user: Option<String> = redis::cmd("HGET")
-                .arg(&key)
-                .arg("_u")
-                .query_async(&mut conn)
-                .await
-                .expect("HGET");
-            if user.as_deref() == Some("victim") {
-                victim_key = Some(key);
-            }
-        }
-        victim_key.expect("the victim's session")
-    };
-    let _: u64 = redis::cmd("DEL")
-        .arg(&victim_key)
-        .query_async(&mut conn)
-        .await
-        .expect("DEL");
-    let _: u64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .expect("CLIENT KILL");
+    acl(&redis, "checker", "-exists").await;
+    delete_session_of(&redis, "victim").await;
+    kill_subscriptions(&redis).await;
     // Subscribed again: B's check runs now, and fails (NOPERM).
     subscribed(&redis, &b_manager, 2).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -956,22 +961,12 @@ async fn a_failed_check_of_the_copies_keeps_them_and_checks_again() {
         "a failed check dropped the copies"
     );
 
-    let _: () = acl("+exists")
-        .query_async(&mut conn)
-        .await
-        .expect("ACL SETUSER");
+    acl(&redis, "checker", "+exists").await;
     wait_for("B checked its copies again", &b_store, |bytes| {
         bytes > 0 && bytes < held
     })
     .await;
-    outage(&redis, &b, &b_manager).await;
-    let (status, body, _) = send(&b, "GET", "/get/user", Some(&victim)).await;
-    assert_eq!(status, 200);
-    assert_eq!(body, "none", "B served a session Redis had ended");
-    let (status, body, _) = send(&b, "GET", "/get/user", Some(&live)).await;
-    assert_eq!(status, 200);
-    assert_eq!(body, "live", "a failed check logged a live session out");
-    redis.resume().await;
+    in_an_outage_b_serves_only_the_live_one(&redis, &b, &b_manager, (&victim, &live)).await;
 }
 
 /// ... but not for long: a check of the copies still failing 10 s after
@@ -980,42 +975,13 @@ async fn a_failed_check_of_the_copies_keeps_them_and_checks_again() {
 #[tokio::test]
 async fn a_check_of_the_copies_that_keeps_failing_drops_them() {
     let redis = TestRedis::start().await;
-    let mut conn = redis.connection().await.expect("connection");
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("nocheck")
-        .arg("on")
-        .arg(">nocheck-secret")
-        .arg("~*")
-        .arg("&*")
-        .arg("+@all")
-        .arg("-exists")
-        .query_async(&mut conn)
-        .await
-        .expect("ACL SETUSER");
     let (a, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
-    let url = format!("redis://nocheck:nocheck-secret@127.0.0.1:{}", redis.port());
-    let b_manager = RedisManager::connect(
-        redis
-            .config()
-            .url(url)
-            .failure_threshold(1)
-            .build()
-            .expect("config"),
-    )
-    .await
-    .expect("manager");
+    let b_manager = manager_as(&redis, "nocheck", &["exists"]).await;
     let (b, _, b_store) = start_app(SessionLayer::builder(b_manager.clone()));
     let live = logged_in(&a, "live").await;
     assert_eq!(send(&b, "GET", "/get/user", Some(&live)).await.1, "live");
     subscribed(&redis, &b_manager, 2).await;
-    let _: u64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .expect("CLIENT KILL");
+    kill_subscriptions(&redis).await;
     subscribed(&redis, &b_manager, 2).await;
     assert!(b_store.local_usage().local_copies_bytes > 0);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
