@@ -152,11 +152,17 @@ impl LocalState {
     /// heard later, a logout of the old id for example, does not change
     /// that).
     pub(crate) fn end_as(&self, storage_key: &str, cycled: bool) {
-        self.with_pinned(|pinned| pinned.remove(storage_key));
+        // Under the lock every change of a copy takes: a `put`, `apply`,
+        // `pin` or `unpin_all` running meanwhile comes wholly before (its
+        // copy is dropped here) or wholly after (it sees the end and puts
+        // nothing back).
+        let mut pinned = self.lock_pinned();
+        pinned.remove(storage_key);
         self.copies.invalidate(storage_key);
         if cycled || !self.was_cycled(storage_key) {
             self.ended.insert(storage_key.to_owned(), cycled);
         }
+        self.unlock_pinned(pinned);
     }
 
     /// Whether this instance saw the session end recently.
@@ -198,19 +204,28 @@ impl LocalState {
             .or_else(|| self.copies.get(storage_key))
     }
 
-    pub(crate) fn put(&self, storage_key: &str, record: Record, touched_ms: u64) {
+    /// Keeps `record` as the session's copy, unless the session ended
+    /// (here, or announced by another instance): false then, and no copy
+    /// comes back.
+    pub(crate) fn put(&self, storage_key: &str, record: Record, touched_ms: u64) -> bool {
         let copy = Arc::new(LocalCopy { record, touched_ms });
-        let replaced = self.with_pinned(|pinned| {
-            if pinned.copies.contains_key(storage_key) {
-                pinned.insert(storage_key, Arc::clone(&copy));
-                true
-            } else {
-                false
-            }
-        });
-        if replaced != Some(true) {
+        let mut pinned = self.lock_pinned();
+        let kept = self.put_locked(&mut pinned, storage_key, copy);
+        self.unlock_pinned(pinned);
+        kept
+    }
+
+    /// [`put`](Self::put) with the lock held.
+    fn put_locked(&self, pinned: &mut Pinned, storage_key: &str, copy: Arc<LocalCopy>) -> bool {
+        if self.has_ended(storage_key) {
+            return false;
+        }
+        if pinned.copies.contains_key(storage_key) {
+            pinned.insert(storage_key, copy);
+        } else {
             self.copies.insert(storage_key.to_owned(), copy);
         }
+        true
     }
 
     /// The storage keys of the copies outside the pinned ones.
@@ -227,15 +242,17 @@ impl LocalState {
 
     /// Drops the copy (not the memory of an end).
     pub(crate) fn end_copy(&self, storage_key: &str) {
-        self.with_pinned(|pinned| pinned.remove(storage_key));
+        let mut pinned = self.lock_pinned();
+        pinned.remove(storage_key);
         self.copies.invalidate(storage_key);
+        self.unlock_pinned(pinned);
     }
 
     /// The session has changes waiting for Redis: its copy leaves the LRU
     /// until [`unpin`](Self::unpin), unless the pinned copies are at their
     /// bound. False when it was not pinned.
     pub(crate) fn pin(&self, storage_key: &str) -> bool {
-        let mut pinned = sync::lock(&self.pinned);
+        let mut pinned = self.lock_pinned();
         if pinned.copies.contains_key(storage_key) {
             return true;
         }
@@ -249,11 +266,10 @@ impl LocalState {
             return false;
         }
         pinned.insert(storage_key, copy);
-        self.pinned_count
-            .store(pinned.copies.len(), Ordering::Release);
         // Under the lock: a `put` from now on goes to the pinned copy, and
         // one before it is the copy just pinned.
         self.copies.invalidate(storage_key);
+        self.unlock_pinned(pinned);
         true
     }
 
@@ -268,14 +284,15 @@ impl LocalState {
 
     /// Every change is in Redis: every pinned copy goes back to the LRU.
     pub(crate) fn unpin_all(&self) {
-        let copies = {
-            let mut pinned = sync::lock(&self.pinned);
-            self.pinned_count.store(0, Ordering::Release);
-            std::mem::take(&mut *pinned)
-        };
-        for (storage_key, copy) in copies.copies {
+        // The copies go back under the lock, and the count of pinned copies
+        // stays above zero until they are back: an end that runs meanwhile
+        // waits for them and drops its session's copy, instead of dropping
+        // nothing and seeing the copy put back after it.
+        let mut pinned = self.lock_pinned();
+        for (storage_key, copy) in std::mem::take(&mut *pinned).copies {
             self.copies.insert(storage_key, copy);
         }
+        self.unlock_pinned(pinned);
     }
 
     /// Whether any copy is pinned (no lock).
@@ -288,11 +305,23 @@ impl LocalState {
         if !self.has_pinned() {
             return None;
         }
-        let mut pinned = sync::lock(&self.pinned);
+        let mut pinned = self.lock_pinned();
         let result = f(&mut pinned);
+        self.unlock_pinned(pinned);
+        Some(result)
+    }
+
+    /// The lock every change of a copy takes (reads of the copies outside
+    /// the pinned ones do not).
+    fn lock_pinned(&self) -> std::sync::MutexGuard<'_, Pinned> {
+        sync::lock(&self.pinned)
+    }
+
+    /// Releases the lock, with the count of pinned copies brought up to
+    /// date first.
+    fn unlock_pinned(&self, pinned: std::sync::MutexGuard<'_, Pinned>) {
         self.pinned_count
             .store(pinned.copies.len(), Ordering::Release);
-        Some(result)
     }
 
     /// Keeps the copy in step with what Redis answered to a read that began
@@ -308,10 +337,9 @@ impl LocalState {
         match (answer, copy) {
             // Unchanged and not renewed: the copy is already right.
             (Some(record), Some(copy)) if !touched && copy.record == *record => {}
-            // Ended since the read began (here, or announced from another
-            // instance): no copy comes back.
-            (Some(_), _) if self.has_ended(storage_key) => {}
-            // A copy for reading through an outage.
+            // A copy for reading through an outage (none comes back when
+            // the session ended since the read began, here or announced
+            // from another instance: see `put`).
             (Some(record), copy) => {
                 let touched_ms = match copy {
                     Some(copy) if !touched => copy.touched_ms,
@@ -324,9 +352,17 @@ impl LocalState {
     }
 
     /// Applies changes to the local copy (creating it for a new session).
-    /// False when there is no copy to change.
+    /// False when there is no copy to change, or the session ended.
+    ///
+    /// Read, changed and put back under the lock: two requests changing the
+    /// same session at once both find their change in the copy.
     pub(crate) fn apply(&self, storage_key: &str, create: Option<u64>, changes: &Changes) -> bool {
-        let existing = self.copy(storage_key);
+        let mut pinned = self.lock_pinned();
+        let existing = pinned
+            .copies
+            .get(storage_key)
+            .cloned()
+            .or_else(|| self.copies.get(storage_key));
         let (mut record, touched_ms) = match (existing, create) {
             (Some(copy), _) => (copy.record.clone(), copy.touched_ms),
             (None, Some(created_ms)) => (
@@ -336,11 +372,19 @@ impl LocalState {
                 },
                 0,
             ),
-            (None, None) => return false,
+            (None, None) => {
+                self.unlock_pinned(pinned);
+                return false;
+            }
         };
         changes.apply_to(&mut record);
-        self.put(storage_key, record, touched_ms);
-        true
+        let kept = self.put_locked(
+            &mut pinned,
+            storage_key,
+            Arc::new(LocalCopy { record, touched_ms }),
+        );
+        self.unlock_pinned(pinned);
+        kept
     }
 
     /// How long an unused copy is kept.
@@ -386,9 +430,7 @@ impl Store for LocalStore {
         // A new id never has a copy yet: the request's view is the session
         // (unless the new id already ended: a "log out everywhere" that
         // ran meanwhile announced it).
-        if !self.has_ended(take.new_storage_key) {
-            self.put(take.new_storage_key, take.merged.clone(), 0);
-        }
+        self.put(take.new_storage_key, take.merged.clone(), 0);
         Ok(Saved::Written)
     }
 
@@ -477,6 +519,109 @@ mod tests {
         assert!(!local.has_pinned());
         assert_eq!(local.pinned_bytes(), 0);
         assert!(local.get("victim").is_some(), "back in the LRU");
+    }
+
+    fn store() -> LocalStore {
+        LocalStore::new(
+            64 << 20,
+            64 << 20,
+            Duration::from_secs(60),
+            Duration::from_secs(3600),
+        )
+    }
+
+    fn live_record() -> Record {
+        Record {
+            created_ms: now_ms(),
+            ..Record::default()
+        }
+    }
+
+    /// Redis came back and the pinned copies go back to the LRU while
+    /// sessions are logged out: no copy of a logged-out session is put back
+    /// after its end (it would be served in the next outage).
+    #[test]
+    fn an_end_while_the_pinned_copies_go_back_is_not_undone() {
+        const SESSIONS: usize = 2000;
+        let key = |n: usize| format!("session-{n}");
+        for round in 0..10 {
+            let local = store();
+            for n in 0..SESSIONS {
+                local.put(&key(n), live_record(), 0);
+                assert!(local.pin(&key(n)));
+            }
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    start.wait();
+                    local.unpin_all();
+                });
+                start.wait();
+                // Once no copy is said to be pinned, the copies are back.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while local.has_pinned() {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "unpin_all never ended"
+                    );
+                    std::hint::spin_loop();
+                }
+                for n in (0..SESSIONS).rev() {
+                    local.end(&key(n));
+                }
+            });
+            let back: Vec<usize> = (0..SESSIONS)
+                .filter(|&n| local.get(&key(n)).is_some())
+                .collect();
+            assert!(
+                back.is_empty(),
+                "round {round}: {} ended sessions have a copy again",
+                back.len()
+            );
+        }
+    }
+
+    /// An ended session gets no copy back: not from a read that began
+    /// before its end, nor from a change made meanwhile.
+    #[test]
+    fn an_ended_session_gets_no_copy_back() {
+        let local = store();
+        local.put("ended", live_record(), 0);
+        local.end("ended");
+        assert!(!local.put("ended", live_record(), 0));
+        local.refresh("ended", Some(&live_record()), None, true, now_ms());
+        let changes = Changes {
+            entries: [("k".to_owned(), Some("1".to_owned()))].into(),
+            user: None,
+        };
+        assert!(!local.apply("ended", Some(now_ms()), &changes));
+        assert!(local.get("ended").is_none());
+        assert!(local.copy("ended").is_none());
+    }
+
+    /// Two requests change one session at once (in an outage the copy is
+    /// what every read sees): each finds its change in the copy.
+    #[test]
+    fn changes_made_at_once_are_all_in_the_copy() {
+        const CHANGES: usize = 400;
+        let local = store();
+        local.put("shared", live_record(), 0);
+        std::thread::scope(|scope| {
+            for side in ["a", "b"] {
+                let local = &local;
+                scope.spawn(move || {
+                    for n in 0..CHANGES {
+                        let changes = Changes {
+                            entries: [(format!("{side}-{n}"), Some("1".to_owned()))].into(),
+                            user: None,
+                        };
+                        assert!(local.apply("shared", None, &changes));
+                    }
+                });
+            }
+        });
+        let kept = local.get("shared").expect("copy").fields.len();
+        assert_eq!(kept, 2 * CHANGES, "{} changes lost", 2 * CHANGES - kept);
     }
 
     /// A flood of ended sessions (logins cycle ids, logouts) must not stop
