@@ -199,8 +199,25 @@ impl LocalState {
 
     /// The local copy as it is, with when it was last renewed.
     pub(crate) fn copy(&self, storage_key: &str) -> Option<Arc<LocalCopy>> {
+        if let Some(copy) = self
+            .with_pinned(|pinned| pinned.copies.get(storage_key).cloned())
+            .flatten()
+            .or_else(|| self.copies.get(storage_key))
+        {
+            return Some(copy);
+        }
+        // Not found, perhaps because it was being pinned (`pin` counts it
+        // pinned before taking it from the LRU): looked for again.
         self.with_pinned(|pinned| pinned.copies.get(storage_key).cloned())
             .flatten()
+    }
+
+    /// The copy as it is now, pinned or not (the lock held).
+    fn current(&self, pinned: &Pinned, storage_key: &str) -> Option<Arc<LocalCopy>> {
+        pinned
+            .copies
+            .get(storage_key)
+            .cloned()
             .or_else(|| self.copies.get(storage_key))
     }
 
@@ -266,10 +283,13 @@ impl LocalState {
             return false;
         }
         pinned.insert(storage_key, copy);
+        // Counted before it leaves the LRU: a reader without the lock that
+        // misses it there looks again among the pinned ones (see `copy`).
+        self.pinned_count
+            .store(pinned.copies.len(), Ordering::Release);
         // Under the lock: a `put` from now on goes to the pinned copy, and
         // one before it is the copy just pinned.
         self.copies.invalidate(storage_key);
-        self.unlock_pinned(pinned);
         true
     }
 
@@ -284,15 +304,24 @@ impl LocalState {
 
     /// Every change is in Redis: every pinned copy goes back to the LRU.
     pub(crate) fn unpin_all(&self) {
-        // The copies go back under the lock, and the count of pinned copies
-        // stays above zero until they are back: an end that runs meanwhile
-        // waits for them and drops its session's copy, instead of dropping
-        // nothing and seeing the copy put back after it.
-        let mut pinned = self.lock_pinned();
-        for (storage_key, copy) in std::mem::take(&mut *pinned).copies {
-            self.copies.insert(storage_key, copy);
+        // Each copy goes back under the lock, and is counted pinned until
+        // it is back: an end that runs meanwhile finds it pinned or back in
+        // the LRU, and drops it either way (never between the two, to be
+        // put back after the end). A few hundred at a time, so that reads
+        // and writes of other sessions do not wait for all of them.
+        // The copies pinned now: one pinned meanwhile (a new outage's
+        // change) stays pinned.
+        const CHUNK: usize = 256;
+        let keys: Vec<String> = self.lock_pinned().copies.keys().cloned().collect();
+        for chunk in keys.chunks(CHUNK) {
+            let mut pinned = self.lock_pinned();
+            for storage_key in chunk {
+                if let Some(copy) = pinned.remove(storage_key) {
+                    self.copies.insert(storage_key.clone(), copy);
+                }
+            }
+            self.unlock_pinned(pinned);
         }
-        self.unlock_pinned(pinned);
     }
 
     /// Whether any copy is pinned (no lock).
@@ -340,12 +369,29 @@ impl LocalState {
             // A copy for reading through an outage (none comes back when
             // the session ended since the read began, here or announced
             // from another instance: see `put`).
+            //
+            // Only over the copy the read found: a change made meanwhile
+            // (its copy is newer than this answer) is not undone.
             (Some(record), copy) => {
-                let touched_ms = match copy {
+                let touched_ms = match &copy {
                     Some(copy) if !touched => copy.touched_ms,
                     _ => started_ms,
                 };
-                self.put(storage_key, record.clone(), touched_ms);
+                let mut pinned = self.lock_pinned();
+                let current = self.current(&pinned, storage_key);
+                let unchanged = match (&current, &copy) {
+                    (Some(current), Some(copy)) => Arc::ptr_eq(current, copy),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if unchanged {
+                    let copy = Arc::new(LocalCopy {
+                        record: record.clone(),
+                        touched_ms,
+                    });
+                    self.put_locked(&mut pinned, storage_key, copy);
+                }
+                self.unlock_pinned(pinned);
             }
             (None, _) => self.end_copy(storage_key),
         }
@@ -358,11 +404,7 @@ impl LocalState {
     /// same session at once both find their change in the copy.
     pub(crate) fn apply(&self, storage_key: &str, create: Option<u64>, changes: &Changes) -> bool {
         let mut pinned = self.lock_pinned();
-        let existing = pinned
-            .copies
-            .get(storage_key)
-            .cloned()
-            .or_else(|| self.copies.get(storage_key));
+        let existing = self.current(&pinned, storage_key);
         let (mut record, touched_ms) = match (existing, create) {
             (Some(copy), _) => (copy.record.clone(), copy.touched_ms),
             (None, Some(created_ms)) => (
@@ -544,7 +586,7 @@ mod tests {
     fn an_end_while_the_pinned_copies_go_back_is_not_undone() {
         const SESSIONS: usize = 2000;
         let key = |n: usize| format!("session-{n}");
-        for round in 0..10 {
+        for round in 0..20 {
             let local = store();
             for n in 0..SESSIONS {
                 local.put(&key(n), live_record(), 0);
@@ -557,14 +599,16 @@ mod tests {
                     local.unpin_all();
                 });
                 start.wait();
-                // Once no copy is said to be pinned, the copies are back.
+                // Every other round the ends run while the copies go back;
+                // the others wait until no copy is said to be pinned: the
+                // copies are all back then.
                 let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                while local.has_pinned() {
+                while round % 2 == 0 && local.has_pinned() {
                     assert!(
                         std::time::Instant::now() < deadline,
                         "unpin_all never ended"
                     );
-                    std::hint::spin_loop();
+                    std::thread::yield_now();
                 }
                 for n in (0..SESSIONS).rev() {
                     local.end(&key(n));
@@ -599,6 +643,28 @@ mod tests {
         assert!(local.copy("ended").is_none());
     }
 
+    /// A read from Redis that returns after a change to the copy (made by
+    /// a write that came later) does not put its older answer over it.
+    #[test]
+    fn a_read_that_returns_after_a_change_does_not_undo_it() {
+        let local = store();
+        local.put("session", live_record(), 0);
+        let read_found = local.copy("session");
+        let answer = read_found.as_ref().expect("copy").record.clone();
+        let changes = Changes {
+            entries: [("role".to_owned(), Some("\"admin\"".to_owned()))].into(),
+            user: None,
+        };
+        assert!(local.apply("session", None, &changes));
+        local.refresh("session", Some(&answer), read_found, true, now_ms());
+        let copy = local.get("session").expect("copy");
+        assert_eq!(
+            copy.fields.get("role").map(String::as_str),
+            Some("\"admin\""),
+            "the older answer replaced the change"
+        );
+    }
+
     /// Two requests change one session at once (in an outage the copy is
     /// what every read sees): each finds its change in the copy.
     #[test]
@@ -606,10 +672,12 @@ mod tests {
         const CHANGES: usize = 400;
         let local = store();
         local.put("shared", live_record(), 0);
+        let start = std::sync::Barrier::new(2);
         std::thread::scope(|scope| {
             for side in ["a", "b"] {
-                let local = &local;
+                let (local, start) = (&local, &start);
                 scope.spawn(move || {
+                    start.wait();
                     for n in 0..CHANGES {
                         let changes = Changes {
                             entries: [(format!("{side}-{n}"), Some("1".to_owned()))].into(),
