@@ -21,7 +21,7 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, Weak};
 use tokio::sync::Notify;
 use tower_redis_core::{Invalidate, ListenOnce, RedisManager, Subscriber, Tracking};
 
-use moka::ops::compute::Op;
+use tower_redis_core::bytes_cache::BytesCache;
 
 use crate::store::{MemoryStore, VaryHint};
 
@@ -45,7 +45,7 @@ pub(crate) struct Bus {
     /// `<prefix>:c:`: the keys of entries, as tracking names them.
     entry_prefix: String,
     /// The store's `Vary` hints, whose known-absent marks a write ends.
-    hints: moka::sync::Cache<String, VaryHint>,
+    hints: Arc<BytesCache<String, VaryHint>>,
     /// Bumped whenever tracking says anything may have changed
     /// ([`Invalidate::invalidate_all`]: the near tier is emptied then): a
     /// known-absent mark set before holds no more.
@@ -58,7 +58,7 @@ impl Bus {
     pub(crate) fn new(
         manager: RedisManager,
         near: Option<Arc<MemoryStore>>,
-        hints: moka::sync::Cache<String, VaryHint>,
+        hints: Arc<BytesCache<String, VaryHint>>,
     ) -> Arc<Self> {
         let channel = manager.keys().key(&["cache-events"]);
         let tracking = near.as_ref().and_then(|_| manager.tracking());
@@ -122,15 +122,10 @@ impl Bus {
     /// been. Its next lookup reads Redis again.
     pub(crate) fn end_known_absence(&self, url_hash: &str) {
         // Most URLs written have no hint here (and a data value none, or
-        // only the mark that it is large): one read, and no entry made
-        // for them.
-        if !self.hints.contains_key(url_hash) {
-            return;
-        }
-        self.hints.entry_by_ref(url_hash).and_compute_with(|hint| {
-            match hint.map(moka::Entry::into_value) {
-                Some(VaryHint::KnownAbsent { .. }) => Op::Put(VaryHint::Absent),
-                _ => Op::Nop,
+        // only the mark that it is large): `update` makes no entry then.
+        self.hints.update(url_hash, |hint| {
+            if matches!(hint, VaryHint::KnownAbsent { .. }) {
+                *hint = VaryHint::Absent;
             }
         });
     }
@@ -293,7 +288,14 @@ mod tests {
         let manager = RedisManager::connect(redis.config().build().unwrap())
             .await
             .unwrap();
-        let bus = Bus::new(manager, None, moka::sync::Cache::new(16));
+        let bus = Bus::new(
+            manager,
+            None,
+            Arc::new(tower_redis_core::bytes_cache::BytesCache::new(
+                1 << 20,
+                |_: &String, _: &crate::store::VaryHint| 1,
+            )),
+        );
         let before = bus.epoch();
         let keeping = bus.keeping();
         let bumped = Arc::new(AtomicBool::new(false));

@@ -1,5 +1,6 @@
-//! [`BytesCache`]: a concurrent map bounded by bytes, for copies kept in
-//! process (the tracked copies of [`crate::tracking`]).
+//! [`BytesCache`]: a concurrent map bounded by bytes, for what a layer
+//! keeps in process and reads on every request (the tracked copies of
+//! [`crate::tracking`], the cache layer's `Vary` hints).
 //!
 //! Built on `quick_cache`: a read takes one shard's read lock and marks the
 //! entry used, with no log of reads to replay and no upkeep on the read
@@ -113,6 +114,60 @@ impl<K: Eq + Hash + Clone, V: Clone> BytesCache<K, V> {
         self.entries.insert(key, value);
     }
 
+    /// Whether `key` has a value (not marked as used).
+    pub fn contains_key<Q>(&self, key: &Q) -> bool
+    where
+        Q: Hash + Equivalent<K> + ?Sized,
+    {
+        self.entries.contains_key(key)
+    }
+
+    /// Changes the value of `key` in place with `change`, atomically (no
+    /// other change of `key` lands between its read and its write); nothing
+    /// when `key` has no value. The entry's weight is taken again after.
+    pub fn update<Q>(&self, key: &Q, change: impl FnOnce(&mut V))
+    where
+        Q: Hash + Equivalent<K> + ToOwned<Owned = K> + ?Sized,
+    {
+        // Most keys asked for have no value: a read lock, not a write one.
+        if !self.entries.contains_key(key) {
+            return;
+        }
+        // No wait for a value being loaded (nothing here loads one).
+        let _: quick_cache::sync::EntryResult<'_, K, V, _, _, _, ()> =
+            self.entries
+                .entry(key, Some(std::time::Duration::ZERO), |_, value| {
+                    change(value);
+                    quick_cache::sync::EntryAction::Retain(())
+                });
+    }
+
+    /// Keeps `value` for `key` unless `key` already has one, atomically.
+    pub fn insert_if_absent<Q>(&self, key: &Q, value: V)
+    where
+        Q: Hash + Equivalent<K> + ToOwned<Owned = K> + ?Sized,
+    {
+        let found = self
+            .entries
+            .entry(key, Some(std::time::Duration::ZERO), |_, _| {
+                quick_cache::sync::EntryAction::Retain(())
+            });
+        if let quick_cache::sync::EntryResult::Vacant(slot) = found {
+            // Refused only when too heavy to keep at all.
+            let _ = slot.insert(value);
+        }
+    }
+
+    /// How many entries there are now.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Removes `key`, returning its value.
     pub fn remove<Q>(&self, key: &Q) -> Option<V>
     where
@@ -191,6 +246,24 @@ mod tests {
             assert!(cache.get("used").is_some(), "evicted after {n} others");
             cache.insert(format!("flood-{n:08}"), "f".repeat(100));
         }
+    }
+
+    /// `update` changes a value in place and makes none; `insert_if_absent`
+    /// keeps a value already there.
+    #[test]
+    fn update_changes_only_a_value_there_and_insert_if_absent_keeps_one() {
+        let cache: BytesCache<String, String> = BytesCache::new(1024, weigh);
+        cache.update("absent", |value| value.push('!'));
+        assert!(!cache.contains_key("absent"));
+        cache.insert("k".to_owned(), "old".to_owned());
+        cache.update("k", |value| value.push_str("er"));
+        assert_eq!(cache.get("k").as_deref(), Some("older"));
+        assert_eq!(cache.bytes(), 6, "weighed again after the change");
+        cache.insert_if_absent("k", "new".to_owned());
+        assert_eq!(cache.get("k").as_deref(), Some("older"));
+        cache.insert_if_absent("fresh", "v".to_owned());
+        assert_eq!(cache.get("fresh").as_deref(), Some("v"));
+        assert_eq!(cache.len(), 2);
     }
 
     /// `remove_if` leaves a value it was not asked to remove.

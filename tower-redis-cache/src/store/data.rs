@@ -381,7 +381,7 @@ impl CacheStore {
                 },
             );
         } else if was_large && !large {
-            self.vary_hints.invalidate(url_hash);
+            self.vary_hints.remove(url_hash);
         }
     }
 

@@ -141,12 +141,11 @@ impl CacheStore {
                     // Only over a hint that still says absent: a
                     // concurrent store's names stay.
                     let keep = || {
-                        self.vary_hints
-                            .entry_by_ref(url_hash)
-                            .and_compute_with(|hint| match hint.map(moka::Entry::into_value) {
-                                Some(hint) if hint.is_absent() => moka::ops::compute::Op::Put(mark),
-                                _ => moka::ops::compute::Op::Nop,
-                            });
+                        self.vary_hints.update(url_hash, |hint| {
+                            if hint.is_absent() {
+                                *hint = mark;
+                            }
+                        });
                     };
                     self.bus
                         .keep_at(epoch, keep, || self.bus.end_known_absence(url_hash));
@@ -209,17 +208,13 @@ impl CacheStore {
                 if large && !was {
                     // Raised only over the hint this lookup started from: a
                     // store's or another lookup's newer hint stays.
-                    self.vary_hints
-                        .entry_by_ref(url_hash)
-                        .and_compute_with(|hint| match hint.map(moka::Entry::into_value) {
-                            Some(VaryHint::Vary {
-                                names,
-                                large: false,
-                            }) if names == vary => {
-                                moka::ops::compute::Op::Put(VaryHint::Vary { names, large: true })
-                            }
-                            _ => moka::ops::compute::Op::Nop,
-                        });
+                    self.vary_hints.update(url_hash, |hint| {
+                        if let VaryHint::Vary { names, large } = hint
+                            && names == vary
+                        {
+                            *large = true;
+                        }
+                    });
                 }
             }
             (Some(vary), _) => self.vary_hints.insert(
@@ -230,7 +225,7 @@ impl CacheStore {
                 },
             ),
             (None, Some(VaryHint::Vary { .. })) if tier == Tier::Redis => {
-                self.vary_hints.invalidate(url_hash);
+                self.vary_hints.remove(url_hash);
             }
             (None, _) => {}
         }
@@ -243,13 +238,9 @@ impl CacheStore {
     /// which sends a digest of every request header. Such a URL usually
     /// stays absent; should it be stored with `Vary` later, one lookup
     /// runs the script as well (two round trips) and the hint follows.
-    /// A hint already there is kept (one a concurrent store writes between
-    /// moka's read and write here may not be: a wrong hint costs one more
-    /// round trip, once).
+    /// A hint already there is kept.
     pub(crate) fn remember_absent(&self, url_hash: &str) {
-        self.vary_hints
-            .entry_by_ref(url_hash)
-            .or_insert(VaryHint::Absent);
+        self.vary_hints.insert_if_absent(url_hash, VaryHint::Absent);
     }
 }
 

@@ -30,6 +30,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use http::HeaderMap;
 use tower_redis_core::RedisConnection;
+use tower_redis_core::bytes_cache::BytesCache;
 use tower_redis_core::redis::RedisResult;
 use tower_redis_core::redis::aio::ConnectionLike;
 use tower_redis_core::redis::{self, Value};
@@ -322,7 +323,7 @@ pub(crate) struct CacheStore {
     /// What this instance last saw of each URL in Redis, so that a lookup
     /// is a plain `HMGET` instead of a script; and, under a data value's
     /// hash, that the value is large (a hint without names).
-    vary_hints: moka::sync::Cache<String, VaryHint>,
+    vary_hints: Arc<BytesCache<String, VaryHint>>,
     /// Whether this instance has read or stored a data value larger than
     /// [`LARGE_ENTRY_BYTES`]: only then does a data read look for the
     /// hint (in `vary_hints`, under the value's hash) that it is large.
@@ -419,14 +420,13 @@ impl CacheStore {
             .near
             .map(|(bytes, ttl)| Arc::new(MemoryStore::near(bytes, ttl, options.rules.clone())));
         let vary_hint_bytes = (options.memory_bytes / VARY_HINT_SHARE).max(MIN_VARY_HINT_BYTES);
-        let vary_hints = moka::sync::Cache::builder()
-            .max_capacity(vary_hint_bytes)
-            .weigher(|url_hash: &String, hint: &VaryHint| {
-                u32::try_from(url_hash.len() + hint.names().len() + VARY_HINT_OVERHEAD)
-                    .unwrap_or(u32::MAX)
-            })
-            .build();
-        let bus = Bus::new(manager.clone(), near.clone(), vary_hints.clone());
+        let vary_hints = Arc::new(BytesCache::new(
+            vary_hint_bytes,
+            |url_hash: &String, hint: &VaryHint| {
+                url_hash.len() + hint.names().len() + VARY_HINT_OVERHEAD
+            },
+        ));
+        let bus = Bus::new(manager.clone(), near.clone(), Arc::clone(&vary_hints));
         // A gathered read's member waits out its pipeline's run (within the
         // command timeout) with room to spare, then reads alone.
         let patience = manager.command_timeout().saturating_mul(2);
@@ -860,13 +860,12 @@ mod tests {
                 .vary_hints
                 .insert(key::hash_url(&format!("//shop.example/u/{i}")), hint);
         }
-        store.vary_hints.run_pending_tasks();
         let bound = ((1 << 20) / VARY_HINT_SHARE).max(MIN_VARY_HINT_BYTES);
-        let held = store.vary_hints.weighted_size();
+        let held = store.vary_hints.bytes();
         assert!(held <= bound, "{held} bytes of hints, bound {bound}");
         // Each weighed by its bytes, not counted as one.
         let least = (key::hash_url("//shop.example/u/0").len() + VARY_HINT_OVERHEAD) as u64;
-        let count = store.vary_hints.entry_count();
+        let count = store.vary_hints.len() as u64;
         assert!(count > 50, "{count}");
         assert!(
             count * least <= bound,
