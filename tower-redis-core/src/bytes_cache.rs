@@ -124,7 +124,9 @@ impl<K: Eq + Hash + Clone, V: Clone> BytesCache<K, V> {
 
     /// Changes the value of `key` in place with `change`, atomically (no
     /// other change of `key` lands between its read and its write); nothing
-    /// when `key` has no value. The entry's weight is taken again after.
+    /// when `key` has no value. For changes that keep the entry's weight:
+    /// the weight is counted again after, but nothing is evicted for a
+    /// heavier value (use [`insert`](Self::insert) to grow one).
     pub fn update<Q>(&self, key: &Q, change: impl FnOnce(&mut V))
     where
         Q: Hash + Equivalent<K> + ToOwned<Owned = K> + ?Sized,
@@ -147,6 +149,10 @@ impl<K: Eq + Hash + Clone, V: Clone> BytesCache<K, V> {
     where
         Q: Hash + Equivalent<K> + ToOwned<Owned = K> + ?Sized,
     {
+        // Usually there: a read lock, not a write one.
+        if self.entries.contains_key(key) {
+            return;
+        }
         let found = self
             .entries
             .entry(key, Some(std::time::Duration::ZERO), |_, _| {

@@ -195,7 +195,7 @@ impl CacheStore {
     /// more than a read. A URL found absent loses its names; one this
     /// instance marked absent ([`remember_absent`](Self::remember_absent))
     /// stays so.
-    fn update_vary_hint(
+    pub(super) fn update_vary_hint(
         &self,
         url_hash: &str,
         previous: Option<VaryHint>,

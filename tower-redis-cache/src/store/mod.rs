@@ -837,6 +837,52 @@ mod tests {
         }
     }
 
+    /// A URL marked absent keeps a hint already there (a store's names);
+    /// a lookup that found a large entry raises `large` only over the
+    /// names it started from, not over a store's newer ones.
+    #[tokio::test]
+    async fn hint_changes_keep_what_a_store_wrote_meanwhile() {
+        let redis = TestRedis::start().await;
+        let store = store(&redis).await;
+        let url = key::hash_url("//shop.example/p");
+        let vary = |names: &str, large| VaryHint::Vary {
+            names: names.to_owned(),
+            large,
+        };
+        store.vary_hints.insert(url.clone(), vary("accept", false));
+        store.remember_absent(&url);
+        assert_eq!(
+            store.vary_hints.get(url.as_str()),
+            Some(vary("accept", false))
+        );
+        store.update_vary_hint(
+            &url,
+            Some(vary("accept", false)),
+            Some("accept"),
+            true,
+            Tier::Redis,
+        );
+        assert_eq!(
+            store.vary_hints.get(url.as_str()),
+            Some(vary("accept", true))
+        );
+        // A store wrote other names after the lookup began.
+        store.vary_hints.insert(url.clone(), vary("cookie", false));
+        store.update_vary_hint(
+            &url,
+            Some(vary("accept", false)),
+            Some("accept"),
+            true,
+            Tier::Redis,
+        );
+        assert_eq!(
+            store.vary_hints.get(url.as_str()),
+            Some(vary("cookie", false))
+        );
+        store.remember_absent("//never-seen");
+        assert_eq!(store.vary_hints.get("//never-seen"), Some(VaryHint::Absent));
+    }
+
     /// The `Vary` hints, known-absent marks included, cannot grow past
     /// their share of the store's bytes, however many distinct URLs a
     /// client makes.
