@@ -36,6 +36,8 @@ const ENDED_FOR: Duration = Duration::from_secs(120);
 const ENDED_BYTES: u64 = 1024 * 1024;
 /// The bookkeeping of one remembered end.
 const ENDED_OVERHEAD: usize = 64;
+/// How many locks the changes of copies are spread over (a power of two).
+const STRIPES: usize = 64;
 
 /// Cheap to clone: the clones share the copies and the memory of ends
 /// (the announcements of sessions ended elsewhere hold one, see
@@ -62,6 +64,15 @@ pub(crate) struct LocalState {
     ended: moka::sync::Cache<String, bool>,
     /// Copies of sessions with changes waiting for Redis.
     pinned: Mutex<Pinned>,
+    /// Every change of a session's copy and every end of a session is made
+    /// holding its key's stripe (then, if need be, `pinned`): a change, a
+    /// read's refresh, a pin, or the pinned copies' return running at the
+    /// same time as an end comes wholly before it (its copy is dropped by
+    /// the end) or wholly after (it sees the end and puts nothing back),
+    /// and two changes of one copy do not lose either. Striped, so that
+    /// changes of different sessions do not wait for each other.
+    stripes: Box<[Mutex<()>]>,
+    stripe_hash: std::hash::RandomState,
     /// How many copies are pinned, readable without the lock.
     pinned_count: AtomicUsize,
     pin_limit_bytes: u64,
@@ -104,6 +115,8 @@ impl LocalState {
     fn new(capacity_bytes: u64, pin_limit_bytes: u64, idle: Duration, absolute: Duration) -> Self {
         Self {
             pinned: Mutex::default(),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            stripe_hash: std::hash::RandomState::new(),
             pinned_count: AtomicUsize::new(0),
             pin_limit_bytes,
             copies: moka::sync::Cache::builder()
@@ -152,17 +165,12 @@ impl LocalState {
     /// heard later, a logout of the old id for example, does not change
     /// that).
     pub(crate) fn end_as(&self, storage_key: &str, cycled: bool) {
-        // Under the lock every change of a copy takes: a `put`, `apply`,
-        // `pin` or `unpin_all` running meanwhile comes wholly before (its
-        // copy is dropped here) or wholly after (it sees the end and puts
-        // nothing back).
-        let mut pinned = self.lock_pinned();
-        pinned.remove(storage_key);
+        let _key = self.lock_key(storage_key);
+        self.with_pinned(|pinned| pinned.remove(storage_key));
         self.copies.invalidate(storage_key);
         if cycled || !self.was_cycled(storage_key) {
             self.ended.insert(storage_key.to_owned(), cycled);
         }
-        self.unlock_pinned(pinned);
     }
 
     /// Whether this instance saw the session end recently.
@@ -212,12 +220,11 @@ impl LocalState {
             .flatten()
     }
 
-    /// The copy as it is now, pinned or not (the lock held).
-    fn current(&self, pinned: &Pinned, storage_key: &str) -> Option<Arc<LocalCopy>> {
-        pinned
-            .copies
-            .get(storage_key)
-            .cloned()
+    /// The copy as it is now, pinned or not (its key's stripe held: nothing
+    /// pins, unpins or changes it meanwhile).
+    fn current(&self, storage_key: &str) -> Option<Arc<LocalCopy>> {
+        self.with_pinned(|pinned| pinned.copies.get(storage_key).cloned())
+            .flatten()
             .or_else(|| self.copies.get(storage_key))
     }
 
@@ -226,20 +233,23 @@ impl LocalState {
     /// comes back.
     pub(crate) fn put(&self, storage_key: &str, record: Record, touched_ms: u64) -> bool {
         let copy = Arc::new(LocalCopy { record, touched_ms });
-        let mut pinned = self.lock_pinned();
-        let kept = self.put_locked(&mut pinned, storage_key, copy);
-        self.unlock_pinned(pinned);
-        kept
+        let _key = self.lock_key(storage_key);
+        self.put_locked(storage_key, copy)
     }
 
-    /// [`put`](Self::put) with the lock held.
-    fn put_locked(&self, pinned: &mut Pinned, storage_key: &str, copy: Arc<LocalCopy>) -> bool {
+    /// [`put`](Self::put) with the key's stripe held.
+    fn put_locked(&self, storage_key: &str, copy: Arc<LocalCopy>) -> bool {
         if self.has_ended(storage_key) {
             return false;
         }
-        if pinned.copies.contains_key(storage_key) {
-            pinned.insert(storage_key, copy);
-        } else {
+        let pinned = self.with_pinned(|pinned| {
+            let here = pinned.copies.contains_key(storage_key);
+            if here {
+                pinned.insert(storage_key, Arc::clone(&copy));
+            }
+            here
+        });
+        if pinned != Some(true) {
             self.copies.insert(storage_key.to_owned(), copy);
         }
         true
@@ -259,17 +269,17 @@ impl LocalState {
 
     /// Drops the copy (not the memory of an end).
     pub(crate) fn end_copy(&self, storage_key: &str) {
-        let mut pinned = self.lock_pinned();
-        pinned.remove(storage_key);
+        let _key = self.lock_key(storage_key);
+        self.with_pinned(|pinned| pinned.remove(storage_key));
         self.copies.invalidate(storage_key);
-        self.unlock_pinned(pinned);
     }
 
     /// The session has changes waiting for Redis: its copy leaves the LRU
     /// until [`unpin`](Self::unpin), unless the pinned copies are at their
     /// bound. False when it was not pinned.
     pub(crate) fn pin(&self, storage_key: &str) -> bool {
-        let mut pinned = self.lock_pinned();
+        let _key = self.lock_key(storage_key);
+        let mut pinned = sync::lock(&self.pinned);
         if pinned.copies.contains_key(storage_key) {
             return true;
         }
@@ -287,14 +297,18 @@ impl LocalState {
         // misses it there looks again among the pinned ones (see `copy`).
         self.pinned_count
             .store(pinned.copies.len(), Ordering::Release);
-        // Under the lock: a `put` from now on goes to the pinned copy, and
-        // one before it is the copy just pinned.
+        drop(pinned);
+        // Under the key's stripe: a `put` from now on goes to the pinned
+        // copy, and one before it is the copy just pinned.
         self.copies.invalidate(storage_key);
         true
     }
 
     /// The session's changes are in Redis: its copy goes back to the LRU.
     pub(crate) fn unpin(&self, storage_key: &str) {
+        let _key = self.lock_key(storage_key);
+        // Moved under the pinned copies' lock: a reader without the stripe
+        // (`copy`) finds it pinned, or waits and finds it in the LRU.
         self.with_pinned(|pinned| {
             if let Some(copy) = pinned.remove(storage_key) {
                 self.copies.insert(storage_key.to_owned(), copy);
@@ -304,23 +318,19 @@ impl LocalState {
 
     /// Every change is in Redis: every pinned copy goes back to the LRU.
     pub(crate) fn unpin_all(&self) {
-        // Each copy goes back under the lock, and is counted pinned until
-        // it is back: an end that runs meanwhile finds it pinned or back in
-        // the LRU, and drops it either way (never between the two, to be
-        // put back after the end). A few hundred at a time, so that reads
-        // and writes of other sessions do not wait for all of them.
-        // The copies pinned now: one pinned meanwhile (a new outage's
-        // change) stays pinned.
-        const CHUNK: usize = 256;
-        let keys: Vec<String> = self.lock_pinned().copies.keys().cloned().collect();
-        for chunk in keys.chunks(CHUNK) {
-            let mut pinned = self.lock_pinned();
-            for storage_key in chunk {
-                if let Some(copy) = pinned.remove(storage_key) {
+        // The copies pinned now, each moved back under its key's stripe: an
+        // end that runs meanwhile finds its copy pinned or back in the LRU,
+        // and drops it either way (never between the two, to be put back
+        // after the end). One pinned meanwhile (a new outage's change)
+        // stays pinned.
+        let keys: Vec<String> = sync::lock(&self.pinned).copies.keys().cloned().collect();
+        for storage_key in keys {
+            let _key = self.lock_key(&storage_key);
+            self.with_pinned(|pinned| {
+                if let Some(copy) = pinned.remove(&storage_key) {
                     self.copies.insert(storage_key.clone(), copy);
                 }
-            }
-            self.unlock_pinned(pinned);
+            });
         }
     }
 
@@ -334,23 +344,20 @@ impl LocalState {
         if !self.has_pinned() {
             return None;
         }
-        let mut pinned = self.lock_pinned();
+        let mut pinned = sync::lock(&self.pinned);
         let result = f(&mut pinned);
-        self.unlock_pinned(pinned);
+        self.pinned_count
+            .store(pinned.copies.len(), Ordering::Release);
         Some(result)
     }
 
-    /// The lock every change of a copy takes (reads of the copies outside
-    /// the pinned ones do not).
-    fn lock_pinned(&self) -> std::sync::MutexGuard<'_, Pinned> {
-        sync::lock(&self.pinned)
-    }
-
-    /// Releases the lock, with the count of pinned copies brought up to
-    /// date first.
-    fn unlock_pinned(&self, pinned: std::sync::MutexGuard<'_, Pinned>) {
-        self.pinned_count
-            .store(pinned.copies.len(), Ordering::Release);
+    /// The stripe of `storage_key` (see [`LocalState::stripes`]).
+    fn lock_key(&self, storage_key: &str) -> std::sync::MutexGuard<'_, ()> {
+        let hash = usize::try_from(
+            std::hash::BuildHasher::hash_one(&self.stripe_hash, storage_key) % STRIPES as u64,
+        )
+        .unwrap_or_default();
+        sync::lock(&self.stripes[hash])
     }
 
     /// Keeps the copy in step with what Redis answered to a read that began
@@ -377,8 +384,8 @@ impl LocalState {
                     Some(copy) if !touched => copy.touched_ms,
                     _ => started_ms,
                 };
-                let mut pinned = self.lock_pinned();
-                let current = self.current(&pinned, storage_key);
+                let _key = self.lock_key(storage_key);
+                let current = self.current(storage_key);
                 let unchanged = match (&current, &copy) {
                     (Some(current), Some(copy)) => Arc::ptr_eq(current, copy),
                     (None, None) => true,
@@ -389,9 +396,8 @@ impl LocalState {
                         record: record.clone(),
                         touched_ms,
                     });
-                    self.put_locked(&mut pinned, storage_key, copy);
+                    self.put_locked(storage_key, copy);
                 }
-                self.unlock_pinned(pinned);
             }
             (None, _) => self.end_copy(storage_key),
         }
@@ -400,11 +406,11 @@ impl LocalState {
     /// Applies changes to the local copy (creating it for a new session).
     /// False when there is no copy to change, or the session ended.
     ///
-    /// Read, changed and put back under the lock: two requests changing the
+    /// Read, changed and put back under its key's stripe: two requests changing the
     /// same session at once both find their change in the copy.
     pub(crate) fn apply(&self, storage_key: &str, create: Option<u64>, changes: &Changes) -> bool {
-        let mut pinned = self.lock_pinned();
-        let existing = self.current(&pinned, storage_key);
+        let _key = self.lock_key(storage_key);
+        let existing = self.current(storage_key);
         let (mut record, touched_ms) = match (existing, create) {
             (Some(copy), _) => (copy.record.clone(), copy.touched_ms),
             (None, Some(created_ms)) => (
@@ -414,19 +420,10 @@ impl LocalState {
                 },
                 0,
             ),
-            (None, None) => {
-                self.unlock_pinned(pinned);
-                return false;
-            }
+            (None, None) => return false,
         };
         changes.apply_to(&mut record);
-        let kept = self.put_locked(
-            &mut pinned,
-            storage_key,
-            Arc::new(LocalCopy { record, touched_ms }),
-        );
-        self.unlock_pinned(pinned);
-        kept
+        self.put_locked(storage_key, Arc::new(LocalCopy { record, touched_ms }))
     }
 
     /// How long an unused copy is kept.
@@ -622,6 +619,34 @@ mod tests {
                 "round {round}: {} ended sessions have a copy again",
                 back.len()
             );
+        }
+    }
+
+    /// Reads from Redis put copies while the same sessions are logged out:
+    /// once both are done, no logged-out session has a copy.
+    #[test]
+    fn an_end_racing_a_read_s_copy_is_not_undone() {
+        const SESSIONS: usize = 5000;
+        let key = |n: usize| format!("session-{n}");
+        for round in 0..4 {
+            let local = store();
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    start.wait();
+                    for n in 0..SESSIONS {
+                        local.refresh(&key(n), Some(&live_record()), None, true, now_ms());
+                    }
+                });
+                start.wait();
+                for n in 0..SESSIONS {
+                    local.end(&key(n));
+                }
+            });
+            let back = (0..SESSIONS)
+                .filter(|&n| local.get(&key(n)).is_some())
+                .count();
+            assert_eq!(back, 0, "round {round}: ended sessions with a copy");
         }
     }
 
