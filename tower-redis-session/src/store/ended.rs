@@ -226,17 +226,24 @@ async fn check_once(this: &Announcements) -> Result<(), tower_redis_core::Error>
                 Ok(exist)
             })
             .await?;
-        for (storage_key, exists) in batch.iter().zip(exist) {
-            if !exists {
-                // Only the copy: a read now finds the session gone too,
-                // and a Redis that restarted empty would otherwise fill
-                // the memory of ends with every session this instance
-                // held.
-                this.local.end_copy(storage_key);
-            }
-        }
+        end_gone(&this.local, batch, exist);
     }
     Ok(())
+}
+
+/// Ends the copies of `keys` whose session a check found gone (`exist`,
+/// in the same order).
+fn end_gone(local: &LocalStore, keys: &[String], exist: Vec<bool>) {
+    for (storage_key, exists) in keys.iter().zip(exist) {
+        if !exists {
+            // Only the copy: a read now finds the session gone too, and a
+            // Redis that restarted empty would otherwise fill the memory of
+            // ends with every session this instance held. Not a copy pinned
+            // since the keys were listed: its session's changes (its
+            // creation perhaps) still wait for Redis.
+            local.end_unpinned_copy(storage_key);
+        }
+    }
 }
 
 impl Subscriber for Announcements {
@@ -304,6 +311,22 @@ mod tests {
             local.put(&key(n), record, 0);
         }
         local
+    }
+
+    /// A copy pinned while its check was on its way (its session made
+    /// during the outage, its creation still queued, so Redis says it is
+    /// absent) stays; the others found absent go.
+    #[test]
+    fn a_check_keeps_a_copy_pinned_meanwhile() {
+        let local = local();
+        let keys = local.copy_keys();
+        assert_eq!(keys.len(), 4);
+        assert!(local.pin(&key(1)));
+        super::end_gone(&local, &keys, vec![false; keys.len()]);
+        assert!(local.get(&key(1)).is_some(), "the pinned copy was dropped");
+        for n in [0, 2, 3] {
+            assert!(local.get(&key(n)).is_none(), "{n}");
+        }
     }
 
     /// Ends and cycles end the copies they name; a message of another shape,

@@ -214,10 +214,10 @@ impl LocalState {
         {
             return Some(copy);
         }
-        // Not found, perhaps because it was being pinned (`pin` counts it
-        // pinned before taking it from the LRU): looked for again.
-        self.with_pinned(|pinned| pinned.copies.get(storage_key).cloned())
-            .flatten()
+        // Not found, perhaps because it was moving between the LRU and the
+        // pinned copies meanwhile: looked for again, under its stripe.
+        let _key = self.lock_key(storage_key);
+        self.current(storage_key)
     }
 
     /// The copy as it is now, pinned or not (its key's stripe held: nothing
@@ -274,6 +274,19 @@ impl LocalState {
         self.copies.invalidate(storage_key);
     }
 
+    /// Drops the copy unless it is pinned (its session's changes, its
+    /// creation perhaps, still wait for Redis: a check that found the
+    /// session absent from Redis says nothing of it).
+    pub(crate) fn end_unpinned_copy(&self, storage_key: &str) {
+        let _key = self.lock_key(storage_key);
+        let pinned = self
+            .with_pinned(|pinned| pinned.copies.contains_key(storage_key))
+            .unwrap_or(false);
+        if !pinned {
+            self.copies.invalidate(storage_key);
+        }
+    }
+
     /// The session has changes waiting for Redis: its copy leaves the LRU
     /// until [`unpin`](Self::unpin), unless the pinned copies are at their
     /// bound. False when it was not pinned.
@@ -307,13 +320,22 @@ impl LocalState {
     /// The session's changes are in Redis: its copy goes back to the LRU.
     pub(crate) fn unpin(&self, storage_key: &str) {
         let _key = self.lock_key(storage_key);
-        // Moved under the pinned copies' lock: a reader without the stripe
-        // (`copy`) finds it pinned, or waits and finds it in the LRU.
-        self.with_pinned(|pinned| {
-            if let Some(copy) = pinned.remove(storage_key) {
-                self.copies.insert(storage_key.to_owned(), copy);
-            }
-        });
+        self.unpin_locked(storage_key);
+    }
+
+    /// [`unpin`](Self::unpin) with the key's stripe held: back in the LRU
+    /// before it leaves the pinned copies (a reader without the stripe
+    /// finds one or the other), the pinned copies' lock not held over the
+    /// LRU's insert.
+    fn unpin_locked(&self, storage_key: &str) {
+        let Some(copy) = self
+            .with_pinned(|pinned| pinned.copies.get(storage_key).cloned())
+            .flatten()
+        else {
+            return;
+        };
+        self.copies.insert(storage_key.to_owned(), copy);
+        self.with_pinned(|pinned| pinned.remove(storage_key));
     }
 
     /// Every change is in Redis: every pinned copy goes back to the LRU.
@@ -321,16 +343,12 @@ impl LocalState {
         // The copies pinned now, each moved back under its key's stripe: an
         // end that runs meanwhile finds its copy pinned or back in the LRU,
         // and drops it either way (never between the two, to be put back
-        // after the end). One pinned meanwhile (a new outage's change)
-        // stays pinned.
+        // after the end). A copy first pinned after the list was taken (a
+        // new outage's change) stays pinned.
         let keys: Vec<String> = sync::lock(&self.pinned).copies.keys().cloned().collect();
         for storage_key in keys {
             let _key = self.lock_key(&storage_key);
-            self.with_pinned(|pinned| {
-                if let Some(copy) = pinned.remove(&storage_key) {
-                    self.copies.insert(storage_key.clone(), copy);
-                }
-            });
+            self.unpin_locked(&storage_key);
         }
     }
 
@@ -560,6 +578,52 @@ mod tests {
         assert!(local.get("victim").is_some(), "back in the LRU");
     }
 
+    /// Runs `test` (threads racing each other) with a deadline: a deadlock
+    /// fails the test instead of hanging it.
+    fn within_a_minute(test: impl FnOnce() + Send + 'static) {
+        let (done, finished) = std::sync::mpsc::channel();
+        let runner = std::thread::spawn(move || {
+            test();
+            let _ = done.send(());
+        });
+        match finished.recv_timeout(Duration::from_secs(60)) {
+            Ok(()) => runner.join().expect("test thread"),
+            // It panicked: its panic is the failure.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                std::panic::resume_unwind(runner.join().expect_err("it panicked"))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("no end within a minute"),
+        }
+    }
+
+    /// A reader without the lock never misses a copy that exists, while it
+    /// moves between the LRU and the pinned copies (pinned and unpinned as
+    /// changes wait for Redis and reach it).
+    #[test]
+    fn a_copy_moving_in_and_out_of_the_pinned_ones_is_always_found() {
+        within_a_minute(|| {
+            let local = store();
+            local.put("other", live_record(), 0);
+            assert!(local.pin("other"), "so that reads look among the pinned");
+            local.put("moving", live_record(), 0);
+            let moves = std::sync::atomic::AtomicBool::new(true);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    for _ in 0..20_000 {
+                        assert!(local.pin("moving"));
+                        local.unpin("moving");
+                    }
+                    moves.store(false, Ordering::Release);
+                });
+                let mut reads = 0_u64;
+                while moves.load(Ordering::Acquire) {
+                    assert!(local.copy("moving").is_some(), "missed after {reads} reads");
+                    reads += 1;
+                }
+            });
+        });
+    }
+
     fn store() -> LocalStore {
         LocalStore::new(
             64 << 20,
@@ -581,73 +645,77 @@ mod tests {
     /// after its end (it would be served in the next outage).
     #[test]
     fn an_end_while_the_pinned_copies_go_back_is_not_undone() {
-        const SESSIONS: usize = 2000;
-        let key = |n: usize| format!("session-{n}");
-        for round in 0..20 {
-            let local = store();
-            for n in 0..SESSIONS {
-                local.put(&key(n), live_record(), 0);
-                assert!(local.pin(&key(n)));
-            }
-            let start = std::sync::Barrier::new(2);
-            std::thread::scope(|scope| {
-                scope.spawn(|| {
+        within_a_minute(|| {
+            const SESSIONS: usize = 2000;
+            let key = |n: usize| format!("session-{n}");
+            for round in 0..20 {
+                let local = store();
+                for n in 0..SESSIONS {
+                    local.put(&key(n), live_record(), 0);
+                    assert!(local.pin(&key(n)));
+                }
+                let start = std::sync::Barrier::new(2);
+                std::thread::scope(|scope| {
+                    scope.spawn(|| {
+                        start.wait();
+                        local.unpin_all();
+                    });
                     start.wait();
-                    local.unpin_all();
+                    // Every other round the ends run while the copies go back;
+                    // the others wait until no copy is said to be pinned: the
+                    // copies are all back then.
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    while round % 2 == 0 && local.has_pinned() {
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "unpin_all never ended"
+                        );
+                        std::thread::yield_now();
+                    }
+                    for n in (0..SESSIONS).rev() {
+                        local.end(&key(n));
+                    }
                 });
-                start.wait();
-                // Every other round the ends run while the copies go back;
-                // the others wait until no copy is said to be pinned: the
-                // copies are all back then.
-                let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                while round % 2 == 0 && local.has_pinned() {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "unpin_all never ended"
-                    );
-                    std::thread::yield_now();
-                }
-                for n in (0..SESSIONS).rev() {
-                    local.end(&key(n));
-                }
-            });
-            let back: Vec<usize> = (0..SESSIONS)
-                .filter(|&n| local.get(&key(n)).is_some())
-                .collect();
-            assert!(
-                back.is_empty(),
-                "round {round}: {} ended sessions have a copy again",
-                back.len()
-            );
-        }
+                let back: Vec<usize> = (0..SESSIONS)
+                    .filter(|&n| local.get(&key(n)).is_some())
+                    .collect();
+                assert!(
+                    back.is_empty(),
+                    "round {round}: {} ended sessions have a copy again",
+                    back.len()
+                );
+            }
+        });
     }
 
     /// Reads from Redis put copies while the same sessions are logged out:
     /// once both are done, no logged-out session has a copy.
     #[test]
     fn an_end_racing_a_read_s_copy_is_not_undone() {
-        const SESSIONS: usize = 5000;
-        let key = |n: usize| format!("session-{n}");
-        for round in 0..4 {
-            let local = store();
-            let start = std::sync::Barrier::new(2);
-            std::thread::scope(|scope| {
-                scope.spawn(|| {
+        within_a_minute(|| {
+            const SESSIONS: usize = 5000;
+            let key = |n: usize| format!("session-{n}");
+            for round in 0..4 {
+                let local = store();
+                let start = std::sync::Barrier::new(2);
+                std::thread::scope(|scope| {
+                    scope.spawn(|| {
+                        start.wait();
+                        for n in 0..SESSIONS {
+                            local.refresh(&key(n), Some(&live_record()), None, true, now_ms());
+                        }
+                    });
                     start.wait();
                     for n in 0..SESSIONS {
-                        local.refresh(&key(n), Some(&live_record()), None, true, now_ms());
+                        local.end(&key(n));
                     }
                 });
-                start.wait();
-                for n in 0..SESSIONS {
-                    local.end(&key(n));
-                }
-            });
-            let back = (0..SESSIONS)
-                .filter(|&n| local.get(&key(n)).is_some())
-                .count();
-            assert_eq!(back, 0, "round {round}: ended sessions with a copy");
-        }
+                let back = (0..SESSIONS)
+                    .filter(|&n| local.get(&key(n)).is_some())
+                    .count();
+                assert_eq!(back, 0, "round {round}: ended sessions with a copy");
+            }
+        });
     }
 
     /// An ended session gets no copy back: not from a read that began
@@ -694,27 +762,29 @@ mod tests {
     /// what every read sees): each finds its change in the copy.
     #[test]
     fn changes_made_at_once_are_all_in_the_copy() {
-        const CHANGES: usize = 400;
-        let local = store();
-        local.put("shared", live_record(), 0);
-        let start = std::sync::Barrier::new(2);
-        std::thread::scope(|scope| {
-            for side in ["a", "b"] {
-                let (local, start) = (&local, &start);
-                scope.spawn(move || {
-                    start.wait();
-                    for n in 0..CHANGES {
-                        let changes = Changes {
-                            entries: [(format!("{side}-{n}"), Some("1".to_owned()))].into(),
-                            user: None,
-                        };
-                        assert!(local.apply("shared", None, &changes));
-                    }
-                });
-            }
+        within_a_minute(|| {
+            const CHANGES: usize = 400;
+            let local = store();
+            local.put("shared", live_record(), 0);
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|scope| {
+                for side in ["a", "b"] {
+                    let (local, start) = (&local, &start);
+                    scope.spawn(move || {
+                        start.wait();
+                        for n in 0..CHANGES {
+                            let changes = Changes {
+                                entries: [(format!("{side}-{n}"), Some("1".to_owned()))].into(),
+                                user: None,
+                            };
+                            assert!(local.apply("shared", None, &changes));
+                        }
+                    });
+                }
+            });
+            let kept = local.get("shared").expect("copy").fields.len();
+            assert_eq!(kept, 2 * CHANGES, "{} changes lost", 2 * CHANGES - kept);
         });
-        let kept = local.get("shared").expect("copy").fields.len();
-        assert_eq!(kept, 2 * CHANGES, "{} changes lost", 2 * CHANGES - kept);
     }
 
     /// A flood of ended sessions (logins cycle ids, logouts) must not stop
