@@ -849,36 +849,26 @@ mod tests {
             names: names.to_owned(),
             large,
         };
+        let hint = || store.vary_hints.get(url.as_str());
+        // A lookup that began with the names `accept` found a large entry.
+        let found_large = || {
+            store.update_vary_hint(
+                &url,
+                Some(vary("accept", false)),
+                Some("accept"),
+                true,
+                Tier::Redis,
+            );
+        };
         store.vary_hints.insert(url.clone(), vary("accept", false));
         store.remember_absent(&url);
-        assert_eq!(
-            store.vary_hints.get(url.as_str()),
-            Some(vary("accept", false))
-        );
-        store.update_vary_hint(
-            &url,
-            Some(vary("accept", false)),
-            Some("accept"),
-            true,
-            Tier::Redis,
-        );
-        assert_eq!(
-            store.vary_hints.get(url.as_str()),
-            Some(vary("accept", true))
-        );
+        assert_eq!(hint(), Some(vary("accept", false)));
+        found_large();
+        assert_eq!(hint(), Some(vary("accept", true)));
         // A store wrote other names after the lookup began.
         store.vary_hints.insert(url.clone(), vary("cookie", false));
-        store.update_vary_hint(
-            &url,
-            Some(vary("accept", false)),
-            Some("accept"),
-            true,
-            Tier::Redis,
-        );
-        assert_eq!(
-            store.vary_hints.get(url.as_str()),
-            Some(vary("cookie", false))
-        );
+        found_large();
+        assert_eq!(hint(), Some(vary("cookie", false)));
         store.remember_absent("//never-seen");
         assert_eq!(store.vary_hints.get("//never-seen"), Some(VaryHint::Absent));
     }
