@@ -207,21 +207,18 @@ impl LocalState {
 
     /// The local copy as it is, with when it was last renewed.
     pub(crate) fn copy(&self, storage_key: &str) -> Option<Arc<LocalCopy>> {
-        if let Some(copy) = self
-            .with_pinned(|pinned| pinned.copies.get(storage_key).cloned())
-            .flatten()
-            .or_else(|| self.copies.get(storage_key))
-        {
-            return Some(copy);
-        }
-        // Not found, perhaps because it was moving between the LRU and the
-        // pinned copies meanwhile: looked for again, under its stripe.
-        let _key = self.lock_key(storage_key);
-        self.current(storage_key)
+        self.current(storage_key).or_else(|| {
+            // Not found, perhaps because it was moving between the LRU and
+            // the pinned copies meanwhile: looked for again, under its
+            // stripe.
+            let _key = self.lock_key(storage_key);
+            self.current(storage_key)
+        })
     }
 
-    /// The copy as it is now, pinned or not (its key's stripe held: nothing
-    /// pins, unpins or changes it meanwhile).
+    /// The copy as it is now, pinned or not. Exact with the key's stripe
+    /// held (nothing pins, unpins or changes it meanwhile); without it, a
+    /// copy moving between the two may be missed.
     fn current(&self, storage_key: &str) -> Option<Arc<LocalCopy>> {
         self.with_pinned(|pinned| pinned.copies.get(storage_key).cloned())
             .flatten()
