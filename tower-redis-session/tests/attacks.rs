@@ -750,8 +750,15 @@ async fn subscribed(redis: &TestRedis, manager: &RedisManager, instances: u64) {
 async fn two_instances(
     redis: &TestRedis,
 ) -> ((Router, SessionStore), (Router, RedisManager, SessionStore)) {
+    two_instances_with(redis, manager(redis).await).await
+}
+
+/// [`two_instances`], B on `b_manager`.
+async fn two_instances_with(
+    redis: &TestRedis,
+    b_manager: RedisManager,
+) -> ((Router, SessionStore), (Router, RedisManager, SessionStore)) {
     let (a, _, a_store) = start_app(SessionLayer::builder(manager(redis).await));
-    let b_manager = manager(redis).await;
     let (b, _, b_store) = start_app(SessionLayer::builder(b_manager.clone()));
     ((a, a_store), (b, b_manager, b_store))
 }
@@ -970,9 +977,8 @@ async fn session_ended_while_this_instance_was_not_subscribed_served_from_its_co
 #[tokio::test]
 async fn a_failed_check_of_the_copies_keeps_them_and_checks_again() {
     let redis = TestRedis::start().await;
-    let (a, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
-    let b_manager = manager_as(&redis, "checker", &[]).await;
-    let (b, _, b_store) = start_app(SessionLayer::builder(b_manager.clone()));
+    let ((a, _), (b, b_manager, b_store)) =
+        two_instances_with(&redis, manager_as(&redis, "checker", &[]).await).await;
     let (victim, live) = b_holds_two_copies(&redis, &a, &b, &b_manager).await;
     let held = b_store.local_usage().local_copies_bytes;
     assert!(held > 0);
@@ -1009,9 +1015,8 @@ async fn a_failed_check_of_the_copies_keeps_them_and_checks_again() {
 #[tokio::test]
 async fn a_check_of_the_copies_that_keeps_failing_drops_them() {
     let redis = TestRedis::start().await;
-    let (a, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
-    let b_manager = manager_as(&redis, "nocheck", &["exists"]).await;
-    let (b, _, b_store) = start_app(SessionLayer::builder(b_manager.clone()));
+    let ((a, _), (b, b_manager, b_store)) =
+        two_instances_with(&redis, manager_as(&redis, "nocheck", &["exists"]).await).await;
     let live = logged_in(&a, "live").await;
     assert_eq!(send(&b, "GET", "/get/user", Some(&live)).await.1, "live");
     subscribed(&redis, &b_manager, 2).await;
