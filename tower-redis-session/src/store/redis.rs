@@ -3,10 +3,14 @@
 //! Redis layout (all keys under the app's prefix):
 //!
 //! - `{<sha256(id)>}:s` — a hash per session: `d:<name>` the JSON value of
-//!   each entry, `t:<name>` the time of its last change (kept after removal
-//!   while the hash has fewer than 2,048 fields: see `save.lua`),
-//!   `_c` the creation time, `_u` the user. Its TTL is the idle timeout,
-//!   capped by the absolute one.
+//!   each entry, `t:<name>` the time of its last change (`h:<sha1(name)>`
+//!   for a name longer than 64 bytes; kept after removal while the hash has
+//!   fewer than 2,048 fields: see `save.lua`), `_c` the creation time, `_u`
+//!   the user. Its TTL is the idle timeout, capped by the absolute one.
+//! - `{<sha256(id)>}:cycled` — left by a login's id cycle (`take.lua`, or
+//!   its replay after an outage, `end_cycled.lua`) for the idle timeout:
+//!   the new id, so that a cycle queued after its first step reached Redis
+//!   finds its own work when it is replayed.
 //! - `{<sha256(user)>}:u` — a set of the user's session hashes, for "log out
 //!   everywhere".
 //!
@@ -173,6 +177,17 @@ impl RedisStore {
 
     pub(crate) fn session_key(&self, storage_key: &str) -> String {
         session_key(&self.manager, storage_key)
+    }
+
+    /// The marker a cycle leaves when it takes the old id (`take.lua`,
+    /// `end_cycled.lua`): the new id, under the old one's hash tag.
+    fn cycled_key(&self, old_storage_key: &str) -> String {
+        self.manager.keys().tagged(old_storage_key, &["cycled"])
+    }
+
+    /// How long that marker lives: the idle timeout.
+    fn cycled_marker_ms(&self) -> u64 {
+        duration_ms(self.expiry.idle).max(1)
     }
 
     pub(crate) fn user_key(&self, user: &str) -> String {
@@ -353,7 +368,10 @@ impl RedisStore {
     ) -> redis::RedisResult<Saved> {
         let taken: Option<Vec<(String, String)>> = TAKE
             .key(self.session_key(take.old_storage_key))
+            .key(self.cycled_key(take.old_storage_key))
             .arg(self.absolute_ms())
+            .arg(take.new_storage_key)
+            .arg(self.cycled_marker_ms())
             .invoke_async(conn)
             .await?;
         let Some(taken) = taken else {
@@ -428,9 +446,9 @@ impl RedisStore {
             .run(|mut conn| async move {
                 let taken: bool = END_CYCLED
                     .key(self.session_key(old_storage_key))
-                    .key(self.manager.keys().tagged(old_storage_key, &["cycled"]))
+                    .key(self.cycled_key(old_storage_key))
                     .arg(new_storage_key)
-                    .arg(duration_ms(self.expiry.idle).max(1))
+                    .arg(self.cycled_marker_ms())
                     .invoke_async(&mut conn)
                     .await?;
                 if let Some(user) = user {

@@ -12,14 +12,16 @@
 -- then the number of removed fields, then their names
 --
 -- Every field carries the time of its last change ('t:' fields, kept as
--- tombstones after removal); a change older than the stored one is skipped,
--- so replaying writes made during an outage never overwrites newer data.
--- Tombstones are bounded: once the hash holds MAX_FIELDS fields, the
--- removal of a name without a tombstone leaves none (an app that stores
+-- tombstones after removal; a name longer than 64 bytes by its SHA-1, an
+-- 'h:' field, so that a tombstone's size does not follow its name's); a
+-- change older than the stored one is skipped, so replaying writes made
+-- during an outage never overwrites newer data.
+-- Tombstones are bounded: once the hash holds MAX_FIELDS fields, a removal
+-- leaves no tombstone, and drops the one its name had (an app that stores
 -- entries under names its clients choose and removes them would otherwise
--- grow the hash, and every read of it, until the absolute timeout); one
--- already there is refreshed. Past the bound, only an outage change to a
--- removed entry older than its removal can bring that entry back.
+-- grow the hash, and every read of it, until the absolute timeout). Past
+-- the bound, only an outage change to a removed entry older than its
+-- removal can bring that entry back.
 -- Returns 0 when the session is gone; when written, the key's TTL as set
 -- (PTTL, at least 1) when every change was applied, or -1 when a newer
 -- stamp kept one out. The PTTL is read last, after every write: on a
@@ -45,6 +47,10 @@ if deadline <= now then
   return 0
 end
 local MAX_FIELDS = 2048
+local function stamp_field(name)
+  if #name <= 64 then return 't:' .. name end
+  return 'h:' .. redis.sha1hex(name)
+end
 local applied = 1
 local i = 7
 local sets = tonumber(ARGV[i])
@@ -52,9 +58,10 @@ i = i + 1
 for _ = 1, sets do
   local name, value = ARGV[i], ARGV[i + 1]
   i = i + 2
-  local stored = tonumber(redis.call('HGET', key, 't:' .. name))
+  local field = stamp_field(name)
+  local stored = tonumber(redis.call('HGET', key, field))
   if not stored or stored <= at then
-    redis.call('HSET', key, 'd:' .. name, value, 't:' .. name, at)
+    redis.call('HSET', key, 'd:' .. name, value, field, at)
   else
     applied = 0
   end
@@ -64,12 +71,14 @@ i = i + 1
 for _ = 1, removals do
   local name = ARGV[i]
   i = i + 1
-  local stored = tonumber(redis.call('HGET', key, 't:' .. name))
+  local field = stamp_field(name)
+  local stored = tonumber(redis.call('HGET', key, field))
   if not stored or stored <= at then
     redis.call('HDEL', key, 'd:' .. name)
-    -- A tombstone already there is refreshed (that adds no field).
-    if stored or redis.call('HLEN', key) < MAX_FIELDS then
-      redis.call('HSET', key, 't:' .. name, at)
+    if redis.call('HLEN', key) < MAX_FIELDS then
+      redis.call('HSET', key, field, at)
+    elseif stored then
+      redis.call('HDEL', key, field)
     end
   else
     applied = 0
