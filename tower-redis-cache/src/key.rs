@@ -286,20 +286,36 @@ fn normalised_query(query: Option<&str>, route: &Route) -> Option<String> {
     // pair is not sorted at all: frameworks that split on it read other
     // names there.
     if route.sort_query && !pairs.iter().any(|pair| pair.contains(';')) {
-        fn name(pair: &str) -> &str {
-            pair.split('=').next().unwrap_or(pair)
-        }
         if pairs
             .iter()
-            .all(|pair| matches!(loose_name(name(pair), true), Cow::Borrowed(_)))
+            .all(|pair| matches!(sort_name(pair), Cow::Borrowed(_)))
         {
-            pairs.sort_by(|a, b| name(a).cmp(name(b)));
+            pairs.sort_by(|a, b| sort_name(a).cmp(&sort_name(b)));
         } else {
             // One loose name per pair, not one per comparison.
-            pairs.sort_by_cached_key(|pair| loose_name(name(pair), true).into_owned());
+            pairs.sort_by_cached_key(|pair| sort_name(pair).into_owned());
         }
     }
     (!pairs.is_empty()).then(|| pairs.join("&"))
+}
+
+/// The name a query pair sorts by: the [`loose_name`] of its name up to
+/// the first `[` (written or escaped), since `a`, `a[]` and `a[0]` are one
+/// name to PHP and `qs` (whose values they combine or overwrite in order),
+/// and so keep their order among themselves.
+fn sort_name(pair: &str) -> Cow<'_, [u8]> {
+    let name = pair.split('=').next().unwrap_or(pair);
+    let bytes = name.as_bytes();
+    let end = (0..bytes.len())
+        .find(|&at| {
+            bytes[at] == b'['
+                || (bytes[at] == b'%'
+                    && bytes
+                        .get(at + 1..at + 3)
+                        .is_some_and(|hex| hex.eq_ignore_ascii_case(b"5b")))
+        })
+        .unwrap_or(bytes.len());
+    loose_name(&name[..end], true)
 }
 
 /// A query parameter's or a cookie's name as the loosest common parser
@@ -917,6 +933,12 @@ mod tests {
             key("/list?sort=date&Sort=price")
         );
         assert_ne!(key("/list?a.b=1&a_b=2"), key("/list?a_b=2&a.b=1"));
+        // An array's name is its name before `[` (PHP, `qs`): `a` and `a[]`
+        // keep their order, escaped or not, and sort among other names.
+        assert_ne!(key("/l?a[]=1&a=2"), key("/l?a=2&a[]=1"));
+        assert_ne!(key("/l?a[1]=y&a[0]=x"), key("/l?a[0]=x&a[1]=y"));
+        assert_ne!(key("/l?a%5B%5D=1&a=2"), key("/l?a=2&a%5b%5d=1"));
+        assert_eq!(key("/l?b=1&a[]=2&a=3"), key("/l?a[]=2&a=3&b=1"));
         // A `;` hides other names from the sort: not sorted at all.
         assert_ne!(key("/list?x=1;s=a&s=b"), key("/list?s=b&x=1;s=a"));
         // A malformed escape is a name of its own, and no panic.

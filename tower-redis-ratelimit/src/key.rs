@@ -122,7 +122,10 @@ impl Key {
     /// metadata too (`x-api-key` metadata is an `x-api-key` header).
     ///
     /// Any length counts: a value over 256 bytes is counted under its
-    /// SHA-256, so padding a key does not escape the policy.
+    /// SHA-256, so padding a key does not escape the policy. The value is
+    /// trimmed; in `Authorization` and `Proxy-Authorization` the scheme
+    /// counts in lower case, with one space after it (`bearer  T` is
+    /// `Bearer T`, as the apps reading them take it).
     ///
     /// # Panics
     ///
@@ -351,12 +354,34 @@ impl Key {
                 .headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
-                .map(|v| v.trim().to_owned()),
+                .map(|v| header_key(name, v)),
             // The one bucket's key is empty, and not missing.
             KeyKind::Global => return Some(Some(String::new())),
             KeyKind::Sync(_) | KeyKind::Async(_) => return None,
         };
         Some(value.filter(|value| !value.is_empty()))
+    }
+}
+
+/// The key of a header's value: its text, trimmed. In `Authorization` and
+/// `Proxy-Authorization` the scheme is case-insensitive and may be followed
+/// by several spaces (RFC 9110, section 11), and an app reading the
+/// credentials (`Authorization<Bearer>` of the `headers` crate, say) reads
+/// `bearer  t` as `Bearer t`: the scheme is lower-cased and the spaces
+/// after it made one, so that respelling it is not a new bucket.
+fn header_key(name: &HeaderName, value: &str) -> String {
+    let value = value.trim();
+    if name != http::header::AUTHORIZATION && name != http::header::PROXY_AUTHORIZATION {
+        return value.to_owned();
+    }
+    match value.split_once(' ') {
+        Some((scheme, credentials)) => {
+            let mut key = scheme.to_ascii_lowercase();
+            key.push(' ');
+            key.push_str(credentials.trim_start_matches(' '));
+            key
+        }
+        None => value.to_ascii_lowercase(),
     }
 }
 

@@ -86,6 +86,45 @@ async fn an_over_long_key_is_still_limited() {
     assert!(keys.iter().all(|k| k.len() < 200), "{keys:?}");
 }
 
+/// `Authorization`'s scheme is case-insensitive and may be followed by
+/// several spaces: `bearer  t` is the credentials `Bearer t` to an app
+/// reading them. Keyed on the raw text, each spelling was a bucket of its
+/// own, so one token had as many quotas as it has spellings.
+#[tokio::test]
+async fn authorization_scheme_spellings_share_one_bucket() {
+    let redis = TestRedis::start().await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(Policy::gcra("per-token", 2, HOUR).key(Key::header("authorization")))
+        .build()
+        .expect("layer");
+    let service = app(layer);
+    let with = |value: &str| {
+        let mut request = request("192.0.2.31");
+        request
+            .headers_mut()
+            .insert("authorization", value.parse().expect("value"));
+        request
+    };
+    let mut statuses = Vec::new();
+    for value in [
+        "Bearer token-1",
+        "bearer token-1",
+        "BEARER   token-1",
+        "bEaReR token-1",
+    ] {
+        let response = service.clone().oneshot(with(value)).await.expect("ok");
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429, 429]);
+    // The credentials themselves keep their case: another token, another client.
+    let other = service
+        .clone()
+        .oneshot(with("Bearer TOKEN-1"))
+        .await
+        .expect("ok");
+    assert_eq!(other.status(), 200);
+}
+
 /// A policy on `GET` only: a `HEAD` runs the same handler (axum answers it
 /// with the `GET` route, without the body), so a client must not escape the
 /// limit by asking `HEAD`.
