@@ -544,3 +544,96 @@ async fn many_counters_in_one_call_are_read_in_parts() {
         assert!(ttl > 0 && ttl <= 7_200_001, "{key}: {ttl}");
     }
 }
+
+/// A counter Redis holds in a shape no decision writes is an empty counter,
+/// as any other foreign value: a window's count that is NaN used to allow
+/// every request for good (no comparison admits NaN, and the count stayed
+/// NaN), a negative one allowed that many more, and a GCRA time of "nan"
+/// made every call on its key fail. Each of the script's paths: a lone
+/// request on one GCRA counter, a lone request on a window counter, and a
+/// batch.
+#[tokio::test]
+async fn a_counter_holding_nan_or_negative_counts_is_an_empty_counter() {
+    let (redis, limiter) = on_redis().await;
+    let mut conn = redis.connection().await.expect("connection");
+    let window = Duration::from_secs(3600);
+    let (seconds, _): (u64, u64) = tower_redis_core::redis::cmd("TIME")
+        .query_async(&mut conn)
+        .await
+        .expect("TIME");
+    #[allow(clippy::cast_precision_loss)]
+    let this_window = (seconds / 3600) as f64;
+    let corrupt = |count: f64| -> Vec<u8> {
+        [this_window, count, 0.0]
+            .iter()
+            .flat_map(|n| n.to_le_bytes())
+            .collect()
+    };
+    let mut set = async |key: &str, value: Vec<u8>| {
+        tower_redis_core::redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("SET");
+    };
+    for (n, count) in [f64::NAN, -1e9, f64::NEG_INFINITY].into_iter().enumerate() {
+        for algorithm in [
+            Algorithm::FixedWindow { limit: 3, window },
+            Algorithm::SlidingWindow { limit: 3, window },
+        ] {
+            // One after another: the lone request's path.
+            let key = format!("lone-{n}-{algorithm:?}");
+            set(&key, corrupt(count)).await;
+            let checks = [check(&key, algorithm)];
+            assert_eq!(
+                admitted(&limiter, &checks, 5).await,
+                3,
+                "{count} in {algorithm:?}"
+            );
+            // Ten at once behind another decision (which goes alone, on
+            // this current-thread runtime the first to run): the batch's
+            // path.
+            let key = format!("batch-{n}-{algorithm:?}");
+            set(&key, corrupt(count)).await;
+            let checks = [check(&key, algorithm)];
+            let mut decisions = tokio::task::JoinSet::new();
+            let alone = [check("another", algorithm)];
+            let first = Arc::clone(&limiter);
+            decisions.spawn(async move { first.decide(&alone, 0).await });
+            for _ in 0..10 {
+                let (limiter, checks) = (Arc::clone(&limiter), checks.clone());
+                decisions.spawn(async move { limiter.decide(&checks, 1).await });
+            }
+            let mut allowed = 0;
+            while let Some(verdict) = decisions.join_next().await {
+                let verdict = verdict.expect("task");
+                assert_eq!(verdict.source, DecisionSource::Redis);
+                allowed += usize::from(verdict.allowed);
+            }
+            // The other decision (cost 0) is always allowed.
+            assert_eq!(allowed, 1 + 3, "{count} in {algorithm:?}, batched");
+        }
+    }
+    // A lease's script reads a window counter the same way.
+    let store = super::redis::RedisStore::new(limiter.manager.clone());
+    for (n, count) in [f64::NAN, -1e9].into_iter().enumerate() {
+        let key = format!("leased-{n}");
+        set(&key, corrupt(count)).await;
+        let lease = store
+            .lease(&key, Algorithm::FixedWindow { limit: 3, window }, 10, 1)
+            .await
+            .expect("a lease");
+        assert_eq!(lease.granted, 3, "{count}");
+    }
+    let gcra = Algorithm::Gcra {
+        quota: 2,
+        period: window,
+        burst: 2,
+    };
+    set("gcra-nan", b"nan".to_vec()).await;
+    let checks = [check("gcra-nan", gcra)];
+    let first = limiter.decide(&checks, 1).await;
+    assert_eq!((first.allowed, first.source), (true, DecisionSource::Redis));
+    assert_eq!(admitted(&limiter, &checks, 3).await, 1);
+}
