@@ -4,8 +4,10 @@
 -- ARGV[6] the token of the fill lock to release ('' for none).
 -- Variants have no TTL of their own, so a URL that collects more than the
 -- limit (a Vary on a header clients vary freely) starts over: memory stays
--- bounded whatever clients send. A soft-purge mark (`sp`) stays: it only
--- makes entries older than it stale, and the new entry is newer.
+-- bounded whatever clients send. The URL's marks stay: the fill lock
+-- (`lk`), a purge's tombstone (`pg`), which the fills that asked the origin
+-- before the purge must still find, and the soft-purge mark (`sp`), which
+-- only makes entries older than it stale (the new entry is newer).
 -- The entry's response time (bytes 7..14, ms since the epoch, big-endian)
 -- is replaced with Redis' own clock, the clock soft-purge marks are taken
 -- from: instances whose clocks disagree then still agree on which entries
@@ -52,7 +54,15 @@ if not keep_complete then
     end
     entry = string.sub(entry, 1, 6) .. table.concat(bytes) .. string.sub(entry, 15)
   end
-  if redis.call('HLEN', KEYS[1]) > tonumber(ARGV[5]) then redis.call('DEL', KEYS[1]) end
+  if redis.call('HLEN', KEYS[1]) > tonumber(ARGV[5]) then
+    -- Starting over keeps the URL's marks: the fill lock (perhaps another
+    -- instance's), a purge's tombstone and the soft-purge mark.
+    local marks = redis.call('HMGET', KEYS[1], 'lk', 'pg', 'sp')
+    redis.call('DEL', KEYS[1])
+    if marks[1] then redis.call('HSET', KEYS[1], 'lk', marks[1]) end
+    if marks[2] then redis.call('HSET', KEYS[1], 'pg', marks[2]) end
+    if marks[3] then redis.call('HSET', KEYS[1], 'sp', marks[3]) end
+  end
   redis.call('HSET', KEYS[1], 'vary', ARGV[1], ARGV[2], entry)
   if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
     redis.call('PEXPIRE', KEYS[1], ARGV[4])

@@ -562,6 +562,53 @@ mod tests {
         );
     }
 
+    /// A URL that collects more variants than the bound starts over, but
+    /// keeps its marks: the purge's tombstone, which a fill that asked the
+    /// origin before the purge must still find (it used to go with the
+    /// variants, and such a fill then stored the purged answer), the
+    /// soft-purge mark and another instance's fill lock.
+    #[tokio::test]
+    async fn a_url_starting_over_keeps_its_marks() {
+        let redis = tower_redis_core::testing::TestRedis::start().await;
+        let mut conn = redis.connection().await.expect("connection");
+        let marks = [
+            ("lk", "other:1"),
+            ("pg", "1700000000000"),
+            ("sp", "1700000000001"),
+        ];
+        let mut fill = redis::cmd("HSET");
+        fill.arg("url").arg("vary").arg("x-v");
+        for variant in 0..=MAX_VARIANTS {
+            fill.arg(format!("v{variant}")).arg("entry");
+        }
+        for (name, value) in marks {
+            fill.arg(name).arg(value);
+        }
+        fill.query_async::<()>(&mut conn).await.expect("HSET");
+        let stored: i64 = PUT
+            .key("url")
+            .arg("x-v")
+            .arg("new")
+            .arg("entry")
+            .arg(60_000)
+            .arg(MAX_VARIANTS)
+            .arg("")
+            .invoke_async(&mut conn)
+            .await
+            .expect("put.lua");
+        assert_eq!(stored, 1);
+        let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+            .arg("url")
+            .query_async(&mut conn)
+            .await
+            .expect("HGETALL");
+        assert!(fields.len() < 10, "the variants started over: {fields:?}");
+        assert_eq!(fields.get("new").map(String::as_str), Some("entry"));
+        for (name, value) in marks {
+            assert_eq!(fields.get(name).map(String::as_str), Some(value), "{name}");
+        }
+    }
+
     #[test]
     fn only_a_bulk_string_is_an_entry() {
         assert_eq!(bulk(Value::Nil), None);
