@@ -1083,6 +1083,73 @@ async fn origin_flood_via_concurrent_requests_for_a_stale_entry() {
     assert_eq!(gate.gave_up(), 0, "the ten requests never overlapped");
 }
 
+/// A request its origin rejects for something of its own (a header the
+/// app refuses: `400`, no freshness) used to mark the URL uncacheable when
+/// it led a revalidation, which switched coalescing off for every client
+/// for 10 s: one such `no-cache` request every 10 s let the next herd
+/// through to the origin. A client error that does not describe the URL
+/// leaves coalescing on.
+#[tokio::test]
+async fn a_request_the_origin_rejects_does_not_turn_off_coalescing() {
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(redis.config().build().unwrap())
+        .await
+        .unwrap();
+    let layer = CacheLayer::builder(manager).build().unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&calls);
+    // The revalidation answers once all ten requests have looked up the
+    // entry, so the other nine are in the layer while it is under way.
+    let gate = LookupGate::new(&redis);
+    let held = gate.clone();
+    let app = Router::new()
+        .route(
+            "/guarded",
+            routing::get(move |headers: http::HeaderMap| {
+                let (calls, held) = (Arc::clone(&counted), held.clone());
+                async move {
+                    if headers.contains_key("x-bad") {
+                        return Response::builder()
+                            .status(400)
+                            .body(Body::from("bad request"))
+                            .unwrap();
+                    }
+                    let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    if n > 1 {
+                        held.pass().await;
+                    }
+                    Response::builder()
+                        .header("cache-control", "max-age=600")
+                        .header("etag", "\"same\"")
+                        .body(Body::from(format!("guarded-v{n}")))
+                        .unwrap()
+                }
+            }),
+        )
+        .layer(layer.clone());
+    get(&app, "/guarded", &[]).await;
+    settle(&layer).await;
+    let rejected = get(
+        &app,
+        "/guarded",
+        &[("cache-control", "no-cache"), ("x-bad", "1")],
+    )
+    .await;
+    assert_eq!(rejected.status, 400);
+    gate.expect_lookups(10).await;
+    let answers = concurrent(&app, 10, "/guarded", &[("cache-control", "no-cache")]).await;
+    let statuses: Vec<&str> = answers.iter().map(Answer::cache_status).collect();
+    for answer in &answers {
+        assert_eq!(answer.body, "guarded-v2", "{statuses:?}");
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "one revalidation for ten requests: {statuses:?}"
+    );
+    assert_eq!(gate.gave_up(), 0, "the ten requests never overlapped");
+}
+
 /// Item 15, the layer option: request cache directives from clients can
 /// be ignored (the proxy example does), so `no-cache` is a plain hit.
 #[tokio::test]

@@ -107,6 +107,16 @@ fn storability<B: Body>(
     }
 }
 
+/// Whether a refused answer's status may be the leading request's own
+/// doing rather than the URL's: a client error other than those that
+/// describe the URL itself (404, 405, 410, 414, cacheable by default per
+/// RFC 9110 §15.1). Any client can send a request its origin rejects (a
+/// header the app refuses: `400`, `403`, `406`), so such a refusal does
+/// not switch coalescing off for the URL's other clients.
+fn may_be_the_request_s(status: http::StatusCode) -> bool {
+    status.is_client_error() && !matches!(status.as_u16(), 404 | 405 | 410 | 414)
+}
+
 /// Passes a response on, storing a copy when RFC 9111 and the route allow.
 pub(crate) fn store_if_allowed<ResBody: OriginBody>(
     ctx: &Ctx,
@@ -139,7 +149,7 @@ pub(crate) fn store<ResBody: OriginBody>(
     let storable = match storability(ctx, route, &parts, &body, response_time) {
         Ok(storable) => storable,
         Err(because_of_the_response) => {
-            if because_of_the_response && fill.leads() {
+            if because_of_the_response && fill.leads() && !may_be_the_request_s(parts.status) {
                 // Nothing will be stored for the requests coalesced on this
                 // URL: let the next misses pass instead of waiting in turn.
                 // A refusal due to this request alone says nothing of the
