@@ -285,7 +285,11 @@ fn normalised_query(query: Option<&str>, route: &Route) -> Option<String> {
     // and `a` keep their order among themselves. A query with a `;` in a
     // pair is not sorted at all: frameworks that split on it read other
     // names there.
-    if route.sort_query && !pairs.iter().any(|pair| pair.contains(';')) {
+    if route.sort_query
+        && !pairs
+            .iter()
+            .any(|pair| pair.contains(';') || has_unclosed_bracket(pair))
+    {
         if pairs
             .iter()
             .all(|pair| matches!(sort_name(pair), Cow::Borrowed(_)))
@@ -299,22 +303,35 @@ fn normalised_query(query: Option<&str>, route: &Route) -> Option<String> {
     (!pairs.is_empty()).then(|| pairs.join("&"))
 }
 
+/// Where `name` has `bracket` (`[` or `]`), written or escaped (`%5B`,
+/// `%5D`), from `from` on.
+fn find_bracket(name: &[u8], from: usize, bracket: u8) -> Option<usize> {
+    let escaped: &[u8] = if bracket == b'[' { b"5b" } else { b"5d" };
+    (from..name.len()).find(|&at| {
+        name[at] == bracket
+            || (name[at] == b'%'
+                && name
+                    .get(at + 1..at + 3)
+                    .is_some_and(|hex| hex.eq_ignore_ascii_case(escaped)))
+    })
+}
+
+/// Whether a pair's name opens a bracket it does not close (`a[b`): PHP
+/// reads it as `a_b`, Rack as `a[b]`, so no one sort keeps both apart from
+/// the names they would merge it with; such a query is not sorted.
+fn has_unclosed_bracket(pair: &str) -> bool {
+    let name = pair.split('=').next().unwrap_or(pair).as_bytes();
+    find_bracket(name, 0, b'[').is_some_and(|open| find_bracket(name, open, b']').is_none())
+}
+
 /// The name a query pair sorts by: the [`loose_name`] of its name up to
-/// the first `[` (written or escaped), since `a`, `a[]` and `a[0]` are one
-/// name to PHP and `qs` (whose values they combine or overwrite in order),
-/// and so keep their order among themselves.
+/// the first `[` (written or escaped; every one closed, see
+/// [`has_unclosed_bracket`]), since `a`, `a[]` and `a[0]` are one name to
+/// PHP and `qs` (whose values they combine or overwrite in order), and so
+/// keep their order among themselves.
 fn sort_name(pair: &str) -> Cow<'_, [u8]> {
     let name = pair.split('=').next().unwrap_or(pair);
-    let bytes = name.as_bytes();
-    let end = (0..bytes.len())
-        .find(|&at| {
-            bytes[at] == b'['
-                || (bytes[at] == b'%'
-                    && bytes
-                        .get(at + 1..at + 3)
-                        .is_some_and(|hex| hex.eq_ignore_ascii_case(b"5b")))
-        })
-        .unwrap_or(bytes.len());
+    let end = find_bracket(name.as_bytes(), 0, b'[').unwrap_or(name.len());
     loose_name(&name[..end], true)
 }
 
@@ -939,6 +956,10 @@ mod tests {
         assert_ne!(key("/l?a[1]=y&a[0]=x"), key("/l?a[0]=x&a[1]=y"));
         assert_ne!(key("/l?a%5B%5D=1&a=2"), key("/l?a=2&a%5b%5d=1"));
         assert_eq!(key("/l?b=1&a[]=2&a=3"), key("/l?a[]=2&a=3&b=1"));
+        // A bracket left open (`a[b`, which PHP reads as `a_b`): not sorted.
+        assert_ne!(key("/l?a[b=1&a_b=2"), key("/l?a_b=2&a[b=1"));
+        assert_ne!(key("/l?a%5Bb=1&a_b=2"), key("/l?a_b=2&a%5Bb=1"));
+        assert_ne!(key("/l?b=1&a[=2"), key("/l?a[=2&b=1"));
         // A `;` hides other names from the sort: not sorted at all.
         assert_ne!(key("/list?x=1;s=a&s=b"), key("/list?s=b&x=1;s=a"));
         // A malformed escape is a name of its own, and no panic.

@@ -367,21 +367,23 @@ impl Key {
 /// `Proxy-Authorization` the scheme is case-insensitive and may be followed
 /// by several spaces (RFC 9110, section 11), and an app reading the
 /// credentials (`Authorization<Bearer>` of the `headers` crate, say) reads
-/// `bearer  t` as `Bearer t`: the scheme is lower-cased and the spaces
-/// after it made one, so that respelling it is not a new bucket.
+/// `bearer  t` as `Bearer t`: the scheme is lower-cased and the spaces (or
+/// tabs) after it made one, so that respelling it is not a new bucket. A
+/// value with no space keeps its case: it may be the credentials alone.
 fn header_key(name: &HeaderName, value: &str) -> String {
     let value = value.trim();
     if name != http::header::AUTHORIZATION && name != http::header::PROXY_AUTHORIZATION {
         return value.to_owned();
     }
-    match value.split_once(' ') {
+    match value.split_once([' ', '\t']) {
         Some((scheme, credentials)) => {
             let mut key = scheme.to_ascii_lowercase();
             key.push(' ');
-            key.push_str(credentials.trim_start_matches(' '));
+            key.push_str(credentials.trim_start_matches([' ', '\t']));
             key
         }
-        None => value.to_ascii_lowercase(),
+        // No scheme, or no credentials: as sent.
+        None => value.to_owned(),
     }
 }
 

@@ -110,7 +110,7 @@ async fn authorization_scheme_spellings_share_one_bucket() {
         "Bearer token-1",
         "bearer token-1",
         "BEARER   token-1",
-        "bEaReR token-1",
+        "bEaReR \t token-1",
     ] {
         let response = service.clone().oneshot(with(value)).await.expect("ok");
         statuses.push(response.status().as_u16());
@@ -123,6 +123,11 @@ async fn authorization_scheme_spellings_share_one_bucket() {
         .await
         .expect("ok");
     assert_eq!(other.status(), 200);
+    // So does a value that is the credentials alone.
+    for value in ["token-2", "TOKEN-2"] {
+        let alone = service.clone().oneshot(with(value)).await.expect("ok");
+        assert_eq!(alone.status(), 200, "{value}");
+    }
 }
 
 /// A policy on `GET` only: a `HEAD` runs the same handler (axum answers it

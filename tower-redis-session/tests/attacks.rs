@@ -687,6 +687,23 @@ async fn long_removed_names_leave_small_tombstones() {
 async fn a_login_whose_new_id_is_refused_after_the_take_is_not_lost() {
     let redis = TestRedis::start().await;
     let (app, store, cookie) = app_with_a_cart(&redis).await;
+    let mut conn = redis.connection().await.expect("connection");
+    let mut markers = async || -> Vec<String> {
+        redis::cmd("KEYS")
+            .arg("*:cycled")
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS")
+    };
+    // A login Redis acknowledged whole leaves no marker behind.
+    let (_, _, first) = send(&app, "POST", "/login/bob", Some(&cookie)).await;
+    let cookie = cookie_pair(&first.expect("the first login's new id"));
+    within("the first login's marker to go", async {
+        while !markers().await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     // `take.lua` only reads and deletes before its marker (a write after a
     // delete is allowed out of memory); the new id's write is refused.
     refuse_writes(&redis, true).await;

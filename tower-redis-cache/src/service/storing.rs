@@ -111,10 +111,20 @@ fn storability<B: Body>(
 /// doing rather than the URL's: a client error other than those that
 /// describe the URL itself (404, 405, 410, 414, cacheable by default per
 /// RFC 9110 §15.1). Any client can send a request its origin rejects (a
-/// header the app refuses: `400`, `403`, `406`), so such a refusal does
-/// not switch coalescing off for the URL's other clients.
+/// header the app refuses: `400`, `403`, `406`); when it led the
+/// revalidation of an entry the URL has (so its answers are stored), such
+/// a refusal does not switch coalescing off for the URL's other clients.
+/// A URL with no entry that refuses everyone (a `401` to every visitor not
+/// logged in) still stops coalescing, where followers would only wait for
+/// nothing.
 fn may_be_the_request_s(status: http::StatusCode) -> bool {
     status.is_client_error() && !matches!(status.as_u16(), 404 | 405 | 410 | 414)
+}
+
+/// Whether the request was forwarded to revalidate a stored entry (stale,
+/// or asked with `no-cache`).
+fn revalidates(status: &CacheStatus) -> bool {
+    matches!(status.fwd, Some("stale" | "request"))
 }
 
 /// Passes a response on, storing a copy when RFC 9111 and the route allow.
@@ -149,7 +159,10 @@ pub(crate) fn store<ResBody: OriginBody>(
     let storable = match storability(ctx, route, &parts, &body, response_time) {
         Ok(storable) => storable,
         Err(because_of_the_response) => {
-            if because_of_the_response && fill.leads() && !may_be_the_request_s(parts.status) {
+            if because_of_the_response
+                && fill.leads()
+                && !(revalidates(&status) && may_be_the_request_s(parts.status))
+            {
                 // Nothing will be stored for the requests coalesced on this
                 // URL: let the next misses pass instead of waiting in turn.
                 // A refusal due to this request alone says nothing of the

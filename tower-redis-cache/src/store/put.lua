@@ -57,11 +57,17 @@ if not keep_complete then
   if redis.call('HLEN', KEYS[1]) > tonumber(ARGV[5]) then
     -- Starting over keeps the URL's marks: the fill lock (perhaps another
     -- instance's), a purge's tombstone and the soft-purge mark.
+    -- (With the hash's TTL, when longer than the entry's: a lock's or a
+    -- tombstone's lifetime.)
     local marks = redis.call('HMGET', KEYS[1], 'lk', 'pg', 'sp')
+    local ttl = redis.call('PTTL', KEYS[1])
     redis.call('DEL', KEYS[1])
     if marks[1] then redis.call('HSET', KEYS[1], 'lk', marks[1]) end
     if marks[2] then redis.call('HSET', KEYS[1], 'pg', marks[2]) end
     if marks[3] then redis.call('HSET', KEYS[1], 'sp', marks[3]) end
+    if ttl > 0 and (marks[1] or marks[2] or marks[3]) then
+      redis.call('PEXPIRE', KEYS[1], ttl)
+    end
   end
   redis.call('HSET', KEYS[1], 'vary', ARGV[1], ARGV[2], entry)
   if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then

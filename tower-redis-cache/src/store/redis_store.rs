@@ -585,6 +585,13 @@ mod tests {
             fill.arg(name).arg(value);
         }
         fill.query_async::<()>(&mut conn).await.expect("HSET");
+        let long = 3_600_000;
+        redis::cmd("PEXPIRE")
+            .arg("url")
+            .arg(long)
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("PEXPIRE");
         let stored: i64 = PUT
             .key("url")
             .arg("x-v")
@@ -607,6 +614,16 @@ mod tests {
         for (name, value) in marks {
             assert_eq!(fields.get(name).map(String::as_str), Some(value), "{name}");
         }
+        // And they keep their lifetime, longer than the entry's.
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg("url")
+            .query_async(&mut conn)
+            .await
+            .expect("PTTL");
+        assert!(
+            ttl > 60_000,
+            "the marks' lifetime was cut to the entry's: {ttl} ms"
+        );
     }
 
     #[test]

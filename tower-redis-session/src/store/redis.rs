@@ -10,7 +10,8 @@
 //! - `{<sha256(id)>}:cycled` — left by a login's id cycle (`take.lua`, or
 //!   its replay after an outage, `end_cycled.lua`) for the idle timeout:
 //!   the new id, so that a cycle queued after its first step reached Redis
-//!   finds its own work when it is replayed.
+//!   finds its own work when it is replayed. A login whose cycle Redis
+//!   acknowledged whole deletes it at once.
 //! - `{<sha256(user)>}:u` — a set of the user's session hashes, for "log out
 //!   everywhere".
 //!
@@ -402,7 +403,20 @@ impl RedisStore {
                     .clone(),
             );
         }
-        commands.run(conn).await.map(Saved::from)
+        let saved = commands.run(conn).await.map(Saved::from)?;
+        if saved == Saved::Written {
+            // The cycle is whole in Redis: nothing will replay it, so its
+            // marker goes (in a task of its own: the login does not wait
+            // for it; one that fails lives out the idle timeout).
+            let manager = self.manager.clone();
+            let marker = redis::cmd("DEL")
+                .arg(self.cycled_key(take.old_storage_key))
+                .clone();
+            tokio::spawn(async move {
+                let _ = manager.query::<()>(&marker).await;
+            });
+        }
+        Ok(saved)
     }
 
     /// One round trip: `DEL`, and the `SREM` from the user's index.
