@@ -1037,20 +1037,25 @@ async fn origin_flood_via_concurrent_no_cache_requests() {
     }
 }
 
-/// Item 15, on a stale entry: the revalidations at expiry are coalesced too.
-#[tokio::test]
-async fn origin_flood_via_concurrent_requests_for_a_stale_entry() {
-    let redis = TestRedis::start().await;
+/// A cache layer on `redis` with its defaults, a count of the origin's
+/// calls for its handler to keep, and a gate for the handler to hold
+/// revalidations at until the requests have all looked up the entry.
+async fn counted_and_gated(redis: &TestRedis) -> (CacheLayer, Arc<AtomicU64>, LookupGate) {
     let manager = RedisManager::connect(redis.config().build().unwrap())
         .await
         .unwrap();
     let layer = CacheLayer::builder(manager).build().unwrap();
-    let calls = Arc::new(AtomicU64::new(0));
-    let counted = Arc::clone(&calls);
+    (layer, Arc::new(AtomicU64::new(0)), LookupGate::new(redis))
+}
+
+/// Item 15, on a stale entry: the revalidations at expiry are coalesced too.
+#[tokio::test]
+async fn origin_flood_via_concurrent_requests_for_a_stale_entry() {
+    let redis = TestRedis::start().await;
     // The revalidation answers once all ten requests have looked up the
     // stale entry, so the other nine are in the layer while it is under way.
-    let gate = LookupGate::new(&redis);
-    let held = gate.clone();
+    let (layer, calls, gate) = counted_and_gated(&redis).await;
+    let (counted, held) = (Arc::clone(&calls), gate.clone());
     let app = Router::new()
         .route(
             "/short",
@@ -1092,16 +1097,10 @@ async fn origin_flood_via_concurrent_requests_for_a_stale_entry() {
 #[tokio::test]
 async fn a_request_the_origin_rejects_does_not_turn_off_coalescing() {
     let redis = TestRedis::start().await;
-    let manager = RedisManager::connect(redis.config().build().unwrap())
-        .await
-        .unwrap();
-    let layer = CacheLayer::builder(manager).build().unwrap();
-    let calls = Arc::new(AtomicU64::new(0));
-    let counted = Arc::clone(&calls);
     // The revalidation answers once all ten requests have looked up the
     // entry, so the other nine are in the layer while it is under way.
-    let gate = LookupGate::new(&redis);
-    let held = gate.clone();
+    let (layer, calls, gate) = counted_and_gated(&redis).await;
+    let (counted, held) = (Arc::clone(&calls), gate.clone());
     let app = Router::new()
         .route(
             "/guarded",

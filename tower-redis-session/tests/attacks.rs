@@ -580,23 +580,24 @@ async fn removals_under_names_a_client_chooses_do_not_grow_the_session_without_b
             send(&app, "POST", &format!("/remove/form-{i}"), Some(&cookie)).await;
         assert_eq!((status, body.as_str()), (200, "ok"));
     }
-    let key = session_keys(&redis).await.pop().expect("the session");
-    let mut conn = redis.connection().await.expect("connection");
-    let fields: usize = redis::cmd("HLEN")
-        .arg(&key)
-        .query_async(&mut conn)
-        .await
-        .expect("HLEN");
+    let hash = the_session_hash(&redis).await;
+    let fields = hash.len();
     assert!(fields <= 2_048, "{fields} fields after 2,500 removals");
     assert_eq!(send(&app, "GET", "/get/cart", Some(&cookie)).await.1, "3");
     // Below the bound a removal still leaves its tombstone.
-    let stamp: Option<String> = redis::cmd("HGET")
+    let stamp = hash.get("t:form-0");
+    assert!(stamp.is_some(), "the first removals keep their tombstones");
+}
+
+/// The fields of the one session hash in `redis`.
+async fn the_session_hash(redis: &TestRedis) -> std::collections::HashMap<String, String> {
+    let key = session_keys(redis).await.pop().expect("the session");
+    let mut conn = redis.connection().await.expect("connection");
+    redis::cmd("HGETALL")
         .arg(&key)
-        .arg("t:form-0")
         .query_async(&mut conn)
         .await
-        .expect("HGET");
-    assert!(stamp.is_some(), "the first removals keep their tombstones");
+        .expect("HGETALL")
 }
 
 /// The same bound for entries that were set before they were removed: a
@@ -626,13 +627,7 @@ async fn names_set_then_removed_do_not_grow_the_session_without_bound() {
         .await;
         assert_eq!((removed.0, removed.1.as_str()), (200, "ok"));
     }
-    let key = session_keys(&redis).await.pop().expect("the session");
-    let mut conn = redis.connection().await.expect("connection");
-    let fields: usize = redis::cmd("HLEN")
-        .arg(&key)
-        .query_async(&mut conn)
-        .await
-        .expect("HLEN");
+    let fields = the_session_hash(&redis).await.len();
     assert!(
         fields <= 2_048,
         "{fields} fields after 2,300 names set and removed"
@@ -659,13 +654,7 @@ async fn long_removed_names_leave_small_tombstones() {
         let removed = send(&app, "POST", &format!("/remove/{name}"), Some(&cookie)).await;
         assert_eq!((removed.0, removed.1.as_str()), (200, "ok"));
     }
-    let key = session_keys(&redis).await.pop().expect("the session");
-    let mut conn = redis.connection().await.expect("connection");
-    let fields: Vec<(String, String)> = redis::cmd("HGETALL")
-        .arg(&key)
-        .query_async(&mut conn)
-        .await
-        .expect("HGETALL");
+    let fields = the_session_hash(&redis).await;
     let bytes: usize = fields
         .iter()
         .map(|(name, value)| name.len() + value.len())
