@@ -403,20 +403,7 @@ impl RedisStore {
                     .clone(),
             );
         }
-        let saved = commands.run(conn).await.map(Saved::from)?;
-        if saved == Saved::Written {
-            // The cycle is whole in Redis: nothing will replay it, so its
-            // marker goes (in a task of its own: the login does not wait
-            // for it; one that fails lives out the idle timeout).
-            let manager = self.manager.clone();
-            let marker = redis::cmd("DEL")
-                .arg(self.cycled_key(take.old_storage_key))
-                .clone();
-            tokio::spawn(async move {
-                let _ = manager.query::<()>(&marker).await;
-            });
-        }
-        Ok(saved)
+        commands.run(conn).await.map(Saved::from)
     }
 
     /// One round trip: `DEL`, and the `SREM` from the user's index.
@@ -659,6 +646,18 @@ impl Store for RedisStore {
         self.forget(take.new_storage_key);
         if matches!(taken, Ok(Saved::Written)) {
             self.announce_ended(true, vec![take.old_storage_key.to_owned()]);
+            // The cycle is whole in Redis (the replicas' wait included):
+            // nothing will replay it, so its marker goes (in a task of its
+            // own: the login does not wait for it; one that fails lives
+            // out the idle timeout). Not before: a cycle that fails after
+            // its take is queued, and its replay needs the marker.
+            let manager = self.manager.clone();
+            let marker = redis::cmd("DEL")
+                .arg(self.cycled_key(take.old_storage_key))
+                .clone();
+            tokio::spawn(async move {
+                let _ = manager.query::<()>(&marker).await;
+            });
         }
         taken
     }
