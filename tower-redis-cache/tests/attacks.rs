@@ -1403,6 +1403,61 @@ async fn cache_poisoning_via_an_underscore_spelling_of_a_field() {
     );
 }
 
+/// The same spelling on a revalidation: the origin's `304` (for
+/// `X_Tenant: evil`, read as `X-Tenant`) used to refresh the stored
+/// answer of the field's absence with its fields and freshness, as a
+/// `200` for the spelling was already kept from being stored.
+#[tokio::test]
+async fn a_304_for_an_underscore_spelling_does_not_refresh_the_absent_variant() {
+    let redis = TestRedis::start().await;
+    let (layer, calls, _) = counted_and_gated(&redis).await;
+    let counted = Arc::clone(&calls);
+    let app = Router::new()
+        .route(
+            "/tenant",
+            routing::get(move |headers: HeaderMap| {
+                let calls = Arc::clone(&counted);
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let builder = Response::builder()
+                        .header("vary", "x-tenant")
+                        .header("etag", "\"v1\"");
+                    if headers.get("if-none-match").is_some_and(|v| v == "\"v1\"") {
+                        return builder
+                            .status(304)
+                            .header("cache-control", "max-age=600")
+                            .body(Body::empty())
+                            .unwrap();
+                    }
+                    builder
+                        .header("cache-control", "max-age=1")
+                        .body(Body::from("tenant=(none)"))
+                        .unwrap()
+                }
+            }),
+        )
+        .layer(layer.clone());
+    get(&app, "/tenant", &[]).await;
+    settle(&layer).await;
+    wait_until_stale(&layer, "http://shop.example/tenant").await;
+    let spelled = get(&app, "/tenant", &[("x_tenant", "evil")]).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "{}",
+        spelled.cache_status()
+    );
+    assert!(
+        !spelled.cache_status().contains("stored"),
+        "{}",
+        spelled.cache_status()
+    );
+    settle(&layer).await;
+    // The absent variant is as stale as before: revalidated again.
+    let plain = get(&app, "/tenant", &[]).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "{}", plain.cache_status());
+}
+
 /// A conditional request on a miss led the fill with its conditionals: the
 /// origin's `304` (or `412`) is not storable, which marked the URL
 /// uncacheable and switched coalescing off for it for 10 s, so one request

@@ -30,7 +30,7 @@ use super::cache_status::CacheStatus;
 use super::coalesce::{self, FlightGuard, Joined, Outcome};
 use super::hit::{Asked, gateway_timeout, serve, serve_coalesced, serve_stale_if_error};
 use super::miss::Fill;
-use super::storing::{HOP_BY_HOP, put_for, store_if_allowed, tag_headers};
+use super::storing::{self, HOP_BY_HOP, put_for, store_if_allowed, tag_headers};
 use super::tags::{set_stored_tags, stored_tags, take_tags};
 use super::{Answer, Ctx, Exchange, Origin, OriginBody, range, request, response_parts};
 use crate::entry::Entry;
@@ -288,7 +288,11 @@ impl Validated {
         let mut refreshed = merge_fields(entry, &not_modified.headers);
         let as_stored = response_parts(refreshed.status, refreshed.headers.clone());
         let mut status = status.with_fwd_status(fwd_status);
-        let unkeyed = request::carries_unkeyed_header(config, client_parts);
+        // The checks of the request that storing a response makes (a
+        // `304` to the request's own conditionals cannot come here: a
+        // revalidation sends the entry's).
+        let unkeyed = request::carries_unkeyed_header(config, client_parts)
+            || storing::spelled_otherwise(client_parts, route, &as_stored.headers);
         let storable = freshness::storable(
             client_parts,
             &keyed.key.directives,

@@ -71,15 +71,7 @@ fn storability<B: Body>(
     if request::refuses_storage(config, request, &keyed.key.directives) {
         return Err(false);
     }
-    // A field the answer varies by (its `Vary`, the route's key headers),
-    // sent spelled with `_` for `-`: an origin reading CGI-style names
-    // answered for it, but the key would file the answer under the field's
-    // absence.
-    if request::spells_otherwise(&request.headers, |name| {
-        route.key_headers.iter().any(|field| field == name)
-            || key::vary_names(&response.headers)
-                .is_some_and(|names| names.split(',').any(|field| field == name))
-    }) {
+    if spelled_otherwise(request, route, &response.headers) {
         return Err(false);
     }
     // The answer to the request's conditionals (forwarded when it leads no
@@ -105,6 +97,23 @@ fn storability<B: Body>(
         Err(NotStored::Method | NotStored::Authorization) => Err(false),
         Err(_) => Err(true),
     }
+}
+
+/// Whether the request sends a field the answer varies by (its `Vary`, the
+/// route's key headers) spelled with `_` for `-`: an origin reading
+/// CGI-style names answered for it, but the key would file the answer
+/// (or, for a `304`, the stored one it refreshes) under the field's
+/// absence.
+pub(crate) fn spelled_otherwise(
+    request: &http::request::Parts,
+    route: &Route,
+    response: &http::HeaderMap,
+) -> bool {
+    request::spells_otherwise(&request.headers, |name| {
+        route.key_headers.iter().any(|field| field == name)
+            || key::vary_names(response)
+                .is_some_and(|names| names.split(',').any(|field| field == name))
+    })
 }
 
 /// Whether a refused answer's status may be the leading request's own
