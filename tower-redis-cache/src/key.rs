@@ -489,16 +489,40 @@ pub(crate) fn key_header_value<'h>(
 /// (`User-Agent`, say) keep their inner whitespace: removing it could make
 /// two values the origin tells apart select one variant.
 /// `None` when absent, which differs from an empty value. The lookup
-/// script receives digests of these values, never the values.
+/// script receives digests of these values, never the values. Lines of
+/// other fields are joined with a line break, and a value that is not
+/// text keeps every byte, so that neither makes two requests the origin
+/// tells apart select one variant.
 pub(crate) fn selecting_value(headers: &HeaderMap, name: &str) -> Option<String> {
     let mut values = headers.get_all(name).iter().peekable();
     values.peek()?;
+    let list = [
+        "accept-encoding",
+        "accept-language",
+        "accept",
+        "accept-charset",
+    ]
+    .iter()
+    .any(|known| name.eq_ignore_ascii_case(known));
     let mut text = String::new();
     for (i, value) in values.enumerate() {
         if i > 0 {
-            text.push(',');
+            // A line break never occurs in a header value: two lines of a
+            // field not known to be a list never equal one line holding
+            // both (an origin may read the first line only).
+            text.push(if list { ',' } else { '\n' });
         }
-        text.push_str(String::from_utf8_lossy(value.as_bytes()).trim());
+        match std::str::from_utf8(value.as_bytes()) {
+            Ok(line) => text.push_str(line.trim()),
+            // Bytes that are not text, each kept (as a NUL, which no
+            // header value holds, and its value in hex): two values
+            // differing only there never select one variant.
+            Err(_) => {
+                for byte in value.as_bytes() {
+                    text.push_str(&format!("\0{byte:02x}"));
+                }
+            }
+        }
     }
     let order = if name.eq_ignore_ascii_case("accept-encoding") {
         Order::ByName
@@ -1011,6 +1035,36 @@ mod tests {
         );
         headers.append(header::VARY, "*".parse().unwrap());
         assert_eq!(vary_names(&headers), None);
+    }
+
+    /// Values the origin may tell apart select different variants: bytes
+    /// that are not text (read lossily, `\xff` and `\xfe` were both `�`),
+    /// and two lines of a field not known to be a list against one line
+    /// holding both (an origin reading the first line sees `a`, not `a,b`).
+    #[test]
+    fn selecting_values_keep_what_the_origin_may_tell_apart() {
+        let of = |name: &str, values: &[&[u8]]| {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    http::HeaderValue::from_bytes(v).unwrap(),
+                );
+            }
+            selecting_value(&headers, name)
+        };
+        assert_ne!(of("x-foo", &[b"\xff"]), of("x-foo", &[b"\xfe"]));
+        assert_ne!(of("x-foo", &[b"a\xff"]), of("x-foo", &[b"a\xef\xbf\xbd"]));
+        assert_ne!(of("user-agent", &[b"a", b"b"]), of("user-agent", &[b"a,b"]));
+        // A list field's lines are one list, as RFC 9110 §5.3 has it.
+        assert_eq!(
+            of("accept-encoding", &[b"gzip", b"br"]),
+            of("accept-encoding", &[b"gzip, br"])
+        );
+        assert_eq!(
+            of("accept", &[b"text/html", b"*/*"]),
+            of("accept", &[b"text/html,*/*"])
+        );
     }
 
     #[test]
