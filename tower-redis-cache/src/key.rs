@@ -13,6 +13,7 @@
 //! response out of the cache, so they cannot poison entries.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::sync::LazyLock;
 
 use base64::Engine;
@@ -496,21 +497,24 @@ pub(crate) fn key_header_value<'h>(
 pub(crate) fn selecting_value(headers: &HeaderMap, name: &str) -> Option<String> {
     let mut values = headers.get_all(name).iter().peekable();
     values.peek()?;
-    let list = [
-        "accept-encoding",
-        "accept-language",
-        "accept",
-        "accept-charset",
-    ]
-    .iter()
-    .any(|known| name.eq_ignore_ascii_case(known));
+    // The list fields whose syntax is known: `Some(order)` for the weighted
+    // ones, `None` for those only stripped of whitespace.
+    let list = if name.eq_ignore_ascii_case("accept-encoding") {
+        Some(Some(Order::ByName))
+    } else if name.eq_ignore_ascii_case("accept-language") {
+        Some(Some(Order::ByWeight))
+    } else if name.eq_ignore_ascii_case("accept") || name.eq_ignore_ascii_case("accept-charset") {
+        Some(None)
+    } else {
+        None
+    };
     let mut text = String::new();
     for (i, value) in values.enumerate() {
         if i > 0 {
             // A line break never occurs in a header value: two lines of a
             // field not known to be a list never equal one line holding
             // both (an origin may read the first line only).
-            text.push(if list { ',' } else { '\n' });
+            text.push(if list.is_some() { ',' } else { '\n' });
         }
         match std::str::from_utf8(value.as_bytes()) {
             Ok(line) => text.push_str(line.trim()),
@@ -519,19 +523,15 @@ pub(crate) fn selecting_value(headers: &HeaderMap, name: &str) -> Option<String>
             // differing only there never select one variant.
             Err(_) => {
                 for byte in value.as_bytes() {
-                    text.push_str(&format!("\0{byte:02x}"));
+                    let _ = write!(text, "\0{byte:02x}");
                 }
             }
         }
     }
-    let order = if name.eq_ignore_ascii_case("accept-encoding") {
-        Order::ByName
-    } else if name.eq_ignore_ascii_case("accept-language") {
-        Order::ByWeight
-    } else if name.eq_ignore_ascii_case("accept") || name.eq_ignore_ascii_case("accept-charset") {
-        return Some(without_whitespace(&text));
-    } else {
-        return Some(text);
+    let order = match list {
+        Some(Some(order)) => order,
+        Some(None) => return Some(without_whitespace(&text)),
+        None => return Some(text),
     };
     Some(
         weighted(&without_whitespace(&text), order).unwrap_or_else(|| {

@@ -62,10 +62,14 @@ if not keep_complete then
     local marks = redis.call('HMGET', KEYS[1], 'lk', 'pg', 'sp')
     local ttl = redis.call('PTTL', KEYS[1])
     redis.call('DEL', KEYS[1])
-    if marks[1] then redis.call('HSET', KEYS[1], 'lk', marks[1]) end
-    if marks[2] then redis.call('HSET', KEYS[1], 'pg', marks[2]) end
-    if marks[3] then redis.call('HSET', KEYS[1], 'sp', marks[3]) end
-    if ttl > 0 and (marks[1] or marks[2] or marks[3]) then
+    local kept = false
+    for i, name in ipairs({'lk', 'pg', 'sp'}) do
+      if marks[i] then
+        redis.call('HSET', KEYS[1], name, marks[i])
+        kept = true
+      end
+    end
+    if ttl > 0 and kept then
       redis.call('PEXPIRE', KEYS[1], ttl)
     end
   end
