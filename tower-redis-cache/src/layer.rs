@@ -905,7 +905,9 @@ impl CacheLayerBuilder {
 
     /// How long a fill lock lives if its holder never releases it (the
     /// holder crashed): others wait at most this long before one of them
-    /// fills instead (default 5 s). Also bounds background refreshes.
+    /// fills instead (default 5 s). Also bounds background refreshes, and
+    /// is how long a purge's tombstone lives: a fill whose origin call
+    /// takes longer than this may store what a purge during it removed.
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {
         self.lock_ttl = ttl;
         self

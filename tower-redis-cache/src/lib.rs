@@ -126,20 +126,29 @@
 //!   disagree agree on what it made stale), warms URLs through the
 //!   app, looks entries up and reports statistics; [`admin::CacheAdmin`]
 //!   (feature `axum`) puts the same behind an authorisation check.
-//!   Once a purge of a URL or a path, or an invalidation by an unsafe
-//!   request, has returned, the instance that made it does not answer the
-//!   removed version again: a fill or revalidation that asked the origin
-//!   before and holds the URL's fill lock does not store after it (the
-//!   removal leaves a tombstone for the lock's lifetime), later requests
-//!   do not follow that fill in process, and near copies its own lookups
-//!   refilled meanwhile are dropped. Not covered: a fill that runs without
-//!   the lock (coalescing off, a follower that gave up waiting, a forwarded
-//!   range); a tag or prefix purge (these delete what their index lists,
-//!   without tombstones) or a path purge of a URL whose first fill has not
-//!   been stored yet; and lookups from replicas (`read_from_replicas`,
-//!   which may lag). Each can store or show the old answer once, until its
-//!   TTL or the next purge. The data cache's `remove` and purges hold the
-//!   same way against its fills that hold the value's fill lock.
+//!   Once a purge (by URL, path, tag or prefix, hard or soft) or an
+//!   invalidation by an unsafe request has returned, the instance that
+//!   made it does not answer the removed version again: a fill or
+//!   revalidation that asked the origin before does not store after it,
+//!   with the URL's fill lock or without (coalescing off, a follower that
+//!   gave up waiting, a forwarded range). A removal leaves a tombstone,
+//!   stamped with Redis' clock, for the fill lock's lifetime
+//!   ([`CacheLayerBuilder::lock_ttl`]) where the URL had anything stored,
+//!   and a purge of one URL even where it had nothing; a fill sends how
+//!   long ago it asked (a duration: instances' clocks need not agree), and
+//!   its entry is dropped when a tombstone or soft-purge mark is newer
+//!   than its question, less a second's margin for the write's way to
+//!   Redis. Later requests do not follow that fill in process, and near
+//!   copies its own lookups refilled meanwhile are dropped. Not covered: a
+//!   fill that outlives the tombstone (its origin took longer than
+//!   `lock_ttl`); a tag, prefix or path purge of a URL with nothing stored
+//!   yet (its indexes do not list it); an invalidation of a URL with
+//!   nothing stored (a client's unsafe request writes nothing to Redis
+//!   then); and lookups from replicas (`read_from_replicas`, which may
+//!   lag). Each can store or show the old answer once, until its TTL or
+//!   the next purge. The data cache's `remove` and purges hold the same
+//!   way against its fills (from when the factory began), with the value's
+//!   fill lock or without it (a caller that gave up waiting for another's).
 //! - **Near cache** (opt-in, [`CacheLayerBuilder::near_cache`]): hot entries
 //!   answered from process memory with no round trip (`detail=near`), kept
 //!   exact by **Redis client tracking**: near-tier lookups are read on the

@@ -1314,6 +1314,73 @@ async fn a_fill_that_began_before_a_remove_does_not_store_after_it() {
     assert_eq!(a.data.get::<Product>("product:9").await.unwrap(), None);
 }
 
+/// An expired value removed while two factories run for it: `a`'s, which
+/// holds the value's fill lock, and `b`'s, which gave up waiting for `a`
+/// and runs without the lock. Neither value, made before the removal, is stored
+/// after it (`b`'s was: a fill without the lock stored whatever Redis
+/// held). And a tag purge while a fill holding the lock runs (it used to
+/// delete the lock with the value, and the fill then stored).
+#[tokio::test]
+async fn a_fill_with_or_without_its_lock_that_began_before_a_removal_does_not_store_after_it() {
+    let redis = TestRedis::start().await;
+    let a = Arc::new(instance(&redis, |b| b).await);
+    let b = Arc::new(instance(&redis, |b| b.coalesce(Some(Duration::from_millis(100)))).await);
+    let options = DataOptions::new(Duration::from_secs(60))
+        .near(false)
+        .tag("product-9");
+    let fill = |data: &DataCache, made: &'static str, ms: u64| {
+        let (data, options) = (data.clone(), options.clone());
+        let (started, factory_started) = tokio::sync::oneshot::channel();
+        let filling = tokio::spawn(async move {
+            data.get_or_insert_with("product:9", &options, move || async move {
+                let _ = started.send(());
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok::<_, String>(product(made))
+            })
+            .await
+        });
+        (filling, factory_started)
+    };
+    let called = |started: tokio::sync::oneshot::Receiver<()>| async move {
+        tokio::time::timeout(Duration::from_secs(5), started)
+            .await
+            .expect("the factory was not called")
+            .unwrap();
+    };
+    // Stored first and expired (kept for fail-safe): a tag purge finds the
+    // value through its tag's index, which only a stored value is in.
+    let expiring = options
+        .clone()
+        .ttl(Duration::from_millis(100))
+        .fail_safe(Duration::from_secs(60));
+    for removal in ["remove", "tag purge"] {
+        a.data
+            .insert("product:9", &product("expired"), &expiring)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (locked, started) = fill(&a.data, "locked", 1500);
+        called(started).await;
+        let (lockless, started) = fill(&b.data, "lockless", 300);
+        called(started).await;
+        match removal {
+            "remove" => a.data.remove("product:9").await.unwrap(),
+            _ => {
+                a.layer.handle().purge_tag("product-9").await;
+            }
+        }
+        assert_eq!(lockless.await.unwrap().unwrap(), product("lockless"));
+        assert_eq!(locked.await.unwrap().unwrap(), product("locked"));
+        a.layer.flush().await;
+        b.layer.flush().await;
+        assert_eq!(
+            a.data.get::<Product>("product:9").await.unwrap(),
+            None,
+            "{removal}: a value made before it was stored after it"
+        );
+    }
+}
+
 /// Stores `item:0` … `item:{count - 1}` (values `item 0` …), in Redis only.
 async fn insert_items(data: &DataCache, count: usize) {
     let far = DataOptions::new(Duration::from_secs(60)).near(false);

@@ -1757,6 +1757,91 @@ async fn a_fill_that_began_before_a_purge_does_not_store_after_it() {
     }
 }
 
+/// As above, for every way a purge selects a URL and for fills with and
+/// without the fill lock: a fill that asked the origin before a purge
+/// does not store its answer after it, whether it holds the fill lock or
+/// goes without (coalescing off), whatever the purge selects the URL by, and whether the URL had an
+/// entry (the fill revalidates it) or nothing yet (a purge of that one URL
+/// leaves a tombstone all the same). A soft purge alike: the answer would
+/// be stored as newer than the mark, fresh. Each purge comes while the
+/// fill's origin call is under way; the next request must then go to the
+/// origin (for a soft purge, to refresh the stale entry).
+#[tokio::test]
+async fn a_fill_with_or_without_its_lock_that_began_before_any_purge_does_not_store_after_it() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let locked = Arc::new(instance(redis.config(), &origin, |b| b).await);
+    let lockless = Arc::new(instance(redis.config(), &origin, |b| b.coalesce(None)).await);
+    let cases = [
+        (&locked, "tag", true),
+        (&locked, "prefix", true),
+        (&locked, "soft tag", true),
+        (&lockless, "tag", true),
+        (&lockless, "url", true),
+        (&lockless, "soft tag", true),
+        (&lockless, "url", false),
+    ];
+    for (n, (a, how, stored)) in cases.into_iter().enumerate() {
+        let id = n + 1;
+        let path = format!("/item/{id}");
+        let case = format!(
+            "{how} purge, {} lock, entry stored: {stored}",
+            if Arc::ptr_eq(a, &locked) {
+                "with a"
+            } else {
+                "without a"
+            }
+        );
+        if stored {
+            assert_eq!(get_settled(a, &path).await.body, format!("item-{id}-v1"));
+        }
+        let asked = origin.calls(&path);
+        origin.delay_ms.store(300, Ordering::SeqCst);
+        let filling = tokio::spawn({
+            let a = Arc::clone(a);
+            let path = path.clone();
+            let headers: &[(&str, &str)] = if stored {
+                &[("cache-control", "no-cache")]
+            } else {
+                &[]
+            };
+            async move { call(&a.app, request(&path, headers)).await }
+        });
+        origin.wait_for_calls(&path, asked + 1).await;
+        let handle = a.layer.handle();
+        match how {
+            "tag" => {
+                handle.purge_tag(&format!("item-{id}")).await;
+            }
+            "prefix" => {
+                handle.purge_prefix(&path).await.unwrap();
+            }
+            "soft tag" => {
+                handle.soft_purge_tag(&format!("item-{id}")).await;
+            }
+            _ => {
+                handle
+                    .purge_url(&format!("http://shop.example{path}"))
+                    .await
+                    .unwrap();
+            }
+        }
+        let filled = filling.await.unwrap();
+        assert_eq!(filled.body, format!("item-{id}-v{}", asked + 1), "{case}");
+        a.layer.flush().await;
+        origin.delay_ms.store(0, Ordering::SeqCst);
+        let next = get_settled(a, &path).await;
+        assert_eq!(
+            origin.calls(&path),
+            asked + 2,
+            "{case}: {} was asked before the purge, then served after it as {} ({})",
+            filled.body,
+            next.body,
+            next.cache_status()
+        );
+    }
+}
+
 /// A path purge (`purge_url("/item/1")`) while a request's revalidation
 /// of the stored entry is under way: the revalidation's answer, asked for
 /// before the purge, is not stored after it.

@@ -411,6 +411,9 @@ impl<C: Codec> DataCache<C> {
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
         let store = Arc::clone(&self.inner.store);
+        // A value made from what the factory read from now on: a removal
+        // or purge after this makes it not stored (`put.lua`'s rule).
+        let asked = std::time::SystemTime::now();
         let outcome = AssertUnwindSafe(async move { factory().await })
             .catch_unwind()
             .await;
@@ -418,7 +421,7 @@ impl<C: Codec> DataCache<C> {
             Ok(Ok(value)) => {
                 let encoded = self.inner.codec.encode(&value);
                 let shared = self
-                    .store_value(&url_hash, &url, encoded, &options, lock)
+                    .store_value(&url_hash, &url, encoded, &options, lock, asked)
                     .await;
                 if let Some(guard) = guard {
                     guard.complete(shared);
@@ -437,7 +440,7 @@ impl<C: Codec> DataCache<C> {
                             .fail_safe_throttle
                             .saturating_add(options.fail_safe.unwrap_or_default());
                         store
-                            .data_put(put(url_hash, url, entry, &options, keep_for), lock)
+                            .data_put(put(url_hash, url, entry, &options, keep_for, None), lock)
                             .await;
                     }
                     None => {
@@ -473,6 +476,7 @@ impl<C: Codec> DataCache<C> {
         encoded: Result<Vec<u8>, super::CodecError>,
         options: &DataOptions,
         lock: Option<LockToken>,
+        asked: std::time::SystemTime,
     ) -> Option<Arc<Entry>> {
         let store = &self.inner.store;
         let bytes = match encoded {
@@ -510,6 +514,7 @@ impl<C: Codec> DataCache<C> {
                     entry.clone(),
                     options,
                     options.keep_for(),
+                    Some(asked),
                 ),
                 lock,
             )

@@ -274,7 +274,10 @@ impl<C: Codec> DataCache<C> {
         );
         self.inner
             .store
-            .data_put(put(url_hash, url, entry, options, options.keep_for()), None)
+            .data_put(
+                put(url_hash, url, entry, options, options.keep_for(), None),
+                None,
+            )
             .await;
         Ok(())
     }
@@ -342,8 +345,7 @@ impl<C: Codec> DataCache<C> {
             None => {
                 tracing::warn!(target: "tower_redis_cache", "a data cache value does not decode (its type changed?): deleted, treated as a miss");
                 record::counter("tower_redis_cache_data_decode_failures_total", &[], 1);
-                let url_hashes = [url_hash.to_owned()];
-                Box::pin(self.inner.store.invalidate(&url_hashes)).await;
+                Box::pin(self.inner.store.delete_undecodable(url_hash)).await;
                 (None, tier)
             }
         }
@@ -391,6 +393,7 @@ fn put(
     entry: crate::entry::Entry,
     options: &DataOptions,
     keep_for: Duration,
+    asked: Option<std::time::SystemTime>,
 ) -> Put {
     Put {
         url_hash,
@@ -400,6 +403,7 @@ fn put(
         entry,
         keep_for,
         tags: options.tags.clone(),
+        asked,
     }
 }
 

@@ -183,6 +183,7 @@ where
                 let fill = Fill {
                     guard: Some(guard),
                     lock,
+                    own_write: false,
                 };
                 let revalidation = Revalidation {
                     entry,

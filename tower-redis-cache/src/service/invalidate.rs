@@ -61,7 +61,7 @@ where
                 response,
                 request_time,
                 status,
-                Fill::none(),
+                Fill::own_write(),
             ))
         }
         _ => Ok(passthrough(config, response)),

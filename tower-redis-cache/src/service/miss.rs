@@ -27,6 +27,11 @@ use crate::store::{LockAttempt, LockPurpose, LockToken, Lookup, Tier};
 pub(crate) struct Fill {
     pub(crate) guard: Option<FlightGuard>,
     pub(crate) lock: Option<LockToken>,
+    /// The answer to this instance's own unsafe request (a `POST` stored
+    /// for `GET`s): it states the URL after its own invalidation, which it
+    /// therefore does not give way to, as a fill gives way to a purge made
+    /// after it asked the origin (`put.lua`).
+    pub(crate) own_write: bool,
 }
 
 impl Fill {
@@ -34,6 +39,15 @@ impl Fill {
         Self {
             guard: None,
             lock: None,
+            own_write: false,
+        }
+    }
+
+    /// For the answer to an unsafe request of this instance's.
+    pub(crate) fn own_write() -> Self {
+        Self {
+            own_write: true,
+            ..Self::none()
         }
     }
 
@@ -264,6 +278,7 @@ where
         let fill = Fill {
             guard: Some(guard),
             lock,
+            own_write: false,
         };
         self.forward_and_store(status, fill).await
     }

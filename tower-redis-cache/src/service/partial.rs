@@ -335,6 +335,7 @@ impl Combined {
                 combined.clone(),
                 &storable,
                 tags,
+                Some(request_time),
             );
             config.store.put(put, None).await;
             status.stored = true;

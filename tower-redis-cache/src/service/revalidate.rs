@@ -162,6 +162,7 @@ where
         let fill = Fill {
             guard: Some(guard),
             lock,
+            own_write: false,
         };
         self.revalidate(revalidation, fill).await
     }
@@ -319,6 +320,7 @@ impl Validated {
                 refreshed.clone(),
                 &storable,
                 tags,
+                Some(request_time),
             );
             let shared = (put.vary.is_empty() && !put.entry.is_partial())
                 .then(|| Arc::new(put.entry.clone()));

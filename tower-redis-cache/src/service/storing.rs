@@ -223,6 +223,7 @@ pub(crate) fn store<ResBody: OriginBody>(
         template,
         &storable,
         tags,
+        (!fill.own_write).then_some(request_time),
     );
     add_cache_status(&mut parts.headers, &status);
     let body = read_and_store(ctx, body, put, fill);
@@ -271,7 +272,9 @@ pub(crate) async fn read_to_the_entry<B: Body<Data = Bytes>>(body: B, max_body_b
 
 /// What to store of `entry`, which `storable` allowed: without a
 /// `Set-Cookie` the response qualified out, under the variant that the
-/// request headers `request` select.
+/// request headers `request` select; asked of the origin at `asked` (`None`
+/// for [`Fill::own_write`]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn put_for(
     config: &Config,
     keyed: &Keyed,
@@ -280,6 +283,7 @@ pub(crate) fn put_for(
     mut entry: Entry,
     storable: &Storable,
     tags: Vec<String>,
+    asked: Option<SystemTime>,
 ) -> Put {
     if storable.directives.drop_set_cookie {
         entry.headers.remove(header::SET_COOKIE);
@@ -293,6 +297,7 @@ pub(crate) fn put_for(
         keep_for: keep_for(config, route, &entry, storable.lifetime),
         entry,
         tags,
+        asked,
     }
 }
 

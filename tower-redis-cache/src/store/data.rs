@@ -54,14 +54,28 @@ pub(crate) static DATA_VARIANT: LazyLock<String> =
 /// purge): no bound on variants is needed. As in `put.lua`, a fill whose
 /// value was removed or purged after it took its lock (a tombstone `pg`,
 /// or a soft-purge mark `sp`, and not its lock) drops its value: it was
-/// made before the removal. Returns 0 then (waiters are still woken), 1
-/// when stored.
+/// made before the removal. ARGV[7], as `put.lua`'s: how long ago (ms) the
+/// factory began, margin included ('' for a `set`); with it, a fill
+/// without its lock drops its value when a mark is newer than that.
+/// Returns 0 then (waiters are still woken), 1 when stored.
 static DATA_PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local held = redis.call('HMGET', KEYS[1], 'lk', 'lw', 'pg', 'sp')
 local release = ARGV[4] ~= '' and held[1] and string.sub(held[1], 1, #ARGV[4] + 1) == ARGV[4] .. ':'
-if ARGV[4] ~= '' and (held[3] or held[4]) and not release then
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ago = ARGV[7] or ''
+local dropped = false
+if not release then
+  if ago ~= '' then
+    local asked = now - tonumber(ago)
+    dropped = (tonumber(held[3]) or -1) >= asked or (tonumber(held[4]) or -1) >= asked
+  else
+    dropped = ARGV[4] ~= '' and (held[3] or held[4]) and true or false
+  end
+end
+if dropped then
   if held[2] then
     redis.call('HDEL', KEYS[1], 'lw')
     if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
@@ -70,8 +84,6 @@ if ARGV[4] ~= '' and (held[3] or held[4]) and not release then
 end
 local entry = ARGV[2]
 if string.sub(entry, 1, 3) == 'TRC' and #entry >= 14 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local bytes = {}
   for i = 8, 1, -1 do
     bytes[i] = string.char(now % 256)
@@ -243,6 +255,7 @@ impl CacheStore {
                         entry: entry.clone(),
                         keep_for: Duration::from_secs(u64::from(u32::MAX)),
                         tags: Vec::new(),
+                        asked: None,
                     };
                     copy = self
                         .bus
@@ -423,6 +436,10 @@ impl RedisStore {
                     // On a cluster the announcement goes after every write
                     // (below), always: it keeps the near tiers exact there.
                     .arg(if cluster { "" } else { message.as_str() });
+                match put.asked {
+                    Some(asked) => store.arg(redis_store::asked_ms_ago(asked)),
+                    None => store.arg(""),
+                };
                 ops.push(Op::Script(store));
                 for index in std::iter::once(self.index_key("cx", "/"))
                     .chain(put.tags.iter().map(|tag| self.index_key("ct", tag)))

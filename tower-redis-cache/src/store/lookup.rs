@@ -254,5 +254,6 @@ fn near_put(url_hash: &str, request: &HeaderMap, extra: &str, vary: String, entr
         entry: entry.clone(),
         keep_for: Duration::from_secs(u64::from(u32::MAX)),
         tags: Vec::new(),
+        asked: None,
     }
 }

@@ -700,6 +700,7 @@ mod tests {
             },
             keep_for: Duration::from_secs(60),
             tags: Vec::new(),
+            asked: None,
         }
     }
 

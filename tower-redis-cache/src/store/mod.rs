@@ -158,6 +158,10 @@ pub(crate) struct Put {
     pub(crate) entry: Entry,
     pub(crate) keep_for: Duration,
     pub(crate) tags: Vec<String>,
+    /// When the response was asked of the origin (this instance's clock):
+    /// a fill that asked before a purge of its URL does not store after
+    /// it (`put.lua`). `None` for a write that is no fill.
+    pub(crate) asked: Option<std::time::SystemTime>,
 }
 
 /// A fill lock held in Redis.
@@ -942,6 +946,7 @@ mod tests {
             },
             keep_for: Duration::from_secs(3600),
             tags: Vec::new(),
+            asked: None,
         }
     }
 

@@ -20,7 +20,7 @@ use tower_redis_core::degrade::{Deferred, Failover, Recovered, Replay, ReplayErr
 
 use super::memory::MemoryStore;
 use super::purge::Removed;
-use super::redis_store::RedisStore;
+use super::redis_store::{RedisStore, Tombstone};
 use super::{CacheStore, LockToken, Target};
 
 /// The pair the cache talks to: Redis, or the in-process store.
@@ -148,15 +148,18 @@ impl Replay for RedisStore {
                 .count();
             let result = match &rest[0].kind {
                 Kind::Invalidate => self
-                    .run_ops(&self.delete_ops(rest[..invalidations].iter().map(|c| c.key())))
+                    .run_ops(&self.delete_ops(
+                        rest[..invalidations].iter().map(|c| c.key()),
+                        Tombstone::Stored,
+                    ))
                     .await
                     .map(|_| ()),
                 Kind::Purge(target, soft_at) => self
-                    .purge_indexed(target, *soft_at, &mut Removed::default())
+                    .purge_indexed(target, *soft_at, &mut Removed::default(), true)
                     .await
                     .map(|_| ()),
                 Kind::Collapsed(at_ms) => self
-                    .purge_indexed(&Target::All, Some(*at_ms), &mut Removed::default())
+                    .purge_indexed(&Target::All, Some(*at_ms), &mut Removed::default(), true)
                     .await
                     .map(|_| ()),
                 Kind::Unlock(url_hash, token) => {

@@ -5,7 +5,7 @@
 
 use tower_redis_core::redis::{self, Value};
 
-use super::redis_store::{self, Op, RedisStore};
+use super::redis_store::{self, Op, RedisStore, Tombstone};
 use super::{CacheStore, EntryStore, OutageChange, Purged, Target};
 use crate::bus::Bus;
 use crate::key;
@@ -54,6 +54,16 @@ impl CacheStore {
     /// As with a purge, a fill of these URLs that asked the origin before
     /// neither lands after it nor serves later callers.
     pub(crate) async fn invalidate(&self, url_hashes: &[String]) {
+        self.remove(url_hashes, Tombstone::Stored).await;
+    }
+
+    /// Deletes a data value that does not decode: as an invalidation, but
+    /// a fill under way (of a value that does decode) may store after it.
+    pub(crate) async fn delete_undecodable(&self, url_hash: &str) {
+        self.remove(&[url_hash.to_owned()], Tombstone::Locked).await;
+    }
+
+    async fn remove(&self, url_hashes: &[String], tombstone: Tombstone) {
         self.flights.detach(url_hashes.iter().map(String::as_str));
         let Ok(()) = self.memory().invalidate(url_hashes).await;
         if let Some(near) = &self.near {
@@ -64,7 +74,10 @@ impl CacheStore {
         }
         let served = self
             .failover
-            .run(|redis| redis.invalidate(url_hashes), |_, _| async {})
+            .run(
+                |redis| redis.delete_urls(url_hashes, tombstone),
+                |_, _| async {},
+            )
             .await;
         if served.is_fallback() {
             self.defer(
@@ -110,7 +123,7 @@ impl CacheStore {
         };
         match self
             .redis()
-            .purge_indexed(target, soft_at, &mut removed)
+            .purge_indexed(target, soft_at, &mut removed, false)
             .await
         {
             Ok(urls) => {
@@ -183,17 +196,21 @@ impl Indexed<'_> {
 
 impl RedisStore {
     /// The Redis side of a purge; returns how many URLs had entries, and
-    /// notes in `removed` those it purged.
+    /// notes in `removed` those it purged. `replay`: a purge made during an
+    /// outage, written once Redis answers again (see [`purge_urls`]).
+    ///
+    /// [`purge_urls`]: Self::purge_urls
     pub(super) async fn purge_indexed(
         &self,
         target: &Target,
         soft_at: Option<u64>,
         removed: &mut Removed,
+        replay: bool,
     ) -> Result<u64, tower_redis_core::Error> {
         let indexed = match target {
             Target::Url(url) => {
                 return self
-                    .purge_urls(std::slice::from_ref(url), soft_at, true, removed)
+                    .purge_urls(std::slice::from_ref(url), soft_at, (true, replay), removed)
                     .await;
             }
             Target::Tag(tag) => Indexed {
@@ -213,7 +230,7 @@ impl RedisStore {
                 filter: None,
             },
         };
-        let count = self.purge_pages(&indexed, soft_at, removed).await?;
+        let count = self.purge_pages(&indexed, soft_at, removed, replay).await?;
         if matches!(target, Target::All) && soft_at.is_none() {
             self.manager
                 .query::<()>(
@@ -232,6 +249,7 @@ impl RedisStore {
         indexed: &Indexed<'_>,
         soft_at: Option<u64>,
         removed: &mut Removed,
+        replay: bool,
     ) -> Result<u64, tower_redis_core::Error> {
         let index = &indexed.index;
         let mut count = 0;
@@ -253,9 +271,11 @@ impl RedisStore {
             }
             let selected: Vec<&String> = page.iter().filter(|url| indexed.selects(url)).collect();
             let urls: Vec<String> = selected.iter().map(|url| (*url).clone()).collect();
-            // A path names a URL per host, like a URL purge: tombstones.
+            // A path names a URL per host, like a URL purge.
             let exact = matches!(indexed.filter, Some((_, true)));
-            count += self.purge_urls(&urls, soft_at, exact, removed).await?;
+            count += self
+                .purge_urls(&urls, soft_at, (exact, replay), removed)
+                .await?;
             let done = page.len() < PURGE_BATCH;
             if soft_at.is_none() {
                 // Drop what was purged from the index, so the next page is new.
@@ -284,15 +304,21 @@ impl RedisStore {
     /// how many existed. A hard purge also takes the URLs out of the root
     /// index, which counts the live entries.
     ///
-    /// With `tombstones` (a purge of one URL or path), a URL whose fill lock
-    /// is held is left as a tombstone (`delete.lua`); a tag or prefix purge
-    /// deletes with a plain `DEL`, which a new primary runs without first
-    /// loading a script while a purge made during a failover is replayed.
+    /// A URL with something stored is left as a tombstone (`delete.lua`),
+    /// which a fill that asked the origin before the purge finds; with
+    /// `exact` (a purge of one URL or path) every URL is, as a fill of it
+    /// may be under way though nothing is stored yet.
+    ///
+    /// A `replay` of a tag or prefix purge made during an outage deletes
+    /// with a plain `DEL` instead: the fills of the outage stored nothing in
+    /// Redis, and a new primary runs it without first loading the script
+    /// (one round trip more per node, on a cluster), within the one command
+    /// timeout that a lookup waits for the replay.
     async fn purge_urls(
         &self,
         urls: &[String],
         soft_at: Option<u64>,
-        tombstones: bool,
+        (exact, replay): (bool, bool),
         removed: &mut Removed,
     ) -> Result<u64, tower_redis_core::Error> {
         let mut count = 0;
@@ -303,12 +329,19 @@ impl RedisStore {
                 removed.note(url_hash);
                 let key = self.redis_key(url_hash);
                 ops.push(match soft_at {
-                    None if tombstones => Op::Script(self.delete(url_hash)),
-                    None => {
+                    None if replay && !exact => {
                         let mut del = redis::cmd("DEL");
                         del.arg(&key);
                         Op::Cmd(del)
                     }
+                    None => Op::Script(self.delete(
+                        url_hash,
+                        if exact {
+                            Tombstone::Always
+                        } else {
+                            Tombstone::Stored
+                        },
+                    )),
                     Some(_) => {
                         let mut soft = redis_store::SOFT_PURGE.key(&key);
                         // A data value's entry carries the mark too: a

@@ -15,20 +15,36 @@
 -- A partial entry (version 2) never replaces a fresh complete one (version
 -- 1) of the same variant: a range request that raced a whole fill must not
 -- leave the URL with less than it had. A stale or soft-purged one it does.
--- A fill whose URL was purged or soft-purged after it took its lock
--- (delete.lua leaves `pg`, soft_purge.lua `sp`, and both drop the lock)
--- asked the origin before the purge: its entry is dropped, not stored.
--- Returns 0 then, 1 when stored. The lock is read once, here, and
--- released at the end.
-local ours = false
-if ARGV[6] ~= '' then
-  local marks = redis.call('HMGET', KEYS[1], 'lk', 'pg', 'sp')
-  ours = marks[1] and string.sub(marks[1], 1, #ARGV[6] + 1) == ARGV[6] .. ':'
-  if (marks[2] or marks[3]) and not ours then return 0 end
-end
-local entry = ARGV[3]
+-- ARGV[7] how long ago (ms) the fill asked the origin, by the storing
+-- instance's clock, with a margin for this write's own way here ('' for a
+-- write that is no fill): a duration, which clocks that disagree on the
+-- time still agree on.
+-- A fill that asked the origin before its URL was purged or soft-purged
+-- (delete.lua leaves `pg`, soft_purge.lua `sp`, both in Redis' time, and
+-- both drop the lock) has its entry dropped, not stored: the mark is newer
+-- than its question. A fill that still holds its lock saw no purge since
+-- it took it, and stores. Without ARGV[7], a fill whose lock is gone
+-- while a mark is there is dropped. Returns 0 then, 1 when stored. The
+-- lock is read once, here, and released at the end.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ago = ARGV[7] or ''
+local ours = false
+if ARGV[6] ~= '' or ago ~= '' then
+  local marks = redis.call('HMGET', KEYS[1], 'lk', 'pg', 'sp')
+  ours = ARGV[6] ~= '' and marks[1] and string.sub(marks[1], 1, #ARGV[6] + 1) == ARGV[6] .. ':'
+  if not ours then
+    if ago == '' then
+      if marks[2] or marks[3] then return 0 end
+    else
+      local asked = now - tonumber(ago)
+      if (tonumber(marks[2]) or -1) >= asked or (tonumber(marks[3]) or -1) >= asked then
+        return 0
+      end
+    end
+  end
+end
+local entry = ARGV[3]
 local function u64(s, at)
   local n = 0
   for i = at, at + 7 do n = n * 256 + string.byte(s, i) end

@@ -102,10 +102,14 @@ impl RedisStore {
     }
 
     /// Deletes a URL's entries, leaving a tombstone for as long as a fill
-    /// lock lives (see `delete.lua`).
-    pub(super) fn delete(&self, url_hash: &str) -> ScriptInvocation<'static> {
+    /// lock lives, as `tombstone` says (see `delete.lua`).
+    pub(super) fn delete(&self, url_hash: &str, tombstone: Tombstone) -> ScriptInvocation<'static> {
         let mut delete = DELETE.key(self.redis_key(url_hash));
-        delete.arg(self.lock_ttl_ms());
+        delete.arg(self.lock_ttl_ms()).arg(match tombstone {
+            Tombstone::Stored => "stored",
+            Tombstone::Always => "always",
+            Tombstone::Locked => "locked",
+        });
         delete
     }
 
@@ -114,11 +118,27 @@ impl RedisStore {
         tower_redis_core::clock::duration_ms(self.lock_ttl).max(1)
     }
 
+    /// Deletes URLs' entries and announces each, in one round trip.
+    pub(super) async fn delete_urls(
+        &self,
+        url_hashes: &[String],
+        tombstone: Tombstone,
+    ) -> Result<(), tower_redis_core::Error> {
+        let ops = &self.delete_ops(url_hashes.iter().map(String::as_str), tombstone);
+        self.manager
+            .run(|mut conn| async move { run_ops(&mut conn, ops).await.map(|_| ()) })
+            .await
+    }
+
     /// Deletes URLs' entries and announces each.
-    pub(super) fn delete_ops<'a>(&self, url_hashes: impl Iterator<Item = &'a str>) -> Vec<Op> {
+    pub(super) fn delete_ops<'a>(
+        &self,
+        url_hashes: impl Iterator<Item = &'a str>,
+        tombstone: Tombstone,
+    ) -> Vec<Op> {
         let mut ops = Vec::new();
         for url_hash in url_hashes {
-            ops.push(Op::Script(self.delete(url_hash)));
+            ops.push(Op::Script(self.delete(url_hash, tombstone)));
             ops.push(publish(&self.channel, &Bus::updated_message(url_hash)));
         }
         ops
@@ -175,10 +195,7 @@ impl EntryStore for RedisStore {
     }
 
     async fn invalidate(&self, url_hashes: &[String]) -> Result<(), tower_redis_core::Error> {
-        let ops = &self.delete_ops(url_hashes.iter().map(String::as_str));
-        self.manager
-            .run(|mut conn| async move { run_ops(&mut conn, ops).await.map(|_| ()) })
-            .await
+        self.delete_urls(url_hashes, Tombstone::Stored).await
     }
 
     async fn purge(
@@ -186,7 +203,7 @@ impl EntryStore for RedisStore {
         target: &Target,
         soft_at: Option<u64>,
     ) -> Result<u64, tower_redis_core::Error> {
-        self.purge_indexed(target, soft_at, &mut Removed::default())
+        self.purge_indexed(target, soft_at, &mut Removed::default(), false)
             .await
     }
 
@@ -494,6 +511,36 @@ pub(crate) struct Extras<'a> {
     pub(crate) announce: Option<(&'a str, &'a str)>,
 }
 
+/// Where a deletion leaves a tombstone (`delete.lua`), which a fill that
+/// asked the origin before it finds (`put.lua`) and so drops its entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tombstone {
+    /// Where the URL had anything stored: a removal (a purge, an
+    /// invalidation).
+    Stored,
+    /// Also where it had nothing: a purge of that one URL, which a fill
+    /// may be asking the origin for.
+    Always,
+    /// Only where a fill lock (or a tombstone) was: a deletion that no
+    /// fill must give way to (a value that does not decode).
+    Locked,
+}
+
+/// How long ago a fill asked the origin, in ms, as `put.lua` takes it:
+/// with [`ASKED_MARGIN`] for the time its write takes to reach Redis (in
+/// the pool's queue, on the wire), which would otherwise place the
+/// question later than it was. A clock set back reads as no time at all.
+pub(super) fn asked_ms_ago(asked: std::time::SystemTime) -> u64 {
+    let ago = asked.elapsed().unwrap_or_default() + ASKED_MARGIN;
+    u64::try_from(ago.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// See [`asked_ms_ago`]: a fill without its lock that asked the origin
+/// less than this before a purge reached Redis is dropped, as one that
+/// asked after it might be. Losing such a fill costs a miss; storing one
+/// would serve what the purge removed.
+const ASKED_MARGIN: Duration = Duration::from_secs(1);
+
 /// The whole write of an entry as one batch: the entry, its index
 /// records, the lock release and the announcement. One round trip.
 pub(crate) async fn put(
@@ -514,6 +561,10 @@ pub(crate) async fn put(
         .arg(ttl)
         .arg(MAX_VARIANTS)
         .arg(extras.unlock.unwrap_or(""));
+    match put.asked {
+        Some(asked) => store.arg(asked_ms_ago(asked)),
+        None => store.arg(""),
+    };
     ops.push(Op::Script(store));
     for index in extras.indexes {
         let mut record = INDEX.key(index);
@@ -599,6 +650,7 @@ mod tests {
             .arg("entry")
             .arg(60_000)
             .arg(MAX_VARIANTS)
+            .arg("")
             .arg("")
             .invoke_async(&mut conn)
             .await
