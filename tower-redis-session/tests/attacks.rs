@@ -720,6 +720,67 @@ async fn a_login_whose_new_id_is_refused_after_the_take_is_not_lost() {
     );
 }
 
+/// "Log out everywhere" made while a login waits in an instance's outage
+/// queue (its second step was refused: the new id is neither in Redis nor
+/// in the user's index, for the revocation to find) ends that login too.
+/// The replay finds the user's revocation newer than the login and writes
+/// nothing. It used to write the new id: the user stayed logged in on the
+/// device that logged in just before the revocation. A login queued after
+/// the revocation is written.
+#[tokio::test]
+async fn a_revocation_ends_a_login_waiting_in_the_outage_queue() {
+    let redis = TestRedis::start().await;
+    let (app, _, store) = start_app(SessionLayer::builder(manager_as(&redis, "a", &[]).await));
+    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let cookie = cookie_pair(&set_cookie.expect("session"));
+    refuse_writes(&redis, true).await;
+    let (status, _, login) = send(&app, "POST", "/login/alice", Some(&cookie)).await;
+    assert_eq!(status, 200);
+    let login = cookie_pair(&login.expect("the login's new id"));
+    assert!(
+        session_keys(&redis).await.is_empty(),
+        "the old id was taken, the new one refused"
+    );
+    // The instance's replay is refused (no scripts for its Redis user)
+    // until another instance has logged alice out everywhere.
+    let scripts = async |allowed: bool| {
+        let mut conn = redis.connection().await.expect("connection");
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("a")
+            .arg(if allowed { "+@all" } else { "-@scripting" })
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("ACL SETUSER");
+    };
+    scripts(false).await;
+    refuse_writes(&redis, false).await;
+    let (_, _, other) = start_app(SessionLayer::builder(manager(&redis).await));
+    assert_eq!(other.revoke_user("alice").await.expect("revoked"), 0);
+    scripts(true).await;
+    drained(&store).await;
+    assert!(
+        session_keys(&redis).await.is_empty(),
+        "the login made before the revocation was written after it"
+    );
+    assert_eq!(send(&app, "GET", "/get/user", Some(&login)).await.1, "none");
+    // A login queued the same way more than the margin (1 s) after the
+    // revocation is written when replayed.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/4", None).await;
+    let cookie = cookie_pair(&set_cookie.expect("session"));
+    refuse_writes(&redis, true).await;
+    let (_, _, again) = send(&app, "POST", "/login/alice", Some(&cookie)).await;
+    let again = cookie_pair(&again.expect("the second login's new id"));
+    refuse_writes(&redis, false).await;
+    drained(&store).await;
+    assert_eq!(session_keys(&redis).await.len(), 1);
+    assert_eq!(
+        send(&app, "GET", "/get/user", Some(&again)).await.1,
+        "alice"
+    );
+}
+
 /// The guard above is for ids cycled away only: a session this request
 /// destroyed, or one "log out everywhere" ended, has no successor, and a
 /// write after it starts a new session with its cookie (it used to be

@@ -28,6 +28,7 @@ use tower_redis_core::RedisManager;
 use tower_redis_core::degrade::{Deferred, Replay, ReplayError};
 
 use super::redis::RedisStore;
+use super::users::REVOKED_MARGIN_MS;
 use super::{Changes, Saved, Store, Write};
 
 /// The bookkeeping of one queued change, in bytes, beyond its own data: the
@@ -204,6 +205,19 @@ impl Change {
                         ));
                     }
                     _ => {}
+                }
+                if let Some(user) = &changes.user {
+                    // Made before a "log out everywhere" of its user, which
+                    // could not find it (the session, or its user, was not
+                    // in Redis yet): not written, and a session it would
+                    // create ends on every instance.
+                    let ago = super::now_ms().saturating_sub(*at_ms) + REVOKED_MARGIN_MS;
+                    if redis.revoked_since(user, ago).await? {
+                        if create.is_some() {
+                            redis.announce_ended(false, vec![storage_key.to_owned()]);
+                        }
+                        return Ok(());
+                    }
                 }
                 let write = Write {
                     storage_key,

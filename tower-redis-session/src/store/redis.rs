@@ -14,6 +14,10 @@
 //!   acknowledged whole deletes it at once.
 //! - `{<sha256(user)>}:u` — a set of the user's session hashes, for "log out
 //!   everywhere".
+//! - `{<sha256(user)>}:r` — when the user was last logged out everywhere
+//!   (Redis' clock, ms), for the absolute timeout: a login or a session
+//!   write naming the user that waited in an outage queue since before
+//!   then is not replayed (see `users.rs`).
 //!
 //! Per-entry writes in one Lua script are what keep concurrent requests of
 //! one session from losing each other's changes.
@@ -192,9 +196,19 @@ impl RedisStore {
     }
 
     pub(crate) fn user_key(&self, user: &str) -> String {
+        self.user_tagged(user, "u")
+    }
+
+    /// When the user was last logged out everywhere (see `users.rs`),
+    /// under the same hash tag as the user's index.
+    pub(crate) fn revoked_key(&self, user: &str) -> String {
+        self.user_tagged(user, "r")
+    }
+
+    fn user_tagged(&self, user: &str, suffix: &str) -> String {
         self.manager.keys().tagged(
             &URL_SAFE_NO_PAD.encode(Sha256::digest(user.as_bytes())),
-            &["u"],
+            &[suffix],
         )
     }
 
@@ -202,7 +216,7 @@ impl RedisStore {
         duration_ms(self.expiry.idle)
     }
 
-    fn absolute_ms(&self) -> u64 {
+    pub(crate) fn absolute_ms(&self) -> u64 {
         duration_ms(self.expiry.absolute)
     }
 

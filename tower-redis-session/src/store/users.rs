@@ -4,9 +4,10 @@
 //! store cannot see other instances' sessions).
 
 use std::collections::HashSet;
+use std::sync::LazyLock;
 use std::time::{Duration, UNIX_EPOCH};
 
-use tower_redis_core::redis;
+use tower_redis_core::redis::{self, Script};
 
 use super::redis::RedisStore;
 use super::{StoreError, UserSession};
@@ -14,6 +15,41 @@ use super::{StoreError, UserSession};
 /// How many times a revocation reads the user's index: the sessions made
 /// or cycled while one pass ran are ended by the next.
 const REVOKE_PASSES: usize = 4;
+
+/// Records when a user was logged out everywhere: Redis' time (ms), kept
+/// for ARGV[1] ms (the absolute timeout, which no session outlives).
+static MARK_REVOKED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[1], now, 'PX', ARGV[1])
+return now
+",
+    )
+});
+
+/// 1 when the user was logged out everywhere ARGV[1] ms ago or later (the
+/// mark is Redis' time; the age is a duration, which clocks that disagree
+/// still agree on), else 0.
+static REVOKED_SINCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local mark = tonumber(redis.call('GET', KEYS[1]))
+if not mark then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if mark >= now - tonumber(ARGV[1]) then return 1 end
+return 0
+",
+    )
+});
+
+/// Added to the age of a queued change naming a user when it is compared
+/// with the user's revocation (see [`RedisStore::revoked_since`]): a
+/// change made up to this long after a "log out everywhere" is dropped as
+/// if made before it, which costs a login; the other way would keep one.
+pub(crate) const REVOKED_MARGIN_MS: u64 = 1_000;
 
 impl RedisStore {
     /// The live sessions of a user; expired ones found in the index are
@@ -68,6 +104,21 @@ impl RedisStore {
     ) -> Result<usize, StoreError> {
         let manager = self.manager();
         let user_key = self.user_key(user);
+        // First: a login (or a write naming the user) that waits in an
+        // instance's outage queue, not in the index yet, finds it when it
+        // is replayed, and is dropped (`change.rs`).
+        let revoked_key = self.revoked_key(user);
+        let absolute_ms = self.absolute_ms().max(1);
+        manager
+            .run(|mut conn| async move {
+                MARK_REVOKED
+                    .key(&revoked_key)
+                    .arg(absolute_ms)
+                    .invoke_async::<u64>(&mut conn)
+                    .await
+            })
+            .await
+            .map_err(StoreError::Unavailable)?;
         let mut revoked = 0;
         let mut seen = HashSet::new();
         for _ in 0..REVOKE_PASSES {
@@ -104,5 +155,26 @@ impl RedisStore {
             seen.extend(fresh);
         }
         Ok(revoked)
+    }
+
+    /// Whether `user` was logged out everywhere `ago_ms` ago or later: a
+    /// change naming the user, made that long ago and queued since, is
+    /// then not written.
+    pub(crate) async fn revoked_since(
+        &self,
+        user: &str,
+        ago_ms: u64,
+    ) -> Result<bool, tower_redis_core::Error> {
+        let key = self.revoked_key(user);
+        self.manager()
+            .run(|mut conn| async move {
+                let since: u8 = REVOKED_SINCE
+                    .key(&key)
+                    .arg(ago_ms)
+                    .invoke_async(&mut conn)
+                    .await?;
+                Ok(since == 1)
+            })
+            .await
     }
 }
