@@ -139,14 +139,20 @@
 //!   its entry is dropped when a tombstone or soft-purge mark is newer
 //!   than its question, less a second's margin for the write's way to
 //!   Redis. Later requests do not follow that fill in process, and near
-//!   copies its own lookups refilled meanwhile are dropped. Not covered: a
-//!   fill that outlives the tombstone (its origin took longer than
-//!   `lock_ttl`); a tag, prefix or path purge of a URL with nothing stored
-//!   yet (its indexes do not list it); an invalidation of a URL with
-//!   nothing stored (a client's unsafe request writes nothing to Redis
-//!   then); and lookups from replicas (`read_from_replicas`, which may
-//!   lag). Each can store or show the old answer once, until its TTL or
-//!   the next purge. The data cache's `remove` and purges hold the same
+//!   copies its own lookups refilled meanwhile are dropped. The price: a
+//!   fill without the lock that asks the origin less than a second after a
+//!   purge of its URL is not stored either (the next request fills). Not
+//!   covered: a fill without the lock that outlives the tombstone (its
+//!   origin took longer than `lock_ttl`) or whose write takes more than
+//!   that second to reach Redis; a tag, prefix or path purge of a URL with
+//!   nothing in Redis (not stored yet, or expired), and a soft purge of
+//!   one; an invalidation of a URL with nothing stored (a client's unsafe
+//!   request writes nothing to Redis then); a tag or prefix purge made
+//!   during an outage, which is replayed without tombstones; the answer to
+//!   a `POST` stored for `GET`s (`store_post`), which is newer than its own
+//!   invalidation and is stored whatever came meanwhile; and lookups from
+//!   replicas (`read_from_replicas`, which may lag). Each can store or show
+//!   the old answer once, until its TTL or the next purge. The data cache's `remove` and purges hold the same
 //!   way against its fills (from when the factory began), with the value's
 //!   fill lock or without it (a caller that gave up waiting for another's).
 //! - **Near cache** (opt-in, [`CacheLayerBuilder::near_cache`]): hot entries

@@ -1840,6 +1840,25 @@ async fn a_fill_with_or_without_its_lock_that_began_before_any_purge_does_not_st
             next.cache_status()
         );
     }
+    // The margin's other side: a fill without the lock that asks the
+    // origin more than a second after a purge of its URL is stored.
+    let path = "/item/20";
+    get_settled(&lockless, path).await;
+    lockless
+        .layer
+        .handle()
+        .purge_url(&format!("http://shop.example{path}"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(get_settled(&lockless, path).await.body, "item-20-v2");
+    let next = get(&lockless.app, path).await;
+    assert_eq!(
+        (next.body.as_str(), origin.calls(path)),
+        ("item-20-v2", 2),
+        "{}",
+        next.cache_status()
+    );
 }
 
 /// A path purge (`purge_url("/item/1")`) while a request's revalidation

@@ -56,7 +56,8 @@ pub(crate) static DATA_VARIANT: LazyLock<String> =
 /// or a soft-purge mark `sp`, and not its lock) drops its value: it was
 /// made before the removal. ARGV[7], as `put.lua`'s: how long ago (ms) the
 /// factory began, margin included ('' for a `set`); with it, a fill
-/// without its lock drops its value when a mark is newer than that.
+/// without a lock drops its value when a mark is newer than that (a mark
+/// that is not a number counts as newer).
 /// Returns 0 then (waiters are still woken), 1 when stored.
 static DATA_PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -68,11 +69,13 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ago = ARGV[7] or ''
 local dropped = false
 if not release then
-  if ago ~= '' then
+  dropped = ARGV[4] ~= '' and (held[3] or held[4]) and true or false
+  if not dropped and ago ~= '' then
     local asked = now - tonumber(ago)
-    dropped = (tonumber(held[3]) or -1) >= asked or (tonumber(held[4]) or -1) >= asked
-  else
-    dropped = ARGV[4] ~= '' and (held[3] or held[4]) and true or false
+    local function newer(mark)
+      return mark and (tonumber(mark) or asked) >= asked
+    end
+    dropped = newer(held[3]) or newer(held[4]) or false
   end
 end
 if dropped then
@@ -137,7 +140,8 @@ if pttl ~= -2 then
   end
 end
 redis.call('HSET', KEYS[1], 'lk', ARGV[1] .. ':' .. (now + tonumber(ARGV[2])))
-if pttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+-- A lock taken in a tombstone outlives it (as `lock.lua`'s).
+if pttl < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 'acquired'
 ",
     )

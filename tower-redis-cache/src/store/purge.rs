@@ -58,7 +58,9 @@ impl CacheStore {
     }
 
     /// Deletes a data value that does not decode: as an invalidation, but
-    /// a fill under way (of a value that does decode) may store after it.
+    /// it leaves a tombstone only where a fill lock was (as deletions did
+    /// before purges left one everywhere), so that a fill without the lock
+    /// (of a value that does decode) may store after it.
     pub(crate) async fn delete_undecodable(&self, url_hash: &str) {
         self.remove(&[url_hash.to_owned()], Tombstone::Locked).await;
     }
@@ -310,10 +312,11 @@ impl RedisStore {
     /// may be under way though nothing is stored yet.
     ///
     /// A `replay` of a tag or prefix purge made during an outage deletes
-    /// with a plain `DEL` instead: the fills of the outage stored nothing in
-    /// Redis, and a new primary runs it without first loading the script
-    /// (one round trip more per node, on a cluster), within the one command
-    /// timeout that a lookup waits for the replay.
+    /// with a plain `DEL` instead, leaving no tombstone: a new primary runs
+    /// it without first loading the script (one round trip more per node,
+    /// on a cluster), within the one command timeout that a lookup waits
+    /// for the replay. A fill another instance asked for before the replay
+    /// may then store after it (see the crate docs).
     async fn purge_urls(
         &self,
         urls: &[String],

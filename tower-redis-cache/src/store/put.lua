@@ -23,9 +23,9 @@
 -- (delete.lua leaves `pg`, soft_purge.lua `sp`, both in Redis' time, and
 -- both drop the lock) has its entry dropped, not stored: the mark is newer
 -- than its question. A fill that still holds its lock saw no purge since
--- it took it, and stores. Without ARGV[7], a fill whose lock is gone
--- while a mark is there is dropped. Returns 0 then, 1 when stored. The
--- lock is read once, here, and released at the end.
+-- it took it, and stores; one that took a lock and lost it is dropped
+-- whenever a mark is there. Returns 0 then, 1 when stored. The lock is
+-- read once, here, and released at the end.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ago = ARGV[7] or ''
@@ -34,13 +34,13 @@ if ARGV[6] ~= '' or ago ~= '' then
   local marks = redis.call('HMGET', KEYS[1], 'lk', 'pg', 'sp')
   ours = ARGV[6] ~= '' and marks[1] and string.sub(marks[1], 1, #ARGV[6] + 1) == ARGV[6] .. ':'
   if not ours then
-    if ago == '' then
-      if marks[2] or marks[3] then return 0 end
-    else
+    if ARGV[6] ~= '' and (marks[2] or marks[3]) then return 0 end
+    if ago ~= '' then
       local asked = now - tonumber(ago)
-      if (tonumber(marks[2]) or -1) >= asked or (tonumber(marks[3]) or -1) >= asked then
-        return 0
+      local function newer(mark)
+        return mark and (tonumber(mark) or asked) >= asked
       end
+      if newer(marks[2]) or newer(marks[3]) then return 0 end
     end
   end
 end

@@ -529,17 +529,23 @@ pub(crate) enum Tombstone {
 /// How long ago a fill asked the origin, in ms, as `put.lua` takes it:
 /// with [`ASKED_MARGIN`] for the time its write takes to reach Redis (in
 /// the pool's queue, on the wire), which would otherwise place the
-/// question later than it was. A clock set back reads as no time at all.
+/// question later than it was. A clock set back since reads as the
+/// longest time, for which any purge mark is newer.
 pub(super) fn asked_ms_ago(asked: std::time::SystemTime) -> u64 {
-    let ago = asked.elapsed().unwrap_or_default() + ASKED_MARGIN;
-    u64::try_from(ago.as_millis()).unwrap_or(u64::MAX)
+    asked.elapsed().map_or(UNKNOWN_AGE_MS, |ago| {
+        u64::try_from((ago + ASKED_MARGIN).as_millis()).unwrap_or(UNKNOWN_AGE_MS)
+    })
 }
 
-/// See [`asked_ms_ago`]: a fill without its lock that asked the origin
-/// less than this before a purge reached Redis is dropped, as one that
-/// asked after it might be. Losing such a fill costs a miss; storing one
-/// would serve what the purge removed.
+/// See [`asked_ms_ago`]: a fill without its lock that asked the origin up
+/// to this long after a purge reached Redis is dropped too, as one that
+/// asked before it would be: losing such a fill costs a miss, storing one
+/// that asked before would serve what the purge removed.
 const ASKED_MARGIN: Duration = Duration::from_secs(1);
+
+/// The age of a question whose time is unknown: older than any mark (a
+/// thousand years, well within what Lua's numbers hold exactly).
+const UNKNOWN_AGE_MS: u64 = 1000 * 365 * 24 * 3_600_000;
 
 /// The whole write of an entry as one batch: the entry, its index
 /// records, the lock release and the announcement. One round trip.
