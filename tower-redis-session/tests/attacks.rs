@@ -781,6 +781,27 @@ async fn a_revocation_ends_a_login_waiting_in_the_outage_queue() {
     );
 }
 
+/// "Log out everywhere" first records its time (a script); where Redis
+/// refuses that (a Redis user without scripts here; out of memory alike,
+/// where only deletes are allowed), the revocation still ends the user's
+/// sessions and answers how many. It used to fail as a whole.
+#[tokio::test]
+async fn a_revocation_whose_time_cannot_be_recorded_still_ends_the_sessions() {
+    let redis = TestRedis::start().await;
+    let (app, _, cookie) = app_with_a_cart(&redis).await;
+    let (_, _, login) = send(&app, "POST", "/login/alice", Some(&cookie)).await;
+    let alice = cookie_pair(&login.expect("the login's new id"));
+    assert_eq!(
+        send(&app, "GET", "/get/user", Some(&alice)).await.1,
+        "alice"
+    );
+    let (_, _, scriptless) = start_app(SessionLayer::builder(
+        manager_as(&redis, "no-scripts", &["@scripting"]).await,
+    ));
+    assert_eq!(scriptless.revoke_user("alice").await.expect("revoked"), 1);
+    assert_eq!(send(&app, "GET", "/get/user", Some(&alice)).await.1, "none");
+}
+
 /// The guard above is for ids cycled away only: a session this request
 /// destroyed, or one "log out everywhere" ended, has no successor, and a
 /// write after it starts a new session with its cookie (it used to be

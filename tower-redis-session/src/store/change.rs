@@ -23,6 +23,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Instant;
 
 use tower_redis_core::RedisManager;
 use tower_redis_core::degrade::{Deferred, Replay, ReplayError};
@@ -56,6 +57,11 @@ enum Kind {
         /// The creation of a cycle's new id: made only if the old one was
         /// still in Redis.
         cycle: Option<Arc<Cycle>>,
+        /// When the user was first set by the changes this one holds (a
+        /// merge keeps the earliest; this instance's monotonic clock): a
+        /// "log out everywhere" of that user since then means it is not
+        /// written.
+        user_since: Option<Instant>,
     },
     Delete {
         user: Option<String>,
@@ -122,6 +128,7 @@ impl Change {
                 changes: changes.clone(),
                 at_ms,
                 cycle: None,
+                user_since: changes.user.as_ref().map(|_| Instant::now()),
             },
         }
     }
@@ -185,6 +192,7 @@ impl Change {
                 changes,
                 at_ms,
                 cycle,
+                user_since,
             } => {
                 match cycle.as_ref().map(|cycle| cycle.state()) {
                     Some(Cycle::GONE) => {
@@ -206,18 +214,24 @@ impl Change {
                     }
                     _ => {}
                 }
-                if let Some(user) = &changes.user {
-                    // Made before a "log out everywhere" of its user, which
-                    // could not find it (the session, or its user, was not
-                    // in Redis yet): not written, and a session it would
-                    // create ends on every instance.
-                    let ago = super::now_ms().saturating_sub(*at_ms) + REVOKED_MARGIN_MS;
-                    if redis.revoked_since(user, ago).await? {
-                        if create.is_some() {
-                            redis.announce_ended(false, vec![storage_key.to_owned()]);
-                        }
-                        return Ok(());
+                // A change that names a user, made before a "log out
+                // everywhere" of that user, which could not find it (the
+                // session, or its user, was not in Redis yet), is not
+                // written. An existing session's is checked before it is
+                // written; a creation's after (a revocation that read the
+                // user's index before the write missed it), and the session
+                // then ends.
+                let revoked = async || match (&changes.user, user_since) {
+                    (Some(user), Some(since)) => {
+                        let ago = u64::try_from(since.elapsed().as_millis())
+                            .unwrap_or(u64::MAX)
+                            .saturating_add(REVOKED_MARGIN_MS);
+                        redis.revoked_since(user, ago).await
                     }
+                    _ => Ok(false),
+                };
+                if create.is_none() && revoked().await? {
+                    return Ok(());
                 }
                 let write = Write {
                     storage_key,
@@ -227,6 +241,9 @@ impl Change {
                     at_ms: Some(*at_ms),
                 };
                 let saved = redis.save(&write).await?;
+                if create.is_some() && revoked().await? {
+                    return redis.delete(storage_key, changes.user.as_deref()).await;
+                }
                 if saved == Saved::Gone && create.is_none() {
                     // The session ended in Redis while this change waited:
                     // an end this instance (or another) may have missed.
@@ -264,11 +281,17 @@ impl Deferred for Change {
     /// session over and over during an outage so takes the room of one save.
     fn merge(&mut self, newer: &Self) -> bool {
         let (
-            Kind::Save { changes, at_ms, .. },
+            Kind::Save {
+                changes,
+                at_ms,
+                user_since,
+                ..
+            },
             Kind::Save {
                 create: None,
                 changes: newer_changes,
                 at_ms: newer_at_ms,
+                user_since: newer_user_since,
                 ..
             },
         ) = (&mut self.kind, &newer.kind)
@@ -284,6 +307,9 @@ impl Deferred for Change {
         if covered {
             changes.clone_from(newer_changes);
             *at_ms = *newer_at_ms;
+            // The user's time stays the earliest (a revocation since then
+            // holds against the login, however often it was saved again).
+            *user_since = user_since.or(*newer_user_since);
             self.weight = save_weight(&self.storage_key, changes);
         }
         covered
@@ -782,5 +808,50 @@ mod tests {
             written(&queue),
             [(key(1), false), (key(1), false), (key(2), false)]
         );
+    }
+
+    /// A save merged into a queued login (the session's every entry and its
+    /// user, saved again) keeps the time the login first set the user:
+    /// the replay compares that time with a "log out everywhere", which a
+    /// later save made after the revocation must not push the login past.
+    #[test]
+    fn a_merged_save_keeps_the_time_the_user_was_first_set() {
+        let mut with_user = changes(8);
+        with_user.user = Some("alice".to_owned());
+        let mut login = Change::cycle(&key(1), None, &key(2), 1, &with_user, 10)
+            .pop()
+            .expect("the creation half");
+        let Kind::Save {
+            user_since: Some(first),
+            ..
+        } = login.kind
+        else {
+            panic!("a save naming its user: {login:?}");
+        };
+        std::thread::sleep(Duration::from_millis(5));
+        let again = Change::save(&key(2), None, &with_user, 20);
+        assert!(login.merge(&again), "covers every entry and the user");
+        let Kind::Save {
+            user_since, at_ms, ..
+        } = &login.kind
+        else {
+            panic!("still a save");
+        };
+        assert_eq!((*user_since, *at_ms), (Some(first), 20));
+        // A save that sets the user merged into one that did not takes
+        // the newer save's time.
+        let mut anonymous = Change::save(&key(3), None, &changes(8), 30);
+        let named = Change::save(&key(3), None, &with_user, 40);
+        assert!(anonymous.merge(&named));
+        let (
+            Kind::Save { user_since, .. },
+            Kind::Save {
+                user_since: set, ..
+            },
+        ) = (&anonymous.kind, &named.kind)
+        else {
+            panic!("saves");
+        };
+        assert!(user_since.is_some() && user_since == set);
     }
 }

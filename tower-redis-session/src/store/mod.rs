@@ -399,11 +399,13 @@ impl SessionStore {
     }
 
     /// Ends every session of a user ("log out everywhere"); returns how many
-    /// were live. A login (or a write naming the user) that an instance
+    /// were live. A login (or a write that sets the user) that an instance
     /// holds in its outage queue, made before the call or less than a
     /// second after it, is not written when Redis is back: the call records
     /// its time under the user (`{<sha256(user)>}:r`) for the absolute
-    /// timeout.
+    /// timeout. Where Redis refuses that record (out of memory, a Redis
+    /// user without scripts), the sessions are still ended and a warning
+    /// is logged.
     pub async fn revoke_user(&self, user: &str) -> Result<usize, StoreError> {
         let local = self.inner.local();
         self.inner

@@ -31,12 +31,14 @@ return now
 
 /// 1 when the user was logged out everywhere ARGV[1] ms ago or later (the
 /// mark is Redis' time; the age is a duration, which clocks that disagree
-/// still agree on), else 0.
+/// still agree on; a mark that is not a number counts as recent), else 0.
 static REVOKED_SINCE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local mark = tonumber(redis.call('GET', KEYS[1]))
-if not mark then return 0 end
+local value = redis.call('GET', KEYS[1])
+if not value then return 0 end
+local mark = tonumber(value)
+if not mark then return 1 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if mark >= now - tonumber(ARGV[1]) then return 1 end
@@ -106,10 +108,12 @@ impl RedisStore {
         let user_key = self.user_key(user);
         // First: a login (or a write naming the user) that waits in an
         // instance's outage queue, not in the index yet, finds it when it
-        // is replayed, and is dropped (`change.rs`).
+        // is replayed, and is dropped (`change.rs`). A mark Redis refuses
+        // (out of memory, or a Redis user without scripts) does not stop
+        // the revocation itself, which only deletes.
         let revoked_key = self.revoked_key(user);
         let absolute_ms = self.absolute_ms().max(1);
-        manager
+        let marked = manager
             .run(|mut conn| async move {
                 MARK_REVOKED
                     .key(&revoked_key)
@@ -117,8 +121,14 @@ impl RedisStore {
                     .invoke_async::<u64>(&mut conn)
                     .await
             })
-            .await
-            .map_err(StoreError::Unavailable)?;
+            .await;
+        if let Err(error) = marked {
+            tracing::warn!(
+                target: "tower_redis_session",
+                %error,
+                "the time of a \"log out everywhere\" could not be recorded: a login of that user queued during an outage may survive it"
+            );
+        }
         let mut revoked = 0;
         let mut seen = HashSet::new();
         for _ in 0..REVOKE_PASSES {
