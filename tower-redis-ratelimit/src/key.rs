@@ -5,8 +5,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use http::HeaderName;
 use http::request::Parts;
-use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 use tower_redis_core::{Keyspace, escape_key_part};
 
@@ -125,10 +125,10 @@ impl Key {
     /// SHA-256, so padding a key does not escape the policy. The value is
     /// trimmed; in `Authorization` and `Proxy-Authorization` the scheme
     /// counts in lower case, with one space after it (`bearer  T` is
-    /// `Bearer T`, as the apps reading them take it). Sent on several lines
-    /// that differ, the request is answered `400` (an app may read any of
-    /// the lines, and a client would vary the one counted); several lines
-    /// that say the same count as one.
+    /// `Bearer T`, as the apps reading them take it). Sent on several lines,
+    /// the first counts, as `HeaderMap::get` (and so most apps) reads it: an
+    /// app that reads another line, or all of them, should count by a
+    /// [`Key::from_fn`] that reads the header as it does.
     ///
     /// # Panics
     ///
@@ -331,11 +331,7 @@ impl Key {
     }
 
     /// Extracts this key from a request head. Empty values count as missing.
-    pub(crate) async fn extract(
-        &self,
-        parts: &Parts,
-        client_ip: &ClientIp,
-    ) -> Result<Option<String>, Ambiguous> {
+    pub(crate) async fn extract(&self, parts: &Parts, client_ip: &ClientIp) -> Option<String> {
         if let Some(value) = self.extract_built_in(parts, client_ip) {
             return value;
         }
@@ -345,7 +341,7 @@ impl Key {
             // Read above.
             KeyKind::ClientIp | KeyKind::Header(_) | KeyKind::Global => None,
         };
-        Ok(value.filter(|value| !value.is_empty()))
+        value.filter(|value| !value.is_empty())
     }
 
     /// [`extract`](Self::extract) for a [built-in](Self::is_built_in) key,
@@ -354,44 +350,20 @@ impl Key {
         &self,
         parts: &Parts,
         client_ip: &ClientIp,
-    ) -> Option<Result<Option<String>, Ambiguous>> {
+    ) -> Option<Option<String>> {
         let value = match &self.kind {
             KeyKind::ClientIp => client_ip.key_of_parts(parts),
-            KeyKind::Header(name) => match header_value(&parts.headers, name) {
-                Ok(value) => value,
-                Err(ambiguous) => return Some(Err(ambiguous)),
-            },
+            KeyKind::Header(name) => parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| header_key(name, v)),
             // The one bucket's key is empty, and not missing.
-            KeyKind::Global => return Some(Ok(Some(String::new()))),
+            KeyKind::Global => return Some(Some(String::new())),
             KeyKind::Sync(_) | KeyKind::Async(_) => return None,
         };
-        Some(Ok(value.filter(|value| !value.is_empty())))
+        Some(value.filter(|value| !value.is_empty()))
     }
-}
-
-/// A key header sent on several lines that do not say the same thing: the
-/// request is answered `400` (see [`Key::header`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Ambiguous;
-
-/// The key of the header `name`: its value ([`header_key`]), `None` when
-/// it is absent or not text. Sent on several lines, every line must give
-/// the same key: an app may read any of them (the first, as
-/// `HeaderMap::get` does, the last, or all joined), and a client counted by
-/// one of them would send a new value in it with each request and its own
-/// in the line the app reads.
-fn header_value(headers: &HeaderMap, name: &HeaderName) -> Result<Option<String>, Ambiguous> {
-    let mut lines = headers.get_all(name).iter();
-    let key = |line: &http::HeaderValue| line.to_str().ok().map(|v| header_key(name, v));
-    let Some(first) = lines.next().map(key) else {
-        return Ok(None);
-    };
-    for line in lines {
-        if key(line) != first {
-            return Err(Ambiguous);
-        }
-    }
-    Ok(first)
 }
 
 /// The key of a header's value: its text, trimmed. In `Authorization` and

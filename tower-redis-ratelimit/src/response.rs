@@ -55,18 +55,6 @@ pub(crate) fn missing_key(policy: &str) -> Response<Bytes> {
         .into_response()
 }
 
-/// 400 for a request that sends the key header a policy counts by on
-/// several lines that differ.
-pub(crate) fn ambiguous_key(policy: &str) -> Response<Bytes> {
-    Problem::new(StatusCode::BAD_REQUEST)
-        .type_uri("about:blank")
-        .title("Bad Request")
-        .detail(format!(
-            "the request sends the header rate-limit policy \"{policy}\" counts by on several lines that differ: send it once"
-        ))
-        .into_response()
-}
-
 /// A trailers-only gRPC answer: HTTP 200, `grpc-status` and `grpc-message`
 /// in the headers, no body.
 pub(crate) fn grpc_status(code: u8, message: &str) -> Response<Bytes> {

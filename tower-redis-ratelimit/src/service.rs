@@ -16,7 +16,7 @@ use tower_service::Service;
 
 use crate::body::ResponseBody;
 use crate::headers::{self, Fields};
-use crate::key::{Ambiguous, CounterKeys, MissingKey};
+use crate::key::{CounterKeys, MissingKey};
 use crate::layer::Config;
 use crate::limiter::DecisionSource;
 use crate::limiter::{Check, PolicyState, Verdict};
@@ -182,7 +182,7 @@ async fn decide(config: &Config, parts: &Parts) -> Outcome {
     }
     let (policies, checks) = match applicable_checks(config, parts).await {
         Ok(found) => found,
-        Err(unkeyed) => return missing_key(parts, &unkeyed),
+        Err(policy) => return missing_key(parts, &policy),
     };
     let cost = config.cost.as_ref().map_or(1, |cost| cost(parts));
     if checks.is_empty() || cost == 0 {
@@ -205,13 +205,13 @@ fn decide_now(config: &Config, parts: &Parts) -> Option<Outcome> {
     let mut checks = Vec::new();
     for (policy, counter_keys) in applicable(config, parts) {
         let value = policy.key.extract_built_in(parts, &config.client_ip)?;
-        if let Err(unkeyed) = add_check(
+        if let Err(policy) = add_check(
             config,
             (policy, counter_keys),
             value,
             (&mut policies, &mut checks),
         ) {
-            return Some(missing_key(parts, &unkeyed));
+            return Some(missing_key(parts, &policy));
         }
     }
     if checks.is_empty() {
@@ -222,29 +222,16 @@ fn decide_now(config: &Config, parts: &Parts) -> Option<Outcome> {
     Some(conclude(config, parts, &policies, &verdict))
 }
 
-/// Why a request is answered `400` before any decision: it lacks the key
-/// of `policy`, and the layer rejects such requests (`on_missing_key`), or
-/// it sends that key `ambiguous`ly (a key header on several lines that
-/// differ, whatever `on_missing_key` says).
-struct Unkeyed {
-    policy: String,
-    ambiguous: bool,
-}
-
-/// The answer to a request [`Unkeyed`].
-fn missing_key(parts: &Parts, unkeyed: &Unkeyed) -> Outcome {
-    let policy = &unkeyed.policy;
-    Outcome::Respond(match (is_grpc(&parts.headers), unkeyed.ambiguous) {
-        (true, false) => response::grpc_status(
+/// The answer to a request without the key of a policy that rejects such
+/// requests (`on_missing_key`).
+fn missing_key(parts: &Parts, policy: &str) -> Outcome {
+    Outcome::Respond(if is_grpc(&parts.headers) {
+        response::grpc_status(
             response::GRPC_INVALID_ARGUMENT,
             &format!("missing the key of rate-limit policy {policy}"),
-        ),
-        (true, true) => response::grpc_status(
-            response::GRPC_INVALID_ARGUMENT,
-            &format!("the key of rate-limit policy {policy} is sent several times, differently"),
-        ),
-        (false, false) => response::missing_key(policy),
-        (false, true) => response::ambiguous_key(policy),
+        )
+    } else {
+        response::missing_key(policy)
     })
 }
 
@@ -288,12 +275,11 @@ fn is_allow_listed(config: &Config, parts: &Parts) -> bool {
 }
 
 /// The policies that apply to the request and their counters. `Err` names a
-/// policy whose key is missing when the layer is set to reject such
-/// requests, or ambiguous.
+/// policy whose key is missing when the layer is set to reject such requests.
 async fn applicable_checks<'c>(
     config: &'c Config,
     parts: &Parts,
-) -> Result<(Vec<&'c Policy>, Vec<Check>), Unkeyed> {
+) -> Result<(Vec<&'c Policy>, Vec<Check>), String> {
     let mut policies = Vec::new();
     let mut checks = Vec::new();
     for (policy, counter_keys) in applicable(config, parts) {
@@ -324,28 +310,13 @@ fn applicable<'c>(
 
 /// Adds an applicable policy and its check, for the key `value` it found
 /// in the request; a missing key is skipped, shared or rejected (`Err`,
-/// with the policy's name) as the layer says, an ambiguous one rejected
-/// (in shadow mode, where nothing is refused, skipped).
+/// with the policy's name) as the layer says.
 fn add_check<'c>(
     config: &Config,
     (policy, counter_keys): (&'c Policy, &CounterKeys),
-    value: Result<Option<String>, Ambiguous>,
+    value: Option<String>,
     (policies, checks): (&mut Vec<&'c Policy>, &mut Vec<Check>),
-) -> Result<(), Unkeyed> {
-    let Ok(value) = value else {
-        if config.shadow {
-            tracing::info!(
-                target: "tower_redis_ratelimit",
-                policy = policy.name(),
-                "shadow mode: this request would have been refused (its key header is on several lines that differ)"
-            );
-            return Ok(());
-        }
-        return Err(Unkeyed {
-            policy: policy.name().to_owned(),
-            ambiguous: true,
-        });
-    };
+) -> Result<(), String> {
     if value.is_none() && policy.key.is_client_ip() {
         warn_no_peer_address(config, policy);
     }
@@ -353,12 +324,7 @@ fn add_check<'c>(
         (Some(value), _) => counter_keys.key(Some(value)),
         (None, MissingKey::Skip) => return Ok(()),
         (None, MissingKey::SharedBucket) => counter_keys.key(None),
-        (None, MissingKey::Reject) => {
-            return Err(Unkeyed {
-                policy: policy.name().to_owned(),
-                ambiguous: false,
-            });
-        }
+        (None, MissingKey::Reject) => return Err(policy.name().to_owned()),
     };
     policies.push(policy);
     checks.push(Check {
