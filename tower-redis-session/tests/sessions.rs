@@ -782,6 +782,51 @@ async fn revoke_user_logs_out_everywhere() {
     assert!(store.list_user_sessions("bob").await.unwrap().is_empty());
 }
 
+/// A user with more sessions than one batch (256 are read or ended at
+/// once): every live one is listed and ended, and a listed session that
+/// expired meanwhile leaves the index.
+#[tokio::test]
+async fn a_user_s_many_sessions_are_listed_and_revoked_in_batches() {
+    let redis = TestRedis::start().await;
+    let (app, store) = default_app(&redis).await;
+    for _ in 0..300 {
+        let (status, _, cookie, _) = send(&app, "POST", "/login/dana", None).await;
+        assert_eq!(status, 200);
+        assert!(cookie.is_some());
+    }
+    // One of them expires (its hash goes; its index entry stays).
+    let mut conn = redis.connection().await.expect("connection");
+    let expired = session_keys(&redis).await.pop().expect("a session");
+    let _: () = redis::cmd("DEL")
+        .arg(&expired)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    let index = async || -> usize {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*:u")
+            .query_async(&mut redis.connection().await.expect("connection"))
+            .await
+            .expect("KEYS");
+        let mut members = 0;
+        for key in keys {
+            let n: usize = redis::cmd("SCARD")
+                .arg(&key)
+                .query_async(&mut redis.connection().await.expect("connection"))
+                .await
+                .expect("SCARD");
+            members += n;
+        }
+        members
+    };
+    assert_eq!(index().await, 300);
+    assert_eq!(store.list_user_sessions("dana").await.unwrap().len(), 299);
+    assert_eq!(index().await, 299, "the expired session left the index");
+    assert_eq!(store.revoke_user("dana").await.unwrap(), 299);
+    assert!(session_keys(&redis).await.is_empty());
+    assert!(store.list_user_sessions("dana").await.unwrap().is_empty());
+}
+
 /// "Log out everywhere" is not one atomic step: a login while it runs must
 /// not end up live and missing from the user's index, where no later
 /// revocation would find it (the index used to be deleted whole at the end,

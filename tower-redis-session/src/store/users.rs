@@ -16,6 +16,11 @@ use super::{StoreError, UserSession};
 /// or cycled while one pass ran are ended by the next.
 const REVOKE_PASSES: usize = 4;
 
+/// How many of a user's sessions are read or ended at once: sent together
+/// (one round trip on the manager's multiplexed connection, or one per
+/// node of a Cluster), rather than one round trip each.
+const BATCH: usize = 256;
+
 /// Records when a user was logged out everywhere: Redis' time (ms), kept
 /// for ARGV[1] ms (the absolute timeout, which no session outlives).
 static MARK_REVOKED: LazyLock<Script> = LazyLock::new(|| {
@@ -67,23 +72,37 @@ impl RedisStore {
             .await
             .map_err(StoreError::Unavailable)?;
         let mut sessions = Vec::with_capacity(members.len());
-        for handle in members {
-            let created: Option<u64> = manager
-                .query(redis::cmd("HGET").arg(self.session_key(&handle)).arg("_c"))
-                .await
-                .map_err(StoreError::Unavailable)?;
-            match created {
-                Some(created) => sessions.push(UserSession {
-                    handle,
-                    created: UNIX_EPOCH + Duration::from_millis(created),
-                }),
-                // Expired: tidy the index.
-                None => {
-                    let _ = manager
-                        .query::<()>(redis::cmd("SREM").arg(&user_key).arg(&handle))
-                        .await;
+        let mut expired = Vec::new();
+        for chunk in members.chunks(BATCH) {
+            let reads: Vec<redis::Cmd> = chunk
+                .iter()
+                .map(|handle| {
+                    redis::cmd("HGET")
+                        .arg(self.session_key(handle))
+                        .arg("_c")
+                        .clone()
+                })
+                .collect();
+            let created = futures_util::future::try_join_all(
+                reads.iter().map(|read| manager.query::<Option<u64>>(read)),
+            )
+            .await
+            .map_err(StoreError::Unavailable)?;
+            for (handle, created) in chunk.iter().zip(created) {
+                match created {
+                    Some(created) => sessions.push(UserSession {
+                        handle: handle.clone(),
+                        created: UNIX_EPOCH + Duration::from_millis(created),
+                    }),
+                    None => expired.push(handle.as_str()),
                 }
             }
+        }
+        // Expired: tidy the index.
+        if !expired.is_empty() {
+            let _ = manager
+                .query::<()>(redis::cmd("SREM").arg(&user_key).arg(&expired))
+                .await;
         }
         Ok(sessions)
     }
@@ -147,14 +166,21 @@ impl RedisStore {
             // read that begins meanwhile from making a copy), so that a
             // call cancelled or failing among them still reached everyone.
             self.announce_ended(false, fresh.clone());
-            for handle in &fresh {
-                let deleted = manager
-                    .query::<usize>(redis::cmd("DEL").arg(self.session_key(handle)))
-                    .await;
-                // Acknowledged (or not): no tracked copy here outlives it.
-                self.forget(handle);
-                revoked += deleted.map_err(StoreError::Unavailable)?;
-                ended(handle);
+            for chunk in fresh.chunks(BATCH) {
+                let deletes: Vec<redis::Cmd> = chunk
+                    .iter()
+                    .map(|handle| redis::cmd("DEL").arg(self.session_key(handle)).clone())
+                    .collect();
+                let deleted = futures_util::future::join_all(
+                    deletes.iter().map(|delete| manager.query::<usize>(delete)),
+                )
+                .await;
+                for (handle, deleted) in chunk.iter().zip(deleted) {
+                    // Acknowledged (or not): no tracked copy here outlives it.
+                    self.forget(handle);
+                    revoked += deleted.map_err(StoreError::Unavailable)?;
+                    ended(handle);
+                }
             }
             // And after them: nothing read before them keeps a copy.
             self.announce_ended(false, fresh.clone());
