@@ -445,6 +445,22 @@ async fn an_oversized_session_change_is_a_typed_error_the_handler_sees() {
 
 /// Makes Redis refuse writes (out of memory, `noeviction`) while it stays up,
 /// or lifts that.
+/// Logs alice in from `cookie`'s session while Redis refuses writes
+/// (`take.lua` only reads and deletes before its marker, and a write after
+/// a delete is allowed out of memory; the new id's write is refused): the
+/// old id is taken, the login queued whole. Returns the new id's cookie;
+/// writes stay refused.
+async fn login_refused(app: &Router, redis: &TestRedis, cookie: &str) -> String {
+    refuse_writes(redis, true).await;
+    let (status, _, login) = send(app, "POST", "/login/alice", Some(cookie)).await;
+    assert_eq!(status, 200);
+    assert!(
+        session_keys(redis).await.is_empty(),
+        "the old id was taken, the new one refused"
+    );
+    cookie_pair(&login.expect("the login's new id"))
+}
+
 async fn refuse_writes(redis: &TestRedis, refuse: bool) {
     let mut conn = redis.connection().await.expect("connection");
     for (name, value) in [
@@ -693,16 +709,7 @@ async fn a_login_whose_new_id_is_refused_after_the_take_is_not_lost() {
         }
     })
     .await;
-    // `take.lua` only reads and deletes before its marker (a write after a
-    // delete is allowed out of memory); the new id's write is refused.
-    refuse_writes(&redis, true).await;
-    let (status, _, login) = send(&app, "POST", "/login/alice", Some(&cookie)).await;
-    assert_eq!(status, 200);
-    let login = cookie_pair(&login.expect("the login's new id"));
-    assert!(
-        session_keys(&redis).await.is_empty(),
-        "the old id was taken, the new one refused"
-    );
+    let login = login_refused(&app, &redis, &cookie).await;
     refuse_writes(&redis, false).await;
     drained(&store).await;
     assert_eq!(session_keys(&redis).await.len(), 1);
@@ -733,14 +740,7 @@ async fn a_revocation_ends_a_login_waiting_in_the_outage_queue() {
     let (app, _, store) = start_app(SessionLayer::builder(manager_as(&redis, "a", &[]).await));
     let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
     let cookie = cookie_pair(&set_cookie.expect("session"));
-    refuse_writes(&redis, true).await;
-    let (status, _, login) = send(&app, "POST", "/login/alice", Some(&cookie)).await;
-    assert_eq!(status, 200);
-    let login = cookie_pair(&login.expect("the login's new id"));
-    assert!(
-        session_keys(&redis).await.is_empty(),
-        "the old id was taken, the new one refused"
-    );
+    let login = login_refused(&app, &redis, &cookie).await;
     // The instance's replay is refused (no scripts for its Redis user)
     // until another instance has logged alice out everywhere.
     let scripts = async |allowed: bool| {
@@ -769,9 +769,7 @@ async fn a_revocation_ends_a_login_waiting_in_the_outage_queue() {
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     let (_, _, set_cookie) = send(&app, "POST", "/set/cart/4", None).await;
     let cookie = cookie_pair(&set_cookie.expect("session"));
-    refuse_writes(&redis, true).await;
-    let (_, _, again) = send(&app, "POST", "/login/alice", Some(&cookie)).await;
-    let again = cookie_pair(&again.expect("the second login's new id"));
+    let again = login_refused(&app, &redis, &cookie).await;
     refuse_writes(&redis, false).await;
     drained(&store).await;
     assert_eq!(session_keys(&redis).await.len(), 1);

@@ -175,11 +175,24 @@ impl RedisStore {
                     deletes.iter().map(|delete| manager.query::<usize>(delete)),
                 )
                 .await;
+                // Every acknowledged delete is heard of, even when another
+                // of the batch failed (that error is then the answer).
+                let mut failed = None;
                 for (handle, deleted) in chunk.iter().zip(deleted) {
                     // Acknowledged (or not): no tracked copy here outlives it.
                     self.forget(handle);
-                    revoked += deleted.map_err(StoreError::Unavailable)?;
-                    ended(handle);
+                    match deleted {
+                        Ok(deleted) => {
+                            revoked += deleted;
+                            ended(handle);
+                        }
+                        Err(error) => {
+                            failed.get_or_insert(error);
+                        }
+                    }
+                }
+                if let Some(error) = failed {
+                    return Err(StoreError::Unavailable(error));
                 }
             }
             // And after them: nothing read before them keeps a copy.
