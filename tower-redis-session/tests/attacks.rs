@@ -443,8 +443,6 @@ async fn an_oversized_session_change_is_a_typed_error_the_handler_sees() {
     assert!(cookie.is_some());
 }
 
-/// Makes Redis refuse writes (out of memory, `noeviction`) while it stays up,
-/// or lifts that.
 /// Logs alice in from `cookie`'s session while Redis refuses writes
 /// (`take.lua` only reads and deletes before its marker, and a write after
 /// a delete is allowed out of memory; the new id's write is refused): the
@@ -461,6 +459,8 @@ async fn login_refused(app: &Router, redis: &TestRedis, cookie: &str) -> String 
     cookie_pair(&login.expect("the login's new id"))
 }
 
+/// Makes Redis refuse writes (out of memory, `noeviction`) while it stays up,
+/// or lifts that.
 async fn refuse_writes(redis: &TestRedis, refuse: bool) {
     let mut conn = redis.connection().await.expect("connection");
     for (name, value) in [

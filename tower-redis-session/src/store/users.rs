@@ -16,9 +16,9 @@ use super::{StoreError, UserSession};
 /// or cycled while one pass ran are ended by the next.
 const REVOKE_PASSES: usize = 4;
 
-/// How many of a user's sessions are read or ended at once: sent together
-/// (one round trip on the manager's multiplexed connection, or one per
-/// node of a Cluster), rather than one round trip each.
+/// How many of a user's sessions are read or ended at once, as one
+/// operation of the manager ([`RedisStore::per_session`]): one time budget
+/// and one outcome for the breaker, rather than one round trip each.
 const BATCH: usize = 256;
 
 /// Records when a user was logged out everywhere: Redis' time (ms), kept
@@ -72,22 +72,12 @@ impl RedisStore {
             .await
             .map_err(StoreError::Unavailable)?;
         let mut sessions = Vec::with_capacity(members.len());
-        let mut expired = Vec::new();
         for chunk in members.chunks(BATCH) {
-            let reads: Vec<redis::Cmd> = chunk
-                .iter()
-                .map(|handle| {
-                    redis::cmd("HGET")
-                        .arg(self.session_key(handle))
-                        .arg("_c")
-                        .clone()
-                })
-                .collect();
-            let created = futures_util::future::try_join_all(
-                reads.iter().map(|read| manager.query::<Option<u64>>(read)),
-            )
-            .await
-            .map_err(StoreError::Unavailable)?;
+            let created: Vec<Option<u64>> = self
+                .per_session(chunk, |key| redis::cmd("HGET").arg(key).arg("_c").clone())
+                .await
+                .map_err(StoreError::Unavailable)?;
+            let mut expired = Vec::new();
             for (handle, created) in chunk.iter().zip(created) {
                 match created {
                     Some(created) => sessions.push(UserSession {
@@ -97,17 +87,52 @@ impl RedisStore {
                     None => expired.push(handle.as_str()),
                 }
             }
-        }
-        // Expired: tidy the index.
-        if !expired.is_empty() {
-            let _ = manager
-                .query::<()>(redis::cmd("SREM").arg(&user_key).arg(&expired))
-                .await;
+            // Expired: tidy the index.
+            if !expired.is_empty() {
+                let _ = manager
+                    .query::<()>(redis::cmd("SREM").arg(&user_key).arg(&expired))
+                    .await;
+            }
         }
         Ok(sessions)
     }
 
-    /// Ends every session of a user; `ended` hears of each one as it goes,
+    /// One command per session of `batch` (`command` of its key), as one
+    /// operation of the manager: a pipeline (one round trip), or on a
+    /// Cluster, where the sessions live on other slots, the commands at
+    /// once. One time budget and one outcome for the breaker however many
+    /// commands: a stalled Redis costs a revocation one failure, not one a
+    /// session (which opened the breaker for every layer at once).
+    async fn per_session<T: redis::FromRedisValue + Send>(
+        &self,
+        batch: &[String],
+        command: impl Fn(String) -> redis::Cmd,
+    ) -> Result<Vec<T>, tower_redis_core::Error> {
+        let commands: Vec<redis::Cmd> = batch
+            .iter()
+            .map(|handle| command(self.session_key(handle)))
+            .collect();
+        self.manager()
+            .run(|mut conn| async move {
+                if conn.is_cluster() {
+                    futures_util::future::try_join_all(commands.iter().map(|command| {
+                        let mut conn = conn.clone();
+                        async move { command.query_async::<T>(&mut conn).await }
+                    }))
+                    .await
+                } else {
+                    let mut pipe = redis::pipe();
+                    for command in commands {
+                        pipe.add_command(command);
+                    }
+                    pipe.query_async::<Vec<T>>(&mut conn).await
+                }
+            })
+            .await
+    }
+
+    /// Ends every session of a user; `ended` hears of each one as its batch
+    /// is sent (whether or not Redis acknowledged it),
     /// and each pass announces the ids it ends to every instance, before
     /// and after its deletes (see `ended.rs`). Returns how many were live.
     ///
@@ -167,40 +192,28 @@ impl RedisStore {
             // call cancelled or failing among them still reached everyone.
             self.announce_ended(false, fresh.clone());
             for chunk in fresh.chunks(BATCH) {
-                let deletes: Vec<redis::Cmd> = chunk
-                    .iter()
-                    .map(|handle| redis::cmd("DEL").arg(self.session_key(handle)).clone())
-                    .collect();
-                let deleted = futures_util::future::join_all(
-                    deletes.iter().map(|delete| manager.query::<usize>(delete)),
-                )
-                .await;
-                // Every acknowledged delete is heard of, even when another
-                // of the batch failed (that error is then the answer).
-                let mut failed = None;
-                for (handle, deleted) in chunk.iter().zip(deleted) {
-                    // Acknowledged (or not): no tracked copy here outlives it.
+                let deleted: Result<Vec<usize>, _> = self
+                    .per_session(chunk, |key| redis::cmd("DEL").arg(key).clone())
+                    .await;
+                // Acknowledged or not (a delete that timed out may have
+                // run): no copy here outlives them.
+                for handle in chunk {
                     self.forget(handle);
-                    match deleted {
-                        Ok(deleted) => {
-                            revoked += deleted;
-                            ended(handle);
-                        }
-                        Err(error) => {
-                            failed.get_or_insert(error);
-                        }
-                    }
+                    ended(handle);
                 }
-                if let Some(error) = failed {
-                    return Err(StoreError::Unavailable(error));
-                }
+                revoked += deleted
+                    .map_err(StoreError::Unavailable)?
+                    .into_iter()
+                    .sum::<usize>();
             }
             // And after them: nothing read before them keeps a copy.
             self.announce_ended(false, fresh.clone());
-            manager
-                .query::<()>(redis::cmd("SREM").arg(&user_key).arg(&fresh))
-                .await
-                .map_err(StoreError::Unavailable)?;
+            for chunk in fresh.chunks(BATCH) {
+                manager
+                    .query::<()>(redis::cmd("SREM").arg(&user_key).arg(chunk))
+                    .await
+                    .map_err(StoreError::Unavailable)?;
+            }
             seen.extend(fresh);
         }
         Ok(revoked)
