@@ -36,7 +36,7 @@ use tower_redis_core::redis;
 use tower_redis_core::{BreakerState, ListenOnce, RedisManager, Subscriber};
 
 use super::local::LocalStore;
-use super::redis::session_key;
+use super::redis::per_session;
 
 /// The length of a storage key (base64url of a SHA-256, no padding).
 const STORAGE_KEY_LEN: usize = 43;
@@ -201,31 +201,10 @@ async fn check_copies(announcements: Weak<Announcements>, subscription: u64) {
 async fn check_once(this: &Announcements) -> Result<(), tower_redis_core::Error> {
     let keys = this.local.copy_keys();
     for batch in keys.chunks(CHECK_BATCH) {
-        let manager = &this.manager;
-        let exist = manager
-            .run(|mut conn| async move {
-                let mut exist = Vec::with_capacity(batch.len());
-                if conn.is_cluster() {
-                    // Keys of other slots: one by one.
-                    for storage_key in batch {
-                        let key = session_key(manager, storage_key);
-                        exist.push(
-                            redis::cmd("EXISTS")
-                                .arg(key)
-                                .query_async::<bool>(&mut conn)
-                                .await?,
-                        );
-                    }
-                } else {
-                    let mut pipe = redis::pipe();
-                    for storage_key in batch {
-                        pipe.cmd("EXISTS").arg(session_key(manager, storage_key));
-                    }
-                    exist = pipe.query_async::<Vec<bool>>(&mut conn).await?;
-                }
-                Ok(exist)
-            })
-            .await?;
+        let exist: Vec<bool> = per_session(&this.manager, batch, |key| {
+            redis::cmd("EXISTS").arg(key).clone()
+        })
+        .await?;
         end_gone(&this.local, batch, exist);
     }
     Ok(())

@@ -693,6 +693,40 @@ impl Store for RedisStore {
 }
 
 /// The Redis key of a session's hash.
+/// One command per session of `batch` (`command` of its Redis key, for
+/// their storage keys), as one operation of the manager: a pipeline (one
+/// round trip), or on a Cluster, where the sessions live on other slots,
+/// the commands at once. One time budget and one outcome for the breaker
+/// however many commands: a stalled Redis costs one failure, not one a
+/// session.
+pub(crate) async fn per_session<T: redis::FromRedisValue + Send>(
+    manager: &RedisManager,
+    batch: &[String],
+    command: impl Fn(String) -> redis::Cmd,
+) -> Result<Vec<T>, Error> {
+    let commands: Vec<redis::Cmd> = batch
+        .iter()
+        .map(|storage_key| command(session_key(manager, storage_key)))
+        .collect();
+    manager
+        .run(|mut conn| async move {
+            if conn.is_cluster() {
+                futures_util::future::try_join_all(commands.iter().map(|command| {
+                    let mut conn = conn.clone();
+                    async move { command.query_async::<T>(&mut conn).await }
+                }))
+                .await
+            } else {
+                let mut pipe = redis::pipe();
+                for command in commands {
+                    pipe.add_command(command);
+                }
+                pipe.query_async::<Vec<T>>(&mut conn).await
+            }
+        })
+        .await
+}
+
 pub(crate) fn session_key(manager: &RedisManager, storage_key: &str) -> String {
     manager.keys().tagged(storage_key, &["s"])
 }

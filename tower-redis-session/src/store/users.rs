@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use tower_redis_core::redis::{self, Script};
 
-use super::redis::RedisStore;
+use super::redis::{RedisStore, per_session};
 use super::{StoreError, UserSession};
 
 /// How many times a revocation reads the user's index: the sessions made
@@ -17,7 +17,7 @@ use super::{StoreError, UserSession};
 const REVOKE_PASSES: usize = 4;
 
 /// How many of a user's sessions are read or ended at once, as one
-/// operation of the manager ([`RedisStore::per_session`]): one time budget
+/// operation of the manager ([`per_session`]): one time budget
 /// and one outcome for the breaker, rather than one round trip each.
 const BATCH: usize = 256;
 
@@ -73,10 +73,11 @@ impl RedisStore {
             .map_err(StoreError::Unavailable)?;
         let mut sessions = Vec::with_capacity(members.len());
         for chunk in members.chunks(BATCH) {
-            let created: Vec<Option<u64>> = self
-                .per_session(chunk, |key| redis::cmd("HGET").arg(key).arg("_c").clone())
-                .await
-                .map_err(StoreError::Unavailable)?;
+            let created: Vec<Option<u64>> = per_session(manager, chunk, |key| {
+                redis::cmd("HGET").arg(key).arg("_c").clone()
+            })
+            .await
+            .map_err(StoreError::Unavailable)?;
             let mut expired = Vec::new();
             for (handle, created) in chunk.iter().zip(created) {
                 match created {
@@ -95,40 +96,6 @@ impl RedisStore {
             }
         }
         Ok(sessions)
-    }
-
-    /// One command per session of `batch` (`command` of its key), as one
-    /// operation of the manager: a pipeline (one round trip), or on a
-    /// Cluster, where the sessions live on other slots, the commands at
-    /// once. One time budget and one outcome for the breaker however many
-    /// commands: a stalled Redis costs a revocation one failure, not one a
-    /// session (which opened the breaker for every layer at once).
-    async fn per_session<T: redis::FromRedisValue + Send>(
-        &self,
-        batch: &[String],
-        command: impl Fn(String) -> redis::Cmd,
-    ) -> Result<Vec<T>, tower_redis_core::Error> {
-        let commands: Vec<redis::Cmd> = batch
-            .iter()
-            .map(|handle| command(self.session_key(handle)))
-            .collect();
-        self.manager()
-            .run(|mut conn| async move {
-                if conn.is_cluster() {
-                    futures_util::future::try_join_all(commands.iter().map(|command| {
-                        let mut conn = conn.clone();
-                        async move { command.query_async::<T>(&mut conn).await }
-                    }))
-                    .await
-                } else {
-                    let mut pipe = redis::pipe();
-                    for command in commands {
-                        pipe.add_command(command);
-                    }
-                    pipe.query_async::<Vec<T>>(&mut conn).await
-                }
-            })
-            .await
     }
 
     /// Ends every session of a user; `ended` hears of each one as its batch
@@ -192,9 +159,8 @@ impl RedisStore {
             // call cancelled or failing among them still reached everyone.
             self.announce_ended(false, fresh.clone());
             for chunk in fresh.chunks(BATCH) {
-                let deleted: Result<Vec<usize>, _> = self
-                    .per_session(chunk, |key| redis::cmd("DEL").arg(key).clone())
-                    .await;
+                let deleted: Result<Vec<usize>, _> =
+                    per_session(manager, chunk, |key| redis::cmd("DEL").arg(key).clone()).await;
                 // Acknowledged or not (a delete that timed out may have
                 // run): no copy here outlives them.
                 for handle in chunk {
