@@ -1,0 +1,364 @@
+//! One request path, in process, for as long as a profiler needs it.
+//!
+//! ```text
+//! cargo build --release -p benches --bin profile
+//! target/release/profile cache-hit --concurrency 64 --secs 5
+//! perf record -F 2999 -g -o hit.data -- target/release/profile cache-hit --secs 5
+//! perf report -i hit.data --no-children --sort symbol
+//! ```
+//!
+//! The suites time many cells in one process, so a profile of them mixes
+//! every path. This runs one: `concurrency` tasks send requests to the app
+//! through tower (`oneshot`: no TCP, no HTTP parsing) and read each body to
+//! its end, for `secs` seconds after a warm-up, against a disposable
+//! `redis-server` from `tower_redis_core::testing`. It prints requests per
+//! second and this process's CPU time per request (user + system, from
+//! `/proc/self/stat`).
+//!
+//! Paths:
+//! - `none`: the route with no layer (a 1 KiB body);
+//! - `reference`: no layer, the handler awaits one `RedisManager::query`
+//!   (`GET` of a missing key), then answers the same body;
+//! - `cache-hit`: a hit of tower-redis-cache in Redis (1 KiB body);
+//! - `ratelimit`: tower-redis-ratelimit, one GCRA policy keyed by a header
+//!   (one client; never denied);
+//! - `session-read`: tower-redis-session, a read of an existing session,
+//!   tracking off (1 round trip); `session-tracked` with tracking on.
+
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderValue, Request, StatusCode, header};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_redis_cache::CacheLayer;
+use tower_redis_core::redis;
+use tower_redis_core::testing::TestRedis;
+use tower_redis_core::{RedisConfig, RedisManager};
+use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
+use tower_redis_session::{Session, SessionLayer};
+
+const USAGE: &str = "usage: profile <none|reference|cache-hit|ratelimit|session-read|session-tracked> \
+                     [--concurrency N] [--secs S] [--warmup-secs S] [--http]";
+
+fn body() -> Bytes {
+    Bytes::from(vec![b'x'; 1024])
+}
+
+fn plain() -> Router {
+    let body = body();
+    Router::new().route(
+        "/",
+        get(move || {
+            let body = body.clone();
+            async move { ([(header::CACHE_CONTROL, "max-age=600")], body) }
+        }),
+    )
+}
+
+fn reference(manager: &RedisManager) -> Router {
+    let manager = manager.clone();
+    let read = Arc::new({
+        let mut read = redis::cmd("GET");
+        read.arg("profile:reference");
+        read
+    });
+    let body = body();
+    Router::new().route(
+        "/",
+        get(move || {
+            let (manager, read, body) = (manager.clone(), Arc::clone(&read), body.clone());
+            async move {
+                let status = match manager.query::<Option<Vec<u8>>>(&read).await {
+                    Ok(_) => StatusCode::OK,
+                    Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                (status, [(header::CACHE_CONTROL, "max-age=600")], body)
+            }
+        }),
+    )
+}
+
+async fn session_app(manager: &RedisManager, tracked: bool) -> (Router, HeaderValue) {
+    let mut builder = SessionLayer::builder(manager.clone()).insecure_http_for_local_development();
+    if !tracked {
+        builder = builder.tracked_capacity_bytes(0);
+    }
+    let layer = builder.build().expect("session layer");
+    let app = Router::new()
+        .route(
+            "/",
+            get(|session: Session| async move {
+                match session.get::<String>("k").await {
+                    Ok(Some(value)) => (StatusCode::OK, value),
+                    Ok(None) => (StatusCode::NOT_FOUND, String::new()),
+                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                }
+            }),
+        )
+        .route(
+            "/write",
+            post(|session: Session| async move {
+                session.insert("k", "v".repeat(64)).await.expect("insert");
+                StatusCode::OK
+            }),
+        )
+        .layer(layer);
+    let written = app
+        .clone()
+        .oneshot(Request::post("/write").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let cookie = written
+        .headers()
+        .get(header::SET_COOKIE)
+        .expect("a session cookie")
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    (app, HeaderValue::from_str(&cookie).unwrap())
+}
+
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime are
+    // the 14th and 15th fields of the line (12th and 13th after it).
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+async fn run(
+    app: Router,
+    cookie: Option<HeaderValue>,
+    hit: bool,
+    concurrency: usize,
+    for_: Duration,
+) -> u64 {
+    let deadline = Instant::now() + for_;
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let (app, cookie, done) = (app.clone(), cookie.clone(), Arc::clone(&done));
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let mut request = Request::get("/")
+                    .header(header::HOST, "127.0.0.1")
+                    .header("x-profile-client", "one")
+                    .body(Body::empty())
+                    .unwrap();
+                if let Some(cookie) = &cookie {
+                    request.headers_mut().insert(header::COOKIE, cookie.clone());
+                }
+                let response = app.clone().oneshot(request).await.unwrap();
+                assert_eq!(
+                    response.status(),
+                    StatusCode::OK,
+                    "the path must answer 200"
+                );
+                if hit {
+                    let status = response.headers().get("cache-status");
+                    assert!(
+                        status.is_some_and(|s| s.as_bytes().windows(3).any(|w| w == b"hit")),
+                        "a cache hit was expected, Cache-Status: {status:?}"
+                    );
+                }
+                let _ = response.into_body().collect().await.unwrap();
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    done.load(Ordering::Relaxed)
+}
+
+/// As [`run`], over HTTP/1.1: the app served by axum on a loopback port,
+/// each task a hyper client on its own keep-alive connection (as the
+/// suites' HTTP tables).
+async fn run_http(
+    addr: std::net::SocketAddr,
+    cookie: Option<HeaderValue>,
+    concurrency: usize,
+    for_: Duration,
+) -> u64 {
+    let deadline = Instant::now() + for_;
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let (cookie, done) = (cookie.clone(), Arc::clone(&done));
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            while Instant::now() < deadline {
+                let mut request = Request::get("/")
+                    .header(header::HOST, "127.0.0.1")
+                    .header("x-profile-client", "one")
+                    .body(http_body_util::Empty::<Bytes>::new())
+                    .unwrap();
+                if let Some(cookie) = &cookie {
+                    request.headers_mut().insert(header::COOKIE, cookie.clone());
+                }
+                sender.ready().await.unwrap();
+                let response = sender.send_request(request).await.unwrap();
+                assert_eq!(
+                    response.status(),
+                    StatusCode::OK,
+                    "the path must answer 200"
+                );
+                let _ = response.into_body().collect().await.unwrap();
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    done.load(Ordering::Relaxed)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let path = args.next().unwrap_or_else(|| {
+        eprintln!("{USAGE}");
+        std::process::exit(2)
+    });
+    let (mut concurrency, mut secs, mut warmup, mut http) = (64usize, 5.0f64, 1.0f64, false);
+    while let Some(flag) = args.next() {
+        if flag == "--http" {
+            http = true;
+            continue;
+        }
+        let value = args.next().unwrap_or_default();
+        match flag.as_str() {
+            "--concurrency" => concurrency = value.parse().expect("--concurrency N"),
+            "--secs" => secs = value.parse().expect("--secs S"),
+            "--warmup-secs" => warmup = value.parse().expect("--warmup-secs S"),
+            _ => {
+                eprintln!("{USAGE}");
+                std::process::exit(2)
+            }
+        }
+    }
+    let redis = TestRedis::start().await;
+    let config = RedisConfig::builder()
+        .url(redis.url())
+        .build()
+        .expect("config");
+    let manager = RedisManager::connect(config).await.expect("manager");
+    let (app, cookie) = match path.as_str() {
+        "none" => (plain(), None),
+        "reference" => (reference(&manager), None),
+        "cache-hit" => {
+            let layer = CacheLayer::builder(manager.clone())
+                .build()
+                .expect("cache layer");
+            (plain().layer(layer), None)
+        }
+        "ratelimit" => {
+            let layer = RateLimitLayer::builder(manager.clone())
+                .policy(
+                    Policy::gcra("profile", 1_000_000_000, Duration::from_secs(3600))
+                        .key(Key::header("x-profile-client")),
+                )
+                .build()
+                .expect("rate limit layer");
+            (plain().layer(layer), None)
+        }
+        "session-read" | "session-tracked" => {
+            let (app, cookie) = session_app(&manager, path == "session-tracked").await;
+            (app, Some(cookie))
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            std::process::exit(2)
+        }
+    };
+    // The headers a request of this path answers with (to stderr).
+    let mut first = Request::get("/")
+        .header(header::HOST, "127.0.0.1")
+        .header("x-profile-client", "one")
+        .body(Body::empty())
+        .unwrap();
+    if let Some(cookie) = &cookie {
+        first.headers_mut().insert(header::COOKIE, cookie.clone());
+    }
+    let first = app.clone().oneshot(first).await.unwrap();
+    eprintln!("{path}: {:?} {:?}", first.status(), first.headers());
+    // Warm: the cache stores its entry, the scripts load, tracking starts.
+    run(
+        app.clone(),
+        cookie.clone(),
+        false,
+        1,
+        Duration::from_millis(200),
+    )
+    .await;
+    let hit = path == "cache-hit";
+    run(
+        app.clone(),
+        cookie.clone(),
+        hit,
+        concurrency,
+        Duration::from_secs_f64(warmup),
+    )
+    .await;
+    let mut cpu = cpu_secs();
+    let mut started = Instant::now();
+    let requests = if http {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listener =
+            axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+                let _ = tcp.set_nodelay(true);
+            });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        run_http(
+            addr,
+            cookie.clone(),
+            concurrency,
+            Duration::from_secs_f64(warmup),
+        )
+        .await;
+        cpu = cpu_secs();
+        started = Instant::now();
+        run_http(addr, cookie, concurrency, Duration::from_secs_f64(secs)).await
+    } else {
+        run(app, cookie, hit, concurrency, Duration::from_secs_f64(secs)).await
+    };
+    let (elapsed, cpu) = (started.elapsed().as_secs_f64(), cpu_secs() - cpu);
+    println!(
+        "{path}{} c={concurrency}: {:.0} requests/s, {:.1} µs process CPU a request ({requests} requests)",
+        if http { " (HTTP)" } else { "" },
+        requests as f64 / elapsed,
+        cpu * 1e6 / requests.max(1) as f64,
+    );
+}
