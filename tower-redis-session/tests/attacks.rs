@@ -114,6 +114,17 @@ fn start_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>, SessionStore)
         )
         .route("/login/{user}", post(support::login))
         .route(
+            "/set-user/{user}",
+            post(|session: Session, Path(user): Path<String>| async move {
+                // A login kept under the same id (no cycle_id).
+                session.set_user(&user).await;
+                match session.insert("user", user).await {
+                    Ok(()) => "ok".to_owned(),
+                    Err(error) => format!("refused: {error}"),
+                }
+            }),
+        )
+        .route(
             "/gated-login/{user}",
             post(
                 |session: Session,
@@ -776,6 +787,55 @@ async fn a_revocation_ends_a_login_waiting_in_the_outage_queue() {
     assert_eq!(
         send(&app, "GET", "/get/user", Some(&again)).await.1,
         "alice"
+    );
+}
+
+/// The same with the user set on an existing session under its own id
+/// (no `cycle_id`): its queued save is not written, and the session ends.
+/// It used to stay in Redis as it was before the login while this
+/// instance's copy kept the login, which a later outage could serve.
+#[tokio::test]
+async fn a_revocation_ends_a_session_whose_user_was_set_in_place_in_the_outage_queue() {
+    let redis = TestRedis::start().await;
+    let (app, _, store) = start_app(SessionLayer::builder(manager_as(&redis, "a", &[]).await));
+    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let cookie = cookie_pair(&set_cookie.expect("session"));
+    refuse_writes(&redis, true).await;
+    let (status, body, _) = send(&app, "POST", "/set-user/alice", Some(&cookie)).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    assert_eq!(
+        send(&app, "GET", "/get/user", Some(&cookie)).await.1,
+        "alice"
+    );
+    // The replay is refused (no scripts for this instance's Redis user)
+    // until another instance has logged alice out everywhere.
+    let mut conn = redis.connection().await.expect("connection");
+    let mut scripts = async |allowed: bool| {
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("a")
+            .arg(if allowed { "+@all" } else { "-@scripting" })
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("ACL SETUSER");
+    };
+    scripts(false).await;
+    refuse_writes(&redis, false).await;
+    let (_, _, other) = start_app(SessionLayer::builder(manager(&redis).await));
+    assert_eq!(other.revoke_user("alice").await.expect("revoked"), 0);
+    scripts(true).await;
+    drained(&store).await;
+    assert!(
+        session_keys(&redis).await.is_empty(),
+        "the session whose login was made before the revocation lives on"
+    );
+    assert_eq!(
+        send(&app, "GET", "/get/user", Some(&cookie)).await.1,
+        "none"
+    );
+    assert_eq!(
+        send(&app, "GET", "/get/cart", Some(&cookie)).await.1,
+        "none"
     );
 }
 

@@ -23,9 +23,12 @@
 -- it. A value of another shape, or a key of another type (which MGET reads
 -- as nil; the one-GCRA-counter path calls GET with pcall and takes
 -- WRONGTYPE for nil, any other error stands), counts as an empty counter
--- and is overwritten; so do a window's counts that are negative or not
--- numbers (NaN, which no comparison admits), and a GCRA time that is not a
--- number (`tonumber` reads 'nan').
+-- and is overwritten; so do a window's counts that are negative, above
+-- BIG (infinity included) or not numbers (NaN, which no comparison
+-- admits), and a GCRA time that is not a number (`tonumber` reads 'nan')
+-- or lies further ahead than the policy's burst tolerance plus BIG µs
+-- ('inf', '1e300': this script never writes one, and a denial writes
+-- nothing, so such a time would deny the key for good).
 --
 -- Returns one string of little-endian doubles (struct '<d'), a flat list of
 -- integers: per request, allowed, then per counter remaining, reset_us,
@@ -70,7 +73,7 @@ if nk == 1 and #data == 64 then
       v = false
     end
     local tat = tonumber(v) or now
-    if not (tat >= now) then tat = now end
+    if not (tat >= now and tat - now <= b + BIG) then tat = now end
     local new_tat = tat + cost * a
     local allow_at = new_tat - b
     local remaining, reset, retry
@@ -116,7 +119,7 @@ if nk > 0 and nk <= 64 and #data == 32 * nk + 32 then
       local remaining, reset, retry
       if kind == 1 then
         local tat = tonumber(v) or now
-        if not (tat >= now) then tat = now end
+        if not (tat >= now and tat - now <= b + BIG) then tat = now end
         local new_tat = tat + cost * a
         local allow_at = new_tat - b
         if allow_at > now then
@@ -133,7 +136,7 @@ if nk > 0 and nk <= 64 and #data == 32 * nk + 32 then
         local c, p = 0, 0
         if v and #v == 24 then
           local stored, sc, sp = unpack('<ddd', v)
-          if not (sc >= 0 and sp >= 0) then stored = nil end
+          if not (sc >= 0 and sp >= 0 and sc <= BIG and sp <= BIG) then stored = nil end
           if stored == w then
             c, p = sc, sp
           elseif stored == w - 1 then
@@ -178,7 +181,7 @@ if nk > 0 and nk <= 64 and #data == 32 * nk + 32 then
         local v = vals[k]
         if kind == 1 then
           local tat = tonumber(v) or now
-          if not (tat >= now) then tat = now end
+          if not (tat >= now and tat - now <= b + BIG) then tat = now end
           tat = tat + cost * a
           -- Rounded half to even, as '%.0f' would, but printed as an integer.
           local r = floor(tat + 0.5)
@@ -189,7 +192,7 @@ if nk > 0 and nk <= 64 and #data == 32 * nk + 32 then
           local stored, c, p = nil, 0, 0
           if v and #v == 24 then
             stored, c, p = unpack('<ddd', v)
-            if not (c >= 0 and p >= 0) then stored, c, p = nil, 0, 0 end
+            if not (c >= 0 and p >= 0 and c <= BIG and p <= BIG) then stored, c, p = nil, 0, 0 end
           end
           if stored == w then
             -- The window's first write gave the counter its TTL: kept.
@@ -235,7 +238,7 @@ for k = 1, nk do
   local v = vals[k]
   if kind == 1 then
     local t0 = tonumber(v) or now
-    if not (t0 >= now) then t0 = now end
+    if not (t0 >= now and t0 - now <= b + BIG) then t0 = now end
     s1[k] = t0
   else
     local w = floor(now / b)
@@ -243,7 +246,7 @@ for k = 1, nk do
     same[k] = false
     if v and #v == 24 then
       local stored, sc, sp = unpack('<ddd', v)
-      if not (sc >= 0 and sp >= 0) then stored = nil end
+      if not (sc >= 0 and sp >= 0 and sc <= BIG and sp <= BIG) then stored = nil end
       if stored == w then
         c, p = sc, sp
         same[k] = true

@@ -45,7 +45,7 @@ end
 if kind == 1 then
   local stored = tonumber(read())
   local tat = stored or now
-  if not (tat >= now) then tat = now end
+  if not (tat >= now and tat - now <= b + BIG) then tat = now end
   local function store(v)
     -- Rounded half to even, as decide.lua does.
     local r = floor(v + 0.5)
@@ -83,8 +83,9 @@ local v = read()
 local stored, sc, sp
 if v and #v == 24 then
   stored, sc, sp = unpack('<ddd', v)
-  -- Counts that are negative or not numbers (NaN): an empty counter too.
-  if not (sc >= 0 and sp >= 0) then stored = nil end
+  -- Counts that are negative, above BIG (infinity) or not numbers (NaN):
+  -- an empty counter too.
+  if not (sc >= 0 and sp >= 0 and sc <= BIG and sp <= BIG) then stored = nil end
 end
 
 if mode == 2 then

@@ -4,7 +4,7 @@
 //! only when a test advances it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::advance;
 use tower_redis_core::degrade::{NoChange, Replay, ReplayError};
@@ -548,12 +548,14 @@ async fn many_counters_in_one_call_are_read_in_parts() {
 /// A counter Redis holds in a shape no decision writes is an empty counter,
 /// as any other foreign value: a window's count that is NaN used to allow
 /// every request for good (no comparison admits NaN, and the count stayed
-/// NaN), a negative one allowed that many more, and a GCRA time of "nan"
-/// made every call on its key fail. Each of the script's paths: a lone
-/// request on one GCRA counter, a lone request on a window counter, and a
-/// batch.
+/// NaN), a negative one allowed that many more, a GCRA time of "nan"
+/// made every call on its key fail, and one of "inf" (or any time further
+/// ahead than a decision ever writes) denied every request for good, since
+/// a denial writes nothing. Each of the script's paths: a lone request on
+/// one GCRA counter, a lone request on several counters, a batch, and a
+/// lease.
 #[tokio::test]
-async fn a_counter_holding_nan_or_negative_counts_is_an_empty_counter() {
+async fn a_counter_holding_nan_infinity_or_negative_counts_is_an_empty_counter() {
     let (redis, limiter) = on_redis().await;
     let mut conn = redis.connection().await.expect("connection");
     let window = Duration::from_secs(3600);
@@ -577,7 +579,10 @@ async fn a_counter_holding_nan_or_negative_counts_is_an_empty_counter() {
             .await
             .expect("SET");
     };
-    for (n, count) in [f64::NAN, -1e9, f64::NEG_INFINITY].into_iter().enumerate() {
+    for (n, count) in [f64::NAN, -1e9, f64::NEG_INFINITY, f64::INFINITY, 1e300]
+        .into_iter()
+        .enumerate()
+    {
         for algorithm in [
             Algorithm::FixedWindow { limit: 3, window },
             Algorithm::SlidingWindow { limit: 3, window },
@@ -617,7 +622,7 @@ async fn a_counter_holding_nan_or_negative_counts_is_an_empty_counter() {
     }
     // A lease's script reads a window counter the same way.
     let store = super::redis::RedisStore::new(limiter.manager.clone());
-    for (n, count) in [f64::NAN, -1e9].into_iter().enumerate() {
+    for (n, count) in [f64::NAN, -1e9, f64::INFINITY].into_iter().enumerate() {
         let key = format!("leased-{n}");
         set(&key, corrupt(count)).await;
         let lease = store
@@ -631,9 +636,69 @@ async fn a_counter_holding_nan_or_negative_counts_is_an_empty_counter() {
         period: window,
         burst: 2,
     };
-    set("gcra-nan", b"nan".to_vec()).await;
-    let checks = [check("gcra-nan", gcra)];
-    let first = limiter.decide(&checks, 1).await;
-    assert_eq!((first.allowed, first.source), (true, DecisionSource::Redis));
-    assert_eq!(admitted(&limiter, &checks, 3).await, 1);
+    for (n, time) in ["nan", "inf", "1e300"].into_iter().enumerate() {
+        // The one-GCRA-counter path.
+        let key = format!("gcra-{n}");
+        set(&key, time.as_bytes().to_vec()).await;
+        let checks = [check(&key, gcra)];
+        let first = limiter.decide(&checks, 1).await;
+        assert_eq!(
+            (first.allowed, first.source),
+            (true, DecisionSource::Redis),
+            "{time}"
+        );
+        assert_eq!(admitted(&limiter, &checks, 3).await, 1, "{time}");
+        // A lone request on two counters.
+        let key = format!("gcra-pair-{n}");
+        set(&key, time.as_bytes().to_vec()).await;
+        let checks = [check(&key, gcra), check(&format!("gcra-other-{n}"), gcra)];
+        assert_eq!(
+            admitted(&limiter, &checks, 3).await,
+            2,
+            "{time}, two counters"
+        );
+        // And what it wrote is a time a decision writes: within the hour
+        // (two requests of a 2-an-hour policy) from now.
+        let written: String = tower_redis_core::redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut redis.connection().await.expect("connection"))
+            .await
+            .expect("GET");
+        let written: u64 = written.parse().expect("a time in µs");
+        let micros = u64::try_from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .expect("clock")
+                .as_micros(),
+        )
+        .expect("µs");
+        assert!(
+            written >= micros - 60_000_000 && written <= micros + 3_660_000_000,
+            "{time}, two counters: wrote {written} (now {micros})"
+        );
+        // Ten at once behind another decision: the batch's path.
+        let key = format!("gcra-batch-{n}");
+        set(&key, time.as_bytes().to_vec()).await;
+        let checks = [check(&key, gcra)];
+        let mut decisions = tokio::task::JoinSet::new();
+        let alone = [check("another", gcra)];
+        let first = Arc::clone(&limiter);
+        decisions.spawn(async move { first.decide(&alone, 0).await });
+        for _ in 0..10 {
+            let (limiter, checks) = (Arc::clone(&limiter), checks.clone());
+            decisions.spawn(async move { limiter.decide(&checks, 1).await });
+        }
+        let mut allowed = 0;
+        while let Some(verdict) = decisions.join_next().await {
+            let verdict = verdict.expect("task");
+            assert_eq!(verdict.source, DecisionSource::Redis);
+            allowed += usize::from(verdict.allowed);
+        }
+        assert_eq!(allowed, 1 + 2, "{time}, batched");
+        // A lease.
+        let key = format!("gcra-leased-{n}");
+        set(&key, time.as_bytes().to_vec()).await;
+        let lease = store.lease(&key, gcra, 10, 1).await.expect("a lease");
+        assert_eq!(lease.granted, 2, "{time}, leased");
+    }
 }

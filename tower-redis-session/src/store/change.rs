@@ -217,10 +217,11 @@ impl Change {
                 // A change that names a user, made before a "log out
                 // everywhere" of that user, which could not find it (the
                 // session, or its user, was not in Redis yet), is not
-                // written. An existing session's is checked before it is
-                // written; a creation's after (a revocation that read the
-                // user's index before the write missed it), and the session
-                // then ends.
+                // written, and the session ends, with every copy of it
+                // (this instance's holds the login). An existing session's
+                // change is checked before it is written; a creation's
+                // after (a revocation that read the user's index before the
+                // write missed it).
                 let revoked = async || match (&changes.user, user_since) {
                     (Some(user), Some(since)) => {
                         let ago = u64::try_from(since.elapsed().as_millis())
@@ -231,7 +232,7 @@ impl Change {
                     _ => Ok(false),
                 };
                 if create.is_none() && revoked().await? {
-                    return Ok(());
+                    return redis.delete(storage_key, changes.user.as_deref()).await;
                 }
                 let write = Write {
                     storage_key,
