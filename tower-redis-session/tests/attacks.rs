@@ -839,6 +839,62 @@ async fn a_revocation_ends_a_session_whose_user_was_set_in_place_in_the_outage_q
     );
 }
 
+/// A session handed from one user to another under its own id while Redis
+/// refused writes leaves the first user's index when the change is
+/// replayed: "log out everywhere" of that user no longer ends it, nor lists
+/// it. The queued change used to forget the previous user.
+#[tokio::test]
+async fn a_session_handed_to_another_user_in_the_outage_queue_leaves_the_first_user_s_index() {
+    let redis = TestRedis::start().await;
+    let (app, _, store) = start_app(SessionLayer::builder(manager_as(&redis, "h", &[]).await));
+    let (_, _, set_cookie) = send(&app, "POST", "/set-user/bob", None).await;
+    let cookie = cookie_pair(&set_cookie.expect("session"));
+    assert_eq!(
+        store.list_user_sessions("bob").await.expect("listed").len(),
+        1
+    );
+    // Redis refuses the whole save: the script and the `SADD` (out of
+    // memory), and the `SREM` from bob's index, which is no write that
+    // grows memory (the instance's Redis user may not run it, here).
+    let mut conn = redis.connection().await.expect("connection");
+    let mut srem = async |allowed: bool| {
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("h")
+            .arg(if allowed { "+srem" } else { "-srem" })
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("ACL SETUSER");
+    };
+    srem(false).await;
+    refuse_writes(&redis, true).await;
+    let (status, body, _) = send(&app, "POST", "/set-user/alice", Some(&cookie)).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    refuse_writes(&redis, false).await;
+    srem(true).await;
+    drained(&store).await;
+    assert_eq!(
+        store
+            .list_user_sessions("alice")
+            .await
+            .expect("listed")
+            .len(),
+        1
+    );
+    assert!(
+        store
+            .list_user_sessions("bob")
+            .await
+            .expect("listed")
+            .is_empty()
+    );
+    assert_eq!(store.revoke_user("bob").await.expect("revoked"), 0);
+    assert_eq!(
+        send(&app, "GET", "/get/user", Some(&cookie)).await.1,
+        "alice"
+    );
+}
+
 /// "Log out everywhere" first records its time (a script); where Redis
 /// refuses that (a Redis user without scripts here; out of memory alike,
 /// where only deletes are allowed), the revocation still ends the user's

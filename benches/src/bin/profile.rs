@@ -50,8 +50,8 @@ use tower_redis_core::{RedisConfig, RedisManager};
 use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
 use tower_redis_session::{Session, SessionLayer};
 
-const USAGE: &str = "usage: profile <none|reference|cache-hit|ratelimit|session-read|session-tracked> \
-                     [--concurrency N] [--secs S] [--warmup-secs S] [--http]";
+const USAGE: &str = "usage: profile <path>[,<path>...] [--concurrency N] [--secs S] [--warmup-secs S] \
+                     [--rounds N] [--http]\npaths: none, reference, cache-hit, ratelimit, session-read, session-tracked";
 
 fn body() -> Bytes {
     Bytes::from(vec![b'x'; 1024])
@@ -244,14 +244,120 @@ async fn run_http(
     done.load(Ordering::Relaxed)
 }
 
+/// One path made ready to run: its app, the cookie its requests carry,
+/// and, over HTTP, the address it is served on.
+struct Ready {
+    path: String,
+    app: Router,
+    cookie: Option<HeaderValue>,
+    addr: Option<std::net::SocketAddr>,
+}
+
+impl Ready {
+    async fn new(path: &str, manager: &RedisManager, http: bool) -> Self {
+        let (app, cookie) = match path {
+            "none" => (plain(), None),
+            "reference" => (reference(manager), None),
+            "cache-hit" => {
+                let layer = CacheLayer::builder(manager.clone())
+                    .build()
+                    .expect("cache layer");
+                (plain().layer(layer), None)
+            }
+            "ratelimit" => {
+                let layer = RateLimitLayer::builder(manager.clone())
+                    .policy(
+                        Policy::gcra("profile", 1_000_000_000, Duration::from_secs(3600))
+                            .key(Key::header("x-profile-client")),
+                    )
+                    .build()
+                    .expect("rate limit layer");
+                (plain().layer(layer), None)
+            }
+            "session-read" | "session-tracked" => {
+                let (app, cookie) = session_app(manager, path == "session-tracked").await;
+                (app, Some(cookie))
+            }
+            _ => {
+                eprintln!("unknown path `{path}`\n{USAGE}");
+                std::process::exit(2)
+            }
+        };
+        // The headers a request of this path answers with (to stderr).
+        let mut first = Request::get("/")
+            .header(header::HOST, "127.0.0.1")
+            .header("x-profile-client", "one")
+            .body(Body::empty())
+            .unwrap();
+        if let Some(cookie) = &cookie {
+            first.headers_mut().insert(header::COOKIE, cookie.clone());
+        }
+        let first = app.clone().oneshot(first).await.unwrap();
+        eprintln!("{path}: {:?} {:?}", first.status(), first.headers());
+        // Warm: the cache stores its entry, the scripts load, tracking starts.
+        let warm = Duration::from_millis(200);
+        run(app.clone(), cookie.clone(), false, 1, warm).await;
+        let addr = if http {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let listener =
+                axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+                    let _ = tcp.set_nodelay(true);
+                });
+            let served = app.clone();
+            tokio::spawn(async move { axum::serve(listener, served).await });
+            Some(addr)
+        } else {
+            None
+        };
+        Self {
+            path: path.to_owned(),
+            app,
+            cookie,
+            addr,
+        }
+    }
+
+    /// Requests completed and this process's CPU seconds, over `for_`.
+    async fn measure(&self, concurrency: usize, for_: Duration) -> (f64, f64) {
+        let cpu = cpu_secs();
+        let started = Instant::now();
+        let requests = match self.addr {
+            Some(addr) => run_http(addr, self.cookie.clone(), concurrency, for_).await,
+            None => {
+                let hit = self.path == "cache-hit";
+                run(
+                    self.app.clone(),
+                    self.cookie.clone(),
+                    hit,
+                    concurrency,
+                    for_,
+                )
+                .await
+            }
+        };
+        let (elapsed, cpu) = (started.elapsed().as_secs_f64(), cpu_secs() - cpu);
+        (
+            requests as f64 / elapsed,
+            cpu * 1e6 / requests.max(1) as f64,
+        )
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let path = args.next().unwrap_or_else(|| {
+    let paths = args.next().unwrap_or_else(|| {
         eprintln!("{USAGE}");
         std::process::exit(2)
     });
-    let (mut concurrency, mut secs, mut warmup, mut http) = (64usize, 5.0f64, 1.0f64, false);
+    let (mut concurrency, mut secs, mut warmup, mut rounds, mut http) =
+        (64usize, 5.0f64, 1.0f64, 1usize, false);
     while let Some(flag) = args.next() {
         if flag == "--http" {
             http = true;
@@ -262,6 +368,7 @@ async fn main() {
             "--concurrency" => concurrency = value.parse().expect("--concurrency N"),
             "--secs" => secs = value.parse().expect("--secs S"),
             "--warmup-secs" => warmup = value.parse().expect("--warmup-secs S"),
+            "--rounds" => rounds = value.parse().expect("--rounds N"),
             _ => {
                 eprintln!("{USAGE}");
                 std::process::exit(2)
@@ -274,91 +381,48 @@ async fn main() {
         .build()
         .expect("config");
     let manager = RedisManager::connect(config).await.expect("manager");
-    let (app, cookie) = match path.as_str() {
-        "none" => (plain(), None),
-        "reference" => (reference(&manager), None),
-        "cache-hit" => {
-            let layer = CacheLayer::builder(manager.clone())
-                .build()
-                .expect("cache layer");
-            (plain().layer(layer), None)
-        }
-        "ratelimit" => {
-            let layer = RateLimitLayer::builder(manager.clone())
-                .policy(
-                    Policy::gcra("profile", 1_000_000_000, Duration::from_secs(3600))
-                        .key(Key::header("x-profile-client")),
-                )
-                .build()
-                .expect("rate limit layer");
-            (plain().layer(layer), None)
-        }
-        "session-read" | "session-tracked" => {
-            let (app, cookie) = session_app(&manager, path == "session-tracked").await;
-            (app, Some(cookie))
-        }
-        _ => {
-            eprintln!("{USAGE}");
-            std::process::exit(2)
-        }
-    };
-    // The headers a request of this path answers with (to stderr).
-    let mut first = Request::get("/")
-        .header(header::HOST, "127.0.0.1")
-        .header("x-profile-client", "one")
-        .body(Body::empty())
-        .unwrap();
-    if let Some(cookie) = &cookie {
-        first.headers_mut().insert(header::COOKIE, cookie.clone());
+    let mut ready = Vec::new();
+    for path in paths.split(',') {
+        ready.push(Ready::new(path, &manager, http).await);
     }
-    let first = app.clone().oneshot(first).await.unwrap();
-    eprintln!("{path}: {:?} {:?}", first.status(), first.headers());
-    // Warm: the cache stores its entry, the scripts load, tracking starts.
-    run(
-        app.clone(),
-        cookie.clone(),
-        false,
-        1,
-        Duration::from_millis(200),
-    )
-    .await;
-    let hit = path == "cache-hit";
-    run(
-        app.clone(),
-        cookie.clone(),
-        hit,
-        concurrency,
+    let (for_, warm) = (
+        Duration::from_secs_f64(secs),
         Duration::from_secs_f64(warmup),
-    )
-    .await;
-    let mut cpu = cpu_secs();
-    let mut started = Instant::now();
-    let requests = if http {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let listener =
-            axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-                let _ = tcp.set_nodelay(true);
-            });
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        run_http(
-            addr,
-            cookie.clone(),
-            concurrency,
-            Duration::from_secs_f64(warmup),
-        )
-        .await;
-        cpu = cpu_secs();
-        started = Instant::now();
-        run_http(addr, cookie, concurrency, Duration::from_secs_f64(secs)).await
-    } else {
-        run(app, cookie, hit, concurrency, Duration::from_secs_f64(secs)).await
-    };
-    let (elapsed, cpu) = (started.elapsed().as_secs_f64(), cpu_secs() - cpu);
-    println!(
-        "{path}{} c={concurrency}: {:.0} requests/s, {:.1} µs process CPU a request ({requests} requests)",
-        if http { " (HTTP)" } else { "" },
-        requests as f64 / elapsed,
-        cpu * 1e6 / requests.max(1) as f64,
     );
+    for path in &ready {
+        path.measure(concurrency, warm).await;
+    }
+    // Interleaved: every round runs each path once, in reverse order every
+    // other round, so that a slower minute of a shared machine weighs on
+    // all of them.
+    let mut results = vec![Vec::new(); ready.len()];
+    for round in 0..rounds.max(1) {
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..ready.len()).collect()
+        } else {
+            (0..ready.len()).rev().collect()
+        };
+        for i in order {
+            results[i].push(ready[i].measure(concurrency, for_).await);
+        }
+    }
+    let via = if http { "HTTP" } else { "in process" };
+    for (path, result) in ready.iter().zip(&results) {
+        let mut rate: Vec<f64> = result.iter().map(|r| r.0).collect();
+        let mut cpu: Vec<f64> = result.iter().map(|r| r.1).collect();
+        let mut ratio: Vec<f64> = result
+            .iter()
+            .zip(&results[0])
+            .map(|(r, first)| r.0 / first.0)
+            .collect();
+        println!(
+            "{} ({via}, c={concurrency}): {:.0} requests/s, {:.1} µs process CPU a request, {:.2}× the rate of {} (medians of {} rounds)",
+            path.path,
+            median(&mut rate),
+            median(&mut cpu),
+            median(&mut ratio),
+            ready[0].path,
+            results[0].len(),
+        );
+    }
 }

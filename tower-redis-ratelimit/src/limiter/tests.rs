@@ -550,8 +550,8 @@ async fn many_counters_in_one_call_are_read_in_parts() {
 /// every request for good (no comparison admits NaN, and the count stayed
 /// NaN), a negative one allowed that many more, a GCRA time of "nan"
 /// made every call on its key fail, and one of "inf" (or any time further
-/// ahead than a decision ever writes) denied every request for good, since
-/// a denial writes nothing. Each of the script's paths: a lone request on
+/// ahead than the policy's burst tolerance plus 10^14 µs, which no decision
+/// writes) denied every request for good, since a denial writes nothing. Each of the script's paths: a lone request on
 /// one GCRA counter, a lone request on several counters, a batch, and a
 /// lease.
 #[tokio::test]

@@ -62,6 +62,10 @@ enum Kind {
         /// "log out everywhere" of that user since then means it is not
         /// written.
         user_since: Option<Instant>,
+        /// The session's user before the first change this one holds (a
+        /// merge keeps the older one's): the user whose index the session
+        /// leaves when the changes give it another.
+        previous_user: Option<String>,
     },
     Delete {
         user: Option<String>,
@@ -129,8 +133,20 @@ impl Change {
                 at_ms,
                 cycle: None,
                 user_since: changes.user.as_ref().map(|_| Instant::now()),
+                previous_user: None,
             },
         }
+    }
+
+    /// This save, made on a session whose user was `previous` (which the
+    /// replay takes the session out of the index of, if the changes name
+    /// another user).
+    pub(crate) fn with_previous_user(mut self, previous: Option<&str>) -> Self {
+        if let (Kind::Save { previous_user, .. }, Some(previous)) = (&mut self.kind, previous) {
+            self.weight += previous.len();
+            *previous_user = Some(previous.to_owned());
+        }
+        self
     }
 
     /// A `cycle_id`: the end of the old id, then the creation of the new
@@ -193,6 +209,7 @@ impl Change {
                 at_ms,
                 cycle,
                 user_since,
+                previous_user,
             } => {
                 match cycle.as_ref().map(|cycle| cycle.state()) {
                     Some(Cycle::GONE) => {
@@ -238,7 +255,7 @@ impl Change {
                     storage_key,
                     create: *create,
                     changes,
-                    previous_user: None,
+                    previous_user: previous_user.as_deref(),
                     at_ms: Some(*at_ms),
                 };
                 let saved = redis.save(&write).await?;
@@ -286,6 +303,7 @@ impl Deferred for Change {
                 changes,
                 at_ms,
                 user_since,
+                previous_user,
                 ..
             },
             Kind::Save {
@@ -311,7 +329,9 @@ impl Deferred for Change {
             // The user's time stays the earliest (a revocation since then
             // holds against the login, however often it was saved again).
             *user_since = user_since.or(*newer_user_since);
-            self.weight = save_weight(&self.storage_key, changes);
+            // The user before the older change is the one Redis has.
+            self.weight = save_weight(&self.storage_key, changes)
+                + previous_user.as_ref().map_or(0, String::len);
         }
         covered
     }

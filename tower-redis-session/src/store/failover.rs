@@ -285,7 +285,8 @@ impl Failover {
             (served.value, queue)
         };
         if queue {
-            let change = Change::save(storage_key, write.create, write.changes, now_ms());
+            let change = Change::save(storage_key, write.create, write.changes, now_ms())
+                .with_previous_user(write.previous_user);
             if let Err(full) = self.pair.defer(change) {
                 refused(full, write.create.is_some());
                 return Saved::Refused;
