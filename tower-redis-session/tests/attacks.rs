@@ -793,11 +793,22 @@ async fn a_revocation_ends_a_login_waiting_in_the_outage_queue() {
 /// The same with the user set on an existing session under its own id
 /// (no `cycle_id`): its queued save is not written, and the session ends.
 /// It used to stay in Redis as it was before the login while this
-/// instance's copy kept the login, which a later outage could serve.
+/// instance's copy kept the login, which a later outage could serve. The
+/// copy ends with the replay itself, not only through the announcement of
+/// the end, which this instance's Redis user may not publish here (no
+/// channel): an outage right after the replay serves no login.
 #[tokio::test]
 async fn a_revocation_ends_a_session_whose_user_was_set_in_place_in_the_outage_queue() {
     let redis = TestRedis::start().await;
     let (app, _, store) = start_app(SessionLayer::builder(manager_as(&redis, "a", &[]).await));
+    let mut conn = redis.connection().await.expect("connection");
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("a")
+        .arg("resetchannels")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("ACL SETUSER");
     let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
     let cookie = cookie_pair(&set_cookie.expect("session"));
     refuse_writes(&redis, true).await;
@@ -809,7 +820,6 @@ async fn a_revocation_ends_a_session_whose_user_was_set_in_place_in_the_outage_q
     );
     // The replay is refused (no scripts for this instance's Redis user)
     // until another instance has logged alice out everywhere.
-    let mut conn = redis.connection().await.expect("connection");
     let mut scripts = async |allowed: bool| {
         redis::cmd("ACL")
             .arg("SETUSER")
@@ -829,6 +839,10 @@ async fn a_revocation_ends_a_session_whose_user_was_set_in_place_in_the_outage_q
         session_keys(&redis).await.is_empty(),
         "the session whose login was made before the revocation lives on"
     );
+    redis.pause().await;
+    let in_outage = send(&app, "GET", "/get/user", Some(&cookie)).await.1;
+    redis.resume().await;
+    assert_eq!(in_outage, "none", "this instance's copy kept the login");
     assert_eq!(
         send(&app, "GET", "/get/user", Some(&cookie)).await.1,
         "none"

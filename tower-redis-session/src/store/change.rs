@@ -216,6 +216,7 @@ impl Change {
                         // The old id ended in Redis while the cycle waited:
                         // the session is not brought back under the new
                         // one, and every instance ends its copy of it.
+                        redis.end_here(storage_key);
                         redis.announce_ended(false, vec![storage_key.to_owned()]);
                         return Ok(());
                     }
@@ -249,7 +250,9 @@ impl Change {
                     _ => Ok(false),
                 };
                 if create.is_none() && revoked().await? {
-                    return redis.delete(storage_key, changes.user.as_deref()).await;
+                    redis.delete(storage_key, changes.user.as_deref()).await?;
+                    redis.end_here(storage_key);
+                    return Ok(());
                 }
                 let write = Write {
                     storage_key,
@@ -260,11 +263,14 @@ impl Change {
                 };
                 let saved = redis.save(&write).await?;
                 if create.is_some() && revoked().await? {
-                    return redis.delete(storage_key, changes.user.as_deref()).await;
+                    redis.delete(storage_key, changes.user.as_deref()).await?;
+                    redis.end_here(storage_key);
+                    return Ok(());
                 }
                 if saved == Saved::Gone && create.is_none() {
                     // The session ended in Redis while this change waited:
                     // an end this instance (or another) may have missed.
+                    redis.end_here(storage_key);
                     redis.announce_ended(false, vec![storage_key.to_owned()]);
                 }
                 Ok(())

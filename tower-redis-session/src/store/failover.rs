@@ -65,12 +65,13 @@ impl Failover {
         limits: LocalLimits,
         durability: crate::Durability,
     ) -> Self {
-        let redis = RedisStore::new(manager.clone(), expiry, limits.tracked_bytes)
-            .with_durability(durability);
         let pin_limit = limits
             .copies_bytes
             .saturating_add(u64::try_from(limits.queue_bytes).unwrap_or(u64::MAX));
         let local = LocalStore::new(limits.copies_bytes, pin_limit, expiry.idle, expiry.absolute);
+        let redis = RedisStore::new(manager.clone(), expiry, limits.tracked_bytes)
+            .with_durability(durability)
+            .with_local(local.clone());
         let pair = degrade::Failover::builder(manager.clone(), redis, local.clone())
             .name("session")
             .queue_bytes(limits.queue_bytes)

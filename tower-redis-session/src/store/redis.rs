@@ -58,6 +58,11 @@ pub(crate) struct RedisStore {
     tracked: Option<TrackedCache<Arc<Tracked>>>,
     /// Where ended sessions are announced (see `ended.rs`).
     ended_channel: String,
+    /// This instance's copies, which the replay of the outage queue ends at
+    /// once where it ends a session (not only through the announcement,
+    /// which a Redis that refuses `PUBLISH` would lose): the copy of a
+    /// session with queued changes holds them.
+    local: Option<super::local::LocalStore>,
 }
 
 /// A session as Redis last answered it, with when its key expires.
@@ -102,6 +107,21 @@ impl RedisStore {
             expiry,
             durability: Durability::Primary,
             tracked,
+            local: None,
+        }
+    }
+
+    /// With this instance's copies (see the field).
+    pub(crate) fn with_local(mut self, local: super::local::LocalStore) -> Self {
+        self.local = Some(local);
+        self
+    }
+
+    /// The replay of the outage queue ended a session: this instance's
+    /// copy goes now (the announcement ends the other instances').
+    pub(crate) fn end_here(&self, storage_key: &str) {
+        if let Some(local) = &self.local {
+            local.end(storage_key);
         }
     }
 
