@@ -13,7 +13,7 @@
 //! its end, for `secs` seconds after a warm-up, against a disposable
 //! `redis-server` from `tower_redis_core::testing`. It prints requests per
 //! second and this process's CPU time per request (user + system, from
-//! `/proc/self/stat`).
+//! `/proc/self/stat`), and the allocations a request makes (count and bytes).
 //!
 //! Paths:
 //! - `none`: the route with no layer (a 1 KiB body);
@@ -49,6 +49,20 @@ use tower_redis_core::testing::TestRedis;
 use tower_redis_core::{RedisConfig, RedisManager};
 use tower_redis_ratelimit::{Key, Policy, RateLimitLayer};
 use tower_redis_session::{Session, SessionLayer};
+
+/// The system allocator, counting allocations (for the allocations a
+/// request makes).
+#[global_allocator]
+static GLOBAL: &stats_alloc::StatsAlloc<std::alloc::System> = &stats_alloc::INSTRUMENTED_SYSTEM;
+
+/// Allocations (reallocations included) and bytes allocated so far.
+fn allocated() -> (u64, u64) {
+    let stats = GLOBAL.stats();
+    (
+        (stats.allocations + stats.reallocations) as u64,
+        (stats.bytes_allocated + stats.bytes_reallocated.max(0) as usize) as u64,
+    )
+}
 
 const USAGE: &str = "usage: profile <path>[,<path>...] [--concurrency N] [--secs S] [--warmup-secs S] \
                      [--rounds N] [--http]\npaths: none, reference, cache-hit, ratelimit, session-read, session-tracked";
@@ -318,9 +332,11 @@ impl Ready {
         }
     }
 
-    /// Requests completed and this process's CPU seconds, over `for_`.
-    async fn measure(&self, concurrency: usize, for_: Duration) -> (f64, f64) {
+    /// Requests a second, this process's CPU µs a request, and the
+    /// allocations (count, bytes) a request, over `for_`.
+    async fn measure(&self, concurrency: usize, for_: Duration) -> (f64, f64, f64, f64) {
         let cpu = cpu_secs();
+        let (allocations, bytes) = allocated();
         let started = Instant::now();
         let requests = match self.addr {
             Some(addr) => run_http(addr, self.cookie.clone(), concurrency, for_).await,
@@ -337,9 +353,12 @@ impl Ready {
             }
         };
         let (elapsed, cpu) = (started.elapsed().as_secs_f64(), cpu_secs() - cpu);
+        let per = |n: u64| n as f64 / requests.max(1) as f64;
         (
             requests as f64 / elapsed,
             cpu * 1e6 / requests.max(1) as f64,
+            per(allocated().0 - allocations),
+            per(allocated().1 - bytes),
         )
     }
 }
@@ -410,16 +429,20 @@ async fn main() {
     for (path, result) in ready.iter().zip(&results) {
         let mut rate: Vec<f64> = result.iter().map(|r| r.0).collect();
         let mut cpu: Vec<f64> = result.iter().map(|r| r.1).collect();
+        let mut allocations: Vec<f64> = result.iter().map(|r| r.2).collect();
+        let mut bytes: Vec<f64> = result.iter().map(|r| r.3).collect();
         let mut ratio: Vec<f64> = result
             .iter()
             .zip(&results[0])
             .map(|(r, first)| r.0 / first.0)
             .collect();
         println!(
-            "{} ({via}, c={concurrency}): {:.0} requests/s, {:.1} µs process CPU a request, {:.2}× the rate of {} (medians of {} rounds)",
+            "{} ({via}, c={concurrency}): {:.0} requests/s, {:.1} µs process CPU and {:.1} allocations ({:.0} bytes) a request, {:.2}× the rate of {} (medians of {} rounds)",
             path.path,
             median(&mut rate),
             median(&mut cpu),
+            median(&mut allocations),
+            median(&mut bytes),
             median(&mut ratio),
             ready[0].path,
             results[0].len(),
