@@ -30,9 +30,11 @@
 -- ('inf', '1e300': this script never writes one, and a denial writes
 -- nothing, so such a time would deny the key for good).
 --
--- Returns one string of little-endian doubles (struct '<d'), a flat list of
--- integers: per request, allowed, then per counter remaining, reset_us,
--- retry_us. Every one is below 2^53, so exact as a double.
+-- Returns one string of little-endian doubles (struct '<d'). For a lone
+-- request, a flat list of integers: allowed, then per counter remaining,
+-- reset_us, retry_us; every one is below 2^53, so exact as a double. For a
+-- batch, what the client needs to work those out (see the batch's reply
+-- below).
 -- A denied request changes no counter, so it consumes nothing from the
 -- policies that would have allowed it. Time comes from the server, so
 -- instances with skewed clocks agree. Every counter is read once (one MGET
@@ -259,8 +261,20 @@ for k = 1, nk do
   end
 end
 
-local reply = {}
-local n_reply = 0
+-- The reply of a batch: the marker -1 (no lone reply starts with it), the
+-- server's time, per counter its state before the batch (a GCRA time and
+-- 0, or a window's current and previous counts), then per group how many
+-- of its requests were allowed: the first ones, since a denied request
+-- changes nothing and the identical requests after it are denied too. The
+-- client works out each request's numbers from these with this script's
+-- arithmetic (`Algorithm::decide`), so none is computed or packed here per
+-- request: under load, that was most of a batch's time.
+local reply = {-1, now}
+for k = 1, nk do
+  reply[2 * k + 1] = s1[k]
+  reply[2 * k + 2] = s2[k] or 0
+end
+local n_reply = 2 * nk + 2
 local ks = {}
 local groups
 groups, pos = unpack('<d', data, pos)
@@ -271,75 +285,47 @@ for _ = 1, groups do
   for i = 1, n do
     ks[i], pos = unpack('<d', data, pos)
   end
-  for _ = 1, count do
-    local head = n_reply + 1
-    n_reply = head
-    local allowed = 1
+  local allowed = 0
+  while allowed < count do
+    -- Allowed when every policy allows it (the arithmetic of the paths
+    -- above: GCRA's allow_at > now, or a window's used + cost > limit,
+    -- denies).
+    local ok = true
     for i = 1, n do
       local k = ks[i]
       local a, b = as[k], bs[k]
-      local remaining, reset, retry
       if kinds[k] == 1 then
-        local t0 = s1[k]
-        local new_tat = t0 + cost * a
-        local allow_at = new_tat - b
-        if allow_at > now then
-          retry = allow_at - now
-          remaining = floor((b - (t0 - now)) / a)
-          reset = t0 - now
-        else
-          retry = 0
-          remaining = floor((b - (new_tat - now)) / a)
-          reset = new_tat - now
+        if s1[k] + cost * a - b > now then
+          ok = false
+          break
         end
       else
-        local c, p = s1[k], s2[k]
-        local elapsed = now - floor(now / b) * b
-        reset = b - elapsed
-        local used = c
-        local kind = kinds[k]
-        if kind == 2 then used = p * (b - elapsed) / b + c end
+        local used = s1[k]
+        if kinds[k] == 2 then
+          local elapsed = now - floor(now / b) * b
+          used = s2[k] * (b - elapsed) / b + used
+        end
         if used + cost > a then
-          if kind == 3 then
-            retry = reset
-          elseif a - c - cost >= 0 then
-            retry = b - elapsed - (a - c - cost) * b / p
-          elseif cost <= a then
-            retry = reset + b * (1 - (a - cost) / c)
-          else
-            retry = reset + b
-          end
-          if retry < 1 then retry = 1 end
-          remaining = a - used
-        else
-          retry = 0
-          remaining = a - used - cost
+          ok = false
+          break
         end
       end
-      if remaining < 0 then remaining = 0 end
-      if remaining > BIG then remaining = BIG end
-      if reset > BIG then reset = BIG end
-      if retry > BIG then retry = BIG end
-      if retry > 0 then allowed = 0 end
-      reply[n_reply + 1] = floor(remaining)
-      reply[n_reply + 2] = ceil(reset)
-      reply[n_reply + 3] = ceil(retry)
-      n_reply = n_reply + 3
     end
-    reply[head] = allowed
-    if allowed == 1 then
-      -- Commit: every policy of the request counts it.
-      for i = 1, n do
-        local k = ks[i]
-        if kinds[k] == 1 then
-          s1[k] = s1[k] + cost * as[k]
-        else
-          s1[k] = s1[k] + cost
-        end
-        dirty[k] = true
+    if not ok then break end
+    allowed = allowed + 1
+    -- Commit: every policy of the request counts it.
+    for i = 1, n do
+      local k = ks[i]
+      if kinds[k] == 1 then
+        s1[k] = s1[k] + cost * as[k]
+      else
+        s1[k] = s1[k] + cost
       end
+      dirty[k] = true
     end
   end
+  n_reply = n_reply + 1
+  reply[n_reply] = allowed
 end
 
 for k = 1, nk do

@@ -1,6 +1,7 @@
 //! The shared counters: one script call (`decide.lua`) decides a batch of
 //! requests, and its reply is parsed into verdicts.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -8,8 +9,8 @@ use tower_redis_core::degrade::{NoChange, Replay, ReplayError};
 use tower_redis_core::redis::{self, Script};
 use tower_redis_core::{Error, RedisConnection, RedisManager};
 
-use super::{DecisionSource, DecisionStore, PolicyState, Query, Verdict};
-use crate::algorithm::Algorithm;
+use super::{Check, DecisionSource, DecisionStore, PolicyState, Query, Verdict};
+use crate::algorithm::{Algorithm, CounterState, micros};
 
 static DECIDE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("decide.lua")));
 static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lease.lua")));
@@ -153,96 +154,141 @@ async fn decide_on_redis(
 /// argument: every number it needs, packed as little-endian `f64`s, which
 /// Lua reads with `struct.unpack` at a fraction of the cost of parsing
 /// decimal strings (see `decide.lua` for the layout). Two allocations
-/// whatever the batch: the counts that precede what they count are
+/// whatever the batch: the group count, which precedes the groups, is
 /// written once known.
 fn encode_batch<'q>(requests: &[Query<'q>]) -> (Vec<&'q str>, Vec<u8>) {
+    let counters = Counters::of(requests);
     let checks: usize = requests.iter().map(|(checks, _)| checks.len()).sum();
-    let mut keys: Vec<&'q str> = Vec::with_capacity(checks);
-    // At most: a policy per check, the group count, and per request a
+    // At most: a policy per counter, the group count, and per request a
     // group head (count, cost, n) and its indexes.
-    let mut numbers = Vec::with_capacity(8 * (3 * checks + 1 + 3 * requests.len() + checks));
+    let mut numbers =
+        Vec::with_capacity(8 * (3 * counters.list.len() + 1 + 3 * requests.len() + checks));
     let push = |numbers: &mut Vec<u8>, value: f64| numbers.extend_from_slice(&value.to_le_bytes());
-    let patch = |numbers: &mut Vec<u8>, at: usize, value: f64| {
-        numbers[at..at + 8].copy_from_slice(&value.to_le_bytes());
-    };
-    // Counts and indexes are small integers: exact as `f64`.
-    #[allow(clippy::cast_precision_loss)]
-    let exact = |n: usize| n as f64;
     // Each distinct counter, in order of first use, with its policy.
-    for (checks, _) in requests {
-        for check in *checks {
-            if !keys.contains(&check.key.as_str()) {
-                keys.push(&check.key);
-                let (kind, a, b) = check.algorithm.script_args();
-                for value in [f64::from(kind), a, b] {
-                    push(&mut numbers, value);
-                }
-            }
+    for check in &counters.list {
+        let (kind, a, b) = check.algorithm.script_args();
+        for value in [f64::from(kind), a, b] {
+            push(&mut numbers, value);
         }
     }
     // Consecutive requests with the same cost and counters go as one group.
     let groups_at = numbers.len();
     push(&mut numbers, 0.0);
     let mut groups = 0;
-    let mut count_at = 0;
-    let mut count = 0;
-    let mut previous: Option<&Query<'q>> = None;
-    for request in requests {
-        let (checks, cost) = request;
-        let same = previous.is_some_and(|(before, before_cost)| {
-            before_cost == cost
-                && before.len() == checks.len()
-                && before
-                    .iter()
-                    .zip(checks.iter())
-                    .all(|(b, c)| b.key == c.key)
-        });
-        if same {
-            count += 1;
-            continue;
-        }
-        if groups > 0 {
-            patch(&mut numbers, count_at, exact(count));
-        }
+    for ((checks, cost), count) in groups_of(requests) {
         groups += 1;
-        count = 1;
-        count_at = numbers.len();
-        push(&mut numbers, 0.0);
+        push(&mut numbers, exact(count));
         push(&mut numbers, f64::from(*cost));
         push(&mut numbers, exact(checks.len()));
         for check in *checks {
-            let index = keys.iter().position(|k| *k == check.key).unwrap_or(0);
-            push(&mut numbers, exact(index + 1));
+            push(&mut numbers, exact(counters.index_of(check) + 1));
         }
-        previous = Some(request);
     }
-    if groups > 0 {
-        patch(&mut numbers, count_at, exact(count));
-    }
-    patch(&mut numbers, groups_at, exact(groups));
+    numbers[groups_at..groups_at + 8].copy_from_slice(&exact(groups).to_le_bytes());
+    let keys = counters
+        .list
+        .iter()
+        .map(|check| check.key.as_str())
+        .collect();
     (keys, numbers)
 }
 
-/// The script's reply: little-endian doubles, all integers (see
-/// `decide.lua`), per request allowed, then per check remaining, reset and
-/// retry (µs). Read in place: no number is parsed from text.
+/// Counts and indexes are small integers: exact as `f64`.
+#[allow(clippy::cast_precision_loss)]
+fn exact(n: usize) -> f64 {
+    n as f64
+}
+
+/// The distinct counters of a batch, in order of first use (the script's
+/// `KEYS`), each with the check that first named it (its policy).
+struct Counters<'q> {
+    list: Vec<&'q Check>,
+    /// Each counter's index in `list`, past a few counters (a batch of
+    /// many clients has as many): a lone request's few are compared one by
+    /// one.
+    index: Option<HashMap<&'q str, usize>>,
+}
+
+impl<'q> Counters<'q> {
+    fn of(requests: &[Query<'q>]) -> Self {
+        let checks: usize = requests.iter().map(|(checks, _)| checks.len()).sum();
+        let mut counters = Self {
+            list: Vec::with_capacity(checks),
+            index: (checks > 8).then(|| HashMap::with_capacity(checks)),
+        };
+        for (checks, _) in requests {
+            for check in *checks {
+                let new = match &mut counters.index {
+                    Some(index) => {
+                        let next = counters.list.len();
+                        *index.entry(check.key.as_str()).or_insert(next) == next
+                    }
+                    None => !counters.list.iter().any(|known| known.key == check.key),
+                };
+                if new {
+                    counters.list.push(check);
+                }
+            }
+        }
+        counters
+    }
+
+    /// Where `check`'s counter is (0-based).
+    fn index_of(&self, check: &Check) -> usize {
+        match &self.index {
+            Some(index) => index.get(check.key.as_str()).copied(),
+            None => self.list.iter().position(|known| known.key == check.key),
+        }
+        .unwrap_or(0)
+    }
+}
+
+/// The groups of a batch: runs of consecutive requests with the same cost
+/// and counters, each as its first request and its length.
+fn groups_of<'a, 'q>(requests: &'a [Query<'q>]) -> impl Iterator<Item = (&'a Query<'q>, usize)> {
+    let mut rest = requests;
+    std::iter::from_fn(move || {
+        let (first, others) = rest.split_first()?;
+        let (checks, cost) = first;
+        let count = 1 + others
+            .iter()
+            .take_while(|(other, other_cost)| {
+                other_cost == cost
+                    && other.len() == checks.len()
+                    && other.iter().zip(checks.iter()).all(|(o, c)| o.key == c.key)
+            })
+            .count();
+        rest = &rest[count..];
+        Some((first, count))
+    })
+}
+
+/// What a batch's reply starts with (a lone request's starts with 0 or 1).
+const BATCH_REPLY: [u8; 8] = (-1.0f64).to_le_bytes();
+
+/// The largest number the script answers (its `BIG`): remaining counts and
+/// durations (µs) are capped here.
+const BIG: u64 = 99_999_999_999_999;
+
+/// The script's reply: little-endian doubles (see `decide.lua`). A lone
+/// request's: all integers, allowed, then per check remaining, reset and
+/// retry (µs); read in place, no number is parsed from text. A batch's: see
+/// [`parse_batch_reply`].
 fn parse_reply(reply: &[u8], requests: &[Query<'_>]) -> redis::RedisResult<Vec<Verdict>> {
+    if reply.get(..8) == Some(&BATCH_REPLY[..]) {
+        return parse_batch_reply(reply, requests);
+    }
     let expected: usize = requests
         .iter()
         .map(|(checks, _)| 8 * (1 + 3 * checks.len()))
         .sum();
     if reply.len() != expected {
-        return Err(redis::RedisError::from((
-            redis::ErrorKind::UnexpectedReturnType,
-            "rate-limit script answered with the wrong number of bytes",
-            format!("expected {expected}, got {}", reply.len()),
+        return Err(wrong_reply(format!(
+            "expected {expected} bytes, got {}",
+            reply.len()
         )));
     }
-    let mut numbers = reply.chunks_exact(8).map(|bytes| {
-        let mut double = [0; 8];
-        double.copy_from_slice(bytes);
-        whole(f64::from_le_bytes(double))
-    });
+    let mut numbers = reply.chunks_exact(8).map(|bytes| whole(double(bytes)));
     let mut next = || numbers.next().unwrap_or(0);
     let us = Duration::from_micros;
     let mut verdicts = Vec::with_capacity(requests.len());
@@ -266,6 +312,106 @@ fn parse_reply(reply: &[u8], requests: &[Query<'_>]) -> redis::RedisResult<Vec<V
         });
     }
     Ok(verdicts)
+}
+
+/// A batch's reply: the marker, the server's time (µs), per counter its
+/// state before the batch (a GCRA time and 0, or a window's current and
+/// previous counts, already in the window the time falls in), then per
+/// group how many of its requests Redis allowed (the first ones). Each
+/// request's numbers are worked out here, request after request as the
+/// script went, with its arithmetic ([`Algorithm::decide`]); the script
+/// only decides and writes, which under load was a fraction of its time.
+fn parse_batch_reply(reply: &[u8], requests: &[Query<'_>]) -> redis::RedisResult<Vec<Verdict>> {
+    let counters = Counters::of(requests);
+    let expected = 8 * (2 + 2 * counters.list.len() + groups_of(requests).count());
+    if reply.len() != expected {
+        return Err(wrong_reply(format!(
+            "expected {expected} bytes for a batch, got {}",
+            reply.len()
+        )));
+    }
+    let number = |i: usize| double(&reply[8 * i..8 * i + 8]);
+    let now = number(1);
+    let mut states: Vec<Option<CounterState>> = counters
+        .list
+        .iter()
+        .enumerate()
+        .map(|(i, check)| {
+            let (first, second) = (number(2 + 2 * i), number(3 + 2 * i));
+            Some(match check.algorithm {
+                Algorithm::Gcra { .. } => CounterState::Tat(first),
+                Algorithm::SlidingWindow { window, .. } | Algorithm::FixedWindow { window, .. } => {
+                    CounterState::Window {
+                        index: (now / micros(window)).floor(),
+                        current: first,
+                        previous: second,
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut verdicts = Vec::with_capacity(requests.len());
+    for (at, ((checks, cost), count)) in (2 + 2 * counters.list.len()..).zip(groups_of(requests)) {
+        let allowed = number(at);
+        if !(allowed >= 0.0 && allowed <= exact(count) && allowed.fract() == 0.0) {
+            return Err(wrong_reply(format!(
+                "{allowed} of a group of {count} allowed"
+            )));
+        }
+        let cost = f64::from(*cost);
+        for j in 0..count {
+            let allowed = exact(j) < allowed;
+            let decided: Vec<Option<PolicyState>> = checks
+                .iter()
+                .map(|check| {
+                    let state = states[counters.index_of(check)];
+                    Some(capped(check.algorithm.decide(state, now, cost).0))
+                })
+                .collect();
+            if allowed {
+                // Every policy counts it, as the script's commit.
+                for check in *checks {
+                    let state = &mut states[counters.index_of(check)];
+                    let Some(counter) = check.algorithm.decide(*state, now, cost).1 else {
+                        return Err(wrong_reply(
+                            "Redis allowed a request its policies deny".to_owned(),
+                        ));
+                    };
+                    *state = Some(counter.state);
+                }
+            }
+            verdicts.push(Verdict {
+                allowed,
+                states: decided,
+                source: DecisionSource::Redis,
+            });
+        }
+    }
+    Ok(verdicts)
+}
+
+/// A state as the script would answer it: numbers capped at [`BIG`].
+fn capped(state: PolicyState) -> PolicyState {
+    let big = Duration::from_micros(BIG);
+    PolicyState {
+        remaining: state.remaining.min(BIG),
+        reset: state.reset.min(big),
+        retry_after: state.retry_after.map(|retry| retry.min(big)),
+    }
+}
+
+fn double(bytes: &[u8]) -> f64 {
+    let mut double = [0; 8];
+    double.copy_from_slice(bytes);
+    f64::from_le_bytes(double)
+}
+
+fn wrong_reply(detail: String) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "rate-limit script answered what this version does not read",
+        detail,
+    ))
 }
 
 /// A number of the reply as an unsigned integer: a negative one (or one
@@ -328,6 +474,25 @@ mod tests {
             (state.remaining, state.reset, state.retry_after),
             (0, Duration::ZERO, Some(Duration::from_micros(u64::MAX)))
         );
+        // A batch's reply: the marker, the server's time, the counter's
+        // state, how many of the group (two requests) were allowed.
+        let batch = [(one, 1), (one, 1)];
+        let reply = |allowed: f64| packed(&[-1.0, 1.7e15, 0.0, 0.0, allowed]);
+        assert!(parse_reply(&packed(&[-1.0, 1.7e15]), &batch).is_err());
+        for wrong in [3.0, -1.0, 0.5, f64::NAN] {
+            assert!(parse_reply(&reply(wrong), &batch).is_err(), "{wrong}");
+        }
+        // The limit is 1: Redis cannot have allowed both.
+        assert!(parse_reply(&reply(2.0), &batch).is_err());
+        let verdicts = parse_reply(&reply(1.0), &batch).expect("well formed");
+        assert!(verdicts[0].allowed && !verdicts[1].allowed);
+        let (first, second) = (
+            verdicts[0].states[0].expect("a state"),
+            verdicts[1].states[0].expect("a state"),
+        );
+        assert_eq!((first.remaining, first.retry_after), (0, None));
+        assert_eq!(second.remaining, 0);
+        assert!(second.retry_after.is_some());
     }
 
     /// A reply as `decide.lua` packs it.

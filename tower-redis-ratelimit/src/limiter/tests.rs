@@ -702,3 +702,111 @@ async fn a_counter_holding_nan_infinity_or_negative_counts_is_an_empty_counter()
         assert_eq!(lease.granted, 2, "{time}, leased");
     }
 }
+
+/// A batch answers each request what deciding it alone would: the script
+/// decides and writes, and the numbers of each request (remaining, reset,
+/// retry) are worked out from its reply with the same arithmetic. Random
+/// batches (three algorithms, one to three policies a request, costs 0 to
+/// 3, runs of identical requests) are decided as one batch on one set of
+/// counters, and request by request (each a lone call, whose numbers the
+/// script computes) on another: the same verdicts and remaining counts,
+/// and the same times but for the time that passed between the calls.
+#[tokio::test]
+async fn a_batch_answers_each_request_what_deciding_it_alone_would() {
+    let (redis, limiter) = on_redis().await;
+    let hour = Duration::from_secs(3600);
+    // Not within a minute of the end of an hour: the windows' counts must
+    // not start over between the two runs.
+    let ms = redis.time_ms().await.expect("TIME");
+    let into_hour = ms % 3_600_000;
+    if into_hour > 3_540_000 {
+        tokio::time::sleep(Duration::from_millis(3_600_000 - into_hour + 100)).await;
+    }
+    let algorithms = [
+        Algorithm::Gcra {
+            quota: 5,
+            period: hour,
+            burst: 5,
+        },
+        Algorithm::FixedWindow {
+            limit: 7,
+            window: hour,
+        },
+        Algorithm::SlidingWindow {
+            limit: 6,
+            window: hour,
+        },
+    ];
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut random = move |below: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        usize::try_from(seed % below as u64).expect("small")
+    };
+    for round in 0..6 {
+        // Each request: some policies (each on one of two clients), a cost.
+        let mut requests: Vec<(Vec<(usize, usize)>, u32)> = Vec::new();
+        for _ in 0..40 {
+            if let Some(last) = requests.last().filter(|_| random(2) == 0) {
+                requests.push(last.clone());
+                continue;
+            }
+            let mut policies: Vec<(usize, usize)> = Vec::new();
+            for policy in 0..3 {
+                if random(2) == 0 {
+                    policies.push((policy, random(2)));
+                }
+            }
+            if policies.is_empty() {
+                policies.push((random(3), random(2)));
+            }
+            requests.push((policies, u32::try_from(random(4)).expect("small")));
+        }
+        let checks_of = |set: &str, policies: &[(usize, usize)]| -> Vec<Check> {
+            policies
+                .iter()
+                .map(|&(policy, client)| {
+                    check(
+                        &format!("{set}-{round}-{policy}-{client}"),
+                        algorithms[policy],
+                    )
+                })
+                .collect()
+        };
+        let batched: Vec<Vec<Check>> = requests
+            .iter()
+            .map(|(p, _)| checks_of("batch", p))
+            .collect();
+        let queries: Vec<Query<'_>> = batched
+            .iter()
+            .zip(&requests)
+            .map(|(checks, (_, cost))| (checks.as_slice(), *cost))
+            .collect();
+        let started = std::time::Instant::now();
+        let together = limiter.decide_batch(&queries).await;
+        let mut alone = Vec::new();
+        for (policies, cost) in &requests {
+            let checks = checks_of("alone", policies);
+            alone.push(limiter.decide_batch(&[(&checks, *cost)]).await.remove(0));
+        }
+        let apart = started.elapsed() + Duration::from_millis(2);
+        assert_eq!(together.len(), requests.len());
+        for (i, (batch, lone)) in together.iter().zip(&alone).enumerate() {
+            let what = format!("round {round}, request {i} {:?}", requests[i]);
+            assert_eq!(batch.source, DecisionSource::Redis, "{what}");
+            assert_eq!(lone.source, DecisionSource::Redis, "{what}");
+            assert_eq!(batch.allowed, lone.allowed, "{what}");
+            for (b, l) in batch.states.iter().zip(&lone.states) {
+                let (b, l) = (b.expect("a state"), l.expect("a state"));
+                assert_eq!(b.remaining, l.remaining, "{what}");
+                assert_eq!(b.retry_after.is_some(), l.retry_after.is_some(), "{what}");
+                let close = |x: Duration, y: Duration| x.abs_diff(y) <= apart;
+                assert!(close(b.reset, l.reset), "{what}: reset {b:?} / {l:?}");
+                if let (Some(x), Some(y)) = (b.retry_after, l.retry_after) {
+                    assert!(close(x, y), "{what}: retry {b:?} / {l:?}");
+                }
+            }
+        }
+    }
+}
