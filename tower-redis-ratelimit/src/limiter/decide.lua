@@ -46,13 +46,13 @@
 -- as the arithmetic of a policy. So: binary arguments (no decimal
 -- parsing); every counter read in one MGET and written in one command (a
 -- window's counts rewritten in place, its TTL not printed again); the
--- arithmetic inline in each of
--- the three paths below (one GCRA counter, a lone request, a batch),
--- written out three times rather than put in functions, which cost a
--- stacked-policy request about 1 µs of the server's time in measurements;
--- integers formatted with %d (not Redis's %.17g for Lua numbers); and the
--- reply packed in binary: no number of it is formatted here, nor parsed
--- one by one by the client.
+-- arithmetic inline in each of the three paths below (one GCRA counter, a
+-- lone request, a batch), written out rather than put in functions, which
+-- cost a stacked-policy request about 1 µs of the server's time in
+-- measurements; integers formatted with %d (not Redis's %.17g for Lua
+-- numbers); the reply packed in binary: no number of it is formatted
+-- here, nor parsed one by one by the client; and a batch's reply without
+-- numbers per request (the client works them out).
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
 local floor, ceil, unpack, pack, format, spread = math.floor, math.ceil, struct.unpack, struct.pack, string.format, unpack
@@ -103,7 +103,8 @@ end
 -- batch forming, so the one every request makes at low load), on any
 -- number of counters. Its numbers are kind, a, b per key, then 1 group,
 -- count 1, its cost, n = the number of keys, and the n indexes. The
--- arithmetic of the batch below, inline, with one table (the reply's) and
+-- arithmetic of a policy (as the client's `Algorithm::decide` has it),
+-- inline, with one table (the reply's) and
 -- no function made or called: at this size those cost as much as the
 -- arithmetic itself. At most 64 counters, so that its reply fits the Lua
 -- stack in one pack.

@@ -153,9 +153,8 @@ async fn decide_on_redis(
 /// The script's `KEYS` (the distinct counters of the batch) and its one
 /// argument: every number it needs, packed as little-endian `f64`s, which
 /// Lua reads with `struct.unpack` at a fraction of the cost of parsing
-/// decimal strings (see `decide.lua` for the layout). Two allocations
-/// whatever the batch: the group count, which precedes the groups, is
-/// written once known.
+/// decimal strings (see `decide.lua` for the layout). The group count,
+/// which precedes the groups, is written once known.
 fn encode_batch<'q>(requests: &[Query<'q>]) -> (Vec<&'q str>, Vec<u8>) {
     let counters = Counters::of(requests);
     let checks: usize = requests.iter().map(|(checks, _)| checks.len()).sum();
@@ -361,23 +360,37 @@ fn parse_batch_reply(reply: &[u8], requests: &[Query<'_>]) -> redis::RedisResult
         let cost = f64::from(*cost);
         for j in 0..count {
             let allowed = exact(j) < allowed;
+            // Each counter's policy as the script had it: the one of the
+            // check that first named it.
+            let mut denied_here = false;
             let decided: Vec<Option<PolicyState>> = checks
                 .iter()
                 .map(|check| {
-                    let state = states[counters.index_of(check)];
-                    Some(capped(check.algorithm.decide(state, now, cost).0))
+                    let k = counters.index_of(check);
+                    let (state, counter) = counters.list[k].algorithm.decide(states[k], now, cost);
+                    denied_here |= counter.is_none();
+                    Some(capped(state))
                 })
                 .collect();
+            // The script and this arithmetic must agree on every request;
+            // they cannot differ but through a corrupt reply, which is an
+            // error (Redis has counted the batch by then: the fallback that
+            // answers instead counts it once more, in process).
+            if allowed == denied_here {
+                return Err(wrong_reply(format!(
+                    "Redis {} a request its policies {}",
+                    if allowed { "allowed" } else { "denied" },
+                    if allowed { "deny" } else { "allow" },
+                )));
+            }
             if allowed {
                 // Every policy counts it, as the script's commit.
                 for check in *checks {
-                    let state = &mut states[counters.index_of(check)];
-                    let Some(counter) = check.algorithm.decide(*state, now, cost).1 else {
-                        return Err(wrong_reply(
-                            "Redis allowed a request its policies deny".to_owned(),
-                        ));
-                    };
-                    *state = Some(counter.state);
+                    let k = counters.index_of(check);
+                    if let Some(counter) = counters.list[k].algorithm.decide(states[k], now, cost).1
+                    {
+                        states[k] = Some(counter.state);
+                    }
                 }
             }
             verdicts.push(Verdict {
@@ -482,8 +495,10 @@ mod tests {
         for wrong in [3.0, -1.0, 0.5, f64::NAN] {
             assert!(parse_reply(&reply(wrong), &batch).is_err(), "{wrong}");
         }
-        // The limit is 1: Redis cannot have allowed both.
+        // The limit is 1: Redis cannot have allowed both, nor denied the
+        // first.
         assert!(parse_reply(&reply(2.0), &batch).is_err());
+        assert!(parse_reply(&reply(0.0), &batch).is_err());
         let verdicts = parse_reply(&reply(1.0), &batch).expect("well formed");
         assert!(verdicts[0].allowed && !verdicts[1].allowed);
         let (first, second) = (
