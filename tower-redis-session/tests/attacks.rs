@@ -752,24 +752,7 @@ async fn a_revocation_ends_a_login_waiting_in_the_outage_queue() {
     let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
     let cookie = cookie_pair(&set_cookie.expect("session"));
     let login = login_refused(&app, &redis, &cookie).await;
-    // The instance's replay is refused (no scripts for its Redis user)
-    // until another instance has logged alice out everywhere.
-    let scripts = async |allowed: bool| {
-        let mut conn = redis.connection().await.expect("connection");
-        redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg("a")
-            .arg(if allowed { "+@all" } else { "-@scripting" })
-            .query_async::<()>(&mut conn)
-            .await
-            .expect("ACL SETUSER");
-    };
-    scripts(false).await;
-    refuse_writes(&redis, false).await;
-    let (_, _, other) = start_app(SessionLayer::builder(manager(&redis).await));
-    assert_eq!(other.revoke_user("alice").await.expect("revoked"), 0);
-    scripts(true).await;
-    drained(&store).await;
+    revoke_alice_while_the_replay_waits(&redis, &store).await;
     assert!(
         session_keys(&redis).await.is_empty(),
         "the login made before the revocation was written after it"
@@ -801,14 +784,7 @@ async fn a_revocation_ends_a_login_waiting_in_the_outage_queue() {
 async fn a_revocation_ends_a_session_whose_user_was_set_in_place_in_the_outage_queue() {
     let redis = TestRedis::start().await;
     let (app, _, store) = start_app(SessionLayer::builder(manager_as(&redis, "a", &[]).await));
-    let mut conn = redis.connection().await.expect("connection");
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("a")
-        .arg("resetchannels")
-        .query_async::<()>(&mut conn)
-        .await
-        .expect("ACL SETUSER");
+    acl(&redis, "a", "resetchannels").await;
     let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
     let cookie = cookie_pair(&set_cookie.expect("session"));
     refuse_writes(&redis, true).await;
@@ -818,23 +794,7 @@ async fn a_revocation_ends_a_session_whose_user_was_set_in_place_in_the_outage_q
         send(&app, "GET", "/get/user", Some(&cookie)).await.1,
         "alice"
     );
-    // The replay is refused (no scripts for this instance's Redis user)
-    // until another instance has logged alice out everywhere.
-    let mut scripts = async |allowed: bool| {
-        redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg("a")
-            .arg(if allowed { "+@all" } else { "-@scripting" })
-            .query_async::<()>(&mut conn)
-            .await
-            .expect("ACL SETUSER");
-    };
-    scripts(false).await;
-    refuse_writes(&redis, false).await;
-    let (_, _, other) = start_app(SessionLayer::builder(manager(&redis).await));
-    assert_eq!(other.revoke_user("alice").await.expect("revoked"), 0);
-    scripts(true).await;
-    drained(&store).await;
+    revoke_alice_while_the_replay_waits(&redis, &store).await;
     assert!(
         session_keys(&redis).await.is_empty(),
         "the session whose login was made before the revocation lives on"
@@ -870,22 +830,12 @@ async fn a_session_handed_to_another_user_in_the_outage_queue_leaves_the_first_u
     // Redis refuses the whole save: the script and the `SADD` (out of
     // memory), and the `SREM` from bob's index, which is no write that
     // grows memory (the instance's Redis user may not run it, here).
-    let mut conn = redis.connection().await.expect("connection");
-    let mut srem = async |allowed: bool| {
-        redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg("h")
-            .arg(if allowed { "+srem" } else { "-srem" })
-            .query_async::<()>(&mut conn)
-            .await
-            .expect("ACL SETUSER");
-    };
-    srem(false).await;
+    acl(&redis, "h", "-srem").await;
     refuse_writes(&redis, true).await;
     let (status, body, _) = send(&app, "POST", "/set-user/alice", Some(&cookie)).await;
     assert_eq!((status, body.as_str()), (200, "ok"));
     refuse_writes(&redis, false).await;
-    srem(true).await;
+    acl(&redis, "h", "+srem").await;
     drained(&store).await;
     assert_eq!(
         store
@@ -1156,6 +1106,19 @@ async fn in_an_outage_b_serves_only_the_live_one(
 
 /// Creates the Redis user `name` (every key, channel and command but
 /// `denied`) and connects a manager as it.
+/// With Redis refusing writes to `store`'s instance (Redis user `a`) and a
+/// change naming alice in its outage queue: lets writes in again, but
+/// holds the replay (no scripts for `a`) until another instance has logged
+/// alice out everywhere (which finds nothing), then lets it run to its end.
+async fn revoke_alice_while_the_replay_waits(redis: &TestRedis, store: &SessionStore) {
+    acl(redis, "a", "-@scripting").await;
+    refuse_writes(redis, false).await;
+    let (_, _, other) = start_app(SessionLayer::builder(manager(redis).await));
+    assert_eq!(other.revoke_user("alice").await.expect("revoked"), 0);
+    acl(redis, "a", "+@all").await;
+    drained(store).await;
+}
+
 async fn manager_as(redis: &TestRedis, name: &str, denied: &[&str]) -> RedisManager {
     let mut conn = redis.connection().await.expect("connection");
     let mut setuser = redis::cmd("ACL");

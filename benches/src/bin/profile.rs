@@ -163,6 +163,36 @@ fn cpu_secs() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// `GET /` as every path's requests are: `Host`, the client header the
+/// rate limit keys on, and the session cookie if there is one.
+fn get_request<B>(cookie: Option<&HeaderValue>, body: B) -> Request<B> {
+    let mut request = Request::get("/")
+        .header(header::HOST, "127.0.0.1")
+        .header("x-profile-client", "one")
+        .body(body)
+        .unwrap();
+    if let Some(cookie) = cookie {
+        request.headers_mut().insert(header::COOKIE, cookie.clone());
+    }
+    request
+}
+
+/// Checks an answer: 200, and a hit where one is expected.
+fn answered<B>(response: &axum::http::Response<B>, hit: bool) {
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "the path must answer 200"
+    );
+    if hit {
+        let status = response.headers().get("cache-status");
+        assert!(
+            status.is_some_and(|s| s.as_bytes().windows(3).any(|w| w == b"hit")),
+            "a cache hit was expected, Cache-Status: {status:?}"
+        );
+    }
+}
+
 async fn run(
     app: Router,
     cookie: Option<HeaderValue>,
@@ -177,27 +207,9 @@ async fn run(
         let (app, cookie, done) = (app.clone(), cookie.clone(), Arc::clone(&done));
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
-                let mut request = Request::get("/")
-                    .header(header::HOST, "127.0.0.1")
-                    .header("x-profile-client", "one")
-                    .body(Body::empty())
-                    .unwrap();
-                if let Some(cookie) = &cookie {
-                    request.headers_mut().insert(header::COOKIE, cookie.clone());
-                }
+                let request = get_request(cookie.as_ref(), Body::empty());
                 let response = app.clone().oneshot(request).await.unwrap();
-                assert_eq!(
-                    response.status(),
-                    StatusCode::OK,
-                    "the path must answer 200"
-                );
-                if hit {
-                    let status = response.headers().get("cache-status");
-                    assert!(
-                        status.is_some_and(|s| s.as_bytes().windows(3).any(|w| w == b"hit")),
-                        "a cache hit was expected, Cache-Status: {status:?}"
-                    );
-                }
+                answered(&response, hit);
                 let _ = response.into_body().collect().await.unwrap();
                 done.fetch_add(1, Ordering::Relaxed);
             }
@@ -215,6 +227,7 @@ async fn run(
 async fn run_http(
     addr: std::net::SocketAddr,
     cookie: Option<HeaderValue>,
+    hit: bool,
     concurrency: usize,
     for_: Duration,
 ) -> u64 {
@@ -232,21 +245,10 @@ async fn run_http(
                     .unwrap();
             tokio::spawn(connection);
             while Instant::now() < deadline {
-                let mut request = Request::get("/")
-                    .header(header::HOST, "127.0.0.1")
-                    .header("x-profile-client", "one")
-                    .body(http_body_util::Empty::<Bytes>::new())
-                    .unwrap();
-                if let Some(cookie) = &cookie {
-                    request.headers_mut().insert(header::COOKIE, cookie.clone());
-                }
+                let request = get_request(cookie.as_ref(), http_body_util::Empty::<Bytes>::new());
                 sender.ready().await.unwrap();
                 let response = sender.send_request(request).await.unwrap();
-                assert_eq!(
-                    response.status(),
-                    StatusCode::OK,
-                    "the path must answer 200"
-                );
+                answered(&response, hit);
                 let _ = response.into_body().collect().await.unwrap();
                 done.fetch_add(1, Ordering::Relaxed);
             }
@@ -298,14 +300,7 @@ impl Ready {
             }
         };
         // The headers a request of this path answers with (to stderr).
-        let mut first = Request::get("/")
-            .header(header::HOST, "127.0.0.1")
-            .header("x-profile-client", "one")
-            .body(Body::empty())
-            .unwrap();
-        if let Some(cookie) = &cookie {
-            first.headers_mut().insert(header::COOKIE, cookie.clone());
-        }
+        let first = get_request(cookie.as_ref(), Body::empty());
         let first = app.clone().oneshot(first).await.unwrap();
         eprintln!("{path}: {:?} {:?}", first.status(), first.headers());
         // Warm: the cache stores its entry, the scripts load, tracking starts.
@@ -338,19 +333,11 @@ impl Ready {
         let cpu = cpu_secs();
         let (allocations, bytes) = allocated();
         let started = Instant::now();
+        let hit = self.path == "cache-hit";
+        let cookie = self.cookie.clone();
         let requests = match self.addr {
-            Some(addr) => run_http(addr, self.cookie.clone(), concurrency, for_).await,
-            None => {
-                let hit = self.path == "cache-hit";
-                run(
-                    self.app.clone(),
-                    self.cookie.clone(),
-                    hit,
-                    concurrency,
-                    for_,
-                )
-                .await
-            }
+            Some(addr) => run_http(addr, cookie, hit, concurrency, for_).await,
+            None => run(self.app.clone(), cookie, hit, concurrency, for_).await,
         };
         let (elapsed, cpu) = (started.elapsed().as_secs_f64(), cpu_secs() - cpu);
         let per = |n: u64| n as f64 / requests.max(1) as f64;

@@ -545,6 +545,28 @@ async fn many_counters_in_one_call_are_read_in_parts() {
     }
 }
 
+/// How many are allowed of ten decisions on `checks` made at once behind
+/// another decision (of cost 0, on another counter of the first check's
+/// policy, which goes alone: on this current-thread runtime the first to
+/// run), so that the ten take the batch's path. Each decided by Redis.
+async fn ten_behind_another(limiter: &Arc<Limiter>, checks: &[Check]) -> usize {
+    let mut decisions = tokio::task::JoinSet::new();
+    let alone = [check("another", checks[0].algorithm)];
+    let first = Arc::clone(limiter);
+    decisions.spawn(async move { first.decide(&alone, 0).await });
+    for _ in 0..10 {
+        let (limiter, checks) = (Arc::clone(limiter), checks.to_vec());
+        decisions.spawn(async move { limiter.decide(&checks, 1).await });
+    }
+    let mut allowed = 0;
+    while let Some(verdict) = decisions.join_next().await {
+        let verdict = verdict.expect("task");
+        assert_eq!(verdict.source, DecisionSource::Redis);
+        allowed += usize::from(verdict.allowed);
+    }
+    allowed
+}
+
 /// A counter Redis holds in a shape no decision writes is an empty counter,
 /// as any other foreign value: a window's count that is NaN used to allow
 /// every request for good (no comparison admits NaN, and the count stayed
@@ -602,22 +624,12 @@ async fn a_counter_holding_nan_infinity_or_negative_counts_is_an_empty_counter()
             let key = format!("batch-{n}-{algorithm:?}");
             set(&key, corrupt(count)).await;
             let checks = [check(&key, algorithm)];
-            let mut decisions = tokio::task::JoinSet::new();
-            let alone = [check("another", algorithm)];
-            let first = Arc::clone(&limiter);
-            decisions.spawn(async move { first.decide(&alone, 0).await });
-            for _ in 0..10 {
-                let (limiter, checks) = (Arc::clone(&limiter), checks.clone());
-                decisions.spawn(async move { limiter.decide(&checks, 1).await });
-            }
-            let mut allowed = 0;
-            while let Some(verdict) = decisions.join_next().await {
-                let verdict = verdict.expect("task");
-                assert_eq!(verdict.source, DecisionSource::Redis);
-                allowed += usize::from(verdict.allowed);
-            }
             // The other decision (cost 0) is always allowed.
-            assert_eq!(allowed, 1 + 3, "{count} in {algorithm:?}, batched");
+            assert_eq!(
+                ten_behind_another(&limiter, &checks).await,
+                1 + 3,
+                "{count} in {algorithm:?}, batched"
+            );
         }
     }
     // A lease's script reads a window counter the same way.
@@ -680,21 +692,11 @@ async fn a_counter_holding_nan_infinity_or_negative_counts_is_an_empty_counter()
         let key = format!("gcra-batch-{n}");
         set(&key, time.as_bytes().to_vec()).await;
         let checks = [check(&key, gcra)];
-        let mut decisions = tokio::task::JoinSet::new();
-        let alone = [check("another", gcra)];
-        let first = Arc::clone(&limiter);
-        decisions.spawn(async move { first.decide(&alone, 0).await });
-        for _ in 0..10 {
-            let (limiter, checks) = (Arc::clone(&limiter), checks.clone());
-            decisions.spawn(async move { limiter.decide(&checks, 1).await });
-        }
-        let mut allowed = 0;
-        while let Some(verdict) = decisions.join_next().await {
-            let verdict = verdict.expect("task");
-            assert_eq!(verdict.source, DecisionSource::Redis);
-            allowed += usize::from(verdict.allowed);
-        }
-        assert_eq!(allowed, 1 + 2, "{time}, batched");
+        assert_eq!(
+            ten_behind_another(&limiter, &checks).await,
+            1 + 2,
+            "{time}, batched"
+        );
         // A lease.
         let key = format!("gcra-leased-{n}");
         set(&key, time.as_bytes().to_vec()).await;
