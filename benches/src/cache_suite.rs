@@ -41,7 +41,7 @@ use crate::http_load::{
 };
 use crate::raw::{RawClient, RawPlan, RawShape, RawValue, RedisBenchmark};
 use crate::report::{Target, bytes};
-use crate::server::BenchRedis;
+use crate::server::{BenchRedis, requests_sent};
 use tower_redis_core::testing::Monitor;
 
 /// Prefix of every key the caches write; cleared before and after the suite.
@@ -403,7 +403,7 @@ async fn preflight(
         send(&mut sender, &request).await.map_err(failed)?;
         let monitor = Monitor::start(redis.client()).await?;
         let (status, _, _) = send(&mut sender, &request).await.map_err(failed)?;
-        let sent = monitor.stop().await?;
+        let sent = requests_sent(monitor).await?;
         let commands = sent.len();
         check(
             subject,

@@ -22,7 +22,7 @@ use crate::http_load::{
 use crate::load::{self, LoadResult, LoadSpec};
 use crate::raw::{RawClient, RawOp, RawPlan, RedisBenchmark};
 use crate::report::{Target, fixed1, fixed2, micros, thousands};
-use crate::server::{BenchRedis, CommandCalls, CommandStat};
+use crate::server::{BenchRedis, CommandCalls, CommandStat, requests_sent};
 
 /// What a peer row says when the `peers` feature is off.
 pub(crate) const NOT_BUILT: &str = "not built (enable --features peers)";
@@ -468,7 +468,7 @@ pub(crate) async fn run_row(
 pub(crate) const TRIP_REQUESTS: usize = 50;
 
 /// How a round-trip target says where its numbers come from.
-pub(crate) const TRIP_SOURCE: &str = "every command the client sent, from MONITOR, in an untimed window of 50 sequential requests; only commands Lua runs inside a script are left out";
+pub(crate) const TRIP_SOURCE: &str = "every command the client sent, from MONITOR, in an untimed window of 50 sequential requests; only commands Lua runs inside a script and connection upkeep (a pool's PING, CLIENT, HELLO) are left out";
 
 impl Cell {
     /// Redis commands per request of an HTTP cell, counted with `MONITOR`
@@ -495,7 +495,7 @@ impl Cell {
                 .await
                 .map_err(failed)?;
         }
-        let commands = monitor.stop().await?;
+        let commands = requests_sent(monitor).await?;
         let mut by_name = BTreeMap::new();
         for name in &commands {
             *by_name.entry(name.clone()).or_insert(0) += 1;

@@ -38,7 +38,7 @@ use crate::http_load::{
 use crate::keys;
 use crate::raw::{RawClient, RawPlan, RawShape, RawValue, RedisBenchmark};
 use crate::report::Target;
-use crate::server::BenchRedis;
+use crate::server::{BenchRedis, requests_sent};
 use tower_redis_core::testing::Monitor;
 
 /// What the route answers.
@@ -367,7 +367,7 @@ async fn preflight(
             )?;
             let monitor = Monitor::start(redis.client()).await?;
             let (third, _, _) = get_root(&mut sender).await.map_err(failed)?;
-            let commands = monitor.stop().await?.len();
+            let commands = requests_sent(monitor).await?.len();
             check(
                 subject,
                 &format!(

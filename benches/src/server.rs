@@ -320,9 +320,45 @@ pub(crate) fn is_connection_command(name: &str) -> bool {
     matches!(base, "ping" | "client" | "hello" | "select" | "auth")
 }
 
+/// What [`Monitor`](tower_redis_core::testing::Monitor) saw a client send,
+/// less the connection upkeep ([`is_connection_command`]): a pool checks a
+/// connection with a `PING` about once a second whatever the load, which
+/// falls into a window of requests now and then (two in 50 hits of 1 MiB)
+/// and is no request's round trip.
+pub(crate) async fn requests_sent(
+    monitor: tower_redis_core::testing::Monitor,
+) -> Result<Vec<String>, tower_redis_core::testing::TestRedisError> {
+    let mut sent = monitor.stop().await?;
+    sent.retain(|name| !is_connection_command(name));
+    Ok(sent)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pool's `PING` (and a connection's `CLIENT` / `HELLO`) in a window
+    /// of requests is not counted as theirs; every other command is.
+    #[tokio::test]
+    async fn connection_upkeep_is_not_a_request_s_command() {
+        let redis = tower_redis_core::testing::TestRedis::start().await;
+        let mut conn = redis.connection().await.expect("connection");
+        let monitor = tower_redis_core::testing::Monitor::start(&redis.client())
+            .await
+            .expect("monitor");
+        for command in [
+            redis::cmd("PING"),
+            redis::cmd("GET").arg("k").clone(),
+            redis::cmd("CLIENT").arg("ID").clone(),
+            redis::cmd("GET").arg("k").clone(),
+        ] {
+            let _: redis::Value = command.query_async(&mut conn).await.expect("answered");
+        }
+        assert_eq!(
+            requests_sent(monitor).await.expect("watched"),
+            ["get", "get"]
+        );
+    }
 
     const BEFORE: &str = "# Commandstats\r\n\
         cmdstat_get:calls=10,usec=20,usec_per_call=2.00,rejected_calls=0,failed_calls=0\r\n\

@@ -37,7 +37,7 @@ use crate::http_load::{
 use crate::keys;
 use crate::raw::{RawClient, RawPlan, RawShape, RawValue, RedisBenchmark};
 use crate::report::Target;
-use crate::server::BenchRedis;
+use crate::server::{BenchRedis, requests_sent};
 use tower_redis_core::testing::Monitor;
 
 /// Prefix of every key tower-redis-session writes; cleared before and after.
@@ -315,7 +315,7 @@ async fn sessions(
     };
     let monitor = Monitor::start(redis.client()).await?;
     let (status, fields, body) = send(&mut sender, first).await.map_err(failed)?;
-    let sent = monitor.stop().await?;
+    let sent = requests_sent(monitor).await?;
     check(
         subject,
         &format!("expected 200 with the stored value, got {status}, {body:?}"),

@@ -45,7 +45,7 @@ use crate::http_load::{
 };
 use crate::raw::{RawClient, RawPlan, RawShape, RawValue, RedisBenchmark};
 use crate::report::{Target, bytes};
-use crate::server::BenchRedis;
+use crate::server::{BenchRedis, requests_sent};
 use tower_redis_core::testing::Monitor;
 
 /// Prefix of every key the layers write; cleared before and after the suite.
@@ -280,7 +280,7 @@ async fn requests(
     }
     let monitor = Monitor::start(redis.client()).await?;
     let (status, fields, got) = send(&mut sender, first).await.map_err(failed)?;
-    let sent = monitor.stop().await?;
+    let sent = requests_sent(monitor).await?;
     check(
         subject,
         &format!(
