@@ -779,7 +779,8 @@ async fn a_revocation_ends_a_login_waiting_in_the_outage_queue() {
 /// instance's copy kept the login, which a later outage could serve. The
 /// copy ends with the replay itself, not only through the announcement of
 /// the end, which this instance's Redis user may not publish here (no
-/// channel): an outage right after the replay serves no login.
+/// channel): an outage right after the replay serves no login. The session
+/// also leaves the index of the user it had before (bob's here).
 #[tokio::test]
 async fn a_revocation_ends_a_session_whose_user_was_set_in_place_in_the_outage_queue() {
     let redis = TestRedis::start().await;
@@ -787,6 +788,11 @@ async fn a_revocation_ends_a_session_whose_user_was_set_in_place_in_the_outage_q
     acl(&redis, "a", "resetchannels").await;
     let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
     let cookie = cookie_pair(&set_cookie.expect("session"));
+    // The session is bob's, and is handed to alice in the outage: Redis
+    // refuses the whole save (the `SREM` from bob's index, which is no
+    // write that grows memory, by the ACL).
+    send(&app, "POST", "/set-user/bob", Some(&cookie)).await;
+    acl(&redis, "a", "-srem").await;
     refuse_writes(&redis, true).await;
     let (status, body, _) = send(&app, "POST", "/set-user/alice", Some(&cookie)).await;
     assert_eq!((status, body.as_str()), (200, "ok"));
@@ -798,6 +804,17 @@ async fn a_revocation_ends_a_session_whose_user_was_set_in_place_in_the_outage_q
     assert!(
         session_keys(&redis).await.is_empty(),
         "the session whose login was made before the revocation lives on"
+    );
+    // Nor does its id stay in bob's index.
+    let mut conn = redis.connection().await.expect("connection");
+    let indexes: Vec<String> = redis::cmd("KEYS")
+        .arg("*:u")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    assert!(
+        indexes.is_empty(),
+        "an index keeps the ended session: {indexes:?}"
     );
     redis.pause().await;
     let in_outage = send(&app, "GET", "/get/user", Some(&cookie)).await.1;

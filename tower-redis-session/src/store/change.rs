@@ -251,6 +251,13 @@ impl Change {
                 };
                 if create.is_none() && revoked().await? {
                     redis.delete(storage_key, changes.user.as_deref()).await?;
+                    // Nor is it left in the index of the user it had.
+                    if let Some(previous) = previous_user
+                        .as_deref()
+                        .filter(|previous| Some(*previous) != changes.user.as_deref())
+                    {
+                        redis.leave_index(previous, storage_key).await?;
+                    }
                     redis.end_here(storage_key);
                     return Ok(());
                 }

@@ -117,6 +117,19 @@ impl RedisStore {
         self
     }
 
+    /// Takes a session out of `user`'s index (one `SREM`): the replay's,
+    /// for the user a session had when the change that gave it another is
+    /// dropped and the session ends.
+    pub(crate) async fn leave_index(
+        &self,
+        user: &str,
+        storage_key: &str,
+    ) -> Result<(), tower_redis_core::Error> {
+        self.manager
+            .query::<()>(redis::cmd("SREM").arg(self.user_key(user)).arg(storage_key))
+            .await
+    }
+
     /// The replay of the outage queue ended a session: this instance's
     /// copy goes now (the announcement ends the other instances').
     pub(crate) fn end_here(&self, storage_key: &str) {
