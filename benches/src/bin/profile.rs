@@ -193,6 +193,26 @@ fn answered<B>(response: &axum::http::Response<B>, hit: bool) {
     }
 }
 
+/// `concurrency` tasks, each made by `task` from the deadline and the
+/// count of answered requests they share, run to their end; how many
+/// requests were answered.
+async fn on_tasks<F, Fut>(concurrency: usize, for_: Duration, task: F) -> u64
+where
+    F: Fn(Instant, Arc<AtomicU64>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let deadline = Instant::now() + for_;
+    let done = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| tokio::spawn(task(deadline, Arc::clone(&done))))
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+    done.load(Ordering::Relaxed)
+}
+
+/// Requests to `app` in process for `for_`, from `concurrency` tasks.
 async fn run(
     app: Router,
     cookie: Option<HeaderValue>,
@@ -200,12 +220,9 @@ async fn run(
     concurrency: usize,
     for_: Duration,
 ) -> u64 {
-    let deadline = Instant::now() + for_;
-    let done = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
-        let (app, cookie, done) = (app.clone(), cookie.clone(), Arc::clone(&done));
-        tasks.push(tokio::spawn(async move {
+    on_tasks(concurrency, for_, |deadline, done| {
+        let (app, cookie) = (app.clone(), cookie.clone());
+        async move {
             while Instant::now() < deadline {
                 let request = get_request(cookie.as_ref(), Body::empty());
                 let response = app.clone().oneshot(request).await.unwrap();
@@ -213,12 +230,9 @@ async fn run(
                 let _ = response.into_body().collect().await.unwrap();
                 done.fetch_add(1, Ordering::Relaxed);
             }
-        }));
-    }
-    for task in tasks {
-        task.await.expect("task");
-    }
-    done.load(Ordering::Relaxed)
+        }
+    })
+    .await
 }
 
 /// As [`run`], over HTTP/1.1: the app served by axum on a loopback port,
@@ -231,12 +245,9 @@ async fn run_http(
     concurrency: usize,
     for_: Duration,
 ) -> u64 {
-    let deadline = Instant::now() + for_;
-    let done = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
-        let (cookie, done) = (cookie.clone(), Arc::clone(&done));
-        tasks.push(tokio::spawn(async move {
+    on_tasks(concurrency, for_, |deadline, done| {
+        let cookie = cookie.clone();
+        async move {
             let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
             stream.set_nodelay(true).unwrap();
             let (mut sender, connection) =
@@ -252,12 +263,9 @@ async fn run_http(
                 let _ = response.into_body().collect().await.unwrap();
                 done.fetch_add(1, Ordering::Relaxed);
             }
-        }));
-    }
-    for task in tasks {
-        task.await.expect("task");
-    }
-    done.load(Ordering::Relaxed)
+        }
+    })
+    .await
 }
 
 /// One path made ready to run: its app, the cookie its requests carry,

@@ -361,14 +361,20 @@ fn parse_batch_reply(reply: &[u8], requests: &[Query<'_>]) -> redis::RedisResult
         for j in 0..count {
             let allowed = exact(j) < allowed;
             // Each counter's policy as the script had it: the one of the
-            // check that first named it.
+            // check that first named it. An allowed request counts on each
+            // (the script's commit); a request's counters are distinct (its
+            // policies' names are), so each sees the state before it.
             let mut denied_here = false;
             let decided: Vec<Option<PolicyState>> = checks
                 .iter()
                 .map(|check| {
                     let k = counters.index_of(check);
                     let (state, counter) = counters.list[k].algorithm.decide(states[k], now, cost);
-                    denied_here |= counter.is_none();
+                    match counter {
+                        Some(counter) if allowed => states[k] = Some(counter.state),
+                        Some(_) => {}
+                        None => denied_here = true,
+                    }
                     Some(capped(state))
                 })
                 .collect();
@@ -382,16 +388,6 @@ fn parse_batch_reply(reply: &[u8], requests: &[Query<'_>]) -> redis::RedisResult
                     if allowed { "allowed" } else { "denied" },
                     if allowed { "deny" } else { "allow" },
                 )));
-            }
-            if allowed {
-                // Every policy counts it, as the script's commit.
-                for check in *checks {
-                    let k = counters.index_of(check);
-                    if let Some(counter) = counters.list[k].algorithm.decide(states[k], now, cost).1
-                    {
-                        states[k] = Some(counter.state);
-                    }
-                }
             }
             verdicts.push(Verdict {
                 allowed,
