@@ -55,12 +55,14 @@ use tower_redis_session::{Session, SessionLayer};
 #[global_allocator]
 static GLOBAL: &stats_alloc::StatsAlloc<std::alloc::System> = &stats_alloc::INSTRUMENTED_SYSTEM;
 
-/// Allocations (reallocations included) and bytes allocated so far.
+/// Allocations (reallocations included) and bytes allocated so far (a
+/// reallocation's growth included: the counter adds it to
+/// `bytes_allocated`).
 fn allocated() -> (u64, u64) {
     let stats = GLOBAL.stats();
     (
         (stats.allocations + stats.reallocations) as u64,
-        (stats.bytes_allocated + stats.bytes_reallocated.max(0) as usize) as u64,
+        stats.bytes_allocated as u64,
     )
 }
 

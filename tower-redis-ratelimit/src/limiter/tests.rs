@@ -708,15 +708,20 @@ async fn a_counter_holding_nan_infinity_or_negative_counts_is_an_empty_counter()
 /// A batch answers each request what deciding it alone would: the script
 /// decides and writes, and the numbers of each request (remaining, reset,
 /// retry) are worked out from its reply with the same arithmetic. Random
-/// batches (three algorithms, one to three policies a request, costs 0 to
-/// 3, runs of identical requests) are decided as one batch on one set of
-/// counters, and request by request (each a lone call, whose numbers the
-/// script computes) on another: the same verdicts and remaining counts,
-/// and the same times but for the time that passed between the calls.
+/// batches (five policies of the three algorithms, one with an emission
+/// interval that is not a whole number of µs, a sliding window whose
+/// counters hold counts in the previous window; one to five policies a
+/// request, costs 0 to 3, runs of identical requests; and one full batch
+/// of distinct clients, more counters than one `MGET` reads) are decided
+/// as one batch on one set of counters, and request by request (each a
+/// lone call, whose numbers the script computes) on another: the same
+/// verdicts and remaining counts, and the same times but for the time that
+/// passed between the calls.
 #[tokio::test]
 async fn a_batch_answers_each_request_what_deciding_it_alone_would() {
     let (redis, limiter) = on_redis().await;
     let hour = Duration::from_secs(3600);
+    let ten_days = 240 * hour;
     // Not within a minute of the end of an hour: the windows' counts must
     // not start over between the two runs.
     let ms = redis.time_ms().await.expect("TIME");
@@ -738,7 +743,21 @@ async fn a_batch_answers_each_request_what_deciding_it_alone_would() {
             limit: 6,
             window: hour,
         },
+        // An emission interval that is not a whole number of µs.
+        Algorithm::Gcra {
+            quota: 7,
+            period: hour,
+            burst: 3,
+        },
+        // Its counters get counts in the previous window (below); ten days,
+        // so that their weight moves by nothing the counts show between
+        // the two runs.
+        Algorithm::SlidingWindow {
+            limit: 9,
+            window: ten_days,
+        },
     ];
+    let mut conn = redis.connection().await.expect("connection");
     let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut random = move |below: usize| {
         seed ^= seed << 13;
@@ -746,22 +765,27 @@ async fn a_batch_answers_each_request_what_deciding_it_alone_would() {
         seed ^= seed << 17;
         usize::try_from(seed % below as u64).expect("small")
     };
-    for round in 0..6 {
-        // Each request: some policies (each on one of two clients), a cost.
+    // Six rounds of 40 requests on two clients; then one of 250 requests
+    // (a full batch) on 1,000 clients, whose batch reads more counters
+    // than one MGET does.
+    for round in 0..7 {
+        let wide = round == 6;
+        let (size, clients) = if wide { (250, 1000) } else { (40, 2) };
+        // Each request: some policies (each on one of the clients), a cost.
         let mut requests: Vec<(Vec<(usize, usize)>, u32)> = Vec::new();
-        for _ in 0..40 {
-            if let Some(last) = requests.last().filter(|_| random(2) == 0) {
+        for _ in 0..size {
+            if let Some(last) = requests.last().filter(|_| !wide && random(2) == 0) {
                 requests.push(last.clone());
                 continue;
             }
             let mut policies: Vec<(usize, usize)> = Vec::new();
-            for policy in 0..3 {
+            for policy in 0..algorithms.len() {
                 if random(2) == 0 {
-                    policies.push((policy, random(2)));
+                    policies.push((policy, random(clients)));
                 }
             }
             if policies.is_empty() {
-                policies.push((random(3), random(2)));
+                policies.push((random(algorithms.len()), random(clients)));
             }
             requests.push((policies, u32::try_from(random(4)).expect("small")));
         }
@@ -776,6 +800,30 @@ async fn a_batch_answers_each_request_what_deciding_it_alone_would() {
                 })
                 .collect()
         };
+        if wide {
+            let counters: std::collections::HashSet<&(usize, usize)> =
+                requests.iter().flat_map(|(p, _)| p).collect();
+            assert!(counters.len() > 512, "{} counters", counters.len());
+        }
+        // The ten-day window's counters: each client's count in the
+        // previous window, the same on both sets.
+        let window_us = u64::try_from(ten_days.as_micros()).expect("small");
+        let current = redis.time_ms().await.expect("TIME") * 1000 / window_us;
+        for client in 0..clients {
+            let previous = random(13) as f64;
+            let mut counter = Vec::new();
+            for number in [current as f64, 0.0, previous] {
+                counter.extend_from_slice(&number.to_le_bytes());
+            }
+            for set in ["batch", "alone"] {
+                tower_redis_core::redis::cmd("SET")
+                    .arg(format!("{set}-{round}-4-{client}"))
+                    .arg(&counter)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .expect("SET");
+            }
+        }
         let batched: Vec<Vec<Check>> = requests
             .iter()
             .map(|(p, _)| checks_of("batch", p))
