@@ -23,7 +23,9 @@
 //! - `ratelimit`: tower-redis-ratelimit, one GCRA policy keyed by a header
 //!   (one client; never denied);
 //! - `session-read`: tower-redis-session, a read of an existing session,
-//!   tracking off (1 round trip); `session-tracked` with tracking on.
+//!   tracking off (1 round trip); `session-tracked` with tracking on;
+//!   `session-down` the tracked read with its Redis killed (a `redis-server`
+//!   of its own), once the breaker is open: the in-process fallback.
 
 #![allow(
     clippy::print_stdout,
@@ -67,7 +69,7 @@ fn allocated() -> (u64, u64) {
 }
 
 const USAGE: &str = "usage: profile <path>[,<path>...] [--concurrency N] [--secs S] [--warmup-secs S] \
-                     [--rounds N] [--http]\npaths: none, reference, cache-hit, ratelimit, session-read, session-tracked";
+                     [--rounds N] [--http]\npaths: none, reference, cache-hit, ratelimit, session-read, session-tracked, session-down";
 
 fn body() -> Bytes {
     Bytes::from(vec![b'x'; 1024])
@@ -148,6 +150,42 @@ async fn session_app(manager: &RedisManager, tracked: bool) -> (Router, HeaderVa
         .unwrap()
         .to_owned();
     (app, HeaderValue::from_str(&cookie).unwrap())
+}
+
+/// The tracked session app on a `redis-server` of its own, which is
+/// killed once the session was read: its reads are then the in-process
+/// fallback's (checked to answer the session's value).
+async fn session_down() -> (Router, HeaderValue) {
+    let redis = TestRedis::start().await;
+    let config = RedisConfig::builder()
+        .url(redis.url())
+        .build()
+        .expect("config");
+    let manager = RedisManager::connect(config).await.expect("manager");
+    let (app, cookie) = session_app(&manager, true).await;
+    let read = || get_request(Some(&cookie), Body::empty());
+    let answered = app.clone().oneshot(read()).await.unwrap();
+    assert_eq!(answered.status(), StatusCode::OK, "the session is read");
+    redis.kill().await;
+    let killed = Instant::now();
+    while manager.is_available() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "the breaker opens within 30 s of the kill"
+        );
+        let answered = app.clone().oneshot(read()).await.unwrap();
+        assert_eq!(
+            answered.status(),
+            StatusCode::OK,
+            "served while Redis is down"
+        );
+    }
+    let answered = app.clone().oneshot(read()).await.unwrap();
+    let body = answered.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "v".repeat(64), "the fallback serves the session");
+    // The server is dead: dropping its handle removes its directory.
+    drop(redis);
+    (app, cookie)
 }
 
 fn cpu_secs() -> f64 {
@@ -302,6 +340,10 @@ impl Ready {
             }
             "session-read" | "session-tracked" => {
                 let (app, cookie) = session_app(manager, path == "session-tracked").await;
+                (app, Some(cookie))
+            }
+            "session-down" => {
+                let (app, cookie) = session_down().await;
                 (app, Some(cookie))
             }
             _ => {
