@@ -24,6 +24,8 @@
 //!   (one client; never denied);
 //! - `session-read`: tower-redis-session, a read of an existing session,
 //!   tracking off (1 round trip); `session-tracked` with tracking on;
+//!   `session-write` the tracked session changed on every request (a new
+//!   value of `k`; every task on the one session);
 //!   `session-down` the tracked read with its Redis killed (a `redis-server`
 //!   of its own), once the breaker is open: the in-process fallback.
 
@@ -69,7 +71,18 @@ fn allocated() -> (u64, u64) {
 }
 
 const USAGE: &str = "usage: profile <path>[,<path>...] [--concurrency N] [--secs S] [--warmup-secs S] \
-                     [--rounds N] [--http]\npaths: none, reference, cache-hit, ratelimit, session-read, session-tracked, session-down";
+                     [--rounds N] [--http]\npaths: none, reference, cache-hit, ratelimit, session-read, session-tracked, session-write, session-down";
+/// The paths `profile` runs.
+const PATHS: [&str; 8] = [
+    "none",
+    "reference",
+    "cache-hit",
+    "ratelimit",
+    "session-read",
+    "session-tracked",
+    "session-write",
+    "session-down",
+];
 
 fn body() -> Bytes {
     Bytes::from(vec![b'x'; 1024])
@@ -109,23 +122,33 @@ fn reference(manager: &RedisManager) -> Router {
     )
 }
 
-async fn session_app(manager: &RedisManager, tracked: bool) -> (Router, HeaderValue) {
+/// The session app: `GET /` reads the session's `k`, or with `writes`
+/// sets it to a new value (a counter's) on every request.
+async fn session_app(manager: &RedisManager, tracked: bool, writes: bool) -> (Router, HeaderValue) {
     let mut builder = SessionLayer::builder(manager.clone()).insecure_http_for_local_development();
     if !tracked {
         builder = builder.tracked_capacity_bytes(0);
     }
     let layer = builder.build().expect("session layer");
+    let read = get(|session: Session| async move {
+        match session.get::<String>("k").await {
+            Ok(Some(value)) => (StatusCode::OK, value),
+            Ok(None) => (StatusCode::NOT_FOUND, String::new()),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    });
+    let count = Arc::new(AtomicU64::new(0));
+    let write = get(move |session: Session| {
+        let n = count.fetch_add(1, Ordering::Relaxed);
+        async move {
+            match session.insert("k", format!("{n:064}")).await {
+                Ok(()) => (StatusCode::OK, String::new()),
+                Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+    });
     let app = Router::new()
-        .route(
-            "/",
-            get(|session: Session| async move {
-                match session.get::<String>("k").await {
-                    Ok(Some(value)) => (StatusCode::OK, value),
-                    Ok(None) => (StatusCode::NOT_FOUND, String::new()),
-                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-                }
-            }),
-        )
+        .route("/", if writes { write } else { read })
         .route(
             "/write",
             post(|session: Session| async move {
@@ -162,7 +185,7 @@ async fn session_down() -> (Router, HeaderValue) {
         .build()
         .expect("config");
     let manager = RedisManager::connect(config).await.expect("manager");
-    let (app, cookie) = session_app(&manager, true).await;
+    let (app, cookie) = session_app(&manager, true, false).await;
     let read = || get_request(Some(&cookie), Body::empty());
     let answered = app.clone().oneshot(read()).await.unwrap();
     assert_eq!(answered.status(), StatusCode::OK, "the session is read");
@@ -338,18 +361,16 @@ impl Ready {
                     .expect("rate limit layer");
                 (plain().layer(layer), None)
             }
-            "session-read" | "session-tracked" => {
-                let (app, cookie) = session_app(manager, path == "session-tracked").await;
+            "session-read" | "session-tracked" | "session-write" => {
+                let tracked = path != "session-read";
+                let (app, cookie) = session_app(manager, tracked, path == "session-write").await;
                 (app, Some(cookie))
             }
             "session-down" => {
                 let (app, cookie) = session_down().await;
                 (app, Some(cookie))
             }
-            _ => {
-                eprintln!("unknown path `{path}`\n{USAGE}");
-                std::process::exit(2)
-            }
+            _ => unreachable!("paths are checked in `main`"),
         };
         // The headers a request of this path answers with (to stderr).
         let first = get_request(cookie.as_ref(), Body::empty());
@@ -432,6 +453,12 @@ async fn main() {
                 std::process::exit(2)
             }
         }
+    }
+    // Checked before any `redis-server` starts: an exit skips the drop
+    // that stops it.
+    if let Some(unknown) = paths.split(',').find(|path| !PATHS.contains(path)) {
+        eprintln!("unknown path `{unknown}`\n{USAGE}");
+        std::process::exit(2)
     }
     let redis = TestRedis::start().await;
     let config = RedisConfig::builder()
