@@ -349,6 +349,9 @@ fn parse_batch_reply(reply: &[u8], requests: &[Query<'_>]) -> redis::RedisResult
             })
         })
         .collect();
+    // The units the batch allowed on each GCRA counter so far (the
+    // script's s2 for such a counter).
+    let mut units = vec![0.0; counters.list.len()];
     let mut verdicts = Vec::with_capacity(requests.len());
     for (at, ((checks, cost), count)) in (2 + 2 * counters.list.len()..).zip(groups_of(requests)) {
         let allowed = number(at);
@@ -369,7 +372,18 @@ fn parse_batch_reply(reply: &[u8], requests: &[Query<'_>]) -> redis::RedisResult
                 .iter()
                 .map(|check| {
                     let k = counters.index_of(check);
-                    let (state, counter) = counters.list[k].algorithm.decide(states[k], now, cost);
+                    let algorithm = counters.list[k].algorithm;
+                    if let Some((state, fits)) =
+                        algorithm.decide_gcra_in_batch(states[k], units[k], now, cost)
+                    {
+                        if !fits {
+                            denied_here = true;
+                        } else if allowed {
+                            units[k] += cost;
+                        }
+                        return Some(capped(state));
+                    }
+                    let (state, counter) = algorithm.decide(states[k], now, cost);
                     match counter {
                         Some(counter) if allowed => states[k] = Some(counter.state),
                         Some(_) => {}
