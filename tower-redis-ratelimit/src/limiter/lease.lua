@@ -63,7 +63,11 @@ if kind == 1 then
     end
     return {0, 0, 0, 0, 0}
   end
-  local fits = floor((now + b - tat) / a)
+  -- Relative to now (a sum of times near 1.8e15 µs, where a double's
+  -- step is 0.25 µs, made a fresh counter's burst come out a hair under
+  -- its whole number of units, and the lease one short), and a quotient
+  -- that is whole in exact arithmetic may still come out a hair under it.
+  local fits = floor(((now - tat) + b) / a + 1e-9)
   local k = count
   if fits < k then k = fits end
   if k < extra then
