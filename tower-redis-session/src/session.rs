@@ -780,6 +780,7 @@ impl Session {
                 &new_id.storage_key(),
                 &merged,
                 &state.changes,
+                state.record.user.as_deref(),
             ))
             .await
             {

@@ -876,6 +876,59 @@ async fn a_session_handed_to_another_user_in_the_outage_queue_leaves_the_first_u
     );
 }
 
+/// A login queued whole in an outage (the take of the old id could not
+/// reach Redis) is replayed with the old id leaving the index of the user
+/// the session had before (bob's) and the new id joining the new user's
+/// (alice's). The replay used to take the old id out of the new user's
+/// index, where it never was, and bob's index kept a dead id: "log out
+/// everywhere" of bob and his listing met it until a listing tidied it.
+#[tokio::test]
+async fn a_login_queued_in_an_outage_takes_the_old_id_out_of_the_previous_user_s_index() {
+    let redis = TestRedis::start().await;
+    let (app, _, store) = start_app(SessionLayer::builder(manager(&redis).await));
+    let (_, _, set_cookie) = send(&app, "POST", "/set-user/bob", None).await;
+    let cookie = cookie_pair(&set_cookie.expect("session"));
+    assert_eq!(indexes(&redis).await.len(), 1, "bob's index");
+    redis.pause().await;
+    let (status, _, login) = send(&app, "POST", "/login/alice", Some(&cookie)).await;
+    assert_eq!(status, 200);
+    let login = cookie_pair(&login.expect("the login's new id"));
+    assert!(
+        store.local_usage().queued_changes > 0,
+        "the login waits in the outage queue"
+    );
+    redis.resume().await;
+    drained(&store).await;
+    assert_eq!(
+        send(&app, "GET", "/get/user", Some(&login)).await.1,
+        "alice"
+    );
+    let indexes = indexes(&redis).await;
+    assert_eq!(indexes.len(), 1, "one index (alice's) is left: {indexes:?}");
+    assert_eq!(indexes[0].1.len(), 1, "alice's index: {indexes:?}");
+    assert_eq!(session_keys(&redis).await.len(), 1, "the new id's session");
+}
+
+/// Every user index in Redis, with its members.
+async fn indexes(redis: &TestRedis) -> Vec<(String, Vec<String>)> {
+    let mut conn = redis.connection().await.expect("connection");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*:u")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    let mut indexes = Vec::new();
+    for key in keys {
+        let members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("SMEMBERS");
+        indexes.push((key, members));
+    }
+    indexes
+}
+
 /// "Log out everywhere" first records its time (a script); where Redis
 /// refuses that (a Redis user without scripts here; out of memory alike,
 /// where only deletes are allowed), the revocation still ends the user's
@@ -1121,14 +1174,16 @@ async fn in_an_outage_b_serves_only_the_live_one(
     redis.resume().await;
 }
 
-/// Creates the Redis user `name` (every key, channel and command but
-/// `denied`) and connects a manager as it.
 /// With Redis refusing writes to `store`'s instance (Redis user `a`) and a
 /// change naming alice in its outage queue: lets writes in again, but
-/// holds the replay (no scripts for `a`) until another instance has logged
-/// alice out everywhere (which finds nothing), then lets it run to its end.
+/// holds the replay (no scripts for `a`, nor `SADD`: a retry of a queued
+/// login whose script is refused still sends the index's `SADD`, which
+/// would let the revocation find the login) until another instance has
+/// logged alice out everywhere (which finds nothing), then lets it run to
+/// its end.
 async fn revoke_alice_while_the_replay_waits(redis: &TestRedis, store: &SessionStore) {
     acl(redis, "a", "-@scripting").await;
+    acl(redis, "a", "-sadd").await;
     refuse_writes(redis, false).await;
     let (_, _, other) = start_app(SessionLayer::builder(manager(redis).await));
     assert_eq!(other.revoke_user("alice").await.expect("revoked"), 0);
@@ -1136,6 +1191,8 @@ async fn revoke_alice_while_the_replay_waits(redis: &TestRedis, store: &SessionS
     drained(store).await;
 }
 
+/// Creates the Redis user `name` (every key, channel and command but
+/// `denied`) and connects a manager as it.
 async fn manager_as(redis: &TestRedis, name: &str, denied: &[&str]) -> RedisManager {
     let mut conn = redis.connection().await.expect("connection");
     let mut setuser = redis::cmd("ACL");

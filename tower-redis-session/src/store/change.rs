@@ -72,6 +72,8 @@ enum Kind {
     },
     /// The end of a cycle's old id.
     EndCycled {
+        /// The user the session had before the cycle: the old id leaves
+        /// that user's index.
         user: Option<String>,
         new_storage_key: String,
         cycle: Arc<Cycle>,
@@ -149,9 +151,11 @@ impl Change {
         self
     }
 
-    /// A `cycle_id`: the end of the old id, then the creation of the new
-    /// one (made at `at_ms`, holding the whole session), which waits for
-    /// the end to find the old id in Redis. Queued both or neither.
+    /// A `cycle_id`: the end of the old id (which leaves the index of
+    /// `user`, the session's user before the cycle), then the creation of
+    /// the new one (made at `at_ms`, holding the whole session, its user
+    /// included), which waits for the end to find the old id in Redis.
+    /// Queued both or neither.
     pub(crate) fn cycle(
         old_storage_key: &str,
         user: Option<&str>,

@@ -319,11 +319,12 @@ impl Failover {
         };
         if queue {
             let merged = take.merged;
-            // Both halves, or neither: the old session ends and the new one
-            // is created with the whole record.
+            // Both halves, or neither: the old session ends (and leaves the
+            // index of the user it had), and the new one is created with the
+            // whole record (and joins the index of the user it has).
             let halves = Change::cycle(
                 take.old_storage_key,
-                merged.user.as_deref(),
+                take.previous_user,
                 take.new_storage_key,
                 merged.created_ms,
                 &merged.as_changes(),

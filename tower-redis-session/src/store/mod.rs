@@ -213,6 +213,9 @@ pub(crate) struct Take<'a> {
     /// The session as this request saw it, its changes applied.
     pub(crate) merged: &'a Record,
     pub(crate) changes: &'a Changes,
+    /// The session's user as this request loaded it, before its changes:
+    /// the user whose index holds the old id.
+    pub(crate) previous_user: Option<&'a str>,
 }
 
 /// The verbs of session storage, implemented by Redis (`redis::RedisStore`)
@@ -363,19 +366,22 @@ impl SessionStore {
     /// A new id for a session. The old key is taken (read and deleted
     /// atomically) first, so a session destroyed or revoked meanwhile is
     /// never recreated; then the record, with this request's changes, is
-    /// written under the new key. Two round trips.
+    /// written under the new key. Two round trips. `previous_user` is the
+    /// session's user before the changes.
     pub(crate) async fn cycle(
         &self,
         old_storage_key: &str,
         new_storage_key: &str,
         merged: &Record,
         changes: &Changes,
+        previous_user: Option<&str>,
     ) -> Saved {
         let take = Take {
             old_storage_key,
             new_storage_key,
             merged,
             changes,
+            previous_user,
         };
         let saved = self.inner.take(&take).await;
         record_save("cycled", saved);

@@ -404,7 +404,7 @@ async fn outage_writes_are_queued_and_served_locally() {
     let merged = record.expect("the session");
     assert_eq!(
         store
-            .cycle(&key(1), &key(2), &merged, &Changes::default())
+            .cycle(&key(1), &key(2), &merged, &Changes::default(), None)
             .await,
         Saved::Written
     );
@@ -504,7 +504,7 @@ async fn a_cycle_that_does_not_fit_leaves_the_session_as_it_was() {
     let more = set("b", &format!("\"{}\"", "y".repeat(700)));
     more.apply_to(&mut merged);
     assert_eq!(
-        store.cycle(&key(1), &key(2), &merged, &more).await,
+        store.cycle(&key(1), &key(2), &merged, &more, None).await,
         Saved::Refused
     );
     assert_eq!(
