@@ -2,14 +2,16 @@
 //! under a steady load for many minutes, with the Redis server killed and
 //! restarted every minute, while new visitors (a new client, session, URL
 //! and rate-limit key each) arrive at a steady rate. Prints the process's
-//! resident memory over time, checks every chaos invariant in every restart
-//! cycle, and exits non-zero when one broke or when memory kept growing
-//! after warm-up (a rising trend over the second half of the run, or the
-//! last sample over 1.5× the first after warm-up).
+//! memory over time (resident, anonymous, and the bytes its heap holds),
+//! checks every chaos invariant in every restart cycle, and exits non-zero
+//! when one broke or when memory kept growing after warm-up (a rising
+//! trend of the heap's low point in each restart cycle, or resident memory
+//! over 1.5× its size after warm-up). The run must leave at least three
+//! whole restart cycles after the warm-up.
 //!
 //! ```sh
 //! cargo run --release -p tests --example soak -- --minutes 10
-//! cargo run --release -p tests --example soak -- --minutes 2 --restart-every 30
+//! cargo run --release -p tests --example soak -- --minutes 3 --restart-every 30
 //! cargo run --release -p tests --example soak -- --minutes 30 --visitors 100 --samples rss.csv
 //! ```
 //!
@@ -27,7 +29,8 @@ fn usage() -> ! {
     eprintln!(
         "usage: soak [--minutes N (default 10)] [--restart-every SECONDS (default 60, at least 10)]\n\
          \x20           [--visitors PER_SECOND (default 50)] [--clients N (default 4)] [--samples FILE.csv]\n\
-         memory is judged after a warm-up of a third of the run, at most a minute"
+         memory is judged after a warm-up of a third of the run (at most a minute),\n\
+         on at least 3 whole restart cycles after it"
     );
     std::process::exit(2);
 }
@@ -65,6 +68,19 @@ fn settings() -> Settings {
     }
     settings.duration = Duration::from_secs_f64(minutes * 60.0);
     settings.warm_up = (settings.duration / 3).min(Duration::from_secs(60));
+    // Memory is judged on the low point of each whole restart cycle after
+    // the warm-up: at least three of them.
+    let needed = settings.warm_up + 3 * settings.restart_every;
+    if settings.duration < needed {
+        eprintln!(
+            "soak: {minutes} minutes leave fewer than 3 whole restart cycles of {:?} after the warm-up of {:?}: \
+             run at least {:.1} minutes, or restart more often",
+            settings.restart_every,
+            settings.warm_up,
+            needed.as_secs_f64() / 60.0
+        );
+        std::process::exit(2);
+    }
     settings
 }
 

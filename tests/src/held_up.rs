@@ -8,11 +8,25 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// The late wake-ups, as (due, woke), at most 100 000 of them however long
-/// the run (the soak run lasts minutes).
-#[derive(Debug, Default)]
+/// The most late wake-ups kept, however long the run (the soak run lasts
+/// minutes).
+const MAX_TIMES: usize = 100_000;
+
+/// The late wake-ups, as (due, woke), at most [`MAX_TIMES`] of them, in a
+/// list made at its full size at once: the soak judges the heap's held
+/// bytes, and a list that doubled as a loaded machine held the process up
+/// would look like a leak.
+#[derive(Debug)]
 pub struct HeldUp {
     times: Mutex<Vec<(Instant, Instant)>>,
+}
+
+impl Default for HeldUp {
+    fn default() -> Self {
+        Self {
+            times: Mutex::new(Vec::with_capacity(MAX_TIMES)),
+        }
+    }
 }
 
 impl HeldUp {
@@ -27,7 +41,7 @@ impl HeldUp {
             let due = last + TICK;
             if now > due + LATE {
                 let mut times = self.times.lock().unwrap_or_else(|p| p.into_inner());
-                if times.len() < 100_000 {
+                if times.len() < MAX_TIMES {
                     times.push((due, now));
                 }
             }
