@@ -1,8 +1,10 @@
 //! The counting algorithms and their arithmetic.
 //!
 //! `limiter/decide.lua` decides on Redis and the in-process store decides
-//! here, with the same arithmetic; the script's arguments come from here
-//! too, so the two cannot disagree on what a policy's numbers mean.
+//! here, with the same arithmetic (and a batch's GCRA test by whole units,
+//! [`Algorithm::decide_gcra_in_batch`], as the script's batch makes it);
+//! the script's arguments come from here too, so the two cannot disagree
+//! on what a policy's numbers mean.
 
 use std::time::Duration;
 
@@ -200,19 +202,32 @@ impl Algorithm {
         let ahead = base - now;
         let before = ahead + units * interval;
         let after = ahead + (units + cost) * interval;
-        // The count of whole units left, where a quotient that is a whole
-        // number in exact arithmetic may come out a hair below it.
-        let left = |used: f64| ((tolerance - used) / interval + 1e-9).floor().max(0.0) as u64;
+        // Whether `n` units in all fit: this batch's own test.
+        let fits = |n: f64| ahead + n * interval - tolerance <= 0.0;
+        // The units left after `done`: the quotient, a hair off a whole
+        // number at times, set right by the test the next requests of the
+        // batch will meet (so it never promises a unit they are denied).
+        let left = |done: f64| {
+            let mut r = ((tolerance - (ahead + done * interval)) / interval)
+                .floor()
+                .max(0.0);
+            if fits(done + r + 1.0) {
+                r += 1.0;
+            } else if r > 0.0 && !fits(done + r) {
+                r -= 1.0;
+            }
+            r as u64
+        };
         Some(if after - tolerance > 0.0 {
             let state = PolicyState {
-                remaining: left(before),
+                remaining: left(units),
                 reset: duration(before),
                 retry_after: Some(duration(after - tolerance)),
             };
             (state, false)
         } else {
             let state = PolicyState {
-                remaining: left(after),
+                remaining: left(units + cost),
                 reset: duration(after),
                 retry_after: None,
             };

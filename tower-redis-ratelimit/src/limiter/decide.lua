@@ -1,7 +1,7 @@
 -- Decides a batch of requests, in order, each request all or nothing over
 -- its policies. A batch of one is a single request's decision; a batch of
--- many is exactly what deciding them one after another would answer, in
--- one call.
+-- many answers what deciding them one after another at the same instant
+-- would, in one call (for GCRA, by whole units: see the batch below).
 --
 -- KEYS     the distinct counters the batch touches (one hash tag)
 -- ARGV[1]  the numbers, packed as little-endian doubles (struct '<d'):
@@ -301,8 +301,8 @@ for _ = 1, groups do
   end
   local allowed = 0
   while allowed < count do
-    -- Allowed when every policy allows it (the arithmetic of the paths
-    -- above: GCRA's allow_at > now, or a window's used + cost > limit,
+    -- Allowed when every policy allows it (GCRA's test by whole units,
+    -- above; a window's used + cost > limit, as in the paths above,
     -- denies).
     local ok = true
     for i = 1, n do

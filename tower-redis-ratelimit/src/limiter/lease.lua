@@ -65,9 +65,16 @@ if kind == 1 then
   end
   -- Relative to now (a sum of times near 1.8e15 µs, where a double's
   -- step is 0.25 µs, made a fresh counter's burst come out a hair under
-  -- its whole number of units, and the lease one short), and a quotient
-  -- that is whole in exact arithmetic may still come out a hair under it.
-  local fits = floor(((now - tat) + b) / a + 1e-9)
+  -- its whole number of units, and the lease one short). The quotient may
+  -- still come out a hair off a whole number: set right by the test a
+  -- batch decides GCRA with (decide.lua), (tat - now) + k * a - b <= 0.
+  local ahead = tat - now
+  local fits = floor((b - ahead) / a)
+  if ahead + (fits + 1) * a - b <= 0 then
+    fits = fits + 1
+  elseif fits > 0 and ahead + fits * a - b > 0 then
+    fits = fits - 1
+  end
   local k = count
   if fits < k then k = fits end
   if k < extra then

@@ -318,7 +318,8 @@ fn parse_reply(reply: &[u8], requests: &[Query<'_>]) -> redis::RedisResult<Vec<V
 /// previous counts, already in the window the time falls in), then per
 /// group how many of its requests Redis allowed (the first ones). Each
 /// request's numbers are worked out here, request after request as the
-/// script went, with its arithmetic ([`Algorithm::decide`]); the script
+/// script went, with its arithmetic ([`Algorithm::decide`], and
+/// [`Algorithm::decide_gcra_in_batch`] for a GCRA counter); the script
 /// only decides and writes, which under load was a fraction of its time.
 fn parse_batch_reply(reply: &[u8], requests: &[Query<'_>]) -> redis::RedisResult<Vec<Verdict>> {
     let counters = Counters::of(requests);

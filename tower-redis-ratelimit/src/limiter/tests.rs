@@ -876,7 +876,8 @@ async fn a_batch_answers_each_request_what_deciding_it_alone_would() {
 /// boundary came out a fraction of a µs late for about a third of the
 /// quotas below, and that request was denied. Each policy, on a fresh
 /// counter: its burst plus one identical requests, as one batch (the
-/// burst allowed, the one after it denied), in units of cost 1 and 2.
+/// burst allowed, the one after it denied, and each allowed one told the
+/// units left), in units of cost 1 and 2.
 #[tokio::test]
 async fn a_burst_arriving_in_one_batch_is_allowed_whole() {
     let (_redis, limiter) = on_redis().await;
@@ -905,6 +906,17 @@ async fn a_burst_arriving_in_one_batch_is_allowed_whole() {
                     );
                     if allowed != fits as usize {
                         wrong.push(format!("{algorithm:?}, cost {cost}: {allowed} of {fits}"));
+                    }
+                    // Each allowed request says how many units are left:
+                    // what the rest of the batch is then allowed.
+                    for (i, verdict) in verdicts.iter().enumerate().take(fits as usize) {
+                        let left = verdict.states[0].expect("a state").remaining;
+                        let expected = u64::from(burst - cost * (i as u32 + 1));
+                        if left != expected {
+                            wrong.push(format!(
+                                "{algorithm:?}, cost {cost}, request {i}: {left} left, not {expected}"
+                            ));
+                        }
                     }
                 }
             }
