@@ -906,7 +906,93 @@ async fn a_login_queued_in_an_outage_takes_the_old_id_out_of_the_previous_user_s
     let indexes = indexes(&redis).await;
     assert_eq!(indexes.len(), 1, "one index (alice's) is left: {indexes:?}");
     assert_eq!(indexes[0].1.len(), 1, "alice's index: {indexes:?}");
-    assert_eq!(session_keys(&redis).await.len(), 1, "the new id's session");
+    let live = session_keys(&redis).await;
+    assert_eq!(live.len(), 1, "the new id's session");
+    assert!(
+        live[0].contains(&indexes[0].1[0]),
+        "the index names the live session: {indexes:?}, {live:?}"
+    );
+}
+
+/// The same when another instance set the user on the old id while the
+/// login waited (the login read an anonymous session): the old id leaves
+/// the index of the user Redis held with it.
+#[tokio::test]
+async fn a_login_queued_in_an_outage_takes_the_old_id_out_of_the_index_redis_holds_it_in() {
+    let redis = TestRedis::start().await;
+    let (app, _, store) = start_app(SessionLayer::builder(manager_as(&redis, "q", &[]).await));
+    let (other, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
+    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let cookie = cookie_pair(&set_cookie.expect("session"));
+    // The login's take is refused (no scripts for this instance's Redis
+    // user): the login waits whole in the outage queue.
+    acl(&redis, "q", "-@scripting").await;
+    let (status, _, login) = send(&app, "POST", "/login/alice", Some(&cookie)).await;
+    assert_eq!(status, 200);
+    let login = cookie_pair(&login.expect("the login's new id"));
+    assert!(
+        store.local_usage().queued_changes > 0,
+        "the login waits in the outage queue"
+    );
+    // Meanwhile another instance makes the old id alice's.
+    let (status, body, _) = send(&other, "POST", "/set-user/alice", Some(&cookie)).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    assert_eq!(
+        indexes(&redis).await.len(),
+        1,
+        "alice's index, with the old id"
+    );
+    acl(&redis, "q", "+@all").await;
+    drained(&store).await;
+    assert_eq!(
+        send(&app, "GET", "/get/user", Some(&login)).await.1,
+        "alice"
+    );
+    let indexes = indexes(&redis).await;
+    assert_eq!(indexes.len(), 1, "alice's index: {indexes:?}");
+    assert_eq!(
+        indexes[0].1.len(),
+        1,
+        "alice's index keeps the old id: {indexes:?}"
+    );
+    let live = session_keys(&redis).await;
+    assert_eq!(live.len(), 1, "the new id's session");
+    assert!(
+        live[0].contains(&indexes[0].1[0]),
+        "the index names the live session: {indexes:?}, {live:?}"
+    );
+}
+
+/// The same when the login's take reached Redis and its second step did
+/// not (the new id refused, and the index updates with it): the old id is
+/// gone from Redis by then, so the replay knows whose index holds it only
+/// from the session the login read.
+#[tokio::test]
+async fn a_login_whose_second_step_failed_takes_the_old_id_out_of_the_previous_user_s_index() {
+    let redis = TestRedis::start().await;
+    let (app, _, store) = start_app(SessionLayer::builder(manager_as(&redis, "s", &[]).await));
+    let (_, _, set_cookie) = send(&app, "POST", "/set-user/bob", None).await;
+    let cookie = cookie_pair(&set_cookie.expect("session"));
+    // The `SREM` from bob's index is no write that grows memory: refused
+    // here by the ACL, as the rest of the second step is for memory.
+    acl(&redis, "s", "-srem").await;
+    let login = login_refused(&app, &redis, &cookie).await;
+    acl(&redis, "s", "+srem").await;
+    refuse_writes(&redis, false).await;
+    drained(&store).await;
+    assert_eq!(
+        send(&app, "GET", "/get/user", Some(&login)).await.1,
+        "alice"
+    );
+    let indexes = indexes(&redis).await;
+    assert_eq!(indexes.len(), 1, "alice's index alone: {indexes:?}");
+    let live = session_keys(&redis).await;
+    assert_eq!(live.len(), 1, "the new id's session");
+    assert_eq!(indexes[0].1.len(), 1, "{indexes:?}");
+    assert!(
+        live[0].contains(&indexes[0].1[0]),
+        "the index names the live session: {indexes:?}, {live:?}"
+    );
 }
 
 /// Every user index in Redis, with its members.

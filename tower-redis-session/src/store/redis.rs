@@ -479,7 +479,8 @@ impl RedisStore {
     }
 
     /// Ends the old id of a cycle made during an outage, as the outage
-    /// queue is written (its key, its place in the user's index), and
+    /// queue is written (its key, its place in the index of the user Redis
+    /// held with it and of `user`, the one the login read), and
     /// announces the end. True when Redis still held it (or this cycle
     /// already took it: a retry after a lost reply), false when it was
     /// gone. The marker the script leaves lives for the idle timeout.
@@ -492,20 +493,26 @@ impl RedisStore {
         let taken = self
             .manager
             .run(|mut conn| async move {
-                let taken: bool = END_CYCLED
+                let (taken, held): (i64, Option<String>) = END_CYCLED
                     .key(self.session_key(old_storage_key))
                     .key(self.cycled_key(old_storage_key))
                     .arg(new_storage_key)
                     .arg(self.cycled_marker_ms())
                     .invoke_async(&mut conn)
                     .await?;
-                if let Some(user) = user {
+                // The old id leaves the index of the user Redis held with
+                // it (another request may have set one since this login
+                // read the session), and of the one this login read.
+                let mut users = vec![held.as_deref(), user];
+                users.dedup();
+                for user in users.into_iter().flatten() {
                     redis::cmd("SREM")
                         .arg(self.user_key(user))
                         .arg(old_storage_key)
                         .query_async::<()>(&mut conn)
                         .await?;
                 }
+                let taken = taken == 1;
                 self.replicate(&mut conn, "id cycle").await?;
                 Ok(taken)
             })
