@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 /// minutes).
 const MAX_TIMES: usize = 100_000;
 
-/// The late wake-ups, as (due, woke), at most [`MAX_TIMES`] of them, in a
+/// The late wake-ups, as (due, woke), at most `MAX_TIMES` of them, in a
 /// list made at its full size at once: the soak judges the heap's held
 /// bytes, and a list that doubled as a loaded machine held the process up
 /// would look like a leak.

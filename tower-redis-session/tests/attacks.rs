@@ -898,20 +898,7 @@ async fn a_login_queued_in_an_outage_takes_the_old_id_out_of_the_previous_user_s
         "the login waits in the outage queue"
     );
     redis.resume().await;
-    drained(&store).await;
-    assert_eq!(
-        send(&app, "GET", "/get/user", Some(&login)).await.1,
-        "alice"
-    );
-    let indexes = indexes(&redis).await;
-    assert_eq!(indexes.len(), 1, "one index (alice's) is left: {indexes:?}");
-    assert_eq!(indexes[0].1.len(), 1, "alice's index: {indexes:?}");
-    let live = session_keys(&redis).await;
-    assert_eq!(live.len(), 1, "the new id's session");
-    assert!(
-        live[0].contains(&indexes[0].1[0]),
-        "the index names the live session: {indexes:?}, {live:?}"
-    );
+    alice_alone_in_one_index(&app, &redis, &store, &login).await;
 }
 
 /// The same when another instance set the user on the old id while the
@@ -943,24 +930,7 @@ async fn a_login_queued_in_an_outage_takes_the_old_id_out_of_the_index_redis_hol
         "alice's index, with the old id"
     );
     acl(&redis, "q", "+@all").await;
-    drained(&store).await;
-    assert_eq!(
-        send(&app, "GET", "/get/user", Some(&login)).await.1,
-        "alice"
-    );
-    let indexes = indexes(&redis).await;
-    assert_eq!(indexes.len(), 1, "alice's index: {indexes:?}");
-    assert_eq!(
-        indexes[0].1.len(),
-        1,
-        "alice's index keeps the old id: {indexes:?}"
-    );
-    let live = session_keys(&redis).await;
-    assert_eq!(live.len(), 1, "the new id's session");
-    assert!(
-        live[0].contains(&indexes[0].1[0]),
-        "the index names the live session: {indexes:?}, {live:?}"
-    );
+    alice_alone_in_one_index(&app, &redis, &store, &login).await;
 }
 
 /// The same when the login's take reached Redis and its second step did
@@ -979,16 +949,24 @@ async fn a_login_whose_second_step_failed_takes_the_old_id_out_of_the_previous_u
     let login = login_refused(&app, &redis, &cookie).await;
     acl(&redis, "s", "+srem").await;
     refuse_writes(&redis, false).await;
-    drained(&store).await;
-    assert_eq!(
-        send(&app, "GET", "/get/user", Some(&login)).await.1,
-        "alice"
-    );
-    let indexes = indexes(&redis).await;
+    alice_alone_in_one_index(&app, &redis, &store, &login).await;
+}
+
+/// Once the outage queue is written: `login` is alice's session, and the
+/// one index left in Redis (alice's) names that session alone.
+async fn alice_alone_in_one_index(
+    app: &Router,
+    redis: &TestRedis,
+    store: &SessionStore,
+    login: &str,
+) {
+    drained(store).await;
+    assert_eq!(send(app, "GET", "/get/user", Some(login)).await.1, "alice");
+    let indexes = indexes(redis).await;
     assert_eq!(indexes.len(), 1, "alice's index alone: {indexes:?}");
-    let live = session_keys(&redis).await;
+    assert_eq!(indexes[0].1.len(), 1, "one id in it: {indexes:?}");
+    let live = session_keys(redis).await;
     assert_eq!(live.len(), 1, "the new id's session");
-    assert_eq!(indexes[0].1.len(), 1, "{indexes:?}");
     assert!(
         live[0].contains(&indexes[0].1[0]),
         "the index names the live session: {indexes:?}, {live:?}"

@@ -175,16 +175,22 @@ async fn session_app(manager: &RedisManager, tracked: bool, writes: bool) -> (Ro
     (app, HeaderValue::from_str(&cookie).unwrap())
 }
 
-/// The tracked session app on a `redis-server` of its own, which is
-/// killed once the session was read: its reads are then the in-process
-/// fallback's (checked to answer the session's value).
-async fn session_down() -> (Router, HeaderValue) {
+/// A disposable `redis-server`, and a manager on it.
+async fn started() -> (TestRedis, RedisManager) {
     let redis = TestRedis::start().await;
     let config = RedisConfig::builder()
         .url(redis.url())
         .build()
         .expect("config");
     let manager = RedisManager::connect(config).await.expect("manager");
+    (redis, manager)
+}
+
+/// The tracked session app on a `redis-server` of its own, which is
+/// killed once the session was read: its reads are then the in-process
+/// fallback's (checked to answer the session's value).
+async fn session_down() -> (Router, HeaderValue) {
+    let (redis, manager) = started().await;
     let (app, cookie) = session_app(&manager, true, false).await;
     let read = || get_request(Some(&cookie), Body::empty());
     let answered = app.clone().oneshot(read()).await.unwrap();
@@ -460,12 +466,8 @@ async fn main() {
         eprintln!("unknown path `{unknown}`\n{USAGE}");
         std::process::exit(2)
     }
-    let redis = TestRedis::start().await;
-    let config = RedisConfig::builder()
-        .url(redis.url())
-        .build()
-        .expect("config");
-    let manager = RedisManager::connect(config).await.expect("manager");
+    // Held to the end: dropping it stops the server.
+    let (_redis, manager) = started().await;
     let mut ready = Vec::new();
     for path in paths.split(',') {
         ready.push(Ready::new(path, &manager, http).await);

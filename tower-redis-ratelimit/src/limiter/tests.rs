@@ -883,41 +883,30 @@ async fn a_burst_arriving_in_one_batch_is_allowed_whole() {
     let (_redis, limiter) = on_redis().await;
     let mut wrong = Vec::new();
     let mut n = 0;
-    for quota in [
-        3, 6, 7, 9, 11, 12, 13, 17, 23, 29, 31, 37, 41, 97, 1000, 3600, 7777,
-    ] {
-        for period in [1, 60, 3600] {
-            for burst in [2, 3, 5, 10, 17] {
-                for cost in [1_u32, 2] {
-                    n += 1;
-                    let algorithm = Algorithm::Gcra {
-                        quota,
-                        period: Duration::from_secs(period),
-                        burst,
-                    };
-                    let checks = [check(&format!("burst-{n}"), algorithm)];
-                    let fits = burst / cost;
-                    let queries: Vec<Query<'_>> = (0..=fits).map(|_| (&checks[..], cost)).collect();
-                    let verdicts = limiter.decide_batch(&queries).await;
-                    let allowed = verdicts.iter().filter(|v| v.allowed).count();
-                    assert!(
-                        verdicts.iter().all(|v| v.source == DecisionSource::Redis),
-                        "{algorithm:?}, cost {cost}: not decided by Redis"
-                    );
-                    if allowed != fits as usize {
-                        wrong.push(format!("{algorithm:?}, cost {cost}: {allowed} of {fits}"));
-                    }
-                    // Each allowed request says how many units are left:
-                    // what the rest of the batch is then allowed.
-                    for (i, verdict) in verdicts.iter().enumerate().take(fits as usize) {
-                        let left = verdict.states[0].expect("a state").remaining;
-                        let expected = u64::from(burst - cost * (i as u32 + 1));
-                        if left != expected {
-                            wrong.push(format!(
-                                "{algorithm:?}, cost {cost}, request {i}: {left} left, not {expected}"
-                            ));
-                        }
-                    }
+    for (algorithm, burst) in gcra_grid() {
+        for cost in [1_u32, 2] {
+            n += 1;
+            let checks = [check(&format!("burst-{n}"), algorithm)];
+            let fits = burst / cost;
+            let queries: Vec<Query<'_>> = (0..=fits).map(|_| (&checks[..], cost)).collect();
+            let verdicts = limiter.decide_batch(&queries).await;
+            let allowed = verdicts.iter().filter(|v| v.allowed).count();
+            assert!(
+                verdicts.iter().all(|v| v.source == DecisionSource::Redis),
+                "{algorithm:?}, cost {cost}: not decided by Redis"
+            );
+            if allowed != fits as usize {
+                wrong.push(format!("{algorithm:?}, cost {cost}: {allowed} of {fits}"));
+            }
+            // Each allowed request says how many units are left: what the
+            // rest of the batch is then allowed.
+            for (i, verdict) in verdicts.iter().enumerate().take(fits as usize) {
+                let left = verdict.states[0].expect("a state").remaining;
+                let expected = u64::from(burst - cost * (i as u32 + 1));
+                if left != expected {
+                    wrong.push(format!(
+                        "{algorithm:?}, cost {cost}, request {i}: {left} left, not {expected}"
+                    ));
                 }
             }
         }
@@ -925,41 +914,47 @@ async fn a_burst_arriving_in_one_batch_is_allowed_whole() {
     assert!(wrong.is_empty(), "{} of {n}: {wrong:#?}", wrong.len());
 }
 
+/// GCRA policies of many quotas (per second, minute and hour) and bursts,
+/// with each one's burst: intervals of every kind of fraction.
+fn gcra_grid() -> impl Iterator<Item = (Algorithm, u32)> {
+    let quotas = [
+        3, 6, 7, 9, 11, 12, 13, 17, 23, 29, 31, 37, 41, 97, 1000, 3600, 7777,
+    ];
+    quotas.into_iter().flat_map(|quota| {
+        [1, 60, 3600].into_iter().flat_map(move |period| {
+            [2, 3, 5, 10, 17].into_iter().map(move |burst| {
+                let algorithm = Algorithm::Gcra {
+                    quota,
+                    period: Duration::from_secs(period),
+                    burst,
+                };
+                (algorithm, burst)
+            })
+        })
+    })
+}
+
 /// A lease taken from a fresh GCRA counter holds the whole burst, whatever
-/// the quota: `lease.lua` counts what fits as `(now - tat + b) / a`, which
-/// is the burst exactly on a fresh counter; summed as absolute times
-/// (`now + b - tat`, about 1.8e15 µs, where a double's step is 0.25 µs) it
-/// could come out a hair under it, and the lease one unit short.
+/// the quota: `lease.lua` counts what fits from `(now - tat) + b`, which is
+/// the burst exactly on a fresh counter, and sets the quotient right by
+/// the batch's test; summed as absolute times (`now + b - tat`, about
+/// 1.8e15 µs, where a double's step is 0.25 µs) it could come out a hair
+/// under it, and the lease one unit short.
 #[tokio::test]
 async fn a_lease_from_a_fresh_counter_holds_the_whole_burst() {
     let (_redis, limiter) = on_redis().await;
     let store = super::redis::RedisStore::new(limiter.manager.clone());
     let mut wrong = Vec::new();
     let mut n = 0;
-    for quota in [
-        3, 6, 7, 9, 11, 12, 13, 17, 23, 29, 31, 37, 41, 97, 1000, 3600, 7777,
-    ] {
-        for period in [1, 60, 3600] {
-            for burst in [2, 3, 5, 10, 17] {
-                n += 1;
-                let algorithm = Algorithm::Gcra {
-                    quota,
-                    period: Duration::from_secs(period),
-                    burst,
-                };
-                let lease = store
-                    .lease(
-                        &format!("fresh-lease-{n}"),
-                        algorithm,
-                        u64::from(burst) + 5,
-                        1,
-                    )
-                    .await
-                    .expect("a lease");
-                if lease.granted != u64::from(burst) {
-                    wrong.push(format!("{algorithm:?}: {} of {burst}", lease.granted));
-                }
-            }
+    for (algorithm, burst) in gcra_grid() {
+        n += 1;
+        let key = format!("fresh-lease-{n}");
+        let lease = store
+            .lease(&key, algorithm, u64::from(burst) + 5, 1)
+            .await
+            .expect("a lease");
+        if lease.granted != u64::from(burst) {
+            wrong.push(format!("{algorithm:?}: {} of {burst}", lease.granted));
         }
     }
     assert!(wrong.is_empty(), "{} of {n}: {wrong:#?}", wrong.len());
