@@ -890,13 +890,7 @@ async fn a_login_queued_in_an_outage_takes_the_old_id_out_of_the_previous_user_s
     let cookie = cookie_pair(&set_cookie.expect("session"));
     assert_eq!(indexes(&redis).await.len(), 1, "bob's index");
     redis.pause().await;
-    let (status, _, login) = send(&app, "POST", "/login/alice", Some(&cookie)).await;
-    assert_eq!(status, 200);
-    let login = cookie_pair(&login.expect("the login's new id"));
-    assert!(
-        store.local_usage().queued_changes > 0,
-        "the login waits in the outage queue"
-    );
+    let login = login_queued(&app, &store, &cookie).await;
     redis.resume().await;
     alice_alone_in_one_index(&app, &redis, &store, &login).await;
 }
@@ -914,13 +908,7 @@ async fn a_login_queued_in_an_outage_takes_the_old_id_out_of_the_index_redis_hol
     // The login's take is refused (no scripts for this instance's Redis
     // user): the login waits whole in the outage queue.
     acl(&redis, "q", "-@scripting").await;
-    let (status, _, login) = send(&app, "POST", "/login/alice", Some(&cookie)).await;
-    assert_eq!(status, 200);
-    let login = cookie_pair(&login.expect("the login's new id"));
-    assert!(
-        store.local_usage().queued_changes > 0,
-        "the login waits in the outage queue"
-    );
+    let login = login_queued(&app, &store, &cookie).await;
     // Meanwhile another instance makes the old id alice's.
     let (status, body, _) = send(&other, "POST", "/set-user/alice", Some(&cookie)).await;
     assert_eq!((status, body.as_str()), (200, "ok"));
@@ -950,6 +938,18 @@ async fn a_login_whose_second_step_failed_takes_the_old_id_out_of_the_previous_u
     acl(&redis, "s", "+srem").await;
     refuse_writes(&redis, false).await;
     alice_alone_in_one_index(&app, &redis, &store, &login).await;
+}
+
+/// Logs alice in from `cookie`'s session while Redis cannot take the old
+/// id: the login waits whole in the outage queue. Returns its cookie.
+async fn login_queued(app: &Router, store: &SessionStore, cookie: &str) -> String {
+    let (status, _, login) = send(app, "POST", "/login/alice", Some(cookie)).await;
+    assert_eq!(status, 200);
+    assert!(
+        store.local_usage().queued_changes > 0,
+        "the login waits in the outage queue"
+    );
+    cookie_pair(&login.expect("the login's new id"))
 }
 
 /// Once the outage queue is written: `login` is alice's session, and the
