@@ -806,12 +806,7 @@ async fn a_revocation_ends_a_session_whose_user_was_set_in_place_in_the_outage_q
         "the session whose login was made before the revocation lives on"
     );
     // Nor does its id stay in bob's index.
-    let mut conn = redis.connection().await.expect("connection");
-    let indexes: Vec<String> = redis::cmd("KEYS")
-        .arg("*:u")
-        .query_async(&mut conn)
-        .await
-        .expect("KEYS");
+    let indexes = indexes(&redis).await;
     assert!(
         indexes.is_empty(),
         "an index keeps the ended session: {indexes:?}"
