@@ -171,14 +171,9 @@ impl Algorithm {
     /// more; `None` for a window policy (see [`decide`](Self::decide)).
     ///
     /// Relative to `now` and in whole units, term for term as the script
-    /// computes it: allowed when
-    /// `(base - now) + (units + cost) * interval - tolerance`
-    /// is not above 0. The requests of a batch share one
+    /// computes it ([`gcra_units`]): the requests of a batch share one
     /// `now`, so the last of a burst on a fresh counter lands exactly on
-    /// the boundary, where `(units + cost) * interval` is the same product
-    /// as the tolerance; a time moved interval by interval, at about 1.8e15
-    /// µs (a double's step there is 0.25 µs), came out past it for about a
-    /// third of the quotas, and that request was denied.
+    /// the boundary.
     pub(crate) fn decide_gcra_in_batch(
         self,
         current: Option<CounterState>,
@@ -199,40 +194,7 @@ impl Algorithm {
             Some(CounterState::Tat(tat)) if tat > now => tat,
             _ => now,
         };
-        let ahead = base - now;
-        let before = ahead + units * interval;
-        let after = ahead + (units + cost) * interval;
-        // Whether `n` units in all fit: this batch's own test.
-        let fits = |n: f64| ahead + n * interval - tolerance <= 0.0;
-        // The units left after `done`: the quotient, a hair off a whole
-        // number at times, set right by the test the next requests of the
-        // batch will meet (so it never promises a unit they are denied).
-        let left = |done: f64| {
-            let mut r = ((tolerance - (ahead + done * interval)) / interval)
-                .floor()
-                .max(0.0);
-            if fits(done + r + 1.0) {
-                r += 1.0;
-            } else if r > 0.0 && !fits(done + r) {
-                r -= 1.0;
-            }
-            r as u64
-        };
-        Some(if after - tolerance > 0.0 {
-            let state = PolicyState {
-                remaining: left(units),
-                reset: duration(before),
-                retry_after: Some(duration(after - tolerance)),
-            };
-            (state, false)
-        } else {
-            let state = PolicyState {
-                remaining: left(units + cost),
-                reset: duration(after),
-                retry_after: None,
-            };
-            (state, true)
-        })
+        Some(gcra_units(interval, tolerance, base - now, units, cost))
     }
 }
 
@@ -252,7 +214,9 @@ fn gcra_spacing(quota: u32, period: Duration, burst: u32) -> (f64, f64) {
     (interval, interval * f64::from(burst))
 }
 
-/// GCRA from the theoretical arrival time `tat` (never before `now`).
+/// GCRA from the theoretical arrival time `tat` (never before `now`): the
+/// test and arithmetic of [`gcra_units`] with no unit allowed before, as
+/// `decide.lua`'s lone paths make them.
 fn gcra(
     interval: f64,
     tolerance: f64,
@@ -260,26 +224,68 @@ fn gcra(
     now: f64,
     cost: f64,
 ) -> (PolicyState, Option<Counter>) {
-    let new_tat = tat + cost * interval;
-    let allow_at = new_tat - tolerance;
-    if allow_at > now {
+    let (state, allowed) = gcra_units(interval, tolerance, tat - now, 0.0, cost);
+    let counter = allowed.then(|| {
+        let new_tat = tat + cost * interval;
+        Counter {
+            expires_us: new_tat,
+            state: CounterState::Tat(new_tat),
+        }
+    });
+    (state, counter)
+}
+
+/// GCRA's decision for `cost` units, `ahead` µs (the theoretical arrival
+/// time less now, never negative) and `units` already allowed at this same
+/// instant: allowed when `ahead + (units + cost) * interval - tolerance` is
+/// not above 0. How the policy stands, and whether it allows them.
+///
+/// Relative to now and in whole units: on a fresh counter,
+/// `(units + cost) * interval` and the tolerance are the same product, so
+/// the last unit of a burst lands exactly on the boundary. Absolute times
+/// (about 1.8e15 µs, where a double's step is 0.25 µs) came out a fraction
+/// of a µs past it, which denied the last of a burst arriving together and
+/// told a lone request one unit fewer than was left.
+fn gcra_units(
+    interval: f64,
+    tolerance: f64,
+    ahead: f64,
+    units: f64,
+    cost: f64,
+) -> (PolicyState, bool) {
+    let before = ahead + units * interval;
+    let after = ahead + (units + cost) * interval;
+    // Whether `n` units in all fit: the test every request meets.
+    let fits = |n: f64| ahead + n * interval - tolerance <= 0.0;
+    // The units left after `done`: the quotient, a hair off a whole number
+    // at times, set right by the test the next requests will meet (so it
+    // never promises a unit they are denied).
+    let left = |done: f64| {
+        let mut r = ((tolerance - (ahead + done * interval)) / interval)
+            .floor()
+            .max(0.0);
+        if fits(done + r + 1.0) {
+            r += 1.0;
+        } else if r > 0.0 && !fits(done + r) {
+            r -= 1.0;
+        }
+        r as u64
+    };
+    if after - tolerance > 0.0 {
         let state = PolicyState {
-            remaining: ((tolerance - (tat - now)) / interval).floor().max(0.0) as u64,
-            reset: duration(tat - now),
-            retry_after: Some(duration(allow_at - now)),
+            remaining: left(units),
+            reset: duration(before),
+            retry_after: Some(duration(after - tolerance)),
         };
-        return (state, None);
+        (state, false)
+    } else {
+        let state = PolicyState {
+            remaining: left(units + cost),
+            reset: duration(after),
+            retry_after: None,
+        };
+        (state, true)
     }
-    let state = PolicyState {
-        remaining: ((tolerance - (new_tat - now)) / interval).floor().max(0.0) as u64,
-        reset: duration(new_tat - now),
-        retry_after: None,
-    };
-    let counter = Counter {
-        expires_us: new_tat,
-        state: CounterState::Tat(new_tat),
-    };
-    (state, Some(counter))
 }
 
 /// A window counter as it stands at `now`, shifted to the window `now`

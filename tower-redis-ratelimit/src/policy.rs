@@ -98,6 +98,12 @@ impl Policy {
     /// A GCRA policy (the default choice): `quota` requests per `period`,
     /// burst equal to the quota, keyed by client IP.
     ///
+    /// GCRA counts time in whole microseconds, so a quota may space its
+    /// requests at most one a microsecond (a million a second per key); the
+    /// builder refuses a faster one with [`ConfigError::InvalidPolicy`](crate::ConfigError::InvalidPolicy). For
+    /// more, use a [`sliding_window`](Self::sliding_window), or a
+    /// [lease](Self::lease) of a window policy.
+    ///
     /// ```
     /// # use std::net::SocketAddr;
     /// # use std::time::Duration;
@@ -561,6 +567,19 @@ impl Policy {
         if span < Duration::from_millis(1) || span > Duration::from_secs(366 * 24 * 3600) {
             return Err(format!("the period is {span:?}; use 1 ms to a year"));
         }
+        if let Algorithm::Gcra { quota, period, .. } = self.algorithm {
+            // GCRA's counter on Redis is a time in whole µs: an interval
+            // under 1 µs would round away, and the key would never be
+            // limited.
+            let most = period.as_micros();
+            if u128::from(quota) > most {
+                return Err(format!(
+                    "the quota is {quota} per {period:?}, more than one a microsecond, which \
+                     GCRA cannot space (it counts time in whole µs); use at most {most} per \
+                     {period:?}, or a sliding or fixed window"
+                ));
+            }
+        }
         if let Some(units) = self.lease {
             // GCRA never grants more than its burst at once.
             let most = match self.algorithm {
@@ -664,6 +683,29 @@ mod tests {
         );
         assert!(
             Policy::sliding_window("per-ip", 10, Duration::from_secs(1))
+                .validate()
+                .is_ok()
+        );
+    }
+
+    /// GCRA's counter is a time in whole µs: a quota spaced under 1 µs
+    /// apart would round its interval away and never limit the key.
+    #[test]
+    fn a_gcra_quota_above_one_a_microsecond_is_refused() {
+        let second = Duration::from_secs(1);
+        let fast = Policy::gcra("g", 1_000_001, second).validate().unwrap_err();
+        assert!(
+            fast.contains("more than one a microsecond")
+                && fast.contains("use at most 1000000 per 1s"),
+            "{fast}"
+        );
+        let ms = Duration::from_millis(1);
+        assert!(Policy::gcra("g", 1_001, ms).validate().is_err());
+        assert!(Policy::gcra("g", 1_000, ms).validate().is_ok());
+        assert!(Policy::gcra("g", 1_000_000, second).validate().is_ok());
+        // A window counts requests, not time: any quota.
+        assert!(
+            Policy::sliding_window("w", u32::MAX, second)
                 .validate()
                 .is_ok()
         );

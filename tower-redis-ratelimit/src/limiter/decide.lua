@@ -76,20 +76,29 @@ if nk == 1 and #data == 64 then
     end
     local tat = tonumber(v) or now
     if not (tat >= now and tat - now <= b + BIG) then tat = now end
-    local new_tat = tat + cost * a
-    local allow_at = new_tat - b
+    -- The batch's test and arithmetic with no unit allowed before it
+    -- (see the batch below): relative to `now`, in whole units.
+    local ahead = tat - now
+    local fit = floor((b - ahead) / a)
+    if ahead + (fit + 1) * a - b <= 0 then
+      fit = fit + 1
+    elseif ahead + fit * a - b > 0 then
+      fit = fit - 1
+    end
+    local after = ahead + cost * a
     local remaining, reset, retry
-    if allow_at > now then
-      retry = allow_at - now
-      remaining = floor((b - (tat - now)) / a)
-      reset = tat - now
+    if after - b > 0 then
+      retry = after - b
+      remaining = fit
+      reset = ahead
     else
       retry = 0
-      remaining = floor((b - (new_tat - now)) / a)
-      reset = new_tat - now
+      remaining = fit - cost
+      reset = after
+      local new_tat = tat + cost * a
       local r = floor(new_tat + 0.5)
       if r - new_tat == 0.5 and r % 2 == 1 then r = r - 1 end
-      redis.call('SET', KEYS[1], format('%d', r), 'PX', format('%d', ceil((new_tat - now) / 1000) + 1))
+      redis.call('SET', KEYS[1], format('%d', r), 'PX', format('%d', ceil(after / 1000) + 1))
     end
     if remaining < 0 then remaining = 0 end
     if remaining > BIG then remaining = BIG end
@@ -123,16 +132,23 @@ if nk > 0 and nk <= 64 and #data == 32 * nk + 32 then
       if kind == 1 then
         local tat = tonumber(v) or now
         if not (tat >= now and tat - now <= b + BIG) then tat = now end
-        local new_tat = tat + cost * a
-        local allow_at = new_tat - b
-        if allow_at > now then
-          retry = allow_at - now
-          remaining = floor((b - (tat - now)) / a)
-          reset = tat - now
+        -- As the one-counter path above.
+        local ahead = tat - now
+        local fit = floor((b - ahead) / a)
+        if ahead + (fit + 1) * a - b <= 0 then
+          fit = fit + 1
+        elseif ahead + fit * a - b > 0 then
+          fit = fit - 1
+        end
+        local after = ahead + cost * a
+        if after - b > 0 then
+          retry = after - b
+          remaining = fit
+          reset = ahead
         else
           retry = 0
-          remaining = floor((b - (new_tat - now)) / a)
-          reset = new_tat - now
+          remaining = fit - cost
+          reset = after
         end
       else
         local w = floor(now / b)
@@ -224,8 +240,9 @@ end
 -- ((s2 + cost) * a equals b, the same product); times of about 1.8e15 µs,
 -- where a double's step is 0.25 µs, summed interval by interval, came out
 -- a fraction of a µs past it for about a third of the quotas, and that
--- request was denied. (A lone request's `now` is later than the one that
--- wrote its counter, which keeps it off the boundary.)
+-- request was denied. The lone paths above make the same test with no
+-- unit allowed before the request, so a request is told the same units
+-- left whether it came alone or in a batch.
 local kinds, as, bs, s1, s2, same, dirty = {}, {}, {}, {}, {}, {}, {}
 local vals
 if nk == 0 then
