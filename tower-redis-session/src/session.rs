@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
 use crate::id::SessionId;
-use crate::store::{Changes, Record, Saved, SessionStore, now_ms};
+use crate::store::{Changes, EndMark, Record, Saved, SessionStore, now_ms};
 
 /// Why a session operation failed. Redis trouble is never one of them: the
 /// session falls back to the in-process store instead.
@@ -85,6 +85,9 @@ struct State {
     /// entry names, JSON values and user id, in bytes. `None` until a
     /// change needs it: a read does not measure the record.
     size: Option<usize>,
+    /// The store's end mark when the request began: what it asks whether
+    /// its session ended since (a concurrent login or logout).
+    ends_mark: EndMark,
 }
 
 impl State {
@@ -140,6 +143,7 @@ impl Session {
                     cycle: false,
                     delete: None,
                     size: None,
+                    ends_mark: store.end_mark(),
                 }),
                 store,
                 max_bytes,
@@ -717,7 +721,11 @@ impl Session {
                 .cookie_id
                 .as_ref()
                 .filter(|cookie| {
-                    deleted.is_some() || !self.inner.store.has_ended(&cookie.storage_key())
+                    deleted.is_some()
+                        || !self
+                            .inner
+                            .store
+                            .ended_since(&cookie.storage_key(), state.ends_mark)
                 })
                 .map(|_| CookieUpdate::Remove),
             Phase::Loaded => self.write(&mut state).await,
@@ -826,9 +834,12 @@ impl Session {
         if state.phase != Phase::Loaded {
             return None;
         }
-        state
-            .id
-            .filter(|id| !self.inner.store.has_ended(&id.storage_key()))
+        state.id.filter(|id| {
+            !self
+                .inner
+                .store
+                .ended_since(&id.storage_key(), state.ends_mark)
+        })
     }
 }
 

@@ -230,6 +230,91 @@ async fn a_concurrent_read_with_the_old_cookie_does_not_log_out_a_cycled_session
     assert_eq!(send(&app, "GET", "/get/user", Some(&new)).await.1, "alice");
 }
 
+/// The same, with a flood of ends between the login and the slow read's
+/// end: logins made on other instances, as fast as clients make them, each
+/// announced to this one. More ends than the instance's memory of ends
+/// holds (2 MiB, about 11,000), so the login's end of the old id is pushed
+/// out of it before the slow read asks. The memory knows it forgot an end
+/// newer than the read's start and answers "ended": without that, the read
+/// renewed the old id's persistent cookie and logged the fresh login out.
+#[tokio::test]
+async fn a_flood_of_ends_does_not_make_a_concurrent_read_log_out_a_cycled_session() {
+    let redis = TestRedis::start().await;
+    let expiry = Expiry {
+        persistent: true,
+        ..Expiry::default()
+    };
+    let manager = manager(&redis).await;
+    let (app, gates, store) = start_app(SessionLayer::builder(manager.clone()).expiry(expiry));
+    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let old = cookie_pair(&set_cookie.expect("session"));
+    let slow = {
+        let (app, old) = (app.clone(), old.clone());
+        tokio::spawn(async move { send(&app, "GET", "/gated-get/cart", Some(&old)).await })
+    };
+    within("the slow read's load", gates.loaded.notified()).await;
+    let (_, _, login) = send(&app, "POST", "/login/alice", Some(&old)).await;
+    let new = cookie_pair(&login.expect("login cookie"));
+
+    // A session whose copy this instance holds: its announced end, sent
+    // after the flood, says when the flood has been heard.
+    let before = session_keys(&redis).await;
+    let (_, _, made) = send(&app, "POST", "/set/s/1", None).await;
+    assert_eq!(
+        send(
+            &app,
+            "GET",
+            "/get/s",
+            Some(&cookie_pair(&made.expect("session")))
+        )
+        .await
+        .1,
+        "1"
+    );
+    let sentinel = session_keys(&redis)
+        .await
+        .into_iter()
+        .find(|key| !before.contains(key))
+        .expect("the sentinel's key");
+    let sentinel = sentinel
+        .split(['{', '}'])
+        .nth(1)
+        .expect("a storage key in braces")
+        .to_owned();
+    let copies = store.local_usage().local_copies_bytes;
+    let mut conn = redis.connection().await.expect("connection");
+    let channel = manager.keys().key(&["session-ended"]);
+    for message in 0..12 {
+        let keys: Vec<String> = (0..1000)
+            .map(|n| format!("{:043}", message * 1000 + n))
+            .collect();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(format!("c {}", keys.join(" ")))
+            .query_async(&mut conn)
+            .await
+            .expect("PUBLISH");
+    }
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(&channel)
+        .arg(format!("d {sentinel}"))
+        .query_async(&mut conn)
+        .await
+        .expect("PUBLISH");
+    within("the flood to be heard", async {
+        while store.local_usage().local_copies_bytes >= copies {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    gates.proceed.notify_one();
+    let (status, body, slow_cookie) = within("the slow read", slow).await.expect("task");
+    assert_eq!((status, body.as_str()), (200, "3"));
+    assert_eq!(slow_cookie, None, "the old id is not sent back");
+    assert_eq!(send(&app, "GET", "/get/user", Some(&new)).await.1, "alice");
+}
+
 #[tokio::test]
 async fn a_double_submitted_login_does_not_log_out_the_first() {
     let redis = TestRedis::start().await;

@@ -367,7 +367,7 @@ mod tests {
         let local = local();
         let read = local.get(&key(0)).expect("copy");
         local.end_as(&key(0), false);
-        local.refresh(&key(0), Some(&read), None, true, now_ms());
+        local.refresh(&key(0), Some(&read), None, true, now_ms(), local.end_mark());
         assert!(local.get(&key(0)).is_none());
     }
 }

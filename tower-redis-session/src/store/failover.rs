@@ -27,6 +27,7 @@ use tower_redis_core::{FallbackReason, RedisManager, Source};
 
 use super::change::Change;
 use super::ended::Announcements;
+use super::ends::EndMark;
 use super::local::{LocalCopy, LocalStore};
 use super::redis::RedisStore;
 use super::{LocalLimits, LocalUsage, Record, Saved, Store, Take, Write, now_ms};
@@ -120,6 +121,7 @@ impl Failover {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn has_ended(&self, storage_key: &str) -> bool {
         self.local().has_ended(storage_key)
     }
@@ -163,6 +165,9 @@ impl Failover {
             }
         }
         let started_ms = now_ms();
+        // Before anything is read: an end from here on is one the read's
+        // copy must hear of.
+        let mark = self.local().end_mark();
         let every_ms = self.touch_every_ms();
         // While Redis is unavailable the tracked copies are gone (a lost
         // tracking connection empties them): not looked for.
@@ -197,6 +202,7 @@ impl Failover {
         Err(Later::Read {
             copy,
             started_ms,
+            mark,
             touch,
         })
     }
@@ -218,8 +224,9 @@ impl Failover {
             Later::Read {
                 copy,
                 started_ms,
+                mark,
                 touch,
-            } => Either::Right(self.read(storage_key, copy, started_ms, touch)),
+            } => Either::Right(self.read(storage_key, copy, (started_ms, mark), touch)),
         }
     }
 
@@ -236,7 +243,7 @@ impl Failover {
         &self,
         storage_key: &str,
         copy: Option<Arc<LocalCopy>>,
-        started_ms: u64,
+        (started_ms, mark): (u64, EndMark),
         touch: bool,
     ) -> impl Future<Output = Option<Record>> + Send {
         // Before a copy is made: it must hear of its session's end.
@@ -264,8 +271,14 @@ impl Failover {
                 )
                 .await;
             if served.source == Source::Redis {
-                self.local()
-                    .refresh(storage_key, served.value.as_ref(), copy, touch, started_ms);
+                self.local().refresh(
+                    storage_key,
+                    served.value.as_ref(),
+                    copy,
+                    touch,
+                    started_ms,
+                    mark,
+                );
             }
             served.value
         }
@@ -410,6 +423,8 @@ pub(crate) enum Later {
     Read {
         copy: Option<Arc<LocalCopy>>,
         started_ms: u64,
+        /// The local store's [`end_mark`](LocalStore::end_mark) before the read.
+        mark: EndMark,
         touch: bool,
     },
 }

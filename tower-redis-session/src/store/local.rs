@@ -21,6 +21,7 @@ use std::time::Duration;
 use tower_redis_core::clock::duration_ms;
 use tower_redis_core::{record, sync};
 
+use super::ends::{EndMark, Ends};
 use super::{Changes, Record, Saved, Store, Take, Write, now_ms};
 
 /// The bookkeeping of one local copy, in bytes, beyond its data: the
@@ -28,14 +29,6 @@ use super::{Changes, Record, Saved, Store, Take, Write, now_ms};
 const COPY_OVERHEAD: usize = 160;
 /// The bookkeeping of one entry of a local copy.
 const FIELD_OVERHEAD: usize = 48;
-/// How long this instance remembers that a session ended: longer than any
-/// request that loaded it before can still be running.
-const ENDED_FOR: Duration = Duration::from_secs(120);
-/// The bound of that memory (about 10 000 sessions, the ends other
-/// instances announce included; the newest are kept).
-const ENDED_BYTES: u64 = 1024 * 1024;
-/// The bookkeeping of one remembered end.
-const ENDED_OVERHEAD: usize = 64;
 /// How many locks the changes of copies are spread over (a power of two).
 const STRIPES: usize = 64;
 
@@ -57,11 +50,12 @@ pub(crate) struct LocalState {
     /// Weighed in bytes.
     copies: moka::sync::Cache<String, Arc<LocalCopy>>,
     /// Sessions this instance recently destroyed, cycled away or saw
-    /// gone, so that a concurrent request that loaded one before does not
-    /// send its old id back in a renewed persistent cookie; `true` for an
-    /// id cycled away (a login gave the session a successor the browser may
-    /// already hold).
-    ended: moka::sync::Cache<String, bool>,
+    /// gone (the ends other instances announce included), so that a
+    /// concurrent request that loaded one before neither puts its copy
+    /// back nor sends its old id back in a renewed persistent cookie; and
+    /// which ids were cycled away (a login gave the session a successor
+    /// the browser may already hold).
+    ended: Ends,
     /// Copies of sessions with changes waiting for Redis.
     pinned: Mutex<Pinned>,
     /// Every change of a session's copy and every end of a session is made
@@ -130,18 +124,7 @@ impl LocalState {
                 // often before it and is refused, logging its visitor out.
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
-            ended: moka::sync::Cache::builder()
-                .max_capacity(ENDED_BYTES)
-                .weigher(|key: &String, _: &bool| {
-                    u32::try_from(key.len() + ENDED_OVERHEAD).unwrap_or(u32::MAX)
-                })
-                .time_to_live(ENDED_FOR)
-                // Plain LRU: the markers are only ever checked with
-                // `contains_key`, which moka's default admission (TinyLFU)
-                // does not count as use, so once full it would refuse every
-                // new marker.
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .build(),
+            ended: Ends::new(),
             absolute_ms: duration_ms(absolute),
         }
     }
@@ -169,19 +152,32 @@ impl LocalState {
         self.with_pinned(|pinned| pinned.remove(storage_key));
         self.copies.invalidate(storage_key);
         if cycled || !self.was_cycled(storage_key) {
-            self.ended.insert(storage_key.to_owned(), cycled);
+            self.ended.record(storage_key, cycled);
         }
     }
 
     /// Whether this instance saw the session end recently.
     pub(crate) fn has_ended(&self, storage_key: &str) -> bool {
-        self.ended.contains_key(storage_key)
+        self.ended.holds(storage_key)
+    }
+
+    /// What a request takes before it reads a session, to ask
+    /// [`ended_since`](Self::ended_since) later.
+    pub(crate) fn end_mark(&self) -> EndMark {
+        self.ended.mark()
+    }
+
+    /// Whether the session ended (here or announced) since `mark` was
+    /// taken, or may have: an end that came after it was forgotten to
+    /// make room (see `ends.rs`).
+    pub(crate) fn ended_since(&self, storage_key: &str, mark: EndMark) -> bool {
+        self.ended.ended_since(storage_key, mark)
     }
 
     /// Whether this instance recently cycled the session's id away (a
     /// login): the session lives on under an id the browser may hold.
     pub(crate) fn was_cycled(&self, storage_key: &str) -> bool {
-        self.ended.get(storage_key).unwrap_or(false)
+        self.ended.was_cycled(storage_key)
     }
 
     /// The local copy, unless it has outlived the absolute timeout.
@@ -376,7 +372,8 @@ impl LocalState {
     }
 
     /// Keeps the copy in step with what Redis answered to a read that began
-    /// at `started_ms`; `touched`: that read renewed the idle timeout.
+    /// at `started_ms`, with [`end_mark`](Self::end_mark) `mark`; `touched`:
+    /// that read renewed the idle timeout.
     pub(crate) fn refresh(
         &self,
         storage_key: &str,
@@ -384,13 +381,15 @@ impl LocalState {
         copy: Option<Arc<LocalCopy>>,
         touched: bool,
         started_ms: u64,
+        mark: EndMark,
     ) {
         match (answer, copy) {
             // Unchanged and not renewed: the copy is already right.
             (Some(record), Some(copy)) if !touched && copy.record == *record => {}
             // A copy for reading through an outage (none comes back when
             // the session ended since the read began, here or announced
-            // from another instance: see `put`).
+            // from another instance, or may have: an end since was
+            // forgotten to make room).
             //
             // Only over the copy the read found: a change made meanwhile
             // (its copy is newer than this answer) is not undone.
@@ -406,7 +405,7 @@ impl LocalState {
                     (None, None) => true,
                     _ => false,
                 };
-                if unchanged {
+                if unchanged && !self.ended_since(storage_key, mark) {
                     let copy = Arc::new(LocalCopy {
                         record: record.clone(),
                         touched_ms,
@@ -699,7 +698,14 @@ mod tests {
                     scope.spawn(|| {
                         start.wait();
                         for n in 0..SESSIONS {
-                            local.refresh(&key(n), Some(&live_record()), None, true, now_ms());
+                            local.refresh(
+                                &key(n),
+                                Some(&live_record()),
+                                None,
+                                true,
+                                now_ms(),
+                                local.end_mark(),
+                            );
                         }
                     });
                     start.wait();
@@ -723,7 +729,14 @@ mod tests {
         local.put("ended", live_record(), 0);
         local.end("ended");
         assert!(!local.put("ended", live_record(), 0));
-        local.refresh("ended", Some(&live_record()), None, true, now_ms());
+        local.refresh(
+            "ended",
+            Some(&live_record()),
+            None,
+            true,
+            now_ms(),
+            local.end_mark(),
+        );
         let changes = Changes {
             entries: [("k".to_owned(), Some("1".to_owned()))].into(),
             user: None,
@@ -731,6 +744,26 @@ mod tests {
         assert!(!local.apply("ended", Some(now_ms()), &changes));
         assert!(local.get("ended").is_none());
         assert!(local.copy("ended").is_none());
+    }
+
+    /// A read that began before a session's end puts no copy back, even
+    /// once a flood of ends has pushed that end out of the memory: the
+    /// memory knows it forgot an end newer than the read's mark. A read
+    /// that began after the flood makes its copy.
+    #[test]
+    fn a_read_that_began_before_a_flood_of_ends_puts_no_copy_back() {
+        let local = store();
+        let mark = local.end_mark();
+        local.end("ended");
+        for n in 0..30_000 {
+            local.end(&format!("flood-{n:037}"));
+        }
+        assert!(!local.has_ended("ended"), "pushed out by the flood");
+        local.refresh("ended", Some(&live_record()), None, true, now_ms(), mark);
+        assert!(local.copy("ended").is_none(), "a copy came back");
+        let mark = local.end_mark();
+        local.refresh("later", Some(&live_record()), None, true, now_ms(), mark);
+        assert!(local.copy("later").is_some());
     }
 
     /// A read from Redis that returns after a change to the copy (made by
@@ -746,7 +779,14 @@ mod tests {
             user: None,
         };
         assert!(local.apply("session", None, &changes));
-        local.refresh("session", Some(&answer), read_found, true, now_ms());
+        local.refresh(
+            "session",
+            Some(&answer),
+            read_found,
+            true,
+            now_ms(),
+            local.end_mark(),
+        );
         let copy = local.get("session").expect("copy");
         assert_eq!(
             copy.fields.get("role").map(String::as_str),
@@ -785,8 +825,8 @@ mod tests {
     }
 
     /// A flood of ended sessions (logins cycle ids, logouts) must not stop
-    /// the instance from remembering the next one: the memory is a plain
-    /// LRU, so the newest marker always stays.
+    /// the instance from remembering the next one: the oldest end is
+    /// forgotten first, so the newest always stays.
     #[test]
     fn a_full_ended_memory_still_remembers_the_newest_end() {
         let local = LocalStore::new(
@@ -798,17 +838,15 @@ mod tests {
         for n in 0..30_000 {
             local.end(&format!("flood-{n:040}"));
         }
-        local.ended.run_pending_tasks();
         for n in 0..100 {
             let key = format!("victim-{n:039}");
             local.end(&key);
-            local.ended.run_pending_tasks();
             assert!(local.has_ended(&key), "marker {n} was refused");
         }
         assert!(
-            local.ended.weighted_size() <= ENDED_BYTES,
+            local.ended.bytes() <= super::super::ends::ENDED_BYTES,
             "{} bytes",
-            local.ended.weighted_size()
+            local.ended.bytes()
         );
     }
 }

@@ -19,6 +19,7 @@
 
 mod change;
 mod ended;
+mod ends;
 mod failover;
 mod local;
 mod redis;
@@ -34,6 +35,7 @@ use std::time::SystemTime;
 use tower_redis_core::RedisManager;
 
 use crate::config::Expiry;
+pub(crate) use ends::EndMark;
 use failover::Failover;
 
 /// A session's stored content.
@@ -288,8 +290,23 @@ impl SessionStore {
 
     /// Whether this instance saw the session end (destroyed, cycled away,
     /// revoked) in the last two minutes. No Redis call.
+    #[cfg(test)]
     pub(crate) fn has_ended(&self, storage_key: &str) -> bool {
         self.inner.has_ended(storage_key)
+    }
+
+    /// What a request takes when it begins, to ask
+    /// [`ended_since`](Self::ended_since) later. No Redis call.
+    pub(crate) fn end_mark(&self) -> EndMark {
+        self.inner.local().end_mark()
+    }
+
+    /// Whether this instance saw the session end (destroyed, cycled away,
+    /// revoked, here or on another instance) since `mark` was taken, or may
+    /// have: its memory of ends forgot one that came after `mark` (a flood
+    /// of ends). No Redis call.
+    pub(crate) fn ended_since(&self, storage_key: &str, mark: EndMark) -> bool {
+        self.inner.local().ended_since(storage_key, mark)
     }
 
     /// Whether this instance cycled the session's id away (a login) in the

@@ -353,12 +353,20 @@ async fn the_idle_timeout_is_renewed_at_most_once_per_hundredth() {
         local.copy(&key(1)),
         false,
         now_ms(),
+        local.end_mark(),
     );
     assert_eq!(local.copy(&key(1)).map(|copy| copy.touched_ms), renewed_ms);
     clock::advance(Duration::from_millis(1));
     assert!(due(), "a hundredth after the renewal");
     // ...and one that did renew restarts the count.
-    local.refresh(&key(1), Some(&changed), local.copy(&key(1)), true, now_ms());
+    local.refresh(
+        &key(1),
+        Some(&changed),
+        local.copy(&key(1)),
+        true,
+        now_ms(),
+        local.end_mark(),
+    );
     assert!(!due(), "renewed again");
 
     let long = failover::Failover::new(
