@@ -391,6 +391,71 @@ async fn a_lone_request_is_decided_directly_and_concurrent_ones_in_batches() {
     assert_eq!(verdict.states[0].map(|s| s.remaining), Some(1000 - 26));
 }
 
+/// A batch is one Redis call, and its failure is one failure for the
+/// breaker, however many requests it carried: 64 requests that arrive
+/// together while Redis does not answer fall back, and count a few
+/// failures (the lone request's call, the batches'), not 64. Counted per
+/// request, one slow moment under load would open the breaker at once and
+/// send every instance to its fallback.
+#[tokio::test]
+async fn a_failed_batch_counts_once_toward_the_breaker() {
+    const REQUESTS: usize = 64;
+    const THRESHOLD: u32 = 16;
+    let redis = tower_redis_core::testing::TestRedis::start().await;
+    let manager = RedisManager::connect(
+        redis
+            .config()
+            .command_timeout(Duration::from_millis(150))
+            .failure_threshold(THRESHOLD)
+            .build()
+            .expect("valid"),
+    )
+    .await
+    .expect("starts");
+    let limiter = Limiter::new(manager.clone(), Fallback::default(), MIB);
+    let checks = [check(
+        "batched",
+        Algorithm::FixedWindow {
+            limit: 1000,
+            window: Duration::from_secs(3600),
+        },
+    )];
+    // Connected, and the script loaded: the calls below fail only because
+    // Redis does not answer.
+    assert_eq!(
+        limiter.decide(&checks, 1).await.source,
+        DecisionSource::Redis
+    );
+    redis.pause().await;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..REQUESTS {
+        let (limiter, checks) = (Arc::clone(&limiter), checks.clone());
+        set.spawn(async move { limiter.decide(&checks, 1).await });
+    }
+    let verdicts = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut verdicts = Vec::new();
+        while let Some(verdict) = set.join_next().await {
+            verdicts.push(verdict.expect("task"));
+        }
+        verdicts
+    })
+    .await
+    .expect("the decisions took over 10 s");
+    redis.resume().await;
+    assert!(
+        verdicts.iter().all(|v| v.source != DecisionSource::Redis),
+        "Redis decided while paused"
+    );
+    assert!(limiter.batches_led() >= 1, "no batch formed");
+    let health = manager.health();
+    assert!(
+        health.consecutive_failures >= 1 && health.consecutive_failures < 8,
+        "{REQUESTS} requests counted {} failures",
+        health.consecutive_failures
+    );
+    assert_eq!(health.state, tower_redis_core::BreakerState::Closed);
+}
+
 /// The decision counters are indexed by `source as usize` through
 /// `DecisionSource::ALL`, so each source must sit at its own index.
 #[test]

@@ -222,7 +222,8 @@ mod tests {
     #[test]
     fn a_mark_holds_across_the_32_bit_wrap() {
         let ends = Ends::with_bound(10 * (43 + ENDED_OVERHEAD));
-        ends.newest.store(u64::from(u32::MAX) - 2, Ordering::Release);
+        ends.newest
+            .store(u64::from(u32::MAX) - 2, Ordering::Release);
         let before = ends.mark();
         ends.record("victim", false);
         for n in 0..100 {
