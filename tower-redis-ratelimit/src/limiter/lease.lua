@@ -77,13 +77,13 @@ if kind == 1 then
   end
   local k = count
   if fits < k then k = fits end
+  -- The units left, the time to reset and to retry from the same terms
+  -- (relative to now): what a batch would tell.
   if k < extra then
-    local allow_at = tat + extra * a - b
-    return {0, floor(clamp((b - (tat - now)) / a)), ceil(clamp(tat - now)), ceil(clamp(allow_at - now)), 0}
+    return {0, floor(clamp(fits)), ceil(clamp(ahead)), ceil(clamp(ahead + extra * a - b)), 0}
   end
-  local new_tat = tat + k * a
-  store(new_tat)
-  return {k, floor(clamp((b - (new_tat - now)) / a)), ceil(clamp(new_tat - now)), 0, 0}
+  store(tat + k * a)
+  return {k, floor(clamp(fits - k)), ceil(clamp(ahead + k * a)), 0, 0}
 end
 
 -- A window counter: the window index, its count and the previous window's,
