@@ -753,10 +753,11 @@ impl Session {
             // successor: a write after it starts a new session.)
             if state.changes.user.is_none()
                 && !state.cycle
-                && state
-                    .cookie_id
-                    .as_ref()
-                    .is_some_and(|cookie| self.inner.store.was_cycled(&cookie.storage_key()))
+                && state.cookie_id.as_ref().is_some_and(|cookie| {
+                    self.inner
+                        .store
+                        .cycled_since(&cookie.storage_key(), state.ends_mark)
+                })
             {
                 tracing::debug!(
                     target: "tower_redis_session",

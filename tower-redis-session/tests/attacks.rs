@@ -232,11 +232,11 @@ async fn a_concurrent_read_with_the_old_cookie_does_not_log_out_a_cycled_session
 
 /// The same, with a flood of ends between the login and the slow read's
 /// end: logins made on other instances, as fast as clients make them, each
-/// announced to this one. More ends than the instance's memory of ends
-/// holds (2 MiB, about 11,000), so the login's end of the old id is pushed
-/// out of it before the slow read asks. The memory knows it forgot an end
-/// newer than the read's start and answers "ended": without that, the read
-/// renewed the old id's persistent cookie and logged the fresh login out.
+/// announced to this one ([`announce_a_flood_of_ends`]), so the login's end
+/// of the old id is pushed out of the instance's memory of ends before the
+/// slow read asks. The memory knows it forgot an end newer than the read's
+/// start and answers "ended": without that, the read renewed the old id's
+/// persistent cookie and logged the fresh login out.
 #[tokio::test]
 async fn a_flood_of_ends_does_not_make_a_concurrent_read_log_out_a_cycled_session() {
     let redis = TestRedis::start().await;
@@ -255,23 +255,59 @@ async fn a_flood_of_ends_does_not_make_a_concurrent_read_log_out_a_cycled_sessio
     within("the slow read's load", gates.loaded.notified()).await;
     let (_, _, login) = send(&app, "POST", "/login/alice", Some(&old)).await;
     let new = cookie_pair(&login.expect("login cookie"));
+    announce_a_flood_of_ends(&redis, &manager, &app, &store).await;
+    gates.proceed.notify_one();
+    let (status, body, slow_cookie) = within("the slow read", slow).await.expect("task");
+    assert_eq!((status, body.as_str()), (200, "3"));
+    assert_eq!(slow_cookie, None, "the old id is not sent back");
+    assert_eq!(send(&app, "GET", "/get/user", Some(&new)).await.1, "alice");
+}
 
+/// The same for a write: made with the old cookie after the login (so its
+/// request found no session), with a flood of ends between its load and
+/// its end. The login's end of the old id is pushed out of the memory; an
+/// end numbered after the write began was forgotten too, so the write is
+/// answered as if the id was cycled away: its change is not stored as a
+/// new session whose cookie would replace the login's.
+#[tokio::test]
+async fn a_flood_of_ends_does_not_make_a_concurrent_write_log_out_a_cycled_session() {
+    let redis = TestRedis::start().await;
+    let manager = manager(&redis).await;
+    let (app, gates, store) = start_app(SessionLayer::builder(manager.clone()));
+    let (_, _, set_cookie) = send(&app, "POST", "/set/cart/3", None).await;
+    let old = cookie_pair(&set_cookie.expect("session"));
+    let (_, _, login) = send(&app, "POST", "/login/alice", Some(&old)).await;
+    let new = cookie_pair(&login.expect("login cookie"));
+    let write = {
+        let (app, old) = (app.clone(), old.clone());
+        tokio::spawn(async move { send(&app, "POST", "/gated-set/theme/dark", Some(&old)).await })
+    };
+    within("the write's load", gates.loaded.notified()).await;
+    announce_a_flood_of_ends(&redis, &manager, &app, &store).await;
+    gates.proceed.notify_one();
+    let (status, _, cookie) = within("the write", write).await.expect("task");
+    assert_eq!(status, 200);
+    assert_eq!(cookie, None, "a new session's cookie replaced the login's");
+    assert_eq!(send(&app, "GET", "/get/user", Some(&new)).await.1, "alice");
+}
+
+/// Announces the ends of 60,000 sessions (none of them real) as other
+/// instances would, well over what an instance's memory of ends holds
+/// (4 MiB, about 22,000), and waits until `app`'s instance has heard them
+/// all.
+async fn announce_a_flood_of_ends(
+    redis: &TestRedis,
+    manager: &RedisManager,
+    app: &Router,
+    store: &SessionStore,
+) {
     // A session whose copy this instance holds: its announced end, sent
     // after the flood, says when the flood has been heard.
-    let before = session_keys(&redis).await;
-    let (_, _, made) = send(&app, "POST", "/set/s/1", None).await;
-    assert_eq!(
-        send(
-            &app,
-            "GET",
-            "/get/s",
-            Some(&cookie_pair(&made.expect("session")))
-        )
-        .await
-        .1,
-        "1"
-    );
-    let sentinel = session_keys(&redis)
+    let before = session_keys(redis).await;
+    let (_, _, made) = send(app, "POST", "/set/s/1", None).await;
+    let made = cookie_pair(&made.expect("session"));
+    assert_eq!(send(app, "GET", "/get/s", Some(&made)).await.1, "1");
+    let sentinel = session_keys(redis)
         .await
         .into_iter()
         .find(|key| !before.contains(key))
@@ -284,7 +320,7 @@ async fn a_flood_of_ends_does_not_make_a_concurrent_read_log_out_a_cycled_sessio
     let copies = store.local_usage().local_copies_bytes;
     let mut conn = redis.connection().await.expect("connection");
     let channel = manager.keys().key(&["session-ended"]);
-    for message in 0..12 {
+    for message in 0..60 {
         let keys: Vec<String> = (0..1000)
             .map(|n| format!("{:043}", message * 1000 + n))
             .collect();
@@ -307,12 +343,6 @@ async fn a_flood_of_ends_does_not_make_a_concurrent_read_log_out_a_cycled_sessio
         }
     })
     .await;
-
-    gates.proceed.notify_one();
-    let (status, body, slow_cookie) = within("the slow read", slow).await.expect("task");
-    assert_eq!((status, body.as_str()), (200, "3"));
-    assert_eq!(slow_cookie, None, "the old id is not sent back");
-    assert_eq!(send(&app, "GET", "/get/user", Some(&new)).await.1, "alice");
 }
 
 #[tokio::test]

@@ -28,8 +28,10 @@ use tower_redis_core::sync;
 /// How long an end is remembered: longer than any request that loaded the
 /// session before can still be running.
 pub(crate) const ENDED_FOR: Duration = Duration::from_secs(120);
-/// The bound of the memory: about 11,000 ends of 43-byte storage keys.
-pub(crate) const ENDED_BYTES: u64 = 2 * 1024 * 1024;
+/// The bound of the memory: about 22,000 ends of 43-byte storage keys
+/// (each end an instance makes is recorded twice: when it makes it, and
+/// when it hears its own announcement).
+pub(crate) const ENDED_BYTES: u64 = 4 * 1024 * 1024;
 /// The bookkeeping of one remembered end beyond its key: the map's slot,
 /// the queue's, the shared key's allocation.
 const ENDED_OVERHEAD: u64 = 144;
@@ -97,19 +99,13 @@ impl Ends {
     }
 
     /// Remembers that the session of `storage_key` ended (`cycled`: its id
-    /// was cycled away), replacing what was remembered of it. The same end
-    /// heard again (this instance's own, announced back to it) takes no
-    /// more room.
+    /// was cycled away), replacing what was remembered of it: an end heard
+    /// again (this instance's own, announced back to it; a revocation's
+    /// second announcement, after its deletes) takes a new number, so that
+    /// a request that read the session between the two still hears of it.
     pub(crate) fn record(&self, storage_key: &str, cycled: bool) {
         let now = Instant::now();
         let mut inner = sync::lock(&self.inner);
-        if inner
-            .by_key
-            .get(storage_key)
-            .is_some_and(|ended| ended.live(now) && ended.cycled == cycled)
-        {
-            return;
-        }
         let number = self.newest.load(Ordering::Relaxed) + 1;
         let key: Arc<str> = match inner.by_key.get_key_value(storage_key) {
             Some((key, _)) => Arc::clone(key),
@@ -159,8 +155,7 @@ impl Ends {
     /// end numbered above `mark` was forgotten to make room.
     pub(crate) fn ended_since(&self, storage_key: &str, mark: EndMark) -> bool {
         let inner = sync::lock(&self.inner);
-        let newest = self.newest.load(Ordering::Acquire);
-        let mark = newest - u64::from((newest as u32).wrapping_sub(mark.0));
+        let mark = Self::whole(self.newest.load(Ordering::Acquire), mark);
         inner
             .by_key
             .get(storage_key)
@@ -171,6 +166,22 @@ impl Ends {
     /// Whether the session's id was cycled away recently.
     pub(crate) fn was_cycled(&self, storage_key: &str) -> bool {
         self.find(storage_key).is_some_and(|ended| ended.cycled)
+    }
+
+    /// Whether the session's id was cycled away recently, or may have been
+    /// since `mark` was taken: an end numbered after it was forgotten.
+    pub(crate) fn cycled_since(&self, storage_key: &str, mark: EndMark) -> bool {
+        let inner = sync::lock(&self.inner);
+        inner
+            .by_key
+            .get(storage_key)
+            .is_some_and(|ended| ended.cycled && ended.live(Instant::now()))
+            || inner.forgotten > Self::whole(self.newest.load(Ordering::Acquire), mark)
+    }
+
+    /// The whole number `mark` stands for, given the newest number.
+    fn whole(newest: u64, mark: EndMark) -> u64 {
+        newest - u64::from((newest as u32).wrapping_sub(mark.0))
     }
 
     fn find(&self, storage_key: &str) -> Option<Ended> {
@@ -211,6 +222,7 @@ mod tests {
         }
         assert!(!ends.holds("victim"), "the flood pushed it out");
         assert!(ends.ended_since("victim", before), "forgotten, and told so");
+        assert!(ends.cycled_since("victim", before), "perhaps cycled");
         let after = ends.mark();
         assert!(!ends.ended_since("never-ended", after));
         assert!(ends.ended_since(&key(29_999), after));
@@ -235,12 +247,10 @@ mod tests {
         assert!(!ends.ended_since("victim", ends.mark()));
     }
 
-    /// The newest end is always held; an end recorded again with news (a
-    /// plain end now a cycle, or the reverse) replaces the old one, whose
-    /// entry leaves as the queue moves; the same end heard again takes no
-    /// room.
+    /// The newest end is always held, and an end recorded again replaces
+    /// the old one (whose entry leaves as the queue moves) within the bound.
     #[test]
-    fn the_newest_end_is_held_and_repeats_take_no_more_room() {
+    fn the_newest_end_is_held_and_a_repeat_replaces_it() {
         let room = 10 * (43 + ENDED_OVERHEAD);
         let ends = Ends::with_bound(room);
         for n in 0..1_000 {
@@ -252,8 +262,25 @@ mod tests {
         assert!(!ends.was_cycled("again"), "the last record says so");
         let mark = ends.mark();
         assert!(!ends.ended_since("other", mark));
-        let bytes = ends.bytes();
-        ends.record(&key(999), false);
-        assert_eq!((ends.bytes(), ends.mark()), (bytes, mark), "heard again");
+        assert!(!ends.cycled_since("other", mark));
+    }
+
+    /// An end heard again after a request took its mark (a revocation
+    /// announces before and after its deletes; a request may read the
+    /// session between the two) counts as after the mark: once a flood has
+    /// pushed it out, the request is still told "ended".
+    #[test]
+    fn an_end_heard_again_after_a_mark_is_not_lost_to_a_flood() {
+        let ends = Ends::with_bound(10 * (43 + ENDED_OVERHEAD));
+        let revoked = key(1_000_000);
+        ends.record(&revoked, false);
+        let mark = ends.mark();
+        ends.record(&revoked, false);
+        // Just enough to push the end out, and nothing recorded after it.
+        for n in 0..10 {
+            ends.record(&key(n), false);
+        }
+        assert!(!ends.holds(&revoked));
+        assert!(ends.ended_since(&revoked, mark));
     }
 }

@@ -126,10 +126,6 @@ impl Failover {
         self.local().has_ended(storage_key)
     }
 
-    pub(crate) fn was_cycled(&self, storage_key: &str) -> bool {
-        self.local().was_cycled(storage_key)
-    }
-
     /// How often this instance renews a session's idle timeout in Redis
     /// ([`Expiry::renew_every_ms`]). Between renewals a read is a single
     /// `HGETALL`.

@@ -180,6 +180,12 @@ impl LocalState {
         self.ended.was_cycled(storage_key)
     }
 
+    /// [`was_cycled`](Self::was_cycled), or may have been since `mark` was
+    /// taken: an end that came after it was forgotten to make room.
+    pub(crate) fn cycled_since(&self, storage_key: &str, mark: EndMark) -> bool {
+        self.ended.cycled_since(storage_key, mark)
+    }
+
     /// The local copy, unless it has outlived the absolute timeout.
     pub(crate) fn get(&self, storage_key: &str) -> Option<Record> {
         self.live_record(storage_key, self.copy(storage_key).as_deref())

@@ -310,10 +310,11 @@ impl SessionStore {
     }
 
     /// Whether this instance cycled the session's id away (a login) in the
-    /// last two minutes: the session lives on under another id. No Redis
-    /// call.
-    pub(crate) fn was_cycled(&self, storage_key: &str) -> bool {
-        self.inner.was_cycled(storage_key)
+    /// last two minutes: the session lives on under another id; or may have
+    /// since `mark` was taken (its memory of ends forgot one that came
+    /// after it). No Redis call.
+    pub(crate) fn cycled_since(&self, storage_key: &str, mark: EndMark) -> bool {
+        self.inner.local().cycled_since(storage_key, mark)
     }
 
     /// A session's record: [`load_now`](Self::load_now), then
