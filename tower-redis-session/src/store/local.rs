@@ -77,6 +77,11 @@ pub(crate) struct LocalState {
 struct Pinned {
     copies: HashMap<String, Arc<LocalCopy>>,
     bytes: u64,
+    /// Per pinned copy, the number of its last [`pin`](LocalState::pin)
+    /// (counted in `pins`): a copy pinned again after the pinned copies were
+    /// listed for going back (a new outage's change) stays pinned.
+    pinned_as: HashMap<String, u64>,
+    pins: u64,
 }
 
 /// A session as this instance last read or wrote it.
@@ -292,7 +297,10 @@ impl LocalState {
     pub(crate) fn pin(&self, storage_key: &str) -> bool {
         let _key = self.lock_key(storage_key);
         let mut pinned = sync::lock(&self.pinned);
+        pinned.pins += 1;
         if pinned.copies.contains_key(storage_key) {
+            let pins = pinned.pins;
+            pinned.pinned_as.insert(storage_key.to_owned(), pins);
             return true;
         }
         let Some(copy) = self.copies.get(storage_key) else {
@@ -305,6 +313,8 @@ impl LocalState {
             return false;
         }
         pinned.insert(storage_key, copy);
+        let pins = pinned.pins;
+        pinned.pinned_as.insert(storage_key.to_owned(), pins);
         // Counted before it leaves the LRU: a reader without the lock that
         // misses it there looks again among the pinned ones (see `copy`).
         self.pinned_count
@@ -339,15 +349,33 @@ impl LocalState {
 
     /// Every change is in Redis: every pinned copy goes back to the LRU.
     pub(crate) fn unpin_all(&self) {
-        // The copies pinned now, each moved back under its key's stripe: an
-        // end that runs meanwhile finds its copy pinned or back in the LRU,
-        // and drops it either way (never between the two, to be put back
-        // after the end). A copy first pinned after the list was taken (a
-        // new outage's change) stays pinned.
-        let keys: Vec<String> = sync::lock(&self.pinned).copies.keys().cloned().collect();
-        for storage_key in keys {
+        self.unpin_listed(self.pinned_now());
+    }
+
+    /// The copies pinned now, each with the number of its last pin.
+    fn pinned_now(&self) -> Vec<(String, u64)> {
+        let pinned = sync::lock(&self.pinned);
+        pinned
+            .pinned_as
+            .iter()
+            .map(|(key, pin)| (key.clone(), *pin))
+            .collect()
+    }
+
+    /// Moves the `listed` copies back to the LRU, each under its key's
+    /// stripe: an end that runs meanwhile finds its copy pinned or back in
+    /// the LRU, and drops it either way (never between the two, to be put
+    /// back after the end). A copy pinned after the list was taken (a new
+    /// outage's change), first or again, stays pinned.
+    fn unpin_listed(&self, listed: Vec<(String, u64)>) {
+        for (storage_key, pin) in listed {
             let _key = self.lock_key(&storage_key);
-            self.unpin_locked(&storage_key);
+            let same = self
+                .with_pinned(|pinned| pinned.pinned_as.get(&storage_key) == Some(&pin))
+                .unwrap_or(false);
+            if same {
+                self.unpin_locked(&storage_key);
+            }
         }
     }
 
@@ -508,6 +536,7 @@ impl Pinned {
     }
 
     fn remove(&mut self, storage_key: &str) -> Option<Arc<LocalCopy>> {
+        self.pinned_as.remove(storage_key);
         let copy = self.copies.remove(storage_key)?;
         self.bytes = self.bytes.saturating_sub(weight(storage_key, &copy));
         Some(copy)
@@ -640,6 +669,29 @@ mod tests {
             created_ms: now_ms(),
             ..Record::default()
         }
+    }
+
+    /// Redis came back (every change written) and the pinned copies go
+    /// back to the LRU, while a new outage begins: a session changed again
+    /// meanwhile is pinned again (its change waits in the queue), after the
+    /// copies were listed, and stays pinned; a flood of new sessions cannot
+    /// evict the only copy of its change. Without the pin's number the
+    /// list moved it back.
+    #[test]
+    fn a_copy_pinned_again_while_the_pinned_copies_go_back_stays_pinned() {
+        let local = store();
+        for key in ["again", "done"] {
+            local.put(key, live_record(), 0);
+            assert!(local.pin(key));
+        }
+        let listed = local.pinned_now();
+        assert!(local.pin("again"), "pinned again: a new change waits");
+        local.unpin_listed(listed);
+        let pinned = sync::lock(&local.pinned);
+        assert!(pinned.copies.contains_key("again"), "moved back to the LRU");
+        assert!(!pinned.copies.contains_key("done"), "still pinned");
+        drop(pinned);
+        assert!(local.copy("done").is_some(), "back in the LRU");
     }
 
     /// Redis came back and the pinned copies go back to the LRU while
