@@ -1,5 +1,6 @@
 //! Sessions and replication: `Durability::Replicated` sends `WAIT` after
-//! the writes of a login and a logout (and only those), a confirmed login
+//! the writes of a login, a logout and a "log out everywhere" (and only
+//! those), a confirmed login
 //! survives the primary's death, and what the `WAIT` costs (printed).
 
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use http_body_util::BodyExt;
 use tower::ServiceExt;
 use tower_redis_core::testing::{Monitor, TestSentinel, wait_for_breaker};
 use tower_redis_core::{BreakerState, RedisManager, redis};
-use tower_redis_session::{Durability, Session, SessionLayer};
+use tower_redis_session::{Durability, Session, SessionLayer, SessionStore};
 
 /// Generous: startup and a failover on a loaded machine.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -22,7 +23,7 @@ const REPLICATED: Durability = Durability::Replicated {
     timeout: Duration::from_millis(100),
 };
 
-fn app(manager: &RedisManager, durability: Durability) -> Router {
+fn app(manager: &RedisManager, durability: Durability) -> (Router, SessionStore) {
     async fn login(session: Session) -> &'static str {
         session.cycle_id().await;
         session.set_user("alice").await;
@@ -46,12 +47,14 @@ fn app(manager: &RedisManager, durability: Durability) -> Router {
         .durability(durability)
         .build()
         .expect("valid session layer");
-    Router::new()
+    let store = sessions.store().clone();
+    let app = Router::new()
         .route("/login", post(login))
         .route("/me", get(me))
         .route("/visit", post(visit))
         .route("/logout", post(logout))
-        .layer(sessions)
+        .layer(sessions);
+    (app, store)
 }
 
 /// Sends `method uri` with `cookie` (`name=value`, or "" for none); returns
@@ -113,8 +116,8 @@ fn waits(commands: &[String]) -> usize {
 async fn replicated_logins_and_logouts_wait_for_the_replica_and_survive_a_failover() {
     let sentinel = TestSentinel::start().await;
     let manager = manager(&sentinel).await;
-    let replicated = app(&manager, REPLICATED);
-    let primary_only = app(&manager, Durability::Primary);
+    let (replicated, replicated_store) = app(&manager, REPLICATED);
+    let (primary_only, primary_store) = app(&manager, Durability::Primary);
 
     // An ordinary write (a new session) does not wait.
     let ((status, visits, cookie), commands) =
@@ -155,6 +158,24 @@ async fn replicated_logins_and_logouts_wait_for_the_replica_and_survive_a_failov
         1,
         "one WAIT after the logout: {commands:?}"
     );
+    // "Log out everywhere" waits after recording its time (a failover that
+    // lost it would let a login queued in an outage survive) and after
+    // each pass's deletes: here one pass ends alice's two sessions.
+    call(&replicated, "POST", "/login", "").await;
+    call(&replicated, "POST", "/login", "").await;
+    let (revoked, commands) =
+        commands_on_primary(&sentinel, replicated_store.revoke_user("alice")).await;
+    assert_eq!(revoked.expect("revoked"), 2);
+    assert_eq!(
+        waits(&commands),
+        2,
+        "a WAIT after the mark and after the deletes: {commands:?}"
+    );
+    call(&replicated, "POST", "/login", "").await;
+    let (revoked, commands) =
+        commands_on_primary(&sentinel, primary_store.revoke_user("alice")).await;
+    assert_eq!(revoked.expect("revoked"), 1);
+    assert_eq!(waits(&commands), 0, "no WAIT by default: {commands:?}");
     // The default: never.
     let ((_, _, other), commands) =
         commands_on_primary(&sentinel, call(&primary_only, "POST", "/login", "")).await;

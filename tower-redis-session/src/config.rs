@@ -122,7 +122,9 @@ pub enum Durability {
     #[default]
     Primary,
     /// After the writes of a login (an id cycle, or a save that sets the
-    /// user) and of a logout (`destroy`), the layer sends
+    /// user), of a logout (`destroy`) and of a "log out everywhere"
+    /// ([`SessionStore::revoke_user`](crate::SessionStore::revoke_user): its
+    /// recorded time, and each pass's deletes), the layer sends
     /// `WAIT <replicas> <timeout>` on the same connection: the response
     /// waits until `replicas` replicas have the write, or `timeout` has
     /// passed. A timeout does not fail the request (the write is on the

@@ -148,7 +148,11 @@ impl RedisStore {
     /// wrote, within the same operation (one more round trip). Fewer
     /// confirmations than asked is logged, not an error: the write is on
     /// the primary.
-    async fn replicate(&self, conn: &mut RedisConnection, what: &str) -> redis::RedisResult<()> {
+    pub(crate) async fn replicate(
+        &self,
+        conn: &mut RedisConnection,
+        what: &str,
+    ) -> redis::RedisResult<()> {
         let Durability::Replicated { replicas, timeout } = self.durability else {
             return Ok(());
         };
@@ -744,27 +748,43 @@ pub(crate) async fn per_session<T: redis::FromRedisValue + Send>(
     batch: &[String],
     command: impl Fn(String) -> redis::Cmd,
 ) -> Result<Vec<T>, Error> {
-    let commands: Vec<redis::Cmd> = batch
+    let commands = session_commands(manager, batch, command);
+    manager
+        .run(|mut conn| async move { on_each(&mut conn, &commands).await })
+        .await
+}
+
+/// `command` of the Redis key of each session of `batch`.
+pub(crate) fn session_commands(
+    manager: &RedisManager,
+    batch: &[String],
+    command: impl Fn(String) -> redis::Cmd,
+) -> Vec<redis::Cmd> {
+    batch
         .iter()
         .map(|storage_key| command(session_key(manager, storage_key)))
-        .collect();
-    manager
-        .run(|mut conn| async move {
-            if conn.is_cluster() {
-                futures_util::future::try_join_all(commands.iter().map(|command| {
-                    let mut conn = conn.clone();
-                    async move { command.query_async::<T>(&mut conn).await }
-                }))
-                .await
-            } else {
-                let mut pipe = redis::pipe();
-                for command in commands {
-                    pipe.add_command(command);
-                }
-                pipe.query_async::<Vec<T>>(&mut conn).await
-            }
-        })
+        .collect()
+}
+
+/// [`per_session`]'s commands on `conn`: pipelined, or at once on a
+/// Cluster.
+pub(crate) async fn on_each<T: redis::FromRedisValue + Send>(
+    conn: &mut RedisConnection,
+    commands: &[redis::Cmd],
+) -> redis::RedisResult<Vec<T>> {
+    if conn.is_cluster() {
+        futures_util::future::try_join_all(commands.iter().map(|command| {
+            let mut conn = conn.clone();
+            async move { command.query_async::<T>(&mut conn).await }
+        }))
         .await
+    } else {
+        let mut pipe = redis::pipe();
+        for command in commands {
+            pipe.add_command(command.clone());
+        }
+        pipe.query_async::<Vec<T>>(conn).await
+    }
 }
 
 pub(crate) fn session_key(manager: &RedisManager, storage_key: &str) -> String {

@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use tower_redis_core::redis::{self, Script};
 
-use super::redis::{RedisStore, per_session};
+use super::redis::{RedisStore, on_each, per_session, session_commands};
 use super::{StoreError, UserSession};
 
 /// How many times a revocation reads the user's index: the sessions made
@@ -124,13 +124,17 @@ impl RedisStore {
         // the revocation itself, which only deletes.
         let revoked_key = self.revoked_key(user);
         let absolute_ms = self.absolute_ms().max(1);
+        // Like the deletes below, waited for by the replicas as logouts are
+        // (`Durability`): a failover that lost the mark would let a queued
+        // login survive.
         let marked = manager
             .run(|mut conn| async move {
                 MARK_REVOKED
                     .key(&revoked_key)
                     .arg(absolute_ms)
                     .invoke_async::<u64>(&mut conn)
-                    .await
+                    .await?;
+                self.replicate(&mut conn, "log out everywhere").await
             })
             .await;
         if let Err(error) = marked {
@@ -159,8 +163,15 @@ impl RedisStore {
             // call cancelled or failing among them still reached everyone.
             self.announce_ended(false, fresh.clone());
             for chunk in fresh.chunks(BATCH) {
-                let deleted: Result<Vec<usize>, _> =
-                    per_session(manager, chunk, |key| redis::cmd("DEL").arg(key).clone()).await;
+                let deletes =
+                    session_commands(manager, chunk, |key| redis::cmd("DEL").arg(key).clone());
+                let deleted: Result<Vec<usize>, _> = manager
+                    .run(|mut conn| async move {
+                        let deleted = on_each(&mut conn, &deletes).await?;
+                        self.replicate(&mut conn, "log out everywhere").await?;
+                        Ok(deleted)
+                    })
+                    .await;
                 // Acknowledged or not (a delete that timed out may have
                 // run): no copy here outlives them.
                 for handle in chunk {
