@@ -1083,6 +1083,54 @@ async fn alice_alone_in_one_index(
     );
 }
 
+/// A user who logs in again and again (a script, a shared account) does
+/// not grow the user's index with the ids of sessions that timed out: each
+/// login checks a few members at random and removes the dead ones. 300
+/// logins whose sessions then time out (deleted here), and 100 more: the
+/// index holds the 100 live ones and few of the dead (400 without the
+/// check), and no live one leaves it.
+#[tokio::test]
+async fn a_user_who_logs_in_again_and_again_does_not_grow_the_index() {
+    let redis = TestRedis::start().await;
+    let (app, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
+    for _ in 0..300 {
+        send(&app, "POST", "/login/alice", None).await;
+    }
+    let mut conn = redis.connection().await.expect("connection");
+    let dead = session_keys(&redis).await;
+    assert_eq!(dead.len(), 300);
+    for key in &dead {
+        redis::cmd("DEL")
+            .arg(key)
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("DEL");
+    }
+    for _ in 0..100 {
+        send(&app, "POST", "/login/alice", None).await;
+    }
+    let live = session_keys(&redis).await;
+    assert_eq!(live.len(), 100);
+    let members = within("the index to shrink", async {
+        loop {
+            let index = indexes(&redis).await;
+            let members = index.into_iter().next().expect("alice's index").1;
+            if members.len() <= 150 {
+                break members;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    for key in &live {
+        let handle = key.split(['{', '}']).nth(1).expect("a storage key");
+        assert!(
+            members.iter().any(|member| member == handle),
+            "a live session left the index"
+        );
+    }
+}
+
 /// Every user index in Redis, with its members.
 async fn indexes(redis: &TestRedis) -> Vec<(String, Vec<String>)> {
     let mut conn = redis.connection().await.expect("connection");

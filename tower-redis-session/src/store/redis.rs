@@ -686,6 +686,9 @@ impl Store for RedisStore {
             })
             .await;
         self.forget(write.storage_key);
+        if let (Ok(Saved::Written), Some(user)) = (&saved, &write.changes.user) {
+            self.tidy_user_index(user);
+        }
         saved
     }
 
@@ -702,6 +705,9 @@ impl Store for RedisStore {
             .await;
         self.forget(take.old_storage_key);
         self.forget(take.new_storage_key);
+        if let (Ok(Saved::Written), Some(user)) = (&taken, &take.merged.user) {
+            self.tidy_user_index(user);
+        }
         if matches!(taken, Ok(Saved::Written)) {
             self.announce_ended(true, vec![take.old_storage_key.to_owned()]);
             // The cycle is whole in Redis (the replicas' wait included):

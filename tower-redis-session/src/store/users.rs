@@ -58,7 +58,58 @@ return 0
 /// if made before it, which costs a login; the other way would keep one.
 pub(crate) const REVOKED_MARGIN_MS: u64 = 1_000;
 
+/// How many members of a user's index a login checks, in a task of its
+/// own ([`RedisStore::tidy_user_index`]).
+const TIDY_SAMPLE: usize = 8;
+
 impl RedisStore {
+    /// After a login of `user`: a few members of the user's index, picked
+    /// at random, are checked (`SRANDMEMBER`, then `EXISTS` of their
+    /// sessions) and those whose session is gone leave it, in a task of its
+    /// own (the login does not wait; a failure changes nothing).
+    ///
+    /// Sessions that time out leave no trace in the index, and every login
+    /// renews the index's TTL, so without this the index of a user who logs
+    /// in again and again (a script, a shared account) grew by a dead id a
+    /// login, and with it every listing and revocation. A login removes
+    /// about [`TIDY_SAMPLE`] × the share of dead ids, and adds one: the
+    /// index stays within a small multiple of the user's live sessions.
+    pub(crate) fn tidy_user_index(&self, user: &str) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let manager = self.manager().clone();
+        let user_key = self.user_key(user);
+        tokio::spawn(async move {
+            let Ok(sample) = manager
+                .query::<Vec<String>>(redis::cmd("SRANDMEMBER").arg(&user_key).arg(TIDY_SAMPLE))
+                .await
+            else {
+                return;
+            };
+            if sample.is_empty() {
+                return;
+            }
+            let Ok(exist) = per_session::<bool>(&manager, &sample, |key| {
+                redis::cmd("EXISTS").arg(key).clone()
+            })
+            .await
+            else {
+                return;
+            };
+            let gone: Vec<&String> = sample
+                .iter()
+                .zip(exist)
+                .filter_map(|(handle, exists)| (!exists).then_some(handle))
+                .collect();
+            if !gone.is_empty() {
+                let _ = manager
+                    .query::<()>(redis::cmd("SREM").arg(&user_key).arg(gone))
+                    .await;
+            }
+        });
+    }
+
     /// The live sessions of a user; expired ones found in the index are
     /// removed from it.
     pub(crate) async fn list_user_sessions(
