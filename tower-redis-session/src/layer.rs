@@ -464,7 +464,8 @@ impl SessionLayerBuilder {
     /// operation, paid by those requests only. Other session writes are
     /// unchanged. [`build`](Self::build) refuses a `timeout` that is not
     /// shorter than the manager's command timeout (the whole operation
-    /// must fit in it), and `replicas` of 0.
+    /// must fit in it), a `timeout` of 0 (`WAIT` would wait for ever), and
+    /// `replicas` of 0.
     ///
     /// ```
     /// # use std::time::Duration;
@@ -474,6 +475,9 @@ impl SessionLayerBuilder {
     /// assert!(SessionLayer::builder(RedisManager::disabled()).durability(replicated).build().is_ok());
     /// let too_long = Durability::Replicated { replicas: 1, timeout: Duration::from_secs(5) };
     /// let refused = SessionLayer::builder(RedisManager::disabled()).durability(too_long).build();
+    /// assert!(matches!(refused, Err(ConfigError::Durability(_))));
+    /// let for_ever = Durability::Replicated { replicas: 1, timeout: Duration::ZERO };
+    /// let refused = SessionLayer::builder(RedisManager::disabled()).durability(for_ever).build();
     /// assert!(matches!(refused, Err(ConfigError::Durability(_))));
     /// ```
     pub fn durability(mut self, durability: Durability) -> Self {
@@ -671,10 +675,10 @@ impl SessionLayerBuilder {
             )));
         }
         if let Durability::Replicated { replicas, timeout } = self.durability
-            && (replicas == 0 || timeout >= self.manager.command_timeout())
+            && (replicas == 0 || timeout.is_zero() || timeout >= self.manager.command_timeout())
         {
             return Err(ConfigError::Durability(format!(
-                "Replicated {{ replicas: {replicas}, timeout: {timeout:?} }} needs at least one replica and a timeout shorter than the Redis command timeout ({:?}), which bounds the whole save",
+                "Replicated {{ replicas: {replicas}, timeout: {timeout:?} }} needs at least one replica and a timeout above 0 (WAIT with 0 waits for ever) and shorter than the Redis command timeout ({:?}), which bounds the whole save",
                 self.manager.command_timeout()
             )));
         }

@@ -728,7 +728,7 @@ impl Session {
                             .ended_since(&cookie.storage_key(), state.ends_mark)
                 })
                 .map(|_| CookieUpdate::Remove),
-            Phase::Loaded => self.write(&mut state).await,
+            Phase::Loaded => self.write(&mut state, deleted.is_some()).await,
         }
     }
 
@@ -738,7 +738,10 @@ impl Session {
     /// it, from a concurrent login, and a removal or a refresh of the old id
     /// would log that login out. Only a request that destroys the session
     /// itself tells the browser to drop the cookie.
-    async fn write(&self, state: &mut State) -> Option<CookieUpdate> {
+    ///
+    /// `ended_here`: this request destroyed its session (and then wrote to
+    /// a new one).
+    async fn write(&self, state: &mut State, ended_here: bool) -> Option<CookieUpdate> {
         let Some(id) = state.id else {
             // A new session is stored only once it holds something.
             if !state.changes.entries.values().any(Option::is_some) && state.changes.user.is_none()
@@ -746,13 +749,16 @@ impl Session {
                 return None;
             }
             // The cookie names a session whose id another request cycled
-            // away (a concurrent login): a change that is no login itself
-            // stores nothing and sends no cookie, as a change that finds its
-            // session gone. A new session's cookie would replace the one
-            // that login set. (A session destroyed or revoked has no
-            // successor: a write after it starts a new session.)
+            // away (a concurrent login), or may have (a flood of ends made
+            // this instance forget one since the request began): a change
+            // that is no login itself stores nothing and sends no cookie,
+            // as a change that finds its session gone. A new session's
+            // cookie would replace the one that login set. (A session
+            // destroyed or revoked has no successor: a write after it, this
+            // request's own logout included, starts a new session.)
             if state.changes.user.is_none()
                 && !state.cycle
+                && !ended_here
                 && state.cookie_id.as_ref().is_some_and(|cookie| {
                     self.inner
                         .store
@@ -761,7 +767,7 @@ impl Session {
             {
                 tracing::debug!(
                     target: "tower_redis_session",
-                    "a change to a session whose id another request cycled away is not stored"
+                    "a change to a session whose id another request cycled away (or may have) is not stored"
                 );
                 return None;
             }

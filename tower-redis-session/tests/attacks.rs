@@ -11,8 +11,8 @@ use axum::{Extension, Router};
 use tower_redis_core::testing::{TestRedis, wait_for_breaker};
 use tower_redis_core::{BreakerState, RedisManager, redis};
 use tower_redis_session::{
-    DEFAULT_MAX_SESSION_BYTES, Expiry, Session, SessionError, SessionLayer, SessionLayerBuilder,
-    SessionStore,
+    DEFAULT_MAX_SESSION_BYTES, Durability, Expiry, Session, SessionError, SessionLayer,
+    SessionLayerBuilder, SessionStore,
 };
 
 mod support;
@@ -51,6 +51,20 @@ fn start_app(builder: SessionLayerBuilder) -> (Router, Arc<Gates>, SessionStore)
             ),
         )
         .route("/gated-set/{key}/{value}", post(support::gated_set))
+        .route(
+            "/gated-logout-then-set/{key}/{value}",
+            post(
+                |session: Session,
+                 Extension(gates): Extension<Arc<Gates>>,
+                 Path((key, value)): Path<(String, String)>| async move {
+                    let _ = session.get::<String>(&key).await;
+                    session.destroy().await;
+                    gates.hold().await;
+                    session.insert(&key, value).await.expect("json");
+                    "bye"
+                },
+            ),
+        )
         .route(
             "/gated-get/{key}",
             get(
@@ -289,6 +303,31 @@ async fn a_flood_of_ends_does_not_make_a_concurrent_write_log_out_a_cycled_sessi
     assert_eq!(status, 200);
     assert_eq!(cookie, None, "a new session's cookie replaced the login's");
     assert_eq!(send(&app, "GET", "/get/user", Some(&new)).await.1, "alice");
+
+    // A request that logs out and leaves a message in a new session, with
+    // a flood of ends while it runs: its own logout has no successor, so
+    // the message is stored, in a new session.
+    let (_, _, made) = send(&app, "POST", "/set/cart/3", None).await;
+    let cookie = cookie_pair(&made.expect("session"));
+    let logout = {
+        let (app, cookie) = (app.clone(), cookie.clone());
+        tokio::spawn(async move {
+            send(
+                &app,
+                "POST",
+                "/gated-logout-then-set/flash/bye",
+                Some(&cookie),
+            )
+            .await
+        })
+    };
+    within("the logout's load", gates.loaded.notified()).await;
+    announce_a_flood_of_ends(&redis, &manager, &app, &store).await;
+    gates.proceed.notify_one();
+    let (status, _, fresh) = within("the logout", logout).await.expect("task");
+    assert_eq!(status, 200);
+    let fresh = cookie_pair(&fresh.expect("the message's new session"));
+    assert_eq!(send(&app, "GET", "/get/flash", Some(&fresh)).await.1, "bye");
 }
 
 /// Announces the ends of 60,000 sessions (none of them real) as other
@@ -1149,6 +1188,36 @@ async fn indexes(redis: &TestRedis) -> Vec<(String, Vec<String>)> {
         indexes.push((key, members));
     }
     indexes
+}
+
+/// With `Durability::Replicated`, "log out everywhere" waits for the
+/// replicas after its writes; a `WAIT` that fails (refused here by an ACL;
+/// on a Cluster, a primary that does not answer) is logged, and the
+/// revocation goes on and ends every session. It used to stop at the
+/// first failed `WAIT`, with the user's sessions still live.
+#[tokio::test]
+async fn a_revocation_whose_wait_for_the_replicas_fails_still_ends_the_sessions() {
+    let redis = TestRedis::start().await;
+    let (app, _, _) = start_app(SessionLayer::builder(manager(&redis).await));
+    let mut cookies = Vec::new();
+    for _ in 0..3 {
+        let (_, _, login) = send(&app, "POST", "/login/alice", None).await;
+        cookies.push(cookie_pair(&login.expect("login cookie")));
+    }
+    let replicated = SessionLayer::builder(manager_as(&redis, "w", &["wait"]).await)
+        .durability(Durability::Replicated {
+            replicas: 1,
+            timeout: Duration::from_millis(50),
+        })
+        .build()
+        .expect("valid session layer");
+    let revoked = within("the revocation", replicated.store().revoke_user("alice"))
+        .await
+        .expect("a revocation whose WAIT fails");
+    assert_eq!(revoked, 3);
+    for cookie in &cookies {
+        assert_eq!(send(&app, "GET", "/get/user", Some(cookie)).await.1, "none");
+    }
 }
 
 /// "Log out everywhere" first records its time (a script); where Redis

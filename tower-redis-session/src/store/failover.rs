@@ -372,10 +372,14 @@ impl Failover {
     }
 
     /// Pins the copy of a session whose change was just queued, unless the
-    /// recovery task already wrote it (then nothing would unpin it).
+    /// recovery task already wrote it (then nothing would unpin it). Only
+    /// this pin is undone: a change another request queued meanwhile pins
+    /// the copy again, and it stays pinned.
     fn pin(&self, storage_key: &str) {
-        if self.local().pin(storage_key) && !self.pair.is_pending(storage_key) {
-            self.local().unpin(storage_key);
+        if let Some(pin) = self.local().pin_numbered(storage_key)
+            && !self.pair.is_pending(storage_key)
+        {
+            self.local().unpin_if(storage_key, pin);
         }
     }
 

@@ -295,25 +295,29 @@ impl LocalState {
     /// until [`unpin`](Self::unpin), unless the pinned copies are at their
     /// bound. False when it was not pinned.
     pub(crate) fn pin(&self, storage_key: &str) -> bool {
+        self.pin_numbered(storage_key).is_some()
+    }
+
+    /// [`pin`](Self::pin), answering the pin's number (counted over every
+    /// pin, a copy pinned again included): [`unpin_if`](Self::unpin_if)
+    /// takes it.
+    pub(crate) fn pin_numbered(&self, storage_key: &str) -> Option<u64> {
         let _key = self.lock_key(storage_key);
         let mut pinned = sync::lock(&self.pinned);
         pinned.pins += 1;
+        let pins = pinned.pins;
         if pinned.copies.contains_key(storage_key) {
-            let pins = pinned.pins;
             pinned.pinned_as.insert(storage_key.to_owned(), pins);
-            return true;
+            return Some(pins);
         }
-        let Some(copy) = self.copies.get(storage_key) else {
-            return false;
-        };
+        let copy = self.copies.get(storage_key)?;
         if pinned.bytes + weight(storage_key, &copy) > self.pin_limit_bytes {
             drop(pinned);
             tracing::debug!(target: "tower_redis_session", limit_bytes = self.pin_limit_bytes, "the copies of sessions with changes waiting are at their bound; this one stays evictable");
             record::counter("tower_redis_session_unpinned_total", &[], 1);
-            return false;
+            return None;
         }
         pinned.insert(storage_key, copy);
-        let pins = pinned.pins;
         pinned.pinned_as.insert(storage_key.to_owned(), pins);
         // Counted before it leaves the LRU: a reader without the lock that
         // misses it there looks again among the pinned ones (see `copy`).
@@ -323,7 +327,7 @@ impl LocalState {
         // Under the key's stripe: a `put` from now on goes to the pinned
         // copy, and one before it is the copy just pinned.
         self.copies.invalidate(storage_key);
-        true
+        Some(pins)
     }
 
     /// The session's changes are in Redis: its copy goes back to the LRU.
@@ -365,17 +369,26 @@ impl LocalState {
     /// Moves the `listed` copies back to the LRU, each under its key's
     /// stripe: an end that runs meanwhile finds its copy pinned or back in
     /// the LRU, and drops it either way (never between the two, to be put
-    /// back after the end). A copy pinned after the list was taken (a new
-    /// outage's change), first or again, stays pinned.
+    /// back after the end). A copy pinned after the list was taken, first
+    /// or again, stays pinned (the recovery lists them under the outage
+    /// queue's lock, where no change is queued, so a pin after it is for a
+    /// change already written, which its caller unpins).
     fn unpin_listed(&self, listed: Vec<(String, u64)>) {
         for (storage_key, pin) in listed {
-            let _key = self.lock_key(&storage_key);
-            let same = self
-                .with_pinned(|pinned| pinned.pinned_as.get(&storage_key) == Some(&pin))
-                .unwrap_or(false);
-            if same {
-                self.unpin_locked(&storage_key);
-            }
+            self.unpin_if(&storage_key, pin);
+        }
+    }
+
+    /// Moves the copy back to the LRU if its last pin is the one numbered
+    /// `pin`: not when it was pinned again since (a change queued
+    /// meanwhile, whose copy must stay out of the LRU's eviction).
+    pub(crate) fn unpin_if(&self, storage_key: &str, pin: u64) {
+        let _key = self.lock_key(storage_key);
+        let same = self
+            .with_pinned(|pinned| pinned.pinned_as.get(storage_key) == Some(&pin))
+            .unwrap_or(false);
+        if same {
+            self.unpin_locked(storage_key);
         }
     }
 
@@ -671,27 +684,40 @@ mod tests {
         }
     }
 
-    /// Redis came back (every change written) and the pinned copies go
-    /// back to the LRU, while a new outage begins: a session changed again
-    /// meanwhile is pinned again (its change waits in the queue), after the
-    /// copies were listed, and stays pinned; a flood of new sessions cannot
-    /// evict the only copy of its change. Without the pin's number the
-    /// list moved it back.
+    /// A copy is pinned by a change queued in an outage, and unpinned by
+    /// the same request when its change was written meanwhile (the
+    /// recovery ran between the queueing and the pin). Another request's
+    /// change queued in between pins it again: that pin stands, and the
+    /// copy stays out of the LRU's eviction while its change waits. The
+    /// same holds for the pinned copies going back at the end of an
+    /// outage. Without the pin's number the first request's unpin (and the
+    /// list) moved it back.
     #[test]
-    fn a_copy_pinned_again_while_the_pinned_copies_go_back_stays_pinned() {
+    fn a_copy_pinned_again_meanwhile_stays_pinned() {
         let local = store();
-        for key in ["again", "done"] {
+        for key in ["again", "done", "listed"] {
             local.put(key, live_record(), 0);
-            assert!(local.pin(key));
         }
-        let listed = local.pinned_now();
-        assert!(local.pin("again"), "pinned again: a new change waits");
-        local.unpin_listed(listed);
-        let pinned = sync::lock(&local.pinned);
-        assert!(pinned.copies.contains_key("again"), "moved back to the LRU");
-        assert!(!pinned.copies.contains_key("done"), "still pinned");
-        drop(pinned);
+        let first = local.pin_numbered("again").expect("pinned");
+        assert!(local.pin("again"), "pinned again: another change waits");
+        local.unpin_if("again", first);
+        let done = local.pin_numbered("done").expect("pinned");
+        local.unpin_if("done", done);
+        let pinned = |key: &str| sync::lock(&local.pinned).copies.contains_key(key);
+        assert!(pinned("again"), "moved back to the LRU");
+        assert!(!pinned("done"), "still pinned");
         assert!(local.copy("done").is_some(), "back in the LRU");
+        // The end of an outage: the copies pinned then, listed; one pinned
+        // again after the listing stays.
+        assert!(local.pin("listed"));
+        let listed = local.pinned_now();
+        assert!(local.pin("listed"), "pinned again after the listing");
+        local.unpin_listed(listed);
+        assert!(pinned("listed"), "listed: moved back");
+        assert!(
+            !pinned("again"),
+            "listed and not pinned since: still pinned"
+        );
     }
 
     /// Redis came back and the pinned copies go back to the LRU while

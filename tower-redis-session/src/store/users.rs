@@ -63,6 +63,20 @@ pub(crate) const REVOKED_MARGIN_MS: u64 = 1_000;
 const TIDY_SAMPLE: usize = 8;
 
 impl RedisStore {
+    /// A revocation's wait for the replicas (`Durability`): a `WAIT` that
+    /// fails (refused, or a Cluster primary that does not answer) is
+    /// logged, and the revocation goes on: its writes are on the primary,
+    /// and stopping would leave the user's other sessions live.
+    async fn replicate_or_warn(&self, conn: &mut tower_redis_core::RedisConnection) {
+        if let Err(error) = self.replicate(conn, "log out everywhere").await {
+            tracing::warn!(
+                target: "tower_redis_session",
+                %error,
+                "\"log out everywhere\" could not wait for the replicas; a failover now could lose part of it"
+            );
+        }
+    }
+
     /// After a login of `user`: a few members of the user's index, picked
     /// at random, are checked (`SRANDMEMBER`, then `EXISTS` of their
     /// sessions) and those whose session is gone leave it, in a task of its
@@ -185,7 +199,8 @@ impl RedisStore {
                     .arg(absolute_ms)
                     .invoke_async::<u64>(&mut conn)
                     .await?;
-                self.replicate(&mut conn, "log out everywhere").await
+                self.replicate_or_warn(&mut conn).await;
+                Ok(())
             })
             .await;
         if let Err(error) = marked {
@@ -219,7 +234,7 @@ impl RedisStore {
                 let deleted: Result<Vec<usize>, _> = manager
                     .run(|mut conn| async move {
                         let deleted = on_each(&mut conn, &deletes).await?;
-                        self.replicate(&mut conn, "log out everywhere").await?;
+                        self.replicate_or_warn(&mut conn).await;
                         Ok(deleted)
                     })
                     .await;
