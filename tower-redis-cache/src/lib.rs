@@ -89,7 +89,13 @@
 //! - **`Cache-Status`** (RFC 9211) on every response it handles:
 //!   `tower-redis; hit; ttl=42`, `tower-redis; fwd=uri-miss; stored`,
 //!   `tower-redis; fwd=stale; fwd-status=304; stored`, plus
-//!   `detail=redis-unavailable` while Redis is down.
+//!   `detail=redis-unavailable` while Redis is down. The header goes out
+//!   before the body, so `stored` says the response was admitted for
+//!   storing: its entry is written once the origin has sent the whole
+//!   body, and is not when the body turns out longer than
+//!   `max_body_bytes` (no `Content-Length` said so), the client leaves
+//!   first, a purge made after the request began is newer, or the write
+//!   fails.
 //! - **Request coalescing** (on by default): concurrent misses for one URL
 //!   make one origin call — the first request in a process leads and the
 //!   others follow it; across instances the leaders race for a short fill
