@@ -78,8 +78,9 @@ struct Pinned {
     copies: HashMap<String, Arc<LocalCopy>>,
     bytes: u64,
     /// Per pinned copy, the number of its last [`pin`](LocalState::pin)
-    /// (counted in `pins`): a copy pinned again after the pinned copies were
-    /// listed for going back (a new outage's change) stays pinned.
+    /// (counted in `pins`): a caller that unpins gives the number of its
+    /// own pin ([`unpin_if`](LocalState::unpin_if)), and a copy pinned again
+    /// since (another request's change queued meanwhile) stays pinned.
     pinned_as: HashMap<String, u64>,
     pins: u64,
 }
