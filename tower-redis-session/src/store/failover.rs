@@ -423,7 +423,7 @@ pub(crate) enum Later {
     Read {
         copy: Option<Arc<LocalCopy>>,
         started_ms: u64,
-        /// The local store's [`end_mark`](LocalStore::end_mark) before the read.
+        /// The local store's `end_mark` before the read.
         mark: EndMark,
         touch: bool,
     },
