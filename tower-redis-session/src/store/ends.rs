@@ -13,7 +13,12 @@
 //! client can make them) cannot push the end of a session out of the
 //! memory while a request that loaded it still runs. At worst, during
 //! such a flood, a request started before more ends than the memory holds
-//! renews no cookie and leaves no copy.
+//! renews no cookie, leaves no copy, and a change it makes with a cookie
+//! whose session is gone is not stored as a new session (as if the id had
+//! been cycled away), unless the request destroyed that session itself.
+//!
+//! Only ends after a request began are covered so: an end from before it
+//! that a flood pushes out is forgotten, as in any bounded memory.
 //!
 //! An end is remembered for [`ENDED_FOR`]; one that simply grew that old
 //! is not counted as forgotten.
