@@ -159,13 +159,7 @@ impl Ends {
     /// Whether the session ended after `mark` was taken, or may have: an
     /// end numbered above `mark` was forgotten to make room.
     pub(crate) fn ended_since(&self, storage_key: &str, mark: EndMark) -> bool {
-        let inner = sync::lock(&self.inner);
-        let mark = Self::whole(self.newest.load(Ordering::Acquire), mark);
-        inner
-            .by_key
-            .get(storage_key)
-            .is_some_and(|ended| ended.live(Instant::now()))
-            || inner.forgotten > mark
+        self.held_or_forgotten(storage_key, mark, |_| true)
     }
 
     /// Whether the session's id was cycled away recently.
@@ -176,21 +170,29 @@ impl Ends {
     /// Whether the session's id was cycled away recently, or may have been
     /// since `mark` was taken: an end numbered after it was forgotten.
     pub(crate) fn cycled_since(&self, storage_key: &str, mark: EndMark) -> bool {
-        let inner = sync::lock(&self.inner);
-        inner
-            .by_key
-            .get(storage_key)
-            .is_some_and(|ended| ended.cycled && ended.live(Instant::now()))
-            || inner.forgotten > Self::whole(self.newest.load(Ordering::Acquire), mark)
+        self.held_or_forgotten(storage_key, mark, |ended| ended.cycled)
     }
 
-    /// The whole number `mark` stands for, given the newest number.
-    fn whole(newest: u64, mark: EndMark) -> u64 {
-        newest - u64::from((newest as u32).wrapping_sub(mark.0))
+    /// Whether the memory holds an end of the session for which `held` is
+    /// true, or forgot an end numbered after `mark`.
+    fn held_or_forgotten(
+        &self,
+        storage_key: &str,
+        mark: EndMark,
+        held: impl Fn(&Ended) -> bool,
+    ) -> bool {
+        let inner = sync::lock(&self.inner);
+        let newest = self.newest.load(Ordering::Acquire);
+        let mark = newest - u64::from((newest as u32).wrapping_sub(mark.0));
+        Self::live(&inner, storage_key).is_some_and(|ended| held(&ended)) || inner.forgotten > mark
     }
 
     fn find(&self, storage_key: &str) -> Option<Ended> {
-        let inner = sync::lock(&self.inner);
+        Self::live(&sync::lock(&self.inner), storage_key)
+    }
+
+    /// The end of the session the memory holds, unless it grew too old.
+    fn live(inner: &Inner, storage_key: &str) -> Option<Ended> {
         inner
             .by_key
             .get(storage_key)

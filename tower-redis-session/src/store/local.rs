@@ -75,14 +75,19 @@ pub(crate) struct LocalState {
 
 #[derive(Default)]
 struct Pinned {
-    copies: HashMap<String, Arc<LocalCopy>>,
+    copies: HashMap<String, PinnedCopy>,
     bytes: u64,
-    /// Per pinned copy, the number of its last [`pin`](LocalState::pin)
-    /// (counted in `pins`): a caller that unpins gives the number of its
-    /// own pin ([`unpin_if`](LocalState::unpin_if)), and a copy pinned again
-    /// since (another request's change queued meanwhile) stays pinned.
-    pinned_as: HashMap<String, u64>,
+    /// Pins so far: each pin's number.
     pins: u64,
+}
+
+struct PinnedCopy {
+    copy: Arc<LocalCopy>,
+    /// The number of its last [`pin`](LocalState::pin): a caller that
+    /// unpins gives the number of its own pin
+    /// ([`unpin_if`](LocalState::unpin_if)), and a copy pinned again since
+    /// (another request's change queued meanwhile) stays pinned.
+    pin: u64,
 }
 
 /// A session as this instance last read or wrote it.
@@ -228,7 +233,7 @@ impl LocalState {
     /// held (nothing pins, unpins or changes it meanwhile); without it, a
     /// copy moving between the two may be missed.
     fn current(&self, storage_key: &str) -> Option<Arc<LocalCopy>> {
-        self.with_pinned(|pinned| pinned.copies.get(storage_key).cloned())
+        self.with_pinned(|pinned| pinned.get(storage_key))
             .flatten()
             .or_else(|| self.copies.get(storage_key))
     }
@@ -247,13 +252,7 @@ impl LocalState {
         if self.has_ended(storage_key) {
             return false;
         }
-        let pinned = self.with_pinned(|pinned| {
-            let here = pinned.copies.contains_key(storage_key);
-            if here {
-                pinned.insert(storage_key, Arc::clone(&copy));
-            }
-            here
-        });
+        let pinned = self.with_pinned(|pinned| pinned.replace(storage_key, Arc::clone(&copy)));
         if pinned != Some(true) {
             self.copies.insert(storage_key.to_owned(), copy);
         }
@@ -307,8 +306,8 @@ impl LocalState {
         let mut pinned = sync::lock(&self.pinned);
         pinned.pins += 1;
         let pins = pinned.pins;
-        if pinned.copies.contains_key(storage_key) {
-            pinned.pinned_as.insert(storage_key.to_owned(), pins);
+        if let Some(held) = pinned.copies.get_mut(storage_key) {
+            held.pin = pins;
             return Some(pins);
         }
         let copy = self.copies.get(storage_key)?;
@@ -318,8 +317,7 @@ impl LocalState {
             record::counter("tower_redis_session_unpinned_total", &[], 1);
             return None;
         }
-        pinned.insert(storage_key, copy);
-        pinned.pinned_as.insert(storage_key.to_owned(), pins);
+        pinned.insert(storage_key, copy, pins);
         // Counted before it leaves the LRU: a reader without the lock that
         // misses it there looks again among the pinned ones (see `copy`).
         self.pinned_count
@@ -342,10 +340,7 @@ impl LocalState {
     /// finds one or the other), the pinned copies' lock not held over the
     /// LRU's insert.
     fn unpin_locked(&self, storage_key: &str) {
-        let Some(copy) = self
-            .with_pinned(|pinned| pinned.copies.get(storage_key).cloned())
-            .flatten()
-        else {
+        let Some(copy) = self.with_pinned(|pinned| pinned.get(storage_key)).flatten() else {
             return;
         };
         self.copies.insert(storage_key.to_owned(), copy);
@@ -361,9 +356,9 @@ impl LocalState {
     fn pinned_now(&self) -> Vec<(String, u64)> {
         let pinned = sync::lock(&self.pinned);
         pinned
-            .pinned_as
+            .copies
             .iter()
-            .map(|(key, pin)| (key.clone(), *pin))
+            .map(|(key, held)| (key.clone(), held.pin))
             .collect()
     }
 
@@ -386,7 +381,7 @@ impl LocalState {
     pub(crate) fn unpin_if(&self, storage_key: &str, pin: u64) {
         let _key = self.lock_key(storage_key);
         let same = self
-            .with_pinned(|pinned| pinned.pinned_as.get(storage_key) == Some(&pin))
+            .with_pinned(|pinned| pinned.copies.get(storage_key).map(|held| held.pin) == Some(pin))
             .unwrap_or(false);
         if same {
             self.unpin_locked(storage_key);
@@ -542,18 +537,35 @@ impl Store for LocalStore {
 }
 
 impl Pinned {
-    fn insert(&mut self, storage_key: &str, copy: Arc<LocalCopy>) {
+    fn get(&self, storage_key: &str) -> Option<Arc<LocalCopy>> {
+        self.copies
+            .get(storage_key)
+            .map(|held| Arc::clone(&held.copy))
+    }
+
+    /// Pins `copy` as pin number `pin` (it was not pinned).
+    fn insert(&mut self, storage_key: &str, copy: Arc<LocalCopy>, pin: u64) {
         self.bytes += weight(storage_key, &copy);
-        if let Some(old) = self.copies.insert(storage_key.to_owned(), copy) {
-            self.bytes = self.bytes.saturating_sub(weight(storage_key, &old));
-        }
+        self.copies
+            .insert(storage_key.to_owned(), PinnedCopy { copy, pin });
+    }
+
+    /// Replaces the copy of a pinned session, which stays pinned as it
+    /// was; false (nothing done) when it is not pinned.
+    fn replace(&mut self, storage_key: &str, copy: Arc<LocalCopy>) -> bool {
+        let Some(held) = self.copies.get_mut(storage_key) else {
+            return false;
+        };
+        let (added, removed) = (weight(storage_key, &copy), weight(storage_key, &held.copy));
+        held.copy = copy;
+        self.bytes = (self.bytes + added).saturating_sub(removed);
+        true
     }
 
     fn remove(&mut self, storage_key: &str) -> Option<Arc<LocalCopy>> {
-        self.pinned_as.remove(storage_key);
-        let copy = self.copies.remove(storage_key)?;
-        self.bytes = self.bytes.saturating_sub(weight(storage_key, &copy));
-        Some(copy)
+        let held = self.copies.remove(storage_key)?;
+        self.bytes = self.bytes.saturating_sub(weight(storage_key, &held.copy));
+        Some(held.copy)
     }
 }
 
