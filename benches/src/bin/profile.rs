@@ -71,12 +71,14 @@ fn allocated() -> (u64, u64) {
 }
 
 const USAGE: &str = "usage: profile <path>[,<path>...] [--concurrency N] [--secs S] [--warmup-secs S] \
-                     [--rounds N] [--http]\npaths: none, reference, cache-hit, ratelimit, session-read, session-tracked, session-write, session-down";
+                     [--rounds N] [--http]\npaths: none, reference, cache-hit, cache-near, axum-response-cache, ratelimit, session-read, session-tracked, session-write, session-down";
 /// The paths `profile` runs.
-const PATHS: [&str; 8] = [
+const PATHS: [&str; 10] = [
     "none",
     "reference",
     "cache-hit",
+    "cache-near",
+    "axum-response-cache",
     "ratelimit",
     "session-read",
     "session-tracked",
@@ -97,6 +99,22 @@ fn plain() -> Router {
             async move { ([(header::CACHE_CONTROL, "max-age=600")], body) }
         }),
     )
+}
+
+/// The plain route behind axum-response-cache (feature `peers`), as the
+/// cache suite builds it: a fixed lifespan of 600 s.
+#[cfg(feature = "peers")]
+fn axum_response_cache() -> Router {
+    let layer = axum_response_cache::CacheLayer::with_lifespan(Duration::from_secs(600))
+        .add_response_headers()
+        .body_limit(16 << 20);
+    plain().layer(layer)
+}
+
+/// Never called: `main` refuses the path without the feature.
+#[cfg(not(feature = "peers"))]
+fn axum_response_cache() -> Router {
+    plain()
 }
 
 fn reference(manager: &RedisManager) -> Router {
@@ -357,6 +375,14 @@ impl Ready {
                     .expect("cache layer");
                 (plain().layer(layer), None)
             }
+            "cache-near" => {
+                let layer = CacheLayer::builder(manager.clone())
+                    .near_cache(64 << 20, Duration::from_secs(600))
+                    .build()
+                    .expect("cache layer");
+                (plain().layer(layer), None)
+            }
+            "axum-response-cache" => (axum_response_cache(), None),
             "ratelimit" => {
                 let layer = RateLimitLayer::builder(manager.clone())
                     .policy(
@@ -412,7 +438,7 @@ impl Ready {
         let cpu = cpu_secs();
         let (allocations, bytes) = allocated();
         let started = Instant::now();
-        let hit = self.path == "cache-hit";
+        let hit = self.path.starts_with("cache-");
         let cookie = self.cookie.clone();
         let requests = match self.addr {
             Some(addr) => run_http(addr, cookie, hit, concurrency, for_).await,
@@ -464,6 +490,10 @@ async fn main() {
     // that stops it.
     if let Some(unknown) = paths.split(',').find(|path| !PATHS.contains(path)) {
         eprintln!("unknown path `{unknown}`\n{USAGE}");
+        std::process::exit(2)
+    }
+    if !cfg!(feature = "peers") && paths.split(',').any(|path| path == "axum-response-cache") {
+        eprintln!("the path `axum-response-cache` needs the peers: build with `--features peers`");
         std::process::exit(2)
     }
     // Held to the end: dropping it stops the server.
