@@ -322,7 +322,7 @@ async fn a_flood_of_ends_does_not_make_a_concurrent_write_log_out_a_cycled_sessi
 
 /// Announces the ends of 60,000 sessions (none of them real) as other
 /// instances would, well over what an instance's memory of ends holds
-/// (4 MiB, about 22,000), and waits until `app`'s instance has heard them
+/// (4 MiB, about 22,000 heard once), and waits until `app`'s instance has heard them
 /// all.
 async fn announce_a_flood_of_ends(
     redis: &TestRedis,

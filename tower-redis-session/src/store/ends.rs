@@ -33,13 +33,19 @@ use tower_redis_core::sync;
 /// How long an end is remembered: longer than any request that loaded the
 /// session before can still be running.
 pub(crate) const ENDED_FOR: Duration = Duration::from_secs(120);
-/// The bound of the memory: about 22,000 ends of 43-byte storage keys
-/// (each end an instance makes is recorded twice: when it makes it, and
-/// when it hears its own announcement).
+/// The bound of the memory: about 19,000 ends of 43-byte storage keys
+/// each recorded twice (an end an instance makes is recorded when it makes
+/// it, and again when it hears its own announcement), or about 22,000
+/// heard once (the ends of other instances).
 pub(crate) const ENDED_BYTES: u64 = 4 * 1024 * 1024;
-/// The bookkeeping of one remembered end beyond its key: the map's slot,
-/// the queue's, the shared key's allocation.
-const ENDED_OVERHEAD: u64 = 144;
+/// The bookkeeping of one remembered session beyond its key: the map's
+/// slot and the shared key's allocation. Counted once however often its
+/// end is recorded.
+const KEPT_OVERHEAD: u64 = 112;
+/// The bookkeeping of one record of an end: its place in the queue. An end
+/// recorded again costs only this (its older place stays until the queue
+/// moves past it).
+const QUEUE_SLOT: u64 = 32;
 
 /// What a request takes when it begins ([`Ends::mark`]): the low 32 bits
 /// of the newest end's number, so that it fits in the padding of the
@@ -114,9 +120,12 @@ impl Ends {
         let number = self.newest.load(Ordering::Relaxed) + 1;
         let key: Arc<str> = match inner.by_key.get_key_value(storage_key) {
             Some((key, _)) => Arc::clone(key),
-            None => Arc::from(storage_key),
+            None => {
+                inner.bytes += storage_key.len() as u64 + KEPT_OVERHEAD;
+                Arc::from(storage_key)
+            }
         };
-        inner.bytes += key.len() as u64 + ENDED_OVERHEAD;
+        inner.bytes += QUEUE_SLOT;
         inner.order.push_back((number, Arc::clone(&key)));
         inner.by_key.insert(
             key,
@@ -139,11 +148,12 @@ impl Ends {
                 break;
             }
             inner.order.pop_front();
-            inner.bytes -= key.len() as u64 + ENDED_OVERHEAD;
+            inner.bytes -= QUEUE_SLOT;
             if stale {
                 continue;
             }
             inner.by_key.remove(&key);
+            inner.bytes -= key.len() as u64 + KEPT_OVERHEAD;
             if !expired {
                 inner.forgotten = inner.forgotten.max(number);
             }
@@ -215,6 +225,11 @@ mod tests {
         format!("{n:043}")
     }
 
+    /// The bytes `n` ends of [`key`]s take, each recorded once.
+    fn room(n: u64) -> u64 {
+        n * (43 + KEPT_OVERHEAD + QUEUE_SLOT)
+    }
+
     /// A flood of ends (logins cycle ids, logouts) cannot hide the end of a
     /// session from a request that loaded it before: once an end newer than
     /// the request's mark is forgotten, the request is told "ended". A
@@ -240,7 +255,7 @@ mod tests {
     /// the numbers pass 2^32 still tells the ends after it.
     #[test]
     fn a_mark_holds_across_the_32_bit_wrap() {
-        let ends = Ends::with_bound(10 * (43 + ENDED_OVERHEAD));
+        let ends = Ends::with_bound(room(10));
         ends.newest
             .store(u64::from(u32::MAX) - 2, Ordering::Release);
         let before = ends.mark();
@@ -258,7 +273,7 @@ mod tests {
     /// the old one (whose entry leaves as the queue moves) within the bound.
     #[test]
     fn the_newest_end_is_held_and_a_repeat_replaces_it() {
-        let room = 10 * (43 + ENDED_OVERHEAD);
+        let room = room(10);
         let ends = Ends::with_bound(room);
         for n in 0..1_000 {
             ends.record(&key(n), false);
@@ -278,7 +293,7 @@ mod tests {
     /// pushed it out, the request is still told "ended".
     #[test]
     fn an_end_heard_again_after_a_mark_is_not_lost_to_a_flood() {
-        let ends = Ends::with_bound(10 * (43 + ENDED_OVERHEAD));
+        let ends = Ends::with_bound(room(10));
         let revoked = key(1_000_000);
         ends.record(&revoked, false);
         let mark = ends.mark();
@@ -289,5 +304,33 @@ mod tests {
         }
         assert!(!ends.holds(&revoked));
         assert!(ends.ended_since(&revoked, mark));
+    }
+
+    /// An end recorded again (this instance's own end heard back; a
+    /// revocation's two announcements) costs only its place in the queue,
+    /// not a second copy of what is kept of the session: an instance that
+    /// hears its own ends holds nearly twice as many of them.
+    #[test]
+    fn an_end_recorded_again_costs_only_its_place_in_the_queue() {
+        let ends = Ends::with_bound(100 * (43 + KEPT_OVERHEAD + 2 * QUEUE_SLOT));
+        let before = ends.mark();
+        for n in 0..100 {
+            ends.record(&key(n), true);
+            // Heard back from the channel a little later.
+            if n >= 3 {
+                ends.record(&key(n - 3), true);
+            }
+        }
+        for n in 97..100 {
+            ends.record(&key(n), true);
+        }
+        for n in 0..100 {
+            assert!(ends.holds(&key(n)), "end {n} was pushed out");
+        }
+        assert!(
+            !ends.ended_since("other", before),
+            "nothing was forgotten to make room"
+        );
+        assert!(ends.bytes() <= 100 * (43 + KEPT_OVERHEAD + 2 * QUEUE_SLOT));
     }
 }
