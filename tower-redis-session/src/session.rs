@@ -759,17 +759,13 @@ impl Session {
             if state.changes.user.is_none()
                 && !state.cycle
                 && !ended_here
-                && state.cookie_id.as_ref().is_some_and(|cookie| {
-                    self.inner
-                        .store
-                        .cycled_since(&cookie.storage_key(), state.ends_mark)
-                })
+                && let Some(cookie) = state.cookie_id.as_ref()
             {
-                tracing::debug!(
-                    target: "tower_redis_session",
-                    "a change to a session whose id another request cycled away (or may have) is not stored"
-                );
-                return None;
+                let storage_key = cookie.storage_key();
+                if self.inner.store.cycled_since(&storage_key, state.ends_mark) {
+                    dropped_change(self.inner.store.was_cycled(&storage_key));
+                    return None;
+                }
             }
             let id = SessionId::generate();
             return match Box::pin(self.inner.store.save(
@@ -855,4 +851,33 @@ fn serde_error(key: &str, source: serde_json::Error) -> SessionError {
         key: key.to_owned(),
         source,
     }
+}
+
+/// Says that a change was not stored because its session's id was cycled
+/// away by another request (`cycled`), or may have been: this instance's
+/// memory of ends forgot an end since the request began (a flood of logins
+/// and logouts). The second drops a change that may have been the user's
+/// own, so it is a warning, counted apart:
+/// `tower_redis_session_dropped_changes_total{reason="cycled" | "ends_forgotten"}`.
+fn dropped_change(cycled: bool) {
+    let reason = if cycled {
+        tracing::debug!(
+            target: "tower_redis_session",
+            "a change to a session whose id another request cycled away is not stored"
+        );
+        "cycled"
+    } else {
+        tracing::warn!(
+            target: "tower_redis_session",
+            "a change to a session no longer in Redis is not stored: more sessions ended \
+             while the request ran than this instance remembers (a flood of logins and \
+             logouts), so a concurrent login may have cycled its id away"
+        );
+        "ends_forgotten"
+    };
+    tower_redis_core::record::counter(
+        "tower_redis_session_dropped_changes_total",
+        &[("reason", reason)],
+        1,
+    );
 }

@@ -275,6 +275,32 @@ async fn a_read_with_the_old_cookie_while_a_login_cycles_it(flood: bool) {
 /// new session whose cookie would replace the login's.
 #[tokio::test]
 async fn a_flood_of_ends_does_not_make_a_concurrent_write_log_out_a_cycled_session() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // The runtime of this test is one thread: the spawned requests count
+    // on this recorder too.
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    // The changes not stored since the last call, by reason.
+    let dropped = || -> Vec<(String, u64)> {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, _, _, _)| {
+                key.key().name() == "tower_redis_session_dropped_changes_total"
+            })
+            .filter_map(|(key, _, _, value)| {
+                let reason = key.key().labels().find(|l| l.key() == "reason")?;
+                match value {
+                    DebugValue::Counter(count) if count > 0 => {
+                        Some((reason.value().to_owned(), count))
+                    }
+                    _ => None,
+                }
+            })
+            .collect()
+    };
     let redis = TestRedis::start().await;
     let manager = manager(&redis).await;
     let (app, gates, store) = start_app(SessionLayer::builder(manager.clone()));
@@ -293,6 +319,9 @@ async fn a_flood_of_ends_does_not_make_a_concurrent_write_log_out_a_cycled_sessi
     assert_eq!(status, 200);
     assert_eq!(cookie, None, "a new session's cookie replaced the login's");
     assert_eq!(send(&app, "GET", "/get/user", Some(&new)).await.1, "alice");
+    // Not silent: counted (and logged as a warning) as a change dropped
+    // because the memory of ends forgot, not as a known cycled id.
+    assert_eq!(dropped(), [("ends_forgotten".to_owned(), 1)]);
 
     // A request that logs out and leaves a message in a new session, with
     // a flood of ends while it runs: its own logout has no successor, so
@@ -318,6 +347,7 @@ async fn a_flood_of_ends_does_not_make_a_concurrent_write_log_out_a_cycled_sessi
     assert_eq!(status, 200);
     let fresh = cookie_pair(&fresh.expect("the message's new session"));
     assert_eq!(send(&app, "GET", "/get/flash", Some(&fresh)).await.1, "bye");
+    assert_eq!(dropped(), [], "the message was stored");
 }
 
 /// Announces the ends of 60,000 sessions (none of them real) as other

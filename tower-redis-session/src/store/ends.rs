@@ -15,7 +15,9 @@
 //! such a flood, a request started before more ends than the memory holds
 //! renews no cookie, leaves no copy, and a change it makes with a cookie
 //! whose session is gone is not stored as a new session (as if the id had
-//! been cycled away), unless the request destroyed that session itself.
+//! been cycled away), unless the request destroyed that session itself;
+//! that is logged as a warning and counted
+//! (`tower_redis_session_dropped_changes_total{reason="ends_forgotten"}`).
 //!
 //! Only ends after a request began are covered so: an end from before it
 //! that a flood pushes out is forgotten, as in any bounded memory.

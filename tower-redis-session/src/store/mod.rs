@@ -317,6 +317,13 @@ impl SessionStore {
         self.inner.local().cycled_since(storage_key, mark)
     }
 
+    /// Whether this instance holds the end of the session as an id cycled
+    /// away (a login) in the last two minutes: not only "may have been"
+    /// (see [`cycled_since`](Self::cycled_since)). No Redis call.
+    pub(crate) fn was_cycled(&self, storage_key: &str) -> bool {
+        self.inner.local().was_cycled(storage_key)
+    }
+
     /// A session's record: [`load_now`](Self::load_now), then
     /// [`load_later`](Self::load_later).
     #[cfg(test)]
