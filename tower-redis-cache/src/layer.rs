@@ -906,8 +906,13 @@ impl CacheLayerBuilder {
     /// How long a fill lock lives if its holder never releases it (the
     /// holder crashed): others wait at most this long before one of them
     /// fills instead (default 5 s). Also bounds background refreshes, and
-    /// is how long a purge's tombstone lives: a fill whose origin call
-    /// takes longer than this may store what a purge during it removed.
+    /// sets how long a purge's tombstone lives: twelve times this, at
+    /// least 2 s (60 s by default). A fill that asked the origin longer
+    /// ago than a tombstone lives (counting a second's margin for its
+    /// write's way to Redis) is not stored, since a purge made early in
+    /// its question may have left a tombstone that is gone by then: an
+    /// origin slower than that is answered but never cached, so raise
+    /// this for one.
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {
         self.lock_ttl = ttl;
         self

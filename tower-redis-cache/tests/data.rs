@@ -1314,6 +1314,50 @@ async fn a_fill_that_began_before_a_remove_does_not_store_after_it() {
     assert_eq!(a.data.get::<Product>("product:9").await.unwrap(), None);
 }
 
+/// A factory slower than a removal's tombstone lives (twelve fill lock
+/// lifetimes, at least 2 s: here the lock lives 100 ms) cannot be checked
+/// against a removal made early in it: its value is returned to its
+/// caller but not stored, so the next read is a miss.
+#[tokio::test]
+async fn a_fill_slower_than_a_tombstone_lives_does_not_store_what_a_removal_removed() {
+    let redis = TestRedis::start().await;
+    let a = Arc::new(instance(&redis, |b| b.lock_ttl(Duration::from_millis(100))).await);
+    let options = DataOptions::new(Duration::from_secs(60)).near(false);
+    let (started, factory_started) = tokio::sync::oneshot::channel();
+    let filling = tokio::spawn({
+        let (a, options) = (Arc::clone(&a), options.clone());
+        async move {
+            a.data
+                .get_or_insert_with("product:9", &options, move || async move {
+                    let _ = started.send(());
+                    tokio::time::sleep(Duration::from_millis(3_000)).await;
+                    Ok::<_, String>(product("old"))
+                })
+                .await
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), factory_started)
+        .await
+        .expect("the factory was not called")
+        .unwrap();
+    a.data.remove("product:9").await.unwrap();
+    assert_eq!(filling.await.unwrap().unwrap(), product("old"));
+    assert_eq!(a.data.get::<Product>("product:9").await.unwrap(), None);
+    // A factory as fast as usual, with the same lock, stores its value.
+    let fresh = a
+        .data
+        .get_or_insert_with("product:9", &options, || async {
+            Ok::<_, String>(product("new"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(fresh, product("new"));
+    assert_eq!(
+        a.data.get::<Product>("product:9").await.unwrap(),
+        Some(product("new"))
+    );
+}
+
 /// An expired value removed while two factories run for it: `a`'s, which
 /// holds the value's fill lock, and `b`'s, which gave up waiting for `a`
 /// and runs without the lock. Neither value, made before the removal, is stored

@@ -1757,6 +1757,41 @@ async fn a_fill_that_began_before_a_purge_does_not_store_after_it() {
     }
 }
 
+/// A fill that asked the origin longer ago than a purge's tombstone lives
+/// (twelve fill lock lifetimes, at least 2 s) is not stored: a purge made
+/// early in its question may have left a tombstone that is gone when its
+/// answer comes. Here the lock lives 100 ms (so the tombstone 2 s), the
+/// origin answers after 3 s, and the URL is purged while it works.
+#[tokio::test]
+async fn a_fill_slower_than_a_tombstone_lives_does_not_store_what_a_purge_removed() {
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let a = Arc::new(
+        instance(redis.config(), &origin, |b| {
+            b.lock_ttl(Duration::from_millis(100))
+        })
+        .await,
+    );
+    origin.delay_ms.store(3_000, Ordering::SeqCst);
+    let first = tokio::spawn({
+        let a = Arc::clone(&a);
+        async move { get(&a.app, "/item/1").await }
+    });
+    origin.wait_for_calls("/item/1", 1).await;
+    a.layer
+        .handle()
+        .purge_url("http://shop.example/item/1")
+        .await
+        .unwrap();
+    assert_eq!(first.await.unwrap().body, "item-1-v1");
+    a.layer.flush().await;
+    origin.delay_ms.store(0, Ordering::SeqCst);
+    let next = get(&a.app, "/item/1").await;
+    assert_eq!(next.body, "item-1-v2", "{}", next.cache_status());
+    // A fill as fast as usual with the same lock is stored.
+    assert_eq!(get(&a.app, "/item/1").await.body, "item-1-v2");
+}
+
 /// As above, for every way a purge selects a URL and for fills with and
 /// without the fill lock: a fill that asked the origin before a purge
 /// does not store its answer after it, whether it holds the fill lock or

@@ -57,7 +57,9 @@ pub(crate) static DATA_VARIANT: LazyLock<String> =
 /// made before the removal. ARGV[7], as `put.lua`'s: how long ago (ms) the
 /// factory began, margin included ('' for a `set`); with it, a fill
 /// without a lock drops its value when a mark is newer than that (a mark
-/// that is not a number counts as newer).
+/// that is not a number counts as newer). ARGV[8], as `put.lua`'s: how
+/// long a tombstone lives (ms); a fill without its lock whose factory began
+/// longer ago than that drops its value.
 /// Returns 0 then (waiters are still woken), 1 when stored.
 static DATA_PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -70,6 +72,10 @@ local ago = ARGV[7] or ''
 local dropped = false
 if not release then
   dropped = ARGV[4] ~= '' and (held[3] or held[4]) and true or false
+  if not dropped and ago ~= '' and tonumber(ago) >= tonumber(ARGV[8]) then
+    -- Began longer ago than a tombstone lives (put.lua's rule).
+    dropped = true
+  end
   if not dropped and ago ~= '' then
     local asked = now - tonumber(ago)
     local function newer(mark)
@@ -444,6 +450,7 @@ impl RedisStore {
                     Some(asked) => store.arg(redis_store::asked_ms_ago(asked)),
                     None => store.arg(""),
                 };
+                store.arg(self.tombstone_ttl_ms());
                 ops.push(Op::Script(store));
                 for index in std::iter::once(self.index_key("cx", "/"))
                     .chain(put.tags.iter().map(|tag| self.index_key("ct", tag)))

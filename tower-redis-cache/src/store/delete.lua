@@ -1,8 +1,9 @@
 -- Deletes every variant of a URL (a hard purge, or an invalidation) and
 -- leaves a tombstone in its place: a hash holding only `pg`, the time of
--- the deletion (Redis' clock), that lives as long as a fill lock can
--- (ARGV[1], ms). A fill that asked the origin before the deletion, with
--- its lock (lost with the hash) or without one, finds the tombstone newer
+-- the deletion (Redis' clock), that lives twelve fill lock lifetimes
+-- (ARGV[1], ms; put.lua drops a fill that asked longer ago than that). A
+-- fill that asked the origin before the deletion, with its lock (lost
+-- with the hash) or without one, finds the tombstone newer
 -- than its question (put.lua) and drops its entry instead of bringing
 -- back what was just deleted. Lookups read the tombstone as no entry, and
 -- a new fill takes the lock in it as usual.

@@ -18,7 +18,9 @@
 -- ARGV[7] how long ago (ms) the fill asked the origin, by the storing
 -- instance's clock, with a margin for this write's own way here ('' for a
 -- write that is no fill): a duration, which clocks that disagree on the
--- time still agree on.
+-- time still agree on. ARGV[8] how long a purge's tombstone lives (ms): a
+-- fill without its lock that asked longer ago than that is dropped, as a
+-- purge early in its question may have left a tombstone gone by now.
 -- A fill that asked the origin before its URL was purged or soft-purged
 -- (delete.lua leaves `pg`, soft_purge.lua `sp`, both in Redis' time, and
 -- both drop the lock) has its entry dropped, not stored: the mark is newer
@@ -36,6 +38,9 @@ if ARGV[6] ~= '' or ago ~= '' then
   if not ours then
     if ARGV[6] ~= '' and (marks[2] or marks[3]) then return 0 end
     if ago ~= '' then
+      -- Asked longer ago than a tombstone lives (ARGV[8], ms): a purge
+      -- made early in the question may have left one that is gone now.
+      if tonumber(ago) >= tonumber(ARGV[8]) then return 0 end
       local asked = now - tonumber(ago)
       local function newer(mark)
         return mark and (tonumber(mark) or asked) >= asked

@@ -101,11 +101,12 @@ impl RedisStore {
             .await
     }
 
-    /// Deletes a URL's entries, leaving a tombstone for as long as a fill
-    /// lock lives, as `tombstone` says (see `delete.lua`).
+    /// Deletes a URL's entries, leaving a tombstone for
+    /// [`tombstone_ttl_ms`](Self::tombstone_ttl_ms), as `tombstone` says
+    /// (see `delete.lua`).
     pub(super) fn delete(&self, url_hash: &str, tombstone: Tombstone) -> ScriptInvocation<'static> {
         let mut delete = DELETE.key(self.redis_key(url_hash));
-        delete.arg(self.lock_ttl_ms()).arg(match tombstone {
+        delete.arg(self.tombstone_ttl_ms()).arg(match tombstone {
             Tombstone::Stored => "stored",
             Tombstone::Always => "always",
             Tombstone::Locked => "locked",
@@ -116,6 +117,16 @@ impl RedisStore {
     /// The fill lock's lifetime, in ms (at least 1).
     pub(super) fn lock_ttl_ms(&self) -> u64 {
         tower_redis_core::clock::duration_ms(self.lock_ttl).max(1)
+    }
+
+    /// How long a purge's tombstone lives, in ms: [`TOMBSTONE_LOCKS`] fill
+    /// lock lifetimes, at least [`MIN_TOMBSTONE`]. A fill (or a data
+    /// cache's factory) that asked longer ago than this, by its own
+    /// account, is not stored (`put.lua`): a purge made early in its
+    /// question may have left a tombstone that is gone by the time its
+    /// answer comes.
+    pub(super) fn tombstone_ttl_ms(&self) -> u64 {
+        tombstone_ttl_ms(self.lock_ttl)
     }
 
     /// Deletes URLs' entries and announces each, in one round trip.
@@ -188,6 +199,7 @@ impl EntryStore for RedisStore {
             url: &put.url,
             unlock: unlock.map(LockToken::as_str),
             announce: Some((&self.channel, &message)),
+            tombstone_ms: self.tombstone_ttl_ms(),
         };
         self.manager
             .run(|conn| self::put(conn, &key, put, &extras))
@@ -509,6 +521,29 @@ pub(crate) struct Extras<'a> {
     pub(crate) unlock: Option<&'a str>,
     /// The events channel and the message announcing the update.
     pub(crate) announce: Option<(&'a str, &'a str)>,
+    /// How long a purge's tombstone lives (ms): a fill that asked longer
+    /// ago is not stored.
+    pub(crate) tombstone_ms: u64,
+}
+
+/// A purge's tombstone lives this many fill lock lifetimes: a fill that
+/// lost its lock (its origin outlived it) is still checked against the
+/// purges made while it waited, up to this long.
+pub(crate) const TOMBSTONE_LOCKS: u32 = 12;
+
+/// The shortest life of a tombstone, well above [`ASKED_MARGIN`], so that
+/// a short fill lock does not make every fill without one too old to
+/// store.
+pub(crate) const MIN_TOMBSTONE: Duration = Duration::from_secs(2);
+
+/// See [`RedisStore::tombstone_ttl_ms`].
+pub(crate) fn tombstone_ttl_ms(lock_ttl: Duration) -> u64 {
+    let life = lock_ttl
+        .checked_mul(TOMBSTONE_LOCKS)
+        .unwrap_or(Duration::MAX)
+        .max(MIN_TOMBSTONE);
+    // Within what Lua's numbers hold exactly, and what `PEXPIRE` takes.
+    tower_redis_core::clock::duration_ms(life).min(1 << 53)
 }
 
 /// Where a deletion leaves a tombstone (`delete.lua`), which a fill that
@@ -571,6 +606,7 @@ pub(crate) async fn put(
         Some(asked) => store.arg(asked_ms_ago(asked)),
         None => store.arg(""),
     };
+    store.arg(extras.tombstone_ms);
     ops.push(Op::Script(store));
     for index in extras.indexes {
         let mut record = INDEX.key(index);
@@ -587,6 +623,16 @@ pub(crate) async fn put(
 mod tests {
     use super::*;
     use http::{HeaderValue, StatusCode};
+
+    /// A tombstone lives twelve fill lock lifetimes, at least 2 s, and at
+    /// most what Lua's numbers and `PEXPIRE` take.
+    #[test]
+    fn a_tombstone_lives_twelve_lock_lifetimes_at_least_two_seconds() {
+        assert_eq!(tombstone_ttl_ms(Duration::from_secs(5)), 60_000);
+        assert_eq!(tombstone_ttl_ms(Duration::from_millis(100)), 2_000);
+        assert_eq!(tombstone_ttl_ms(Duration::from_millis(1)), 2_000);
+        assert_eq!(tombstone_ttl_ms(Duration::MAX), 1 << 53);
+    }
 
     /// A hit's body and header values are slices of the buffer redis-rs
     /// read the reply into: nothing of the entry is copied on the way.
