@@ -565,7 +565,8 @@ pub(crate) enum Tombstone {
 /// with [`ASKED_MARGIN`] for the time its write takes to reach Redis (in
 /// the pool's queue, on the wire), which would otherwise place the
 /// question later than it was. A clock set back since reads as the
-/// longest time, for which any purge mark is newer.
+/// longest time, longer than a tombstone lives: the fill is not stored
+/// unless it still holds its lock.
 pub(super) fn asked_ms_ago(asked: std::time::SystemTime) -> u64 {
     asked.elapsed().map_or(UNKNOWN_AGE_MS, |ago| {
         u64::try_from((ago + ASKED_MARGIN).as_millis()).unwrap_or(UNKNOWN_AGE_MS)
