@@ -138,8 +138,9 @@
 //!   revalidation that asked the origin before does not store after it,
 //!   with the URL's fill lock or without (coalescing off, a follower that
 //!   gave up waiting, a forwarded range). A removal leaves a tombstone,
-//!   stamped with Redis' clock, for twelve fill lock lifetimes
-//!   ([`CacheLayerBuilder::lock_ttl`]; 60 s by default) where the URL had anything stored,
+//!   stamped with Redis' clock, for twelve fill lock lifetimes, at least
+//!   2 s ([`CacheLayerBuilder::lock_ttl`]; 60 s by default), where the URL
+//!   had anything stored,
 //!   and a purge of one URL even where it had nothing; a fill sends how
 //!   long ago it asked (a duration: instances' clocks need not agree), and
 //!   its entry is dropped when a tombstone or soft-purge mark is newer
@@ -148,8 +149,10 @@
 //!   copies its own lookups refilled meanwhile are dropped. The price: a
 //!   fill without the lock that asks the origin less than a second after a
 //!   purge of its URL is not stored either (the next request fills), nor
-//!   is a fill that asked longer ago than a tombstone lives (a purge early
-//!   in its question may have left a tombstone that is gone by then). Not
+//!   is a fill that lost its lock and asked longer ago than a tombstone
+//!   lives (a purge early in its question may have left a tombstone that
+//!   is gone by then). A value stored with a shorter TTL keeps a
+//!   tombstone's life. Not
 //!   covered: a fill whose write takes more than that second to reach
 //!   Redis; a tag, prefix or path purge of a URL with
 //!   nothing in Redis (not stored yet, or expired), and a soft purge of

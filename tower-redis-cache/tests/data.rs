@@ -1358,6 +1358,51 @@ async fn a_fill_slower_than_a_tombstone_lives_does_not_store_what_a_removal_remo
     );
 }
 
+/// A value removed while `a`'s factory runs, then stored by `b` with a TTL
+/// shorter than the removal's tombstone lives: `b`'s write must not cut
+/// the tombstone's life to its own, or `a`'s value, made before the
+/// removal, finds no mark when it comes and is stored.
+#[tokio::test]
+async fn a_short_lived_value_stored_after_a_removal_keeps_its_tombstone() {
+    let redis = TestRedis::start().await;
+    let a = Arc::new(instance(&redis, |b| b).await);
+    let b = instance(&redis, |b| b).await;
+    let options = DataOptions::new(Duration::from_secs(60)).near(false);
+    let (started, factory_started) = tokio::sync::oneshot::channel();
+    let filling = tokio::spawn({
+        let (a, options) = (Arc::clone(&a), options.clone());
+        async move {
+            a.data
+                .get_or_insert_with("product:9", &options, move || async move {
+                    let _ = started.send(());
+                    tokio::time::sleep(Duration::from_millis(1_500)).await;
+                    Ok::<_, String>(product("old"))
+                })
+                .await
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), factory_started)
+        .await
+        .expect("the factory was not called")
+        .unwrap();
+    a.data.remove("product:9").await.unwrap();
+    let short = DataOptions::new(Duration::from_millis(300)).near(false);
+    let fresh = b
+        .data
+        .get_or_insert_with("product:9", &short, || async {
+            Ok::<_, String>(product("new"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(fresh, product("new"));
+    assert_eq!(filling.await.unwrap().unwrap(), product("old"));
+    assert_ne!(
+        a.data.get::<Product>("product:9").await.unwrap(),
+        Some(product("old")),
+        "the value made before the removal was stored after it"
+    );
+}
+
 /// An expired value removed while two factories run for it: `a`'s, which
 /// holds the value's fill lock, and `b`'s, which gave up waiting for `a`
 /// and runs without the lock. Neither value, made before the removal, is stored

@@ -101,7 +101,12 @@ if string.sub(entry, 1, 3) == 'TRC' and #entry >= 14 then
   entry = string.sub(entry, 1, 6) .. table.concat(bytes) .. string.sub(entry, 15)
 end
 redis.call('HSET', KEYS[1], 'vary', '', ARGV[1], entry)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+-- A removal's tombstone (`pg`) keeps its life: a value kept for less
+-- must not take it along, or a fill from before the removal would find
+-- no mark and store.
+if not held[3] or redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
 if release and held[2] then
   redis.call('HDEL', KEYS[1], 'lk', 'lw')
 elseif release then

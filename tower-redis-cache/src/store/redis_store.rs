@@ -531,9 +531,9 @@ pub(crate) struct Extras<'a> {
 /// purges made while it waited, up to this long.
 pub(crate) const TOMBSTONE_LOCKS: u32 = 12;
 
-/// The shortest life of a tombstone, well above [`ASKED_MARGIN`], so that
-/// a short fill lock does not make every fill without one too old to
-/// store.
+/// The shortest life of a tombstone, twice [`ASKED_MARGIN`]: with a fill
+/// lock shorter than a sixth of a second, a fill without its lock is
+/// stored when it took under a second.
 pub(crate) const MIN_TOMBSTONE: Duration = Duration::from_secs(2);
 
 /// See [`RedisStore::tombstone_ttl_ms`].
