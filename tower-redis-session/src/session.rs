@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
 use crate::id::SessionId;
-use crate::store::{Changes, EndMark, Record, Saved, SessionStore, now_ms};
+use crate::store::{Changes, EndMark, Known, Record, Saved, SessionStore, now_ms};
 
 /// Why a session operation failed. Redis trouble is never one of them: the
 /// session falls back to the in-process store instead.
@@ -762,8 +762,8 @@ impl Session {
                 && let Some(cookie) = state.cookie_id.as_ref()
             {
                 let storage_key = cookie.storage_key();
-                if self.inner.store.cycled_since(&storage_key, state.ends_mark) {
-                    dropped_change(self.inner.store.was_cycled(&storage_key));
+                if let Some(known) = self.inner.store.cycled_since(&storage_key, state.ends_mark) {
+                    dropped_change(known);
                     return None;
                 }
             }
@@ -854,13 +854,13 @@ fn serde_error(key: &str, source: serde_json::Error) -> SessionError {
 }
 
 /// Says that a change was not stored because its session's id was cycled
-/// away by another request (`cycled`), or may have been: this instance's
+/// away by another request ([`Known::Held`]), or may have been: this instance's
 /// memory of ends forgot an end since the request began (a flood of logins
 /// and logouts). The second drops a change that may have been the user's
 /// own, so it is a warning, counted apart:
 /// `tower_redis_session_dropped_changes_total{reason="cycled" | "ends_forgotten"}`.
-fn dropped_change(cycled: bool) {
-    let reason = if cycled {
+fn dropped_change(known: Known) {
+    let reason = if known == Known::Held {
         tracing::debug!(
             target: "tower_redis_session",
             "a change to a session whose id another request cycled away is not stored"

@@ -56,6 +56,16 @@ const QUEUE_SLOT: u64 = 32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct EndMark(u32);
 
+/// How the memory knows of an end since a request's mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Known {
+    /// It holds the end.
+    Held,
+    /// It forgot an end numbered after the mark to make room (a flood):
+    /// this one may have been among them.
+    Forgotten,
+}
+
 #[derive(Default)]
 pub(crate) struct Ends {
     inner: Mutex<Inner>,
@@ -172,6 +182,7 @@ impl Ends {
     /// end numbered above `mark` was forgotten to make room.
     pub(crate) fn ended_since(&self, storage_key: &str, mark: EndMark) -> bool {
         self.held_or_forgotten(storage_key, mark, |_| true)
+            .is_some()
     }
 
     /// Whether the session's id was cycled away recently.
@@ -179,24 +190,32 @@ impl Ends {
         self.find(storage_key).is_some_and(|ended| ended.cycled)
     }
 
-    /// Whether the session's id was cycled away recently, or may have been
-    /// since `mark` was taken: an end numbered after it was forgotten.
-    pub(crate) fn cycled_since(&self, storage_key: &str, mark: EndMark) -> bool {
+    /// Whether the session's id was cycled away recently ([`Known::Held`]),
+    /// or may have been since `mark` was taken ([`Known::Forgotten`]: an
+    /// end numbered after it was forgotten).
+    pub(crate) fn cycled_since(&self, storage_key: &str, mark: EndMark) -> Option<Known> {
         self.held_or_forgotten(storage_key, mark, |ended| ended.cycled)
     }
 
     /// Whether the memory holds an end of the session for which `held` is
-    /// true, or forgot an end numbered after `mark`.
+    /// true, or else forgot an end numbered after `mark`: one look, under
+    /// one lock.
     fn held_or_forgotten(
         &self,
         storage_key: &str,
         mark: EndMark,
         held: impl Fn(&Ended) -> bool,
-    ) -> bool {
+    ) -> Option<Known> {
         let inner = sync::lock(&self.inner);
         let newest = self.newest.load(Ordering::Acquire);
         let mark = newest - u64::from((newest as u32).wrapping_sub(mark.0));
-        Self::live(&inner, storage_key).is_some_and(|ended| held(&ended)) || inner.forgotten > mark
+        if Self::live(&inner, storage_key).is_some_and(|ended| held(&ended)) {
+            Some(Known::Held)
+        } else if inner.forgotten > mark {
+            Some(Known::Forgotten)
+        } else {
+            None
+        }
     }
 
     fn find(&self, storage_key: &str) -> Option<Ended> {
@@ -246,7 +265,11 @@ mod tests {
         }
         assert!(!ends.holds("victim"), "the flood pushed it out");
         assert!(ends.ended_since("victim", before), "forgotten, and told so");
-        assert!(ends.cycled_since("victim", before), "perhaps cycled");
+        assert_eq!(
+            ends.cycled_since("victim", before),
+            Some(Known::Forgotten),
+            "perhaps cycled"
+        );
         let after = ends.mark();
         assert!(!ends.ended_since("never-ended", after));
         assert!(ends.ended_since(&key(29_999), after));
@@ -286,7 +309,7 @@ mod tests {
         assert!(!ends.was_cycled("again"), "the last record says so");
         let mark = ends.mark();
         assert!(!ends.ended_since("other", mark));
-        assert!(!ends.cycled_since("other", mark));
+        assert_eq!(ends.cycled_since("other", mark), None);
     }
 
     /// An end heard again after a request took its mark (a revocation

@@ -193,7 +193,7 @@ impl LocalState {
 
     /// [`was_cycled`](Self::was_cycled), or may have been since `mark` was
     /// taken: an end that came after it was forgotten to make room.
-    pub(crate) fn cycled_since(&self, storage_key: &str, mark: EndMark) -> bool {
+    pub(crate) fn cycled_since(&self, storage_key: &str, mark: EndMark) -> Option<super::Known> {
         self.ended.cycled_since(storage_key, mark)
     }
 

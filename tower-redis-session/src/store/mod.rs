@@ -35,7 +35,7 @@ use std::time::SystemTime;
 use tower_redis_core::RedisManager;
 
 use crate::config::Expiry;
-pub(crate) use ends::EndMark;
+pub(crate) use ends::{EndMark, Known};
 use failover::Failover;
 
 /// A session's stored content.
@@ -313,15 +313,9 @@ impl SessionStore {
     /// last two minutes: the session lives on under another id; or may have
     /// since `mark` was taken (its memory of ends forgot one that came
     /// after it). No Redis call.
-    pub(crate) fn cycled_since(&self, storage_key: &str, mark: EndMark) -> bool {
+    /// [`Known::Held`] when it did, [`Known::Forgotten`] when it may have.
+    pub(crate) fn cycled_since(&self, storage_key: &str, mark: EndMark) -> Option<Known> {
         self.inner.local().cycled_since(storage_key, mark)
-    }
-
-    /// Whether this instance holds the end of the session as an id cycled
-    /// away (a login) in the last two minutes: not only "may have been"
-    /// (see [`cycled_since`](Self::cycled_since)). No Redis call.
-    pub(crate) fn was_cycled(&self, storage_key: &str) -> bool {
-        self.inner.local().was_cycled(storage_key)
     }
 
     /// A session's record: [`load_now`](Self::load_now), then
