@@ -966,6 +966,9 @@ async fn a_revocation_ends_a_session_whose_user_was_set_in_place_in_the_outage_q
     // refuses the whole save (the `SREM` from bob's index, which is no
     // write that grows memory, by the ACL).
     send(&app, "POST", "/set-user/bob", Some(&cookie)).await;
+    // This line carries the test: without it the refused pipeline's
+    // `SREM` runs anyway and does the defence's work, and the test passes
+    // with the defence broken (checked: it did).
     acl(&redis, "a", "-srem").await;
     refuse_writes(&redis, true).await;
     let (status, body, _) = send(&app, "POST", "/set-user/alice", Some(&cookie)).await;
@@ -1016,6 +1019,9 @@ async fn a_session_handed_to_another_user_in_the_outage_queue_leaves_the_first_u
     // Redis refuses the whole save: the script and the `SADD` (out of
     // memory), and the `SREM` from bob's index, which is no write that
     // grows memory (the instance's Redis user may not run it, here).
+    // This line carries the test: without it the refused pipeline's
+    // `SREM` runs anyway and does the defence's work, and the test passes
+    // with the defence broken (checked: it did).
     acl(&redis, "h", "-srem").await;
     refuse_writes(&redis, true).await;
     let (status, body, _) = send(&app, "POST", "/set-user/alice", Some(&cookie)).await;
@@ -1102,6 +1108,9 @@ async fn a_login_whose_second_step_failed_takes_the_old_id_out_of_the_previous_u
     let cookie = cookie_pair(&set_cookie.expect("session"));
     // The `SREM` from bob's index is no write that grows memory: refused
     // here by the ACL, as the rest of the second step is for memory.
+    // This line carries the test: without it the refused pipeline's
+    // `SREM` runs anyway and does the defence's work, and the test passes
+    // with the defence broken (checked: it did).
     acl(&redis, "s", "-srem").await;
     let login = login_refused(&app, &redis, &cookie).await;
     acl(&redis, "s", "+srem").await;
