@@ -103,7 +103,9 @@ end
 redis.call('HSET', KEYS[1], 'vary', '', ARGV[1], entry)
 -- A removal's tombstone (`pg`) keeps its life: a value kept for less
 -- must not take it along, or a fill from before the removal would find
--- no mark and store.
+-- no mark and store. (So, within a tombstone's life after a removal, a
+-- value stored meanwhile may stay in Redis, and be served by fail-safe,
+-- past its own TTL and fail-safe window, until the tombstone's end.)
 if not held[3] or redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
