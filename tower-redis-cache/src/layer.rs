@@ -907,11 +907,12 @@ impl CacheLayerBuilder {
     /// holder crashed): others wait at most this long before one of them
     /// fills instead (default 5 s). Also bounds background refreshes, and
     /// sets how long a purge's tombstone lives: twelve times this, at
-    /// least 2 s (60 s by default). A fill that no longer holds its lock
-    /// and asked the origin longer ago than a tombstone lives (from the
-    /// question to the end of the body, plus a second's margin for its
-    /// write's way to Redis) is not stored, since a purge made early in
-    /// its question may have left a tombstone that is gone by then: an
+    /// least 2 s (60 s by default). A fill that does not hold its lock (it
+    /// lost it, or never took one) and asked the origin longer ago than a
+    /// tombstone lives (from the question to the end of the body, plus a
+    /// second's margin for its write's way to Redis) is not stored, since
+    /// a purge made early in its question may have left a tombstone that
+    /// is gone by then: an
     /// answer slower than that is served but never cached, so raise this
     /// for a slow origin. Give every instance and data cache that shares
     /// the key prefix the same value: a fill is checked against tombstones

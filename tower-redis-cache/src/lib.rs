@@ -140,8 +140,8 @@
 //!   gave up waiting, a forwarded range). A removal leaves a tombstone,
 //!   stamped with Redis' clock, for twelve fill lock lifetimes, at least
 //!   2 s ([`CacheLayerBuilder::lock_ttl`]; 60 s by default), where the URL
-//!   had anything stored,
-//!   and a purge of one URL even where it had nothing; a fill sends how
+//!   had anything stored, and a purge of one URL even where it had
+//!   nothing; a fill sends how
 //!   long ago it asked (a duration: instances' clocks need not agree), and
 //!   its entry is dropped when a tombstone or soft-purge mark is newer
 //!   than its question, less a second's margin for the write's way to
@@ -149,14 +149,13 @@
 //!   copies its own lookups refilled meanwhile are dropped. The price: a
 //!   fill without the lock that asks the origin less than a second after a
 //!   purge of its URL is not stored either (the next request fills), nor
-//!   is a fill that lost its lock and asked longer ago than a tombstone
-//!   lives (a purge early in its question may have left a tombstone that
-//!   is gone by then). A value stored with a shorter TTL keeps a
-//!   tombstone's life. Not
-//!   covered: a fill whose write takes more than that second to reach
-//!   Redis; a tag, prefix or path purge of a URL with
-//!   nothing in Redis (not stored yet, or expired), and a soft purge of
-//!   one; an invalidation of a URL with nothing stored (a client's unsafe
+//!   is a fill without its lock (lost or never taken) that asked longer
+//!   ago than a tombstone lives (a purge early in its question may have
+//!   left a tombstone that is gone by then). A value stored with a
+//!   shorter TTL keeps a tombstone's life. Not covered: a fill whose write
+//!   takes more than that second to reach Redis; a tag, prefix or path
+//!   purge of a URL with nothing in Redis (not stored yet, or expired),
+//!   and a soft purge of one; an invalidation of a URL with nothing stored (a client's unsafe
 //!   request writes nothing to Redis then); a tag or prefix purge made
 //!   during an outage, which is replayed without tombstones; the answer to
 //!   a `POST` stored for `GET`s (`store_post`), which is newer than its own

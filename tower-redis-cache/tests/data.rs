@@ -1369,13 +1369,14 @@ async fn a_short_lived_value_stored_after_a_removal_keeps_its_tombstone() {
     let b = instance(&redis, |b| b).await;
     let options = DataOptions::new(Duration::from_secs(60)).near(false);
     let (started, factory_started) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
     let filling = tokio::spawn({
         let (a, options) = (Arc::clone(&a), options.clone());
         async move {
             a.data
                 .get_or_insert_with("product:9", &options, move || async move {
                     let _ = started.send(());
-                    tokio::time::sleep(Duration::from_millis(1_500)).await;
+                    let _ = released.await;
                     Ok::<_, String>(product("old"))
                 })
                 .await
@@ -1395,6 +1396,10 @@ async fn a_short_lived_value_stored_after_a_removal_keeps_its_tombstone() {
         .await
         .unwrap();
     assert_eq!(fresh, product("new"));
+    // Past `b`'s value's life in Redis: what it did to the hash's TTL has
+    // taken effect when `a`'s value comes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    release.send(()).unwrap();
     assert_eq!(filling.await.unwrap().unwrap(), product("old"));
     assert_ne!(
         a.data.get::<Product>("product:9").await.unwrap(),

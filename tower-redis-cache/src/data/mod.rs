@@ -141,10 +141,10 @@ impl DataCacheBuilder {
     /// How long a fill lock lives if its holder dies (default 5 s). A
     /// removal's tombstone lives twelve times this, at least 2 s, and a
     /// value whose factory began longer ago than that (a second's margin
-    /// counted) is returned but not stored once its fill no longer holds
-    /// the lock: a removal early in its making may have left a tombstone
-    /// that is gone by then. Give every cache that shares the key prefix
-    /// the same value.
+    /// counted) is returned but not stored when its fill does not hold the
+    /// lock (lost, or never taken): a removal early in its making may have
+    /// left a tombstone that is gone by then. Give every cache that shares
+    /// the key prefix the same value.
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {
         self.lock_ttl = ttl.max(Duration::from_millis(1));
         self

@@ -59,7 +59,8 @@ pub(crate) static DATA_VARIANT: LazyLock<String> =
 /// without a lock drops its value when a mark is newer than that (a mark
 /// that is not a number counts as newer). ARGV[8], as `put.lua`'s: how
 /// long a tombstone lives (ms); a fill without its lock whose factory began
-/// longer ago than that drops its value.
+/// longer ago than that drops its value, and a value stored within a
+/// tombstone's life keeps the hash until the tombstone's end.
 /// Returns 0 then (waiters are still woken), 1 when stored.
 static DATA_PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -69,6 +70,9 @@ local release = ARGV[4] ~= '' and held[1] and string.sub(held[1], 1, #ARGV[4] + 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ago = ARGV[7] or ''
+-- How long a removal's tombstone here has left (ms; none: 0).
+local tombstone_left = 0
+if held[3] then tombstone_left = (tonumber(held[3]) or 0) + tonumber(ARGV[8]) - now end
 local dropped = false
 if not release then
   dropped = ARGV[4] ~= '' and (held[3] or held[4]) and true or false
@@ -103,12 +107,10 @@ end
 redis.call('HSET', KEYS[1], 'vary', '', ARGV[1], entry)
 -- A removal's tombstone (`pg`) keeps its life: a value kept for less
 -- must not take it along, or a fill from before the removal would find
--- no mark and store. (So, within a tombstone's life after a removal, a
--- value stored meanwhile may stay in Redis, and be served by fail-safe,
--- past its own TTL and fail-safe window, until the tombstone's end.)
-if not held[3] or redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-end
+-- no mark and store. (So a value stored within a tombstone's life may
+-- stay in Redis, and be served by fail-safe, past its own window until
+-- that tombstone's end; once it has passed, the value's own.)
+redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[3]), tombstone_left))
 if release and held[2] then
   redis.call('HDEL', KEYS[1], 'lk', 'lw')
 elseif release then
