@@ -1289,29 +1289,7 @@ async fn a_miss_is_four_commands_and_announces_only_to_waiters() {
 /// so the next read is a miss.
 #[tokio::test]
 async fn a_fill_that_began_before_a_remove_does_not_store_after_it() {
-    let redis = TestRedis::start().await;
-    let a = Arc::new(instance(&redis, |b| b).await);
-    let options = DataOptions::new(Duration::from_secs(60)).near(false);
-    let (started, factory_started) = tokio::sync::oneshot::channel();
-    let filling = tokio::spawn({
-        let (a, options) = (Arc::clone(&a), options.clone());
-        async move {
-            a.data
-                .get_or_insert_with("product:9", &options, move || async move {
-                    let _ = started.send(());
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    Ok::<_, String>(product("old"))
-                })
-                .await
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(5), factory_started)
-        .await
-        .expect("the factory was not called")
-        .unwrap();
-    a.data.remove("product:9").await.unwrap();
-    assert_eq!(filling.await.unwrap().unwrap(), product("old"));
-    assert_eq!(a.data.get::<Product>("product:9").await.unwrap(), None);
+    let (_redis, _a) = removed_while_its_factory_runs(|b| b, 300).await;
 }
 
 /// A factory slower than a removal's tombstone lives (twelve fill lock
@@ -1320,30 +1298,10 @@ async fn a_fill_that_began_before_a_remove_does_not_store_after_it() {
 /// caller but not stored, so the next read is a miss.
 #[tokio::test]
 async fn a_fill_slower_than_a_tombstone_lives_does_not_store_what_a_removal_removed() {
-    let redis = TestRedis::start().await;
-    let a = Arc::new(instance(&redis, |b| b.lock_ttl(Duration::from_millis(100))).await);
-    let options = DataOptions::new(Duration::from_secs(60)).near(false);
-    let (started, factory_started) = tokio::sync::oneshot::channel();
-    let filling = tokio::spawn({
-        let (a, options) = (Arc::clone(&a), options.clone());
-        async move {
-            a.data
-                .get_or_insert_with("product:9", &options, move || async move {
-                    let _ = started.send(());
-                    tokio::time::sleep(Duration::from_millis(3_000)).await;
-                    Ok::<_, String>(product("old"))
-                })
-                .await
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(5), factory_started)
-        .await
-        .expect("the factory was not called")
-        .unwrap();
-    a.data.remove("product:9").await.unwrap();
-    assert_eq!(filling.await.unwrap().unwrap(), product("old"));
-    assert_eq!(a.data.get::<Product>("product:9").await.unwrap(), None);
+    let (_redis, a) =
+        removed_while_its_factory_runs(|b| b.lock_ttl(Duration::from_millis(100)), 3_000).await;
     // A factory as fast as usual, with the same lock, stores its value.
+    let options = DataOptions::new(Duration::from_secs(60)).near(false);
     let fresh = a
         .data
         .get_or_insert_with("product:9", &options, || async {
@@ -1356,6 +1314,39 @@ async fn a_fill_slower_than_a_tombstone_lives_does_not_store_what_a_removal_remo
         a.data.get::<Product>("product:9").await.unwrap(),
         Some(product("new"))
     );
+}
+
+/// `product:9` removed while its factory, which takes `factory_ms`, runs
+/// on an instance built with `tune`: the factory's value is returned to
+/// its caller and not stored after the removal (the next read is a miss).
+async fn removed_while_its_factory_runs(
+    tune: impl Fn(CacheLayerBuilder) -> CacheLayerBuilder,
+    factory_ms: u64,
+) -> (TestRedis, Arc<Instance>) {
+    let redis = TestRedis::start().await;
+    let a = Arc::new(instance(&redis, tune).await);
+    let options = DataOptions::new(Duration::from_secs(60)).near(false);
+    let (started, factory_started) = tokio::sync::oneshot::channel();
+    let filling = tokio::spawn({
+        let (a, options) = (Arc::clone(&a), options.clone());
+        async move {
+            a.data
+                .get_or_insert_with("product:9", &options, move || async move {
+                    let _ = started.send(());
+                    tokio::time::sleep(Duration::from_millis(factory_ms)).await;
+                    Ok::<_, String>(product("old"))
+                })
+                .await
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), factory_started)
+        .await
+        .expect("the factory was not called")
+        .unwrap();
+    a.data.remove("product:9").await.unwrap();
+    assert_eq!(filling.await.unwrap().unwrap(), product("old"));
+    assert_eq!(a.data.get::<Product>("product:9").await.unwrap(), None);
+    (redis, a)
 }
 
 /// A value removed while `a`'s factory runs, then stored by `b` with a TTL

@@ -1772,9 +1772,26 @@ async fn a_fill_slower_than_a_tombstone_lives_does_not_store_what_a_purge_remove
         })
         .await,
     );
-    origin.delay_ms.store(3_000, Ordering::SeqCst);
+    let first = purged_while_its_first_fill_asks(&a, &origin, 3_000).await;
+    assert_eq!(first.await.unwrap().body, "item-1-v1");
+    a.layer.flush().await;
+    origin.delay_ms.store(0, Ordering::SeqCst);
+    let next = get(&a.app, "/item/1").await;
+    assert_eq!(next.body, "item-1-v2", "{}", next.cache_status());
+    // A fill as fast as usual with the same lock is stored.
+    assert_eq!(get(&a.app, "/item/1").await.body, "item-1-v2");
+}
+
+/// `/item/1` purged while its first fill, whose origin call takes
+/// `delay_ms`, is under way; the fill's request, to await.
+async fn purged_while_its_first_fill_asks(
+    a: &Arc<Instance>,
+    origin: &Origin,
+    delay_ms: u64,
+) -> tokio::task::JoinHandle<Answer> {
+    origin.delay_ms.store(delay_ms, Ordering::SeqCst);
     let first = tokio::spawn({
-        let a = Arc::clone(&a);
+        let a = Arc::clone(a);
         async move { get(&a.app, "/item/1").await }
     });
     origin.wait_for_calls("/item/1", 1).await;
@@ -1783,13 +1800,7 @@ async fn a_fill_slower_than_a_tombstone_lives_does_not_store_what_a_purge_remove
         .purge_url("http://shop.example/item/1")
         .await
         .unwrap();
-    assert_eq!(first.await.unwrap().body, "item-1-v1");
-    a.layer.flush().await;
-    origin.delay_ms.store(0, Ordering::SeqCst);
-    let next = get(&a.app, "/item/1").await;
-    assert_eq!(next.body, "item-1-v2", "{}", next.cache_status());
-    // A fill as fast as usual with the same lock is stored.
-    assert_eq!(get(&a.app, "/item/1").await.body, "item-1-v2");
+    first
 }
 
 /// As above, for every way a purge selects a URL and for fills with and
@@ -1927,17 +1938,7 @@ async fn a_request_after_a_purge_does_not_follow_a_flight_from_before_it() {
     let redis = TestRedis::start().await;
     let origin = Origin::default();
     let a = Arc::new(instance(redis.config(), &origin, |b| b).await);
-    origin.delay_ms.store(300, Ordering::SeqCst);
-    let first = tokio::spawn({
-        let a = Arc::clone(&a);
-        async move { get(&a.app, "/item/1").await }
-    });
-    origin.wait_for_calls("/item/1", 1).await;
-    a.layer
-        .handle()
-        .purge_url("http://shop.example/item/1")
-        .await
-        .unwrap();
+    let first = purged_while_its_first_fill_asks(&a, &origin, 300).await;
     let after = get(&a.app, "/item/1").await;
     assert_eq!(after.body, "item-1-v2", "{}", after.cache_status());
     assert_eq!(first.await.unwrap().body, "item-1-v1");
