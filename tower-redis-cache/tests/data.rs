@@ -1325,15 +1325,29 @@ async fn removed_while_its_factory_runs(
 ) -> (TestRedis, Arc<Instance>) {
     let redis = TestRedis::start().await;
     let a = Arc::new(instance(&redis, tune).await);
+    let filling =
+        filling_old_until(&a, tokio::time::sleep(Duration::from_millis(factory_ms))).await;
+    a.data.remove("product:9").await.unwrap();
+    assert_eq!(filling.await.unwrap().unwrap(), product("old"));
+    assert_eq!(a.data.get::<Product>("product:9").await.unwrap(), None);
+    (redis, a)
+}
+
+/// `a` filling `product:9` (kept 60 s) with a factory that answers `old`
+/// once `done` completes; returned once the factory has been called.
+async fn filling_old_until(
+    a: &Arc<Instance>,
+    done: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<Product, DataError<String>>> {
     let options = DataOptions::new(Duration::from_secs(60)).near(false);
     let (started, factory_started) = tokio::sync::oneshot::channel();
     let filling = tokio::spawn({
-        let (a, options) = (Arc::clone(&a), options.clone());
+        let a = Arc::clone(a);
         async move {
             a.data
                 .get_or_insert_with("product:9", &options, move || async move {
                     let _ = started.send(());
-                    tokio::time::sleep(Duration::from_millis(factory_ms)).await;
+                    done.await;
                     Ok::<_, String>(product("old"))
                 })
                 .await
@@ -1343,10 +1357,7 @@ async fn removed_while_its_factory_runs(
         .await
         .expect("the factory was not called")
         .unwrap();
-    a.data.remove("product:9").await.unwrap();
-    assert_eq!(filling.await.unwrap().unwrap(), product("old"));
-    assert_eq!(a.data.get::<Product>("product:9").await.unwrap(), None);
-    (redis, a)
+    filling
 }
 
 /// A value removed while `a`'s factory runs, then stored by `b` with a TTL
@@ -1358,25 +1369,11 @@ async fn a_short_lived_value_stored_after_a_removal_keeps_its_tombstone() {
     let redis = TestRedis::start().await;
     let a = Arc::new(instance(&redis, |b| b).await);
     let b = instance(&redis, |b| b).await;
-    let options = DataOptions::new(Duration::from_secs(60)).near(false);
-    let (started, factory_started) = tokio::sync::oneshot::channel();
     let (release, released) = tokio::sync::oneshot::channel::<()>();
-    let filling = tokio::spawn({
-        let (a, options) = (Arc::clone(&a), options.clone());
-        async move {
-            a.data
-                .get_or_insert_with("product:9", &options, move || async move {
-                    let _ = started.send(());
-                    let _ = released.await;
-                    Ok::<_, String>(product("old"))
-                })
-                .await
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(5), factory_started)
-        .await
-        .expect("the factory was not called")
-        .unwrap();
+    let filling = filling_old_until(&a, async move {
+        let _ = released.await;
+    })
+    .await;
     a.data.remove("product:9").await.unwrap();
     let short = DataOptions::new(Duration::from_millis(300)).near(false);
     let fresh = b
