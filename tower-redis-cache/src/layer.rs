@@ -912,9 +912,10 @@ impl CacheLayerBuilder {
     /// tombstone lives (from the question to the end of the body, plus a
     /// second's margin for its write's way to Redis) is not stored, since
     /// a purge made early in its question may have left a tombstone that
-    /// is gone by then: an
-    /// answer slower than that is served but never cached, so raise this
-    /// for a slow origin. Give every instance and data cache that shares
+    /// is gone by then: an answer slower than that is served but never
+    /// cached (counted in `tower_redis_cache_fills_dropped_total` with
+    /// `reason="too_slow"`, and logged as a warning), so raise this for a
+    /// slow origin. Give every instance and data cache that shares
     /// the key prefix the same value: a fill is checked against tombstones
     /// as long as its own instance says they live.
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {

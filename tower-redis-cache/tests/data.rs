@@ -1289,7 +1289,13 @@ async fn a_miss_is_four_commands_and_announces_only_to_waiters() {
 /// so the next read is a miss.
 #[tokio::test]
 async fn a_fill_that_began_before_a_remove_does_not_store_after_it() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let _guard = metrics::set_default_local_recorder(&recorder);
     let (_redis, _a) = removed_while_its_factory_runs(|b| b, 300).await;
+    assert_eq!(
+        support::dropped_fills(recorder.snapshotter().snapshot()),
+        [("data".to_owned(), "purged".to_owned(), 1)]
+    );
 }
 
 /// A factory slower than a removal's tombstone lives (twelve fill lock
@@ -1298,8 +1304,14 @@ async fn a_fill_that_began_before_a_remove_does_not_store_after_it() {
 /// caller but not stored, so the next read is a miss.
 #[tokio::test]
 async fn a_fill_slower_than_a_tombstone_lives_does_not_store_what_a_removal_removed() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let _guard = metrics::set_default_local_recorder(&recorder);
     let (_redis, a) =
         removed_while_its_factory_runs(|b| b.lock_ttl(Duration::from_millis(100)), 3_000).await;
+    assert_eq!(
+        support::dropped_fills(recorder.snapshotter().snapshot()),
+        [("data".to_owned(), "too_slow".to_owned(), 1)]
+    );
     // A factory as fast as usual, with the same lock, stores its value.
     let options = DataOptions::new(Duration::from_secs(60)).near(false);
     let fresh = a
@@ -1313,6 +1325,10 @@ async fn a_fill_slower_than_a_tombstone_lives_does_not_store_what_a_removal_remo
     assert_eq!(
         a.data.get::<Product>("product:9").await.unwrap(),
         Some(product("new"))
+    );
+    assert_eq!(
+        support::dropped_fills(recorder.snapshotter().snapshot()),
+        []
     );
 }
 

@@ -1764,6 +1764,9 @@ async fn a_fill_that_began_before_a_purge_does_not_store_after_it() {
 /// origin answers after 3 s, and the URL is purged while it works.
 #[tokio::test]
 async fn a_fill_slower_than_a_tombstone_lives_does_not_store_what_a_purge_removed() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let snapshotter = recorder.snapshotter();
     let redis = TestRedis::start().await;
     let origin = Origin::default();
     let a = Arc::new(
@@ -1775,11 +1778,19 @@ async fn a_fill_slower_than_a_tombstone_lives_does_not_store_what_a_purge_remove
     let first = purged_while_its_first_fill_asks(&a, &origin, 3_000).await;
     assert_eq!(first.await.unwrap().body, "item-1-v1");
     a.layer.flush().await;
+    // Counted as too slow to be checked against purges (not as purged:
+    // the tombstone was gone when it came).
+    assert_eq!(
+        support::dropped_fills(snapshotter.snapshot()),
+        [("page".to_owned(), "too_slow".to_owned(), 1)]
+    );
     origin.delay_ms.store(0, Ordering::SeqCst);
     let next = get(&a.app, "/item/1").await;
     assert_eq!(next.body, "item-1-v2", "{}", next.cache_status());
     // A fill as fast as usual with the same lock is stored.
     assert_eq!(get(&a.app, "/item/1").await.body, "item-1-v2");
+    a.layer.flush().await;
+    assert_eq!(support::dropped_fills(snapshotter.snapshot()), []);
 }
 
 /// `/item/1` purged while its first fill, whose origin call takes
@@ -1935,6 +1946,8 @@ async fn a_revalidation_that_began_before_a_path_purge_does_not_store_after_it()
 /// the origin before it: it goes to the origin on its own.
 #[tokio::test]
 async fn a_request_after_a_purge_does_not_follow_a_flight_from_before_it() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let _guard = metrics::set_default_local_recorder(&recorder);
     let redis = TestRedis::start().await;
     let origin = Origin::default();
     let a = Arc::new(instance(redis.config(), &origin, |b| b).await);
@@ -1942,6 +1955,12 @@ async fn a_request_after_a_purge_does_not_follow_a_flight_from_before_it() {
     let after = get(&a.app, "/item/1").await;
     assert_eq!(after.body, "item-1-v2", "{}", after.cache_status());
     assert_eq!(first.await.unwrap().body, "item-1-v1");
+    // The flight from before the purge was not stored, and is counted so.
+    a.layer.flush().await;
+    assert_eq!(
+        support::dropped_fills(recorder.snapshotter().snapshot()),
+        [("page".to_owned(), "purged".to_owned(), 1)]
+    );
 }
 
 /// An invalidation (a `PUT` to the URL) detaches the flights of that URL

@@ -598,6 +598,13 @@ pub const METRICS: &[Metric] = &[
         None,
         "Data values returned but not stored because their encoding is over the size limit.",
     ),
+    metric(
+        Kind::Counter,
+        "tower_redis_cache_fills_dropped_total",
+        &["kind", "reason"],
+        None,
+        "Fills (kind: page, data) answered but not stored: reason purged (a purge or removal came while the origin or factory worked) or too_slow (it worked longer than a purge's tombstone lives; raise lock_ttl).",
+    ),
     // tower-redis-ratelimit
     metric(
         Kind::Counter,

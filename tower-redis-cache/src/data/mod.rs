@@ -143,8 +143,10 @@ impl DataCacheBuilder {
     /// value whose factory began longer ago than that (a second's margin
     /// counted) is returned but not stored when its fill does not hold the
     /// lock (lost, or never taken): a removal early in its making may have
-    /// left a tombstone that is gone by then. Give every cache that shares
-    /// the key prefix the same value.
+    /// left a tombstone that is gone by then (counted in
+    /// `tower_redis_cache_fills_dropped_total` with `kind="data"`,
+    /// `reason="too_slow"`, and logged as a warning). Give every cache that
+    /// shares the key prefix the same value.
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {
         self.lock_ttl = ttl.max(Duration::from_millis(1));
         self

@@ -29,7 +29,7 @@ use http::HeaderMap;
 use tower_redis_core::RedisConnection;
 use tower_redis_core::redis::{self, RedisResult, Script, Value};
 
-use super::redis_store::{self, INDEX, Op, RedisStore};
+use super::redis_store::{self, INDEX, Kind, Op, PutReply, RedisStore};
 use super::typed::{NearCopy, Typed};
 use super::{
     CacheStore, EntryStore, Found, LARGE_ENTRY_BYTES, LockAttempt, LockPurpose, LockToken, Put,
@@ -61,7 +61,8 @@ pub(crate) static DATA_VARIANT: LazyLock<String> =
 /// long a tombstone lives (ms); a fill without its lock whose factory began
 /// longer ago than that drops its value, and a value stored within a
 /// tombstone's life keeps the hash until the tombstone's end.
-/// Returns 0 then (waiters are still woken), 1 when stored.
+/// Returns 0 then (waiters are still woken), 1 when stored, 2 when dropped
+/// for that age alone.
 static DATA_PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -73,19 +74,21 @@ local ago = ARGV[7] or ''
 -- How long a removal's tombstone here has left (ms; none: 0).
 local tombstone_left = 0
 if held[3] then tombstone_left = (tonumber(held[3]) or 0) + tonumber(ARGV[8]) - now end
-local dropped = false
+-- Why the value is dropped: 0 a removal or soft purge newer than the
+-- factory, 2 too slow to tell (put.lua's return values); nil: stored.
+local dropped = nil
 if not release then
-  dropped = ARGV[4] ~= '' and (held[3] or held[4]) and true or false
+  if ARGV[4] ~= '' and (held[3] or held[4]) then dropped = 0 end
   if not dropped and ago ~= '' and tonumber(ago) >= tonumber(ARGV[8]) then
     -- Began longer ago than a tombstone lives (put.lua's rule).
-    dropped = true
+    dropped = 2
   end
   if not dropped and ago ~= '' then
     local asked = now - tonumber(ago)
     local function newer(mark)
       return mark and (tonumber(mark) or asked) >= asked
     end
-    dropped = newer(held[3]) or newer(held[4]) or false
+    if newer(held[3]) or newer(held[4]) then dropped = 0 end
   end
 end
 if dropped then
@@ -93,7 +96,7 @@ if dropped then
     redis.call('HDEL', KEYS[1], 'lw')
     if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
   end
-  return 0
+  return dropped
 end
 local entry = ARGV[2]
 if string.sub(entry, 1, 3) == 'TRC' and #entry >= 14 then
@@ -441,7 +444,9 @@ impl RedisStore {
             .max(1);
         let message = Bus::updated_message(&put.url_hash);
         let entry = put.entry.encode();
-        self.manager
+        let tombstone_ms = self.tombstone_ttl_ms();
+        let reply = self
+            .manager
             .run(|mut conn| async move {
                 let cluster = conn.is_cluster();
                 let mut ops = Vec::with_capacity(put.tags.len() + 3);
@@ -459,7 +464,7 @@ impl RedisStore {
                     Some(asked) => store.arg(redis_store::asked_ms_ago(asked)),
                     None => store.arg(""),
                 };
-                store.arg(self.tombstone_ttl_ms());
+                store.arg(tombstone_ms);
                 ops.push(Op::Script(store));
                 for index in std::iter::once(self.index_key("cx", "/"))
                     .chain(put.tags.iter().map(|tag| self.index_key("ct", tag)))
@@ -470,22 +475,28 @@ impl RedisStore {
                 }
                 if cluster {
                     ops.push(redis_store::publish(&self.channel, &message));
-                    return redis_store::run_ops(&mut conn, &ops).await.map(|_| ());
+                    let replies = redis_store::run_ops(&mut conn, &ops).await?;
+                    return Ok(PutReply::of(replies.first()));
                 }
                 let mut pipe = redis::pipe();
-                for op in &ops {
+                for (n, op) in ops.iter().enumerate() {
                     if let Op::Script(invocation) = op {
-                        pipe.invoke_script(invocation).ignore();
+                        // The store's answer is kept; the index records'
+                        // are not.
+                        let sent = pipe.invoke_script(invocation);
+                        if n > 0 {
+                            sent.ignore();
+                        }
                     }
                 }
-                tower_redis_core::pipeline_with_scripts::<()>(
-                    &mut conn,
-                    &pipe,
-                    &[&DATA_PUT, &INDEX],
-                )
-                .await
+                let (reply,): (Value,) =
+                    tower_redis_core::pipeline_with_scripts(&mut conn, &pipe, &[&DATA_PUT, &INDEX])
+                        .await?;
+                Ok(PutReply::of(Some(&reply)))
             })
-            .await
+            .await?;
+        redis_store::report_put(reply, Kind::Data, &put.url, put.asked, tombstone_ms);
+        Ok(())
     }
 
     async fn lock_value(

@@ -201,9 +201,12 @@ impl EntryStore for RedisStore {
             announce: Some((&self.channel, &message)),
             tombstone_ms: self.tombstone_ttl_ms(),
         };
-        self.manager
+        let reply = self
+            .manager
             .run(|conn| self::put(conn, &key, put, &extras))
-            .await
+            .await?;
+        report_put(reply, Kind::Page, &put.url, put.asked, extras.tombstone_ms);
+        Ok(())
     }
 
     async fn invalidate(&self, url_hashes: &[String]) -> Result<(), tower_redis_core::Error> {
@@ -590,7 +593,7 @@ pub(crate) async fn put(
     key: &str,
     put: &Put,
     extras: &Extras<'_>,
-) -> RedisResult<()> {
+) -> RedisResult<PutReply> {
     let ttl = u64::try_from(put.keep_for.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
@@ -617,7 +620,82 @@ pub(crate) async fn put(
     if let Some((channel, message)) = extras.announce {
         ops.push(publish(channel, message));
     }
-    run_ops(&mut conn, &ops).await.map(|_| ())
+    let replies = run_ops(&mut conn, &ops).await?;
+    Ok(PutReply::of(replies.first()))
+}
+
+/// What `put.lua` (or the data cache's `DATA_PUT`) answered a fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PutReply {
+    /// Stored (or a reply this version does not know: nothing to report).
+    Stored,
+    /// Dropped: a purge, removal or soft purge of the URL is newer than the
+    /// fill's question (or took the fill's lock).
+    Purged,
+    /// Dropped: the fill no longer held its lock and asked longer ago than
+    /// a purge's tombstone lives, so it cannot tell whether a purge came
+    /// while it asked.
+    TooSlow,
+}
+
+impl PutReply {
+    /// The scripts' answer: 0 purged, 1 stored, 2 too slow.
+    pub(crate) fn of(reply: Option<&Value>) -> Self {
+        match reply {
+            Some(Value::Int(0)) => Self::Purged,
+            Some(Value::Int(2)) => Self::TooSlow,
+            _ => Self::Stored,
+        }
+    }
+}
+
+/// Which cache a fill belongs to, for [`report_put`]'s count.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    Page,
+    Data,
+}
+
+/// Counts a fill that was not stored (`tower_redis_cache_fills_dropped_total`)
+/// and says why: at debug level when a purge came while it asked (the
+/// purge did its job); as a warning when its answer came too late to be
+/// checked against purges, which happens again at every fill of that URL
+/// until `lock_ttl` is raised.
+pub(crate) fn report_put(
+    reply: PutReply,
+    kind: Kind,
+    url: &str,
+    asked: Option<std::time::SystemTime>,
+    tombstone_ms: u64,
+) {
+    let kind = match kind {
+        Kind::Page => "page",
+        Kind::Data => "data",
+    };
+    let reason = match reply {
+        PutReply::Stored => return,
+        PutReply::Purged => {
+            tracing::debug!(target: "tower_redis_cache", kind, url, "a fill that asked before a purge of its URL was not stored");
+            "purged"
+        }
+        PutReply::TooSlow => {
+            let asked_ms_ago = asked.map(asked_ms_ago);
+            tracing::warn!(
+                target: "tower_redis_cache",
+                kind,
+                url,
+                asked_ms_ago,
+                tombstone_ms,
+                "an answer was served but not stored: it took longer than a purge's tombstone lives (twelve fill lock lifetimes); raise the layer's `lock_ttl` to cache it"
+            );
+            "too_slow"
+        }
+    };
+    tower_redis_core::record::counter(
+        "tower_redis_cache_fills_dropped_total",
+        &[("kind", kind), ("reason", reason)],
+        1,
+    );
 }
 
 #[cfg(test)]

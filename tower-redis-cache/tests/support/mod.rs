@@ -183,3 +183,30 @@ pub(crate) fn operations(
     }
     counts
 }
+
+/// The fills counted as not stored in `snapshot`
+/// (`tower_redis_cache_fills_dropped_total`): `(kind, reason, count)`,
+/// sorted. A debugging recorder's snapshot takes its counts: each holds
+/// what was counted since the one before.
+pub(crate) fn dropped_fills(
+    snapshot: metrics_util::debugging::Snapshot,
+) -> Vec<(String, String, u64)> {
+    let mut dropped = Vec::new();
+    for (key, _, _, value) in snapshot.into_vec() {
+        let key = key.key();
+        if key.name() != "tower_redis_cache_fills_dropped_total" {
+            continue;
+        }
+        let label = |name: &str| {
+            key.labels()
+                .find(|label| label.key() == name)
+                .map(|label| label.value().to_owned())
+                .unwrap_or_default()
+        };
+        if let metrics_util::debugging::DebugValue::Counter(n @ 1..) = value {
+            dropped.push((label("kind"), label("reason"), n));
+        }
+    }
+    dropped.sort();
+    dropped
+}
