@@ -1332,6 +1332,49 @@ async fn a_fill_slower_than_a_tombstone_lives_does_not_store_what_a_removal_remo
     );
 }
 
+/// As for pages: a factory that outlives its fill lock, which another
+/// instance then takes over, is not stored where the value holds a
+/// removal's tombstone, even one older than the factory's start, and is
+/// counted as `lock_lost` (the cure is a longer `lock_ttl`), not as
+/// purged. The other instance's value is stored.
+#[tokio::test]
+async fn a_factory_that_outlives_its_lock_after_an_older_removal_is_counted_as_lock_lost() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let redis = TestRedis::start().await;
+    let short_lock = |b: CacheLayerBuilder| b.lock_ttl(Duration::from_millis(100));
+    let a = Arc::new(instance(&redis, short_lock).await);
+    let b = instance(&redis, short_lock).await;
+    let options = DataOptions::new(Duration::from_secs(60)).near(false);
+    a.data
+        .insert("product:9", &product("first"), &options)
+        .await
+        .unwrap();
+    a.data.remove("product:9").await.unwrap();
+    // Older than the factory's start by more than the second's margin a
+    // fill adds to its age.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let filling = filling_old_until(&a, tokio::time::sleep(Duration::from_millis(500))).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let new = b
+        .data
+        .get_or_insert_with("product:9", &options, || async {
+            Ok::<_, String>(product("new"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(new, product("new"));
+    assert_eq!(filling.await.unwrap().unwrap(), product("old"));
+    assert_eq!(
+        b.data.get::<Product>("product:9").await.unwrap(),
+        Some(product("new"))
+    );
+    assert_eq!(
+        support::dropped_fills(recorder.snapshotter().snapshot()),
+        [("data".to_owned(), "lock_lost".to_owned(), 1)]
+    );
+}
+
 /// `product:9` removed while its factory, which takes `factory_ms`, runs
 /// on an instance built with `tune`: the factory's value is returned to
 /// its caller and not stored after the removal (the next read is a miss).

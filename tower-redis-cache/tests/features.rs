@@ -1793,6 +1793,46 @@ async fn a_fill_slower_than_a_tombstone_lives_does_not_store_what_a_purge_remove
     assert_eq!(support::dropped_fills(snapshotter.snapshot()), []);
 }
 
+/// A fill whose origin outlives its fill lock is not stored where the
+/// URL holds a purge mark, even one older than its question (it cannot
+/// tell a purge's removal of its lock from the lock's expiry), and is
+/// counted as `lock_lost`, not as purged: the cure is a longer
+/// `lock_ttl`. Here the URL was soft-purged a while before a background
+/// refresh that takes 500 ms under a 100 ms lock, which another instance
+/// takes over once it has expired.
+#[tokio::test]
+async fn a_fill_that_outlives_its_lock_after_an_older_purge_is_counted_as_lock_lost() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let snapshotter = recorder.snapshotter();
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let short_lock = |b: CacheLayerBuilder| b.lock_ttl(Duration::from_millis(100));
+    let a = instance(redis.config(), &origin, short_lock).await;
+    let b = instance(redis.config(), &origin, short_lock).await;
+    get_settled(&a, "/item/1").await;
+    let purged = a.layer.handle().soft_purge_url("/item/1").await.unwrap();
+    assert_eq!(purged.urls, 1);
+    // Older than the question by more than the second's margin a fill
+    // adds to its age.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    origin.delay_ms.store(500, Ordering::SeqCst);
+    // Served stale while a background refresh asks the origin; once its
+    // lock has expired, `b` takes it over for a refresh of its own.
+    let stale = get(&a.app, "/item/1").await;
+    assert_eq!(stale.body, "item-1-v1", "{}", stale.cache_status());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stale = get(&b.app, "/item/1").await;
+    assert_eq!(stale.body, "item-1-v1", "{}", stale.cache_status());
+    a.layer.flush().await;
+    b.layer.flush().await;
+    assert_eq!(origin.calls("/item/1"), 3);
+    assert_eq!(
+        support::dropped_fills(snapshotter.snapshot()),
+        [("page".to_owned(), "lock_lost".to_owned(), 1)]
+    );
+}
+
 /// `/item/1` purged while its first fill, whose origin call takes
 /// `delay_ms`, is under way; the fill's request, to await.
 async fn purged_while_its_first_fill_asks(

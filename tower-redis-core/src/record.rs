@@ -603,7 +603,7 @@ pub const METRICS: &[Metric] = &[
         "tower_redis_cache_fills_dropped_total",
         &["kind", "reason"],
         None,
-        "Fills (kind: page, data) answered but not stored: reason purged (a purge or removal came while the origin or factory worked) or too_slow (it worked longer than a purge's tombstone lives; raise lock_ttl).",
+        "Fills (kind: page, data) answered but not stored: reason purged (a purge, removal or soft purge is newer than the question), too_slow (asked longer ago than a purge's tombstone lives) or lock_lost (outlived its fill lock, where an older purge mark is held); raise lock_ttl for the last two.",
     ),
     // tower-redis-ratelimit
     metric(

@@ -145,8 +145,10 @@ impl DataCacheBuilder {
     /// lock (lost, or never taken): a removal early in its making may have
     /// left a tombstone that is gone by then (counted in
     /// `tower_redis_cache_fills_dropped_total` with `kind="data"`,
-    /// `reason="too_slow"`, and logged as a warning). Give every cache that
-    /// shares the key prefix the same value.
+    /// `reason="too_slow"`, and a warning at most once a minute; a factory
+    /// that outlived its lock, which another fill then took, where the
+    /// value holds an older removal mark, alike with `reason="lock_lost"`).
+    /// Give every cache that shares the key prefix the same value.
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {
         self.lock_ttl = ttl.max(Duration::from_millis(1));
         self

@@ -61,8 +61,8 @@ pub(crate) static DATA_VARIANT: LazyLock<String> =
 /// long a tombstone lives (ms); a fill without its lock whose factory began
 /// longer ago than that drops its value, and a value stored within a
 /// tombstone's life keeps the hash until the tombstone's end.
-/// Returns 0 then (waiters are still woken), 1 when stored, 2 when dropped
-/// for that age alone.
+/// Returns 1 when stored, else why not, as `put.lua` (waiters are still
+/// woken).
 static DATA_PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -74,21 +74,22 @@ local ago = ARGV[7] or ''
 -- How long a removal's tombstone here has left (ms; none: 0).
 local tombstone_left = 0
 if held[3] then tombstone_left = (tonumber(held[3]) or 0) + tonumber(ARGV[8]) - now end
--- Why the value is dropped: 0 a removal or soft purge newer than the
--- factory, 2 too slow to tell (put.lua's return values); nil: stored.
+-- Why the value is dropped, as put.lua answers: 0 a removal or soft
+-- purge newer than the factory's start; 2 began longer ago than a
+-- tombstone lives; 3 took the lock and lost it where the hash holds an
+-- older mark. nil: stored.
 local dropped = nil
 if not release then
-  if ARGV[4] ~= '' and (held[3] or held[4]) then dropped = 0 end
-  if not dropped and ago ~= '' and tonumber(ago) >= tonumber(ARGV[8]) then
-    -- Began longer ago than a tombstone lives (put.lua's rule).
-    dropped = 2
+  local asked = ago ~= '' and now - tonumber(ago) or nil
+  local function newer(mark)
+    return mark and asked and (tonumber(mark) or asked) >= asked
   end
-  if not dropped and ago ~= '' then
-    local asked = now - tonumber(ago)
-    local function newer(mark)
-      return mark and (tonumber(mark) or asked) >= asked
-    end
-    if newer(held[3]) or newer(held[4]) then dropped = 0 end
+  if newer(held[3]) or newer(held[4]) then
+    dropped = 0
+  elseif ago ~= '' and tonumber(ago) >= tonumber(ARGV[8]) then
+    dropped = 2
+  elseif ARGV[4] ~= '' and (held[3] or held[4]) then
+    dropped = 3
   end
 end
 if dropped then
@@ -445,6 +446,7 @@ impl RedisStore {
         let message = Bus::updated_message(&put.url_hash);
         let entry = put.entry.encode();
         let tombstone_ms = self.tombstone_ttl_ms();
+        let asked_ms_ago = put.asked.map(redis_store::asked_ms_ago);
         let reply = self
             .manager
             .run(|mut conn| async move {
@@ -460,8 +462,8 @@ impl RedisStore {
                     // On a cluster the announcement goes after every write
                     // (below), always: it keeps the near tiers exact there.
                     .arg(if cluster { "" } else { message.as_str() });
-                match put.asked {
-                    Some(asked) => store.arg(redis_store::asked_ms_ago(asked)),
+                match asked_ms_ago {
+                    Some(ago) => store.arg(ago),
                     None => store.arg(""),
                 };
                 store.arg(tombstone_ms);
@@ -495,7 +497,7 @@ impl RedisStore {
                 Ok(PutReply::of(Some(&reply)))
             })
             .await?;
-        redis_store::report_put(reply, Kind::Data, &put.url, put.asked, tombstone_ms);
+        self.report_put(reply, Kind::Data, put, asked_ms_ago);
         Ok(())
     }
 

@@ -439,6 +439,7 @@ impl CacheStore {
             manager: manager.clone(),
             index_depth: options.index_depth,
             lock_ttl: options.lock_ttl,
+            dropped_warning: Default::default(),
         };
         let memory = MemoryStore::new(options.memory_bytes, None);
         Self {

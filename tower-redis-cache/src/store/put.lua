@@ -19,17 +19,16 @@
 -- instance's clock, with a margin for this write's own way here ('' for a
 -- write that is no fill): a duration, which clocks that disagree on the
 -- time still agree on. ARGV[8] how long a purge's tombstone lives (ms): a
--- fill without its lock that asked longer ago than that is dropped (and
--- 2 returned, so that the instance can say its answer was too slow to
--- store), as a purge early in its question may have left a tombstone gone
--- by now.
+-- fill without its lock that asked longer ago than that is dropped, as a
+-- purge early in its question may have left a tombstone gone by now.
 -- A fill that asked the origin before its URL was purged or soft-purged
 -- (delete.lua leaves `pg`, soft_purge.lua `sp`, both in Redis' time, and
 -- both drop the lock) has its entry dropped, not stored: the mark is newer
 -- than its question. A fill that still holds its lock saw no purge since
 -- it took it, and stores; one that took a lock and lost it is dropped
--- whenever a mark is there. Returns 0 then, 1 when stored (2 for the age
--- rule above). The lock is read once, here, and released at the end.
+-- whenever a mark is there. Returns 1 when stored, else why it was not
+-- (0, 2 or 3: below). The lock is read once, here, and released at the
+-- end.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ago = ARGV[7] or ''
@@ -38,17 +37,18 @@ if ARGV[6] ~= '' or ago ~= '' then
   local marks = redis.call('HMGET', KEYS[1], 'lk', 'pg', 'sp')
   ours = ARGV[6] ~= '' and marks[1] and string.sub(marks[1], 1, #ARGV[6] + 1) == ARGV[6] .. ':'
   if not ours then
-    if ARGV[6] ~= '' and (marks[2] or marks[3]) then return 0 end
-    if ago ~= '' then
-      -- Asked longer ago than a tombstone lives (ARGV[8], ms): a purge
-      -- made early in the question may have left one that is gone now.
-      if tonumber(ago) >= tonumber(ARGV[8]) then return 2 end
-      local asked = now - tonumber(ago)
-      local function newer(mark)
-        return mark and (tonumber(mark) or asked) >= asked
-      end
-      if newer(marks[2]) or newer(marks[3]) then return 0 end
+    -- Dropped, and why: 0 a purge or soft purge is newer than the
+    -- question; 2 asked longer ago than a tombstone lives (ARGV[8], ms),
+    -- so a purge made early in the question may have left one that is
+    -- gone now; 3 took a lock and lost it (it outlived the lock) where
+    -- the URL holds an older mark.
+    local asked = ago ~= '' and now - tonumber(ago) or nil
+    local function newer(mark)
+      return mark and asked and (tonumber(mark) or asked) >= asked
     end
+    if newer(marks[2]) or newer(marks[3]) then return 0 end
+    if ago ~= '' and tonumber(ago) >= tonumber(ARGV[8]) then return 2 end
+    if ARGV[6] ~= '' and (marks[2] or marks[3]) then return 3 end
   end
 end
 local entry = ARGV[3]

@@ -29,6 +29,7 @@
 //!   URLs, so that waiting instances wake up and near caches drop copies.
 
 use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -67,6 +68,8 @@ pub(crate) struct RedisStore {
     pub(super) channel: String,
     pub(super) index_depth: usize,
     pub(super) lock_ttl: Duration,
+    /// When this store last warned of a fill it could not store.
+    pub(super) dropped_warning: DroppedWarning,
 }
 
 impl RedisStore {
@@ -200,12 +203,13 @@ impl EntryStore for RedisStore {
             unlock: unlock.map(LockToken::as_str),
             announce: Some((&self.channel, &message)),
             tombstone_ms: self.tombstone_ttl_ms(),
+            asked_ms_ago: put.asked.map(asked_ms_ago),
         };
         let reply = self
             .manager
             .run(|conn| self::put(conn, &key, put, &extras))
             .await?;
-        report_put(reply, Kind::Page, &put.url, put.asked, extras.tombstone_ms);
+        self.report_put(reply, Kind::Page, put, extras.asked_ms_ago);
         Ok(())
     }
 
@@ -527,6 +531,9 @@ pub(crate) struct Extras<'a> {
     /// How long a purge's tombstone lives (ms): a fill that asked longer
     /// ago is not stored.
     pub(crate) tombstone_ms: u64,
+    /// How long ago the fill asked the origin ([`asked_ms_ago`]); `None`
+    /// for a write that is no fill.
+    pub(crate) asked_ms_ago: Option<u64>,
 }
 
 /// A purge's tombstone lives this many fill lock lifetimes: a fill that
@@ -606,8 +613,8 @@ pub(crate) async fn put(
         .arg(ttl)
         .arg(MAX_VARIANTS)
         .arg(extras.unlock.unwrap_or(""));
-    match put.asked {
-        Some(asked) => store.arg(asked_ms_ago(asked)),
+    match extras.asked_ms_ago {
+        Some(ago) => store.arg(ago),
         None => store.arg(""),
     };
     store.arg(extras.tombstone_ms);
@@ -630,78 +637,140 @@ pub(crate) enum PutReply {
     /// Stored (or a reply this version does not know: nothing to report).
     Stored,
     /// Dropped: a purge, removal or soft purge of the URL is newer than the
-    /// fill's question (or took the fill's lock).
+    /// fill's question.
     Purged,
     /// Dropped: the fill no longer held its lock and asked longer ago than
     /// a purge's tombstone lives, so it cannot tell whether a purge came
     /// while it asked.
     TooSlow,
+    /// Dropped: the fill took the lock and lost it (its origin outlived
+    /// `lock_ttl`) where the URL holds an older purge or soft-purge mark.
+    LockLost,
 }
 
 impl PutReply {
-    /// The scripts' answer: 0 purged, 1 stored, 2 too slow.
+    /// The scripts' answer: 1 stored, 0 purged, 2 too slow, 3 lock lost.
     pub(crate) fn of(reply: Option<&Value>) -> Self {
         match reply {
             Some(Value::Int(0)) => Self::Purged,
             Some(Value::Int(2)) => Self::TooSlow,
+            Some(Value::Int(3)) => Self::LockLost,
             _ => Self::Stored,
         }
     }
 }
 
-/// Which cache a fill belongs to, for [`report_put`]'s count.
+/// Which cache a fill belongs to, for [`RedisStore::report_put`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Kind {
     Page,
     Data,
 }
 
-/// Counts a fill that was not stored (`tower_redis_cache_fills_dropped_total`)
-/// and says why: at debug level when a purge came while it asked (the
-/// purge did its job); as a warning when its answer came too late to be
-/// checked against purges, which happens again at every fill of that URL
-/// until `lock_ttl` is raised.
-pub(crate) fn report_put(
-    reply: PutReply,
-    kind: Kind,
-    url: &str,
-    asked: Option<std::time::SystemTime>,
-    tombstone_ms: u64,
-) {
-    let kind = match kind {
-        Kind::Page => "page",
-        Kind::Data => "data",
-    };
-    let reason = match reply {
-        PutReply::Stored => return,
-        PutReply::Purged => {
-            tracing::debug!(target: "tower_redis_cache", kind, url, "a fill that asked before a purge of its URL was not stored");
-            "purged"
+/// How often a store warns of fills it could not store because they took
+/// too long: at most once a minute, with the number left unsaid since.
+const DROPPED_WARNING_EVERY_MS: u64 = 60_000;
+
+/// The last such warning (ms since the epoch; 0: none yet) and the drops
+/// since that were not warned of.
+#[derive(Debug, Default)]
+pub(crate) struct DroppedWarning {
+    last_ms: AtomicU64,
+    unsaid: AtomicU64,
+}
+
+impl DroppedWarning {
+    /// Whether to warn now; if so, how many drops went unsaid before this
+    /// one. One caller in a minute wins.
+    fn due(&self, now_ms: u64) -> Option<u64> {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if (last != 0 && now_ms.saturating_sub(last) < DROPPED_WARNING_EVERY_MS)
+            || self
+                .last_ms
+                .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            self.unsaid.fetch_add(1, Ordering::Relaxed);
+            return None;
         }
-        PutReply::TooSlow => {
-            let asked_ms_ago = asked.map(asked_ms_ago);
-            tracing::warn!(
-                target: "tower_redis_cache",
-                kind,
-                url,
-                asked_ms_ago,
-                tombstone_ms,
-                "an answer was served but not stored: it took longer than a purge's tombstone lives (twelve fill lock lifetimes); raise the layer's `lock_ttl` to cache it"
-            );
-            "too_slow"
+        Some(self.unsaid.swap(0, Ordering::Relaxed))
+    }
+}
+
+impl RedisStore {
+    /// Counts a fill that was not stored
+    /// (`tower_redis_cache_fills_dropped_total`) and says why: at debug
+    /// level when a purge came while it asked (the purge did its job); as
+    /// a warning, at most once a minute, when it took too long to be
+    /// checked against purges (too slow, or its lock lost), which happens
+    /// again at every such fill until `lock_ttl` is raised. The warning
+    /// names a page by its path (no query, which may carry secrets) and a
+    /// data value by its URL hash; the debug line has the whole URL.
+    pub(crate) fn report_put(
+        &self,
+        reply: PutReply,
+        kind: Kind,
+        put: &Put,
+        asked_ms_ago: Option<u64>,
+    ) {
+        let (kind, setting) = match kind {
+            Kind::Page => ("page", "CacheLayerBuilder::lock_ttl"),
+            Kind::Data => ("data", "DataCacheBuilder::lock_ttl"),
+        };
+        let reason = match reply {
+            PutReply::Stored => return,
+            PutReply::Purged => "purged",
+            PutReply::TooSlow => "too_slow",
+            PutReply::LockLost => "lock_lost",
+        };
+        tower_redis_core::record::counter(
+            "tower_redis_cache_fills_dropped_total",
+            &[("kind", kind), ("reason", reason)],
+            1,
+        );
+        tracing::debug!(target: "tower_redis_cache", kind, reason, url = %put.url, asked_ms_ago, "a fill was answered but not stored");
+        if reply == PutReply::Purged {
+            return;
         }
-    };
-    tower_redis_core::record::counter(
-        "tower_redis_cache_fills_dropped_total",
-        &[("kind", kind), ("reason", reason)],
-        1,
-    );
+        let Some(unsaid) = self.dropped_warning.due(tower_redis_core::clock::now_ms()) else {
+            return;
+        };
+        let path = match kind {
+            "page" => put.url.split('?').next().unwrap_or_default(),
+            _ => "",
+        };
+        tracing::warn!(
+            target: "tower_redis_cache",
+            kind,
+            reason,
+            path,
+            url_hash = %put.url_hash,
+            asked_ms_ago,
+            lock_ttl_ms = self.lock_ttl_ms(),
+            tombstone_ms = self.tombstone_ttl_ms(),
+            unsaid,
+            "an answer was served but not stored: it took longer than the fill lock (lock_lost) or a purge's tombstone (too_slow, twelve lock lifetimes) lives, so it could not be checked against purges; raise {setting} to cache it (at most one such warning a minute; `unsaid` counts the others since the last)"
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::{HeaderValue, StatusCode};
+
+    /// A store warns of fills it could not store at most once a minute,
+    /// and says how many it left unsaid.
+    #[test]
+    fn dropped_fills_are_warned_of_once_a_minute() {
+        let warning = DroppedWarning::default();
+        let start = 1_700_000_000_000;
+        assert_eq!(warning.due(start), Some(0));
+        assert_eq!(warning.due(start + 1), None);
+        assert_eq!(warning.due(start + DROPPED_WARNING_EVERY_MS - 1), None);
+        assert_eq!(warning.due(start + DROPPED_WARNING_EVERY_MS), Some(2));
+        assert_eq!(warning.due(start + DROPPED_WARNING_EVERY_MS + 1), None);
+    }
 
     /// A tombstone lives twelve fill lock lifetimes, at least 2 s, and at
     /// most what Lua's numbers and `PEXPIRE` take.
