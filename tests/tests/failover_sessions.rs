@@ -1,7 +1,8 @@
 //! Sessions and replication: `Durability::Replicated` sends `WAIT` after
 //! the writes of a login, a logout and a "log out everywhere" (and only
 //! those), a confirmed login
-//! survives the primary's death, and what the `WAIT` costs (printed).
+//! survives the primary's death, and what the `WAIT` costs (printed); on a
+//! Redis Cluster, the `WAIT` reaches the primary that holds the session.
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use axum::routing::{get, post};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use tower_redis_core::testing::{Monitor, TestSentinel, wait_for_breaker};
+use tower_redis_core::testing::{Monitor, TestCluster, TestSentinel, wait_for_breaker};
 use tower_redis_core::{BreakerState, RedisManager, redis};
 use tower_redis_session::{Durability, Session, SessionLayer, SessionStore};
 
@@ -238,5 +239,68 @@ async fn replicated_logins_and_logouts_wait_for_the_replica_and_survive_a_failov
         sessions.len(),
         1,
         "the logged-in session is on the new primary: {sessions:?}"
+    );
+}
+
+/// On a Redis Cluster, a confirmed login's `WAIT` reaches the primary that
+/// holds the session (redis-rs sends `WAIT` to every primary and answers
+/// with the smallest count), after the session's write there: the login
+/// then waits for that primary's replica, not another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_login_on_a_cluster_waits_on_the_primary_that_holds_its_session() {
+    let cluster = TestCluster::with_replicas(1).await;
+    let config = cluster.config().build().expect("valid config");
+    let manager = RedisManager::connect(config).await.expect("connects");
+    wait_for_breaker(&manager, BreakerState::Closed, DEADLINE).await;
+    let (replicated, _) = app(&manager, REPLICATED);
+    // Warm-up: the cluster client knows the slots before MONITOR starts.
+    let (_, _, cookie) = call(&replicated, "POST", "/login", "").await;
+    call(&replicated, "POST", "/logout", &cookie).await;
+
+    let replicas = cluster.replicas().await;
+    let urls = cluster.urls();
+    let primaries: Vec<usize> = (0..cluster.len())
+        .filter(|index| !replicas.contains(index))
+        .collect();
+    assert_eq!(primaries.len(), 3, "three primaries: {replicas:?}");
+    let mut monitors = Vec::new();
+    for &index in &primaries {
+        let client = redis::Client::open(urls[index].as_str()).expect("node URL");
+        monitors.push(Monitor::start(&client).await.expect("MONITOR"));
+    }
+    let (status, user, cookie) = call(&replicated, "POST", "/login", "").await;
+    assert_eq!((status, user.as_str()), (StatusCode::OK, "welcome"));
+    assert!(!cookie.is_empty(), "the login sets a cookie");
+    // Per primary, the commands clients sent (not those scripts ran), with
+    // their arguments.
+    let mut sent = Vec::new();
+    for monitor in monitors {
+        let lines = monitor.stop_lines().await.expect("MONITOR lines");
+        let commands: Vec<String> = lines
+            .into_iter()
+            .filter_map(|line| {
+                let (client, command) = line.split_once("] ")?;
+                (!client.ends_with(" lua")).then(|| command.to_owned())
+            })
+            .collect();
+        sent.push(commands);
+    }
+    let writes_session =
+        |command: &String| command.starts_with("\"EVALSHA\"") && command.contains(":s\"");
+    let holders: Vec<&Vec<String>> = sent
+        .iter()
+        .filter(|commands| commands.iter().any(writes_session))
+        .collect();
+    assert_eq!(holders.len(), 1, "one primary holds the session: {sent:?}");
+    let commands = holders[0];
+    let written = commands
+        .iter()
+        .position(writes_session)
+        .expect("the session's write");
+    assert!(
+        commands[written..]
+            .iter()
+            .any(|command| command.starts_with("\"WAIT\" \"1\"")),
+        "no WAIT after the session's write on its primary: {commands:?}"
     );
 }

@@ -489,6 +489,49 @@ async fn fail_safe_serves_the_expired_value_when_the_factory_fails() {
     );
 }
 
+/// Fail-safe serves an expired value only within its window past the
+/// TTL, though the value's hash may live longer in Redis: a value stored
+/// within a removal's tombstone (60 s by default) keeps the hash until the
+/// tombstone's end. Past the window a failing factory's caller gets the
+/// factory's error; within it, the expired value.
+#[tokio::test]
+async fn fail_safe_serves_an_expired_value_only_within_its_window() {
+    let redis = TestRedis::start().await;
+    let a = instance(&redis, |b| b).await;
+    let calls = Arc::new(AtomicU64::new(0));
+    let options = DataOptions::new(Duration::from_millis(200))
+        .fail_safe(Duration::from_millis(1_500))
+        .near(false);
+    for key in ["product:8", "product:9"] {
+        a.data.insert(key, &product("old"), &options).await.unwrap();
+        a.data.remove(key).await.unwrap();
+        a.data
+            .insert(key, &product("kept"), &options)
+            .await
+            .unwrap();
+    }
+    // Expired (200 ms), within the window (200 + 1,500 ms).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let served = a
+        .data
+        .get_or_insert_with("product:8", &options, failing(&calls))
+        .await
+        .unwrap();
+    assert_eq!(served, product("kept"), "the expired value, fail-safe");
+    // Past the window, while the tombstone keeps the hash in Redis.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let error = a
+        .data
+        .get_or_insert_with("product:9", &options, failing(&calls))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, DataError::Factory(message) if message == "the database is down"),
+        "a value past its fail-safe window was served: {error:?}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 /// Past the hard timeout a caller gets the expired value (or, without
 /// one, `Timeout`) at once, and the factory's value lands when it is done.
 #[tokio::test]
@@ -1342,7 +1385,7 @@ async fn a_factory_that_outlives_its_lock_after_an_older_removal_is_counted_as_l
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
     let _guard = metrics::set_default_local_recorder(&recorder);
     let redis = TestRedis::start().await;
-    let short_lock = |b: CacheLayerBuilder| b.lock_ttl(Duration::from_millis(100));
+    let short_lock = |b: CacheLayerBuilder| b.lock_ttl(Duration::from_millis(250));
     let a = Arc::new(instance(&redis, short_lock).await);
     let b = instance(&redis, short_lock).await;
     let options = DataOptions::new(Duration::from_secs(60)).near(false);
@@ -1354,8 +1397,8 @@ async fn a_factory_that_outlives_its_lock_after_an_older_removal_is_counted_as_l
     // Older than the factory's start by more than the second's margin a
     // fill adds to its age.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
-    let filling = filling_old_until(&a, tokio::time::sleep(Duration::from_millis(500))).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let filling = filling_old_until(&a, tokio::time::sleep(Duration::from_millis(800))).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let new = b
         .data
         .get_or_insert_with("product:9", &options, || async {

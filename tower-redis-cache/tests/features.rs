@@ -1798,8 +1798,8 @@ async fn a_fill_slower_than_a_tombstone_lives_does_not_store_what_a_purge_remove
 /// tell a purge's removal of its lock from the lock's expiry), and is
 /// counted as `lock_lost`, not as purged: the cure is a longer
 /// `lock_ttl`. Here the URL was soft-purged a while before a background
-/// refresh that takes 500 ms under a 100 ms lock, which another instance
-/// takes over once it has expired.
+/// refresh that takes 800 ms under a 250 ms lock (a tombstone would live
+/// 3 s), which another instance takes over once it has expired.
 #[tokio::test]
 async fn a_fill_that_outlives_its_lock_after_an_older_purge_is_counted_as_lock_lost() {
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
@@ -1807,7 +1807,7 @@ async fn a_fill_that_outlives_its_lock_after_an_older_purge_is_counted_as_lock_l
     let snapshotter = recorder.snapshotter();
     let redis = TestRedis::start().await;
     let origin = Origin::default();
-    let short_lock = |b: CacheLayerBuilder| b.lock_ttl(Duration::from_millis(100));
+    let short_lock = |b: CacheLayerBuilder| b.lock_ttl(Duration::from_millis(250));
     let a = instance(redis.config(), &origin, short_lock).await;
     let b = instance(redis.config(), &origin, short_lock).await;
     get_settled(&a, "/item/1").await;
@@ -1816,12 +1816,12 @@ async fn a_fill_that_outlives_its_lock_after_an_older_purge_is_counted_as_lock_l
     // Older than the question by more than the second's margin a fill
     // adds to its age.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
-    origin.delay_ms.store(500, Ordering::SeqCst);
+    origin.delay_ms.store(800, Ordering::SeqCst);
     // Served stale while a background refresh asks the origin; once its
     // lock has expired, `b` takes it over for a refresh of its own.
     let stale = get(&a.app, "/item/1").await;
     assert_eq!(stale.body, "item-1-v1", "{}", stale.cache_status());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let stale = get(&b.app, "/item/1").await;
     assert_eq!(stale.body, "item-1-v1", "{}", stale.cache_status());
     a.layer.flush().await;

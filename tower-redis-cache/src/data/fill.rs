@@ -155,7 +155,13 @@ impl<C: Codec> DataCache<C> {
                 return Ok(Next::Hit(value));
             }
             seen = Some(stored.stored_at);
-            if options.fail_safe.is_some() {
+            // Within the fail-safe window past its TTL, as this call's
+            // options set it: the value's hash may live longer in Redis
+            // (one stored within a removal's tombstone keeps it until the
+            // tombstone's end), and a near copy for its own TTL.
+            if let Some(window) = options.fail_safe
+                && stored.age_ms(now) <= stored.ttl_ms.saturating_add(clock::duration_ms(window))
+            {
                 stale = Some((stored, value));
             }
         }

@@ -64,7 +64,9 @@ impl DataOptions {
     }
 
     /// Keeps values this long past their TTL, to serve when the factory
-    /// fails or exceeds a timeout (fail-safe).
+    /// fails or exceeds a timeout (fail-safe). A value older than its TTL
+    /// plus this window (by this call's options) is not served, wherever
+    /// it was found.
     pub fn fail_safe(mut self, window: Duration) -> Self {
         self.fail_safe = Some(window);
         self

@@ -112,8 +112,9 @@ redis.call('HSET', KEYS[1], 'vary', '', ARGV[1], entry)
 -- A removal's tombstone (`pg`) keeps its life: a value kept for less
 -- must not take it along, or a fill from before the removal would find
 -- no mark and store. (So a value stored within a tombstone's life may
--- stay in Redis, and be served by fail-safe, past its own window until
--- that tombstone's end; once it has passed, the value's own.)
+-- stay in Redis past its own window until that tombstone's end, using
+-- memory; once it has passed, the value's own. Fail-safe does not serve
+-- it past its window: readers check its age.)
 redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[3]), tombstone_left))
 if release and held[2] then
   redis.call('HDEL', KEYS[1], 'lk', 'lw')
