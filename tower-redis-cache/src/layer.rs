@@ -916,8 +916,8 @@ impl CacheLayerBuilder {
     /// cached (counted in `tower_redis_cache_fills_dropped_total` with
     /// `reason="too_slow"`, and a warning at most once a minute), so
     /// raise this for a slow origin. So is a fill that outlived its lock,
-    /// which another fill then took, where the URL holds an older purge
-    /// mark (`reason="lock_lost"`). Give every instance and data cache that shares
+    /// which another fill then took, where the URL holds an older purge or
+    /// soft-purge mark (`reason="lock_lost"`). Give every instance and data cache that shares
     /// the key prefix the same value: a fill is checked against tombstones
     /// as long as its own instance says they live.
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {

@@ -152,10 +152,22 @@
 //!   is a fill without its lock (lost or never taken) that asked longer
 //!   ago than a tombstone lives (a purge early in its question may have
 //!   left a tombstone that is gone by then). A value stored with a
-//!   shorter TTL keeps a tombstone's life. Not covered: a fill whose write
-//!   takes more than that second to reach Redis; a tag, prefix or path
-//!   purge of a URL with nothing in Redis (not stored yet, or expired),
-//!   and a soft purge of one; an invalidation of a URL with nothing stored (a client's unsafe
+//!   shorter TTL keeps a tombstone's life. A purge by tag, prefix, path or
+//!   everything also leaves a mark in the index it reads (the tag's, the
+//!   prefix's directory's, or the root's), for a tombstone's life: a fill
+//!   of a URL the index did not name yet (nothing stored: the first fill,
+//!   or one after expiry) that asked before the mark finds it when it
+//!   records its URL there, and deletes what it just stored (for a moment,
+//!   one round trip, it was in Redis). A fill holding its lock is judged by
+//!   when Redis granted the lock, exactly; one without it by its age, with
+//!   the second's margin. The mark is per index, so a prefix or path purge
+//!   also drops the fills then under way of other URLs in the same
+//!   directory (down to the index depth), and a purge of everything every
+//!   fill under way: one more miss each. Not covered: a fill whose write
+//!   takes more than that second to reach Redis; a fill that still holds
+//!   a lock it took longer ago than a tombstone lives (its origin outlived
+//!   the lock, and nobody took it over) of a URL with nothing stored,
+//!   against a tag or prefix purge; an invalidation of a URL with nothing stored (a client's unsafe
 //!   request writes nothing to Redis then); a tag or prefix purge made
 //!   during an outage, which is replayed without tombstones; the answer to
 //!   a `POST` stored for `GET`s (`store_post`), which is newer than its own

@@ -1798,8 +1798,8 @@ async fn a_fill_slower_than_a_tombstone_lives_does_not_store_what_a_purge_remove
 /// tell a purge's removal of its lock from the lock's expiry), and is
 /// counted as `lock_lost`, not as purged: the cure is a longer
 /// `lock_ttl`. Here the URL was soft-purged a while before a background
-/// refresh that takes 800 ms under a 250 ms lock (a tombstone would live
-/// 3 s), which another instance takes over once it has expired.
+/// refresh that takes 1.5 s under a 300 ms lock (a tombstone would live
+/// 3.6 s), which another instance takes over once it has expired.
 #[tokio::test]
 async fn a_fill_that_outlives_its_lock_after_an_older_purge_is_counted_as_lock_lost() {
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
@@ -1807,7 +1807,7 @@ async fn a_fill_that_outlives_its_lock_after_an_older_purge_is_counted_as_lock_l
     let snapshotter = recorder.snapshotter();
     let redis = TestRedis::start().await;
     let origin = Origin::default();
-    let short_lock = |b: CacheLayerBuilder| b.lock_ttl(Duration::from_millis(250));
+    let short_lock = |b: CacheLayerBuilder| b.lock_ttl(Duration::from_millis(300));
     let a = instance(redis.config(), &origin, short_lock).await;
     let b = instance(redis.config(), &origin, short_lock).await;
     get_settled(&a, "/item/1").await;
@@ -1816,12 +1816,12 @@ async fn a_fill_that_outlives_its_lock_after_an_older_purge_is_counted_as_lock_l
     // Older than the question by more than the second's margin a fill
     // adds to its age.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
-    origin.delay_ms.store(800, Ordering::SeqCst);
+    origin.delay_ms.store(1_500, Ordering::SeqCst);
     // Served stale while a background refresh asks the origin; once its
     // lock has expired, `b` takes it over for a refresh of its own.
     let stale = get(&a.app, "/item/1").await;
     assert_eq!(stale.body, "item-1-v1", "{}", stale.cache_status());
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
     let stale = get(&b.app, "/item/1").await;
     assert_eq!(stale.body, "item-1-v1", "{}", stale.cache_status());
     a.layer.flush().await;
@@ -1877,6 +1877,12 @@ async fn a_fill_with_or_without_its_lock_that_began_before_any_purge_does_not_st
         (&lockless, "url", true),
         (&lockless, "soft tag", true),
         (&lockless, "url", false),
+        // Nothing stored yet: the purge finds no URL in its index, and
+        // leaves a mark there that the fill finds when it records its URL.
+        (&locked, "tag", false),
+        (&locked, "prefix", false),
+        (&locked, "soft tag", false),
+        (&lockless, "tag", false),
     ];
     for (n, (a, how, stored)) in cases.into_iter().enumerate() {
         let id = n + 1;

@@ -147,7 +147,8 @@ impl DataCacheBuilder {
     /// `tower_redis_cache_fills_dropped_total` with `kind="data"`,
     /// `reason="too_slow"`, and a warning at most once a minute; a factory
     /// that outlived its lock, which another fill then took, where the
-    /// value holds an older removal mark, alike with `reason="lock_lost"`).
+    /// value holds an older removal or soft-purge mark, alike with
+    /// `reason="lock_lost"`).
     /// Give every cache that shares the key prefix the same value.
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {
         self.lock_ttl = ttl.max(Duration::from_millis(1));

@@ -66,7 +66,10 @@ impl DataOptions {
     /// Keeps values this long past their TTL, to serve when the factory
     /// fails or exceeds a timeout (fail-safe). A value older than its TTL
     /// plus this window (by this call's options) is not served, wherever
-    /// it was found.
+    /// it was found. Its age is this instance's clock against the time
+    /// Redis stored it, as for freshness: an instance whose clock runs
+    /// ahead of Redis' by more than the TTL plus this window serves no
+    /// expired value.
     pub fn fail_safe(mut self, window: Duration) -> Self {
         self.fail_safe = Some(window);
         self

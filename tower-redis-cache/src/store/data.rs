@@ -137,7 +137,7 @@ return 1
 /// time, bytes 7..14 of the entry, later than ARGV[5], both 8-byte
 /// big-endian). A caller that finds the lock held marks the hash (`lw`),
 /// so that the holder announces its value.
-/// Returns 'acquired', 'held' or 'filled'.
+/// Returns 'acquired:<now>' (Redis' time, ms), 'held' or 'filled'.
 static DATA_LOCK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -162,7 +162,7 @@ end
 redis.call('HSET', KEYS[1], 'lk', ARGV[1] .. ':' .. (now + tonumber(ARGV[2])))
 -- A lock taken in a tombstone outlives it (as `lock.lua`'s).
 if pttl < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 'acquired'
+return 'acquired:' .. now
 ",
     )
 });
@@ -447,10 +447,21 @@ impl RedisStore {
         let message = Bus::updated_message(&put.url_hash);
         let entry = put.entry.encode();
         let tombstone_ms = self.tombstone_ttl_ms();
-        let asked_ms_ago = put.asked.map(redis_store::asked_ms_ago);
-        let reply = self
+        let (mut reply, index_purged, asked_ms_ago) = self
             .manager
             .run(|mut conn| async move {
+                // Measured once a connection is at hand: the margin it
+                // adds covers the write's way from here on.
+                let asked_ms_ago = put.asked.map(redis_store::asked_ms_ago);
+                let extras = redis_store::Extras {
+                    indexes: &[],
+                    url: &put.url,
+                    unlock: None,
+                    announce: None,
+                    tombstone_ms,
+                    asked_ms_ago,
+                    lock_taken_at_ms: put.asked.and(unlock.and_then(LockToken::taken_at_ms)),
+                };
                 let cluster = conn.is_cluster();
                 let mut ops = Vec::with_capacity(put.tags.len() + 3);
                 let mut store = DATA_PUT.key(&key);
@@ -469,35 +480,43 @@ impl RedisStore {
                 };
                 store.arg(tombstone_ms);
                 ops.push(Op::Script(store));
+                let indexes = 1 + put.tags.len();
                 for index in std::iter::once(self.index_key("cx", "/"))
                     .chain(put.tags.iter().map(|tag| self.index_key("ct", tag)))
                 {
-                    let mut record = INDEX.key(index);
-                    record.arg(&put.url).arg(ttl);
-                    ops.push(Op::Script(record));
+                    ops.push(Op::Script(redis_store::index_record(
+                        &index, &put.url, ttl, &extras,
+                    )));
                 }
                 if cluster {
                     ops.push(redis_store::publish(&self.channel, &message));
-                    let replies = redis_store::run_ops(&mut conn, &ops).await?;
-                    return Ok(PutReply::of(replies.first()));
                 }
-                let mut pipe = redis::pipe();
-                for (n, op) in ops.iter().enumerate() {
-                    if let Op::Script(invocation) = op {
-                        // The store's answer is kept; the index records'
-                        // are not.
-                        let sent = pipe.invoke_script(invocation);
-                        if n > 0 {
-                            sent.ignore();
+                let replies = if cluster {
+                    redis_store::run_ops(&mut conn, &ops).await?
+                } else {
+                    let mut pipe = redis::pipe();
+                    for op in &ops {
+                        if let Op::Script(invocation) = op {
+                            pipe.invoke_script(invocation);
                         }
                     }
-                }
-                let (reply,): (Value,) =
-                    tower_redis_core::pipeline_with_scripts(&mut conn, &pipe, &[&DATA_PUT, &INDEX])
-                        .await?;
-                Ok(PutReply::of(Some(&reply)))
+                    tower_redis_core::pipeline_with_scripts::<Vec<Value>>(
+                        &mut conn,
+                        &pipe,
+                        &[&DATA_PUT, &INDEX],
+                    )
+                    .await?
+                };
+                Ok((
+                    PutReply::of(replies.first()),
+                    redis_store::index_purged(&replies, indexes),
+                    asked_ms_ago,
+                ))
             })
             .await?;
+        if index_purged && reply == PutReply::Stored {
+            reply = self.drop_purged_fill(&put.url_hash).await?;
+        }
         self.report_put(reply, Kind::Data, put, asked_ms_ago);
         Ok(())
     }

@@ -122,10 +122,13 @@ impl RedisStore {
             });
         let answer = self.manager.invoke_script::<String>(&invocation).await?;
         Ok(match answer.as_str() {
-            "acquired" => LockAttempt::Acquired(LockToken {
-                token: token.as_str().to_owned(),
-            }),
             "filled" => LockAttempt::Filled,
+            acquired if acquired.starts_with("acquired") => LockAttempt::Acquired(LockToken {
+                token: token.as_str().to_owned(),
+                taken_at_ms: acquired
+                    .strip_prefix("acquired:")
+                    .and_then(|at| at.parse().ok()),
+            }),
             _ => LockAttempt::Held,
         })
     }

@@ -168,6 +168,10 @@ pub(crate) struct Put {
 #[derive(Debug)]
 pub(crate) struct LockToken {
     token: String,
+    /// When Redis granted it (ms, Redis' clock), when known: its fill asks
+    /// the origin no earlier, so a purge mark newer than this may be newer
+    /// than the question (`index.lua`).
+    taken_at_ms: Option<u64>,
 }
 
 impl LockToken {
@@ -175,6 +179,7 @@ impl LockToken {
     pub(crate) fn generate() -> Self {
         Self {
             token: format!("{:016x}", rand::random::<u64>()),
+            taken_at_ms: None,
         }
     }
 
@@ -182,11 +187,17 @@ impl LockToken {
     pub(crate) fn from_token(token: &str) -> Self {
         Self {
             token: token.to_owned(),
+            taken_at_ms: None,
         }
     }
 
     pub(crate) fn as_str(&self) -> &str {
         &self.token
+    }
+
+    /// When Redis granted the lock (ms, Redis' clock), when known.
+    pub(crate) fn taken_at_ms(&self) -> Option<u64> {
+        self.taken_at_ms
     }
 }
 

@@ -3,7 +3,9 @@
 //! soft. In Redis a purge reads the tag's or directory's index and deletes
 //! (or marks stale) the URLs it lists, a page at a time.
 
-use tower_redis_core::redis::{self, Value};
+use std::sync::LazyLock;
+
+use tower_redis_core::redis::{self, Script, Value};
 
 use super::redis_store::{self, Op, RedisStore, Tombstone};
 use super::{CacheStore, EntryStore, OutageChange, Purged, Target};
@@ -12,6 +14,32 @@ use crate::key;
 
 /// URLs deleted per pipeline in a purge.
 const PURGE_BATCH: usize = 500;
+
+/// The member of an index that marks its newest purge (`index.lua`): no
+/// URL starts with a NUL byte.
+const PURGE_MARK_MEMBER: &str = "\0purged";
+
+/// Leaves a purge's mark in a tag's or prefix's index, before the purge
+/// reads it: the member `\0purged`, scored minus Redis' time (the newest
+/// mark kept), and the index kept at least as long as the mark lives. A
+/// fill of a URL the index does not name yet (nothing stored) that asked
+/// the origin before the mark learns of the purge when it records its URL
+/// there (`index.lua`), and removes what it stored.
+/// KEYS[1] the index; ARGV[1] how long the mark lives (a tombstone's
+/// life, ms).
+static PURGE_MARK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], 'LT', -now, '\0purged')
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return 1
+",
+    )
+});
 
 /// How many purged URLs the purging instance drops one by one from its
 /// near tier; a purge of more empties the tier instead.
@@ -188,6 +216,10 @@ struct Indexed<'a> {
 
 impl Indexed<'_> {
     fn selects(&self, url: &str) -> bool {
+        if url == PURGE_MARK_MEMBER {
+            // The purge mark (`PURGE_MARK`), not a URL.
+            return false;
+        }
         match self.filter {
             None => true,
             Some((prefix, false)) => key::path_of(url).starts_with(prefix),
@@ -232,6 +264,11 @@ impl RedisStore {
                 filter: None,
             },
         };
+        if !replay {
+            let mut mark = PURGE_MARK.key(&indexed.index);
+            mark.arg(self.tombstone_ttl_ms());
+            self.manager.invoke_script::<i64>(&mark).await?;
+        }
         let count = self.purge_pages(&indexed, soft_at, removed, replay).await?;
         if matches!(target, Target::All) && soft_at.is_none() {
             self.manager

@@ -203,13 +203,17 @@ impl EntryStore for RedisStore {
             unlock: unlock.map(LockToken::as_str),
             announce: Some((&self.channel, &message)),
             tombstone_ms: self.tombstone_ttl_ms(),
-            asked_ms_ago: put.asked.map(asked_ms_ago),
+            asked_ms_ago: None,
+            lock_taken_at_ms: put.asked.and(unlock.and_then(LockToken::taken_at_ms)),
         };
-        let reply = self
+        let (mut reply, index_purged, asked_ms_ago) = self
             .manager
             .run(|conn| self::put(conn, &key, put, &extras))
             .await?;
-        self.report_put(reply, Kind::Page, put, extras.asked_ms_ago);
+        if index_purged && reply == PutReply::Stored {
+            reply = self.drop_purged_fill(&put.url_hash).await?;
+        }
+        self.report_put(reply, Kind::Page, put, asked_ms_ago);
         Ok(())
     }
 
@@ -531,9 +535,14 @@ pub(crate) struct Extras<'a> {
     /// How long a purge's tombstone lives (ms): a fill that asked longer
     /// ago is not stored.
     pub(crate) tombstone_ms: u64,
-    /// How long ago the fill asked the origin ([`asked_ms_ago`]); `None`
-    /// for a write that is no fill.
+    /// How long ago the fill asked the origin ([`asked_ms_ago`], measured
+    /// by [`put`] once it has a connection); `None` for a write that is no
+    /// fill.
     pub(crate) asked_ms_ago: Option<u64>,
+    /// When Redis granted the fill its lock (ms, Redis' clock), when it
+    /// holds one and that is known: a surer bound on its question than
+    /// [`asked_ms_ago`](Self::asked_ms_ago), with no margin.
+    pub(crate) lock_taken_at_ms: Option<u64>,
 }
 
 /// A purge's tombstone lives this many fill lock lifetimes: a fill that
@@ -600,7 +609,14 @@ pub(crate) async fn put(
     key: &str,
     put: &Put,
     extras: &Extras<'_>,
-) -> RedisResult<PutReply> {
+) -> RedisResult<(PutReply, bool, Option<u64>)> {
+    // Measured once a connection is at hand: the margin it adds covers
+    // the write's way from here on.
+    let asked_ms_ago = put.asked.map(asked_ms_ago);
+    let extras = &Extras {
+        asked_ms_ago,
+        ..*extras
+    };
     let ttl = u64::try_from(put.keep_for.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
@@ -620,15 +636,63 @@ pub(crate) async fn put(
     store.arg(extras.tombstone_ms);
     ops.push(Op::Script(store));
     for index in extras.indexes {
-        let mut record = INDEX.key(index);
-        record.arg(extras.url).arg(ttl);
-        ops.push(Op::Script(record));
+        ops.push(Op::Script(index_record(index, extras.url, ttl, extras)));
     }
     if let Some((channel, message)) = extras.announce {
         ops.push(publish(channel, message));
     }
     let replies = run_ops(&mut conn, &ops).await?;
-    Ok(PutReply::of(replies.first()))
+    Ok((
+        PutReply::of(replies.first()),
+        index_purged(&replies, extras.indexes.len()),
+        asked_ms_ago,
+    ))
+}
+
+/// `index.lua`'s record of `url` (kept `ttl_ms`) under `index`, with what
+/// it needs to tell a fill that a purge of the index came after its
+/// question.
+pub(crate) fn index_record(
+    index: &str,
+    url: &str,
+    ttl_ms: u64,
+    extras: &Extras<'_>,
+) -> ScriptInvocation<'static> {
+    let mut record = INDEX.key(index);
+    record.arg(url).arg(ttl_ms);
+    match (extras.lock_taken_at_ms, extras.asked_ms_ago) {
+        (Some(at), _) => record.arg(at).arg(""),
+        (None, Some(ago)) => record.arg("").arg(ago),
+        (None, None) => record.arg("").arg(""),
+    };
+    record.arg(extras.tombstone_ms);
+    record
+}
+
+/// Whether one of the `indexes` records that follow the store's own reply
+/// in `replies` answered that a purge of its index is newer than the
+/// fill's question (`index.lua`'s 0).
+pub(crate) fn index_purged(replies: &[Value], indexes: usize) -> bool {
+    replies
+        .iter()
+        .skip(1)
+        .take(indexes)
+        .any(|reply| matches!(reply, Value::Int(0)))
+}
+
+impl RedisStore {
+    /// A fill stored its entry, and a tag or prefix purge came after its
+    /// question (the purge did not find the URL, stored after it read the
+    /// index): the entry is deleted again, with a tombstone, and its
+    /// removal announced.
+    pub(crate) async fn drop_purged_fill(
+        &self,
+        url_hash: &str,
+    ) -> Result<PutReply, tower_redis_core::Error> {
+        self.delete_urls(&[url_hash.to_owned()], Tombstone::Stored)
+            .await?;
+        Ok(PutReply::Purged)
+    }
 }
 
 /// What `put.lua` (or the data cache's `DATA_PUT`) answered a fill.
@@ -671,15 +735,32 @@ pub(crate) enum Kind {
 /// too long: at most once a minute, with the number left unsaid since.
 const DROPPED_WARNING_EVERY_MS: u64 = 60_000;
 
-/// The last such warning (ms since the epoch; 0: none yet) and the drops
-/// since that were not warned of.
-#[derive(Debug, Default)]
+/// The last such warning (ms on a monotonic clock that starts with the
+/// store, plus 1; 0: none yet) and the too-slow or lock-lost drops since
+/// that were not warned of.
+#[derive(Debug)]
 pub(crate) struct DroppedWarning {
+    origin: std::time::Instant,
     last_ms: AtomicU64,
     unsaid: AtomicU64,
 }
 
+impl Default for DroppedWarning {
+    fn default() -> Self {
+        Self {
+            origin: std::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+            unsaid: AtomicU64::new(0),
+        }
+    }
+}
+
 impl DroppedWarning {
+    /// Now, for [`due`](Self::due): unmoved by changes to the wall clock.
+    fn now_ms(&self) -> u64 {
+        tower_redis_core::clock::duration_ms(self.origin.elapsed()).saturating_add(1)
+    }
+
     /// Whether to warn now; if so, how many drops went unsaid before this
     /// one. One caller in a minute wins.
     fn due(&self, now_ms: u64) -> Option<u64> {
@@ -732,7 +813,7 @@ impl RedisStore {
         if reply == PutReply::Purged {
             return;
         }
-        let Some(unsaid) = self.dropped_warning.due(tower_redis_core::clock::now_ms()) else {
+        let Some(unsaid) = self.dropped_warning.due(self.dropped_warning.now_ms()) else {
             return;
         };
         let path = match kind {
