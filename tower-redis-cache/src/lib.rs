@@ -152,22 +152,31 @@
 //!   is a fill without its lock (lost or never taken) that asked longer
 //!   ago than a tombstone lives (a purge early in its question may have
 //!   left a tombstone that is gone by then). A value stored with a
-//!   shorter TTL keeps a tombstone's life. A purge by tag, prefix, path or
-//!   everything also leaves a mark in the index it reads (the tag's, the
-//!   prefix's directory's, or the root's), for a tombstone's life: a fill
-//!   of a URL the index did not name yet (nothing stored: the first fill,
-//!   or one after expiry) that asked before the mark finds it when it
-//!   records its URL there, and deletes what it just stored (for a moment,
-//!   one round trip, it was in Redis). A fill holding its lock is judged by
-//!   when Redis granted the lock, exactly; one without it by its age, with
-//!   the second's margin. The mark is per index, so a prefix or path purge
-//!   also drops the fills then under way of other URLs in the same
-//!   directory (down to the index depth), and a purge of everything every
-//!   fill under way: one more miss each. Not covered: a fill whose write
-//!   takes more than that second to reach Redis; a fill that still holds
-//!   a lock it took longer ago than a tombstone lives (its origin outlived
-//!   the lock, and nobody took it over) of a URL with nothing stored,
-//!   against a tag or prefix purge; an invalidation of a URL with nothing stored (a client's unsafe
+//!   shorter TTL keeps a tombstone's life. A purge by tag or of everything
+//!   also leaves a mark in the index it reads (the tag's, or the root's,
+//!   which names every URL), for a tombstone's life: a fill of a URL the
+//!   index did not name yet (nothing stored: the first fill, or one after
+//!   expiry) that asked before the mark finds it when it records its URL
+//!   there. A fill holding its lock is judged by when Redis granted the
+//!   lock, exactly; one without it by its age, with the second's margin.
+//!   On one server (standalone, Sentinel) the record comes first in the
+//!   fill's write and leaves the URL the tombstone the purge would have
+//!   left, so the fill's answer is never stored. On a Redis Cluster the
+//!   index may be on another node: the answer is stored, then deleted
+//!   again one round trip later, and a request that waited for that fill
+//!   (or polled meanwhile) may be answered it; there the lock's time and
+//!   the mark's come from two nodes' clocks, compared as they are (a
+//!   locked fill whose lock was granted within their skew before the purge
+//!   may store). Not covered: a fill whose write takes more
+//!   than that second to reach Redis; a prefix or path purge of a URL with
+//!   nothing stored (a directory's index names more than the purge
+//!   selects, so it leaves no mark); a fill that still holds a lock it
+//!   took longer ago than a tombstone lives (its origin outlived the lock,
+//!   and nobody took it over) of a URL with nothing stored, against a tag
+//!   purge; on a Cluster, a fill without its lock whose entry is written
+//!   after a tag purge's deletes but whose index record ran before the
+//!   purge's mark; while instances of an earlier version still write (their
+//!   index records drop the marks); an invalidation of a URL with nothing stored (a client's unsafe
 //!   request writes nothing to Redis then); a tag or prefix purge made
 //!   during an outage, which is replayed without tombstones; the answer to
 //!   a `POST` stored for `GET`s (`store_post`), which is newer than its own

@@ -1513,16 +1513,39 @@ async fn a_tag_purge_holds_against_the_first_fill_of_a_value() {
     let _guard = metrics::set_default_local_recorder(&recorder);
     let redis = TestRedis::start().await;
     let a = instance(&redis, |b| b).await;
+    tag_purged_during_the_first_fill(&a, &recorder).await;
+}
+
+/// The same on a Redis Cluster, where the tag's index and the value may
+/// be on two nodes: the fill stores, learns of the mark from the index's
+/// node, and deletes what it stored.
+#[tokio::test]
+async fn a_tag_purge_holds_against_the_first_fill_of_a_value_on_a_cluster() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let cluster = tower_redis_core::testing::TestCluster::start().await;
+    let a = instance_on(cluster.config(), |b| b, Arc::new(AtomicU64::new(0))).await;
+    tag_purged_during_the_first_fill(&a, &recorder).await;
+}
+
+/// `product:9` (tagged `product-9`) purged by tag while `a` makes it for
+/// the first time; then made again after the purge.
+async fn tag_purged_during_the_first_fill(
+    a: &Instance,
+    recorder: &metrics_util::debugging::DebuggingRecorder,
+) {
     let options = DataOptions::new(Duration::from_secs(60))
         .near(false)
         .tag("product-9");
     let (started, factory_started) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
     let filling = tokio::spawn({
         let (data, options) = (a.data.clone(), options.clone());
         async move {
             data.get_or_insert_with("product:9", &options, move || async move {
                 let _ = started.send(());
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                // Answers once the purge has returned.
+                let _ = released.await;
                 Ok::<_, String>(product("old"))
             })
             .await
@@ -1533,6 +1556,7 @@ async fn a_tag_purge_holds_against_the_first_fill_of_a_value() {
         .expect("the factory was not called")
         .unwrap();
     a.layer.handle().purge_tag("product-9").await;
+    release.send(()).unwrap();
     assert_eq!(filling.await.unwrap().unwrap(), product("old"));
     a.layer.flush().await;
     assert_eq!(

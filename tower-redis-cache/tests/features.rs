@@ -1877,10 +1877,9 @@ async fn a_fill_with_or_without_its_lock_that_began_before_any_purge_does_not_st
         (&lockless, "url", true),
         (&lockless, "soft tag", true),
         (&lockless, "url", false),
-        // Nothing stored yet: the purge finds no URL in its index, and
+        // Nothing stored yet: a tag purge finds no URL in its index, and
         // leaves a mark there that the fill finds when it records its URL.
         (&locked, "tag", false),
-        (&locked, "prefix", false),
         (&locked, "soft tag", false),
         (&lockless, "tag", false),
     ];

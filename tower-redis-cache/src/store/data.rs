@@ -456,7 +456,7 @@ impl RedisStore {
                 let extras = redis_store::Extras {
                     indexes: &[],
                     url: &put.url,
-                    unlock: None,
+                    unlock: unlock.map(LockToken::as_str),
                     announce: None,
                     tombstone_ms,
                     asked_ms_ago,
@@ -479,18 +479,25 @@ impl RedisStore {
                     None => store.arg(""),
                 };
                 store.arg(tombstone_ms);
-                ops.push(Op::Script(store));
+                // As for pages (`redis_store::put`): not on a Cluster, the
+                // index records go first, and may leave the value a
+                // tombstone that the store then finds.
                 let indexes = 1 + put.tags.len();
+                let mut store = Some(store);
+                if cluster {
+                    ops.extend(store.take().map(Op::Script));
+                }
                 for index in std::iter::once(self.index_key("cx", "/"))
                     .chain(put.tags.iter().map(|tag| self.index_key("ct", tag)))
                 {
                     ops.push(Op::Script(redis_store::index_record(
-                        &index, &put.url, ttl, &extras,
+                        &index, &put.url, ttl, &extras, &key, cluster,
                     )));
                 }
                 if cluster {
                     ops.push(redis_store::publish(&self.channel, &message));
                 }
+                ops.extend(store.take().map(Op::Script));
                 let replies = if cluster {
                     redis_store::run_ops(&mut conn, &ops).await?
                 } else {
@@ -507,15 +514,19 @@ impl RedisStore {
                     )
                     .await?
                 };
-                Ok((
-                    PutReply::of(replies.first()),
-                    redis_store::index_purged(&replies, indexes),
-                    asked_ms_ago,
-                ))
+                Ok(if cluster {
+                    (
+                        PutReply::of(replies.first()),
+                        redis_store::index_purged(&replies[1.min(replies.len())..], indexes),
+                        asked_ms_ago,
+                    )
+                } else {
+                    (PutReply::of(replies.get(indexes)), false, asked_ms_ago)
+                })
             })
             .await?;
         if index_purged && reply == PutReply::Stored {
-            reply = self.drop_purged_fill(&put.url_hash).await?;
+            reply = self.drop_purged_fill(&put.url_hash).await;
         }
         self.report_put(reply, Kind::Data, put, asked_ms_ago);
         Ok(())

@@ -264,10 +264,18 @@ impl RedisStore {
                 filter: None,
             },
         };
-        if !replay {
+        // A tag's index names exactly the URLs under the tag, and the
+        // root's every URL: a mark there concerns the fills it reaches. A
+        // directory's index holds more than a prefix or path selects, and
+        // a mark in it would drop the fills of URLs the purge does not
+        // name (the root's, for a top-level path), so those leave none.
+        if !replay && matches!(target, Target::Tag(_) | Target::All) {
             let mut mark = PURGE_MARK.key(&indexed.index);
             mark.arg(self.tombstone_ttl_ms());
-            self.manager.invoke_script::<i64>(&mark).await?;
+            if let Err(error) = self.manager.invoke_script::<i64>(&mark).await {
+                // The purge goes on: what it finds it removes all the same.
+                tracing::warn!(target: "tower_redis_cache", %error, "a purge could not leave its mark in its index: a fill under way of a URL with nothing stored may store after it");
+            }
         }
         let count = self.purge_pages(&indexed, soft_at, removed, replay).await?;
         if matches!(target, Target::All) && soft_at.is_none() {

@@ -211,7 +211,7 @@ impl EntryStore for RedisStore {
             .run(|conn| self::put(conn, &key, put, &extras))
             .await?;
         if index_purged && reply == PutReply::Stored {
-            reply = self.drop_purged_fill(&put.url_hash).await?;
+            reply = self.drop_purged_fill(&put.url_hash).await;
         }
         self.report_put(reply, Kind::Page, put, asked_ms_ago);
         Ok(())
@@ -603,7 +603,12 @@ const ASKED_MARGIN: Duration = Duration::from_secs(1);
 const UNKNOWN_AGE_MS: u64 = 1000 * 365 * 24 * 3_600_000;
 
 /// The whole write of an entry as one batch: the entry, its index
-/// records, the lock release and the announcement. One round trip.
+/// records, the lock release and the announcement. One round trip. Not on
+/// a Redis Cluster, the index records go first and may leave the URL a
+/// tombstone that the entry's script then finds (`index.lua`); on a
+/// Cluster they go to their own nodes, and the answer says whether one of
+/// them found a purge newer than the fill's question (the caller then
+/// deletes what was stored).
 pub(crate) async fn put(
     mut conn: RedisConnection,
     key: &str,
@@ -634,64 +639,96 @@ pub(crate) async fn put(
         None => store.arg(""),
     };
     store.arg(extras.tombstone_ms);
-    ops.push(Op::Script(store));
-    for index in extras.indexes {
-        ops.push(Op::Script(index_record(index, extras.url, ttl, extras)));
+    let cluster = conn.is_cluster();
+    let records = extras
+        .indexes
+        .iter()
+        .map(|index| Op::Script(index_record(index, extras.url, ttl, extras, key, cluster)));
+    if cluster {
+        ops.push(Op::Script(store));
+        ops.extend(records);
+    } else {
+        ops.extend(records);
+        ops.push(Op::Script(store));
     }
     if let Some((channel, message)) = extras.announce {
         ops.push(publish(channel, message));
     }
     let replies = run_ops(&mut conn, &ops).await?;
-    Ok((
-        PutReply::of(replies.first()),
-        index_purged(&replies, extras.indexes.len()),
-        asked_ms_ago,
-    ))
+    let indexes = extras.indexes.len();
+    Ok(if cluster {
+        (
+            PutReply::of(replies.first()),
+            index_purged(&replies[1.min(replies.len())..], indexes),
+            asked_ms_ago,
+        )
+    } else {
+        // The store's own answer already says purged.
+        (PutReply::of(replies.get(indexes)), false, asked_ms_ago)
+    })
 }
 
 /// `index.lua`'s record of `url` (kept `ttl_ms`) under `index`, with what
 /// it needs to tell a fill that a purge of the index came after its
-/// question.
+/// question; `cluster`: the index may be on another node than the URL's
+/// hash `url_key` (otherwise passed, to be given a tombstone then). On a
+/// Cluster the lock's time and the mark's come from two nodes' clocks,
+/// compared as they are: a skew between them of δ lets a locked fill whose
+/// lock was granted within δ before the purge store (nodes kept in time by
+/// NTP differ by milliseconds); a margin would instead drop every refill
+/// that begins within it after a purge.
 pub(crate) fn index_record(
     index: &str,
     url: &str,
     ttl_ms: u64,
     extras: &Extras<'_>,
+    url_key: &str,
+    cluster: bool,
 ) -> ScriptInvocation<'static> {
     let mut record = INDEX.key(index);
+    if !cluster {
+        record.key(url_key);
+    }
     record.arg(url).arg(ttl_ms);
     match (extras.lock_taken_at_ms, extras.asked_ms_ago) {
         (Some(at), _) => record.arg(at).arg(""),
         (None, Some(ago)) => record.arg("").arg(ago),
         (None, None) => record.arg("").arg(""),
     };
-    record.arg(extras.tombstone_ms);
+    record
+        .arg(extras.tombstone_ms)
+        .arg(extras.unlock.unwrap_or(""));
     record
 }
 
-/// Whether one of the `indexes` records that follow the store's own reply
-/// in `replies` answered that a purge of its index is newer than the
-/// fill's question (`index.lua`'s 0).
+/// Whether one of the first `indexes` replies (index records) answered
+/// that a purge of its index is newer than the fill's question
+/// (`index.lua`'s 0).
 pub(crate) fn index_purged(replies: &[Value], indexes: usize) -> bool {
     replies
         .iter()
-        .skip(1)
         .take(indexes)
         .any(|reply| matches!(reply, Value::Int(0)))
 }
 
 impl RedisStore {
-    /// A fill stored its entry, and a tag or prefix purge came after its
-    /// question (the purge did not find the URL, stored after it read the
-    /// index): the entry is deleted again, with a tombstone, and its
-    /// removal announced.
-    pub(crate) async fn drop_purged_fill(
-        &self,
-        url_hash: &str,
-    ) -> Result<PutReply, tower_redis_core::Error> {
-        self.delete_urls(&[url_hash.to_owned()], Tombstone::Stored)
-            .await?;
-        Ok(PutReply::Purged)
+    /// A fill stored its entry on a Redis Cluster, and a tag purge (or one
+    /// of everything) came after its question (the purge did not find the
+    /// URL, stored after it read the index): the entry is deleted again,
+    /// with a tombstone, and its removal announced.
+    pub(crate) async fn drop_purged_fill(&self, url_hash: &str) -> PutReply {
+        match self
+            .delete_urls(&[url_hash.to_owned()], Tombstone::Stored)
+            .await
+        {
+            Ok(()) => PutReply::Purged,
+            Err(error) => {
+                // Not an error of the store, which was written: the entry
+                // stays until its TTL or the next purge.
+                tracing::warn!(target: "tower_redis_cache", %error, url_hash, "a fill found a purge newer than its question, but what it stored could not be deleted");
+                PutReply::Stored
+            }
+        }
     }
 }
 
