@@ -158,19 +158,23 @@
 //!   index did not name yet (nothing stored: the first fill, or one after
 //!   expiry) that asked before the mark finds it when it records its URL
 //!   there. A fill holding its lock is judged by when Redis granted the
-//!   lock, exactly; one without it by its age, with the second's margin.
+//!   lock, to the microsecond (a tie counts against the fill); one without
+//!   it by its age, with the second's margin (so one that asks less than a
+//!   second after the purge is not stored either).
 //!   On one server (standalone, Sentinel) the record comes first in the
 //!   fill's write and leaves the URL the tombstone the purge would have
 //!   left, so the fill's answer is never stored. On a Redis Cluster the
-//!   index may be on another node: the answer is stored, then deleted
-//!   again one round trip later, and a request that waited for that fill
-//!   (or polled meanwhile) may be answered it; there the lock's time and
+//!   index may be on another node: the answer is stored, then the URL
+//!   (every variant) deleted again one round trip later, and a request
+//!   that waited for that fill (or polled meanwhile) may be answered it;
+//!   there the lock's time and
 //!   the mark's come from two nodes' clocks, compared as they are (a
 //!   locked fill whose lock was granted within their skew before the purge
 //!   may store). Not covered: a fill whose write takes more
 //!   than that second to reach Redis; a prefix or path purge of a URL with
 //!   nothing stored (a directory's index names more than the purge
-//!   selects, so it leaves no mark); a fill that still holds a lock it
+//!   selects, so it leaves no mark), and a soft purge of one URL with
+//!   nothing stored; a fill that still holds a lock it
 //!   took longer ago than a tombstone lives (its origin outlived the lock,
 //!   and nobody took it over) of a URL with nothing stored, against a tag
 //!   purge; on a Cluster, a fill without its lock whose entry is written

@@ -137,7 +137,7 @@ return 1
 /// time, bytes 7..14 of the entry, later than ARGV[5], both 8-byte
 /// big-endian). A caller that finds the lock held marks the hash (`lw`),
 /// so that the holder announces its value.
-/// Returns 'acquired:<now>' (Redis' time, ms), 'held' or 'filled'.
+/// Returns 'acquired:<µs>' (Redis' time in µs), 'held' or 'filled'.
 static DATA_LOCK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -162,7 +162,7 @@ end
 redis.call('HSET', KEYS[1], 'lk', ARGV[1] .. ':' .. (now + tonumber(ARGV[2])))
 -- A lock taken in a tombstone outlives it (as `lock.lua`'s).
 if pttl < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 'acquired:' .. now
+return 'acquired:' .. string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
 ",
     )
 });
@@ -460,7 +460,7 @@ impl RedisStore {
                     announce: None,
                     tombstone_ms,
                     asked_ms_ago,
-                    lock_taken_at_ms: put.asked.and(unlock.and_then(LockToken::taken_at_ms)),
+                    lock_taken_at_us: put.asked.and(unlock.and_then(LockToken::taken_at_us)),
                 };
                 let cluster = conn.is_cluster();
                 let mut ops = Vec::with_capacity(put.tags.len() + 3);

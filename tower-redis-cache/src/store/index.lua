@@ -2,9 +2,9 @@
 -- purge of that tag or prefix came after its question.
 -- KEYS[1] the index (a sorted set: URL -> when its entry expires, ms; and
 -- the member "\0purged", the mark of the newest purge through the index,
--- scored minus its time, Redis' clock);
+-- scored minus its time in µs, Redis' clock);
 -- ARGV[1] the URL; ARGV[2] how long its entry is kept (ms);
--- ARGV[3] when the fill's lock was granted (ms, Redis' clock: it asked the
+-- ARGV[3] when the fill's lock was granted (µs, Redis' clock: it asked the
 -- origin no earlier), or '' ; ARGV[4] how long ago the fill asked, with a
 -- margin for its write's way here (ms), for a fill without a lock, or '';
 -- both '' for a write that is no fill; ARGV[5] how long a purge's mark
@@ -15,7 +15,8 @@
 -- A purge by tag (or of everything) removes the entries its index names; a
 -- fill of a URL not stored yet is not named, so the purge leaves the mark,
 -- and a fill that asked before it learns here that it must not keep its
--- answer (returns 0; 1 otherwise). With KEYS[2], the URL is given the
+-- answer (returns 0; 1 otherwise; a mark in the same µs as the lock
+-- counts as newer). With KEYS[2], the URL is given the
 -- tombstone the purge would have left (its time now, the fill's lock
 -- gone), so the store after this drops the answer before anyone sees it;
 -- without,
@@ -26,6 +27,7 @@
 -- tag or prefix).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local keep = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, now)
 local purged = false
@@ -36,9 +38,9 @@ if mark then
   if (ARGV[3] or '') ~= '' then
     asked = tonumber(ARGV[3])
   elseif (ARGV[4] or '') ~= '' then
-    asked = now - tonumber(ARGV[4])
+    asked = now_us - tonumber(ARGV[4]) * 1000
   end
-  if at + tonumber(ARGV[5] or '0') <= now then
+  if at + tonumber(ARGV[5] or '0') * 1000 <= now_us then
     redis.call('ZREM', KEYS[1], '\0purged')
   elseif asked and at >= asked then
     purged = true

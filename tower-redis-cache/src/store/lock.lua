@@ -6,8 +6,8 @@
 -- (a stale entry: report it replaced since, i.e. the variant's stored
 -- response time, bytes 7..14 of the entry, is later than ARGV[5], the
 -- stale entry's, both 8-byte big-endian so they compare as strings).
--- Returns 'acquired:<now>' (with Redis' time, ms: the fill asks the origin
--- no earlier than that), 'held' (someone else holds a live lock) or
+-- Returns 'acquired:<µs>' (with Redis' time in µs: the fill asks the
+-- origin no earlier than that), 'held' (someone else holds a live lock) or
 -- 'filled'.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -27,4 +27,4 @@ end
 redis.call('HSET', KEYS[1], 'lk', ARGV[1] .. ':' .. (now + tonumber(ARGV[2])))
 -- A lock taken in a tombstone (delete.lua) outlives it.
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 'acquired:' .. now
+return 'acquired:' .. string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))

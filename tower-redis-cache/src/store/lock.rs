@@ -125,7 +125,7 @@ impl RedisStore {
             "filled" => LockAttempt::Filled,
             acquired if acquired.starts_with("acquired") => LockAttempt::Acquired(LockToken {
                 token: token.as_str().to_owned(),
-                taken_at_ms: acquired
+                taken_at_us: acquired
                     .strip_prefix("acquired:")
                     .and_then(|at| at.parse().ok()),
             }),

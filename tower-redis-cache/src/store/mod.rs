@@ -168,10 +168,10 @@ pub(crate) struct Put {
 #[derive(Debug)]
 pub(crate) struct LockToken {
     token: String,
-    /// When Redis granted it (ms, Redis' clock), when known: its fill asks
+    /// When Redis granted it (µs, Redis' clock), when known: its fill asks
     /// the origin no earlier, so a purge mark newer than this may be newer
     /// than the question (`index.lua`).
-    taken_at_ms: Option<u64>,
+    taken_at_us: Option<u64>,
 }
 
 impl LockToken {
@@ -179,7 +179,7 @@ impl LockToken {
     pub(crate) fn generate() -> Self {
         Self {
             token: format!("{:016x}", rand::random::<u64>()),
-            taken_at_ms: None,
+            taken_at_us: None,
         }
     }
 
@@ -187,7 +187,7 @@ impl LockToken {
     pub(crate) fn from_token(token: &str) -> Self {
         Self {
             token: token.to_owned(),
-            taken_at_ms: None,
+            taken_at_us: None,
         }
     }
 
@@ -195,9 +195,9 @@ impl LockToken {
         &self.token
     }
 
-    /// When Redis granted the lock (ms, Redis' clock), when known.
-    pub(crate) fn taken_at_ms(&self) -> Option<u64> {
-        self.taken_at_ms
+    /// When Redis granted the lock (µs, Redis' clock), when known.
+    pub(crate) fn taken_at_us(&self) -> Option<u64> {
+        self.taken_at_us
     }
 }
 

@@ -20,8 +20,10 @@ const PURGE_BATCH: usize = 500;
 const PURGE_MARK_MEMBER: &str = "\0purged";
 
 /// Leaves a purge's mark in a tag's or prefix's index, before the purge
-/// reads it: the member `\0purged`, scored minus Redis' time (the newest
-/// mark kept), and the index kept at least as long as the mark lives. A
+/// reads it: the member `\0purged`, scored minus Redis' time in µs (the
+/// newest mark kept; µs, so that a lock granted in the same millisecond
+/// after the mark is told apart), and the index kept at least as long as
+/// the mark lives. A
 /// fill of a URL the index does not name yet (nothing stored) that asked
 /// the origin before the mark learns of the purge when it records its URL
 /// there (`index.lua`), and removes what it stored.
@@ -31,8 +33,8 @@ static PURGE_MARK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], 'LT', -now, '\0purged')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZADD', KEYS[1], 'LT', -now_us, '\0purged')
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
 end

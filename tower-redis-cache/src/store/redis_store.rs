@@ -204,7 +204,7 @@ impl EntryStore for RedisStore {
             announce: Some((&self.channel, &message)),
             tombstone_ms: self.tombstone_ttl_ms(),
             asked_ms_ago: None,
-            lock_taken_at_ms: put.asked.and(unlock.and_then(LockToken::taken_at_ms)),
+            lock_taken_at_us: put.asked.and(unlock.and_then(LockToken::taken_at_us)),
         };
         let (mut reply, index_purged, asked_ms_ago) = self
             .manager
@@ -539,10 +539,10 @@ pub(crate) struct Extras<'a> {
     /// by [`put`] once it has a connection); `None` for a write that is no
     /// fill.
     pub(crate) asked_ms_ago: Option<u64>,
-    /// When Redis granted the fill its lock (ms, Redis' clock), when it
+    /// When Redis granted the fill its lock (µs, Redis' clock), when it
     /// holds one and that is known: a surer bound on its question than
     /// [`asked_ms_ago`](Self::asked_ms_ago), with no margin.
-    pub(crate) lock_taken_at_ms: Option<u64>,
+    pub(crate) lock_taken_at_us: Option<u64>,
 }
 
 /// A purge's tombstone lives this many fill lock lifetimes: a fill that
@@ -690,7 +690,7 @@ pub(crate) fn index_record(
         record.key(url_key);
     }
     record.arg(url).arg(ttl_ms);
-    match (extras.lock_taken_at_ms, extras.asked_ms_ago) {
+    match (extras.lock_taken_at_us, extras.asked_ms_ago) {
         (Some(at), _) => record.arg(at).arg(""),
         (None, Some(ago)) => record.arg("").arg(ago),
         (None, None) => record.arg("").arg(""),
