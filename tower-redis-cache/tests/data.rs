@@ -478,14 +478,25 @@ async fn fail_safe_serves_the_expired_value_when_the_factory_fails() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
+    gets_the_factory_s_error(&a, "product:8", &no_fail_safe, &calls).await;
+}
+
+/// A failing factory's caller gets its error for `key`: no expired value
+/// is served.
+async fn gets_the_factory_s_error(
+    a: &Instance,
+    key: &str,
+    options: &DataOptions,
+    calls: &Arc<AtomicU64>,
+) {
     let error = a
         .data
-        .get_or_insert_with("product:8", &no_fail_safe, failing(&calls))
+        .get_or_insert_with(key, options, failing(calls))
         .await
         .unwrap_err();
     assert!(
         matches!(&error, DataError::Factory(message) if message == "the database is down"),
-        "{error:?}"
+        "{key}: an expired value was served, or another error: {error:?}"
     );
 }
 
@@ -520,15 +531,7 @@ async fn fail_safe_serves_an_expired_value_only_within_its_window() {
     assert_eq!(served, product("kept"), "the expired value, fail-safe");
     // Past the window, while the tombstone keeps the hash in Redis.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let error = a
-        .data
-        .get_or_insert_with("product:9", &options, failing(&calls))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&error, DataError::Factory(message) if message == "the database is down"),
-        "a value past its fail-safe window was served: {error:?}"
-    );
+    gets_the_factory_s_error(&a, "product:9", &options, &calls).await;
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
@@ -1360,14 +1363,24 @@ async fn a_fill_slower_than_a_tombstone_lives_does_not_store_what_a_removal_remo
     );
     // A factory as fast as usual, with the same lock, stores its value.
     let options = DataOptions::new(Duration::from_secs(60)).near(false);
-    let fresh = a
+    a_new_fill_is_stored(&a, &options, &recorder).await;
+}
+
+/// A fill of `product:9` (`new`) with `options` is returned, stored, and
+/// counted as no drop in `recorder`.
+async fn a_new_fill_is_stored(
+    a: &Instance,
+    options: &DataOptions,
+    recorder: &metrics_util::debugging::DebuggingRecorder,
+) {
+    let new = a
         .data
-        .get_or_insert_with("product:9", &options, || async {
+        .get_or_insert_with("product:9", options, || async {
             Ok::<_, String>(product("new"))
         })
         .await
         .unwrap();
-    assert_eq!(fresh, product("new"));
+    assert_eq!(new, product("new"));
     assert_eq!(
         a.data.get::<Product>("product:9").await.unwrap(),
         Some(product("new"))
@@ -1445,6 +1458,15 @@ async fn filling_old_until(
     done: impl Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<Result<Product, DataError<String>>> {
     let options = DataOptions::new(Duration::from_secs(60)).near(false);
+    filling_old_with(a, options, done).await
+}
+
+/// [`filling_old_until`] with `options`.
+async fn filling_old_with(
+    a: &Arc<Instance>,
+    options: DataOptions,
+    done: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<Product, DataError<String>>> {
     let (started, factory_started) = tokio::sync::oneshot::channel();
     let filling = tokio::spawn({
         let a = Arc::clone(a);
@@ -1512,7 +1534,7 @@ async fn a_tag_purge_holds_against_the_first_fill_of_a_value() {
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
     let _guard = metrics::set_default_local_recorder(&recorder);
     let redis = TestRedis::start().await;
-    let a = instance(&redis, |b| b).await;
+    let a = Arc::new(instance(&redis, |b| b).await);
     tag_purged_during_the_first_fill(&a, &recorder).await;
 }
 
@@ -1524,37 +1546,25 @@ async fn a_tag_purge_holds_against_the_first_fill_of_a_value_on_a_cluster() {
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
     let _guard = metrics::set_default_local_recorder(&recorder);
     let cluster = tower_redis_core::testing::TestCluster::start().await;
-    let a = instance_on(cluster.config(), |b| b, Arc::new(AtomicU64::new(0))).await;
+    let a = Arc::new(instance_on(cluster.config(), |b| b, Arc::new(AtomicU64::new(0))).await);
     tag_purged_during_the_first_fill(&a, &recorder).await;
 }
 
 /// `product:9` (tagged `product-9`) purged by tag while `a` makes it for
 /// the first time; then made again after the purge.
 async fn tag_purged_during_the_first_fill(
-    a: &Instance,
+    a: &Arc<Instance>,
     recorder: &metrics_util::debugging::DebuggingRecorder,
 ) {
     let options = DataOptions::new(Duration::from_secs(60))
         .near(false)
         .tag("product-9");
-    let (started, factory_started) = tokio::sync::oneshot::channel();
+    // Answers once the purge has returned.
     let (release, released) = tokio::sync::oneshot::channel::<()>();
-    let filling = tokio::spawn({
-        let (data, options) = (a.data.clone(), options.clone());
-        async move {
-            data.get_or_insert_with("product:9", &options, move || async move {
-                let _ = started.send(());
-                // Answers once the purge has returned.
-                let _ = released.await;
-                Ok::<_, String>(product("old"))
-            })
-            .await
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(5), factory_started)
-        .await
-        .expect("the factory was not called")
-        .unwrap();
+    let filling = filling_old_with(a, options.clone(), async move {
+        let _ = released.await;
+    })
+    .await;
     a.layer.handle().purge_tag("product-9").await;
     release.send(()).unwrap();
     assert_eq!(filling.await.unwrap().unwrap(), product("old"));
@@ -1568,22 +1578,7 @@ async fn tag_purged_during_the_first_fill(
         support::dropped_fills(recorder.snapshotter().snapshot()),
         [("data".to_owned(), "purged".to_owned(), 1)]
     );
-    let new = a
-        .data
-        .get_or_insert_with("product:9", &options, || async {
-            Ok::<_, String>(product("new"))
-        })
-        .await
-        .unwrap();
-    assert_eq!(new, product("new"));
-    assert_eq!(
-        a.data.get::<Product>("product:9").await.unwrap(),
-        Some(product("new"))
-    );
-    assert_eq!(
-        support::dropped_fills(recorder.snapshotter().snapshot()),
-        []
-    );
+    a_new_fill_is_stored(a, &options, recorder).await;
 }
 
 /// An expired value removed while two factories run for it: `a`'s, which
