@@ -822,8 +822,8 @@ impl RedisStore {
     /// a warning, at most once a minute, when it took too long to be
     /// checked against purges (too slow, or its lock lost), which happens
     /// again at every such fill until `lock_ttl` is raised. The warning
-    /// names a page by its path (no query, which may carry secrets) and a
-    /// data value by its URL hash; the debug line has the whole URL.
+    /// names a page by its URL without the query (which may carry secrets)
+    /// and a data value by its URL hash; the debug line has the whole URL.
     pub(crate) fn report_put(
         &self,
         reply: PutReply,
@@ -831,9 +831,9 @@ impl RedisStore {
         put: &Put,
         asked_ms_ago: Option<u64>,
     ) {
-        let (kind, setting) = match kind {
-            Kind::Page => ("page", "CacheLayerBuilder::lock_ttl"),
-            Kind::Data => ("data", "DataCacheBuilder::lock_ttl"),
+        let kind = match kind {
+            Kind::Page => "page",
+            Kind::Data => "data",
         };
         let reason = match reply {
             PutReply::Stored => return,
@@ -853,7 +853,7 @@ impl RedisStore {
         let Some(unsaid) = self.dropped_warning.due(self.dropped_warning.now_ms()) else {
             return;
         };
-        let path = match kind {
+        let page = match kind {
             "page" => put.url.split('?').next().unwrap_or_default(),
             _ => "",
         };
@@ -861,13 +861,13 @@ impl RedisStore {
             target: "tower_redis_cache",
             kind,
             reason,
-            path,
+            page,
             url_hash = %put.url_hash,
             asked_ms_ago,
             lock_ttl_ms = self.lock_ttl_ms(),
             tombstone_ms = self.tombstone_ttl_ms(),
             unsaid,
-            "an answer was served but not stored: it took longer than the fill lock (lock_lost) or a purge's tombstone (too_slow, twelve lock lifetimes) lives, so it could not be checked against purges; raise {setting} to cache it (at most one such warning a minute; `unsaid` counts the others since the last)"
+            "an answer was served but not stored: it took longer than the fill lock (lock_lost) or a purge's tombstone (too_slow, twelve lock lifetimes) lives, so it could not be checked against purges; raise lock_ttl to cache it (CacheLayerBuilder's, or DataCacheBuilder's for a data cache built on its own; at most one such warning a minute, `unsaid` counts the others since the last)"
         );
     }
 }
