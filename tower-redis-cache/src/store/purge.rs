@@ -19,14 +19,14 @@ const PURGE_BATCH: usize = 500;
 /// URL starts with a NUL byte.
 const PURGE_MARK_MEMBER: &str = "\0purged";
 
-/// Leaves a purge's mark in a tag's or prefix's index, before the purge
-/// reads it: the member `\0purged`, scored minus Redis' time in µs (the
-/// newest mark kept; µs, so that a lock granted in the same millisecond
-/// after the mark is told apart), and the index kept at least as long as
-/// the mark lives. A
-/// fill of a URL the index does not name yet (nothing stored) that asked
-/// the origin before the mark learns of the purge when it records its URL
-/// there (`index.lua`), and removes what it stored.
+/// Leaves a purge's mark in a tag's index (or the root's, for a purge of
+/// everything), before the purge reads it: the member `\0purged`, scored
+/// minus Redis' time in µs (the newest mark kept; µs, so that a lock
+/// granted in the same millisecond after the mark is told apart), and the
+/// index kept at least as long as the mark lives. A fill of a URL the
+/// index does not name yet (nothing stored) that asked the origin before
+/// the mark learns of the purge when it records its URL there
+/// (`index.lua`), and is not kept.
 /// KEYS[1] the index; ARGV[1] how long the mark lives (a tombstone's
 /// life, ms).
 static PURGE_MARK: LazyLock<Script> = LazyLock::new(|| {
