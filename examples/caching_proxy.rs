@@ -536,6 +536,10 @@ async fn forward(
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             add_via(&mut parts.headers, parts.version);
+            // An intermediary answers in its own HTTP version, not the
+            // upstream's (RFC 9110 §2.5): an HTTP/1.0 upstream's answer
+            // would otherwise reach an HTTP/1.1 client as HTTP/1.0.
+            parts.version = Version::HTTP_11;
             Response::from_parts(parts, Body::new(body))
         }
         Ok(Err(error)) => {
@@ -724,6 +728,40 @@ mod interim_tests {
 
     #[tokio::test]
     async fn an_upstream_interim_response_is_dropped_and_the_final_one_forwarded() {
+        let response = through_the_proxy(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n\
+              HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nfinal",
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(response.headers().get(header::LINK).is_none());
+        assert_eq!(
+            response.headers().get(header::CACHE_CONTROL).unwrap(),
+            "max-age=60"
+        );
+        let body = tokio::time::timeout(WITHIN, axum::body::to_bytes(response.into_body(), 1024))
+            .await
+            .expect("no body within 10 s")
+            .unwrap();
+        assert_eq!(&body[..], b"final");
+    }
+
+    /// An HTTP/1.0 upstream's answer goes to the client in the proxy's
+    /// own version, HTTP/1.1; `Via` records what the upstream spoke.
+    #[tokio::test]
+    async fn an_http_1_0_upstream_is_answered_in_http_1_1() {
+        let response = through_the_proxy(
+            b"HTTP/1.0 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nfinal",
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.version(), Version::HTTP_11);
+        assert_eq!(response.headers()[header::VIA], "1.0 tower-redis-proxy");
+    }
+
+    /// `GET /page` forwarded to an upstream that answers `answer` on its
+    /// first connection.
+    async fn through_the_proxy(answer: &'static [u8]) -> Response {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream_addr = listener.local_addr().unwrap();
         let upstream = tokio::spawn(async move {
@@ -735,13 +773,7 @@ mod interim_tests {
                 assert!(n > 0, "the request head ended early");
                 head.extend_from_slice(&chunk[..n]);
             }
-            socket
-                .write_all(
-                    b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n\
-                      HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nfinal",
-                )
-                .await
-                .unwrap();
+            socket.write_all(answer).await.unwrap();
             // Held open until the client has read the answer.
             let _ = socket.read(&mut chunk).await;
         });
@@ -760,17 +792,8 @@ mod interim_tests {
             tokio::time::timeout(WITHIN, forward(State(proxy), ConnectInfo(client), request))
                 .await
                 .expect("no answer within 10 s");
-        assert_eq!(response.status(), StatusCode::OK);
-        assert!(response.headers().get(header::LINK).is_none());
-        assert_eq!(
-            response.headers().get(header::CACHE_CONTROL).unwrap(),
-            "max-age=60"
-        );
-        let body = tokio::time::timeout(WITHIN, axum::body::to_bytes(response.into_body(), 1024))
-            .await
-            .expect("no body within 10 s")
-            .unwrap();
-        assert_eq!(&body[..], b"final");
-        upstream.abort();
+        // The upstream task ends when the client's connection closes.
+        drop(upstream);
+        response
     }
 }
