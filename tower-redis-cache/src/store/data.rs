@@ -29,7 +29,7 @@ use http::HeaderMap;
 use tower_redis_core::RedisConnection;
 use tower_redis_core::redis::{self, RedisResult, Script, Value};
 
-use super::redis_store::{self, INDEX, Kind, Op, PutReply, RedisStore};
+use super::redis_store::{self, INDEX, Kind, Op, RedisStore};
 use super::typed::{NearCopy, Typed};
 use super::{
     CacheStore, EntryStore, Found, LARGE_ENTRY_BYTES, LockAttempt, LockPurpose, LockToken, Put,
@@ -447,7 +447,7 @@ impl RedisStore {
         let message = Bus::updated_message(&put.url_hash);
         let entry = put.entry.encode();
         let tombstone_ms = self.tombstone_ttl_ms();
-        let (mut reply, index_purged, asked_ms_ago) = self
+        let (reply, index_purged, asked_ms_ago) = self
             .manager
             .run(|mut conn| async move {
                 // Measured once a connection is at hand: the margin it
@@ -514,21 +514,12 @@ impl RedisStore {
                     )
                     .await?
                 };
-                Ok(if cluster {
-                    (
-                        PutReply::of(replies.first()),
-                        redis_store::index_purged(&replies[1.min(replies.len())..], indexes),
-                        asked_ms_ago,
-                    )
-                } else {
-                    (PutReply::of(replies.get(indexes)), false, asked_ms_ago)
-                })
+                let (reply, index_purged) = redis_store::put_replies(&replies, indexes, cluster);
+                Ok((reply, index_purged, asked_ms_ago))
             })
             .await?;
-        if index_purged && reply == PutReply::Stored {
-            reply = self.drop_purged_fill(&put.url_hash).await;
-        }
-        self.report_put(reply, Kind::Data, put, asked_ms_ago);
+        self.finish_put(reply, index_purged, Kind::Data, put, asked_ms_ago)
+            .await;
         Ok(())
     }
 

@@ -206,14 +206,12 @@ impl EntryStore for RedisStore {
             asked_ms_ago: None,
             lock_taken_at_us: put.asked.and(unlock.and_then(LockToken::taken_at_us)),
         };
-        let (mut reply, index_purged, asked_ms_ago) = self
+        let (reply, index_purged, asked_ms_ago) = self
             .manager
             .run(|conn| self::put(conn, &key, put, &extras))
             .await?;
-        if index_purged && reply == PutReply::Stored {
-            reply = self.drop_purged_fill(&put.url_hash).await;
-        }
-        self.report_put(reply, Kind::Page, put, asked_ms_ago);
+        self.finish_put(reply, index_purged, Kind::Page, put, asked_ms_ago)
+            .await;
         Ok(())
     }
 
@@ -655,17 +653,25 @@ pub(crate) async fn put(
         ops.push(publish(channel, message));
     }
     let replies = run_ops(&mut conn, &ops).await?;
-    let indexes = extras.indexes.len();
-    Ok(if cluster {
+    let (reply, index_purged) = put_replies(&replies, extras.indexes.len(), cluster);
+    Ok((reply, index_purged, asked_ms_ago))
+}
+
+/// A fill's write read back, its ops in the order [`put`] sends them: the
+/// store's answer, and whether an index record found a purge newer than
+/// the fill's question that the store did not see (on a Cluster, where
+/// the store goes first; on one server the records go first and the
+/// store's own answer says so).
+pub(crate) fn put_replies(replies: &[Value], indexes: usize, cluster: bool) -> (PutReply, bool) {
+    if cluster {
+        let mut records = replies.iter().skip(1).take(indexes);
         (
             PutReply::of(replies.first()),
-            index_purged(&replies[1.min(replies.len())..], indexes),
-            asked_ms_ago,
+            records.any(|reply| matches!(reply, Value::Int(0))),
         )
     } else {
-        // The store's own answer already says purged.
-        (PutReply::of(replies.get(indexes)), false, asked_ms_ago)
-    })
+        (PutReply::of(replies.get(indexes)), false)
+    }
 }
 
 /// `index.lua`'s record of `url` (kept `ttl_ms`) under `index`, with what
@@ -701,22 +707,29 @@ pub(crate) fn index_record(
     record
 }
 
-/// Whether one of the first `indexes` replies (index records) answered
-/// that a purge of its index is newer than the fill's question
-/// (`index.lua`'s 0).
-pub(crate) fn index_purged(replies: &[Value], indexes: usize) -> bool {
-    replies
-        .iter()
-        .take(indexes)
-        .any(|reply| matches!(reply, Value::Int(0)))
-}
-
 impl RedisStore {
+    /// After a fill's write ([`put_replies`]): deletes what it stored when
+    /// an index record found a newer purge, then counts and reports the
+    /// outcome ([`report_put`](Self::report_put)).
+    pub(crate) async fn finish_put(
+        &self,
+        mut reply: PutReply,
+        index_purged: bool,
+        kind: Kind,
+        put: &Put,
+        asked_ms_ago: Option<u64>,
+    ) {
+        if index_purged && reply == PutReply::Stored {
+            reply = self.drop_purged_fill(&put.url_hash).await;
+        }
+        self.report_put(reply, kind, put, asked_ms_ago);
+    }
+
     /// A fill stored its entry on a Redis Cluster, and a tag purge (or one
     /// of everything) came after its question (the purge did not find the
     /// URL, stored after it read the index): the entry is deleted again,
     /// with a tombstone, and its removal announced.
-    pub(crate) async fn drop_purged_fill(&self, url_hash: &str) -> PutReply {
+    async fn drop_purged_fill(&self, url_hash: &str) -> PutReply {
         match self
             .delete_urls(&[url_hash.to_owned()], Tombstone::Stored)
             .await
