@@ -71,15 +71,17 @@ fn allocated() -> (u64, u64) {
 }
 
 const USAGE: &str = "usage: profile <path>[,<path>...] [--concurrency N] [--secs S] [--warmup-secs S] \
-                     [--rounds N] [--http]\npaths: none, reference, cache-hit, cache-near, axum-response-cache, ratelimit, session-read, session-tracked, session-write, session-down";
+                     [--rounds N] [--http]\npaths: none, reference, cache-hit, cache-near, axum-response-cache, ratelimit, ratelimit-leased, governor, session-read, session-tracked, session-write, session-down";
 /// The paths `profile` runs.
-const PATHS: [&str; 10] = [
+const PATHS: [&str; 12] = [
     "none",
     "reference",
     "cache-hit",
     "cache-near",
     "axum-response-cache",
     "ratelimit",
+    "ratelimit-leased",
+    "governor",
     "session-read",
     "session-tracked",
     "session-write",
@@ -114,6 +116,30 @@ fn axum_response_cache() -> Router {
 /// Never called: `main` refuses the path without the feature.
 #[cfg(not(feature = "peers"))]
 fn axum_response_cache() -> Router {
+    plain()
+}
+
+/// tower_governor with one global key and the leased path's quota (the
+/// `ratelimit` suite keys it by peer IP, which is one key there too: every
+/// connection comes from 127.0.0.1; in process there is no peer address).
+#[cfg(feature = "peers")]
+fn governor() -> Router {
+    use tower_governor::GovernorLayer;
+    use tower_governor::governor::GovernorConfigBuilder;
+    use tower_governor::key_extractor::GlobalKeyExtractor;
+
+    let config = GovernorConfigBuilder::default()
+        .period(Duration::from_secs(3600) / 1_000_000_000)
+        .burst_size(1_000_000_000)
+        .key_extractor(GlobalKeyExtractor)
+        .finish()
+        .expect("tower_governor configuration");
+    plain().layer(GovernorLayer::new(config))
+}
+
+/// Never called: `main` refuses the path without the feature.
+#[cfg(not(feature = "peers"))]
+fn governor() -> Router {
     plain()
 }
 
@@ -393,6 +419,18 @@ impl Ready {
                     .expect("rate limit layer");
                 (plain().layer(layer), None)
             }
+            "ratelimit-leased" => {
+                let layer = RateLimitLayer::builder(manager.clone())
+                    .policy(
+                        Policy::gcra("profile", 1_000_000_000, Duration::from_secs(3600))
+                            .key(Key::global())
+                            .lease(1000),
+                    )
+                    .build()
+                    .expect("rate limit layer");
+                (plain().layer(layer), None)
+            }
+            "governor" => (governor(), None),
             "session-read" | "session-tracked" | "session-write" => {
                 let tracked = path != "session-read";
                 let (app, cookie) = session_app(manager, tracked, path == "session-write").await;
@@ -492,8 +530,9 @@ async fn main() {
         eprintln!("unknown path `{unknown}`\n{USAGE}");
         std::process::exit(2)
     }
-    if !cfg!(feature = "peers") && paths.split(',').any(|path| path == "axum-response-cache") {
-        eprintln!("the path `axum-response-cache` needs the peers: build with `--features peers`");
+    let peer = |path: &str| matches!(path, "axum-response-cache" | "governor");
+    if let Some(path) = paths.split(',').find(|path| !cfg!(feature = "peers") && peer(path)) {
+        eprintln!("the path `{path}` needs the peers: build with `--features peers`");
         std::process::exit(2)
     }
     // Held to the end: dropping it stops the server.
