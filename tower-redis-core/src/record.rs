@@ -338,15 +338,34 @@ impl LayerClock {
         F: std::future::Future,
     {
         use futures_util::FutureExt;
-        #[cfg(feature = "metrics")]
-        let started = std::time::Instant::now();
+        let started = self.inner_started();
         future.map(move |output| {
-            #[cfg(feature = "metrics")]
-            self.add_inner_since(started);
+            self.inner_ended(started);
             // Dropped (and recorded) after `then`, at the end of this body.
             let _stops_after_then = self;
             then(output)
         })
+    }
+
+    /// For a response future written by hand: the inner service's call
+    /// begins now. Pass what it returns to [`inner_ended`](Self::inner_ended)
+    /// when that call is ready.
+    #[inline]
+    pub fn inner_started(&self) -> InnerStarted {
+        InnerStarted {
+            #[cfg(feature = "metrics")]
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// The inner service's call begun at `started` is ready: its time is
+    /// counted as not the layer's.
+    #[inline]
+    pub fn inner_ended(&self, started: InnerStarted) {
+        #[cfg(feature = "metrics")]
+        self.add_inner_since(started.at);
+        #[cfg(not(feature = "metrics"))]
+        let _ = started;
     }
 
     /// Counts the time since `started` as the inner service's.
@@ -356,6 +375,14 @@ impl LayerClock {
         self.inner_ns
             .fetch_add(spent, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// When the inner service's call began ([`LayerClock::inner_started`]).
+/// Without the `metrics` feature it is zero-sized.
+#[derive(Debug, Clone, Copy)]
+pub struct InnerStarted {
+    #[cfg(feature = "metrics")]
+    at: std::time::Instant,
 }
 
 #[cfg(feature = "metrics")]

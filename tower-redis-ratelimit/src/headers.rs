@@ -69,6 +69,24 @@ pub(crate) fn fields(
     source: DecisionSource,
     legacy: bool,
 ) -> Fields {
+    // The `RateLimit` field is written in this thread's buffer and copied
+    // once into its value.
+    thread_local! {
+        static LIMIT_FIELD: std::cell::RefCell<String> =
+            const { std::cell::RefCell::new(String::new()) };
+    }
+    LIMIT_FIELD.with_borrow_mut(|limit_field| {
+        limit_field.clear();
+        fields_in(decided, source, legacy, limit_field)
+    })
+}
+
+fn fields_in(
+    decided: &[(&Policy, Option<PolicyState>)],
+    source: DecisionSource,
+    legacy: bool,
+    limit_field: &mut String,
+) -> Fields {
     let mut headers = Fields::default();
     // Built by hand, not with `write!`: this runs on every request, and
     // the formatting machinery was a measurable share of a decision. What
@@ -77,7 +95,6 @@ pub(crate) fn fields(
     // from the second policy on.
     let mut first: Option<&Described> = None;
     let mut policy_field = String::new();
-    let mut limit_field = String::with_capacity(48 * decided.len());
     let mut number = itoa::Buffer::new();
     let mut count = 0;
     for (policy, state) in decided {
@@ -114,7 +131,7 @@ pub(crate) fn fields(
     };
     if let (Some(policy_value), Ok(limit_value)) = (
         policy_value,
-        HeaderValue::from_maybe_shared(Bytes::from(limit_field)),
+        HeaderValue::from_bytes(limit_field.as_bytes()),
     ) {
         headers.insert(&RATELIMIT_POLICY, policy_value);
         headers.insert(&RATELIMIT, limit_value);

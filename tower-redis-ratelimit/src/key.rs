@@ -1,5 +1,6 @@
 //! Keys: whom a policy counts.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -333,7 +334,7 @@ impl Key {
     /// Extracts this key from a request head. Empty values count as missing.
     pub(crate) async fn extract(&self, parts: &Parts, client_ip: &ClientIp) -> Option<String> {
         if let Some(value) = self.extract_built_in(parts, client_ip) {
-            return value;
+            return value.map(Cow::into_owned);
         }
         let value = match &self.kind {
             KeyKind::Sync(extract) => extract(parts),
@@ -346,20 +347,20 @@ impl Key {
 
     /// [`extract`](Self::extract) for a [built-in](Self::is_built_in) key,
     /// which needs no waiting; `None` for a function of the application's.
-    pub(crate) fn extract_built_in(
+    pub(crate) fn extract_built_in<'p>(
         &self,
-        parts: &Parts,
+        parts: &'p Parts,
         client_ip: &ClientIp,
-    ) -> Option<Option<String>> {
+    ) -> Option<Option<Cow<'p, str>>> {
         let value = match &self.kind {
-            KeyKind::ClientIp => client_ip.key_of_parts(parts),
+            KeyKind::ClientIp => client_ip.key_of_parts(parts).map(Cow::Owned),
             KeyKind::Header(name) => parts
                 .headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(|v| header_key(name, v)),
             // The one bucket's key is empty, and not missing.
-            KeyKind::Global => return Some(Some(String::new())),
+            KeyKind::Global => return Some(Some(Cow::Borrowed(""))),
             KeyKind::Sync(_) | KeyKind::Async(_) => return None,
         };
         Some(value.filter(|value| !value.is_empty()))
@@ -373,20 +374,20 @@ impl Key {
 /// `bearer  t` as `Bearer t`: the scheme is lower-cased and the spaces (or
 /// tabs) after it made one, so that respelling it is not a new bucket. A
 /// value with no space keeps its case: it may be the credentials alone.
-fn header_key(name: &HeaderName, value: &str) -> String {
+fn header_key<'v>(name: &HeaderName, value: &'v str) -> Cow<'v, str> {
     let value = value.trim();
     if name != http::header::AUTHORIZATION && name != http::header::PROXY_AUTHORIZATION {
-        return value.to_owned();
+        return Cow::Borrowed(value);
     }
     match value.split_once([' ', '\t']) {
         Some((scheme, credentials)) => {
             let mut key = scheme.to_ascii_lowercase();
             key.push(' ');
             key.push_str(credentials.trim_start_matches([' ', '\t']));
-            key
+            Cow::Owned(key)
         }
         // No scheme, or no credentials: as sent.
-        None => value.to_owned(),
+        None => Cow::Borrowed(value),
     }
 }
 
@@ -432,7 +433,7 @@ pub(crate) fn counter_key(
     policy: &Policy,
     value: Option<&str>,
 ) -> String {
-    CounterKeys::new(keys, tag, policy).key(value)
+    CounterKeys::new(keys, tag, policy).key(value).to_string()
 }
 
 /// A policy's counter keys (see [`counter_key`]): the start they all
@@ -441,6 +442,10 @@ pub(crate) fn counter_key(
 #[derive(Debug)]
 pub(crate) struct CounterKeys {
     shared: String,
+    /// The key of an empty value (a [`Key::global`] policy's one counter),
+    /// and of the shared bucket: each made once, a request's is a clone.
+    empty: Arc<str>,
+    missing: Arc<str>,
 }
 
 impl CounterKeys {
@@ -452,30 +457,62 @@ impl CounterKeys {
             Algorithm::SlidingWindow { .. } => keys.tagged(tag, &["rl", name, "sw2"]),
         };
         shared.push(':');
-        Self { shared }
+        let empty = Arc::from(build_key(&shared, Some("")));
+        let missing = Arc::from(build_key(&shared, None));
+        Self {
+            shared,
+            empty,
+            missing,
+        }
     }
 
     /// The key of the counter of `value` (`None`: the shared bucket of
     /// requests without one). The same text as `Keyspace::tagged` of all
     /// the parts: each part after the shared start is escaped alike.
-    pub(crate) fn key(&self, value: Option<&str>) -> String {
-        let hashed;
-        let (kind, part) = match value {
-            Some(value) if value.len() <= MAX_KEY_LEN => ("k", escape_key_part(value)),
-            Some(value) => {
-                hashed = sha256_hex(value);
-                ("h", escape_key_part(&hashed))
+    pub(crate) fn key(&self, value: Option<&str>) -> Arc<str> {
+        match value {
+            Some("") => Arc::clone(&self.empty),
+            None => Arc::clone(&self.missing),
+            Some(_) => {
+                // Written into this thread's buffer, then copied once into
+                // the key's own allocation.
+                thread_local! {
+                    static BUFFER: std::cell::RefCell<String> =
+                        const { std::cell::RefCell::new(String::new()) };
+                }
+                BUFFER.with_borrow_mut(|buffer| {
+                    buffer.clear();
+                    write_key(buffer, &self.shared, value);
+                    Arc::from(buffer.as_str())
+                })
             }
-            None => ("missing", std::borrow::Cow::Borrowed("")),
-        };
-        let mut key = String::with_capacity(self.shared.len() + kind.len() + 1 + part.len());
-        key.push_str(&self.shared);
-        key.push_str(kind);
-        if value.is_some() {
-            key.push(':');
-            key.push_str(&part);
         }
-        key
+    }
+}
+
+/// The counter key of `value` after the policy's `shared` start.
+fn build_key(shared: &str, value: Option<&str>) -> String {
+    let mut key = String::new();
+    write_key(&mut key, shared, value);
+    key
+}
+
+fn write_key(key: &mut String, shared: &str, value: Option<&str>) {
+    let hashed;
+    let (kind, part) = match value {
+        Some(value) if value.len() <= MAX_KEY_LEN => ("k", escape_key_part(value)),
+        Some(value) => {
+            hashed = sha256_hex(value);
+            ("h", escape_key_part(&hashed))
+        }
+        None => ("missing", Cow::Borrowed("")),
+    };
+    key.reserve(shared.len() + kind.len() + 1 + part.len());
+    key.push_str(shared);
+    key.push_str(kind);
+    if value.is_some() {
+        key.push(':');
+        key.push_str(&part);
     }
 }
 
@@ -527,7 +564,7 @@ mod tests {
                     let mut parts = vec!["rl", policy.name()];
                     parts.extend(&kind);
                     parts.extend(tail);
-                    assert_eq!(written.key(value), keys.tagged(tag, &parts), "{value:?}");
+                    assert_eq!(&*written.key(value), keys.tagged(tag, &parts), "{value:?}");
                 }
             }
         }

@@ -10,8 +10,10 @@ use futures_util::FutureExt as _;
 use futures_util::future::Either;
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, header};
+use smallvec::SmallVec;
 use tower_redis_core::http::is_grpc;
 use tower_redis_core::record;
+use tower_redis_core::record::{InnerStarted, LayerClock};
 use tower_service::Service;
 
 use crate::body::ResponseBody;
@@ -22,6 +24,13 @@ use crate::limiter::DecisionSource;
 use crate::limiter::{Check, PolicyState, Verdict};
 use crate::policy::{Policy, PolicyOutcome};
 use crate::response::{self, Denied};
+
+/// Policies a request is decided by that fit inline, with no allocation.
+const INLINE_POLICIES: usize = 4;
+/// The policies applicable to a request.
+type Policies<'c> = SmallVec<[&'c Policy; INLINE_POLICIES]>;
+/// Their checks.
+type Checks = SmallVec<[Check; INLINE_POLICIES]>;
 
 /// The rate-limited service produced by [`RateLimitLayer`](crate::RateLimitLayer).
 #[derive(Clone)]
@@ -42,7 +51,71 @@ impl<S> RateLimit<S> {
     }
 }
 
-pub use tower_redis_core::ResponseFuture;
+pin_project_lite::pin_project! {
+    /// The response future of [`RateLimit`].
+    ///
+    /// A request decided at once (every policy leased and its units here,
+    /// or its key known blocked) is the wrapped service's call itself, with
+    /// nothing allocated for it; a request that waits on Redis is a boxed
+    /// future of the decision, then the call.
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        state: State<F, B, E>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<F, B, E> {
+        /// Allowed at once: the inner call, then the decision's fields.
+        Passed {
+            #[pin]
+            called: F,
+            then: Option<(Fields, LayerClock, InnerStarted)>,
+        },
+        /// Answered at once, here.
+        Answered { response: Option<Response<Bytes>> },
+        /// The decision awaited, then the inner call.
+        Awaited { future: tower_redis_core::ResponseFuture<Response<ResponseBody<B>>, E> },
+    }
+}
+
+impl<F, B, E> std::future::Future for ResponseFuture<F, B, E>
+where
+    F: std::future::Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Passed { called, then } => {
+                let answer = std::task::ready!(called.poll(cx));
+                let (fields, clock, started) = then
+                    .take()
+                    .expect("ResponseFuture polled after it completed");
+                clock.inner_ended(started);
+                let mut response = answer?;
+                // Appended, not replaced: stacked rate-limit layers each
+                // add their members to the same list fields.
+                fields.append_to(response.headers_mut());
+                // The clock stops (is dropped) here, after the fields.
+                drop(clock);
+                Poll::Ready(Ok(response.map(ResponseBody::inner)))
+            }
+            StateProj::Answered { response } => Poll::Ready(Ok(response
+                .take()
+                .expect("ResponseFuture polled after it completed")
+                .map(ResponseBody::full))),
+            StateProj::Awaited { future } => std::pin::Pin::new(future).poll(cx),
+        }
+    }
+}
+
+impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
 where
@@ -53,18 +126,15 @@ where
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<Self::Response, S::Error>;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        // The clone is not ready; the ready one goes into the future.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
         // The latency this layer adds (metrics only); recorded when dropped.
-        let clock = tower_redis_core::record::LayerClock::start("ratelimit");
+        let clock = LayerClock::start("ratelimit");
         let (parts, body) = request.into_parts();
         // One span per decision; `conclude` records its outcome.
         let span = tracing::debug_span!(
@@ -82,16 +152,37 @@ where
                 decide_now(&self.config, &parts)
             };
             if let Some(outcome) = decided {
-                return ResponseFuture::new(respond(outcome, parts, body, inner, clock));
+                // Decided with nothing to wait for: the ready service is
+                // called here, with no clone of it and no box.
+                let state = match outcome {
+                    Outcome::Pass(fields) => {
+                        let started = clock.inner_started();
+                        State::Passed {
+                            called: self.inner.call(Request::from_parts(parts, body)),
+                            then: Some((fields, clock, started)),
+                        }
+                    }
+                    // The clock stops (is dropped) at the end of this arm.
+                    Outcome::Respond(response) => State::Answered {
+                        response: Some(response),
+                    },
+                };
+                return ResponseFuture { state };
             }
         }
-        ResponseFuture::new(answer(
+        // The clone is not ready; the ready one goes into the future.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let future = tower_redis_core::ResponseFuture::new(answer(
             Arc::clone(&self.config),
             inner,
             parts,
             body,
             (clock, span),
-        ))
+        ));
+        ResponseFuture {
+            state: State::Awaited { future },
+        }
     }
 }
 
@@ -112,7 +203,7 @@ fn answer<S, ReqBody, ResBody>(
     inner: S,
     parts: Parts,
     body: ReqBody,
-    (clock, span): (tower_redis_core::record::LayerClock, tracing::Span),
+    (clock, span): (LayerClock, tracing::Span),
 ) -> impl Future<Output = Result<Response<ResponseBody<ResBody>>, S::Error>> + Send + 'static
 where
     S: Inner<ReqBody, ResBody>,
@@ -138,7 +229,7 @@ fn respond<S, ReqBody, ResBody>(
     parts: Parts,
     body: ReqBody,
     mut inner: S,
-    clock: tower_redis_core::record::LayerClock,
+    clock: LayerClock,
 ) -> impl Future<Output = Result<Response<ResponseBody<ResBody>>, S::Error>> + Send + 'static
 where
     S: Inner<ReqBody, ResBody>,
@@ -201,14 +292,14 @@ fn decide_now(config: &Config, parts: &Parts) -> Option<Outcome> {
     if is_allow_listed(config, parts) {
         return Some(Outcome::Pass(Fields::default()));
     }
-    let mut policies = Vec::new();
-    let mut checks = Vec::new();
+    let mut policies = Policies::new();
+    let mut checks = Checks::new();
     for (policy, counter_keys) in applicable(config, parts) {
         let value = policy.key.extract_built_in(parts, &config.client_ip)?;
         if let Err(policy) = add_check(
             config,
             (policy, counter_keys),
-            value,
+            value.as_deref(),
             (&mut policies, &mut checks),
         ) {
             return Some(missing_key(parts, &policy));
@@ -251,7 +342,7 @@ fn conclude(config: &Config, parts: &Parts, policies: &[&Policy], verdict: &Verd
         }
         return Outcome::Pass(Fields::default());
     }
-    let decided: Vec<(&Policy, Option<PolicyState>)> = policies
+    let decided: SmallVec<[(&Policy, Option<PolicyState>); INLINE_POLICIES]> = policies
         .iter()
         .copied()
         .zip(verdict.states.iter().copied())
@@ -279,15 +370,15 @@ fn is_allow_listed(config: &Config, parts: &Parts) -> bool {
 async fn applicable_checks<'c>(
     config: &'c Config,
     parts: &Parts,
-) -> Result<(Vec<&'c Policy>, Vec<Check>), String> {
-    let mut policies = Vec::new();
-    let mut checks = Vec::new();
+) -> Result<(Policies<'c>, Checks), String> {
+    let mut policies = Policies::new();
+    let mut checks = Checks::new();
     for (policy, counter_keys) in applicable(config, parts) {
         let value = policy.key.extract(parts, &config.client_ip).await;
         add_check(
             config,
             (policy, counter_keys),
-            value,
+            value.as_deref(),
             (&mut policies, &mut checks),
         )?;
     }
@@ -314,13 +405,13 @@ fn applicable<'c>(
 fn add_check<'c>(
     config: &Config,
     (policy, counter_keys): (&'c Policy, &CounterKeys),
-    value: Option<String>,
-    (policies, checks): (&mut Vec<&'c Policy>, &mut Vec<Check>),
+    value: Option<&str>,
+    (policies, checks): (&mut Policies<'c>, &mut Checks),
 ) -> Result<(), String> {
     if value.is_none() && policy.key.is_client_ip() {
         warn_no_peer_address(config, policy);
     }
-    let key = match (&value, config.missing_key) {
+    let key = match (value, config.missing_key) {
         (Some(value), _) => counter_keys.key(Some(value)),
         (None, MissingKey::Skip) => return Ok(()),
         (None, MissingKey::SharedBucket) => counter_keys.key(None),

@@ -340,6 +340,115 @@ async fn a_leased_request_is_decided_when_the_service_is_called() {
     );
 }
 
+/// The service behind the layer in the test below: counts its clones and
+/// its calls, and answers 200.
+#[derive(Default)]
+struct Counted {
+    clones: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Clone for Counted {
+    fn clone(&self) -> Self {
+        self.clones.fetch_add(1, Ordering::SeqCst);
+        Self {
+            clones: Arc::clone(&self.clones),
+            calls: Arc::clone(&self.calls),
+        }
+    }
+}
+
+impl tower::Service<Request<()>> for Counted {
+    type Response = Response<Empty<Bytes>>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<()>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(Response::new(Empty::new())))
+    }
+}
+
+/// A request decided at once (its lease holds its units) calls the
+/// service it wraps in place, when it is called: no clone of that
+/// service, and its answer carries the decision's fields. A denial decided
+/// at once (a key known blocked) answers without calling it. A request
+/// that must take a lease first clones it, as every request did before.
+#[tokio::test]
+async fn a_request_decided_at_once_calls_the_wrapped_service_in_place_without_a_clone() {
+    use tower::{Layer as _, Service as _};
+    let redis = TestRedis::start().await;
+    away_from_window_edge(&redis, HOUR).await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(
+            Policy::fixed_window("global", 3, HOUR)
+                .key(Key::global())
+                .lease(3),
+        )
+        .build()
+        .expect("layer");
+    let inner = Counted::default();
+    let (clones, calls) = (Arc::clone(&inner.clones), Arc::clone(&inner.calls));
+    let mut service = layer.layer(inner);
+    // The first request takes the lease (3 units: all the window holds).
+    service.ready().await.expect("ready");
+    let first = service.call(request("192.0.2.1")).await.expect("answer");
+    assert_eq!(first.status(), 200);
+    assert_eq!(clones.load(Ordering::SeqCst), 1, "the leasing request");
+    for left in [1, 0] {
+        service.ready().await.expect("ready");
+        let answer = service.call(request("192.0.2.1"));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3 - left,
+            "not called when the layer was"
+        );
+        let answer = answer.await.expect("answer");
+        assert_eq!(answer.status(), 200);
+        assert!(
+            field(&answer).starts_with(&format!("\"global\";r={left};")),
+            "{}",
+            field(&answer)
+        );
+    }
+    assert_eq!(
+        clones.load(Ordering::SeqCst),
+        1,
+        "a request decided at once cloned the service"
+    );
+    // The window is spent: the next request asks Redis (a clone), is
+    // denied, and its key is then known blocked.
+    service.ready().await.expect("ready");
+    let denied = service.call(request("192.0.2.1")).await.expect("answer");
+    assert_eq!(denied.status(), 429);
+    let clones_before = clones.load(Ordering::SeqCst);
+    service.ready().await.expect("ready");
+    let denied = service.call(request("192.0.2.1")).await.expect("answer");
+    assert_eq!(denied.status(), 429);
+    assert!(
+        field(&denied).starts_with("\"global\";r=0;"),
+        "{}",
+        field(&denied)
+    );
+    assert_eq!(
+        clones.load(Ordering::SeqCst),
+        clones_before,
+        "a denial decided at once cloned the service"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "a denied request reached the service"
+    );
+}
+
 /// Redis goes away: the units already leased are spent (Redis counted
 /// them), then the local fallback decides with its share, exactly as for
 /// a policy without a lease.

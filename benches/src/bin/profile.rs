@@ -531,7 +531,10 @@ async fn main() {
         std::process::exit(2)
     }
     let peer = |path: &str| matches!(path, "axum-response-cache" | "governor");
-    if let Some(path) = paths.split(',').find(|path| !cfg!(feature = "peers") && peer(path)) {
+    if let Some(path) = paths
+        .split(',')
+        .find(|path| !cfg!(feature = "peers") && peer(path))
+    {
         eprintln!("the path `{path}` needs the peers: build with `--features peers`");
         std::process::exit(2)
     }

@@ -150,7 +150,7 @@ mod tests {
 
     fn check(key: &str) -> Check {
         Check {
-            key: key.to_owned(),
+            key: std::sync::Arc::from(key),
             algorithm: Algorithm::Gcra {
                 quota: 1,
                 period: HOUR,

@@ -275,7 +275,7 @@ impl Leases {
             if slot.window != reply.window || slot.expires <= now {
                 // What is left of an earlier window goes back; a unit of
                 // one window is never spent in another.
-                void = slot.give_back(Arc::from(check.key.as_str()), now);
+                void = slot.give_back(Arc::clone(&check.key), now);
                 slot.tokens = 0;
             }
             slot.tokens += reply.granted;
@@ -576,7 +576,7 @@ mod tests {
 
     fn leased(key: &str) -> Check {
         Check {
-            key: key.to_owned(),
+            key: std::sync::Arc::from(key),
             algorithm: Algorithm::FixedWindow {
                 limit: 1000,
                 window: HOUR,

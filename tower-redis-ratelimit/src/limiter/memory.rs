@@ -133,7 +133,7 @@ mod tests {
 
     fn check(key: &str, algorithm: Algorithm) -> Check {
         Check {
-            key: key.to_owned(),
+            key: std::sync::Arc::from(key),
             algorithm,
             lease: None,
         }

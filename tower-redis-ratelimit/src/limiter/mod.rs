@@ -39,7 +39,7 @@ use crate::algorithm::Algorithm;
 #[derive(Debug, Clone)]
 pub(crate) struct Check {
     /// The Redis key (and local key) of this policy's counter for this client.
-    pub(crate) key: String,
+    pub(crate) key: Arc<str>,
     pub(crate) algorithm: Algorithm,
     /// The policy's lease size ([`Policy::lease`](crate::Policy::lease)), if it leases.
     pub(crate) lease: Option<u32>,

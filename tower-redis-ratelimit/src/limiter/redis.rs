@@ -184,11 +184,7 @@ fn encode_batch<'q>(requests: &[Query<'q>]) -> (Vec<&'q str>, Vec<u8>) {
         }
     }
     numbers[groups_at..groups_at + 8].copy_from_slice(&exact(groups).to_le_bytes());
-    let keys = counters
-        .list
-        .iter()
-        .map(|check| check.key.as_str())
-        .collect();
+    let keys = counters.list.iter().map(|check| &*check.key).collect();
     (keys, numbers)
 }
 
@@ -220,7 +216,7 @@ impl<'q> Counters<'q> {
                 let new = match &mut counters.index {
                     Some(index) => {
                         let next = counters.list.len();
-                        *index.entry(check.key.as_str()).or_insert(next) == next
+                        *index.entry(&*check.key).or_insert(next) == next
                     }
                     None => !counters.list.iter().any(|known| known.key == check.key),
                 };
@@ -235,7 +231,7 @@ impl<'q> Counters<'q> {
     /// Where `check`'s counter is (0-based).
     fn index_of(&self, check: &Check) -> usize {
         match &self.index {
-            Some(index) => index.get(check.key.as_str()).copied(),
+            Some(index) => index.get(&*check.key).copied(),
             None => self.list.iter().position(|known| known.key == check.key),
         }
         .unwrap_or(0)
@@ -459,7 +455,7 @@ mod tests {
     #[test]
     fn malformed_script_reply_is_an_error_not_a_panic() {
         let check = Check {
-            key: "k".to_owned(),
+            key: std::sync::Arc::from("k"),
             algorithm: Algorithm::FixedWindow {
                 limit: 1,
                 window: Duration::from_secs(1),
@@ -543,7 +539,7 @@ mod tests {
     #[test]
     fn the_batch_is_packed_as_little_endian_doubles() {
         let first = Check {
-            key: "a".to_owned(),
+            key: std::sync::Arc::from("a"),
             algorithm: Algorithm::FixedWindow {
                 limit: 7,
                 window: Duration::from_secs(1),
@@ -551,7 +547,7 @@ mod tests {
             lease: None,
         };
         let other = Check {
-            key: "b".to_owned(),
+            key: std::sync::Arc::from("b"),
             algorithm: Algorithm::FixedWindow {
                 limit: 9,
                 window: Duration::from_secs(2),

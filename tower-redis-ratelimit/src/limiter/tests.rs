@@ -22,7 +22,7 @@ fn without_redis(fallback: Fallback) -> Arc<Limiter> {
 
 fn check(key: &str, algorithm: Algorithm) -> Check {
     Check {
-        key: key.to_owned(),
+        key: std::sync::Arc::from(key),
         algorithm,
         lease: None,
     }
