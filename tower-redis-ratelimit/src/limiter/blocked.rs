@@ -62,7 +62,7 @@ impl BlockedKeys {
         }
         let live = |entry: &Blocked| entry.held > now;
         let mut entries = lock(&self.entries);
-        let mut states = vec![None; checks.len()];
+        let mut states = super::States::from_elem(None, checks.len());
         let mut blocked = false;
         for (check, state) in checks.iter().zip(&mut states) {
             if let Some(entry) = entries.get(&check.key, live)

@@ -40,7 +40,7 @@ use tower_redis_core::sync::lock;
 
 use super::lru::Lru;
 use super::redis::{LeaseReply, RedisStore};
-use super::{Check, DecisionSource, Limiter, PolicyState, Verdict};
+use super::{Check, DecisionSource, Limiter, PolicyState, States, Verdict};
 use crate::algorithm::Algorithm;
 
 /// A lease nobody has spent from for this long gives its units back.
@@ -228,7 +228,7 @@ impl Leases {
         if !checks.iter().all(|check| check.lease.is_some()) {
             return None;
         }
-        let mut states = Vec::with_capacity(checks.len());
+        let mut states = States::with_capacity(checks.len());
         let mut windows = Vec::new();
         for (i, check) in checks.iter().enumerate() {
             let Ok((state, window)) = self.try_spend(check, cost) else {
@@ -430,7 +430,7 @@ impl Limiter {
         checks: &[Check],
         cost: u32,
     ) -> Verdict {
-        let mut states: Vec<Option<PolicyState>> = vec![None; checks.len()];
+        let mut states: States = States::from_elem(None, checks.len());
         let mut taken: Vec<(usize, i64)> = Vec::new();
         let put_back = |taken: &[(usize, i64)]| {
             for &(i, window) in taken {

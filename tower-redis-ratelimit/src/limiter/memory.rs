@@ -54,7 +54,7 @@ impl MemoryStore {
         let live = |e: &Counter| e.expires_us > now;
         let cost = f64::from(cost);
         let mut entries = lock(&self.entries);
-        let mut states = Vec::with_capacity(checks.len());
+        let mut states = super::States::with_capacity(checks.len());
         let mut writes = Vec::with_capacity(checks.len());
         let mut allowed = true;
         for check in checks {

@@ -115,16 +115,20 @@ pub(crate) struct Verdict {
     pub(crate) allowed: bool,
     /// Per check, in order; empty when the source knows nothing (fail-open,
     /// fail-closed), or only the blocking checks for the blocked cache.
-    pub(crate) states: Vec<Option<PolicyState>>,
+    pub(crate) states: States,
     pub(crate) source: DecisionSource,
 }
+
+/// A verdict's per-check states: the usual one or two policies' inline,
+/// with no allocation.
+pub(crate) type States = smallvec::SmallVec<[Option<PolicyState>; 2]>;
 
 impl Verdict {
     /// Allowed, knowing nothing about the policies.
     pub(crate) fn fail_open(checks: &[Check]) -> Self {
         Verdict {
             allowed: true,
-            states: vec![None; checks.len()],
+            states: States::from_elem(None, checks.len()),
             source: DecisionSource::FailOpen,
         }
     }
@@ -133,7 +137,7 @@ impl Verdict {
     fn fail_closed(checks: &[Check]) -> Self {
         Verdict {
             allowed: false,
-            states: vec![None; checks.len()],
+            states: States::from_elem(None, checks.len()),
             source: DecisionSource::FailClosed,
         }
     }

@@ -365,7 +365,7 @@ fn parse_batch_reply(reply: &[u8], requests: &[Query<'_>]) -> redis::RedisResult
             // (the script's commit); a request's counters are distinct (its
             // policies' names are), so each sees the state before it.
             let mut denied_here = false;
-            let decided: Vec<Option<PolicyState>> = checks
+            let decided: super::States = checks
                 .iter()
                 .map(|check| {
                     let k = counters.index_of(check);

@@ -180,7 +180,7 @@ impl DecisionStore for Switch {
                 .iter()
                 .map(|(checks, _)| Verdict {
                     allowed: true,
-                    states: vec![None; checks.len()],
+                    states: super::States::from_elem(None, checks.len()),
                     source: DecisionSource::Redis,
                 })
                 .collect())
