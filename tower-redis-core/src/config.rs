@@ -23,7 +23,9 @@ pub struct BreakerConfig {
     pub failure_threshold: u32,
     /// First delay before probing an open breaker; doubled after each failed probe.
     pub probe_min_backoff: Duration,
-    /// Largest delay between two probes.
+    /// Largest delay between two probes: after a long outage, Redis goes
+    /// unused for up to this long once it is back. Each probe is one
+    /// connection attempt (a refused one costs next to nothing).
     pub probe_max_backoff: Duration,
 }
 
@@ -32,7 +34,7 @@ impl Default for BreakerConfig {
         Self {
             failure_threshold: 5,
             probe_min_backoff: Duration::from_millis(50),
-            probe_max_backoff: Duration::from_secs(2),
+            probe_max_backoff: Duration::from_millis(500),
         }
     }
 }
@@ -466,7 +468,7 @@ impl RedisConfigBuilder {
     }
 
     /// Delays between recovery probes: starts at `min`, doubles up to `max`,
-    /// with jitter (default 50 ms to 2 s).
+    /// with jitter (default 50 ms to 500 ms).
     ///
     /// ```
     /// # use std::time::Duration;
