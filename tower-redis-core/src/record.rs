@@ -323,30 +323,6 @@ impl LayerClock {
         }
     }
 
-    /// The inner service's future, its time counted as in
-    /// [`inner`](Self::inner); then `then` on its output, after which this
-    /// clock stops (is dropped) and records. For a layer whose response
-    /// future is a chain of combinators rather than an `async` block, which
-    /// cannot lend the clock to the inner future and keep it afterwards.
-    #[inline]
-    pub fn finish_after<F, R>(
-        self,
-        future: F,
-        then: impl FnOnce(F::Output) -> R,
-    ) -> impl std::future::Future<Output = R>
-    where
-        F: std::future::Future,
-    {
-        use futures_util::FutureExt;
-        let started = self.inner_started();
-        future.map(move |output| {
-            self.inner_ended(started);
-            // Dropped (and recorded) after `then`, at the end of this body.
-            let _stops_after_then = self;
-            then(output)
-        })
-    }
-
     /// For a response future written by hand: the inner service's call
     /// begins now. Pass what it returns to [`inner_ended`](Self::inner_ended)
     /// when that call is ready.
@@ -809,21 +785,23 @@ mod tests {
         assert!((0.0..inner_time.as_secs_f64()).contains(&added), "{added}");
     }
 
-    /// `finish_after`: the inner future's time is not the layer's, what
-    /// `then` does after it is, and the clock records once, when `then`
-    /// is done.
+    /// A response future written by hand: from `inner_started` to
+    /// `inner_ended` is the inner service's time (its `call` included),
+    /// what follows is the layer's, and the clock records once, when it
+    /// is dropped.
     #[test]
-    fn a_layer_clock_finished_after_the_inner_service_counts_what_follows_it() {
+    fn a_layer_clock_counts_from_inner_started_to_inner_ended_as_the_inner_services() {
         let inner_time = std::time::Duration::from_millis(200);
         let then_time = std::time::Duration::from_millis(10);
         let added = overhead_of("ratelimit", async {
-            let answer = LayerClock::start("ratelimit")
-                .finish_after(tokio::time::sleep(inner_time), |()| {
-                    std::thread::sleep(then_time);
-                    7
-                })
-                .await;
-            assert_eq!(answer, 7);
+            let clock = LayerClock::start("ratelimit");
+            let started = clock.inner_started();
+            // The inner service's `call`, then its future.
+            std::thread::sleep(inner_time / 2);
+            tokio::time::sleep(inner_time / 2).await;
+            clock.inner_ended(started);
+            std::thread::sleep(then_time);
+            drop(clock);
         });
         assert!(
             (then_time.as_secs_f64()..inner_time.as_secs_f64()).contains(&added),

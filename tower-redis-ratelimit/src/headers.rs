@@ -75,10 +75,14 @@ pub(crate) fn fields(
         static LIMIT_FIELD: std::cell::RefCell<String> =
             const { std::cell::RefCell::new(String::new()) };
     }
-    LIMIT_FIELD.with_borrow_mut(|limit_field| {
-        limit_field.clear();
-        fields_in(decided, source, legacy, limit_field)
-    })
+    LIMIT_FIELD
+        .try_with(|limit_field| {
+            let mut limit_field = limit_field.borrow_mut();
+            limit_field.clear();
+            fields_in(decided, source, legacy, &mut limit_field)
+        })
+        // The thread is ending (its buffer is gone): a String of its own.
+        .unwrap_or_else(|_| fields_in(decided, source, legacy, &mut String::new()))
 }
 
 fn fields_in(

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
-use futures_util::future::Either;
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, header};
 use smallvec::SmallVec;
@@ -58,7 +57,8 @@ pin_project_lite::pin_project! {
     /// A request decided at once (every policy leased and its units here,
     /// or its key known blocked) is the wrapped service's call itself, with
     /// nothing allocated for it; a request that waits on Redis is a boxed
-    /// future of the decision, then the call.
+    /// future of the decision, then the call. It is `Send` when the wrapped
+    /// service's future is, and `Unpin` when that future is.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         state: State<F, B, E>,
@@ -153,22 +153,17 @@ where
                 decide_now(&self.config, &parts)
             };
             if let Some(outcome) = decided {
-                // Decided with nothing to wait for: the ready service is
+                // Decided with nothing to wait for: the readied service is
                 // called here, with no clone of it and no box.
-                let state = match outcome {
-                    Outcome::Pass(fields) => {
-                        let started = clock.inner_started();
-                        State::Passed {
-                            called: self.inner.call(Request::from_parts(parts, body)),
-                            then: Some((fields, clock, started)),
-                        }
-                    }
-                    // The clock stops (is dropped) at the end of this arm.
-                    Outcome::Respond(response) => State::Answered {
-                        response: Some(response),
-                    },
-                };
-                return ResponseFuture { state };
+                if matches!(outcome, Outcome::Respond(_)) {
+                    // Not called: the readied service is let go, so that
+                    // what its `poll_ready` reserved (a `Buffer`'s slot, a
+                    // `ConcurrencyLimit`'s permit) is released, as when a
+                    // denial comes from Redis.
+                    let clone = self.inner.clone();
+                    drop(std::mem::replace(&mut self.inner, clone));
+                }
+                return respond(outcome, parts, body, &mut self.inner, clock);
             }
         }
         // The clone is not ready; the ready one goes into the future.
@@ -220,44 +215,43 @@ where
         let outcome = decide(&config, &parts).await;
         (outcome, parts)
     });
-    decided.then(move |(outcome, parts)| respond(outcome, parts, body, inner, clock))
+    decided.then(move |(outcome, parts)| {
+        let mut inner = inner;
+        // Dropped here, called or not: a denial lets go of the readied
+        // service (and of what its `poll_ready` reserved).
+        respond(outcome, parts, body, &mut inner, clock)
+    })
 }
 
-/// Calls `inner` with the request, adding the decision's fields to its
-/// answer, or answers in its place.
+/// Calls `inner` (readied) with the request, adding the decision's fields
+/// to its answer, or answers in its place. The same future whether the
+/// decision was made at once or awaited.
 fn respond<S, ReqBody, ResBody>(
     outcome: Outcome,
     parts: Parts,
     body: ReqBody,
-    mut inner: S,
+    inner: &mut S,
     clock: LayerClock,
-) -> impl Future<Output = Result<Response<ResponseBody<ResBody>>, S::Error>> + Send + 'static
+) -> ResponseFuture<S::Future, ResBody, S::Error>
 where
-    S: Inner<ReqBody, ResBody>,
-    ReqBody: Send + 'static,
-    ResBody: Send + 'static,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
-    match outcome {
-        Outcome::Pass(extra_headers) => {
-            let called = inner.call(Request::from_parts(parts, body));
-            Either::Left(clock.finish_after(called, move |answer| {
-                let mut response = answer?;
-                // Appended, not replaced: stacked rate-limit layers
-                // each add their members to the same list fields.
-                extra_headers.append_to(response.headers_mut());
-                Ok(response.map(ResponseBody::inner))
-            }))
+    let state = match outcome {
+        Outcome::Pass(fields) => {
+            // Timed from before the call: what the inner service does in
+            // `call` (routing, an answer it has at once) is its own time.
+            let started = clock.inner_started();
+            State::Passed {
+                called: inner.call(Request::from_parts(parts, body)),
+                then: Some((fields, clock, started)),
+            }
         }
-        Outcome::Respond(response) => {
-            // The clock stops (dropped) at the end of this arm.
-            let _answered = clock;
-            // The response alone is held (an `Ok` would hold the
-            // inner service's error type, which need not be `Send`).
-            Either::Right(
-                std::future::ready(response).map(|response| Ok(response.map(ResponseBody::full))),
-            )
-        }
-    }
+        // The clock stops (is dropped) at the end of this arm.
+        Outcome::Respond(response) => State::Answered {
+            response: Some(response),
+        },
+    };
+    ResponseFuture { state }
 }
 
 enum Outcome {

@@ -437,16 +437,59 @@ async fn a_request_decided_at_once_calls_the_wrapped_service_in_place_without_a_
         "{}",
         field(&denied)
     );
+    // Not called, and let go of: one clone takes the readied service's
+    // place (see the next test).
     assert_eq!(
         clones.load(Ordering::SeqCst),
-        clones_before,
-        "a denial decided at once cloned the service"
+        clones_before + 1,
+        "a denial decided at once did not let go of the readied service"
     );
     assert_eq!(
         calls.load(Ordering::SeqCst),
         3,
         "a denied request reached the service"
     );
+}
+
+/// A denial decided at once (its key known blocked) does not call the
+/// wrapped service, and lets go of it: what its `poll_ready` reserved (a
+/// permit of `ConcurrencyLimit`, shared by the service's clones) is
+/// released, as when Redis denies. A client that keeps its service while
+/// it waits out `Retry-After` holds nothing the other clones need.
+#[tokio::test]
+async fn a_denial_decided_at_once_releases_what_the_wrapped_service_reserved() {
+    use tower::{Layer as _, Service as _};
+    let redis = TestRedis::start().await;
+    away_from_window_edge(&redis, HOUR).await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(
+            Policy::fixed_window("global", 1, HOUR)
+                .key(Key::global())
+                .lease(1),
+        )
+        .build()
+        .expect("layer");
+    let inner = tower::limit::ConcurrencyLimit::new(
+        tower::service_fn(|_req: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
+        }),
+        1,
+    );
+    let mut a = layer.layer(inner);
+    let mut b = a.clone();
+    let mut statuses = Vec::new();
+    // Admitted (the lease's one unit), denied by Redis (the key is then
+    // known blocked), denied at once.
+    for _ in 0..3 {
+        a.ready().await.expect("ready");
+        let answer = a.call(request("192.0.2.1")).await.expect("answer");
+        statuses.push(answer.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 429, 429]);
+    tokio::time::timeout(Duration::from_secs(5), b.ready())
+        .await
+        .expect("the other clone never became ready: the denied request kept the permit")
+        .expect("ready");
 }
 
 /// Redis goes away: the units already leased are spent (Redis counted
