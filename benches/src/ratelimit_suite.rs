@@ -82,12 +82,13 @@ enum Subject {
     BlockedKey,
     RedisDown,
     Governor,
+    GovernorHeaders,
     Leased,
 }
 
 impl Subject {
     /// Every subject, in table order.
-    const ALL: [Subject; 11] = [
+    const ALL: [Subject; 12] = [
         Subject::NoLimiter,
         Subject::Raw,
         Subject::RedisBenchmark,
@@ -98,6 +99,7 @@ impl Subject {
         Subject::BlockedKey,
         Subject::RedisDown,
         Subject::Governor,
+        Subject::GovernorHeaders,
         // Last: its preflight's lease goes back 1 s later, after every
         // other preflight (the blocked-key one counts commands).
         Subject::Leased,
@@ -117,6 +119,9 @@ impl Subject {
             Subject::BlockedKey => "tower-redis-ratelimit, blocked key",
             Subject::RedisDown => "tower-redis-ratelimit, Redis down (local fallback)",
             Subject::Governor => "tower_governor",
+            Subject::GovernorHeaders => {
+                "tower_governor with its x-ratelimit-* response fields (use_headers)"
+            }
             Subject::Leased => {
                 "tower-redis-ratelimit, 1 global GCRA policy leased 1000 units at a time"
             }
@@ -136,6 +141,7 @@ impl Subject {
             Subject::BlockedKey => "blocked key",
             Subject::RedisDown => "Redis down",
             Subject::Governor => "tower_governor",
+            Subject::GovernorHeaders => "tower_governor with headers",
             Subject::Leased => "leased global key",
         }
     }
@@ -247,7 +253,8 @@ fn app(
                 .policy(Policy::gcra("per-ip", HUGE_QUOTA, HOUR))
                 .build()?,
         ),
-        Subject::Governor => return governor_app(),
+        Subject::Governor => return governor_app(false),
+        Subject::GovernorHeaders => return governor_app(true),
         Subject::Leased => route().layer(
             limits(manager, "bench-leased")
                 .policy(
@@ -262,22 +269,28 @@ fn app(
 }
 
 /// tower_governor keyed by peer IP (its default, read from `ConnectInfo`),
-/// with the same huge quota: one cell per 3.6 µs, burst 10⁹.
+/// with the same huge quota: one cell per 3.6 µs, burst 10⁹. With
+/// `headers`, its `x-ratelimit-limit` / `-remaining` response fields on
+/// (`use_headers`; off by default), as tower-redis-ratelimit's `RateLimit`
+/// fields always are.
 #[cfg(feature = "peers")]
-fn governor_app() -> Result<Option<Router>, BenchError> {
+fn governor_app(headers: bool) -> Result<Option<Router>, BenchError> {
     use tower_governor::GovernorLayer;
     use tower_governor::governor::GovernorConfigBuilder;
 
-    let config = GovernorConfigBuilder::default()
-        .period(HOUR / HUGE_QUOTA)
-        .burst_size(HUGE_QUOTA)
-        .finish()
-        .ok_or_else(|| BenchError::Check("tower_governor rejected its configuration".to_owned()))?;
+    let refused = || BenchError::Check("tower_governor rejected its configuration".to_owned());
+    let mut builder = GovernorConfigBuilder::default();
+    builder.period(HOUR / HUGE_QUOTA).burst_size(HUGE_QUOTA);
+    if headers {
+        let config = builder.use_headers().finish().ok_or_else(refused)?;
+        return Ok(Some(route().layer(GovernorLayer::new(config))));
+    }
+    let config = builder.finish().ok_or_else(refused)?;
     Ok(Some(route().layer(GovernorLayer::new(config))))
 }
 
 #[cfg(not(feature = "peers"))]
-fn governor_app() -> Result<Option<Router>, BenchError> {
+fn governor_app(_headers: bool) -> Result<Option<Router>, BenchError> {
     Ok(None)
 }
 
@@ -317,7 +330,7 @@ async fn preflight(
     let limit = field("ratelimit");
     match subject {
         Subject::Raw | Subject::RedisBenchmark => {}
-        Subject::NoLimiter | Subject::OneGet | Subject::Governor => {
+        Subject::NoLimiter | Subject::OneGet | Subject::Governor | Subject::GovernorHeaders => {
             check(
                 subject,
                 "expected 200 and the body",
@@ -500,6 +513,7 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
         Subject::ClientKeys,
         Subject::ThreePolicies,
         Subject::Governor,
+        Subject::GovernorHeaders,
         Subject::Leased,
     ] {
         section.note(format!(
@@ -508,6 +522,11 @@ pub(crate) async fn run(redis: &BenchRedis, options: &Options) -> Result<String,
             grid.spread(subject.index(), Subject::NoLimiter.index())
         ));
     }
+    // Like for like: both answering with their rate-limit fields.
+    section.note(format!(
+        "leased global key / tower_governor with headers, median (per repeat): {}",
+        grid.spread(Subject::Leased.index(), Subject::GovernorHeaders.index())
+    ));
     for note in grid.notes() {
         section.note(note);
     }

@@ -71,9 +71,9 @@ fn allocated() -> (u64, u64) {
 }
 
 const USAGE: &str = "usage: profile <path>[,<path>...] [--concurrency N] [--secs S] [--warmup-secs S] \
-                     [--rounds N] [--http]\npaths: none, reference, cache-hit, cache-near, axum-response-cache, ratelimit, ratelimit-leased, governor, session-read, session-tracked, session-write, session-down";
+                     [--rounds N] [--http]\npaths: none, reference, cache-hit, cache-near, axum-response-cache, ratelimit, ratelimit-leased, governor, governor-headers, session-read, session-tracked, session-write, session-down";
 /// The paths `profile` runs.
-const PATHS: [&str; 12] = [
+const PATHS: [&str; 13] = [
     "none",
     "reference",
     "cache-hit",
@@ -82,6 +82,7 @@ const PATHS: [&str; 12] = [
     "ratelimit",
     "ratelimit-leased",
     "governor",
+    "governor-headers",
     "session-read",
     "session-tracked",
     "session-write",
@@ -122,24 +123,32 @@ fn axum_response_cache() -> Router {
 /// tower_governor with one global key and the leased path's quota (the
 /// `ratelimit` suite keys it by peer IP, which is one key there too: every
 /// connection comes from 127.0.0.1; in process there is no peer address).
+/// With `headers`, its `x-ratelimit-*` response fields on (`use_headers`),
+/// as tower-redis-ratelimit's `RateLimit` fields always are.
 #[cfg(feature = "peers")]
-fn governor() -> Router {
+fn governor(headers: bool) -> Router {
     use tower_governor::GovernorLayer;
     use tower_governor::governor::GovernorConfigBuilder;
     use tower_governor::key_extractor::GlobalKeyExtractor;
 
-    let config = GovernorConfigBuilder::default()
+    let mut builder = GovernorConfigBuilder::default()
         .period(Duration::from_secs(3600) / 1_000_000_000)
         .burst_size(1_000_000_000)
-        .key_extractor(GlobalKeyExtractor)
-        .finish()
-        .expect("tower_governor configuration");
+        .key_extractor(GlobalKeyExtractor);
+    if headers {
+        let config = builder
+            .use_headers()
+            .finish()
+            .expect("tower_governor configuration");
+        return plain().layer(GovernorLayer::new(config));
+    }
+    let config = builder.finish().expect("tower_governor configuration");
     plain().layer(GovernorLayer::new(config))
 }
 
 /// Never called: `main` refuses the path without the feature.
 #[cfg(not(feature = "peers"))]
-fn governor() -> Router {
+fn governor(_headers: bool) -> Router {
     plain()
 }
 
@@ -430,7 +439,8 @@ impl Ready {
                     .expect("rate limit layer");
                 (plain().layer(layer), None)
             }
-            "governor" => (governor(), None),
+            "governor" => (governor(false), None),
+            "governor-headers" => (governor(true), None),
             "session-read" | "session-tracked" | "session-write" => {
                 let tracked = path != "session-read";
                 let (app, cookie) = session_app(manager, tracked, path == "session-write").await;
@@ -530,7 +540,12 @@ async fn main() {
         eprintln!("unknown path `{unknown}`\n{USAGE}");
         std::process::exit(2)
     }
-    let peer = |path: &str| matches!(path, "axum-response-cache" | "governor");
+    let peer = |path: &str| {
+        matches!(
+            path,
+            "axum-response-cache" | "governor" | "governor-headers"
+        )
+    };
     if let Some(path) = paths
         .split(',')
         .find(|path| !cfg!(feature = "peers") && peer(path))
