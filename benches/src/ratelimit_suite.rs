@@ -336,6 +336,13 @@ async fn preflight(
                 "expected 200 and the body",
                 status == StatusCode::OK && body == BODY.as_bytes(),
             )?;
+            // tower_governor's fields: on with `use_headers` only.
+            let counted = !field("x-ratelimit-remaining").is_empty();
+            check(
+                subject,
+                "x-ratelimit-remaining only with use_headers",
+                counted == (subject == Subject::GovernorHeaders),
+            )?;
         }
         Subject::OnePolicy | Subject::ThreePolicies | Subject::ClientKeys | Subject::Leased => {
             check(

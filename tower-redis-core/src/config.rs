@@ -25,7 +25,8 @@ pub struct BreakerConfig {
     pub probe_min_backoff: Duration,
     /// Largest delay between two probes: after a long outage, Redis goes
     /// unused for up to this long once it is back. Each probe is one
-    /// connection attempt (a refused one costs next to nothing).
+    /// connection attempt: a refused one costs next to nothing, one to an
+    /// unreachable host waits out the connect timeout.
     pub probe_max_backoff: Duration,
 }
 

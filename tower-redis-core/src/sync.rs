@@ -1,5 +1,6 @@
-//! Locking that survives a panic elsewhere, and [`Gather`]: calls that
-//! arrive together, made as one.
+//! Locking that survives a panic elsewhere, [`Gather`]: calls that
+//! arrive together, made as one, and [`with_scratch`]: a per-thread buffer
+//! for text made on every request.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -7,6 +8,57 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
+
+/// Runs `build` on the `String` that `buffer` holds for this thread,
+/// cleared: text made on every request (a header value, a key) is written
+/// there and copied once into its own allocation, with no `String` made
+/// and dropped each time. Where the buffer cannot be had (the thread is
+/// ending, or it is in use further up this thread's stack), `build` runs
+/// on a `String` of its own: never a panic.
+///
+/// The buffer keeps the capacity of the longest text made on its thread:
+/// only for text whose length is bounded.
+///
+/// ```
+/// use std::cell::RefCell;
+/// use tower_redis_core::sync::with_scratch;
+///
+/// thread_local! {
+///     static KEY: RefCell<String> = const { RefCell::new(String::new()) };
+/// }
+/// let key = |id: u32| {
+///     with_scratch(&KEY, |text| {
+///         text.push_str("user:");
+///         text.push_str(&id.to_string());
+///         std::sync::Arc::<str>::from(text.as_str())
+///     })
+/// };
+/// assert_eq!(&*key(7), "user:7");
+/// assert_eq!(&*key(12), "user:12");
+/// // In use further up the stack: a String of its own.
+/// let nested = with_scratch(&KEY, |outer| {
+///     outer.push_str("outer");
+///     with_scratch(&KEY, |inner| {
+///         inner.push_str("inner");
+///         inner.clone()
+///     })
+/// });
+/// assert_eq!(nested, "inner");
+/// ```
+pub fn with_scratch<R>(
+    buffer: &'static std::thread::LocalKey<std::cell::RefCell<String>>,
+    mut build: impl FnMut(&mut String) -> R,
+) -> R {
+    let reused = buffer.try_with(|text| {
+        let mut text = text.try_borrow_mut().ok()?;
+        text.clear();
+        Some(build(&mut text))
+    });
+    match reused {
+        Ok(Some(made)) => made,
+        _ => build(&mut String::new()),
+    }
+}
 
 /// Locks `mutex`, taking the guard even if a previous holder panicked.
 ///

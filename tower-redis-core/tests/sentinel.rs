@@ -116,7 +116,8 @@ async fn writes_reach_the_primary_and_follow_it_after_it_dies() {
     // (the leader's `+failover-state-wait-promotion`, after which the
     // manager watches the replica for the role, or the Sentinels'
     // `+promoted-slave` / `+switch-master`). Generous (a loaded machine),
-    // but far below the probe's 2 s default ceiling that bounded it before.
+    // but far below the 10 s probe backoff set above, which would bound it
+    // otherwise.
     let announced = promoting
         .into_iter()
         .chain(promoted)

@@ -75,14 +75,9 @@ pub(crate) fn fields(
         static LIMIT_FIELD: std::cell::RefCell<String> =
             const { std::cell::RefCell::new(String::new()) };
     }
-    LIMIT_FIELD
-        .try_with(|limit_field| {
-            let mut limit_field = limit_field.borrow_mut();
-            limit_field.clear();
-            fields_in(decided, source, legacy, &mut limit_field)
-        })
-        // The thread is ending (its buffer is gone): a String of its own.
-        .unwrap_or_else(|_| fields_in(decided, source, legacy, &mut String::new()))
+    tower_redis_core::sync::with_scratch(&LIMIT_FIELD, |limit_field| {
+        fields_in(decided, source, legacy, limit_field)
+    })
 }
 
 fn fields_in(

@@ -480,16 +480,10 @@ impl CounterKeys {
                     static BUFFER: std::cell::RefCell<String> =
                         const { std::cell::RefCell::new(String::new()) };
                 }
-                BUFFER
-                    .try_with(|buffer| {
-                        let mut buffer = buffer.borrow_mut();
-                        buffer.clear();
-                        write_key(&mut buffer, &self.shared, value);
-                        Arc::from(buffer.as_str())
-                    })
-                    // The thread is ending (its buffer is gone): a String
-                    // of its own.
-                    .unwrap_or_else(|_| Arc::from(build_key(&self.shared, value)))
+                tower_redis_core::sync::with_scratch(&BUFFER, |buffer| {
+                    write_key(buffer, &self.shared, value);
+                    Arc::from(buffer.as_str())
+                })
             }
         }
     }

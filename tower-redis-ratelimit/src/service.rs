@@ -24,13 +24,10 @@ use crate::limiter::{Check, PolicyState, Verdict};
 use crate::policy::{Policy, PolicyOutcome};
 use crate::response::{self, Denied};
 
-/// Policies of a request held inline (the usual one or two), with no
-/// allocation; more spill to the heap.
-const INLINE_POLICIES: usize = 2;
 /// The policies applicable to a request.
-type Policies<'c> = SmallVec<[&'c Policy; INLINE_POLICIES]>;
+type Policies<'c> = SmallVec<[&'c Policy; crate::limiter::INLINE_POLICIES]>;
 /// Their checks.
-type Checks = SmallVec<[Check; INLINE_POLICIES]>;
+type Checks = SmallVec<[Check; crate::limiter::INLINE_POLICIES]>;
 
 /// The rate-limited service produced by [`RateLimitLayer`](crate::RateLimitLayer).
 #[derive(Clone)]
@@ -51,14 +48,24 @@ impl<S> RateLimit<S> {
     }
 }
 
+impl<S: Clone> RateLimit<S> {
+    /// The service `poll_ready` readied, a clone (not ready) left in its
+    /// place.
+    fn take_readied(&mut self) -> S {
+        let clone = self.inner.clone();
+        std::mem::replace(&mut self.inner, clone)
+    }
+}
+
 pin_project_lite::pin_project! {
     /// The response future of [`RateLimit`].
     ///
-    /// A request decided at once (every policy leased and its units here,
-    /// or its key known blocked) is the wrapped service's call itself, with
-    /// nothing allocated for it; a request that waits on Redis is a boxed
-    /// future of the decision, then the call. It is `Send` when the wrapped
-    /// service's future is, and `Unpin` when that future is.
+    /// A request allowed at once (every policy leased and its units here)
+    /// is the wrapped service's call itself, with nothing allocated for it;
+    /// one denied at once (its key known blocked) is its answer; a request
+    /// that waits on Redis is a boxed future of the decision, then the
+    /// call. It is `Send` when the wrapped service's future is, and
+    /// `Unpin` when that future is.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         state: State<F, B, E>,
@@ -153,22 +160,19 @@ where
                 decide_now(&self.config, &parts)
             };
             if let Some(outcome) = decided {
-                // Decided with nothing to wait for: the readied service is
-                // called here, with no clone of it and no box.
+                // Decided with nothing to wait for: allowed, the readied
+                // service is called here, in place (no clone, no box).
                 if matches!(outcome, Outcome::Respond(_)) {
-                    // Not called: the readied service is let go, so that
-                    // what its `poll_ready` reserved (a `Buffer`'s slot, a
-                    // `ConcurrencyLimit`'s permit) is released, as when a
-                    // denial comes from Redis.
-                    let clone = self.inner.clone();
-                    drop(std::mem::replace(&mut self.inner, clone));
+                    // Denied: the readied service is not called but let
+                    // go, so that what its `poll_ready` reserved (a
+                    // `Buffer`'s slot, a `ConcurrencyLimit`'s permit) is
+                    // released, as when a denial comes from Redis.
+                    drop(self.take_readied());
                 }
                 return respond(outcome, parts, body, &mut self.inner, clock);
             }
         }
-        // The clone is not ready; the ready one goes into the future.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        let inner = self.take_readied();
         let future = tower_redis_core::ResponseFuture::new(answer(
             Arc::clone(&self.config),
             inner,
@@ -337,11 +341,12 @@ fn conclude(config: &Config, parts: &Parts, policies: &[&Policy], verdict: &Verd
         }
         return Outcome::Pass(Fields::default());
     }
-    let decided: SmallVec<[(&Policy, Option<PolicyState>); INLINE_POLICIES]> = policies
-        .iter()
-        .copied()
-        .zip(verdict.states.iter().copied())
-        .collect();
+    let decided: SmallVec<[(&Policy, Option<PolicyState>); crate::limiter::INLINE_POLICIES]> =
+        policies
+            .iter()
+            .copied()
+            .zip(verdict.states.iter().copied())
+            .collect();
     let fields = headers::fields(&decided, verdict.source, config.legacy_headers);
     if verdict.allowed {
         return Outcome::Pass(fields);

@@ -123,15 +123,10 @@ pub(crate) fn add_cache_status(headers: &mut HeaderMap, status: &CacheStatus) {
         static LAST: std::cell::RefCell<Option<(String, HeaderValue)>> =
             const { std::cell::RefCell::new(None) };
     }
-    let value = LINE
-        .try_with(|line| {
-            let mut line = line.borrow_mut();
-            line.clear();
-            status.render_into(&mut line);
-            super::remembered(&LAST, &*line, || HeaderValue::from_str(&line).ok())
-        })
-        // The thread's buffer is gone (it is ending): made without it.
-        .unwrap_or_else(|_| HeaderValue::from_str(&status.render()).ok());
+    let value = tower_redis_core::sync::with_scratch(&LINE, |line| {
+        status.render_into(line);
+        super::remembered(&LAST, &*line, || HeaderValue::from_str(line).ok())
+    });
     if let Some(value) = value {
         headers.append(CACHE_STATUS.clone(), value);
     }

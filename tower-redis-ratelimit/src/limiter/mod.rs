@@ -119,9 +119,13 @@ pub(crate) struct Verdict {
     pub(crate) source: DecisionSource,
 }
 
-/// A verdict's per-check states: the usual one or two policies' inline,
-/// with no allocation.
-pub(crate) type States = smallvec::SmallVec<[Option<PolicyState>; 2]>;
+/// Policies of a request held inline (the usual one or two) in its
+/// checks, its states and the service's lists of them, with no allocation;
+/// more spill to the heap.
+pub(crate) const INLINE_POLICIES: usize = 2;
+
+/// A verdict's per-check states.
+pub(crate) type States = smallvec::SmallVec<[Option<PolicyState>; INLINE_POLICIES]>;
 
 impl Verdict {
     /// Allowed, knowing nothing about the policies.
