@@ -111,7 +111,7 @@ impl BlockedKeys {
                 self.latest_until_us
                     .fetch_max(self.micros_since_epoch(held), Ordering::Relaxed);
                 entries.insert(
-                    &check.key,
+                    std::sync::Arc::clone(&check.key),
                     Blocked {
                         until,
                         held,

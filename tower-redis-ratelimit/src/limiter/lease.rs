@@ -216,7 +216,7 @@ impl Leases {
         }
         let slot = Slot::empty(check.algorithm, now);
         let gate = Arc::clone(&slot.gate);
-        let evicted = slots.insert_evicting(&check.key, slot);
+        let evicted = slots.insert_evicting(Arc::clone(&check.key), slot);
         drop(slots);
         self.queue(evicted, now);
         Err(gate)
@@ -268,7 +268,8 @@ impl Leases {
         let mut slots = lock(&self.slots);
         let mut evicted = Vec::new();
         if slots.get_mut(&check.key).is_none() {
-            evicted = slots.insert_evicting(&check.key, Slot::empty(check.algorithm, now));
+            evicted =
+                slots.insert_evicting(Arc::clone(&check.key), Slot::empty(check.algorithm, now));
         }
         let mut void = None;
         let spent = slots.get_mut(&check.key).and_then(|slot| {

@@ -89,8 +89,16 @@ impl<V> Lru<V> {
     /// Stores `value` under `key` as the most recently used entry, evicting
     /// the least recently used ones until it fits. Also drops a few entries
     /// at the old end that `live` says no longer count.
-    pub(crate) fn insert(&mut self, key: &str, value: V, live: impl Fn(&V) -> bool) {
-        if let Some(&slot) = self.index.get(key) {
+    ///
+    /// `key` is taken as it is when it is already shared (an `Arc<str>`),
+    /// and copied once otherwise, only when it is new here.
+    pub(crate) fn insert(
+        &mut self,
+        key: impl AsRef<str> + Into<Arc<str>>,
+        value: V,
+        live: impl Fn(&V) -> bool,
+    ) {
+        if let Some(&slot) = self.index.get(key.as_ref()) {
             self.slots[slot].value = value;
             self.unlink(slot);
             self.push_front(slot);
@@ -102,14 +110,14 @@ impl<V> Lru<V> {
             }
             self.remove_slot(self.tail);
         }
-        let weight = Self::weight(key);
+        let weight = Self::weight(key.as_ref());
         if weight > self.max_bytes {
             return;
         }
         while self.bytes + weight > self.max_bytes && self.tail != NIL {
             self.remove_slot(self.tail);
         }
-        let key: Arc<str> = Arc::from(key);
+        let key: Arc<str> = key.into();
         let slot = Slot {
             key: Some(Arc::clone(&key)),
             value,
@@ -135,13 +143,17 @@ impl<V> Lru<V> {
     /// Stores `value` under `key` as the most recently used entry, like
     /// [`Lru::insert`], and hands back the entries evicted to make room
     /// (their owner may still have something to do with them).
-    pub(crate) fn insert_evicting(&mut self, key: &str, value: V) -> Vec<(Arc<str>, V)>
+    pub(crate) fn insert_evicting(
+        &mut self,
+        key: impl AsRef<str> + Into<Arc<str>>,
+        value: V,
+    ) -> Vec<(Arc<str>, V)>
     where
         V: Clone,
     {
         let mut evicted = Vec::new();
-        if !self.index.contains_key(key) {
-            let weight = Self::weight(key);
+        if !self.index.contains_key(key.as_ref()) {
+            let weight = Self::weight(key.as_ref());
             while self.bytes + weight > self.max_bytes && self.tail != NIL {
                 evicted.extend(self.take_slot(self.tail));
             }
@@ -318,7 +330,7 @@ mod tests {
     fn entries_that_no_longer_count_are_removed_on_read_and_at_the_old_end() {
         let mut lru = Lru::new(1 << 20);
         for i in 0..4 {
-            lru.insert(&format!("k{i}"), i, always);
+            lru.insert(format!("k{i}").as_str(), i, always);
         }
         let live = |v: &u32| *v >= 2;
         assert_eq!(lru.get("k3", live), Some(&3));
@@ -333,7 +345,7 @@ mod tests {
     #[test]
     fn an_entry_larger_than_the_bound_is_not_stored_and_clear_forgets_all() {
         let mut lru = Lru::new(Lru::<u32>::weight("k") + 1);
-        lru.insert(&"x".repeat(100), 1, always);
+        lru.insert("x".repeat(100).as_str(), 1, always);
         assert_eq!(lru.len(), 0);
         lru.insert("k", 1, always);
         assert_eq!(lru.len(), 1);

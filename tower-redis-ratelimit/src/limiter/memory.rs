@@ -70,7 +70,7 @@ impl MemoryStore {
         if allowed {
             for (check, write) in checks.iter().zip(writes) {
                 if let Some(entry) = write {
-                    entries.insert(&check.key, entry, live);
+                    entries.insert(std::sync::Arc::clone(&check.key), entry, live);
                 }
             }
         }
