@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{HeaderMap, HeaderValue, Request, Response, header};
+use tower_redis_core::record::{InnerStarted, LayerClock};
 use tower_service::Service;
 
 use crate::id::{CookieCodec, SessionId};
@@ -31,18 +32,114 @@ impl<S> SessionService<S> {
     }
 }
 
-pub use tower_redis_core::ResponseFuture;
+pin_project_lite::pin_project! {
+    /// The response future of [`SessionService`].
+    ///
+    /// The wrapped service's call, then the session's end: for a request
+    /// that changed nothing (the session untouched or only read), worked
+    /// out in place, with nothing allocated for it; for one that writes or
+    /// deletes, a boxed future of the write. The request's span is entered
+    /// while either runs. It is `Send` when the wrapped service's future
+    /// is, and `Unpin` when that future is.
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        state: State<F, B, E>,
+        span: tracing::Span,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<F, B, E> {
+        /// The inner call, then the session's end.
+        Called {
+            #[pin]
+            called: F,
+            then: Option<Then>,
+        },
+        /// The session's write, then the response.
+        Writing { future: tower_redis_core::ResponseFuture<Response<B>, E> },
+    }
+}
+
+/// What the response future needs once the inner call is ready.
+struct Then {
+    session: Session,
+    shared: Arc<Shared>,
+    clock: LayerClock,
+    started: InnerStarted,
+}
+
+impl<F, B, E> std::future::Future for ResponseFuture<F, B, E>
+where
+    F: std::future::Future<Output = Result<Response<B>, E>>,
+    B: Send + 'static,
+    E: Send + 'static,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        // The request's span, as the inner service's and the write's parent.
+        let _entered = this.span.enter();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Called { called, then } => {
+                    let answer = std::task::ready!(called.poll(cx));
+                    let Then {
+                        session,
+                        shared,
+                        clock,
+                        started,
+                    } = then
+                        .take()
+                        .expect("ResponseFuture polled after it completed");
+                    clock.inner_ended(started);
+                    let mut response = answer?;
+                    if let Some(update) = session.finish_now(shared.expiry.persistent) {
+                        apply(&shared, update, &mut response);
+                        // The clock stops (is dropped) here, after the cookie.
+                        drop(clock);
+                        return Poll::Ready(Ok(response));
+                    }
+                    let future = tower_redis_core::ResponseFuture::new(async move {
+                        let update = match session.finish().await {
+                            Some(update) => Some(update),
+                            // A persistent cookie's Max-Age rolls with use.
+                            None if shared.expiry.persistent => {
+                                session.live_id().await.map(CookieUpdate::Set)
+                            }
+                            None => None,
+                        };
+                        apply(&shared, update, &mut response);
+                        drop(clock);
+                        Ok(response)
+                    });
+                    this.state.set(State::Writing { future });
+                }
+                StateProj::Writing { future } => return std::pin::Pin::new(future).poll(cx),
+            }
+        }
+    }
+}
+
+impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SessionService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send,
+    S::Error: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: Send + 'static,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = ResponseFuture<Response<ResBody>, S::Error>;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -67,34 +164,40 @@ where
         // Called here, on the service `poll_ready` readied (nothing to
         // await first: the session loads when the handler asks), so the
         // inner service is not cloned for every request.
-        let inner = {
-            // Inside the request's span, as when it was called from the
-            // future: a span the inner service makes in `call` is its child.
+        let called = {
+            // Inside the request's span, as the future polls it: a span the
+            // inner service makes in `call` is its child.
             let _entered = span.enter();
             self.inner.call(request)
         };
         // The latency this layer adds (metrics only); recorded when dropped.
-        // Started after the inner service's `call`, which is not the layer's.
-        let clock = tower_redis_core::record::LayerClock::start("session");
-        let handled = async move {
-            let mut response = clock.inner(inner).await?;
-            let update = match session.finish().await {
-                Some(update) => Some(update),
-                // A persistent cookie's Max-Age rolls with use.
-                None if shared.expiry.persistent => session.live_id().await.map(CookieUpdate::Set),
-                None => None,
-            };
-            if let Some(update) = update
-                && let Ok(value) = HeaderValue::from_str(&set_cookie(&shared, &update))
-            {
-                let headers = response.headers_mut();
-                headers.append(header::SET_COOKIE, value);
-                // A response carrying a session id must not be cached.
-                headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            }
-            Ok(response)
-        };
-        ResponseFuture::new(tower_redis_core::in_span(span, handled))
+        // The inner service's call and future are not the layer's.
+        let clock = LayerClock::start("session");
+        let started = clock.inner_started();
+        ResponseFuture {
+            state: State::Called {
+                called,
+                then: Some(Then {
+                    session,
+                    shared,
+                    clock,
+                    started,
+                }),
+            },
+            span,
+        }
+    }
+}
+
+/// Sets the session cookie the request's end asks for, if any.
+fn apply<B>(shared: &Shared, update: Option<CookieUpdate>, response: &mut Response<B>) {
+    if let Some(update) = update
+        && let Ok(value) = HeaderValue::from_str(&set_cookie(shared, &update))
+    {
+        let headers = response.headers_mut();
+        headers.append(header::SET_COOKIE, value);
+        // A response carrying a session id must not be cached.
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
 }
 
@@ -373,6 +476,76 @@ mod tests {
             assert_eq!(response.into_body(), "ok");
         }
         assert_eq!(clones.load(Ordering::SeqCst), 0);
+    }
+
+    /// A request that changes nothing (the session untouched, only read,
+    /// or a new one left empty) ends in place: its response future makes
+    /// no future of its own for the session's end, persistent cookie
+    /// renewal included. One that writes or deletes awaits the store in a
+    /// future of its own, and its answers are those of every other test.
+    #[tokio::test]
+    async fn a_request_that_changes_nothing_ends_without_a_future_of_its_own() {
+        use std::future::Future;
+        use tower::Service;
+
+        for persistent in [false, true] {
+            let expiry = crate::Expiry {
+                persistent,
+                ..crate::Expiry::default()
+            };
+            let layer = SessionLayer::builder(RedisManager::disabled())
+                .expiry(expiry)
+                .build()
+                .expect("a layer");
+            let mut service = layer.layer(tower::service_fn(handler));
+            let app = App(service.clone());
+            let stored = pair(&app.call("/visit", None).await.2.expect("session"));
+            for (path, cookie, writes, sets_cookie) in [
+                ("/other", None, false, false),
+                ("/other", Some(stored.as_str()), false, false),
+                ("/read", None, false, false),
+                ("/read", Some(stored.as_str()), false, persistent),
+                ("/visit", Some(stored.as_str()), true, persistent),
+                ("/visit", None, true, true),
+                ("/logout", Some(stored.as_str()), true, true),
+            ] {
+                let mut request = Request::builder().uri(path);
+                if let Some(cookie) = cookie {
+                    request = request.header(header::COOKIE, cookie);
+                }
+                let request = request.body(()).expect("request");
+                let ready = service.ready().await.expect("ready");
+                let mut future = std::pin::pin!(ready.call(request));
+                let response = std::future::poll_fn(|cx| future.as_mut().poll(cx))
+                    .await
+                    .expect("infallible");
+                let wrote = matches!(
+                    future.as_ref().get_ref().state,
+                    super::State::Writing { .. }
+                );
+                let context = format!("{path} with cookie {cookie:?}, persistent={persistent}");
+                assert_eq!(wrote, writes, "a future of its own: {context}");
+                assert_eq!(
+                    response.headers().contains_key(header::SET_COOKIE),
+                    sets_cookie,
+                    "Set-Cookie: {context}"
+                );
+            }
+        }
+    }
+
+    /// The layer's response future holds the wrapped call inline; an axum
+    /// app boxes the whole, so around a route it must fit the allocator's
+    /// per-thread cache (glibc's tcache takes blocks of up to 1,032 bytes).
+    #[test]
+    fn the_response_future_fits_the_allocators_thread_cache() {
+        type AroundRouter = super::ResponseFuture<
+            axum::routing::future::RouteFuture<Infallible>,
+            axum::body::Body,
+            Infallible,
+        >;
+        let size = std::mem::size_of::<AroundRouter>();
+        assert!(size <= 1032, "the response future is {size} bytes");
     }
 
     /// A session read's future (part of the handler's future, which the

@@ -717,19 +717,65 @@ impl Session {
             // when the cookie named none (expired, unknown); not when another
             // request ended it meanwhile (a concurrent login's cycle), since
             // the browser may already hold the id that replaced it.
-            Phase::Destroyed => state
-                .cookie_id
-                .as_ref()
-                .filter(|cookie| {
-                    deleted.is_some()
-                        || !self
-                            .inner
-                            .store
-                            .ended_since(&cookie.storage_key(), state.ends_mark)
-                })
-                .map(|_| CookieUpdate::Remove),
+            Phase::Destroyed => self.removal(&state, deleted.is_some()),
             Phase::Loaded => self.write(&mut state, deleted.is_some()).await,
         }
+    }
+
+    /// What [`finish`](Self::finish) answers, then (for a persistent
+    /// cookie, when it answers nothing) [`live_id`](Self::live_id), when
+    /// neither has anything to write or wait for: a session the handler left
+    /// untouched, only read, or destroyed with nothing stored. `None` when
+    /// they must run: something to write or delete, or the session held by
+    /// another task (a clone the handler kept).
+    ///
+    /// The same answers, computed in place: most requests change nothing,
+    /// and the layer's response future then needs no future of its own.
+    pub(crate) fn finish_now(&self, persistent: bool) -> Option<Option<CookieUpdate>> {
+        let state = self.inner.state.try_lock().ok()?;
+        if state.delete.is_some() {
+            return None;
+        }
+        let update = match state.phase {
+            Phase::Untouched => None,
+            Phase::Destroyed => self.removal(&state, false),
+            // What `write` answers without a write: a new session with
+            // nothing in it, or a stored one read and not changed.
+            Phase::Loaded => {
+                let unchanged = match state.id {
+                    None => {
+                        !state.changes.entries.values().any(Option::is_some)
+                            && state.changes.user.is_none()
+                    }
+                    Some(_) => !state.cycle && state.changes.is_empty(),
+                };
+                if !unchanged {
+                    return None;
+                }
+                None
+            }
+        };
+        Some(match update {
+            Some(update) => Some(update),
+            None if persistent => self.live_id_in(&state).map(CookieUpdate::Set),
+            None => None,
+        })
+    }
+
+    /// The cookie's removal for a destroyed session (`finish` says when);
+    /// `deleted`: this request deleted a stored one.
+    fn removal(&self, state: &State, deleted: bool) -> Option<CookieUpdate> {
+        state
+            .cookie_id
+            .as_ref()
+            .filter(|cookie| {
+                deleted
+                    || !self
+                        .inner
+                        .store
+                        .ended_since(&cookie.storage_key(), state.ends_mark)
+            })
+            .map(|_| CookieUpdate::Remove)
     }
 
     /// Stores the changes. When the store says the session is gone
@@ -834,6 +880,10 @@ impl Session {
     /// this instance knows: a concurrent login may have set its successor.
     pub(crate) async fn live_id(&self) -> Option<SessionId> {
         let state = self.inner.state.lock().await;
+        self.live_id_in(&state)
+    }
+
+    fn live_id_in(&self, state: &State) -> Option<SessionId> {
         if state.phase != Phase::Loaded {
             return None;
         }
