@@ -138,7 +138,7 @@
 //! One global or per-tenant counter hit at a very high rate makes one key
 //! on one Redis shard the bottleneck. [`Policy::lease`] lets each instance
 //! take up to `n` units of such a counter in one script call and spend them
-//! in process, with no Redis call per request (about `1 / n` calls per
+//! in process, with no Redis call per request (about `1 / n` to `4 / (3n)` calls per
 //! request while the key is hot). Window policies stay exact (units are
 //! counted when leased and end with their window); a leased GCRA policy
 //! admits at most `instances × n` over its bound in any interval. Units an

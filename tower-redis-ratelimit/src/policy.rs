@@ -472,7 +472,11 @@ impl Policy {
     ///   (call it at shutdown). A leased policy that Redis denies is asked
     ///   again after 100 ms at the latest (not at its `Retry-After`), so
     ///   units given back reach the other instances.
-    /// - **Redis round trips:** one per lease (`1 / units` per request while
+    /// - **Taken ahead.** A request that leaves the lease at a quarter of
+    ///   `units` or less starts the next lease in the background, for what
+    ///   brings the units held back to `units`: a hot key's requests do not
+    ///   wait for Redis. The next units keep their own window and end.
+    /// - **Redis round trips:** one per lease (`1 / units` to `4 / (3 × units)` per request while
     ///   the key is hot), one per give-back; a request with two leased
     ///   policies that both run out at once makes two.
     /// - **When a request is decided.** When every policy of the layer

@@ -502,6 +502,90 @@ async fn a_request_decided_at_once_calls_the_wrapped_service_in_place_without_a_
     );
 }
 
+/// The units a fixed-window counter has counted in its window (the
+/// counter is three little-endian doubles: window, count, previous count).
+async fn counted(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> f64 {
+    let value: Vec<u8> = redis::cmd("GET")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("GET");
+    let count: [u8; 8] = value
+        .get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .expect("a window counter");
+    f64::from_le_bytes(count)
+}
+
+/// Waits (at most 10 s) until `key` has counted `units`.
+async fn until_counted(conn: &mut redis::aio::MultiplexedConnection, key: &str, units: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = counted(conn, key).await;
+        if now == units {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the counter stayed at {now} units, not {units}: no refill ahead"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A request that leaves a lease at a quarter of its size takes the next
+/// units ahead, in a task of its own: as many as bring what the instance
+/// holds back to the lease's size (never more). The requests after it are
+/// all decided at once (no clone of the wrapped service, which a request
+/// waiting on Redis makes), from the lease's own units and then from those
+/// taken ahead, and every one is told exactly what is left.
+#[tokio::test]
+async fn a_lease_is_refilled_ahead_so_no_request_waits_for_redis() {
+    use tower::{Layer as _, Service as _};
+    let redis = TestRedis::start().await;
+    away_from_window_edge(&redis, HOUR).await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(
+            Policy::fixed_window("global", 10_000, HOUR)
+                .key(Key::global())
+                .lease(100),
+        )
+        .build()
+        .expect("layer");
+    let inner = Counted::default();
+    let clones = Arc::clone(&inner.clones);
+    let mut service = layer.layer(inner);
+    let mut conn = redis.connection().await.expect("connection");
+    let mut key = None;
+    for n in 1..=200u32 {
+        service.ready().await.expect("ready");
+        let answer = service.call(request("192.0.2.1")).await.expect("answer");
+        assert_eq!(answer.status(), 200, "request {n}");
+        assert!(
+            field(&answer).starts_with(&format!("\"global\";r={};", 10_000 - n)),
+            "request {n}: {}",
+            field(&answer)
+        );
+        let key = match &key {
+            Some(key) => key,
+            None => key.insert(the_key(&mut conn, ":rl:global:").await),
+        };
+        // The first request takes 100 units; the 75th leaves 25 and takes
+        // 75 ahead; the 150th leaves 25 of those and takes 75 more.
+        match n {
+            1..=74 => assert_eq!(counted(&mut conn, key).await, 100.0, "request {n}"),
+            75 => until_counted(&mut conn, key, 175.0).await,
+            150 => until_counted(&mut conn, key, 250.0).await,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        clones.load(Ordering::SeqCst),
+        1,
+        "only the first request waited for Redis"
+    );
+}
+
 /// A denial decided at once (its key known blocked) does not call the
 /// wrapped service, and lets go of it: what its `poll_ready` reserved (a
 /// permit of `ConcurrencyLimit`, shared by the service's clones) is

@@ -8,6 +8,15 @@
 //!   policy allows now (at least the request's cost, else none: the request
 //!   is denied by Redis). Requests that find a refill under way wait for it
 //!   (one refill per counter at a time), then spend from it.
+//! - **Taking ahead.** A request that leaves a lease at a quarter of `n` or
+//!   less starts a refill in a task of its own, while Redis is available:
+//!   one script call takes what brings the units held back to `n` (so an
+//!   instance never holds more than `n`), kept apart as the next lot, with
+//!   its own window and end, and spent once the lease's own units are
+//!   gone (what is left of those, fewer than a request's cost, goes back).
+//!   A hot key's requests then do not wait for a refill. One refill ahead
+//!   per lot: one that Redis denies is not asked again until a request
+//!   finds the lease empty and refills as above.
 //! - **Spending.** Under one mutex, O(1): the request's cost comes off the
 //!   local units. Several policies are still all or nothing: units taken for
 //!   a request that another policy then denies are put back here.
@@ -57,21 +66,64 @@ const MAX_PENDING: usize = 4096;
 /// One counter's lease on this instance.
 #[derive(Debug, Clone)]
 struct Slot {
+    /// The units being spent.
+    lot: Lot,
+    /// Units taken ahead, spent once `lot` cannot pay a request.
+    next: Option<Lot>,
+    /// A refill ahead was started for `lot` (one per lot).
+    ahead: bool,
+    /// The last time a request spent from (or refilled) this lease.
+    last_used: Instant,
+    algorithm: Algorithm,
+    /// One refill of this lease at a time (ahead or not).
+    gate: Arc<Gate>,
+}
+
+/// Units taken in one script call.
+#[derive(Debug, Clone)]
+struct Lot {
     /// Units left to spend here.
     tokens: u64,
     /// From this moment the units are void.
     expires: Instant,
-    /// The last time a request spent from (or refilled) this lease.
-    last_used: Instant,
     /// The window the units belong to (0 for GCRA).
     window: i64,
-    algorithm: Algorithm,
     /// What Redis said was left after the lease (for the `RateLimit` field).
     shared_remaining: u64,
     /// When Redis said the policy is full again.
     reset_at: Instant,
-    /// One refill of this lease at a time.
-    gate: Arc<Gate>,
+}
+
+impl Lot {
+    /// What Redis granted to a call sent at `sent`.
+    fn taken(algorithm: Algorithm, reply: &LeaseReply, sent: Instant) -> Self {
+        let expires = match algorithm {
+            Algorithm::Gcra { period, .. } => sent + period,
+            Algorithm::SlidingWindow { .. } | Algorithm::FixedWindow { .. } => {
+                sent + reply.state.reset
+            }
+        };
+        Self {
+            tokens: reply.granted,
+            expires,
+            window: reply.window,
+            shared_remaining: reply.state.remaining,
+            reset_at: sent + reply.state.reset,
+        }
+    }
+
+    /// The units to give back to Redis, if giving them back changes
+    /// anything there.
+    fn give_back(&self, key: Arc<str>, algorithm: Algorithm, now: Instant) -> Option<GiveBack> {
+        let worth_it = self.tokens > 0
+            && (self.expires > now || !matches!(algorithm, Algorithm::FixedWindow { .. }));
+        worth_it.then_some(GiveBack {
+            key,
+            algorithm,
+            unused: self.tokens,
+            window: self.window,
+        })
+    }
 }
 
 /// One refill of a lease at a time: a request that finds no unit and no
@@ -106,6 +158,13 @@ impl Gate {
     }
 }
 
+impl Gate {
+    /// `Some` when no refill is under way: the caller refills.
+    fn try_enter(self: &Arc<Self>) -> Option<Refilling> {
+        (!self.refilling.swap(true, Ordering::AcqRel)).then(|| Refilling(Arc::clone(self)))
+    }
+}
+
 /// Held by the request refilling a lease; when it ends (or the request is
 /// dropped), the waiters are woken.
 struct Refilling(Arc<Gate>);
@@ -120,43 +179,73 @@ impl Drop for Refilling {
 impl Slot {
     fn empty(algorithm: Algorithm, now: Instant) -> Self {
         Self {
-            tokens: 0,
-            expires: now,
+            lot: Lot {
+                tokens: 0,
+                expires: now,
+                window: 0,
+                shared_remaining: 0,
+                reset_at: now,
+            },
+            next: None,
+            ahead: false,
             last_used: now,
-            window: 0,
             algorithm,
-            shared_remaining: 0,
-            reset_at: now,
             gate: Arc::new(Gate::default()),
         }
     }
 
     /// Takes `cost` units if they are here and valid.
     fn spend(&mut self, cost: u32, now: Instant) -> Option<(PolicyState, i64)> {
-        if self.expires <= now || self.tokens < u64::from(cost) {
+        let lot = &mut self.lot;
+        if lot.expires <= now || lot.tokens < u64::from(cost) {
             return None;
         }
-        self.tokens -= u64::from(cost);
+        lot.tokens -= u64::from(cost);
         self.last_used = now;
         let state = PolicyState {
-            remaining: self.tokens.saturating_add(self.shared_remaining),
-            reset: self.reset_at.saturating_duration_since(now),
+            remaining: lot.tokens.saturating_add(lot.shared_remaining),
+            reset: lot.reset_at.saturating_duration_since(now),
             retry_after: None,
         };
-        Some((state, self.window))
+        Some((state, lot.window))
     }
 
-    /// The units to give back to Redis, if giving them back changes
-    /// anything there.
-    fn give_back(&self, key: Arc<str>, now: Instant) -> Option<GiveBack> {
-        let worth_it = self.tokens > 0
-            && (self.expires > now || !matches!(self.algorithm, Algorithm::FixedWindow { .. }));
-        worth_it.then_some(GiveBack {
-            key,
-            algorithm: self.algorithm,
-            unused: self.tokens,
-            window: self.window,
-        })
+    /// The units taken ahead become the ones spent; what is left of the
+    /// others is returned, to go back to Redis. `None` when nothing was
+    /// taken ahead.
+    fn promote(&mut self, key: &Arc<str>, now: Instant) -> Option<Option<GiveBack>> {
+        let next = self.next.take()?;
+        let left = std::mem::replace(&mut self.lot, next);
+        self.ahead = false;
+        Some(left.give_back(Arc::clone(key), self.algorithm, now))
+    }
+
+    /// How many units to take ahead, if a request that just spent should
+    /// start a refill ahead: the lease is down to a quarter of its size
+    /// (`lease`) or less, and nothing was taken or asked ahead for it. What
+    /// is taken brings the units held back to `lease`.
+    fn wants_ahead(&mut self, lease: u32) -> Option<u64> {
+        let lease = u64::from(lease);
+        if self.ahead || self.next.is_some() || self.lot.tokens > lease / 4 {
+            return None;
+        }
+        self.ahead = true;
+        Some(lease - self.lot.tokens)
+    }
+
+    /// The units to give back to Redis (both lots), where giving them back
+    /// changes anything there.
+    fn give_backs(&self, key: &Arc<str>, now: Instant) -> impl Iterator<Item = GiveBack> {
+        let next = self.next.as_ref();
+        self.lot
+            .give_back(Arc::clone(key), self.algorithm, now)
+            .into_iter()
+            .chain(next.and_then(|lot| lot.give_back(Arc::clone(key), self.algorithm, now)))
+    }
+
+    /// No unit here can be spent any more (both lots ended).
+    fn over(&self, now: Instant) -> bool {
+        self.lot.expires <= now && self.next.as_ref().is_none_or(|lot| lot.expires <= now)
     }
 }
 
@@ -204,15 +293,41 @@ impl Leases {
     }
 
     /// Spends `cost` units of `check`'s lease, or hands out the gate to
-    /// hold while refilling it.
-    fn try_spend(&self, check: &Check, cost: u32) -> Result<(PolicyState, i64), Arc<Gate>> {
+    /// hold while refilling it. A spend that leaves the lease low starts a
+    /// refill ahead.
+    fn try_spend(
+        self: &Arc<Self>,
+        check: &Check,
+        cost: u32,
+    ) -> Result<(PolicyState, i64), Arc<Gate>> {
         let now = Instant::now();
         let mut slots = lock(&self.slots);
         if let Some(slot) = slots.get_mut(&check.key) {
-            if let Some(spent) = slot.spend(cost, now) {
-                return Ok(spent);
+            let mut left = None;
+            let mut spent = slot.spend(cost, now);
+            if spent.is_none()
+                && let Some(back) = slot.promote(&check.key, now)
+            {
+                left = back;
+                spent = slot.spend(cost, now);
             }
-            return Err(Arc::clone(&slot.gate));
+            let Some(spent) = spent else {
+                let gate = Arc::clone(&slot.gate);
+                drop(slots);
+                self.push_pending(left.into_iter().collect());
+                return Err(gate);
+            };
+            let ahead = check
+                .lease
+                .filter(|_| self.redis.is_available())
+                .and_then(|lease| slot.wants_ahead(lease))
+                .and_then(|want| Some((want, slot.gate.try_enter()?)));
+            drop(slots);
+            self.push_pending(left.into_iter().collect());
+            if let Some((want, refilling)) = ahead {
+                self.refill_ahead(check, want, refilling);
+            }
+            return Ok(spent);
         }
         let slot = Slot::empty(check.algorithm, now);
         let gate = Arc::clone(&slot.gate);
@@ -222,9 +337,53 @@ impl Leases {
         Err(gate)
     }
 
+    /// Takes `want` units ahead for `check`'s lease, in a task of its own
+    /// holding the lease's gate (`refilling`): requests that find the lease
+    /// empty meanwhile wait for it, as for any refill. Units granted become
+    /// the lease's next lot; a denial or an error leaves the lease as it is
+    /// (its units are spent, then a request refills and is told).
+    fn refill_ahead(self: &Arc<Self>, check: &Check, want: u64, refilling: Refilling) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        start_sweeper(self);
+        let leases = Arc::clone(self);
+        let (key, algorithm) = (Arc::clone(&check.key), check.algorithm);
+        runtime.spawn(async move {
+            let _refilling = refilling;
+            let sent = Instant::now();
+            match leases.redis.lease(&key, algorithm, want, 1).await {
+                Ok(reply) if reply.granted > 0 => leases.add_ahead(key, algorithm, &reply, sent),
+                Ok(_) => {}
+                Err(error) => tracing::debug!(
+                    target: "tower_redis_ratelimit",
+                    %error,
+                    "could not take leased units ahead; a request will refill when they run out"
+                ),
+            }
+        });
+    }
+
+    /// Keeps units taken ahead (at `sent`) as the next lot of `key`'s lease;
+    /// back to Redis if the lease is gone meanwhile.
+    fn add_ahead(&self, key: Arc<str>, algorithm: Algorithm, reply: &LeaseReply, sent: Instant) {
+        let now = Instant::now();
+        let lot = Lot::taken(algorithm, reply, sent);
+        let mut slots = lock(&self.slots);
+        let back = match slots.get_mut(&key) {
+            Some(slot) => slot
+                .next
+                .replace(lot)
+                .and_then(|old| old.give_back(Arc::clone(&key), algorithm, now)),
+            None => lot.give_back(Arc::clone(&key), algorithm, now),
+        };
+        drop(slots);
+        self.push_pending(back.into_iter().collect());
+    }
+
     /// The verdict of a request whose policies all lease and all have
     /// the units here; `None` (and nothing spent) otherwise.
-    pub(crate) fn spend_all(&self, checks: &[Check], cost: u32) -> Option<Verdict> {
+    pub(crate) fn spend_all(self: &Arc<Self>, checks: &[Check], cost: u32) -> Option<Verdict> {
         if !checks.iter().all(|check| check.lease.is_some()) {
             return None;
         }
@@ -259,12 +418,7 @@ impl Leases {
         cost: u32,
     ) -> Option<(PolicyState, i64)> {
         let now = Instant::now();
-        let expires = match check.algorithm {
-            Algorithm::Gcra { period, .. } => sent + period,
-            Algorithm::SlidingWindow { .. } | Algorithm::FixedWindow { .. } => {
-                sent + reply.state.reset
-            }
-        };
+        let taken = Lot::taken(check.algorithm, reply, sent);
         let mut slots = lock(&self.slots);
         let mut evicted = Vec::new();
         if slots.get_mut(&check.key).is_none() {
@@ -273,17 +427,16 @@ impl Leases {
         }
         let mut void = None;
         let spent = slots.get_mut(&check.key).and_then(|slot| {
-            if slot.window != reply.window || slot.expires <= now {
+            let lot = &mut slot.lot;
+            if lot.window != reply.window || lot.expires <= now {
                 // What is left of an earlier window goes back; a unit of
                 // one window is never spent in another.
-                void = slot.give_back(Arc::clone(&check.key), now);
-                slot.tokens = 0;
+                void = lot.give_back(Arc::clone(&check.key), slot.algorithm, now);
+                lot.tokens = 0;
             }
-            slot.tokens += reply.granted;
-            slot.window = reply.window;
-            slot.expires = expires;
-            slot.shared_remaining = reply.state.remaining;
-            slot.reset_at = sent + reply.state.reset;
+            let tokens = lot.tokens + taken.tokens;
+            slot.lot = Lot { tokens, ..taken };
+            slot.ahead = false;
             slot.spend(cost, now)
         });
         drop(slots);
@@ -298,10 +451,10 @@ impl Leases {
         let now = Instant::now();
         let mut slots = lock(&self.slots);
         if let Some(slot) = slots.get_mut(key)
-            && slot.window == window
-            && slot.expires > now
+            && slot.lot.window == window
+            && slot.lot.expires > now
         {
-            slot.tokens += u64::from(cost);
+            slot.lot.tokens += u64::from(cost);
         }
     }
 
@@ -309,7 +462,7 @@ impl Leases {
     fn queue(&self, left: Vec<(Arc<str>, Slot)>, now: Instant) {
         let backs = left
             .into_iter()
-            .filter_map(|(key, slot)| slot.give_back(key, now))
+            .flat_map(|(key, slot)| slot.give_backs(&key, now).collect::<Vec<_>>())
             .collect();
         self.push_pending(backs);
     }
@@ -333,10 +486,10 @@ impl Leases {
         let mut slots = lock(&self.slots);
         // The least recently used come first: stop at the first one in use.
         while let Some((key, slot)) =
-            slots.pop_oldest_if(|slot| slot.last_used + LEASE_IDLE <= now || slot.expires <= now)
+            slots.pop_oldest_if(|slot| slot.last_used + LEASE_IDLE <= now || slot.over(now))
         {
             // A lease being refilled is in use (`last_used` was just set).
-            backs.extend(slot.give_back(key, now));
+            backs.extend(slot.give_backs(&key, now));
         }
         backs
     }
@@ -345,10 +498,9 @@ impl Leases {
     fn drain(&self, now: Instant) -> Vec<GiveBack> {
         let mut backs: Vec<GiveBack> = std::mem::take(&mut *lock(&self.pending)).into();
         let all = lock(&self.slots).drain();
-        backs.extend(
-            all.into_iter()
-                .filter_map(|(key, slot)| slot.give_back(key, now)),
-        );
+        for (key, slot) in all {
+            backs.extend(slot.give_backs(&key, now));
+        }
         backs
     }
 
@@ -598,8 +750,11 @@ mod tests {
         }
     }
 
-    fn leases(max_bytes: u64) -> Leases {
-        Leases::new(RedisStore::new(RedisManager::disabled()), max_bytes)
+    fn leases(max_bytes: u64) -> Arc<Leases> {
+        Arc::new(Leases::new(
+            RedisStore::new(RedisManager::disabled()),
+            max_bytes,
+        ))
     }
 
     /// One refill at a time: of the requests that find a lease empty, one
@@ -722,6 +877,94 @@ mod tests {
         assert!(verdict.allowed && verdict.source == DecisionSource::Lease);
         assert!(leases.try_spend(&first, 1).is_ok());
         assert!(leases.try_spend(&first, 1).is_err());
+    }
+
+    /// Units taken ahead wait until the lease's own cannot pay a request,
+    /// then are spent within their own window and end; what was left of
+    /// the others (fewer than the request's cost) goes back to Redis. Both
+    /// lots go back when the lease leaves, and a lease whose own units
+    /// ended but whose next lot holds is not swept.
+    #[tokio::test(start_paused = true)]
+    async fn units_taken_ahead_are_spent_after_the_leases_own_within_their_own_window() {
+        let leases = leases(1 << 20);
+        let check = leased("k");
+        leases
+            .add(&check, &reply(3, 7), Instant::now(), 1)
+            .expect("spent");
+        leases.add_ahead(
+            Arc::clone(&check.key),
+            check.algorithm,
+            &reply(50, 8),
+            Instant::now(),
+        );
+        // 2 units of window 7 left; a request of cost 2 takes them.
+        assert_eq!(leases.try_spend(&check, 2).expect("spent").1, 7);
+        assert_eq!(leases.try_spend(&check, 1).expect("spent").1, 8);
+        assert!(lock(&leases.pending).is_empty(), "nothing was left");
+
+        // Again, with a unit left that cannot pay a request of cost 2.
+        leases.add_ahead(
+            Arc::clone(&check.key),
+            check.algorithm,
+            &reply(10, 9),
+            Instant::now(),
+        );
+        for _ in 0..48 {
+            assert_eq!(leases.try_spend(&check, 1).expect("spent").1, 8);
+        }
+        assert_eq!(leases.try_spend(&check, 2).expect("spent").1, 9);
+        let backs: Vec<GiveBack> = lock(&leases.pending).drain(..).collect();
+        assert_eq!(backs.len(), 1, "{backs:?}");
+        assert_eq!((backs[0].unused, backs[0].window), (1, 8));
+
+        // The lease's own units end (half an hour: the reply's reset); the
+        // next lot, taken later, still holds.
+        tokio::time::advance(HOUR / 4).await;
+        leases.add_ahead(
+            Arc::clone(&check.key),
+            check.algorithm,
+            &reply(5, 10),
+            Instant::now(),
+        );
+        tokio::time::advance(HOUR / 4).await;
+        let now = Instant::now();
+        {
+            let mut slots = lock(&leases.slots);
+            let slot = slots.get_mut(&check.key).expect("kept");
+            assert!(slot.lot.expires <= now && !slot.over(now));
+        }
+        assert_eq!(leases.try_spend(&check, 1).expect("spent").1, 10);
+        // Both lots go back when the lease leaves.
+        leases.add_ahead(
+            Arc::clone(&check.key),
+            check.algorithm,
+            &reply(6, 10),
+            Instant::now(),
+        );
+        let backs = leases.drain(Instant::now());
+        let unused: Vec<(u64, i64)> = backs.iter().map(|b| (b.unused, b.window)).collect();
+        assert_eq!(unused, [(4, 10), (6, 10)]);
+    }
+
+    /// A refill ahead is asked for once a lease is down to a quarter of
+    /// its size, once per lot, for what brings the units held back to the
+    /// lease's size.
+    #[test]
+    fn a_refill_ahead_is_asked_for_at_a_quarter_once_per_lot() {
+        let now = Instant::now();
+        let mut slot = Slot::empty(leased("k").algorithm, now);
+        slot.lot.tokens = 26;
+        assert_eq!(slot.wants_ahead(100), None);
+        slot.lot.tokens = 25;
+        assert_eq!(slot.wants_ahead(100), Some(75));
+        slot.lot.tokens = 3;
+        assert_eq!(slot.wants_ahead(100), None, "once per lot");
+        slot.ahead = false;
+        slot.next = Some(slot.lot.clone());
+        assert_eq!(slot.wants_ahead(100), None, "units are already ahead");
+        slot.next = None;
+        slot.lot.tokens = 0;
+        assert_eq!(slot.wants_ahead(1), Some(1));
     }
 
     /// A leased per-client policy: one lease per client, so an attacker

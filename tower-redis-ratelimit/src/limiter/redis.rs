@@ -36,6 +36,11 @@ impl RedisStore {
     pub(crate) fn new(manager: RedisManager) -> Self {
         Self { manager }
     }
+
+    /// Redis is believed reachable (the breaker is not open).
+    pub(crate) fn is_available(&self) -> bool {
+        self.manager.is_available()
+    }
 }
 
 impl DecisionStore for RedisStore {
