@@ -517,12 +517,18 @@ async fn counted(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> f64
     f64::from_le_bytes(count)
 }
 
-/// Waits (at most 10 s) until `key` has counted `units`.
+/// Waits (at most 10 s) until `key` has counted `units`, then lets the
+/// task that asked for them (the test's runtime runs one thread) take the
+/// reply and keep the units.
 async fn until_counted(conn: &mut redis::aio::MultiplexedConnection, key: &str, units: f64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let now = counted(conn, key).await;
         if now == units {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
             return;
         }
         assert!(
@@ -583,6 +589,39 @@ async fn a_lease_is_refilled_ahead_so_no_request_waits_for_redis() {
         clones.load(Ordering::SeqCst),
         1,
         "only the first request waited for Redis"
+    );
+}
+
+/// `return_leases` gives back the units of a refill ahead still under way
+/// too: it waits for it, then gives back both lots. Nothing stays counted.
+#[tokio::test]
+async fn returning_the_leases_waits_for_a_refill_ahead_under_way() {
+    let redis = TestRedis::start().await;
+    away_from_window_edge(&redis, HOUR).await;
+    let layer = RateLimitLayer::builder(manager(&redis).await)
+        .policy(
+            Policy::fixed_window("global", 10_000, HOUR)
+                .key(Key::global())
+                .lease(100),
+        )
+        .build()
+        .expect("layer");
+    let service = app(layer.clone());
+    // The 75th request leaves 25 units and starts a refill ahead.
+    for _ in 0..75 {
+        assert_eq!(send(&service, request("192.0.2.1")).await.status(), 200);
+    }
+    // Its call goes out.
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    layer.return_leases().await;
+    let mut conn = redis.connection().await.expect("connection");
+    let key = the_key(&mut conn, ":rl:global:").await;
+    assert_eq!(
+        counted(&mut conn, &key).await,
+        75.0,
+        "units still counted beyond the 75 spent"
     );
 }
 

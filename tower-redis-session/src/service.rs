@@ -1,6 +1,7 @@
 //! [`SessionService`]: puts a [`Session`] in the request, writes it after
 //! the handler, and sets the cookie.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -39,12 +40,20 @@ pin_project_lite::pin_project! {
     /// that changed nothing (the session untouched or only read), worked
     /// out in place, with nothing allocated for it; for one that writes or
     /// deletes, a boxed future of the write. The request's span is entered
-    /// while either runs. It is `Send` when the wrapped service's future
-    /// is, and `Unpin` when that future is.
+    /// while either runs, and while either is dropped (a request
+    /// cancelled). It is `Send` when the wrapped service's future is, and
+    /// `Unpin` when that future is.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         state: State<F, B, E>,
         span: tracing::Span,
+    }
+    impl<F, B, E> PinnedDrop for ResponseFuture<F, B, E> {
+        fn drop(this: Pin<&mut Self>) {
+            let mut this = this.project();
+            let _entered = this.span.enter();
+            this.state.set(State::Done);
+        }
     }
 }
 
@@ -59,6 +68,8 @@ pin_project_lite::pin_project! {
         },
         /// The session's write, then the response.
         Writing { future: tower_redis_core::ResponseFuture<Response<B>, E> },
+        /// Answered (or being dropped).
+        Done,
     }
 }
 
@@ -74,11 +85,11 @@ impl<F, B, E> std::future::Future for ResponseFuture<F, B, E>
 where
     F: std::future::Future<Output = Result<Response<B>, E>>,
     B: Send + 'static,
-    E: Send + 'static,
+    E: 'static,
 {
     type Output = Result<Response<B>, E>;
 
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         // The request's span, as the inner service's and the write's parent.
         let _entered = this.span.enter();
@@ -86,20 +97,28 @@ where
             match this.state.as_mut().project() {
                 StateProj::Called { called, then } => {
                     let answer = std::task::ready!(called.poll(cx));
-                    let Then {
+                    let Some(Then {
                         session,
                         shared,
                         clock,
                         started,
-                    } = then
-                        .take()
-                        .expect("ResponseFuture polled after it completed");
+                    }) = then.take()
+                    else {
+                        unreachable!("the inner call is polled until it is ready, then left")
+                    };
                     clock.inner_ended(started);
-                    let mut response = answer?;
+                    let mut response = match answer {
+                        Ok(response) => response,
+                        Err(error) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error));
+                        }
+                    };
                     if let Some(update) = session.finish_now(shared.expiry.persistent) {
                         apply(&shared, update, &mut response);
                         // The clock stops (is dropped) here, after the cookie.
                         drop(clock);
+                        this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
                     }
                     let future = tower_redis_core::ResponseFuture::new(async move {
@@ -115,9 +134,16 @@ where
                         drop(clock);
                         Ok(response)
                     });
+                    #[cfg(test)]
+                    tests::WRITES.with(|writes| writes.set(writes.get() + 1));
                     this.state.set(State::Writing { future });
                 }
-                StateProj::Writing { future } => return std::pin::Pin::new(future).poll(cx),
+                StateProj::Writing { future } => {
+                    let answer = std::task::ready!(Pin::new(future).poll(cx));
+                    this.state.set(State::Done);
+                    return Poll::Ready(answer);
+                }
+                StateProj::Done => panic!("ResponseFuture polled after it completed"),
             }
         }
     }
@@ -133,7 +159,6 @@ impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SessionService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send,
-    S::Error: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: Send + 'static,
 {
@@ -268,6 +293,12 @@ mod tests {
     use tower_redis_core::RedisManager;
 
     use crate::{Session, SessionLayer, SessionLayerBuilder};
+
+    thread_local! {
+        /// How many requests on this thread had their session's end in a
+        /// future of its own (a write or a delete).
+        pub(super) static WRITES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
 
     /// What the handler does with the session, by path.
     async fn handler(request: Request<()>) -> Result<Response<String>, Infallible> {
@@ -485,7 +516,6 @@ mod tests {
     /// future of its own, and its answers are those of every other test.
     #[tokio::test]
     async fn a_request_that_changes_nothing_ends_without_a_future_of_its_own() {
-        use std::future::Future;
         use tower::Service;
 
         for persistent in [false, true] {
@@ -500,6 +530,7 @@ mod tests {
             let mut service = layer.layer(tower::service_fn(handler));
             let app = App(service.clone());
             let stored = pair(&app.call("/visit", None).await.2.expect("session"));
+            let unknown = format!("__Host-session={}", "A".repeat(43));
             for (path, cookie, writes, sets_cookie) in [
                 ("/other", None, false, false),
                 ("/other", Some(stored.as_str()), false, false),
@@ -508,21 +539,25 @@ mod tests {
                 ("/visit", Some(stored.as_str()), true, persistent),
                 ("/visit", None, true, true),
                 ("/logout", Some(stored.as_str()), true, true),
+                // Nothing stored to delete: the cookie is removed in place.
+                ("/logout", Some(unknown.as_str()), false, true),
+                // A new session's id cycled before it holds anything.
+                ("/cycle", None, false, false),
             ] {
                 let mut request = Request::builder().uri(path);
                 if let Some(cookie) = cookie {
                     request = request.header(header::COOKIE, cookie);
                 }
                 let request = request.body(()).expect("request");
-                let ready = service.ready().await.expect("ready");
-                let mut future = std::pin::pin!(ready.call(request));
-                let response = std::future::poll_fn(|cx| future.as_mut().poll(cx))
+                let before = WRITES.with(std::cell::Cell::get);
+                let response = service
+                    .ready()
+                    .await
+                    .expect("ready")
+                    .call(request)
                     .await
                     .expect("infallible");
-                let wrote = matches!(
-                    future.as_ref().get_ref().state,
-                    super::State::Writing { .. }
-                );
+                let wrote = WRITES.with(std::cell::Cell::get) > before;
                 let context = format!("{path} with cookie {cookie:?}, persistent={persistent}");
                 assert_eq!(wrote, writes, "a future of its own: {context}");
                 assert_eq!(

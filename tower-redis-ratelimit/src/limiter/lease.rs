@@ -40,7 +40,7 @@
 //!   lease is evicted and its units given back.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -68,8 +68,10 @@ const MAX_PENDING: usize = 4096;
 struct Slot {
     /// The units being spent.
     lot: Lot,
-    /// Units taken ahead, spent once `lot` cannot pay a request.
-    next: Option<Lot>,
+    /// Units taken ahead, spent once `lot` cannot pay a request (boxed:
+    /// only a hot key's lease has them, and every entry counts against the
+    /// map's byte bound).
+    next: Option<Box<Lot>>,
     /// A refill ahead was started for `lot` (one per lot).
     ahead: bool,
     /// The last time a request spent from (or refilled) this lease.
@@ -215,22 +217,23 @@ impl Slot {
     /// taken ahead.
     fn promote(&mut self, key: &Arc<str>, now: Instant) -> Option<Option<GiveBack>> {
         let next = self.next.take()?;
-        let left = std::mem::replace(&mut self.lot, next);
+        let left = std::mem::replace(&mut self.lot, *next);
         self.ahead = false;
         Some(left.give_back(Arc::clone(key), self.algorithm, now))
     }
 
-    /// How many units to take ahead, if a request that just spent should
-    /// start a refill ahead: the lease is down to a quarter of its size
-    /// (`lease`) or less, and nothing was taken or asked ahead for it. What
-    /// is taken brings the units held back to `lease`.
-    fn wants_ahead(&mut self, lease: u32) -> Option<u64> {
-        let lease = u64::from(lease);
-        if self.ahead || self.next.is_some() || self.lot.tokens > lease / 4 {
-            return None;
-        }
-        self.ahead = true;
-        Some(lease - self.lot.tokens)
+    /// A request that just spent should start a refill ahead: the lease is
+    /// down to a quarter of its size (`lease`) or less, and nothing was
+    /// taken or asked ahead for it.
+    fn wants_ahead(&self, lease: u32) -> bool {
+        !self.ahead && self.next.is_none() && self.lot.tokens <= u64::from(lease) / 4
+    }
+
+    /// What a refill ahead takes: what brings the units held back to
+    /// `lease` (none once they are there).
+    fn ahead_want(&self, lease: u32) -> u64 {
+        let next = self.next.as_ref().map_or(0, |lot| lot.tokens);
+        u64::from(lease).saturating_sub(self.lot.tokens.saturating_add(next))
     }
 
     /// The units to give back to Redis (both lots), where giving them back
@@ -267,6 +270,27 @@ pub(crate) struct Leases {
     redis: RedisStore,
     /// The sweeper task was started.
     sweeping: AtomicBool,
+    /// Refills ahead under way, and their ends (for `return_all`).
+    ahead_in_flight: AtomicUsize,
+    ahead_ended: tokio::sync::Notify,
+}
+
+/// One refill ahead under way; when it ends, `return_all` may go on.
+struct AheadInFlight(Arc<Leases>);
+
+impl AheadInFlight {
+    fn enter(leases: &Arc<Leases>) -> Self {
+        leases.ahead_in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(leases))
+    }
+}
+
+impl Drop for AheadInFlight {
+    fn drop(&mut self) {
+        if self.0.ahead_in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.ahead_ended.notify_waiters();
+        }
+    }
 }
 
 /// What a leased policy answers for one request.
@@ -289,6 +313,8 @@ impl Leases {
             pending: Mutex::new(VecDeque::new()),
             redis,
             sweeping: AtomicBool::new(false),
+            ahead_in_flight: AtomicUsize::new(0),
+            ahead_ended: tokio::sync::Notify::new(),
         }
     }
 
@@ -317,15 +343,21 @@ impl Leases {
                 self.push_pending(left.into_iter().collect());
                 return Err(gate);
             };
-            let ahead = check
-                .lease
-                .filter(|_| self.redis.is_available())
-                .and_then(|lease| slot.wants_ahead(lease))
-                .and_then(|want| Some((want, slot.gate.try_enter()?)));
+            let ahead = match check.lease {
+                Some(lease) if slot.wants_ahead(lease) && self.redis.is_available() => {
+                    // Asked for once per lot, and only by the one request
+                    // that takes the gate (no refill under way).
+                    slot.gate.try_enter().map(|refilling| {
+                        slot.ahead = true;
+                        (lease, refilling)
+                    })
+                }
+                _ => None,
+            };
             drop(slots);
             self.push_pending(left.into_iter().collect());
-            if let Some((want, refilling)) = ahead {
-                self.refill_ahead(check, want, refilling);
+            if let Some((lease, refilling)) = ahead {
+                self.refill_ahead(check, lease, refilling);
             }
             return Ok(spent);
         }
@@ -337,23 +369,32 @@ impl Leases {
         Err(gate)
     }
 
-    /// Takes `want` units ahead for `check`'s lease, in a task of its own
-    /// holding the lease's gate (`refilling`): requests that find the lease
-    /// empty meanwhile wait for it, as for any refill. Units granted become
-    /// the lease's next lot; a denial or an error leaves the lease as it is
-    /// (its units are spent, then a request refills and is told).
-    fn refill_ahead(self: &Arc<Self>, check: &Check, want: u64, refilling: Refilling) {
+    /// Takes units ahead for `check`'s lease (of `lease` units), in a task
+    /// of its own holding the lease's gate (`refilling`): requests that
+    /// find the lease empty meanwhile wait for it, as for any refill. Units
+    /// granted become the lease's next lot; a denial or an error leaves the
+    /// lease as it is (its units are spent, then a request refills and is
+    /// told).
+    fn refill_ahead(self: &Arc<Self>, check: &Check, lease: u32, refilling: Refilling) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         start_sweeper(self);
         let leases = Arc::clone(self);
         let (key, algorithm) = (Arc::clone(&check.key), check.algorithm);
+        let in_flight = AheadInFlight::enter(self);
         runtime.spawn(async move {
-            let _refilling = refilling;
+            let _in_flight = in_flight;
+            // Worked out now, under the lock: units put back since the
+            // request (another policy denied it) count as held.
+            let Some(want) = leases.ahead_want(&key, &refilling.0, lease) else {
+                return;
+            };
             let sent = Instant::now();
             match leases.redis.lease(&key, algorithm, want, 1).await {
-                Ok(reply) if reply.granted > 0 => leases.add_ahead(key, algorithm, &reply, sent),
+                Ok(reply) if reply.granted > 0 => {
+                    leases.add_ahead(&key, &refilling.0, algorithm, &reply, sent);
+                }
                 Ok(_) => {}
                 Err(error) => tracing::debug!(
                     target: "tower_redis_ratelimit",
@@ -361,21 +402,45 @@ impl Leases {
                     "could not take leased units ahead; a request will refill when they run out"
                 ),
             }
+            // The gate opens after the units are in place.
+            drop(refilling);
         });
     }
 
-    /// Keeps units taken ahead (at `sent`) as the next lot of `key`'s lease;
-    /// back to Redis if the lease is gone meanwhile.
-    fn add_ahead(&self, key: Arc<str>, algorithm: Algorithm, reply: &LeaseReply, sent: Instant) {
+    /// The units a refill ahead of the lease whose gate is `gate` takes;
+    /// `None` when there are none to take or the lease is gone.
+    fn ahead_want(&self, key: &str, gate: &Arc<Gate>, lease: u32) -> Option<u64> {
+        let mut slots = lock(&self.slots);
+        let slot = slots
+            .get_mut(key)
+            .filter(|slot| Arc::ptr_eq(&slot.gate, gate))?;
+        Some(slot.ahead_want(lease)).filter(|want| *want > 0)
+    }
+
+    /// Keeps units taken ahead (at `sent`) as the next lot of the lease of
+    /// `key` whose gate is `gate` (the one they were taken for); back to
+    /// Redis if that lease is gone meanwhile (swept, evicted, returned),
+    /// even if a new lease of the same key has begun since.
+    fn add_ahead(
+        &self,
+        key: &Arc<str>,
+        gate: &Arc<Gate>,
+        algorithm: Algorithm,
+        reply: &LeaseReply,
+        sent: Instant,
+    ) {
         let now = Instant::now();
         let lot = Lot::taken(algorithm, reply, sent);
         let mut slots = lock(&self.slots);
-        let back = match slots.get_mut(&key) {
+        let back = match slots
+            .get_mut(key)
+            .filter(|slot| Arc::ptr_eq(&slot.gate, gate))
+        {
             Some(slot) => slot
                 .next
-                .replace(lot)
-                .and_then(|old| old.give_back(Arc::clone(&key), algorithm, now)),
-            None => lot.give_back(Arc::clone(&key), algorithm, now),
+                .replace(Box::new(lot))
+                .and_then(|old| old.give_back(Arc::clone(key), algorithm, now)),
+            None => lot.give_back(Arc::clone(key), algorithm, now),
         };
         drop(slots);
         self.push_pending(back.into_iter().collect());
@@ -504,8 +569,21 @@ impl Leases {
         backs
     }
 
-    /// Gives every lease's unused units back to Redis now.
+    /// Gives every lease's unused units back to Redis now, those of
+    /// refills ahead under way included (waited for: each ends within the
+    /// command timeout).
     pub(crate) async fn return_all(&self) {
+        loop {
+            let ended = self.ahead_ended.notified();
+            let mut ended = std::pin::pin!(ended);
+            // Registered before the count is read: a refill that ends in
+            // between still wakes this call.
+            ended.as_mut().enable();
+            if self.ahead_in_flight.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            ended.await;
+        }
         let backs = self.drain(Instant::now());
         give_back_all(&self.redis, backs).await;
     }
@@ -892,7 +970,8 @@ mod tests {
             .add(&check, &reply(3, 7), Instant::now(), 1)
             .expect("spent");
         leases.add_ahead(
-            Arc::clone(&check.key),
+            &check.key,
+            &gate_of(&leases, &check),
             check.algorithm,
             &reply(50, 8),
             Instant::now(),
@@ -904,7 +983,8 @@ mod tests {
 
         // Again, with a unit left that cannot pay a request of cost 2.
         leases.add_ahead(
-            Arc::clone(&check.key),
+            &check.key,
+            &gate_of(&leases, &check),
             check.algorithm,
             &reply(10, 9),
             Instant::now(),
@@ -921,7 +1001,8 @@ mod tests {
         // next lot, taken later, still holds.
         tokio::time::advance(HOUR / 4).await;
         leases.add_ahead(
-            Arc::clone(&check.key),
+            &check.key,
+            &gate_of(&leases, &check),
             check.algorithm,
             &reply(5, 10),
             Instant::now(),
@@ -936,7 +1017,8 @@ mod tests {
         assert_eq!(leases.try_spend(&check, 1).expect("spent").1, 10);
         // Both lots go back when the lease leaves.
         leases.add_ahead(
-            Arc::clone(&check.key),
+            &check.key,
+            &gate_of(&leases, &check),
             check.algorithm,
             &reply(6, 10),
             Instant::now(),
@@ -954,17 +1036,64 @@ mod tests {
         let now = Instant::now();
         let mut slot = Slot::empty(leased("k").algorithm, now);
         slot.lot.tokens = 26;
-        assert_eq!(slot.wants_ahead(100), None);
+        assert!(!slot.wants_ahead(100));
         slot.lot.tokens = 25;
-        assert_eq!(slot.wants_ahead(100), Some(75));
+        assert!(slot.wants_ahead(100));
+        assert_eq!(slot.ahead_want(100), 75);
+        slot.ahead = true;
         slot.lot.tokens = 3;
-        assert_eq!(slot.wants_ahead(100), None, "once per lot");
+        assert!(!slot.wants_ahead(100), "once per lot");
         slot.ahead = false;
-        slot.next = Some(slot.lot.clone());
-        assert_eq!(slot.wants_ahead(100), None, "units are already ahead");
+        slot.next = Some(Box::new(slot.lot.clone()));
+        assert!(!slot.wants_ahead(100), "units are already ahead");
+        assert_eq!(slot.ahead_want(100), 94, "both lots count as held");
         slot.next = None;
         slot.lot.tokens = 0;
-        assert_eq!(slot.wants_ahead(1), Some(1));
+        assert!(slot.wants_ahead(1));
+        assert_eq!(slot.ahead_want(1), 1);
+        slot.lot.tokens = 101;
+        assert_eq!(slot.ahead_want(100), 0, "never more than the lease's size");
+    }
+
+    /// Units taken ahead for a lease that has gone since (swept, evicted,
+    /// returned) go back to Redis, even when a new lease of the same key
+    /// has begun: they are not added to it.
+    #[tokio::test(start_paused = true)]
+    async fn units_taken_ahead_for_a_lease_gone_since_go_back() {
+        let leases = leases(1 << 20);
+        let check = leased("k");
+        leases
+            .add(&check, &reply(10, 7), Instant::now(), 1)
+            .expect("spent");
+        let asked_for = gate_of(&leases, &check);
+        drop(leases.drain(Instant::now()));
+        leases
+            .add(&check, &reply(10, 7), Instant::now(), 1)
+            .expect("spent");
+        leases.add_ahead(
+            &check.key,
+            &asked_for,
+            check.algorithm,
+            &reply(5, 7),
+            Instant::now(),
+        );
+        let backs: Vec<GiveBack> = lock(&leases.pending).drain(..).collect();
+        assert_eq!(backs.len(), 1, "{backs:?}");
+        assert_eq!((backs[0].unused, backs[0].window), (5, 7));
+        assert!(
+            lock(&leases.slots)
+                .get_mut(&check.key)
+                .expect("the new lease")
+                .next
+                .is_none()
+        );
+        assert_eq!(leases.ahead_want(&check.key, &asked_for, 100), None);
+    }
+
+    /// The gate of `check`'s lease.
+    fn gate_of(leases: &Leases, check: &Check) -> Arc<Gate> {
+        let mut slots = lock(&leases.slots);
+        Arc::clone(&slots.get_mut(&check.key).expect("a lease").gate)
     }
 
     /// A leased per-client policy: one lease per client, so an attacker
