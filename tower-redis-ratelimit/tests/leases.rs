@@ -387,12 +387,18 @@ impl tower::Service<Request<()>> for Counted {
 /// A layer whose one policy, `global`, admits `limit` requests an hour
 /// and leases them all at once.
 async fn leasing_all(redis: &TestRedis, limit: u32) -> RateLimitLayer {
+    leasing(redis, limit, limit).await
+}
+
+/// A layer whose one policy, `global`, admits `limit` requests an hour
+/// and leases `lease` units at a time.
+async fn leasing(redis: &TestRedis, limit: u32, lease: u32) -> RateLimitLayer {
     away_from_window_edge(redis, HOUR).await;
     RateLimitLayer::builder(manager(redis).await)
         .policy(
             Policy::fixed_window("global", limit, HOUR)
                 .key(Key::global())
-                .lease(limit),
+                .lease(lease),
         )
         .build()
         .expect("layer")
@@ -549,15 +555,7 @@ async fn until_counted(conn: &mut redis::aio::MultiplexedConnection, key: &str, 
 async fn a_lease_is_refilled_ahead_so_no_request_waits_for_redis() {
     use tower::{Layer as _, Service as _};
     let redis = TestRedis::start().await;
-    away_from_window_edge(&redis, HOUR).await;
-    let layer = RateLimitLayer::builder(manager(&redis).await)
-        .policy(
-            Policy::fixed_window("global", 10_000, HOUR)
-                .key(Key::global())
-                .lease(100),
-        )
-        .build()
-        .expect("layer");
+    let layer = leasing(&redis, 10_000, 100).await;
     let inner = Counted::default();
     let clones = Arc::clone(&inner.clones);
     let mut service = layer.layer(inner);
@@ -597,15 +595,7 @@ async fn a_lease_is_refilled_ahead_so_no_request_waits_for_redis() {
 #[tokio::test]
 async fn returning_the_leases_waits_for_a_refill_ahead_under_way() {
     let redis = TestRedis::start().await;
-    away_from_window_edge(&redis, HOUR).await;
-    let layer = RateLimitLayer::builder(manager(&redis).await)
-        .policy(
-            Policy::fixed_window("global", 10_000, HOUR)
-                .key(Key::global())
-                .lease(100),
-        )
-        .build()
-        .expect("layer");
+    let layer = leasing(&redis, 10_000, 100).await;
     let service = app(layer.clone());
     // The 75th request leaves 25 units and starts a refill ahead.
     for _ in 0..75 {

@@ -270,25 +270,25 @@ pub(crate) struct Leases {
     redis: RedisStore,
     /// The sweeper task was started.
     sweeping: AtomicBool,
-    /// Refills ahead under way, and their ends (for `return_all`).
-    ahead_in_flight: AtomicUsize,
-    ahead_ended: tokio::sync::Notify,
+    /// Refills under way (ahead or not), and their ends (for `return_all`).
+    in_flight: AtomicUsize,
+    in_flight_ended: tokio::sync::Notify,
 }
 
-/// One refill ahead under way; when it ends, `return_all` may go on.
-struct AheadInFlight(Arc<Leases>);
+/// One refill under way; when it ends, `return_all` may go on.
+struct InFlight(Arc<Leases>);
 
-impl AheadInFlight {
+impl InFlight {
     fn enter(leases: &Arc<Leases>) -> Self {
-        leases.ahead_in_flight.fetch_add(1, Ordering::AcqRel);
+        leases.in_flight.fetch_add(1, Ordering::AcqRel);
         Self(Arc::clone(leases))
     }
 }
 
-impl Drop for AheadInFlight {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.0.ahead_in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.ahead_ended.notify_waiters();
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.in_flight_ended.notify_waiters();
         }
     }
 }
@@ -313,8 +313,8 @@ impl Leases {
             pending: Mutex::new(VecDeque::new()),
             redis,
             sweeping: AtomicBool::new(false),
-            ahead_in_flight: AtomicUsize::new(0),
-            ahead_ended: tokio::sync::Notify::new(),
+            in_flight: AtomicUsize::new(0),
+            in_flight_ended: tokio::sync::Notify::new(),
         }
     }
 
@@ -382,7 +382,7 @@ impl Leases {
         start_sweeper(self);
         let leases = Arc::clone(self);
         let (key, algorithm) = (Arc::clone(&check.key), check.algorithm);
-        let in_flight = AheadInFlight::enter(self);
+        let in_flight = InFlight::enter(self);
         runtime.spawn(async move {
             let _in_flight = in_flight;
             // Worked out now, under the lock: units put back since the
@@ -570,20 +570,24 @@ impl Leases {
     }
 
     /// Gives every lease's unused units back to Redis now, those of
-    /// refills ahead under way included (waited for: each ends within the
-    /// command timeout).
+    /// refills under way included: they are waited for, at most one command
+    /// timeout (while requests go on, new ones can keep starting; units
+    /// that arrive later go back with the next sweep).
     pub(crate) async fn return_all(&self) {
-        loop {
-            let ended = self.ahead_ended.notified();
-            let mut ended = std::pin::pin!(ended);
-            // Registered before the count is read: a refill that ends in
-            // between still wakes this call.
-            ended.as_mut().enable();
-            if self.ahead_in_flight.load(Ordering::Acquire) == 0 {
-                break;
+        let refills_end = async {
+            loop {
+                let ended = self.in_flight_ended.notified();
+                let mut ended = std::pin::pin!(ended);
+                // Registered before the count is read: a refill that ends
+                // in between still wakes this call.
+                ended.as_mut().enable();
+                if self.in_flight.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                ended.await;
             }
-            ended.await;
-        }
+        };
+        let _ = tokio::time::timeout(self.redis.command_timeout(), refills_end).await;
         let backs = self.drain(Instant::now());
         give_back_all(&self.redis, backs).await;
     }
@@ -765,6 +769,7 @@ impl Limiter {
             }
         };
         start_sweeper(leases);
+        let _in_flight = InFlight::enter(leases);
         let want = u64::from(lease.max(cost));
         let sent = Instant::now();
         match self.failover.lease(check, want, checks, cost).await {
@@ -1088,6 +1093,41 @@ mod tests {
                 .is_none()
         );
         assert_eq!(leases.ahead_want(&check.key, &asked_for, 100), None);
+    }
+
+    /// Returning the leases waits for a refill under way: its units,
+    /// arriving meanwhile, go back with the rest instead of staying here.
+    #[tokio::test(start_paused = true)]
+    async fn returning_the_leases_waits_for_a_refill_under_way() {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let leases = leases(1 << 20);
+        let check = leased("k");
+        leases
+            .add(&check, &reply(10, 7), Instant::now(), 1)
+            .expect("spent");
+        let gate = gate_of(&leases, &check);
+        let in_flight = InFlight::enter(&leases);
+        let mut returned = std::pin::pin!(leases.return_all());
+        assert!(
+            std::future::poll_fn(|cx| Poll::Ready(returned.as_mut().poll(cx)))
+                .await
+                .is_pending(),
+            "returned with a refill under way"
+        );
+        leases.add_ahead(
+            &check.key,
+            &gate,
+            check.algorithm,
+            &reply(5, 7),
+            Instant::now(),
+        );
+        drop(in_flight);
+        tokio::time::timeout(Duration::from_secs(10), returned)
+            .await
+            .expect("returned once the refill ended");
+        assert_eq!(leases.footprint().0, 0, "a lease is left");
+        assert!(lock(&leases.pending).is_empty(), "units wait for a sweep");
     }
 
     /// The gate of `check`'s lease.

@@ -37,6 +37,11 @@ impl RedisStore {
         Self { manager }
     }
 
+    /// The manager's command timeout.
+    pub(crate) fn command_timeout(&self) -> std::time::Duration {
+        self.manager.command_timeout()
+    }
+
     /// Redis is believed reachable (the breaker is not open).
     pub(crate) fn is_available(&self) -> bool {
         self.manager.is_available()
