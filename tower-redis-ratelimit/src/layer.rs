@@ -87,7 +87,9 @@ impl RateLimitLayer {
     /// Gives the unused units of this layer's leases ([`Policy::lease`])
     /// back to Redis now, so that other instances can spend them: call it
     /// when the instance shuts down. Idle leases go back by themselves
-    /// after 1 s; dropping the layer gives them back from a task.
+    /// after 1 s; dropping the layer gives them back from a task. Leases
+    /// being taken when it is called (a refill, ahead or not) are waited
+    /// for, at most the manager's command timeout, and given back too.
     /// A give-back that fails (Redis unavailable) leaves the units counted
     /// until their window or period ends: fewer admissions, never more.
     pub async fn return_leases(&self) {
