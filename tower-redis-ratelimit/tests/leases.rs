@@ -16,6 +16,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
 use tokio::time::Instant;
 use tower::ServiceExt;
+use tower_redis_core::RedisManager;
 use tower_redis_core::redis;
 use tower_redis_core::testing::TestRedis;
 use tower_redis_ratelimit::{Fallback, Key, Policy, RateLimitLayer};
@@ -387,14 +388,19 @@ impl tower::Service<Request<()>> for Counted {
 /// A layer whose one policy, `global`, admits `limit` requests an hour
 /// and leases them all at once.
 async fn leasing_all(redis: &TestRedis, limit: u32) -> RateLimitLayer {
-    leasing(redis, limit, limit).await
+    leasing(redis, manager(redis).await, limit, limit).await
 }
 
 /// A layer whose one policy, `global`, admits `limit` requests an hour
-/// and leases `lease` units at a time.
-async fn leasing(redis: &TestRedis, limit: u32, lease: u32) -> RateLimitLayer {
+/// and leases `lease` units at a time, over `manager`.
+async fn leasing(
+    redis: &TestRedis,
+    manager: RedisManager,
+    limit: u32,
+    lease: u32,
+) -> RateLimitLayer {
     away_from_window_edge(redis, HOUR).await;
-    RateLimitLayer::builder(manager(redis).await)
+    RateLimitLayer::builder(manager)
         .policy(
             Policy::fixed_window("global", limit, HOUR)
                 .key(Key::global())
@@ -523,16 +529,27 @@ async fn counted(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> f64
     f64::from_le_bytes(count)
 }
 
-/// Waits (at most 10 s) until `key` has counted `units`, then lets the
-/// task that asked for them (the test's runtime runs one thread) take the
-/// reply and keep the units.
-async fn until_counted(conn: &mut redis::aio::MultiplexedConnection, key: &str, units: f64) {
+/// Waits (at most 10 s) until `key` has counted `units`, then until the
+/// task that asked for them has their reply: a `PING` through the layer's
+/// `manager` (the same connection, whose replies come in order) is
+/// answered after it. The test's runtime runs one thread, so the task then
+/// runs (keeps the units) before the test goes on.
+async fn until_counted(
+    conn: &mut redis::aio::MultiplexedConnection,
+    manager: &RedisManager,
+    key: &str,
+    units: f64,
+) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let now = counted(conn, key).await;
         if now == units {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            for _ in 0..20 {
+            let pong: String = manager
+                .run(|mut conn| async move { redis::cmd("PING").query_async(&mut conn).await })
+                .await
+                .expect("PING");
+            assert_eq!(pong, "PONG");
+            for _ in 0..8 {
                 tokio::task::yield_now().await;
             }
             return;
@@ -555,7 +572,8 @@ async fn until_counted(conn: &mut redis::aio::MultiplexedConnection, key: &str, 
 async fn a_lease_is_refilled_ahead_so_no_request_waits_for_redis() {
     use tower::{Layer as _, Service as _};
     let redis = TestRedis::start().await;
-    let layer = leasing(&redis, 10_000, 100).await;
+    let on = manager(&redis).await;
+    let layer = leasing(&redis, on.clone(), 10_000, 100).await;
     let inner = Counted::default();
     let clones = Arc::clone(&inner.clones);
     let mut service = layer.layer(inner);
@@ -578,8 +596,8 @@ async fn a_lease_is_refilled_ahead_so_no_request_waits_for_redis() {
         // 75 ahead; the 150th leaves 25 of those and takes 75 more.
         match n {
             1..=74 => assert_eq!(counted(&mut conn, key).await, 100.0, "request {n}"),
-            75 => until_counted(&mut conn, key, 175.0).await,
-            150 => until_counted(&mut conn, key, 250.0).await,
+            75 => until_counted(&mut conn, &on, key, 175.0).await,
+            150 => until_counted(&mut conn, &on, key, 250.0).await,
             _ => {}
         }
     }
@@ -595,7 +613,7 @@ async fn a_lease_is_refilled_ahead_so_no_request_waits_for_redis() {
 #[tokio::test]
 async fn returning_the_leases_waits_for_a_refill_ahead_under_way() {
     let redis = TestRedis::start().await;
-    let layer = leasing(&redis, 10_000, 100).await;
+    let layer = leasing(&redis, manager(&redis).await, 10_000, 100).await;
     let service = app(layer.clone());
     // The 75th request leaves 25 units and starts a refill ahead.
     for _ in 0..75 {

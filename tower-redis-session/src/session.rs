@@ -743,10 +743,7 @@ impl Session {
             // nothing in it, or a stored one read and not changed.
             Phase::Loaded => {
                 let unchanged = match state.id {
-                    None => {
-                        !state.changes.entries.values().any(Option::is_some)
-                            && state.changes.user.is_none()
-                    }
+                    None => !state.changes.creates(),
                     Some(_) => !state.cycle && state.changes.is_empty(),
                 };
                 if !unchanged {
@@ -790,8 +787,7 @@ impl Session {
     async fn write(&self, state: &mut State, ended_here: bool) -> Option<CookieUpdate> {
         let Some(id) = state.id else {
             // A new session is stored only once it holds something.
-            if !state.changes.entries.values().any(Option::is_some) && state.changes.user.is_none()
-            {
+            if !state.changes.creates() {
                 return None;
             }
             // The cookie names a session whose id another request cycled

@@ -102,6 +102,12 @@ impl Changes {
         self.entries.is_empty() && self.user.is_none()
     }
 
+    /// They put something in a new session (a value or a user): only then
+    /// is a new session stored.
+    pub(crate) fn creates(&self) -> bool {
+        self.entries.values().any(Option::is_some) || self.user.is_some()
+    }
+
     pub(crate) fn apply_to(&self, record: &mut Record) {
         if !self.entries.is_empty() {
             let fields = Arc::make_mut(&mut record.fields);
