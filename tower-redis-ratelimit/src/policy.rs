@@ -489,7 +489,10 @@ impl Policy {
     ///
     /// While Redis is unavailable, units already leased are spent (Redis
     /// counted them); once they are gone, the layer's [`Fallback`](crate::Fallback)
-    /// decides exactly as for a policy without a lease. Leases live in a map
+    /// decides exactly as for a policy without a lease. While Redis hangs,
+    /// a request waits for Redis at most one command timeout, as without a
+    /// lease: those waiting for a refill that fails take the fallback with
+    /// it, rather than refill in turn. Leases live in a map
     /// bounded by bytes (an eighth of
     /// [`memory_capacity_bytes`](crate::RateLimitLayerBuilder::memory_capacity_bytes)),
     /// so a leased per-client policy cannot grow memory: the least recently

@@ -703,3 +703,72 @@ async fn while_redis_is_down_the_leased_policy_falls_back_as_without_a_lease() {
         "3 leased units, then half of the limit locally, then denied locally"
     );
 }
+
+/// Redis stops answering (paused) while a lease is spent: the refill ahead
+/// that the lease's last quarter starts times out, and the requests that
+/// found the lease empty meanwhile, waiting for it, take the fallback when
+/// it fails. None of them refills in turn, which would make the others
+/// wait for a second command timeout, and a third, until the breaker
+/// opened. The same holds for the requests that wait for a refill of an
+/// empty lease that times out: no request waits for Redis longer than one
+/// command timeout.
+#[tokio::test]
+async fn while_redis_hangs_no_leased_request_waits_longer_than_one_command_timeout() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let redis = TestRedis::start().await;
+    // A breaker that stays closed: each failure would be one more wait.
+    let manager = RedisManager::connect(
+        redis
+            .config()
+            .command_timeout(TIMEOUT)
+            .failure_threshold(50)
+            .build()
+            .expect("valid"),
+    )
+    .await
+    .expect("starts");
+    let service = app(leasing(&redis, manager, 10_000, 4).await);
+    let first = send(&service, request("192.0.2.1")).await;
+    assert!(first.status() == 200 && !decided_locally(&first));
+    redis.pause().await;
+    // 3 units left: the second of these leaves one (a quarter of the
+    // lease) and starts a refill ahead, which hangs; the third spends it.
+    for n in 2..=4 {
+        let answer = send(&service, request("192.0.2.1")).await;
+        assert!(
+            answer.status() == 200 && !decided_locally(&answer),
+            "request {n}: {answer:?}"
+        );
+    }
+    // Four requests at once, twice: they wait for the refill ahead; then
+    // one of them refills the empty lease and the others wait for it.
+    for round in ["a refill ahead", "a refill"] {
+        let started = Instant::now();
+        let waiting: Vec<_> = (0..4)
+            .map(|_| {
+                let service = service.clone();
+                tokio::spawn(async move {
+                    let answer = send(&service, request("192.0.2.1")).await;
+                    (answer.status(), decided_locally(&answer), started.elapsed())
+                })
+            })
+            .collect();
+        let mut waits = Vec::new();
+        for task in waiting {
+            let answered = tokio::time::timeout(Duration::from_secs(30), task).await;
+            waits.push(answered.expect("every request is answered").expect("task"));
+        }
+        for (status, local, waited) in &waits {
+            assert!(
+                *status == 200 && *local,
+                "{round}: not the fallback: {waits:?}"
+            );
+            assert!(
+                *waited < TIMEOUT * 3 / 2,
+                "{round}: a request waited {waited:?}, more than one command timeout \
+                 ({TIMEOUT:?}): {waits:?}"
+            );
+        }
+    }
+    redis.resume().await;
+}

@@ -137,9 +137,15 @@ impl Lot {
 /// woken waiter can lose it to a request that arrived later, and waits for
 /// that refill too (a refill brings a lease's worth of units, so this is
 /// rare unless more requests wait than a lease holds).
+///
+/// A refill that fails (Redis timed out or errored) says so to those it
+/// woke: they take the fallback at once rather than refill in turn, so that
+/// no request waits for Redis longer than one command timeout.
 #[derive(Debug, Default)]
 struct Gate {
     refilling: AtomicBool,
+    /// The last refill that ended failed.
+    failed: AtomicBool,
     ended: tokio::sync::Notify,
 }
 
@@ -153,7 +159,7 @@ impl Gate {
         // still wakes this request.
         ended.as_mut().enable();
         if !self.refilling.swap(true, Ordering::AcqRel) {
-            return Some(Refilling(Arc::clone(self)));
+            return Some(Refilling::of(self));
         }
         ended.await;
         None
@@ -163,18 +169,42 @@ impl Gate {
 impl Gate {
     /// `Some` when no refill is under way: the caller refills.
     fn try_enter(self: &Arc<Self>) -> Option<Refilling> {
-        (!self.refilling.swap(true, Ordering::AcqRel)).then(|| Refilling(Arc::clone(self)))
+        (!self.refilling.swap(true, Ordering::AcqRel)).then(|| Refilling::of(self))
+    }
+
+    /// Whether the last refill that ended failed (read by a request its
+    /// end woke).
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
     }
 }
 
 /// Held by the request refilling a lease; when it ends (or the request is
-/// dropped), the waiters are woken.
-struct Refilling(Arc<Gate>);
+/// dropped), the waiters are woken, and told whether it failed.
+struct Refilling {
+    gate: Arc<Gate>,
+    failed: bool,
+}
+
+impl Refilling {
+    fn of(gate: &Arc<Gate>) -> Self {
+        Self {
+            gate: Arc::clone(gate),
+            failed: false,
+        }
+    }
+
+    /// Ends the refill as failed: Redis did not answer it.
+    fn fail(mut self) {
+        self.failed = true;
+    }
+}
 
 impl Drop for Refilling {
     fn drop(&mut self) {
-        self.0.refilling.store(false, Ordering::Release);
-        self.0.ended.notify_waiters();
+        self.gate.failed.store(self.failed, Ordering::Release);
+        self.gate.refilling.store(false, Ordering::Release);
+        self.gate.ended.notify_waiters();
     }
 }
 
@@ -387,20 +417,25 @@ impl Leases {
             let _in_flight = in_flight;
             // Worked out now, under the lock: units put back since the
             // request (another policy denied it) count as held.
-            let Some(want) = leases.ahead_want(&key, &refilling.0, lease) else {
+            let Some(want) = leases.ahead_want(&key, &refilling.gate, lease) else {
                 return;
             };
             let sent = Instant::now();
             match leases.redis.lease(&key, algorithm, want, 1).await {
                 Ok(reply) if reply.granted > 0 => {
-                    leases.add_ahead(&key, &refilling.0, algorithm, &reply, sent);
+                    leases.add_ahead(&key, &refilling.gate, algorithm, &reply, sent);
                 }
                 Ok(_) => {}
-                Err(error) => tracing::debug!(
-                    target: "tower_redis_ratelimit",
-                    %error,
-                    "could not take leased units ahead; a request will refill when they run out"
-                ),
+                Err(error) => {
+                    tracing::debug!(
+                        target: "tower_redis_ratelimit",
+                        %error,
+                        "could not take leased units ahead; a request will refill when they run out"
+                    );
+                    // Those waiting for it take the fallback.
+                    refilling.fail();
+                    return;
+                }
             }
             // The gate opens after the units are in place.
             drop(refilling);
@@ -743,10 +778,14 @@ impl Limiter {
             return LeaseOutcome::Fallback(self.failover.without_redis(checks, cost).await);
         }
         let mut gate = gate;
-        let _refilling = loop {
+        let refilling = loop {
             // This request's turn to refill, or the end of the refill it
             // waited for.
             let refilling = gate.enter().await;
+            // That refill failed: this request has waited for Redis as
+            // long as it may (one command timeout), so it does not refill
+            // in turn.
+            let failed = refilling.is_none() && gate.failed();
             // A refill (the one waited for, or one that ended since this
             // request looked) may have brought enough, or been denied (then
             // remembered for a moment: no call per waiter).
@@ -762,9 +801,9 @@ impl Limiter {
             if let Some(refilling) = refilling {
                 break refilling;
             }
-            if !self.manager.is_available() {
-                // The refill waited for found Redis gone: the fallback at
-                // once, as above (no queue behind the gate).
+            if failed || !self.manager.is_available() {
+                // The refill waited for failed, or found Redis gone: the
+                // fallback at once, as above (no queue behind the gate).
                 return LeaseOutcome::Fallback(self.failover.without_redis(checks, cost).await);
             }
         };
@@ -798,7 +837,11 @@ impl Limiter {
                 );
                 LeaseOutcome::Denied(state)
             }
-            Err(verdict) => LeaseOutcome::Fallback(verdict),
+            Err(verdict) => {
+                // Those waiting for it take the fallback too.
+                refilling.fail();
+                LeaseOutcome::Fallback(verdict)
+            }
         }
     }
 }
