@@ -527,7 +527,8 @@ impl CacheStore {
         let Some(hint) = vary_hint else {
             return self.by_script(redis, key, request, extra).await;
         };
-        let query = (key, key::variant(&hint, request, extra));
+        // Borrowed for a URL without `Vary`: nothing copied.
+        let query = (key, key::variant_of(&hint, request, extra));
         let reply = self
             .read_gathered(
                 &self.lookups,

@@ -28,6 +28,7 @@
 //! - A pub/sub channel (`cache-events`) on which writers announce updated
 //!   URLs, so that waiting instances wake up and near caches drop copies.
 
+use std::borrow::Cow;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -269,7 +270,7 @@ pub(crate) fn lookup<'a>(
         return Either::Right(Box::pin(lookup_by_script(conn, key, request, extra, reads)));
     };
     Either::Left(async move {
-        let query = (key.to_owned(), key::variant(&hint, request, extra));
+        let query = (key.to_owned(), key::variant_of(&hint, request, extra));
         let reply = conn.req_packed_command(&hinted_command(&query)).await?;
         match hinted_found(reply, &hint, query.1)? {
             Some(found) => Ok(found),
@@ -280,7 +281,7 @@ pub(crate) fn lookup<'a>(
 }
 
 /// The hinted lookup's `HMGET key vary <variant> sp`, for `(key, variant)`.
-pub(super) fn hinted_command((key, field): &(String, String)) -> Cmd {
+pub(super) fn hinted_command((key, field): &(String, Cow<'static, str>)) -> Cmd {
     // Sized up front: the command is built without growing its buffers.
     let mut command = redis::Cmd::with_capacity(5, 5 + key.len() + 4 + field.len() + 2);
     command
@@ -297,7 +298,7 @@ pub(super) fn hinted_command((key, field): &(String, String)) -> Cmd {
 pub(super) fn hinted_found(
     reply: Value,
     hint: &str,
-    field: String,
+    field: Cow<'static, str>,
 ) -> RedisResult<Option<(Found, Option<String>)>> {
     let (vary, entry, soft_purged) = hinted_reply(reply)?;
     Ok(match vary {
@@ -385,7 +386,7 @@ pub(super) async fn lookup_by_script(
         found(
             vary.is_some(),
             bulk(entry),
-            field.unwrap_or_default(),
+            field.unwrap_or_default().into(),
             soft_purged,
         ),
         vary,
@@ -413,7 +414,15 @@ fn bulk(value: Value) -> Option<Bytes> {
 
 /// What a lookup's reply says: `has_url` when the URL's hash exists (its
 /// `vary` field was there).
-fn found(has_url: bool, entry: Option<Bytes>, field: String, soft_purged: Option<u64>) -> Found {
+/// `field` names the variant, for a corrupt entry to be deleted: borrowed
+/// for the variant of a URL without `Vary` (most), so that a hit copies
+/// nothing of it.
+fn found(
+    has_url: bool,
+    entry: Option<Bytes>,
+    field: Cow<'static, str>,
+    soft_purged: Option<u64>,
+) -> Found {
     match (has_url, entry) {
         (false, _) => Found::NoUrl,
         (true, None) => Found::NoVariant,
@@ -424,7 +433,7 @@ fn found(has_url: bool, entry: Option<Bytes>, field: String, soft_purged: Option
                 }
                 Found::Entry(entry)
             }
-            Err(_) => Found::Corrupt(field),
+            Err(_) => Found::Corrupt(field.into_owned()),
         },
     }
 }
@@ -929,8 +938,12 @@ mod tests {
         };
         let reply = entry.encode();
         let range = reply.as_ptr_range();
-        let Found::Entry(found) = found(true, bulk(Value::BulkString(reply)), String::new(), None)
-        else {
+        let Found::Entry(found) = found(
+            true,
+            bulk(Value::BulkString(reply)),
+            Cow::Borrowed(""),
+            None,
+        ) else {
             panic!("the entry did not decode");
         };
         assert_eq!(found, entry);
