@@ -1397,19 +1397,38 @@ async fn a_purge_while_redis_hangs_is_deferred_and_replayed_when_it_answers() {
 async fn a_fill_lock_taken_by_an_attempt_that_timed_out_is_released_when_redis_answers() {
     let redis = TestRedis::start().await;
     let origin = Origin::default();
-    // The default lock TTL and coalescing wait (5 s each); a breaker that
-    // stays closed through the lookup's and the lock's timeouts, so the
-    // lock attempt is sent. The answer is private: nothing stored releases
-    // the lock.
+    // The default lock TTL and coalescing wait (5 s each), and a breaker
+    // that stays closed through the lock's timeout. The answer is private:
+    // nothing stored releases the lock.
     let a = instance(redis.config().failure_threshold(3), &origin, |b| b).await;
     let b = instance(redis.config(), &origin, |b| b).await;
-    // Redis knows the lock script (a miss took a lock).
+    // Redis knows the lock script (a miss took a lock), and A knows that
+    // `/private` is not stored, so its lookup is a plain `HMGET`: it saw a
+    // request with credentials (which leads no fill, so that the URL is
+    // not marked as one that nothing is stored for, which coalesces no
+    // request and takes no lock).
     get_settled(&a, "/item/1").await;
-    redis.pause().await;
+    let with_credentials = request("/private", &[("authorization", "Bearer x")]);
+    assert_eq!(call(&a.app, with_credentials).await.status, 200);
+    // Redis hangs on writes only: A's lookup is answered, and its lock
+    // attempt (a script) is sent and times out. (After a lookup that timed
+    // out, no lock is asked for.)
+    let mut admin = redis.connection().await.expect("connection");
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(30_000)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await
+        .expect("CLIENT PAUSE");
     let answer = get(&a.app, "/private").await;
     assert_eq!(answer.status, 200);
-    assert_eq!(origin.calls("/private"), 1);
-    redis.resume().await;
+    assert_eq!(origin.calls("/private"), 2);
+    let () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut admin)
+        .await
+        .expect("CLIENT UNPAUSE");
 
     let started = Instant::now();
     let answer = tokio::time::timeout(Duration::from_secs(10), get(&b.app, "/private"))
@@ -1422,7 +1441,7 @@ async fn a_fill_lock_taken_by_an_attempt_that_timed_out_is_released_when_redis_a
         "B waited {waited:?} for a lock nobody would release ({})",
         answer.cache_status()
     );
-    assert_eq!(origin.calls("/private"), 2);
+    assert_eq!(origin.calls("/private"), 3);
 }
 
 #[tokio::test]
@@ -2034,4 +2053,112 @@ async fn a_request_after_an_invalidation_does_not_follow_a_flight_from_before_it
     let after = call(&a.app, request("/item/1", &tenant)).await;
     assert_eq!(after.body, "item-1-v2", "{}", after.cache_status());
     assert_eq!(first.await.unwrap().body, "item-1-v1");
+}
+
+/// While Redis hangs and the breaker has not opened yet, no request waits
+/// for Redis longer than one command timeout:
+/// - a miss whose lookup timed out goes to the origin without asking for
+///   the fill lock;
+/// - a lookup after the outage's first change (here the tag purge) was
+///   queued waits for the queue's write at most one command timeout, and
+///   is then not sent to Redis: the in-process store answers.
+#[tokio::test]
+async fn while_redis_hangs_a_request_waits_for_it_at_most_one_command_timeout() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    // A breaker that stays closed: each call sent is one more wait.
+    let config = redis
+        .config()
+        .command_timeout(TIMEOUT)
+        .failure_threshold(50);
+    let a = instance(config, &origin, |b| b).await;
+    get_settled(&a, "/item/1").await;
+    redis.pause().await;
+    let timed = async |path: &str| {
+        let started = Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(30), get(&a.app, path))
+            .await
+            .expect("answered");
+        (answer, started.elapsed())
+    };
+    let (miss, waited) = timed("/item/2").await;
+    assert_eq!(miss.body, "item-2-v1", "{}", miss.cache_status());
+    assert!(
+        waited < TIMEOUT * 3 / 2,
+        "a miss waited {waited:?} ({})",
+        miss.cache_status()
+    );
+    let purged = a.layer.handle().purge_tag("item-1").await;
+    assert!(purged.deferred, "{purged:?}");
+    for path in ["/item/3", "/item/1"] {
+        let (answer, waited) = timed(path).await;
+        assert_eq!(answer.status, 200, "{path}");
+        assert!(
+            waited < TIMEOUT * 3 / 2,
+            "{path} waited {waited:?} ({})",
+            answer.cache_status()
+        );
+    }
+    redis.resume().await;
+}
+
+/// A request waiting for another instance's fill (its lock held), that
+/// finds Redis hung when it looks again, goes to the origin after that one
+/// timeout: it does not ask Redis for the lock again, which would make it
+/// wait a second command timeout.
+#[tokio::test]
+async fn a_request_waiting_for_another_instance_s_fill_stops_asking_redis_once_it_hangs() {
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    const ORIGIN: Duration = Duration::from_secs(2);
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let config = || {
+        redis
+            .config()
+            .command_timeout(TIMEOUT)
+            .failure_threshold(50)
+    };
+    let a = instance(config(), &origin, |b| b).await;
+    let b = instance(config(), &origin, |b| b).await;
+    // Redis knows the lock script (a miss took a lock).
+    get_settled(&a, "/item/1").await;
+    origin
+        .delay_ms
+        .store(ORIGIN.as_millis() as u64, Ordering::SeqCst);
+    // B leads the fill of `/item/2`, holding its lock while the origin
+    // answers.
+    let filling = tokio::spawn({
+        let app = b.app.clone();
+        async move { get(&app, "/item/2").await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while origin.calls("/item/2") == 0 {
+        assert!(Instant::now() < deadline, "B never reached the origin");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A finds the lock held, and waits for B's entry, looking again now
+    // and then (every 250 ms at most).
+    let waiting = tokio::spawn({
+        let app = a.app.clone();
+        async move { get(&app, "/item/2").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    redis.pause().await;
+    let paused = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("A answered")
+        .expect("task");
+    let waited = paused.elapsed();
+    assert_eq!(answer.status, 200, "{}", answer.cache_status());
+    // One timeout (of the look or the lock attempt under way, or of the
+    // next, within 250 ms), then the origin; not a second timeout.
+    assert!(
+        waited < TIMEOUT + ORIGIN + Duration::from_secs(1),
+        "A waited {waited:?} after Redis hung ({})",
+        answer.cache_status()
+    );
+    redis.resume().await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), filling).await;
 }

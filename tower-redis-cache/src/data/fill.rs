@@ -562,7 +562,7 @@ mod tests {
         let size = std::mem::size_of_val(&hit);
         assert!(size <= THREAD_CACHE_BYTES, "the boxed hit is {size} bytes");
         let url_hash = value::url_hash("product:1").expect("a valid key");
-        let read = cache.inner.store.read_data_entry(&url_hash);
+        let read = cache.inner.store.read_data_entry(&url_hash, true);
         let size = std::mem::size_of_val(&read);
         assert!(size <= THREAD_CACHE_BYTES, "the boxed read is {size} bytes");
     }

@@ -177,7 +177,7 @@ where
         };
         Either::Right(match coalescing {
             None => Either::Left(Box::pin(self.forward_and_store(status, Fill::none()))),
-            Some(max_wait) => Either::Right(self.coalesced_miss(status, max_wait)),
+            Some(max_wait) => Either::Right(self.coalesced_miss(status, max_wait, tier)),
         })
     }
 
@@ -187,26 +187,48 @@ where
     ///
     /// Each path is boxed on its own: together, the leader's loop made one
     /// future of about 4 KB that every coalesced miss allocated.
+    ///
+    /// `tier` is where the lookup read: after a lookup that fell back
+    /// (`Degraded`) while the breaker still lets calls through, Redis has
+    /// just failed this request (a timeout, as a rule), which has waited
+    /// for it as long as a request may. Neither the fill lock nor a second
+    /// lookup asks Redis again then: the leader fills for this instance
+    /// alone, and a follower goes to the origin when the leader's entry is
+    /// not one it can use.
     fn coalesced_miss(
         self,
         status: CacheStatus,
         max_wait: Duration,
+        tier: Tier,
     ) -> std::pin::Pin<Box<dyn Future<Output = Answer<ResBody, S::Error>> + Send>> {
         let deadline = Instant::now() + max_wait;
+        let waited = tier == Tier::Degraded && self.ctx.config.store.redis_is_available();
         match self.ctx.join_flight(&self.ctx.keyed.flight_key()) {
             None => Box::pin(self.forward_and_store(status, Fill::none())),
-            Some(Joined::Follower(flight)) => Box::pin(self.follow_fill(flight, status, deadline)),
+            Some(Joined::Follower(flight)) => {
+                Box::pin(self.follow_fill(flight, status, deadline, waited))
+            }
+            Some(Joined::Leader(guard)) if waited => Box::pin(self.forward_and_store(
+                status,
+                Fill {
+                    guard: Some(guard),
+                    lock: None,
+                    own_write: false,
+                },
+            )),
             Some(Joined::Leader(guard)) => Box::pin(self.lead_fill(guard, status, deadline)),
         }
     }
 
     /// Waits for the in-process leader's entry; without one this request
-    /// can use, looks again, then goes to the origin.
+    /// can use, looks again (unless its lookup already `waited` for Redis
+    /// in vain), then goes to the origin.
     async fn follow_fill(
         self,
         flight: tokio::sync::watch::Receiver<Outcome>,
         status: CacheStatus,
         deadline: Instant,
+        waited: bool,
     ) -> Answer<ResBody, S::Error> {
         let Ctx { config, keyed } = &self.ctx;
         let shared = tokio::time::timeout_at(deadline, coalesce::wait(flight)).await;
@@ -217,10 +239,11 @@ where
         }
         // The leader stored nothing this request can use (or took too
         // long): look again, then go to the origin.
-        if let (Lookup::Hit(entry), tier) = config
-            .store
-            .lookup(&keyed.key.url_hash, &keyed.parts.headers, &keyed.key.extra)
-            .await
+        if !waited
+            && let (Lookup::Hit(entry), tier) = config
+                .store
+                .lookup(&keyed.key.url_hash, &keyed.parts.headers, &keyed.key.extra)
+                .await
             && usable_by_follower(config, &entry, keyed)
         {
             return Ok(serve_coalesced(config, &entry, keyed, tier));
@@ -259,10 +282,10 @@ where
             }
             let _ = tokio::time::timeout_at(deadline.min(now + poll), updated).await;
             poll = (poll * 2).min(Duration::from_millis(250));
-            if let (Lookup::Hit(entry), tier) = store
+            let (found, tier) = store
                 .lookup(&keyed.key.url_hash, &keyed.parts.headers, &keyed.key.extra)
-                .await
-            {
+                .await;
+            if let Lookup::Hit(entry) = found {
                 if !usable_by_follower(config, &entry, keyed) {
                     // Filled, but not for this request: ask the origin.
                     break None;
@@ -273,6 +296,12 @@ where
                     .then(|| Arc::new(entry.clone()));
                 guard.complete(shared);
                 return Ok(serve_coalesced(config, &entry, keyed, tier));
+            }
+            if tier == Tier::Degraded {
+                // Redis failed this request (or the breaker opened): it
+                // has waited for Redis as long as it may, and asks it for
+                // the lock no more.
+                break None;
             }
         };
         let fill = Fill {

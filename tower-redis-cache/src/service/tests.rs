@@ -317,7 +317,7 @@ fn a_hits_boxed_futures_fit_the_allocators_thread_cache() {
     );
     let read = config
         .store
-        .read_served("url", &headers, "", Some(String::new()), false);
+        .read_served("url", &headers, "", Some(String::new()), false, true);
     let size = std::mem::size_of_val(&read);
     assert!(size <= THREAD_CACHE_BYTES, "the boxed read is {size} bytes");
 }

@@ -240,7 +240,7 @@ impl CacheStore {
         keep_near: fn(&Entry) -> bool,
     ) -> DataFound {
         self.bus.ensure_started();
-        self.failover.catch_up().await;
+        let caught_up = self.failover.catch_up().await;
         let near = self
             .near
             .as_ref()
@@ -258,7 +258,7 @@ impl CacheStore {
         // Boxed on its own (about 1 KB): inlined, it made the data cache's
         // boxed hit future 2.2 KB, too large for the allocator's per-thread
         // cache.
-        let served = Box::pin(self.read_data_entry(url_hash)).await;
+        let served = Box::pin(self.read_data_entry(url_hash, caught_up)).await;
         let tier = if served.is_fallback() {
             Tier::Degraded
         } else {
@@ -320,8 +320,10 @@ impl CacheStore {
     pub(crate) fn read_data_entry<'a>(
         &'a self,
         url_hash: &'a str,
+        caught_up: bool,
     ) -> impl Future<Output = tower_redis_core::Served<Found>> + 'a {
-        self.failover.run(
+        self.failover.run_caught_up(
+            caught_up,
             move |redis| self.read_value(redis, url_hash),
             // Boxed: only a lookup during an outage pays for its state.
             move |memory, _| {

@@ -63,7 +63,7 @@ impl CacheStore {
         // Redis is back: the outage's invalidations and purges are written
         // before this read, so that its answer already reflects them. One
         // atomic load while healthy.
-        self.failover.catch_up().await;
+        let caught_up = self.failover.catch_up().await;
         // Taken before the near tier is judged usable: a tracking
         // connection lost after that check bumps the epoch, so a read that
         // then fell back to the pool (untracked) is not kept.
@@ -93,7 +93,8 @@ impl CacheStore {
         // The Redis read is boxed apart: inlined, it made the future of
         // every request the cache handles (boxed by the service) larger
         // than the allocator's per-thread cache takes.
-        let served = Box::pin(self.read_served(url_hash, request, extra, hint, alone)).await;
+        let served =
+            Box::pin(self.read_served(url_hash, request, extra, hint, alone, caught_up)).await;
         let tier = if served.is_fallback() {
             Tier::Degraded
         } else {
@@ -177,8 +178,10 @@ impl CacheStore {
         extra: &'a str,
         hint: Option<String>,
         alone: bool,
+        caught_up: bool,
     ) -> impl Future<Output = Served<(Found, Option<String>)>> + 'a {
-        self.failover.run(
+        self.failover.run_caught_up(
+            caught_up,
             move |redis| self.read_entry(redis, url_hash, request, extra, hint, alone),
             // Boxed: only a lookup during an outage pays for its state.
             move |memory, _| {

@@ -479,6 +479,11 @@ impl CacheStore {
         self
     }
 
+    /// Whether the breaker lets calls to Redis through.
+    pub(crate) fn redis_is_available(&self) -> bool {
+        self.redis().manager.is_available()
+    }
+
     fn redis(&self) -> &RedisStore {
         self.failover.redis()
     }

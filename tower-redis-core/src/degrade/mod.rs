@@ -80,7 +80,7 @@ mod recovery;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -249,6 +249,9 @@ pub(crate) struct Shared<R: Replay, M> {
     epoch: watch::Sender<u64>,
     /// One writer of the queue at a time, so that it is written in order.
     draining: tokio::sync::Mutex<()>,
+    /// Changes written from the queue so far (by either writer): whether a
+    /// catch-up that ran out of time saw Redis answer.
+    replayed: AtomicU64,
     batch: usize,
     min_backoff: Duration,
     max_backoff: Duration,
@@ -318,6 +321,7 @@ impl<R: Replay, M: Recovered> FailoverBuilder<R, M> {
                 name: self.name,
                 degraded: AtomicBool::new(false),
                 answered: AtomicBool::new(true),
+                replayed: AtomicU64::new(0),
                 task_started: AtomicBool::new(false),
                 wake: Arc::new(Notify::new()),
                 epoch: watch::Sender::new(0),
@@ -524,26 +528,75 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
     /// goes on (the write in progress is cancel-safe: what it did not
     /// finish stays queued).
     ///
+    /// False when that timeout passed with nothing written: Redis does not
+    /// answer (it hangs, and the breaker has not opened yet). The caller
+    /// has then waited for Redis as long as a request may, and should not
+    /// ask it again: [`run_caught_up`](Self::run_caught_up) does not.
+    ///
     /// The write is boxed: while healthy this future is a few words, so a
     /// caller on a hot path can await it inline.
-    pub async fn catch_up(&self) {
+    pub async fn catch_up(&self) -> bool {
         if self.is_caught_up() {
-            return;
+            return true;
         }
         // A `dyn` box: its type does not nest into every caller's future.
-        let write: std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> =
+        let write: std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> =
             Box::pin(self.write_queue_now());
-        write.await;
+        write.await
     }
 
     /// [`catch_up`](Self::catch_up)'s write, within one command timeout.
-    async fn write_queue_now(&self) {
+    async fn write_queue_now(&self) -> bool {
         let within = self.shared.manager.command_timeout();
-        if let Ok(recovery::Drained::Empty { wrote: true }) =
-            tokio::time::timeout(within, recovery::drain(&self.shared)).await
-        {
-            recovery::finish(&self.shared);
+        let replayed = self.shared.replayed.load(Ordering::Acquire);
+        let started = tokio::time::Instant::now();
+        match tokio::time::timeout(within, recovery::drain(&self.shared)).await {
+            Ok(recovery::Drained::Empty { wrote }) => {
+                if wrote {
+                    recovery::finish(&self.shared);
+                }
+                true
+            }
+            // A failure that came at once (a change Redis refused, the
+            // breaker open), or a long queue that Redis is writing: it
+            // answers. A whole timeout with nothing written: it does not.
+            _ => {
+                started.elapsed() < within
+                    || self.shared.replayed.load(Ordering::Acquire) != replayed
+            }
         }
+    }
+
+    /// [`run`](Self::run), for a caller that awaited
+    /// [`catch_up`](Self::catch_up) first: when that found Redis not
+    /// answering (`caught_up` is false), Redis is not asked again, and the
+    /// memory side answers at once, as after a timeout. A request then
+    /// waits for Redis at most one command timeout, the catch-up's or the
+    /// operation's, not both.
+    pub fn run_caught_up<'a, T, F, Fut, G, GFut>(
+        &'a self,
+        caught_up: bool,
+        redis_op: F,
+        memory_op: G,
+    ) -> impl Future<Output = Served<T>>
+    where
+        F: FnOnce(&'a R) -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+        G: FnOnce(&'a M, FallbackReason) -> GFut,
+        GFut: Future<Output = T>,
+    {
+        use futures_util::future::Either;
+        let waited = self.shared.manager.command_timeout();
+        self.run(
+            move |redis| {
+                if caught_up {
+                    Either::Left(redis_op(redis))
+                } else {
+                    Either::Right(std::future::ready(Err(Error::Timeout(waited))))
+                }
+            },
+            memory_op,
+        )
     }
 
     fn mark_degraded(&self) {

@@ -138,6 +138,9 @@ pub(super) async fn drain<R: Replay, M>(shared: &Shared<R, M>) -> Drained {
         taken.settle(written);
         if written > 0 {
             wrote = true;
+            shared
+                .replayed
+                .fetch_add(written as u64, std::sync::atomic::Ordering::AcqRel);
             record_replayed(shared.name, written);
         }
         record_queue_bytes(shared.name, shared.queue.usage().bytes);
