@@ -2050,3 +2050,45 @@ async fn a_purge_of_more_urls_than_it_notes_empties_the_near_tier() {
         "the purged value's near copy was served after the purge"
     );
 }
+
+/// While Redis hangs and the breaker has not opened yet, a miss of
+/// `get_or_insert_with` whose read timed out waits for Redis one command
+/// timeout, not three: it asks Redis for no fill lock, and its value is
+/// returned before it is stored (that write times out in the background).
+#[tokio::test]
+async fn while_redis_hangs_a_miss_waits_for_it_one_command_timeout() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(
+        redis
+            .config()
+            .failure_threshold(50)
+            .command_timeout(TIMEOUT)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let data = DataCache::new(manager);
+    let calls = Arc::new(AtomicU64::new(0));
+    let options = DataOptions::default();
+    // Redis knows the scripts (a miss took a lock and stored).
+    let _ = data
+        .get_or_insert_with("warm-up", &options, counted(&calls, "w", Duration::ZERO))
+        .await
+        .unwrap();
+    redis.pause().await;
+    let started = Instant::now();
+    let value = within(
+        "the miss",
+        data.get_or_insert_with("item:1", &options, counted(&calls, "a", Duration::ZERO)),
+    )
+    .await;
+    let waited = started.elapsed();
+    redis.resume().await;
+    assert_eq!(value.unwrap(), product("a"));
+    assert!(
+        waited < TIMEOUT * 3 / 2,
+        "the miss waited {waited:?} for a {TIMEOUT:?} command timeout"
+    );
+}

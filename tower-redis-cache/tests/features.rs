@@ -2091,15 +2091,30 @@ async fn while_redis_hangs_a_request_waits_for_it_at_most_one_command_timeout() 
     );
     let purged = a.layer.handle().purge_tag("item-1").await;
     assert!(purged.deferred, "{purged:?}");
-    for path in ["/item/3", "/item/1"] {
+    for (path, body) in [("/item/3", "item-3-v1"), ("/item/1", "item-1-v2")] {
         let (answer, waited) = timed(path).await;
-        assert_eq!(answer.status, 200, "{path}");
+        assert_eq!(answer.body, body, "{path}: {}", answer.cache_status());
         assert!(
             waited < TIMEOUT * 3 / 2,
             "{path} waited {waited:?} ({})",
             answer.cache_status()
         );
     }
+    // Two requests at once for a URL whose answer is not stored (each
+    // answer takes the origin 200 ms): one leads, and the other, which
+    // cannot use the leader's answer, goes to the origin after it, without
+    // looking in Redis again.
+    origin.delay_ms.store(200, Ordering::SeqCst);
+    let (first, second) = tokio::join!(timed("/private"), timed("/private"));
+    for (answer, waited) in [first, second] {
+        assert_eq!(answer.status, 200);
+        assert!(
+            waited < TIMEOUT + Duration::from_millis(700),
+            "/private waited {waited:?} ({})",
+            answer.cache_status()
+        );
+    }
+    assert_eq!(origin.calls("/private"), 2);
     redis.resume().await;
 }
 

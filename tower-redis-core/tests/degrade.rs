@@ -415,6 +415,57 @@ async fn catch_up_waits_at_most_a_command_timeout() {
     assert!(!failover.is_pending("a"));
 }
 
+/// A catch-up that runs out of time while Redis answers (the queue is
+/// long: here its replay is held at a gate) says that Redis answers, and
+/// its caller goes on to Redis. One that runs out of time after an
+/// operation failed, none having succeeded since (Redis hangs), says that
+/// it does not, so that its caller does not wait a second timeout; its
+/// wait counts toward the breaker as a timeout.
+#[tokio::test]
+async fn a_catch_up_out_of_time_tells_a_long_queue_from_a_hung_redis() {
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(
+        redis
+            .config()
+            .command_timeout(Duration::from_millis(300))
+            .failure_threshold(50)
+            .build()
+            .expect("valid config"),
+    )
+    .await
+    .expect("manager starts");
+    let gate = Arc::new(Semaphore::new(0));
+    let store = Store {
+        gate: Some(Arc::clone(&gate)),
+        ..Store::default()
+    };
+    let failover = failover(manager.clone(), store);
+    failover.defer(set("a", "1")).expect("fits");
+    assert!(
+        within(failover.catch_up()).await,
+        "Redis answers: the queue is only long"
+    );
+    redis.pause().await;
+    assert_eq!(get(&failover, "x").await, None, "the read timed out");
+    let failures = manager.health().consecutive_failures;
+    assert!(failures > 0);
+    assert!(!within(failover.catch_up()).await, "Redis hangs");
+    assert_eq!(
+        manager.health().consecutive_failures,
+        failures + 1,
+        "the catch-up's wait counted as a timeout"
+    );
+    redis.resume().await;
+    gate.add_permits(1);
+    wait_for_recovery(&failover, 0).await;
+}
+
+async fn within<T>(work: impl Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, work)
+        .await
+        .expect("answered in time")
+}
+
 /// A key Redis keeps refusing (a wrong type, a script error, its cluster
 /// node down while the breaker stays closed) holds back its own later
 /// changes only: every other key is written, in order.

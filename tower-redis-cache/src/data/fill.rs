@@ -173,8 +173,13 @@ impl<C: Codec> DataCache<C> {
             },
             tier,
         );
+        // A read that fell back while the breaker lets calls through:
+        // Redis failed this call, which has waited for it as long as a
+        // call may. The fill asks Redis for no lock, and its value is
+        // returned before it is stored.
+        let waited = tier == Tier::Degraded && self.inner.store.redis_is_available();
         Ok(Next::Make(Box::pin(self.make(
-            key, url_hash, options, factory, started, seen, stale,
+            key, url_hash, options, factory, started, seen, stale, waited,
         ))))
     }
 
@@ -190,6 +195,7 @@ impl<C: Codec> DataCache<C> {
         started: Instant,
         seen: Option<u64>,
         stale: Option<(Stored, T)>,
+        waited: bool,
     ) -> Result<T, DataError<E>>
     where
         T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
@@ -201,7 +207,7 @@ impl<C: Codec> DataCache<C> {
         let url = value::url(key)?;
         // Pinned in place: `make` is boxed already (by `hit_or_make`).
         let mut work =
-            std::pin::pin!(self.fill(url_hash, url, options, factory, seen, stale_entry));
+            std::pin::pin!(self.fill(url_hash, url, options, factory, seen, stale_entry, waited));
         let soft = options.soft_timeout.filter(|_| stale.is_some());
         let timeout = match (soft, options.hard_timeout) {
             (Some(soft), Some(hard)) => Some(soft.min(hard)),
@@ -237,6 +243,10 @@ impl<C: Codec> DataCache<C> {
     /// the fill lock (or waits for another instance's value) and runs the
     /// factory. `seen`: the stored time of an expired value found, which
     /// the lock compares with (a newer one means it was refreshed).
+    /// `waited`: the read fell back while the breaker let calls through
+    /// (Redis failed this call): no lock is asked for, and the value is
+    /// returned before it is stored.
+    #[allow(clippy::too_many_arguments)]
     async fn fill<T, E, F, Fut>(
         &self,
         url_hash: String,
@@ -245,6 +255,7 @@ impl<C: Codec> DataCache<C> {
         factory: F,
         seen: Option<u64>,
         stale: Option<Stored>,
+        waited: bool,
     ) -> Result<T, Fail<E>>
     where
         T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
@@ -271,6 +282,7 @@ impl<C: Codec> DataCache<C> {
                         Err(_) => break (None, None),
                     }
                 }
+                Joined::Leader(guard) if waited => break (Some(guard), None),
                 Joined::Leader(guard) => match self.lead(&url_hash, seen, deadline).await {
                     Led::Found(entry, value) => {
                         guard.complete(Some(Arc::new(entry)));
@@ -293,6 +305,7 @@ impl<C: Codec> DataCache<C> {
                 lock,
                 stale,
                 Some(sender),
+                waited,
             )
             .await;
         };
@@ -333,10 +346,16 @@ impl<C: Codec> DataCache<C> {
                     poll = (poll * 2).min(Duration::from_millis(250));
                 }
             }
-            if let (Some((stored, value)), _) = self.read::<T>("", url_hash, false, None).await
+            let (found, tier) = self.read::<T>("", url_hash, false, None).await;
+            if let Some((stored, value)) = found
                 && stored.is_fresh(clock::now_ms())
             {
                 return Led::Found(stored.entry, value);
+            }
+            if tier == Tier::Degraded {
+                // Redis failed this call (or the breaker opened): it asks
+                // Redis for the lock no more.
+                return Led::Lock(None);
             }
             if Instant::now() >= deadline {
                 return Led::Lock(None);
@@ -390,6 +409,7 @@ impl<C: Codec> DataCache<C> {
                 lock,
                 None,
                 None,
+                false,
             )
             .await;
         };
@@ -398,7 +418,9 @@ impl<C: Codec> DataCache<C> {
 
     /// Runs the factory and stores its value (releasing the lock in the
     /// same write), or on failure re-stores the expired value for the
-    /// fail-safe throttle; tells the flight and the caller.
+    /// fail-safe throttle; tells the flight and the caller: after the
+    /// write, or before it when `answer_first` (Redis failed the call, which
+    /// has waited for it as long as a call may).
     #[allow(clippy::too_many_arguments)]
     async fn complete<T, E, F, Fut>(
         self,
@@ -409,7 +431,8 @@ impl<C: Codec> DataCache<C> {
         guard: Option<FlightGuard>,
         lock: Option<LockToken>,
         stale: Option<Stored>,
-        caller: Option<oneshot::Sender<Result<T, E>>>,
+        mut caller: Option<oneshot::Sender<Result<T, E>>>,
+        answer_first: bool,
     ) where
         T: Serialize + Send + 'static,
         E: Send + 'static,
@@ -426,17 +449,25 @@ impl<C: Codec> DataCache<C> {
         match outcome {
             Ok(Ok(value)) => {
                 let encoded = self.inner.codec.encode(&value);
+                let mut value = Some(value);
+                if answer_first && let (Some(caller), Some(value)) = (caller.take(), value.take()) {
+                    let _ = caller.send(Ok(value));
+                }
                 let shared = self
                     .store_value(&url_hash, &url, encoded, &options, lock, asked)
                     .await;
                 if let Some(guard) = guard {
                     guard.complete(shared);
                 }
-                if let Some(caller) = caller {
+                if let (Some(caller), Some(value)) = (caller, value) {
                     let _ = caller.send(Ok(value));
                 }
             }
             Ok(Err(error)) => {
+                let mut error = Some(error);
+                if answer_first && let (Some(caller), Some(error)) = (caller.take(), error.take()) {
+                    let _ = caller.send(Err(error));
+                }
                 match stale {
                     Some(stale) => {
                         let throttle = clock::duration_ms(options.fail_safe_throttle);
@@ -458,7 +489,7 @@ impl<C: Codec> DataCache<C> {
                 if let Some(guard) = guard {
                     guard.fail(None);
                 }
-                if let Some(caller) = caller {
+                if let (Some(caller), Some(error)) = (caller, error) {
                     let _ = caller.send(Err(error));
                 }
             }

@@ -528,10 +528,15 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
     /// goes on (the write in progress is cancel-safe: what it did not
     /// finish stays queued).
     ///
-    /// False when that timeout passed with nothing written: Redis does not
-    /// answer (it hangs, and the breaker has not opened yet). The caller
+    /// False when that timeout passed with nothing written while Redis
+    /// answers nothing: no operation has succeeded since the last one
+    /// failed (it hangs, and the breaker has not opened yet). The caller
     /// has then waited for Redis as long as a request may, and should not
-    /// ask it again: [`run_caught_up`](Self::run_caught_up) does not.
+    /// ask it again: [`run_caught_up`](Self::run_caught_up) does not, and
+    /// answers from the memory side. That wait counts as a timeout toward
+    /// the breaker, as the request's own operation would have. A long
+    /// queue that a healthy Redis is still writing is true: the caller
+    /// goes on to Redis.
     ///
     /// The write is boxed: while healthy this future is a few words, so a
     /// caller on a hot path can await it inline.
@@ -558,11 +563,22 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
                 true
             }
             // A failure that came at once (a change Redis refused, the
-            // breaker open), or a long queue that Redis is writing: it
-            // answers. A whole timeout with nothing written: it does not.
+            // breaker open), or a queue that Redis is writing: it answers.
+            _ if started.elapsed() < within
+                || self.shared.replayed.load(Ordering::Acquire) != replayed =>
+            {
+                true
+            }
+            // A whole timeout with nothing written: Redis answers if any
+            // operation has succeeded since the last failure (a long batch,
+            // a purge paging through a large index, is under way).
             _ => {
-                started.elapsed() < within
-                    || self.shared.replayed.load(Ordering::Acquire) != replayed
+                let manager = &self.shared.manager;
+                if manager.health().consecutive_failures == 0 || !manager.is_available() {
+                    return true;
+                }
+                let _ = manager.record_timeout();
+                false
             }
         }
     }
