@@ -88,6 +88,10 @@ struct State {
     /// The store's end mark when the request began: what it asks whether
     /// its session ended since (a concurrent login or logout).
     ends_mark: EndMark,
+    /// Redis failed this request (its load or delete fell back): its
+    /// writes are queued without asking Redis again, so that the request
+    /// waits for Redis at most one command timeout.
+    waited: bool,
 }
 
 impl State {
@@ -144,6 +148,7 @@ impl Session {
                     delete: None,
                     size: None,
                     ends_mark: store.end_mark(),
+                    waited: false,
                 }),
                 store,
                 max_bytes,
@@ -166,7 +171,12 @@ impl Session {
                 // the allocator's per-thread cache takes.
                 let record = match self.inner.store.load_now(&storage_key) {
                     Ok(record) => Some(record),
-                    Err(later) => Box::pin(self.inner.store.load_later(&storage_key, later)).await,
+                    Err(later) => {
+                        let loaded =
+                            Box::pin(self.inner.store.load_later(&storage_key, later)).await;
+                        state.waited = loaded.waited;
+                        loaded.record
+                    }
                 };
                 if let Some(record) = record {
                     state.id = Some(cookie_id);
@@ -709,7 +719,12 @@ impl Session {
         // on every request, reads included) several KiB larger.
         let deleted = state.delete.take();
         if let Some((id, user)) = &deleted {
-            Box::pin(self.inner.store.delete(&id.storage_key(), user.as_deref())).await;
+            let storage_key = id.storage_key();
+            let delete = self
+                .inner
+                .store
+                .delete(&storage_key, user.as_deref(), state.waited);
+            state.waited |= Box::pin(delete).await;
         }
         match state.phase {
             Phase::Untouched => None,
@@ -815,6 +830,7 @@ impl Session {
                 Some(now_ms()),
                 &state.changes,
                 None,
+                state.waited,
             ))
             .await
             {
@@ -834,6 +850,7 @@ impl Session {
                 &merged,
                 &state.changes,
                 state.record.user.as_deref(),
+                state.waited,
             ))
             .await
             {
@@ -858,6 +875,7 @@ impl Session {
             None,
             &state.changes,
             previous_user.as_deref(),
+            state.waited,
         ))
         .await
         {

@@ -1467,3 +1467,80 @@ async fn sessions_created_during_an_outage_stay_readable_while_they_are_replayed
         wrong.first()
     );
 }
+
+/// While Redis hangs and the breaker has not opened yet, "log out
+/// everywhere" reports Redis unavailable after one command timeout: the
+/// time of the revocation could not be recorded, so the index is not read
+/// (a second timeout).
+#[tokio::test]
+async fn revoke_user_while_redis_hangs_fails_after_one_command_timeout() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let redis = TestRedis::start().await;
+    let config = redis
+        .config()
+        .command_timeout(TIMEOUT)
+        .failure_threshold(50)
+        .build()
+        .expect("config");
+    let layer = SessionLayer::builder(manager_for(config).await)
+        .build()
+        .expect("session layer");
+    let store = layer.store().clone();
+    let app = routes().layer(layer);
+    send(&app, "POST", "/login/bob", None).await;
+    redis.pause().await;
+    let started = tokio::time::Instant::now();
+    let revoked = within("the revocation", store.revoke_user("bob")).await;
+    let waited = started.elapsed();
+    redis.resume().await;
+    assert!(revoked.is_err(), "{revoked:?}");
+    assert!(
+        waited < TIMEOUT * 3 / 2,
+        "the revocation waited {waited:?} for a {TIMEOUT:?} command timeout"
+    );
+}
+
+/// While Redis hangs and the breaker has not opened yet, a request that
+/// reads its session (the read times out, and falls back to this
+/// instance's copy) and then changes it, logs in again or logs out, waits
+/// for Redis one command timeout: its write is queued without asking Redis
+/// again (a second timeout).
+#[tokio::test]
+async fn while_redis_hangs_a_request_that_reads_then_writes_waits_one_command_timeout() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let redis = TestRedis::start().await;
+    let config = redis
+        .config()
+        .command_timeout(TIMEOUT)
+        .failure_threshold(50)
+        .build()
+        .expect("config");
+    // No tracked copies: each read goes to Redis.
+    let layer = SessionLayer::builder(manager_for(config).await)
+        .tracked_capacity_bytes(0)
+        .build()
+        .expect("session layer");
+    let app = routes().layer(layer);
+    // A session of its own for each request: none has a change queued
+    // (which its request's write would join without asking Redis).
+    let mut cookies = Vec::new();
+    for _ in 0..3 {
+        let (_, _, set_cookie, _) = send(&app, "POST", "/login/bob", None).await;
+        cookies.push(cookie_pair(&set_cookie.expect("a session after login")));
+    }
+    redis.pause().await;
+    for (path, cookie) in ["/set/a/1", "/login/bob", "/logout"]
+        .into_iter()
+        .zip(&cookies)
+    {
+        let started = tokio::time::Instant::now();
+        let (status, body, _, _) = within(path, send(&app, "POST", path, Some(cookie))).await;
+        let waited = started.elapsed();
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(
+            waited < TIMEOUT * 3 / 2,
+            "{path} waited {waited:?} for a {TIMEOUT:?} command timeout"
+        );
+    }
+    redis.resume().await;
+}

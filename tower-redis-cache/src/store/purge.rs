@@ -274,9 +274,18 @@ impl RedisStore {
         if !replay && matches!(target, Target::Tag(_) | Target::All) {
             let mut mark = PURGE_MARK.key(&indexed.index);
             mark.arg(self.tombstone_ttl_ms());
-            if let Err(error) = self.manager.invoke_script::<i64>(&mark).await {
-                // The purge goes on: what it finds it removes all the same.
-                tracing::warn!(target: "tower_redis_cache", %error, "a purge could not leave its mark in its index: a fill under way of a URL with nothing stored may store after it");
+            match self.manager.invoke_script::<i64>(&mark).await {
+                Ok(_) => {}
+                // Redis refused the mark (out of memory, no scripts): the
+                // purge goes on, and what it finds it removes all the same.
+                Err(error) if error.is_command_error() => {
+                    tracing::warn!(target: "tower_redis_cache", %error, "a purge could not leave its mark in its index: a fill under way of a URL with nothing stored may store after it");
+                }
+                // Redis did not answer (or the breaker is open): its pages
+                // would not be answered either, and the caller would wait a
+                // second command timeout for them. The purge is left to
+                // the caller's failure path (a deferred purge).
+                Err(error) => return Err(error),
             }
         }
         let count = self.purge_pages(&indexed, soft_at, removed, replay).await?;

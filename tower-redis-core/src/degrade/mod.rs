@@ -602,13 +602,18 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
         GFut: Future<Output = T>,
     {
         use futures_util::future::Either;
-        let waited = self.shared.manager.command_timeout();
+        let manager = &self.shared.manager;
         self.run(
             move |redis| {
                 if caught_up {
                     Either::Left(redis_op(redis))
+                } else if manager.is_available() {
+                    Either::Right(std::future::ready(Err(Error::Timeout(
+                        manager.command_timeout(),
+                    ))))
                 } else {
-                    Either::Right(std::future::ready(Err(Error::Timeout(waited))))
+                    // Opened meanwhile: no call would be made anyway.
+                    Either::Right(std::future::ready(Err(Error::BreakerOpen)))
                 }
             },
             memory_op,

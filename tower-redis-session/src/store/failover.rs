@@ -139,7 +139,7 @@ impl Failover {
     pub(crate) async fn load(&self, storage_key: &str) -> Option<Record> {
         match self.load_now(storage_key) {
             Ok(record) => Some(record),
-            Err(later) => self.load_later(storage_key, later).await,
+            Err(later) => self.load_later(storage_key, later).await.record,
         }
     }
 
@@ -208,14 +208,17 @@ impl Failover {
         &self,
         storage_key: &str,
         later: Later,
-    ) -> impl Future<Output = Option<Record>> + Send {
+    ) -> impl Future<Output = Loaded> + Send {
         use futures_util::future::Either;
         match later {
             // Changes from an outage are still on their way to Redis: this
             // instance's copy is the newer one.
             // Boxed: this rare path's state is not part of every load's.
             Later::Queued => Either::Left(Box::pin(async move {
-                local(self.local().load(storage_key, false).await)
+                Loaded {
+                    record: local(self.local().load(storage_key, false).await),
+                    waited: false,
+                }
             })),
             Later::Read {
                 copy,
@@ -241,7 +244,7 @@ impl Failover {
         copy: Option<Arc<LocalCopy>>,
         (started_ms, mark): (u64, EndMark),
         touch: bool,
-    ) -> impl Future<Output = Option<Record>> + Send {
+    ) -> impl Future<Output = Loaded> + Send {
         // Before a copy is made: it must hear of its session's end.
         self.ended.ensure_started();
         async move {
@@ -276,11 +279,14 @@ impl Failover {
                     mark,
                 );
             }
-            served.value
+            Loaded {
+                waited: served.is_fallback(),
+                record: served.value,
+            }
         }
     }
 
-    pub(crate) async fn save(&self, write: &Write<'_>) -> Saved {
+    pub(crate) async fn save(&self, write: &Write<'_>, waited: bool) -> Saved {
         self.ended.ensure_started();
         let storage_key = write.storage_key;
         let (value, queue) = if self.pair.is_pending(storage_key) {
@@ -289,7 +295,11 @@ impl Failover {
         } else {
             let served = self
                 .pair
-                .run(|redis| redis.save(write), |_, _| async { Saved::Written })
+                .run_caught_up(
+                    !waited,
+                    |redis| redis.save(write),
+                    |_, _| async { Saved::Written },
+                )
                 .await;
             let queue = served.is_fallback();
             (served.value, queue)
@@ -313,7 +323,7 @@ impl Failover {
         value
     }
 
-    pub(crate) async fn take(&self, take: &Take<'_>) -> Saved {
+    pub(crate) async fn take(&self, take: &Take<'_>, waited: bool) -> Saved {
         self.ended.ensure_started();
         let (value, queue) = if self.pair.is_pending(take.old_storage_key) {
             // Behind the session's earlier changes: see the module docs.
@@ -321,7 +331,11 @@ impl Failover {
         } else {
             let served = self
                 .pair
-                .run(|redis| redis.take(take), |_, _| async { Saved::Written })
+                .run_caught_up(
+                    !waited,
+                    |redis| redis.take(take),
+                    |_, _| async { Saved::Written },
+                )
                 .await;
             let queue = served.is_fallback();
             (served.value, queue)
@@ -356,12 +370,16 @@ impl Failover {
         value
     }
 
-    pub(crate) async fn delete(&self, storage_key: &str, user: Option<&str>) {
+    pub(crate) async fn delete(&self, storage_key: &str, user: Option<&str>, waited: bool) -> bool {
         // Behind the session's earlier changes: see the module docs.
         let queue = self.pair.is_pending(storage_key)
             || self
                 .pair
-                .run(|redis| redis.delete(storage_key, user), |_, _| async {})
+                .run_caught_up(
+                    !waited,
+                    |redis| redis.delete(storage_key, user),
+                    |_, _| async {},
+                )
                 .await
                 .is_fallback();
         if queue {
@@ -369,6 +387,7 @@ impl Failover {
             debug_assert!(queued.is_ok(), "a deletion is never refused");
         }
         local(self.local().delete(storage_key, user).await);
+        queue
     }
 
     /// Pins the copy of a session whose change was just queued, unless the
@@ -412,6 +431,15 @@ fn refused(full: QueueFull, create: bool) {
         }
     );
     record::counter("tower_redis_session_refused_total", &[], 1);
+}
+
+/// A session read from Redis (or in process), and whether Redis failed the
+/// read (it fell back): Redis has then cost the request its wait already,
+/// and the request's writes are queued without asking it again (a request
+/// waits for Redis at most one command timeout).
+pub(crate) struct Loaded {
+    pub(crate) record: Option<Record>,
+    pub(crate) waited: bool,
 }
 
 /// What a load goes on with when [`Failover::load_now`] could not answer.

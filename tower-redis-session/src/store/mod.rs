@@ -37,6 +37,7 @@ use tower_redis_core::RedisManager;
 use crate::config::Expiry;
 pub(crate) use ends::{EndMark, Known};
 use failover::Failover;
+pub(crate) use failover::Loaded;
 
 /// A session's stored content.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,7 +331,7 @@ impl SessionStore {
     pub(crate) async fn load(&self, storage_key: &str) -> Option<Record> {
         match self.load_now(storage_key) {
             Ok(record) => Some(record),
-            Err(later) => self.load_later(storage_key, later).await,
+            Err(later) => self.load_later(storage_key, later).await.record,
         }
     }
 
@@ -359,22 +360,25 @@ impl SessionStore {
         &self,
         storage_key: &str,
         later: failover::Later,
-    ) -> impl Future<Output = Option<Record>> + Send {
+    ) -> impl Future<Output = Loaded> + Send {
         async move {
-            let record = self.inner.load_later(storage_key, later).await;
-            counted_load(record.is_some());
-            record
+            let loaded = self.inner.load_later(storage_key, later).await;
+            counted_load(loaded.record.is_some());
+            loaded
         }
     }
 
     /// One round trip: the changes, entry by entry (plus the user index).
-    /// `previous_user` is the session's user before the changes.
+    /// `previous_user` is the session's user before the changes. `waited`:
+    /// Redis already failed this request (see [`Loaded::waited`]), so the
+    /// changes are queued without asking it again.
     pub(crate) async fn save(
         &self,
         storage_key: &str,
         create: Option<u64>,
         changes: &Changes,
         previous_user: Option<&str>,
+        waited: bool,
     ) -> Saved {
         let write = Write {
             storage_key,
@@ -383,7 +387,7 @@ impl SessionStore {
             previous_user,
             at_ms: None,
         };
-        let saved = self.inner.save(&write).await;
+        let saved = self.inner.save(&write, waited).await;
         record_save(if create.is_some() { "created" } else { "saved" }, saved);
         saved
     }
@@ -392,7 +396,8 @@ impl SessionStore {
     /// atomically) first, so a session destroyed or revoked meanwhile is
     /// never recreated; then the record, with this request's changes, is
     /// written under the new key. Two round trips. `previous_user` is the
-    /// session's user before the changes.
+    /// session's user before the changes; `waited` as for
+    /// [`save`](Self::save).
     pub(crate) async fn cycle(
         &self,
         old_storage_key: &str,
@@ -400,6 +405,7 @@ impl SessionStore {
         merged: &Record,
         changes: &Changes,
         previous_user: Option<&str>,
+        waited: bool,
     ) -> Saved {
         let take = Take {
             old_storage_key,
@@ -408,20 +414,22 @@ impl SessionStore {
             changes,
             previous_user,
         };
-        let saved = self.inner.take(&take).await;
+        let saved = self.inner.take(&take, waited).await;
         record_save("cycled", saved);
         saved
     }
 
-    /// Deletes a session (and its entry in the user index).
-    pub(crate) async fn delete(&self, storage_key: &str, user: Option<&str>) {
-        self.inner.delete(storage_key, user).await;
+    /// Deletes a session (and its entry in the user index); `waited` as for
+    /// [`save`](Self::save). True when Redis failed it (it is queued).
+    pub(crate) async fn delete(&self, storage_key: &str, user: Option<&str>, waited: bool) -> bool {
+        let failed = self.inner.delete(storage_key, user, waited).await;
         tower_redis_core::record::counter(
             "tower_redis_session_saves_total",
             &[("kind", "deleted"), ("result", "written")],
             1,
         );
         record_on_span("saved", "deleted");
+        failed
     }
 
     /// The live sessions of a user.

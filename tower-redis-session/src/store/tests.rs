@@ -102,21 +102,21 @@ async fn a_tracked_session_is_loaded_without_waiting() {
     );
     assert_eq!(
         store
-            .save(&key(1), Some(now_ms()), &set("a", "1"), None)
+            .save(&key(1), Some(now_ms()), &set("a", "1"), None, false)
             .await,
         Saved::Written
     );
     let Err(later) = store.load_now(&key(1)) else {
         panic!("a session this instance has not read is not tracked");
     };
-    let record = store.load_later(&key(1), later).await;
+    let record = store.load_later(&key(1), later).await.record;
     assert_eq!(field(record, "a").as_deref(), Some("1"));
     for _ in 0..3 {
         let record = store.load_now(&key(1)).ok();
         assert_eq!(field(record, "a").as_deref(), Some("1"), "tracked");
     }
     assert_eq!(
-        store.save(&key(1), None, &set("a", "2"), None).await,
+        store.save(&key(1), None, &set("a", "2"), None, false).await,
         Saved::Written
     );
     let Ok(record) = store.load_now(&key(1)) else {
@@ -126,13 +126,13 @@ async fn a_tracked_session_is_loaded_without_waiting() {
     let mut login = set("a", "3");
     login.user = Some("ada".to_owned());
     assert_eq!(
-        store.save(&key(1), None, &login, None).await,
+        store.save(&key(1), None, &login, None, false).await,
         Saved::Written
     );
     let Err(later) = store.load_now(&key(1)) else {
         panic!("a session this instance logged in is read from Redis again");
     };
-    let record = store.load_later(&key(1), later).await;
+    let record = store.load_later(&key(1), later).await.record;
     assert_eq!(field(record, "a").as_deref(), Some("3"));
 }
 
@@ -165,7 +165,8 @@ async fn a_read_that_caps_the_ttl_drops_the_copy_it_had() {
     let (a, b) = (&stores[0], &stores[1]);
     clock::pause();
     assert_eq!(
-        a.save(&key(1), Some(now_ms()), &set("k", "0"), None).await,
+        a.save(&key(1), Some(now_ms()), &set("k", "0"), None, false)
+            .await,
         Saved::Written
     );
     clock::advance(Duration::from_millis(1));
@@ -180,7 +181,7 @@ async fn a_read_that_caps_the_ttl_drops_the_copy_it_had() {
     assert_eq!(field(b.load(&key(1)).await, "k").as_deref(), Some("0"));
     // A changes it; B, synced, reads the change.
     assert_eq!(
-        a.save(&key(1), None, &set("k", "1"), None).await,
+        a.save(&key(1), None, &set("k", "1"), None, false).await,
         Saved::Written
     );
     b.sync().await.expect("sync");
@@ -202,7 +203,7 @@ async fn sessions_created_during_an_outage_are_kept_even_after_a_warm_up() {
     // About 150 copies fill the bound: popular sessions, read often.
     for n in 0..150 {
         store
-            .save(&key(n), Some(now_ms()), &set("cart", &value), None)
+            .save(&key(n), Some(now_ms()), &set("cart", &value), None, false)
             .await;
     }
     for _ in 0..20 {
@@ -213,7 +214,7 @@ async fn sessions_created_during_an_outage_are_kept_even_after_a_warm_up() {
     // New visitors, fewer than the bound holds.
     for n in 1000..1100 {
         let saved = store
-            .save(&key(n), Some(now_ms()), &set("cart", &value), None)
+            .save(&key(n), Some(now_ms()), &set("cart", &value), None, false)
             .await;
         assert_eq!(saved, Saved::Written, "new {n}");
     }
@@ -247,7 +248,7 @@ async fn a_local_copy_ends_at_the_absolute_timeout() {
         1 << 20,
     );
     store
-        .save(&key(1), Some(now_ms()), &set("a", "1"), None)
+        .save(&key(1), Some(now_ms()), &set("a", "1"), None, false)
         .await;
     clock::advance(Duration::from_secs(3600 - 60));
     assert_eq!(field(store.load(&key(1)).await, "a").as_deref(), Some("1"));
@@ -396,12 +397,12 @@ async fn outage_writes_are_queued_and_served_locally() {
     let created = now_ms();
     assert_eq!(
         store
-            .save(&key(1), Some(created), &set("a", "1"), None)
+            .save(&key(1), Some(created), &set("a", "1"), None, false)
             .await,
         Saved::Written
     );
     assert_eq!(
-        store.save(&key(1), None, &set("b", "2"), None).await,
+        store.save(&key(1), None, &set("b", "2"), None, false).await,
         Saved::Written
     );
     let record = store.load(&key(1)).await;
@@ -412,7 +413,7 @@ async fn outage_writes_are_queued_and_served_locally() {
     let merged = record.expect("the session");
     assert_eq!(
         store
-            .cycle(&key(1), &key(2), &merged, &Changes::default(), None)
+            .cycle(&key(1), &key(2), &merged, &Changes::default(), None, false)
             .await,
         Saved::Written
     );
@@ -424,7 +425,7 @@ async fn outage_writes_are_queued_and_served_locally() {
     assert_eq!(store.local_usage().queued_changes, 4);
 
     // A deletion replaces the new session's queued creation.
-    store.delete(&key(2), None).await;
+    store.delete(&key(2), None, false).await;
     assert!(store.has_ended(&key(2)));
     assert_eq!(store.load(&key(2)).await, None);
     assert_eq!(store.local_usage().queued_changes, 4);
@@ -442,13 +443,13 @@ async fn a_full_queue_refuses_new_sessions_but_never_a_log_out() {
     let big = format!("\"{}\"", "x".repeat(1200));
     assert_eq!(
         store
-            .save(&key(1), Some(now_ms()), &set("a", &big), None)
+            .save(&key(1), Some(now_ms()), &set("a", &big), None, false)
             .await,
         Saved::Written
     );
     assert_eq!(
         store
-            .save(&key(2), Some(now_ms()), &set("a", &big), None)
+            .save(&key(2), Some(now_ms()), &set("a", &big), None, false)
             .await,
         Saved::Refused
     );
@@ -459,7 +460,7 @@ async fn a_full_queue_refuses_new_sessions_but_never_a_log_out() {
     );
     assert!(!store.has_ended(&key(2)));
     for n in 10..40 {
-        store.delete(&key(n), Some("someone")).await;
+        store.delete(&key(n), Some("someone"), false).await;
     }
     let usage = store.local_usage();
     assert_eq!(usage.queued_changes, 31, "every log out is queued");
@@ -478,9 +479,11 @@ async fn a_failed_replay_keeps_the_changes_queued() {
     // rather than merged into it.
     let mut first = set("a", "1");
     first.entries.insert("c".to_owned(), Some("1".to_owned()));
-    store.save(&key(1), Some(now_ms()), &first, None).await;
-    store.save(&key(1), None, &set("a", "2"), None).await;
-    store.delete(&key(3), None).await;
+    store
+        .save(&key(1), Some(now_ms()), &first, None, false)
+        .await;
+    store.save(&key(1), None, &set("a", "2"), None, false).await;
+    store.delete(&key(3), None, false).await;
     let before = store.local_usage();
     store.reconcile().await;
     let after = store.local_usage();
@@ -503,7 +506,7 @@ async fn a_cycle_that_does_not_fit_leaves_the_session_as_it_was() {
     let big = format!("\"{}\"", "x".repeat(1200));
     assert_eq!(
         store
-            .save(&key(1), Some(now_ms()), &set("a", &big), None)
+            .save(&key(1), Some(now_ms()), &set("a", &big), None, false)
             .await,
         Saved::Written
     );
@@ -512,7 +515,9 @@ async fn a_cycle_that_does_not_fit_leaves_the_session_as_it_was() {
     let more = set("b", &format!("\"{}\"", "y".repeat(700)));
     more.apply_to(&mut merged);
     assert_eq!(
-        store.cycle(&key(1), &key(2), &merged, &more, None).await,
+        store
+            .cycle(&key(1), &key(2), &merged, &more, None, false)
+            .await,
         Saved::Refused
     );
     assert_eq!(
@@ -574,7 +579,7 @@ async fn a_session_write_s_futures_fit_the_allocators_thread_cache() {
         },
     );
     let (changes, storage_key) = (set("a", "1"), key(1));
-    let save = store.save(&storage_key, None, &changes, None);
+    let save = store.save(&storage_key, None, &changes, None, false);
     let size = std::mem::size_of_val(&save);
     assert!(size <= 1032, "the store's save is {size} bytes");
     drop(save);

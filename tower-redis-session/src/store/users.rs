@@ -203,12 +203,18 @@ impl RedisStore {
                 Ok(())
             })
             .await;
-        if let Err(error) = marked {
-            tracing::warn!(
-                target: "tower_redis_session",
-                %error,
-                "the time of a \"log out everywhere\" could not be recorded: a login of that user queued during an outage may survive it"
-            );
+        match marked {
+            Ok(()) => {}
+            Err(error) if error.is_command_error() => {
+                tracing::warn!(
+                    target: "tower_redis_session",
+                    %error,
+                    "the time of a \"log out everywhere\" could not be recorded: a login of that user queued during an outage may survive it"
+                );
+            }
+            // Redis did not answer (or the breaker is open): the index
+            // would not be read either, after a second command timeout.
+            Err(error) => return Err(StoreError::Unavailable(error)),
         }
         let mut revoked = 0;
         let mut seen = HashSet::new();
