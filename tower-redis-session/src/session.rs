@@ -88,9 +88,10 @@ struct State {
     /// The store's end mark when the request began: what it asks whether
     /// its session ended since (a concurrent login or logout).
     ends_mark: EndMark,
-    /// Redis failed this request (its load or delete fell back): its
-    /// writes are queued without asking Redis again, so that the request
-    /// waits for Redis at most one command timeout.
+    /// Redis did not answer this request in time (its load or delete timed
+    /// out): its writes are queued without asking Redis again, unless an
+    /// operation has succeeded since, so that the request waits for Redis
+    /// at most one command timeout.
     waited: bool,
 }
 

@@ -1529,18 +1529,45 @@ async fn while_redis_hangs_a_request_that_reads_then_writes_waits_one_command_ti
         cookies.push(cookie_pair(&set_cookie.expect("a session after login")));
     }
     redis.pause().await;
+    let mut logged_in = None;
     for (path, cookie) in ["/set/a/1", "/login/bob", "/logout"]
         .into_iter()
         .zip(&cookies)
     {
         let started = tokio::time::Instant::now();
-        let (status, body, _, _) = within(path, send(&app, "POST", path, Some(cookie))).await;
+        let (status, body, set_cookie, _) =
+            within(path, send(&app, "POST", path, Some(cookie))).await;
         let waited = started.elapsed();
         assert_eq!(status, 200, "{path}: {body}");
         assert!(
             waited < TIMEOUT * 3 / 2,
             "{path} waited {waited:?} for a {TIMEOUT:?} command timeout"
         );
+        if path == "/login/bob" {
+            logged_in = Some(cookie_pair(&set_cookie.expect("the login's new id")));
+        }
     }
     redis.resume().await;
+    // The queued writes reach Redis: another instance sees them.
+    let other = default_app(&redis).await.0;
+    let logged_in = logged_in.expect("logged in");
+    let seen = [
+        ("/get/a", &cookies[0], "1"),
+        ("/get/user", &logged_in, "bob"),
+        ("/get/user", &cookies[2], "none"),
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for (path, cookie, expected) in seen {
+        loop {
+            let body = send(&other, "GET", path, Some(cookie)).await.1;
+            if body == expected {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{path} on another instance: {body}, not {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

@@ -276,16 +276,19 @@ impl RedisStore {
             mark.arg(self.tombstone_ttl_ms());
             match self.manager.invoke_script::<i64>(&mark).await {
                 Ok(_) => {}
-                // Redis refused the mark (out of memory, no scripts): the
-                // purge goes on, and what it finds it removes all the same.
-                Err(error) if error.is_command_error() => {
-                    tracing::warn!(target: "tower_redis_cache", %error, "a purge could not leave its mark in its index: a fill under way of a URL with nothing stored may store after it");
-                }
                 // Redis did not answer (or the breaker is open): its pages
                 // would not be answered either, and the caller would wait a
                 // second command timeout for them. The purge is left to
                 // the caller's failure path (a deferred purge).
-                Err(error) => return Err(error),
+                Err(
+                    error @ (tower_redis_core::Error::Timeout(_)
+                    | tower_redis_core::Error::BreakerOpen),
+                ) => return Err(error),
+                // Refused (out of memory, no scripts): the purge goes on,
+                // and what it finds it removes all the same.
+                Err(error) => {
+                    tracing::warn!(target: "tower_redis_cache", %error, "a purge could not leave its mark in its index: a fill under way of a URL with nothing stored may store after it");
+                }
             }
         }
         let count = self.purge_pages(&indexed, soft_at, removed, replay).await?;

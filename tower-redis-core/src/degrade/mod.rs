@@ -584,11 +584,12 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
     }
 
     /// [`run`](Self::run), for a caller that awaited
-    /// [`catch_up`](Self::catch_up) first: when that found Redis not
-    /// answering (`caught_up` is false), Redis is not asked again, and the
-    /// memory side answers at once, as after a timeout. A request then
-    /// waits for Redis at most one command timeout, the catch-up's or the
-    /// operation's, not both.
+    /// [`catch_up`](Self::catch_up) first, or whose earlier operation timed
+    /// out: when that found Redis not answering (`caught_up` is false), and
+    /// no operation has succeeded since the last failure, Redis is not
+    /// asked again, and the memory side answers at once, as after a
+    /// timeout. A request then waits for Redis at most one command timeout,
+    /// not two.
     pub fn run_caught_up<'a, T, F, Fut, G, GFut>(
         &'a self,
         caught_up: bool,
@@ -605,7 +606,9 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
         let manager = &self.shared.manager;
         self.run(
             move |redis| {
-                if caught_up {
+                if caught_up || manager.is_available() && manager.health().consecutive_failures == 0
+                {
+                    // Redis answered another operation since: it is asked.
                     Either::Left(redis_op(redis))
                 } else if manager.is_available() {
                     Either::Right(std::future::ready(Err(Error::Timeout(

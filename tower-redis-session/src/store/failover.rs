@@ -5,7 +5,10 @@
 //!   Every answer from Redis refreshes the copy, so a session read before
 //!   an outage stays readable through it.
 //! - A write goes to Redis; when Redis fails it is accepted, deferred to
-//!   core's outage queue (a [`Change`]), and applied to the local copy. A
+//!   core's outage queue (a [`Change`]), and applied to the local copy. So
+//!   is a write of a request whose read (or delete) of the session timed
+//!   out, while no operation has succeeded since: the request has waited
+//!   for Redis as long as it may. A
 //!   session with changes still queued is written behind them, through the
 //!   queue, even when Redis is back: sent directly, a change could find the
 //!   session not created yet and be lost, or a log out be undone by the
@@ -280,7 +283,8 @@ impl Failover {
                 );
             }
             Loaded {
-                waited: served.is_fallback(),
+                // A wait, not a refusal or a breaker open (no wait).
+                waited: served.source == Source::Fallback(FallbackReason::Timeout),
                 record: served.value,
             }
         }
@@ -372,22 +376,28 @@ impl Failover {
 
     pub(crate) async fn delete(&self, storage_key: &str, user: Option<&str>, waited: bool) -> bool {
         // Behind the session's earlier changes: see the module docs.
-        let queue = self.pair.is_pending(storage_key)
-            || self
+        let (queue, timed_out) = if self.pair.is_pending(storage_key) {
+            (true, false)
+        } else {
+            let served = self
                 .pair
                 .run_caught_up(
                     !waited,
                     |redis| redis.delete(storage_key, user),
                     |_, _| async {},
                 )
-                .await
-                .is_fallback();
+                .await;
+            (
+                served.is_fallback(),
+                served.source == Source::Fallback(FallbackReason::Timeout),
+            )
+        };
         if queue {
             let queued = self.pair.defer(Change::delete(storage_key, user));
             debug_assert!(queued.is_ok(), "a deletion is never refused");
         }
         local(self.local().delete(storage_key, user).await);
-        queue
+        timed_out
     }
 
     /// Pins the copy of a session whose change was just queued, unless the

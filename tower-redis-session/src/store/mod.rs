@@ -420,7 +420,8 @@ impl SessionStore {
     }
 
     /// Deletes a session (and its entry in the user index); `waited` as for
-    /// [`save`](Self::save). True when Redis failed it (it is queued).
+    /// [`save`](Self::save). True when Redis did not answer it in time (it
+    /// is queued, and the request has waited for Redis).
     pub(crate) async fn delete(&self, storage_key: &str, user: Option<&str>, waited: bool) -> bool {
         let failed = self.inner.delete(storage_key, user, waited).await;
         tower_redis_core::record::counter(

@@ -148,6 +148,11 @@ impl RedisStore {
     /// wrote, within the same operation (one more round trip). Fewer
     /// confirmations than asked is logged, not an error: the write is on
     /// the primary.
+    /// Whether logins and logouts wait for replicas (`Durability`).
+    pub(crate) fn waits_for_replicas(&self) -> bool {
+        matches!(self.durability, Durability::Replicated { .. })
+    }
+
     pub(crate) async fn replicate(
         &self,
         conn: &mut RedisConnection,

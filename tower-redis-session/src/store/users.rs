@@ -205,16 +205,23 @@ impl RedisStore {
             .await;
         match marked {
             Ok(()) => {}
-            Err(error) if error.is_command_error() => {
+            // Redis did not answer (or the breaker is open): the index
+            // would not be read either, after a second command timeout.
+            // (With replicas to wait for, the mark's call includes their
+            // wait, and a timeout may be theirs: the revocation goes on.)
+            Err(
+                error
+                @ (tower_redis_core::Error::Timeout(_) | tower_redis_core::Error::BreakerOpen),
+            ) if !self.waits_for_replicas() => {
+                return Err(StoreError::Unavailable(error));
+            }
+            Err(error) => {
                 tracing::warn!(
                     target: "tower_redis_session",
                     %error,
                     "the time of a \"log out everywhere\" could not be recorded: a login of that user queued during an outage may survive it"
                 );
             }
-            // Redis did not answer (or the breaker is open): the index
-            // would not be read either, after a second command timeout.
-            Err(error) => return Err(StoreError::Unavailable(error)),
         }
         let mut revoked = 0;
         let mut seen = HashSet::new();
