@@ -1468,21 +1468,29 @@ async fn sessions_created_during_an_outage_stay_readable_while_they_are_replayed
     );
 }
 
-/// While Redis hangs and the breaker has not opened yet, "log out
-/// everywhere" reports Redis unavailable after one command timeout: the
-/// time of the revocation could not be recorded, so the index is not read
-/// (a second timeout).
-#[tokio::test]
-async fn revoke_user_while_redis_hangs_fails_after_one_command_timeout() {
-    const TIMEOUT: Duration = Duration::from_secs(1);
-    let redis = TestRedis::start().await;
+/// The command timeout of the tests where Redis hangs.
+const TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A manager on `redis` with a [`TIMEOUT`] command timeout, and a breaker
+/// that stays closed while Redis hangs: each call sent is one more wait.
+async fn hanging_manager(redis: &TestRedis) -> RedisManager {
     let config = redis
         .config()
         .command_timeout(TIMEOUT)
         .failure_threshold(50)
         .build()
         .expect("config");
-    let layer = SessionLayer::builder(manager_for(config).await)
+    manager_for(config).await
+}
+
+/// While Redis hangs and the breaker has not opened yet, "log out
+/// everywhere" reports Redis unavailable after one command timeout: the
+/// time of the revocation could not be recorded, so the index is not read
+/// (a second timeout).
+#[tokio::test]
+async fn revoke_user_while_redis_hangs_fails_after_one_command_timeout() {
+    let redis = TestRedis::start().await;
+    let layer = SessionLayer::builder(hanging_manager(&redis).await)
         .build()
         .expect("session layer");
     let store = layer.store().clone();
@@ -1507,16 +1515,9 @@ async fn revoke_user_while_redis_hangs_fails_after_one_command_timeout() {
 /// again (a second timeout).
 #[tokio::test]
 async fn while_redis_hangs_a_request_that_reads_then_writes_waits_one_command_timeout() {
-    const TIMEOUT: Duration = Duration::from_secs(1);
     let redis = TestRedis::start().await;
-    let config = redis
-        .config()
-        .command_timeout(TIMEOUT)
-        .failure_threshold(50)
-        .build()
-        .expect("config");
     // No tracked copies: each read goes to Redis.
-    let layer = SessionLayer::builder(manager_for(config).await)
+    let layer = SessionLayer::builder(hanging_manager(&redis).await)
         .tracked_capacity_bytes(0)
         .build()
         .expect("session layer");
