@@ -147,6 +147,11 @@ impl Breaker {
         }
     }
 
+    /// Failures since the last success (or the last close).
+    pub(crate) fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Acquire)
+    }
+
     pub(crate) fn on_success(&self) {
         if self.consecutive_failures.load(Ordering::Acquire) != 0
             && self.state() == BreakerState::Closed

@@ -66,6 +66,13 @@ impl Error {
         matches!(self, Error::Redis(e) if !counts_against_breaker(e))
     }
 
+    /// True when Redis did not answer in time, or was not asked because it
+    /// has been failing (breaker open): a next command would most likely
+    /// cost the caller the same wait, or fail at once.
+    pub fn is_unanswered(&self) -> bool {
+        matches!(self, Error::Timeout(_) | Error::BreakerOpen)
+    }
+
     /// Whether Redis may have run the command although the caller got this
     /// error: it may have been sent and never answered (a timeout, a
     /// connection lost mid-command). False when nothing was sent (breaker

@@ -215,6 +215,13 @@ impl RedisManager {
         self.inner.breaker.allows_requests()
     }
 
+    /// Whether the last operation to end failed, none having succeeded
+    /// since: Redis may hang while the breaker is still closed, and a
+    /// request it already failed should not wait for it again.
+    pub(crate) fn is_failing(&self) -> bool {
+        self.inner.breaker.consecutive_failures() > 0
+    }
+
     /// A subscription to breaker transitions, for layers that must react
     /// (drop local entries, reconcile writes) when Redis comes back.
     ///

@@ -177,7 +177,7 @@ impl<C: Codec> DataCache<C> {
         // Redis failed this call, which has waited for it as long as a
         // call may. The fill asks Redis for no lock, and its value is
         // returned before it is stored.
-        let waited = tier == Tier::Degraded && self.inner.store.redis_is_available();
+        let waited = self.inner.store.waited_in_vain(tier);
         Ok(Next::Make(Box::pin(self.make(
             key, url_hash, options, factory, started, seen, stale, waited,
         ))))

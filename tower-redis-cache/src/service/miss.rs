@@ -202,7 +202,7 @@ where
         tier: Tier,
     ) -> std::pin::Pin<Box<dyn Future<Output = Answer<ResBody, S::Error>> + Send>> {
         let deadline = Instant::now() + max_wait;
-        let waited = tier == Tier::Degraded && self.ctx.config.store.redis_is_available();
+        let waited = self.ctx.config.store.waited_in_vain(tier);
         match self.ctx.join_flight(&self.ctx.keyed.flight_key()) {
             None => Box::pin(self.forward_and_store(status, Fill::none())),
             Some(Joined::Follower(flight)) => {

@@ -479,9 +479,12 @@ impl CacheStore {
         self
     }
 
-    /// Whether the breaker lets calls to Redis through.
-    pub(crate) fn redis_is_available(&self) -> bool {
-        self.redis().manager.is_available()
+    /// Whether a read served from `tier` fell back while the breaker still
+    /// lets calls through: Redis failed the request (a timeout, as a rule),
+    /// which has waited for it as long as a request may, and asks it for no
+    /// fill lock or second read.
+    pub(crate) fn waited_in_vain(&self, tier: Tier) -> bool {
+        tier == Tier::Degraded && self.redis().manager.is_available()
     }
 
     fn redis(&self) -> &RedisStore {

@@ -280,10 +280,7 @@ impl RedisStore {
                 // would not be answered either, and the caller would wait a
                 // second command timeout for them. The purge is left to
                 // the caller's failure path (a deferred purge).
-                Err(
-                    error @ (tower_redis_core::Error::Timeout(_)
-                    | tower_redis_core::Error::BreakerOpen),
-                ) => return Err(error),
+                Err(error) if error.is_unanswered() => return Err(error),
                 // Refused (out of memory, no scripts): the purge goes on,
                 // and what it finds it removes all the same.
                 Err(error) => {

@@ -574,7 +574,7 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
             // a purge paging through a large index, is under way).
             _ => {
                 let manager = &self.shared.manager;
-                if manager.health().consecutive_failures == 0 || !manager.is_available() {
+                if !manager.is_failing() || !manager.is_available() {
                     return true;
                 }
                 let _ = manager.record_timeout();
@@ -606,8 +606,7 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
         let manager = &self.shared.manager;
         self.run(
             move |redis| {
-                if caught_up || manager.is_available() && manager.health().consecutive_failures == 0
-                {
+                if caught_up || manager.is_available() && !manager.is_failing() {
                     // Redis answered another operation since: it is asked.
                     Either::Left(redis_op(redis))
                 } else if manager.is_available() {

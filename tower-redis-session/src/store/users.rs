@@ -209,10 +209,7 @@ impl RedisStore {
             // would not be read either, after a second command timeout.
             // (With replicas to wait for, the mark's call includes their
             // wait, and a timeout may be theirs: the revocation goes on.)
-            Err(
-                error
-                @ (tower_redis_core::Error::Timeout(_) | tower_redis_core::Error::BreakerOpen),
-            ) if !self.waits_for_replicas() => {
+            Err(error) if error.is_unanswered() && !self.waits_for_replicas() => {
                 return Err(StoreError::Unavailable(error));
             }
             Err(error) => {
