@@ -13,7 +13,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Body;
@@ -21,8 +21,8 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Response};
 use support::{Answer, OriginCalls, send, settle};
 use tower_redis_cache::{CacheLayer, CacheLayerBuilder, Route};
-use tower_redis_core::RedisManager;
 use tower_redis_core::testing::TestRedis;
+use tower_redis_core::{RedisConfigBuilder, RedisManager, redis};
 
 /// What the origin answers to its `n`th call (from 1) of a path, given the
 /// request's headers.
@@ -35,6 +35,8 @@ struct Origin {
     calls: OriginCalls,
     scripts: Arc<Mutex<HashMap<String, Script>>>,
     received: Arc<Mutex<Vec<(String, HeaderMap)>>>,
+    /// How long the answers of a path take (none: at once).
+    delays: Arc<Mutex<HashMap<String, Duration>>>,
 }
 
 impl Origin {
@@ -60,6 +62,10 @@ async fn answer(State(origin): State<Origin>, request: Request) -> Response<Body
         .unwrap()
         .push((path.clone(), request.headers().clone()));
     let script = origin.scripts.lock().unwrap().get(&path).cloned();
+    let delay = origin.delays.lock().unwrap().get(&path).copied();
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
     match script {
         Some(script) => script(n, request.headers()),
         None => respond(404, &[], "no script"),
@@ -84,9 +90,18 @@ struct Fixture {
 impl Fixture {
     /// A layer on a fresh Redis, configured by `configure`.
     async fn new(configure: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder) -> Self {
-        let redis = TestRedis::start().await;
+        Self::with_redis(|config| config, configure).await
+    }
+
+    /// [`new`](Self::new), with the manager's settings changed by `redis`.
+    async fn with_redis(
+        redis: impl FnOnce(RedisConfigBuilder) -> RedisConfigBuilder,
+        configure: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder,
+    ) -> Self {
+        let server = TestRedis::start().await;
         let origin = Origin::default();
-        let (layer, app) = Self::instance(&redis, &origin, configure).await;
+        let (layer, app) = Self::instance_with(&server, redis, &origin, configure).await;
+        let redis = server;
         Self {
             redis,
             origin,
@@ -102,7 +117,16 @@ impl Fixture {
         origin: &Origin,
         configure: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder,
     ) -> (CacheLayer, Router) {
-        let manager = RedisManager::connect(redis.config().build().unwrap())
+        Self::instance_with(redis, |config| config, origin, configure).await
+    }
+
+    async fn instance_with(
+        redis: &TestRedis,
+        settings: impl FnOnce(RedisConfigBuilder) -> RedisConfigBuilder,
+        origin: &Origin,
+        configure: impl FnOnce(CacheLayerBuilder) -> CacheLayerBuilder,
+    ) -> (CacheLayer, Router) {
+        let manager = RedisManager::connect(settings(redis.config()).build().unwrap())
             .await
             .unwrap();
         let layer = configure(CacheLayer::builder(manager)).build().unwrap();
@@ -1582,6 +1606,161 @@ async fn partial_entries_are_kept_in_process_while_redis_is_down() {
         3,
         "without Range: forwarded, never the partial entry"
     );
+}
+
+/// RFC 9111 §4.3 and §3.4 while Redis hangs and the breaker is still
+/// closed: a revalidation answered `304`, and a range completion, wait for
+/// Redis one command timeout. A request whose lookup fell back (the entry
+/// is in the in-process store), or whose lock attempt timed out, stores
+/// the refreshed or combined entry without asking Redis again; it asked
+/// for the lock and waited for the write before (two or three timeouts).
+#[tokio::test]
+async fn while_redis_hangs_a_revalidation_or_a_range_completion_waits_for_it_one_command_timeout() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let f = Fixture::with_redis(
+        |config| config.command_timeout(TIMEOUT).failure_threshold(50),
+        |b| b.forward_ranges(true),
+    )
+    .await;
+    // Fresh for a minute; a `304` when asked with its tag.
+    f.on("/validated", |n, headers| {
+        let fields = [("etag", "\"v1\""), ("cache-control", "max-age=60")];
+        if headers
+            .get("if-none-match")
+            .is_some_and(|tag| tag == "\"v1\"")
+        {
+            let answer = n.to_string();
+            respond(304, &[&fields[..], &[("x-answer", &answer)]].concat(), "")
+        } else {
+            respond(200, &fields, "validated")
+        }
+    });
+    f.on("/video", |_, headers| {
+        ranged(headers, TWENTY, "\"v1\"", &[])
+    });
+    // The same with `Vary`: a revalidation's entry is not handed to the
+    // requests coalesced on it.
+    f.on("/varied", |_, headers| {
+        let fields = [
+            ("etag", "\"v1\""),
+            ("cache-control", "max-age=60"),
+            ("vary", "accept-encoding"),
+        ];
+        if headers
+            .get("if-none-match")
+            .is_some_and(|tag| tag == "\"v1\"")
+        {
+            respond(304, &fields, "")
+        } else {
+            respond(200, &fields, "varied")
+        }
+    });
+    let timed = async |path: &str, headers: &[(&str, &str)]| {
+        let started = Instant::now();
+        let answer =
+            tokio::time::timeout(Duration::from_secs(30), send(&f.app, "GET", path, headers))
+                .await
+                .expect("answered");
+        (answer, started.elapsed())
+    };
+    let no_cache = [("cache-control", "no-cache")];
+    f.get("/validated", &[]).await;
+    // Redis hangs on writes only: the lookup is answered, the lock attempt
+    // (a script) times out.
+    let mut admin = f.redis.connection().await.expect("connection");
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(30_000)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await
+        .expect("CLIENT PAUSE");
+    let (answer, waited) = timed("/validated", &no_cache).await;
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (200, "validated"),
+        "{}",
+        answer.cache_status()
+    );
+    assert_eq!(answer.header("x-answer"), Some("2"), "the 304's fields");
+    assert!(
+        waited < TIMEOUT * 3 / 2,
+        "a revalidation whose lock attempt timed out waited {waited:?} ({})",
+        answer.cache_status()
+    );
+    let () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut admin)
+        .await
+        .expect("CLIENT UNPAUSE");
+    drop(admin);
+
+    // Redis hangs: lookups fall back to the in-process store (emptied when
+    // Redis answered again), which keeps what these two misses store.
+    f.redis.pause().await;
+    let (part, _) = timed("/video", &[("range", "bytes=0-4")]).await;
+    assert_eq!((part.status, part.body.as_str()), (206, "01234"));
+    let (whole, _) = timed("/validated", &[]).await;
+    assert_eq!(whole.status, 200);
+    let (varied, _) = timed("/varied", &[]).await;
+    assert_eq!(varied.status, 200);
+    settle(&f.layer).await;
+    let (answer, waited) = timed("/validated", &no_cache).await;
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (200, "validated"),
+        "{}",
+        answer.cache_status()
+    );
+    assert_eq!(answer.header("x-answer"), Some("4"), "the 304's fields");
+    assert!(
+        waited < TIMEOUT * 3 / 2,
+        "a revalidation whose lookup timed out waited {waited:?} ({})",
+        answer.cache_status()
+    );
+    // Two at once: one revalidates, and the other, which its entry is not
+    // handed to (`Vary`), finds it in the in-process store: it does not
+    // look in Redis again.
+    // (The origin takes 100 ms, so that the second finds the first's
+    // revalidation under way.)
+    f.origin
+        .delays
+        .lock()
+        .unwrap()
+        .insert("/varied".to_owned(), Duration::from_millis(100));
+    let (first, second) = tokio::join!(timed("/varied", &no_cache), timed("/varied", &no_cache));
+    for (answer, waited) in [first, second] {
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (200, "varied"),
+            "{}",
+            answer.cache_status()
+        );
+        assert!(
+            waited < TIMEOUT + Duration::from_millis(400),
+            "a coalesced revalidation waited {waited:?} ({})",
+            answer.cache_status()
+        );
+    }
+    assert_eq!(
+        f.calls("/varied"),
+        2,
+        "one revalidation: the other request is served what it stored"
+    );
+    let (completed, waited) = timed("/video", &[("range", "bytes=3-9")]).await;
+    assert_eq!(
+        (completed.status, completed.body.as_str()),
+        (206, "3456789"),
+        "{}",
+        completed.cache_status()
+    );
+    assert!(
+        waited < TIMEOUT * 3 / 2,
+        "a range completion waited {waited:?} ({})",
+        completed.cache_status()
+    );
+    assert_eq!(f.origin.request("/video", 2)["range"], "bytes=5-9");
+    f.redis.resume().await;
 }
 
 /// RFC 9111 §3.3 with §4.1 and the layer's tags and size limit: a partial

@@ -2055,6 +2055,9 @@ async fn a_purge_of_more_urls_than_it_notes_empties_the_near_tier() {
 /// `get_or_insert_with` whose read timed out waits for Redis one command
 /// timeout, not three: it asks Redis for no fill lock, and its value is
 /// returned before it is stored (that write times out in the background).
+/// So does a call that follows another's fill of the same key in this
+/// process: the fill tells it the value before the write, as it tells its
+/// own caller.
 #[tokio::test]
 async fn while_redis_hangs_a_miss_waits_for_it_one_command_timeout() {
     const TIMEOUT: Duration = Duration::from_secs(1);
@@ -2085,10 +2088,145 @@ async fn while_redis_hangs_a_miss_waits_for_it_one_command_timeout() {
     )
     .await;
     let waited = started.elapsed();
-    redis.resume().await;
     assert_eq!(value.unwrap(), product("a"));
     assert!(
         waited < TIMEOUT * 3 / 2,
         "the miss waited {waited:?} for a {TIMEOUT:?} command timeout"
+    );
+    // Two calls at once for a key not stored, whose factory takes 200 ms:
+    // one fills, the other follows its flight.
+    let timed = async |name: &'static str| {
+        let started = Instant::now();
+        let value = within(
+            "a call for item:2",
+            data.get_or_insert_with(
+                "item:2",
+                &options,
+                counted(&calls, name, Duration::from_millis(200)),
+            ),
+        )
+        .await;
+        (value, started.elapsed())
+    };
+    let before = calls.load(Ordering::SeqCst);
+    let (first, second) = tokio::join!(timed("b"), timed("c"));
+    redis.resume().await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst) - before,
+        1,
+        "one factory call for both"
+    );
+    for (value, waited) in [first, second] {
+        let value = value.unwrap();
+        assert!(value == product("b") || value == product("c"), "{value:?}");
+        assert!(
+            waited < TIMEOUT + Duration::from_millis(700),
+            "a call for item:2 waited {waited:?} for a {TIMEOUT:?} command timeout"
+        );
+    }
+}
+
+/// A call waiting for another instance's fill (its lock held), that finds
+/// Redis hung when it reads again, runs its own factory after that one
+/// timeout and returns the value before it is stored: it waited for the
+/// write too before, a second command timeout. So does a miss whose lock
+/// attempt timed out.
+#[tokio::test]
+async fn a_call_waiting_for_another_instance_s_fill_stops_asking_redis_once_it_hangs() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let redis = TestRedis::start().await;
+    let data = || async {
+        let manager = RedisManager::connect(
+            redis
+                .config()
+                .failure_threshold(50)
+                .command_timeout(TIMEOUT)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        DataCache::new(manager)
+    };
+    let (a, b) = (data().await, data().await);
+    let calls = Arc::new(AtomicU64::new(0));
+    let options = DataOptions::default();
+    // Redis knows the scripts (a miss took a lock and stored).
+    let _ = a
+        .get_or_insert_with("warm-up", &options, counted(&calls, "w", Duration::ZERO))
+        .await
+        .unwrap();
+    // B fills `item:3`, holding its lock while its factory runs (3 s).
+    let filling = tokio::spawn({
+        let (b, options, calls) = (b.clone(), options.clone(), Arc::clone(&calls));
+        async move {
+            b.get_or_insert_with(
+                "item:3",
+                &options,
+                counted(&calls, "b", Duration::from_secs(3)),
+            )
+            .await
+        }
+    });
+    eventually("B's factory runs", || {
+        let calls = Arc::clone(&calls);
+        async move { calls.load(Ordering::SeqCst) == 2 }
+    })
+    .await;
+    // A finds the lock held, and waits for B's value, reading again now
+    // and then (every 250 ms at most).
+    let waiting = tokio::spawn({
+        let (a, options, calls) = (a.clone(), options.clone(), Arc::clone(&calls));
+        async move {
+            a.get_or_insert_with("item:3", &options, counted(&calls, "a", Duration::ZERO))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    redis.pause().await;
+    let paused = Instant::now();
+    let value = within("A's call", waiting).await.expect("task");
+    let waited = paused.elapsed();
+    redis.resume().await;
+    assert_eq!(value.unwrap(), product("a"));
+    // One timeout (of the read or lock attempt under way, or of the next,
+    // within 250 ms), then its own factory; not a second timeout.
+    assert!(
+        waited < TIMEOUT + Duration::from_millis(700),
+        "A waited {waited:?} after Redis hung, for a {TIMEOUT:?} command timeout"
+    );
+    let _ = within("B's fill", filling).await;
+    // Written: what A queued while Redis hung (its lock attempts' releases).
+    let _ = a
+        .get_or_insert_with("warm-up", &options, counted(&calls, "w", Duration::ZERO))
+        .await
+        .unwrap();
+
+    // Redis hangs on writes only: A's read is answered, and its lock
+    // attempt (a script) times out. Its value is returned before the write.
+    let mut admin = redis.connection().await.expect("connection");
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(30_000)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await
+        .expect("CLIENT PAUSE");
+    let started = Instant::now();
+    let value = within(
+        "a miss whose lock attempt times out",
+        a.get_or_insert_with("item:4", &options, counted(&calls, "d", Duration::ZERO)),
+    )
+    .await;
+    let waited = started.elapsed();
+    let () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut admin)
+        .await
+        .expect("CLIENT UNPAUSE");
+    assert_eq!(value.unwrap(), product("d"));
+    assert!(
+        waited < TIMEOUT * 3 / 2,
+        "a miss whose lock attempt timed out waited {waited:?}, for a {TIMEOUT:?} command timeout"
     );
 }

@@ -1387,6 +1387,68 @@ async fn a_purge_while_redis_hangs_is_deferred_and_replayed_when_it_answers() {
     assert!(get(&a.app, "/item/2").await.cache_status().contains("hit"));
 }
 
+/// A revalidation waiting for another instance's (its lock held), that
+/// finds Redis hung when it looks again, asks the origin itself after that
+/// one timeout: it does not ask Redis for the lock again, which would make
+/// it wait a second command timeout.
+#[tokio::test]
+async fn a_revalidation_waiting_for_another_instance_s_stops_asking_redis_once_it_hangs() {
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    const ORIGIN: Duration = Duration::from_secs(2);
+    let redis = TestRedis::start().await;
+    let origin = Origin::default();
+    let config = || {
+        redis
+            .config()
+            .command_timeout(TIMEOUT)
+            .failure_threshold(50)
+    };
+    let a = instance(config(), &origin, |b| b).await;
+    let b = instance(config(), &origin, |b| b).await;
+    // Stored (and Redis knows the lock script: the miss took a lock).
+    get_settled(&a, "/item/2").await;
+    origin
+        .delay_ms
+        .store(ORIGIN.as_millis() as u64, Ordering::SeqCst);
+    // B revalidates `/item/2` for a `no-cache` request, holding the URL's
+    // lock while the origin answers.
+    let no_cache = [("cache-control", "no-cache")];
+    let revalidating = tokio::spawn({
+        let app = b.app.clone();
+        async move { call(&app, request("/item/2", &no_cache)).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while origin.calls("/item/2") < 2 {
+        assert!(Instant::now() < deadline, "B never reached the origin");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A finds the lock held, and waits for B's answer, looking again now
+    // and then (every 250 ms at most).
+    let waiting = tokio::spawn({
+        let app = a.app.clone();
+        async move { call(&app, request("/item/2", &no_cache)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    redis.pause().await;
+    let paused = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("A answered")
+        .expect("task");
+    let waited = paused.elapsed();
+    assert_eq!(answer.status, 200, "{}", answer.cache_status());
+    assert_eq!(origin.calls("/item/2"), 3, "A asked the origin itself");
+    // One timeout (of the look or the lock attempt under way, or of the
+    // next, within 250 ms), then the origin; not a second timeout.
+    assert!(
+        waited < TIMEOUT + ORIGIN + Duration::from_secs(1),
+        "A waited {waited:?} after Redis hung ({})",
+        answer.cache_status()
+    );
+    redis.resume().await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), revalidating).await;
+}
+
 /// A fill-lock attempt that timed out while Redis hung runs when Redis
 /// wakes, taking the URL's lock for a request that gave up long before.
 /// Its release is queued and written as soon as Redis answers again (with

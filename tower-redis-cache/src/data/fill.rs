@@ -22,7 +22,7 @@ use super::value::{self, Stored};
 use super::{Codec, DataCache, DataError, DataOptions, Lookup, count, put};
 use crate::entry::Entry;
 use crate::service::coalesce::{self as flight, FlightGuard, Joined, Outcome};
-use crate::store::{LockAttempt, LockPurpose, LockToken, Tier};
+use crate::store::{LockAttempt, LockPurpose, LockToken, Put, Tier};
 
 /// Why a fill has no value.
 enum Fail<E> {
@@ -46,6 +46,11 @@ enum Led<T> {
     /// Run the factory, holding this lock (none: Redis unavailable, or
     /// waited too long).
     Lock(Option<LockToken>),
+    /// Run the factory without the lock: a read fell back while the
+    /// breaker let calls through (Redis failed this call, which has waited
+    /// for it as long as a call may), so Redis is asked for nothing more
+    /// before the value is returned.
+    Waited,
 }
 
 impl<C: Codec> DataCache<C> {
@@ -264,6 +269,7 @@ impl<C: Codec> DataCache<C> {
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
         let deadline = Instant::now() + self.inner.wait;
+        let mut waited = waited;
         let (guard, lock) = loop {
             match self.inner.flights.join(&url_hash, &url_hash) {
                 Joined::Follower(flight) => {
@@ -289,6 +295,10 @@ impl<C: Codec> DataCache<C> {
                         return Ok(value);
                     }
                     Led::Lock(lock) => break (Some(guard), lock),
+                    Led::Waited => {
+                        waited = true;
+                        break (Some(guard), None);
+                    }
                 },
             }
         };
@@ -334,7 +344,13 @@ impl<C: Codec> DataCache<C> {
             updated.as_mut().enable();
             match store.data_lock(url_hash, purpose).await {
                 LockAttempt::Acquired(lock) => return Led::Lock(Some(lock)),
-                LockAttempt::Unavailable => return Led::Lock(None),
+                attempt @ LockAttempt::Unavailable => {
+                    return if store.lock_waited_in_vain(&attempt) {
+                        Led::Waited
+                    } else {
+                        Led::Lock(None)
+                    };
+                }
                 LockAttempt::Filled => {}
                 LockAttempt::Held => {
                     let now = Instant::now();
@@ -355,7 +371,11 @@ impl<C: Codec> DataCache<C> {
             if tier == Tier::Degraded {
                 // Redis failed this call (or the breaker opened): it asks
                 // Redis for the lock no more.
-                return Led::Lock(None);
+                return if store.waited_in_vain(tier) {
+                    Led::Waited
+                } else {
+                    Led::Lock(None)
+                };
             }
             if Instant::now() >= deadline {
                 return Led::Lock(None);
@@ -420,7 +440,8 @@ impl<C: Codec> DataCache<C> {
     /// same write), or on failure re-stores the expired value for the
     /// fail-safe throttle; tells the flight and the caller: after the
     /// write, or before it when `answer_first` (Redis failed the call, which
-    /// has waited for it as long as a call may).
+    /// has waited for it as long as a call may; so have the calls that
+    /// follow it in this process, which read Redis at the same time).
     #[allow(clippy::too_many_arguments)]
     async fn complete<T, E, F, Fut>(
         self,
@@ -450,12 +471,24 @@ impl<C: Codec> DataCache<C> {
             Ok(Ok(value)) => {
                 let encoded = self.inner.codec.encode(&value);
                 let mut value = Some(value);
-                if answer_first && let (Some(caller), Some(value)) = (caller.take(), value.take()) {
-                    let _ = caller.send(Ok(value));
+                let mut guard = guard;
+                let (shared, put) = self.prepare_value(&url_hash, &url, encoded, &options, asked);
+                if answer_first {
+                    if let (Some(caller), Some(value)) = (caller.take(), value.take()) {
+                        let _ = caller.send(Ok(value));
+                    }
+                    if let Some(guard) = guard.take() {
+                        guard.complete(shared.clone());
+                    }
                 }
-                let shared = self
-                    .store_value(&url_hash, &url, encoded, &options, lock, asked)
-                    .await;
+                match put {
+                    Some(put) => store.data_put(put, lock).await,
+                    None => {
+                        if let Some(lock) = lock {
+                            store.unlock(lock, &url_hash).await;
+                        }
+                    }
+                }
                 if let Some(guard) = guard {
                     guard.complete(shared);
                 }
@@ -504,26 +537,22 @@ impl<C: Codec> DataCache<C> {
         }
     }
 
-    /// Encodes and stores a value; returns the entry for the in-process
-    /// followers (also when it is too large to store).
-    async fn store_value(
+    /// A value's entry for the in-process followers (also when it is too
+    /// large to store), and the write that stores it (none when it does
+    /// not encode or is too large).
+    fn prepare_value(
         &self,
         url_hash: &str,
         url: &str,
         encoded: Result<Vec<u8>, super::CodecError>,
         options: &DataOptions,
-        lock: Option<LockToken>,
         asked: std::time::SystemTime,
-    ) -> Option<Arc<Entry>> {
-        let store = &self.inner.store;
+    ) -> (Option<Arc<Entry>>, Option<Put>) {
         let bytes = match encoded {
             Ok(bytes) => bytes,
             Err(error) => {
                 tracing::warn!(target: "tower_redis_cache", %error, "a data cache value does not encode: not stored");
-                if let Some(lock) = lock {
-                    store.unlock(lock, url_hash).await;
-                }
-                return None;
+                return (None, None);
             }
         };
         let entry = value::entry(
@@ -538,25 +567,18 @@ impl<C: Codec> DataCache<C> {
                 tracing::warn!(target: "tower_redis_cache", bytes = bytes.len(), limit = self.inner.max_value_bytes, "a data cache value is over the size limit: returned, not stored");
             }
             tower_redis_core::record::counter("tower_redis_cache_data_too_large_total", &[], 1);
-            if let Some(lock) = lock {
-                store.unlock(lock, url_hash).await;
-            }
-            return Some(Arc::new(entry));
+            return (Some(Arc::new(entry)), None);
         }
-        store
-            .data_put(
-                put(
-                    url_hash.to_owned(),
-                    url.to_owned(),
-                    entry.clone(),
-                    options,
-                    options.keep_for(),
-                    Some(asked),
-                ),
-                lock,
-            )
-            .await;
-        Some(Arc::new(entry))
+        let shared = Arc::new(entry.clone());
+        let put = put(
+            url_hash.to_owned(),
+            url.to_owned(),
+            entry,
+            options,
+            options.keep_for(),
+            Some(asked),
+        );
+        (Some(shared), Some(put))
     }
 }
 

@@ -183,7 +183,7 @@ where
                 let fill = Fill {
                     guard: Some(guard),
                     lock,
-                    own_write: false,
+                    ..Fill::none()
                 };
                 let revalidation = Revalidation {
                     entry,

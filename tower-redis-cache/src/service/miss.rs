@@ -32,6 +32,13 @@ pub(crate) struct Fill {
     /// therefore does not give way to, as a fill gives way to a purge made
     /// after it asked the origin (`put.lua`).
     pub(crate) own_write: bool,
+    /// Redis failed this request (its lookup, or a look while it waited
+    /// for another's fill, fell back while the breaker let calls through):
+    /// it has waited for Redis as long as a request may, and its entry is
+    /// stored without asking Redis again ([`CacheStore::put_caught_up`]).
+    ///
+    /// [`CacheStore::put_caught_up`]: crate::store::CacheStore::put_caught_up
+    pub(crate) waited: bool,
 }
 
 impl Fill {
@@ -40,6 +47,17 @@ impl Fill {
             guard: None,
             lock: None,
             own_write: false,
+            waited: false,
+        }
+    }
+
+    /// The fill of a request Redis already failed (see [`Fill::waited`]):
+    /// it leads this instance's flight without the Redis lock.
+    pub(crate) fn after_waiting(guard: Option<FlightGuard>) -> Self {
+        Self {
+            guard,
+            waited: true,
+            ..Self::none()
         }
     }
 
@@ -193,8 +211,8 @@ where
     /// just failed this request (a timeout, as a rule), which has waited
     /// for it as long as a request may. Neither the fill lock nor a second
     /// lookup asks Redis again then: the leader fills for this instance
-    /// alone, and a follower goes to the origin when the leader's entry is
-    /// not one it can use.
+    /// alone, and a follower whose leader's entry is not one it can use
+    /// looks in process only, then goes to the origin.
     fn coalesced_miss(
         self,
         status: CacheStatus,
@@ -208,21 +226,17 @@ where
             Some(Joined::Follower(flight)) => {
                 Box::pin(self.follow_fill(flight, status, deadline, waited))
             }
-            Some(Joined::Leader(guard)) if waited => Box::pin(self.forward_and_store(
-                status,
-                Fill {
-                    guard: Some(guard),
-                    lock: None,
-                    own_write: false,
-                },
-            )),
+            Some(Joined::Leader(guard)) if waited => {
+                Box::pin(self.forward_and_store(status, Fill::after_waiting(Some(guard))))
+            }
             Some(Joined::Leader(guard)) => Box::pin(self.lead_fill(guard, status, deadline)),
         }
     }
 
     /// Waits for the in-process leader's entry; without one this request
-    /// can use, looks again (unless its lookup already `waited` for Redis
-    /// in vain), then goes to the origin.
+    /// can use, looks again (in process only, unless Redis answered since,
+    /// when its lookup already `waited` for Redis in vain), then goes to
+    /// the origin.
     async fn follow_fill(
         self,
         flight: tokio::sync::watch::Receiver<Outcome>,
@@ -238,17 +252,28 @@ where
             return Ok(serve_coalesced(config, entry, keyed, Tier::Redis));
         }
         // The leader stored nothing this request can use (or took too
-        // long): look again, then go to the origin.
-        if !waited
-            && let (Lookup::Hit(entry), tier) = config
-                .store
-                .lookup(&keyed.key.url_hash, &keyed.parts.headers, &keyed.key.extra)
-                .await
+        // long): look again (in process, after a lookup that `waited` for
+        // Redis in vain), then go to the origin.
+        let (found, tier) = config
+            .store
+            .look_again(
+                &keyed.key.url_hash,
+                &keyed.parts.headers,
+                &keyed.key.extra,
+                waited,
+            )
+            .await;
+        if let Lookup::Hit(entry) = found
             && usable_by_follower(config, &entry, keyed)
         {
             return Ok(serve_coalesced(config, &entry, keyed, tier));
         }
-        self.forward_and_store(status, Fill::none()).await
+        let fill = if waited || config.store.waited_in_vain(tier) {
+            Fill::after_waiting(None)
+        } else {
+            Fill::none()
+        };
+        self.forward_and_store(status, fill).await
     }
 
     /// Leads the in-process flight: takes the Redis fill lock and goes to
@@ -263,6 +288,7 @@ where
         let Ctx { config, keyed } = &self.ctx;
         let store = &config.store;
         let mut poll = Duration::from_millis(10);
+        let mut waited = false;
         let lock = loop {
             let variant =
                 store.known_variant(&keyed.key.url_hash, &keyed.parts.headers, &keyed.key.extra);
@@ -271,7 +297,10 @@ where
                 .await
             {
                 LockAttempt::Acquired(lock) => break Some(lock),
-                LockAttempt::Unavailable => break None,
+                attempt @ LockAttempt::Unavailable => {
+                    waited = store.lock_waited_in_vain(&attempt);
+                    break None;
+                }
                 LockAttempt::Held | LockAttempt::Filled => {}
             }
             let updated = store.bus.updated();
@@ -301,6 +330,7 @@ where
                 // Redis failed this request (or the breaker opened): it
                 // has waited for Redis as long as it may, and asks it for
                 // the lock no more.
+                waited = store.waited_in_vain(tier);
                 break None;
             }
         };
@@ -308,6 +338,7 @@ where
             guard: Some(guard),
             lock,
             own_write: false,
+            waited,
         };
         self.forward_and_store(status, fill).await
     }

@@ -330,6 +330,7 @@ where
                         &ctx.keyed.parts.headers,
                         &ctx.keyed.key.extra,
                         near_read,
+                        false,
                     ))
                     .await
                 }

@@ -72,9 +72,24 @@ where
     ) -> Answer<ResBody, S::Error> {
         let deadline = Instant::now() + max_wait;
         let flight_key = format!("v:{}", self.ctx.keyed.flight_key());
+        // A lookup that fell back while the breaker lets calls through:
+        // Redis failed this request, which has waited for it as long as a
+        // request may. It asks Redis for no lock and looks no more (as a
+        // miss does: `miss.rs`).
+        let waited = self
+            .ctx
+            .config
+            .store
+            .waited_in_vain(revalidation.status.tier);
         match self.ctx.join_flight(&flight_key) {
             None => self.revalidate(revalidation, Fill::none()).await,
-            Some(Joined::Follower(flight)) => self.follow(flight, revalidation, deadline).await,
+            Some(Joined::Follower(flight)) => {
+                self.follow(flight, revalidation, deadline, waited).await
+            }
+            Some(Joined::Leader(guard)) if waited => {
+                self.revalidate(revalidation, Fill::after_waiting(Some(guard)))
+                    .await
+            }
             Some(Joined::Leader(guard)) => self.lead(guard, revalidation, deadline).await,
         }
     }
@@ -85,6 +100,7 @@ where
         flight: watch::Receiver<Outcome>,
         revalidation: Revalidation,
         deadline: Instant,
+        waited: bool,
     ) -> Answer<ResBody, S::Error> {
         let Ctx { config, keyed } = &self.ctx;
         match tokio::time::timeout_at(deadline, coalesce::wait(flight)).await {
@@ -104,17 +120,26 @@ where
         }
         // Nothing shared (a `Vary`, a refusal, a timeout): an entry
         // stored since this request's lookup will do, else revalidate.
+        // (After a lookup that `waited` for Redis in vain, the look is in
+        // process, unless Redis answered another operation since.)
         let found_at = revalidation.entry.response_time_ms;
-        if let Some((newer, tier)) = newer_entry(&self.ctx, found_at).await {
+        let (newer, tier) = newer_entry(&self.ctx, found_at, waited).await;
+        if let Some(newer) = newer {
             return Ok(serve_coalesced(config, &newer, keyed, tier));
         }
-        self.revalidate(revalidation, Fill::none()).await
+        let fill = if waited || config.store.waited_in_vain(tier) {
+            Fill::after_waiting(None)
+        } else {
+            Fill::none()
+        };
+        self.revalidate(revalidation, fill).await
     }
 
     /// Leads the in-process flight: takes the URL's Redis lock and
     /// revalidates, or, while another instance revalidates (or just did),
     /// waits for its announcement (or polls, in case it is lost) and looks
-    /// again.
+    /// again. A look that falls back ends the wait: Redis failed this
+    /// request, which asks it for the lock no more.
     async fn lead(
         self,
         guard: FlightGuard,
@@ -126,6 +151,7 @@ where
         let found_at = revalidation.entry.response_time_ms;
         let mut poll = Duration::from_millis(10);
         let mut seen_filled = false;
+        let mut waited = false;
         let lock = loop {
             let variant =
                 store.known_variant(&keyed.key.url_hash, &keyed.parts.headers, &keyed.key.extra);
@@ -136,7 +162,10 @@ where
                 .await
             {
                 LockAttempt::Acquired(lock) => break Some(lock),
-                LockAttempt::Unavailable => break None,
+                attempt @ LockAttempt::Unavailable => {
+                    waited = store.lock_waited_in_vain(&attempt);
+                    break None;
+                }
                 attempt @ (LockAttempt::Held | LockAttempt::Filled) => attempt,
             };
             let now = Instant::now();
@@ -150,7 +179,8 @@ where
                 poll = (poll * 2).min(Duration::from_millis(250));
             }
             seen_filled |= matches!(attempt, LockAttempt::Filled);
-            if let Some((newer, tier)) = newer_entry(&self.ctx, found_at).await {
+            let (newer, tier) = newer_entry(&self.ctx, found_at, false).await;
+            if let Some(newer) = newer {
                 let shared = key::vary_names(&newer.headers)
                     .unwrap_or_default()
                     .is_empty()
@@ -158,11 +188,16 @@ where
                 guard.complete(shared);
                 return Ok(serve_coalesced(config, &newer, keyed, tier));
             }
+            if tier == Tier::Degraded {
+                waited = store.waited_in_vain(tier);
+                break None;
+            }
         };
         let fill = Fill {
             guard: Some(guard),
             lock,
             own_write: false,
+            waited,
         };
         self.revalidate(revalidation, fill).await
     }
@@ -172,7 +207,7 @@ where
     pub(crate) async fn revalidate(
         self,
         revalidation: Revalidation,
-        fill: Fill,
+        mut fill: Fill,
     ) -> Answer<ResBody, S::Error> {
         let (ctx, mut inner, mut request) = self.into_parts();
         let Revalidation {
@@ -180,6 +215,9 @@ where
             status,
             stale_if_error,
         } = revalidation;
+        // A lookup that fell back while the breaker let calls through:
+        // what this request stores does not ask Redis again.
+        fill.waited |= ctx.config.store.waited_in_vain(status.tier);
         // The client's own conditionals are answered here, from the result.
         make_conditional(&mut request, &entry.headers);
         let request_time = SystemTime::now();
@@ -324,7 +362,10 @@ impl Validated {
             );
             let shared = (put.vary.is_empty() && !put.entry.is_partial())
                 .then(|| Arc::new(put.entry.clone()));
-            config.store.put(put, fill.lock).await;
+            config
+                .store
+                .put_caught_up(put, fill.lock, !fill.waited)
+                .await;
             if let Some(guard) = fill.guard {
                 guard.complete(shared);
             }
@@ -384,18 +425,20 @@ fn is_server_failure(status: StatusCode) -> bool {
 
 /// The entry the request selects, when it was stored after the one the
 /// request found (stored at `found_at`): a response the origin gave after
-/// this request's lookup.
-async fn newer_entry(ctx: &Ctx, found_at: u64) -> Option<(Entry, Tier)> {
+/// this request's lookup; and the tier the look read (see
+/// `CacheStore::look_again` for `waited`).
+async fn newer_entry(ctx: &Ctx, found_at: u64, waited: bool) -> (Option<Entry>, Tier) {
     let Ctx { config, keyed } = ctx;
+    let (url_hash, headers, extra) = (&keyed.key.url_hash, &keyed.parts.headers, &keyed.key.extra);
     match config
         .store
-        .lookup(&keyed.key.url_hash, &keyed.parts.headers, &keyed.key.extra)
+        .look_again(url_hash, headers, extra, waited)
         .await
     {
         (Lookup::Hit(entry), tier) if entry.response_time_ms > found_at && !entry.is_partial() => {
-            Some((entry, tier))
+            (Some(entry), tier)
         }
-        _ => None,
+        (_, tier) => (None, tier),
     }
 }
 

@@ -366,7 +366,10 @@ async fn store_entry(config: &Arc<Config>, mut put: Put, body: Bytes, fill: Fill
     }
     // A partial entry is never handed to the requests coalesced on a fill.
     let shared = (put.vary.is_empty() && !partial).then(|| Arc::new(put.entry.clone()));
-    config.store.put(put, fill.lock).await;
+    config
+        .store
+        .put_caught_up(put, fill.lock, !fill.waited)
+        .await;
     if let Some(guard) = fill.guard {
         guard.complete(shared);
     }

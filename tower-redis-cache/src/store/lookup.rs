@@ -26,7 +26,22 @@ impl CacheStore {
         request: &'a HeaderMap,
         extra: &'a str,
     ) -> impl Future<Output = (Lookup, Tier)> + Send + 'a {
-        self.lookup_after(url_hash, request, extra, false)
+        self.lookup_after(url_hash, request, extra, false, false)
+    }
+
+    /// [`lookup`](Self::lookup) for a request that looks again: when
+    /// Redis already failed it (`waited`: see
+    /// [`waited_in_vain`](Self::waited_in_vain)), Redis is asked only if an
+    /// operation has succeeded since the last failure, and otherwise the
+    /// in-process store answers at once.
+    pub(crate) fn look_again<'a>(
+        &'a self,
+        url_hash: &'a str,
+        request: &'a HeaderMap,
+        extra: &'a str,
+        waited: bool,
+    ) -> impl Future<Output = (Lookup, Tier)> + Send + 'a {
+        self.lookup_after(url_hash, request, extra, false, waited)
     }
 
     /// What the near tier holds for a request, read at once, without a
@@ -58,12 +73,14 @@ impl CacheStore {
         request: &HeaderMap,
         extra: &str,
         near_read: bool,
+        waited: bool,
     ) -> (Lookup, Tier) {
         self.bus.ensure_started();
         // Redis is back: the outage's invalidations and purges are written
         // before this read, so that its answer already reflects them. One
-        // atomic load while healthy.
-        let caught_up = self.failover.catch_up().await;
+        // atomic load while healthy. (Not for a request Redis failed:
+        // `look_again`.)
+        let caught_up = !waited && self.failover.catch_up().await;
         // Taken before the near tier is judged usable: a tracking
         // connection lost after that check bumps the epoch, so a read that
         // then fell back to the pool (untracked) is not kept.

@@ -487,6 +487,13 @@ impl CacheStore {
         tier == Tier::Degraded && self.redis().manager.is_available()
     }
 
+    /// [`waited_in_vain`](Self::waited_in_vain) for a lock attempt: one that
+    /// came back `Unavailable` while the breaker lets calls through was
+    /// sent, and Redis failed it.
+    pub(crate) fn lock_waited_in_vain(&self, attempt: &LockAttempt) -> bool {
+        matches!(attempt, LockAttempt::Unavailable) && self.redis().manager.is_available()
+    }
+
     fn redis(&self) -> &RedisStore {
         self.failover.redis()
     }
@@ -673,7 +680,16 @@ impl CacheStore {
 
     /// Stores an entry, records it in its indexes, releases the fill lock
     /// and announces the update: one pipelined round trip.
+    #[cfg(test)]
     pub(crate) async fn put(&self, put: Put, lock: Option<LockToken>) {
+        self.put_caught_up(put, lock, true).await;
+    }
+
+    /// [`put`](Self::put) for a request that Redis may already have failed:
+    /// unless `caught_up`, and while no operation has succeeded since the
+    /// last failure, the entry goes to the in-process store without asking
+    /// Redis (`Failover::run_caught_up`), as it would after a timeout.
+    pub(crate) async fn put_caught_up(&self, put: Put, lock: Option<LockToken>, caught_up: bool) {
         self.vary_hints.insert(
             put.url_hash.clone(),
             VaryHint::Vary {
@@ -687,7 +703,8 @@ impl CacheStore {
         }
         let put = &put;
         self.failover
-            .run(
+            .run_caught_up(
+                caught_up,
                 |redis| redis.put(put, lock.as_ref()),
                 |memory, _| async move {
                     let Ok(()) = memory.put(put, None).await;
