@@ -460,6 +460,70 @@ async fn a_catch_up_out_of_time_tells_a_long_queue_from_a_hung_redis() {
     wait_for_recovery(&failover, 0).await;
 }
 
+/// `run_caught_up` for a caller that Redis failed (`caught_up` false):
+/// the in-process side answers at once while no operation has succeeded
+/// since the failure, and Redis is asked again once one has (Redis
+/// answered another request in between).
+#[tokio::test]
+async fn a_call_redis_failed_asks_it_again_once_another_operation_has_succeeded() {
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(
+        redis
+            .config()
+            .command_timeout(Duration::from_millis(300))
+            .failure_threshold(50)
+            .build()
+            .expect("valid config"),
+    )
+    .await
+    .expect("manager starts");
+    let failover = failover(manager.clone(), Store::default());
+    let key = manager.keys().key(&["x"]);
+    let () = within(manager.query(redis::cmd("SET").arg(&key).arg("1")))
+        .await
+        .expect("SET");
+    // Whether the operation went to Redis (a `PING`), and how long it took.
+    let asked = |caught_up: bool| {
+        let failover = &failover;
+        async move {
+            let started = tokio::time::Instant::now();
+            let served = within(failover.run_caught_up(
+                caught_up,
+                |_store| async {
+                    let manager = failover.manager();
+                    manager
+                        .query::<String>(&redis::cmd("PING"))
+                        .await
+                        .map(|_| true)
+                },
+                |_memory, _reason| async { false },
+            ))
+            .await;
+            (served.value, started.elapsed())
+        }
+    };
+    redis.pause().await;
+    assert_eq!(get(&failover, "x").await, None, "the read timed out");
+    let (to_redis, took) = asked(false).await;
+    assert!(!to_redis, "nothing succeeded since the failure");
+    assert!(
+        took < Duration::from_millis(100),
+        "answered at once: {took:?}"
+    );
+    redis.resume().await;
+    within(async {
+        while get(&failover, "x").await.as_deref() != Some("1") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (to_redis, _) = asked(false).await;
+    assert!(
+        to_redis,
+        "a read succeeded since the failure: Redis is asked"
+    );
+}
+
 async fn within<T>(work: impl Future<Output = T>) -> T {
     tokio::time::timeout(DEADLINE, work)
         .await
