@@ -8,8 +8,11 @@
 //! another, exactly as separate calls would. Under load one `EVALSHA`
 //! answers many requests, and a hot key is read and written once per call
 //! instead of once per request. Batches do not wait for each other:
-//! several can be in flight at once.
+//! several can be in flight at once. A batch whose leader's request is
+//! cancelled still answers its followers: its call goes on without it.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -66,16 +69,34 @@ impl Limiter {
         self.batches_led.fetch_add(1, Ordering::Relaxed);
         tokio::task::yield_now().await;
         let followers = leader.close();
-        let mut requests = Vec::with_capacity(1 + followers.len());
-        requests.push((checks, cost));
-        requests.extend(followers.iter().map(|w| (w.checks.as_slice(), w.cost)));
-        let mut verdicts = Box::pin(self.decide_batch(&requests)).await.into_iter();
-        let own = verdicts.next();
-        for (waiting, verdict) in followers.into_iter().zip(verdicts) {
-            // A follower that went away (its request was dropped) is fine.
-            let _ = waiting.reply.send(verdict);
+        if followers.is_empty() {
+            return self.decide_alone(checks, cost).await;
         }
-        own.unwrap_or_else(|| Verdict::fail_open(checks))
+        // The call owns what it decides, so that it can go on without the
+        // leader (see `InFlight`).
+        let mut owned = Vec::with_capacity(1 + followers.len());
+        owned.push((checks.to_vec(), cost));
+        let mut replies = Vec::with_capacity(followers.len());
+        for waiting in followers {
+            owned.push((waiting.checks, waiting.cost));
+            replies.push(waiting.reply);
+        }
+        let limiter = Arc::clone(self);
+        let call: BatchCall = Box::pin(async move {
+            let requests: Vec<Query<'_>> = owned
+                .iter()
+                .map(|(checks, cost)| (checks.as_slice(), *cost))
+                .collect();
+            limiter.decide_batch(&requests).await
+        });
+        let in_flight = InFlight {
+            call: Some(call),
+            replies,
+        };
+        in_flight
+            .finish()
+            .await
+            .unwrap_or_else(|| Verdict::fail_open(checks))
     }
 
     /// Joins the batch being formed, or starts one.
@@ -98,6 +119,59 @@ impl Limiter {
             }
         }
     }
+}
+
+/// A batch's call, owning its requests.
+type BatchCall = Pin<Box<dyn Future<Output = Vec<Verdict>> + Send>>;
+
+/// A batch's call under way. Its followers are answered from it even when
+/// the leader's request is cancelled meanwhile: the call then goes on in a
+/// task of its own. Deciding them again would count them twice (the
+/// script may have run for them already) and, while Redis hangs, make
+/// them wait a second command timeout.
+struct InFlight {
+    call: Option<BatchCall>,
+    replies: Vec<oneshot::Sender<Verdict>>,
+}
+
+impl InFlight {
+    /// The call's verdicts: the followers', sent; the leader's, returned.
+    async fn finish(mut self) -> Option<Verdict> {
+        let verdicts = match self.call.as_mut() {
+            Some(call) => call.await,
+            None => Vec::new(),
+        };
+        self.call = None;
+        answer(std::mem::take(&mut self.replies), verdicts)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some(call) = self.call.take() else {
+            return;
+        };
+        let replies = std::mem::take(&mut self.replies);
+        // Without a runtime the followers' channels close and each of them
+        // decides alone.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                answer(replies, call.await);
+            });
+        }
+    }
+}
+
+/// Sends each follower its verdict (the first verdict is the leader's,
+/// returned).
+fn answer(replies: Vec<oneshot::Sender<Verdict>>, verdicts: Vec<Verdict>) -> Option<Verdict> {
+    let mut verdicts = verdicts.into_iter();
+    let own = verdicts.next();
+    for (reply, verdict) in replies.into_iter().zip(verdicts) {
+        // A follower that went away (its request was dropped) is fine.
+        let _ = reply.send(verdict);
+    }
+    own
 }
 
 /// The leader of a forming batch. Closing it takes the followers; a leader

@@ -456,6 +456,78 @@ async fn a_failed_batch_counts_once_toward_the_breaker() {
     assert_eq!(health.state, tower_redis_core::BreakerState::Closed);
 }
 
+/// A batch whose leader's request is cancelled while the batch's call is
+/// in flight (Redis hangs) still answers its followers from that call once
+/// Redis does: they are decided by Redis once, not a second time each in a
+/// call of their own (which counted them twice: the script ran for the
+/// batch already).
+#[tokio::test]
+async fn a_batch_whose_leader_is_cancelled_mid_call_answers_its_followers_once() {
+    const FOLLOWERS: usize = 8;
+    let redis = tower_redis_core::testing::TestRedis::start().await;
+    let manager = RedisManager::connect(
+        redis
+            .config()
+            .command_timeout(Duration::from_secs(5))
+            .failure_threshold(50)
+            .build()
+            .expect("valid"),
+    )
+    .await
+    .expect("starts");
+    let limiter = Limiter::new(manager, Fallback::default(), MIB);
+    let checks = [check(
+        "cancelled",
+        Algorithm::FixedWindow {
+            limit: 1000,
+            window: Duration::from_secs(3600),
+        },
+    )];
+    // Connected, and the script loaded.
+    assert_eq!(
+        limiter.decide(&checks, 1).await.source,
+        DecisionSource::Redis
+    );
+    redis.pause().await;
+    let spawn = |limiter: &Arc<Limiter>| {
+        let (limiter, checks) = (Arc::clone(limiter), checks.clone());
+        tokio::spawn(async move { limiter.decide(&checks, 1).await })
+    };
+    // The first goes alone; the next leads a batch, which the others join
+    // (this runtime runs the tasks in turn: each reaches Redis, or its
+    // batch, before the next starts).
+    let alone = spawn(&limiter);
+    tokio::task::yield_now().await;
+    let leader = spawn(&limiter);
+    let followers: Vec<_> = (0..FOLLOWERS).map(|_| spawn(&limiter)).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while limiter.batches_led() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no batch formed");
+        tokio::task::yield_now().await;
+    }
+    // The batch's call is sent (Redis does not answer): its leader goes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    leader.abort();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    redis.resume().await;
+    let alone = alone.await.expect("task");
+    assert_eq!(alone.source, DecisionSource::Redis);
+    for follower in followers {
+        let verdict = tokio::time::timeout(Duration::from_secs(10), follower)
+            .await
+            .expect("answered")
+            .expect("task");
+        assert!(verdict.allowed && verdict.source == DecisionSource::Redis);
+    }
+    // Counted once each: the warm-up, the lone one, the batch (its leader
+    // and followers), and this one.
+    let verdict = limiter.decide(&checks, 1).await;
+    assert_eq!(
+        verdict.states[0].map(|s| s.remaining),
+        Some(1000 - 3 - FOLLOWERS as u64 - 1)
+    );
+}
+
 /// The decision counters are indexed by `source as usize` through
 /// `DecisionSource::ALL`, so each source must sit at its own index.
 #[test]
