@@ -2126,6 +2126,74 @@ async fn while_redis_hangs_a_miss_waits_for_it_one_command_timeout() {
     }
 }
 
+/// While Redis hangs, a fill whose factory fails tells the calls following
+/// it in this process at once, before it writes the expired value back
+/// (the fail-safe throttle): each serves its expired value after one
+/// command timeout, not two.
+#[tokio::test]
+async fn while_redis_hangs_a_failed_fill_hands_its_followers_their_expired_value_at_once() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(
+        redis
+            .config()
+            .failure_threshold(50)
+            .command_timeout(TIMEOUT)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let data = DataCache::new(manager);
+    let calls = Arc::new(AtomicU64::new(0));
+    let options = DataOptions::new(Duration::from_millis(100)).fail_safe(Duration::from_secs(60));
+    redis.pause().await;
+    // Stored in process (its write times out): expired 100 ms later.
+    let first = within(
+        "the first call",
+        data.get_or_insert_with("item:5", &options, counted(&calls, "a", Duration::ZERO)),
+    )
+    .await;
+    assert_eq!(first.unwrap(), product("a"));
+    tokio::time::sleep(TIMEOUT * 3 / 2).await;
+    // Two at once: one fills, its factory failing after 200 ms; the other
+    // follows it.
+    let failing_slowly = || {
+        let calls = Arc::clone(&calls);
+        move || -> std::pin::Pin<Box<dyn Future<Output = Result<Product, String>> + Send>> {
+            Box::pin(async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Err("the database is down".to_owned())
+            })
+        }
+    };
+    let timed = async |factory| {
+        let started = Instant::now();
+        let value = within(
+            "a call for item:5",
+            data.get_or_insert_with("item:5", &options, factory),
+        )
+        .await;
+        (value, started.elapsed())
+    };
+    let before = calls.load(Ordering::SeqCst);
+    let (one, other) = tokio::join!(timed(failing_slowly()), timed(failing_slowly()));
+    redis.resume().await;
+    assert_eq!(calls.load(Ordering::SeqCst) - before, 1, "one factory call");
+    for (value, waited) in [one, other] {
+        assert_eq!(
+            value.unwrap(),
+            product("a"),
+            "the expired value (fail-safe)"
+        );
+        assert!(
+            waited < TIMEOUT + Duration::from_millis(700),
+            "a call for item:5 waited {waited:?} for a {TIMEOUT:?} command timeout"
+        );
+    }
+}
+
 /// A call waiting for another instance's fill (its lock held), that finds
 /// Redis hung when it reads again, runs its own factory after that one
 /// timeout and returns the value before it is stored: it waited for the

@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -90,8 +90,11 @@ fn serialize_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S
 pub(crate) enum Failure {
     /// Nothing listens: open at once, counting more would only waste requests.
     Refused,
-    /// A timeout or a broken connection: counts toward the threshold.
+    /// A broken connection, an error reply: counts toward the threshold.
     Counted,
+    /// No answer within the command timeout: counts toward the threshold,
+    /// and says that Redis may hang ([`Breaker::hangs`]).
+    TimedOut,
 }
 
 struct Counters {
@@ -103,6 +106,8 @@ pub(crate) struct Breaker {
     state: AtomicU8,
     /// Outside the mutex so that a success (every operation) costs one load.
     consecutive_failures: AtomicU32,
+    /// Whether the last failure was a timeout.
+    last_timed_out: AtomicBool,
     counters: Mutex<Counters>,
     threshold: u32,
     tx: watch::Sender<BreakerState>,
@@ -115,6 +120,7 @@ impl Breaker {
         Self {
             state: AtomicU8::new(initial.encode()),
             consecutive_failures: AtomicU32::new(0),
+            last_timed_out: AtomicBool::new(false),
             counters: Mutex::new(Counters {
                 last_error: None,
                 changed_at: Instant::now(),
@@ -152,6 +158,11 @@ impl Breaker {
         self.consecutive_failures.load(Ordering::Acquire)
     }
 
+    /// The last operation to end timed out, none having succeeded since.
+    pub(crate) fn hangs(&self) -> bool {
+        self.consecutive_failures() > 0 && self.last_timed_out.load(Ordering::Acquire)
+    }
+
     pub(crate) fn on_success(&self) {
         if self.consecutive_failures.load(Ordering::Acquire) != 0
             && self.state() == BreakerState::Closed
@@ -164,6 +175,8 @@ impl Breaker {
     /// failure opened the breaker (the caller then starts the probe).
     pub(crate) fn on_failure(&self, failure: Failure, error: &str) -> bool {
         let mut counters = self.lock();
+        self.last_timed_out
+            .store(failure == Failure::TimedOut, Ordering::Release);
         let failures = self
             .consecutive_failures
             .fetch_add(1, Ordering::AcqRel)
@@ -276,6 +289,22 @@ mod tests {
         breaker.on_success();
         assert!(!breaker.on_failure(Failure::Counted, "timeout"));
         assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    /// Redis hangs while the last failure is a timeout and nothing has
+    /// succeeded since; an error that came at once says nothing of it.
+    #[test]
+    fn only_a_timeout_since_the_last_success_says_redis_hangs() {
+        let breaker = Breaker::new(BreakerState::Closed, 10);
+        assert!(!breaker.hangs());
+        breaker.on_failure(Failure::TimedOut, "no answer");
+        assert!(breaker.hangs());
+        breaker.on_failure(Failure::Counted, "READONLY");
+        assert!(!breaker.hangs(), "the last failure came at once");
+        breaker.on_failure(Failure::TimedOut, "no answer");
+        assert!(breaker.hangs());
+        breaker.on_success();
+        assert!(!breaker.hangs(), "answered since");
     }
 
     #[test]

@@ -284,7 +284,7 @@ impl RedisManager {
     pub(crate) fn record_timeout(&self) -> Error {
         let timeout = self.inner.command_timeout;
         let message = format!("no answer within {timeout:?}");
-        if self.inner.breaker.on_failure(Failure::Counted, &message) {
+        if self.inner.breaker.on_failure(Failure::TimedOut, &message) {
             self.on_opened();
         }
         Error::Timeout(timeout)

@@ -222,6 +222,21 @@ impl RedisManager {
         self.inner.breaker.consecutive_failures() > 0
     }
 
+    /// Whether the last operation to end timed out, none having succeeded
+    /// since: Redis may hang (connections open, nothing answered) while
+    /// the breaker is still closed. A layer whose request Redis just
+    /// failed this way asks it nothing more for that request (each call
+    /// would wait another command timeout); an error that came at once
+    /// (a refusal, a `READONLY` after a failover) does not count.
+    ///
+    /// ```
+    /// # use tower_redis_core::RedisManager;
+    /// assert!(!RedisManager::disabled().is_hanging());
+    /// ```
+    pub fn is_hanging(&self) -> bool {
+        self.inner.breaker.hangs()
+    }
+
     /// A subscription to breaker transitions, for layers that must react
     /// (drop local entries, reconcile writes) when Redis comes back.
     ///

@@ -283,8 +283,10 @@ impl<C: Codec> DataCache<C> {
                         }
                         Ok(Outcome::Failed(_)) if stale.is_some() => return Err(Fail::Elsewhere),
                         // The leader panicked, failed, or has nothing to
-                        // share: lead (or follow) anew.
-                        Ok(_) => {}
+                        // share: lead (or follow) anew; without asking
+                        // Redis for the lock if Redis hangs (the leader's
+                        // wait was in vain, as this call's may be).
+                        Ok(_) => waited |= self.inner.store.hangs(),
                         Err(_) => break (None, None),
                     }
                 }
@@ -498,8 +500,16 @@ impl<C: Codec> DataCache<C> {
             }
             Ok(Err(error)) => {
                 let mut error = Some(error);
-                if answer_first && let (Some(caller), Some(error)) = (caller.take(), error.take()) {
-                    let _ = caller.send(Err(error));
+                let mut guard = guard;
+                if answer_first {
+                    if let (Some(caller), Some(error)) = (caller.take(), error.take()) {
+                        let _ = caller.send(Err(error));
+                    }
+                    // The followers serve their expired value, or make
+                    // their own, without waiting for the write.
+                    if let Some(guard) = guard.take() {
+                        guard.fail(None);
+                    }
                 }
                 match stale {
                     Some(stale) => {

@@ -171,11 +171,18 @@ where
                     &keyed.key.extra,
                 );
                 let purpose = LockPurpose::Refresh(entry.response_time_ms);
-                let lock = match config
-                    .store
-                    .try_lock(&keyed.key.url_hash, variant.as_deref(), purpose)
-                    .await
-                {
+                // After a lookup that fell back while Redis hangs, no lock
+                // is asked for (this instance refreshes for itself).
+                let waited = config.store.waited_in_vain(tier);
+                let attempt = if waited {
+                    LockAttempt::Unavailable
+                } else {
+                    config
+                        .store
+                        .try_lock(&keyed.key.url_hash, variant.as_deref(), purpose)
+                        .await
+                };
+                let lock = match attempt {
                     LockAttempt::Acquired(lock) => Some(lock),
                     LockAttempt::Unavailable => None,
                     LockAttempt::Held | LockAttempt::Filled => return,

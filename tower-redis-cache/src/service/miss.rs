@@ -254,6 +254,8 @@ where
         // The leader stored nothing this request can use (or took too
         // long): look again (in process, after a lookup that `waited` for
         // Redis in vain), then go to the origin.
+        // Its leader's wait may have been in vain too.
+        let waited = waited || config.store.hangs();
         let (found, tier) = config
             .store
             .look_again(

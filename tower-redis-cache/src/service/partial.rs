@@ -337,8 +337,8 @@ impl Combined {
                 tags,
                 Some(request_time),
             );
-            // After a lookup that fell back while the breaker let calls
-            // through, Redis is not asked again (see `Fill::waited`).
+            // After a lookup that fell back while Redis hangs, Redis is not
+            // asked again (see `Fill::waited`).
             let caught_up = !config.store.waited_in_vain(status.tier);
             config.store.put_caught_up(put, None, caught_up).await;
             status.stored = true;

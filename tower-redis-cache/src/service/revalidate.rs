@@ -122,6 +122,8 @@ where
         // stored since this request's lookup will do, else revalidate.
         // (After a lookup that `waited` for Redis in vain, the look is in
         // process, unless Redis answered another operation since.)
+        // Its leader's wait may have been in vain too.
+        let waited = waited || config.store.hangs();
         let found_at = revalidation.entry.response_time_ms;
         let (newer, tier) = newer_entry(&self.ctx, found_at, waited).await;
         if let Some(newer) = newer {
@@ -215,9 +217,10 @@ where
             status,
             stale_if_error,
         } = revalidation;
-        // A lookup that fell back while the breaker let calls through:
-        // what this request stores does not ask Redis again.
-        fill.waited |= ctx.config.store.waited_in_vain(status.tier);
+        // A lookup that fell back while Redis hangs: what this request
+        // stores does not ask Redis again (unless it holds the lock: Redis
+        // answered it since).
+        fill.waited |= fill.lock.is_none() && ctx.config.store.waited_in_vain(status.tier);
         // The client's own conditionals are answered here, from the result.
         make_conditional(&mut request, &entry.headers);
         let request_time = SystemTime::now();

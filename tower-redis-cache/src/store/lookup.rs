@@ -31,9 +31,9 @@ impl CacheStore {
 
     /// [`lookup`](Self::lookup) for a request that looks again: when
     /// Redis already failed it (`waited`: see
-    /// [`waited_in_vain`](Self::waited_in_vain)), Redis is asked only if an
-    /// operation has succeeded since the last failure, and otherwise the
-    /// in-process store answers at once.
+    /// [`waited_in_vain`](Self::waited_in_vain)) and still hangs, the
+    /// in-process store answers at once; once an operation has succeeded
+    /// since, the lookup is a plain one (the outage's queue written first).
     pub(crate) fn look_again<'a>(
         &'a self,
         url_hash: &'a str,
@@ -78,9 +78,13 @@ impl CacheStore {
         self.bus.ensure_started();
         // Redis is back: the outage's invalidations and purges are written
         // before this read, so that its answer already reflects them. One
-        // atomic load while healthy. (Not for a request Redis failed:
-        // `look_again`.)
-        let caught_up = !waited && self.failover.catch_up().await;
+        // atomic load while healthy. (Not for a request Redis failed while
+        // it still hangs: `look_again`.)
+        let caught_up = if waited && self.hangs() {
+            false
+        } else {
+            self.failover.catch_up().await
+        };
         // Taken before the near tier is judged usable: a tracking
         // connection lost after that check bumps the epoch, so a read that
         // then fell back to the pool (untracked) is not kept.

@@ -480,18 +480,24 @@ impl CacheStore {
     }
 
     /// Whether a read served from `tier` fell back while the breaker still
-    /// lets calls through: Redis failed the request (a timeout, as a rule),
-    /// which has waited for it as long as a request may, and asks it for no
-    /// fill lock or second read.
+    /// lets calls through and Redis hangs (the last operation to end timed
+    /// out, none having succeeded since: `RedisManager::is_hanging`): the
+    /// request has waited for Redis as long as a request may, and asks it
+    /// for no fill lock or second read. An error that came at once (a
+    /// `READONLY` after a failover) cost no wait: the request goes on.
     pub(crate) fn waited_in_vain(&self, tier: Tier) -> bool {
-        tier == Tier::Degraded && self.redis().manager.is_available()
+        tier == Tier::Degraded && self.hangs()
     }
 
-    /// [`waited_in_vain`](Self::waited_in_vain) for a lock attempt: one that
-    /// came back `Unavailable` while the breaker lets calls through was
-    /// sent, and Redis failed it.
+    /// [`waited_in_vain`](Self::waited_in_vain) for a lock attempt.
     pub(crate) fn lock_waited_in_vain(&self, attempt: &LockAttempt) -> bool {
-        matches!(attempt, LockAttempt::Unavailable) && self.redis().manager.is_available()
+        matches!(attempt, LockAttempt::Unavailable) && self.hangs()
+    }
+
+    /// The breaker lets calls through, and Redis hangs.
+    pub(crate) fn hangs(&self) -> bool {
+        let manager = &self.redis().manager;
+        manager.is_available() && manager.is_hanging()
     }
 
     fn redis(&self) -> &RedisStore {
@@ -689,7 +695,9 @@ impl CacheStore {
     /// unless `caught_up`, and while no operation has succeeded since the
     /// last failure, the entry goes to the in-process store without asking
     /// Redis (`Failover::run_caught_up`), as it would after a timeout.
+    /// A fill lock held means Redis answered this request: it is asked.
     pub(crate) async fn put_caught_up(&self, put: Put, lock: Option<LockToken>, caught_up: bool) {
+        let caught_up = caught_up || lock.is_some();
         self.vary_hints.insert(
             put.url_hash.clone(),
             VaryHint::Vary {
