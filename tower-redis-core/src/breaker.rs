@@ -164,10 +164,15 @@ impl Breaker {
     }
 
     pub(crate) fn on_success(&self) {
-        if self.consecutive_failures.load(Ordering::Acquire) != 0
-            && self.state() == BreakerState::Closed
-        {
-            self.consecutive_failures.store(0, Ordering::Release);
+        let seen = self.consecutive_failures.load(Ordering::Acquire);
+        if seen != 0 && self.state() == BreakerState::Closed {
+            // Not a plain store: a failure counted meanwhile is kept.
+            let _ = self.consecutive_failures.compare_exchange(
+                seen,
+                0,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
         }
     }
 

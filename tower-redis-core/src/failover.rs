@@ -293,6 +293,10 @@ impl RedisManager {
     pub(crate) fn record_failure(&self, error: &RedisError) {
         let failure = if error.is_connection_refusal() {
             Failure::Refused
+        } else if error.is_timeout() {
+            // The client's own timeouts (a connection's, the pool's, a
+            // cluster node's response): Redis was waited for.
+            Failure::TimedOut
         } else {
             Failure::Counted
         };

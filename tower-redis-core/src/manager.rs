@@ -222,19 +222,24 @@ impl RedisManager {
         self.inner.breaker.consecutive_failures() > 0
     }
 
-    /// Whether the last operation to end timed out, none having succeeded
-    /// since: Redis may hang (connections open, nothing answered) while
-    /// the breaker is still closed. A layer whose request Redis just
-    /// failed this way asks it nothing more for that request (each call
-    /// would wait another command timeout); an error that came at once
-    /// (a refusal, a `READONLY` after a failover) does not count.
+    /// Whether Redis hangs while the breaker still lets calls through:
+    /// the last failure recorded was a timeout (the command timeout, or a
+    /// connection's, the pool's or a cluster node's), and no operation has
+    /// succeeded since. A layer whose request Redis just failed this way
+    /// asks it nothing more for that request: each call would wait another
+    /// timeout. An error that came at once (a refusal, a `READONLY` after a
+    /// failover) does not count. False while the breaker is open: calls
+    /// are answered at once then. With a Redis Cluster the count is the
+    /// manager's, not a node's: one node that hangs while the others
+    /// answer does not read as hanging.
     ///
     /// ```
     /// # use tower_redis_core::RedisManager;
+    /// // Never reached: its breaker lets no call through.
     /// assert!(!RedisManager::disabled().is_hanging());
     /// ```
     pub fn is_hanging(&self) -> bool {
-        self.inner.breaker.hangs()
+        self.inner.breaker.allows_requests() && self.inner.breaker.hangs()
     }
 
     /// A subscription to breaker transitions, for layers that must react

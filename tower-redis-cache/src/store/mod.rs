@@ -496,8 +496,7 @@ impl CacheStore {
 
     /// The breaker lets calls through, and Redis hangs.
     pub(crate) fn hangs(&self) -> bool {
-        let manager = &self.redis().manager;
-        manager.is_available() && manager.is_hanging()
+        self.redis().manager.is_hanging()
     }
 
     fn redis(&self) -> &RedisStore {

@@ -586,9 +586,9 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
     /// [`run`](Self::run), for a caller that awaited
     /// [`catch_up`](Self::catch_up) first, or whose earlier operation timed
     /// out: when that found Redis not answering (`caught_up` is false), and
-    /// no operation has succeeded since the last failure, Redis is not
-    /// asked again, and the memory side answers at once, as after a
-    /// timeout. A request then waits for Redis at most one command timeout,
+    /// Redis still hangs (the last failure a timeout, no operation having
+    /// succeeded since: [`RedisManager::is_hanging`]), Redis is not asked
+    /// again, and the memory side answers at once, as after a timeout. A request then waits for Redis at most one command timeout,
     /// not two.
     pub fn run_caught_up<'a, T, F, Fut, G, GFut>(
         &'a self,
@@ -606,7 +606,7 @@ impl<R: Replay, M: Recovered> Failover<R, M> {
         let manager = &self.shared.manager;
         self.run(
             move |redis| {
-                if caught_up || manager.is_available() && !manager.is_failing() {
+                if caught_up || manager.is_available() && !manager.is_hanging() {
                     // Redis answered another operation since: it is asked.
                     Either::Left(redis_op(redis))
                 } else if manager.is_available() {

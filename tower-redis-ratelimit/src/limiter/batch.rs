@@ -151,6 +151,11 @@ impl Drop for InFlight {
         let Some(call) = self.call.take() else {
             return;
         };
+        // Dropped by a panic of the call itself: it cannot be polled again,
+        // and the followers decide alone.
+        if std::thread::panicking() {
+            return;
+        }
         let replies = std::mem::take(&mut self.replies);
         // Without a runtime the followers' channels close and each of them
         // decides alone.

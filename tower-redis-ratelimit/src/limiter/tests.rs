@@ -521,6 +521,11 @@ async fn a_batch_whose_leader_is_cancelled_mid_call_answers_its_followers_once()
     }
     // Counted once each: the warm-up, the lone one, the batch (its leader
     // and followers), and this one.
+    assert_eq!(
+        limiter.batches_led(),
+        1,
+        "one batch, led by the cancelled one"
+    );
     let verdict = limiter.decide(&checks, 1).await;
     assert_eq!(
         verdict.states[0].map(|s| s.remaining),
