@@ -22,7 +22,7 @@ use axum::http::{HeaderMap, Response};
 use support::{Answer, OriginCalls, send, settle};
 use tower_redis_cache::{CacheLayer, CacheLayerBuilder, Route};
 use tower_redis_core::testing::TestRedis;
-use tower_redis_core::{RedisConfigBuilder, RedisManager, redis};
+use tower_redis_core::{RedisConfigBuilder, RedisManager};
 
 /// What the origin answers to its `n`th call (from 1) of a path, given the
 /// request's headers.
@@ -1667,14 +1667,7 @@ async fn while_redis_hangs_a_revalidation_or_a_range_completion_waits_for_it_one
     f.get("/validated", &[]).await;
     // Redis hangs on writes only: the lookup is answered, the lock attempt
     // (a script) times out.
-    let mut admin = f.redis.connection().await.expect("connection");
-    let () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(30_000)
-        .arg("WRITE")
-        .query_async(&mut admin)
-        .await
-        .expect("CLIENT PAUSE");
+    f.redis.pause_writes().await;
     let (answer, waited) = timed("/validated", &no_cache).await;
     assert_eq!(
         (answer.status, answer.body.as_str()),
@@ -1688,12 +1681,7 @@ async fn while_redis_hangs_a_revalidation_or_a_range_completion_waits_for_it_one
         "a revalidation whose lock attempt timed out waited {waited:?} ({})",
         answer.cache_status()
     );
-    let () = redis::cmd("CLIENT")
-        .arg("UNPAUSE")
-        .query_async(&mut admin)
-        .await
-        .expect("CLIENT UNPAUSE");
-    drop(admin);
+    f.redis.resume_writes().await;
     // Redis answers a lookup again, which ends the outage: the in-process
     // store is emptied.
     let deadline = Instant::now() + Duration::from_secs(10);

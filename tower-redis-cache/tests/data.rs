@@ -2051,6 +2051,21 @@ async fn a_purge_of_more_urls_than_it_notes_empties_the_near_tier() {
     );
 }
 
+/// A data cache whose manager waits `timeout` for each command and keeps
+/// its breaker closed (50 failures): while Redis hangs, each call sent is
+/// one more wait.
+async fn hanging_data(redis: &TestRedis, timeout: Duration) -> DataCache {
+    let config = redis
+        .config()
+        .failure_threshold(50)
+        .command_timeout(timeout);
+    DataCache::new(
+        RedisManager::connect(config.build().unwrap())
+            .await
+            .unwrap(),
+    )
+}
+
 /// While Redis hangs and the breaker has not opened yet, a miss of
 /// `get_or_insert_with` whose read timed out waits for Redis one command
 /// timeout, not three: it asks Redis for no fill lock, and its value is
@@ -2062,17 +2077,7 @@ async fn a_purge_of_more_urls_than_it_notes_empties_the_near_tier() {
 async fn while_redis_hangs_a_miss_waits_for_it_one_command_timeout() {
     const TIMEOUT: Duration = Duration::from_secs(1);
     let redis = TestRedis::start().await;
-    let manager = RedisManager::connect(
-        redis
-            .config()
-            .failure_threshold(50)
-            .command_timeout(TIMEOUT)
-            .build()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    let data = DataCache::new(manager);
+    let data = hanging_data(&redis, TIMEOUT).await;
     let calls = Arc::new(AtomicU64::new(0));
     let options = DataOptions::default();
     // Redis knows the scripts (a miss took a lock and stored).
@@ -2134,17 +2139,7 @@ async fn while_redis_hangs_a_miss_waits_for_it_one_command_timeout() {
 async fn while_redis_hangs_a_failed_fill_hands_its_followers_their_expired_value_at_once() {
     const TIMEOUT: Duration = Duration::from_secs(1);
     let redis = TestRedis::start().await;
-    let manager = RedisManager::connect(
-        redis
-            .config()
-            .failure_threshold(50)
-            .command_timeout(TIMEOUT)
-            .build()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    let data = DataCache::new(manager);
+    let data = hanging_data(&redis, TIMEOUT).await;
     let calls = Arc::new(AtomicU64::new(0));
     let options = DataOptions::new(Duration::from_millis(100)).fail_safe(Duration::from_secs(60));
     redis.pause().await;
@@ -2203,20 +2198,10 @@ async fn while_redis_hangs_a_failed_fill_hands_its_followers_their_expired_value
 async fn a_call_waiting_for_another_instance_s_fill_stops_asking_redis_once_it_hangs() {
     const TIMEOUT: Duration = Duration::from_secs(1);
     let redis = TestRedis::start().await;
-    let data = || async {
-        let manager = RedisManager::connect(
-            redis
-                .config()
-                .failure_threshold(50)
-                .command_timeout(TIMEOUT)
-                .build()
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-        DataCache::new(manager)
-    };
-    let (a, b) = (data().await, data().await);
+    let (a, b) = (
+        hanging_data(&redis, TIMEOUT).await,
+        hanging_data(&redis, TIMEOUT).await,
+    );
     let calls = Arc::new(AtomicU64::new(0));
     let options = DataOptions::default();
     // Redis knows the scripts (a miss took a lock and stored).
@@ -2272,14 +2257,7 @@ async fn a_call_waiting_for_another_instance_s_fill_stops_asking_redis_once_it_h
 
     // Redis hangs on writes only: A's read is answered, and its lock
     // attempt (a script) times out. Its value is returned before the write.
-    let mut admin = redis.connection().await.expect("connection");
-    let () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(30_000)
-        .arg("WRITE")
-        .query_async(&mut admin)
-        .await
-        .expect("CLIENT PAUSE");
+    redis.pause_writes().await;
     let started = Instant::now();
     let value = within(
         "a miss whose lock attempt times out",
@@ -2287,11 +2265,7 @@ async fn a_call_waiting_for_another_instance_s_fill_stops_asking_redis_once_it_h
     )
     .await;
     let waited = started.elapsed();
-    let () = redis::cmd("CLIENT")
-        .arg("UNPAUSE")
-        .query_async(&mut admin)
-        .await
-        .expect("CLIENT UNPAUSE");
+    redis.resume_writes().await;
     assert_eq!(value.unwrap(), product("d"));
     assert!(
         waited < TIMEOUT * 3 / 2,

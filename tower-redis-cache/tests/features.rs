@@ -1475,22 +1475,11 @@ async fn a_fill_lock_taken_by_an_attempt_that_timed_out_is_released_when_redis_a
     // Redis hangs on writes only: A's lookup is answered, and its lock
     // attempt (a script) is sent and times out. (After a lookup that timed
     // out, no lock is asked for.)
-    let mut admin = redis.connection().await.expect("connection");
-    let () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(30_000)
-        .arg("WRITE")
-        .query_async(&mut admin)
-        .await
-        .expect("CLIENT PAUSE");
+    redis.pause_writes().await;
     let answer = get(&a.app, "/private").await;
     assert_eq!(answer.status, 200);
     assert_eq!(origin.calls("/private"), 2);
-    let () = redis::cmd("CLIENT")
-        .arg("UNPAUSE")
-        .query_async(&mut admin)
-        .await
-        .expect("CLIENT UNPAUSE");
+    redis.resume_writes().await;
 
     let started = Instant::now();
     let answer = tokio::time::timeout(Duration::from_secs(10), get(&b.app, "/private"))

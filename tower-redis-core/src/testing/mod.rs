@@ -468,6 +468,31 @@ impl TestRedis {
         }
     }
 
+    /// Holds writes only (`CLIENT PAUSE 30000 WRITE`): reads are answered,
+    /// while writes and scripts wait (for up to 30 s, or until
+    /// [`resume_writes`](Self::resume_writes)). Panics if it cannot.
+    pub async fn pause_writes(&self) {
+        self.client_command(redis::cmd("CLIENT").arg("PAUSE").arg(30_000).arg("WRITE"))
+            .await;
+    }
+
+    /// Answers the writes held by [`pause_writes`](Self::pause_writes).
+    pub async fn resume_writes(&self) {
+        self.client_command(redis::cmd("CLIENT").arg("UNPAUSE"))
+            .await;
+    }
+
+    async fn client_command(&self, command: &redis::Cmd) {
+        let mut conn = self
+            .connection()
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach the test Redis: {e}"));
+        let () = command
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("the test Redis refused {command:?}: {e}"));
+    }
+
     /// SIGCONT after [`pause`](Self::pause).
     pub async fn resume(&self) {
         match &self.server {
