@@ -72,28 +72,25 @@ impl Limiter {
         if followers.is_empty() {
             return self.decide_alone(checks, cost).await;
         }
-        // The call owns what it decides, so that it can go on without the
-        // leader (see `InFlight`).
-        let mut owned = Vec::with_capacity(1 + followers.len());
-        owned.push((checks.to_vec(), cost));
-        let mut replies = Vec::with_capacity(followers.len());
-        for waiting in followers {
-            owned.push((waiting.checks, waiting.cost));
-            replies.push(waiting.reply);
-        }
+        // The call owns what it decides, and answers the followers itself,
+        // so that it can go on without the leader (see `InFlight`).
         let limiter = Arc::clone(self);
+        let own = checks.to_vec();
         let call: BatchCall = Box::pin(async move {
-            let requests: Vec<Query<'_>> = owned
-                .iter()
-                .map(|(checks, cost)| (checks.as_slice(), *cost))
-                .collect();
-            limiter.decide_batch(&requests).await
+            let mut requests: Vec<Query<'_>> = Vec::with_capacity(1 + followers.len());
+            requests.push((own.as_slice(), cost));
+            requests.extend(followers.iter().map(|w| (w.checks.as_slice(), w.cost)));
+            let verdicts = limiter.decide_batch(&requests).await;
+            drop(requests);
+            let mut verdicts = verdicts.into_iter();
+            let mine = verdicts.next();
+            for (waiting, verdict) in followers.into_iter().zip(verdicts) {
+                // A follower that went away (its request was dropped) is fine.
+                let _ = waiting.reply.send(verdict);
+            }
+            mine
         });
-        let in_flight = InFlight {
-            call: Some(call),
-            replies,
-        };
-        in_flight
+        InFlight(Some(call))
             .finish()
             .await
             .unwrap_or_else(|| Verdict::fail_open(checks))
@@ -121,34 +118,32 @@ impl Limiter {
     }
 }
 
-/// A batch's call, owning its requests.
-type BatchCall = Pin<Box<dyn Future<Output = Vec<Verdict>> + Send>>;
+/// A batch's call, owning its requests: it answers the followers, and
+/// returns the leader's verdict.
+type BatchCall = Pin<Box<dyn Future<Output = Option<Verdict>> + Send>>;
 
 /// A batch's call under way. Its followers are answered from it even when
 /// the leader's request is cancelled meanwhile: the call then goes on in a
 /// task of its own. Deciding them again would count them twice (the
 /// script may have run for them already) and, while Redis hangs, make
 /// them wait a second command timeout.
-struct InFlight {
-    call: Option<BatchCall>,
-    replies: Vec<oneshot::Sender<Verdict>>,
-}
+struct InFlight(Option<BatchCall>);
 
 impl InFlight {
-    /// The call's verdicts: the followers', sent; the leader's, returned.
+    /// The leader's verdict, once the followers have theirs.
     async fn finish(mut self) -> Option<Verdict> {
-        let verdicts = match self.call.as_mut() {
+        let verdict = match self.0.as_mut() {
             Some(call) => call.await,
-            None => Vec::new(),
+            None => None,
         };
-        self.call = None;
-        answer(std::mem::take(&mut self.replies), verdicts)
+        self.0 = None;
+        verdict
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let Some(call) = self.call.take() else {
+        let Some(call) = self.0.take() else {
             return;
         };
         // Dropped by a panic of the call itself: it cannot be polled again,
@@ -156,27 +151,12 @@ impl Drop for InFlight {
         if std::thread::panicking() {
             return;
         }
-        let replies = std::mem::take(&mut self.replies);
         // Without a runtime the followers' channels close and each of them
         // decides alone.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                answer(replies, call.await);
-            });
+            runtime.spawn(call);
         }
     }
-}
-
-/// Sends each follower its verdict (the first verdict is the leader's,
-/// returned).
-fn answer(replies: Vec<oneshot::Sender<Verdict>>, verdicts: Vec<Verdict>) -> Option<Verdict> {
-    let mut verdicts = verdicts.into_iter();
-    let own = verdicts.next();
-    for (reply, verdict) in replies.into_iter().zip(verdicts) {
-        // A follower that went away (its request was dropped) is fine.
-        let _ = reply.send(verdict);
-    }
-    own
 }
 
 /// The leader of a forming batch. Closing it takes the followers; a leader
