@@ -46,10 +46,10 @@ enum Led<T> {
     /// Run the factory, holding this lock (none: Redis unavailable, or
     /// waited too long).
     Lock(Option<LockToken>),
-    /// Run the factory without the lock: a read fell back while the
-    /// breaker let calls through (Redis failed this call, which has waited
-    /// for it as long as a call may), so Redis is asked for nothing more
-    /// before the value is returned.
+    /// Run the factory without the lock: a read or a lock attempt fell
+    /// back while Redis hangs (Redis failed this call, which has waited for
+    /// it as long as a call may), so Redis is asked for nothing more before
+    /// the value is returned.
     Waited,
 }
 
@@ -178,7 +178,7 @@ impl<C: Codec> DataCache<C> {
             },
             tier,
         );
-        // A read that fell back while the breaker lets calls through:
+        // A read that fell back while Redis hangs (`waited_in_vain`):
         // Redis failed this call, which has waited for it as long as a
         // call may. The fill asks Redis for no lock, and its value is
         // returned before it is stored.
@@ -248,7 +248,7 @@ impl<C: Codec> DataCache<C> {
     /// the fill lock (or waits for another instance's value) and runs the
     /// factory. `seen`: the stored time of an expired value found, which
     /// the lock compares with (a newer one means it was refreshed).
-    /// `waited`: the read fell back while the breaker let calls through
+    /// `waited`: the read fell back while Redis hangs
     /// (Redis failed this call): no lock is asked for, and the value is
     /// returned before it is stored.
     #[allow(clippy::too_many_arguments)]

@@ -33,7 +33,7 @@ pub(crate) struct Fill {
     /// after it asked the origin (`put.lua`).
     pub(crate) own_write: bool,
     /// Redis failed this request (its lookup, or a look while it waited
-    /// for another's fill, fell back while the breaker let calls through):
+    /// for another's fill, fell back while Redis hangs: `waited_in_vain`):
     /// it has waited for Redis as long as a request may, and its entry is
     /// stored without asking Redis again ([`CacheStore::put_caught_up`]).
     ///
@@ -207,7 +207,7 @@ where
     /// future of about 4 KB that every coalesced miss allocated.
     ///
     /// `tier` is where the lookup read: after a lookup that fell back
-    /// (`Degraded`) while the breaker still lets calls through, Redis has
+    /// (`Degraded`) while Redis hangs (`waited_in_vain`), Redis has
     /// just failed this request (a timeout, as a rule), which has waited
     /// for it as long as a request may. Neither the fill lock nor a second
     /// lookup asks Redis again then: the leader fills for this instance

@@ -72,7 +72,7 @@ where
     ) -> Answer<ResBody, S::Error> {
         let deadline = Instant::now() + max_wait;
         let flight_key = format!("v:{}", self.ctx.keyed.flight_key());
-        // A lookup that fell back while the breaker lets calls through:
+        // A lookup that fell back while Redis hangs (`waited_in_vain`):
         // Redis failed this request, which has waited for it as long as a
         // request may. It asks Redis for no lock and looks no more (as a
         // miss does: `miss.rs`).
@@ -120,9 +120,9 @@ where
         }
         // Nothing shared (a `Vary`, a refusal, a timeout): an entry
         // stored since this request's lookup will do, else revalidate.
-        // (After a lookup that `waited` for Redis in vain, the look is in
-        // process, unless Redis answered another operation since.)
-        // Its leader's wait may have been in vain too.
+        // After a lookup that `waited` for Redis in vain, or while Redis
+        // hangs (its leader's wait may have been in vain too), the look is
+        // in process.
         let waited = waited || config.store.hangs();
         let found_at = revalidation.entry.response_time_ms;
         let (newer, tier) = newer_entry(&self.ctx, found_at, waited).await;
