@@ -424,16 +424,7 @@ async fn catch_up_waits_at_most_a_command_timeout() {
 #[tokio::test]
 async fn a_catch_up_out_of_time_tells_a_long_queue_from_a_hung_redis() {
     let redis = TestRedis::start().await;
-    let manager = RedisManager::connect(
-        redis
-            .config()
-            .command_timeout(Duration::from_millis(300))
-            .failure_threshold(50)
-            .build()
-            .expect("valid config"),
-    )
-    .await
-    .expect("manager starts");
+    let manager = hanging_manager(&redis).await;
     let gate = Arc::new(Semaphore::new(0));
     let store = Store {
         gate: Some(Arc::clone(&gate)),
@@ -467,16 +458,7 @@ async fn a_catch_up_out_of_time_tells_a_long_queue_from_a_hung_redis() {
 #[tokio::test]
 async fn a_call_redis_failed_asks_it_again_once_another_operation_has_succeeded() {
     let redis = TestRedis::start().await;
-    let manager = RedisManager::connect(
-        redis
-            .config()
-            .command_timeout(Duration::from_millis(300))
-            .failure_threshold(50)
-            .build()
-            .expect("valid config"),
-    )
-    .await
-    .expect("manager starts");
+    let manager = hanging_manager(&redis).await;
     let failover = failover(manager.clone(), Store::default());
     let key = manager.keys().key(&["x"]);
     let () = within(manager.query(redis::cmd("SET").arg(&key).arg("1")))
@@ -522,6 +504,18 @@ async fn a_call_redis_failed_asks_it_again_once_another_operation_has_succeeded(
         to_redis,
         "a read succeeded since the failure: Redis is asked"
     );
+}
+
+/// A manager that waits 300 ms for each command and keeps its breaker
+/// closed (50 failures): while Redis hangs, each call sent is one more wait.
+async fn hanging_manager(redis: &TestRedis) -> RedisManager {
+    let config = redis
+        .config()
+        .command_timeout(Duration::from_millis(300))
+        .failure_threshold(50);
+    RedisManager::connect(config.build().expect("valid config"))
+        .await
+        .expect("manager starts")
 }
 
 async fn within<T>(work: impl Future<Output = T>) -> T {

@@ -51,12 +51,12 @@ impl Fill {
         }
     }
 
-    /// The fill of a request Redis already failed (see [`Fill::waited`]):
-    /// it leads this instance's flight without the Redis lock.
-    pub(crate) fn after_waiting(guard: Option<FlightGuard>) -> Self {
+    /// The fill of a request that leads this instance's flight (`guard`),
+    /// or none, without the Redis lock; `waited`: see [`Fill::waited`].
+    pub(crate) fn unlocked(guard: Option<FlightGuard>, waited: bool) -> Self {
         Self {
             guard,
-            waited: true,
+            waited,
             ..Self::none()
         }
     }
@@ -227,7 +227,7 @@ where
                 Box::pin(self.follow_fill(flight, status, deadline, waited))
             }
             Some(Joined::Leader(guard)) if waited => {
-                Box::pin(self.forward_and_store(status, Fill::after_waiting(Some(guard))))
+                Box::pin(self.forward_and_store(status, Fill::unlocked(Some(guard), true)))
             }
             Some(Joined::Leader(guard)) => Box::pin(self.lead_fill(guard, status, deadline)),
         }
@@ -270,11 +270,7 @@ where
         {
             return Ok(serve_coalesced(config, &entry, keyed, tier));
         }
-        let fill = if waited || config.store.waited_in_vain(tier) {
-            Fill::after_waiting(None)
-        } else {
-            Fill::none()
-        };
+        let fill = Fill::unlocked(None, waited || config.store.waited_in_vain(tier));
         self.forward_and_store(status, fill).await
     }
 

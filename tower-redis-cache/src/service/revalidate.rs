@@ -87,7 +87,7 @@ where
                 self.follow(flight, revalidation, deadline, waited).await
             }
             Some(Joined::Leader(guard)) if waited => {
-                self.revalidate(revalidation, Fill::after_waiting(Some(guard)))
+                self.revalidate(revalidation, Fill::unlocked(Some(guard), true))
                     .await
             }
             Some(Joined::Leader(guard)) => self.lead(guard, revalidation, deadline).await,
@@ -129,11 +129,7 @@ where
         if let Some(newer) = newer {
             return Ok(serve_coalesced(config, &newer, keyed, tier));
         }
-        let fill = if waited || config.store.waited_in_vain(tier) {
-            Fill::after_waiting(None)
-        } else {
-            Fill::none()
-        };
+        let fill = Fill::unlocked(None, waited || config.store.waited_in_vain(tier));
         self.revalidate(revalidation, fill).await
     }
 
@@ -218,9 +214,9 @@ where
             stale_if_error,
         } = revalidation;
         // A lookup that fell back while Redis hangs: what this request
-        // stores does not ask Redis again (unless it holds the lock: Redis
-        // answered it since).
-        fill.waited |= fill.lock.is_none() && ctx.config.store.waited_in_vain(status.tier);
+        // stores does not ask Redis again (`put_caught_up` still does when
+        // it holds the lock: Redis answered it since).
+        fill.waited |= ctx.config.store.waited_in_vain(status.tier);
         // The client's own conditionals are answered here, from the result.
         make_conditional(&mut request, &entry.headers);
         let request_time = SystemTime::now();

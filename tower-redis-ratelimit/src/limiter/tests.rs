@@ -348,6 +348,23 @@ async fn on_redis() -> (tower_redis_core::testing::TestRedis, Arc<Limiter>) {
     (redis, Limiter::new(manager, Fallback::default(), MIB))
 }
 
+/// A Redis and a manager on it with this command timeout and breaker
+/// threshold.
+async fn redis_with(
+    timeout: Duration,
+    threshold: u32,
+) -> (tower_redis_core::testing::TestRedis, RedisManager) {
+    let redis = tower_redis_core::testing::TestRedis::start().await;
+    let config = redis
+        .config()
+        .command_timeout(timeout)
+        .failure_threshold(threshold);
+    let manager = RedisManager::connect(config.build().expect("valid"))
+        .await
+        .expect("starts");
+    (redis, manager)
+}
+
 /// A request with no other decision waiting takes the direct path (no
 /// batch, no yield); requests that arrive together still share calls.
 #[tokio::test]
@@ -401,17 +418,7 @@ async fn a_lone_request_is_decided_directly_and_concurrent_ones_in_batches() {
 async fn a_failed_batch_counts_once_toward_the_breaker() {
     const REQUESTS: usize = 64;
     const THRESHOLD: u32 = 16;
-    let redis = tower_redis_core::testing::TestRedis::start().await;
-    let manager = RedisManager::connect(
-        redis
-            .config()
-            .command_timeout(Duration::from_millis(150))
-            .failure_threshold(THRESHOLD)
-            .build()
-            .expect("valid"),
-    )
-    .await
-    .expect("starts");
+    let (redis, manager) = redis_with(Duration::from_millis(150), THRESHOLD).await;
     let limiter = Limiter::new(manager.clone(), Fallback::default(), MIB);
     let checks = [check(
         "batched",
@@ -464,17 +471,7 @@ async fn a_failed_batch_counts_once_toward_the_breaker() {
 #[tokio::test]
 async fn a_batch_whose_leader_is_cancelled_mid_call_answers_its_followers_once() {
     const FOLLOWERS: usize = 8;
-    let redis = tower_redis_core::testing::TestRedis::start().await;
-    let manager = RedisManager::connect(
-        redis
-            .config()
-            .command_timeout(Duration::from_secs(5))
-            .failure_threshold(50)
-            .build()
-            .expect("valid"),
-    )
-    .await
-    .expect("starts");
+    let (redis, manager) = redis_with(Duration::from_secs(5), 50).await;
     let limiter = Limiter::new(manager, Fallback::default(), MIB);
     let checks = [check(
         "cancelled",
