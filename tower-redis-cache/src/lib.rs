@@ -373,7 +373,9 @@
 //! pipeline, and a read alone is sent as it comes
 //! ([`tower_redis_core::sync::Gather`]). The operation histogram then
 //! times the pipeline once, as `PIPELINE`, and only the read that sent it
-//! has the `redis` span. On a Redis Cluster, and while Redis is
+//! has the `redis` span. A read whose request is cancelled after its
+//! pipeline was sent does not take the others' answers with it: the
+//! pipeline's call goes on. On a Redis Cluster, and while Redis is
 //! unavailable, every read goes alone. So does the lookup of a URL whose
 //! entry this instance has seen larger than 8 KiB (stored it so, or read
 //! one of its variants so: the mark covers every variant of the URL, and

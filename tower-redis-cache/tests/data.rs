@@ -1845,6 +1845,66 @@ async fn gathered_reads_fall_back_together_when_redis_stops_answering() {
     assert_eq!(misses, 20, "every read fell back to the in-process store");
 }
 
+/// A read that leads gathered reads and whose caller goes away (its
+/// request was cancelled) while their pipeline waits for a hung Redis:
+/// the pipeline's call goes on, and the others are answered from it (they
+/// fall back when it times out). They do not read again, each on its own,
+/// which would make them wait for the hung Redis a second time: the
+/// breaker counts two failed calls (the first read's and the pipeline's),
+/// where reading again made it eight.
+#[tokio::test(flavor = "current_thread")]
+async fn gathered_reads_whose_leader_is_cancelled_are_answered_by_its_call() {
+    const TIMEOUT: Duration = Duration::from_millis(500);
+    let redis = TestRedis::start().await;
+    let manager = RedisManager::connect(
+        redis
+            .config()
+            .failure_threshold(100)
+            .command_timeout(TIMEOUT)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let data = DataCache::new(manager.clone());
+    let _: Option<Product> = data.get("warm-up").await.unwrap();
+    redis.pause().await;
+    let read = |i: usize| {
+        let data = data.clone();
+        tokio::spawn(async move { data.get::<Product>(&format!("item:{i}")).await })
+    };
+    // The first goes alone; the next leads a batch, which the others join
+    // (this runtime runs the tasks in turn: each reaches Redis, or its
+    // batch, before the next starts).
+    let alone = read(0);
+    tokio::task::yield_now().await;
+    let leader = read(1);
+    let others: Vec<_> = (2..9).map(read).collect();
+    // The pipeline is sent (Redis does not answer): its leader goes.
+    tokio::time::sleep(TIMEOUT / 5).await;
+    leader.abort();
+    let started = std::time::Instant::now();
+    for other in others {
+        let value = within("a gathered read", other).await.expect("no panic");
+        assert_eq!(value.unwrap(), None, "fell back: nothing in process");
+    }
+    let waited = started.elapsed();
+    let failures = manager.health().consecutive_failures;
+    assert_eq!(
+        within("the first read", alone).await.unwrap().unwrap(),
+        None
+    );
+    redis.resume().await;
+    assert_eq!(
+        failures, 2,
+        "the calls that failed: the first read's and the pipeline's (its leader cancelled)"
+    );
+    assert!(
+        waited < TIMEOUT,
+        "answered when the pipeline timed out, {waited:?} after the leader went"
+    );
+}
+
 /// On a Redis Cluster a pipeline cannot span slots: reads there are not
 /// gathered, each goes alone to its slot's node (timed as its own `HGET`),
 /// and each caller gets its own value.

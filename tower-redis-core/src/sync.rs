@@ -1,8 +1,10 @@
 //! Locking that survives a panic elsewhere, [`Gather`]: calls that
-//! arrive together, made as one, and [`with_scratch`]: a per-thread buffer
-//! for text made on every request.
+//! arrive together, made as one, [`Finishing`]: a shared call that goes
+//! on when the request that made it is cancelled, and [`with_scratch`]: a
+//! per-thread buffer for text made on every request.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -88,13 +90,16 @@ pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// all of them (`together`, its own query first) and hands each member its
 /// answer. Batches do not wait for each other: several can be in flight.
 ///
-/// Nobody waits long for a batch that cannot answer: when the leader's
-/// future is dropped (its request was cancelled), when `together` returns
-/// fewer answers than queries, or when no answer came within `patience`
-/// (the leader's future is no longer polled, say), the members left
-/// without one make their own call (`alone`). A batch holds at most `max`
-/// members besides its leader; later calls go alone until the next batch
-/// forms.
+/// A batch whose leader's request is cancelled once the batch's call is
+/// under way still answers its members: the call goes on in a task of its
+/// own ([`Finishing`]), so that they neither make the call again nor wait
+/// for Redis twice. Nobody waits long for a batch that cannot answer: when
+/// the leader's future is dropped before the call (during its yield),
+/// when `together` returns fewer answers than queries, or when no answer
+/// came within `patience` (the leader's future is no longer polled, say),
+/// the members left without one make their own call (`alone`). A batch
+/// holds at most `max` members besides its leader; later calls go alone
+/// until the next batch forms.
 ///
 /// Under load this turns many round trips into one pipeline: one write,
 /// one reply to parse, one timer and one connection checkout for the
@@ -160,9 +165,9 @@ impl<Q, R> Gather<Q, R> {
     /// `query` builds what a batch needs of this call (only when others
     /// are in flight); `alone` makes the call by itself; `together` makes the call
     /// for a batch's queries, in order, and returns one answer per query,
-    /// in the same order. Every call's future has room for the batch's
-    /// call, which only a leader makes: where that future is large, let
-    /// `together` return it boxed.
+    /// in the same order. The batch's call owns what it needs (it may go on
+    /// in a task of its own), and is boxed: only a leader pays for it, and
+    /// its type stays out of every call's future.
     pub async fn run<AF, TF>(
         &self,
         query: impl FnOnce() -> Q,
@@ -171,7 +176,8 @@ impl<Q, R> Gather<Q, R> {
     ) -> R
     where
         AF: Future<Output = R>,
-        TF: Future<Output = Vec<R>>,
+        TF: Future<Output = Vec<R>> + Send + 'static,
+        R: Send + 'static,
     {
         let active = Active::enter(&self.active);
         if !active.was_alone()
@@ -192,7 +198,8 @@ impl<Q, R> Gather<Q, R> {
         together: impl FnOnce(Vec<Q>) -> TF,
     ) -> Option<R>
     where
-        TF: Future<Output = Vec<R>>,
+        TF: Future<Output = Vec<R>> + Send + 'static,
+        R: Send + 'static,
     {
         let query = query();
         let role = {
@@ -237,13 +244,90 @@ impl<Q, R> Gather<Q, R> {
             queries.push(member.query);
             answers.push(member.answer);
         }
-        let mut replies = together(queries).await.into_iter();
-        let own = replies.next();
-        for (answer, reply) in answers.into_iter().zip(replies) {
-            // A member whose future was dropped is fine.
-            let _ = answer.send(reply);
+        let call = together(queries);
+        Finishing::new(async move {
+            let mut replies = call.await.into_iter();
+            let own = replies.next();
+            for (answer, reply) in answers.into_iter().zip(replies) {
+                // A member whose future was dropped is fine.
+                let _ = answer.send(reply);
+            }
+            own
+        })
+        .finish()
+        .await
+    }
+}
+
+/// A call made for others besides its caller (a batch's, whose members
+/// wait for its answers), which goes on when the caller's future is
+/// dropped (its request was cancelled): it is then spawned on the current
+/// Tokio runtime and finishes in a task of its own. Making it again for
+/// the others would send it twice (a rate limit's decision would count
+/// twice) and, while Redis hangs, make them wait for it twice.
+///
+/// A call that panics is not polled again; neither is one dropped outside
+/// a runtime. Those who wait for its answers must then see their channels
+/// close.
+///
+/// ```
+/// use tower_redis_core::sync::Finishing;
+/// use tokio::sync::oneshot;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let (tell, told) = oneshot::channel();
+/// let call = Finishing::new(async move {
+///     let _ = tell.send("for the others");
+///     "for the caller"
+/// });
+/// // The caller goes away before polling it: the call still runs.
+/// drop(call);
+/// assert_eq!(told.await, Ok("for the others"));
+/// # }
+/// ```
+pub struct Finishing<T: Send + 'static> {
+    call: Pin<Box<dyn Future<Output = T> + Send>>,
+    /// The call has returned.
+    done: bool,
+}
+
+impl<T: Send + 'static> Finishing<T> {
+    /// The call `call`, not started yet.
+    pub fn new(call: impl Future<Output = T> + Send + 'static) -> Self {
+        Self {
+            call: Box::pin(call),
+            done: false,
         }
-        own
+    }
+
+    /// Runs the call to its end, and returns what it returns.
+    pub async fn finish(mut self) -> T {
+        let answer = self.call.as_mut().await;
+        self.done = true;
+        answer
+    }
+}
+
+impl<T: Send + 'static> std::fmt::Debug for Finishing<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Finishing")
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl<T: Send + 'static> Drop for Finishing<T> {
+    fn drop(&mut self) {
+        // Dropped by a panic of the call itself: it cannot be polled again.
+        if self.done || std::thread::panicking() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // What is left in its place (never polled) allocates nothing.
+            let call = std::mem::replace(&mut self.call, Box::pin(std::future::pending()));
+            runtime.spawn(call);
+        }
     }
 }
 
@@ -341,6 +425,8 @@ mod tests {
     struct Calls {
         batches: Mutex<Vec<Vec<u32>>>,
         alone: AtomicUsize,
+        /// Holds the next batch's call until it resolves.
+        held_batch: Mutex<Option<oneshot::Receiver<()>>>,
     }
 
     /// One call of `query` through `gather`: alone it answers `query * 10`
@@ -348,7 +434,7 @@ mod tests {
     /// answers the first `answered` queries of a batch at most.
     async fn call(
         gather: &Gather<u32, u32>,
-        calls: &Calls,
+        calls: &Arc<Calls>,
         query: u32,
         hold: Option<oneshot::Receiver<()>>,
         answered: usize,
@@ -363,13 +449,21 @@ mod tests {
                     }
                     query * 10
                 },
-                |queries| async move {
-                    lock(&calls.batches).push(queries.clone());
-                    queries
-                        .into_iter()
-                        .take(answered)
-                        .map(|q| q * 100)
-                        .collect()
+                |queries| {
+                    let calls = Arc::clone(calls);
+                    async move {
+                        lock(&calls.batches).push(queries.clone());
+                        // A batch's call in flight until the test lets it go.
+                        let held = lock(&calls.held_batch).take();
+                        if let Some(held) = held {
+                            let _ = held.await;
+                        }
+                        queries
+                            .into_iter()
+                            .take(answered)
+                            .map(|q| q * 100)
+                            .collect()
+                    }
                 },
             )
             .await
@@ -410,7 +504,7 @@ mod tests {
     /// yield, and is not polled again unless its caller does.
     async fn leading_in_its_yield<'a>(
         gather: &'a Gather<u32, u32>,
-        calls: &'a Calls,
+        calls: &'a Arc<Calls>,
     ) -> std::pin::Pin<Box<impl Future<Output = u32> + 'a>> {
         let mut leader = Box::pin(call(gather, calls, 2, None, usize::MAX));
         let polled =
@@ -457,7 +551,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_call_alone_takes_its_own_path() {
-        let (gather, calls) = (Gather::new(8, PATIENCE), Calls::default());
+        let (gather, calls) = (Gather::new(8, PATIENCE), Arc::new(Calls::default()));
         assert_eq!(call(&gather, &calls, 7, None, usize::MAX).await, 70);
         assert_eq!(call(&gather, &calls, 8, None, usize::MAX).await, 80);
         assert_eq!(calls.alone.load(Ordering::SeqCst), 2);
@@ -547,6 +641,38 @@ mod tests {
         let answers = answers(members).await;
         assert_eq!(answers, [30, 40]);
         assert!(lock(&calls.batches).is_empty());
+        drop(release);
+        first.await.expect("no panic");
+    }
+
+    /// A leader whose request is cancelled while its batch's call is under
+    /// way: the call goes on without it and answers the members, who make
+    /// no call of their own (while Redis hangs, that call would make them
+    /// wait a second command timeout).
+    #[tokio::test(flavor = "current_thread")]
+    async fn members_of_a_batch_whose_leader_is_dropped_mid_call_get_the_batch_s_answers() {
+        let (gather, calls, release, first) = one_in_flight(8).await;
+        let (let_go, held) = oneshot::channel();
+        *lock(&calls.held_batch) = Some(held);
+        let leader = leading_in_its_yield(&gather, &calls).await;
+        let members = spawn_calls(&gather, &calls, 3..=4, usize::MAX);
+        settle().await;
+        // The leader is polled on: it closes the batch and makes its call,
+        // which waits.
+        let mut leader = leader;
+        let polled =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(leader.as_mut().poll(cx))).await;
+        assert!(polled.is_pending(), "the batch's call is under way");
+        assert_eq!(*lock(&calls.batches), [vec![2, 3, 4]]);
+        // Its request is cancelled, then the call is answered.
+        drop(leader);
+        let _ = let_go.send(());
+        assert_eq!(answers(members).await, [300, 400]);
+        assert_eq!(
+            calls.alone.load(Ordering::SeqCst),
+            1,
+            "only the first call went alone"
+        );
         drop(release);
         first.await.expect("no panic");
     }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
@@ -93,11 +94,15 @@ impl<C: Codec> DataCache<C> {
             return Ok(value);
         }
         let span = tracing::debug_span!(target: "tower_redis_cache", "data", key);
-        Box::pin(tower_redis_core::in_span(
+        // Boxed as a trait object: the handler future that awaits this one
+        // is `Send` by these bounds, with no need for the compiler to look
+        // through every future inside (deep enough to pass its recursion
+        // limit in an axum handler).
+        let make: BoxFuture<'_, Result<T, DataError<E>>> = Box::pin(tower_redis_core::in_span(
             span,
             self.get_or_make(key, options, factory),
-        ))
-        .await
+        ));
+        make.await
     }
 
     async fn get_or_make<T, E, F, Fut>(

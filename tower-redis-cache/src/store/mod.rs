@@ -382,6 +382,23 @@ pub(crate) const LARGE_ENTRY_BYTES: u32 = 8 * 1024;
 /// unhealthy (`LOADING`, `MASTERDOWN`, …): that one fails the pipeline's
 /// run, so that the breaker counts it as it would count a read's own. A
 /// command's own error (a wrong type) stays in its reply, its reader's.
+/// Runs a read on `tracking`'s connection when there is one, else on the
+/// manager's (see `CacheStore::on_reads`).
+async fn read_on<T, F, Fut>(
+    tracking: Option<&tower_redis_core::Tracking>,
+    manager: &RedisManager,
+    op: F,
+) -> Result<T, tower_redis_core::Error>
+where
+    F: FnOnce(RedisConnection) -> Fut,
+    Fut: Future<Output = RedisResult<T>>,
+{
+    match tracking {
+        Some(tracking) => tracking.run(op).await,
+        None => manager.run(op).await,
+    }
+}
+
 fn healthy(replies: Vec<Value>) -> RedisResult<Vec<Value>> {
     for reply in &replies {
         if let Value::ServerError(_) = reply
@@ -597,10 +614,7 @@ impl CacheStore {
         F: FnOnce(RedisConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        match self.bus.tracking() {
-            Some(tracking) => tracking.run(op).await,
-            None => redis.manager.run(op).await,
-        }
+        read_on(self.bus.tracking(), &redis.manager, op).await
     }
 
     /// The reply to one read command (`command(query)`), as
@@ -644,21 +658,21 @@ impl CacheStore {
             // leader pipelines the commands as they are.
             move || command(query),
             read_alone,
-            // Boxed, as a trait object: only a batch's leader pays for
-            // the batch's call (and its type stays out of every read's).
-            move |commands| -> BoxFuture<'a, Vec<Result<Value, tower_redis_core::Error>>> {
-                Box::pin(async move {
+            // The batch's call owns what it reads with (it goes on when
+            // its leader is cancelled); only a leader clones them.
+            move |commands| {
+                let (bus, manager) = (Arc::clone(&self.bus), redis.manager.clone());
+                async move {
                     let count = commands.len();
-                    let replies = self
-                        .on_reads(redis, |conn| async move {
-                            healthy(redis_store::run_commands(conn, commands).await?)
-                        })
-                        .await;
+                    let read = |conn| async move {
+                        healthy(redis_store::run_commands(conn, commands).await?)
+                    };
+                    let replies = read_on(bus.tracking(), &manager, read).await;
                     match replies {
                         Ok(replies) => replies.into_iter().map(Ok).collect(),
                         Err(error) => (0..count).map(|_| Err(error.clone())).collect(),
                     }
-                })
+                }
             },
         ))
     }

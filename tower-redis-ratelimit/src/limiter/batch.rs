@@ -11,13 +11,11 @@
 //! several can be in flight at once. A batch whose leader's request is
 //! cancelled still answers its followers: its call goes on without it.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio::sync::oneshot;
-use tower_redis_core::sync::lock;
+use tower_redis_core::sync::{Finishing, lock};
 
 use super::{Check, Limiter, Query, Verdict};
 
@@ -73,10 +71,12 @@ impl Limiter {
             return self.decide_alone(checks, cost).await;
         }
         // The call owns what it decides, and answers the followers itself,
-        // so that it can go on without the leader (see `InFlight`).
+        // so that it goes on without the leader: deciding them again would
+        // count them twice (the script may have run for them already) and,
+        // while Redis hangs, make them wait a second command timeout.
         let limiter = Arc::clone(self);
         let own = checks.to_vec();
-        let call: BatchCall = Box::pin(async move {
+        Finishing::new(async move {
             let mut requests: Vec<Query<'_>> = Vec::with_capacity(1 + followers.len());
             requests.push((own.as_slice(), cost));
             requests.extend(followers.iter().map(|w| (w.checks.as_slice(), w.cost)));
@@ -89,11 +89,10 @@ impl Limiter {
                 let _ = waiting.reply.send(verdict);
             }
             mine
-        });
-        InFlight(Some(call))
-            .finish()
-            .await
-            .unwrap_or_else(|| Verdict::fail_open(checks))
+        })
+        .finish()
+        .await
+        .unwrap_or_else(|| Verdict::fail_open(checks))
     }
 
     /// Joins the batch being formed, or starts one.
@@ -114,47 +113,6 @@ impl Limiter {
                 batch.forming = Some(Vec::new());
                 Role::Lead
             }
-        }
-    }
-}
-
-/// A batch's call, owning its requests: it answers the followers, and
-/// returns the leader's verdict.
-type BatchCall = Pin<Box<dyn Future<Output = Option<Verdict>> + Send>>;
-
-/// A batch's call under way. Its followers are answered from it even when
-/// the leader's request is cancelled meanwhile: the call then goes on in a
-/// task of its own. Deciding them again would count them twice (the
-/// script may have run for them already) and, while Redis hangs, make
-/// them wait a second command timeout.
-struct InFlight(Option<BatchCall>);
-
-impl InFlight {
-    /// The leader's verdict, once the followers have theirs.
-    async fn finish(mut self) -> Option<Verdict> {
-        let verdict = match self.0.as_mut() {
-            Some(call) => call.await,
-            None => None,
-        };
-        self.0 = None;
-        verdict
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let Some(call) = self.0.take() else {
-            return;
-        };
-        // Dropped by a panic of the call itself: it cannot be polled again,
-        // and the followers decide alone.
-        if std::thread::panicking() {
-            return;
-        }
-        // Without a runtime the followers' channels close and each of them
-        // decides alone.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(call);
         }
     }
 }
