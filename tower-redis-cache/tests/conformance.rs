@@ -1762,6 +1762,67 @@ async fn while_redis_hangs_a_revalidation_or_a_range_completion_waits_for_it_one
     f.redis.resume().await;
 }
 
+/// RFC 5861 while Redis hangs: a stale entry served while it is refreshed
+/// in the background, after a lookup that timed out (the entry is in the
+/// in-process store). The refresh asks the origin at once: it asks Redis
+/// for no fill lock, which would make it wait one more command timeout
+/// first (this instance refreshes for itself).
+#[tokio::test]
+async fn while_redis_hangs_a_background_refresh_asks_for_no_lock() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let f = Fixture::with_redis(
+        |config| config.command_timeout(TIMEOUT).failure_threshold(50),
+        |b| b,
+    )
+    .await;
+    f.on("/swr", |n, _| {
+        let answer = n.to_string();
+        respond(
+            200,
+            &[
+                ("cache-control", "max-age=1, stale-while-revalidate=600"),
+                ("x-answer", &answer),
+            ],
+            "swr",
+        )
+    });
+    f.redis.pause().await;
+    // A miss while Redis hangs: stored in process.
+    let stored = f.get("/swr", &[]).await;
+    assert_eq!(stored.header("x-answer"), Some("1"));
+    settle(&f.layer).await;
+    // Stale after its second of freshness (the age counts whole seconds).
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    // Not `f.get`, which waits for the refresh's write.
+    let stale = send(&f.app, "GET", "/swr", &[]).await;
+    let served = Instant::now();
+    assert_eq!(
+        (stale.status, stale.header("x-answer")),
+        (200, Some("1")),
+        "{}",
+        stale.cache_status()
+    );
+    assert!(
+        stale.cache_status().contains("fwd=stale"),
+        "served stale: {}",
+        stale.cache_status()
+    );
+    let deadline = served + Duration::from_secs(10);
+    while f.calls("/swr") < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the refresh never asked the origin"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let refreshed_after = served.elapsed();
+    f.redis.resume().await;
+    assert!(
+        refreshed_after < TIMEOUT / 2,
+        "the background refresh asked the origin {refreshed_after:?} after the stale answer"
+    );
+}
+
 /// RFC 9111 §3.3 with §4.1 and the layer's tags and size limit: a partial
 /// entry is one variant among a URL's (`Vary`), carries its response's tags
 /// (a purge removes it like any entry), and is stored only within

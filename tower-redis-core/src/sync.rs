@@ -254,7 +254,6 @@ impl<Q, R> Gather<Q, R> {
             }
             own
         })
-        .finish()
         .await
     }
 }
@@ -262,7 +261,7 @@ impl<Q, R> Gather<Q, R> {
 /// A call made for others besides its caller (a batch's, whose members
 /// wait for its answers), which goes on when the caller's future is
 /// dropped (its request was cancelled): it is then spawned on the current
-/// Tokio runtime and finishes in a task of its own. Making it again for
+/// Tokio runtime and finishes in a task of its own. Await it to run it. Making it again for
 /// the others would send it twice (a rate limit's decision would count
 /// twice) and, while Redis hangs, make them wait for it twice.
 ///
@@ -300,12 +299,16 @@ impl<T: Send + 'static> Finishing<T> {
             done: false,
         }
     }
+}
 
-    /// Runs the call to its end, and returns what it returns.
-    pub async fn finish(mut self) -> T {
-        let answer = self.call.as_mut().await;
+/// Awaiting it runs the call to its end, and answers what it returns.
+impl<T: Send + 'static> Future for Finishing<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
+        let answer = std::task::ready!(self.call.as_mut().poll(cx));
         self.done = true;
-        answer
+        std::task::Poll::Ready(answer)
     }
 }
 

@@ -331,6 +331,61 @@ async fn hang_under_load_with_the_pooled_connection_dropped_no_caller_waits_past
     assert_eq!(incr(&manager).await.source, Source::Redis);
 }
 
+/// The client's own timeouts count as a wait for a hung Redis, as the
+/// manager's command timeout does: here a new connection's, whose connect
+/// timeout is shorter than the command timeout, after Redis closed the
+/// pooled connection and hung. `is_hanging` is what tells the layers not
+/// to ask Redis again for a request it has already failed.
+#[tokio::test]
+async fn a_new_connection_that_times_out_says_redis_hangs() {
+    const CONNECT: Duration = Duration::from_millis(300);
+    let redis = TestRedis::start().await;
+    let config = redis
+        .config()
+        .command_timeout(Duration::from_secs(3))
+        .connect_timeout(CONNECT)
+        .failure_threshold(50)
+        .build()
+        .expect("valid config");
+    let manager = RedisManager::connect(config).await.expect("manager starts");
+    assert_eq!(incr(&manager).await.source, Source::Redis);
+    let mut admin = redis.connection().await.expect("admin connection");
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut admin)
+        .await
+        .expect("CLIENT KILL");
+    assert!(killed >= 1, "the manager's connection was closed");
+    redis.pause().await;
+    // The first operation may find the closed connection (an error at
+    // once, which is no hang); a later one connects anew, and waits.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let waited = loop {
+        let started = Instant::now();
+        let served = incr(&manager).await;
+        let waited = started.elapsed();
+        assert!(served.is_fallback(), "Redis is hung: {:?}", served.source);
+        if waited >= CONNECT / 2 {
+            break waited;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no operation waited for a new connection"
+        );
+    };
+    let hanging = manager.is_hanging();
+    redis.resume().await;
+    assert!(
+        waited < Duration::from_secs(2),
+        "the connect timeout ended the wait, not the command timeout: {waited:?}"
+    );
+    assert!(hanging, "a connection that timed out says Redis hangs");
+}
+
 #[tokio::test]
 async fn hung_redis_times_out_opens_and_closes_after_resume() {
     let redis = TestRedis::start().await;

@@ -605,16 +605,19 @@ impl CacheStore {
     /// Runs a read on the tracking connection when the near tier follows
     /// tracking (so that Redis tells this instance when what it read
     /// changes), else on the pool.
-    async fn on_reads<T, F, Fut>(
-        &self,
-        redis: &RedisStore,
+    /// Not an `async fn`, which would hold its arguments beside
+    /// `read_on`'s future, which holds them too.
+    fn on_reads<'a, T, F, Fut>(
+        &'a self,
+        redis: &'a RedisStore,
         op: F,
-    ) -> Result<T, tower_redis_core::Error>
+    ) -> impl Future<Output = Result<T, tower_redis_core::Error>> + 'a
     where
-        F: FnOnce(RedisConnection) -> Fut,
-        Fut: Future<Output = RedisResult<T>>,
+        F: FnOnce(RedisConnection) -> Fut + 'a,
+        Fut: Future<Output = RedisResult<T>> + 'a,
+        T: 'a,
     {
-        read_on(self.bus.tracking(), &redis.manager, op).await
+        read_on(self.bus.tracking(), &redis.manager, op)
     }
 
     /// The reply to one read command (`command(query)`), as

@@ -90,7 +90,6 @@ impl Limiter {
             }
             mine
         })
-        .finish()
         .await
         .unwrap_or_else(|| Verdict::fail_open(checks))
     }
