@@ -92,8 +92,8 @@ pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 ///
 /// A batch whose leader's request is cancelled once the batch's call is
 /// under way still answers its members: the call goes on in a task of its
-/// own ([`Finishing`]), so that they neither make the call again nor wait
-/// for Redis twice. Nobody waits long for a batch that cannot answer: when
+/// own ([`Finishing`], within a Tokio runtime), so that they neither make
+/// the call again nor wait for Redis twice. Nobody waits long for a batch that cannot answer: when
 /// the leader's future is dropped before the call (during its yield),
 /// when `together` returns fewer answers than queries, or when no answer
 /// came within `patience` (the leader's future is no longer polled, say),
@@ -260,14 +260,15 @@ impl<Q, R> Gather<Q, R> {
 
 /// A call made for others besides its caller (a batch's, whose members
 /// wait for its answers), which goes on when the caller's future is
-/// dropped (its request was cancelled): it is then spawned on the current
-/// Tokio runtime and finishes in a task of its own. Await it to run it. Making it again for
-/// the others would send it twice (a rate limit's decision would count
-/// twice) and, while Redis hangs, make them wait for it twice.
+/// dropped (its request was cancelled): it is then spawned on the Tokio
+/// runtime it is dropped in, and finishes in a task of its own. Making it
+/// again for the others would send it twice (a rate limit's decision
+/// would count twice) and, while Redis hangs, make them wait for it twice.
+/// Await it to run it.
 ///
-/// A call that panics is not polled again; neither is one dropped outside
-/// a runtime. Those who wait for its answers must then see their channels
-/// close.
+/// A call whose poll panicked is not polled again, even when the panic was
+/// caught; neither is one dropped outside a runtime. Those who wait for its
+/// answers then see their channels close.
 ///
 /// ```
 /// use tower_redis_core::sync::Finishing;
@@ -286,17 +287,18 @@ impl<Q, R> Gather<Q, R> {
 /// # }
 /// ```
 pub struct Finishing<T: Send + 'static> {
-    call: Pin<Box<dyn Future<Output = T> + Send>>,
-    /// The call has returned.
-    done: bool,
+    /// The call, until it has returned.
+    call: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
+    /// Set while the call is polled: still set when the poll unwound.
+    polling: bool,
 }
 
 impl<T: Send + 'static> Finishing<T> {
     /// The call `call`, not started yet.
     pub fn new(call: impl Future<Output = T> + Send + 'static) -> Self {
         Self {
-            call: Box::pin(call),
-            done: false,
+            call: Some(Box::pin(call)),
+            polling: false,
         }
     }
 }
@@ -306,8 +308,16 @@ impl<T: Send + 'static> Future for Finishing<T> {
     type Output = T;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
-        let answer = std::task::ready!(self.call.as_mut().poll(cx));
-        self.done = true;
+        let this = &mut *self;
+        let Some(call) = this.call.as_mut() else {
+            // Polled again after its answer: it has nothing more to give.
+            return std::task::Poll::Pending;
+        };
+        this.polling = true;
+        let polled = call.as_mut().poll(cx);
+        this.polling = false;
+        let answer = std::task::ready!(polled);
+        this.call = None;
         std::task::Poll::Ready(answer)
     }
 }
@@ -315,20 +325,21 @@ impl<T: Send + 'static> Future for Finishing<T> {
 impl<T: Send + 'static> std::fmt::Debug for Finishing<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Finishing")
-            .field("done", &self.done)
+            .field("under_way", &self.call.is_some())
             .finish()
     }
 }
 
 impl<T: Send + 'static> Drop for Finishing<T> {
     fn drop(&mut self) {
-        // Dropped by a panic of the call itself: it cannot be polled again.
-        if self.done || std::thread::panicking() {
+        // A poll of the call that unwound (a panic in it): it cannot be
+        // polled again.
+        if self.polling {
             return;
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            // What is left in its place (never polled) allocates nothing.
-            let call = std::mem::replace(&mut self.call, Box::pin(std::future::pending()));
+        if let Some(call) = self.call.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
             runtime.spawn(call);
         }
     }
@@ -678,6 +689,48 @@ mod tests {
         );
         drop(release);
         first.await.expect("no panic");
+    }
+
+    /// A call whose poll panicked is not spawned when it is dropped, even
+    /// after the panic was caught (as `CatchPanicLayer` would) and nothing
+    /// is unwinding any more: it would be polled again. One dropped
+    /// between polls is spawned, and finishes.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_finishing_call_whose_poll_panicked_is_not_polled_again() {
+        /// Panics on its first poll, answers on the next.
+        struct PanicsOnce(Arc<AtomicUsize>);
+        impl Future for PanicsOnce {
+            type Output = ();
+            fn poll(self: Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+                if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("the call panics");
+                }
+                std::task::Poll::Ready(())
+            }
+        }
+        let polls = Arc::new(AtomicUsize::new(0));
+        let mut call = Finishing::new(PanicsOnce(Arc::clone(&polls)));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = Pin::new(&mut call).poll(&mut cx);
+        }));
+        assert!(caught.is_err(), "the poll panicked");
+        drop(call);
+        settle().await;
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "not polled again");
+
+        // Between polls: spawned, and polled to its end.
+        let (tell, told) = oneshot::channel();
+        let mut call = Finishing::new(async move {
+            tokio::task::yield_now().await;
+            let _ = tell.send(());
+        });
+        assert!(Pin::new(&mut call).poll(&mut cx).is_pending());
+        drop(call);
+        tokio::time::timeout(Duration::from_secs(10), told)
+            .await
+            .expect("finished in its own task")
+            .expect("answered");
     }
 
     /// At once: on tokio's paused clock, no member waits out its patience.

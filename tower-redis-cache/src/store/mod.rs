@@ -378,27 +378,30 @@ const MAX_GATHERED_READS: usize = 255;
 /// 1–6 % slower with 4 KiB ones.
 pub(crate) const LARGE_ENTRY_BYTES: u32 = 8 * 1024;
 
+/// Runs a read on `tracking`'s connection when there is one, else on the
+/// manager's (see `CacheStore::on_reads`). Not an `async fn`, which would
+/// hold `op` beside the future that holds it too.
+fn read_on<'a, T, F, Fut>(
+    tracking: Option<&'a tower_redis_core::Tracking>,
+    manager: &'a RedisManager,
+    op: F,
+) -> impl Future<Output = Result<T, tower_redis_core::Error>> + 'a
+where
+    F: FnOnce(RedisConnection) -> Fut + 'a,
+    Fut: Future<Output = RedisResult<T>> + 'a,
+    T: 'a,
+{
+    use futures_util::future::Either;
+    match tracking {
+        Some(tracking) => Either::Left(tracking.run(op)),
+        None => Either::Right(manager.run(op)),
+    }
+}
+
 /// A pipeline's replies, or the first error among them that says Redis is
 /// unhealthy (`LOADING`, `MASTERDOWN`, …): that one fails the pipeline's
 /// run, so that the breaker counts it as it would count a read's own. A
 /// command's own error (a wrong type) stays in its reply, its reader's.
-/// Runs a read on `tracking`'s connection when there is one, else on the
-/// manager's (see `CacheStore::on_reads`).
-async fn read_on<T, F, Fut>(
-    tracking: Option<&tower_redis_core::Tracking>,
-    manager: &RedisManager,
-    op: F,
-) -> Result<T, tower_redis_core::Error>
-where
-    F: FnOnce(RedisConnection) -> Fut,
-    Fut: Future<Output = RedisResult<T>>,
-{
-    match tracking {
-        Some(tracking) => tracking.run(op).await,
-        None => manager.run(op).await,
-    }
-}
-
 fn healthy(replies: Vec<Value>) -> RedisResult<Vec<Value>> {
     for reply in &replies {
         if let Value::ServerError(_) = reply
