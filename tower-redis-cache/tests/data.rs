@@ -1856,16 +1856,7 @@ async fn gathered_reads_fall_back_together_when_redis_stops_answering() {
 async fn gathered_reads_whose_leader_is_cancelled_are_answered_by_its_call() {
     const TIMEOUT: Duration = Duration::from_secs(1);
     let redis = TestRedis::start().await;
-    let manager = RedisManager::connect(
-        redis
-            .config()
-            .failure_threshold(100)
-            .command_timeout(TIMEOUT)
-            .build()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let manager = hanging_manager(&redis, TIMEOUT).await;
     let data = DataCache::new(manager.clone());
     let _: Option<Product> = data.get("warm-up").await.unwrap();
     redis.pause().await;
@@ -2117,15 +2108,18 @@ async fn a_purge_of_more_urls_than_it_notes_empties_the_near_tier() {
 /// its breaker closed (50 failures): while Redis hangs, each call sent is
 /// one more wait.
 async fn hanging_data(redis: &TestRedis, timeout: Duration) -> DataCache {
+    DataCache::new(hanging_manager(redis, timeout).await)
+}
+
+/// The manager of [`hanging_data`].
+async fn hanging_manager(redis: &TestRedis, timeout: Duration) -> RedisManager {
     let config = redis
         .config()
         .failure_threshold(50)
         .command_timeout(timeout);
-    DataCache::new(
-        RedisManager::connect(config.build().unwrap())
-            .await
-            .unwrap(),
-    )
+    RedisManager::connect(config.build().unwrap())
+        .await
+        .unwrap()
 }
 
 /// While Redis hangs and the breaker has not opened yet, a miss of

@@ -118,6 +118,22 @@ async fn incr(manager: &RedisManager) -> Served<i64> {
         .await
 }
 
+/// Redis closes every client connection but the one that asks (the
+/// manager's pooled one among them).
+async fn close_the_managers_connections(redis: &TestRedis) {
+    let mut admin = redis.connection().await.expect("admin connection");
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut admin)
+        .await
+        .expect("CLIENT KILL");
+    assert!(killed >= 1, "the manager's connection was closed");
+}
+
 async fn wait_for_state(manager: &RedisManager, state: BreakerState) {
     wait_for_breaker(manager, state, RECOVERY).await;
 }
@@ -267,17 +283,7 @@ async fn hang_under_load_with_the_pooled_connection_dropped_no_caller_waits_past
     let mut opened = manager.subscribe();
 
     // Redis closes the manager's pooled connection, then hangs.
-    let mut admin = redis.connection().await.expect("admin connection");
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("normal")
-        .arg("SKIPME")
-        .arg("yes")
-        .query_async(&mut admin)
-        .await
-        .expect("CLIENT KILL");
-    assert!(killed >= 1, "the manager's connection was closed");
+    close_the_managers_connections(&redis).await;
     redis.pause().await;
 
     let stalls = Stalls::start();
@@ -349,17 +355,7 @@ async fn a_new_connection_that_times_out_says_redis_hangs() {
         .expect("valid config");
     let manager = RedisManager::connect(config).await.expect("manager starts");
     assert_eq!(incr(&manager).await.source, Source::Redis);
-    let mut admin = redis.connection().await.expect("admin connection");
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("normal")
-        .arg("SKIPME")
-        .arg("yes")
-        .query_async(&mut admin)
-        .await
-        .expect("CLIENT KILL");
-    assert!(killed >= 1, "the manager's connection was closed");
+    close_the_managers_connections(&redis).await;
     redis.pause().await;
     // The first operation may find the closed connection (an error at
     // once, which is no hang); a later one connects anew, and waits.
