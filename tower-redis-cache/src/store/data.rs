@@ -360,8 +360,12 @@ impl CacheStore {
             Ok(entry) if crate::data::value::lacks_its_marks(&entry) => {
                 // Boxed: only a value stored by an earlier version pays for it.
                 Found::Entry(
-                    Box::pin(self.on_reads(redis, |conn| with_the_hash_mark(conn, &key, entry)))
-                        .await?,
+                    Box::pin(super::read_on(
+                        self.bus.tracking(),
+                        &redis.manager,
+                        |conn| with_the_hash_mark(conn, &key, entry),
+                    ))
+                    .await?,
                 )
             }
             Ok(entry) => Found::Entry(entry),

@@ -378,10 +378,11 @@ const MAX_GATHERED_READS: usize = 255;
 /// 1–6 % slower with 4 KiB ones.
 pub(crate) const LARGE_ENTRY_BYTES: u32 = 8 * 1024;
 
-/// Runs a read on `tracking`'s connection when there is one, else on the
-/// manager's (see `CacheStore::on_reads`). Not an `async fn`, which would
-/// hold `op` beside the future that holds it too.
-fn read_on<'a, T, F, Fut>(
+/// Runs a read on the tracking connection (`tracking`: the bus's, when the
+/// near tier follows tracking, so that Redis tells this instance when what
+/// it read changes), else on the manager's pool. Not an `async fn`, which
+/// would hold `op` beside the future that holds it too.
+pub(crate) fn read_on<'a, T, F, Fut>(
     tracking: Option<&'a tower_redis_core::Tracking>,
     manager: &'a RedisManager,
     op: F,
@@ -549,7 +550,7 @@ impl CacheStore {
         Either::Left(self.read_primary(redis, url_hash, request, extra, vary_hint, alone))
     }
 
-    /// A lookup on the primary ([`on_reads`](Self::on_reads)). With a
+    /// A lookup on the primary ([`read_on`]). With a
     /// `Vary` hint it is one `HMGET`, sent together with the lookups that
     /// arrive with it ([`read_gathered`](Self::read_gathered)), or on its
     /// own when `alone` (a large entry, [`LARGE_ENTRY_BYTES`]); the lookup
@@ -595,36 +596,28 @@ impl CacheStore {
         request: &'a HeaderMap,
         extra: &'a str,
     ) -> BoxFuture<'a, Result<(Found, Option<String>), tower_redis_core::Error>> {
-        Box::pin(self.on_reads(redis, move |conn| async move {
-            redis_store::lookup_by_script(conn, &key, request, extra, redis_store::Reads::Primary)
+        Box::pin(read_on(
+            self.bus.tracking(),
+            &redis.manager,
+            move |conn| async move {
+                redis_store::lookup_by_script(
+                    conn,
+                    &key,
+                    request,
+                    extra,
+                    redis_store::Reads::Primary,
+                )
                 .await
-        }))
+            },
+        ))
     }
 
     fn memory(&self) -> &MemoryStore {
         self.failover.memory()
     }
 
-    /// Runs a read on the tracking connection when the near tier follows
-    /// tracking (so that Redis tells this instance when what it read
-    /// changes), else on the pool.
-    /// Not an `async fn`, which would hold its arguments beside
-    /// `read_on`'s future, which holds them too.
-    fn on_reads<'a, T, F, Fut>(
-        &'a self,
-        redis: &'a RedisStore,
-        op: F,
-    ) -> impl Future<Output = Result<T, tower_redis_core::Error>> + 'a
-    where
-        F: FnOnce(RedisConnection) -> Fut + 'a,
-        Fut: Future<Output = RedisResult<T>> + 'a,
-        T: 'a,
-    {
-        read_on(self.bus.tracking(), &redis.manager, op)
-    }
-
     /// The reply to one read command (`command(query)`), as
-    /// [`on_reads`](Self::on_reads) runs it: alone, or, when other reads
+    /// [`read_on`] runs it: alone, or, when other reads
     /// of `reads` are in flight, with those that arrive with it in one
     /// pipeline. Each
     /// caller parses its own reply; a failed call is every caller's error.
@@ -647,11 +640,15 @@ impl CacheStore {
         // An error reply fails the read inside the run, so that the breaker
         // counts it by its kind, as any command's.
         let read_alone = move || {
-            self.on_reads(redis, move |mut conn| async move {
-                conn.req_packed_command(&command(query))
-                    .await?
-                    .extract_error()
-            })
+            read_on(
+                self.bus.tracking(),
+                &redis.manager,
+                move |mut conn| async move {
+                    conn.req_packed_command(&command(query))
+                        .await?
+                        .extract_error()
+                },
+            )
         };
         if alone || !redis.manager.is_available() || redis.manager.is_cluster() {
             // Nothing to share: while Redis is unavailable the breaker
