@@ -93,13 +93,15 @@ pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A batch whose leader's request is cancelled once the batch's call is
 /// under way still answers its members: the call goes on in a task of its
 /// own ([`Finishing`], within a Tokio runtime), so that they neither make
-/// the call again nor wait for Redis twice. Nobody waits long for a batch that cannot answer: when
-/// the leader's future is dropped before the call (during its yield),
-/// when `together` returns fewer answers than queries, or when no answer
-/// came within `patience` (the leader's future is no longer polled, say),
-/// the members left without one make their own call (`alone`). A batch
-/// holds at most `max` members besides its leader; later calls go alone
-/// until the next batch forms.
+/// the call again nor wait for Redis twice.
+///
+/// Nobody waits long for a batch that cannot answer: when the leader's
+/// future is dropped before the call (during its yield), when `together`
+/// returns fewer answers than queries, or when no answer came within
+/// `patience` (the leader's future is no longer polled, say), the members
+/// left without one make their own call (`alone`). A batch holds at most
+/// `max` members besides its leader; later calls go alone until the next
+/// batch forms.
 ///
 /// Under load this turns many round trips into one pipeline: one write,
 /// one reply to parse, one timer and one connection checkout for the
@@ -163,11 +165,11 @@ impl<Q, R> Gather<Q, R> {
     /// Makes one call: alone when no other is in flight, else in a batch.
     ///
     /// `query` builds what a batch needs of this call (only when others
-    /// are in flight); `alone` makes the call by itself; `together` makes the call
-    /// for a batch's queries, in order, and returns one answer per query,
-    /// in the same order. The batch's call owns what it needs (it may go on
-    /// in a task of its own), and is boxed: only a leader pays for it, and
-    /// its type stays out of every call's future.
+    /// are in flight); `alone` makes the call by itself; `together` makes
+    /// the call for a batch's queries, in order, and returns one answer per
+    /// query, in the same order. The batch's call owns what it needs (it
+    /// may go on in a task of its own), and is boxed: only a leader pays
+    /// for it, and its type stays out of every call's future.
     pub async fn run<AF, TF>(
         &self,
         query: impl FnOnce() -> Q,
