@@ -1105,13 +1105,7 @@ async fn kill_tracking(redis: &TestRedis, instance: &Instance) {
         })
         .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
     {
-        let _: () = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("ID")
-            .arg(id)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        redis.kill_clients("ID", id).await.unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while tracking.flushes() <= flushes {
@@ -1301,13 +1295,7 @@ async fn the_near_cache_is_not_trusted_across_a_lost_pubsub_connection() {
     // Change the entry behind the near cache's back, and cut its messages.
     let mut conn = redis.connection().await.unwrap();
     let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
-    let _: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    redis.kill_clients("TYPE", "pubsub").await.unwrap();
     wait_for_subscribers(&redis, 1).await;
     let after = get(&a.app, "/item/1").await;
     assert!(

@@ -121,14 +121,8 @@ async fn incr(manager: &RedisManager) -> Served<i64> {
 /// Redis closes every client connection but the one that asks (the
 /// manager's pooled one among them).
 async fn close_the_managers_connections(redis: &TestRedis) {
-    let mut admin = redis.connection().await.expect("admin connection");
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("normal")
-        .arg("SKIPME")
-        .arg("yes")
-        .query_async(&mut admin)
+    let killed = redis
+        .kill_clients("TYPE", "normal")
         .await
         .expect("CLIENT KILL");
     assert!(killed >= 1, "the manager's connection was closed");

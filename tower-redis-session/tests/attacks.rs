@@ -1594,12 +1594,8 @@ async fn delete_session_of(redis: &TestRedis, user: &str) {
 /// Closes every pub/sub connection: the instances subscribe again (and
 /// miss what was announced meanwhile).
 async fn kill_subscriptions(redis: &TestRedis) {
-    let mut conn = redis.connection().await.expect("connection");
-    let _: u64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
+    redis
+        .kill_clients("TYPE", "pubsub")
         .await
         .expect("CLIENT KILL");
 }

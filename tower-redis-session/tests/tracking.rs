@@ -440,13 +440,7 @@ async fn a_killed_tracking_connection_drops_the_copies_at_once() {
     assert_eq!(tracking_ids.len(), 2, "{clients}");
     let flushes = b.tracking().flushes();
     for id in &tracking_ids {
-        let _: () = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("ID")
-            .arg(id)
-            .query_async(&mut conn)
-            .await
-            .expect("CLIENT KILL");
+        redis.kill_clients("ID", id).await.expect("CLIENT KILL");
     }
     b.wait_flush(flushes).await;
     assert_eq!(b.tracked_bytes(), 0, "copies dropped with the connection");

@@ -412,6 +412,22 @@ impl TestRedis {
         Ok(())
     }
 
+    /// `CLIENT KILL <filter> <value> SKIPME yes`: closes the client
+    /// connections that match (`"TYPE", "pubsub"`, `"ID", "12"`, …) but
+    /// the one that asks, and answers how many it closed.
+    pub async fn kill_clients(&self, filter: &str, value: &str) -> Result<u64, TestRedisError> {
+        let mut conn = self.connection().await?;
+        let killed: u64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg(filter)
+            .arg(value)
+            .arg("SKIPME")
+            .arg("yes")
+            .query_async(&mut conn)
+            .await?;
+        Ok(killed)
+    }
+
     /// `FLUSHALL`.
     pub async fn flush_all(&self) -> Result<(), TestRedisError> {
         let mut conn = self.connection().await?;
