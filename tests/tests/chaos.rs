@@ -309,6 +309,60 @@ async fn redis_hung_with_sigstop_then_resumed() {
     .await;
 }
 
+/// Redis hangs, and every client gives up before the command timeout (a
+/// client that disconnects, a load balancer's or a `TimeoutLayer`'s
+/// timeout shorter than it): no Redis operation of a request ever ends.
+/// The manager's own canary (a `PING` when an operation is abandoned)
+/// still times out, so the breaker opens and requests are answered from
+/// memory within the clients' patience, instead of never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hang_that_every_client_gives_up_on_is_still_served_from_memory() {
+    use tower::ServiceExt;
+    const COMMAND_TIMEOUT: Duration = Duration::from_millis(400);
+    const PATIENCE: Duration = Duration::from_millis(150);
+    let _serial = SERIAL.lock().await;
+    let redis = TestRedis::start().await;
+    let config = redis
+        .config()
+        .command_timeout(COMMAND_TIMEOUT)
+        .build()
+        .expect("valid config");
+    let manager = RedisManager::connect(config).await.expect("manager starts");
+    let app = tests::chaos::app(manager.clone());
+    let get = |id: u32| {
+        http::Request::get(format!("/page/{id}"))
+            .header("x-client", "impatient")
+            .body(axum::body::Body::empty())
+            .expect("a request")
+    };
+    let warm = app.clone().oneshot(get(1)).await.expect("infallible");
+    assert_eq!(warm.status(), http::StatusCode::OK);
+    redis.pause().await;
+    let started = std::time::Instant::now();
+    let (mut gave_up, mut id) = (0u32, 2);
+    let answered = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{gave_up} clients gave up, none was answered; the breaker: {:?}",
+            manager.health()
+        );
+        id += 1;
+        match tokio::time::timeout(PATIENCE, app.clone().oneshot(get(id))).await {
+            Ok(response) => break response.expect("infallible"),
+            Err(_) => gave_up += 1,
+        }
+    };
+    let state = manager.health().state;
+    redis.resume().await;
+    assert_eq!(answered.status(), http::StatusCode::OK);
+    assert!(gave_up >= 1, "the first requests waited for the hung Redis");
+    assert_ne!(
+        state,
+        tower_redis_core::BreakerState::Closed,
+        "answered from memory: the breaker opened"
+    );
+}
+
 /// The instances reach Redis through a [`FaultProxy`] that applies `fault`
 /// during the outage.
 async fn behind_proxy(name: &str, fault: Fault) {

@@ -63,6 +63,16 @@ impl FallbackReason {
     }
 }
 
+/// An operation under way in [`RedisManager::run`]: forgotten when it
+/// ends, dropped when its caller gave up on it first.
+struct Abandoned<'a>(&'a RedisManager);
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        self.0.on_abandoned();
+    }
+}
+
 /// A value from [`RedisManager::failover`], with where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Served<T> {
@@ -198,6 +208,9 @@ impl RedisManager {
         // operation showed up in profiles at high concurrency. The attempt
         // is built inside the awaited expression: a named local would stay
         // in this future beside the timer's copy of it.
+        // Forgotten once the operation has ended: dropped before, its
+        // caller gave up on it (see `on_abandoned`).
+        let abandoned = Abandoned(self);
         let outcome = crate::in_span(
             span.clone(),
             timeout(budget, async {
@@ -208,6 +221,7 @@ impl RedisManager {
             }),
         )
         .await;
+        std::mem::forget(abandoned);
         if !span.is_disabled() {
             let error_type = match &outcome {
                 Ok(Ok(_)) => None,
@@ -279,6 +293,43 @@ impl RedisManager {
                 }
             }
         }
+    }
+
+    /// An operation whose caller went away before it ended (a client that
+    /// disconnected, a timeout shorter than the command timeout around the
+    /// layer): nothing tells the breaker how it would have ended. If every
+    /// caller gives up that way while Redis hangs, no operation ever times
+    /// out, the breaker never opens, and every request waits until its
+    /// caller gives up instead of being served from memory. So the manager
+    /// sends a `PING` of its own, through [`run`](Self::run) (checkout,
+    /// command timeout and breaker as for any operation), whose timeout the
+    /// breaker counts. At most one a command timeout (one after another
+    /// while Redis hangs), only while the breaker is closed, and only
+    /// within a Tokio runtime.
+    fn on_abandoned(&self) {
+        let inner = &self.inner;
+        if !inner.breaker.allows_requests() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        {
+            let mut sent = crate::sync::lock(&inner.canary_sent);
+            if sent.is_some_and(|at| now < at + inner.command_timeout) {
+                return;
+            }
+            *sent = Some(now);
+        }
+        let manager = self.clone();
+        runtime.spawn(async move {
+            let _ = manager
+                .run(
+                    |mut conn| async move { redis::cmd("PING").query_async::<()>(&mut conn).await },
+                )
+                .await;
+        });
     }
 
     pub(crate) fn record_timeout(&self) -> Error {

@@ -60,6 +60,8 @@ pub(crate) struct Inner {
     probe_min_backoff: Duration,
     probe_max_backoff: Duration,
     probing: AtomicBool,
+    /// When the last canary (see `RedisManager::on_abandoned`) was sent.
+    pub(crate) canary_sent: std::sync::Mutex<Option<tokio::time::Instant>>,
     description: String,
     /// `server.address` and `server.port` of the operation spans: the
     /// server, or the first cluster seed (a label, not where the
@@ -130,6 +132,7 @@ impl RedisManager {
                 probe_min_backoff: breaker_config.probe_min_backoff,
                 probe_max_backoff: breaker_config.probe_max_backoff,
                 probing: AtomicBool::new(false),
+                canary_sent: std::sync::Mutex::new(None),
                 description,
                 server,
                 pubsub_clients,
@@ -197,6 +200,7 @@ impl RedisManager {
                 probe_min_backoff: Duration::MAX,
                 probe_max_backoff: Duration::MAX,
                 probing: AtomicBool::new(false),
+                canary_sent: std::sync::Mutex::new(None),
                 description: "disabled (in-process only)".to_owned(),
                 server: (String::new(), None),
                 pubsub_clients: crate::pubsub::PubSubClients::default(),

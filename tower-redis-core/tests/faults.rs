@@ -376,6 +376,88 @@ async fn a_new_connection_that_times_out_says_redis_hangs() {
     assert!(hanging, "a connection that timed out says Redis hangs");
 }
 
+/// Callers that give up before the command timeout (a client that
+/// disconnects, a `TimeoutLayer` shorter than it) never see an operation
+/// end, so no operation would tell the breaker that Redis hangs. A caller
+/// abandoning an operation sends one `PING` of the manager's own (at most
+/// one a command timeout): while Redis hangs those time out, and the
+/// breaker opens, so that the layers serve from memory.
+#[tokio::test]
+async fn a_hang_that_every_caller_gives_up_on_still_opens_the_breaker() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(&redis).await;
+    assert_eq!(incr(&manager).await.source, Source::Redis);
+    redis.pause().await;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(5);
+    // Each caller waits a quarter of the command timeout, then goes away.
+    while manager.health().state == BreakerState::Closed {
+        assert!(
+            Instant::now() < deadline,
+            "callers that give up never opened the breaker: {:?}",
+            manager.health()
+        );
+        let gave_up = tokio::time::timeout(COMMAND_TIMEOUT / 4, incr(&manager)).await;
+        assert!(gave_up.is_err(), "Redis is hung: nothing answers");
+    }
+    let opened_after = started.elapsed();
+    redis.resume().await;
+    // Three failures (the threshold) of one canary each: three timeouts.
+    assert!(
+        opened_after < 3 * COMMAND_TIMEOUT + Duration::from_secs(1),
+        "the breaker opened after {opened_after:?}"
+    );
+    wait_for_state(&manager, BreakerState::Closed).await;
+}
+
+/// The canary of [`a_hang_that_every_caller_gives_up_on_still_opens_the_breaker`]
+/// costs a healthy Redis little: callers abandoning operations one after
+/// another send at most one `PING` a command timeout, and open nothing.
+#[tokio::test]
+async fn callers_giving_up_send_at_most_one_ping_a_command_timeout() {
+    let redis = TestRedis::start().await;
+    let manager = manager_for(&redis).await;
+    assert_eq!(incr(&manager).await.source, Source::Redis);
+    let mut admin = redis.connection().await.expect("admin connection");
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut admin)
+        .await
+        .expect("CONFIG RESETSTAT");
+    let started = Instant::now();
+    let mut abandoned = 0u32;
+    while started.elapsed() < 5 * COMMAND_TIMEOUT / 2 {
+        // Dropped after its first poll: the command is sent, its answer
+        // never awaited.
+        let answered = futures_util::FutureExt::now_or_never(incr(&manager));
+        assert!(answered.is_none(), "no round trip answers at once");
+        abandoned += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    // Let the last canary end.
+    tokio::time::sleep(COMMAND_TIMEOUT).await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut admin)
+        .await
+        .expect("INFO commandstats");
+    let pings = stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_ping:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse::<u64>().expect("a count"));
+    let most = elapsed.as_millis() / COMMAND_TIMEOUT.as_millis() + 1;
+    assert!(abandoned >= 40, "{abandoned} operations abandoned");
+    assert!(pings >= 1, "an abandoned operation sends a canary");
+    assert!(
+        u128::from(pings) <= most,
+        "{pings} PINGs for {abandoned} abandoned operations in {elapsed:?} (at most {most})"
+    );
+    assert_eq!(manager.health().state, BreakerState::Closed);
+    assert_eq!(incr(&manager).await.source, Source::Redis);
+}
+
 #[tokio::test]
 async fn hung_redis_times_out_opens_and_closes_after_resume() {
     let redis = TestRedis::start().await;
