@@ -301,11 +301,14 @@ impl RedisManager {
     /// caller gives up that way while Redis hangs, no operation ever times
     /// out, the breaker never opens, and every request waits until its
     /// caller gives up instead of being served from memory. So the manager
-    /// sends a `PING` of its own, through [`run`](Self::run) (checkout,
-    /// command timeout and breaker as for any operation), whose timeout the
-    /// breaker counts. At most one a command timeout (one after another
-    /// while Redis hangs), only while the breaker is closed, and only
-    /// within a Tokio runtime.
+    /// sends a `PING` of its own (a canary: checkout and command within
+    /// the command timeout), at most one a command timeout, only while the
+    /// breaker is closed, and only within a Tokio runtime. It reports a
+    /// hang and nothing else: its timeout (or a connection's or the pool's)
+    /// counts as an operation's would, its success as a success; any other
+    /// error is ignored (on a Redis Cluster, where `PING` goes to every
+    /// primary, one node that refuses connections does not open the
+    /// breaker for the others; nor does an ACL that forbids `PING`).
     fn on_abandoned(&self) {
         let inner = &self.inner;
         if !inner.breaker.allows_requests() {
@@ -324,11 +327,22 @@ impl RedisManager {
         }
         let manager = self.clone();
         runtime.spawn(async move {
-            let _ = manager
-                .run(
-                    |mut conn| async move { redis::cmd("PING").query_async::<()>(&mut conn).await },
-                )
-                .await;
+            let inner = &manager.inner;
+            if !inner.breaker.allows_requests() {
+                return;
+            }
+            let ping = async {
+                let (mut conn, _) = inner.backend.checkout().await?;
+                redis::cmd("PING").query_async::<()>(&mut conn).await
+            };
+            match timeout(inner.command_timeout, ping).await {
+                Ok(Ok(())) => inner.breaker.on_success(),
+                Ok(Err(error)) if error.is_timeout() => manager.record_failure(&error),
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    let _ = manager.record_timeout();
+                }
+            }
         });
     }
 
