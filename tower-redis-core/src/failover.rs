@@ -63,9 +63,17 @@ impl FallbackReason {
     }
 }
 
-/// An operation under way in [`RedisManager::run`]: forgotten when it
-/// ends, dropped when its caller gave up on it first.
-struct Abandoned<'a>(&'a RedisManager);
+/// An operation under way in [`RedisManager::run`] (or a tracked read,
+/// or a replica read): forgotten when it ends, dropped when its caller
+/// gave up on it first (see `RedisManager::on_abandoned`).
+pub(crate) struct Abandoned<'a>(&'a RedisManager);
+
+impl<'a> Abandoned<'a> {
+    /// Armed until [`forget`](std::mem::forget)ten.
+    pub(crate) fn arm(manager: &'a RedisManager) -> Self {
+        Self(manager)
+    }
+}
 
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
@@ -172,7 +180,10 @@ impl RedisManager {
         if !replicas.paused()
             && let Some(conn) = replicas.checkout()
         {
-            if let Ok(Ok(value)) = timeout(inner.command_timeout / 2, op(conn)).await {
+            let abandoned = Abandoned::arm(self);
+            let read = timeout(inner.command_timeout / 2, op(conn)).await;
+            std::mem::forget(abandoned);
+            if let Ok(Ok(value)) = read {
                 crate::record::counter("tower_redis_replica_reads_total", &[], 1);
                 return Ok(value);
             }
@@ -188,8 +199,7 @@ impl RedisManager {
         F: FnOnce(RedisConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let inner = &self.inner;
-        if !inner.breaker.allows_requests() {
+        if !self.inner.breaker.allows_requests() {
             return Err(Error::BreakerOpen);
         }
         // One span per operation, with OpenTelemetry's database client
@@ -200,8 +210,8 @@ impl RedisManager {
             "redis",
             "db.system.name" = "redis",
             "db.operation.name" = tracing::field::Empty,
-            "server.address" = inner.server.0.as_str(),
-            "server.port" = inner.server.1,
+            "server.address" = self.inner.server.0.as_str(),
+            "server.port" = self.inner.server.1,
             "error.type" = tracing::field::Empty,
         );
         // One timer for checkout and command together: a second one per
@@ -210,11 +220,16 @@ impl RedisManager {
         // in this future beside the timer's copy of it.
         // Forgotten once the operation has ended: dropped before, its
         // caller gave up on it (see `on_abandoned`).
-        let abandoned = Abandoned(self);
+        let abandoned = Abandoned::arm(self);
         let outcome = crate::in_span(
             span.clone(),
             timeout(budget, async {
-                let (conn, broken) = inner.backend.checkout().await.map_err(Attempt::Connect)?;
+                let (conn, broken) = self
+                    .inner
+                    .backend
+                    .checkout()
+                    .await
+                    .map_err(Attempt::Connect)?;
                 op(conn)
                     .await
                     .map_err(|error| Attempt::Command(error, broken))
@@ -235,7 +250,7 @@ impl RedisManager {
         }
         match outcome {
             Ok(Ok(value)) => {
-                inner.breaker.on_success();
+                self.inner.breaker.on_success();
                 Ok(value)
             }
             Ok(Err(Attempt::Connect(error))) => {
@@ -254,11 +269,11 @@ impl RedisManager {
                         if let Some(broken) = broken {
                             broken.store(true, Ordering::Release);
                         }
-                        inner.backend.discard_connections();
+                        self.inner.backend.discard_connections();
                     }
                     self.record_failure(&error);
                 } else {
-                    inner.breaker.on_success();
+                    self.inner.breaker.on_success();
                 }
                 Err(Error::Redis(error))
             }
@@ -308,7 +323,11 @@ impl RedisManager {
     /// counts as an operation's would, its success as a success; any other
     /// error is ignored (on a Redis Cluster, where `PING` goes to every
     /// primary, one node that refuses connections does not open the
-    /// breaker for the others; nor does an ACL that forbids `PING`).
+    /// breaker for the others). It is skipped when a failure was recorded
+    /// between its being sent and its start: the caller that dropped the
+    /// operation (the outage queue's catch-up, whose own timeout ends
+    /// first) reported the hang itself. The Redis user must be allowed
+    /// `PING`, as the breaker's probe needs it too.
     fn on_abandoned(&self) {
         let inner = &self.inner;
         if !inner.breaker.allows_requests() {
@@ -326,9 +345,13 @@ impl RedisManager {
             *sent = Some(now);
         }
         let manager = self.clone();
+        let failures = inner.breaker.consecutive_failures();
         runtime.spawn(async move {
             let inner = &manager.inner;
-            if !inner.breaker.allows_requests() {
+            // The task that dropped the operation goes on first.
+            tokio::task::yield_now().await;
+            if !inner.breaker.allows_requests() || inner.breaker.consecutive_failures() != failures
+            {
                 return;
             }
             let ping = async {

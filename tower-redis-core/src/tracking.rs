@@ -327,8 +327,12 @@ impl Tracking {
                 return Err(Error::BreakerOpen);
             }
             let timeout = manager.inner.command_timeout;
+            // As in `RedisManager::run`: a caller that gives up first
+            // sends the manager's canary.
+            let abandoned = crate::failover::Abandoned::arm(&manager);
             let outcome =
                 tokio::time::timeout(timeout, op(RedisConnection::standalone(live.conn))).await;
+            std::mem::forget(abandoned);
             match outcome {
                 Ok(Ok(value)) => {
                     manager.inner.breaker.on_success();
