@@ -594,8 +594,11 @@ fn server_us_per_decision(sample: &crate::cells::Sample) -> f64 {
 /// The verdicts of the speed issue's rate-limit rows: throughput against
 /// the reference route, server time per decision, and the tail at c=64.
 fn issue_targets(grid: &Grid) -> Vec<Target> {
-    let (one, three, reference) = (
+    // One policy on one client, and on a client per connection (a
+    // per-client policy's usual load: as many counters as clients).
+    let (one, clients, three, reference) = (
         Subject::OnePolicy.index(),
+        Subject::ClientKeys.index(),
         Subject::ThreePolicies.index(),
         Subject::OneGet.index(),
     );
@@ -603,15 +606,21 @@ fn issue_targets(grid: &Grid) -> Vec<Target> {
     let mut c1 = Target::new(format!(
         "rate limit, 1 policy / reference route (handler makes 1 GET) ≥ {REFERENCE_RATIO_C1:.1}× at c=1"
     ));
-    grid.check_ratio(&mut c1, one, reference, REFERENCE_RATIO_C1, |row| {
-        concurrency(row) == 1
-    });
     let mut loaded = Target::new(format!(
         "rate limit, 1 policy / reference route ≥ {REFERENCE_RATIO_LOADED:.1}× at c ≥ 64 (batching)"
     ));
-    grid.check_ratio(&mut loaded, one, reference, REFERENCE_RATIO_LOADED, |row| {
-        concurrency(row) >= 64
-    });
+    for subject in [one, clients] {
+        grid.check_ratio(&mut c1, subject, reference, REFERENCE_RATIO_C1, |row| {
+            concurrency(row) == 1
+        });
+        grid.check_ratio(
+            &mut loaded,
+            subject,
+            reference,
+            REFERENCE_RATIO_LOADED,
+            |row| concurrency(row) >= 64,
+        );
+    }
     let mut server = Target::new(format!(
         "Redis server time per decision (`INFO commandstats` EVALSHA usec / requests) ≤ {SERVER_US_ONE_POLICY:.0} µs for 1 policy, ≤ {SERVER_US_THREE_POLICIES:.0} µs for 3"
     ));
@@ -621,6 +630,7 @@ fn issue_targets(grid: &Grid) -> Vec<Target> {
     for row in &grid.rows {
         for (subject, max) in [
             (one, SERVER_US_ONE_POLICY),
+            (clients, SERVER_US_ONE_POLICY),
             (three, SERVER_US_THREE_POLICIES),
         ] {
             let at = format!("{} {}", row.name, Subject::ALL[subject].short());
@@ -633,7 +643,7 @@ fn issue_targets(grid: &Grid) -> Vec<Target> {
         }
         if concurrency(row) == 64 {
             let p999 = |i: usize| crate::grid::med(&row.samples[i], |s| s.p999_us);
-            for subject in [one, three] {
+            for subject in [one, clients, three] {
                 tail.at_most(
                     format!("{} {}", row.name, Subject::ALL[subject].short()),
                     p999(subject) / p999(reference),
