@@ -173,3 +173,45 @@ async fn an_invalidation_during_a_write_voids_it() {
     assert!(!write.fill("mine".into()));
     assert_eq!(cache.get("k"), None);
 }
+
+/// A read on the tracking connection that its caller gives up on while
+/// Redis hangs makes the manager send its canary, as an operation of
+/// `RedisManager::run` does: its timeout reaches the breaker. (The
+/// tracking connection's own heartbeat finds the connection hung too, but
+/// tells the breaker nothing.)
+#[tokio::test]
+async fn a_tracked_read_given_up_on_sends_the_canary() {
+    let redis = TestRedis::start().await;
+    let (manager, tracking, _cache) = tracked(&redis).await;
+    assert_eq!(manager.health().consecutive_failures, 0);
+    redis.pause().await;
+    let read = tokio::time::timeout(
+        manager.command_timeout() / 4,
+        tracking.run(|mut conn| async move {
+            redis::cmd("GET")
+                .arg("k")
+                .query_async::<Option<String>>(&mut conn)
+                .await
+        }),
+    )
+    .await;
+    assert!(read.is_err(), "Redis is hung: the caller gave up");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while manager.health().consecutive_failures == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned read told the breaker nothing: {:?}",
+            manager.health()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let health = manager.health();
+    redis.resume().await;
+    assert!(
+        health
+            .last_error
+            .as_deref()
+            .is_some_and(|error| error.contains("no answer")),
+        "the canary timed out: {health:?}"
+    );
+}
