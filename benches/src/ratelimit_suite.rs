@@ -604,10 +604,10 @@ fn issue_targets(grid: &Grid) -> Vec<Target> {
     );
     let concurrency = |row: &crate::cells::Row| row.key.parse::<usize>().unwrap_or(0);
     let mut c1 = Target::new(format!(
-        "rate limit, 1 policy / reference route (handler makes 1 GET) ≥ {REFERENCE_RATIO_C1:.1}× at c=1"
+        "rate limit, 1 policy (on one client, on a client per connection) / reference route (handler makes 1 GET) ≥ {REFERENCE_RATIO_C1:.1}× at c=1"
     ));
     let mut loaded = Target::new(format!(
-        "rate limit, 1 policy / reference route ≥ {REFERENCE_RATIO_LOADED:.1}× at c ≥ 64 (batching)"
+        "rate limit, 1 policy (on one client, on a client per connection) / reference route ≥ {REFERENCE_RATIO_LOADED:.1}× at c ≥ 64 (batching)"
     ));
     for subject in [one, clients] {
         grid.check_ratio(&mut c1, subject, reference, REFERENCE_RATIO_C1, |row| {
@@ -625,7 +625,7 @@ fn issue_targets(grid: &Grid) -> Vec<Target> {
         "Redis server time per decision (`INFO commandstats` EVALSHA usec / requests) ≤ {SERVER_US_ONE_POLICY:.0} µs for 1 policy, ≤ {SERVER_US_THREE_POLICIES:.0} µs for 3"
     ));
     let mut tail = Target::new(format!(
-        "p99.9 at c=64 / the reference route's p99.9 ≤ {TAIL_RATIO:.1}×"
+        "p99.9 at c=64 (1 policy on one client, on a client per connection, 3 policies) / the reference route's p99.9 ≤ {TAIL_RATIO:.1}×"
     ));
     for row in &grid.rows {
         for (subject, max) in [

@@ -323,11 +323,17 @@ impl RedisManager {
     /// counts as an operation's would, its success as a success; any other
     /// error is ignored (on a Redis Cluster, where `PING` goes to every
     /// primary, one node that refuses connections does not open the
-    /// breaker for the others). It is skipped when a failure was recorded
-    /// between its being sent and its start: the caller that dropped the
-    /// operation (the outage queue's catch-up, whose own timeout ends
-    /// first) reported the hang itself. The Redis user must be allowed
-    /// `PING`, as the breaker's probe needs it too.
+    /// breaker for the others). It is skipped when the count of failures
+    /// changed between its being sent and its start (after one yield):
+    /// the caller that dropped the operation (the outage queue's catch-up,
+    /// whose own timeout ends first) most likely reported the hang itself
+    /// in the same poll; that is likely, not certain (another worker may
+    /// start the canary first), and then one hang counts twice. It asks
+    /// the primaries, so a replica that hangs alone (see
+    /// [`run_read`](Self::run_read)) is not found this way: its reads keep
+    /// going to it until one fails within half the command timeout. The
+    /// Redis user must be allowed `PING`, as the breaker's probe needs it
+    /// too.
     fn on_abandoned(&self) {
         let inner = &self.inner;
         if !inner.breaker.allows_requests() {

@@ -184,6 +184,9 @@ async fn a_tracked_read_given_up_on_sends_the_canary() {
     let redis = TestRedis::start().await;
     let (manager, tracking, _cache) = tracked(&redis).await;
     assert_eq!(manager.health().consecutive_failures, 0);
+    // On the tracking connection, not the pool (whose operations have
+    // their own guard).
+    assert!(tracking.is_live(), "the tracking connection is up");
     redis.pause().await;
     let read = tokio::time::timeout(
         manager.command_timeout() / 4,
