@@ -214,13 +214,13 @@ impl RedisManager {
             "server.port" = self.inner.server.1,
             "error.type" = tracing::field::Empty,
         );
+        // Forgotten once the operation has ended: dropped before, its
+        // caller gave up on it (see `on_abandoned`).
+        let abandoned = Abandoned::arm(self);
         // One timer for checkout and command together: a second one per
         // operation showed up in profiles at high concurrency. The attempt
         // is built inside the awaited expression: a named local would stay
         // in this future beside the timer's copy of it.
-        // Forgotten once the operation has ended: dropped before, its
-        // caller gave up on it (see `on_abandoned`).
-        let abandoned = Abandoned::arm(self);
         let outcome = crate::in_span(
             span.clone(),
             timeout(budget, async {
