@@ -259,7 +259,16 @@ impl RedisManager {
             }
             Ok(Err(Attempt::Command(error, broken))) => {
                 if counts_against_breaker(&error) {
-                    if error.is_io_error() || error.is_connection_dropped() || is_readonly(&error) {
+                    // A timeout (a Cluster node's response timeout: no
+                    // other connection has one) says nothing of the
+                    // connection, which reconnects its nodes itself; a
+                    // new one would wait for the node that hangs, and
+                    // every key, on every node, with it.
+                    let broke = !error.is_timeout()
+                        && (error.is_io_error()
+                            || error.is_connection_dropped()
+                            || is_readonly(&error));
+                    if broke {
                         // A multiplexed connection does not recover, and when
                         // one drops the server has usually restarted, so the
                         // others from before are dead too: replace them all.

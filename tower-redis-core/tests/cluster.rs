@@ -185,3 +185,74 @@ async fn tracking_off_on_a_cluster_is_logged_once() {
         "{log}"
     );
 }
+
+/// One `INCR` of `key` through the manager: its source and how long it took.
+async fn timed_incr(manager: &RedisManager, key: &str) -> (Source, Duration) {
+    let started = std::time::Instant::now();
+    let served = manager
+        .failover(
+            |mut conn| async move {
+                redis::cmd("INCR")
+                    .arg(key)
+                    .query_async::<i64>(&mut conn)
+                    .await
+            },
+            |_| async { -1 },
+        )
+        .await;
+    (served.source, started.elapsed())
+}
+
+/// A key of `manager`'s whose slot's primary is (`on`) or is not (`!on`)
+/// node `node`.
+async fn key_on(cluster: &TestCluster, manager: &RedisManager, node: usize, on: bool) -> String {
+    for i in 0..200 {
+        let key = manager.keys().key(&["slot", &i.to_string()]);
+        let owner = cluster.primary_of(cluster.slot_of(&key).await).await;
+        if (owner == node) == on {
+            return key;
+        }
+    }
+    panic!("no key found {} node {node}", if on { "on" } else { "off" })
+}
+
+/// A Cluster node that hangs while the others answer: with a threshold
+/// the hang cannot reach, the other nodes' keys go on with Redis, within
+/// a fraction of the command timeout, and the breaker stays closed. Before,
+/// the node's response timeout threw the cluster connection away, and a
+/// new one waited for the hung node: every key, on every node, timed out.
+#[tokio::test]
+async fn a_hung_cluster_node_does_not_stall_the_other_nodes_keys() {
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    let cluster = TestCluster::start().await;
+    let config = cluster
+        .config()
+        .command_timeout(TIMEOUT)
+        .failure_threshold(1000)
+        .build()
+        .expect("valid");
+    let manager = RedisManager::connect(config).await.expect("starts");
+    let hung = 1;
+    let on_hung = key_on(&cluster, &manager, hung, true).await;
+    let elsewhere = key_on(&cluster, &manager, hung, false).await;
+    for key in [&on_hung, &elsewhere] {
+        assert_eq!(timed_incr(&manager, key).await.0, Source::Redis);
+    }
+
+    cluster.pause_node(hung).await;
+    // Well within the cluster's node timeout (2 s), after which the other
+    // nodes refuse every key.
+    for _ in 0..3 {
+        let (source, took) = timed_incr(&manager, &on_hung).await;
+        assert_ne!(source, Source::Redis, "the hung node's key, after {took:?}");
+        let (source, took) = timed_incr(&manager, &elsewhere).await;
+        assert_eq!(
+            source,
+            Source::Redis,
+            "the other node's key, after {took:?}"
+        );
+        assert!(took < TIMEOUT / 3, "the other node's key took {took:?}");
+    }
+    assert_eq!(manager.health().state, BreakerState::Closed);
+    cluster.resume_node(hung).await;
+}
