@@ -256,3 +256,72 @@ async fn a_hung_cluster_node_does_not_stall_the_other_nodes_keys() {
     assert_eq!(manager.health().state, BreakerState::Closed);
     cluster.resume_node(hung).await;
 }
+
+/// One hung node of a Cluster while the others answer: the breaker stays
+/// closed (their successes reset its count), so without more every
+/// operation on the hung node's keys waited the whole command timeout.
+/// Its slot is marked after one timeout: the next operations on that slot
+/// fail at once (and are served by the fallback), those on other nodes go
+/// on with Redis, and once the node answers again the slot is used again.
+#[tokio::test]
+async fn a_hung_node_s_slot_fails_at_once_after_one_timeout_until_the_node_answers() {
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    let cluster = TestCluster::start().await;
+    let config = cluster
+        .config()
+        .command_timeout(TIMEOUT)
+        .failure_threshold(1000)
+        .build()
+        .expect("valid");
+    let manager = RedisManager::connect(config).await.expect("starts");
+    let hung = 1;
+    let on_hung = key_on(&cluster, &manager, hung, true).await;
+    let elsewhere = key_on(&cluster, &manager, hung, false).await;
+    for key in [&on_hung, &elsewhere] {
+        assert_eq!(timed_incr(&manager, key).await.0, Source::Redis);
+    }
+
+    cluster.pause_node(hung).await;
+    // The node hangs: the first operation on its key waits the timeout.
+    let (source, took) = timed_incr(&manager, &on_hung).await;
+    assert_ne!(source, Source::Redis, "after {took:?}");
+    assert!(took >= TIMEOUT / 2, "the first one waited {took:?}");
+    // Then (well within the cluster's node timeout of 2 s) the slot fails
+    // at once, and the other nodes still answer.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        let (source, took) = timed_incr(&manager, &on_hung).await;
+        assert_ne!(source, Source::Redis);
+        slowest = slowest.max(took);
+        let (source, took) = timed_incr(&manager, &elsewhere).await;
+        assert_eq!(
+            source,
+            Source::Redis,
+            "the other node's key, after {took:?}"
+        );
+    }
+    assert!(
+        slowest < TIMEOUT / 3,
+        "an operation on the hung node's slot waited {slowest:?} after its first timeout"
+    );
+    assert_eq!(manager.health().state, BreakerState::Closed);
+
+    cluster.resume_node(hung).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if timed_incr(&manager, &on_hung).await.0 == Source::Redis {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot was not used again after its node answered: {:?}",
+            manager.health()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Answered: the slot is no longer marked.
+    for _ in 0..3 {
+        let (source, took) = timed_incr(&manager, &on_hung).await;
+        assert_eq!(source, Source::Redis, "after its node answered, {took:?}");
+    }
+}
