@@ -308,15 +308,14 @@ impl HungSlots {
     }
 
     /// What a command for a marked slot gets: a timeout, as the wait
-    /// it spares would have ended.
+    /// it spares would have ended (see [`is_slot_refusal`]).
     pub(crate) fn refusal(&self, slot: u16) -> RedisError {
         RedisError::from(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            format!(
-                "the Redis Cluster node serving slot {slot} did not answer within {:?}; \
-                 not asked again for a while",
-                self.timeout
-            ),
+            SlotRefused {
+                slot,
+                timeout: self.timeout,
+            },
         ))
     }
 
@@ -338,6 +337,40 @@ impl HungSlots {
             }
         }
     }
+}
+
+/// The error inside a refusal of [`HungSlots`].
+#[derive(Debug)]
+struct SlotRefused {
+    slot: u16,
+    timeout: Duration,
+}
+
+impl fmt::Display for SlotRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the Redis Cluster node serving slot {} did not answer within {:?}; \
+             not asked again for a while",
+            self.slot, self.timeout
+        )
+    }
+}
+
+impl std::error::Error for SlotRefused {}
+
+/// Whether `error` is a [`HungSlots`] refusal: a command not sent, failed
+/// at once, whose slot's node timed out before. The breaker learns nothing
+/// from it (the timeout that marked the slot was counted): counting each
+/// one would let the share of the traffic that goes to one hung node open
+/// the breaker for every node. Read through redis-rs' representation of
+/// an I/O error (`a_slot_refusal_is_told_from_a_timeout` checks it).
+pub(crate) fn is_slot_refusal(error: &RedisError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>())
+        .and_then(|inner| (**inner).downcast_ref::<std::io::Error>())
+        .and_then(std::io::Error::get_ref)
+        .is_some_and(|inner| inner.is::<SlotRefused>())
 }
 
 impl fmt::Debug for HungSlots {
@@ -1103,6 +1136,28 @@ mod tests {
         hung.answered_at(9, &timed_out, t);
         hung.answered_at(9, &refused, t + 1);
         assert!(hung.admits_at(9, t + 2), "an error at once is not a hang");
+    }
+
+    /// A refusal is a timeout for everyone (the layers take it as a hang)
+    /// and is told apart from a real one (the breaker does not count it).
+    #[test]
+    fn a_slot_refusal_is_told_from_a_timeout() {
+        use super::{HungSlots, is_slot_refusal};
+        use std::time::Duration;
+        let refusal =
+            HungSlots::new(Duration::from_secs(1), Duration::from_millis(200)).refusal(42);
+        assert!(refusal.is_timeout());
+        assert!(is_slot_refusal(&refusal));
+        assert!(refusal.to_string().contains("slot 42"), "{refusal}");
+        let timeout = redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "timed out",
+        ));
+        assert!(!is_slot_refusal(&timeout));
+        assert!(!is_slot_refusal(&redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "no",
+        ))));
     }
 
     /// Each known command is named by itself, in any case; anything else
