@@ -86,10 +86,9 @@ impl ConnectionLike for RedisConnection {
                     return Box::pin(std::future::ready(Err(hung.refusal(slot))));
                 }
                 use futures_util::FutureExt;
-                let sent = c.req_packed_command(cmd).map(move |result| {
-                    hung.answered(slot, &result);
-                    result
-                });
+                let sent = c
+                    .req_packed_command(cmd)
+                    .map(move |result| hung.answered(slot, result));
                 timed(|| operation, sent, server_error)
             }
         }
@@ -131,10 +130,7 @@ impl ConnectionLike for RedisConnection {
                 use futures_util::FutureExt;
                 let sent = c
                     .req_packed_commands(pipeline, offset, count)
-                    .map(move |result| {
-                        hung.answered(slot, &result);
-                        result
-                    });
+                    .map(move |result| hung.answered(slot, result));
                 timed(|| PIPELINE, sent, server_error)
             }
         }
@@ -266,6 +262,8 @@ pub(crate) struct HungSlots {
     until_ms: Box<[AtomicU64]>,
     hold_ms: u64,
     timeout: Duration,
+    /// The last epoch millisecond a command for any slot was answered.
+    answered_ms: AtomicU64,
 }
 
 impl HungSlots {
@@ -276,6 +274,7 @@ impl HungSlots {
             until_ms: (0..CLUSTER_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             hold_ms: crate::clock::duration_ms(hold).max(1),
             timeout,
+            answered_ms: AtomicU64::new(0),
         }
     }
 
@@ -310,30 +309,59 @@ impl HungSlots {
     /// What a command for a marked slot gets: a timeout, as the wait
     /// it spares would have ended (see [`is_slot_refusal`]).
     pub(crate) fn refusal(&self, slot: u16) -> RedisError {
+        self.slot_error(slot, SlotWait::Spared)
+    }
+
+    fn slot_error(&self, slot: u16, wait: SlotWait) -> RedisError {
         RedisError::from(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             SlotRefused {
                 slot,
                 timeout: self.timeout,
+                wait,
             },
         ))
     }
 
-    /// Notes how a command sent for `slot` ended.
-    pub(crate) fn answered<T>(&self, slot: u16, result: &RedisResult<T>) {
-        self.answered_at(slot, result, crate::clock::now_ms());
+    /// Notes how a command sent for `slot` ended, and gives its result.
+    ///
+    /// A timeout marks the slot. While other slots were answered within
+    /// the last two command timeouts (the cluster answers, one node does
+    /// not), it is given as a [`is_slot_refusal`] too: the breaker is for
+    /// a Redis that does not answer at all, and the slot's mark already
+    /// spares the next commands the wait. When nothing was answered for
+    /// that long, it stays a plain timeout, which the breaker counts, so
+    /// a cluster whose every node hangs still opens it.
+    pub(crate) fn answered<T>(&self, slot: u16, result: RedisResult<T>) -> RedisResult<T> {
+        self.answered_at(slot, result, crate::clock::now_ms())
     }
 
-    fn answered_at<T>(&self, slot: u16, result: &RedisResult<T>, now: u64) {
+    fn answered_at<T>(&self, slot: u16, result: RedisResult<T>, now: u64) -> RedisResult<T> {
         let cell = self.cell(slot);
         match result {
             Err(error) if error.is_timeout() => {
                 cell.store(now.saturating_add(self.hold_ms), Ordering::Release);
+                let window = crate::clock::duration_ms(self.timeout).saturating_mul(2);
+                if self.answered_ms.load(Ordering::Acquire) >= now.saturating_sub(window) {
+                    Err(self.slot_error(slot, SlotWait::OthersAnswered))
+                } else {
+                    Err(error)
+                }
             }
-            _ => {
+            result => {
+                // An error reply is an answer too; a refused or dropped
+                // connection is not a hang either, and clears the mark.
+                if result
+                    .as_ref()
+                    .map_or_else(|e| e.code().is_some(), |_| true)
+                    && self.answered_ms.load(Ordering::Relaxed) < now
+                {
+                    self.answered_ms.store(now, Ordering::Release);
+                }
                 if cell.load(Ordering::Relaxed) != 0 {
                     cell.store(0, Ordering::Release);
                 }
+                result
             }
         }
     }
@@ -344,16 +372,33 @@ impl HungSlots {
 struct SlotRefused {
     slot: u16,
     timeout: Duration,
+    wait: SlotWait,
+}
+
+/// Whether a [`SlotRefused`] command waited.
+#[derive(Debug, Clone, Copy)]
+enum SlotWait {
+    /// Not sent: the slot was marked.
+    Spared,
+    /// Sent, and timed out while other slots were answered.
+    OthersAnswered,
 }
 
 impl fmt::Display for SlotRefused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "the Redis Cluster node serving slot {} did not answer within {:?}; \
-             not asked again for a while",
-            self.slot, self.timeout
-        )
+        let (slot, timeout) = (self.slot, self.timeout);
+        match self.wait {
+            SlotWait::Spared => write!(
+                f,
+                "the Redis Cluster node serving slot {slot} did not answer within {timeout:?}; \
+                 not asked again for a while"
+            ),
+            SlotWait::OthersAnswered => write!(
+                f,
+                "the Redis Cluster node serving slot {slot} did not answer within {timeout:?} \
+                 while other nodes did; not asked again for a while"
+            ),
+        }
     }
 }
 
@@ -1104,18 +1149,22 @@ mod tests {
     fn a_hung_slot_lets_one_command_through_a_hold() {
         use super::HungSlots;
         use std::time::Duration;
-        let timed_out: redis::RedisResult<()> = Err(redis::RedisError::from(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "timed out",
-        )));
-        let refused: redis::RedisResult<()> = Err(redis::RedisError::from(std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            "refused",
-        )));
+        let timed_out = || -> redis::RedisResult<()> {
+            Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "timed out",
+            )))
+        };
+        let refused = || -> redis::RedisResult<()> {
+            Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "refused",
+            )))
+        };
         let hung = HungSlots::new(Duration::from_millis(50), Duration::from_millis(10));
         let t = 1_000_000;
         assert!(hung.admits_at(7, t));
-        hung.answered_at(7, &timed_out, t);
+        let _ = hung.answered_at(7, timed_out(), t);
         assert!(!hung.admits_at(7, t + 49), "marked");
         assert!(hung.admits_at(8, t + 1), "another slot");
         assert!(hung.refusal(7).is_timeout());
@@ -1125,17 +1174,64 @@ mod tests {
         );
         assert!(!hung.admits_at(7, t + 51), "the others wait for its answer");
         assert!(!hung.admits_at(7, t + 99), "…for a hold at most");
-        hung.answered_at(7, &timed_out, t + 60);
+        let _ = hung.answered_at(7, timed_out(), t + 60);
         assert!(!hung.admits_at(7, t + 109), "still hangs");
         assert!(hung.admits_at(7, t + 110));
-        hung.answered_at(7, &Ok(()), t + 111);
+        let _ = hung.answered_at(7, Ok(()), t + 111);
         assert!(
             hung.admits_at(7, t + 112) && hung.admits_at(7, t + 112),
             "answered"
         );
-        hung.answered_at(9, &timed_out, t);
-        hung.answered_at(9, &refused, t + 1);
+        let _ = hung.answered_at(9, timed_out(), t);
+        let _ = hung.answered_at(9, refused(), t + 1);
         assert!(hung.admits_at(9, t + 2), "an error at once is not a hang");
+    }
+
+    /// A slot's timeout while other slots were answered (within two
+    /// command timeouts) is not one the breaker counts; with nothing
+    /// answered for that long it is a plain timeout, which it counts.
+    #[test]
+    fn a_slot_timeout_counts_only_when_nothing_was_answered_meanwhile() {
+        use super::{HungSlots, is_slot_refusal};
+        use std::time::Duration;
+        let timed_out = || -> redis::RedisResult<()> {
+            Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "timed out",
+            )))
+        };
+        let hung = HungSlots::new(Duration::from_millis(50), Duration::from_millis(10));
+        let t = 1_000_000;
+        let alone = hung.answered_at(1, timed_out(), t).expect_err("a timeout");
+        assert!(
+            alone.is_timeout() && !is_slot_refusal(&alone),
+            "nothing answered yet"
+        );
+        assert!(hung.answered_at(2, Ok(()), t + 1).is_ok());
+        let partial = hung
+            .answered_at(3, timed_out(), t + 21)
+            .expect_err("a timeout");
+        assert!(
+            partial.is_timeout() && is_slot_refusal(&partial),
+            "{partial}"
+        );
+        assert!(
+            partial.to_string().contains("while other nodes did"),
+            "{partial}"
+        );
+        let late = hung
+            .answered_at(4, timed_out(), t + 22)
+            .expect_err("a timeout");
+        assert!(!is_slot_refusal(&late), "nothing answered for two timeouts");
+        let server_error: redis::RedisResult<()> = Err(redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "ERR",
+        )));
+        let _ = hung.answered_at(5, server_error, t + 100);
+        let after_reply = hung
+            .answered_at(6, timed_out(), t + 110)
+            .expect_err("a timeout");
+        assert!(is_slot_refusal(&after_reply), "an error reply is an answer");
     }
 
     /// A refusal is a timeout for everyone (the layers take it as a hang)

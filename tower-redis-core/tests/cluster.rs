@@ -333,3 +333,49 @@ async fn a_hung_node_s_slot_fails_at_once_after_one_timeout_until_the_node_answe
         assert_eq!(source, Source::Redis, "after its node answered, {took:?}");
     }
 }
+
+/// Every node of a Cluster hangs: a slot's timeout is counted by the
+/// breaker once nothing has been answered for two command timeouts, so
+/// the breaker still opens (the requests are answered by the fallbacks
+/// from then on), though timeouts while other slots answer are not
+/// counted.
+#[tokio::test]
+async fn a_cluster_whose_every_node_hangs_still_opens_the_breaker() {
+    const TIMEOUT: Duration = Duration::from_millis(200);
+    let cluster = TestCluster::start().await;
+    let config = cluster
+        .config()
+        .command_timeout(TIMEOUT)
+        .failure_threshold(3)
+        .build()
+        .expect("valid");
+    let manager = RedisManager::connect(config).await.expect("starts");
+    let keys: Vec<String> = (0..40)
+        .map(|i| manager.keys().key(&["all", &i.to_string()]))
+        .collect();
+    for key in &keys {
+        assert_eq!(timed_incr(&manager, key).await.0, Source::Redis);
+    }
+    for node in 0..3 {
+        cluster.pause_node(node).await;
+    }
+    // Distinct keys, so distinct slots: each is asked once and times out.
+    let started = std::time::Instant::now();
+    for key in &keys {
+        if manager.health().state != BreakerState::Closed {
+            break;
+        }
+        let (source, _) = timed_incr(&manager, key).await;
+        assert_ne!(source, Source::Redis);
+    }
+    let health = manager.health();
+    for node in 0..3 {
+        cluster.resume_node(node).await;
+    }
+    assert_ne!(
+        health.state,
+        BreakerState::Closed,
+        "after {:?}: {health:?}",
+        started.elapsed()
+    );
+}
