@@ -13,8 +13,8 @@ use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult, Script, Scri
 
 use crate::config::{RedisConfig, RedisUrl, Topology};
 use crate::connection::{
-    ConnectTarget, HungSlots, PooledConnection, RedisConnection, SentinelDiscovery,
-    StandaloneConnector, SwitchWatchers, TracingErrorSink, watch_switches,
+    ConnectTarget, PooledConnection, RedisConnection, SentinelDiscovery, StandaloneConnector,
+    SwitchWatchers, TracingErrorSink, watch_switches,
 };
 use crate::error::{ConfigError, Error};
 use crate::manager::RedisManager;
@@ -44,8 +44,6 @@ pub(crate) enum Backend {
         /// The connections that send read-only commands to replicas, for
         /// [`RedisManager::run_read`]; made on first use.
         replicas: Arc<ReplicaReads>,
-        /// The slots whose primary hangs, whose commands fail at once.
-        hung: Arc<HungSlots>,
     },
     Disabled,
 }
@@ -64,15 +62,6 @@ pub(crate) struct ReplicaReads {
     connect_timeout: std::time::Duration,
 }
 
-/// How long a slot whose node hung fails at once before its node is asked
-/// again: five command timeouts, from half a second to five seconds.
-fn hung_slot_hold(command_timeout: std::time::Duration) -> std::time::Duration {
-    (command_timeout * 5).clamp(
-        std::time::Duration::from_millis(500),
-        std::time::Duration::from_secs(5),
-    )
-}
-
 /// How long replica reads are skipped after one failed.
 const REPLICA_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -88,7 +77,7 @@ impl ReplicaReads {
     /// waits for it or, cut off by its timeout, throws it away.
     pub(crate) fn checkout(self: &Arc<Self>) -> Option<RedisConnection> {
         if let Some(existing) = lock(&self.conn).clone() {
-            return Some(RedisConnection::cluster(existing, None));
+            return Some(RedisConnection::cluster(existing));
         }
         if !self.connecting.swap(true, Ordering::AcqRel) {
             let replicas = Arc::downgrade(self);
@@ -302,14 +291,10 @@ impl Backend {
                 ))
             }
             Topology::Cluster(nodes) => {
-                // A node's response timeout ends a little before the
-                // operation's, so that the connection sees which slot's
-                // node hangs (see `HungSlots`).
-                let timeout = config.command_timeout();
                 let builder = || {
                     ClusterClient::builder(nodes.iter().map(|n| n.expose().to_owned()))
                         .connection_timeout(config.connect_timeout())
-                        .response_timeout(timeout.saturating_sub(timeout / 20))
+                        .response_timeout(config.command_timeout())
                         .retries(2)
                 };
                 let replica_builder = builder()
@@ -337,7 +322,6 @@ impl Backend {
                         connecting: AtomicBool::new(false),
                         connect_timeout: config.connect_timeout(),
                     }),
-                    hung: Arc::new(HungSlots::new(hung_slot_hold(timeout), timeout)),
                 })
             }
         }
@@ -421,12 +405,9 @@ impl Backend {
                 }
                 None
             }
-            Backend::Cluster { conn, hung, .. } => lock(conn).clone().map(|existing| {
-                (
-                    RedisConnection::cluster(existing, Some(Arc::clone(hung))),
-                    None,
-                )
-            }),
+            Backend::Cluster { conn, .. } => lock(conn)
+                .clone()
+                .map(|existing| (RedisConnection::cluster(existing), None)),
             Backend::Disabled => None,
         }
     }
@@ -484,16 +465,11 @@ impl Backend {
                     "every pooled connection was stale".to_owned(),
                 )))
             }
-            Backend::Cluster {
-                client, conn, hung, ..
-            } => {
+            Backend::Cluster { client, conn, .. } => {
                 let fresh = client.get_async_connection().await?;
                 let mut slot = lock(conn);
                 let shared = slot.get_or_insert(fresh).clone();
-                Ok((
-                    RedisConnection::cluster(shared, Some(Arc::clone(hung))),
-                    None,
-                ))
+                Ok((RedisConnection::cluster(shared), None))
             }
             Backend::Disabled => Err(RedisError::from((
                 redis::ErrorKind::Client,

@@ -28,9 +28,7 @@ pub struct RedisConnection {
 #[derive(Clone)]
 enum ConnectionKind {
     Standalone(MultiplexedConnection),
-    /// With the slots whose node hangs, for the primaries' connection
-    /// (replica reads have their own failure rule).
-    Cluster(ClusterConnection, Option<Arc<HungSlots>>),
+    Cluster(ClusterConnection),
 }
 
 impl RedisConnection {
@@ -40,15 +38,15 @@ impl RedisConnection {
         }
     }
 
-    pub(crate) fn cluster(conn: ClusterConnection, hung: Option<Arc<HungSlots>>) -> Self {
+    pub(crate) fn cluster(conn: ClusterConnection) -> Self {
         Self {
-            kind: ConnectionKind::Cluster(conn, hung),
+            kind: ConnectionKind::Cluster(conn),
         }
     }
 
     /// Whether this connection talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.kind, ConnectionKind::Cluster(..))
+        matches!(self.kind, ConnectionKind::Cluster(_))
     }
 }
 
@@ -56,7 +54,7 @@ impl fmt::Debug for RedisConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {
             ConnectionKind::Standalone(_) => "standalone",
-            ConnectionKind::Cluster(..) => "cluster",
+            ConnectionKind::Cluster(_) => "cluster",
         };
         f.debug_struct("RedisConnection")
             .field("kind", &kind)
@@ -77,19 +75,8 @@ impl ConnectionLike for RedisConnection {
             ConnectionKind::Standalone(c) => {
                 timed(|| operation(cmd), c.send_packed_command(cmd), server_error)
             }
-            ConnectionKind::Cluster(c, hung) => {
-                let operation = operation(cmd);
-                let Some((hung, slot)) = hung.as_deref().zip(command_slot(cmd, operation)) else {
-                    return timed(|| operation, c.req_packed_command(cmd), server_error);
-                };
-                if !hung.admits(slot) {
-                    return Box::pin(std::future::ready(Err(hung.refusal(slot))));
-                }
-                use futures_util::FutureExt;
-                let sent = c
-                    .req_packed_command(cmd)
-                    .map(move |result| hung.answered(slot, result));
-                timed(|| operation, sent, server_error)
+            ConnectionKind::Cluster(c) => {
+                timed(|| operation(cmd), c.req_packed_command(cmd), server_error)
             }
         }
     }
@@ -108,38 +95,18 @@ impl ConnectionLike for RedisConnection {
                 c.send_packed_commands(pipeline, offset, count),
                 server_error,
             ),
-            ConnectionKind::Cluster(c, hung) => {
-                // A pipeline on a cluster names one slot (one hash tag):
-                // its first keyed command's.
-                let slot = hung.as_deref().and_then(|hung| {
-                    pipeline
-                        .cmd_iter()
-                        .find_map(|cmd| command_slot(cmd, operation(cmd)))
-                        .map(|slot| (hung, slot))
-                });
-                let Some((hung, slot)) = slot else {
-                    return timed(
-                        || PIPELINE,
-                        c.req_packed_commands(pipeline, offset, count),
-                        server_error,
-                    );
-                };
-                if !hung.admits(slot) {
-                    return Box::pin(std::future::ready(Err(hung.refusal(slot))));
-                }
-                use futures_util::FutureExt;
-                let sent = c
-                    .req_packed_commands(pipeline, offset, count)
-                    .map(move |result| hung.answered(slot, result));
-                timed(|| PIPELINE, sent, server_error)
-            }
+            ConnectionKind::Cluster(c) => timed(
+                || PIPELINE,
+                c.req_packed_commands(pipeline, offset, count),
+                server_error,
+            ),
         }
     }
 
     fn get_db(&self) -> i64 {
         match &self.kind {
             ConnectionKind::Standalone(c) => c.get_db(),
-            ConnectionKind::Cluster(c, _) => c.get_db(),
+            ConnectionKind::Cluster(c) => c.get_db(),
         }
     }
 }
@@ -193,244 +160,6 @@ fn operation(cmd: &Cmd) -> usize {
         .iter()
         .position(|known| known.as_bytes().eq_ignore_ascii_case(first))
         .unwrap_or(OTHER)
-}
-
-/// The slot of the key `cmd` names, for the commands the layers send with
-/// a key (`operation` is its index in [`KNOWN_COMMANDS`]); `None` for a
-/// command without one, or one not known here.
-fn command_slot(cmd: &Cmd, operation: usize) -> Option<u16> {
-    let name = *KNOWN_COMMANDS.get(operation)?;
-    let mut args = cmd.args_iter().skip(1);
-    let key = match name {
-        "SCRIPT" | "PUBLISH" | "PING" | "TIME" | "INFO" => return None,
-        // EVALSHA sha numkeys key…: a script without keys goes anywhere.
-        "EVALSHA" | "EVAL" => {
-            let Some(redis::Arg::Simple(keys)) = args.nth(1) else {
-                return None;
-            };
-            if keys == b"0" {
-                return None;
-            }
-            args.next()
-        }
-        _ => args.next(),
-    };
-    match key? {
-        redis::Arg::Simple(key) => Some(key_slot(key)),
-        _ => None,
-    }
-}
-
-/// A Redis Cluster's hash slot of `key`: CRC16 (XMODEM) of its hash tag
-/// (what stands between its first `{` and the next `}`, when not empty)
-/// or of the whole key, modulo 16384.
-pub(crate) fn key_slot(key: &[u8]) -> u16 {
-    let tag = key.iter().position(|&b| b == b'{').and_then(|open| {
-        let rest = &key[open + 1..];
-        rest.iter()
-            .position(|&b| b == b'}')
-            .filter(|&close| close > 0)
-            .map(|close| &rest[..close])
-    });
-    crc16::State::<crc16::XMODEM>::calculate(tag.unwrap_or(key)) % CLUSTER_SLOTS
-}
-
-const CLUSTER_SLOTS: u16 = 16384;
-
-/// The slots of a Redis Cluster whose primary did not answer in time.
-///
-/// The breaker cannot see a node that hangs while the others answer: their
-/// successes reset its count of failures. Without more, every command for
-/// that node's keys would wait the command timeout (in a request making
-/// several, several times) for as long as the node hangs (until the
-/// cluster fails it over, 15 s by default). So a command whose node's
-/// response timed out marks its slot: for `hold`, commands for that slot
-/// fail at once with a timeout error (their operations take the fallback,
-/// and count as failures for the breaker, as a wait would have), and then
-/// one of them asks the node again, while the others still fail at once:
-/// an answer, or any error that is not a timeout (a refused connection, a
-/// failover's redirection), clears the slot; a timeout holds it again.
-///
-/// The unit is the slot, not the node (which slots a node serves is redis-rs'
-/// own, and changes with failovers): each slot of the node that is used
-/// waits once a `hold`. Memory: one word a slot, 128 KiB, for a cluster
-/// only. Replica reads keep their own rule (skipped for a while after one
-/// fails).
-pub(crate) struct HungSlots {
-    /// Per slot, the epoch millisecond until which its commands fail at
-    /// once; 0 when it is not marked.
-    until_ms: Box<[AtomicU64]>,
-    hold_ms: u64,
-    timeout: Duration,
-    /// The last epoch millisecond a command for any slot was answered.
-    answered_ms: AtomicU64,
-}
-
-impl HungSlots {
-    /// Marks that last `hold`; `timeout` is the command timeout, for the
-    /// refusals' message.
-    pub(crate) fn new(hold: Duration, timeout: Duration) -> Self {
-        Self {
-            until_ms: (0..CLUSTER_SLOTS).map(|_| AtomicU64::new(0)).collect(),
-            hold_ms: crate::clock::duration_ms(hold).max(1),
-            timeout,
-            answered_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn cell(&self, slot: u16) -> &AtomicU64 {
-        &self.until_ms[usize::from(slot % CLUSTER_SLOTS)]
-    }
-
-    /// Whether a command for `slot` is sent. A marked slot's first command
-    /// after its hold is, and holds it again until its answer, so that
-    /// one command at a time asks a node that may still hang.
-    pub(crate) fn admits(&self, slot: u16) -> bool {
-        self.admits_at(slot, crate::clock::now_ms())
-    }
-
-    fn admits_at(&self, slot: u16, now: u64) -> bool {
-        let cell = self.cell(slot);
-        let until = cell.load(Ordering::Acquire);
-        if until == 0 {
-            return true;
-        }
-        now >= until
-            && cell
-                .compare_exchange(
-                    until,
-                    now.saturating_add(self.hold_ms),
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_ok()
-    }
-
-    /// What a command for a marked slot gets: a timeout, as the wait
-    /// it spares would have ended (see [`is_slot_refusal`]).
-    pub(crate) fn refusal(&self, slot: u16) -> RedisError {
-        self.slot_error(slot, SlotWait::Spared)
-    }
-
-    fn slot_error(&self, slot: u16, wait: SlotWait) -> RedisError {
-        RedisError::from(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            SlotRefused {
-                slot,
-                timeout: self.timeout,
-                wait,
-            },
-        ))
-    }
-
-    /// Notes how a command sent for `slot` ended, and gives its result.
-    ///
-    /// A timeout marks the slot. While other slots were answered within
-    /// the last two command timeouts (the cluster answers, one node does
-    /// not), it is given as a [`is_slot_refusal`] too: the breaker is for
-    /// a Redis that does not answer at all, and the slot's mark already
-    /// spares the next commands the wait. When nothing was answered for
-    /// that long, it stays a plain timeout, which the breaker counts, so
-    /// a cluster whose every node hangs still opens it.
-    pub(crate) fn answered<T>(&self, slot: u16, result: RedisResult<T>) -> RedisResult<T> {
-        self.answered_at(slot, result, crate::clock::now_ms())
-    }
-
-    fn answered_at<T>(&self, slot: u16, result: RedisResult<T>, now: u64) -> RedisResult<T> {
-        let cell = self.cell(slot);
-        match result {
-            Err(error) if error.is_timeout() => {
-                cell.store(now.saturating_add(self.hold_ms), Ordering::Release);
-                let window = crate::clock::duration_ms(self.timeout).saturating_mul(2);
-                if self.answered_ms.load(Ordering::Acquire) >= now.saturating_sub(window) {
-                    Err(self.slot_error(slot, SlotWait::OthersAnswered))
-                } else {
-                    Err(error)
-                }
-            }
-            result => {
-                // An error reply is an answer too; a refused or dropped
-                // connection is not a hang either, and clears the mark.
-                if result
-                    .as_ref()
-                    .map_or_else(|e| e.code().is_some(), |_| true)
-                    && self.answered_ms.load(Ordering::Relaxed) < now
-                {
-                    self.answered_ms.store(now, Ordering::Release);
-                }
-                if cell.load(Ordering::Relaxed) != 0 {
-                    cell.store(0, Ordering::Release);
-                }
-                result
-            }
-        }
-    }
-}
-
-/// The error inside a refusal of [`HungSlots`].
-#[derive(Debug)]
-struct SlotRefused {
-    slot: u16,
-    timeout: Duration,
-    wait: SlotWait,
-}
-
-/// Whether a [`SlotRefused`] command waited.
-#[derive(Debug, Clone, Copy)]
-enum SlotWait {
-    /// Not sent: the slot was marked.
-    Spared,
-    /// Sent, and timed out while other slots were answered.
-    OthersAnswered,
-}
-
-impl fmt::Display for SlotRefused {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (slot, timeout) = (self.slot, self.timeout);
-        match self.wait {
-            SlotWait::Spared => write!(
-                f,
-                "the Redis Cluster node serving slot {slot} did not answer within {timeout:?}; \
-                 not asked again for a while"
-            ),
-            SlotWait::OthersAnswered => write!(
-                f,
-                "the Redis Cluster node serving slot {slot} did not answer within {timeout:?} \
-                 while other nodes did; not asked again for a while"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for SlotRefused {}
-
-/// Whether `error` is a [`HungSlots`] refusal: a command not sent, failed
-/// at once, whose slot's node timed out before. The breaker learns nothing
-/// from it (the timeout that marked the slot was counted): counting each
-/// one would let the share of the traffic that goes to one hung node open
-/// the breaker for every node. Read through redis-rs' representation of
-/// an I/O error (`a_slot_refusal_is_told_from_a_timeout` checks it).
-pub(crate) fn is_slot_refusal(error: &RedisError) -> bool {
-    std::error::Error::source(error)
-        .and_then(|source| source.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>())
-        .and_then(|inner| (**inner).downcast_ref::<std::io::Error>())
-        .and_then(std::io::Error::get_ref)
-        .is_some_and(|inner| inner.is::<SlotRefused>())
-}
-
-impl fmt::Debug for HungSlots {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let now = crate::clock::now_ms();
-        let marked = self
-            .until_ms
-            .iter()
-            .filter(|until| until.load(Ordering::Relaxed) > now)
-            .count();
-        f.debug_struct("HungSlots")
-            .field("marked", &marked)
-            .field("hold_ms", &self.hold_ms)
-            .finish()
-    }
 }
 
 /// OpenTelemetry's `db.operation.name` of the operation at `index` of
@@ -1097,164 +826,6 @@ impl bb8::ErrorSink<redis::RedisError> for TracingErrorSink {
 #[cfg(test)]
 mod tests {
     use super::announced_primary;
-
-    /// The slot is redis-rs' own (which routes the command), hash tags
-    /// included; a command is judged by the key it names, scripts by their
-    /// first key, and keyless commands by none.
-    #[test]
-    fn a_command_s_slot_is_the_slot_redis_rs_routes_it_to() {
-        use super::{command_slot, key_slot, operation};
-        use redis::cluster_routing::Slot;
-        for key in [
-            "",
-            "a",
-            "tower-redis:{user:7}:s",
-            "x{}y",
-            "{}{a}",
-            "{a",
-            "a}{b}",
-            "{{a}}",
-        ] {
-            assert_eq!(
-                format!("Slot({})", key_slot(key.as_bytes())),
-                format!("{:?}", Slot::for_key(key)),
-                "{key:?}"
-            );
-        }
-        let slot = |cmd: &redis::Cmd| command_slot(cmd, operation(cmd));
-        let k = key_slot(b"{t}k");
-        assert_eq!(slot(redis::cmd("HMGET").arg("{t}k").arg("f")), Some(k));
-        assert_eq!(slot(redis::cmd("get").arg("{t}k")), Some(k));
-        assert_eq!(
-            slot(
-                redis::cmd("EVALSHA")
-                    .arg("abc")
-                    .arg(2)
-                    .arg("{t}k")
-                    .arg("{t}j")
-            ),
-            Some(k)
-        );
-        assert_eq!(slot(redis::cmd("EVALSHA").arg("abc").arg(0).arg("x")), None);
-        for keyless in ["PING", "PUBLISH", "SCRIPT", "TIME", "INFO", "CLIENT"] {
-            assert_eq!(slot(redis::cmd(keyless).arg("{t}k")), None, "{keyless}");
-        }
-        assert_eq!(slot(&redis::cmd("GET")), None);
-    }
-
-    /// A marked slot refuses until its hold is over; then one command asks
-    /// again while the others are still refused; an answer (or an error
-    /// that is not a timeout) clears it, a timeout marks it again.
-    #[test]
-    fn a_hung_slot_lets_one_command_through_a_hold() {
-        use super::HungSlots;
-        use std::time::Duration;
-        let timed_out = || -> redis::RedisResult<()> {
-            Err(redis::RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "timed out",
-            )))
-        };
-        let refused = || -> redis::RedisResult<()> {
-            Err(redis::RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::ConnectionRefused,
-                "refused",
-            )))
-        };
-        let hung = HungSlots::new(Duration::from_millis(50), Duration::from_millis(10));
-        let t = 1_000_000;
-        assert!(hung.admits_at(7, t));
-        let _ = hung.answered_at(7, timed_out(), t);
-        assert!(!hung.admits_at(7, t + 49), "marked");
-        assert!(hung.admits_at(8, t + 1), "another slot");
-        assert!(hung.refusal(7).is_timeout());
-        assert!(
-            hung.admits_at(7, t + 50),
-            "the hold is over: one command asks again"
-        );
-        assert!(!hung.admits_at(7, t + 51), "the others wait for its answer");
-        assert!(!hung.admits_at(7, t + 99), "…for a hold at most");
-        let _ = hung.answered_at(7, timed_out(), t + 60);
-        assert!(!hung.admits_at(7, t + 109), "still hangs");
-        assert!(hung.admits_at(7, t + 110));
-        let _ = hung.answered_at(7, Ok(()), t + 111);
-        assert!(
-            hung.admits_at(7, t + 112) && hung.admits_at(7, t + 112),
-            "answered"
-        );
-        let _ = hung.answered_at(9, timed_out(), t);
-        let _ = hung.answered_at(9, refused(), t + 1);
-        assert!(hung.admits_at(9, t + 2), "an error at once is not a hang");
-    }
-
-    /// A slot's timeout while other slots were answered (within two
-    /// command timeouts) is not one the breaker counts; with nothing
-    /// answered for that long it is a plain timeout, which it counts.
-    #[test]
-    fn a_slot_timeout_counts_only_when_nothing_was_answered_meanwhile() {
-        use super::{HungSlots, is_slot_refusal};
-        use std::time::Duration;
-        let timed_out = || -> redis::RedisResult<()> {
-            Err(redis::RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "timed out",
-            )))
-        };
-        let hung = HungSlots::new(Duration::from_millis(50), Duration::from_millis(10));
-        let t = 1_000_000;
-        let alone = hung.answered_at(1, timed_out(), t).expect_err("a timeout");
-        assert!(
-            alone.is_timeout() && !is_slot_refusal(&alone),
-            "nothing answered yet"
-        );
-        assert!(hung.answered_at(2, Ok(()), t + 1).is_ok());
-        let partial = hung
-            .answered_at(3, timed_out(), t + 21)
-            .expect_err("a timeout");
-        assert!(
-            partial.is_timeout() && is_slot_refusal(&partial),
-            "{partial}"
-        );
-        assert!(
-            partial.to_string().contains("while other nodes did"),
-            "{partial}"
-        );
-        let late = hung
-            .answered_at(4, timed_out(), t + 22)
-            .expect_err("a timeout");
-        assert!(!is_slot_refusal(&late), "nothing answered for two timeouts");
-        let server_error: redis::RedisResult<()> = Err(redis::RedisError::from((
-            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
-            "ERR",
-        )));
-        let _ = hung.answered_at(5, server_error, t + 100);
-        let after_reply = hung
-            .answered_at(6, timed_out(), t + 110)
-            .expect_err("a timeout");
-        assert!(is_slot_refusal(&after_reply), "an error reply is an answer");
-    }
-
-    /// A refusal is a timeout for everyone (the layers take it as a hang)
-    /// and is told apart from a real one (the breaker does not count it).
-    #[test]
-    fn a_slot_refusal_is_told_from_a_timeout() {
-        use super::{HungSlots, is_slot_refusal};
-        use std::time::Duration;
-        let refusal =
-            HungSlots::new(Duration::from_secs(1), Duration::from_millis(200)).refusal(42);
-        assert!(refusal.is_timeout());
-        assert!(is_slot_refusal(&refusal));
-        assert!(refusal.to_string().contains("slot 42"), "{refusal}");
-        let timeout = redis::RedisError::from(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "timed out",
-        ));
-        assert!(!is_slot_refusal(&timeout));
-        assert!(!is_slot_refusal(&redis::RedisError::from((
-            redis::ErrorKind::Io,
-            "no",
-        ))));
-    }
 
     /// Each known command is named by itself, in any case; anything else
     /// (no name at all included) is `other`.

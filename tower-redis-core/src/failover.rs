@@ -257,11 +257,6 @@ impl RedisManager {
                 self.record_failure(&error);
                 Err(Error::Connect(error))
             }
-            Ok(Err(Attempt::Command(error, _))) if crate::connection::is_slot_refusal(&error) => {
-                // Not sent: its Cluster slot's node hangs. The breaker
-                // counted the timeout that marked the slot.
-                Err(Error::Redis(error))
-            }
             Ok(Err(Attempt::Command(error, broken))) => {
                 if counts_against_breaker(&error) {
                     // A timeout (a Cluster node's response timeout: no
