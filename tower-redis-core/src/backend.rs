@@ -40,7 +40,9 @@ pub(crate) enum Backend {
     },
     Cluster {
         client: Box<ClusterClient>,
-        conn: Mutex<Option<ClusterConnection>>,
+        conn: Arc<Mutex<Option<ClusterConnection>>>,
+        /// The replacement connection made after a node's timeout.
+        rebuild: Arc<ClusterRebuild>,
         /// The connections that send read-only commands to replicas, for
         /// [`RedisManager::run_read`]; made on first use.
         replicas: Arc<ReplicaReads>,
@@ -61,6 +63,26 @@ pub(crate) struct ReplicaReads {
     connecting: AtomicBool,
     connect_timeout: std::time::Duration,
 }
+
+/// A replacement for the shared cluster connection, made in the background
+/// after a node's response timed out (see [`Backend::on_node_timeout`]).
+#[derive(Debug)]
+pub(crate) struct ClusterRebuild {
+    /// One is being made.
+    running: AtomicBool,
+    /// The origin of `next_ms` (a monotonic clock).
+    epoch: std::time::Instant,
+    /// Milliseconds since `epoch` before which no other is started.
+    next_ms: AtomicU64,
+    /// How long making one may take.
+    limit: std::time::Duration,
+}
+
+/// At most one replacement cluster connection a second.
+const REBUILD_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// Making a cluster connection connects to every node it is given and
+/// reads the slot map; one node that hangs costs its connection timeout.
+const REBUILD_LIMIT_FLOOR: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long replica reads are skipped after one failed.
 const REPLICA_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -314,7 +336,13 @@ impl Backend {
                     .map_err(rejected)?;
                 Ok(Backend::Cluster {
                     client: Box::new(client),
-                    conn: Mutex::new(None),
+                    conn: Arc::new(Mutex::new(None)),
+                    rebuild: Arc::new(ClusterRebuild {
+                        running: AtomicBool::new(false),
+                        epoch: std::time::Instant::now(),
+                        next_ms: AtomicU64::new(0),
+                        limit: (config.connect_timeout() * 4).max(REBUILD_LIMIT_FLOOR),
+                    }),
                     replicas: Arc::new(ReplicaReads {
                         client: replica_client,
                         conn: Mutex::new(None),
@@ -476,6 +504,51 @@ impl Backend {
                 "Redis is disabled for this manager",
             ))),
         }
+    }
+
+    /// A Cluster node's response timed out; the shared connection is kept
+    /// (throwing it away would make every key wait for a new one, which
+    /// waits for the node that hangs). But redis-rs reads its slot map
+    /// again on a redirection or a broken connection, not on a timeout: a
+    /// primary that hangs and is failed over would keep being asked for
+    /// its slots, by this connection, for as long as it hangs. So a
+    /// replacement is made in the background (it reads the slot map
+    /// afresh, and is made without the node that hangs), at most one at a
+    /// time and one a second, and takes the shared connection's place
+    /// when ready; operations under way keep the one they have. Nothing
+    /// for a standalone server.
+    pub(crate) fn on_node_timeout(&self) {
+        let Backend::Cluster {
+            client,
+            conn,
+            rebuild,
+            ..
+        } = self
+        else {
+            return;
+        };
+        let now = crate::clock::duration_ms(rebuild.epoch.elapsed());
+        if now < rebuild.next_ms.load(Ordering::Acquire)
+            || rebuild.running.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            rebuild.running.store(false, Ordering::Release);
+            return;
+        };
+        rebuild.next_ms.store(
+            now.saturating_add(crate::clock::duration_ms(REBUILD_EVERY)),
+            Ordering::Release,
+        );
+        let (client, conn, rebuild) = ((**client).clone(), Arc::clone(conn), Arc::clone(rebuild));
+        runtime.spawn(async move {
+            let made = tokio::time::timeout(rebuild.limit, client.get_async_connection()).await;
+            if let Ok(Ok(fresh)) = made {
+                *lock(&conn) = Some(fresh);
+            }
+            rebuild.running.store(false, Ordering::Release);
+        });
     }
 
     /// Makes sure no connection from before now is used again.

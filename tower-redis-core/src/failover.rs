@@ -259,16 +259,19 @@ impl RedisManager {
             }
             Ok(Err(Attempt::Command(error, broken))) => {
                 if counts_against_breaker(&error) {
-                    // A timeout (a Cluster node's response timeout: no
-                    // other connection has one) says nothing of the
-                    // connection, which reconnects its nodes itself; a
-                    // new one would wait for the node that hangs, and
-                    // every key, on every node, with it.
-                    let broke = !error.is_timeout()
-                        && (error.is_io_error()
-                            || error.is_connection_dropped()
-                            || is_readonly(&error));
-                    if broke {
+                    if error.is_timeout() {
+                        // A Cluster node's response timeout (no other
+                        // connection has one) says nothing of the
+                        // connection, which reconnects its nodes itself:
+                        // a new one would wait for the node that hangs,
+                        // and every key, on every node, with it. One that
+                        // reads the slot map afresh is made in the
+                        // background.
+                        self.inner.backend.on_node_timeout();
+                    } else if error.is_io_error()
+                        || error.is_connection_dropped()
+                        || is_readonly(&error)
+                    {
                         // A multiplexed connection does not recover, and when
                         // one drops the server has usually restarted, so the
                         // others from before are dead too: replace them all.
@@ -286,7 +289,12 @@ impl RedisManager {
                 }
                 Err(Error::Redis(error))
             }
-            Err(_) => Err(self.record_timeout()),
+            Err(_) => {
+                // On a Cluster, most likely a node that hangs (its own
+                // response timeout ended in the same tick as this one).
+                self.inner.backend.on_node_timeout();
+                Err(self.record_timeout())
+            }
         }
     }
 

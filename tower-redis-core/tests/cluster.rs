@@ -256,3 +256,61 @@ async fn a_hung_cluster_node_does_not_stall_the_other_nodes_keys() {
     assert_eq!(manager.health().state, BreakerState::Closed);
     cluster.resume_node(hung).await;
 }
+
+/// A primary that hangs and stays hung while the cluster fails it over:
+/// redis-rs does not read its slot map again on a timeout, so the kept
+/// connection would go on asking the hung node for its slots. A
+/// replacement made in the background after the node's timeouts reads the
+/// new map: the slot is served by the promoted replica, with the breaker
+/// kept out of it (a threshold the hang cannot reach), and the other
+/// primaries' keys still answer.
+#[tokio::test]
+async fn a_hung_primary_that_is_failed_over_is_left_for_its_replica() {
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    let cluster = TestCluster::with_replicas(1).await;
+    let config = cluster
+        .config()
+        .command_timeout(TIMEOUT)
+        .failure_threshold(1000)
+        .build()
+        .expect("valid");
+    let manager = RedisManager::connect(config).await.expect("starts");
+    let key = manager.keys().key(&["followed"]);
+    let slot = cluster.slot_of(&key).await;
+    let hung = cluster.primary_of(slot).await;
+    let elsewhere = key_on(&cluster, &manager, hung, false).await;
+    assert_eq!(timed_incr(&manager, &key).await.0, Source::Redis);
+
+    cluster.pause_node(hung).await;
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs(30);
+    loop {
+        if timed_incr(&manager, &key).await.0 == Source::Redis {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot was still not served after {:?}: primary of slot {slot} now {}, health {:?}",
+            started.elapsed(),
+            cluster.primary_of(slot).await,
+            manager.health()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "served by the promoted replica {:?} after the pause",
+        started.elapsed()
+    );
+    assert_ne!(
+        cluster.primary_of(slot).await,
+        hung,
+        "served by the replica"
+    );
+    let (source, took) = timed_incr(&manager, &elsewhere).await;
+    assert_eq!(
+        source,
+        Source::Redis,
+        "another primary's key, after {took:?}"
+    );
+    cluster.resume_node(hung).await;
+}
