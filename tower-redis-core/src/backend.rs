@@ -70,12 +70,25 @@ pub(crate) struct ReplicaReads {
 pub(crate) struct ClusterRebuild {
     /// One is being made.
     running: AtomicBool,
+    /// How many times the connections were discarded (an outage began):
+    /// a replacement made across one is not kept.
+    discards: AtomicU64,
     /// The origin of `next_ms` (a monotonic clock).
     epoch: std::time::Instant,
     /// Milliseconds since `epoch` before which no other is started.
     next_ms: AtomicU64,
     /// How long making one may take.
     limit: std::time::Duration,
+}
+
+/// Clears [`ClusterRebuild::running`] when the making ends, however it
+/// ends (its task dropped with its runtime included).
+struct Running(Arc<ClusterRebuild>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Release);
+    }
 }
 
 /// At most one replacement cluster connection a second.
@@ -339,6 +352,7 @@ impl Backend {
                     conn: Arc::new(Mutex::new(None)),
                     rebuild: Arc::new(ClusterRebuild {
                         running: AtomicBool::new(false),
+                        discards: AtomicU64::new(0),
                         epoch: std::time::Instant::now(),
                         next_ms: AtomicU64::new(0),
                         limit: (config.connect_timeout() * 4).max(REBUILD_LIMIT_FLOOR),
@@ -515,8 +529,11 @@ impl Backend {
     /// replacement is made in the background (it reads the slot map
     /// afresh, and is made without the node that hangs), at most one at a
     /// time and one a second, and takes the shared connection's place
-    /// when ready; operations under way keep the one they have. Nothing
-    /// for a standalone server.
+    /// when ready; operations under way keep the one they have. Not while
+    /// no connection is kept (an operation is making one), and not kept
+    /// when the connections were discarded meanwhile (an outage began:
+    /// none from before it is used again). Nothing for a standalone
+    /// server.
     pub(crate) fn on_node_timeout(&self) {
         let Backend::Cluster {
             client,
@@ -528,26 +545,52 @@ impl Backend {
             return;
         };
         let now = crate::clock::duration_ms(rebuild.epoch.elapsed());
-        if now < rebuild.next_ms.load(Ordering::Acquire)
-            || rebuild.running.swap(true, Ordering::AcqRel)
-        {
+        if now < rebuild.next_ms.load(Ordering::Acquire) {
             return;
         }
+        // The connection it would replace, and the discards so far: one
+        // made while none is kept (an operation is making one) or stored
+        // after a discard (an outage began) is not wanted.
+        let discards = {
+            let kept = lock(conn);
+            if kept.is_none() {
+                return;
+            }
+            rebuild.discards.load(Ordering::Acquire)
+        };
+        if rebuild.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let running = Running(Arc::clone(rebuild));
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            rebuild.running.store(false, Ordering::Release);
             return;
         };
         rebuild.next_ms.store(
             now.saturating_add(crate::clock::duration_ms(REBUILD_EVERY)),
             Ordering::Release,
         );
-        let (client, conn, rebuild) = ((**client).clone(), Arc::clone(conn), Arc::clone(rebuild));
+        let (client, conn, limit) = ((**client).clone(), Arc::downgrade(conn), rebuild.limit);
         runtime.spawn(async move {
-            let made = tokio::time::timeout(rebuild.limit, client.get_async_connection()).await;
-            if let Ok(Ok(fresh)) = made {
-                *lock(&conn) = Some(fresh);
+            let _running = running;
+            let made = tokio::time::timeout(limit, client.get_async_connection()).await;
+            let Some(conn) = conn.upgrade() else {
+                // The manager is gone.
+                return;
+            };
+            match made {
+                Ok(Ok(fresh)) => {
+                    let mut kept = lock(&conn);
+                    if kept.is_some() && _running.0.discards.load(Ordering::Acquire) == discards {
+                        *kept = Some(fresh);
+                    }
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(target: "tower_redis", %error, "a replacement Redis Cluster connection could not be made");
+                }
+                Err(_) => {
+                    tracing::debug!(target: "tower_redis", ?limit, "a replacement Redis Cluster connection was not made in time");
+                }
             }
-            rebuild.running.store(false, Ordering::Release);
         });
     }
 
@@ -557,8 +600,16 @@ impl Backend {
             Backend::Standalone { generation, .. } => {
                 generation.fetch_add(1, Ordering::AcqRel);
             }
-            Backend::Cluster { conn, replicas, .. } => {
-                lock(conn).take();
+            Backend::Cluster {
+                conn,
+                replicas,
+                rebuild,
+                ..
+            } => {
+                let mut kept = lock(conn);
+                rebuild.discards.fetch_add(1, Ordering::AcqRel);
+                kept.take();
+                drop(kept);
                 lock(&replicas.conn).take();
             }
             Backend::Disabled => {}

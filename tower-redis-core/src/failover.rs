@@ -259,18 +259,16 @@ impl RedisManager {
             }
             Ok(Err(Attempt::Command(error, broken))) => {
                 if counts_against_breaker(&error) {
-                    if error.is_timeout() {
-                        // A Cluster node's response timeout (no other
-                        // connection has one) says nothing of the
-                        // connection, which reconnects its nodes itself:
-                        // a new one would wait for the node that hangs,
-                        // and every key, on every node, with it. One that
-                        // reads the slot map afresh is made in the
-                        // background.
-                        self.inner.backend.on_node_timeout();
-                    } else if error.is_io_error()
-                        || error.is_connection_dropped()
-                        || is_readonly(&error)
+                    // A Cluster node's response timeout says nothing of the
+                    // connection, which reconnects its nodes itself: a new
+                    // one would wait for the node that hangs, and every
+                    // key, on every node, with it. One that reads the slot
+                    // map afresh is made in the background instead.
+                    let node_timeout = self.is_cluster() && error.is_timeout();
+                    if !node_timeout
+                        && (error.is_io_error()
+                            || error.is_connection_dropped()
+                            || is_readonly(&error))
                     {
                         // A multiplexed connection does not recover, and when
                         // one drops the server has usually restarted, so the
@@ -284,16 +282,20 @@ impl RedisManager {
                         self.inner.backend.discard_connections();
                     }
                     self.record_failure(&error);
+                    if node_timeout {
+                        self.on_node_timeout();
+                    }
                 } else {
                     self.inner.breaker.on_success();
                 }
                 Err(Error::Redis(error))
             }
             Err(_) => {
+                let error = self.record_timeout();
                 // On a Cluster, most likely a node that hangs (its own
                 // response timeout ended in the same tick as this one).
-                self.inner.backend.on_node_timeout();
-                Err(self.record_timeout())
+                self.on_node_timeout();
+                Err(error)
             }
         }
     }
@@ -383,13 +385,26 @@ impl RedisManager {
             };
             match timeout(inner.command_timeout, ping).await {
                 Ok(Ok(())) => inner.breaker.on_success(),
-                Ok(Err(error)) if error.is_timeout() => manager.record_failure(&error),
+                Ok(Err(error)) if error.is_timeout() => {
+                    manager.record_failure(&error);
+                    manager.on_node_timeout();
+                }
                 Ok(Err(_)) => {}
                 Err(_) => {
                     let _ = manager.record_timeout();
+                    manager.on_node_timeout();
                 }
             }
         });
+    }
+
+    /// A Cluster node may hang: while the breaker still lets requests
+    /// through, a replacement connection is made in the background
+    /// ([`Backend::on_node_timeout`](crate::backend::Backend::on_node_timeout)).
+    fn on_node_timeout(&self) {
+        if self.inner.breaker.allows_requests() {
+            self.inner.backend.on_node_timeout();
+        }
     }
 
     pub(crate) fn record_timeout(&self) -> Error {
