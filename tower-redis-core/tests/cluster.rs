@@ -91,18 +91,7 @@ async fn a_killed_node_falls_back_and_recovers_after_restart() {
     cluster.kill_node(1).await;
     let mut fallbacks = 0;
     for key in keys.iter().cycle().take(36) {
-        let served = manager
-            .failover(
-                |mut conn| async move {
-                    redis::cmd("INCR")
-                        .arg(key)
-                        .query_async::<i64>(&mut conn)
-                        .await
-                },
-                |_| async { -1 },
-            )
-            .await;
-        if served.is_fallback() {
+        if timed_incr(&manager, key).await.0 != Source::Redis {
             fallbacks += 1;
         }
     }
@@ -121,19 +110,8 @@ async fn a_killed_node_falls_back_and_recovers_after_restart() {
         manager.health()
     );
     for key in &keys {
-        let served = manager
-            .failover(
-                |mut conn| async move {
-                    redis::cmd("INCR")
-                        .arg(key)
-                        .query_async::<i64>(&mut conn)
-                        .await
-                },
-                |_| async { -1 },
-            )
-            .await;
         assert_eq!(
-            served.source,
+            timed_incr(&manager, key).await.0,
             Source::Redis,
             "{key}: health {:?}",
             manager.health()
