@@ -194,6 +194,19 @@ async fn key_on(cluster: &TestCluster, manager: &RedisManager, node: usize, on: 
     panic!("no key found {} node {node}", if on { "on" } else { "off" })
 }
 
+/// A manager on `cluster` with the command timeout `timeout` and a breaker
+/// threshold no hang of these tests reaches, so that the breaker stays out
+/// of them.
+async fn hang_test_manager(cluster: &TestCluster, timeout: Duration) -> RedisManager {
+    let config = cluster
+        .config()
+        .command_timeout(timeout)
+        .failure_threshold(1000)
+        .build()
+        .expect("valid");
+    RedisManager::connect(config).await.expect("starts")
+}
+
 /// A Cluster node that hangs while the others answer: with a threshold
 /// the hang cannot reach, the other nodes' keys go on with Redis, within
 /// a fraction of the command timeout, and the breaker stays closed. Before,
@@ -203,13 +216,7 @@ async fn key_on(cluster: &TestCluster, manager: &RedisManager, node: usize, on: 
 async fn a_hung_cluster_node_does_not_stall_the_other_nodes_keys() {
     const TIMEOUT: Duration = Duration::from_millis(300);
     let cluster = TestCluster::start().await;
-    let config = cluster
-        .config()
-        .command_timeout(TIMEOUT)
-        .failure_threshold(1000)
-        .build()
-        .expect("valid");
-    let manager = RedisManager::connect(config).await.expect("starts");
+    let manager = hang_test_manager(&cluster, TIMEOUT).await;
     let hung = 1;
     let on_hung = key_on(&cluster, &manager, hung, true).await;
     let elsewhere = key_on(&cluster, &manager, hung, false).await;
@@ -246,13 +253,7 @@ async fn a_hung_cluster_node_does_not_stall_the_other_nodes_keys() {
 async fn a_hung_primary_that_is_failed_over_is_left_for_its_replica() {
     const TIMEOUT: Duration = Duration::from_millis(300);
     let cluster = TestCluster::with_replicas(1).await;
-    let config = cluster
-        .config()
-        .command_timeout(TIMEOUT)
-        .failure_threshold(1000)
-        .build()
-        .expect("valid");
-    let manager = RedisManager::connect(config).await.expect("starts");
+    let manager = hang_test_manager(&cluster, TIMEOUT).await;
     let key = manager.keys().key(&["followed"]);
     let slot = cluster.slot_of(&key).await;
     let hung = cluster.primary_of(slot).await;
