@@ -60,6 +60,21 @@ impl Keyspace {
         let mut key = String::with_capacity(
             self.prefix.len() + tag.len() + 4 + parts.iter().map(|p| p.len() + 1).sum::<usize>(),
         );
+        self.tagged_into(&mut key, tag, parts);
+        key
+    }
+
+    /// [`tagged`](Self::tagged), appended to `key`: a lookup that only
+    /// needs the key for a moment writes it into a buffer it reuses.
+    ///
+    /// ```
+    /// use tower_redis_core::Keyspace;
+    ///
+    /// let mut key = String::new();
+    /// Keyspace::new("shop").tagged_into(&mut key, "user:42", &["sess"]);
+    /// assert_eq!(key, "shop:{user%3A42}:sess");
+    /// ```
+    pub fn tagged_into(&self, key: &mut String, tag: &str, parts: &[&str]) {
         key.push_str(&self.prefix);
         key.push_str(":{");
         key.push_str(&escape_key_part(tag));
@@ -68,7 +83,6 @@ impl Keyspace {
             key.push(':');
             key.push_str(&escape_key_part(part));
         }
-        key
     }
 
     /// A `SCAN MATCH` pattern for every key under `prefix:part:part…:`.

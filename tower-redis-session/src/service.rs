@@ -73,10 +73,10 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// What the response future needs once the inner call is ready.
+/// What the response future needs once the inner call is ready (the
+/// layer's settings are the session's).
 struct Then {
     session: Session,
-    shared: Arc<Shared>,
     clock: LayerClock,
     started: InnerStarted,
 }
@@ -99,7 +99,6 @@ where
                     let answer = std::task::ready!(called.poll(cx));
                     let Some(Then {
                         session,
-                        shared,
                         clock,
                         started,
                     }) = then.take()
@@ -114,13 +113,15 @@ where
                             return Poll::Ready(Err(error));
                         }
                     };
+                    let shared = session.shared();
                     if let Some(update) = session.finish_now(shared.expiry.persistent) {
-                        apply(&shared, update, &mut response);
+                        apply(shared, update, &mut response);
                         // The clock stops (is dropped) here, after the cookie.
                         drop(clock);
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
                     }
+                    let shared = Arc::clone(shared);
                     let future = tower_redis_core::ResponseFuture::new(async move {
                         let update = match session.finish().await {
                             Some(update) => Some(update),
@@ -171,10 +172,9 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let shared = Arc::clone(&self.shared);
-        let cookie_id = session_cookie(request.headers(), &shared);
+        let cookie_id = session_cookie(request.headers(), &self.shared);
         let had_cookie = cookie_id.is_some();
-        let session = Session::new(shared.store.clone(), cookie_id, shared.max_session_bytes);
+        let session = Session::new(Arc::clone(&self.shared), cookie_id);
         request.extensions_mut().insert(session.clone());
         // One span per request: the store records `loaded` (found, missing),
         // `saved` (created, saved, cycled, deleted) and `save_result`.
@@ -204,7 +204,6 @@ where
                 called,
                 then: Some(Then {
                     session,
-                    shared,
                     clock,
                     started,
                 }),
@@ -597,7 +596,7 @@ mod tests {
             .expect("a layer");
         let store = layer.shared.store.clone();
         let id = crate::id::SessionId::generate();
-        let session = Session::new(store.clone(), Some(id), 4096);
+        let session = Session::new(std::sync::Arc::clone(&layer.shared), Some(id));
         let read = session.get::<u32>("visits");
         let size = std::mem::size_of_val(&read);
         assert!(size <= 1032, "a session read is {size} bytes");

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
 use crate::id::SessionId;
+use crate::layer::Shared;
 use crate::store::{Changes, EndMark, Known, Record, Saved, SessionStore, now_ms};
 
 /// Why a session operation failed. Redis trouble is never one of them: the
@@ -57,9 +58,9 @@ pub struct Session {
 
 struct Inner {
     state: Mutex<State>,
-    store: SessionStore,
-    /// The largest the session may grow, in bytes.
-    max_bytes: usize,
+    /// The layer's settings and store: one count every request shares,
+    /// taken once a request (the response's end reads them here too).
+    shared: Arc<Shared>,
 }
 
 impl fmt::Debug for Session {
@@ -136,7 +137,7 @@ pub(crate) enum CookieUpdate {
 }
 
 impl Session {
-    pub(crate) fn new(store: SessionStore, cookie_id: Option<SessionId>, max_bytes: usize) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, cookie_id: Option<SessionId>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
@@ -148,13 +149,17 @@ impl Session {
                     cycle: false,
                     delete: None,
                     size: None,
-                    ends_mark: store.end_mark(),
+                    ends_mark: shared.store.end_mark(),
                     waited: false,
                 }),
-                store,
-                max_bytes,
+                shared,
             }),
         }
+    }
+
+    /// The layer's settings and store.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
     }
 
     /// Loads the session on first use: one round trip, and only when the
@@ -170,11 +175,11 @@ impl Session {
                 // that waits is boxed: inlined, it made the future of every
                 // session read (part of the handler's future) larger than
                 // the allocator's per-thread cache takes.
-                let record = match self.inner.store.load_now(&storage_key) {
+                let record = match self.inner.shared.store.load_now(&storage_key) {
                     Ok(record) => Some(record),
                     Err(later) => {
                         let loaded =
-                            Box::pin(self.inner.store.load_later(&storage_key, later)).await;
+                            Box::pin(self.inner.shared.store.load_later(&storage_key, later)).await;
                         state.waited = loaded.waited;
                         loaded.record
                     }
@@ -351,11 +356,11 @@ impl Session {
         let size = current - old.min(current) + new;
         // A session already over the limit (the limit was lowered) may
         // still shrink.
-        if new > old && size > self.inner.max_bytes {
+        if new > old && size > self.inner.shared.max_session_bytes {
             return Err(SessionError::TooLarge {
                 key: key.to_owned(),
                 size,
-                limit: self.inner.max_bytes,
+                limit: self.inner.shared.max_session_bytes,
             });
         }
         state.size = Some(size);
@@ -709,7 +714,7 @@ impl Session {
 
     /// The store behind this session (for "log out everywhere" and such).
     pub fn store(&self) -> &SessionStore {
-        &self.inner.store
+        &self.inner.shared.store
     }
 
     /// Writes what the handler changed; says what the cookie must become.
@@ -721,10 +726,11 @@ impl Session {
         let deleted = state.delete.take();
         if let Some((id, user)) = &deleted {
             let storage_key = id.storage_key();
-            let delete = self
-                .inner
-                .store
-                .delete(&storage_key, user.as_deref(), state.waited);
+            let delete =
+                self.inner
+                    .shared
+                    .store
+                    .delete(&storage_key, user.as_deref(), state.waited);
             state.waited |= Box::pin(delete).await;
         }
         match state.phase {
@@ -785,6 +791,7 @@ impl Session {
                 deleted
                     || !self
                         .inner
+                        .shared
                         .store
                         .ended_since(&cookie.storage_key(), state.ends_mark)
             })
@@ -820,13 +827,18 @@ impl Session {
                 && let Some(cookie) = state.cookie_id.as_ref()
             {
                 let storage_key = cookie.storage_key();
-                if let Some(known) = self.inner.store.cycled_since(&storage_key, state.ends_mark) {
+                if let Some(known) = self
+                    .inner
+                    .shared
+                    .store
+                    .cycled_since(&storage_key, state.ends_mark)
+                {
                     dropped_change(known);
                     return None;
                 }
             }
             let id = SessionId::generate();
-            return match Box::pin(self.inner.store.save(
+            return match Box::pin(self.inner.shared.store.save(
                 &id.storage_key(),
                 Some(now_ms()),
                 &state.changes,
@@ -845,7 +857,7 @@ impl Session {
             let mut merged = state.record.clone();
             state.changes.apply_to(&mut merged);
             let new_id = SessionId::generate();
-            return match Box::pin(self.inner.store.cycle(
+            return match Box::pin(self.inner.shared.store.cycle(
                 &id.storage_key(),
                 &new_id.storage_key(),
                 &merged,
@@ -871,7 +883,7 @@ impl Session {
             return None;
         }
         let previous_user = state.record.user.clone();
-        match Box::pin(self.inner.store.save(
+        match Box::pin(self.inner.shared.store.save(
             &id.storage_key(),
             None,
             &state.changes,
@@ -905,6 +917,7 @@ impl Session {
         state.id.filter(|id| {
             !self
                 .inner
+                .shared
                 .store
                 .ended_since(&id.storage_key(), state.ends_mark)
         })

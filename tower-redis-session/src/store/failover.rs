@@ -273,6 +273,9 @@ impl Failover {
                 )
                 .await;
             if served.source == Source::Redis {
+                if !touch && let Some(copy) = &copy {
+                    self.redis().renewed_at(storage_key, copy.touched_ms);
+                }
                 self.local().refresh(
                     storage_key,
                     served.value.as_ref(),

@@ -29,6 +29,7 @@
 //! failover, which adds the fallback metrics.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use base64::Engine;
@@ -75,11 +76,13 @@ pub(crate) struct Tracked {
     /// When this instance last renewed the idle timeout, as far as this
     /// copy knows (0: not known): the start of the renewing read (as the
     /// local copy records it, within microseconds) or of the renewing
-    /// change, so a read that finds it recent enough needs no look at the
-    /// local copy to know that no renewal is due. The local copy's may be
+    /// change, or, after a read that renewed nothing, the local copy's time
+    /// that told it so ([`RedisStore::renewed_at`]). A read that finds it
+    /// recent enough needs no look at the local copy to know that no
+    /// renewal is due. The local copy's may be
     /// older (a change does not move it): that only makes a renewal due
     /// sooner.
-    touched_ms: u64,
+    touched_ms: AtomicU64,
 }
 
 /// The bookkeeping of one tracked copy beyond its data.
@@ -178,14 +181,32 @@ impl RedisStore {
     /// known).
     pub(crate) fn tracked(&self, storage_key: &str, now_ms: u64) -> Option<(Record, u64)> {
         let tracked = self.tracked.as_ref()?;
-        let key = self.session_key(storage_key);
-        let copy = tracked.get(&key)?;
-        let deadline = copy.record.created_ms.saturating_add(self.absolute_ms());
-        if now_ms >= copy.expires_ms || now_ms >= deadline {
-            tracked.invalidate(&key);
-            return None;
-        }
-        Some((copy.record.clone(), copy.touched_ms))
+        tower_redis_core::sync::with_scratch(&SESSION_KEY, |key| {
+            write_session_key(&self.manager, key, storage_key);
+            let copy = tracked.get(key)?;
+            let deadline = copy.record.created_ms.saturating_add(self.absolute_ms());
+            if now_ms >= copy.expires_ms || now_ms >= deadline {
+                tracked.invalidate(key);
+                return None;
+            }
+            Some((copy.record.clone(), copy.touched_ms.load(Ordering::Relaxed)))
+        })
+    }
+
+    /// Tells the tracked copy of a session, if there is one, that this
+    /// instance renewed the session's idle timeout at `renewed_ms` (as the
+    /// local copy knows, which told a read that no renewal was due). A
+    /// copy filled by such a read knows of no renewal otherwise, and each
+    /// read it answered would look the local copy up as well. A later
+    /// renewal known to the copy stays.
+    pub(crate) fn renewed_at(&self, storage_key: &str, renewed_ms: u64) {
+        let Some(tracked) = &self.tracked else { return };
+        tower_redis_core::sync::with_scratch(&SESSION_KEY, |key| {
+            write_session_key(&self.manager, key, storage_key);
+            if let Some(copy) = tracked.get(key) {
+                copy.touched_ms.fetch_max(renewed_ms, Ordering::Relaxed);
+            }
+        });
     }
 
     /// Drops this instance's tracked copy of a session it just changed,
@@ -388,7 +409,8 @@ impl RedisStore {
         // After the ticket: an invalidation from here on voids it.
         let base = tracked.get(&key)?;
         let started_ms = now_ms();
-        let renew = super::renewal_due(base.touched_ms, started_ms, self.expiry.renew_every_ms());
+        let base_touched_ms = base.touched_ms.load(Ordering::Relaxed);
+        let renew = super::renewal_due(base_touched_ms, started_ms, self.expiry.renew_every_ms());
         let key = &key;
         let reply = tracked
             .tracking()
@@ -408,7 +430,7 @@ impl RedisStore {
                 ticket.fill(Arc::new(Tracked {
                     record,
                     expires_ms: started_ms.saturating_add(ttl_ms),
-                    touched_ms: if renew { started_ms } else { base.touched_ms },
+                    touched_ms: AtomicU64::new(if renew { started_ms } else { base_touched_ms }),
                 }));
             }
             Saved::from(reply)
@@ -668,7 +690,7 @@ impl Store for RedisStore {
                 ticket.fill(Arc::new(Tracked {
                     record: record.clone(),
                     expires_ms: started_ms.saturating_add(pttl),
-                    touched_ms: if touch { started_ms } else { 0 },
+                    touched_ms: AtomicU64::new(if touch { started_ms } else { 0 }),
                 }));
             }
             Ok(Some(record))
@@ -798,8 +820,24 @@ pub(crate) async fn on_each<T: redis::FromRedisValue + Send>(
     }
 }
 
+/// The last part of a session's key.
+const SESSION_PART: &str = "s";
+
 pub(crate) fn session_key(manager: &RedisManager, storage_key: &str) -> String {
-    manager.keys().tagged(storage_key, &["s"])
+    manager.keys().tagged(storage_key, &[SESSION_PART])
+}
+
+thread_local! {
+    /// This thread's buffer for [`write_session_key`]: a lookup on every
+    /// read needs the key only for a moment.
+    static SESSION_KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// [`session_key`], appended to `key`.
+fn write_session_key(manager: &RedisManager, key: &mut String, storage_key: &str) {
+    manager
+        .keys()
+        .tagged_into(key, storage_key, &[SESSION_PART]);
 }
 
 /// A save's script and the commands on other keys (the user index, the

@@ -136,6 +136,80 @@ async fn a_tracked_session_is_loaded_without_waiting() {
     assert_eq!(field(record, "a").as_deref(), Some("3"));
 }
 
+/// A tracked copy made by a read that renewed nothing knows when this
+/// instance last renewed the session (the local copy's time, which told
+/// the read that none was due), so that the reads it answers need no look
+/// at the local copy until a renewal is due. Here the session changes on
+/// another instance between two reads of this one. The tracked copy used
+/// to say "not known" after such a read, which made every read it answered
+/// look the local copy up as well.
+#[tokio::test]
+async fn a_tracked_copy_knows_the_renewal_its_read_did_not_make() {
+    use tower_redis_core::testing::{TestRedis, wait_for_tracking};
+    let redis = TestRedis::start().await;
+    let instance = || async {
+        let manager = RedisManager::connect(redis.config().build().expect("config"))
+            .await
+            .expect("manager");
+        wait_for_tracking(&manager, Duration::from_secs(10)).await;
+        SessionStore::new(
+            manager,
+            expiry(Duration::from_secs(1800), Duration::from_secs(3600)),
+            LocalLimits {
+                copies_bytes: 1 << 20,
+                queue_bytes: 1 << 20,
+                tracked_bytes: 1 << 20,
+            },
+        )
+    };
+    let (store, other) = (instance().await, instance().await);
+    assert_eq!(
+        store
+            .save(&key(1), Some(now_ms()), &set("a", "1"), None, false)
+            .await,
+        Saved::Written
+    );
+    // The first read renews the idle timeout.
+    let Err(later) = store.load_now(&key(1)) else {
+        panic!("a session this instance has not read is not tracked");
+    };
+    assert!(matches!(later, failover::Later::Read { touch: true, .. }));
+    store.load_later(&key(1), later).await;
+    let failover = &store.inner;
+    let renewed_ms = failover
+        .local()
+        .copy(&key(1))
+        .map(|copy| copy.touched_ms)
+        .expect("the read's local copy");
+    assert!(renewed_ms > 0, "the read renewed the idle timeout");
+    // Another instance changes it: this one's tracked copy goes.
+    assert_eq!(
+        other.save(&key(1), None, &set("a", "2"), None, false).await,
+        Saved::Written
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let later = loop {
+        match store.load_now(&key(1)) {
+            Err(later) => break later,
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok(_) => panic!("Redis did not invalidate the tracked copy within 10 s"),
+        }
+    };
+    assert!(
+        matches!(later, failover::Later::Read { touch: false, .. }),
+        "no renewal is due yet"
+    );
+    let record = store.load_later(&key(1), later).await.record;
+    assert_eq!(field(record, "a").as_deref(), Some("2"));
+    let (_, touched_ms) = failover
+        .redis()
+        .tracked(&key(1), now_ms())
+        .expect("the read made a tracked copy");
+    assert_eq!(touched_ms, renewed_ms, "the tracked copy knows the renewal");
+}
+
 /// A renewing read that caps the TTL (the session's last idle window)
 /// sends that `PEXPIRE` after its read: on the tracking connection the
 /// write takes the key out of Redis' tracking table, so the copy this
