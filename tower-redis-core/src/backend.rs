@@ -73,8 +73,11 @@ pub(crate) struct ClusterRebuild {
     /// How many times the connections were discarded (an outage began):
     /// a replacement made across one is not kept.
     discards: AtomicU64,
-    /// The origin of `next_ms` (a monotonic clock).
+    /// The origin of `next_ms` and `answered_ms` (a monotonic clock).
     epoch: std::time::Instant,
+    /// When an operation last succeeded: milliseconds since `epoch`, plus
+    /// one (0: none yet). Written at most once a millisecond.
+    answered_ms: AtomicU64,
     /// Milliseconds since `epoch` before which no other is started.
     next_ms: AtomicU64,
     /// How long making one may take.
@@ -354,6 +357,7 @@ impl Backend {
                         running: AtomicBool::new(false),
                         discards: AtomicU64::new(0),
                         epoch: std::time::Instant::now(),
+                        answered_ms: AtomicU64::new(0),
                         next_ms: AtomicU64::new(0),
                         limit: (config.connect_timeout() * 4).max(REBUILD_LIMIT_FLOOR),
                     }),
@@ -534,6 +538,30 @@ impl Backend {
     /// when the connections were discarded meanwhile (an outage began:
     /// none from before it is used again). Nothing for a standalone
     /// server.
+    /// An operation succeeded. On a Cluster it is remembered, so that a
+    /// node's timeout can be told from the whole cluster's
+    /// ([`answered_within`](Self::answered_within)): one clock read, and a
+    /// write at most once a millisecond.
+    pub(crate) fn on_answer(&self) {
+        if let Backend::Cluster { rebuild, .. } = self {
+            let now = crate::clock::duration_ms(rebuild.epoch.elapsed()) + 1;
+            if rebuild.answered_ms.load(Ordering::Relaxed) < now {
+                rebuild.answered_ms.fetch_max(now, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether this is a Cluster on which an operation succeeded within
+    /// the last `window`.
+    pub(crate) fn answered_within(&self, window: std::time::Duration) -> bool {
+        let Backend::Cluster { rebuild, .. } = self else {
+            return false;
+        };
+        let answered = rebuild.answered_ms.load(Ordering::Relaxed);
+        let now = crate::clock::duration_ms(rebuild.epoch.elapsed()) + 1;
+        answered != 0 && now.saturating_sub(answered) <= crate::clock::duration_ms(window)
+    }
+
     pub(crate) fn on_node_timeout(&self) {
         let Backend::Cluster {
             client,

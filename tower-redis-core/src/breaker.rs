@@ -95,6 +95,11 @@ pub(crate) enum Failure {
     /// No answer within the command timeout: counts toward the threshold,
     /// and says that Redis may hang ([`Breaker::hangs`]).
     TimedOut,
+    /// A Cluster node's timeout while the cluster answers other
+    /// operations: one node hangs, not Redis. Counted as a timeout (a
+    /// success still ends the count, and [`Breaker::hangs`] says so), but
+    /// it never opens the breaker: the other nodes' keys keep using Redis.
+    NodeTimedOut,
 }
 
 struct Counters {
@@ -180,8 +185,10 @@ impl Breaker {
     /// failure opened the breaker (the caller then starts the probe).
     pub(crate) fn on_failure(&self, failure: Failure, error: &str) -> bool {
         let mut counters = self.lock();
-        self.last_timed_out
-            .store(failure == Failure::TimedOut, Ordering::Release);
+        self.last_timed_out.store(
+            matches!(failure, Failure::TimedOut | Failure::NodeTimedOut),
+            Ordering::Release,
+        );
         let failures = self
             .consecutive_failures
             .fetch_add(1, Ordering::AcqRel)
@@ -190,7 +197,11 @@ impl Breaker {
         if self.state() != BreakerState::Closed {
             return false;
         }
-        let trip = failure == Failure::Refused || failures >= self.threshold;
+        let trip = match failure {
+            Failure::Refused => true,
+            Failure::Counted | Failure::TimedOut => failures >= self.threshold,
+            Failure::NodeTimedOut => false,
+        };
         if trip {
             self.set(&mut counters, BreakerState::Open, error);
         }

@@ -251,6 +251,7 @@ impl RedisManager {
         match outcome {
             Ok(Ok(value)) => {
                 self.inner.breaker.on_success();
+                self.inner.backend.on_answer();
                 Ok(value)
             }
             Ok(Err(Attempt::Connect(error))) => {
@@ -287,6 +288,7 @@ impl RedisManager {
                     }
                 } else {
                     self.inner.breaker.on_success();
+                    self.inner.backend.on_answer();
                 }
                 Err(Error::Redis(error))
             }
@@ -384,7 +386,10 @@ impl RedisManager {
                 redis::cmd("PING").query_async::<()>(&mut conn).await
             };
             match timeout(inner.command_timeout, ping).await {
-                Ok(Ok(())) => inner.breaker.on_success(),
+                Ok(Ok(())) => {
+                    inner.breaker.on_success();
+                    inner.backend.on_answer();
+                }
                 Ok(Err(error)) if error.is_timeout() => {
                     manager.record_failure(&error);
                     manager.on_node_timeout();
@@ -410,10 +415,30 @@ impl RedisManager {
     pub(crate) fn record_timeout(&self) -> Error {
         let timeout = self.inner.command_timeout;
         let message = format!("no answer within {timeout:?}");
-        if self.inner.breaker.on_failure(Failure::TimedOut, &message) {
+        if self.inner.breaker.on_failure(self.timed_out(), &message) {
             self.on_opened();
         }
         Error::Timeout(timeout)
+    }
+
+    /// What a timeout tells the breaker. On a Redis Cluster that answered
+    /// another operation within the last two command timeouts (so during
+    /// this one's wait, or just before it), one node hangs, not the
+    /// cluster: [`Failure::NodeTimedOut`], which does not open the breaker
+    /// for the other nodes' keys. Before, a few of that node's timeouts
+    /// ending together, with no success between them, opened it for every
+    /// node. Anywhere else, and on a Cluster that answers nothing, a
+    /// timeout counts toward the threshold as before.
+    fn timed_out(&self) -> Failure {
+        if self
+            .inner
+            .backend
+            .answered_within(self.inner.command_timeout * 2)
+        {
+            Failure::NodeTimedOut
+        } else {
+            Failure::TimedOut
+        }
     }
 
     pub(crate) fn record_failure(&self, error: &RedisError) {
@@ -422,7 +447,7 @@ impl RedisManager {
         } else if error.is_timeout() {
             // The client's own timeouts (a connection's, the pool's, a
             // cluster node's response): Redis was waited for.
-            Failure::TimedOut
+            self.timed_out()
         } else {
             Failure::Counted
         };

@@ -293,3 +293,126 @@ async fn a_hung_primary_that_is_failed_over_is_left_for_its_replica() {
     );
     cluster.resume_node(hung).await;
 }
+
+/// A Cluster node that hangs under concurrent load, with the default
+/// breaker threshold: its keys' operations time out, many of them ending
+/// together, while the other nodes answer. Those timeouts do not open the
+/// breaker, and the other nodes' keys go on with Redis throughout. Before,
+/// the first timeouts to end together, with no success between them,
+/// opened the breaker for every node.
+#[tokio::test]
+async fn a_hung_cluster_node_under_load_leaves_the_other_nodes_on_redis() {
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    const TASKS: usize = 32;
+    let cluster = TestCluster::start().await;
+    let config = cluster
+        .config()
+        .command_timeout(TIMEOUT)
+        .build()
+        .expect("valid");
+    let manager = RedisManager::connect(config).await.expect("starts");
+    let hung = 1;
+    let on_hung = key_on(&cluster, &manager, hung, true).await;
+    let elsewhere = key_on(&cluster, &manager, hung, false).await;
+    for key in [&on_hung, &elsewhere] {
+        assert_eq!(timed_incr(&manager, key).await.0, Source::Redis);
+    }
+    let mut transitions = manager.subscribe();
+    transitions.mark_unchanged();
+
+    cluster.pause_node(hung).await;
+    // Well within the cluster's node timeout (2 s), after which the other
+    // nodes refuse every key: about four timeouts of each task.
+    let until = tokio::time::Instant::now() + Duration::from_millis(1300);
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let manager = manager.clone();
+            let (on_hung, elsewhere) = (on_hung.clone(), elsewhere.clone());
+            tokio::spawn(async move {
+                // Every third operation on the hung node's key; the tasks
+                // start at different points of that cycle.
+                let (mut served, mut fell_back) = (0_u32, 0_u32);
+                let mut n = task;
+                while tokio::time::Instant::now() < until {
+                    let to_hung = n % 3 == 0;
+                    let key = if to_hung { &on_hung } else { &elsewhere };
+                    let (source, _) = timed_incr(&manager, key).await;
+                    match (to_hung, source) {
+                        (false, Source::Redis) => served += 1,
+                        (false, _) => fell_back += 1,
+                        (true, _) => {}
+                    }
+                    n += 1;
+                }
+                (served, fell_back)
+            })
+        })
+        .collect();
+    let (mut served, mut fell_back) = (0, 0);
+    for task in tasks {
+        let (s, f) = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("each task ends within 10 s")
+            .expect("no panic");
+        served += s;
+        fell_back += f;
+    }
+    let health = manager.health();
+    cluster.resume_node(hung).await;
+    assert!(
+        !transitions.has_changed().expect("the manager lives"),
+        "the breaker moved: {health:?}"
+    );
+    assert_eq!(health.state, BreakerState::Closed);
+    assert_eq!(
+        fell_back, 0,
+        "the other node's key fell back {fell_back} times ({served} served by Redis)"
+    );
+    assert!(served >= TASKS as u32 * 4, "{served} served by Redis");
+}
+
+/// The same load with every node hung: nothing answers, so the timeouts
+/// count as before and the breaker opens (within a few command timeouts).
+#[tokio::test]
+async fn a_hung_cluster_opens_the_breaker() {
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    let cluster = TestCluster::start().await;
+    let config = cluster
+        .config()
+        .command_timeout(TIMEOUT)
+        .build()
+        .expect("valid");
+    let manager = RedisManager::connect(config).await.expect("starts");
+    let keys: Vec<String> = (0..3)
+        .map(|i| manager.keys().key(&["hung", &i.to_string()]))
+        .collect();
+    for key in &keys {
+        assert_eq!(timed_incr(&manager, key).await.0, Source::Redis);
+    }
+    for node in 0..3 {
+        cluster.pause_node(node).await;
+    }
+    let started = tokio::time::Instant::now();
+    let opened = tokio::time::timeout(Duration::from_millis(1800), async {
+        loop {
+            tokio::join!(
+                timed_incr(&manager, &keys[0]),
+                timed_incr(&manager, &keys[1]),
+                timed_incr(&manager, &keys[2]),
+            );
+            if manager.health().state != BreakerState::Closed {
+                break;
+            }
+        }
+    })
+    .await;
+    let health = manager.health();
+    for node in 0..3 {
+        cluster.resume_node(node).await;
+    }
+    assert!(
+        opened.is_ok(),
+        "the breaker stayed closed for {:?}: {health:?}",
+        started.elapsed()
+    );
+}
