@@ -524,20 +524,6 @@ impl Backend {
         }
     }
 
-    /// A Cluster node's response timed out; the shared connection is kept
-    /// (throwing it away would make every key wait for a new one, which
-    /// waits for the node that hangs). But redis-rs reads its slot map
-    /// again on a redirection or a broken connection, not on a timeout: a
-    /// primary that hangs and is failed over would keep being asked for
-    /// its slots, by this connection, for as long as it hangs. So a
-    /// replacement is made in the background (it reads the slot map
-    /// afresh, and is made without the node that hangs), at most one at a
-    /// time and one a second, and takes the shared connection's place
-    /// when ready; operations under way keep the one they have. Not while
-    /// no connection is kept (an operation is making one), and not kept
-    /// when the connections were discarded meanwhile (an outage began:
-    /// none from before it is used again). Nothing for a standalone
-    /// server.
     /// An operation succeeded. On a Cluster it is remembered, so that a
     /// node's timeout can be told from the whole cluster's
     /// ([`answered_within`](Self::answered_within)): one clock read, and a
@@ -562,6 +548,20 @@ impl Backend {
         answered != 0 && now.saturating_sub(answered) <= crate::clock::duration_ms(window)
     }
 
+    /// A Cluster node's response timed out; the shared connection is kept
+    /// (throwing it away would make every key wait for a new one, which
+    /// waits for the node that hangs). But redis-rs reads its slot map
+    /// again on a redirection or a broken connection, not on a timeout: a
+    /// primary that hangs and is failed over would keep being asked for
+    /// its slots, by this connection, for as long as it hangs. So a
+    /// replacement is made in the background (it reads the slot map
+    /// afresh, and is made without the node that hangs), at most one at a
+    /// time and one a second, and takes the shared connection's place
+    /// when ready; operations under way keep the one they have. Not while
+    /// no connection is kept (an operation is making one), and not kept
+    /// when the connections were discarded meanwhile (an outage began:
+    /// none from before it is used again). Nothing for a standalone
+    /// server.
     pub(crate) fn on_node_timeout(&self) {
         let Backend::Cluster {
             client,

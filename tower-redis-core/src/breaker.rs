@@ -98,7 +98,8 @@ pub(crate) enum Failure {
     /// A Cluster node's timeout while the cluster answers other
     /// operations: one node hangs, not Redis. Counted as a timeout (a
     /// success still ends the count, and [`Breaker::hangs`] says so), but
-    /// it never opens the breaker: the other nodes' keys keep using Redis.
+    /// not toward the threshold, and it never opens the breaker: the other
+    /// nodes' keys keep using Redis.
     NodeTimedOut,
 }
 
@@ -111,6 +112,9 @@ pub(crate) struct Breaker {
     state: AtomicU8,
     /// Outside the mutex so that a success (every operation) costs one load.
     consecutive_failures: AtomicU32,
+    /// Those of them that count toward the threshold: all but
+    /// [`Failure::NodeTimedOut`]. Reset with them.
+    tripping_failures: AtomicU32,
     /// Whether the last failure was a timeout.
     last_timed_out: AtomicBool,
     counters: Mutex<Counters>,
@@ -125,6 +129,7 @@ impl Breaker {
         Self {
             state: AtomicU8::new(initial.encode()),
             consecutive_failures: AtomicU32::new(0),
+            tripping_failures: AtomicU32::new(0),
             last_timed_out: AtomicBool::new(false),
             counters: Mutex::new(Counters {
                 last_error: None,
@@ -172,8 +177,15 @@ impl Breaker {
         let seen = self.consecutive_failures.load(Ordering::Acquire);
         if seen != 0 && self.state() == BreakerState::Closed {
             // Not a plain store: a failure counted meanwhile is kept.
+            let tripping = self.tripping_failures.load(Ordering::Acquire);
             let _ = self.consecutive_failures.compare_exchange(
                 seen,
+                0,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+            let _ = self.tripping_failures.compare_exchange(
+                tripping,
                 0,
                 Ordering::AcqRel,
                 Ordering::Relaxed,
@@ -189,17 +201,21 @@ impl Breaker {
             matches!(failure, Failure::TimedOut | Failure::NodeTimedOut),
             Ordering::Release,
         );
-        let failures = self
-            .consecutive_failures
-            .fetch_add(1, Ordering::AcqRel)
-            .saturating_add(1);
+        self.consecutive_failures.fetch_add(1, Ordering::AcqRel);
+        let tripping = if failure == Failure::NodeTimedOut {
+            self.tripping_failures.load(Ordering::Acquire)
+        } else {
+            self.tripping_failures
+                .fetch_add(1, Ordering::AcqRel)
+                .saturating_add(1)
+        };
         counters.last_error = Some(error.to_owned());
         if self.state() != BreakerState::Closed {
             return false;
         }
         let trip = match failure {
             Failure::Refused => true,
-            Failure::Counted | Failure::TimedOut => failures >= self.threshold,
+            Failure::Counted | Failure::TimedOut => tripping >= self.threshold,
             Failure::NodeTimedOut => false,
         };
         if trip {
@@ -213,6 +229,7 @@ impl Breaker {
         let mut counters = self.lock();
         if to == BreakerState::Closed {
             self.consecutive_failures.store(0, Ordering::Release);
+            self.tripping_failures.store(0, Ordering::Release);
             counters.last_error = None;
         } else if let Some(error) = error {
             counters.last_error = Some(error.to_owned());
@@ -321,6 +338,37 @@ mod tests {
         assert!(breaker.hangs());
         breaker.on_success();
         assert!(!breaker.hangs(), "answered since");
+    }
+
+    /// A Cluster node's timeouts while the cluster answers are counted (a
+    /// hang, as far as `hangs` goes) but not toward the threshold: however
+    /// many of them came, it takes `threshold` other failures with no
+    /// success between them to open the breaker. Before, the count they
+    /// made let the next error of any node open it at once.
+    #[test]
+    fn node_timeouts_never_count_toward_the_threshold() {
+        let breaker = Breaker::new(BreakerState::Closed, 3);
+        for _ in 0..10 {
+            assert!(!breaker.on_failure(Failure::NodeTimedOut, "timed out"));
+        }
+        assert!(breaker.hangs());
+        assert_eq!(breaker.consecutive_failures(), 10);
+        assert!(!breaker.on_failure(Failure::Counted, "CLUSTERDOWN"));
+        assert!(!breaker.on_failure(Failure::TimedOut, "no answer"));
+        assert!(breaker.allows_requests());
+        assert!(breaker.on_failure(Failure::TimedOut, "no answer"));
+        assert_eq!(breaker.state(), BreakerState::Open);
+        // A success ends both counts.
+        let breaker = Breaker::new(BreakerState::Closed, 2);
+        breaker.on_failure(Failure::Counted, "CLUSTERDOWN");
+        breaker.on_failure(Failure::NodeTimedOut, "timed out");
+        breaker.on_success();
+        assert_eq!(breaker.consecutive_failures(), 0);
+        assert!(!breaker.on_failure(Failure::Counted, "CLUSTERDOWN"));
+        assert!(
+            breaker.allows_requests(),
+            "the count before the success ended"
+        );
     }
 
     #[test]

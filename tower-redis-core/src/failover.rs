@@ -287,8 +287,10 @@ impl RedisManager {
                         self.on_node_timeout();
                     }
                 } else {
+                    // Not an answer that tells a node's hang from the
+                    // cluster's (`on_answer`): redis-rs makes some of these
+                    // errors itself.
                     self.inner.breaker.on_success();
-                    self.inner.backend.on_answer();
                 }
                 Err(Error::Redis(error))
             }
@@ -421,14 +423,19 @@ impl RedisManager {
         Error::Timeout(timeout)
     }
 
-    /// What a timeout tells the breaker. On a Redis Cluster that answered
-    /// another operation within the last two command timeouts (so during
-    /// this one's wait, or just before it), one node hangs, not the
-    /// cluster: [`Failure::NodeTimedOut`], which does not open the breaker
-    /// for the other nodes' keys. Before, a few of that node's timeouts
-    /// ending together, with no success between them, opened it for every
-    /// node. Anywhere else, and on a Cluster that answers nothing, a
-    /// timeout counts toward the threshold as before.
+    /// What a timeout tells the breaker. On a Redis Cluster where another
+    /// operation succeeded within the last two command timeouts (so during
+    /// this one's wait, or just before it), a node hangs, not the cluster:
+    /// [`Failure::NodeTimedOut`], which does not count toward the threshold
+    /// and does not open the breaker for the other nodes' keys. Before, a
+    /// few of that node's timeouts ending together, with no success between
+    /// them, opened it for every node. Anywhere else, and on a Cluster on
+    /// which nothing has succeeded for two command timeouts, a timeout
+    /// counts toward the threshold as before. Two windows rather than one:
+    /// when every caller waits on the hung node (a closed loop), the last
+    /// success came just before their operations began. The rule cannot
+    /// tell one hung node from all but one: while anything succeeds, no
+    /// timeout opens the breaker.
     fn timed_out(&self) -> Failure {
         if self
             .inner

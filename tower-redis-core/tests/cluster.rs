@@ -194,6 +194,31 @@ async fn key_on(cluster: &TestCluster, manager: &RedisManager, node: usize, on: 
     panic!("no key found {} node {node}", if on { "on" } else { "off" })
 }
 
+/// A key on node `node` and one elsewhere, each answered by Redis once.
+async fn keys_on_and_off(
+    cluster: &TestCluster,
+    manager: &RedisManager,
+    node: usize,
+) -> (String, String) {
+    let on = key_on(cluster, manager, node, true).await;
+    let off = key_on(cluster, manager, node, false).await;
+    for key in [&on, &off] {
+        assert_eq!(timed_incr(manager, key).await.0, Source::Redis);
+    }
+    (on, off)
+}
+
+/// A manager on `cluster` with the command timeout `timeout` and the
+/// default breaker threshold.
+async fn timeout_manager(cluster: &TestCluster, timeout: Duration) -> RedisManager {
+    let config = cluster
+        .config()
+        .command_timeout(timeout)
+        .build()
+        .expect("valid");
+    RedisManager::connect(config).await.expect("starts")
+}
+
 /// A manager on `cluster` with the command timeout `timeout` and a breaker
 /// threshold no hang of these tests reaches, so that the breaker stays out
 /// of them.
@@ -218,11 +243,7 @@ async fn a_hung_cluster_node_does_not_stall_the_other_nodes_keys() {
     let cluster = TestCluster::start().await;
     let manager = hang_test_manager(&cluster, TIMEOUT).await;
     let hung = 1;
-    let on_hung = key_on(&cluster, &manager, hung, true).await;
-    let elsewhere = key_on(&cluster, &manager, hung, false).await;
-    for key in [&on_hung, &elsewhere] {
-        assert_eq!(timed_incr(&manager, key).await.0, Source::Redis);
-    }
+    let (on_hung, elsewhere) = keys_on_and_off(&cluster, &manager, hung).await;
 
     cluster.pause_node(hung).await;
     // Well within the cluster's node timeout (2 s), after which the other
@@ -310,18 +331,9 @@ async fn a_hung_cluster_node_under_load_leaves_the_other_nodes_on_redis() {
     const TIMEOUT: Duration = Duration::from_millis(300);
     const TASKS: usize = 32;
     let cluster = TestCluster::start().await;
-    let config = cluster
-        .config()
-        .command_timeout(TIMEOUT)
-        .build()
-        .expect("valid");
-    let manager = RedisManager::connect(config).await.expect("starts");
+    let manager = timeout_manager(&cluster, TIMEOUT).await;
     let hung = 1;
-    let on_hung = key_on(&cluster, &manager, hung, true).await;
-    let elsewhere = key_on(&cluster, &manager, hung, false).await;
-    for key in [&on_hung, &elsewhere] {
-        assert_eq!(timed_incr(&manager, key).await.0, Source::Redis);
-    }
+    let (on_hung, elsewhere) = keys_on_and_off(&cluster, &manager, hung).await;
     let mut transitions = manager.subscribe();
     transitions.mark_unchanged();
 
@@ -382,12 +394,7 @@ async fn a_hung_cluster_node_under_load_leaves_the_other_nodes_on_redis() {
 async fn a_hung_cluster_opens_the_breaker() {
     const TIMEOUT: Duration = Duration::from_millis(300);
     let cluster = TestCluster::start().await;
-    let config = cluster
-        .config()
-        .command_timeout(TIMEOUT)
-        .build()
-        .expect("valid");
-    let manager = RedisManager::connect(config).await.expect("starts");
+    let manager = timeout_manager(&cluster, TIMEOUT).await;
     let keys: Vec<String> = (0..3)
         .map(|i| manager.keys().key(&["hung", &i.to_string()]))
         .collect();

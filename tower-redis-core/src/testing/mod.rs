@@ -360,6 +360,13 @@ impl TestRedis {
         Ok(self.client().get_multiplexed_async_connection().await?)
     }
 
+    /// The time to live of `key` in milliseconds (`PTTL`: -1 without one,
+    /// -2 when it does not exist).
+    pub async fn pttl(&self, key: &str) -> Result<i64, TestRedisError> {
+        let mut conn = self.connection().await?;
+        Ok(redis::cmd("PTTL").arg(key).query_async(&mut conn).await?)
+    }
+
     /// How many clients subscribe to `channel` (`PUBSUB NUMSUB`).
     pub async fn subscribers(&self, channel: &str) -> Result<u64, TestRedisError> {
         let mut conn = self.connection().await?;

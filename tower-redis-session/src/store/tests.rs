@@ -77,29 +77,31 @@ fn field(record: Option<Record>, name: &str) -> Option<String> {
     record.and_then(|record| record.fields.get(name).cloned())
 }
 
-/// With tracking, a session unchanged in Redis since this instance read it
-/// is loaded with no waiting ([`SessionStore::load_now`]: no future, no
-/// round trip). The first load waits for Redis and fills the copy; a plain
-/// update through this instance keeps it current (the script's answer says
-/// nobody else wrote meanwhile); a login drops it, so the next load waits
-/// again.
-#[tokio::test]
-async fn a_tracked_session_is_loaded_without_waiting() {
-    use tower_redis_core::testing::{TestRedis, wait_for_tracking};
-    let redis = TestRedis::start().await;
+/// A store on `redis` with tracking (waited for), the idle timeout `idle`,
+/// an absolute timeout of 1 h, and 1 MiB of each local bound: one
+/// instance of an app.
+async fn tracked_store(
+    redis: &tower_redis_core::testing::TestRedis,
+    idle: Duration,
+) -> SessionStore {
     let manager = RedisManager::connect(redis.config().build().expect("config"))
         .await
         .expect("manager");
-    wait_for_tracking(&manager, Duration::from_secs(10)).await;
-    let store = SessionStore::new(
+    tower_redis_core::testing::wait_for_tracking(&manager, Duration::from_secs(10)).await;
+    SessionStore::new(
         manager,
-        expiry(Duration::from_secs(1800), Duration::from_secs(3600)),
+        expiry(idle, Duration::from_secs(3600)),
         LocalLimits {
             copies_bytes: 1 << 20,
             queue_bytes: 1 << 20,
             tracked_bytes: 1 << 20,
         },
-    );
+    )
+}
+
+/// Creates session 1 (`a` = 1) through `store`, and begins its first load,
+/// which must wait for Redis: nothing of it is tracked yet.
+async fn created_then_loaded(store: &SessionStore) -> failover::Later {
     assert_eq!(
         store
             .save(&key(1), Some(now_ms()), &set("a", "1"), None, false)
@@ -109,6 +111,20 @@ async fn a_tracked_session_is_loaded_without_waiting() {
     let Err(later) = store.load_now(&key(1)) else {
         panic!("a session this instance has not read is not tracked");
     };
+    later
+}
+
+/// With tracking, a session unchanged in Redis since this instance read it
+/// is loaded with no waiting ([`SessionStore::load_now`]: no future, no
+/// round trip). The first load waits for Redis and fills the copy; a plain
+/// update through this instance keeps it current (the script's answer says
+/// nobody else wrote meanwhile); a login drops it, so the next load waits
+/// again.
+#[tokio::test]
+async fn a_tracked_session_is_loaded_without_waiting() {
+    let redis = tower_redis_core::testing::TestRedis::start().await;
+    let store = tracked_store(&redis, Duration::from_secs(1800)).await;
+    let later = created_then_loaded(&store).await;
     let record = store.load_later(&key(1), later).await.record;
     assert_eq!(field(record, "a").as_deref(), Some("1"));
     for _ in 0..3 {
@@ -145,34 +161,14 @@ async fn a_tracked_session_is_loaded_without_waiting() {
 /// look the local copy up as well.
 #[tokio::test]
 async fn a_tracked_copy_knows_the_renewal_its_read_did_not_make() {
-    use tower_redis_core::testing::{TestRedis, wait_for_tracking};
-    let redis = TestRedis::start().await;
-    let instance = || async {
-        let manager = RedisManager::connect(redis.config().build().expect("config"))
-            .await
-            .expect("manager");
-        wait_for_tracking(&manager, Duration::from_secs(10)).await;
-        SessionStore::new(
-            manager,
-            expiry(Duration::from_secs(1800), Duration::from_secs(3600)),
-            LocalLimits {
-                copies_bytes: 1 << 20,
-                queue_bytes: 1 << 20,
-                tracked_bytes: 1 << 20,
-            },
-        )
-    };
-    let (store, other) = (instance().await, instance().await);
-    assert_eq!(
-        store
-            .save(&key(1), Some(now_ms()), &set("a", "1"), None, false)
-            .await,
-        Saved::Written
+    let redis = tower_redis_core::testing::TestRedis::start().await;
+    let idle = Duration::from_secs(1800);
+    let (store, other) = (
+        tracked_store(&redis, idle).await,
+        tracked_store(&redis, idle).await,
     );
     // The first read renews the idle timeout.
-    let Err(later) = store.load_now(&key(1)) else {
-        panic!("a session this instance has not read is not tracked");
-    };
+    let later = created_then_loaded(&store).await;
     assert!(matches!(later, failover::Later::Read { touch: true, .. }));
     store.load_later(&key(1), later).await;
     let failover = &store.inner;
@@ -210,6 +206,48 @@ async fn a_tracked_copy_knows_the_renewal_its_read_did_not_make() {
     assert_eq!(touched_ms, renewed_ms, "the tracked copy knows the renewal");
 }
 
+/// A change whose renewal fell due after its request's load (the load
+/// answered by the tracked copy, the renewal due by the time of the save)
+/// renews the idle timeout in the save's script, with no command of its
+/// own. Since a tracked copy knows of the local copy's renewal, this is the
+/// only way a change renews in its script.
+#[tokio::test]
+async fn a_change_renews_in_its_script_when_a_renewal_fell_due_after_the_load() {
+    clock::pause();
+    let redis = tower_redis_core::testing::TestRedis::start().await;
+    let store = tracked_store(&redis, Duration::from_secs(1800)).await;
+    let later = created_then_loaded(&store).await;
+    store.load_later(&key(1), later).await;
+    assert!(
+        store.load_now(&key(1)).is_ok(),
+        "loaded from the tracked copy"
+    );
+    clock::advance(Duration::from_millis(store.inner.touch_every_ms()));
+    let session_key = redis::session_key(store.inner.manager(), &key(1));
+    let pttl = || async { redis.pttl(&session_key).await.expect("PTTL") };
+    // Real time, for the TTL to fall below the full idle timeout.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let before = pttl().await;
+    let monitor = redis.monitor().await;
+    assert_eq!(
+        store.save(&key(1), None, &set("a", "2"), None, false).await,
+        Saved::Written
+    );
+    let lines = monitor.stop_lines().await.expect("MONITOR");
+    let after = pttl().await;
+    let (scripted, sent): (Vec<_>, Vec<_>) = lines.iter().partition(|line| line.contains(" lua] "));
+    assert_eq!(sent.len(), 1, "the save's script alone: {lines:?}");
+    assert_eq!(
+        scripted
+            .iter()
+            .filter(|line| line.to_ascii_lowercase().contains("\"pexpire\""))
+            .count(),
+        1,
+        "renewed in the script: {lines:?}"
+    );
+    assert!(after > before, "TTL {before} ms before, {after} ms after");
+}
+
 /// A renewing read that caps the TTL (the session's last idle window)
 /// sends that `PEXPIRE` after its read: on the tracking connection the
 /// write takes the key out of Redis' tracking table, so the copy this
@@ -217,24 +255,11 @@ async fn a_tracked_copy_knows_the_renewal_its_read_did_not_make() {
 /// would go unheard.
 #[tokio::test]
 async fn a_read_that_caps_the_ttl_drops_the_copy_it_had() {
-    use tower_redis_core::testing::{TestRedis, wait_for_tracking};
-    let redis = TestRedis::start().await;
+    let redis = tower_redis_core::testing::TestRedis::start().await;
     let mut stores = Vec::new();
     for _ in 0..2 {
-        let manager = RedisManager::connect(redis.config().build().expect("config"))
-            .await
-            .expect("manager");
-        wait_for_tracking(&manager, Duration::from_secs(10)).await;
         // Idle as long as absolute: every renewal caps the TTL.
-        stores.push(SessionStore::new(
-            manager,
-            expiry(Duration::from_secs(3600), Duration::from_secs(3600)),
-            LocalLimits {
-                copies_bytes: 1 << 20,
-                queue_bytes: 1 << 20,
-                tracked_bytes: 1 << 20,
-            },
-        ));
+        stores.push(tracked_store(&redis, Duration::from_secs(3600)).await);
     }
     let (a, b) = (&stores[0], &stores[1]);
     clock::pause();
