@@ -64,8 +64,10 @@ pub(crate) struct ReplicaReads {
     connect_timeout: std::time::Duration,
 }
 
-/// A replacement for the shared cluster connection, made in the background
-/// after a node's response timed out (see [`Backend::on_node_timeout`]).
+/// What the Cluster backend keeps about its nodes beside the connection: a
+/// replacement for the shared connection, made in the background after a
+/// node's response timed out (see [`Backend::on_node_timeout`]), and when
+/// an operation last succeeded (see [`Backend::answered_within`]).
 #[derive(Debug)]
 pub(crate) struct ClusterRebuild {
     /// One is being made.
@@ -82,6 +84,13 @@ pub(crate) struct ClusterRebuild {
     next_ms: AtomicU64,
     /// How long making one may take.
     limit: std::time::Duration,
+}
+
+impl ClusterRebuild {
+    /// Milliseconds since `epoch`.
+    fn now_ms(&self) -> u64 {
+        crate::clock::duration_ms(self.epoch.elapsed())
+    }
 }
 
 /// Clears [`ClusterRebuild::running`] when the making ends, however it
@@ -530,7 +539,7 @@ impl Backend {
     /// write at most once a millisecond.
     pub(crate) fn on_answer(&self) {
         if let Backend::Cluster { rebuild, .. } = self {
-            let now = crate::clock::duration_ms(rebuild.epoch.elapsed()) + 1;
+            let now = rebuild.now_ms() + 1;
             if rebuild.answered_ms.load(Ordering::Relaxed) < now {
                 rebuild.answered_ms.fetch_max(now, Ordering::Relaxed);
             }
@@ -544,7 +553,7 @@ impl Backend {
             return false;
         };
         let answered = rebuild.answered_ms.load(Ordering::Relaxed);
-        let now = crate::clock::duration_ms(rebuild.epoch.elapsed()) + 1;
+        let now = rebuild.now_ms() + 1;
         answered != 0 && now.saturating_sub(answered) <= crate::clock::duration_ms(window)
     }
 
@@ -572,7 +581,7 @@ impl Backend {
         else {
             return;
         };
-        let now = crate::clock::duration_ms(rebuild.epoch.elapsed());
+        let now = rebuild.now_ms();
         if now < rebuild.next_ms.load(Ordering::Acquire) {
             return;
         }
@@ -599,7 +608,8 @@ impl Backend {
         );
         let (client, conn, limit) = ((**client).clone(), Arc::downgrade(conn), rebuild.limit);
         runtime.spawn(async move {
-            let _running = running;
+            // Held to the task's end, however it ends.
+            let running = running;
             let made = tokio::time::timeout(limit, client.get_async_connection()).await;
             let Some(conn) = conn.upgrade() else {
                 // The manager is gone.
@@ -608,7 +618,7 @@ impl Backend {
             match made {
                 Ok(Ok(fresh)) => {
                     let mut kept = lock(&conn);
-                    if kept.is_some() && _running.0.discards.load(Ordering::Acquire) == discards {
+                    if kept.is_some() && running.0.discards.load(Ordering::Acquire) == discards {
                         *kept = Some(fresh);
                     }
                 }

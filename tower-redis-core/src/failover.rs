@@ -250,8 +250,7 @@ impl RedisManager {
         }
         match outcome {
             Ok(Ok(value)) => {
-                self.inner.breaker.on_success();
-                self.inner.backend.on_answer();
+                self.record_success();
                 Ok(value)
             }
             Ok(Err(Attempt::Connect(error))) => {
@@ -388,10 +387,7 @@ impl RedisManager {
                 redis::cmd("PING").query_async::<()>(&mut conn).await
             };
             match timeout(inner.command_timeout, ping).await {
-                Ok(Ok(())) => {
-                    inner.breaker.on_success();
-                    inner.backend.on_answer();
-                }
+                Ok(Ok(())) => manager.record_success(),
                 Ok(Err(error)) if error.is_timeout() => {
                     manager.record_failure(&error);
                     manager.on_node_timeout();
@@ -412,6 +408,13 @@ impl RedisManager {
         if self.inner.breaker.allows_requests() {
             self.inner.backend.on_node_timeout();
         }
+    }
+
+    /// An operation Redis answered: the breaker's count ends, and on a
+    /// Cluster the answer is remembered (see [`timed_out`](Self::timed_out)).
+    pub(crate) fn record_success(&self) {
+        self.inner.breaker.on_success();
+        self.inner.backend.on_answer();
     }
 
     pub(crate) fn record_timeout(&self) -> Error {

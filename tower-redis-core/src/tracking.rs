@@ -335,7 +335,7 @@ impl Tracking {
             std::mem::forget(abandoned);
             match outcome {
                 Ok(Ok(value)) => {
-                    manager.inner.breaker.on_success();
+                    manager.record_success();
                     Ok(value)
                 }
                 Ok(Err(error)) => {
