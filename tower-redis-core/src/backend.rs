@@ -84,6 +84,9 @@ pub(crate) struct ClusterRebuild {
     next_ms: AtomicU64,
     /// How long making one may take.
     limit: std::time::Duration,
+    /// How long each of the replacement's checks may take (the command
+    /// timeout): see [`reaches_every_primary`].
+    check_within: std::time::Duration,
 }
 
 impl ClusterRebuild {
@@ -369,6 +372,7 @@ impl Backend {
                         answered_ms: AtomicU64::new(0),
                         next_ms: AtomicU64::new(0),
                         limit: (config.connect_timeout() * 4).max(REBUILD_LIMIT_FLOOR),
+                        check_within: config.command_timeout(),
                     }),
                     replicas: Arc::new(ReplicaReads {
                         client: replica_client,
@@ -564,9 +568,10 @@ impl Backend {
     /// primary that hangs and is failed over would keep being asked for
     /// its slots, by this connection, for as long as it hangs. So a
     /// replacement is made in the background (it reads the slot map
-    /// afresh, and is made without the node that hangs), at most one at a
-    /// time and one a second, and takes the shared connection's place
-    /// when ready; operations under way keep the one they have. Not while
+    /// afresh), at most one at a time and one a second, and takes the
+    /// shared connection's place when it reaches every primary of its slot
+    /// map ([`reaches_every_primary`]: not while the node hangs and is
+    /// still a primary); operations under way keep the one they have. Not while
     /// no connection is kept (an operation is making one), and not kept
     /// when the connections were discarded meanwhile (an outage began:
     /// none from before it is used again). Nothing for a standalone
@@ -607,10 +612,21 @@ impl Backend {
             Ordering::Release,
         );
         let (client, conn, limit) = ((**client).clone(), Arc::downgrade(conn), rebuild.limit);
+        let check_within = rebuild.check_within;
         runtime.spawn(async move {
             // Held to the task's end, however it ends.
             let running = running;
             let made = tokio::time::timeout(limit, client.get_async_connection()).await;
+            let made = match made {
+                Ok(Ok(mut fresh)) => {
+                    if !reaches_every_primary(&mut fresh, check_within).await {
+                        tracing::debug!(target: "tower_redis", "a replacement Redis Cluster connection does not reach every primary of its slot map; the connection in use is kept");
+                        return;
+                    }
+                    Ok(Ok(fresh))
+                }
+                other => other,
+            };
             let Some(conn) = conn.upgrade() else {
                 // The manager is gone.
                 return;
@@ -653,6 +669,75 @@ impl Backend {
             Backend::Disabled => {}
         }
     }
+}
+
+/// Whether a new Cluster connection reaches every primary of the slot map
+/// the cluster gives it (`CLUSTER SLOTS`), each answering a `PING` sent
+/// to it by address within `within`.
+///
+/// A connection made while a primary hangs has no connection to it: it
+/// sends that primary's slots to another node, whose `MOVED` reply makes
+/// redis-rs read the slot map again, and every such reading holds every
+/// key's operations while it waits for the node that hangs. The
+/// connection in use keeps its connection to the node instead (its
+/// operations time out, the other nodes' go on), so a replacement takes
+/// its place only once every primary it would route to answers: after the
+/// cluster failed the node over, or once the node answers again.
+async fn reaches_every_primary(conn: &mut ClusterConnection, within: std::time::Duration) -> bool {
+    use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+    let slots = tokio::time::timeout(
+        within,
+        redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async::<redis::Value>(conn),
+    )
+    .await;
+    let Ok(Ok(redis::Value::Array(ranges))) = slots else {
+        return false;
+    };
+    let mut primaries: Vec<(String, u16)> = Vec::new();
+    for range in &ranges {
+        // [start, end, [host, port, id, …], replicas…]
+        let redis::Value::Array(fields) = range else {
+            return false;
+        };
+        let Some(redis::Value::Array(primary)) = fields.get(2) else {
+            return false;
+        };
+        let host = match primary.first() {
+            Some(redis::Value::BulkString(host)) => String::from_utf8_lossy(host).into_owned(),
+            Some(redis::Value::SimpleString(host)) => host.clone(),
+            _ => return false,
+        };
+        let Some(redis::Value::Int(port)) = primary.get(1) else {
+            return false;
+        };
+        let Ok(port) = u16::try_from(*port) else {
+            return false;
+        };
+        // An unknown endpoint (`""` or `"?"`) is the answering node's own,
+        // which has just answered.
+        if host.is_empty() || host == "?" {
+            continue;
+        }
+        if !primaries.contains(&(host.clone(), port)) {
+            primaries.push((host, port));
+        }
+    }
+    let pings = primaries.into_iter().map(|(host, port)| {
+        let mut conn = conn.clone();
+        async move {
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+            matches!(
+                tokio::time::timeout(within, conn.route_command(redis::cmd("PING"), routing)).await,
+                Ok(Ok(_))
+            )
+        }
+    });
+    futures_util::future::join_all(pings)
+        .await
+        .into_iter()
+        .all(|answered| answered)
 }
 
 /// The client of a standalone server (or of one cluster node, for

@@ -428,3 +428,74 @@ async fn a_hung_cluster_opens_the_breaker() {
         started.elapsed()
     );
 }
+
+/// A Cluster node that hangs for seconds under load, with the manager's
+/// defaults (command timeout 200 ms, connect timeout 500 ms): the other
+/// nodes' keys go on with Redis throughout, and the breaker never moves.
+/// The replacement connection made after a node's timeout (to find a
+/// failover) has no connection to the node that hangs; before it was
+/// kept only once it reached every primary, it took the shared
+/// connection's place and sent the node's slots elsewhere, and each
+/// `MOVED` made redis-rs read the slot map again while holding every key:
+/// the breaker opened 1.6 s after the pause and stayed open.
+#[tokio::test]
+async fn a_node_hung_for_seconds_leaves_the_other_nodes_on_redis() {
+    const TASKS: usize = 32;
+    // Long enough that the cluster does not mark the node failed (after
+    // which the other nodes refuse every key).
+    let cluster = TestCluster::with_node_timeout(Duration::from_secs(30)).await;
+    let config = cluster.config().build().expect("valid");
+    let manager = RedisManager::connect(config).await.expect("starts");
+    let hung = 1;
+    let (on_hung, elsewhere) = keys_on_and_off(&cluster, &manager, hung).await;
+    let mut transitions = manager.subscribe();
+    transitions.mark_unchanged();
+
+    cluster.pause_node(hung).await;
+    // Several of the one-a-second replacements.
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let manager = manager.clone();
+            let (on_hung, elsewhere) = (on_hung.clone(), elsewhere.clone());
+            tokio::spawn(async move {
+                let (mut served, mut fell_back) = (0_u32, 0_u32);
+                let mut n = task;
+                while tokio::time::Instant::now() < until {
+                    let to_hung = n % 3 == 0;
+                    let key = if to_hung { &on_hung } else { &elsewhere };
+                    let (source, _) = timed_incr(&manager, key).await;
+                    match (to_hung, source) {
+                        (false, Source::Redis) => served += 1,
+                        (false, _) => fell_back += 1,
+                        (true, _) => {}
+                    }
+                    n += 1;
+                    // A fallback answers at once: let the other tasks run.
+                    tokio::task::yield_now().await;
+                }
+                (served, fell_back)
+            })
+        })
+        .collect();
+    let (mut served, mut fell_back) = (0, 0);
+    for task in tasks {
+        let (s, f) = tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("each task ends within 20 s")
+            .expect("no panic");
+        served += s;
+        fell_back += f;
+    }
+    let health = manager.health();
+    cluster.resume_node(hung).await;
+    assert!(
+        !transitions.has_changed().expect("the manager lives"),
+        "the breaker moved: {health:?}"
+    );
+    assert_eq!(
+        fell_back, 0,
+        "the other node's key fell back {fell_back} times ({served} served by Redis)"
+    );
+    assert!(served >= TASKS as u32 * 8, "{served} served by Redis");
+}

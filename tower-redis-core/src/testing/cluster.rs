@@ -79,6 +79,26 @@ impl TestCluster {
         } else {
             REPLICA_NODE_TIMEOUT
         };
+        Self::try_start_timed(replicas, node_timeout).await
+    }
+
+    /// Three primaries without replicas whose `cluster-node-timeout` is
+    /// `node_timeout`, or panics with a message that says what is missing.
+    /// [`start`](Self::start)'s is 2 s: a node paused for longer is
+    /// marked failed, and the others then refuse every key. A long node
+    /// timeout lets a test hang a node for longer with the rest of the
+    /// cluster serving.
+    pub async fn with_node_timeout(node_timeout: Duration) -> Self {
+        match Self::try_start_timed(0, node_timeout).await {
+            Ok(cluster) => cluster,
+            Err(error) => panic!("{error}"),
+        }
+    }
+
+    async fn try_start_timed(
+        replicas: usize,
+        node_timeout: Duration,
+    ) -> Result<Self, TestRedisError> {
         let server = redis_server_binary().ok_or(TestRedisError::NoBackend)?;
         let cli = find_binary("redis-cli").ok_or_else(|| {
             TestRedisError::Cluster(
