@@ -27,7 +27,12 @@
 //!   `session-write` the tracked session changed on every request (a new
 //!   value of `k`; every task on the one session);
 //!   `session-down` the tracked read with its Redis killed (a `redis-server`
-//!   of its own), once the breaker is open: the in-process fallback.
+//!   of its own), once the breaker is open: the in-process fallback;
+//! - `stack-page`: the `stack` suite's `GET /page`: the rate limiter (as
+//!   `ratelimit`), the cache with its near tier and the tracked session
+//!   layer, stacked in one `ServiceBuilder`; the handler reads the session's
+//!   `k` and answers the 1 KiB body with `Cache-Control: private` (every
+//!   task on one session); `stack-none` the same route with no layer.
 
 #![allow(
     clippy::print_stdout,
@@ -71,9 +76,9 @@ fn allocated() -> (u64, u64) {
 }
 
 const USAGE: &str = "usage: profile <path>[,<path>...] [--concurrency N] [--secs S] [--warmup-secs S] \
-                     [--rounds N] [--http]\npaths: none, reference, cache-hit, cache-near, axum-response-cache, ratelimit, ratelimit-leased, governor, governor-headers, session-read, session-tracked, session-write, session-down";
+                     [--rounds N] [--http]\npaths: none, reference, cache-hit, cache-near, axum-response-cache, ratelimit, ratelimit-leased, governor, governor-headers, session-read, session-tracked, session-write, session-down, stack-page, stack-none";
 /// The paths `profile` runs.
-const PATHS: [&str; 13] = [
+const PATHS: [&str; 15] = [
     "none",
     "reference",
     "cache-hit",
@@ -87,6 +92,8 @@ const PATHS: [&str; 13] = [
     "session-tracked",
     "session-write",
     "session-down",
+    "stack-page",
+    "stack-none",
 ];
 
 fn body() -> Bytes {
@@ -226,6 +233,51 @@ async fn session_app(manager: &RedisManager, tracked: bool, writes: bool) -> (Ro
         .unwrap()
         .to_owned();
     (app, HeaderValue::from_str(&cookie).unwrap())
+}
+
+/// The `stack` suite's `/page` with its three layers (`layers`) or none:
+/// the session's `k` read (when there is a session) and the 1 KiB body
+/// answered `private`, so the cache stores nothing.
+async fn stack_app(manager: &RedisManager, layers: bool) -> (Router, Option<HeaderValue>) {
+    let body = body();
+    if !layers {
+        let page = get(move || {
+            let body = body.clone();
+            async move { ([(header::CACHE_CONTROL, "private")], body) }
+        });
+        return (Router::new().route("/", page), None);
+    }
+    let page = get(move |session: Session| {
+        let body = body.clone();
+        async move {
+            let _ = session.get::<String>("k").await;
+            ([(header::CACHE_CONTROL, "private")], body)
+        }
+    });
+    let (sessions, cookie) = session_app(manager, true, false).await;
+    drop(sessions);
+    let rate_limit = RateLimitLayer::builder(manager.clone())
+        .policy(
+            Policy::gcra("profile", 1_000_000_000, Duration::from_secs(3600))
+                .key(Key::header("x-profile-client")),
+        )
+        .build()
+        .expect("rate limit layer");
+    let cache = CacheLayer::builder(manager.clone())
+        .near_cache(16 << 20, Duration::from_secs(3600))
+        .build()
+        .expect("cache layer");
+    let session = SessionLayer::builder(manager.clone())
+        .insecure_http_for_local_development()
+        .build()
+        .expect("session layer");
+    let app = Router::new().route("/", page).layer(
+        tower::ServiceBuilder::new()
+            .layer(rate_limit)
+            .layer(cache)
+            .layer(session),
+    );
+    (app, Some(cookie))
 }
 
 /// A disposable `redis-server`, and a manager on it.
@@ -450,6 +502,7 @@ impl Ready {
                 let (app, cookie) = session_down().await;
                 (app, Some(cookie))
             }
+            "stack-page" | "stack-none" => stack_app(manager, path == "stack-page").await,
             _ => unreachable!("paths are checked in `main`"),
         };
         // The headers a request of this path answers with (to stderr).
