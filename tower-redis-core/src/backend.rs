@@ -2,7 +2,7 @@
 //! checkout, TLS wiring, and the query helpers for commands, pipelines and
 //! scripts.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
@@ -82,11 +82,17 @@ pub(crate) struct ClusterRebuild {
     answered_ms: AtomicU64,
     /// Milliseconds since `epoch` before which no other is started.
     next_ms: AtomicU64,
-    /// How long making one may take.
+    /// How long making one may take (its check then takes at most two
+    /// `check_within` more).
     limit: std::time::Duration,
     /// How long each of the replacement's checks may take (the command
     /// timeout): see [`reaches_every_primary`].
     check_within: std::time::Duration,
+    /// Replacements not kept in a row, because one did not reach every
+    /// primary: after the third, each doubles the wait before the next
+    /// (from [`REBUILD_EVERY`] to [`REBUILD_EVERY_AT_MOST`]), so a node
+    /// that hangs for minutes is not connected to anew every second.
+    rejected: AtomicU32,
 }
 
 impl ClusterRebuild {
@@ -108,6 +114,8 @@ impl Drop for Running {
 
 /// At most one replacement cluster connection a second.
 const REBUILD_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest wait between replacements while they are not kept.
+const REBUILD_EVERY_AT_MOST: std::time::Duration = std::time::Duration::from_secs(4);
 /// Making a cluster connection connects to every node it is given and
 /// reads the slot map; one node that hangs costs its connection timeout.
 const REBUILD_LIMIT_FLOOR: std::time::Duration = std::time::Duration::from_secs(2);
@@ -373,6 +381,7 @@ impl Backend {
                         next_ms: AtomicU64::new(0),
                         limit: (config.connect_timeout() * 4).max(REBUILD_LIMIT_FLOOR),
                         check_within: config.command_timeout(),
+                        rejected: AtomicU32::new(0),
                     }),
                     replicas: Arc::new(ReplicaReads {
                         client: replica_client,
@@ -568,10 +577,11 @@ impl Backend {
     /// primary that hangs and is failed over would keep being asked for
     /// its slots, by this connection, for as long as it hangs. So a
     /// replacement is made in the background (it reads the slot map
-    /// afresh), at most one at a time and one a second, and takes the
-    /// shared connection's place when it reaches every primary of its slot
-    /// map ([`reaches_every_primary`]: not while the node hangs and is
-    /// still a primary); operations under way keep the one they have. Not while
+    /// afresh), at most one at a time and one a second (less often, down
+    /// to one every four seconds, while they are not kept), and takes the shared
+    /// connection's place when it reaches every primary the cluster names
+    /// ([`reaches_every_primary`]: not while the node hangs and is still a
+    /// primary); operations under way keep the one they have. Not while
     /// no connection is kept (an operation is making one), and not kept
     /// when the connections were discarded meanwhile (an outage began:
     /// none from before it is used again). Nothing for a standalone
@@ -620,9 +630,20 @@ impl Backend {
             let made = match made {
                 Ok(Ok(mut fresh)) => {
                     if !reaches_every_primary(&mut fresh, check_within).await {
-                        tracing::debug!(target: "tower_redis", "a replacement Redis Cluster connection does not reach every primary of its slot map; the connection in use is kept");
+                        let rebuild = &running.0;
+                        // One a second for the first three, then twice
+                        // the wait each time.
+                        let rejected = rebuild.rejected.fetch_add(1, Ordering::AcqRel).min(10);
+                        let wait = (REBUILD_EVERY * (1 << rejected.saturating_sub(2)))
+                            .min(REBUILD_EVERY_AT_MOST);
+                        rebuild.next_ms.fetch_max(
+                            rebuild.now_ms().saturating_add(crate::clock::duration_ms(wait)),
+                            Ordering::AcqRel,
+                        );
+                        tracing::debug!(target: "tower_redis", ?wait, "a replacement Redis Cluster connection does not reach every primary; the connection in use is kept");
                         return;
                     }
+                    running.0.rejected.store(0, Ordering::Release);
                     Ok(Ok(fresh))
                 }
                 other => other,
@@ -671,20 +692,23 @@ impl Backend {
     }
 }
 
-/// Whether a new Cluster connection reaches every primary of the slot map
-/// the cluster gives it (`CLUSTER SLOTS`), each answering a `PING` sent
-/// to it by address within `within`.
+/// Whether a new Cluster connection reaches every primary the cluster
+/// names (`CLUSTER SLOTS`): for each, an operation the connection routes
+/// to that primary's slots is answered by that primary (`CLUSTER MYID`,
+/// its node id), within `within`. redis-rs' own routing is asked, so its
+/// endpoints and address rewriting need no copy here.
 ///
 /// A connection made while a primary hangs has no connection to it: it
-/// sends that primary's slots to another node, whose `MOVED` reply makes
-/// redis-rs read the slot map again, and every such reading holds every
-/// key's operations while it waits for the node that hangs. The
-/// connection in use keeps its connection to the node instead (its
-/// operations time out, the other nodes' go on), so a replacement takes
-/// its place only once every primary it would route to answers: after the
-/// cluster failed the node over, or once the node answers again.
+/// sends that primary's slots to another node (a replica of its shard, or
+/// any node), whose `MOVED` reply makes redis-rs read the slot map again,
+/// and every such reading holds every key's operations while it waits for
+/// the node that hangs. The connection in use keeps its connection to the
+/// node instead (its operations time out, the other nodes' go on), so a
+/// replacement takes its place only once this holds: after the cluster
+/// failed the node over (the node asked knows of it), or once the node
+/// answers again.
 async fn reaches_every_primary(conn: &mut ClusterConnection, within: std::time::Duration) -> bool {
-    use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+    use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
     let slots = tokio::time::timeout(
         within,
         redis::cmd("CLUSTER")
@@ -695,46 +719,54 @@ async fn reaches_every_primary(conn: &mut ClusterConnection, within: std::time::
     let Ok(Ok(redis::Value::Array(ranges))) = slots else {
         return false;
     };
-    let mut primaries: Vec<(String, u16)> = Vec::new();
+    // Each primary's id, with the first slot of one of its ranges.
+    let mut primaries: Vec<(Vec<u8>, u16)> = Vec::new();
     for range in &ranges {
-        // [start, end, [host, port, id, …], replicas…]
+        // [start, end, [endpoint, port, id, …], replicas…]
         let redis::Value::Array(fields) = range else {
             return false;
         };
-        let Some(redis::Value::Array(primary)) = fields.get(2) else {
+        let (Some(redis::Value::Int(start)), Some(redis::Value::Array(primary))) =
+            (fields.first(), fields.get(2))
+        else {
             return false;
         };
-        let host = match primary.first() {
-            Some(redis::Value::BulkString(host)) => String::from_utf8_lossy(host).into_owned(),
-            Some(redis::Value::SimpleString(host)) => host.clone(),
+        let id = match primary.get(2) {
+            Some(redis::Value::BulkString(id)) => id.clone(),
+            Some(redis::Value::SimpleString(id)) => id.clone().into_bytes(),
             _ => return false,
         };
-        let Some(redis::Value::Int(port)) = primary.get(1) else {
+        let Ok(start) = u16::try_from(*start) else {
             return false;
         };
-        let Ok(port) = u16::try_from(*port) else {
-            return false;
-        };
-        // An unknown endpoint (`""` or `"?"`) is the answering node's own,
-        // which has just answered.
-        if host.is_empty() || host == "?" {
-            continue;
-        }
-        if !primaries.contains(&(host.clone(), port)) {
-            primaries.push((host, port));
+        if !primaries.iter().any(|(known, _)| *known == id) {
+            primaries.push((id, start));
         }
     }
-    let pings = primaries.into_iter().map(|(host, port)| {
+    // A cluster that names no slot (a node just reset) shows nothing.
+    if primaries.is_empty() {
+        return false;
+    }
+    let asks = primaries.into_iter().map(|(id, slot)| {
         let mut conn = conn.clone();
         async move {
-            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
-            matches!(
-                tokio::time::timeout(within, conn.route_command(redis::cmd("PING"), routing)).await,
-                Ok(Ok(_))
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                slot,
+                SlotAddr::Master,
+            )));
+            let answer = tokio::time::timeout(
+                within,
+                conn.route_command(redis::cmd("CLUSTER").arg("MYID").clone(), routing),
             )
+            .await;
+            match answer {
+                Ok(Ok(redis::Value::BulkString(answered))) => answered == id,
+                Ok(Ok(redis::Value::SimpleString(answered))) => answered.as_bytes() == id,
+                _ => false,
+            }
         }
     });
-    futures_util::future::join_all(pings)
+    futures_util::future::join_all(asks)
         .await
         .into_iter()
         .all(|answered| answered)

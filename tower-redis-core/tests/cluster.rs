@@ -164,6 +164,11 @@ async fn tracking_off_on_a_cluster_is_logged_once() {
     );
 }
 
+/// The tests that hang a node under load run one at a time: their
+/// assertions are about timeouts, which another test's cluster starting on
+/// the same (two-core) machine could add.
+static HANGS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One `INCR` of `key` through the manager: its source and how long it took.
 async fn timed_incr(manager: &RedisManager, key: &str) -> (Source, Duration) {
     let started = std::time::Instant::now();
@@ -239,6 +244,7 @@ async fn hang_test_manager(cluster: &TestCluster, timeout: Duration) -> RedisMan
 /// new one waited for the hung node: every key, on every node, timed out.
 #[tokio::test]
 async fn a_hung_cluster_node_does_not_stall_the_other_nodes_keys() {
+    let _one_at_a_time = HANGS.lock().await;
     const TIMEOUT: Duration = Duration::from_millis(300);
     let cluster = TestCluster::start().await;
     let manager = hang_test_manager(&cluster, TIMEOUT).await;
@@ -272,6 +278,7 @@ async fn a_hung_cluster_node_does_not_stall_the_other_nodes_keys() {
 /// primaries' keys still answer.
 #[tokio::test]
 async fn a_hung_primary_that_is_failed_over_is_left_for_its_replica() {
+    let _one_at_a_time = HANGS.lock().await;
     const TIMEOUT: Duration = Duration::from_millis(300);
     let cluster = TestCluster::with_replicas(1).await;
     let manager = hang_test_manager(&cluster, TIMEOUT).await;
@@ -328,6 +335,7 @@ async fn a_hung_primary_that_is_failed_over_is_left_for_its_replica() {
 /// opened the breaker for every node.
 #[tokio::test]
 async fn a_hung_cluster_node_under_load_leaves_the_other_nodes_on_redis() {
+    let _one_at_a_time = HANGS.lock().await;
     const TIMEOUT: Duration = Duration::from_millis(300);
     const TASKS: usize = 32;
     let cluster = TestCluster::start().await;
@@ -392,6 +400,7 @@ async fn a_hung_cluster_node_under_load_leaves_the_other_nodes_on_redis() {
 /// count as before and the breaker opens (within a few command timeouts).
 #[tokio::test]
 async fn a_hung_cluster_opens_the_breaker() {
+    let _one_at_a_time = HANGS.lock().await;
     const TIMEOUT: Duration = Duration::from_millis(300);
     let cluster = TestCluster::start().await;
     let manager = timeout_manager(&cluster, TIMEOUT).await;
@@ -440,6 +449,7 @@ async fn a_hung_cluster_opens_the_breaker() {
 /// the breaker opened 1.6 s after the pause and stayed open.
 #[tokio::test]
 async fn a_node_hung_for_seconds_leaves_the_other_nodes_on_redis() {
+    let _one_at_a_time = HANGS.lock().await;
     const TASKS: usize = 32;
     // Long enough that the cluster does not mark the node failed (after
     // which the other nodes refuse every key).
@@ -450,9 +460,17 @@ async fn a_node_hung_for_seconds_leaves_the_other_nodes_on_redis() {
     let (on_hung, elsewhere) = keys_on_and_off(&cluster, &manager, hung).await;
     let mut transitions = manager.subscribe();
     transitions.mark_unchanged();
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .finish();
+    let guard = tower_redis_core::testing::install_subscriber(subscriber);
 
     cluster.pause_node(hung).await;
-    // Several of the one-a-second replacements.
+    // Several of the replacements (one a second, then less often).
     let until = tokio::time::Instant::now() + Duration::from_secs(4);
     let tasks: Vec<_> = (0..TASKS)
         .map(|task| {
@@ -489,6 +507,9 @@ async fn a_node_hung_for_seconds_leaves_the_other_nodes_on_redis() {
     }
     let health = manager.health();
     cluster.resume_node(hung).await;
+    drop(guard);
+    let log =
+        String::from_utf8_lossy(&capture.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
     assert!(
         !transitions.has_changed().expect("the manager lives"),
         "the breaker moved: {health:?}"
@@ -498,4 +519,9 @@ async fn a_node_hung_for_seconds_leaves_the_other_nodes_on_redis() {
         "the other node's key fell back {fell_back} times ({served} served by Redis)"
     );
     assert!(served >= TASKS as u32 * 8, "{served} served by Redis");
+    // The replacements were made, and not kept.
+    assert!(
+        log.contains("does not reach every primary"),
+        "no replacement connection was turned down:\n{log}"
+    );
 }
