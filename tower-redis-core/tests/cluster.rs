@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tower_redis_core::redis::{self, Script};
 use tower_redis_core::testing::TestCluster;
-use tower_redis_core::{BreakerState, RedisManager, Source};
+use tower_redis_core::{BreakerState, Health, RedisManager, Source};
 
 async fn slot_of(cluster: &TestCluster, key: &str) -> u16 {
     let mut conn = cluster
@@ -136,6 +136,28 @@ impl Write for Capture {
     }
 }
 
+impl Capture {
+    /// What was written so far.
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+}
+
+/// The log of this thread (debug level and above) until the guard drops.
+fn capture_log() -> (Capture, tracing::subscriber::DefaultGuard) {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .finish();
+    (
+        capture,
+        tower_redis_core::testing::install_subscriber(subscriber),
+    )
+}
+
 /// Tracking (0-round-trip session reads, the cache's near tier) is off on a
 /// cluster; a user who counted on it reads why in the log, once, not twice.
 #[tokio::test]
@@ -144,18 +166,11 @@ async fn tracking_off_on_a_cluster_is_logged_once() {
     let manager = RedisManager::connect(cluster.config().build().expect("valid"))
         .await
         .expect("starts");
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let guard = tower_redis_core::testing::install_subscriber(subscriber);
+    let (capture, guard) = capture_log();
     assert!(manager.tracking().is_none());
     assert!(manager.clone().tracking().is_none());
     drop(guard);
-    let log =
-        String::from_utf8_lossy(&capture.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let log = capture.text();
     assert_eq!(
         log.matches("client tracking is off on a Redis Cluster")
             .count(),
@@ -211,6 +226,95 @@ async fn keys_on_and_off(
         assert_eq!(timed_incr(manager, key).await.0, Source::Redis);
     }
     (on, off)
+}
+
+/// What [`hang_under_load`] saw.
+struct HungLoad {
+    /// The other node's key: served by Redis, and fallen back.
+    served: u32,
+    fell_back: u32,
+    /// The breaker moved while the node hung.
+    moved: bool,
+    /// The manager's health at the hang's end.
+    health: Health,
+}
+
+impl HungLoad {
+    /// The breaker never moved, the other node's key never fell back, and
+    /// Redis served it at least `at_least` times.
+    fn assert_other_node_served(&self, at_least: u32) {
+        let Self {
+            served,
+            fell_back,
+            moved,
+            health,
+        } = self;
+        assert!(!moved, "the breaker moved: {health:?}");
+        assert_eq!(
+            *fell_back, 0,
+            "the other node's key fell back {fell_back} times ({served} served by Redis)"
+        );
+        assert!(*served >= at_least, "{served} served by Redis");
+    }
+}
+
+/// Node 1 of `cluster` paused for `for_` while `tasks` tasks send `INCR`s
+/// through `manager`, every third to a key of the paused node (the tasks
+/// start at different points of that cycle) and the rest to another
+/// node's key; then resumed. Each task must end within `for_` plus 20 s.
+async fn hang_under_load(
+    cluster: &TestCluster,
+    manager: &RedisManager,
+    tasks: usize,
+    for_: Duration,
+) -> HungLoad {
+    let hung = 1;
+    let (on_hung, elsewhere) = keys_on_and_off(cluster, manager, hung).await;
+    let mut transitions = manager.subscribe();
+    transitions.mark_unchanged();
+    cluster.pause_node(hung).await;
+    let until = tokio::time::Instant::now() + for_;
+    let tasks: Vec<_> = (0..tasks)
+        .map(|task| {
+            let manager = manager.clone();
+            let (on_hung, elsewhere) = (on_hung.clone(), elsewhere.clone());
+            tokio::spawn(async move {
+                let (mut served, mut fell_back) = (0_u32, 0_u32);
+                let mut n = task;
+                while tokio::time::Instant::now() < until {
+                    let to_hung = n % 3 == 0;
+                    let key = if to_hung { &on_hung } else { &elsewhere };
+                    let (source, _) = timed_incr(&manager, key).await;
+                    match (to_hung, source) {
+                        (false, Source::Redis) => served += 1,
+                        (false, _) => fell_back += 1,
+                        (true, _) => {}
+                    }
+                    n += 1;
+                    // A fallback answers at once: let the other tasks run.
+                    tokio::task::yield_now().await;
+                }
+                (served, fell_back)
+            })
+        })
+        .collect();
+    let (mut served, mut fell_back) = (0, 0);
+    for task in tasks {
+        let (s, f) = tokio::time::timeout(for_ + Duration::from_secs(20), task)
+            .await
+            .expect("each task ends in time")
+            .expect("no panic");
+        served += s;
+        fell_back += f;
+    }
+    let health = manager.health();
+    cluster.resume_node(hung).await;
+    HungLoad {
+        served,
+        fell_back,
+        moved: transitions.has_changed().expect("the manager lives"),
+        health,
+    }
 }
 
 /// A manager on `cluster` with the command timeout `timeout` and the
@@ -340,60 +444,11 @@ async fn a_hung_cluster_node_under_load_leaves_the_other_nodes_on_redis() {
     const TASKS: usize = 32;
     let cluster = TestCluster::start().await;
     let manager = timeout_manager(&cluster, TIMEOUT).await;
-    let hung = 1;
-    let (on_hung, elsewhere) = keys_on_and_off(&cluster, &manager, hung).await;
-    let mut transitions = manager.subscribe();
-    transitions.mark_unchanged();
-
-    cluster.pause_node(hung).await;
     // Well within the cluster's node timeout (2 s), after which the other
     // nodes refuse every key: about four timeouts of each task.
-    let until = tokio::time::Instant::now() + Duration::from_millis(1300);
-    let tasks: Vec<_> = (0..TASKS)
-        .map(|task| {
-            let manager = manager.clone();
-            let (on_hung, elsewhere) = (on_hung.clone(), elsewhere.clone());
-            tokio::spawn(async move {
-                // Every third operation on the hung node's key; the tasks
-                // start at different points of that cycle.
-                let (mut served, mut fell_back) = (0_u32, 0_u32);
-                let mut n = task;
-                while tokio::time::Instant::now() < until {
-                    let to_hung = n % 3 == 0;
-                    let key = if to_hung { &on_hung } else { &elsewhere };
-                    let (source, _) = timed_incr(&manager, key).await;
-                    match (to_hung, source) {
-                        (false, Source::Redis) => served += 1,
-                        (false, _) => fell_back += 1,
-                        (true, _) => {}
-                    }
-                    n += 1;
-                }
-                (served, fell_back)
-            })
-        })
-        .collect();
-    let (mut served, mut fell_back) = (0, 0);
-    for task in tasks {
-        let (s, f) = tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .expect("each task ends within 10 s")
-            .expect("no panic");
-        served += s;
-        fell_back += f;
-    }
-    let health = manager.health();
-    cluster.resume_node(hung).await;
-    assert!(
-        !transitions.has_changed().expect("the manager lives"),
-        "the breaker moved: {health:?}"
-    );
-    assert_eq!(health.state, BreakerState::Closed);
-    assert_eq!(
-        fell_back, 0,
-        "the other node's key fell back {fell_back} times ({served} served by Redis)"
-    );
-    assert!(served >= TASKS as u32 * 4, "{served} served by Redis");
+    let load = hang_under_load(&cluster, &manager, TASKS, Duration::from_millis(1300)).await;
+    load.assert_other_node_served(TASKS as u32 * 4);
+    assert_eq!(load.health.state, BreakerState::Closed);
 }
 
 /// The same load with every node hung: nothing answers, so the timeouts
@@ -456,69 +511,12 @@ async fn a_node_hung_for_seconds_leaves_the_other_nodes_on_redis() {
     let cluster = TestCluster::with_node_timeout(Duration::from_secs(30)).await;
     let config = cluster.config().build().expect("valid");
     let manager = RedisManager::connect(config).await.expect("starts");
-    let hung = 1;
-    let (on_hung, elsewhere) = keys_on_and_off(&cluster, &manager, hung).await;
-    let mut transitions = manager.subscribe();
-    transitions.mark_unchanged();
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(move || writer.clone())
-        .finish();
-    let guard = tower_redis_core::testing::install_subscriber(subscriber);
-
-    cluster.pause_node(hung).await;
+    let (capture, guard) = capture_log();
     // Several of the replacements (one a second, then less often).
-    let until = tokio::time::Instant::now() + Duration::from_secs(4);
-    let tasks: Vec<_> = (0..TASKS)
-        .map(|task| {
-            let manager = manager.clone();
-            let (on_hung, elsewhere) = (on_hung.clone(), elsewhere.clone());
-            tokio::spawn(async move {
-                let (mut served, mut fell_back) = (0_u32, 0_u32);
-                let mut n = task;
-                while tokio::time::Instant::now() < until {
-                    let to_hung = n % 3 == 0;
-                    let key = if to_hung { &on_hung } else { &elsewhere };
-                    let (source, _) = timed_incr(&manager, key).await;
-                    match (to_hung, source) {
-                        (false, Source::Redis) => served += 1,
-                        (false, _) => fell_back += 1,
-                        (true, _) => {}
-                    }
-                    n += 1;
-                    // A fallback answers at once: let the other tasks run.
-                    tokio::task::yield_now().await;
-                }
-                (served, fell_back)
-            })
-        })
-        .collect();
-    let (mut served, mut fell_back) = (0, 0);
-    for task in tasks {
-        let (s, f) = tokio::time::timeout(Duration::from_secs(20), task)
-            .await
-            .expect("each task ends within 20 s")
-            .expect("no panic");
-        served += s;
-        fell_back += f;
-    }
-    let health = manager.health();
-    cluster.resume_node(hung).await;
+    let load = hang_under_load(&cluster, &manager, TASKS, Duration::from_secs(4)).await;
     drop(guard);
-    let log =
-        String::from_utf8_lossy(&capture.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
-    assert!(
-        !transitions.has_changed().expect("the manager lives"),
-        "the breaker moved: {health:?}"
-    );
-    assert_eq!(
-        fell_back, 0,
-        "the other node's key fell back {fell_back} times ({served} served by Redis)"
-    );
-    assert!(served >= TASKS as u32 * 8, "{served} served by Redis");
+    let log = capture.text();
+    load.assert_other_node_served(TASKS as u32 * 8);
     // The replacements were made, and not kept.
     assert!(
         log.contains("does not reach every primary"),
