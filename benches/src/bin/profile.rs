@@ -235,9 +235,10 @@ async fn session_app(manager: &RedisManager, tracked: bool, writes: bool) -> (Ro
     (app, HeaderValue::from_str(&cookie).unwrap())
 }
 
-/// The `stack` suite's `/page` with its three layers (`layers`) or none:
-/// the session's `k` read (when there is a session) and the 1 KiB body
-/// answered `private`, so the cache stores nothing.
+/// The `stack` suite's `/page`, answering the 1 KiB body `private` (the
+/// cache stores nothing): with `layers`, behind the three layers, its
+/// handler reading the session's `k` (the cookie returned is that
+/// session's); without, the route alone.
 async fn stack_app(manager: &RedisManager, layers: bool) -> (Router, Option<HeaderValue>) {
     let body = body();
     if !layers {
