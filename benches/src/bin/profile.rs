@@ -235,6 +235,18 @@ async fn session_app(manager: &RedisManager, tracked: bool, writes: bool) -> (Ro
     (app, HeaderValue::from_str(&cookie).unwrap())
 }
 
+/// The `ratelimit` path's layer: one GCRA policy (10⁹ an hour, never
+/// denied here) keyed by the `x-profile-client` header.
+fn header_rate_limit(manager: &RedisManager) -> RateLimitLayer {
+    RateLimitLayer::builder(manager.clone())
+        .policy(
+            Policy::gcra("profile", 1_000_000_000, Duration::from_secs(3600))
+                .key(Key::header("x-profile-client")),
+        )
+        .build()
+        .expect("rate limit layer")
+}
+
 /// The `stack` suite's `/page`, answering the 1 KiB body `private` (the
 /// cache stores nothing): with `layers`, behind the three layers, its
 /// handler reading the session's `k` (the cookie returned is that
@@ -257,13 +269,7 @@ async fn stack_app(manager: &RedisManager, layers: bool) -> (Router, Option<Head
     });
     let (sessions, cookie) = session_app(manager, true, false).await;
     drop(sessions);
-    let rate_limit = RateLimitLayer::builder(manager.clone())
-        .policy(
-            Policy::gcra("profile", 1_000_000_000, Duration::from_secs(3600))
-                .key(Key::header("x-profile-client")),
-        )
-        .build()
-        .expect("rate limit layer");
+    let rate_limit = header_rate_limit(manager);
     let cache = CacheLayer::builder(manager.clone())
         .near_cache(16 << 20, Duration::from_secs(3600))
         .build()
@@ -471,16 +477,7 @@ impl Ready {
                 (plain().layer(layer), None)
             }
             "axum-response-cache" => (axum_response_cache(), None),
-            "ratelimit" => {
-                let layer = RateLimitLayer::builder(manager.clone())
-                    .policy(
-                        Policy::gcra("profile", 1_000_000_000, Duration::from_secs(3600))
-                            .key(Key::header("x-profile-client")),
-                    )
-                    .build()
-                    .expect("rate limit layer");
-                (plain().layer(layer), None)
-            }
+            "ratelimit" => (plain().layer(header_rate_limit(manager)), None),
             "ratelimit-leased" => {
                 let layer = RateLimitLayer::builder(manager.clone())
                     .policy(
