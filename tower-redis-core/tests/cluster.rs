@@ -383,8 +383,43 @@ async fn a_hung_cluster_node_does_not_stall_the_other_nodes_keys() {
 #[tokio::test]
 async fn a_hung_primary_that_is_failed_over_is_left_for_its_replica() {
     let _one_at_a_time = HANGS.lock().await;
+    hung_primary_is_left_for_its_replica(None).await;
+}
+
+/// The same on a cluster that announces no endpoint in `CLUSTER SLOTS`
+/// (`cluster-preferred-endpoint-type unknown-endpoint`, for clusters behind
+/// a load balancer): redis-rs then uses the address of the node it asked,
+/// and the replacement connection's check, which asks redis-rs' routing
+/// rather than the announced addresses, still finds the promoted replica.
+#[tokio::test]
+async fn a_hung_primary_is_left_for_its_replica_when_the_cluster_announces_no_endpoint() {
+    let _one_at_a_time = HANGS.lock().await;
+    hung_primary_is_left_for_its_replica(Some("unknown-endpoint")).await;
+}
+
+/// A primary of a cluster with replicas hung; with `endpoint`, the
+/// cluster's `cluster-preferred-endpoint-type` first set to it on every
+/// node. Its slot must be served by Redis (the promoted replica) within
+/// 30 s, and another primary's key after that.
+async fn hung_primary_is_left_for_its_replica(endpoint: Option<&str>) {
     const TIMEOUT: Duration = Duration::from_millis(300);
     let cluster = TestCluster::with_replicas(1).await;
+    if let Some(endpoint) = endpoint {
+        for url in cluster.urls() {
+            let client = redis::Client::open(url.as_str()).expect("node URL");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("node answers");
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("cluster-preferred-endpoint-type")
+                .arg(endpoint)
+                .query_async::<()>(&mut conn)
+                .await
+                .expect("CONFIG SET");
+        }
+    }
     let manager = hang_test_manager(&cluster, TIMEOUT).await;
     let key = manager.keys().key(&["followed"]);
     let slot = cluster.slot_of(&key).await;
