@@ -405,20 +405,9 @@ async fn hung_primary_is_left_for_its_replica(endpoint: Option<&str>) {
     const TIMEOUT: Duration = Duration::from_millis(300);
     let cluster = TestCluster::with_replicas(1).await;
     if let Some(endpoint) = endpoint {
-        for url in cluster.urls() {
-            let client = redis::Client::open(url.as_str()).expect("node URL");
-            let mut conn = client
-                .get_multiplexed_async_connection()
-                .await
-                .expect("node answers");
-            redis::cmd("CONFIG")
-                .arg("SET")
-                .arg("cluster-preferred-endpoint-type")
-                .arg(endpoint)
-                .query_async::<()>(&mut conn)
-                .await
-                .expect("CONFIG SET");
-        }
+        cluster
+            .config_set("cluster-preferred-endpoint-type", endpoint)
+            .await;
     }
     let manager = hang_test_manager(&cluster, TIMEOUT).await;
     let key = manager.keys().key(&["followed"]);

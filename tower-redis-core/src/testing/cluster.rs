@@ -241,6 +241,32 @@ impl TestCluster {
         }
     }
 
+    /// `CONFIG SET name value` on every live node, or panics with the
+    /// node's error.
+    pub async fn config_set(&self, name: &str, value: &str) {
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            let set = async {
+                let mut conn = node_connection(node.port()).await?;
+                redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg(name)
+                    .arg(value)
+                    .query_async::<()>(&mut conn)
+                    .await
+            };
+            match tokio::time::timeout(Duration::from_secs(5), set).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    panic!("CONFIG SET {name} {value} on port {}: {error}", node.port())
+                }
+                Err(_) => panic!(
+                    "CONFIG SET {name} {value} on port {}: no answer within 5 s",
+                    node.port()
+                ),
+            }
+        }
+    }
+
     /// SIGKILL one node.
     pub async fn kill_node(&self, index: usize) {
         self.node(index).kill();
