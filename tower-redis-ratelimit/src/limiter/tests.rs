@@ -20,7 +20,7 @@ fn without_redis(fallback: Fallback) -> Arc<Limiter> {
     Limiter::new(RedisManager::disabled(), fallback, MIB)
 }
 
-fn check(key: &str, algorithm: Algorithm) -> Check {
+pub(super) fn check(key: &str, algorithm: Algorithm) -> Check {
     Check {
         key: std::sync::Arc::from(key),
         algorithm,
@@ -340,7 +340,7 @@ pub(super) fn a_million_keys_stay_bounded_and_o1(
 }
 
 /// A limiter on a private Redis, kept up while the returned server lives.
-async fn on_redis() -> (tower_redis_core::testing::TestRedis, Arc<Limiter>) {
+pub(super) async fn on_redis() -> (tower_redis_core::testing::TestRedis, Arc<Limiter>) {
     let redis = tower_redis_core::testing::TestRedis::start().await;
     let manager = RedisManager::connect(redis.config().build().expect("valid"))
         .await
