@@ -1,15 +1,16 @@
 //! Locking that survives a panic elsewhere, [`Gather`]: calls that
-//! arrive together, made as one, [`Finishing`]: a shared call that goes
-//! on when the request that made it is cancelled, and [`with_scratch`]: a
+//! arrive together, made as one, [`Replies`]: where the members of such a
+//! batch find their answers, [`Finishing`]: a shared call that goes on
+//! when the request that made it is cancelled, and [`with_scratch`]: a
 //! per-thread buffer for text made on every request.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::Notify;
 
 /// Runs `build` on the `String` that `buffer` holds for this thread,
 /// cleared: text made on every request (a header value, a key) is written
@@ -126,24 +127,28 @@ pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Gather<Q, R> {
     /// Calls between entering [`Gather::run`] and leaving it.
     active: AtomicUsize,
-    /// The members of the batch being formed, if one is.
-    forming: Mutex<Option<Vec<Member<Q, R>>>>,
+    /// The batch being formed, if one is.
+    forming: Mutex<Option<Forming<Q, R>>>,
     max: usize,
     /// How long a member waits for its batch's answer.
     patience: Duration,
 }
 
+/// A batch being formed: the queries, its leader's first, and what
+/// answers its members (dropped unanswered, with the batch abandoned by
+/// its leader, it sends them on alone at once).
 #[derive(Debug)]
-struct Member<Q, R> {
-    query: Q,
-    answer: oneshot::Sender<R>,
+struct Forming<Q, R> {
+    queries: Vec<Q>,
+    answering: Answering<R>,
 }
 
 /// What a call does with the batch being formed.
-enum Role<Q, R> {
-    /// It starts a batch (with its own query).
-    Lead(Q),
-    Follow(oneshot::Receiver<R>),
+enum Role<R> {
+    /// It starts a batch (its query first).
+    Lead,
+    /// Its answer will be the batch's at this index.
+    Follow(Arc<Replies<R>>, usize),
     /// The batch being formed is full.
     Alone,
 }
@@ -207,56 +212,155 @@ impl<Q, R> Gather<Q, R> {
         let role = {
             let mut forming = lock(&self.forming);
             match &mut *forming {
-                Some(members) if members.len() < self.max => {
-                    let (answer, receiver) = oneshot::channel();
-                    members.push(Member { query, answer });
-                    Role::Follow(receiver)
+                // The leader's query is the first; a member's answer is
+                // its index among the members.
+                Some(batch) if batch.queries.len() <= self.max => {
+                    let index = batch.queries.len() - 1;
+                    batch.queries.push(query);
+                    Role::Follow(batch.answering.replies(), index)
                 }
                 Some(_) => Role::Alone,
                 None => {
-                    *forming = Some(Vec::new());
-                    Role::Lead(query)
+                    let mut queries = Vec::with_capacity(self.max.min(FIRST_ROOM) + 1);
+                    queries.push(query);
+                    *forming = Some(Forming {
+                        queries,
+                        answering: Answering::new(),
+                    });
+                    Role::Lead
                 }
             }
         };
-        let query = match role {
+        match role {
             Role::Alone => return None,
-            Role::Follow(receiver) => {
-                return match tokio::time::timeout(self.patience, receiver).await {
-                    Ok(Ok(answer)) => Some(answer),
-                    // Abandoned, left unanswered, or too late.
-                    _ => None,
-                };
+            // Abandoned, left unanswered, or too late: `None`.
+            Role::Follow(replies, index) => {
+                return tokio::time::timeout(self.patience, replies.take(index))
+                    .await
+                    .ok()
+                    .flatten();
             }
-            Role::Lead(query) => query,
-        };
+            Role::Lead => {}
+        }
         let mut leading = Leading {
             forming: &self.forming,
             closed: false,
         };
         tokio::task::yield_now().await;
-        let members = leading.close();
-        if members.is_empty() {
+        let Forming { queries, answering } = leading.close()?;
+        if queries.len() < 2 {
             return None;
-        }
-        let mut queries = Vec::with_capacity(1 + members.len());
-        queries.push(query);
-        let mut answers = Vec::with_capacity(members.len());
-        for member in members {
-            queries.push(member.query);
-            answers.push(member.answer);
         }
         let call = together(queries);
         Finishing::new(async move {
-            let mut replies = call.await.into_iter();
-            let own = replies.next();
-            for (answer, reply) in answers.into_iter().zip(replies) {
-                // A member whose future was dropped is fine.
-                let _ = answer.send(reply);
-            }
+            let mut answers = call.await.into_iter();
+            let own = answers.next();
+            answering.answer(answers);
             own
         })
         .await
+    }
+}
+
+/// The room a batch's list of queries starts with (it grows beyond).
+const FIRST_ROOM: usize = 16;
+
+/// Where the members of one batch find their answers: set once, by the
+/// batch's call, and each taken once, by its member's index. One per
+/// batch, shared by its members, so that joining a batch allocates
+/// nothing (a channel per member did; and a member's channel, made on its
+/// thread and freed on the leader's, made glibc's allocator take a lock).
+///
+/// ```
+/// use std::sync::Arc;
+/// use tower_redis_core::sync::{Answering, Replies};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let answering = Answering::new();
+/// let replies: Arc<Replies<&str>> = answering.replies();
+/// let member = tokio::spawn({
+///     let replies = Arc::clone(&replies);
+///     async move { replies.take(1).await }
+/// });
+/// answering.answer(["for member 0", "for member 1"]);
+/// assert_eq!(member.await.unwrap(), Some("for member 1"));
+/// // Taken once; and an index the batch did not answer has none.
+/// assert_eq!(replies.take(1).await, None);
+/// assert_eq!(replies.take(2).await, None);
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Replies<R> {
+    /// The answers, in the members' order: none when the batch's call went
+    /// away without answering.
+    answers: OnceLock<Vec<Mutex<Option<R>>>>,
+    ready: Notify,
+}
+
+impl<R> Default for Replies<R> {
+    fn default() -> Self {
+        Self {
+            answers: OnceLock::new(),
+            ready: Notify::new(),
+        }
+    }
+}
+
+impl<R> Replies<R> {
+    /// The answer at `index`, once the batch has answered: `None` when it
+    /// has none for it (left unanswered, answered fewer, or already taken).
+    pub async fn take(&self, index: usize) -> Option<R> {
+        loop {
+            // Listening before looking: answers set after the look wake
+            // this listener (`notify_waiters` wakes every `Notified` made
+            // before it, polled or not).
+            let notified = self.ready.notified();
+            if let Some(answers) = self.answers.get() {
+                return answers.get(index).and_then(|slot| lock(slot).take());
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Answers a batch's [`Replies`]: with [`answer`](Self::answer), or,
+/// dropped before (its call cancelled, or never run), with none, so that
+/// nobody waits for an answer that cannot come.
+#[derive(Debug)]
+pub struct Answering<R>(Arc<Replies<R>>);
+
+impl<R> Answering<R> {
+    /// The answering of a new batch.
+    pub fn new() -> Self {
+        Self(Arc::default())
+    }
+
+    /// Where the batch's members find their answers.
+    pub fn replies(&self) -> Arc<Replies<R>> {
+        Arc::clone(&self.0)
+    }
+
+    /// Gives the members their answers, in order, and wakes them.
+    pub fn answer(self, answers: impl IntoIterator<Item = R>) {
+        let _ = self
+            .0
+            .answers
+            .set(answers.into_iter().map(|a| Mutex::new(Some(a))).collect());
+        // Dropped here: the members are woken.
+    }
+}
+
+impl<R> Default for Answering<R> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<R> Drop for Answering<R> {
+    fn drop(&mut self) {
+        let _ = self.0.answers.set(Vec::new());
+        self.0.ready.notify_waiters();
     }
 }
 
@@ -394,19 +498,20 @@ impl Drop for Active<'_> {
 /// leader dropped before closing (its call cancelled during the yield)
 /// drops them, so that each makes its own call.
 struct Leading<'a, Q, R> {
-    forming: &'a Mutex<Option<Vec<Member<Q, R>>>>,
+    forming: &'a Mutex<Option<Forming<Q, R>>>,
     closed: bool,
 }
 
 impl<Q, R> Leading<'_, Q, R> {
-    fn close(&mut self) -> Vec<Member<Q, R>> {
+    fn close(&mut self) -> Option<Forming<Q, R>> {
         self.closed = true;
-        lock(self.forming).take().unwrap_or_default()
+        lock(self.forming).take()
     }
 }
 
 impl<Q, R> Drop for Leading<'_, Q, R> {
     fn drop(&mut self) {
+        // Its members' replies are left unanswered: they go alone.
         if !self.closed {
             drop(self.close());
         }
@@ -415,6 +520,8 @@ impl<Q, R> Drop for Leading<'_, Q, R> {
 
 #[cfg(test)]
 mod tests {
+    use tokio::sync::oneshot;
+
     use super::*;
 
     #[test]
@@ -429,8 +536,6 @@ mod tests {
         assert!(mutex.is_poisoned());
         assert_eq!(*lock(&mutex), [1, 2, 3]);
     }
-
-    use std::sync::Arc;
 
     /// How long the tests' members wait for a batch's answer.
     const PATIENCE: Duration = Duration::from_secs(5);
@@ -653,9 +758,14 @@ mod tests {
         let members = spawn_calls(&gather, &calls, 3..=4, usize::MAX);
         settle().await;
         // ... and the leader is dropped (its request cancelled).
+        let dropped = std::time::Instant::now();
         drop(leader);
         let answers = answers(members).await;
         assert_eq!(answers, [30, 40]);
+        assert!(
+            dropped.elapsed() < PATIENCE,
+            "the members went alone at once, not after the patience"
+        );
         assert!(lock(&calls.batches).is_empty());
         drop(release);
         first.await.expect("no panic");

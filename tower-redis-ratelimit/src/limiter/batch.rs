@@ -13,18 +13,17 @@
 //!
 //! A follower allocates nothing to join: its checks are held inline (the
 //! usual one or two policies), its place in the batch is its index, and
-//! the batch answers all of its followers through one shared [`Reply`].
+//! the batch answers all of its followers through one shared [`Replies`].
 //! The list of followers is kept from one batch to the next. Memory a
 //! request allocated and another thread freed made glibc's allocator take
 //! its arena lock about once a request at c=64 (`futex` calls, measured
 //! with `perf`); this keeps the batch's memory with the batch.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
 
 use smallvec::SmallVec;
-use tokio::sync::Notify;
-use tower_redis_core::sync::{Finishing, lock};
+use tower_redis_core::sync::{Answering, Finishing, Replies, lock};
 
 use super::{Check, INLINE_POLICIES, Limiter, Query, Verdict};
 
@@ -38,61 +37,18 @@ pub(super) struct Batch {
     spare: Vec<Waiting>,
 }
 
-/// A batch being formed: its followers, and where they find their answers.
+/// A batch being formed: its followers, and what answers them (dropped
+/// unanswered, it tells them to decide alone: see [`Answering`]).
 #[derive(Debug)]
 struct Forming {
     followers: Vec<Waiting>,
-    reply: Arc<Reply>,
+    answering: Answering<Verdict>,
 }
 
 #[derive(Debug)]
 struct Waiting {
     checks: SmallVec<[Check; INLINE_POLICIES]>,
     cost: u32,
-}
-
-/// The followers' verdicts of one batch, set once, in the followers'
-/// order; `None` when the batch's call went away without answering (its
-/// future was dropped, as at a runtime's shutdown): each follower then
-/// decides alone.
-#[derive(Debug, Default)]
-struct Reply {
-    verdicts: OnceLock<Option<Vec<Verdict>>>,
-    ready: Notify,
-}
-
-impl Reply {
-    /// The follower at `index`'s verdict, once the batch has one.
-    async fn verdict(&self, index: usize) -> Option<Verdict> {
-        loop {
-            // Listening before looking: an answer set after the look wakes
-            // this listener (`notify_waiters` wakes every `Notified` made
-            // before it, polled or not).
-            let notified = self.ready.notified();
-            if let Some(verdicts) = self.verdicts.get() {
-                return verdicts.as_ref().and_then(|v| v.get(index).cloned());
-            }
-            notified.await;
-        }
-    }
-}
-
-/// Answers a batch's followers: with their verdicts, or, dropped without
-/// them, with none (each then decides alone), so that nobody waits forever.
-struct Answer(Arc<Reply>);
-
-impl Answer {
-    fn send(self, verdicts: Vec<Verdict>) {
-        let _ = self.0.verdicts.set(Some(verdicts));
-        // `self` drops here: the followers are woken.
-    }
-}
-
-impl Drop for Answer {
-    fn drop(&mut self) {
-        let _ = self.0.verdicts.set(None);
-        self.0.ready.notify_waiters();
-    }
 }
 
 /// The most followers one batch takes; more requests decide alone.
@@ -104,8 +60,8 @@ const MAX_SPARE: usize = 64;
 /// What a request does with the batch being formed.
 enum Role {
     Lead,
-    /// Its verdict is the reply's at this index.
-    Follow(Arc<Reply>, usize),
+    /// Its verdict is the batch's at this index.
+    Follow(Arc<Replies<Verdict>>, usize),
     /// The forming batch is full.
     Alone,
 }
@@ -116,8 +72,8 @@ impl Limiter {
         match self.join(checks, cost) {
             Role::Lead => {}
             Role::Alone => return self.decide_alone(checks, cost).await,
-            Role::Follow(reply, index) => {
-                return match reply.verdict(index).await {
+            Role::Follow(replies, index) => {
+                return match replies.take(index).await {
                     Some(verdict) => verdict,
                     // The batch's call went away before answering: decide
                     // alone.
@@ -132,7 +88,11 @@ impl Limiter {
         };
         self.batches_led.fetch_add(1, Ordering::Relaxed);
         tokio::task::yield_now().await;
-        let Some(Forming { followers, reply }) = leader.close() else {
+        let Some(Forming {
+            followers,
+            answering,
+        }) = leader.close()
+        else {
             return self.decide_alone(checks, cost).await;
         };
         if followers.is_empty() {
@@ -145,7 +105,6 @@ impl Limiter {
         // while Redis hangs, make them wait a second command timeout.
         let limiter = Arc::clone(self);
         let own: SmallVec<[Check; INLINE_POLICIES]> = checks.iter().cloned().collect();
-        let answer = Answer(reply);
         Finishing::new(async move {
             let mut requests: Vec<Query<'_>> = Vec::with_capacity(1 + followers.len());
             requests.push((own.as_slice(), cost));
@@ -153,7 +112,7 @@ impl Limiter {
             let mut verdicts = limiter.decide_batch(&requests).await;
             drop(requests);
             let mine = (!verdicts.is_empty()).then(|| verdicts.remove(0));
-            answer.send(verdicts);
+            answering.answer(verdicts);
             limiter.keep_spare(followers);
             mine
         })
@@ -171,13 +130,13 @@ impl Limiter {
                     checks: checks.iter().cloned().collect(),
                     cost,
                 });
-                Role::Follow(Arc::clone(&forming.reply), forming.followers.len() - 1)
+                Role::Follow(forming.answering.replies(), forming.followers.len() - 1)
             }
             Some(_) => Role::Alone,
             None => {
                 batch.forming = Some(Forming {
                     followers: std::mem::take(&mut batch.spare),
-                    reply: Arc::default(),
+                    answering: Answering::new(),
                 });
                 Role::Lead
             }
@@ -218,23 +177,27 @@ impl Drop for Leader<'_> {
         if self.closed {
             return;
         }
-        let Some(Forming { followers, reply }) = self.close() else {
+        let Some(Forming {
+            followers,
+            answering,
+        }) = self.close()
+        else {
             return;
         };
         if followers.is_empty() {
             return;
         }
         let limiter = Arc::clone(self.limiter);
-        // Dropped unanswered (no runtime to run it on, or a shutdown), it
-        // tells the followers to decide alone.
-        let answer = Answer(reply);
+        // Dropped unanswered (no runtime to run it on, or a shutdown), its
+        // `answering` tells the followers to decide alone.
         let run = async move {
             let requests: Vec<Query<'_>> = followers
                 .iter()
                 .map(|w| (w.checks.as_slice(), w.cost))
                 .collect();
             let verdicts = limiter.decide_batch(&requests).await;
-            answer.send(verdicts);
+            drop(requests);
+            answering.answer(verdicts);
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(run);
@@ -266,7 +229,7 @@ mod tests {
     fn followers_of_a_dropped_leader(
         limiter: &Arc<Limiter>,
         checks: &[Check],
-    ) -> Vec<(Arc<Reply>, usize)> {
+    ) -> Vec<(Arc<Replies<Verdict>>, usize)> {
         assert!(matches!(limiter.join(checks, 1), Role::Lead));
         let followers = (0..3)
             .map(|_| match limiter.join(checks, 1) {
@@ -288,7 +251,7 @@ mod tests {
         let (_redis, limiter) = on_redis().await;
         let checks = window("dropped-leader");
         for (reply, index) in followers_of_a_dropped_leader(&limiter, &checks) {
-            let verdict = tokio::time::timeout(Duration::from_secs(10), reply.verdict(index))
+            let verdict = tokio::time::timeout(Duration::from_secs(10), reply.take(index))
                 .await
                 .expect("answered")
                 .expect("with a verdict");
@@ -315,7 +278,7 @@ mod tests {
         let followers = followers_of_a_dropped_leader(&limiter, &checks);
         runtime.block_on(async {
             for (reply, index) in followers {
-                let verdict = tokio::time::timeout(Duration::from_secs(10), reply.verdict(index))
+                let verdict = tokio::time::timeout(Duration::from_secs(10), reply.take(index))
                     .await
                     .expect("told at once");
                 assert!(verdict.is_none(), "no call made for them");
