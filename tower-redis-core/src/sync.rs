@@ -134,19 +134,20 @@ pub struct Gather<Q, R> {
     patience: Duration,
 }
 
-/// A batch being formed: the queries, its leader's first, and what
-/// answers its members (dropped unanswered, with the batch abandoned by
-/// its leader, it sends them on alone at once).
+/// A batch being formed: its members' queries, and what answers them
+/// (made with the first member; dropped unanswered, with the batch
+/// abandoned by its leader, it sends them on alone at once). Nothing is
+/// allocated for a batch nobody joins.
 #[derive(Debug)]
 struct Forming<Q, R> {
     queries: Vec<Q>,
-    answering: Answering<R>,
+    answering: Option<Answering<R>>,
 }
 
 /// What a call does with the batch being formed.
-enum Role<R> {
-    /// It starts a batch (its query first).
-    Lead,
+enum Role<Q, R> {
+    /// It starts a batch (with its own query).
+    Lead(Q),
     /// Its answer will be the batch's at this index.
     Follow(Arc<Replies<R>>, usize),
     /// The batch being formed is full.
@@ -212,26 +213,24 @@ impl<Q, R> Gather<Q, R> {
         let role = {
             let mut forming = lock(&self.forming);
             match &mut *forming {
-                // The leader's query is the first; a member's answer is
-                // its index among the members.
-                Some(batch) if batch.queries.len() <= self.max => {
-                    let index = batch.queries.len() - 1;
+                // A member's answer is its index among the members.
+                Some(batch) if batch.queries.len() < self.max => {
+                    let index = batch.queries.len();
                     batch.queries.push(query);
-                    Role::Follow(batch.answering.replies(), index)
+                    let answering = batch.answering.get_or_insert_with(Answering::new);
+                    Role::Follow(answering.replies(), index)
                 }
                 Some(_) => Role::Alone,
                 None => {
-                    let mut queries = Vec::with_capacity(self.max.min(FIRST_ROOM) + 1);
-                    queries.push(query);
                     *forming = Some(Forming {
-                        queries,
-                        answering: Answering::new(),
+                        queries: Vec::new(),
+                        answering: None,
                     });
-                    Role::Lead
+                    Role::Lead(query)
                 }
             }
         };
-        match role {
+        let query = match role {
             Role::Alone => return None,
             // Abandoned, left unanswered, or too late: `None`.
             Role::Follow(replies, index) => {
@@ -240,17 +239,20 @@ impl<Q, R> Gather<Q, R> {
                     .ok()
                     .flatten();
             }
-            Role::Lead => {}
-        }
+            Role::Lead(query) => query,
+        };
         let mut leading = Leading {
             forming: &self.forming,
             closed: false,
         };
         tokio::task::yield_now().await;
-        let Forming { queries, answering } = leading.close()?;
-        if queries.len() < 2 {
-            return None;
-        }
+        let Forming {
+            mut queries,
+            answering,
+        } = leading.close()?;
+        // Nobody joined: this call goes alone.
+        let answering = answering.filter(|_| !queries.is_empty())?;
+        queries.insert(0, query);
         let call = together(queries);
         Finishing::new(async move {
             let mut answers = call.await.into_iter();
@@ -261,9 +263,6 @@ impl<Q, R> Gather<Q, R> {
         .await
     }
 }
-
-/// The room a batch's list of queries starts with (it grows beyond).
-const FIRST_ROOM: usize = 16;
 
 /// Where the members of one batch find their answers: set once, by the
 /// batch's call, and each taken once, by its member's index. One per
@@ -374,7 +373,8 @@ impl<R> Drop for Answering<R> {
 ///
 /// A call whose poll panicked is not polled again, even when the panic was
 /// caught; neither is one dropped outside a runtime. Those who wait for its
-/// answers then see their channels close.
+/// answers are then told none comes (their channels close, or their
+/// [`Answering`] is dropped).
 ///
 /// ```
 /// use tower_redis_core::sync::Finishing;
@@ -696,7 +696,10 @@ mod tests {
     /// batch it went in, or none.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn calls_on_several_threads_each_get_their_own_answer() {
-        let gather = Arc::new(Gather::new(16, PATIENCE));
+        // A patience longer than the test's deadline: a member whose
+        // batch's answer never woke it fails the test, rather than going
+        // alone late.
+        let gather = Arc::new(Gather::new(16, Duration::from_secs(120)));
         let calls = Arc::new(Calls::default());
         let (release, hold) = oneshot::channel();
         let first = {

@@ -37,12 +37,13 @@ pub(super) struct Batch {
     spare: Vec<Waiting>,
 }
 
-/// A batch being formed: its followers, and what answers them (dropped
-/// unanswered, it tells them to decide alone: see [`Answering`]).
+/// A batch being formed: its followers, and what answers them (made with
+/// the first follower; dropped unanswered, it tells them to decide alone:
+/// see [`Answering`]).
 #[derive(Debug)]
 struct Forming {
     followers: Vec<Waiting>,
-    answering: Answering<Verdict>,
+    answering: Option<Answering<Verdict>>,
 }
 
 #[derive(Debug)]
@@ -95,10 +96,10 @@ impl Limiter {
         else {
             return self.decide_alone(checks, cost).await;
         };
-        if followers.is_empty() {
+        let Some(answering) = answering.filter(|_| !followers.is_empty()) else {
             self.keep_spare(followers);
             return self.decide_alone(checks, cost).await;
-        }
+        };
         // The call owns what it decides, and answers the followers itself,
         // so that it goes on without the leader: deciding them again would
         // count them twice (the script may have run for them already) and,
@@ -109,9 +110,9 @@ impl Limiter {
             let mut requests: Vec<Query<'_>> = Vec::with_capacity(1 + followers.len());
             requests.push((own.as_slice(), cost));
             requests.extend(followers.iter().map(|w| (w.checks.as_slice(), w.cost)));
-            let mut verdicts = limiter.decide_batch(&requests).await;
+            let mut verdicts = limiter.decide_batch(&requests).await.into_iter();
             drop(requests);
-            let mine = (!verdicts.is_empty()).then(|| verdicts.remove(0));
+            let mine = verdicts.next();
             answering.answer(verdicts);
             limiter.keep_spare(followers);
             mine
@@ -130,13 +131,14 @@ impl Limiter {
                     checks: checks.iter().cloned().collect(),
                     cost,
                 });
-                Role::Follow(forming.answering.replies(), forming.followers.len() - 1)
+                let answering = forming.answering.get_or_insert_with(Answering::new);
+                Role::Follow(answering.replies(), forming.followers.len() - 1)
             }
             Some(_) => Role::Alone,
             None => {
                 batch.forming = Some(Forming {
                     followers: std::mem::take(&mut batch.spare),
-                    answering: Answering::new(),
+                    answering: None,
                 });
                 Role::Lead
             }
@@ -179,14 +181,12 @@ impl Drop for Leader<'_> {
         }
         let Some(Forming {
             followers,
-            answering,
+            answering: Some(answering),
         }) = self.close()
         else {
+            // Nobody joined.
             return;
         };
-        if followers.is_empty() {
-            return;
-        }
         let limiter = Arc::clone(self.limiter);
         // Dropped unanswered (no runtime to run it on, or a shutdown), its
         // `answering` tells the followers to decide alone.
@@ -288,6 +288,55 @@ mod tests {
         drop(redis);
     }
 
+    /// Requests on counters of their own, arriving together behind another
+    /// decision: they share one call, and each is told its own counter's
+    /// state (a follower answered its neighbour's verdict would be told
+    /// another limit's units). The batch's list of followers is then kept
+    /// for the next batch.
+    #[tokio::test]
+    async fn each_request_of_a_batch_is_told_its_own_verdict() {
+        const REQUESTS: u32 = 8;
+        let (_redis, limiter) = on_redis().await;
+        fn limit(n: u32) -> u32 {
+            100 + 10 * n
+        }
+        fn own(n: u32) -> [Check; 1] {
+            [check(
+                &format!("own-{n}"),
+                Algorithm::FixedWindow {
+                    limit: limit(n),
+                    window: Duration::from_secs(3600),
+                },
+            )]
+        }
+        let mut decisions = tokio::task::JoinSet::new();
+        // In flight first: the others find a decision waiting, and batch.
+        let first = Arc::clone(&limiter);
+        decisions.spawn(async move { (0, first.decide(&own(0), 1).await) });
+        for n in 1..=REQUESTS {
+            let limiter = Arc::clone(&limiter);
+            decisions.spawn(async move { (n, limiter.decide(&own(n), 1).await) });
+        }
+        let deadline = Duration::from_secs(10);
+        while let Some(decided) = tokio::time::timeout(deadline, decisions.join_next())
+            .await
+            .expect("every request decided within 10 s")
+        {
+            let (n, verdict) = decided.expect("task");
+            assert_eq!(verdict.source, DecisionSource::Redis);
+            assert_eq!(
+                verdict.states[0].map(|s| s.remaining),
+                Some(u64::from(limit(n) - 1)),
+                "request {n} was told another counter's state"
+            );
+        }
+        assert_eq!(limiter.batches_led(), 1, "the eight made one batch");
+        assert!(
+            lock(&limiter.batch).spare.capacity() >= REQUESTS as usize - 1,
+            "the batch's list was kept for the next"
+        );
+    }
+
     /// A batch's list of followers is kept for the next batch, emptied, and
     /// only one of bounded room.
     #[tokio::test]
@@ -305,6 +354,12 @@ mod tests {
         }
         limiter.keep_spare(Vec::with_capacity(MAX_SPARE + 1));
         assert!(lock(&limiter.batch).spare.capacity() <= MAX_SPARE);
+        limiter.keep_spare(Vec::with_capacity(MAX_SPARE));
+        assert_eq!(
+            lock(&limiter.batch).spare.capacity(),
+            MAX_SPARE,
+            "at the bound: kept"
+        );
         // The next batch starts with it.
         assert!(matches!(limiter.join(&window("kept"), 1), Role::Lead));
         let forming = lock(&limiter.batch);
